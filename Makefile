@@ -1,0 +1,32 @@
+# One command each: `make demo`, `make test`, `make bench`. Each creates or refreshes .venv.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test bench install clean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+
+# torch==2.13.0 first (the CPU wheel on this machine); the package's own range then installs nothing more.
+$(STAMP): $(PY) pyproject.toml
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q torch==2.13.0
+	$(PIP) install -q -e '.[dev,bench]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/policylab train ppo --env CartPole-v1 --steps 100k --seed 1
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+bench: $(STAMP)
+	$(PY) benchmarks/ppo_cartpole.py --seeds 3
+
+clean:
+	rm -rf $(VENV) runs

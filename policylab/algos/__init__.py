@@ -1,0 +1,46 @@
+"""Algorithms: one small file each. The registry maps names to (config, class)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from policylab.algos.a2c import A2C, A2CConfig
+from policylab.algos.ppo import PPO, PPOConfig
+from policylab.algos.reinforce import Reinforce, ReinforceConfig
+from policylab.errors import ConfigError, suggest
+
+
+@dataclass(frozen=True)
+class AlgoSpec:
+    name: str
+    config_cls: type
+    algo_cls: type
+    kind: str
+    """on-policy: the loop collects rollouts with the current policy and hands them to update()."""
+    regimes: tuple[str, ...]
+    summary: str
+
+
+ALGORITHMS: dict[str, AlgoSpec] = {
+    spec.name: spec
+    for spec in (
+        AlgoSpec("ppo", PPOConfig, PPO, "on-policy", ("online",), "PPO-clip: epochs of minibatch updates per rollout"),
+        AlgoSpec("a2c", A2CConfig, A2C, "on-policy", ("online",), "A2C: one gradient step per short rollout"),
+        AlgoSpec(
+            "reinforce", ReinforceConfig, Reinforce, "on-policy", ("online",), "REINFORCE with a learned baseline"
+        ),
+    )
+}
+
+
+def get_algo(name: str) -> AlgoSpec:
+    key = name.lower()
+    if key not in ALGORITHMS:
+        raise ConfigError(
+            f"unknown algorithm {name!r}.{suggest(key, ALGORITHMS)}",
+            f"choose one of: {', '.join(ALGORITHMS)} (`policylab list` shows them with their presets)",
+        )
+    return ALGORITHMS[key]
+
+
+__all__ = ["ALGORITHMS", "AlgoSpec", "get_algo", "A2C", "A2CConfig", "PPO", "PPOConfig", "Reinforce", "ReinforceConfig"]

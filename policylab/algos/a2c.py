@@ -1,0 +1,85 @@
+"""A2C (Mnih et al. 2016, synchronous variant): one gradient step per rollout.
+
+    for each iteration:
+        collect n_steps x num_envs transitions                        (the loop)
+        A, R = GAE(lambda)(rewards, V)     (lambda = 1: n-step returns)
+        L = -logpi(a|s) A + vf_coef (V(s) - R)^2 - ent_coef H[pi(.|s)]   (pg_surrogate without clipping)
+        one RMSprop (or Adam) step on L with the gradient norm clipped
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import gymnasium as gym
+import torch
+from torch import Tensor
+
+from policylab.algos.onpolicy import OnPolicyConfig, adam, build_actor_critic, normalize, optimizer_step, set_lr
+from policylab.algos.ppo import explained_variance
+from policylab.data import Batch
+from policylab.nets import ActorCritic
+from policylab.errors import ConfigError
+from policylab.objectives import entropy_bonus, gae, pg_surrogate, value_loss
+
+
+@dataclass
+class A2CConfig(OnPolicyConfig):
+    """A2C. Defaults follow Stable-Baselines3 (RMSprop, 5-step rollouts, lambda = 1)."""
+
+    n_steps: int = 5
+    lr: float = 7e-4
+    gae_lambda: float = 1.0
+    normalize_advantage: bool = False
+    optimizer: str = "rmsprop"
+    """rmsprop or adam."""
+    rms_alpha: float = 0.99
+    optim_eps: float = 1e-5
+
+    def validate(self) -> None:
+        super().validate()
+        if self.optimizer not in ("rmsprop", "adam"):
+            raise ConfigError(f"optimizer={self.optimizer!r} is not rmsprop or adam", "use --set optimizer=rmsprop")
+
+
+class A2C:
+    name = "a2c"
+    config_cls = A2CConfig
+
+    def __init__(self, cfg: A2CConfig, obs_space: gym.Space, act_space: gym.Space) -> None:
+        self.cfg = cfg
+        self.net = self.build_policy(cfg, obs_space, act_space).to(cfg.device)
+        self.params = list(self.net.parameters())
+        if cfg.optimizer == "rmsprop":
+            self.optimizer: torch.optim.Optimizer = torch.optim.RMSprop(
+                self.params, lr=cfg.lr, alpha=cfg.rms_alpha, eps=cfg.optim_eps, foreach=True
+            )
+        else:
+            self.optimizer = adam(self.params, cfg.lr, cfg.optim_eps)
+        self.generator = torch.Generator(device=cfg.device).manual_seed(cfg.seed)
+
+    @staticmethod
+    def build_policy(cfg: OnPolicyConfig, obs_space: gym.Space, act_space: gym.Space) -> ActorCritic:
+        return build_actor_critic(cfg, obs_space, act_space, "a2c")
+
+    def update(self, rollout: Batch, progress: float) -> dict[str, Tensor]:
+        cfg = self.cfg
+        set_lr(self.optimizer, cfg.lr * (1.0 - progress) if cfg.anneal_lr else cfg.lr)
+        advantages, returns = gae(
+            rollout.rewards, rollout.values, rollout.next_values,
+            rollout.terminated, rollout.episode_end, cfg.gamma, cfg.gae_lambda,
+        )  # fmt: skip
+        data = Batch(obs=rollout.obs, actions=rollout.actions, advantages=advantages, returns=returns).flatten()
+        logp, entropy, values = self.net.evaluate(data.obs, data.actions)
+        adv = normalize(data.advantages) if cfg.normalize_advantage else data.advantages
+        pg_loss, _ = pg_surrogate(logp, logp.detach(), adv, clip_low=None)
+        v_loss = value_loss(values, data.returns)
+        ent = entropy_bonus(entropy)
+        loss = pg_loss + cfg.vf_coef * v_loss - cfg.ent_coef * ent
+        grad_norm = optimizer_step(self.optimizer, loss, self.params, cfg.max_grad_norm)
+        metrics = {"loss": loss.detach(), "policy_loss": pg_loss.detach(), "value_loss": v_loss.detach()}
+        metrics["entropy"] = ent.detach()
+        metrics["explained_variance"] = explained_variance(rollout.values.flatten(), data.returns)
+        if grad_norm is not None:
+            metrics["grad_norm"] = grad_norm
+        return metrics

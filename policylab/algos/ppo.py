@@ -1,0 +1,138 @@
+"""PPO (Schulman et al. 2017, arXiv:1707.06347), clipped surrogate.
+
+    for each iteration:
+        collect n_steps x num_envs transitions with pi_old           (the loop)
+        A, R = GAE(lambda)(rewards, V)                                 (objectives.gae)
+        for epoch in 1..epochs, for each minibatch:
+            r = pi(a|s) / pi_old(a|s)
+            L = -min(r A, clip(r, 1 - eps_low, 1 + eps_high) A)        (objectives.pg_surrogate)
+                + vf_coef (V(s) - R)^2 - ent_coef H[pi(.|s)]
+            Adam step on L with the gradient norm clipped
+        stop early if the approximate KL exceeds 1.5 * target_kl
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass
+
+import gymnasium as gym
+import torch
+from torch import Tensor
+
+from policylab.algos.onpolicy import (
+    OnPolicyConfig,
+    adam,
+    build_actor_critic,
+    mean_metrics,
+    normalize,
+    optimizer_step,
+    set_lr,
+)
+from policylab.data import Batch
+from policylab.nets import ActorCritic
+from policylab.errors import ConfigError
+from policylab.objectives import entropy_bonus, gae, pg_surrogate, value_loss
+
+
+@dataclass
+class PPOConfig(OnPolicyConfig):
+    """PPO-clip. Defaults follow Stable-Baselines3 / the paper's MuJoCo settings."""
+
+    batch_size: int = 64
+    """Minibatch size; a rollout of n_steps * num_envs is split into minibatches of this size."""
+    epochs: int = 10
+    clip_eps: float = 0.2
+    """eps_low: the ratio is clipped below at 1 - clip_eps."""
+    clip_eps_high: float | None = None
+    """eps_high (clip-higher, as in DAPO); None: the same as clip_eps."""
+    anneal_clip: bool = False
+    """Decay clip_eps (and clip_eps_high) linearly to 0 over the run."""
+    dual_clip: float | None = None
+    """Dual-clip constant c > 1 (Ye et al. 2020) bounding the loss for negative advantages."""
+    clip_value: float | None = None
+    """Clip the value update around the old values (None: no value clipping)."""
+    target_kl: float | None = None
+    """Stop the epochs early once the approximate KL exceeds 1.5 * target_kl."""
+
+    def validate(self) -> None:
+        super().validate()
+        rollout = self.n_steps * self.num_envs
+        if self.batch_size <= 0 or self.batch_size > rollout:
+            raise ConfigError(
+                f"batch_size={self.batch_size} must be in 1..n_steps*num_envs={rollout}",
+                f"set batch_size to a divisor of {rollout}, e.g. {min(rollout, 64)}",
+            )
+        if self.epochs <= 0:
+            raise ConfigError(f"epochs={self.epochs} must be > 0", "set epochs to e.g. 10")
+        if self.clip_eps <= 0:
+            raise ConfigError(f"clip_eps={self.clip_eps} must be > 0", "set clip_eps to e.g. 0.2")
+
+
+class PPO:
+    name = "ppo"
+    config_cls = PPOConfig
+
+    def __init__(self, cfg: PPOConfig, obs_space: gym.Space, act_space: gym.Space) -> None:
+        self.cfg = cfg
+        self.net = self.build_policy(cfg, obs_space, act_space).to(cfg.device)
+        self.params = list(self.net.parameters())
+        self.optimizer = adam(self.params, cfg.lr)
+        self.generator = torch.Generator(device=cfg.device).manual_seed(cfg.seed)
+
+    @staticmethod
+    def build_policy(cfg: OnPolicyConfig, obs_space: gym.Space, act_space: gym.Space) -> ActorCritic:
+        return build_actor_critic(cfg, obs_space, act_space, "ppo")
+
+    def update(self, rollout: Batch, progress: float) -> dict[str, Tensor]:
+        cfg = self.cfg
+        remaining = 1.0 - progress
+        set_lr(self.optimizer, cfg.lr * remaining if cfg.anneal_lr else cfg.lr)
+        clip_low = cfg.clip_eps * remaining if cfg.anneal_clip else cfg.clip_eps
+        clip_high = None if cfg.clip_eps_high is None else cfg.clip_eps_high * (remaining if cfg.anneal_clip else 1.0)
+
+        advantages, returns = gae(
+            rollout.rewards, rollout.values, rollout.next_values,
+            rollout.terminated, rollout.episode_end, cfg.gamma, cfg.gae_lambda,
+        )  # fmt: skip
+        data = Batch(
+            obs=rollout.obs, actions=rollout.actions, logp=rollout.logp,
+            values=rollout.values, advantages=advantages, returns=returns,
+        ).flatten()  # fmt: skip
+        n = len(data)
+        history: dict[str, list[Tensor]] = defaultdict(list)
+        for _epoch in range(cfg.epochs):
+            order = torch.randperm(n, generator=self.generator, device=data.obs.device) if cfg.batch_size < n else None
+            for start in range(0, n, cfg.batch_size):
+                mb = data if order is None else data.select(order[start : start + cfg.batch_size])
+                logp, entropy, values = self.net.evaluate(mb.obs, mb.actions)
+                adv = normalize(mb.advantages) if cfg.normalize_advantage and len(mb) > 1 else mb.advantages
+                pg_loss, stats = pg_surrogate(
+                    logp, mb.logp, adv, clip_low=clip_low, clip_high=clip_high, dual_clip=cfg.dual_clip
+                )
+                v_loss = value_loss(values, mb.returns, old_values=mb.values, clip=cfg.clip_value)
+                ent = entropy_bonus(entropy)
+                if cfg.target_kl is not None and stats["approx_kl"].item() > 1.5 * cfg.target_kl:
+                    history["early_stop_epoch"].append(torch.tensor(float(_epoch)))
+                    return self._metrics(history, data)
+                loss = pg_loss + cfg.vf_coef * v_loss - cfg.ent_coef * ent
+                grad_norm = optimizer_step(self.optimizer, loss, self.params, cfg.max_grad_norm)
+                for key, value in (("loss", loss), ("policy_loss", pg_loss), ("value_loss", v_loss), ("entropy", ent)):
+                    history[key].append(value.detach())
+                for key, value in stats.items():
+                    history[key].append(value)
+                if grad_norm is not None:
+                    history["grad_norm"].append(grad_norm)
+        return self._metrics(history, data)
+
+    def _metrics(self, history: dict[str, list[Tensor]], data: Batch) -> dict[str, Tensor]:
+        metrics = mean_metrics(history)
+        metrics["explained_variance"] = explained_variance(data.values, data.returns)
+        metrics["lr"] = torch.tensor(self.optimizer.param_groups[0]["lr"])
+        return metrics
+
+
+def explained_variance(predicted: Tensor, target: Tensor) -> Tensor:
+    """1 - Var[target - predicted] / Var[target]: 1 is a perfect value function, 0 no better than a constant."""
+    var = target.var()
+    return torch.where(var > 0, 1.0 - (target - predicted).var() / var, torch.zeros_like(var))

@@ -1,0 +1,68 @@
+"""REINFORCE with a learned baseline (Williams 1992; Sutton & Barto 13.4).
+
+    for each iteration:
+        collect n_steps x num_envs transitions                         (the loop)
+        G_t = r_t + gamma G_{t+1}  (Monte-Carlo; bootstrapped only at time limits
+                                    and at the cut where the rollout ends)       (objectives.mc_returns)
+        L = -logpi(a_t|s_t) (G_t - b(s_t)) + vf_coef (b(s_t) - G_t)^2
+        one Adam step on L
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import gymnasium as gym
+import torch
+from torch import Tensor
+
+from policylab.algos.onpolicy import OnPolicyConfig, adam, build_actor_critic, normalize, optimizer_step, set_lr
+from policylab.data import Batch
+from policylab.nets import ActorCritic
+from policylab.objectives import entropy_bonus, mc_returns, pg_surrogate, value_loss
+
+
+@dataclass
+class ReinforceConfig(OnPolicyConfig):
+    """REINFORCE with a state-value baseline; long rollouts keep the Monte-Carlo returns mostly unbootstrapped."""
+
+    n_steps: int = 128
+    lr: float = 1e-3
+    normalize_advantage: bool = True
+
+
+class Reinforce:
+    name = "reinforce"
+    config_cls = ReinforceConfig
+
+    def __init__(self, cfg: ReinforceConfig, obs_space: gym.Space, act_space: gym.Space) -> None:
+        self.cfg = cfg
+        self.net = self.build_policy(cfg, obs_space, act_space).to(cfg.device)
+        self.params = list(self.net.parameters())
+        self.optimizer = adam(self.params, cfg.lr)
+        self.generator = torch.Generator(device=cfg.device).manual_seed(cfg.seed)
+
+    @staticmethod
+    def build_policy(cfg: OnPolicyConfig, obs_space: gym.Space, act_space: gym.Space) -> ActorCritic:
+        return build_actor_critic(cfg, obs_space, act_space, "reinforce")
+
+    def update(self, rollout: Batch, progress: float) -> dict[str, Tensor]:
+        cfg = self.cfg
+        set_lr(self.optimizer, cfg.lr * (1.0 - progress) if cfg.anneal_lr else cfg.lr)
+        advantages, returns = mc_returns(
+            rollout.rewards, rollout.values, rollout.next_values,
+            rollout.terminated, rollout.episode_end, cfg.gamma,
+        )  # fmt: skip
+        data = Batch(obs=rollout.obs, actions=rollout.actions, advantages=advantages, returns=returns).flatten()
+        logp, entropy, baseline = self.net.evaluate(data.obs, data.actions)
+        adv = normalize(data.advantages) if cfg.normalize_advantage else data.advantages
+        pg_loss, _ = pg_surrogate(logp, logp.detach(), adv, clip_low=None)
+        v_loss = value_loss(baseline, data.returns)
+        ent = entropy_bonus(entropy)
+        loss = pg_loss + cfg.vf_coef * v_loss - cfg.ent_coef * ent
+        grad_norm = optimizer_step(self.optimizer, loss, self.params, cfg.max_grad_norm)
+        metrics = {"loss": loss.detach(), "policy_loss": pg_loss.detach(), "value_loss": v_loss.detach()}
+        metrics["entropy"] = ent.detach()
+        if grad_norm is not None:
+            metrics["grad_norm"] = grad_norm
+        return metrics

@@ -1,0 +1,134 @@
+"""The `policylab` command: train, eval, plot, list."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from policylab.errors import PolicylabError
+
+
+def _train(args: argparse.Namespace) -> int:
+    from policylab.config import parse_set_args
+    from policylab.train import train
+
+    if args.algo is None and args.resume is None:
+        raise PolicylabError("no algorithm given", "write e.g. `policylab train ppo --env CartPole-v1`")
+    train(
+        args.algo or "",
+        env=args.env,
+        steps=args.steps,
+        seed=args.seed,
+        config=args.config,
+        overrides=parse_set_args(args.set) or None,
+        preset=args.preset,
+        resume=args.resume,
+        name=args.name,
+        runs_dir=args.runs_dir,
+        progress=False if args.no_progress else None,
+    )
+    return 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from policylab.policy import evaluate, load, record_video
+
+    policy = load(args.run)
+    result = evaluate(policy, args.episodes, args.seed, deterministic=not args.stochastic)
+    print(
+        f"{policy.env_id}: return {result['return_mean']:.2f} +/- {result['return_std']:.2f} "
+        f"(min {result['return_min']:.1f}, max {result['return_max']:.1f}) over {result['episodes']} episodes, "
+        f"mean length {result['length_mean']:.1f}"
+    )
+    if args.json:
+        print(json.dumps(result))
+    if args.video:
+        path = record_video(policy, args.video, episodes=1, seed=args.seed)
+        print(f"video: {path}")
+    return 0
+
+
+def _plot(args: argparse.Namespace) -> int:
+    from policylab.plot import plot_runs
+
+    out = plot_runs([Path(p) for p in args.runs], Path(args.out), metric=args.metric)
+    print(f"plot: {out}")
+    return 0
+
+
+def _list(_args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from policylab.algos import ALGORITHMS
+    from policylab.presets import presets_for
+
+    table = Table(title="policylab algorithms")
+    for col in ("algorithm", "kind", "regimes", "what", "tuned presets (--env)"):
+        table.add_column(col)
+    for spec in ALGORITHMS.values():
+        table.add_row(spec.name, spec.kind, ", ".join(spec.regimes), spec.summary, ", ".join(presets_for(spec.name)))
+    Console().print(table)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="policylab", description="Learn policies from any kind of experience.")
+    parser.add_argument("--debug", action="store_true", help="show full tracebacks for errors")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="train an algorithm on an env")
+    p.add_argument("algo", nargs="?", help="algorithm (see `policylab list`)")
+    p.add_argument("--env", help="Gymnasium env id, or module:Class / module:function")
+    p.add_argument("--steps", help="total env steps, e.g. 100k, 1e6")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--config", help="YAML file of config values")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value")
+    p.add_argument("--preset", default="auto", help="auto (the env's tuned preset if any), none, or an env id")
+    p.add_argument("--resume", help="continue the run in this directory from its latest checkpoint")
+    p.add_argument("--name", help="run name (default: <algo>-<env>-s<seed>)")
+    p.add_argument("--runs-dir", default="runs", help="where run directories go (default: ./runs)")
+    p.add_argument("--no-progress", action="store_true", help="no live progress bar")
+    p.set_defaults(func=_train)
+
+    p = sub.add_parser("eval", help="evaluate a trained policy")
+    p.add_argument("run", help="run directory (or a checkpoint directory)")
+    p.add_argument("--episodes", type=int, default=10)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--stochastic", action="store_true", help="sample actions instead of the deterministic policy")
+    p.add_argument("--video", help="also render one episode to this file (.mp4 or .gif)")
+    p.add_argument("--json", action="store_true", help="also print the result as JSON")
+    p.set_defaults(func=_eval)
+
+    p = sub.add_parser("plot", help="learning curves of runs as a PNG (mean and spread over seeds)")
+    p.add_argument("runs", nargs="+", help="run directories")
+    p.add_argument("--out", default="learning_curves.png")
+    p.add_argument("--metric", default="return_mean", help="train.csv column to plot (default: return_mean)")
+    p.set_defaults(func=_plot)
+
+    p = sub.add_parser("list", help="algorithms and their tuned presets")
+    p.set_defaults(func=_list)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except PolicylabError as exc:
+        if args.debug:
+            raise
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        if args.debug:
+            raise
+        print("aborted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

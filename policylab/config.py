@@ -1,0 +1,242 @@
+"""Typed dataclass configs: YAML in and out, `--set key=value` overrides, human step counts.
+
+Every algorithm has one flat config dataclass that extends `CommonConfig` (the
+run-level settings every algorithm shares). Values are resolved in this order,
+later winning: algorithm defaults < tuned preset for the env id < YAML file <
+`--set key=value` < the `--env/--steps/--seed` flags.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import types
+import typing
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+
+from policylab.errors import ConfigError, suggest
+
+C = TypeVar("C", bound="CommonConfig")
+
+_SUFFIXES = {"k": 1_000, "m": 1_000_000, "g": 1_000_000_000}
+
+
+@dataclass
+class CommonConfig:
+    """Run-level settings shared by every algorithm."""
+
+    env: str = "CartPole-v1"
+    """Gymnasium env id, or `module:Class` / `module:function` for your own env."""
+    env_kwargs: dict[str, Any] = field(default_factory=dict)
+    """Keyword arguments for the env constructor."""
+    steps: int = 100_000
+    """Total environment steps (summed over the parallel envs)."""
+    seed: int = 0
+    num_envs: int = 8
+    vectorization: str = "auto"
+    """auto (numpy-vectorized env where Gymnasium has one, else sync), sync or async."""
+    gamma: float = 0.99
+    normalize_obs: bool = False
+    """Running mean/std observation normalization; the statistics travel with the policy."""
+    normalize_reward: bool = False
+    """Scale rewards by the running std of the discounted return (training only)."""
+    clip_obs: float = 10.0
+    clip_reward: float = 10.0
+    hidden_sizes: list[int] = field(default_factory=lambda: [64, 64])
+    activation: str = "tanh"
+    """tanh, relu, elu or silu."""
+    eval_every: int = 10_000
+    """Deterministic evaluation every this many env steps (0: only at the end)."""
+    eval_episodes: int = 10
+    checkpoint_every: int = 50_000
+    """Checkpoint every this many env steps (0: only at the end and on Ctrl-C)."""
+    keep_checkpoints: int = 2
+    threads: int = 1
+    """torch threads; 1 is fastest for small networks (measured, see benchmarks/README.md)."""
+    device: str = "cpu"
+    tensorboard: bool = False
+
+    def validate(self) -> None:
+        """Reject values that type checks cannot catch; subclasses extend this."""
+        _positive(self, "steps", "num_envs", "eval_episodes", "threads")
+        _non_negative(self, "eval_every", "checkpoint_every", "keep_checkpoints")
+        if not 0.0 <= self.gamma <= 1.0:
+            raise ConfigError(f"gamma={self.gamma} is outside [0, 1]", "set gamma to e.g. 0.99")
+        if self.vectorization not in ("auto", "sync", "async"):
+            raise ConfigError(
+                f"vectorization={self.vectorization!r} is not one of auto, sync, async",
+                "use --set vectorization=sync (or async, auto)",
+            )
+        if self.activation not in ACTIVATIONS:
+            raise ConfigError(
+                f"activation={self.activation!r} is unknown",
+                f"use one of: {', '.join(ACTIVATIONS)}",
+            )
+        if not self.hidden_sizes or any(h <= 0 for h in self.hidden_sizes):
+            raise ConfigError(
+                f"hidden_sizes={self.hidden_sizes} must be a non-empty list of positive ints",
+                "use e.g. --set hidden_sizes=[64,64]",
+            )
+
+
+ACTIVATIONS = ("tanh", "relu", "elu", "silu")
+
+
+def _positive(cfg: object, *names: str) -> None:
+    for name in names:
+        if getattr(cfg, name) <= 0:
+            raise ConfigError(f"{name}={getattr(cfg, name)} must be > 0", f"set {name} to a positive value")
+
+
+def _non_negative(cfg: object, *names: str) -> None:
+    for name in names:
+        if getattr(cfg, name) < 0:
+            raise ConfigError(f"{name}={getattr(cfg, name)} must be >= 0", f"set {name} to 0 or more")
+
+
+def parse_count(text: str | int | float) -> int:
+    """'100k' -> 100000, '1e6' -> 1000000, '2_500' -> 2500, '1.5M' -> 1500000."""
+    if isinstance(text, bool):
+        raise ValueError(f"{text!r} is not a count")
+    if isinstance(text, int):
+        return text
+    if isinstance(text, float):
+        if not text.is_integer():
+            raise ValueError(f"{text!r} is not a whole number")
+        return int(text)
+    s = str(text).strip().lower().replace("_", "").replace(",", "")
+    match = re.fullmatch(r"([0-9.]+(?:e[+-]?[0-9]+)?)([kmg]?)", s)
+    if not match:
+        raise ValueError(f"{text!r} is not a count (examples: 100000, 100k, 1e6, 1.5M)")
+    value = float(match.group(1)) * _SUFFIXES.get(match.group(2), 1)
+    if not value.is_integer():
+        raise ValueError(f"{text!r} is not a whole number")
+    return int(value)
+
+
+def _coerce(name: str, value: Any, tp: Any) -> Any:
+    """Convert `value` (a string from the command line or a YAML scalar) to the field type `tp`."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None or (isinstance(value, str) and value.strip().lower() in ("none", "null", "~")):
+            if type(None) in args:
+                return None
+        errors = []
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return _coerce(name, value, arg)
+            except ValueError as exc:
+                errors.append(str(exc))
+        raise ValueError("; ".join(errors))
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        s = str(value).strip().lower()
+        if s in ("true", "yes", "on", "1"):
+            return True
+        if s in ("false", "no", "off", "0"):
+            return False
+        raise ValueError(f"{value!r} is not a bool (use true or false)")
+    if tp is int:
+        return parse_count(value)
+    if tp is float:
+        if isinstance(value, bool):
+            raise ValueError(f"{value!r} is not a number")
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise ValueError(f"{value!r} is not a number") from None
+    if tp is str:
+        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+            raise ValueError(f"{value!r} is not a string")
+        return str(value)
+    if origin is list:
+        if isinstance(value, str):
+            value = yaml.safe_load(value if value.strip().startswith("[") else f"[{value}]")
+        if not isinstance(value, (list, tuple)):
+            raise ValueError(f"{value!r} is not a list (use e.g. [64,64])")
+        return [_coerce(name, v, args[0]) for v in value]
+    if origin is dict:
+        if isinstance(value, str):
+            value = yaml.safe_load(value)
+        if not isinstance(value, dict):
+            raise ValueError(f"{value!r} is not a mapping (use e.g. {{key: value}})")
+        return dict(value)
+    return value
+
+
+def field_types(cls: type) -> dict[str, Any]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in fields(cls)}
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def apply_values(cfg: C, values: dict[str, Any], source: str) -> C:
+    """Return a copy of `cfg` with `values` set, each checked against the field's type."""
+    types_by_name = field_types(type(cfg))
+    updates = {}
+    for key, value in values.items():
+        if key not in types_by_name:
+            raise ConfigError(
+                f"unknown config key {key!r} in {source}.{suggest(key, types_by_name)}",
+                f"valid keys for {type(cfg).__name__}: {', '.join(sorted(types_by_name))}",
+            )
+        try:
+            updates[key] = _coerce(key, value, types_by_name[key])
+        except ValueError as exc:
+            raise ConfigError(
+                f"bad value for {key!r} in {source}: {exc}",
+                f"{key} expects {_type_name(types_by_name[key])}",
+            ) from None
+    return dataclasses.replace(cfg, **updates)
+
+
+def parse_set_args(pairs: list[str]) -> dict[str, str]:
+    """['lr=3e-4', 'num_envs=16'] -> {'lr': '3e-4', 'num_envs': '16'}."""
+    out: dict[str, str] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--set {pair!r} is not of the form key=value", "write e.g. --set lr=3e-4")
+        out[key.strip()] = value.strip()
+    return out
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {str(path)!r} does not exist", "check the path given to --config")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise ConfigError(
+            f"config file {str(path)!r} is not valid YAML{where}: {getattr(exc, 'problem', exc)}",
+            "fix the YAML syntax (a mapping of key: value lines)",
+        ) from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(
+            f"config file {str(path)!r} holds a {type(data).__name__}, not a mapping",
+            "write one key: value per line, e.g. 'lr: 0.0003'",
+        )
+    data.pop("algo", None)
+    return data
+
+
+def to_dict(cfg: object) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)  # type: ignore[call-overload]
+
+
+def dump_yaml(cfg: object, algo: str) -> str:
+    return yaml.safe_dump({"algo": algo, **to_dict(cfg)}, sort_keys=False)

@@ -1,0 +1,6 @@
+"""Data: the Batch schema and experience storage."""
+
+from policylab.data.batch import Batch
+from policylab.data.rollout import RolloutBuffer
+
+__all__ = ["Batch", "RolloutBuffer"]

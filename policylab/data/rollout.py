@@ -1,0 +1,69 @@
+"""On-policy rollout storage: preallocated T x N tensors, filled in place step by step."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from policylab.data.batch import Batch
+
+
+class RolloutBuffer:
+    """Holds one rollout of `n_steps` steps from `num_envs` envs.
+
+    `next_values[t]` is V of the state that followed step t: V(obs[t+1]) inside an
+    episode, V(final obs) where the episode was truncated (the time limit is not
+    part of the task, so the return is bootstrapped), and 0 where it terminated.
+    """
+
+    def __init__(
+        self,
+        n_steps: int,
+        num_envs: int,
+        obs_shape: tuple[int, ...],
+        action_shape: tuple[int, ...],
+        action_dtype: torch.dtype,
+        device: torch.device | str = "cpu",
+    ) -> None:
+        shape = (n_steps, num_envs)
+        self.n_steps = n_steps
+        self.num_envs = num_envs
+        self.obs = torch.zeros(*shape, *obs_shape, device=device)
+        self.actions = torch.zeros(*shape, *action_shape, dtype=action_dtype, device=device)
+        self.logp = torch.zeros(shape, device=device)
+        self.values = torch.zeros(shape, device=device)
+        self.rewards = torch.zeros(shape, device=device)
+        self.terminated = torch.zeros(shape, dtype=torch.bool, device=device)
+        self.episode_end = torch.zeros(shape, dtype=torch.bool, device=device)
+        self.bootstrap = torch.zeros(shape, device=device)
+        """V(final obs) at truncated steps, 0 elsewhere."""
+
+    def add_policy_step(self, t: int, obs: Tensor, actions: Tensor, logp: Tensor, values: Tensor) -> None:
+        self.obs[t] = obs
+        self.actions[t] = actions
+        self.logp[t] = logp
+        self.values[t] = values
+
+    def add_env_step(self, t: int, rewards: Tensor, terminated: Tensor, episode_end: Tensor) -> None:
+        self.rewards[t] = rewards
+        self.terminated[t] = terminated
+        self.episode_end[t] = episode_end
+        self.bootstrap[t] = 0.0
+
+    def set_bootstrap(self, t: int, env_index: Tensor, values: Tensor) -> None:
+        self.bootstrap[t, env_index] = values
+
+    def finish(self, last_values: Tensor) -> Batch:
+        """The rollout as a T x N Batch, with `next_values` assembled from V(obs[t+1]) and the bootstraps."""
+        following = torch.cat([self.values[1:], last_values.unsqueeze(0)])
+        next_values = torch.where(self.episode_end, self.bootstrap, following)
+        return Batch(
+            obs=self.obs,
+            actions=self.actions,
+            logp=self.logp,
+            values=self.values,
+            rewards=self.rewards,
+            terminated=self.terminated,
+            episode_end=self.episode_end,
+            next_values=next_values,
+        )

@@ -1,0 +1,17 @@
+"""Environments: vectorized envs, episode statistics, normalization."""
+
+from policylab.envs.normalize import ObsNormalizer, RewardScaler, RunningMeanStd
+from policylab.envs.stats import EpisodeTracker
+from policylab.envs.vec import StepResult, VecEnv, make_single_env, make_vec_env, resolve_env_id
+
+__all__ = [
+    "EpisodeTracker",
+    "ObsNormalizer",
+    "RewardScaler",
+    "RunningMeanStd",
+    "StepResult",
+    "VecEnv",
+    "make_single_env",
+    "make_vec_env",
+    "resolve_env_id",
+]

@@ -1,0 +1,74 @@
+"""Running statistics for observation normalization and reward scaling (numpy, float64)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+class RunningMeanStd:
+    """Mean and variance of a stream of batches (parallel Welford / Chan et al.)."""
+
+    def __init__(self, shape: tuple[int, ...] = ()) -> None:
+        self.mean = np.zeros(shape, np.float64)
+        self.var = np.ones(shape, np.float64)
+        self.count = 1e-4
+
+    def update(self, batch: np.ndarray) -> None:
+        batch_mean = batch.mean(axis=0)
+        batch_var = batch.var(axis=0)
+        n = batch.shape[0]
+        delta = batch_mean - self.mean
+        total = self.count + n
+        self.mean = self.mean + delta * (n / total)
+        m2 = self.var * self.count + batch_var * n + delta**2 * (self.count * n / total)
+        self.var = m2 / total
+        self.count = total
+
+    def state(self) -> dict[str, np.ndarray]:
+        return {"mean": self.mean, "var": self.var, "count": np.array(self.count)}
+
+    def load(self, state: dict[str, np.ndarray]) -> None:
+        self.mean = np.asarray(state["mean"], np.float64).copy()
+        self.var = np.asarray(state["var"], np.float64).copy()
+        self.count = float(state["count"])
+
+
+class ObsNormalizer:
+    """(obs - mean) / sqrt(var + eps), clipped; statistics update only while training."""
+
+    def __init__(self, shape: tuple[int, ...], clip: float = 10.0, eps: float = 1e-8) -> None:
+        self.rms = RunningMeanStd(shape)
+        self.clip = clip
+        self.eps = eps
+
+    def update(self, obs: np.ndarray) -> None:
+        self.rms.update(obs)
+
+    def __call__(self, obs: np.ndarray) -> np.ndarray:
+        scaled = (obs - self.rms.mean) / np.sqrt(self.rms.var + self.eps)
+        return np.clip(scaled, -self.clip, self.clip).astype(np.float32)
+
+
+class RewardScaler:
+    """Divide rewards by the running std of the discounted return (as SB3's VecNormalize does)."""
+
+    def __init__(self, num_envs: int, gamma: float, clip: float = 10.0, eps: float = 1e-8) -> None:
+        self.rms = RunningMeanStd(())
+        self.returns = np.zeros(num_envs, np.float64)
+        self.gamma = gamma
+        self.clip = clip
+        self.eps = eps
+
+    def __call__(self, reward: np.ndarray, episode_end: np.ndarray) -> np.ndarray:
+        self.returns = self.returns * self.gamma + reward
+        self.rms.update(self.returns)
+        scaled = np.clip(reward / np.sqrt(self.rms.var + self.eps), -self.clip, self.clip)
+        self.returns[episode_end] = 0.0
+        return scaled.astype(np.float32)
+
+    def state(self) -> dict[str, np.ndarray]:
+        return {**self.rms.state(), "returns": self.returns}
+
+    def load(self, state: dict[str, np.ndarray]) -> None:
+        self.rms.load(state)
+        self.returns = np.asarray(state["returns"], np.float64).copy()

@@ -1,0 +1,227 @@
+"""Vectorized environments with one step contract for the training loop.
+
+`make_vec_env` builds N copies of any registered Gymnasium id or of a user's
+`module:Class` / `module:function`, and returns a `VecEnv` whose `step` always
+resets finished envs in the same step and reports their final observations
+(`final_obs`), so that truncated episodes can bootstrap from V(final obs).
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import gymnasium as gym
+import numpy as np
+from gymnasium.vector import AutoresetMode
+
+from policylab.envs.cartpole import SameStepCartPoleVectorEnv
+from policylab.errors import EnvError, suggest
+
+_NUMPY_VECTOR_ENVS: dict[str, type] = {
+    "gymnasium.envs.classic_control.cartpole:CartPoleVectorEnv": SameStepCartPoleVectorEnv,
+}
+
+
+@dataclass
+class StepResult:
+    obs: np.ndarray
+    """Next observations; for finished envs, the first observation of the new episode."""
+    reward: np.ndarray
+    terminated: np.ndarray
+    truncated: np.ndarray
+    final_obs: np.ndarray | None
+    """Like `obs`, but rows of finished envs hold their last observation; None if none finished."""
+
+    @property
+    def episode_end(self) -> np.ndarray:
+        return self.terminated | self.truncated
+
+
+class VecEnv:
+    """A Gymnasium vector env with same-step autoreset, float32 observations and state snapshots."""
+
+    def __init__(self, env: gym.vector.VectorEnv, env_id: str, snapshot_able: bool) -> None:
+        self.env = env
+        self.env_id = env_id
+        self.num_envs = env.num_envs
+        self.single_observation_space = env.single_observation_space
+        self.single_action_space = env.single_action_space
+        self.snapshot_able = snapshot_able
+
+    def reset(self, seed: int | None = None) -> np.ndarray:
+        obs, _ = self.env.reset(seed=seed)
+        return np.asarray(obs, dtype=np.float32)
+
+    def step(self, actions: np.ndarray) -> StepResult:
+        obs, reward, terminated, truncated, info = self.env.step(actions)
+        final_obs = None
+        mask = info.get("_final_obs")
+        if mask is not None and mask.any():
+            final = info["final_obs"]
+            if final.dtype == object:
+                stacked = np.asarray(obs, dtype=np.float32).copy()
+                stacked[mask] = np.stack(list(final[mask]))
+                final = stacked
+            final_obs = np.asarray(final, dtype=np.float32)
+        return StepResult(
+            np.asarray(obs, dtype=np.float32),
+            np.asarray(reward, dtype=np.float32),
+            np.asarray(terminated, dtype=bool),
+            np.asarray(truncated, dtype=bool),
+            final_obs,
+        )
+
+    def get_state(self) -> dict[str, Any] | None:
+        """A JSON/array snapshot of every env's state, or None where that is not possible."""
+        if not self.snapshot_able:
+            return None
+        if isinstance(self.env, SameStepCartPoleVectorEnv):
+            return self.env.get_state()
+        subs = [_snapshot_env(e) for e in self.env.envs]  # type: ignore[attr-defined]
+        if any(s is None for s in subs):
+            return None
+        return {"envs": subs}
+
+    def set_state(self, snapshot: dict[str, Any]) -> None:
+        if isinstance(self.env, SameStepCartPoleVectorEnv):
+            self.env.set_state(snapshot)
+            return
+        for env, sub in zip(self.env.envs, snapshot["envs"]):  # type: ignore[attr-defined]
+            _restore_env(env, sub)
+
+    def close(self) -> None:
+        self.env.close()
+
+
+def resolve_env_id(env_id: str) -> None:
+    """Raise a clear error for an env id that Gymnasium does not know."""
+    if ":" in env_id:
+        return
+    if env_id not in gym.registry:
+        raise EnvError(
+            f"unknown environment {env_id!r}.{suggest(env_id, gym.registry.keys())}",
+            "use a registered Gymnasium id (see `python -c 'import gymnasium; gymnasium.pprint_registry()'`) "
+            "or 'module:Class' / 'module:function' for your own env",
+        )
+
+
+def _import_entry(target: str) -> Callable[..., gym.Env]:
+    module_name, _, attr = target.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise EnvError(
+            f"cannot import module {module_name!r} for env {target!r}: {exc}",
+            "make sure the module is on PYTHONPATH (run from its folder or pip install it)",
+        ) from None
+    if not hasattr(module, attr):
+        raise EnvError(
+            f"module {module_name!r} has no attribute {attr!r}.{suggest(attr, dir(module))}",
+            "name a class or function that returns a gymnasium.Env, as 'module:Class'",
+        )
+    return getattr(module, attr)
+
+
+def make_single_env(env_id: str, env_kwargs: dict[str, Any] | None = None, **extra: Any) -> gym.Env:
+    """One plain environment (for evaluation with rendering, or for `module:Class` envs)."""
+    kwargs = {**(env_kwargs or {}), **extra}
+    resolve_env_id(env_id)
+    if ":" in env_id:
+        env = _import_entry(env_id)(**kwargs)
+        if not isinstance(env, gym.Env):
+            raise EnvError(f"{env_id!r} returned {type(env).__name__}, not a gymnasium.Env", "return a gymnasium.Env")
+        return env
+    try:
+        return gym.make(env_id, **kwargs)
+    except gym.error.DependencyNotInstalled as exc:
+        raise EnvError(f"environment {env_id!r} needs a package that is not installed: {exc}", "install it") from None
+
+
+def make_vec_env(
+    env_id: str,
+    num_envs: int,
+    vectorization: str = "auto",
+    env_kwargs: dict[str, Any] | None = None,
+) -> VecEnv:
+    """N copies of `env_id` behind the same-step `VecEnv` contract."""
+    resolve_env_id(env_id)
+    kwargs = dict(env_kwargs or {})
+    if ":" not in env_id and vectorization == "auto":
+        spec = gym.spec(env_id)
+        fast = _NUMPY_VECTOR_ENVS.get(str(spec.vector_entry_point))
+        if fast is not None:
+            max_steps = spec.max_episode_steps or spec.kwargs.get("max_episode_steps", 500)
+            env = fast(num_envs=num_envs, max_episode_steps=max_steps, **kwargs)
+            env.spec = spec  # type: ignore[misc]
+            return VecEnv(env, env_id, snapshot_able=True)
+    make_one = lambda: make_single_env(env_id, kwargs)  # noqa: E731
+    probe = make_one()
+    check_spaces_are_vectorizable(probe, env_id)
+    probe.close()
+    if vectorization == "async":
+        env = gym.vector.AsyncVectorEnv([make_one] * num_envs, autoreset_mode=AutoresetMode.SAME_STEP)
+        return VecEnv(env, env_id, snapshot_able=False)
+    env = gym.vector.SyncVectorEnv([make_one] * num_envs, autoreset_mode=AutoresetMode.SAME_STEP)
+    return VecEnv(env, env_id, snapshot_able=True)
+
+
+def check_spaces_are_vectorizable(env: gym.Env, env_id: str) -> None:
+    if not isinstance(env.observation_space, gym.spaces.Box):
+        raise EnvError(
+            f"{env_id!r} has observation space {env.observation_space}, but only Box observations are supported",
+            "wrap the env with gymnasium.wrappers.FlattenObservation (Dict/Tuple) or one-hot encode Discrete "
+            "observations in a `module:function` env",
+        )
+
+
+# --- state snapshots of single envs, for exact resume -------------------------------------------
+
+
+def _time_limit(env: gym.Env) -> gym.wrappers.TimeLimit | None:
+    while isinstance(env, gym.Wrapper):
+        if isinstance(env, gym.wrappers.TimeLimit):
+            return env
+        env = env.env
+    return None
+
+
+_MUJOCO_FIELDS = ("qpos", "qvel", "act", "qacc_warmstart", "ctrl")
+
+
+def _snapshot_env(env: gym.Env) -> dict[str, Any] | None:
+    base = env.unwrapped
+    arrays: dict[str, np.ndarray] = {}
+    data = getattr(base, "data", None)
+    if data is not None and hasattr(data, "qpos"):
+        arrays.update({f"mj_{k}": np.array(getattr(data, k)) for k in _MUJOCO_FIELDS})
+        arrays["mj_time"] = np.array(data.time)
+    elif isinstance(getattr(base, "state", None), np.ndarray):
+        arrays["state"] = np.array(base.state)
+    else:
+        return None
+    limit = _time_limit(env)
+    return {
+        "arrays": arrays,
+        "rng": base.np_random.bit_generator.state,
+        "elapsed": None if limit is None else limit._elapsed_steps,
+    }
+
+
+def _restore_env(env: gym.Env, snapshot: dict[str, Any]) -> None:
+    base = env.unwrapped
+    arrays = snapshot["arrays"]
+    if "mj_qpos" in arrays:
+        import mujoco
+
+        for k in _MUJOCO_FIELDS:
+            getattr(base.data, k)[:] = arrays[f"mj_{k}"]
+        base.data.time = float(arrays["mj_time"])
+        mujoco.mj_forward(base.model, base.data)
+    else:
+        base.state = np.array(arrays["state"])
+    base.np_random.bit_generator.state = snapshot["rng"]
+    limit = _time_limit(env)
+    if limit is not None:
+        limit._elapsed_steps = snapshot["elapsed"]

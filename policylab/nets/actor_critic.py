@@ -1,0 +1,73 @@
+"""Actor-critic network: policy head + value function, separate or with a shared body."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import gymnasium as gym
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from policylab.nets.heads import make_head
+from policylab.nets.mlp import StackedMLP
+
+
+class ActorCritic(nn.Module):
+    """Separate actor and critic MLPs (two members of one StackedMLP) or one shared body.
+
+    forward(obs) -> (policy outputs [B, n], values [B]). The policy outputs are
+    logits (Discrete) or Gaussian means (Box, with the parameter `log_std`).
+    """
+
+    def __init__(
+        self,
+        observation_space: gym.spaces.Box,
+        action_space: gym.Space,
+        hidden_sizes: Sequence[int] = (64, 64),
+        activation: str = "tanh",
+        shared: bool = False,
+        ortho_init: bool = True,
+        log_std_init: float = 0.0,
+        squash: bool = False,
+        algo: str = "this algorithm",
+    ) -> None:
+        super().__init__()
+        self.obs_dim = int(np.prod(observation_space.shape))
+        self.head = make_head(action_space, squash, algo)
+        n = self.head.n_outputs
+        self.n_outputs = n
+        self.shared = shared
+        out_dim = n + 1 if shared else n
+        self.body = StackedMLP(1 if shared else 2, self.obs_dim, hidden_sizes, out_dim, activation)
+        if ortho_init:
+            gains = [0.01] * n + [1.0] if shared else [0.01, 1.0]
+            self.body.orthogonal_init(gains)
+        if self.head.continuous:
+            self.log_std = nn.Parameter(torch.full((n,), float(log_std_init)))
+        else:
+            self.register_parameter("log_std", None)
+
+    def forward(self, obs: Tensor) -> tuple[Tensor, Tensor]:
+        y = self.body(obs.reshape(obs.shape[0], self.obs_dim))
+        if self.shared:
+            return y[0, :, : self.n_outputs], y[0, :, self.n_outputs]
+        return y[0, :, : self.n_outputs], y[1, :, 0]
+
+    def act(self, obs: Tensor, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor, Tensor]:
+        """Sample actions; returns (actions, log-probs, values)."""
+        out, values = self(obs)
+        actions, logp = self.head.sample(out, self.log_std, generator)
+        return actions, logp, values
+
+    def evaluate(self, obs: Tensor, actions: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """(log-probs of `actions`, entropies, values) under the current parameters."""
+        out, values = self(obs)
+        logp, entropy = self.head.log_prob_entropy(out, self.log_std, actions)
+        return logp, entropy, values
+
+    def predict_values(self, obs: Tensor) -> Tensor:
+        return self(obs)[1]
+
+    def deterministic(self, obs: Tensor) -> Tensor:
+        return self.head.mode(self(obs)[0])

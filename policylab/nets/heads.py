@@ -1,0 +1,119 @@
+"""Action distributions as plain tensor functions (no per-call distribution objects).
+
+A head maps the network's output to actions, log-probs and entropies, and
+maps stored actions to what the env accepts (`to_env`).
+"""
+
+from __future__ import annotations
+
+import math
+
+import gymnasium as gym
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from policylab.errors import EnvError
+
+_LOG_2PI = math.log(2 * math.pi)
+_LOG_2 = math.log(2.0)
+
+
+class CategoricalHead:
+    """Discrete(n) actions from n logits."""
+
+    continuous = False
+
+    def __init__(self, n: int) -> None:
+        self.n_outputs = n
+        self.action_shape: tuple[int, ...] = ()
+        self.action_dtype = torch.long
+
+    def sample(self, logits: Tensor, _log_std: Tensor | None, generator: torch.Generator | None) -> tuple[Tensor, Tensor]:
+        logp_all = torch.log_softmax(logits, dim=-1)
+        actions = torch.multinomial(logp_all.exp(), 1, generator=generator)
+        return actions.squeeze(-1), logp_all.gather(-1, actions).squeeze(-1)
+
+    def log_prob_entropy(self, logits: Tensor, _log_std: Tensor | None, actions: Tensor) -> tuple[Tensor, Tensor]:
+        logp_all = torch.log_softmax(logits, dim=-1)
+        logp = logp_all.gather(-1, actions.long().unsqueeze(-1)).squeeze(-1)
+        entropy = -(logp_all.exp() * logp_all).sum(-1)
+        return logp, entropy
+
+    def mode(self, logits: Tensor) -> Tensor:
+        return logits.argmax(-1)
+
+    def to_env(self, actions: Tensor) -> Tensor:
+        return actions
+
+
+class GaussianHead:
+    """Box actions: diagonal Gaussian with a state-independent log-std, optionally tanh-squashed.
+
+    Stored actions are the pre-squash samples u; with squashing the env gets
+    tanh(u) scaled to the bounds and log pi(a) = log N(u) - sum log(1 - tanh(u)^2).
+    Without squashing the env gets u clipped to the bounds. With squashing the
+    reported entropy is the Gaussian's (the squashed one has no closed form).
+    """
+
+    continuous = True
+
+    def __init__(self, space: gym.spaces.Box, squash: bool) -> None:
+        self.action_shape = tuple(space.shape)
+        self.n_outputs = int(np.prod(space.shape))
+        self.action_dtype = torch.float32
+        self.squash = squash
+        low = torch.as_tensor(space.low, dtype=torch.float32).reshape(-1)
+        high = torch.as_tensor(space.high, dtype=torch.float32).reshape(-1)
+        self.bounded = bool(torch.isfinite(low).all() and torch.isfinite(high).all())
+        if squash and not self.bounded:
+            raise EnvError(
+                f"tanh squashing needs finite action bounds, but the action space is {space}",
+                "set squash_actions=false, or give the env finite bounds",
+            )
+        self.low, self.high = low, high
+
+    def _log_prob(self, mean: Tensor, log_std: Tensor, u: Tensor) -> Tensor:
+        z = (u - mean) * torch.exp(-log_std)
+        logp = (-0.5 * z * z - log_std - 0.5 * _LOG_2PI).sum(-1)
+        if self.squash:
+            logp = logp - (2.0 * (_LOG_2 - u - F.softplus(-2.0 * u))).sum(-1)
+        return logp
+
+    def sample(self, mean: Tensor, log_std: Tensor | None, generator: torch.Generator | None) -> tuple[Tensor, Tensor]:
+        assert log_std is not None
+        noise = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
+        u = torch.addcmul(mean, torch.exp(log_std), noise)
+        return u, self._log_prob(mean, log_std, u)
+
+    def log_prob_entropy(self, mean: Tensor, log_std: Tensor | None, actions: Tensor) -> tuple[Tensor, Tensor]:
+        assert log_std is not None
+        actions = actions.reshape(mean.shape)
+        entropy = (log_std + 0.5 * (1.0 + _LOG_2PI)).sum(-1).expand(mean.shape[0])
+        return self._log_prob(mean, log_std, actions), entropy
+
+    def mode(self, mean: Tensor) -> Tensor:
+        return mean
+
+    def to_env(self, actions: Tensor) -> Tensor:
+        flat = actions.reshape(actions.shape[0], -1)
+        low, high = self.low.to(flat.device), self.high.to(flat.device)
+        if self.squash:
+            flat = low + (torch.tanh(flat) + 1.0) * 0.5 * (high - low)
+        elif self.bounded:
+            flat = torch.clamp(flat, low, high)
+        return flat.reshape(actions.shape[0], *self.action_shape)
+
+
+def make_head(space: gym.Space, squash: bool = False, algo: str = "this algorithm") -> CategoricalHead | GaussianHead:
+    if isinstance(space, gym.spaces.Discrete):
+        if space.start != 0:
+            raise EnvError(f"Discrete action space with start={space.start} is not supported", "use start=0")
+        return CategoricalHead(int(space.n))
+    if isinstance(space, gym.spaces.Box):
+        return GaussianHead(space, squash)
+    raise EnvError(
+        f"{algo} cannot handle the action space {space}",
+        "use an env with Discrete or Box actions (wrap MultiDiscrete/Tuple/Dict spaces into one of those)",
+    )

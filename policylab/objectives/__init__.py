@@ -1,0 +1,18 @@
+"""Objectives: pure functions, tensors in, (loss, metrics) out. Nothing here knows about envs or networks."""
+
+from policylab.objectives.advantages import gae, mc_returns
+from policylab.objectives.aggregation import aggregate
+from policylab.objectives.policy import entropy_bonus, pg_surrogate
+from policylab.objectives.registry import ADVANTAGES, AGGREGATIONS
+from policylab.objectives.value import value_loss
+
+__all__ = [
+    "ADVANTAGES",
+    "AGGREGATIONS",
+    "aggregate",
+    "entropy_bonus",
+    "gae",
+    "mc_returns",
+    "pg_surrogate",
+    "value_loss",
+]

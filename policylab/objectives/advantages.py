@@ -1,0 +1,70 @@
+"""Advantage estimators over T x N (time x env) tensors.
+
+All take `next_values[t]`: the value of the state after step t, i.e. V(s_{t+1})
+inside an episode, V(final observation) at a truncation (time limit), and
+anything at a termination (it is multiplied by 0 there). `terminated[t]` stops
+bootstrapping; `episode_end[t]` (terminated or truncated) stops the recursion
+from carrying the next episode's advantages back across the boundary.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from policylab.objectives.registry import ADVANTAGES
+
+
+@ADVANTAGES.register("gae")
+def gae(
+    rewards: Tensor,
+    values: Tensor,
+    next_values: Tensor,
+    terminated: Tensor,
+    episode_end: Tensor,
+    gamma: float,
+    lam: float,
+) -> tuple[Tensor, Tensor]:
+    """Generalized advantage estimation (Schulman et al. 2016). Returns (advantages, returns).
+
+    delta_t = r_t + gamma * (1 - terminated_t) * next_values_t - values_t
+    A_t     = delta_t + gamma * lam * (1 - episode_end_t) * A_{t+1}
+    returns = A + values (the lambda-return, the value target)
+    """
+    not_terminal = (~terminated).to(values.dtype)
+    deltas = rewards + gamma * not_terminal * next_values - values
+    carry = gamma * lam * (~episode_end).to(values.dtype)
+    advantages = torch.empty_like(deltas)
+    running = torch.zeros_like(deltas[0])
+    for t in range(deltas.shape[0] - 1, -1, -1):
+        running = torch.addcmul(deltas[t], carry[t], running)
+        advantages[t] = running
+    return advantages, advantages + values
+
+
+@ADVANTAGES.register("mc")
+def mc_returns(
+    rewards: Tensor,
+    values: Tensor,
+    next_values: Tensor,
+    terminated: Tensor,
+    episode_end: Tensor,
+    gamma: float,
+    lam: float = 1.0,
+) -> tuple[Tensor, Tensor]:
+    """Monte-Carlo returns minus a baseline. Returns (returns - values, returns).
+
+    G_t = r_t + gamma * G_{t+1} inside an episode; at an episode end
+    G_t = r_t + gamma * (1 - terminated_t) * next_values_t (bootstrap at
+    truncation only); at the end of the rollout G_t bootstraps from next_values.
+    `lam` is ignored (Monte-Carlo is lambda = 1).
+    """
+    not_terminal = (~terminated).to(values.dtype)
+    inside = (~episode_end).to(values.dtype)
+    returns = torch.empty_like(rewards)
+    running = next_values[-1]
+    for t in range(rewards.shape[0] - 1, -1, -1):
+        following = inside[t] * running + (1.0 - inside[t]) * not_terminal[t] * next_values[t]
+        running = rewards[t] + gamma * following
+        returns[t] = running
+    return returns - values, returns

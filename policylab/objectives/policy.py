@@ -1,0 +1,67 @@
+"""The one policy-gradient surrogate: REINFORCE, A2C, PPO-clip, clip-higher, dual-clip, truncated IS.
+
+    ratio = exp(logp - old_logp)
+    loss  = -min(ratio * A, clip(ratio, 1 - eps_low, 1 + eps_high) * A)   (no clipping: -ratio * A)
+    dual-clip (Ye et al. 2020), where A < 0:  loss = min(loss, -dual_clip * A)
+    truncated IS: loss *= min(exp(old_logp - behaviour_logp), tis_cap)    (stale or foreign data)
+
+With `old_logp = logp.detach()` the ratio is 1 and the gradient is the
+REINFORCE / A2C gradient grad(logp) * A. The loss is reduced over `mask` by an
+aggregation mode (token-mean, seq-mean-token-mean, seq-mean-token-sum), so the
+same function serves steps of a control task and tokens of a language model.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from policylab.objectives.aggregation import aggregate, token_mean
+
+
+def pg_surrogate(
+    logp: Tensor,
+    old_logp: Tensor,
+    advantages: Tensor,
+    *,
+    mask: Tensor | None = None,
+    clip_low: float | None = 0.2,
+    clip_high: float | None = None,
+    dual_clip: float | None = None,
+    behaviour_logp: Tensor | None = None,
+    tis_cap: float | None = None,
+    aggregation: str = "token-mean",
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """Policy-gradient loss and detached metrics (approx_kl, clip_frac, ratio_mean)."""
+    log_ratio = logp - old_logp
+    ratio = torch.exp(log_ratio)
+    unclipped = -ratio * advantages
+    if clip_low is None:
+        loss = unclipped
+        clipped_mask = torch.zeros_like(ratio, dtype=torch.bool)
+    else:
+        high = clip_low if clip_high is None else clip_high
+        clipped = -torch.clamp(ratio, 1.0 - clip_low, 1.0 + high) * advantages
+        loss = torch.maximum(unclipped, clipped)
+        clipped_mask = clipped > unclipped
+    if dual_clip is not None:
+        if dual_clip <= 1.0:
+            raise ValueError(f"dual_clip must be > 1, got {dual_clip}")
+        loss = torch.where(advantages < 0, torch.minimum(loss, -dual_clip * advantages), loss)
+    if tis_cap is not None:
+        if behaviour_logp is None:
+            raise ValueError("tis_cap needs behaviour_logp (the log-probs of the policy that generated the data)")
+        weights = torch.exp(old_logp - behaviour_logp).clamp(max=tis_cap).detach()
+        loss = loss * weights
+    with torch.no_grad():
+        metrics = {
+            "approx_kl": token_mean((ratio - 1.0) - log_ratio, mask),
+            "clip_frac": token_mean(clipped_mask.to(ratio.dtype), mask),
+            "ratio_mean": token_mean(ratio, mask),
+        }
+    return aggregate(loss, mask, aggregation), metrics
+
+
+def entropy_bonus(entropy: Tensor, mask: Tensor | None = None, aggregation: str = "token-mean") -> Tensor:
+    """Mean entropy under the aggregation mode (to be subtracted, times a coefficient, from the loss)."""
+    return aggregate(entropy, mask, aggregation)

@@ -1,0 +1,30 @@
+"""Value-function regression loss, optionally clipped (PPO's value clipping)."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from policylab.objectives.aggregation import aggregate
+
+
+def value_loss(
+    values: Tensor,
+    returns: Tensor,
+    *,
+    old_values: Tensor | None = None,
+    clip: float | None = None,
+    mask: Tensor | None = None,
+    aggregation: str = "token-mean",
+) -> Tensor:
+    """(V - R)^2, or with `clip`: max((V - R)^2, (V_old + clip(V - V_old, -c, c) - R)^2).
+
+    No factor 1/2 (as in Stable-Baselines3; the coefficient `vf_coef` scales it).
+    """
+    err = (values - returns) ** 2
+    if clip is not None:
+        if old_values is None:
+            raise ValueError("value clipping needs old_values (the values at collection time)")
+        clipped_values = old_values + torch.clamp(values - old_values, -clip, clip)
+        err = torch.maximum(err, (clipped_values - returns) ** 2)
+    return aggregate(err, mask, aggregation)

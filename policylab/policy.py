@@ -1,0 +1,199 @@
+"""A trained policy, loaded from a run directory: `pl.load(dir).act(obs, deterministic=True)`.
+
+The policy carries its observation-normalization statistics and the env's
+spaces, so it needs nothing but the checkpoint: one plain Gymnasium observation
+in, one action the plain env accepts out (or a batch in, a batch out).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import gymnasium as gym
+import numpy as np
+import torch
+
+from policylab.checkpoint import load_checkpoint, unprefixed
+from policylab.envs import ObsNormalizer, make_single_env, make_vec_env
+from policylab.errors import CheckpointError, EnvError, PolicylabError
+
+
+def space_to_json(space: gym.Space) -> dict[str, Any]:
+    if isinstance(space, gym.spaces.Discrete):
+        return {"type": "Discrete", "n": int(space.n), "start": int(space.start)}
+    if isinstance(space, gym.spaces.Box):
+        return {
+            "type": "Box",
+            "shape": list(space.shape),
+            "low": space.low.astype(np.float64).tolist(),
+            "high": space.high.astype(np.float64).tolist(),
+            "dtype": str(space.dtype),
+        }
+    raise EnvError(f"cannot save the space {space}", "use Discrete or Box spaces")
+
+
+def space_from_json(data: dict[str, Any]) -> gym.Space:
+    if data["type"] == "Discrete":
+        return gym.spaces.Discrete(data["n"], start=data.get("start", 0))
+    if data["type"] == "Box":
+        return gym.spaces.Box(
+            np.array(data["low"]), np.array(data["high"]), shape=tuple(data["shape"]), dtype=np.dtype(data["dtype"])
+        )
+    raise CheckpointError(f"unknown space type {data['type']!r} in checkpoint", "retrain with this policylab version")
+
+
+class Policy:
+    """Acting with a trained network (deterministic or sampled), on one observation or a batch."""
+
+    def __init__(
+        self,
+        net: torch.nn.Module,
+        observation_space: gym.spaces.Box,
+        action_space: gym.Space,
+        obs_normalizer: ObsNormalizer | None = None,
+        env_id: str | None = None,
+        env_kwargs: dict[str, Any] | None = None,
+        algo: str | None = None,
+        seed: int = 0,
+    ) -> None:
+        self.net = net
+        self.observation_space = observation_space
+        self.action_space = action_space
+        self.obs_normalizer = obs_normalizer
+        self.env_id = env_id
+        self.env_kwargs = env_kwargs or {}
+        self.algo = algo
+        self._generator = torch.Generator().manual_seed(seed)
+        self._device = next(net.parameters()).device
+
+    def act(self, obs: Any, deterministic: bool = True) -> Any:
+        """One observation -> one action; a batch [B, *obs_shape] -> a batch of B actions (numpy)."""
+        x = np.asarray(obs, dtype=np.float32)
+        shape = tuple(self.observation_space.shape)
+        single = x.shape == shape
+        if single:
+            x = x[None]
+        elif x.shape[1:] != shape:
+            raise PolicylabError(
+                f"observation of shape {x.shape} does not match the policy's observation shape {shape}",
+                f"pass one observation of shape {shape} or a batch of shape (B, {', '.join(map(str, shape))})",
+            )
+        if self.obs_normalizer is not None:
+            x = self.obs_normalizer(x)
+        with torch.inference_mode():
+            t = torch.from_numpy(x).to(self._device)
+            raw = self.net.deterministic(t) if deterministic else self.net.act(t, self._generator)[0]
+            actions = self.net.head.to_env(raw).cpu().numpy()
+        if isinstance(self.action_space, gym.spaces.Discrete):
+            actions = actions.astype(np.int64)
+            return int(actions[0]) if single else actions
+        actions = actions.astype(self.action_space.dtype)
+        return actions[0] if single else actions
+
+    __call__ = act
+
+
+def load(path: str | Path, device: str = "cpu") -> Policy:
+    """Load the policy of a run directory (its latest checkpoint) or of one checkpoint directory."""
+    from policylab.algos import get_algo
+
+    tensors, state, _ = load_checkpoint(path)
+    spec = get_algo(state["algo"])
+    cfg = spec.config_cls(**{**state["config"], "device": device})
+    obs_space = space_from_json(state["spaces"]["observation"])
+    act_space = space_from_json(state["spaces"]["action"])
+    net = spec.algo_cls.build_policy(cfg, obs_space, act_space).to(device)
+    net.load_state_dict(unprefixed("policy", tensors))
+    net.eval()
+    normalizer = None
+    if "obs_norm/mean" in tensors:
+        normalizer = ObsNormalizer(tuple(obs_space.shape), clip=cfg.clip_obs)
+        normalizer.rms.load({k: tensors[f"obs_norm/{k}"].numpy() for k in ("mean", "var", "count")})
+    return Policy(net, obs_space, act_space, normalizer, cfg.env, cfg.env_kwargs, state["algo"], cfg.seed)
+
+
+def evaluate(
+    policy: Policy,
+    episodes: int,
+    seed: int,
+    env_id: str | None = None,
+    env_kwargs: dict[str, Any] | None = None,
+    deterministic: bool = True,
+    max_envs: int = 16,
+) -> dict[str, Any]:
+    """Run `episodes` full episodes (spread over up to `max_envs` parallel envs). Returns summary statistics."""
+    env_id = env_id or policy.env_id
+    if env_id is None:
+        raise PolicylabError("the policy does not know its env", "pass env_id")
+    n = min(episodes, max_envs)
+    quota = np.array([episodes // n + (i < episodes % n) for i in range(n)])
+    env = make_vec_env(env_id, n, "auto", env_kwargs if env_kwargs is not None else policy.env_kwargs)
+    try:
+        obs = env.reset(seed=seed)
+        running = np.zeros(n)
+        lengths = np.zeros(n, np.int64)
+        done_count = np.zeros(n, np.int64)
+        returns: list[float] = []
+        ep_lengths: list[int] = []
+        while (done_count < quota).any():
+            res = env.step(np.asarray(policy.act(obs, deterministic)))
+            running += res.reward
+            lengths += 1
+            ended = res.episode_end & (done_count < quota)
+            if ended.any():
+                returns.extend(running[ended].tolist())
+                ep_lengths.extend(lengths[ended].tolist())
+            done_count += res.episode_end
+            running[res.episode_end] = 0.0
+            lengths[res.episode_end] = 0
+            obs = res.obs
+    finally:
+        env.close()
+    r = np.array(returns)
+    return {
+        "episodes": len(returns),
+        "return_mean": float(r.mean()),
+        "return_std": float(r.std()),
+        "return_min": float(r.min()),
+        "return_max": float(r.max()),
+        "length_mean": float(np.mean(ep_lengths)),
+        "returns": [float(x) for x in returns],
+    }
+
+
+def record_video(policy: Policy, path: str | Path, episodes: int = 1, seed: int = 0) -> Path:
+    """Render `episodes` deterministic episodes to a video file (mp4/gif, by extension)."""
+    if policy.env_id is None:
+        raise PolicylabError("the policy does not know its env", "load it from a run directory")
+    try:
+        import imageio.v2 as imageio
+    except ImportError:
+        raise PolicylabError("video needs imageio", "pip install 'policylab[video]'") from None
+    try:
+        env = make_single_env(policy.env_id, policy.env_kwargs, render_mode="rgb_array")
+    except Exception as exc:  # noqa: BLE001 - any failure here means: no renderer
+        raise PolicylabError(f"{policy.env_id!r} cannot render frames: {exc}", "run eval without --video") from None
+    frames = []
+    try:
+        for ep in range(episodes):
+            obs, _ = env.reset(seed=seed + ep)
+            frames.append(env.render())
+            done = False
+            while not done:
+                obs, _, terminated, truncated, _ = env.step(policy.act(obs))
+                frames.append(env.render())
+                done = terminated or truncated
+    except gym.error.DependencyNotInstalled as exc:
+        raise PolicylabError(f"rendering {policy.env_id!r} needs a missing package: {exc}", "pip install 'policylab[video]'") from None
+    finally:
+        env.close()
+    if not frames or frames[0] is None:
+        raise PolicylabError(f"{policy.env_id!r} rendered no frames", "this env has no rgb_array renderer")
+    path = Path(path)
+    fps = env.metadata.get("render_fps", 30)
+    try:
+        imageio.mimwrite(str(path), frames, fps=fps)
+    except Exception as exc:  # noqa: BLE001
+        raise PolicylabError(f"cannot write video {str(path)!r}: {exc}", "pip install 'policylab[video]' (imageio-ffmpeg for mp4) or use a .gif path") from None
+    return path

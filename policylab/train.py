@@ -1,0 +1,412 @@
+"""The one loop: collect -> update -> log -> evaluate -> checkpoint.
+
+`train()` resolves the config (defaults < preset < YAML < overrides < flags),
+creates or resumes the run directory, and drives the loop. A checkpoint holds
+everything the loop needs to continue exactly (parameters, optimizer state,
+RNG states, env state, current observations, normalization statistics,
+episode statistics), so that an interrupted-and-resumed run ends with the same
+parameters as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import signal
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from policylab import checkpoint as ckpt
+from policylab.algos import AlgoSpec, get_algo
+from policylab.config import CommonConfig, apply_values, dump_yaml, load_yaml, parse_count
+from policylab.data import Batch, RolloutBuffer
+from policylab.envs import EpisodeTracker, ObsNormalizer, RewardScaler, VecEnv, make_vec_env, resolve_env_id
+from policylab.errors import ConfigError, PolicylabError, TrainingDiverged
+from policylab.logging import CONFIG_YAML, Progress, RunLog, new_run_dir
+from policylab.policy import Policy, evaluate, space_to_json
+from policylab.presets import find_preset
+
+
+@dataclass
+class IterationInfo:
+    """What a `callback` sees after every iteration; return False from the callback to stop (as Ctrl-C does)."""
+
+    step: int
+    iteration: int
+    elapsed: float
+    mean_return: float | None
+    metrics: dict[str, float]
+
+
+@dataclass
+class Run:
+    dir: Path
+    algo: str
+    config: CommonConfig
+    steps: int
+    final_eval: dict[str, Any] | None
+    interrupted: bool = False
+    notes: list[str] = field(default_factory=list)
+
+
+# --- config resolution -------------------------------------------------------------------------
+
+
+def resolve_config(
+    spec: AlgoSpec,
+    env: str | None = None,
+    steps: int | str | None = None,
+    seed: int | None = None,
+    config: str | Path | dict[str, Any] | None = None,
+    overrides: dict[str, Any] | None = None,
+    preset: str | None = "auto",
+) -> tuple[CommonConfig, list[str]]:
+    """Defaults < tuned preset for the env < YAML file (or dict) < overrides < env/steps/seed arguments."""
+    notes: list[str] = []
+    cfg = spec.config_cls()
+    file_values = load_yaml(config) if isinstance(config, (str, Path)) else dict(config or {})
+    env_id = env or file_values.get("env") or (overrides or {}).get("env") or cfg.env
+    resolve_env_id(str(env_id))
+    if preset not in (None, "none"):
+        wanted = env_id if preset == "auto" else preset
+        found = find_preset(spec.name, str(wanted))
+        if found is not None:
+            cfg = apply_values(cfg, found.values, f"the {spec.name} preset for {wanted}")
+            notes.append(f"using the tuned {spec.name} preset for {wanted} ({found.source}); --preset none opts out")
+        elif preset != "auto":
+            raise ConfigError(f"no {spec.name} preset for {preset!r}", "run `policylab list` to see the presets")
+    cfg = apply_values(cfg, file_values, str(config) if isinstance(config, (str, Path)) else "the config")
+    cfg = apply_values(cfg, overrides or {}, "--set")
+    flags = {k: v for k, v in (("env", env), ("steps", steps), ("seed", seed)) if v is not None}
+    cfg = apply_values(cfg, flags, "the arguments")
+    cfg.validate()
+    return cfg, notes
+
+
+# --- the on-policy loop ------------------------------------------------------------------------
+
+
+class OnPolicyLoop:
+    """Collects rollouts with the current policy and hands them to `algo.update`."""
+
+    def __init__(self, spec: AlgoSpec, cfg: Any) -> None:
+        torch.set_num_threads(cfg.threads)
+        torch.manual_seed(cfg.seed)
+        self.cfg = cfg
+        self.spec = spec
+        self.env: VecEnv = make_vec_env(cfg.env, cfg.num_envs, cfg.vectorization, cfg.env_kwargs)
+        self.obs_space = self.env.single_observation_space
+        self.act_space = self.env.single_action_space
+        self.algo = spec.algo_cls(cfg, self.obs_space, self.act_space)
+        self.net = self.algo.net
+        shape = tuple(self.obs_space.shape)
+        self.obs_norm = ObsNormalizer(shape, cfg.clip_obs) if cfg.normalize_obs else None
+        self.reward_scaler = RewardScaler(cfg.num_envs, cfg.gamma, cfg.clip_reward) if cfg.normalize_reward else None
+        self.tracker = EpisodeTracker(cfg.num_envs)
+        head = self.net.head
+        self.buffer = RolloutBuffer(cfg.n_steps, cfg.num_envs, shape, head.action_shape, head.action_dtype, cfg.device)
+        self.step = 0
+        self.iteration = 0
+        raw = self.env.reset(seed=cfg.seed)
+        self.obs = self._normalize(raw, update=True)
+
+    @property
+    def steps_per_iteration(self) -> int:
+        return self.cfg.n_steps * self.cfg.num_envs
+
+    def _normalize(self, raw: np.ndarray, update: bool) -> np.ndarray:
+        if self.obs_norm is None:
+            return raw
+        if update:
+            self.obs_norm.update(raw)
+        return self.obs_norm(raw)
+
+    def policy(self) -> Policy:
+        return Policy(self.net, self.obs_space, self.act_space, self.obs_norm, self.cfg.env, self.cfg.env_kwargs)
+
+    def collect(self) -> Batch:
+        net, head, buf, gen, device = self.net, self.net.head, self.buffer, self.algo.generator, self.cfg.device
+        for t in range(self.cfg.n_steps):
+            obs_t = torch.from_numpy(self.obs).to(device)
+            with torch.no_grad():
+                actions, logp, values = net.act(obs_t, gen)
+                env_actions = head.to_env(actions).cpu().numpy()
+            buf.add_policy_step(t, obs_t, actions, logp, values)
+            res = self.env.step(env_actions)
+            episode_end = res.episode_end
+            self.tracker.update(res.reward, episode_end)
+            reward = res.reward if self.reward_scaler is None else self.reward_scaler(res.reward, episode_end)
+            buf.add_env_step(
+                t,
+                torch.from_numpy(reward).to(device),
+                torch.from_numpy(res.terminated).to(device),
+                torch.from_numpy(episode_end).to(device),
+            )
+            truncated = res.truncated & ~res.terminated
+            if truncated.any():
+                idx = np.flatnonzero(truncated)
+                final = self._normalize(res.final_obs[idx], update=False)  # type: ignore[index]
+                with torch.no_grad():
+                    boot = net.predict_values(torch.from_numpy(final).to(device))
+                buf.set_bootstrap(t, torch.from_numpy(idx).to(device), boot)
+            self.obs = self._normalize(res.obs, update=True)
+        with torch.no_grad():
+            last_values = net.predict_values(torch.from_numpy(self.obs).to(device))
+        self.step += self.steps_per_iteration
+        return buf.finish(last_values)
+
+    # checkpoint state ------------------------------------------------------------------------
+
+    def state(self) -> tuple[dict[str, Tensor], dict[str, Any]]:
+        tensors = ckpt.prefixed("policy", self.net.state_dict())
+        optim_tensors, optim_meta = ckpt.optimizer_to_flat("optim", self.algo.optimizer)
+        tensors.update(optim_tensors)
+        tensors["rng/generator"] = self.algo.generator.get_state()
+        tensors["rng/torch"] = torch.get_rng_state()
+        tensors["loop/obs"] = torch.from_numpy(self.obs.copy())
+        if self.obs_norm is not None:
+            tensors.update({f"obs_norm/{k}": torch.from_numpy(np.asarray(v)) for k, v in self.obs_norm.rms.state().items()})
+        if self.reward_scaler is not None:
+            tensors.update({f"reward_scaler/{k}": torch.from_numpy(np.asarray(v)) for k, v in self.reward_scaler.state().items()})
+        env_state = self.env.get_state()
+        env_json = None
+        if env_state is not None:
+            env_json, env_tensors = _split_arrays(env_state)
+            tensors.update(ckpt.prefixed("env", env_tensors))
+        state = {
+            "algo": self.spec.name,
+            "config": dataclasses.asdict(self.cfg),
+            "step": self.step,
+            "iteration": self.iteration,
+            "optimizer": optim_meta,
+            "env": env_json,
+            "episodes": self.tracker.state(),
+            "spaces": {"observation": space_to_json(self.obs_space), "action": space_to_json(self.act_space)},
+        }
+        return tensors, state
+
+    def load_state(self, tensors: dict[str, Tensor], state: dict[str, Any]) -> list[str]:
+        notes = []
+        self.net.load_state_dict(ckpt.unprefixed("policy", tensors))
+        ckpt.optimizer_from_flat("optim", self.algo.optimizer, tensors, state["optimizer"])
+        self.algo.generator.set_state(tensors["rng/generator"])
+        torch.set_rng_state(tensors["rng/torch"])
+        if self.obs_norm is not None:
+            self.obs_norm.rms.load({k: tensors[f"obs_norm/{k}"].numpy() for k in ("mean", "var", "count")})
+        if self.reward_scaler is not None:
+            self.reward_scaler.load({k: tensors[f"reward_scaler/{k}"].numpy() for k in ("mean", "var", "count", "returns")})
+        self.tracker.load(state["episodes"])
+        self.step = int(state["step"])
+        self.iteration = int(state["iteration"])
+        if state.get("env") is not None:
+            self.env.set_state(_join_arrays(state["env"], ckpt.unprefixed("env", tensors)))
+            self.obs = tensors["loop/obs"].numpy().copy()
+        else:
+            raw = self.env.reset(seed=self.cfg.seed + self.iteration)
+            self.obs = self._normalize(raw, update=False)
+            notes.append("this env's state cannot be saved, so its episodes restart on resume (not bit-exact)")
+        return notes
+
+    def close(self) -> None:
+        self.env.close()
+
+
+def _split_arrays(obj: Any, path: str = "") -> tuple[Any, dict[str, Tensor]]:
+    """Move numpy arrays out of a nested snapshot into tensors; leave {'__array__': key} markers."""
+    if isinstance(obj, np.ndarray):
+        key = path.strip("/")
+        return {"__array__": key}, {key: torch.from_numpy(np.ascontiguousarray(obj))}
+    if isinstance(obj, dict):
+        out, tensors = {}, {}
+        for k, v in obj.items():
+            out[k], sub = _split_arrays(v, f"{path}/{k}")
+            tensors.update(sub)
+        return out, tensors
+    if isinstance(obj, list):
+        out_list, tensors = [], {}
+        for i, v in enumerate(obj):
+            item, sub = _split_arrays(v, f"{path}/{i}")
+            out_list.append(item)
+            tensors.update(sub)
+        return out_list, tensors
+    return obj, {}
+
+
+def _join_arrays(obj: Any, tensors: dict[str, Tensor]) -> Any:
+    if isinstance(obj, dict):
+        if set(obj) == {"__array__"}:
+            return tensors[obj["__array__"]].numpy().copy()
+        return {k: _join_arrays(v, tensors) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_join_arrays(v, tensors) for v in obj]
+    return obj
+
+
+# --- driving a run -----------------------------------------------------------------------------
+
+
+class _StopFlag:
+    """Ctrl-C sets the flag (the loop saves a checkpoint and exits); a second Ctrl-C aborts at once."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous: Any = None
+
+    def __enter__(self) -> _StopFlag:
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def _handle(self, _signum: int, _frame: Any) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        print("\ninterrupted: finishing this iteration, saving a checkpoint (Ctrl-C again to abort)", flush=True)
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+
+
+def _finite_check(loop: OnPolicyLoop, metrics: dict[str, Tensor], last_ckpt: Path | None) -> None:
+    bad = [k for k, v in metrics.items() if not torch.isfinite(v).all()]
+    norms = torch._foreach_norm(list(loop.net.parameters()))
+    if not torch.isfinite(torch.stack(norms)).all():
+        bad.append("parameters")
+    if bad:
+        kept = f"the last good checkpoint is {last_ckpt}" if last_ckpt else "no checkpoint was written yet"
+        raise TrainingDiverged(
+            f"training diverged at step {loop.step}: {', '.join(bad)} became NaN or inf; {kept}",
+            "lower lr, enable max_grad_norm, or normalize observations/rewards (--set normalize_obs=true)",
+        )
+
+
+def train(
+    algo: str,
+    env: str | None = None,
+    steps: int | str | None = None,
+    seed: int | None = None,
+    *,
+    config: str | Path | dict[str, Any] | None = None,
+    overrides: dict[str, Any] | None = None,
+    preset: str | None = "auto",
+    resume: str | Path | None = None,
+    name: str | None = None,
+    runs_dir: str | Path = "runs",
+    callback: Callable[[IterationInfo], bool | None] | None = None,
+    progress: bool | None = None,
+    verbose: bool = True,
+) -> Run:
+    """Train `algo` and return the Run (its directory, config and final evaluation).
+
+    `pl.train("ppo", env="CartPole-v1", steps=100_000, seed=1)` uses the tuned
+    preset for the env when there is one. `resume=run_dir` continues a run.
+    """
+    say = print if verbose else (lambda *a, **k: None)
+    if resume is not None:
+        tensors, state, ckpt_dir = ckpt.load_checkpoint(resume)
+        spec = get_algo(state["algo"])
+        if algo and spec.name != algo.lower():
+            raise ConfigError(
+                f"{str(resume)!r} is a {spec.name} run, not {algo}", f"run `policylab train {spec.name} --resume {resume}`"
+            )
+        cfg = apply_values(spec.config_cls(), state["config"], str(ckpt_dir / ckpt.STATE))
+        if steps is not None:
+            cfg = dataclasses.replace(cfg, steps=parse_count(steps))
+        if env is not None or seed is not None or overrides or config is not None:
+            raise ConfigError("--resume continues a run with its saved config", "drop --env/--seed/--set/--config (only --steps may change)")
+        run_dir = ckpt_dir.parent.parent
+        notes = [f"resuming {run_dir} from step {state['step']:,}"]
+    else:
+        spec = get_algo(algo)
+        cfg, notes = resolve_config(spec, env, steps, seed, config, overrides, preset)
+        run_dir = new_run_dir(runs_dir, name or f"{spec.name}-{cfg.env.replace('/', '_').replace(':', '_')}-s{cfg.seed}")
+        ckpt.atomic_write_text(run_dir / CONFIG_YAML, dump_yaml(cfg, spec.name))
+        tensors, state = {}, {}
+
+    if spec.kind != "on-policy":  # pragma: no cover - other kinds arrive with their issues
+        raise PolicylabError(f"{spec.name} is not trainable by this loop yet", "use ppo, a2c or reinforce")
+    loop = OnPolicyLoop(spec, cfg)
+    if resume is not None:
+        notes += loop.load_state(tensors, state)
+    for note in notes:
+        say(note)
+    log = RunLog(run_dir, cfg.tensorboard, resume_step=loop.step if resume is not None else None)
+    elapsed_before = float(state.get("elapsed", 0.0)) if resume is not None else 0.0
+    last_ckpt: Path | None = ckpt.find_checkpoint(run_dir) if resume is not None else None
+    next_eval = _next_multiple(loop.step, cfg.eval_every)
+    next_ckpt = _next_multiple(loop.step, cfg.checkpoint_every)
+    start_time = time.perf_counter()
+    start_step = loop.step
+    bar = Progress(cfg.steps, f"{spec.name} {cfg.env}", enabled=progress if verbose else False, start=loop.step)
+    interrupted = False
+
+    def save() -> Path:
+        tensors_, state_ = loop.state()
+        state_["elapsed"] = elapsed_before + time.perf_counter() - start_time
+        return ckpt.save_checkpoint(run_dir / "checkpoints", loop.step, tensors_, state_, cfg.keep_checkpoints)
+
+    try:
+        with _StopFlag() as stop:
+            while loop.step < cfg.steps:
+                rollout = loop.collect()
+                metrics = loop.algo.update(rollout, progress=loop.step / cfg.steps)
+                loop.iteration += 1
+                _finite_check(loop, metrics, last_ckpt)
+                values = {k: float(v) for k, v in metrics.items()}
+                wall = time.perf_counter() - start_time
+                fps = (loop.step - start_step) / max(wall, 1e-9)
+                mean_ret = loop.tracker.mean_return()
+                row = {"step": loop.step, "time": elapsed_before + wall, "fps": fps, "return_mean": mean_ret,
+                       "length_mean": loop.tracker.mean_length(), "episodes": loop.tracker.episodes, **values}  # fmt: skip
+                log.log_train(row)
+                bar.update(loop.step, fps, mean_ret)
+                if cfg.eval_every and loop.step >= next_eval and loop.step < cfg.steps:
+                    result = evaluate(loop.policy(), cfg.eval_episodes, cfg.seed + 10_000 + loop.iteration)
+                    log.log_eval(_eval_row(loop.step, elapsed_before + wall, result))
+                    next_eval = _next_multiple(loop.step, cfg.eval_every)
+                if cfg.checkpoint_every and loop.step >= next_ckpt and loop.step < cfg.steps:
+                    last_ckpt = save()
+                    next_ckpt = _next_multiple(loop.step, cfg.checkpoint_every)
+                info = IterationInfo(loop.step, loop.iteration, elapsed_before + wall, mean_ret, values)
+                if stop.requested or (callback is not None and callback(info) is False):
+                    interrupted = loop.step < cfg.steps
+                    break
+        last_ckpt = save()
+    finally:
+        bar.close()
+        loop.close()
+    final_eval = None
+    if not interrupted:
+        final_eval = evaluate(loop.policy(), cfg.eval_episodes, cfg.seed + 20_000)
+        wall = elapsed_before + time.perf_counter() - start_time
+        log.log_eval(_eval_row(loop.step, wall, final_eval))
+        log.write_summary({"algo": spec.name, "env": cfg.env, "seed": cfg.seed, "steps": loop.step,
+                           "wall_clock_s": wall, "final_eval": final_eval})  # fmt: skip
+    log.close()
+    if interrupted:
+        say(f"stopped at step {loop.step:,}; checkpoint {last_ckpt}")
+        say(f"resume with: policylab train {spec.name} --resume {run_dir}")
+    elif final_eval is not None:
+        say(
+            f"done: {loop.step:,} steps; evaluation over {final_eval['episodes']} episodes: "
+            f"return {final_eval['return_mean']:.1f} +/- {final_eval['return_std']:.1f}"
+        )
+        say(f"run directory: {run_dir}")
+    return Run(run_dir, spec.name, cfg, loop.step, final_eval, interrupted, notes)
+
+
+def _next_multiple(step: int, every: int) -> int:
+    return math.inf if not every else (step // every + 1) * every  # type: ignore[return-value]
+
+
+def _eval_row(step: int, wall: float, result: dict[str, Any]) -> dict[str, Any]:
+    return {"step": step, "time": wall, **{k: v for k, v in result.items() if k != "returns"}}
