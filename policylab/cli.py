@@ -16,7 +16,7 @@ def _train(args: argparse.Namespace) -> int:
 
     if args.algo is None and args.resume is None:
         raise PolicylabError("no algorithm given", "write e.g. `policylab train ppo --env CartPole-v1`")
-    train(
+    run = train(
         args.algo or "",
         env=args.env,
         steps=args.steps,
@@ -29,7 +29,7 @@ def _train(args: argparse.Namespace) -> int:
         runs_dir=args.runs_dir,
         progress=False if args.no_progress else None,
     )
-    return 0
+    return 130 if run.interrupted else 0
 
 
 def _eval(args: argparse.Namespace) -> int:

@@ -223,7 +223,7 @@ def _split_arrays(obj: Any, path: str = "") -> tuple[Any, dict[str, Tensor]]:
     """Move numpy arrays out of a nested snapshot into tensors; leave {'__array__': key} markers."""
     if isinstance(obj, np.ndarray):
         key = path.strip("/")
-        return {"__array__": key}, {key: torch.from_numpy(np.ascontiguousarray(obj))}
+        return {"__array__": key}, {key: torch.from_numpy(obj.copy())}
     if isinstance(obj, dict):
         out, tensors = {}, {}
         for k, v in obj.items():

@@ -1,0 +1,77 @@
+"""The Python API: pl.train, pl.load(dir).act on single and batched observations, eval and video."""
+
+from __future__ import annotations
+
+import gymnasium as gym
+import numpy as np
+import pytest
+
+import policylab as pl
+from policylab.cli import main
+from policylab.errors import PolicylabError
+
+SMALL = {"n_steps": 16, "num_envs": 2, "batch_size": 32, "epochs": 1, "eval_every": 0, "eval_episodes": 2}
+
+
+@pytest.fixture(scope="module")
+def cartpole_run(tmp_path_factory):
+    return pl.train("ppo", env="CartPole-v1", steps=512, seed=0, overrides=SMALL, preset="none",
+                    runs_dir=tmp_path_factory.mktemp("runs"), verbose=False)  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def pendulum_run(tmp_path_factory):
+    return pl.train("ppo", env="Pendulum-v1", steps=256, seed=0, overrides={**SMALL, "normalize_obs": True},
+                    preset="none", runs_dir=tmp_path_factory.mktemp("runs"), verbose=False)  # fmt: skip
+
+
+def test_run_directory_layout(cartpole_run):
+    names = {p.name for p in cartpole_run.dir.iterdir()}
+    assert {"config.yaml", "train.csv", "eval.csv", "eval.json", "checkpoints"} <= names
+    assert cartpole_run.dir.name == "ppo-CartPole-v1-s0"
+
+
+def test_act_on_plain_gymnasium_observations_discrete(cartpole_run):
+    policy = pl.load(cartpole_run.dir)
+    env = gym.make("CartPole-v1")
+    obs, _ = env.reset(seed=0)
+    action = policy.act(obs, deterministic=True)
+    assert isinstance(action, int) and env.action_space.contains(action)
+    env.step(action)
+    batch = np.stack([obs, obs, obs])
+    actions = policy.act(batch)
+    assert actions.shape == (3,) and all(a == action for a in actions)
+
+
+def test_act_on_plain_gymnasium_observations_continuous_with_normalization(pendulum_run):
+    policy = pl.load(pendulum_run.dir)
+    assert policy.obs_normalizer is not None and policy.obs_normalizer.rms.count > 100
+    env = gym.make("Pendulum-v1")
+    obs, _ = env.reset(seed=0)
+    action = policy.act(obs)
+    assert action.shape == (1,) and env.action_space.contains(action)
+    env.step(action)
+    assert policy.act(np.stack([obs] * 5)).shape == (5, 1)
+    sampled = policy.act(obs, deterministic=False)
+    assert env.action_space.contains(sampled)
+
+
+def test_wrong_observation_shape_is_a_clear_error(cartpole_run):
+    with pytest.raises(PolicylabError, match="does not match the policy's observation shape"):
+        pl.load(cartpole_run.dir).act(np.zeros(3))
+
+
+def test_eval_command(capsys, cartpole_run):
+    assert main(["eval", str(cartpole_run.dir), "--episodes", "3"]) == 0
+    assert "over 3 episodes" in capsys.readouterr().out
+
+
+def test_eval_video(capsys, cartpole_run, tmp_path):
+    out = tmp_path / "cartpole.gif"
+    assert main(["eval", str(cartpole_run.dir), "--episodes", "1", "--video", str(out)]) == 0
+    assert out.exists() and out.stat().st_size > 1000
+
+
+def test_evaluate_counts_each_episode_once(cartpole_run):
+    result = pl.evaluate(pl.load(cartpole_run.dir), episodes=5, seed=1)
+    assert result["episodes"] == 5 and len(result["returns"]) == 5

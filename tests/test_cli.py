@@ -1,0 +1,92 @@
+"""The command line: user mistakes end in one clear message and a non-zero exit, never a traceback."""
+
+from __future__ import annotations
+
+import pytest
+
+from policylab.cli import main
+
+
+def _error(capsys, argv: list[str]) -> str:
+    code = main(argv)
+    captured = capsys.readouterr()
+    assert code == 2
+    assert "Traceback" not in captured.err
+    assert captured.err.startswith("error: ")
+    return captured.err
+
+
+def test_unknown_algorithm_suggests_close_match(capsys, tmp_path):
+    err = _error(capsys, ["train", "ppoo", "--env", "CartPole-v1", "--runs-dir", str(tmp_path)])
+    assert "unknown algorithm 'ppoo'" in err and "Did you mean: ppo" in err
+
+
+def test_unknown_env_suggests_close_match(capsys, tmp_path):
+    err = _error(capsys, ["train", "ppo", "--env", "CartPol-v1", "--runs-dir", str(tmp_path)])
+    assert "unknown environment 'CartPol-v1'" in err and "CartPole-v1" in err
+    assert not any(tmp_path.iterdir()), "nothing is written for a failed start"
+
+
+def test_unsupported_action_space_names_the_space(capsys, tmp_path):
+    err = _error(capsys, ["train", "ppo", "--env", "tests.envs_for_tests:TupleActionEnv", "--runs-dir", str(tmp_path)])
+    assert "cannot handle the action space Tuple" in err and "fix:" in err
+
+
+def test_bad_set_value_and_unknown_key(capsys, tmp_path):
+    err = _error(capsys, ["train", "ppo", "--env", "CartPole-v1", "--set", "lr=fast", "--runs-dir", str(tmp_path)])
+    assert "bad value for 'lr'" in err and "float" in err
+    err = _error(capsys, ["train", "ppo", "--env", "CartPole-v1", "--set", "lrr=1e-3", "--runs-dir", str(tmp_path)])
+    assert "unknown config key 'lrr'" in err and "Did you mean: lr" in err and "valid keys" in err
+    err = _error(capsys, ["train", "ppo", "--set", "gamma=1.5", "--runs-dir", str(tmp_path)])
+    assert "gamma=1.5 is outside [0, 1]" in err
+
+
+def test_malformed_yaml(capsys, tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("lr: 0.001\nnum_envs: [8\n")
+    err = _error(capsys, ["train", "ppo", "--config", str(bad), "--runs-dir", str(tmp_path / "runs")])
+    assert "not valid YAML" in err and "line" in err
+
+
+def test_missing_checkpoint_for_eval_and_resume(capsys, tmp_path):
+    err = _error(capsys, ["eval", str(tmp_path / "nope")])
+    assert "does not exist" in err
+    err = _error(capsys, ["train", "ppo", "--resume", str(tmp_path / "nope")])
+    assert "does not exist" in err
+
+
+def test_debug_flag_shows_the_traceback(tmp_path):
+    from policylab.errors import ConfigError
+
+    with pytest.raises(ConfigError):
+        main(["--debug", "train", "ppoo", "--runs-dir", str(tmp_path)])
+
+
+def test_yaml_config_set_and_preset_resolution(capsys, tmp_path):
+    cfg = tmp_path / "my.yaml"
+    cfg.write_text("lr: 0.002\nnum_envs: 8\nn_steps: 16\nbatch_size: 64\neval_every: 0\neval_episodes: 2\n")
+    code = main(["train", "ppo", "--env", "CartPole-v1", "--steps", "1k", "--seed", "1", "--config", str(cfg),
+                 "--set", "num_envs=4", "--set", "epochs=1", "--runs-dir", str(tmp_path / "runs"), "--no-progress"])  # fmt: skip
+    out = capsys.readouterr().out
+    assert code == 0
+    assert "using the tuned ppo preset for CartPole-v1" in out and "run directory:" in out
+    import yaml
+
+    saved = yaml.safe_load((tmp_path / "runs" / "ppo-CartPole-v1-s1" / "config.yaml").read_text())
+    # preset (gamma 0.98) < YAML (lr, n_steps) < --set (num_envs, epochs) < flags (steps, seed)
+    assert saved["gamma"] == 0.98 and saved["lr"] == 0.002 and saved["n_steps"] == 16
+    assert saved["num_envs"] == 4 and saved["epochs"] == 1 and saved["steps"] == 1000 and saved["seed"] == 1
+
+
+def test_preset_none_opts_out(capsys, tmp_path):
+    code = main(["train", "ppo", "--env", "CartPole-v1", "--steps", "256", "--preset", "none", "--set", "n_steps=32",
+                 "--set", "eval_episodes=1", "--runs-dir", str(tmp_path), "--no-progress"])  # fmt: skip
+    out = capsys.readouterr().out
+    assert code == 0 and "using the tuned" not in out
+
+
+def test_list_shows_algorithms_and_presets(capsys):
+    assert main(["list"]) == 0
+    out = capsys.readouterr().out
+    for name in ("ppo", "a2c", "reinforce", "CartPole-v1", "InvertedPendulum-v5"):
+        assert name in out

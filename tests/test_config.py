@@ -1,0 +1,205 @@
+"""Config parsing: human step counts, typed --set overrides, YAML files, validation."""
+
+from __future__ import annotations
+
+import pytest
+
+from policylab.algos import PPOConfig
+from policylab.config import apply_values, dump_yaml, load_yaml, parse_count, parse_set_args
+from policylab.errors import ConfigError
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("100k", 100_000),
+        ("100K", 100_000),
+        ("1e6", 1_000_000),
+        ("1.5M", 1_500_000),
+        ("2_500", 2_500),
+        ("1,000", 1_000),
+        (" 7 ", 7),
+        ("2g", 2_000_000_000),
+        (100, 100),
+        (1e5, 100_000),
+    ],
+)
+def test_parse_count(text, expected):
+    value = parse_count(text)
+    assert value == expected and type(value) is int
+
+
+@pytest.mark.parametrize("bad", ["abc", "", "1.5", "1e-3", "-5", "k", "10x", "0x10", True, 2.5, float("nan"), None])
+def test_parse_count_rejects(bad):
+    with pytest.raises(ValueError):
+        parse_count(bad)
+
+
+def test_apply_values_coerces_strings_to_field_types():
+    cfg = apply_values(
+        PPOConfig(),
+        {
+            "num_envs": "16",
+            "steps": "1.5M",
+            "lr": "3e-4",
+            "normalize_obs": "true",
+            "ortho_init": "false",
+            "max_grad_norm": "none",
+            "clip_eps_high": "0.28",
+            "env_kwargs": "{max_episode_steps: 200}",
+        },
+        "--set",
+    )
+    assert cfg.num_envs == 16 and type(cfg.num_envs) is int
+    assert cfg.steps == 1_500_000
+    assert cfg.lr == 0.0003 and type(cfg.lr) is float
+    assert cfg.normalize_obs is True
+    assert cfg.ortho_init is False
+    assert cfg.max_grad_norm is None
+    assert cfg.clip_eps_high == 0.28
+    assert cfg.env_kwargs == {"max_episode_steps": 200}
+    # the original is untouched (apply_values returns a copy)
+    assert PPOConfig().num_envs == 8
+
+
+@pytest.mark.parametrize("text", ["[32,32]", "32,32", "[32, 32]"])
+def test_apply_values_list_field(text):
+    assert apply_values(PPOConfig(), {"hidden_sizes": text}, "--set").hidden_sizes == [32, 32]
+
+
+def test_apply_values_accepts_yaml_native_values():
+    cfg = apply_values(PPOConfig(), {"hidden_sizes": [16, 8], "gamma": 1, "anneal_lr": True, "dual_clip": None}, "x")
+    assert cfg.hidden_sizes == [16, 8]
+    assert cfg.gamma == 1.0 and type(cfg.gamma) is float
+    assert cfg.anneal_lr is True
+    assert cfg.dual_clip is None
+
+
+@pytest.mark.parametrize("none", ["none", "None", "null", "~"])
+def test_optional_fields_accept_none(none):
+    cfg = apply_values(PPOConfig(target_kl=0.01), {"target_kl": none}, "--set")
+    assert cfg.target_kl is None
+
+
+def test_unknown_key_suggests_close_match_and_lists_keys():
+    with pytest.raises(ConfigError) as info:
+        apply_values(PPOConfig(), {"lrr": "0.1"}, "--set")
+    err = info.value
+    assert "'lrr'" in err.problem and "--set" in err.problem
+    assert "Did you mean: lr" in err.problem
+    assert "valid keys for PPOConfig" in err.fix
+    for key in ("batch_size", "clip_eps", "gae_lambda", "num_envs"):
+        assert key in err.fix
+
+
+@pytest.mark.parametrize(
+    "key, value",
+    [
+        ("num_envs", "abc"),
+        ("num_envs", "2.5"),
+        ("lr", "fast"),
+        ("normalize_obs", "maybe"),
+        ("hidden_sizes", "[32, x]"),
+        ("max_grad_norm", "big"),
+        ("gamma", True),
+        ("env_kwargs", "[1, 2]"),
+    ],
+)
+def test_wrong_type_names_the_key(key, value):
+    with pytest.raises(ConfigError) as info:
+        apply_values(PPOConfig(), {key: value}, "config.yaml")
+    assert f"'{key}'" in str(info.value)
+    assert "config.yaml" in str(info.value)
+
+
+def test_parse_set_args():
+    assert parse_set_args(["lr=3e-4", " num_envs = 16 ", "env_kwargs={a: 1}", "note=a=b"]) == {
+        "lr": "3e-4",
+        "num_envs": "16",
+        "env_kwargs": "{a: 1}",
+        "note": "a=b",  # only the first '=' splits
+    }
+
+
+@pytest.mark.parametrize("bad", ["lr", "=3", " =3", ""])
+def test_parse_set_args_errors(bad):
+    with pytest.raises(ConfigError, match="key=value"):
+        parse_set_args([bad])
+
+
+def test_load_yaml_mapping(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("algo: ppo\nlr: 0.001\nhidden_sizes: [32, 32]\n")
+    assert load_yaml(path) == {"lr": 0.001, "hidden_sizes": [32, 32]}  # 'algo' is dropped
+    empty = tmp_path / "empty.yaml"
+    empty.write_text("")
+    assert load_yaml(empty) == {}
+
+
+def test_load_yaml_malformed_reports_line(tmp_path):
+    path = tmp_path / "bad.yaml"
+    # the unclosed list on line 3 is detected at line 4
+    path.write_text("lr: 0.1\nnum_envs: 4\nhidden_sizes: [1, 2\nseed: 3\n")
+    with pytest.raises(ConfigError) as info:
+        load_yaml(path)
+    msg = str(info.value)
+    assert "bad.yaml" in msg and "not valid YAML" in msg
+    assert "line 4" in msg
+
+
+def test_load_yaml_tab_indent_reports_line(tmp_path):
+    path = tmp_path / "tab.yaml"
+    path.write_text("lr: 1\n\tseed: 2\n")
+    with pytest.raises(ConfigError, match="line 2"):
+        load_yaml(path)
+
+
+def test_load_yaml_list_is_not_a_config(tmp_path):
+    path = tmp_path / "list.yaml"
+    path.write_text("- lr: 0.1\n- seed: 2\n")
+    with pytest.raises(ConfigError, match="holds a list, not a mapping"):
+        load_yaml(path)
+
+
+def test_load_yaml_missing_file(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_yaml(tmp_path / "nope.yaml")
+
+
+def test_yaml_round_trip(tmp_path):
+    cfg = apply_values(PPOConfig(), {"lr": "1e-3", "hidden_sizes": "16,16", "clip_eps_high": "0.3"}, "--set")
+    path = tmp_path / "resolved.yaml"
+    path.write_text(dump_yaml(cfg, "ppo"))
+    assert apply_values(PPOConfig(), load_yaml(path), str(path)) == cfg
+
+
+def test_validate_accepts_defaults_and_edges():
+    PPOConfig().validate()
+    PPOConfig(n_steps=4, num_envs=2, batch_size=8, gamma=1.0).validate()  # batch = whole rollout
+    PPOConfig(gamma=0.0).validate()
+
+
+def test_validate_rejects_batch_larger_than_rollout():
+    with pytest.raises(ConfigError) as info:
+        PPOConfig(n_steps=4, num_envs=2, batch_size=9).validate()
+    assert "batch_size=9" in str(info.value) and "8" in str(info.value)
+
+
+@pytest.mark.parametrize("gamma", [1.5, -0.1])
+def test_validate_rejects_gamma_outside_unit_interval(gamma):
+    with pytest.raises(ConfigError, match="gamma"):
+        PPOConfig(gamma=gamma).validate()
+
+
+def test_validate_rejects_unknown_activation():
+    with pytest.raises(ConfigError) as info:
+        PPOConfig(activation="gelu").validate()
+    assert "gelu" in str(info.value) and "tanh" in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "kwargs", [{"hidden_sizes": []}, {"hidden_sizes": [64, 0]}, {"num_envs": 0}, {"vectorization": "fast"}]
+)
+def test_validate_rejects_other_bad_values(kwargs):
+    with pytest.raises(ConfigError, match=next(iter(kwargs))):
+        PPOConfig(**kwargs).validate()
