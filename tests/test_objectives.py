@@ -41,7 +41,7 @@ GAMMA = 0.5
 
 
 def rollout():
-    rewards = t([[1, 1], [2, 1], [3, 1], [4, 1]])
+    rewards = t([[1, 1], [2, 1], [3, 1], [4, 2]])
     values = t([[0.5, 1], [1, 2], [1.5, 3], [2, 4]])
     next_values = t([[1, 2], [9, 3], [2, 5], [3, 6]])
     terminated = torch.tensor([[False, False], [True, False], [False, False], [False, False]])
@@ -53,19 +53,20 @@ def rollout():
 #   env 0: t0: 1 + .5*1 - .5 = 1      t1: 2 + 0 - 1 = 1 (terminated)
 #          t2: 3 + .5*2 - 1.5 = 2.5   t3: 4 + .5*3 - 2 = 3.5
 #   env 1: t0: 1 + .5*2 - 1 = 1       t1: 1 + .5*3 - 2 = 0.5
-#          t2: 1 + .5*5 - 3 = 0.5 (truncated: bootstraps from V(final)=5)   t3: 1 + .5*6 - 4 = 0
-DELTAS = [[1.0, 1.0], [1.0, 0.5], [2.5, 0.5], [3.5, 0.0]]
+#          t2: 1 + .5*5 - 3 = 0.5 (truncated: bootstraps from V(final)=5)   t3: 2 + .5*6 - 4 = 1
+DELTAS = [[1.0, 1.0], [1.0, 0.5], [2.5, 0.5], [3.5, 1.0]]
 
 
 def test_gae_by_hand_with_termination_truncation_and_rollout_end():
     # gamma * lam = 0.25; A_t = delta_t + 0.25 * (1 - end_t) * A_{t+1}
     #   env 0: A3 = 3.5; A2 = 2.5 + .25*3.5 = 3.375; A1 = 1 (cut); A0 = 1 + .25*1 = 1.25
-    #   env 1: A3 = 0; A2 = 0.5 (cut); A1 = 0.5 + .25*0.5 = 0.625; A0 = 1 + .25*0.625 = 1.15625
+    #   env 1: A3 = 1; A2 = 0.5 (cut: 0.75 if A3 leaked across the truncation);
+    #          A1 = 0.5 + .25*0.5 = 0.625; A0 = 1 + .25*0.625 = 1.15625
     adv, ret = gae(*rollout(), gamma=GAMMA, lam=0.5)
-    expected = t([[1.25, 1.15625], [1.0, 0.625], [3.375, 0.5], [3.5, 0.0]])
+    expected = t([[1.25, 1.15625], [1.0, 0.625], [3.375, 0.5], [3.5, 1.0]])
     assert_close(adv, expected)
     # returns = A + V
-    assert_close(ret, t([[1.75, 2.15625], [2.0, 2.625], [4.875, 3.5], [5.5, 4.0]]))
+    assert_close(ret, t([[1.75, 2.15625], [2.0, 2.625], [4.875, 3.5], [5.5, 5.0]]))
 
 
 def test_gae_ignores_next_value_at_termination():
@@ -91,13 +92,13 @@ def test_mc_returns_by_hand():
     # G_t = r_t + gamma * G_{t+1} inside an episode; at an end: r_t + gamma * (1 - term) * nv_t;
     # at the rollout end: r_T + gamma * nv_T.
     #   env 0: G3 = 4 + .5*3 = 5.5; G2 = 3 + .5*5.5 = 5.75; G1 = 2 (terminated); G0 = 1 + .5*2 = 2
-    #   env 1: G3 = 1 + .5*6 = 4; G2 = 1 + .5*5 = 3.5 (truncated); G1 = 1 + .5*3.5 = 2.75;
+    #   env 1: G3 = 2 + .5*6 = 5; G2 = 1 + .5*5 = 3.5 (truncated); G1 = 1 + .5*3.5 = 2.75;
     #          G0 = 1 + .5*2.75 = 2.375
     adv, ret = mc_returns(*rollout(), gamma=GAMMA)
-    expected_returns = t([[2.0, 2.375], [2.0, 2.75], [5.75, 3.5], [5.5, 4.0]])
+    expected_returns = t([[2.0, 2.375], [2.0, 2.75], [5.75, 3.5], [5.5, 5.0]])
     assert_close(ret, expected_returns)
     # advantages = G - V
-    assert_close(adv, t([[1.5, 1.375], [1.0, 0.75], [4.25, 0.5], [3.5, 0.0]]))
+    assert_close(adv, t([[1.5, 1.375], [1.0, 0.75], [4.25, 0.5], [3.5, 1.0]]))
 
 
 def test_mc_returns_ignore_next_values_inside_episodes():
