@@ -112,7 +112,10 @@ def parse_count(text: str | int | float) -> int:
     match = re.fullmatch(r"([0-9.]+(?:e[+-]?[0-9]+)?)([kmg]?)", s)
     if not match:
         raise ValueError(f"{text!r} is not a count (examples: 100000, 100k, 1e6, 1.5M)")
-    value = float(match.group(1)) * _SUFFIXES.get(match.group(2), 1)
+    try:
+        value = float(match.group(1)) * _SUFFIXES.get(match.group(2), 1)
+    except ValueError:
+        raise ValueError(f"{text!r} is not a count (examples: 100000, 100k, 1e6, 1.5M)") from None
     if not value.is_integer():
         raise ValueError(f"{text!r} is not a whole number")
     return int(value)
@@ -157,17 +160,24 @@ def _coerce(name: str, value: Any, tp: Any) -> Any:
         return str(value)
     if origin is list:
         if isinstance(value, str):
-            value = yaml.safe_load(value if value.strip().startswith("[") else f"[{value}]")
+            value = _yaml_value(value if value.strip().startswith("[") else f"[{value}]")
         if not isinstance(value, (list, tuple)):
             raise ValueError(f"{value!r} is not a list (use e.g. [64,64])")
         return [_coerce(name, v, args[0]) for v in value]
     if origin is dict:
         if isinstance(value, str):
-            value = yaml.safe_load(value)
+            value = _yaml_value(value)
         if not isinstance(value, dict):
             raise ValueError(f"{value!r} is not a mapping (use e.g. {{key: value}})")
         return dict(value)
     return value
+
+
+def _yaml_value(text: str) -> Any:
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        raise ValueError(f"{text!r} is not valid YAML") from None
 
 
 def field_types(cls: type) -> dict[str, Any]:

@@ -328,15 +328,16 @@ def train(
     else:
         spec = get_algo(algo)
         cfg, notes = resolve_config(spec, env, steps, seed, config, overrides, preset)
-        run_dir = new_run_dir(runs_dir, name or f"{spec.name}-{cfg.env.replace('/', '_').replace(':', '_')}-s{cfg.seed}")
-        ckpt.atomic_write_text(run_dir / CONFIG_YAML, dump_yaml(cfg, spec.name))
         tensors, state = {}, {}
 
     if spec.kind != "on-policy":  # pragma: no cover - other kinds arrive with their issues
         raise PolicylabError(f"{spec.name} is not trainable by this loop yet", "use ppo, a2c or reinforce")
-    loop = OnPolicyLoop(spec, cfg)
+    loop = OnPolicyLoop(spec, cfg)  # env and networks first: a failed start leaves no run directory behind
     if resume is not None:
         notes += loop.load_state(tensors, state)
+    else:
+        run_dir = new_run_dir(runs_dir, name or f"{spec.name}-{cfg.env.replace('/', '_').replace(':', '_')}-s{cfg.seed}")
+        ckpt.atomic_write_text(run_dir / CONFIG_YAML, dump_yaml(cfg, spec.name))
     for note in notes:
         say(note)
     log = RunLog(run_dir, cfg.tensorboard, resume_step=loop.step if resume is not None else None)

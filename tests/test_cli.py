@@ -90,3 +90,20 @@ def test_list_shows_algorithms_and_presets(capsys):
     out = capsys.readouterr().out
     for name in ("ppo", "a2c", "reinforce", "CartPole-v1", "InvertedPendulum-v5"):
         assert name in out
+
+
+def test_bad_env_kwargs_and_bad_list_value_are_clear_errors(capsys, tmp_path):
+    err = _error(capsys, ["train", "ppo", "--env", "CartPole-v1", "--set", "env_kwargs={foo: 1}", "--runs-dir", str(tmp_path)])
+    assert "cannot create 'CartPole-v1' with the given env_kwargs" in err
+    err = _error(capsys, ["train", "ppo", "--set", "hidden_sizes=[32,", "--runs-dir", str(tmp_path)])
+    assert "bad value for 'hidden_sizes'" in err
+    assert not any(tmp_path.iterdir()), "a failed start leaves no run directory"
+
+
+def test_env_kwargs_reach_the_numpy_vectorized_cartpole(tmp_path):
+    import policylab as pl
+
+    run = pl.train("ppo", env="CartPole-v1", steps=256, overrides={"env_kwargs": {"max_episode_steps": 10},
+                   "n_steps": 32, "num_envs": 8, "batch_size": 256, "eval_episodes": 2}, preset="none",
+                   runs_dir=tmp_path, verbose=False)  # fmt: skip
+    assert run.final_eval["length_mean"] <= 10

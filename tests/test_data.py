@@ -81,11 +81,12 @@ def test_rollout_finish_assembles_next_values():
 
 def test_rollout_bootstrap_does_not_leak_into_next_rollout():
     buf = RolloutBuffer(1, 2, (1,), (), torch.long)
-    buf.add_policy_step(0, torch.zeros(2, 1), torch.zeros(2, dtype=torch.long), torch.zeros(2), torch.tensor([1.0, 2.0]))
+    no_actions = torch.zeros(2, dtype=torch.long)
+    buf.add_policy_step(0, torch.zeros(2, 1), no_actions, torch.zeros(2), torch.tensor([1.0, 2.0]))
     buf.add_env_step(0, torch.ones(2), torch.tensor([False, False]), torch.tensor([True, True]))
     buf.set_bootstrap(0, torch.tensor([0, 1]), torch.tensor([7.0, 8.0]))
     assert buf.finish(torch.tensor([5.0, 6.0])).next_values.tolist() == [[7.0, 8.0]]
     # second rollout into the same storage: both envs terminate at t=0, nothing bootstraps
-    buf.add_policy_step(0, torch.zeros(2, 1), torch.zeros(2, dtype=torch.long), torch.zeros(2), torch.tensor([1.0, 2.0]))
+    buf.add_policy_step(0, torch.zeros(2, 1), no_actions, torch.zeros(2), torch.tensor([1.0, 2.0]))
     buf.add_env_step(0, torch.ones(2), torch.tensor([True, True]), torch.tensor([True, True]))
     assert buf.finish(torch.tensor([5.0, 6.0])).next_values.tolist() == [[0.0, 0.0]]

@@ -193,7 +193,8 @@ def test_get_set_state_reproduces_next_observations(env_id, warmup, kind):
     if isinstance(space, gym.spaces.Discrete):
         actions = [rng.integers(0, 2, size=2) for _ in range(warmup + 30)]
     else:
-        actions = [rng.uniform(space.low, space.high, size=(2, *space.shape)).astype(np.float32) for _ in range(warmup + 30)]
+        shape = (2, *space.shape)
+        actions = [rng.uniform(space.low, space.high, shape).astype(np.float32) for _ in range(warmup + 30)]
     for a in actions[:warmup]:
         env.step(a)
     snapshot = copy.deepcopy(env.get_state())

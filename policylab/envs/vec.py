@@ -129,14 +129,26 @@ def make_single_env(env_id: str, env_kwargs: dict[str, Any] | None = None, **ext
     kwargs = {**(env_kwargs or {}), **extra}
     resolve_env_id(env_id)
     if ":" in env_id:
-        env = _import_entry(env_id)(**kwargs)
+        entry = _import_entry(env_id)
+        env = _construct(env_id, lambda: entry(**kwargs))
         if not isinstance(env, gym.Env):
             raise EnvError(f"{env_id!r} returned {type(env).__name__}, not a gymnasium.Env", "return a gymnasium.Env")
         return env
     try:
-        return gym.make(env_id, **kwargs)
+        return _construct(env_id, lambda: gym.make(env_id, **kwargs))
     except gym.error.DependencyNotInstalled as exc:
         raise EnvError(f"environment {env_id!r} needs a package that is not installed: {exc}", "install it") from None
+
+
+def _construct(env_id: str, build: Callable[[], Any]) -> Any:
+    """Call an env constructor; a TypeError from bad env_kwargs becomes an error naming them."""
+    try:
+        return build()
+    except TypeError as exc:
+        raise EnvError(
+            f"cannot create {env_id!r} with the given env_kwargs: {exc}",
+            "fix or remove the offending key in env_kwargs (--set env_kwargs={...})",
+        ) from None
 
 
 def make_vec_env(
@@ -152,8 +164,8 @@ def make_vec_env(
         spec = gym.spec(env_id)
         fast = _NUMPY_VECTOR_ENVS.get(str(spec.vector_entry_point))
         if fast is not None:
-            max_steps = spec.max_episode_steps or spec.kwargs.get("max_episode_steps", 500)
-            env = fast(num_envs=num_envs, max_episode_steps=max_steps, **kwargs)
+            max_steps = kwargs.pop("max_episode_steps", None) or spec.max_episode_steps or 500
+            env = _construct(env_id, lambda: fast(num_envs=num_envs, max_episode_steps=max_steps, **kwargs))
             env.spec = spec  # type: ignore[misc]
             return VecEnv(env, env_id, snapshot_able=True)
     make_one = lambda: make_single_env(env_id, kwargs)  # noqa: E731
