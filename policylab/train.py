@@ -134,31 +134,29 @@ class OnPolicyLoop:
 
     def collect(self) -> Batch:
         net, head, buf, gen, device = self.net, self.net.head, self.buffer, self.algo.generator, self.cfg.device
+        on_cpu = torch.device(device).type == "cpu"
         for t in range(self.cfg.n_steps):
-            obs_t = torch.from_numpy(self.obs).to(device)
-            with torch.no_grad():
-                actions, logp, values = net.act(obs_t, gen)
-                env_actions = head.to_env(actions).cpu().numpy()
-            buf.add_policy_step(t, obs_t, actions, logp, values)
+            obs = self.obs
+            with torch.inference_mode():
+                actions, logp, values = net.act(torch.from_numpy(obs).to(device), gen)
+                env_actions = head.to_env(actions)
+                env_actions = env_actions.numpy() if on_cpu else env_actions.cpu().numpy()
+            buf.add_policy_step(t, obs, actions, logp, values)
             res = self.env.step(env_actions)
             episode_end = res.episode_end
             self.tracker.update(res.reward, episode_end)
             reward = res.reward if self.reward_scaler is None else self.reward_scaler(res.reward, episode_end)
-            buf.add_env_step(
-                t,
-                torch.from_numpy(reward).to(device),
-                torch.from_numpy(res.terminated).to(device),
-                torch.from_numpy(episode_end).to(device),
-            )
-            truncated = res.truncated & ~res.terminated
-            if truncated.any():
-                idx = np.flatnonzero(truncated)
-                final = self._normalize(res.final_obs[idx], update=False)  # type: ignore[index]
-                with torch.no_grad():
-                    boot = net.predict_values(torch.from_numpy(final).to(device))
-                buf.set_bootstrap(t, torch.from_numpy(idx).to(device), boot)
+            buf.add_env_step(t, reward, res.terminated, episode_end)
+            if res.final_obs is not None:
+                truncated = res.truncated & ~res.terminated
+                if truncated.any():
+                    idx = np.flatnonzero(truncated)
+                    final = self._normalize(res.final_obs[idx], update=False)
+                    with torch.inference_mode():
+                        boot = net.predict_values(torch.from_numpy(final).to(device))
+                    buf.set_bootstrap(t, torch.from_numpy(idx).to(device), boot)
             self.obs = self._normalize(res.obs, update=True)
-        with torch.no_grad():
+        with torch.inference_mode():
             last_values = net.predict_values(torch.from_numpy(self.obs).to(device))
         self.step += self.steps_per_iteration
         return buf.finish(last_values)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import gymnasium as gym
@@ -11,6 +12,7 @@ from torch import Tensor, nn
 from policylab.config import CommonConfig
 from policylab.errors import ConfigError
 from policylab.nets import ActorCritic
+from policylab.objectives import entropy_bonus, pg_surrogate, value_loss
 
 
 @dataclass
@@ -32,6 +34,9 @@ class OnPolicyConfig(CommonConfig):
     log_std_init: float = 0.0
     squash_actions: bool = False
     """Box actions: tanh-squash into the bounds (else sample a Gaussian and clip)."""
+    analytic_grads: bool = True
+    """Fast path: hand-derived gradients for tanh/relu MLP actor-critics (same result as autograd, ~3x faster
+    on small networks); false forces autograd. Other networks always use autograd."""
 
     def validate(self) -> None:
         super().validate()
@@ -81,6 +86,59 @@ def optimizer_step(
         norm = nn.utils.clip_grad_norm_(params, max_grad_norm, foreach=True)
     optimizer.step()
     return norm
+
+
+class AutogradStep:
+    """One gradient step of the actor-critic loss through autograd (the reference path)."""
+
+    def __init__(self, net: ActorCritic, optimizer: torch.optim.Optimizer, max_grad_norm: float | None) -> None:
+        self.net = net
+        self.params = list(net.parameters())
+        self.optimizer = optimizer
+        self.max_grad_norm = max_grad_norm
+
+    def __call__(
+        self,
+        obs: Tensor,
+        actions: Tensor,
+        old_logp: Tensor | None,
+        advantages: Tensor,
+        returns: Tensor,
+        old_values: Tensor | None,
+        *,
+        clip_low: float | None,
+        clip_high: float | None = None,
+        dual_clip: float | None = None,
+        clip_value: float | None = None,
+        vf_coef: float = 0.5,
+        ent_coef: float = 0.0,
+        kl_limit: float | None = None,
+        with_metrics: bool = True,
+    ) -> tuple[dict[str, Tensor], bool]:
+        """One autograd step; `with_metrics` is accepted for symmetry (the metrics cost nothing extra here)."""
+        logp, entropy, values = self.net.evaluate(obs, actions)
+        old = logp.detach() if old_logp is None else old_logp
+        pg_loss, stats = pg_surrogate(logp, old, advantages, clip_low=clip_low, clip_high=clip_high, dual_clip=dual_clip)
+        if kl_limit is not None and stats["approx_kl"].item() > kl_limit:
+            return stats, False
+        v_loss = value_loss(values, returns, old_values=old_values, clip=clip_value)
+        ent = entropy_bonus(entropy)
+        loss = pg_loss + vf_coef * v_loss - ent_coef * ent
+        grad_norm = optimizer_step(self.optimizer, loss, self.params, self.max_grad_norm)
+        metrics = {**stats, "loss": loss.detach(), "policy_loss": pg_loss.detach(), "value_loss": v_loss.detach()}
+        metrics["entropy"] = ent.detach()
+        if grad_norm is not None:
+            metrics["grad_norm"] = grad_norm
+        return metrics, True
+
+
+def make_step(net: ActorCritic, optimizer: torch.optim.Optimizer, cfg: OnPolicyConfig) -> Callable[..., tuple[dict[str, Tensor], bool]]:
+    """The analytic-gradient step where the network allows it (and `analytic_grads` is on), else autograd."""
+    from policylab.algos.fused import FusedActorCriticStep
+
+    if cfg.analytic_grads and FusedActorCriticStep.supports(net):
+        return FusedActorCriticStep(net, optimizer, cfg.max_grad_norm)
+    return AutogradStep(net, optimizer, cfg.max_grad_norm)
 
 
 def normalize(x: Tensor, eps: float = 1e-8) -> Tensor:

@@ -20,19 +20,11 @@ import gymnasium as gym
 import torch
 from torch import Tensor
 
-from policylab.algos.onpolicy import (
-    OnPolicyConfig,
-    adam,
-    build_actor_critic,
-    mean_metrics,
-    normalize,
-    optimizer_step,
-    set_lr,
-)
+from policylab.algos.onpolicy import OnPolicyConfig, adam, build_actor_critic, make_step, mean_metrics, normalize, set_lr
 from policylab.data import Batch
 from policylab.nets import ActorCritic
 from policylab.errors import ConfigError
-from policylab.objectives import entropy_bonus, gae, pg_surrogate, value_loss
+from policylab.objectives import gae
 
 
 @dataclass
@@ -79,6 +71,7 @@ class PPO:
         self.params = list(self.net.parameters())
         self.optimizer = adam(self.params, cfg.lr)
         self.generator = torch.Generator(device=cfg.device).manual_seed(cfg.seed)
+        self.step = make_step(self.net, self.optimizer, cfg)
 
     @staticmethod
     def build_policy(cfg: OnPolicyConfig, obs_space: gym.Space, act_space: gym.Space) -> ActorCritic:
@@ -100,29 +93,29 @@ class PPO:
             values=rollout.values, advantages=advantages, returns=returns,
         ).flatten()  # fmt: skip
         n = len(data)
+        one_batch = cfg.batch_size >= n
+        if one_batch and cfg.normalize_advantage:  # the same minibatch every epoch: normalize once
+            data.advantages = normalize(data.advantages)
+        kl_limit = None if cfg.target_kl is None else 1.5 * cfg.target_kl
         history: dict[str, list[Tensor]] = defaultdict(list)
-        for _epoch in range(cfg.epochs):
-            order = torch.randperm(n, generator=self.generator, device=data.obs.device) if cfg.batch_size < n else None
+        last_epoch = cfg.epochs - 1  # losses, KL and clip fraction are reported for the last epoch
+        for epoch in range(cfg.epochs):
+            order = None if one_batch else torch.randperm(n, generator=self.generator, device=data.obs.device)
             for start in range(0, n, cfg.batch_size):
                 mb = data if order is None else data.select(order[start : start + cfg.batch_size])
-                logp, entropy, values = self.net.evaluate(mb.obs, mb.actions)
-                adv = normalize(mb.advantages) if cfg.normalize_advantage and len(mb) > 1 else mb.advantages
-                pg_loss, stats = pg_surrogate(
-                    logp, mb.logp, adv, clip_low=clip_low, clip_high=clip_high, dual_clip=cfg.dual_clip
-                )
-                v_loss = value_loss(values, mb.returns, old_values=mb.values, clip=cfg.clip_value)
-                ent = entropy_bonus(entropy)
-                if cfg.target_kl is not None and stats["approx_kl"].item() > 1.5 * cfg.target_kl:
-                    history["early_stop_epoch"].append(torch.tensor(float(_epoch)))
+                adv = mb.advantages
+                if cfg.normalize_advantage and not one_batch and len(mb) > 1:
+                    adv = normalize(adv)
+                metrics, stepped = self.step(
+                    mb.obs, mb.actions, mb.logp, adv, mb.returns, mb.values,
+                    clip_low=clip_low, clip_high=clip_high, dual_clip=cfg.dual_clip, clip_value=cfg.clip_value,
+                    vf_coef=cfg.vf_coef, ent_coef=cfg.ent_coef, kl_limit=kl_limit, with_metrics=epoch == last_epoch,
+                )  # fmt: skip
+                if not stepped:
+                    history["early_stop_epoch"].append(torch.tensor(float(epoch)))
                     return self._metrics(history, data)
-                loss = pg_loss + cfg.vf_coef * v_loss - cfg.ent_coef * ent
-                grad_norm = optimizer_step(self.optimizer, loss, self.params, cfg.max_grad_norm)
-                for key, value in (("loss", loss), ("policy_loss", pg_loss), ("value_loss", v_loss), ("entropy", ent)):
-                    history[key].append(value.detach())
-                for key, value in stats.items():
+                for key, value in metrics.items():
                     history[key].append(value)
-                if grad_norm is not None:
-                    history["grad_norm"].append(grad_norm)
         return self._metrics(history, data)
 
     def _metrics(self, history: dict[str, list[Tensor]], data: Batch) -> dict[str, Tensor]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -38,16 +39,29 @@ class RolloutBuffer:
         self.bootstrap = torch.zeros(shape, device=device)
         """V(final obs) at truncated steps, 0 elsewhere."""
 
-    def add_policy_step(self, t: int, obs: Tensor, actions: Tensor, logp: Tensor, values: Tensor) -> None:
-        self.obs[t] = obs
+        self._numpy = torch.device(device).type == "cpu"
+        if self._numpy:  # numpy views of the same memory: a numpy row write costs a fraction of a torch copy
+            self._np = {k: getattr(self, k).numpy() for k in ("obs", "rewards", "terminated", "episode_end", "bootstrap")}
+
+    def add_policy_step(self, t: int, obs: np.ndarray, actions: Tensor, logp: Tensor, values: Tensor) -> None:
+        if self._numpy:
+            self._np["obs"][t] = obs
+        else:
+            self.obs[t] = torch.from_numpy(obs)
         self.actions[t] = actions
         self.logp[t] = logp
         self.values[t] = values
 
-    def add_env_step(self, t: int, rewards: Tensor, terminated: Tensor, episode_end: Tensor) -> None:
-        self.rewards[t] = rewards
-        self.terminated[t] = terminated
-        self.episode_end[t] = episode_end
+    def add_env_step(self, t: int, rewards: np.ndarray, terminated: np.ndarray, episode_end: np.ndarray) -> None:
+        if self._numpy:
+            self._np["rewards"][t] = rewards
+            self._np["terminated"][t] = terminated
+            self._np["episode_end"][t] = episode_end
+            self._np["bootstrap"][t] = 0.0
+            return
+        self.rewards[t] = torch.from_numpy(rewards)
+        self.terminated[t] = torch.from_numpy(terminated)
+        self.episode_end[t] = torch.from_numpy(episode_end)
         self.bootstrap[t] = 0.0
 
     def set_bootstrap(self, t: int, env_index: Tensor, values: Tensor) -> None:

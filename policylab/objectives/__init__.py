@@ -2,9 +2,9 @@
 
 from policylab.objectives.advantages import gae, mc_returns
 from policylab.objectives.aggregation import aggregate
-from policylab.objectives.policy import entropy_bonus, pg_surrogate
+from policylab.objectives.policy import entropy_bonus, pg_surrogate, pg_surrogate_grad
 from policylab.objectives.registry import ADVANTAGES, AGGREGATIONS
-from policylab.objectives.value import value_loss
+from policylab.objectives.value import value_loss, value_loss_grad
 
 __all__ = [
     "ADVANTAGES",
@@ -14,5 +14,7 @@ __all__ = [
     "gae",
     "mc_returns",
     "pg_surrogate",
+    "pg_surrogate_grad",
     "value_loss",
+    "value_loss_grad",
 ]

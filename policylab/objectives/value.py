@@ -28,3 +28,28 @@ def value_loss(
         clipped_values = old_values + torch.clamp(values - old_values, -clip, clip)
         err = torch.maximum(err, (clipped_values - returns) ** 2)
     return aggregate(err, mask, aggregation)
+
+
+def value_loss_grad(
+    values: Tensor,
+    returns: Tensor,
+    *,
+    old_values: Tensor | None = None,
+    clip: float | None = None,
+    scale: float = 1.0,
+    with_loss: bool = True,
+) -> tuple[Tensor | None, Tensor]:
+    """`value_loss` (token-mean, no mask) and d(scale * loss)/d(values), without autograd (the fast path)."""
+    with torch.no_grad():
+        diff = values - returns
+        grad = diff * (2.0 * scale / values.numel())
+        if clip is None:
+            return ((diff * diff).mean() if with_loss else None), grad
+        if old_values is None:
+            raise ValueError("value clipping needs old_values (the values at collection time)")
+        err = diff * diff
+        clipped_diff = old_values + torch.clamp(values - old_values, -clip, clip) - returns
+        clipped_err = clipped_diff * clipped_diff
+        use_clipped = clipped_err > err
+        grad = torch.where(use_clipped, 0.0, grad)
+        return (torch.where(use_clipped, clipped_err, err).mean() if with_loss else None), grad

@@ -1,0 +1,181 @@
+"""The analytic-gradient fast path computes what autograd computes."""
+
+from __future__ import annotations
+
+import copy
+
+import gymnasium as gym
+import numpy as np
+import pytest
+import torch
+
+from policylab.algos.fused import FusedActorCriticStep, clip_grad_norm, fused_adam_step
+from policylab.algos.onpolicy import AutogradStep, adam
+from policylab.nets import ActorCritic
+from policylab.nets.mlp import StackedMLP
+from policylab.objectives import pg_surrogate, pg_surrogate_grad, value_loss, value_loss_grad
+
+B = 64
+
+
+def _autograd_pg(logp, old, adv, **kw):
+    logp = logp.clone().requires_grad_()
+    loss, metrics = pg_surrogate(logp, old, adv, **kw)
+    loss.backward()
+    return loss.detach(), logp.grad, metrics
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [
+        {"clip_low": None},
+        {"clip_low": 0.2},
+        {"clip_low": 0.2, "clip_high": 0.28},
+        {"clip_low": 0.1, "dual_clip": 3.0},
+    ],
+)
+def test_pg_surrogate_grad_matches_autograd(kw):
+    g = torch.Generator().manual_seed(0)
+    logp = torch.randn(B, generator=g) * 0.3 - 1.0
+    old = logp + torch.randn(B, generator=g) * 0.4  # ratios well outside [0.8, 1.2] for some samples
+    adv = torch.randn(B, generator=g) * 2.0
+    loss, grad, metrics = pg_surrogate_grad(logp, old, adv, scale=0.5, **kw)
+    ref_loss, ref_grad, ref_metrics = _autograd_pg(logp, old, adv, **kw)
+    torch.testing.assert_close(loss, ref_loss)
+    torch.testing.assert_close(grad, 0.5 * ref_grad)
+    for k in ("approx_kl", "clip_frac", "ratio_mean"):
+        torch.testing.assert_close(metrics[k], ref_metrics[k])
+    if kw.get("clip_low") is not None:
+        assert 0.0 < float(metrics["clip_frac"]) < 1.0, "the example exercises both branches"
+
+
+@pytest.mark.parametrize("clip", [None, 0.1])
+def test_value_loss_grad_matches_autograd(clip):
+    g = torch.Generator().manual_seed(1)
+    values = torch.randn(B, generator=g).requires_grad_()
+    returns, old = torch.randn(B, generator=g), torch.randn(B, generator=g)
+    ref = value_loss(values, returns, old_values=old, clip=clip)
+    ref.backward()
+    loss, grad = value_loss_grad(values.detach(), returns, old_values=old, clip=clip, scale=0.25)
+    torch.testing.assert_close(loss, ref.detach())
+    torch.testing.assert_close(grad, 0.25 * values.grad)
+
+
+@pytest.mark.parametrize("activation", ["tanh", "relu"])
+def test_stacked_mlp_manual_backward_matches_autograd(activation):
+    torch.manual_seed(0)
+    mlp = StackedMLP(2, 5, [32, 16], 3, activation)
+    x = torch.randn(B, 5)
+    out = mlp(x)
+    g_out = torch.randn_like(out)
+    out.backward(g_out)
+    ref = [p.grad.clone() for p in mlp.parameters()]
+    for p in mlp.parameters():
+        p.grad = None
+    out2, cache = mlp.forward_cached(x)
+    torch.testing.assert_close(out2, out.detach(), atol=1e-6, rtol=1e-5)
+    mlp.backward(cache, g_out)
+    for p, r in zip(mlp.parameters(), ref):
+        torch.testing.assert_close(p.grad, r, atol=1e-5, rtol=1e-4)
+
+
+def test_fused_adam_step_is_bitwise_adam():
+    torch.manual_seed(0)
+    a = [torch.nn.Parameter(torch.randn(3, 4)), torch.nn.Parameter(torch.randn(4))]
+    b = [torch.nn.Parameter(p.detach().clone()) for p in a]
+    opt_a, opt_b = adam(a, 1e-2), adam(b, 1e-2)
+    if not opt_a.param_groups[0].get("fused"):
+        pytest.skip("this torch build has no fused CPU Adam; the public step is used")
+    for step in range(4):
+        grads = [torch.randn_like(p) for p in a]
+        for p, q, gr in zip(a, b, grads):
+            p.grad, q.grad = gr.clone(), gr.clone()
+        opt_a.step()
+        if not fused_adam_step(opt_b):
+            assert step == 0
+            opt_b.step()
+    for p, q in zip(a, b):
+        assert torch.equal(p, q)
+
+
+def test_clip_grad_norm_matches_torch():
+    torch.manual_seed(0)
+    a = [torch.nn.Parameter(torch.randn(5)) for _ in range(3)]
+    b = [torch.nn.Parameter(p.detach().clone()) for p in a]
+    for p, q in zip(a, b):
+        p.grad = torch.randn(5) * 3
+        q.grad = p.grad.clone()
+    ref = torch.nn.utils.clip_grad_norm_(a, 0.5, foreach=True)
+    total = clip_grad_norm(b, 0.5)
+    torch.testing.assert_close(total, ref)
+    for p, q in zip(a, b):
+        assert torch.equal(p.grad, q.grad)
+
+
+def _spaces(kind: str) -> tuple[gym.Space, gym.Space]:
+    obs = gym.spaces.Box(-1.0, 1.0, (6,), np.float32)
+    act = gym.spaces.Discrete(3) if kind == "discrete" else gym.spaces.Box(-2.0, 2.0, (2,), np.float32)
+    return obs, act
+
+
+CASES = [
+    ("discrete", "tanh", False, {"clip_low": 0.2}),
+    ("discrete", "tanh", True, {"clip_low": 0.2, "clip_high": 0.3, "ent_coef": 0.01, "clip_value": 0.2}),
+    ("discrete", "relu", False, {"clip_low": 0.2, "dual_clip": 3.0}),
+    ("discrete", "tanh", False, {"clip_low": None, "on_policy": True, "ent_coef": 0.01}),
+    ("continuous", "tanh", False, {"clip_low": 0.2, "ent_coef": 0.01}),
+    ("continuous", "relu", True, {"clip_low": 0.2, "clip_value": 0.5}),
+    ("continuous", "tanh", False, {"clip_low": None, "on_policy": True}),
+]
+
+
+@pytest.mark.parametrize(("kind", "activation", "shared", "options"), CASES)
+def test_fused_step_matches_autograd_step(kind, activation, shared, options):
+    options = dict(options)
+    on_policy = options.pop("on_policy", False)
+    torch.manual_seed(0)
+    obs_space, act_space = _spaces(kind)
+    net_a = ActorCritic(obs_space, act_space, (32, 32), activation, shared=shared, log_std_init=-0.5)
+    net_b = copy.deepcopy(net_a)
+    auto = AutogradStep(net_a, adam(list(net_a.parameters()), 3e-3), max_grad_norm=0.5)
+    fast = FusedActorCriticStep(net_b, adam(list(net_b.parameters()), 3e-3), max_grad_norm=0.5)
+    assert FusedActorCriticStep.supports(net_b)
+    g = torch.Generator().manual_seed(1)
+    obs = torch.randn(B, 6, generator=g)
+    with torch.no_grad():
+        actions, logp, values = net_a.act(obs, g)
+    old_logp = None if on_policy else logp + 0.3 * torch.randn(B, generator=g)
+    adv, returns = torch.randn(B, generator=g), values + torch.randn(B, generator=g)
+    # One step: the gradients (after clipping) and the metrics agree. (Over several Adam steps,
+    # float32 rounding differences of 1e-8 get amplified where a gradient is near Adam's eps.)
+    m_a, _ = auto(obs, actions, old_logp, adv, returns, values, vf_coef=0.5, **options)
+    m_b, _ = fast(obs, actions, old_logp, adv, returns, values, vf_coef=0.5, **options)
+    for key in ("loss", "policy_loss", "value_loss", "entropy", "approx_kl", "clip_frac", "grad_norm"):
+        torch.testing.assert_close(m_b[key], m_a[key], atol=1e-6, rtol=1e-5, msg=key)
+    if options.get("clip_low") is not None:
+        assert 0.0 < float(m_a["clip_frac"]) < 1.0
+    for (name, p), q in zip(net_a.named_parameters(), net_b.parameters()):
+        assert p.grad is not None and float(p.grad.abs().max()) > 0.0, name
+        torch.testing.assert_close(q.grad, p.grad, atol=1e-6, rtol=1e-4, msg=name)
+        torch.testing.assert_close(q, p, atol=1e-6, rtol=1e-5, msg=name)
+
+
+def test_fast_path_is_chosen_only_where_it_applies():
+    obs_space, act_space = _spaces("continuous")
+    assert FusedActorCriticStep.supports(ActorCritic(obs_space, act_space, activation="tanh"))
+    assert not FusedActorCriticStep.supports(ActorCritic(obs_space, act_space, activation="elu"))
+    assert not FusedActorCriticStep.supports(ActorCritic(obs_space, act_space, squash=True))
+
+
+def test_target_kl_skips_the_step():
+    torch.manual_seed(0)
+    obs_space, act_space = _spaces("discrete")
+    net = ActorCritic(obs_space, act_space, (16,))
+    before = [p.detach().clone() for p in net.parameters()]
+    step = FusedActorCriticStep(net, adam(list(net.parameters()), 1e-3), 0.5)
+    obs = torch.randn(B, 6)
+    actions = torch.randint(0, 3, (B,))
+    old_logp = torch.full((B,), -5.0)  # far from the current policy: a large KL
+    metrics, stepped = step(obs, actions, old_logp, torch.randn(B), torch.randn(B), None, clip_low=0.2, kl_limit=0.01)
+    assert not stepped and float(metrics["approx_kl"]) > 0.01
+    assert all(torch.equal(p, q) for p, q in zip(net.parameters(), before))
