@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from policylab.algos.fused import FusedActorCriticStep, clip_grad_norm, fused_adam_step
+from policylab.algos.fused import FusedActorCriticStep, clip_grad_norm
 from policylab.algos.onpolicy import AutogradStep, adam
 from policylab.nets import ActorCritic
 from policylab.nets.mlp import StackedMLP
@@ -77,25 +77,6 @@ def test_stacked_mlp_manual_backward_matches_autograd(activation):
     mlp.backward(cache, g_out)
     for p, r in zip(mlp.parameters(), ref):
         torch.testing.assert_close(p.grad, r, atol=1e-5, rtol=1e-4)
-
-
-def test_fused_adam_step_is_bitwise_adam():
-    torch.manual_seed(0)
-    a = [torch.nn.Parameter(torch.randn(3, 4)), torch.nn.Parameter(torch.randn(4))]
-    b = [torch.nn.Parameter(p.detach().clone()) for p in a]
-    opt_a, opt_b = adam(a, 1e-2), adam(b, 1e-2)
-    if not opt_a.param_groups[0].get("fused"):
-        pytest.skip("this torch build has no fused CPU Adam; the public step is used")
-    for step in range(4):
-        grads = [torch.randn_like(p) for p in a]
-        for p, q, gr in zip(a, b, grads):
-            p.grad, q.grad = gr.clone(), gr.clone()
-        opt_a.step()
-        if not fused_adam_step(opt_b):
-            assert step == 0
-            opt_b.step()
-    for p, q in zip(a, b):
-        assert torch.equal(p, q)
 
 
 def test_clip_grad_norm_matches_torch():

@@ -15,12 +15,13 @@ import gymnasium as gym
 import torch
 from torch import Tensor
 
-from policylab.algos.onpolicy import OnPolicyConfig, adam, build_actor_critic, normalize, optimizer_step, set_lr
+from policylab.algos.onpolicy import OnPolicyConfig, adam, build_actor_critic, make_step, normalize, set_lr
 from policylab.algos.ppo import explained_variance
 from policylab.data import Batch
 from policylab.nets import ActorCritic
+from policylab.optim import Optimizer
 from policylab.errors import ConfigError
-from policylab.objectives import entropy_bonus, gae, pg_surrogate, value_loss
+from policylab.objectives import gae
 
 
 @dataclass
@@ -51,12 +52,13 @@ class A2C:
         self.net = self.build_policy(cfg, obs_space, act_space).to(cfg.device)
         self.params = list(self.net.parameters())
         if cfg.optimizer == "rmsprop":
-            self.optimizer: torch.optim.Optimizer = torch.optim.RMSprop(
+            self.optimizer: Optimizer = torch.optim.RMSprop(
                 self.params, lr=cfg.lr, alpha=cfg.rms_alpha, eps=cfg.optim_eps, foreach=True
             )
         else:
             self.optimizer = adam(self.params, cfg.lr, cfg.optim_eps)
         self.generator = torch.Generator(device=cfg.device).manual_seed(cfg.seed)
+        self.step = make_step(self.net, self.optimizer, cfg)
 
     @staticmethod
     def build_policy(cfg: OnPolicyConfig, obs_space: gym.Space, act_space: gym.Space) -> ActorCritic:
@@ -70,16 +72,10 @@ class A2C:
             rollout.terminated, rollout.episode_end, cfg.gamma, cfg.gae_lambda,
         )  # fmt: skip
         data = Batch(obs=rollout.obs, actions=rollout.actions, advantages=advantages, returns=returns).flatten()
-        logp, entropy, values = self.net.evaluate(data.obs, data.actions)
         adv = normalize(data.advantages) if cfg.normalize_advantage else data.advantages
-        pg_loss, _ = pg_surrogate(logp, logp.detach(), adv, clip_low=None)
-        v_loss = value_loss(values, data.returns)
-        ent = entropy_bonus(entropy)
-        loss = pg_loss + cfg.vf_coef * v_loss - cfg.ent_coef * ent
-        grad_norm = optimizer_step(self.optimizer, loss, self.params, cfg.max_grad_norm)
-        metrics = {"loss": loss.detach(), "policy_loss": pg_loss.detach(), "value_loss": v_loss.detach()}
-        metrics["entropy"] = ent.detach()
+        metrics, _ = self.step(
+            data.obs, data.actions, None, adv, data.returns, None,
+            clip_low=None, vf_coef=cfg.vf_coef, ent_coef=cfg.ent_coef,
+        )  # fmt: skip
         metrics["explained_variance"] = explained_variance(rollout.values.flatten(), data.returns)
-        if grad_norm is not None:
-            metrics["grad_norm"] = grad_norm
         return metrics

@@ -5,28 +5,29 @@ calls for a 64x64 actor-critic, most of them on 256-element tensors). This
 step computes the same gradients by hand in about 50 calls: the MLP's forward
 keeps its activations (`StackedMLP.forward_cached`), the loss gradients come
 from `pg_surrogate_grad` / `value_loss_grad` and the head's `grad`, the MLP's
-backward writes `.grad` in place, and gradient clipping and the fused Adam
-kernel run on prebuilt tensor lists. tests/test_fused.py checks it against
+backward writes `.grad` in place, and gradient clipping runs on one
+tensor list and `policylab.optim.Adam` calls the fused Adam kernel directly. tests/test_fused.py checks it against
 autograd for every option it accepts; anything else takes the autograd path.
 """
 
 from __future__ import annotations
 
+
 import torch
 from torch import Tensor
 
 from policylab.nets import ActorCritic
+from policylab.optim import Adam, Optimizer
 from policylab.objectives import pg_surrogate_grad, value_loss_grad
 
 
 class FusedActorCriticStep:
-    def __init__(self, net: ActorCritic, optimizer: torch.optim.Optimizer, max_grad_norm: float | None) -> None:
+    def __init__(self, net: ActorCritic, optimizer: Optimizer, max_grad_norm: float | None) -> None:
         self.net = net
         self.params = list(net.parameters())
         self.optimizer = optimizer
         self.max_grad_norm = max_grad_norm
         self._grad_out: dict[int, Tensor] = {}
-        self._fast_adam = _is_plain_fused_adam(optimizer)
 
     @staticmethod
     def supports(net: torch.nn.Module) -> bool:
@@ -98,7 +99,7 @@ class FusedActorCriticStep:
         if g_log_std is not None:
             net.log_std.grad = g_log_std
         grad_norm = clip_grad_norm(self.params, self.max_grad_norm) if self.max_grad_norm is not None else None
-        self._optimizer_step()
+        self.optimizer.step()
         if with_metrics:
             ent = entropy.mean()  # type: ignore[union-attr]
             metrics.update(loss=pg_loss + vf_coef * v_loss - ent_coef * ent, policy_loss=pg_loss, value_loss=v_loss)  # type: ignore[operator]
@@ -115,14 +116,6 @@ class FusedActorCriticStep:
             buf = self._grad_out[key] = torch.zeros_like(out)
         return buf
 
-    def _optimizer_step(self) -> None:
-        if self._fast_adam:
-            try:
-                if fused_adam_step(self.optimizer):
-                    return
-            except (AttributeError, TypeError, RuntimeError):
-                self._fast_adam = False  # this torch build's kernel differs: use the public step from now on
-        self.optimizer.step()
 
 
 def clip_grad_norm(params: list[torch.nn.Parameter], max_norm: float) -> Tensor:
@@ -132,35 +125,3 @@ def clip_grad_norm(params: list[torch.nn.Parameter], max_norm: float) -> Tensor:
     coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
     torch._foreach_mul_(grads, coef)
     return total
-
-
-def _is_plain_fused_adam(optimizer: torch.optim.Optimizer) -> bool:
-    if type(optimizer) is not torch.optim.Adam or len(optimizer.param_groups) != 1:
-        return False
-    group = optimizer.param_groups[0]
-    return bool(group.get("fused")) and not group["amsgrad"] and not group["maximize"] and not group.get("decoupled_weight_decay")
-
-
-def fused_adam_step(optimizer: torch.optim.Optimizer) -> bool:
-    """Adam's fused kernel called directly (what `Adam.step` does, minus ~90 us of Python per call).
-
-    Returns False until the optimizer has state (the caller then uses `optimizer.step()`, which
-    creates it); raises if this torch build's kernel has another signature.
-    """
-    group = optimizer.param_groups[0]
-    params = group["params"]
-    states = [optimizer.state.get(p) for p in params]
-    if any(not s for s in states):
-        return False
-    steps = [s["step"] for s in states]  # type: ignore[index]
-    torch._foreach_add_(steps, 1)
-    try:
-        torch._fused_adam_(
-            params, [p.grad for p in params], [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states],  # type: ignore[index]
-            [], steps, amsgrad=False, lr=group["lr"], beta1=group["betas"][0], beta2=group["betas"][1],
-            weight_decay=group["weight_decay"], eps=group["eps"], maximize=False, grad_scale=None, found_inf=None,
-        )  # fmt: skip
-    except (AttributeError, TypeError, RuntimeError):
-        torch._foreach_sub_(steps, 1)
-        raise
-    return True

@@ -13,6 +13,7 @@ from policylab.config import CommonConfig
 from policylab.errors import ConfigError
 from policylab.nets import ActorCritic
 from policylab.objectives import entropy_bonus, pg_surrogate, value_loss
+from policylab.optim import Adam, Optimizer
 
 
 @dataclass
@@ -62,21 +63,18 @@ def build_actor_critic(cfg: OnPolicyConfig, obs_space: gym.Space, act_space: gym
     )
 
 
-def adam(params: list[nn.Parameter], lr: float, eps: float = 1e-5) -> torch.optim.Adam:
-    """Adam with the fused kernel where this torch build has it (a third of the time of the default step)."""
-    try:
-        return torch.optim.Adam(params, lr=lr, eps=eps, fused=True)
-    except (RuntimeError, TypeError):
-        return torch.optim.Adam(params, lr=lr, eps=eps, foreach=True)
+def adam(params: list[nn.Parameter], lr: float, eps: float = 1e-5) -> Adam:
+    """policylab's Adam: torch's fused kernel without torch.optim's import and per-step overhead."""
+    return Adam(params, lr=lr, eps=eps)
 
 
-def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+def set_lr(optimizer: Optimizer, lr: float) -> None:
     for group in optimizer.param_groups:
         group["lr"] = lr
 
 
 def optimizer_step(
-    optimizer: torch.optim.Optimizer, loss: Tensor, params: list[nn.Parameter], max_grad_norm: float | None
+    optimizer: Optimizer, loss: Tensor, params: list[nn.Parameter], max_grad_norm: float | None
 ) -> Tensor | None:
     """zero_grad, backward, optional global-norm clipping, step. Returns the pre-clip gradient norm."""
     optimizer.zero_grad(set_to_none=True)
@@ -91,7 +89,7 @@ def optimizer_step(
 class AutogradStep:
     """One gradient step of the actor-critic loss through autograd (the reference path)."""
 
-    def __init__(self, net: ActorCritic, optimizer: torch.optim.Optimizer, max_grad_norm: float | None) -> None:
+    def __init__(self, net: ActorCritic, optimizer: Optimizer, max_grad_norm: float | None) -> None:
         self.net = net
         self.params = list(net.parameters())
         self.optimizer = optimizer
@@ -132,7 +130,7 @@ class AutogradStep:
         return metrics, True
 
 
-def make_step(net: ActorCritic, optimizer: torch.optim.Optimizer, cfg: OnPolicyConfig) -> Callable[..., tuple[dict[str, Tensor], bool]]:
+def make_step(net: ActorCritic, optimizer: Optimizer, cfg: OnPolicyConfig) -> Callable[..., tuple[dict[str, Tensor], bool]]:
     """The analytic-gradient step where the network allows it (and `analytic_grads` is on), else autograd."""
     from policylab.algos.fused import FusedActorCriticStep
 

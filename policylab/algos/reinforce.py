@@ -16,10 +16,10 @@ import gymnasium as gym
 import torch
 from torch import Tensor
 
-from policylab.algos.onpolicy import OnPolicyConfig, adam, build_actor_critic, normalize, optimizer_step, set_lr
+from policylab.algos.onpolicy import OnPolicyConfig, adam, build_actor_critic, make_step, normalize, set_lr
 from policylab.data import Batch
 from policylab.nets import ActorCritic
-from policylab.objectives import entropy_bonus, mc_returns, pg_surrogate, value_loss
+from policylab.objectives import mc_returns
 
 
 @dataclass
@@ -41,6 +41,7 @@ class Reinforce:
         self.params = list(self.net.parameters())
         self.optimizer = adam(self.params, cfg.lr)
         self.generator = torch.Generator(device=cfg.device).manual_seed(cfg.seed)
+        self.step = make_step(self.net, self.optimizer, cfg)
 
     @staticmethod
     def build_policy(cfg: OnPolicyConfig, obs_space: gym.Space, act_space: gym.Space) -> ActorCritic:
@@ -54,15 +55,9 @@ class Reinforce:
             rollout.terminated, rollout.episode_end, cfg.gamma,
         )  # fmt: skip
         data = Batch(obs=rollout.obs, actions=rollout.actions, advantages=advantages, returns=returns).flatten()
-        logp, entropy, baseline = self.net.evaluate(data.obs, data.actions)
         adv = normalize(data.advantages) if cfg.normalize_advantage else data.advantages
-        pg_loss, _ = pg_surrogate(logp, logp.detach(), adv, clip_low=None)
-        v_loss = value_loss(baseline, data.returns)
-        ent = entropy_bonus(entropy)
-        loss = pg_loss + cfg.vf_coef * v_loss - cfg.ent_coef * ent
-        grad_norm = optimizer_step(self.optimizer, loss, self.params, cfg.max_grad_norm)
-        metrics = {"loss": loss.detach(), "policy_loss": pg_loss.detach(), "value_loss": v_loss.detach()}
-        metrics["entropy"] = ent.detach()
-        if grad_norm is not None:
-            metrics["grad_norm"] = grad_norm
+        metrics, _ = self.step(
+            data.obs, data.actions, None, adv, data.returns, None,
+            clip_low=None, vf_coef=cfg.vf_coef, ent_coef=cfg.ent_coef,
+        )  # fmt: skip
         return metrics
