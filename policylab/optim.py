@@ -57,12 +57,20 @@ class Adam:
                     "exp_avg_sq": torch.zeros_like(p, memory_format=torch.preserve_format),
                 }
 
-    @torch.no_grad()
     def step(self) -> None:
+        if torch.is_grad_enabled():
+            with torch.no_grad():
+                self._step()
+        else:
+            self._step()
+
+    def _step(self) -> None:
         group = self.param_groups[0]
-        params = [p for p in self.params if p.grad is not None]
-        if not params:
-            return
+        params = self.params
+        if any(p.grad is None for p in params):
+            params = [p for p in params if p.grad is not None]
+            if not params:
+                return
         if len(self.state) < len(self.params):
             self._init_state()
         states = [self.state[p] for p in params]
@@ -123,6 +131,46 @@ class Adam:
                 "exp_avg": s["exp_avg"].to(p.device).clone(),
                 "exp_avg_sq": s["exp_avg_sq"].to(p.device).clone(),
             }
+
+
+class ParameterBuffer:
+    """A module's parameters as views of one flat tensor, and their gradients as views of another.
+
+    With the parameters in one buffer, zeroing the gradients, the global gradient
+    norm, clipping and the optimizer step are each one operator call on one
+    tensor instead of one per parameter tensor. The module's parameters stay
+    ordinary `nn.Parameter`s (state_dict and load_state_dict work as before);
+    give the optimizer `[buffer.flat]`. Gradients are zeroed in place, never set
+    to None, so autograd accumulates into the views.
+    """
+
+    def __init__(self, params: Iterable[torch.nn.Parameter]) -> None:
+        self.params = list(params)
+        first = self.params[0]
+        total = sum(p.numel() for p in self.params)
+        self.flat = torch.nn.Parameter(torch.empty(total, dtype=first.dtype, device=first.device))
+        self.grad = torch.zeros(total, dtype=first.dtype, device=first.device)
+        offset = 0
+        with torch.no_grad():
+            for p in self.params:
+                n = p.numel()
+                self.flat[offset : offset + n].copy_(p.reshape(-1))
+                p.data = self.flat.data[offset : offset + n].view_as(p)
+                p.grad = self.grad[offset : offset + n].view_as(p)
+                offset += n
+        self.flat.grad = self.grad
+
+    def zero_grad(self) -> None:
+        self.grad.zero_()
+
+    def clip_grad_norm_(self, max_norm: float) -> Tensor:
+        """Scale the gradients so that their global L2 norm is at most `max_norm`; returns the norm before.
+
+        The same arithmetic as torch.nn.utils.clip_grad_norm_ (coefficient max_norm / (norm + 1e-6), at most 1).
+        """
+        total = torch.linalg.vector_norm(self.grad)
+        self.grad.mul_(torch.clamp_max(max_norm / (total + 1e-6), 1.0))
+        return total
 
 
 Optimizer = Union[torch.optim.Optimizer, Adam]

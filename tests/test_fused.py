@@ -9,10 +9,11 @@ import numpy as np
 import pytest
 import torch
 
-from policylab.algos.fused import FusedActorCriticStep, clip_grad_norm
+from policylab.algos.fused import FusedActorCriticStep
 from policylab.algos.onpolicy import AutogradStep, adam
 from policylab.nets import ActorCritic
 from policylab.nets.mlp import StackedMLP
+from policylab.optim import ParameterBuffer
 from policylab.objectives import pg_surrogate, pg_surrogate_grad, value_loss, value_loss_grad
 
 B = 64
@@ -79,18 +80,38 @@ def test_stacked_mlp_manual_backward_matches_autograd(activation):
         torch.testing.assert_close(p.grad, r, atol=1e-5, rtol=1e-4)
 
 
-def test_clip_grad_norm_matches_torch():
+def test_parameter_buffer_clipping_matches_torch():
     torch.manual_seed(0)
     a = [torch.nn.Parameter(torch.randn(5)) for _ in range(3)]
     b = [torch.nn.Parameter(p.detach().clone()) for p in a]
+    buffer = ParameterBuffer(b)
     for p, q in zip(a, b):
         p.grad = torch.randn(5) * 3
-        q.grad = p.grad.clone()
+        q.grad.copy_(p.grad)
     ref = torch.nn.utils.clip_grad_norm_(a, 0.5, foreach=True)
-    total = clip_grad_norm(b, 0.5)
+    total = buffer.clip_grad_norm_(0.5)
     torch.testing.assert_close(total, ref)
     for p, q in zip(a, b):
-        assert torch.equal(p.grad, q.grad)
+        torch.testing.assert_close(q.grad, p.grad)
+    assert torch.equal(buffer.grad, torch.cat([q.grad for q in b]))
+
+
+def test_parameter_buffer_params_are_views_and_autograd_accumulates_into_it():
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(3, 2)
+    ref = copy.deepcopy(lin)
+    buffer = ParameterBuffer(lin.parameters())
+    x = torch.randn(4, 3)
+    for _ in range(2):
+        buffer.zero_grad()
+        lin(x).square().sum().backward()
+    ref(x).square().sum().backward()
+    assert torch.equal(buffer.grad, torch.cat([ref.weight.grad.reshape(-1), ref.bias.grad]))
+    with torch.no_grad():
+        buffer.flat.add_(1.0)
+    assert torch.equal(lin.bias, ref.bias + 1.0)
+    lin.load_state_dict(ref.state_dict())
+    assert torch.equal(buffer.flat, torch.cat([ref.weight.reshape(-1), ref.bias]).detach())
 
 
 def _spaces(kind: str) -> tuple[gym.Space, gym.Space]:
@@ -118,8 +139,9 @@ def test_fused_step_matches_autograd_step(kind, activation, shared, options):
     obs_space, act_space = _spaces(kind)
     net_a = ActorCritic(obs_space, act_space, (32, 32), activation, shared=shared, log_std_init=-0.5)
     net_b = copy.deepcopy(net_a)
-    auto = AutogradStep(net_a, adam(list(net_a.parameters()), 3e-3), max_grad_norm=0.5)
-    fast = FusedActorCriticStep(net_b, adam(list(net_b.parameters()), 3e-3), max_grad_norm=0.5)
+    buf_a, buf_b = ParameterBuffer(net_a.parameters()), ParameterBuffer(net_b.parameters())
+    auto = AutogradStep(net_a, buf_a, adam([buf_a.flat], 3e-3), max_grad_norm=0.5)
+    fast = FusedActorCriticStep(net_b, buf_b, adam([buf_b.flat], 3e-3), max_grad_norm=0.5)
     assert FusedActorCriticStep.supports(net_b)
     g = torch.Generator().manual_seed(1)
     obs = torch.randn(B, 6, generator=g)
@@ -153,7 +175,8 @@ def test_target_kl_skips_the_step():
     obs_space, act_space = _spaces("discrete")
     net = ActorCritic(obs_space, act_space, (16,))
     before = [p.detach().clone() for p in net.parameters()]
-    step = FusedActorCriticStep(net, adam(list(net.parameters()), 1e-3), 0.5)
+    buffer = ParameterBuffer(net.parameters())
+    step = FusedActorCriticStep(net, buffer, adam([buffer.flat], 1e-3), 0.5)
     obs = torch.randn(B, 6)
     actions = torch.randint(0, 3, (B,))
     old_logp = torch.full((B,), -5.0)  # far from the current policy: a large KL

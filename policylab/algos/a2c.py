@@ -19,9 +19,9 @@ from policylab.algos.onpolicy import OnPolicyConfig, adam, build_actor_critic, m
 from policylab.algos.ppo import explained_variance
 from policylab.data import Batch
 from policylab.nets import ActorCritic
-from policylab.optim import Optimizer
 from policylab.errors import ConfigError
 from policylab.objectives import gae
+from policylab.optim import Optimizer, ParameterBuffer
 
 
 @dataclass
@@ -50,15 +50,15 @@ class A2C:
     def __init__(self, cfg: A2CConfig, obs_space: gym.Space, act_space: gym.Space) -> None:
         self.cfg = cfg
         self.net = self.build_policy(cfg, obs_space, act_space).to(cfg.device)
-        self.params = list(self.net.parameters())
+        self.params = ParameterBuffer(self.net.parameters())
         if cfg.optimizer == "rmsprop":
             self.optimizer: Optimizer = torch.optim.RMSprop(
-                self.params, lr=cfg.lr, alpha=cfg.rms_alpha, eps=cfg.optim_eps, foreach=True
+                [self.params.flat], lr=cfg.lr, alpha=cfg.rms_alpha, eps=cfg.optim_eps, foreach=True
             )
         else:
-            self.optimizer = adam(self.params, cfg.lr, cfg.optim_eps)
+            self.optimizer = adam([self.params.flat], cfg.lr, cfg.optim_eps)
         self.generator = torch.Generator(device=cfg.device).manual_seed(cfg.seed)
-        self.step = make_step(self.net, self.optimizer, cfg)
+        self.step = make_step(self.net, self.params, self.optimizer, cfg)
 
     @staticmethod
     def build_policy(cfg: OnPolicyConfig, obs_space: gym.Space, act_space: gym.Space) -> ActorCritic:

@@ -5,8 +5,8 @@ calls for a 64x64 actor-critic, most of them on 256-element tensors). This
 step computes the same gradients by hand in about 50 calls: the MLP's forward
 keeps its activations (`StackedMLP.forward_cached`), the loss gradients come
 from `pg_surrogate_grad` / `value_loss_grad` and the head's `grad`, the MLP's
-backward writes `.grad` in place, and gradient clipping runs on one
-tensor list and `policylab.optim.Adam` calls the fused Adam kernel directly. tests/test_fused.py checks it against
+backward writes `.grad` in place (views of one flat buffer, `ParameterBuffer`), so
+clipping and the fused Adam step are single-tensor operations. tests/test_fused.py checks it against
 autograd for every option it accepts; anything else takes the autograd path.
 """
 
@@ -17,14 +17,14 @@ import torch
 from torch import Tensor
 
 from policylab.nets import ActorCritic
-from policylab.optim import Adam, Optimizer
+from policylab.optim import Optimizer, ParameterBuffer
 from policylab.objectives import pg_surrogate_grad, value_loss_grad
 
 
 class FusedActorCriticStep:
-    def __init__(self, net: ActorCritic, optimizer: Optimizer, max_grad_norm: float | None) -> None:
+    def __init__(self, net: ActorCritic, params: ParameterBuffer, optimizer: Optimizer, max_grad_norm: float | None) -> None:
         self.net = net
-        self.params = list(net.parameters())
+        self.params = params
         self.optimizer = optimizer
         self.max_grad_norm = max_grad_norm
         self._grad_out: dict[int, Tensor] = {}
@@ -97,8 +97,8 @@ class FusedActorCriticStep:
             g_out[1, :, 0] = g_values
         net.body.backward(cache, g_out)
         if g_log_std is not None:
-            net.log_std.grad = g_log_std
-        grad_norm = clip_grad_norm(self.params, self.max_grad_norm) if self.max_grad_norm is not None else None
+            net.log_std.grad.copy_(g_log_std)  # a view of the flat gradient buffer: write, do not rebind
+        grad_norm = self.params.clip_grad_norm_(self.max_grad_norm) if self.max_grad_norm is not None else None
         self.optimizer.step()
         if with_metrics:
             ent = entropy.mean()  # type: ignore[union-attr]
@@ -115,13 +115,3 @@ class FusedActorCriticStep:
         if buf is None or buf.shape != out.shape:
             buf = self._grad_out[key] = torch.zeros_like(out)
         return buf
-
-
-
-def clip_grad_norm(params: list[torch.nn.Parameter], max_norm: float) -> Tensor:
-    """`torch.nn.utils.clip_grad_norm_(foreach=True)` without its Python bookkeeping (same arithmetic)."""
-    grads = [p.grad for p in params]
-    total = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
-    coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
-    torch._foreach_mul_(grads, coef)
-    return total

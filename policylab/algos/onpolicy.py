@@ -13,7 +13,7 @@ from policylab.config import CommonConfig
 from policylab.errors import ConfigError
 from policylab.nets import ActorCritic
 from policylab.objectives import entropy_bonus, pg_surrogate, value_loss
-from policylab.optim import Adam, Optimizer
+from policylab.optim import Adam, Optimizer, ParameterBuffer
 
 
 @dataclass
@@ -74,14 +74,12 @@ def set_lr(optimizer: Optimizer, lr: float) -> None:
 
 
 def optimizer_step(
-    optimizer: Optimizer, loss: Tensor, params: list[nn.Parameter], max_grad_norm: float | None
+    optimizer: Optimizer, loss: Tensor, params: ParameterBuffer, max_grad_norm: float | None
 ) -> Tensor | None:
-    """zero_grad, backward, optional global-norm clipping, step. Returns the pre-clip gradient norm."""
-    optimizer.zero_grad(set_to_none=True)
+    """Zero the gradients, backward, optional global-norm clipping, step. Returns the pre-clip gradient norm."""
+    params.zero_grad()
     loss.backward()
-    norm = None
-    if max_grad_norm is not None:
-        norm = nn.utils.clip_grad_norm_(params, max_grad_norm, foreach=True)
+    norm = params.clip_grad_norm_(max_norm=max_grad_norm) if max_grad_norm is not None else None
     optimizer.step()
     return norm
 
@@ -89,9 +87,9 @@ def optimizer_step(
 class AutogradStep:
     """One gradient step of the actor-critic loss through autograd (the reference path)."""
 
-    def __init__(self, net: ActorCritic, optimizer: Optimizer, max_grad_norm: float | None) -> None:
+    def __init__(self, net: ActorCritic, params: ParameterBuffer, optimizer: Optimizer, max_grad_norm: float | None) -> None:
         self.net = net
-        self.params = list(net.parameters())
+        self.params = params
         self.optimizer = optimizer
         self.max_grad_norm = max_grad_norm
 
@@ -130,13 +128,15 @@ class AutogradStep:
         return metrics, True
 
 
-def make_step(net: ActorCritic, optimizer: Optimizer, cfg: OnPolicyConfig) -> Callable[..., tuple[dict[str, Tensor], bool]]:
+def make_step(
+    net: ActorCritic, params: ParameterBuffer, optimizer: Optimizer, cfg: OnPolicyConfig
+) -> Callable[..., tuple[dict[str, Tensor], bool]]:
     """The analytic-gradient step where the network allows it (and `analytic_grads` is on), else autograd."""
     from policylab.algos.fused import FusedActorCriticStep
 
     if cfg.analytic_grads and FusedActorCriticStep.supports(net):
-        return FusedActorCriticStep(net, optimizer, cfg.max_grad_norm)
-    return AutogradStep(net, optimizer, cfg.max_grad_norm)
+        return FusedActorCriticStep(net, params, optimizer, cfg.max_grad_norm)
+    return AutogradStep(net, params, optimizer, cfg.max_grad_norm)
 
 
 def normalize(x: Tensor, eps: float = 1e-8) -> Tensor:

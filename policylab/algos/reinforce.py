@@ -19,6 +19,7 @@ from torch import Tensor
 from policylab.algos.onpolicy import OnPolicyConfig, adam, build_actor_critic, make_step, normalize, set_lr
 from policylab.data import Batch
 from policylab.nets import ActorCritic
+from policylab.optim import ParameterBuffer
 from policylab.objectives import mc_returns
 
 
@@ -38,10 +39,10 @@ class Reinforce:
     def __init__(self, cfg: ReinforceConfig, obs_space: gym.Space, act_space: gym.Space) -> None:
         self.cfg = cfg
         self.net = self.build_policy(cfg, obs_space, act_space).to(cfg.device)
-        self.params = list(self.net.parameters())
-        self.optimizer = adam(self.params, cfg.lr)
+        self.params = ParameterBuffer(self.net.parameters())
+        self.optimizer = adam([self.params.flat], cfg.lr)
         self.generator = torch.Generator(device=cfg.device).manual_seed(cfg.seed)
-        self.step = make_step(self.net, self.optimizer, cfg)
+        self.step = make_step(self.net, self.params, self.optimizer, cfg)
 
     @staticmethod
     def build_policy(cfg: OnPolicyConfig, obs_space: gym.Space, act_space: gym.Space) -> ActorCritic:
