@@ -41,13 +41,18 @@ class RolloutBuffer:
 
         self._numpy = torch.device(device).type == "cpu"
         if self._numpy:  # numpy views of the same memory: a numpy row write costs a fraction of a torch copy
-            self._np = {k: getattr(self, k).numpy() for k in ("obs", "rewards", "terminated", "episode_end", "bootstrap")}
+            names = ("obs", "actions", "logp", "values", "rewards", "terminated", "episode_end", "bootstrap")
+            self._np = {k: getattr(self, k).numpy() for k in names}
 
     def add_policy_step(self, t: int, obs: np.ndarray, actions: Tensor, logp: Tensor, values: Tensor) -> None:
         if self._numpy:
-            self._np["obs"][t] = obs
-        else:
-            self.obs[t] = torch.from_numpy(obs)
+            np_ = self._np
+            np_["obs"][t] = obs
+            np_["actions"][t] = actions.numpy()
+            np_["logp"][t] = logp.numpy()
+            np_["values"][t] = values.numpy()
+            return
+        self.obs[t] = torch.from_numpy(obs)
         self.actions[t] = actions
         self.logp[t] = logp
         self.values[t] = values

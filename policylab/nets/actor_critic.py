@@ -54,10 +54,12 @@ class ActorCritic(nn.Module):
             return y[0, :, : self.n_outputs], y[0, :, self.n_outputs]
         return y[0, :, : self.n_outputs], y[1, :, 0]
 
-    def act(self, obs: Tensor, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor, Tensor]:
-        """Sample actions; returns (actions, log-probs, values)."""
+    def act(
+        self, obs: Tensor, generator: torch.Generator | None = None, noise: Tensor | None = None
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """Sample actions (with pre-drawn `noise` from `head.noise`, if given); returns (actions, log-probs, values)."""
         out, values = self.forward(obs)
-        actions, logp = self.head.sample(out, self.log_std, generator)
+        actions, logp = self.head.sample(out, self.log_std, generator, noise)
         return actions, logp, values
 
     def evaluate(self, obs: Tensor, actions: Tensor) -> tuple[Tensor, Tensor, Tensor]:

@@ -30,11 +30,19 @@ class CategoricalHead:
         self.action_shape: tuple[int, ...] = ()
         self.action_dtype = torch.long
 
-    def sample(self, logits: Tensor, _log_std: Tensor | None, generator: torch.Generator | None) -> tuple[Tensor, Tensor]:
-        """Gumbel-max sampling: argmax(logits - log(-log u)), half the cost of torch.multinomial on small batches."""
+    def noise(self, shape: tuple[int, ...], generator: torch.Generator | None, device: torch.device | str = "cpu") -> Tensor:
+        """Gumbel noise -log(-log u) for `shape` (e.g. steps x envs) samples, drawn in one call."""
+        u = torch.rand((*shape, self.n_outputs), generator=generator, device=device)
+        return u.log_().neg_().log_().neg_()
+
+    def sample(
+        self, logits: Tensor, _log_std: Tensor | None, generator: torch.Generator | None, noise: Tensor | None = None
+    ) -> tuple[Tensor, Tensor]:
+        """Gumbel-max sampling: argmax(logits + Gumbel noise); `noise` from `noise()` saves the RNG call per step."""
         logp_all = torch.log_softmax(logits, dim=-1)
-        u = torch.rand(logits.shape, generator=generator, device=logits.device, dtype=logits.dtype)
-        actions = (logits - torch.log(-torch.log(u))).argmax(-1, keepdim=True)
+        if noise is None:
+            noise = self.noise(logits.shape[:-1], generator, logits.device)
+        actions = (logits + noise).argmax(-1, keepdim=True)
         return actions.squeeze(-1), logp_all.gather(-1, actions).squeeze(-1)
 
     def log_prob_entropy(self, logits: Tensor, _log_std: Tensor | None, actions: Tensor) -> tuple[Tensor, Tensor]:
@@ -110,9 +118,16 @@ class GaussianHead:
             logp = logp - (2.0 * (_LOG_2 - u - F.softplus(-2.0 * u))).sum(-1)
         return logp
 
-    def sample(self, mean: Tensor, log_std: Tensor | None, generator: torch.Generator | None) -> tuple[Tensor, Tensor]:
+    def noise(self, shape: tuple[int, ...], generator: torch.Generator | None, device: torch.device | str = "cpu") -> Tensor:
+        """Standard normal noise for `shape` (e.g. steps x envs) samples, drawn in one call."""
+        return torch.randn((*shape, self.n_outputs), generator=generator, device=device)
+
+    def sample(
+        self, mean: Tensor, log_std: Tensor | None, generator: torch.Generator | None, noise: Tensor | None = None
+    ) -> tuple[Tensor, Tensor]:
         assert log_std is not None
-        noise = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
+        if noise is None:
+            noise = self.noise(mean.shape[:-1], generator, mean.device)
         u = torch.addcmul(mean, torch.exp(log_std), noise)
         return u, self._log_prob(mean, log_std, u)
 
