@@ -1,18 +1,18 @@
 """Shared helpers for policylab's benchmarks (protocol: benchmarks/README.md).
 
-Not run on its own: benchmark scripts such as `benchmarks/ppo_cartpole.py` import it
-(`from common import ...`; a script's own folder is first on `sys.path`). It provides
+Not run on its own: benchmark scripts (e.g. `benchmarks/ppo_cartpole.py`) do `from common import ...`
+(a script's own folder is first on `sys.path`). It provides:
 
-* `machine_info()` / `package_versions()` / `git_state()` / `command_line()`: the provenance
-  every results file records (CPU model from /proc/cpuinfo, core counts, versions, commit);
-* `run_worker()`: one measured run in a fresh Python subprocess, timed from launch to exit
-  by the parent, with the worker's own JSON record read back;
-* `summarize()` / `ratio()` / `fmt_summary()`: median and min-max over seeds, treating a
-  missing value (None: e.g. a run that never reached the threshold) as missing, counted apart;
-* `print_table()` and `write_results()` (JSON into `benchmarks/results/<name>-<date>.json`).
+* `provenance()`: date, exact command, machine (CPU model from /proc/cpuinfo, cores), git commit
+  and package versions, the header of every results file;
+* `run_worker()` / `run_alternating()`: each run in a fresh Python subprocess, its whole-process
+  wall clock timed by the parent from launch to exit, sides alternating per seed;
+* `ThresholdTracker`: time-to-threshold, training time and steps/s, fed by a training callback;
+* `summarize()` / `paired()` / `pair_report()`: per-seed ratios, median and min-max over seeds;
+  a missing value (None: e.g. a run that never reached the threshold) is counted apart;
+* `write_results()`: JSON into `benchmarks/results/<name>-<YYYY-MM-DD>.json`, never overwriting.
 
-Only the standard library is imported, so a worker subprocess that imports this module pays
-no measurable start-up cost for it.
+Only the standard library is imported, so a worker that imports this module pays ~nothing for it.
 """
 
 from __future__ import annotations
@@ -25,16 +25,16 @@ import shlex
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-BENCH_DIR = Path(__file__).resolve().parent
-REPO_ROOT = BENCH_DIR.parent
-RESULTS_DIR = BENCH_DIR / "results"
+REPO_ROOT = Path(__file__).resolve().parent.parent
+RESULTS_DIR = REPO_ROOT / "benchmarks" / "results"
 
 # On Linux time.perf_counter() reads CLOCK_MONOTONIC, one clock for all processes, so a parent's
 # launch time and a child's first perf_counter() can be subtracted (interpreter start-up).
@@ -46,62 +46,49 @@ SHARED_CLOCK = sys.platform.startswith("linux")
 
 def cpu_model() -> str:
     """The CPU model name from /proc/cpuinfo (Linux), else what `platform` knows."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.lower().startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+    cpuinfo = Path("/proc/cpuinfo")
+    lines = cpuinfo.read_text().splitlines() if cpuinfo.is_file() else []
+    names = [ln.split(":", 1)[1].strip() for ln in lines if ln.lower().startswith("model name")]
+    return names[0] if names else platform.processor() or platform.machine()
 
 
 def machine_info() -> dict[str, Any]:
-    try:
-        usable = len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        usable = os.cpu_count() or 0
-    try:
-        load = list(os.getloadavg())
-    except (AttributeError, OSError):
-        load = None
-    return {
-        "cpu_model": cpu_model(),
-        "logical_cores": os.cpu_count(),
-        "usable_cores": usable,
-        "load_average_at_start": load,
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-    }
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    load = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
+    return {"cpu_model": cpu_model(), "logical_cores": os.cpu_count(), "usable_cores": usable,
+            "load_average": load, "platform": platform.platform(), "python": platform.python_version()}  # fmt: skip
 
 
 def package_versions(names: Sequence[str]) -> dict[str, str | None]:
     """Installed versions, read from package metadata (nothing is imported)."""
-    out: dict[str, str | None] = {}
-    for name in names:
+
+    def version(name: str) -> str | None:
         try:
-            out[name] = metadata.version(name)
+            return metadata.version(name)
         except metadata.PackageNotFoundError:
-            out[name] = None
-    return out
+            return None
+
+    return {name: version(name) for name in names}
 
 
 def git_state() -> dict[str, Any]:
     """The commit of the checkout and whether it has uncommitted changes (None outside git)."""
-
-    def git(*args: str) -> str | None:
-        try:
-            res = subprocess.run(["git", *args], cwd=REPO_ROOT, capture_output=True, text=True, timeout=10)
-        except (OSError, subprocess.SubprocessError):
-            return None
-        return res.stdout.strip() if res.returncode == 0 else None
-
-    status = git("status", "--porcelain")
-    return {"commit": git("rev-parse", "HEAD"), "dirty": None if status is None else bool(status)}
+    try:
+        head, status = (subprocess.run(["git", *args], cwd=REPO_ROOT, capture_output=True, text=True, timeout=10)
+                        for args in (["rev-parse", "HEAD"], ["status", "--porcelain"]))  # fmt: skip
+    except (OSError, subprocess.SubprocessError):
+        return {"commit": None, "dirty": None}
+    if head.returncode or status.returncode:
+        return {"commit": None, "dirty": None}
+    return {"commit": head.stdout.strip(), "dirty": bool(status.stdout.strip())}
 
 
-def command_line() -> str:
-    """The exact command this process was started with, shell-quoted."""
-    return shlex.join([sys.executable, *sys.argv])
+def provenance(packages: Sequence[str]) -> dict[str, Any]:
+    """Date, exact command, machine, git state and package versions: the header of every results file."""
+    now = _dt.datetime.now().astimezone()
+    command = shlex.join([sys.executable, *sys.argv])  # the exact command, as it was run
+    return {"date": now.date().isoformat(), "datetime": now.isoformat(timespec="seconds"), "command": command,
+            "machine": machine_info(), "git": git_state(), "versions": package_versions(packages)}  # fmt: skip
 
 
 # --- running one measured subprocess -------------------------------------------------------------
@@ -111,12 +98,9 @@ def command_line() -> str:
 class WorkerResult:
     args: list[str]
     returncode: int
-    wall_s: float
-    """Whole-process wall clock, from just before launch to exit, measured by the parent."""
-    launched_at: float
-    """The parent's time.perf_counter() just before launch."""
-    record: dict[str, Any] | None
-    """The JSON the worker wrote to its --out file (None if it failed)."""
+    wall_s: float  # whole-process wall clock, from just before launch to exit, timed by the parent
+    launched_at: float  # the parent's time.perf_counter() just before launch
+    record: dict[str, Any] | None  # the JSON the worker wrote to its --out file (None if it failed)
     stderr_tail: str
 
 
@@ -130,8 +114,62 @@ def run_worker(script: str | Path, args: Sequence[str], out: Path, timeout: floa
     record = json.loads(out.read_text()) if proc.returncode == 0 and out.is_file() else None
     if record is not None and SHARED_CLOCK and isinstance(record.get("t0_abs"), float):
         record["startup_s"] = record["t0_abs"] - launched  # interpreter start-up before the worker's first line
+        if isinstance(record.get("worker_end_s"), float):  # interpreter exit after the worker's last line
+            record["exit_s"] = wall - record["startup_s"] - record["worker_end_s"]
     tail = (proc.stdout + proc.stderr).decode(errors="replace")[-4000:]
     return WorkerResult(list(args), proc.returncode, wall, launched, record, tail)
+
+
+def run_alternating(
+    script: str | Path, workers: Sequence[str], seeds: Sequence[int], args: Sequence[str],
+    on_record: Callable[[dict[str, Any]], None] | None = None,
+) -> list[dict[str, Any]]:  # fmt: skip
+    """For each seed, each worker in turn (so drift hits every side), each in a fresh subprocess:
+    `script --worker W --seed S *args --out F`. Stops at the first failure, showing its output."""
+    runs: list[dict[str, Any]] = []
+    with tempfile.TemporaryDirectory(prefix="policylab-bench-") as tmp:
+        for seed in seeds:
+            for worker in workers:
+                res = run_worker(script, ["--worker", worker, "--seed", str(seed), *args], Path(tmp) / "out.json")
+                if res.record is None:
+                    raise SystemExit(f"worker {worker} seed {seed} failed (exit {res.returncode}):\n{res.stderr_tail}")
+                rec = {**res.record, "order": len(runs), "process_wall_s": res.wall_s}
+                if on_record is not None:
+                    on_record(rec)
+                runs.append(rec)
+    return runs
+
+
+# --- time-to-threshold ---------------------------------------------------------------------------
+
+
+class ThresholdTracker:
+    """Fed once per iteration (time, env step, running mean return) by a training callback; a few float ops.
+    Records when the mean first reaches `threshold`, in seconds since the worker's start `t0`."""
+
+    def __init__(self, threshold: float, t0: float) -> None:
+        self.threshold, self.t0 = threshold, t0
+        self.train_start = self.train_end = 0.0
+        self.steps: int = 0
+        self.last_mean: float | None = None
+        self.hit_time: float | None = None
+        self.hit_step: int | None = None
+
+    def observe(self, now: float, step: int, mean: float | None) -> None:
+        self.train_end, self.steps, self.last_mean = now, step, mean
+        if self.hit_time is None and mean is not None and mean >= self.threshold:
+            self.hit_time, self.hit_step = now, step
+
+    def record(self, t_setup: float, t_returned: float) -> dict[str, Any]:
+        """`t_setup`: just before the model/env were built; `t_returned`: when train()/learn() returned."""
+        train, hit = self.train_end - self.train_start, self.hit_time
+        return {
+            "time_to_threshold_s": None if hit is None else hit - self.t0, "steps_to_threshold": self.hit_step,
+            "time_to_threshold_train_s": None if hit is None else hit - self.train_start,
+            "setup_s": self.train_start - t_setup, "train_start_s": self.train_start - self.t0, "train_wall_s": train,
+            "post_train_s": t_returned - self.train_end, "steps": self.steps, "train_steps_per_s": self.steps / train,
+            "final_train_return": self.last_mean,
+        }  # fmt: skip
 
 
 # --- summaries -----------------------------------------------------------------------------------
@@ -139,14 +177,9 @@ def run_worker(script: str | Path, args: Sequence[str], out: Path, timeout: floa
 
 def summarize(values: Sequence[float | None]) -> dict[str, Any]:
     """Median and min-max over the values present; None values are counted as missing."""
-    present = [float(v) for v in values if v is not None]
-    return {
-        "n": len(present),
-        "missing": len(values) - len(present),
-        "median": statistics.median(present) if present else None,
-        "min": min(present) if present else None,
-        "max": max(present) if present else None,
-    }
+    v = [float(x) for x in values if x is not None]
+    return {"n": len(v), "missing": len(values) - len(v), "median": statistics.median(v) if v else None,
+            "min": min(v) if v else None, "max": max(v) if v else None}  # fmt: skip
 
 
 def ratio(a: float | None, b: float | None) -> float | None:
@@ -158,14 +191,20 @@ def fmt(value: float | None, spec: str = ".2f") -> str:
 
 
 def fmt_summary(s: dict[str, Any], spec: str = ".2f") -> str:
-    """'1.23 [1.01-1.50]' plus '(k missing)' when some runs had no value."""
-    if s["median"] is None:
-        text = "-"
-    elif s["n"] == 1:
-        text = fmt(s["median"], spec)
-    else:
-        text = f"{fmt(s['median'], spec)} [{fmt(s['min'], spec)}-{fmt(s['max'], spec)}]"
+    """'1.23 [1.01-1.50]' (just the value for one run) plus '(k missing)' when some runs had no value."""
+    text = fmt(s["median"], spec) + (f" [{fmt(s['min'], spec)}-{fmt(s['max'], spec)}]" if s["n"] > 1 else "")
     return text + (f" ({s['missing']} missing)" if s["missing"] else "")
+
+
+def index_runs(runs: Sequence[dict[str, Any]]) -> dict[tuple[str, int], dict[str, Any]]:
+    """{(side, seed): record} for records that carry 'side' and 'seed'."""
+    return {(r["side"], r["seed"]): r for r in runs}
+
+
+def paired(by: dict[tuple[str, int], dict[str, Any]], seeds: Sequence[int], key: str, a: str, b: str) -> dict[str, Any]:
+    """Summaries of `key` for sides a and b, and of the per-seed ratio a/b (pairs with a missing side are missing)."""
+    va, vb = [by[(a, s)].get(key) for s in seeds], [by[(b, s)].get(key) for s in seeds]
+    return {"ratio": summarize([ratio(x, y) for x, y in zip(va, vb)]), a: summarize(va), b: summarize(vb)}
 
 
 def print_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> None:
@@ -177,22 +216,40 @@ def print_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> None:
         print("  ".join(str(c).ljust(w) for c, w in zip(row, widths)))
 
 
+Metric = tuple[str, str, bool]
+"""(label, number format, whether the per-seed ratio a/b is worth printing)."""
+
+
+def pair_report(
+    runs: Sequence[dict[str, Any]], seeds: Sequence[int], per_run: dict[str, Metric], extra: dict[str, Metric],
+    a: str, b: str, names: tuple[str, str],
+) -> dict[str, Any]:  # fmt: skip
+    """Print per-seed values of `per_run` with the ratio a/b, then median [min-max] over seeds of
+    `per_run` and `extra`; return those summaries (for the JSON)."""
+    by = index_runs(runs)
+    rows = []
+    for s in seeds:
+        ra, rb = by[(a, s)], by[(b, s)]
+        rows += [[str(s), label, fmt(ra.get(k), f), fmt(rb.get(k), f), fmt(ratio(ra.get(k), rb.get(k)))]
+                 for k, (label, f, _) in per_run.items()]  # fmt: skip
+    print_table(["seed", "per run", *names, f"{names[0]}/{names[1]}"], rows)
+    summary = {k: paired(by, seeds, k, a, b) for k in {**per_run, **extra}}
+    rows = [[label, fmt_summary(summary[k]["ratio"]) if show_ratio else "", fmt_summary(summary[k][a], f),
+             fmt_summary(summary[k][b], f)] for k, (label, f, show_ratio) in {**per_run, **extra}.items()]  # fmt: skip
+    print(f"\nmedian [min-max] over {len(seeds)} seed(s)")
+    print_table(["summary", f"{names[0]}/{names[1]}", *names], rows)
+    return summary
+
+
 # --- results -------------------------------------------------------------------------------------
 
 
-def results_path(name: str, date: str | None = None) -> Path:
-    """benchmarks/results/<name>-<YYYY-MM-DD>.json; an existing file is never overwritten (-2, -3 ...)."""
-    date = date or _dt.date.today().isoformat()
+def write_results(name: str, payload: dict[str, Any]) -> Path:
+    """Write benchmarks/results/<name>-<YYYY-MM-DD>.json; an existing file is never overwritten (-2, -3 ...)."""
+    date, n = _dt.date.today().isoformat(), 2
     path = RESULTS_DIR / f"{name}-{date}.json"
-    n = 2
     while path.exists():
-        path = RESULTS_DIR / f"{name}-{date}-{n}.json"
-        n += 1
-    return path
-
-
-def write_results(name: str, payload: dict[str, Any], path: Path | None = None) -> Path:
-    path = path or results_path(name)
+        path, n = RESULTS_DIR / f"{name}-{date}-{n}.json", n + 1
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(payload, indent=2, sort_keys=False) + "\n")
+    path.write_text(json.dumps(payload, indent=2) + "\n")
     return path

@@ -11,15 +11,14 @@ advantage normalization, separate 64x64 tanh actor and critic, orthogonal init, 
 `--steps` env steps (default 100k), `--threads` torch threads (default 1) on both sides.
 policylab gets these from its CartPole-v1 preset (checked against EXPECTED after each run).
 
-Every run is a fresh `python benchmarks/ppo_cartpole.py --worker ours|sb3 ...` subprocess, run
-alternately (ours, sb3, ours, sb3 ...), seeds 1..N. Measured per run: the whole-process wall
-clock from launch to exit (by the parent), interpreter start-up, import time, set-up, the
-wall clock from process start until the mean of the last 20 finished training episodes first
-reaches 475 (and at which env step), training wall time and env steps/s, the final mean of the
-last 20 training returns, and a deterministic evaluation over 20 episodes with the same plain
-Gymnasium loop for both sides. Both sides check the threshold at the same point (after each
-update), once per 256-step iteration. The limit: random actions through each side's own vector
-env (`--env-steps` vector steps). Results: a table on stdout and JSON in benchmarks/results/.
+Each run is a fresh `python benchmarks/ppo_cartpole.py --worker ours|sb3 ...` subprocess, run
+alternately (ours, sb3, ours, sb3 ...), seeds 1..N. Per run: whole-process wall clock, launch to
+exit (timed by the parent); interpreter start-up, imports, set-up; the time from process start
+until the mean of the last 20 finished training episodes first reaches 475, and at which env step
+(checked by both sides after each update, once per 256-step iteration); training time and env
+steps/s; the final mean of the last 20 training returns; a deterministic evaluation of 20 episodes
+(the same plain Gymnasium loop for both). The limit: random actions through each side's own vector
+env. Output: tables on stdout, JSON in benchmarks/results/ppo_cartpole-<date>.json.
 """
 
 import time
@@ -28,16 +27,14 @@ T0 = time.perf_counter()  # the worker's first statement: everything after it co
 
 import argparse  # noqa: E402
 import dataclasses  # noqa: E402
-import datetime  # noqa: E402
 import json  # noqa: E402
-import tempfile  # noqa: E402
 from collections.abc import Callable  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import TYPE_CHECKING, Any  # noqa: E402
 
 from common import (  # noqa: E402
-    command_line, fmt, fmt_summary, git_state, machine_info, package_versions, print_table, ratio, run_worker,
-    summarize, write_results,
+    Metric, ThresholdTracker, fmt, fmt_summary, index_runs, pair_report, provenance, ratio, run_alternating, summarize,
+    write_results,
 )
 
 if TYPE_CHECKING:
@@ -51,32 +48,6 @@ EXPECTED: dict[str, Any] = {  # policylab's resolved config must equal rl-zoo's 
     "hidden_sizes": [64, 64], "activation": "tanh", "shared_net": False, "ortho_init": True,
     "normalize_obs": False, "normalize_reward": False,
 }  # fmt: skip
-
-
-class Tracker:
-    """Called once per iteration with (time, env step, mean of the last 20 returns): a few float ops."""
-
-    def __init__(self) -> None:
-        self.train_start = self.train_end = 0.0
-        self.steps, self.last_mean = 0, None
-        self.hit_time: float | None = None
-        self.hit_step: int | None = None
-
-    def observe(self, now: float, step: int, mean: float | None) -> None:
-        self.train_end, self.steps, self.last_mean = now, step, mean
-        if self.hit_time is None and mean is not None and mean >= THRESHOLD:
-            self.hit_time, self.hit_step = now, step
-
-    def record(self, t_setup: float, t_returned: float) -> dict[str, Any]:
-        train = self.train_end - self.train_start
-        hit = self.hit_time
-        return {
-            "time_to_475_s": None if hit is None else hit - T0, "steps_to_475": self.hit_step,
-            "time_to_475_train_s": None if hit is None else hit - self.train_start,
-            "setup_s": self.train_start - t_setup, "train_start_s": self.train_start - T0, "train_wall_s": train,
-            "post_train_s": t_returned - self.train_end, "steps": self.steps, "train_steps_per_s": self.steps / train,
-            "final_train_return_last20": self.last_mean,
-        }  # fmt: skip
 
 
 def shared_eval(act: Callable[[Any], int], seed: int) -> dict[str, Any]:
@@ -104,7 +75,7 @@ def worker_ours(a: argparse.Namespace) -> dict[str, Any]:
 
     imports_s = time.perf_counter() - t
     torch.set_num_threads(a.threads)
-    track = Tracker()
+    track = ThresholdTracker(THRESHOLD, T0)
 
     def callback(info: "IterationInfo") -> None:
         now = time.perf_counter()
@@ -119,7 +90,8 @@ def worker_ours(a: argparse.Namespace) -> dict[str, Any]:
     t_returned = time.perf_counter()
     cfg = dataclasses.asdict(run.config)
     wrong = {k: {"got": cfg.get(k), "want": v} for k, v in EXPECTED.items() if cfg.get(k) != v}
-    assert not wrong, f"policylab's CartPole-v1 config differs from rl-zoo's: {wrong}"
+    if wrong:
+        raise SystemExit(f"policylab's CartPole-v1 config differs from rl-zoo's: {wrong}")
     policy = pl.load(run.dir)
     ev = shared_eval(lambda obs: policy.act(obs, deterministic=True), a.seed)
     final = run.final_eval or {}
@@ -136,7 +108,7 @@ def worker_sb3(a: argparse.Namespace) -> dict[str, Any]:
 
     imports_s = time.perf_counter() - t
     torch.set_num_threads(a.threads)
-    track = Tracker()
+    track = ThresholdTracker(THRESHOLD, T0)
 
     class Callback(BaseCallback):
         def _mean(self) -> float | None:
@@ -164,20 +136,21 @@ def worker_sb3(a: argparse.Namespace) -> dict[str, Any]:
                 gae_lambda=0.8, gamma=0.98, n_epochs=20, ent_coef=0.0, learning_rate=linear(1e-3),
                 clip_range=linear(0.2), seed=a.seed, device="cpu", verbose=0)  # fmt: skip
     pol = model.policy
-    assert pol.ortho_init and pol.optimizer.defaults["eps"] == 1e-5 and pol.activation_fn is torch.nn.Tanh
-    assert model.max_grad_norm == 0.5 and model.vf_coef == 0.5 and model.normalize_advantage
-    assert pol.net_arch == {"pi": [64, 64], "vf": [64, 64]}  # separate actor and critic MLPs
+    same = pol.ortho_init and pol.optimizer.defaults["eps"] == 1e-5 and pol.activation_fn is torch.nn.Tanh
+    same &= model.max_grad_norm == 0.5 and model.vf_coef == 0.5 and model.normalize_advantage
+    if not (same and pol.net_arch == {"pi": [64, 64], "vf": [64, 64]}):  # separate 64x64 actor and critic
+        raise SystemExit("SB3's PPO defaults are not the ones this benchmark states")
     model.learn(a.steps, callback=Callback())
     t_returned = time.perf_counter()
     ev = shared_eval(lambda obs: int(model.predict(obs, deterministic=True)[0]), a.seed)
     return {"imports_s": imports_s, **track.record(t_setup, t_returned), **ev}
 
 
-def worker_env(a: argparse.Namespace, side: str) -> dict[str, Any]:
+def worker_env(a: argparse.Namespace) -> dict[str, Any]:
     """Random actions through the vector env each side trains on: the speed limit for training."""
     import numpy as np
 
-    if side == "ours":
+    if a.worker == "env-ours":
         from policylab.envs import make_vec_env
 
         env: Any = make_vec_env(ENV_ID, N_ENVS)
@@ -193,89 +166,65 @@ def worker_env(a: argparse.Namespace, side: str) -> dict[str, Any]:
     start = time.perf_counter()
     for _ in range(a.env_steps):
         env.step(np.random.randint(0, 2, N_ENVS))
-    elapsed = time.perf_counter() - start
-    env.close()
-    return {"vector_steps": a.env_steps, "env_steps_per_s": a.env_steps * N_ENVS / elapsed}
+    return {"vector_steps": a.env_steps, "env_steps_per_s": a.env_steps * N_ENVS / (time.perf_counter() - start)}
 
 
 def main_worker(a: argparse.Namespace) -> None:
-    workers = {"ours": worker_ours, "sb3": worker_sb3, "env-ours": lambda x: worker_env(x, "ours"),
-               "env-sb3": lambda x: worker_env(x, "sb3")}  # fmt: skip
+    workers = {"ours": worker_ours, "sb3": worker_sb3, "env-ours": worker_env, "env-sb3": worker_env}
     record = {"side": a.worker, "seed": a.seed, "t0_abs": T0, **workers[a.worker](a)}
     record["worker_end_s"] = time.perf_counter() - T0
     Path(a.out).write_text(json.dumps(record))
 
 
+METRICS: dict[str, Metric] = {
+    "time_to_threshold_s": ("time-to-475 (s since process start)", ".2f", True),
+    "process_wall_s": ("process wall clock, launch to exit (s)", ".2f", True),
+    "process_wall_minus_eval_s": ("process wall clock less shared eval (s)", ".2f", True),
+    "train_steps_per_s": ("training env steps/s", ",.0f", True),
+    "steps_to_threshold": ("env steps to reach 475", ",.0f", True),
+    "final_train_return": ("final return, last 20 train episodes", ".1f", True),
+    "eval_return_mean": (f"shared deterministic eval, {EVAL_EPISODES} episodes", ".1f", True),
+}
+DETAIL: dict[str, Metric] = {
+    "startup_s": ("interpreter start-up (s)", ".3f", False), "imports_s": ("imports (s)", ".3f", False),
+    "setup_s": ("set-up before training (s)", ".3f", False),
+    "post_train_s": ("in train()/learn() after training (s)", ".3f", False),
+    "eval_s": ("shared eval (s)", ".3f", False), "exit_s": ("interpreter exit (s)", ".3f", False),
+    "env_raw_steps_per_s": ("raw env, random actions (env steps/s)", ",.0f", True),
+    "share_of_env_raw": ("training steps/s / raw env steps/s", ".1%", False),
+}  # fmt: skip
+
+
 def main_parent(a: argparse.Namespace) -> None:
-    common_args = ["--steps", str(a.steps), "--threads", str(a.threads), "--env-steps", str(a.env_steps)]
-    runs: list[dict[str, Any]] = []
-    with tempfile.TemporaryDirectory(prefix="bench-ppo-cartpole-") as tmp:
-        for seed in range(1, a.seeds + 1):
-            for worker in ("ours", "sb3", "env-ours", "env-sb3"):  # alternating: drift hits both sides
-                res = run_worker(__file__, ["--worker", worker, "--seed", str(seed), *common_args], Path(tmp) / "out.json")
-                if res.record is None:
-                    raise SystemExit(f"worker {worker} seed {seed} failed (exit {res.returncode}):\n{res.stderr_tail}")
-                rec = {**res.record, "order": len(runs), "process_wall_s": res.wall_s}
-                if "eval_s" in rec:
-                    rec["process_wall_minus_eval_s"] = res.wall_s - rec["eval_s"]
-                runs.append(rec)
-                print(f"  {worker:8s} seed {seed}: " + (f"{rec['env_steps_per_s']:,.0f} env steps/s" if "vector_steps" in rec
-                      else f"process {res.wall_s:.1f}s, time-to-475 {fmt(rec['time_to_475_s'], '.1f')}s, "
-                           f"{rec['train_steps_per_s']:,.0f} steps/s, eval {rec['eval_return_mean']:.1f}"), flush=True)  # fmt: skip
-    report(a, runs)
+    def show(rec: dict[str, Any]) -> None:
+        if "eval_s" in rec:
+            rec["process_wall_minus_eval_s"] = rec["process_wall_s"] - rec["eval_s"]
+        print(f"  {rec['side']:8s} seed {rec['seed']}: " + ", ".join(f"{k} {fmt(rec.get(k), f)}" for k, f in (
+            ("process_wall_s", ".1f"), ("time_to_threshold_s", ".1f"), ("train_steps_per_s", ",.0f"),
+            ("eval_return_mean", ".1f"), ("env_steps_per_s", ",.0f")) if k in rec), flush=True)  # fmt: skip
 
-
-def report(a: argparse.Namespace, runs: list[dict[str, Any]]) -> None:
-    by = {(r["side"], r["seed"]): r for r in runs}
-    seeds = list(range(1, a.seeds + 1))
-
-    def col(side: str, key: str) -> list[Any]:
-        return [by[(side, s)].get(key) for s in seeds]
-
-    def ratios(key: str) -> list[float | None]:
-        return [ratio(by[("ours", s)].get(key), by[("sb3", s)].get(key)) for s in seeds]
-
-    keys = {"time-to-475 (s since process start)": "time_to_475_s", "process wall clock (s)": "process_wall_s",
-            "process wall clock without shared eval (s)": "process_wall_minus_eval_s",
-            "training env steps/s": "train_steps_per_s"}  # fmt: skip
-    print(f"\nPPO CartPole-v1, {a.steps:,} steps, {a.seeds} seed(s), torch threads {a.threads}; ratio = ours/SB3 per seed")
-    rows = [[s, *(f"{fmt(by[('ours', s)].get(k), '.4g')} / {fmt(by[('sb3', s)].get(k), '.4g')} = {fmt(r[i], '.2f')}"
-                  for k, r in ((k, ratios(k)) for k in keys.values()))] for i, s in enumerate(seeds)]  # fmt: skip
-    print_table(["seed", *(f"{n}: ours / SB3 = ratio" for n in keys)], rows)
-    summary: dict[str, Any] = {}
-    for name, key in keys.items():
-        summary[key] = {"ratio": summarize(ratios(key)), "ours": summarize(col("ours", key)), "sb3": summarize(col("sb3", key))}
-    extra = {"steps_to_475": "env steps to reach 475 (sample efficiency)", "final_train_return_last20": "final return, last 20 training episodes",
-             "eval_return_mean": f"shared deterministic eval, {EVAL_EPISODES} episodes", "startup_s": "interpreter start-up (s)",
-             "imports_s": "imports (s)", "setup_s": "set-up before training (s)", "post_train_s": "after training inside train()/learn() (s)",
-             "eval_s": "shared eval (s)"}  # fmt: skip
-    for key in extra:
-        summary[key] = {"ours": summarize(col("ours", key)), "sb3": summarize(col("sb3", key))}
-    summary["own_final_eval_return_mean"] = {"ours": summarize(col("ours", "own_final_eval_return_mean"))}
-    env = {side: summarize(col(f"env-{side}", "env_steps_per_s")) for side in ("ours", "sb3")}
-    share = {side: summarize([ratio(x, y) for x, y in zip(col(side, "train_steps_per_s"), col(f"env-{side}", "env_steps_per_s"))])
-             for side in ("ours", "sb3")}  # fmt: skip
-    summary["env_raw_steps_per_s"], summary["train_share_of_env_raw"] = env, share
-    print("\nmedian [min-max] over seeds")
-    lines = [[n, fmt_summary(summary[k]["ratio"]), fmt_summary(summary[k]["ours"], ".4g"), fmt_summary(summary[k]["sb3"], ".4g")]
-             for n, k in keys.items()]  # fmt: skip
-    lines += [[n, "", fmt_summary(summary[k]["ours"], ".4g"), fmt_summary(summary[k]["sb3"], ".4g")] for k, n in extra.items()]
-    lines.append(["policylab's own final eval (train(), 20 episodes)", "", fmt_summary(summary["own_final_eval_return_mean"]["ours"], ".4g"), ""])
-    lines.append(["raw env throughput, random actions (env steps/s)", fmt_summary(
-        summarize([ratio(x, y) for x, y in zip(col("env-ours", "env_steps_per_s"), col("env-sb3", "env_steps_per_s"))])),
-        fmt_summary(env["ours"], ",.0f"), fmt_summary(env["sb3"], ",.0f")])  # fmt: skip
-    lines.append(["training steps/s as a share of own raw env", "", fmt_summary(share["ours"], ".1%"), fmt_summary(share["sb3"], ".1%")])
-    print_table(["metric", "ratio ours/SB3", "ours", "SB3"], lines)
-    never = {side: [s for s in seeds if by[(side, s)]["time_to_475_s"] is None] for side in ("ours", "sb3")}
-    print(f"runs that never reached {THRESHOLD:g}: ours seeds {never['ours'] or 'none'}, SB3 seeds {never['sb3'] or 'none'}")
+    seeds, order = list(range(1, a.seeds + 1)), ["ours", "sb3", "env-ours", "env-sb3"]
+    header = provenance(["policylab", "torch", "stable-baselines3", "gymnasium", "numpy"])  # before the runs
+    args = ["--steps", str(a.steps), "--threads", str(a.threads), "--env-steps", str(a.env_steps)]
+    runs = run_alternating(__file__, order, seeds, args, show)
+    by = index_runs(runs)
+    for (side, seed), rec in by.items():
+        if not side.startswith("env-"):
+            rec["env_raw_steps_per_s"] = by[(f"env-{side}", seed)]["env_steps_per_s"]
+            rec["share_of_env_raw"] = ratio(rec["train_steps_per_s"], rec["env_raw_steps_per_s"])
+    print(f"\nPPO {ENV_ID}, {a.steps:,} steps, {a.seeds} seed(s) per side, torch threads {a.threads}, alternating runs")
+    summary = pair_report(runs, seeds, METRICS, DETAIL, "ours", "sb3", ("ours", "SB3"))
+    own = summarize([by[("ours", s)]["own_final_eval_return_mean"] for s in seeds])
+    summary["own_final_eval_return_mean"] = {"ours": own}
+    print(f"policylab's own final evaluation inside train() ({EVAL_EPISODES} episodes): {fmt_summary(own, '.1f')}")
+    never = {side: [s for s in seeds if by[(side, s)]["time_to_threshold_s"] is None] for side in ("ours", "sb3")}
+    print(f"never reached {THRESHOLD:g} (left out of the medians): ours seeds {never['ours'] or 'none'}, "
+          f"SB3 seeds {never['sb3'] or 'none'}")  # fmt: skip
     payload = {
-        "benchmark": "ppo_cartpole", "date": datetime.date.today().isoformat(),
-        "datetime": datetime.datetime.now().astimezone().isoformat(timespec="seconds"), "command": command_line(),
-        "machine": machine_info(), "git": git_state(),
-        "versions": package_versions(["policylab", "torch", "stable-baselines3", "gymnasium", "numpy"]),
+        "benchmark": "ppo_cartpole", **header,
         "settings": {"env": ENV_ID, "steps": a.steps, "seeds": seeds, "threads": a.threads, "threshold": THRESHOLD,
                      "window": WINDOW, "eval_episodes": EVAL_EPISODES, "env_vector_steps": a.env_steps,
-                     "hyperparameters": EXPECTED, "order": "per seed: ours, sb3, env-ours, env-sb3"},
+                     "hyperparameters": EXPECTED, "order": f"per seed: {', '.join(order)}"},
         "summary": summary, "never_reached": never, "runs": runs,
     }  # fmt: skip
     print(f"\nresults: {write_results('ppo_cartpole', payload)}")

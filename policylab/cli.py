@@ -90,7 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", help="continue the run in this directory from its latest checkpoint")
     p.add_argument("--name", help="run name (default: <algo>-<env>-s<seed>)")
     p.add_argument("--runs-dir", default="runs", help="where run directories go (default: ./runs)")
-    p.add_argument("--no-progress", action="store_true", help="no live progress bar")
+    p.add_argument("--no-progress", action="store_true", help="no progress output, only the final result")
     p.set_defaults(func=_train)
 
     p = sub.add_parser("eval", help="evaluate a trained policy")

@@ -90,13 +90,17 @@ def read_csv(path: Path) -> list[dict[str, float]]:
 
 
 class Progress:
-    """A live rich progress bar on a terminal; a line every 10% otherwise (e.g. in CI logs)."""
+    """Progress output: `enabled=None` shows a live rich bar on a terminal and a line every 10%
+    otherwise (e.g. in CI logs); True forces the bar, False prints nothing."""
 
     def __init__(self, total: int, description: str, enabled: bool | None = None, start: int = 0) -> None:
         self.total = total
         self.live = sys.stdout.isatty() if enabled is None else enabled
+        self.silent = enabled is False
         self._next_print = 0.1
         self._bar = None
+        if self.silent:
+            return
         if self.live:
             from rich.progress import BarColumn, MofNCompleteColumn, Progress as Bar, TextColumn, TimeRemainingColumn
 
@@ -116,6 +120,8 @@ class Progress:
             print(f"{description}: {total} steps", flush=True)
 
     def update(self, step: int, fps: float, mean_return: float | None) -> None:
+        if self.silent:
+            return
         ret = "-" if mean_return is None else f"{mean_return:.1f}"
         if self._bar is not None:
             self._bar.update(self._task, completed=step, fps=f"{fps:,.0f}", ret=ret)

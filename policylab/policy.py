@@ -37,9 +37,10 @@ def space_from_json(data: dict[str, Any]) -> gym.Space:
     if data["type"] == "Discrete":
         return gym.spaces.Discrete(data["n"], start=data.get("start", 0))
     if data["type"] == "Box":
-        return gym.spaces.Box(
-            np.array(data["low"]), np.array(data["high"]), shape=tuple(data["shape"]), dtype=np.dtype(data["dtype"])
-        )
+        dtype = np.dtype(data["dtype"])
+        low = np.array(data["low"]).astype(dtype)
+        high = np.array(data["high"]).astype(dtype)
+        return gym.spaces.Box(low, high, shape=tuple(data["shape"]), dtype=dtype)
     raise CheckpointError(f"unknown space type {data['type']!r} in checkpoint", "retrain with this policylab version")
 
 

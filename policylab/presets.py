@@ -42,7 +42,7 @@ _ZOO_MUJOCO_NET = {"hidden_sizes": [256, 256], "activation": "relu", "ortho_init
 PRESETS: dict[str, dict[str, Preset]] = {
     "ppo": {
         "CartPole-v1": Preset(
-            {"steps": 100_000, "n_steps": 32, "batch_size": 256, "gae_lambda": 0.8, "gamma": 0.98,
+            {"steps": 100_000, "num_envs": 8, "n_steps": 32, "batch_size": 256, "gae_lambda": 0.8, "gamma": 0.98,
              "epochs": 20, "lr": 1e-3, "anneal_lr": True, "anneal_clip": True},
             f"{_ZOO_PPO}, entry CartPole-v1 (lr lin_0.001, clip_range lin_0.2)",
         ),

@@ -40,9 +40,14 @@ class IterationInfo:
     """What a `callback` sees after every iteration; return False from the callback to stop (as Ctrl-C does)."""
 
     step: int
+    """Env steps so far (summed over the parallel envs)."""
     iteration: int
     elapsed: float
+    """Training wall-clock seconds so far (summed over resumed sessions)."""
     mean_return: float | None
+    """Mean return of the last 20 finished training episodes (fewer early on; None before the first)."""
+    episodes: int
+    """Training episodes finished so far."""
     metrics: dict[str, float]
 
 
@@ -376,7 +381,7 @@ def train(
                 if cfg.checkpoint_every and loop.step >= next_ckpt and loop.step < cfg.steps:
                     last_ckpt = save()
                     next_ckpt = _next_multiple(loop.step, cfg.checkpoint_every)
-                info = IterationInfo(loop.step, loop.iteration, elapsed_before + wall, mean_ret, values)
+                info = IterationInfo(loop.step, loop.iteration, elapsed_before + wall, mean_ret, loop.tracker.episodes, values)
                 if stop.requested or (callback is not None and callback(info) is False):
                     interrupted = loop.step < cfg.steps
                     break

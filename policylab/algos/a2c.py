@@ -66,7 +66,7 @@ class A2C:
 
     def update(self, rollout: Batch, progress: float) -> dict[str, Tensor]:
         cfg = self.cfg
-        set_lr(self.optimizer, cfg.lr * (1.0 - progress) if cfg.anneal_lr else cfg.lr)
+        set_lr(self.optimizer, cfg.lr * max(0.0, 1.0 - progress) if cfg.anneal_lr else cfg.lr)
         advantages, returns = gae(
             rollout.rewards, rollout.values, rollout.next_values,
             rollout.terminated, rollout.episode_end, cfg.gamma, cfg.gae_lambda,

@@ -80,7 +80,7 @@ class PPO:
 
     def update(self, rollout: Batch, progress: float) -> dict[str, Tensor]:
         cfg = self.cfg
-        remaining = 1.0 - progress
+        remaining = max(0.0, 1.0 - progress)  # the last rollout may overshoot the step budget
         set_lr(self.optimizer, cfg.lr * remaining if cfg.anneal_lr else cfg.lr)
         clip_low = cfg.clip_eps * remaining if cfg.anneal_clip else cfg.clip_eps
         clip_high = None if cfg.clip_eps_high is None else cfg.clip_eps_high * (remaining if cfg.anneal_clip else 1.0)

@@ -50,7 +50,7 @@ class Reinforce:
 
     def update(self, rollout: Batch, progress: float) -> dict[str, Tensor]:
         cfg = self.cfg
-        set_lr(self.optimizer, cfg.lr * (1.0 - progress) if cfg.anneal_lr else cfg.lr)
+        set_lr(self.optimizer, cfg.lr * max(0.0, 1.0 - progress) if cfg.anneal_lr else cfg.lr)
         advantages, returns = mc_returns(
             rollout.rewards, rollout.values, rollout.next_values,
             rollout.terminated, rollout.episode_end, cfg.gamma,
