@@ -160,3 +160,15 @@ def prefixed(prefix: str, tensors: dict[str, Tensor]) -> dict[str, Tensor]:
 def unprefixed(prefix: str, tensors: dict[str, Tensor]) -> dict[str, Tensor]:
     start = len(prefix) + 1
     return {k[start:]: v for k, v in tensors.items() if k.startswith(prefix + "/")}
+
+
+def load_module_state(module: torch.nn.Module, tensors: dict[str, Tensor], where: Path | str) -> None:
+    """`module.load_state_dict`, with a mismatch reported as a CheckpointError that names the checkpoint."""
+    try:
+        module.load_state_dict(tensors)
+    except RuntimeError as exc:
+        first = str(exc).strip().splitlines()[-1].strip()
+        raise CheckpointError(
+            f"the weights in {str(where)!r} do not fit the network this config builds ({first})",
+            "the checkpoint was written by another policylab version or with other network settings: retrain",
+        ) from None

@@ -7,6 +7,7 @@ in, one action the plain env accepts out (or a batch in, a batch out).
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +15,7 @@ import gymnasium as gym
 import numpy as np
 import torch
 
-from policylab.checkpoint import load_checkpoint, unprefixed
+from policylab.checkpoint import load_checkpoint, load_module_state, unprefixed
 from policylab.envs import ObsNormalizer, make_single_env, make_vec_env
 from policylab.errors import CheckpointError, EnvError, PolicylabError
 
@@ -99,13 +100,13 @@ def load(path: str | Path, device: str = "cpu") -> Policy:
     """Load the policy of a run directory (its latest checkpoint) or of one checkpoint directory."""
     from policylab.algos import get_algo
 
-    tensors, state, _ = load_checkpoint(path)
+    tensors, state, ckpt_dir = load_checkpoint(path)
     spec = get_algo(state["algo"])
     cfg = spec.config_cls(**{**state["config"], "device": device})
     obs_space = space_from_json(state["spaces"]["observation"])
     act_space = space_from_json(state["spaces"]["action"])
     net = spec.algo_cls.build_policy(cfg, obs_space, act_space).to(device)
-    net.load_state_dict(unprefixed("policy", tensors))
+    load_module_state(net, unprefixed("policy", tensors), ckpt_dir)
     net.eval()
     normalizer = None
     if "obs_norm/mean" in tensors:
@@ -171,6 +172,8 @@ def record_video(policy: Policy, path: str | Path, episodes: int = 1, seed: int 
         import imageio.v2 as imageio
     except ImportError:
         raise PolicylabError("video needs imageio", "pip install 'policylab[video]'") from None
+    os.environ.setdefault("SDL_VIDEODRIVER", "dummy")  # pygame-based renderers: no display needed
+    os.environ.setdefault("MUJOCO_GL", "egl" if os.environ.get("DISPLAY") is None else "glfw")
     try:
         env = make_single_env(policy.env_id, policy.env_kwargs, render_mode="rgb_array")
     except Exception as exc:  # noqa: BLE001 - any failure here means: no renderer
@@ -193,8 +196,9 @@ def record_video(policy: Policy, path: str | Path, episodes: int = 1, seed: int 
         raise PolicylabError(f"{policy.env_id!r} rendered no frames", "this env has no rgb_array renderer")
     path = Path(path)
     fps = env.metadata.get("render_fps", 30)
+    extra = {"macro_block_size": 1} if path.suffix.lower() in (".mp4", ".mkv", ".mov", ".avi") else {}
     try:
-        imageio.mimwrite(str(path), frames, fps=fps)
+        imageio.mimwrite(str(path), frames, fps=fps, **extra)
     except Exception as exc:  # noqa: BLE001
         raise PolicylabError(f"cannot write video {str(path)!r}: {exc}", "pip install 'policylab[video]' (imageio-ffmpeg for mp4) or use a .gif path") from None
     return path

@@ -167,6 +167,13 @@ class OnPolicyLoop:
         self.step += self.steps_per_iteration
         return buf.finish(last_values)
 
+    def iterate(self) -> dict[str, Tensor]:
+        """Collect one rollout and update on it."""
+        rollout = self.collect()
+        metrics = self.algo.update(rollout, progress=self.step / self.cfg.steps)
+        self.iteration += 1
+        return metrics
+
     # checkpoint state ------------------------------------------------------------------------
 
     def state(self) -> tuple[dict[str, Tensor], dict[str, Any]]:
@@ -199,7 +206,7 @@ class OnPolicyLoop:
 
     def load_state(self, tensors: dict[str, Tensor], state: dict[str, Any]) -> list[str]:
         notes = []
-        self.net.load_state_dict(ckpt.unprefixed("policy", tensors))
+        ckpt.load_module_state(self.net, ckpt.unprefixed("policy", tensors), f"checkpoint at step {state['step']}")
         ckpt.optimizer_from_flat("optim", self.algo.optimizer, tensors, state["optimizer"])
         self.algo.generator.set_state(tensors["rng/generator"])
         torch.set_rng_state(tensors["rng/torch"])
@@ -313,9 +320,79 @@ def train(
 
     `pl.train("ppo", env="CartPole-v1", steps=100_000, seed=1)` uses the tuned
     preset for the env when there is one. `resume=run_dir` continues a run.
+    `callback(info)` runs after every iteration; returning False stops the run
+    with a checkpoint, as Ctrl-C does. `progress`: None shows a live bar on a
+    terminal (lines otherwise), False prints no progress.
     """
     say = print if verbose else (lambda *a, **k: None)
     if resume is not None:
+        if env is not None or seed is not None or overrides or config is not None:
+            raise ConfigError(
+                "--resume continues a run with its saved config", "drop --env/--seed/--set/--config (only --steps may change)"
+            )
+        session = _Session.resumed(algo, resume, steps)
+    else:
+        session = _Session.new(algo, env, steps, seed, config, overrides, preset, name, runs_dir)
+    for note in session.notes:
+        say(note)
+    cfg, loop = session.cfg, session.loop
+    bar = Progress(cfg.steps, f"{session.spec.name} {cfg.env}", enabled=progress if verbose else False, start=loop.step)
+    try:
+        with _StopFlag() as stop:
+            while loop.step < cfg.steps:
+                info = session.iterate()
+                bar.update(loop.step, info.metrics["fps"], info.mean_return)
+                if stop.requested or (callback is not None and callback(info) is False):
+                    break
+        session.last_ckpt = session.save()
+    finally:
+        bar.close()
+        loop.close()
+    run = session.finish()
+    if run.interrupted:
+        say(f"stopped at step {loop.step:,}; checkpoint {session.last_ckpt}")
+        say(f"resume with: policylab train {session.spec.name} --resume {run.dir}")
+    elif run.final_eval is not None:
+        say(
+            f"done: {loop.step:,} steps; evaluation over {run.final_eval['episodes']} episodes: "
+            f"return {run.final_eval['return_mean']:.1f} +/- {run.final_eval['return_std']:.1f}"
+        )
+        say(f"run directory: {run.dir}")
+    return run
+
+
+class _Session:
+    """One training session of a run: the loop, its run directory and logs, the eval/checkpoint schedule."""
+
+    def __init__(
+        self, spec: AlgoSpec, cfg: Any, loop: OnPolicyLoop, run_dir: Path, notes: list[str], state: dict[str, Any]
+    ) -> None:
+        self.spec, self.cfg, self.loop, self.dir, self.notes = spec, cfg, loop, run_dir, notes
+        resumed = bool(state)
+        self.log = RunLog(run_dir, cfg.tensorboard, resume_step=loop.step if resumed else None)
+        self.elapsed_before = float(state.get("elapsed", 0.0))
+        self.last_ckpt: Path | None = ckpt.find_checkpoint(run_dir) if resumed else None
+        self.next_eval = _next_multiple(loop.step, cfg.eval_every)
+        self.next_ckpt = _next_multiple(loop.step, cfg.checkpoint_every)
+        self.start_time = time.perf_counter()
+        self.start_step = loop.step
+
+    @classmethod
+    def new(
+        cls, algo: str, env: str | None, steps: int | str | None, seed: int | None,
+        config: str | Path | dict[str, Any] | None, overrides: dict[str, Any] | None, preset: str | None,
+        name: str | None, runs_dir: str | Path,
+    ) -> _Session:  # fmt: skip
+        spec = get_algo(algo)
+        cfg, notes = resolve_config(spec, env, steps, seed, config, overrides, preset)
+        _check_loop_kind(spec)
+        loop = OnPolicyLoop(spec, cfg)  # env and networks first: a failed start leaves no run directory behind
+        run_dir = new_run_dir(runs_dir, name or f"{spec.name}-{cfg.env.replace('/', '_').replace(':', '_')}-s{cfg.seed}")
+        ckpt.atomic_write_text(run_dir / CONFIG_YAML, dump_yaml(cfg, spec.name))
+        return cls(spec, cfg, loop, run_dir, notes, {})
+
+    @classmethod
+    def resumed(cls, algo: str, resume: str | Path, steps: int | str | None) -> _Session:
         tensors, state, ckpt_dir = ckpt.load_checkpoint(resume)
         spec = get_algo(state["algo"])
         if algo and spec.name != algo.lower():
@@ -325,88 +402,58 @@ def train(
         cfg = apply_values(spec.config_cls(), state["config"], str(ckpt_dir / ckpt.STATE))
         if steps is not None:
             cfg = dataclasses.replace(cfg, steps=parse_count(steps))
-        if env is not None or seed is not None or overrides or config is not None:
-            raise ConfigError("--resume continues a run with its saved config", "drop --env/--seed/--set/--config (only --steps may change)")
+        _check_loop_kind(spec)
+        loop = OnPolicyLoop(spec, cfg)
         run_dir = ckpt_dir.parent.parent
-        notes = [f"resuming {run_dir} from step {state['step']:,}"]
-    else:
-        spec = get_algo(algo)
-        cfg, notes = resolve_config(spec, env, steps, seed, config, overrides, preset)
-        tensors, state = {}, {}
+        notes = [f"resuming {run_dir} from step {state['step']:,}", *loop.load_state(tensors, state)]
+        return cls(spec, cfg, loop, run_dir, notes, state)
 
+    @property
+    def elapsed(self) -> float:
+        return self.elapsed_before + time.perf_counter() - self.start_time
+
+    def iterate(self) -> IterationInfo:
+        """One collect -> update -> log -> evaluate -> checkpoint iteration."""
+        loop, cfg = self.loop, self.cfg
+        metrics = loop.iterate()
+        _finite_check(loop, metrics, self.last_ckpt)
+        values = {k: float(v) for k, v in metrics.items()}
+        elapsed = self.elapsed
+        values["fps"] = (loop.step - self.start_step) / max(elapsed - self.elapsed_before, 1e-9)
+        mean_ret = loop.tracker.mean_return()
+        self.log.log_train({"step": loop.step, "time": elapsed, "return_mean": mean_ret,
+                            "length_mean": loop.tracker.mean_length(), "episodes": loop.tracker.episodes, **values})  # fmt: skip
+        if cfg.eval_every and self.next_eval <= loop.step < cfg.steps:
+            result = evaluate(loop.policy(), cfg.eval_episodes, cfg.seed + 10_000 + loop.iteration)
+            self.log.log_eval(_eval_row(loop.step, elapsed, result))
+            self.next_eval = _next_multiple(loop.step, cfg.eval_every)
+        if cfg.checkpoint_every and self.next_ckpt <= loop.step < cfg.steps:
+            self.last_ckpt = self.save()
+            self.next_ckpt = _next_multiple(loop.step, cfg.checkpoint_every)
+        return IterationInfo(loop.step, loop.iteration, elapsed, mean_ret, loop.tracker.episodes, values)
+
+    def save(self) -> Path:
+        tensors, state = self.loop.state()
+        state["elapsed"] = self.elapsed
+        return ckpt.save_checkpoint(self.dir / "checkpoints", self.loop.step, tensors, state, self.cfg.keep_checkpoints)
+
+    def finish(self) -> Run:
+        """The final evaluation and summary (skipped when the run was stopped early)."""
+        loop, cfg = self.loop, self.cfg
+        interrupted = loop.step < cfg.steps
+        final_eval = None
+        if not interrupted:
+            final_eval = evaluate(loop.policy(), cfg.eval_episodes, cfg.seed + 20_000)
+            self.log.log_eval(_eval_row(loop.step, self.elapsed, final_eval))
+            self.log.write_summary({"algo": self.spec.name, "env": cfg.env, "seed": cfg.seed, "steps": loop.step,
+                                    "wall_clock_s": self.elapsed, "final_eval": final_eval})  # fmt: skip
+        self.log.close()
+        return Run(self.dir, self.spec.name, cfg, loop.step, final_eval, interrupted, self.notes)
+
+
+def _check_loop_kind(spec: AlgoSpec) -> None:
     if spec.kind != "on-policy":  # pragma: no cover - other kinds arrive with their issues
         raise PolicylabError(f"{spec.name} is not trainable by this loop yet", "use ppo, a2c or reinforce")
-    loop = OnPolicyLoop(spec, cfg)  # env and networks first: a failed start leaves no run directory behind
-    if resume is not None:
-        notes += loop.load_state(tensors, state)
-    else:
-        run_dir = new_run_dir(runs_dir, name or f"{spec.name}-{cfg.env.replace('/', '_').replace(':', '_')}-s{cfg.seed}")
-        ckpt.atomic_write_text(run_dir / CONFIG_YAML, dump_yaml(cfg, spec.name))
-    for note in notes:
-        say(note)
-    log = RunLog(run_dir, cfg.tensorboard, resume_step=loop.step if resume is not None else None)
-    elapsed_before = float(state.get("elapsed", 0.0)) if resume is not None else 0.0
-    last_ckpt: Path | None = ckpt.find_checkpoint(run_dir) if resume is not None else None
-    next_eval = _next_multiple(loop.step, cfg.eval_every)
-    next_ckpt = _next_multiple(loop.step, cfg.checkpoint_every)
-    start_time = time.perf_counter()
-    start_step = loop.step
-    bar = Progress(cfg.steps, f"{spec.name} {cfg.env}", enabled=progress if verbose else False, start=loop.step)
-    interrupted = False
-
-    def save() -> Path:
-        tensors_, state_ = loop.state()
-        state_["elapsed"] = elapsed_before + time.perf_counter() - start_time
-        return ckpt.save_checkpoint(run_dir / "checkpoints", loop.step, tensors_, state_, cfg.keep_checkpoints)
-
-    try:
-        with _StopFlag() as stop:
-            while loop.step < cfg.steps:
-                rollout = loop.collect()
-                metrics = loop.algo.update(rollout, progress=loop.step / cfg.steps)
-                loop.iteration += 1
-                _finite_check(loop, metrics, last_ckpt)
-                values = {k: float(v) for k, v in metrics.items()}
-                wall = time.perf_counter() - start_time
-                fps = (loop.step - start_step) / max(wall, 1e-9)
-                mean_ret = loop.tracker.mean_return()
-                row = {"step": loop.step, "time": elapsed_before + wall, "fps": fps, "return_mean": mean_ret,
-                       "length_mean": loop.tracker.mean_length(), "episodes": loop.tracker.episodes, **values}  # fmt: skip
-                log.log_train(row)
-                bar.update(loop.step, fps, mean_ret)
-                if cfg.eval_every and loop.step >= next_eval and loop.step < cfg.steps:
-                    result = evaluate(loop.policy(), cfg.eval_episodes, cfg.seed + 10_000 + loop.iteration)
-                    log.log_eval(_eval_row(loop.step, elapsed_before + wall, result))
-                    next_eval = _next_multiple(loop.step, cfg.eval_every)
-                if cfg.checkpoint_every and loop.step >= next_ckpt and loop.step < cfg.steps:
-                    last_ckpt = save()
-                    next_ckpt = _next_multiple(loop.step, cfg.checkpoint_every)
-                info = IterationInfo(loop.step, loop.iteration, elapsed_before + wall, mean_ret, loop.tracker.episodes, values)
-                if stop.requested or (callback is not None and callback(info) is False):
-                    interrupted = loop.step < cfg.steps
-                    break
-        last_ckpt = save()
-    finally:
-        bar.close()
-        loop.close()
-    final_eval = None
-    if not interrupted:
-        final_eval = evaluate(loop.policy(), cfg.eval_episodes, cfg.seed + 20_000)
-        wall = elapsed_before + time.perf_counter() - start_time
-        log.log_eval(_eval_row(loop.step, wall, final_eval))
-        log.write_summary({"algo": spec.name, "env": cfg.env, "seed": cfg.seed, "steps": loop.step,
-                           "wall_clock_s": wall, "final_eval": final_eval})  # fmt: skip
-    log.close()
-    if interrupted:
-        say(f"stopped at step {loop.step:,}; checkpoint {last_ckpt}")
-        say(f"resume with: policylab train {spec.name} --resume {run_dir}")
-    elif final_eval is not None:
-        say(
-            f"done: {loop.step:,} steps; evaluation over {final_eval['episodes']} episodes: "
-            f"return {final_eval['return_mean']:.1f} +/- {final_eval['return_std']:.1f}"
-        )
-        say(f"run directory: {run_dir}")
-    return Run(run_dir, spec.name, cfg, loop.step, final_eval, interrupted, notes)
 
 
 def _next_multiple(step: int, every: int) -> int:

@@ -75,3 +75,19 @@ def test_eval_video(capsys, cartpole_run, tmp_path):
 def test_evaluate_counts_each_episode_once(cartpole_run):
     result = pl.evaluate(pl.load(cartpole_run.dir), episodes=5, seed=1)
     assert result["episodes"] == 5 and len(result["returns"]) == 5
+
+
+def test_tensorboard_sink_writes_event_files(tmp_path):
+    run = pl.train("ppo", env="CartPole-v1", steps=128, seed=0, overrides={**SMALL, "tensorboard": True},
+                   preset="none", runs_dir=tmp_path, verbose=False)  # fmt: skip
+    events = list((run.dir / "tb").glob("events.out.tfevents.*"))
+    assert events and events[0].stat().st_size > 100
+
+
+def test_async_envs_train_and_resume_says_episodes_restart(tmp_path):
+    overrides = {**SMALL, "vectorization": "async"}
+    part = pl.train("ppo", env="CartPole-v1", steps=128, seed=0, overrides=overrides, preset="none",
+                    runs_dir=tmp_path, verbose=False, callback=lambda info: False)  # fmt: skip
+    assert part.interrupted
+    resumed = pl.train("ppo", resume=part.dir, verbose=False)
+    assert resumed.steps == 128 and any("not bit-exact" in note for note in resumed.notes)
