@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from policylab.algos.fused import FusedActorCriticStep
-from policylab.algos.onpolicy import AutogradStep, adam
+from policylab.algos.onpolicy import ActorCriticLoss, AutogradStep, adam
+from policylab.data import Batch
 from policylab.nets import ActorCritic
 from policylab.nets.mlp import StackedMLP
 from policylab.optim import ParameterBuffer
@@ -151,8 +152,11 @@ def test_fused_step_matches_autograd_step(kind, activation, shared, options):
     adv, returns = torch.randn(B, generator=g), values + torch.randn(B, generator=g)
     # One step: the gradients (after clipping) and the metrics agree. (Over several Adam steps,
     # float32 rounding differences of 1e-8 get amplified where a gradient is near Adam's eps.)
-    m_a, _ = auto(obs, actions, old_logp, adv, returns, values, vf_coef=0.5, **options)
-    m_b, _ = fast(obs, actions, old_logp, adv, returns, values, vf_coef=0.5, **options)
+    fields = {"obs": obs, "actions": actions, "advantages": adv, "returns": returns, "values": values}
+    batch = Batch(**fields) if old_logp is None else Batch(**fields, logp=old_logp)
+    loss = ActorCriticLoss(vf_coef=0.5, **options)
+    m_a, _ = auto(batch, loss)
+    m_b, _ = fast(batch, loss)
     for key in ("loss", "policy_loss", "value_loss", "entropy", "approx_kl", "clip_frac", "grad_norm"):
         torch.testing.assert_close(m_b[key], m_a[key], atol=1e-6, rtol=1e-5, msg=key)
     if options.get("clip_low") is not None:
@@ -180,6 +184,7 @@ def test_target_kl_skips_the_step():
     obs = torch.randn(B, 6)
     actions = torch.randint(0, 3, (B,))
     old_logp = torch.full((B,), -5.0)  # far from the current policy: a large KL
-    metrics, stepped = step(obs, actions, old_logp, torch.randn(B), torch.randn(B), None, clip_low=0.2, kl_limit=0.01)
+    batch = Batch(obs=obs, actions=actions, logp=old_logp, advantages=torch.randn(B), returns=torch.randn(B))
+    metrics, stepped = step(batch, ActorCriticLoss(clip_low=0.2), kl_limit=0.01)
     assert not stepped and float(metrics["approx_kl"]) > 0.01
     assert all(torch.equal(p, q) for p, q in zip(net.parameters(), before))

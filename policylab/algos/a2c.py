@@ -15,13 +15,13 @@ import gymnasium as gym
 import torch
 from torch import Tensor
 
-from policylab.algos.onpolicy import OnPolicyConfig, adam, build_actor_critic, make_step, normalize, set_lr
+from policylab.algos.onpolicy import OnPolicyConfig, adam, build_actor_critic, make_learner, set_lr, whole_rollout_step
 from policylab.algos.ppo import explained_variance
 from policylab.data import Batch
-from policylab.nets import ActorCritic
 from policylab.errors import ConfigError
+from policylab.nets import ActorCritic
 from policylab.objectives import gae
-from policylab.optim import Optimizer, ParameterBuffer
+from policylab.optim import Optimizer
 
 
 @dataclass
@@ -50,15 +50,14 @@ class A2C:
     def __init__(self, cfg: A2CConfig, obs_space: gym.Space, act_space: gym.Space) -> None:
         self.cfg = cfg
         self.net = self.build_policy(cfg, obs_space, act_space).to(cfg.device)
-        self.params = ParameterBuffer(self.net.parameters())
+        self.learner = make_learner(self.net, cfg, self._optimizer)
+        self.optimizer, self.generator = self.learner.optimizer, self.learner.generator
+
+    def _optimizer(self, params: list[torch.nn.Parameter]) -> Optimizer:
+        cfg = self.cfg
         if cfg.optimizer == "rmsprop":
-            self.optimizer: Optimizer = torch.optim.RMSprop(
-                [self.params.flat], lr=cfg.lr, alpha=cfg.rms_alpha, eps=cfg.optim_eps, foreach=True
-            )
-        else:
-            self.optimizer = adam([self.params.flat], cfg.lr, cfg.optim_eps)
-        self.generator = torch.Generator(device=cfg.device).manual_seed(cfg.seed)
-        self.step = make_step(self.net, self.params, self.optimizer, cfg)
+            return torch.optim.RMSprop(params, lr=cfg.lr, alpha=cfg.rms_alpha, eps=cfg.optim_eps, foreach=True)
+        return adam(params, cfg.lr, cfg.optim_eps)
 
     @staticmethod
     def build_policy(cfg: OnPolicyConfig, obs_space: gym.Space, act_space: gym.Space) -> ActorCritic:
@@ -71,11 +70,6 @@ class A2C:
             rollout.rewards, rollout.values, rollout.next_values,
             rollout.terminated, rollout.episode_end, cfg.gamma, cfg.gae_lambda,
         )  # fmt: skip
-        data = Batch(obs=rollout.obs, actions=rollout.actions, advantages=advantages, returns=returns).flatten()
-        adv = normalize(data.advantages) if cfg.normalize_advantage else data.advantages
-        metrics, _ = self.step(
-            data.obs, data.actions, None, adv, data.returns, None,
-            clip_low=None, vf_coef=cfg.vf_coef, ent_coef=cfg.ent_coef,
-        )  # fmt: skip
-        metrics["explained_variance"] = explained_variance(rollout.values.flatten(), data.returns)
+        metrics = whole_rollout_step(self.learner, rollout, advantages, returns, cfg)
+        metrics["explained_variance"] = explained_variance(rollout.values.flatten(), returns.flatten())
         return metrics

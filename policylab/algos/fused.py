@@ -12,13 +12,18 @@ autograd for every option it accepts; anything else takes the autograd path.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
+from policylab.data import Batch
 from policylab.nets import ActorCritic
-from policylab.optim import Optimizer, ParameterBuffer
 from policylab.objectives import pg_surrogate_grad, value_loss_grad
+from policylab.optim import Optimizer, ParameterBuffer
+
+if TYPE_CHECKING:
+    from policylab.algos.onpolicy import ActorCriticLoss
 
 
 class FusedActorCriticStep:
@@ -38,57 +43,37 @@ class FusedActorCriticStep:
         )
 
     def __call__(
-        self,
-        obs: Tensor,
-        actions: Tensor,
-        old_logp: Tensor | None,
-        advantages: Tensor,
-        returns: Tensor,
-        old_values: Tensor | None,
-        *,
-        clip_low: float | None,
-        clip_high: float | None = None,
-        dual_clip: float | None = None,
-        clip_value: float | None = None,
-        vf_coef: float = 0.5,
-        ent_coef: float = 0.0,
-        kl_limit: float | None = None,
-        with_metrics: bool = True,
+        self, batch: Batch, loss: ActorCriticLoss, *, kl_limit: float | None = None, with_metrics: bool = True
     ) -> tuple[dict[str, Tensor], bool]:
-        """One gradient step. `old_logp=None` means on-policy (ratio 1: the REINFORCE/A2C gradient).
-
-        Returns (metrics, stepped): with `kl_limit` the step is skipped when the approximate KL
-        exceeds it; `with_metrics=False` skips the loss values (the gradient is the same).
-        """
+        """One gradient step (see `StepFn`). With `kl_limit` the step is skipped when the approximate KL
+        exceeds it; `with_metrics=False` skips the loss values (the gradient is the same)."""
         with torch.no_grad():
-            return self._step(
-                obs, actions, old_logp, advantages, returns, old_values, clip_low, clip_high, dual_clip,
-                clip_value, vf_coef, ent_coef, kl_limit, with_metrics or kl_limit is not None,
-            )  # fmt: skip
+            return self._step(batch, loss, kl_limit, with_metrics or kl_limit is not None)
 
     def _step(
-        self, obs: Tensor, actions: Tensor, old_logp: Tensor | None, advantages: Tensor, returns: Tensor,
-        old_values: Tensor | None, clip_low: float | None, clip_high: float | None, dual_clip: float | None,
-        clip_value: float | None, vf_coef: float, ent_coef: float, kl_limit: float | None, with_metrics: bool,
-    ) -> tuple[dict[str, Tensor], bool]:  # fmt: skip
+        self, batch: Batch, spec: ActorCriticLoss, kl_limit: float | None, with_metrics: bool
+    ) -> tuple[dict[str, Tensor], bool]:
         net, n_out = self.net, self.net.n_outputs
-        batch = obs.shape[0]
-        out, cache = net.body.forward_cached(obs.reshape(batch, net.obs_dim))
+        obs = batch.obs
+        size = obs.shape[0]
+        out, cache = net.body.forward_cached(obs.reshape(size, net.obs_dim))
         policy_out = out[0, :, :n_out]
         values = out[0, :, n_out] if net.shared else out[1, :, 0]
         logp, entropy, head_cache = net.head.log_prob_entropy_cached(
-            policy_out, net.log_std, actions, need_entropy=with_metrics or ent_coef != 0.0
+            policy_out, net.log_std, batch.actions, need_entropy=with_metrics or spec.ent_coef != 0.0
         )
+        old_logp = batch.get("logp")
         pg_loss, g_logp, metrics = pg_surrogate_grad(
-            logp, logp if old_logp is None else old_logp, advantages,
-            clip_low=clip_low, clip_high=clip_high, dual_clip=dual_clip, with_metrics=with_metrics,
+            logp, logp if old_logp is None else old_logp, batch.advantages,
+            clip_low=spec.clip_low, clip_high=spec.clip_high, dual_clip=spec.dual_clip, with_metrics=with_metrics,
         )  # fmt: skip
         if kl_limit is not None and metrics["approx_kl"].item() > kl_limit:
             return metrics, False
         v_loss, g_values = value_loss_grad(
-            values, returns, old_values=old_values, clip=clip_value, scale=vf_coef, with_loss=with_metrics
-        )
-        g_policy, g_log_std = net.head.grad(head_cache, g_logp, -ent_coef / batch)
+            values, batch.returns, old_values=batch.get("values"), clip=spec.clip_value, scale=spec.vf_coef,
+            with_loss=with_metrics,
+        )  # fmt: skip
+        g_policy, g_log_std = net.head.grad(head_cache, g_logp, -spec.ent_coef / size)
         g_out = self._zeros_like(out)
         g_out[0, :, :n_out] = g_policy
         if net.shared:
@@ -102,8 +87,8 @@ class FusedActorCriticStep:
         self.optimizer.step()
         if with_metrics:
             ent = entropy.mean()  # type: ignore[union-attr]
-            metrics.update(loss=pg_loss + vf_coef * v_loss - ent_coef * ent, policy_loss=pg_loss, value_loss=v_loss)  # type: ignore[operator]
-            metrics["entropy"] = ent
+            metrics["loss"] = pg_loss + spec.vf_coef * v_loss - spec.ent_coef * ent  # type: ignore[operator]
+            metrics.update(policy_loss=pg_loss, value_loss=v_loss, entropy=ent)  # type: ignore[arg-type]
             if grad_norm is not None:
                 metrics["grad_norm"] = grad_norm
         return metrics, True

@@ -10,6 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from policylab.config import CommonConfig
+from policylab.data import Batch
 from policylab.errors import ConfigError
 from policylab.nets import ActorCritic
 from policylab.objectives import entropy_bonus, pg_surrogate, value_loss
@@ -84,6 +85,26 @@ def optimizer_step(
     return norm
 
 
+@dataclass(frozen=True)
+class ActorCriticLoss:
+    """The actor-critic loss: pg_surrogate(clip_low, clip_high, dual_clip) + vf_coef * value_loss(clip_value)
+    - ent_coef * entropy. clip_low=None is the unclipped (REINFORCE / A2C) surrogate."""
+
+    clip_low: float | None = 0.2
+    clip_high: float | None = None
+    dual_clip: float | None = None
+    clip_value: float | None = None
+    vf_coef: float = 0.5
+    ent_coef: float = 0.0
+
+
+StepFn = Callable[..., tuple[dict[str, Tensor], bool]]
+"""step(batch, loss, *, kl_limit=None, with_metrics=True) -> (metrics, stepped).
+
+`batch` has obs, actions, advantages, returns, and optionally logp and values
+from collection time (without logp the step is on-policy: ratio 1)."""
+
+
 class AutogradStep:
     """One gradient step of the actor-critic loss through autograd (the reference path)."""
 
@@ -94,32 +115,21 @@ class AutogradStep:
         self.max_grad_norm = max_grad_norm
 
     def __call__(
-        self,
-        obs: Tensor,
-        actions: Tensor,
-        old_logp: Tensor | None,
-        advantages: Tensor,
-        returns: Tensor,
-        old_values: Tensor | None,
-        *,
-        clip_low: float | None,
-        clip_high: float | None = None,
-        dual_clip: float | None = None,
-        clip_value: float | None = None,
-        vf_coef: float = 0.5,
-        ent_coef: float = 0.0,
-        kl_limit: float | None = None,
-        with_metrics: bool = True,
+        self, batch: Batch, loss_spec: ActorCriticLoss, *, kl_limit: float | None = None, with_metrics: bool = True
     ) -> tuple[dict[str, Tensor], bool]:
         """One autograd step; `with_metrics` is accepted for symmetry (the metrics cost nothing extra here)."""
-        logp, entropy, values = self.net.evaluate(obs, actions)
+        spec = loss_spec
+        logp, entropy, values = self.net.evaluate(batch.obs, batch.actions)
+        old_logp = batch.get("logp")
         old = logp.detach() if old_logp is None else old_logp
-        pg_loss, stats = pg_surrogate(logp, old, advantages, clip_low=clip_low, clip_high=clip_high, dual_clip=dual_clip)
+        pg_loss, stats = pg_surrogate(
+            logp, old, batch.advantages, clip_low=spec.clip_low, clip_high=spec.clip_high, dual_clip=spec.dual_clip
+        )
         if kl_limit is not None and stats["approx_kl"].item() > kl_limit:
             return stats, False
-        v_loss = value_loss(values, returns, old_values=old_values, clip=clip_value)
+        v_loss = value_loss(values, batch.returns, old_values=batch.get("values"), clip=spec.clip_value)
         ent = entropy_bonus(entropy)
-        loss = pg_loss + vf_coef * v_loss - ent_coef * ent
+        loss = pg_loss + spec.vf_coef * v_loss - spec.ent_coef * ent
         grad_norm = optimizer_step(self.optimizer, loss, self.params, self.max_grad_norm)
         metrics = {**stats, "loss": loss.detach(), "policy_loss": pg_loss.detach(), "value_loss": v_loss.detach()}
         metrics["entropy"] = ent.detach()
@@ -128,15 +138,42 @@ class AutogradStep:
         return metrics, True
 
 
-def make_step(
-    net: ActorCritic, params: ParameterBuffer, optimizer: Optimizer, cfg: OnPolicyConfig
-) -> Callable[..., tuple[dict[str, Tensor], bool]]:
-    """The analytic-gradient step where the network allows it (and `analytic_grads` is on), else autograd."""
+@dataclass
+class ActorCriticLearner:
+    """What every on-policy algorithm is built from: the network, its flat parameters, the optimizer,
+    the RNG for sampling and minibatches, and the gradient step (analytic where possible)."""
+
+    net: ActorCritic
+    params: ParameterBuffer
+    optimizer: Optimizer
+    generator: torch.Generator
+    step: StepFn
+
+
+def make_learner(net: ActorCritic, cfg: OnPolicyConfig, optimizer: Callable[[list[nn.Parameter]], Optimizer]) -> ActorCriticLearner:
+    """Flatten `net`'s parameters, build the optimizer over them and pick the gradient step."""
     from policylab.algos.fused import FusedActorCriticStep
 
+    params = ParameterBuffer(net.parameters())
+    opt = optimizer([params.flat])
+    generator = torch.Generator(device=cfg.device).manual_seed(cfg.seed)
     if cfg.analytic_grads and FusedActorCriticStep.supports(net):
-        return FusedActorCriticStep(net, params, optimizer, cfg.max_grad_norm)
-    return AutogradStep(net, params, optimizer, cfg.max_grad_norm)
+        step: StepFn = FusedActorCriticStep(net, params, opt, cfg.max_grad_norm)
+    else:
+        step = AutogradStep(net, params, opt, cfg.max_grad_norm)
+    return ActorCriticLearner(net, params, opt, generator, step)
+
+
+def whole_rollout_step(
+    learner: ActorCriticLearner, rollout: Batch, advantages: Tensor, returns: Tensor, cfg: OnPolicyConfig
+) -> dict[str, Tensor]:
+    """One on-policy gradient step on the whole rollout (A2C, REINFORCE)."""
+    data = Batch(obs=rollout.obs, actions=rollout.actions, advantages=advantages, returns=returns).flatten()
+    if cfg.normalize_advantage:
+        data.advantages = normalize(data.advantages)
+    loss = ActorCriticLoss(clip_low=None, vf_coef=cfg.vf_coef, ent_coef=cfg.ent_coef)
+    metrics, _ = learner.step(data, loss)
+    return metrics
 
 
 def normalize(x: Tensor, eps: float = 1e-8) -> Tensor:

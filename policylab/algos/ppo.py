@@ -20,10 +20,18 @@ import gymnasium as gym
 import torch
 from torch import Tensor
 
-from policylab.algos.onpolicy import OnPolicyConfig, adam, build_actor_critic, make_step, mean_metrics, normalize, set_lr
+from policylab.algos.onpolicy import (
+    ActorCriticLoss,
+    OnPolicyConfig,
+    adam,
+    build_actor_critic,
+    make_learner,
+    mean_metrics,
+    normalize,
+    set_lr,
+)
 from policylab.data import Batch
 from policylab.nets import ActorCritic
-from policylab.optim import ParameterBuffer
 from policylab.errors import ConfigError
 from policylab.objectives import gae
 
@@ -69,10 +77,8 @@ class PPO:
     def __init__(self, cfg: PPOConfig, obs_space: gym.Space, act_space: gym.Space) -> None:
         self.cfg = cfg
         self.net = self.build_policy(cfg, obs_space, act_space).to(cfg.device)
-        self.params = ParameterBuffer(self.net.parameters())
-        self.optimizer = adam([self.params.flat], cfg.lr)
-        self.generator = torch.Generator(device=cfg.device).manual_seed(cfg.seed)
-        self.step = make_step(self.net, self.params, self.optimizer, cfg)
+        self.learner = make_learner(self.net, cfg, lambda params: adam(params, cfg.lr))
+        self.optimizer, self.generator = self.learner.optimizer, self.learner.generator
 
     @staticmethod
     def build_policy(cfg: OnPolicyConfig, obs_space: gym.Space, act_space: gym.Space) -> ActorCritic:
@@ -98,20 +104,16 @@ class PPO:
         if one_batch and cfg.normalize_advantage:  # the same minibatch every epoch: normalize once
             data.advantages = normalize(data.advantages)
         kl_limit = None if cfg.target_kl is None else 1.5 * cfg.target_kl
+        loss = ActorCriticLoss(clip_low, clip_high, cfg.dual_clip, cfg.clip_value, cfg.vf_coef, cfg.ent_coef)
         history: dict[str, list[Tensor]] = defaultdict(list)
         last_epoch = cfg.epochs - 1  # losses, KL and clip fraction are reported for the last epoch
         for epoch in range(cfg.epochs):
             order = None if one_batch else torch.randperm(n, generator=self.generator, device=data.obs.device)
             for start in range(0, n, cfg.batch_size):
                 mb = data if order is None else data.select(order[start : start + cfg.batch_size])
-                adv = mb.advantages
                 if cfg.normalize_advantage and not one_batch and len(mb) > 1:
-                    adv = normalize(adv)
-                metrics, stepped = self.step(
-                    mb.obs, mb.actions, mb.logp, adv, mb.returns, mb.values,
-                    clip_low=clip_low, clip_high=clip_high, dual_clip=cfg.dual_clip, clip_value=cfg.clip_value,
-                    vf_coef=cfg.vf_coef, ent_coef=cfg.ent_coef, kl_limit=kl_limit, with_metrics=epoch == last_epoch,
-                )  # fmt: skip
+                    mb.advantages = normalize(mb.advantages)
+                metrics, stepped = self.learner.step(mb, loss, kl_limit=kl_limit, with_metrics=epoch == last_epoch)
                 if not stepped:
                     history["early_stop_epoch"].append(torch.tensor(float(epoch)))
                     return self._metrics(history, data)

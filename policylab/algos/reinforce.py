@@ -16,10 +16,9 @@ import gymnasium as gym
 import torch
 from torch import Tensor
 
-from policylab.algos.onpolicy import OnPolicyConfig, adam, build_actor_critic, make_step, normalize, set_lr
+from policylab.algos.onpolicy import OnPolicyConfig, adam, build_actor_critic, make_learner, set_lr, whole_rollout_step
 from policylab.data import Batch
 from policylab.nets import ActorCritic
-from policylab.optim import ParameterBuffer
 from policylab.objectives import mc_returns
 
 
@@ -39,10 +38,8 @@ class Reinforce:
     def __init__(self, cfg: ReinforceConfig, obs_space: gym.Space, act_space: gym.Space) -> None:
         self.cfg = cfg
         self.net = self.build_policy(cfg, obs_space, act_space).to(cfg.device)
-        self.params = ParameterBuffer(self.net.parameters())
-        self.optimizer = adam([self.params.flat], cfg.lr)
-        self.generator = torch.Generator(device=cfg.device).manual_seed(cfg.seed)
-        self.step = make_step(self.net, self.params, self.optimizer, cfg)
+        self.learner = make_learner(self.net, cfg, lambda params: adam(params, cfg.lr))
+        self.optimizer, self.generator = self.learner.optimizer, self.learner.generator
 
     @staticmethod
     def build_policy(cfg: OnPolicyConfig, obs_space: gym.Space, act_space: gym.Space) -> ActorCritic:
@@ -55,10 +52,4 @@ class Reinforce:
             rollout.rewards, rollout.values, rollout.next_values,
             rollout.terminated, rollout.episode_end, cfg.gamma,
         )  # fmt: skip
-        data = Batch(obs=rollout.obs, actions=rollout.actions, advantages=advantages, returns=returns).flatten()
-        adv = normalize(data.advantages) if cfg.normalize_advantage else data.advantages
-        metrics, _ = self.step(
-            data.obs, data.actions, None, adv, data.returns, None,
-            clip_low=None, vf_coef=cfg.vf_coef, ent_coef=cfg.ent_coef,
-        )  # fmt: skip
-        return metrics
+        return whole_rollout_step(self.learner, rollout, advantages, returns, cfg)
