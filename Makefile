@@ -1,9 +1,11 @@
-# One command each: `make demo`, `make test`, `make bench`. Each creates or refreshes .venv.
+# One command each: `make demo`, `make test`, `make bench`. Each creates .venv if needed and
+# reinstalls only when pyproject.toml changes, so running them again is quick.
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
+BENCH_STAMP := $(VENV)/.installed-bench
 
 .PHONY: demo test bench install clean
 
@@ -14,8 +16,13 @@ $(PY):
 $(STAMP): $(PY) pyproject.toml
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q torch==2.13.0
-	$(PIP) install -q -e '.[dev,bench]'
+	$(PIP) install -q -e '.[dev]'
 	touch $(STAMP)
+
+# Peers (stable-baselines3) are installed for benchmarks only.
+$(BENCH_STAMP): $(STAMP)
+	$(PIP) install -q -e '.[dev,bench]'
+	touch $(BENCH_STAMP)
 
 install: $(STAMP)
 
@@ -25,7 +32,7 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q
 
-bench: $(STAMP)
+bench: $(BENCH_STAMP)
 	$(PY) benchmarks/ppo_cartpole.py --seeds 3
 
 clean:
