@@ -44,14 +44,17 @@ class RolloutBuffer:
             names = ("obs", "actions", "logp", "values", "rewards", "terminated", "episode_end", "bootstrap")
             self._np = {k: getattr(self, k).numpy() for k in names}
 
-    def add_policy_step(self, t: int, obs: np.ndarray, actions: Tensor, logp: Tensor, values: Tensor) -> None:
+    def add_policy_step(
+        self, t: int, obs: np.ndarray, actions: Tensor | np.ndarray, logp: Tensor | np.ndarray, values: Tensor | np.ndarray
+    ) -> None:
         if self._numpy:
             np_ = self._np
             np_["obs"][t] = obs
-            np_["actions"][t] = actions.numpy()
-            np_["logp"][t] = logp.numpy()
-            np_["values"][t] = values.numpy()
+            np_["actions"][t] = actions if isinstance(actions, np.ndarray) else actions.numpy()
+            np_["logp"][t] = logp if isinstance(logp, np.ndarray) else logp.numpy()
+            np_["values"][t] = values if isinstance(values, np.ndarray) else values.numpy()
             return
+        assert isinstance(actions, Tensor) and isinstance(logp, Tensor) and isinstance(values, Tensor)
         self.obs[t] = torch.from_numpy(obs)
         self.actions[t] = actions
         self.logp[t] = logp

@@ -62,6 +62,19 @@ class ActorCritic(nn.Module):
         actions, logp = self.head.sample(out, self.log_std, generator, noise)
         return actions, logp, values
 
+    @property
+    def numpy_acting(self) -> bool:
+        """Whether `act_numpy` applies: tanh/relu networks on the CPU."""
+        return self.body.analytic_backward and self.body.weights[0].device.type == "cpu"
+
+    def act_numpy(self, obs: np.ndarray, noise: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """`act` in numpy with pre-drawn noise (rollouts on CPU); returns (actions, log-probs, values)."""
+        y = self.body.numpy_forward(obs.reshape(obs.shape[0], self.obs_dim))
+        values = y[0, :, self.n_outputs] if self.shared else y[1, :, 0]
+        log_std = None if self.log_std is None else self.log_std.detach().numpy()
+        actions, logp = self.head.sample_numpy(y[0, :, : self.n_outputs], log_std, noise)
+        return actions, logp, values
+
     def evaluate(self, obs: Tensor, actions: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """(log-probs of `actions`, entropies, values) under the current parameters."""
         out, values = self(obs)

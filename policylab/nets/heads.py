@@ -84,6 +84,18 @@ class CategoricalHead:
     def to_env(self, actions: Tensor) -> Tensor:
         return actions
 
+    def sample_numpy(
+        self, logits: np.ndarray, _log_std: np.ndarray | None, noise: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """`sample` in numpy (acting on CPU): Gumbel-max with pre-drawn noise; returns (actions, log-probs)."""
+        actions = (logits + noise).argmax(-1)
+        shifted = logits - logits.max(-1, keepdims=True)
+        logp_all = shifted - np.log(np.exp(shifted).sum(-1, keepdims=True))
+        return actions, np.take_along_axis(logp_all, actions[:, None], -1)[:, 0]
+
+    def to_env_numpy(self, actions: np.ndarray) -> np.ndarray:
+        return actions
+
 
 class GaussianHead:
     """Box actions: diagonal Gaussian with a state-independent log-std, optionally tanh-squashed.
@@ -110,6 +122,7 @@ class GaussianHead:
                 "set squash_actions=false, or give the env finite bounds",
             )
         self.low, self.high = low, high
+        self._np_bounds = (low.numpy(), high.numpy())
 
     def _log_prob(self, mean: Tensor, log_std: Tensor, u: Tensor) -> Tensor:
         z = (u - mean) * torch.exp(-log_std)
@@ -159,6 +172,21 @@ class GaussianHead:
 
     def mode(self, mean: Tensor) -> Tensor:
         return mean
+
+    def sample_numpy(self, mean: np.ndarray, log_std: np.ndarray | None, noise: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """`sample` in numpy (acting on CPU) with pre-drawn standard normal noise; returns (u, log-probs)."""
+        assert log_std is not None
+        u = mean + np.exp(log_std) * noise
+        logp = (-0.5 * noise * noise - log_std - 0.5 * _LOG_2PI).sum(-1)  # z = (u - mean) / std = noise
+        if self.squash:
+            logp -= (2.0 * (_LOG_2 - u - np.logaddexp(0.0, -2.0 * u))).sum(-1)
+        return u, logp
+
+    def to_env_numpy(self, actions: np.ndarray) -> np.ndarray:
+        low, high = self._np_bounds
+        if self.squash:
+            return low + (np.tanh(actions) + 1.0) * 0.5 * (high - low)
+        return np.clip(actions, low, high) if self.bounded else actions
 
     def to_env(self, actions: Tensor) -> Tensor:
         flat = actions.reshape(actions.shape[0], -1)
