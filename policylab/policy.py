@@ -196,9 +196,12 @@ def record_video(policy: Policy, path: str | Path, episodes: int = 1, seed: int 
         raise PolicylabError(f"{policy.env_id!r} rendered no frames", "this env has no rgb_array renderer")
     path = Path(path)
     fps = env.metadata.get("render_fps", 30)
-    extra = {"macro_block_size": 1} if path.suffix.lower() in (".mp4", ".mkv", ".mov", ".avi") else {}
+    if path.suffix.lower() in (".mp4", ".mkv", ".mov", ".avi"):
+        timing: dict[str, float] = {"fps": fps, "macro_block_size": 1}
+    else:
+        timing = {"duration": 1000.0 / fps}  # gif and other image formats take ms per frame
     try:
-        imageio.mimwrite(str(path), frames, fps=fps, **extra)
+        imageio.mimwrite(str(path), frames, **timing)
     except Exception as exc:  # noqa: BLE001
         raise PolicylabError(f"cannot write video {str(path)!r}: {exc}", "pip install 'policylab[video]' (imageio-ffmpeg for mp4) or use a .gif path") from None
     return path
