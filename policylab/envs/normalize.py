@@ -14,14 +14,16 @@ class RunningMeanStd:
         self.count = 1e-4
 
     def update(self, batch: np.ndarray) -> None:
-        batch_mean = batch.mean(axis=0)
-        batch_var = batch.var(axis=0)
         n = batch.shape[0]
+        if n == 1:  # one env: the batch variance is 0 (skipping np.var halves the cost of a step)
+            batch_mean, batch_m2 = batch[0], 0.0
+        else:
+            batch_mean = batch.mean(axis=0)
+            batch_m2 = batch.var(axis=0) * n
         delta = batch_mean - self.mean
         total = self.count + n
         self.mean = self.mean + delta * (n / total)
-        m2 = self.var * self.count + batch_var * n + delta**2 * (self.count * n / total)
-        self.var = m2 / total
+        self.var = (self.var * self.count + batch_m2 + delta * delta * (self.count * n / total)) / total
         self.count = total
 
     def state(self) -> dict[str, np.ndarray]:
