@@ -110,7 +110,11 @@ class OnPolicyLoop:
         self.env: VecEnv = make_vec_env(cfg.env, cfg.num_envs, cfg.vectorization, cfg.env_kwargs)
         self.obs_space = self.env.single_observation_space
         self.act_space = self.env.single_action_space
-        self.algo = spec.algo_cls(cfg, self.obs_space, self.act_space)
+        try:
+            self.algo = spec.algo_cls(cfg, self.obs_space, self.act_space)
+        except BaseException:
+            self.env.close()  # e.g. an action space the algorithm cannot handle: no env processes left behind
+            raise
         self.net = self.algo.net
         shape = tuple(self.obs_space.shape)
         self.obs_norm = ObsNormalizer(shape, cfg.clip_obs) if cfg.normalize_obs else None
@@ -409,7 +413,11 @@ class _Session:
         _check_loop_kind(spec)
         loop = OnPolicyLoop(spec, cfg)
         run_dir = ckpt_dir.parent.parent
-        notes = [f"resuming {run_dir} from step {state['step']:,}", *loop.load_state(tensors, state)]
+        try:
+            notes = [f"resuming {run_dir} from step {state['step']:,}", *loop.load_state(tensors, state)]
+        except BaseException:
+            loop.close()
+            raise
         return cls(spec, cfg, loop, run_dir, notes, state)
 
     @property
