@@ -113,12 +113,13 @@ class PPO:
                 mb = data if order is None else data.select(order[start : start + cfg.batch_size])
                 if cfg.normalize_advantage and not one_batch and len(mb) > 1:
                     mb.advantages = normalize(mb.advantages)
-                metrics, stepped = self.learner.step(mb, loss, kl_limit=kl_limit, with_metrics=epoch == last_epoch)
-                if not stepped:
+                report = epoch == last_epoch
+                metrics, stepped = self.learner.step(mb, loss, kl_limit=kl_limit, with_metrics=report)
+                for key, value in metrics.items() if report or not stepped else ():
+                    history[key].append(value)
+                if not stepped:  # the KL that stopped it is among the metrics
                     history["early_stop_epoch"].append(torch.tensor(float(epoch)))
                     return self._metrics(history, data)
-                for key, value in metrics.items():
-                    history[key].append(value)
         return self._metrics(history, data)
 
     def _metrics(self, history: dict[str, list[Tensor]], data: Batch) -> dict[str, Tensor]:
