@@ -23,6 +23,8 @@ from policylab.errors import CheckpointError, EnvError, PolicylabError
 def space_to_json(space: gym.Space) -> dict[str, Any]:
     if isinstance(space, gym.spaces.Discrete):
         return {"type": "Discrete", "n": int(space.n), "start": int(space.start)}
+    if isinstance(space, gym.spaces.MultiDiscrete):
+        return {"type": "MultiDiscrete", "nvec": space.nvec.tolist(), "start": space.start.tolist()}
     if isinstance(space, gym.spaces.Box):
         return {
             "type": "Box",
@@ -31,12 +33,14 @@ def space_to_json(space: gym.Space) -> dict[str, Any]:
             "high": space.high.astype(np.float64).tolist(),
             "dtype": str(space.dtype),
         }
-    raise EnvError(f"cannot save the space {space}", "use Discrete or Box spaces")
+    raise EnvError(f"cannot save the space {space}", "use Discrete, MultiDiscrete or Box spaces")
 
 
 def space_from_json(data: dict[str, Any]) -> gym.Space:
     if data["type"] == "Discrete":
         return gym.spaces.Discrete(data["n"], start=data.get("start", 0))
+    if data["type"] == "MultiDiscrete":
+        return gym.spaces.MultiDiscrete(np.array(data["nvec"]), start=np.array(data["start"]))
     if data["type"] == "Box":
         dtype = np.dtype(data["dtype"])
         low = np.array(data["low"]).astype(dtype)

@@ -44,3 +44,29 @@ class TupleActionEnv(gym.Env):
 
 def make_nan_env() -> gym.Env:
     return NanRewardEnv()
+
+
+class MultiTargetEnv(gym.Env):
+    """MultiDiscrete([3, 4]) actions: each step shows a one-hot target per dimension; reward is the
+    fraction of dimensions matched. 16 steps per episode: random play earns about 4.7, perfect play 16."""
+
+    nvec = (3, 4)
+    observation_space = gym.spaces.Box(0.0, 1.0, (7,), np.float32)
+    action_space = gym.spaces.MultiDiscrete(list(nvec))
+
+    def _observe(self) -> np.ndarray:
+        self.target = np.array([self.np_random.integers(n) for n in self.nvec])
+        obs = np.zeros(7, np.float32)
+        obs[self.target[0]] = 1.0
+        obs[3 + self.target[1]] = 1.0
+        return obs
+
+    def reset(self, *, seed: int | None = None, options: dict | None = None):
+        super().reset(seed=seed)
+        self.t = 0
+        return self._observe(), {}
+
+    def step(self, action):
+        reward = float(np.mean(np.asarray(action) == self.target))
+        self.t += 1
+        return self._observe(), reward, False, self.t >= 16, {}

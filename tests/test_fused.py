@@ -117,8 +117,12 @@ def test_parameter_buffer_params_are_views_and_autograd_accumulates_into_it():
 
 def _spaces(kind: str) -> tuple[gym.Space, gym.Space]:
     obs = gym.spaces.Box(-1.0, 1.0, (6,), np.float32)
-    act = gym.spaces.Discrete(3) if kind == "discrete" else gym.spaces.Box(-2.0, 2.0, (2,), np.float32)
-    return obs, act
+    actions = {
+        "discrete": gym.spaces.Discrete(3),
+        "multi": gym.spaces.MultiDiscrete([3, 2, 4]),
+        "continuous": gym.spaces.Box(-2.0, 2.0, (2,), np.float32),
+    }
+    return obs, actions[kind]
 
 
 CASES = [
@@ -126,6 +130,8 @@ CASES = [
     ("discrete", "tanh", True, {"clip_low": 0.2, "clip_high": 0.3, "ent_coef": 0.01, "clip_value": 0.2}),
     ("discrete", "relu", False, {"clip_low": 0.2, "dual_clip": 3.0}),
     ("discrete", "tanh", False, {"clip_low": None, "on_policy": True, "ent_coef": 0.01}),
+    ("multi", "tanh", False, {"clip_low": 0.2, "ent_coef": 0.01}),
+    ("multi", "relu", True, {"clip_low": 0.2, "clip_value": 0.2}),
     ("continuous", "tanh", False, {"clip_low": 0.2, "ent_coef": 0.01}),
     ("continuous", "relu", True, {"clip_low": 0.2, "clip_value": 0.5}),
     ("continuous", "tanh", False, {"clip_low": None, "on_policy": True}),

@@ -22,6 +22,7 @@ OBS = gym.spaces.Box(-1.0, 1.0, (5,), np.float32)
         (gym.spaces.Discrete(4), "relu", True, False),
         (gym.spaces.Box(-2.0, 2.0, (2,), np.float32), "tanh", False, False),
         (gym.spaces.Box(-1.0, 3.0, (3,), np.float32), "tanh", True, True),
+        (gym.spaces.MultiDiscrete([3, 2, 5], start=[0, 1, -2]), "tanh", False, False),
     ],
 )
 def test_numpy_acting_equals_torch_acting(act_space, activation, shared, squash):
@@ -79,3 +80,19 @@ def test_orthogonal_init_gains():
     actor_out, critic_out = net.body.weight(2)[0].detach(), net.body.weight(2)[1].detach()
     assert float(actor_out.norm(dim=0).max()) == pytest.approx(0.01, rel=1e-3)  # policy head gain 0.01
     assert float(critic_out[:, 0].norm()) == pytest.approx(1.0, rel=1e-3)  # value head gain 1
+
+
+def test_multi_categorical_log_prob_entropy_and_masking_by_hand():
+    space = gym.spaces.MultiDiscrete([2, 3], start=[0, 10])
+    net = ActorCritic(OBS, space, (8,))
+    head = net.head
+    assert head.n_outputs == 6  # a [2 dims, 3 choices] grid; the third entry of dimension 0 is masked
+    logits = torch.tensor([[0.0, math.log(3.0), 100.0, 0.0, 0.0, 0.0]])
+    logp, entropy = head.log_prob_entropy(logits, None, torch.tensor([[1, 2]]))
+    # dim 0: p = (1/4, 3/4) (the masked logit 100 is ignored); dim 1: uniform over 3
+    assert logp.item() == pytest.approx(math.log(0.75) + math.log(1 / 3), rel=1e-6)
+    h0 = -(0.25 * math.log(0.25) + 0.75 * math.log(0.75))
+    assert entropy.item() == pytest.approx(h0 + math.log(3.0), rel=1e-6)
+    actions, _ = head.sample(logits.repeat(500, 1), None, torch.Generator().manual_seed(0))
+    assert int(actions[:, 0].max()) <= 1 and 0.7 < float((actions[:, 0] == 1).float().mean()) < 0.8
+    assert head.to_env(torch.tensor([[1, 2]])).tolist() == [[1, 12]]

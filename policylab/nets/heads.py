@@ -18,6 +18,7 @@ from policylab.errors import EnvError
 
 _LOG_2PI = math.log(2 * math.pi)
 _LOG_2 = math.log(2.0)
+_MASKED = -1e9  # logit bias of the unused entries of a MultiDiscrete grid (probability 0, no NaN in p log p)
 
 
 class CategoricalHead:
@@ -95,6 +96,97 @@ class CategoricalHead:
 
     def to_env_numpy(self, actions: np.ndarray) -> np.ndarray:
         return actions
+
+
+class MultiCategoricalHead:
+    """MultiDiscrete(nvec) actions: one independent categorical per dimension.
+
+    The network outputs k * m logits (k dimensions, m = max(nvec)), viewed as a
+    [k, m] grid; the entries past a dimension's size get a bias of -1e9, so each
+    row is a softmax over its own choices. Log-probs and entropies are sums over
+    the dimensions, and the gradient of the constant bias is zero, so the fused
+    update path works unchanged.
+    """
+
+    continuous = False
+
+    def __init__(self, space: gym.spaces.MultiDiscrete) -> None:
+        nvec = np.asarray(space.nvec)
+        if nvec.ndim != 1:
+            raise EnvError(f"MultiDiscrete actions of shape {nvec.shape} are not supported", "flatten nvec to 1-D")
+        self.k, self.m = len(nvec), int(nvec.max())
+        self.n_outputs = self.k * self.m
+        self.action_shape: tuple[int, ...] = (self.k,)
+        self.action_dtype = torch.long
+        pad = torch.zeros(self.k, self.m)
+        for i, n in enumerate(nvec):
+            pad[i, int(n) :] = _MASKED
+        self.pad = pad
+        self.start = torch.as_tensor(np.asarray(space.start).reshape(-1), dtype=torch.long)
+        self._np_pad, self._np_start = pad.numpy(), self.start.numpy()
+
+    def _grid(self, out: Tensor) -> Tensor:
+        return out.reshape(out.shape[0], self.k, self.m) + self.pad.to(out.device)
+
+    def noise(self, shape: tuple[int, ...], generator: torch.Generator | None, device: torch.device | str = "cpu") -> Tensor:
+        u = torch.rand((*shape, self.k, self.m), generator=generator, device=device)
+        return u.log_().neg_().log_().neg_()
+
+    def sample(
+        self, logits: Tensor, _log_std: Tensor | None, generator: torch.Generator | None, noise: Tensor | None = None
+    ) -> tuple[Tensor, Tensor]:
+        grid = self._grid(logits)
+        if noise is None:
+            noise = self.noise(logits.shape[:-1], generator, logits.device)
+        actions = (grid + noise).argmax(-1, keepdim=True)
+        logp = torch.log_softmax(grid, dim=-1).gather(-1, actions).squeeze(-1).sum(-1)
+        return actions.squeeze(-1), logp
+
+    def log_prob_entropy(self, logits: Tensor, _log_std: Tensor | None, actions: Tensor) -> tuple[Tensor, Tensor]:
+        logp_all = torch.log_softmax(self._grid(logits), dim=-1)
+        logp = logp_all.gather(-1, actions.long().unsqueeze(-1)).squeeze(-1).sum(-1)
+        return logp, -(logp_all.exp() * logp_all).sum((-1, -2))
+
+    def log_prob_entropy_cached(
+        self, logits: Tensor, _log_std: Tensor | None, actions: Tensor, need_entropy: bool = True
+    ) -> tuple[Tensor, Tensor | None, tuple[Tensor | None, ...]]:
+        with torch.no_grad():
+            logp_all = torch.log_softmax(self._grid(logits), dim=-1)
+            index = actions.long().unsqueeze(-1)
+            probs = logp_all.exp()
+            per_dim = (probs * logp_all).sum(-1).neg_() if need_entropy else None
+            logp = logp_all.gather(-1, index).squeeze(-1).sum(-1)
+            return logp, None if per_dim is None else per_dim.sum(-1), (logp_all, probs, index, per_dim)
+
+    def grad(self, cache: tuple[Tensor | None, ...], g_logp: Tensor, g_entropy: float) -> tuple[Tensor, Tensor | None]:
+        """Per dimension, as CategoricalHead.grad: d logp/d logits = onehot - p; dH/d logits = -p (log p + H_dim)."""
+        logp_all, probs, index, per_dim = cache
+        assert logp_all is not None and probs is not None and index is not None
+        g = g_logp.view(-1, 1, 1)
+        g_grid = probs * g
+        g_grid.neg_().scatter_add_(-1, index, g.expand(-1, self.k, 1).contiguous())
+        if g_entropy != 0.0:
+            assert per_dim is not None, "entropy gradient needs log_prob_entropy_cached(need_entropy=True)"
+            g_grid.sub_(probs * (logp_all + per_dim.unsqueeze(-1)), alpha=g_entropy)
+        return g_grid.reshape(g_grid.shape[0], self.n_outputs), None
+
+    def mode(self, logits: Tensor) -> Tensor:
+        return self._grid(logits).argmax(-1)
+
+    def to_env(self, actions: Tensor) -> Tensor:
+        return actions + self.start.to(actions.device)
+
+    def sample_numpy(
+        self, logits: np.ndarray, _log_std: np.ndarray | None, noise: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray]:
+        grid = logits.reshape(logits.shape[0], self.k, self.m) + self._np_pad
+        actions = (grid + noise).argmax(-1)
+        shifted = grid - grid.max(-1, keepdims=True)
+        logp_all = shifted - np.log(np.exp(shifted).sum(-1, keepdims=True))
+        return actions, np.take_along_axis(logp_all, actions[..., None], -1)[..., 0].sum(-1)
+
+    def to_env_numpy(self, actions: np.ndarray) -> np.ndarray:
+        return actions + self._np_start
 
 
 class GaussianHead:
@@ -198,14 +290,19 @@ class GaussianHead:
         return flat.reshape(actions.shape[0], *self.action_shape)
 
 
-def make_head(space: gym.Space, squash: bool = False, algo: str = "this algorithm") -> CategoricalHead | GaussianHead:
+Head = CategoricalHead | MultiCategoricalHead | GaussianHead
+
+
+def make_head(space: gym.Space, squash: bool = False, algo: str = "this algorithm") -> Head:
     if isinstance(space, gym.spaces.Discrete):
         if space.start != 0:
             raise EnvError(f"Discrete action space with start={space.start} is not supported", "use start=0")
         return CategoricalHead(int(space.n))
+    if isinstance(space, gym.spaces.MultiDiscrete):
+        return MultiCategoricalHead(space)
     if isinstance(space, gym.spaces.Box):
         return GaussianHead(space, squash)
     raise EnvError(
         f"{algo} cannot handle the action space {space}",
-        "use an env with Discrete or Box actions (wrap MultiDiscrete/Tuple/Dict spaces into one of those)",
+        "use an env with Discrete, MultiDiscrete or Box actions (flatten Tuple/Dict action spaces into one of those)",
     )
