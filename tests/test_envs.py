@@ -11,6 +11,7 @@ from gymnasium.envs.classic_control.cartpole import CartPoleVectorEnv
 
 from policylab.envs import EpisodeTracker, ObsNormalizer, RewardScaler, RunningMeanStd, VecEnv, make_vec_env
 from policylab.envs.cartpole import SameStepCartPoleVectorEnv
+from policylab.envs.sync import SyncEnvs
 from policylab.errors import EnvError
 
 # --- envs reached through the 'module:attr' form ------------------------------------------------
@@ -144,7 +145,7 @@ def test_cartpole_max_episode_steps_direct():
 
 def test_pendulum_truncates_at_200_steps():
     env = make_vec_env("Pendulum-v1", 2)
-    assert isinstance(env.env, gym.vector.SyncVectorEnv)
+    assert isinstance(env.env, SyncEnvs)
     env.reset(seed=0)
     actions = np.zeros((2, 1), np.float32)
     for _ in range(199):
@@ -180,8 +181,8 @@ def test_module_attr_env_with_time_limit_in_sync_path():
     "env_id, warmup, kind",
     [
         ("CartPole-v1", 10, SameStepCartPoleVectorEnv),
-        ("Pendulum-v1", 195, gym.vector.SyncVectorEnv),  # the snapshot's continuation crosses the time limit
-        ("InvertedPendulum-v5", 10, gym.vector.SyncVectorEnv),
+        ("Pendulum-v1", 195, SyncEnvs),  # the snapshot's continuation crosses the time limit
+        ("InvertedPendulum-v5", 10, SyncEnvs),
     ],
 )
 def test_get_set_state_reproduces_next_observations(env_id, warmup, kind):
@@ -353,3 +354,27 @@ def test_episode_tracker_window():
         tracker.update(np.array([reward]), np.array([True]))
     assert list(tracker.recent_returns) == [2.0, 3.0]
     assert tracker.episodes == 3
+
+
+def test_sync_envs_match_gymnasium_sync_vector_env_same_step():
+    """SyncEnvs is Gymnasium's SyncVectorEnv(SAME_STEP) minus the info merging: same seeds, same transitions."""
+    from gymnasium.vector import AutoresetMode
+
+    ours = make_vec_env("InvertedPendulum-v5", 3)
+    ref = gym.vector.SyncVectorEnv([lambda: gym.make("InvertedPendulum-v5")] * 3, autoreset_mode=AutoresetMode.SAME_STEP)
+    np.testing.assert_array_equal(ours.reset(seed=5), ref.reset(seed=5)[0].astype(np.float32))
+    rng = np.random.default_rng(0)
+    ends = 0
+    for _ in range(300):
+        actions = rng.uniform(-3, 3, (3, 1)).astype(np.float32)
+        res = ours.step(actions)
+        obs, reward, terminated, truncated, info = ref.step(actions)
+        np.testing.assert_array_equal(res.obs, obs.astype(np.float32))
+        np.testing.assert_array_equal(res.reward, reward.astype(np.float32))
+        np.testing.assert_array_equal(res.terminated, terminated)
+        np.testing.assert_array_equal(res.truncated, truncated)
+        if res.final_obs is not None:
+            ends += int(res.episode_end.sum())
+            mask = info["_final_obs"]
+            np.testing.assert_array_equal(res.final_obs[mask], np.stack(info["final_obs"][mask]).astype(np.float32))
+    assert ends > 3, "the comparison crossed several episode ends"

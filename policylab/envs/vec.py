@@ -17,6 +17,7 @@ import numpy as np
 from gymnasium.vector import AutoresetMode
 
 from policylab.envs.cartpole import SameStepCartPoleVectorEnv
+from policylab.envs.sync import SyncEnvs
 from policylab.errors import EnvError, suggest
 
 _NUMPY_VECTOR_ENVS: dict[str, type] = {
@@ -42,7 +43,7 @@ class StepResult:
 class VecEnv:
     """A Gymnasium vector env with same-step autoreset, float32 observations and state snapshots."""
 
-    def __init__(self, env: gym.vector.VectorEnv, env_id: str, snapshot_able: bool) -> None:
+    def __init__(self, env: gym.vector.VectorEnv | SyncEnvs, env_id: str, snapshot_able: bool) -> None:
         self.env = env
         self.env_id = env_id
         self.num_envs = env.num_envs
@@ -175,8 +176,7 @@ def make_vec_env(
     if vectorization == "async":
         env = gym.vector.AsyncVectorEnv([make_one] * num_envs, autoreset_mode=AutoresetMode.SAME_STEP)
         return VecEnv(env, env_id, snapshot_able=False)
-    env = gym.vector.SyncVectorEnv([make_one] * num_envs, autoreset_mode=AutoresetMode.SAME_STEP)
-    return VecEnv(env, env_id, snapshot_able=True)
+    return VecEnv(SyncEnvs(make_one, num_envs), env_id, snapshot_able=True)  # type: ignore[arg-type]
 
 
 def check_spaces_are_vectorizable(env: gym.Env, env_id: str) -> None:
