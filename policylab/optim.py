@@ -74,15 +74,16 @@ class Adam:
         if len(self.state) < len(self.params):
             self._init_state()
         states = [self.state[p] for p in params]
-        grads = [p.grad for p in params]
+        grads: list[Tensor] = [p.grad for p in params]  # type: ignore[misc]
         exp_avgs = [s["exp_avg"] for s in states]
         exp_avg_sqs = [s["exp_avg_sq"] for s in states]
         steps = [s["step"] for s in states]
         beta1, beta2 = group["betas"]
         torch._foreach_add_(steps, 1)
         if self._fused and all(p.dtype == torch.float32 for p in params):
-            torch._fused_adam_(
-                params, grads, exp_avgs, exp_avg_sqs, [], steps, amsgrad=False, lr=group["lr"], beta1=beta1,
+            torch._fused_adam_(  # type: ignore[call-overload]
+                params,  # type: ignore[arg-type]
+                grads, exp_avgs, exp_avg_sqs, [], steps, amsgrad=False, lr=group["lr"], beta1=beta1,
                 beta2=beta2, weight_decay=group["weight_decay"], eps=group["eps"], maximize=False,
                 grad_scale=None, found_inf=None,
             )  # fmt: skip
@@ -96,7 +97,7 @@ class Adam:
     ) -> None:  # fmt: skip
         beta1, beta2 = group["betas"]
         if group["weight_decay"]:
-            grads = torch._foreach_add(grads, params, alpha=group["weight_decay"])
+            grads = list(torch._foreach_add(grads, params, alpha=group["weight_decay"]))
         torch._foreach_lerp_(exp_avgs, grads, 1 - beta1)
         torch._foreach_mul_(exp_avg_sqs, beta2)
         torch._foreach_addcmul_(exp_avg_sqs, grads, grads, 1 - beta2)

@@ -18,6 +18,7 @@ import torch
 from policylab.checkpoint import load_checkpoint, load_module_state, unprefixed
 from policylab.envs import ObsNormalizer, make_single_env, make_vec_env
 from policylab.errors import CheckpointError, EnvError, PolicylabError
+from policylab.nets import ActorCritic
 
 
 def space_to_json(space: gym.Space) -> dict[str, Any]:
@@ -54,7 +55,7 @@ class Policy:
 
     def __init__(
         self,
-        net: torch.nn.Module,
+        net: ActorCritic,
         observation_space: gym.spaces.Box,
         action_space: gym.Space,
         obs_normalizer: ObsNormalizer | None = None,
@@ -107,7 +108,7 @@ def load(path: str | Path, device: str = "cpu") -> Policy:
     tensors, state, ckpt_dir = load_checkpoint(path)
     spec = get_algo(state["algo"])
     cfg = spec.config_cls(**{**state["config"], "device": device})
-    obs_space = space_from_json(state["spaces"]["observation"])
+    obs_space: Any = space_from_json(state["spaces"]["observation"])
     act_space = space_from_json(state["spaces"]["action"])
     net = spec.algo_cls.build_policy(cfg, obs_space, act_space).to(device)
     load_module_state(net, unprefixed("policy", tensors), ckpt_dir)
@@ -205,7 +206,7 @@ def record_video(policy: Policy, path: str | Path, episodes: int = 1, seed: int 
     else:
         timing = {"duration": 1000.0 / fps}  # gif and other image formats take ms per frame
     try:
-        imageio.mimwrite(str(path), frames, **timing)
+        imageio.mimwrite(str(path), frames, **timing)  # type: ignore[call-overload]
     except Exception as exc:  # noqa: BLE001
         raise PolicylabError(f"cannot write video {str(path)!r}: {exc}", "pip install 'policylab[video]' (imageio-ffmpeg for mp4) or use a .gif path") from None
     return path

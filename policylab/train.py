@@ -108,7 +108,7 @@ class OnPolicyLoop:
         self.cfg = cfg
         self.spec = spec
         self.env: VecEnv = make_vec_env(cfg.env, cfg.num_envs, cfg.vectorization, cfg.env_kwargs)
-        self.obs_space = self.env.single_observation_space
+        self.obs_space: Any = self.env.single_observation_space
         self.act_space = self.env.single_action_space
         try:
             self.algo = spec.algo_cls(cfg, self.obs_space, self.act_space)
@@ -116,7 +116,7 @@ class OnPolicyLoop:
             self.env.close()  # e.g. an action space the algorithm cannot handle: no env processes left behind
             raise
         self.net = self.algo.net
-        shape = tuple(self.obs_space.shape)
+        shape: tuple[int, ...] = tuple(self.obs_space.shape or ())
         self.obs_norm = ObsNormalizer(shape, cfg.clip_obs) if cfg.normalize_obs else None
         self.reward_scaler = RewardScaler(cfg.num_envs, cfg.gamma, cfg.clip_reward) if cfg.normalize_reward else None
         self.tracker = EpisodeTracker(cfg.num_envs)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from policylab.algos.a2c import A2C, A2CConfig
 from policylab.algos.ppo import PPO, PPOConfig
@@ -13,8 +14,9 @@ from policylab.errors import ConfigError, suggest
 @dataclass(frozen=True)
 class AlgoSpec:
     name: str
-    config_cls: type
-    algo_cls: type
+    config_cls: Any
+    algo_cls: Any
+    """A class with build_policy(cfg, obs_space, act_space), update(rollout, progress), net, optimizer, generator."""
     kind: str
     """on-policy: the loop collects rollouts with the current policy and hands them to update()."""
     regimes: tuple[str, ...]

@@ -82,7 +82,7 @@ class FusedActorCriticStep:
             g_out[1, :, 0] = g_values
         net.body.backward(cache, g_out)
         if g_log_std is not None:
-            net.log_std.grad.copy_(g_log_std)  # a view of the flat gradient buffer: write, do not rebind
+            net.log_std.grad.copy_(g_log_std)  # type: ignore[union-attr]  # a view of the flat gradient buffer
         grad_norm = self.params.clip_grad_norm_(self.max_grad_norm) if self.max_grad_norm is not None else None
         self.optimizer.step()
         if with_metrics:

@@ -20,6 +20,7 @@ from torch import Tensor
 
 class Batch:
     __slots__ = ("_data",)
+    _data: dict[str, Tensor]
 
     def __init__(self, **tensors: Tensor) -> None:
         object.__setattr__(self, "_data", dict(tensors))

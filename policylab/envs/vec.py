@@ -80,7 +80,7 @@ class VecEnv:
             return None
         if isinstance(self.env, SameStepCartPoleVectorEnv):
             return self.env.get_state()
-        subs = [_snapshot_env(e) for e in self.env.envs]  # type: ignore[attr-defined]
+        subs = [_snapshot_env(e) for e in self.env.envs]  # type: ignore[union-attr]
         if any(s is None for s in subs):
             return None
         return {"envs": subs}
@@ -89,7 +89,7 @@ class VecEnv:
         if isinstance(self.env, SameStepCartPoleVectorEnv):
             self.env.set_state(snapshot)
             return
-        for env, sub in zip(self.env.envs, snapshot["envs"]):  # type: ignore[attr-defined]
+        for env, sub in zip(self.env.envs, snapshot["envs"]):  # type: ignore[union-attr]
             _restore_env(env, sub)
 
     def close(self) -> None:
@@ -203,7 +203,7 @@ _MUJOCO_FIELDS = ("qpos", "qvel", "act", "qacc_warmstart", "ctrl")
 
 
 def _snapshot_env(env: gym.Env) -> dict[str, Any] | None:
-    base = env.unwrapped
+    base: Any = env.unwrapped
     arrays: dict[str, np.ndarray] = {}
     data = getattr(base, "data", None)
     if data is not None and hasattr(data, "qpos"):
@@ -222,7 +222,7 @@ def _snapshot_env(env: gym.Env) -> dict[str, Any] | None:
 
 
 def _restore_env(env: gym.Env, snapshot: dict[str, Any]) -> None:
-    base = env.unwrapped
+    base: Any = env.unwrapped
     arrays = snapshot["arrays"]
     if "mj_qpos" in arrays:
         import mujoco

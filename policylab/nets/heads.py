@@ -64,13 +64,14 @@ class CategoricalHead:
             return logp_all.gather(-1, index).squeeze(-1), entropy, (logp_all, probs, index, entropy)
 
     def grad(
-        self, cache: tuple[Tensor, ...], g_logp: Tensor, g_entropy: float
+        self, cache: tuple[Tensor | None, ...], g_logp: Tensor, g_entropy: float
     ) -> tuple[Tensor, Tensor | None]:
         """d(loss)/d(logits) from d(loss)/d(logp) per sample and the loss's weight on each entropy.
 
         d logp / d logits = onehot(a) - p;  d H / d logits = -p (log p + H).
         """
         logp_all, probs, index, entropy = cache
+        assert logp_all is not None and probs is not None and index is not None
         g = g_logp.unsqueeze(-1)
         g_logits = probs * g
         g_logits.neg_().scatter_add_(-1, index, g)
@@ -254,9 +255,10 @@ class GaussianHead:
             entropy = (log_std + 0.5 * (1.0 + _LOG_2PI)).sum(-1).expand(mean.shape[0])
             return logp, entropy, (z, inv_std)
 
-    def grad(self, cache: tuple[Tensor, ...], g_logp: Tensor, g_entropy: float) -> tuple[Tensor, Tensor | None]:
+    def grad(self, cache: tuple[Tensor | None, ...], g_logp: Tensor, g_entropy: float) -> tuple[Tensor, Tensor | None]:
         """(d loss/d mean, d loss/d log_std). d logp/d mean = z / std; d logp/d log_std = z^2 - 1; dH/d log_std = 1."""
         z, inv_std = cache
+        assert z is not None and inv_std is not None
         g = g_logp.unsqueeze(-1)
         g_mean = g * z * inv_std
         g_log_std = (g * (z * z - 1.0)).sum(0) + g_entropy * z.shape[0]

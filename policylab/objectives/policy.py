@@ -92,6 +92,7 @@ def pg_surrogate_grad(
         ratio = torch.exp(log_ratio)
         unclipped = ratio * advantages
         unclipped.neg_()
+        loss: Tensor | None
         if clip_low is None:
             loss, grad = unclipped, unclipped
             clipped_mask = None
