@@ -7,7 +7,7 @@ PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
 BENCH_STAMP := $(VENV)/.installed-bench
 
-.PHONY: demo test bench install clean
+.PHONY: demo test bench typecheck install clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -31,6 +31,9 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q
+
+typecheck: $(STAMP)
+	$(VENV)/bin/mypy policylab
 
 bench: $(BENCH_STAMP)
 	$(PY) benchmarks/ppo_cartpole.py --seeds 3
