@@ -7,7 +7,7 @@ PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
 BENCH_STAMP := $(VENV)/.installed-bench
 
-.PHONY: demo test bench typecheck install clean
+.PHONY: demo test bench lint install clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -32,7 +32,9 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q
 
-typecheck: $(STAMP)
+lint: $(STAMP)
+	$(VENV)/bin/ruff check policylab tests benchmarks
+	$(VENV)/bin/ruff format --check policylab tests benchmarks
 	$(VENV)/bin/mypy policylab
 
 bench: $(BENCH_STAMP)

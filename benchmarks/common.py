@@ -55,8 +55,14 @@ def cpu_model() -> str:
 def machine_info() -> dict[str, Any]:
     usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     load = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
-    return {"cpu_model": cpu_model(), "logical_cores": os.cpu_count(), "usable_cores": usable,
-            "load_average": load, "platform": platform.platform(), "python": platform.python_version()}  # fmt: skip
+    return {
+        "cpu_model": cpu_model(),
+        "logical_cores": os.cpu_count(),
+        "usable_cores": usable,
+        "load_average": load,
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+    }
 
 
 def package_versions(names: Sequence[str]) -> dict[str, str | None]:
@@ -74,8 +80,10 @@ def package_versions(names: Sequence[str]) -> dict[str, str | None]:
 def git_state() -> dict[str, Any]:
     """The commit of the checkout and whether it has uncommitted changes (None outside git)."""
     try:
-        head, status = (subprocess.run(["git", *args], cwd=REPO_ROOT, capture_output=True, text=True, timeout=10)
-                        for args in (["rev-parse", "HEAD"], ["status", "--porcelain"]))  # fmt: skip
+        head, status = (
+            subprocess.run(["git", *args], cwd=REPO_ROOT, capture_output=True, text=True, timeout=10)
+            for args in (["rev-parse", "HEAD"], ["status", "--porcelain"])
+        )
     except (OSError, subprocess.SubprocessError):
         return {"commit": None, "dirty": None}
     if head.returncode or status.returncode:
@@ -87,8 +95,14 @@ def provenance(packages: Sequence[str]) -> dict[str, Any]:
     """Date, exact command, machine, git state and package versions: the header of every results file."""
     now = _dt.datetime.now().astimezone()
     command = shlex.join([sys.executable, *sys.argv])  # the exact command, as it was run
-    return {"date": now.date().isoformat(), "datetime": now.isoformat(timespec="seconds"), "command": command,
-            "machine": machine_info(), "git": git_state(), "versions": package_versions(packages)}  # fmt: skip
+    return {
+        "date": now.date().isoformat(),
+        "datetime": now.isoformat(timespec="seconds"),
+        "command": command,
+        "machine": machine_info(),
+        "git": git_state(),
+        "versions": package_versions(packages),
+    }
 
 
 # --- running one measured subprocess -------------------------------------------------------------
@@ -121,9 +135,12 @@ def run_worker(script: str | Path, args: Sequence[str], out: Path, timeout: floa
 
 
 def run_alternating(
-    script: str | Path, workers: Sequence[str], seeds: Sequence[int], args: Sequence[str],
+    script: str | Path,
+    workers: Sequence[str],
+    seeds: Sequence[int],
+    args: Sequence[str],
     on_record: Callable[[dict[str, Any]], None] | None = None,
-) -> list[dict[str, Any]]:  # fmt: skip
+) -> list[dict[str, Any]]:
     """For each seed, each worker in turn (so drift hits every side), each in a fresh subprocess:
     `script --worker W --seed S *args --out F`. Stops at the first failure, showing its output."""
     runs: list[dict[str, Any]] = []
@@ -164,12 +181,17 @@ class ThresholdTracker:
         """`t_setup`: just before the model/env were built; `t_returned`: when train()/learn() returned."""
         train, hit = self.train_end - self.train_start, self.hit_time
         return {
-            "time_to_threshold_s": None if hit is None else hit - self.t0, "steps_to_threshold": self.hit_step,
+            "time_to_threshold_s": None if hit is None else hit - self.t0,
+            "steps_to_threshold": self.hit_step,
             "time_to_threshold_train_s": None if hit is None else hit - self.train_start,
-            "setup_s": self.train_start - t_setup, "train_start_s": self.train_start - self.t0, "train_wall_s": train,
-            "post_train_s": t_returned - self.train_end, "steps": self.steps, "train_steps_per_s": self.steps / train,
+            "setup_s": self.train_start - t_setup,
+            "train_start_s": self.train_start - self.t0,
+            "train_wall_s": train,
+            "post_train_s": t_returned - self.train_end,
+            "steps": self.steps,
+            "train_steps_per_s": self.steps / train,
             "final_train_return": self.last_mean,
-        }  # fmt: skip
+        }
 
 
 # --- summaries -----------------------------------------------------------------------------------
@@ -178,8 +200,13 @@ class ThresholdTracker:
 def summarize(values: Sequence[float | None]) -> dict[str, Any]:
     """Median and min-max over the values present; None values are counted as missing."""
     v = [float(x) for x in values if x is not None]
-    return {"n": len(v), "missing": len(values) - len(v), "median": statistics.median(v) if v else None,
-            "min": min(v) if v else None, "max": max(v) if v else None}  # fmt: skip
+    return {
+        "n": len(v),
+        "missing": len(values) - len(v),
+        "median": statistics.median(v) if v else None,
+        "min": min(v) if v else None,
+        "max": max(v) if v else None,
+    }
 
 
 def ratio(a: float | None, b: float | None) -> float | None:
@@ -221,21 +248,35 @@ Metric = tuple[str, str, bool]
 
 
 def pair_report(
-    runs: Sequence[dict[str, Any]], seeds: Sequence[int], per_run: dict[str, Metric], extra: dict[str, Metric],
-    a: str, b: str, names: tuple[str, str],
-) -> dict[str, Any]:  # fmt: skip
+    runs: Sequence[dict[str, Any]],
+    seeds: Sequence[int],
+    per_run: dict[str, Metric],
+    extra: dict[str, Metric],
+    a: str,
+    b: str,
+    names: tuple[str, str],
+) -> dict[str, Any]:
     """Print per-seed values of `per_run` with the ratio a/b, then median [min-max] over seeds of
     `per_run` and `extra`; return those summaries (for the JSON)."""
     by = index_runs(runs)
     rows = []
     for s in seeds:
         ra, rb = by[(a, s)], by[(b, s)]
-        rows += [[str(s), label, fmt(ra.get(k), f), fmt(rb.get(k), f), fmt(ratio(ra.get(k), rb.get(k)))]
-                 for k, (label, f, _) in per_run.items()]  # fmt: skip
+        rows += [
+            [str(s), label, fmt(ra.get(k), f), fmt(rb.get(k), f), fmt(ratio(ra.get(k), rb.get(k)))]
+            for k, (label, f, _) in per_run.items()
+        ]
     print_table(["seed", "per run", *names, f"{names[0]}/{names[1]}"], rows)
     summary = {k: paired(by, seeds, k, a, b) for k in {**per_run, **extra}}
-    rows = [[label, fmt_summary(summary[k]["ratio"]) if show_ratio else "", fmt_summary(summary[k][a], f),
-             fmt_summary(summary[k][b], f)] for k, (label, f, show_ratio) in {**per_run, **extra}.items()]  # fmt: skip
+    rows = [
+        [
+            label,
+            fmt_summary(summary[k]["ratio"]) if show_ratio else "",
+            fmt_summary(summary[k][a], f),
+            fmt_summary(summary[k][b], f),
+        ]
+        for k, (label, f, show_ratio) in {**per_run, **extra}.items()
+    ]
     print(f"\nmedian [min-max] over {len(seeds)} seed(s)")
     print_table(["summary", f"{names[0]}/{names[1]}", *names], rows)
     return summary

@@ -33,7 +33,16 @@ from pathlib import Path  # noqa: E402
 from typing import TYPE_CHECKING, Any  # noqa: E402
 
 from common import (  # noqa: E402
-    Metric, ThresholdTracker, fmt, fmt_summary, index_runs, pair_report, provenance, ratio, run_alternating, summarize,
+    Metric,
+    ThresholdTracker,
+    fmt,
+    fmt_summary,
+    index_runs,
+    pair_report,
+    provenance,
+    ratio,
+    run_alternating,
+    summarize,
     write_results,
 )
 
@@ -42,12 +51,31 @@ if TYPE_CHECKING:
 
 ENV_ID, N_ENVS, THRESHOLD, WINDOW, EVAL_EPISODES, EVAL_SEED = "CartPole-v1", 8, 475.0, 20, 20, 1_000_000
 EXPECTED: dict[str, Any] = {  # policylab's resolved config must equal rl-zoo's / SB3's values
-    "num_envs": 8, "n_steps": 32, "batch_size": 256, "epochs": 20, "gae_lambda": 0.8, "gamma": 0.98, "lr": 1e-3,
-    "anneal_lr": True, "anneal_clip": True, "clip_eps": 0.2, "clip_eps_high": None, "ent_coef": 0.0, "vf_coef": 0.5,
-    "max_grad_norm": 0.5, "normalize_advantage": True, "clip_value": None, "target_kl": None, "dual_clip": None,
-    "hidden_sizes": [64, 64], "activation": "tanh", "shared_net": False, "ortho_init": True,
-    "normalize_obs": False, "normalize_reward": False,
-}  # fmt: skip
+    "num_envs": 8,
+    "n_steps": 32,
+    "batch_size": 256,
+    "epochs": 20,
+    "gae_lambda": 0.8,
+    "gamma": 0.98,
+    "lr": 1e-3,
+    "anneal_lr": True,
+    "anneal_clip": True,
+    "clip_eps": 0.2,
+    "clip_eps_high": None,
+    "ent_coef": 0.0,
+    "vf_coef": 0.5,
+    "max_grad_norm": 0.5,
+    "normalize_advantage": True,
+    "clip_value": None,
+    "target_kl": None,
+    "dual_clip": None,
+    "hidden_sizes": [64, 64],
+    "activation": "tanh",
+    "shared_net": False,
+    "ortho_init": True,
+    "normalize_obs": False,
+    "normalize_reward": False,
+}
 
 
 def shared_eval(act: Callable[[Any], int], seed: int) -> dict[str, Any]:
@@ -63,8 +91,11 @@ def shared_eval(act: Callable[[Any], int], seed: int) -> dict[str, Any]:
             total, done = total + float(reward), terminated or truncated
         returns.append(total)
     env.close()
-    return {"eval_return_mean": sum(returns) / len(returns), "eval_returns": returns,
-            "eval_s": time.perf_counter() - start}  # fmt: skip
+    return {
+        "eval_return_mean": sum(returns) / len(returns),
+        "eval_returns": returns,
+        "eval_s": time.perf_counter() - start,
+    }
 
 
 def worker_ours(a: argparse.Namespace) -> dict[str, Any]:
@@ -85,8 +116,17 @@ def worker_ours(a: argparse.Namespace) -> dict[str, Any]:
 
     overrides = {"eval_every": 0, "checkpoint_every": 0, "threads": a.threads, "eval_episodes": EVAL_EPISODES}
     t_setup = time.perf_counter()
-    run = pl.train("ppo", env=ENV_ID, steps=a.steps, seed=a.seed, overrides=overrides, progress=False, verbose=False,
-                   runs_dir=Path(a.out).parent / f"runs-ours-s{a.seed}", callback=callback)  # fmt: skip
+    run = pl.train(
+        "ppo",
+        env=ENV_ID,
+        steps=a.steps,
+        seed=a.seed,
+        overrides=overrides,
+        progress=False,
+        verbose=False,
+        runs_dir=Path(a.out).parent / f"runs-ours-s{a.seed}",
+        callback=callback,
+    )
     t_returned = time.perf_counter()
     cfg = dataclasses.asdict(run.config)
     wrong = {k: {"got": cfg.get(k), "want": v} for k, v in EXPECTED.items() if cfg.get(k) != v}
@@ -95,8 +135,13 @@ def worker_ours(a: argparse.Namespace) -> dict[str, Any]:
     policy = pl.load(run.dir)
     ev = shared_eval(lambda obs: policy.act(obs, deterministic=True), a.seed)
     final = run.final_eval or {}
-    return {"imports_s": imports_s, **track.record(t_setup, t_returned), **ev,
-            "own_final_eval_return_mean": final.get("return_mean"), "config": cfg}  # fmt: skip
+    return {
+        "imports_s": imports_s,
+        **track.record(t_setup, t_returned),
+        **ev,
+        "own_final_eval_return_mean": final.get("return_mean"),
+        "config": cfg,
+    }
 
 
 def worker_sb3(a: argparse.Namespace) -> dict[str, Any]:
@@ -132,9 +177,21 @@ def worker_sb3(a: argparse.Namespace) -> dict[str, Any]:
         return lambda progress_remaining: start * progress_remaining
 
     t_setup = time.perf_counter()
-    model = PPO("MlpPolicy", make_vec_env(ENV_ID, n_envs=N_ENVS, seed=a.seed), n_steps=32, batch_size=256,
-                gae_lambda=0.8, gamma=0.98, n_epochs=20, ent_coef=0.0, learning_rate=linear(1e-3),
-                clip_range=linear(0.2), seed=a.seed, device="cpu", verbose=0)  # fmt: skip
+    model = PPO(
+        "MlpPolicy",
+        make_vec_env(ENV_ID, n_envs=N_ENVS, seed=a.seed),
+        n_steps=32,
+        batch_size=256,
+        gae_lambda=0.8,
+        gamma=0.98,
+        n_epochs=20,
+        ent_coef=0.0,
+        learning_rate=linear(1e-3),
+        clip_range=linear(0.2),
+        seed=a.seed,
+        device="cpu",
+        verbose=0,
+    )
     pol = model.policy
     same = pol.ortho_init and pol.optimizer.defaults["eps"] == 1e-5 and pol.activation_fn is torch.nn.Tanh
     same &= model.max_grad_norm == 0.5 and model.vf_coef == 0.5 and model.normalize_advantage
@@ -186,22 +243,36 @@ METRICS: dict[str, Metric] = {
     "eval_return_mean": (f"shared deterministic eval, {EVAL_EPISODES} episodes", ".1f", True),
 }
 DETAIL: dict[str, Metric] = {
-    "startup_s": ("interpreter start-up (s)", ".3f", False), "imports_s": ("imports (s)", ".3f", False),
+    "startup_s": ("interpreter start-up (s)", ".3f", False),
+    "imports_s": ("imports (s)", ".3f", False),
     "setup_s": ("set-up before training (s)", ".3f", False),
     "post_train_s": ("in train()/learn() after training (s)", ".3f", False),
-    "eval_s": ("shared eval (s)", ".3f", False), "exit_s": ("interpreter exit (s)", ".3f", False),
+    "eval_s": ("shared eval (s)", ".3f", False),
+    "exit_s": ("interpreter exit (s)", ".3f", False),
     "env_raw_steps_per_s": ("raw env, random actions (env steps/s)", ",.0f", True),
     "share_of_env_raw": ("training steps/s / raw env steps/s", ".1%", False),
-}  # fmt: skip
+}
 
 
 def main_parent(a: argparse.Namespace) -> None:
     def show(rec: dict[str, Any]) -> None:
         if "eval_s" in rec:
             rec["process_wall_minus_eval_s"] = rec["process_wall_s"] - rec["eval_s"]
-        print(f"  {rec['side']:8s} seed {rec['seed']}: " + ", ".join(f"{k} {fmt(rec.get(k), f)}" for k, f in (
-            ("process_wall_s", ".1f"), ("time_to_threshold_s", ".1f"), ("train_steps_per_s", ",.0f"),
-            ("eval_return_mean", ".1f"), ("env_steps_per_s", ",.0f")) if k in rec), flush=True)  # fmt: skip
+        print(
+            f"  {rec['side']:8s} seed {rec['seed']}: "
+            + ", ".join(
+                f"{k} {fmt(rec.get(k), f)}"
+                for k, f in (
+                    ("process_wall_s", ".1f"),
+                    ("time_to_threshold_s", ".1f"),
+                    ("train_steps_per_s", ",.0f"),
+                    ("eval_return_mean", ".1f"),
+                    ("env_steps_per_s", ",.0f"),
+                )
+                if k in rec
+            ),
+            flush=True,
+        )
 
     seeds, order = list(range(1, a.seeds + 1)), ["ours", "sb3", "env-ours", "env-sb3"]
     header = provenance(["policylab", "torch", "stable-baselines3", "gymnasium", "numpy"])  # before the runs
@@ -218,15 +289,29 @@ def main_parent(a: argparse.Namespace) -> None:
     summary["own_final_eval_return_mean"] = {"ours": own}
     print(f"policylab's own final evaluation inside train() ({EVAL_EPISODES} episodes): {fmt_summary(own, '.1f')}")
     never = {side: [s for s in seeds if by[(side, s)]["time_to_threshold_s"] is None] for side in ("ours", "sb3")}
-    print(f"never reached {THRESHOLD:g} (left out of the medians): ours seeds {never['ours'] or 'none'}, "
-          f"SB3 seeds {never['sb3'] or 'none'}")  # fmt: skip
+    print(
+        f"never reached {THRESHOLD:g} (left out of the medians): ours seeds {never['ours'] or 'none'}, "
+        f"SB3 seeds {never['sb3'] or 'none'}"
+    )
     payload = {
-        "benchmark": "ppo_cartpole", **header,
-        "settings": {"env": ENV_ID, "steps": a.steps, "seeds": seeds, "threads": a.threads, "threshold": THRESHOLD,
-                     "window": WINDOW, "eval_episodes": EVAL_EPISODES, "env_vector_steps": a.env_steps,
-                     "hyperparameters": EXPECTED, "order": f"per seed: {', '.join(order)}"},
-        "summary": summary, "never_reached": never, "runs": runs,
-    }  # fmt: skip
+        "benchmark": "ppo_cartpole",
+        **header,
+        "settings": {
+            "env": ENV_ID,
+            "steps": a.steps,
+            "seeds": seeds,
+            "threads": a.threads,
+            "threshold": THRESHOLD,
+            "window": WINDOW,
+            "eval_episodes": EVAL_EPISODES,
+            "env_vector_steps": a.env_steps,
+            "hyperparameters": EXPECTED,
+            "order": f"per seed: {', '.join(order)}",
+        },
+        "summary": summary,
+        "never_reached": never,
+        "runs": runs,
+    }
     print(f"\nresults: {write_results('ppo_cartpole', payload)}")
 
 

@@ -1,9 +1,9 @@
 """policylab: learn policies from any kind of experience.
 
-    import policylab as pl
-    run = pl.train("ppo", env="CartPole-v1", steps=100_000, seed=1)
-    policy = pl.load(run.dir)
-    action = policy.act(obs, deterministic=True)
+import policylab as pl
+run = pl.train("ppo", env="CartPole-v1", steps=100_000, seed=1)
+policy = pl.load(run.dir)
+action = policy.act(obs, deterministic=True)
 """
 
 from policylab.errors import PolicylabError

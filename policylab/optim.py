@@ -83,18 +83,33 @@ class Adam:
         if self._fused and all(p.dtype == torch.float32 for p in params):
             torch._fused_adam_(  # type: ignore[call-overload]
                 params,  # type: ignore[arg-type]
-                grads, exp_avgs, exp_avg_sqs, [], steps, amsgrad=False, lr=group["lr"], beta1=beta1,
-                beta2=beta2, weight_decay=group["weight_decay"], eps=group["eps"], maximize=False,
-                grad_scale=None, found_inf=None,
-            )  # fmt: skip
+                grads,
+                exp_avgs,
+                exp_avg_sqs,
+                [],
+                steps,
+                amsgrad=False,
+                lr=group["lr"],
+                beta1=beta1,
+                beta2=beta2,
+                weight_decay=group["weight_decay"],
+                eps=group["eps"],
+                maximize=False,
+                grad_scale=None,
+                found_inf=None,
+            )
             return
         self._foreach_step(params, grads, exp_avgs, exp_avg_sqs, steps, group)  # type: ignore[arg-type]
 
     @staticmethod
     def _foreach_step(
-        params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], exp_avg_sqs: list[Tensor],
-        steps: list[Tensor], group: dict[str, Any],
-    ) -> None:  # fmt: skip
+        params: list[Tensor],
+        grads: list[Tensor],
+        exp_avgs: list[Tensor],
+        exp_avg_sqs: list[Tensor],
+        steps: list[Tensor],
+        group: dict[str, Any],
+    ) -> None:
         beta1, beta2 = group["betas"]
         if group["weight_decay"]:
             grads = list(torch._foreach_add(grads, params, alpha=group["weight_decay"]))

@@ -194,7 +194,9 @@ def record_video(policy: Policy, path: str | Path, episodes: int = 1, seed: int 
                 frames.append(env.render())
                 done = terminated or truncated
     except gym.error.DependencyNotInstalled as exc:
-        raise PolicylabError(f"rendering {policy.env_id!r} needs a missing package: {exc}", "pip install 'policylab[video]'") from None
+        raise PolicylabError(
+            f"rendering {policy.env_id!r} needs a missing package: {exc}", "pip install 'policylab[video]'"
+        ) from None
     finally:
         env.close()
     if not frames or frames[0] is None:
@@ -208,5 +210,8 @@ def record_video(policy: Policy, path: str | Path, episodes: int = 1, seed: int 
     try:
         imageio.mimwrite(str(path), frames, **timing)  # type: ignore[call-overload]
     except Exception as exc:  # noqa: BLE001
-        raise PolicylabError(f"cannot write video {str(path)!r}: {exc}", "pip install 'policylab[video]' (imageio-ffmpeg for mp4) or use a .gif path") from None
+        raise PolicylabError(
+            f"cannot write video {str(path)!r}: {exc}",
+            "pip install 'policylab[video]' (imageio-ffmpeg for mp4) or use a .gif path",
+        ) from None
     return path

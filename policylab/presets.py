@@ -42,8 +42,18 @@ _ZOO_MUJOCO_NET = {"hidden_sizes": [256, 256], "activation": "relu", "ortho_init
 PRESETS: dict[str, dict[str, Preset]] = {
     "ppo": {
         "CartPole-v1": Preset(
-            {"steps": 100_000, "num_envs": 8, "n_steps": 32, "batch_size": 256, "gae_lambda": 0.8, "gamma": 0.98,
-             "epochs": 20, "lr": 1e-3, "anneal_lr": True, "anneal_clip": True},
+            {
+                "steps": 100_000,
+                "num_envs": 8,
+                "n_steps": 32,
+                "batch_size": 256,
+                "gae_lambda": 0.8,
+                "gamma": 0.98,
+                "epochs": 20,
+                "lr": 1e-3,
+                "anneal_lr": True,
+                "anneal_clip": True,
+            },
             f"{_ZOO_PPO}, entry CartPole-v1 (lr lin_0.001, clip_range lin_0.2)",
         ),
         "Acrobot-v1": Preset(
@@ -61,33 +71,75 @@ PRESETS: dict[str, dict[str, Preset]] = {
         # 32 minibatches (batch_size 64), epochs 10, lr 3e-4 annealed, gamma 0.99, gae_lambda 0.95,
         # clip_eps 0.2 (also clip_value 0.2), normalize_obs + normalize_reward, 64x64 tanh.
         "InvertedPendulum-v5": Preset(
-            {"steps": 1_000_000, **_NORM, "num_envs": 1, "n_steps": 32, "batch_size": 32, "gamma": 0.999,
-             "lr": 0.000222425, "ent_coef": 1.37976e-07, "clip_eps": 0.4, "epochs": 5, "gae_lambda": 0.9,
-             "max_grad_norm": 0.3, "vf_coef": 0.19816},
+            {
+                "steps": 1_000_000,
+                **_NORM,
+                "num_envs": 1,
+                "n_steps": 32,
+                "batch_size": 32,
+                "gamma": 0.999,
+                "lr": 0.000222425,
+                "ent_coef": 1.37976e-07,
+                "clip_eps": 0.4,
+                "epochs": 5,
+                "gae_lambda": 0.9,
+                "max_grad_norm": 0.3,
+                "vf_coef": 0.19816,
+            },
             f"{_ZOO_PPO}, entry InvertedPendulum-v2 used for v5; rl-zoo says batch_size 64 but a rollout "
             "holds only 32 samples, so SB3 trains on one 32-sample minibatch: batch_size set to 32",
         ),
         "HalfCheetah-v5": Preset(
-            {"steps": 1_000_000, **_NORM, "num_envs": 1, "n_steps": 512, "gamma": 0.98, "lr": 2.0633e-05,
-             "ent_coef": 0.000401762, "clip_eps": 0.1, "epochs": 20, "gae_lambda": 0.92,
-             "max_grad_norm": 0.8, "vf_coef": 0.58096, **_ZOO_MUJOCO_NET},
+            {
+                "steps": 1_000_000,
+                **_NORM,
+                "num_envs": 1,
+                "n_steps": 512,
+                "gamma": 0.98,
+                "lr": 2.0633e-05,
+                "ent_coef": 0.000401762,
+                "clip_eps": 0.1,
+                "epochs": 20,
+                "gae_lambda": 0.92,
+                "max_grad_norm": 0.8,
+                "vf_coef": 0.58096,
+                **_ZOO_MUJOCO_NET,
+            },
             f"{_ZOO_PPO}, entry HalfCheetah-v4 used for v5",
         ),
         "Hopper-v5": Preset(
-            {"steps": 1_000_000, **_NORM, "num_envs": 1, "n_steps": 512, "batch_size": 32, "gamma": 0.999,
-             "lr": 9.80828e-05, "ent_coef": 0.00229519, "epochs": 5, "gae_lambda": 0.99,
-             "max_grad_norm": 0.7, "vf_coef": 0.835671, **_ZOO_MUJOCO_NET},
+            {
+                "steps": 1_000_000,
+                **_NORM,
+                "num_envs": 1,
+                "n_steps": 512,
+                "batch_size": 32,
+                "gamma": 0.999,
+                "lr": 9.80828e-05,
+                "ent_coef": 0.00229519,
+                "epochs": 5,
+                "gae_lambda": 0.99,
+                "max_grad_norm": 0.7,
+                "vf_coef": 0.835671,
+                **_ZOO_MUJOCO_NET,
+            },
             f"{_ZOO_PPO}, entry Hopper-v4 used for v5",
         ),
     },
     "a2c": {
         "CartPole-v1": Preset({"steps": 500_000}, f"{_ZOO_A2C}, entry CartPole-v1"),
-        "Acrobot-v1": Preset(
-            {"steps": 500_000, **_NORM, "num_envs": 16}, f"{_ZOO_A2C}, entry Acrobot-v1"
-        ),
+        "Acrobot-v1": Preset({"steps": 500_000, **_NORM, "num_envs": 16}, f"{_ZOO_A2C}, entry Acrobot-v1"),
         "Pendulum-v1": Preset(
-            {"steps": 1_000_000, **_NORM, "n_steps": 8, "gae_lambda": 0.9, "vf_coef": 0.4, "gamma": 0.9,
-             "anneal_lr": True, "ortho_init": False},
+            {
+                "steps": 1_000_000,
+                **_NORM,
+                "n_steps": 8,
+                "gae_lambda": 0.9,
+                "vf_coef": 0.4,
+                "gamma": 0.9,
+                "anneal_lr": True,
+                "ortho_init": False,
+            },
             f"{_ZOO_A2C}, entry Pendulum-v1 (lr lin_7e-4); dropped use_sde=True and the gSDE-specific "
             "log_std_init=-2 (tuned with gSDE, so results without it may be worse)",
         ),
@@ -102,8 +154,17 @@ PRESETS: dict[str, dict[str, Preset]] = {
     },
     "reinforce": {
         "CartPole-v1": Preset(
-            {"steps": 100_000, "num_envs": 8, "n_steps": 128, "lr": 5e-3, "gamma": 0.99,
-             "normalize_advantage": True, "hidden_sizes": [64, 64], "vf_coef": 0.5, "max_grad_norm": 0.5},
+            {
+                "steps": 100_000,
+                "num_envs": 8,
+                "n_steps": 128,
+                "lr": 5e-3,
+                "gamma": 0.99,
+                "normalize_advantage": True,
+                "hidden_sizes": [64, 64],
+                "vf_coef": 0.5,
+                "max_grad_norm": 0.5,
+            },
             "policylab's own tuning (no published source): a sweep of n_steps in {32, 64, 128} x lr in "
             "{1e-3, 2e-3, 3e-3, 5e-3} on seed 1; 128 x 5e-3 reached 497.7 at 100k steps",
         ),

@@ -192,9 +192,13 @@ class OnPolicyLoop:
         tensors["rng/torch"] = torch.get_rng_state()
         tensors["loop/obs"] = torch.from_numpy(self.obs.copy())
         if self.obs_norm is not None:
-            tensors.update({f"obs_norm/{k}": torch.from_numpy(np.asarray(v)) for k, v in self.obs_norm.rms.state().items()})
+            tensors.update(
+                {f"obs_norm/{k}": torch.from_numpy(np.asarray(v)) for k, v in self.obs_norm.rms.state().items()}
+            )
         if self.reward_scaler is not None:
-            tensors.update({f"reward_scaler/{k}": torch.from_numpy(np.asarray(v)) for k, v in self.reward_scaler.state().items()})
+            tensors.update(
+                {f"reward_scaler/{k}": torch.from_numpy(np.asarray(v)) for k, v in self.reward_scaler.state().items()}
+            )
         env_state = self.env.get_state()
         env_json = None
         if env_state is not None:
@@ -221,7 +225,9 @@ class OnPolicyLoop:
         if self.obs_norm is not None:
             self.obs_norm.rms.load({k: tensors[f"obs_norm/{k}"].numpy() for k in ("mean", "var", "count")})
         if self.reward_scaler is not None:
-            self.reward_scaler.load({k: tensors[f"reward_scaler/{k}"].numpy() for k in ("mean", "var", "count", "returns")})
+            self.reward_scaler.load(
+                {k: tensors[f"reward_scaler/{k}"].numpy() for k in ("mean", "var", "count", "returns")}
+            )
         self.tracker.load(state["episodes"])
         self.step = int(state["step"])
         self.iteration = int(state["iteration"])
@@ -336,7 +342,8 @@ def train(
     if resume is not None:
         if env is not None or seed is not None or overrides or config is not None:
             raise ConfigError(
-                "--resume continues a run with its saved config", "drop --env/--seed/--set/--config (only --steps may change)"
+                "--resume continues a run with its saved config",
+                "drop --env/--seed/--set/--config (only --steps may change)",
             )
         session = _Session.resumed(algo, resume, steps)
     else:
@@ -387,15 +394,24 @@ class _Session:
 
     @classmethod
     def new(
-        cls, algo: str, env: str | None, steps: int | str | None, seed: int | None,
-        config: str | Path | dict[str, Any] | None, overrides: dict[str, Any] | None, preset: str | None,
-        name: str | None, runs_dir: str | Path,
-    ) -> _Session:  # fmt: skip
+        cls,
+        algo: str,
+        env: str | None,
+        steps: int | str | None,
+        seed: int | None,
+        config: str | Path | dict[str, Any] | None,
+        overrides: dict[str, Any] | None,
+        preset: str | None,
+        name: str | None,
+        runs_dir: str | Path,
+    ) -> _Session:
         spec = get_algo(algo)
         cfg, notes = resolve_config(spec, env, steps, seed, config, overrides, preset)
         _check_loop_kind(spec)
         loop = OnPolicyLoop(spec, cfg)  # env and networks first: a failed start leaves no run directory behind
-        run_dir = new_run_dir(runs_dir, name or f"{spec.name}-{cfg.env.replace('/', '_').replace(':', '_')}-s{cfg.seed}")
+        run_dir = new_run_dir(
+            runs_dir, name or f"{spec.name}-{cfg.env.replace('/', '_').replace(':', '_')}-s{cfg.seed}"
+        )
         ckpt.atomic_write_text(run_dir / CONFIG_YAML, dump_yaml(cfg, spec.name))
         return cls(spec, cfg, loop, run_dir, notes, {})
 
@@ -405,7 +421,8 @@ class _Session:
         spec = get_algo(state["algo"])
         if algo and spec.name != algo.lower():
             raise ConfigError(
-                f"{str(resume)!r} is a {spec.name} run, not {algo}", f"run `policylab train {spec.name} --resume {resume}`"
+                f"{str(resume)!r} is a {spec.name} run, not {algo}",
+                f"run `policylab train {spec.name} --resume {resume}`",
             )
         cfg = apply_values(spec.config_cls(), state["config"], str(ckpt_dir / ckpt.STATE))
         if steps is not None:
@@ -433,8 +450,16 @@ class _Session:
         elapsed = self.elapsed
         values["fps"] = (loop.step - self.start_step) / max(elapsed - self.elapsed_before, 1e-9)
         mean_ret = loop.tracker.mean_return()
-        self.log.log_train({"step": loop.step, "time": elapsed, "return_mean": mean_ret,
-                            "length_mean": loop.tracker.mean_length(), "episodes": loop.tracker.episodes, **values})  # fmt: skip
+        self.log.log_train(
+            {
+                "step": loop.step,
+                "time": elapsed,
+                "return_mean": mean_ret,
+                "length_mean": loop.tracker.mean_length(),
+                "episodes": loop.tracker.episodes,
+                **values,
+            }
+        )
         if cfg.eval_every and self.next_eval <= loop.step < cfg.steps:
             result = evaluate(loop.policy(), cfg.eval_episodes, cfg.seed + 10_000 + loop.iteration)
             self.log.log_eval(_eval_row(loop.step, elapsed, result))
@@ -457,8 +482,16 @@ class _Session:
         if not interrupted:
             final_eval = evaluate(loop.policy(), cfg.eval_episodes, cfg.seed + 20_000)
             self.log.log_eval(_eval_row(loop.step, self.elapsed, final_eval))
-            self.log.write_summary({"algo": self.spec.name, "env": cfg.env, "seed": cfg.seed, "steps": loop.step,
-                                    "wall_clock_s": self.elapsed, "final_eval": final_eval})  # fmt: skip
+            self.log.write_summary(
+                {
+                    "algo": self.spec.name,
+                    "env": cfg.env,
+                    "seed": cfg.seed,
+                    "steps": loop.step,
+                    "wall_clock_s": self.elapsed,
+                    "final_eval": final_eval,
+                }
+            )
         self.log.close()
         return Run(self.dir, self.spec.name, cfg, loop.step, final_eval, interrupted, self.notes)
 

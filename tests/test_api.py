@@ -15,14 +15,30 @@ SMALL = {"n_steps": 16, "num_envs": 2, "batch_size": 32, "epochs": 1, "eval_ever
 
 @pytest.fixture(scope="module")
 def cartpole_run(tmp_path_factory):
-    return pl.train("ppo", env="CartPole-v1", steps=512, seed=0, overrides=SMALL, preset="none",
-                    runs_dir=tmp_path_factory.mktemp("runs"), verbose=False)  # fmt: skip
+    return pl.train(
+        "ppo",
+        env="CartPole-v1",
+        steps=512,
+        seed=0,
+        overrides=SMALL,
+        preset="none",
+        runs_dir=tmp_path_factory.mktemp("runs"),
+        verbose=False,
+    )
 
 
 @pytest.fixture(scope="module")
 def pendulum_run(tmp_path_factory):
-    return pl.train("ppo", env="Pendulum-v1", steps=256, seed=0, overrides={**SMALL, "normalize_obs": True},
-                    preset="none", runs_dir=tmp_path_factory.mktemp("runs"), verbose=False)  # fmt: skip
+    return pl.train(
+        "ppo",
+        env="Pendulum-v1",
+        steps=256,
+        seed=0,
+        overrides={**SMALL, "normalize_obs": True},
+        preset="none",
+        runs_dir=tmp_path_factory.mktemp("runs"),
+        verbose=False,
+    )
 
 
 def test_run_directory_layout(cartpole_run):
@@ -78,16 +94,33 @@ def test_evaluate_counts_each_episode_once(cartpole_run):
 
 
 def test_tensorboard_sink_writes_event_files(tmp_path):
-    run = pl.train("ppo", env="CartPole-v1", steps=128, seed=0, overrides={**SMALL, "tensorboard": True},
-                   preset="none", runs_dir=tmp_path, verbose=False)  # fmt: skip
+    run = pl.train(
+        "ppo",
+        env="CartPole-v1",
+        steps=128,
+        seed=0,
+        overrides={**SMALL, "tensorboard": True},
+        preset="none",
+        runs_dir=tmp_path,
+        verbose=False,
+    )
     events = list((run.dir / "tb").glob("events.out.tfevents.*"))
     assert events and events[0].stat().st_size > 100
 
 
 def test_async_envs_train_and_resume_says_episodes_restart(tmp_path):
     overrides = {**SMALL, "vectorization": "async"}
-    part = pl.train("ppo", env="CartPole-v1", steps=128, seed=0, overrides=overrides, preset="none",
-                    runs_dir=tmp_path, verbose=False, callback=lambda info: False)  # fmt: skip
+    part = pl.train(
+        "ppo",
+        env="CartPole-v1",
+        steps=128,
+        seed=0,
+        overrides=overrides,
+        preset="none",
+        runs_dir=tmp_path,
+        verbose=False,
+        callback=lambda info: False,
+    )
     assert part.interrupted
     resumed = pl.train("ppo", resume=part.dir, verbose=False)
     assert resumed.steps == 128 and any("not bit-exact" in note for note in resumed.notes)

@@ -65,8 +65,27 @@ def test_debug_flag_shows_the_traceback(tmp_path):
 def test_yaml_config_set_and_preset_resolution(capsys, tmp_path):
     cfg = tmp_path / "my.yaml"
     cfg.write_text("lr: 0.002\nnum_envs: 8\nn_steps: 16\nbatch_size: 64\neval_every: 0\neval_episodes: 2\n")
-    code = main(["train", "ppo", "--env", "CartPole-v1", "--steps", "1k", "--seed", "1", "--config", str(cfg),
-                 "--set", "num_envs=4", "--set", "epochs=1", "--runs-dir", str(tmp_path / "runs"), "--no-progress"])  # fmt: skip
+    code = main(
+        [
+            "train",
+            "ppo",
+            "--env",
+            "CartPole-v1",
+            "--steps",
+            "1k",
+            "--seed",
+            "1",
+            "--config",
+            str(cfg),
+            "--set",
+            "num_envs=4",
+            "--set",
+            "epochs=1",
+            "--runs-dir",
+            str(tmp_path / "runs"),
+            "--no-progress",
+        ]
+    )
     out = capsys.readouterr().out
     assert code == 0
     assert "using the tuned ppo preset for CartPole-v1" in out and "run directory:" in out
@@ -79,8 +98,25 @@ def test_yaml_config_set_and_preset_resolution(capsys, tmp_path):
 
 
 def test_preset_none_opts_out(capsys, tmp_path):
-    code = main(["train", "ppo", "--env", "CartPole-v1", "--steps", "256", "--preset", "none", "--set", "n_steps=32",
-                 "--set", "eval_episodes=1", "--runs-dir", str(tmp_path), "--no-progress"])  # fmt: skip
+    code = main(
+        [
+            "train",
+            "ppo",
+            "--env",
+            "CartPole-v1",
+            "--steps",
+            "256",
+            "--preset",
+            "none",
+            "--set",
+            "n_steps=32",
+            "--set",
+            "eval_episodes=1",
+            "--runs-dir",
+            str(tmp_path),
+            "--no-progress",
+        ]
+    )
     out = capsys.readouterr().out
     assert code == 0 and "using the tuned" not in out
 
@@ -93,7 +129,9 @@ def test_list_shows_algorithms_and_presets(capsys):
 
 
 def test_bad_env_kwargs_and_bad_list_value_are_clear_errors(capsys, tmp_path):
-    err = _error(capsys, ["train", "ppo", "--env", "CartPole-v1", "--set", "env_kwargs={foo: 1}", "--runs-dir", str(tmp_path)])
+    err = _error(
+        capsys, ["train", "ppo", "--env", "CartPole-v1", "--set", "env_kwargs={foo: 1}", "--runs-dir", str(tmp_path)]
+    )
     assert "cannot create 'CartPole-v1' with the given env_kwargs" in err
     err = _error(capsys, ["train", "ppo", "--set", "hidden_sizes=[32,", "--runs-dir", str(tmp_path)])
     assert "bad value for 'hidden_sizes'" in err
@@ -103,7 +141,19 @@ def test_bad_env_kwargs_and_bad_list_value_are_clear_errors(capsys, tmp_path):
 def test_env_kwargs_reach_the_numpy_vectorized_cartpole(tmp_path):
     import policylab as pl
 
-    run = pl.train("ppo", env="CartPole-v1", steps=256, overrides={"env_kwargs": {"max_episode_steps": 10},
-                   "n_steps": 32, "num_envs": 8, "batch_size": 256, "eval_episodes": 2}, preset="none",
-                   runs_dir=tmp_path, verbose=False)  # fmt: skip
+    run = pl.train(
+        "ppo",
+        env="CartPole-v1",
+        steps=256,
+        overrides={
+            "env_kwargs": {"max_episode_steps": 10},
+            "n_steps": 32,
+            "num_envs": 8,
+            "batch_size": 256,
+            "eval_episodes": 2,
+        },
+        preset="none",
+        runs_dir=tmp_path,
+        verbose=False,
+    )
     assert run.final_eval["length_mean"] <= 10

@@ -361,7 +361,9 @@ def test_sync_envs_match_gymnasium_sync_vector_env_same_step():
     from gymnasium.vector import AutoresetMode
 
     ours = make_vec_env("InvertedPendulum-v5", 3)
-    ref = gym.vector.SyncVectorEnv([lambda: gym.make("InvertedPendulum-v5")] * 3, autoreset_mode=AutoresetMode.SAME_STEP)
+    ref = gym.vector.SyncVectorEnv(
+        [lambda: gym.make("InvertedPendulum-v5")] * 3, autoreset_mode=AutoresetMode.SAME_STEP
+    )
     np.testing.assert_array_equal(ours.reset(seed=5), ref.reset(seed=5)[0].astype(np.float32))
     rng = np.random.default_rng(0)
     ends = 0

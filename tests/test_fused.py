@@ -14,8 +14,8 @@ from policylab.algos.onpolicy import ActorCriticLoss, AutogradStep, adam
 from policylab.data import Batch
 from policylab.nets import ActorCritic
 from policylab.nets.mlp import StackedMLP
-from policylab.optim import ParameterBuffer
 from policylab.objectives import pg_surrogate, pg_surrogate_grad, value_loss, value_loss_grad
+from policylab.optim import ParameterBuffer
 
 B = 64
 

@@ -27,7 +27,9 @@ def test_a2c_learns_cartpole(tmp_path):
 
 
 def test_reinforce_learns_cartpole(tmp_path):
-    run = pl.train("reinforce", env="CartPole-v1", steps=100_000, seed=1, overrides=FAST, runs_dir=tmp_path, verbose=False)
+    run = pl.train(
+        "reinforce", env="CartPole-v1", steps=100_000, seed=1, overrides=FAST, runs_dir=tmp_path, verbose=False
+    )
     assert run.final_eval["return_mean"] >= 200
 
 
@@ -39,8 +41,15 @@ def test_ppo_solves_inverted_pendulum_within_100k_steps(tmp_path):
 
 
 def test_ppo_learns_multidiscrete_actions(tmp_path):
-    run = pl.train("ppo", env="tests.envs_for_tests:MultiTargetEnv", steps=30_000, seed=0, runs_dir=tmp_path,
-                   overrides={**FAST, "num_envs": 8, "n_steps": 64, "batch_size": 128, "lr": 1e-3}, verbose=False)  # fmt: skip
+    run = pl.train(
+        "ppo",
+        env="tests.envs_for_tests:MultiTargetEnv",
+        steps=30_000,
+        seed=0,
+        runs_dir=tmp_path,
+        overrides={**FAST, "num_envs": 8, "n_steps": 64, "batch_size": 128, "lr": 1e-3},
+        verbose=False,
+    )
     assert run.final_eval["return_mean"] >= 14.0  # random play: about 4.7, perfect: 16
     env = MultiTargetEnv()
     obs, _ = env.reset(seed=3)

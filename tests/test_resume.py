@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-import json
-import os
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
@@ -48,7 +45,9 @@ def test_resumed_run_equals_uninterrupted_run(tmp_path, env, extra):
 
 
 def test_resume_truncates_metrics_logged_after_the_checkpoint(tmp_path):
-    kwargs = dict(env="CartPole-v1", steps=1024, seed=0, overrides=SMALL, preset="none", runs_dir=tmp_path, verbose=False)
+    kwargs = dict(
+        env="CartPole-v1", steps=1024, seed=0, overrides=SMALL, preset="none", runs_dir=tmp_path, verbose=False
+    )
     part = pl.train("ppo", callback=_stop_at(512), **kwargs)
     pl.train("ppo", resume=part.dir, verbose=False)
     steps = [float(line.split(",")[0]) for line in (part.dir / "train.csv").read_text().splitlines()[1:]]
@@ -56,7 +55,9 @@ def test_resume_truncates_metrics_logged_after_the_checkpoint(tmp_path):
 
 
 def test_checkpoint_round_trip_holds_weights_optimizer_and_rng(tmp_path):
-    run = pl.train("ppo", env="CartPole-v1", steps=256, seed=0, overrides=SMALL, preset="none", runs_dir=tmp_path, verbose=False)
+    run = pl.train(
+        "ppo", env="CartPole-v1", steps=256, seed=0, overrides=SMALL, preset="none", runs_dir=tmp_path, verbose=False
+    )
     tensors, state, path = load_checkpoint(run.dir)
     assert path.parent.name == "checkpoints" and state["step"] == 256 and state["algo"] == "ppo"
     assert any(k.startswith("optim/") for k in tensors) and "rng/generator" in tensors
@@ -70,7 +71,9 @@ def test_checkpoint_round_trip_holds_weights_optimizer_and_rng(tmp_path):
 
 
 def _trained(tmp_path) -> Path:
-    run = pl.train("ppo", env="CartPole-v1", steps=256, seed=0, overrides=SMALL, preset="none", runs_dir=tmp_path, verbose=False)
+    run = pl.train(
+        "ppo", env="CartPole-v1", steps=256, seed=0, overrides=SMALL, preset="none", runs_dir=tmp_path, verbose=False
+    )
     return run.dir
 
 
@@ -102,8 +105,15 @@ def test_corrupt_state_json_and_missing_checkpoint(tmp_path):
 def test_divergence_stops_with_a_clear_message_and_keeps_the_last_good_checkpoint(tmp_path):
     overrides = {**SMALL, "checkpoint_every": 128, "num_envs": 2, "n_steps": 32, "keep_checkpoints": 10}
     with pytest.raises(TrainingDiverged, match="became NaN or inf") as info:
-        pl.train("ppo", env="tests.envs_for_tests:make_nan_env", steps=2048, seed=0, overrides=overrides,
-                 runs_dir=tmp_path, verbose=False)  # fmt: skip
+        pl.train(
+            "ppo",
+            env="tests.envs_for_tests:make_nan_env",
+            steps=2048,
+            seed=0,
+            overrides=overrides,
+            runs_dir=tmp_path,
+            verbose=False,
+        )
     assert "last good checkpoint is" in str(info.value) and "step_000000000512" in str(info.value)
     run_dir = next(tmp_path.iterdir())
     tensors, state, _ = load_checkpoint(run_dir)
@@ -111,9 +121,27 @@ def test_divergence_stops_with_a_clear_message_and_keeps_the_last_good_checkpoin
 
 
 def test_ctrl_c_saves_a_checkpoint_and_exits_cleanly(tmp_path):
-    cmd = [sys.executable, "-m", "policylab.cli", "train", "ppo", "--env", "CartPole-v1", "--steps", "10M",
-           "--seed", "0", "--runs-dir", str(tmp_path), "--name", "sigint", "--no-progress"]  # fmt: skip
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=Path(__file__).parent.parent)
+    cmd = [
+        sys.executable,
+        "-m",
+        "policylab.cli",
+        "train",
+        "ppo",
+        "--env",
+        "CartPole-v1",
+        "--steps",
+        "10M",
+        "--seed",
+        "0",
+        "--runs-dir",
+        str(tmp_path),
+        "--name",
+        "sigint",
+        "--no-progress",
+    ]
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=Path(__file__).parent.parent
+    )
     run_dir = tmp_path / "sigint"
     deadline = time.time() + 60
     while not (run_dir / "train.csv").exists() and time.time() < deadline:

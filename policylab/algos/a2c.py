@@ -1,10 +1,10 @@
 """A2C (Mnih et al. 2016, synchronous variant): one gradient step per rollout.
 
-    for each iteration:
-        collect n_steps x num_envs transitions                        (the loop)
-        A, R = GAE(lambda)(rewards, V)     (lambda = 1: n-step returns)
-        L = -logpi(a|s) A + vf_coef (V(s) - R)^2 - ent_coef H[pi(.|s)]   (pg_surrogate without clipping)
-        one RMSprop (or Adam) step on L with the gradient norm clipped
+for each iteration:
+    collect n_steps x num_envs transitions                        (the loop)
+    A, R = GAE(lambda)(rewards, V)     (lambda = 1: n-step returns)
+    L = -logpi(a|s) A + vf_coef (V(s) - R)^2 - ent_coef H[pi(.|s)]   (pg_surrogate without clipping)
+    one RMSprop (or Adam) step on L with the gradient norm clipped
 """
 
 from __future__ import annotations
@@ -67,9 +67,14 @@ class A2C:
         cfg = self.cfg
         set_lr(self.optimizer, cfg.lr * max(0.0, 1.0 - progress) if cfg.anneal_lr else cfg.lr)
         advantages, returns = gae(
-            rollout.rewards, rollout.values, rollout.next_values,
-            rollout.terminated, rollout.episode_end, cfg.gamma, cfg.gae_lambda,
-        )  # fmt: skip
+            rollout.rewards,
+            rollout.values,
+            rollout.next_values,
+            rollout.terminated,
+            rollout.episode_end,
+            cfg.gamma,
+            cfg.gae_lambda,
+        )
         metrics = whole_rollout_step(self.learner, rollout, advantages, returns, cfg)
         metrics["explained_variance"] = explained_variance(rollout.values.flatten(), returns.flatten())
         return metrics

@@ -27,7 +27,9 @@ if TYPE_CHECKING:
 
 
 class FusedActorCriticStep:
-    def __init__(self, net: ActorCritic, params: ParameterBuffer, optimizer: Optimizer, max_grad_norm: float | None) -> None:
+    def __init__(
+        self, net: ActorCritic, params: ParameterBuffer, optimizer: Optimizer, max_grad_norm: float | None
+    ) -> None:
         self.net = net
         self.params = params
         self.optimizer = optimizer
@@ -64,15 +66,24 @@ class FusedActorCriticStep:
         )
         old_logp = batch.get("logp")
         pg_loss, g_logp, metrics = pg_surrogate_grad(
-            logp, logp if old_logp is None else old_logp, batch.advantages,
-            clip_low=spec.clip_low, clip_high=spec.clip_high, dual_clip=spec.dual_clip, with_metrics=with_metrics,
-        )  # fmt: skip
+            logp,
+            logp if old_logp is None else old_logp,
+            batch.advantages,
+            clip_low=spec.clip_low,
+            clip_high=spec.clip_high,
+            dual_clip=spec.dual_clip,
+            with_metrics=with_metrics,
+        )
         if kl_limit is not None and metrics["approx_kl"].item() > kl_limit:
             return metrics, False
         v_loss, g_values = value_loss_grad(
-            values, batch.returns, old_values=batch.get("values"), clip=spec.clip_value, scale=spec.vf_coef,
+            values,
+            batch.returns,
+            old_values=batch.get("values"),
+            clip=spec.clip_value,
+            scale=spec.vf_coef,
             with_loss=with_metrics,
-        )  # fmt: skip
+        )
         g_policy, g_log_std = net.head.grad(head_cache, g_logp, -spec.ent_coef / size)
         g_out = self._zeros_like(out)
         g_out[0, :, :n_out] = g_policy

@@ -108,7 +108,9 @@ from collection time (without logp the step is on-policy: ratio 1)."""
 class AutogradStep:
     """One gradient step of the actor-critic loss through autograd (the reference path)."""
 
-    def __init__(self, net: ActorCritic, params: ParameterBuffer, optimizer: Optimizer, max_grad_norm: float | None) -> None:
+    def __init__(
+        self, net: ActorCritic, params: ParameterBuffer, optimizer: Optimizer, max_grad_norm: float | None
+    ) -> None:
         self.net = net
         self.params = params
         self.optimizer = optimizer
@@ -150,7 +152,9 @@ class ActorCriticLearner:
     step: StepFn
 
 
-def make_learner(net: ActorCritic, cfg: OnPolicyConfig, optimizer: Callable[[list[nn.Parameter]], Optimizer]) -> ActorCriticLearner:
+def make_learner(
+    net: ActorCritic, cfg: OnPolicyConfig, optimizer: Callable[[list[nn.Parameter]], Optimizer]
+) -> ActorCriticLearner:
     """Flatten `net`'s parameters, build the optimizer over them and pick the gradient step."""
     from policylab.algos.fused import FusedActorCriticStep
 

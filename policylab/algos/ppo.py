@@ -1,14 +1,14 @@
 """PPO (Schulman et al. 2017, arXiv:1707.06347), clipped surrogate.
 
-    for each iteration:
-        collect n_steps x num_envs transitions with pi_old           (the loop)
-        A, R = GAE(lambda)(rewards, V)                                 (objectives.gae)
-        for epoch in 1..epochs, for each minibatch:
-            r = pi(a|s) / pi_old(a|s)
-            L = -min(r A, clip(r, 1 - eps_low, 1 + eps_high) A)        (objectives.pg_surrogate)
-                + vf_coef (V(s) - R)^2 - ent_coef H[pi(.|s)]
-            Adam step on L with the gradient norm clipped
-        stop early if the approximate KL exceeds 1.5 * target_kl
+for each iteration:
+    collect n_steps x num_envs transitions with pi_old           (the loop)
+    A, R = GAE(lambda)(rewards, V)                                 (objectives.gae)
+    for epoch in 1..epochs, for each minibatch:
+        r = pi(a|s) / pi_old(a|s)
+        L = -min(r A, clip(r, 1 - eps_low, 1 + eps_high) A)        (objectives.pg_surrogate)
+            + vf_coef (V(s) - R)^2 - ent_coef H[pi(.|s)]
+        Adam step on L with the gradient norm clipped
+    stop early if the approximate KL exceeds 1.5 * target_kl
 """
 
 from __future__ import annotations
@@ -31,8 +31,8 @@ from policylab.algos.onpolicy import (
     set_lr,
 )
 from policylab.data import Batch
-from policylab.nets import ActorCritic
 from policylab.errors import ConfigError
+from policylab.nets import ActorCritic
 from policylab.objectives import gae
 
 
@@ -92,13 +92,22 @@ class PPO:
         clip_high = None if cfg.clip_eps_high is None else cfg.clip_eps_high * (remaining if cfg.anneal_clip else 1.0)
 
         advantages, returns = gae(
-            rollout.rewards, rollout.values, rollout.next_values,
-            rollout.terminated, rollout.episode_end, cfg.gamma, cfg.gae_lambda,
-        )  # fmt: skip
+            rollout.rewards,
+            rollout.values,
+            rollout.next_values,
+            rollout.terminated,
+            rollout.episode_end,
+            cfg.gamma,
+            cfg.gae_lambda,
+        )
         data = Batch(
-            obs=rollout.obs, actions=rollout.actions, logp=rollout.logp,
-            values=rollout.values, advantages=advantages, returns=returns,
-        ).flatten()  # fmt: skip
+            obs=rollout.obs,
+            actions=rollout.actions,
+            logp=rollout.logp,
+            values=rollout.values,
+            advantages=advantages,
+            returns=returns,
+        ).flatten()
         n = len(data)
         one_batch = cfg.batch_size >= n
         if one_batch and cfg.normalize_advantage:  # the same minibatch every epoch: normalize once

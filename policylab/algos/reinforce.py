@@ -1,11 +1,11 @@
 """REINFORCE with a learned baseline (Williams 1992; Sutton & Barto 13.4).
 
-    for each iteration:
-        collect n_steps x num_envs transitions                         (the loop)
-        G_t = r_t + gamma G_{t+1}  (Monte-Carlo; bootstrapped only at time limits
-                                    and at the cut where the rollout ends)       (objectives.mc_returns)
-        L = -logpi(a_t|s_t) (G_t - b(s_t)) + vf_coef (b(s_t) - G_t)^2
-        one Adam step on L
+for each iteration:
+    collect n_steps x num_envs transitions                         (the loop)
+    G_t = r_t + gamma G_{t+1}  (Monte-Carlo; bootstrapped only at time limits
+                                and at the cut where the rollout ends)       (objectives.mc_returns)
+    L = -logpi(a_t|s_t) (G_t - b(s_t)) + vf_coef (b(s_t) - G_t)^2
+    one Adam step on L
 """
 
 from __future__ import annotations
@@ -13,7 +13,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import gymnasium as gym
-import torch
 from torch import Tensor
 
 from policylab.algos.onpolicy import OnPolicyConfig, adam, build_actor_critic, make_learner, set_lr, whole_rollout_step
@@ -49,7 +48,11 @@ class Reinforce:
         cfg = self.cfg
         set_lr(self.optimizer, cfg.lr * max(0.0, 1.0 - progress) if cfg.anneal_lr else cfg.lr)
         advantages, returns = mc_returns(
-            rollout.rewards, rollout.values, rollout.next_values,
-            rollout.terminated, rollout.episode_end, cfg.gamma,
-        )  # fmt: skip
+            rollout.rewards,
+            rollout.values,
+            rollout.next_values,
+            rollout.terminated,
+            rollout.episode_end,
+            cfg.gamma,
+        )
         return whole_rollout_step(self.learner, rollout, advantages, returns, cfg)

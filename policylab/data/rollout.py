@@ -45,7 +45,12 @@ class RolloutBuffer:
             self._np = {k: getattr(self, k).numpy() for k in names}
 
     def add_policy_step(
-        self, t: int, obs: np.ndarray, actions: Tensor | np.ndarray, logp: Tensor | np.ndarray, values: Tensor | np.ndarray
+        self,
+        t: int,
+        obs: np.ndarray,
+        actions: Tensor | np.ndarray,
+        logp: Tensor | np.ndarray,
+        values: Tensor | np.ndarray,
     ) -> None:
         if self._numpy:
             np_ = self._np

@@ -22,6 +22,7 @@ from gymnasium.envs.classic_control.cartpole import CartPoleVectorEnv
 
 class SameStepCartPoleVectorEnv(CartPoleVectorEnv):
     state: Any  # [4, num_envs] float64 after reset (None before)
+
     def step(self, action: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, dict[str, Any]]:
         assert self.state is not None, "Call reset before using step method."
         x, x_dot, theta, theta_dot = self.state

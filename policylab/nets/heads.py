@@ -31,7 +31,9 @@ class CategoricalHead:
         self.action_shape: tuple[int, ...] = ()
         self.action_dtype = torch.long
 
-    def noise(self, shape: tuple[int, ...], generator: torch.Generator | None, device: torch.device | str = "cpu") -> Tensor:
+    def noise(
+        self, shape: tuple[int, ...], generator: torch.Generator | None, device: torch.device | str = "cpu"
+    ) -> Tensor:
         """Gumbel noise -log(-log u) for `shape` (e.g. steps x envs) samples, drawn in one call."""
         u = torch.rand((*shape, self.n_outputs), generator=generator, device=device)
         return u.log_().neg_().log_().neg_()
@@ -63,9 +65,7 @@ class CategoricalHead:
             entropy = (probs * logp_all).sum(-1).neg_() if need_entropy else None
             return logp_all.gather(-1, index).squeeze(-1), entropy, (logp_all, probs, index, entropy)
 
-    def grad(
-        self, cache: tuple[Tensor | None, ...], g_logp: Tensor, g_entropy: float
-    ) -> tuple[Tensor, Tensor | None]:
+    def grad(self, cache: tuple[Tensor | None, ...], g_logp: Tensor, g_entropy: float) -> tuple[Tensor, Tensor | None]:
         """d(loss)/d(logits) from d(loss)/d(logp) per sample and the loss's weight on each entropy.
 
         d logp / d logits = onehot(a) - p;  d H / d logits = -p (log p + H).
@@ -129,7 +129,9 @@ class MultiCategoricalHead:
     def _grid(self, out: Tensor) -> Tensor:
         return out.reshape(out.shape[0], self.k, self.m) + self.pad.to(out.device)
 
-    def noise(self, shape: tuple[int, ...], generator: torch.Generator | None, device: torch.device | str = "cpu") -> Tensor:
+    def noise(
+        self, shape: tuple[int, ...], generator: torch.Generator | None, device: torch.device | str = "cpu"
+    ) -> Tensor:
         u = torch.rand((*shape, self.k, self.m), generator=generator, device=device)
         return u.log_().neg_().log_().neg_()
 
@@ -224,7 +226,9 @@ class GaussianHead:
             logp = logp - (2.0 * (_LOG_2 - u - F.softplus(-2.0 * u))).sum(-1)
         return logp
 
-    def noise(self, shape: tuple[int, ...], generator: torch.Generator | None, device: torch.device | str = "cpu") -> Tensor:
+    def noise(
+        self, shape: tuple[int, ...], generator: torch.Generator | None, device: torch.device | str = "cpu"
+    ) -> Tensor:
         """Standard normal noise for `shape` (e.g. steps x envs) samples, drawn in one call."""
         return torch.randn((*shape, self.n_outputs), generator=generator, device=device)
 
@@ -267,7 +271,9 @@ class GaussianHead:
     def mode(self, mean: Tensor) -> Tensor:
         return mean
 
-    def sample_numpy(self, mean: np.ndarray, log_std: np.ndarray | None, noise: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def sample_numpy(
+        self, mean: np.ndarray, log_std: np.ndarray | None, noise: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray]:
         """`sample` in numpy (acting on CPU) with pre-drawn standard normal noise; returns (u, log-probs)."""
         assert log_std is not None
         u = mean + np.exp(log_std) * noise

@@ -60,7 +60,7 @@ class StackedMLP(nn.Module):
         gains = torch.as_tensor(output_gains, dtype=torch.float32)
         last = len(self.weights) - 1
         with torch.no_grad():
-            for i, (w, b) in enumerate(zip(self.weights, self.biases)):
+            for i, b in enumerate(self.biases):
                 for k in range(self.members):
                     gain = 1.0 if i == last else HIDDEN_GAINS[self.activation]
                     nn.init.orthogonal_(self.weight(i)[k].T, gain=gain)  # [out, in], as nn.Linear
