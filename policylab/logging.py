@@ -33,7 +33,8 @@ def new_run_dir(runs_dir: str | Path, name: str) -> Path:
 
 
 class CsvLog:
-    """Appends rows to a CSV; the columns are fixed by the first row (later new keys are dropped)."""
+    """Appends rows to a CSV. A row with a key not seen before (e.g. `early_stop_epoch`) adds a column:
+    the file is rewritten once with the wider header (older rows get empty cells)."""
 
     def __init__(self, path: Path, resume_step: int | None = None) -> None:
         self.path = path
@@ -66,9 +67,24 @@ class CsvLog:
                 self.columns = list(row.keys())
                 csv.DictWriter(self._file, fieldnames=self.columns).writeheader()
         assert self.columns is not None
+        if any(k not in self.columns for k in row):
+            self._widen([k for k in row if k not in self.columns])
         writer = csv.DictWriter(self._file, fieldnames=self.columns, extrasaction="ignore")
         writer.writerow({k: _fmt(row.get(k)) for k in self.columns})
         self._file.flush()
+
+    def _widen(self, new_columns: list[str]) -> None:
+        assert self._file is not None and self.columns is not None
+        self._file.close()
+        with self.path.open(newline="") as f:
+            rows = list(csv.DictReader(f))
+        self.columns = self.columns + new_columns
+        buf = io.StringIO()
+        writer = csv.DictWriter(buf, fieldnames=self.columns, restval="")
+        writer.writeheader()
+        writer.writerows(rows)
+        atomic_write_text(self.path, buf.getvalue())
+        self._file = self.path.open("a", newline="")
 
     def close(self) -> None:
         if self._file is not None:

@@ -130,6 +130,8 @@ def evaluate(
     max_envs: int = 16,
 ) -> dict[str, Any]:
     """Run `episodes` full episodes (spread over up to `max_envs` parallel envs). Returns summary statistics."""
+    if episodes < 1:
+        raise PolicylabError(f"episodes={episodes}: at least one episode is needed", "pass --episodes 1 or more")
     env_id = env_id or policy.env_id
     if env_id is None:
         raise PolicylabError("the policy does not know its env", "pass env_id")

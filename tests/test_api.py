@@ -91,6 +91,10 @@ def test_eval_video(capsys, cartpole_run, tmp_path):
 def test_evaluate_counts_each_episode_once(cartpole_run):
     result = pl.evaluate(pl.load(cartpole_run.dir), episodes=5, seed=1)
     assert result["episodes"] == 5 and len(result["returns"]) == 5
+    result = pl.evaluate(pl.load(cartpole_run.dir), episodes=20, seed=1, max_envs=3)  # 7 + 7 + 6 episodes
+    assert result["episodes"] == 20
+    with pytest.raises(PolicylabError, match="at least one episode"):
+        pl.evaluate(pl.load(cartpole_run.dir), episodes=0, seed=1)
 
 
 def test_tensorboard_sink_writes_event_files(tmp_path):
@@ -124,3 +128,16 @@ def test_async_envs_train_and_resume_says_episodes_restart(tmp_path):
     assert part.interrupted
     resumed = pl.train("ppo", resume=part.dir, verbose=False)
     assert resumed.steps == 128 and any("not bit-exact" in note for note in resumed.notes)
+
+
+def test_csv_log_adds_columns_for_new_keys(tmp_path):
+    from policylab.logging import CsvLog, read_csv
+
+    log = CsvLog(tmp_path / "m.csv")
+    log.write({"step": 1, "loss": 0.5})
+    log.write({"step": 2, "loss": 0.25, "early_stop_epoch": 3})
+    log.write({"step": 3, "loss": 0.125})
+    log.close()
+    rows = read_csv(tmp_path / "m.csv")
+    assert [r["step"] for r in rows] == [1.0, 2.0, 3.0]
+    assert rows[1]["early_stop_epoch"] == 3.0 and np.isnan(rows[0]["early_stop_epoch"])
