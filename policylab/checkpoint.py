@@ -56,6 +56,8 @@ def save_checkpoint(root: Path, step: int, tensors: dict[str, Tensor], state: di
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     save_file({k: v.detach().contiguous().cpu().clone() for k, v in tensors.items()}, str(tmp / WEIGHTS))
+    with (tmp / WEIGHTS).open("rb+") as f:
+        os.fsync(f.fileno())  # on disk before the rename makes the checkpoint visible
     state = {**state, "format": FORMAT_VERSION, "weights_sha256": _sha256(tmp / WEIGHTS)}
     atomic_write_text(tmp / STATE, json.dumps(state, indent=1))
     if final.exists():

@@ -55,6 +55,7 @@ class CommonConfig:
     checkpoint_every: int = 50_000
     """Checkpoint every this many env steps (0: only at the end and on Ctrl-C)."""
     keep_checkpoints: int = 2
+    """How many of the newest checkpoints to keep (0: all)."""
     threads: int = 1
     """torch threads; 1 is fastest for small networks (measured, see benchmarks/README.md)."""
     device: str = "cpu"
