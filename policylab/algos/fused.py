@@ -4,10 +4,12 @@ On small networks an autograd step is all operator-call overhead (about 150
 calls for a 64x64 actor-critic, most of them on 256-element tensors). This
 step computes the same gradients by hand in about 50 calls: the MLP's forward
 keeps its activations (`StackedMLP.forward_cached`), the loss gradients come
-from `pg_surrogate_grad` / `value_loss_grad` and the head's `grad`, the MLP's
-backward writes `.grad` in place (views of one flat buffer, `ParameterBuffer`), so
-clipping and the fused Adam step are single-tensor operations. tests/test_fused.py checks it against
-autograd for every option it accepts; anything else takes the autograd path.
+from `pg_surrogate_grad` / `value_loss_grad` and the head's `grad`, and the
+MLP's backward writes `.grad` in place (views of one flat buffer,
+`ParameterBuffer`), so clipping and the fused Adam step are single-tensor
+operations. tests/test_fused.py checks it against autograd for every option
+it accepts; anything else (other activations, tanh-squashed Gaussians) takes
+the autograd path.
 """
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""What the on-policy family (REINFORCE, A2C, PPO) shares: config fields, the network, one optimizer step."""
+"""What the on-policy family (REINFORCE, A2C, PPO) shares: config fields, the network, the learner
+(flat parameters, optimizer, RNG) and the gradient step (autograd here, analytic in fused.py)."""
 
 from __future__ import annotations
 
