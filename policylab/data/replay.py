@@ -1,0 +1,172 @@
+"""Replay buffer: preallocated per-env rings, uniform sampling, n-step returns, no duplicate next observations.
+
+N envs write one transition each per step. Each env has its own ring of
+`slots` entries; an entry holds (obs, action, reward, terminated, episode_end).
+The next observation of an entry is the obs of the entry after it, so it is
+never stored twice:
+
+  - inside an episode, the next step's obs is written ahead into the next slot
+    (as a pending, not yet sampleable entry) and becomes a transition when that
+    step is added;
+  - at an episode end, the final observation (the one to bootstrap from at a
+    truncation) takes one extra slot that is never sampled as a transition, and
+    the new episode starts after it.
+
+So memory is one obs per transition plus one per episode. `store_next_obs=True`
+stores next observations explicitly instead (twice the obs memory, simpler
+layout for datasets that arrive as (s, a, r, s') tuples).
+
+Sampling returns a `Batch` with obs, actions, rewards (n-step discounted sums),
+next_obs (the obs n steps on, or the final obs), terminated, discounts
+(gamma^m for the m steps summed) and indices: the same fields whether the
+transitions came from envs or from a dataset.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from policylab.data.batch import Batch
+
+
+class ReplayBuffer:
+    def __init__(
+        self,
+        capacity: int,
+        num_envs: int,
+        obs_shape: tuple[int, ...],
+        action_shape: tuple[int, ...],
+        action_dtype: torch.dtype = torch.float32,
+        *,
+        n_step: int = 1,
+        gamma: float = 0.99,
+        device: torch.device | str = "cpu",
+    ) -> None:
+        if n_step < 1:
+            raise ValueError(f"n_step must be >= 1, got {n_step}")
+        self.num_envs = num_envs
+        self.slots = max(2 + n_step, math.ceil(capacity / num_envs))
+        self.n_step = n_step
+        self.gamma = gamma
+        self.device = torch.device(device)
+        shape = (self.slots, num_envs)
+        self.obs = torch.zeros(*shape, *obs_shape, device=device)
+        self.actions = torch.zeros(*shape, *action_shape, dtype=action_dtype, device=device)
+        self.rewards = torch.zeros(shape, device=device)
+        self.terminated = torch.zeros(shape, dtype=torch.bool, device=device)
+        self.episode_end = torch.zeros(shape, dtype=torch.bool, device=device)
+        self.valid = torch.zeros(shape, dtype=torch.bool, device=device)
+        """True for entries that are transitions (not pending obs, not final-obs slots)."""
+        self.ptr = torch.zeros(num_envs, dtype=torch.long, device=device)
+        self._envs = torch.arange(num_envs, device=device)
+        self._discounts = gamma ** torch.arange(n_step, dtype=torch.float32, device=device)
+        self.transitions_added = 0
+        self.filled = 0
+        """An upper bound on the slots written so far in any env's ring (each add advances a ring by 1 or 2)."""
+
+    @property
+    def bytes_per_transition(self) -> float:
+        """Storage bytes per transition slot (obs, action, reward, flags), next obs included (not duplicated)."""
+        tensors = (self.obs, self.actions, self.rewards, self.terminated, self.episode_end, self.valid)
+        return sum(t.element_size() * t.numel() for t in tensors) / (self.slots * self.num_envs)
+
+    def __len__(self) -> int:
+        return int(self.valid.sum())
+
+    def add(
+        self,
+        obs: Tensor,
+        actions: Tensor,
+        rewards: Tensor,
+        next_obs: Tensor,
+        terminated: Tensor,
+        truncated: Tensor,
+        final_obs: Tensor | None = None,
+    ) -> None:
+        """One step of N envs. `next_obs` is what the envs return (the reset obs where an episode ended);
+        `final_obs` (rows of ended envs) is the last obs of the ended episodes, needed at truncations."""
+        if final_obs is None and bool(truncated.any()):
+            raise ValueError("a truncated episode needs its final observation: pass final_obs")
+        envs, slot = self._envs, self.ptr
+        end = terminated | truncated
+        self.obs[slot, envs] = obs
+        self.actions[slot, envs] = actions
+        self.rewards[slot, envs] = rewards
+        self.terminated[slot, envs] = terminated
+        self.episode_end[slot, envs] = end
+        self.valid[slot, envs] = True
+        after = (slot + 1) % self.slots
+        # The slot after each transition holds its next obs: the final obs at an episode end, else the pending obs.
+        ahead = next_obs if final_obs is None else torch.where(_rows(end, next_obs), final_obs, next_obs)
+        self.obs[after, envs] = ahead
+        self.valid[after, envs] = False
+        # An ended episode keeps its final-obs slot; the next episode starts one slot further on.
+        self.ptr = (after + end.long()) % self.slots
+        started = self.ptr
+        self.obs[started, envs] = torch.where(_rows(end, next_obs), next_obs, self.obs[started, envs])
+        self.valid[started, envs] = self.valid[started, envs] & ~end
+        self.transitions_added += self.num_envs
+        self.filled = min(self.slots, self.filled + 2)
+
+    def sample(self, batch_size: int, generator: torch.Generator | None = None) -> Batch:
+        """Uniform over stored transitions, with n-step returns that stop at episode ends.
+
+        Rejection sampling over the written slots: draws that land on a pending or final-obs
+        slot (one per env, plus one per episode) are redrawn, so no O(capacity) scan is needed.
+        """
+        if self.transitions_added == 0:
+            raise ValueError("the replay buffer is empty: add transitions before sampling")
+        high = self.filled * self.num_envs
+        valid = self.valid.view(-1)
+        index = torch.randint(high, (batch_size,), generator=generator, device=self.device)
+        bad = ~valid[index]
+        while bool(bad.any()):
+            index[bad] = torch.randint(high, (int(bad.sum()),), generator=generator, device=self.device)
+            bad = ~valid[index]
+        return self.gather(index)
+
+    def gather(self, flat_index: Tensor) -> Batch:
+        """The transitions at flat indices (slot * num_envs + env), with their n-step targets."""
+        slot, env = flat_index // self.num_envs, flat_index % self.num_envs
+        steps = (slot.unsqueeze(1) + torch.arange(self.n_step, device=self.device)) % self.slots
+        envs = env.unsqueeze(1).expand_as(steps)
+        end = self.episode_end[steps, envs]
+        valid = self.valid[steps, envs]
+        # Step k is included if steps 0..k-1 did not end the episode and step k is a stored transition.
+        open_before = torch.cumprod(torch.cat([torch.ones_like(end[:, :1]), ~end[:, :-1]], 1).long(), 1).bool()
+        include = open_before & torch.cumprod(valid.long(), 1).bool()
+        count = include.sum(1)
+        last = torch.gather(steps, 1, (count - 1).unsqueeze(1)).squeeze(1)
+        rewards = (self.rewards[steps, envs] * include * self._discounts).sum(1)
+        return Batch(
+            obs=self.obs[slot, env],
+            actions=self.actions[slot, env],
+            rewards=rewards,
+            next_obs=self.obs[(last + 1) % self.slots, env],
+            terminated=self.terminated[last, env],
+            discounts=self.gamma ** count.to(rewards.dtype),
+            indices=flat_index,
+        )
+
+    def state(self) -> tuple[dict[str, Tensor], dict[str, Any]]:
+        """Tensors and JSON for a checkpoint (large: the whole buffer)."""
+        names = ("obs", "actions", "rewards", "terminated", "episode_end", "valid", "ptr")
+        return {k: getattr(self, k) for k in names}, {
+            "transitions_added": self.transitions_added,
+            "filled": self.filled,
+        }
+
+    def load(self, tensors: dict[str, Tensor], meta: dict[str, Any]) -> None:
+        for name, value in tensors.items():
+            getattr(self, name).copy_(value)
+        self.transitions_added = int(meta["transitions_added"])
+        self.filled = int(meta["filled"])
+
+
+def _rows(mask: Tensor, like: Tensor) -> Tensor:
+    """A [N] mask broadcast over the trailing dimensions of `like` ([N, ...])."""
+    return mask.view(-1, *([1] * (like.dim() - 1)))
