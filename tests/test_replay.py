@@ -143,3 +143,42 @@ def test_truncation_without_final_obs_is_an_error():
             torch.tensor([False]),
             torch.tensor([True]),
         )
+
+
+def test_sum_tree_find_and_set_by_hand():
+    from policylab.data.sumtree import SumTree
+
+    tree = SumTree(5)  # 8 leaves underneath
+    tree.set(torch.tensor([0, 1, 2, 3, 4]), torch.tensor([1.0, 2.0, 3.0, 4.0, 0.0], dtype=torch.float64))
+    assert float(tree.total) == 10.0
+    masses = torch.tensor([0.0, 0.99, 1.0, 2.99, 3.0, 5.99, 6.0, 9.99], dtype=torch.float64)
+    assert tree.find(masses).tolist() == [0, 0, 1, 1, 2, 2, 3, 3]
+    tree.set(torch.tensor([3, 4]), torch.tensor([0.0, 5.0], dtype=torch.float64))  # cumulative: 1, 3, 6, 6, 11
+    assert float(tree.total) == 11.0 and tree.find(torch.tensor([6.0, 10.9], dtype=torch.float64)).tolist() == [4, 4]
+
+
+def test_prioritized_sampling_frequencies_follow_priorities_and_weights_by_hand():
+    buf = ReplayBuffer(64, 1, (2,), (1,), prioritized=True, alpha=1.0, beta=0.5, priority_eps=0.0)
+    s = Stream(1)
+    for i in range(8):
+        s.step(buf, 1.0, [False], [i == 3])  # one truncation: a final-obs slot that must never be drawn
+    stored = torch.nonzero(buf.valid.view(-1)).squeeze(1)
+    assert len(stored) == 8 and torch.allclose(buf.tree.get(stored), torch.ones(8, dtype=torch.float64))
+    priorities = torch.arange(1, 9, dtype=torch.float32)  # |delta| = 1..8, alpha 1: p_i = i
+    buf.update_priorities(stored, -priorities)
+    batch = buf.sample(36_000, torch.Generator().manual_seed(0))
+    assert bool(buf.valid.view(-1)[batch.indices].all())
+    counts = torch.stack([(batch.indices == i).sum() for i in stored]).double()
+    expected = 36_000 * priorities.double() / 36.0
+    assert float(((counts - expected) ** 2 / expected).sum()) < 24.3  # chi-square, 7 dof: p > 0.999
+    # w_i = (n P(i))^-beta / max_j w_j with n = 8, P(i) = i / 36: the lowest priority has weight 1
+    first = stored[0]
+    pick = (batch.indices == stored[3]).nonzero()[0, 0]
+    assert float(batch.weights[pick]) == pytest.approx((4 / 1) ** -0.5, rel=1e-5)
+    assert float(batch.weights[(batch.indices == first).nonzero()[0, 0]]) == pytest.approx(1.0)
+    s.step(buf, 1.0, [False], [False])  # a new transition gets the highest priority seen so far
+    assert float(buf.tree.get(stored[-1] + 1)) == 8.0
+    tensors, meta = buf.state()
+    other = ReplayBuffer(64, 1, (2,), (1,), prioritized=True, alpha=1.0, beta=0.5, priority_eps=0.0)
+    other.load({k: v.clone() for k, v in tensors.items()}, meta)
+    assert torch.equal(other.tree.tree, buf.tree.tree) and other.max_priority == 8.0

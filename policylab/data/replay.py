@@ -18,8 +18,9 @@ layout for datasets that arrive as (s, a, r, s') tuples).
 
 Sampling returns a `Batch` with obs, actions, rewards (n-step discounted sums),
 next_obs (the obs n steps on, or the final obs), terminated, discounts
-(gamma^m for the m steps summed) and indices: the same fields whether the
-transitions came from envs or from a dataset.
+(gamma^m for the m steps summed) and indices (plus importance `weights` with
+`prioritized=True`): the same fields whether the transitions came from envs
+or from a dataset.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ import torch
 from torch import Tensor
 
 from policylab.data.batch import Batch
+from policylab.data.sumtree import SumTree
 
 
 class ReplayBuffer:
@@ -44,6 +46,10 @@ class ReplayBuffer:
         *,
         n_step: int = 1,
         gamma: float = 0.99,
+        prioritized: bool = False,
+        alpha: float = 0.6,
+        beta: float = 0.4,
+        priority_eps: float = 1e-6,
         device: torch.device | str = "cpu",
     ) -> None:
         if n_step < 1:
@@ -64,6 +70,9 @@ class ReplayBuffer:
         self.ptr = torch.zeros(num_envs, dtype=torch.long, device=device)
         self._envs = torch.arange(num_envs, device=device)
         self._discounts = gamma ** torch.arange(n_step, dtype=torch.float32, device=device)
+        self.prioritized, self.alpha, self.beta, self.priority_eps = prioritized, alpha, beta, priority_eps
+        self.tree = SumTree(self.slots * num_envs, device) if prioritized else None
+        self.max_priority = 1.0
         self.transitions_added = 0
         self.filled = 0
         """An upper bound on the slots written so far in any env's ring (each add advances a ring by 1 or 2)."""
@@ -109,6 +118,12 @@ class ReplayBuffer:
         started = self.ptr
         self.obs[started, envs] = torch.where(_rows(end, next_obs), next_obs, self.obs[started, envs])
         self.valid[started, envs] = self.valid[started, envs] & ~end
+        if self.tree is not None:  # new transitions get the highest priority so far; the other written slots none
+            n = self.num_envs
+            touched = torch.cat([slot * n + envs, after * n + envs, started * n + envs])
+            zeros = torch.zeros(2 * n, dtype=torch.float64, device=self.device)
+            values = torch.cat([torch.full((n,), self.max_priority, dtype=torch.float64, device=self.device), zeros])
+            self.tree.set(touched, values)
         self.transitions_added += self.num_envs
         self.filled = min(self.slots, self.filled + 2)
 
@@ -120,6 +135,8 @@ class ReplayBuffer:
         """
         if self.transitions_added == 0:
             raise ValueError("the replay buffer is empty: add transitions before sampling")
+        if self.tree is not None:
+            return self._sample_prioritized(batch_size, generator)
         high = self.filled * self.num_envs
         valid = self.valid.view(-1)
         index = torch.randint(high, (batch_size,), generator=generator, device=self.device)
@@ -128,6 +145,29 @@ class ReplayBuffer:
             index[bad] = torch.randint(high, (int(bad.sum()),), generator=generator, device=self.device)
             bad = ~valid[index]
         return self.gather(index)
+
+    def _sample_prioritized(self, batch_size: int, generator: torch.Generator | None) -> Batch:
+        """Proportional prioritized replay (Schaul et al. 2016): stratified draws from the sum tree,
+        importance weights (n P(i))^-beta normalized by the batch maximum."""
+        assert self.tree is not None
+        total = float(self.tree.total)
+        u = torch.rand(batch_size, generator=generator, device=self.device, dtype=torch.float64)
+        mass = (torch.arange(batch_size, device=self.device, dtype=torch.float64) + u) * (total / batch_size)
+        index = self.tree.find(mass.clamp(max=total * (1 - 1e-12)))
+        probs = self.tree.get(index) / total
+        weights = (len(self) * probs).pow(-self.beta)
+        batch = self.gather(index)
+        batch.weights = (weights / weights.max()).to(torch.float32)
+        return batch
+
+    def update_priorities(self, flat_index: Tensor, td_errors: Tensor) -> None:
+        """Priorities (|delta| + eps)^alpha for sampled transitions (prioritized=True only)."""
+        if self.tree is None:
+            raise ValueError("update_priorities needs ReplayBuffer(prioritized=True)")
+        priorities = (td_errors.detach().abs().to(torch.float64) + self.priority_eps).pow(self.alpha)
+        valid = self.valid.view(-1)[flat_index]  # a slot overwritten since it was sampled keeps its new priority
+        self.tree.set(flat_index[valid], priorities[valid])
+        self.max_priority = max(self.max_priority, float(priorities.max()))
 
     def gather(self, flat_index: Tensor) -> Batch:
         """The transitions at flat indices (slot * num_envs + env), with their n-step targets."""
@@ -155,16 +195,19 @@ class ReplayBuffer:
     def state(self) -> tuple[dict[str, Tensor], dict[str, Any]]:
         """Tensors and JSON for a checkpoint (large: the whole buffer)."""
         names = ("obs", "actions", "rewards", "terminated", "episode_end", "valid", "ptr")
-        return {k: getattr(self, k) for k in names}, {
-            "transitions_added": self.transitions_added,
-            "filled": self.filled,
-        }
+        tensors = {k: getattr(self, k) for k in names}
+        if self.tree is not None:
+            tensors["priority_tree"] = self.tree.tree
+        meta = {"transitions_added": self.transitions_added, "filled": self.filled, "max_priority": self.max_priority}
+        return tensors, meta
 
     def load(self, tensors: dict[str, Tensor], meta: dict[str, Any]) -> None:
         for name, value in tensors.items():
-            getattr(self, name).copy_(value)
+            target = self.tree.tree if name == "priority_tree" and self.tree is not None else getattr(self, name)
+            target.copy_(value)
         self.transitions_added = int(meta["transitions_added"])
         self.filled = int(meta["filled"])
+        self.max_priority = float(meta["max_priority"])
 
 
 def _rows(mask: Tensor, like: Tensor) -> Tensor:
