@@ -28,6 +28,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -69,6 +70,11 @@ class ReplayBuffer:
         """True for entries that are transitions (not pending obs, not final-obs slots)."""
         self.ptr = torch.zeros(num_envs, dtype=torch.long, device=device)
         self._envs = torch.arange(num_envs, device=device)
+        names = ("obs", "actions", "rewards", "terminated", "episode_end", "valid", "ptr")
+        self._tensors: dict[str, Tensor] = {k: getattr(self, k) for k in names}
+        self._tensors["envs"] = self._envs
+        # numpy views of the same memory on the CPU (writes only; sampling stays in torch)
+        self._np = {k: v.numpy() for k, v in self._tensors.items()} if self.device.type == "cpu" else None
         self._discounts = gamma ** torch.arange(n_step, dtype=torch.float32, device=device)
         self.prioritized, self.alpha, self.beta, self.priority_eps = prioritized, alpha, beta, priority_eps
         self.tree = SumTree(self.slots * num_envs, device) if prioritized else None
@@ -88,44 +94,54 @@ class ReplayBuffer:
 
     def add(
         self,
-        obs: Tensor,
-        actions: Tensor,
-        rewards: Tensor,
-        next_obs: Tensor,
-        terminated: Tensor,
-        truncated: Tensor,
-        final_obs: Tensor | None = None,
+        obs: Tensor | np.ndarray,
+        actions: Tensor | np.ndarray,
+        rewards: Tensor | np.ndarray,
+        next_obs: Tensor | np.ndarray,
+        terminated: Tensor | np.ndarray,
+        truncated: Tensor | np.ndarray,
+        final_obs: Tensor | np.ndarray | None = None,
     ) -> None:
-        """One step of N envs. `next_obs` is what the envs return (the reset obs where an episode ended);
-        `final_obs` (rows of ended envs) is the last obs of the ended episodes, needed at truncations."""
-        if final_obs is None and bool(truncated.any()):
+        """One step of N envs (numpy arrays or tensors). `next_obs` is what the envs return (the reset obs
+        where an episode ended); `final_obs` (rows of ended envs) is the last obs of the ended episodes,
+        needed at truncations. On the CPU the writes go through numpy views (a third of the cost)."""
+        cpu = self._np is not None
+        xp: Any = np if cpu else torch
+        arr: Any = np.asarray if cpu else (lambda x: torch.as_tensor(x, device=self.device))
+        store: Any = self._np if cpu else self._tensors
+        term, trunc = arr(terminated), arr(truncated)
+        if final_obs is None and bool(trunc.any()):
             raise ValueError("a truncated episode needs its final observation: pass final_obs")
-        envs, slot = self._envs, self.ptr
-        end = terminated | truncated
-        self.obs[slot, envs] = obs
-        self.actions[slot, envs] = actions
-        self.rewards[slot, envs] = rewards
-        self.terminated[slot, envs] = terminated
-        self.episode_end[slot, envs] = end
-        self.valid[slot, envs] = True
+        envs, slot = store["envs"], store["ptr"].copy() if cpu else self.ptr.clone()
+        end = term | trunc
+        next_obs = arr(next_obs)
+        for name, value in (("obs", obs), ("actions", actions), ("rewards", rewards), ("terminated", term)):
+            store[name][slot, envs] = arr(value)
+        store["episode_end"][slot, envs] = end
+        store["valid"][slot, envs] = True
         after = (slot + 1) % self.slots
         # The slot after each transition holds its next obs: the final obs at an episode end, else the pending obs.
-        ahead = next_obs if final_obs is None else torch.where(_rows(end, next_obs), final_obs, next_obs)
-        self.obs[after, envs] = ahead
-        self.valid[after, envs] = False
+        rows = end.reshape(-1, *([1] * (next_obs.ndim - 1)))
+        store["obs"][after, envs] = next_obs if final_obs is None else xp.where(rows, arr(final_obs), next_obs)
+        store["valid"][after, envs] = False
         # An ended episode keeps its final-obs slot; the next episode starts one slot further on.
-        self.ptr = (after + end.long()) % self.slots
-        started = self.ptr
-        self.obs[started, envs] = torch.where(_rows(end, next_obs), next_obs, self.obs[started, envs])
-        self.valid[started, envs] = self.valid[started, envs] & ~end
-        if self.tree is not None:  # new transitions get the highest priority so far; the other written slots none
-            n = self.num_envs
-            touched = torch.cat([slot * n + envs, after * n + envs, started * n + envs])
-            zeros = torch.zeros(2 * n, dtype=torch.float64, device=self.device)
-            values = torch.cat([torch.full((n,), self.max_priority, dtype=torch.float64, device=self.device), zeros])
-            self.tree.set(touched, values)
+        started = (after + end * 1) % self.slots
+        store["obs"][started, envs] = xp.where(rows, next_obs, store["obs"][started, envs])
+        store["valid"][started, envs] = store["valid"][started, envs] & ~end
+        store["ptr"][:] = started
+        if self.tree is not None:
+            self._new_priorities(*(torch.as_tensor(x, device=self.device) for x in (slot, after, started, envs)))
         self.transitions_added += self.num_envs
         self.filled = min(self.slots, self.filled + 2)
+
+    def _new_priorities(self, slot: Tensor, after: Tensor, started: Tensor, envs: Tensor) -> None:
+        """New transitions get the highest priority so far; the pending and final-obs slots get none."""
+        assert self.tree is not None
+        n = self.num_envs
+        touched = torch.cat([slot * n + envs, after * n + envs, started * n + envs])
+        values = torch.zeros(3 * n, dtype=torch.float64, device=self.device)
+        values[:n] = self.max_priority
+        self.tree.set(touched, values)
 
     def sample(self, batch_size: int, generator: torch.Generator | None = None) -> Batch:
         """Uniform over stored transitions, with n-step returns that stop at episode ends.
@@ -208,8 +224,3 @@ class ReplayBuffer:
         self.transitions_added = int(meta["transitions_added"])
         self.filled = int(meta["filled"])
         self.max_priority = float(meta["max_priority"])
-
-
-def _rows(mask: Tensor, like: Tensor) -> Tensor:
-    """A [N] mask broadcast over the trailing dimensions of `like` ([N, ...])."""
-    return mask.view(-1, *([1] * (like.dim() - 1)))
