@@ -81,7 +81,8 @@ class ReplayBuffer:
         self.max_priority = 1.0
         self.transitions_added = 0
         self.filled = 0
-        """An upper bound on the slots written so far in any env's ring (each add advances a ring by 1 or 2)."""
+        """Slots of the furthest-advanced ring that hold transitions (each add advances a ring by 1, or 2 at an
+        episode end); sampling draws below it and redraws the few pending or final-obs slots it hits."""
 
     @property
     def bytes_per_transition(self) -> float:
@@ -132,7 +133,7 @@ class ReplayBuffer:
         if self.tree is not None:
             self._new_priorities(*(torch.as_tensor(x, device=self.device) for x in (slot, after, started, envs)))
         self.transitions_added += self.num_envs
-        self.filled = min(self.slots, self.filled + 2)
+        self.filled = min(self.slots, self.filled + (2 if bool(end.any()) else 1))
 
     def _new_priorities(self, slot: Tensor, after: Tensor, started: Tensor, envs: Tensor) -> None:
         """New transitions get the highest priority so far; the pending and final-obs slots get none."""
@@ -188,6 +189,16 @@ class ReplayBuffer:
     def gather(self, flat_index: Tensor) -> Batch:
         """The transitions at flat indices (slot * num_envs + env), with their n-step targets."""
         slot, env = flat_index // self.num_envs, flat_index % self.num_envs
+        if self.n_step == 1:  # the common case, without the n-step window
+            return Batch(
+                obs=self.obs[slot, env],
+                actions=self.actions[slot, env],
+                rewards=self.rewards[slot, env],
+                next_obs=self.obs[(slot + 1) % self.slots, env],
+                terminated=self.terminated[slot, env],
+                discounts=torch.full(slot.shape, self.gamma, device=self.device),
+                indices=flat_index,
+            )
         steps = (slot.unsqueeze(1) + torch.arange(self.n_step, device=self.device)) % self.slots
         envs = env.unsqueeze(1).expand_as(steps)
         end = self.episode_end[steps, envs]
