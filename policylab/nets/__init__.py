@@ -1,7 +1,26 @@
 """Networks: stacked MLPs, action heads, actor-critics."""
 
 from policylab.nets.actor_critic import ActorCritic
+from policylab.nets.critics import (
+    CategoricalActor,
+    ContinuousCritic,
+    DeterministicActor,
+    QNetwork,
+    TanhGaussianActor,
+)
 from policylab.nets.heads import CategoricalHead, GaussianHead, MultiCategoricalHead, make_head
 from policylab.nets.mlp import StackedMLP
 
-__all__ = ["ActorCritic", "CategoricalHead", "GaussianHead", "MultiCategoricalHead", "StackedMLP", "make_head"]
+__all__ = [
+    "ActorCritic",
+    "CategoricalActor",
+    "CategoricalHead",
+    "ContinuousCritic",
+    "DeterministicActor",
+    "GaussianHead",
+    "MultiCategoricalHead",
+    "QNetwork",
+    "StackedMLP",
+    "TanhGaussianActor",
+    "make_head",
+]

@@ -13,6 +13,7 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 ACTIVATION_FNS = {"tanh": torch.tanh, "relu": torch.relu, "elu": nn.functional.elu, "silu": nn.functional.silu}
@@ -27,10 +28,12 @@ class StackedMLP(nn.Module):
         hidden_sizes: Sequence[int],
         out_dim: int,
         activation: str = "tanh",
+        layer_norm: bool = False,
     ) -> None:
         super().__init__()
         dims = [in_dim, *hidden_sizes, out_dim]
         self.members = members
+        self.layer_norm = layer_norm
         self.activation = activation
         self._act = ACTIVATION_FNS[activation]
         # A narrowing layer (e.g. the output) is stored [K, out, in], the others [K, in, out]: MKL's
@@ -41,6 +44,14 @@ class StackedMLP(nn.Module):
             for d_in, d_out, t in zip(dims[:-1], dims[1:], self.transposed)
         )
         self.biases = nn.ParameterList(nn.Parameter(torch.zeros(members, 1, d_out)) for d_out in dims[1:])
+        # LayerNorm before each hidden activation (per member: its own scale and shift), as critics in
+        # hybrid offline-online RL use it (e.g. RLPD).
+        self.norm_scales = nn.ParameterList(
+            nn.Parameter(torch.ones(members, 1, d)) for d in (hidden_sizes if layer_norm else ())
+        )
+        self.norm_shifts = nn.ParameterList(
+            nn.Parameter(torch.zeros(members, 1, d)) for d in (hidden_sizes if layer_norm else ())
+        )
         # Plain lists of the same Parameter objects: ParameterList indexing costs microseconds per call.
         self._layers = list(zip(self.weights, self.biases, self.transposed))
         self._numpy_key: tuple[int, ...] = ()
@@ -78,15 +89,18 @@ class StackedMLP(nn.Module):
 
     @property
     def analytic_backward(self) -> bool:
-        """Whether `forward_cached`/`backward` support this activation (tanh and relu)."""
-        return self.activation in ("tanh", "relu")
+        """Whether `forward_cached`/`backward`/`numpy_forward` apply: tanh or relu, no LayerNorm."""
+        return self.activation in ("tanh", "relu") and not self.layer_norm
 
     def forward(self, x: Tensor) -> Tensor:
         """x: [B, in] (the same input to every member) or [K, B, in]. Returns [K, B, out]."""
         h = x.unsqueeze(0).expand(self.members, -1, -1) if x.dim() == 2 else x
         act = self._act
-        for w, b, transposed in self._layers[:-1]:
-            h = act(torch.baddbmm(b, h, w.transpose(1, 2) if transposed else w))
+        for i, (w, b, transposed) in enumerate(self._layers[:-1]):
+            h = torch.baddbmm(b, h, w.transpose(1, 2) if transposed else w)
+            if self.layer_norm:
+                h = F.layer_norm(h, h.shape[-1:]) * self.norm_scales[i] + self.norm_shifts[i]
+            h = act(h)
         w, b, transposed = self._layers[-1]
         return torch.baddbmm(b, h, w.transpose(1, 2) if transposed else w)
 

@@ -1,0 +1,154 @@
+"""Networks of the off-policy family: Q-functions and actors.
+
+Critic ensembles (twin critics, REDQ-style ensembles, TQC's quantile critics)
+are members of one `StackedMLP`, so K critics cost one batched matmul per
+layer, never a Python loop over critics.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from policylab.nets.mlp import StackedMLP
+
+_LOG_2 = math.log(2.0)
+_LOG_2PI = math.log(2 * math.pi)
+
+
+class QNetwork(nn.Module):
+    """Q(s, .) for Discrete actions; dueling: V(s) + A(s, a) - mean_a A(s, a). Returns [K, B, n_actions]."""
+
+    def __init__(
+        self,
+        obs_dim: int,
+        n_actions: int,
+        hidden_sizes: Sequence[int] = (64, 64),
+        activation: str = "relu",
+        dueling: bool = False,
+        members: int = 1,
+    ) -> None:
+        super().__init__()
+        self.dueling = dueling
+        self.body = StackedMLP(members, obs_dim, hidden_sizes, n_actions + 1 if dueling else n_actions, activation)
+
+    def forward(self, obs: Tensor) -> Tensor:
+        y = self.body(obs.flatten(1))
+        if not self.dueling:
+            return y
+        value, advantage = y[..., :1], y[..., 1:]
+        return value + advantage - advantage.mean(-1, keepdim=True)
+
+
+class ContinuousCritic(nn.Module):
+    """Q(s, a) for Box actions: K critics in one call. Returns [K, B] (`quantiles` > 1: [K, B, quantiles])."""
+
+    def __init__(
+        self,
+        obs_dim: int,
+        act_dim: int,
+        hidden_sizes: Sequence[int] = (256, 256),
+        activation: str = "relu",
+        members: int = 2,
+        layer_norm: bool = False,
+        quantiles: int = 1,
+    ) -> None:
+        super().__init__()
+        self.quantiles = quantiles
+        self.body = StackedMLP(members, obs_dim + act_dim, hidden_sizes, quantiles, activation, layer_norm)
+
+    def forward(self, obs: Tensor, actions: Tensor) -> Tensor:
+        y = self.body(torch.cat([obs.flatten(1), actions.flatten(1)], -1))
+        return y[..., 0] if self.quantiles == 1 else y
+
+
+def scale_to_bounds(squashed: Tensor, low: Tensor, high: Tensor) -> Tensor:
+    """[-1, 1] -> [low, high], elementwise."""
+    return low + (squashed + 1.0) * 0.5 * (high - low)
+
+
+class DeterministicActor(nn.Module):
+    """a = low + (tanh(mu(s)) + 1) / 2 * (high - low): DDPG / TD3 actions inside the env's bounds."""
+
+    low: Tensor
+    high: Tensor
+
+    def __init__(
+        self,
+        obs_dim: int,
+        low: Tensor,
+        high: Tensor,
+        hidden_sizes: Sequence[int] = (256, 256),
+        activation: str = "relu",
+    ) -> None:
+        super().__init__()
+        self.body = StackedMLP(1, obs_dim, hidden_sizes, low.numel(), activation)
+        self.register_buffer("low", low.reshape(-1).float())
+        self.register_buffer("high", high.reshape(-1).float())
+
+    def forward(self, obs: Tensor) -> Tensor:
+        return scale_to_bounds(torch.tanh(self.body(obs.flatten(1))[0]), self.low, self.high)
+
+
+class TanhGaussianActor(nn.Module):
+    """SAC's actor: state-dependent mean and log-std, a = tanh(u) scaled to the bounds, u ~ N(mean, std).
+
+    log pi(a|s) = log N(u; mean, std) - sum log(1 - tanh(u)^2) - sum log((high - low) / 2),
+    with log(1 - tanh(u)^2) = 2 (log 2 - u - softplus(-2u)) for numerical stability.
+    """
+
+    low: Tensor
+    high: Tensor
+
+    def __init__(
+        self,
+        obs_dim: int,
+        low: Tensor,
+        high: Tensor,
+        hidden_sizes: Sequence[int] = (256, 256),
+        activation: str = "relu",
+        log_std_bounds: tuple[float, float] = (-20.0, 2.0),
+    ) -> None:
+        super().__init__()
+        self.act_dim = low.numel()
+        self.body = StackedMLP(1, obs_dim, hidden_sizes, 2 * self.act_dim, activation)
+        self.log_std_bounds = log_std_bounds
+        self.register_buffer("low", low.reshape(-1).float())
+        self.register_buffer("high", high.reshape(-1).float())
+
+    def _mean_log_std(self, obs: Tensor) -> tuple[Tensor, Tensor]:
+        y = self.body(obs.flatten(1))[0]
+        mean, log_std = y[:, : self.act_dim], y[:, self.act_dim :]
+        return mean, log_std.clamp(*self.log_std_bounds)
+
+    def sample(self, obs: Tensor, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+        """A reparameterized sample (gradients flow through it) and its log-probability [B]."""
+        mean, log_std = self._mean_log_std(obs)
+        noise = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
+        u = mean + log_std.exp() * noise
+        logp = (-0.5 * noise * noise - log_std - 0.5 * _LOG_2PI).sum(-1)
+        logp = logp - (2.0 * (_LOG_2 - u - F.softplus(-2.0 * u))).sum(-1)
+        logp = logp - torch.log((self.high - self.low) * 0.5).sum()
+        return scale_to_bounds(torch.tanh(u), self.low, self.high), logp
+
+    def forward(self, obs: Tensor) -> Tensor:
+        """The deterministic action (tanh of the mean, scaled)."""
+        return scale_to_bounds(torch.tanh(self._mean_log_std(obs)[0]), self.low, self.high)
+
+
+class CategoricalActor(nn.Module):
+    """Discrete SAC's actor: the whole distribution (probabilities and log-probabilities) for every action."""
+
+    def __init__(
+        self, obs_dim: int, n_actions: int, hidden_sizes: Sequence[int] = (256, 256), activation: str = "relu"
+    ):
+        super().__init__()
+        self.body = StackedMLP(1, obs_dim, hidden_sizes, n_actions, activation)
+
+    def forward(self, obs: Tensor) -> tuple[Tensor, Tensor]:
+        logp = torch.log_softmax(self.body(obs.flatten(1))[0], -1)
+        return logp.exp(), logp

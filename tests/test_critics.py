@@ -1,0 +1,86 @@
+"""Off-policy networks: ensembles in one call equal separate critics; dueling; SAC's log-probability."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.distributions import Normal, TanhTransform, TransformedDistribution
+
+from policylab.nets import CategoricalActor, ContinuousCritic, DeterministicActor, QNetwork, TanhGaussianActor
+
+
+def _member_forward(mlp, k: int, x: torch.Tensor) -> torch.Tensor:
+    """Member k of a StackedMLP evaluated alone, layer by layer with F.linear (relu)."""
+    h = x
+    for i in range(len(mlp.weights)):
+        h = F.linear(h, mlp.weight(i)[k].T, mlp.biases[i][k, 0])
+        if i < len(mlp.weights) - 1:
+            h = torch.relu(h)
+    return h
+
+
+def test_critic_ensemble_in_one_call_equals_separate_critics():
+    torch.manual_seed(0)
+    critic = ContinuousCritic(obs_dim=5, act_dim=2, hidden_sizes=(32, 32), members=4)
+    obs, actions = torch.randn(16, 5), torch.randn(16, 2)
+    q = critic(obs, actions)
+    assert q.shape == (4, 16)
+    x = torch.cat([obs, actions], -1)
+    for k in range(4):
+        torch.testing.assert_close(q[k], _member_forward(critic.body, k, x)[:, 0])
+    assert ContinuousCritic(5, 2, (8,), members=2, quantiles=25)(obs, actions).shape == (2, 16, 25)
+
+
+def test_layer_norm_critic_normalizes_hidden_features():
+    torch.manual_seed(0)
+    critic = ContinuousCritic(3, 1, (64,), members=2, layer_norm=True, activation="tanh")
+    assert not critic.body.analytic_backward
+    obs, actions = torch.randn(8, 3) * 100, torch.randn(8, 1) * 100
+    q = critic(obs, actions)
+    assert q.shape == (2, 8) and bool(torch.isfinite(q).all())
+    q.sum().backward()
+    assert critic.body.norm_scales[0].grad is not None
+
+
+def test_dueling_q_values_by_hand():
+    net = QNetwork(obs_dim=3, n_actions=3, hidden_sizes=(4,), dueling=True)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.zero_()
+        net.body.biases[-1][0, 0] = torch.tensor([2.0, 1.0, 2.0, 6.0])  # V = 2, A = (1, 2, 6), mean A = 3
+    q = net(torch.zeros(1, 3))
+    assert q[0, 0].tolist() == [0.0, 1.0, 5.0]  # 2 + A - 3
+
+
+def test_tanh_gaussian_log_prob_matches_torch_distributions_and_bounds():
+    torch.manual_seed(0)
+    low, high = torch.tensor([-2.0, 0.0]), torch.tensor([2.0, 1.0])
+    actor = TanhGaussianActor(obs_dim=4, low=low, high=high, hidden_sizes=(16,))
+    obs = torch.randn(32, 4)
+    actions, logp = actor.sample(obs, torch.Generator().manual_seed(1))
+    assert bool(((actions >= low) & (actions <= high)).all())
+    mean, log_std = actor._mean_log_std(obs)
+    dist = TransformedDistribution(Normal(mean, log_std.exp()), [TanhTransform(cache_size=1)])
+    squashed = (actions - low) / (high - low) * 2.0 - 1.0
+    reference = dist.log_prob(squashed.clamp(-1 + 1e-6, 1 - 1e-6)).sum(-1) - torch.log((high - low) / 2).sum()
+    torch.testing.assert_close(logp, reference, atol=2e-3, rtol=1e-4)
+    logp.sum().backward()  # reparameterized: gradients reach the network
+    assert actor.body.weights[0].grad is not None
+    assert bool(((actor(obs) >= low) & (actor(obs) <= high)).all())
+
+
+def test_deterministic_and_categorical_actors():
+    actor = DeterministicActor(3, torch.tensor([-1.0]), torch.tensor([3.0]), hidden_sizes=(8,))
+    with torch.no_grad():
+        for p in actor.parameters():
+            p.zero_()
+    assert actor(torch.zeros(2, 3)).tolist() == [[1.0], [1.0]]  # tanh(0) = 0: the middle of [-1, 3]
+    probs, logp = CategoricalActor(3, 4, hidden_sizes=(8,))(torch.randn(5, 3))
+    assert probs.shape == (5, 4) and torch.allclose(probs.sum(-1), torch.ones(5))
+    assert torch.allclose(logp.exp(), probs)
+
+
+@pytest.mark.parametrize("members", [1, 3])
+def test_q_network_shapes(members):
+    assert QNetwork(6, 4, (16,), members=members)(torch.randn(7, 6)).shape == (members, 7, 4)
