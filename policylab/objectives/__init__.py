@@ -1,4 +1,6 @@
-"""Objectives: pure functions, tensors in, (loss, metrics) out. Nothing here knows about envs or networks."""
+"""Objectives: pure functions, tensors in, (loss, metrics) out. Nothing here knows about envs or networks.
+
+The off-policy targets (DQN, TD3, SAC, TQC) are in `policylab.objectives.q_targets`."""
 
 from policylab.objectives.advantages import gae, mc_returns
 from policylab.objectives.aggregation import aggregate

@@ -1,0 +1,99 @@
+"""Bootstrapped targets of the off-policy family, as pure functions over tensors.
+
+Every target takes the replay batch's `rewards` (n-step sums), `discounts`
+(gamma^m for the m steps summed) and `terminated` (no bootstrap after a
+terminal state; truncations do bootstrap), so 1-step and n-step batches,
+from envs or from datasets, use the same code.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def bootstrap(rewards: Tensor, discounts: Tensor, terminated: Tensor, next_value: Tensor) -> Tensor:
+    """r + discount * (1 - terminated) * V(s')."""
+    return rewards + discounts * (~terminated).to(next_value.dtype) * next_value
+
+
+def dqn_target(
+    rewards: Tensor, discounts: Tensor, terminated: Tensor, next_q_target: Tensor, next_q_online: Tensor | None = None
+) -> Tensor:
+    """max_a Q_target(s', a), or with `next_q_online` double DQN: Q_target(s', argmax_a Q_online(s', a)). [B, A] in."""
+    if next_q_online is None:
+        next_value = next_q_target.max(-1).values
+    else:
+        next_value = next_q_target.gather(-1, next_q_online.argmax(-1, keepdim=True)).squeeze(-1)
+    return bootstrap(rewards, discounts, terminated, next_value)
+
+
+def target_policy_smoothing(
+    actions: Tensor, noise_std: float, noise_clip: float, low: Tensor, high: Tensor, generator: torch.Generator | None
+) -> Tensor:
+    """TD3: a' = clip(mu'(s') + clip(N(0, std), -c, c), low, high)."""
+    noise = torch.randn(actions.shape, generator=generator, device=actions.device, dtype=actions.dtype) * noise_std
+    return torch.clamp(actions + noise.clamp(-noise_clip, noise_clip), low, high)
+
+
+def td3_target(rewards: Tensor, discounts: Tensor, terminated: Tensor, next_q: Tensor) -> Tensor:
+    """Clipped double Q: r + d (1 - done) min_k Q_k(s', a'). `next_q` is [K, B]."""
+    return bootstrap(rewards, discounts, terminated, next_q.min(0).values)
+
+
+def sac_target(
+    rewards: Tensor, discounts: Tensor, terminated: Tensor, next_q: Tensor, next_logp: Tensor, alpha: Tensor | float
+) -> Tensor:
+    """Soft target: r + d (1 - done) (min_k Q_k(s', a') - alpha log pi(a'|s')), a' ~ pi(.|s'). [K, B], [B] in."""
+    return bootstrap(rewards, discounts, terminated, next_q.min(0).values - alpha * next_logp)
+
+
+def discrete_sac_target(
+    rewards: Tensor,
+    discounts: Tensor,
+    terminated: Tensor,
+    next_q: Tensor,
+    next_probs: Tensor,
+    next_logp: Tensor,
+    alpha: Tensor | float,
+) -> Tensor:
+    """Discrete SAC: the expectation over a' is exact: sum_a pi(a|s') (min_k Q_k(s', a) - alpha log pi(a|s')).
+    `next_q` is [K, B, A]; `next_probs`, `next_logp` are [B, A]."""
+    next_value = (next_probs * (next_q.min(0).values - alpha * next_logp)).sum(-1)
+    return bootstrap(rewards, discounts, terminated, next_value)
+
+
+def tqc_target(
+    rewards: Tensor,
+    discounts: Tensor,
+    terminated: Tensor,
+    next_quantiles: Tensor,
+    drop_per_critic: int,
+    next_logp: Tensor,
+    alpha: Tensor | float,
+) -> Tensor:
+    """TQC (Kuznetsov et al. 2020): pool the K x M target quantiles, sort them, drop the K * drop_per_critic
+    largest (the overestimation), and shift the rest by the entropy term. [K, B, M] in, [B, K*M - K*drop] out."""
+    k, batch, m = next_quantiles.shape
+    pooled = next_quantiles.permute(1, 0, 2).reshape(batch, k * m).sort(-1).values
+    kept = pooled[:, : k * m - k * drop_per_critic]
+    next_atoms = kept - (alpha * next_logp).unsqueeze(-1)
+    return rewards.unsqueeze(-1) + (discounts * (~terminated).to(kept.dtype)).unsqueeze(-1) * next_atoms
+
+
+def quantile_huber_loss(quantiles: Tensor, target: Tensor, kappa: float = 1.0) -> Tensor:
+    """Quantile regression with the Huber loss (QR-DQN / TQC): quantiles [K, B, M] at midpoints
+    tau_i = (i + 0.5) / M against target atoms [B, N]; mean over everything."""
+    m = quantiles.shape[-1]
+    taus = (torch.arange(m, device=quantiles.device, dtype=quantiles.dtype) + 0.5) / m
+    diff = target.unsqueeze(0).unsqueeze(-2) - quantiles.unsqueeze(-1)  # [K, B, M, N]
+    abs_diff = diff.abs()
+    huber = torch.where(abs_diff <= kappa, 0.5 * diff * diff, kappa * (abs_diff - 0.5 * kappa))
+    weight = (taus.view(1, 1, m, 1) - (diff < 0).to(diff.dtype)).abs()
+    return (weight * huber).mean()
+
+
+@torch.no_grad()
+def polyak_update(target: list[Tensor], online: list[Tensor], tau: float) -> None:
+    """target <- (1 - tau) target + tau online, in one foreach call (tau = 1: a hard copy)."""
+    torch._foreach_lerp_(target, online, tau)
