@@ -15,12 +15,20 @@ import gymnasium as gym
 import torch
 from torch import Tensor
 
-from policylab.algos.onpolicy import OnPolicyConfig, adam, build_actor_critic, make_learner, set_lr, whole_rollout_step
+from policylab.algos.onpolicy import (
+    OnPolicyConfig,
+    adam,
+    annealed,
+    build_actor_critic,
+    make_learner,
+    rollout_advantages,
+    set_lr,
+    whole_rollout_step,
+)
 from policylab.algos.ppo import explained_variance
 from policylab.data import Batch
 from policylab.errors import ConfigError
 from policylab.nets import ActorCritic
-from policylab.objectives import gae
 from policylab.optim import Optimizer
 
 
@@ -65,16 +73,8 @@ class A2C:
 
     def update(self, rollout: Batch, progress: float) -> dict[str, Tensor]:
         cfg = self.cfg
-        set_lr(self.optimizer, cfg.lr * max(0.0, 1.0 - progress) if cfg.anneal_lr else cfg.lr)
-        advantages, returns = gae(
-            rollout.rewards,
-            rollout.values,
-            rollout.next_values,
-            rollout.terminated,
-            rollout.episode_end,
-            cfg.gamma,
-            cfg.gae_lambda,
-        )
+        set_lr(self.optimizer, annealed(cfg.lr, progress, cfg.anneal_lr))
+        advantages, returns = rollout_advantages(rollout, "gae", cfg)
         metrics = whole_rollout_step(self.learner, rollout, advantages, returns, cfg)
         metrics["explained_variance"] = explained_variance(rollout.values.flatten(), returns.flatten())
         return metrics

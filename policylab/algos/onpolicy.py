@@ -14,7 +14,7 @@ from policylab.config import CommonConfig
 from policylab.data import Batch
 from policylab.errors import ConfigError
 from policylab.nets import ActorCritic
-from policylab.objectives import entropy_bonus, pg_surrogate, value_loss
+from policylab.objectives import ADVANTAGES, entropy_bonus, pg_surrogate, value_loss
 from policylab.optim import Adam, Optimizer, ParameterBuffer
 
 
@@ -73,6 +73,25 @@ def adam(params: list[nn.Parameter], lr: float, eps: float = 1e-5) -> Adam:
 def set_lr(optimizer: Optimizer, lr: float) -> None:
     for group in optimizer.param_groups:
         group["lr"] = lr
+
+
+def annealed(value: float, progress: float, anneal: bool) -> float:
+    """`value` decayed linearly to 0 over the run (progress 0 -> 1), if `anneal`; the last rollout may
+    overshoot the step budget, so the factor is clamped at 0."""
+    return value * max(0.0, 1.0 - progress) if anneal else value
+
+
+def rollout_advantages(rollout: Batch, estimator: str, cfg: OnPolicyConfig) -> tuple[Tensor, Tensor]:
+    """(advantages, returns) of a T x N rollout by a registered estimator ("gae", "mc")."""
+    return ADVANTAGES.get(estimator)(
+        rollout.rewards,
+        rollout.values,
+        rollout.next_values,
+        rollout.terminated,
+        rollout.episode_end,
+        cfg.gamma,
+        cfg.gae_lambda,
+    )
 
 
 def optimizer_step(

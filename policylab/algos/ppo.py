@@ -24,16 +24,17 @@ from policylab.algos.onpolicy import (
     ActorCriticLoss,
     OnPolicyConfig,
     adam,
+    annealed,
     build_actor_critic,
     make_learner,
     mean_metrics,
     normalize,
+    rollout_advantages,
     set_lr,
 )
 from policylab.data import Batch
 from policylab.errors import ConfigError
 from policylab.nets import ActorCritic
-from policylab.objectives import gae
 
 
 @dataclass
@@ -86,20 +87,11 @@ class PPO:
 
     def update(self, rollout: Batch, progress: float) -> dict[str, Tensor]:
         cfg = self.cfg
-        remaining = max(0.0, 1.0 - progress)  # the last rollout may overshoot the step budget
-        set_lr(self.optimizer, cfg.lr * remaining if cfg.anneal_lr else cfg.lr)
-        clip_low = cfg.clip_eps * remaining if cfg.anneal_clip else cfg.clip_eps
-        clip_high = None if cfg.clip_eps_high is None else cfg.clip_eps_high * (remaining if cfg.anneal_clip else 1.0)
+        set_lr(self.optimizer, annealed(cfg.lr, progress, cfg.anneal_lr))
+        clip_low = annealed(cfg.clip_eps, progress, cfg.anneal_clip)
+        clip_high = None if cfg.clip_eps_high is None else annealed(cfg.clip_eps_high, progress, cfg.anneal_clip)
 
-        advantages, returns = gae(
-            rollout.rewards,
-            rollout.values,
-            rollout.next_values,
-            rollout.terminated,
-            rollout.episode_end,
-            cfg.gamma,
-            cfg.gae_lambda,
-        )
+        advantages, returns = rollout_advantages(rollout, "gae", cfg)
         data = Batch(
             obs=rollout.obs,
             actions=rollout.actions,

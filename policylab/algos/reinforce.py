@@ -15,10 +15,18 @@ from dataclasses import dataclass
 import gymnasium as gym
 from torch import Tensor
 
-from policylab.algos.onpolicy import OnPolicyConfig, adam, build_actor_critic, make_learner, set_lr, whole_rollout_step
+from policylab.algos.onpolicy import (
+    OnPolicyConfig,
+    adam,
+    annealed,
+    build_actor_critic,
+    make_learner,
+    rollout_advantages,
+    set_lr,
+    whole_rollout_step,
+)
 from policylab.data import Batch
 from policylab.nets import ActorCritic
-from policylab.objectives import mc_returns
 
 
 @dataclass
@@ -46,13 +54,6 @@ class Reinforce:
 
     def update(self, rollout: Batch, progress: float) -> dict[str, Tensor]:
         cfg = self.cfg
-        set_lr(self.optimizer, cfg.lr * max(0.0, 1.0 - progress) if cfg.anneal_lr else cfg.lr)
-        advantages, returns = mc_returns(
-            rollout.rewards,
-            rollout.values,
-            rollout.next_values,
-            rollout.terminated,
-            rollout.episode_end,
-            cfg.gamma,
-        )
+        set_lr(self.optimizer, annealed(cfg.lr, progress, cfg.anneal_lr))
+        advantages, returns = rollout_advantages(rollout, "mc", cfg)
         return whole_rollout_step(self.learner, rollout, advantages, returns, cfg)

@@ -71,6 +71,12 @@ def scale_to_bounds(squashed: Tensor, low: Tensor, high: Tensor) -> Tensor:
     return low + (squashed + 1.0) * 0.5 * (high - low)
 
 
+def _register_bounds(module: nn.Module, low: Tensor, high: Tensor) -> None:
+    """The action bounds as buffers: they move with the module and are saved in its state_dict."""
+    module.register_buffer("low", low.reshape(-1).float())
+    module.register_buffer("high", high.reshape(-1).float())
+
+
 class DeterministicActor(nn.Module):
     """a = low + (tanh(mu(s)) + 1) / 2 * (high - low): DDPG / TD3 actions inside the env's bounds."""
 
@@ -87,8 +93,7 @@ class DeterministicActor(nn.Module):
     ) -> None:
         super().__init__()
         self.body = StackedMLP(1, obs_dim, hidden_sizes, low.numel(), activation)
-        self.register_buffer("low", low.reshape(-1).float())
-        self.register_buffer("high", high.reshape(-1).float())
+        _register_bounds(self, low, high)
 
     def forward(self, obs: Tensor) -> Tensor:
         return scale_to_bounds(torch.tanh(self.body(obs.flatten(1))[0]), self.low, self.high)
@@ -117,8 +122,7 @@ class TanhGaussianActor(nn.Module):
         self.act_dim = low.numel()
         self.body = StackedMLP(1, obs_dim, hidden_sizes, 2 * self.act_dim, activation)
         self.log_std_bounds = log_std_bounds
-        self.register_buffer("low", low.reshape(-1).float())
-        self.register_buffer("high", high.reshape(-1).float())
+        _register_bounds(self, low, high)
 
     def _mean_log_std(self, obs: Tensor) -> tuple[Tensor, Tensor]:
         y = self.body(obs.flatten(1))[0]

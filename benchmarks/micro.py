@@ -1,0 +1,125 @@
+"""Micro-benchmarks behind the "where the time goes" numbers in benchmarks/README.md.
+
+    .venv/bin/python benchmarks/micro.py [--threads 1]
+
+Prints medians over 5 repetitions of:
+- the PPO CartPole preset's rollout (us per vector step of 8 envs) and update (us per gradient step),
+  with the analytic-gradient step and with autograd (`analytic_grads=false`);
+- one gradient step of the 64x64 actor-critic at batch 256, analytic vs autograd;
+- the raw env: random actions through the same vectorized CartPole;
+- the import cost of torch.optim's first optimizer (it imports torch._dynamo), in a fresh process;
+- replay buffer add (1 env) and sample(256) from a 1M-transition buffer.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+
+import numpy as np
+import torch
+
+
+def timed(fn: Callable[[], object], n: int, warmup: int = 20) -> float:
+    """Median over 5 repetitions of the mean seconds per call of `fn`, over `n` calls."""
+    for _ in range(warmup):
+        fn()
+    runs = []
+    for _ in range(5):
+        start = time.perf_counter()
+        for _ in range(n):
+            fn()
+        runs.append((time.perf_counter() - start) / n)
+    return statistics.median(runs)
+
+
+def ppo_phases(analytic: bool) -> tuple[float, float]:
+    """(us per rollout step, us per gradient step) of the CartPole preset."""
+    from policylab.algos import get_algo
+    from policylab.train import OnPolicyLoop, resolve_config
+
+    spec = get_algo("ppo")
+    cfg, _ = resolve_config(spec, "CartPole-v1", 100_000, 1, None, {"eval_every": 0, "analytic_grads": analytic})
+    loop = OnPolicyLoop(spec, cfg)
+    rollouts = [loop.collect() for _ in range(3)]
+    collect = timed(loop.collect, 20, warmup=0) / cfg.n_steps
+    update = timed(lambda: loop.algo.update(rollouts[0], 0.1), 10, warmup=2) / cfg.epochs
+    loop.close()
+    return collect * 1e6, update * 1e6
+
+
+def gradient_step(analytic: bool) -> float:
+    import gymnasium as gym
+
+    from policylab.algos.onpolicy import ActorCriticLoss, OnPolicyConfig, make_learner
+    from policylab.data import Batch
+    from policylab.nets import ActorCritic
+    from policylab.optim import Adam
+
+    net = ActorCritic(gym.spaces.Box(-1, 1, (4,)), gym.spaces.Discrete(2))
+    learner = make_learner(net, OnPolicyConfig(analytic_grads=analytic), lambda p: Adam(p, lr=1e-3, eps=1e-5))
+    b = 256
+    batch = Batch(
+        obs=torch.randn(b, 4),
+        actions=torch.randint(0, 2, (b,)),
+        logp=torch.full((b,), -0.69),
+        values=torch.randn(b),
+        advantages=torch.randn(b),
+        returns=torch.randn(b),
+    )
+    loss = ActorCriticLoss()
+    return timed(lambda: learner.step(batch, loss, with_metrics=False), 200) * 1e6
+
+
+def raw_env() -> float:
+    from policylab.envs import make_vec_env
+
+    env = make_vec_env("CartPole-v1", 8)
+    env.reset(seed=0)
+    rng = np.random.default_rng(0)
+    return 8 / timed(lambda: env.step(rng.integers(0, 2, 8)), 5000)
+
+
+def optim_import_seconds() -> float:
+    code = (
+        "import torch, time; p = [torch.nn.Parameter(torch.zeros(1))]; t = time.perf_counter(); "
+        "torch.optim.Adam(p); print(time.perf_counter() - t)"
+    )
+    return float(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)
+
+
+def replay() -> tuple[float, float]:
+    from policylab.data import ReplayBuffer
+
+    buf = ReplayBuffer(1_000_000, 1, (17,), (6,))
+    o, a = np.zeros((1, 17), np.float32), np.zeros((1, 6), np.float32)
+    r, f = np.ones(1, np.float32), np.zeros(1, bool)
+    add = timed(lambda: buf.add(o, a, r, o, f, f, o), 20_000)
+    g = torch.Generator().manual_seed(0)
+    return add * 1e6, timed(lambda: buf.sample(256, g), 1000) * 1e6
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    for analytic in (True, False):
+        collect, update = ppo_phases(analytic)
+        name = "analytic" if analytic else "autograd"
+        print(f"PPO CartPole preset ({name}): rollout {collect:.0f} us/step, update {update:.0f} us/gradient step")
+    print(
+        f"one gradient step, batch 256: analytic {gradient_step(True):.0f} us, autograd {gradient_step(False):.0f} us"
+    )
+    print(f"raw CartPole, 8 envs, random actions: {raw_env():,.0f} env steps/s")
+    print(f"first torch.optim optimizer (imports torch._dynamo): {optim_import_seconds():.2f} s")
+    add, sample = replay()
+    print(f"replay buffer, 1M transitions: add {add:.0f} us (1 env), sample(256) {sample:.0f} us")
+
+
+if __name__ == "__main__":
+    main()
