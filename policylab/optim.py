@@ -160,21 +160,26 @@ class ParameterBuffer:
     to None, so autograd accumulates into the views.
     """
 
-    def __init__(self, params: Iterable[torch.nn.Parameter]) -> None:
+    def __init__(self, params: Iterable[torch.nn.Parameter], with_grad: bool = True) -> None:
+        """`with_grad=False` (e.g. a target network): flat parameters only, which then do not require grad."""
         self.params = list(params)
         first = self.params[0]
         total = sum(p.numel() for p in self.params)
-        self.flat = torch.nn.Parameter(torch.empty(total, dtype=first.dtype, device=first.device))
-        self.grad = torch.zeros(total, dtype=first.dtype, device=first.device)
+        self.flat = torch.nn.Parameter(torch.empty(total, dtype=first.dtype, device=first.device), with_grad)
+        self.grad = torch.zeros(total if with_grad else 0, dtype=first.dtype, device=first.device)
         offset = 0
         with torch.no_grad():
             for p in self.params:
                 n = p.numel()
                 self.flat[offset : offset + n].copy_(p.reshape(-1))
                 p.data = self.flat.data[offset : offset + n].view_as(p)
-                p.grad = self.grad[offset : offset + n].view_as(p)
+                if with_grad:
+                    p.grad = self.grad[offset : offset + n].view_as(p)
+                else:
+                    p.requires_grad_(False)
                 offset += n
-        self.flat.grad = self.grad
+        if with_grad:
+            self.flat.grad = self.grad
 
     def zero_grad(self) -> None:
         self.grad.zero_()

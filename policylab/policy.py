@@ -14,11 +14,11 @@ from typing import Any
 import gymnasium as gym
 import numpy as np
 import torch
+from torch import nn
 
 from policylab.checkpoint import load_checkpoint, load_module_state, unprefixed
 from policylab.envs import ObsNormalizer, make_single_env, make_vec_env
 from policylab.errors import CheckpointError, EnvError, PolicylabError
-from policylab.nets import ActorCritic
 
 
 def space_to_json(space: gym.Space) -> dict[str, Any]:
@@ -55,7 +55,7 @@ class Policy:
 
     def __init__(
         self,
-        net: ActorCritic,
+        net: nn.Module,
         observation_space: gym.spaces.Box,
         action_space: gym.Space,
         obs_normalizer: ObsNormalizer | None = None,
@@ -64,7 +64,7 @@ class Policy:
         algo: str | None = None,
         seed: int = 0,
     ) -> None:
-        self.net = net
+        self.net: Any = net  # any policy network: it has env_action(obs, deterministic, generator)
         self.observation_space = observation_space
         self.action_space = action_space
         self.obs_normalizer = obs_normalizer
@@ -90,8 +90,7 @@ class Policy:
             x = self.obs_normalizer(x)
         with torch.inference_mode():
             t = torch.from_numpy(x).to(self._device)
-            raw = self.net.deterministic(t) if deterministic else self.net.act(t, self._generator)[0]
-            actions = self.net.head.to_env(raw).cpu().numpy()
+            actions = self.net.env_action(t, deterministic, self._generator).cpu().numpy()
         if isinstance(self.action_space, gym.spaces.Discrete):
             actions = actions.astype(np.int64)
             return int(actions[0]) if single else actions

@@ -27,9 +27,9 @@ from torch import Tensor
 from policylab import checkpoint as ckpt
 from policylab.algos import AlgoSpec, get_algo
 from policylab.config import CommonConfig, apply_values, dump_yaml, load_yaml, parse_count
-from policylab.data import Batch, RolloutBuffer
+from policylab.data import Batch, ReplayBuffer, RolloutBuffer
 from policylab.envs import EpisodeTracker, ObsNormalizer, RewardScaler, VecEnv, make_vec_env, resolve_env_id
-from policylab.errors import ConfigError, PolicylabError, TrainingDiverged
+from policylab.errors import ConfigError, TrainingDiverged
 from policylab.logging import CONFIG_YAML, Progress, RunLog, new_run_dir
 from policylab.policy import Policy, evaluate, space_to_json
 from policylab.presets import find_preset
@@ -188,9 +188,6 @@ class OnPolicyLoop:
         tensors = ckpt.prefixed("policy", self.net.state_dict())
         optim_tensors, optim_meta = ckpt.optimizer_to_flat("optim", self.algo.optimizer)
         tensors.update(optim_tensors)
-        tensors["rng/generator"] = self.algo.generator.get_state()
-        tensors["rng/torch"] = torch.get_rng_state()
-        tensors["loop/obs"] = torch.from_numpy(self.obs.copy())
         if self.obs_norm is not None:
             tensors.update(
                 {f"obs_norm/{k}": torch.from_numpy(np.asarray(v)) for k, v in self.obs_norm.rms.state().items()}
@@ -199,11 +196,7 @@ class OnPolicyLoop:
             tensors.update(
                 {f"reward_scaler/{k}": torch.from_numpy(np.asarray(v)) for k, v in self.reward_scaler.state().items()}
             )
-        env_state = self.env.get_state()
-        env_json = None
-        if env_state is not None:
-            env_json, env_tensors = _split_arrays(env_state)
-            tensors.update(ckpt.prefixed("env", env_tensors))
+        env_json = _env_state(self.env, self.obs, self.algo.generator, tensors)
         state = {
             "algo": self.spec.name,
             "config": dataclasses.asdict(self.cfg),
@@ -217,11 +210,8 @@ class OnPolicyLoop:
         return tensors, state
 
     def load_state(self, tensors: dict[str, Tensor], state: dict[str, Any]) -> list[str]:
-        notes = []
         ckpt.load_module_state(self.net, ckpt.unprefixed("policy", tensors), f"checkpoint at step {state['step']}")
         ckpt.optimizer_from_flat("optim", self.algo.optimizer, tensors, state["optimizer"])
-        self.algo.generator.set_state(tensors["rng/generator"])
-        torch.set_rng_state(tensors["rng/torch"])
         if self.obs_norm is not None:
             self.obs_norm.rms.load({k: tensors[f"obs_norm/{k}"].numpy() for k in ("mean", "var", "count")})
         if self.reward_scaler is not None:
@@ -231,17 +221,190 @@ class OnPolicyLoop:
         self.tracker.load(state["episodes"])
         self.step = int(state["step"])
         self.iteration = int(state["iteration"])
-        if state.get("env") is not None:
-            self.env.set_state(_join_arrays(state["env"], ckpt.unprefixed("env", tensors)))
-            self.obs = tensors["loop/obs"].numpy().copy()
+        obs = _load_env_state(self.env, self.algo.generator, state, tensors)
+        if obs is not None:
+            self.obs = obs
+            return []
+        self.obs = self._normalize(self.env.reset(seed=self.cfg.seed + self.iteration), update=False)
+        return [_ENV_RESTARTS]
+
+    def parameters(self) -> list[Tensor]:
+        return list(self.net.parameters())
+
+    def close(self) -> None:
+        self.env.close()
+
+
+class OffPolicyLoop:
+    """Steps the envs with the exploring policy into a replay buffer; every `train_freq` vector steps,
+    `gradient_steps` updates on sampled batches. One iteration is `log_every` env steps."""
+
+    def __init__(self, spec: AlgoSpec, cfg: Any) -> None:
+        torch.set_num_threads(cfg.threads)
+        torch.manual_seed(cfg.seed)
+        self.cfg = cfg
+        self.spec = spec
+        self.env: VecEnv = make_vec_env(cfg.env, cfg.num_envs, cfg.vectorization, cfg.env_kwargs)
+        self.obs_space: Any = self.env.single_observation_space
+        self.act_space = self.env.single_action_space
+        try:
+            self.algo = spec.algo_cls(cfg, self.obs_space, self.act_space)
+        except BaseException:
+            self.env.close()
+            raise
+        self.net = self.algo.net
+        self.tracker = EpisodeTracker(cfg.num_envs)
+        self.buffer = ReplayBuffer(
+            cfg.buffer_size,
+            cfg.num_envs,
+            tuple(self.obs_space.shape or ()),
+            self.algo.action_shape,
+            self.algo.action_dtype,
+            n_step=cfg.n_step,
+            gamma=cfg.gamma,
+            prioritized=cfg.prioritized,
+            alpha=cfg.per_alpha,
+            beta=cfg.per_beta,
+            device=cfg.device,
+        )
+        self.step = 0
+        self.iteration = 0
+        self.vec_steps = 0
+        self.updates = 0
+        self.updates_after = cfg.learning_starts
+        """Updates run once `step` exceeds this (moved on when a resumed run refills its buffer)."""
+        self.obs = self.env.reset(seed=cfg.seed)
+
+    def policy(self) -> Policy:
+        return Policy(self.net, self.obs_space, self.act_space, None, self.cfg.env, self.cfg.env_kwargs)
+
+    def parameters(self) -> list[Tensor]:
+        modules = [self.net, *self.algo.modules.values()]
+        return [p for m in modules for p in m.parameters()]
+
+    def iterate(self) -> dict[str, Tensor]:
+        """`log_every` env steps (fewer at the end of the run), with their updates."""
+        cfg, algo, buffer, env = self.cfg, self.algo, self.buffer, self.env
+        history: dict[str, list[Tensor]] = {}
+        for _ in range(max(1, cfg.log_every // cfg.num_envs)):
+            if self.step >= cfg.steps:
+                break
+            obs = self.obs
+            if self.step < cfg.learning_starts:
+                actions = algo.random_actions(cfg.num_envs)
+            else:
+                actions = algo.explore(obs, self.step / cfg.steps)
+            res = env.step(algo.to_env(actions))
+            self.tracker.update(res.reward, res.episode_end)
+            buffer.add(obs, actions, res.reward, res.obs, res.terminated, res.truncated, res.final_obs)
+            self.obs = res.obs
+            self.step += cfg.num_envs
+            self.vec_steps += 1
+            algo.after_step(self.step)
+            if self.step > self.updates_after and self.vec_steps % cfg.train_freq == 0:
+                for _ in range(cfg.updates_per_train):
+                    batch = buffer.sample(cfg.batch_size, algo.generator)
+                    metrics = algo.update(batch, self.updates)
+                    td_error = metrics.pop("td_error", None)
+                    if buffer.prioritized and td_error is not None:
+                        buffer.update_priorities(batch.indices, td_error)
+                    self.updates += 1
+                    for key, value in metrics.items():
+                        history.setdefault(key, []).append(value)
+        self.iteration += 1
+        out = {key: torch.stack(values).mean() for key, values in history.items()}
+        out["updates"] = torch.tensor(float(self.updates))
+        return out
+
+    # checkpoint state ------------------------------------------------------------------------
+
+    def state(self) -> tuple[dict[str, Tensor], dict[str, Any]]:
+        tensors = ckpt.prefixed("policy", self.net.state_dict())
+        for name, module in self.algo.modules.items():
+            tensors.update(ckpt.prefixed(name, module.state_dict()))
+        optimizers = {}
+        for name, optimizer in self.algo.optimizers.items():
+            optim_tensors, optimizers[name] = ckpt.optimizer_to_flat(f"optim_{name}", optimizer)
+            tensors.update(optim_tensors)
+        buffer_meta = None
+        if self.cfg.save_buffer:
+            buffer_tensors, buffer_meta = self.buffer.state()
+            tensors.update(ckpt.prefixed("buffer", buffer_tensors))
+        env_json = _env_state(self.env, self.obs, self.algo.generator, tensors)
+        state = {
+            "algo": self.spec.name,
+            "config": dataclasses.asdict(self.cfg),
+            "step": self.step,
+            "iteration": self.iteration,
+            "vec_steps": self.vec_steps,
+            "updates": self.updates,
+            "updates_after": self.updates_after,
+            "optimizers": optimizers,
+            "buffer": buffer_meta,
+            "env": env_json,
+            "episodes": self.tracker.state(),
+            "spaces": {"observation": space_to_json(self.obs_space), "action": space_to_json(self.act_space)},
+        }
+        return tensors, state
+
+    def load_state(self, tensors: dict[str, Tensor], state: dict[str, Any]) -> list[str]:
+        where = f"checkpoint at step {state['step']}"
+        ckpt.load_module_state(self.net, ckpt.unprefixed("policy", tensors), where)
+        for name, module in self.algo.modules.items():
+            ckpt.load_module_state(module, ckpt.unprefixed(name, tensors), where)
+        for name, optimizer in self.algo.optimizers.items():
+            ckpt.optimizer_from_flat(f"optim_{name}", optimizer, tensors, state["optimizers"][name])
+        self.tracker.load(state["episodes"])
+        self.step = int(state["step"])
+        self.iteration = int(state["iteration"])
+        self.vec_steps = int(state["vec_steps"])
+        self.updates = int(state["updates"])
+        self.updates_after = int(state["updates_after"])
+        obs = _load_env_state(self.env, self.algo.generator, state, tensors)
+        notes = [] if obs is not None else [_ENV_RESTARTS]
+        self.obs = obs if obs is not None else self.env.reset(seed=self.cfg.seed + self.iteration)
+        if state.get("buffer") is not None:
+            self.buffer.load(ckpt.unprefixed("buffer", tensors), state["buffer"])
         else:
-            raw = self.env.reset(seed=self.cfg.seed + self.iteration)
-            self.obs = self._normalize(raw, update=False)
-            notes.append("this env's state cannot be saved, so its episodes restart on resume (not bit-exact)")
+            refill = max(self.cfg.learning_starts, self.cfg.batch_size)
+            self.updates_after = self.step + refill
+            notes.append(
+                f"the replay buffer was not saved (save_buffer=false): updates resume after {refill:,} new steps "
+                "refill it, so this run will not match an uninterrupted one exactly"
+            )
         return notes
 
     def close(self) -> None:
         self.env.close()
+
+
+def _env_state(env: VecEnv, obs: np.ndarray, generator: torch.Generator, tensors: dict[str, Tensor]) -> Any:
+    """RNG states, current observations and the env's own state into `tensors`; returns the env's JSON part."""
+    tensors["rng/generator"] = generator.get_state()
+    tensors["rng/torch"] = torch.get_rng_state()
+    tensors["loop/obs"] = torch.from_numpy(obs.copy())
+    env_state = env.get_state()
+    if env_state is None:
+        return None
+    env_json, env_tensors = _split_arrays(env_state)
+    tensors.update(ckpt.prefixed("env", env_tensors))
+    return env_json
+
+
+_ENV_RESTARTS = "this env's state cannot be saved, so its episodes restart on resume (not bit-exact)"
+
+
+def _load_env_state(
+    env: VecEnv, generator: torch.Generator, state: dict[str, Any], tensors: dict[str, Tensor]
+) -> np.ndarray | None:
+    """The inverse of `_env_state`: the saved current observations, or None if the env could not be saved
+    (the caller resets it, and says so)."""
+    generator.set_state(tensors["rng/generator"])
+    torch.set_rng_state(tensors["rng/torch"])
+    if state.get("env") is None:
+        return None
+    env.set_state(_join_arrays(state["env"], ckpt.unprefixed("env", tensors)))
+    return tensors["loop/obs"].numpy().copy()
 
 
 def _split_arrays(obj: Any, path: str = "") -> tuple[Any, dict[str, Tensor]]:
@@ -301,9 +464,13 @@ class _StopFlag:
             signal.signal(signal.SIGINT, self._previous)
 
 
-def _finite_check(loop: OnPolicyLoop, metrics: dict[str, Tensor], last_ckpt: Path | None) -> None:
+Loop = OnPolicyLoop | OffPolicyLoop
+LOOPS: dict[str, Callable[[AlgoSpec, Any], Loop]] = {"on-policy": OnPolicyLoop, "off-policy": OffPolicyLoop}
+
+
+def _finite_check(loop: Loop, metrics: dict[str, Tensor], last_ckpt: Path | None) -> None:
     bad = [k for k, v in metrics.items() if not torch.isfinite(v).all()]
-    norms = torch._foreach_norm(list(loop.net.parameters()))
+    norms = torch._foreach_norm(loop.parameters())
     if not torch.isfinite(torch.stack(norms)).all():
         bad.append("parameters")
     if bad:
@@ -380,7 +547,7 @@ class _Session:
     """One training session of a run: the loop, its run directory and logs, the eval/checkpoint schedule."""
 
     def __init__(
-        self, spec: AlgoSpec, cfg: Any, loop: OnPolicyLoop, run_dir: Path, notes: list[str], state: dict[str, Any]
+        self, spec: AlgoSpec, cfg: Any, loop: Loop, run_dir: Path, notes: list[str], state: dict[str, Any]
     ) -> None:
         self.spec, self.cfg, self.loop, self.dir, self.notes = spec, cfg, loop, run_dir, notes
         resumed = bool(state)
@@ -407,8 +574,7 @@ class _Session:
     ) -> _Session:
         spec = get_algo(algo)
         cfg, notes = resolve_config(spec, env, steps, seed, config, overrides, preset)
-        _check_loop_kind(spec)
-        loop = OnPolicyLoop(spec, cfg)  # env and networks first: a failed start leaves no run directory behind
+        loop = LOOPS[spec.kind](spec, cfg)  # env and networks first: a failed start leaves no run directory behind
         run_dir = new_run_dir(
             runs_dir, name or f"{spec.name}-{cfg.env.replace('/', '_').replace(':', '_')}-s{cfg.seed}"
         )
@@ -427,8 +593,7 @@ class _Session:
         cfg = apply_values(spec.config_cls(), state["config"], str(ckpt_dir / ckpt.STATE))
         if steps is not None:
             cfg = dataclasses.replace(cfg, steps=parse_count(steps))
-        _check_loop_kind(spec)
-        loop = OnPolicyLoop(spec, cfg)
+        loop = LOOPS[spec.kind](spec, cfg)
         run_dir = ckpt_dir.parent.parent
         try:
             notes = [f"resuming {run_dir} from step {state['step']:,}", *loop.load_state(tensors, state)]
@@ -494,11 +659,6 @@ class _Session:
             )
         self.log.close()
         return Run(self.dir, self.spec.name, cfg, loop.step, final_eval, interrupted, self.notes)
-
-
-def _check_loop_kind(spec: AlgoSpec) -> None:
-    if spec.kind != "on-policy":  # pragma: no cover - other kinds arrive with their issues
-        raise PolicylabError(f"{spec.name} is not trainable by this loop yet", "use ppo, a2c or reinforce")
 
 
 def _next_multiple(step: int, every: int) -> int:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -59,15 +60,20 @@ def test_tanh_gaussian_log_prob_matches_torch_distributions_and_bounds():
     actor = TanhGaussianActor(obs_dim=4, low=low, high=high, hidden_sizes=(16,))
     obs = torch.randn(32, 4)
     actions, logp = actor.sample(obs, torch.Generator().manual_seed(1))
-    assert bool(((actions >= low) & (actions <= high)).all())
+    assert bool(((actions >= -1) & (actions <= 1)).all())
     mean, log_std = actor._mean_log_std(obs)
     dist = TransformedDistribution(Normal(mean, log_std.exp()), [TanhTransform(cache_size=1)])
-    squashed = (actions - low) / (high - low) * 2.0 - 1.0
-    reference = dist.log_prob(squashed.clamp(-1 + 1e-6, 1 - 1e-6)).sum(-1) - torch.log((high - low) / 2).sum()
+    reference = dist.log_prob(actions.clamp(-1 + 1e-6, 1 - 1e-6)).sum(-1)
     torch.testing.assert_close(logp, reference, atol=2e-3, rtol=1e-4)
     logp.sum().backward()  # reparameterized: gradients reach the network
     assert actor.body.weights[0].grad is not None
-    assert bool(((actor(obs) >= low) & (actor(obs) <= high)).all())
+    env_actions = actor.env_action(obs)
+    assert bool(((env_actions >= low) & (env_actions <= high)).all())
+    torch.testing.assert_close(env_actions, low + (actor(obs) + 1) / 2 * (high - low))
+    # the numpy acting path draws the same actions from the same noise
+    noise = torch.randn(32, 2)
+    expected = torch.tanh(mean + log_std.exp() * noise).detach().numpy()
+    np.testing.assert_allclose(actor.sample_numpy(obs.numpy(), noise.numpy()), expected, atol=1e-5)
 
 
 def test_deterministic_and_categorical_actors():
@@ -75,10 +81,18 @@ def test_deterministic_and_categorical_actors():
     with torch.no_grad():
         for p in actor.parameters():
             p.zero_()
-    assert actor(torch.zeros(2, 3)).tolist() == [[1.0], [1.0]]  # tanh(0) = 0: the middle of [-1, 3]
-    probs, logp = CategoricalActor(3, 4, hidden_sizes=(8,))(torch.randn(5, 3))
+    assert actor(torch.zeros(2, 3)).tolist() == [[0.0], [0.0]]
+    assert actor.env_action(torch.zeros(2, 3)).tolist() == [[1.0], [1.0]]  # tanh(0) = 0: the middle of [-1, 3]
+    categorical = CategoricalActor(3, 4, hidden_sizes=(8,))
+    probs, logp = categorical(torch.randn(5, 3))
     assert probs.shape == (5, 4) and torch.allclose(probs.sum(-1), torch.ones(5))
     assert torch.allclose(logp.exp(), probs)
+    # inverse-CDF numpy draws follow the probabilities (chi-square, fixed seed)
+    obs = np.zeros((20_000, 3), dtype=np.float32)
+    draws = categorical.sample_numpy(obs, np.random.default_rng(0).random(20_000))
+    expected = categorical(torch.zeros(1, 3))[0][0].detach().numpy() * 20_000
+    chi2 = (((np.bincount(draws, minlength=4) - expected) ** 2) / expected).sum()
+    assert chi2 < 16.3  # p = 0.001 with 3 degrees of freedom
 
 
 @pytest.mark.parametrize("members", [1, 3])

@@ -8,6 +8,7 @@ from typing import Any
 from policylab.algos.a2c import A2C, A2CConfig
 from policylab.algos.ppo import PPO, PPOConfig
 from policylab.algos.reinforce import Reinforce, ReinforceConfig
+from policylab.algos.sac import SAC, SACConfig
 from policylab.errors import ConfigError, suggest
 
 
@@ -18,7 +19,9 @@ class AlgoSpec:
     algo_cls: Any
     """A class with build_policy(cfg, obs_space, act_space), update(rollout, progress), net, optimizer, generator."""
     kind: str
-    """on-policy: the loop collects rollouts with the current policy and hands them to update()."""
+    """on-policy: the loop collects rollouts with the current policy and hands them to update(rollout, progress).
+    off-policy: the loop steps the envs into a replay buffer and calls update(batch, index) on sampled batches
+    (the interface is described in algos/offpolicy.py)."""
     regimes: tuple[str, ...]
     summary: str
 
@@ -31,6 +34,7 @@ ALGORITHMS: dict[str, AlgoSpec] = {
         AlgoSpec(
             "reinforce", ReinforceConfig, Reinforce, "on-policy", ("online",), "REINFORCE with a learned baseline"
         ),
+        AlgoSpec("sac", SACConfig, SAC, "off-policy", ("online",), "SAC: max-entropy actor-critic, auto temperature"),
     )
 }
 
@@ -45,4 +49,16 @@ def get_algo(name: str) -> AlgoSpec:
     return ALGORITHMS[key]
 
 
-__all__ = ["ALGORITHMS", "AlgoSpec", "get_algo", "A2C", "A2CConfig", "PPO", "PPOConfig", "Reinforce", "ReinforceConfig"]
+__all__ = [
+    "ALGORITHMS",
+    "AlgoSpec",
+    "get_algo",
+    "A2C",
+    "A2CConfig",
+    "PPO",
+    "PPOConfig",
+    "Reinforce",
+    "ReinforceConfig",
+    "SAC",
+    "SACConfig",
+]

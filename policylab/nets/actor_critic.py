@@ -86,3 +86,8 @@ class ActorCritic(nn.Module):
 
     def deterministic(self, obs: Tensor) -> Tensor:
         return self.head.mode(self.forward(obs)[0])
+
+    def env_action(self, obs: Tensor, deterministic: bool = True, generator: torch.Generator | None = None) -> Tensor:
+        """Actions as the env takes them (every policy network has this method; `Policy.act` calls it)."""
+        raw = self.deterministic(obs) if deterministic else self.act(obs, generator)[0]
+        return self.head.to_env(raw)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -43,6 +44,15 @@ class QNetwork(nn.Module):
         value, advantage = y[..., :1], y[..., 1:]
         return value + advantage - advantage.mean(-1, keepdim=True)
 
+    def greedy_numpy(self, obs: np.ndarray) -> np.ndarray:
+        """argmax_a Q(s, a) of member 0, in numpy (CPU acting; the dueling mean does not move the argmax)."""
+        y = self.body.numpy_forward(obs.reshape(len(obs), -1))[0]
+        return (y[:, 1:] if self.dueling else y).argmax(-1)
+
+    def env_action(self, obs: Tensor, deterministic: bool = True, generator: torch.Generator | None = None) -> Tensor:
+        """The greedy action of member 0 (a Q-network's policy is greedy either way)."""
+        return self(obs)[0].argmax(-1)
+
 
 class ContinuousCritic(nn.Module):
     """Q(s, a) for Box actions: K critics in one call. Returns [K, B] (`quantiles` > 1: [K, B, quantiles])."""
@@ -71,17 +81,25 @@ def scale_to_bounds(squashed: Tensor, low: Tensor, high: Tensor) -> Tensor:
     return low + (squashed + 1.0) * 0.5 * (high - low)
 
 
-def _register_bounds(module: nn.Module, low: Tensor, high: Tensor) -> None:
-    """The action bounds as buffers: they move with the module and are saved in its state_dict."""
-    module.register_buffer("low", low.reshape(-1).float())
-    module.register_buffer("high", high.reshape(-1).float())
-
-
-class DeterministicActor(nn.Module):
-    """a = low + (tanh(mu(s)) + 1) / 2 * (high - low): DDPG / TD3 actions inside the env's bounds."""
+class _BoundedActor(nn.Module):
+    """Actors act in [-1, 1] (what critics and the replay buffer see, as in SB3); `env_action` scales to the
+    env's bounds, which are buffers: they move with the module and are saved in its state_dict."""
 
     low: Tensor
     high: Tensor
+
+    def __init__(self, low: Tensor, high: Tensor) -> None:
+        super().__init__()
+        self.register_buffer("low", low.reshape(-1).float())
+        self.register_buffer("high", high.reshape(-1).float())
+
+    def to_env_numpy(self, squashed: np.ndarray) -> np.ndarray:
+        low, high = self.low.numpy(), self.high.numpy()
+        return low + (squashed + 1.0) * 0.5 * (high - low)
+
+
+class DeterministicActor(_BoundedActor):
+    """DDPG / TD3: a = tanh(mu(s)) in [-1, 1]; the env gets low + (a + 1) / 2 * (high - low)."""
 
     def __init__(
         self,
@@ -91,23 +109,26 @@ class DeterministicActor(nn.Module):
         hidden_sizes: Sequence[int] = (256, 256),
         activation: str = "relu",
     ) -> None:
-        super().__init__()
+        super().__init__(low, high)
         self.body = StackedMLP(1, obs_dim, hidden_sizes, low.numel(), activation)
-        _register_bounds(self, low, high)
 
     def forward(self, obs: Tensor) -> Tensor:
-        return scale_to_bounds(torch.tanh(self.body(obs.flatten(1))[0]), self.low, self.high)
+        return torch.tanh(self.body(obs.flatten(1))[0])
+
+    def forward_numpy(self, obs: np.ndarray) -> np.ndarray:
+        return np.tanh(self.body.numpy_forward(obs.reshape(len(obs), -1))[0])
+
+    def env_action(self, obs: Tensor, deterministic: bool = True, generator: torch.Generator | None = None) -> Tensor:
+        return scale_to_bounds(self(obs), self.low, self.high)
 
 
-class TanhGaussianActor(nn.Module):
-    """SAC's actor: state-dependent mean and log-std, a = tanh(u) scaled to the bounds, u ~ N(mean, std).
+class TanhGaussianActor(_BoundedActor):
+    """SAC's actor: state-dependent mean and log-std, a = tanh(u) in [-1, 1], u ~ N(mean, std).
 
-    log pi(a|s) = log N(u; mean, std) - sum log(1 - tanh(u)^2) - sum log((high - low) / 2),
-    with log(1 - tanh(u)^2) = 2 (log 2 - u - softplus(-2u)) for numerical stability.
+    log pi(a|s) = log N(u; mean, std) - sum log(1 - tanh(u)^2), with
+    log(1 - tanh(u)^2) = 2 (log 2 - u - softplus(-2u)) for numerical stability. The density is
+    that of the [-1, 1] action (as in SB3), so entropy targets do not depend on the env's bounds.
     """
-
-    low: Tensor
-    high: Tensor
 
     def __init__(
         self,
@@ -118,11 +139,10 @@ class TanhGaussianActor(nn.Module):
         activation: str = "relu",
         log_std_bounds: tuple[float, float] = (-20.0, 2.0),
     ) -> None:
-        super().__init__()
+        super().__init__(low, high)
         self.act_dim = low.numel()
         self.body = StackedMLP(1, obs_dim, hidden_sizes, 2 * self.act_dim, activation)
         self.log_std_bounds = log_std_bounds
-        _register_bounds(self, low, high)
 
     def _mean_log_std(self, obs: Tensor) -> tuple[Tensor, Tensor]:
         y = self.body(obs.flatten(1))[0]
@@ -136,12 +156,21 @@ class TanhGaussianActor(nn.Module):
         u = mean + log_std.exp() * noise
         logp = (-0.5 * noise * noise - log_std - 0.5 * _LOG_2PI).sum(-1)
         logp = logp - (2.0 * (_LOG_2 - u - F.softplus(-2.0 * u))).sum(-1)
-        logp = logp - torch.log((self.high - self.low) * 0.5).sum()
-        return scale_to_bounds(torch.tanh(u), self.low, self.high), logp
+        return torch.tanh(u), logp
 
     def forward(self, obs: Tensor) -> Tensor:
-        """The deterministic action (tanh of the mean, scaled)."""
-        return scale_to_bounds(torch.tanh(self._mean_log_std(obs)[0]), self.low, self.high)
+        """The deterministic action, tanh of the mean."""
+        return torch.tanh(self._mean_log_std(obs)[0])
+
+    def sample_numpy(self, obs: np.ndarray, noise: np.ndarray) -> np.ndarray:
+        """tanh(mean + std * noise) in numpy (CPU acting on small batches, no log-prob)."""
+        y = self.body.numpy_forward(obs.reshape(len(obs), -1))[0]
+        log_std = np.clip(y[:, self.act_dim :], *self.log_std_bounds)
+        return np.tanh(y[:, : self.act_dim] + np.exp(log_std) * noise)
+
+    def env_action(self, obs: Tensor, deterministic: bool = True, generator: torch.Generator | None = None) -> Tensor:
+        squashed = self(obs) if deterministic else self.sample(obs, generator)[0]
+        return scale_to_bounds(squashed, self.low, self.high)
 
 
 class CategoricalActor(nn.Module):
@@ -156,3 +185,14 @@ class CategoricalActor(nn.Module):
     def forward(self, obs: Tensor) -> tuple[Tensor, Tensor]:
         logp = torch.log_softmax(self.body(obs.flatten(1))[0], -1)
         return logp.exp(), logp
+
+    def sample_numpy(self, obs: np.ndarray, uniform: np.ndarray) -> np.ndarray:
+        """Inverse-CDF draws from the softmax, in numpy: `uniform` is [B] in [0, 1)."""
+        logits = self.body.numpy_forward(obs.reshape(len(obs), -1))[0]
+        probs = np.exp(logits - logits.max(-1, keepdims=True))
+        cdf = np.cumsum(probs, -1)
+        return np.minimum((cdf < uniform[:, None] * cdf[:, -1:]).sum(-1), probs.shape[-1] - 1)
+
+    def env_action(self, obs: Tensor, deterministic: bool = True, generator: torch.Generator | None = None) -> Tensor:
+        probs, _ = self(obs)
+        return probs.argmax(-1) if deterministic else torch.multinomial(probs, 1, generator=generator).squeeze(-1)

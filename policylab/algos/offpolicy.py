@@ -1,0 +1,188 @@
+"""What the off-policy family (DQN, DDPG, TD3, SAC, discrete SAC, TQC) shares: config fields, flat-parameter
+Adam, target networks, the entropy temperature, action-space checks and random actions.
+
+An off-policy algorithm is a class with:
+
+- `net`: the acting policy (saved as `policy/`, what `pl.load` returns), with `env_action(obs, deterministic)`;
+- `modules` / `optimizers`: everything else a checkpoint needs (critics, targets, temperature);
+- `generator`: the one torch RNG for exploration, sampling and target noise;
+- `random_actions(n)`, `explore(obs, progress)`: replay-format actions (numpy) for the warm-up and after it;
+- `to_env(actions)`: replay format -> what the env takes (Box actions live in [-1, 1] in the buffer and
+  the critics, as in SB3, and are scaled to the env's bounds on the way out);
+- `after_step(step)`: called after every vector-env step (DQN's target updates count env steps);
+- `update(batch, index) -> metrics`: one gradient step on a replay `Batch` (from envs or a dataset: the
+  same fields). A metric named `td_error` ([B], |TD error|) feeds prioritized replay and is not logged.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+
+import gymnasium as gym
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from policylab.config import CommonConfig
+from policylab.errors import ConfigError, EnvError
+from policylab.objectives.q_targets import polyak_update
+from policylab.optim import Adam, ParameterBuffer
+
+
+@dataclass
+class OffPolicyConfig(CommonConfig):
+    num_envs: int = 1
+    hidden_sizes: list[int] = field(default_factory=lambda: [256, 256])
+    activation: str = "relu"
+    lr: float = 3e-4
+    buffer_size: int = 1_000_000
+    """Replay capacity in transitions (next observations are not stored twice; see ReplayBuffer)."""
+    learning_starts: int = 100
+    """Env steps of uniformly random actions before the first update."""
+    batch_size: int = 256
+    train_freq: int = 1
+    """Update after every train_freq vector-env steps (train_freq * num_envs env steps)."""
+    gradient_steps: int = 1
+    """Gradient steps per update (-1: one per env step collected since the last update); the
+    update-to-data ratio is gradient_steps / (train_freq * num_envs)."""
+    tau: float = 0.005
+    """Polyak factor of the target networks (1.0: hard copies)."""
+    n_step: int = 1
+    """n-step returns from the replay buffer (they stop at episode ends)."""
+    prioritized: bool = False
+    """Proportional prioritized replay (Schaul et al. 2016)."""
+    per_alpha: float = 0.6
+    per_beta: float = 0.4
+    max_grad_norm: float | None = None
+    """Clip each network's global gradient norm (None: no clipping)."""
+    save_buffer: bool = False
+    """Save the replay buffer in checkpoints (large) so that resume is exact; without it, a resumed run
+    refills the buffer before updating again."""
+    log_every: int = 1_000
+    """Env steps per training iteration: one log row, progress update and NaN check each."""
+
+    def validate(self) -> None:
+        super().validate()
+        for name in ("buffer_size", "batch_size", "train_freq", "n_step", "log_every"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{name}={getattr(self, name)} must be > 0", f"set {name} to a positive value")
+        if self.gradient_steps == 0 or self.gradient_steps < -1:
+            raise ConfigError(
+                f"gradient_steps={self.gradient_steps} must be > 0 or -1",
+                "set gradient_steps to e.g. 1 (or -1: one per env step collected)",
+            )
+        if self.learning_starts < 0:
+            raise ConfigError(
+                f"learning_starts={self.learning_starts} must be >= 0", "set learning_starts to 0 or more"
+            )
+        if not 0.0 < self.tau <= 1.0:
+            raise ConfigError(f"tau={self.tau} is outside (0, 1]", "set tau to e.g. 0.005 (1.0: hard target copies)")
+        if self.lr <= 0:
+            raise ConfigError(f"lr={self.lr} must be > 0", "set lr to e.g. 3e-4")
+        if self.normalize_obs or self.normalize_reward:
+            raise ConfigError(
+                "normalize_obs / normalize_reward are not supported by the off-policy algorithms yet",
+                "drop them (--set normalize_obs=false normalize_reward=false); off-policy presets do not use them",
+            )
+
+    @property
+    def updates_per_train(self) -> int:
+        return self.train_freq * self.num_envs if self.gradient_steps == -1 else self.gradient_steps
+
+
+class FlatAdam:
+    """A module's parameters as one flat tensor with Adam on it: zeroing, clipping and the step are one
+    operator call each, whatever the number of parameter tensors."""
+
+    def __init__(self, module: nn.Module, lr: float, max_grad_norm: float | None = None, eps: float = 1e-8) -> None:
+        self.params = ParameterBuffer(module.parameters())
+        self.optimizer = Adam([self.params.flat], lr=lr, eps=eps)
+        self.max_grad_norm = max_grad_norm
+
+    def step(self, loss: Tensor) -> None:
+        self.params.zero_grad()
+        loss.backward()
+        if self.max_grad_norm is not None:
+            self.params.clip_grad_norm_(self.max_grad_norm)
+        self.optimizer.step()
+
+
+class TargetNetwork:
+    """A frozen copy of a network, its parameters in one flat tensor: a Polyak update is one lerp."""
+
+    def __init__(self, online: nn.Module, online_params: ParameterBuffer) -> None:
+        self.module = copy.deepcopy(online)
+        self.params = ParameterBuffer(self.module.parameters(), with_grad=False)
+        self._online = online_params
+
+    def update(self, tau: float) -> None:
+        polyak_update([self.params.flat.data], [self._online.flat.data], tau)
+
+    def __call__(self, *args: Tensor) -> Tensor:
+        return self.module(*args)
+
+
+class Temperature(nn.Module):
+    """SAC's entropy temperature alpha = exp(log_alpha), tuned so that the policy's entropy tracks a target
+    (Haarnoja et al. 2018b): loss = -log_alpha * (log pi + target_entropy), detached."""
+
+    def __init__(self, initial: float, auto: bool, target_entropy: float, lr: float) -> None:
+        super().__init__()
+        if initial <= 0:
+            raise ConfigError(f"alpha={initial} must be > 0", "set alpha to e.g. 1.0 (the initial temperature)")
+        self.log_alpha = nn.Parameter(torch.tensor([float(np.log(initial))]), requires_grad=auto)
+        self.target_entropy = target_entropy
+        self.optimizer = Adam([self.log_alpha], lr=lr) if auto else None
+
+    def update(self, entropy_gap: Tensor) -> Tensor:
+        """One step on E[log pi + target_entropy] (`entropy_gap`, [B]); returns alpha from before the step."""
+        alpha = self.log_alpha.detach().exp()
+        if self.optimizer is not None:
+            loss = -(self.log_alpha * entropy_gap.detach()).mean()
+            self.log_alpha.grad = None
+            loss.backward()
+            self.optimizer.step()
+        return alpha
+
+
+def box_bounds(act_space: gym.Space, algo: str) -> tuple[Tensor, Tensor]:
+    """The finite bounds of a Box action space (off-policy actors squash into them)."""
+    if not isinstance(act_space, gym.spaces.Box):
+        raise EnvError(
+            f"{algo} needs a continuous (Box) action space; this env has {type(act_space).__name__}",
+            "use dqn or sac_discrete for Discrete actions, or another env",
+        )
+    low, high = np.asarray(act_space.low, np.float32), np.asarray(act_space.high, np.float32)
+    if not (np.isfinite(low).all() and np.isfinite(high).all()):
+        raise EnvError(
+            f"{algo} needs finite action bounds; this env's Box is [{low.min()}, {high.max()}]",
+            "wrap the env with gymnasium.wrappers.RescaleAction (or ClipAction) to give it finite bounds",
+        )
+    return torch.from_numpy(low), torch.from_numpy(high)
+
+
+def discrete_actions(act_space: gym.Space, algo: str) -> int:
+    if not isinstance(act_space, gym.spaces.Discrete):
+        raise EnvError(
+            f"{algo} needs a Discrete action space; this env has {type(act_space).__name__}",
+            "use sac, td3, tqc or ddpg for Box actions, or another env",
+        )
+    return int(act_space.n)
+
+
+def obs_dim(obs_space: gym.Space) -> int:
+    return int(np.prod(obs_space.shape or ()))
+
+
+def uniform_box_actions(n: int, act_dim: int, generator: torch.Generator) -> np.ndarray:
+    """Uniform actions in [-1, 1] (the replay format of Box actions)."""
+    return (torch.rand((n, act_dim), generator=generator, device=generator.device) * 2.0 - 1.0).cpu().numpy()
+
+
+def uniform_discrete_actions(n: int, n_actions: int, generator: torch.Generator) -> np.ndarray:
+    return torch.randint(n_actions, (n,), generator=generator, device=generator.device).cpu().numpy()
+
+
+def seeded_generator(seed: int, device: str) -> torch.Generator:
+    return torch.Generator(device=device).manual_seed(seed)

@@ -1,0 +1,130 @@
+"""SAC (Haarnoja et al. 2018, arXiv:1801.01290 and arXiv:1812.05905), continuous actions.
+
+for each gradient step on a replay batch (s, a, r, s', done, d = gamma^n):
+    a~, log pi(a~|s) = pi(s)                                           (reparameterized)
+    alpha step on -log_alpha (log pi(a~|s) + target_entropy)           (Temperature)
+    y = r + d (1 - done) (min_k Q'_k(s', a') - alpha log pi(a'|s')),  a' ~ pi(s')   (objectives.sac_target)
+    critic step on 1/2 sum_k mean (Q_k(s, a) - y)^2                    (K critics in one batched call)
+    actor step on mean(alpha log pi(a~|s) - min_k Q_k(s, a~))          (critic weights frozen)
+    Q' <- (1 - tau) Q' + tau Q                                          (one lerp over flat parameters)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import gymnasium as gym
+import numpy as np
+import torch
+from torch import Tensor
+
+from policylab.algos.offpolicy import (
+    FlatAdam,
+    OffPolicyConfig,
+    TargetNetwork,
+    Temperature,
+    box_bounds,
+    obs_dim,
+    seeded_generator,
+    uniform_box_actions,
+)
+from policylab.data import Batch
+from policylab.nets import ContinuousCritic, TanhGaussianActor
+from policylab.objectives.q_targets import sac_target
+
+
+@dataclass
+class SACConfig(OffPolicyConfig):
+    """SAC with automatic entropy temperature. Defaults follow Stable-Baselines3."""
+
+    n_critics: int = 2
+    alpha: float = 1.0
+    """Initial entropy temperature (the fixed one with auto_alpha=false)."""
+    auto_alpha: bool = True
+    target_entropy: float | None = None
+    """None: -dim(A)."""
+    critic_layer_norm: bool = False
+    actor_delay: int = 1
+    """Actor (and temperature) updates every this many gradient steps."""
+    target_update_interval: int = 1
+    """Polyak updates every this many gradient steps."""
+
+
+class SAC:
+    name = "sac"
+    config_cls = SACConfig
+
+    def __init__(self, cfg: SACConfig, obs_space: gym.Space, act_space: gym.Space) -> None:
+        self.cfg = cfg
+        self.generator = seeded_generator(cfg.seed, cfg.device)
+        self.net = self.build_policy(cfg, obs_space, act_space).to(cfg.device)
+        self.act_dim = self.net.act_dim
+        self.critic = ContinuousCritic(
+            obs_dim(obs_space), self.act_dim, cfg.hidden_sizes, cfg.activation, cfg.n_critics, cfg.critic_layer_norm
+        ).to(cfg.device)
+        self.actor_opt = FlatAdam(self.net, cfg.lr, cfg.max_grad_norm)
+        self.critic_opt = FlatAdam(self.critic, cfg.lr, cfg.max_grad_norm)
+        self.critic_target = TargetNetwork(self.critic, self.critic_opt.params)
+        target_entropy = -float(self.act_dim) if cfg.target_entropy is None else cfg.target_entropy
+        self.temperature = Temperature(cfg.alpha, cfg.auto_alpha, target_entropy, cfg.lr).to(cfg.device)
+        self.modules = {
+            "critic": self.critic,
+            "critic_target": self.critic_target.module,
+            "temperature": self.temperature,
+        }
+        self.optimizers = {"actor": self.actor_opt.optimizer, "critic": self.critic_opt.optimizer}
+        if self.temperature.optimizer is not None:
+            self.optimizers["temperature"] = self.temperature.optimizer
+        self.action_shape, self.action_dtype = (self.act_dim,), torch.float32
+
+    @staticmethod
+    def build_policy(cfg: SACConfig, obs_space: gym.Space, act_space: gym.Space) -> TanhGaussianActor:
+        low, high = box_bounds(act_space, "sac")
+        return TanhGaussianActor(obs_dim(obs_space), low, high, cfg.hidden_sizes, cfg.activation)
+
+    def random_actions(self, n: int) -> np.ndarray:
+        return uniform_box_actions(n, self.act_dim, self.generator)
+
+    def explore(self, obs: np.ndarray, progress: float) -> np.ndarray:
+        noise = torch.randn((len(obs), self.act_dim), generator=self.generator, device=self.generator.device)
+        if self.net.body.analytic_backward and self.cfg.device == "cpu":
+            return self.net.sample_numpy(obs, noise.numpy())
+        with torch.inference_mode():
+            mean, log_std = self.net._mean_log_std(torch.as_tensor(obs, device=noise.device))
+            return torch.tanh(mean + log_std.exp() * noise).cpu().numpy()
+
+    def to_env(self, actions: np.ndarray) -> np.ndarray:
+        return self.net.to_env_numpy(actions)
+
+    def after_step(self, step: int) -> None:
+        pass
+
+    def update(self, batch: Batch, index: int) -> dict[str, Tensor]:
+        cfg, actor, critic = self.cfg, self.net, self.critic
+        update_actor = index % cfg.actor_delay == 0
+        if update_actor:
+            actions_pi, logp_pi = actor.sample(batch.obs, self.generator)
+            alpha = self.temperature.update(logp_pi + self.temperature.target_entropy)
+        else:
+            alpha = self.temperature.log_alpha.detach().exp()
+        with torch.no_grad():
+            next_actions, next_logp = actor.sample(batch.next_obs, self.generator)
+            next_q = self.critic_target(batch.next_obs, next_actions)
+            target = sac_target(batch.rewards, batch.discounts, batch.terminated, next_q, next_logp, alpha)
+        td = critic(batch.obs, batch.actions) - target  # [K, B]
+        weights = batch.get("weights")
+        sq = td * td if weights is None else weights * td * td
+        critic_loss = 0.5 * sq.mean(-1).sum()
+        self.critic_opt.step(critic_loss)
+        metrics = {"critic_loss": critic_loss.detach(), "q": (td.detach() + target).mean(), "alpha": alpha[0]}
+        if update_actor:
+            critic.requires_grad_(False)  # the actor loss needs dQ/da, not critic weight gradients
+            q_pi = critic(batch.obs, actions_pi).min(0).values
+            critic.requires_grad_(True)
+            actor_loss = (alpha * logp_pi - q_pi).mean()
+            self.actor_opt.step(actor_loss)
+            metrics.update(actor_loss=actor_loss.detach(), entropy=-logp_pi.detach().mean())
+        if index % cfg.target_update_interval == 0:
+            self.critic_target.update(cfg.tau)
+        metrics["td_error"] = td.detach().abs().mean(0)
+        return metrics
