@@ -6,9 +6,13 @@ from dataclasses import dataclass
 from typing import Any
 
 from policylab.algos.a2c import A2C, A2CConfig
+from policylab.algos.dqn import DQN, DQNConfig
 from policylab.algos.ppo import PPO, PPOConfig
 from policylab.algos.reinforce import Reinforce, ReinforceConfig
 from policylab.algos.sac import SAC, SACConfig
+from policylab.algos.sac_discrete import DiscreteSAC, DiscreteSACConfig
+from policylab.algos.td3 import TD3, DDPGConfig, TD3Config
+from policylab.algos.tqc import TQC, TQCConfig
 from policylab.errors import ConfigError, suggest
 
 
@@ -34,7 +38,12 @@ ALGORITHMS: dict[str, AlgoSpec] = {
         AlgoSpec(
             "reinforce", ReinforceConfig, Reinforce, "on-policy", ("online",), "REINFORCE with a learned baseline"
         ),
+        AlgoSpec("dqn", DQNConfig, DQN, "off-policy", ("online",), "DQN: double, dueling, n-step, prioritized"),
+        AlgoSpec("ddpg", DDPGConfig, TD3, "off-policy", ("online",), "DDPG: deterministic actor, one critic"),
+        AlgoSpec("td3", TD3Config, TD3, "off-policy", ("online",), "TD3: twin critics, smoothing, delayed actor"),
         AlgoSpec("sac", SACConfig, SAC, "off-policy", ("online",), "SAC: max-entropy actor-critic, auto temperature"),
+        AlgoSpec("sac_discrete", DiscreteSACConfig, DiscreteSAC, "off-policy", ("online",), "SAC for discrete actions"),
+        AlgoSpec("tqc", TQCConfig, TQC, "off-policy", ("online",), "TQC: SAC with truncated quantile critics"),
     )
 }
 

@@ -26,6 +26,7 @@ from torch import Tensor, nn
 
 from policylab.config import CommonConfig
 from policylab.errors import ConfigError, EnvError
+from policylab.nets import TanhGaussianActor
 from policylab.objectives.q_targets import polyak_update
 from policylab.optim import Adam, ParameterBuffer
 
@@ -182,6 +183,16 @@ def uniform_box_actions(n: int, act_dim: int, generator: torch.Generator) -> np.
 
 def uniform_discrete_actions(n: int, n_actions: int, generator: torch.Generator) -> np.ndarray:
     return torch.randint(n_actions, (n,), generator=generator, device=generator.device).cpu().numpy()
+
+
+def explore_tanh_gaussian(actor: TanhGaussianActor, obs: np.ndarray, generator: torch.Generator) -> np.ndarray:
+    """a = tanh(mean + std * noise) for a batch of env observations (numpy on the CPU: small batches)."""
+    noise = torch.randn((len(obs), actor.act_dim), generator=generator, device=generator.device)
+    if actor.body.analytic_backward and noise.device.type == "cpu":
+        return actor.sample_numpy(obs, noise.numpy())
+    with torch.inference_mode():
+        mean, log_std = actor._mean_log_std(torch.as_tensor(obs, device=noise.device))
+        return torch.tanh(mean + log_std.exp() * noise).cpu().numpy()
 
 
 def seeded_generator(seed: int, device: str) -> torch.Generator:

@@ -24,6 +24,7 @@ from policylab.algos.offpolicy import (
     TargetNetwork,
     Temperature,
     box_bounds,
+    explore_tanh_gaussian,
     obs_dim,
     seeded_generator,
     uniform_box_actions,
@@ -86,12 +87,7 @@ class SAC:
         return uniform_box_actions(n, self.act_dim, self.generator)
 
     def explore(self, obs: np.ndarray, progress: float) -> np.ndarray:
-        noise = torch.randn((len(obs), self.act_dim), generator=self.generator, device=self.generator.device)
-        if self.net.body.analytic_backward and self.cfg.device == "cpu":
-            return self.net.sample_numpy(obs, noise.numpy())
-        with torch.inference_mode():
-            mean, log_std = self.net._mean_log_std(torch.as_tensor(obs, device=noise.device))
-            return torch.tanh(mean + log_std.exp() * noise).cpu().numpy()
+        return explore_tanh_gaussian(self.net, obs, self.generator)
 
     def to_env(self, actions: np.ndarray) -> np.ndarray:
         return self.net.to_env_numpy(actions)

@@ -71,8 +71,9 @@ class ContinuousCritic(nn.Module):
         self.quantiles = quantiles
         self.body = StackedMLP(members, obs_dim + act_dim, hidden_sizes, quantiles, activation, layer_norm)
 
-    def forward(self, obs: Tensor, actions: Tensor) -> Tensor:
-        y = self.body(torch.cat([obs.flatten(1), actions.flatten(1)], -1))
+    def forward(self, obs: Tensor, actions: Tensor, members: int | None = None) -> Tensor:
+        """`members=m`: only the first m critics."""
+        y = self.body(torch.cat([obs.flatten(1), actions.flatten(1)], -1), members)
         return y[..., 0] if self.quantiles == 1 else y
 
 

@@ -92,16 +92,22 @@ class StackedMLP(nn.Module):
         """Whether `forward_cached`/`backward`/`numpy_forward` apply: tanh or relu, no LayerNorm."""
         return self.activation in ("tanh", "relu") and not self.layer_norm
 
-    def forward(self, x: Tensor) -> Tensor:
-        """x: [B, in] (the same input to every member) or [K, B, in]. Returns [K, B, out]."""
-        h = x.unsqueeze(0).expand(self.members, -1, -1) if x.dim() == 2 else x
+    def forward(self, x: Tensor, members: int | None = None) -> Tensor:
+        """x: [B, in] (the same input to every member) or [K, B, in]. Returns [K, B, out].
+        `members=m`: only the first m members (e.g. TD3's actor loss uses the first critic), [m, B, out]."""
+        k = self.members if members is None else members
+        h = x.unsqueeze(0).expand(k, -1, -1) if x.dim() == 2 else x
         act = self._act
         for i, (w, b, transposed) in enumerate(self._layers[:-1]):
+            if members is not None:
+                w, b = w[:k], b[:k]
             h = torch.baddbmm(b, h, w.transpose(1, 2) if transposed else w)
             if self.layer_norm:
-                h = F.layer_norm(h, h.shape[-1:]) * self.norm_scales[i] + self.norm_shifts[i]
+                h = F.layer_norm(h, h.shape[-1:]) * self.norm_scales[i][:k] + self.norm_shifts[i][:k]
             h = act(h)
         w, b, transposed = self._layers[-1]
+        if members is not None:
+            w, b = w[:k], b[:k]
         return torch.baddbmm(b, h, w.transpose(1, 2) if transposed else w)
 
     def numpy_forward(self, x: np.ndarray) -> np.ndarray:

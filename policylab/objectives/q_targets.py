@@ -29,11 +29,16 @@ def dqn_target(
 
 
 def target_policy_smoothing(
-    actions: Tensor, noise_std: float, noise_clip: float, low: Tensor, high: Tensor, generator: torch.Generator | None
+    actions: Tensor,
+    noise_std: float,
+    noise_clip: float,
+    low: Tensor | float,
+    high: Tensor | float,
+    generator: torch.Generator | None,
 ) -> Tensor:
     """TD3: a' = clip(mu'(s') + clip(N(0, std), -c, c), low, high)."""
     noise = torch.randn(actions.shape, generator=generator, device=actions.device, dtype=actions.dtype) * noise_std
-    return torch.clamp(actions + noise.clamp(-noise_clip, noise_clip), low, high)
+    return torch.clamp(actions + noise.clamp(-noise_clip, noise_clip), low, high)  # type: ignore[arg-type]
 
 
 def td3_target(rewards: Tensor, discounts: Tensor, terminated: Tensor, next_q: Tensor) -> Tensor:

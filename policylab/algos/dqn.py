@@ -1,0 +1,140 @@
+"""DQN (Mnih et al. 2015) with the Rainbow-era options: double Q (van Hasselt et al. 2016), dueling heads
+(Wang et al. 2016), n-step returns and prioritized replay (Schaul et al. 2016) from the replay buffer.
+
+act: epsilon-greedy, epsilon decayed linearly from eps_start to eps_final over exploration_fraction of the run
+for each gradient step on a replay batch (s, a, r, s', done, d = gamma^n):
+    y = r + d (1 - done) max_a Q'(s', a)                       (double: Q'(s', argmax_a Q(s', a)))
+    step on mean w * huber(Q(s, a) - y)                         (w: importance weights, 1 without PER)
+every target_update_interval env steps: Q' <- (1 - tau) Q' + tau Q   (tau = 1: a hard copy)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import gymnasium as gym
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from policylab.algos.offpolicy import (
+    FlatAdam,
+    OffPolicyConfig,
+    TargetNetwork,
+    discrete_actions,
+    obs_dim,
+    seeded_generator,
+    uniform_discrete_actions,
+)
+from policylab.data import Batch
+from policylab.errors import ConfigError
+from policylab.nets import QNetwork
+from policylab.objectives.q_targets import dqn_target
+
+
+@dataclass
+class DQNConfig(OffPolicyConfig):
+    """DQN. Defaults follow Stable-Baselines3."""
+
+    lr: float = 1e-4
+    hidden_sizes: list[int] = field(default_factory=lambda: [64, 64])
+    batch_size: int = 32
+    train_freq: int = 4
+    tau: float = 1.0
+    target_update_interval: int = 10_000
+    """Env steps between target updates (as SB3 counts them)."""
+    exploration_fraction: float = 0.1
+    eps_start: float = 1.0
+    eps_final: float = 0.05
+    max_grad_norm: float | None = 10.0
+    double_q: bool = False
+    dueling: bool = False
+    loss: str = "huber"
+    """huber (smooth L1, as SB3) or mse."""
+
+    def validate(self) -> None:
+        super().validate()
+        if self.loss not in ("huber", "mse"):
+            raise ConfigError(f"loss={self.loss!r} is not huber or mse", "use --set loss=huber (or mse)")
+        if self.target_update_interval <= 0:
+            raise ConfigError(
+                f"target_update_interval={self.target_update_interval} must be > 0",
+                "set target_update_interval to e.g. 10000",
+            )
+        if not 0.0 <= self.exploration_fraction <= 1.0:
+            raise ConfigError(
+                f"exploration_fraction={self.exploration_fraction} is outside [0, 1]",
+                "set exploration_fraction to e.g. 0.1",
+            )
+
+
+def epsilon(cfg: DQNConfig, progress: float) -> float:
+    """Linear from eps_start to eps_final over the first exploration_fraction of the run, then constant."""
+    if cfg.exploration_fraction == 0 or progress >= cfg.exploration_fraction:
+        return cfg.eps_final
+    return cfg.eps_start + progress / cfg.exploration_fraction * (cfg.eps_final - cfg.eps_start)
+
+
+class DQN:
+    name = "dqn"
+    config_cls = DQNConfig
+
+    def __init__(self, cfg: DQNConfig, obs_space: gym.Space, act_space: gym.Space) -> None:
+        self.cfg = cfg
+        self.generator = seeded_generator(cfg.seed, cfg.device)
+        self.n_actions = discrete_actions(act_space, "dqn")
+        self.net = self.build_policy(cfg, obs_space, act_space).to(cfg.device)
+        self.q_opt = FlatAdam(self.net, cfg.lr, cfg.max_grad_norm)
+        self.q_target = TargetNetwork(self.net, self.q_opt.params)
+        self.modules = {"q_target": self.q_target.module}
+        self.optimizers = {"q": self.q_opt.optimizer}
+        self.action_shape: tuple[int, ...] = ()
+        self.action_dtype = torch.long
+        self._target_every = max(cfg.target_update_interval // cfg.num_envs, 1)
+
+    @staticmethod
+    def build_policy(cfg: DQNConfig, obs_space: gym.Space, act_space: gym.Space) -> QNetwork:
+        n_actions = discrete_actions(act_space, "dqn")
+        return QNetwork(obs_dim(obs_space), n_actions, cfg.hidden_sizes, cfg.activation, cfg.dueling)
+
+    def random_actions(self, n: int) -> np.ndarray:
+        return uniform_discrete_actions(n, self.n_actions, self.generator)
+
+    def explore(self, obs: np.ndarray, progress: float) -> np.ndarray:
+        """Epsilon-greedy, drawn per env."""
+        explore = torch.rand(len(obs), generator=self.generator, device=self.generator.device).cpu().numpy()
+        random = self.random_actions(len(obs))
+        if self.net.body.analytic_backward and self.cfg.device == "cpu":
+            greedy = self.net.greedy_numpy(obs)
+        else:
+            with torch.inference_mode():
+                greedy = self.net.env_action(torch.as_tensor(obs, device=self.generator.device)).cpu().numpy()
+        return np.where(explore < epsilon(self.cfg, progress), random, greedy)
+
+    def to_env(self, actions: np.ndarray) -> np.ndarray:
+        return actions
+
+    def after_step(self, step: int) -> None:
+        if (step // self.cfg.num_envs) % self._target_every == 0:
+            self.q_target.update(self.cfg.tau)
+
+    def update(self, batch: Batch, index: int) -> dict[str, Tensor]:
+        cfg = self.cfg
+        with torch.no_grad():
+            next_q_target = self.q_target(batch.next_obs)[0]
+        if cfg.double_q:  # online Q on s and s' in one call
+            both = self.net(torch.cat([batch.obs, batch.next_obs]))[0]
+            q_all, next_q_online = both[: len(batch)], both[len(batch) :].detach()
+        else:
+            q_all, next_q_online = self.net(batch.obs)[0], None
+        target = dqn_target(batch.rewards, batch.discounts, batch.terminated, next_q_target, next_q_online)
+        q = q_all.gather(1, batch.actions.long().unsqueeze(1)).squeeze(1)
+        if cfg.loss == "huber":
+            per_sample = F.smooth_l1_loss(q, target, reduction="none")
+        else:
+            per_sample = F.mse_loss(q, target, reduction="none")
+        weights = batch.get("weights")
+        loss = per_sample.mean() if weights is None else (weights * per_sample).mean()
+        self.q_opt.step(loss)
+        return {"loss": loss.detach(), "q": q.detach().mean(), "td_error": (q - target).detach().abs()}
