@@ -66,8 +66,9 @@ def _list(_args: argparse.Namespace) -> int:
     from policylab.presets import presets_for
 
     table = Table(title="policylab algorithms")
-    for col in ("algorithm", "kind", "regimes", "what", "tuned presets (--env)"):
+    for col in ("algorithm", "kind", "regimes", "what"):
         table.add_column(col)
+    table.add_column("tuned presets (--env)", min_width=20)  # the longest env id fits on one line
     for spec in ALGORITHMS.values():
         table.add_row(spec.name, spec.kind, ", ".join(spec.regimes), spec.summary, ", ".join(presets_for(spec.name)))
     Console().print(table)

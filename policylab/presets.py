@@ -172,6 +172,120 @@ PRESETS: dict[str, dict[str, Preset]] = {
 }
 
 
+# --- off-policy -------------------------------------------------------------------------------
+# SB3 names mapped as above plus: exploration_final_eps -> eps_final, policy_kwargs net_arch -> hidden_sizes,
+# noise_std (noise_type normal) -> action_noise, top_quantiles_to_drop_per_net -> drop_per_critic.
+# The MuJoCo entries of rl-zoo's td3/ddpg/tqc.yml are its shared "mujoco-defaults" block (keyed -v4), read
+# from a verbatim copy of the upstream file (fork SIRI611/Bio-inspired-Robot-Learning at fd20096a, the same
+# text as rl-zoo d29756c4); rl-zoo's sac.yml MuJoCo block is keyed -v3. They are used for the -v5 ids.
+
+_ZOO_DQN = (
+    f"rl-baselines3-zoo hyperparams/dqn.yml ({_ZOO}/ce95481b041fe5314c1b2f1a53940d169b9253fc/hyperparams/dqn.yml)"
+)
+_ZOO_SAC = (
+    f"rl-baselines3-zoo hyperparams/sac.yml ({_ZOO}/c94924e5b31bce36920f29d3eb18b975231bdec4/hyperparams/sac.yml)"
+)
+_ZOO_FORK = "https://github.com/SIRI611/Bio-inspired-Robot-Learning/blob/fd20096a5f3d4ee5e0056c2d02631f35a2f376e6"
+_MUJOCO = ("HalfCheetah-v5", "Hopper-v5", "Walker2d-v5", "Ant-v5")
+
+
+def _zoo_copy(algo: str) -> str:
+    return f"rl-baselines3-zoo hyperparams/{algo}.yml, upstream text as copied in {_ZOO_FORK}/hyperparams/{algo}.yml"
+
+
+_TD3_PENDULUM = {
+    "steps": 20_000,
+    "gamma": 0.98,
+    "buffer_size": 200_000,
+    "learning_starts": 10_000,
+    "action_noise": 0.1,
+    "lr": 1e-3,
+    "hidden_sizes": [400, 300],
+}
+_TD3_MUJOCO = {
+    "steps": 1_000_000,
+    "learning_starts": 10_000,
+    "action_noise": 0.1,
+    "lr": 1e-3,
+    "batch_size": 256,
+    "hidden_sizes": [400, 300],
+}
+_SAC_MUJOCO = {"steps": 1_000_000, "learning_starts": 10_000}
+
+PRESETS["dqn"] = {
+    "CartPole-v1": Preset(
+        {
+            "steps": 50_000,
+            "lr": 2.3e-3,
+            "batch_size": 64,
+            "buffer_size": 100_000,
+            "learning_starts": 1000,
+            "gamma": 0.99,
+            "target_update_interval": 10,
+            "train_freq": 256,
+            "gradient_steps": 128,
+            "exploration_fraction": 0.16,
+            "eps_final": 0.04,
+            "hidden_sizes": [256, 256],
+        },
+        f"{_ZOO_DQN}, entry CartPole-v1",
+    ),
+    "Acrobot-v1": Preset(
+        {
+            "steps": 100_000,
+            "lr": 6.3e-4,
+            "batch_size": 128,
+            "buffer_size": 50_000,
+            "learning_starts": 0,
+            "gamma": 0.99,
+            "target_update_interval": 250,
+            "train_freq": 4,
+            "gradient_steps": -1,
+            "exploration_fraction": 0.12,
+            "eps_final": 0.1,
+            "hidden_sizes": [256, 256],
+        },
+        f"{_ZOO_DQN}, entry Acrobot-v1",
+    ),
+    "MountainCar-v0": Preset(
+        {
+            "steps": 120_000,
+            "lr": 4e-3,
+            "batch_size": 128,
+            "buffer_size": 10_000,
+            "learning_starts": 1000,
+            "gamma": 0.98,
+            "target_update_interval": 600,
+            "train_freq": 16,
+            "gradient_steps": 8,
+            "exploration_fraction": 0.2,
+            "eps_final": 0.07,
+            "hidden_sizes": [256, 256],
+        },
+        f"{_ZOO_DQN}, entry MountainCar-v0",
+    ),
+}
+PRESETS["sac"] = {
+    "Pendulum-v1": Preset({"steps": 20_000, "lr": 1e-3}, f"{_ZOO_SAC}, entry Pendulum-v1"),
+    **{env: Preset(dict(_SAC_MUJOCO), f"{_ZOO_SAC}, entry {env[:-3]}-v3 used for v5") for env in _MUJOCO},
+}
+PRESETS["tqc"] = {
+    "Pendulum-v1": Preset({"steps": 20_000, "lr": 1e-3}, f"{_zoo_copy('tqc')}, entry Pendulum-v1"),
+    **{
+        env: Preset(
+            {**_SAC_MUJOCO, **({"drop_per_critic": 5} if env == "Hopper-v5" else {})},
+            f"{_zoo_copy('tqc')}, entry {env[:-3]}-v4 used for v5",
+        )
+        for env in _MUJOCO
+    },
+}
+for _algo in ("td3", "ddpg"):
+    PRESETS[_algo] = {
+        "Pendulum-v1": Preset(dict(_TD3_PENDULUM), f"{_zoo_copy(_algo)}, entry Pendulum-v1"),
+        **{env: Preset(dict(_TD3_MUJOCO), f"{_zoo_copy(_algo)}, entry {env[:-3]}-v4 used for v5") for env in _MUJOCO},
+    }
+
+
 def find_preset(algo: str, env_id: str) -> Preset | None:
     """The preset for ``algo`` on ``env_id`` (a deep copy, safe to mutate), or None if there is none."""
     preset = PRESETS.get(algo.lower(), {}).get(env_id)
