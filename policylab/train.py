@@ -49,6 +49,8 @@ class IterationInfo:
     episodes: int
     """Training episodes finished so far."""
     metrics: dict[str, float]
+    eval_return: float | None = None
+    """Mean return of the deterministic evaluation run at this iteration (None when none ran)."""
 
 
 @dataclass
@@ -625,14 +627,16 @@ class _Session:
                 **values,
             }
         )
+        eval_return = None
         if cfg.eval_every and self.next_eval <= loop.step < cfg.steps:
             result = evaluate(loop.policy(), cfg.eval_episodes, cfg.seed + 10_000 + loop.iteration)
             self.log.log_eval(_eval_row(loop.step, elapsed, result))
             self.next_eval = _next_multiple(loop.step, cfg.eval_every)
+            eval_return = float(result["return_mean"])
         if cfg.checkpoint_every and self.next_ckpt <= loop.step < cfg.steps:
             self.last_ckpt = self.save()
             self.next_ckpt = _next_multiple(loop.step, cfg.checkpoint_every)
-        return IterationInfo(loop.step, loop.iteration, elapsed, mean_ret, loop.tracker.episodes, values)
+        return IterationInfo(loop.step, loop.iteration, elapsed, mean_ret, loop.tracker.episodes, values, eval_return)
 
     def save(self) -> Path:
         tensors, state = self.loop.state()

@@ -220,9 +220,10 @@ class ReplayBuffer:
         )
 
     def state(self) -> tuple[dict[str, Tensor], dict[str, Any]]:
-        """Tensors and JSON for a checkpoint (large: the whole buffer)."""
-        names = ("obs", "actions", "rewards", "terminated", "episode_end", "valid", "ptr")
-        tensors = {k: getattr(self, k) for k in names}
+        """Tensors and JSON for a checkpoint: the written slots only (large once the buffer has filled)."""
+        n = min(self.filled + 1, self.slots)  # + the pending obs at the write head
+        tensors = {k: getattr(self, k)[:n] for k in ("obs", "actions", "rewards", "terminated", "episode_end", "valid")}
+        tensors["ptr"] = self.ptr
         if self.tree is not None:
             tensors["priority_tree"] = self.tree.tree
         meta = {"transitions_added": self.transitions_added, "filled": self.filled, "max_priority": self.max_priority}
@@ -230,8 +231,10 @@ class ReplayBuffer:
 
     def load(self, tensors: dict[str, Tensor], meta: dict[str, Any]) -> None:
         for name, value in tensors.items():
-            target = self.tree.tree if name == "priority_tree" and self.tree is not None else getattr(self, name)
-            target.copy_(value)
+            if name == "priority_tree" and self.tree is not None:
+                self.tree.tree.copy_(value)
+            else:
+                getattr(self, name)[: len(value)].copy_(value)
         self.transitions_added = int(meta["transitions_added"])
         self.filled = int(meta["filled"])
         self.max_priority = float(meta["max_priority"])

@@ -1,0 +1,146 @@
+"""The off-policy loop: exact resume with the buffer saved, documented refill without it, checkpoint
+contents, loading policies, action scaling, errors, and the update-to-data accounting."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import policylab as pl
+from policylab.algos import get_algo
+from policylab.checkpoint import load_checkpoint
+from policylab.errors import ConfigError, EnvError
+from policylab.train import OffPolicyLoop, resolve_config
+
+TINY = {
+    "hidden_sizes": [32, 32],
+    "learning_starts": 64,
+    "batch_size": 32,
+    "log_every": 100,
+    "eval_every": 0,
+    "eval_episodes": 2,
+    "checkpoint_every": 0,
+}
+CASES = [
+    ("sac", "Pendulum-v1", {}),
+    ("td3", "Pendulum-v1", {}),
+    ("ddpg", "Pendulum-v1", {}),
+    ("tqc", "Pendulum-v1", {"n_quantiles": 5}),
+    ("dqn", "CartPole-v1", {"target_update_interval": 50, "double_q": True, "dueling": True, "n_step": 3}),
+    ("dqn", "CartPole-v1", {"prioritized": True, "num_envs": 2}),
+    ("sac_discrete", "CartPole-v1", {"num_envs": 2, "train_freq": 2, "gradient_steps": 3}),
+]
+
+
+def _checkpoint_tensors(run_dir) -> dict[str, torch.Tensor]:
+    tensors, _, _ = load_checkpoint(run_dir)
+    return {k: v for k, v in tensors.items() if not k.startswith(("buffer/", "env/"))}
+
+
+def _stop_at(step: int):
+    return lambda info: info.step < step
+
+
+@pytest.mark.parametrize(("algo", "env", "extra"), CASES)
+def test_resume_with_the_buffer_saved_equals_an_uninterrupted_run(tmp_path, algo, env, extra):
+    overrides = {**TINY, **extra, "save_buffer": True}
+    kwargs = dict(env=env, steps=600, seed=2, overrides=overrides, preset="none", runs_dir=tmp_path, verbose=False)
+    full = pl.train(algo, name="full", **kwargs)
+    part = pl.train(algo, name="part", callback=_stop_at(300), **kwargs)
+    assert part.interrupted and part.steps == 300
+    resumed = pl.train(algo, resume=part.dir, verbose=False)
+    assert resumed.steps == full.steps == 600
+    a, b = _checkpoint_tensors(full.dir), _checkpoint_tensors(resumed.dir)
+    assert a.keys() == b.keys() and any(k.startswith("critic") or k.startswith("q_target") for k in a)
+    for key in a:
+        assert torch.equal(a[key], b[key]), f"{key} differs after resume"
+    assert resumed.final_eval == full.final_eval
+
+
+def test_resume_without_the_buffer_refills_it_first_and_says_so(tmp_path):
+    kwargs = dict(env="Pendulum-v1", steps=600, seed=2, overrides=TINY, preset="none", runs_dir=tmp_path)
+    part = pl.train("sac", callback=_stop_at(300), verbose=False, **kwargs)
+    tensors, state, _ = load_checkpoint(part.dir)
+    assert state["buffer"] is None and not any(k.startswith("buffer/") for k in tensors)
+    spec = get_algo("sac")
+    cfg, _ = resolve_config(spec, "Pendulum-v1", 600, 2, overrides=TINY, preset="none")
+    loop = OffPolicyLoop(spec, cfg)
+    notes = loop.load_state(tensors, state)
+    assert any("replay buffer was not saved" in n for n in notes)
+    assert len(loop.buffer) == 0 and loop.updates_after == 300 + 64
+    updates_before = loop.updates
+    loop.iterate()  # steps 300..400: 64 steps of refill, then updates resume
+    assert loop.step == 400 and loop.updates == updates_before + (400 - 364)
+    loop.close()
+    resumed = pl.train("sac", resume=part.dir, verbose=False)
+    assert resumed.steps == 600 and resumed.final_eval is not None
+
+
+def test_buffer_in_checkpoint_holds_only_the_written_slots(tmp_path):
+    run = pl.train(
+        "sac",
+        env="Pendulum-v1",
+        steps=200,
+        seed=0,
+        overrides={**TINY, "save_buffer": True, "buffer_size": 1_000_000},
+        preset="none",
+        runs_dir=tmp_path,
+        verbose=False,
+    )
+    tensors, state, _ = load_checkpoint(run.dir)
+    assert tensors["buffer/obs"].shape[0] == 202  # 200 steps, 1 final obs, 1 pending obs: not the 1M capacity
+    assert state["buffer"]["transitions_added"] == 200
+
+
+@pytest.mark.parametrize(("algo", "env", "extra"), CASES[:5])
+def test_loaded_policy_acts_inside_the_env_bounds(tmp_path, algo, env, extra):
+    run = pl.train(
+        algo, env=env, steps=200, seed=0, overrides={**TINY, **extra}, preset="none", runs_dir=tmp_path, verbose=False
+    )
+    policy = pl.load(run.dir)
+    obs = np.stack([policy.observation_space.sample() for _ in range(16)])
+    for deterministic in (True, False):
+        actions = policy.act(obs, deterministic=deterministic)
+        assert len(actions) == 16 and all(policy.action_space.contains(a) for a in actions)
+
+
+def test_box_actions_are_scaled_to_the_env_bounds(tmp_path):
+    # Pendulum's torque bounds are [-2, 2]: the buffer holds [-1, 1], the env gets twice that
+    spec = get_algo("td3")
+    cfg, _ = resolve_config(spec, "Pendulum-v1", 1000, 0, overrides=TINY, preset="none")
+    loop = OffPolicyLoop(spec, cfg)
+    loop.iterate()
+    stored = loop.buffer.actions[: loop.buffer.filled, 0]
+    assert stored.abs().max() <= 1.0 and stored.abs().max() > 0.9
+    np.testing.assert_allclose(loop.algo.to_env(np.array([[0.5]], np.float32)), [[1.0]])
+    loop.close()
+
+
+def test_update_to_data_ratio(tmp_path):
+    spec = get_algo("sac")
+    overrides = {**TINY, "num_envs": 2, "train_freq": 3, "gradient_steps": 2, "log_every": 60, "learning_starts": 0}
+    cfg, _ = resolve_config(spec, "Pendulum-v1", 120, 0, overrides=overrides, preset="none")
+    loop = OffPolicyLoop(spec, cfg)
+    metrics = loop.iterate()
+    # 30 vector steps of 2 envs; an update of 2 gradient steps after every 3rd vector step
+    assert loop.step == 60 and loop.updates == 10 * 2 and metrics["updates"] == 20
+    loop.close()
+
+
+def test_wrong_action_space_and_unsupported_options_are_clear_errors(tmp_path):
+    with pytest.raises(EnvError, match="Discrete action space"):
+        pl.train("dqn", env="Pendulum-v1", steps=100, runs_dir=tmp_path, verbose=False)
+    with pytest.raises(EnvError, match="continuous"):
+        pl.train("sac", env="CartPole-v1", steps=100, runs_dir=tmp_path, verbose=False)
+    with pytest.raises(ConfigError, match="normalize_obs"):
+        pl.train("td3", env="Pendulum-v1", steps=100, overrides={"normalize_obs": True}, runs_dir=tmp_path)
+    with pytest.raises(ConfigError, match="gradient_steps"):
+        pl.train("sac", env="Pendulum-v1", steps=100, overrides={"gradient_steps": 0}, runs_dir=tmp_path)
+    assert not any(tmp_path.iterdir()), "a failed start leaves no run directory"
+
+
+def test_sac_command_line_uses_the_preset(tmp_path):
+    spec = get_algo("sac")
+    cfg, notes = resolve_config(spec, "Pendulum-v1", "15k", 1)
+    assert cfg.lr == 1e-3 and cfg.steps == 15_000 and any("preset" in n for n in notes)
