@@ -25,6 +25,7 @@ import torch
 from torch import Tensor
 
 from policylab import checkpoint as ckpt
+from policylab import runtime
 from policylab.algos import AlgoSpec, get_algo
 from policylab.config import CommonConfig, apply_values, dump_yaml, load_yaml, parse_count
 from policylab.data import Batch, ReplayBuffer, RolloutBuffer
@@ -105,8 +106,7 @@ class OnPolicyLoop:
     """Collects rollouts with the current policy and hands them to `algo.update`."""
 
     def __init__(self, spec: AlgoSpec, cfg: Any) -> None:
-        torch.set_num_threads(cfg.threads)
-        torch.manual_seed(cfg.seed)
+        runtime.configure(cfg.threads, cfg.seed)
         self.cfg = cfg
         self.spec = spec
         self.env: VecEnv = make_vec_env(cfg.env, cfg.num_envs, cfg.vectorization, cfg.env_kwargs)
@@ -242,8 +242,7 @@ class OffPolicyLoop:
     `gradient_steps` updates on sampled batches. One iteration is `log_every` env steps."""
 
     def __init__(self, spec: AlgoSpec, cfg: Any) -> None:
-        torch.set_num_threads(cfg.threads)
-        torch.manual_seed(cfg.seed)
+        runtime.configure(cfg.threads, cfg.seed)
         self.cfg = cfg
         self.spec = spec
         self.env: VecEnv = make_vec_env(cfg.env, cfg.num_envs, cfg.vectorization, cfg.env_kwargs)

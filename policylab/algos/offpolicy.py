@@ -62,6 +62,9 @@ class OffPolicyConfig(CommonConfig):
     refills the buffer before updating again."""
     log_every: int = 1_000
     """Env steps per training iteration: one log row, progress update and NaN check each."""
+    analytic_grads: bool = True
+    """Fast path where an algorithm has one (SAC with ReLU/tanh MLPs): hand-derived gradients, the same
+    update as autograd's (tested); false forces autograd."""
 
     def validate(self) -> None:
         super().validate()
@@ -104,6 +107,10 @@ class FlatAdam:
     def step(self, loss: Tensor) -> None:
         self.params.zero_grad()
         loss.backward()
+        self.clip_and_step()
+
+    def clip_and_step(self) -> None:
+        """The step after gradients were written into `params.grad` (by autograd or by hand)."""
         if self.max_grad_norm is not None:
             self.params.clip_grad_norm_(self.max_grad_norm)
         self.optimizer.step()
@@ -139,10 +146,8 @@ class Temperature(nn.Module):
     def update(self, entropy_gap: Tensor) -> Tensor:
         """One step on E[log pi + target_entropy] (`entropy_gap`, [B]); returns alpha from before the step."""
         alpha = self.log_alpha.detach().exp()
-        if self.optimizer is not None:
-            loss = -(self.log_alpha * entropy_gap.detach()).mean()
-            self.log_alpha.grad = None
-            loss.backward()
+        if self.optimizer is not None:  # d loss / d log_alpha = -mean(gap): no autograd graph needed
+            self.log_alpha.grad = -entropy_gap.detach().mean().reshape(1)
             self.optimizer.step()
         return alpha
 

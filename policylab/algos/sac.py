@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from policylab.algos.fused_sac import fused_sac_applies, fused_sac_update
 from policylab.algos.offpolicy import (
     FlatAdam,
     OffPolicyConfig,
@@ -77,6 +78,7 @@ class SAC:
         if self.temperature.optimizer is not None:
             self.optimizers["temperature"] = self.temperature.optimizer
         self.action_shape, self.action_dtype = (self.act_dim,), torch.float32
+        self.fused = fused_sac_applies(self)
 
     @staticmethod
     def build_policy(cfg: SACConfig, obs_space: gym.Space, act_space: gym.Space) -> TanhGaussianActor:
@@ -96,15 +98,21 @@ class SAC:
         pass
 
     def update(self, batch: Batch, index: int) -> dict[str, Tensor]:
+        return fused_sac_update(self, batch, index) if self.fused else self.autograd_update(batch, index)
+
+    def autograd_update(self, batch: Batch, index: int, noise: Tensor | None = None) -> dict[str, Tensor]:
+        """The update with autograd (`noise`: [2B, A] standard normal draws, obs rows then next-obs rows)."""
         cfg, actor, critic = self.cfg, self.net, self.critic
+        n = len(batch)
+        noise_pi, noise_next = (None, None) if noise is None else (noise[:n], noise[n:])
         update_actor = index % cfg.actor_delay == 0
         if update_actor:
-            actions_pi, logp_pi = actor.sample(batch.obs, self.generator)
+            actions_pi, logp_pi = actor.sample(batch.obs, self.generator, noise_pi)
             alpha = self.temperature.update(logp_pi + self.temperature.target_entropy)
         else:
             alpha = self.temperature.log_alpha.detach().exp()
         with torch.no_grad():
-            next_actions, next_logp = actor.sample(batch.next_obs, self.generator)
+            next_actions, next_logp = actor.sample(batch.next_obs, self.generator, noise_next)
             next_q = self.critic_target(batch.next_obs, next_actions)
             target = sac_target(batch.rewards, batch.discounts, batch.terminated, next_q, next_logp, alpha)
         td = critic(batch.obs, batch.actions) - target  # [K, B]

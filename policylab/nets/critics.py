@@ -123,6 +123,13 @@ class DeterministicActor(_BoundedActor):
         return scale_to_bounds(self(obs), self.low, self.high)
 
 
+def tanh_gaussian_log_prob(noise: Tensor, log_std: Tensor, u: Tensor) -> Tensor:
+    """log pi(tanh(u)) for u = mean + exp(log_std) * noise: the Gaussian density of u minus
+    log |d tanh(u) / du| = log(1 - tanh(u)^2) = 2 (log 2 - u - softplus(-2u)), summed over action dims."""
+    logp = (-0.5 * noise * noise - log_std - 0.5 * _LOG_2PI).sum(-1)
+    return logp - (2.0 * (_LOG_2 - u - F.softplus(-2.0 * u))).sum(-1)
+
+
 class TanhGaussianActor(_BoundedActor):
     """SAC's actor: state-dependent mean and log-std, a = tanh(u) in [-1, 1], u ~ N(mean, std).
 
@@ -150,13 +157,16 @@ class TanhGaussianActor(_BoundedActor):
         mean, log_std = y[:, : self.act_dim], y[:, self.act_dim :]
         return mean, log_std.clamp(*self.log_std_bounds)
 
-    def sample(self, obs: Tensor, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
-        """A reparameterized sample (gradients flow through it) and its log-probability [B]."""
+    def sample(
+        self, obs: Tensor, generator: torch.Generator | None = None, noise: Tensor | None = None
+    ) -> tuple[Tensor, Tensor]:
+        """A reparameterized sample (gradients flow through it) and its log-probability [B]; `noise`: the
+        standard normal draws to use (else drawn from `generator`)."""
         mean, log_std = self._mean_log_std(obs)
-        noise = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
+        if noise is None:
+            noise = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
         u = mean + log_std.exp() * noise
-        logp = (-0.5 * noise * noise - log_std - 0.5 * _LOG_2PI).sum(-1)
-        logp = logp - (2.0 * (_LOG_2 - u - F.softplus(-2.0 * u))).sum(-1)
+        logp = tanh_gaussian_log_prob(noise, log_std, u)
         return torch.tanh(u), logp
 
     def forward(self, obs: Tensor) -> Tensor:

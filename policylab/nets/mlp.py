@@ -160,25 +160,35 @@ class StackedMLP(nn.Module):
             out = torch.baddbmm(b, h, w.transpose(1, 2) if transposed else w)
         return out, inputs
 
-    def backward(self, inputs: list[Tensor], grad_out: Tensor) -> None:
-        """Write d(loss)/d(weights, biases) into `.grad`, given d(loss)/d(output) and `forward_cached`'s inputs."""
+    def backward(
+        self, inputs: list[Tensor], grad_out: Tensor, weight_grads: bool = True, input_grad: bool = False
+    ) -> Tensor | None:
+        """Write d(loss)/d(weights, biases) into `.grad`, given d(loss)/d(output) and `forward_cached`'s inputs.
+
+        `weight_grads=False` only propagates (e.g. dQ/da through a critic whose weights stay fixed);
+        `input_grad=True` returns d(loss)/d(input), [K, B, in].
+        """
         g = grad_out
         tanh = self.activation == "tanh"
         with torch.no_grad():
             for i in range(len(self._layers) - 1, -1, -1):
                 w, b, transposed = self._layers[i]
                 h = inputs[i]
-                if w.grad is None:
-                    w.grad = torch.empty_like(w)
-                    b.grad = torch.empty_like(b)
-                if transposed:
-                    torch.bmm(g.transpose(1, 2), h, out=w.grad)
-                else:
-                    torch.bmm(h.transpose(1, 2), g, out=w.grad)
-                torch.sum(g, dim=1, keepdim=True, out=b.grad)
-                if i > 0:
+                if weight_grads:
+                    if w.grad is None:
+                        w.grad = torch.empty_like(w)
+                        b.grad = torch.empty_like(b)
+                    if transposed:
+                        torch.bmm(g.transpose(1, 2), h, out=w.grad)
+                    else:
+                        torch.bmm(h.transpose(1, 2), g, out=w.grad)
+                    torch.sum(g, dim=1, keepdim=True, out=b.grad)
+                if i > 0 or input_grad:
                     g_h = torch.bmm(g, w if transposed else w.transpose(1, 2))
+                    if i == 0:
+                        return g_h
                     if tanh:
                         g = torch.ops.aten.tanh_backward(g_h, h)
                     else:
                         g = torch.ops.aten.threshold_backward(g_h, h, 0.0)
+        return None

@@ -1,0 +1,569 @@
+"""policylab's off-policy algorithms vs stable-baselines3's, side by side, identical hyperparameters.
+
+Run from the repository root:
+
+    .venv/bin/python benchmarks/offpolicy.py --seeds 3                               # every case
+    .venv/bin/python benchmarks/offpolicy.py --case sac-pendulum --case dqn-cartpole  # some cases
+    .venv/bin/python benchmarks/offpolicy.py --quick --seeds 1                        # a smoke run, not a result
+
+Cases (policylab with `preset="none"` and every hyperparameter set explicitly; SB3 with the same values):
+
+* `sac-pendulum`: SAC, Pendulum-v1, 20k steps, lr 1e-3, otherwise SB3's SAC defaults (buffer 1M,
+  learning_starts 100, batch 256, tau 0.005, gamma 0.99, train_freq 1, gradient_steps 1, automatic
+  entropy coefficient from 1.0 with target -dim(A), two critics, [256, 256] ReLU).
+* `td3-pendulum`: TD3, Pendulum-v1, 20k steps, SB3's TD3 defaults (lr 1e-3, [400, 300] ReLU, batch 256,
+  learning_starts 100, buffer 1M, policy_delay 2, target noise 0.2 clipped at 0.5, tau 0.005, train_freq 1,
+  gradient_steps 1) plus Gaussian exploration noise of std 0.1 (SB3: NormalActionNoise(0, 0.1)).
+* `dqn-cartpole`: DQN, CartPole-v1, 50k steps, rl-zoo's CartPole-v1 entry (lr 2.3e-3, batch 64, buffer
+  100k, learning_starts 1000, gamma 0.99, target_update_interval 10, train_freq 256, gradient_steps 128,
+  exploration_fraction 0.16, final eps 0.04, [256, 256]) and SB3's DQN defaults otherwise (hard target
+  copies, max_grad_norm 10, Huber loss, initial eps 1.0, ReLU).
+* `sac-halfcheetah`: SAC, HalfCheetah-v5, SB3's SAC defaults (lr 3e-4) with learning_starts 10000 and
+  30k steps: the speed of the first 20k steps with updates.
+
+One env, `--threads` torch threads (default 1) on both sides, device cpu. Each run is a fresh
+`python benchmarks/offpolicy.py --worker ours|sb3 --case C ...` subprocess, the two sides alternating
+per seed (seeds 1..N). Per run:
+
+* whole-process wall clock, launch to exit (timed by the parent, common.run_worker);
+* training wall clock: from just before `pl.train()` to its return (policylab builds its env and networks,
+  trains, saves its final checkpoint and runs its own final evaluation inside it), and for SB3 from just
+  before the env and model are built to the return of `learn()`; the training loop alone (first to last
+  callback) is recorded too;
+* updates (gradient steps) done: policylab's `updates` metric, SB3's `model._n_updates`;
+* updates/s after learning starts: the updates and the wall clock between the first callback at an env
+  step >= learning_starts rounded up to a multiple of 1000 (policylab calls back once per `log_every` =
+  1000 env steps; SB3's callback marks the same env step) and the end of training;
+* the final return: the mean over 10 deterministic episodes, env seeds seed+1000+i, one plain Gymnasium
+  loop shared by both sides.
+
+Output: a table per case (per seed and median [min-max] over seeds of the ratio ours/SB3), a summary
+table, JSON in benchmarks/results/offpolicy-<date>.json.
+"""
+
+import time
+
+T0 = time.perf_counter()  # the worker's first statement: everything after it counts as the run
+
+import argparse  # noqa: E402
+import dataclasses  # noqa: E402
+import json  # noqa: E402
+import math  # noqa: E402
+import os  # noqa: E402
+from collections.abc import Callable  # noqa: E402
+from dataclasses import dataclass  # noqa: E402
+from pathlib import Path  # noqa: E402
+from typing import TYPE_CHECKING, Any  # noqa: E402
+
+from common import (  # noqa: E402
+    Metric,
+    fmt,
+    fmt_summary,
+    pair_report,
+    print_table,
+    provenance,
+    run_alternating,
+    write_results,
+)
+
+if TYPE_CHECKING:
+    from policylab import IterationInfo
+
+LOG_EVERY = 1000  # policylab's off-policy iteration (env steps per callback)
+EVAL_EPISODES, EVAL_SEED_OFFSET = 10, 1000
+QUICK_FACTOR = 0.1
+
+
+@dataclass(frozen=True)
+class Case:
+    algo: str  # policylab's name
+    sb3: str  # SB3's class
+    env: str
+    steps: int
+    learning_starts: int
+    ours: dict[str, Any]  # policylab overrides (steps, learning_starts and run-level keys are added per run)
+    sb3_kwargs: dict[str, Any]  # SB3 constructor keywords (learning_starts, seed and device are added per run)
+    action_noise: float | None = None  # SB3: NormalActionNoise(0, action_noise) (policylab: the action_noise key)
+
+
+def _sac(env: str, steps: int, learning_starts: int, lr: float) -> Case:
+    return Case(
+        algo="sac",
+        sb3="SAC",
+        env=env,
+        steps=steps,
+        learning_starts=learning_starts,
+        ours={
+            "lr": lr,
+            "buffer_size": 1_000_000,
+            "batch_size": 256,
+            "tau": 0.005,
+            "gamma": 0.99,
+            "train_freq": 1,
+            "gradient_steps": 1,
+            "alpha": 1.0,
+            "auto_alpha": True,
+            "target_entropy": None,
+            "n_critics": 2,
+            "actor_delay": 1,
+            "target_update_interval": 1,
+            "critic_layer_norm": False,
+            "max_grad_norm": None,
+            "hidden_sizes": [256, 256],
+            "activation": "relu",
+        },
+        sb3_kwargs={
+            "learning_rate": lr,
+            "buffer_size": 1_000_000,
+            "batch_size": 256,
+            "tau": 0.005,
+            "gamma": 0.99,
+            "train_freq": 1,
+            "gradient_steps": 1,
+            "ent_coef": "auto_1.0",
+            "target_entropy": "auto",
+            "policy_kwargs": {"net_arch": [256, 256], "n_critics": 2},
+        },
+    )
+
+
+CASES: dict[str, Case] = {
+    "sac-pendulum": _sac("Pendulum-v1", 20_000, 100, 1e-3),
+    "td3-pendulum": Case(
+        algo="td3",
+        sb3="TD3",
+        env="Pendulum-v1",
+        steps=20_000,
+        learning_starts=100,
+        ours={
+            "lr": 1e-3,
+            "buffer_size": 1_000_000,
+            "batch_size": 256,
+            "tau": 0.005,
+            "gamma": 0.99,
+            "train_freq": 1,
+            "gradient_steps": 1,
+            "policy_delay": 2,
+            "target_noise": 0.2,
+            "target_noise_clip": 0.5,
+            "action_noise": 0.1,
+            "n_critics": 2,
+            "critic_layer_norm": False,
+            "max_grad_norm": None,
+            "hidden_sizes": [400, 300],
+            "activation": "relu",
+        },
+        sb3_kwargs={
+            "learning_rate": 1e-3,
+            "buffer_size": 1_000_000,
+            "batch_size": 256,
+            "tau": 0.005,
+            "gamma": 0.99,
+            "train_freq": 1,
+            "gradient_steps": 1,
+            "policy_delay": 2,
+            "target_policy_noise": 0.2,
+            "target_noise_clip": 0.5,
+            "policy_kwargs": {"net_arch": [400, 300], "n_critics": 2},
+        },
+        action_noise=0.1,
+    ),
+    "dqn-cartpole": Case(
+        algo="dqn",
+        sb3="DQN",
+        env="CartPole-v1",
+        steps=50_000,
+        learning_starts=1000,
+        ours={
+            "lr": 2.3e-3,
+            "batch_size": 64,
+            "buffer_size": 100_000,
+            "gamma": 0.99,
+            "target_update_interval": 10,
+            "train_freq": 256,
+            "gradient_steps": 128,
+            "exploration_fraction": 0.16,
+            "eps_start": 1.0,
+            "eps_final": 0.04,
+            "tau": 1.0,
+            "max_grad_norm": 10.0,
+            "double_q": False,
+            "dueling": False,
+            "loss": "huber",
+            "hidden_sizes": [256, 256],
+            "activation": "relu",
+        },
+        sb3_kwargs={
+            "learning_rate": 2.3e-3,
+            "batch_size": 64,
+            "buffer_size": 100_000,
+            "gamma": 0.99,
+            "target_update_interval": 10,
+            "train_freq": 256,
+            "gradient_steps": 128,
+            "exploration_fraction": 0.16,
+            "exploration_initial_eps": 1.0,
+            "exploration_final_eps": 0.04,
+            "tau": 1.0,
+            "max_grad_norm": 10.0,
+            "policy_kwargs": {"net_arch": [256, 256]},
+        },
+    ),
+    "sac-halfcheetah": _sac("HalfCheetah-v5", 30_000, 10_000, 3e-4),
+}
+
+
+def run_settings(case: Case, a: argparse.Namespace) -> tuple[int, int]:
+    """(steps, learning_starts) for this invocation: the case's, `--steps`, or --quick (10% of the steps,
+    learning_starts capped at a third of them so that every case still has updates to time)."""
+    steps, starts = case.steps, case.learning_starts
+    if a.quick:
+        steps = max(LOG_EVERY, int(steps * QUICK_FACTOR))
+        starts = min(starts, steps // 3)
+    if a.steps is not None:
+        steps = a.steps
+    return steps, starts
+
+
+def mark_step(learning_starts: int) -> int:
+    """The env step where both sides start the updates/s clock: the first policylab callback at or after
+    learning_starts (callbacks come every LOG_EVERY env steps)."""
+    return max(LOG_EVERY, math.ceil(learning_starts / LOG_EVERY) * LOG_EVERY)
+
+
+# --- the worker ----------------------------------------------------------------------------------
+
+
+class Clock:
+    """Training-loop timing fed by either side's callback: loop start, the updates/s mark, the end."""
+
+    def __init__(self, mark: int) -> None:
+        self.mark = mark
+        self.loop_start: float | None = None
+        self.mark_time: float | None = None
+        self.mark_updates: int | None = None
+        self.end_time = 0.0
+        self.end_step = 0
+        self.end_updates = 0
+
+    def observe(self, now: float, step: int, updates: int) -> None:
+        if self.mark_time is None and step >= self.mark:
+            self.mark_time, self.mark_updates = now, updates
+        self.end_time, self.end_step, self.end_updates = now, step, updates
+
+    def record(self, t_call: float, t_returned: float) -> dict[str, Any]:
+        assert self.loop_start is not None
+        phase_s = None if self.mark_time is None else self.end_time - self.mark_time
+        phase_updates = None if self.mark_updates is None else self.end_updates - self.mark_updates
+        per_s = phase_updates / phase_s if phase_s and phase_updates is not None else None
+        return {
+            "train_wall_s": t_returned - t_call,
+            "setup_s": self.loop_start - t_call,
+            "loop_s": self.end_time - self.loop_start,
+            "post_loop_s": t_returned - self.end_time,
+            "steps": self.end_step,
+            "updates": self.end_updates,
+            "mark_step": self.mark,
+            "phase_s": phase_s,
+            "phase_updates": phase_updates,
+            "updates_per_s": per_s,
+            "phase_steps_per_s": (self.end_step - self.mark) / phase_s if phase_s else None,
+        }
+
+
+def shared_eval(env_id: str, act: Callable[[Any], Any], seed: int) -> dict[str, Any]:
+    """The same plain Gymnasium loop for both sides: EVAL_EPISODES deterministic episodes, seeds seed+1000+i."""
+    import gymnasium as gym
+
+    start, env, returns = time.perf_counter(), gym.make(env_id), []
+    for i in range(EVAL_EPISODES):
+        obs, _ = env.reset(seed=seed + EVAL_SEED_OFFSET + i)
+        total, done = 0.0, False
+        while not done:
+            obs, reward, terminated, truncated, _ = env.step(act(obs))
+            total, done = total + float(reward), terminated or truncated
+        returns.append(total)
+    env.close()
+    return {
+        "eval_return_mean": sum(returns) / len(returns),
+        "eval_returns": returns,
+        "eval_s": time.perf_counter() - start,
+    }
+
+
+def ours_overrides(case: Case, a: argparse.Namespace) -> dict[str, Any]:
+    _, starts = run_settings(case, a)
+    run_level = {
+        "num_envs": 1,
+        "learning_starts": starts,
+        "n_step": 1,
+        "prioritized": False,
+        "log_every": LOG_EVERY,
+        "eval_every": 0,
+        "checkpoint_every": 0,
+        "eval_episodes": EVAL_EPISODES,
+        "threads": a.threads,
+        "device": "cpu",
+    }
+    return {**case.ours, **run_level}
+
+
+def worker_ours(case: Case, a: argparse.Namespace) -> dict[str, Any]:
+    t = time.perf_counter()
+    import torch
+
+    import policylab as pl
+
+    imports_s = time.perf_counter() - t
+    torch.set_num_threads(a.threads)
+    steps, starts = run_settings(case, a)
+    clock = Clock(mark_step(starts))
+
+    def callback(info: "IterationInfo") -> None:
+        now = time.perf_counter()
+        if clock.loop_start is None:
+            clock.loop_start = now - info.elapsed
+        clock.observe(now, info.step, int(info.metrics["updates"]))
+
+    overrides = ours_overrides(case, a)
+    t_call = time.perf_counter()
+    run = pl.train(
+        case.algo,
+        env=case.env,
+        steps=steps,
+        seed=a.seed,
+        overrides=overrides,
+        preset="none",
+        progress=False,
+        verbose=False,
+        runs_dir=Path(a.out).parent / f"runs-ours-{a.case}-s{a.seed}",
+        callback=callback,
+    )
+    t_returned = time.perf_counter()
+    cfg = dataclasses.asdict(run.config)
+    wrong = {k: {"got": cfg.get(k), "want": v} for k, v in overrides.items() if cfg.get(k) != v}
+    if wrong or run.steps != steps:
+        raise SystemExit(f"policylab's resolved config differs from the benchmark's: {wrong}, steps {run.steps}")
+    policy = pl.load(run.dir)
+    ev = shared_eval(case.env, lambda obs: policy.act(obs, deterministic=True), a.seed)
+    final = run.final_eval or {}
+    return {
+        "imports_s": imports_s,
+        **clock.record(t_call, t_returned),
+        **ev,
+        "own_final_eval_return_mean": final.get("return_mean"),
+        "config": cfg,
+    }
+
+
+def worker_sb3(case: Case, a: argparse.Namespace) -> dict[str, Any]:
+    t = time.perf_counter()
+    import numpy as np
+    import stable_baselines3 as sb3
+    import torch
+    from stable_baselines3.common.callbacks import BaseCallback
+    from stable_baselines3.common.env_util import make_vec_env
+    from stable_baselines3.common.noise import NormalActionNoise
+
+    imports_s = time.perf_counter() - t
+    torch.set_num_threads(a.threads)
+    steps, starts = run_settings(case, a)
+    clock = Clock(mark_step(starts))
+
+    class Callback(BaseCallback):
+        def _on_training_start(self) -> None:
+            clock.loop_start = time.perf_counter()
+
+        def _on_step(self) -> bool:  # after every env step, before that step's update
+            if clock.mark_time is None and self.num_timesteps >= clock.mark:
+                clock.observe(time.perf_counter(), self.num_timesteps, self.model._n_updates)
+            return True
+
+        def _on_training_end(self) -> None:
+            clock.observe(time.perf_counter(), self.model.num_timesteps, self.model._n_updates)
+
+    t_call = time.perf_counter()
+    env = make_vec_env(case.env, n_envs=1, seed=a.seed)
+    kwargs = dict(case.sb3_kwargs)
+    if case.action_noise is not None:
+        dim = env.action_space.shape[0]
+        kwargs["action_noise"] = NormalActionNoise(np.zeros(dim), case.action_noise * np.ones(dim))
+    algo_cls = getattr(sb3, case.sb3)
+    model = algo_cls("MlpPolicy", env, learning_starts=starts, seed=a.seed, device="cpu", verbose=0, **kwargs)
+    check_sb3(case, model, torch)
+    model.learn(steps, callback=Callback())
+    t_returned = time.perf_counter()
+    if case.sb3 == "DQN":
+        ev = shared_eval(case.env, lambda obs: int(model.predict(obs, deterministic=True)[0]), a.seed)
+    else:
+        ev = shared_eval(case.env, lambda obs: model.predict(obs, deterministic=True)[0], a.seed)
+    return {"imports_s": imports_s, **clock.record(t_call, t_returned), **ev}
+
+
+def check_sb3(case: Case, model: Any, torch: Any) -> None:
+    """SB3's defaults that the benchmark relies on but does not pass (it stops if one has changed)."""
+    pol = model.policy
+    want_arch = case.sb3_kwargs["policy_kwargs"]["net_arch"]
+    bad = []
+    if pol.net_arch != want_arch or pol.activation_fn is not torch.nn.ReLU:
+        bad.append(f"net {pol.net_arch} {pol.activation_fn}")
+    if case.sb3 == "SAC":
+        dim = model.action_space.shape[0]
+        if float(model.log_ent_coef.exp()) != 1.0 or model.target_entropy != -dim or pol.share_features_extractor:
+            bad.append("entropy coefficient / target / shared extractor")
+    owners = [getattr(pol, name, None) for name in ("actor", "critic")] + [pol]  # SAC/TD3: actor, critic; DQN: policy
+    for optimizer in [getattr(o, "optimizer", None) for o in owners if o is not None]:
+        if optimizer is None:
+            continue
+        if not isinstance(optimizer, torch.optim.Adam) or optimizer.defaults["eps"] != 1e-8:
+            bad.append(f"optimizer {optimizer}")
+    if model.n_envs != 1:
+        bad.append(f"n_envs {model.n_envs}")
+    if bad:
+        raise SystemExit(f"SB3's {case.sb3} is not configured as this benchmark states: {bad}")
+
+
+def main_worker(a: argparse.Namespace) -> None:
+    os.chdir(Path(a.out).parent)  # the parent's temporary folder: MuJoCo writes MUJOCO_LOG.TXT into the cwd
+    case = CASES[a.case]
+    fn = worker_ours if a.worker == "ours" else worker_sb3
+    record = {"side": a.worker, "seed": a.seed, "case": a.case, "t0_abs": T0, **fn(case, a)}
+    record["worker_end_s"] = time.perf_counter() - T0
+    Path(a.out).write_text(json.dumps(record))
+
+
+# --- the parent ----------------------------------------------------------------------------------
+
+METRICS: dict[str, Metric] = {
+    "train_wall_s": ("training wall clock, train()/build+learn() (s); ratio <1: ours faster", ".2f", True),
+    "process_wall_s": ("process wall clock, launch to exit (s); ratio <1: ours faster", ".2f", True),
+    "updates_per_s": ("updates/s after learning starts; ratio >1: ours faster", ",.1f", True),
+    "eval_return_mean": (f"final return, shared deterministic eval ({EVAL_EPISODES} episodes)", ".1f", False),
+}
+DETAIL: dict[str, Metric] = {
+    "loop_s": ("training loop alone, first to last callback (s)", ".2f", True),
+    "process_wall_minus_eval_s": ("process wall clock less shared eval (s)", ".2f", True),
+    "updates": ("updates done", ",.0f", True),
+    "steps": ("env steps done", ",.0f", False),
+    "phase_steps_per_s": ("env steps/s after learning starts", ",.1f", True),
+    "startup_s": ("interpreter start-up (s)", ".3f", False),
+    "imports_s": ("imports (s)", ".3f", False),
+    "setup_s": ("set-up: env, networks, run dir (s)", ".3f", False),
+    "post_loop_s": ("after the loop, in train()/learn(): checkpoint, own eval (s)", ".3f", False),
+    "eval_s": ("shared eval (s)", ".3f", False),
+    "exit_s": ("interpreter exit (s)", ".3f", False),
+}
+
+
+def main_parent(a: argparse.Namespace) -> None:
+    names = a.case or list(CASES)
+    seeds = list(range(1, a.seeds + 1))
+    header = provenance(["policylab", "torch", "stable-baselines3", "gymnasium", "numpy", "mujoco"])
+    settings, summaries, all_runs, overview = {}, {}, [], []
+
+    def show(rec: dict[str, Any]) -> None:
+        rec["process_wall_minus_eval_s"] = rec["process_wall_s"] - rec["eval_s"]
+        print(
+            f"  {rec['case']} {rec['side']:4s} seed {rec['seed']}: "
+            + ", ".join(
+                f"{k} {fmt(rec.get(k), f)}"
+                for k, f in (
+                    ("process_wall_s", ".1f"),
+                    ("train_wall_s", ".1f"),
+                    ("updates", ",.0f"),
+                    ("updates_per_s", ",.1f"),
+                    ("eval_return_mean", ".1f"),
+                )
+            ),
+            flush=True,
+        )
+
+    for name in names:
+        case = CASES[name]
+        steps, starts = run_settings(case, a)
+        if mark_step(starts) >= steps:
+            print(f"warning: {name}: {steps:,} steps end before env step {mark_step(starts):,}: no updates/s")
+        print(f"\n== {name}: {case.algo} {case.env}, {steps:,} steps, learning_starts {starts:,}", flush=True)
+        args = ["--case", name, "--threads", str(a.threads)]
+        args += (["--quick"] if a.quick else []) + (["--steps", str(a.steps)] if a.steps is not None else [])
+        runs = run_alternating(__file__, ["ours", "sb3"], seeds, args, show)
+        print(f"\n{name}: {a.seeds} seed(s) per side, torch threads {a.threads}, alternating runs (ours, SB3)")
+        summary = pair_report(runs, seeds, METRICS, DETAIL, "ours", "sb3", ("ours", "SB3"))
+        summaries[name], all_runs = summary, all_runs + runs
+        settings[name] = {
+            "algo": case.algo,
+            "sb3_class": case.sb3,
+            "env": case.env,
+            "steps": steps,
+            "learning_starts": starts,
+            "updates_per_s_from_step": mark_step(starts),
+            "ours_overrides": ours_overrides(case, a),
+            "sb3_kwargs": {**case.sb3_kwargs, "learning_starts": starts, "device": "cpu"},
+            "sb3_action_noise_std": case.action_noise,
+        }
+        overview.append(
+            [
+                name,
+                fmt_summary(summary["train_wall_s"]["ratio"]),
+                fmt_summary(summary["process_wall_s"]["ratio"]),
+                fmt_summary(summary["updates_per_s"]["ratio"]),
+                fmt_summary(summary["updates_per_s"]["ours"], ",.0f")
+                + " / "
+                + fmt_summary(summary["updates_per_s"]["sb3"], ",.0f"),
+                fmt_summary(summary["eval_return_mean"]["ours"], ".1f")
+                + " / "
+                + fmt_summary(summary["eval_return_mean"]["sb3"], ".1f"),
+            ]
+        )
+
+    print(f"\nsummary: median [min-max] over {a.seeds} seed(s); torch threads {a.threads}")
+    print_table(
+        [
+            "case",
+            "train wall ours/SB3 (<1 ours faster)",
+            "process wall ours/SB3",
+            "updates/s ours/SB3 (>1 ours faster)",
+            "updates/s ours / SB3",
+            "final return ours / SB3",
+        ],
+        overview,
+    )
+    payload = {
+        "benchmark": "offpolicy",
+        **header,
+        "settings": {
+            "cases": settings,
+            "seeds": seeds,
+            "threads": a.threads,
+            "quick": a.quick,
+            "steps_override": a.steps,
+            "log_every": LOG_EVERY,
+            "eval": f"{EVAL_EPISODES} deterministic episodes, env seeds seed+{EVAL_SEED_OFFSET}+i, shared loop",
+            "order": "per case, per seed: ours, sb3",
+        },
+        "summary": summaries,
+        "runs": all_runs,
+    }
+    print(f"\nresults: {write_results('offpolicy', payload)}")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    p.add_argument("--seeds", type=int, default=3, help="seeds per side (1..N)")
+    p.add_argument("--case", action="append", choices=list(CASES), help="a case to run (repeatable; default all)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads, both sides")
+    p.add_argument("--steps", type=int, help="env steps per run, overriding every selected case's")
+    p.add_argument("--quick", action="store_true", help="10%% of each case's steps (a smoke test, not a result)")
+    p.add_argument("--worker", choices=["ours", "sb3"], help=argparse.SUPPRESS)
+    p.add_argument("--seed", type=int, default=1, help=argparse.SUPPRESS)
+    p.add_argument("--out", help=argparse.SUPPRESS)
+    a = p.parse_args()
+    if a.worker:
+        a.case = a.case[0]
+        main_worker(a)
+    else:
+        main_parent(a)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,92 @@
+"""SAC's gradient step with hand-derived gradients: the same update as `SAC.update` (checked against
+autograd in tests/test_fused_offpolicy.py), about 1.5x faster on the CPU.
+
+Why it is faster: the actor runs once on [s; s'] (2B rows), every backward pass writes into the flat
+gradient buffers with layouts MKL likes (no transposed copies, no slow strided ReLU backward), the
+actor loss propagates through the critic without computing critic weight gradients, and there is no
+autograd graph to build. Used for ReLU/tanh MLPs without LayerNorm (`analytic_grads=false` opts out).
+
+With u = mean + std * noise, a = tanh(u), L_actor = mean_B(alpha log pi(a|s) - min_k Q_k(s, a)):
+    d log pi / du = 2 a,  d log pi / d log_std = -1 (direct) + (d log pi / du) std noise
+    dL/du = (2 alpha a + dL/da|_Q (1 - a^2)) / B ... (dL/da|_Q through the critic's input gradient)
+    dL/d log_std = (dL/du) std noise - alpha / B, zero where log_std was clamped.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+from torch import Tensor
+
+from policylab.data import Batch
+from policylab.nets.critics import tanh_gaussian_log_prob
+from policylab.objectives.q_targets import sac_target
+
+if TYPE_CHECKING:
+    from policylab.algos.sac import SAC
+
+
+def fused_sac_applies(algo: SAC) -> bool:
+    return bool(algo.cfg.analytic_grads and algo.net.body.analytic_backward and algo.critic.body.analytic_backward)
+
+
+def fused_sac_update(algo: SAC, batch: Batch, index: int, noise: Tensor | None = None) -> dict[str, Tensor]:
+    """One SAC gradient step; `noise` ([2B, A] standard normal, obs rows then next-obs rows) for tests."""
+    cfg, actor, critic = algo.cfg, algo.net, algo.critic
+    n, act_dim = len(batch), algo.act_dim
+    update_actor = index % cfg.actor_delay == 0
+    with torch.no_grad():
+        # the actor on [s; s'] in one call
+        out, actor_inputs = actor.body.forward_cached(torch.cat([batch.obs.flatten(1), batch.next_obs.flatten(1)]))
+        mean, raw_log_std = out[0, :, :act_dim], out[0, :, act_dim:]
+        log_std = raw_log_std.clamp(*actor.log_std_bounds)
+        std = log_std.exp()
+        if noise is None:
+            noise = torch.randn(mean.shape, generator=algo.generator, device=mean.device, dtype=mean.dtype)
+        u = torch.addcmul(mean, std, noise)
+        actions = torch.tanh(u)
+        logp = tanh_gaussian_log_prob(noise, log_std, u)
+        logp_pi = logp[:n]
+        if update_actor:
+            alpha = algo.temperature.update(logp_pi + algo.temperature.target_entropy)
+        else:
+            alpha = algo.temperature.log_alpha.detach().exp()
+
+        next_q = algo.critic_target(batch.next_obs, actions[n:])
+        target = sac_target(batch.rewards, batch.discounts, batch.terminated, next_q, logp[n:], alpha)
+
+        # critic: d/dQ_k of 1/2 sum_k mean_B w (Q_k - y)^2 = w (Q_k - y) / B
+        q, critic_inputs = critic.body.forward_cached(torch.cat([batch.obs.flatten(1), batch.actions.flatten(1)], -1))
+        td = q[..., 0] - target
+        weights = batch.get("weights")
+        g_q = td / n if weights is None else td * weights / n
+        algo.critic_opt.params.zero_grad()
+        critic.body.backward(critic_inputs, g_q.unsqueeze(-1))
+        algo.critic_opt.clip_and_step()
+        critic_loss = 0.5 * ((td * td if weights is None else weights * td * td).mean(-1).sum())
+        metrics = {"critic_loss": critic_loss, "q": q.mean(), "alpha": alpha[0]}
+
+        if update_actor:
+            a_pi = actions[:n]
+            obs_dim = batch.obs.flatten(1).shape[1]
+            q_pi, pi_inputs = critic.body.forward_cached(torch.cat([batch.obs.flatten(1), a_pi], -1))
+            q_pi = q_pi[..., 0]  # [K, B], with the critic after its step
+            q_min, k_min = q_pi.min(0)
+            # dL/dQ_k = -1/B for the minimizing critic, 0 for the others
+            g_qpi = torch.zeros_like(q_pi).scatter_(0, k_min.unsqueeze(0), -1.0 / n)
+            g_input = critic.body.backward(pi_inputs, g_qpi.unsqueeze(-1), weight_grads=False, input_grad=True)
+            assert g_input is not None
+            g_a = g_input[:, :, obs_dim:].sum(0)
+            g_u = torch.addcmul(g_a * (1.0 - a_pi * a_pi), a_pi, alpha * (2.0 / n))
+            inside = (raw_log_std[:n] >= actor.log_std_bounds[0]) & (raw_log_std[:n] <= actor.log_std_bounds[1])
+            g_log_std = (g_u * std[:n] * noise[:n] - alpha / n) * inside
+            algo.actor_opt.params.zero_grad()
+            actor.body.backward([h[:, :n] for h in actor_inputs], torch.cat([g_u, g_log_std], -1).unsqueeze(0))
+            algo.actor_opt.clip_and_step()
+            metrics["actor_loss"] = (alpha * logp_pi - q_min).mean()
+            metrics["entropy"] = -logp_pi.mean()
+        if index % cfg.target_update_interval == 0:
+            algo.critic_target.update(cfg.tau)
+        metrics["td_error"] = td.abs().mean(0)
+    return metrics

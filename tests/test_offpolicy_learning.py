@@ -1,0 +1,52 @@
+"""Each off-policy algorithm learns: a deterministic evaluation return reaches a bar within a step budget.
+
+The runs evaluate every `every` steps and stop at the first evaluation at or above the bar (a
+"reaches X within N steps" test), so a fast learner costs less CI time. Seeds are fixed: a seed fixes
+a run on one machine.
+"""
+
+from __future__ import annotations
+
+import policylab as pl
+from policylab.train import IterationInfo
+
+
+def _reaches(algo: str, env: str, budget: int, bar: float, every: int, tmp_path, **overrides) -> list[tuple]:
+    """Train until an evaluation reaches `bar` (or the budget runs out); returns the evaluations."""
+    evaluations: list[tuple[int, float]] = []
+
+    def stop_at_bar(info: IterationInfo) -> bool:
+        if info.eval_return is not None:
+            evaluations.append((info.step, info.eval_return))
+        return info.eval_return is None or info.eval_return < bar
+
+    settings = {"eval_every": every, "eval_episodes": 10, "checkpoint_every": 0, **overrides}
+    pl.train(
+        algo, env=env, steps=budget, seed=1, overrides=settings, runs_dir=tmp_path, callback=stop_at_bar, verbose=False
+    )
+    assert evaluations and max(r for _, r in evaluations) >= bar, f"{algo} on {env} within {budget}: {evaluations}"
+    return evaluations
+
+
+def test_sac_reaches_minus_250_on_pendulum_within_15k_steps(tmp_path):
+    _reaches("sac", "Pendulum-v1", 15_000, -250, 1000, tmp_path)  # the preset (lr 1e-3)
+
+
+def test_td3_reaches_minus_250_on_pendulum_within_15k_steps(tmp_path):
+    _reaches("td3", "Pendulum-v1", 15_000, -250, 1000, tmp_path, learning_starts=1000)
+
+
+def test_dqn_reaches_450_on_cartpole_within_50k_steps(tmp_path):
+    _reaches("dqn", "CartPole-v1", 50_000, 450, 2500, tmp_path)  # the preset
+
+
+def test_discrete_sac_learns_cartpole(tmp_path):
+    _reaches("sac_discrete", "CartPole-v1", 30_000, 300, 2500, tmp_path, learning_starts=1000)
+
+
+def test_ddpg_learns_pendulum(tmp_path):
+    _reaches("ddpg", "Pendulum-v1", 15_000, -300, 1000, tmp_path, learning_starts=1000)
+
+
+def test_tqc_learns_pendulum(tmp_path):
+    _reaches("tqc", "Pendulum-v1", 15_000, -250, 1000, tmp_path)  # the preset (lr 1e-3)
