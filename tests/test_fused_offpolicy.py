@@ -1,4 +1,4 @@
-"""SAC's hand-derived gradient step equals the autograd step (same noise, same batch, same state)."""
+"""The hand-derived off-policy gradient steps (SAC, DQN) equal the autograd steps (same noise, batch, state)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from policylab.algos import get_algo
-from policylab.algos.fused_sac import fused_sac_update
+from policylab.algos.fused_offpolicy import fused_dqn_update, fused_sac_update
 from policylab.train import OffPolicyLoop, resolve_config
 
 
@@ -44,6 +44,41 @@ def test_fused_sac_step_equals_autograd(overrides):
     for index in (0, 1):
         fused = fused_sac_update(algo, batch, index, noise)
         reference = twin.autograd_update(batch, index, noise)
+        for key in reference:
+            torch.testing.assert_close(fused[key], reference[key].detach(), rtol=1e-4, atol=1e-5, msg=key)
+        a, b = _state(algo), _state(twin)
+        for key in a:
+            torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-6, msg=key)
+    loop.close()
+    twin_loop.close()
+
+
+def _dqn(overrides: dict) -> OffPolicyLoop:
+    spec = get_algo("dqn")
+    base = {"hidden_sizes": [32, 32], "learning_starts": 64, "batch_size": 16, "log_every": 100, "lr": 1e-2}
+    cfg, _ = resolve_config(spec, "CartPole-v1", 1000, 0, overrides={**base, **overrides}, preset="none")
+    loop = OffPolicyLoop(spec, cfg)
+    loop.iterate()
+    return loop
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {},
+        {"double_q": True, "dueling": True},
+        {"loss": "mse", "activation": "tanh", "max_grad_norm": None},
+        {"prioritized": True, "double_q": True, "n_step": 3},
+    ],
+)
+def test_fused_dqn_step_equals_autograd(overrides):
+    loop, twin_loop = _dqn(overrides), _dqn(overrides)
+    algo, twin = loop.algo, twin_loop.algo
+    assert algo.fused
+    batch = loop.buffer.sample(16, torch.Generator().manual_seed(5))
+    for _ in range(2):
+        fused = fused_dqn_update(algo, batch)
+        reference = twin.autograd_update(batch)
         for key in reference:
             torch.testing.assert_close(fused[key], reference[key].detach(), rtol=1e-4, atol=1e-5, msg=key)
         a, b = _state(algo), _state(twin)

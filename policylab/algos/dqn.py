@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from policylab.algos.fused_offpolicy import fused_dqn_applies, fused_dqn_update
 from policylab.algos.offpolicy import (
     FlatAdam,
     OffPolicyConfig,
@@ -92,6 +93,7 @@ class DQN:
         self.action_shape: tuple[int, ...] = ()
         self.action_dtype = torch.long
         self._target_every = max(cfg.target_update_interval // cfg.num_envs, 1)
+        self.fused = fused_dqn_applies(self)
 
     @staticmethod
     def build_policy(cfg: DQNConfig, obs_space: gym.Space, act_space: gym.Space) -> QNetwork:
@@ -120,6 +122,9 @@ class DQN:
             self.q_target.update(self.cfg.tau)
 
     def update(self, batch: Batch, index: int) -> dict[str, Tensor]:
+        return fused_dqn_update(self, batch) if self.fused else self.autograd_update(batch)
+
+    def autograd_update(self, batch: Batch) -> dict[str, Tensor]:
         cfg = self.cfg
         with torch.no_grad():
             next_q_target = self.q_target(batch.next_obs)[0]

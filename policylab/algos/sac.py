@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from policylab.algos.fused_sac import fused_sac_applies, fused_sac_update
+from policylab.algos.fused_offpolicy import fused_sac_applies, fused_sac_update
 from policylab.algos.offpolicy import (
     FlatAdam,
     OffPolicyConfig,
