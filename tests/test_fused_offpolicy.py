@@ -1,4 +1,4 @@
-"""The hand-derived off-policy gradient steps (SAC, DQN) equal the autograd steps (same noise, batch, state)."""
+"""The hand-derived off-policy gradient steps (SAC, TD3, DQN) equal the autograd steps (same noise, batch, state)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from policylab.algos import get_algo
-from policylab.algos.fused_offpolicy import fused_dqn_update, fused_sac_update
+from policylab.algos.fused_offpolicy import fused_dqn_update, fused_sac_update, fused_td3_update
 from policylab.train import OffPolicyLoop, resolve_config
 
 
@@ -79,6 +79,40 @@ def test_fused_dqn_step_equals_autograd(overrides):
     for _ in range(2):
         fused = fused_dqn_update(algo, batch)
         reference = twin.autograd_update(batch)
+        for key in reference:
+            torch.testing.assert_close(fused[key], reference[key].detach(), rtol=1e-4, atol=1e-5, msg=key)
+        a, b = _state(algo), _state(twin)
+        for key in a:
+            torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-6, msg=key)
+    loop.close()
+    twin_loop.close()
+
+
+@pytest.mark.parametrize(
+    ("algo_name", "overrides"),
+    [
+        ("td3", {}),
+        ("td3", {"activation": "tanh", "max_grad_norm": 0.5, "n_critics": 3, "prioritized": True}),
+        ("ddpg", {}),
+    ],
+)
+def test_fused_td3_step_equals_autograd(algo_name, overrides):
+    def make() -> OffPolicyLoop:
+        spec = get_algo(algo_name)
+        base = {"hidden_sizes": [32, 32], "learning_starts": 64, "batch_size": 16, "log_every": 100, "lr": 1e-2}
+        cfg, _ = resolve_config(spec, "Pendulum-v1", 1000, 0, overrides={**base, **overrides}, preset="none")
+        loop = OffPolicyLoop(spec, cfg)
+        loop.iterate()
+        return loop
+
+    loop, twin_loop = make(), make()
+    algo, twin = loop.algo, twin_loop.algo
+    assert algo.fused
+    batch = loop.buffer.sample(16, torch.Generator().manual_seed(5))
+    for index in (0, 1, 2):
+        fused = fused_td3_update(algo, batch, index)
+        reference = twin.autograd_update(batch, index)
+        assert fused.keys() == reference.keys()
         for key in reference:
             torch.testing.assert_close(fused[key], reference[key].detach(), rtol=1e-4, atol=1e-5, msg=key)
         a, b = _state(algo), _state(twin)

@@ -11,6 +11,7 @@ SAC, with u = mean + std * noise, a = tanh(u), L_actor = mean_B(alpha log pi(a|s
     d log pi / du = 2 a,  d log pi / d log_std = -1 (direct) + (d log pi / du) std noise
     dL/du = (2 alpha a) / B + dL/da|_Q (1 - a^2)       (dL/da|_Q through the critic's input gradient)
     dL/d log_std = (dL/du) std noise - alpha / B, zero where log_std was clamped.
+TD3: L_actor = -mean_B Q_1(s, tanh(out)): dL/d out = dL/da|_Q1 (1 - a^2), through the first critic only.
 DQN: d huber(td) / d td = clamp(td, -1, 1); through a dueling head Q_a = V + A_a - mean(A):
     dQ_a/dV = 1, dQ_a/dA_j = [j = a] - 1/|A|.
 """
@@ -24,11 +25,12 @@ from torch import Tensor
 
 from policylab.data import Batch
 from policylab.nets.critics import tanh_gaussian_log_prob
-from policylab.objectives.q_targets import dqn_target, sac_target
+from policylab.objectives.q_targets import dqn_target, sac_target, target_policy_smoothing, td3_target
 
 if TYPE_CHECKING:
     from policylab.algos.dqn import DQN
     from policylab.algos.sac import SAC
+    from policylab.algos.td3 import TD3
 
 
 def fused_sac_applies(algo: SAC) -> bool:
@@ -136,3 +138,48 @@ def fused_dqn_update(algo: DQN, batch: Batch) -> dict[str, Tensor]:
         net.body.backward([h[:, :n] for h in inputs], g_out.unsqueeze(0))
         algo.q_opt.clip_and_step()
     return {"loss": per_sample.mean(), "q": q.mean(), "td_error": td.abs()}
+
+
+def fused_td3_applies(algo: TD3) -> bool:
+    return bool(algo.cfg.analytic_grads and algo.net.body.analytic_backward and algo.critic.body.analytic_backward)
+
+
+def fused_td3_update(algo: TD3, batch: Batch, index: int) -> dict[str, Tensor]:
+    """One TD3 (or DDPG) gradient step, drawing the target-smoothing noise in the same order as autograd's."""
+    cfg, actor, critic = algo.cfg, algo.net, algo.critic
+    n = len(batch)
+    obs = batch.obs.flatten(1)
+    with torch.no_grad():
+        next_actions = algo.actor_target(batch.next_obs)
+        if cfg.target_noise > 0:
+            next_actions = target_policy_smoothing(
+                next_actions, cfg.target_noise, cfg.target_noise_clip, -1.0, 1.0, algo.generator
+            )
+        next_q = algo.critic_target(batch.next_obs, next_actions)
+        target = td3_target(batch.rewards, batch.discounts, batch.terminated, next_q)
+        # critic: d/dQ_k of sum_k mean_B w (Q_k - y)^2 = 2 w (Q_k - y) / B
+        q, critic_inputs = critic.body.forward_cached(torch.cat([obs, batch.actions.flatten(1)], -1))
+        td = q[..., 0] - target
+        weights = batch.get("weights")
+        g_q = 2.0 * td / n if weights is None else 2.0 * td * weights / n
+        algo.critic_opt.params.zero_grad()
+        critic.body.backward(critic_inputs, g_q.unsqueeze(-1))
+        algo.critic_opt.clip_and_step()
+        critic_loss = (td * td if weights is None else weights * td * td).mean(-1).sum()
+        metrics = {"critic_loss": critic_loss, "q": q.mean()}
+        if (index + 1) % cfg.policy_delay == 0:
+            out, actor_inputs = actor.body.forward_cached(obs)
+            a = torch.tanh(out[0])
+            q1, pi_inputs = critic.body.forward_cached(torch.cat([obs, a], -1), members=1)
+            g_q1 = torch.full_like(q1, -1.0 / n)
+            g_input = critic.body.backward(pi_inputs, g_q1, weight_grads=False, input_grad=True, members=1)
+            assert g_input is not None
+            g_out = g_input[:, :, obs.shape[1] :] * (1.0 - a * a)
+            algo.actor_opt.params.zero_grad()
+            actor.body.backward(actor_inputs, g_out)
+            algo.actor_opt.clip_and_step()
+            algo.actor_target.update(cfg.tau)
+            algo.critic_target.update(cfg.tau)
+            metrics["actor_loss"] = -q1.mean()
+        metrics["td_error"] = td.abs().mean(0)
+    return metrics

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from policylab.algos.fused_offpolicy import fused_td3_applies, fused_td3_update
 from policylab.algos.offpolicy import (
     FlatAdam,
     OffPolicyConfig,
@@ -92,6 +93,7 @@ class TD3:
         }
         self.optimizers = {"actor": self.actor_opt.optimizer, "critic": self.critic_opt.optimizer}
         self.action_shape, self.action_dtype = (self.act_dim,), torch.float32
+        self.fused = fused_td3_applies(self)
 
     @staticmethod
     def build_policy(cfg: TD3Config, obs_space: gym.Space, act_space: gym.Space) -> DeterministicActor:
@@ -117,6 +119,9 @@ class TD3:
         pass
 
     def update(self, batch: Batch, index: int) -> dict[str, Tensor]:
+        return fused_td3_update(self, batch, index) if self.fused else self.autograd_update(batch, index)
+
+    def autograd_update(self, batch: Batch, index: int) -> dict[str, Tensor]:
         cfg = self.cfg
         with torch.no_grad():
             next_actions = self.actor_target(batch.next_obs)

@@ -138,41 +138,57 @@ class StackedMLP(nn.Module):
             self._numpy_key = key
         return self._numpy_layers
 
-    def forward_cached(self, x: Tensor) -> tuple[Tensor, list[Tensor]]:
+    def _member_layers(self, members: int | None) -> list[tuple[Tensor, Tensor, bool]]:
+        if members is None:
+            return self._layers
+        return [(w[:members], b[:members], transposed) for w, b, transposed in self._layers]
+
+    def forward_cached(self, x: Tensor, members: int | None = None) -> tuple[Tensor, list[Tensor]]:
         """Forward without autograd; returns the output and each layer's input, for `backward`.
+        `members=m`: the first m members only (pass the same to `backward`).
 
         tanh is computed as 2 sigmoid(2z) - 1, with the factor 2 folded into the
         matmul: on CPU this is about twice as fast as torch.tanh (and equal to it
         within float32 rounding).
         """
-        h = x.unsqueeze(0).expand(self.members, -1, -1) if x.dim() == 2 else x
+        layers = self._member_layers(members)
+        h = x.unsqueeze(0).expand(len(layers[0][0]), -1, -1) if x.dim() == 2 else x
         inputs = [h]
         tanh = self.activation == "tanh"
         with torch.no_grad():
-            for w, b, transposed in self._layers[:-1]:
+            for w, b, transposed in layers[:-1]:
                 w = w.transpose(1, 2) if transposed else w
                 if tanh:
                     h = torch.sigmoid_(torch.baddbmm(b, h, w, beta=2.0, alpha=2.0)).mul_(2.0).sub_(1.0)
                 else:
                     h = torch.baddbmm(b, h, w).relu_()
                 inputs.append(h)
-            w, b, transposed = self._layers[-1]
+            w, b, transposed = layers[-1]
             out = torch.baddbmm(b, h, w.transpose(1, 2) if transposed else w)
         return out, inputs
 
     def backward(
-        self, inputs: list[Tensor], grad_out: Tensor, weight_grads: bool = True, input_grad: bool = False
+        self,
+        inputs: list[Tensor],
+        grad_out: Tensor,
+        weight_grads: bool = True,
+        input_grad: bool = False,
+        members: int | None = None,
     ) -> Tensor | None:
         """Write d(loss)/d(weights, biases) into `.grad`, given d(loss)/d(output) and `forward_cached`'s inputs.
 
         `weight_grads=False` only propagates (e.g. dQ/da through a critic whose weights stay fixed);
-        `input_grad=True` returns d(loss)/d(input), [K, B, in].
+        `input_grad=True` returns d(loss)/d(input), [K, B, in]; `members`: as given to `forward_cached`
+        (only with weight_grads=False).
         """
+        if members is not None and weight_grads:
+            raise ValueError("weight gradients of a subset of members are not supported")
+        layers = self._member_layers(members)
         g = grad_out
         tanh = self.activation == "tanh"
         with torch.no_grad():
-            for i in range(len(self._layers) - 1, -1, -1):
-                w, b, transposed = self._layers[i]
+            for i in range(len(layers) - 1, -1, -1):
+                w, b, transposed = layers[i]
                 h = inputs[i]
                 if weight_grads:
                     if w.grad is None:
