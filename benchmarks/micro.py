@@ -8,7 +8,10 @@ Prints medians over 5 repetitions of:
 - one gradient step of the 64x64 actor-critic at batch 256, analytic vs autograd;
 - the raw env: random actions through the same vectorized CartPole;
 - the import cost of torch.optim's first optimizer (it imports torch._dynamo), in a fresh process;
-- replay buffer add (1 env) and sample(256) from a 1M-transition buffer.
+- replay buffer add (1 env) and sample(256) from a 1M-transition buffer;
+- SAC's gradient step on HalfCheetah-v5 shapes (obs 17, act 6, 256x256 nets, 2 critics, batch 256),
+  analytic and autograd, in updates/s and achieved GFLOP/s against a plain 256x256x256 matmul
+  (`--only sac` runs just this part).
 """
 
 from __future__ import annotations
@@ -103,11 +106,65 @@ def replay() -> tuple[float, float]:
     return add * 1e6, timed(lambda: buf.sample(256, g), 1000) * 1e6
 
 
+def mlp_macs(dims: list[int]) -> int:
+    """Multiply-adds of one forward pass of an MLP with these layer widths, per sample."""
+    return sum(a * b for a, b in zip(dims[:-1], dims[1:]))
+
+
+def sac_update_flops(obs: int, act: int, hidden: list[int], critics: int, batch: int) -> int:
+    """FLOPs (2 x multiply-adds) of one SAC gradient step as `fused_sac_update` computes it."""
+    actor, critic = [obs, *hidden, 2 * act], [obs + act, *hidden, 1]
+    actor_all, critic_all = mlp_macs(actor), mlp_macs(critic)
+    critic_after_first = mlp_macs(critic[1:])  # input gradients stop at the first layer's input
+    macs = 2 * batch * actor_all  # actor forward on [s; s']
+    macs += 3 * critics * batch * critic_all  # target critic, critic, critic at pi(s)
+    macs += critics * batch * (critic_all + critic_after_first)  # critic backward: weights + inputs
+    macs += critics * batch * critic_all  # backward to the action through the critic (input gradients only)
+    macs += batch * (actor_all + mlp_macs(actor[1:]))  # actor backward
+    return 2 * macs
+
+
+def sac_update() -> None:
+    from policylab.algos import get_algo
+    from policylab.train import OffPolicyLoop, resolve_config
+
+    spec = get_algo("sac")
+    matmul = torch.randn(256, 256), torch.randn(256, 256)
+    matmul_s = timed(lambda: matmul[0] @ matmul[1], 300)
+    peak = 2 * 256**3 / matmul_s / 1e9
+    print(f"plain matmul 256x256x256: {peak:.1f} GFLOP/s")
+    for analytic in (True, False):
+        overrides = {"learning_starts": 1000, "log_every": 1000, "analytic_grads": analytic}
+        overrides["threads"] = torch.get_num_threads()
+        cfg, _ = resolve_config(spec, "HalfCheetah-v5", 100_000, 0, overrides=overrides, preset="none")
+        loop = OffPolicyLoop(spec, cfg)
+        loop.iterate()
+        batches = [loop.buffer.sample(256, loop.algo.generator) for _ in range(8)]
+        counter = iter(range(10**9))
+
+        def one_update(algo=loop.algo, batches=batches, counter=counter) -> None:
+            algo.update(batches[next(counter) % 8], 0)
+
+        seconds = timed(one_update, 100, warmup=10)
+        flops = sac_update_flops(17, 6, cfg.hidden_sizes, cfg.n_critics, 256)
+        name = "analytic" if analytic else "autograd"
+        gflops = flops / seconds / 1e9
+        print(
+            f"SAC update, HalfCheetah shapes ({name}): {seconds * 1e3:.2f} ms = {1 / seconds:.0f} updates/s, "
+            f"{flops / 1e6:.0f} MFLOP -> {gflops:.1f} GFLOP/s ({gflops / peak:.0%} of the matmul)"
+        )
+        loop.close()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--only", choices=["sac"], help="run one part only")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    if args.only == "sac":
+        sac_update()
+        return
     for analytic in (True, False):
         collect, update = ppo_phases(analytic)
         name = "analytic" if analytic else "autograd"
@@ -119,6 +176,7 @@ def main() -> None:
     print(f"first torch.optim optimizer (imports torch._dynamo): {optim_import_seconds():.2f} s")
     add, sample = replay()
     print(f"replay buffer, 1M transitions: add {add:.0f} us (1 env), sample(256) {sample:.0f} us")
+    sac_update()
 
 
 if __name__ == "__main__":

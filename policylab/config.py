@@ -63,7 +63,7 @@ class CommonConfig:
 
     def validate(self) -> None:
         """Reject values that type checks cannot catch; subclasses extend this."""
-        _positive(self, "steps", "num_envs", "eval_episodes", "threads")
+        positive(self, "steps", "num_envs", "eval_episodes", "threads")
         _non_negative(self, "eval_every", "checkpoint_every", "keep_checkpoints")
         if not 0.0 <= self.gamma <= 1.0:
             raise ConfigError(f"gamma={self.gamma} is outside [0, 1]", "set gamma to e.g. 0.99")
@@ -87,7 +87,7 @@ class CommonConfig:
 ACTIVATIONS = ("tanh", "relu", "elu", "silu")
 
 
-def _positive(cfg: object, *names: str) -> None:
+def positive(cfg: object, *names: str) -> None:
     for name in names:
         if getattr(cfg, name) <= 0:
             raise ConfigError(f"{name}={getattr(cfg, name)} must be > 0", f"set {name} to a positive value")

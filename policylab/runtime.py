@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import os
 import sys
 
 import torch
@@ -37,8 +38,15 @@ def keep_freed_memory() -> bool:
     return _applied
 
 
-def configure(threads: int, seed: int) -> None:
-    """torch threads and seed for a training run, and the allocator setting above."""
-    torch.set_num_threads(threads)
+def usable_cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def configure(threads: int, seed: int) -> int:
+    """torch threads (never more than the usable cores: oversubscribed threads only slow a run down) and
+    seed for a training run, and the allocator setting above; returns the thread count used."""
+    used = max(1, min(threads, usable_cores()))
+    torch.set_num_threads(used)
     torch.manual_seed(seed)
     keep_freed_memory()
+    return used

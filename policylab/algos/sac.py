@@ -30,6 +30,7 @@ from policylab.algos.offpolicy import (
     seeded_generator,
     uniform_box_actions,
 )
+from policylab.config import positive
 from policylab.data import Batch
 from policylab.nets import ContinuousCritic, TanhGaussianActor
 from policylab.objectives.q_targets import sac_target
@@ -50,6 +51,10 @@ class SACConfig(OffPolicyConfig):
     """Actor (and temperature) updates every this many gradient steps."""
     target_update_interval: int = 1
     """Polyak updates every this many gradient steps."""
+
+    def validate(self) -> None:
+        super().validate()
+        positive(self, "n_critics", "actor_delay", "target_update_interval")
 
 
 class SAC:

@@ -31,6 +31,7 @@ from policylab.algos.offpolicy import (
     seeded_generator,
     uniform_discrete_actions,
 )
+from policylab.config import positive
 from policylab.data import Batch
 from policylab.errors import ConfigError
 from policylab.nets import CategoricalActor, QNetwork
@@ -48,6 +49,7 @@ class DiscreteSACConfig(OffPolicyConfig):
 
     def validate(self) -> None:
         super().validate()
+        positive(self, "n_critics")
         if not 0.0 < self.target_entropy_scale <= 1.0:
             raise ConfigError(
                 f"target_entropy_scale={self.target_entropy_scale} is outside (0, 1]",

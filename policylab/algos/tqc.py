@@ -30,6 +30,7 @@ from policylab.algos.offpolicy import (
     seeded_generator,
     uniform_box_actions,
 )
+from policylab.config import positive
 from policylab.data import Batch
 from policylab.errors import ConfigError
 from policylab.nets import ContinuousCritic, TanhGaussianActor
@@ -52,6 +53,7 @@ class TQCConfig(OffPolicyConfig):
 
     def validate(self) -> None:
         super().validate()
+        positive(self, "n_critics", "n_quantiles")
         if not 0 <= self.drop_per_critic < self.n_quantiles:
             raise ConfigError(
                 f"drop_per_critic={self.drop_per_critic} must be in 0..n_quantiles-1 ({self.n_quantiles - 1})",
