@@ -11,7 +11,10 @@ Prints medians over 5 repetitions of:
 - replay buffer add (1 env) and sample(256) from a 1M-transition buffer;
 - SAC's gradient step on HalfCheetah-v5 shapes (obs 17, act 6, 256x256 nets, 2 critics, batch 256),
   analytic and autograd, in updates/s and achieved GFLOP/s against a plain 256x256x256 matmul
-  (`--only sac` runs just this part).
+  (`--only sac` runs just this part);
+- `--only threads`: per-update time (env steps included) of SAC, TD3 (Pendulum-v1) and the DQN CartPole
+  preset at 1 and 2 torch threads;
+- `--only compile`: the autograd SAC update with torch.compile'd networks against eager, and the compile time.
 """
 
 from __future__ import annotations
@@ -156,14 +159,72 @@ def sac_update() -> None:
         loop.close()
 
 
+def offpolicy_loop(algo: str, env: str, overrides: dict, preset: str = "none"):  # type: ignore[no-untyped-def]
+    from policylab.algos import get_algo
+    from policylab.train import OffPolicyLoop, resolve_config
+
+    spec = get_algo(algo)
+    cfg, _ = resolve_config(spec, env, 1_000_000, 0, overrides=overrides, preset=preset)
+    loop = OffPolicyLoop(spec, cfg)
+    while loop.updates == 0:
+        loop.iterate()
+    return loop
+
+
+def offpolicy_threads() -> None:
+    cases = [
+        ("sac", "Pendulum-v1", {"learning_starts": 256, "log_every": 500}, "none"),
+        ("td3", "Pendulum-v1", {"learning_starts": 256, "log_every": 500}, "none"),
+        ("dqn", "CartPole-v1", {"log_every": 2560}, "auto"),
+    ]
+    for algo, env, overrides, preset in cases:
+        times = {}
+        for threads in (1, 2):
+            loop = offpolicy_loop(algo, env, {**overrides, "threads": threads}, preset)
+            runs = []
+            for _ in range(3):
+                updates, start = loop.updates, time.perf_counter()
+                loop.iterate()
+                runs.append((time.perf_counter() - start) / (loop.updates - updates))
+            times[threads] = statistics.median(runs) * 1e3
+            loop.close()
+        print(f"{algo} {env}: {times[1]:.2f} ms per update at 1 thread, {times[2]:.2f} ms at 2 (env steps included)")
+
+
+def sac_compile() -> None:
+    loop = offpolicy_loop("sac", "HalfCheetah-v5", {"learning_starts": 1000, "analytic_grads": False, "threads": 1})
+    algo = loop.algo
+    batches = [loop.buffer.sample(256, algo.generator) for _ in range(8)]
+
+    def per_update(n: int) -> float:
+        start = time.perf_counter()
+        for i in range(n):
+            algo.update(batches[i % 8], i)
+        return (time.perf_counter() - start) / n
+
+    per_update(20)
+    eager = per_update(100)
+    start = time.perf_counter()
+    for module in (algo.net, algo.critic, algo.critic_target.module):
+        module.body = torch.compile(module.body)
+    per_update(3)
+    compile_s = time.perf_counter() - start
+    per_update(20)
+    print(
+        f"SAC update (autograd): eager {eager * 1e3:.2f} ms, compiled {per_update(100) * 1e3:.2f} ms "
+        f"after {compile_s:.1f} s of compiling"
+    )
+    loop.close()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--only", choices=["sac"], help="run one part only")
+    parser.add_argument("--only", choices=["sac", "threads", "compile"], help="run one part only")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    if args.only == "sac":
-        sac_update()
+    if args.only:
+        {"sac": sac_update, "threads": offpolicy_threads, "compile": sac_compile}[args.only]()
         return
     for analytic in (True, False):
         collect, update = ppo_phases(analytic)

@@ -99,6 +99,15 @@ def resolve_config(
     return cfg, notes
 
 
+def _env_and_algo(spec: AlgoSpec, cfg: Any) -> tuple[VecEnv, Any]:
+    env = make_vec_env(cfg.env, cfg.num_envs, cfg.vectorization, cfg.env_kwargs)
+    try:
+        return env, spec.algo_cls(cfg, env.single_observation_space, env.single_action_space)
+    except BaseException:
+        env.close()  # e.g. an action space the algorithm cannot handle: no env processes left behind
+        raise
+
+
 # --- the on-policy loop ------------------------------------------------------------------------
 
 
@@ -109,14 +118,9 @@ class OnPolicyLoop:
         runtime.configure(cfg.threads, cfg.seed)
         self.cfg = cfg
         self.spec = spec
-        self.env: VecEnv = make_vec_env(cfg.env, cfg.num_envs, cfg.vectorization, cfg.env_kwargs)
+        self.env, self.algo = _env_and_algo(spec, cfg)
         self.obs_space: Any = self.env.single_observation_space
         self.act_space = self.env.single_action_space
-        try:
-            self.algo = spec.algo_cls(cfg, self.obs_space, self.act_space)
-        except BaseException:
-            self.env.close()  # e.g. an action space the algorithm cannot handle: no env processes left behind
-            raise
         self.net = self.algo.net
         shape: tuple[int, ...] = tuple(self.obs_space.shape or ())
         self.obs_norm = ObsNormalizer(shape, cfg.clip_obs) if cfg.normalize_obs else None
@@ -245,14 +249,9 @@ class OffPolicyLoop:
         runtime.configure(cfg.threads, cfg.seed)
         self.cfg = cfg
         self.spec = spec
-        self.env: VecEnv = make_vec_env(cfg.env, cfg.num_envs, cfg.vectorization, cfg.env_kwargs)
+        self.env, self.algo = _env_and_algo(spec, cfg)
         self.obs_space: Any = self.env.single_observation_space
         self.act_space = self.env.single_action_space
-        try:
-            self.algo = spec.algo_cls(cfg, self.obs_space, self.act_space)
-        except BaseException:
-            self.env.close()
-            raise
         self.net = self.algo.net
         self.tracker = EpisodeTracker(cfg.num_envs)
         self.buffer = ReplayBuffer(

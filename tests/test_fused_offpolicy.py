@@ -10,12 +10,13 @@ from policylab.algos.fused_offpolicy import fused_dqn_update, fused_sac_update, 
 from policylab.train import OffPolicyLoop, resolve_config
 
 
-def _sac(overrides: dict) -> OffPolicyLoop:
-    spec = get_algo("sac")
+def _warm_loop(algo: str, env: str, overrides: dict) -> OffPolicyLoop:
+    """A small seeded run after one iteration (buffer filled, some updates taken): two calls give equal states."""
+    spec = get_algo(algo)
     base = {"hidden_sizes": [32, 32], "learning_starts": 64, "batch_size": 16, "log_every": 100, "lr": 1e-2}
-    cfg, _ = resolve_config(spec, "Pendulum-v1", 1000, 0, overrides={**base, **overrides}, preset="none")
+    cfg, _ = resolve_config(spec, env, 1000, 0, overrides={**base, **overrides}, preset="none")
     loop = OffPolicyLoop(spec, cfg)
-    loop.iterate()  # fills the buffer and takes some steps
+    loop.iterate()
     return loop
 
 
@@ -24,6 +25,16 @@ def _state(algo) -> dict[str, torch.Tensor]:
     for name, module in algo.modules.items():
         tensors.update({f"{name}/{k}": v for k, v in module.state_dict().items()})
     return {k: v.detach().clone() for k, v in tensors.items()}
+
+
+def _assert_same_step(fused: dict, reference: dict, algo, twin) -> None:
+    """Equal metrics and equal networks, targets and temperature after the two steps."""
+    assert fused.keys() == reference.keys()
+    for key in reference:
+        torch.testing.assert_close(fused[key], reference[key].detach(), rtol=1e-4, atol=1e-5, msg=key)
+    a, b = _state(algo), _state(twin)
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-6, msg=key)
 
 
 @pytest.mark.parametrize(
@@ -36,7 +47,7 @@ def _state(algo) -> dict[str, torch.Tensor]:
     ],
 )
 def test_fused_sac_step_equals_autograd(overrides):
-    loop, twin_loop = _sac(overrides), _sac(overrides)  # seeded: the same state, held separately
+    loop, twin_loop = (_warm_loop("sac", "Pendulum-v1", overrides) for _ in range(2))  # equal, separate
     algo, twin = loop.algo, twin_loop.algo
     assert algo.fused and ("weights" in loop.buffer.sample(4)) == bool(overrides.get("prioritized"))
     batch = loop.buffer.sample(16, torch.Generator().manual_seed(5))
@@ -44,22 +55,9 @@ def test_fused_sac_step_equals_autograd(overrides):
     for index in (0, 1):
         fused = fused_sac_update(algo, batch, index, noise)
         reference = twin.autograd_update(batch, index, noise)
-        for key in reference:
-            torch.testing.assert_close(fused[key], reference[key].detach(), rtol=1e-4, atol=1e-5, msg=key)
-        a, b = _state(algo), _state(twin)
-        for key in a:
-            torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-6, msg=key)
+        _assert_same_step(fused, reference, algo, twin)
     loop.close()
     twin_loop.close()
-
-
-def _dqn(overrides: dict) -> OffPolicyLoop:
-    spec = get_algo("dqn")
-    base = {"hidden_sizes": [32, 32], "learning_starts": 64, "batch_size": 16, "log_every": 100, "lr": 1e-2}
-    cfg, _ = resolve_config(spec, "CartPole-v1", 1000, 0, overrides={**base, **overrides}, preset="none")
-    loop = OffPolicyLoop(spec, cfg)
-    loop.iterate()
-    return loop
 
 
 @pytest.mark.parametrize(
@@ -72,18 +70,14 @@ def _dqn(overrides: dict) -> OffPolicyLoop:
     ],
 )
 def test_fused_dqn_step_equals_autograd(overrides):
-    loop, twin_loop = _dqn(overrides), _dqn(overrides)
+    loop, twin_loop = (_warm_loop("dqn", "CartPole-v1", overrides) for _ in range(2))
     algo, twin = loop.algo, twin_loop.algo
     assert algo.fused
     batch = loop.buffer.sample(16, torch.Generator().manual_seed(5))
     for _ in range(2):
         fused = fused_dqn_update(algo, batch)
         reference = twin.autograd_update(batch)
-        for key in reference:
-            torch.testing.assert_close(fused[key], reference[key].detach(), rtol=1e-4, atol=1e-5, msg=key)
-        a, b = _state(algo), _state(twin)
-        for key in a:
-            torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-6, msg=key)
+        _assert_same_step(fused, reference, algo, twin)
     loop.close()
     twin_loop.close()
 
@@ -97,26 +91,13 @@ def test_fused_dqn_step_equals_autograd(overrides):
     ],
 )
 def test_fused_td3_step_equals_autograd(algo_name, overrides):
-    def make() -> OffPolicyLoop:
-        spec = get_algo(algo_name)
-        base = {"hidden_sizes": [32, 32], "learning_starts": 64, "batch_size": 16, "log_every": 100, "lr": 1e-2}
-        cfg, _ = resolve_config(spec, "Pendulum-v1", 1000, 0, overrides={**base, **overrides}, preset="none")
-        loop = OffPolicyLoop(spec, cfg)
-        loop.iterate()
-        return loop
-
-    loop, twin_loop = make(), make()
+    loop, twin_loop = (_warm_loop(algo_name, "Pendulum-v1", overrides) for _ in range(2))
     algo, twin = loop.algo, twin_loop.algo
     assert algo.fused
     batch = loop.buffer.sample(16, torch.Generator().manual_seed(5))
     for index in (0, 1, 2):
         fused = fused_td3_update(algo, batch, index)
         reference = twin.autograd_update(batch, index)
-        assert fused.keys() == reference.keys()
-        for key in reference:
-            torch.testing.assert_close(fused[key], reference[key].detach(), rtol=1e-4, atol=1e-5, msg=key)
-        a, b = _state(algo), _state(twin)
-        for key in a:
-            torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-6, msg=key)
+        _assert_same_step(fused, reference, algo, twin)
     loop.close()
     twin_loop.close()

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass, field
+from typing import Any
 
 import gymnasium as gym
 import numpy as np
@@ -35,8 +36,8 @@ from policylab.optim import Adam, ParameterBuffer
 class OffPolicyConfig(CommonConfig):
     num_envs: int = 1
     threads: int = 2
-    """torch threads (at most the usable cores). Measured per update on the benchmark machine (2 cores),
-    1 -> 2 threads: SAC Pendulum 9.0 -> 5.7 ms, TD3 10.8 -> 6.2 ms, DQN CartPole preset 1.57 -> 1.46 ms."""
+    """torch threads (at most the usable cores). Per update on the benchmark machine (2 cores), 1 -> 2 threads:
+    SAC Pendulum 11.2 -> 6.6 ms, TD3 11.9 -> 7.0 ms, DQN CartPole preset 1.63 -> 1.46 ms (micro.py --only threads)."""
     hidden_sizes: list[int] = field(default_factory=lambda: [256, 256])
     activation: str = "relu"
     lr: float = 3e-4
@@ -103,6 +104,7 @@ class FlatAdam:
     operator call each, whatever the number of parameter tensors."""
 
     def __init__(self, module: nn.Module, lr: float, max_grad_norm: float | None = None, eps: float = 1e-8) -> None:
+        self.module = module
         self.params = ParameterBuffer(module.parameters())
         self.optimizer = Adam([self.params.flat], lr=lr, eps=eps)
         self.max_grad_norm = max_grad_norm
@@ -153,6 +155,25 @@ class Temperature(nn.Module):
             self.log_alpha.grad = -entropy_gap.detach().mean().reshape(1)
             self.optimizer.step()
         return alpha
+
+
+def tanh_gaussian_policy(
+    cfg: OffPolicyConfig, obs_space: gym.Space, act_space: gym.Space, algo: str
+) -> TanhGaussianActor:
+    """The actor of SAC and TQC."""
+    low, high = box_bounds(act_space, algo)
+    return TanhGaussianActor(obs_dim(obs_space), low, high, cfg.hidden_sizes, cfg.activation)
+
+
+def soft_actor_critic_state(
+    actor_opt: FlatAdam, critic_opt: FlatAdam, critic_target: TargetNetwork, temperature: Temperature
+) -> tuple[dict[str, nn.Module], dict[str, Any]]:
+    """The checkpointed modules and optimizers of SAC, discrete SAC and TQC (the actor is saved as `policy/`)."""
+    modules = {"critic": critic_opt.module, "critic_target": critic_target.module, "temperature": temperature}
+    optimizers: dict[str, Any] = {"actor": actor_opt.optimizer, "critic": critic_opt.optimizer}
+    if temperature.optimizer is not None:
+        optimizers["temperature"] = temperature.optimizer
+    return modules, optimizers
 
 
 def box_bounds(act_space: gym.Space, algo: str) -> tuple[Tensor, Tensor]:

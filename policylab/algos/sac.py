@@ -24,10 +24,11 @@ from policylab.algos.offpolicy import (
     OffPolicyConfig,
     TargetNetwork,
     Temperature,
-    box_bounds,
     explore_tanh_gaussian,
     obs_dim,
     seeded_generator,
+    soft_actor_critic_state,
+    tanh_gaussian_policy,
     uniform_box_actions,
 )
 from policylab.config import positive
@@ -74,21 +75,15 @@ class SAC:
         self.critic_target = TargetNetwork(self.critic, self.critic_opt.params)
         target_entropy = -float(self.act_dim) if cfg.target_entropy is None else cfg.target_entropy
         self.temperature = Temperature(cfg.alpha, cfg.auto_alpha, target_entropy, cfg.lr).to(cfg.device)
-        self.modules = {
-            "critic": self.critic,
-            "critic_target": self.critic_target.module,
-            "temperature": self.temperature,
-        }
-        self.optimizers = {"actor": self.actor_opt.optimizer, "critic": self.critic_opt.optimizer}
-        if self.temperature.optimizer is not None:
-            self.optimizers["temperature"] = self.temperature.optimizer
+        self.modules, self.optimizers = soft_actor_critic_state(
+            self.actor_opt, self.critic_opt, self.critic_target, self.temperature
+        )
         self.action_shape, self.action_dtype = (self.act_dim,), torch.float32
         self.fused = fused_sac_applies(self)
 
     @staticmethod
     def build_policy(cfg: SACConfig, obs_space: gym.Space, act_space: gym.Space) -> TanhGaussianActor:
-        low, high = box_bounds(act_space, "sac")
-        return TanhGaussianActor(obs_dim(obs_space), low, high, cfg.hidden_sizes, cfg.activation)
+        return tanh_gaussian_policy(cfg, obs_space, act_space, "sac")
 
     def random_actions(self, n: int) -> np.ndarray:
         return uniform_box_actions(n, self.act_dim, self.generator)

@@ -29,6 +29,7 @@ from policylab.algos.offpolicy import (
     discrete_actions,
     obs_dim,
     seeded_generator,
+    soft_actor_critic_state,
     uniform_discrete_actions,
 )
 from policylab.config import positive
@@ -74,14 +75,9 @@ class DiscreteSAC:
         self.critic_target = TargetNetwork(self.critic, self.critic_opt.params)
         target_entropy = cfg.target_entropy_scale * math.log(self.n_actions)
         self.temperature = Temperature(cfg.alpha, cfg.auto_alpha, target_entropy, cfg.lr).to(cfg.device)
-        self.modules = {
-            "critic": self.critic,
-            "critic_target": self.critic_target.module,
-            "temperature": self.temperature,
-        }
-        self.optimizers = {"actor": self.actor_opt.optimizer, "critic": self.critic_opt.optimizer}
-        if self.temperature.optimizer is not None:
-            self.optimizers["temperature"] = self.temperature.optimizer
+        self.modules, self.optimizers = soft_actor_critic_state(
+            self.actor_opt, self.critic_opt, self.critic_target, self.temperature
+        )
         self.action_shape: tuple[int, ...] = ()
         self.action_dtype = torch.long
 
