@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from policylab.nets import matmul
+
 ACTIVATION_FNS = {"tanh": torch.tanh, "relu": torch.relu, "elu": nn.functional.elu, "silu": nn.functional.silu}
 HIDDEN_GAINS = {"tanh": math.sqrt(2), "relu": math.sqrt(2), "elu": math.sqrt(2), "silu": math.sqrt(2)}
 
@@ -101,14 +103,14 @@ class StackedMLP(nn.Module):
         for i, (w, b, transposed) in enumerate(self._layers[:-1]):
             if members is not None:
                 w, b = w[:k], b[:k]
-            h = torch.baddbmm(b, h, w.transpose(1, 2) if transposed else w)
+            h = matmul.baddbmm(b, h, w.transpose(1, 2) if transposed else w)
             if self.layer_norm:
                 h = F.layer_norm(h, h.shape[-1:]) * self.norm_scales[i][:k] + self.norm_shifts[i][:k]
             h = act(h)
         w, b, transposed = self._layers[-1]
         if members is not None:
             w, b = w[:k], b[:k]
-        return torch.baddbmm(b, h, w.transpose(1, 2) if transposed else w)
+        return matmul.baddbmm(b, h, w.transpose(1, 2) if transposed else w)
 
     def numpy_forward(self, x: np.ndarray) -> np.ndarray:
         """The forward pass in numpy (tanh/relu, CPU), for acting on small batches: a numpy call costs
@@ -159,12 +161,12 @@ class StackedMLP(nn.Module):
             for w, b, transposed in layers[:-1]:
                 w = w.transpose(1, 2) if transposed else w
                 if tanh:
-                    h = torch.sigmoid_(torch.baddbmm(b, h, w, beta=2.0, alpha=2.0)).mul_(2.0).sub_(1.0)
+                    h = torch.sigmoid_(matmul.baddbmm(b, h, w, beta=2.0, alpha=2.0)).mul_(2.0).sub_(1.0)
                 else:
-                    h = torch.baddbmm(b, h, w).relu_()
+                    h = matmul.baddbmm(b, h, w).relu_()
                 inputs.append(h)
             w, b, transposed = layers[-1]
-            out = torch.baddbmm(b, h, w.transpose(1, 2) if transposed else w)
+            out = matmul.baddbmm(b, h, w.transpose(1, 2) if transposed else w)
         return out, inputs
 
     def backward(
@@ -195,12 +197,12 @@ class StackedMLP(nn.Module):
                         w.grad = torch.empty_like(w)
                         b.grad = torch.empty_like(b)
                     if transposed:
-                        torch.bmm(g.transpose(1, 2), h, out=w.grad)
+                        matmul.bmm(g.transpose(1, 2), h, out=w.grad)
                     else:
-                        torch.bmm(h.transpose(1, 2), g, out=w.grad)
+                        matmul.bmm(h.transpose(1, 2), g, out=w.grad)
                     torch.sum(g, dim=1, keepdim=True, out=b.grad)
                 if i > 0 or input_grad:
-                    g_h = torch.bmm(g, w if transposed else w.transpose(1, 2))
+                    g_h = matmul.bmm(g, w if transposed else w.transpose(1, 2))
                     if i == 0:
                         return g_h
                     if tanh:

@@ -1,0 +1,100 @@
+"""Batched matrix products on the fastest exact float32 kernel this CPU has.
+
+PyTorch's CPU float32 `bmm` calls MKL, which on AMD processors runs its AVX2 code: on the benchmark
+machine (AMD EPYC, Zen 5, AVX-512) a 256x256x256 product runs at about 117 GFLOP/s per core through
+MKL and about 258 GFLOP/s through oneDNN's AVX-512 float32 kernel (`brg_matmul:avx512_core`), in the
+same float32 arithmetic (`benchmarks/micro.py --only matmul`). PyTorch routes float32 products to
+oneDNN only while reduced-precision math is allowed (`torch.backends.mkldnn.matmul.fp32_precision =
+"bf16"`); oneDNN takes that as permission, not an order, and on CPUs without AMX it keeps float32.
+
+So the products here switch that setting on for the duration of one call, and only after a probe has
+shown, once per process, that the oneDNN path gives float32 results (relative error against float64
+within a few times MKL's own, where bfloat16 inputs would be ~1000x worse). Where it does not (a CPU
+whose oneDNN would really use bfloat16, e.g. with AMX, or a PyTorch without the setting), every call is
+plain `torch.bmm`. Small products stay on MKL too: below about 2^20 multiply-adds, or with an inner
+dimension under 16, oneDNN's fixed cost (~12 us) outweighs its speed.
+
+`POLICYLAB_ONEDNN_MATMUL=0` in the environment turns the oneDNN path off.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from torch import Tensor
+
+MIN_MACS_PER_MEMBER = 1 << 20
+MIN_INNER = 16
+_PROBE_TOLERANCE = 8.0  # x MKL's relative error; bfloat16 inputs give ~1000x
+_use_onednn: bool | None = None
+
+
+def _relative_error(x: Tensor, reference: Tensor) -> float:
+    return float((x.double() - reference).abs().max() / reference.abs().max())
+
+
+def onednn_is_exact() -> bool:
+    """Whether oneDNN's float32 products are float32-accurate here (probed once per process)."""
+    global _use_onednn
+    if _use_onednn is None:
+        _use_onednn = _probe()
+    return _use_onednn
+
+
+def _probe() -> bool:
+    if os.environ.get("POLICYLAB_ONEDNN_MATMUL", "1") == "0":
+        return False
+    settings = getattr(getattr(torch.backends, "mkldnn", None), "matmul", None)
+    if not torch.backends.mkldnn.is_available() or not hasattr(settings, "fp32_precision"):
+        return False
+    generator = torch.Generator().manual_seed(0)
+    # values near 1 with small offsets: rounding the inputs to bfloat16 (8 bits) loses the offsets
+    a = 1.0 + 1e-3 * torch.randn(2, 256, 256, generator=generator)
+    b = torch.randn(2, 256, 256, generator=generator)
+    reference = torch.bmm(a.double(), b.double())
+    mkl_error = _relative_error(torch.bmm(a, b), reference)
+    try:
+        onednn = _onednn_call(torch.bmm, a, b)
+        onednn_t = _onednn_call(torch.bmm, a.transpose(1, 2).contiguous().transpose(1, 2), b)
+    except RuntimeError:
+        return False
+    bound = _PROBE_TOLERANCE * max(mkl_error, 1e-7)
+    return _relative_error(onednn, reference) <= bound and _relative_error(onednn_t, reference) <= bound
+
+
+def _onednn_call(op, *args, **kwargs) -> Tensor:  # type: ignore[no-untyped-def]
+    settings = torch.backends.mkldnn.matmul
+    previous = settings.fp32_precision
+    settings.fp32_precision = "bf16"
+    try:
+        return op(*args, **kwargs)
+    finally:
+        settings.fp32_precision = previous
+
+
+def _worth_it(a: Tensor, b: Tensor) -> bool:
+    """Large enough for oneDNN to pay off, float32 on the CPU, and oneDNN exact here."""
+    m, k = a.shape[-2], a.shape[-1]
+    n = b.shape[-1]
+    return (
+        k >= MIN_INNER
+        and m * k * n >= MIN_MACS_PER_MEMBER
+        and a.dtype == torch.float32
+        and a.device.type == "cpu"
+        and onednn_is_exact()
+    )
+
+
+def bmm(a: Tensor, b: Tensor, out: Tensor | None = None) -> Tensor:
+    """`torch.bmm(a, b, out=out)` on the faster exact kernel."""
+    if _worth_it(a, b):
+        return _onednn_call(torch.bmm, a, b, out=out)
+    return torch.bmm(a, b, out=out)
+
+
+def baddbmm(bias: Tensor, a: Tensor, b: Tensor, beta: float = 1.0, alpha: float = 1.0) -> Tensor:
+    """`torch.baddbmm(bias, a, b, beta=beta, alpha=alpha)` on the faster exact kernel."""
+    if _worth_it(a, b):
+        return _onednn_call(torch.baddbmm, bias, a, b, beta=beta, alpha=alpha)
+    return torch.baddbmm(bias, a, b, beta=beta, alpha=alpha)

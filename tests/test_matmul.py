@@ -1,0 +1,78 @@
+"""The products of nets.matmul: float32-accurate on whichever kernel they run, the precision setting
+restored after each call, and small products kept off oneDNN."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from policylab.nets import matmul
+
+
+def relative_error(x: torch.Tensor, reference: torch.Tensor) -> float:
+    return float((x.double() - reference).abs().max() / reference.abs().max())
+
+
+@pytest.mark.parametrize(
+    ("a_shape", "b_shape", "transpose_a"),
+    [
+        ((2, 256, 256), (2, 256, 256), False),  # a hidden layer of twin critics
+        ((2, 256, 256), (2, 256, 256), True),  # its weight gradient, h^T g
+        ((1, 512, 256), (1, 256, 256), False),  # SAC's actor on [s; s']
+        ((2, 256, 400), (2, 400, 300), False),  # TD3's critics
+    ],
+)
+def test_products_are_float32_accurate(a_shape, b_shape, transpose_a) -> None:
+    g = torch.Generator().manual_seed(1)
+    a = 1.0 + 1e-3 * torch.randn(a_shape, generator=g)  # bfloat16 inputs would lose the 1e-3 offsets
+    b = torch.randn(b_shape, generator=g)
+    if transpose_a:
+        a = a.transpose(1, 2).contiguous().transpose(1, 2)
+    bias = torch.randn(b_shape[0], 1, b_shape[2], generator=g)
+    reference = torch.bmm(a.double(), b.double())
+    assert relative_error(matmul.bmm(a, b), reference) < 1e-5
+    out = torch.empty(reference.shape)
+    assert matmul.bmm(a, b, out=out) is out
+    assert relative_error(out, reference) < 1e-5
+    with_bias = 2.0 * bias.double() + 2.0 * reference
+    assert relative_error(matmul.baddbmm(bias, a, b, beta=2.0, alpha=2.0), with_bias) < 1e-5
+
+
+def test_precision_setting_is_restored() -> None:
+    settings = torch.backends.mkldnn.matmul
+    before = settings.fp32_precision
+    a = torch.randn(2, 256, 256)
+    matmul.bmm(a, a)
+    assert settings.fp32_precision == before
+    with pytest.raises(RuntimeError):
+        matmul._onednn_call(torch.bmm, a, torch.randn(2, 3, 3))
+    assert settings.fp32_precision == before
+
+
+def test_small_products_stay_on_mkl(monkeypatch) -> None:
+    calls = []
+    monkeypatch.setattr(matmul, "_use_onednn", True)
+    monkeypatch.setattr(matmul, "_onednn_call", lambda op, *a, **k: calls.append(op) or op(*a, **k))
+    matmul.bmm(torch.randn(2, 256, 4), torch.randn(2, 4, 256))  # inner dimension 4: a first layer
+    matmul.bmm(torch.randn(1, 64, 64), torch.randn(1, 64, 64))  # 2^18 multiply-adds
+    matmul.bmm(torch.randn(2, 256, 256, dtype=torch.float64), torch.randn(2, 256, 256, dtype=torch.float64))
+    assert calls == []
+    matmul.bmm(torch.randn(2, 256, 256), torch.randn(2, 256, 256))
+    assert calls == [torch.bmm]
+
+
+def test_environment_turns_onednn_off(monkeypatch) -> None:
+    monkeypatch.setenv("POLICYLAB_ONEDNN_MATMUL", "0")
+    monkeypatch.setattr(matmul, "_use_onednn", None)
+    assert not matmul.onednn_is_exact()
+
+
+def test_probe_rejects_a_bfloat16_kernel(monkeypatch) -> None:
+    """A oneDNN that really rounds to bfloat16 (as with AMX) must fail the probe."""
+
+    def bfloat16_call(op, *args, **kwargs):
+        return op(*(x.bfloat16().float() if isinstance(x, torch.Tensor) else x for x in args), **kwargs)
+
+    monkeypatch.delenv("POLICYLAB_ONEDNN_MATMUL", raising=False)
+    monkeypatch.setattr(matmul, "_onednn_call", bfloat16_call)
+    assert not matmul._probe()
