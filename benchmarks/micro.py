@@ -9,9 +9,12 @@ Prints medians over 5 repetitions of:
 - the raw env: random actions through the same vectorized CartPole;
 - the import cost of torch.optim's first optimizer (it imports torch._dynamo), in a fresh process;
 - replay buffer add (1 env) and sample(256) from a 1M-transition buffer;
+- `--only matmul`: float32 products of the shapes the off-policy updates use, through MKL (torch's
+  default CPU kernel) and through oneDNN (what `policylab.nets.matmul` uses where its probe passes),
+  in GFLOP/s, with the relative error of each against float64;
 - SAC's gradient step on HalfCheetah-v5 shapes (obs 17, act 6, 256x256 nets, 2 critics, batch 256),
-  analytic and autograd, in updates/s and achieved GFLOP/s against a plain 256x256x256 matmul
-  (`--only sac` runs just this part);
+  analytic and autograd, in updates/s and achieved GFLOP/s against a plain 256x256x256 matmul on each
+  kernel (`--only sac` runs just this part);
 - `--only threads`: per-update time (env steps included) of SAC, TD3 (Pendulum-v1) and the DQN CartPole
   preset at 1 and 2 torch threads;
 - `--only compile`: the autograd SAC update with torch.compile'd networks against eager, and the compile time.
@@ -127,15 +130,51 @@ def sac_update_flops(obs: int, act: int, hidden: list[int], critics: int, batch:
     return 2 * macs
 
 
+MATMUL_SHAPES = [  # (members, rows, inner, columns)
+    (1, 256, 256, 256),  # the plain reference product
+    (2, 256, 256, 256),  # SAC's twin critics, hidden layer
+    (1, 512, 256, 256),  # SAC's actor on [s; s']
+    (2, 256, 400, 300),  # TD3's critics, hidden layer
+    (1, 64, 256, 256),  # DQN at batch 64
+]
+
+
+def matmul_gflops(members: int, rows: int, inner: int, columns: int) -> tuple[float, float, float, float]:
+    """(MKL GFLOP/s, oneDNN GFLOP/s, MKL relative error, oneDNN relative error) of one float32 bmm."""
+    from policylab.nets import matmul
+
+    g = torch.Generator().manual_seed(0)
+    a = 1.0 + 1e-3 * torch.randn(members, rows, inner, generator=g)
+    b = torch.randn(members, inner, columns, generator=g)
+    reference = torch.bmm(a.double(), b.double())
+    flops = 2 * members * rows * inner * columns
+    mkl = flops / timed(lambda: torch.bmm(a, b), 200) / 1e9
+    onednn = flops / timed(lambda: matmul._onednn_call(torch.bmm, a, b), 200) / 1e9
+    errors = [matmul._relative_error(x, reference) for x in (torch.bmm(a, b), matmul._onednn_call(torch.bmm, a, b))]
+    return mkl, onednn, errors[0], errors[1]
+
+
+def matmul_kernels() -> None:
+    from policylab.nets import matmul
+
+    print(f"oneDNN float32 products exact here (the probe): {matmul.onednn_is_exact()}")
+    for shape in MATMUL_SHAPES:
+        mkl, onednn, mkl_error, onednn_error = matmul_gflops(*shape)
+        print(
+            f"bmm {'x'.join(map(str, shape))}: MKL {mkl:.0f} GFLOP/s, oneDNN {onednn:.0f} GFLOP/s "
+            f"({onednn / mkl:.2f}x); relative error vs float64 {mkl_error:.1e} / {onednn_error:.1e}"
+        )
+
+
 def sac_update() -> None:
     from policylab.algos import get_algo
+    from policylab.nets import matmul
     from policylab.train import OffPolicyLoop, resolve_config
 
     spec = get_algo("sac")
-    matmul = torch.randn(256, 256), torch.randn(256, 256)
-    matmul_s = timed(lambda: matmul[0] @ matmul[1], 300)
-    peak = 2 * 256**3 / matmul_s / 1e9
-    print(f"plain matmul 256x256x256: {peak:.1f} GFLOP/s")
+    mkl_peak, onednn_peak, _, _ = matmul_gflops(1, 256, 256, 256)
+    peak = onednn_peak if matmul.onednn_is_exact() else mkl_peak
+    print(f"plain matmul 256x256x256: MKL {mkl_peak:.1f} GFLOP/s, oneDNN {onednn_peak:.1f} GFLOP/s")
     for analytic in (True, False):
         overrides = {"learning_starts": 1000, "log_every": 1000, "analytic_grads": analytic}
         overrides["threads"] = torch.get_num_threads()
@@ -154,7 +193,8 @@ def sac_update() -> None:
         gflops = flops / seconds / 1e9
         print(
             f"SAC update, HalfCheetah shapes ({name}): {seconds * 1e3:.2f} ms = {1 / seconds:.0f} updates/s, "
-            f"{flops / 1e6:.0f} MFLOP -> {gflops:.1f} GFLOP/s ({gflops / peak:.0%} of the matmul)"
+            f"{flops / 1e6:.0f} MFLOP -> {gflops:.1f} GFLOP/s ({gflops / peak:.0%} of the plain matmul on the "
+            f"kernel it uses, {gflops / mkl_peak:.0%} of MKL's)"
         )
         loop.close()
 
@@ -220,11 +260,12 @@ def sac_compile() -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--only", choices=["sac", "threads", "compile"], help="run one part only")
+    parser.add_argument("--only", choices=["matmul", "sac", "threads", "compile"], help="run one part only")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     if args.only:
-        {"sac": sac_update, "threads": offpolicy_threads, "compile": sac_compile}[args.only]()
+        parts = {"matmul": matmul_kernels, "sac": sac_update, "threads": offpolicy_threads, "compile": sac_compile}
+        parts[args.only]()
         return
     for analytic in (True, False):
         collect, update = ppo_phases(analytic)
@@ -237,6 +278,7 @@ def main() -> None:
     print(f"first torch.optim optimizer (imports torch._dynamo): {optim_import_seconds():.2f} s")
     add, sample = replay()
     print(f"replay buffer, 1M transitions: add {add:.0f} us (1 env), sample(256) {sample:.0f} us")
+    matmul_kernels()
     sac_update()
 
 

@@ -120,8 +120,9 @@ def fused_dqn_update(algo: DQN, batch: Batch) -> dict[str, Tensor]:
         q = q_all[:n].gather(1, actions).squeeze(1)
         td = q - target
         weights = batch.get("weights")
-        if cfg.loss == "huber":
-            per_sample, g_q = torch.where(td.abs() < 1.0, 0.5 * td * td, td.abs() - 0.5), td.clamp(-1.0, 1.0)
+        if cfg.loss == "huber":  # with g = clamp(td, -1, 1): g (td - g / 2) is td^2 / 2 inside, |td| - 1/2 outside
+            g_q = td.clamp(-1.0, 1.0)
+            per_sample = g_q * (td - 0.5 * g_q)
         else:
             per_sample, g_q = td * td, 2.0 * td
         if weights is not None:

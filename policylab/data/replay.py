@@ -73,6 +73,8 @@ class ReplayBuffer:
         names = ("obs", "actions", "rewards", "terminated", "episode_end", "valid", "ptr")
         self._tensors: dict[str, Tensor] = {k: getattr(self, k) for k in names}
         self._tensors["envs"] = self._envs
+        # [slots * num_envs, ...] views (flat index = slot * num_envs + env) for the 1-step sampling path
+        self._flat = {k: getattr(self, k).flatten(0, 1) for k in ("obs", "actions", "rewards", "terminated")}
         # numpy views of the same memory on the CPU (writes only; sampling stays in torch)
         self._np = {k: v.numpy() for k, v in self._tensors.items()} if self.device.type == "cpu" else None
         self._discounts = gamma ** torch.arange(n_step, dtype=torch.float32, device=device)
@@ -188,17 +190,19 @@ class ReplayBuffer:
 
     def gather(self, flat_index: Tensor) -> Batch:
         """The transitions at flat indices (slot * num_envs + env), with their n-step targets."""
-        slot, env = flat_index // self.num_envs, flat_index % self.num_envs
-        if self.n_step == 1:  # the common case, without the n-step window
+        if self.n_step == 1:  # the common case: one index_select per field on the flat storage
+            flat = self._flat
+            next_index = torch.remainder(flat_index + self.num_envs, len(flat["rewards"]))
             return Batch(
-                obs=self.obs[slot, env],
-                actions=self.actions[slot, env],
-                rewards=self.rewards[slot, env],
-                next_obs=self.obs[(slot + 1) % self.slots, env],
-                terminated=self.terminated[slot, env],
-                discounts=torch.full(slot.shape, self.gamma, device=self.device),
+                obs=flat["obs"].index_select(0, flat_index),
+                actions=flat["actions"].index_select(0, flat_index),
+                rewards=flat["rewards"].index_select(0, flat_index),
+                next_obs=flat["obs"].index_select(0, next_index),
+                terminated=flat["terminated"].index_select(0, flat_index),
+                discounts=torch.full(flat_index.shape, self.gamma, device=self.device),
                 indices=flat_index,
             )
+        slot, env = flat_index // self.num_envs, flat_index % self.num_envs
         steps = (slot.unsqueeze(1) + torch.arange(self.n_step, device=self.device)) % self.slots
         envs = env.unsqueeze(1).expand_as(steps)
         end = self.episode_end[steps, envs]

@@ -64,7 +64,7 @@ def _probe() -> bool:
 
 
 def _onednn_call(op, *args, **kwargs) -> Tensor:  # type: ignore[no-untyped-def]
-    settings = torch.backends.mkldnn.matmul
+    settings = torch.backends.mkldnn.matmul  # type: ignore[attr-defined]
     previous = settings.fp32_precision
     settings.fp32_precision = "bf16"
     try:

@@ -14,7 +14,7 @@ from torch import Tensor
 
 def bootstrap(rewards: Tensor, discounts: Tensor, terminated: Tensor, next_value: Tensor) -> Tensor:
     """r + discount * (1 - terminated) * V(s')."""
-    return rewards + discounts * (~terminated).to(next_value.dtype) * next_value
+    return torch.addcmul(rewards, torch.where(terminated, 0.0, discounts), next_value)
 
 
 def dqn_target(
