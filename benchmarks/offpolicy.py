@@ -21,6 +21,10 @@ Cases (policylab with `preset="none"` and every hyperparameter set explicitly; S
 * `sac-halfcheetah`: SAC, HalfCheetah-v5, SB3's SAC defaults (lr 3e-4) with learning_starts 10000 and
   30k steps: the speed of the first 20k steps with updates.
 
+`--sb3-onednn` runs SB3 with `torch.backends.mkldnn.matmul.fp32_precision = "bf16"`, which sends every
+float32 product it makes to oneDNN (policylab sends only its large ones, see policylab/nets/matmul.py): the
+comparison with the fast kernel on both sides.
+
 One env, `--threads` torch threads (default 1) on both sides, device cpu. Each run is a fresh
 `python benchmarks/offpolicy.py --worker ours|sb3 --case C ...` subprocess, the two sides alternating
 per seed (seeds 1..N). Per run:
@@ -367,6 +371,8 @@ def worker_sb3(case: Case, a: argparse.Namespace) -> dict[str, Any]:
 
     imports_s = time.perf_counter() - t
     torch.set_num_threads(a.threads)
+    if a.sb3_onednn:  # every float32 product through oneDNN (on CPUs without AMX it stays float32)
+        torch.backends.mkldnn.matmul.fp32_precision = "bf16"
     steps, starts = run_settings(case, a)
     clock = Clock(mark_step(starts))
 
@@ -486,6 +492,7 @@ def main_parent(a: argparse.Namespace) -> None:
         print(f"\n== {name}: {case.algo} {case.env}, {steps:,} steps, learning_starts {starts:,}", flush=True)
         args = ["--case", name, "--threads", str(a.threads)]
         args += (["--quick"] if a.quick else []) + (["--steps", str(a.steps)] if a.steps is not None else [])
+        args += ["--sb3-onednn"] if a.sb3_onednn else []
         runs = run_alternating(__file__, ["ours", "sb3"], seeds, args, show)
         print(f"\n{name}: {a.seeds} seed(s) per side, torch threads {a.threads}, alternating runs (ours, SB3)")
         summary = pair_report(runs, seeds, METRICS, DETAIL, "ours", "sb3", ("ours", "SB3"))
@@ -535,6 +542,7 @@ def main_parent(a: argparse.Namespace) -> None:
             "cases": settings,
             "seeds": seeds,
             "threads": a.threads,
+            "sb3_onednn": a.sb3_onednn,
             "quick": a.quick,
             "steps_override": a.steps,
             "log_every": LOG_EVERY,
@@ -554,6 +562,11 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=1, help="torch threads, both sides")
     p.add_argument("--steps", type=int, help="env steps per run, overriding every selected case's")
     p.add_argument("--quick", action="store_true", help="10%% of each case's steps (a smoke test, not a result)")
+    p.add_argument(
+        "--sb3-onednn",
+        action="store_true",
+        help="SB3 with torch.backends.mkldnn.matmul.fp32_precision='bf16' (every float32 product on oneDNN)",
+    )
     p.add_argument("--worker", choices=["ours", "sb3"], help=argparse.SUPPRESS)
     p.add_argument("--seed", type=int, default=1, help=argparse.SUPPRESS)
     p.add_argument("--out", help=argparse.SUPPRESS)
