@@ -37,7 +37,7 @@ class OffPolicyConfig(CommonConfig):
     num_envs: int = 1
     threads: int = 2
     """torch threads (at most the usable cores). Per update on the benchmark machine (2 cores), 1 -> 2 threads:
-    SAC Pendulum 11.2 -> 6.6 ms, TD3 11.9 -> 7.0 ms, DQN CartPole preset 1.63 -> 1.46 ms (micro.py --only threads)."""
+    SAC Pendulum 3.89 -> 2.66 ms, TD3 4.35 -> 2.65 ms, DQN CartPole preset 0.70 -> 0.63 ms (micro.py --only threads)."""
     hidden_sizes: list[int] = field(default_factory=lambda: [256, 256])
     activation: str = "relu"
     lr: float = 3e-4
@@ -67,8 +67,8 @@ class OffPolicyConfig(CommonConfig):
     log_every: int = 1_000
     """Env steps per training iteration: one log row, progress update and NaN check each."""
     analytic_grads: bool = True
-    """Fast path where an algorithm has one (SAC with ReLU/tanh MLPs): hand-derived gradients, the same
-    update as autograd's (tested); false forces autograd."""
+    """Fast path where an algorithm has one (SAC, TD3/DDPG, DQN with ReLU/tanh MLPs): hand-derived gradients,
+    the same update as autograd's (tested); false forces autograd."""
 
     def validate(self) -> None:
         super().validate()

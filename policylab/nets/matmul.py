@@ -1,8 +1,8 @@
 """Batched matrix products on the fastest exact float32 kernel this CPU has.
 
 PyTorch's CPU float32 `bmm` calls MKL, which on AMD processors runs its AVX2 code: on the benchmark
-machine (AMD EPYC, Zen 5, AVX-512) a 256x256x256 product runs at about 117 GFLOP/s per core through
-MKL and about 258 GFLOP/s through oneDNN's AVX-512 float32 kernel (`brg_matmul:avx512_core`), in the
+machine (AMD EPYC, Zen 5, AVX-512) a 256x256x256 product runs at about 113 GFLOP/s per core through
+MKL and about 240 GFLOP/s through oneDNN's AVX-512 float32 kernel (`brg_matmul:avx512_core`), in the
 same float32 arithmetic (`benchmarks/micro.py --only matmul`). PyTorch routes float32 products to
 oneDNN only while reduced-precision math is allowed (`torch.backends.mkldnn.matmul.fp32_precision =
 "bf16"`); oneDNN takes that as permission, not an order, and on CPUs without AMX it keeps float32.
