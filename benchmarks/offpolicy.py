@@ -371,7 +371,7 @@ def worker_sb3(case: Case, a: argparse.Namespace) -> dict[str, Any]:
 
     imports_s = time.perf_counter() - t
     torch.set_num_threads(a.threads)
-    if a.sb3_onednn:  # every float32 product through oneDNN (on CPUs without AMX it stays float32)
+    if a.sb3_onednn:  # every float32 product through oneDNN (float32 on this CPU; with AMX it may be bfloat16)
         torch.backends.mkldnn.matmul.fp32_precision = "bf16"
     steps, starts = run_settings(case, a)
     clock = Clock(mark_step(starts))

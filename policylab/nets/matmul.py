@@ -5,7 +5,8 @@ machine (AMD EPYC, Zen 5, AVX-512) a 256x256x256 product runs at about 113 GFLOP
 MKL and about 240 GFLOP/s through oneDNN's AVX-512 float32 kernel (`brg_matmul:avx512_core`), in the
 same float32 arithmetic (`benchmarks/micro.py --only matmul`). PyTorch routes float32 products to
 oneDNN only while reduced-precision math is allowed (`torch.backends.mkldnn.matmul.fp32_precision =
-"bf16"`); oneDNN takes that as permission, not an order, and on CPUs without AMX it keeps float32.
+"bf16"`); oneDNN takes that as permission, not an order: on this CPU (AVX-512 with bfloat16 instructions,
+no AMX) it keeps float32, while with AMX it may compute in bfloat16.
 
 So the products here switch that setting on for the duration of one call, and only after a probe has
 shown, once per process, that the oneDNN path gives float32 results (relative error against float64
