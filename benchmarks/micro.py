@@ -15,6 +15,9 @@ Prints medians over 5 repetitions of:
 - SAC's gradient step on HalfCheetah-v5 shapes (obs 17, act 6, 256x256 nets, 2 critics, batch 256),
   analytic and autograd, in updates/s and achieved GFLOP/s against a plain 256x256x256 matmul on each
   kernel (`--only sac` runs just this part);
+- `--only breakdown`: where one update of the SAC Pendulum and DQN CartPole loops goes (the update and
+  the share of it in matrix products, replay sampling, exploring, env steps, replay writes), measured
+  inside the running loop;
 - `--only threads`: per-update time (env steps included) of SAC, TD3 (Pendulum-v1) and the DQN CartPole
   preset at 1 and 2 torch threads;
 - `--only compile`: the autograd SAC update with torch.compile'd networks against eager, and the compile time.
@@ -136,11 +139,14 @@ MATMUL_SHAPES = [  # (members, rows, inner, columns)
     (1, 512, 256, 256),  # SAC's actor on [s; s']
     (2, 256, 400, 300),  # TD3's critics, hidden layer
     (1, 64, 256, 256),  # DQN at batch 64
+    (2, 256, 4, 256),  # a first layer (Pendulum critics): stays on MKL
+    (1, 64, 64, 64),  # a small product (2^18 multiply-adds): stays on MKL
 ]
 
 
-def matmul_gflops(members: int, rows: int, inner: int, columns: int) -> tuple[float, float, float, float]:
-    """(MKL GFLOP/s, oneDNN GFLOP/s, MKL relative error, oneDNN relative error) of one float32 bmm."""
+def matmul_gflops(members: int, rows: int, inner: int, columns: int) -> tuple[float, float, list[float]]:
+    """(MKL GFLOP/s, oneDNN GFLOP/s, relative errors against float64 of MKL, oneDNN and bfloat16 inputs)
+    of one float32 bmm."""
     from policylab.nets import matmul
 
     g = torch.Generator().manual_seed(0)
@@ -150,8 +156,8 @@ def matmul_gflops(members: int, rows: int, inner: int, columns: int) -> tuple[fl
     flops = 2 * members * rows * inner * columns
     mkl = flops / timed(lambda: torch.bmm(a, b), 200) / 1e9
     onednn = flops / timed(lambda: matmul._onednn_call(torch.bmm, a, b), 200) / 1e9
-    errors = [matmul._relative_error(x, reference) for x in (torch.bmm(a, b), matmul._onednn_call(torch.bmm, a, b))]
-    return mkl, onednn, errors[0], errors[1]
+    results = (torch.bmm(a, b), matmul._onednn_call(torch.bmm, a, b), torch.bmm(a.bfloat16(), b.bfloat16()))
+    return mkl, onednn, [matmul._relative_error(x, reference) for x in results]
 
 
 def matmul_kernels() -> None:
@@ -159,10 +165,11 @@ def matmul_kernels() -> None:
 
     print(f"oneDNN float32 products exact here (the probe): {matmul.onednn_is_exact()}")
     for shape in MATMUL_SHAPES:
-        mkl, onednn, mkl_error, onednn_error = matmul_gflops(*shape)
+        mkl, onednn, errors = matmul_gflops(*shape)
         print(
             f"bmm {'x'.join(map(str, shape))}: MKL {mkl:.0f} GFLOP/s, oneDNN {onednn:.0f} GFLOP/s "
-            f"({onednn / mkl:.2f}x); relative error vs float64 {mkl_error:.1e} / {onednn_error:.1e}"
+            f"({onednn / mkl:.2f}x); relative error vs float64: MKL {errors[0]:.1e}, oneDNN {errors[1]:.1e}, "
+            f"bfloat16 inputs {errors[2]:.1e}"
         )
 
 
@@ -172,7 +179,7 @@ def sac_update() -> None:
     from policylab.train import OffPolicyLoop, resolve_config
 
     spec = get_algo("sac")
-    mkl_peak, onednn_peak, _, _ = matmul_gflops(1, 256, 256, 256)
+    mkl_peak, onednn_peak, _ = matmul_gflops(1, 256, 256, 256)
     peak = onednn_peak if matmul.onednn_is_exact() else mkl_peak
     print(f"plain matmul 256x256x256: MKL {mkl_peak:.1f} GFLOP/s, oneDNN {onednn_peak:.1f} GFLOP/s")
     for analytic in (True, False):
@@ -231,6 +238,53 @@ def offpolicy_threads() -> None:
         print(f"{algo} {env}: {times[1]:.2f} ms per update at 1 thread, {times[2]:.2f} ms at 2 (env steps included)")
 
 
+def loop_breakdown() -> None:
+    """Where one env step + update of the off-policy loop goes, measured inside the loop (3 iterations)."""
+    from policylab.nets import matmul
+
+    cases = [
+        ("sac", "Pendulum-v1", {"learning_starts": 256, "log_every": 500, "threads": 1}, "none"),
+        ("dqn", "CartPole-v1", {"log_every": 2560, "threads": 1}, "auto"),
+    ]
+    for algo, env, overrides, preset in cases:
+        loop = offpolicy_loop(algo, env, overrides, preset)
+        loop.iterate()
+        parts = [
+            (loop.algo, "update", "update (all)"),
+            (matmul, "bmm", "  of which products (bmm)"),
+            (matmul, "baddbmm", "  of which products (baddbmm)"),
+            (loop.buffer, "sample", "replay sample"),
+            (loop.algo, "explore", "explore"),
+            (loop.env, "step", "env step"),
+            (loop.buffer, "add", "replay add"),
+        ]
+        spent = {label: 0.0 for _, _, label in parts}
+        originals = [(owner, name, getattr(owner, name)) for owner, name, _ in parts]
+        for owner, name, label in parts:
+            setattr(owner, name, _timed_call(getattr(owner, name), label, spent))
+        updates, start = loop.updates, time.perf_counter()
+        for _ in range(3):
+            loop.iterate()
+        total, n = time.perf_counter() - start, loop.updates - updates
+        for owner, name, original in originals:
+            setattr(owner, name, original)
+        print(f"{algo} {env}: {total / n * 1e6:.0f} us per update (env steps included), 1 thread")
+        for label, seconds in spent.items():
+            print(f"  {label}: {seconds / n * 1e6:.0f} us")
+        loop.close()
+
+
+def _timed_call(fn: Callable, label: str, spent: dict[str, float]) -> Callable:
+    def wrapper(*args, **kwargs):  # type: ignore[no-untyped-def]
+        start = time.perf_counter()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            spent[label] = spent.get(label, 0.0) + time.perf_counter() - start
+
+    return wrapper
+
+
 def sac_compile() -> None:
     loop = offpolicy_loop("sac", "HalfCheetah-v5", {"learning_starts": 1000, "analytic_grads": False, "threads": 1})
     algo = loop.algo
@@ -260,11 +314,19 @@ def sac_compile() -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--only", choices=["matmul", "sac", "threads", "compile"], help="run one part only")
+    parser.add_argument(
+        "--only", choices=["matmul", "sac", "breakdown", "threads", "compile"], help="run one part only"
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     if args.only:
-        parts = {"matmul": matmul_kernels, "sac": sac_update, "threads": offpolicy_threads, "compile": sac_compile}
+        parts = {
+            "matmul": matmul_kernels,
+            "sac": sac_update,
+            "breakdown": loop_breakdown,
+            "threads": offpolicy_threads,
+            "compile": sac_compile,
+        }
         parts[args.only]()
         return
     for analytic in (True, False):

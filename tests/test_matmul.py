@@ -9,10 +9,6 @@ import torch
 from policylab.nets import matmul
 
 
-def relative_error(x: torch.Tensor, reference: torch.Tensor) -> float:
-    return float((x.double() - reference).abs().max() / reference.abs().max())
-
-
 @pytest.mark.parametrize(
     ("a_shape", "b_shape", "transpose_a"),
     [
@@ -30,12 +26,12 @@ def test_products_are_float32_accurate(a_shape, b_shape, transpose_a) -> None:
         a = a.transpose(1, 2).contiguous().transpose(1, 2)
     bias = torch.randn(b_shape[0], 1, b_shape[2], generator=g)
     reference = torch.bmm(a.double(), b.double())
-    assert relative_error(matmul.bmm(a, b), reference) < 1e-5
+    assert matmul._relative_error(matmul.bmm(a, b), reference) < 1e-5
     out = torch.empty(reference.shape)
     assert matmul.bmm(a, b, out=out) is out
-    assert relative_error(out, reference) < 1e-5
+    assert matmul._relative_error(out, reference) < 1e-5
     with_bias = 2.0 * bias.double() + 2.0 * reference
-    assert relative_error(matmul.baddbmm(bias, a, b, beta=2.0, alpha=2.0), with_bias) < 1e-5
+    assert matmul._relative_error(matmul.baddbmm(bias, a, b, beta=2.0, alpha=2.0), with_bias) < 1e-5
 
 
 def test_precision_setting_is_restored() -> None:
@@ -67,12 +63,14 @@ def test_environment_turns_onednn_off(monkeypatch) -> None:
     assert not matmul.onednn_is_exact()
 
 
-def test_probe_rejects_a_bfloat16_kernel(monkeypatch) -> None:
-    """A oneDNN that really rounds to bfloat16 (as with AMX) must fail the probe."""
+def test_probe_accepts_float32_and_rejects_a_bfloat16_kernel(monkeypatch) -> None:
+    """A float32 kernel passes the probe; a oneDNN that really rounds to bfloat16 (as with AMX) fails it."""
 
     def bfloat16_call(op, *args, **kwargs):
         return op(*(x.bfloat16().float() if isinstance(x, torch.Tensor) else x for x in args), **kwargs)
 
     monkeypatch.delenv("POLICYLAB_ONEDNN_MATMUL", raising=False)
+    monkeypatch.setattr(matmul, "_onednn_call", lambda op, *args, **kwargs: op(*args, **kwargs))
+    assert matmul._probe()
     monkeypatch.setattr(matmul, "_onednn_call", bfloat16_call)
     assert not matmul._probe()

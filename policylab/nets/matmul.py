@@ -2,7 +2,7 @@
 
 PyTorch's CPU float32 `bmm` calls MKL, which on AMD processors runs its AVX2 code: on the benchmark
 machine (AMD EPYC, Zen 5, AVX-512) a 256x256x256 product runs at about 113 GFLOP/s per core through
-MKL and about 240 GFLOP/s through oneDNN's AVX-512 float32 kernel (`brg_matmul:avx512_core`), in the
+MKL and about 235-250 GFLOP/s through oneDNN's AVX-512 float32 kernel (`brg_matmul:avx512_core`), in the
 same float32 arithmetic (`benchmarks/micro.py --only matmul`). PyTorch routes float32 products to
 oneDNN only while reduced-precision math is allowed (`torch.backends.mkldnn.matmul.fp32_precision =
 "bf16"`); oneDNN takes that as permission, not an order: on this CPU (AVX-512 with bfloat16 instructions,
@@ -13,7 +13,8 @@ shown, once per process, that the oneDNN path gives float32 results (relative er
 within a few times MKL's own, where bfloat16 inputs would be ~1000x worse). Where it does not (a CPU
 whose oneDNN would really use bfloat16, e.g. with AMX, or a PyTorch without the setting), every call is
 plain `torch.bmm`. Small products stay on MKL too: below about 2^20 multiply-adds, or with an inner
-dimension under 16, oneDNN's fixed cost (~12 us) outweighs its speed.
+dimension under 16, oneDNN's fixed cost per call outweighs its speed (the small shapes of
+`benchmarks/micro.py --only matmul`).
 
 `POLICYLAB_ONEDNN_MATMUL=0` in the environment turns the oneDNN path off.
 """
