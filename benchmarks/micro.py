@@ -18,6 +18,9 @@ Prints medians over 5 repetitions of:
 - `--only breakdown`: where one update of the SAC Pendulum and DQN CartPole loops goes (the update and
   the share of it in matrix products, replay sampling, exploring, env steps, replay writes), measured
   inside the running loop;
+- `--only denormal`: the DQN CartPole preset's loop with float32 denormals flushed to zero (what the training
+  loops do, `policylab/runtime.py`) and without, in fresh processes, alternating, with the share of Adam's
+  first moments that are denormal at the end;
 - `--only threads`: per-update time (env steps included) of SAC, TD3 (Pendulum-v1) and the DQN CartPole
   preset at 1 and 2 torch threads;
 - `--only compile`: the autograd SAC update with torch.compile'd networks against eager, and the compile time.
@@ -274,6 +277,43 @@ def loop_breakdown() -> None:
         loop.close()
 
 
+def denormal_effect() -> None:
+    """The DQN CartPole preset's loop in fresh processes with denormals flushed to zero (the default) and
+    without (POLICYLAB_FLUSH_DENORMAL=0), alternating, 2 processes each."""
+    import json
+    import os
+
+    results: dict[str, list[dict[str, float]]] = {"1": [], "0": []}
+    for flush in ("0", "1") * 2:
+        env = {**os.environ, "POLICYLAB_FLUSH_DENORMAL": flush}
+        out = subprocess.run(
+            [sys.executable, __file__, "--only", "denormal-worker"], env=env, capture_output=True, text=True, check=True
+        ).stdout
+        results[flush].append(json.loads(out.strip().splitlines()[-1]))
+    for flush in ("0", "1"):
+        us = statistics.median(r["us_per_update"] for r in results[flush])
+        share = statistics.median(r["denormal_share"] for r in results[flush])
+        print(
+            f"dqn CartPole-v1, denormals {'flushed' if flush == '1' else 'kept'}: {us:.0f} us per update "
+            f"(env steps included), {share:.0%} of Adam's first moments denormal, 1 thread"
+        )
+
+
+def denormal_worker() -> None:
+    import json
+
+    loop = offpolicy_loop("dqn", "CartPole-v1", {"log_every": 2560, "threads": 1}, "auto")
+    runs = []
+    for _ in range(6):
+        updates, start = loop.updates, time.perf_counter()
+        loop.iterate()
+        runs.append((time.perf_counter() - start) / (loop.updates - updates) * 1e6)
+    m = loop.algo.q_opt.optimizer.state[loop.algo.q_opt.params.flat]["exp_avg"]
+    share = float(((m != 0) & (m.abs() < torch.finfo(m.dtype).tiny)).float().mean())
+    print(json.dumps({"us_per_update": statistics.median(runs[1:]), "denormal_share": share}))
+    loop.close()
+
+
 def _timed_call(fn: Callable, label: str, spent: dict[str, float]) -> Callable:
     def wrapper(*args, **kwargs):  # type: ignore[no-untyped-def]
         start = time.perf_counter()
@@ -315,7 +355,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument(
-        "--only", choices=["matmul", "sac", "breakdown", "threads", "compile"], help="run one part only"
+        "--only",
+        choices=["matmul", "sac", "breakdown", "denormal", "denormal-worker", "threads", "compile"],
+        help="run one part only",
     )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -324,6 +366,8 @@ def main() -> None:
             "matmul": matmul_kernels,
             "sac": sac_update,
             "breakdown": loop_breakdown,
+            "denormal": denormal_effect,
+            "denormal-worker": denormal_worker,
             "threads": offpolicy_threads,
             "compile": sac_compile,
         }

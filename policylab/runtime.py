@@ -38,13 +38,31 @@ def keep_freed_memory() -> bool:
     return _applied
 
 
+def flush_denormals() -> bool:
+    """Flush float32 denormals to zero on the CPU (x86 FTZ/DAZ); returns whether it is on.
+
+    Adam's first moment of a parameter whose gradient is exactly zero (a weight of a dead ReLU unit) decays
+    by beta1 = 0.9 per step into the denormal range (below 1.2e-38) and then stays there: 0.9 times the
+    smallest denormal rounds back to it. Every operation on a denormal takes a slow microcode path. In the
+    DQN CartPole preset 55% of the first moments end up denormal, and flushing them makes the loop 3%
+    faster (552 -> 534 us per update, `benchmarks/micro.py --only denormal`); values below 1.2e-38 become 0,
+    nothing else changes. The setting is per thread: torch's worker threads inherit it when they are created
+    after this call (in a fresh process, the first parallel operation creates them).
+    `POLICYLAB_FLUSH_DENORMAL=0` leaves it off.
+    """
+    if os.environ.get("POLICYLAB_FLUSH_DENORMAL", "1") == "0":
+        return False
+    return bool(torch.set_flush_denormal(True))
+
+
 def usable_cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def configure(threads: int, seed: int) -> int:
     """torch threads (never more than the usable cores: oversubscribed threads only slow a run down) and
-    seed for a training run, and the allocator setting above; returns the thread count used."""
+    seed for a training run, and the allocator and denormal settings above; returns the thread count used."""
+    flush_denormals()  # before set_num_threads, which may start worker threads that inherit it
     used = max(1, min(threads, usable_cores()))
     torch.set_num_threads(used)
     torch.manual_seed(seed)

@@ -98,3 +98,14 @@ def test_deterministic_and_categorical_actors():
 @pytest.mark.parametrize("members", [1, 3])
 def test_q_network_shapes(members):
     assert QNetwork(6, 4, (16,), members=members)(torch.randn(7, 6)).shape == (members, 7, 4)
+
+
+def test_numpy_forward_of_one_member_equals_the_torch_member():
+    torch.manual_seed(0)
+    critic = ContinuousCritic(obs_dim=5, act_dim=2, hidden_sizes=(32, 16), members=3)
+    x = torch.randn(7, 7)
+    with torch.no_grad():
+        stacked = critic.body(x)
+    np.testing.assert_allclose(critic.body.numpy_forward(x.numpy()), stacked.numpy(), rtol=1e-5, atol=1e-6)
+    for k in range(3):
+        np.testing.assert_allclose(critic.body.numpy_forward(x.numpy(), member=k), stacked[k].numpy(), atol=1e-6)

@@ -105,6 +105,46 @@ def test_cartpole_termination_reports_final_obs_and_resets_same_step():
     assert not after.terminated[done].any()
 
 
+@pytest.mark.parametrize("sutton_barto_reward", [False, True])
+def test_cartpole_single_env_float_path_is_bit_identical_to_the_vector_path(sutton_barto_reward):
+    """One env steps on Python floats (`_step_single`); it must give the vector path's bits, resets included."""
+    single = SameStepCartPoleVectorEnv(num_envs=1, max_episode_steps=60, sutton_barto_reward=sutton_barto_reward)
+    vector = SameStepCartPoleVectorEnv(num_envs=1, max_episode_steps=60, sutton_barto_reward=sutton_barto_reward)
+    obs, _ = single.reset(seed=3)
+    ref_obs, _ = vector.reset(seed=3)
+    np.testing.assert_array_equal(obs, ref_obs)
+    actions = np.random.default_rng(0).integers(0, 2, size=(600, 1))
+    ends = {"terminated": 0, "truncated": 0}
+    for action in actions:
+        got, want = single.step(action), vector._step_vector(action)
+        for a, b in zip(got[:4], want[:4]):
+            assert a.dtype == b.dtype and a.shape == b.shape
+            assert a.tobytes() == b.tobytes()  # bit for bit (-0.0 rewards included)
+        assert got[4].keys() == want[4].keys()
+        if got[4]:
+            assert got[4]["final_obs"].tobytes() == want[4]["final_obs"].tobytes()
+            np.testing.assert_array_equal(got[4]["_final_obs"], want[4]["_final_obs"])
+        ends["terminated"] += int(got[2][0])
+        ends["truncated"] += int(got[3][0])
+        assert single.state.tobytes() == vector.state.tobytes()
+    assert ends["terminated"] > 5 and ends["truncated"] > 0  # both kinds of episode end were crossed
+
+
+def test_cartpole_single_env_matches_gymnasium_until_its_first_end():
+    env = SameStepCartPoleVectorEnv(num_envs=1)
+    reference = CartPoleVectorEnv(num_envs=1)
+    np.testing.assert_array_equal(env.reset(seed=5)[0], reference.reset(seed=5)[0])
+    for action in np.random.default_rng(1).integers(0, 2, size=(200, 1)):
+        obs, reward, terminated, _, info = env.step(action)
+        ref_obs, ref_reward, ref_terminated, _, _ = reference.step(action)
+        np.testing.assert_array_equal(info.get("final_obs", obs), ref_obs)
+        np.testing.assert_array_equal(reward, ref_reward)
+        np.testing.assert_array_equal(terminated, ref_terminated)
+        if terminated[0]:
+            return
+    pytest.fail("no episode ended within 200 random steps")
+
+
 def _balance(env: VecEnv, steps: int) -> list:
     """Step with the pole kept upright (state zeroed before each step) so that only the time limit ends episodes."""
     results = []

@@ -81,7 +81,8 @@ def test_stacked_mlp_manual_backward_matches_autograd(activation):
         torch.testing.assert_close(p.grad, r, atol=1e-5, rtol=1e-4)
 
 
-def test_parameter_buffer_clipping_matches_torch():
+@pytest.mark.parametrize("max_norm", [0.5, 100.0])  # clipped, and within the bound (gradients unchanged)
+def test_parameter_buffer_clipping_matches_torch(max_norm):
     torch.manual_seed(0)
     a = [torch.nn.Parameter(torch.randn(5)) for _ in range(3)]
     b = [torch.nn.Parameter(p.detach().clone()) for p in a]
@@ -89,8 +90,9 @@ def test_parameter_buffer_clipping_matches_torch():
     for p, q in zip(a, b):
         p.grad = torch.randn(5) * 3
         q.grad.copy_(p.grad)
-    ref = torch.nn.utils.clip_grad_norm_(a, 0.5, foreach=True)
-    total = buffer.clip_grad_norm_(0.5)
+    ref = torch.nn.utils.clip_grad_norm_(a, max_norm, foreach=True)
+    assert (float(ref) > max_norm) == (max_norm == 0.5)
+    total = buffer.clip_grad_norm_(max_norm)
     torch.testing.assert_close(total, ref)
     for p, q in zip(a, b):
         torch.testing.assert_close(q.grad, p.grad)

@@ -144,3 +144,25 @@ def test_sac_command_line_uses_the_preset(tmp_path):
     spec = get_algo("sac")
     cfg, notes = resolve_config(spec, "Pendulum-v1", "15k", 1)
     assert cfg.lr == 1e-3 and cfg.steps == 15_000 and any("preset" in n for n in notes)
+
+
+def test_dqn_epsilon_greedy_draws_the_greedy_action_and_uniform_random_ones():
+    spec = get_algo("dqn")
+    cfg, _ = resolve_config(spec, "CartPole-v1", 1000, 0, overrides={**TINY, "num_envs": 4}, preset="none")
+    loop = OffPolicyLoop(spec, cfg)
+    algo = loop.algo
+    obs = np.random.default_rng(0).normal(size=(4, 4)).astype(np.float32)
+    with torch.no_grad():
+        greedy = algo.net(torch.from_numpy(obs))[0].argmax(-1).numpy()
+    final = cfg.exploration_fraction  # progress from which epsilon is eps_final
+    algo.cfg.eps_final = 0.0
+    for _ in range(20):  # epsilon 0: always greedy
+        np.testing.assert_array_equal(algo.explore(obs, final), greedy)
+    algo.cfg.eps_final = 1.0  # epsilon 1: uniform over both actions, whatever the greedy one
+    drawn = np.stack([algo.explore(obs, final) for _ in range(2000)])
+    assert set(np.unique(drawn)) == {0, 1}
+    assert abs(drawn.mean() - 0.5) < 0.02  # 8000 fair draws: std 0.0056
+    algo.cfg.eps_final = 0.3  # P(not greedy) = eps / 2 with 2 actions
+    drawn = np.stack([algo.explore(obs, final) for _ in range(2000)])
+    assert abs((drawn != greedy).mean() - 0.15) < 0.02  # std 0.004
+    loop.close()

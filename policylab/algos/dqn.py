@@ -94,6 +94,7 @@ class DQN:
         self.action_dtype = torch.long
         self._target_every = max(cfg.target_update_interval // cfg.num_envs, 1)
         self.fused = fused_dqn_applies(self)
+        self._numpy_acting = self.net.body.analytic_backward and cfg.device == "cpu"
 
     @staticmethod
     def build_policy(cfg: DQNConfig, obs_space: gym.Space, act_space: gym.Space) -> QNetwork:
@@ -104,15 +105,20 @@ class DQN:
         return uniform_discrete_actions(n, self.n_actions, self.generator)
 
     def explore(self, obs: np.ndarray, progress: float) -> np.ndarray:
-        """Epsilon-greedy, drawn per env."""
-        explore = torch.rand(len(obs), generator=self.generator, device=self.generator.device).cpu().numpy()
-        random = self.random_actions(len(obs))
-        if self.net.body.analytic_backward and self.cfg.device == "cpu":
-            greedy = self.net.greedy_numpy(obs)
-        else:
-            with torch.inference_mode():
-                greedy = self.net.env_action(torch.as_tensor(obs, device=self.generator.device)).cpu().numpy()
-        return np.where(explore < epsilon(self.cfg, progress), random, greedy)
+        """Epsilon-greedy per env, from one RNG call: a uniform draw decides, a second one picks the random
+        action; the greedy and random actions are only computed where some env needs them."""
+        draws = torch.rand((2, len(obs)), generator=self.generator, device=self.generator.device).cpu().numpy()
+        explore = draws[0] < epsilon(self.cfg, progress)
+        if not explore.any():
+            return self.greedy(obs)
+        random = np.minimum((draws[1] * self.n_actions).astype(np.int64), self.n_actions - 1)
+        return random if explore.all() else np.where(explore, random, self.greedy(obs))
+
+    def greedy(self, obs: np.ndarray) -> np.ndarray:
+        if self._numpy_acting:
+            return self.net.greedy_numpy(obs)
+        with torch.inference_mode():
+            return self.net.env_action(torch.as_tensor(obs, device=self.generator.device)).cpu().numpy()
 
     def to_env(self, actions: np.ndarray) -> np.ndarray:
         return actions
@@ -142,4 +148,7 @@ class DQN:
         weights = batch.get("weights")
         loss = per_sample.mean() if weights is None else (weights * per_sample).mean()
         self.q_opt.step(loss)
-        return {"loss": loss.detach(), "q": q.detach().mean(), "td_error": (q - target).detach().abs()}
+        metrics = {"loss": loss.detach(), "q": q.detach().mean()}
+        if cfg.prioritized:
+            metrics["td_error"] = (q - target).detach()
+        return metrics

@@ -67,7 +67,7 @@ def fused_sac_update(algo: SAC, batch: Batch, index: int, noise: Tensor | None =
         td = q[..., 0] - target
         weights = batch.get("weights")
         g_q = td / n if weights is None else td * weights / n
-        algo.critic_opt.params.zero_grad()
+        algo.critic_opt.zero_grad_unless_written_by(critic.body)
         critic.body.backward(critic_inputs, g_q.unsqueeze(-1))
         algo.critic_opt.clip_and_step()
         critic_loss = 0.5 * ((td * td if weights is None else weights * td * td).mean(-1).sum())
@@ -87,14 +87,15 @@ def fused_sac_update(algo: SAC, batch: Batch, index: int, noise: Tensor | None =
             g_u = torch.addcmul(g_a * (1.0 - a_pi * a_pi), a_pi, alpha * (2.0 / n))
             inside = (raw_log_std[:n] >= actor.log_std_bounds[0]) & (raw_log_std[:n] <= actor.log_std_bounds[1])
             g_log_std = (g_u * std[:n] * noise[:n] - alpha / n) * inside
-            algo.actor_opt.params.zero_grad()
+            algo.actor_opt.zero_grad_unless_written_by(actor.body)
             actor.body.backward([h[:, :n] for h in actor_inputs], torch.cat([g_u, g_log_std], -1).unsqueeze(0))
             algo.actor_opt.clip_and_step()
             metrics["actor_loss"] = (alpha * logp_pi - q_min).mean()
             metrics["entropy"] = -logp_pi.mean()
         if index % cfg.target_update_interval == 0:
             algo.critic_target.update(cfg.tau)
-        metrics["td_error"] = td.abs().mean(0)
+        if cfg.prioritized:
+            metrics["td_error"] = td.abs().mean(0)
     return metrics
 
 
@@ -120,14 +121,10 @@ def fused_dqn_update(algo: DQN, batch: Batch) -> dict[str, Tensor]:
         q = q_all[:n].gather(1, actions).squeeze(1)
         td = q - target
         weights = batch.get("weights")
-        if cfg.loss == "huber":  # with g = clamp(td, -1, 1): g (td - g / 2) is td^2 / 2 inside, |td| - 1/2 outside
-            g_q = td.clamp(-1.0, 1.0)
-            per_sample = g_q * (td - 0.5 * g_q)
-        else:
-            per_sample, g_q = td * td, 2.0 * td
-        if weights is not None:
-            per_sample, g_q = per_sample * weights, g_q * weights
-        g_q = g_q / n
+        # g = d loss_i / d td_i; with g = clamp(td, -1, 1) the Huber loss is g (td - g / 2) (td^2 / 2 inside,
+        # |td| - 1/2 outside), the MSE loss (g / 2) td with g = 2 td. The mean over B is one dot product.
+        g = td.clamp(-1.0, 1.0) if cfg.loss == "huber" else 2.0 * td
+        g_q = g * (1.0 / n) if weights is None else g * weights * (1.0 / n)
         g_out = torch.zeros((n, y.shape[1]), dtype=y.dtype, device=y.device)
         if cfg.dueling:  # dQ_a/dV = 1, dQ_a/dA_j = [j = a] - 1/|A|
             g_out[:, :1] = g_q.unsqueeze(1)
@@ -135,10 +132,14 @@ def fused_dqn_update(algo: DQN, batch: Batch) -> dict[str, Tensor]:
             g_out[:, 1:].scatter_add_(1, actions, g_q.unsqueeze(1))
         else:
             g_out.scatter_(1, actions, g_q.unsqueeze(1))
-        algo.q_opt.params.zero_grad()
+        algo.q_opt.zero_grad_unless_written_by(net.body)
         net.body.backward([h[:, :n] for h in inputs], g_out.unsqueeze(0))
         algo.q_opt.clip_and_step()
-    return {"loss": per_sample.mean(), "q": q.mean(), "td_error": td.abs()}
+        loss = torch.dot(g_q, torch.add(td, g, alpha=-0.5) if cfg.loss == "huber" else 0.5 * td)
+        metrics = {"loss": loss, "q": q.mean()}
+        if cfg.prioritized:
+            metrics["td_error"] = td
+    return metrics
 
 
 def fused_td3_applies(algo: TD3) -> bool:
@@ -163,7 +164,7 @@ def fused_td3_update(algo: TD3, batch: Batch, index: int) -> dict[str, Tensor]:
         td = q[..., 0] - target
         weights = batch.get("weights")
         g_q = 2.0 * td / n if weights is None else 2.0 * td * weights / n
-        algo.critic_opt.params.zero_grad()
+        algo.critic_opt.zero_grad_unless_written_by(critic.body)
         critic.body.backward(critic_inputs, g_q.unsqueeze(-1))
         algo.critic_opt.clip_and_step()
         critic_loss = (td * td if weights is None else weights * td * td).mean(-1).sum()
@@ -176,11 +177,12 @@ def fused_td3_update(algo: TD3, batch: Batch, index: int) -> dict[str, Tensor]:
             g_input = critic.body.backward(pi_inputs, g_q1, weight_grads=False, input_grad=True, members=1)
             assert g_input is not None
             g_out = g_input[:, :, obs.shape[1] :] * (1.0 - a * a)
-            algo.actor_opt.params.zero_grad()
+            algo.actor_opt.zero_grad_unless_written_by(actor.body)
             actor.body.backward(actor_inputs, g_out)
             algo.actor_opt.clip_and_step()
             algo.actor_target.update(cfg.tau)
             algo.critic_target.update(cfg.tau)
             metrics["actor_loss"] = -q1.mean()
-        metrics["td_error"] = td.abs().mean(0)
+        if cfg.prioritized:
+            metrics["td_error"] = td.abs().mean(0)
     return metrics

@@ -11,7 +11,8 @@ An off-policy algorithm is a class with:
   the critics, as in SB3, and are scaled to the env's bounds on the way out);
 - `after_step(step)`: called after every vector-env step (DQN's target updates count env steps);
 - `update(batch, index) -> metrics`: one gradient step on a replay `Batch` (from envs or a dataset: the
-  same fields). A metric named `td_error` ([B], |TD error|) feeds prioritized replay and is not logged.
+  same fields). With `prioritized=True` a metric named `td_error` ([B], the TD error; its magnitude is the
+  priority) feeds prioritized replay and is not logged.
 """
 
 from __future__ import annotations
@@ -108,11 +109,21 @@ class FlatAdam:
         self.params = ParameterBuffer(module.parameters())
         self.optimizer = Adam([self.params.flat], lr=lr, eps=eps)
         self.max_grad_norm = max_grad_norm
+        self._written_by: tuple[nn.Module, bool] | None = None
 
     def step(self, loss: Tensor) -> None:
         self.params.zero_grad()
         loss.backward()
         self.clip_and_step()
+
+    def zero_grad_unless_written_by(self, body: nn.Module) -> None:
+        """Before a hand-derived backward of `body` (StackedMLP.backward writes every weight and bias
+        gradient of it): zero the gradients only if `body` does not hold all of this module's parameters."""
+        if self._written_by is None or self._written_by[0] is not body:
+            own = {p.data_ptr() for p in body.parameters()}
+            self._written_by = (body, all(p.data_ptr() in own for p in self.params.params))
+        if not self._written_by[1]:
+            self.params.zero_grad()
 
     def clip_and_step(self) -> None:
         """The step after gradients were written into `params.grad` (by autograd or by hand)."""

@@ -130,5 +130,6 @@ class SAC:
             metrics.update(actor_loss=actor_loss.detach(), entropy=-logp_pi.detach().mean())
         if index % cfg.target_update_interval == 0:
             self.critic_target.update(cfg.tau)
-        metrics["td_error"] = td.detach().abs().mean(0)
+        if cfg.prioritized:
+            metrics["td_error"] = td.detach().abs().mean(0)
         return metrics

@@ -128,11 +128,13 @@ class DiscreteSAC:
         self.actor_opt.step(actor_loss)
         self.critic_target.update(cfg.tau)
         entropy = -(probs.detach() * logp.detach()).sum(-1).mean()
-        return {
+        metrics = {
             "critic_loss": critic_loss.detach(),
             "actor_loss": actor_loss.detach(),
             "q": (td.detach() + target).mean(),
             "alpha": alpha[0],
             "entropy": entropy,
-            "td_error": td.detach().abs().mean(0),
         }
+        if cfg.prioritized:
+            metrics["td_error"] = td.detach().abs().mean(0)
+        return metrics

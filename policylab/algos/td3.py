@@ -144,5 +144,6 @@ class TD3:
             self.actor_target.update(cfg.tau)
             self.critic_target.update(cfg.tau)
             metrics["actor_loss"] = actor_loss.detach()
-        metrics["td_error"] = td.detach().abs().mean(0)
+        if cfg.prioritized:
+            metrics["td_error"] = td.detach().abs().mean(0)
         return metrics

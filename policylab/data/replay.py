@@ -117,6 +117,7 @@ class ReplayBuffer:
             raise ValueError("a truncated episode needs its final observation: pass final_obs")
         envs, slot = store["envs"], store["ptr"].copy() if cpu else self.ptr.clone()
         end = term | trunc
+        ended = bool(end.any())
         next_obs = arr(next_obs)
         for name, value in (("obs", obs), ("actions", actions), ("rewards", rewards), ("terminated", term)):
             store[name][slot, envs] = arr(value)
@@ -125,17 +126,19 @@ class ReplayBuffer:
         after = (slot + 1) % self.slots
         # The slot after each transition holds its next obs: the final obs at an episode end, else the pending obs.
         rows = end.reshape(-1, *([1] * (next_obs.ndim - 1)))
-        store["obs"][after, envs] = next_obs if final_obs is None else xp.where(rows, arr(final_obs), next_obs)
+        final = xp.where(rows, arr(final_obs), next_obs) if ended and final_obs is not None else next_obs
+        store["obs"][after, envs] = final
         store["valid"][after, envs] = False
-        # An ended episode keeps its final-obs slot; the next episode starts one slot further on.
-        started = (after + end * 1) % self.slots
-        store["obs"][started, envs] = xp.where(rows, next_obs, store["obs"][started, envs])
-        store["valid"][started, envs] = store["valid"][started, envs] & ~end
+        started = after
+        if ended:  # an ended episode keeps its final-obs slot; the next episode starts one slot further on
+            started = (after + end * 1) % self.slots
+            store["obs"][started, envs] = xp.where(rows, next_obs, store["obs"][started, envs])
+            store["valid"][started, envs] = store["valid"][started, envs] & ~end
         store["ptr"][:] = started
         if self.tree is not None:
             self._new_priorities(*(torch.as_tensor(x, device=self.device) for x in (slot, after, started, envs)))
         self.transitions_added += self.num_envs
-        self.filled = min(self.slots, self.filled + (2 if bool(end.any()) else 1))
+        self.filled = min(self.slots, self.filled + (2 if ended else 1))
 
     def _new_priorities(self, slot: Tensor, after: Tensor, started: Tensor, envs: Tensor) -> None:
         """New transitions get the highest priority so far; the pending and final-obs slots get none."""
@@ -157,13 +160,24 @@ class ReplayBuffer:
         if self.tree is not None:
             return self._sample_prioritized(batch_size, generator)
         high = self.filled * self.num_envs
-        valid = self.valid.view(-1)
         index = torch.randint(high, (batch_size,), generator=generator, device=self.device)
-        bad = ~valid[index]
-        while bool(bad.any()):
-            index[bad] = torch.randint(high, (int(bad.sum()),), generator=generator, device=self.device)
-            bad = ~valid[index]
+        self._redraw_invalid(index, high, generator)
         return self.gather(index)
+
+    def _redraw_invalid(self, index: Tensor, high: int, generator: torch.Generator | None) -> None:
+        """Redraw, in place, the draws that hit a pending or final-obs slot, until none does."""
+        if self._np is not None:  # CPU: the checks in numpy on views of the same memory (cheaper calls)
+            valid, drawn = self._np["valid"].reshape(-1), index.numpy()
+            bad = ~valid[drawn]
+            while bad.any():
+                drawn[bad] = torch.randint(high, (int(bad.sum()),), generator=generator).numpy()
+                bad = ~valid[drawn]
+            return
+        valid_flat = self.valid.view(-1)
+        missed = ~valid_flat[index]
+        while bool(missed.any()):
+            index[missed] = torch.randint(high, (int(missed.sum()),), generator=generator, device=self.device)
+            missed = ~valid_flat[index]
 
     def _sample_prioritized(self, batch_size: int, generator: torch.Generator | None) -> Batch:
         """Proportional prioritized replay (Schaul et al. 2016): stratified draws from the sum tree,
@@ -192,7 +206,10 @@ class ReplayBuffer:
         """The transitions at flat indices (slot * num_envs + env), with their n-step targets."""
         if self.n_step == 1:  # the common case: one index_select per field on the flat storage
             flat = self._flat
-            next_index = torch.remainder(flat_index + self.num_envs, len(flat["rewards"]))
+            if self._np is not None:  # the next row's index (wrapping around the ring) in numpy: cheaper calls
+                next_index = torch.from_numpy((flat_index.numpy() + self.num_envs) % len(flat["rewards"]))
+            else:
+                next_index = torch.remainder(flat_index + self.num_envs, len(flat["rewards"]))
             return Batch(
                 obs=flat["obs"].index_select(0, flat_index),
                 actions=flat["actions"].index_select(0, flat_index),

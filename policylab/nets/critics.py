@@ -46,7 +46,7 @@ class QNetwork(nn.Module):
 
     def greedy_numpy(self, obs: np.ndarray) -> np.ndarray:
         """argmax_a Q(s, a) of member 0, in numpy (CPU acting; the dueling mean does not move the argmax)."""
-        y = self.body.numpy_forward(obs.reshape(len(obs), -1))[0]
+        y = self.body.numpy_forward(obs.reshape(len(obs), -1), member=0)
         return (y[:, 1:] if self.dueling else y).argmax(-1)
 
     def env_action(self, obs: Tensor, deterministic: bool = True, generator: torch.Generator | None = None) -> Tensor:
@@ -117,7 +117,7 @@ class DeterministicActor(_BoundedActor):
         return torch.tanh(self.body(obs.flatten(1))[0])
 
     def forward_numpy(self, obs: np.ndarray) -> np.ndarray:
-        return np.tanh(self.body.numpy_forward(obs.reshape(len(obs), -1))[0])
+        return np.tanh(self.body.numpy_forward(obs.reshape(len(obs), -1), member=0))
 
     def env_action(self, obs: Tensor, deterministic: bool = True, generator: torch.Generator | None = None) -> Tensor:
         return scale_to_bounds(self(obs), self.low, self.high)
@@ -175,7 +175,7 @@ class TanhGaussianActor(_BoundedActor):
 
     def sample_numpy(self, obs: np.ndarray, noise: np.ndarray) -> np.ndarray:
         """tanh(mean + std * noise) in numpy (CPU acting on small batches, no log-prob)."""
-        y = self.body.numpy_forward(obs.reshape(len(obs), -1))[0]
+        y = self.body.numpy_forward(obs.reshape(len(obs), -1), member=0)
         log_std = np.clip(y[:, self.act_dim :], *self.log_std_bounds)
         return np.tanh(y[:, : self.act_dim] + np.exp(log_std) * noise)
 
@@ -199,7 +199,7 @@ class CategoricalActor(nn.Module):
 
     def sample_numpy(self, obs: np.ndarray, uniform: np.ndarray) -> np.ndarray:
         """Inverse-CDF draws from the softmax, in numpy: `uniform` is [B] in [0, 1)."""
-        logits = self.body.numpy_forward(obs.reshape(len(obs), -1))[0]
+        logits = self.body.numpy_forward(obs.reshape(len(obs), -1), member=0)
         probs = np.exp(logits - logits.max(-1, keepdims=True))
         cdf = np.cumsum(probs, -1)
         return np.minimum((cdf < uniform[:, None] * cdf[:, -1:]).sum(-1), probs.shape[-1] - 1)

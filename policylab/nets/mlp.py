@@ -57,7 +57,7 @@ class StackedMLP(nn.Module):
         # Plain lists of the same Parameter objects: ParameterList indexing costs microseconds per call.
         self._layers = list(zip(self.weights, self.biases, self.transposed))
         self._numpy_key: tuple[int, ...] = ()
-        self._numpy_layers: list[tuple[np.ndarray, np.ndarray]] = []
+        self._numpy_layers: list[list[tuple[np.ndarray, np.ndarray]]] = []
         self.default_init()
 
     def default_init(self) -> None:
@@ -112,10 +112,11 @@ class StackedMLP(nn.Module):
             w, b = w[:k], b[:k]
         return matmul.baddbmm(b, h, w.transpose(1, 2) if transposed else w)
 
-    def numpy_forward(self, x: np.ndarray) -> np.ndarray:
+    def numpy_forward(self, x: np.ndarray, member: int | None = None) -> np.ndarray:
         """The forward pass in numpy (tanh/relu, CPU), for acting on small batches: a numpy call costs
-        about 1 us where a torch call costs about 5 us. Reads the parameters' memory through views."""
-        layers = self._numpy_views()
+        about 1 us where a torch call costs about 5 us. Reads the parameters' memory through views.
+        x: [B, in]; returns [K, B, out], or [B, out] of one member with `member=k` (2-D products, cheaper)."""
+        layers = self._numpy_views()[member if member is not None else -1]
         h = x
         for w, b in layers[:-1]:
             h = np.matmul(h, w)
@@ -129,14 +130,17 @@ class StackedMLP(nn.Module):
         out += b
         return out
 
-    def _numpy_views(self) -> list[tuple[np.ndarray, np.ndarray]]:
-        """[K, in, out] weight and [K, 1, out] bias views, rebuilt if a parameter's storage moved."""
+    def _numpy_views(self) -> list[list[tuple[np.ndarray, np.ndarray]]]:
+        """Per member k, its [in, out] weight and [1, out] bias views; last, all members' [K, in, out] and
+        [K, 1, out] views. Rebuilt if a parameter's storage moved."""
         key = tuple(t.data_ptr() for w, b, _ in self._layers for t in (w, b))
         if key != self._numpy_key:
-            self._numpy_layers = [
+            stacked = [
                 (w.detach().numpy().transpose(0, 2, 1) if transposed else w.detach().numpy(), b.detach().numpy())
                 for w, b, transposed in self._layers
             ]
+            per_member = [[(w[k], b[k]) for w, b in stacked] for k in range(self.members)]
+            self._numpy_layers = [*per_member, stacked]
             self._numpy_key = key
         return self._numpy_layers
 

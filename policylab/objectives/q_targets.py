@@ -14,7 +14,7 @@ from torch import Tensor
 
 def bootstrap(rewards: Tensor, discounts: Tensor, terminated: Tensor, next_value: Tensor) -> Tensor:
     """r + discount * (1 - terminated) * V(s')."""
-    return torch.addcmul(rewards, torch.where(terminated, 0.0, discounts), next_value)
+    return torch.addcmul(rewards, discounts.masked_fill(terminated, 0.0), next_value)
 
 
 def dqn_target(
@@ -22,7 +22,7 @@ def dqn_target(
 ) -> Tensor:
     """max_a Q_target(s', a), or with `next_q_online` double DQN: Q_target(s', argmax_a Q_online(s', a)). [B, A] in."""
     if next_q_online is None:
-        next_value = next_q_target.max(-1).values
+        next_value = next_q_target.amax(-1)
     else:
         next_value = next_q_target.gather(-1, next_q_online.argmax(-1, keepdim=True)).squeeze(-1)
     return bootstrap(rewards, discounts, terminated, next_value)
