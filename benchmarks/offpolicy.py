@@ -27,7 +27,7 @@ comparison with the fast kernel on both sides.
 
 One env, `--threads` torch threads (default 1) on both sides, device cpu. Each run is a fresh
 `python benchmarks/offpolicy.py --worker ours|sb3 --case C ...` subprocess, the two sides alternating
-per seed (seeds 1..N). Per run:
+per seed (seeds 1..N, or from `--first-seed`). Per run:
 
 * whole-process wall clock, launch to exit (timed by the parent, common.run_worker);
 * training wall clock: from just before `pl.train()` to its return (policylab builds its env and networks,
@@ -463,7 +463,7 @@ DETAIL: dict[str, Metric] = {
 
 def main_parent(a: argparse.Namespace) -> None:
     names = a.case or list(CASES)
-    seeds = list(range(1, a.seeds + 1))
+    seeds = list(range(a.first_seed, a.first_seed + a.seeds))
     header = provenance(["policylab", "torch", "stable-baselines3", "gymnasium", "numpy", "mujoco"])
     settings, summaries, all_runs, overview = {}, {}, [], []
 
@@ -557,7 +557,8 @@ def main_parent(a: argparse.Namespace) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
-    p.add_argument("--seeds", type=int, default=3, help="seeds per side (1..N)")
+    p.add_argument("--seeds", type=int, default=3, help="seeds per side (first_seed..first_seed+N-1)")
+    p.add_argument("--first-seed", type=int, default=1, help="the first seed (default 1): more seeds in a second run")
     p.add_argument("--case", action="append", choices=list(CASES), help="a case to run (repeatable; default all)")
     p.add_argument("--threads", type=int, default=1, help="torch threads, both sides")
     p.add_argument("--steps", type=int, help="env steps per run, overriding every selected case's")
