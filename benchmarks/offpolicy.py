@@ -303,7 +303,7 @@ def ours_overrides(case: Case, a: argparse.Namespace) -> dict[str, Any]:
         "n_step": 1,
         "prioritized": False,
         "log_every": LOG_EVERY,
-        "eval_every": 0,
+        "eval_every": a.curve_every,
         "checkpoint_every": 0,
         "eval_episodes": EVAL_EPISODES,
         "threads": a.threads,
@@ -323,11 +323,15 @@ def worker_ours(case: Case, a: argparse.Namespace) -> dict[str, Any]:
     steps, starts = run_settings(case, a)
     clock = Clock(mark_step(starts))
 
+    curve: list[list[float]] = []
+
     def callback(info: "IterationInfo") -> None:
         now = time.perf_counter()
         if clock.loop_start is None:
             clock.loop_start = now - info.elapsed
         clock.observe(now, info.step, int(info.metrics["updates"]))
+        if info.eval_return is not None and info.step < steps:
+            curve.append([info.step, info.eval_return])
 
     overrides = ours_overrides(case, a)
     t_call = time.perf_counter()
@@ -355,9 +359,19 @@ def worker_ours(case: Case, a: argparse.Namespace) -> dict[str, Any]:
         "imports_s": imports_s,
         **clock.record(t_call, t_returned),
         **ev,
+        **curve_record(curve, steps, ev["eval_return_mean"]),
         "own_final_eval_return_mean": final.get("return_mean"),
         "config": cfg,
     }
+
+
+def curve_record(curve: list[list[float]], steps: int, final_return: float) -> dict[str, Any]:
+    """With --curve-every: the evaluations during training and the mean return over the last 40% of the run
+    (those evaluations and the final one), a less noisy measure than the final return alone."""
+    if not curve:
+        return {}
+    late = [r for step, r in curve if step >= 0.6 * steps] + [final_return]
+    return {"curve": curve, "late_return_mean": sum(late) / len(late)}
 
 
 def worker_sb3(case: Case, a: argparse.Namespace) -> dict[str, Any]:
@@ -376,6 +390,12 @@ def worker_sb3(case: Case, a: argparse.Namespace) -> dict[str, Any]:
     steps, starts = run_settings(case, a)
     clock = Clock(mark_step(starts))
 
+    curve: list[list[float]] = []
+
+    def act(obs: Any) -> Any:
+        action = model.predict(obs, deterministic=True)[0]
+        return int(action) if case.sb3 == "DQN" else action
+
     class Callback(BaseCallback):
         def _on_training_start(self) -> None:
             clock.loop_start = time.perf_counter()
@@ -383,6 +403,9 @@ def worker_sb3(case: Case, a: argparse.Namespace) -> dict[str, Any]:
         def _on_step(self) -> bool:  # after every env step, before that step's update
             if clock.mark_time is None and self.num_timesteps >= clock.mark:
                 clock.observe(time.perf_counter(), self.num_timesteps, self.model._n_updates)
+            n = self.num_timesteps
+            if a.curve_every and n % a.curve_every == 0 and n < steps:
+                curve.append([n, shared_eval(case.env, act, a.seed)["eval_return_mean"]])
             return True
 
         def _on_training_end(self) -> None:
@@ -399,11 +422,13 @@ def worker_sb3(case: Case, a: argparse.Namespace) -> dict[str, Any]:
     check_sb3(case, model, torch)
     model.learn(steps, callback=Callback())
     t_returned = time.perf_counter()
-    if case.sb3 == "DQN":
-        ev = shared_eval(case.env, lambda obs: int(model.predict(obs, deterministic=True)[0]), a.seed)
-    else:
-        ev = shared_eval(case.env, lambda obs: model.predict(obs, deterministic=True)[0], a.seed)
-    return {"imports_s": imports_s, **clock.record(t_call, t_returned), **ev}
+    ev = shared_eval(case.env, act, a.seed)
+    return {
+        "imports_s": imports_s,
+        **clock.record(t_call, t_returned),
+        **ev,
+        **curve_record(curve, steps, ev["eval_return_mean"]),
+    }
 
 
 def check_sb3(case: Case, model: Any, torch: Any) -> None:
@@ -445,6 +470,7 @@ METRICS: dict[str, Metric] = {
     "process_wall_s": ("process wall clock, launch to exit (s); ratio <1: ours faster", ".2f", True),
     "updates_per_s": ("updates/s after learning starts; ratio >1: ours faster", ",.1f", True),
     "eval_return_mean": (f"final return, shared deterministic eval ({EVAL_EPISODES} episodes)", ".1f", False),
+    "late_return_mean": ("with --curve-every: mean return over the last 40% of the run", ".1f", False),
 }
 DETAIL: dict[str, Metric] = {
     "loop_s": ("training loop alone, first to last callback (s)", ".2f", True),
@@ -493,6 +519,7 @@ def main_parent(a: argparse.Namespace) -> None:
         args = ["--case", name, "--threads", str(a.threads)]
         args += (["--quick"] if a.quick else []) + (["--steps", str(a.steps)] if a.steps is not None else [])
         args += ["--sb3-onednn"] if a.sb3_onednn else []
+        args += ["--curve-every", str(a.curve_every)] if a.curve_every else []
         runs = run_alternating(__file__, ["ours", "sb3"], seeds, args, show)
         print(f"\n{name}: {a.seeds} seed(s) per side, torch threads {a.threads}, alternating runs (ours, SB3)")
         summary = pair_report(runs, seeds, METRICS, DETAIL, "ours", "sb3", ("ours", "SB3"))
@@ -543,6 +570,7 @@ def main_parent(a: argparse.Namespace) -> None:
             "seeds": seeds,
             "threads": a.threads,
             "sb3_onednn": a.sb3_onednn,
+            "curve_every": a.curve_every,
             "quick": a.quick,
             "steps_override": a.steps,
             "log_every": LOG_EVERY,
@@ -559,6 +587,13 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     p.add_argument("--seeds", type=int, default=3, help="seeds per side (first_seed..first_seed+N-1)")
     p.add_argument("--first-seed", type=int, default=1, help="the first seed (default 1): more seeds in a second run")
+    p.add_argument(
+        "--curve-every",
+        type=int,
+        default=0,
+        help="evaluate every N env steps during training as well (a return measure: the wall clock then "
+        "includes the evaluations)",
+    )
     p.add_argument("--case", action="append", choices=list(CASES), help="a case to run (repeatable; default all)")
     p.add_argument("--threads", type=int, default=1, help="torch threads, both sides")
     p.add_argument("--steps", type=int, help="env steps per run, overriding every selected case's")
