@@ -5,6 +5,8 @@ Run from the repository root:
     .venv/bin/python benchmarks/offpolicy.py --seeds 3                               # every case
     .venv/bin/python benchmarks/offpolicy.py --case sac-pendulum --case dqn-cartpole  # some cases
     .venv/bin/python benchmarks/offpolicy.py --quick --seeds 1                        # a smoke run, not a result
+    .venv/bin/python benchmarks/offpolicy.py --seeds 10 --first-seed 11 --case dqn-cartpole    # seeds 11-20
+    .venv/bin/python benchmarks/offpolicy.py --seeds 10 --case dqn-cartpole --curve-every 5000  # + returns in training
 
 Cases (policylab with `preset="none"` and every hyperparameter set explicitly; SB3 with the same values):
 

@@ -44,9 +44,9 @@ def flush_denormals() -> bool:
     Adam's first moment of a parameter whose gradient is exactly zero (a weight of a dead ReLU unit) decays
     by beta1 = 0.9 per step into the denormal range (below 1.2e-38) and then stays there: 0.9 times the
     smallest denormal rounds back to it. Every operation on a denormal takes a slow microcode path. In the
-    DQN CartPole preset 55% of the first moments end up denormal, and flushing them makes the loop 3%
-    faster (552 -> 534 us per update, `benchmarks/micro.py --only denormal`); values below 1.2e-38 become 0,
-    nothing else changes. The setting is per thread: torch's worker threads inherit it when they are created
+    DQN CartPole preset 55% of the first moments end up denormal, and flushing them makes the loop 3-7%
+    faster (552-577 -> 534-536 us per update, `benchmarks/micro.py --only denormal`); values below 1.2e-38
+    become 0, nothing else changes. The setting is per thread: torch's worker threads inherit it when they are created
     after this call (in a fresh process, the first parallel operation creates them).
     `POLICYLAB_FLUSH_DENORMAL=0` leaves it off.
     """

@@ -38,7 +38,8 @@ class OffPolicyConfig(CommonConfig):
     num_envs: int = 1
     threads: int = 2
     """torch threads (at most the usable cores). Per update on the benchmark machine (2 cores), 1 -> 2 threads:
-    SAC Pendulum 3.89 -> 2.66 ms, TD3 4.35 -> 2.65 ms, DQN CartPole preset 0.70 -> 0.63 ms (micro.py --only threads)."""
+    SAC Pendulum 3.54 -> 2.8 ms, TD3 3.9 -> 3.0 ms, DQN CartPole preset 0.55 -> 0.49-0.60 ms
+    (micro.py --only threads)."""
     hidden_sizes: list[int] = field(default_factory=lambda: [256, 256])
     activation: str = "relu"
     lr: float = 3e-4
