@@ -46,8 +46,8 @@ def flush_denormals() -> bool:
     smallest denormal rounds back to it. Every operation on a denormal takes a slow microcode path. In the
     DQN CartPole preset 55% of the first moments end up denormal, and flushing them makes the loop 3-7%
     faster (552-577 -> 534-536 us per update, `benchmarks/micro.py --only denormal`); values below 1.2e-38
-    become 0, nothing else changes. The setting is per thread: torch's worker threads inherit it when they are created
-    after this call (in a fresh process, the first parallel operation creates them).
+    become 0, nothing else changes. The setting is per thread: torch's worker threads inherit it when they
+    are created after this call (in a fresh process, the first parallel operation creates them).
     `POLICYLAB_FLUSH_DENORMAL=0` leaves it off.
     """
     if os.environ.get("POLICYLAB_FLUSH_DENORMAL", "1") == "0":

@@ -168,10 +168,10 @@ class ReplayBuffer:
         """Redraw, in place, the draws that hit a pending or final-obs slot, until none does."""
         if self._np is not None:  # CPU: the checks in numpy on views of the same memory (cheaper calls)
             valid, drawn = self._np["valid"].reshape(-1), index.numpy()
-            bad = ~valid[drawn]
-            while bad.any():
-                drawn[bad] = torch.randint(high, (int(bad.sum()),), generator=generator).numpy()
-                bad = ~valid[drawn]
+            missed = ~valid[drawn]
+            while missed.any():
+                drawn[missed] = torch.randint(high, (int(missed.sum()),), generator=generator).numpy()
+                missed = ~valid[drawn]
             return
         valid_flat = self.valid.view(-1)
         missed = ~valid_flat[index]
