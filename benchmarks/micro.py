@@ -221,6 +221,16 @@ def offpolicy_loop(algo: str, env: str, overrides: dict, preset: str = "none"): 
     return loop
 
 
+def seconds_per_update(loop, iterations: int) -> list[float]:  # type: ignore[no-untyped-def]
+    """Seconds per update (env steps included) of each of `iterations` loop iterations."""
+    runs = []
+    for _ in range(iterations):
+        updates, start = loop.updates, time.perf_counter()
+        loop.iterate()
+        runs.append((time.perf_counter() - start) / (loop.updates - updates))
+    return runs
+
+
 def offpolicy_threads() -> None:
     cases = [
         ("sac", "Pendulum-v1", {"learning_starts": 256, "log_every": 500}, "none"),
@@ -231,12 +241,7 @@ def offpolicy_threads() -> None:
         times = {}
         for threads in (1, 2):
             loop = offpolicy_loop(algo, env, {**overrides, "threads": threads}, preset)
-            runs = []
-            for _ in range(3):
-                updates, start = loop.updates, time.perf_counter()
-                loop.iterate()
-                runs.append((time.perf_counter() - start) / (loop.updates - updates))
-            times[threads] = statistics.median(runs) * 1e3
+            times[threads] = statistics.median(seconds_per_update(loop, 3)) * 1e3
             loop.close()
         print(f"{algo} {env}: {times[1]:.2f} ms per update at 1 thread, {times[2]:.2f} ms at 2 (env steps included)")
 
@@ -303,11 +308,7 @@ def denormal_worker() -> None:
     import json
 
     loop = offpolicy_loop("dqn", "CartPole-v1", {"log_every": 2560, "threads": 1}, "auto")
-    runs = []
-    for _ in range(6):
-        updates, start = loop.updates, time.perf_counter()
-        loop.iterate()
-        runs.append((time.perf_counter() - start) / (loop.updates - updates) * 1e6)
+    runs = [seconds * 1e6 for seconds in seconds_per_update(loop, 6)]
     m = loop.algo.q_opt.optimizer.state[loop.algo.q_opt.params.flat]["exp_avg"]
     share = float(((m != 0) & (m.abs() < torch.finfo(m.dtype).tiny)).float().mean())
     print(json.dumps({"us_per_update": statistics.median(runs[1:]), "denormal_share": share}))

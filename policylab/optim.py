@@ -192,8 +192,8 @@ class ParameterBuffer:
 
         The same arithmetic as torch.nn.utils.clip_grad_norm_ (coefficient max_norm / (norm + 1e-6), at most 1).
         On the CPU the norm is read on the host (no device to wait for there): one numpy dot product on a
-        view of the gradients, and no scaling pass at all when the norm is within the bound (3 us instead
-        of 13 us for the DQN CartPole preset's 67k gradients).
+        view of the gradients instead of six torch calls, and no scaling pass at all when the norm is within
+        the bound.
         """
         if self.grad.device.type != "cpu" or self.grad.dtype not in (torch.float32, torch.float64):
             total = torch.linalg.vector_norm(self.grad)

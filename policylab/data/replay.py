@@ -166,18 +166,14 @@ class ReplayBuffer:
 
     def _redraw_invalid(self, index: Tensor, high: int, generator: torch.Generator | None) -> None:
         """Redraw, in place, the draws that hit a pending or final-obs slot, until none does."""
-        if self._np is not None:  # CPU: the checks in numpy on views of the same memory (cheaper calls)
-            valid, drawn = self._np["valid"].reshape(-1), index.numpy()
-            missed = ~valid[drawn]
-            while missed.any():
-                drawn[missed] = torch.randint(high, (int(missed.sum()),), generator=generator).numpy()
-                missed = ~valid[drawn]
-            return
-        valid_flat = self.valid.view(-1)
-        missed = ~valid_flat[index]
+        cpu = self._np is not None  # CPU: the checks in numpy on views of the same memory (cheaper calls)
+        valid: Any = self._np["valid"].reshape(-1) if self._np is not None else self.valid.view(-1)
+        drawn: Any = index.numpy() if cpu else index
+        missed = ~valid[drawn]
         while bool(missed.any()):
-            index[missed] = torch.randint(high, (int(missed.sum()),), generator=generator, device=self.device)
-            missed = ~valid_flat[index]
+            redrawn = torch.randint(high, (int(missed.sum()),), generator=generator, device=self.device)
+            drawn[missed] = redrawn.numpy() if cpu else redrawn
+            missed = ~valid[drawn]
 
     def _sample_prioritized(self, batch_size: int, generator: torch.Generator | None) -> Batch:
         """Proportional prioritized replay (Schaul et al. 2016): stratified draws from the sum tree,

@@ -13,9 +13,10 @@ which cost more than the physics for 8 envs. Actions must be 0 or 1.
 
 With one env (the off-policy presets) the same expressions (`_dynamics`) run on
 Python floats instead of 1-element arrays: every numpy call on a tiny array
-costs about half a microsecond, so the step takes about 4 us instead of 19 (the
-results are the same bits: IEEE float64 arithmetic either way, numpy's cos and
-sin).
+costs about half a microsecond, and the step takes about a quarter of the time
+(`benchmarks/micro.py --only breakdown`: env steps 10 us per DQN update instead
+of 43). The results are the same bits: IEEE float64 arithmetic either way,
+numpy's cos and sin.
 """
 
 from __future__ import annotations
