@@ -1,0 +1,132 @@
+"""Pool the returns of several `offpolicy.py` results files and compare the two sides' means.
+
+A final return after a fixed budget can be bimodal (DQN CartPole: a policy at 500, or one that has just
+collapsed), so its median over a few seeds says little. This script pools seeds across runs (a seed in
+two files must have the same value on a side: the runs are deterministic, so a mismatch means different
+code and is an error) and reports, per side and per return measure:
+
+* n, mean, standard error, median, and the share of seeds at or above `--threshold`;
+* the ratio of the means ours/sb3 with a 95% percentile bootstrap interval (seeds resampled per side);
+* a two-sided permutation p-value for the difference of the means (side labels shuffled).
+
+Both sides' seeds are independent random streams (two libraries), so nothing is paired by seed.
+
+    python benchmarks/pool_returns.py results/offpolicy-A.json results/offpolicy-B.json --case dqn-cartpole
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import statistics
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+MEASURES = {
+    "eval_return_mean": "final return (10 deterministic episodes after training)",
+    "late_return_mean": "late-run return (mean of the evaluations over the last 40% of the run)",
+}
+SIDES = ("ours", "sb3")
+
+
+def pooled_values(paths: Sequence[Path], case: str, key: str) -> dict[str, dict[int, float]]:
+    """{side: {seed: value}} over every file; the same seed twice with different values is an error."""
+    pooled: dict[str, dict[int, float]] = {side: {} for side in SIDES}
+    for path in paths:
+        for run in json.loads(path.read_text())["runs"]:
+            value = run.get(key)
+            if run.get("case") != case or value is None:
+                continue
+            seen = pooled[run["side"]].get(run["seed"])
+            if seen is not None and seen != value:
+                raise SystemExit(
+                    f"{path}: {run['side']} seed {run['seed']} has {key}={value}, another file has {seen}; "
+                    "the runs come from different code: pool only results of the same arithmetic"
+                )
+            pooled[run["side"]][run["seed"]] = float(value)
+    return pooled
+
+
+def describe(values: Sequence[float], threshold: float) -> dict[str, float]:
+    n = len(values)
+    std = statistics.stdev(values) if n > 1 else 0.0
+    return {
+        "n": n,
+        "mean": statistics.fmean(values),
+        "se": std / n**0.5,
+        "std": std,
+        "median": statistics.median(values),
+        "at_threshold": sum(v >= threshold for v in values) / n,
+    }
+
+
+def bootstrap_ratio(a: Sequence[float], b: Sequence[float], draws: int, rng: random.Random) -> tuple[float, float]:
+    """95% percentile interval of mean(a) / mean(b), each side resampled with replacement."""
+    ratios = sorted(
+        statistics.fmean(rng.choices(a, k=len(a))) / statistics.fmean(rng.choices(b, k=len(b))) for _ in range(draws)
+    )
+    return ratios[int(0.025 * draws)], ratios[int(0.975 * draws) - 1]
+
+
+def permutation_p(a: Sequence[float], b: Sequence[float], draws: int, rng: random.Random) -> float:
+    """Two-sided: how often shuffled side labels give a difference of means at least as large as observed."""
+    observed = abs(statistics.fmean(a) - statistics.fmean(b))
+    both, n = [*a, *b], len(a)
+    hits = 0
+    for _ in range(draws):
+        rng.shuffle(both)
+        hits += abs(statistics.fmean(both[:n]) - statistics.fmean(both[n:])) >= observed - 1e-12
+    return (hits + 1) / (draws + 1)
+
+
+def compare(pooled: dict[str, dict[int, float]], threshold: float, draws: int, seed: int) -> dict[str, Any]:
+    ours, sb3 = list(pooled["ours"].values()), list(pooled["sb3"].values())
+    rng = random.Random(seed)
+    low, high = bootstrap_ratio(ours, sb3, draws, rng)
+    return {
+        "seeds": {side: sorted(pooled[side]) for side in SIDES},
+        "ours": describe(ours, threshold),
+        "sb3": describe(sb3, threshold),
+        "ratio_of_means": statistics.fmean(ours) / statistics.fmean(sb3),
+        "ratio_ci95": [low, high],
+        "permutation_p": permutation_p(ours, sb3, draws, rng),
+    }
+
+
+def print_comparison(label: str, result: dict[str, Any], threshold: float) -> None:
+    print(f"\n{label}")
+    for side in SIDES:
+        d = result[side]
+        print(
+            f"  {side:5} n={d['n']:3d}  mean {d['mean']:7.1f} +- {d['se']:5.1f} (s.e.)  median {d['median']:6.1f}"
+            f"  >= {threshold:g}: {d['at_threshold']:.0%}"
+        )
+    low, high = result["ratio_ci95"]
+    print(
+        f"  ours/sb3 mean ratio {result['ratio_of_means']:.3f}  95% bootstrap [{low:.3f}, {high:.3f}]"
+        f"  permutation p = {result['permutation_p']:.3f}"
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("results", nargs="+", type=Path, help="offpolicy.py results JSON files")
+    parser.add_argument("--case", default="dqn-cartpole")
+    parser.add_argument("--threshold", type=float, default=475.0, help="a return counted as solved")
+    parser.add_argument("--draws", type=int, default=20_000, help="bootstrap and permutation draws")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the resampling")
+    args = parser.parse_args(argv)
+    report: dict[str, Any] = {}
+    for key, label in MEASURES.items():
+        pooled = pooled_values(args.results, args.case, key)
+        if not pooled["ours"] or not pooled["sb3"]:
+            continue
+        report[key] = compare(pooled, args.threshold, args.draws, args.seed)
+        print_comparison(label, report[key], args.threshold)
+    return report
+
+
+if __name__ == "__main__":
+    main()
