@@ -27,7 +27,6 @@ import math
 from collections.abc import Callable, Iterator
 from typing import Any
 
-import numpy as np
 import stable_baselines3 as sb3
 import stable_baselines3.common.policies as sb3_policies
 import torch
@@ -284,7 +283,6 @@ def main() -> None:
     per_seed = []
     for seed in range(1, args.seeds + 1):
         print(f"\n== seed {seed}")
-        np.random.seed(seed)  # SB3's exploration draws
         updates, schedule = compare_updates(seed), compare_schedules(seed)
         print_updates(updates)
         print_schedule(schedule)
