@@ -7,11 +7,16 @@ code and is an error) and reports, per side and per return measure:
 
 * n, mean, standard error, median, and the share of seeds at or above `--threshold`;
 * the ratio of the means ours/sb3 with a 95% percentile bootstrap interval (seeds resampled per side);
-* a two-sided permutation p-value for the difference of the means (side labels shuffled).
+* a two-sided permutation p-value for the difference of the means (side labels shuffled);
+* with `--curve-every` runs: the mean learning curves, their difference and its size in standard errors at
+  every evaluation, the final one included.
 
-Both sides' seeds are independent random streams (two libraries), so nothing is paired by seed.
+Both sides' seeds are independent random streams (two libraries), so nothing is paired by seed. `--versus`
+compares two variants of policylab instead (e.g. a different step budget, through offpolicy.py's worker),
+paired by seed: the final return of the `ours` runs in those files against the `ours` runs above.
 
     python benchmarks/pool_returns.py results/offpolicy-A.json results/offpolicy-B.json --case dqn-cartpole
+    python benchmarks/pool_returns.py results/offpolicy-B.json --versus results/offpolicy-variant.json
 """
 
 from __future__ import annotations
@@ -31,9 +36,9 @@ MEASURES = {
 SIDES = ("ours", "sb3")
 
 
-def pooled_values(paths: Sequence[Path], case: str, key: str) -> dict[str, dict[int, float]]:
+def pooled_values(paths: Sequence[Path], case: str, key: str) -> dict[str, dict[int, Any]]:
     """{side: {seed: value}} over every file; the same seed twice with different values is an error."""
-    pooled: dict[str, dict[int, float]] = {side: {} for side in SIDES}
+    pooled: dict[str, dict[int, Any]] = {side: {} for side in SIDES}
     for path in paths:
         for run in json.loads(path.read_text())["runs"]:
             value = run.get(key)
@@ -45,7 +50,7 @@ def pooled_values(paths: Sequence[Path], case: str, key: str) -> dict[str, dict[
                     f"{path}: {run['side']} seed {run['seed']} has {key}={value}, another file has {seen}; "
                     "the runs come from different code: pool only results of the same arithmetic"
                 )
-            pooled[run["side"]][run["seed"]] = float(value)
+            pooled[run["side"]][run["seed"]] = value
     return pooled
 
 
@@ -110,6 +115,39 @@ def print_comparison(label: str, result: dict[str, Any], threshold: float) -> No
     )
 
 
+def mean_and_se(values: Sequence[float]) -> tuple[float, float]:
+    return statistics.fmean(values), statistics.stdev(values) / len(values) ** 0.5
+
+
+def print_curves(curves: dict[str, dict[int, Any]], finals: dict[str, dict[int, Any]]) -> None:
+    """Mean +- s.e. per evaluation step on each side, the difference ours - sb3 and its size in s.e."""
+    print("\nlearning curves: mean +- s.e. over seeds per evaluation; ours - sb3 in standard errors")
+    by_step: dict[str, dict[str, list[float]]] = {side: {} for side in SIDES}
+    for side in SIDES:
+        for curve in curves[side].values():
+            for step, value in curve:
+                by_step[side].setdefault(str(step), []).append(value)
+        by_step[side]["final"] = list(finals[side].values())
+    for step in by_step["ours"]:
+        (mo, so), (ms, ss) = mean_and_se(by_step["ours"][step]), mean_and_se(by_step["sb3"][step])
+        z = (mo - ms) / (so * so + ss * ss) ** 0.5
+        sides = f"ours {mo:6.1f} +- {so:4.1f}  sb3 {ms:6.1f} +- {ss:4.1f}"
+        print(f"  {step:>6}  {sides}  diff {mo - ms:+6.1f} ({z:+.1f} s.e.)")
+
+
+def print_versus(base: dict[int, Any], variant: dict[int, Any]) -> None:
+    """The final return of a policylab variant against policylab's base runs, paired by seed."""
+    seeds = sorted(set(base) & set(variant))
+    if len(seeds) < 2:
+        raise SystemExit("--versus: fewer than two seeds in common with the results files")
+    (mb, sb), (mv, sv) = mean_and_se([base[s] for s in seeds]), mean_and_se([variant[s] for s in seeds])
+    md, sd = mean_and_se([variant[s] - base[s] for s in seeds])
+    changed = sum(variant[s] != base[s] for s in seeds)
+    print(f"\nfinal return, ours: the --versus runs against the runs above, {len(seeds)} seeds paired")
+    print(f"  base {mb:6.1f} +- {sb:4.1f}  variant {mv:6.1f} +- {sv:4.1f}  paired difference {md:+.1f} +- {sd:.1f}")
+    print(f"  seeds whose final return changed: {changed} of {len(seeds)}")
+
+
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("results", nargs="+", type=Path, help="offpolicy.py results JSON files")
@@ -117,6 +155,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--threshold", type=float, default=475.0, help="a return counted as solved")
     parser.add_argument("--draws", type=int, default=20_000, help="bootstrap and permutation draws")
     parser.add_argument("--seed", type=int, default=0, help="seed of the resampling")
+    parser.add_argument("--versus", nargs="+", type=Path, default=[], help="results of a policylab variant")
     args = parser.parse_args(argv)
     report: dict[str, Any] = {}
     for key, label in MEASURES.items():
@@ -125,6 +164,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             continue
         report[key] = compare(pooled, args.threshold, args.draws, args.seed)
         print_comparison(label, report[key], args.threshold)
+    finals = pooled_values(args.results, args.case, "eval_return_mean")
+    curves = pooled_values(args.results, args.case, "curve")
+    if curves["ours"] and curves["sb3"]:
+        print_curves(curves, {side: {s: finals[side][s] for s in curves[side]} for side in SIDES})
+    if args.versus:
+        print_versus(finals["ours"], pooled_values(args.versus, args.case, "eval_return_mean")["ours"])
     return report
 
 
