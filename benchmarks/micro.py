@@ -34,6 +34,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -163,17 +164,57 @@ def matmul_gflops(members: int, rows: int, inner: int, columns: int) -> tuple[fl
     return mkl, onednn, [matmul._relative_error(x, reference) for x in results]
 
 
+def cpu_flags() -> str:
+    """The CPU features that decide the kernels: AVX-512, bfloat16 instructions, AMX (Linux)."""
+    info = Path("/proc/cpuinfo")
+    flags = set(info.read_text().split("flags", 1)[1].split("\n", 1)[0].split()) if info.is_file() else set()
+    wanted = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")
+    return ", ".join(f"{f} {'yes' if f in flags else 'no'}" for f in wanted)
+
+
+def kernel_used(members: int, rows: int, inner: int, columns: int) -> str:
+    """Which kernel policylab's `nets.matmul` sends a float32 product of this shape to, here."""
+    from policylab.nets import matmul
+
+    return (
+        "oneDNN" if matmul._worth_it(torch.empty(members, rows, inner), torch.empty(members, inner, columns)) else "MKL"
+    )
+
+
 def matmul_kernels() -> None:
     from policylab.nets import matmul
 
+    print(f"CPU: {cpu_flags()}")
     print(f"oneDNN float32 products exact here (the probe): {matmul.onednn_is_exact()}")
     for shape in MATMUL_SHAPES:
         mkl, onednn, errors = matmul_gflops(*shape)
         print(
             f"bmm {'x'.join(map(str, shape))}: MKL {mkl:.0f} GFLOP/s, oneDNN {onednn:.0f} GFLOP/s "
-            f"({onednn / mkl:.2f}x); relative error vs float64: MKL {errors[0]:.1e}, oneDNN {errors[1]:.1e}, "
-            f"bfloat16 inputs {errors[2]:.1e}"
+            f"({onednn / mkl:.2f}x), policylab uses {kernel_used(*shape)}; relative error vs float64: "
+            f"MKL {errors[0]:.1e}, oneDNN {errors[1]:.1e}, bfloat16 inputs {errors[2]:.1e}"
         )
+
+
+def products_of(update: Callable[[], object]) -> dict[str, int]:
+    """{'members x rows x inner x columns -> kernel': calls} of the products `nets.matmul` makes in one call."""
+    from policylab.nets import matmul
+
+    seen: dict[str, int] = {}
+    original = matmul._worth_it
+
+    def recording(a: torch.Tensor, b: torch.Tensor) -> bool:
+        use = original(a, b)
+        shape = (a.shape[0] if a.dim() == 3 else 1, a.shape[-2], a.shape[-1], b.shape[-1])
+        key = f"{'x'.join(map(str, shape))} -> {'oneDNN' if use else 'MKL'}"
+        seen[key] = seen.get(key, 0) + 1
+        return use
+
+    matmul._worth_it = recording  # type: ignore[assignment]
+    try:
+        update()
+    finally:
+        matmul._worth_it = original  # type: ignore[assignment]
+    return seen
 
 
 def sac_update() -> None:
@@ -198,6 +239,12 @@ def sac_update() -> None:
             algo.update(batches[next(counter) % 8], 0)
 
         seconds = timed(one_update, 100, warmup=10)
+        if analytic:
+            products = products_of(one_update)
+            print(
+                "products of one update (members x rows x inner x columns -> kernel: calls): "
+                + ", ".join(f"{k}: {v}" for k, v in products.items())
+            )
         flops = sac_update_flops(17, 6, cfg.hidden_sizes, cfg.n_critics, 256)
         name = "analytic" if analytic else "autograd"
         gflops = flops / seconds / 1e9

@@ -1,10 +1,11 @@
 """Checkpoints: safetensors (every tensor) + JSON (everything else). No pickle, ever.
 
 A checkpoint is a directory `checkpoints/step_<N>/` holding `weights.safetensors`
-and `state.json`; `checkpoints/latest` names the newest. Each is written into a
-temporary directory and renamed into place, and `state.json` records the
-SHA-256 of the weights, so a crash mid-write or a damaged file is detected and
-never replaces a good checkpoint.
+and `state.json`; `checkpoints/latest` names the newest. `best/` in the run
+directory has the same form and holds only the policy of the best evaluation.
+Each is written into a temporary directory and renamed into place, and
+`state.json` records the SHA-256 of the weights, so a crash mid-write or a
+damaged file is detected and never replaces a good checkpoint.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ FORMAT_VERSION = 1
 WEIGHTS = "weights.safetensors"
 STATE = "state.json"
 LATEST = "latest"
+BEST = "best"
 
 
 def _sha256(path: Path) -> str:
@@ -47,26 +49,41 @@ def atomic_write_text(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def save_checkpoint(root: Path, step: int, tensors: dict[str, Tensor], state: dict[str, Any], keep: int = 2) -> Path:
-    """Write a checkpoint for `step` under `root` (the run's checkpoints/ folder) and prune old ones."""
-    root.mkdir(parents=True, exist_ok=True)
-    name = f"step_{step:012d}"
-    final = root / name
-    tmp = root / f".tmp-{name}-{os.getpid()}"
+def write_checkpoint_dir(final: Path, tensors: dict[str, Tensor], state: dict[str, Any]) -> Path:
+    """Write `tensors` and `state` as the checkpoint directory `final`, atomically: into a temporary
+    directory beside it (fsynced, the weights' checksum in state.json), then renamed into place. An
+    existing `final` is replaced only by a complete new one; a failure leaves it as it was."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.with_name(f".tmp-{final.name}-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    save_file({k: v.detach().contiguous().cpu().clone() for k, v in tensors.items()}, str(tmp / WEIGHTS))
-    with (tmp / WEIGHTS).open("rb+") as f:
-        os.fsync(f.fileno())  # on disk before the rename makes the checkpoint visible
-    state = {**state, "format": FORMAT_VERSION, "weights_sha256": _sha256(tmp / WEIGHTS)}
-    atomic_write_text(tmp / STATE, json.dumps(state, indent=1))
-    if final.exists():
-        old = root / f".old-{name}-{os.getpid()}"
-        os.replace(final, old)
-        os.replace(tmp, final)
+    try:
+        save_file({k: v.detach().contiguous().cpu().clone() for k, v in tensors.items()}, str(tmp / WEIGHTS))
+        with (tmp / WEIGHTS).open("rb+") as f:
+            os.fsync(f.fileno())  # on disk before the rename makes the checkpoint visible
+        state = {**state, "format": FORMAT_VERSION, "weights_sha256": _sha256(tmp / WEIGHTS)}
+        atomic_write_text(tmp / STATE, json.dumps(state, indent=1))
+        old = final.with_name(f".old-{final.name}-{os.getpid()}") if final.exists() else None
+        if old is not None:
+            os.replace(final, old)
+        try:
+            os.replace(tmp, final)
+        except BaseException:
+            if old is not None:
+                os.replace(old, final)  # put the previous one back
+            raise
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if old is not None:
         shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, final)
+    return final
+
+
+def save_checkpoint(root: Path, step: int, tensors: dict[str, Tensor], state: dict[str, Any], keep: int = 2) -> Path:
+    """Write a checkpoint for `step` under `root` (the run's checkpoints/ folder) and prune old ones."""
+    name = f"step_{step:012d}"
+    final = write_checkpoint_dir(root / name, tensors, state)
     atomic_write_text(root / LATEST, name + "\n")
     _prune(root, keep)
     return final
@@ -102,10 +119,28 @@ def find_checkpoint(path: str | Path) -> Path:
     return found[-1]
 
 
+def find_best(path: str | Path) -> Path:
+    """Resolve a run directory (or its best/ directory) to the directory of its best evaluated policy."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"{str(path)!r} does not exist", "give a run directory such as runs/ppo-CartPole-v1-s1")
+    if path.name == BEST and (path / STATE).exists():
+        return path
+    if (path / BEST).is_dir():
+        return path / BEST
+    raise CheckpointError(
+        f"{str(path)!r} has no best/ policy (it is written at the first evaluation: every eval_every steps "
+        "and at the end of the run)",
+        "load the final policy (without --best / which='best'), or give a run directory that has a best/ folder",
+    )
+
+
 def load_checkpoint(path: str | Path) -> tuple[dict[str, Tensor], dict[str, Any], Path]:
     """Read and verify a checkpoint. Returns (tensors, state, checkpoint dir)."""
     ckpt = find_checkpoint(path)
     older = f"use an older checkpoint in {ckpt.parent} (e.g. --resume {ckpt.parent}/step_...) or retrain"
+    if ckpt.name == BEST:
+        older = "load the final policy (without --best / which='best'); the next improvement rewrites best/"
     state_path, weights_path = ckpt / STATE, ckpt / WEIGHTS
     for p in (state_path, weights_path):
         if not p.is_file():

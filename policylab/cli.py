@@ -35,7 +35,7 @@ def _train(args: argparse.Namespace) -> int:
 def _eval(args: argparse.Namespace) -> int:
     from policylab.policy import evaluate, load, record_video
 
-    policy = load(args.run)
+    policy = load(args.run, which="best" if args.best else "final")
     result = evaluate(policy, args.episodes, args.seed, deterministic=not args.stochastic)
     print(
         f"{policy.env_id}: return {result['return_mean']:.2f} +/- {result['return_std']:.2f} "
@@ -63,14 +63,16 @@ def _list(_args: argparse.Namespace) -> int:
     from rich.table import Table
 
     from policylab.algos import ALGORITHMS
+    from policylab.config import format_count
     from policylab.presets import presets_for
 
     table = Table(title="policylab algorithms")
     for col in ("algorithm", "kind", "regimes", "what"):
         table.add_column(col)
-    table.add_column("tuned presets (--env)", min_width=20)  # the longest env id fits on one line
+    table.add_column("tuned presets (--env) and their budgets", min_width=28)  # one preset per line fits
     for spec in ALGORITHMS.values():
-        table.add_row(spec.name, spec.kind, ", ".join(spec.regimes), spec.summary, ", ".join(presets_for(spec.name)))
+        presets = [f"{env} ({format_count(budget)})" for env, budget in presets_for(spec.name).items()]
+        table.add_row(spec.name, spec.kind, ", ".join(spec.regimes), spec.summary, ", ".join(presets))
     Console().print(table)
     return 0
 
@@ -87,7 +89,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int)
     p.add_argument("--config", help="YAML file of config values")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value")
-    p.add_argument("--preset", default="auto", help="auto (the env's tuned preset if any), none, or an env id")
+    p.add_argument(
+        "--preset",
+        default="auto",
+        help="auto (the env's tuned preset if any), none, rl-zoo (rl-baselines3-zoo's values), or an env id",
+    )
     p.add_argument("--resume", help="continue the run in this directory from its latest checkpoint")
     p.add_argument("--name", help="run name (default: <algo>-<env>-s<seed>)")
     p.add_argument("--runs-dir", default="runs", help="where run directories go (default: ./runs)")
@@ -96,6 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("eval", help="evaluate a trained policy")
     p.add_argument("run", help="run directory (or a checkpoint directory)")
+    p.add_argument("--best", action="store_true", help="the best evaluated policy (best/), not the final one")
     p.add_argument("--episodes", type=int, default=10)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--stochastic", action="store_true", help="sample actions instead of the deterministic policy")

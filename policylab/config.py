@@ -14,7 +14,7 @@ import types
 import typing
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, ClassVar, TypeVar
 
 import yaml
 
@@ -23,6 +23,7 @@ from policylab.errors import ConfigError, suggest
 C = TypeVar("C", bound="CommonConfig")
 
 _SUFFIXES = {"k": 1_000, "m": 1_000_000, "g": 1_000_000_000}
+AUTO_THREADS = "auto"
 
 
 @dataclass
@@ -56,14 +57,20 @@ class CommonConfig:
     """Checkpoint every this many env steps (0: only at the end and on Ctrl-C)."""
     keep_checkpoints: int = 2
     """How many of the newest checkpoints to keep (0: all)."""
-    threads: int = 1
-    """torch threads; 1 is fastest for small networks (measured, see benchmarks/README.md)."""
+    threads: int | str = AUTO_THREADS
+    """torch threads: a number, or auto: up to `preferred_threads` (1 for this family, see below), but only as
+    many as the cores other processes leave free, re-checked during the run (policylab/runtime.py `Threads`)."""
     device: str = "cpu"
     tensorboard: bool = False
 
+    preferred_threads: ClassVar[int] = 1
+    """What threads=auto uses when the cores are free: 1 is fastest for the on-policy family's small networks
+    (2 threads gave the same update time for the PPO CartPole preset, benchmarks/README.md)."""
+
     def validate(self) -> None:
         """Reject values that type checks cannot catch; subclasses extend this."""
-        positive(self, "steps", "num_envs", "eval_episodes", "threads")
+        positive(self, "steps", "num_envs", "eval_episodes")
+        check_threads(self.threads)
         _non_negative(self, "eval_every", "checkpoint_every", "keep_checkpoints")
         if not 0.0 <= self.gamma <= 1.0:
             raise ConfigError(f"gamma={self.gamma} is outside [0, 1]", "set gamma to e.g. 0.99")
@@ -85,6 +92,16 @@ class CommonConfig:
 
 
 ACTIVATIONS = ("tanh", "relu", "elu", "silu")
+
+
+def check_threads(threads: int | str) -> None:
+    """A positive number of threads or "auto"."""
+    if threads == AUTO_THREADS or (isinstance(threads, int) and not isinstance(threads, bool) and threads > 0):
+        return
+    raise ConfigError(
+        f"threads={threads!r} is neither a positive number nor auto",
+        "use --set threads=auto (the default: as many as the free cores allow) or a number such as 1",
+    )
 
 
 def positive(cfg: object, *names: str) -> None:
@@ -120,6 +137,14 @@ def parse_count(text: str | int | float) -> int:
     if not value.is_integer():
         raise ValueError(f"{text!r} is not a whole number")
     return int(value)
+
+
+def format_count(steps: int) -> str:
+    """50000 -> '50k', 1000000 -> '1M', 1500 -> '1.5k': the short form `parse_count` reads back."""
+    for unit, size in (("M", 1_000_000), ("k", 1_000)):
+        if steps >= size and steps % (size // 10) == 0:
+            return f"{steps / size:g}{unit}"
+    return str(steps)
 
 
 def _coerce(name: str, value: Any, tp: Any) -> Any:

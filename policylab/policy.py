@@ -9,14 +9,14 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import gymnasium as gym
 import numpy as np
 import torch
 from torch import nn
 
-from policylab.checkpoint import load_checkpoint, load_module_state, unprefixed
+from policylab.checkpoint import find_best, load_checkpoint, load_module_state, unprefixed
 from policylab.envs import ObsNormalizer, make_single_env, make_vec_env
 from policylab.errors import CheckpointError, EnvError, PolicylabError
 
@@ -100,11 +100,20 @@ class Policy:
     __call__ = act
 
 
-def load(path: str | Path, device: str = "cpu") -> Policy:
-    """Load the policy of a run directory (its latest checkpoint) or of one checkpoint directory."""
+def load(path: str | Path, device: str = "cpu", which: Literal["final", "best"] = "final") -> Policy:
+    """Load the policy of a run directory or of one checkpoint directory.
+
+    `which="final"`: the run's latest checkpoint (the policy at the end of training, or where it stopped).
+    `which="best"`: the policy of the run's best evaluation (highest mean return, periodic or final),
+    kept in `<run>/best/`.
+    """
     from policylab.algos import get_algo
 
-    tensors, state, ckpt_dir = load_checkpoint(path)
+    if which not in ("final", "best"):
+        raise PolicylabError(
+            f"which={which!r} is not a policy of a run", "pass which='final' (the default) or which='best'"
+        )
+    tensors, state, ckpt_dir = load_checkpoint(find_best(path) if which == "best" else path)
     spec = get_algo(state["algo"])
     cfg = spec.config_cls(**{**state["config"], "device": device})
     obs_space: Any = space_from_json(state["spaces"]["observation"])

@@ -286,12 +286,26 @@ for _algo in ("td3", "ddpg"):
     }
 
 
-def find_preset(algo: str, env_id: str) -> Preset | None:
-    """The preset for ``algo`` on ``env_id`` (a deep copy, safe to mutate), or None if there is none."""
-    preset = PRESETS.get(algo.lower(), {}).get(env_id)
+VARIANTS: dict[str, dict[str, dict[str, Preset]]] = {"rl-zoo": {}}
+"""Named alternatives to the default presets, chosen with `--preset NAME`: {name: {algo: {env id: Preset}}}.
+`rl-zoo` holds rl-baselines3-zoo's values where policylab's default preset differs from them (so that
+comparisons with Stable-Baselines3 stay reproducible); where the default is rl-zoo's entry, it is that."""
+
+
+def find_preset(algo: str, env_id: str, variant: str | None = None) -> Preset | None:
+    """The preset for ``algo`` on ``env_id`` (a deep copy, safe to mutate), or None if there is none; with
+    ``variant`` (a key of VARIANTS), that variant's preset instead."""
+    table = PRESETS.get(algo.lower(), {})
+    preset = table.get(env_id)
+    if variant is not None:
+        alternative = VARIANTS[variant].get(algo.lower(), {}).get(env_id)
+        from_zoo = variant == "rl-zoo" and preset is not None and preset.source.startswith("rl-baselines3-zoo")
+        preset = alternative if alternative is not None else preset if from_zoo else None
     return None if preset is None else Preset(copy.deepcopy(preset.values), preset.source)
 
 
-def presets_for(algo: str) -> list[str]:
-    """The env ids that have a preset for ``algo``, sorted; empty for an unknown algorithm."""
-    return sorted(PRESETS.get(algo.lower(), {}))
+def presets_for(algo: str) -> dict[str, int]:
+    """{env id: the preset's step budget} for the presets of ``algo``, sorted by env id; empty for an unknown
+    algorithm."""
+    table = PRESETS.get(algo.lower(), {})
+    return {env: int(table[env].values.get("steps", 0)) for env in sorted(table)}

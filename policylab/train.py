@@ -27,13 +27,13 @@ from torch import Tensor
 from policylab import checkpoint as ckpt
 from policylab import runtime
 from policylab.algos import AlgoSpec, get_algo
-from policylab.config import CommonConfig, apply_values, dump_yaml, load_yaml, parse_count
+from policylab.config import CommonConfig, apply_values, dump_yaml, format_count, load_yaml, parse_count
 from policylab.data import Batch, ReplayBuffer, RolloutBuffer
 from policylab.envs import EpisodeTracker, ObsNormalizer, RewardScaler, VecEnv, make_vec_env, resolve_env_id
-from policylab.errors import ConfigError, TrainingDiverged
+from policylab.errors import CheckpointError, ConfigError, TrainingDiverged
 from policylab.logging import CONFIG_YAML, Progress, RunLog, new_run_dir
 from policylab.policy import Policy, evaluate, space_to_json
-from policylab.presets import find_preset
+from policylab.presets import VARIANTS, find_preset
 
 
 @dataclass
@@ -63,6 +63,9 @@ class Run:
     final_eval: dict[str, Any] | None
     interrupted: bool = False
     notes: list[str] = field(default_factory=list)
+    best: dict[str, Any] | None = None
+    """The best evaluation so far, whose policy is in `dir / "best"` (`pl.load(dir, which="best")`):
+    {"step", "return_mean", "dir": "best"}; None before the first evaluation."""
 
 
 # --- config resolution -------------------------------------------------------------------------
@@ -83,20 +86,42 @@ def resolve_config(
     file_values = load_yaml(config) if isinstance(config, (str, Path)) else dict(config or {})
     env_id = env or file_values.get("env") or (overrides or {}).get("env") or cfg.env
     resolve_env_id(str(env_id))
+    found = None
     if preset not in (None, "none"):
-        wanted = env_id if preset == "auto" else preset
-        found = find_preset(spec.name, str(wanted))
+        variant = preset if preset in VARIANTS else None
+        wanted = env_id if preset == "auto" or variant else preset
+        found = find_preset(spec.name, str(wanted), variant)
+        name = f"{spec.name} preset for {wanted}" + (f" ({variant})" if variant else "")
         if found is not None:
-            cfg = apply_values(cfg, found.values, f"the {spec.name} preset for {wanted}")
-            notes.append(f"using the tuned {spec.name} preset for {wanted} ({found.source}); --preset none opts out")
+            cfg = apply_values(cfg, found.values, f"the {name}")
+            notes.append(f"using the tuned {name} ({found.source}); --preset none opts out")
         elif preset != "auto":
-            raise ConfigError(f"no {spec.name} preset for {preset!r}", "run `policylab list` to see the presets")
+            what = f"{variant} preset for {wanted!r}" if variant else f"preset for {preset!r}"
+            raise ConfigError(f"no {spec.name} {what}", "run `policylab list` to see the presets")
     cfg = apply_values(cfg, file_values, str(config) if isinstance(config, (str, Path)) else "the config")
     cfg = apply_values(cfg, overrides or {}, "--set")
     flags = {k: v for k, v in (("env", env), ("steps", steps), ("seed", seed)) if v is not None}
     cfg = apply_values(cfg, flags, "the arguments")
     cfg.validate()
+    if found is not None:
+        notes += short_budget_note(spec.name, cfg, found.values.get("steps", 0))
     return cfg, notes
+
+
+SHORT_BUDGET_STEPS = 10_000
+"""A run below its preset's budget that leaves fewer env steps than this after `learning_starts` gets a note."""
+
+
+def short_budget_note(algo: str, cfg: Any, budget: int) -> list[str]:
+    """A note for `--steps` that leaves a preset little learning after its random warm-up (or none)."""
+    start = getattr(cfg, "learning_starts", 0)
+    if cfg.steps >= budget or cfg.steps - start >= SHORT_BUDGET_STEPS:
+        return []
+    return [
+        f"note: {cfg.steps:,} steps leave {max(cfg.steps - start, 0):,} env steps of learning after "
+        f"learning_starts={start:,}, and the {algo} preset for {cfg.env} is tuned for {budget:,} steps: "
+        f"the result may fall short (use --steps {format_count(budget)}, or --set learning_starts=N)"
+    ]
 
 
 def _env_and_algo(spec: AlgoSpec, cfg: Any) -> tuple[VecEnv, Any]:
@@ -115,7 +140,7 @@ class OnPolicyLoop:
     """Collects rollouts with the current policy and hands them to `algo.update`."""
 
     def __init__(self, spec: AlgoSpec, cfg: Any) -> None:
-        runtime.configure(cfg.threads, cfg.seed)
+        self.threads = runtime.configure(cfg.threads, cfg.seed, cfg.preferred_threads)
         self.cfg = cfg
         self.spec = spec
         self.env, self.algo = _env_and_algo(spec, cfg)
@@ -183,21 +208,28 @@ class OnPolicyLoop:
 
     def iterate(self) -> dict[str, Tensor]:
         """Collect one rollout and update on it."""
+        self.threads.update()
         rollout = self.collect()
         metrics = self.algo.update(rollout, progress=self.step / self.cfg.steps)
+        metrics["threads"] = torch.tensor(float(self.threads.count))
         self.iteration += 1
         return metrics
 
     # checkpoint state ------------------------------------------------------------------------
 
-    def state(self) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    def policy_tensors(self) -> dict[str, Tensor]:
+        """What `pl.load` needs: the network's parameters and the observation-normalization statistics."""
         tensors = ckpt.prefixed("policy", self.net.state_dict())
-        optim_tensors, optim_meta = ckpt.optimizer_to_flat("optim", self.algo.optimizer)
-        tensors.update(optim_tensors)
         if self.obs_norm is not None:
             tensors.update(
                 {f"obs_norm/{k}": torch.from_numpy(np.asarray(v)) for k, v in self.obs_norm.rms.state().items()}
             )
+        return tensors
+
+    def state(self) -> tuple[dict[str, Tensor], dict[str, Any]]:
+        tensors = self.policy_tensors()
+        optim_tensors, optim_meta = ckpt.optimizer_to_flat("optim", self.algo.optimizer)
+        tensors.update(optim_tensors)
         if self.reward_scaler is not None:
             tensors.update(
                 {f"reward_scaler/{k}": torch.from_numpy(np.asarray(v)) for k, v in self.reward_scaler.state().items()}
@@ -211,7 +243,7 @@ class OnPolicyLoop:
             "optimizer": optim_meta,
             "env": env_json,
             "episodes": self.tracker.state(),
-            "spaces": {"observation": space_to_json(self.obs_space), "action": space_to_json(self.act_space)},
+            "spaces": _spaces_json(self),
         }
         return tensors, state
 
@@ -246,7 +278,7 @@ class OffPolicyLoop:
     `gradient_steps` updates on sampled batches. One iteration is `log_every` env steps."""
 
     def __init__(self, spec: AlgoSpec, cfg: Any) -> None:
-        runtime.configure(cfg.threads, cfg.seed)
+        self.threads = runtime.configure(cfg.threads, cfg.seed, cfg.preferred_threads)
         self.cfg = cfg
         self.spec = spec
         self.env, self.algo = _env_and_algo(spec, cfg)
@@ -273,6 +305,7 @@ class OffPolicyLoop:
         self.updates = 0
         self.updates_after = cfg.learning_starts
         """Updates run once `step` exceeds this (moved on when a resumed run refills its buffer)."""
+        self.base_lrs = {name: opt.param_groups[0]["lr"] for name, opt in self.algo.optimizers.items()}
         self.obs = self.env.reset(seed=cfg.seed)
 
     def policy(self) -> Policy:
@@ -302,6 +335,9 @@ class OffPolicyLoop:
             self.vec_steps += 1
             algo.after_step(self.step)
             if self.step > self.updates_after and self.vec_steps % cfg.train_freq == 0:
+                self.threads.update()
+                if cfg.anneal_lr:
+                    self._anneal_lr()
                 for _ in range(cfg.updates_per_train):
                     batch = buffer.sample(cfg.batch_size, algo.generator)
                     metrics = algo.update(batch, self.updates)
@@ -314,12 +350,24 @@ class OffPolicyLoop:
         self.iteration += 1
         out = {key: torch.stack(values).mean() for key, values in history.items()}
         out["updates"] = torch.tensor(float(self.updates))
+        out["threads"] = torch.tensor(float(self.threads.count))
         return out
+
+    def _anneal_lr(self) -> None:
+        """Every optimizer's learning rate at `1 - step / steps` of its initial value (before each update burst)."""
+        remaining = max(0.0, 1.0 - self.step / self.cfg.steps)
+        for name, optimizer in self.algo.optimizers.items():
+            for group in optimizer.param_groups:
+                group["lr"] = self.base_lrs[name] * remaining
 
     # checkpoint state ------------------------------------------------------------------------
 
+    def policy_tensors(self) -> dict[str, Tensor]:
+        """What `pl.load` needs: the acting network's parameters."""
+        return ckpt.prefixed("policy", self.net.state_dict())
+
     def state(self) -> tuple[dict[str, Tensor], dict[str, Any]]:
-        tensors = ckpt.prefixed("policy", self.net.state_dict())
+        tensors = self.policy_tensors()
         for name, module in self.algo.modules.items():
             tensors.update(ckpt.prefixed(name, module.state_dict()))
         optimizers = {}
@@ -343,7 +391,7 @@ class OffPolicyLoop:
             "buffer": buffer_meta,
             "env": env_json,
             "episodes": self.tracker.state(),
-            "spaces": {"observation": space_to_json(self.obs_space), "action": space_to_json(self.act_space)},
+            "spaces": _spaces_json(self),
         }
         return tensors, state
 
@@ -376,6 +424,10 @@ class OffPolicyLoop:
 
     def close(self) -> None:
         self.env.close()
+
+
+def _spaces_json(loop: Loop) -> dict[str, Any]:
+    return {"observation": space_to_json(loop.obs_space), "action": space_to_json(loop.act_space)}
 
 
 def _env_state(env: VecEnv, obs: np.ndarray, generator: torch.Generator, tensors: dict[str, Tensor]) -> Any:
@@ -539,6 +591,13 @@ def train(
             f"done: {loop.step:,} steps; evaluation over {run.final_eval['episodes']} episodes: "
             f"return {run.final_eval['return_mean']:.1f} +/- {run.final_eval['return_std']:.1f}"
         )
+        if run.best is not None:
+            which = " (the final policy)" if run.best["step"] == loop.step else ""
+            say(
+                f"best policy: step {run.best['step']:,}{which}, evaluation return {run.best['return_mean']:.1f} "
+                f"(saved in {run.dir / run.best['dir']}; policylab eval {run.dir} --best, "
+                f'pl.load(run.dir, which="best"))'
+            )
         say(f"run directory: {run.dir}")
     return run
 
@@ -554,6 +613,8 @@ class _Session:
         self.log = RunLog(run_dir, cfg.tensorboard, resume_step=loop.step if resumed else None)
         self.elapsed_before = float(state.get("elapsed", 0.0))
         self.last_ckpt: Path | None = ckpt.find_checkpoint(run_dir) if resumed else None
+        self.best: dict[str, Any] | None = _best_so_far(run_dir, state, notes) if resumed else None
+        """{"step", "return_mean"} of the best evaluation so far, whose policy is in best/."""
         self.next_eval = _next_multiple(loop.step, cfg.eval_every)
         self.next_ckpt = _next_multiple(loop.step, cfg.checkpoint_every)
         self.start_time = time.perf_counter()
@@ -584,6 +645,11 @@ class _Session:
     @classmethod
     def resumed(cls, algo: str, resume: str | Path, steps: int | str | None) -> _Session:
         tensors, state, ckpt_dir = ckpt.load_checkpoint(resume)
+        if "iteration" not in state:
+            raise CheckpointError(
+                f"{str(ckpt_dir)!r} holds only a policy (the best evaluated one), not a training checkpoint",
+                f"resume the run directory: --resume {ckpt_dir.parent}",
+            )
         spec = get_algo(state["algo"])
         if algo and spec.name != algo.lower():
             raise ConfigError(
@@ -631,6 +697,7 @@ class _Session:
             self.log.log_eval(_eval_row(loop.step, elapsed, result))
             self.next_eval = _next_multiple(loop.step, cfg.eval_every)
             eval_return = float(result["return_mean"])
+            self._keep_if_best(result)
         if cfg.checkpoint_every and self.next_ckpt <= loop.step < cfg.steps:
             self.last_ckpt = self.save()
             self.next_ckpt = _next_multiple(loop.step, cfg.checkpoint_every)
@@ -639,16 +706,37 @@ class _Session:
     def save(self) -> Path:
         tensors, state = self.loop.state()
         state["elapsed"] = self.elapsed
+        state["best"] = self.best
         return ckpt.save_checkpoint(self.dir / "checkpoints", self.loop.step, tensors, state, self.cfg.keep_checkpoints)
 
+    def _keep_if_best(self, result: dict[str, Any]) -> None:
+        """Write the policy just evaluated to best/ if its mean return beats the best so far (the first always
+        does). Only the policy (weights, observation statistics), not the state needed to resume from it."""
+        ret = float(result["return_mean"])
+        if not math.isfinite(ret) or (self.best is not None and not ret > self.best["return_mean"]):
+            return
+        loop = self.loop
+        state = {
+            "algo": self.spec.name,
+            "config": dataclasses.asdict(self.cfg),
+            "step": loop.step,
+            "spaces": _spaces_json(loop),
+            "eval": {k: result[k] for k in ("return_mean", "return_std", "episodes")},
+        }
+        ckpt.write_checkpoint_dir(self.dir / ckpt.BEST, loop.policy_tensors(), state)
+        self.best = {"step": loop.step, "return_mean": ret}
+
     def finish(self) -> Run:
-        """The final evaluation and summary (skipped when the run was stopped early)."""
+        """The final evaluation (it competes for best/) and summary (skipped when the run was stopped early)."""
         loop, cfg = self.loop, self.cfg
         interrupted = loop.step < cfg.steps
         final_eval = None
         if not interrupted:
             final_eval = evaluate(loop.policy(), cfg.eval_episodes, cfg.seed + 20_000)
             self.log.log_eval(_eval_row(loop.step, self.elapsed, final_eval))
+            self._keep_if_best(final_eval)
+        best = None if self.best is None else {**self.best, "dir": ckpt.BEST}
+        if final_eval is not None:
             self.log.write_summary(
                 {
                     "algo": self.spec.name,
@@ -657,10 +745,27 @@ class _Session:
                     "steps": loop.step,
                     "wall_clock_s": self.elapsed,
                     "final_eval": final_eval,
+                    "best": best,
                 }
             )
         self.log.close()
-        return Run(self.dir, self.spec.name, cfg, loop.step, final_eval, interrupted, self.notes)
+        return Run(self.dir, self.spec.name, cfg, loop.step, final_eval, interrupted, self.notes, best)
+
+
+def _best_so_far(run_dir: Path, state: dict[str, Any], notes: list[str]) -> dict[str, Any] | None:
+    """The best evaluation of a resumed run so far: the one whose policy is in best/. That is the one the
+    checkpoint records (`state["best"]`), or a later one (an evaluation after the checkpoint, before a crash;
+    the final evaluation of a run continued with more steps). Without a readable best/, the next evaluation
+    writes a new one."""
+    recorded = state.get("best")
+    try:
+        _, best, _ = ckpt.load_checkpoint(run_dir / ckpt.BEST)
+        return {"step": int(best["step"]), "return_mean": float(best["eval"]["return_mean"])}
+    except (CheckpointError, KeyError, TypeError, ValueError) as exc:
+        if recorded is not None:
+            why = exc.problem if isinstance(exc, CheckpointError) else f"its state.json lacks {exc}"
+            notes.append(f"best/ (step {recorded['step']:,}) cannot be read ({why}): the next evaluation replaces it")
+        return None
 
 
 def _next_multiple(step: int, every: int) -> int:

@@ -157,3 +157,21 @@ def test_env_kwargs_reach_the_numpy_vectorized_cartpole(tmp_path):
         verbose=False,
     )
     assert run.final_eval["length_mean"] <= 10
+
+
+def test_list_shows_each_presets_budget(capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "400")  # rich's table width: one line per algorithm
+    assert main(["list"]) == 0
+    out = capsys.readouterr().out
+    assert "CartPole-v1 (50k)" in out and "Pendulum-v1 (20k)" in out and "HalfCheetah-v5 (1M)" in out
+
+
+def test_a_budget_too_short_for_a_presets_warm_up_gets_a_note():
+    from policylab.algos import get_algo
+    from policylab.train import resolve_config
+
+    _, notes = resolve_config(get_algo("td3"), env="Pendulum-v1", steps="15k")
+    assert any("5,000 env steps of learning after learning_starts=10,000" in n and "--steps 20k" in n for n in notes)
+    for algo, steps in (("td3", "20k"), ("sac", "15k")):  # the preset's own budget; SAC warms up for 100 steps
+        _, notes = resolve_config(get_algo(algo), env="Pendulum-v1", steps=steps)
+        assert not any(n.startswith("note:") for n in notes)

@@ -203,3 +203,20 @@ def test_validate_rejects_unknown_activation():
 def test_validate_rejects_other_bad_values(kwargs):
     with pytest.raises(ConfigError, match=next(iter(kwargs))):
         PPOConfig(**kwargs).validate()
+
+
+def test_preset_rl_zoo_gives_rl_zoos_values_where_the_default_differs():
+    from policylab.algos import get_algo
+    from policylab.presets import PRESETS, VARIANTS
+    from policylab.train import resolve_config
+
+    for algo, table in VARIANTS["rl-zoo"].items():
+        for env, zoo in table.items():
+            cfg, notes = resolve_config(get_algo(algo), env=env, preset="rl-zoo")
+            assert all(getattr(cfg, k) == v for k, v in zoo.values.items()) and "(rl-zoo)" in notes[0]
+            default = PRESETS[algo][env].values
+            assert any(zoo.values.get(k) != v for k, v in default.items()), "a variant must differ"
+    sac, _ = resolve_config(get_algo("sac"), env="Pendulum-v1", preset="rl-zoo")  # the default is rl-zoo's
+    assert sac.lr == 1e-3 and sac.steps == 20_000
+    with pytest.raises(ConfigError, match="no reinforce rl-zoo preset for 'CartPole-v1'"):  # our own tuning
+        resolve_config(get_algo("reinforce"), env="CartPole-v1", preset="rl-zoo")

@@ -24,11 +24,11 @@ TINY = {
 }
 CASES = [
     ("sac", "Pendulum-v1", {}),
-    ("td3", "Pendulum-v1", {}),
+    ("td3", "Pendulum-v1", {"anneal_lr": True}),
     ("ddpg", "Pendulum-v1", {}),
     ("tqc", "Pendulum-v1", {"n_quantiles": 5}),
     ("dqn", "CartPole-v1", {"target_update_interval": 50, "double_q": True, "dueling": True, "n_step": 3}),
-    ("dqn", "CartPole-v1", {"prioritized": True, "num_envs": 2}),
+    ("dqn", "CartPole-v1", {"prioritized": True, "num_envs": 2, "anneal_lr": True}),
     ("sac_discrete", "CartPole-v1", {"num_envs": 2, "train_freq": 2, "gradient_steps": 3}),
 ]
 
@@ -166,3 +166,16 @@ def test_dqn_epsilon_greedy_draws_the_greedy_action_and_uniform_random_ones():
     drawn = np.stack([algo.explore(obs, final) for _ in range(2000)])
     assert abs((drawn != greedy).mean() - 0.15) < 0.02  # std 0.004
     loop.close()
+
+
+def test_anneal_lr_decays_every_learning_rate_linearly_to_zero(tmp_path):
+    overrides = {**TINY, "anneal_lr": True, "lr": 1e-3}
+    kwargs = dict(env="Pendulum-v1", steps=600, seed=1, overrides=overrides, preset="none", runs_dir=tmp_path)
+    part = pl.train("sac", callback=_stop_at(200), verbose=False, **kwargs)
+    _, state, _ = load_checkpoint(part.dir)
+    lrs = {name: opt["param_groups"][0]["lr"] for name, opt in state["optimizers"].items()}
+    assert set(lrs) == {"actor", "critic", "temperature"}
+    # the last update burst before the stop ran at step 200 of 600: 1e-3 * (1 - 200 / 600)
+    assert lrs == pytest.approx({name: 1e-3 * 2 / 3 for name in lrs}, rel=1e-12)
+    _, state, _ = load_checkpoint(pl.train("sac", resume=part.dir, verbose=False).dir)
+    assert all(opt["param_groups"][0]["lr"] == 0.0 for opt in state["optimizers"].values())

@@ -5,13 +5,15 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 
 import pytest
+import torch
 
 SCRIPT = """
 import torch
 from policylab import runtime
-threads = runtime.configure(2, 0)
+threads = runtime.configure(2, 0).count
 x = torch.full((1 << 20,), 4e-38)  # large enough to be split over every torch thread
 x.mul_(0.5).mul_(0.5).mul_(0.5)  # 2e-38 (still normal), then 1e-38 and 5e-39: denormal, or 0 when flushed
 denormal = int(((x != 0) & (x.abs() < torch.finfo(x.dtype).tiny)).sum())
@@ -32,3 +34,59 @@ def test_training_flushes_denormals_on_every_thread_unless_switched_off():
     assert denormal == 0 and zeros == 1 << 20, f"{denormal} denormals left with {threads} threads"
     _, denormal, zeros = _run("0")
     assert denormal == 1 << 20 and zeros == 0
+
+
+def _spinners(n: int) -> list[subprocess.Popen]:
+    return [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(n)]
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/stat"), reason="threads=auto reads /proc/stat (Linux)")
+def test_auto_threads_use_one_thread_while_another_process_keeps_a_core_busy_and_more_once_it_stops():
+    from policylab import runtime
+
+    cores = runtime.usable_cores()
+    if cores < 2:
+        pytest.skip("needs 2 usable cores")
+    threads = runtime.Threads("auto", preferred=2, interval=0.3)
+    assert threads.count == 1, "an auto run starts on one thread until it has measured the cores"
+    assert _reaches(threads, 2), "free cores: the preferred count"
+    spinning = _spinners(cores - 1)  # every core but one busy, as with another run beside this one
+    try:
+        time.sleep(0.35)
+        threads.update()  # this window saw the spinners start
+        time.sleep(0.35)
+        assert threads.update() == 1
+        assert torch.get_num_threads() == 1
+    finally:
+        for proc in spinning:
+            proc.kill()
+            proc.wait()
+    assert _reaches(threads, 2) and torch.get_num_threads() == 2
+
+
+def _reaches(threads, count: int, windows: int = 10) -> bool:
+    """Whether `threads` settles on `count` within a few measuring windows (a shared machine's background
+    work may fill one window)."""
+    for _ in range(windows):
+        time.sleep(threads.interval + 0.05)
+        if threads.update() == count:
+            return True
+    return False
+
+
+def test_a_number_of_threads_is_used_as_given_capped_at_the_cores():
+    from policylab import runtime
+
+    assert runtime.Threads(1, preferred=2).update() == 1
+    assert runtime.Threads(10_000, preferred=1).count == runtime.usable_cores()
+    assert runtime.Threads("auto", preferred=1).count == 1  # on-policy auto: never more than its preferred 1
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "fast", "true"])
+def test_bad_threads_values_are_refused_with_the_fix(value):
+    from policylab.algos import get_algo
+    from policylab.errors import ConfigError
+    from policylab.train import resolve_config
+
+    with pytest.raises(ConfigError, match="threads=auto"):
+        resolve_config(get_algo("sac"), env="Pendulum-v1", overrides={"threads": value}, preset="none")

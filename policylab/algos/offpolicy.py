@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import gymnasium as gym
 import numpy as np
@@ -36,13 +36,15 @@ from policylab.optim import Adam, ParameterBuffer
 @dataclass
 class OffPolicyConfig(CommonConfig):
     num_envs: int = 1
-    threads: int = 2
-    """torch threads (at most the usable cores). Per update on the benchmark machine (2 cores), 1 -> 2 threads:
-    SAC Pendulum 3.54 -> 2.8 ms, TD3 3.9 -> 3.0 ms, DQN CartPole preset 0.55 -> 0.49-0.60 ms
+    preferred_threads: ClassVar[int] = 2
+    """What threads=auto uses when both cores are free. Per update on the benchmark machine (2 cores), 1 -> 2
+    threads: SAC Pendulum 3.54 -> 2.8 ms, TD3 3.9 -> 3.0 ms, DQN CartPole preset 0.55 -> 0.49-0.60 ms
     (micro.py --only threads)."""
     hidden_sizes: list[int] = field(default_factory=lambda: [256, 256])
     activation: str = "relu"
     lr: float = 3e-4
+    anneal_lr: bool = False
+    """Decay every optimizer's learning rate linearly from `lr` to 0 over the run (rl-zoo's `lin_X`)."""
     buffer_size: int = 1_000_000
     """Replay capacity in transitions (next observations are not stored twice; see ReplayBuffer)."""
     learning_starts: int = 100
