@@ -11,18 +11,21 @@ Prints medians over 5 repetitions of:
 - replay buffer add (1 env) and sample(256) from a 1M-transition buffer;
 - `--only matmul`: float32 products of the shapes the off-policy updates use, through MKL (torch's
   default CPU kernel) and through oneDNN (what `policylab.nets.matmul` uses where its probe passes),
-  in GFLOP/s, with the relative error of each against float64;
+  in GFLOP/s, with the relative error of each against float64, the CPU's AVX-512 / bfloat16 / AMX flags
+  and which kernel policylab sends each shape to;
 - SAC's gradient step on HalfCheetah-v5 shapes (obs 17, act 6, 256x256 nets, 2 critics, batch 256),
   analytic and autograd, in updates/s and achieved GFLOP/s against a plain 256x256x256 matmul on each
-  kernel (`--only sac` runs just this part);
+  kernel, and the products of one update with the kernel each took (`--only sac` runs just this part);
 - `--only breakdown`: where one update of the SAC Pendulum and DQN CartPole loops goes (the update and
   the share of it in matrix products, replay sampling, exploring, env steps, replay writes), measured
   inside the running loop;
-- `--only denormal`: the DQN CartPole preset's loop with float32 denormals flushed to zero (what the training
+- `--only denormal`: the DQN CartPole rl-zoo preset's loop with float32 denormals flushed to zero (what the training
   loops do, `policylab/runtime.py`) and without, in fresh processes, alternating, with the share of Adam's
   first moments that are denormal at the end;
-- `--only threads`: per-update time (env steps included) of SAC, TD3 (Pendulum-v1) and the DQN CartPole
+- `--only threads`: per-update time (env steps included) of SAC, TD3 (Pendulum-v1) and the DQN CartPole rl-zoo
   preset at 1 and 2 torch threads;
+- `--only thread-invariance`: whether SAC, TD3 and DQN runs end with the same parameters at 1 and 2 threads
+  (what `threads=auto` may change during a run);
 - `--only compile`: the autograd SAC update with torch.compile'd networks against eager, and the compile time.
 """
 
@@ -185,7 +188,11 @@ def matmul_kernels() -> None:
     from policylab.nets import matmul
 
     print(f"CPU: {cpu_flags()}")
-    print(f"oneDNN float32 products exact here (the probe): {matmul.onednn_is_exact()}")
+    print(
+        f"the probe: oneDNN float32 products exact here {matmul._onednn_exact()}, a CPU where oneDNN is the "
+        f"faster kernel (AMD with AVX-512) {matmul._onednn_faster()}: large products go to "
+        f"{'oneDNN' if matmul.use_onednn() else 'MKL'}"
+    )
     for shape in MATMUL_SHAPES:
         mkl, onednn, errors = matmul_gflops(*shape)
         print(
@@ -224,7 +231,7 @@ def sac_update() -> None:
 
     spec = get_algo("sac")
     mkl_peak, onednn_peak, _ = matmul_gflops(1, 256, 256, 256)
-    peak = onednn_peak if matmul.onednn_is_exact() else mkl_peak
+    peak = onednn_peak if matmul.use_onednn() else mkl_peak
     print(f"plain matmul 256x256x256: MKL {mkl_peak:.1f} GFLOP/s, oneDNN {onednn_peak:.1f} GFLOP/s")
     for analytic in (True, False):
         overrides = {"learning_starts": 1000, "log_every": 1000, "analytic_grads": analytic}
@@ -282,7 +289,7 @@ def offpolicy_threads() -> None:
     cases = [
         ("sac", "Pendulum-v1", {"learning_starts": 256, "log_every": 500}, "none"),
         ("td3", "Pendulum-v1", {"learning_starts": 256, "log_every": 500}, "none"),
-        ("dqn", "CartPole-v1", {"log_every": 2560}, "auto"),
+        ("dqn", "CartPole-v1", {"log_every": 2560}, "rl-zoo"),
     ]
     for algo, env, overrides, preset in cases:
         times = {}
@@ -293,13 +300,33 @@ def offpolicy_threads() -> None:
         print(f"{algo} {env}: {times[1]:.2f} ms per update at 1 thread, {times[2]:.2f} ms at 2 (env steps included)")
 
 
+def thread_invariance() -> None:
+    """Whether a run's parameters depend on the thread count (what `threads=auto` may change mid-run): SAC,
+    TD3 (Pendulum-v1) and the DQN CartPole preset trained at 1 and at 2 threads, compared exactly."""
+    import tempfile
+
+    import policylab as pl
+    from policylab.checkpoint import load_checkpoint
+
+    cases = [("sac", "Pendulum-v1", 2000), ("td3", "Pendulum-v1", 2000), ("dqn", "CartPole-v1", 5000)]
+    for algo, env, steps in cases:
+        params = []
+        for threads in (1, 2):
+            with tempfile.TemporaryDirectory() as runs:
+                overrides = {"threads": threads, "eval_every": 0, "learning_starts": 500}
+                run = pl.train(algo, env=env, steps=steps, seed=1, overrides=overrides, runs_dir=runs, verbose=False)
+                params.append({k: v for k, v in load_checkpoint(run.dir)[0].items() if k.startswith("policy/")})
+        diff = max(float((params[0][k] - params[1][k]).abs().max()) for k in params[0])
+        print(f"{algo} {env}, {steps} steps: largest parameter difference between 1 and 2 threads {diff:.1e}")
+
+
 def loop_breakdown() -> None:
     """Where one env step + update of the off-policy loop goes, measured inside the loop (3 iterations)."""
     from policylab.nets import matmul
 
     cases = [
         ("sac", "Pendulum-v1", {"learning_starts": 256, "log_every": 500, "threads": 1}, "none"),
-        ("dqn", "CartPole-v1", {"log_every": 2560, "threads": 1}, "auto"),
+        ("dqn", "CartPole-v1", {"log_every": 2560, "threads": 1}, "rl-zoo"),
     ]
     for algo, env, overrides, preset in cases:
         loop = offpolicy_loop(algo, env, overrides, preset)
@@ -354,7 +381,7 @@ def denormal_effect() -> None:
 def denormal_worker() -> None:
     import json
 
-    loop = offpolicy_loop("dqn", "CartPole-v1", {"log_every": 2560, "threads": 1}, "auto")
+    loop = offpolicy_loop("dqn", "CartPole-v1", {"log_every": 2560, "threads": 1}, "rl-zoo")
     runs = [seconds * 1e6 for seconds in seconds_per_update(loop, 6)]
     m = loop.algo.q_opt.optimizer.state[loop.algo.q_opt.params.flat]["exp_avg"]
     share = float(((m != 0) & (m.abs() < torch.finfo(m.dtype).tiny)).float().mean())
@@ -404,7 +431,16 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument(
         "--only",
-        choices=["matmul", "sac", "breakdown", "denormal", "denormal-worker", "threads", "compile"],
+        choices=[
+            "matmul",
+            "sac",
+            "breakdown",
+            "denormal",
+            "denormal-worker",
+            "threads",
+            "thread-invariance",
+            "compile",
+        ],
         help="run one part only",
     )
     args = parser.parse_args()
@@ -417,6 +453,7 @@ def main() -> None:
             "denormal": denormal_effect,
             "denormal-worker": denormal_worker,
             "threads": offpolicy_threads,
+            "thread-invariance": thread_invariance,
             "compile": sac_compile,
         }
         parts[args.only]()

@@ -6,6 +6,8 @@ Run from the repository root:
     .venv/bin/python benchmarks/preset_reliability.py --algo dqn --env CartPole-v1 --preset rl-zoo --seeds 20
     .venv/bin/python benchmarks/preset_reliability.py --algo dqn --env CartPole-v1 --set double_q=true --tag dq
     .venv/bin/python benchmarks/preset_reliability.py --all --seeds 5 --max-steps 100k   # every affordable preset
+    .venv/bin/python benchmarks/preset_reliability.py --algo dqn --env CartPole-v1 --seeds 3 --versus rl-zoo  # speed
+    .venv/bin/python benchmarks/preset_reliability.py --table benchmarks/results/preset_reliability-*.json
 
 Each run is `policylab.train(algo, env, seed=s, preset=...)` with the preset's own budget, in a fresh
 subprocess with `threads=1`, `--jobs` of them at a time (default 2, one per core here). What a user sees is
@@ -13,6 +15,10 @@ what is recorded: the run's own final evaluation (`eval.json`: 10 deterministic 
 best periodic evaluation (`eval.csv`) and whether the final one reaches the threshold. The threshold is the
 env's Gymnasium `reward_threshold` where it has one, else the value in `THRESHOLDS` below (stated in the
 output). Wall clocks are recorded but, with runs side by side, they are not speed measurements.
+
+With `--versus PRESET`, the variant and that preset run one at a time, alternating per seed, and the ratio
+of their training wall clocks (`pl.train` from call to return, final evaluation included) is reported:
+JSON in benchmarks/results/preset_timing-<date>.json.
 
 Output: a table per (algo, env, variant) and JSON in benchmarks/results/preset_reliability-<date>.json.
 """
@@ -111,6 +117,78 @@ def measure(algo: str, env: str, preset: str, sets: list[str], steps: str | None
     }
 
 
+def time_versus(args: argparse.Namespace, seeds: list[int]) -> dict:
+    """Wall clock of the variant against `--versus PRESET` (same algo and env; --steps applies to the variant only),
+    one run at a time, alternating per seed: the speed side of a preset change."""
+    sides = {"variant": (args.preset, args.set, args.steps), "versus": (args.versus, [], None)}
+    runs: dict[str, list[dict]] = {"variant": [], "versus": []}
+    with tempfile.TemporaryDirectory(prefix="policylab-reliability-") as tmp:
+        for seed in seeds:
+            for side, (preset, sets, steps) in sides.items():
+                base = ["--algo", args.algo, "--env", args.env, "--preset", preset, *[f"--set={x}" for x in sets]]
+                base += ["--steps", steps] if steps else []
+                runs[side].append(run_one(base, seed, Path(tmp)))
+    ratios = [a["train_wall_s"] / b["train_wall_s"] for a, b in zip(runs["variant"], runs["versus"])]
+    summary = {"median": statistics.median(ratios), "min": min(ratios), "max": max(ratios)}
+    steps = f" --steps {args.steps}" if args.steps else ""
+    print(f"\n{args.algo} {args.env}: preset={args.preset} {' '.join(args.set)}{steps} against preset={args.versus}")
+    print_table(
+        ["seed", "variant s", "versus s", "ratio", "variant final", "versus final"],
+        [
+            [str(s), f"{a['train_wall_s']:.1f}", f"{b['train_wall_s']:.1f}", f"{r:.3f}"]
+            + [f"{a['final_return']:.1f}", f"{b['final_return']:.1f}"]
+            for s, a, b, r in zip(seeds, runs["variant"], runs["versus"], ratios)
+        ],
+    )
+    print(f"train wall clock variant/versus: {summary['median']:.3f} [{summary['min']:.3f}-{summary['max']:.3f}]")
+    return {
+        "algo": args.algo,
+        "env": args.env,
+        "preset": args.preset,
+        "set": args.set,
+        "steps": args.steps,
+        "versus": args.versus,
+        "ratio": summary,
+        "runs": runs,
+    }
+
+
+def markdown_table(paths: list[str]) -> str:
+    """A row per preset of `policylab list` (the default presets) from results files (of the runs of a preset
+    with no extra --set, the one with the most seeds, the later on a tie); presets no file ran: "not run"."""
+    from policylab.config import format_count
+    from policylab.presets import PRESETS
+
+    found: dict[tuple[str, str], tuple[dict, str]] = {}
+    for path in paths:
+        for res in json.loads(Path(path).read_text())["results"]:
+            key = (res["algo"], res["env"])
+            budget = PRESETS.get(res["algo"], {}).get(res["env"])
+            if res.get("preset", "auto") != "auto" or res.get("set") or "reached" not in res or budget is None:
+                continue
+            if res["steps"] != budget.values.get("steps"):  # another budget than the preset's
+                continue
+            if key not in found or len(res["seeds"]) >= len(found[key][0]["seeds"]):
+                found[key] = (res, Path(path).name)
+    lines = [
+        "| algorithm | env | budget | final >= threshold | median final return | median best return | results |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for algo, table in PRESETS.items():
+        for env, preset in sorted(table.items()):
+            budget = format_count(int(preset.values.get("steps", 0)))
+            if (algo, env) not in found:
+                lines.append(f"| {algo} | {env} | {budget} | not run | | | |")
+                continue
+            res, name = found[(algo, env)]
+            n = len(res["seeds"])
+            lines.append(
+                f"| {algo} | {env} | {budget} | {res['reached']}/{n} (>= {res['threshold']:g}) | "
+                f"{res['final_median']:.1f} | {res['best_median']:.1f} | `{name}` |"
+            )
+    return "\n".join(lines)
+
+
 def affordable_presets(max_steps: int) -> list[tuple[str, str]]:
     from policylab.presets import PRESETS
 
@@ -139,13 +217,25 @@ def main() -> None:
     parser.add_argument("--all", action="store_true", help="every preset whose budget is at most --max-steps")
     parser.add_argument("--max-steps", default="100k")
     parser.add_argument("--tag", default="", help="a name for this variant in the output")
+    parser.add_argument("--table", nargs="+", metavar="RESULTS", help="print the markdown table of these files")
+    parser.add_argument(
+        "--versus", help="time the variant against this preset (e.g. rl-zoo), one run at a time, alternating"
+    )
     args = parser.parse_args()
     if args.worker:
         worker(args)
         return
     from policylab.config import parse_count
 
+    if args.table:
+        print(markdown_table(args.table))
+        return
     seeds = list(range(args.first_seed, args.first_seed + args.seeds))
+    if args.versus:
+        result = time_versus(args, seeds)
+        path = write_results("preset_timing", {**provenance(["torch", "gymnasium"]), "results": [result]})
+        print(f"\nresults: {path}")
+        return
     cases = affordable_presets(parse_count(args.max_steps)) if args.all else [(args.algo, args.env)]
     results = []
     for algo, env in cases:

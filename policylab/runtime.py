@@ -67,10 +67,10 @@ def usable_cores() -> int:
     return max(1, min(cores, math.ceil(quota))) if quota is not None else cores
 
 
-def _cgroup_cpu_quota() -> float | None:
+def _cgroup_cpu_quota(cpu_max: Path = Path("/sys/fs/cgroup/cpu.max")) -> float | None:
     """cgroup v2 `cpu.max` as a number of cores (e.g. `docker --cpus=2`), or None without a quota."""
     try:
-        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()[:2]
+        quota, period = cpu_max.read_text().split()[:2]
     except (OSError, ValueError):
         return None
     return None if quota == "max" else int(quota) / int(period)

@@ -163,7 +163,7 @@ def test_list_shows_each_presets_budget(capsys, monkeypatch):
     monkeypatch.setenv("COLUMNS", "400")  # rich's table width: one line per algorithm
     assert main(["list"]) == 0
     out = capsys.readouterr().out
-    assert "CartPole-v1 (50k)" in out and "Pendulum-v1 (20k)" in out and "HalfCheetah-v5 (1M)" in out
+    assert "CartPole-v1 (40k)" in out and "Pendulum-v1 (20k)" in out and "HalfCheetah-v5 (1M)" in out
 
 
 def test_a_budget_too_short_for_a_presets_warm_up_gets_a_note():

@@ -216,6 +216,15 @@ def test_preset_rl_zoo_gives_rl_zoos_values_where_the_default_differs():
             assert all(getattr(cfg, k) == v for k, v in zoo.values.items()) and "(rl-zoo)" in notes[0]
             default = PRESETS[algo][env].values
             assert any(zoo.values.get(k) != v for k, v in default.items()), "a variant must differ"
+    zoo, _ = resolve_config(get_algo("dqn"), env="CartPole-v1", preset="rl-zoo")
+    assert (zoo.lr, zoo.gradient_steps, zoo.target_update_interval, zoo.double_q, zoo.n_step) == (
+        2.3e-3,
+        128,
+        10,
+        False,
+        1,
+    )
+    assert not zoo.anneal_lr
     sac, _ = resolve_config(get_algo("sac"), env="Pendulum-v1", preset="rl-zoo")  # the default is rl-zoo's
     assert sac.lr == 1e-3 and sac.steps == 20_000
     with pytest.raises(ConfigError, match="no reinforce rl-zoo preset for 'CartPole-v1'"):  # our own tuning

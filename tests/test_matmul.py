@@ -60,7 +60,7 @@ def test_small_products_stay_on_mkl(monkeypatch) -> None:
 def test_environment_turns_onednn_off(monkeypatch) -> None:
     monkeypatch.setenv("POLICYLAB_ONEDNN_MATMUL", "0")
     monkeypatch.setattr(matmul, "_use_onednn", None)
-    assert not matmul.onednn_is_exact()
+    assert not matmul.use_onednn()
 
 
 def test_probe_accepts_float32_and_rejects_a_bfloat16_kernel(monkeypatch) -> None:
@@ -69,8 +69,34 @@ def test_probe_accepts_float32_and_rejects_a_bfloat16_kernel(monkeypatch) -> Non
     def bfloat16_call(op, *args, **kwargs):
         return op(*(x.bfloat16().float() if isinstance(x, torch.Tensor) else x for x in args), **kwargs)
 
-    monkeypatch.delenv("POLICYLAB_ONEDNN_MATMUL", raising=False)
     monkeypatch.setattr(matmul, "_onednn_call", lambda op, *args, **kwargs: op(*args, **kwargs))
-    assert matmul._probe()
+    assert matmul._onednn_exact()
     monkeypatch.setattr(matmul, "_onednn_call", bfloat16_call)
+    assert not matmul._onednn_exact()
+
+
+def test_onednn_is_used_only_on_the_cpus_where_it_was_measured_faster(tmp_path, monkeypatch) -> None:
+    """AMD with AVX-512 (oneDNN's AVX-512 kernel against MKL's AVX2 code: 2.1x); not AMD with AVX2 only, not
+    Intel; and never when the exactness half of the probe fails or the switch is off."""
+    cpuinfo = tmp_path / "cpuinfo"
+
+    def cpu(vendor: str, flags: str) -> None:
+        block = f"processor\t: 0\nvendor_id\t: {vendor}\nflags\t\t: fpu sse2 {flags}\n\n"
+        cpuinfo.write_text(block + block.replace(": 0", ": 1"))
+
+    cpu("AuthenticAMD", "avx2 avx512f avx512bw")
+    assert matmul._onednn_faster(cpuinfo)
+    cpu("AuthenticAMD", "avx2 fma")
+    assert not matmul._onednn_faster(cpuinfo)
+    cpu("GenuineIntel", "avx2 avx512f amx_bf16")
+    assert not matmul._onednn_faster(cpuinfo)
+    assert not matmul._onednn_faster(tmp_path / "missing")
+
+    monkeypatch.delenv("POLICYLAB_ONEDNN_MATMUL", raising=False)
+    monkeypatch.setattr(matmul, "_onednn_faster", lambda: True)
+    monkeypatch.setattr(matmul, "_onednn_exact", lambda: False)
+    assert not matmul._probe()
+    monkeypatch.setattr(matmul, "_onednn_exact", lambda: True)
+    assert matmul._probe()
+    monkeypatch.setenv("POLICYLAB_ONEDNN_MATMUL", "0")
     assert not matmul._probe()

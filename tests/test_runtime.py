@@ -90,3 +90,16 @@ def test_bad_threads_values_are_refused_with_the_fix(value):
 
     with pytest.raises(ConfigError, match="threads=auto"):
         resolve_config(get_algo("sac"), env="Pendulum-v1", overrides={"threads": value}, preset="none")
+
+
+def test_a_cgroup_cpu_quota_caps_the_usable_cores(tmp_path, monkeypatch):
+    from policylab import runtime
+
+    cpu_max = tmp_path / "cpu.max"
+    cpu_max.write_text("max 100000\n")
+    assert runtime._cgroup_cpu_quota(cpu_max) is None
+    cpu_max.write_text("150000 100000\n")  # docker --cpus=1.5
+    assert runtime._cgroup_cpu_quota(cpu_max) == 1.5
+    assert runtime._cgroup_cpu_quota(tmp_path / "missing") is None
+    monkeypatch.setattr(runtime, "_cgroup_cpu_quota", lambda: 0.5)
+    assert runtime.usable_cores() == 1

@@ -10,11 +10,13 @@ no AMX) it keeps float32, while with AMX it may compute in bfloat16.
 
 So the products here switch that setting on for the duration of one call, and only after a probe has
 shown, once per process, that the oneDNN path gives float32 results (relative error against float64
-within a few times MKL's own, where bfloat16 inputs would be ~1000x worse). Where it does not (a CPU
-whose oneDNN would really use bfloat16, e.g. with AMX, or a PyTorch without the setting), every call is
-plain `torch.bmm`. Small products stay on MKL too: below about 2^20 multiply-adds, or with an inner
-dimension under 16, oneDNN's fixed cost per call outweighs its speed (the small shapes of
-`benchmarks/micro.py --only matmul`).
+within a few times MKL's own, where bfloat16 inputs would be ~1000x worse), and only on the CPUs where
+oneDNN was measured faster: AMD processors with AVX-512 (`_onednn_faster`). Elsewhere (an AMD processor
+with AVX2 only, where the two kernels ran at 0.9-1.3x of each other over the hot shapes on an EPYC Zen 3;
+Intel processors, where MKL runs its own best code and oneDNN may use bfloat16 with AMX; a PyTorch
+without the setting), every call is plain `torch.bmm`. Small products stay on MKL
+too: below about 2^20 multiply-adds, or with an inner dimension under 16, oneDNN's fixed cost per call
+outweighs its speed (the small shapes of `benchmarks/micro.py --only matmul`).
 
 `POLICYLAB_ONEDNN_MATMUL=0` in the environment turns the oneDNN path off.
 """
@@ -22,6 +24,7 @@ dimension under 16, oneDNN's fixed cost per call outweighs its speed (the small 
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import torch
 from torch import Tensor
@@ -36,8 +39,8 @@ def _relative_error(x: Tensor, reference: Tensor) -> float:
     return float((x.double() - reference).abs().max() / reference.abs().max())
 
 
-def onednn_is_exact() -> bool:
-    """Whether oneDNN's float32 products are float32-accurate here (probed once per process)."""
+def use_onednn() -> bool:
+    """Whether large float32 products go to oneDNN here: it is exact and faster (probed once per process)."""
     global _use_onednn
     if _use_onednn is None:
         _use_onednn = _probe()
@@ -47,6 +50,11 @@ def onednn_is_exact() -> bool:
 def _probe() -> bool:
     if os.environ.get("POLICYLAB_ONEDNN_MATMUL", "1") == "0":
         return False
+    return _onednn_exact() and _onednn_faster()
+
+
+def _onednn_exact() -> bool:
+    """Whether oneDNN's float32 products are float32-accurate here (not bfloat16 in disguise)."""
     settings = getattr(getattr(torch.backends, "mkldnn", None), "matmul", None)
     if not torch.backends.mkldnn.is_available() or not hasattr(settings, "fp32_precision"):
         return False
@@ -63,6 +71,22 @@ def _probe() -> bool:
         return False
     bound = _PROBE_TOLERANCE * max(mkl_error, 1e-7)
     return _relative_error(onednn, reference) <= bound and _relative_error(onednn_t, reference) <= bound
+
+
+def _onednn_faster(cpuinfo: Path = Path("/proc/cpuinfo")) -> bool:
+    """Whether oneDNN's float32 kernel is the faster one on this CPU: an AMD processor with AVX-512, where MKL
+    runs its AVX2 code and oneDNN its AVX-512 kernel (2.1x on a 256x256x256 product on an EPYC Zen 5). On
+    an AMD processor with AVX2 only they are close (0.96x on that product, 0.9-1.3x over the hot shapes on an
+    EPYC Zen 3), and on Intel processors MKL runs its own best code. Decided from the CPU, not by timing at
+    start-up: the kernel changes the last bits of every product, and a seed must fix a run on one machine."""
+    try:
+        text = cpuinfo.read_text()
+    except OSError:
+        return False
+    first = text.split("\n\n", 1)[0]  # one processor's block
+    fields = dict(line.split(":", 1) for line in first.splitlines() if ":" in line)
+    fields = {k.strip(): v.strip() for k, v in fields.items()}
+    return fields.get("vendor_id") == "AuthenticAMD" and "avx512f" in fields.get("flags", "").split()
 
 
 def _onednn_call(op, *args, **kwargs) -> Tensor:  # type: ignore[no-untyped-def]
@@ -84,7 +108,7 @@ def _worth_it(a: Tensor, b: Tensor) -> bool:
         and m * k * n >= MIN_MACS_PER_MEMBER
         and a.dtype == torch.float32
         and a.device.type == "cpu"
-        and onednn_is_exact()
+        and use_onednn()
     )
 
 
