@@ -216,6 +216,7 @@ def main() -> None:
     parser.add_argument("--jobs", type=int, default=2, help="runs at once (each with threads=1)")
     parser.add_argument("--all", action="store_true", help="every preset whose budget is at most --max-steps")
     parser.add_argument("--max-steps", default="100k")
+    parser.add_argument("--exclude", action="append", default=[], metavar="ALGO:ENV", help="with --all: skip these")
     parser.add_argument("--tag", default="", help="a name for this variant in the output")
     parser.add_argument("--table", nargs="+", metavar="RESULTS", help="print the markdown table of these files")
     parser.add_argument(
@@ -237,6 +238,7 @@ def main() -> None:
         print(f"\nresults: {path}")
         return
     cases = affordable_presets(parse_count(args.max_steps)) if args.all else [(args.algo, args.env)]
+    cases = [(algo, env) for algo, env in cases if f"{algo}:{env}" not in args.exclude]
     results = []
     for algo, env in cases:
         t0 = time.perf_counter()

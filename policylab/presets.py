@@ -230,12 +230,12 @@ PRESETS["dqn"] = {
     # rl-zoo's entry learns CartPole-v1, but its final policy reaches 475 for only half to two thirds of the
     # seeds (a policy at 500 collapses and recovers through the run). With double Q, 3-step returns and the
     # learning rate decayed to 0, the final policy holds; double Q's extra forward pass costs 25% more per
-    # update, so the budget is 40k steps, learned by then (benchmarks/README.md, "Preset reliability").
+    # update, so the budget is 30k steps, learned by then (benchmarks/README.md, "Preset reliability").
     # rl-zoo's values: --preset rl-zoo.
     "CartPole-v1": Preset(
-        {**_ZOO_DQN_CARTPOLE, "steps": 40_000, "double_q": True, "n_step": 3, "anneal_lr": True},
+        {**_ZOO_DQN_CARTPOLE, "steps": 30_000, "double_q": True, "n_step": 3, "anneal_lr": True},
         f"policylab's own sweep (benchmarks/README.md, Preset reliability) over {_ZOO_DQN}, entry CartPole-v1: "
-        "double_q, n_step 3 and anneal_lr added, 40k steps instead of 50k",
+        "double_q, n_step 3 and anneal_lr added, 30k steps instead of 50k",
     ),
     "Acrobot-v1": Preset(
         {

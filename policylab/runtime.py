@@ -124,12 +124,13 @@ class Threads:
     A number is used as it is (capped at the usable cores). `auto` uses up to the algorithm's preferred
     count (1 on-policy, 2 off-policy: what measured fastest alone) but only as many threads as there are
     cores that other processes leave free. The OpenMP threads of a parallel product wait for each other,
-    so a thread that shares its core with another busy process stalls its whole team: two 2-thread runs on
-    2 cores were 3.3x slower than two 1-thread runs. So an `auto` run starts with 1 thread, measures how
+    so a thread that shares its core with another busy process stalls its whole team: two 2-thread SAC runs
+    on 2 cores took 3.3x (an Intel Xeon) and 2.7-8.5x (an AMD EPYC, `benchmarks/concurrent_runs.py`) as
+    long as two 1-thread runs. So an `auto` run starts with 1 thread, measures how
     busy other processes kept its cores (`CoreLoad`) every `interval` seconds, and uses
     `floor(cores - others + 0.3)` threads, between 1 and the preferred count: a second thread only where a
-    core is at least 70% free. Changing the count between updates does not change the arithmetic of the
-    off-policy updates on the benchmark machine (bit-identical parameters at 1 and 2 threads), but for
+    core is at least 70% free. Changing the count between updates did not change the off-policy runs'
+    parameters on the benchmark machines (`benchmarks/micro.py --only thread-invariance`), but for
     bit-for-bit reproducibility on any machine and load, set a number.
     """
 

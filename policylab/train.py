@@ -113,9 +113,9 @@ SHORT_BUDGET_STEPS = 10_000
 
 
 def short_budget_note(algo: str, cfg: Any, budget: int) -> list[str]:
-    """A note for `--steps` that leaves a preset little learning after its random warm-up (or none)."""
-    start = getattr(cfg, "learning_starts", 0)
-    if cfg.steps >= budget or cfg.steps - start >= SHORT_BUDGET_STEPS:
+    """A note for `--steps` that leaves an off-policy preset little learning after its random warm-up."""
+    start = getattr(cfg, "learning_starts", None)
+    if start is None or cfg.steps >= budget or cfg.steps - start >= SHORT_BUDGET_STEPS:
         return []
     return [
         f"note: {cfg.steps:,} steps leave {max(cfg.steps - start, 0):,} env steps of learning after "

@@ -19,6 +19,7 @@ from policylab.cli import main
 from policylab.errors import CheckpointError, PolicylabError
 from policylab.logging import read_csv
 from tests.helpers import assert_same_params, params_of
+from tests.test_offpolicy import TINY
 
 train_module = importlib.import_module("policylab.train")  # `policylab.train` is also the function
 
@@ -267,15 +268,7 @@ def test_which_is_validated_and_best_is_not_resumable(real_run):
 
 
 def test_off_policy_runs_keep_the_best_too(tmp_path):
-    overrides = {
-        "hidden_sizes": [32, 32],
-        "learning_starts": 64,
-        "batch_size": 32,
-        "log_every": 100,
-        "eval_every": 100,
-        "eval_episodes": 2,
-        "checkpoint_every": 0,
-    }
+    overrides = {**TINY, "eval_every": 100}
     run = pl.train(
         "dqn",
         env="CartPole-v1",

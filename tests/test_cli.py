@@ -163,7 +163,7 @@ def test_list_shows_each_presets_budget(capsys, monkeypatch):
     monkeypatch.setenv("COLUMNS", "400")  # rich's table width: one line per algorithm
     assert main(["list"]) == 0
     out = capsys.readouterr().out
-    assert "CartPole-v1 (40k)" in out and "Pendulum-v1 (20k)" in out and "HalfCheetah-v5 (1M)" in out
+    assert "CartPole-v1 (30k)" in out and "Pendulum-v1 (20k)" in out and "HalfCheetah-v5 (1M)" in out
 
 
 def test_a_budget_too_short_for_a_presets_warm_up_gets_a_note():
@@ -172,6 +172,10 @@ def test_a_budget_too_short_for_a_presets_warm_up_gets_a_note():
 
     _, notes = resolve_config(get_algo("td3"), env="Pendulum-v1", steps="15k")
     assert any("5,000 env steps of learning after learning_starts=10,000" in n and "--steps 20k" in n for n in notes)
-    for algo, steps in (("td3", "20k"), ("sac", "15k")):  # the preset's own budget; SAC warms up for 100 steps
-        _, notes = resolve_config(get_algo(algo), env="Pendulum-v1", steps=steps)
+    for algo, env, steps in (
+        ("td3", "Pendulum-v1", "20k"),
+        ("sac", "Pendulum-v1", "15k"),
+        ("ppo", "CartPole-v1", "5k"),
+    ):
+        _, notes = resolve_config(get_algo(algo), env=env, steps=steps)  # the budget; a short warm-up; on-policy
         assert not any(n.startswith("note:") for n in notes)
