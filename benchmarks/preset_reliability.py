@@ -166,8 +166,8 @@ def markdown_table(paths: list[str]) -> str:
             budget = PRESETS.get(res["algo"], {}).get(res["env"])
             if res.get("preset", "auto") != "auto" or res.get("set") or "reached" not in res or budget is None:
                 continue
-            if res["steps"] != budget.values.get("steps"):  # another budget than the preset's
-                continue
+            if abs(res["steps"] - budget.values.get("steps", 0)) > 0.05 * res["steps"]:  # another budget
+                continue  # (on-policy runs end on a whole rollout: 100,096 steps for a 100k budget)
             if key not in found or len(res["seeds"]) >= len(found[key][0]["seeds"]):
                 found[key] = (res, Path(path).name)
     lines = [
@@ -239,7 +239,8 @@ def main() -> None:
         return
     cases = affordable_presets(parse_count(args.max_steps)) if args.all else [(args.algo, args.env)]
     cases = [(algo, env) for algo, env in cases if f"{algo}:{env}" not in args.exclude]
-    results = []
+    results: list[dict] = []
+    path = None
     for algo, env in cases:
         t0 = time.perf_counter()
         res = measure(algo, env, args.preset, args.set, args.steps, seeds, args.jobs)
@@ -258,7 +259,11 @@ def main() -> None:
             f"mean {res['final_mean']:.1f}; median best {res['best_median']:.1f}",
             flush=True,
         )
-    path = write_results("preset_reliability", {**provenance(["torch", "gymnasium"]), "results": results})
+        payload = {**provenance(["torch", "gymnasium"]), "results": results}
+        if path is None:  # written after every case, so that an interrupted --all keeps what it measured
+            path = write_results("preset_reliability", payload)
+        else:
+            path.write_text(json.dumps(payload, indent=2) + "\n")
     print(f"\nresults: {path}")
 
 
