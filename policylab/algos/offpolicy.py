@@ -38,7 +38,7 @@ class OffPolicyConfig(CommonConfig):
     num_envs: int = 1
     preferred_threads: ClassVar[int] = 2
     """What threads=auto uses when both cores are free. Per update on the benchmark machine (2 cores), 1 -> 2
-    threads: SAC Pendulum 3.54 -> 2.8 ms, TD3 3.9 -> 3.0 ms, DQN CartPole preset 0.55 -> 0.49-0.60 ms
+    threads: SAC Pendulum 3.54 -> 2.8 ms, TD3 3.9 -> 3.0 ms, DQN CartPole rl-zoo preset 0.55 -> 0.49-0.60 ms
     (micro.py --only threads)."""
     hidden_sizes: list[int] = field(default_factory=lambda: [256, 256])
     activation: str = "relu"
