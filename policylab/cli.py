@@ -21,6 +21,8 @@ def _train(args: argparse.Namespace) -> int:
         env=args.env,
         steps=args.steps,
         seed=args.seed,
+        dataset=args.dataset,
+        online_steps=args.online_steps,
         config=args.config,
         overrides=parse_set_args(args.set) or None,
         preset=args.preset,
@@ -72,8 +74,52 @@ def _list(_args: argparse.Namespace) -> int:
     table.add_column("tuned presets (--env) and their budgets", min_width=28)  # one preset per line fits
     for spec in ALGORITHMS.values():
         presets = [f"{env} ({format_count(budget)})" for env, budget in presets_for(spec.name).items()]
-        table.add_row(spec.name, spec.kind, ", ".join(spec.regimes), spec.summary, ", ".join(presets))
+        table.add_row(spec.name, spec.kind, "\n".join(spec.regimes), spec.summary, ", ".join(presets))
     Console().print(table)
+    return 0
+
+
+def _collect(args: argparse.Namespace) -> int:
+    from policylab.collect import collect, collect_from_buffer
+
+    if args.from_buffer:
+        dataset = collect_from_buffer(args.from_buffer, args.out, overwrite=args.overwrite)
+    else:
+        if args.env is None:
+            raise PolicylabError("collect needs an env", "pass --env ENV_ID (or --from-buffer RUN_DIR)")
+        dataset = collect(
+            args.env,
+            args.policy,
+            args.episodes,
+            noise=args.noise,
+            seed=args.seed,
+            out=args.out,
+            overwrite=args.overwrite,
+            ref_min_score=args.ref_min,
+            ref_max_score=args.ref_max,
+        )
+    returns = dataset.episode_returns()
+    score = dataset.normalized_score(float(returns.mean()))
+    print(
+        f"wrote {dataset.path}: {dataset.num_episodes} episodes, {dataset.num_steps:,} steps, "
+        f"return {returns.mean():.1f} +/- {returns.std():.1f}" + (f", normalized score {score:.1f}" if score else "")
+    )
+    return 0
+
+
+def _dataset(args: argparse.Namespace) -> int:
+    from policylab.data.dataset import concat_datasets, format_info, load_dataset, write_dataset
+
+    if args.dataset_command == "info":
+        info = load_dataset(args.path).info()
+        print(json.dumps(info, indent=2) if args.json else format_info(info))
+    elif args.dataset_command == "validate":
+        dataset = load_dataset(args.path)
+        print(f"ok: {dataset.num_episodes} episodes, {dataset.num_steps} steps")
+    else:
+        merged = concat_datasets([load_dataset(p) for p in args.paths])
+        out = write_dataset(merged, args.out, overwrite=args.overwrite)
+        print(f"wrote {out}: {merged.num_episodes} episodes, {merged.num_steps} steps")
     return 0
 
 
@@ -87,6 +133,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--env", help="Gymnasium env id, or module:Class / module:function")
     p.add_argument("--steps", help="total env steps, e.g. 100k, 1e6")
     p.add_argument("--seed", type=int)
+    p.add_argument(
+        "--dataset",
+        help="an offline dataset: train offline (--steps are gradient steps), or hybrid with --set offline_ratio=P",
+    )
+    p.add_argument("--online-steps", help="after the offline --steps, this many env steps online")
     p.add_argument("--config", help="YAML file of config values")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value")
     p.add_argument(
@@ -118,6 +169,32 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("list", help="algorithms and their tuned presets")
     p.set_defaults(func=_list)
+
+    p = sub.add_parser("collect", help="make an offline dataset by running a policy in an env")
+    p.add_argument("--env", help="Gymnasium env id (or module:Class)")
+    p.add_argument("--policy", default="random", help="random (default), or a run directory (its final policy)")
+    p.add_argument("--episodes", type=int, default=10)
+    p.add_argument("--noise", type=float, default=0.0, help="Gaussian std in half-ranges (Box) or epsilon (Discrete)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--from-buffer", help="a run directory saved with save_buffer=true: its replay as a dataset")
+    p.add_argument("--out", required=True, help="the dataset directory to write")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    p.add_argument("--ref-min", type=float, help="reference return of a random policy (default: measured)")
+    p.add_argument("--ref-max", type=float, help="reference expert return (default: the policy's, measured)")
+    p.set_defaults(func=_collect)
+
+    p = sub.add_parser("dataset", help="inspect, check and combine offline datasets (Minari directories)")
+    dataset_sub = p.add_subparsers(dest="dataset_command", required=True)
+    q = dataset_sub.add_parser("info", help="episodes, returns, spaces and provenance of a dataset")
+    q.add_argument("path", help="dataset directory, D4RL-style .hdf5 file, or local Minari dataset id")
+    q.add_argument("--json", action="store_true", help="print the summary as JSON")
+    q = dataset_sub.add_parser("validate", help="check a dataset; exit 2 with the first problem found")
+    q.add_argument("path", help="dataset directory, D4RL-style .hdf5 file, or local Minari dataset id")
+    q = dataset_sub.add_parser("concat", help="write the episodes of several datasets as one")
+    q.add_argument("paths", nargs="+", metavar="PATH", help="datasets collected in the same env")
+    q.add_argument("--out", required=True, help="directory to write the combined dataset to")
+    q.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    p.set_defaults(func=_dataset)
     return parser
 
 

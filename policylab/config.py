@@ -35,7 +35,11 @@ class CommonConfig:
     env_kwargs: dict[str, Any] = field(default_factory=dict)
     """Keyword arguments for the env constructor."""
     steps: int = 100_000
-    """Total environment steps (summed over the parallel envs)."""
+    """Total environment steps (summed over the parallel envs); in an offline run (`dataset` without
+    `offline_ratio`), gradient steps on the dataset."""
+    dataset: str | None = None
+    """An offline dataset (a directory made by `policylab collect`, a Minari dataset directory or name, or a
+    D4RL-style HDF5 file): offline training, or hybrid with `offline_ratio` (off-policy algorithms)."""
     seed: int = 0
     num_envs: int = 8
     vectorization: str = "auto"

@@ -27,6 +27,10 @@ class CheckpointError(PolicylabError):
     """A missing, corrupt or incompatible checkpoint."""
 
 
+class DatasetError(PolicylabError):
+    """A missing, unreadable, malformed or incompatible offline dataset."""
+
+
 class TrainingDiverged(PolicylabError):
     """A NaN or inf appeared in a loss or in the parameters."""
 

@@ -29,6 +29,8 @@ from policylab import runtime
 from policylab.algos import AlgoSpec, get_algo
 from policylab.config import CommonConfig, apply_values, dump_yaml, format_count, load_yaml, parse_count
 from policylab.data import Batch, ReplayBuffer, RolloutBuffer
+from policylab.data.dataset import check_compatible, load_dataset
+from policylab.data.sources import BatchSource, dataset_buffer, dataset_normalizer
 from policylab.envs import EpisodeTracker, ObsNormalizer, RewardScaler, VecEnv, make_vec_env, resolve_env_id
 from policylab.errors import CheckpointError, ConfigError, TrainingDiverged
 from policylab.logging import CONFIG_YAML, Progress, RunLog, new_run_dir
@@ -79,12 +81,21 @@ def resolve_config(
     config: str | Path | dict[str, Any] | None = None,
     overrides: dict[str, Any] | None = None,
     preset: str | None = "auto",
+    dataset: str | Path | None = None,
+    online_steps: int | str | None = None,
 ) -> tuple[CommonConfig, list[str]]:
-    """Defaults < tuned preset for the env < YAML file (or dict) < overrides < env/steps/seed arguments."""
+    """Defaults < tuned preset for the env < YAML file (or dict) < overrides < env/steps/seed/dataset arguments.
+    With a dataset and no env, the env is the one the dataset was collected in."""
     notes: list[str] = []
     cfg = spec.config_cls()
     file_values = load_yaml(config) if isinstance(config, (str, Path)) else dict(config or {})
-    env_id = env or file_values.get("env") or (overrides or {}).get("env") or cfg.env
+    dataset = dataset or (overrides or {}).get("dataset") or file_values.get("dataset")
+    env_id = env or file_values.get("env") or (overrides or {}).get("env")
+    if dataset is not None and env_id is None:
+        env, env_kwargs = _dataset_env(str(dataset))
+        env_id = env
+        overrides = {"env_kwargs": env_kwargs, **(overrides or {})}
+    env_id = env_id or cfg.env
     resolve_env_id(str(env_id))
     found = None
     if preset not in (None, "none"):
@@ -100,12 +111,34 @@ def resolve_config(
             raise ConfigError(f"no {spec.name} {what}", "run `policylab list` to see the presets")
     cfg = apply_values(cfg, file_values, str(config) if isinstance(config, (str, Path)) else "the config")
     cfg = apply_values(cfg, overrides or {}, "--set")
-    flags = {k: v for k, v in (("env", env), ("steps", steps), ("seed", seed)) if v is not None}
+    flags = {
+        k: v
+        for k, v in (
+            ("env", env),
+            ("steps", steps),
+            ("seed", seed),
+            ("dataset", dataset),
+            ("online_steps", online_steps),
+        )
+        if v is not None
+    }
+    if "dataset" in flags:
+        flags["dataset"] = str(flags["dataset"])
     cfg = apply_values(cfg, flags, "the arguments")
     cfg.validate()
     if found is not None:
         notes += short_budget_note(spec.name, cfg, found.values.get("steps", 0))
     return cfg, notes
+
+
+def _dataset_env(path: str) -> tuple[str, dict[str, Any]]:
+    """The env a dataset was collected in, to train and evaluate in."""
+    data = load_dataset(path, validate=False)
+    if not data.env_id:
+        raise ConfigError(
+            f"the dataset {path} does not say which env it came from", "pass the env to evaluate in: --env ENV_ID"
+        )
+    return data.env_id, dict(data.env_kwargs)
 
 
 SHORT_BUDGET_STEPS = 10_000
@@ -140,6 +173,11 @@ class OnPolicyLoop:
     """Collects rollouts with the current policy and hands them to `algo.update`."""
 
     def __init__(self, spec: AlgoSpec, cfg: Any) -> None:
+        if cfg.dataset is not None:
+            raise ConfigError(
+                f"{spec.name} does not take a dataset yet (on-policy training with offline data is still to come)",
+                "use an off-policy or offline algorithm with --dataset (e.g. sac, td3_bc, iql, bc), or drop --dataset",
+            )
         self.threads = runtime.configure(cfg.threads, cfg.seed, cfg.preferred_threads)
         self.cfg = cfg
         self.spec = spec
@@ -161,6 +199,13 @@ class OnPolicyLoop:
     @property
     def steps_per_iteration(self) -> int:
         return self.cfg.n_steps * self.cfg.num_envs
+
+    @property
+    def total(self) -> int:
+        return int(self.cfg.steps)
+
+    def score(self, return_mean: float) -> float | None:
+        return None
 
     def _normalize(self, raw: np.ndarray, update: bool) -> np.ndarray:
         if self.obs_norm is None:
@@ -219,12 +264,7 @@ class OnPolicyLoop:
 
     def policy_tensors(self) -> dict[str, Tensor]:
         """What `pl.load` needs: the network's parameters and the observation-normalization statistics."""
-        tensors = ckpt.prefixed("policy", self.net.state_dict())
-        if self.obs_norm is not None:
-            tensors.update(
-                {f"obs_norm/{k}": torch.from_numpy(np.asarray(v)) for k, v in self.obs_norm.rms.state().items()}
-            )
-        return tensors
+        return _policy_tensors(self.net, self.obs_norm)
 
     def state(self) -> tuple[dict[str, Tensor], dict[str, Any]]:
         tensors = self.policy_tensors()
@@ -274,19 +314,68 @@ class OnPolicyLoop:
 
 
 class OffPolicyLoop:
-    """Steps the envs with the exploring policy into a replay buffer; every `train_freq` vector steps,
-    `gradient_steps` updates on sampled batches. One iteration is `log_every` env steps."""
+    """Off-policy training in every data regime. Online: steps the envs with the exploring policy into a
+    replay buffer; every `train_freq` vector steps, `gradient_steps` updates on sampled batches. Offline (a
+    `dataset`): gradient steps on dataset batches, no env steps (the envs only evaluate). Hybrid
+    (`offline_ratio`): online, each batch part dataset, part replay. Offline-to-online (`online_steps`): offline
+    first, then online. One iteration is `log_every` env steps (gradient steps offline); `step` counts the
+    gradient steps of the offline phase, then the env steps after it."""
 
     def __init__(self, spec: AlgoSpec, cfg: Any) -> None:
         self.threads = runtime.configure(cfg.threads, cfg.seed, cfg.preferred_threads)
         self.cfg = cfg
         self.spec = spec
+        self.dataset = load_dataset(cfg.dataset) if cfg.dataset else None
         self.env, self.algo = _env_and_algo(spec, cfg)
         self.obs_space: Any = self.env.single_observation_space
         self.act_space = self.env.single_action_space
+        if self.dataset is not None:
+            try:
+                check_compatible(self.dataset, self.obs_space, self.act_space, f"--env {cfg.env}")
+            except BaseException:
+                self.env.close()
+                raise
         self.net = self.algo.net
+        self.obs_norm = dataset_normalizer(self.dataset, cfg.clip_obs) if cfg.normalize_obs and self.dataset else None
         self.tracker = EpisodeTracker(cfg.num_envs)
-        self.buffer = ReplayBuffer(
+        offline_first = self.dataset is not None and (cfg.offline_ratio is None or cfg.online_steps > 0)
+        self.offline_steps = cfg.steps if offline_first else 0
+        """Gradient steps on the dataset alone before any env step."""
+        self.total = cfg.steps + cfg.online_steps if offline_first else cfg.steps
+        seeded = self.dataset is not None and cfg.offline_ratio is None  # the dataset starts the online replay
+        if seeded and cfg.online_steps and cfg.num_envs != 1:
+            raise ConfigError(
+                f"a replay buffer seeded with a dataset takes one env, not num_envs={cfg.num_envs}",
+                "set num_envs=1, or mix the dataset into batches instead (--set offline_ratio=0.5)",
+            )
+        self.buffer = self._online_buffer(seeded) if not (seeded and not cfg.online_steps) else None
+        offline = None
+        if self.dataset is not None and not seeded:
+            offline = self._dataset_buffer(extra_capacity=0)
+        elif self.buffer is None:  # offline only: the dataset is the one buffer
+            offline = self._dataset_buffer(extra_capacity=0)
+        self.offline_source = (
+            BatchSource(None, offline, 1.0) if offline is not None else BatchSource(self.buffer, None, 0.0)
+        )
+        self.online_source = (
+            BatchSource(self.buffer, offline, cfg.offline_ratio or 0.0) if self.buffer is not None else None
+        )
+        self.step = 0
+        self.iteration = 0
+        self.vec_steps = 0
+        self.updates = 0
+        self.random_until = self.offline_steps + (cfg.learning_starts if not offline_first else 0)
+        """Uniformly random actions before this step (not after an offline phase: the policy is trained)."""
+        self.updates_after = self.random_until
+        """Online updates run once `step` exceeds this (moved on when a resumed run refills its buffer)."""
+        self.base_lrs = {name: opt.param_groups[0]["lr"] for name, opt in self.algo.optimizers.items()}
+        self.obs = self.env.reset(seed=cfg.seed)
+
+    def _online_buffer(self, seeded: bool) -> ReplayBuffer:
+        cfg = self.cfg
+        if seeded:
+            return self._dataset_buffer(extra_capacity=cfg.buffer_size)
+        return ReplayBuffer(
             cfg.buffer_size,
             cfg.num_envs,
             tuple(self.obs_space.shape or ()),
@@ -299,37 +388,81 @@ class OffPolicyLoop:
             beta=cfg.per_beta,
             device=cfg.device,
         )
-        self.step = 0
-        self.iteration = 0
-        self.vec_steps = 0
-        self.updates = 0
-        self.updates_after = cfg.learning_starts
-        """Updates run once `step` exceeds this (moved on when a resumed run refills its buffer)."""
-        self.base_lrs = {name: opt.param_groups[0]["lr"] for name, opt in self.algo.optimizers.items()}
-        self.obs = self.env.reset(seed=cfg.seed)
+
+    def _dataset_buffer(self, extra_capacity: int) -> ReplayBuffer:
+        assert self.dataset is not None
+        cfg = self.cfg
+        buffer = dataset_buffer(
+            self.dataset,
+            self.algo.action_shape,
+            self.algo.action_dtype,
+            n_step=cfg.n_step,
+            gamma=cfg.gamma,
+            extra_capacity=extra_capacity,
+            prioritized=cfg.prioritized,
+            obs_normalizer=self.obs_norm,
+            device=cfg.device,
+        )
+        buffer.alpha, buffer.beta = cfg.per_alpha, cfg.per_beta
+        return buffer
 
     def policy(self) -> Policy:
-        return Policy(self.net, self.obs_space, self.act_space, None, self.cfg.env, self.cfg.env_kwargs)
+        return Policy(self.net, self.obs_space, self.act_space, self.obs_norm, self.cfg.env, self.cfg.env_kwargs)
 
     def parameters(self) -> list[Tensor]:
         modules = [self.net, *self.algo.modules.values()]
         return [p for m in modules for p in m.parameters()]
 
+    def score(self, return_mean: float) -> float | None:
+        """The dataset's normalized score (D4RL's 100 (R - random) / (expert - random)) of a return, if known."""
+        if self.dataset is None:
+            return None
+        score = self.dataset.normalized_score(return_mean)
+        return None if score is None else float(score)
+
     def iterate(self) -> dict[str, Tensor]:
-        """`log_every` env steps (fewer at the end of the run), with their updates."""
-        cfg, algo, buffer, env = self.cfg, self.algo, self.buffer, self.env
+        """`log_every` env steps (fewer at the end of the run) with their updates, or `log_every` gradient
+        steps in the offline phase."""
         history: dict[str, list[Tensor]] = {}
+        self.threads.update()
+        if self.step < self.offline_steps:
+            self._offline_steps(history)
+        else:
+            self._online_steps(history)
+        self.iteration += 1
+        out = {key: torch.stack(values).mean() for key, values in history.items()}
+        out["updates"] = torch.tensor(float(self.updates))
+        out["threads"] = torch.tensor(float(self.threads.count))
+        return out
+
+    def _offline_steps(self, history: dict[str, list[Tensor]]) -> None:
+        if self.cfg.anneal_lr:
+            self._anneal_lr()
+        for _ in range(min(self.cfg.log_every, self.offline_steps - self.step)):
+            self._update(self.offline_source, history)
+            self.step += 1
+
+    def _online_steps(self, history: dict[str, list[Tensor]]) -> None:
+        cfg, algo, env = self.cfg, self.algo, self.env
+        buffer, source = self.buffer, self.online_source
+        assert buffer is not None and source is not None
+        norm = self.obs_norm
+        online_total = max(self.total - self.offline_steps, 1)
         for _ in range(max(1, cfg.log_every // cfg.num_envs)):
-            if self.step >= cfg.steps:
+            if self.step >= self.total:
                 break
-            obs = self.obs
-            if self.step < cfg.learning_starts:
+            obs = self.obs if norm is None else norm(self.obs)
+            if self.step < self.random_until:
                 actions = algo.random_actions(cfg.num_envs)
             else:
-                actions = algo.explore(obs, self.step / cfg.steps)
+                actions = algo.explore(obs, (self.step - self.offline_steps) / online_total)
             res = env.step(algo.to_env(actions))
             self.tracker.update(res.reward, res.episode_end)
-            buffer.add(obs, actions, res.reward, res.obs, res.terminated, res.truncated, res.final_obs)
+            next_obs, final_obs = res.obs, res.final_obs
+            if norm is not None:
+                next_obs = norm(next_obs)
+                final_obs = None if final_obs is None else norm(final_obs)
+            buffer.add(obs, actions, res.reward, next_obs, res.terminated, res.truncated, final_obs)
             self.obs = res.obs
             self.step += cfg.num_envs
             self.vec_steps += 1
@@ -339,23 +472,21 @@ class OffPolicyLoop:
                 if cfg.anneal_lr:
                     self._anneal_lr()
                 for _ in range(cfg.updates_per_train):
-                    batch = buffer.sample(cfg.batch_size, algo.generator)
-                    metrics = algo.update(batch, self.updates)
-                    td_error = metrics.pop("td_error", None)
-                    if buffer.prioritized and td_error is not None:
-                        buffer.update_priorities(batch.indices, td_error)
-                    self.updates += 1
-                    for key, value in metrics.items():
-                        history.setdefault(key, []).append(value)
-        self.iteration += 1
-        out = {key: torch.stack(values).mean() for key, values in history.items()}
-        out["updates"] = torch.tensor(float(self.updates))
-        out["threads"] = torch.tensor(float(self.threads.count))
-        return out
+                    self._update(source, history)
+
+    def _update(self, source: BatchSource, history: dict[str, list[Tensor]]) -> None:
+        batch = source.sample(self.cfg.batch_size, self.algo.generator)
+        metrics = self.algo.update(batch, self.updates)
+        td_error = metrics.pop("td_error", None)
+        if td_error is not None:
+            source.update_priorities(batch, td_error)
+        self.updates += 1
+        for key, value in metrics.items():
+            history.setdefault(key, []).append(value)
 
     def _anneal_lr(self) -> None:
         """Every optimizer's learning rate at `1 - step / steps` of its initial value (before each update burst)."""
-        remaining = max(0.0, 1.0 - self.step / self.cfg.steps)
+        remaining = max(0.0, 1.0 - self.step / self.total)
         for name, optimizer in self.algo.optimizers.items():
             for group in optimizer.param_groups:
                 group["lr"] = self.base_lrs[name] * remaining
@@ -363,8 +494,8 @@ class OffPolicyLoop:
     # checkpoint state ------------------------------------------------------------------------
 
     def policy_tensors(self) -> dict[str, Tensor]:
-        """What `pl.load` needs: the acting network's parameters."""
-        return ckpt.prefixed("policy", self.net.state_dict())
+        """What `pl.load` needs: the acting network's parameters (and the dataset's observation statistics)."""
+        return _policy_tensors(self.net, self.obs_norm)
 
     def state(self) -> tuple[dict[str, Tensor], dict[str, Any]]:
         tensors = self.policy_tensors()
@@ -375,7 +506,7 @@ class OffPolicyLoop:
             optim_tensors, optimizers[name] = ckpt.optimizer_to_flat(f"optim_{name}", optimizer)
             tensors.update(optim_tensors)
         buffer_meta = None
-        if self.cfg.save_buffer:
+        if self.cfg.save_buffer and self.buffer is not None:
             buffer_tensors, buffer_meta = self.buffer.state()
             tensors.update(ckpt.prefixed("buffer", buffer_tensors))
         env_json = _env_state(self.env, self.obs, self.algo.generator, tensors)
@@ -389,6 +520,9 @@ class OffPolicyLoop:
             "updates_after": self.updates_after,
             "optimizers": optimizers,
             "buffer": buffer_meta,
+            "dataset": None
+            if self.dataset is None
+            else {"path": str(self.dataset.path), "sha256": self.dataset.checksum},
             "env": env_json,
             "episodes": self.tracker.state(),
             "spaces": _spaces_json(self),
@@ -411,8 +545,11 @@ class OffPolicyLoop:
         obs = _load_env_state(self.env, self.algo.generator, state, tensors)
         notes = [] if obs is not None else [_ENV_RESTARTS]
         self.obs = obs if obs is not None else self.env.reset(seed=self.cfg.seed + self.iteration)
-        if state.get("buffer") is not None:
+        notes += self._dataset_notes(state.get("dataset"))
+        if state.get("buffer") is not None and self.buffer is not None:
             self.buffer.load(ckpt.unprefixed("buffer", tensors), state["buffer"])
+        elif self.buffer is None or self.step <= self.offline_steps:
+            pass  # nothing collected online yet: the dataset (reloaded) is all the replay there is
         else:
             refill = max(self.cfg.learning_starts, self.cfg.batch_size)
             self.updates_after = self.step + refill
@@ -422,8 +559,24 @@ class OffPolicyLoop:
             )
         return notes
 
+    def _dataset_notes(self, saved: dict[str, Any] | None) -> list[str]:
+        """A note when the dataset changed since the checkpoint (same path, other contents)."""
+        if saved is None or self.dataset is None or saved.get("sha256") in (None, self.dataset.checksum):
+            return []
+        return [
+            f"the dataset {saved['path']} changed since the checkpoint (sha256 {saved['sha256'][:12]}... now "
+            f"{str(self.dataset.checksum)[:12]}...): this run will not match an uninterrupted one"
+        ]
+
     def close(self) -> None:
         self.env.close()
+
+
+def _policy_tensors(net: torch.nn.Module, obs_norm: ObsNormalizer | None) -> dict[str, Tensor]:
+    tensors = ckpt.prefixed("policy", net.state_dict())
+    if obs_norm is not None:
+        tensors.update({f"obs_norm/{k}": torch.from_numpy(np.asarray(v)) for k, v in obs_norm.rms.state().items()})
+    return tensors
 
 
 def _spaces_json(loop: Loop) -> dict[str, Any]:
@@ -539,6 +692,8 @@ def train(
     steps: int | str | None = None,
     seed: int | None = None,
     *,
+    dataset: str | Path | None = None,
+    online_steps: int | str | None = None,
     config: str | Path | dict[str, Any] | None = None,
     overrides: dict[str, Any] | None = None,
     preset: str | None = "auto",
@@ -553,27 +708,32 @@ def train(
 
     `pl.train("ppo", env="CartPole-v1", steps=100_000, seed=1)` uses the tuned
     preset for the env when there is one. `resume=run_dir` continues a run.
+    `dataset=path`: offline training for `steps` gradient steps in the dataset's env (`online_steps`: then
+    online), or hybrid with `overrides={"offline_ratio": p}` (see OffPolicyConfig).
     `callback(info)` runs after every iteration; returning False stops the run
     with a checkpoint, as Ctrl-C does. `progress`: None shows a live bar on a
     terminal (lines otherwise), False prints no progress.
     """
     say = print if verbose else (lambda *a, **k: None)
     if resume is not None:
-        if env is not None or seed is not None or overrides or config is not None:
+        if env is not None or seed is not None or overrides or config is not None or dataset is not None:
             raise ConfigError(
                 "--resume continues a run with its saved config",
                 "drop --env/--seed/--set/--config (only --steps may change)",
             )
         session = _Session.resumed(algo, resume, steps)
     else:
-        session = _Session.new(algo, env, steps, seed, config, overrides, preset, name, runs_dir)
+        data = {"dataset": dataset, "online_steps": online_steps}
+        session = _Session.new(algo, env, steps, seed, config, overrides, preset, name, runs_dir, data)
     for note in session.notes:
         say(note)
     cfg, loop = session.cfg, session.loop
-    bar = Progress(cfg.steps, f"{session.spec.name} {cfg.env}", enabled=progress if verbose else False, start=loop.step)
+    bar = Progress(
+        loop.total, f"{session.spec.name} {cfg.env}", enabled=progress if verbose else False, start=loop.step
+    )
     try:
         with _StopFlag() as stop:
-            while loop.step < cfg.steps:
+            while loop.step < loop.total:
                 info = session.iterate()
                 bar.update(loop.step, info.metrics["fps"], info.mean_return)
                 if stop.requested or (callback is not None and callback(info) is False):
@@ -590,6 +750,7 @@ def train(
         say(
             f"done: {loop.step:,} steps; evaluation over {run.final_eval['episodes']} episodes: "
             f"return {run.final_eval['return_mean']:.1f} +/- {run.final_eval['return_std']:.1f}"
+            + (f", normalized score {run.final_eval['score']:.1f}" if "score" in run.final_eval else "")
         )
         if run.best is not None:
             which = " (the final policy)" if run.best["step"] == loop.step else ""
@@ -632,9 +793,10 @@ class _Session:
         preset: str | None,
         name: str | None,
         runs_dir: str | Path,
+        data: dict[str, Any],
     ) -> _Session:
         spec = get_algo(algo)
-        cfg, notes = resolve_config(spec, env, steps, seed, config, overrides, preset)
+        cfg, notes = resolve_config(spec, env, steps, seed, config, overrides, preset, **data)
         loop = LOOPS[spec.kind](spec, cfg)  # env and networks first: a failed start leaves no run directory behind
         run_dir = new_run_dir(
             runs_dir, name or f"{spec.name}-{cfg.env.replace('/', '_').replace(':', '_')}-s{cfg.seed}"
@@ -692,16 +854,24 @@ class _Session:
             }
         )
         eval_return = None
-        if cfg.eval_every and self.next_eval <= loop.step < cfg.steps:
-            result = evaluate(loop.policy(), cfg.eval_episodes, cfg.seed + 10_000 + loop.iteration)
+        if cfg.eval_every and self.next_eval <= loop.step < loop.total:
+            result = self._evaluate(cfg.seed + 10_000 + loop.iteration)
             self.log.log_eval(_eval_row(loop.step, elapsed, result))
             self.next_eval = _next_multiple(loop.step, cfg.eval_every)
             eval_return = float(result["return_mean"])
             self._keep_if_best(result)
-        if cfg.checkpoint_every and self.next_ckpt <= loop.step < cfg.steps:
+        if cfg.checkpoint_every and self.next_ckpt <= loop.step < loop.total:
             self.last_ckpt = self.save()
             self.next_ckpt = _next_multiple(loop.step, cfg.checkpoint_every)
         return IterationInfo(loop.step, loop.iteration, elapsed, mean_ret, loop.tracker.episodes, values, eval_return)
+
+    def _evaluate(self, seed: int) -> dict[str, Any]:
+        """A deterministic evaluation; with a dataset that has reference returns, also its normalized score."""
+        result = evaluate(self.loop.policy(), self.cfg.eval_episodes, seed)
+        score = self.loop.score(result["return_mean"])
+        if score is not None:
+            result["score"] = score
+        return result
 
     def save(self) -> Path:
         tensors, state = self.loop.state()
@@ -729,10 +899,10 @@ class _Session:
     def finish(self) -> Run:
         """The final evaluation (it competes for best/) and summary (skipped when the run was stopped early)."""
         loop, cfg = self.loop, self.cfg
-        interrupted = loop.step < cfg.steps
+        interrupted = loop.step < loop.total
         final_eval = None
         if not interrupted:
-            final_eval = evaluate(loop.policy(), cfg.eval_episodes, cfg.seed + 20_000)
+            final_eval = self._evaluate(cfg.seed + 20_000)
             self.log.log_eval(_eval_row(loop.step, self.elapsed, final_eval))
             self._keep_if_best(final_eval)
         best = None if self.best is None else {**self.best, "dir": ckpt.BEST}

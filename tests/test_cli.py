@@ -121,10 +121,11 @@ def test_preset_none_opts_out(capsys, tmp_path):
     assert code == 0 and "using the tuned" not in out
 
 
-def test_list_shows_algorithms_and_presets(capsys):
+def test_list_shows_algorithms_and_presets(capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "200")
     assert main(["list"]) == 0
     out = capsys.readouterr().out
-    for name in ("ppo", "a2c", "reinforce", "CartPole-v1", "InvertedPendulum-v5"):
+    for name in ("ppo", "a2c", "reinforce", "iql", "td3_bc", "offline-to-online", "CartPole-v1", "InvertedPendulum-v5"):
         assert name in out
 
 

@@ -88,6 +88,7 @@ def test_fused_dqn_step_equals_autograd(overrides):
         ("td3", {}),
         ("td3", {"activation": "tanh", "max_grad_norm": 0.5, "n_critics": 3, "prioritized": True}),
         ("ddpg", {}),
+        ("td3", {"bc_alpha": 2.5}),  # TD3+BC's actor loss
     ],
 )
 def test_fused_td3_step_equals_autograd(algo_name, overrides):

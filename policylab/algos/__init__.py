@@ -6,12 +6,14 @@ from dataclasses import dataclass
 from typing import Any
 
 from policylab.algos.a2c import A2C, A2CConfig
+from policylab.algos.bc import BC, BCConfig
 from policylab.algos.dqn import DQN, DQNConfig
+from policylab.algos.iql import IQL, IQLConfig
 from policylab.algos.ppo import PPO, PPOConfig
 from policylab.algos.reinforce import Reinforce, ReinforceConfig
 from policylab.algos.sac import SAC, SACConfig
 from policylab.algos.sac_discrete import DiscreteSAC, DiscreteSACConfig
-from policylab.algos.td3 import TD3, DDPGConfig, TD3Config
+from policylab.algos.td3 import TD3, DDPGConfig, TD3BCConfig, TD3Config
 from policylab.algos.tqc import TQC, TQCConfig
 from policylab.errors import ConfigError, suggest
 
@@ -25,25 +27,31 @@ class AlgoSpec:
     kind: str
     """on-policy: the loop collects rollouts with the current policy and hands them to update(rollout, progress).
     off-policy: the loop steps the envs into a replay buffer and calls update(batch, index) on sampled batches
-    (the interface is described in algos/offpolicy.py)."""
+    (the interface is described in algos/offpolicy.py); with a dataset, the batches come from it, or from both
+    (data/sources.py). The offline algorithms are off-policy algorithms whose defaults expect a dataset."""
     regimes: tuple[str, ...]
     summary: str
 
 
+ONLINE = ("online",)
+OFF_POLICY = ("online", "offline", "hybrid", "offline-to-online")
+OFFLINE = ("offline", "offline-to-online", "hybrid")
+
 ALGORITHMS: dict[str, AlgoSpec] = {
     spec.name: spec
     for spec in (
-        AlgoSpec("ppo", PPOConfig, PPO, "on-policy", ("online",), "PPO-clip: epochs of minibatch updates per rollout"),
-        AlgoSpec("a2c", A2CConfig, A2C, "on-policy", ("online",), "A2C: one gradient step per short rollout"),
-        AlgoSpec(
-            "reinforce", ReinforceConfig, Reinforce, "on-policy", ("online",), "REINFORCE with a learned baseline"
-        ),
-        AlgoSpec("dqn", DQNConfig, DQN, "off-policy", ("online",), "DQN: double, dueling, n-step, prioritized"),
-        AlgoSpec("ddpg", DDPGConfig, TD3, "off-policy", ("online",), "DDPG: deterministic actor, one critic"),
-        AlgoSpec("td3", TD3Config, TD3, "off-policy", ("online",), "TD3: twin critics, smoothing, delayed actor"),
-        AlgoSpec("sac", SACConfig, SAC, "off-policy", ("online",), "SAC: max-entropy actor-critic, auto temperature"),
-        AlgoSpec("sac_discrete", DiscreteSACConfig, DiscreteSAC, "off-policy", ("online",), "SAC for discrete actions"),
-        AlgoSpec("tqc", TQCConfig, TQC, "off-policy", ("online",), "TQC: SAC with truncated quantile critics"),
+        AlgoSpec("ppo", PPOConfig, PPO, "on-policy", ONLINE, "PPO-clip: epochs of minibatch updates per rollout"),
+        AlgoSpec("a2c", A2CConfig, A2C, "on-policy", ONLINE, "A2C: one gradient step per short rollout"),
+        AlgoSpec("reinforce", ReinforceConfig, Reinforce, "on-policy", ONLINE, "REINFORCE with a learned baseline"),
+        AlgoSpec("dqn", DQNConfig, DQN, "off-policy", OFF_POLICY, "DQN: double, dueling, n-step, prioritized"),
+        AlgoSpec("ddpg", DDPGConfig, TD3, "off-policy", OFF_POLICY, "DDPG: deterministic actor, one critic"),
+        AlgoSpec("td3", TD3Config, TD3, "off-policy", OFF_POLICY, "TD3: twin critics, smoothing, delayed actor"),
+        AlgoSpec("sac", SACConfig, SAC, "off-policy", OFF_POLICY, "SAC: max-entropy actor-critic, auto temperature"),
+        AlgoSpec("sac_discrete", DiscreteSACConfig, DiscreteSAC, "off-policy", OFF_POLICY, "SAC for discrete actions"),
+        AlgoSpec("tqc", TQCConfig, TQC, "off-policy", OFF_POLICY, "TQC: SAC with truncated quantile critics"),
+        AlgoSpec("bc", BCConfig, BC, "off-policy", OFFLINE, "behaviour cloning (deterministic, Gaussian, discrete)"),
+        AlgoSpec("td3_bc", TD3BCConfig, TD3, "off-policy", OFFLINE, "TD3+BC: TD3 with a behaviour-cloning term"),
+        AlgoSpec("iql", IQLConfig, IQL, "off-policy", OFFLINE, "IQL: expectile values, advantage-weighted actor"),
     )
 }
 
@@ -64,6 +72,10 @@ __all__ = [
     "get_algo",
     "A2C",
     "A2CConfig",
+    "BC",
+    "BCConfig",
+    "IQL",
+    "IQLConfig",
     "PPO",
     "PPOConfig",
     "Reinforce",

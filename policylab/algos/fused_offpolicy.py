@@ -25,6 +25,7 @@ from torch import Tensor
 
 from policylab.data import Batch
 from policylab.nets.critics import tanh_gaussian_log_prob
+from policylab.objectives.offline import td3_bc_lambda
 from policylab.objectives.q_targets import dqn_target, sac_target, target_policy_smoothing, td3_target
 
 if TYPE_CHECKING:
@@ -173,16 +174,22 @@ def fused_td3_update(algo: TD3, batch: Batch, index: int) -> dict[str, Tensor]:
             out, actor_inputs = actor.body.forward_cached(obs)
             a = torch.tanh(out[0])
             q1, pi_inputs = critic.body.forward_cached(torch.cat([obs, a], -1), members=1)
-            g_q1 = torch.full_like(q1, -1.0 / n)
+            # TD3+BC: L = -lambda mean Q_1 + mean (a - a_data)^2, dL/da = -lambda dQ_1/da / B + 2 (a - a_data) / (B A)
+            lam = td3_bc_lambda(q1, cfg.bc_alpha) if cfg.bc_alpha > 0 else None
+            g_q1 = torch.full_like(q1, -1.0 / n) if lam is None else (-lam / n).expand_as(q1)
             g_input = critic.body.backward(pi_inputs, g_q1, weight_grads=False, input_grad=True, members=1)
             assert g_input is not None
-            g_out = g_input[:, :, obs.shape[1] :] * (1.0 - a * a)
+            g_a = g_input[:, :, obs.shape[1] :]
+            if lam is not None:
+                gap = a - batch.actions.flatten(1)
+                g_a = torch.add(g_a, gap, alpha=2.0 / gap.numel())
+            g_out = g_a * (1.0 - a * a)
             algo.actor_opt.zero_grad_unless_written_by(actor.body)
             actor.body.backward(actor_inputs, g_out)
             algo.actor_opt.clip_and_step()
             algo.actor_target.update(cfg.tau)
             algo.critic_target.update(cfg.tau)
-            metrics["actor_loss"] = -q1.mean()
+            metrics["actor_loss"] = -q1.mean() if lam is None else -lam * q1.mean() + gap.pow(2).mean()
         if cfg.prioritized:
             metrics["td_error"] = td.abs().mean(0)
     return metrics

@@ -70,6 +70,13 @@ class OffPolicyConfig(CommonConfig):
     refills the buffer before updating again."""
     log_every: int = 1_000
     """Env steps per training iteration: one log row, progress update and NaN check each."""
+    offline_ratio: float | None = None
+    """With a `dataset`: the share of each batch drawn from the dataset while the envs are stepped (RLPD-style
+    symmetric sampling at 0.5): from the start (hybrid: `steps` are env steps), or after the offline `steps`
+    with `online_steps`. None: a dataset run trains offline for `steps` gradient steps, then (`online_steps`)
+    online with the dataset as the start of its replay buffer."""
+    online_steps: int = 0
+    """With a `dataset`: env steps of online training after the offline `steps` (offline-to-online)."""
     analytic_grads: bool = True
     """Fast path where an algorithm has one (SAC, TD3/DDPG, DQN with ReLU/tanh MLPs): hand-derived gradients,
     the same update as autograd's (tested); false forces autograd."""
@@ -92,15 +99,50 @@ class OffPolicyConfig(CommonConfig):
             raise ConfigError(f"tau={self.tau} is outside (0, 1]", "set tau to e.g. 0.005 (1.0: hard target copies)")
         if self.lr <= 0:
             raise ConfigError(f"lr={self.lr} must be > 0", "set lr to e.g. 3e-4")
-        if self.normalize_obs or self.normalize_reward:
+        if self.normalize_reward or (self.normalize_obs and self.dataset is None):
             raise ConfigError(
-                "normalize_obs / normalize_reward are not supported by the off-policy algorithms yet",
-                "drop them (--set normalize_obs=false normalize_reward=false); off-policy presets do not use them",
+                "normalize_reward, and normalize_obs without a dataset, are not supported by the off-policy "
+                "algorithms yet",
+                "drop them (--set normalize_obs=false normalize_reward=false); with --dataset, normalize_obs uses "
+                "the dataset's statistics",
+            )
+        if self.offline_ratio is not None and not 0.0 <= self.offline_ratio <= 1.0:
+            raise ConfigError(
+                f"offline_ratio={self.offline_ratio} is outside [0, 1]",
+                "set offline_ratio to the dataset's share of each batch, e.g. 0.5",
+            )
+        if self.online_steps < 0:
+            raise ConfigError(f"online_steps={self.online_steps} must be >= 0", "set online_steps to 0 or more")
+        if self.dataset is None and (self.offline_ratio is not None or self.online_steps):
+            raise ConfigError("offline_ratio and online_steps need a dataset", "pass --dataset PATH (or drop them)")
+        if self.prioritized and self.offline_ratio not in (None, 0.0, 1.0):
+            raise ConfigError(
+                "prioritized replay with a mixed batch (0 < offline_ratio < 1) is not supported",
+                "drop prioritized, or use offline_ratio 0 or 1",
             )
 
     @property
     def updates_per_train(self) -> int:
         return self.train_freq * self.num_envs if self.gradient_steps == -1 else self.gradient_steps
+
+
+@dataclass
+class OfflineConfig(OffPolicyConfig):
+    """What the offline algorithms (BC, IQL, ...) share: `steps` counts gradient steps on the `dataset`,
+    observations are normalized with the dataset's statistics, `online_steps` continues online."""
+
+    normalize_obs: bool = True
+    learning_starts: int = 0
+    eval_every: int = 5_000
+    """Evaluation every this many gradient steps (then env steps online)."""
+
+    def validate(self) -> None:
+        if self.dataset is None:
+            raise ConfigError(
+                "this offline algorithm learns from a dataset",
+                "pass --dataset PATH (make one with `policylab collect`)",
+            )
+        super().validate()
 
 
 class FlatAdam:

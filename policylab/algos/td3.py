@@ -9,6 +9,10 @@ for each gradient step on a replay batch (s, a, r, s', done, d = gamma^n):
     every policy_delay steps:
         actor step on -mean Q_1(s, mu(s))                                 (first critic, weights frozen)
         mu' <- (1 - tau) mu' + tau mu;  Q' <- (1 - tau) Q' + tau Q
+
+TD3+BC (Fujimoto & Gu 2021, arXiv:2106.06860) is TD3 with `bc_alpha` > 0: the actor step is on
+    -lambda mean Q_1(s, mu(s)) + mean (mu(s) - a)^2,  lambda = bc_alpha / mean |Q_1(s, mu(s))| (held constant)
+with a the batch's (dataset) actions in [-1, 1] units (its registry entry pairs this class with TD3BCConfig).
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ from policylab.algos.offpolicy import (
 from policylab.data import Batch
 from policylab.errors import ConfigError
 from policylab.nets import ContinuousCritic, DeterministicActor
+from policylab.objectives.offline import td3_bc_lambda
 from policylab.objectives.q_targets import target_policy_smoothing, td3_target
 
 
@@ -51,9 +56,13 @@ class TD3Config(OffPolicyConfig):
     action_noise: float = 0.1
     """Std of the Gaussian exploration noise, in units of half the action range."""
     critic_layer_norm: bool = False
+    bc_alpha: float = 0.0
+    """TD3+BC's alpha (> 0: the actor loss adds a behaviour-cloning term, see the module docstring)."""
 
     def validate(self) -> None:
         super().validate()
+        if self.bc_alpha < 0:
+            raise ConfigError(f"bc_alpha={self.bc_alpha} must be >= 0", "set bc_alpha to e.g. 2.5 (0: plain TD3)")
         if self.n_critics < 1 or self.policy_delay < 1:
             raise ConfigError(
                 f"n_critics={self.n_critics} and policy_delay={self.policy_delay} must be >= 1",
@@ -68,6 +77,18 @@ class DDPGConfig(TD3Config):
     n_critics: int = 1
     policy_delay: int = 1
     target_noise: float = 0.0
+
+
+@dataclass
+class TD3BCConfig(TD3Config):
+    """TD3+BC with the paper's and CORL's values (alpha 2.5, lr 3e-4, [256, 256], observations normalized with
+    the dataset's statistics); an offline algorithm, so `steps` counts gradient steps."""
+
+    lr: float = 3e-4
+    hidden_sizes: list[int] = field(default_factory=lambda: [256, 256])
+    bc_alpha: float = 2.5
+    normalize_obs: bool = True
+    learning_starts: int = 0
 
 
 class TD3:
@@ -138,8 +159,14 @@ class TD3:
         metrics = {"critic_loss": critic_loss.detach(), "q": (td.detach() + target).mean()}
         if (index + 1) % cfg.policy_delay == 0:  # SB3 counts updates from 1
             self.critic.requires_grad_(False)  # the actor loss needs dQ/da, not critic weight gradients
-            actor_loss = -self.critic(batch.obs, self.net(batch.obs), members=1).mean()
+            pi = self.net(batch.obs)
+            q_pi = self.critic(batch.obs, pi, members=1)
             self.critic.requires_grad_(True)
+            if cfg.bc_alpha > 0:
+                lam = td3_bc_lambda(q_pi, cfg.bc_alpha)
+                actor_loss = -lam * q_pi.mean() + (pi - batch.actions).pow(2).mean()
+            else:
+                actor_loss = -q_pi.mean()
             self.actor_opt.step(actor_loss)
             self.actor_target.update(cfg.tau)
             self.critic_target.update(cfg.tau)

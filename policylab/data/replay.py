@@ -140,6 +140,45 @@ class ReplayBuffer:
         self.transitions_added += self.num_envs
         self.filled = min(self.slots, self.filled + (2 if ended else 1))
 
+    def add_episodes(
+        self,
+        observations: np.ndarray | Tensor,
+        actions: np.ndarray | Tensor,
+        rewards: np.ndarray | Tensor,
+        terminations: np.ndarray | Tensor,
+        episode_lengths: np.ndarray,
+    ) -> None:
+        """Whole episodes at once (a dataset; one-env buffers only), in the layout `add` gives them: each
+        episode's T + 1 observations on consecutive slots, its T transitions on the first T of them and its
+        final observation on the last (never sampled). `observations` holds the episodes back to back
+        ([sum(T) + E, *obs_shape]), the other arrays [sum(T)]. A few vectorized copies, no loop over steps."""
+        if self.num_envs != 1:
+            raise ValueError("add_episodes needs a one-env buffer (num_envs=1)")
+        lengths = np.asarray(episode_lengths, np.int64)
+        n_obs = int(lengths.sum() + len(lengths))
+        start = int(self.ptr[0])
+        if start + n_obs + 1 > self.slots:  # + the slot the next `add` writes its pending obs into
+            raise ValueError(f"{n_obs:,} dataset slots do not fit after slot {start:,} of a {self.slots:,}-slot buffer")
+        ends = np.cumsum(lengths + 1) - 1  # the final-obs slot of each episode, relative to `start`
+        is_step = np.ones(n_obs, bool)
+        is_step[ends] = False
+        step_slots = torch.from_numpy(start + np.flatnonzero(is_step)).to(self.device)
+        last_steps = torch.from_numpy(start + ends - 1).to(self.device)
+        as_tensor = lambda x, dtype=None: torch.as_tensor(x, dtype=dtype, device=self.device)  # noqa: E731
+        self.obs[start : start + n_obs, 0] = as_tensor(observations, self.obs.dtype)
+        self.actions[step_slots, 0] = as_tensor(actions, self.actions.dtype)
+        self.rewards[step_slots, 0] = as_tensor(rewards, self.rewards.dtype)
+        self.terminated[step_slots, 0] = as_tensor(terminations, torch.bool)
+        self.episode_end[start : start + n_obs, 0] = False
+        self.episode_end[last_steps, 0] = True
+        self.valid[start : start + n_obs, 0] = as_tensor(is_step)
+        self.valid[start + n_obs, 0] = False
+        self.ptr[0] = start + n_obs
+        if self.tree is not None:
+            self.tree.set(step_slots, torch.full((len(step_slots),), self.max_priority, dtype=torch.float64))
+        self.transitions_added += int(lengths.sum())
+        self.filled = min(self.slots, max(self.filled, start + n_obs))
+
     def _new_priorities(self, slot: Tensor, after: Tensor, started: Tensor, envs: Tensor) -> None:
         """New transitions get the highest priority so far; the pending and final-obs slots get none."""
         assert self.tree is not None

@@ -5,6 +5,8 @@ from policylab.nets.critics import (
     CategoricalActor,
     ContinuousCritic,
     DeterministicActor,
+    DiscreteBCActor,
+    GaussianActor,
     QNetwork,
     TanhGaussianActor,
 )
@@ -17,6 +19,8 @@ __all__ = [
     "CategoricalHead",
     "ContinuousCritic",
     "DeterministicActor",
+    "DiscreteBCActor",
+    "GaussianActor",
     "GaussianHead",
     "MultiCategoricalHead",
     "QNetwork",

@@ -184,6 +184,65 @@ class TanhGaussianActor(_BoundedActor):
         return scale_to_bounds(squashed, self.low, self.high)
 
 
+class GaussianActor(_BoundedActor):
+    """The offline actors' policy (IQL, AWAC as in CORL): a ~ N(tanh(mu(s)), exp(log_std)) in [-1, 1] units, with
+    a state-independent log-std. Its density is defined at dataset actions on the bounds (where a tanh-squashed
+    Gaussian's is not), which advantage-weighted regression needs; sampled actions are clipped to [-1, 1]."""
+
+    def __init__(
+        self,
+        obs_dim: int,
+        low: Tensor,
+        high: Tensor,
+        hidden_sizes: Sequence[int] = (256, 256),
+        activation: str = "relu",
+        log_std_bounds: tuple[float, float] = (-5.0, 2.0),
+    ) -> None:
+        super().__init__(low, high)
+        self.act_dim = low.numel()
+        self.body = StackedMLP(1, obs_dim, hidden_sizes, self.act_dim, activation)
+        self.log_std = nn.Parameter(torch.zeros(self.act_dim))
+        self.log_std_bounds = log_std_bounds
+
+    def forward(self, obs: Tensor) -> Tensor:
+        """The deterministic action, the mean tanh(mu(s))."""
+        return torch.tanh(self.body(obs.flatten(1))[0])
+
+    def log_prob(self, obs: Tensor, actions: Tensor) -> Tensor:
+        """log N(actions; tanh(mu(s)), std), summed over action dims: [B]."""
+        log_std = self.log_std.clamp(*self.log_std_bounds)
+        z = (actions - self(obs)) * torch.exp(-log_std)
+        return (-0.5 * z * z - log_std - 0.5 * _LOG_2PI).sum(-1)
+
+    def sample(self, obs: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        mean = self(obs)
+        noise = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
+        return (mean + self.log_std.clamp(*self.log_std_bounds).exp() * noise).clamp(-1.0, 1.0)
+
+    def env_action(self, obs: Tensor, deterministic: bool = True, generator: torch.Generator | None = None) -> Tensor:
+        return scale_to_bounds(self(obs) if deterministic else self.sample(obs, generator), self.low, self.high)
+
+
+class DiscreteBCActor(nn.Module):
+    """Behaviour cloning's policy for Discrete actions: logits of a softmax policy, acting greedily."""
+
+    def __init__(
+        self, obs_dim: int, n_actions: int, hidden_sizes: Sequence[int] = (256, 256), activation: str = "relu"
+    ):
+        super().__init__()
+        self.body = StackedMLP(1, obs_dim, hidden_sizes, n_actions, activation)
+
+    def forward(self, obs: Tensor) -> Tensor:
+        """Logits [B, n_actions]."""
+        return self.body(obs.flatten(1))[0]
+
+    def env_action(self, obs: Tensor, deterministic: bool = True, generator: torch.Generator | None = None) -> Tensor:
+        logits = self(obs)
+        if deterministic:
+            return logits.argmax(-1)
+        return torch.multinomial(torch.softmax(logits, -1), 1, generator=generator).squeeze(-1)
+
+
 class CategoricalActor(nn.Module):
     """Discrete SAC's actor: the whole distribution (probabilities and log-probabilities) for every action."""
 

@@ -1,0 +1,117 @@
+"""Where the off-policy loop's batches come from: online replay, a dataset, or both.
+
+The data regime is a setting, not a trainer: the same `ReplayBuffer` holds a dataset (loaded once, with
+`add_episodes`, into preallocated tensors: sampling from a dataset costs what sampling from replay costs,
+n-step returns included) or env experience, and `BatchSource` draws each batch from one of them or, with an
+offline share p, p * B rows from the dataset and the rest from online replay (RLPD's symmetric sampling).
+Every algorithm sees the same `Batch` fields whichever way a batch was made.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import gymnasium as gym
+import numpy as np
+import torch
+
+from policylab.data.batch import Batch
+from policylab.data.replay import ReplayBuffer
+from policylab.errors import DatasetError
+
+if TYPE_CHECKING:
+    from policylab.data.dataset import Dataset
+    from policylab.envs import ObsNormalizer
+
+
+def replay_actions(actions: np.ndarray, action_space: gym.Space) -> np.ndarray:
+    """Env actions -> the replay format: Box actions scaled from [low, high] to [-1, 1] (what the off-policy
+    actors and critics work in), Discrete actions as they are."""
+    if isinstance(action_space, gym.spaces.Box):
+        low, high = action_space.low.astype(np.float32), action_space.high.astype(np.float32)
+        return (2.0 * (actions.astype(np.float32) - low) / (high - low) - 1.0).astype(np.float32)
+    return actions
+
+
+def dataset_buffer(
+    dataset: Dataset,
+    action_shape: tuple[int, ...],
+    action_dtype: torch.dtype,
+    *,
+    n_step: int = 1,
+    gamma: float = 0.99,
+    extra_capacity: int = 0,
+    prioritized: bool = False,
+    obs_normalizer: ObsNormalizer | None = None,
+    device: str = "cpu",
+) -> ReplayBuffer:
+    """A one-env replay buffer holding `dataset` (observations normalized by `obs_normalizer` if given), with
+    room for `extra_capacity` more transitions (offline-to-online runs keep adding to it)."""
+    obs = dataset.observations if obs_normalizer is None else obs_normalizer(dataset.observations)
+    shape = tuple(obs.shape[1:])
+    capacity = dataset.num_steps + dataset.num_episodes + 1 + extra_capacity
+    buffer = ReplayBuffer(
+        capacity,
+        1,
+        shape,
+        action_shape,
+        action_dtype,
+        n_step=n_step,
+        gamma=gamma,
+        prioritized=prioritized,
+        device=device,
+    )
+    actions = replay_actions(dataset.actions, dataset.action_space).reshape(len(dataset.actions), *action_shape)
+    buffer.add_episodes(obs, actions, dataset.rewards, dataset.terminations, dataset.episode_lengths)
+    return buffer
+
+
+def dataset_normalizer(dataset: Dataset, clip: float) -> ObsNormalizer:
+    """Observation normalization with the dataset's mean and variance (fixed for the whole run)."""
+    from policylab.envs import ObsNormalizer
+
+    normalizer = ObsNormalizer(tuple(dataset.observations.shape[1:]), clip)
+    obs = dataset.observations.astype(np.float64)
+    normalizer.rms.load({"mean": obs.mean(0), "var": obs.var(0), "count": np.array(float(len(obs)))})
+    return normalizer
+
+
+class BatchSource:
+    """Draws replay batches: all from `online`, all from `offline`, or a fixed share from each."""
+
+    def __init__(self, online: ReplayBuffer | None, offline: ReplayBuffer | None, offline_ratio: float) -> None:
+        if online is None and offline is None:
+            raise ValueError("a BatchSource needs a buffer")
+        if not 0.0 <= offline_ratio <= 1.0:
+            raise DatasetError(f"offline_ratio={offline_ratio} is outside [0, 1]", "set offline_ratio to e.g. 0.5")
+        self.online, self.offline, self.offline_ratio = online, offline, offline_ratio
+
+    def split(self, batch_size: int) -> tuple[int, int]:
+        """(rows from the dataset, rows from online replay) of one batch."""
+        if self.online is None:
+            return batch_size, 0
+        if self.offline is None:
+            return 0, batch_size
+        offline = int(round(batch_size * self.offline_ratio))
+        return offline, batch_size - offline
+
+    def sample(self, batch_size: int, generator: torch.Generator | None = None) -> Batch:
+        n_offline, n_online = self.split(batch_size)
+        if n_online == 0:
+            assert self.offline is not None
+            return self.offline.sample(batch_size, generator)
+        if n_offline == 0:
+            assert self.online is not None
+            return self.online.sample(batch_size, generator)
+        assert self.offline is not None and self.online is not None
+        first, second = self.offline.sample(n_offline, generator), self.online.sample(n_online, generator)
+        fields = [k for k in first.keys() if k != "indices"]  # indices of two buffers do not mix
+        return Batch(**{k: torch.cat([getattr(first, k), getattr(second, k)]) for k in fields})
+
+    def update_priorities(self, batch: Batch, td_errors: torch.Tensor) -> None:
+        """Prioritized replay: new priorities for a batch drawn from one buffer (mixed batches are refused by
+        the config: their indices belong to two buffers)."""
+        n_offline, _ = self.split(len(batch))
+        buffer = self.offline if n_offline else self.online
+        if buffer is not None and buffer.prioritized:
+            buffer.update_priorities(batch.indices, td_errors)

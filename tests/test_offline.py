@@ -1,0 +1,316 @@
+"""Offline and hybrid training: dataset batches, the offline losses, collect, learning, resume, bad input."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import policylab as pl
+from policylab.cli import main
+from policylab.collect import collect, collect_from_buffer
+from policylab.data import ReplayBuffer
+from policylab.data.dataset import load_dataset
+from policylab.data.sources import BatchSource
+from policylab.errors import ConfigError, DatasetError, PolicylabError
+from policylab.objectives.offline import advantage_weights, expectile_loss, td3_bc_lambda
+from tests.helpers import assert_same_params, params_of
+
+SMALL_NETS = {"hidden_sizes": [64, 64], "log_every": 250}
+
+
+def pendulum_expert(obs: np.ndarray) -> np.ndarray:
+    """A swing-up controller for Pendulum-v1 (about -170 per episode): pump energy, then hold with PD control."""
+    cos, sin, vel = obs[:, 0], obs[:, 1], obs[:, 2]
+    energy = 0.5 * vel**2 + 10.0 * (cos - 1.0)  # 0 at rest at the top
+    swing = np.where(energy < 0, 2.0 * np.sign(vel + 1e-6), -0.5 * vel)
+    hold = np.clip(-10.0 * np.arctan2(sin, cos) - 2.0 * vel, -2.0, 2.0)
+    return np.where(cos > 0.85, hold, swing)[:, None]
+
+
+def cartpole_expert(obs: np.ndarray) -> np.ndarray:
+    """Push towards where the pole falls (CartPole-v1: 500 in most episodes)."""
+    return (obs[:, 2] + 0.5 * obs[:, 3] > 0).astype(np.int64)
+
+
+@pytest.fixture(scope="module")
+def datasets(tmp_path_factory):
+    root = tmp_path_factory.mktemp("datasets")
+    expert = collect("Pendulum-v1", pendulum_expert, 20, seed=0, out=root / "pendulum-expert")
+    medium = collect(
+        "Pendulum-v1",
+        pendulum_expert,
+        20,
+        noise=0.5,
+        seed=1,
+        out=root / "pendulum-medium",
+        ref_max_score=expert.ref_max_score,
+    )
+    cartpole = collect("CartPole-v1", cartpole_expert, 10, noise=0.2, seed=2, out=root / "cartpole")
+    return {"expert": expert.path, "medium": medium.path, "cartpole": cartpole.path, "root": root}
+
+
+# --- the offline losses against hand-computed values --------------------------------------------------------
+
+
+def test_expectile_loss_weights_negative_errors_by_one_minus_tau():
+    diff = torch.tensor([2.0, -1.0, 0.5, -3.0])
+    # tau 0.7: (0.7*4 + 0.3*1 + 0.7*0.25 + 0.3*9) / 4
+    assert expectile_loss(diff, 0.7).item() == pytest.approx((2.8 + 0.3 + 0.175 + 2.7) / 4)
+    assert expectile_loss(diff, 0.5).item() == pytest.approx(0.5 * (diff**2).mean().item())
+
+
+def test_advantage_weights_are_clipped_exponentials():
+    w = advantage_weights(torch.tensor([0.0, 1.0, -2.0, 10.0]), beta=3.0, max_weight=100.0)
+    torch.testing.assert_close(w, torch.tensor([1.0, math.exp(3.0), math.exp(-6.0), 100.0]))
+
+
+def test_td3_bc_lambda_is_alpha_over_mean_abs_q():
+    q = torch.tensor([[1.0, -3.0, 2.0]], requires_grad=True)
+    lam = td3_bc_lambda(q, 2.5)
+    assert lam.item() == pytest.approx(2.5 / 2.0)
+    assert not lam.requires_grad
+
+
+def test_td3_bc_actor_loss_matches_the_paper(datasets):
+    """-lambda mean Q + mean (pi(s) - a)^2 with lambda = alpha / mean |Q|, recomputed by hand on one batch."""
+    loop = _loop("td3_bc", datasets["medium"], {"policy_delay": 1, "lr": 1e-3})
+    algo = loop.algo
+    batch = loop.offline_source.sample(32, torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        pi = algo.net(batch.obs)
+        q = algo.critic(batch.obs, pi, members=1)
+    metrics = algo.update(batch, 0)
+    # the critic stepped first; the actor loss uses the critic after its step
+    with torch.no_grad():
+        critic_after = algo.critic(batch.obs, pi, members=1)
+    expected = -(2.5 / critic_after.abs().mean()) * critic_after.mean() + (pi - batch.actions).pow(2).mean()
+    assert metrics["actor_loss"].item() == pytest.approx(expected.item(), rel=1e-4)
+    assert not torch.equal(q, critic_after)
+    loop.close()
+
+
+# --- datasets in replay buffers, mixed batches ---------------------------------------------------------------
+
+
+def test_add_episodes_gives_the_layout_of_add_and_n_step_returns_stop_at_episode_ends():
+    lengths = np.array([3, 2])
+    obs = np.arange(7, dtype=np.float32)[:, None]  # episode 0: obs 0..3, episode 1: obs 4..6
+    rewards = np.array([1.0, 2.0, 3.0, 10.0, 20.0], np.float32)
+    terminations = np.array([False, False, True, False, False])
+    buffer = ReplayBuffer(20, 1, (1,), (1,), n_step=2, gamma=0.5)
+    buffer.add_episodes(obs, np.zeros((5, 1), np.float32), rewards, terminations, lengths)
+    assert len(buffer) == 5 and buffer.transitions_added == 5
+    batch = buffer.gather(torch.tensor([0, 1, 2, 4, 5]))
+    torch.testing.assert_close(batch.obs[:, 0], torch.tensor([0.0, 1.0, 2.0, 4.0, 5.0]))
+    torch.testing.assert_close(batch.rewards, torch.tensor([1 + 0.5 * 2, 2 + 0.5 * 3, 3.0, 10 + 0.5 * 20, 20.0]))
+    torch.testing.assert_close(batch.next_obs[:, 0], torch.tensor([2.0, 3.0, 3.0, 6.0, 6.0]))
+    assert batch.terminated.tolist() == [False, True, True, False, False]
+    torch.testing.assert_close(batch.discounts, torch.tensor([0.25, 0.25, 0.5, 0.25, 0.5]))
+    drawn = buffer.sample(500, torch.Generator().manual_seed(0)).obs[:, 0]
+    assert set(drawn.tolist()) == {0.0, 1.0, 2.0, 4.0, 5.0}, "final observations are never sampled"
+
+
+def test_a_mixed_batch_takes_its_share_from_each_buffer():
+    def filled(value: float) -> ReplayBuffer:
+        buffer = ReplayBuffer(50, 1, (1,), (1,))
+        obs = np.full((11, 1), value, np.float32)
+        buffer.add_episodes(obs, np.zeros((10, 1)), np.zeros(10), np.zeros(10, bool), np.array([10]))
+        return buffer
+
+    source = BatchSource(filled(1.0), filled(-1.0), 0.25)
+    batch = source.sample(64, torch.Generator().manual_seed(0))
+    assert (batch.obs == -1.0).sum().item() == 16 and (batch.obs == 1.0).sum().item() == 48
+    assert "indices" not in batch
+    with pytest.raises(DatasetError, match="offline_ratio"):
+        BatchSource(filled(1.0), filled(2.0), 1.5)
+
+
+# --- collect -------------------------------------------------------------------------------------------------
+
+
+def test_collect_keeps_whole_episodes_with_references_and_behaviour_log_probs(datasets):
+    expert, medium = load_dataset(datasets["expert"]), load_dataset(datasets["medium"])
+    assert expert.num_episodes == 20 and expert.num_steps == 20 * 200
+    assert expert.ref_min_score < -1000 and expert.ref_max_score > -250
+    assert medium.ref_max_score == expert.ref_max_score
+    assert expert.behavior_log_probs is None, "a deterministic policy has no density"
+    assert medium.behavior_log_probs is not None and np.isfinite(medium.behavior_log_probs).all()
+    assert medium.episode_returns().mean() < expert.episode_returns().mean()
+    cartpole = load_dataset(datasets["cartpole"])
+    # epsilon-greedy: log(eps / 2 + (1 - eps) [a = greedy]), two values
+    logp = cartpole.behavior_log_probs.astype(np.float64)
+    assert np.isclose(logp[:, None], [math.log(0.1), math.log(0.9)], atol=1e-5).any(1).all()
+    random = collect("CartPole-v1", "random", 4, seed=0)
+    np.testing.assert_allclose(random.behavior_log_probs, math.log(0.5))
+    assert random.ref_max_score is None and random.normalized_score(10.0) is None
+
+
+def test_collect_from_a_runs_replay_buffer_keeps_its_complete_episodes(tmp_path):
+    for capacity, episodes in ((10_000, 6), (700, 3)):  # 700 slots: the ring wrapped, the oldest episode is cut
+        run = pl.train(
+            "sac",
+            env="Pendulum-v1",
+            steps=1200,
+            seed=1,
+            preset="none",
+            runs_dir=tmp_path,
+            verbose=False,
+            overrides={"save_buffer": True, "buffer_size": capacity, "hidden_sizes": [16], "eval_every": 0},
+        )
+        data = collect_from_buffer(run.dir, tmp_path / f"replay-{capacity}")
+        assert data.num_episodes == episodes and (data.episode_lengths == 200).all()
+        assert np.abs(data.actions).max() <= 2.0 and np.abs(data.actions).max() > 1.0, "actions in env units"
+        assert data.truncations.sum() == episodes and not data.terminations.any()
+        reloaded = load_dataset(tmp_path / f"replay-{capacity}")
+        np.testing.assert_array_equal(reloaded.observations, data.observations)
+
+
+# --- learning --------------------------------------------------------------------------------------------------
+
+
+def _train_until(algo: str, dataset, bar: float, steps: int, tmp_path, overrides=None) -> pl.Run:
+    """Offline training that stops at the first evaluation whose normalized score reaches `bar`."""
+    best: list[float] = []
+
+    def stop_at_bar(info: pl.IterationInfo) -> bool:
+        if info.eval_return is not None:
+            best.append(info.eval_return)
+        return not (best and info.eval_return is not None and _score(dataset, info.eval_return) >= bar)
+
+    cfg = {**SMALL_NETS, "eval_every": 500, "eval_episodes": 5, **(overrides or {})}
+    run = pl.train(
+        algo,
+        dataset=dataset,
+        steps=steps,
+        seed=1,
+        overrides=cfg,
+        runs_dir=tmp_path,
+        callback=stop_at_bar,
+        verbose=False,
+    )
+    scores = [_score(dataset, r) for r in best]
+    assert scores and max(scores) >= bar, f"{algo}: normalized scores {scores} never reached {bar}"
+    return run
+
+
+def _score(path, ret: float) -> float:
+    return float(load_dataset(path, validate=False).normalized_score(ret))
+
+
+@pytest.mark.parametrize(
+    ("algo", "which", "bar", "steps", "overrides"),
+    [
+        ("bc", "expert", 85.0, 3000, {}),
+        ("bc", "expert", 85.0, 3000, {"gaussian": True}),
+        ("td3_bc", "medium", 85.0, 6000, {}),
+        ("iql", "medium", 85.0, 6000, {}),
+    ],
+)
+def test_offline_algorithms_learn_pendulum_from_a_dataset(datasets, tmp_path, algo, which, bar, steps, overrides):
+    _train_until(algo, datasets[which], bar, steps, tmp_path, overrides)
+
+
+def test_discrete_bc_learns_cartpole_from_an_epsilon_greedy_expert(datasets, tmp_path):
+    run = pl.train(
+        "bc",
+        dataset=datasets["cartpole"],
+        steps=1500,
+        seed=1,
+        runs_dir=tmp_path,
+        verbose=False,
+        overrides={**SMALL_NETS, "eval_every": 0},
+    )
+    assert run.final_eval["return_mean"] >= 475
+
+
+def test_dataset_runs_save_the_datasets_observation_statistics_with_the_policy(datasets, tmp_path):
+    run = pl.train(
+        "bc",
+        dataset=datasets["expert"],
+        steps=500,
+        seed=1,
+        runs_dir=tmp_path,
+        verbose=False,
+        overrides={**SMALL_NETS, "eval_every": 0},
+    )
+    policy = pl.load(run.dir)
+    data = load_dataset(datasets["expert"])
+    np.testing.assert_allclose(policy.obs_normalizer.rms.mean, data.observations.mean(0), rtol=1e-5, atol=1e-6)
+    assert "score" in run.final_eval
+
+
+# --- resume ----------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("algo", "extra"),
+    [
+        ("iql", {"steps": 1000}),  # offline
+        ("sac", {"steps": 1000, "offline_ratio": 0.5, "learning_starts": 200, "save_buffer": True}),  # hybrid
+        ("td3_bc", {"steps": 500, "online_steps": 500, "save_buffer": True}),  # offline, then online (seeded replay)
+    ],
+)
+def test_resumed_dataset_run_equals_uninterrupted_run(datasets, tmp_path, algo, extra):
+    steps = extra.pop("steps")
+    cfg = {**SMALL_NETS, "eval_every": 0, "checkpoint_every": 0, **extra}
+    online_steps = cfg.pop("online_steps", None)
+    kwargs = dict(
+        dataset=datasets["medium"],
+        steps=steps,
+        online_steps=online_steps,
+        seed=3,
+        overrides=cfg,
+        preset="none",
+        runs_dir=tmp_path,
+        verbose=False,
+    )
+    full = pl.train(algo, name="full", **kwargs)
+    part = pl.train(algo, name="part", callback=lambda info: info.step < 750, **kwargs)
+    assert part.interrupted
+    resumed = pl.train(algo, resume=part.dir, verbose=False)
+    assert resumed.steps == full.steps
+    assert_same_params(params_of(full.dir), params_of(resumed.dir))
+
+
+# --- bad input -------------------------------------------------------------------------------------------------
+
+
+def test_bad_dataset_settings_are_clear_errors(datasets, tmp_path):
+    with pytest.raises(ConfigError, match="learns from a dataset"):
+        pl.train("iql", env="Pendulum-v1", steps=100, runs_dir=tmp_path, verbose=False)
+    with pytest.raises(ConfigError, match="does not take a dataset yet"):
+        pl.train("ppo", dataset=datasets["expert"], steps=100, runs_dir=tmp_path, verbose=False)
+    with pytest.raises(ConfigError, match="offline_ratio=1.5 is outside"):
+        pl.train("sac", dataset=datasets["expert"], steps=100, overrides={"offline_ratio": 1.5}, runs_dir=tmp_path)
+    with pytest.raises(ConfigError, match="need a dataset"):
+        pl.train("sac", env="Pendulum-v1", steps=100, overrides={"offline_ratio": 0.5}, runs_dir=tmp_path)
+    with pytest.raises(DatasetError):
+        pl.train("bc", dataset=datasets["cartpole"], env="Pendulum-v1", steps=100, runs_dir=tmp_path, verbose=False)
+    with pytest.raises(PolicylabError, match="continuous"):
+        pl.train("iql", dataset=datasets["cartpole"], steps=100, runs_dir=tmp_path, verbose=False)
+    with pytest.raises(DatasetError, match="no local dataset|does not exist|not found"):
+        pl.train("bc", dataset=str(tmp_path / "missing"), steps=100, runs_dir=tmp_path, verbose=False)
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(("iql", "ppo", "sac", "bc"))]
+
+
+def test_cli_collects_a_dataset_and_trains_on_it(tmp_path, capsys):
+    out = tmp_path / "cartpole-random"
+    assert main(["collect", "--env", "CartPole-v1", "--episodes", "3", "--out", str(out)]) == 0
+    assert "3 episodes" in capsys.readouterr().out
+    assert main(["collect", "--env", "CartPole-v1", "--episodes", "3", "--out", str(out)]) == 2
+    assert "exists" in capsys.readouterr().err
+    argv = ["train", "bc", "--dataset", str(out), "--steps", "200", "--runs-dir", str(tmp_path), "--no-progress"]
+    assert main([*argv, "--set", "hidden_sizes=[16]"]) == 0
+    assert "run directory" in capsys.readouterr().out
+
+
+def _loop(algo: str, dataset, overrides: dict):
+    from policylab.algos import get_algo
+    from policylab.train import OffPolicyLoop, resolve_config
+
+    spec = get_algo(algo)
+    cfg, _ = resolve_config(spec, steps=1000, seed=0, overrides={**SMALL_NETS, **overrides}, dataset=dataset)
+    return OffPolicyLoop(spec, cfg)
