@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from policylab.algos import get_algo
-from policylab.algos.fused_offpolicy import fused_dqn_update, fused_sac_update, fused_td3_update
+from policylab.algos.fused_offpolicy import fused_dqn_update, fused_iql_update, fused_sac_update, fused_td3_update
 from policylab.train import OffPolicyLoop, resolve_config
 
 
@@ -102,3 +102,31 @@ def test_fused_td3_step_equals_autograd(algo_name, overrides):
         _assert_same_step(fused, reference, algo, twin)
     loop.close()
     twin_loop.close()
+
+
+@pytest.mark.parametrize("overrides", [{}, {"deterministic_actor": True, "max_grad_norm": 0.5, "activation": "tanh"}])
+def test_fused_iql_step_equals_autograd(tmp_path, overrides):
+    from policylab.collect import collect
+
+    data = collect("Pendulum-v1", "random", 4, seed=0, out=tmp_path / "pendulum-random")
+    loops = []
+    for _ in range(2):
+        spec = get_algo("iql")
+        cfg, _ = resolve_config(
+            spec,
+            steps=1000,
+            seed=0,
+            dataset=data.path,
+            overrides={"hidden_sizes": [32, 32], "batch_size": 16, "lr": 1e-2, **overrides},
+        )
+        loops.append(OffPolicyLoop(spec, cfg))
+    algo, twin = loops[0].algo, loops[1].algo
+    assert algo.fused
+    for index in range(3):
+        batch = loops[0].offline_source.sample(16, torch.Generator().manual_seed(index))
+        fused = fused_iql_update(algo, batch)
+        reference = twin.autograd_update(batch)
+        _assert_same_step(fused, reference, algo, twin)
+        torch.testing.assert_close(algo.net.state_dict(), twin.net.state_dict(), rtol=1e-4, atol=1e-6)
+    for loop in loops:
+        loop.close()

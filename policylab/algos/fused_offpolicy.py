@@ -12,6 +12,11 @@ SAC, with u = mean + std * noise, a = tanh(u), L_actor = mean_B(alpha log pi(a|s
     dL/du = (2 alpha a) / B + dL/da|_Q (1 - a^2)       (dL/da|_Q through the critic's input gradient)
     dL/d log_std = (dL/du) std noise - alpha / B, zero where log_std was clamped.
 TD3: L_actor = -mean_B Q_1(s, tanh(out)): dL/d out = dL/da|_Q1 (1 - a^2), through the first critic only.
+IQL, with u = min_k Q'_k(s, a) - V(s), w(u) = tau or 1 - tau by the sign of u, m = tanh(out) the actor's mean:
+    dL_V/dV = -2 w(u) u / B;
+    Gaussian actor, L = -mean_B c log N(a; m, std), c = min(exp(beta u), 100), z = (a - m) / std:
+    dL/d out = -(c / B) (z / std) (1 - m^2),  dL/d log_std = sum_B (c / B) (1 - z^2) (zero where clamped);
+    deterministic actor, L = mean_B c |m - a|^2:  dL/d out = 2 (c / B) (m - a) (1 - m^2).
 DQN: d huber(td) / d td = clamp(td, -1, 1); through a dueling head Q_a = V + A_a - mean(A):
     dQ_a/dV = 1, dQ_a/dA_j = [j = a] - 1/|A|.
 """
@@ -24,12 +29,13 @@ import torch
 from torch import Tensor
 
 from policylab.data import Batch
-from policylab.nets.critics import tanh_gaussian_log_prob
-from policylab.objectives.offline import td3_bc_lambda
-from policylab.objectives.q_targets import dqn_target, sac_target, target_policy_smoothing, td3_target
+from policylab.nets.critics import _LOG_2PI, tanh_gaussian_log_prob
+from policylab.objectives.offline import advantage_weights, td3_bc_lambda
+from policylab.objectives.q_targets import bootstrap, dqn_target, sac_target, target_policy_smoothing, td3_target
 
 if TYPE_CHECKING:
     from policylab.algos.dqn import DQN
+    from policylab.algos.iql import IQL
     from policylab.algos.sac import SAC
     from policylab.algos.td3 import TD3
 
@@ -193,3 +199,66 @@ def fused_td3_update(algo: TD3, batch: Batch, index: int) -> dict[str, Tensor]:
         if cfg.prioritized:
             metrics["td_error"] = td.abs().mean(0)
     return metrics
+
+
+def fused_iql_applies(algo: IQL) -> bool:
+    bodies = (algo.net.body, algo.critic.body, algo.value)
+    return bool(algo.cfg.analytic_grads and all(body.analytic_backward for body in bodies))
+
+
+def fused_iql_update(algo: IQL, batch: Batch) -> dict[str, Tensor]:
+    """One IQL gradient step (value, critics, actor), the same as `IQL.autograd_update`."""
+    from policylab.nets import GaussianActor
+
+    cfg, actor, critic, value = algo.cfg, algo.net, algo.critic, algo.value
+    n = len(batch)
+    obs, actions = batch.obs.flatten(1), batch.actions.flatten(1)
+    with torch.no_grad():
+        target_q = algo.critic_target(obs, actions).min(0).values
+        v, value_inputs = value.forward_cached(obs)
+        advantage = target_q - v[0, :, 0]
+        weight = torch.where(advantage < 0, 1.0 - cfg.expectile, cfg.expectile)
+        value_loss = (weight * advantage * advantage).mean()
+        algo.value_opt.zero_grad_unless_written_by(value)
+        value.backward(value_inputs, (weight * advantage * (-2.0 / n)).view(1, n, 1))
+        algo.value_opt.clip_and_step()
+
+        next_v = value(batch.next_obs.flatten(1))[0, :, 0]
+        y = bootstrap(batch.rewards, batch.discounts, batch.terminated, next_v)
+        q, critic_inputs = critic.body.forward_cached(torch.cat([obs, actions], -1))
+        td = q[..., 0] - y
+        algo.critic_opt.zero_grad_unless_written_by(critic.body)
+        critic.body.backward(critic_inputs, (td / n).unsqueeze(-1))
+        algo.critic_opt.clip_and_step()
+        critic_loss = 0.5 * (td * td).mean(-1).sum()
+
+        c = advantage_weights(advantage, cfg.beta, cfg.max_weight)
+        out, actor_inputs = actor.body.forward_cached(obs)
+        mean = torch.tanh(out[0])
+        algo.actor_opt.zero_grad_unless_written_by(actor.body)
+        if isinstance(actor, GaussianActor):
+            raw = actor.log_std
+            log_std = raw.clamp(*actor.log_std_bounds)
+            inv_std = torch.exp(-log_std)
+            z = (actions - mean) * inv_std
+            logp = (-0.5 * z * z - log_std - 0.5 * _LOG_2PI).sum(-1)
+            actor_loss = -(c * logp).mean()
+            cn = (c / n).unsqueeze(1)
+            g_out = -(cn * z * inv_std) * (1.0 - mean * mean)
+            inside = (raw >= actor.log_std_bounds[0]) & (raw <= actor.log_std_bounds[1])
+            assert raw.grad is not None
+            raw.grad.copy_((cn * (1.0 - z * z)).sum(0) * inside)
+        else:
+            gap = mean - actions
+            actor_loss = (c * gap.pow(2).sum(-1)).mean()
+            g_out = (2.0 / n) * c.unsqueeze(1) * gap * (1.0 - mean * mean)
+        actor.body.backward(actor_inputs, g_out.unsqueeze(0))
+        algo.actor_opt.clip_and_step()
+        algo.critic_target.update(cfg.tau)
+    return {
+        "value_loss": value_loss,
+        "critic_loss": critic_loss,
+        "actor_loss": actor_loss,
+        "q": target_q.mean(),
+        "adv_weight": c.mean(),
+    }

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from policylab.algos.fused_offpolicy import fused_iql_applies, fused_iql_update
 from policylab.algos.offpolicy import (
     FlatAdam,
     OfflineConfig,
@@ -91,6 +92,7 @@ class IQL:
             "value": self.value_opt.optimizer,
         }
         self.action_shape, self.action_dtype = (self.act_dim,), torch.float32
+        self.fused = fused_iql_applies(self)
 
     @staticmethod
     def build_policy(cfg: IQLConfig, obs_space: gym.Space, act_space: gym.Space) -> nn.Module:
@@ -117,6 +119,9 @@ class IQL:
         pass
 
     def update(self, batch: Batch, index: int) -> dict[str, Tensor]:
+        return fused_iql_update(self, batch) if self.fused else self.autograd_update(batch)
+
+    def autograd_update(self, batch: Batch) -> dict[str, Tensor]:
         cfg = self.cfg
         obs, next_obs = batch.obs.flatten(1), batch.next_obs.flatten(1)
         with torch.no_grad():

@@ -1,0 +1,271 @@
+"""policylab's offline algorithms vs d3rlpy's, side by side on one dataset, identical hyperparameters.
+
+    .venv/bin/python benchmarks/offline.py --setup                          # once: d3rlpy's own venv
+    .venv/bin/python benchmarks/offline.py --seeds 2 --steps 3000           # bc, td3_bc, iql on Hopper-v5 data
+    .venv/bin/python benchmarks/offline.py --algo iql --dataset datasets/hopper-medium --steps 100000
+
+d3rlpy 2.8.1 pins gymnasium 1.0.0, which cannot sit next to policylab's gymnasium and minari, so it lives
+in `benchmarks/.venv-d3rlpy` (made by `--setup`: torch 2.13.0 first, so that no CUDA wheels come, then
+d3rlpy 2.8.1 and gymnasium[mujoco] 1.0.0). Each run is a fresh subprocess, the two sides alternating per
+seed, both at 1 torch thread. Both read the same dataset: policylab through `load_dataset`, d3rlpy from the
+Minari HDF5 file with h5py into an `MDPDataset` (terminals and timeouts as stored).
+
+Hyperparameters are d3rlpy's defaults on both sides ([256, 256] ReLU networks, Adam, no observation or
+reward scaling): BC deterministic, lr 1e-3, batch 100; TD3+BC actor and critic lr 3e-4, batch 256, alpha
+2.5, actor every 2 steps, target smoothing 0.2 clipped at 0.5, tau 0.005; IQL lr 3e-4, batch 256, expectile
+0.7, inverse temperature 3, weights clipped at 100, two critics, a Gaussian actor with a state-independent
+log-std in [-5, 2] (d3rlpy: `NormalPolicy` without squashing).
+
+Measured per run: gradient steps/s over the training loop after its first `--log-every` steps (warm-up
+excluded on both sides), and the deterministic evaluation return of the final policy over 10 episodes in
+the dataset's env (the same seeds on both sides), with its normalized score from the dataset's references.
+
+Without `--dataset`, the Hopper-v5 dataset is made once in `benchmarks/data/` by `policylab collect`: a
+random policy (the speed does not depend on the data; the scores of a random dataset say little).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from common import REPO_ROOT, pair_report, provenance, write_results
+
+D3RLPY_VENV = REPO_ROOT / "benchmarks" / ".venv-d3rlpy"
+D3RLPY_PY = D3RLPY_VENV / "bin" / "python"
+DEFAULT_DATA = REPO_ROOT / "benchmarks" / "data" / "hopper-random"
+ALGOS = ("bc", "td3_bc", "iql")
+EVAL_EPISODES = 10
+
+# policylab's overrides that match d3rlpy's defaults (see the module docstring)
+OURS = {
+    "bc": {"lr": 1e-3, "batch_size": 100, "normalize_obs": False},
+    "td3_bc": {"lr": 3e-4, "batch_size": 256, "normalize_obs": False, "hidden_sizes": [256, 256]},
+    "iql": {"lr": 3e-4, "batch_size": 256, "normalize_obs": False},
+}
+
+
+def setup() -> None:
+    """Create benchmarks/.venv-d3rlpy with d3rlpy 2.8.1 (and its gymnasium 1.0.0) next to torch 2.13.0."""
+    if D3RLPY_PY.exists():
+        print(f"{D3RLPY_VENV} exists")
+        return
+    subprocess.run([sys.executable, "-m", "venv", str(D3RLPY_VENV)], check=True)
+    pip = [str(D3RLPY_PY), "-m", "pip", "install", "-q"]
+    subprocess.run([*pip, "--upgrade", "pip"], check=True)
+    subprocess.run([*pip, "torch==2.13.0"], check=True)
+    subprocess.run([*pip, "d3rlpy==2.8.1", "gymnasium[mujoco]==1.0.0"], check=True)
+    print(f"made {D3RLPY_VENV}")
+
+
+def ensure_dataset(path: Path, episodes: int) -> Path:
+    if path.exists():
+        return path
+    sys.path.insert(0, str(REPO_ROOT))
+    from policylab.collect import collect
+
+    collect("Hopper-v5", "random", episodes, seed=0, out=path)
+    return path
+
+
+# --- workers ---------------------------------------------------------------------------------------------------
+
+
+def worker_ours(a: argparse.Namespace) -> dict[str, Any]:
+    import torch
+
+    import policylab as pl
+    from policylab.data.dataset import load_dataset
+
+    torch.set_num_threads(1)
+    marks: list[tuple[int, float]] = []
+
+    def callback(info: Any) -> None:
+        marks.append((info.step, time.perf_counter()))
+
+    overrides = {
+        **OURS[a.algo],
+        "threads": 1,
+        "eval_every": 0,
+        "checkpoint_every": 0,
+        "log_every": a.log_every,
+        "eval_episodes": EVAL_EPISODES,
+    }
+    with tempfile.TemporaryDirectory() as runs:
+        run = pl.train(
+            a.algo, dataset=a.dataset, steps=a.steps, seed=a.seed, overrides=overrides, preset="none",
+            runs_dir=runs, callback=callback, verbose=False,
+        )
+        policy = pl.load(run.dir)
+    result = pl.evaluate(policy, EVAL_EPISODES, seed=10_000 + a.seed)
+    data = load_dataset(a.dataset, validate=False)
+    return _record(a, marks, result["return_mean"], data.normalized_score(result["return_mean"]), "policylab")
+
+
+def worker_d3rlpy(a: argparse.Namespace) -> dict[str, Any]:
+    import d3rlpy
+    import gymnasium as gym
+    import numpy as np
+    import torch
+
+    torch.set_num_threads(1)
+    d3rlpy.seed(a.seed)
+    dataset, meta = _d3rlpy_dataset(a.dataset)
+    algo = _d3rlpy_algo(a.algo)
+    algo.build_with_dataset(dataset)
+    marks: list[tuple[int, float]] = []
+
+    def callback(_algo: Any, _epoch: int, total_step: int) -> None:
+        if total_step % a.log_every == 0:
+            marks.append((total_step, time.perf_counter()))
+
+    algo.fit(
+        dataset,
+        n_steps=a.steps,
+        n_steps_per_epoch=a.steps,
+        show_progress=False,
+        logger_adapter=d3rlpy.logging.NoopAdapterFactory(),
+        save_interval=a.steps + 1,
+        callback=callback,
+    )
+    env = gym.make(meta["env_id"])
+    returns = []
+    for episode in range(EVAL_EPISODES):
+        obs, _ = env.reset(seed=10_000 + a.seed + episode)
+        done, total = False, 0.0
+        while not done:
+            action = algo.predict(np.asarray(obs, np.float32)[None])[0]
+            obs, reward, terminated, truncated, _ = env.step(action)
+            total += float(reward)
+            done = terminated or truncated
+        returns.append(total)
+    ret = float(np.mean(returns))
+    low, high = meta.get("ref_min_score"), meta.get("ref_max_score")
+    score = None if low is None or high is None or high == low else 100.0 * (ret - low) / (high - low)
+    return _record(a, marks, ret, score, "d3rlpy")
+
+
+def _d3rlpy_algo(name: str) -> Any:
+    import d3rlpy
+
+    device = "cpu:0"
+    if name == "bc":
+        return d3rlpy.algos.BCConfig().create(device=device)
+    if name == "td3_bc":
+        return d3rlpy.algos.TD3PlusBCConfig().create(device=device)
+    return d3rlpy.algos.IQLConfig().create(device=device)
+
+
+def _d3rlpy_dataset(path: str) -> tuple[Any, dict[str, Any]]:
+    """The Minari dataset as a d3rlpy MDPDataset (each episode's final observation is dropped: d3rlpy keeps
+    T observations per episode and bootstraps nothing after a terminal, as D4RL's loaders do)."""
+    import d3rlpy
+    import h5py
+    import numpy as np
+
+    data_dir = Path(path) / "data"
+    meta = json.loads((data_dir / "metadata.json").read_text())
+    ours = meta.get("policylab", {})
+    parts: dict[str, list[Any]] = {k: [] for k in ("obs", "actions", "rewards", "terminals", "timeouts")}
+    with h5py.File(data_dir / "main_data.hdf5", "r") as f:
+        for i in range(int(meta["total_episodes"])):
+            group = f[f"episode_{i}"]
+            parts["obs"].append(group["observations"][()][:-1])
+            parts["actions"].append(group["actions"][()])
+            parts["rewards"].append(group["rewards"][()])
+            parts["terminals"].append(group["terminations"][()])
+            parts["timeouts"].append(group["truncations"][()])
+    arrays = {k: np.concatenate(v) for k, v in parts.items()}
+    dataset = d3rlpy.dataset.MDPDataset(
+        observations=arrays["obs"].astype(np.float32),
+        actions=arrays["actions"].astype(np.float32),
+        rewards=arrays["rewards"].astype(np.float32),
+        terminals=arrays["terminals"].astype(np.float32),
+        timeouts=arrays["timeouts"].astype(np.float32),
+    )
+    refs = {"ref_min_score": meta.get("ref_min_score", ours.get("ref_min_score"))}
+    refs["ref_max_score"] = meta.get("ref_max_score", ours.get("ref_max_score"))
+    return dataset, {"env_id": ours.get("env_id") or json.loads(meta["env_spec"])["id"], **refs}
+
+
+def _record(a: argparse.Namespace, marks: list[tuple[int, float]], ret: float, score: Any, side: str) -> dict:
+    (s0, t0), (s1, t1) = marks[0], marks[-1]
+    return {
+        "side": side,
+        "seed": a.seed,
+        "algo": a.algo,
+        "steps_per_s": (s1 - s0) / (t1 - t0) if t1 > t0 else None,
+        "return": ret,
+        "score": None if score is None else float(score),
+    }
+
+
+# --- the parent ------------------------------------------------------------------------------------------------
+
+
+def run_side(side: str, a: argparse.Namespace, algo: str, seed: int) -> dict[str, Any]:
+    python = sys.executable if side == "policylab" else str(D3RLPY_PY)
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "out.json"
+        cmd = [python, str(Path(__file__).resolve()), "--worker", side, "--algo", algo, "--seed", str(seed),
+               "--steps", str(a.steps), "--log-every", str(a.log_every), "--dataset", str(a.dataset), "--out", str(out)]
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+        proc = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, env=env)
+        if proc.returncode != 0:
+            raise SystemExit(f"{side} {algo} seed {seed} failed:\n{(proc.stdout + proc.stderr)[-4000:]}")
+        return json.loads(out.read_text())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--setup", action="store_true", help="create the d3rlpy venv and exit")
+    parser.add_argument("--algo", action="append", choices=ALGOS, help="repeatable; default all")
+    parser.add_argument("--seeds", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=3000)
+    parser.add_argument("--log-every", type=int, default=500)
+    parser.add_argument("--dataset", default=str(DEFAULT_DATA))
+    parser.add_argument("--episodes", type=int, default=1000, help="episodes of the default random dataset")
+    parser.add_argument("--worker", choices=("policylab", "d3rlpy"), help=argparse.SUPPRESS)
+    parser.add_argument("--seed", type=int, default=1, help=argparse.SUPPRESS)
+    parser.add_argument("--out", help=argparse.SUPPRESS)
+    a = parser.parse_args()
+    if a.worker:
+        a.algo = a.algo[0]
+        record = worker_ours(a) if a.worker == "policylab" else worker_d3rlpy(a)
+        Path(a.out).write_text(json.dumps(record))
+        return
+    if a.setup:
+        setup()
+        return
+    if not D3RLPY_PY.exists():
+        raise SystemExit("d3rlpy's venv is missing: run `.venv/bin/python benchmarks/offline.py --setup` first")
+    a.dataset = ensure_dataset(Path(a.dataset), a.episodes)
+    results: dict[str, Any] = {"provenance": provenance(["torch", "policylab", "minari"]), "cases": {}}
+    seeds = list(range(1, a.seeds + 1))
+    for algo in a.algo or ALGOS:
+        runs = []
+        for seed in seeds:
+            for side in ("policylab", "d3rlpy"):
+                rec = run_side(side, a, algo, seed)
+                print(f"  {algo} {side} seed {seed}: {rec['steps_per_s']:.1f} steps/s, return {rec['return']:.1f}")
+                runs.append(rec)
+        print(f"\n{algo}: {a.steps:,} gradient steps on {a.dataset}, 1 thread, alternating runs")
+        per_run = {
+            "steps_per_s": ("gradient steps/s after the first log interval; ratio > 1: ours faster", ".1f", True),
+            "return": ("final return, deterministic, 10 episodes", ".1f", True),
+            "score": ("normalized score", ".1f", False),
+        }
+        summary = pair_report(runs, seeds, per_run, {}, "policylab", "d3rlpy", ("ours", "d3rlpy"))
+        results["cases"][algo] = {"runs": runs, "summary": summary, "steps": a.steps, "dataset": str(a.dataset)}
+    print(f"results: {write_results('offline', results)}")
+
+
+if __name__ == "__main__":
+    main()
