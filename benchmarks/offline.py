@@ -1,7 +1,7 @@
 """policylab's offline algorithms vs d3rlpy's, side by side on one dataset, identical hyperparameters.
 
     .venv/bin/python benchmarks/offline.py --setup                          # once: d3rlpy's own venv
-    .venv/bin/python benchmarks/offline.py --seeds 2 --steps 3000           # bc, td3_bc, iql on Hopper-v5 data
+    .venv/bin/python benchmarks/offline.py --seeds 2 --steps 2000           # bc, td3_bc, iql, cql on Hopper-v5 data
     .venv/bin/python benchmarks/offline.py --algo iql --dataset datasets/hopper-medium --steps 100000
 
 d3rlpy 2.8.1 pins gymnasium 1.0.0, which cannot sit next to policylab's gymnasium and minari, so it lives
@@ -14,7 +14,9 @@ Hyperparameters are d3rlpy's defaults on both sides ([256, 256] ReLU networks, A
 reward scaling): BC deterministic, lr 1e-3, batch 100; TD3+BC actor and critic lr 3e-4, batch 256, alpha
 2.5, actor every 2 steps, target smoothing 0.2 clipped at 0.5, tau 0.005; IQL lr 3e-4, batch 256, expectile
 0.7, inverse temperature 3, weights clipped at 100, two critics, a Gaussian actor with a state-independent
-log-std in [-5, 2] (d3rlpy: `NormalPolicy` without squashing).
+log-std in [-5, 2] (d3rlpy: `NormalPolicy` without squashing); CQL on SAC with critic lr 3e-4, actor and
+temperature lr 1e-4, 10 action samples per proposal, conservative weight 5 with a tuned multiplier (target
+gap 10), no entropy term in the TD target (d3rlpy's `soft_q_backup=False`).
 
 Measured per run: gradient steps/s over the training loop after its first `--log-every` steps (warm-up
 excluded on both sides), and the deterministic evaluation return of the final policy over 10 episodes in
@@ -41,7 +43,7 @@ from common import REPO_ROOT, pair_report, provenance, write_results
 D3RLPY_VENV = REPO_ROOT / "benchmarks" / ".venv-d3rlpy"
 D3RLPY_PY = D3RLPY_VENV / "bin" / "python"
 DEFAULT_DATA = REPO_ROOT / "benchmarks" / "data" / "hopper-random"
-ALGOS = ("bc", "td3_bc", "iql")
+ALGOS = ("bc", "td3_bc", "iql", "cql")
 EVAL_EPISODES = 10
 
 # policylab's overrides that match d3rlpy's defaults (see the module docstring)
@@ -49,6 +51,16 @@ OURS = {
     "bc": {"lr": 1e-3, "batch_size": 100, "normalize_obs": False},
     "td3_bc": {"lr": 3e-4, "batch_size": 256, "normalize_obs": False, "hidden_sizes": [256, 256]},
     "iql": {"lr": 3e-4, "batch_size": 256, "normalize_obs": False},
+    "cql": {
+        "lr": 3e-4,
+        "actor_lr": 1e-4,
+        "batch_size": 256,
+        "cql_alpha": 5.0,
+        "lagrange": True,
+        "target_gap": 10.0,
+        "backup_entropy": False,
+        "normalize_obs": False,
+    },
 }
 
 
@@ -100,8 +112,15 @@ def worker_ours(a: argparse.Namespace) -> dict[str, Any]:
     }
     with tempfile.TemporaryDirectory() as runs:
         run = pl.train(
-            a.algo, dataset=a.dataset, steps=a.steps, seed=a.seed, overrides=overrides, preset="none",
-            runs_dir=runs, callback=callback, verbose=False,
+            a.algo,
+            dataset=a.dataset,
+            steps=a.steps,
+            seed=a.seed,
+            overrides=overrides,
+            preset="none",
+            runs_dir=runs,
+            callback=callback,
+            verbose=False,
         )
         policy = pl.load(run.dir)
     result = pl.evaluate(policy, EVAL_EPISODES, seed=10_000 + a.seed)
@@ -160,6 +179,8 @@ def _d3rlpy_algo(name: str) -> Any:
         return d3rlpy.algos.BCConfig().create(device=device)
     if name == "td3_bc":
         return d3rlpy.algos.TD3PlusBCConfig().create(device=device)
+    if name == "cql":
+        return d3rlpy.algos.CQLConfig().create(device=device)
     return d3rlpy.algos.IQLConfig().create(device=device)
 
 
@@ -214,8 +235,24 @@ def run_side(side: str, a: argparse.Namespace, algo: str, seed: int) -> dict[str
     python = sys.executable if side == "policylab" else str(D3RLPY_PY)
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "out.json"
-        cmd = [python, str(Path(__file__).resolve()), "--worker", side, "--algo", algo, "--seed", str(seed),
-               "--steps", str(a.steps), "--log-every", str(a.log_every), "--dataset", str(a.dataset), "--out", str(out)]
+        cmd = [
+            python,
+            str(Path(__file__).resolve()),
+            "--worker",
+            side,
+            "--algo",
+            algo,
+            "--seed",
+            str(seed),
+            "--steps",
+            str(a.steps),
+            "--log-every",
+            str(a.log_every),
+            "--dataset",
+            str(a.dataset),
+            "--out",
+            str(out),
+        ]
         env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
         proc = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, env=env)
         if proc.returncode != 0:
@@ -228,7 +265,7 @@ def main() -> None:
     parser.add_argument("--setup", action="store_true", help="create the d3rlpy venv and exit")
     parser.add_argument("--algo", action="append", choices=ALGOS, help="repeatable; default all")
     parser.add_argument("--seeds", type=int, default=2)
-    parser.add_argument("--steps", type=int, default=3000)
+    parser.add_argument("--steps", type=int, default=2000)
     parser.add_argument("--log-every", type=int, default=500)
     parser.add_argument("--dataset", default=str(DEFAULT_DATA))
     parser.add_argument("--episodes", type=int, default=1000, help="episodes of the default random dataset")

@@ -441,6 +441,7 @@ class OffPolicyLoop:
         for _ in range(min(self.cfg.log_every, self.offline_steps - self.step)):
             self._update(self.offline_source, history)
             self.step += 1
+            self.algo.after_step(self.step)  # offline, a step is a gradient step (e.g. DQN's target copies)
 
     def _online_steps(self, history: dict[str, list[Tensor]]) -> None:
         cfg, algo, env = self.cfg, self.algo, self.env

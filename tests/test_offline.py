@@ -15,7 +15,13 @@ from policylab.data import ReplayBuffer
 from policylab.data.dataset import load_dataset
 from policylab.data.sources import BatchSource
 from policylab.errors import ConfigError, DatasetError, PolicylabError
-from policylab.objectives.offline import advantage_weights, expectile_loss, td3_bc_lambda
+from policylab.objectives.offline import (
+    advantage_weights,
+    cql_penalty,
+    discrete_cql_penalty,
+    expectile_loss,
+    td3_bc_lambda,
+)
 from tests.helpers import assert_same_params, params_of
 
 SMALL_NETS = {"hidden_sizes": [64, 64], "log_every": 250}
@@ -72,6 +78,28 @@ def test_td3_bc_lambda_is_alpha_over_mean_abs_q():
     lam = td3_bc_lambda(q, 2.5)
     assert lam.item() == pytest.approx(2.5 / 2.0)
     assert not lam.requires_grad
+
+
+def test_cql_penalty_is_an_importance_weighted_logsumexp_minus_the_data_value():
+    q_data = torch.tensor([[1.0, 2.0], [0.0, 1.0]])  # 2 critics, 2 states
+    q_sampled = torch.tensor([[[0.0, 1.0], [2.0, 2.0]], [[1.0, 1.0], [0.0, 0.0]]])  # 2 samples per state
+    log_density = torch.tensor([[0.0, math.log(2.0)], [0.0, 0.0]])
+    # critic 0: state 0 log(e^0 + e^(1 - log 2)) - 1, state 1 log(2 e^2) - 2
+    # critic 1: state 0 log(e^1 + e^(1 - log 2)) - 0, state 1 log 2 - 1
+    expected = torch.tensor(
+        [
+            (math.log(1 + math.e / 2) - 1 + math.log(2) + 2 - 2) / 2,
+            (math.log(math.e + math.e / 2) + math.log(2) - 1) / 2,
+        ]
+    )
+    torch.testing.assert_close(cql_penalty(q_data, q_sampled, log_density), expected)
+    # temperature T: T logsumexp(x / T)
+    hot = cql_penalty(q_data[:1, :1], q_sampled[:1, :1], log_density[:1], temperature=2.0)
+    assert hot.item() == pytest.approx(2 * math.log(1 + math.exp((1 - math.log(2)) / 2)) - 1, rel=1e-6)
+    q_all = torch.tensor([[1.0, 2.0, 3.0], [0.0, 0.0, 0.0]])
+    assert discrete_cql_penalty(q_all, torch.tensor([3.0, 0.0])).item() == pytest.approx(
+        (math.log(math.e + math.e**2 + math.e**3) - 3 + math.log(3)) / 2
+    )
 
 
 def test_td3_bc_actor_loss_matches_the_paper(datasets):
@@ -226,6 +254,38 @@ def test_discrete_bc_learns_cartpole_from_an_epsilon_greedy_expert(datasets, tmp
     assert run.final_eval["return_mean"] >= 475
 
 
+def test_cql_critics_value_dataset_actions_above_random_ones(datasets):
+    """The conservative term at work: after 800 steps on expert data, Q(s, a_data) - Q(s, a_uniform) is large
+    with the penalty and small without it (the same run otherwise: offline SAC)."""
+    gaps = {}
+    for alpha in (0.0, 5.0):
+        overrides = {"cql_alpha": alpha, "log_every": 400, "batch_size": 64, "n_action_samples": 4}
+        loop = _loop("cql", datasets["expert"], overrides)
+        loop.iterate()
+        loop.iterate()
+        batch = loop.offline_source.sample(1024, torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            q_data = loop.algo.critic(batch.obs, batch.actions).mean()
+            q_uniform = loop.algo.critic(batch.obs, torch.rand_like(batch.actions) * 2 - 1).mean()
+        gaps[alpha] = float(q_data - q_uniform)
+        loop.close()
+    assert gaps[5.0] > 2.0 and gaps[5.0] > 4 * max(gaps[0.0], 0.25), gaps
+
+
+def test_discrete_cql_learns_cartpole_from_an_epsilon_greedy_expert(datasets, tmp_path):
+    overrides = {**SMALL_NETS, "eval_every": 0, "lr": 1e-3, "target_update_interval": 250}
+    run = pl.train(
+        "cql_discrete",
+        dataset=datasets["cartpole"],
+        steps=3000,
+        seed=1,
+        runs_dir=tmp_path,
+        verbose=False,
+        overrides=overrides,
+    )
+    assert run.final_eval["return_mean"] >= 475
+
+
 def test_dataset_runs_save_the_datasets_observation_statistics_with_the_policy(datasets, tmp_path):
     run = pl.train(
         "bc",
@@ -251,6 +311,7 @@ def test_dataset_runs_save_the_datasets_observation_statistics_with_the_policy(d
         ("iql", {"steps": 1000}),  # offline
         ("sac", {"steps": 1000, "offline_ratio": 0.5, "learning_starts": 200, "save_buffer": True}),  # hybrid
         ("td3_bc", {"steps": 500, "online_steps": 500, "save_buffer": True}),  # offline, then online (seeded replay)
+        ("cql", {"steps": 1000, "lagrange": True, "n_action_samples": 2, "batch_size": 32}),  # its multiplier too
     ],
 )
 def test_resumed_dataset_run_equals_uninterrupted_run(datasets, tmp_path, algo, extra):

@@ -7,6 +7,7 @@ from typing import Any
 
 from policylab.algos.a2c import A2C, A2CConfig
 from policylab.algos.bc import BC, BCConfig
+from policylab.algos.cql import CQL, CQLConfig, DiscreteCQL, DiscreteCQLConfig
 from policylab.algos.dqn import DQN, DQNConfig
 from policylab.algos.iql import IQL, IQLConfig
 from policylab.algos.ppo import PPO, PPOConfig
@@ -52,6 +53,8 @@ ALGORITHMS: dict[str, AlgoSpec] = {
         AlgoSpec("bc", BCConfig, BC, "off-policy", OFFLINE, "behaviour cloning (deterministic, Gaussian, discrete)"),
         AlgoSpec("td3_bc", TD3BCConfig, TD3, "off-policy", OFFLINE, "TD3+BC: TD3 with a behaviour-cloning term"),
         AlgoSpec("iql", IQLConfig, IQL, "off-policy", OFFLINE, "IQL: expectile values, advantage-weighted actor"),
+        AlgoSpec("cql", CQLConfig, CQL, "off-policy", OFFLINE, "CQL(H) on SAC: conservative critics"),
+        AlgoSpec("cql_discrete", DiscreteCQLConfig, DiscreteCQL, "off-policy", OFFLINE, "CQL on DQN, discrete actions"),
     )
 }
 
@@ -74,6 +77,10 @@ __all__ = [
     "A2CConfig",
     "BC",
     "BCConfig",
+    "CQL",
+    "CQLConfig",
+    "DiscreteCQL",
+    "DiscreteCQLConfig",
     "IQL",
     "IQLConfig",
     "PPO",

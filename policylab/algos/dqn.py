@@ -131,6 +131,15 @@ class DQN:
         return fused_dqn_update(self, batch) if self.fused else self.autograd_update(batch)
 
     def autograd_update(self, batch: Batch) -> dict[str, Tensor]:
+        loss, q_all, q, target = self.td_loss(batch)
+        self.q_opt.step(loss)
+        metrics = {"loss": loss.detach(), "q": q.detach().mean()}
+        if self.cfg.prioritized:
+            metrics["td_error"] = (q - target).detach()
+        return metrics
+
+    def td_loss(self, batch: Batch) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """DQN's loss on a batch, with Q(s, .) [B, A], Q(s, a) [B] and the target [B] (for losses built on it)."""
         cfg = self.cfg
         with torch.no_grad():
             next_q_target = self.q_target(batch.next_obs)[0]
@@ -147,8 +156,4 @@ class DQN:
             per_sample = F.mse_loss(q, target, reduction="none")
         weights = batch.get("weights")
         loss = per_sample.mean() if weights is None else (weights * per_sample).mean()
-        self.q_opt.step(loss)
-        metrics = {"loss": loss.detach(), "q": q.detach().mean()}
-        if cfg.prioritized:
-            metrics["td_error"] = (q - target).detach()
-        return metrics
+        return loss, q_all, q, target

@@ -1,0 +1,178 @@
+"""CQL: conservative Q-learning (Kumar et al. 2020, arXiv:2006.04779), continuous (SAC-based, CQL(H)) and discrete
+(DQN-based). The critics learn a lower bound of the policy's value by adding to the TD loss a term that pushes
+Q down on sampled actions and up on the dataset's (objectives.offline.cql_penalty).
+
+Continuous, for each gradient step on a batch (s, a, r, s', done, d = gamma^n), on top of SAC's step:
+    a_rand ~ U[-1, 1]^A, a_cur ~ pi(.|s), a_next ~ pi(.|s')    (`n_action_samples` each, all evaluated at s)
+    penalty_k = mean_B [logsumexp over the 3M samples of (Q_k(s, a_j) - log mu(a_j)) - Q_k(s, a)]
+    critic loss = 1/2 sum_k mean (Q_k(s, a) - y)^2 + cql_alpha sum_k penalty_k
+    (with `lagrange`: cql_alpha is multiplied by alpha' >= 0, tuned so that penalty_k stays near `target_gap`)
+y is SAC's target (with `backup_entropy=false`, without the entropy term, as CORL runs it). All sampled-action
+values of both critics are one batched call: B (3M + 1) rows.
+
+Discrete: DQN's loss + cql_alpha mean_B [logsumexp_a Q(s, a) - Q(s, a_data)].
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import gymnasium as gym
+import torch
+from torch import Tensor, nn
+
+from policylab.algos.dqn import DQN, DQNConfig
+from policylab.algos.offpolicy import OfflineConfig, soft_actor_critic_state
+from policylab.algos.sac import SAC, SACConfig
+from policylab.config import positive
+from policylab.data import Batch
+from policylab.errors import ConfigError
+from policylab.objectives.offline import cql_penalty, discrete_cql_penalty
+from policylab.objectives.q_targets import sac_target
+from policylab.optim import Adam
+
+
+@dataclass
+class CQLConfig(OfflineConfig, SACConfig):
+    """CQL(H) on SAC: CORL's locomotion values for the penalty (cql_alpha 10, 10 samples per proposal), d3rlpy's
+    learning rates (critics 3e-4, actor and temperature 1e-4)."""
+
+    cql_alpha: float = 10.0
+    actor_lr: float = 1e-4
+    """The actor's (and temperature's) learning rate; `lr` is the critics'. CQL needs a slower actor than SAC
+    (d3rlpy 1e-4, CORL 3e-5)."""
+    n_action_samples: int = 10
+    cql_temperature: float = 1.0
+    lagrange: bool = False
+    """Tune a multiplier alpha' >= 0 on the penalty so that it stays near `target_gap` (CQL's Lagrangian form)."""
+    target_gap: float = 10.0
+    backup_entropy: bool = True
+    """Keep SAC's entropy term in the TD target (d3rlpy); false: without it (CORL)."""
+
+    def validate(self) -> None:
+        super().validate()
+        positive(self, "n_action_samples")
+        if self.actor_lr <= 0:
+            raise ConfigError(f"actor_lr={self.actor_lr} must be > 0", "set actor_lr to e.g. 1e-4")
+        if self.cql_alpha < 0 or self.cql_temperature <= 0:
+            raise ConfigError(
+                f"cql_alpha={self.cql_alpha} must be >= 0 and cql_temperature={self.cql_temperature} > 0",
+                "set cql_alpha to e.g. 5 or 10 and cql_temperature to 1",
+            )
+
+
+class CQL(SAC):
+    name = "cql"
+    config_cls = CQLConfig
+    cfg: CQLConfig
+
+    def __init__(self, cfg: CQLConfig, obs_space: gym.Space, act_space: gym.Space) -> None:
+        super().__init__(cfg, obs_space, act_space)
+        self.fused = False
+        for optimizer in (self.actor_opt.optimizer, self.temperature.optimizer):
+            for group in optimizer.param_groups if optimizer is not None else ():
+                group["lr"] = cfg.actor_lr
+        self.log_alpha_prime = nn.Parameter(torch.zeros(1, device=cfg.device))
+        self.alpha_prime_opt = Adam([self.log_alpha_prime], lr=cfg.lr)
+        self.modules, self.optimizers = soft_actor_critic_state(
+            self.actor_opt, self.critic_opt, self.critic_target, self.temperature
+        )
+        if cfg.lagrange:
+            self.modules["cql_multiplier"] = _ParameterHolder(self.log_alpha_prime)
+            self.optimizers["cql_multiplier"] = self.alpha_prime_opt
+
+    def update(self, batch: Batch, index: int) -> dict[str, Tensor]:
+        cfg, actor, critic = self.cfg, self.net, self.critic
+        n, m = len(batch), cfg.n_action_samples
+        obs, next_obs = batch.obs.flatten(1), batch.next_obs.flatten(1)
+        actions_pi, logp_pi = actor.sample(obs, self.generator)
+        alpha = self.temperature.update(logp_pi + self.temperature.target_entropy)
+        with torch.no_grad():
+            next_actions, next_logp = actor.sample(next_obs, self.generator)
+            next_q = self.critic_target(next_obs, next_actions)
+            entropy_alpha = alpha if cfg.backup_entropy else torch.zeros_like(alpha)
+            target = sac_target(batch.rewards, batch.discounts, batch.terminated, next_q, next_logp, entropy_alpha)
+            # proposals, all to be evaluated at s: uniform, pi(.|s), pi(.|s')
+            repeated = torch.cat([obs, next_obs]).repeat_interleave(m, 0)  # [2 B M, obs]
+            sampled, sampled_logp = actor.sample(repeated, self.generator)
+            uniform = torch.rand((n * m, self.act_dim), generator=self.generator, device=obs.device) * 2.0 - 1.0
+            log_uniform = torch.full((n, m), -self.act_dim * math.log(2.0), device=obs.device)
+        all_actions = torch.cat([batch.actions.flatten(1), uniform, sampled])  # [B + 3 B M, A]
+        all_obs = torch.cat([obs, obs.repeat_interleave(m, 0).repeat(3, 1)])
+        q_all = critic(all_obs, all_actions)  # [K, B (1 + 3M)]
+        q_data = q_all[:, :n]
+        q_sampled = q_all[:, n:].reshape(q_all.shape[0], 3, n, m).permute(0, 2, 1, 3).flatten(2)  # [K, B, 3M]
+        log_density = torch.cat([log_uniform, sampled_logp.view(2, n, m)[1], sampled_logp.view(2, n, m)[0]], -1)
+        order = torch.cat([torch.arange(m), torch.arange(2 * m, 3 * m), torch.arange(m, 2 * m)]).to(obs.device)
+        penalty = cql_penalty(q_data, q_sampled[..., order], log_density, cfg.cql_temperature)  # [K]
+        td = q_data - target
+        td_loss = 0.5 * (td * td).mean(-1).sum()
+        weight: float | Tensor = cfg.cql_alpha
+        metrics: dict[str, Tensor] = {}
+        if cfg.lagrange:
+            alpha_prime = self.log_alpha_prime.exp().clamp(0.0, 1e6)
+            gap_loss = -(alpha_prime * cfg.cql_alpha * (penalty.detach() - cfg.target_gap)).mean()
+            self.alpha_prime_opt.zero_grad()
+            gap_loss.backward()
+            self.alpha_prime_opt.step()
+            weight = float(cfg.cql_alpha) * alpha_prime.detach()
+            metrics["cql_multiplier"] = alpha_prime.detach()
+        critic_loss = td_loss + (weight * (penalty - (cfg.target_gap if cfg.lagrange else 0.0))).sum()
+        self.critic_opt.step(critic_loss)
+        critic.requires_grad_(False)
+        q_pi = critic(obs, actions_pi).min(0).values
+        critic.requires_grad_(True)
+        actor_loss = (alpha * logp_pi - q_pi).mean()
+        self.actor_opt.step(actor_loss)
+        self.critic_target.update(cfg.tau)
+        metrics.update(
+            critic_loss=td_loss.detach(),
+            cql_penalty=penalty.detach().mean(),
+            q=q_data.detach().mean(),
+            alpha=alpha[0],
+            actor_loss=actor_loss.detach(),
+            entropy=-logp_pi.detach().mean(),
+        )
+        return metrics
+
+
+class _ParameterHolder(nn.Module):
+    """A lone parameter as a module (what checkpoints save)."""
+
+    def __init__(self, parameter: nn.Parameter) -> None:
+        super().__init__()
+        self.value = parameter
+
+
+@dataclass
+class DiscreteCQLConfig(OfflineConfig, DQNConfig):
+    """Discrete CQL on DQN (d3rlpy's DiscreteCQL: alpha 1, Huber TD loss, hard target copies)."""
+
+    cql_alpha: float = 1.0
+    target_update_interval: int = 2_000
+    """Hard target copies every this many gradient steps (then env steps online); d3rlpy's Atari value is 8000."""
+    exploration_fraction: float = 0.0
+    eps_start: float = 0.05
+    """Online (after the offline phase): epsilon-greedy from the start, not a decay from 1."""
+
+    def validate(self) -> None:
+        super().validate()
+        if self.cql_alpha < 0:
+            raise ConfigError(f"cql_alpha={self.cql_alpha} must be >= 0", "set cql_alpha to e.g. 1")
+
+
+class DiscreteCQL(DQN):
+    name = "cql_discrete"
+    config_cls = DiscreteCQLConfig
+    cfg: DiscreteCQLConfig
+
+    def __init__(self, cfg: DiscreteCQLConfig, obs_space: gym.Space, act_space: gym.Space) -> None:
+        super().__init__(cfg, obs_space, act_space)
+        self.fused = False
+
+    def update(self, batch: Batch, index: int) -> dict[str, Tensor]:
+        td_loss, q_all, q, _ = self.td_loss(batch)
+        penalty = discrete_cql_penalty(q_all, q)
+        self.q_opt.step(td_loss + self.cfg.cql_alpha * penalty)
+        return {"loss": td_loss.detach(), "cql_penalty": penalty.detach(), "q": q.detach().mean()}
