@@ -94,8 +94,7 @@ class CQL(SAC):
             entropy_alpha = alpha if cfg.backup_entropy else torch.zeros_like(alpha)
             target = sac_target(batch.rewards, batch.discounts, batch.terminated, next_q, next_logp, entropy_alpha)
             # proposals, all to be evaluated at s: uniform, pi(.|s), pi(.|s')
-            repeated = torch.cat([obs, next_obs]).repeat_interleave(m, 0)  # [2 B M, obs]
-            sampled, sampled_logp = actor.sample(repeated, self.generator)
+            sampled, sampled_logp = actor.sample_many(torch.cat([obs, next_obs]), m, self.generator)  # [2 B M]
             uniform = torch.rand((n * m, self.act_dim), generator=self.generator, device=obs.device) * 2.0 - 1.0
             log_uniform = torch.full((n, m), -self.act_dim * math.log(2.0), device=obs.device)
         all_actions = torch.cat([batch.actions.flatten(1), uniform, sampled])  # [B + 3 B M, A]

@@ -169,6 +169,15 @@ class TanhGaussianActor(_BoundedActor):
         logp = tanh_gaussian_log_prob(noise, log_std, u)
         return torch.tanh(u), logp
 
+    def sample_many(self, obs: Tensor, m: int, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+        """m samples per observation from one forward pass: actions [B m, A] (row b m + j: sample j of obs b) and
+        their log-probabilities [B m]."""
+        mean, log_std = self._mean_log_std(obs)
+        mean, log_std = mean.repeat_interleave(m, 0), log_std.repeat_interleave(m, 0)
+        noise = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
+        u = mean + log_std.exp() * noise
+        return torch.tanh(u), tanh_gaussian_log_prob(noise, log_std, u)
+
     def forward(self, obs: Tensor) -> Tensor:
         """The deterministic action, tanh of the mean."""
         return torch.tanh(self._mean_log_std(obs)[0])
