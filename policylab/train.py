@@ -348,12 +348,8 @@ class OffPolicyLoop:
                 f"a replay buffer seeded with a dataset takes one env, not num_envs={cfg.num_envs}",
                 "set num_envs=1, or mix the dataset into batches instead (--set offline_ratio=0.5)",
             )
-        self.buffer = self._online_buffer(seeded) if not (seeded and not cfg.online_steps) else None
-        offline = None
-        if self.dataset is not None and not seeded:
-            offline = self._dataset_buffer(extra_capacity=0)
-        elif self.buffer is None:  # offline only: the dataset is the one buffer
-            offline = self._dataset_buffer(extra_capacity=0)
+        self.buffer, offline = self._buffers(seeded)
+        """`buffer`: what env steps are written to (None offline only); `offline`: the dataset on its own."""
         self.offline_source = (
             BatchSource(None, offline, 1.0) if offline is not None else BatchSource(self.buffer, None, 0.0)
         )
@@ -371,10 +367,20 @@ class OffPolicyLoop:
         self.base_lrs = {name: opt.param_groups[0]["lr"] for name, opt in self.algo.optimizers.items()}
         self.obs = self.env.reset(seed=cfg.seed)
 
-    def _online_buffer(self, seeded: bool) -> ReplayBuffer:
+    def _buffers(self, seeded: bool) -> tuple[ReplayBuffer | None, ReplayBuffer | None]:
+        """(online replay, dataset buffer) for the regime: online only (replay, None); offline only (None,
+        dataset); offline then online with the dataset seeding the replay (dataset + room, None); mixed batches
+        (replay, dataset)."""
+        if self.dataset is None:
+            return self._replay_buffer(), None
+        if not seeded:
+            return self._replay_buffer(), self._dataset_buffer(extra_capacity=0)
+        if self.cfg.online_steps:
+            return self._dataset_buffer(extra_capacity=self.cfg.buffer_size), None
+        return None, self._dataset_buffer(extra_capacity=0)
+
+    def _replay_buffer(self) -> ReplayBuffer:
         cfg = self.cfg
-        if seeded:
-            return self._dataset_buffer(extra_capacity=cfg.buffer_size)
         return ReplayBuffer(
             cfg.buffer_size,
             cfg.num_envs,
