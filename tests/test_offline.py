@@ -235,6 +235,7 @@ def _score(path, ret: float) -> float:
         ("bc", "expert", 85.0, 3000, {"gaussian": True}),
         ("td3_bc", "medium", 85.0, 6000, {}),
         ("iql", "medium", 85.0, 6000, {}),
+        ("awac", "medium", 85.0, 6000, {}),
     ],
 )
 def test_offline_algorithms_learn_pendulum_from_a_dataset(datasets, tmp_path, algo, which, bar, steps, overrides):

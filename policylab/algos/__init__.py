@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from policylab.algos.a2c import A2C, A2CConfig
+from policylab.algos.awac import AWAC, AWACConfig
 from policylab.algos.bc import BC, BCConfig
 from policylab.algos.cql import CQL, CQLConfig, DiscreteCQL, DiscreteCQLConfig
 from policylab.algos.dqn import DQN, DQNConfig
@@ -53,6 +54,7 @@ ALGORITHMS: dict[str, AlgoSpec] = {
         AlgoSpec("bc", BCConfig, BC, "off-policy", OFFLINE, "behaviour cloning (deterministic, Gaussian, discrete)"),
         AlgoSpec("td3_bc", TD3BCConfig, TD3, "off-policy", OFFLINE, "TD3+BC: TD3 with a behaviour-cloning term"),
         AlgoSpec("iql", IQLConfig, IQL, "off-policy", OFFLINE, "IQL: expectile values, advantage-weighted actor"),
+        AlgoSpec("awac", AWACConfig, AWAC, "off-policy", OFFLINE, "AWAC: advantage-weighted actor, TD critics"),
         AlgoSpec("cql", CQLConfig, CQL, "off-policy", OFFLINE, "CQL(H) on SAC: conservative critics"),
         AlgoSpec("cql_discrete", DiscreteCQLConfig, DiscreteCQL, "off-policy", OFFLINE, "CQL on DQN, discrete actions"),
     )
@@ -75,6 +77,8 @@ __all__ = [
     "get_algo",
     "A2C",
     "A2CConfig",
+    "AWAC",
+    "AWACConfig",
     "BC",
     "BCConfig",
     "CQL",

@@ -66,6 +66,8 @@ class IQLConfig(OfflineConfig):
 class IQL:
     name = "iql"
     config_cls = IQLConfig
+    uses_value = True
+    """AWAC shares IQL's actor, critics and exploration, without the value network."""
 
     def __init__(self, cfg: IQLConfig, obs_space: gym.Space, act_space: gym.Space) -> None:
         self.cfg = cfg
@@ -76,23 +78,18 @@ class IQL:
             obs_dim(obs_space), self.act_dim, cfg.hidden_sizes, cfg.activation, cfg.n_critics
         )
         self.critic.to(cfg.device)
-        self.value = StackedMLP(1, obs_dim(obs_space), cfg.hidden_sizes, 1, cfg.activation).to(cfg.device)
         self.actor_opt = FlatAdam(self.net, cfg.lr, cfg.max_grad_norm)
         self.critic_opt = FlatAdam(self.critic, cfg.lr, cfg.max_grad_norm)
-        self.value_opt = FlatAdam(self.value, cfg.lr, cfg.max_grad_norm)
         self.critic_target = TargetNetwork(self.critic, self.critic_opt.params)
-        self.modules: dict[str, nn.Module] = {
-            "critic": self.critic,
-            "critic_target": self.critic_target.module,
-            "value": self.value,
-        }
-        self.optimizers = {
-            "actor": self.actor_opt.optimizer,
-            "critic": self.critic_opt.optimizer,
-            "value": self.value_opt.optimizer,
-        }
+        self.modules: dict[str, nn.Module] = {"critic": self.critic, "critic_target": self.critic_target.module}
+        self.optimizers = {"actor": self.actor_opt.optimizer, "critic": self.critic_opt.optimizer}
+        if self.uses_value:
+            self.value = StackedMLP(1, obs_dim(obs_space), cfg.hidden_sizes, 1, cfg.activation).to(cfg.device)
+            self.value_opt = FlatAdam(self.value, cfg.lr, cfg.max_grad_norm)
+            self.modules["value"] = self.value
+            self.optimizers["value"] = self.value_opt.optimizer
         self.action_shape, self.action_dtype = (self.act_dim,), torch.float32
-        self.fused = fused_iql_applies(self)
+        self.fused = self.uses_value and fused_iql_applies(self)
 
     @staticmethod
     def build_policy(cfg: IQLConfig, obs_space: gym.Space, act_space: gym.Space) -> nn.Module:
