@@ -336,7 +336,15 @@ class OffPolicyLoop:
                 self.env.close()
                 raise
         self.net = self.algo.net
-        self.obs_norm = dataset_normalizer(self.dataset, cfg.clip_obs) if cfg.normalize_obs and self.dataset else None
+        self.obs_norm: ObsNormalizer | None = None
+        self.running_norm = cfg.normalize_obs and self.dataset is None
+        """Running statistics (online runs): the buffer keeps raw observations, batches are normalized when
+        drawn, with the statistics of the moment (as SB3 does). With a dataset, its statistics, fixed."""
+        if cfg.normalize_obs:
+            shape = tuple(self.obs_space.shape or ())
+            self.obs_norm = ObsNormalizer(shape, cfg.clip_obs) if self.running_norm else None
+            if self.dataset is not None:
+                self.obs_norm = dataset_normalizer(self.dataset, cfg.clip_obs)
         self.tracker = EpisodeTracker(cfg.num_envs)
         offline_first = self.dataset is not None and (cfg.offline_ratio is None or cfg.online_steps > 0)
         self.offline_steps = cfg.steps if offline_first else 0
@@ -366,6 +374,9 @@ class OffPolicyLoop:
         """Online updates run once `step` exceeds this (moved on when a resumed run refills its buffer)."""
         self.base_lrs = {name: opt.param_groups[0]["lr"] for name, opt in self.algo.optimizers.items()}
         self.obs = self.env.reset(seed=cfg.seed)
+        if self.running_norm:
+            assert self.obs_norm is not None
+            self.obs_norm.update(self.obs)
 
     def _buffers(self, seeded: bool) -> tuple[ReplayBuffer | None, ReplayBuffer | None]:
         """(online replay, dataset buffer) for the regime: online only (replay, None); offline only (None,
@@ -454,22 +465,26 @@ class OffPolicyLoop:
         buffer, source = self.buffer, self.online_source
         assert buffer is not None and source is not None
         norm = self.obs_norm
+        stored = None if self.running_norm else norm  # what the buffer's observations are normalized with
         online_total = max(self.total - self.offline_steps, 1)
         for _ in range(max(1, cfg.log_every // cfg.num_envs)):
             if self.step >= self.total:
                 break
-            obs = self.obs if norm is None else norm(self.obs)
             if self.step < self.random_until:
                 actions = algo.random_actions(cfg.num_envs)
             else:
-                actions = algo.explore(obs, (self.step - self.offline_steps) / online_total)
+                acting_obs = self.obs if norm is None else norm(self.obs)
+                actions = algo.explore(acting_obs, (self.step - self.offline_steps) / online_total)
             res = env.step(algo.to_env(actions))
             self.tracker.update(res.reward, res.episode_end)
-            next_obs, final_obs = res.obs, res.final_obs
-            if norm is not None:
-                next_obs = norm(next_obs)
-                final_obs = None if final_obs is None else norm(final_obs)
+            obs, next_obs, final_obs = self.obs, res.obs, res.final_obs
+            if stored is not None:
+                obs, next_obs = stored(obs), stored(next_obs)
+                final_obs = None if final_obs is None else stored(final_obs)
             buffer.add(obs, actions, res.reward, next_obs, res.terminated, res.truncated, final_obs)
+            if self.running_norm:
+                assert norm is not None
+                norm.update(res.obs)
             self.obs = res.obs
             self.step += cfg.num_envs
             self.vec_steps += 1
@@ -483,6 +498,8 @@ class OffPolicyLoop:
 
     def _update(self, source: BatchSource, history: dict[str, list[Tensor]]) -> None:
         batch = source.sample(self.cfg.batch_size, self.algo.generator)
+        if self.running_norm:
+            batch.obs, batch.next_obs = self._normalized(batch.obs), self._normalized(batch.next_obs)
         metrics = self.algo.update(batch, self.updates)
         td_error = metrics.pop("td_error", None)
         if td_error is not None:
@@ -490,6 +507,14 @@ class OffPolicyLoop:
         self.updates += 1
         for key, value in metrics.items():
             history.setdefault(key, []).append(value)
+
+    def _normalized(self, obs: Tensor) -> Tensor:
+        """Raw replay observations normalized with the running statistics of the moment."""
+        norm = self.obs_norm
+        assert norm is not None
+        mean = torch.as_tensor(norm.rms.mean, dtype=obs.dtype, device=obs.device)
+        std = torch.as_tensor(np.sqrt(norm.rms.var + norm.eps), dtype=obs.dtype, device=obs.device)
+        return ((obs - mean) / std).clamp_(-norm.clip, norm.clip)
 
     def _anneal_lr(self) -> None:
         """Every optimizer's learning rate at `1 - step / steps` of its initial value (before each update burst)."""
@@ -544,6 +569,9 @@ class OffPolicyLoop:
         for name, optimizer in self.algo.optimizers.items():
             ckpt.optimizer_from_flat(f"optim_{name}", optimizer, tensors, state["optimizers"][name])
         self.tracker.load(state["episodes"])
+        if self.running_norm:
+            assert self.obs_norm is not None
+            self.obs_norm.rms.load({k: tensors[f"obs_norm/{k}"].numpy() for k in ("mean", "var", "count")})
         self.step = int(state["step"])
         self.iteration = int(state["iteration"])
         self.vec_steps = int(state["vec_steps"])

@@ -24,6 +24,7 @@ TINY = {
 }
 CASES = [
     ("sac", "Pendulum-v1", {}),
+    ("sac", "Pendulum-v1", {"normalize_obs": True}),
     ("td3", "Pendulum-v1", {"anneal_lr": True}),
     ("ddpg", "Pendulum-v1", {}),
     ("tqc", "Pendulum-v1", {"n_quantiles": 5}),
@@ -133,8 +134,8 @@ def test_wrong_action_space_and_unsupported_options_are_clear_errors(tmp_path):
         pl.train("dqn", env="Pendulum-v1", steps=100, runs_dir=tmp_path, verbose=False)
     with pytest.raises(EnvError, match="continuous"):
         pl.train("sac", env="CartPole-v1", steps=100, runs_dir=tmp_path, verbose=False)
-    with pytest.raises(ConfigError, match="normalize_obs"):
-        pl.train("td3", env="Pendulum-v1", steps=100, overrides={"normalize_obs": True}, runs_dir=tmp_path)
+    with pytest.raises(ConfigError, match="normalize_reward"):
+        pl.train("td3", env="Pendulum-v1", steps=100, overrides={"normalize_reward": True}, runs_dir=tmp_path)
     with pytest.raises(ConfigError, match="gradient_steps"):
         pl.train("sac", env="Pendulum-v1", steps=100, overrides={"gradient_steps": 0}, runs_dir=tmp_path)
     assert not any(tmp_path.iterdir()), "a failed start leaves no run directory"
@@ -179,3 +180,19 @@ def test_anneal_lr_decays_every_learning_rate_linearly_to_zero(tmp_path):
     assert lrs == pytest.approx({name: 1e-3 * 2 / 3 for name in lrs}, rel=1e-12)
     _, state, _ = load_checkpoint(pl.train("sac", resume=part.dir, verbose=False).dir)
     assert all(opt["param_groups"][0]["lr"] == 0.0 for opt in state["optimizers"].values())
+
+
+def test_online_observation_normalization_keeps_raw_replay_and_normalizes_batches_when_drawn():
+    spec = get_algo("sac")
+    cfg, _ = resolve_config(spec, "Pendulum-v1", 1000, 0, overrides={**TINY, "normalize_obs": True}, preset="none")
+    loop = OffPolicyLoop(spec, cfg)
+    loop.iterate()  # 100 env steps
+    norm = loop.obs_norm
+    assert norm is not None and norm.rms.count == pytest.approx(101, abs=1e-3), "the reset obs and one per step"
+    pending = loop.buffer.obs[int(loop.buffer.ptr[0]), 0].numpy()
+    np.testing.assert_array_equal(pending, loop.obs[0]), "the replay holds raw observations"
+    raw = loop.buffer.sample(8, torch.Generator().manual_seed(0)).obs
+    np.testing.assert_allclose(loop._normalized(raw).numpy(), norm(raw.numpy()), rtol=1e-5, atol=1e-6)
+    policy = loop.policy()
+    np.testing.assert_allclose(policy.obs_normalizer.rms.mean, norm.rms.mean)
+    loop.close()

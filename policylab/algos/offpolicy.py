@@ -100,12 +100,10 @@ class OffPolicyConfig(CommonConfig):
             raise ConfigError(f"tau={self.tau} is outside (0, 1]", "set tau to e.g. 0.005 (1.0: hard target copies)")
         if self.lr <= 0:
             raise ConfigError(f"lr={self.lr} must be > 0", "set lr to e.g. 3e-4")
-        if self.normalize_reward or (self.normalize_obs and self.dataset is None):
+        if self.normalize_reward:
             raise ConfigError(
-                "normalize_reward, and normalize_obs without a dataset, are not supported by the off-policy "
-                "algorithms yet",
-                "drop them (--set normalize_obs=false normalize_reward=false); with --dataset, normalize_obs uses "
-                "the dataset's statistics",
+                "normalize_reward is not supported by the off-policy algorithms yet",
+                "drop it (--set normalize_reward=false); off-policy presets do not use it",
             )
         if self.offline_ratio is not None and not 0.0 <= self.offline_ratio <= 1.0:
             raise ConfigError(
