@@ -67,13 +67,7 @@ def collect(
     loaded = _load_policy(policy)
     if isinstance(loaded, Policy) and loaded.env_id is not None and isinstance(policy, (str, Path)):
         kwargs = kwargs or dict(loaded.env_kwargs)
-    vec = make_vec_env(env, min(num_envs, episodes), "auto", kwargs)
-    try:
-        act = _behaviour(loaded, vec.single_action_space, noise, seed)
-        record = _run(vec, act, episodes, seed)
-    finally:
-        vec.close()
-    dataset = _episodes(record, vec.single_observation_space, vec.single_action_space)
+    dataset = _rollouts(env, kwargs, lambda space: _behaviour(loaded, space, noise, seed), episodes, seed, num_envs)
     dataset.env_id, dataset.env_kwargs = env, kwargs
     dataset.metadata = {
         "name": name or (Path(out).name if out is not None else f"{env}-{source}"),
@@ -220,24 +214,33 @@ def _episodes(record: dict[str, Any], obs_space: gym.Space, act_space: gym.Space
     )
 
 
-def _random_return(env: str, kwargs: dict[str, Any], episodes: int, seed: int) -> float:
-    vec = make_vec_env(env, min(8, episodes), "auto", kwargs)
+def _rollouts(
+    env: str,
+    kwargs: dict[str, Any],
+    behaviour: Callable[[gym.Space], ActFn],
+    episodes: int,
+    seed: int,
+    num_envs: int = 8,
+) -> Dataset:
+    """`episodes` whole episodes of `env` with the acting function `behaviour(action_space)` makes."""
+    vec = make_vec_env(env, min(num_envs, episodes), "auto", kwargs)
     try:
-        record = _run(vec, _behaviour("random", vec.single_action_space, 0.0, seed + 1), episodes, seed + 1)
+        record = _run(vec, behaviour(vec.single_action_space), episodes, seed)
     finally:
         vec.close()
-    return float(_episodes(record, vec.single_observation_space, vec.single_action_space).episode_returns().mean())
+    return _episodes(record, vec.single_observation_space, vec.single_action_space)
+
+
+def _random_return(env: str, kwargs: dict[str, Any], episodes: int, seed: int) -> float:
+    behaviour = lambda space: _behaviour("random", space, 0.0, seed + 1)  # noqa: E731
+    return float(_rollouts(env, kwargs, behaviour, episodes, seed + 1).episode_returns().mean())
 
 
 def _policy_return(policy: Any, env: str, kwargs: dict[str, Any], episodes: int, seed: int) -> float:
     if isinstance(policy, Policy):
         return float(evaluate(policy, episodes, seed + 2, env, kwargs)["return_mean"])
-    vec = make_vec_env(env, min(8, episodes), "auto", kwargs)
-    try:
-        record = _run(vec, _behaviour(policy, vec.single_action_space, 0.0, seed), episodes, seed + 2)
-    finally:
-        vec.close()
-    return float(_episodes(record, vec.single_observation_space, vec.single_action_space).episode_returns().mean())
+    behaviour = lambda space: _behaviour(policy, space, 0.0, seed)  # noqa: E731
+    return float(_rollouts(env, kwargs, behaviour, episodes, seed + 2).episode_returns().mean())
 
 
 def collect_from_buffer(run: str | Path, out: str | Path | None = None, *, overwrite: bool = False) -> Dataset:

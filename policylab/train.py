@@ -409,7 +409,7 @@ class OffPolicyLoop:
     def _dataset_buffer(self, extra_capacity: int) -> ReplayBuffer:
         assert self.dataset is not None
         cfg = self.cfg
-        buffer = dataset_buffer(
+        return dataset_buffer(
             self.dataset,
             self.algo.action_shape,
             self.algo.action_dtype,
@@ -417,11 +417,11 @@ class OffPolicyLoop:
             gamma=cfg.gamma,
             extra_capacity=extra_capacity,
             prioritized=cfg.prioritized,
+            per_alpha=cfg.per_alpha,
+            per_beta=cfg.per_beta,
             obs_normalizer=self.obs_norm,
             device=cfg.device,
         )
-        buffer.alpha, buffer.beta = cfg.per_alpha, cfg.per_beta
-        return buffer
 
     def policy(self) -> Policy:
         return Policy(self.net, self.obs_space, self.act_space, self.obs_norm, self.cfg.env, self.cfg.env_kwargs)

@@ -190,7 +190,7 @@ def test_online_observation_normalization_keeps_raw_replay_and_normalizes_batche
     norm = loop.obs_norm
     assert norm is not None and norm.rms.count == pytest.approx(101, abs=1e-3), "the reset obs and one per step"
     pending = loop.buffer.obs[int(loop.buffer.ptr[0]), 0].numpy()
-    np.testing.assert_array_equal(pending, loop.obs[0]), "the replay holds raw observations"
+    np.testing.assert_array_equal(pending, loop.obs[0])  # the replay holds raw observations
     raw = loop.buffer.sample(8, torch.Generator().manual_seed(0)).obs
     np.testing.assert_allclose(loop._normalized(raw).numpy(), norm(raw.numpy()), rtol=1e-5, atol=1e-6)
     policy = loop.policy()

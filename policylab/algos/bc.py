@@ -72,12 +72,13 @@ class BC:
 
     def explore(self, obs: np.ndarray, progress: float) -> np.ndarray:
         with torch.inference_mode():
-            greedy = self.net.env_action(torch.as_tensor(obs, device=self.cfg.device), True)
+            x = torch.as_tensor(obs, device=self.cfg.device)
             if self.discrete:
+                greedy = self.net.env_action(x, True)
                 explore = torch.rand(len(obs), generator=self.generator, device=self.generator.device)
                 random = torch.from_numpy(self.random_actions(len(obs))).to(greedy.device)
                 return torch.where(explore < self.cfg.action_noise, random, greedy).cpu().numpy()
-            mean = self.net(torch.as_tensor(obs, device=self.cfg.device))
+            mean = self.net(x)
             noise = torch.randn(mean.shape, generator=self.generator, device=mean.device)
             return (mean + self.cfg.action_noise * noise).clamp(-1.0, 1.0).cpu().numpy()
 

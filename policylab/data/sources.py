@@ -42,6 +42,8 @@ def dataset_buffer(
     gamma: float = 0.99,
     extra_capacity: int = 0,
     prioritized: bool = False,
+    per_alpha: float = 0.6,
+    per_beta: float = 0.4,
     obs_normalizer: ObsNormalizer | None = None,
     device: str = "cpu",
 ) -> ReplayBuffer:
@@ -59,6 +61,8 @@ def dataset_buffer(
         n_step=n_step,
         gamma=gamma,
         prioritized=prioritized,
+        alpha=per_alpha,
+        beta=per_beta,
         device=device,
     )
     actions = replay_actions(dataset.actions, dataset.action_space).reshape(len(dataset.actions), *action_shape)

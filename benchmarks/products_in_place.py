@@ -1,0 +1,128 @@
+"""Where one gradient step's time goes: each matrix product timed in place, inside the real update.
+
+    .venv/bin/python benchmarks/products_in_place.py                  # SAC Pendulum-v1 (online update) and IQL
+    .venv/bin/python benchmarks/products_in_place.py --algo td3_bc --no-flush
+
+`nets/matmul.bmm` / `baddbmm` (every product of `StackedMLP`) are wrapped with a timer, then 200 updates run
+on 1 thread after 50 of warm-up, with the process settings of the training loops (`runtime.configure`:
+denormals flushed; `--no-flush` leaves them). SAC updates on a replay buffer of 2,000 random Pendulum-v1
+transitions; the offline algorithms on `benchmarks/data/hopper-random` (`benchmarks/offline.py` makes it).
+Prints ms per update, ms in products, and each product shape's time and GFLOP/s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from policylab import runtime  # noqa: E402
+from policylab.algos import get_algo  # noqa: E402
+from policylab.data import ReplayBuffer  # noqa: E402
+from policylab.nets import matmul  # noqa: E402
+from policylab.train import OffPolicyLoop, resolve_config  # noqa: E402
+
+DATA = REPO / "benchmarks" / "data" / "hopper-random"
+
+
+class ProductTimer:
+    """Wraps matmul.bmm / baddbmm: seconds and multiply-adds per (op, shapes, layout)."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = collections.defaultdict(float)
+        self.macs: dict[str, float] = collections.defaultdict(float)
+        self.calls: collections.Counter[str] = collections.Counter()
+        self._bmm, self._baddbmm = matmul.bmm, matmul.baddbmm
+        matmul.bmm = lambda a, b, out=None: self._timed("bmm", a, b, lambda: self._bmm(a, b, out=out))
+        matmul.baddbmm = lambda bias, a, b, beta=1.0, alpha=1.0: self._timed(
+            "baddbmm", a, b, lambda: self._baddbmm(bias, a, b, beta=beta, alpha=alpha)
+        )
+
+    def _timed(self, op: str, a: torch.Tensor, b: torch.Tensor, call: Any) -> torch.Tensor:
+        layout = ("aT" if not a.is_contiguous() else "a") + (" bT" if not b.is_contiguous() else " b")
+        key = f"{op} {tuple(a.shape)}x{tuple(b.shape)} {layout}"
+        start = time.perf_counter()
+        out = call()
+        self.seconds[key] += time.perf_counter() - start
+        self.macs[key] += a.shape[0] * a.shape[1] * a.shape[2] * b.shape[2]
+        self.calls[key] += 1
+        return out
+
+    def reset(self) -> None:
+        self.seconds.clear()
+        self.macs.clear()
+        self.calls.clear()
+
+
+def sac_step() -> Any:
+    spec = get_algo("sac")
+    cfg, _ = resolve_config(spec, "Pendulum-v1", 1000, 0, overrides={"threads": 1}, preset="none")
+    algo = spec.algo_cls(cfg, *_pendulum_spaces())
+    buffer = ReplayBuffer(10_000, 1, (3,), (1,))
+    rng = np.random.default_rng(0)
+    for _ in range(2000):
+        obs = rng.normal(size=(1, 3)).astype(np.float32)
+        act = rng.uniform(-1, 1, (1, 1)).astype(np.float32)
+        buffer.add(obs, act, rng.normal(size=1).astype(np.float32), obs, np.zeros(1, bool), np.zeros(1, bool))
+    generator = torch.Generator().manual_seed(0)
+    return lambda i: algo.update(buffer.sample(256, generator), i)
+
+
+def _pendulum_spaces() -> tuple[Any, Any]:
+    import gymnasium as gym
+
+    env = gym.make("Pendulum-v1")
+    return env.observation_space, env.action_space
+
+
+def offline_step(name: str) -> Any:
+    spec = get_algo(name)
+    overrides = {"threads": 1, "normalize_obs": False, "eval_every": 0}
+    cfg, _ = resolve_config(spec, steps=100_000, seed=0, overrides=overrides, dataset=str(DATA), preset="none")
+    loop = OffPolicyLoop(spec, cfg)
+    source, algo = loop.offline_source, loop.algo
+    return lambda i: algo.update(source.sample(cfg.batch_size, algo.generator), i)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--algo", action="append", help="sac (Pendulum, online) or an offline algorithm; repeatable")
+    parser.add_argument("--no-flush", action="store_true", help="leave denormals as they are")
+    parser.add_argument("--updates", type=int, default=200)
+    a = parser.parse_args()
+    runtime.configure(1, 0, 1)
+    if a.no_flush:
+        torch.set_flush_denormal(False)
+    timer = ProductTimer()
+    for name in a.algo or ["sac", "iql"]:
+        step = sac_step() if name == "sac" else offline_step(name)
+        for i in range(50):
+            step(i)
+        timer.reset()
+        start = time.perf_counter()
+        for i in range(a.updates):
+            step(i)
+        per_update = (time.perf_counter() - start) / a.updates * 1e3
+        in_products = sum(timer.seconds.values()) / a.updates * 1e3
+        flops = 2 * sum(timer.macs.values()) / a.updates
+        print(
+            f"\n{name}: {per_update:.2f} ms per update, {in_products:.2f} ms in products "
+            f"({100 * in_products / per_update:.0f}%, {flops / 1e6:.0f} MFLOP, {flops / in_products / 1e6:.1f} GFLOP/s)"
+        )
+        for key, seconds in sorted(timer.seconds.items(), key=lambda kv: -kv[1]):
+            ms = seconds / a.updates * 1e3
+            gflops = 2 * timer.macs[key] / seconds / 1e9
+            print(f"  {ms:7.3f} ms  x{timer.calls[key] / a.updates:.0f}  {gflops:6.1f} GFLOP/s  {key}")
+
+
+if __name__ == "__main__":
+    main()
