@@ -27,10 +27,17 @@ from torch import Tensor
 from policylab import checkpoint as ckpt
 from policylab import runtime
 from policylab.algos import AlgoSpec, get_algo
+from policylab.algos.onpolicy import Imitation
 from policylab.config import CommonConfig, apply_values, dump_yaml, format_count, load_yaml, parse_count
 from policylab.data import Batch, ReplayBuffer, RolloutBuffer
-from policylab.data.dataset import check_compatible, load_dataset
-from policylab.data.sources import BatchSource, dataset_buffer, dataset_normalizer
+from policylab.data.dataset import Dataset, check_compatible, load_dataset
+from policylab.data.sources import (
+    BatchSource,
+    Demonstrations,
+    dataset_buffer,
+    dataset_normalizer,
+    dataset_transitions,
+)
 from policylab.envs import EpisodeTracker, ObsNormalizer, RewardScaler, VecEnv, make_vec_env, resolve_env_id
 from policylab.errors import CheckpointError, ConfigError, TrainingDiverged
 from policylab.logging import CONFIG_YAML, Progress, RunLog, new_run_dir
@@ -87,6 +94,12 @@ def resolve_config(
     """Defaults < tuned preset for the env < YAML file (or dict) < overrides < env/steps/seed/dataset arguments.
     With a dataset and no env, the env is the one the dataset was collected in."""
     notes: list[str] = []
+    if online_steps is not None and spec.kind == "on-policy":
+        raise ConfigError(
+            f"{spec.name} is on-policy: it has no offline phase to continue online from (--online-steps); a dataset "
+            "gives it demonstrations for an imitation term instead",
+            f"drop --online-steps (train {spec.name} --dataset D --steps N), or use an off-policy or offline algorithm",
+        )
     cfg = spec.config_cls()
     file_values = load_yaml(config) if isinstance(config, (str, Path)) else dict(config or {})
     dataset = dataset or (overrides or {}).get("dataset") or file_values.get("dataset")
@@ -173,20 +186,23 @@ class OnPolicyLoop:
     """Collects rollouts with the current policy and hands them to `algo.update`."""
 
     def __init__(self, spec: AlgoSpec, cfg: Any) -> None:
-        if cfg.dataset is not None:
-            raise ConfigError(
-                f"{spec.name} does not take a dataset yet (on-policy training with offline data is still to come)",
-                "use an off-policy or offline algorithm with --dataset (e.g. sac, td3_bc, iql, bc), or drop --dataset",
-            )
         self.threads = runtime.configure(cfg.threads, cfg.seed, cfg.preferred_threads)
         self.cfg = cfg
         self.spec = spec
+        self.dataset = load_dataset(cfg.dataset) if cfg.dataset else None
+        """Demonstrations for the imitation term (hybrid on-policy runs); the rollouts stay on-policy."""
         self.env, self.algo = _env_and_algo(spec, cfg)
         self.obs_space: Any = self.env.single_observation_space
         self.act_space = self.env.single_action_space
         self.net = self.algo.net
         shape: tuple[int, ...] = tuple(self.obs_space.shape or ())
         self.obs_norm = ObsNormalizer(shape, cfg.clip_obs) if cfg.normalize_obs else None
+        if self.dataset is not None:
+            try:
+                self.algo.imitation = self._imitation(self.dataset)
+            except BaseException:
+                self.env.close()
+                raise
         self.reward_scaler = RewardScaler(cfg.num_envs, cfg.gamma, cfg.clip_reward) if cfg.normalize_reward else None
         self.tracker = EpisodeTracker(cfg.num_envs)
         head = self.net.head
@@ -195,6 +211,19 @@ class OnPolicyLoop:
         self.iteration = 0
         raw = self.env.reset(seed=cfg.seed)
         self.obs = self._normalize(raw, update=True)
+
+    def _imitation(self, dataset: Dataset) -> Imitation:
+        """The demonstrations of the imitation term, checked against the env and the algorithm's head."""
+        cfg, head = self.cfg, self.net.head
+        check_compatible(dataset, self.obs_space, self.act_space, f"--env {cfg.env}")
+        if cfg.imitation_weighting == "phi" and head.continuous:
+            raise ConfigError(
+                "imitation_weighting=phi needs action probabilities, but this env's actions are continuous "
+                "(a density is not a probability)",
+                "use imitation_weighting=uniform or advantage for Box actions",
+            )
+        demos = Demonstrations.from_dataset(dataset, head.from_env, cfg.gamma, self.obs_norm, cfg.device)
+        return Imitation(demos, cfg)
 
     @property
     def steps_per_iteration(self) -> int:
@@ -205,7 +234,7 @@ class OnPolicyLoop:
         return int(self.cfg.steps)
 
     def score(self, return_mean: float) -> float | None:
-        return None
+        return _normalized_score(self.dataset, return_mean)
 
     def _normalize(self, raw: np.ndarray, update: bool) -> np.ndarray:
         if self.obs_norm is None:
@@ -283,6 +312,7 @@ class OnPolicyLoop:
             "optimizer": optim_meta,
             "env": env_json,
             "episodes": self.tracker.state(),
+            "dataset": _dataset_reference(self.dataset),
             "spaces": _spaces_json(self),
         }
         return tensors, state
@@ -299,12 +329,13 @@ class OnPolicyLoop:
         self.tracker.load(state["episodes"])
         self.step = int(state["step"])
         self.iteration = int(state["iteration"])
+        notes = _dataset_notes(self.dataset, state.get("dataset"))
         obs = _load_env_state(self.env, self.algo.generator, state, tensors)
         if obs is not None:
             self.obs = obs
-            return []
+            return notes
         self.obs = self._normalize(self.env.reset(seed=self.cfg.seed + self.iteration), update=False)
-        return [_ENV_RESTARTS]
+        return [_ENV_RESTARTS, *notes]
 
     def parameters(self) -> list[Tensor]:
         return list(self.net.parameters())
@@ -358,6 +389,8 @@ class OffPolicyLoop:
             )
         self.buffer, offline = self._buffers(seeded)
         """`buffer`: what env steps are written to (None offline only); `offline`: the dataset on its own."""
+        if self.dataset is not None and hasattr(self.algo, "attach_dataset"):  # e.g. PRDC's nearest neighbours
+            self.algo.attach_dataset(*dataset_transitions(self.dataset, self.algo.action_shape, self.obs_norm))
         self.offline_source = (
             BatchSource(None, offline, 1.0) if offline is not None else BatchSource(self.buffer, None, 0.0)
         )
@@ -404,6 +437,8 @@ class OffPolicyLoop:
             alpha=cfg.per_alpha,
             beta=cfg.per_beta,
             device=cfg.device,
+            next_actions=getattr(self.algo, "needs_next_actions", False),
+            mc_returns=getattr(self.algo, "needs_mc_returns", False),
         )
 
     def _dataset_buffer(self, extra_capacity: int) -> ReplayBuffer:
@@ -421,6 +456,8 @@ class OffPolicyLoop:
             per_beta=cfg.per_beta,
             obs_normalizer=self.obs_norm,
             device=cfg.device,
+            next_actions=getattr(self.algo, "needs_next_actions", False),
+            mc_returns=getattr(self.algo, "needs_mc_returns", False),
         )
 
     def policy(self) -> Policy:
@@ -431,11 +468,7 @@ class OffPolicyLoop:
         return [p for m in modules for p in m.parameters()]
 
     def score(self, return_mean: float) -> float | None:
-        """The dataset's normalized score (D4RL's 100 (R - random) / (expert - random)) of a return, if known."""
-        if self.dataset is None:
-            return None
-        score = self.dataset.normalized_score(return_mean)
-        return None if score is None else float(score)
+        return _normalized_score(self.dataset, return_mean)
 
     def iterate(self) -> dict[str, Tensor]:
         """`log_every` env steps (fewer at the end of the run) with their updates, or `log_every` gradient
@@ -510,11 +543,8 @@ class OffPolicyLoop:
 
     def _normalized(self, obs: Tensor) -> Tensor:
         """Raw replay observations normalized with the running statistics of the moment."""
-        norm = self.obs_norm
-        assert norm is not None
-        mean = torch.as_tensor(norm.rms.mean, dtype=obs.dtype, device=obs.device)
-        std = torch.as_tensor(np.sqrt(norm.rms.var + norm.eps), dtype=obs.dtype, device=obs.device)
-        return ((obs - mean) / std).clamp_(-norm.clip, norm.clip)
+        assert self.obs_norm is not None
+        return self.obs_norm.tensor(obs)
 
     def _anneal_lr(self) -> None:
         """Every optimizer's learning rate at `1 - step / steps` of its initial value (before each update burst)."""
@@ -552,9 +582,7 @@ class OffPolicyLoop:
             "updates_after": self.updates_after,
             "optimizers": optimizers,
             "buffer": buffer_meta,
-            "dataset": None
-            if self.dataset is None
-            else {"path": str(self.dataset.path), "sha256": self.dataset.checksum},
+            "dataset": _dataset_reference(self.dataset),
             "env": env_json,
             "episodes": self.tracker.state(),
             "spaces": _spaces_json(self),
@@ -580,7 +608,7 @@ class OffPolicyLoop:
         obs = _load_env_state(self.env, self.algo.generator, state, tensors)
         notes = [] if obs is not None else [_ENV_RESTARTS]
         self.obs = obs if obs is not None else self.env.reset(seed=self.cfg.seed + self.iteration)
-        notes += self._dataset_notes(state.get("dataset"))
+        notes += _dataset_notes(self.dataset, state.get("dataset"))
         if state.get("buffer") is not None and self.buffer is not None:
             self.buffer.load(ckpt.unprefixed("buffer", tensors), state["buffer"])
         elif self.buffer is None or self.step <= self.offline_steps:
@@ -594,17 +622,29 @@ class OffPolicyLoop:
             )
         return notes
 
-    def _dataset_notes(self, saved: dict[str, Any] | None) -> list[str]:
-        """A note when the dataset changed since the checkpoint (same path, other contents)."""
-        if saved is None or self.dataset is None or saved.get("sha256") in (None, self.dataset.checksum):
-            return []
-        return [
-            f"the dataset {saved['path']} changed since the checkpoint (sha256 {saved['sha256'][:12]}... now "
-            f"{str(self.dataset.checksum)[:12]}...): this run will not match an uninterrupted one"
-        ]
-
     def close(self) -> None:
         self.env.close()
+
+
+def _normalized_score(dataset: Dataset | None, return_mean: float) -> float | None:
+    """The dataset's normalized score (D4RL's 100 (R - random) / (expert - random)) of a return, if known."""
+    score = None if dataset is None else dataset.normalized_score(return_mean)
+    return None if score is None else float(score)
+
+
+def _dataset_reference(dataset: Dataset | None) -> dict[str, Any] | None:
+    """How a checkpoint names its dataset: by path and checksum, never a copy."""
+    return None if dataset is None else {"path": str(dataset.path), "sha256": dataset.checksum}
+
+
+def _dataset_notes(dataset: Dataset | None, saved: dict[str, Any] | None) -> list[str]:
+    """A note when the dataset changed since the checkpoint (same path, other contents)."""
+    if saved is None or dataset is None or saved.get("sha256") in (None, dataset.checksum):
+        return []
+    return [
+        f"the dataset {saved['path']} changed since the checkpoint (sha256 {saved['sha256'][:12]}... now "
+        f"{str(dataset.checksum)[:12]}...): this run will not match an uninterrupted one"
+    ]
 
 
 def _policy_tensors(net: torch.nn.Module, obs_norm: ObsNormalizer | None) -> dict[str, Tensor]:

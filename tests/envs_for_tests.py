@@ -70,3 +70,23 @@ class MultiTargetEnv(gym.Env):
         reward = float(np.mean(np.asarray(action) == self.target))
         self.t += 1
         return self._observe(), reward, False, self.t >= 16, {}
+
+
+class SparseGoalEnv(gym.Env):
+    """A point on a line, x_0 = 0, x' = clip(x + 0.1 a, -2, 2) for a in [-1, 1]; reward 1 at every step that
+    ends with x >= 1.5, else 0; 30 steps per episode. Moving right all the way earns 16; a random walk of 30
+    steps (std about 0.3) almost never gets there, so exploration, not credit assignment, is what is hard."""
+
+    observation_space = gym.spaces.Box(-2.0, 2.0, (1,), np.float32)
+    action_space = gym.spaces.Box(-1.0, 1.0, (1,), np.float32)
+
+    def reset(self, *, seed: int | None = None, options: dict | None = None):
+        super().reset(seed=seed)
+        self.x, self.t = 0.0, 0
+        return np.array([self.x], np.float32), {}
+
+    def step(self, action):
+        self.x = float(np.clip(self.x + 0.1 * float(np.asarray(action).reshape(-1)[0]), -2.0, 2.0))
+        self.t += 1
+        reward = 1.0 if self.x >= 1.5 else 0.0
+        return np.array([self.x], np.float32), reward, False, self.t >= 30, {}

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from policylab.algos.fused import FusedActorCriticStep
-from policylab.algos.onpolicy import ActorCriticLoss, AutogradStep, adam
+from policylab.algos.onpolicy import ActorCriticLoss, AutogradStep, ImitationTerm, adam
 from policylab.data import Batch
 from policylab.nets import ActorCritic
 from policylab.nets.mlp import StackedMLP
@@ -137,13 +137,28 @@ CASES = [
     ("continuous", "tanh", False, {"clip_low": 0.2, "ent_coef": 0.01}),
     ("continuous", "relu", True, {"clip_low": 0.2, "clip_value": 0.5}),
     ("continuous", "tanh", False, {"clip_low": None, "on_policy": True}),
+    # with demonstration rows (hybrid on-policy): no value or entropy gradient on them, their own weights
+    ("discrete", "tanh", False, {"clip_low": 0.2, "ent_coef": 0.01, "imitation": "phi"}),
+    ("multi", "relu", True, {"clip_low": 0.2, "ent_coef": 0.01, "imitation": "uniform"}),
+    ("continuous", "tanh", False, {"clip_low": 0.2, "ent_coef": 0.01, "imitation": "advantage"}),
+    ("continuous", "relu", True, {"clip_low": None, "on_policy": True, "imitation": "uniform"}),
 ]
+
+
+def _demonstrations(net: ActorCritic, weighting: str, g: torch.Generator) -> ImitationTerm:
+    """32 demonstration rows with actions the current policy finds neither certain nor impossible."""
+    obs = torch.randn(32, 6, generator=g)
+    with torch.no_grad():
+        actions, _, values = net.act(obs, g)
+    returns = values + torch.randn(32, generator=g)
+    return ImitationTerm(Batch(obs=obs, actions=actions, returns=returns), 0.3, weighting, beta=0.5)
 
 
 @pytest.mark.parametrize(("kind", "activation", "shared", "options"), CASES)
 def test_fused_step_matches_autograd_step(kind, activation, shared, options):
     options = dict(options)
     on_policy = options.pop("on_policy", False)
+    weighting = options.pop("imitation", None)
     torch.manual_seed(0)
     obs_space, act_space = _spaces(kind)
     net_a = ActorCritic(obs_space, act_space, (32, 32), activation, shared=shared, log_std_init=-0.5)
@@ -163,9 +178,11 @@ def test_fused_step_matches_autograd_step(kind, activation, shared, options):
     fields = {"obs": obs, "actions": actions, "advantages": adv, "returns": returns, "values": values}
     batch = Batch(**fields) if old_logp is None else Batch(**fields, logp=old_logp)
     loss = ActorCriticLoss(vf_coef=0.5, **options)
-    m_a, _ = auto(batch, loss)
-    m_b, _ = fast(batch, loss)
-    for key in ("loss", "policy_loss", "value_loss", "entropy", "approx_kl", "clip_frac", "grad_norm"):
+    demos = None if weighting is None else _demonstrations(net_a, weighting, g)
+    m_a, _ = auto(batch, loss, imitation=demos)
+    m_b, _ = fast(batch, loss, imitation=demos)
+    keys = ["loss", "policy_loss", "value_loss", "entropy", "approx_kl", "clip_frac", "grad_norm"]
+    for key in keys + (["imitation_loss", "imitation_coef"] if demos is not None else []):
         torch.testing.assert_close(m_b[key], m_a[key], atol=1e-6, rtol=1e-5, msg=key)
     if options.get("clip_low") is not None:
         assert 0.0 < float(m_a["clip_frac"]) < 1.0

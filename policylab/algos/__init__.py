@@ -8,13 +8,18 @@ from typing import Any
 from policylab.algos.a2c import A2C, A2CConfig
 from policylab.algos.awac import AWAC, AWACConfig
 from policylab.algos.bc import BC, BCConfig
+from policylab.algos.cal_ql import CalQL, CalQLConfig
 from policylab.algos.cql import CQL, CQLConfig, DiscreteCQL, DiscreteCQLConfig
 from policylab.algos.dqn import DQN, DQNConfig
+from policylab.algos.edac import SACN, EDACConfig, SACNConfig
 from policylab.algos.iql import IQL, IQLConfig
 from policylab.algos.ppo import PPO, PPOConfig
+from policylab.algos.prdc import PRDC, PRDCConfig
+from policylab.algos.rebrac import ReBRAC, ReBRACConfig
 from policylab.algos.reinforce import Reinforce, ReinforceConfig
 from policylab.algos.sac import SAC, SACConfig
 from policylab.algos.sac_discrete import DiscreteSAC, DiscreteSACConfig
+from policylab.algos.spot import SPOT, SPOTConfig
 from policylab.algos.td3 import TD3, DDPGConfig, TD3BCConfig, TD3Config
 from policylab.algos.tqc import TQC, TQCConfig
 from policylab.errors import ConfigError, suggest
@@ -35,16 +40,17 @@ class AlgoSpec:
     summary: str
 
 
-ONLINE = ("online",)
+ON_POLICY = ("online", "hybrid")
+"""Rollouts stay on-policy; a dataset adds an imitation term to the loss (objectives/imitation.py)."""
 OFF_POLICY = ("online", "offline", "hybrid", "offline-to-online")
 OFFLINE = ("offline", "offline-to-online", "hybrid")
 
 ALGORITHMS: dict[str, AlgoSpec] = {
     spec.name: spec
     for spec in (
-        AlgoSpec("ppo", PPOConfig, PPO, "on-policy", ONLINE, "PPO-clip: epochs of minibatch updates per rollout"),
-        AlgoSpec("a2c", A2CConfig, A2C, "on-policy", ONLINE, "A2C: one gradient step per short rollout"),
-        AlgoSpec("reinforce", ReinforceConfig, Reinforce, "on-policy", ONLINE, "REINFORCE with a learned baseline"),
+        AlgoSpec("ppo", PPOConfig, PPO, "on-policy", ON_POLICY, "PPO-clip: epochs of minibatch updates per rollout"),
+        AlgoSpec("a2c", A2CConfig, A2C, "on-policy", ON_POLICY, "A2C: one gradient step per short rollout"),
+        AlgoSpec("reinforce", ReinforceConfig, Reinforce, "on-policy", ON_POLICY, "REINFORCE with a learned baseline"),
         AlgoSpec("dqn", DQNConfig, DQN, "off-policy", OFF_POLICY, "DQN: double, dueling, n-step, prioritized"),
         AlgoSpec("ddpg", DDPGConfig, TD3, "off-policy", OFF_POLICY, "DDPG: deterministic actor, one critic"),
         AlgoSpec("td3", TD3Config, TD3, "off-policy", OFF_POLICY, "TD3: twin critics, smoothing, delayed actor"),
@@ -57,6 +63,12 @@ ALGORITHMS: dict[str, AlgoSpec] = {
         AlgoSpec("awac", AWACConfig, AWAC, "off-policy", OFFLINE, "AWAC: advantage-weighted actor, TD critics"),
         AlgoSpec("cql", CQLConfig, CQL, "off-policy", OFFLINE, "CQL(H) on SAC: conservative critics"),
         AlgoSpec("cql_discrete", DiscreteCQLConfig, DiscreteCQL, "off-policy", OFFLINE, "CQL on DQN, discrete actions"),
+        AlgoSpec("rebrac", ReBRACConfig, ReBRAC, "off-policy", OFFLINE, "ReBRAC: TD3+BC, BC in the target, LayerNorm"),
+        AlgoSpec("sac_n", SACNConfig, SACN, "off-policy", OFFLINE, "SAC-N: SAC with a min over N critics"),
+        AlgoSpec("edac", EDACConfig, SACN, "off-policy", OFFLINE, "EDAC: SAC-N with diverse critic gradients"),
+        AlgoSpec("cal_ql", CalQLConfig, CalQL, "off-policy", OFFLINE, "Cal-QL: CQL bounded below by MC returns"),
+        AlgoSpec("spot", SPOTConfig, SPOT, "off-policy", OFFLINE, "SPOT: TD3 with a VAE density penalty"),
+        AlgoSpec("prdc", PRDCConfig, PRDC, "off-policy", OFFLINE, "PRDC: TD3+BC towards nearest dataset actions"),
     )
 }
 
@@ -93,4 +105,15 @@ __all__ = [
     "ReinforceConfig",
     "SAC",
     "SACConfig",
+    "ReBRAC",
+    "ReBRACConfig",
+    "SACN",
+    "SACNConfig",
+    "EDACConfig",
+    "CalQL",
+    "CalQLConfig",
+    "SPOT",
+    "SPOTConfig",
+    "PRDC",
+    "PRDCConfig",
 ]

@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from policylab.algos.onpolicy import (
+    Imitation,
     OnPolicyConfig,
     adam,
     annealed,
@@ -60,6 +61,8 @@ class A2C:
         self.net = self.build_policy(cfg, obs_space, act_space).to(cfg.device)
         self.learner = make_learner(self.net, cfg, self._optimizer)
         self.optimizer, self.generator = self.learner.optimizer, self.learner.generator
+        self.imitation: Imitation | None = None
+        """Demonstrations mixed into every gradient step (set by the loop when the run has a dataset)."""
 
     def _optimizer(self, params: list[torch.nn.Parameter]) -> Optimizer:
         cfg = self.cfg
@@ -75,6 +78,6 @@ class A2C:
         cfg = self.cfg
         set_lr(self.optimizer, annealed(cfg.lr, progress, cfg.anneal_lr))
         advantages, returns = rollout_advantages(rollout, "gae", cfg)
-        metrics = whole_rollout_step(self.learner, rollout, advantages, returns, cfg)
+        metrics = whole_rollout_step(self.learner, rollout, advantages, returns, cfg, self.imitation, progress)
         metrics["explained_variance"] = explained_variance(rollout.values.flatten(), returns.flatten())
         return metrics

@@ -104,7 +104,8 @@ class CQL(SAC):
         q_sampled = q_all[:, n:].reshape(q_all.shape[0], 3, n, m).permute(0, 2, 1, 3).flatten(2)  # [K, B, 3M]
         log_density = torch.cat([log_uniform, sampled_logp.view(2, n, m)[1], sampled_logp.view(2, n, m)[0]], -1)
         order = torch.cat([torch.arange(m), torch.arange(2 * m, 3 * m), torch.arange(m, 2 * m)]).to(obs.device)
-        penalty = cql_penalty(q_data, q_sampled[..., order], log_density, cfg.cql_temperature)  # [K]
+        q_sampled = self.penalized_values(q_sampled[..., order], batch)
+        penalty = cql_penalty(q_data, q_sampled, log_density, cfg.cql_temperature)  # [K]
         td = q_data - target
         td_loss = 0.5 * (td * td).mean(-1).sum()
         weight: float | Tensor = cfg.cql_alpha
@@ -134,6 +135,11 @@ class CQL(SAC):
             entropy=-logp_pi.detach().mean(),
         )
         return metrics
+
+    def penalized_values(self, q_sampled: Tensor, batch: Batch) -> Tensor:
+        """Q at the sampled actions as the penalty sees them, [K, B, 3M]: `n_action_samples` uniform ones, then
+        the policy's at s' and at s. CQL takes them as they are; Cal-QL bounds the policy's from below."""
+        return q_sampled
 
 
 class _ParameterHolder(nn.Module):

@@ -22,10 +22,11 @@ from torch import Tensor
 from policylab.data import Batch
 from policylab.nets import ActorCritic
 from policylab.objectives import pg_surrogate_grad, value_loss_grad
+from policylab.objectives.imitation import imitation_logp_grad, imitation_loss
 from policylab.optim import Optimizer, ParameterBuffer
 
 if TYPE_CHECKING:
-    from policylab.algos.onpolicy import ActorCriticLoss
+    from policylab.algos.onpolicy import ActorCriticLoss, ImitationTerm
 
 
 class FusedActorCriticStep:
@@ -47,25 +48,42 @@ class FusedActorCriticStep:
         )
 
     def __call__(
-        self, batch: Batch, loss: ActorCriticLoss, *, kl_limit: float | None = None, with_metrics: bool = True
+        self,
+        batch: Batch,
+        loss: ActorCriticLoss,
+        *,
+        kl_limit: float | None = None,
+        with_metrics: bool = True,
+        imitation: ImitationTerm | None = None,
     ) -> tuple[dict[str, Tensor], bool]:
         """One gradient step (see `StepFn`). With `kl_limit` the step is skipped when the approximate KL
         exceeds it; `with_metrics=False` skips the loss values (the gradient is the same)."""
         with torch.no_grad():
-            return self._step(batch, loss, kl_limit, with_metrics or kl_limit is not None)
+            return self._step(batch, loss, kl_limit, with_metrics or kl_limit is not None, imitation)
 
     def _step(
-        self, batch: Batch, spec: ActorCriticLoss, kl_limit: float | None, with_metrics: bool
+        self,
+        batch: Batch,
+        spec: ActorCriticLoss,
+        kl_limit: float | None,
+        with_metrics: bool,
+        imitation: ImitationTerm | None,
     ) -> tuple[dict[str, Tensor], bool]:
+        """The demonstration rows of `imitation` go through the same forward and backward as the on-policy rows:
+        their gradient w.r.t. log-probs is the imitation term's, and they take no value or entropy gradient."""
         net, n_out = self.net, self.net.n_outputs
-        obs = batch.obs
-        size = obs.shape[0]
-        out, cache = net.body.forward_cached(obs.reshape(size, net.obs_dim))
+        obs, actions, size = batch.obs, batch.actions, batch.obs.shape[0]
+        if imitation is not None:
+            obs, actions = torch.cat([obs, imitation.batch.obs]), torch.cat([actions, imitation.batch.actions])
+        out, cache = net.body.forward_cached(obs.reshape(obs.shape[0], net.obs_dim))
         policy_out = out[0, :, :n_out]
-        values = out[0, :, n_out] if net.shared else out[1, :, 0]
-        logp, entropy, head_cache = net.head.log_prob_entropy_cached(
-            policy_out, net.log_std, batch.actions, need_entropy=with_metrics or spec.ent_coef != 0.0
+        all_values = out[0, :, n_out] if net.shared else out[1, :, 0]
+        all_logp, all_entropy, head_cache = net.head.log_prob_entropy_cached(
+            policy_out, net.log_std, actions, need_entropy=with_metrics or spec.ent_coef != 0.0
         )
+        logp, values = all_logp[:size], all_values[:size]
+        entropy = None if all_entropy is None else all_entropy[:size]
+        coef = 0.0 if imitation is None else imitation.coef
         old_logp = batch.get("logp")
         pg_loss, g_logp, metrics = pg_surrogate_grad(
             logp,
@@ -74,6 +92,7 @@ class FusedActorCriticStep:
             clip_low=spec.clip_low,
             clip_high=spec.clip_high,
             dual_clip=spec.dual_clip,
+            scale=1.0 - coef,
             with_metrics=with_metrics,
         )
         if kl_limit is not None and metrics["approx_kl"].item() > kl_limit:
@@ -86,7 +105,18 @@ class FusedActorCriticStep:
             scale=spec.vf_coef,
             with_loss=with_metrics,
         )
-        g_policy, g_log_std = net.head.grad(head_cache, g_logp, -spec.ent_coef / size)
+        entropy_weight = -spec.ent_coef / size
+        g_entropy: float | Tensor = entropy_weight
+        if imitation is not None:
+            demo_logp = all_logp[size:]
+            weights = imitation.weights(demo_logp, all_values[size:])
+            g_logp = torch.cat([g_logp, imitation_logp_grad(weights, coef)])
+            g_values = torch.cat([g_values, torch.zeros_like(demo_logp)])
+            if spec.ent_coef != 0.0:
+                g_entropy = torch.cat([torch.full_like(logp, entropy_weight), torch.zeros_like(demo_logp)])
+            if with_metrics:
+                metrics.update(imitation_loss=imitation_loss(demo_logp, weights), imitation_coef=torch.tensor(coef))
+        g_policy, g_log_std = net.head.grad(head_cache, g_logp, g_entropy)
         g_out = self._zeros_like(out)
         g_out[0, :, :n_out] = g_policy
         if net.shared:
@@ -100,7 +130,10 @@ class FusedActorCriticStep:
         self.optimizer.step()
         if with_metrics:
             ent = entropy.mean()  # type: ignore[union-attr]
-            metrics["loss"] = pg_loss + spec.vf_coef * v_loss - spec.ent_coef * ent  # type: ignore[operator]
+            policy_loss = pg_loss
+            if imitation is not None:
+                policy_loss = (1.0 - coef) * pg_loss + coef * metrics["imitation_loss"]  # type: ignore[operator]
+            metrics["loss"] = policy_loss + spec.vf_coef * v_loss - spec.ent_coef * ent  # type: ignore[operator]
             metrics.update(policy_loss=pg_loss, value_loss=v_loss, entropy=ent)  # type: ignore[arg-type]
             if grad_norm is not None:
                 metrics["grad_norm"] = grad_norm

@@ -12,10 +12,21 @@ from torch import Tensor, nn
 
 from policylab.config import CommonConfig
 from policylab.data import Batch
+from policylab.data.sources import Demonstrations
 from policylab.errors import ConfigError
 from policylab.nets import ActorCritic
 from policylab.objectives import ADVANTAGES, entropy_bonus, pg_surrogate, value_loss
+from policylab.objectives.imitation import (
+    WEIGHTINGS,
+    ImitationSchedule,
+    imitation_weights,
+    mixed_policy_loss,
+    parse_schedule,
+)
 from policylab.optim import Adam, Optimizer, ParameterBuffer
+
+DEFAULT_IMITATION = "cosine:0.5->0.02"
+"""The imitation schedule of an on-policy run given a dataset and no `imitation` (mu from 0.5 to 0.02)."""
 
 
 @dataclass
@@ -40,9 +51,35 @@ class OnPolicyConfig(CommonConfig):
     analytic_grads: bool = True
     """Fast path: hand-derived gradients for tanh/relu MLP actor-critics (same result as autograd, ~3x faster
     on small networks); false forces autograd. Other networks always use autograd."""
+    imitation: str | None = None
+    """With a `dataset` (demonstrations): the schedule of the imitation coefficient mu in
+    (1 - mu) L_RL + mu L_imitation (objectives/imitation.py), e.g. "cosine:0.5->0.02" (the default with a
+    dataset), "linear:1->0,warmup=0.1", "0.1" (constant)."""
+    imitation_weighting: str = "uniform"
+    """Per-sample weights of the imitation term: uniform (behaviour cloning), phi (CHORD's p (1 - p), discrete
+    actions) or advantage (exp(imitation_beta (G - V(s))), clipped at imitation_max_weight)."""
+    imitation_batch_size: int | None = None
+    """Dataset samples in each gradient step (None: as many as the step's on-policy samples)."""
+    imitation_beta: float = 1.0
+    imitation_max_weight: float = 20.0
 
     def validate(self) -> None:
         super().validate()
+        if self.dataset is None and self.imitation is not None:
+            raise ConfigError(
+                f"imitation={self.imitation!r} needs demonstrations", "pass a dataset (--dataset PATH), or drop it"
+            )
+        if self.dataset is not None:
+            parse_schedule(self.imitation if self.imitation is not None else DEFAULT_IMITATION)
+        if self.imitation_weighting not in WEIGHTINGS:
+            raise ConfigError(
+                f"imitation_weighting={self.imitation_weighting!r} is not one of {', '.join(WEIGHTINGS)}",
+                "set imitation_weighting to uniform, phi or advantage",
+            )
+        if self.imitation_batch_size is not None and self.imitation_batch_size <= 0:
+            raise ConfigError(
+                f"imitation_batch_size={self.imitation_batch_size} must be > 0", "set it to e.g. 64, or null"
+            )
         if self.n_steps <= 0:
             raise ConfigError(f"n_steps={self.n_steps} must be > 0", "set n_steps to e.g. 128")
         if self.lr <= 0:
@@ -118,11 +155,31 @@ class ActorCriticLoss:
     ent_coef: float = 0.0
 
 
+@dataclass(frozen=True)
+class ImitationTerm:
+    """The demonstration rows of one gradient step and how they enter the loss:
+    (1 - coef) L_RL + coef L_imitation over `batch` (obs, actions, returns), weighted per `weighting`."""
+
+    batch: Batch
+    coef: float
+    weighting: str = "uniform"
+    beta: float = 1.0
+    max_weight: float = 20.0
+
+    def weights(self, logp: Tensor, values: Tensor) -> Tensor:
+        """Per-sample weights (detached), given the rows' log-probs and values under the current network."""
+        advantages = self.batch.returns - values.detach() if self.weighting == "advantage" else None
+        return imitation_weights(
+            logp, self.weighting, advantages=advantages, beta=self.beta, max_weight=self.max_weight
+        )
+
+
 StepFn = Callable[..., tuple[dict[str, Tensor], bool]]
-"""step(batch, loss, *, kl_limit=None, with_metrics=True) -> (metrics, stepped).
+"""step(batch, loss, *, kl_limit=None, with_metrics=True, imitation=None) -> (metrics, stepped).
 
 `batch` has obs, actions, advantages, returns, and optionally logp and values
-from collection time (without logp the step is on-policy: ratio 1)."""
+from collection time (without logp the step is on-policy: ratio 1). With
+`imitation` (an `ImitationTerm`), the policy loss mixes in its rows."""
 
 
 class AutogradStep:
@@ -137,11 +194,22 @@ class AutogradStep:
         self.max_grad_norm = max_grad_norm
 
     def __call__(
-        self, batch: Batch, loss_spec: ActorCriticLoss, *, kl_limit: float | None = None, with_metrics: bool = True
+        self,
+        batch: Batch,
+        loss_spec: ActorCriticLoss,
+        *,
+        kl_limit: float | None = None,
+        with_metrics: bool = True,
+        imitation: ImitationTerm | None = None,
     ) -> tuple[dict[str, Tensor], bool]:
         """One autograd step; `with_metrics` is accepted for symmetry (the metrics cost nothing extra here)."""
         spec = loss_spec
-        logp, entropy, values = self.net.evaluate(batch.obs, batch.actions)
+        rows = len(batch)
+        obs, actions = batch.obs, batch.actions
+        if imitation is not None:  # one forward pass over the on-policy rows and the demonstration rows
+            obs, actions = torch.cat([obs, imitation.batch.obs]), torch.cat([actions, imitation.batch.actions])
+        all_logp, all_entropy, all_values = self.net.evaluate(obs, actions)
+        logp, entropy, values = all_logp[:rows], all_entropy[:rows], all_values[:rows]
         old_logp = batch.get("logp")
         old = logp.detach() if old_logp is None else old_logp
         pg_loss, stats = pg_surrogate(
@@ -149,9 +217,15 @@ class AutogradStep:
         )
         if kl_limit is not None and stats["approx_kl"].item() > kl_limit:
             return stats, False
+        policy_loss = pg_loss
+        if imitation is not None:
+            demo_logp = all_logp[rows:]
+            weights = imitation.weights(demo_logp, all_values[rows:])
+            policy_loss, imitation_stats = mixed_policy_loss(pg_loss, demo_logp, imitation.coef, weights=weights)
+            stats.update(imitation_stats)
         v_loss = value_loss(values, batch.returns, old_values=batch.get("values"), clip=spec.clip_value)
         ent = entropy_bonus(entropy)
-        loss = pg_loss + spec.vf_coef * v_loss - spec.ent_coef * ent
+        loss = policy_loss + spec.vf_coef * v_loss - spec.ent_coef * ent
         grad_norm = optimizer_step(self.optimizer, loss, self.params, self.max_grad_norm)
         metrics = {**stats, "loss": loss.detach(), "policy_loss": pg_loss.detach(), "value_loss": v_loss.detach()}
         metrics["entropy"] = ent.detach()
@@ -189,15 +263,40 @@ def make_learner(
 
 
 def whole_rollout_step(
-    learner: ActorCriticLearner, rollout: Batch, advantages: Tensor, returns: Tensor, cfg: OnPolicyConfig
+    learner: ActorCriticLearner,
+    rollout: Batch,
+    advantages: Tensor,
+    returns: Tensor,
+    cfg: OnPolicyConfig,
+    imitation: Imitation | None = None,
+    progress: float = 0.0,
 ) -> dict[str, Tensor]:
-    """One on-policy gradient step on the whole rollout (A2C, REINFORCE)."""
+    """One on-policy gradient step on the whole rollout (A2C, REINFORCE), with demonstration rows if given."""
     data = Batch(obs=rollout.obs, actions=rollout.actions, advantages=advantages, returns=returns).flatten()
     if cfg.normalize_advantage:
         data.advantages = normalize(data.advantages)
     loss = ActorCriticLoss(clip_low=None, vf_coef=cfg.vf_coef, ent_coef=cfg.ent_coef)
-    metrics, _ = learner.step(data, loss)
+    term = None if imitation is None else imitation.term(progress, len(data), learner.generator)
+    metrics, _ = learner.step(data, loss, imitation=term)
     return metrics
+
+
+class Imitation:
+    """An on-policy algorithm's demonstrations (`data.sources.Demonstrations`, attached by the loop when the run
+    has a dataset) and the schedule of their coefficient: `term` draws the rows of one gradient step."""
+
+    def __init__(self, demos: Demonstrations, cfg: OnPolicyConfig) -> None:
+        self.demos, self.cfg = demos, cfg
+        self.schedule: ImitationSchedule = parse_schedule(cfg.imitation or DEFAULT_IMITATION)
+
+    def term(self, progress: float, rows: int, generator: torch.Generator) -> ImitationTerm | None:
+        """The demonstration rows for a gradient step on `rows` on-policy samples (None once mu is 0)."""
+        coef = self.schedule(progress)
+        if coef == 0.0:
+            return None
+        cfg = self.cfg
+        batch = self.demos.sample(cfg.imitation_batch_size or rows, generator)
+        return ImitationTerm(batch, coef, cfg.imitation_weighting, cfg.imitation_beta, cfg.imitation_max_weight)
 
 
 def normalize(x: Tensor, eps: float = 1e-8) -> Tensor:

@@ -7,6 +7,8 @@ for each iteration:
         r = pi(a|s) / pi_old(a|s)
         L = -min(r A, clip(r, 1 - eps_low, 1 + eps_high) A)        (objectives.pg_surrogate)
             + vf_coef (V(s) - R)^2 - ent_coef H[pi(.|s)]
+        with demonstrations (a dataset): the policy term becomes
+            (1 - mu) L_clip + mu mean_D [-w log pi(a_D | s_D)]         (objectives.imitation, mu on a schedule)
         Adam step on L with the gradient norm clipped
     stop early if the approximate KL exceeds 1.5 * target_kl
 """
@@ -22,6 +24,7 @@ from torch import Tensor
 
 from policylab.algos.onpolicy import (
     ActorCriticLoss,
+    Imitation,
     OnPolicyConfig,
     adam,
     annealed,
@@ -80,6 +83,8 @@ class PPO:
         self.net = self.build_policy(cfg, obs_space, act_space).to(cfg.device)
         self.learner = make_learner(self.net, cfg, lambda params: adam(params, cfg.lr))
         self.optimizer, self.generator = self.learner.optimizer, self.learner.generator
+        self.imitation: Imitation | None = None
+        """Demonstrations mixed into every gradient step (set by the loop when the run has a dataset)."""
 
     @staticmethod
     def build_policy(cfg: OnPolicyConfig, obs_space: gym.Space, act_space: gym.Space) -> ActorCritic:
@@ -115,7 +120,8 @@ class PPO:
                 if cfg.normalize_advantage and not one_batch and len(mb) > 1:
                     mb.advantages = normalize(mb.advantages)
                 report = epoch == last_epoch
-                metrics, stepped = self.learner.step(mb, loss, kl_limit=kl_limit, with_metrics=report)
+                term = None if self.imitation is None else self.imitation.term(progress, len(mb), self.generator)
+                metrics, stepped = self.learner.step(mb, loss, kl_limit=kl_limit, with_metrics=report, imitation=term)
                 for key, value in metrics.items() if report or not stepped else ():
                     history[key].append(value)
                 if not stepped:  # the KL that stopped it is among the metrics

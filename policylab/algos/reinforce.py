@@ -16,6 +16,7 @@ import gymnasium as gym
 from torch import Tensor
 
 from policylab.algos.onpolicy import (
+    Imitation,
     OnPolicyConfig,
     adam,
     annealed,
@@ -47,6 +48,8 @@ class Reinforce:
         self.net = self.build_policy(cfg, obs_space, act_space).to(cfg.device)
         self.learner = make_learner(self.net, cfg, lambda params: adam(params, cfg.lr))
         self.optimizer, self.generator = self.learner.optimizer, self.learner.generator
+        self.imitation: Imitation | None = None
+        """Demonstrations mixed into every gradient step (set by the loop when the run has a dataset)."""
 
     @staticmethod
     def build_policy(cfg: OnPolicyConfig, obs_space: gym.Space, act_space: gym.Space) -> ActorCritic:
@@ -56,4 +59,4 @@ class Reinforce:
         cfg = self.cfg
         set_lr(self.optimizer, annealed(cfg.lr, progress, cfg.anneal_lr))
         advantages, returns = rollout_advantages(rollout, "mc", cfg)
-        return whole_rollout_step(self.learner, rollout, advantages, returns, cfg)
+        return whole_rollout_step(self.learner, rollout, advantages, returns, cfg, self.imitation, progress)

@@ -145,13 +145,7 @@ class TD3:
     def autograd_update(self, batch: Batch, index: int) -> dict[str, Tensor]:
         cfg = self.cfg
         with torch.no_grad():
-            next_actions = self.actor_target(batch.next_obs)
-            if cfg.target_noise > 0:
-                next_actions = target_policy_smoothing(
-                    next_actions, cfg.target_noise, cfg.target_noise_clip, -1.0, 1.0, self.generator
-                )
-            next_q = self.critic_target(batch.next_obs, next_actions)
-            target = td3_target(batch.rewards, batch.discounts, batch.terminated, next_q)
+            target = self.td_target(batch)
         td = self.critic(batch.obs, batch.actions) - target  # [K, B]
         weights = batch.get("weights")
         critic_loss = (td * td if weights is None else weights * td * td).mean(-1).sum()
@@ -159,14 +153,8 @@ class TD3:
         metrics = {"critic_loss": critic_loss.detach(), "q": (td.detach() + target).mean()}
         if (index + 1) % cfg.policy_delay == 0:  # SB3 counts updates from 1
             self.critic.requires_grad_(False)  # the actor loss needs dQ/da, not critic weight gradients
-            pi = self.net(batch.obs)
-            q_pi = self.critic(batch.obs, pi, members=1)
+            actor_loss = self.actor_loss(batch)
             self.critic.requires_grad_(True)
-            if cfg.bc_alpha > 0:
-                lam = td3_bc_lambda(q_pi, cfg.bc_alpha)
-                actor_loss = -lam * q_pi.mean() + (pi - batch.actions).pow(2).mean()
-            else:
-                actor_loss = -q_pi.mean()
             self.actor_opt.step(actor_loss)
             self.actor_target.update(cfg.tau)
             self.critic_target.update(cfg.tau)
@@ -174,3 +162,26 @@ class TD3:
         if cfg.prioritized:
             metrics["td_error"] = td.detach().abs().mean(0)
         return metrics
+
+    def smoothed_next_actions(self, batch: Batch) -> Tensor:
+        """a' = clip(mu'(s') + clip(N(0, target_noise), -c, c), -1, 1)."""
+        next_actions = self.actor_target(batch.next_obs)
+        if self.cfg.target_noise > 0:
+            next_actions = target_policy_smoothing(
+                next_actions, self.cfg.target_noise, self.cfg.target_noise_clip, -1.0, 1.0, self.generator
+            )
+        return next_actions
+
+    def td_target(self, batch: Batch) -> Tensor:
+        """y = r + d (1 - done) min_k Q'_k(s', a') (called without gradients; ReBRAC overrides it)."""
+        next_q = self.critic_target(batch.next_obs, self.smoothed_next_actions(batch))
+        return td3_target(batch.rewards, batch.discounts, batch.terminated, next_q)
+
+    def actor_loss(self, batch: Batch) -> Tensor:
+        """-mean Q_1(s, mu(s)), or TD3+BC's loss with bc_alpha > 0 (critic weights frozen; ReBRAC overrides it)."""
+        pi = self.net(batch.obs)
+        q_pi = self.critic(batch.obs, pi, members=1)
+        if self.cfg.bc_alpha > 0:
+            lam = td3_bc_lambda(q_pi, self.cfg.bc_alpha)
+            return -lam * q_pi.mean() + (pi - batch.actions).pow(2).mean()
+        return -q_pi.mean()

@@ -47,6 +47,7 @@ from typing import Any
 import gymnasium as gym
 import numpy as np
 
+from policylab.data.replay import discounted_returns_to_go
 from policylab.errors import DatasetError, suggest
 
 FORMAT_VERSION = 1
@@ -120,6 +121,11 @@ class Dataset:
         if self.num_episodes == 0:
             return np.zeros(0, np.float64)
         return np.add.reduceat(np.asarray(self.rewards, dtype=np.float64), self.episode_starts())
+
+    def returns_to_go(self, gamma: float) -> np.ndarray:
+        """Each step's discounted return to the end of its episode (float32): the Monte-Carlo value of the
+        behaviour policy (it stops at truncations, so it underestimates there)."""
+        return discounted_returns_to_go(self.rewards, self.episode_lengths, gamma)
 
     def normalized_score(self, returns: float | np.ndarray) -> float | np.ndarray | None:
         """D4RL's score: 100 * (R - ref_min) / (ref_max - ref_min); None without both (distinct) refs."""

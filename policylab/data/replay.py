@@ -19,7 +19,9 @@ layout for datasets that arrive as (s, a, r, s') tuples).
 Sampling returns a `Batch` with obs, actions, rewards (n-step discounted sums),
 next_obs (the obs n steps on, or the final obs), terminated, discounts
 (gamma^m for the m steps summed) and indices (plus importance `weights` with
-`prioritized=True`): the same fields whether the transitions came from envs
+`prioritized=True`, and the stored action at next_obs, `next_actions`, with
+`next_actions=True`, and each transition's discounted return-to-go, `mc_returns`,
+with `mc_returns=True`): the same fields whether the transitions came from envs
 or from a dataset.
 """
 
@@ -52,6 +54,8 @@ class ReplayBuffer:
         beta: float = 0.4,
         priority_eps: float = 1e-6,
         device: torch.device | str = "cpu",
+        next_actions: bool = False,
+        mc_returns: bool = False,
     ) -> None:
         if n_step < 1:
             raise ValueError(f"n_step must be >= 1, got {n_step}")
@@ -59,6 +63,12 @@ class ReplayBuffer:
         self.slots = max(2 + n_step, math.ceil(capacity / num_envs))
         self.n_step = n_step
         self.gamma = gamma
+        self.with_next_actions = next_actions
+        """Batches carry `next_actions`: the stored action at the slot of `next_obs` (ReBRAC's target needs the
+        dataset's next action). Within an episode that is the action taken at `next_obs`; after an episode's last
+        step it is whatever the final-obs slot holds (zeros, or a stale action once the ring wrapped): harmless at
+        a termination (the target multiplies it by 1 - terminated), a stale value at a truncation (CORL's D4RL
+        loader drops the truncated transitions instead)."""
         self.device = torch.device(device)
         shape = (self.slots, num_envs)
         self.obs = torch.zeros(*shape, *obs_shape, device=device)
@@ -73,8 +83,19 @@ class ReplayBuffer:
         names = ("obs", "actions", "rewards", "terminated", "episode_end", "valid", "ptr")
         self._tensors: dict[str, Tensor] = {k: getattr(self, k) for k in names}
         self._tensors["envs"] = self._envs
+        self.mc_returns: Tensor | None = torch.zeros(shape, device=device) if mc_returns else None
+        """With `mc_returns=True`: each transition's discounted return to the end of its episode (the Monte-Carlo
+        value of the policy that collected it; Cal-QL's lower bound), in batches as `mc_returns`. Nothing is added
+        after an episode's last step, whether it terminated or was truncated (as CORL and the Cal-QL authors do);
+        -inf (no bound) while the episode is still running online."""
+        self.episode_steps = torch.zeros(num_envs, dtype=torch.long, device=device)
+        """Transitions of each env's running episode so far (where its returns start when it ends)."""
+        if self.mc_returns is not None:
+            self._tensors.update(mc_returns=self.mc_returns, episode_steps=self.episode_steps)
         # [slots * num_envs, ...] views (flat index = slot * num_envs + env) for the 1-step sampling path
         self._flat = {k: getattr(self, k).flatten(0, 1) for k in ("obs", "actions", "rewards", "terminated")}
+        if self.mc_returns is not None:
+            self._flat["mc_returns"] = self.mc_returns.view(-1)
         # numpy views of the same memory on the CPU (writes only; sampling stays in torch)
         self._np = {k: v.numpy() for k, v in self._tensors.items()} if self.device.type == "cpu" else None
         self._discounts = gamma ** torch.arange(n_step, dtype=torch.float32, device=device)
@@ -123,6 +144,8 @@ class ReplayBuffer:
             store[name][slot, envs] = arr(value)
         store["episode_end"][slot, envs] = end
         store["valid"][slot, envs] = True
+        if self.mc_returns is not None:
+            self._track_returns(store, slot, envs, end, ended)
         after = (slot + 1) % self.slots
         # The slot after each transition holds its next obs: the final obs at an episode end, else the pending obs.
         rows = end.reshape(-1, *([1] * (next_obs.ndim - 1)))
@@ -169,6 +192,10 @@ class ReplayBuffer:
         self.actions[step_slots, 0] = as_tensor(actions, self.actions.dtype)
         self.rewards[step_slots, 0] = as_tensor(rewards, self.rewards.dtype)
         self.terminated[step_slots, 0] = as_tensor(terminations, torch.bool)
+        if self.mc_returns is not None:
+            returns = discounted_returns_to_go(self.rewards[step_slots, 0].cpu().numpy(), lengths, self.gamma)
+            self.mc_returns[step_slots, 0] = as_tensor(returns)
+            self.episode_steps[0] = 0
         self.episode_end[start : start + n_obs, 0] = False
         self.episode_end[last_steps, 0] = True
         self.valid[start : start + n_obs, 0] = as_tensor(is_step)
@@ -178,6 +205,24 @@ class ReplayBuffer:
             self.tree.set(step_slots, torch.full((len(step_slots),), self.max_priority, dtype=torch.float64))
         self.transitions_added += int(lengths.sum())
         self.filled = min(self.slots, max(self.filled, start + n_obs))
+
+    def _track_returns(self, store: Any, slot: Any, envs: Any, end: Any, ended: bool) -> None:
+        """Monte-Carlo returns of the transitions `add` just wrote: unknown (-inf) until their episode ends, then
+        those of every step of the ended episodes at once (one backward pass over each episode's rewards)."""
+        store["mc_returns"][slot, envs] = -math.inf
+        store["episode_steps"][:] += 1
+        if not ended:
+            return
+        assert self.mc_returns is not None
+        finished = torch.as_tensor(end, device=self.device)
+        for env in finished.nonzero().flatten().tolist():
+            last = int(slot[env])
+            steps = min(int(self.episode_steps[env]), self.slots - 2)  # the final obs and next start take 2 slots
+            rows = torch.arange(last - steps + 1, last + 1, device=self.device) % self.slots
+            rewards = self.rewards[rows, env].cpu().numpy()
+            returns = discounted_returns_to_go(rewards, np.array([steps]), self.gamma)
+            self.mc_returns[rows, env] = torch.as_tensor(returns, device=self.device)
+        self.episode_steps[finished] = 0
 
     def _new_priorities(self, slot: Tensor, after: Tensor, started: Tensor, envs: Tensor) -> None:
         """New transitions get the highest priority so far; the pending and final-obs slots get none."""
@@ -245,7 +290,7 @@ class ReplayBuffer:
                 next_index = torch.from_numpy((flat_index.numpy() + self.num_envs) % len(flat["rewards"]))
             else:
                 next_index = torch.remainder(flat_index + self.num_envs, len(flat["rewards"]))
-            return Batch(
+            batch = Batch(
                 obs=flat["obs"].index_select(0, flat_index),
                 actions=flat["actions"].index_select(0, flat_index),
                 rewards=flat["rewards"].index_select(0, flat_index),
@@ -254,6 +299,11 @@ class ReplayBuffer:
                 discounts=torch.full(flat_index.shape, self.gamma, device=self.device),
                 indices=flat_index,
             )
+            if self.with_next_actions:
+                batch.next_actions = flat["actions"].index_select(0, next_index)
+            if self.mc_returns is not None:
+                batch.mc_returns = flat["mc_returns"].index_select(0, flat_index)
+            return batch
         slot, env = flat_index // self.num_envs, flat_index % self.num_envs
         steps = (slot.unsqueeze(1) + torch.arange(self.n_step, device=self.device)) % self.slots
         envs = env.unsqueeze(1).expand_as(steps)
@@ -265,21 +315,29 @@ class ReplayBuffer:
         count = include.sum(1)
         last = torch.gather(steps, 1, (count - 1).unsqueeze(1)).squeeze(1)
         rewards = (self.rewards[steps, envs] * include * self._discounts).sum(1)
-        return Batch(
+        next_slot = (last + 1) % self.slots
+        batch = Batch(
             obs=self.obs[slot, env],
             actions=self.actions[slot, env],
             rewards=rewards,
-            next_obs=self.obs[(last + 1) % self.slots, env],
+            next_obs=self.obs[next_slot, env],
             terminated=self.terminated[last, env],
             discounts=self.gamma ** count.to(rewards.dtype),
             indices=flat_index,
         )
+        if self.with_next_actions:  # the action after the last included step
+            batch.next_actions = self.actions[next_slot, env]
+        if self.mc_returns is not None:  # from the sampled step on, whatever n
+            batch.mc_returns = self.mc_returns[slot, env]
+        return batch
 
     def state(self) -> tuple[dict[str, Tensor], dict[str, Any]]:
         """Tensors and JSON for a checkpoint: the written slots only (large once the buffer has filled)."""
         n = min(self.filled + 1, self.slots)  # + the pending obs at the write head
         tensors = {k: getattr(self, k)[:n] for k in ("obs", "actions", "rewards", "terminated", "episode_end", "valid")}
         tensors["ptr"] = self.ptr
+        if self.mc_returns is not None:
+            tensors.update(mc_returns=self.mc_returns[:n], episode_steps=self.episode_steps)
         if self.tree is not None:
             tensors["priority_tree"] = self.tree.tree
         meta = {"transitions_added": self.transitions_added, "filled": self.filled, "max_priority": self.max_priority}
@@ -294,3 +352,34 @@ class ReplayBuffer:
         self.transitions_added = int(meta["transitions_added"])
         self.filled = int(meta["filled"])
         self.max_priority = float(meta["max_priority"])
+
+
+def discounted_returns_to_go(rewards: np.ndarray, episode_lengths: np.ndarray, gamma: float) -> np.ndarray:
+    """Each step's discounted return to the end of its episode, G_t = sum_{k=t}^{T-1} gamma^(k-t) r_k, for episodes
+    stored back to back (float32; nothing after an episode's last step). Vectorized: the discounted sums that run on
+    across episode ends, S, then each episode's share, G_t = S_t - gamma^(T-t) S_T (both terms are bounded by the
+    largest |S|, so the difference loses nothing to cancellation)."""
+    lengths = np.asarray(episode_lengths, np.int64)
+    through = _discounted_reverse_sums(np.asarray(rewards, np.float64), gamma)
+    ends = np.repeat(np.cumsum(lengths), lengths)  # each step's episode end (exclusive)
+    after = np.append(through, 0.0)[ends]
+    return (through - gamma ** (ends - np.arange(len(through))) * after).astype(np.float32)
+
+
+def _discounted_reverse_sums(values: np.ndarray, gamma: float) -> np.ndarray:
+    """S_t = sum_{k>=t} gamma^(k-t) x_k over the whole array: exact reverse cumulative sums of gamma^j x within
+    blocks short enough that gamma^j stays far from underflow, then the blocks' totals carried back to front by
+    the same function (on the block starts, with factor gamma^block: a few levels of recursion)."""
+    n = len(values)
+    if n == 0 or gamma <= 1e-100:  # gamma^1 S_{t+1} is below float precision: S = x
+        return values.copy()
+    block = 256 if gamma >= 0.5 else max(1, min(256, int(-250 / math.log10(gamma))))
+    rows = -(-n // block)
+    padded = np.zeros(rows * block)
+    padded[:n] = values
+    powers = gamma ** np.arange(block)
+    within = np.cumsum((padded.reshape(rows, block) * powers)[:, ::-1], axis=1)[:, ::-1] / powers
+    if rows == 1:
+        return within.reshape(-1)[:n]
+    from_next = np.append(_discounted_reverse_sums(within[:, 0], gamma**block)[1:], 0.0)  # S at each next block
+    return (within + gamma ** (block - np.arange(block)) * from_next[:, None]).reshape(-1)[:n]

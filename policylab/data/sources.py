@@ -9,11 +9,13 @@ Every algorithm sees the same `Batch` fields whichever way a batch was made.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import gymnasium as gym
 import numpy as np
 import torch
+from torch import Tensor
 
 from policylab.data.batch import Batch
 from policylab.data.replay import ReplayBuffer
@@ -46,9 +48,12 @@ def dataset_buffer(
     per_beta: float = 0.4,
     obs_normalizer: ObsNormalizer | None = None,
     device: str = "cpu",
+    next_actions: bool = False,
+    mc_returns: bool = False,
 ) -> ReplayBuffer:
     """A one-env replay buffer holding `dataset` (observations normalized by `obs_normalizer` if given), with
-    room for `extra_capacity` more transitions (offline-to-online runs keep adding to it)."""
+    room for `extra_capacity` more transitions (offline-to-online runs keep adding to it); `next_actions`: its
+    batches carry the dataset's next actions, `mc_returns` the discounted returns-to-go (ReplayBuffer's flags)."""
     obs = dataset.observations if obs_normalizer is None else obs_normalizer(dataset.observations)
     shape = tuple(obs.shape[1:])
     capacity = dataset.num_steps + dataset.num_episodes + 1 + extra_capacity
@@ -64,10 +69,23 @@ def dataset_buffer(
         alpha=per_alpha,
         beta=per_beta,
         device=device,
+        next_actions=next_actions,
+        mc_returns=mc_returns,
     )
     actions = replay_actions(dataset.actions, dataset.action_space).reshape(len(dataset.actions), *action_shape)
     buffer.add_episodes(obs, actions, dataset.rewards, dataset.terminations, dataset.episode_lengths)
     return buffer
+
+
+def dataset_transitions(
+    dataset: Dataset, action_shape: tuple[int, ...], obs_normalizer: ObsNormalizer | None = None
+) -> tuple[Tensor, Tensor]:
+    """Every step's observation (normalized by `obs_normalizer` if given) and action (replay format), as two
+    float tensors [N, ...]: what algorithms that search the whole dataset (PRDC's nearest neighbours) take."""
+    obs = dataset.observations[dataset.obs_index()]
+    obs = obs if obs_normalizer is None else obs_normalizer(obs)
+    actions = replay_actions(dataset.actions, dataset.action_space).reshape(len(dataset.actions), *action_shape)
+    return torch.as_tensor(obs, dtype=torch.float32), torch.as_tensor(actions, dtype=torch.float32)
 
 
 def dataset_normalizer(dataset: Dataset, clip: float) -> ObsNormalizer:
@@ -119,3 +137,37 @@ class BatchSource:
         buffer = self.offline if n_offline else self.online
         if buffer is not None and buffer.prioritized:
             buffer.update_priorities(batch.indices, td_errors)
+
+
+class Demonstrations:
+    """A dataset's steps as the on-policy algorithms' imitation term draws them: observations (raw; normalized
+    when drawn, with the run's running statistics of the moment), actions in the policy head's stored format
+    and discounted returns-to-go (for advantage weighting), preallocated once; `sample` is three index_selects."""
+
+    def __init__(self, obs: Tensor, actions: Tensor, returns: Tensor, normalizer: ObsNormalizer | None) -> None:
+        self.obs, self.actions, self.returns, self.normalizer = obs, actions, returns, normalizer
+
+    @classmethod
+    def from_dataset(
+        cls,
+        dataset: Dataset,
+        to_head: Callable[[Tensor], Tensor],
+        gamma: float,
+        normalizer: ObsNormalizer | None,
+        device: str = "cpu",
+    ) -> Demonstrations:
+        """`to_head` maps env actions to the head's format (`head.from_env`)."""
+        obs = torch.as_tensor(dataset.observations[dataset.obs_index()], dtype=torch.float32, device=device)
+        actions = to_head(torch.as_tensor(dataset.actions, device=device))
+        returns = torch.as_tensor(dataset.returns_to_go(gamma), device=device)
+        return cls(obs, actions, returns, normalizer)
+
+    def __len__(self) -> int:
+        return len(self.returns)
+
+    def sample(self, n: int, generator: torch.Generator | None = None) -> Batch:
+        index = torch.randint(len(self), (n,), generator=generator, device=self.returns.device)
+        obs = self.obs.index_select(0, index)
+        if self.normalizer is not None:
+            obs = self.normalizer.tensor(obs)
+        return Batch(obs=obs, actions=self.actions.index_select(0, index), returns=self.returns.index_select(0, index))

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import numpy as np
+import torch
+from torch import Tensor
 
 
 class RunningMeanStd:
@@ -49,6 +51,13 @@ class ObsNormalizer:
     def __call__(self, obs: np.ndarray) -> np.ndarray:
         scaled = (obs - self.rms.mean) / np.sqrt(self.rms.var + self.eps)
         return np.clip(scaled, -self.clip, self.clip).astype(np.float32)
+
+    def tensor(self, obs: Tensor) -> Tensor:
+        """`self(obs)` for a tensor of stored raw observations (replay or dataset batches), with the statistics of
+        the moment."""
+        mean = torch.as_tensor(self.rms.mean, dtype=obs.dtype, device=obs.device)
+        std = torch.as_tensor(np.sqrt(self.rms.var + self.eps), dtype=obs.dtype, device=obs.device)
+        return ((obs - mean) / std).clamp_(-self.clip, self.clip)
 
 
 class RewardScaler:

@@ -65,8 +65,11 @@ class CategoricalHead:
             entropy = (probs * logp_all).sum(-1).neg_() if need_entropy else None
             return logp_all.gather(-1, index).squeeze(-1), entropy, (logp_all, probs, index, entropy)
 
-    def grad(self, cache: tuple[Tensor | None, ...], g_logp: Tensor, g_entropy: float) -> tuple[Tensor, Tensor | None]:
-        """d(loss)/d(logits) from d(loss)/d(logp) per sample and the loss's weight on each entropy.
+    def grad(
+        self, cache: tuple[Tensor | None, ...], g_logp: Tensor, g_entropy: float | Tensor
+    ) -> tuple[Tensor, Tensor | None]:
+        """d(loss)/d(logits) from d(loss)/d(logp) per sample and the loss's weight on each entropy (one number,
+        or one per sample: rows that are not in the entropy bonus get 0).
 
         d logp / d logits = onehot(a) - p;  d H / d logits = -p (log p + H).
         """
@@ -75,9 +78,10 @@ class CategoricalHead:
         g = g_logp.unsqueeze(-1)
         g_logits = probs * g
         g_logits.neg_().scatter_add_(-1, index, g)
-        if g_entropy != 0.0:
+        if isinstance(g_entropy, Tensor) or g_entropy != 0.0:
             assert entropy is not None, "entropy gradient needs log_prob_entropy_cached(need_entropy=True)"
-            g_logits.sub_(probs * (logp_all + entropy.unsqueeze(-1)), alpha=g_entropy)
+            g_h = probs * (logp_all + entropy.unsqueeze(-1))
+            g_logits.sub_(g_h * g_entropy.unsqueeze(-1) if isinstance(g_entropy, Tensor) else g_h * g_entropy)
         return g_logits, None
 
     def mode(self, logits: Tensor) -> Tensor:
@@ -85,6 +89,10 @@ class CategoricalHead:
 
     def to_env(self, actions: Tensor) -> Tensor:
         return actions
+
+    def from_env(self, env_actions: Tensor) -> Tensor:
+        """Env actions (e.g. a dataset's) as this head stores them: the inverse of `to_env`."""
+        return env_actions.long()
 
     def sample_numpy(
         self, logits: np.ndarray, _log_std: np.ndarray | None, noise: np.ndarray
@@ -161,16 +169,19 @@ class MultiCategoricalHead:
             logp = logp_all.gather(-1, index).squeeze(-1).sum(-1)
             return logp, None if per_dim is None else per_dim.sum(-1), (logp_all, probs, index, per_dim)
 
-    def grad(self, cache: tuple[Tensor | None, ...], g_logp: Tensor, g_entropy: float) -> tuple[Tensor, Tensor | None]:
+    def grad(
+        self, cache: tuple[Tensor | None, ...], g_logp: Tensor, g_entropy: float | Tensor
+    ) -> tuple[Tensor, Tensor | None]:
         """Per dimension, as CategoricalHead.grad: d logp/d logits = onehot - p; dH/d logits = -p (log p + H_dim)."""
         logp_all, probs, index, per_dim = cache
         assert logp_all is not None and probs is not None and index is not None
         g = g_logp.view(-1, 1, 1)
         g_grid = probs * g
         g_grid.neg_().scatter_add_(-1, index, g.expand(-1, self.k, 1).contiguous())
-        if g_entropy != 0.0:
+        if isinstance(g_entropy, Tensor) or g_entropy != 0.0:
             assert per_dim is not None, "entropy gradient needs log_prob_entropy_cached(need_entropy=True)"
-            g_grid.sub_(probs * (logp_all + per_dim.unsqueeze(-1)), alpha=g_entropy)
+            g_h = probs * (logp_all + per_dim.unsqueeze(-1))
+            g_grid.sub_(g_h * g_entropy.view(-1, 1, 1) if isinstance(g_entropy, Tensor) else g_h * g_entropy)
         return g_grid.reshape(g_grid.shape[0], self.n_outputs), None
 
     def mode(self, logits: Tensor) -> Tensor:
@@ -178,6 +189,10 @@ class MultiCategoricalHead:
 
     def to_env(self, actions: Tensor) -> Tensor:
         return actions + self.start.to(actions.device)
+
+    def from_env(self, env_actions: Tensor) -> Tensor:
+        """Env actions (e.g. a dataset's) as this head stores them: the inverse of `to_env`."""
+        return (env_actions - self.start.to(env_actions.device)).long()
 
     def sample_numpy(
         self, logits: np.ndarray, _log_std: np.ndarray | None, noise: np.ndarray
@@ -259,13 +274,17 @@ class GaussianHead:
             entropy = (log_std + 0.5 * (1.0 + _LOG_2PI)).sum(-1).expand(mean.shape[0])
             return logp, entropy, (z, inv_std)
 
-    def grad(self, cache: tuple[Tensor | None, ...], g_logp: Tensor, g_entropy: float) -> tuple[Tensor, Tensor | None]:
-        """(d loss/d mean, d loss/d log_std). d logp/d mean = z / std; d logp/d log_std = z^2 - 1; dH/d log_std = 1."""
+    def grad(
+        self, cache: tuple[Tensor | None, ...], g_logp: Tensor, g_entropy: float | Tensor
+    ) -> tuple[Tensor, Tensor | None]:
+        """(d loss/d mean, d loss/d log_std). d logp/d mean = z / std; d logp/d log_std = z^2 - 1; dH/d log_std = 1
+        (for each sample; `g_entropy` one weight for all, or one per sample)."""
         z, inv_std = cache
         assert z is not None and inv_std is not None
         g = g_logp.unsqueeze(-1)
         g_mean = g * z * inv_std
-        g_log_std = (g * (z * z - 1.0)).sum(0) + g_entropy * z.shape[0]
+        entropy_part = g_entropy.sum() if isinstance(g_entropy, Tensor) else g_entropy * z.shape[0]
+        g_log_std = (g * (z * z - 1.0)).sum(0) + entropy_part
         return g_mean, g_log_std
 
     def mode(self, mean: Tensor) -> Tensor:
@@ -287,6 +306,16 @@ class GaussianHead:
         if self.squash:
             return low + (np.tanh(actions) + 1.0) * 0.5 * (high - low)
         return np.clip(actions, low, high) if self.bounded else actions
+
+    def from_env(self, env_actions: Tensor) -> Tensor:
+        """Env actions (e.g. a dataset's) as this head stores them: as they are, or with squashing the pre-tanh
+        value (bounds mapped to +-(1 - 1e-6) first, so that a dataset action on a bound has a finite log-prob)."""
+        flat = env_actions.reshape(env_actions.shape[0], -1).float()
+        if not self.squash:
+            return flat
+        low, high = self.low.to(flat.device), self.high.to(flat.device)
+        unit = (2.0 * (flat - low) / (high - low) - 1.0).clamp(-1.0 + 1e-6, 1.0 - 1e-6)
+        return torch.atanh(unit)
 
     def to_env(self, actions: Tensor) -> Tensor:
         flat = actions.reshape(actions.shape[0], -1)

@@ -1,0 +1,152 @@
+"""Learning from demonstrations inside policy-gradient training: an imitation term on dataset (expert) samples
+mixed with the RL loss, with a global coefficient that follows a schedule from imitation toward RL.
+
+    loss = (1 - mu) L_RL + mu L_imitation,   L_imitation = aggregate(-w * log pi(a_data | s))
+
+mu is CHORD's global coefficient (Zhang et al. 2025, arXiv:2508.11408, "harmonizing SFT and RL"): high early,
+so the policy starts from the demonstrations, and decayed so that RL takes over. The per-sample weights w are
+
+    uniform     w = 1                                  behaviour cloning (SFT at token level)
+    phi         w = p (1 - p), p = pi(a_data | s)      CHORD-phi: samples the policy is already sure of (p ~ 1)
+                                                        or finds implausible (p ~ 0) weigh little; needs
+                                                        probabilities, so discrete actions (or tokens) only
+    advantage   w = min(exp(beta (G - V(s))), w_max)   advantage-weighted (AWR, Peng et al. 2019): G the
+                                                        sample's discounted return in the dataset, V the critic's
+
+always held constant in the gradient. These are pure functions over log-probs and masks, so the language-model
+objectives use the same ones at token level (steps of a control task are tokens of length-1 sequences).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from policylab.errors import ConfigError
+from policylab.objectives.aggregation import aggregate
+
+WEIGHTINGS = ("uniform", "phi", "advantage")
+
+
+def imitation_weights(
+    logp: Tensor,
+    weighting: str = "uniform",
+    *,
+    advantages: Tensor | None = None,
+    beta: float = 1.0,
+    max_weight: float = 20.0,
+) -> Tensor:
+    """Per-sample weights w of the imitation term (detached; see the module docstring)."""
+    with torch.no_grad():
+        if weighting == "uniform":
+            return torch.ones_like(logp)
+        if weighting == "phi":
+            p = logp.exp()
+            return p * (1.0 - p)
+        if weighting == "advantage":
+            if advantages is None:
+                raise ValueError("advantage weighting needs the samples' advantages")
+            return torch.exp(beta * advantages).clamp(max=max_weight)
+    raise ValueError(f"unknown imitation weighting {weighting!r}; choose one of {', '.join(WEIGHTINGS)}")
+
+
+def imitation_loss(
+    logp: Tensor, weights: Tensor | None = None, mask: Tensor | None = None, aggregation: str = "token-mean"
+) -> Tensor:
+    """Weighted negative log-likelihood of the dataset's actions (or tokens): aggregate(-w log pi)."""
+    nll = -logp if weights is None else -weights * logp
+    return aggregate(nll, mask, aggregation)
+
+
+def mixed_policy_loss(
+    rl_loss: Tensor,
+    imitation_logp: Tensor,
+    coef: float,
+    *,
+    weights: Tensor | None = None,
+    mask: Tensor | None = None,
+    aggregation: str = "token-mean",
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """(1 - coef) rl_loss + coef imitation_loss, and the imitation loss as a metric."""
+    imitation = imitation_loss(imitation_logp, weights, mask, aggregation)
+    loss = (1.0 - coef) * rl_loss + coef * imitation
+    return loss, {"imitation_loss": imitation.detach(), "imitation_coef": torch.tensor(coef)}
+
+
+def imitation_logp_grad(weights: Tensor, coef: float) -> Tensor:
+    """d(coef * imitation_loss)/d(logp) for token-mean aggregation without a mask, -coef w / n: what the fast
+    (analytic-gradient) update path feeds into the head's backward for the dataset rows."""
+    return weights * (-coef / weights.numel())
+
+
+@dataclass(frozen=True)
+class ImitationSchedule:
+    """mu as a function of training progress (0 -> 1):
+
+        constant:A         mu = A throughout (a bare number means the same)
+        linear:A->B        from A to B linearly
+        cosine:A->B        from A to B along a half cosine (slow at both ends)
+        ...,warmup=F       (linear and cosine) first rise linearly from 0 to A over the fraction F of the run
+
+    e.g. "cosine:0.5->0.02" or "cosine:0.9->0.05,warmup=0.05"."""
+
+    kind: str
+    start: float
+    end: float
+    warmup: float = 0.0
+
+    def __call__(self, progress: float) -> float:
+        t = min(max(progress, 0.0), 1.0)
+        if t < self.warmup:
+            return self.start * t / self.warmup
+        if self.kind == "constant":
+            return self.start
+        frac = (t - self.warmup) / (1.0 - self.warmup) if self.warmup < 1.0 else 1.0
+        if self.kind == "linear":
+            return self.start + (self.end - self.start) * frac
+        return self.end + 0.5 * (self.start - self.end) * (1.0 + math.cos(math.pi * frac))
+
+    @property
+    def final(self) -> float:
+        return self.start if self.kind == "constant" else self.end
+
+
+SCHEDULE_KINDS: dict[str, Callable[[str], tuple[float, float]]] = {
+    "constant": lambda text: (float(text), float(text)),
+    "linear": lambda text: _two_values(text),
+    "cosine": lambda text: _two_values(text),
+}
+
+
+def _two_values(text: str) -> tuple[float, float]:
+    start, sep, end = text.partition("->")
+    if not sep:
+        raise ValueError(f"{text!r} is not START->END")
+    return float(start), float(end)
+
+
+def parse_schedule(spec: str | float) -> ImitationSchedule:
+    """An `ImitationSchedule` from its text (see the class); a clear error names the accepted forms."""
+    text = str(spec).strip()
+    fix = "write e.g. imitation=cosine:0.5->0.02, imitation=linear:1.0->0.0,warmup=0.1 or imitation=0.1"
+    kind, sep, rest = text.partition(":")
+    if not sep:
+        kind, rest = "constant", text
+    values, _, option = rest.partition(",")
+    try:
+        start, end = SCHEDULE_KINDS[kind](values)
+        warmup = 0.0
+        if option:
+            name, _, value = option.partition("=")
+            if name.strip() != "warmup" or kind == "constant":
+                raise ValueError(option)
+            warmup = float(value)
+    except (KeyError, ValueError):
+        raise ConfigError(f"imitation={text!r} is not a schedule", fix) from None
+    if not (0.0 <= start <= 1.0 and 0.0 <= end <= 1.0 and 0.0 <= warmup < 1.0):
+        raise ConfigError(f"imitation={text!r}: the coefficients must lie in [0, 1] and warmup in [0, 1)", fix)
+    return ImitationSchedule(kind, start, end, warmup)
