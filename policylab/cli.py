@@ -83,7 +83,13 @@ def _collect(args: argparse.Namespace) -> int:
     from policylab.collect import collect, collect_from_buffer
 
     if args.from_buffer:
-        dataset = collect_from_buffer(args.from_buffer, args.out, overwrite=args.overwrite)
+        dataset = collect_from_buffer(
+            args.from_buffer,
+            args.out,
+            overwrite=args.overwrite,
+            ref_min_score=args.ref_min,
+            ref_max_score=args.ref_max,
+        )
     else:
         if args.env is None:
             raise PolicylabError("collect needs an env", "pass --env ENV_ID (or --from-buffer RUN_DIR)")

@@ -243,10 +243,18 @@ def _policy_return(policy: Any, env: str, kwargs: dict[str, Any], episodes: int,
     return float(_rollouts(env, kwargs, behaviour, episodes, seed + 2).episode_returns().mean())
 
 
-def collect_from_buffer(run: str | Path, out: str | Path | None = None, *, overwrite: bool = False) -> Dataset:
+def collect_from_buffer(
+    run: str | Path,
+    out: str | Path | None = None,
+    *,
+    overwrite: bool = False,
+    ref_min_score: float | None = None,
+    ref_max_score: float | None = None,
+) -> Dataset:
     """A run's replay buffer (saved with `save_buffer=true`) as a dataset ("medium-replay" in D4RL's terms):
     every complete episode it still holds, in the order they were collected, actions back in env units. The
-    episode cut by the ring's write head, and the one still running, are left out."""
+    episode cut by the ring's write head, and the one still running, are left out. The reference returns are
+    given ones, else a random policy's measured return and none."""
     from policylab import checkpoint as ckpt
     from policylab.policy import space_from_json
 
@@ -303,7 +311,10 @@ def collect_from_buffer(run: str | Path, out: str | Path | None = None, *, overw
             "description": f"the replay buffer of {where} at step {state['step']}",
         },
     )
-    dataset.ref_min_score = _random_return(dataset.env_id or "", dataset.env_kwargs, 10, 0)
+    dataset.ref_max_score = ref_max_score
+    dataset.ref_min_score = (
+        ref_min_score if ref_min_score is not None else _random_return(dataset.env_id or "", dataset.env_kwargs, 10, 0)
+    )
     if out is not None:
         dataset.path = write_dataset(dataset, out, overwrite=overwrite)
     return dataset
