@@ -14,7 +14,6 @@ import policylab as pl
 from policylab.algos.cal_ql import CalQL, CalQLConfig
 from policylab.algos.prdc import NearestActions
 from policylab.checkpoint import load_checkpoint
-from policylab.collect import collect
 from policylab.data import Batch, ReplayBuffer
 from policylab.data.dataset import load_dataset
 from policylab.data.replay import discounted_returns_to_go
@@ -28,23 +27,7 @@ from policylab.objectives.offline import (
     vae_negative_elbo,
 )
 from tests.helpers import assert_same_params, params_of
-from tests.test_offline import SMALL_NETS, _loop, _train_until, pendulum_expert
-
-
-@pytest.fixture(scope="module")
-def datasets(tmp_path_factory):
-    root = tmp_path_factory.mktemp("datasets")
-    expert = collect("Pendulum-v1", pendulum_expert, 20, seed=0, out=root / "pendulum-expert")
-    medium = collect(
-        "Pendulum-v1",
-        pendulum_expert,
-        20,
-        noise=0.5,
-        seed=1,
-        out=root / "pendulum-medium",
-        ref_max_score=expert.ref_max_score,
-    )
-    return {"expert": expert.path, "medium": medium.path}
+from tests.test_offline import SMALL_NETS, _loop, _train_until
 
 
 def params_of_module(module: torch.nn.Module) -> list[list[float]]:

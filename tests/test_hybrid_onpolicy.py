@@ -12,7 +12,6 @@ import torch
 
 import policylab as pl
 from policylab.cli import main
-from policylab.collect import collect
 from policylab.errors import ConfigError, PolicylabError
 from policylab.objectives.imitation import (
     imitation_logp_grad,
@@ -22,16 +21,6 @@ from policylab.objectives.imitation import (
     parse_schedule,
 )
 from tests.helpers import assert_same_params, params_of
-from tests.test_offline import cartpole_expert, pendulum_expert
-
-
-@pytest.fixture(scope="module")
-def demos(tmp_path_factory):
-    root = tmp_path_factory.mktemp("demos")
-    cartpole = collect("CartPole-v1", cartpole_expert, 10, noise=0.2, seed=2, out=root / "cartpole-expert")
-    pendulum = collect("Pendulum-v1", pendulum_expert, 5, seed=0, out=root / "pendulum-expert")
-    return {"cartpole": cartpole.path, "pendulum": pendulum.path}
-
 
 # --- the mixing objective against hand-computed values ----------------------------------------------------------
 
@@ -87,14 +76,14 @@ def _eval_curve(run: pl.Run) -> list[float]:
         return [float(row["return_mean"]) for row in csv.DictReader(f)]
 
 
-def test_ppo_with_expert_demonstrations_beats_plain_ppo_early(demos, tmp_path):
+def test_ppo_with_expert_demonstrations_beats_plain_ppo_early(datasets, tmp_path):
     """CartPole-v1, rl-zoo's PPO preset for an 8192-step run, seeds 1 and 2: the mean of the evaluations at 1k,
     2k, 3k and 4k steps with ten epsilon-greedy expert episodes (imitation coefficient 0.5 throughout) against
     the same run without them. Measured here (seeds 1-4): 302, 288, 247, 246 against 167, 126, 120, 160."""
     overrides = {"eval_every": 1024, "eval_episodes": 5}
     for seed in (1, 2):
         curves = {}
-        for name, dataset in (("hybrid", demos["cartpole"]), ("plain", None)):
+        for name, dataset in (("hybrid", datasets["cartpole"]), ("plain", None)):
             extra = {"imitation": "0.5"} if dataset else {}
             run = pl.train(
                 "ppo",
@@ -112,13 +101,13 @@ def test_ppo_with_expert_demonstrations_beats_plain_ppo_early(demos, tmp_path):
         assert hybrid > plain + 60, f"seed {seed}: {curves}"
 
 
-def test_a2c_takes_demonstrations_too(demos, tmp_path):
+def test_a2c_takes_demonstrations_too(datasets, tmp_path):
     """A2C's one-step update mixes the same term: with the imitation coefficient at 1 it is behaviour cloning,
     and reaches the expert's return."""
     run = pl.train(
         "a2c",
         env="CartPole-v1",
-        dataset=demos["cartpole"],
+        dataset=datasets["cartpole"],
         steps=6000,
         seed=0,
         runs_dir=tmp_path,
@@ -136,13 +125,13 @@ def test_a2c_takes_demonstrations_too(demos, tmp_path):
     ("env", "which", "extra"),
     [
         ("CartPole-v1", "cartpole", {"imitation_weighting": "phi", "imitation": "cosine:0.5->0.1"}),
-        ("Pendulum-v1", "pendulum", {"imitation_weighting": "advantage", "normalize_obs": True}),
+        ("Pendulum-v1", "expert", {"imitation_weighting": "advantage", "normalize_obs": True}),
     ],
 )
-def test_resumed_hybrid_on_policy_run_equals_uninterrupted_run(demos, tmp_path, env, which, extra):
+def test_resumed_hybrid_on_policy_run_equals_uninterrupted_run(datasets, tmp_path, env, which, extra):
     kwargs = dict(
         env=env,
-        dataset=demos[which],
+        dataset=datasets[which],
         steps=2048,
         seed=3,
         overrides={"n_steps": 128, "num_envs": 2, "batch_size": 64, "epochs": 2, "eval_every": 0, **extra},
@@ -158,24 +147,24 @@ def test_resumed_hybrid_on_policy_run_equals_uninterrupted_run(demos, tmp_path, 
     assert_same_params(params_of(full.dir), params_of(resumed.dir))
 
 
-def test_bad_hybrid_settings_are_clear_errors(demos, tmp_path):
+def test_bad_hybrid_settings_are_clear_errors(datasets, tmp_path):
     with pytest.raises(ConfigError, match="needs demonstrations"):
         pl.train("ppo", env="CartPole-v1", steps=64, overrides={"imitation": "0.5"}, runs_dir=tmp_path, verbose=False)
     with pytest.raises(ConfigError, match="continuous"):
         pl.train(
             "ppo",
-            dataset=demos["pendulum"],
+            dataset=datasets["expert"],
             steps=64,
             overrides={"imitation_weighting": "phi"},
             runs_dir=tmp_path,
             verbose=False,
         )
     with pytest.raises(PolicylabError, match="CartPole-v1"):  # the dataset's spaces are not the env's
-        pl.train("ppo", env="CartPole-v1", dataset=demos["pendulum"], steps=64, runs_dir=tmp_path, verbose=False)
+        pl.train("ppo", env="CartPole-v1", dataset=datasets["expert"], steps=64, runs_dir=tmp_path, verbose=False)
     assert not any(tmp_path.iterdir()), "a refused run leaves no run directory"
 
 
-def test_cli_trains_ppo_with_a_dataset(demos, tmp_path, capsys):
+def test_cli_trains_ppo_with_a_dataset(datasets, tmp_path, capsys):
     code = main(
         [
             "train",
@@ -183,7 +172,7 @@ def test_cli_trains_ppo_with_a_dataset(demos, tmp_path, capsys):
             "--env",
             "CartPole-v1",
             "--dataset",
-            str(demos["cartpole"]),
+            str(datasets["cartpole"]),
             "--steps",
             "512",
             "--set",

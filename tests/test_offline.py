@@ -28,37 +28,6 @@ from tests.helpers import assert_same_params, params_of
 SMALL_NETS = {"hidden_sizes": [64, 64], "log_every": 250}
 
 
-def pendulum_expert(obs: np.ndarray) -> np.ndarray:
-    """A swing-up controller for Pendulum-v1 (about -170 per episode): pump energy, then hold with PD control."""
-    cos, sin, vel = obs[:, 0], obs[:, 1], obs[:, 2]
-    energy = 0.5 * vel**2 + 10.0 * (cos - 1.0)  # 0 at rest at the top
-    swing = np.where(energy < 0, 2.0 * np.sign(vel + 1e-6), -0.5 * vel)
-    hold = np.clip(-10.0 * np.arctan2(sin, cos) - 2.0 * vel, -2.0, 2.0)
-    return np.where(cos > 0.85, hold, swing)[:, None]
-
-
-def cartpole_expert(obs: np.ndarray) -> np.ndarray:
-    """Push towards where the pole falls (CartPole-v1: 500 in most episodes)."""
-    return (obs[:, 2] + 0.5 * obs[:, 3] > 0).astype(np.int64)
-
-
-@pytest.fixture(scope="module")
-def datasets(tmp_path_factory):
-    root = tmp_path_factory.mktemp("datasets")
-    expert = collect("Pendulum-v1", pendulum_expert, 20, seed=0, out=root / "pendulum-expert")
-    medium = collect(
-        "Pendulum-v1",
-        pendulum_expert,
-        20,
-        noise=0.5,
-        seed=1,
-        out=root / "pendulum-medium",
-        ref_max_score=expert.ref_max_score,
-    )
-    cartpole = collect("CartPole-v1", cartpole_expert, 10, noise=0.2, seed=2, out=root / "cartpole")
-    return {"expert": expert.path, "medium": medium.path, "cartpole": cartpole.path, "root": root}
-
-
 # --- the offline losses against hand-computed values --------------------------------------------------------
 
 

@@ -10,29 +10,11 @@ import torch
 
 import policylab as pl
 from policylab.algos.edac import SACN, EDACConfig, member_action_gradients
-from policylab.collect import collect
 from policylab.data import Batch, ReplayBuffer
 from policylab.data.sources import BatchSource
 from policylab.objectives.offline import ensemble_gradient_similarity, rebrac_actor_loss, rebrac_target
 from tests.helpers import assert_same_params, params_of
-from tests.test_offline import SMALL_NETS, _loop, _train_until, pendulum_expert
-
-
-@pytest.fixture(scope="module")
-def datasets(tmp_path_factory):
-    root = tmp_path_factory.mktemp("datasets")
-    expert = collect("Pendulum-v1", pendulum_expert, 20, seed=0, out=root / "pendulum-expert")
-    medium = collect(
-        "Pendulum-v1",
-        pendulum_expert,
-        20,
-        noise=0.5,
-        seed=1,
-        out=root / "pendulum-medium",
-        ref_max_score=expert.ref_max_score,
-    )
-    return {"expert": expert.path, "medium": medium.path}
-
+from tests.test_offline import SMALL_NETS, _loop, _train_until
 
 # --- the loss terms against hand-computed values -------------------------------------------------------------
 
