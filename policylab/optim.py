@@ -214,3 +214,9 @@ class ParameterBuffer:
 
 Optimizer = Union[torch.optim.Optimizer, Adam]
 """What the algorithms accept: policylab's Adam or any torch.optim optimizer."""
+
+
+def set_lr(optimizer: Optimizer, lr: float) -> None:
+    """Every parameter group's learning rate."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr

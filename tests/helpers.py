@@ -18,6 +18,18 @@ def assert_same_params(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -
         assert torch.equal(a[k], b[k]), f"parameter {k} differs"
 
 
+def resumed_and_full_runs(algo: str, stop: int, **kwargs) -> tuple[pl.Run, pl.Run, pl.Run]:
+    """(full, part, resumed): one uninterrupted run, one stopped once `step` reaches `stop`, and that one resumed;
+    asserts the resumed run ends at the full run's step with the same policy parameters."""
+    full = pl.train(algo, name="full", **kwargs)
+    part = pl.train(algo, name="part", callback=lambda info: info.step < stop, **kwargs)
+    assert part.interrupted
+    resumed = pl.train(algo, resume=part.dir, verbose=False)
+    assert resumed.steps == full.steps
+    assert_same_params(params_of(full.dir), params_of(resumed.dir))
+    return full, part, resumed
+
+
 def pendulum_expert(obs: np.ndarray) -> np.ndarray:
     """A swing-up controller for Pendulum-v1 (about -170 per episode): pump energy, then hold with PD control."""
     cos, sin, vel = obs[:, 0], obs[:, 1], obs[:, 2]

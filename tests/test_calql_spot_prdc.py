@@ -26,7 +26,7 @@ from policylab.objectives.offline import (
     vae_importance_weighted_log_likelihood,
     vae_negative_elbo,
 )
-from tests.helpers import assert_same_params, params_of
+from tests.helpers import assert_same_params, resumed_and_full_runs
 from tests.test_offline import SMALL_NETS, _loop, _train_until
 
 
@@ -268,12 +268,8 @@ def test_resumed_run_equals_uninterrupted_run(datasets, tmp_path, algo, steps, o
         verbose=False,
     )
     stop = 450 if online_steps is None else 300
-    full = pl.train(algo, name="full", **kwargs)
-    part = pl.train(algo, name="part", callback=lambda info: info.step < stop, **kwargs)
-    assert part.interrupted and part.steps == stop
-    resumed = pl.train(algo, resume=part.dir, verbose=False)
-    assert resumed.steps == full.steps
-    assert_same_params(params_of(full.dir), params_of(resumed.dir))
+    full, part, resumed = resumed_and_full_runs(algo, stop, **kwargs)
+    assert part.steps == stop
     # everything else too: critics, the VAE, optimizers, and (Cal-QL) the replay buffer's returns-to-go
     (full_tensors, *_), (resumed_tensors, *_) = load_checkpoint(full.dir), load_checkpoint(resumed.dir)
     assert full_tensors.keys() == resumed_tensors.keys()

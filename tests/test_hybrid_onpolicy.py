@@ -20,7 +20,7 @@ from policylab.objectives.imitation import (
     mixed_policy_loss,
     parse_schedule,
 )
-from tests.helpers import assert_same_params, params_of
+from tests.helpers import resumed_and_full_runs
 
 # --- the mixing objective against hand-computed values ----------------------------------------------------------
 
@@ -139,12 +139,7 @@ def test_resumed_hybrid_on_policy_run_equals_uninterrupted_run(datasets, tmp_pat
         runs_dir=tmp_path,
         verbose=False,
     )
-    full = pl.train("ppo", name="full", **kwargs)
-    part = pl.train("ppo", name="part", callback=lambda info: info.step < 1024, **kwargs)
-    assert part.interrupted
-    resumed = pl.train("ppo", resume=part.dir, verbose=False)
-    assert resumed.steps == full.steps
-    assert_same_params(params_of(full.dir), params_of(resumed.dir))
+    resumed_and_full_runs("ppo", 1024, **kwargs)
 
 
 def test_bad_hybrid_settings_are_clear_errors(datasets, tmp_path):

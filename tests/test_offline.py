@@ -23,7 +23,7 @@ from policylab.objectives.offline import (
     expectile_loss,
     td3_bc_lambda,
 )
-from tests.helpers import assert_same_params, params_of
+from tests.helpers import resumed_and_full_runs
 
 SMALL_NETS = {"hidden_sizes": [64, 64], "log_every": 250}
 
@@ -378,12 +378,7 @@ def test_resumed_dataset_run_equals_uninterrupted_run(datasets, tmp_path, algo, 
         runs_dir=tmp_path,
         verbose=False,
     )
-    full = pl.train(algo, name="full", **kwargs)
-    part = pl.train(algo, name="part", callback=lambda info: info.step < 750, **kwargs)
-    assert part.interrupted
-    resumed = pl.train(algo, resume=part.dir, verbose=False)
-    assert resumed.steps == full.steps
-    assert_same_params(params_of(full.dir), params_of(resumed.dir))
+    resumed_and_full_runs(algo, 750, **kwargs)
 
 
 # --- bad input -------------------------------------------------------------------------------------------------

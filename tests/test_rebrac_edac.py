@@ -8,12 +8,11 @@ import numpy as np
 import pytest
 import torch
 
-import policylab as pl
 from policylab.algos.edac import SACN, EDACConfig, member_action_gradients
 from policylab.data import Batch, ReplayBuffer
 from policylab.data.sources import BatchSource
 from policylab.objectives.offline import ensemble_gradient_similarity, rebrac_actor_loss, rebrac_target
-from tests.helpers import assert_same_params, params_of
+from tests.helpers import resumed_and_full_runs
 from tests.test_offline import SMALL_NETS, _loop, _train_until
 
 # --- the loss terms against hand-computed values -------------------------------------------------------------
@@ -220,9 +219,4 @@ def test_resumed_run_equals_uninterrupted_run(datasets, tmp_path, algo, extra):
     kwargs = dict(
         dataset=datasets["medium"], steps=300, seed=3, overrides=cfg, preset="none", runs_dir=tmp_path, verbose=False
     )
-    full = pl.train(algo, name="full", **kwargs)
-    part = pl.train(algo, name="part", callback=lambda info: info.step < 100, **kwargs)
-    assert part.interrupted
-    resumed = pl.train(algo, resume=part.dir, verbose=False)
-    assert resumed.steps == full.steps
-    assert_same_params(params_of(full.dir), params_of(resumed.dir))
+    resumed_and_full_runs(algo, 100, **kwargs)

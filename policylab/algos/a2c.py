@@ -23,14 +23,13 @@ from policylab.algos.onpolicy import (
     build_actor_critic,
     make_learner,
     rollout_advantages,
-    set_lr,
     whole_rollout_step,
 )
 from policylab.algos.ppo import explained_variance
 from policylab.data import Batch
 from policylab.errors import ConfigError
 from policylab.nets import ActorCritic
-from policylab.optim import Optimizer
+from policylab.optim import Optimizer, set_lr
 
 
 @dataclass

@@ -30,7 +30,7 @@ from policylab.data import Batch
 from policylab.errors import ConfigError
 from policylab.objectives.offline import cql_penalty, discrete_cql_penalty
 from policylab.objectives.q_targets import sac_target
-from policylab.optim import Adam
+from policylab.optim import Adam, set_lr
 
 
 @dataclass
@@ -71,8 +71,8 @@ class CQL(SAC):
         super().__init__(cfg, obs_space, act_space)
         self.fused = False
         for optimizer in (self.actor_opt.optimizer, self.temperature.optimizer):
-            for group in optimizer.param_groups if optimizer is not None else ():
-                group["lr"] = cfg.actor_lr
+            if optimizer is not None:
+                set_lr(optimizer, cfg.actor_lr)
         self.log_alpha_prime = nn.Parameter(torch.zeros(1, device=cfg.device))
         self.alpha_prime_opt = Adam([self.log_alpha_prime], lr=cfg.lr)
         self.modules, self.optimizers = soft_actor_critic_state(

@@ -107,11 +107,6 @@ def adam(params: list[nn.Parameter], lr: float, eps: float = 1e-5) -> Adam:
     return Adam(params, lr=lr, eps=eps)
 
 
-def set_lr(optimizer: Optimizer, lr: float) -> None:
-    for group in optimizer.param_groups:
-        group["lr"] = lr
-
-
 def annealed(value: float, progress: float, anneal: bool) -> float:
     """`value` decayed linearly to 0 over the run (progress 0 -> 1), if `anneal`; the last rollout may
     overshoot the step budget, so the factor is clamped at 0."""

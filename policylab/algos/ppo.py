@@ -33,11 +33,11 @@ from policylab.algos.onpolicy import (
     mean_metrics,
     normalize,
     rollout_advantages,
-    set_lr,
 )
 from policylab.data import Batch
 from policylab.errors import ConfigError
 from policylab.nets import ActorCritic
+from policylab.optim import set_lr
 
 
 @dataclass

@@ -29,6 +29,7 @@ from policylab.algos.td3 import TD3, TD3Config
 from policylab.data import Batch
 from policylab.errors import ConfigError
 from policylab.objectives.offline import rebrac_actor_loss, rebrac_target
+from policylab.optim import set_lr
 
 CORL_LOCOMOTION_COEFFICIENTS: dict[str, tuple[float, float]] = {
     "halfcheetah-random-v2": (0.001, 0.1),
@@ -108,8 +109,7 @@ class ReBRAC(TD3):
         self.actor_target.update(1.0)
         self.critic_target.update(1.0)
         if cfg.actor_lr is not None:
-            for group in self.actor_opt.optimizer.param_groups:
-                group["lr"] = cfg.actor_lr
+            set_lr(self.actor_opt.optimizer, cfg.actor_lr)
 
     def td_target(self, batch: Batch) -> Tensor:
         next_actions = self.smoothed_next_actions(batch)

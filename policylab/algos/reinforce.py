@@ -23,11 +23,11 @@ from policylab.algos.onpolicy import (
     build_actor_critic,
     make_learner,
     rollout_advantages,
-    set_lr,
     whole_rollout_step,
 )
 from policylab.data import Batch
 from policylab.nets import ActorCritic
+from policylab.optim import set_lr
 
 
 @dataclass

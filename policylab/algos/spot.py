@@ -29,6 +29,7 @@ from policylab.data import Batch
 from policylab.errors import ConfigError
 from policylab.nets.vae import ConditionalVAE
 from policylab.objectives.offline import td3_bc_lambda, vae_importance_weighted_log_likelihood, vae_negative_elbo
+from policylab.optim import set_lr
 
 
 @dataclass
@@ -88,8 +89,7 @@ class SPOT(TD3):
     def __init__(self, cfg: SPOTConfig, obs_space: gym.Space, act_space: gym.Space) -> None:
         super().__init__(cfg, obs_space, act_space)
         self.fused = False  # the hand-derived TD3 step has no density term
-        for group in self.actor_opt.optimizer.param_groups:
-            group["lr"] = cfg.actor_lr
+        set_lr(self.actor_opt.optimizer, cfg.actor_lr)
         latent_dim = cfg.vae_latent_dim or 2 * self.act_dim
         self.vae = ConditionalVAE(obs_dim(obs_space), self.act_dim, latent_dim, cfg.vae_hidden_sizes, cfg.activation)
         self.vae.to(cfg.device)
