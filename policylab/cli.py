@@ -66,7 +66,7 @@ def _list(_args: argparse.Namespace) -> int:
 
     from policylab.algos import ALGORITHMS
     from policylab.config import format_count
-    from policylab.presets import presets_for
+    from policylab.presets import DATASET_PRESETS, presets_for
 
     table = Table(title="policylab algorithms")
     for col in ("algorithm", "kind", "regimes", "what"):
@@ -74,6 +74,8 @@ def _list(_args: argparse.Namespace) -> int:
     table.add_column("tuned presets (--env) and their budgets", min_width=28)  # one preset per line fits
     for spec in ALGORITHMS.values():
         presets = [f"{env} ({format_count(budget)})" for env, budget in presets_for(spec.name).items()]
+        if kinds := DATASET_PRESETS.get(spec.name):
+            presets.append(f"{len(kinds)} D4RL dataset kinds (CORL's), e.g. {sorted(kinds)[0]}")
         table.add_row(spec.name, spec.kind, "\n".join(spec.regimes), spec.summary, ", ".join(presets))
     Console().print(table)
     return 0

@@ -18,7 +18,9 @@ n_envs -> num_envs, n_epochs -> epochs, learning_rate -> lr, clip_range -> clip_
 """
 
 import copy
+import re
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 
@@ -301,11 +303,101 @@ VARIANTS: dict[str, dict[str, dict[str, Preset]]] = {
 comparisons with Stable-Baselines3 stay reproducible); where the default is rl-zoo's entry, it is that."""
 
 
+# --- presets keyed by dataset -----------------------------------------------------------------------------
+
+_CORL = "github.com/corl-team/CORL at eeeeef2"
+LOCOMOTION_ENVS = ("halfcheetah", "hopper", "walker2d")
+DATASET_KINDS = ("medium-expert", "medium-replay", "full-replay", "medium", "expert", "random")
+
+_REBRAC_COEFFICIENTS: dict[str, tuple[float, float]] = {
+    "halfcheetah-random": (0.001, 0.1),
+    "halfcheetah-medium": (0.001, 0.01),
+    "halfcheetah-expert": (0.01, 0.01),
+    "halfcheetah-medium-expert": (0.01, 0.1),
+    "halfcheetah-medium-replay": (0.01, 0.001),
+    "halfcheetah-full-replay": (0.001, 0.1),
+    "hopper-random": (0.001, 0.01),
+    "hopper-medium": (0.01, 0.01),
+    "hopper-expert": (0.1, 0.1),
+    "hopper-medium-expert": (0.1, 0.01),
+    "hopper-medium-replay": (0.05, 0.5),
+    "hopper-full-replay": (0.01, 0.01),
+    "walker2d-random": (0.01, 0.0),
+    "walker2d-medium": (0.05, 0.1),
+    "walker2d-expert": (0.01, 0.5),
+    "walker2d-medium-expert": (0.01, 0.01),
+    "walker2d-medium-replay": (0.05, 0.01),
+    "walker2d-full-replay": (0.01, 0.01),
+}
+"""ReBRAC's (actor_bc_coef, critic_bc_coef) per D4RL locomotion dataset (the only values CORL's configs vary)."""
+
+_RETURN_RANGE = {"reward_normalization": "return_range"}
+_IQL_EXCEPTIONS: dict[str, dict[str, Any]] = {
+    "hopper-medium": {"deterministic_actor": True, "tau": 0.001, **_RETURN_RANGE},
+    "hopper-medium-replay": {"deterministic_actor": True, "tau": 0.001, **_RETURN_RANGE},
+    "hopper-medium-expert": {"beta": 6.0, "expectile": 0.5},
+}
+"""Where CORL's IQL configs depart from its locomotion values (expectile 0.7, beta 3, tau 0.005, Gaussian actor,
+raw rewards)."""
+
+_EDAC_CRITICS = {"halfcheetah": 10, "hopper": 50, "walker2d": 10}
+_SAC_N_CRITICS = {"halfcheetah": 10, "hopper-medium": 500, "hopper": 200, "walker2d": 20}
+
+
+def _corl_source(algo: str, dataset: str) -> str:
+    env, kind = dataset.split("-", 1)
+    return f"CORL configs/offline/{algo}/{env}/{kind.replace('-', '_')}_v2.yaml ({_CORL}), for D4RL {dataset}-v2"
+
+
+def _dataset_presets() -> dict[str, dict[str, Preset]]:
+    names = [f"{env}-{kind}" for env in LOCOMOTION_ENVS for kind in DATASET_KINDS]
+    table: dict[str, dict[str, Preset]] = {"rebrac": {}, "iql": {}, "edac": {}, "sac_n": {}, "cql": {}}
+    table["cql"]["hopper-medium"] = Preset({"steps": 1_000_000, **_RETURN_RANGE}, _corl_source("cql", "hopper-medium"))
+    for name in names:
+        actor_bc, critic_bc = _REBRAC_COEFFICIENTS[name]
+        table["rebrac"][name] = Preset(
+            {"steps": 1_000_000, "actor_bc_coef": actor_bc, "critic_bc_coef": critic_bc}, _corl_source("rebrac", name)
+        )
+        table["iql"][name] = Preset(
+            {"steps": 1_000_000, **_IQL_EXCEPTIONS.get(name, {})},
+            _corl_source("iql", name),
+        )
+    for name in (f"{env}-{kind}" for env in LOCOMOTION_ENVS for kind in ("medium", "medium-replay", "medium-expert")):
+        env = name.split("-")[0]
+        eta = 5.0 if name in ("halfcheetah-medium-expert", "walker2d-medium-expert") else 1.0
+        table["edac"][name] = Preset(
+            {"steps": 3_000_000, "n_critics": _EDAC_CRITICS[env], "eta": eta}, _corl_source("edac", name)
+        )
+        critics = _SAC_N_CRITICS.get(name, _SAC_N_CRITICS[env])
+        table["sac_n"][name] = Preset({"steps": 3_000_000, "n_critics": critics}, _corl_source("sac_n", name))
+    return table
+
+
+DATASET_PRESETS: dict[str, dict[str, Preset]] = _dataset_presets()
+"""Presets per D4RL locomotion dataset kind, {algo: {"hopper-medium": Preset}}: the values of CORL's per-dataset
+configs that differ from the algorithm's defaults (which are CORL's shared values), with CORL's budget (1M
+gradient steps; 3M for SAC-N and EDAC). A dataset named like one of these keys picks its preset: see
+`dataset_preset_name`. TD3+BC, AWAC and BC use one set of values on every locomotion dataset in CORL, so they
+have none; CQL's differ only on hopper-medium (rewards scaled by the return range)."""
+
+
+def dataset_preset_name(path: str) -> str | None:
+    """The DATASET_PRESETS key a dataset path or Minari id names, or None: `hopper-medium` for
+    hopper-medium-v2.hdf5, hopper_medium-v2, datasets/hopper-medium and mujoco/hopper/medium-v0."""
+    parts = [re.sub(r"(\.hdf5|\.h5)$", "", part.lower()).replace("_", "-") for part in Path(path).parts[-2:]]
+    parts = [re.sub(r"-v\d+$", "", part) for part in parts]
+    for candidate in (parts[-1], "-".join(parts)):
+        env, _, kind = candidate.partition("-")
+        if env in LOCOMOTION_ENVS and kind in DATASET_KINDS:
+            return candidate
+    return None
+
+
 def find_preset(algo: str, env_id: str, variant: str | None = None) -> Preset | None:
     """The preset for ``algo`` on ``env_id`` (a deep copy, safe to mutate), or None if there is none; with
     ``variant`` (a key of VARIANTS), that variant's preset instead."""
     table = PRESETS.get(algo.lower(), {})
-    preset = table.get(env_id)
+    preset = table.get(env_id) or DATASET_PRESETS.get(algo.lower(), {}).get(env_id)
     if variant is not None:
         alternative = VARIANTS[variant].get(algo.lower(), {}).get(env_id)
         from_zoo = variant == "rl-zoo" and preset is not None and preset.source.startswith("rl-baselines3-zoo")
@@ -314,7 +406,7 @@ def find_preset(algo: str, env_id: str, variant: str | None = None) -> Preset | 
 
 
 def presets_for(algo: str) -> dict[str, int]:
-    """{env id: the preset's step budget} for the presets of ``algo``, sorted by env id; empty for an unknown
-    algorithm."""
+    """{env id: the preset's step budget} for the env presets of ``algo``, sorted by env id; empty for an unknown
+    algorithm (its dataset presets: DATASET_PRESETS)."""
     table = PRESETS.get(algo.lower(), {})
     return {env: int(table[env].values.get("steps", 0)) for env in sorted(table)}

@@ -37,12 +37,13 @@ from policylab.data.sources import (
     dataset_buffer,
     dataset_normalizer,
     dataset_transitions,
+    return_range_scale,
 )
 from policylab.envs import EpisodeTracker, ObsNormalizer, RewardScaler, VecEnv, make_vec_env, resolve_env_id
 from policylab.errors import CheckpointError, ConfigError, TrainingDiverged
 from policylab.logging import CONFIG_YAML, Progress, RunLog, new_run_dir
 from policylab.policy import Policy, evaluate, space_to_json
-from policylab.presets import VARIANTS, find_preset
+from policylab.presets import VARIANTS, dataset_preset_name, find_preset
 
 
 @dataclass
@@ -122,6 +123,8 @@ def resolve_config(
         elif preset != "auto":
             what = f"{variant} preset for {wanted!r}" if variant else f"preset for {preset!r}"
             raise ConfigError(f"no {spec.name} {what}", "run `policylab list` to see the presets")
+    if preset == "auto" and dataset is not None:
+        cfg = _apply_dataset_preset(spec.name, cfg, str(dataset), notes)
     cfg = apply_values(cfg, file_values, str(config) if isinstance(config, (str, Path)) else "the config")
     cfg = apply_values(cfg, overrides or {}, "--set")
     flags = {
@@ -142,6 +145,16 @@ def resolve_config(
     if found is not None:
         notes += short_budget_note(spec.name, cfg, found.values.get("steps", 0))
     return cfg, notes
+
+
+def _apply_dataset_preset(algo: str, cfg: Any, dataset: str, notes: list[str]) -> Any:
+    """CORL's values for the D4RL dataset kind that `dataset` is named after (e.g. hopper-medium), if any."""
+    kind = dataset_preset_name(dataset)
+    found = find_preset(algo, kind) if kind is not None else None
+    if found is None:
+        return cfg
+    notes.append(f"using the {algo} preset for {kind} datasets ({found.source}); --preset none opts out")
+    return apply_values(cfg, found.values, f"the {algo} preset for {kind} datasets")
 
 
 def _dataset_env(path: str) -> tuple[str, dict[str, Any]]:
@@ -376,6 +389,11 @@ class OffPolicyLoop:
             self.obs_norm = ObsNormalizer(shape, cfg.clip_obs) if self.running_norm else None
             if self.dataset is not None:
                 self.obs_norm = dataset_normalizer(self.dataset, cfg.clip_obs)
+        self.reward_scale = cfg.reward_scale
+        if cfg.reward_normalization == "return_range":
+            assert self.dataset is not None
+            self.reward_scale *= return_range_scale(self.dataset)
+        """What rewards are multiplied by on their way into replay (then `reward_bias` is added)."""
         self.tracker = EpisodeTracker(cfg.num_envs)
         offline_first = self.dataset is not None and (cfg.offline_ratio is None or cfg.online_steps > 0)
         self.offline_steps = cfg.steps if offline_first else 0
@@ -458,6 +476,8 @@ class OffPolicyLoop:
             device=cfg.device,
             next_actions=getattr(self.algo, "needs_next_actions", False),
             mc_returns=getattr(self.algo, "needs_mc_returns", False),
+            reward_scale=self.reward_scale,
+            reward_bias=cfg.reward_bias,
         )
 
     def policy(self) -> Policy:
@@ -514,7 +534,10 @@ class OffPolicyLoop:
             if stored is not None:
                 obs, next_obs = stored(obs), stored(next_obs)
                 final_obs = None if final_obs is None else stored(final_obs)
-            buffer.add(obs, actions, res.reward, next_obs, res.terminated, res.truncated, final_obs)
+            reward = res.reward
+            if (self.reward_scale, cfg.reward_bias) != (1.0, 0.0):
+                reward = res.reward * self.reward_scale + cfg.reward_bias
+            buffer.add(obs, actions, reward, next_obs, res.terminated, res.truncated, final_obs)
             if self.running_norm:
                 assert norm is not None
                 norm.update(res.obs)

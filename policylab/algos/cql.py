@@ -49,10 +49,17 @@ class CQLConfig(OfflineConfig, SACConfig):
     target_gap: float = 10.0
     backup_entropy: bool = True
     """Keep SAC's entropy term in the TD target (d3rlpy); false: without it (CORL)."""
+    bc_steps: int = 0
+    """For the first this many gradient steps the actor clones the dataset, mean(alpha log pi(a~|s) - log pi(a|s)),
+    while the critics learn as usual (CORL's `bc_steps`: 0 by default, 100k of 1M in its AntMaze configs)."""
 
     def validate(self) -> None:
         super().validate()
         positive(self, "n_action_samples")
+        if self.bc_steps < 0:
+            raise ConfigError(
+                f"bc_steps={self.bc_steps} must be >= 0", "set bc_steps to 0 (no cloning phase) or e.g. 1000"
+            )
         if self.actor_lr <= 0:
             raise ConfigError(f"actor_lr={self.actor_lr} must be > 0", "set actor_lr to e.g. 1e-4")
         if self.cql_alpha < 0 or self.cql_temperature <= 0:
@@ -123,6 +130,8 @@ class CQL(SAC):
         critic.requires_grad_(False)
         q_pi = critic(obs, actions_pi).min(0).values
         critic.requires_grad_(True)
+        if index < cfg.bc_steps:
+            q_pi = actor.log_prob(obs, batch.actions.flatten(1))  # the data's likelihood in place of Q
         actor_loss = (alpha * logp_pi - q_pi).mean()
         self.actor_opt.step(actor_loss)
         self.critic_target.update(cfg.tau)

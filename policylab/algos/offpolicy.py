@@ -78,6 +78,13 @@ class OffPolicyConfig(CommonConfig):
     online with the dataset as the start of its replay buffer."""
     online_steps: int = 0
     """With a `dataset`: env steps of online training after the offline `steps` (offline-to-online)."""
+    reward_scale: float = 1.0
+    reward_bias: float = 0.0
+    """Rewards enter the replay buffer (dataset and env steps alike) as r * scale + bias; evaluation returns
+    stay the env's. CORL's AntMaze CQL uses scale 5, bias -1."""
+    reward_normalization: str = "none"
+    """With a dataset: "return_range" multiplies rewards (before `reward_scale`) by 1000 / (max - min episode
+    return of the dataset), as the IQL paper and CORL's IQL do on the D4RL locomotion datasets; "none"."""
     analytic_grads: bool = True
     """Fast path where an algorithm has one (SAC, TD3/DDPG, DQN with ReLU/tanh MLPs): hand-derived gradients,
     the same update as autograd's (tested); false forces autograd."""
@@ -109,6 +116,16 @@ class OffPolicyConfig(CommonConfig):
             raise ConfigError(
                 f"offline_ratio={self.offline_ratio} is outside [0, 1]",
                 "set offline_ratio to the dataset's share of each batch, e.g. 0.5",
+            )
+        if self.reward_normalization not in ("none", "return_range"):
+            raise ConfigError(
+                f"reward_normalization={self.reward_normalization!r} is not one of none, return_range",
+                "set reward_normalization to none or return_range",
+            )
+        if self.reward_normalization != "none" and self.dataset is None:
+            raise ConfigError(
+                "reward_normalization=return_range takes the return range of a dataset",
+                "pass --dataset PATH, or use reward_scale alone",
             )
         if self.online_steps < 0:
             raise ConfigError(f"online_steps={self.online_steps} must be >= 0", "set online_steps to 0 or more")

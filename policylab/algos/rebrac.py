@@ -31,31 +31,6 @@ from policylab.errors import ConfigError
 from policylab.objectives.offline import rebrac_actor_loss, rebrac_target
 from policylab.optim import set_lr
 
-CORL_LOCOMOTION_COEFFICIENTS: dict[str, tuple[float, float]] = {
-    "halfcheetah-random-v2": (0.001, 0.1),
-    "halfcheetah-medium-v2": (0.001, 0.01),
-    "halfcheetah-expert-v2": (0.01, 0.01),
-    "halfcheetah-medium-expert-v2": (0.01, 0.1),
-    "halfcheetah-medium-replay-v2": (0.01, 0.001),
-    "halfcheetah-full-replay-v2": (0.001, 0.1),
-    "hopper-random-v2": (0.001, 0.01),
-    "hopper-medium-v2": (0.01, 0.01),
-    "hopper-expert-v2": (0.1, 0.1),
-    "hopper-medium-expert-v2": (0.1, 0.01),
-    "hopper-medium-replay-v2": (0.05, 0.5),
-    "hopper-full-replay-v2": (0.01, 0.01),
-    "walker2d-random-v2": (0.01, 0.0),
-    "walker2d-medium-v2": (0.05, 0.1),
-    "walker2d-expert-v2": (0.01, 0.5),
-    "walker2d-medium-expert-v2": (0.01, 0.01),
-    "walker2d-medium-replay-v2": (0.05, 0.01),
-    "walker2d-full-replay-v2": (0.01, 0.01),
-}
-"""(actor_bc_coef, critic_bc_coef) per D4RL locomotion dataset, from CORL's configs/offline/rebrac/*.yaml
-(github.com/corl-team/CORL at eeeeef2; their other values are the defaults below). CORL's AntMaze and Adroit
-configs also change the learning rates (3e-4; AntMaze's critics 5e-5), the batch size (256) and, for AntMaze,
-gamma (0.999) and the reward scale (x100)."""
-
 
 @dataclass
 class ReBRACConfig(OfflineConfig, TD3Config):
@@ -63,8 +38,9 @@ class ReBRACConfig(OfflineConfig, TD3Config):
     hidden layers of 256, batch 1024, LayerNorm in the critics (not the actor), policy_delay 2, target noise 0.2
     clipped at 0.5, tau 5e-3, gamma 0.99, normalize_q, observations not normalized (CORL's normalize_states
     false), actor_bc_coef = critic_bc_coef = 1.0 (CORL's placeholders: every CORL dataset config sets its own,
-    see CORL_LOCOMOTION_COEFFICIENTS); CORL trains 1M gradient steps. Networks are initialized as CORL does (the
-    EDAC paper's init). One difference: policylab's LayerNorm comes before each hidden activation, CORL's after."""
+    which the dataset presets apply, `presets.DATASET_PRESETS`); CORL trains 1M gradient steps. Networks are
+    initialized as CORL does (the EDAC paper's init). One difference: policylab's LayerNorm comes before each
+    hidden activation, CORL's after."""
 
     lr: float = 1e-3
     actor_lr: float | None = None

@@ -50,10 +50,13 @@ def dataset_buffer(
     device: str = "cpu",
     next_actions: bool = False,
     mc_returns: bool = False,
+    reward_scale: float = 1.0,
+    reward_bias: float = 0.0,
 ) -> ReplayBuffer:
     """A one-env replay buffer holding `dataset` (observations normalized by `obs_normalizer` if given), with
     room for `extra_capacity` more transitions (offline-to-online runs keep adding to it); `next_actions`: its
-    batches carry the dataset's next actions, `mc_returns` the discounted returns-to-go (ReplayBuffer's flags)."""
+    batches carry the dataset's next actions, `mc_returns` the discounted returns-to-go (ReplayBuffer's flags).
+    Rewards are stored as r * reward_scale + reward_bias."""
     obs = dataset.observations if obs_normalizer is None else obs_normalizer(dataset.observations)
     shape = tuple(obs.shape[1:])
     capacity = dataset.num_steps + dataset.num_episodes + 1 + extra_capacity
@@ -73,8 +76,24 @@ def dataset_buffer(
         mc_returns=mc_returns,
     )
     actions = replay_actions(dataset.actions, dataset.action_space).reshape(len(dataset.actions), *action_shape)
-    buffer.add_episodes(obs, actions, dataset.rewards, dataset.terminations, dataset.episode_lengths)
+    rewards = dataset.rewards
+    if (reward_scale, reward_bias) != (1.0, 0.0):
+        rewards = rewards * reward_scale + reward_bias
+    buffer.add_episodes(obs, actions, rewards, dataset.terminations, dataset.episode_lengths)
     return buffer
+
+
+def return_range_scale(dataset: Dataset) -> float:
+    """1000 / (max - min episode return): the reward multiplier of the IQL paper's locomotion runs (and CORL's
+    `normalize_reward`), so that advantages, and hence exp(beta A), have the same scale on every dataset."""
+    returns = dataset.episode_returns()
+    spread = float(returns.max() - returns.min()) if len(returns) else 0.0
+    if not spread > 0.0:
+        raise DatasetError(
+            f"{dataset.name}: every episode has the same return, so reward_normalization=return_range is undefined",
+            "drop reward_normalization (or set reward_scale instead)",
+        )
+    return 1000.0 / spread
 
 
 def dataset_transitions(

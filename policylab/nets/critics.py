@@ -169,6 +169,12 @@ class TanhGaussianActor(_BoundedActor):
         logp = tanh_gaussian_log_prob(noise, log_std, u)
         return torch.tanh(u), logp
 
+    def log_prob(self, obs: Tensor, actions: Tensor, eps: float = 1e-6) -> Tensor:
+        """log pi(a|s) [B] of given actions in [-1, 1] (dataset actions; clipped to +-(1 - eps) before atanh)."""
+        mean, log_std = self._mean_log_std(obs)
+        u = torch.atanh(actions.clamp(-1.0 + eps, 1.0 - eps))
+        return tanh_gaussian_log_prob((u - mean) * torch.exp(-log_std), log_std, u)
+
     def sample_many(self, obs: Tensor, m: int, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
         """m samples per observation from one forward pass: actions [B m, A] (row b m + j: sample j of obs b) and
         their log-probabilities [B m]."""
