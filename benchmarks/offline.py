@@ -265,6 +265,7 @@ def main() -> None:
     parser.add_argument("--setup", action="store_true", help="create the d3rlpy venv and exit")
     parser.add_argument("--algo", action="append", choices=ALGOS, help="repeatable; default all")
     parser.add_argument("--seeds", type=int, default=2)
+    parser.add_argument("--first-seed", type=int, default=1, help="seeds are first-seed .. first-seed + seeds - 1")
     parser.add_argument("--steps", type=int, default=2000)
     parser.add_argument("--log-every", type=int, default=500)
     parser.add_argument("--dataset", default=str(DEFAULT_DATA))
@@ -285,7 +286,7 @@ def main() -> None:
         raise SystemExit("d3rlpy's venv is missing: run `.venv/bin/python benchmarks/offline.py --setup` first")
     a.dataset = ensure_dataset(Path(a.dataset), a.episodes)
     results: dict[str, Any] = {"provenance": provenance(["torch", "policylab", "minari"]), "cases": {}}
-    seeds = list(range(1, a.seeds + 1))
+    seeds = list(range(a.first_seed, a.first_seed + a.seeds))
     for algo in a.algo or ALGOS:
         runs = []
         for seed in seeds:

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from policylab.errors import PolicylabError
+from policylab.llm.cli import add_llm_parser
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -203,6 +204,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--out", required=True, help="directory to write the combined dataset to")
     q.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     p.set_defaults(func=_dataset)
+
+    add_llm_parser(sub)
     return parser
 
 

@@ -20,7 +20,7 @@ import yaml
 
 from policylab.errors import ConfigError, suggest
 
-C = TypeVar("C", bound="CommonConfig")
+C = TypeVar("C")  # a config dataclass (CommonConfig subclasses, the LLM config)
 
 _SUFFIXES = {"k": 1_000, "m": 1_000_000, "g": 1_000_000_000}
 AUTO_THREADS = "auto"

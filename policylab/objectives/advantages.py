@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from policylab.objectives.registry import ADVANTAGES
+from policylab.objectives.registry import ADVANTAGES, Registry
 
 
 @ADVANTAGES.register("gae")
@@ -68,3 +68,46 @@ def mc_returns(
         running = rewards[t] + gamma * following
         returns[t] = running
     return returns - values, returns
+
+
+# --- sequence-level advantages over groups of completions (language models) -------------------------------------
+
+GROUP_ADVANTAGES = Registry("group advantage estimator")
+"""rewards [N] of N = prompts x group_size completions (the G completions of a prompt adjacent) -> advantages [N]."""
+
+
+def _grouped(rewards: Tensor, group_size: int) -> Tensor:
+    if group_size < 1 or rewards.numel() % group_size:
+        raise ValueError(f"{rewards.numel()} rewards do not split into groups of {group_size}")
+    return rewards.view(-1, group_size)
+
+
+@GROUP_ADVANTAGES.register("grpo")
+def group_normalized(rewards: Tensor, group_size: int, eps: float = 1e-4) -> Tensor:
+    """GRPO (Shao et al. 2024): (r - mean_group) / (std_group + eps), the std with Bessel's correction (as TRL)."""
+    grouped = _grouped(rewards, group_size)
+    std = grouped.std(dim=1, keepdim=True) if group_size > 1 else torch.zeros_like(grouped[:, :1])
+    return ((grouped - grouped.mean(dim=1, keepdim=True)) / (std + eps)).view(-1)
+
+
+@GROUP_ADVANTAGES.register("dr_grpo")
+def group_centered(rewards: Tensor, group_size: int) -> Tensor:
+    """Dr. GRPO (Liu et al. 2025): r - mean_group, no division by the std."""
+    grouped = _grouped(rewards, group_size)
+    return (grouped - grouped.mean(dim=1, keepdim=True)).view(-1)
+
+
+@GROUP_ADVANTAGES.register("rloo")
+def leave_one_out(rewards: Tensor, group_size: int) -> Tensor:
+    """RLOO (Ahmadian et al. 2024): r_i - mean of the group's other rewards = G / (G - 1) (r_i - mean_group)."""
+    if group_size < 2:
+        raise ValueError("RLOO needs group_size >= 2")
+    return group_centered(rewards, group_size) * (group_size / (group_size - 1))
+
+
+@GROUP_ADVANTAGES.register("reinforce++")
+def batch_normalized(rewards: Tensor, group_size: int, eps: float = 1e-4) -> Tensor:
+    """REINFORCE++ with a group baseline (Hu et al. 2025): r - mean_group, then normalized by the whole batch's
+    mean and std (global, not per group)."""
+    centered = group_centered(rewards, group_size)
+    return (centered - centered.mean()) / (centered.std() + eps) if centered.numel() > 1 else centered

@@ -4,7 +4,9 @@
 tokens per row). With no mask, every element counts.
   token-mean           sum(loss * mask) / sum(mask): each token (or step) weighs the same
   seq-mean-token-mean  mean over rows of each row's token mean: each sequence weighs the same
-  seq-mean-token-sum   mean over rows of each row's token sum (Dr. GRPO style, no length normalization)
+  seq-mean-token-sum   mean over rows of each row's token sum (no length normalization)
+  seq-mean-token-sum-norm  sum(loss * mask) / (rows * L): Dr. GRPO's constant normalizer, L the padded length
+                           (the generation budget), so no sequence's tokens weigh more for being short
 """
 
 from __future__ import annotations
@@ -40,6 +42,15 @@ def seq_mean_token_sum(loss: Tensor, mask: Tensor | None = None) -> Tensor:
     if mask is not None:
         loss = loss * mask.to(loss.dtype)
     return loss.sum(-1).mean()
+
+
+@AGGREGATIONS.register("seq-mean-token-sum-norm")
+def seq_mean_token_sum_norm(loss: Tensor, mask: Tensor | None = None) -> Tensor:
+    if loss.dim() == 1:
+        return token_mean(loss, mask)
+    if mask is not None:
+        loss = loss * mask.to(loss.dtype)
+    return loss.sum() / (loss.shape[0] * loss.shape[1])
 
 
 def aggregate(loss: Tensor, mask: Tensor | None = None, mode: str = "token-mean") -> Tensor:

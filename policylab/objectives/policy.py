@@ -118,3 +118,16 @@ def pg_surrogate_grad(
             "ratio_mean": ratio.mean(),
         }
         return loss.mean(), grad, metrics  # type: ignore[union-attr]
+
+
+def kl_penalty(logp: Tensor, ref_logp: Tensor, estimator: str = "k3") -> Tensor:
+    """Per-token estimates of KL(pi || pi_ref) from samples of pi (Schulman's k1/k2/k3), r = pi_ref / pi:
+    k1 = -log r (unbiased, can be negative), k2 = (log r)^2 / 2, k3 = r - 1 - log r (unbiased, >= 0)."""
+    log_ratio = ref_logp - logp
+    if estimator == "k1":
+        return -log_ratio
+    if estimator == "k2":
+        return 0.5 * log_ratio * log_ratio
+    if estimator == "k3":
+        return torch.expm1(log_ratio) - log_ratio
+    raise ValueError(f"unknown KL estimator {estimator!r}: choose k1, k2 or k3")

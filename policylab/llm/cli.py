@@ -1,0 +1,65 @@
+"""`policylab llm ...`: tasks, sft, train, eval (transformers is imported only when a command runs)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+
+def add_llm_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("llm", help="language-model policies: SFT and RL (GRPO, RLOO, ...) on tasks")
+    llm_sub = p.add_subparsers(dest="llm_command", required=True)
+    llm_sub.add_parser("tasks", help="the built-in tasks (they run on a CPU in minutes)")
+    q = llm_sub.add_parser("sft", help="supervised fine-tuning on a task's answers")
+    _common(q)
+    q = llm_sub.add_parser("train", help="RL on a task's reward: grpo, dr_grpo, dapo, rloo, reinforce++")
+    q.add_argument("algo", help="grpo, dr_grpo, dapo, rloo or reinforce++")
+    _common(q)
+    q.add_argument("--group-size", type=int, help="completions sampled per prompt (default 8)")
+    q = llm_sub.add_parser("eval", help="greedy exact-match accuracy (and pass@k) of a model or run")
+    q.add_argument("model", help="run directory, save_pretrained directory, or a built-in tiny model")
+    q.add_argument("--task", default="addition")
+    q.add_argument("--k", type=int, default=1, help="also pass@k from k sampled completions per prompt")
+    q.add_argument("--seed", type=int, default=0)
+    q.add_argument("--json", action="store_true")
+    p.set_defaults(func=run_llm_command)
+
+
+def _common(q: argparse.ArgumentParser) -> None:
+    q.add_argument("--model", default="tiny-llama", help="tiny-llama, small-llama, tiny-gpt2, or a local directory")
+    q.add_argument("--task", default="addition")
+    q.add_argument("--steps", help="gradient steps (SFT) or rollout batches (RL), e.g. 200, 2k")
+    q.add_argument("--seed", type=int)
+    q.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a setting")
+    q.add_argument("--name", help="run name (default: <algo>-<task>-s<seed>)")
+    q.add_argument("--runs-dir", default="runs")
+    q.add_argument("--no-progress", action="store_true")
+
+
+def run_llm_command(args: argparse.Namespace) -> int:
+    from policylab.config import parse_set_args
+    from policylab.llm.tasks import TASKS
+
+    if args.llm_command == "tasks":
+        for task in TASKS.values():
+            print(f"{task.name:<12} {task.summary}")
+        return 0
+    if args.llm_command == "eval":
+        from policylab.llm.trainer import evaluate_llm
+
+        result = evaluate_llm(args.model, args.task, args.k, args.seed)
+        print(json.dumps(result) if args.json else ", ".join(f"{k} {v:.3f}" for k, v in result.items()))
+        return 0
+    from policylab.config import parse_count
+    from policylab.llm.trainer import train_llm
+
+    overrides: dict = {"model": args.model, "task": args.task, **parse_set_args(args.set)}
+    if args.steps is not None:
+        overrides["steps"] = parse_count(args.steps)
+    if args.seed is not None:
+        overrides["seed"] = args.seed
+    if getattr(args, "group_size", None) is not None:
+        overrides["group_size"] = args.group_size
+    algo = "sft" if args.llm_command == "sft" else args.algo
+    train_llm(algo, overrides, args.runs_dir, args.name, verbose=False if args.no_progress else None)
+    return 0

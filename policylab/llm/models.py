@@ -1,0 +1,77 @@
+"""Models: tiny ones built from a config (no weights are downloaded), or any local Hugging Face causal LM."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from policylab.llm import LLMError, require_llm
+from policylab.llm.tasks import char_tokenizer
+
+TINY_MODELS: dict[str, dict[str, Any]] = {
+    "tiny-llama": {
+        "architecture": "llama",
+        "hidden_size": 64,
+        "intermediate_size": 192,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 4,
+    },
+    "small-llama": {
+        "architecture": "llama",
+        "hidden_size": 128,
+        "intermediate_size": 384,
+        "num_hidden_layers": 4,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 4,
+    },
+    "tiny-gpt2": {"architecture": "gpt2", "n_embd": 64, "n_layer": 2, "n_head": 4},
+}
+"""Randomly initialized models with the character tokenizer of the built-in tasks (~0.1M / 0.8M parameters)."""
+
+
+def build_tiny_model(name: str, tokenizer: Any, seed: int = 0, max_positions: int = 64) -> Any:
+    """A randomly initialized causal LM from TINY_MODELS, sized to `tokenizer`'s vocabulary."""
+    require_llm()
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+    values = dict(TINY_MODELS[name])
+    ids = {
+        "bos_token_id": tokenizer.bos_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+        "pad_token_id": tokenizer.pad_token_id,
+    }
+    torch.manual_seed(seed)
+    if values.pop("architecture") == "gpt2":
+        return GPT2LMHeadModel(GPT2Config(vocab_size=len(tokenizer), n_positions=max_positions, **values, **ids))
+    llama = LlamaConfig(
+        vocab_size=len(tokenizer), max_position_embeddings=max_positions, tie_word_embeddings=True, **values, **ids
+    )
+    return LlamaForCausalLM(llama)
+
+
+def load_model(source: str | Path, seed: int = 0) -> tuple[Any, Any]:
+    """(model, tokenizer) from a TINY_MODELS name (random weights, character tokenizer) or a local directory
+    written by `save_pretrained` (a policylab run's `model/`, or any Hugging Face causal LM)."""
+    require_llm()
+    name = str(source)
+    if name in TINY_MODELS:
+        tokenizer = char_tokenizer()
+        return build_tiny_model(name, tokenizer, seed), tokenizer
+    path = Path(name)
+    if (path / "model" / "config.json").is_file():  # a run directory
+        path = path / "model"
+    if not (path / "config.json").is_file():
+        raise LLMError(
+            f"no model at {name}: it is neither a built-in tiny model nor a directory with a config.json "
+            "(models cannot be downloaded here)",
+            f"use one of {', '.join(TINY_MODELS)}, a run directory, or a local save_pretrained directory",
+        )
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return AutoModelForCausalLM.from_pretrained(path, use_safetensors=True), tokenizer

@@ -1,0 +1,126 @@
+"""Built-in tasks that show learning on a CPU in minutes: prompts and answers generated from a seed, a
+character-level tokenizer (a real `PreTrainedTokenizerFast` built with the `tokenizers` library) and the
+task's verifiable reward.
+
+    addition:   "37+85=" -> "122", "07+05=" -> "012"   (reward 1 for the exact answer, else 0)
+    countdown:  "3,7,9>30:" -> "3*7+9"            (reward 1 if the expression uses each number once and hits
+                                                   the target, 0.1 for a well-formed expression, else 0)
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from policylab.errors import ConfigError, suggest
+
+PAD, BOS, EOS = "<pad>", "<bos>", "<eos>"
+CHARACTERS = "0123456789+-*/=,>:() "
+
+
+@dataclass(frozen=True)
+class Task:
+    name: str
+    summary: str
+    make: Callable[[int, int], list[dict[str, str]]]
+    """(n, seed) -> rows {"prompt", "answer"}, the same rows for the same seed."""
+    reward: Callable[..., list[float]]
+    """(prompts, completions, **rows) -> one float per completion."""
+    max_new_tokens: int
+
+
+def addition_rows(n: int, seed: int, digits: int = 2) -> list[dict[str, str]]:
+    """Fixed-width rows, "07+85=" -> "092": every prompt and answer has the same length, so that a tiny model
+    spends its capacity on the arithmetic (the carries), not on where the digits are."""
+    rng = np.random.default_rng(seed)
+    a, b = rng.integers(0, 10**digits, size=(2, n))
+    width = digits + 1
+    return [
+        {"prompt": f"{x:0{digits}d}+{y:0{digits}d}=", "answer": f"{x + y:0{width}d}"}
+        for x, y in zip(a.tolist(), b.tolist())
+    ]
+
+
+def exact_match(prompts: list[str], completions: list[str], answer: list[str], **_: Any) -> list[float]:
+    """1.0 where the completion (stripped) is the answer, else 0.0."""
+    return [float(c.strip() == str(a).strip()) for c, a in zip(completions, answer)]
+
+
+def countdown_rows(n: int, seed: int, count: int = 3) -> list[dict[str, str]]:
+    """Targets reachable with +, -, * from `count` numbers in 1..9 (each used once, left to right)."""
+    rng = np.random.default_rng(seed)
+    rows: list[dict[str, str]] = []
+    while len(rows) < n:
+        numbers = rng.integers(1, 10, size=count).tolist()
+        ops = rng.choice(["+", "-", "*"], size=count - 1).tolist()
+        expression = str(numbers[0]) + "".join(op + str(x) for op, x in zip(ops, numbers[1:]))
+        target = _evaluate(expression)
+        if target is None or target < 0:
+            continue
+        rows.append({"prompt": f"{','.join(map(str, numbers))}>{target}:", "answer": expression})
+    return rows
+
+
+_EXPRESSION = re.compile(r"^[0-9+\-*()]+$")
+
+
+def _evaluate(expression: str) -> int | None:
+    """The value of an expression of digits, + - * and parentheses, or None if it is not one."""
+    if not _EXPRESSION.fullmatch(expression) or "**" in expression:  # no powers: 9**9**9 would not finish
+        return None
+    try:
+        value = eval(expression, {"__builtins__": {}}, {})  # noqa: S307 - only digits, + - * ( ) reach here
+    except (SyntaxError, ZeroDivisionError, TypeError):
+        return None
+    return value if isinstance(value, int) else None
+
+
+def countdown_reward(prompts: list[str], completions: list[str], **_: Any) -> list[float]:
+    """1.0 if the completion uses the prompt's numbers once each and evaluates to the target; 0.1 for any other
+    well-formed expression; 0.0 otherwise."""
+    rewards = []
+    for prompt, completion in zip(prompts, completions):
+        numbers_text, _sep, target_text = prompt.rstrip(":").partition(">")
+        expression = completion.strip()
+        value = _evaluate(expression)
+        if value is None:
+            rewards.append(0.0)
+            continue
+        used = sorted(re.findall(r"\d+", expression))
+        wanted = sorted(numbers_text.split(","))
+        rewards.append(1.0 if used == wanted and str(value) == target_text else 0.1)
+    return rewards
+
+
+TASKS: dict[str, Task] = {
+    "addition": Task("addition", "two 2-digit numbers: 37+85= -> 122, 07+05= -> 012", addition_rows, exact_match, 4),
+    "countdown": Task(
+        "countdown", "reach the target with each number once: 3,7,9>30: -> 3*7+9", countdown_rows, countdown_reward, 8
+    ),
+}
+
+
+def get_task(name: str) -> Task:
+    if name not in TASKS:
+        raise ConfigError(f"unknown task {name!r}.{suggest(name, TASKS)}", f"choose one of: {', '.join(TASKS)}")
+    return TASKS[name]
+
+
+def char_tokenizer(characters: str = CHARACTERS) -> Any:
+    """A character-level `PreTrainedTokenizerFast`: one token per character, <pad>=0, <bos>=1, <eos>=2, left
+    padding (what batched generation needs); `save_pretrained` writes it beside the model."""
+    from tokenizers import Regex, Tokenizer, decoders, pre_tokenizers
+    from tokenizers.models import WordLevel
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {PAD: 0, BOS: 1, EOS: 2, **{c: i + 3 for i, c in enumerate(dict.fromkeys(characters))}}
+    tokenizer = Tokenizer(WordLevel(vocab, unk_token=PAD))
+    tokenizer.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    tokenizer.decoder = decoders.Fuse()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, pad_token=PAD, bos_token=BOS, eos_token=EOS, padding_side="left"
+    )
