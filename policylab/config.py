@@ -14,13 +14,16 @@ import types
 import typing
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, ClassVar, TypeVar
+from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
 import yaml
 
 from policylab.errors import ConfigError, suggest
 
-C = TypeVar("C")  # a config dataclass (CommonConfig subclasses, the LLM config)
+if TYPE_CHECKING:
+    from _typeshed import DataclassInstance
+
+C = TypeVar("C", bound="DataclassInstance")  # a config dataclass (CommonConfig subclasses, the LLM config)
 
 _SUFFIXES = {"k": 1_000, "m": 1_000_000, "g": 1_000_000_000}
 AUTO_THREADS = "auto"

@@ -169,12 +169,17 @@ def test_aggregation_modes_1d_are_step_means(mode):
 
 
 def test_aggregation_unknown_mode_lists_choices():
-    assert AGGREGATIONS.names() == ["seq-mean-token-mean", "seq-mean-token-sum", "token-mean"]
+    assert AGGREGATIONS.names() == [
+        "seq-mean-token-mean",
+        "seq-mean-token-sum",
+        "seq-mean-token-sum-norm",
+        "token-mean",
+    ]
     with pytest.raises(ConfigError) as info:
         aggregate(t([1.0]), None, "token_mean")
     msg = str(info.value)
     assert "token_mean" in msg
-    assert "seq-mean-token-mean, seq-mean-token-sum, token-mean" in msg
+    assert "seq-mean-token-mean, seq-mean-token-sum, seq-mean-token-sum-norm, token-mean" in msg
     assert "Did you mean: token-mean" in msg
 
 

@@ -12,10 +12,11 @@ def add_llm_parser(sub: argparse._SubParsersAction) -> None:
     llm_sub.add_parser("tasks", help="the built-in tasks (they run on a CPU in minutes)")
     q = llm_sub.add_parser("sft", help="supervised fine-tuning on a task's answers")
     _common(q)
-    q = llm_sub.add_parser("train", help="RL on a task's reward: grpo, dr_grpo, dapo, rloo, reinforce++")
-    q.add_argument("algo", help="grpo, dr_grpo, dapo, rloo or reinforce++")
+    q = llm_sub.add_parser("train", help="RL on a task's reward (GRPO family, PPO, DPO, online DPO)")
+    q.add_argument("algo", help="grpo, dr_grpo, dapo, gspo, cispo, sapo, rloo, reinforce++, ppo, dpo or online_dpo")
     _common(q)
     q.add_argument("--group-size", type=int, help="completions sampled per prompt (default 8)")
+    q.add_argument("--expert", help="a JSONL file of {prompt, completion} rows for --set mix=chord")
     q = llm_sub.add_parser("eval", help="greedy exact-match accuracy (and pass@k) of a model or run")
     q.add_argument("model", help="run directory, save_pretrained directory, or a built-in tiny model")
     q.add_argument("--task", default="addition")
@@ -28,12 +29,17 @@ def add_llm_parser(sub: argparse._SubParsersAction) -> None:
 def _common(q: argparse.ArgumentParser) -> None:
     q.add_argument("--model", default="tiny-llama", help="tiny-llama, small-llama, tiny-gpt2, or a local directory")
     q.add_argument("--task", default="addition")
+    q.add_argument("--prompts", help='a JSONL file of {"prompt": ...} rows instead of the task\'s')
+    q.add_argument(
+        "--reward", action="append", default=[], help="name, module:function, or either =weight; repeatable (summed)"
+    )
     q.add_argument("--steps", help="gradient steps (SFT) or rollout batches (RL), e.g. 200, 2k")
     q.add_argument("--seed", type=int)
     q.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a setting")
     q.add_argument("--name", help="run name (default: <algo>-<task>-s<seed>)")
     q.add_argument("--runs-dir", default="runs")
     q.add_argument("--no-progress", action="store_true")
+    q.add_argument("--resume", help="continue this run directory from its latest checkpoint (its own settings)")
 
 
 def run_llm_command(args: argparse.Namespace) -> int:
@@ -58,8 +64,18 @@ def run_llm_command(args: argparse.Namespace) -> int:
         overrides["steps"] = parse_count(args.steps)
     if args.seed is not None:
         overrides["seed"] = args.seed
+    if args.prompts is not None:
+        overrides["prompts"] = args.prompts
+    if args.reward:
+        overrides["rewards"] = args.reward
+    if getattr(args, "expert", None) is not None:
+        overrides["expert"] = args.expert
     if getattr(args, "group_size", None) is not None:
         overrides["group_size"] = args.group_size
     algo = "sft" if args.llm_command == "sft" else args.algo
-    train_llm(algo, overrides, args.runs_dir, args.name, verbose=False if args.no_progress else None)
+    verbose = False if args.no_progress else None
+    if args.resume:
+        train_llm(resume=args.resume, verbose=verbose)
+    else:
+        train_llm(algo, overrides, args.runs_dir, args.name, verbose=verbose)
     return 0

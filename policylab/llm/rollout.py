@@ -11,7 +11,7 @@ log-probs of training are the same quantity, so their ratio at the same weights 
 from __future__ import annotations
 
 import inspect
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -25,6 +25,8 @@ class Rollout:
     completion_ids: Tensor  # [N, T], pad after the end
     completion_mask: Tensor  # [N, T], 1 on generated tokens up to and including EOS
     logprobs: Tensor  # [N, T], behaviour log-probs (0 where the mask is 0)
+    off_policy: Tensor | None = None  # [N] bool: completions not sampled from the policy (LUFFY's expert ones)
+    rows: list[dict[str, Any]] | None = None  # the data rows of the prompts (what rewards read)
 
     def __len__(self) -> int:
         return int(self.prompt_ids.shape[0])
@@ -32,6 +34,47 @@ class Rollout:
     @property
     def num_tokens(self) -> int:
         return int(self.completion_mask.sum())
+
+    def select(self, rows: Tensor) -> Rollout:
+        """The rows given by an index or boolean mask."""
+        index = rows.nonzero().squeeze(-1) if rows.dtype == torch.bool else rows
+        return Rollout(
+            self.prompt_ids[index],
+            self.prompt_mask[index],
+            self.completion_ids[index],
+            self.completion_mask[index],
+            self.logprobs[index],
+            None if self.off_policy is None else self.off_policy[index],
+            None if self.rows is None else [self.rows[i] for i in index.tolist()],
+        )
+
+    def with_mask(self, completion_mask: Tensor) -> Rollout:
+        """The same tokens with fewer of them in the loss (log-probs zeroed outside the mask)."""
+        return replace(self, completion_mask=completion_mask, logprobs=self.logprobs * completion_mask)
+
+
+def concat_rollouts(rollouts: list[Rollout], pad_token_id: int) -> Rollout:
+    """Rows of several rollouts as one (prompts re-padded on the left to the widest, completions on the right)."""
+
+    def left(x: Tensor, width: int, value: int) -> Tensor:
+        return torch.nn.functional.pad(x, (width - x.shape[1], 0), value=value)
+
+    def right(x: Tensor, width: int, value: float) -> Tensor:
+        return torch.nn.functional.pad(x, (0, width - x.shape[1]), value=value)
+
+    p = max(r.prompt_ids.shape[1] for r in rollouts)
+    t = max(r.completion_ids.shape[1] for r in rollouts)
+    return Rollout(
+        torch.cat([left(r.prompt_ids, p, pad_token_id) for r in rollouts]),
+        torch.cat([left(r.prompt_mask.long(), p, 0) for r in rollouts]),
+        torch.cat([right(r.completion_ids, t, pad_token_id) for r in rollouts]),
+        torch.cat([right(r.completion_mask.long(), t, 0) for r in rollouts]).bool(),
+        torch.cat([right(r.logprobs, t, 0.0) for r in rollouts]),
+        None
+        if any(r.off_policy is None for r in rollouts)
+        else torch.cat([r.off_policy for r in rollouts if r.off_policy is not None]),
+        None if any(r.rows is None for r in rollouts) else [row for r in rollouts for row in r.rows or []],
+    )
 
 
 def positions(mask: Tensor) -> Tensor:
@@ -116,13 +159,21 @@ def token_logprobs(
     completion_ids: Tensor,
     completion_mask: Tensor,
     temperature: float = 1.0,
+    hidden: list[Tensor] | None = None,
 ) -> tuple[Tensor, Tensor]:
     """(log-probs [N, T] of the completion tokens under softmax(logits / temperature), the entropy [N, T] of that
-    distribution) in one forward pass over prompt + completion (with gradients, for training)."""
+    distribution) in one forward pass over prompt + completion (with gradients, for training). With `hidden` (a
+    list), the last layer's states at the positions that predict the completion tokens, [N, T, H], are appended
+    to it (what a value head reads: the state before each token)."""
     ids = torch.cat([prompt_ids, completion_ids], -1)
     mask = torch.cat([prompt_mask.long(), completion_mask.long()], -1)
-    logits = model(input_ids=ids, attention_mask=mask, position_ids=positions(mask)).logits
-    logits = logits[:, prompt_ids.shape[1] - 1 : -1].float() / temperature
+    out = model(
+        input_ids=ids, attention_mask=mask, position_ids=positions(mask), output_hidden_states=hidden is not None
+    )
+    start = prompt_ids.shape[1] - 1
+    if hidden is not None:
+        hidden.append(out.hidden_states[-1][:, start:-1])
+    logits = out.logits[:, start:-1].float() / temperature
     log_probs = torch.log_softmax(logits, -1)
     chosen = log_probs.gather(-1, completion_ids[..., None]).squeeze(-1)
     entropy = -(log_probs.exp() * log_probs).sum(-1)
@@ -142,7 +193,7 @@ def cut_at_stop(rollout: Rollout, tokenizer: Any, stop: list[str]) -> Rollout:
                 mask[row, end:] = False
                 break
     ids = torch.where(mask, rollout.completion_ids, rollout.completion_ids.new_tensor(tokenizer.pad_token_id))
-    return Rollout(rollout.prompt_ids, rollout.prompt_mask, ids, mask, rollout.logprobs * mask)
+    return replace(rollout, completion_ids=ids, completion_mask=mask, logprobs=rollout.logprobs * mask)
 
 
 def decode(tokenizer: Any, rollout: Rollout) -> list[str]:

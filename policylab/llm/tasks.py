@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from policylab.errors import ConfigError, suggest
+from policylab.llm.rewards import exact_match
 
 PAD, BOS, EOS = "<pad>", "<bos>", "<eos>"
 CHARACTERS = "0123456789+-*/=,>:() "
@@ -26,7 +27,7 @@ CHARACTERS = "0123456789+-*/=,>:() "
 class Task:
     name: str
     summary: str
-    make: Callable[[int, int], list[dict[str, str]]]
+    make: Callable[[int, int], list[dict[str, Any]]]
     """(n, seed) -> rows {"prompt", "answer"}, the same rows for the same seed."""
     reward: Callable[..., list[float]]
     """(prompts, completions, **rows) -> one float per completion."""
@@ -43,11 +44,6 @@ def addition_rows(n: int, seed: int, digits: int = 2) -> list[dict[str, str]]:
         {"prompt": f"{x:0{digits}d}+{y:0{digits}d}=", "answer": f"{x + y:0{width}d}"}
         for x, y in zip(a.tolist(), b.tolist())
     ]
-
-
-def exact_match(prompts: list[str], completions: list[str], answer: list[str], **_: Any) -> list[float]:
-    """1.0 where the completion (stripped) is the answer, else 0.0."""
-    return [float(c.strip() == str(a).strip()) for c, a in zip(completions, answer)]
 
 
 def countdown_rows(n: int, seed: int, count: int = 3) -> list[dict[str, str]]:
@@ -98,6 +94,13 @@ def countdown_reward(prompts: list[str], completions: list[str], **_: Any) -> li
 
 TASKS: dict[str, Task] = {
     "addition": Task("addition", "two 2-digit numbers: 37+85= -> 122, 07+05= -> 012", addition_rows, exact_match, 4),
+    "small-addition": Task(
+        "small-addition",
+        "two 1-digit numbers: 3+5= -> 08 (learnable from scratch in a minute)",
+        lambda n, seed: addition_rows(n, seed, digits=1),
+        exact_match,
+        3,
+    ),
     "countdown": Task(
         "countdown", "reach the target with each number once: 3,7,9>30: -> 3*7+9", countdown_rows, countdown_reward, 8
     ),

@@ -4,23 +4,33 @@ objectives as the control side.
 SFT: mean over answer tokens (and EOS) of -log pi(token | prompt, previous tokens).
 RL, per step: `batch_size` prompts, `group_size` sampled completions each (rollout.generate), rewards from the
 task's reward function, sequence advantages from objectives.advantages.GROUP_ADVANTAGES, then
-`updates_per_batch` gradient steps on objectives.policy.pg_surrogate at token level (ratio to the behaviour
-log-probs, clipped at 1 - clip_low / 1 + clip_high), reduced by the aggregation mode, plus kl_coef times a
-k1/k2/k3 KL estimate to the initial model and minus entropy_coef times the entropy.
+`updates_per_batch` gradient steps on the policy loss (`loss`: "ppo", objectives.policy.pg_surrogate at token
+level, the ratio to the behaviour log-probs clipped at 1 - clip_low / 1 + clip_high; "gspo", the same at
+sequence level; "cispo", REINFORCE with a clipped, constant IS weight), reduced by the aggregation mode, plus
+kl_coef times a k1/k2/k3 KL estimate to the initial model and minus entropy_coef times the entropy. With
+`mix=chord`, (1 - mu) times that plus mu times the negative log-likelihood of expert completions
+(objectives.imitation.mixed_policy_loss: the function the control side's PPO-with-demonstrations uses).
 
-    algo          advantage     aggregation (default)       other defaults
+    algo          advantage     aggregation                 other defaults (paper)
     grpo          grpo          seq-mean-token-mean         (Shao et al. 2024)
     dr_grpo       dr_grpo       seq-mean-token-sum-norm     (Liu et al. 2025)
-    dapo          grpo          token-mean                  clip_high 0.28 (Yu et al. 2025; no dynamic sampling yet)
+    dapo          grpo          token-mean                  clip_high 0.28, dynamic_sampling (Yu et al. 2025)
+    gspo          grpo          (per sequence)              loss gspo, clip 3e-4 / 4e-4 (Zheng et al. 2025)
+    cispo         grpo          token-mean                  loss cispo, no lower clip, clip_high 0.28 (MiniMax 2025)
+    sapo          grpo          token-mean                  loss sapo, soft gate tau 1.0 / 1.05 (Gao et al. 2025)
     rloo          rloo          seq-mean-token-mean         (Ahmadian et al. 2024)
     reinforce++   reinforce++   token-mean                  (Hu et al. 2025)
+    ppo           GAE over tokens with a value head (gamma 1, lambda 0.95), token-mean, one sample per prompt
+    dpo           DPO's sigmoid loss on (chosen, rejected) pairs, beta 0.1 (Rafailov et al. 2023)
+    online_dpo    DPO on the best and worst of `group_size` own samples by reward (Guo et al. 2024)
 """
 
 from __future__ import annotations
 
 import copy
 import time
-from dataclasses import asdict, dataclass
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -28,26 +38,58 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from policylab.checkpoint import (
+    atomic_write_text,
+    load_checkpoint,
+    load_module_state,
+    optimizer_from_flat,
+    optimizer_to_flat,
+    prefixed,
+    save_checkpoint,
+    unprefixed,
+)
 from policylab.config import apply_values
 from policylab.errors import ConfigError, suggest
 from policylab.llm import LLMError, require_llm
 from policylab.llm.models import load_model
-from policylab.llm.rollout import Rollout, decode, generate, token_logprobs
+from policylab.llm.rewards import checked_call, combine_rewards, load_prompts
+from policylab.llm.rollout import Rollout, concat_rollouts, decode, generate, token_logprobs
 from policylab.llm.tasks import Task, get_task
 from policylab.logging import CONFIG_YAML, Progress, RunLog, new_run_dir
-from policylab.objectives.advantages import GROUP_ADVANTAGES
+from policylab.objectives.advantages import GROUP_ADVANTAGES, gae
 from policylab.objectives.aggregation import aggregate
-from policylab.objectives.policy import kl_penalty, pg_surrogate
+from policylab.objectives.imitation import imitation_weights, mixed_policy_loss, parse_schedule
+from policylab.objectives.policy import (
+    cispo_loss,
+    gspo_surrogate,
+    kl_penalty,
+    pg_surrogate,
+    pg_token_losses,
+    policy_shaping_loss,
+    sapo_loss,
+    surrogate_metrics,
+)
+from policylab.objectives.preference import dpo_loss
+from policylab.objectives.value import value_loss
 from policylab.optim import Adam
 
-RL_ALGOS: dict[str, dict[str, Any]] = {
-    "grpo": {"advantage": "grpo", "aggregation": "seq-mean-token-mean"},
+ALGO_DEFAULTS: dict[str, dict[str, Any]] = {
+    "sft": {"lr": 3e-3},
+    "grpo": {},
     "dr_grpo": {"advantage": "dr_grpo", "aggregation": "seq-mean-token-sum-norm"},
-    "dapo": {"advantage": "grpo", "aggregation": "token-mean", "clip_high": 0.28},
-    "rloo": {"advantage": "rloo", "aggregation": "seq-mean-token-mean"},
+    "dapo": {"aggregation": "token-mean", "clip_high": 0.28, "dynamic_sampling": True},
+    "gspo": {"loss": "gspo", "clip_low": 3e-4, "clip_high": 4e-4},
+    "cispo": {"loss": "cispo", "aggregation": "token-mean", "clip_low": None, "clip_high": 0.28},
+    "sapo": {"loss": "sapo", "aggregation": "token-mean"},
+    "rloo": {"advantage": "rloo"},
     "reinforce++": {"advantage": "reinforce++", "aggregation": "token-mean"},
+    "ppo": {"group_size": 1, "batch_size": 64, "aggregation": "token-mean", "updates_per_batch": 2},
+    "dpo": {"lr": 1e-4},
+    "online_dpo": {"group_size": 4, "lr": 1e-4},
 }
-ALGOS = ("sft", *RL_ALGOS)
+"""Each algorithm is GRPO's config with these values (the table in the module docstring)."""
+ALGOS = tuple(ALGO_DEFAULTS)
+LOSSES = ("ppo", "gspo", "cispo", "sapo")
 
 
 @dataclass
@@ -58,8 +100,9 @@ class LLMConfig:
     task: str = "addition"
     steps: int = 200
     seed: int = 0
-    lr: float | None = None
-    """None: 3e-3 for SFT, 3e-4 for RL (the tiny models of the built-in tasks; RL at 2e-3 collapsed there)."""
+    lr: float = 3e-4
+    """3e-3 for SFT, 1e-4 for DPO and online DPO (at 1e-3 DPO collapsed the tiny models of the built-in tasks;
+    RL at 2e-3 did too)."""
     batch_size: int = 16
     """Prompts per step (SFT: examples per step)."""
     group_size: int = 8
@@ -68,34 +111,96 @@ class LLMConfig:
     """None: the task's."""
     temperature: float = 1.0
     top_p: float = 1.0
+    advantage: str = "grpo"
+    """A GROUP_ADVANTAGES name: grpo, dr_grpo, rloo, reinforce++."""
+    loss: str = "ppo"
+    """ppo (token-level clipped surrogate), gspo (sequence-level), cispo (clipped constant IS weight), sapo (a
+    soft sigmoid gate on the ratio instead of a clip)."""
+    tau_pos: float = 1.0
+    tau_neg: float = 1.05
+    """SAPO's gate temperatures for positive and negative advantages."""
+    aggregation: str = "seq-mean-token-mean"
     updates_per_batch: int = 1
     """Gradient steps per rollout batch (> 1: later steps see stale rollouts, corrected by the clipped ratio)."""
     clip_low: float | None = 0.2
     clip_high: float | None = None
     """None: clip_low (symmetric); DAPO's clip-higher uses 0.28."""
     dual_clip: float | None = None
-    aggregation: str | None = None
-    """None: the algorithm's (table in the module docstring)."""
-    advantage: str | None = None
-    """None: the algorithm's."""
     kl_coef: float = 0.0
     """Weight of the KL to the initial model (its copy is kept only when this is non-zero)."""
     kl_estimator: str = "k3"
     entropy_coef: float = 0.0
     max_grad_norm: float | None = 1.0
+    dynamic_sampling: bool = False
+    """DAPO: drop groups whose rewards are all equal (no signal) and sample more prompts, up to
+    `max_sampling_rounds` generations per step, so the step has `batch_size` informative groups if it can."""
+    max_sampling_rounds: int = 4
+    overlong_filter: bool = False
+    """DAPO: completions cut by max_new_tokens (no EOS) leave the loss."""
+    overlong_buffer: int = 0
+    """DAPO's soft overlong punishment: a completion longer than max_new_tokens - overlong_buffer loses up to
+    `overlong_penalty` reward, linearly over the buffer (0: off)."""
+    overlong_penalty: float = 1.0
+    mix: str = "none"
+    """chord: SFT on expert completions mixed into the RL loss (CHORD, Zhang et al. 2025); luffy: one expert
+    completion in every group, trained with policy shaping instead of a clipped ratio (LUFFY, Yan et al.
+    2025); none."""
+    shaping_gamma: float = 0.1
+    """LUFFY's policy shaping f(p) = p / (p + gamma) on the expert's tokens."""
+    mix_weight: str = "cosine:0.5->0.02"
+    """mu's schedule over the run (objectives.imitation.parse_schedule)."""
+    mix_phi: bool = False
+    """CHORD-phi: weight each expert token by p (1 - p), p its probability under the policy."""
+    expert: str | None = None
+    """A JSONL file of expert rows ({"prompt", "completion"}) for `mix`; None: the training rows (the task's
+    answers)."""
+    expert_batch_size: int | None = None
+    """Expert completions per step (None: batch_size). The expert completion of a row is its `completion`
+    field, else its `answer`."""
+    beta: float = 0.1
+    """DPO / online DPO: the inverse temperature of the implicit reward beta log(pi / pi_ref)."""
+    label_smoothing: float = 0.0
+    """DPO: the assumed share of flipped labels (conservative DPO); 0: plain DPO."""
+    pairs: str | None = None
+    """DPO: a JSONL file of {"prompt", "chosen", "rejected"} rows; None: the task's answers as chosen and each
+    with one character changed as rejected."""
+    vf_coef: float = 0.5
+    """PPO: weight of the value loss (a linear value head on the policy's last hidden state)."""
+    gamma: float = 1.0
+    gae_lambda: float = 0.95
+    micro_batch_size: int | None = None
+    """Completions per forward/backward pass; the gradients of the micro-batches add up to the full batch's
+    (the same update, less memory). None: the whole batch at once."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in the backward pass instead of storing them (transformers' own; less memory)."""
+    lora_rank: int = 0
+    """> 0: train LoRA adapters of this rank on every linear layer (peft) instead of all weights; the saved model
+    has them merged in."""
+    lora_alpha: int = 16
     eval_every: int = 50
     eval_size: int = 200
     train_size: int = 20_000
     """Rows of the task generated for training (the evaluation rows come from another seed)."""
+    prompts: str | None = None
+    """A JSONL file of {"prompt": ..., other fields} rows instead of the task's; the last eval_size rows (at most
+    a fifth of the file) are held out for evaluation."""
+    rewards: list[str] = field(default_factory=list)
+    """Reward functions, each `name`, `module:function` or either with `=weight`, summed; empty: the task's
+    (exact_match with a prompts file)."""
     threads: int = 1
 
     def validate(self) -> None:
         if self.algo not in ALGOS:
             raise ConfigError(f"unknown algorithm {self.algo!r}.{suggest(self.algo, ALGOS)}", f"one of {ALGOS}")
+        if self.micro_batch_size is not None and self.micro_batch_size <= 0:
+            raise ConfigError(f"micro_batch_size={self.micro_batch_size} must be > 0", "set it to e.g. 16, or drop it")
+        if self.lora_rank < 0:
+            raise ConfigError(f"lora_rank={self.lora_rank} must be >= 0", "set it to e.g. 8 (0: no LoRA)")
         for name in ("steps", "batch_size", "group_size", "updates_per_batch", "eval_size", "train_size"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name}={getattr(self, name)} must be > 0", f"set {name} to a positive value")
-        if self.algo in ("rloo", "grpo", "dr_grpo", "dapo") and self.group_size < 2:
+        grouped = self.algo not in ("sft", "ppo", "dpo") and self.advantage in ("rloo", "grpo", "dr_grpo")
+        if (grouped or self.algo == "online_dpo") and self.group_size < 2:
             raise ConfigError(f"{self.algo} compares completions within a group", "set group_size to 2 or more")
         if self.temperature <= 0 or not 0 < self.top_p <= 1:
             raise ConfigError(
@@ -104,25 +209,31 @@ class LLMConfig:
             )
         if self.kl_estimator not in ("k1", "k2", "k3"):
             raise ConfigError(f"kl_estimator={self.kl_estimator!r}", "choose k1, k2 or k3")
-        if self.algo != "sft":
-            GROUP_ADVANTAGES.get(self.resolved("advantage"))  # unknown names: one clear error each
-            aggregate(torch.zeros(1, 1), None, self.resolved("aggregation"))
-
-    def resolved(self, name: str) -> Any:
-        """A field's value, or the algorithm's default where it is None."""
-        value = getattr(self, name)
-        return RL_ALGOS.get(self.algo, {}).get(name) if value is None else value
+        if self.loss not in LOSSES:
+            raise ConfigError(f"loss={self.loss!r}.{suggest(self.loss, LOSSES)}", f"choose one of: {', '.join(LOSSES)}")
+        if self.mix not in ("none", "chord", "luffy"):
+            raise ConfigError(f"mix={self.mix!r}", "choose none, chord or luffy")
+        if self.mix == "luffy" and (self.loss != "ppo" or self.group_size < 2 or self.algo in ("ppo", "dpo")):
+            raise ConfigError(
+                "mix=luffy puts an expert completion into each group of a group-advantage algorithm",
+                "use it with grpo / dr_grpo / dapo / rloo / reinforce++ and group_size >= 2",
+            )
+        if self.loss == "gspo" and (self.clip_low is None or self.clip_high is None):
+            raise ConfigError("gspo clips the sequence ratio on both sides", "set clip_low and clip_high")
+        GROUP_ADVANTAGES.get(self.advantage)  # unknown names: one clear error each
+        aggregate(torch.zeros(1, 1), None, self.aggregation)
+        try:
+            parse_schedule(self.mix_weight)
+        except ConfigError as exc:
+            raise ConfigError(f"mix_weight: {exc.problem}", exc.fix) from None
 
 
 def make_config(algo: str, overrides: dict[str, Any] | None = None) -> LLMConfig:
     """The algorithm's config with `overrides` (values or --set strings, checked against the field types)."""
     if algo not in ALGOS:
         raise ConfigError(f"unknown algorithm {algo!r}.{suggest(algo, ALGOS)}", f"choose one of: {', '.join(ALGOS)}")
-    cfg = apply_values(LLMConfig(algo=algo), dict(overrides or {}), "the settings")
-    if cfg.clip_high is None and "clip_high" in RL_ALGOS.get(algo, {}):
-        cfg.clip_high = RL_ALGOS[algo]["clip_high"]
-    if cfg.lr is None:
-        cfg.lr = 3e-3 if algo == "sft" else 3e-4
+    cfg = apply_values(LLMConfig(algo=algo), ALGO_DEFAULTS[algo], f"the {algo} defaults")
+    cfg = apply_values(cfg, dict(overrides or {}), "the settings")
     cfg.validate()
     return cfg
 
@@ -147,33 +258,104 @@ def encode_answers(tokenizer: Any, answers: list[str]) -> tuple[Tensor, Tensor]:
     return out, mask
 
 
-def _columns(rows: list[dict[str, str]]) -> dict[str, list[str]]:
+def _columns(rows: list[dict[str, Any]]) -> dict[str, list[Any]]:
     return {key: [row[key] for row in rows] for key in rows[0]}
 
 
-def call_reward(task: Task, prompts: list[str], completions: list[str], rows: list[dict[str, str]]) -> Tensor:
+def call_reward(task: Task, prompts: list[str], completions: list[str], rows: list[dict[str, Any]]) -> Tensor:
     """The task's rewards as a tensor, with one clear error for a reward function that misbehaves."""
     columns = {k: v for k, v in _columns(rows).items() if k != "prompt"}
-    name = getattr(task.reward, "__name__", "reward")
-    try:
-        values = task.reward(prompts, completions, **columns)
-    except Exception as exc:
-        raise LLMError(f"the reward function {name} raised {type(exc).__name__}: {exc}", "fix the function") from exc
-    if len(values) != len(completions):
-        raise LLMError(
-            f"the reward function {name} returned {len(values)} values for {len(completions)} completions",
-            "return one float per completion",
-        )
-    try:
-        rewards = torch.tensor([float(v) for v in values])
-    except (TypeError, ValueError) as exc:
-        raise LLMError(f"the reward function {name} returned a non-number: {exc}", "return floats") from exc
-    if not torch.isfinite(rewards).all():
-        raise LLMError(f"the reward function {name} returned NaN or inf", "return finite floats")
-    return rewards
+    return torch.tensor(checked_call(task.reward, prompts, completions, columns))
 
 
 # --- the trainer -----------------------------------------------------------------------------------------------
+
+
+def expert_completion(row: dict[str, Any]) -> str:
+    """The expert completion of a row: its `completion`, else its `answer`."""
+    for key in ("completion", "answer"):
+        if isinstance(row.get(key), str):
+            return str(row[key])
+    raise LLMError(
+        f'an expert row has no "completion" (or "answer") string: {str(row)[:80]}',
+        'give every expert row a completion, e.g. {"prompt": "2+2=", "completion": "4"}',
+    )
+
+
+def ended_with_eos(rollout: Rollout, tokenizer: Any) -> Tensor:
+    """[N] whether each completion ended with EOS (rather than at the length limit)."""
+    last = (rollout.completion_mask.sum(-1) - 1).clamp_min(0)
+    return rollout.completion_ids.gather(1, last[:, None]).squeeze(1) == tokenizer.eos_token_id
+
+
+def overlong_penalty(rollout: Rollout, max_new_tokens: int, buffer: int, penalty: float) -> Tensor:
+    """DAPO's soft overlong punishment [N]: 0 up to max_new_tokens - buffer tokens, then falling linearly to
+    -penalty at max_new_tokens (0 everywhere when buffer is 0)."""
+    lengths = rollout.completion_mask.sum(-1).float()
+    if buffer <= 0:
+        return torch.zeros_like(lengths)
+    return -penalty * ((lengths - (max_new_tokens - buffer)) / buffer).clamp(0.0, 1.0)
+
+
+def preference_pair(row: dict[str, Any], rng: np.random.Generator) -> tuple[str, str, str]:
+    """(prompt, chosen, rejected): a pairs row's, or the expert completion against a copy with one character
+    changed (a digit to another digit, anything else to a digit)."""
+    if "chosen" in row or "rejected" in row:
+        if not (isinstance(row.get("chosen"), str) and isinstance(row.get("rejected"), str)):
+            raise LLMError(
+                f'a pairs row needs "chosen" and "rejected" strings: {str(row)[:80]}',
+                "give every row prompt, chosen and rejected",
+            )
+        return row["prompt"], row["chosen"], row["rejected"]
+    chosen = expert_completion(row)
+    if not chosen:
+        raise LLMError(
+            f"an empty expert completion cannot be corrupted into a rejected one: {str(row)[:80]}",
+            "pass pairs with --set pairs=FILE",
+        )
+    i = int(rng.integers(len(chosen)))
+    digits = [d for d in "0123456789" if d != chosen[i]]
+    return row["prompt"], chosen, chosen[:i] + digits[int(rng.integers(len(digits)))] + chosen[i + 1 :]
+
+
+def token_gae(rewards: Tensor, values: Tensor, mask: Tensor, gamma: float, lam: float) -> tuple[Tensor, Tensor]:
+    """GAE over the tokens of each completion (objectives.advantages.gae, time = token): the sequence reward
+    [N] arrives on its last token, which ends the episode. Returns (advantages, returns), [N, T], 0 off the mask."""
+    lengths = mask.sum(-1)
+    last = torch.nn.functional.one_hot((lengths - 1).clamp_min(0), mask.shape[1]).bool() & (lengths > 0)[:, None]
+    token_rewards = last.float() * rewards[:, None]
+    next_values = torch.nn.functional.pad(values[:, 1:], (0, 1)) * mask
+    done = last | ~mask
+    advantages, returns = gae(token_rewards.T, values.T, next_values.T, done.T, done.T, gamma, lam)
+    return advantages.T * mask, returns.T * mask
+
+
+def with_lora(model: Any, rank: int, alpha: int) -> Any:
+    """The model with LoRA adapters (peft) on every linear layer but the output head; only they train."""
+    try:
+        from peft import LoraConfig, get_peft_model
+    except ImportError:
+        raise LLMError("lora_rank needs peft (part of the llm extra)", "pip install 'policylab[llm]'") from None
+    return get_peft_model(model, LoraConfig(r=rank, lora_alpha=alpha, target_modules="all-linear"))
+
+
+def task_of(cfg: LLMConfig) -> Task:
+    """The built-in task, or a prompts file as a task; with `rewards`, their weighted sum as its reward."""
+    if cfg.prompts is None:
+        task = get_task(cfg.task)
+        return task if not cfg.rewards else replace(task, reward=combine_rewards(cfg.rewards))
+    rows = load_prompts(cfg.prompts)
+    reward = combine_rewards(cfg.rewards or ["exact_match"])
+    return Task("prompts", str(cfg.prompts), lambda n, seed: rows, reward, cfg.max_new_tokens or 32)
+
+
+def rows_of(task: Task, cfg: LLMConfig) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """(training rows, evaluation rows): a built-in task's from two seeds; a prompts file's split at its end."""
+    if cfg.prompts is None:
+        return task.make(cfg.train_size, cfg.seed), task.make(cfg.eval_size, 1_000_003 + cfg.seed)
+    rows = task.make(0, cfg.seed)
+    held_out = min(cfg.eval_size, len(rows) // 5)
+    return (rows[:-held_out], rows[-held_out:]) if held_out else (rows, rows)
 
 
 class LLMTrainer:
@@ -181,20 +363,39 @@ class LLMTrainer:
         require_llm()
         torch.set_num_threads(cfg.threads)
         self.cfg = cfg
-        self.task = get_task(cfg.task)
+        self.task = task_of(cfg)
         self.model, self.tokenizer = load_model(cfg.model, cfg.seed)
+        if cfg.gradient_checkpointing:
+            if hasattr(self.model, "activation_checkpointing_enable"):  # its name from transformers 5.2x on
+                self.model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+            else:
+                self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.reference = None
-        if cfg.kl_coef and cfg.algo != "sft":
+        if (cfg.kl_coef and cfg.algo != "sft") or cfg.algo in ("dpo", "online_dpo"):
             self.reference = copy.deepcopy(self.model).eval().requires_grad_(False)
-        self.optimizer = Adam([p for p in self.model.parameters() if p.requires_grad], lr=float(cfg.lr or 0.0))
-        self.train_rows = self.task.make(cfg.train_size, cfg.seed)
-        self.eval_rows = self.task.make(cfg.eval_size, 1_000_003 + cfg.seed)
+        self.value_head: torch.nn.Linear | None = None
+        if cfg.algo == "ppo":
+            self.value_head = torch.nn.Linear(self.model.config.hidden_size, 1)
+            torch.nn.init.zeros_(self.value_head.weight)
+            torch.nn.init.zeros_(self.value_head.bias)
+        if cfg.lora_rank > 0:
+            self.model = with_lora(self.model, cfg.lora_rank, cfg.lora_alpha)
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        params += list(self.value_head.parameters()) if self.value_head is not None else []
+        self.optimizer = Adam(params, lr=cfg.lr)
+        self.train_rows, self.eval_rows = rows_of(self.task, cfg)
+        self.expert_rows = load_prompts(cfg.expert) if cfg.expert else self.train_rows
+        self.pair_rows = load_prompts(cfg.pairs) if cfg.pairs else None
         self.rng = np.random.default_rng(cfg.seed)
+        if self.pair_rows is not None:  # files without the fields fail here, not mid-run
+            preference_pair(self.pair_rows[0], np.random.default_rng(0))
+        if cfg.mix != "none":
+            expert_completion(self.expert_rows[0])
         self.generator = torch.Generator().manual_seed(cfg.seed)
         self.max_new_tokens = cfg.max_new_tokens or self.task.max_new_tokens
         self.step = 0
 
-    def sample_rows(self, n: int) -> list[dict[str, str]]:
+    def sample_rows(self, n: int) -> list[dict[str, Any]]:
         return [self.train_rows[i] for i in self.rng.integers(0, len(self.train_rows), n)]
 
     def rollout(self, rows: list[dict[str, str]], greedy: bool = False) -> tuple[Rollout, list[str]]:
@@ -213,6 +414,7 @@ class LLMTrainer:
             generator=self.generator,
         )
         self.model.train()
+        rollout.rows = rows
         return rollout, decode(self.tokenizer, rollout)
 
     def sft_step(self) -> dict[str, float]:
@@ -226,34 +428,137 @@ class LLMTrainer:
 
     def rl_step(self) -> dict[str, float]:
         cfg = self.cfg
-        rows = [row for row in self.sample_rows(cfg.batch_size) for _ in range(cfg.group_size)]
-        rollout, completions = self.rollout(rows)
-        rewards = call_reward(self.task, [row["prompt"] for row in rows], completions, rows)
-        advantages = GROUP_ADVANTAGES.get(cfg.resolved("advantage"))(rewards, cfg.group_size)
-        mask = rollout.completion_mask
-        metrics: dict[str, float] = {"reward": float(rewards.mean()), "tokens": float(mask.sum())}
+        rollout, rewards, metrics = self.sample_groups()
+        if cfg.mix == "luffy":
+            rollout, rewards = self.with_expert_completions(rollout, rewards)
+        advantages = GROUP_ADVANTAGES.get(cfg.advantage)(rewards, cfg.group_size)
+        if cfg.overlong_filter:  # completions cut by the length limit teach nothing about how to finish
+            rollout = rollout.with_mask(rollout.completion_mask & ended_with_eos(rollout, self.tokenizer)[:, None])
+        mu = parse_schedule(cfg.mix_weight)((self.step - 1) / cfg.steps) if cfg.mix == "chord" else 0.0
         for _ in range(cfg.updates_per_batch):
-            loss, step_metrics = self.policy_loss(rollout, advantages)
-            self._optimize(loss)
-            metrics.update({k: float(v) for k, v in step_metrics.items()}, loss=float(loss.detach()))
+            self.optimizer.zero_grad()
+            step_metrics = self.accumulate(rollout, advantages, scale=1.0 - mu)
+            if cfg.mix == "chord":  # (1 - mu) L_RL above, mu L_imitation here: CHORD's mixed loss, term by term
+                expert_loss, mixed = self.with_expert_term(torch.zeros(()), mu)
+                self._backward(expert_loss)
+                step_metrics.update({k: float(v) for k, v in mixed.items()})
+            self._step()
+            metrics.update(step_metrics)
         return metrics
 
-    def policy_loss(self, rollout: Rollout, advantages: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+    def chunks(self, rollout: Rollout) -> list[Tensor]:
+        """Row indices of the micro-batches (one chunk without micro_batch_size)."""
+        size = self.cfg.micro_batch_size or len(rollout)
+        return list(torch.arange(len(rollout)).split(size))
+
+    def accumulate(
+        self, rollout: Rollout, advantages: Tensor, scale: float = 1.0, values: tuple[Tensor, Tensor] | None = None
+    ) -> dict[str, float]:
+        """Backward of scale x the RL loss (PPO: plus vf_coef x the value loss, `values` = (old values, returns)),
+        one micro-batch at a time. Each chunk's loss is weighted by its share of the full batch's denominator
+        (its tokens for token-mean, its rows for the per-sequence modes), so the gradient is the full batch's."""
+        cfg, mask = self.cfg, rollout.completion_mask
+        by_rows = cfg.loss == "gspo" or cfg.aggregation != "token-mean"
+        totals: dict[str, float] = {}
+        for rows in self.chunks(rollout):
+            part, part_mask = rollout.select(rows), mask[rows]
+            share = len(rows) / len(rollout) if by_rows else float(part_mask.sum() / mask.sum().clamp_min(1))
+            hidden: list[Tensor] | None = [] if values is not None else None
+            loss, metrics = self.policy_loss(part, advantages[rows], hidden)
+            total = scale * share * loss
+            if values is not None and hidden is not None and self.value_head is not None:
+                old_values, returns = values
+                predicted = self.value_head(hidden[0]).squeeze(-1)
+                v_loss = value_loss(predicted, returns[rows], old_values=old_values[rows], clip=0.2, mask=part_mask)
+                total = total + cfg.vf_coef * float(part_mask.sum() / mask.sum().clamp_min(1)) * v_loss
+                metrics["value_loss"] = v_loss.detach()
+            self._backward(total)
+            for key, value in {"loss": loss.detach(), **metrics}.items():
+                totals[key] = totals.get(key, 0.0) + share * float(value)
+        return totals
+
+    def sample_groups(self) -> tuple[Rollout, Tensor, dict[str, float]]:
+        """`batch_size` groups of `group_size` completions and their rewards. With dynamic_sampling (DAPO),
+        groups whose rewards are all equal are dropped and more prompts sampled, for at most
+        `max_sampling_rounds` generations; the step then trains on the informative groups it found."""
+        cfg, size = self.cfg, self.cfg.group_size
+        rounds = cfg.max_sampling_rounds if cfg.dynamic_sampling else 1
+        kept: list[tuple[Rollout, Tensor]] = []
+        found = sampled = 0
+        metrics: dict[str, float] = {}
+        for _ in range(rounds):
+            rows = [row for row in self.sample_rows(cfg.batch_size) for _ in range(size)]
+            rollout, completions = self.rollout(rows)
+            rewards = call_reward(self.task, [row["prompt"] for row in rows], completions, rows)
+            rewards += overlong_penalty(rollout, self.max_new_tokens, cfg.overlong_buffer, cfg.overlong_penalty)
+            sampled += cfg.batch_size
+            metrics.setdefault("reward", float(rewards.mean()))  # the policy's, before any filtering
+            metrics.setdefault("tokens", float(rollout.completion_mask.sum()))
+            if not cfg.dynamic_sampling:
+                return rollout, rewards, metrics
+            informative = rewards.view(-1, size).std(1) > 0 if size > 1 else torch.ones(cfg.batch_size).bool()
+            rows_kept = informative.repeat_interleave(size)
+            kept.append((rollout.select(rows_kept), rewards[rows_kept]))
+            found += int(informative.sum())
+            if found >= cfg.batch_size:
+                break
+        metrics.update(groups_kept=found / sampled, sampling_rounds=float(len(kept)))
+        if found == 0:  # every group was uniform: advantages are zero, the step changes nothing but the KL term
+            return rollout, rewards, metrics
+        rollout = concat_rollouts([r for r, _ in kept], self.tokenizer.pad_token_id).select(
+            torch.arange(min(found, cfg.batch_size) * size)
+        )
+        return rollout, torch.cat([w for _, w in kept])[: len(rollout)], metrics
+
+    def policy_loss(
+        self, rollout: Rollout, advantages: Tensor, hidden: list[Tensor] | None = None
+    ) -> tuple[Tensor, dict[str, Tensor]]:
+        """The RL loss on a rollout: `advantages` per sequence [N] or per token [N, T]; `hidden` (a list) receives
+        the last hidden states (PPO's value head reads them)."""
         cfg = self.cfg
-        mask, mode = rollout.completion_mask, cfg.resolved("aggregation")
+        mask, mode = rollout.completion_mask, cfg.aggregation
         logp, entropy = token_logprobs(
-            self.model, rollout.prompt_ids, rollout.prompt_mask, rollout.completion_ids, mask, cfg.temperature
+            self.model, rollout.prompt_ids, rollout.prompt_mask, rollout.completion_ids, mask, cfg.temperature, hidden
         )
-        loss, metrics = pg_surrogate(
-            logp,
-            rollout.logprobs,
-            advantages[:, None].expand_as(logp),
-            mask=mask,
-            clip_low=cfg.clip_low,
-            clip_high=cfg.clip_high,
-            dual_clip=cfg.dual_clip,
-            aggregation=mode,
-        )
+        per_token = advantages[:, None].expand_as(logp) if advantages.dim() == 1 else advantages
+        if cfg.loss == "gspo":
+            assert cfg.clip_low is not None and cfg.clip_high is not None
+            loss, metrics = gspo_surrogate(
+                logp, rollout.logprobs, advantages, mask, clip_low=cfg.clip_low, clip_high=cfg.clip_high
+            )
+        elif cfg.loss == "cispo":
+            high = 0.28 if cfg.clip_high is None else cfg.clip_high
+            loss, metrics = cispo_loss(
+                logp, rollout.logprobs, per_token, mask, clip_high=high, clip_low=cfg.clip_low, aggregation=mode
+            )
+        elif cfg.loss == "sapo":
+            loss, metrics = sapo_loss(
+                logp, rollout.logprobs, per_token, mask, tau_pos=cfg.tau_pos, tau_neg=cfg.tau_neg, aggregation=mode
+            )
+        elif rollout.off_policy is not None:  # LUFFY: shaped, unclipped loss on the expert's tokens
+            token_loss, clipped, ratio, log_ratio = pg_token_losses(
+                logp,
+                rollout.logprobs,
+                per_token,
+                clip_low=cfg.clip_low,
+                clip_high=cfg.clip_high,
+                dual_clip=cfg.dual_clip,
+            )
+            shaped = policy_shaping_loss(logp, per_token, cfg.shaping_gamma)
+            on_policy = mask & ~rollout.off_policy[:, None]
+            loss = aggregate(torch.where(rollout.off_policy[:, None], shaped, token_loss), mask, mode)
+            metrics = surrogate_metrics(ratio, log_ratio, clipped, on_policy)
+        else:
+            loss, metrics = pg_surrogate(
+                logp,
+                rollout.logprobs,
+                per_token,
+                mask=mask,
+                clip_low=cfg.clip_low,
+                clip_high=cfg.clip_high,
+                dual_clip=cfg.dual_clip,
+                aggregation=mode,
+            )
         if self.reference is not None:
             with torch.no_grad():
                 ref_logp, _ = token_logprobs(
@@ -272,13 +577,125 @@ class LLMTrainer:
             loss = loss - cfg.entropy_coef * aggregate(entropy, mask, mode)
         return loss, metrics
 
+    def with_expert_completions(self, rollout: Rollout, rewards: Tensor) -> tuple[Rollout, Tensor]:
+        """LUFFY: the last completion of every group replaced by the row's expert completion (behaviour
+        log-prob 0: the expert's probability taken as 1), rewarded like the others and marked off-policy."""
+        assert rollout.rows is not None
+        size, width = self.cfg.group_size, rollout.completion_ids.shape[1]
+        last = torch.arange(size - 1, len(rollout), size)
+        rows = [rollout.rows[i] for i in last.tolist()]
+        texts = [expert_completion(row) for row in rows]
+        ids, mask = encode_answers(self.tokenizer, texts)
+        ids = torch.nn.functional.pad(ids, (0, max(width - ids.shape[1], 0)), value=self.tokenizer.pad_token_id)
+        mask = torch.nn.functional.pad(mask, (0, max(width - mask.shape[1], 0)))
+        completion_ids, completion_mask = rollout.completion_ids.clone(), rollout.completion_mask.clone()
+        completion_ids[last], completion_mask[last] = ids[:, :width], mask[:, :width]
+        logprobs = rollout.logprobs.clone()
+        logprobs[last] = 0.0
+        off_policy = torch.zeros(len(rollout), dtype=torch.bool)
+        off_policy[last] = True
+        rewards = rewards.clone()
+        rewards[last] = call_reward(self.task, [row["prompt"] for row in rows], texts, rows)
+        mixed = replace(
+            rollout,
+            completion_ids=completion_ids,
+            completion_mask=completion_mask,
+            logprobs=logprobs,
+            off_policy=off_policy,
+        )
+        return mixed, rewards
+
+    def with_expert_term(self, rl_loss: Tensor, mu: float) -> tuple[Tensor, dict[str, Tensor]]:
+        """CHORD: (1 - mu) rl_loss + mu mean over expert tokens of -w log pi (w = 1, or p (1 - p) with mix_phi)."""
+        cfg = self.cfg
+        picks = self.rng.integers(0, len(self.expert_rows), cfg.expert_batch_size or cfg.batch_size)
+        rows = [self.expert_rows[i] for i in picks]
+        prompt_ids, prompt_mask = encode_prompts(self.tokenizer, [row["prompt"] for row in rows])
+        ids, mask = encode_answers(self.tokenizer, [expert_completion(row) for row in rows])
+        logp, _ = token_logprobs(self.model, prompt_ids, prompt_mask, ids, mask)
+        weights = imitation_weights(logp, "phi" if cfg.mix_phi else "uniform")
+        return mixed_policy_loss(rl_loss, logp, mu, weights=weights, mask=mask, aggregation="token-mean")
+
+    def ppo_step(self) -> dict[str, float]:
+        """PPO with a value head: token rewards (the sequence's reward on its last token), GAE over tokens,
+        advantages whitened over the batch's tokens, then the clipped surrogate plus vf_coef times the clipped
+        value loss, `updates_per_batch` times."""
+        cfg, head = self.cfg, self.value_head
+        assert head is not None
+        rollout, rewards, metrics = self.sample_groups()
+        mask = rollout.completion_mask
+        with torch.no_grad():
+            hidden: list[Tensor] = []
+            token_logprobs(
+                self.model,
+                rollout.prompt_ids,
+                rollout.prompt_mask,
+                rollout.completion_ids,
+                mask,
+                cfg.temperature,
+                hidden,
+            )
+            old_values = head(hidden[0]).squeeze(-1) * mask
+            advantages, returns = token_gae(rewards, old_values, mask, cfg.gamma, cfg.gae_lambda)
+            valid = advantages[mask]
+            advantages = (advantages - valid.mean()) / (valid.std() + 1e-8) * mask
+        for _ in range(cfg.updates_per_batch):
+            self.optimizer.zero_grad()
+            metrics.update(self.accumulate(rollout, advantages, values=(old_values, returns)))
+            self._step()
+        return metrics
+
+    def dpo_step(self) -> dict[str, float]:
+        """DPO on pairs: the pairs file's, or the task's answers against one-character corruptions of them."""
+        rows = self.pair_rows if self.pair_rows is not None else self.train_rows
+        picks = self.rng.integers(0, len(rows), self.cfg.batch_size)
+        pairs = [preference_pair(rows[i], self.rng) for i in picks]
+        prompt_ids, prompt_mask = encode_prompts(self.tokenizer, [p for p, _, _ in pairs] * 2)
+        ids, mask = encode_answers(self.tokenizer, [c for _, c, _ in pairs] + [r for _, _, r in pairs])
+        return self.preference_update(prompt_ids, prompt_mask, ids, mask)
+
+    def online_dpo_step(self) -> dict[str, float]:
+        """Online DPO: `group_size` own samples per prompt, the best against the worst by reward (groups whose
+        rewards are all equal give no pair)."""
+        size = self.cfg.group_size
+        rollout, rewards, metrics = self.sample_groups()
+        groups = rewards.view(-1, size)
+        offsets = torch.arange(len(groups)) * size
+        best, worst = groups.argmax(1) + offsets, groups.argmin(1) + offsets
+        keep = groups.max(1).values > groups.min(1).values
+        metrics["pairs"] = float(keep.sum())
+        if not keep.any():
+            return metrics
+        pairs = rollout.select(torch.cat([best[keep], worst[keep]]))
+        metrics.update(
+            self.preference_update(pairs.prompt_ids, pairs.prompt_mask, pairs.completion_ids, pairs.completion_mask)
+        )
+        return metrics
+
+    def preference_update(self, prompt_ids: Tensor, prompt_mask: Tensor, ids: Tensor, mask: Tensor) -> dict[str, float]:
+        """One DPO step on 2P rows: the P chosen completions, then the P rejected ones of the same prompts."""
+        assert self.reference is not None
+        logp = token_logprobs(self.model, prompt_ids, prompt_mask, ids, mask)[0].sum(-1)
+        with torch.no_grad():
+            ref = token_logprobs(self.reference, prompt_ids, prompt_mask, ids, mask)[0].sum(-1)
+        n = len(logp) // 2
+        loss, metrics = dpo_loss(logp[:n], logp[n:], ref[:n], ref[n:], self.cfg.beta, self.cfg.label_smoothing)
+        self._optimize(loss)
+        return {"loss": float(loss.detach()), "tokens": float(mask.sum()), **{k: float(v) for k, v in metrics.items()}}
+
     def _optimize(self, loss: Tensor) -> None:
+        self.optimizer.zero_grad()
+        self._backward(loss)
+        self._step()
+
+    def _backward(self, loss: Tensor) -> None:
         if not torch.isfinite(loss):
             raise LLMError(f"the loss became {float(loss)} at step {self.step}", "lower lr or set max_grad_norm")
-        self.optimizer.zero_grad()
         loss.backward()
+
+    def _step(self) -> None:
         if self.cfg.max_grad_norm is not None:
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.max_grad_norm)
+            torch.nn.utils.clip_grad_norm_(self.optimizer.params, self.cfg.max_grad_norm)
         self.optimizer.step()
 
     @torch.no_grad()
@@ -295,13 +712,36 @@ class LLMTrainer:
             out[f"pass@{k}"] = float(hits.view(-1, k).any(1).float().mean())
         return out
 
+    def checkpoint(self, extra: dict[str, Any]) -> tuple[dict[str, Tensor], dict[str, Any]]:
+        """(tensors, JSON state) for exact resume: weights, value head, Adam's moments, both RNGs, the step."""
+        tensors = prefixed("model", dict(self.model.state_dict()))
+        if self.value_head is not None:
+            tensors.update(prefixed("value_head", dict(self.value_head.state_dict())))
+        optimizer_tensors, optimizer_meta = optimizer_to_flat("optimizer", self.optimizer)  # type: ignore[arg-type]
+        tensors.update(optimizer_tensors)
+        tensors["rng/torch"] = self.generator.get_state()
+        state = {"step": self.step, "optimizer": optimizer_meta, "numpy_rng": self.rng.bit_generator.state, **extra}
+        return tensors, state
+
+    def restore(self, tensors: dict[str, Tensor], state: dict[str, Any]) -> None:
+        load_module_state(self.model, unprefixed("model", tensors), "the checkpoint")
+        if self.value_head is not None:
+            load_module_state(self.value_head, unprefixed("value_head", tensors), "the checkpoint")
+        optimizer_from_flat("optimizer", self.optimizer, tensors, state["optimizer"])  # type: ignore[arg-type]
+        self.generator.set_state(tensors["rng/torch"])
+        self.rng.bit_generator.state = state["numpy_rng"]
+        self.step = int(state["step"])
+
     def save(self, run_dir: Path) -> None:
         """The model and tokenizer as safetensors + JSON (save_pretrained), written beside and renamed in."""
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()  # the run's own output is the progress line
         target, tmp = run_dir / "model", run_dir / ".model.tmp"
-        self.model.save_pretrained(tmp, safe_serialization=True)
+        model = self.model
+        if self.cfg.lora_rank > 0:  # a plain model with the adapters merged in: it loads like any other
+            model = copy.deepcopy(model).merge_and_unload()
+        model.save_pretrained(tmp, safe_serialization=True)
         self.tokenizer.save_pretrained(tmp)
         if target.exists():
             old = run_dir / ".model.old"
@@ -319,45 +759,74 @@ class LLMRun:
     dir: Path
     final_eval: dict[str, float]
     initial_eval: dict[str, float]
+    steps: int = 0
 
 
 def train_llm(
-    algo: str,
+    algo: str | None = None,
     overrides: dict[str, Any] | None = None,
     runs_dir: str | Path = "runs",
     name: str | None = None,
     verbose: bool | None = None,
+    resume: str | Path | None = None,
+    callback: Callable[[int, dict[str, float]], bool] | None = None,
 ) -> LLMRun:
-    """Train (SFT or RL) and write the run directory: config.yaml, train.csv, eval.csv, eval.json, model/."""
-    cfg = make_config(algo, overrides)
-    trainer = LLMTrainer(cfg)
-    run_dir = new_run_dir(runs_dir, name or f"{algo}-{cfg.task}-s{cfg.seed}")
+    """Train (SFT or RL) and write the run directory: config.yaml, train.csv, eval.csv, eval.json, model/ and
+    checkpoints/ (at every evaluation: weights, optimizer and RNG state). `resume`: a run directory to continue
+    from its latest checkpoint, exactly (its config is used). `callback(step, metrics)` returning False stops
+    the run after that step (a checkpoint is written first)."""
     import yaml
 
-    (run_dir / CONFIG_YAML).write_text(yaml.safe_dump(asdict(cfg), sort_keys=False))
-    log = RunLog(run_dir, tensorboard=False)
-    initial = trainer.evaluate()
-    log.log_eval({"step": 0, **initial})
-    progress = Progress(cfg.steps, f"{algo} {cfg.task}", enabled=verbose)
-    step_fn = trainer.sft_step if algo == "sft" else trainer.rl_step
+    if resume is not None:
+        run_dir = Path(resume)
+        if not (run_dir / CONFIG_YAML).is_file():
+            raise LLMError(f"{run_dir} is not a language-model run directory (no {CONFIG_YAML})", "check the path")
+        saved = yaml.safe_load((run_dir / CONFIG_YAML).read_text())
+        cfg = make_config(saved.pop("algo"), saved)
+        trainer = LLMTrainer(cfg)
+        tensors, state, _ = load_checkpoint(run_dir)
+        trainer.restore(tensors, state)
+        initial, start = state["initial"], int(state["step"])
+        log = RunLog(run_dir, tensorboard=False, resume_step=start)
+    else:
+        if algo is None:
+            raise LLMError("no algorithm given", "pass one (e.g. grpo), or resume=RUN_DIR")
+        cfg = make_config(algo, overrides)
+        trainer = LLMTrainer(cfg)
+        run_dir = new_run_dir(runs_dir, name or f"{algo}-{cfg.task}-s{cfg.seed}")
+        atomic_write_text(run_dir / CONFIG_YAML, yaml.safe_dump(asdict(cfg), sort_keys=False))
+        log = RunLog(run_dir, tensorboard=False)
+        initial, start = trainer.evaluate(), 0
+        log.log_eval({"step": 0, **initial})
+    progress = Progress(cfg.steps, f"{cfg.algo} {cfg.task}", enabled=verbose, start=start)
+    step_fn = {
+        "sft": trainer.sft_step,
+        "ppo": trainer.ppo_step,
+        "dpo": trainer.dpo_step,
+        "online_dpo": trainer.online_dpo_step,
+    }.get(cfg.algo, trainer.rl_step)
     started, tokens, last = time.perf_counter(), 0.0, initial
-    for step in range(1, cfg.steps + 1):
+    for step in range(start + 1, cfg.steps + 1):
         trainer.step = step
         metrics = step_fn()
         tokens += metrics["tokens"]
         elapsed = time.perf_counter() - started
         log.log_train({"step": step, "time": elapsed, **metrics, "tokens_per_s": tokens / elapsed})
-        if step % cfg.eval_every == 0 or step == cfg.steps:
+        stop = callback is not None and callback(step, metrics) is False
+        if step % cfg.eval_every == 0 or step == cfg.steps or stop:
             last = trainer.evaluate()
             log.log_eval({"step": step, **last})
-        progress.update(step, step / elapsed, last["accuracy"])
+            save_checkpoint(run_dir / "checkpoints", step, *trainer.checkpoint({"initial": initial}))
+        progress.update(step, (step - start) / elapsed, last["accuracy"])
+        if stop:
+            break
     progress.close()
     trainer.save(run_dir)
-    log.write_summary({"step": cfg.steps, **last, "initial": initial})
+    log.write_summary({"step": trainer.step, **last, "initial": initial})
     log.close()
     if verbose is not False:
         print(f"accuracy {initial['accuracy']:.3f} -> {last['accuracy']:.3f}; run directory {run_dir}")
-    return LLMRun(run_dir, last, initial)
+    return LLMRun(run_dir, last, initial, trainer.step)
 
 
 def evaluate_llm(model: str, task: str = "addition", k: int = 1, seed: int = 0, eval_size: int = 200) -> dict:

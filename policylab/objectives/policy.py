@@ -33,6 +33,41 @@ def pg_surrogate(
     aggregation: str = "token-mean",
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """Policy-gradient loss and detached metrics (approx_kl, clip_frac, ratio_mean)."""
+    loss, clipped_mask, ratio, log_ratio = pg_token_losses(
+        logp,
+        old_logp,
+        advantages,
+        clip_low=clip_low,
+        clip_high=clip_high,
+        dual_clip=dual_clip,
+        behaviour_logp=behaviour_logp,
+        tis_cap=tis_cap,
+    )
+    return aggregate(loss, mask, aggregation), surrogate_metrics(ratio, log_ratio, clipped_mask, mask)
+
+
+def surrogate_metrics(ratio: Tensor, log_ratio: Tensor, clipped: Tensor, mask: Tensor | None) -> dict[str, Tensor]:
+    """Detached approx_kl (k3 of the ratio), clip_frac and ratio_mean over the mask."""
+    with torch.no_grad():
+        return {
+            "approx_kl": token_mean((ratio - 1.0) - log_ratio, mask),
+            "clip_frac": token_mean(clipped.to(ratio.dtype), mask),
+            "ratio_mean": token_mean(ratio, mask),
+        }
+
+
+def pg_token_losses(
+    logp: Tensor,
+    old_logp: Tensor,
+    advantages: Tensor,
+    *,
+    clip_low: float | None = 0.2,
+    clip_high: float | None = None,
+    dual_clip: float | None = None,
+    behaviour_logp: Tensor | None = None,
+    tis_cap: float | None = None,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The surrogate per element before aggregation: (loss, where it was clipped, ratio, log ratio)."""
     log_ratio = logp - old_logp
     ratio = torch.exp(log_ratio)
     unclipped = -ratio * advantages
@@ -53,13 +88,15 @@ def pg_surrogate(
             raise ValueError("tis_cap needs behaviour_logp (the log-probs of the policy that generated the data)")
         weights = torch.exp(old_logp - behaviour_logp).clamp(max=tis_cap).detach()
         loss = loss * weights
-    with torch.no_grad():
-        metrics = {
-            "approx_kl": token_mean((ratio - 1.0) - log_ratio, mask),
-            "clip_frac": token_mean(clipped_mask.to(ratio.dtype), mask),
-            "ratio_mean": token_mean(ratio, mask),
-        }
-    return aggregate(loss, mask, aggregation), metrics
+    return loss, clipped_mask, ratio, log_ratio
+
+
+def policy_shaping_loss(logp: Tensor, advantages: Tensor, gamma: float = 0.1) -> Tensor:
+    """LUFFY's loss on off-policy (expert) tokens, per element: -f(p) A with f(p) = p / (p + gamma), p the token's
+    probability under the policy (the expert's taken as 1, so no ratio and no clipping). f' = gamma / (p + gamma)^2
+    keeps a large gradient on tokens the policy finds unlikely, which plain p A would neglect."""
+    p = logp.exp()
+    return -(p / (p + gamma)) * advantages
 
 
 def entropy_bonus(entropy: Tensor, mask: Tensor | None = None, aggregation: str = "token-mean") -> Tensor:
@@ -131,3 +168,70 @@ def kl_penalty(logp: Tensor, ref_logp: Tensor, estimator: str = "k3") -> Tensor:
     if estimator == "k3":
         return torch.expm1(log_ratio) - log_ratio
     raise ValueError(f"unknown KL estimator {estimator!r}: choose k1, k2 or k3")
+
+
+def sequence_log_ratio(logp: Tensor, old_logp: Tensor, mask: Tensor) -> Tensor:
+    """GSPO's length-normalized sequence log-ratio, mean over each row's tokens of (logp - old_logp) [N]: its exp
+    is (pi(y|x) / pi_old(y|x)) ^ (1 / |y|)."""
+    mask = mask.to(logp.dtype)
+    return ((logp - old_logp) * mask).sum(-1) / mask.sum(-1).clamp_min(1.0)
+
+
+def gspo_surrogate(
+    logp: Tensor,
+    old_logp: Tensor,
+    advantages: Tensor,
+    mask: Tensor,
+    *,
+    clip_low: float = 3e-4,
+    clip_high: float = 4e-4,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """GSPO (Zheng et al. 2025): the clipped surrogate on the sequence ratio s = exp(sequence_log_ratio) with one
+    advantage per sequence [N], averaged over sequences. The same `pg_surrogate`, at sequence level (its
+    clip range is the paper's, far narrower than a token ratio's)."""
+    seq = sequence_log_ratio(logp, old_logp, mask)
+    return pg_surrogate(seq, torch.zeros_like(seq), advantages, clip_low=clip_low, clip_high=clip_high)
+
+
+def cispo_loss(
+    logp: Tensor,
+    old_logp: Tensor,
+    advantages: Tensor,
+    mask: Tensor,
+    *,
+    clip_high: float = 0.28,
+    clip_low: float | None = None,
+    aggregation: str = "token-mean",
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """CISPO (MiniMax-M1, 2025): REINFORCE whose importance weight is clipped and held constant,
+    -sg(clip(r, 1 - clip_low, 1 + clip_high)) A log pi, so every token keeps a gradient (PPO's clip drops the
+    gradient of clipped tokens). No lower clip by default, as in the paper."""
+    ratio = torch.exp(logp - old_logp)
+    low = 0.0 if clip_low is None else 1.0 - clip_low
+    weight = ratio.clamp(low, 1.0 + clip_high).detach()
+    loss = aggregate(-weight * advantages * logp, mask, aggregation)
+    with torch.no_grad():
+        clipped = ((ratio > 1.0 + clip_high) | (ratio < low)).to(logp.dtype)
+        metrics = {"clip_frac": token_mean(clipped, mask), "ratio_mean": token_mean(ratio, mask)}
+    return loss, metrics
+
+
+def sapo_loss(
+    logp: Tensor,
+    old_logp: Tensor,
+    advantages: Tensor,
+    mask: Tensor,
+    *,
+    tau_pos: float = 1.0,
+    tau_neg: float = 1.05,
+    aggregation: str = "token-mean",
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """SAPO (Gao et al. 2025, arXiv:2511.20347): a soft gate instead of the clip, -g(r) A with
+    g(r) = sigmoid(tau (r - 1)) 4 / tau, tau = tau_pos where A > 0 and tau_neg (>= tau_pos) where A < 0. At r = 1
+    the gradient is plain REINFORCE's; away from 1 it fades smoothly instead of stopping at a clip edge."""
+    log_ratio = logp - old_logp
+    ratio = torch.exp(log_ratio)
+    tau = torch.where(advantages > 0, torch.full_like(ratio, tau_pos), torch.full_like(ratio, tau_neg))
+    gate = torch.sigmoid(tau * (ratio - 1.0)) * 4.0 / tau
+    loss = aggregate(-gate * advantages, mask, aggregation)
+    return loss, surrogate_metrics(ratio, log_ratio, torch.zeros_like(ratio, dtype=torch.bool), mask)

@@ -1,0 +1,294 @@
+"""policylab's GRPO against TRL's GRPOTrainer: the same model, prompts, group size, lengths, optimizer settings
+and number of steps, alternating runs, 1 thread each.
+
+    .venv/bin/python benchmarks/llm.py --setup                # once: TRL's own venv (benchmarks/.venv-trl)
+    .venv/bin/python benchmarks/llm.py --seeds 3 --steps 40
+
+What is shared: a tiny Llama is built once (`--model`, policylab's config and character tokenizer) and, for
+`--sft-steps` > 0, supervised on the addition task by policylab, then saved with `save_pretrained`; both sides
+load that directory. The prompts are the addition task's rows (seeded), written as a JSONL / `datasets.Dataset`;
+the reward is exact match of the stripped completion. Both sides sample `--group-size` completions of at most
+`--max-new-tokens` tokens for `--prompts-per-step` prompts per step at temperature 1, one optimizer step per
+batch (Adam(W) without weight decay, constant learning rate, gradient-norm clip 1), GRPO's group-normalized
+advantages and clipped surrogate (epsilon 0.2), no KL term, the sequence-mean-token-mean aggregation (TRL's
+loss_type "grpo"). After training, each side's model is evaluated by the same code (policylab's greedy exact
+match on the task's held-out rows).
+
+Measured: wall-clock per step (median over the steps after the first `--warmup`), completion tokens per second
+over the same steps, and accuracy after the run. TRL is installed in its own venv (it pulls its own
+transformers): `--setup` makes it with torch 2.13.0 first, then trl==1.16.0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from common import REPO_ROOT, pair_report, provenance, write_results
+
+TRL_VENV = REPO_ROOT / "benchmarks" / ".venv-trl"
+TRL_PY = TRL_VENV / "bin" / "python"
+
+
+def setup() -> None:
+    if TRL_PY.exists():
+        print(f"{TRL_VENV} exists")
+        return
+    subprocess.run([sys.executable, "-m", "venv", str(TRL_VENV)], check=True)
+    pip = [str(TRL_PY), "-m", "pip", "install", "-q"]
+    subprocess.run([*pip, "torch==2.13.0"], check=True)
+    subprocess.run([*pip, "trl==1.16.0"], check=True)
+    print(f"made {TRL_VENV}")
+
+
+# --- shared inputs ----------------------------------------------------------------------------------------------
+
+
+def prepare(a: argparse.Namespace, where: Path) -> tuple[Path, Path]:
+    """(model directory, prompts JSONL): the starting model and the training prompts both sides use."""
+    sys.path.insert(0, str(REPO_ROOT))
+    from policylab.llm.models import load_model
+    from policylab.llm.tasks import get_task
+    from policylab.llm.trainer import train_llm
+
+    model_dir = where / "start"
+    if a.sft_steps > 0:
+        run = train_llm(
+            "sft",
+            {"model": a.model, "steps": a.sft_steps, "batch_size": 64, "eval_every": a.sft_steps},
+            where / "sft",
+            verbose=False,
+        )
+        model_dir = run.dir / "model"
+    else:
+        model, tokenizer = load_model(a.model)
+        model.save_pretrained(model_dir)
+        tokenizer.save_pretrained(model_dir)
+    rows = get_task("addition").make(5_000, 0)
+    prompts = where / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return model_dir, prompts
+
+
+# --- workers ------------------------------------------------------------------------------------------------
+
+
+def worker_ours(a: argparse.Namespace) -> dict[str, Any]:
+    import torch
+
+    from policylab.llm.trainer import train_llm
+
+    torch.set_num_threads(1)
+    marks: list[tuple[float, float]] = []
+
+    def callback(step: int, metrics: dict[str, float]) -> bool:
+        marks.append((time.perf_counter(), metrics["tokens"]))
+        return True
+
+    settings = {
+        "model": a.model_dir,
+        "prompts": a.prompts,
+        "steps": a.steps,
+        "seed": a.seed,
+        "batch_size": a.prompts_per_step,
+        "group_size": a.group_size,
+        "max_new_tokens": a.max_new_tokens,
+        "lr": a.lr,
+        "eval_every": a.steps + 1,
+        "eval_size": 1,
+    }
+    run = train_llm("grpo", settings, a.work, verbose=False, callback=callback)
+    return _record(a, marks, str(run.dir / "model"), "policylab")
+
+
+def worker_trl(a: argparse.Namespace) -> dict[str, Any]:
+    import torch
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from trl import GRPOConfig, GRPOTrainer
+
+    torch.set_num_threads(1)
+    torch.manual_seed(a.seed)
+    tokenizer = AutoTokenizer.from_pretrained(a.model_dir)
+    tokenizer.padding_side = "left"
+    model = AutoModelForCausalLM.from_pretrained(a.model_dir)
+    rows = [json.loads(line) for line in Path(a.prompts).read_text().splitlines()]
+    dataset = Dataset.from_list(rows)
+
+    def exact_match(prompts: list[str], completions: list[str], answer: list[str], **_: Any) -> list[float]:
+        return [float(c.strip() == str(x).strip()) for c, x in zip(completions, answer)]
+
+    marks: list[tuple[float, float]] = []
+
+    class Marks(TrainerCallback):
+        def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            tokens = state.log_history[-1].get("completions/mean_length", 0.0) if state.log_history else 0.0
+            marks.append((time.perf_counter(), float(tokens) * a.prompts_per_step * a.group_size))
+
+    config = GRPOConfig(
+        output_dir=str(Path(a.work) / "trl"),
+        per_device_train_batch_size=a.prompts_per_step * a.group_size,
+        num_generations=a.group_size,
+        max_completion_length=a.max_new_tokens,
+        temperature=1.0,
+        learning_rate=a.lr,
+        lr_scheduler_type="constant",
+        weight_decay=0.0,
+        max_grad_norm=1.0,
+        beta=0.0,
+        epsilon=0.2,
+        loss_type="grpo",
+        num_iterations=1,
+        max_steps=a.steps,
+        logging_steps=1,
+        save_strategy="no",
+        report_to="none",
+        use_cpu=True,
+        seed=a.seed,
+        dataloader_num_workers=0,
+    )
+    trainer = GRPOTrainer(
+        model=model,
+        reward_funcs=exact_match,
+        args=config,
+        train_dataset=dataset,
+        processing_class=tokenizer,
+        callbacks=[Marks()],
+    )
+    trainer.train()
+    out = Path(a.work) / "trl-model"
+    trainer.save_model(str(out))
+    tokenizer.save_pretrained(out)
+    return _record(a, marks, str(out), "trl")
+
+
+def _record(a: argparse.Namespace, marks: list[tuple[float, float]], model: str, side: str) -> dict[str, Any]:
+    timed = marks[a.warmup :]
+    durations = [t1 - t0 for (t0, _), (t1, _) in zip(timed, timed[1:])]
+    tokens = sum(n for _, n in timed[1:])
+    return {
+        "side": side,
+        "seed": a.seed,
+        "ms_per_step": 1e3 * statistics.median(durations) if durations else None,
+        "completion_tokens_per_s": tokens / (timed[-1][0] - timed[0][0]) if len(timed) > 1 else None,
+        "model": model,
+    }
+
+
+# --- the parent ---------------------------------------------------------------------------------------------
+
+
+def run_side(side: str, a: argparse.Namespace, seed: int, model_dir: Path, prompts: Path, work: Path) -> dict:
+    python = sys.executable if side == "policylab" else str(TRL_PY)
+    out = work / f"{side}-{seed}.json"
+    cmd = [
+        python,
+        str(Path(__file__).resolve()),
+        "--worker",
+        side,
+        "--seed",
+        str(seed),
+        "--out",
+        str(out),
+        "--model-dir",
+        str(model_dir),
+        "--prompts",
+        str(prompts),
+        "--work",
+        str(work / f"{side}-{seed}"),
+        "--steps",
+        str(a.steps),
+        "--prompts-per-step",
+        str(a.prompts_per_step),
+        "--group-size",
+        str(a.group_size),
+        "--max-new-tokens",
+        str(a.max_new_tokens),
+        "--lr",
+        str(a.lr),
+        "--warmup",
+        str(a.warmup),
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    if side == "trl":
+        env["PYTHONPATH"] = ""  # TRL's venv must not see policylab's packages
+    proc = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, env=env)
+    if proc.returncode != 0:
+        raise SystemExit(f"{side} seed {seed} failed:\n{(proc.stdout + proc.stderr)[-4000:]}")
+    record = json.loads(out.read_text())
+    from policylab.llm.trainer import evaluate_llm
+
+    record["accuracy"] = evaluate_llm(record["model"], "addition", eval_size=200)["accuracy"]
+    return record
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--setup", action="store_true", help="create TRL's venv and exit")
+    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--model", default="small-llama", help="a policylab tiny model (tiny-llama, small-llama)")
+    parser.add_argument("--sft-steps", type=int, default=300, help="SFT before RL (0: RL from random weights)")
+    parser.add_argument("--prompts-per-step", type=int, default=2)
+    parser.add_argument("--group-size", type=int, default=8)
+    parser.add_argument("--max-new-tokens", type=int, default=8)
+    parser.add_argument("--lr", type=float, default=3e-4)
+    parser.add_argument("--warmup", type=int, default=3, help="steps left out of the timing")
+    parser.add_argument("--worker", choices=("policylab", "trl"), help=argparse.SUPPRESS)
+    parser.add_argument("--seed", type=int, default=1, help=argparse.SUPPRESS)
+    parser.add_argument("--out", help=argparse.SUPPRESS)
+    parser.add_argument("--model-dir", help=argparse.SUPPRESS)
+    parser.add_argument("--prompts", help=argparse.SUPPRESS)
+    parser.add_argument("--work", help=argparse.SUPPRESS)
+    a = parser.parse_args()
+    if a.worker:
+        record = worker_ours(a) if a.worker == "policylab" else worker_trl(a)
+        Path(a.out).write_text(json.dumps(record))
+        return
+    if a.setup:
+        setup()
+        return
+    if not TRL_PY.exists():
+        raise SystemExit("TRL's venv is missing: run `.venv/bin/python benchmarks/llm.py --setup` first")
+    seeds = list(range(1, a.seeds + 1))
+    runs = []
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        model_dir, prompts = prepare(a, work)
+        for seed in seeds:
+            for side in ("policylab", "trl"):
+                rec = run_side(side, a, seed, model_dir, prompts, work)
+                print(f"  {side} seed {seed}: {rec['ms_per_step']:.1f} ms/step, accuracy {rec['accuracy']:.3f}")
+                runs.append(rec)
+    settings = {
+        k: getattr(a, k)
+        for k in ("steps", "model", "sft_steps", "prompts_per_step", "group_size", "max_new_tokens", "lr", "warmup")
+    }
+    print(f"\nGRPO, {settings}, 1 thread, alternating runs")
+    per_run = {
+        "ms_per_step": ("ms per step (median after warm-up); ratio < 1: ours faster", ".1f", True),
+        "completion_tokens_per_s": ("completion tokens/s", ".0f", True),
+        "accuracy": ("exact match after the run (same evaluation)", ".3f", True),
+    }
+    summary = pair_report(runs, seeds, per_run, {}, "policylab", "trl", ("ours", "trl"))
+    for run in runs:
+        run.pop("model")
+    payload = {
+        "provenance": provenance(["torch", "transformers", "policylab"]),
+        "settings": settings,
+        "runs": runs,
+        "summary": summary,
+    }
+    print(f"results: {write_results('llm', payload)}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,164 @@
+"""Reward functions `(prompts, completions, **columns) -> list[float]`: built-in verifiable ones, user functions
+loaded from `module:function`, weighted sums of several; and prompt files (JSONL)."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import re
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from policylab.llm import LLMError
+
+RewardFn = Callable[..., list[float]]
+
+_NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
+
+
+def exact_match(prompts: list[str], completions: list[str], answer: list[str], **_: Any) -> list[float]:
+    """1.0 where the completion (stripped) is the answer, else 0.0."""
+    return [float(c.strip() == str(a).strip()) for c, a in zip(completions, answer)]
+
+
+def numeric_match(prompts: list[str], completions: list[str], answer: list[str], **_: Any) -> list[float]:
+    """1.0 where the last number in the completion equals the answer as a number ("042" and "42.0" match 42)."""
+    out = []
+    for completion, expected in zip(completions, answer):
+        found = _NUMBER.findall(completion)
+        out.append(float(bool(found) and float(found[-1]) == float(expected)))
+    return out
+
+
+def format_reward(pattern: str) -> RewardFn:
+    """1.0 where the whole completion (stripped) matches the regular expression `pattern`."""
+    compiled = re.compile(pattern)
+
+    def matches(prompts: list[str], completions: list[str], **_: Any) -> list[float]:
+        return [float(bool(compiled.fullmatch(c.strip()))) for c in completions]
+
+    matches.__name__ = f"format({pattern})"
+    return matches
+
+
+BUILTIN_REWARDS: dict[str, RewardFn] = {"exact_match": exact_match, "numeric_match": numeric_match}
+
+
+def reward_model(path: str) -> RewardFn:
+    """A sequence-classification model (one output; a local `save_pretrained` directory) as a reward: its score
+    of prompt + completion, in batches, without gradients."""
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from policylab.llm.rollout import positions
+
+    if not (Path(path) / "config.json").is_file():
+        raise LLMError(f"no reward model at {path} (no config.json)", "pass model:DIR with a save_pretrained model")
+    model = AutoModelForSequenceClassification.from_pretrained(path).eval()
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if model.config.num_labels != 1:
+        raise LLMError(f"the reward model at {path} has {model.config.num_labels} outputs", "use a 1-output model")
+
+    @torch.no_grad()
+    def score(prompts: list[str], completions: list[str], **_: Any) -> list[float]:
+        texts = [p + c for p, c in zip(prompts, completions)]
+        enc = tokenizer(texts, padding=True, return_tensors="pt", add_special_tokens=False)
+        ids, mask = enc["input_ids"], enc["attention_mask"]
+        return model(input_ids=ids, attention_mask=mask, position_ids=positions(mask)).logits[:, 0].float().tolist()
+
+    score.__name__ = f"reward model {path}"
+    return score
+
+
+def load_reward(spec: str) -> tuple[RewardFn, float]:
+    """`name`, `module:function`, `model:DIR` (a reward model) or any of them with `=weight`: the function and
+    its weight (1 by default)."""
+    target, _, weight_text = spec.partition("=")
+    try:
+        weight = float(weight_text) if weight_text else 1.0
+    except ValueError:
+        raise LLMError(f"reward {spec!r}: the weight {weight_text!r} is not a number", "e.g. mod:fn=0.2") from None
+    if target in BUILTIN_REWARDS:
+        return BUILTIN_REWARDS[target], weight
+    if target.startswith("model:"):
+        return reward_model(target[len("model:") :]), weight
+    module_name, sep, attr = target.partition(":")
+    if not sep or not module_name or not attr:
+        raise LLMError(
+            f"reward {target!r} is neither a built-in ({', '.join(BUILTIN_REWARDS)}) nor module:function",
+            "write e.g. --reward mypkg.rewards:exact_match",
+        )
+    try:
+        fn = getattr(importlib.import_module(module_name), attr)
+    except ImportError as exc:
+        raise LLMError(f"reward {target!r}: cannot import {module_name} ({exc})", "check the module path") from None
+    except AttributeError:
+        raise LLMError(f"reward {target!r}: {module_name} has no {attr}", "check the function name") from None
+    if not callable(fn):
+        raise LLMError(f"reward {target!r} is not callable", "point at a function") from None
+    return fn, weight
+
+
+def combine_rewards(specs: list[str]) -> RewardFn:
+    """The weighted sum of the rewards in `specs` (one function as it is when there is one with weight 1)."""
+    loaded = [load_reward(spec) for spec in specs]
+    if len(loaded) == 1 and loaded[0][1] == 1.0:
+        return loaded[0][0]
+
+    def combined(prompts: list[str], completions: list[str], **columns: Any) -> list[float]:
+        total = [0.0] * len(completions)
+        for fn, weight in loaded:
+            values = checked_call(fn, prompts, completions, columns)
+            total = [t + weight * v for t, v in zip(total, values)]
+        return total
+
+    combined.__name__ = " + ".join(spec for spec in specs)
+    return combined
+
+
+def checked_call(fn: RewardFn, prompts: list[str], completions: list[str], columns: dict[str, Any]) -> list[float]:
+    """fn's rewards as floats, or one clear error naming the function: it raised, returned the wrong number of
+    values, or something that is not a finite number."""
+    name = getattr(fn, "__name__", repr(fn))
+    try:
+        values = list(fn(prompts, completions, **columns))
+    except LLMError:
+        raise
+    except Exception as exc:
+        raise LLMError(f"the reward function {name} raised {type(exc).__name__}: {exc}", "fix the function") from exc
+    if len(values) != len(completions):
+        raise LLMError(
+            f"the reward function {name} returned {len(values)} values for {len(completions)} completions",
+            "return one float per completion",
+        )
+    try:
+        floats = [float(v) for v in values]
+    except (TypeError, ValueError) as exc:
+        raise LLMError(f"the reward function {name} returned a non-number: {exc}", "return floats") from exc
+    if any(f != f or f in (float("inf"), float("-inf")) for f in floats):
+        raise LLMError(f"the reward function {name} returned NaN or inf", "return finite floats")
+    return floats
+
+
+def load_prompts(path: str | Path) -> list[dict[str, Any]]:
+    """Rows of a JSONL file, each an object with a "prompt" string (other fields reach the reward functions)."""
+    path = Path(path)
+    if not path.is_file():
+        raise LLMError(f"no prompts file {path}", 'pass a JSONL file with one {"prompt": ...} object per line')
+    rows = []
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise LLMError(f"{path}, line {number}: not JSON ({exc.msg})", "one JSON object per line") from None
+        if not isinstance(row, dict) or not isinstance(row.get("prompt"), str):
+            raise LLMError(f'{path}, line {number}: no "prompt" string', 'give every line a "prompt" field')
+        rows.append(row)
+    if not rows:
+        raise LLMError(f"{path} has no prompts", 'add lines like {"prompt": "2+2=", "answer": "4"}')
+    return rows
