@@ -154,6 +154,9 @@ def worker_trl(a: argparse.Namespace) -> dict[str, Any]:
         use_cpu=True,
         seed=a.seed,
         dataloader_num_workers=0,
+        gradient_checkpointing=False,  # TRL turns it on by default; policylab's runs do not use it
+        bf16=False,  # float32 like policylab's runs (TRL's default autocasts to bfloat16, emulated on AVX2)
+        fp16=False,
     )
     trainer = GRPOTrainer(
         model=model,

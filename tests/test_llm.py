@@ -601,3 +601,35 @@ def test_a_sequence_classification_model_scores_completions_as_a_reward(tmp_path
     assert fn(["12+30="], ["42"]) == pytest.approx(scores[1:], abs=1e-5)  # padding does not change a score
     with pytest.raises(LLMError, match="no reward model"):
         load_reward(f"model:{tmp_path / 'missing'}")
+
+
+def test_the_fast_llama_decoder_samples_what_transformers_forward_samples():
+    """LlamaDecoder (no transformers per-call machinery) against transformers' own forward, with grouped-query
+    attention and left padding: the same tokens from the same seed, the same log-probs."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from policylab.llm.fast_decode import LlamaDecoder
+
+    tok = char_tokenizer()
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        rope_theta=500.0,
+    )
+    model = LlamaForCausalLM(config).eval()
+    assert LlamaDecoder.supports(model)
+    enc = tok(["12+34=", "5+6=", "99+1="] * 3, padding=True, return_tensors="pt", add_special_tokens=False)
+    kwargs = dict(max_new_tokens=6, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, temperature=0.9)
+    fast = generate(
+        model, enc["input_ids"], enc["attention_mask"], generator=torch.Generator().manual_seed(4), **kwargs
+    )
+    slow = generate(
+        model, enc["input_ids"], enc["attention_mask"], generator=torch.Generator().manual_seed(4), fast=False, **kwargs
+    )
+    assert torch.equal(fast.completion_ids, slow.completion_ids)
+    torch.testing.assert_close(fast.logprobs, slow.logprobs, atol=1e-5, rtol=1e-5)

@@ -17,6 +17,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from policylab.llm.fast_decode import LlamaDecoder
+
 
 @dataclass
 class Rollout:
@@ -113,13 +115,22 @@ def generate(
     top_p: float = 1.0,
     greedy: bool = False,
     generator: torch.Generator | None = None,
+    fast: bool = True,
 ) -> Rollout:
-    """One completion per prompt row (repeat the rows for groups). `greedy` takes the most likely token."""
-    n = prompt_ids.shape[0]
+    """One completion per prompt row (repeat the rows for groups). `greedy` takes the most likely token. `fast`:
+    Llama-family models run through `LlamaDecoder` (the same arithmetic without transformers' per-call cost)."""
+    n, width = prompt_ids.shape
     mask = prompt_mask.long()
-    out = model(input_ids=prompt_ids, attention_mask=mask, position_ids=positions(mask), use_cache=True)
-    cache_keyword = _cache_keyword(model)
-    cache, logits = _cache_of(out), out.logits[:, -1].float()
+    decoder = LlamaDecoder(model) if fast and LlamaDecoder.supports(model) else None
+    if decoder is not None:
+        decoder.start(n, width + max_new_tokens)
+        key_valid = torch.zeros(n, width + max_new_tokens, dtype=torch.bool)
+        key_valid[:, :width] = mask.bool()
+        logits = decoder.forward(prompt_ids, positions(mask), key_valid, 0).float()
+    else:
+        out = model(input_ids=prompt_ids, attention_mask=mask, position_ids=positions(mask), use_cache=True)
+        cache_keyword = _cache_keyword(model)
+        cache, logits = _cache_of(out), out.logits[:, -1].float()
     next_position = mask.sum(-1)
     tokens = torch.full((n, max_new_tokens), pad_token_id, dtype=torch.long)
     logprobs = torch.zeros(n, max_new_tokens)
@@ -139,6 +150,10 @@ def generate(
         finished |= token == eos_token_id
         if bool(finished.all()) or t == max_new_tokens - 1:
             break
+        if decoder is not None:
+            key_valid[:, width + t] = True
+            logits = decoder.forward(tokens[:, t : t + 1], (next_position + t)[:, None], key_valid, width + t).float()
+            continue
         mask = torch.cat([mask, torch.ones(n, 1, dtype=mask.dtype)], -1)
         out = model(
             input_ids=tokens[:, t : t + 1],
