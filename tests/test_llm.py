@@ -576,23 +576,22 @@ def test_sapo_gate_gives_reinforces_gradient_at_ratio_one_and_fades_away_from_it
     assert abs(fading) < 0.1  # far from the old policy, little gradient
 
 
+def _small_llama_config(tok, **values):
+    from transformers import LlamaConfig
+
+    return LlamaConfig(
+        vocab_size=len(tok), hidden_size=32, intermediate_size=64, pad_token_id=tok.pad_token_id, **values
+    )
+
+
 def test_a_sequence_classification_model_scores_completions_as_a_reward(tmp_path):
-    from transformers import LlamaConfig, LlamaForSequenceClassification
+    from transformers import LlamaForSequenceClassification
 
     from policylab.llm.rewards import load_reward
 
     tok = char_tokenizer()
     torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=len(tok),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-        num_labels=1,
-        pad_token_id=tok.pad_token_id,
-    )
+    config = _small_llama_config(tok, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2, num_labels=1)
     LlamaForSequenceClassification(config).save_pretrained(tmp_path / "rm")
     tok.save_pretrained(tmp_path / "rm")
     fn, weight = load_reward(f"model:{tmp_path / 'rm'}=0.5")
@@ -606,20 +605,14 @@ def test_a_sequence_classification_model_scores_completions_as_a_reward(tmp_path
 def test_the_fast_llama_decoder_samples_what_transformers_forward_samples():
     """LlamaDecoder (no transformers per-call machinery) against transformers' own forward, with grouped-query
     attention and left padding: the same tokens from the same seed, the same log-probs."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
 
     from policylab.llm.fast_decode import LlamaDecoder
 
     tok = char_tokenizer()
     torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=len(tok),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        rope_theta=500.0,
+    config = _small_llama_config(
+        tok, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, rope_theta=500.0
     )
     model = LlamaForCausalLM(config).eval()
     assert LlamaDecoder.supports(model)
