@@ -420,7 +420,7 @@ class LLMTrainer:
     def sft_step(self) -> dict[str, float]:
         rows = self.sample_rows(self.cfg.batch_size)
         prompt_ids, prompt_mask = encode_prompts(self.tokenizer, [row["prompt"] for row in rows])
-        answer_ids, answer_mask = encode_answers(self.tokenizer, [row["answer"] for row in rows])
+        answer_ids, answer_mask = encode_answers(self.tokenizer, [expert_completion(row) for row in rows])
         logp, _ = token_logprobs(self.model, prompt_ids, prompt_mask, answer_ids, answer_mask)
         loss = -aggregate(logp, answer_mask, "token-mean")
         self._optimize(loss)
