@@ -118,12 +118,27 @@ class WorkerResult:
     stderr_tail: str
 
 
-def run_worker(script: str | Path, args: Sequence[str], out: Path, timeout: float | None = None) -> WorkerResult:
-    """Run `python script *args --out out` in a fresh interpreter, from the repository root."""
-    cmd = [sys.executable, str(script), *args, "--out", str(out)]
+def run_worker(
+    script: str | Path,
+    args: Sequence[str],
+    out: Path,
+    timeout: float | None = None,
+    python: str | None = None,
+    env: dict[str, str] | None = None,
+) -> WorkerResult:
+    """Run `python script *args --out out` in a fresh interpreter, from the repository root; `python`: another
+    interpreter (a peer's own venv), `env`: variables set on top of this process's environment."""
+    cmd = [python or sys.executable, str(script), *args, "--out", str(out)]
     out.unlink(missing_ok=True)
     launched = time.perf_counter()
-    proc = subprocess.run(cmd, cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=timeout)
+    proc = subprocess.run(
+        cmd,
+        cwd=REPO_ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        timeout=timeout,
+        env={**os.environ, **env} if env else None,
+    )
     wall = time.perf_counter() - launched
     record = json.loads(out.read_text()) if proc.returncode == 0 and out.is_file() else None
     if record is not None and SHARED_CLOCK and isinstance(record.get("t0_abs"), float):
@@ -132,6 +147,16 @@ def run_worker(script: str | Path, args: Sequence[str], out: Path, timeout: floa
             record["exit_s"] = wall - record["startup_s"] - record["worker_end_s"]
     tail = (proc.stdout + proc.stderr).decode(errors="replace")[-4000:]
     return WorkerResult(list(args), proc.returncode, wall, launched, record, tail)
+
+
+ONE_THREAD = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+
+
+def worker_record(res: WorkerResult, what: str) -> dict[str, Any]:
+    """The worker's JSON, or an exit that shows what `what` printed when it failed."""
+    if res.record is None:
+        raise SystemExit(f"{what} failed:\n{res.stderr_tail}")
+    return res.record
 
 
 def run_alternating(

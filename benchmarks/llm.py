@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import subprocess
 import sys
@@ -32,7 +31,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from common import REPO_ROOT, pair_report, provenance, write_results
+from common import ONE_THREAD, REPO_ROOT, pair_report, provenance, run_worker, worker_record, write_results
 
 TRL_VENV = REPO_ROOT / "benchmarks" / ".venv-trl"
 TRL_PY = TRL_VENV / "bin" / "python"
@@ -154,9 +153,9 @@ def worker_trl(a: argparse.Namespace) -> dict[str, Any]:
         use_cpu=True,
         seed=a.seed,
         dataloader_num_workers=0,
-        gradient_checkpointing=False,  # TRL turns it on by default; policylab's runs do not use it
-        bf16=False,  # float32 like policylab's runs (TRL's default autocasts to bfloat16, emulated on AVX2)
-        fp16=False,
+        # float32 without gradient checkpointing, as policylab's runs; TRL's defaults turn both on (its bfloat16
+        # autocast is emulated on an AVX2 CPU): --trl-defaults keeps them
+        **({} if a.trl_defaults else {"gradient_checkpointing": False, "bf16": False, "fp16": False}),
     )
     trainer = GRPOTrainer(
         model=model,
@@ -186,47 +185,60 @@ def _record(a: argparse.Namespace, marks: list[tuple[float, float]], model: str,
     }
 
 
+def time_sampling(a: argparse.Namespace, repeats: int = 20) -> None:
+    """Median ms to sample `--group-size` x `--prompts-per-step` completions of `--max-new-tokens` tokens from
+    `--model` (random weights), 1 thread, three ways, interleaved: policylab's loop with LlamaDecoder, the same
+    loop over transformers' forward, and transformers' `generate`."""
+    import torch
+
+    sys.path.insert(0, str(REPO_ROOT))
+    from policylab.llm.models import load_model
+    from policylab.llm.rollout import generate
+    from policylab.llm.tasks import get_task
+
+    torch.set_num_threads(1)
+    model, tok = load_model(a.model)
+    model.eval()
+    rows = get_task("addition").make(a.prompts_per_step, 0)
+    enc = tok([r["prompt"] for r in rows for _ in range(a.group_size)], padding=True, return_tensors="pt")
+    ids, mask, gen = enc["input_ids"], enc["attention_mask"], torch.Generator().manual_seed(0)
+    common = {"max_new_tokens": a.max_new_tokens, "eos_token_id": tok.eos_token_id, "pad_token_id": tok.pad_token_id}
+
+    def transformers_generate() -> Any:
+        with torch.no_grad():
+            return model.generate(input_ids=ids, attention_mask=mask, do_sample=True, top_k=0, **common)
+
+    ways = {
+        "policylab loop, LlamaDecoder": lambda: generate(model, ids, mask, generator=gen, **common),
+        "policylab loop, transformers forward": lambda: generate(model, ids, mask, generator=gen, fast=False, **common),
+        "transformers generate": transformers_generate,
+    }
+    times: dict[str, list[float]] = {name: [] for name in ways}
+    for _ in range(3):
+        for fn in ways.values():
+            fn()
+    for _ in range(repeats):
+        for name, fn in ways.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(1e3 * (time.perf_counter() - start))
+    for name, values in times.items():
+        print(f"  {name:<38} {statistics.median(values):6.1f} ms (median of {repeats})")
+
+
 # --- the parent ---------------------------------------------------------------------------------------------
 
 
 def run_side(side: str, a: argparse.Namespace, seed: int, model_dir: Path, prompts: Path, work: Path) -> dict:
-    python = sys.executable if side == "policylab" else str(TRL_PY)
-    out = work / f"{side}-{seed}.json"
-    cmd = [
-        python,
-        str(Path(__file__).resolve()),
-        "--worker",
-        side,
-        "--seed",
-        str(seed),
-        "--out",
-        str(out),
-        "--model-dir",
-        str(model_dir),
-        "--prompts",
-        str(prompts),
-        "--work",
-        str(work / f"{side}-{seed}"),
-        "--steps",
-        str(a.steps),
-        "--prompts-per-step",
-        str(a.prompts_per_step),
-        "--group-size",
-        str(a.group_size),
-        "--max-new-tokens",
-        str(a.max_new_tokens),
-        "--lr",
-        str(a.lr),
-        "--warmup",
-        str(a.warmup),
-    ]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
-    if side == "trl":
-        env["PYTHONPATH"] = ""  # TRL's venv must not see policylab's packages
-    proc = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, env=env)
-    if proc.returncode != 0:
-        raise SystemExit(f"{side} seed {seed} failed:\n{(proc.stdout + proc.stderr)[-4000:]}")
-    record = json.loads(out.read_text())
+    python = None if side == "policylab" else str(TRL_PY)
+    args = ["--worker", side, "--seed", str(seed), "--model-dir", str(model_dir), "--prompts", str(prompts)]
+    args += ["--work", str(work / f"{side}-{seed}"), "--steps", str(a.steps), "--lr", str(a.lr)]
+    args += ["--prompts-per-step", str(a.prompts_per_step), "--group-size", str(a.group_size)]
+    args += ["--max-new-tokens", str(a.max_new_tokens), "--warmup", str(a.warmup)]
+    args += ["--trl-defaults"] if a.trl_defaults else []
+    env = {**ONE_THREAD, "PYTHONPATH": ""} if side == "trl" else ONE_THREAD  # TRL's venv must not see ours
+    res = run_worker(Path(__file__).resolve(), args, work / f"{side}-{seed}.json", python=python, env=env)
+    record = worker_record(res, f"{side} seed {seed}")
     from policylab.llm.trainer import evaluate_llm
 
     record["accuracy"] = evaluate_llm(record["model"], "addition", eval_size=200)["accuracy"]
@@ -245,6 +257,8 @@ def main() -> None:
     parser.add_argument("--max-new-tokens", type=int, default=8)
     parser.add_argument("--lr", type=float, default=3e-4)
     parser.add_argument("--warmup", type=int, default=3, help="steps left out of the timing")
+    parser.add_argument("--trl-defaults", action="store_true", help="TRL's own bfloat16 / checkpointing defaults")
+    parser.add_argument("--sampling", action="store_true", help="only time the samplers (see time_sampling)")
     parser.add_argument("--worker", choices=("policylab", "trl"), help=argparse.SUPPRESS)
     parser.add_argument("--seed", type=int, default=1, help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
@@ -258,6 +272,9 @@ def main() -> None:
         return
     if a.setup:
         setup()
+        return
+    if a.sampling:
+        time_sampling(a)
         return
     if not TRL_PY.exists():
         raise SystemExit("TRL's venv is missing: run `.venv/bin/python benchmarks/llm.py --setup` first")

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import tempfile
@@ -38,7 +37,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from common import REPO_ROOT, pair_report, provenance, write_results
+from common import ONE_THREAD, REPO_ROOT, pair_report, provenance, run_worker, worker_record, write_results
 
 D3RLPY_VENV = REPO_ROOT / "benchmarks" / ".venv-d3rlpy"
 D3RLPY_PY = D3RLPY_VENV / "bin" / "python"
@@ -232,32 +231,12 @@ def _record(a: argparse.Namespace, marks: list[tuple[int, float]], ret: float, s
 
 
 def run_side(side: str, a: argparse.Namespace, algo: str, seed: int) -> dict[str, Any]:
-    python = sys.executable if side == "policylab" else str(D3RLPY_PY)
+    python = None if side == "policylab" else str(D3RLPY_PY)
+    args = ["--worker", side, "--algo", algo, "--seed", str(seed), "--steps", str(a.steps)]
+    args += ["--log-every", str(a.log_every), "--dataset", str(a.dataset)]
     with tempfile.TemporaryDirectory() as tmp:
-        out = Path(tmp) / "out.json"
-        cmd = [
-            python,
-            str(Path(__file__).resolve()),
-            "--worker",
-            side,
-            "--algo",
-            algo,
-            "--seed",
-            str(seed),
-            "--steps",
-            str(a.steps),
-            "--log-every",
-            str(a.log_every),
-            "--dataset",
-            str(a.dataset),
-            "--out",
-            str(out),
-        ]
-        env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-        proc = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, env=env)
-        if proc.returncode != 0:
-            raise SystemExit(f"{side} {algo} seed {seed} failed:\n{(proc.stdout + proc.stderr)[-4000:]}")
-        return json.loads(out.read_text())
+        res = run_worker(Path(__file__).resolve(), args, Path(tmp) / "out.json", python=python, env=ONE_THREAD)
+    return worker_record(res, f"{side} {algo} seed {seed}")
 
 
 def main() -> None:

@@ -33,10 +33,6 @@ class Rollout:
     def __len__(self) -> int:
         return int(self.prompt_ids.shape[0])
 
-    @property
-    def num_tokens(self) -> int:
-        return int(self.completion_mask.sum())
-
     def select(self, rows: Tensor) -> Rollout:
         """The rows given by an index or boolean mask."""
         index = rows.nonzero().squeeze(-1) if rows.dtype == torch.bool else rows
