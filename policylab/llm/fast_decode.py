@@ -1,13 +1,21 @@
-"""Sampling-time forward passes of Llama-family models without transformers' per-call machinery.
+"""Forward passes of Llama-family models without transformers' per-call machinery, for sampling and training.
 
 A transformers forward call costs several milliseconds of Python (cache objects, mask builders, rotary
 modules, output dataclasses) whatever the model's size: for the small models of CPU runs that is most of the
-time of a generated token. `LlamaDecoder` runs the same arithmetic on the model's own weights (read at each
-`generate` call, so it always sees the current parameters): q, k and v in one product, gate and up in one,
-RMSNorm in float32 as transformers does, rotary embeddings from the model's `inv_freq`, attention through
-`scaled_dot_product_attention` over a preallocated KV cache. It applies to `LlamaForCausalLM` with default
+time of a generated token and a large share of a training step. `LlamaDecoder` runs the same arithmetic on
+the model's own weights (read when it is made, so with gradients when made under grad mode): q, k and v in one
+product, gate and up in one, RMSNorm in float32 as transformers does, rotary embeddings from the model's
+`inv_freq`, attention through `scaled_dot_product_attention`. It applies to `LlamaForCausalLM` with default
 rotary embeddings and SiLU MLPs without biases (`LlamaDecoder.supports`); other models use transformers'
-forward. Its log-probs equal the recomputed ones of a transformers forward (tests/test_llm.py).
+forward.
+
+Two uses. Sampling (`start` / `forward`): one token at a time over a preallocated KV cache. Training
+(`completion_logits`): the completions of a group share their prompt, so each distinct prompt goes through
+the layers once and its keys and values are shared by the rows that repeat it (`shared_prompts`); only the
+completion tokens are computed per row. With groups of 8 and prompts as long as completions this is about
+half the arithmetic of a forward over every row's prompt + completion, and the gradient is the same (the
+prompt's activations receive the sum of their rows' gradients). Both equal transformers' forward
+(tests/test_llm.py).
 """
 
 from __future__ import annotations
@@ -19,6 +27,19 @@ import torch.nn.functional as F
 from torch import Tensor
 
 
+def shared_prompts(prompt_ids: Tensor, prompt_mask: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """(distinct prompt ids [U, P], their mask [U, P], the index [N] of each row's prompt among them)."""
+    slots: dict[tuple[int, ...], int] = {}
+    firsts: list[int] = []  # the first row of each distinct prompt
+    inverse: list[int] = []
+    for row, key in enumerate(torch.cat([prompt_ids, prompt_mask.long()], -1).tolist()):
+        slot = slots.setdefault(tuple(key), len(firsts))
+        if slot == len(firsts):
+            firsts.append(row)
+        inverse.append(slot)
+    return prompt_ids[firsts], prompt_mask[firsts], torch.tensor(inverse, dtype=torch.long)
+
+
 class LlamaDecoder:
     def __init__(self, model: Any) -> None:
         cfg = model.config
@@ -28,6 +49,7 @@ class LlamaDecoder:
         self.kv_heads = int(getattr(cfg, "num_key_value_heads", None) or self.heads)
         self.head_dim = int(getattr(cfg, "head_dim", None) or cfg.hidden_size // self.heads)
         self.embed = inner.embed_tokens.weight
+        self.padding_idx = inner.embed_tokens.padding_idx  # its row gets no gradient, as in nn.Embedding
         self.inv_freq = inner.rotary_emb.inv_freq.float()
         self.rope_scale = float(getattr(inner.rotary_emb, "attention_scaling", 1.0))
         self.layers = []
@@ -62,7 +84,52 @@ class LlamaDecoder:
             and not getattr(cfg, "mlp_bias", False)
             and getattr(cfg, "pretraining_tp", 1) == 1
             and hasattr(model.model, "rotary_emb")
+            and not _checkpointing(model)
+            and not (model.training and (cfg.attention_dropout or 0.0) > 0)
         )
+
+    # --- the arithmetic shared by both uses -------------------------------------------------------------------
+
+    def _embed(self, tokens: Tensor) -> Tensor:
+        return F.embedding(tokens, self.embed, padding_idx=self.padding_idx)
+
+    def _rms(self, x: Tensor, weight: Tensor) -> Tensor:
+        x32 = x.float()
+        return weight * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
+
+    def _rotary(self, positions: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        """cos and sin [M, 1, D] of the rotary embedding at `positions` [M]."""
+        freqs = positions[:, None].float() * self.inv_freq
+        emb = torch.cat([freqs, freqs], -1)
+        return (emb.cos() * self.rope_scale).to(dtype)[:, None], (emb.sin() * self.rope_scale).to(dtype)[:, None]
+
+    def _project(self, layer: tuple[Tensor, ...], h: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, ...]:
+        """Queries [M, heads, D] and keys [M, kv_heads, D], both rotated (in one go), and values of tokens h [M, E]."""
+        qkv = F.linear(self._rms(h, layer[0]), layer[1]).view(len(h), -1, self.head_dim)
+        qk, v = qkv.split([self.heads + self.kv_heads, self.kv_heads], 1)
+        half = self.head_dim // 2
+        qk = qk * cos + torch.cat([-qk[..., half:], qk[..., :half]], -1) * sin
+        q, k = qk.split([self.heads, self.kv_heads], 1)
+        return q, k, v
+
+    def _attend(self, q: Tensor, keys: Tensor, values: Tensor, mask: Tensor) -> Tensor:
+        """Attention output [B * L, heads * D] of queries [B, heads, L, D] over keys / values [B, kv_heads, S, D]."""
+        repeat = self.heads // self.kv_heads
+        if repeat > 1:
+            keys, values = keys.repeat_interleave(repeat, 1), values.repeat_interleave(repeat, 1)
+        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
+        return out.transpose(1, 2).reshape(-1, self.heads * self.head_dim)
+
+    def _finish(self, layer: tuple[Tensor, ...], h: Tensor, attended: Tensor) -> Tensor:
+        """The layer's output for tokens h [M, E]: the residual with the attention output, then the MLP."""
+        h = h + F.linear(attended, layer[2])
+        gate, up = F.linear(self._rms(h, layer[3]), layer[4]).split(self.intermediate, -1)
+        return h + F.linear(F.silu(gate) * up, layer[5])
+
+    def _logits(self, h: Tensor) -> Tensor:
+        return F.linear(self._rms(h, self.norm), self.lm_head)
+
+    # --- sampling ---------------------------------------------------------------------------------------------
 
     def start(self, batch: int, length: int) -> None:
         """Preallocate the KV cache for `length` positions."""
@@ -71,43 +138,81 @@ class LlamaDecoder:
         self.keys = [torch.empty(shape, dtype=dtype) for _ in self.layers]
         self.values = [torch.empty(shape, dtype=dtype) for _ in self.layers]
 
-    def _rms(self, x: Tensor, weight: Tensor) -> Tensor:
-        x32 = x.float()
-        return weight * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
-
-    def _rotate(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-        half = x.shape[-1] // 2
-        rotated = torch.cat([-x[..., half:], x[..., :half]], -1)
-        return x * cos + rotated * sin
+    def repeat_rows(self, index: Tensor) -> None:
+        """The cache's rows taken by `index` [N] (after a prefill of each distinct prompt once)."""
+        self.keys = [k[index] for k in self.keys]
+        self.values = [v[index] for v in self.values]
 
     def forward(self, tokens: Tensor, positions: Tensor, key_valid: Tensor, start: int) -> Tensor:
         """Logits [B, V] at the last of `tokens` [B, L] (written into the cache from column `start`), attending
         to the cache's first start + L columns where `key_valid` [B, start + L] is true, causally."""
         batch, length = tokens.shape
         end = start + length
-        h = F.embedding(tokens, self.embed)  # [B, L, E]
-        freqs = positions[..., None].float() * self.inv_freq  # [B, L, D/2]
-        emb = torch.cat([freqs, freqs], -1)
-        cos = (emb.cos() * self.rope_scale).to(h.dtype)[:, None]  # [B, 1, L, D]
-        sin = (emb.sin() * self.rope_scale).to(h.dtype)[:, None]
-        query_pos = torch.arange(start, end)[:, None]
-        allowed = key_valid[:, None, :end] & (torch.arange(end)[None, :] <= query_pos)[None]  # [B, L, end]
-        allowed = allowed | (torch.arange(end)[None, :] == query_pos)[None]  # padding queries see themselves
-        mask = allowed[:, None]  # [B, 1, L, end]
-        q_size, kv_size = self.heads * self.head_dim, self.kv_heads * self.head_dim
-        repeat = self.heads // self.kv_heads
-        for i, (norm_in, w_qkv, w_o, norm_post, w_gate_up, w_down) in enumerate(self.layers):
-            qkv = F.linear(self._rms(h, norm_in), w_qkv)
-            q, k, v = qkv.split([q_size, kv_size, kv_size], -1)
-            q = self._rotate(q.view(batch, length, self.heads, self.head_dim).transpose(1, 2), cos, sin)
-            k = self._rotate(k.view(batch, length, self.kv_heads, self.head_dim).transpose(1, 2), cos, sin)
-            self.keys[i][:, :, start:end] = k
-            self.values[i][:, :, start:end] = v.view(batch, length, self.kv_heads, self.head_dim).transpose(1, 2)
-            keys, values = self.keys[i][:, :, :end], self.values[i][:, :, :end]
-            if repeat > 1:
-                keys, values = keys.repeat_interleave(repeat, 1), values.repeat_interleave(repeat, 1)
-            attn = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
-            h = h + F.linear(attn.transpose(1, 2).reshape(batch, length, q_size), w_o)
-            gate, up = F.linear(self._rms(h, norm_post), w_gate_up).split(self.intermediate, -1)
-            h = h + F.linear(F.silu(gate) * up, w_down)
-        return F.linear(self._rms(h[:, -1], self.norm), self.lm_head)
+        h = self._embed(tokens.reshape(-1))  # [B * L, E]
+        cos, sin = self._rotary(positions.reshape(-1), h.dtype)
+        mask = _causal_mask(key_valid[:, :end], start)
+        for i, layer in enumerate(self.layers):
+            q, k, v = self._project(layer, h, cos, sin)
+            self.keys[i][:, :, start:end] = k.view(batch, length, self.kv_heads, -1).transpose(1, 2)
+            self.values[i][:, :, start:end] = v.view(batch, length, self.kv_heads, -1).transpose(1, 2)
+            q = q.view(batch, length, self.heads, -1).transpose(1, 2)
+            attended = self._attend(q, self.keys[i][:, :, :end], self.values[i][:, :, :end], mask)
+            h = self._finish(layer, h, attended)
+        return self._logits(h.view(batch, length, -1)[:, -1])
+
+    # --- training ---------------------------------------------------------------------------------------------
+
+    def completion_logits(
+        self, prompt_ids: Tensor, prompt_mask: Tensor, completion_ids: Tensor, hidden: list[Tensor] | None = None
+    ) -> Tensor:
+        """Logits [N, T, V] of the positions that predict each completion token (the last prompt token's, then
+        each completion token's but the last), computing each distinct prompt once. `hidden` (a list) receives
+        the final-norm hidden states at those positions, [N, T, E]. The distinct prompts' tokens and the rows'
+        completion tokens go through the per-token products together, as one [M, E] tensor; only attention
+        treats them apart (a prompt attends to itself, a completion to its prompt's keys and its own)."""
+        ids, mask, index = shared_prompts(prompt_ids, prompt_mask.bool())
+        (distinct, width), (rows, length) = ids.shape, (completion_ids.shape[0], completion_ids.shape[1] - 1)
+        split = distinct * width
+        prompt_lengths = mask.long().sum(-1)
+        positions = torch.cat(
+            [
+                (mask.long().cumsum(-1) - 1).clamp_min(0).reshape(-1),
+                (prompt_lengths[index, None] + torch.arange(length)).reshape(-1),
+            ]
+        )
+        h = self._embed(torch.cat([ids.reshape(-1), completion_ids[:, :length].reshape(-1)]))
+        cos, sin = self._rotary(positions, h.dtype)
+        prompt_attention = _causal_mask(mask.bool(), 0)
+        key_valid = torch.cat([mask.bool()[index], torch.ones(rows, length, dtype=torch.bool)], -1)
+        completion_attention = _causal_mask(key_valid, width)
+        for layer in self.layers:
+            q, k, v = self._project(layer, h, cos, sin)
+            qp, kp, vp = (x[:split].view(distinct, width, x.shape[1], -1).transpose(1, 2) for x in (q, k, v))
+            attended = self._attend(qp, kp, vp, prompt_attention)
+            if length > 0:
+                qc, kc, vc = (x[split:].view(rows, length, x.shape[1], -1).transpose(1, 2) for x in (q, k, v))
+                keys, values = torch.cat([kp[index], kc], 2), torch.cat([vp[index], vc], 2)
+                attended = torch.cat([attended, self._attend(qc, keys, values, completion_attention)])
+            h = self._finish(layer, h, attended)
+        last_prompt = h[:split].view(distinct, width, -1)[index, -1:]
+        states = self._rms(torch.cat([last_prompt, h[split:].view(rows, length, -1)], 1), self.norm)
+        if hidden is not None:
+            hidden.append(states)
+        return F.linear(states, self.lm_head)
+
+
+def _causal_mask(key_valid: Tensor, start: int) -> Tensor:
+    """[B, 1, L, start + L] boolean attention mask of queries at columns start..start+L-1: the valid keys up to
+    each query, and the query itself (so a padding query still attends to something)."""
+    end = key_valid.shape[1]
+    query = torch.arange(start, end)[:, None]
+    column = torch.arange(end)[None, :]
+    allowed = (key_valid[:, None, :] & (column <= query)[None]) | (column == query)[None]
+    return allowed[:, None]
+
+
+def _checkpointing(model: Any) -> bool:
+    """Whether activation (gradient) checkpointing is on: then transformers' forward does the recomputation."""
+    if hasattr(model, "is_activation_checkpointing"):  # its name from transformers 5.2x on
+        return bool(model.is_activation_checkpointing)
+    return bool(getattr(model, "is_gradient_checkpointing", False))

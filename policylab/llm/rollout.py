@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from policylab.llm.fast_decode import LlamaDecoder
+from policylab.llm.fast_decode import LlamaDecoder, shared_prompts
 
 
 @dataclass
@@ -118,11 +118,14 @@ def generate(
     n, width = prompt_ids.shape
     mask = prompt_mask.long()
     decoder = LlamaDecoder(model) if fast and LlamaDecoder.supports(model) else None
-    if decoder is not None:
-        decoder.start(n, width + max_new_tokens)
-        key_valid = torch.zeros(n, width + max_new_tokens, dtype=torch.bool)
-        key_valid[:, :width] = mask.bool()
-        logits = decoder.forward(prompt_ids, positions(mask), key_valid, 0).float()
+    if decoder is not None:  # each distinct prompt is prefilled once, then its cache rows are repeated
+        distinct, distinct_mask, index = shared_prompts(prompt_ids, mask)
+        decoder.start(len(distinct), width + max_new_tokens)
+        valid = torch.zeros(len(distinct), width + max_new_tokens, dtype=torch.bool)
+        valid[:, :width] = distinct_mask.bool()
+        logits = decoder.forward(distinct, positions(distinct_mask), valid, 0).float()[index]
+        decoder.repeat_rows(index)
+        key_valid = valid[index]
     else:
         out = model(input_ids=prompt_ids, attention_mask=mask, position_ids=positions(mask), use_cache=True)
         cache_keyword = _cache_keyword(model)
@@ -171,20 +174,26 @@ def token_logprobs(
     completion_mask: Tensor,
     temperature: float = 1.0,
     hidden: list[Tensor] | None = None,
+    fast: bool = True,
 ) -> tuple[Tensor, Tensor]:
     """(log-probs [N, T] of the completion tokens under softmax(logits / temperature), the entropy [N, T] of that
     distribution) in one forward pass over prompt + completion (with gradients, for training). With `hidden` (a
     list), the last layer's states at the positions that predict the completion tokens, [N, T, H], are appended
-    to it (what a value head reads: the state before each token)."""
-    ids = torch.cat([prompt_ids, completion_ids], -1)
-    mask = torch.cat([prompt_mask.long(), completion_mask.long()], -1)
-    out = model(
-        input_ids=ids, attention_mask=mask, position_ids=positions(mask), output_hidden_states=hidden is not None
-    )
-    start = prompt_ids.shape[1] - 1
-    if hidden is not None:
-        hidden.append(out.hidden_states[-1][:, start:-1])
-    logits = out.logits[:, start:-1].float() / temperature
+    to it (what a value head reads: the state before each token). `fast`: Llama-family models run through
+    `LlamaDecoder.completion_logits`, which computes each distinct prompt of the batch once."""
+    if fast and LlamaDecoder.supports(model):
+        logits = LlamaDecoder(model).completion_logits(prompt_ids, prompt_mask, completion_ids, hidden).float()
+    else:
+        ids = torch.cat([prompt_ids, completion_ids], -1)
+        mask = torch.cat([prompt_mask.long(), completion_mask.long()], -1)
+        out = model(
+            input_ids=ids, attention_mask=mask, position_ids=positions(mask), output_hidden_states=hidden is not None
+        )
+        start = prompt_ids.shape[1] - 1
+        if hidden is not None:
+            hidden.append(out.hidden_states[-1][:, start:-1])
+        logits = out.logits[:, start:-1].float()
+    logits = logits / temperature
     log_probs = torch.log_softmax(logits, -1)
     chosen = log_probs.gather(-1, completion_ids[..., None]).squeeze(-1)
     entropy = -(log_probs.exp() * log_probs).sum(-1)
@@ -209,7 +218,6 @@ def cut_at_stop(rollout: Rollout, tokenizer: Any, stop: list[str]) -> Rollout:
 
 def decode(tokenizer: Any, rollout: Rollout) -> list[str]:
     """The completions' text (special tokens dropped, masked tokens left out)."""
-    return [
-        tokenizer.decode(ids[m].tolist(), skip_special_tokens=True)
-        for ids, m in zip(rollout.completion_ids, rollout.completion_mask)
-    ]
+    ids, mask = rollout.completion_ids.tolist(), rollout.completion_mask.tolist()
+    rows = [[token for token, keep in zip(row, keeps) if keep] for row, keeps in zip(ids, mask)]
+    return tokenizer.batch_decode(rows, skip_special_tokens=True)
