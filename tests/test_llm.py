@@ -658,3 +658,83 @@ def test_the_fast_llama_decoder_samples_what_transformers_forward_samples():
     )
     assert torch.equal(fast.completion_ids, slow.completion_ids)
     torch.testing.assert_close(fast.logprobs, slow.logprobs, atol=1e-5, rtol=1e-5)
+
+
+# --- Python objects instead of names and paths ------------------------------------------------------------------
+
+
+def _addition_dataset(n: int, seed: int):
+    from datasets import Dataset
+
+    from policylab.llm.tasks import get_task
+
+    return Dataset.from_list([{**row, "level": "two-digit"} for row in get_task("addition").make(n, seed)])
+
+
+def test_train_llm_takes_a_model_object_a_dataset_and_reward_functions(sft_model, tmp_path):
+    """The model and tokenizer as objects, the prompts as a datasets.Dataset, the reward as a Python function
+    (it receives the dataset's columns): GRPO raises accuracy as it does from paths, the model object is the
+    one trained, and config.yaml records what was given."""
+    import yaml
+
+    model, tokenizer = load_model(sft_model.dir)
+    calls = []
+
+    def digits_match(prompts, completions, answer, **columns):
+        calls.append(sorted(columns))
+        return [float(c.strip() == a) for c, a in zip(completions, answer)]
+
+    overrides = {"steps": 60, "batch_size": 32, "group_size": 8, "eval_every": 60, "eval_size": 200}
+    run = train_llm(
+        "grpo",
+        overrides,
+        tmp_path,
+        verbose=False,
+        model=model,
+        tokenizer=tokenizer,
+        prompts=_addition_dataset(2000, 0),
+        eval_prompts=_addition_dataset(200, 1_000_003),
+        rewards=[(digits_match, 1.0)],
+    )
+    assert run.final_eval["accuracy"] >= run.initial_eval["accuracy"] + 0.15, (run.initial_eval, run.final_eval)
+    assert calls and calls[0] == ["level"]  # the dataset's other columns reach the function
+    saved, trained = _weights(run.dir), model.state_dict()
+    for key, value in saved.items():
+        torch.testing.assert_close(trained[key], value, rtol=0, atol=0)
+    config = yaml.safe_load((run.dir / "config.yaml").read_text())
+    assert config["model"] == "python:LlamaForCausalLM" and config["prompts"] == "python:Dataset"
+    assert config["rewards"] == ["python:digits_match=1.0"]
+
+
+def test_a_run_given_python_objects_resumes_exactly_when_they_are_given_again(sft_model, tmp_path):
+    def make_inputs():
+        model, tokenizer = load_model(sft_model.dir)
+        return {"model": model, "tokenizer": tokenizer, "prompts": _addition_dataset(200, 0).to_list()}
+
+    settings = {"steps": 6, "eval_every": 2, "batch_size": 4, "group_size": 4, "eval_size": 8}
+    full = train_llm("grpo", settings, tmp_path, name="full", verbose=False, **make_inputs())
+    part = train_llm(
+        "grpo", settings, tmp_path, name="part", verbose=False, callback=lambda step, _: step < 3, **make_inputs()
+    )
+    expected = r"Python objects for model, prompts(.|\n)*train_llm\(resume=RUN, model=\.\.\., prompts"
+    with pytest.raises(LLMError, match=expected):
+        train_llm(resume=part.dir, verbose=False)
+    resumed = train_llm(resume=part.dir, verbose=False, **make_inputs())
+    a, b = _weights(full.dir), _weights(resumed.dir)
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=0)
+
+
+def test_python_inputs_that_cannot_work_are_one_clear_error_each(sft_model, tmp_path):
+    model, tokenizer = load_model(sft_model.dir)
+    settings = {"steps": 1, "eval_size": 8}
+    cases = [
+        ({"model": model}, "without its tokenizer"),
+        ({"model": object(), "tokenizer": tokenizer}, "not a transformers causal LM"),
+        ({"prompts": [{"question": "1+1="}]}, 'prompts, row 0: no "prompt" string'),
+        ({"prompts": 42}, "prompts is a int"),
+        ({"rewards": [3]}, "reward 3 is not callable"),
+    ]
+    for given, message in cases:
+        with pytest.raises(LLMError, match=message):
+            train_llm("grpo", settings, tmp_path, verbose=False, **given)

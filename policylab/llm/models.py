@@ -70,8 +70,40 @@ def load_model(source: str | Path, seed: int = 0) -> tuple[Any, Any]:
         )
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(path)
+    tokenizer = prepare_tokenizer(AutoTokenizer.from_pretrained(path))
+    return AutoModelForCausalLM.from_pretrained(path, use_safetensors=True), tokenizer
+
+
+def prepare_tokenizer(tokenizer: Any) -> Any:
+    """The tokenizer set up for batched sampling: prompts padded on the left, the EOS token as padding when it
+    has no padding token. It needs an EOS token (a completion ends there)."""
+    if getattr(tokenizer, "eos_token_id", None) is None:
+        raise LLMError(
+            f"the tokenizer {type(tokenizer).__name__} has no EOS token, so no completion could end",
+            "set tokenizer.eos_token (e.g. tokenizer.add_special_tokens({'eos_token': '</s>'}))",
+        )
     tokenizer.padding_side = "left"
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    return AutoModelForCausalLM.from_pretrained(path, use_safetensors=True), tokenizer
+    return tokenizer
+
+
+def check_model(model: Any, tokenizer: Any) -> None:
+    """A model object given in Python: a causal LM on the CPU whose vocabulary covers the tokenizer's."""
+    if not callable(model) or not hasattr(model, "config") or not hasattr(model, "parameters"):
+        raise LLMError(
+            f"model is a {type(model).__name__}, not a transformers causal LM",
+            "pass an AutoModelForCausalLM (e.g. AutoModelForCausalLM.from_config(config)) or a path",
+        )
+    devices = {p.device.type for p in model.parameters()}
+    if devices != {"cpu"}:
+        raise LLMError(
+            f"the model's weights are on {', '.join(sorted(devices))}; the language-model trainer runs on the CPU",
+            "pass model.cpu()",
+        )
+    vocabulary = model.get_input_embeddings().num_embeddings
+    if len(tokenizer) > vocabulary:
+        raise LLMError(
+            f"the tokenizer has {len(tokenizer)} tokens but the model's embedding only {vocabulary}",
+            "call model.resize_token_embeddings(len(tokenizer)) or pass the model's own tokenizer",
+        )

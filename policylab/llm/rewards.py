@@ -102,9 +102,31 @@ def load_reward(spec: str) -> tuple[RewardFn, float]:
     return fn, weight
 
 
-def combine_rewards(specs: list[str]) -> RewardFn:
+RewardSpec = str | RewardFn | tuple[str | RewardFn, float]
+"""A reward as `load_reward` reads it (a string), a function, or either with a weight."""
+
+
+def reward_name(spec: RewardSpec) -> str:
+    """How a reward is written in the run's config.yaml: its string, or python:<function name> for a function."""
+    target, weight = spec if isinstance(spec, tuple) else (spec, None)
+    name = target if isinstance(target, str) else f"python:{getattr(target, '__name__', type(target).__name__)}"
+    return name if weight is None else f"{name}={weight}"
+
+
+def resolve_reward(spec: RewardSpec) -> tuple[RewardFn, float]:
+    """(function, weight) of a reward string, a function or a (reward, weight) pair."""
+    target, weight = spec if isinstance(spec, tuple) else (spec, None)
+    if isinstance(target, str):
+        fn, parsed = load_reward(target)
+        return fn, parsed if weight is None else float(weight)
+    if not callable(target):
+        raise LLMError(f"reward {target!r} is not callable", "pass functions (prompts, completions, **columns)")
+    return target, 1.0 if weight is None else float(weight)
+
+
+def combine_rewards(specs: list[RewardSpec]) -> RewardFn:
     """The weighted sum of the rewards in `specs` (one function as it is when there is one with weight 1)."""
-    loaded = [load_reward(spec) for spec in specs]
+    loaded = [resolve_reward(spec) for spec in specs]
     if len(loaded) == 1 and loaded[0][1] == 1.0:
         return loaded[0][0]
 
@@ -115,7 +137,7 @@ def combine_rewards(specs: list[str]) -> RewardFn:
             total = [t + weight * v for t, v in zip(total, values)]
         return total
 
-    combined.__name__ = " + ".join(spec for spec in specs)
+    combined.__name__ = " + ".join(reward_name(spec) for spec in specs)
     return combined
 
 
@@ -156,9 +178,33 @@ def load_prompts(path: str | Path) -> list[dict[str, Any]]:
             row = json.loads(line)
         except json.JSONDecodeError as exc:
             raise LLMError(f"{path}, line {number}: not JSON ({exc.msg})", "one JSON object per line") from None
-        if not isinstance(row, dict) or not isinstance(row.get("prompt"), str):
-            raise LLMError(f'{path}, line {number}: no "prompt" string', 'give every line a "prompt" field')
+        _check_row(row, f"{path}, line {number}")
         rows.append(row)
     if not rows:
         raise LLMError(f"{path} has no prompts", 'add lines like {"prompt": "2+2=", "answer": "4"}')
     return rows
+
+
+def prompt_rows(source: Any, what: str = "prompts") -> list[dict[str, Any]]:
+    """Rows from a JSONL path, a `datasets.Dataset` or a list of dicts, each with a "prompt" string."""
+    if isinstance(source, str | Path):
+        return load_prompts(source)
+    if hasattr(source, "to_list") and hasattr(source, "column_names"):  # a datasets.Dataset
+        rows = source.to_list()
+    elif isinstance(source, list | tuple):
+        rows = list(source)
+    else:
+        raise LLMError(
+            f"{what} is a {type(source).__name__}",
+            'pass a JSONL path, a datasets.Dataset or a list of dicts like {"prompt": "2+2=", "answer": "4"}',
+        )
+    if not rows:
+        raise LLMError(f"{what} has no rows", 'add rows like {"prompt": "2+2=", "answer": "4"}')
+    for number, row in enumerate(rows):
+        _check_row(row, f"{what}, row {number}")
+    return [dict(row) for row in rows]
+
+
+def _check_row(row: Any, where: str) -> None:
+    if not isinstance(row, dict) or not isinstance(row.get("prompt"), str):
+        raise LLMError(f'{where}: no "prompt" string', 'give every row a "prompt" field')

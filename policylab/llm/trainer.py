@@ -51,8 +51,8 @@ from policylab.checkpoint import (
 from policylab.config import apply_values
 from policylab.errors import ConfigError, suggest
 from policylab.llm import LLMError, require_llm
-from policylab.llm.models import load_model
-from policylab.llm.rewards import checked_call, combine_rewards, load_prompts
+from policylab.llm.models import check_model, load_model, prepare_tokenizer
+from policylab.llm.rewards import RewardSpec, checked_call, combine_rewards, prompt_rows, reward_name
 from policylab.llm.rollout import Rollout, concat_rollouts, decode, generate, token_logprobs
 from policylab.llm.tasks import Task, get_task
 from policylab.logging import CONFIG_YAML, Progress, RunLog, new_run_dir
@@ -183,7 +183,9 @@ class LLMConfig:
     """Rows of the task generated for training (the evaluation rows come from another seed)."""
     prompts: str | None = None
     """A JSONL file of {"prompt": ..., other fields} rows instead of the task's; the last eval_size rows (at most
-    a fifth of the file) are held out for evaluation."""
+    a fifth of the file) are held out for evaluation unless `eval_prompts` is given."""
+    eval_prompts: str | None = None
+    """A JSONL file of evaluation rows (then every row of `prompts` trains)."""
     rewards: list[str] = field(default_factory=list)
     """Reward functions, each `name`, `module:function` or either with `=weight`, summed; empty: the task's
     (exact_match with a prompts file)."""
@@ -339,19 +341,85 @@ def with_lora(model: Any, rank: int, alpha: int) -> Any:
     return get_peft_model(model, LoraConfig(r=rank, lora_alpha=alpha, target_modules="all-linear"))
 
 
-def task_of(cfg: LLMConfig) -> Task:
-    """The built-in task, or a prompts file as a task; with `rewards`, their weighted sum as its reward."""
-    if cfg.prompts is None:
+PYTHON = "python:"
+"""How config.yaml records an input given as a Python object (a model, a dataset, a reward function)."""
+
+
+@dataclass
+class LLMInputs:
+    """Inputs given as Python objects instead of the config's names and paths (None: the config's). The run's
+    config.yaml records them as python:<type or function name>; resuming such a run needs them passed again."""
+
+    model: Any = None
+    """A transformers causal LM (e.g. AutoModelForCausalLM.from_config(...)), trained in place."""
+    tokenizer: Any = None
+    """The model's tokenizer (needed with `model`; set to left padding, EOS as padding when it has none)."""
+    prompts: Any = None
+    """Rows {"prompt", other fields}: a datasets.Dataset, a list of dicts or a JSONL path."""
+    eval_prompts: Any = None
+    rewards: list[RewardSpec] | None = None
+    """Functions (prompts, completions, **columns) -> list[float], reward strings, or (either, weight) pairs."""
+    expert: Any = None
+    pairs: Any = None
+
+    def config_values(self) -> dict[str, Any]:
+        """The config entries that record the objects given."""
+        values: dict[str, Any] = {}
+        for name in ("model", "prompts", "eval_prompts", "expert", "pairs"):
+            value = getattr(self, name)
+            if value is not None:
+                values[name] = str(value) if isinstance(value, str | Path) else PYTHON + type(value).__name__
+        if self.rewards is not None:
+            values["rewards"] = [reward_name(spec) for spec in self.rewards]
+        return values
+
+
+def _given(cfg: LLMConfig, inputs: LLMInputs, name: str) -> Any:
+    """The object given for `name`, else the config's value."""
+    value = getattr(inputs, name)
+    return value if value is not None else getattr(cfg, name)
+
+
+def _check_objects_given(cfg: LLMConfig, inputs: LLMInputs) -> None:
+    """A config that records Python objects (python:..., a resumed run's) needs them passed again."""
+    missing = []
+    for name in ("model", "prompts", "eval_prompts", "rewards", "expert", "pairs"):
+        recorded = getattr(cfg, name)
+        values = recorded if isinstance(recorded, list) else [recorded]
+        if getattr(inputs, name) is None and any(isinstance(v, str) and v.startswith(PYTHON) for v in values):
+            missing.append(name)
+    if missing:
+        names = ", ".join(missing)
+        raise LLMError(
+            f"this run was given Python objects for {names}, which config.yaml records only by name",
+            f"pass them again: train_llm(resume=RUN, {', '.join(f'{n}=...' for n in missing)})",
+        )
+
+
+def task_of(cfg: LLMConfig, inputs: LLMInputs | None = None) -> Task:
+    """The built-in task, or the given prompts as a task; with rewards, their weighted sum as its reward."""
+    inputs = inputs or LLMInputs()
+    rewards, prompts = _given(cfg, inputs, "rewards"), _given(cfg, inputs, "prompts")
+    if prompts is None:
         task = get_task(cfg.task)
-        return task if not cfg.rewards else replace(task, reward=combine_rewards(cfg.rewards))
-    rows = load_prompts(cfg.prompts)
-    reward = combine_rewards(cfg.rewards or ["exact_match"])
-    return Task("prompts", str(cfg.prompts), lambda n, seed: rows, reward, cfg.max_new_tokens or 32)
+        return task if not rewards else replace(task, reward=combine_rewards(rewards))
+    rows = prompt_rows(prompts)
+    reward = combine_rewards(rewards or ["exact_match"])
+    where = str(prompts) if isinstance(prompts, str | Path) else f"{len(rows)} rows given in Python"
+    return Task("prompts", where, lambda n, seed: rows, reward, cfg.max_new_tokens or 32)
 
 
-def rows_of(task: Task, cfg: LLMConfig) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """(training rows, evaluation rows): a built-in task's from two seeds; a prompts file's split at its end."""
-    if cfg.prompts is None:
+def rows_of(
+    task: Task, cfg: LLMConfig, inputs: LLMInputs | None = None
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """(training rows, evaluation rows): a built-in task's from two seeds; given prompts split at their end
+    (the last eval_size rows, at most a fifth), or all of them with separate evaluation prompts."""
+    inputs = inputs or LLMInputs()
+    evaluation = _given(cfg, inputs, "eval_prompts")
+    if evaluation is not None:
+        rows = task.make(0 if task.name == "prompts" else cfg.train_size, cfg.seed)
+        return rows, prompt_rows(evaluation, "eval_prompts")
+    if task.name != "prompts":
         return task.make(cfg.train_size, cfg.seed), task.make(cfg.eval_size, 1_000_003 + cfg.seed)
     rows = task.make(0, cfg.seed)
     held_out = min(cfg.eval_size, len(rows) // 5)
@@ -359,12 +427,14 @@ def rows_of(task: Task, cfg: LLMConfig) -> tuple[list[dict[str, Any]], list[dict
 
 
 class LLMTrainer:
-    def __init__(self, cfg: LLMConfig) -> None:
+    def __init__(self, cfg: LLMConfig, inputs: LLMInputs | None = None) -> None:
         require_llm()
         torch.set_num_threads(cfg.threads)
+        inputs = inputs or LLMInputs()
+        _check_objects_given(cfg, inputs)
         self.cfg = cfg
-        self.task = task_of(cfg)
-        self.model, self.tokenizer = load_model(cfg.model, cfg.seed)
+        self.task = task_of(cfg, inputs)
+        self.model, self.tokenizer = self._model(cfg, inputs)
         if cfg.gradient_checkpointing:
             if hasattr(self.model, "activation_checkpointing_enable"):  # its name from transformers 5.2x on
                 self.model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
@@ -383,9 +453,10 @@ class LLMTrainer:
         params = [p for p in self.model.parameters() if p.requires_grad]
         params += list(self.value_head.parameters()) if self.value_head is not None else []
         self.optimizer = Adam(params, lr=cfg.lr)
-        self.train_rows, self.eval_rows = rows_of(self.task, cfg)
-        self.expert_rows = load_prompts(cfg.expert) if cfg.expert else self.train_rows
-        self.pair_rows = load_prompts(cfg.pairs) if cfg.pairs else None
+        self.train_rows, self.eval_rows = rows_of(self.task, cfg, inputs)
+        expert, pairs = _given(cfg, inputs, "expert"), _given(cfg, inputs, "pairs")
+        self.expert_rows = prompt_rows(expert, "expert") if expert is not None else self.train_rows
+        self.pair_rows = prompt_rows(pairs, "pairs") if pairs is not None else None
         self.rng = np.random.default_rng(cfg.seed)
         if self.pair_rows is not None:  # files without the fields fail here, not mid-run
             preference_pair(self.pair_rows[0], np.random.default_rng(0))
@@ -394,6 +465,18 @@ class LLMTrainer:
         self.generator = torch.Generator().manual_seed(cfg.seed)
         self.max_new_tokens = cfg.max_new_tokens or self.task.max_new_tokens
         self.step = 0
+
+    @staticmethod
+    def _model(cfg: LLMConfig, inputs: LLMInputs) -> tuple[Any, Any]:
+        """(model, tokenizer): the objects given, or loaded from the config's model name or directory."""
+        model = _given(cfg, inputs, "model")
+        if isinstance(model, str):
+            return load_model(model, cfg.seed)
+        if inputs.tokenizer is None:
+            raise LLMError("a model object was given without its tokenizer", "pass tokenizer=... with model=...")
+        tokenizer = prepare_tokenizer(inputs.tokenizer)
+        check_model(model, tokenizer)
+        return model, tokenizer
 
     def sample_rows(self, n: int) -> list[dict[str, Any]]:
         return [self.train_rows[i] for i in self.rng.integers(0, len(self.train_rows), n)]
@@ -770,12 +853,27 @@ def train_llm(
     verbose: bool | None = None,
     resume: str | Path | None = None,
     callback: Callable[[int, dict[str, float]], bool] | None = None,
+    *,
+    model: Any = None,
+    tokenizer: Any = None,
+    prompts: Any = None,
+    eval_prompts: Any = None,
+    rewards: list[RewardSpec] | None = None,
+    expert: Any = None,
+    pairs: Any = None,
 ) -> LLMRun:
     """Train (SFT or RL) and write the run directory: config.yaml, train.csv, eval.csv, eval.json, model/ and
     checkpoints/ (at every evaluation: weights, optimizer and RNG state). `resume`: a run directory to continue
     from its latest checkpoint, exactly (its config is used). `callback(step, metrics)` returning False stops
-    the run after that step (a checkpoint is written first)."""
+    the run after that step (a checkpoint is written first).
+
+    The inputs can be Python objects instead of the config's names and paths (see LLMInputs): `model` (a
+    transformers causal LM, trained in place) with its `tokenizer`, `prompts` / `eval_prompts` / `expert` /
+    `pairs` (a datasets.Dataset or a list of dicts), `rewards` (functions, or (function, weight) pairs).
+    Resuming a run made so needs the same objects passed again."""
     import yaml
+
+    inputs = LLMInputs(model, tokenizer, prompts, eval_prompts, rewards, expert, pairs)
 
     if resume is not None:
         run_dir = Path(resume)
@@ -783,7 +881,7 @@ def train_llm(
             raise LLMError(f"{run_dir} is not a language-model run directory (no {CONFIG_YAML})", "check the path")
         saved = yaml.safe_load((run_dir / CONFIG_YAML).read_text())
         cfg = make_config(saved.pop("algo"), saved)
-        trainer = LLMTrainer(cfg)
+        trainer = LLMTrainer(cfg, inputs)
         tensors, state, _ = load_checkpoint(run_dir)
         trainer.restore(tensors, state)
         initial, start = state["initial"], int(state["step"])
@@ -791,8 +889,8 @@ def train_llm(
     else:
         if algo is None:
             raise LLMError("no algorithm given", "pass one (e.g. grpo), or resume=RUN_DIR")
-        cfg = make_config(algo, overrides)
-        trainer = LLMTrainer(cfg)
+        cfg = make_config(algo, {**(overrides or {}), **inputs.config_values()})
+        trainer = LLMTrainer(cfg, inputs)
         run_dir = new_run_dir(runs_dir, name or f"{algo}-{cfg.task}-s{cfg.seed}")
         atomic_write_text(run_dir / CONFIG_YAML, yaml.safe_dump(asdict(cfg), sort_keys=False))
         log = RunLog(run_dir, tensorboard=False)
