@@ -9,6 +9,7 @@ from pathlib import Path
 
 from policylab.errors import PolicylabError
 from policylab.llm.cli import add_llm_parser
+from policylab.ope.cli import add_ope_parser
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -206,6 +207,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_dataset)
 
     add_llm_parser(sub)
+    add_ope_parser(sub)
     return parser
 
 

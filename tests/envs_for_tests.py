@@ -90,3 +90,61 @@ class SparseGoalEnv(gym.Env):
         self.t += 1
         reward = 1.0 if self.x >= 1.5 else 0.0
         return np.array([self.x], np.float32), reward, False, self.t >= 30, {}
+
+
+class ChainMDP(gym.Env):
+    """A 4-state chain with known dynamics, one-hot observations: action 1 moves right with probability 0.8
+    (else stays), action 0 moves left with probability 0.8; reaching state 3 pays 1 and ends the episode, every
+    other step pays -0.1 and ends it with probability 0.1 (so every policy's value is finite and exact)."""
+
+    n_states = 4
+    observation_space = gym.spaces.Box(0.0, 1.0, (4,), np.float32)
+    action_space = gym.spaces.Discrete(2)
+
+    @staticmethod
+    def transitions() -> tuple[np.ndarray, np.ndarray]:
+        """(P[s, a, s'] of the moves, the expected reward R[s, a] of a step)."""
+        n = ChainMDP.n_states
+        move = np.zeros((n, 2, n))
+        for s in range(n - 1):
+            move[s, 1, min(s + 1, n - 1)] += 0.8
+            move[s, 1, s] += 0.2
+            move[s, 0, max(s - 1, 0)] += 0.8
+            move[s, 0, s] += 0.2
+        reward = np.zeros((n, 2))
+        for s in range(n - 1):
+            for a in range(2):
+                reward[s, a] = move[s, a, n - 1] * 1.0 + (1 - move[s, a, n - 1]) * -0.1
+        return move, reward
+
+    def reset(self, *, seed: int | None = None, options: dict | None = None):  # type: ignore[override]
+        super().reset(seed=seed)
+        self.state = 0
+        return self._obs(), {}
+
+    def _obs(self) -> np.ndarray:
+        obs = np.zeros(self.n_states, np.float32)
+        obs[self.state] = 1.0
+        return obs
+
+    def step(self, action):  # type: ignore[override]
+        rng = self.np_random
+        if rng.random() < 0.8:
+            self.state = min(self.state + 1, 3) if int(action) == 1 else max(self.state - 1, 0)
+        if self.state == 3:
+            return self._obs(), 1.0, True, False, {}
+        return self._obs(), -0.1, bool(rng.random() < 0.1), False, {}
+
+
+def chain_value(probs: np.ndarray, gamma: float) -> float:
+    """The exact discounted value from state 0 of a policy with action probabilities probs[s, a] on ChainMDP."""
+    move, reward = ChainMDP.transitions()
+    n = ChainMDP.n_states
+    # the episode goes on from s' with probability 0.9 unless s' is the end state 3
+    cont = move.copy()
+    cont[:, :, n - 1] = 0.0
+    cont *= 0.9
+    p_pi = np.einsum("sa,sat->st", probs, cont)[: n - 1, : n - 1]
+    r_pi = (probs * reward).sum(1)[: n - 1]
+    values = np.linalg.solve(np.eye(n - 1) - gamma * p_pi, r_pi)
+    return float(values[0])

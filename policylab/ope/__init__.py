@@ -28,9 +28,27 @@ from policylab.ope.estimators import (
     wis,
     wpdis,
 )
+from policylab.ope.evaluate import OPEReport, evaluate_policy, select_policies
+from policylab.ope.fqe import FittedQ, FQEConfig, fit_fqe
+from policylab.ope.policies import TargetPolicy, target_policy
+from policylab.ope.selection import Selection, nmse, rank_correlation, regret_at_k, sharpe_ratio_at_k, top_k
 
 __all__ = [
     "ESTIMATORS",
+    "FQEConfig",
+    "FittedQ",
+    "OPEReport",
+    "Selection",
+    "TargetPolicy",
+    "evaluate_policy",
+    "fit_fqe",
+    "nmse",
+    "rank_correlation",
+    "regret_at_k",
+    "select_policies",
+    "sharpe_ratio_at_k",
+    "target_policy",
+    "top_k",
     "NEEDS_CRITIC",
     "Contributions",
     "OPEResult",

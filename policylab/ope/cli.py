@@ -1,0 +1,73 @@
+"""`policylab ope`: estimate a policy's value on a dataset, or rank several (`policylab ope select`)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+
+def add_ope_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("ope", help="off-policy evaluation of policies on an offline dataset")
+    p.add_argument("mode", nargs="?", choices=("select",), help="select: rank --policies by one estimator")
+    p.add_argument("--dataset", required=True, help="dataset directory, D4RL-style .hdf5 file or Minari id")
+    p.add_argument("--policy", help="a run directory (its final policy)")
+    p.add_argument("--policies", nargs="+", default=[], help="select: candidate run directories")
+    p.add_argument(
+        "--estimators", default="fqe,pdis,wpdis,dr,wdr", help="comma-separated: dm/fqe, is, pdis, wis, wpdis, dr, wdr"
+    )
+    p.add_argument("--estimator", default="wdr", help="select: the estimator that ranks (default wdr)")
+    p.add_argument("--top-k", type=int, default=3)
+    p.add_argument("--true", help="select: a JSON file {run directory: true value} (adds regret, SharpeRatio@k ...)")
+    p.add_argument("--gamma", type=float, help="discount of the value (default: the run's gamma)")
+    p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the intervals")
+    p.add_argument("--alpha", type=float, default=0.05, help="1 - confidence of the intervals")
+    p.add_argument("--clip", type=float, help="cap on each per-step importance ratio")
+    p.add_argument("--epsilon", type=float, default=0.0, help="Discrete: mix the policy with uniform (epsilon-greedy)")
+    p.add_argument("--sigma", type=float, help="deterministic Box policies: Gaussian std in half-ranges")
+    p.add_argument("--fqe-steps", type=int, default=10_000, help="gradient steps of fitted Q evaluation")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", help="also write the result as JSON to this file")
+    p.set_defaults(func=run_ope_command)
+
+
+def run_ope_command(args: argparse.Namespace) -> int:
+    from policylab.errors import ConfigError
+    from policylab.ope.evaluate import evaluate_policy, select_policies, write_report
+    from policylab.ope.fqe import FQEConfig
+
+    options = {
+        "gamma": args.gamma,
+        "bootstrap": args.bootstrap,
+        "alpha": args.alpha,
+        "clip": args.clip,
+        "epsilon": args.epsilon,
+        "sigma": args.sigma,
+        "fqe": FQEConfig(steps=args.fqe_steps, seed=args.seed),
+        "seed": args.seed,
+    }
+    if args.mode == "select":
+        true = json.loads(Path(args.true).read_text()) if args.true else None
+        selection, reports = select_policies(
+            args.dataset, args.policies, estimator=args.estimator, top_k=args.top_k, true_values=true, **options
+        )
+        print(selection.format())
+        if args.json:
+            _write_json(args.json, {"ranking": [selection.names[i] for i in selection.ranking],
+                                    "metrics": selection.metrics(),
+                                    "reports": {k: r.to_json() for k, r in reports.items()}})  # fmt: skip
+        return 0
+    if args.policy is None:
+        raise ConfigError("no policy to evaluate", "pass --policy RUN_DIR (or `ope select --policies ...`)")
+    report = evaluate_policy(args.dataset, args.policy, args.estimators.split(","), **options)
+    print(report.format())
+    if args.json:
+        print(f"wrote {write_report(report, args.json)}")
+    return 0
+
+
+def _write_json(path: str, payload: dict) -> None:
+    from policylab.checkpoint import atomic_write_text
+
+    atomic_write_text(Path(path), json.dumps(payload, indent=2, default=float))
+    print(f"wrote {path}")

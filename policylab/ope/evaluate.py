@@ -1,0 +1,240 @@
+"""Off-policy evaluation of a trained policy on an offline dataset: the estimators of `estimators.py` fed with
+the dataset's episodes, the policy's log-probs of the logged actions, the behaviour log-probs (recorded, or
+estimated by behaviour cloning with a caveat) and, for dm / fqe / dr / wdr, a critic fitted by FQE.
+
+    from policylab.ope import evaluate_policy
+    report = evaluate_policy("datasets/hopper-medium", "runs/iql-Hopper-v5-s1", ["fqe", "pdis", "wdr"])
+    print(report.format())
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from policylab.data.dataset import Dataset, check_compatible, load_dataset
+from policylab.errors import ConfigError
+from policylab.ope.bootstrap import OPEResult, estimate
+from policylab.ope.estimators import NEEDS_CRITIC, Trajectories, get_estimator, pad_episodes
+from policylab.ope.fqe import FittedQ, FQEConfig, fit_fqe
+from policylab.ope.policies import TargetPolicy
+from policylab.ope.selection import Selection
+from policylab.policy import Policy, load
+
+ALIASES = {"fqe": "dm"}
+"""`fqe` is the direct method on the FQE critic (what `dm` uses here): the two names give one estimate."""
+DEFAULT_ESTIMATORS = ("fqe", "pdis", "wpdis", "dr", "wdr")
+
+
+@dataclass
+class OPEReport:
+    """Estimates of one policy's discounted value on one dataset."""
+
+    results: dict[str, OPEResult]
+    gamma: float
+    gamma_source: str
+    policy: str
+    policy_distribution: str
+    dataset: str
+    behavior: str
+    behavior_value: float
+    """The dataset's own mean discounted return (the behaviour policy's on-policy value)."""
+    notes: list[str] = field(default_factory=list)
+
+    def format(self) -> str:
+        lines = [
+            f"policy {self.policy}: {self.policy_distribution}",
+            f"dataset {self.dataset}; behaviour log-probs {self.behavior}",
+            f"value = discounted return with gamma {self.gamma} ({self.gamma_source}); "
+            f"the dataset's own (behaviour) value: {self.behavior_value:.3f}",
+            f"{'estimator':<10}{'value':>12}{'std err':>11}{'CI low':>12}{'CI high':>12}{'ESS':>10}",
+        ]
+        for name, r in self.results.items():
+            ess = "" if name in ("dm", "fqe") else f"{r.ess:10.1f}"
+            lines.append(f"{name:<10}{r.value:12.3f}{r.std_error:11.3f}{r.ci_low:12.3f}{r.ci_high:12.3f}{ess:>10}")
+        alpha = next(iter(self.results.values())).alpha if self.results else 0.05
+        lines.append(f"(CI: {100 * (1 - alpha):.0f}% percentile bootstrap over episodes)")
+        lines.extend(f"note: {note}" for note in self.notes)
+        return "\n".join(lines)
+
+    def to_json(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["results"] = {name: asdict(r) for name, r in self.results.items()}
+        return out
+
+
+def evaluate_policy(
+    dataset: str | Path | Dataset,
+    policy: str | Path | Policy,
+    estimators: list[str] | tuple[str, ...] = DEFAULT_ESTIMATORS,
+    *,
+    gamma: float | None = None,
+    bootstrap: int = 1000,
+    alpha: float = 0.05,
+    clip: float | None = None,
+    epsilon: float = 0.0,
+    sigma: float | None = None,
+    fqe: FQEConfig | None = None,
+    seed: int = 0,
+) -> OPEReport:
+    """Estimate `policy`'s value on `dataset` with each estimator (names: dm/fqe, is, pdis, wis, wpdis, dr, wdr).
+    `gamma`: the discount of the value (None: the policy's run's own gamma). `epsilon` / `sigma`: see
+    policies.TargetPolicy (an epsilon-greedy or Gaussian version of a greedy / deterministic policy)."""
+    names = _check_names(estimators)
+    data = dataset if isinstance(dataset, Dataset) else load_dataset(dataset)
+    loaded = policy if isinstance(policy, Policy) else load(policy)
+    gamma, gamma_source = _gamma(gamma, policy)
+    check_compatible(data, loaded.observation_space, loaded.action_space, "the policy")
+    needs_ratios = any(ALIASES.get(n, n) != "dm" for n in names)
+    target = TargetPolicy(loaded, epsilon, sigma)
+    step_obs = data.observations[data.obs_index()]
+    notes: list[str] = []
+    behavior_logp, behavior = _behavior_log_probs(data, needs_ratios, seed, notes)
+    target_logp = target.log_prob(step_obs, data.actions) if needs_ratios else np.zeros(data.num_steps)
+    q = v = None
+    if any(n in NEEDS_CRITIC for n in names):
+        fitted = fit_fqe(data, target, gamma, fqe or FQEConfig(seed=seed))
+        q, v = fitted.values(step_obs, data.actions)
+        notes.append(_fqe_note(fitted, fqe or FQEConfig(seed=seed)))
+    columns = [data.rewards, behavior_logp, target_logp] + ([q, v] if q is not None and v is not None else [])
+    padded = pad_episodes(np.asarray(data.episode_lengths, np.int64), *columns)
+    trajectories = Trajectories(
+        padded[0],
+        padded[1],
+        padded[2],
+        padded[-1],
+        q_values=padded[3] if q is not None else None,
+        v_values=padded[4] if q is not None else None,
+    )
+    raw = estimate(list(dict.fromkeys(ALIASES.get(n, n) for n in names)), trajectories, gamma=gamma, clip=clip,
+                   bootstrap=bootstrap, alpha=alpha, seed=seed)  # fmt: skip
+    results = {n: raw[ALIASES.get(n, n)] for n in names}
+    if needs_ratios:
+        _weight_notes(trajectories, clip, notes)
+    return OPEReport(
+        results=results,
+        gamma=gamma,
+        gamma_source=gamma_source,
+        policy=str(policy) if not isinstance(policy, Policy) else (loaded.algo or "a policy"),
+        policy_distribution=target.describe(),
+        dataset=data.name,
+        behavior=behavior,
+        behavior_value=float(_discounted_returns(trajectories, gamma).mean()),
+        notes=notes,
+    )
+
+
+def _check_names(estimators: list[str] | tuple[str, ...]) -> list[str]:
+    names = [n.strip() for n in estimators if n.strip()]
+    if not names:
+        raise ConfigError("no estimator given", "e.g. --estimators fqe,pdis,wdr")
+    for name in names:
+        get_estimator(ALIASES.get(name, name))
+    return names
+
+
+def _gamma(gamma: float | None, policy: Any) -> tuple[float, str]:
+    if gamma is not None:
+        return float(gamma), "given"
+    config = Path(policy) / "config.yaml" if isinstance(policy, str | Path) else None
+    if config is not None and config.is_file():
+        import yaml
+
+        value = (yaml.safe_load(config.read_text()) or {}).get("gamma")
+        if value is not None:
+            return float(value), f"the run's, from {config}"
+    raise ConfigError(
+        "no discount for the value: the policy's run has no gamma in its config.yaml",
+        "pass gamma (e.g. --gamma 0.99, or 1.0 for the undiscounted return)",
+    )
+
+
+def _behavior_log_probs(dataset: Dataset, needed: bool, seed: int, notes: list[str]) -> tuple[np.ndarray, str]:
+    if not needed:
+        return np.zeros(dataset.num_steps), "not needed (critic-based estimators only)"
+    if dataset.behavior_log_probs is not None:
+        return np.asarray(dataset.behavior_log_probs, np.float64), "recorded in the dataset"
+    from policylab.ope.behavior import estimate_behavior_log_probs
+
+    notes.append(
+        "the dataset has no behaviour log-probs: they were estimated by behaviour cloning on the dataset itself, "
+        "so the importance-sampling estimates inherit that model's error (collect datasets with policylab "
+        "collect to record them)"
+    )
+    return estimate_behavior_log_probs(dataset, seed=seed), "estimated by behaviour cloning (see the note)"
+
+
+def _fqe_note(fitted: FittedQ, cfg: FQEConfig) -> str:
+    return (
+        f"dm / fqe and the critic of dr / wdr: fitted Q evaluation, {cfg.steps} steps of batch {cfg.batch_size}, "
+        f"hidden {list(cfg.hidden_sizes)}"
+    )
+
+
+def _weight_notes(data: Trajectories, clip: float | None, notes: list[str]) -> None:
+    from policylab.ope.bootstrap import kish_ess
+    from policylab.ope.estimators import log_weights
+
+    ess = kish_ess(log_weights(data, clip)[:, -1])
+    if ess < 0.05 * data.n_episodes:
+        notes.append(
+            f"the trajectory weights' effective sample size is {ess:.1f} of {data.n_episodes} episodes: IS / WIS "
+            "rest on a few episodes (per-decision and weighted estimators, clip, or a closer behaviour policy help)"
+        )
+
+
+def _discounted_returns(data: Trajectories, gamma: float) -> np.ndarray:
+    return data.rewards @ (gamma ** np.arange(data.horizon))
+
+
+def write_report(report: OPEReport, path: str | Path) -> Path:
+    """The report as JSON, written beside and renamed into place."""
+    from policylab.checkpoint import atomic_write_text
+
+    path = Path(path)
+    atomic_write_text(path, json.dumps(report.to_json(), indent=2, default=float))
+    return path
+
+
+def select_policies(
+    dataset: str | Path | Dataset,
+    policies: list[str | Path] | list[Policy],
+    *,
+    names: list[str] | None = None,
+    estimator: str = "wdr",
+    top_k: int = 3,
+    true_values: dict[str, float] | None = None,
+    **options: Any,
+) -> tuple[Selection, dict[str, OPEReport]]:
+    """Rank candidate policies (run directories or Policy objects, called by `names`, default their paths) by one
+    estimator on one dataset, each evaluated with the same options of `evaluate_policy`; `true_values` (name ->
+    value, the same discounted quantity) adds the top-k metrics."""
+    if not policies:
+        raise ConfigError("no candidate policies", "pass run directories, e.g. --policies runs/iql-* runs/cql-*")
+    data = dataset if isinstance(dataset, Dataset) else load_dataset(dataset)
+    names = names or [str(p) for p in policies]
+    if len(set(names)) != len(policies):
+        raise ConfigError("candidate names must be distinct, one per policy", "pass names=[...] of the same length")
+    reports = {n: evaluate_policy(data, p, [estimator], **options) for n, p in zip(names, policies)}
+    results = [report.results[estimator] for report in reports.values()]
+    true = None
+    if true_values is not None:
+        missing = [n for n in names if n not in true_values]
+        if missing:
+            raise ConfigError(f"no true value for {', '.join(missing)}", "give one for every candidate, or none")
+        true = np.array([float(true_values[n]) for n in names])
+    selection = Selection(
+        names=names,
+        estimates=np.array([r.value for r in results]),
+        ci_low=np.array([r.ci_low for r in results]),
+        ci_high=np.array([r.ci_high for r in results]),
+        k=min(top_k, len(names)),
+        estimator=estimator,
+        true=true,
+        behavior_value=next(iter(reports.values())).behavior_value,
+    )
+    return selection, reports

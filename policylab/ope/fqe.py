@@ -1,0 +1,153 @@
+"""Fitted Q evaluation (Le, Voloshin & Yue 2019): Q^pi of the evaluation policy regressed on a dataset with the
+off-policy family's critics and replay `Batch`, then the direct method's value mean_i V(s_0^i).
+
+    Q(s, a) <- r + gamma (1 - terminated) E_{a' ~ pi(.|s')} Q_target(s', a')
+
+Discrete actions: a `QNetwork` (one output per action) and the exact expectation sum_a' pi(a'|s') Q(s', a').
+Box actions: a `ContinuousCritic` on [-1, 1] actions and the mean over `action_samples` draws of pi. The target
+network follows by Polyak averaging (`tau`). Rewards can be scaled for the regression (`reward_scale`, undone
+in every value it returns), which keeps the Q targets of long-horizon tasks near unit scale.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from policylab.data.dataset import Dataset
+from policylab.data.sources import dataset_buffer
+from policylab.errors import ConfigError
+from policylab.nets.critics import ContinuousCritic, QNetwork
+from policylab.ope.policies import TargetPolicy
+from policylab.optim import Adam
+
+
+@dataclass
+class FQEConfig:
+    steps: int = 10_000
+    batch_size: int = 256
+    lr: float = 3e-4
+    hidden_sizes: tuple[int, ...] = (256, 256)
+    tau: float = 0.005
+    action_samples: int = 10
+    """Box actions: draws of pi per next state (targets) and per state (V)."""
+    reward_scale: float = 1.0
+    seed: int = 0
+    threads: int = 1
+
+    def validate(self) -> None:
+        for name in ("steps", "batch_size", "action_samples"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"fqe {name}={getattr(self, name)} must be > 0", f"set {name} to a positive value")
+        if not 0 < self.tau <= 1 or self.lr <= 0 or self.reward_scale <= 0:
+            raise ConfigError("fqe needs 0 < tau <= 1, lr > 0 and reward_scale > 0", "e.g. tau=0.005, lr=3e-4")
+
+
+class FittedQ:
+    """Q^pi and V^pi of the evaluation policy, fitted by `fit_fqe` (values in the dataset's reward units)."""
+
+    def __init__(self, target: TargetPolicy, critic: torch.nn.Module, reward_scale: float, samples: int, seed: int):
+        self.target, self.critic, self.reward_scale, self.samples = target, critic, reward_scale, samples
+        self.generator = torch.Generator().manual_seed(seed + 1)
+
+    def _q_all(self, obs: Tensor) -> Tensor:
+        return self.critic(obs)[0]  # [B, n] (Discrete)
+
+    def _v(self, obs: Tensor) -> Tensor:
+        """E_{a ~ pi} Q(s, a) [B] of network inputs, in the scaled units of the regression."""
+        if self.target.discrete:
+            return (self.target.probs(obs) * self._q_all(obs)).sum(-1)
+        actions = self.target.sample_unit(obs, self.samples, self.generator)  # [B, m, A]
+        repeated = obs.repeat_interleave(self.samples, 0)
+        return self.critic(repeated, actions.reshape(len(repeated), -1))[0].view(len(obs), -1).mean(-1)
+
+    def _q(self, obs: Tensor, unit_actions: Tensor) -> Tensor:
+        if self.target.discrete:
+            return self._q_all(obs).gather(-1, unit_actions.long().view(-1, 1)).squeeze(-1)
+        return self.critic(obs, unit_actions)[0]
+
+    @torch.no_grad()
+    def values(self, observations: np.ndarray, actions: np.ndarray, batch: int = 65_536) -> tuple[np.ndarray, ...]:
+        """(Q(s_t, a_t), V(s_t)) [N] of raw observations and env actions, in reward units."""
+        q_out, v_out = np.empty(len(actions)), np.empty(len(actions))
+        for start in range(0, len(actions), batch):
+            obs = self.target.obs(observations[start : start + batch])
+            unit = self._unit_actions(np.asarray(actions[start : start + batch]))
+            q_out[start : start + batch] = self._q(obs, unit).double().numpy() / self.reward_scale
+            v_out[start : start + batch] = self._v(obs).double().numpy() / self.reward_scale
+        return q_out, v_out
+
+    @torch.no_grad()
+    def initial_values(self, observations: np.ndarray) -> np.ndarray:
+        """V(s_0) [E] of raw initial observations, in reward units."""
+        return self._v(self.target.obs(observations)).double().numpy() / self.reward_scale
+
+    def _unit_actions(self, actions: np.ndarray) -> Tensor:
+        t = self.target
+        if t.discrete:
+            return torch.as_tensor(actions.astype(np.int64).reshape(-1) - t.start)
+        env = torch.as_tensor(actions, dtype=torch.float32).reshape(len(actions), -1)
+        return 2.0 * (env - t.low) / (t.high - t.low) - 1.0
+
+
+def fit_fqe(dataset: Dataset, target: TargetPolicy, gamma: float, cfg: FQEConfig | None = None) -> FittedQ:
+    """Fit Q^pi on the dataset's transitions (see the module docstring); `gamma` is the value's discount."""
+    cfg = cfg or FQEConfig()
+    cfg.validate()
+    torch.set_num_threads(cfg.threads)
+    torch.manual_seed(cfg.seed)
+    generator = torch.Generator().manual_seed(cfg.seed)
+    obs_dim = int(np.prod(dataset.observation_space.shape or ()))
+    if target.discrete:
+        critic: torch.nn.Module = QNetwork(obs_dim, target.n_actions, cfg.hidden_sizes)
+        action_shape: tuple[int, ...] = ()
+        action_dtype = torch.long
+    else:
+        critic = ContinuousCritic(obs_dim, target.act_dim, cfg.hidden_sizes, members=1)
+        action_shape, action_dtype = (target.act_dim,), torch.float32
+    buffer = dataset_buffer(
+        _shifted_discrete(dataset, target),
+        action_shape,
+        action_dtype,
+        gamma=gamma,
+        obs_normalizer=target.policy.obs_normalizer,
+        reward_scale=cfg.reward_scale,
+    )
+    frozen = FittedQ(target, _copy(critic), cfg.reward_scale, cfg.action_samples, cfg.seed)
+    fitted = FittedQ(target, critic, cfg.reward_scale, cfg.action_samples, cfg.seed)
+    optimizer = Adam(list(critic.parameters()), lr=cfg.lr)
+    online: list[Tensor] = list(critic.parameters())
+    offline: list[Tensor] = list(frozen.critic.parameters())
+    for _ in range(cfg.steps):
+        batch = buffer.sample(cfg.batch_size, generator)
+        with torch.no_grad():
+            next_v = frozen._v(batch.next_obs)
+            y = batch.rewards + batch.discounts * (~batch.terminated).float() * next_v
+        loss = torch.nn.functional.mse_loss(fitted._q(batch.obs, batch.actions), y)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        with torch.no_grad():
+            torch._foreach_lerp_(offline, online, cfg.tau)
+    critic.eval()
+    return fitted
+
+
+def _copy(critic: torch.nn.Module) -> torch.nn.Module:
+    import copy
+
+    clone = copy.deepcopy(critic)
+    clone.requires_grad_(False)
+    return clone
+
+
+def _shifted_discrete(dataset: Dataset, target: TargetPolicy) -> Dataset:
+    """The dataset with Discrete actions counted from 0 (the critic's output index)."""
+    if not target.discrete or target.start == 0:
+        return dataset
+    from dataclasses import replace
+
+    return replace(dataset, actions=np.asarray(dataset.actions) - target.start)
