@@ -25,7 +25,7 @@ def add_ope_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--clip", type=float, help="cap on each per-step importance ratio")
     p.add_argument("--epsilon", type=float, default=0.0, help="Discrete: mix the policy with uniform (epsilon-greedy)")
     p.add_argument("--sigma", type=float, help="deterministic Box policies: Gaussian std in half-ranges")
-    p.add_argument("--fqe-steps", type=int, default=10_000, help="gradient steps of fitted Q evaluation")
+    p.add_argument("--fqe-steps", type=int, default=5_000, help="gradient steps of fitted Q evaluation")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", help="also write the result as JSON to this file")
     p.set_defaults(func=run_ope_command)

@@ -96,7 +96,7 @@ def evaluate_policy(
     behavior_logp, behavior = _behavior_log_probs(data, needs_ratios, seed, notes)
     target_logp = target.log_prob(step_obs, data.actions) if needs_ratios else np.zeros(data.num_steps)
     q = v = None
-    if any(n in NEEDS_CRITIC for n in names):
+    if any(ALIASES.get(n, n) in NEEDS_CRITIC for n in names):
         fitted = fit_fqe(data, target, gamma, fqe or FQEConfig(seed=seed))
         q, v = fitted.values(step_obs, data.actions)
         notes.append(_fqe_note(fitted, fqe or FQEConfig(seed=seed)))
