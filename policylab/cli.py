@@ -7,9 +7,11 @@ import json
 import sys
 from pathlib import Path
 
+from policylab.certify import add_certify_parser
 from policylab.errors import PolicylabError
 from policylab.llm.cli import add_llm_parser
 from policylab.ope.cli import add_ope_parser
+from policylab.report import add_report_parser
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -208,6 +210,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_llm_parser(sub)
     add_ope_parser(sub)
+    add_report_parser(sub)
+    add_certify_parser(sub)
     return parser
 
 

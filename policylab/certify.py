@@ -1,0 +1,605 @@
+"""Certified robustness by policy smoothing: a lower bound on the expected return under observation attacks.
+
+Kumar, Levine & Feizi, "Policy Smoothing for Provably Robust Reinforcement Learning" (ICLR 2022).
+
+Smoothed policy: at every step the agent adds noise N(0, sigma^2 I) to the observation the env gives it, then
+acts with the trained policy (deterministically by default). Threat model: an adaptive adversary adds delta_t
+to each observation before the agent's noise, choosing it from everything seen so far, with a total l2 budget
+over the episode, sqrt(sum_t ||delta_t||^2) <= eps. eps and sigma are in the env's raw observation units (the
+policy's observation normalization, if any, is part of the policy).
+
+The paper's adaptive Neyman-Pearson lemma: for any event of the episode (here {R >= v}) of probability p without
+attack, its probability under any such adversary is at least Phi(Phi^-1(p) - eps / sigma).
+
+Expected return (the CDF form of Kumar et al. 2020, "Certifying Confidence via Randomized Smoothing", which the
+policy-smoothing paper uses for its expected-reward certificates). With returns R >= r_min,
+E[R] = r_min + integral over v > r_min of P(R >= v) dv. From n sampled returns with distinct values
+v_1 < ... < v_m and empirical tails p_j = #{R_i >= v_j} / n, the two-sided DKW band (Massart's constant)
+kappa = sqrt(ln(2 / alpha) / (2 n)) holds for every v at once with probability >= 1 - alpha, so
+P(R >= v) >= max(p_j - kappa, 0) for v in (v_{j-1}, v_j]. Applying the lemma threshold by threshold, v_0 = r_min:
+
+    E_adv[R] >= r_min + sum_j (v_j - v_{j-1}) * Phi(Phi^-1(max(p_j - kappa, 0)) - eps / sigma)
+
+At eps = 0 this is the DKW lower confidence bound of the smoothed policy's mean return (never above the sample
+mean). The same band gives the upper end of the interval,
+r_min + sum_j (v_j - v_{j-1}) min(p_j + kappa, 1) + (r_max - v_m) kappa.
+This is the construction of the certificate script for Freeway that accompanies the paper's code (empirical
+1 - CDF at each sorted distinct return, lowered by sqrt(ln(2 / alpha) / (2 n)), clipped at 0, mapped through
+Phi(Phi^-1(.) - eps / sigma), integrated from 0). For Cartpole, whose returns are the integers 0..200, that code
+bounds P(R > i) for each i by Clopper-Pearson with a Bonferroni correction over the 200 thresholds instead; that
+variant needs a threshold grid fixed before sampling and is not implemented here.
+
+The lower limit r_min must be a return the env cannot go below (the paper integrates from 0: non-negative
+rewards). It is not taken from the samples: an attack can push returns below the smallest one seen.
+
+The empirical attack (for comparison, not part of the certificate): at every step a perturbation of l2 norm
+exactly eps / sqrt(T), T the env's episode-length cap, so any episode spends at most eps; its direction comes from
+a few projected gradient steps (random start on the sphere) that lower the log-probability (Discrete: the
+cross-entropy of logits or Q-values) of the action the policy takes on the clean observation, or (deterministic
+continuous actors) push the action away from the clean one. The adversary does not see the agent's noise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import math
+import os
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any, Literal
+
+import gymnasium as gym
+import numpy as np
+import torch
+import torch.nn.functional as F
+from scipy.special import ndtr, ndtri
+from torch import Tensor
+
+from policylab.envs import make_single_env
+from policylab.errors import EnvError, PolicylabError
+from policylab.nets.actor_critic import ActorCritic
+from policylab.nets.critics import (
+    CategoricalActor,
+    DeterministicActor,
+    DiscreteBCActor,
+    GaussianActor,
+    QNetwork,
+    TanhGaussianActor,
+)
+from policylab.policy import Policy, evaluate, load
+
+DEFAULT_EPS_POINTS = 11
+"""The default eps grid: this many points from 0 to 4 sigma (beyond that the bound is close to r_min)."""
+
+
+# --- the certificate: a pure function of the sampled returns ---------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ReturnBound:
+    """The certified lower bound per eps, and the smoothed policy's mean return with its interval."""
+
+    eps: np.ndarray
+    bound: np.ndarray
+    mean: float
+    ci: tuple[float, float]
+    """The DKW interval of the mean at level 1 - alpha; its low end is `bound` at eps = 0."""
+    band: float
+    """kappa, the half-width of the DKW band on the return distribution."""
+
+
+def dkw_band(n: int, alpha: float) -> float:
+    """sqrt(ln(2 / alpha) / (2 n)): sup_v |P_n(R >= v) - P(R >= v)| <= this with probability >= 1 - alpha."""
+    return math.sqrt(math.log(2.0 / alpha) / (2.0 * n))
+
+
+def min_samples(alpha: float) -> int:
+    """The fewest episodes whose DKW band is narrower than 1 (with fewer the bound is r_min whatever happens)."""
+    return math.floor(math.log(2.0 / alpha) / 2.0) + 1
+
+
+def default_eps_grid(sigma: float) -> np.ndarray:
+    return np.round(np.linspace(0.0, 4.0 * sigma, DEFAULT_EPS_POINTS), 10)
+
+
+def check_settings(sigma: float, alpha: float, samples: int, eps: Sequence[float] | np.ndarray | None = None) -> None:
+    """Raise a PolicylabError naming the fix for a bad sigma, alpha, sample count or eps grid."""
+    if not (math.isfinite(sigma) and sigma > 0):
+        raise PolicylabError(
+            f"sigma={sigma}: the smoothing noise must have a positive standard deviation",
+            "pass sigma > 0 (--sigma 0.2), in the env's observation units",
+        )
+    if not (0.0 < alpha < 1.0):
+        raise PolicylabError(
+            f"alpha={alpha}: the failure probability must lie strictly between 0 and 1",
+            "pass e.g. alpha=0.05 (--alpha 0.05) for 95% confidence",
+        )
+    if samples < min_samples(alpha):
+        raise PolicylabError(
+            f"samples={samples}: too few episodes for confidence {1 - alpha:g}: the DKW band "
+            f"({dkw_band(max(samples, 1), alpha):.2f}) covers every probability, so nothing can be certified",
+            f"sample at least {min_samples(alpha)} episodes (thousands give a useful bound: --samples 10000)",
+        )
+    if eps is not None:
+        grid = np.asarray(eps, dtype=np.float64)
+        if grid.ndim != 1 or grid.size == 0 or not np.all(np.isfinite(grid)) or np.any(grid < 0):
+            raise PolicylabError(
+                f"eps={list(np.ravel(grid))}: the attack budgets must be a non-empty list of numbers >= 0",
+                "pass e.g. --eps 0,0.1,0.2,0.4",
+            )
+
+
+def certified_return_bound(
+    returns: Sequence[float] | np.ndarray,
+    eps: Sequence[float] | np.ndarray,
+    sigma: float,
+    alpha: float = 0.05,
+    r_min: float = 0.0,
+    r_max: float | None = None,
+) -> ReturnBound:
+    """Lower bounds on the smoothed policy's expected return against every adaptive l2 attack of total budget eps,
+    holding together (all eps) with probability >= 1 - alpha over the sampled `returns` (see the module docstring).
+
+    `r_min`: the lowest return the env can produce (0 for non-negative rewards, as in the paper); a sampled return
+    below it is an error. `r_max`: the highest possible return, used only for the interval's upper end (default:
+    the largest sampled return, so that end is then an estimate, not a guarantee).
+    """
+    x = np.sort(np.asarray(returns, dtype=np.float64).ravel())
+    check_settings(sigma, alpha, x.size, eps)
+    if not np.all(np.isfinite(x)):
+        raise PolicylabError("some sampled returns are NaN or infinite", "check the env's rewards")
+    if x[0] < r_min:
+        raise PolicylabError(
+            f"a sampled return ({x[0]:g}) is below r_min={r_min:g}, the lower limit of the certificate",
+            "pass r_min (--r-min) as the lowest return the env can produce (e.g. -max_steps * max penalty)",
+        )
+    top = x[-1] if r_max is None else float(r_max)
+    if top < x[-1]:
+        raise PolicylabError(f"a sampled return ({x[-1]:g}) is above r_max={top:g}", "pass a larger r_max, or none")
+    n = x.size
+    kappa = dkw_band(n, alpha)
+    values, first = np.unique(x, return_index=True)
+    tail = (n - first) / n  # empirical P(R >= v_j)
+    widths = np.diff(values, prepend=r_min)
+    grid = np.asarray(eps, dtype=np.float64)
+    p_low = np.clip(tail - kappa, 0.0, 1.0)
+    certified = ndtr(ndtri(p_low)[None, :] - grid[:, None] / sigma)  # ndtri(0) = -inf -> 0
+    bound = r_min + (widths[None, :] * certified).sum(axis=1)
+    high = r_min + float((widths * np.minimum(tail + kappa, 1.0)).sum()) + (top - values[-1]) * min(kappa, 1.0)
+    low = r_min + float((widths * p_low).sum())
+    return ReturnBound(grid, bound, float(x.mean()), (low, high), kappa)
+
+
+# --- the smoothed policy and the attack ------------------------------------------------------------------------
+
+
+def check_observations(policy: Policy) -> None:
+    if not isinstance(policy.observation_space, gym.spaces.Box):
+        raise EnvError(
+            f"the policy's observation space is {policy.observation_space}, but smoothing adds Gaussian noise to "
+            "continuous observations",
+            "certify a policy of an env with Box observations (one-hot or embed discrete observations first)",
+        )
+
+
+class L2Attack:
+    """Per-step observation perturbations of l2 norm exactly `radius` that move the policy off its clean action.
+
+    Projected gradient ascent on the sphere of that radius (random start, `steps` steps) on a loss that grows as
+    the policy's action at obs + delta departs from its action at obs, differentiating through the policy's
+    observation normalization and network.
+    """
+
+    def __init__(self, policy: Policy, radius: float, steps: int = 5, seed: int = 0) -> None:
+        if radius < 0 or steps < 0:
+            raise PolicylabError(
+                f"an attack of radius {radius} with {steps} steps", "pass a radius >= 0 and steps >= 0"
+            )
+        self.policy = policy
+        self.radius = float(radius)
+        self.steps = steps
+        self._generator = torch.Generator().manual_seed(seed)
+        self.last_delta: np.ndarray | None = None
+        _attack_functions(policy.net)  # an unsupported network fails here, before any rollout
+
+    def _features(self, obs: Tensor) -> Tensor:
+        normalizer = self.policy.obs_normalizer
+        return obs if normalizer is None else normalizer.tensor(obs)
+
+    def __call__(self, obs: np.ndarray) -> np.ndarray:
+        """obs [B, *obs_shape] -> delta of the same shape, every row of l2 norm `radius` (float64)."""
+        net = self.policy.net
+        device = next(net.parameters()).device
+        x = torch.as_tensor(np.asarray(obs, dtype=np.float32), device=device)
+        if self.radius == 0.0:
+            self.last_delta = np.zeros(x.shape)
+            return self.last_delta
+        clean_action, loss_fn = _attack_functions(net)
+        dims = tuple(range(1, x.dim()))
+        with torch.no_grad():
+            clean = clean_action(net, self._features(x))
+        delta = self._to_sphere(torch.randn(x.shape, generator=self._generator).to(device), dims)
+        with torch.enable_grad():  # also when called under no_grad
+            for _ in range(self.steps):
+                delta.requires_grad_(True)
+                loss = loss_fn(net, self._features(x + delta), clean).sum()
+                (grad,) = torch.autograd.grad(loss, delta)
+                norm = grad.flatten(1).norm(dim=1).clamp_min(1e-12).reshape(-1, *([1] * len(dims)))
+                delta = self._to_sphere(delta.detach() + self.radius * grad / norm, dims)
+        d = delta.double().cpu().numpy()
+        scale = self.radius / np.sqrt((d * d).sum(axis=dims, keepdims=True))
+        self.last_delta = d * scale
+        return self.last_delta
+
+    def _to_sphere(self, delta: Tensor, dims: tuple[int, ...]) -> Tensor:
+        return delta * (self.radius / delta.square().sum(dim=dims, keepdim=True).sqrt().clamp_min(1e-12))
+
+
+CleanAction = Callable[[Any, Tensor], Tensor]
+AttackLoss = Callable[[Any, Tensor, Tensor], Tensor]
+
+
+def _attack_functions(net: Any) -> tuple[CleanAction, AttackLoss]:
+    """(the action the network takes on clean features, a per-row loss that grows as it moves off that action)."""
+    if isinstance(net, ActorCritic):  # every head: log-prob of the clean mode (Gaussian: a weighted distance)
+        return lambda m, f: m.deterministic(f), lambda m, f, a: -m.evaluate(f, a)[0]
+    if isinstance(net, QNetwork):  # Q-values as logits: lower the clean action's softmax share
+        return lambda m, f: m(f)[0].argmax(-1), lambda m, f, a: F.cross_entropy(m(f)[0], a, reduction="none")
+    if isinstance(net, DiscreteBCActor):
+        return lambda m, f: m(f).argmax(-1), lambda m, f, a: F.cross_entropy(m(f), a, reduction="none")
+    if isinstance(net, CategoricalActor):
+        return lambda m, f: m(f)[1].argmax(-1), lambda m, f, a: -m(f)[1].gather(-1, a[:, None])[:, 0]
+    if isinstance(net, (DeterministicActor, TanhGaussianActor, GaussianActor)):  # forward: the [-1, 1] action
+        return lambda m, f: m(f), lambda m, f, a: (m(f) - a).square().sum(-1)
+    raise PolicylabError(
+        f"the attack cannot differentiate through a {type(net).__name__} policy network",
+        "certify without the attack (--no-attack / attack=False)",
+    )
+
+
+class SmoothedPolicy(Policy):
+    """`policy` acting on observations plus seeded N(0, sigma^2) noise (after an optional attack's perturbation)."""
+
+    def __init__(self, policy: Policy, sigma: float, seed: int = 0, attack: L2Attack | None = None) -> None:
+        super().__init__(
+            policy.net,
+            policy.observation_space,
+            policy.action_space,
+            policy.obs_normalizer,
+            policy.env_id,
+            policy.env_kwargs,
+            policy.algo,
+            seed,
+        )
+        self.sigma = sigma
+        self.attack = attack
+        self._rng = np.random.default_rng(seed)
+
+    def act(self, obs: Any, deterministic: bool = True) -> Any:
+        x = np.asarray(obs, dtype=np.float32)
+        single = x.shape == tuple(self.observation_space.shape)
+        batch = x[None] if single else x
+        if self.attack is not None:
+            batch = (batch + self.attack(batch)).astype(np.float32)
+        noisy = batch + self.sigma * self._rng.standard_normal(batch.shape, dtype=np.float32)
+        return super().act(noisy[0] if single else noisy, deterministic)
+
+    __call__ = act
+
+
+def smoothed_returns(
+    policy: Policy,
+    sigma: float,
+    episodes: int,
+    seed: int = 0,
+    num_envs: int = 128,
+    deterministic: bool = True,
+    attack: L2Attack | None = None,
+) -> np.ndarray:
+    """The returns of `episodes` episodes of the smoothed policy (optionally attacked) in the policy's env."""
+    check_observations(policy)
+    smoothed = SmoothedPolicy(policy, sigma, seed, attack)
+    with _one_torch_thread():
+        result = evaluate(smoothed, episodes, seed, deterministic=deterministic, max_envs=num_envs)
+    return np.asarray(result["returns"], dtype=np.float64)
+
+
+@contextmanager
+def _one_torch_thread() -> Iterator[None]:
+    """Acting on small batches is latency-bound: a second thread only waits (and stalls on a busy core)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def episode_horizon(policy: Policy, horizon: int | None = None) -> int:
+    """T, the most steps an episode of the policy's env can last (its time limit), or `horizon` if given."""
+    if horizon is not None:
+        if horizon < 1:
+            raise PolicylabError(f"horizon={horizon}", "pass the env's episode-length cap, at least 1")
+        return int(horizon)
+    env_id, kwargs = policy.env_id, dict(policy.env_kwargs)
+    steps = kwargs.get("max_episode_steps")
+    if steps is None and env_id is not None:
+        if ":" in env_id:
+            env = make_single_env(env_id, kwargs)
+            steps = env.spec.max_episode_steps if env.spec is not None else None
+            env.close()
+        elif env_id in gym.registry:
+            steps = gym.spec(env_id).max_episode_steps
+    if not steps:
+        raise PolicylabError(
+            f"cannot tell the episode-length cap of {env_id!r}, which the attack needs to spread its budget",
+            "pass horizon=T (--horizon T), the most steps an episode can last",
+        )
+    return int(steps)
+
+
+def attack_returns(
+    policy: Policy,
+    sigma: float,
+    eps: Sequence[float] | np.ndarray,
+    horizon: int,
+    episodes: int = 100,
+    seed: int = 0,
+    steps: int = 5,
+    num_envs: int = 128,
+    deterministic: bool = True,
+) -> np.ndarray:
+    """Returns [len(eps), episodes] of the smoothed policy under the gradient attack of total budget eps (each eps
+    with the same env and noise seeds, so the differences are the attack's)."""
+    rows = []
+    for e in np.asarray(eps, dtype=np.float64):
+        attack = L2Attack(policy, e / math.sqrt(horizon), steps, seed)
+        rows.append(smoothed_returns(policy, sigma, episodes, seed, num_envs, deterministic, attack))
+    return np.stack(rows)
+
+
+# --- the public entry point ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Certificate:
+    env_id: str
+    eps: list[float]
+    bound: list[float]
+    """Certified lower bound on the smoothed policy's expected return at each eps (together, w.p. >= 1 - alpha)."""
+    attack_return: list[float] | None
+    """Mean return of the smoothed policy under the gradient attack at each eps (None: attack=False)."""
+    attack_sem: list[float] | None
+    smoothed_mean: float
+    smoothed_ci: tuple[float, float]
+    sigma: float
+    alpha: float
+    samples: int
+    r_min: float
+    band: float
+    horizon: int | None
+    attack_episodes: int
+    returns: list[float]
+    """The sampled returns of the smoothed policy without attack (the certificate is a function of these)."""
+    plot: Path | None = None
+    numbers: tuple[Path, Path] | None = None
+    """The JSON and CSV files written beside the plot."""
+
+
+def certify(
+    run_dir: str | Path,
+    sigma: float = 0.2,
+    samples: int = 10_000,
+    alpha: float = 0.05,
+    eps: Sequence[float] | None = None,
+    out: str | Path | None = None,
+    attack: bool = True,
+    seed: int = 0,
+    *,
+    r_min: float = 0.0,
+    r_max: float | None = None,
+    attack_episodes: int = 100,
+    attack_steps: int = 5,
+    horizon: int | None = None,
+    num_envs: int = 128,
+    deterministic: bool = True,
+    which: Literal["final", "best"] = "final",
+) -> Certificate:
+    """Certify a run's policy, smoothed with noise `sigma`, against l2 observation attacks of total budget eps.
+
+    Samples `samples` smoothed episodes, bounds the expected return at each eps (sorted; default: 11 points from 0
+    to 4 sigma) with confidence 1 - alpha, runs the gradient attack for `attack_episodes` episodes per eps, and,
+    with `out` (a .png path), writes the plot and its numbers (`out` with .json and .csv) atomically. `r_min`: the
+    lowest return the env can produce (the integral's lower limit; 0 for non-negative rewards). `horizon`: the
+    episode-length cap T, if the env has no registered time limit (the attack spends eps / sqrt(T) per step).
+    """
+    grid = default_eps_grid(sigma) if eps is None else np.asarray(eps, dtype=np.float64)
+    check_settings(sigma, alpha, samples, grid)
+    grid = np.unique(grid)  # sorted, for the table and the plot
+    if attack and attack_episodes < 1:
+        raise PolicylabError(f"attack_episodes={attack_episodes}", "pass at least 1 (or attack=False)")
+    out_path = None if out is None else _check_out(Path(out))
+    policy = load(run_dir, which=which)
+    check_observations(policy)
+    env_id = policy.env_id or "?"
+    t = episode_horizon(policy, horizon) if attack else None
+    if attack:
+        L2Attack(policy, 0.0)  # an unsupported network fails now, not after the sampling
+    returns = smoothed_returns(policy, sigma, samples, seed, num_envs, deterministic)
+    result = certified_return_bound(returns, grid, sigma, alpha, r_min, r_max)
+    attacked = None
+    if attack and t is not None:
+        attacked = attack_returns(
+            policy, sigma, grid, t, attack_episodes, seed + 1, attack_steps, num_envs, deterministic
+        )
+    cert = Certificate(
+        env_id=env_id,
+        eps=grid.tolist(),
+        bound=result.bound.tolist(),
+        attack_return=None if attacked is None else attacked.mean(axis=1).tolist(),
+        attack_sem=None if attacked is None else (attacked.std(axis=1) / math.sqrt(attacked.shape[1])).tolist(),
+        smoothed_mean=result.mean,
+        smoothed_ci=result.ci,
+        sigma=sigma,
+        alpha=alpha,
+        samples=int(returns.size),
+        r_min=r_min,
+        band=result.band,
+        horizon=t,
+        attack_episodes=attack_episodes if attack else 0,
+        returns=returns.tolist(),
+    )
+    if out_path is None:
+        return cert
+    plot = plot_certificate(cert, out_path)
+    return replace(cert, plot=plot, numbers=write_numbers(cert, out_path))
+
+
+def _check_out(out: Path) -> Path:
+    if out.suffix.lower() != ".png":
+        raise PolicylabError(f"out={str(out)!r} is not a .png path", "pass e.g. --out cert.png")
+    if out.is_dir():
+        raise PolicylabError(f"out={str(out)!r} is a directory", "pass a file name such as cert.png")
+    return out
+
+
+# --- outputs: plot, JSON and CSV, each written to a temporary file and renamed into place ----------------------
+
+
+def _write_atomic(path: Path, write: Callable[[Path], object]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
+
+
+def plot_certificate(cert: Certificate, out: Path) -> Path:
+    """Certified bound, attack returns and the clean smoothed return (with its interval) against eps, as a PNG."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(8, 5), dpi=100, layout="constrained")
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    level = f"{100 * (1 - cert.alpha):g}%"
+    low, high = cert.smoothed_ci
+    ax.axhspan(low, high, color="C2", alpha=0.15, lw=0, label=f"no attack: {level} interval")
+    ax.axhline(cert.smoothed_mean, color="C2", ls="--", lw=1.5, label=f"no attack: mean of {cert.samples} episodes")
+    ax.plot(cert.eps, cert.bound, "o-", color="C0", lw=2, label=f"certified lower bound ({level} confidence)")
+    if cert.attack_return is not None:
+        ax.errorbar(
+            cert.eps,
+            cert.attack_return,
+            yerr=cert.attack_sem,
+            fmt="s-",
+            color="C3",
+            capsize=3,
+            label=f"gradient attack: mean of {cert.attack_episodes} episodes (+- s.e.)",
+        )
+    ax.set_xlabel("total l2 budget of the attack over an episode (eps, observation units)")
+    ax.set_ylabel("return of the smoothed policy")
+    ax.set_title(f"policy smoothing on {cert.env_id}: sigma = {cert.sigma:g}")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="best", fontsize="small")
+    return _write_atomic(out, lambda tmp: fig.savefig(tmp, format="png"))
+
+
+def write_numbers(cert: Certificate, out: Path) -> tuple[Path, Path]:
+    """`out` with .json (everything, sampled returns included) and .csv (one row per eps)."""
+    data = {k: v for k, v in asdict(cert).items() if k not in ("plot", "numbers")}
+    text = json.dumps(data, indent=1) + "\n"
+    json_path = _write_atomic(out.with_suffix(".json"), lambda tmp: tmp.write_text(text))
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(["eps", "certified_return", "attack_return", "attack_sem"])
+    blank: list[float | str] = [""] * len(cert.eps)
+    attack, sem = (cert.attack_return or blank), (cert.attack_sem or blank)
+    writer.writerows(zip(cert.eps, cert.bound, attack, sem))
+    csv_path = _write_atomic(out.with_suffix(".csv"), lambda tmp: tmp.write_text(buffer.getvalue()))
+    return json_path, csv_path
+
+
+# --- the `policylab certify` command ---------------------------------------------------------------------------
+
+
+def add_certify_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "certify",
+        help="certified return of a smoothed policy under l2 observation attacks (policy smoothing)",
+    )
+    p.add_argument("run", help="run directory (or a checkpoint directory)")
+    p.add_argument("--sigma", type=float, default=0.2, help="std of the smoothing noise, observation units")
+    p.add_argument("--samples", default="10000", help="smoothed episodes to sample (e.g. 10000, 10k)")
+    p.add_argument("--alpha", type=float, default=0.05, help="failure probability: confidence 1 - alpha")
+    p.add_argument("--eps", help="attack budgets, comma-separated (default: 11 points from 0 to 4 sigma)")
+    p.add_argument("--out", default="certificate.png", help="the plot; its numbers go beside it (.json, .csv)")
+    p.add_argument("--no-attack", action="store_true", help="skip the empirical gradient attack")
+    p.add_argument("--attack-episodes", type=int, default=100, help="attacked episodes per eps (default 100)")
+    p.add_argument("--horizon", type=int, help="the env's episode-length cap, if it has no registered time limit")
+    p.add_argument("--r-min", type=float, default=0.0, help="the lowest return the env can produce (default 0)")
+    p.add_argument("--best", action="store_true", help="the best evaluated policy (best/), not the final one")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=run_certify_command)
+
+
+def _parse_eps(text: str | None) -> list[float] | None:
+    if text is None:
+        return None
+    try:
+        return [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise PolicylabError(f"--eps {text!r} is not a list of numbers", "write e.g. --eps 0,0.1,0.2,0.4") from None
+
+
+def run_certify_command(args: argparse.Namespace) -> int:
+    from policylab.config import parse_count
+
+    try:
+        samples = parse_count(args.samples)
+    except ValueError as exc:
+        raise PolicylabError(str(exc), "write e.g. --samples 10000 or --samples 10k") from None
+    cert = certify(
+        args.run,
+        sigma=args.sigma,
+        samples=samples,
+        alpha=args.alpha,
+        eps=_parse_eps(args.eps),
+        out=args.out,
+        attack=not args.no_attack,
+        seed=args.seed,
+        r_min=args.r_min,
+        attack_episodes=args.attack_episodes,
+        horizon=args.horizon,
+        which="best" if args.best else "final",
+    )
+    print(format_certificate(cert))
+    return 0
+
+
+def format_certificate(cert: Certificate) -> str:
+    level = f"{100 * (1 - cert.alpha):g}%"
+    low, high = cert.smoothed_ci
+    lines = [
+        f"{cert.env_id}, sigma {cert.sigma:g}, {cert.samples} smoothed episodes: return {cert.smoothed_mean:.2f} "
+        f"({level} interval {low:.2f} .. {high:.2f})",
+        f"{'eps':>10}  {'certified':>10}" + (f"  {'attack':>10}" if cert.attack_return is not None else ""),
+    ]
+    for i, e in enumerate(cert.eps):
+        row = f"{e:>10.4g}  {cert.bound[i]:>10.2f}"
+        if cert.attack_return is not None:
+            row += f"  {cert.attack_return[i]:>10.2f}"
+        lines.append(row)
+    lines.append(f"certified with confidence {level}, returns >= {cert.r_min:g} assumed")
+    if cert.plot is not None and cert.numbers is not None:
+        lines.append(f"plot: {cert.plot} (numbers: {cert.numbers[0]}, {cert.numbers[1]})")
+    return "\n".join(lines)
