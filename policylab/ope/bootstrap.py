@@ -18,10 +18,18 @@ import numpy as np
 import numpy.typing as npt
 
 from policylab.errors import ConfigError
-from policylab.ope.estimators import Contributions, FloatArray, Trajectories, get_estimator, log_weights
+from policylab.ope.estimators import (
+    NORMALIZER_EPS,
+    Contributions,
+    FloatArray,
+    Trajectories,
+    get_estimator,
+    log_weights,
+)
 
-CHUNK_ELEMENTS = 1 << 21
-"""Resamples are drawn this many episode indices at a time (a 16 MB count matrix)."""
+CHUNK_ELEMENTS = 1 << 24
+"""Resamples are drawn this many episode indices at a time (a 64 MB float32 count matrix): each chunk reads the
+episodes' columns once, so larger chunks cost less memory traffic per resample."""
 
 
 @dataclass(frozen=True)
@@ -58,12 +66,17 @@ def kish_ess(log_weights: npt.ArrayLike) -> float:
 
 
 def resample_counts(n: int, n_resamples: int, rng: np.random.Generator) -> Iterator[FloatArray]:
-    """[b, n] matrices of how often each of n episodes is drawn in each resample, b <= CHUNK_ELEMENTS // n."""
+    """[b, n] matrices of how often each of n episodes is drawn in each resample, b <= CHUNK_ELEMENTS // n
+    (float32: the counts are small integers, exact in it)."""
     chunk = max(1, CHUNK_ELEMENTS // n)
     for start in range(0, n_resamples, chunk):
         b = min(chunk, n_resamples - start)
-        index = rng.integers(0, n, size=(b, n)) + n * np.arange(b)[:, None]
-        yield np.bincount(index.ravel(), minlength=b * n).reshape(b, n).astype(np.float64)
+        if b * n < 2**31:  # 32-bit draws are cheaper to make and to count
+            index = rng.integers(0, n, size=(b, n), dtype=np.int32)
+            index += (n * np.arange(b, dtype=np.int32))[:, None]
+        else:
+            index = rng.integers(0, n, size=(b, n)) + n * np.arange(b)[:, None]
+        yield np.bincount(index.ravel(), minlength=b * n).reshape(b, n).astype(np.float32)
 
 
 def bootstrap_estimates(
@@ -72,8 +85,30 @@ def bootstrap_estimates(
     """[len(contributions), n_resamples] estimates on the same resamples of episodes."""
     n = len(contributions[0].plain)
     rng = np.random.default_rng(seed)
-    chunks = [np.stack([c.resampled(counts) for c in contributions]) for counts in resample_counts(n, n_resamples, rng)]
+    # every estimator's per-episode columns side by side: one product with each chunk of counts serves them all;
+    # in float32 (a resample's estimate needs far less precision than the point estimate, which stays float64),
+    # each column centred on its mean first so that the float32 sums lose nothing to a large offset
+    widths = [1 + 2 * c.num.shape[1] for c in contributions]
+    edges = np.cumsum([0, *widths])
+    columns = np.empty((n, int(edges[-1])), np.float32)
+    for c, lo in zip(contributions, edges[:-1]):
+        columns[:, lo] = c.plain
+        columns[:, lo + 1 : lo + 1 + c.num.shape[1]] = c.num
+        columns[:, lo + 1 + c.num.shape[1] : lo + 1 + 2 * c.num.shape[1]] = c.den
+    centre = columns.mean(axis=0, dtype=np.float64)
+    columns -= centre.astype(np.float32)
+    chunks = []
+    for counts in resample_counts(n, n_resamples, rng):
+        means = (counts @ columns).astype(np.float64) / counts.sum(axis=1, keepdims=True) + centre  # [b, columns]
+        chunks.append(np.stack([_estimate_of(means[:, lo:hi]) for lo, hi in zip(edges[:-1], edges[1:])]))
     return np.concatenate(chunks, axis=1)
+
+
+def _estimate_of(means: FloatArray) -> FloatArray:
+    """An estimate per resample from the resampled means of its columns [plain, num_1..K, den_1..K]."""
+    k = (means.shape[1] - 1) // 2
+    ratio = means[:, 1 : 1 + k] / (means[:, 1 + k :] + NORMALIZER_EPS)
+    return means[:, 0] + ratio.sum(axis=1)
 
 
 @overload

@@ -45,12 +45,13 @@ Conventions (they follow SCOPE-RL's ``scope_rl/ope/discrete/basic_estimators.py`
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from numbers import Real
 from typing import Literal, Protocol
 
 import numpy as np
 import numpy.typing as npt
+import torch
 
 from policylab.errors import ConfigError, DatasetError, PolicylabError, suggest
 
@@ -79,11 +80,18 @@ class Trajectories:
     mask: FloatArray | None = None
     q_values: FloatArray | None = None
     v_values: FloatArray | None = None
+    _weights: dict[tuple[str, float | None], FloatArray] = field(
+        default_factory=dict, init=False, repr=False, compare=False
+    )
+    """Cumulative (log-)weights per clip, computed once for every estimator that uses them."""
 
     def __post_init__(self) -> None:
         rewards = _as_2d("rewards", self.rewards)
-        mask = np.ones(rewards.shape) if self.mask is None else _check_mask(_as_2d("mask", self.mask, rewards.shape))
-        real = mask.astype(bool)
+        if self.mask is None:  # every step real: a read-only view of ones, nothing allocated
+            mask = np.broadcast_to(np.float64(1.0), rewards.shape)
+        else:
+            mask = _check_mask(_as_2d("mask", self.mask, rewards.shape))
+        real = None if self.mask is None or mask.all() else mask.astype(bool)
         checked = {"mask": mask, "rewards": _real_steps("rewards", rewards, real)}
         for name in ("behavior_log_probs", "target_log_probs", "q_values", "v_values"):
             values = getattr(self, name)
@@ -134,9 +142,13 @@ def _check_mask(mask: FloatArray) -> FloatArray:
     return mask
 
 
-def _real_steps(name: str, array: FloatArray, real: npt.NDArray[np.bool_]) -> FloatArray:
-    """The array with padding set to 0, after checking its real steps (only pi's log-prob may be -inf)."""
+def _real_steps(name: str, array: FloatArray, real: npt.NDArray[np.bool_] | None) -> FloatArray:
+    """The array with padding set to 0, after checking its real steps (only pi's log-prob may be -inf).
+    `real` None: every step is real (no padding), and a finite array passes with one check and no copy."""
     allow_neg_inf = name == "target_log_probs"
+    if real is None and np.isfinite(array.sum()):  # a sum is finite only if every entry is (one fast pass)
+        return array
+    real = np.ones(array.shape, bool) if real is None else real
     bad = real & (np.isnan(array) | (array == np.inf) | ((array == -np.inf) & (not allow_neg_inf)))
     if bad.any():
         episode, step = (int(i) for i in np.argwhere(bad)[0])
@@ -232,12 +244,19 @@ def log_ratios(data: Trajectories, clip: float | None = None) -> FloatArray:
 
 
 def log_weights(data: Trajectories, clip: float | None = None) -> FloatArray:
-    """log w_{0:t}, the cumulative (per-decision) log importance weight, [n, H]."""
-    return np.cumsum(log_ratios(data, clip), axis=1)
+    """log w_{0:t}, the cumulative (per-decision) log importance weight, [n, H] (computed once per clip)."""
+    key = ("log", clip)
+    if key not in data._weights:
+        # torch's cumsum along short rows is several times numpy's speed; from_numpy shares the memory
+        data._weights[key] = torch.cumsum(torch.from_numpy(log_ratios(data, clip)), dim=1).numpy()
+    return data._weights[key]
 
 
 def step_weights(data: Trajectories, clip: float | None = None) -> FloatArray:
-    """w_{0:t} = prod_{t'<=t} pi/mu, [n, H]; after an episode's end it keeps its last value."""
+    """w_{0:t} = prod_{t'<=t} pi/mu, [n, H]; after an episode's end it keeps its last value (computed once)."""
+    key = ("exp", clip)
+    if key in data._weights:
+        return data._weights[key]
     logs = log_weights(data, clip)
     top = float(logs.max())
     if top > _MAX_LOG_WEIGHT:
@@ -246,7 +265,8 @@ def step_weights(data: Trajectories, clip: float | None = None) -> FloatArray:
             f"importance weights overflow float64: log w reaches {top:.1f} at episode {episode} step {step}",
             "cap the per-step ratios with clip=..., or evaluate a policy closer to the behaviour policy",
         )
-    return np.exp(logs)
+    data._weights[key] = np.exp(logs)
+    return data._weights[key]
 
 
 # ---------------------------------------------------------------------------------------------------- estimators
@@ -314,8 +334,10 @@ def _critic(data: Trajectories, estimator: str) -> tuple[FloatArray, FloatArray]
 def _dr_terms(data: Trajectories, gamma: float, q: FloatArray, v: FloatArray) -> FloatArray:
     """gamma^t (r_t - Q_t + gamma V_{t+1}) with V_H = 0: what w_{0:t} multiplies in DR and WDR."""
     discounts = _discounts(gamma, data.horizon)
-    next_v = np.concatenate([v[:, 1:], np.zeros((len(v), 1))], axis=1)
-    return discounts * (data.rewards - q + gamma * next_v)
+    terms = data.rewards - q
+    terms[:, :-1] += gamma * v[:, 1:]  # V_H = 0
+    terms *= discounts
+    return terms
 
 
 def dm(data: Trajectories, *, gamma: float, clip: float | None = None) -> Contributions:
@@ -350,7 +372,9 @@ def wpdis(data: Trajectories, *, gamma: float, clip: float | None = None) -> Con
     (SCOPE-RL's SelfNormalizedPDIS; finished episodes stay in the denominator with their last weight)."""
     discounts = _discounts(gamma, data.horizon)
     weights = step_weights(data, clip)
-    return Contributions(np.zeros(data.n_episodes), discounts * weights * data.rewards, weights)
+    weighted = weights * data.rewards
+    weighted *= discounts
+    return Contributions(np.zeros(data.n_episodes), weighted, weights)
 
 
 def dr(data: Trajectories, *, gamma: float, clip: float | None = None) -> Contributions:
