@@ -208,6 +208,126 @@ def worker_scope(a: argparse.Namespace) -> dict[str, Any]:
     return out
 
 
+# --- FQE: a logged CartPole dataset, d3rlpy's FQE (SCOPE-RL's) against policylab's -------------------------------
+
+
+def heuristic(obs: np.ndarray) -> np.ndarray:
+    """The evaluated policy on both sides: push the cart toward the side the pole leans to (a mediocre,
+    deterministic CartPole policy: its episodes end on their own, well before the time limit)."""
+    return (np.asarray(obs)[..., 2] > 0).astype(np.int64)
+
+
+def fqe_problem(where: Path, episodes: int, seed: int, gamma: float) -> dict[str, Any]:
+    """The logged dataset (epsilon-greedy 0.3 around the heuristic) and the heuristic's Monte-Carlo value."""
+    sys.path.insert(0, str(REPO_ROOT))
+    import policylab as pl
+    from policylab.data.dataset import write_dataset
+
+    logged = pl.collect("CartPole-v1", heuristic, episodes=episodes, noise=0.3, seed=seed)
+    write_dataset(logged, where / "cartpole-logged", overwrite=True)
+    own = pl.collect("CartPole-v1", heuristic, episodes=2000, seed=seed + 1)
+    returns = _discounted_episode_returns(own.rewards, own.episode_lengths, gamma)
+    index = logged.obs_index()
+    np.savez(
+        where / "cartpole-logged.npz",
+        observations=logged.observations[index],
+        actions=logged.actions,
+        rewards=logged.rewards,
+        terminals=logged.terminations,
+        timeouts=logged.truncations,
+        initial=logged.observations[index[logged.episode_starts()]],
+        gamma=gamma,
+    )
+    return {"truth": float(returns.mean()), "truth_sem": float(returns.std() / np.sqrt(len(returns))),
+            "steps": int(logged.num_steps), "episodes": episodes}  # fmt: skip
+
+
+def _discounted_episode_returns(rewards: np.ndarray, lengths: np.ndarray, gamma: float) -> np.ndarray:
+    starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
+    step = np.arange(len(rewards)) - np.repeat(starts, lengths)
+    return np.add.reduceat(rewards * gamma**step, starts)
+
+
+def worker_fqe_ours(a: argparse.Namespace) -> dict[str, Any]:
+    sys.path.insert(0, str(REPO_ROOT))
+    import torch
+
+    import policylab as pl
+    from policylab.nets.critics import QNetwork
+    from policylab.ope import FQEConfig, evaluate_policy
+
+    torch.set_num_threads(1)
+
+    class Heuristic(QNetwork):  # a greedy Q-network whose greedy action is the heuristic's
+        def forward(self, obs: torch.Tensor) -> torch.Tensor:
+            return torch.stack([torch.zeros_like(obs[:, 2]), obs[:, 2]], -1)[None]
+
+    data = pl.load_dataset(Path(a.data) / "cartpole-logged")
+    policy = pl.Policy(Heuristic(4, 2, (1,)), data.observation_space, data.action_space, algo="dqn")
+    out = []
+    for steps in map(int, a.budgets.split(",")):
+        start = time.perf_counter()
+        report = evaluate_policy(data, policy, ["fqe"], gamma=a.gamma, bootstrap=0, fqe=FQEConfig(steps=steps))
+        out.append({"steps": steps, "seconds": time.perf_counter() - start, "value": report.results["fqe"].value})
+    return {"runs": out}
+
+
+def worker_fqe_d3rlpy(a: argparse.Namespace) -> dict[str, Any]:
+    import d3rlpy
+    import torch
+    from d3rlpy.logging import NoopAdapterFactory
+
+    torch.set_num_threads(1)
+    with np.load(Path(a.data) / "cartpole-logged.npz") as f:
+        d = {k: f[k] for k in f.files}
+    dataset = d3rlpy.dataset.MDPDataset(
+        d["observations"].astype(np.float32),
+        d["actions"].astype(np.int64),
+        d["rewards"].astype(np.float32),
+        d["terminals"].astype(np.float32),
+        d["timeouts"].astype(np.float32),
+        action_space=d3rlpy.ActionSpace.DISCRETE,
+        action_size=2,
+    )
+    initial = d["initial"].astype(np.float32)
+    out = []
+    for steps in map(int, a.budgets.split(",")):
+        start = time.perf_counter()
+        algo = d3rlpy.algos.DQNConfig().create()
+        algo.build_with_dataset(dataset)
+        algo.impl.predict_best_action = lambda x: (x[:, 2] > 0).long()  # the evaluated policy: the heuristic
+        fqe = d3rlpy.ope.DiscreteFQE(algo=algo, config=d3rlpy.ope.FQEConfig(gamma=a.gamma))
+        fqe.fit(dataset, n_steps=steps, n_steps_per_epoch=steps, show_progress=False,
+                logger_adapter=NoopAdapterFactory())  # fmt: skip
+        value = float(fqe.predict_value(initial, heuristic(initial)).mean())
+        out.append({"steps": steps, "seconds": time.perf_counter() - start, "value": value})
+    return {"runs": out}
+
+
+def run_fqe(a: argparse.Namespace) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        where = Path(tmp)
+        problem = fqe_problem(where, a.fqe_episodes, a.seed, a.gamma)
+        truth = f"{problem['truth']:.3f} +- {problem['truth_sem']:.3f}"
+        print(f"CartPole, {problem['episodes']} logged episodes ({problem['steps']} steps), the heuristic's value")
+        print(f"{truth} (gamma {a.gamma}, 2000 Monte-Carlo episodes)")
+        sides = {}
+        for side, python, budgets in (("policylab", None, a.ours_budgets), ("d3rlpy", str(SCOPE_PY), a.their_budgets)):
+            args = ["--worker", f"fqe-{side}", "--data", str(where), "--budgets", budgets, "--gamma", str(a.gamma)]
+            res = run_worker(__file__, args, where / f"{side}.json", python=python, env=ONE_THREAD)
+            if res.record is None:
+                raise SystemExit(f"{side} worker failed:\n{res.tail}")
+            sides[side] = res.record["runs"]
+    for side, runs in sides.items():
+        for run in runs:
+            run["error"] = run["value"] - problem["truth"]
+            print(f"  {side:<10} {run['steps']:>6} steps {run['seconds']:7.1f} s  value {run['value']:8.3f}  "
+                  f"error {run['error']:+7.3f} ({100 * run['error'] / problem['truth']:+.1f}%)")  # fmt: skip
+    payload = {"provenance": provenance(["numpy", "policylab"]), "problem": problem, "gamma": a.gamma,
+               "d3rlpy": "2.8.1 (SCOPE-RL 0.2.1's FQE)", "sides": sides}  # fmt: skip
+    print(f"results: {write_results('ope-fqe', payload)}")
+
+
 # --- the parent ---------------------------------------------------------------------------------------------
 
 
@@ -218,12 +338,22 @@ def main() -> None:
     parser.add_argument("--bootstrap", type=int, default=200, help="resamples for the interval timing")
     parser.add_argument("--steps", default="100000,1000000", help="logged steps per problem, comma-separated")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--worker", choices=("policylab", "scope"), help=argparse.SUPPRESS)
+    parser.add_argument("--fqe", action="store_true", help="FQE on a logged CartPole dataset against d3rlpy's")
+    parser.add_argument("--fqe-episodes", type=int, default=300)
+    parser.add_argument("--gamma", type=float, default=0.99)
+    parser.add_argument("--ours-budgets", default="1000,2000,5000", help="--fqe: policylab's gradient steps")
+    parser.add_argument("--their-budgets", default="5000,10000,20000,40000", help="--fqe: d3rlpy's gradient steps")
+    parser.add_argument("--budgets", help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--worker", choices=("policylab", "scope", "fqe-policylab", "fqe-d3rlpy"), help=argparse.SUPPRESS
+    )
     parser.add_argument("--data", help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
     a = parser.parse_args()
     if a.worker:
-        record = worker_ours(a) if a.worker == "policylab" else worker_scope(a)
+        workers = {"policylab": worker_ours, "scope": worker_scope, "fqe-policylab": worker_fqe_ours,
+                   "fqe-d3rlpy": worker_fqe_d3rlpy}  # fmt: skip
+        record = workers[a.worker](a)
         Path(a.out).write_text(json.dumps(record))
         return
     if a.setup:
@@ -231,6 +361,9 @@ def main() -> None:
         return
     if not SCOPE_PY.exists():
         raise SystemExit("SCOPE-RL's venv is missing: run `.venv/bin/python benchmarks/ope.py --setup` first")
+    if a.fqe:
+        run_fqe(a)
+        return
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for problem in (bandit, mdp):

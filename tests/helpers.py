@@ -20,7 +20,10 @@ def assert_same_params(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -
 
 def resumed_and_full_runs(algo: str, stop: int, **kwargs) -> tuple[pl.Run, pl.Run, pl.Run]:
     """(full, part, resumed): one uninterrupted run, one stopped once `step` reaches `stop`, and that one resumed;
-    asserts the resumed run ends at the full run's step with the same policy parameters."""
+    asserts the resumed run ends at the full run's step with the same policy parameters. The runs use one thread
+    unless told otherwise: with threads=auto the count follows the machine's load, and on some machines a
+    changed count changes the last bits of the products (runtime.Threads)."""
+    kwargs["overrides"] = {"threads": 1, **(kwargs.get("overrides") or {})}
     full = pl.train(algo, name="full", **kwargs)
     part = pl.train(algo, name="part", callback=lambda info: info.step < stop, **kwargs)
     assert part.interrupted
