@@ -149,6 +149,21 @@ def run_worker(
     return WorkerResult(list(args), proc.returncode, wall, launched, record, tail)
 
 
+def make_peer_venv(venv: Path, *packages: str) -> None:
+    """A peer's own virtual environment (its pins clash with ours): torch 2.13.0 first (the CPU wheel, so that
+    the peer's torch requirement installs nothing more), then `packages`. Nothing happens if it exists."""
+    python = venv / "bin" / "python"
+    if python.exists():
+        print(f"{venv} exists")
+        return
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    pip = [str(python), "-m", "pip", "install", "-q"]
+    subprocess.run([*pip, "--upgrade", "pip"], check=True)
+    subprocess.run([*pip, "torch==2.13.0"], check=True)
+    subprocess.run([*pip, *packages], check=True)
+    print(f"made {venv}")
+
+
 ONE_THREAD = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
 
 

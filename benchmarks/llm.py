@@ -24,28 +24,29 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-from common import ONE_THREAD, REPO_ROOT, pair_report, provenance, run_worker, worker_record, write_results
+from common import (
+    ONE_THREAD,
+    REPO_ROOT,
+    make_peer_venv,
+    pair_report,
+    provenance,
+    run_worker,
+    worker_record,
+    write_results,
+)
 
 TRL_VENV = REPO_ROOT / "benchmarks" / ".venv-trl"
 TRL_PY = TRL_VENV / "bin" / "python"
 
 
 def setup() -> None:
-    if TRL_PY.exists():
-        print(f"{TRL_VENV} exists")
-        return
-    subprocess.run([sys.executable, "-m", "venv", str(TRL_VENV)], check=True)
-    pip = [str(TRL_PY), "-m", "pip", "install", "-q"]
-    subprocess.run([*pip, "torch==2.13.0"], check=True)
-    subprocess.run([*pip, "trl==1.16.0"], check=True)
-    print(f"made {TRL_VENV}")
+    make_peer_venv(TRL_VENV, "trl==1.16.0")
 
 
 # --- shared inputs ----------------------------------------------------------------------------------------------

@@ -30,14 +30,22 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-from common import ONE_THREAD, REPO_ROOT, pair_report, provenance, run_worker, worker_record, write_results
+from common import (
+    ONE_THREAD,
+    REPO_ROOT,
+    make_peer_venv,
+    pair_report,
+    provenance,
+    run_worker,
+    worker_record,
+    write_results,
+)
 
 D3RLPY_VENV = REPO_ROOT / "benchmarks" / ".venv-d3rlpy"
 D3RLPY_PY = D3RLPY_VENV / "bin" / "python"
@@ -65,15 +73,7 @@ OURS = {
 
 def setup() -> None:
     """Create benchmarks/.venv-d3rlpy with d3rlpy 2.8.1 (and its gymnasium 1.0.0) next to torch 2.13.0."""
-    if D3RLPY_PY.exists():
-        print(f"{D3RLPY_VENV} exists")
-        return
-    subprocess.run([sys.executable, "-m", "venv", str(D3RLPY_VENV)], check=True)
-    pip = [str(D3RLPY_PY), "-m", "pip", "install", "-q"]
-    subprocess.run([*pip, "--upgrade", "pip"], check=True)
-    subprocess.run([*pip, "torch==2.13.0"], check=True)
-    subprocess.run([*pip, "d3rlpy==2.8.1", "gymnasium[mujoco]==1.0.0"], check=True)
-    print(f"made {D3RLPY_VENV}")
+    make_peer_venv(D3RLPY_VENV, "d3rlpy==2.8.1", "gymnasium[mujoco]==1.0.0")
 
 
 def ensure_dataset(path: Path, episodes: int) -> Path:

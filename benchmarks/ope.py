@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -34,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from common import ONE_THREAD, REPO_ROOT, provenance, run_worker, write_results
+from common import ONE_THREAD, REPO_ROOT, make_peer_venv, provenance, run_worker, write_results
 
 SCOPE_VENV = REPO_ROOT / "benchmarks" / ".venv-scope"
 SCOPE_PY = SCOPE_VENV / "bin" / "python"
@@ -51,14 +50,7 @@ SCOPE_NAMES = {
 
 
 def setup() -> None:
-    if SCOPE_PY.exists():
-        print(f"{SCOPE_VENV} exists")
-        return
-    subprocess.run([sys.executable, "-m", "venv", str(SCOPE_VENV)], check=True)
-    pip = [str(SCOPE_PY), "-m", "pip", "install", "-q"]
-    subprocess.run([*pip, "torch==2.13.0"], check=True)
-    subprocess.run([*pip, "scope-rl==0.2.1"], check=True)
-    print(f"made {SCOPE_VENV}")
+    make_peer_venv(SCOPE_VENV, "scope-rl==0.2.1")
 
 
 # --- problems -----------------------------------------------------------------------------------------------
