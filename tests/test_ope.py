@@ -132,6 +132,14 @@ def test_selection_metrics_against_hand_computed_values():
         top_k(estimates, 5)
 
 
+def test_online_value_is_the_exact_value_of_the_distribution_ope_evaluates(chain_dataset):
+    from policylab.ope.evaluate import online_value
+
+    policy = _chain_policy(4)
+    value = online_value(policy, chain_dataset, GAMMA, episodes=4000, seed=3)
+    assert abs(value - _truth(policy)) < 0.03  # 4000 episodes: standard error about 0.008
+
+
 def test_select_ranks_policies_by_their_estimates_in_the_order_of_their_true_values(chain_dataset):
     policies = [_chain_policy(seed, scale=4.0) for seed in range(5)]
     truths = [_truth(p) for p in policies]
@@ -173,5 +181,9 @@ def test_the_ope_command_evaluates_and_selects_run_directories(chain_dataset, tm
                  "--top-k", "1", "--true", str(tmp_path / "true.json"), "--bootstrap", "50"])  # fmt: skip
     out = capsys.readouterr().out
     assert code == 0 and "ranking by pdis" in out and "regret@1" in out
+    code = main(["ope", "select", "--dataset", str(data), "--policies", *map(str, runs), "--estimator", "wpdis",
+                 "--true", "online:200", "--bootstrap", "50", "--gamma", "0.9"])  # fmt: skip
+    out = capsys.readouterr().out
+    assert code == 0 and "true" in out and "rank_correlation" in out
     assert main(["ope", "--dataset", str(tmp_path / "missing"), "--policy", str(runs[0])]) == 2
     assert "error:" in capsys.readouterr().err

@@ -65,7 +65,7 @@ def kish_ess(log_weights: npt.ArrayLike) -> float:
     return float(w.sum() ** 2 / (w**2).sum())
 
 
-def resample_counts(n: int, n_resamples: int, rng: np.random.Generator) -> Iterator[FloatArray]:
+def resample_counts(n: int, n_resamples: int, rng: np.random.Generator) -> Iterator[npt.NDArray[np.float32]]:
     """[b, n] matrices of how often each of n episodes is drawn in each resample, b <= CHUNK_ELEMENTS // n
     (float32: the counts are small integers, exact in it). Each resample's draws are counted on their own: a
     count vector of n entries stays in cache, where one of b * n would not (1.5x faster at n = 1e5-1e6)."""

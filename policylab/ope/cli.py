@@ -18,7 +18,11 @@ def add_ope_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--estimator", default="wdr", help="select: the estimator that ranks (default wdr)")
     p.add_argument("--top-k", type=int, default=3)
-    p.add_argument("--true", help="select: a JSON file {run directory: true value} (adds regret, SharpeRatio@k ...)")
+    p.add_argument(
+        "--true",
+        help="select: true values for regret, SharpeRatio@k ...: a JSON file {run directory: value}, or online[:N] "
+        "(each policy run N episodes, default 100, in the dataset's env)",
+    )
     p.add_argument("--gamma", type=float, help="discount of the value (default: the run's gamma)")
     p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the intervals")
     p.add_argument("--alpha", type=float, default=0.05, help="1 - confidence of the intervals")
@@ -47,7 +51,11 @@ def run_ope_command(args: argparse.Namespace) -> int:
         "seed": args.seed,
     }
     if args.mode == "select":
-        true = json.loads(Path(args.true).read_text()) if args.true else None
+        true = (
+            args.true
+            if args.true is None or args.true.startswith("online")
+            else json.loads(Path(args.true).read_text())
+        )
         selection, reports = select_policies(
             args.dataset, args.policies, estimator=args.estimator, top_k=args.top_k, true_values=true, **options
         )

@@ -200,6 +200,37 @@ def write_report(report: OPEReport, path: str | Path) -> Path:
     return path
 
 
+def online_value(
+    policy: str | Path | Policy,
+    dataset: Dataset,
+    gamma: float,
+    *,
+    episodes: int = 100,
+    epsilon: float = 0.0,
+    sigma: float | None = None,
+    seed: int = 0,
+) -> float:
+    """The Monte-Carlo value (mean discounted return over `episodes`) of the distribution OPE evaluates
+    (policies.TargetPolicy: the policy's own, epsilon-greedy, or Gaussian around a deterministic action), run in
+    the env the dataset was collected in: the true value that `select_policies` compares estimates with."""
+    from policylab.collect import collect
+    from policylab.nets.critics import DeterministicActor, QNetwork
+
+    loaded = policy if isinstance(policy, Policy) else load(policy)
+    if dataset.env_id is None:
+        raise ConfigError(
+            f"{dataset.name} does not record the env it came from", "pass true values (--true FILE) instead"
+        )
+    discrete = TargetPolicy(loaded, epsilon, sigma).discrete
+    greedy = isinstance(loaded.net, QNetwork | DeterministicActor)
+    act = loaded if greedy else (lambda obs: loaded.act(obs, deterministic=False))
+    noise = epsilon if discrete else (sigma or 0.0) if greedy else 0.0
+    rollouts = collect(dataset.env_id, act, episodes, noise=noise, seed=seed, env_kwargs=dataset.env_kwargs,
+                       ref_min_score=0.0, ref_max_score=1.0)  # fmt: skip
+    returns = pad_episodes(np.asarray(rollouts.episode_lengths, np.int64), rollouts.rewards)[0]
+    return float((returns @ (gamma ** np.arange(returns.shape[1]))).mean())
+
+
 def select_policies(
     dataset: str | Path | Dataset,
     policies: list[str | Path] | list[Policy],
@@ -207,12 +238,13 @@ def select_policies(
     names: list[str] | None = None,
     estimator: str = "wdr",
     top_k: int = 3,
-    true_values: dict[str, float] | None = None,
+    true_values: dict[str, float] | str | None = None,
     **options: Any,
 ) -> tuple[Selection, dict[str, OPEReport]]:
     """Rank candidate policies (run directories or Policy objects, called by `names`, default their paths) by one
     estimator on one dataset, each evaluated with the same options of `evaluate_policy`; `true_values` (name ->
-    value, the same discounted quantity) adds the top-k metrics."""
+    value, the same discounted quantity), or "online" / "online:EPISODES" (each candidate run in the dataset's env:
+    `online_value`, 100 episodes by default), adds the top-k metrics."""
     if not policies:
         raise ConfigError("no candidate policies", "pass run directories, e.g. --policies runs/iql-* runs/cql-*")
     data = dataset if isinstance(dataset, Dataset) else load_dataset(dataset)
@@ -222,6 +254,11 @@ def select_policies(
     reports = {n: evaluate_policy(data, p, [estimator], **options) for n, p in zip(names, policies)}
     results = [report.results[estimator] for report in reports.values()]
     true = None
+    if isinstance(true_values, str):
+        episodes = int(true_values.partition(":")[2] or 100)
+        gamma = next(iter(reports.values())).gamma
+        keep = {k: options[k] for k in ("epsilon", "sigma", "seed") if k in options}
+        true_values = {n: online_value(p, data, gamma, episodes=episodes, **keep) for n, p in zip(names, policies)}
     if true_values is not None:
         missing = [n for n in names if n not in true_values]
         if missing:
