@@ -63,22 +63,38 @@ def test_value_loss_grad_matches_autograd(clip):
     torch.testing.assert_close(grad, 0.25 * values.grad)
 
 
+@pytest.mark.parametrize("out_dim", [3, 1])  # one output (a critic, a value): its backward is an outer product
 @pytest.mark.parametrize("activation", ["tanh", "relu"])
-def test_stacked_mlp_manual_backward_matches_autograd(activation):
+def test_stacked_mlp_manual_backward_matches_autograd(activation, out_dim):
     torch.manual_seed(0)
-    mlp = StackedMLP(2, 5, [32, 16], 3, activation)
-    x = torch.randn(B, 5)
+    mlp = StackedMLP(2, 5, [32, 16], out_dim, activation)
+    x = torch.randn(B, 5, requires_grad=True)
     out = mlp(x)
     g_out = torch.randn_like(out)
     out.backward(g_out)
     ref = [p.grad.clone() for p in mlp.parameters()]
     for p in mlp.parameters():
         p.grad = None
-    out2, cache = mlp.forward_cached(x)
+    out2, cache = mlp.forward_cached(x.detach())
     torch.testing.assert_close(out2, out.detach(), atol=1e-6, rtol=1e-5)
-    mlp.backward(cache, g_out)
+    g_x = mlp.backward(cache, g_out, input_grad=True)
+    assert g_x is not None
+    torch.testing.assert_close(g_x.sum(0), x.grad, atol=1e-5, rtol=1e-4)
     for p, r in zip(mlp.parameters(), ref):
         torch.testing.assert_close(p.grad, r, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("activation", ["tanh", "relu", "elu"])
+def test_stacked_mlp_forward_without_autograd_is_the_same(activation):
+    """Without autograd the activations run in place on each layer's own output: the same bits, input intact."""
+    torch.manual_seed(0)
+    mlp = StackedMLP(2, 5, [32, 16], 1, activation)
+    x = torch.randn(B, 5)
+    x_before = x.clone()
+    with_grad = mlp(x)
+    with torch.no_grad():
+        without = mlp(x)
+    assert torch.equal(without, with_grad.detach()) and torch.equal(x, x_before)
 
 
 @pytest.mark.parametrize("max_norm", [0.5, 100.0])  # clipped, and within the bound (gradients unchanged)

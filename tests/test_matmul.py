@@ -34,6 +34,29 @@ def test_products_are_float32_accurate(a_shape, b_shape, transpose_a) -> None:
     assert matmul._relative_error(matmul.baddbmm(bias, a, b, beta=2.0, alpha=2.0), with_bias) < 1e-5
 
 
+@pytest.mark.parametrize(
+    ("a_shape", "b_shape", "transpose_b"),
+    [
+        ((2, 256, 14), (2, 14, 256), False),  # twin critics' first layer
+        ((1, 256, 256), (1, 256, 256), False),  # a hidden layer
+        ((2, 256, 256), (2, 1, 256), True),  # twin critics' output layer, stored [K, out, in]
+        ((1, 1, 11), (1, 11, 64), False),  # one row (acting): stays on baddbmm
+    ],
+)
+def test_bias_products_on_mkl_are_float32_accurate(monkeypatch, a_shape, b_shape, transpose_b) -> None:
+    """On MKL, `baddbmm` with beta = alpha = 1 is a product and an in-place bias add (one row stays on
+    baddbmm): float32-accurate against a float64 reference (on the Intel Xeon's MKL also bit for bit equal to
+    torch.baddbmm; other kernels may round the sum in another order)."""
+    monkeypatch.setattr(matmul, "_use_onednn", False)
+    g = torch.Generator().manual_seed(2)
+    a = torch.randn(a_shape, generator=g)
+    b = torch.randn(b_shape, generator=g)
+    b = b.transpose(1, 2) if transpose_b else b
+    bias = torch.randn(a_shape[0], 1, b.shape[2], generator=g)
+    exact = torch.baddbmm(bias.double(), a.double(), b.double())
+    assert matmul._relative_error(matmul.baddbmm(bias, a, b), exact) < 1e-5
+
+
 def test_precision_setting_is_restored() -> None:
     settings = torch.backends.mkldnn.matmul
     before = settings.fp32_precision

@@ -23,13 +23,14 @@ DQN: d huber(td) / d td = clamp(td, -1, 1); through a dueling head Q_a = V + A_a
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 import torch
 from torch import Tensor
 
 from policylab.data import Batch
 from policylab.nets.critics import _LOG_2PI, tanh_gaussian_log_prob
+from policylab.nets.mlp import StackedMLP
 from policylab.objectives.offline import advantage_weights, td3_bc_lambda
 from policylab.objectives.q_targets import bootstrap, dqn_target, sac_target, target_policy_smoothing, td3_target
 
@@ -214,18 +215,20 @@ def fused_iql_update(algo: IQL, batch: Batch) -> dict[str, Tensor]:
     n = len(batch)
     obs, actions = batch.obs.flatten(1), batch.actions.flatten(1)
     with torch.no_grad():
-        target_q = algo.critic_target(obs, actions).min(0).values
+        obs_actions = torch.cat([obs, actions], -1)  # one input for the target critics and the critics
+        target_body = cast(StackedMLP, algo.critic_target.module.body)
+        target_q = target_body(obs_actions)[..., 0].min(0).values
         v, value_inputs = value.forward_cached(obs)
         advantage = target_q - v[0, :, 0]
-        weight = torch.where(advantage < 0, 1.0 - cfg.expectile, cfg.expectile)
-        value_loss = (weight * advantage * advantage).mean()
+        weighted = torch.where(advantage < 0, 1.0 - cfg.expectile, cfg.expectile).mul_(advantage)  # w(u) u
+        value_loss = (weighted * advantage).mean()
         algo.value_opt.zero_grad_unless_written_by(value)
-        value.backward(value_inputs, (weight * advantage * (-2.0 / n)).view(1, n, 1))
+        value.backward(value_inputs, (weighted * (-2.0 / n)).view(1, n, 1))
         algo.value_opt.clip_and_step()
 
         next_v = value(batch.next_obs.flatten(1))[0, :, 0]
         y = bootstrap(batch.rewards, batch.discounts, batch.terminated, next_v)
-        q, critic_inputs = critic.body.forward_cached(torch.cat([obs, actions], -1))
+        q, critic_inputs = critic.body.forward_cached(obs_actions)
         td = q[..., 0] - y
         algo.critic_opt.zero_grad_unless_written_by(critic.body)
         critic.body.backward(critic_inputs, (td / n).unsqueeze(-1))
@@ -240,14 +243,15 @@ def fused_iql_update(algo: IQL, batch: Batch) -> dict[str, Tensor]:
             raw = actor.log_std
             log_std = raw.clamp(*actor.log_std_bounds)
             inv_std = torch.exp(-log_std)
-            z = (actions - mean) * inv_std
-            logp = (-0.5 * z * z - log_std - 0.5 * _LOG_2PI).sum(-1)
+            z = (actions - mean).mul_(inv_std)
+            zz = z * z
+            logp = (-0.5 * zz - log_std - 0.5 * _LOG_2PI).sum(-1)
             actor_loss = -(c * logp).mean()
             cn = (c / n).unsqueeze(1)
-            g_out = -(cn * z * inv_std) * (1.0 - mean * mean)
+            g_out = (cn * z).mul_(inv_std).mul_(mean * mean - 1.0)
             inside = (raw >= actor.log_std_bounds[0]) & (raw <= actor.log_std_bounds[1])
             assert raw.grad is not None
-            raw.grad.copy_((cn * (1.0 - z * z)).sum(0) * inside)
+            torch.sum(cn * (1.0 - zz), 0, out=raw.grad).mul_(inside)
         else:
             gap = mean - actions
             actor_loss = (c * gap.pow(2).sum(-1)).mean()

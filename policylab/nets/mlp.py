@@ -19,6 +19,8 @@ from torch import Tensor, nn
 from policylab.nets import matmul
 
 ACTIVATION_FNS = {"tanh": torch.tanh, "relu": torch.relu, "elu": nn.functional.elu, "silu": nn.functional.silu}
+INPLACE_ACTIVATION_FNS = {"tanh": torch.tanh_, "relu": torch.relu_}
+"""The same activations in place, for forward passes without autograd (e.g. target networks)."""
 HIDDEN_GAINS = {"tanh": math.sqrt(2), "relu": math.sqrt(2), "elu": math.sqrt(2), "silu": math.sqrt(2)}
 
 
@@ -99,7 +101,8 @@ class StackedMLP(nn.Module):
         `members=m`: only the first m members (e.g. TD3's actor loss uses the first critic), [m, B, out]."""
         k = self.members if members is None else members
         h = x.unsqueeze(0).expand(k, -1, -1) if x.dim() == 2 else x
-        act = self._act
+        # without autograd, in place on each layer's fresh output: no allocation, the memory is in cache
+        act = self._act if torch.is_grad_enabled() else INPLACE_ACTIVATION_FNS.get(self.activation, self._act)
         for i, (w, b, transposed) in enumerate(self._layers[:-1]):
             if members is not None:
                 w, b = w[:k], b[:k]
@@ -206,11 +209,15 @@ class StackedMLP(nn.Module):
                         matmul.bmm(h.transpose(1, 2), g, out=w.grad)
                     torch.sum(g, dim=1, keepdim=True, out=b.grad)
                 if i > 0 or input_grad:
-                    g_h = matmul.bmm(g, w if transposed else w.transpose(1, 2))
+                    w_t = w if transposed else w.transpose(1, 2)
+                    # one output (a critic's, a value's): an outer product, one multiply per element, the
+                    # same bits as the product without its call
+                    g_h = g * w_t if g.shape[-1] == 1 else matmul.bmm(g, w_t)
                     if i == 0:
                         return g_h
+                    # in place: g_h is this pass's own product (no allocation, its memory is in cache)
                     if tanh:
-                        g = torch.ops.aten.tanh_backward(g_h, h)
+                        g = torch.ops.aten.tanh_backward.grad_input(g_h, h, grad_input=g_h)
                     else:
-                        g = torch.ops.aten.threshold_backward(g_h, h, 0.0)
+                        g = torch.ops.aten.threshold_backward.grad_input(g_h, h, 0.0, grad_input=g_h)
         return None
