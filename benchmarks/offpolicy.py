@@ -23,6 +23,9 @@ Cases (policylab with `preset="none"` and every hyperparameter set explicitly; S
 * `sac-halfcheetah`: SAC, HalfCheetah-v5, SB3's SAC defaults (lr 3e-4) with learning_starts 10000 and
   30k steps: the speed of the first 20k steps with updates.
 
+`--precision bf16` runs policylab with `precision=bf16` (its large products in bfloat16 with float32
+accumulation, where the CPU has AMX or AVX512-BF16; SB3 stays float32 unless `--sb3-onednn`).
+
 `--sb3-onednn` runs SB3 with `torch.backends.mkldnn.matmul.fp32_precision = "bf16"`, which sends every
 float32 product it makes to oneDNN (policylab sends only its large ones, see policylab/nets/matmul.py): the
 comparison with the fast kernel on both sides.
@@ -310,6 +313,7 @@ def ours_overrides(case: Case, a: argparse.Namespace) -> dict[str, Any]:
         "eval_episodes": EVAL_EPISODES,
         "threads": a.threads,
         "device": "cpu",
+        "precision": a.precision,
     }
     return {**case.ours, **run_level}
 
@@ -521,6 +525,7 @@ def main_parent(a: argparse.Namespace) -> None:
         args = ["--case", name, "--threads", str(a.threads)]
         args += (["--quick"] if a.quick else []) + (["--steps", str(a.steps)] if a.steps is not None else [])
         args += ["--sb3-onednn"] if a.sb3_onednn else []
+        args += ["--precision", a.precision]
         args += ["--curve-every", str(a.curve_every)] if a.curve_every else []
         runs = run_alternating(__file__, ["ours", "sb3"], seeds, args, show)
         print(f"\n{name}: {a.seeds} seed(s) per side, torch threads {a.threads}, alternating runs (ours, SB3)")
@@ -572,6 +577,7 @@ def main_parent(a: argparse.Namespace) -> None:
             "seeds": seeds,
             "threads": a.threads,
             "sb3_onednn": a.sb3_onednn,
+            "precision": a.precision,
             "curve_every": a.curve_every,
             "quick": a.quick,
             "steps_override": a.steps,
@@ -604,6 +610,9 @@ def main() -> None:
         "--sb3-onednn",
         action="store_true",
         help="SB3 with torch.backends.mkldnn.matmul.fp32_precision='bf16' (every float32 product on oneDNN)",
+    )
+    p.add_argument(
+        "--precision", default="fp32", choices=["fp32", "bf16"], help="policylab's precision (bf16: opt-in, AMX)"
     )
     p.add_argument("--worker", choices=["ours", "sb3"], help=argparse.SUPPRESS)
     p.add_argument("--seed", type=int, default=1, help=argparse.SUPPRESS)

@@ -68,6 +68,10 @@ class CommonConfig:
     """torch threads: a number, or auto: up to `preferred_threads` (1 for this family, see below), but only as
     many as the cores other processes leave free, re-checked during the run (policylab/runtime.py `Threads`)."""
     device: str = "cpu"
+    precision: str = "fp32"
+    """fp32, or bf16: the large products in bfloat16 with float32 accumulation (weights, gradients and optimizer
+    state stay float32) on CPUs with native bfloat16 (AMX or AVX512-BF16); opt-in, it changes the results
+    (nets/matmul.py; the speed and returns are in benchmarks/README.md)."""
     tensorboard: bool = False
 
     preferred_threads: ClassVar[int] = 1
@@ -78,6 +82,11 @@ class CommonConfig:
         """Reject values that type checks cannot catch; subclasses extend this."""
         positive(self, "steps", "num_envs", "eval_episodes")
         check_threads(self.threads)
+        from policylab.nets import matmul
+
+        if self.precision != "fp32":
+            matmul.set_precision(self.precision)  # checks the value and the CPU, one error naming the fix
+            matmul.set_precision("fp32")
         _non_negative(self, "eval_every", "checkpoint_every", "keep_checkpoints")
         if not 0.0 <= self.gamma <= 1.0:
             raise ConfigError(f"gamma={self.gamma} is outside [0, 1]", "set gamma to e.g. 0.99")

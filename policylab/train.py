@@ -42,6 +42,7 @@ from policylab.data.sources import (
 from policylab.envs import EpisodeTracker, ObsNormalizer, RewardScaler, VecEnv, make_vec_env, resolve_env_id
 from policylab.errors import CheckpointError, ConfigError, TrainingDiverged
 from policylab.logging import CONFIG_YAML, Progress, RunLog, new_run_dir
+from policylab.nets import matmul
 from policylab.policy import Policy, evaluate, space_to_json
 from policylab.presets import VARIANTS, dataset_preset_name, find_preset
 
@@ -200,6 +201,7 @@ class OnPolicyLoop:
 
     def __init__(self, spec: AlgoSpec, cfg: Any) -> None:
         self.threads = runtime.configure(cfg.threads, cfg.seed, cfg.preferred_threads)
+        matmul.set_precision(cfg.precision)
         self.cfg = cfg
         self.spec = spec
         self.dataset = load_dataset(cfg.dataset) if cfg.dataset else None
@@ -367,6 +369,7 @@ class OffPolicyLoop:
 
     def __init__(self, spec: AlgoSpec, cfg: Any) -> None:
         self.threads = runtime.configure(cfg.threads, cfg.seed, cfg.preferred_threads)
+        matmul.set_precision(cfg.precision)
         self.cfg = cfg
         self.spec = spec
         self.dataset = load_dataset(cfg.dataset) if cfg.dataset else None

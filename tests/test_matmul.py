@@ -123,3 +123,58 @@ def test_onednn_is_used_only_on_the_cpus_where_it_was_measured_faster(tmp_path, 
     assert matmul._probe()
     monkeypatch.setenv("POLICYLAB_ONEDNN_MATMUL", "0")
     assert not matmul._probe()
+
+
+def test_bf16_precision_is_opt_in_and_refused_without_native_bfloat16(monkeypatch) -> None:
+    """precision=bf16 routes the large products to oneDNN with bfloat16 allowed (float32 accumulation and
+    output, about 3 significant digits); the default stays float32-exact; a CPU without native bfloat16 gets
+    one error naming the fix, and a bad value another."""
+    from policylab.errors import ConfigError
+
+    g = torch.Generator().manual_seed(3)
+    a = 1.0 + 1e-3 * torch.randn(2, 256, 256, generator=g)  # offsets that bfloat16 inputs lose
+    b = torch.randn(2, 256, 256, generator=g)
+    exact = torch.bmm(a.double(), b.double())
+    calls = []
+    monkeypatch.setattr(matmul, "_onednn_call", lambda op, *args, **kw: calls.append(op) or op(*args, **kw))
+    monkeypatch.setattr(matmul, "bf16_native", lambda: True)
+    monkeypatch.setattr(matmul, "_use_onednn", False)
+    try:
+        matmul.set_precision("bf16")
+        assert matmul._relative_error(matmul.bmm(a, b), exact) < 2e-2 and calls == [torch.bmm]
+        matmul.set_precision("fp32")
+        assert matmul._relative_error(matmul.bmm(a, b), exact) < 1e-5 and calls == [torch.bmm]
+        monkeypatch.setattr(matmul, "bf16_native", lambda: False)
+        with pytest.raises(ConfigError, match="native bfloat16"):
+            matmul.set_precision("bf16")
+        with pytest.raises(ConfigError, match="precision='fp16'"):
+            matmul.set_precision("fp16")
+    finally:
+        matmul._precision = "fp32"
+
+
+def test_bf16_native_reads_the_cpu_flags(tmp_path) -> None:
+    amx = tmp_path / "amx"
+    amx.write_text("vendor_id\t: GenuineIntel\nflags\t\t: fpu avx512f amx_bf16 amx_tile\n\nprocessor : 1\n")
+    plain = tmp_path / "plain"
+    plain.write_text("vendor_id\t: AuthenticAMD\nflags\t\t: fpu avx2\n")
+    has_setting = hasattr(getattr(torch.backends.mkldnn, "matmul", None), "fp32_precision")
+    assert matmul.bf16_native(amx) == (has_setting and torch.backends.mkldnn.is_available())
+    assert not matmul.bf16_native(plain)
+
+
+def test_a_run_takes_precision_bf16_only_where_the_cpu_has_native_bfloat16() -> None:
+    """The config check at resolution: accepted (and the process left on float32 until a run starts) where the
+    CPU has AMX or AVX512-BF16, one error naming the fix elsewhere."""
+    from policylab.algos import get_algo
+    from policylab.errors import ConfigError
+    from policylab.train import resolve_config
+
+    def resolve():
+        return resolve_config(get_algo("sac"), env="Pendulum-v1", overrides={"precision": "bf16"}, preset="none")
+
+    if matmul.bf16_native():
+        assert resolve()[0].precision == "bf16" and matmul.precision() == "fp32"
+    else:
+        with pytest.raises(ConfigError, match="native bfloat16"):
+            resolve()

@@ -19,6 +19,12 @@ too: below about 2^20 multiply-adds, or with an inner dimension under 16, oneDNN
 outweighs its speed (the small shapes of `benchmarks/micro.py --only matmul`).
 
 `POLICYLAB_ONEDNN_MATMUL=0` in the environment turns the oneDNN path off.
+
+`set_precision("bf16")` (a run's `precision=bf16`) is the opt-in exception: where the CPU has native bfloat16
+(AMX or AVX512-BF16), the same large products go to oneDNN with reduced precision allowed on purpose, which
+there means bfloat16 inputs with float32 accumulation and float32 outputs; the weights, gradients and
+optimizer state stay float32. On an Intel Xeon with AMX oneDNN ran 3.3x MKL's float32 on a 256x256x256
+product. It changes the results (about 3 significant digits per product), so it is off by default.
 """
 
 from __future__ import annotations
@@ -33,6 +39,8 @@ MIN_MACS_PER_MEMBER = 1 << 20
 MIN_INNER = 16
 _PROBE_TOLERANCE = 8.0  # x MKL's relative error; bfloat16 inputs give ~1000x
 _use_onednn: bool | None = None
+_precision = "fp32"
+PRECISIONS = ("fp32", "bf16")
 
 
 def _relative_error(x: Tensor, reference: Tensor) -> float:
@@ -45,6 +53,39 @@ def use_onednn() -> bool:
     if _use_onednn is None:
         _use_onednn = _probe()
     return _use_onednn
+
+
+def bf16_native(cpuinfo: Path = Path("/proc/cpuinfo")) -> bool:
+    """Whether this CPU computes bfloat16 products natively (AMX or AVX512-BF16) and torch can reach them."""
+    settings = getattr(getattr(torch.backends, "mkldnn", None), "matmul", None)
+    if not torch.backends.mkldnn.is_available() or not hasattr(settings, "fp32_precision"):
+        return False
+    try:
+        flags = cpuinfo.read_text().split("\n\n", 1)[0]
+    except OSError:
+        return False
+    words = set(flags.replace(":", " ").split())
+    return bool(words & {"amx_bf16", "avx512_bf16"})
+
+
+def set_precision(precision: str) -> None:
+    """fp32 (exact float32 products) or bf16 (large products in bfloat16 with float32 accumulation, where the
+    CPU has native bfloat16); the setting of the process until changed."""
+    from policylab.errors import ConfigError
+
+    global _precision
+    if precision not in PRECISIONS:
+        raise ConfigError(f"precision={precision!r} is not one of {', '.join(PRECISIONS)}", "use fp32 or bf16")
+    if precision == "bf16" and not bf16_native():
+        raise ConfigError(
+            "precision=bf16 needs a CPU with native bfloat16 products (AMX or AVX512-BF16); this one has neither",
+            "use precision=fp32 (the default) here",
+        )
+    _precision = precision
+
+
+def precision() -> str:
+    return _precision
 
 
 def _probe() -> bool:
@@ -100,7 +141,7 @@ def _onednn_call(op, *args, **kwargs) -> Tensor:  # type: ignore[no-untyped-def]
 
 
 def _worth_it(a: Tensor, b: Tensor) -> bool:
-    """Large enough for oneDNN to pay off, float32 on the CPU, and oneDNN exact here."""
+    """Large enough for oneDNN to pay off, float32 on the CPU, and oneDNN exact here (or bfloat16 asked for)."""
     m, k = a.shape[-2], a.shape[-1]
     n = b.shape[-1]
     return (
@@ -108,7 +149,7 @@ def _worth_it(a: Tensor, b: Tensor) -> bool:
         and m * k * n >= MIN_MACS_PER_MEMBER
         and a.dtype == torch.float32
         and a.device.type == "cpu"
-        and use_onednn()
+        and (_precision == "bf16" or use_onednn())
     )
 
 
