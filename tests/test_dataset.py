@@ -118,6 +118,15 @@ def test_write_load_round_trip_keeps_everything(tmp_path):
     assert load_dataset(path / "data").checksum == back.checksum  # pointing at data/ works too
 
 
+def test_a_relative_path_is_written_where_it_points(tmp_path, monkeypatch):
+    """`collect --out datasets/x` from the working directory: the dataset lands at datasets/x (minari takes its
+    root from the environment, and a relative root used to be joined to the path a second time)."""
+    monkeypatch.chdir(tmp_path)
+    path = write_dataset(pendulum(), Path("datasets") / "pend-medium")
+    assert path == tmp_path / "datasets" / "pend-medium" and (path / "data" / "main_data.hdf5").is_file()
+    assert_same_arrays(pendulum(), load_dataset("datasets/pend-medium"))
+
+
 def test_discrete_round_trip_without_refs_or_log_probs(tmp_path):
     ds = cartpole()
     back = load_dataset(write_dataset(ds, tmp_path / "cp"))

@@ -504,7 +504,7 @@ def write_dataset(dataset: Dataset, path: str | Path, *, overwrite: bool = False
     temporary directory beside `path` for the duration (not thread-safe) and
     moves the finished dataset into place.
     """
-    path = Path(path)
+    path = Path(path).absolute()  # minari reads its root from the environment: a relative one was joined twice
     if path.exists() and not overwrite:
         raise DatasetError(
             f"{path} already exists", "pass --overwrite (overwrite=True) to replace it, or choose another --out"
