@@ -1,0 +1,53 @@
+"""policylab's float32 against its opt-in precision=bf16 on the same runs: wall clock and final return, per
+seed, for the cases of `offpolicy.py` (policylab's side only: SB3's ratio is in `offpolicy.py --precision`).
+Needs a CPU with native bfloat16 (AMX or AVX512-BF16).
+
+    .venv/bin/python benchmarks/precision_returns.py --case td3-pendulum --seeds 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from common import ONE_THREAD, provenance, run_worker, write_results
+from offpolicy import CASES
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--case", action="append", choices=list(CASES), help="repeatable (default td3-pendulum)")
+    parser.add_argument("--seeds", type=int, default=2)
+    a = parser.parse_args()
+    cases = a.case or ["td3-pendulum"]
+    runs: list[dict[str, Any]] = []
+    script = Path(__file__).parent / "offpolicy.py"
+    with tempfile.TemporaryDirectory() as tmp:
+        for case in cases:
+            for seed in range(1, a.seeds + 1):
+                for precision in ("fp32", "bf16"):  # alternating, as everywhere
+                    args = ["--worker", "ours", "--case", case, "--seed", str(seed), "--precision", precision]
+                    res = run_worker(script, args, Path(tmp) / "ours.json", env=ONE_THREAD)
+                    if res.record is None:
+                        raise SystemExit(f"{case} {precision} seed {seed} failed:\n{res.tail}")
+                    row = {"case": case, "seed": seed, "precision": precision, "wall_s": res.wall_s,
+                           "return": res.record.get("eval_return_mean")}  # fmt: skip
+                    print(json.dumps(row), flush=True)
+                    runs.append(row)
+    for case in cases:
+        for precision in ("fp32", "bf16"):
+            mine = [r for r in runs if r["case"] == case and r["precision"] == precision]
+            wall = statistics.median(r["wall_s"] for r in mine)
+            returns = ", ".join(f"{r['return']:.1f}" for r in mine)
+            print(f"{case:<16}{precision:<6} wall {wall:7.1f} s   returns by seed: {returns}")
+    payload = {"provenance": provenance(["torch", "policylab"]), "runs": runs, "argv": sys.argv[1:]}
+    print(f"results: {write_results('precision_returns', payload)}")
+
+
+if __name__ == "__main__":
+    main()
