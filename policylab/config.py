@@ -84,9 +84,7 @@ class CommonConfig:
         check_threads(self.threads)
         from policylab.nets import matmul
 
-        if self.precision != "fp32":
-            matmul.set_precision(self.precision)  # checks the value and the CPU, one error naming the fix
-            matmul.set_precision("fp32")
+        matmul.check_precision(self.precision)
         _non_negative(self, "eval_every", "checkpoint_every", "keep_checkpoints")
         if not 0.0 <= self.gamma <= 1.0:
             raise ConfigError(f"gamma={self.gamma} is outside [0, 1]", "set gamma to e.g. 0.99")

@@ -68,12 +68,10 @@ def bf16_native(cpuinfo: Path = Path("/proc/cpuinfo")) -> bool:
     return bool(words & {"amx_bf16", "avx512_bf16"})
 
 
-def set_precision(precision: str) -> None:
-    """fp32 (exact float32 products) or bf16 (large products in bfloat16 with float32 accumulation, where the
-    CPU has native bfloat16); the setting of the process until changed."""
+def check_precision(precision: str) -> None:
+    """A known precision this CPU can run: one error naming the fix otherwise."""
     from policylab.errors import ConfigError
 
-    global _precision
     if precision not in PRECISIONS:
         raise ConfigError(f"precision={precision!r} is not one of {', '.join(PRECISIONS)}", "use fp32 or bf16")
     if precision == "bf16" and not bf16_native():
@@ -81,6 +79,13 @@ def set_precision(precision: str) -> None:
             "precision=bf16 needs a CPU with native bfloat16 products (AMX or AVX512-BF16); this one has neither",
             "use precision=fp32 (the default) here",
         )
+
+
+def set_precision(precision: str) -> None:
+    """fp32 (exact float32 products) or bf16 (large products in bfloat16 with float32 accumulation, where the
+    CPU has native bfloat16); the setting of the process until changed."""
+    global _precision
+    check_precision(precision)
     _precision = precision
 
 

@@ -37,7 +37,7 @@ def add_ope_parser(sub: argparse._SubParsersAction) -> None:
 
 def run_ope_command(args: argparse.Namespace) -> int:
     from policylab.errors import ConfigError
-    from policylab.ope.evaluate import evaluate_policy, select_policies, write_report
+    from policylab.ope.evaluate import evaluate_policy, select_policies, write_json
     from policylab.ope.fqe import FQEConfig
 
     options = {
@@ -61,21 +61,17 @@ def run_ope_command(args: argparse.Namespace) -> int:
         )
         print(selection.format())
         if args.json:
-            _write_json(args.json, {"ranking": [selection.names[i] for i in selection.ranking],
-                                    "metrics": selection.metrics(),
-                                    "reports": {k: r.to_json() for k, r in reports.items()}})  # fmt: skip
+            payload = {
+                "ranking": [selection.names[i] for i in selection.ranking],
+                "metrics": selection.metrics(),
+                "reports": {k: r.to_json() for k, r in reports.items()},
+            }
+            print(f"wrote {write_json(payload, args.json)}")
         return 0
     if args.policy is None:
         raise ConfigError("no policy to evaluate", "pass --policy RUN_DIR (or `ope select --policies ...`)")
     report = evaluate_policy(args.dataset, args.policy, args.estimators.split(","), **options)
     print(report.format())
     if args.json:
-        print(f"wrote {write_report(report, args.json)}")
+        print(f"wrote {write_json(report.to_json(), args.json)}")
     return 0
-
-
-def _write_json(path: str, payload: dict) -> None:
-    from policylab.checkpoint import atomic_write_text
-
-    atomic_write_text(Path(path), json.dumps(payload, indent=2, default=float))
-    print(f"wrote {path}")

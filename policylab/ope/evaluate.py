@@ -20,7 +20,7 @@ from policylab.data.dataset import Dataset, check_compatible, load_dataset
 from policylab.errors import ConfigError
 from policylab.ope.bootstrap import OPEResult, estimate
 from policylab.ope.estimators import NEEDS_CRITIC, Trajectories, get_estimator, pad_episodes
-from policylab.ope.fqe import FittedQ, FQEConfig, fit_fqe
+from policylab.ope.fqe import FQEConfig, fit_fqe
 from policylab.ope.policies import TargetPolicy
 from policylab.ope.selection import Selection
 from policylab.policy import Policy, load
@@ -97,9 +97,9 @@ def evaluate_policy(
     target_logp = target.log_prob(step_obs, data.actions) if needs_ratios else np.zeros(data.num_steps)
     q = v = None
     if any(ALIASES.get(n, n) in NEEDS_CRITIC for n in names):
-        fitted = fit_fqe(data, target, gamma, fqe or FQEConfig(seed=seed))
-        q, v = fitted.values(step_obs, data.actions)
-        notes.append(_fqe_note(fitted, fqe or FQEConfig(seed=seed)))
+        fqe = fqe or FQEConfig(seed=seed)
+        q, v = fit_fqe(data, target, gamma, fqe).values(step_obs, data.actions)
+        notes.append(_fqe_note(fqe))
     columns = [data.rewards, behavior_logp, target_logp] + ([q, v] if q is not None and v is not None else [])
     padded = pad_episodes(np.asarray(data.episode_lengths, np.int64), *columns)
     trajectories = Trajectories(
@@ -168,7 +168,7 @@ def _behavior_log_probs(dataset: Dataset, needed: bool, seed: int, notes: list[s
     return estimate_behavior_log_probs(dataset, seed=seed), "estimated by behaviour cloning (see the note)"
 
 
-def _fqe_note(fitted: FittedQ, cfg: FQEConfig) -> str:
+def _fqe_note(cfg: FQEConfig) -> str:
     return (
         f"dm / fqe and the critic of dr / wdr: fitted Q evaluation, {cfg.steps} steps of batch {cfg.batch_size}, "
         f"hidden {list(cfg.hidden_sizes)}"
@@ -191,12 +191,12 @@ def _discounted_returns(data: Trajectories, gamma: float) -> np.ndarray:
     return data.rewards @ (gamma ** np.arange(data.horizon))
 
 
-def write_report(report: OPEReport, path: str | Path) -> Path:
-    """The report as JSON, written beside and renamed into place."""
+def write_json(payload: dict[str, Any], path: str | Path) -> Path:
+    """`payload` as JSON (an OPE report's `to_json()`, a selection), written beside and renamed into place."""
     from policylab.checkpoint import atomic_write_text
 
     path = Path(path)
-    atomic_write_text(path, json.dumps(report.to_json(), indent=2, default=float))
+    atomic_write_text(path, json.dumps(payload, indent=2, default=float))
     return path
 
 
