@@ -104,6 +104,7 @@ def worker_ours(a: argparse.Namespace) -> dict[str, Any]:
     overrides = {
         **OURS[a.algo],
         "threads": 1,
+        "precision": a.precision,
         "eval_every": 0,
         "checkpoint_every": 0,
         "log_every": a.log_every,
@@ -233,7 +234,7 @@ def _record(a: argparse.Namespace, marks: list[tuple[int, float]], ret: float, s
 def run_side(side: str, a: argparse.Namespace, algo: str, seed: int) -> dict[str, Any]:
     python = None if side == "policylab" else str(D3RLPY_PY)
     args = ["--worker", side, "--algo", algo, "--seed", str(seed), "--steps", str(a.steps)]
-    args += ["--log-every", str(a.log_every), "--dataset", str(a.dataset)]
+    args += ["--log-every", str(a.log_every), "--dataset", str(a.dataset), "--precision", a.precision]
     with tempfile.TemporaryDirectory() as tmp:
         res = run_worker(Path(__file__).resolve(), args, Path(tmp) / "out.json", python=python, env=ONE_THREAD)
     return worker_record(res, f"{side} {algo} seed {seed}")
@@ -249,6 +250,9 @@ def main() -> None:
     parser.add_argument("--log-every", type=int, default=500)
     parser.add_argument("--dataset", default=str(DEFAULT_DATA))
     parser.add_argument("--episodes", type=int, default=1000, help="episodes of the default random dataset")
+    parser.add_argument(
+        "--precision", choices=("fp32", "bf16"), default="fp32", help="policylab's products (d3rlpy's stay float32)"
+    )
     parser.add_argument("--worker", choices=("policylab", "d3rlpy"), help=argparse.SUPPRESS)
     parser.add_argument("--seed", type=int, default=1, help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
@@ -280,7 +284,13 @@ def main() -> None:
             "score": ("normalized score", ".1f", False),
         }
         summary = pair_report(runs, seeds, per_run, {}, "policylab", "d3rlpy", ("ours", "d3rlpy"))
-        results["cases"][algo] = {"runs": runs, "summary": summary, "steps": a.steps, "dataset": str(a.dataset)}
+        results["cases"][algo] = {
+            "runs": runs,
+            "summary": summary,
+            "steps": a.steps,
+            "dataset": str(a.dataset),
+            "precision": a.precision,
+        }
     print(f"results: {write_results('offline', results)}")
 
 

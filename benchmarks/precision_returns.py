@@ -3,6 +3,7 @@ seed, for the cases of `offpolicy.py` (policylab's side only: SB3's ratio is in 
 Needs a CPU with native bfloat16 (AMX or AVX512-BF16).
 
     .venv/bin/python benchmarks/precision_returns.py --case td3-pendulum --seeds 2
+    .venv/bin/python benchmarks/precision_returns.py --case sac-pendulum --seeds 3 --first-seed 3
 """
 
 from __future__ import annotations
@@ -23,13 +24,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--case", action="append", choices=list(CASES), help="repeatable (default td3-pendulum)")
     parser.add_argument("--seeds", type=int, default=2)
+    parser.add_argument("--first-seed", type=int, default=1, help="seeds first-seed .. first-seed + seeds - 1")
     a = parser.parse_args()
     cases = a.case or ["td3-pendulum"]
     runs: list[dict[str, Any]] = []
     script = Path(__file__).parent / "offpolicy.py"
     with tempfile.TemporaryDirectory() as tmp:
         for case in cases:
-            for seed in range(1, a.seeds + 1):
+            for seed in range(a.first_seed, a.first_seed + a.seeds):
                 for precision in ("fp32", "bf16"):  # alternating, as everywhere
                     args = ["--worker", "ours", "--case", case, "--seed", str(seed), "--precision", precision]
                     res = run_worker(script, args, Path(tmp) / "ours.json", env=ONE_THREAD)

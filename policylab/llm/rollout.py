@@ -14,10 +14,11 @@ import inspect
 from dataclasses import dataclass, replace
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 
-from policylab.llm.fast_decode import LlamaDecoder, shared_prompts
+from policylab.llm.fast_decode import LlamaDecoder, NumpyStep, shared_prompts
 
 
 @dataclass
@@ -80,13 +81,37 @@ def positions(mask: Tensor) -> Tensor:
     return (mask.long().cumsum(-1) - 1).clamp_min(0)
 
 
-def _filter_top_p(logits: Tensor, top_p: float) -> Tensor:
-    """Logits with the tokens outside the smallest set of probability >= top_p set to -inf."""
-    sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
-    cumulative = torch.softmax(sorted_logits, -1).cumsum(-1)
-    drop = cumulative - torch.softmax(sorted_logits, -1) >= top_p  # keep the token that crosses top_p
-    sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
-    return torch.empty_like(logits).scatter_(-1, order, sorted_logits)
+def _top_p_probs(probs: np.ndarray, top_p: float) -> np.ndarray:
+    """Probabilities with the tokens outside the smallest set of probability >= top_p set to 0 (not renormalized:
+    sampling scales by the total)."""
+    order = np.argsort(-probs, -1, kind="stable")
+    ranked = np.take_along_axis(probs, order, -1)
+    ranked[np.cumsum(ranked, -1) - ranked >= top_p] = 0.0  # keep the token that crosses top_p
+    kept = np.empty_like(probs)
+    np.put_along_axis(kept, order, ranked, -1)
+    return kept
+
+
+def sample_tokens(
+    logits: np.ndarray, temperature: float, top_p: float, greedy: bool, generator: torch.Generator | None
+) -> tuple[np.ndarray, np.ndarray]:
+    """(tokens [B], their log-probs under softmax(logits / temperature) [B]) from logits [B, V]: the most likely
+    token with `greedy`, else one draw per row by inverting the CDF at a uniform from `generator` (so a run's
+    tokens follow its seed, and resume restores the generator). In numpy: a handful of ~1 us calls a token."""
+    scaled = logits.astype(np.float32) / np.float32(temperature)
+    scaled -= scaled.max(-1, keepdims=True)
+    probs = np.exp(scaled)
+    total = probs.sum(-1, keepdims=True)
+    log_probs = scaled - np.log(total)
+    if greedy:
+        tokens = log_probs.argmax(-1)
+    else:
+        kept = probs if top_p >= 1.0 else _top_p_probs(probs / total, top_p)
+        cdf = np.cumsum(kept, -1, dtype=np.float64)
+        uniform = torch.rand(len(logits), generator=generator, dtype=torch.float64).numpy()
+        # the first token whose CDF exceeds u x total (a token of probability 0 never is that token)
+        tokens = np.minimum((cdf <= (uniform * cdf[:, -1])[:, None]).sum(-1), logits.shape[-1] - 1)
+    return tokens, log_probs[np.arange(len(tokens)), tokens]
 
 
 def _cache_keyword(model: Any) -> str:
@@ -114,56 +139,64 @@ def generate(
     fast: bool = True,
 ) -> Rollout:
     """One completion per prompt row (repeat the rows for groups). `greedy` takes the most likely token. `fast`:
-    Llama-family models run through `LlamaDecoder` (the same arithmetic without transformers' per-call cost)."""
+    Llama-family models run through `LlamaDecoder` (the same arithmetic without transformers' per-call cost):
+    each distinct prompt prefilled once in torch, then one token at a time in numpy (`NumpyStep`) for float32
+    weights. The loop's own bookkeeping is numpy too."""
     n, width = prompt_ids.shape
     mask = prompt_mask.long()
     decoder = LlamaDecoder(model) if fast and LlamaDecoder.supports(model) else None
+    step: NumpyStep | None = None
     if decoder is not None:  # each distinct prompt is prefilled once, then its cache rows are repeated
         distinct, distinct_mask, index = shared_prompts(prompt_ids, mask)
         decoder.start(len(distinct), width + max_new_tokens)
         valid = torch.zeros(len(distinct), width + max_new_tokens, dtype=torch.bool)
         valid[:, :width] = distinct_mask.bool()
-        logits = decoder.forward(distinct, positions(distinct_mask), valid, 0).float()[index]
+        logits = decoder.forward(distinct, positions(distinct_mask), valid, 0).float().index_select(0, index)
         decoder.repeat_rows(index)
-        key_valid = valid[index]
+        key_valid = valid.index_select(0, index)
+        if NumpyStep.supports(decoder):
+            step = NumpyStep(decoder, width + max_new_tokens)
+            bias = np.where(key_valid.numpy(), np.float32(0.0), np.float32(-np.inf))
     else:
         out = model(input_ids=prompt_ids, attention_mask=mask, position_ids=positions(mask), use_cache=True)
         cache_keyword = _cache_keyword(model)
         cache, logits = _cache_of(out), out.logits[:, -1].float()
-    next_position = mask.sum(-1)
-    tokens = torch.full((n, max_new_tokens), pad_token_id, dtype=torch.long)
-    logprobs = torch.zeros(n, max_new_tokens)
-    finished = torch.zeros(n, dtype=torch.bool)
-    lengths = torch.zeros(n, dtype=torch.long)
+    next_position = mask.sum(-1).numpy()
+    tokens = np.full((n, max_new_tokens), pad_token_id, dtype=np.int64)
+    logprobs = np.zeros((n, max_new_tokens), dtype=np.float32)
+    finished = np.zeros(n, dtype=bool)
+    lengths = np.zeros(n, dtype=np.int64)
+    next_logits = logits.numpy()
     for t in range(max_new_tokens):
-        scaled = torch.log_softmax(logits / temperature, -1)
-        if greedy:
-            token = scaled.argmax(-1)
-        else:
-            sampling = scaled if top_p >= 1.0 else _filter_top_p(scaled, top_p)
-            token = torch.multinomial(torch.softmax(sampling, -1), 1, generator=generator).squeeze(-1)
+        token, logp = sample_tokens(next_logits, temperature, top_p, greedy, generator)
         active = ~finished
-        tokens[:, t] = torch.where(active, token, pad_token_id)
-        logprobs[:, t] = torch.where(active, scaled.gather(-1, token[:, None]).squeeze(-1), 0.0)
-        lengths += active.long()
+        tokens[:, t] = np.where(active, token, pad_token_id)
+        logprobs[:, t] = np.where(active, logp, 0.0)
+        lengths += active
         finished |= token == eos_token_id
-        if bool(finished.all()) or t == max_new_tokens - 1:
+        if finished.all() or t == max_new_tokens - 1:
             break
+        if step is not None:
+            bias[:, width + t] = 0.0
+            next_logits = step.forward(tokens[:, t], next_position + t, bias, width + t)
+            continue
+        token_ids = torch.from_numpy(tokens[:, t : t + 1])
+        token_positions = torch.from_numpy(next_position + t)[:, None]
         if decoder is not None:
             key_valid[:, width + t] = True
-            logits = decoder.forward(tokens[:, t : t + 1], (next_position + t)[:, None], key_valid, width + t).float()
+            next_logits = decoder.forward(token_ids, token_positions, key_valid, width + t).float().numpy()
             continue
         mask = torch.cat([mask, torch.ones(n, 1, dtype=mask.dtype)], -1)
         out = model(
-            input_ids=tokens[:, t : t + 1],
+            input_ids=token_ids,
             attention_mask=mask,
-            position_ids=(next_position + t)[:, None],
+            position_ids=token_positions,
             use_cache=True,
             **{cache_keyword: cache},
         )
-        cache, logits = _cache_of(out), out.logits[:, -1].float()
-    completion_mask = torch.arange(max_new_tokens)[None, :] < lengths[:, None]
-    return Rollout(prompt_ids, prompt_mask, tokens, completion_mask, logprobs)
+        cache, next_logits = _cache_of(out), out.logits[:, -1].float().numpy()
+    completion_mask = torch.arange(max_new_tokens)[None, :] < torch.from_numpy(lengths)[:, None]
+    return Rollout(prompt_ids, prompt_mask, torch.from_numpy(tokens), completion_mask, torch.from_numpy(logprobs))
 
 
 def token_logprobs(
