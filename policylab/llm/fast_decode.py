@@ -202,25 +202,27 @@ class LlamaDecoder:
         return F.linear(states, self.lm_head)
 
 
-class NumpyStep:
-    """`LlamaDecoder.forward` for one token per row, in numpy, on views of the decoder's weights and KV cache.
+class NumpyDecoder:
+    """`LlamaDecoder`'s sampling forward in numpy, on its weights, with its own KV cache: the prefill of the
+    distinct prompts and then one token per row at a time.
 
-    A decode step of a small model is a few dozen calls on tensors of a few thousand numbers, so its time is
-    the calls': about 1 us each in numpy against about 5 us in torch (a tiny Llama's token took 0.45 ms in torch
-    and 0.12 ms here, `benchmarks/llm.py --sampling`). The arithmetic is the same, in float32; the result
-    agrees with the torch forward to float32 rounding (tests/test_llm.py). Only for float32 weights."""
+    A forward pass of a small model is a few dozen calls on arrays of a few thousand numbers, so its time is
+    the calls': about 1-3 us each in numpy against about 5-10 us in torch. The arithmetic is the same, in
+    float32, and agrees with the torch forward to float32 rounding (tests/test_llm.py). Only for float32
+    weights (`supports`)."""
 
-    def __init__(self, decoder: LlamaDecoder, length: int) -> None:
+    def __init__(self, decoder: LlamaDecoder, rows: int, length: int) -> None:
         self.eps, self.heads, self.kv_heads = decoder.eps, decoder.heads, decoder.kv_heads
         self.head_dim = decoder.head_dim
         self.intermediate = decoder.intermediate
-        # matrices as [in, out] copies: numpy's product of a transposed view runs at a third of the speed
+        # matrices as [in, out] copies: numpy's product with a transposed view runs at a third of the speed
         self.layers = [
             tuple(np.ascontiguousarray(t.detach().numpy().T) if t.dim() == 2 else t.detach().numpy() for t in layer)
             for layer in decoder.layers
         ]
-        self.keys = [k.numpy() for k in decoder.keys]  # the cache itself: writes land in the decoder's tensors
-        self.values = [v.numpy() for v in decoder.values]
+        shape = (rows, self.kv_heads, length, self.head_dim)
+        self.keys = [np.empty(shape, np.float32) for _ in self.layers]
+        self.values = [np.empty(shape, np.float32) for _ in self.layers]
         self.embed = decoder.embed.detach().numpy()
         self.norm = decoder.norm.detach().numpy()
         self.lm_head = np.ascontiguousarray(decoder.lm_head.detach().numpy().T)
@@ -232,35 +234,54 @@ class NumpyStep:
     def supports(decoder: LlamaDecoder) -> bool:
         return decoder.embed.dtype == torch.float32 and all(t.dtype == torch.float32 for t in decoder.layers[0])
 
+    def repeat_rows(self, index: np.ndarray) -> None:
+        """The cache's rows taken by `index` [N] (after a prefill of each distinct prompt once)."""
+        self.keys = [k[index] for k in self.keys]
+        self.values = [v[index] for v in self.values]
+
     def _rms(self, x: np.ndarray, weight: np.ndarray) -> np.ndarray:
         mean_square = (x * x).sum(-1, keepdims=True) * np.float32(1.0 / x.shape[-1])
         return weight * (x / np.sqrt(mean_square + np.float32(self.eps)))
 
     def forward(self, tokens: np.ndarray, positions: np.ndarray, bias: np.ndarray, start: int) -> np.ndarray:
-        """Logits [B, V] after `tokens` [B] at `positions` [B], written into the cache's column `start`;
-        `bias` [B, >= start + 1]: 0 where a key may be attended to, -inf elsewhere."""
-        batch, heads, kv_heads, dim = len(tokens), self.heads, self.kv_heads, self.head_dim
-        end, half = start + 1, self.head_dim // 2
-        cos, sin = self.cos[positions][:, None], self.sin[positions][:, None]
-        mask = bias[:, None, None, :end]
-        h = self.embed[tokens]
+        """Logits [B, V] at the last of `tokens` [B, L] (at `positions` [B, L]), whose keys and values are written
+        into the cache's columns start..start+L-1; `bias` [B, L, start + L]: 0 where a query may attend to a key,
+        -inf elsewhere."""
+        (batch, length), heads, kv_heads, dim = tokens.shape, self.heads, self.kv_heads, self.head_dim
+        end, half, repeat = start + length, dim // 2, heads // kv_heads
+        cos, sin = self.cos[positions.reshape(-1)][:, None], self.sin[positions.reshape(-1)][:, None]  # [B L, 1, D]
+        mask = bias[:, None, None]  # [B, 1, 1, L, S]
+        h = self.embed[tokens.reshape(-1)]  # [B L, E]: the products are 2-D (a 3-D one is a loop of small ones)
         for i, (w_in, w_qkv, w_out, w_post, w_gate_up, w_down) in enumerate(self.layers):
-            qkv = (self._rms(h, w_in) @ w_qkv).reshape(batch, -1, dim)
+            qkv = (self._rms(h, w_in) @ w_qkv).reshape(batch * length, -1, dim)
             qk = qkv[:, : heads + kv_heads]
             qk = qk * cos + np.concatenate([-qk[..., half:], qk[..., :half]], -1) * sin
-            self.keys[i][:, :, start] = qk[:, heads:]
-            self.values[i][:, :, start] = qkv[:, heads + kv_heads :]
-            keys, values = self.keys[i][:, :, :end], self.values[i][:, :, :end]  # [B, kv_heads, S, D]
-            q = qk[:, :heads].reshape(batch, kv_heads, heads // kv_heads, dim)  # head j reads kv head j // repeat
-            scores = (q @ keys.transpose(0, 1, 3, 2)) * self.scale + mask  # [B, kv_heads, repeat, S]
+            k = qk[:, heads:].reshape(batch, length, kv_heads, dim)
+            self.keys[i][:, :, start:end] = k.transpose(0, 2, 1, 3)
+            v = qkv[:, heads + kv_heads :].reshape(batch, length, kv_heads, dim)
+            self.values[i][:, :, start:end] = v.transpose(0, 2, 1, 3)
+            keys, values = self.keys[i][:, :, None, :end], self.values[i][:, :, None, :end]  # [B, kv, 1, S, D]
+            # head j reads kv head j // repeat: queries as [B, kv_heads, repeat, L, D]
+            q = qk[:, :heads].reshape(batch, length, kv_heads, repeat, dim).transpose(0, 2, 3, 1, 4)
+            scores = (q @ keys.swapaxes(-1, -2)) * self.scale + mask  # [B, kv_heads, repeat, L, S]
             scores -= scores.max(-1, keepdims=True)
             np.exp(scores, out=scores)
             scores /= scores.sum(-1, keepdims=True)
-            h = h + (scores @ values).reshape(batch, heads * dim) @ w_out
+            attended = (scores @ values).transpose(0, 3, 1, 2, 4).reshape(batch * length, heads * dim)
+            h = h + attended @ w_out
             gate_up = self._rms(h, w_post) @ w_gate_up
             gate, up = gate_up[:, : self.intermediate], gate_up[:, self.intermediate :]
             h = h + (gate * (0.5 + 0.5 * np.tanh(0.5 * gate)) * up) @ w_down  # silu, without exp's overflow
-        return self._rms(h, self.norm) @ self.lm_head
+        return self._rms(h.reshape(batch, length, -1)[:, -1], self.norm) @ self.lm_head
+
+
+def causal_bias(key_valid: np.ndarray, start: int) -> np.ndarray:
+    """`_causal_mask` as an additive bias [B, L, start + L] (0 allowed, -inf not), for `NumpyDecoder.forward`."""
+    end = key_valid.shape[1]
+    query = np.arange(start, end)[:, None]
+    column = np.arange(end)[None, :]
+    allowed = (key_valid[:, None, :] & (column <= query)[None]) | (column == query)[None]
+    return np.where(allowed, np.float32(0.0), np.float32(-np.inf))
 
 
 def _causal_mask(key_valid: Tensor, start: int) -> Tensor:

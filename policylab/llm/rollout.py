@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from policylab.llm.fast_decode import LlamaDecoder, NumpyStep, shared_prompts
+from policylab.llm.fast_decode import LlamaDecoder, NumpyDecoder, causal_bias, shared_prompts
 
 
 @dataclass
@@ -140,33 +140,39 @@ def generate(
 ) -> Rollout:
     """One completion per prompt row (repeat the rows for groups). `greedy` takes the most likely token. `fast`:
     Llama-family models run through `LlamaDecoder` (the same arithmetic without transformers' per-call cost):
-    each distinct prompt prefilled once in torch, then one token at a time in numpy (`NumpyStep`) for float32
-    weights. The loop's own bookkeeping is numpy too."""
+    each distinct prompt prefilled once, then one token at a time, in numpy (`NumpyDecoder`) for float32 weights.
+    The loop's own bookkeeping is numpy too."""
     n, width = prompt_ids.shape
     mask = prompt_mask.long()
+    total = width + max_new_tokens
     decoder = LlamaDecoder(model) if fast and LlamaDecoder.supports(model) else None
-    step: NumpyStep | None = None
+    in_numpy: NumpyDecoder | None = None
     if decoder is not None:  # each distinct prompt is prefilled once, then its cache rows are repeated
         distinct, distinct_mask, index = shared_prompts(prompt_ids, mask)
-        decoder.start(len(distinct), width + max_new_tokens)
-        valid = torch.zeros(len(distinct), width + max_new_tokens, dtype=torch.bool)
+        valid = torch.zeros(len(distinct), total, dtype=torch.bool)
         valid[:, :width] = distinct_mask.bool()
-        logits = decoder.forward(distinct, positions(distinct_mask), valid, 0).float().index_select(0, index)
-        decoder.repeat_rows(index)
         key_valid = valid.index_select(0, index)
-        if NumpyStep.supports(decoder):
-            step = NumpyStep(decoder, width + max_new_tokens)
+        if NumpyDecoder.supports(decoder):
+            in_numpy = NumpyDecoder(decoder, len(distinct), total)
+            prefill_bias = causal_bias(distinct_mask.bool().numpy(), 0)
+            prefilled = in_numpy.forward(distinct.numpy(), positions(distinct_mask).numpy(), prefill_bias, 0)
+            next_logits = prefilled[index.numpy()]
+            in_numpy.repeat_rows(index.numpy())
             bias = np.where(key_valid.numpy(), np.float32(0.0), np.float32(-np.inf))
+        else:
+            decoder.start(len(distinct), total)
+            logits = decoder.forward(distinct, positions(distinct_mask), valid, 0).float().index_select(0, index)
+            next_logits = logits.numpy()
+            decoder.repeat_rows(index)
     else:
         out = model(input_ids=prompt_ids, attention_mask=mask, position_ids=positions(mask), use_cache=True)
         cache_keyword = _cache_keyword(model)
-        cache, logits = _cache_of(out), out.logits[:, -1].float()
+        cache, next_logits = _cache_of(out), out.logits[:, -1].float().numpy()
     next_position = mask.sum(-1).numpy()
     tokens = np.full((n, max_new_tokens), pad_token_id, dtype=np.int64)
     logprobs = np.zeros((n, max_new_tokens), dtype=np.float32)
     finished = np.zeros(n, dtype=bool)
     lengths = np.zeros(n, dtype=np.int64)
-    next_logits = logits.numpy()
     for t in range(max_new_tokens):
         token, logp = sample_tokens(next_logits, temperature, top_p, greedy, generator)
         active = ~finished
@@ -176,9 +182,11 @@ def generate(
         finished |= token == eos_token_id
         if finished.all() or t == max_new_tokens - 1:
             break
-        if step is not None:
+        if in_numpy is not None:
             bias[:, width + t] = 0.0
-            next_logits = step.forward(tokens[:, t], next_position + t, bias, width + t)
+            column = width + t
+            step_bias = bias[:, None, : column + 1]
+            next_logits = in_numpy.forward(tokens[:, t : t + 1], (next_position + t)[:, None], step_bias, column)
             continue
         token_ids = torch.from_numpy(tokens[:, t : t + 1])
         token_positions = torch.from_numpy(next_position + t)[:, None]

@@ -254,13 +254,21 @@ class PromptEncoder:
         self.tokenizer = tokenizer
         self.tokens: dict[str, list[int]] = {}
 
+    def _tokenize(self, texts: list[str]) -> list[list[int]]:
+        """A fast tokenizer's Rust backend directly (what its batch call runs, without ~0.2 ms of Python around
+        it: prompts drawn from a large set are mostly new); the tokenizer's call otherwise."""
+        backend = getattr(self.tokenizer, "backend_tokenizer", None)
+        if backend is not None and backend.truncation is None:  # its own padding is undone by the mask
+            encodings = backend.encode_batch(texts, add_special_tokens=False)
+            return [[i for i, real in zip(e.ids, e.attention_mask) if real] for e in encodings]
+        return list(self.tokenizer(texts, add_special_tokens=False)["input_ids"])
+
     def __call__(self, prompts: list[str]) -> tuple[Tensor, Tensor]:
         missing = [p for p in dict.fromkeys(prompts) if p not in self.tokens]
         if missing:
             if len(self.tokens) + len(missing) > self.MAX_CACHED:
                 self.tokens.clear()
-            encoded = self.tokenizer(missing, add_special_tokens=False)["input_ids"]
-            self.tokens.update(zip(missing, encoded))
+            self.tokens.update(zip(missing, self._tokenize(missing)))
         rows = [self.tokens[p] for p in prompts]
         width = max(len(row) for row in rows)
         pad = self.tokenizer.pad_token_id
