@@ -103,3 +103,18 @@ def test_a_cgroup_cpu_quota_caps_the_usable_cores(tmp_path, monkeypatch):
     assert runtime._cgroup_cpu_quota(tmp_path / "missing") is None
     monkeypatch.setattr(runtime, "_cgroup_cpu_quota", lambda: 0.5)
     assert runtime.usable_cores() == 1
+
+
+def test_training_puts_numpys_blas_on_one_thread_and_leaves_torchs_openmp_alone():
+    script = """
+import torch, numpy
+from threadpoolctl import threadpool_info
+from policylab import runtime
+runtime.configure(2, 0, preferred=2)
+blas = [i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas"]
+print(blas, torch.get_num_threads())
+"""
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout.split("]")
+    blas, torch_threads = out[0].strip("[ ").split(","), int(out[1])
+    assert blas != [""] and all(int(n) == 1 for n in blas)  # numpy's OpenBLAS was found and limited
+    assert torch_threads == min(2, len(os.sched_getaffinity(0)))

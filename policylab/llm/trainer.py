@@ -72,6 +72,7 @@ from policylab.objectives.policy import (
 from policylab.objectives.preference import dpo_loss
 from policylab.objectives.value import value_loss
 from policylab.optim import Adam
+from policylab.runtime import limit_numpy_blas
 
 ALGO_DEFAULTS: dict[str, dict[str, Any]] = {
     "sft": {"lr": 3e-3},
@@ -470,6 +471,7 @@ class LLMTrainer:
     def __init__(self, cfg: LLMConfig, inputs: LLMInputs | None = None) -> None:
         require_llm()
         torch.set_num_threads(cfg.threads)
+        limit_numpy_blas(cfg.threads)  # sampling runs in numpy (fast_decode.NumpyDecoder)
         inputs = inputs or LLMInputs()
         _check_objects_given(cfg, inputs)
         self.cfg = cfg
