@@ -267,6 +267,7 @@ class RunScore:
 
     dir: Path
     algo: str
+    """Its group in the report: the algorithm, or the `group_by` label (e.g. "sac lr=0.001")."""
     env: str
     seed: int | None
     value: float
@@ -278,8 +279,11 @@ class RunScore:
     ref_source: str | None = None
 
 
-def load_run_score(run_dir: str | Path, metric: str = "return_mean", which: str = "final") -> RunScore:
-    """Read a run directory's score: its final evaluation (eval.json) or its best one (eval.csv)."""
+def load_run_score(
+    run_dir: str | Path, metric: str = "return_mean", which: str = "final", group_by: Sequence[str] = ("algo",)
+) -> RunScore:
+    """Read a run directory's score: its final evaluation (eval.json) or its best one (eval.csv); its group is
+    labelled by the config values of `group_by` (`run_label`)."""
     if which not in WHICH:
         raise PolicylabError(f"unknown --which {which!r}", "use --which final or --which best")
     path = Path(run_dir)
@@ -304,9 +308,26 @@ def load_run_score(run_dir: str | Path, metric: str = "return_mean", which: str 
         )
     refs, source = _run_refs(config)
     seed = config.get("seed")
+    label = run_label(config, group_by, path)
     return RunScore(
-        path, str(algo), str(env), seed if isinstance(seed, int) else None, value, step, steps, values, refs, source
+        path, label, str(env), seed if isinstance(seed, int) else None, value, step, steps, values, refs, source
     )
+
+
+def run_label(config: dict[str, Any], group_by: Sequence[str], path: Path) -> str:
+    """The group a run is pooled into: its config's values of `group_by`, e.g. ("algo", "lr") -> "sac lr=0.001"
+    (variants of one algorithm compared as if they were algorithms)."""
+    if not group_by:
+        raise PolicylabError("--group-by names no config key", "group by algo (the default) or e.g. algo,lr")
+    parts = []
+    for key in group_by:
+        if key not in config:
+            known = ", ".join(sorted(k for k in config if not isinstance(config[k], dict | list))[:12])
+            raise PolicylabError(
+                f"{path / CONFIG_YAML} has no {key!r} to group by", f"group by keys every run's config has: {known}"
+            )
+        parts.append(str(config[key]) if key == "algo" else f"{key}={config[key]}")
+    return " ".join(parts)
 
 
 def _check_run_dir(path: Path) -> None:
@@ -680,11 +701,13 @@ def report(
     seed: int = 0,
     curve_statistic: str = "iqm",
     overwrite: bool = False,
+    group_by: Sequence[str] = ("algo",),
 ) -> Report:
     """Write a multi-seed report of `run_dirs` to the folder `out`: index.html, PNG plots and report.csv.
 
     A run's score is its final evaluation (eval.json) of `metric`, or with which="best" the highest `metric`
-    in its eval.csv. Runs are pooled by algorithm; each env is a task. Scores are normalized with reference
+    in its eval.csv. Runs are pooled by algorithm (or by the config values of `group_by`, e.g. ("algo", "lr"));
+    each env is a task. Scores are normalized with reference
     returns where they are known (`refs` {env: (min, max)}, else the run's dataset); runs of several envs need
     them. `threshold` is the optimality gap's target (default 100 for normalized scores; none otherwise).
     `out` is written to a temporary folder and renamed into place; a non-empty one needs `overwrite=True`."""
@@ -701,7 +724,7 @@ def report(
         )
     dirs, repeated = _unique_dirs(run_dirs)
     _check_out(out, dirs, overwrite)
-    runs = [load_run_score(d, metric, which) for d in dirs]
+    runs = [load_run_score(d, metric, which, group_by) for d in dirs]
     score_set = build_score_set(runs, metric, refs)
     result = _compute(score_set, out, metric, which, threshold, reps, confidence, seed, curve_statistic)
     if repeated:
@@ -829,6 +852,12 @@ def add_report_parser(sub: argparse._SubParsersAction) -> None:
         "--ref", action="append", default=[], metavar="ENV=MIN,MAX", help="reference returns to normalize an env"
     )
     p.add_argument("--threshold", type=float, help="optimality gap target (default 100 for normalized scores)")
+    p.add_argument(
+        "--group-by",
+        default="algo",
+        metavar="KEY[,KEY...]",
+        help="config keys that name a group (default algo; e.g. algo,lr compares variants of an algorithm)",
+    )
     p.add_argument("--bootstrap", type=int, default=2000, metavar="REPS", help="bootstrap resamples (default 2000)")
     p.add_argument("--seed", type=int, default=0, help="bootstrap seed (default 0)")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it is not empty")
@@ -847,6 +876,7 @@ def run_report_command(args: argparse.Namespace) -> int:
         reps=args.bootstrap,
         seed=args.seed,
         overwrite=args.overwrite,
+        group_by=[key.strip() for key in args.group_by.split(",") if key.strip()],
     )
     print_summary(result)
     return 0

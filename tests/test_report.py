@@ -488,3 +488,21 @@ def test_report_of_real_runs(tmp_path: Path) -> None:
     assert result.curves["ppo"].steps.tolist() == [128.0, 256.0]
     page = (tmp_path / "report" / "index.html").read_text()
     assert all(str(r.dir) in page for r in runs)
+
+
+def test_group_by_config_keys_compares_variants_of_one_algorithm(tmp_path: Path) -> None:
+    root = tmp_path / "runs"
+    runs = [
+        fake_run(root, "sac", "Pendulum-v1", seed, [value], config={"lr": lr, "precision": "fp32"})
+        for seed, lr, value in [(0, 0.001, -200.0), (1, 0.001, -180.0), (0, 0.0003, -400.0), (1, 0.0003, -420.0)]
+    ]
+    result = report(runs, tmp_path / "by-lr", reps=100, group_by=["algo", "lr"])
+    assert set(result.score_set.algorithms) == {"sac lr=0.0003", "sac lr=0.001"}
+    assert result.aggregates["sac lr=0.001"]["mean"].value == pytest.approx(-190.0)
+    assert result.aggregates["sac lr=0.0003"]["mean"].value == pytest.approx(-410.0)
+    assert [set(pair) for pair in result.improvements] == [{"sac lr=0.0003", "sac lr=0.001"}]
+    pooled = report(runs, tmp_path / "by-algo", reps=100)  # the default pools the four runs as one algorithm
+    assert pooled.score_set.algorithms == ["sac"]
+    with pytest.raises(PolicylabError, match="no 'gamma' to group by") as error:
+        report(runs, tmp_path / "bad", reps=100, group_by=["algo", "gamma"])
+    assert "lr" in error.value.fix
