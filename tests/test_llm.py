@@ -676,12 +676,12 @@ def test_the_prompt_shared_training_forward_equals_transformers_forward_with_gra
         torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=1e-4)
 
 
-def test_the_fast_llama_decoder_samples_what_transformers_forward_samples():
+def test_the_fast_llama_decoder_samples_what_transformers_forward_samples(monkeypatch):
     """LlamaDecoder (no transformers per-call machinery) against transformers' own forward, with grouped-query
     attention and left padding: the same tokens from the same seed, the same log-probs."""
     from transformers import LlamaForCausalLM
 
-    from policylab.llm.fast_decode import LlamaDecoder
+    from policylab.llm.fast_decode import LlamaDecoder, NumpyDecoder
 
     tok = char_tokenizer()
     torch.manual_seed(0)
@@ -700,6 +700,13 @@ def test_the_fast_llama_decoder_samples_what_transformers_forward_samples():
     )
     assert torch.equal(fast.completion_ids, slow.completion_ids)
     torch.testing.assert_close(fast.logprobs, slow.logprobs, atol=1e-5, rtol=1e-5)
+    # float32 weights decode in numpy (NumpyDecoder); others through LlamaDecoder's torch forward: the same here
+    monkeypatch.setattr(NumpyDecoder, "supports", staticmethod(lambda decoder: False))
+    in_torch = generate(
+        model, enc["input_ids"], enc["attention_mask"], generator=torch.Generator().manual_seed(4), **kwargs
+    )
+    assert torch.equal(in_torch.completion_ids, slow.completion_ids)
+    torch.testing.assert_close(in_torch.logprobs, slow.logprobs, atol=1e-5, rtol=1e-5)
 
 
 # --- Python objects instead of names and paths ------------------------------------------------------------------
