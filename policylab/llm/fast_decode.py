@@ -9,7 +9,10 @@ product, gate and up in one, RMSNorm in float32 as transformers does, rotary emb
 rotary embeddings and SiLU MLPs without biases (`LlamaDecoder.supports`); other models use transformers'
 forward.
 
-Two uses. Sampling (`start` / `forward`): one token at a time over a preallocated KV cache. Training
+Two uses. Sampling: `NumpyDecoder` runs the same forward in numpy on the same weights (float32 models), the
+prefill of each distinct prompt once and then one token at a time over a preallocated KV cache, because at
+these sizes a numpy call costs a fraction of a torch call; `start` / `forward` do it in torch for other
+dtypes. Training
 (`completion_logits`): the completions of a group share their prompt, so each distinct prompt goes through
 the layers once and its keys and values are shared by the rows that repeat it (`shared_prompts`); only the
 completion tokens are computed per row. With groups of 8 and prompts as long as completions this is about
