@@ -183,8 +183,8 @@ def generate(
         if finished.all() or t == max_new_tokens - 1:
             break
         if in_numpy is not None:
-            bias[:, width + t] = 0.0
             column = width + t
+            bias[:, column] = 0.0
             step_bias = bias[:, None, : column + 1]
             next_logits = in_numpy.forward(tokens[:, t : t + 1], (next_position + t)[:, None], step_bias, column)
             continue
