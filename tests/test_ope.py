@@ -187,3 +187,25 @@ def test_the_ope_command_evaluates_and_selects_run_directories(chain_dataset, tm
     assert code == 0 and "true" in out and "rank_correlation" in out
     assert main(["ope", "--dataset", str(tmp_path / "missing"), "--policy", str(runs[0])]) == 2
     assert "error:" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("discrete", [True, False])
+def test_fqe_regression_gradient_by_hand_equals_autograd(discrete):
+    from types import SimpleNamespace
+
+    from policylab.nets.critics import ContinuousCritic, QNetwork
+    from policylab.ope.fqe import FittedQ, _by_hand, _regression_step
+
+    torch.manual_seed(0)
+    critic = QNetwork(4, 3, (32, 32)) if discrete else ContinuousCritic(4, 2, (32, 32), members=1)
+    assert _by_hand(critic)
+    fitted = FittedQ(SimpleNamespace(discrete=discrete), critic, 1.0, 1, 0)  # type: ignore[arg-type]
+    obs, y = torch.randn(16, 4), torch.randn(16)
+    actions = torch.randint(0, 3, (16,)) if discrete else torch.rand(16, 2) * 2 - 1
+    torch.nn.functional.mse_loss(fitted._q(obs, actions), y).backward()
+    expected = [p.grad.clone() for p in critic.parameters()]
+    critic.zero_grad()
+    _regression_step(fitted, obs, actions, y)
+    for grad, want in zip((p.grad for p in critic.parameters()), expected):
+        torch.testing.assert_close(grad, want, rtol=1e-5, atol=1e-6)
+    assert not _by_hand(QNetwork(4, 3, (32, 32), dueling=True))

@@ -7,6 +7,10 @@ Discrete actions: a `QNetwork` (one output per action) and the exact expectation
 Box actions: a `ContinuousCritic` on [-1, 1] actions and the mean over `action_samples` draws of pi. The target
 network follows by Polyak averaging (`tau`). Rewards can be scaled for the regression (`reward_scale`, undone
 in every value it returns), which keeps the Q targets of long-horizon tasks near unit scale.
+
+The regression step has the gradient written by hand (`_regression_step`: d mean_B (Q - y)^2 / dQ = 2 (Q - y) / B
+at the logged action, back through the critic's `StackedMLP`), as the off-policy algorithms' fused updates do:
+the same step as autograd's (tests/test_ope.py) without building a graph.
 """
 
 from __future__ import annotations
@@ -125,19 +129,46 @@ def fit_fqe(dataset: Dataset, target: TargetPolicy, gamma: float, cfg: FQEConfig
     optimizer = Adam(list(critic.parameters()), lr=cfg.lr)
     online: list[Tensor] = list(critic.parameters())
     offline: list[Tensor] = list(frozen.critic.parameters())
+    by_hand = _by_hand(critic)
     for _ in range(cfg.steps):
         batch = buffer.sample(cfg.batch_size, generator)
         with torch.no_grad():
             next_v = frozen._v(batch.next_obs)
             y = batch.rewards + batch.discounts * (~batch.terminated).float() * next_v
-        loss = torch.nn.functional.mse_loss(fitted._q(batch.obs, batch.actions), y)
-        optimizer.zero_grad()
-        loss.backward()
+        if by_hand:
+            _regression_step(fitted, batch.obs, batch.actions, y)
+        else:
+            optimizer.zero_grad()
+            torch.nn.functional.mse_loss(fitted._q(batch.obs, batch.actions), y).backward()
         optimizer.step()
         with torch.no_grad():
             torch._foreach_lerp_(offline, online, cfg.tau)
     critic.eval()
     return fitted
+
+
+def _by_hand(critic: torch.nn.Module) -> bool:
+    """Whether the regression's gradient can be written by hand: a plain (not dueling) critic whose StackedMLP
+    has an analytic backward."""
+    body = getattr(critic, "body", None)
+    return bool(body is not None and body.analytic_backward and not getattr(critic, "dueling", False))
+
+
+@torch.no_grad()
+def _regression_step(fitted: FittedQ, obs: Tensor, unit_actions: Tensor, y: Tensor) -> None:
+    """The gradient of mean_B (Q(s, a) - y)^2 written into the critic's `.grad` (no graph): 2 (Q - y) / B at the
+    logged action's output, back through the body."""
+    body = fitted.critic.body  # type: ignore[union-attr]
+    n = len(y)
+    if fitted.target.discrete:
+        out, inputs = body.forward_cached(obs.flatten(1))  # [1, B, n_actions]
+        index = unit_actions.long().view(-1, 1)
+        g_q = (out[0].gather(1, index).squeeze(1) - y).mul_(2.0 / n)
+        g_out = torch.zeros_like(out[0]).scatter_(1, index, g_q.unsqueeze(1))
+    else:
+        out, inputs = body.forward_cached(torch.cat([obs.flatten(1), unit_actions.flatten(1)], -1))  # [1, B, 1]
+        g_out = (out[0] - y.unsqueeze(1)).mul_(2.0 / n)
+    body.backward(inputs, g_out.unsqueeze(0))
 
 
 def _copy(critic: torch.nn.Module) -> torch.nn.Module:
