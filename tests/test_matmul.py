@@ -178,3 +178,41 @@ def test_a_run_takes_precision_bf16_only_where_the_cpu_has_native_bfloat16() -> 
     else:
         with pytest.raises(ConfigError, match="native bfloat16"):
             resolve()
+
+
+def test_routed_products_keep_their_route_in_the_backward(monkeypatch) -> None:
+    """Under autograd a routed layer (oneDNN, or bfloat16 by precision) sends its backward's products through
+    `bmm` too, with the gradients of torch.baddbmm; unrouted ones stay on torch.baddbmm (no Python function)."""
+    g = torch.Generator().manual_seed(4)
+    bias = torch.randn(2, 1, 300, generator=g, requires_grad=True)
+    a = torch.randn(2, 256, 400, generator=g).requires_grad_(True)
+    w = torch.randn(2, 300, 400, generator=g, requires_grad=True)  # stored [K, out, in]: used transposed
+    x = a.detach()[:1, :, :].expand(2, -1, -1).requires_grad_(False)  # a shared input, as a first layer's
+    upstream = torch.randn(2, 256, 300, generator=g)
+
+    def grads(fn, inputs):
+        for t in (bias, a, w):
+            t.grad = None
+        (fn(bias, inputs, w.transpose(1, 2)) * upstream).sum().backward()
+        return [t.grad.clone() if t.grad is not None else None for t in (bias, a, w)]
+
+    calls: list = []
+
+    def recorded(op, *args, **kw):
+        calls.append(op)
+        return op(*args, **kw)
+
+    for inputs in (a, x):
+        expected = grads(torch.baddbmm, inputs)
+        calls.clear()
+        monkeypatch.setattr(matmul, "_worth_it", lambda *args: True)
+        monkeypatch.setattr(matmul, "_onednn_call", recorded)
+        got = grads(matmul.affine, inputs)
+        monkeypatch.undo()
+        for mine, want in zip(got, expected):
+            assert (mine is None) == (want is None)
+            if want is not None:
+                torch.testing.assert_close(mine, want, rtol=1e-5, atol=1e-4)
+        assert calls.count(torch.bmm) == (2 if inputs is a else 1) and calls.count(torch.baddbmm) == 1
+    with torch.no_grad():
+        assert matmul.affine(bias, a, w.transpose(1, 2)).grad_fn is None

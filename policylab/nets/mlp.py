@@ -106,14 +106,14 @@ class StackedMLP(nn.Module):
         for i, (w, b, transposed) in enumerate(self._layers[:-1]):
             if members is not None:
                 w, b = w[:k], b[:k]
-            h = matmul.baddbmm(b, h, w.transpose(1, 2) if transposed else w)
+            h = matmul.affine(b, h, w.transpose(1, 2) if transposed else w)
             if self.layer_norm:
                 h = F.layer_norm(h, h.shape[-1:]) * self.norm_scales[i][:k] + self.norm_shifts[i][:k]
             h = act(h)
         w, b, transposed = self._layers[-1]
         if members is not None:
             w, b = w[:k], b[:k]
-        return matmul.baddbmm(b, h, w.transpose(1, 2) if transposed else w)
+        return matmul.affine(b, h, w.transpose(1, 2) if transposed else w)
 
     def numpy_forward(self, x: np.ndarray, member: int | None = None) -> np.ndarray:
         """The forward pass in numpy (tanh/relu, CPU), for acting on small batches: a numpy call costs
