@@ -25,6 +25,7 @@ from policylab.data.dataset import Dataset
 from policylab.data.sources import dataset_buffer
 from policylab.errors import ConfigError
 from policylab.nets.critics import ContinuousCritic, QNetwork
+from policylab.nets.mlp import StackedMLP
 from policylab.ope.policies import TargetPolicy
 from policylab.optim import Adam
 
@@ -158,7 +159,8 @@ def _by_hand(critic: torch.nn.Module) -> bool:
 def _regression_step(fitted: FittedQ, obs: Tensor, unit_actions: Tensor, y: Tensor) -> None:
     """The gradient of mean_B (Q(s, a) - y)^2 written into the critic's `.grad` (no graph): 2 (Q - y) / B at the
     logged action's output, back through the body."""
-    body = fitted.critic.body  # type: ignore[union-attr]
+    body = fitted.critic.body
+    assert isinstance(body, StackedMLP)
     n = len(y)
     if fitted.target.discrete:
         out, inputs = body.forward_cached(obs.flatten(1))  # [1, B, n_actions]
