@@ -28,6 +28,7 @@ from policylab.nets.critics import ContinuousCritic, QNetwork
 from policylab.nets.mlp import StackedMLP
 from policylab.ope.policies import TargetPolicy
 from policylab.optim import Adam
+from policylab.runtime import flush_denormals
 
 
 @dataclass
@@ -106,6 +107,7 @@ def fit_fqe(dataset: Dataset, target: TargetPolicy, gamma: float, cfg: FQEConfig
     """Fit Q^pi on the dataset's transitions (see the module docstring); `gamma` is the value's discount."""
     cfg = cfg or FQEConfig()
     cfg.validate()
+    flush_denormals()  # as the training loops do: Adam's moments of dead ReLU units decay into denormals
     torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
     generator = torch.Generator().manual_seed(cfg.seed)
