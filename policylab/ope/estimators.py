@@ -291,12 +291,12 @@ class Contributions:
         return cls(values, empty, empty)
 
     def value(self) -> float:
-        ratio = self.num.mean(axis=0) / (self.den.mean(axis=0) + NORMALIZER_EPS)
+        ratio = _column_means(self.num) / (_column_means(self.den) + NORMALIZER_EPS)
         return float(self.plain.mean() + ratio.sum())
 
     def per_episode(self) -> FloatArray:
         """Per-episode values normalized with the whole data set (SCOPE-RL's trajectory values); mean = value."""
-        return self.plain + (self.num / (self.den.mean(axis=0) + NORMALIZER_EPS)).sum(axis=1)
+        return self.plain + (self.num / (_column_means(self.den) + NORMALIZER_EPS)).sum(axis=1)
 
     def resampled(self, counts: FloatArray) -> FloatArray:
         """The estimate on each of B resamples, given how often each episode is drawn ([B, n] counts)."""
@@ -305,6 +305,12 @@ class Contributions:
         if self.num.shape[1]:
             value = value + ((counts @ self.num / n) / (counts @ self.den / n + NORMALIZER_EPS)).sum(axis=1)
         return value
+
+
+def _column_means(x: FloatArray) -> FloatArray:
+    """x.mean(axis=0) of an [n, K] array as one matrix-vector product: numpy's reduction along the long axis of
+    a C-ordered array with few columns took 185 us at [1e4, 10], the product 25 us."""
+    return np.ones(len(x)) @ x / len(x)
 
 
 class Estimator(Protocol):
