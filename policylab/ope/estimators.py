@@ -308,9 +308,11 @@ class Contributions:
 
 
 def _column_means(x: FloatArray) -> FloatArray:
-    """x.mean(axis=0) of an [n, K] array as one matrix-vector product: numpy's reduction along the long axis of
-    a C-ordered array with few columns took 185 us at [1e4, 10], the product 25 us."""
-    return np.ones(len(x)) @ x / len(x)
+    """x.mean(axis=0) of an [n, K] array through einsum: numpy's reduction along the long axis of a C-ordered
+    array with few columns took 185 us at [1e4, 10] (1.9 ms at [1e5, 10]), einsum 42 us (0.44 ms)."""
+    if x.shape[1] == 0:
+        return np.zeros(0)
+    return np.einsum("ij->j", x) / len(x)
 
 
 class Estimator(Protocol):
