@@ -328,6 +328,14 @@ def _discounts(gamma: float, horizon: int) -> FloatArray:
     return float(gamma) ** np.arange(horizon, dtype=np.float64)
 
 
+def _discounted_sum(values: FloatArray, discounts: FloatArray) -> FloatArray:
+    """sum_t gamma^t values[:, t], [n]. One step (a bandit) is a multiply: BLAS's matrix-vector product of an
+    [n, 1] array took 250 us at n = 1e5, the multiply 40 us."""
+    if values.shape[1] == 1:
+        return values[:, 0] * discounts[0]
+    return values @ discounts
+
+
 def _critic(data: Trajectories, estimator: str) -> tuple[FloatArray, FloatArray]:
     if data.q_values is None or data.v_values is None:
         missing = " and ".join(n for n in ("q_values", "v_values") if getattr(data, n) is None)
@@ -359,20 +367,22 @@ def is_(data: Trajectories, *, gamma: float, clip: float | None = None) -> Contr
     """Trajectory-wise importance sampling: w_{0:T-1} * sum_t gamma^t r_t per episode."""
     discounts = _discounts(gamma, data.horizon)
     weights = step_weights(data, clip)[:, -1]
-    return Contributions.of_mean(weights * (data.rewards @ discounts))
+    return Contributions.of_mean(weights * _discounted_sum(data.rewards, discounts))
 
 
 def pdis(data: Trajectories, *, gamma: float, clip: float | None = None) -> Contributions:
     """Per-decision importance sampling: sum_t gamma^t w_{0:t} r_t per episode."""
     discounts = _discounts(gamma, data.horizon)
-    return Contributions.of_mean((step_weights(data, clip) * data.rewards) @ discounts)
+    return Contributions.of_mean(_discounted_sum(step_weights(data, clip) * data.rewards, discounts))
 
 
 def wis(data: Trajectories, *, gamma: float, clip: float | None = None) -> Contributions:
     """Self-normalized trajectory-wise IS: sum_i w_i G_i / sum_i w_i (SCOPE-RL's SelfNormalizedTIS)."""
     discounts = _discounts(gamma, data.horizon)
     weights = step_weights(data, clip)[:, -1:]
-    return Contributions(np.zeros(data.n_episodes), weights * (data.rewards @ discounts)[:, None], weights)
+    return Contributions(
+        np.zeros(data.n_episodes), weights * _discounted_sum(data.rewards, discounts)[:, None], weights
+    )
 
 
 def wpdis(data: Trajectories, *, gamma: float, clip: float | None = None) -> Contributions:
