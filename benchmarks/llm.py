@@ -196,8 +196,10 @@ def time_sampling(a: argparse.Namespace, repeats: int = 20) -> None:
     from policylab.llm.models import load_model
     from policylab.llm.rollout import generate
     from policylab.llm.tasks import get_task
+    from policylab.runtime import limit_numpy_blas
 
     torch.set_num_threads(1)
+    limit_numpy_blas(1)  # as the trainer does (its numpy sampling)
     model, tok = load_model(a.model)
     model.eval()
     rows = get_task("addition").make(a.prompts_per_step, 0)
@@ -210,7 +212,7 @@ def time_sampling(a: argparse.Namespace, repeats: int = 20) -> None:
             return model.generate(input_ids=ids, attention_mask=mask, do_sample=True, top_k=0, **common)
 
     ways = {
-        "policylab loop, LlamaDecoder": lambda: generate(model, ids, mask, generator=gen, **common),
+        "policylab loop, fast decode (numpy)": lambda: generate(model, ids, mask, generator=gen, **common),
         "policylab loop, transformers forward": lambda: generate(model, ids, mask, generator=gen, fast=False, **common),
         "transformers generate": transformers_generate,
     }
