@@ -195,10 +195,12 @@ class LlamaDecoder:
             attended = self._attend(qp, kp, vp, prompt_attention)
             if length > 0:
                 qc, kc, vc = (x[split:].view(rows, length, x.shape[1], -1).transpose(1, 2) for x in (q, k, v))
-                keys, values = torch.cat([kp[index], kc], 2), torch.cat([vp[index], vc], 2)
+                # index_select: its backward is one index_add, where advanced indexing's accumulates by sorting
+                keys = torch.cat([kp.index_select(0, index), kc], 2)
+                values = torch.cat([vp.index_select(0, index), vc], 2)
                 attended = torch.cat([attended, self._attend(qc, keys, values, completion_attention)])
             h = self._finish(layer, h, attended)
-        last_prompt = h[:split].view(distinct, width, -1)[index, -1:]
+        last_prompt = h[:split].view(distinct, width, -1)[:, -1:].index_select(0, index)
         states = self._rms(torch.cat([last_prompt, h[split:].view(rows, length, -1)], 1), self.norm)
         if hidden is not None:
             hidden.append(states)
