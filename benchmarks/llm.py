@@ -188,8 +188,9 @@ def _record(a: argparse.Namespace, marks: list[tuple[float, float]], model: str,
 
 def time_sampling(a: argparse.Namespace, repeats: int = 20) -> None:
     """Median ms to sample `--group-size` x `--prompts-per-step` completions of `--max-new-tokens` tokens from
-    `--model` (random weights), 1 thread, three ways, interleaved: policylab's loop with LlamaDecoder, the same
-    loop over transformers' forward, and transformers' `generate`."""
+    `--model` (random weights), 1 thread, four ways, interleaved: policylab's loop with its numpy decode, the same
+    loop with LlamaDecoder's torch decode (what non-float32 models use), the loop over transformers' forward, and
+    transformers' `generate`."""
     import torch
 
     sys.path.insert(0, str(REPO_ROOT))
@@ -207,12 +208,23 @@ def time_sampling(a: argparse.Namespace, repeats: int = 20) -> None:
     ids, mask, gen = enc["input_ids"], enc["attention_mask"], torch.Generator().manual_seed(0)
     common = {"max_new_tokens": a.max_new_tokens, "eos_token_id": tok.eos_token_id, "pad_token_id": tok.pad_token_id}
 
+    def torch_decode() -> Any:
+        from policylab.llm import fast_decode
+
+        supports = fast_decode.NumpyDecoder.supports
+        fast_decode.NumpyDecoder.supports = staticmethod(lambda decoder: False)  # type: ignore[method-assign]
+        try:
+            return generate(model, ids, mask, generator=gen, **common)
+        finally:
+            fast_decode.NumpyDecoder.supports = supports  # type: ignore[method-assign]
+
     def transformers_generate() -> Any:
         with torch.no_grad():
             return model.generate(input_ids=ids, attention_mask=mask, do_sample=True, top_k=0, **common)
 
     ways = {
         "policylab loop, fast decode (numpy)": lambda: generate(model, ids, mask, generator=gen, **common),
+        "policylab loop, torch decode": lambda: torch_decode(),
         "policylab loop, transformers forward": lambda: generate(model, ids, mask, generator=gen, fast=False, **common),
         "transformers generate": transformers_generate,
     }
@@ -227,6 +239,37 @@ def time_sampling(a: argparse.Namespace, repeats: int = 20) -> None:
             times[name].append(1e3 * (time.perf_counter() - start))
     for name, values in times.items():
         print(f"  {name:<38} {statistics.median(values):6.1f} ms (median of {repeats})")
+
+
+def time_training(a: argparse.Namespace, repeats: int = 20) -> None:
+    """Median ms of the training forward (log-probs of the completions, `token_logprobs`) and of its backward on
+    one sampled batch of `--group-size` x `--prompts-per-step` completions from `--model` (random weights)."""
+    import torch
+
+    sys.path.insert(0, str(REPO_ROOT))
+    from policylab.llm.models import load_model
+    from policylab.llm.rollout import generate, token_logprobs
+    from policylab.llm.tasks import get_task
+    from policylab.runtime import limit_numpy_blas
+
+    torch.set_num_threads(1)
+    limit_numpy_blas(1)
+    model, tok = load_model(a.model)
+    model.train()
+    rows = get_task("addition").make(a.prompts_per_step, 0)
+    enc = tok([r["prompt"] for r in rows for _ in range(a.group_size)], padding=True, return_tensors="pt")
+    common = {"max_new_tokens": a.max_new_tokens, "eos_token_id": tok.eos_token_id, "pad_token_id": tok.pad_token_id}
+    r = generate(model, enc["input_ids"], enc["attention_mask"], generator=torch.Generator().manual_seed(0), **common)
+    forward, backward = [], []
+    for i in range(repeats + 3):
+        start = time.perf_counter()
+        logp, _ = token_logprobs(model, r.prompt_ids, r.prompt_mask, r.completion_ids, r.completion_mask)
+        middle = time.perf_counter()
+        logp.sum().backward()
+        if i >= 3:
+            forward.append(1e3 * (middle - start))
+            backward.append(1e3 * (time.perf_counter() - middle))
+    print(f"  training forward  {statistics.median(forward):6.1f} ms, backward {statistics.median(backward):6.1f} ms")
 
 
 # --- the parent ---------------------------------------------------------------------------------------------
@@ -262,6 +305,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=3, help="steps left out of the timing")
     parser.add_argument("--trl-defaults", action="store_true", help="TRL's own bfloat16 / checkpointing defaults")
     parser.add_argument("--sampling", action="store_true", help="only time the samplers (see time_sampling)")
+    parser.add_argument("--training", action="store_true", help="only time the training forward and backward")
     parser.add_argument("--worker", choices=("policylab", "trl"), help=argparse.SUPPRESS)
     parser.add_argument("--seed", type=int, default=1, help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
@@ -278,6 +322,9 @@ def main() -> None:
         return
     if a.sampling:
         time_sampling(a)
+        return
+    if a.training:
+        time_training(a)
         return
     if not TRL_PY.exists():
         raise SystemExit("TRL's venv is missing: run `.venv/bin/python benchmarks/llm.py --setup` first")

@@ -165,9 +165,9 @@ class Threads:
 
 def limit_numpy_blas(threads: int) -> None:
     """numpy's own BLAS (OpenBLAS, apart from torch's MKL) to `threads` threads. Its default is every core,
-    and its threads, like OpenMP's, wait for each other: a product of LLM sampling (64x64 by 64x384) took 87 us
-    with a second process busy on the other core of 2, against 30 us on one thread (Intel Xeon). The products
-    numpy runs here (acting, sampling small models) are small."""
+    and its threads, like OpenMP's, wait for each other: a product of LLM sampling (64x64 by 64x384) took about
+    twice as long with a second process busy on another core as on one thread (`benchmarks/small_ops.py`). The
+    products numpy runs here (acting, sampling small models) are small."""
     from threadpoolctl import threadpool_limits
 
     threadpool_limits(limits=threads, user_api="blas")

@@ -212,7 +212,8 @@ class NumpyDecoder:
     distinct prompts and then one token per row at a time.
 
     A forward pass of a small model is a few dozen calls on arrays of a few thousand numbers, so its time is
-    the calls': about 1-3 us each in numpy against about 5-10 us in torch. The arithmetic is the same, in
+    the calls', and a numpy call costs a fraction of a torch call (`benchmarks/llm.py --sampling` times this path
+    against the torch decode of the same loop). The arithmetic is the same, in
     float32, and agrees with the torch forward to float32 rounding (tests/test_llm.py). Only for float32
     weights (`supports`)."""
 
@@ -220,7 +221,8 @@ class NumpyDecoder:
         self.eps, self.heads, self.kv_heads = decoder.eps, decoder.heads, decoder.kv_heads
         self.head_dim = decoder.head_dim
         self.intermediate = decoder.intermediate
-        # matrices as [in, out] copies: numpy's product with a transposed view runs at a third of the speed
+        # matrices as [in, out] copies: numpy's product with a transposed view runs at less than half the speed
+        # (benchmarks/small_ops.py)
         self.layers = [
             tuple(np.ascontiguousarray(t.detach().numpy().T) if t.dim() == 2 else t.detach().numpy() for t in layer)
             for layer in decoder.layers
@@ -302,6 +304,6 @@ def _causal_mask(key_valid: Tensor, start: int) -> Tensor:
 def _checkpointing(model: Any) -> bool:
     """Whether activation (gradient) checkpointing is on: then transformers' forward does the recomputation.
     Read from the modules transformers marks in a Llama model (the base model and its decoder layers), not
-    from `is_activation_checkpointing`, which walks every module (0.1 ms a call, twice a training step)."""
+    from `is_activation_checkpointing`, which walks every module (twice a training step)."""
     inner = model.model
     return any(getattr(m, "gradient_checkpointing", False) for m in (model, inner, *inner.layers))

@@ -158,11 +158,6 @@ def _worth_it(a: Tensor, b: Tensor) -> bool:
     )
 
 
-def routed(a: Tensor, b: Tensor) -> bool:
-    """Whether `bmm(a, b)` goes anywhere but plain `torch.bmm` (oneDNN, or bfloat16 by `set_precision`)."""
-    return _worth_it(a, b)
-
-
 class _RoutedAffine(torch.autograd.Function):
     """bias + a @ b with the backward's products routed like the forward's (autograd's own backward of
     `torch.baddbmm` would run them on MKL in float32: with precision=bf16, two thirds of a layer's products)."""
@@ -185,7 +180,7 @@ def affine(bias: Tensor, a: Tensor, b: Tensor) -> Tensor:
     """bias [K, 1, N] + a [K, M, I] @ b [K, I, N], differentiable, on the kernel `bmm` picks for the forward and,
     under autograd, for the backward's products too. Where nothing is routed it is `baddbmm` (no Python
     autograd function: its cost per call matters to small networks)."""
-    if torch.is_grad_enabled() and (bias.requires_grad or a.requires_grad or b.requires_grad) and routed(a, b):
+    if torch.is_grad_enabled() and (bias.requires_grad or a.requires_grad or b.requires_grad) and _worth_it(a, b):
         return _RoutedAffine.apply(bias, a, b)  # type: ignore[no-any-return]
     return baddbmm(bias, a, b)
 

@@ -309,7 +309,7 @@ class Contributions:
 
 def _column_means(x: FloatArray) -> FloatArray:
     """x.mean(axis=0) of an [n, K] array through einsum: numpy's reductions over an array with few columns are
-    slow (mean(axis=0) took 185 us at [1e4, 10] and 1.9 ms at [1e5, 10], einsum 42 us and 0.44 ms)."""
+    slow (about 4x einsum's time at [1e4, 10] and [1e5, 10], `benchmarks/small_ops.py`)."""
     if x.shape[1] == 0:
         return np.zeros(0)
     return np.einsum("ij->j", x) / len(x)
@@ -330,7 +330,7 @@ def _discounts(gamma: float, horizon: int) -> FloatArray:
 
 def _discounted_sum(values: FloatArray, discounts: FloatArray) -> FloatArray:
     """sum_t gamma^t values[:, t], [n]. One step (a bandit) is a multiply: BLAS's matrix-vector product of an
-    [n, 1] array took 250 us at n = 1e5, the multiply 40 us."""
+    [n, 1] array took about 10x the multiply's time at n = 1e5 (`benchmarks/small_ops.py`)."""
     if values.shape[1] == 1:
         return values[:, 0] * discounts[0]
     return values @ discounts
@@ -404,7 +404,7 @@ def dr(data: Trajectories, *, gamma: float, clip: float | None = None) -> Contri
     """
     q, v = _critic(data, "dr")
     terms = _dr_terms(data, gamma, q, v)
-    # einsum for the row sums: numpy's (w * terms).sum(axis=1) took 3.1 ms at [1e5, 10], einsum 0.7 ms
+    # einsum for the row sums: numpy's (w * terms).sum(axis=1) took about 4x as long (benchmarks/small_ops.py)
     return Contributions.of_mean(v[:, 0] + np.einsum("ij,ij->i", step_weights(data, clip), terms))
 
 

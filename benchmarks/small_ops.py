@@ -1,0 +1,86 @@
+"""The single-call timings behind choices in policylab's numpy and torch code (median us per call, 1 thread
+unless said): which form of a reduction or product is fastest at the shapes where policylab uses it.
+
+    .venv/bin/python benchmarks/small_ops.py
+
+- `ope/estimators.py`: column means of [n, K] (`mean(axis=0)` against `einsum("ij->j")`), row sums of a
+  product (`(w * t).sum(axis=1)` against `einsum("ij,ij->i")`), discounted sums of one-step episodes
+  (`x @ d` of an [n, 1] array against a multiply);
+- `llm/fast_decode.NumpyDecoder`: numpy's product with a transposed weight view against a contiguous copy;
+- `runtime.limit_numpy_blas`: numpy's BLAS on its default threads against 1 thread, with a busy process on
+  another core (a 64x64 by 64x384 product, as in sampling);
+- `nets/matmul.py` (Intel's MKL): a batched product with one output column (2 members) against one 2-D
+  product of all rows.
+"""
+
+from __future__ import annotations
+
+import statistics
+import subprocess
+import sys
+import timeit
+from collections.abc import Callable
+
+import numpy as np
+import torch
+
+
+def us(fn: Callable[[], object], number: int = 200, repeat: int = 5) -> float:
+    fn()
+    return statistics.median(timeit.repeat(fn, number=number, repeat=repeat)) / number * 1e6
+
+
+def line(label: str, *pairs: tuple[str, float]) -> None:
+    print(f"{label:<44} " + "   ".join(f"{name} {value:8.1f} us" for name, value in pairs))
+
+
+def reductions() -> None:
+    rng = np.random.default_rng(0)
+    for n, k in ((10_000, 10), (100_000, 10), (100_000, 1)):
+        reductions_at(rng.random((n, k)), rng.random((n, k)))
+    x, d = rng.random((100_000, 1)), np.ones(1)
+    line("discounted sum [100000, 1]", ("x @ d", us(lambda: x @ d)), ("multiply", us(lambda: x[:, 0] * d[0])))
+
+
+def reductions_at(x: np.ndarray, y: np.ndarray) -> None:
+    n, k = x.shape
+    line(f"column means [{n}, {k}]", ("mean(axis=0)", us(lambda: x.mean(axis=0))),
+         ("einsum", us(lambda: np.einsum("ij->j", x) / n)))  # fmt: skip
+    line(f"row sums of a product [{n}, {k}]", ("(w * t).sum(axis=1)", us(lambda: (x * y).sum(axis=1))),
+         ("einsum", us(lambda: np.einsum("ij,ij->i", x, y))))  # fmt: skip
+
+
+def numpy_products() -> None:
+    rng = np.random.default_rng(0)
+    h, w = rng.random((16, 64), np.float32), rng.random((192, 64), np.float32)  # w stored [out, in]
+    w_t = np.ascontiguousarray(w.T)
+    line("numpy 16x64 @ 64x192", ("transposed view", us(lambda: h @ w.T, 2000)), ("copy", us(lambda: h @ w_t, 2000)))
+
+
+def blas_threads() -> None:
+    from threadpoolctl import threadpool_limits
+
+    x, w = np.random.rand(64, 64).astype(np.float32), np.random.rand(64, 384).astype(np.float32)
+    spinner = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        default = us(lambda: x @ w, 2000)
+        with threadpool_limits(limits=1, user_api="blas"):
+            one = us(lambda: x @ w, 2000)
+    finally:
+        spinner.kill()
+    line("numpy 64x64 @ 64x384, another core busy", ("default threads", default), ("1 thread", one))
+
+
+def one_column_products() -> None:
+    torch.set_num_threads(1)
+    a, v = torch.randn(2, 256, 256), torch.randn(2, 256, 1)
+    flat, v0 = a.reshape(512, 256), v[0]
+    line("torch (2,256,256) x (2,256,1)", ("bmm", us(lambda: torch.bmm(a, v), 2000)),
+         ("2-D 512x256x1", us(lambda: torch.mm(flat, v0), 2000)))  # fmt: skip
+
+
+if __name__ == "__main__":
+    reductions()
+    numpy_products()
+    blas_threads()
+    one_column_products()
