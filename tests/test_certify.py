@@ -23,8 +23,10 @@ from policylab.certify import (
     attack_returns,
     certified_return_bound,
     certify,
+    clopper_pearson,
     episode_horizon,
     min_samples,
+    parse_thresholds,
     smoothed_returns,
 )
 from policylab.envs import make_single_env
@@ -144,6 +146,81 @@ def test_returns_rarer_than_the_band_count_for_nothing():
     result = certified_return_bound(returns, [0.0, 0.5], 0.2, 0.05)
     np.testing.assert_array_equal(result.bound, [0.0, 0.0])
     assert result.mean == 10.0
+
+
+def test_clopper_pearson_bounds_solve_the_binomial_tail_equations():
+    """The low end p solves P(Binomial(n, p) >= k) = level; the high end P(Binomial(n, p) <= k) = level."""
+    from scipy.stats import binom
+
+    n, level = 100, 0.05
+    low, high = clopper_pearson(np.array([0, 1, 70, 99, 100]), n, level)
+    np.testing.assert_allclose(binom.sf([0, 69, 98], n, low[1:4]), level, rtol=1e-7)
+    np.testing.assert_allclose(binom.cdf([1, 70, 99], n, high[1:4]), level, rtol=1e-7)
+    assert low[0] == 0.0 and high[-1] == 1.0
+    assert low[-1] == pytest.approx(level ** (1 / n)) and high[0] == pytest.approx(1 - level ** (1 / n))
+
+
+def test_clopper_pearson_variant_matches_the_formula_and_beats_dkw_at_the_top():
+    """Every episode at CartPole-v1's top return: each tail's bound is (alpha / K)^(1 / n) by hand."""
+    n, alpha, sigma, top = 1000, 0.05, 0.2, 500
+    returns = np.full(n, float(top))
+    thresholds = np.arange(1.0, top + 1)
+    eps = [0.0, 0.1, 0.4]
+    result = certified_return_bound(returns, eps, sigma, alpha, thresholds=thresholds)
+    tail = (alpha / top) ** (1 / n)  # 0.99083
+    np.testing.assert_allclose(result.bound, [top * shifted(tail, e, sigma) for e in eps], rtol=1e-9)
+    assert result.method == "clopper-pearson" and result.band is None
+    assert result.ci[0] == pytest.approx(result.bound[0]) and result.ci[1] == pytest.approx(top)
+    dkw = certified_return_bound(returns, eps, sigma, alpha)
+    assert np.all(result.bound > dkw.bound + 10)  # 495.4 against 478.5 at eps = 0, 320 against 194 at 2 sigma
+    # with the grid stopping at 400, returns above it count only up to 400
+    short = certified_return_bound(returns, eps, sigma, alpha, thresholds=thresholds[:400])
+    tail_400 = (alpha / 400) ** (1 / n)
+    np.testing.assert_allclose(short.bound, [400 * shifted(tail_400, e, sigma) for e in eps], rtol=1e-9)
+
+
+def test_clopper_pearson_variant_on_three_values_and_its_coverage():
+    returns = np.repeat([0.0, 1.0, 3.0], [20, 30, 50])  # #{R >= 1} = 80, #{R >= 2} = #{R >= 3} = 50
+    alpha, sigma = 0.1, 0.3
+    low, _ = clopper_pearson(np.array([80, 50, 50]), 100, alpha / 3)
+    for e in (0.0, 0.2, 0.6):
+        expected = shifted(low[0], e, sigma) + shifted(low[1], e, sigma) + shifted(low[2], e, sigma)
+        bound = certified_return_bound(returns, [e], sigma, alpha, thresholds=[1.0, 2.0, 3.0]).bound[0]
+        assert bound == pytest.approx(expected, rel=1e-9)
+    # over many datasets from a known integer distribution, both ends of the interval hold as often as promised
+    rng = np.random.default_rng(0)
+    values, probs = np.arange(11.0), np.linspace(1, 3, 11) / np.linspace(1, 3, 11).sum()
+    truth = float(values @ probs)
+    ends = np.array(
+        [
+            certified_return_bound(
+                rng.choice(values, 60, p=probs), [0.0], 0.5, 0.2, r_max=10.0, thresholds=values[1:]
+            ).ci
+            for _ in range(300)
+        ]
+    )
+    assert np.mean(ends[:, 0] <= truth) >= 0.8 and np.mean(ends[:, 1] >= truth) >= 0.8
+    assert np.all(ends[:, 0] < ends[:, 1])
+
+
+def test_thresholds_are_parsed_and_checked():
+    assert parse_thresholds("1:5", "clopper-pearson") == [1.0, 2.0, 3.0, 4.0, 5.0]
+    assert parse_thresholds("0:1:0.25", "clopper-pearson") == [0.0, 0.25, 0.5, 0.75, 1.0]
+    assert parse_thresholds("50,100,200", "clopper-pearson") == [50.0, 100.0, 200.0]
+    assert parse_thresholds(None, "dkw") is None
+    with pytest.raises(PolicylabError, match="only to the Clopper-Pearson variant") as info:
+        parse_thresholds("1:5", "dkw")
+    assert "--bound clopper-pearson" in info.value.fix
+    with pytest.raises(PolicylabError, match="needs a grid of return thresholds"):
+        parse_thresholds(None, "clopper-pearson")
+    for bad in ("1:x", "5:1", "1:5:0", "1:2:3:4"):
+        with pytest.raises(PolicylabError, match="not START:STOP"):
+            parse_thresholds(bad, "clopper-pearson")
+    returns = np.arange(10.0)
+    with pytest.raises(PolicylabError, match="non-empty increasing"):
+        certified_return_bound(returns, [0.0], 0.2, thresholds=[3.0, 2.0])
+    with pytest.raises(PolicylabError, match="not above r_min"):
+        certified_return_bound(returns, [0.0], 0.2, thresholds=[0.0, 5.0])
 
 
 # --- smoothed rollouts and the attack --------------------------------------------------------------------------
@@ -285,6 +362,16 @@ def test_certify_command(cartpole_run, tmp_path, capsys):
     with pytest.raises(PolicylabError, match="not a list of numbers"):
         bad = parser.parse_args([*argv[:-1], "0,x", "--out", str(out)])
         bad.func(bad)
+    args = parser.parse_args([*argv, "--out", str(out), "--no-attack", "--bound", "clopper-pearson"])
+    with pytest.raises(PolicylabError, match="needs a grid"):
+        args.func(args)
+    args = parser.parse_args(
+        [*argv, "--out", str(out), "--no-attack", "--bound", "clopper-pearson", "--thresholds", "1:500"]
+    )
+    assert args.func(args) == 0
+    assert "Clopper-Pearson at 500 thresholds" in capsys.readouterr().out
+    data = json.loads(out.with_suffix(".json").read_text())
+    assert data["method"] == "clopper-pearson" and data["thresholds"][-1] == 500 and data["band"] is None
 
 
 # --- bad input -------------------------------------------------------------------------------------------------
