@@ -12,6 +12,7 @@ from policylab.errors import PolicylabError
 from policylab.llm.cli import add_llm_parser
 from policylab.ope.cli import add_ope_parser
 from policylab.report import add_report_parser
+from policylab.sweep import add_sweep_parser
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -212,6 +213,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_ope_parser(sub)
     add_report_parser(sub)
     add_certify_parser(sub)
+    add_sweep_parser(sub)
     return parser
 
 

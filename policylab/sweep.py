@@ -1,0 +1,668 @@
+"""Sweeps over seeds and config grids as Ray tasks: `policylab sweep` and `pl.sweep`.
+
+A sweep is a directory: `sweep.yaml` (what was asked), `runs/` with one ordinary run directory per (config, seed),
+`runs.csv` (each run's status, final return and error, rewritten as runs end) and, at the end, `report/` (the
+multi-seed report of `policylab report`, one group per grid point). Each run is one Ray task that calls
+`pl.train` with `threads` torch threads and asks Ray for as many CPUs, so runs side by side never oversubscribe
+the cores. Runs write their directories themselves: the sweep directory must be on storage every Ray node sees
+(the local disk for a local Ray; a shared file system such as NFS on a cluster). Nothing but a small status dict
+travels back through Ray's object store.
+
+Each task starts by looking at its run directory: a finished run (eval.json) is skipped, an interrupted one
+(a checkpoint) resumes from its checkpoint, anything else starts afresh. So `--resume` (and a task that Ray
+retries after its node died) continues where the run stopped. Ctrl-C writes a stop file that every run checks
+twice a second: each started run saves a checkpoint and returns, runs not yet started return at once; a second
+Ctrl-C cancels the tasks without waiting.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import itertools
+import math
+import os
+import re
+import signal
+import socket
+import threading
+import time
+import traceback
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from policylab.checkpoint import atomic_write_text
+from policylab.config import field_types, parse_count
+from policylab.errors import ConfigError, PolicylabError, suggest
+from policylab.logging import SUMMARY_JSON, TRAIN_CSV
+
+SWEEP_YAML = "sweep.yaml"
+RUNS_CSV = "runs.csv"
+STOP_FILE = ".stop"
+RUNS = "runs"
+REPORT = "report"
+STOP_CHECK_S = 0.5
+"""How often a run looks for the stop file (a stat of one file)."""
+DEFAULT_RETRIES = 3
+"""Times Ray reruns a task whose worker or node died (the rerun resumes from the run's checkpoint)."""
+
+
+# --- what a sweep is ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """One run of a sweep: its directory name under runs/, its seed and its grid point."""
+
+    name: str
+    seed: int
+    params: dict[str, str]
+
+
+@dataclass
+class SweepSpec:
+    """What a sweep runs: every grid point (cartesian product of `grid`, times each of `points`) x every seed."""
+
+    algo: str
+    env: str | None
+    steps: int | None
+    seeds: list[int]
+    grid: dict[str, list[str]] = field(default_factory=dict)
+    points: list[dict[str, str]] = field(default_factory=list)
+    overrides: dict[str, str] = field(default_factory=dict)
+    preset: str = "auto"
+    dataset: str | None = None
+    threads: int = 1
+
+    def grid_points(self) -> list[dict[str, str]]:
+        keys = list(self.grid)
+        combos = [dict(zip(keys, values, strict=True)) for values in itertools.product(*self.grid.values())]
+        return [{**point, **combo} for point in (self.points or [{}]) for combo in combos]
+
+    def name(self) -> str:
+        """<algo>-<env> (or the dataset's name), safe as a directory name."""
+        source = self.env or Path(self.dataset or "dataset").name
+        return f"{self.algo}-{re.sub(r'[^A-Za-z0-9_.-]', '_', source)}"
+
+    def runs(self) -> list[RunSpec]:
+        out = []
+        for params in self.grid_points():
+            tag = "".join(f"-{k}={re.sub(r'[^A-Za-z0-9_.+-]', '_', v)}" for k, v in params.items())
+            out += [RunSpec(f"{self.name()}{tag}-s{seed}", seed, params) for seed in self.seeds]
+        return out
+
+    def grid_keys(self) -> list[str]:
+        return list(dict.fromkeys([*(k for p in self.points for k in p), *self.grid]))
+
+
+def parse_seeds(text: str) -> list[int]:
+    """'1-10' -> 1..10; '1,3,5'; '1-3,7'."""
+    seeds: list[int] = []
+    try:
+        for part in (p.strip() for p in text.split(",") if p.strip()):
+            first, sep, last = part.partition("-")
+            seeds += list(range(int(first), int(last) + 1)) if sep else [int(first)]
+    except ValueError:
+        seeds = []
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise ConfigError(f"--seeds {text!r} is not a list of distinct seeds", "write e.g. --seeds 1-10 or 1,2,5")
+    return seeds
+
+
+def parse_grid(pairs: Sequence[str]) -> dict[str, list[str]]:
+    """['lr=1e-4,3e-4', 'tau=0.005'] -> {'lr': ['1e-4', '3e-4'], 'tau': ['0.005']}."""
+    grid: dict[str, list[str]] = {}
+    for pair in pairs:
+        key, sep, values = pair.partition("=")
+        items = [v.strip() for v in values.split(",") if v.strip()]
+        if not sep or not key.strip() or not items or key.strip() in grid:
+            raise ConfigError(
+                f"--grid {pair!r} is not key=value1,value2,... (each key once)", "write e.g. --grid lr=1e-4,3e-4"
+            )
+        grid[key.strip()] = items
+    return grid
+
+
+def parse_point(text: str) -> dict[str, str]:
+    """'lr=1e-4,tau=0.005' -> {'lr': '1e-4', 'tau': '0.005'}: one explicit grid point."""
+    point: dict[str, str] = {}
+    for pair in (p for p in text.split(",") if p.strip()):
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip() or not value.strip():
+            raise ConfigError(f"--point {text!r} is not key=value,key=value", "write e.g. --point lr=1e-4,tau=0.005")
+        point[key.strip()] = value.strip()
+    if not point:
+        raise ConfigError("an empty --point", "write e.g. --point lr=1e-4,tau=0.005")
+    return point
+
+
+def check_spec(spec: SweepSpec) -> None:
+    """Every grid point resolves to a valid config (unknown keys and bad values fail here, before Ray starts)."""
+    from policylab.algos import get_algo
+    from policylab.train import resolve_config
+
+    algo = get_algo(spec.algo)
+    fields = field_types(algo.config_cls)
+    for key in spec.grid_keys():
+        if key not in fields:
+            raise ConfigError(
+                f"--grid/--point key {key!r} is not a config field of {algo.name}.{suggest(key, fields)}",
+                f"valid keys for {algo.config_cls.__name__}: {', '.join(sorted(fields))}",
+            )
+        if key in ("seed", "threads"):
+            raise ConfigError(f"--grid/--point key {key!r} is set by the sweep", f"use --{key}s / --threads")
+    if spec.threads < 1:
+        raise ConfigError(f"threads={spec.threads}", "each run needs at least 1 thread: --threads 1")
+    for params in spec.grid_points():
+        resolve_config(
+            algo, spec.env, spec.steps, spec.seeds[0], None, run_overrides(spec, params), spec.preset, spec.dataset
+        )
+
+
+def run_overrides(spec: SweepSpec, params: dict[str, str]) -> dict[str, Any]:
+    return {**spec.overrides, **params, "threads": spec.threads}
+
+
+# --- one run, inside a Ray worker --------------------------------------------------------------------------------
+
+
+class StopFile:
+    """A pl.train callback that stops the run (with a checkpoint) once `path` exists; it looks twice a second."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._next = 0.0
+
+    def __call__(self, _info: Any) -> bool | None:
+        now = time.monotonic()
+        if now < self._next:
+            return None
+        self._next = now + STOP_CHECK_S
+        return False if self.path.exists() else None
+
+
+def execute_run(job: dict[str, Any]) -> dict[str, Any]:
+    """Run (or resume, or skip) one run of a sweep and return its status; never raises for the run's own errors."""
+    from policylab.checkpoint import find_checkpoint
+    from policylab.errors import CheckpointError
+    from policylab.train import train
+
+    sweep_dir, run = Path(job["sweep_dir"]), RunSpec(**job["run"])
+    run_dir = sweep_dir / RUNS / run.name
+    stop = StopFile(sweep_dir / STOP_FILE)
+    result: dict[str, Any] = {"name": run.name, "status": "done", "error": None}
+    if (run_dir / SUMMARY_JSON).exists():
+        return {**result, "skipped": True}
+    if stop.path.exists():
+        return {**result, "status": "not started"}
+    started = time.perf_counter()
+    try:
+        try:
+            find_checkpoint(run_dir)
+            resumable = True
+        except CheckpointError:
+            resumable = False
+        if resumable:
+            out = train(job["algo"], resume=run_dir, steps=job["steps"], callback=stop, verbose=False)
+        else:
+            if run_dir.exists():  # started, but stopped before its first checkpoint: nothing to keep
+                import shutil
+
+                shutil.rmtree(run_dir)
+            out = train(
+                job["algo"],
+                env=job["env"],
+                steps=job["steps"],
+                seed=run.seed,
+                dataset=job["dataset"],
+                overrides=job["overrides"] | run.params,
+                preset=job["preset"],
+                name=run.name,
+                runs_dir=sweep_dir / RUNS,
+                callback=stop,
+                verbose=False,
+            )
+    except Exception as exc:  # a failed run is reported, and the others go on
+        return {**result, "status": "failed", "error": f"{type(exc).__name__}: {exc}", "trace": traceback.format_exc()}
+    result["seconds"] = time.perf_counter() - started
+    if out.interrupted:
+        return {**result, "status": "stopped", "resumed": resumable}
+    return {**result, "final_return": (out.final_eval or {}).get("return_mean"), "resumed": resumable}
+
+
+# --- the driver -------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class SweepResult:
+    """Where the sweep is and how each run ended (status: done, stopped, not started, failed)."""
+
+    dir: Path
+    runs: list[RunSpec]
+    results: dict[str, dict[str, Any]]
+    report: Path | None = None
+    interrupted: bool = False
+
+    @property
+    def failed(self) -> list[str]:
+        return [name for name, r in self.results.items() if r["status"] == "failed"]
+
+    def run_dir(self, name: str) -> Path:
+        return self.dir / RUNS / name
+
+
+def _ray() -> Any:
+    try:
+        import ray
+    except ImportError:
+        raise PolicylabError(
+            "policylab sweep runs on Ray, which is not installed", "pip install 'policylab[ray]' (or pip install ray)"
+        ) from None
+    return ray
+
+
+def check_address(address: str, timeout: float = 5.0) -> None:
+    """Fail in seconds (not after Ray's minute of retries) when a cluster address cannot be reached."""
+    if address in ("auto", "local"):
+        return
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    try:
+        with socket.create_connection((host or "127.0.0.1", int(port)), timeout=timeout):
+            return
+    except (OSError, ValueError) as exc:
+        raise PolicylabError(
+            f"cannot reach the Ray cluster at {address!r} ({exc})",
+            "start one (`ray start --head`) or fix --address / RAY_ADDRESS (host:port, or ray://host:10001)",
+        ) from None
+
+
+def start_ray(address: str | None, cpus: int) -> bool:
+    """Connect to `address` (or RAY_ADDRESS), or start a local Ray with `cpus` CPUs. True if this call started it."""
+    ray = _ray()
+    if ray.is_initialized():
+        return False
+    import logging
+
+    quiet = {"log_to_driver": False, "logging_level": logging.ERROR}
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address:
+        check_address(address)
+        ray.init(address=address, **quiet)
+    else:
+        ray.init(num_cpus=cpus, include_dashboard=False, object_store_memory=100 * 2**20, **quiet)
+    return True
+
+
+def check_capacity(workers: int, threads: int) -> None:
+    total = int(_ray().cluster_resources().get("CPU", 0))
+    if workers * threads > total:
+        raise PolicylabError(
+            f"{workers} workers x {threads} threads need {workers * threads} CPUs; the Ray cluster has {total}",
+            f"pass --workers {max(total // threads, 1)} (or fewer --threads)",
+        )
+
+
+def new_sweep_dir(root: Path, name: str) -> Path:
+    """sweeps/<name>-1, -2, ... (never reuse a sweep's directory)."""
+    root.mkdir(parents=True, exist_ok=True)
+    n = 1
+    while (root / f"{name}-{n}").exists():
+        n += 1
+    path = root / f"{name}-{n}"
+    path.mkdir()
+    return path
+
+
+def write_sweep_yaml(path: Path, spec: SweepSpec, workers: int, address: str | None) -> None:
+    data = {**asdict(spec), "workers": workers, "address": address}
+    atomic_write_text(path / SWEEP_YAML, yaml.safe_dump(data, sort_keys=False))
+
+
+def read_sweep_yaml(path: Path) -> tuple[SweepSpec, int, str | None]:
+    file = path / SWEEP_YAML
+    if not file.is_file():
+        raise PolicylabError(f"{str(path)!r} is not a sweep directory (no {SWEEP_YAML})", "give a sweeps/<name> path")
+    data = yaml.safe_load(file.read_text())
+    workers, address = data.pop("workers"), data.pop("address")
+    return SweepSpec(**data), workers, address
+
+
+def write_runs_csv(path: Path, runs: list[RunSpec], results: dict[str, dict[str, Any]]) -> None:
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    keys = sorted({k for r in runs for k in r.params})
+    writer.writerow(["name", "seed", *keys, "status", "final_return", "error"])
+    for r in runs:
+        res = results.get(r.name, {"status": "pending"})
+        ret = res.get("final_return")
+        row = [r.name, r.seed, *(r.params.get(k, "") for k in keys), res["status"], "" if ret is None else ret]
+        writer.writerow([*row, res.get("error") or ""])
+    atomic_write_text(path / RUNS_CSV, buffer.getvalue())
+
+
+def latest_progress(run_dir: Path) -> tuple[int, float | None, float | None]:
+    """(step, steps/s, return) from the last row of a run's train.csv; zeros before it has one."""
+    path = run_dir / TRAIN_CSV
+    try:
+        with path.open("rb") as f:
+            header = f.readline().decode().strip().split(",")
+            f.seek(max(f.seek(0, os.SEEK_END) - 4096, 0))
+            last = f.read().decode(errors="replace").strip().splitlines()[-1].split(",")
+    except (OSError, IndexError):
+        return 0, None, None
+    if len(last) != len(header) or last[0] == "step":
+        return 0, None, None
+    row = dict(zip(header, last, strict=True))
+
+    def number(key: str) -> float | None:
+        try:
+            value = float(row.get(key) or "nan")
+        except ValueError:
+            return None
+        return value if math.isfinite(value) else None
+
+    return int(number("step") or 0), number("fps"), number("return_mean")
+
+
+def describe(result: dict[str, Any]) -> str:
+    """'done (return 500.0, resumed)', 'failed (TrainingDiverged: ...)', 'done (finished before)' ..."""
+    if result.get("skipped"):
+        return f"{result['status']} (finished before)"
+    notes = [result["error"]] if result.get("error") else []
+    if result.get("final_return") is not None:
+        notes.append(f"return {result['final_return']:.1f}")
+    if result.get("resumed"):
+        notes.append("resumed from its checkpoint")
+    return result["status"] + (f" ({', '.join(notes)})" if notes else "")
+
+
+class _Interrupt:
+    """In the driver: the first Ctrl-C writes the stop file (runs checkpoint and return), the second cancels."""
+
+    def __init__(self, stop_path: Path, cancel: Callable[[], None]) -> None:
+        self.stop_path, self.cancel, self.count = stop_path, cancel, 0
+        self._previous: Any = None
+
+    def __enter__(self) -> _Interrupt:
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def _handle(self, _signum: int, _frame: Any) -> None:
+        self.count += 1
+        if self.count > 1:
+            self.cancel()
+            raise KeyboardInterrupt
+        self.stop_path.touch()
+        print("\ninterrupted: each run saves a checkpoint and stops (Ctrl-C again to cancel at once)", flush=True)
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+
+
+class StatusTable:
+    """The live table of runs (rich, on a terminal), or a line per run as it ends (logs, CI)."""
+
+    def __init__(self, sweep_dir: Path, runs: list[RunSpec], steps: int | None, live: bool | None) -> None:
+        self.sweep_dir, self.runs, self.steps = sweep_dir, runs, steps
+        self.live_enabled = os.isatty(1) if live is None else live
+        self._live: Any = None
+        if self.live_enabled:
+            from rich.live import Live
+
+            self._live = Live(self.render({}), refresh_per_second=2)
+            self._live.start()
+
+    def render(self, results: dict[str, dict[str, Any]]) -> Any:
+        from rich.table import Table
+
+        table = Table(title=f"sweep {self.sweep_dir}")
+        for column in ("run", "status", "step", "steps/s", "return"):
+            table.add_column(column, justify="left" if column in ("run", "status") else "right")
+        for run in self.runs:
+            step, fps, ret = latest_progress(self.sweep_dir / RUNS / run.name)
+            status = describe(results[run.name]) if run.name in results else ("running" if step else "queued")
+            cells = (f"{step:,}", "-" if fps is None else f"{fps:,.0f}", "-" if ret is None else f"{ret:.1f}")
+            table.add_row(run.name, status, *cells)
+        return table
+
+    def update(self, results: dict[str, dict[str, Any]], ended: list[str]) -> None:
+        if self._live is not None:
+            self._live.update(self.render(results))
+            return
+        for name in ended:
+            print(f"{name}: {describe(results[name])}", flush=True)
+
+    def close(self, results: dict[str, dict[str, Any]]) -> None:
+        if self._live is not None:
+            self._live.update(self.render(results))
+            self._live.stop()
+
+
+def sweep(
+    algo: str | None = None,
+    env: str | None = None,
+    steps: int | str | None = None,
+    seeds: str | Sequence[int] = (1,),
+    *,
+    grid: Mapping[str, Sequence[Any]] | None = None,
+    points: Sequence[dict[str, Any]] = (),
+    overrides: dict[str, Any] | None = None,
+    preset: str = "auto",
+    dataset: str | Path | None = None,
+    threads: int = 1,
+    workers: int | None = None,
+    address: str | None = None,
+    sweeps_dir: str | Path = "sweeps",
+    resume: str | Path | None = None,
+    report: bool = True,
+    progress: bool | None = None,
+    verbose: bool = True,
+) -> SweepResult:
+    """Train `algo` on every grid point x seed as Ray tasks and return where each run ended.
+
+    `pl.sweep("sac", env="Pendulum-v1", steps=20_000, seeds="1-5", grid={"lr": [1e-4, 3e-4]})`. `points`: explicit
+    grid points (each a dict), combined with every point of `grid`. `threads`: torch threads (and Ray CPUs) per run.
+    `workers`: runs at once (default: as many as the CPUs hold, threads each). `address`: a Ray cluster (default
+    RAY_ADDRESS, else a local Ray). `resume`: a sweep directory: finished runs are skipped, interrupted ones
+    resume from their checkpoints. At the end `report/` holds the multi-seed report, one group per grid point.
+    """
+    say = print if verbose else (lambda *a, **k: None)
+    if resume is not None:
+        sweep_dir = Path(resume).resolve()
+        spec, saved_workers, saved_address = read_sweep_yaml(sweep_dir)
+        workers, address = workers or saved_workers, address or saved_address
+    else:
+        if algo is None:
+            raise ConfigError("no algorithm given", "write e.g. `policylab sweep sac --env Pendulum-v1 --seeds 1-3`")
+        from policylab.algos import get_algo
+
+        spec = SweepSpec(
+            algo=get_algo(algo).name,
+            env=env,
+            steps=None if steps is None else parse_count(steps),
+            seeds=parse_seeds(seeds) if isinstance(seeds, str) else [int(s) for s in seeds],
+            grid={k: [str(v) for v in values] for k, values in (grid or {}).items()},
+            points=[{k: str(v) for k, v in p.items()} for p in points],
+            overrides={k: str(v) for k, v in (overrides or {}).items()},
+            preset=preset,
+            dataset=None if dataset is None else str(Path(dataset).resolve()),
+            threads=threads,
+        )
+        if len(set(spec.seeds)) != len(spec.seeds) or not spec.seeds:
+            raise ConfigError(f"seeds={spec.seeds}: give distinct seeds", "e.g. seeds='1-5'")
+    check_spec(spec)
+    _ray()
+    runs = spec.runs()
+    local_cpus = os.cpu_count() or 1
+    if workers is None:
+        workers = max(local_cpus // spec.threads, 1)
+    if workers < 1:
+        raise ConfigError(f"workers={workers}", "run at least one at a time: --workers 1")
+    if not (address or os.environ.get("RAY_ADDRESS")) and workers * spec.threads > local_cpus:
+        raise PolicylabError(
+            f"{workers} workers x {spec.threads} threads need {workers * spec.threads} CPUs; this machine has "
+            f"{local_cpus}",
+            f"pass --workers {max(local_cpus // spec.threads, 1)} (or run on a cluster: --address)",
+        )
+    started_ray = start_ray(address, workers * spec.threads)
+    try:
+        check_capacity(workers, spec.threads)
+        if resume is None:
+            sweep_dir = new_sweep_dir(Path(sweeps_dir).resolve(), spec.name())
+        write_sweep_yaml(sweep_dir, spec, workers, address)
+        (sweep_dir / STOP_FILE).unlink(missing_ok=True)
+        say(f"sweep {sweep_dir}: {len(runs)} runs, {workers} at a time, {spec.threads} thread(s) each")
+        results = _drive(sweep_dir, spec, runs, workers, progress if verbose else False)
+    finally:
+        if started_ray:
+            _ray().shutdown()
+    interrupted = (sweep_dir / STOP_FILE).exists()
+    (sweep_dir / STOP_FILE).unlink(missing_ok=True)
+    out = SweepResult(sweep_dir, runs, results, interrupted=interrupted)
+    done = [r for r in runs if results[r.name]["status"] == "done"]
+    if report and not interrupted and done:
+        out.report = _report(sweep_dir, spec, done, say)
+    _summarize(out, say)
+    return out
+
+
+def _drive(
+    sweep_dir: Path, spec: SweepSpec, runs: list[RunSpec], workers: int, progress: bool | None
+) -> dict[str, dict[str, Any]]:
+    """Submit at most `workers` tasks at a time, collect their results, keep runs.csv and the table current."""
+    ray = _ray()
+    task = ray.remote(execute_run).options(num_cpus=spec.threads, max_retries=DEFAULT_RETRIES)
+    base = {
+        "sweep_dir": str(sweep_dir),
+        "algo": spec.algo,
+        "env": spec.env,
+        "steps": spec.steps,
+        "dataset": spec.dataset,
+        "preset": spec.preset,
+    }
+    queue = list(runs)
+    in_flight: dict[Any, RunSpec] = {}
+    results: dict[str, dict[str, Any]] = {}
+    table = StatusTable(sweep_dir, runs, spec.steps, progress)
+
+    def cancel() -> None:
+        for ref in in_flight:
+            ray.cancel(ref, force=True)
+
+    try:
+        with _Interrupt(sweep_dir / STOP_FILE, cancel):
+            while queue or in_flight:
+                while queue and len(in_flight) < workers:
+                    run = queue.pop(0)
+                    job = {**base, "run": asdict(run), "overrides": run_overrides(spec, {})}
+                    in_flight[task.remote(job)] = run
+                ready, _ = ray.wait(list(in_flight), num_returns=1, timeout=1.0)
+                ended = []
+                for ref in ready:
+                    run = in_flight.pop(ref)
+                    results[run.name] = _result_of(ray, ref, run)
+                    ended.append(run.name)
+                if ended:
+                    write_runs_csv(sweep_dir, runs, results)
+                table.update(results, ended)
+    finally:
+        table.close(results)
+    return results
+
+
+def _result_of(ray: Any, ref: Any, run: RunSpec) -> dict[str, Any]:
+    try:
+        return dict(ray.get(ref))
+    except Exception as exc:  # the task itself died (worker or node lost beyond the retries, cancelled)
+        return {"name": run.name, "status": "failed", "error": f"{type(exc).__name__}: {str(exc)[:500]}"}
+
+
+def _report(sweep_dir: Path, spec: SweepSpec, done: list[RunSpec], say: Callable[..., None]) -> Path | None:
+    from policylab.report import report
+
+    try:
+        made = report(
+            [sweep_dir / RUNS / r.name for r in done],
+            sweep_dir / REPORT,
+            group_by=("algo", *spec.grid_keys()),
+            overwrite=True,
+        )
+    except PolicylabError as exc:
+        say(f"no report: {exc}")
+        return None
+    return made.index
+
+
+def _summarize(out: SweepResult, say: Callable[..., None]) -> None:
+    counts: dict[str, int] = {}
+    for res in out.results.values():
+        counts[res["status"]] = counts.get(res["status"], 0) + 1
+    say(f"sweep {out.dir}: " + ", ".join(f"{n} {status}" for status, n in sorted(counts.items())))
+    for name in out.failed:
+        say(f"  failed: {name}: {out.results[name]['error']}")
+    if out.interrupted:
+        say(f"resume with: policylab sweep --resume {out.dir}")
+    elif out.report is not None:
+        say(f"report: {out.report}")
+    say(f"runs: {out.dir / RUNS_CSV}")
+
+
+# --- the `policylab sweep` command ------------------------------------------------------------------------------
+
+
+def add_sweep_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("sweep", help="train over seeds and a config grid as Ray tasks (local Ray by default)")
+    p.add_argument("algo", nargs="?", help="algorithm (see `policylab list`)")
+    p.add_argument("--env", help="Gymnasium env id, or module:Class / module:function")
+    p.add_argument("--steps", help="total env steps of each run, e.g. 100k")
+    p.add_argument("--seeds", default="1", help="seeds: a range and/or list, e.g. 1-10 or 1,3,5 (default 1)")
+    p.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2", help="a grid axis (repeatable)")
+    p.add_argument(
+        "--point", action="append", default=[], metavar="K1=V1,K2=V2", help="an explicit grid point (repeatable)"
+    )
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="a config value for every run")
+    p.add_argument("--preset", default="auto", help="auto, none, rl-zoo or an env id (as for train)")
+    p.add_argument("--dataset", help="an offline dataset, as for train")
+    p.add_argument("--threads", type=int, default=1, help="torch threads (and Ray CPUs) per run (default 1)")
+    p.add_argument("--workers", type=int, help="runs at once (default: as many as the CPUs hold)")
+    p.add_argument("--address", help="a Ray cluster (host:port or ray://host:10001; default RAY_ADDRESS, else local)")
+    p.add_argument("--sweeps-dir", default="sweeps", help="where sweep directories go (default: ./sweeps)")
+    p.add_argument("--resume", help="a sweep directory: skip finished runs, resume interrupted ones")
+    p.add_argument("--no-report", action="store_true", help="skip the multi-seed report at the end")
+    p.add_argument("--no-progress", action="store_true", help="a line per finished run instead of the live table")
+    p.set_defaults(func=run_sweep_command)
+
+
+def run_sweep_command(args: argparse.Namespace) -> int:
+    from policylab.config import parse_set_args
+
+    if args.resume is None and args.algo is None:
+        raise ConfigError("no algorithm given", "write e.g. `policylab sweep sac --env Pendulum-v1 --seeds 1-3`")
+    out = sweep(
+        args.algo,
+        env=args.env,
+        steps=args.steps,
+        seeds=args.seeds,
+        grid=parse_grid(args.grid),
+        points=[parse_point(p) for p in args.point],
+        overrides=parse_set_args(args.set),
+        preset=args.preset,
+        dataset=args.dataset,
+        threads=args.threads,
+        workers=args.workers,
+        address=args.address,
+        sweeps_dir=args.sweeps_dir,
+        resume=args.resume,
+        report=not args.no_report,
+        progress=False if args.no_progress else None,
+    )
+    if out.interrupted:
+        return 130
+    return 1 if out.failed else 0
