@@ -169,3 +169,43 @@ def test_a_failed_run_does_not_stop_the_others(local_ray, tmp_path):
     assert out.results[ok.name]["status"] == "done"
     rows = {r["name"]: r for r in csv.DictReader((out.dir / RUNS_CSV).open())}
     assert rows[failed.name]["status"] == "failed" and "diverged" in rows[failed.name]["error"]
+
+
+def ray_task_pids(name: str = "execute_run") -> list[int]:
+    """Processes of Ray workers while they execute a sweep task (Ray titles them ray::<function>)."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and f"ray::{name}" in (entry / "cmdline").read_bytes().decode(errors="replace"):
+                pids.append(int(entry.name))
+        except OSError:
+            continue
+    return pids
+
+
+def test_a_killed_worker_is_retried_and_its_run_resumes_from_the_checkpoint(local_ray, tmp_path):
+    """kill -9 of the worker running a sweep's run after its first checkpoint: Ray reruns the task, which resumes
+    from that checkpoint, and the run ends with the parameters of the same run never killed."""
+    steps, overrides = 24_576, {**SHORT, "checkpoint_every": 4096}
+    checkpoints = tmp_path / "sweeps" / "ppo-CartPole-v1-1" / "runs" / "ppo-CartPole-v1-s1" / "checkpoints"
+    killed: list[int] = []
+
+    def kill_after_first_checkpoint() -> None:
+        deadline = time.monotonic() + 120
+        while not (checkpoints / "latest").exists() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        for pid in ray_task_pids():
+            os.kill(pid, signal.SIGKILL)
+            killed.append(pid)
+
+    threading.Thread(target=kill_after_first_checkpoint, daemon=True).start()
+    out = pl.sweep(
+        "ppo", env="CartPole-v1", steps=steps, overrides=overrides, workers=1, sweeps_dir=tmp_path / "sweeps",
+        verbose=False, report=False,
+    )  # fmt: skip
+    (run,) = out.runs
+    assert killed, "no worker was running the task"
+    assert out.results[run.name]["status"] == "done" and out.results[run.name]["resumed"]
+    overrides = {**overrides, "threads": 1}
+    twin = pl.train("ppo", env="CartPole-v1", steps=steps, seed=1, overrides=overrides, runs_dir=tmp_path / "alone")
+    assert_same(weights(out.run_dir(run.name)), weights(twin.dir))

@@ -1,0 +1,196 @@
+"""Sweep throughput on this machine: `pl.sweep` on a local Ray with 1 and 2 workers, against the same runs
+launched one after another (`policylab train` processes, as a shell loop would), and against Ray Tune running
+the same `pl.train` calls.
+
+    .venv/bin/python benchmarks/scale.py --reps 3            # needs the bench extra (ray[tune])
+
+The runs: `--runs` PPO CartPole-v1 runs (a 2-point lr grid x seeds), `--steps` env steps each, 1 thread each,
+no periodic evaluation. Each repetition times, in this order: the launches one after another, our sweep with
+1 worker, with 2 workers, and Ray Tune with 2 concurrent trials (1 CPU each). Every wall clock includes what a
+user waits for (Ray's start and stop for the sweeps and Tune; each process's start for the launches).
+
+Reported, median [min-max] over repetitions:
+* runs/hour of each way, and sweep with 2 workers / sweep with 1 (target >= 1.9);
+* overhead per run: (wall x concurrency - the runs' own training time) / runs, where a run's training time is
+  its eval.json `wall_clock_s` (the same measure for every way): what each way adds to a run (target: ours
+  below Ray Tune's);
+* Ray's start + stop (one `ray.init` / `ray.shutdown` pair, timed alone).
+
+Results go to benchmarks/results/scale-<date>.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from common import REPO_ROOT, fmt, print_table, provenance, write_results
+
+sys.path.insert(0, str(REPO_ROOT))
+
+LRS = ("0.001", "0.0003")
+WAYS = ("launches", "sweep-1", "sweep-2", "tune-2")
+CONCURRENCY = {"launches": 1, "sweep-1": 1, "sweep-2": 2, "tune-2": 2}
+
+
+def grid(runs: int) -> list[tuple[str, int]]:
+    """(lr, seed) pairs: the 2-point lr grid x runs / 2 seeds."""
+    return [(lr, seed) for lr in LRS for seed in range(1, runs // 2 + 1)]
+
+
+def overrides(lr: str) -> dict[str, Any]:
+    return {"lr": lr, "threads": 1, "eval_every": 0, "eval_episodes": 5}
+
+
+def training_seconds(root: Path) -> list[float]:
+    return [json.loads(p.read_text())["wall_clock_s"] for p in sorted(root.rglob("eval.json"))]
+
+
+def launches(args: argparse.Namespace, root: Path) -> float:
+    cli = str(REPO_ROOT / ".venv" / "bin" / "policylab")
+    start = time.perf_counter()
+    for lr, seed in grid(args.runs):
+        command = [cli, "train", "ppo", "--env", "CartPole-v1", "--steps", str(args.steps), "--seed", str(seed)]
+        command += [f"--set={k}={v}" for k, v in overrides(lr).items()]
+        command += ["--name", f"lr{lr}-s{seed}", "--runs-dir", str(root), "--no-progress"]
+        subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
+    return time.perf_counter() - start
+
+
+def sweep(args: argparse.Namespace, root: Path, workers: int) -> float:
+    import policylab as pl
+
+    seeds = f"1-{args.runs // 2}"
+    fixed = {k: v for k, v in overrides(LRS[0]).items() if k not in ("lr", "threads")}
+    start = time.perf_counter()
+    out = pl.sweep(
+        "ppo", env="CartPole-v1", steps=args.steps, seeds=seeds, grid={"lr": LRS}, overrides=fixed, workers=workers,
+        sweeps_dir=root, report=False, verbose=False,
+    )  # fmt: skip
+    seconds = time.perf_counter() - start
+    assert not out.failed and len(out.results) == args.runs
+    return seconds
+
+
+def tune_trainable(config: dict[str, Any]) -> dict[str, float]:
+    import policylab as pl
+
+    run = pl.train(
+        "ppo", env="CartPole-v1", steps=config["steps"], seed=config["seed"], overrides=overrides(config["lr"]),
+        name=f"lr{config['lr']}-s{config['seed']}", runs_dir=config["root"], verbose=False,
+    )  # fmt: skip
+    return {"return": float((run.final_eval or {}).get("return_mean", 0.0))}
+
+
+def tune(args: argparse.Namespace, root: Path) -> float:
+    import logging
+
+    import ray
+    from ray import tune as ray_tune
+
+    start = time.perf_counter()
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level=logging.ERROR)
+    space = {
+        "lr": ray_tune.grid_search(list(LRS)),
+        "seed": ray_tune.grid_search(list(range(1, args.runs // 2 + 1))),
+        "steps": args.steps,
+        "root": str(root / "runs"),
+    }
+    tuner = ray_tune.Tuner(
+        ray_tune.with_resources(tune_trainable, {"cpu": 1}),
+        param_space=space,
+        tune_config=ray_tune.TuneConfig(max_concurrent_trials=2),
+        run_config=ray_tune.RunConfig(storage_path=str(root / "tune"), verbose=0),
+    )
+    results = tuner.fit()
+    ray.shutdown()
+    seconds = time.perf_counter() - start
+    assert not results.errors and len(results) == args.runs
+    return seconds
+
+
+def ray_start_stop() -> float:
+    import logging
+
+    import ray
+
+    start = time.perf_counter()
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level=logging.ERROR)
+    ray.shutdown()
+    return time.perf_counter() - start
+
+
+def measure(args: argparse.Namespace, way: str) -> dict[str, Any]:
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        if way == "launches":
+            wall = launches(args, root)
+        elif way == "tune-2":
+            wall = tune(args, root)
+        else:
+            wall = sweep(args, root, CONCURRENCY[way])
+        trained = training_seconds(root)
+    assert len(trained) == args.runs, f"{way}: {len(trained)} runs finished"
+    overhead = (wall * CONCURRENCY[way] - sum(trained)) / args.runs
+    return {"way": way, "wall_s": wall, "runs_per_hour": 3600 * args.runs / wall, "overhead_per_run_s": overhead,
+            "training_s": trained}  # fmt: skip
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--runs", type=int, default=8, help="runs per way (an even number: 2 lrs x runs/2 seeds)")
+    parser.add_argument("--steps", type=int, default=30_000)
+    parser.add_argument("--reps", type=int, default=3)
+    args = parser.parse_args()
+    if args.runs < 2 or args.runs % 2:
+        parser.error("--runs must be an even number >= 2")
+    rows: list[dict[str, Any]] = []
+    startup = []
+    for rep in range(args.reps):
+        startup.append(ray_start_stop())
+        for way in WAYS:
+            row = {"rep": rep, **measure(args, way)}
+            rows.append(row)
+            print(f"rep {rep} {way}: {row['wall_s']:.1f} s, {row['runs_per_hour']:.0f} runs/h, "
+                  f"overhead {row['overhead_per_run_s']:.2f} s/run", flush=True)  # fmt: skip
+
+    def med(way: str, key: str) -> tuple[float, float, float]:
+        values = [r[key] for r in rows if r["way"] == way]
+        return statistics.median(values), min(values), max(values)
+
+    scaling = [
+        b["runs_per_hour"] / a["runs_per_hour"]
+        for a, b in zip(
+            [r for r in rows if r["way"] == "sweep-1"], [r for r in rows if r["way"] == "sweep-2"], strict=True
+        )
+    ]
+    table = []
+    for way in WAYS:
+        rph, over = med(way, "runs_per_hour"), med(way, "overhead_per_run_s")
+        table.append([way, f"{rph[0]:.0f} [{rph[1]:.0f}-{rph[2]:.0f}]", f"{over[0]:.2f} [{over[1]:.2f}-{over[2]:.2f}]"])
+    print_table(["way", "runs/hour", "overhead s/run"], table)
+    print(f"sweep 2 workers / 1 worker: {fmt(statistics.median(scaling))} [{fmt(min(scaling))}-{fmt(max(scaling))}]")
+    print(f"Ray start + stop: {fmt(statistics.median(startup))} s")
+    path = write_results(
+        "scale",
+        {
+            "benchmark": "sweep throughput: pl.sweep 1 and 2 workers vs launches one after another vs Ray Tune",
+            "settings": vars(args),
+            "rows": rows,
+            "scaling_2_over_1": scaling,
+            "ray_start_stop_s": startup,
+            "provenance": provenance(["torch", "gymnasium", "ray"]),
+        },
+    )
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
