@@ -25,7 +25,6 @@ import math
 import os
 import re
 import signal
-import socket
 import threading
 import time
 import traceback
@@ -37,6 +36,7 @@ from typing import Any
 import yaml
 
 from policylab.checkpoint import atomic_write_text
+from policylab.cluster import import_ray, start_ray
 from policylab.config import field_types, parse_count
 from policylab.errors import ConfigError, PolicylabError, suggest
 from policylab.logging import SUMMARY_JSON, TRAIN_CSV
@@ -256,50 +256,8 @@ class SweepResult:
         return self.dir / RUNS / name
 
 
-def _ray() -> Any:
-    try:
-        import ray
-    except ImportError:
-        raise PolicylabError(
-            "policylab sweep runs on Ray, which is not installed", "pip install 'policylab[ray]' (or pip install ray)"
-        ) from None
-    return ray
-
-
-def check_address(address: str, timeout: float = 5.0) -> None:
-    """Fail in seconds (not after Ray's minute of retries) when a cluster address cannot be reached."""
-    if address in ("auto", "local"):
-        return
-    host, _, port = address.removeprefix("ray://").rpartition(":")
-    try:
-        with socket.create_connection((host or "127.0.0.1", int(port)), timeout=timeout):
-            return
-    except (OSError, ValueError) as exc:
-        raise PolicylabError(
-            f"cannot reach the Ray cluster at {address!r} ({exc})",
-            "start one (`ray start --head`) or fix --address / RAY_ADDRESS (host:port, or ray://host:10001)",
-        ) from None
-
-
-def start_ray(address: str | None, cpus: int) -> bool:
-    """Connect to `address` (or RAY_ADDRESS), or start a local Ray with `cpus` CPUs. True if this call started it."""
-    ray = _ray()
-    if ray.is_initialized():
-        return False
-    import logging
-
-    quiet = {"log_to_driver": False, "logging_level": logging.ERROR}
-    address = address or os.environ.get("RAY_ADDRESS")
-    if address:
-        check_address(address)
-        ray.init(address=address, **quiet)
-    else:
-        ray.init(num_cpus=cpus, include_dashboard=False, object_store_memory=100 * 2**20, **quiet)
-    return True
-
-
 def check_capacity(workers: int, threads: int) -> None:
-    total = int(_ray().cluster_resources().get("CPU", 0))
+    total = int(import_ray().cluster_resources().get("CPU", 0))
     if workers * threads > total:
         raise PolicylabError(
             f"{workers} workers x {threads} threads need {workers * threads} CPUs; the Ray cluster has {total}",
@@ -498,7 +456,7 @@ def sweep(
         if len(set(spec.seeds)) != len(spec.seeds) or not spec.seeds:
             raise ConfigError(f"seeds={spec.seeds}: give distinct seeds", "e.g. seeds='1-5'")
     check_spec(spec)
-    _ray()
+    import_ray()
     runs = spec.runs()
     local_cpus = os.cpu_count() or 1
     if workers is None:
@@ -522,7 +480,7 @@ def sweep(
         results = _drive(sweep_dir, spec, runs, workers, progress if verbose else False)
     finally:
         if started_ray:
-            _ray().shutdown()
+            import_ray().shutdown()
     interrupted = (sweep_dir / STOP_FILE).exists()
     (sweep_dir / STOP_FILE).unlink(missing_ok=True)
     out = SweepResult(sweep_dir, runs, results, interrupted=interrupted)
@@ -537,7 +495,7 @@ def _drive(
     sweep_dir: Path, spec: SweepSpec, runs: list[RunSpec], workers: int, progress: bool | None
 ) -> dict[str, dict[str, Any]]:
     """Submit at most `workers` tasks at a time, collect their results, keep runs.csv and the table current."""
-    ray = _ray()
+    ray = import_ray()
     task = ray.remote(execute_run).options(num_cpus=spec.threads, max_retries=DEFAULT_RETRIES)
     base = {
         "sweep_dir": str(sweep_dir),

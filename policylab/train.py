@@ -28,6 +28,8 @@ from policylab import checkpoint as ckpt
 from policylab import runtime
 from policylab.algos import AlgoSpec, get_algo
 from policylab.algos.onpolicy import Imitation
+from policylab.collectors import FIELDS as COLLECTED_FIELDS
+from policylab.collectors import RolloutWorkers, collect_rollout, normalize_obs
 from policylab.config import CommonConfig, apply_values, dump_yaml, format_count, load_yaml, parse_count
 from policylab.data import Batch, ReplayBuffer, RolloutBuffer
 from policylab.data.dataset import Dataset, check_compatible, load_dataset
@@ -184,8 +186,8 @@ def short_budget_note(algo: str, cfg: Any, budget: int) -> list[str]:
     ]
 
 
-def _env_and_algo(spec: AlgoSpec, cfg: Any) -> tuple[VecEnv, Any]:
-    env = make_vec_env(cfg.env, cfg.num_envs, cfg.vectorization, cfg.env_kwargs)
+def _env_and_algo(spec: AlgoSpec, cfg: Any, num_envs: int | None = None) -> tuple[VecEnv, Any]:
+    env = make_vec_env(cfg.env, num_envs or cfg.num_envs, cfg.vectorization, cfg.env_kwargs)
     try:
         return env, spec.algo_cls(cfg, env.single_observation_space, env.single_action_space)
     except BaseException:
@@ -206,7 +208,8 @@ class OnPolicyLoop:
         self.spec = spec
         self.dataset = load_dataset(cfg.dataset) if cfg.dataset else None
         """Demonstrations for the imitation term (hybrid on-policy runs); the rollouts stay on-policy."""
-        self.env, self.algo = _env_and_algo(spec, cfg)
+        # with rollout workers the learner's env is one env, for its spaces only: the workers step theirs
+        self.env, self.algo = _env_and_algo(spec, cfg, 1 if cfg.rollout_workers else None)
         self.obs_space: Any = self.env.single_observation_space
         self.act_space = self.env.single_action_space
         self.net = self.algo.net
@@ -224,6 +227,15 @@ class OnPolicyLoop:
         self.buffer = RolloutBuffer(cfg.n_steps, cfg.num_envs, shape, head.action_shape, head.action_dtype, cfg.device)
         self.step = 0
         self.iteration = 0
+        self.workers: RolloutWorkers | None = None
+        if cfg.rollout_workers:
+            try:
+                self.workers = RolloutWorkers(spec.name, cfg)
+            except BaseException:
+                self.env.close()
+                raise
+            self.obs = np.zeros(0, np.float32)  # the workers hold the observations
+            return
         raw = self.env.reset(seed=cfg.seed)
         self.obs = self._normalize(raw, update=True)
 
@@ -252,48 +264,41 @@ class OnPolicyLoop:
         return _normalized_score(self.dataset, return_mean)
 
     def _normalize(self, raw: np.ndarray, update: bool) -> np.ndarray:
-        if self.obs_norm is None:
-            return raw
-        if update:
-            self.obs_norm.update(raw)
-        return self.obs_norm(raw)
+        return normalize_obs(self.obs_norm, raw, update)
 
     def policy(self) -> Policy:
         return Policy(self.net, self.obs_space, self.act_space, self.obs_norm, self.cfg.env, self.cfg.env_kwargs)
 
     def collect(self) -> Batch:
-        net, head, buf, gen, device = self.net, self.net.head, self.buffer, self.algo.generator, self.cfg.device
-        noise = head.noise((self.cfg.n_steps, self.cfg.num_envs), gen, device)  # one RNG call per rollout
-        numpy_acting = net.numpy_acting
-        noise_np = noise.numpy() if numpy_acting else None
-        for t in range(self.cfg.n_steps):
-            obs = self.obs
-            if numpy_acting:  # small CPU batches: numpy calls cost a fifth of torch calls
-                actions, logp, values = net.act_numpy(obs, noise_np[t])  # type: ignore[index]
-                env_actions = head.to_env_numpy(actions)
-            else:
-                with torch.inference_mode():
-                    actions, logp, values = net.act(torch.from_numpy(obs).to(device), noise=noise[t])
-                    env_actions = head.to_env(actions).cpu().numpy()
-            buf.add_policy_step(t, obs, actions, logp, values)
-            res = self.env.step(env_actions)
-            episode_end = res.episode_end
-            self.tracker.update(res.reward, episode_end)
-            reward = res.reward if self.reward_scaler is None else self.reward_scaler(res.reward, episode_end)
-            buf.add_env_step(t, reward, res.terminated, episode_end)
-            if res.final_obs is not None:
-                truncated = res.truncated & ~res.terminated
-                if truncated.any():
-                    idx = np.flatnonzero(truncated)
-                    final = self._normalize(res.final_obs[idx], update=False)
-                    with torch.inference_mode():
-                        boot = net.predict_values(torch.from_numpy(final).to(device))
-                    buf.set_bootstrap(t, torch.from_numpy(idx).to(device), boot)
-            self.obs = self._normalize(res.obs, update=True)
-        with torch.inference_mode():
-            last_values = net.predict_values(torch.from_numpy(self.obs).to(device))
+        cfg = self.cfg
+        noise = self.net.head.noise((cfg.n_steps, cfg.num_envs), self.algo.generator, cfg.device)  # one RNG call
+        if self.workers is not None:
+            last_values = self._collect_from_workers(self.workers, noise)
+        else:
+            self.obs, last_values = collect_rollout(
+                self.net, self.env, self.buffer, noise, self.obs, self._normalize, self.tracker,
+                self.reward_scaler, cfg.device,
+            )  # fmt: skip
         self.step += self.steps_per_iteration
-        return buf.finish(last_values)
+        return self.buffer.finish(last_values)
+
+    def _collect_from_workers(self, workers: RolloutWorkers, noise: Tensor) -> Tensor:
+        """The workers' slices into the rollout buffer; their statistics and episodes into the learner's."""
+        weights = {k: v.detach().cpu().numpy() for k, v in self.net.state_dict().items()}
+        obs_stats = None if self.obs_norm is None else self.obs_norm.rms.state()
+        reward_stats = None if self.reward_scaler is None else self.reward_scaler.rms.state()
+        parts = workers.collect(weights, noise.cpu().numpy(), obs_stats, reward_stats)
+        for (start, stop), part in zip(workers.slices, parts, strict=True):
+            for name in COLLECTED_FIELDS:
+                getattr(self.buffer, name)[:, start:stop] = torch.tensor(part[name])  # Ray's arrays are read-only
+            self.tracker.recent_returns.extend(part["episode_returns"])
+            self.tracker.recent_lengths.extend(part["episode_lengths"])
+            self.tracker.episodes += part["episodes"]
+            if self.obs_norm is not None:
+                self.obs_norm.rms.merge(part["obs_updates"])
+            if self.reward_scaler is not None:
+                self.reward_scaler.rms.merge(part["reward_updates"])
+        return torch.cat([torch.tensor(part["last_values"]) for part in parts]).to(self.cfg.device)
 
     def iterate(self) -> dict[str, Tensor]:
         """Collect one rollout and update on it."""
@@ -301,6 +306,8 @@ class OnPolicyLoop:
         rollout = self.collect()
         metrics = self.algo.update(rollout, progress=self.step / self.cfg.steps)
         metrics["threads"] = torch.tensor(float(self.threads.count))
+        if self.workers is not None:
+            metrics["worker_restarts"] = torch.tensor(float(sum(self.workers.restarts)))
         self.iteration += 1
         return metrics
 
@@ -318,7 +325,10 @@ class OnPolicyLoop:
             tensors.update(
                 {f"reward_scaler/{k}": torch.from_numpy(np.asarray(v)) for k, v in self.reward_scaler.state().items()}
             )
-        env_json = _env_state(self.env, self.obs, self.algo.generator, tensors)
+        if self.workers is None:
+            env_json = _env_state(self.env, self.obs, self.algo.generator, tensors)
+        else:
+            env_json = _workers_state(self.workers, self.algo.generator, tensors)
         state = {
             "algo": self.spec.name,
             "config": dataclasses.asdict(self.cfg),
@@ -345,6 +355,8 @@ class OnPolicyLoop:
         self.step = int(state["step"])
         self.iteration = int(state["iteration"])
         notes = _dataset_notes(self.dataset, state.get("dataset"))
+        if self.workers is not None:
+            return _load_workers_state(self.workers, self.algo.generator, state, tensors) + notes
         obs = _load_env_state(self.env, self.algo.generator, state, tensors)
         if obs is not None:
             self.obs = obs
@@ -356,6 +368,8 @@ class OnPolicyLoop:
         return list(self.net.parameters())
 
     def close(self) -> None:
+        if self.workers is not None:
+            self.workers.close()
         self.env.close()
 
 
@@ -698,6 +712,31 @@ def _env_state(env: VecEnv, obs: np.ndarray, generator: torch.Generator, tensors
 
 
 _ENV_RESTARTS = "this env's state cannot be saved, so its episodes restart on resume (not bit-exact)"
+
+
+def _workers_state(workers: RolloutWorkers, generator: torch.Generator, tensors: dict[str, Tensor]) -> Any:
+    """`_env_state` of a run with rollout workers: the learner's RNG states, and each worker's envs,
+    observations, episode counters and reward returns."""
+    tensors["rng/generator"] = generator.get_state()
+    tensors["rng/torch"] = torch.get_rng_state()
+    states, parts = _split_arrays(workers.get_state())
+    tensors.update(ckpt.prefixed("workers", parts))
+    return {"workers": states}
+
+
+def _load_workers_state(
+    workers: RolloutWorkers, generator: torch.Generator, state: dict[str, Any], tensors: dict[str, Tensor]
+) -> list[str]:
+    generator.set_state(tensors["rng/generator"])
+    torch.set_rng_state(tensors["rng/torch"])
+    saved = (state.get("env") or {}).get("workers")
+    if saved is None:
+        raise CheckpointError(
+            "this checkpoint was written without rollout workers", "resume with --set rollout_workers=0"
+        )
+    states = _join_arrays(saved, ckpt.unprefixed("workers", tensors))
+    workers.set_state(states)
+    return [_ENV_RESTARTS] if any(s["env"] is None for s in states) else []
 
 
 def _load_env_state(

@@ -18,12 +18,12 @@ import torch
 
 import policylab as pl
 from policylab.cli import main
+from policylab.cluster import check_address
 from policylab.errors import ConfigError, PolicylabError
 from policylab.sweep import (
     RUNS_CSV,
     SWEEP_YAML,
     SweepSpec,
-    check_address,
     parse_grid,
     parse_point,
     parse_seeds,

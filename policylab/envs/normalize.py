@@ -10,10 +10,10 @@ from torch import Tensor
 class RunningMeanStd:
     """Mean and variance of a stream of batches (parallel Welford / Chan et al.)."""
 
-    def __init__(self, shape: tuple[int, ...] = ()) -> None:
+    def __init__(self, shape: tuple[int, ...] = (), count: float = 1e-4) -> None:
         self.mean = np.zeros(shape, np.float64)
         self.var = np.ones(shape, np.float64)
-        self.count = 1e-4
+        self.count = count
 
     def update(self, batch: np.ndarray) -> None:
         n = batch.shape[0]
@@ -26,6 +26,18 @@ class RunningMeanStd:
         total = self.count + n
         self.mean = self.mean + delta * (n / total)
         self.var = (self.var * self.count + batch_m2 + delta * delta * (self.count * n / total)) / total
+        self.count = total
+
+    def merge(self, other: dict[str, np.ndarray]) -> None:
+        """Add the statistics of another stream (`state()` of a RunningMeanStd), as if its batches came here."""
+        n = float(other["count"])
+        if n <= 0:
+            return
+        delta = np.asarray(other["mean"]) - self.mean
+        total = self.count + n
+        m2 = np.asarray(other["var"]) * n
+        self.mean = self.mean + delta * (n / total)
+        self.var = (self.var * self.count + m2 + delta * delta * (self.count * n / total)) / total
         self.count = total
 
     def state(self) -> dict[str, np.ndarray]:
@@ -44,9 +56,11 @@ class ObsNormalizer:
         self.rms = RunningMeanStd(shape)
         self.clip = clip
         self.eps = eps
+        self.updates: RunningMeanStd | None = None
+        """When set (a rollout worker), updates go here and `rms` stays frozen until the learner merges them."""
 
     def update(self, obs: np.ndarray) -> None:
-        self.rms.update(obs)
+        (self.rms if self.updates is None else self.updates).update(obs)
 
     def __call__(self, obs: np.ndarray) -> np.ndarray:
         scaled = (obs - self.rms.mean) / np.sqrt(self.rms.var + self.eps)
@@ -69,10 +83,12 @@ class RewardScaler:
         self.gamma = gamma
         self.clip = clip
         self.eps = eps
+        self.updates: RunningMeanStd | None = None
+        """As ObsNormalizer.updates: a rollout worker's updates, `rms` frozen meanwhile."""
 
     def __call__(self, reward: np.ndarray, episode_end: np.ndarray) -> np.ndarray:
         self.returns = self.returns * self.gamma + reward
-        self.rms.update(self.returns)
+        (self.rms if self.updates is None else self.updates).update(self.returns)
         scaled = np.clip(reward / np.sqrt(self.rms.var + self.eps), -self.clip, self.clip)
         self.returns[episode_end] = 0.0
         return scaled.astype(np.float32)

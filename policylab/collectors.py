@@ -1,0 +1,310 @@
+"""On-policy collection: the rollout step, run by the loop in-process or by rollout workers on slices of the envs.
+
+`collect_rollout` is the one rollout step (act, step the envs, record, bootstrap at truncations) that
+`OnPolicyLoop` runs over all its envs. With `rollout_workers=W`, the envs are split into W contiguous slices and
+each `RolloutSlice` runs the same step over its slice with its own copy of the acting policy: in a Ray actor
+(`rollout_backend=ray`), or in the learner's process one after another (`inline`: the same arithmetic, for tests
+and debugging). What keeps a W-worker run reproducible for a fixed seed and W:
+
+* the learner draws the rollout's action noise for all envs with its generator (one call, as in-process) and
+  hands each worker its slice of it; a slice's envs are seeded with seed + their index, as in-process;
+* the weights are broadcast once per rollout (through Ray's object store);
+* observation and reward normalization statistics are frozen for a rollout: each worker normalizes with the
+  learner's statistics of the rollout's start and returns the statistics of what it saw, which the learner
+  merges afterwards (RLlib's filters do the same).
+
+So a W-worker run is not the in-process run: it normalizes with statistics one rollout old (the in-process loop
+updates them every step), its policy acts on batches of one slice (the same values up to float rounding), and
+an env family that draws for all its envs from one generator (the numpy-vectorized CartPole) sees other
+episodes in slices. For a fixed seed and W, the Ray and inline backends compute the same run, bit for bit.
+
+A worker whose actor dies is started again on the same slice and collects that slice again (its envs restart
+from a reset, seeded with seed + index + 1000 x restarts); the learner never sees a partial rollout.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from policylab.cluster import import_ray, start_ray
+from policylab.data import RolloutBuffer
+from policylab.envs import EpisodeTracker, ObsNormalizer, RewardScaler, VecEnv, make_vec_env
+from policylab.envs.normalize import RunningMeanStd
+from policylab.errors import ConfigError, PolicylabError
+from policylab.nets.actor_critic import ActorCritic
+
+BACKENDS = ("ray", "inline")
+RESTART_SEED_STRIDE = 1000
+"""A restarted worker reseeds its envs with seed + index + this x restarts (a fresh episode stream)."""
+FIELDS = ("obs", "actions", "logp", "values", "rewards", "terminated", "episode_end", "bootstrap")
+
+
+def normalize_obs(obs_norm: ObsNormalizer | None, raw: np.ndarray, update: bool) -> np.ndarray:
+    if obs_norm is None:
+        return raw
+    if update:
+        obs_norm.update(raw)
+    return obs_norm(raw)
+
+
+def collect_rollout(
+    net: ActorCritic,
+    env: VecEnv,
+    buf: RolloutBuffer,
+    noise: Tensor,
+    obs: np.ndarray,
+    observe: Callable[[np.ndarray, bool], np.ndarray],
+    tracker: EpisodeTracker,
+    reward_scaler: RewardScaler | None,
+    device: str | torch.device,
+) -> tuple[np.ndarray, Tensor]:
+    """Step `env` for `buf.n_steps` steps from `obs` with `net`, writing into `buf`; `noise` [T, N, ...] is the
+    rollout's pre-drawn action noise, `observe(raw, update)` normalizes observations. Returns (the observation
+    after the last step, its value)."""
+    head = net.head
+    numpy_acting = net.numpy_acting
+    noise_np = noise.numpy() if numpy_acting else None
+    for t in range(buf.n_steps):
+        if numpy_acting:  # small CPU batches: numpy calls cost a fifth of torch calls
+            actions, logp, values = net.act_numpy(obs, noise_np[t])  # type: ignore[index]
+            env_actions = head.to_env_numpy(actions)
+            buf.add_policy_step(t, obs, actions, logp, values)
+        else:
+            with torch.inference_mode():
+                taken, log_probs, value_estimates = net.act(torch.from_numpy(obs).to(device), noise=noise[t])
+                env_actions = head.to_env(taken).cpu().numpy()
+            buf.add_policy_step(t, obs, taken, log_probs, value_estimates)
+        res = env.step(env_actions)
+        episode_end = res.episode_end
+        tracker.update(res.reward, episode_end)
+        reward = res.reward if reward_scaler is None else reward_scaler(res.reward, episode_end)
+        buf.add_env_step(t, reward, res.terminated, episode_end)
+        if res.final_obs is not None:
+            truncated = res.truncated & ~res.terminated
+            if truncated.any():
+                idx = np.flatnonzero(truncated)
+                final = observe(res.final_obs[idx], False)
+                with torch.inference_mode():
+                    boot = net.predict_values(torch.from_numpy(final).to(device))
+                buf.set_bootstrap(t, torch.from_numpy(idx).to(device), boot)
+        obs = observe(res.obs, True)
+    with torch.inference_mode():
+        last_values = net.predict_values(torch.from_numpy(obs).to(device))
+    return obs, last_values
+
+
+def env_slices(num_envs: int, workers: int) -> list[tuple[int, int]]:
+    """Contiguous [start, stop) slices of the envs, as even as possible (the first ones one env larger)."""
+    size, extra = divmod(num_envs, workers)
+    bounds = np.cumsum([0] + [size + (i < extra) for i in range(workers)])
+    return [(int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
+
+
+def check_workers(cfg: Any) -> None:
+    """rollout_workers / rollout_backend against the config and the machine."""
+    workers, backend = cfg.rollout_workers, cfg.rollout_backend
+    if workers < 0:
+        raise ConfigError(f"rollout_workers={workers} must be >= 0", "set rollout_workers=0 (in-process) or e.g. 2")
+    if backend not in BACKENDS:
+        raise ConfigError(f"rollout_backend={backend!r} is not one of {', '.join(BACKENDS)}", "set rollout_backend=ray")
+    if workers > cfg.num_envs:
+        raise ConfigError(
+            f"rollout_workers={workers} is more than num_envs={cfg.num_envs}: a worker would have no env",
+            f"set rollout_workers <= {cfg.num_envs}, or more num_envs",
+        )
+
+
+class RolloutSlice:
+    """The envs [start, stop) of a run and a copy of its acting policy; `collect` runs one rollout of them."""
+
+    def __init__(self, algo: str, cfg: Any, start: int, stop: int, restarts: int = 0) -> None:
+        from policylab.algos import get_algo
+
+        if torch.get_num_threads() != 1:
+            torch.set_num_threads(1)  # a worker is one core's work; the learner keeps its threads
+        self.cfg, self.start, self.stop = cfg, start, stop
+        n = stop - start
+        self.env = make_vec_env(cfg.env, n, cfg.vectorization, cfg.env_kwargs)
+        obs_space, act_space = self.env.single_observation_space, self.env.single_action_space
+        self.net: ActorCritic = get_algo(algo).algo_cls.build_policy(cfg, obs_space, act_space).to(cfg.device)
+        head = self.net.head
+        shape: tuple[int, ...] = tuple(obs_space.shape or ())
+        self.buf = RolloutBuffer(cfg.n_steps, n, shape, head.action_shape, head.action_dtype, cfg.device)
+        self.tracker = EpisodeTracker(n)
+        self.obs_norm = ObsNormalizer(shape, cfg.clip_obs) if cfg.normalize_obs else None
+        self.reward_scaler = RewardScaler(n, cfg.gamma, cfg.clip_reward) if cfg.normalize_reward else None
+        self.raw_obs = self.env.reset(seed=cfg.seed + start + RESTART_SEED_STRIDE * restarts)
+        self._fresh_stats()
+        self._seen_obs(self.raw_obs)  # the first observations count, as in-process
+
+    def pid(self) -> int:
+        return os.getpid()
+
+    def _fresh_stats(self) -> None:
+        if self.obs_norm is not None:
+            self.obs_norm.updates = RunningMeanStd(self.obs_norm.rms.mean.shape, count=0.0)
+        if self.reward_scaler is not None:
+            self.reward_scaler.updates = RunningMeanStd((), count=0.0)
+
+    def _seen_obs(self, raw: np.ndarray) -> None:
+        if self.obs_norm is not None:
+            self.obs_norm.update(raw)
+
+    def _observe(self, raw: np.ndarray, update: bool) -> np.ndarray:
+        if update:
+            self.raw_obs = raw
+        return normalize_obs(self.obs_norm, raw, update)
+
+    def collect(
+        self,
+        weights: dict[str, np.ndarray],
+        noise: np.ndarray,
+        obs_stats: dict[str, np.ndarray] | None,
+        reward_stats: dict[str, np.ndarray] | None,
+    ) -> dict[str, Any]:
+        """One rollout of the slice with `weights`, the slice's `noise` and the learner's frozen statistics."""
+        self.net.load_state_dict({k: torch.tensor(v) for k, v in weights.items()})
+        if self.obs_norm is not None and obs_stats is not None:
+            self.obs_norm.rms.load(obs_stats)
+        if self.reward_scaler is not None and reward_stats is not None:
+            self.reward_scaler.rms.load(reward_stats)
+        episodes_before = self.tracker.episodes
+        obs = normalize_obs(self.obs_norm, self.raw_obs, False)
+        _, last_values = collect_rollout(
+            self.net, self.env, self.buf, torch.from_numpy(noise), obs, self._observe, self.tracker,
+            self.reward_scaler, self.cfg.device,
+        )  # fmt: skip
+        finished = self.tracker.episodes - episodes_before
+        out: dict[str, Any] = {name: getattr(self.buf, name).numpy() for name in FIELDS}
+        out["last_values"] = last_values.numpy()
+        out["episodes"] = finished
+        kept = min(finished, len(self.tracker.recent_returns))
+        out["episode_returns"] = list(self.tracker.recent_returns)[len(self.tracker.recent_returns) - kept :]
+        out["episode_lengths"] = list(self.tracker.recent_lengths)[len(self.tracker.recent_lengths) - kept :]
+        out["obs_updates"] = None if self.obs_norm is None else self.obs_norm.updates.state()  # type: ignore[union-attr]
+        out["reward_updates"] = None if self.reward_scaler is None else self.reward_scaler.updates.state()  # type: ignore[union-attr]
+        self._fresh_stats()
+        return out
+
+    def get_state(self) -> dict[str, Any]:
+        """Everything the slice carries between rollouts, for the run's checkpoint (None env: not capturable)."""
+        return {
+            "env": self.env.get_state(),
+            "raw_obs": self.raw_obs.copy(),
+            "tracker": self.tracker.state(),
+            "reward_returns": None if self.reward_scaler is None else self.reward_scaler.returns.copy(),
+        }
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        if state["env"] is None:  # an env that cannot be saved restarts its episodes (the loop says so)
+            self.raw_obs = self.env.reset(seed=self.cfg.seed + self.start)
+        else:
+            self.env.set_state(state["env"])
+            self.raw_obs = np.asarray(state["raw_obs"], np.float32).copy()
+        self.tracker.load(state["tracker"])
+        if self.reward_scaler is not None and state["reward_returns"] is not None:
+            self.reward_scaler.returns = np.asarray(state["reward_returns"], np.float64).copy()
+        self._fresh_stats()
+
+    def close(self) -> None:
+        self.env.close()
+
+
+class RolloutWorkers:
+    """W rollout slices of one run: Ray actors (one CPU each), or inline objects in the learner's process."""
+
+    def __init__(self, algo: str, cfg: Any) -> None:
+        self.algo, self.cfg = algo, cfg
+        self.slices = env_slices(cfg.num_envs, cfg.rollout_workers)
+        self.restarts = [0] * len(self.slices)
+        self.ray: Any = None
+        if cfg.rollout_backend == "ray":
+            self.ray = _start_ray(len(self.slices))
+        self.handles = [self._start(i) for i in range(len(self.slices))]
+
+    def _start(self, i: int) -> Any:
+        start, stop = self.slices[i]
+        if self.ray is None:
+            return RolloutSlice(self.algo, self.cfg, start, stop, self.restarts[i])
+        actor = self.ray.remote(num_cpus=1, max_restarts=0)(RolloutSlice)
+        return actor.remote(self.algo, self.cfg, start, stop, self.restarts[i])
+
+    def collect(
+        self,
+        weights: dict[str, np.ndarray],
+        noise: np.ndarray,
+        obs_stats: dict[str, np.ndarray] | None,
+        reward_stats: dict[str, np.ndarray] | None,
+    ) -> list[dict[str, Any]]:
+        """Every slice's rollout, in slice order; a dead worker is restarted and its slice collected again."""
+        parts = [noise[:, a:b] for a, b in self.slices]
+        if self.ray is None:
+            return [h.collect(weights, p, obs_stats, reward_stats) for h, p in zip(self.handles, parts, strict=True)]
+        shared = self.ray.put(weights)
+        refs = [h.collect.remote(shared, p, obs_stats, reward_stats) for h, p in zip(self.handles, parts, strict=True)]
+        out = []
+        for i, ref in enumerate(refs):
+            while True:
+                try:
+                    out.append(self.ray.get(ref))
+                    break
+                except self.ray.exceptions.RayActorError:
+                    self.restarts[i] += 1
+                    self.handles[i] = self._start(i)
+                    ref = self.handles[i].collect.remote(shared, parts[i], obs_stats, reward_stats)
+        return out
+
+    def call(self, method: str, *args: Any) -> list[Any]:
+        if self.ray is None:
+            return [getattr(h, method)(*args) for h in self.handles]
+        return self.ray.get([getattr(h, method).remote(*args) for h in self.handles])
+
+    def get_state(self) -> list[dict[str, Any]]:
+        return self.call("get_state")
+
+    def set_state(self, states: list[dict[str, Any]]) -> None:
+        if len(states) != len(self.handles):
+            raise PolicylabError(
+                f"the checkpoint has {len(states)} rollout workers' state, this run {len(self.handles)}",
+                f"resume with --set rollout_workers={len(states)}",
+            )
+        if self.ray is None:
+            for h, s in zip(self.handles, states, strict=True):
+                h.set_state(s)
+            return
+        self.ray.get([h.set_state.remote(s) for h, s in zip(self.handles, states, strict=True)])
+
+    def close(self) -> None:
+        if self.ray is None:
+            for h in self.handles:
+                h.close()
+            return
+        for h in self.handles:
+            self.ray.kill(h)
+
+
+def _start_ray(workers: int) -> Any:
+    """Ray, connected: the current session (a sweep's task, a user's ray.init), RAY_ADDRESS, or a local Ray."""
+    ray = import_ray(
+        "rollout_workers with rollout_backend=ray needs Ray",
+        "pip install 'policylab[ray]', or set rollout_backend=inline (the same slices in this process)",
+    )
+    cpus = os.cpu_count() or 1
+    if not ray.is_initialized() and not os.environ.get("RAY_ADDRESS") and workers > cpus:
+        raise PolicylabError(
+            f"rollout_workers={workers} is more than this machine's {cpus} CPUs", f"set rollout_workers <= {cpus}"
+        )
+    start_ray(None, workers)
+    total = int(ray.cluster_resources().get("CPU", 0))
+    if workers > total:  # the actors (one CPU each) would wait for CPUs forever
+        raise PolicylabError(
+            f"rollout_workers={workers} is more than the {total} CPUs of the Ray cluster",
+            f"set rollout_workers <= {total}",
+        )
+    return ray
