@@ -16,7 +16,15 @@ Reported, median [min-max] over repetitions:
   below Ray Tune's);
 * Ray's start + stop (one `ray.init` / `ray.shutdown` pair, timed alone).
 
-Results go to benchmarks/results/scale-<date>.json.
+Rollout workers (`--part workers`): PPO on Hopper-v5 (its preset) with `--envs` envs and `--n-steps` steps per
+env per rollout, 1 thread. For each setting (in-process, 1 Ray worker, 2 Ray workers, and 1 inline worker), a
+loop is built and `--rollouts` rollouts are timed after one warm-up: the collection (env steps/s of
+`loop.collect()`) and the whole iteration (collection + PPO update). Reported: medians over rollouts and
+repetitions, 2 workers / 1 worker in collection steps/s (target >= 1.7), and the per-rollout cost of going
+through Ray: 1 Ray worker's collection time - 1 inline worker's (the weights' broadcast, the call, the slice's
+arrays coming back).
+
+Results go to benchmarks/results/scale-<date>.json (sweeps) and scale_workers-<date>.json (workers).
 """
 
 from __future__ import annotations
@@ -143,12 +151,90 @@ def measure(args: argparse.Namespace, way: str) -> dict[str, Any]:
             "training_s": trained}  # fmt: skip
 
 
+WORKER_SETTINGS = {"in-process": (0, "ray"), "ray-1": (1, "ray"), "ray-2": (2, "ray"), "inline-1": (1, "inline")}
+
+
+def time_rollouts(args: argparse.Namespace, workers: int, backend: str) -> dict[str, list[float]]:
+    """Seconds of each timed rollout's collection and whole iteration (collect + update)."""
+    from policylab.algos import get_algo
+    from policylab.train import OnPolicyLoop, resolve_config
+
+    spec = get_algo("ppo")
+    overrides = {"num_envs": args.envs, "n_steps": args.n_steps, "threads": 1, "rollout_workers": workers,
+                 "rollout_backend": backend}  # fmt: skip
+    cfg, _ = resolve_config(spec, "Hopper-v5", 10**9, 1, None, overrides, "auto")
+    loop = OnPolicyLoop(spec, cfg)
+    out: dict[str, list[float]] = {"collect_s": [], "iteration_s": []}
+    try:
+        for i in range(args.rollouts + 1):
+            start = time.perf_counter()
+            batch = loop.collect()
+            collected = time.perf_counter()
+            loop.algo.update(batch, progress=0.0)
+            if i:  # the first is a warm-up (worker start, first calls)
+                out["collect_s"].append(collected - start)
+                out["iteration_s"].append(time.perf_counter() - start)
+    finally:
+        loop.close()
+    return out
+
+
+def workers_part(args: argparse.Namespace) -> None:
+    import logging
+
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level=logging.ERROR)
+    steps = args.envs * args.n_steps
+    rows = []
+    for rep in range(args.reps):
+        for name, (workers, backend) in WORKER_SETTINGS.items():
+            times = time_rollouts(args, workers, backend)
+            rows.append({"rep": rep, "setting": name, **times})
+            collect = statistics.median(times["collect_s"])
+            print(f"rep {rep} {name}: collection {steps / collect:,.0f} env steps/s, whole iteration "
+                  f"{steps / statistics.median(times['iteration_s']):,.0f} steps/s", flush=True)  # fmt: skip
+    ray.shutdown()
+
+    def median_of(setting: str, key: str) -> float:
+        return statistics.median(v for r in rows if r["setting"] == setting for v in r[key])
+
+    table = [
+        [name, f"{steps / median_of(name, 'collect_s'):,.0f}", f"{steps / median_of(name, 'iteration_s'):,.0f}"]
+        for name in WORKER_SETTINGS
+    ]
+    print_table(["setting", "collection steps/s", "whole iteration steps/s"], table)
+    scaling = median_of("ray-1", "collect_s") / median_of("ray-2", "collect_s")
+    overhead = median_of("ray-1", "collect_s") - median_of("inline-1", "collect_s")
+    print(f"collection, 2 workers / 1 worker: {scaling:.2f}x (target >= 1.7)")
+    print(f"Ray's cost per rollout (1 Ray worker - 1 inline worker): {1000 * overhead:.1f} ms")
+    path = write_results(
+        "scale_workers",
+        {
+            "benchmark": "rollout workers: PPO Hopper-v5 collection and iteration speed, in-process / Ray / inline",
+            "settings": vars(args),
+            "rows": rows,
+            "collection_scaling_2_over_1": scaling,
+            "ray_cost_per_rollout_s": overhead,
+            "provenance": provenance(["torch", "gymnasium", "mujoco", "ray"]),
+        },
+    )
+    print(f"wrote {path}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--part", choices=("sweeps", "workers"), default="sweeps")
     parser.add_argument("--runs", type=int, default=8, help="runs per way (an even number: 2 lrs x runs/2 seeds)")
     parser.add_argument("--steps", type=int, default=30_000)
     parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--envs", type=int, default=16, help="workers part: envs of the PPO Hopper run")
+    parser.add_argument("--n-steps", type=int, default=128, help="workers part: steps per env per rollout")
+    parser.add_argument("--rollouts", type=int, default=5, help="workers part: timed rollouts per setting")
     args = parser.parse_args()
+    if args.part == "workers":
+        workers_part(args)
+        return
     if args.runs < 2 or args.runs % 2:
         parser.error("--runs must be an even number >= 2")
     rows: list[dict[str, Any]] = []

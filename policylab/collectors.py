@@ -1,10 +1,10 @@
-"""On-policy collection: the rollout step, run by the loop in-process or by rollout workers on slices of the envs.
+"""Collection by rollout workers: slices of a run's envs, each with a copy of the acting policy.
 
-`collect_rollout` is the one rollout step (act, step the envs, record, bootstrap at truncations) that
+`collect_rollout` is the one on-policy rollout step (act, step the envs, record, bootstrap at truncations) that
 `OnPolicyLoop` runs over all its envs. With `rollout_workers=W`, the envs are split into W contiguous slices and
 each `RolloutSlice` runs the same step over its slice with its own copy of the acting policy: in a Ray actor
 (`rollout_backend=ray`), or in the learner's process one after another (`inline`: the same arithmetic, for tests
-and debugging). What keeps a W-worker run reproducible for a fixed seed and W:
+and debugging). What keeps a W-worker on-policy run reproducible for a fixed seed and W:
 
 * the learner draws the rollout's action noise for all envs with its generator (one call, as in-process) and
   hands each worker its slice of it; a slice's envs are seeded with seed + their index, as in-process;
@@ -17,6 +17,14 @@ So a W-worker run is not the in-process run: it normalizes with statistics one r
 updates them every step), its policy acts on batches of one slice (the same values up to float rounding), and
 an env family that draws for all its envs from one generator (the numpy-vectorized CartPole) sees other
 episodes in slices. For a fixed seed and W, the Ray and inline backends compute the same run, bit for bit.
+
+Off-policy (`OffPolicySlice`): each worker steps its slice for the `train_freq` vector steps between two update
+bursts with the weights of the burst's start (the in-process loop acts with the same weights there), exploring
+with its own copy of the algorithm's exploration (epsilon-greedy, Gaussian or tanh-Gaussian noise, random
+actions before `learning_starts`) from its own generator, seeded from the run's seed and the slice; observations
+for acting are normalized with the learner's statistics of the segment's start. The learner records the
+returned transitions in step order, exactly as the in-process loop records its own (replay, running statistics,
+episode counters), then updates.
 
 A worker whose actor dies is started again on the same slice and collects that slice again (its envs restart
 from a reset, seeded with seed + index + 1000 x restarts); the learner never sees a partial rollout.
@@ -42,6 +50,9 @@ from policylab.nets.actor_critic import ActorCritic
 BACKENDS = ("ray", "inline")
 RESTART_SEED_STRIDE = 1000
 """A restarted worker reseeds its envs with seed + index + this x restarts (a fresh episode stream)."""
+EXPLORATION_SEED_STRIDE = 7919
+"""An off-policy worker's exploration generator: seed + this x (first env index + 1) + RESTART_SEED_STRIDE x
+restarts, apart from the learner's generator (seed) and from each other."""
 FIELDS = ("obs", "actions", "logp", "values", "rewards", "terminated", "episode_end", "bootstrap")
 
 
@@ -216,11 +227,89 @@ class RolloutSlice:
         self.env.close()
 
 
-class RolloutWorkers:
-    """W rollout slices of one run: Ray actors (one CPU each), or inline objects in the learner's process."""
+class OffPolicySlice:
+    """The envs [start, stop) of an off-policy run and a copy of its algorithm for acting; `collect` steps them
+    between two update bursts and returns the transitions."""
 
-    def __init__(self, algo: str, cfg: Any) -> None:
-        self.algo, self.cfg = algo, cfg
+    def __init__(self, algo: str, cfg: Any, start: int, stop: int, restarts: int = 0) -> None:
+        from policylab.algos import get_algo
+
+        if torch.get_num_threads() != 1:
+            torch.set_num_threads(1)
+        self.cfg, self.start = cfg, start
+        self.env = make_vec_env(cfg.env, stop - start, cfg.vectorization, cfg.env_kwargs)
+        spaces = (self.env.single_observation_space, self.env.single_action_space)
+        self.algo = get_algo(algo).algo_cls(cfg, *spaces)
+        seed = cfg.seed + EXPLORATION_SEED_STRIDE * (start + 1) + RESTART_SEED_STRIDE * restarts
+        self.algo.generator.manual_seed(seed)
+        self.obs = self.env.reset(seed=cfg.seed + start + RESTART_SEED_STRIDE * restarts)
+        self.norm = ObsNormalizer(tuple(spaces[0].shape or ()), cfg.clip_obs) if cfg.normalize_obs else None
+
+    def pid(self) -> int:
+        return os.getpid()
+
+    def current_obs(self) -> np.ndarray:
+        return self.obs
+
+    def collect(
+        self,
+        weights: dict[str, np.ndarray],
+        steps: int,
+        first_step: int,
+        random_until: int,
+        offline_steps: int,
+        online_total: int,
+        obs_stats: dict[str, np.ndarray] | None,
+    ) -> dict[str, Any]:
+        """`steps` vector steps from env step `first_step` (summed over all the run's envs), acting as the
+        in-process loop does: random actions before `random_until`, else the algorithm's exploration."""
+        algo, cfg = self.algo, self.cfg
+        algo.net.load_state_dict({k: torch.tensor(v) for k, v in weights.items()})
+        norm = None
+        if self.norm is not None and obs_stats is not None:
+            self.norm.rms.load(obs_stats)
+            norm = self.norm
+        rows: dict[str, list[np.ndarray]] = {k: [] for k in ("obs", "actions", "reward", "next_obs", "terminated")}
+        rows.update(truncated=[], final_obs=[])
+        finals = []
+        for i in range(steps):
+            step = first_step + i * cfg.num_envs
+            if step < random_until:
+                actions = algo.random_actions(len(self.obs))
+            else:
+                acting_obs = self.obs if norm is None else norm(self.obs)
+                actions = algo.explore(acting_obs, (step - offline_steps) / online_total)
+            res = self.env.step(algo.to_env(actions))
+            for key, value in (("obs", self.obs), ("actions", actions), ("reward", res.reward), ("next_obs", res.obs)):
+                rows[key].append(value)
+            rows["terminated"].append(res.terminated)
+            rows["truncated"].append(res.truncated)
+            rows["final_obs"].append(res.obs if res.final_obs is None else res.final_obs)
+            finals.append(res.final_obs is not None)
+            self.obs = res.obs
+        return {**{k: np.stack(v) for k, v in rows.items()}, "has_final": np.array(finals, dtype=bool)}
+
+    def get_state(self) -> dict[str, Any]:
+        generator = self.algo.generator.get_state().numpy()
+        return {"env": self.env.get_state(), "obs": self.obs.copy(), "generator": generator}
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        if state["env"] is None:
+            self.obs = self.env.reset(seed=self.cfg.seed + self.start)
+        else:
+            self.env.set_state(state["env"])
+            self.obs = np.asarray(state["obs"], np.float32).copy()
+        self.algo.generator.set_state(torch.tensor(state["generator"], dtype=torch.uint8))
+
+    def close(self) -> None:
+        self.env.close()
+
+
+class RolloutWorkers:
+    """W slices of one run's envs: Ray actors (one CPU each), or inline objects in the learner's process."""
+
+    def __init__(self, algo: str, cfg: Any, slice_cls: type) -> None:
+        self.algo, self.cfg, self.slice_cls = algo, cfg, slice_cls
         self.slices = env_slices(cfg.num_envs, cfg.rollout_workers)
         self.restarts = [0] * len(self.slices)
         self.ray: Any = None
@@ -231,23 +320,19 @@ class RolloutWorkers:
     def _start(self, i: int) -> Any:
         start, stop = self.slices[i]
         if self.ray is None:
-            return RolloutSlice(self.algo, self.cfg, start, stop, self.restarts[i])
-        actor = self.ray.remote(num_cpus=1, max_restarts=0)(RolloutSlice)
+            return self.slice_cls(self.algo, self.cfg, start, stop, self.restarts[i])
+        actor = self.ray.remote(num_cpus=1, max_restarts=0)(self.slice_cls)
         return actor.remote(self.algo, self.cfg, start, stop, self.restarts[i])
 
     def collect(
-        self,
-        weights: dict[str, np.ndarray],
-        noise: np.ndarray,
-        obs_stats: dict[str, np.ndarray] | None,
-        reward_stats: dict[str, np.ndarray] | None,
+        self, weights: dict[str, np.ndarray], per_slice: list[dict[str, Any]], **common: Any
     ) -> list[dict[str, Any]]:
-        """Every slice's rollout, in slice order; a dead worker is restarted and its slice collected again."""
-        parts = [noise[:, a:b] for a, b in self.slices]
+        """Every slice's `collect(weights, **per_slice[i], **common)`, in slice order; a dead worker is restarted
+        and its slice collected again."""
         if self.ray is None:
-            return [h.collect(weights, p, obs_stats, reward_stats) for h, p in zip(self.handles, parts, strict=True)]
+            return [h.collect(weights, **kw, **common) for h, kw in zip(self.handles, per_slice, strict=True)]
         shared = self.ray.put(weights)
-        refs = [h.collect.remote(shared, p, obs_stats, reward_stats) for h, p in zip(self.handles, parts, strict=True)]
+        refs = [h.collect.remote(shared, **kw, **common) for h, kw in zip(self.handles, per_slice, strict=True)]
         out = []
         for i, ref in enumerate(refs):
             while True:
@@ -257,7 +342,7 @@ class RolloutWorkers:
                 except self.ray.exceptions.RayActorError:
                     self.restarts[i] += 1
                     self.handles[i] = self._start(i)
-                    ref = self.handles[i].collect.remote(shared, parts[i], obs_stats, reward_stats)
+                    ref = self.handles[i].collect.remote(shared, **per_slice[i], **common)
         return out
 
     def call(self, method: str, *args: Any) -> list[Any]:

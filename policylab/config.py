@@ -73,6 +73,11 @@ class CommonConfig:
     state stay float32) on CPUs with native bfloat16 (AMX or AVX512-BF16); opt-in, it changes the results
     (nets/matmul.py; the speed and returns are in benchmarks/README.md)."""
     tensorboard: bool = False
+    rollout_workers: int = 0
+    """Step the envs in this many rollout workers, each a slice of the envs with a copy of the acting policy
+    (0: in the learner's process). policylab/collectors.py says what stays the same and what does not."""
+    rollout_backend: str = "ray"
+    """ray (each worker a Ray actor with one CPU), or inline (the same slices in the learner's process)."""
 
     preferred_threads: ClassVar[int] = 1
     """What threads=auto uses when the cores are free: 1 is fastest for the on-policy family's small networks
@@ -86,6 +91,9 @@ class CommonConfig:
 
         matmul.check_precision(self.precision)
         _non_negative(self, "eval_every", "checkpoint_every", "keep_checkpoints")
+        from policylab.collectors import check_workers
+
+        check_workers(self)
         if not 0.0 <= self.gamma <= 1.0:
             raise ConfigError(f"gamma={self.gamma} is outside [0, 1]", "set gamma to e.g. 0.99")
         if self.vectorization not in ("auto", "sync", "async"):

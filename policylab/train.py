@@ -15,6 +15,7 @@ import math
 import signal
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,7 +30,7 @@ from policylab import runtime
 from policylab.algos import AlgoSpec, get_algo
 from policylab.algos.onpolicy import Imitation
 from policylab.collectors import FIELDS as COLLECTED_FIELDS
-from policylab.collectors import RolloutWorkers, collect_rollout, normalize_obs
+from policylab.collectors import OffPolicySlice, RolloutSlice, RolloutWorkers, collect_rollout, normalize_obs
 from policylab.config import CommonConfig, apply_values, dump_yaml, format_count, load_yaml, parse_count
 from policylab.data import Batch, ReplayBuffer, RolloutBuffer
 from policylab.data.dataset import Dataset, check_compatible, load_dataset
@@ -42,6 +43,7 @@ from policylab.data.sources import (
     return_range_scale,
 )
 from policylab.envs import EpisodeTracker, ObsNormalizer, RewardScaler, VecEnv, make_vec_env, resolve_env_id
+from policylab.envs.vec import StepResult
 from policylab.errors import CheckpointError, ConfigError, TrainingDiverged
 from policylab.logging import CONFIG_YAML, Progress, RunLog, new_run_dir
 from policylab.nets import matmul
@@ -230,7 +232,7 @@ class OnPolicyLoop:
         self.workers: RolloutWorkers | None = None
         if cfg.rollout_workers:
             try:
-                self.workers = RolloutWorkers(spec.name, cfg)
+                self.workers = RolloutWorkers(spec.name, cfg, RolloutSlice)
             except BaseException:
                 self.env.close()
                 raise
@@ -287,7 +289,9 @@ class OnPolicyLoop:
         weights = {k: v.detach().cpu().numpy() for k, v in self.net.state_dict().items()}
         obs_stats = None if self.obs_norm is None else self.obs_norm.rms.state()
         reward_stats = None if self.reward_scaler is None else self.reward_scaler.rms.state()
-        parts = workers.collect(weights, noise.cpu().numpy(), obs_stats, reward_stats)
+        noise_np = noise.cpu().numpy()
+        slices = [{"noise": noise_np[:, start:stop]} for start, stop in workers.slices]
+        parts = workers.collect(weights, slices, obs_stats=obs_stats, reward_stats=reward_stats)
         for (start, stop), part in zip(workers.slices, parts, strict=True):
             for name in COLLECTED_FIELDS:
                 getattr(self.buffer, name)[:, start:stop] = torch.tensor(part[name])  # Ray's arrays are read-only
@@ -387,7 +391,7 @@ class OffPolicyLoop:
         self.cfg = cfg
         self.spec = spec
         self.dataset = load_dataset(cfg.dataset) if cfg.dataset else None
-        self.env, self.algo = _env_and_algo(spec, cfg)
+        self.env, self.algo = _env_and_algo(spec, cfg, 1 if cfg.rollout_workers else None)
         self.obs_space: Any = self.env.single_observation_space
         self.act_space = self.env.single_action_space
         if self.dataset is not None:
@@ -441,7 +445,18 @@ class OffPolicyLoop:
         self.updates_after = self.random_until
         """Online updates run once `step` exceeds this (moved on when a resumed run refills its buffer)."""
         self.base_lrs = {name: opt.param_groups[0]["lr"] for name, opt in self.algo.optimizers.items()}
-        self.obs = self.env.reset(seed=cfg.seed)
+        self.workers: RolloutWorkers | None = None
+        self.pending: deque[tuple[np.ndarray, StepResult]] = deque()
+        """Worker transitions of the current segment not yet recorded (empty between update bursts)."""
+        if cfg.rollout_workers:
+            try:
+                self.workers = RolloutWorkers(spec.name, cfg, OffPolicySlice)
+            except BaseException:
+                self.env.close()
+                raise
+            self.obs = np.concatenate(self.workers.call("current_obs"))
+        else:
+            self.obs = self.env.reset(seed=cfg.seed)
         if self.running_norm:
             assert self.obs_norm is not None
             self.obs_norm.update(self.obs)
@@ -537,15 +552,21 @@ class OffPolicyLoop:
         norm = self.obs_norm
         stored = None if self.running_norm else norm  # what the buffer's observations are normalized with
         online_total = max(self.total - self.offline_steps, 1)
-        for _ in range(max(1, cfg.log_every // cfg.num_envs)):
+        vector_steps = max(1, cfg.log_every // cfg.num_envs)
+        for k in range(vector_steps):
             if self.step >= self.total:
                 break
-            if self.step < self.random_until:
+            if self.workers is not None:
+                if not self.pending:
+                    self._collect_segment(self.workers, min(vector_steps - k, self._steps_left()), online_total)
+                actions, res = self.pending.popleft()
+            elif self.step < self.random_until:
                 actions = algo.random_actions(cfg.num_envs)
+                res = env.step(algo.to_env(actions))
             else:
                 acting_obs = self.obs if norm is None else norm(self.obs)
                 actions = algo.explore(acting_obs, (self.step - self.offline_steps) / online_total)
-            res = env.step(algo.to_env(actions))
+                res = env.step(algo.to_env(actions))
             self.tracker.update(res.reward, res.episode_end)
             obs, next_obs, final_obs = self.obs, res.obs, res.final_obs
             if stored is not None:
@@ -568,6 +589,28 @@ class OffPolicyLoop:
                     self._anneal_lr()
                 for _ in range(cfg.updates_per_train):
                     self._update(source, history)
+
+    def _steps_left(self) -> int:
+        """Vector steps to the end of the run."""
+        return -(-(self.total - self.step) // self.cfg.num_envs)
+
+    def _collect_segment(self, workers: RolloutWorkers, limit: int, online_total: int) -> None:
+        """The workers' transitions up to the next update burst (at most `limit` vector steps), into `pending`:
+        a segment ends where the in-process loop would update, so both act with the same weights."""
+        cfg = self.cfg
+        steps = min(cfg.train_freq - self.vec_steps % cfg.train_freq, limit)
+        weights = {k: v.detach().cpu().numpy() for k, v in self.net.state_dict().items()}
+        obs_stats = None if self.obs_norm is None else self.obs_norm.rms.state()
+        parts = workers.collect(
+            weights, [{} for _ in workers.slices], steps=steps, first_step=self.step, random_until=self.random_until,
+            offline_steps=self.offline_steps, online_total=online_total, obs_stats=obs_stats,
+        )  # fmt: skip
+        joined = {key: np.concatenate([part[key] for part in parts], axis=1) for key in parts[0] if key != "has_final"}
+        any_final = np.any([part["has_final"] for part in parts], axis=0)
+        for t in range(steps):
+            final = joined["final_obs"][t] if any_final[t] else None
+            outcome = (joined["reward"][t], joined["terminated"][t], joined["truncated"][t], final)
+            self.pending.append((joined["actions"][t], StepResult(joined["next_obs"][t], *outcome)))
 
     def _update(self, source: BatchSource, history: dict[str, list[Tensor]]) -> None:
         batch = source.sample(self.cfg.batch_size, self.algo.generator)
@@ -611,7 +654,10 @@ class OffPolicyLoop:
         if self.cfg.save_buffer and self.buffer is not None:
             buffer_tensors, buffer_meta = self.buffer.state()
             tensors.update(ckpt.prefixed("buffer", buffer_tensors))
-        env_json = _env_state(self.env, self.obs, self.algo.generator, tensors)
+        if self.workers is None:
+            env_json = _env_state(self.env, self.obs, self.algo.generator, tensors)
+        else:
+            env_json = _workers_state(self.workers, self.algo.generator, tensors)
         state = {
             "algo": self.spec.name,
             "config": dataclasses.asdict(self.cfg),
@@ -645,9 +691,13 @@ class OffPolicyLoop:
         self.vec_steps = int(state["vec_steps"])
         self.updates = int(state["updates"])
         self.updates_after = int(state["updates_after"])
-        obs = _load_env_state(self.env, self.algo.generator, state, tensors)
-        notes = [] if obs is not None else [_ENV_RESTARTS]
-        self.obs = obs if obs is not None else self.env.reset(seed=self.cfg.seed + self.iteration)
+        if self.workers is not None:
+            notes = _load_workers_state(self.workers, self.algo.generator, state, tensors)
+            self.obs = np.concatenate(self.workers.call("current_obs"))
+        else:
+            obs = _load_env_state(self.env, self.algo.generator, state, tensors)
+            notes = [] if obs is not None else [_ENV_RESTARTS]
+            self.obs = obs if obs is not None else self.env.reset(seed=self.cfg.seed + self.iteration)
         notes += _dataset_notes(self.dataset, state.get("dataset"))
         if state.get("buffer") is not None and self.buffer is not None:
             self.buffer.load(ckpt.unprefixed("buffer", tensors), state["buffer"])
@@ -663,6 +713,8 @@ class OffPolicyLoop:
         return notes
 
     def close(self) -> None:
+        if self.workers is not None:
+            self.workers.close()
         self.env.close()
 
 

@@ -62,11 +62,6 @@ class OnPolicyConfig(CommonConfig):
     """Dataset samples in each gradient step (None: as many as the step's on-policy samples)."""
     imitation_beta: float = 1.0
     imitation_max_weight: float = 20.0
-    rollout_workers: int = 0
-    """Step the envs in this many rollout workers, each a slice of the envs with a copy of the acting policy
-    (0: in the learner's process). policylab/collectors.py says what stays the same and what does not."""
-    rollout_backend: str = "ray"
-    """ray (each worker a Ray actor with one CPU), or inline (the same slices in the learner's process)."""
 
     def validate(self) -> None:
         super().validate()
@@ -87,9 +82,7 @@ class OnPolicyConfig(CommonConfig):
             )
         if self.n_steps <= 0:
             raise ConfigError(f"n_steps={self.n_steps} must be > 0", "set n_steps to e.g. 128")
-        from policylab.collectors import check_workers
 
-        check_workers(self)
         if self.lr <= 0:
             raise ConfigError(f"lr={self.lr} must be > 0", "set lr to e.g. 3e-4")
         if not 0.0 <= self.gae_lambda <= 1.0:
