@@ -40,7 +40,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from policylab.cluster import import_ray, start_ray
+from policylab.cluster import WorkerPool
 from policylab.data import RolloutBuffer
 from policylab.envs import EpisodeTracker, ObsNormalizer, RewardScaler, VecEnv, make_vec_env
 from policylab.envs.normalize import RunningMeanStd
@@ -305,50 +305,23 @@ class OffPolicySlice:
         self.env.close()
 
 
-class RolloutWorkers:
+class RolloutWorkers(WorkerPool):
     """W slices of one run's envs: Ray actors (one CPU each), or inline objects in the learner's process."""
 
     def __init__(self, algo: str, cfg: Any, slice_cls: type) -> None:
-        self.algo, self.cfg, self.slice_cls = algo, cfg, slice_cls
         self.slices = env_slices(cfg.num_envs, cfg.rollout_workers)
-        self.restarts = [0] * len(self.slices)
-        self.ray: Any = None
-        if cfg.rollout_backend == "ray":
-            self.ray = _start_ray(len(self.slices))
-        self.handles = [self._start(i) for i in range(len(self.slices))]
 
-    def _start(self, i: int) -> Any:
-        start, stop = self.slices[i]
-        if self.ray is None:
-            return self.slice_cls(self.algo, self.cfg, start, stop, self.restarts[i])
-        actor = self.ray.remote(num_cpus=1, max_restarts=0)(self.slice_cls)
-        return actor.remote(self.algo, self.cfg, start, stop, self.restarts[i])
+        def arguments(i: int, restarts: int) -> tuple[Any, ...]:
+            return (algo, cfg, *self.slices[i], restarts)
+
+        super().__init__(slice_cls, arguments, len(self.slices), cfg.rollout_backend, "rollout_workers")
 
     def collect(
         self, weights: dict[str, np.ndarray], per_slice: list[dict[str, Any]], **common: Any
     ) -> list[dict[str, Any]]:
         """Every slice's `collect(weights, **per_slice[i], **common)`, in slice order; a dead worker is restarted
         and its slice collected again."""
-        if self.ray is None:
-            return [h.collect(weights, **kw, **common) for h, kw in zip(self.handles, per_slice, strict=True)]
-        shared = self.ray.put(weights)
-        refs = [h.collect.remote(shared, **kw, **common) for h, kw in zip(self.handles, per_slice, strict=True)]
-        out = []
-        for i, ref in enumerate(refs):
-            while True:
-                try:
-                    out.append(self.ray.get(ref))
-                    break
-                except self.ray.exceptions.RayActorError:
-                    self.restarts[i] += 1
-                    self.handles[i] = self._start(i)
-                    ref = self.handles[i].collect.remote(shared, **per_slice[i], **common)
-        return out
-
-    def call(self, method: str, *args: Any) -> list[Any]:
-        if self.ray is None:
-            return [getattr(h, method)(*args) for h in self.handles]
-        return self.ray.get([getattr(h, method).remote(*args) for h in self.handles])
+        return self.map("collect", weights, per_slice, **common)
 
     def get_state(self) -> list[dict[str, Any]]:
         return self.call("get_state")
@@ -359,37 +332,4 @@ class RolloutWorkers:
                 f"the checkpoint has {len(states)} rollout workers' state, this run {len(self.handles)}",
                 f"resume with --set rollout_workers={len(states)}",
             )
-        if self.ray is None:
-            for h, s in zip(self.handles, states, strict=True):
-                h.set_state(s)
-            return
-        self.ray.get([h.set_state.remote(s) for h, s in zip(self.handles, states, strict=True)])
-
-    def close(self) -> None:
-        if self.ray is None:
-            for h in self.handles:
-                h.close()
-            return
-        for h in self.handles:
-            self.ray.kill(h)
-
-
-def _start_ray(workers: int) -> Any:
-    """Ray, connected: the current session (a sweep's task, a user's ray.init), RAY_ADDRESS, or a local Ray."""
-    ray = import_ray(
-        "rollout_workers with rollout_backend=ray needs Ray",
-        "pip install 'policylab[ray]', or set rollout_backend=inline (the same slices in this process)",
-    )
-    cpus = os.cpu_count() or 1
-    if not ray.is_initialized() and not os.environ.get("RAY_ADDRESS") and workers > cpus:
-        raise PolicylabError(
-            f"rollout_workers={workers} is more than this machine's {cpus} CPUs", f"set rollout_workers <= {cpus}"
-        )
-    start_ray(None, workers)
-    total = int(ray.cluster_resources().get("CPU", 0))
-    if workers > total:  # the actors (one CPU each) would wait for CPUs forever
-        raise PolicylabError(
-            f"rollout_workers={workers} is more than the {total} CPUs of the Ray cluster",
-            f"set rollout_workers <= {total}",
-        )
-    return ray
+        self.call_each("set_state", states)
