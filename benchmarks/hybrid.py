@@ -48,6 +48,20 @@ def run_side(args: argparse.Namespace, seed: int, dataset: str | None) -> dict[s
     return {"seed": seed, "dataset": dataset, "curve": curve, "steps_to_bar": reached}
 
 
+def summarize(runs: list[dict[str, Any]], bar: float) -> None:
+    """Per side: steps to the bar per seed, and the mean over seeds of the evaluation return at each step."""
+    import statistics
+
+    for side in ("hybrid", "plain"):
+        mine = [r for r in runs if (r["dataset"] is not None) == (side == "hybrid")]
+        reached = ", ".join("-" if r["steps_to_bar"] is None else f"{r['steps_to_bar']:,}" for r in mine)
+        steps = [step for step, _ in mine[0]["curve"]]
+        means = [statistics.mean(dict(r["curve"])[step] for r in mine) for step in steps]
+        curve = " ".join(f"{step // 1000}k:{m:.0f}" for step, m in zip(steps, means, strict=True))
+        area = statistics.mean(means)
+        print(f"{side}: steps to {bar:g} per seed: {reached}; mean return over seeds at {curve}; mean {area:.0f}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--env", default="Hopper-v5")
@@ -58,7 +72,14 @@ def main() -> None:
     parser.add_argument("--offline-ratio", type=float, default=0.5)
     parser.add_argument("--eval-every", type=int, default=5_000)
     parser.add_argument("--eval-episodes", type=int, default=5)
+    parser.add_argument("--summarize", help="print the summary of an earlier results file and exit")
     args = parser.parse_args()
+    if args.summarize:
+        import json
+
+        data = json.loads(open(args.summarize).read())
+        summarize(data["runs"], data["settings"]["bar"])
+        return
 
     runs = []
     for seed in range(1, args.seeds + 1):
@@ -67,6 +88,7 @@ def main() -> None:
             runs.append(result)
             side = "hybrid" if dataset else "plain"
             print(f"seed {seed} {side}: steps to {args.bar:g}: {result['steps_to_bar']}, curve {result['curve']}")
+    summarize(runs, args.bar)
     path = write_results(
         "hybrid",
         {
