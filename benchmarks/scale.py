@@ -164,7 +164,17 @@ def time_rollouts(args: argparse.Namespace, workers: int, backend: str) -> dict[
                  "rollout_backend": backend}  # fmt: skip
     cfg, _ = resolve_config(spec, "Hopper-v5", 10**9, 1, None, overrides, "auto")
     loop = OnPolicyLoop(spec, cfg)
-    out: dict[str, list[float]] = {"collect_s": [], "iteration_s": []}
+    out: dict[str, list[float]] = {"collect_s": [], "iteration_s": [], "inside_workers_s": []}
+    inside: list[float] = []
+    if loop.workers is not None:  # the workers' own collection times, to split the call's cost from the work
+        collect = loop.workers.collect
+
+        def timed(*a: Any, **k: Any) -> list[dict[str, Any]]:
+            parts = collect(*a, **k)
+            inside.append(max(part["seconds"] for part in parts))
+            return parts
+
+        loop.workers.collect = timed  # type: ignore[method-assign]
     try:
         for i in range(args.rollouts + 1):
             start = time.perf_counter()
@@ -174,6 +184,8 @@ def time_rollouts(args: argparse.Namespace, workers: int, backend: str) -> dict[
             if i:  # the first is a warm-up (worker start, first calls)
                 out["collect_s"].append(collected - start)
                 out["iteration_s"].append(time.perf_counter() - start)
+                if inside:
+                    out["inside_workers_s"].append(inside[-1])
     finally:
         loop.close()
     return out
@@ -206,8 +218,10 @@ def workers_part(args: argparse.Namespace) -> None:
     print_table(["setting", "collection steps/s", "whole iteration steps/s"], table)
     scaling = median_of("ray-1", "collect_s") / median_of("ray-2", "collect_s")
     overhead = median_of("ray-1", "collect_s") - median_of("inline-1", "collect_s")
+    call = median_of("ray-1", "collect_s") - median_of("ray-1", "inside_workers_s")
     print(f"collection, 2 workers / 1 worker: {scaling:.2f}x (target >= 1.7)")
-    print(f"Ray's cost per rollout (1 Ray worker - 1 inline worker): {1000 * overhead:.1f} ms")
+    print(f"Ray's cost per rollout (1 Ray worker - 1 inline worker): {1000 * overhead:.1f} ms, of which the call "
+          f"around the worker's collection (broadcast, transfer, learner's merge): {1000 * call:.1f} ms")  # fmt: skip
     path = write_results(
         "scale_workers",
         {

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import socket
+import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -55,9 +56,10 @@ def start_ray(address: str | None, cpus: int) -> bool:
     return True
 
 
-def connect_for_workers(count: int, setting: str) -> Any:
-    """Ray, connected for `count` one-CPU actors: the current session (a sweep's task, a user's ray.init),
-    RAY_ADDRESS, or a local Ray; an error if the machine or cluster has fewer CPUs (the actors would wait)."""
+def connect_for_workers(count: int, setting: str) -> tuple[Any, bool]:
+    """(ray, whether this call started it), connected for `count` one-CPU actors: the current session (a sweep's
+    task, a user's ray.init), RAY_ADDRESS, or a local Ray; an error if the machine or cluster has fewer CPUs
+    (the actors would wait for them forever)."""
     backend = setting.replace("_workers", "_backend")  # rollout_backend, generation_backend
     ray = import_ray(
         f"{setting} with {backend}=ray needs Ray",
@@ -66,13 +68,15 @@ def connect_for_workers(count: int, setting: str) -> Any:
     cpus = os.cpu_count() or 1
     if not ray.is_initialized() and not os.environ.get("RAY_ADDRESS") and count > cpus:
         raise PolicylabError(f"{setting}={count} is more than this machine's {cpus} CPUs", f"set {setting} <= {cpus}")
-    start_ray(None, count)
+    started = start_ray(None, count)
     total = int(ray.cluster_resources().get("CPU", 0))
     if count > total:
+        if started:
+            ray.shutdown()
         raise PolicylabError(
             f"{setting}={count} is more than the {total} CPUs of the Ray cluster", f"set {setting} <= {total}"
         )
-    return ray
+    return ray, started
 
 
 class WorkerPool:
@@ -84,7 +88,11 @@ class WorkerPool:
     ) -> None:
         self.worker_cls, self.arguments = worker_cls, arguments
         self.restarts = [0] * count
-        self.ray: Any = connect_for_workers(count, setting) if backend == "ray" else None
+        self.ray: Any = None
+        self.started_ray = False
+        """Whether the pool started a local Ray (then `close` stops it)."""
+        if backend == "ray":
+            self.ray, self.started_ray = connect_for_workers(count, setting)
         self.handles = [self._start(i) for i in range(count)]
 
     def _start(self, i: int) -> Any:
@@ -131,3 +139,19 @@ class WorkerPool:
             return
         for h in self.handles:
             self.ray.kill(h)
+        if self.started_ray:
+            self.ray.shutdown()
+
+
+def in_ray_actor() -> bool:
+    """Whether this code runs inside a Ray actor (a worker of a pool with the ray backend, not inline)."""
+    ray = sys.modules.get("ray")
+    return bool(ray is not None and ray.is_initialized() and ray.get_runtime_context().get_actor_id() is not None)
+
+
+def one_thread_if_actor() -> None:
+    """A worker actor has one CPU: one torch thread (inline workers leave the learner's threads alone)."""
+    if in_ray_actor():
+        import torch
+
+        torch.set_num_threads(1)

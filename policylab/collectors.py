@@ -33,6 +33,7 @@ from a reset, seeded with seed + index + 1000 x restarts); the learner never see
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -40,7 +41,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from policylab.cluster import WorkerPool
+from policylab.cluster import WorkerPool, one_thread_if_actor
 from policylab.data import RolloutBuffer
 from policylab.envs import EpisodeTracker, ObsNormalizer, RewardScaler, VecEnv, make_vec_env
 from policylab.envs.normalize import RunningMeanStd
@@ -137,8 +138,7 @@ class RolloutSlice:
     def __init__(self, algo: str, cfg: Any, start: int, stop: int, restarts: int = 0) -> None:
         from policylab.algos import get_algo
 
-        if torch.get_num_threads() != 1:
-            torch.set_num_threads(1)  # a worker is one core's work; the learner keeps its threads
+        one_thread_if_actor()
         self.cfg, self.start, self.stop = cfg, start, stop
         n = stop - start
         self.env = make_vec_env(cfg.env, n, cfg.vectorization, cfg.env_kwargs)
@@ -185,6 +185,7 @@ class RolloutSlice:
             self.obs_norm.rms.load(obs_stats)
         if self.reward_scaler is not None and reward_stats is not None:
             self.reward_scaler.rms.load(reward_stats)
+        started = time.perf_counter()
         episodes_before = self.tracker.episodes
         obs = normalize_obs(self.obs_norm, self.raw_obs, False)
         _, last_values = collect_rollout(
@@ -201,6 +202,7 @@ class RolloutSlice:
         out["obs_updates"] = None if self.obs_norm is None else self.obs_norm.updates.state()  # type: ignore[union-attr]
         out["reward_updates"] = None if self.reward_scaler is None else self.reward_scaler.updates.state()  # type: ignore[union-attr]
         self._fresh_stats()
+        out["seconds"] = time.perf_counter() - started  # the collection itself, without the call around it
         return out
 
     def get_state(self) -> dict[str, Any]:
@@ -234,8 +236,7 @@ class OffPolicySlice:
     def __init__(self, algo: str, cfg: Any, start: int, stop: int, restarts: int = 0) -> None:
         from policylab.algos import get_algo
 
-        if torch.get_num_threads() != 1:
-            torch.set_num_threads(1)
+        one_thread_if_actor()
         self.cfg, self.start = cfg, start
         self.env = make_vec_env(cfg.env, stop - start, cfg.vectorization, cfg.env_kwargs)
         spaces = (self.env.single_observation_space, self.env.single_action_space)

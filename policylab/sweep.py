@@ -365,13 +365,13 @@ class _Interrupt:
 
 
 class StatusTable:
-    """The live table of runs (rich, on a terminal), or a line per run as it ends (logs, CI)."""
+    """The live table of runs (`live`: rich, on a terminal), a line per run as it ends (`lines`: logs, CI), or
+    nothing (`silent`)."""
 
-    def __init__(self, sweep_dir: Path, runs: list[RunSpec], steps: int | None, live: bool | None) -> None:
-        self.sweep_dir, self.runs, self.steps = sweep_dir, runs, steps
-        self.live_enabled = os.isatty(1) if live is None else live
+    def __init__(self, sweep_dir: Path, runs: list[RunSpec], mode: str) -> None:
+        self.sweep_dir, self.runs, self.mode = sweep_dir, runs, mode
         self._live: Any = None
-        if self.live_enabled:
+        if mode == "live":
             from rich.live import Live
 
             self._live = Live(self.render({}), refresh_per_second=2)
@@ -394,7 +394,7 @@ class StatusTable:
         if self._live is not None:
             self._live.update(self.render(results))
             return
-        for name in ended:
+        for name in ended if self.mode == "lines" else []:
             print(f"{name}: {describe(results[name])}", flush=True)
 
     def close(self, results: dict[str, dict[str, Any]]) -> None:
@@ -477,7 +477,8 @@ def sweep(
         write_sweep_yaml(sweep_dir, spec, workers, address)
         (sweep_dir / STOP_FILE).unlink(missing_ok=True)
         say(f"sweep {sweep_dir}: {len(runs)} runs, {workers} at a time, {spec.threads} thread(s) each")
-        results = _drive(sweep_dir, spec, runs, workers, progress if verbose else False)
+        live = progress if progress is not None else os.isatty(1)
+        results = _drive(sweep_dir, spec, runs, workers, "silent" if not verbose else ("live" if live else "lines"))
     finally:
         if started_ray:
             import_ray().shutdown()
@@ -492,7 +493,7 @@ def sweep(
 
 
 def _drive(
-    sweep_dir: Path, spec: SweepSpec, runs: list[RunSpec], workers: int, progress: bool | None
+    sweep_dir: Path, spec: SweepSpec, runs: list[RunSpec], workers: int, display: str
 ) -> dict[str, dict[str, Any]]:
     """Submit at most `workers` tasks at a time, collect their results, keep runs.csv and the table current."""
     ray = import_ray()
@@ -508,7 +509,7 @@ def _drive(
     queue = list(runs)
     in_flight: dict[Any, RunSpec] = {}
     results: dict[str, dict[str, Any]] = {}
-    table = StatusTable(sweep_dir, runs, spec.steps, progress)
+    table = StatusTable(sweep_dir, runs, display)
 
     def cancel() -> None:
         for ref in in_flight:

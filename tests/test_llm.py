@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from policylab.cli import main
+from policylab.errors import ConfigError, PolicylabError
 from policylab.llm import LLMError
 from policylab.llm.models import load_model
 from policylab.llm.rollout import cut_at_stop, decode, generate, token_logprobs
@@ -799,3 +800,76 @@ def test_modes_switch_for_sampling_only_where_dropout_makes_them_differ():
     model.config.attention_dropout = 0.0
     model.model.layers[0].mlp.add_module("drop", torch.nn.Dropout(0.2))
     assert has_dropout(model)
+
+
+# --- generation workers ------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, object_store_memory=100 * 2**20)
+    yield
+    ray.shutdown()
+
+
+WORKER_RUN = {"steps": 4, "eval_every": 2, "batch_size": 4, "group_size": 4, "eval_size": 8, "generation_workers": 2}
+
+
+def test_generation_workers_on_ray_compute_the_inline_run(sft_model, tmp_path, local_ray):
+    runs = {}
+    for backend in ("ray", "inline"):
+        settings = {"model": str(sft_model.dir), **WORKER_RUN, "generation_backend": backend}
+        runs[backend] = train_llm("grpo", settings, tmp_path, name=backend, verbose=False)
+    a, b = _weights(runs["ray"].dir), _weights(runs["inline"].dir)
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=0)
+    with open(runs["ray"].dir / "train.csv") as f, open(runs["inline"].dir / "train.csv") as g:
+        assert [r["reward"] for r in csv.DictReader(f)] == [r["reward"] for r in csv.DictReader(g)]
+
+
+def test_generation_workers_sample_from_the_learners_current_weights(sft_model):
+    """After two updates the workers' behaviour log-probs equal the learner's model's log-probs of the same
+    completions: the weights reached every worker."""
+    from policylab.llm.trainer import LLMTrainer
+
+    settings = {"model": str(sft_model.dir), **WORKER_RUN, "generation_backend": "inline", "lr": 3e-3}
+    trainer = LLMTrainer(make_config("grpo", settings))
+    assert trainer.workers is not None
+    before = [p.detach().clone() for p in trainer.model.parameters()]
+    trainer.rl_step()
+    trainer.rl_step()
+    assert any(not torch.equal(a, b) for a, b in zip(before, trainer.model.parameters()))
+    rows = [row for row in trainer.sample_rows(3) for _ in range(4)]
+    rollout, _ = trainer.rollout(rows)
+    trainer.model.eval()
+    logp, _ = token_logprobs(
+        trainer.model, rollout.prompt_ids, rollout.prompt_mask, rollout.completion_ids, rollout.completion_mask
+    )
+    mask = rollout.completion_mask
+    torch.testing.assert_close(logp[mask], rollout.logprobs[mask], rtol=0, atol=2e-5)
+    assert rollout.completion_ids.shape == (12, trainer.max_new_tokens)
+
+
+def test_a_run_with_generation_workers_resumes_exactly(sft_model, tmp_path):
+    settings = {"model": str(sft_model.dir), **WORKER_RUN, "steps": 6, "generation_backend": "inline"}
+    full = train_llm("grpo", settings, tmp_path, name="full", verbose=False)
+    part = train_llm("grpo", settings, tmp_path, name="part", verbose=False, callback=lambda step, _: step < 3)
+    resumed = train_llm(resume=part.dir, verbose=False)
+    a, b = _weights(full.dir), _weights(resumed.dir)
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=0)
+
+
+def test_bad_generation_worker_settings_are_clear_errors(monkeypatch):
+    with pytest.raises(ConfigError, match="generation_workers=-1 must be >= 0"):
+        make_config("grpo", {"generation_workers": -1}).validate()
+    with pytest.raises(ConfigError, match="generation_backend='gpu' is not one of ray, inline"):
+        make_config("grpo", {"generation_workers": 1, "generation_backend": "gpu"}).validate()
+    monkeypatch.setitem(sys.modules, "ray", None)
+    from policylab.llm.trainer import LLMTrainer
+
+    with pytest.raises(PolicylabError, match="generation_workers with generation_backend=ray needs Ray") as info:
+        LLMTrainer(make_config("grpo", {"generation_workers": 2, "eval_size": 8}))
+    assert "generation_backend=inline" in info.value.fix

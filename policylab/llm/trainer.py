@@ -55,6 +55,7 @@ from policylab.llm.models import check_model, load_model, prepare_tokenizer
 from policylab.llm.rewards import RewardSpec, checked_call, combine_rewards, prompt_rows, reward_name
 from policylab.llm.rollout import Rollout, concat_rollouts, decode, generate, token_logprobs
 from policylab.llm.tasks import Task, get_task
+from policylab.llm.workers import GenerationWorkers
 from policylab.logging import CONFIG_YAML, Progress, RunLog, new_run_dir
 from policylab.objectives.advantages import GROUP_ADVANTAGES, gae
 from policylab.objectives.aggregation import aggregate
@@ -191,6 +192,11 @@ class LLMConfig:
     """Reward functions, each `name`, `module:function` or either with `=weight`, summed; empty: the task's
     (exact_match with a prompts file)."""
     threads: int = 1
+    generation_workers: int = 0
+    """Sample completions in this many workers, each a copy of the policy with its own generator, the weights
+    sent before every generation (0: in the learner; llm/workers.py)."""
+    generation_backend: str = "ray"
+    """ray (each worker a Ray actor with one CPU), or inline (the same workers in the learner's process)."""
 
     def validate(self) -> None:
         if self.algo not in ALGOS:
@@ -199,6 +205,13 @@ class LLMConfig:
             raise ConfigError(f"micro_batch_size={self.micro_batch_size} must be > 0", "set it to e.g. 16, or drop it")
         if self.lora_rank < 0:
             raise ConfigError(f"lora_rank={self.lora_rank} must be >= 0", "set it to e.g. 8 (0: no LoRA)")
+        if self.generation_workers < 0:
+            raise ConfigError(f"generation_workers={self.generation_workers} must be >= 0", "set it to 0 or e.g. 2")
+        if self.generation_backend not in ("ray", "inline"):
+            raise ConfigError(
+                f"generation_backend={self.generation_backend!r} is not one of ray, inline",
+                "set generation_backend=ray",
+            )
         for name in ("steps", "batch_size", "group_size", "updates_per_batch", "eval_size", "train_size"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name}={getattr(self, name)} must be > 0", f"set {name} to a positive value")
@@ -511,6 +524,9 @@ class LLMTrainer:
         # sampling runs in eval mode; switching modes walks every module twice a step, so only where it matters
         self.switch_modes = has_dropout(self.model)
         self.step = 0
+        self.workers: GenerationWorkers | None = None
+        if cfg.generation_workers:  # after LoRA: the workers' copies carry the adapters the optimizer trains
+            self.workers = GenerationWorkers(self.model, cfg.seed, cfg.generation_workers, cfg.generation_backend)
 
     @staticmethod
     def _model(cfg: LLMConfig, inputs: LLMInputs) -> tuple[Any, Any]:
@@ -529,6 +545,14 @@ class LLMTrainer:
 
     def rollout(self, rows: list[dict[str, str]], greedy: bool = False) -> tuple[Rollout, list[str]]:
         ids, mask = self.encode_prompts([row["prompt"] for row in rows])
+        if self.workers is not None:
+            rollout = self.workers.generate(
+                self.model, ids, mask, 1 if greedy else self.cfg.group_size, max_new_tokens=self.max_new_tokens,
+                eos_token_id=self.tokenizer.eos_token_id, pad_token_id=self.tokenizer.pad_token_id,
+                temperature=self.cfg.temperature, top_p=self.cfg.top_p, greedy=greedy,
+            )  # fmt: skip
+            rollout.rows = rows
+            return rollout, decode(self.tokenizer, rollout)
         if self.switch_modes:
             self.model.eval()
         rollout = generate(
@@ -851,6 +875,9 @@ class LLMTrainer:
         optimizer_tensors, optimizer_meta = optimizer_to_flat("optimizer", self.optimizer)  # type: ignore[arg-type]
         tensors.update(optimizer_tensors)
         tensors["rng/torch"] = self.generator.get_state()
+        if self.workers is not None:
+            for i, worker_state in enumerate(self.workers.get_state()):
+                tensors[f"rng/generation_worker/{i}"] = torch.tensor(worker_state)  # Ray gives read-only arrays
         state = {"step": self.step, "optimizer": optimizer_meta, "numpy_rng": self.rng.bit_generator.state, **extra}
         return tensors, state
 
@@ -860,6 +887,14 @@ class LLMTrainer:
             load_module_state(self.value_head, unprefixed("value_head", tensors), "the checkpoint")
         optimizer_from_flat("optimizer", self.optimizer, tensors, state["optimizer"])  # type: ignore[arg-type]
         self.generator.set_state(tensors["rng/torch"])
+        if self.workers is not None:
+            saved = [tensors.get(f"rng/generation_worker/{i}") for i in range(len(self.workers.handles))]
+            if any(s is None for s in saved) or f"rng/generation_worker/{len(saved)}" in tensors:
+                raise LLMError(
+                    "the checkpoint was written with another number of generation workers",
+                    "resume with the run's own generation_workers (its config.yaml)",
+                )
+            self.workers.set_state([s.numpy() for s in saved if s is not None])
         self.rng.bit_generator.state = state["numpy_rng"]
         self.step = int(state["step"])
 
@@ -952,21 +987,25 @@ def train_llm(
         "online_dpo": trainer.online_dpo_step,
     }.get(cfg.algo, trainer.rl_step)
     started, tokens, last = time.perf_counter(), 0.0, initial
-    for step in range(start + 1, cfg.steps + 1):
-        trainer.step = step
-        metrics = step_fn()
-        tokens += metrics["tokens"]
-        elapsed = time.perf_counter() - started
-        log.log_train({"step": step, "time": elapsed, **metrics, "tokens_per_s": tokens / elapsed})
-        stop = callback is not None and callback(step, metrics) is False
-        if step % cfg.eval_every == 0 or step == cfg.steps or stop:
-            last = trainer.evaluate()
-            log.log_eval({"step": step, **last})
-            save_checkpoint(run_dir / "checkpoints", step, *trainer.checkpoint({"initial": initial}))
-        progress.update(step, (step - start) / elapsed, last["accuracy"])
-        if stop:
-            break
-    progress.close()
+    try:
+        for step in range(start + 1, cfg.steps + 1):
+            trainer.step = step
+            metrics = step_fn()
+            tokens += metrics["tokens"]
+            elapsed = time.perf_counter() - started
+            log.log_train({"step": step, "time": elapsed, **metrics, "tokens_per_s": tokens / elapsed})
+            stop = callback is not None and callback(step, metrics) is False
+            if step % cfg.eval_every == 0 or step == cfg.steps or stop:
+                last = trainer.evaluate()
+                log.log_eval({"step": step, **last})
+                save_checkpoint(run_dir / "checkpoints", step, *trainer.checkpoint({"initial": initial}))
+            progress.update(step, (step - start) / elapsed, last["accuracy"])
+            if stop:
+                break
+    finally:
+        progress.close()
+        if trainer.workers is not None:
+            trainer.workers.close()
     trainer.save(run_dir)
     log.write_summary({"step": trainer.step, **last, "initial": initial})
     log.close()
