@@ -191,6 +191,15 @@ def time_rollouts(args: argparse.Namespace, workers: int, backend: str) -> dict[
     return out
 
 
+def project_workers(steps: int, collect: float, iteration: float, call: float, slowdown: float) -> None:
+    """Projected whole-iteration steps/s with W workers on separate cores: collect x slowdown / W + call + update."""
+    update = iteration - collect
+    for workers in (2, 4, 8, 16):
+        seconds = collect * slowdown / workers + call + update
+        print(f"projected, {workers} workers on their own cores: {steps / seconds:,.0f} steps/s")
+    print(f"bound (the update alone): {steps / update:,.0f} steps/s; in-process now {steps / iteration:,.0f}")
+
+
 def workers_part(args: argparse.Namespace) -> None:
     import logging
 
@@ -207,21 +216,7 @@ def workers_part(args: argparse.Namespace) -> None:
             print(f"rep {rep} {name}: collection {steps / collect:,.0f} env steps/s, whole iteration "
                   f"{steps / statistics.median(times['iteration_s']):,.0f} steps/s", flush=True)  # fmt: skip
     ray.shutdown()
-
-    def median_of(setting: str, key: str) -> float:
-        return statistics.median(v for r in rows if r["setting"] == setting for v in r[key])
-
-    table = [
-        [name, f"{steps / median_of(name, 'collect_s'):,.0f}", f"{steps / median_of(name, 'iteration_s'):,.0f}"]
-        for name in WORKER_SETTINGS
-    ]
-    print_table(["setting", "collection steps/s", "whole iteration steps/s"], table)
-    scaling = median_of("ray-1", "collect_s") / median_of("ray-2", "collect_s")
-    overhead = median_of("ray-1", "collect_s") - median_of("inline-1", "collect_s")
-    call = median_of("ray-1", "collect_s") - median_of("ray-1", "inside_workers_s")
-    print(f"collection, 2 workers / 1 worker: {scaling:.2f}x (target >= 1.7)")
-    print(f"Ray's cost per rollout (1 Ray worker - 1 inline worker): {1000 * overhead:.1f} ms, of which the call "
-          f"around the worker's collection (broadcast, transfer, learner's merge): {1000 * call:.1f} ms")  # fmt: skip
+    scaling, overhead = summarize_workers(rows, steps)
     path = write_results(
         "scale_workers",
         {
@@ -236,6 +231,61 @@ def workers_part(args: argparse.Namespace) -> None:
     print(f"wrote {path}")
 
 
+def summarize_workers(rows: list[dict[str, Any]], steps: int) -> tuple[float, float]:
+    """The table of the workers part and its projections; returns (2 / 1 workers in collection, Ray's cost)."""
+
+    def median_of(setting: str, key: str) -> float:
+        return statistics.median(v for r in rows if r["setting"] == setting for v in r[key])
+
+    table = [
+        [name, f"{steps / median_of(name, 'collect_s'):,.0f}", f"{steps / median_of(name, 'iteration_s'):,.0f}"]
+        for name in WORKER_SETTINGS
+    ]
+    print_table(["setting", "collection steps/s", "whole iteration steps/s"], table)
+    scaling = median_of("ray-1", "collect_s") / median_of("ray-2", "collect_s")
+    overhead = median_of("ray-1", "collect_s") - median_of("inline-1", "collect_s")
+    call = median_of("ray-1", "collect_s") - median_of("ray-1", "inside_workers_s")
+    slowdown = median_of("ray-1", "inside_workers_s") / median_of("inline-1", "collect_s")
+    project_workers(steps, median_of("in-process", "collect_s"), median_of("in-process", "iteration_s"), call, slowdown)
+    print(f"collection, 2 workers / 1 worker: {scaling:.2f}x (target >= 1.7)")
+    print(f"Ray's cost per rollout (1 Ray worker - 1 inline worker): {1000 * overhead:.1f} ms, of which the call "
+          f"around the worker's collection (broadcast, transfer, learner's merge): {1000 * call:.1f} ms")  # fmt: skip
+    return scaling, overhead
+
+
+def summarize_sweeps(rows: list[dict[str, Any]], startup: list[float]) -> list[float]:
+    """The table of the sweeps part; returns sweep-2 / sweep-1 in runs/hour per repetition."""
+
+    def med(way: str, key: str) -> tuple[float, float, float]:
+        values = [r[key] for r in rows if r["way"] == way]
+        return statistics.median(values), min(values), max(values)
+
+    pairs = list(zip([r for r in rows if r["way"] == "sweep-1"], [r for r in rows if r["way"] == "sweep-2"]))
+    scaling = [b["runs_per_hour"] / a["runs_per_hour"] for a, b in pairs]
+    table = []
+    for way in WAYS:
+        rph, over = med(way, "runs_per_hour"), med(way, "overhead_per_run_s")
+        trained = statistics.mean(t for r in rows if r["way"] == way for t in r["training_s"])
+        table.append([way, f"{rph[0]:.0f} [{rph[1]:.0f}-{rph[2]:.0f}]", f"{over[0]:.2f} [{over[1]:.2f}-{over[2]:.2f}]",
+                      f"{trained:.2f}"])  # fmt: skip
+    print_table(["way", "runs/hour", "overhead s/run", "training s/run"], table)
+    print(f"sweep 2 workers / 1 worker: {fmt(statistics.median(scaling))} [{fmt(min(scaling))}-{fmt(max(scaling))}]")
+    start = statistics.median(startup)
+    steady = [(a["wall_s"] - start) / (b["wall_s"] - start) for a, b in pairs]
+    print(f"Ray start + stop: {fmt(start)} s; without it (a long sweep), 2 workers / 1 worker: "
+          f"{fmt(statistics.median(steady))} [{fmt(min(steady))}-{fmt(max(steady))}]")  # fmt: skip
+    alone = statistics.mean(t for r in rows if r["way"] == "sweep-1" for t in r["training_s"])
+    side_by_side = statistics.mean(t for r in rows if r["way"] == "sweep-2" for t in r["training_s"])
+    per_run = statistics.median(r["overhead_per_run_s"] for r in rows if r["way"] == "sweep-1")
+    per_run = max(per_run - start / len(rows[0]["training_s"]), 0.0)  # less Ray's start, spread over the runs
+    slowdown = side_by_side / alone
+    for cpus in (20, 100):
+        rate = cpus * 3600 / (alone * slowdown + per_run)
+        print(f"projected, {cpus} CPUs (1 thread per run): {rate:,.0f} runs/hour "
+              f"(slowdown {slowdown:.2f}, {per_run:.2f} s per run, Ray's start once)")  # fmt: skip
+    return scaling
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--part", choices=("sweeps", "workers"), default="sweeps")
@@ -245,7 +295,15 @@ def main() -> None:
     parser.add_argument("--envs", type=int, default=16, help="workers part: envs of the PPO Hopper run")
     parser.add_argument("--n-steps", type=int, default=128, help="workers part: steps per env per rollout")
     parser.add_argument("--rollouts", type=int, default=5, help="workers part: timed rollouts per setting")
+    parser.add_argument("--summarize", help="print the tables of an earlier results file (either part) and exit")
     args = parser.parse_args()
+    if args.summarize:
+        data = json.loads(Path(args.summarize).read_text())
+        if "collection_scaling_2_over_1" in data:
+            summarize_workers(data["rows"], data["settings"]["envs"] * data["settings"]["n_steps"])
+        else:
+            summarize_sweeps(data["rows"], data["ray_start_stop_s"])
+        return
     if args.part == "workers":
         workers_part(args)
         return
@@ -261,23 +319,7 @@ def main() -> None:
             print(f"rep {rep} {way}: {row['wall_s']:.1f} s, {row['runs_per_hour']:.0f} runs/h, "
                   f"overhead {row['overhead_per_run_s']:.2f} s/run", flush=True)  # fmt: skip
 
-    def med(way: str, key: str) -> tuple[float, float, float]:
-        values = [r[key] for r in rows if r["way"] == way]
-        return statistics.median(values), min(values), max(values)
-
-    scaling = [
-        b["runs_per_hour"] / a["runs_per_hour"]
-        for a, b in zip(
-            [r for r in rows if r["way"] == "sweep-1"], [r for r in rows if r["way"] == "sweep-2"], strict=True
-        )
-    ]
-    table = []
-    for way in WAYS:
-        rph, over = med(way, "runs_per_hour"), med(way, "overhead_per_run_s")
-        table.append([way, f"{rph[0]:.0f} [{rph[1]:.0f}-{rph[2]:.0f}]", f"{over[0]:.2f} [{over[1]:.2f}-{over[2]:.2f}]"])
-    print_table(["way", "runs/hour", "overhead s/run"], table)
-    print(f"sweep 2 workers / 1 worker: {fmt(statistics.median(scaling))} [{fmt(min(scaling))}-{fmt(max(scaling))}]")
-    print(f"Ray start + stop: {fmt(statistics.median(startup))} s")
+    scaling = summarize_sweeps(rows, startup)
     path = write_results(
         "scale",
         {

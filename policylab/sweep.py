@@ -159,9 +159,15 @@ def check_spec(spec: SweepSpec) -> None:
     if spec.threads < 1:
         raise ConfigError(f"threads={spec.threads}", "each run needs at least 1 thread: --threads 1")
     for params in spec.grid_points():
-        resolve_config(
+        cfg, _ = resolve_config(
             algo, spec.env, spec.steps, spec.seeds[0], None, run_overrides(spec, params), spec.preset, spec.dataset
         )
+        if cfg.rollout_workers:  # their actors would wait for CPUs the sweep's own tasks hold
+            raise ConfigError(
+                f"rollout_workers={cfg.rollout_workers} inside a sweep: a sweep's runs step their envs in their own "
+                "task, and rollout workers would wait for the CPUs the other runs hold",
+                "drop rollout_workers from the sweep (its runs already run side by side), or use --threads",
+            )
 
 
 def run_overrides(spec: SweepSpec, params: dict[str, str]) -> dict[str, Any]:

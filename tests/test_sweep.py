@@ -90,6 +90,8 @@ def test_bad_input_fails_before_anything_starts(tmp_path, monkeypatch):
     assert "Did you mean: lr?" in str(info.value) and info.value.fix
     with pytest.raises(ConfigError, match="bad value for 'lr'"):
         pl.sweep("ppo", grid={"lr": ["fast"]}, **base)
+    with pytest.raises(ConfigError, match="rollout_workers=2 inside a sweep"):
+        pl.sweep("ppo", overrides={"rollout_workers": 2}, **base)
     with pytest.raises(PolicylabError, match="this machine has"):
         pl.sweep("ppo", workers=(os.cpu_count() or 1) + 1, **base)
     with pytest.raises(PolicylabError, match="cannot reach the Ray cluster"):
