@@ -5,7 +5,9 @@ unless said): which form of a reduction or product is fastest at the shapes wher
 
 - `ope/estimators.py`: column means of [n, K] (`mean(axis=0)` against `einsum("ij->j")`), row sums of a
   product (`(w * t).sum(axis=1)` against `einsum("ij,ij->i")`), discounted sums of one-step episodes
-  (`x @ d` of an [n, 1] array against a multiply);
+  (`x @ d` of an [n, 1] array against a multiply); at 1e6 logged steps, the cumulative log weight summed in
+  place against into a new array, and PDIS's sum_t d_t w_t r_t as `(w * r) @ d` against one three-operand
+  einsum;
 - `llm/fast_decode.NumpyDecoder`: numpy's product with a transposed weight view against a contiguous copy;
 - `runtime.limit_numpy_blas`: numpy's BLAS on its default threads against 1 thread, with a busy process on
   another core (a 64x64 by 64x384 product, as in sampling);
@@ -50,6 +52,29 @@ def reductions_at(x: np.ndarray, y: np.ndarray) -> None:
          ("einsum", us(lambda: np.einsum("ij,ij->i", x, y))))  # fmt: skip
 
 
+def pdis_arrays() -> None:
+    """PDIS's arithmetic at 1e6 logged steps, each call on its own copy of the input (made outside the timing)."""
+    rng = np.random.default_rng(0)
+    n, h = 10_000, 100
+    w, r, d = rng.random((n, h)), rng.random((n, h)), 0.99 ** np.arange(h)
+
+    def fresh_us(setup: Callable[[], tuple], fn: Callable[..., object], repeat: int = 30) -> float:
+        times = []
+        for _ in range(repeat):
+            args = setup()
+            start = timeit.default_timer()
+            fn(*args)
+            times.append(timeit.default_timer() - start)
+        return statistics.median(times) * 1e6
+
+    ratios = torch.from_numpy(rng.normal(0, 0.05, (n, h)))
+    line(f"cumulative sum along rows [{n}, {h}]",
+         ("into a new array", fresh_us(lambda: (ratios.clone(),), lambda x: torch.cumsum(x, dim=1))),
+         ("in place", fresh_us(lambda: (ratios.clone(),), lambda x: x.cumsum_(dim=1))))  # fmt: skip
+    line(f"PDIS sum_t d_t w_t r_t [{n}, {h}]", ("(w * r) @ d", fresh_us(lambda: (), lambda: (w * r) @ d)),
+         ("einsum ij,ij,j->i", fresh_us(lambda: (), lambda: np.einsum("ij,ij,j->i", w, r, d))))  # fmt: skip
+
+
 def numpy_products() -> None:
     rng = np.random.default_rng(0)
     h, w = rng.random((16, 64), np.float32), rng.random((192, 64), np.float32)  # w stored [out, in]
@@ -81,6 +106,7 @@ def one_column_products() -> None:
 
 if __name__ == "__main__":
     reductions()
+    pdis_arrays()
     numpy_products()
     blas_threads()
     one_column_products()

@@ -247,8 +247,12 @@ def log_weights(data: Trajectories, clip: float | None = None) -> FloatArray:
     """log w_{0:t}, the cumulative (per-decision) log importance weight, [n, H] (computed once per clip)."""
     key = ("log", clip)
     if key not in data._weights:
-        # torch's cumsum along short rows is several times numpy's speed; from_numpy shares the memory
-        data._weights[key] = torch.cumsum(torch.from_numpy(log_ratios(data, clip)), dim=1).numpy()
+        # torch's cumsum along short rows is several times numpy's speed; from_numpy shares the memory, and the
+        # sum runs in place in log_ratios' own array (0.26 ms against 0.43 into a new one at 1e6 steps,
+        # `benchmarks/small_ops.py`)
+        logs = torch.from_numpy(log_ratios(data, clip))
+        logs.cumsum_(dim=1)
+        data._weights[key] = logs.numpy()
     return data._weights[key]
 
 
@@ -373,7 +377,11 @@ def is_(data: Trajectories, *, gamma: float, clip: float | None = None) -> Contr
 def pdis(data: Trajectories, *, gamma: float, clip: float | None = None) -> Contributions:
     """Per-decision importance sampling: sum_t gamma^t w_{0:t} r_t per episode."""
     discounts = _discounts(gamma, data.horizon)
-    return Contributions.of_mean(_discounted_sum(step_weights(data, clip) * data.rewards, discounts))
+    weights = step_weights(data, clip)
+    if data.horizon == 1:
+        return Contributions.of_mean(weights[:, 0] * data.rewards[:, 0] * discounts[0])
+    # one pass without an [n, H] product array: 0.75 ms against 1.12 for (w * r) @ d at 1e6 steps (`small_ops.py`)
+    return Contributions.of_mean(np.einsum("ij,ij,j->i", weights, data.rewards, discounts))
 
 
 def wis(data: Trajectories, *, gamma: float, clip: float | None = None) -> Contributions:
