@@ -6,8 +6,8 @@ unless said): which form of a reduction or product is fastest at the shapes wher
 - `ope/estimators.py`: column means of [n, K] (`mean(axis=0)` against `einsum("ij->j")`), row sums of a
   product (`(w * t).sum(axis=1)` against `einsum("ij,ij->i")`), discounted sums of one-step episodes
   (`x @ d` of an [n, 1] array against a multiply); at 1e6 logged steps, the cumulative log weight summed in
-  place against into a new array, and PDIS's sum_t d_t w_t r_t as `(w * r) @ d` against one three-operand
-  einsum;
+  place against into a new array, PDIS's sum_t d_t w_t r_t as `(w * r) @ d` against one three-operand
+  einsum, and the bootstrap's resample counts drawn a chunk of 16 resamples at once against one at a time;
 - `llm/fast_decode.NumpyDecoder`: numpy's product with a transposed weight view against a contiguous copy;
 - `runtime.limit_numpy_blas`: numpy's BLAS on its default threads against 1 thread, with a busy process on
   another core (a 64x64 by 64x384 product, as in sampling);
@@ -75,6 +75,26 @@ def pdis_arrays() -> None:
          ("einsum ij,ij,j->i", fresh_us(lambda: (), lambda: np.einsum("ij,ij,j->i", w, r, d))))  # fmt: skip
 
 
+def resample_counts() -> None:
+    """ope/bootstrap.resample_counts at n = 1e6: 16 resamples' draws at once, then counted, against each drawn and
+    counted on its own (the same numbers)."""
+    n, b = 1_000_000, 16
+
+    def at_once() -> None:
+        draws = np.random.default_rng(0).integers(0, n, size=(b, n))
+        counts = np.empty((b, n), np.float32)
+        for row in range(b):
+            counts[row] = np.bincount(draws[row], minlength=n)
+
+    def one_at_a_time() -> None:
+        rng, counts = np.random.default_rng(0), np.empty((b, n), np.float32)
+        for row in range(b):
+            counts[row] = np.bincount(rng.integers(0, n, size=n), minlength=n)
+
+    line(f"resample counts, n = {n}, per resample", ("chunk at once", us(at_once, 1, 5) / b),
+         ("one at a time", us(one_at_a_time, 1, 5) / b))  # fmt: skip
+
+
 def numpy_products() -> None:
     rng = np.random.default_rng(0)
     h, w = rng.random((16, 64), np.float32), rng.random((192, 64), np.float32)  # w stored [out, in]
@@ -107,6 +127,7 @@ def one_column_products() -> None:
 if __name__ == "__main__":
     reductions()
     pdis_arrays()
+    resample_counts()
     numpy_products()
     blas_threads()
     one_column_products()
