@@ -862,6 +862,39 @@ def test_a_run_with_generation_workers_resumes_exactly(sft_model, tmp_path):
         torch.testing.assert_close(a[key], b[key], rtol=0, atol=0)
 
 
+def test_a_killed_generation_worker_is_restarted_and_the_run_completes(sft_model, tmp_path, local_ray):
+    import os
+    import signal
+    from pathlib import Path
+
+    def generation_actor_pids() -> list[int]:
+        pids = []
+        for entry in Path("/proc").iterdir():
+            try:
+                if entry.name.isdigit() and b"ray::GenerationWorker" in (entry / "cmdline").read_bytes():
+                    pids.append(int(entry.name))
+            except OSError:
+                continue
+        return pids
+
+    killed: list[int] = []
+
+    def kill_after_first_step(step: int, _metrics: dict) -> bool:
+        if step == 1:
+            pid = generation_actor_pids()[0]
+            os.kill(pid, signal.SIGKILL)
+            killed.append(pid)
+        return True
+
+    settings = {"model": str(sft_model.dir), **WORKER_RUN, "generation_backend": "ray"}
+    run = train_llm("grpo", settings, tmp_path, verbose=False, callback=kill_after_first_step)
+    assert killed and run.steps == 4
+    with open(run.dir / "train.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [int(float(row["step"])) for row in rows] == [1, 2, 3, 4]
+    assert [float(row["worker_restarts"]) for row in rows] == [0.0, 1.0, 1.0, 1.0]
+
+
 def test_bad_generation_worker_settings_are_clear_errors(monkeypatch):
     with pytest.raises(ConfigError, match="generation_workers=-1 must be >= 0"):
         make_config("grpo", {"generation_workers": -1}).validate()

@@ -991,6 +991,8 @@ def train_llm(
         for step in range(start + 1, cfg.steps + 1):
             trainer.step = step
             metrics = step_fn()
+            if trainer.workers is not None:
+                metrics["worker_restarts"] = float(sum(trainer.workers.restarts))
             tokens += metrics["tokens"]
             elapsed = time.perf_counter() - started
             log.log_train({"step": step, "time": elapsed, **metrics, "tokens_per_s": tokens / elapsed})
