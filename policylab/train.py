@@ -149,7 +149,29 @@ def resolve_config(
     cfg.validate()
     if found is not None:
         notes += short_budget_note(spec.name, cfg, found.values.get("steps", 0))
+    notes += rounded_budget_note(spec, cfg)
     return cfg, notes
+
+
+ROUNDING_NOTE_SHARE = 0.01
+"""An on-policy budget rounded up by more than this share of --steps gets a note (100k in rollouts of 256 steps
+becomes 100,096: no note)."""
+
+
+def rounded_budget_note(spec: AlgoSpec, cfg: Any) -> list[str]:
+    """On-policy runs collect whole rollouts of n_steps x num_envs steps: say so when --steps is rounded up by
+    more than ROUNDING_NOTE_SHARE."""
+    if spec.kind != "on-policy":
+        return []
+    rollout = cfg.n_steps * cfg.num_envs
+    total = -(-cfg.steps // rollout) * rollout
+    if total - cfg.steps <= ROUNDING_NOTE_SHARE * cfg.steps:
+        return []
+    return [
+        f"note: --steps {cfg.steps:,} is rounded up to {total:,}: {spec.name} collects whole rollouts of "
+        f"n_steps x num_envs = {cfg.n_steps:,} x {cfg.num_envs} = {rollout:,} steps (a smaller n_steps or "
+        "num_envs gives a finer budget)"
+    ]
 
 
 def _apply_dataset_preset(algo: str, cfg: Any, dataset: str, notes: list[str]) -> Any:

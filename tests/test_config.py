@@ -229,3 +229,17 @@ def test_preset_rl_zoo_gives_rl_zoos_values_where_the_default_differs():
     assert sac.lr == 1e-3 and sac.steps == 20_000
     with pytest.raises(ConfigError, match="no reinforce rl-zoo preset for 'CartPole-v1'"):  # our own tuning
         resolve_config(get_algo("reinforce"), env="CartPole-v1", preset="rl-zoo")
+
+
+def test_an_on_policy_budget_rounded_up_to_whole_rollouts_is_said():
+    from policylab.algos import get_algo
+    from policylab.train import resolve_config
+
+    ppo = get_algo("ppo")
+    _, notes = resolve_config(ppo, env="MountainCarContinuous-v0", steps="5k", preset="none")
+    assert any("--steps 5,000 is rounded up to 16,384" in n and "2,048 x 8" in n for n in notes), notes
+    _, exact = resolve_config(ppo, env="MountainCarContinuous-v0", steps=32_768, preset="none")
+    _, close = resolve_config(ppo, env="CartPole-v1", steps="100k")  # the preset's 256-step rollouts: 100,096
+    assert not any("rounded up" in n for n in exact + close)
+    _, off_policy = resolve_config(get_algo("sac"), env="Pendulum-v1", steps=5_001, preset="none")
+    assert not any("rounded up" in n for n in off_policy)
