@@ -266,11 +266,12 @@ def certified_return_bound(
 
 
 def check_observations(policy: Policy) -> None:
-    if not isinstance(policy.observation_space, gym.spaces.Box):
+    space = policy.observation_space if policy.encoder is None else policy.encoder.space
+    if not isinstance(space, gym.spaces.Box):
         raise EnvError(
-            f"the policy's observation space is {policy.observation_space}, but smoothing adds Gaussian noise to "
-            "continuous observations",
-            "certify a policy of an env with Box observations (one-hot or embed discrete observations first)",
+            f"the policy's observation space is {space}, but smoothing adds Gaussian noise to continuous "
+            "observations (an l2 budget on one-hot codes certifies nothing about the env)",
+            "certify a policy of an env with Box observations",
         )
 
 

@@ -18,6 +18,7 @@ from torch import nn
 
 from policylab.checkpoint import find_best, load_checkpoint, load_module_state, unprefixed
 from policylab.envs import ObsNormalizer, make_single_env, make_vec_env
+from policylab.envs.encode import ObservationEncoder, needs_encoding
 from policylab.errors import CheckpointError, EnvError, PolicylabError
 
 
@@ -34,7 +35,9 @@ def space_to_json(space: gym.Space) -> dict[str, Any]:
             "high": space.high.astype(np.float64).tolist(),
             "dtype": str(space.dtype),
         }
-    raise EnvError(f"cannot save the space {space}", "use Discrete, MultiDiscrete or Box spaces")
+    if isinstance(space, gym.spaces.Tuple):
+        return {"type": "Tuple", "spaces": [space_to_json(s) for s in space]}
+    raise EnvError(f"cannot save the space {space}", "use Discrete, MultiDiscrete, Box or Tuple spaces")
 
 
 def space_from_json(data: dict[str, Any]) -> gym.Space:
@@ -47,6 +50,8 @@ def space_from_json(data: dict[str, Any]) -> gym.Space:
         low = np.array(data["low"]).astype(dtype)
         high = np.array(data["high"]).astype(dtype)
         return gym.spaces.Box(low, high, shape=tuple(data["shape"]), dtype=dtype)
+    if data["type"] == "Tuple":
+        return gym.spaces.Tuple([space_from_json(s) for s in data["spaces"]])
     raise CheckpointError(f"unknown space type {data['type']!r} in checkpoint", "retrain with this policylab version")
 
 
@@ -63,9 +68,14 @@ class Policy:
         env_kwargs: dict[str, Any] | None = None,
         algo: str | None = None,
         seed: int = 0,
+        raw_observation_space: gym.Space | None = None,
     ) -> None:
         self.net: Any = net  # any policy network: it has env_action(obs, deterministic, generator)
         self.observation_space = observation_space
+        """What the network reads: a Box (for Discrete / Tuple envs, the encoded vector of envs/encode.py)."""
+        self.encoder = None
+        if raw_observation_space is not None and needs_encoding(raw_observation_space):
+            self.encoder = ObservationEncoder(raw_observation_space)
         self.action_space = action_space
         self.obs_normalizer = obs_normalizer
         self.env_id = env_id
@@ -75,7 +85,12 @@ class Policy:
         self._device = next(net.parameters()).device
 
     def act(self, obs: Any, deterministic: bool = True) -> Any:
-        """One observation -> one action; a batch [B, *obs_shape] -> a batch of B actions (numpy)."""
+        """One observation -> one action; a batch [B, *obs_shape] -> a batch of B actions (numpy). For an env with
+        Discrete / Tuple observations, its own observations (an int, a tuple, or a batch of them) or their
+        encoded vectors."""
+        if self.encoder is not None and not self.encoder.is_encoded(obs):
+            single = self.encoder.is_single(obs)
+            obs = self.encoder.one(obs) if single else self.encoder.batch(obs)
         x = np.asarray(obs, dtype=np.float32)
         shape = tuple(self.observation_space.shape)
         single = x.shape == shape
@@ -125,7 +140,15 @@ def load(path: str | Path, device: str = "cpu", which: Literal["final", "best"] 
     if "obs_norm/mean" in tensors:
         normalizer = ObsNormalizer(tuple(obs_space.shape), clip=cfg.clip_obs)
         normalizer.rms.load({k: tensors[f"obs_norm/{k}"].numpy() for k in ("mean", "var", "count")})
-    return Policy(net, obs_space, act_space, normalizer, cfg.env, cfg.env_kwargs, state["algo"], cfg.seed)
+    raw = state["spaces"].get("raw_observation")
+    return Policy(
+        net, obs_space, act_space, normalizer, cfg.env, cfg.env_kwargs, state["algo"], cfg.seed,
+        None if raw is None else space_from_json(raw),
+    )  # fmt: skip
+
+
+MAX_EVAL_EPISODE_STEPS = 100_000
+"""An evaluation episode this long means an env without a time limit that the policy never finishes: an error."""
 
 
 def evaluate(
@@ -157,6 +180,12 @@ def evaluate(
             res = env.step(np.asarray(policy.act(obs, deterministic)))
             running += res.reward
             lengths += 1
+            if lengths.max() > MAX_EVAL_EPISODE_STEPS:
+                raise PolicylabError(
+                    f"an evaluation episode of {env_id} ran {MAX_EVAL_EPISODE_STEPS:,} steps without ending: the env "
+                    "has no time limit and the deterministic policy never reaches an end (e.g. it walks into a wall)",
+                    "give the env a time limit: --set 'env_kwargs={max_episode_steps: 200}'",
+                )
             ended = res.episode_end & (done_count < quota)
             if ended.any():
                 returns.extend(running[ended].tolist())

@@ -291,7 +291,7 @@ class OnPolicyLoop:
         return normalize_obs(self.obs_norm, raw, update)
 
     def policy(self) -> Policy:
-        return Policy(self.net, self.obs_space, self.act_space, self.obs_norm, self.cfg.env, self.cfg.env_kwargs)
+        return _policy_of(self)
 
     def collect(self) -> Batch:
         cfg = self.cfg
@@ -535,7 +535,7 @@ class OffPolicyLoop:
         )
 
     def policy(self) -> Policy:
-        return Policy(self.net, self.obs_space, self.act_space, self.obs_norm, self.cfg.env, self.cfg.env_kwargs)
+        return _policy_of(self)
 
     def parameters(self) -> list[Tensor]:
         modules = [self.net, *self.algo.modules.values()]
@@ -768,8 +768,20 @@ def _policy_tensors(net: torch.nn.Module, obs_norm: ObsNormalizer | None) -> dic
     return tensors
 
 
+def _policy_of(loop: Loop) -> Policy:
+    """The loop's acting policy, as `pl.load` would rebuild it (it encodes the env's own observations too)."""
+    cfg = loop.cfg
+    return Policy(
+        loop.net, loop.obs_space, loop.act_space, loop.obs_norm, cfg.env, cfg.env_kwargs,
+        raw_observation_space=loop.env.raw_observation_space,
+    )  # fmt: skip
+
+
 def _spaces_json(loop: Loop) -> dict[str, Any]:
-    return {"observation": space_to_json(loop.obs_space), "action": space_to_json(loop.act_space)}
+    out = {"observation": space_to_json(loop.obs_space), "action": space_to_json(loop.act_space)}
+    if loop.env.raw_observation_space is not loop.obs_space:  # a Discrete / Tuple env, encoded (envs/encode.py)
+        out["raw_observation"] = space_to_json(loop.env.raw_observation_space)
+    return out
 
 
 def _env_state(env: VecEnv, obs: np.ndarray, generator: torch.Generator, tensors: dict[str, Tensor]) -> Any:

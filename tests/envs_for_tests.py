@@ -148,3 +148,21 @@ def chain_value(probs: np.ndarray, gamma: float) -> float:
     r_pi = (probs * reward).sum(1)[: n - 1]
     values = np.linalg.solve(np.eye(n - 1) - gamma * p_pi, r_pi)
     return float(values[0])
+
+
+class HandOneHot(gym.ObservationWrapper):
+    """A Discrete-observation env one-hot encoded by hand (float32 Box in [0, 1])."""
+
+    def __init__(self, env: gym.Env) -> None:
+        super().__init__(env)
+        self.n = int(env.observation_space.n)  # type: ignore[attr-defined]
+        self.observation_space = gym.spaces.Box(0.0, 1.0, (self.n,), np.float32)
+
+    def observation(self, observation: int) -> np.ndarray:
+        out = np.zeros(self.n, np.float32)
+        out[observation] = 1.0
+        return out
+
+
+def hand_one_hot_frozen_lake(**kwargs) -> gym.Env:
+    return HandOneHot(gym.make("FrozenLake-v1", **kwargs))

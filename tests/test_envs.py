@@ -289,7 +289,7 @@ def test_dict_observation_space_is_rejected():
     with pytest.raises(EnvError) as info:
         make_vec_env(f"{__name__}:DictObsEnv", 2)
     msg = str(info.value)
-    assert "only Box observations" in msg and "FlattenObservation" in msg
+    assert "policylab takes Box, Discrete, MultiDiscrete and Tuple observations" in msg and "FlattenObservation" in msg
 
 
 # --- running statistics ------------------------------------------------------------------------

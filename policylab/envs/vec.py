@@ -17,6 +17,7 @@ import numpy as np
 from gymnasium.vector import AutoresetMode
 
 from policylab.envs.cartpole import SameStepCartPoleVectorEnv
+from policylab.envs.encode import OneHotObservation, needs_encoding, raw_observation_space
 from policylab.envs.sync import SyncEnvs
 from policylab.errors import EnvError, suggest
 
@@ -43,11 +44,19 @@ class StepResult:
 class VecEnv:
     """A Gymnasium vector env with same-step autoreset, float32 observations and state snapshots."""
 
-    def __init__(self, env: gym.vector.VectorEnv | SyncEnvs, env_id: str, snapshot_able: bool) -> None:
+    def __init__(
+        self,
+        env: gym.vector.VectorEnv | SyncEnvs,
+        env_id: str,
+        snapshot_able: bool,
+        raw_observation_space: gym.Space | None = None,
+    ) -> None:
         self.env = env
         self.env_id = env_id
         self.num_envs = env.num_envs
         self.single_observation_space = env.single_observation_space
+        self.raw_observation_space = raw_observation_space or env.single_observation_space
+        """The env's own observation space (a Discrete, a Tuple ...) where policylab encodes it as a Box."""
         self.single_action_space = env.single_action_space
         self.snapshot_able = snapshot_able
 
@@ -134,11 +143,16 @@ def make_single_env(env_id: str, env_kwargs: dict[str, Any] | None = None, **ext
         env = _construct(env_id, lambda: entry(**kwargs))
         if not isinstance(env, gym.Env):
             raise EnvError(f"{env_id!r} returned {type(env).__name__}, not a gymnasium.Env", "return a gymnasium.Env")
-        return env
+        return _encoded(env)
     try:
-        return _construct(env_id, lambda: gym.make(env_id, **kwargs))
+        return _encoded(_construct(env_id, lambda: gym.make(env_id, **kwargs)))
     except gym.error.DependencyNotInstalled as exc:
         raise EnvError(f"environment {env_id!r} needs a package that is not installed: {exc}", "install it") from None
+
+
+def _encoded(env: gym.Env) -> gym.Env:
+    """Discrete / MultiDiscrete / Tuple observations as a float32 vector (envs/encode.py); others as they are."""
+    return OneHotObservation(env) if needs_encoding(env.observation_space) else env
 
 
 def _construct(env_id: str, build: Callable[[], Any]) -> Any:
@@ -172,19 +186,20 @@ def make_vec_env(
     make_one = lambda: make_single_env(env_id, kwargs)  # noqa: E731
     probe = make_one()
     check_spaces_are_vectorizable(probe, env_id)
+    raw = raw_observation_space(probe)
     probe.close()
     if vectorization == "async":
         env = gym.vector.AsyncVectorEnv([make_one] * num_envs, autoreset_mode=AutoresetMode.SAME_STEP)
-        return VecEnv(env, env_id, snapshot_able=False)
-    return VecEnv(SyncEnvs(make_one, num_envs), env_id, snapshot_able=True)  # type: ignore[arg-type]
+        return VecEnv(env, env_id, snapshot_able=False, raw_observation_space=raw)
+    return VecEnv(SyncEnvs(make_one, num_envs), env_id, snapshot_able=True, raw_observation_space=raw)  # type: ignore[arg-type]
 
 
 def check_spaces_are_vectorizable(env: gym.Env, env_id: str) -> None:
     if not isinstance(env.observation_space, gym.spaces.Box):
         raise EnvError(
-            f"{env_id!r} has observation space {env.observation_space}, but only Box observations are supported",
-            "wrap the env with gymnasium.wrappers.FlattenObservation (Dict/Tuple) or one-hot encode Discrete "
-            "observations in a `module:function` env",
+            f"{env_id!r} has observation space {env.observation_space}: policylab takes Box, Discrete, "
+            "MultiDiscrete and Tuple observations (the last three one-hot encoded)",
+            "wrap the env with gymnasium.wrappers.FlattenObservation (Dict) in a `module:function` env",
         )
 
 
@@ -211,6 +226,8 @@ def _snapshot_env(env: gym.Env) -> dict[str, Any] | None:
         arrays["mj_time"] = np.array(data.time)
     elif isinstance(getattr(base, "state", None), np.ndarray):
         arrays["state"] = np.array(base.state)
+    elif isinstance(getattr(base, "s", None), (int, np.integer)):  # toy-text grids: FrozenLake, CliffWalking
+        arrays["s"] = np.array(int(base.s))
     else:
         return None
     limit = _time_limit(env)
@@ -231,6 +248,8 @@ def _restore_env(env: gym.Env, snapshot: dict[str, Any]) -> None:
             getattr(base.data, k)[:] = arrays[f"mj_{k}"]
         base.data.time = float(arrays["mj_time"])
         mujoco.mj_forward(base.model, base.data)
+    elif "s" in arrays:
+        base.s = int(arrays["s"])
     else:
         base.state = np.array(arrays["state"])
     base.np_random.bit_generator.state = snapshot["rng"]
