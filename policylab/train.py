@@ -251,13 +251,8 @@ class OnPolicyLoop:
         self.buffer = RolloutBuffer(cfg.n_steps, cfg.num_envs, shape, head.action_shape, head.action_dtype, cfg.device)
         self.step = 0
         self.iteration = 0
-        self.workers: RolloutWorkers | None = None
-        if cfg.rollout_workers:
-            try:
-                self.workers = RolloutWorkers(spec.name, cfg, RolloutSlice)
-            except BaseException:
-                self.env.close()
-                raise
+        self.workers = _start_workers(spec, cfg, RolloutSlice, self.env)
+        if self.workers is not None:
             self.obs = np.zeros(0, np.float32)  # the workers hold the observations
             return
         raw = self.env.reset(seed=cfg.seed)
@@ -467,15 +462,10 @@ class OffPolicyLoop:
         self.updates_after = self.random_until
         """Online updates run once `step` exceeds this (moved on when a resumed run refills its buffer)."""
         self.base_lrs = {name: opt.param_groups[0]["lr"] for name, opt in self.algo.optimizers.items()}
-        self.workers: RolloutWorkers | None = None
         self.pending: deque[tuple[np.ndarray, StepResult]] = deque()
         """Worker transitions of the current segment not yet recorded (empty between update bursts)."""
-        if cfg.rollout_workers:
-            try:
-                self.workers = RolloutWorkers(spec.name, cfg, OffPolicySlice)
-            except BaseException:
-                self.env.close()
-                raise
+        self.workers = _start_workers(spec, cfg, OffPolicySlice, self.env)
+        if self.workers is not None:
             self.obs = np.concatenate(self.workers.call("current_obs"))
         else:
             self.obs = self.env.reset(seed=cfg.seed)
@@ -798,6 +788,17 @@ def _env_state(env: VecEnv, obs: np.ndarray, generator: torch.Generator, tensors
 
 
 _ENV_RESTARTS = "this env's state cannot be saved, so its episodes restart on resume (not bit-exact)"
+
+
+def _start_workers(spec: AlgoSpec, cfg: Any, slice_cls: type, env: VecEnv) -> RolloutWorkers | None:
+    """The run's rollout workers (None without `rollout_workers`); on failure the learner's env is closed."""
+    if not cfg.rollout_workers:
+        return None
+    try:
+        return RolloutWorkers(spec.name, cfg, slice_cls)
+    except BaseException:
+        env.close()
+        raise
 
 
 def _workers_state(workers: RolloutWorkers, generator: torch.Generator, tensors: dict[str, Tensor]) -> Any:

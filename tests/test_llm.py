@@ -865,23 +865,14 @@ def test_a_run_with_generation_workers_resumes_exactly(sft_model, tmp_path):
 def test_a_killed_generation_worker_is_restarted_and_the_run_completes(sft_model, tmp_path, local_ray):
     import os
     import signal
-    from pathlib import Path
 
-    def generation_actor_pids() -> list[int]:
-        pids = []
-        for entry in Path("/proc").iterdir():
-            try:
-                if entry.name.isdigit() and b"ray::GenerationWorker" in (entry / "cmdline").read_bytes():
-                    pids.append(int(entry.name))
-            except OSError:
-                continue
-        return pids
+    from tests.helpers import ray_process_pids
 
     killed: list[int] = []
 
     def kill_after_first_step(step: int, _metrics: dict) -> bool:
         if step == 1:
-            pid = generation_actor_pids()[0]
+            pid = ray_process_pids("ray::GenerationWorker")[0]
             os.kill(pid, signal.SIGKILL)
             killed.append(pid)
         return True

@@ -18,7 +18,7 @@ import policylab as pl
 from policylab.collectors import env_slices
 from policylab.envs.normalize import RunningMeanStd
 from policylab.errors import ConfigError, PolicylabError
-from tests.helpers import assert_same_params, params_of, resumed_and_full_runs
+from tests.helpers import assert_same_params, params_of, ray_process_pids, resumed_and_full_runs
 
 SMALL = {"n_steps": 64, "num_envs": 4, "batch_size": 64, "epochs": 2, "eval_every": 0, "eval_episodes": 2}
 NORMALIZED = {**SMALL, "normalize_obs": True, "normalize_reward": True, "rollout_workers": 2, "threads": 1}
@@ -75,24 +75,12 @@ def test_a_run_with_workers_resumes_exactly(local_ray, tmp_path, backend):
     )  # fmt: skip
 
 
-def actor_pids() -> list[int]:
-    """Processes of Ray actors holding a RolloutSlice (Ray titles them ray::RolloutSlice...)."""
-    pids = []
-    for entry in Path("/proc").iterdir():
-        try:
-            if entry.name.isdigit() and b"ray::RolloutSlice" in (entry / "cmdline").read_bytes():
-                pids.append(int(entry.name))
-        except OSError:
-            continue
-    return pids
-
-
 def test_a_killed_worker_is_restarted_and_the_run_completes(local_ray, tmp_path):
     killed: list[int] = []
 
     def kill_one_worker_after_two_rollouts(info: pl.IterationInfo) -> None:
         if info.iteration == 2:
-            pid = actor_pids()[0]
+            pid = ray_process_pids("ray::RolloutSlice")[0]
             os.kill(pid, signal.SIGKILL)
             killed.append(pid)
 

@@ -28,6 +28,7 @@ from policylab.sweep import (
     parse_point,
     parse_seeds,
 )
+from tests.helpers import ray_process_pids
 
 SHORT = {"eval_every": 1024, "eval_episodes": 2}
 GRID = {"lr": ["0.001", "0.0003"], "ent_coef": ["0.0", "0.05"]}
@@ -173,18 +174,6 @@ def test_a_failed_run_does_not_stop_the_others(local_ray, tmp_path):
     assert rows[failed.name]["status"] == "failed" and "diverged" in rows[failed.name]["error"]
 
 
-def ray_task_pids(name: str = "execute_run") -> list[int]:
-    """Processes of Ray workers while they execute a sweep task (Ray titles them ray::<function>)."""
-    pids = []
-    for entry in Path("/proc").iterdir():
-        try:
-            if entry.name.isdigit() and f"ray::{name}" in (entry / "cmdline").read_bytes().decode(errors="replace"):
-                pids.append(int(entry.name))
-        except OSError:
-            continue
-    return pids
-
-
 def test_a_killed_worker_is_retried_and_its_run_resumes_from_the_checkpoint(local_ray, tmp_path):
     """kill -9 of the worker running a sweep's run after its first checkpoint: Ray reruns the task, which resumes
     from that checkpoint, and the run ends with the parameters of the same run never killed."""
@@ -196,7 +185,7 @@ def test_a_killed_worker_is_retried_and_its_run_resumes_from_the_checkpoint(loca
         deadline = time.monotonic() + 120
         while not (checkpoints / "latest").exists() and time.monotonic() < deadline:
             time.sleep(0.02)
-        for pid in ray_task_pids():
+        for pid in ray_process_pids("ray::execute_run"):
             os.kill(pid, signal.SIGKILL)
             killed.append(pid)
 
