@@ -44,6 +44,7 @@ from policylab.logging import SUMMARY_JSON, TRAIN_CSV
 SWEEP_YAML = "sweep.yaml"
 RUNS_CSV = "runs.csv"
 STOP_FILE = ".stop"
+ERROR_TXT = "error.txt"
 RUNS = "runs"
 REPORT = "report"
 STOP_CHECK_S = 0.5
@@ -234,7 +235,10 @@ def execute_run(job: dict[str, Any]) -> dict[str, Any]:
                 verbose=False,
             )
     except Exception as exc:  # a failed run is reported, and the others go on
-        return {**result, "status": "failed", "error": f"{type(exc).__name__}: {exc}", "trace": traceback.format_exc()}
+        trace = traceback.format_exc()
+        if run_dir.is_dir():  # the whole traceback beside the run's logs (runs.csv has its last line)
+            atomic_write_text(run_dir / ERROR_TXT, trace)
+        return {**result, "status": "failed", "error": f"{type(exc).__name__}: {exc}", "trace": trace}
     result["seconds"] = time.perf_counter() - started
     if out.interrupted:
         return {**result, "status": "stopped", "resumed": resumable}

@@ -172,6 +172,7 @@ def test_a_failed_run_does_not_stop_the_others(local_ray, tmp_path):
     assert out.results[ok.name]["status"] == "done"
     rows = {r["name"]: r for r in csv.DictReader((out.dir / RUNS_CSV).open())}
     assert rows[failed.name]["status"] == "failed" and "diverged" in rows[failed.name]["error"]
+    assert "Traceback" in (out.run_dir(failed.name) / "error.txt").read_text()
 
 
 def test_a_killed_worker_is_retried_and_its_run_resumes_from_the_checkpoint(local_ray, tmp_path):
