@@ -184,6 +184,9 @@ PRESETS: dict[str, dict[str, Preset]] = {
 _ZOO_DQN = (
     f"rl-baselines3-zoo hyperparams/dqn.yml ({_ZOO}/ce95481b041fe5314c1b2f1a53940d169b9253fc/hyperparams/dqn.yml)"
 )
+_ZOO_QRDQN = (
+    f"rl-baselines3-zoo hyperparams/qrdqn.yml ({_ZOO}/04640c91c7590311fa4a0b4fb1bd80b931608e78/hyperparams/qrdqn.yml)"
+)
 _ZOO_SAC = (
     f"rl-baselines3-zoo hyperparams/sac.yml ({_ZOO}/c94924e5b31bce36920f29d3eb18b975231bdec4/hyperparams/sac.yml)"
 )
@@ -227,6 +230,12 @@ _ZOO_DQN_CARTPOLE = {
     "exploration_fraction": 0.16,
     "eps_final": 0.04,
     "hidden_sizes": [256, 256],
+}
+PRESETS["qrdqn"] = {
+    "CartPole-v1": Preset(
+        {**_ZOO_DQN_CARTPOLE, "n_quantiles": 10},  # the same values as rl-zoo's DQN entry, with 10 quantiles
+        f"{_ZOO_QRDQN}, entry CartPole-v1",
+    ),
 }
 PRESETS["dqn"] = {
     # rl-zoo's entry learns CartPole-v1, but its final policy reaches 475 for only half to two thirds of the

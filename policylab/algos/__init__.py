@@ -15,6 +15,7 @@ from policylab.algos.edac import SACN, EDACConfig, SACNConfig
 from policylab.algos.iql import IQL, IQLConfig
 from policylab.algos.ppo import PPO, PPOConfig
 from policylab.algos.prdc import PRDC, PRDCConfig
+from policylab.algos.qrdqn import QRDQN, QRDQNConfig
 from policylab.algos.rebrac import ReBRAC, ReBRACConfig
 from policylab.algos.reinforce import Reinforce, ReinforceConfig
 from policylab.algos.sac import SAC, SACConfig
@@ -52,6 +53,7 @@ ALGORITHMS: dict[str, AlgoSpec] = {
         AlgoSpec("a2c", A2CConfig, A2C, "on-policy", ON_POLICY, "A2C: one gradient step per short rollout"),
         AlgoSpec("reinforce", ReinforceConfig, Reinforce, "on-policy", ON_POLICY, "REINFORCE with a learned baseline"),
         AlgoSpec("dqn", DQNConfig, DQN, "off-policy", OFF_POLICY, "DQN: double, dueling, n-step, prioritized"),
+        AlgoSpec("qrdqn", QRDQNConfig, QRDQN, "off-policy", OFF_POLICY, "QR-DQN: quantiles of the return per action"),
         AlgoSpec("ddpg", DDPGConfig, TD3, "off-policy", OFF_POLICY, "DDPG: deterministic actor, one critic"),
         AlgoSpec("td3", TD3Config, TD3, "off-policy", OFF_POLICY, "TD3: twin critics, smoothing, delayed actor"),
         AlgoSpec("sac", SACConfig, SAC, "off-policy", OFF_POLICY, "SAC: max-entropy actor-critic, auto temperature"),

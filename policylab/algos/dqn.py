@@ -10,6 +10,7 @@ every target_update_interval env steps: Q' <- (1 - tau) Q' + tau Q   (tau = 1: a
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import gymnasium as gym
@@ -77,6 +78,19 @@ def epsilon(cfg: DQNConfig, progress: float) -> float:
     return cfg.eps_start + progress / cfg.exploration_fraction * (cfg.eps_final - cfg.eps_start)
 
 
+def epsilon_greedy(
+    obs: np.ndarray, eps: float, greedy: Callable[[np.ndarray], np.ndarray], n_actions: int, generator: torch.Generator
+) -> np.ndarray:
+    """Epsilon-greedy per env, from one RNG call: a uniform draw decides, a second one picks the random action;
+    the greedy and random actions are only computed where some env needs them."""
+    draws = torch.rand((2, len(obs)), generator=generator, device=generator.device).cpu().numpy()
+    explore = draws[0] < eps
+    if not explore.any():
+        return greedy(obs)
+    random = np.minimum((draws[1] * n_actions).astype(np.int64), n_actions - 1)
+    return random if explore.all() else np.where(explore, random, greedy(obs))
+
+
 class DQN:
     name = "dqn"
     config_cls = DQNConfig
@@ -105,14 +119,7 @@ class DQN:
         return uniform_discrete_actions(n, self.n_actions, self.generator)
 
     def explore(self, obs: np.ndarray, progress: float) -> np.ndarray:
-        """Epsilon-greedy per env, from one RNG call: a uniform draw decides, a second one picks the random
-        action; the greedy and random actions are only computed where some env needs them."""
-        draws = torch.rand((2, len(obs)), generator=self.generator, device=self.generator.device).cpu().numpy()
-        explore = draws[0] < epsilon(self.cfg, progress)
-        if not explore.any():
-            return self.greedy(obs)
-        random = np.minimum((draws[1] * self.n_actions).astype(np.int64), self.n_actions - 1)
-        return random if explore.all() else np.where(explore, random, self.greedy(obs))
+        return epsilon_greedy(obs, epsilon(self.cfg, progress), self.greedy, self.n_actions, self.generator)
 
     def greedy(self, obs: np.ndarray) -> np.ndarray:
         if self._numpy_acting:

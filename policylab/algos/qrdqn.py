@@ -1,0 +1,140 @@
+"""QR-DQN (Dabney et al. 2018): DQN whose network gives N quantiles of the return of each action.
+
+act: epsilon-greedy (as DQN) on the mean of the quantiles, Q(s, a) = mean_i Z_i(s, a)
+for each gradient step on a replay batch (s, a, r, s', done, d = gamma^n):
+    a* = argmax_a mean_j Z'_j(s', a)                      (the target network's)
+    y_j = r + d (1 - done) Z'_j(s', a*)                   (N target atoms)
+    loss = sum_i mean_j rho_tau_i(y_j - Z_i(s, a)),  tau_i = (i + 0.5) / N,  rho the quantile Huber loss (kappa 1)
+           (summed over the predicted quantiles, averaged over the atoms and the batch: SB3-contrib's
+           sum_over_quantiles=True)
+every target_update_interval env steps: Z' <- (1 - tau) Z' + tau Z   (tau = 1: a hard copy)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import gymnasium as gym
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from policylab.algos.dqn import DQNConfig, epsilon, epsilon_greedy
+from policylab.algos.offpolicy import (
+    FlatAdam,
+    TargetNetwork,
+    discrete_actions,
+    obs_dim,
+    seeded_generator,
+    uniform_discrete_actions,
+)
+from policylab.data import Batch
+from policylab.errors import ConfigError
+from policylab.nets.mlp import StackedMLP
+from policylab.objectives.q_targets import quantile_huber_loss
+
+
+@dataclass
+class QRDQNConfig(DQNConfig):
+    """QR-DQN. Defaults follow SB3-contrib's QRDQN (its constructor's defaults; [64, 64] networks)."""
+
+    lr: float = 5e-5
+    learning_starts: int = 100
+    exploration_fraction: float = 0.005
+    eps_final: float = 0.01
+    max_grad_norm: float | None = None
+    n_quantiles: int = 200
+
+    def validate(self) -> None:
+        super().validate()
+        if self.n_quantiles < 1:
+            raise ConfigError(f"n_quantiles={self.n_quantiles} must be >= 1", "set n_quantiles to e.g. 50")
+        unsupported = [k for k in ("double_q", "dueling", "prioritized") if getattr(self, k)]
+        if unsupported:
+            raise ConfigError(
+                f"{', '.join(unsupported)} is not part of qrdqn here",
+                f"drop --set {unsupported[0]}=true, or use dqn, which has it",
+            )
+
+
+class QuantileQNetwork(nn.Module):
+    """Z(s, .): [B, n_actions, n_quantiles] from one MLP with n_actions x n_quantiles outputs."""
+
+    def __init__(
+        self, obs_dim: int, n_actions: int, n_quantiles: int, hidden_sizes: Sequence[int], activation: str
+    ) -> None:
+        super().__init__()
+        self.n_actions, self.n_quantiles = n_actions, n_quantiles
+        self.body = StackedMLP(1, obs_dim, hidden_sizes, n_actions * n_quantiles, activation)
+
+    def forward(self, obs: Tensor) -> Tensor:
+        return self.body(obs.flatten(1))[0].view(len(obs), self.n_actions, self.n_quantiles)
+
+    def greedy_numpy(self, obs: np.ndarray) -> np.ndarray:
+        """argmax_a mean_i Z_i(s, a) in numpy (CPU acting)."""
+        y = self.body.numpy_forward(obs.reshape(len(obs), -1), member=0)
+        return y.reshape(len(obs), self.n_actions, self.n_quantiles).mean(-1).argmax(-1)
+
+    def env_action(self, obs: Tensor, deterministic: bool = True, generator: torch.Generator | None = None) -> Tensor:
+        """The greedy action (a Q-network's policy is greedy either way)."""
+        return self(obs).mean(-1).argmax(-1)
+
+
+class QRDQN:
+    name = "qrdqn"
+    config_cls = QRDQNConfig
+
+    def __init__(self, cfg: QRDQNConfig, obs_space: gym.Space, act_space: gym.Space) -> None:
+        self.cfg = cfg
+        self.generator = seeded_generator(cfg.seed, cfg.device)
+        self.n_actions = discrete_actions(act_space, "qrdqn")
+        self.net = self.build_policy(cfg, obs_space, act_space).to(cfg.device)
+        self.q_opt = FlatAdam(self.net, cfg.lr, cfg.max_grad_norm)
+        self.q_target = TargetNetwork(self.net, self.q_opt.params)
+        self.modules = {"q_target": self.q_target.module}
+        self.optimizers = {"q": self.q_opt.optimizer}
+        self.action_shape: tuple[int, ...] = ()
+        self.action_dtype = torch.long
+        self._target_every = max(cfg.target_update_interval // cfg.num_envs, 1)
+        self._numpy_acting = self.net.body.analytic_backward and cfg.device == "cpu"
+
+    @staticmethod
+    def build_policy(cfg: QRDQNConfig, obs_space: gym.Space, act_space: gym.Space) -> QuantileQNetwork:
+        n_actions = discrete_actions(act_space, "qrdqn")
+        return QuantileQNetwork(obs_dim(obs_space), n_actions, cfg.n_quantiles, cfg.hidden_sizes, cfg.activation)
+
+    def random_actions(self, n: int) -> np.ndarray:
+        return uniform_discrete_actions(n, self.n_actions, self.generator)
+
+    def explore(self, obs: np.ndarray, progress: float) -> np.ndarray:
+        return epsilon_greedy(obs, epsilon(self.cfg, progress), self.greedy, self.n_actions, self.generator)
+
+    def greedy(self, obs: np.ndarray) -> np.ndarray:
+        if self._numpy_acting:
+            return self.net.greedy_numpy(obs)
+        with torch.inference_mode():
+            return self.net.env_action(torch.as_tensor(obs, device=self.generator.device)).cpu().numpy()
+
+    def to_env(self, actions: np.ndarray) -> np.ndarray:
+        return actions
+
+    def after_step(self, step: int) -> None:
+        if (step // self.cfg.num_envs) % self._target_every == 0:
+            self.q_target.update(self.cfg.tau)
+
+    def update(self, batch: Batch, index: int) -> dict[str, Tensor]:
+        loss, z = self.quantile_loss(batch)
+        self.q_opt.step(loss)
+        return {"loss": loss.detach(), "q": z.detach().mean()}
+
+    def quantile_loss(self, batch: Batch) -> tuple[Tensor, Tensor]:
+        """The loss of the module docstring, and Z(s, a) [B, N]."""
+        rows = torch.arange(len(batch), device=batch.obs.device)
+        with torch.no_grad():
+            next_z = self.q_target(batch.next_obs)
+            next_best = next_z[rows, next_z.mean(-1).argmax(-1)]
+            keep = (batch.discounts * (1.0 - batch.terminated.float())).unsqueeze(-1)
+            target = batch.rewards.unsqueeze(-1) + keep * next_best
+        z = self.net(batch.obs)[rows, batch.actions.long()]
+        return quantile_huber_loss(z.unsqueeze(0), target) * self.cfg.n_quantiles, z
