@@ -40,7 +40,8 @@ def check_address(address: str, timeout: float = 5.0) -> None:
 
 
 def start_ray(address: str | None, cpus: int) -> bool:
-    """Connect to `address` (or RAY_ADDRESS), or start a local Ray with `cpus` CPUs. True if this call started it."""
+    """Connect to `address` (or RAY_ADDRESS), or start a local Ray with `cpus` CPUs. True if this call connected
+    (then the caller's `ray.shutdown()` stops the local Ray, or only disconnects from a cluster)."""
     ray = import_ray()
     if ray.is_initialized():
         return False
