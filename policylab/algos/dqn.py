@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import gymnasium as gym
 import numpy as np
@@ -91,6 +92,39 @@ def epsilon_greedy(
     return random if explore.all() else np.where(explore, random, greedy(obs))
 
 
+class EpsilonGreedyActing:
+    """How the DQN family (DQN, discrete CQL, QR-DQN) acts and refreshes its target, held by composition:
+    uniform random actions before learning starts, epsilon-greedy on the network's greedy action (numpy on the
+    CPU: `greedy_numpy`), and the target network's update every target_update_interval env steps."""
+
+    def __init__(
+        self, cfg: DQNConfig, net: Any, q_target: TargetNetwork, n_actions: int, generator: torch.Generator
+    ) -> None:
+        self.cfg, self.net, self.q_target, self.n_actions, self.generator = cfg, net, q_target, n_actions, generator
+        self.target_every = max(cfg.target_update_interval // cfg.num_envs, 1)
+        self.numpy_acting = bool(net.body.analytic_backward) and cfg.device == "cpu"
+
+    def methods(self) -> tuple[Callable[..., Any], ...]:
+        """(random_actions, explore, greedy, after_step): the algorithm's own methods of those names."""
+        return self.random_actions, self.explore, self.greedy, self.after_step
+
+    def random_actions(self, n: int) -> np.ndarray:
+        return uniform_discrete_actions(n, self.n_actions, self.generator)
+
+    def explore(self, obs: np.ndarray, progress: float) -> np.ndarray:
+        return epsilon_greedy(obs, epsilon(self.cfg, progress), self.greedy, self.n_actions, self.generator)
+
+    def greedy(self, obs: np.ndarray) -> np.ndarray:
+        if self.numpy_acting:
+            return self.net.greedy_numpy(obs)
+        with torch.inference_mode():
+            return self.net.env_action(torch.as_tensor(obs, device=self.generator.device)).cpu().numpy()
+
+    def after_step(self, step: int) -> None:
+        if (step // self.cfg.num_envs) % self.target_every == 0:
+            self.q_target.update(self.cfg.tau)
+
+
 class DQN:
     name = "dqn"
     config_cls = DQNConfig
@@ -106,33 +140,17 @@ class DQN:
         self.optimizers = {"q": self.q_opt.optimizer}
         self.action_shape: tuple[int, ...] = ()
         self.action_dtype = torch.long
-        self._target_every = max(cfg.target_update_interval // cfg.num_envs, 1)
+        self.acting = EpsilonGreedyActing(cfg, self.net, self.q_target, self.n_actions, self.generator)
+        self.random_actions, self.explore, self.greedy, self.after_step = self.acting.methods()
         self.fused = fused_dqn_applies(self)
-        self._numpy_acting = self.net.body.analytic_backward and cfg.device == "cpu"
 
     @staticmethod
     def build_policy(cfg: DQNConfig, obs_space: gym.Space, act_space: gym.Space) -> QNetwork:
         n_actions = discrete_actions(act_space, "dqn")
         return QNetwork(obs_dim(obs_space), n_actions, cfg.hidden_sizes, cfg.activation, cfg.dueling)
 
-    def random_actions(self, n: int) -> np.ndarray:
-        return uniform_discrete_actions(n, self.n_actions, self.generator)
-
-    def explore(self, obs: np.ndarray, progress: float) -> np.ndarray:
-        return epsilon_greedy(obs, epsilon(self.cfg, progress), self.greedy, self.n_actions, self.generator)
-
-    def greedy(self, obs: np.ndarray) -> np.ndarray:
-        if self._numpy_acting:
-            return self.net.greedy_numpy(obs)
-        with torch.inference_mode():
-            return self.net.env_action(torch.as_tensor(obs, device=self.generator.device)).cpu().numpy()
-
     def to_env(self, actions: np.ndarray) -> np.ndarray:
         return actions
-
-    def after_step(self, step: int) -> None:
-        if (step // self.cfg.num_envs) % self._target_every == 0:
-            self.q_target.update(self.cfg.tau)
 
     def update(self, batch: Batch, index: int) -> dict[str, Tensor]:
         return fused_dqn_update(self, batch) if self.fused else self.autograd_update(batch)

@@ -20,14 +20,13 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from policylab.algos.dqn import DQNConfig, epsilon, epsilon_greedy
+from policylab.algos.dqn import DQNConfig, EpsilonGreedyActing
 from policylab.algos.offpolicy import (
     FlatAdam,
     TargetNetwork,
     discrete_actions,
     obs_dim,
     seeded_generator,
-    uniform_discrete_actions,
 )
 from policylab.data import Batch
 from policylab.errors import ConfigError
@@ -96,32 +95,16 @@ class QRDQN:
         self.optimizers = {"q": self.q_opt.optimizer}
         self.action_shape: tuple[int, ...] = ()
         self.action_dtype = torch.long
-        self._target_every = max(cfg.target_update_interval // cfg.num_envs, 1)
-        self._numpy_acting = self.net.body.analytic_backward and cfg.device == "cpu"
+        self.acting = EpsilonGreedyActing(cfg, self.net, self.q_target, self.n_actions, self.generator)
+        self.random_actions, self.explore, self.greedy, self.after_step = self.acting.methods()
 
     @staticmethod
     def build_policy(cfg: QRDQNConfig, obs_space: gym.Space, act_space: gym.Space) -> QuantileQNetwork:
         n_actions = discrete_actions(act_space, "qrdqn")
         return QuantileQNetwork(obs_dim(obs_space), n_actions, cfg.n_quantiles, cfg.hidden_sizes, cfg.activation)
 
-    def random_actions(self, n: int) -> np.ndarray:
-        return uniform_discrete_actions(n, self.n_actions, self.generator)
-
-    def explore(self, obs: np.ndarray, progress: float) -> np.ndarray:
-        return epsilon_greedy(obs, epsilon(self.cfg, progress), self.greedy, self.n_actions, self.generator)
-
-    def greedy(self, obs: np.ndarray) -> np.ndarray:
-        if self._numpy_acting:
-            return self.net.greedy_numpy(obs)
-        with torch.inference_mode():
-            return self.net.env_action(torch.as_tensor(obs, device=self.generator.device)).cpu().numpy()
-
     def to_env(self, actions: np.ndarray) -> np.ndarray:
         return actions
-
-    def after_step(self, step: int) -> None:
-        if (step // self.cfg.num_envs) % self._target_every == 0:
-            self.q_target.update(self.cfg.tau)
 
     def update(self, batch: Batch, index: int) -> dict[str, Tensor]:
         loss, z = self.quantile_loss(batch)
