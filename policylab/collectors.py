@@ -32,7 +32,6 @@ from a reset, seeded with seed + index + 1000 x restarts); the learner never see
 
 from __future__ import annotations
 
-import os
 import time
 from collections.abc import Callable
 from typing import Any
@@ -154,9 +153,6 @@ class RolloutSlice:
         self._fresh_stats()
         self._seen_obs(self.raw_obs)  # the first observations count, as in-process
 
-    def pid(self) -> int:
-        return os.getpid()
-
     def _fresh_stats(self) -> None:
         if self.obs_norm is not None:
             self.obs_norm.updates = RunningMeanStd(self.obs_norm.rms.mean.shape, count=0.0)
@@ -245,9 +241,6 @@ class OffPolicySlice:
         self.algo.generator.manual_seed(seed)
         self.obs = self.env.reset(seed=cfg.seed + start + RESTART_SEED_STRIDE * restarts)
         self.norm = ObsNormalizer(tuple(spaces[0].shape or ()), cfg.clip_obs) if cfg.normalize_obs else None
-
-    def pid(self) -> int:
-        return os.getpid()
 
     def current_obs(self) -> np.ndarray:
         return self.obs

@@ -43,6 +43,7 @@ from policylab.data.sources import (
     return_range_scale,
 )
 from policylab.envs import EpisodeTracker, ObsNormalizer, RewardScaler, VecEnv, make_vec_env, resolve_env_id
+from policylab.envs.encode import needs_encoding
 from policylab.envs.vec import StepResult
 from policylab.errors import CheckpointError, ConfigError, TrainingDiverged
 from policylab.logging import CONFIG_YAML, Progress, RunLog, new_run_dir
@@ -769,7 +770,7 @@ def _policy_of(loop: Loop) -> Policy:
 
 def _spaces_json(loop: Loop) -> dict[str, Any]:
     out = {"observation": space_to_json(loop.obs_space), "action": space_to_json(loop.act_space)}
-    if loop.env.raw_observation_space is not loop.obs_space:  # a Discrete / Tuple env, encoded (envs/encode.py)
+    if needs_encoding(loop.env.raw_observation_space):  # a Discrete / Tuple env, encoded (envs/encode.py)
         out["raw_observation"] = space_to_json(loop.env.raw_observation_space)
     return out
 

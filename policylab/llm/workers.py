@@ -13,7 +13,6 @@ started again (the model it starts from is kept in the object store) and its chu
 from __future__ import annotations
 
 import copy
-import os
 from typing import Any
 
 import numpy as np
@@ -35,9 +34,6 @@ class GenerationWorker:
         one_thread_if_actor()
         self.model = model.eval()
         self.generator = torch.Generator().manual_seed(seed)
-
-    def pid(self) -> int:
-        return os.getpid()
 
     def generate(
         self, weights: dict[str, np.ndarray], prompt_ids: np.ndarray, prompt_mask: np.ndarray, **options: Any
@@ -95,7 +91,7 @@ class GenerationWorkers(WorkerPool):
     def generate(self, model: Any, prompt_ids: Tensor, prompt_mask: Tensor, group: int, **options: Any) -> Rollout:
         """The rollout of the prompt rows, each worker sampling a chunk with the learner's current weights."""
         weights = {n: p.detach().cpu().numpy() for n, p in model.named_parameters() if p.requires_grad}
-        spans = [(a, b) for a, b in chunks(len(prompt_ids), len(self.handles), group)]
+        spans = chunks(len(prompt_ids), len(self.handles), group)
         ids, mask = prompt_ids.numpy(), prompt_mask.numpy()
         per_worker = [{"prompt_ids": ids[a:b], "prompt_mask": mask[a:b]} for a, b in spans]
         parts = self.map("generate", weights, per_worker, **options)
