@@ -35,9 +35,14 @@ def space_to_json(space: gym.Space) -> dict[str, Any]:
             "high": space.high.astype(np.float64).tolist(),
             "dtype": str(space.dtype),
         }
+    if isinstance(space, gym.spaces.MultiBinary):
+        n: Any = space.n
+        return {"type": "MultiBinary", "n": int(n) if np.ndim(n) == 0 else [int(k) for k in np.ravel(n)]}
     if isinstance(space, gym.spaces.Tuple):
         return {"type": "Tuple", "spaces": [space_to_json(s) for s in space]}
-    raise EnvError(f"cannot save the space {space}", "use Discrete, MultiDiscrete, Box or Tuple spaces")
+    if isinstance(space, gym.spaces.Dict):  # a list of pairs: JSON objects do not promise an order
+        return {"type": "Dict", "spaces": [[str(k), space_to_json(s)] for k, s in space.spaces.items()]}
+    raise EnvError(f"cannot save the space {space}", "use Box, Discrete, MultiDiscrete, MultiBinary, Tuple or Dict")
 
 
 def space_from_json(data: dict[str, Any]) -> gym.Space:
@@ -50,8 +55,12 @@ def space_from_json(data: dict[str, Any]) -> gym.Space:
         low = np.array(data["low"]).astype(dtype)
         high = np.array(data["high"]).astype(dtype)
         return gym.spaces.Box(low, high, shape=tuple(data["shape"]), dtype=dtype)
+    if data["type"] == "MultiBinary":
+        return gym.spaces.MultiBinary(data["n"])
     if data["type"] == "Tuple":
         return gym.spaces.Tuple([space_from_json(s) for s in data["spaces"]])
+    if data["type"] == "Dict":
+        return gym.spaces.Dict([(k, space_from_json(s)) for k, s in data["spaces"]])  # order kept
     raise CheckpointError(f"unknown space type {data['type']!r} in checkpoint", "retrain with this policylab version")
 
 
@@ -86,8 +95,8 @@ class Policy:
 
     def act(self, obs: Any, deterministic: bool = True) -> Any:
         """One observation -> one action; a batch [B, *obs_shape] -> a batch of B actions (numpy). For an env with
-        Discrete / Tuple observations, its own observations (an int, a tuple, or a batch of them) or their
-        encoded vectors."""
+        Discrete / Tuple / Dict observations, its own observations (an int, a tuple, a dict, or a batch of them) or
+        their encoded vectors."""
         if self.encoder is not None and not self.encoder.is_encoded(obs):
             single = self.encoder.is_single(obs)
             obs = self.encoder.one(obs) if single else self.encoder.batch(obs)

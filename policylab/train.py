@@ -34,6 +34,7 @@ from policylab.collectors import OffPolicySlice, RolloutSlice, RolloutWorkers, c
 from policylab.config import CommonConfig, apply_values, dump_yaml, format_count, load_yaml, parse_count
 from policylab.data import Batch, ReplayBuffer, RolloutBuffer
 from policylab.data.dataset import Dataset, check_compatible, load_dataset
+from policylab.data.her import HindsightRelabeler, her_relabeler
 from policylab.data.sources import (
     BatchSource,
     Demonstrations,
@@ -42,7 +43,15 @@ from policylab.data.sources import (
     dataset_transitions,
     return_range_scale,
 )
-from policylab.envs import EpisodeTracker, ObsNormalizer, RewardScaler, VecEnv, make_vec_env, resolve_env_id
+from policylab.envs import (
+    EpisodeTracker,
+    ObsNormalizer,
+    RewardScaler,
+    VecEnv,
+    make_single_env,
+    make_vec_env,
+    resolve_env_id,
+)
 from policylab.envs.encode import needs_encoding
 from policylab.envs.vec import StepResult
 from policylab.errors import CheckpointError, ConfigError, TrainingDiverged
@@ -419,6 +428,9 @@ class OffPolicyLoop:
                 self.env.close()
                 raise
         self.net = self.algo.net
+        self.reward_env: Any = None
+        """With her=true: a copy of the env whose compute_reward relabels goals."""
+        self.workers: RolloutWorkers | None = None
         self.obs_norm: ObsNormalizer | None = None
         self.running_norm = cfg.normalize_obs and self.dataset is None
         """Running statistics (online runs): the buffer keeps raw observations, batches are normalized when
@@ -488,7 +500,7 @@ class OffPolicyLoop:
 
     def _replay_buffer(self) -> ReplayBuffer:
         cfg = self.cfg
-        return ReplayBuffer(
+        buffer = ReplayBuffer(
             cfg.buffer_size,
             cfg.num_envs,
             tuple(self.obs_space.shape or ()),
@@ -502,7 +514,21 @@ class OffPolicyLoop:
             device=cfg.device,
             next_actions=getattr(self.algo, "needs_next_actions", False),
             mc_returns=getattr(self.algo, "needs_mc_returns", False),
+            episodes=cfg.her,
         )
+        if cfg.her:
+            buffer.relabeler = self._her_relabeler()
+        return buffer
+
+    def _her_relabeler(self) -> HindsightRelabeler:
+        """Hindsight relabelling with the env's own compute_reward (from one more copy of the env, kept open)."""
+        cfg = self.cfg
+        self.reward_env = make_single_env(cfg.env, cfg.env_kwargs)
+        try:
+            return her_relabeler(self.reward_env, self.env.raw_observation_space, cfg.env, cfg)
+        except BaseException:
+            self.close()
+            raise
 
     def _dataset_buffer(self, extra_capacity: int) -> ReplayBuffer:
         assert self.dataset is not None
@@ -728,6 +754,8 @@ class OffPolicyLoop:
     def close(self) -> None:
         if self.workers is not None:
             self.workers.close()
+        if self.reward_env is not None:
+            self.reward_env.close()
         self.env.close()
 
 

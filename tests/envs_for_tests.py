@@ -166,3 +166,22 @@ class HandOneHot(gym.ObservationWrapper):
 
 def hand_one_hot_frozen_lake(**kwargs) -> gym.Env:
     return HandOneHot(gym.make("FrozenLake-v1", **kwargs))
+
+
+class _GoalEnvWithoutReward(gym.Wrapper):
+    """Bit flipping's goal-conditioned observations without its compute_reward (for HER's error)."""
+
+    def __getattr__(self, name: str):  # hide the inner env's compute_reward from attribute lookups
+        if name == "compute_reward":
+            raise AttributeError(name)
+        return getattr(self.env, name)
+
+    @property
+    def unwrapped(self) -> gym.Env:
+        return self
+
+
+def goal_env_without_compute_reward(**kwargs) -> gym.Env:
+    from policylab.envs.bitflip import BitFlippingEnv
+
+    return _GoalEnvWithoutReward(BitFlippingEnv(**kwargs))

@@ -28,6 +28,7 @@ import torch
 from torch import Tensor, nn
 
 from policylab.config import CommonConfig
+from policylab.data.her import check_her_config
 from policylab.errors import ConfigError, EnvError
 from policylab.nets import TanhGaussianActor
 from policylab.objectives.q_targets import polyak_update
@@ -88,9 +89,18 @@ class OffPolicyConfig(CommonConfig):
     analytic_grads: bool = True
     """Fast path where an algorithm has one (SAC, TD3/DDPG, DQN with ReLU/tanh MLPs): hand-derived gradients,
     the same update as autograd's (tested); false forces autograd."""
+    her: bool = False
+    """Hindsight experience replay (data/her.py) on a goal-conditioned env (Dict observations with achieved_goal
+    and desired_goal, and a compute_reward method): a share of every batch trains on goals reached later."""
+    her_strategy: str = "future"
+    """Where relabelled goals come from: future (a later step of the same episode), final (its last step) or
+    episode (any of its steps)."""
+    her_goals: int = 4
+    """Relabelled goals per real transition (SB3's n_sampled_goal): 4 relabels 80% of each batch."""
 
     def validate(self) -> None:
         super().validate()
+        check_her_config(self)
         for name in ("buffer_size", "batch_size", "train_freq", "n_step", "log_every"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name}={getattr(self, name)} must be > 0", f"set {name} to a positive value")

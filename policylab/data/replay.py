@@ -28,6 +28,7 @@ or from a dataset.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -56,6 +57,7 @@ class ReplayBuffer:
         device: torch.device | str = "cpu",
         next_actions: bool = False,
         mc_returns: bool = False,
+        episodes: bool = False,
     ) -> None:
         if n_step < 1:
             raise ValueError(f"n_step must be >= 1, got {n_step}")
@@ -92,6 +94,19 @@ class ReplayBuffer:
         """Transitions of each env's running episode so far (where its returns start when it ends)."""
         if self.mc_returns is not None:
             self._tensors.update(mc_returns=self.mc_returns, episode_steps=self.episode_steps)
+        self.episode_first: Tensor | None = torch.zeros(shape, dtype=torch.long, device=device) if episodes else None
+        self.episode_last: Tensor | None = torch.zeros(shape, dtype=torch.long, device=device) if episodes else None
+        """With `episodes=True`: each transition's episode, as the slots of its first and last transitions (last:
+        -1 while the episode runs), for hindsight relabelling (data/her.py)."""
+        self.episode_start = torch.zeros(num_envs, dtype=torch.long, device=device)
+        """The slot of each env's running episode's first transition."""
+        if episodes:
+            assert self.episode_first is not None and self.episode_last is not None
+            self._tensors.update(
+                episode_first=self.episode_first, episode_last=self.episode_last, episode_start=self.episode_start
+            )
+        self.relabeler: Callable[[ReplayBuffer, Batch, torch.Generator | None], None] | None = None
+        """Called on every sampled batch (e.g. `HindsightRelabeler`; it needs `episodes=True`)."""
         # [slots * num_envs, ...] views (flat index = slot * num_envs + env) for the 1-step sampling path
         self._flat = {k: getattr(self, k).flatten(0, 1) for k in ("obs", "actions", "rewards", "terminated")}
         if self.mc_returns is not None:
@@ -146,6 +161,8 @@ class ReplayBuffer:
         store["valid"][slot, envs] = True
         if self.mc_returns is not None:
             self._track_returns(store, slot, envs, end, ended)
+        if self.episode_first is not None:
+            self._track_episodes(store, slot, envs, end, ended)
         after = (slot + 1) % self.slots
         # The slot after each transition holds its next obs: the final obs at an episode end, else the pending obs.
         rows = end.reshape(-1, *([1] * (next_obs.ndim - 1)))
@@ -158,6 +175,8 @@ class ReplayBuffer:
             store["obs"][started, envs] = xp.where(rows, next_obs, store["obs"][started, envs])
             store["valid"][started, envs] = store["valid"][started, envs] & ~end
         store["ptr"][:] = started
+        if self.episode_first is not None and ended:
+            store["episode_start"][:] = xp.where(end, started, store["episode_start"])
         if self.tree is not None:
             self._new_priorities(*(torch.as_tensor(x, device=self.device) for x in (slot, after, started, envs)))
         self.transitions_added += self.num_envs
@@ -177,6 +196,8 @@ class ReplayBuffer:
         ([sum(T) + E, *obs_shape]), the other arrays [sum(T)]. A few vectorized copies, no loop over steps."""
         if self.num_envs != 1:
             raise ValueError("add_episodes needs a one-env buffer (num_envs=1)")
+        if self.episode_first is not None:
+            raise ValueError("add_episodes does not track episodes for hindsight relabelling (episodes=True)")
         lengths = np.asarray(episode_lengths, np.int64)
         n_obs = int(lengths.sum() + len(lengths))
         start = int(self.ptr[0])
@@ -224,6 +245,17 @@ class ReplayBuffer:
             self.mc_returns[rows, env] = torch.as_tensor(returns, device=self.device)
         self.episode_steps[finished] = 0
 
+    def _track_episodes(self, store: Any, slot: Any, envs: Any, end: Any, ended: bool) -> None:
+        """The episode of each transition `add` just wrote; at an episode end, its last slot on all its steps."""
+        store["episode_first"][slot, envs] = store["episode_start"]
+        store["episode_last"][slot, envs] = -1
+        if not ended:
+            return
+        for env in np.flatnonzero(np.asarray(end.cpu() if isinstance(end, Tensor) else end)).tolist():
+            first, last = int(store["episode_start"][env]), int(slot[env])
+            rows = torch.arange(first, first + (last - first) % self.slots + 1, device=self.device) % self.slots
+            self.episode_last[rows, env] = last  # type: ignore[index]
+
     def _new_priorities(self, slot: Tensor, after: Tensor, started: Tensor, envs: Tensor) -> None:
         """New transitions get the highest priority so far; the pending and final-obs slots get none."""
         assert self.tree is not None
@@ -246,7 +278,10 @@ class ReplayBuffer:
         high = self.filled * self.num_envs
         index = torch.randint(high, (batch_size,), generator=generator, device=self.device)
         self._redraw_invalid(index, high, generator)
-        return self.gather(index)
+        batch = self.gather(index)
+        if self.relabeler is not None:
+            self.relabeler(self, batch, generator)
+        return batch
 
     def _redraw_invalid(self, index: Tensor, high: int, generator: torch.Generator | None) -> None:
         """Redraw, in place, the draws that hit a pending or final-obs slot, until none does."""
@@ -338,6 +373,9 @@ class ReplayBuffer:
         tensors["ptr"] = self.ptr
         if self.mc_returns is not None:
             tensors.update(mc_returns=self.mc_returns[:n], episode_steps=self.episode_steps)
+        if self.episode_first is not None and self.episode_last is not None:
+            tensors.update(episode_first=self.episode_first[:n], episode_last=self.episode_last[:n])
+            tensors["episode_start"] = self.episode_start
         if self.tree is not None:
             tensors["priority_tree"] = self.tree.tree
         meta = {"transitions_added": self.transitions_added, "filled": self.filled, "max_priority": self.max_priority}

@@ -1,10 +1,14 @@
-"""Discrete, MultiDiscrete and Tuple observations as one float32 vector (one-hots and flattened Box parts).
+"""Discrete, MultiDiscrete, MultiBinary, Tuple and Dict observations as one float32 vector.
 
 Every env policylab makes (`make_single_env`, hence `make_vec_env`) whose observations are not a Box is wrapped
 in `OneHotObservation`, so every algorithm, fast path and buffer sees a Box: Discrete(n) becomes a one-hot of
-length n, MultiDiscrete(nvec) the concatenated one-hots of its entries, and a Tuple the concatenation of its
-parts' encodings (Box parts flattened as they are). A trained `Policy` takes either the env's own observations
-(an int, a tuple ...) or the encoded vectors, and encodes the former itself.
+length n, MultiDiscrete(nvec) the concatenated one-hots of its entries, MultiBinary its 0/1 entries as floats, and
+a Tuple or a Dict the concatenation of its parts' encodings (Box parts flattened as they are; a Dict's parts in the
+space's key order). A Dict of vectors encoded this way and read by the MLP is the multi-input encoder for
+vectors (each key flattened, concatenated, one MLP: what SB3's CombinedExtractor does for vector keys).
+`ObservationEncoder.slices` says where each part sits in the vector (hindsight relabelling rewrites the goal
+parts there). A trained `Policy` takes either the env's own observations (an int, a tuple, a dict ...) or the
+encoded vectors, and encodes the former itself.
 """
 
 from __future__ import annotations
@@ -16,80 +20,105 @@ import numpy as np
 
 from policylab.errors import EnvError
 
-ENCODABLE = (gym.spaces.Discrete, gym.spaces.MultiDiscrete, gym.spaces.Tuple)
+LEAVES = (gym.spaces.Box, gym.spaces.Discrete, gym.spaces.MultiDiscrete, gym.spaces.MultiBinary)
+
+
+def _is_vector_box(space: gym.Space) -> bool:
+    """A Box that is not an image (images need a CNN encoder, not flattening)."""
+    return isinstance(space, gym.spaces.Box) and not (space.dtype == np.uint8 and len(space.shape) >= 2)
 
 
 def needs_encoding(space: gym.Space) -> bool:
     """Whether `space` is one that `ObservationEncoder` turns into a Box (a Box stays as it is)."""
-    if isinstance(space, gym.spaces.Tuple):
-        return all(isinstance(s, (gym.spaces.Box, *ENCODABLE)) and not isinstance(s, gym.spaces.Tuple) for s in space)
-    return isinstance(space, (gym.spaces.Discrete, gym.spaces.MultiDiscrete))
+    if isinstance(space, (gym.spaces.Tuple, gym.spaces.Dict)):
+        parts = space.spaces.values() if isinstance(space, gym.spaces.Dict) else space.spaces
+        return len(parts) > 0 and all(_is_vector_box(s) or isinstance(s, LEAVES[1:]) for s in parts)  # one level
+    return isinstance(space, LEAVES[1:])
+
+
+def _part_size(part: gym.Space) -> int:
+    if isinstance(part, gym.spaces.Box):
+        return int(np.prod(part.shape))
+    if isinstance(part, gym.spaces.MultiDiscrete):
+        return int(np.sum(part.nvec))
+    if isinstance(part, gym.spaces.MultiBinary):
+        return int(np.prod(part.shape))
+    assert isinstance(part, gym.spaces.Discrete)
+    return int(part.n)
 
 
 class ObservationEncoder:
     """The encoding of one observation space: `one(obs)` for a single observation, `batch(obs)` for B of them
-    (Discrete: an int array [B]; MultiDiscrete: [B, k]; Tuple: a tuple of such batches, or a list of tuples)."""
+    (Discrete: an int array [B]; MultiDiscrete: [B, k]; Tuple: a tuple of such batches, or a list of tuples;
+    Dict: a dict of such batches, or a list of dicts)."""
 
     def __init__(self, space: gym.Space) -> None:
         if not needs_encoding(space):
             raise EnvError(
                 f"observation space {space} cannot be encoded as a vector",
-                "use Box, Discrete, MultiDiscrete observations or a Tuple of them (Dict: FlattenObservation)",
+                "use Box, Discrete, MultiDiscrete or MultiBinary observations, or a Tuple or Dict of them (one level, "
+                "no images inside)",
             )
         self.space = space
-        self.parts = list(space) if isinstance(space, gym.spaces.Tuple) else [space]
-        lows: list[np.ndarray] = []
-        highs: list[np.ndarray] = []
-        for part in self.parts:
-            if isinstance(part, gym.spaces.Box):
-                lows.append(part.low.astype(np.float32).ravel())
-                highs.append(part.high.astype(np.float32).ravel())
-            else:
-                assert isinstance(part, (gym.spaces.MultiDiscrete, gym.spaces.Discrete))
-                size = int(np.sum(part.nvec)) if isinstance(part, gym.spaces.MultiDiscrete) else int(part.n)
-                lows.append(np.zeros(size, np.float32))
-                highs.append(np.ones(size, np.float32))
-        self.sizes = [len(low) for low in lows]
+        self.keys: list[Any] = (
+            list(space.spaces) if isinstance(space, gym.spaces.Dict)
+            else list(range(len(space.spaces))) if isinstance(space, gym.spaces.Tuple)
+            else [None]
+        )  # fmt: skip
+        self.parts: list[gym.Space] = [space] if self.keys == [None] else [space[k] for k in self.keys]  # type: ignore[index]
+        self.sizes = [_part_size(part) for part in self.parts]
         self.offsets = np.cumsum([0, *self.sizes[:-1]]).tolist()
+        self.slices = {k: slice(o, o + s) for k, o, s in zip(self.keys, self.offsets, self.sizes)}
+        """Where each part (a Dict's key, a Tuple's index; None for a lone space) sits in the encoded vector."""
+        lows = [_bounds(part)[0] for part in self.parts]
+        highs = [_bounds(part)[1] for part in self.parts]
         self.box = gym.spaces.Box(np.concatenate(lows), np.concatenate(highs), dtype=np.float32)
 
     @property
     def dim(self) -> int:
         return int(sum(self.sizes))
 
+    @property
+    def composite(self) -> bool:
+        return isinstance(self.space, (gym.spaces.Tuple, gym.spaces.Dict))
+
     def is_encoded(self, obs: Any) -> bool:
         """Floats of the encoded shape (one vector or a batch) are encoded already; the env's own are not."""
-        if isinstance(obs, (tuple, list)) and isinstance(self.space, gym.spaces.Tuple):
+        if isinstance(obs, (tuple, list, dict)) and self.composite:
             return False
         x = np.asarray(obs)
         return x.dtype.kind == "f" and x.ndim in (1, 2) and x.shape[-1] == self.dim
 
     def is_single(self, obs: Any) -> bool:
         """Whether a raw (not encoded) observation is one observation rather than a batch."""
-        if isinstance(self.space, gym.spaces.Tuple):
-            if isinstance(obs, tuple) and len(obs) == len(self.parts):
-                return all(np.ndim(o) == (len(p.shape) if p.shape else 0) for o, p in zip(obs, self.parts))
-            return False
-        return np.ndim(obs) == (0 if isinstance(self.space, gym.spaces.Discrete) else 1)
+        if self.composite:
+            if isinstance(obs, list):
+                return False
+            try:
+                values = [obs[k] for k in self.keys]
+            except (KeyError, IndexError, TypeError):
+                return False
+            return all(np.ndim(v) == len(p.shape or ()) for v, p in zip(values, self.parts))
+        return np.ndim(obs) == len(self.space.shape or ())
 
     def one(self, obs: Any) -> np.ndarray:
-        if isinstance(self.space, gym.spaces.Tuple):
-            return self.batch(tuple(np.asarray(p)[None] for p in obs))[0]
+        if self.composite:
+            return self.batch({k: np.asarray(obs[k])[None] for k in self.keys})[0]
         return self.batch(np.asarray(obs)[None])[0]
 
     def batch(self, obs: Any) -> np.ndarray:
-        if isinstance(self.space, gym.spaces.Tuple):
-            if isinstance(obs, list):  # a list of tuples
-                obs = tuple(np.stack([o[i] for o in obs]) for i in range(len(self.parts)))
-            columns = list(obs)
-        else:
+        if not self.composite:
             columns = [obs]
+        elif isinstance(obs, list):  # a list of tuples / dicts
+            columns = [np.stack([np.asarray(o[k]) for o in obs]) for k in self.keys]
+        else:
+            columns = [obs[k] for k in self.keys]
         n = len(np.asarray(columns[0]))
         out = np.zeros((n, self.dim), np.float32)
         rows = np.arange(n)
         for part, column, offset, size in zip(self.parts, columns, self.offsets, self.sizes, strict=True):
             values = np.asarray(column)
-            if isinstance(part, gym.spaces.Box):
+            if isinstance(part, (gym.spaces.Box, gym.spaces.MultiBinary)):
                 out[:, offset : offset + size] = values.reshape(n, size)
             elif isinstance(part, gym.spaces.Discrete):
                 out[rows, offset + values.astype(np.int64) - int(part.start)] = 1.0
@@ -99,6 +128,13 @@ class ObservationEncoder:
                 index = offset + starts + values.reshape(n, -1).astype(np.int64) - part.start
                 out[rows[:, None], index] = 1.0
         return out
+
+
+def _bounds(part: gym.Space) -> tuple[np.ndarray, np.ndarray]:
+    if isinstance(part, gym.spaces.Box):
+        return part.low.astype(np.float32).ravel(), part.high.astype(np.float32).ravel()
+    size = _part_size(part)
+    return np.zeros(size, np.float32), np.ones(size, np.float32)
 
 
 class OneHotObservation(gym.ObservationWrapper):

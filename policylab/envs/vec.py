@@ -151,7 +151,7 @@ def make_single_env(env_id: str, env_kwargs: dict[str, Any] | None = None, **ext
 
 
 def _encoded(env: gym.Env) -> gym.Env:
-    """Discrete / MultiDiscrete / Tuple observations as a float32 vector (envs/encode.py); others as they are."""
+    """Discrete / MultiDiscrete / MultiBinary / Tuple / Dict observations as a float32 vector (envs/encode.py)."""
     return OneHotObservation(env) if needs_encoding(env.observation_space) else env
 
 
@@ -198,8 +198,8 @@ def check_spaces_are_vectorizable(env: gym.Env, env_id: str) -> None:
     if not isinstance(env.observation_space, gym.spaces.Box):
         raise EnvError(
             f"{env_id!r} has observation space {env.observation_space}: policylab takes Box, Discrete, "
-            "MultiDiscrete and Tuple observations (the last three one-hot encoded)",
-            "wrap the env with gymnasium.wrappers.FlattenObservation (Dict) in a `module:function` env",
+            "MultiDiscrete and MultiBinary observations and one-level Tuples or Dicts of them (encoded as one vector)",
+            "flatten nested spaces yourself (gymnasium.wrappers.FlattenObservation) in a `module:function` env",
         )
 
 
