@@ -22,6 +22,12 @@ Cases (policylab with `preset="none"` and every hyperparameter set explicitly; S
   copies, max_grad_norm 10, Huber loss, initial eps 1.0, ReLU).
 * `sac-halfcheetah`: SAC, HalfCheetah-v5, SB3's SAC defaults (lr 3e-4) with learning_starts 10000 and
   30k steps: the speed of the first 20k steps with updates.
+* `dqn-her-bitflip`: DQN with hindsight experience replay on bit flipping with 15 bits, policylab's
+  BitFlipping-v0 preset (20k steps, lr 1e-3, batch 128, buffer 1M, learning_starts 1000, train_freq 1,
+  target_update_interval 1000, exploration_fraction 0.2, final eps 0.05, one hidden layer of 256; 4 future
+  goals per transition) against SB3's DQN with `HerReplayBuffer` (n_sampled_goal 4, strategy future) on SB3's
+  own `BitFlippingEnv(n_bits=15)`, the same values. The evaluation counts successes too (an episode that ends
+  by reaching its goal).
 
 `--precision bf16` runs policylab with `precision=bf16` (its large products in bfloat16 with float32
 accumulation, where the CPU has AMX or AVX512-BF16; SB3 stays float32 unless `--sb3-onednn`).
@@ -93,6 +99,8 @@ class Case:
     ours: dict[str, Any]  # policylab overrides (steps, learning_starts and run-level keys are added per run)
     sb3_kwargs: dict[str, Any]  # SB3 constructor keywords (learning_starts, seed and device are added per run)
     action_noise: float | None = None  # SB3: NormalActionNoise(0, action_noise) (policylab: the action_noise key)
+    env_kwargs: dict[str, Any] = dataclasses.field(default_factory=dict)  # both sides' env (and the evaluation's)
+    her: bool = False  # SB3: HerReplayBuffer with n_sampled_goal 4, future goals, on its BitFlippingEnv
 
 
 def _sac(env: str, steps: int, learning_starts: int, lr: float) -> Case:
@@ -219,6 +227,53 @@ CASES: dict[str, Case] = {
         },
     ),
     "sac-halfcheetah": _sac("HalfCheetah-v5", 30_000, 10_000, 3e-4),
+    "dqn-her-bitflip": Case(
+        algo="dqn",
+        sb3="DQN",
+        env="BitFlipping-v0",
+        steps=20_000,
+        learning_starts=1000,
+        ours={
+            "her": True,
+            "her_strategy": "future",
+            "her_goals": 4,
+            "lr": 1e-3,
+            "batch_size": 128,
+            "buffer_size": 1_000_000,
+            "gamma": 0.99,
+            "target_update_interval": 1000,
+            "train_freq": 1,
+            "gradient_steps": 1,
+            "exploration_fraction": 0.2,
+            "eps_start": 1.0,
+            "eps_final": 0.05,
+            "tau": 1.0,
+            "max_grad_norm": 10.0,
+            "double_q": False,
+            "dueling": False,
+            "loss": "huber",
+            "hidden_sizes": [256],
+            "activation": "relu",
+            "env_kwargs": {"n_bits": 15},
+        },
+        sb3_kwargs={
+            "learning_rate": 1e-3,
+            "batch_size": 128,
+            "buffer_size": 1_000_000,
+            "gamma": 0.99,
+            "target_update_interval": 1000,
+            "train_freq": 1,
+            "gradient_steps": 1,
+            "exploration_fraction": 0.2,
+            "exploration_initial_eps": 1.0,
+            "exploration_final_eps": 0.05,
+            "tau": 1.0,
+            "max_grad_norm": 10.0,
+            "policy_kwargs": {"net_arch": [256]},
+        },
+        env_kwargs={"n_bits": 15},
+        her=True,
+    ),
 }
 
 
@@ -280,11 +335,13 @@ class Clock:
         }
 
 
-def shared_eval(env_id: str, act: Callable[[Any], Any], seed: int) -> dict[str, Any]:
+def shared_eval(case: Case, act: Callable[[Any], Any], seed: int) -> dict[str, Any]:
     """The same plain Gymnasium loop for both sides: EVAL_EPISODES deterministic episodes, seeds seed+1000+i."""
     import gymnasium as gym
 
-    start, env, returns = time.perf_counter(), gym.make(env_id), []
+    import policylab.envs  # noqa: F401  (registers BitFlipping-v0)
+
+    start, env, returns, successes = time.perf_counter(), gym.make(case.env, **case.env_kwargs), [], 0
     for i in range(EVAL_EPISODES):
         obs, _ = env.reset(seed=seed + EVAL_SEED_OFFSET + i)
         total, done = 0.0, False
@@ -292,10 +349,12 @@ def shared_eval(env_id: str, act: Callable[[Any], Any], seed: int) -> dict[str, 
             obs, reward, terminated, truncated, _ = env.step(act(obs))
             total, done = total + float(reward), terminated or truncated
         returns.append(total)
+        successes += int(terminated)
     env.close()
     return {
         "eval_return_mean": sum(returns) / len(returns),
         "eval_returns": returns,
+        "eval_successes": successes,
         "eval_s": time.perf_counter() - start,
     }
 
@@ -359,7 +418,7 @@ def worker_ours(case: Case, a: argparse.Namespace) -> dict[str, Any]:
     if wrong or run.steps != steps:
         raise SystemExit(f"policylab's resolved config differs from the benchmark's: {wrong}, steps {run.steps}")
     policy = pl.load(run.dir)
-    ev = shared_eval(case.env, lambda obs: policy.act(obs, deterministic=True), a.seed)
+    ev = shared_eval(case, lambda obs: policy.act(obs, deterministic=True), a.seed)
     final = run.final_eval or {}
     return {
         "imports_s": imports_s,
@@ -411,24 +470,34 @@ def worker_sb3(case: Case, a: argparse.Namespace) -> dict[str, Any]:
                 clock.observe(time.perf_counter(), self.num_timesteps, self.model._n_updates)
             n = self.num_timesteps
             if a.curve_every and n % a.curve_every == 0 and n < steps:
-                curve.append([n, shared_eval(case.env, act, a.seed)["eval_return_mean"]])
+                curve.append([n, shared_eval(case, act, a.seed)["eval_return_mean"]])
             return True
 
         def _on_training_end(self) -> None:
             clock.observe(time.perf_counter(), self.model.num_timesteps, self.model._n_updates)
 
     t_call = time.perf_counter()
-    env = make_vec_env(case.env, n_envs=1, seed=a.seed)
     kwargs = dict(case.sb3_kwargs)
+    policy_kind = "MlpPolicy"
+    if case.her:
+        from stable_baselines3 import HerReplayBuffer
+        from stable_baselines3.common.envs import BitFlippingEnv
+
+        env = make_vec_env(lambda: BitFlippingEnv(continuous=False, **case.env_kwargs), n_envs=1, seed=a.seed)
+        kwargs["replay_buffer_class"] = HerReplayBuffer
+        kwargs["replay_buffer_kwargs"] = {"n_sampled_goal": 4, "goal_selection_strategy": "future"}
+        policy_kind = "MultiInputPolicy"
+    else:
+        env = make_vec_env(case.env, n_envs=1, seed=a.seed)
     if case.action_noise is not None:
         dim = env.action_space.shape[0]
         kwargs["action_noise"] = NormalActionNoise(np.zeros(dim), case.action_noise * np.ones(dim))
     algo_cls = getattr(sb3, case.sb3)
-    model = algo_cls("MlpPolicy", env, learning_starts=starts, seed=a.seed, device="cpu", verbose=0, **kwargs)
+    model = algo_cls(policy_kind, env, learning_starts=starts, seed=a.seed, device="cpu", verbose=0, **kwargs)
     check_sb3(case, model, torch)
     model.learn(steps, callback=Callback())
     t_returned = time.perf_counter()
-    ev = shared_eval(case.env, act, a.seed)
+    ev = shared_eval(case, act, a.seed)
     return {
         "imports_s": imports_s,
         **clock.record(t_call, t_returned),
@@ -476,6 +545,7 @@ METRICS: dict[str, Metric] = {
     "process_wall_s": ("process wall clock, launch to exit (s); ratio <1: ours faster", ".2f", True),
     "updates_per_s": ("updates/s after learning starts; ratio >1: ours faster", ",.1f", True),
     "eval_return_mean": (f"final return, shared deterministic eval ({EVAL_EPISODES} episodes)", ".1f", False),
+    "eval_successes": (f"episodes of the {EVAL_EPISODES} that end at their goal (goal-conditioned envs)", ".0f", False),
     "late_return_mean": ("with --curve-every: mean return over the last 40% of the run", ".1f", False),
 }
 DETAIL: dict[str, Metric] = {
@@ -511,6 +581,7 @@ def main_parent(a: argparse.Namespace) -> None:
                     ("updates", ",.0f"),
                     ("updates_per_s", ",.1f"),
                     ("eval_return_mean", ".1f"),
+                    ("eval_successes", ".0f"),
                 )
             ),
             flush=True,
