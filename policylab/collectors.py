@@ -43,6 +43,7 @@ from torch import Tensor
 from policylab.cluster import WorkerPool, one_thread_if_actor
 from policylab.data import RolloutBuffer
 from policylab.envs import EpisodeTracker, ObsNormalizer, RewardScaler, VecEnv, make_vec_env
+from policylab.envs.encode import storage_dtype, torch_dtype
 from policylab.envs.normalize import RunningMeanStd
 from policylab.errors import ConfigError, PolicylabError
 from policylab.nets.actor_critic import ActorCritic
@@ -145,7 +146,10 @@ class RolloutSlice:
         self.net: ActorCritic = get_algo(algo).algo_cls.build_policy(cfg, obs_space, act_space).to(cfg.device)
         head = self.net.head
         shape: tuple[int, ...] = tuple(obs_space.shape or ())
-        self.buf = RolloutBuffer(cfg.n_steps, n, shape, head.action_shape, head.action_dtype, cfg.device)
+        self.buf = RolloutBuffer(
+            cfg.n_steps, n, shape, head.action_shape, head.action_dtype, cfg.device,
+            torch_dtype(storage_dtype(obs_space)),
+        )  # fmt: skip
         self.tracker = EpisodeTracker(n)
         self.obs_norm = ObsNormalizer(shape, cfg.clip_obs) if cfg.normalize_obs else None
         self.reward_scaler = RewardScaler(n, cfg.gamma, cfg.clip_reward) if cfg.normalize_reward else None

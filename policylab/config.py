@@ -72,6 +72,9 @@ class CommonConfig:
     """fp32, or bf16: the large products in bfloat16 with float32 accumulation (weights, gradients and optimizer
     state stay float32) on CPUs with native bfloat16 (AMX or AVX512-BF16); opt-in, it changes the results
     (nets/matmul.py; the speed and returns are in benchmarks/README.md)."""
+    encoder: str = "auto"
+    """How observations reach the networks: auto (image observations, uint8 frames: Nature-CNN; vectors: the MLP),
+    nature, impala (IMPALA-CNN), or mlp (frames scaled and flattened). Images: ppo, a2c, reinforce, dqn, qrdqn."""
     tensorboard: bool = False
     rollout_workers: int = 0
     """Step the envs in this many rollout workers, each a slice of the envs with a copy of the acting policy
@@ -90,6 +93,10 @@ class CommonConfig:
         from policylab.nets import matmul
 
         matmul.check_precision(self.precision)
+        from policylab.nets.cnn import ENCODERS
+
+        if self.encoder not in ENCODERS:
+            raise ConfigError(f"encoder={self.encoder!r} is not one of {', '.join(ENCODERS)}", "use encoder=auto")
         _non_negative(self, "eval_every", "checkpoint_every", "keep_checkpoints")
         from policylab.collectors import check_workers
 
@@ -106,9 +113,10 @@ class CommonConfig:
                 f"activation={self.activation!r} is unknown",
                 f"use one of: {', '.join(ACTIVATIONS)}",
             )
-        if not self.hidden_sizes or any(h <= 0 for h in self.hidden_sizes):
+        if any(h <= 0 for h in self.hidden_sizes):
             raise ConfigError(
-                f"hidden_sizes={self.hidden_sizes} must be a non-empty list of positive ints",
+                f"hidden_sizes={self.hidden_sizes} must be a list of positive ints (empty: linear heads, e.g. on the "
+                "features of an image encoder)",
                 "use e.g. --set hidden_sizes=[64,64]",
             )
 

@@ -52,11 +52,12 @@ from policylab.envs import (
     make_vec_env,
     resolve_env_id,
 )
-from policylab.envs.encode import needs_encoding
+from policylab.envs.encode import is_image_space, needs_encoding, storage_dtype, torch_dtype
 from policylab.envs.vec import StepResult
 from policylab.errors import CheckpointError, ConfigError, TrainingDiverged
 from policylab.logging import CONFIG_YAML, Progress, RunLog, new_run_dir
 from policylab.nets import matmul
+from policylab.nets.cnn import check_not_float_image
 from policylab.policy import Policy, evaluate, space_to_json
 from policylab.presets import VARIANTS, dataset_preset_name, find_preset
 
@@ -223,10 +224,22 @@ def short_budget_note(algo: str, cfg: Any, budget: int) -> list[str]:
 def _env_and_algo(spec: AlgoSpec, cfg: Any, num_envs: int | None = None) -> tuple[VecEnv, Any]:
     env = make_vec_env(cfg.env, num_envs or cfg.num_envs, cfg.vectorization, cfg.env_kwargs)
     try:
+        check_observations(cfg, env.single_observation_space)
         return env, spec.algo_cls(cfg, env.single_observation_space, env.single_action_space)
     except BaseException:
         env.close()  # e.g. an action space the algorithm cannot handle: no env processes left behind
         raise
+
+
+def check_observations(cfg: Any, space: Any) -> None:
+    """Settings that do not apply to the env's observations: one error naming the fix."""
+    if cfg.encoder == "auto":
+        check_not_float_image(space, cfg.env)
+    if cfg.normalize_obs and is_image_space(space):
+        raise ConfigError(
+            "normalize_obs does not apply to image frames: the CNN encoder scales them to [0, 1] itself",
+            "drop normalize_obs (--set normalize_obs=false)",
+        )
 
 
 # --- the on-policy loop ------------------------------------------------------------------------
@@ -258,7 +271,10 @@ class OnPolicyLoop:
         self.reward_scaler = RewardScaler(cfg.num_envs, cfg.gamma, cfg.clip_reward) if cfg.normalize_reward else None
         self.tracker = EpisodeTracker(cfg.num_envs)
         head = self.net.head
-        self.buffer = RolloutBuffer(cfg.n_steps, cfg.num_envs, shape, head.action_shape, head.action_dtype, cfg.device)
+        self.buffer = RolloutBuffer(
+            cfg.n_steps, cfg.num_envs, shape, head.action_shape, head.action_dtype, cfg.device,
+            torch_dtype(storage_dtype(self.obs_space)),
+        )  # fmt: skip
         self.step = 0
         self.iteration = 0
         self.workers = _start_workers(spec, cfg, RolloutSlice, self.env)
@@ -515,6 +531,7 @@ class OffPolicyLoop:
             next_actions=getattr(self.algo, "needs_next_actions", False),
             mc_returns=getattr(self.algo, "needs_mc_returns", False),
             episodes=cfg.her,
+            obs_dtype=torch_dtype(storage_dtype(self.obs_space)),
         )
         if cfg.her:
             buffer.relabeler = self._her_relabeler()

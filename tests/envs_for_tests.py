@@ -185,3 +185,51 @@ def goal_env_without_compute_reward(**kwargs) -> gym.Env:
     from policylab.envs.bitflip import BitFlippingEnv
 
     return _GoalEnvWithoutReward(BitFlippingEnv(**kwargs))
+
+
+class PixelGrid(gym.Env):
+    """A size x size grid seen only as a uint8 image (8 pixels per cell): the agent (255) and the goal (128) start
+    in two random cells, and reaching the goal within 20 steps is rewarded 1. `layout`: "hw" frames (H, W), "hwc"
+    (H, W, 1) or "chw" (1, H, W). Actions: up, down, left, right."""
+
+    cell = 8
+
+    def __init__(self, layout: str = "hw", max_steps: int = 20, size: int = 5) -> None:
+        self.size = size
+        side = self.size * self.cell
+        shape = {"hw": (side, side), "hwc": (side, side, 1), "chw": (1, side, side)}[layout]
+        self.observation_space = gym.spaces.Box(0, 255, shape, np.uint8)
+        self.action_space = gym.spaces.Discrete(4)
+        self.max_steps = max_steps
+        self.state = np.zeros(5, np.int64)
+        """The agent's row and column, the goal's, and the steps taken (what policylab's checkpoints snapshot)."""
+
+    def _frame(self) -> np.ndarray:
+        side, c = self.size * self.cell, self.cell
+        frame = np.zeros((side, side), np.uint8)
+        for (row, col), value in ((self.state[2:4], 128), (self.state[0:2], 255)):
+            frame[row * c : (row + 1) * c, col * c : (col + 1) * c] = value
+        return frame.reshape(self.observation_space.shape)
+
+    def reset(self, *, seed=None, options=None):
+        super().reset(seed=seed)
+        agent, goal = self.np_random.choice(self.size * self.size, 2, replace=False)
+        self.state = np.array([agent // self.size, agent % self.size, goal // self.size, goal % self.size, 0])
+        return self._frame(), {}
+
+    def step(self, action):
+        moves = ((-1, 0), (1, 0), (0, -1), (0, 1))
+        d_row, d_col = moves[int(action)]
+        self.state[0] = min(max(self.state[0] + d_row, 0), self.size - 1)
+        self.state[1] = min(max(self.state[1] + d_col, 0), self.size - 1)
+        self.state[4] += 1
+        reached = bool(self.state[0] == self.state[2] and self.state[1] == self.state[3])
+        truncated = bool(self.state[4] >= self.max_steps) and not reached
+        return self._frame(), float(reached), reached, truncated, {}
+
+
+def float_pixel_grid(**kwargs) -> gym.Env:
+    """PixelGrid's frames as float32 in [0, 1] (for the error that asks for uint8 frames)."""
+    env = PixelGrid(**kwargs)
+    space = gym.spaces.Box(0.0, 1.0, env.observation_space.shape, np.float32)
+    return gym.wrappers.TransformObservation(env, lambda o: o.astype(np.float32) / 255.0, space)

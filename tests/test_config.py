@@ -197,12 +197,23 @@ def test_validate_rejects_unknown_activation():
     assert "gelu" in str(info.value) and "tanh" in str(info.value)
 
 
-@pytest.mark.parametrize(
-    "kwargs", [{"hidden_sizes": []}, {"hidden_sizes": [64, 0]}, {"num_envs": 0}, {"vectorization": "fast"}]
-)
+@pytest.mark.parametrize("kwargs", [{"hidden_sizes": [64, 0]}, {"num_envs": 0}, {"vectorization": "fast"}])
 def test_validate_rejects_other_bad_values(kwargs):
     with pytest.raises(ConfigError, match=next(iter(kwargs))):
         PPOConfig(**kwargs).validate()
+
+
+def test_no_hidden_layers_is_a_linear_network():
+    PPOConfig(hidden_sizes=[]).validate()  # linear heads (e.g. on a CNN's features, as SB3's Atari policies)
+    import gymnasium as gym
+    import torch
+
+    from policylab.algos.onpolicy import build_actor_critic
+
+    net = build_actor_critic(PPOConfig(hidden_sizes=[]), gym.spaces.Box(-1, 1, (3,)), gym.spaces.Discrete(2), "ppo")
+    assert len(net.body.weights) == 1 and net.body.weight(0).shape == (2, 3, 2)  # actor and critic: one layer each
+    logits, values = net(torch.ones(4, 3))
+    assert logits.shape == (4, 2) and values.shape == (4,)
 
 
 def test_preset_rl_zoo_gives_rl_zoos_values_where_the_default_differs():

@@ -33,6 +33,7 @@ from policylab.algos.offpolicy import (
 from policylab.data import Batch
 from policylab.errors import ConfigError
 from policylab.nets import QNetwork
+from policylab.nets.cnn import make_encoder
 from policylab.objectives.q_targets import dqn_target
 
 
@@ -102,7 +103,7 @@ class EpsilonGreedyActing:
     ) -> None:
         self.cfg, self.net, self.q_target, self.n_actions, self.generator = cfg, net, q_target, n_actions, generator
         self.target_every = max(cfg.target_update_interval // cfg.num_envs, 1)
-        self.numpy_acting = bool(net.body.analytic_backward) and cfg.device == "cpu"
+        self.numpy_acting = net.encoder is None and bool(net.body.analytic_backward) and cfg.device == "cpu"
 
     def methods(self) -> tuple[Callable[..., Any], ...]:
         """(random_actions, explore, greedy, after_step): the algorithm's own methods of those names."""
@@ -147,7 +148,9 @@ class DQN:
     @staticmethod
     def build_policy(cfg: DQNConfig, obs_space: gym.Space, act_space: gym.Space) -> QNetwork:
         n_actions = discrete_actions(act_space, "dqn")
-        return QNetwork(obs_dim(obs_space), n_actions, cfg.hidden_sizes, cfg.activation, cfg.dueling)
+        encoder = make_encoder(cfg.encoder, obs_space)
+        features = obs_dim(obs_space) if encoder is None else encoder.features
+        return QNetwork(features, n_actions, cfg.hidden_sizes, cfg.activation, cfg.dueling, encoder=encoder)
 
     def to_env(self, actions: np.ndarray) -> np.ndarray:
         return actions

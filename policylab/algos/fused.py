@@ -43,6 +43,7 @@ class FusedActorCriticStep:
     def supports(net: torch.nn.Module) -> bool:
         return (
             isinstance(net, ActorCritic)
+            and net.encoder is None
             and net.body.analytic_backward
             and not (net.head.continuous and net.head.squash)  # type: ignore[union-attr]
         )

@@ -108,7 +108,7 @@ def fused_sac_update(algo: SAC, batch: Batch, index: int, noise: Tensor | None =
 
 
 def fused_dqn_applies(algo: DQN) -> bool:
-    return bool(algo.cfg.analytic_grads and algo.net.body.analytic_backward)
+    return bool(algo.cfg.analytic_grads and algo.net.encoder is None and algo.net.body.analytic_backward)
 
 
 def fused_dqn_update(algo: DQN, batch: Batch) -> dict[str, Tensor]:

@@ -31,6 +31,7 @@ from policylab.config import CommonConfig
 from policylab.data.her import check_her_config
 from policylab.errors import ConfigError, EnvError
 from policylab.nets import TanhGaussianActor
+from policylab.nets.cnn import check_vector_observations
 from policylab.objectives.q_targets import polyak_update
 from policylab.optim import Adam, ParameterBuffer
 
@@ -283,7 +284,9 @@ def discrete_actions(act_space: gym.Space, algo: str) -> int:
     return int(act_space.n)
 
 
-def obs_dim(obs_space: gym.Space) -> int:
+def obs_dim(obs_space: gym.Space, algo: str = "this algorithm") -> int:
+    """The flattened size of vector observations (image observations: an error naming the algorithms that take them)."""
+    check_vector_observations(obs_space, algo)
     return int(np.prod(obs_space.shape or ()))
 
 

@@ -100,6 +100,7 @@ def build_actor_critic(cfg: OnPolicyConfig, obs_space: gym.Space, act_space: gym
         log_std_init=cfg.log_std_init,
         squash=cfg.squash_actions,
         algo=algo,
+        encoder=cfg.encoder,
     )
 
 

@@ -30,6 +30,7 @@ from policylab.algos.offpolicy import (
 )
 from policylab.data import Batch
 from policylab.errors import ConfigError
+from policylab.nets.cnn import ImageEncoder, flat_features, make_encoder
 from policylab.nets.mlp import StackedMLP
 from policylab.objectives.q_targets import quantile_huber_loss
 
@@ -61,14 +62,21 @@ class QuantileQNetwork(nn.Module):
     """Z(s, .): [B, n_actions, n_quantiles] from one MLP with n_actions x n_quantiles outputs."""
 
     def __init__(
-        self, obs_dim: int, n_actions: int, n_quantiles: int, hidden_sizes: Sequence[int], activation: str
+        self,
+        obs_dim: int,
+        n_actions: int,
+        n_quantiles: int,
+        hidden_sizes: Sequence[int],
+        activation: str,
+        encoder: ImageEncoder | None = None,
     ) -> None:
         super().__init__()
         self.n_actions, self.n_quantiles = n_actions, n_quantiles
+        self.encoder = encoder
         self.body = StackedMLP(1, obs_dim, hidden_sizes, n_actions * n_quantiles, activation)
 
     def forward(self, obs: Tensor) -> Tensor:
-        return self.body(obs.flatten(1))[0].view(len(obs), self.n_actions, self.n_quantiles)
+        return self.body(flat_features(self.encoder, obs))[0].view(len(obs), self.n_actions, self.n_quantiles)
 
     def greedy_numpy(self, obs: np.ndarray) -> np.ndarray:
         """argmax_a mean_i Z_i(s, a) in numpy (CPU acting)."""
@@ -101,7 +109,9 @@ class QRDQN:
     @staticmethod
     def build_policy(cfg: QRDQNConfig, obs_space: gym.Space, act_space: gym.Space) -> QuantileQNetwork:
         n_actions = discrete_actions(act_space, "qrdqn")
-        return QuantileQNetwork(obs_dim(obs_space), n_actions, cfg.n_quantiles, cfg.hidden_sizes, cfg.activation)
+        encoder = make_encoder(cfg.encoder, obs_space)
+        features = obs_dim(obs_space) if encoder is None else encoder.features
+        return QuantileQNetwork(features, n_actions, cfg.n_quantiles, cfg.hidden_sizes, cfg.activation, encoder)
 
     def to_env(self, actions: np.ndarray) -> np.ndarray:
         return actions

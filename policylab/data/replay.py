@@ -58,6 +58,7 @@ class ReplayBuffer:
         next_actions: bool = False,
         mc_returns: bool = False,
         episodes: bool = False,
+        obs_dtype: torch.dtype = torch.float32,
     ) -> None:
         if n_step < 1:
             raise ValueError(f"n_step must be >= 1, got {n_step}")
@@ -73,7 +74,7 @@ class ReplayBuffer:
         loader drops the truncated transitions instead)."""
         self.device = torch.device(device)
         shape = (self.slots, num_envs)
-        self.obs = torch.zeros(*shape, *obs_shape, device=device)
+        self.obs = torch.zeros(*shape, *obs_shape, dtype=obs_dtype, device=device)  # uint8 for image frames
         self.actions = torch.zeros(*shape, *action_shape, dtype=action_dtype, device=device)
         self.rewards = torch.zeros(shape, device=device)
         self.terminated = torch.zeros(shape, dtype=torch.bool, device=device)

@@ -25,11 +25,12 @@ class RolloutBuffer:
         action_shape: tuple[int, ...],
         action_dtype: torch.dtype,
         device: torch.device | str = "cpu",
+        obs_dtype: torch.dtype = torch.float32,
     ) -> None:
         shape = (n_steps, num_envs)
         self.n_steps = n_steps
         self.num_envs = num_envs
-        self.obs = torch.zeros(*shape, *obs_shape, device=device)
+        self.obs = torch.zeros(*shape, *obs_shape, dtype=obs_dtype, device=device)  # uint8 for image frames
         self.actions = torch.zeros(*shape, *action_shape, dtype=action_dtype, device=device)
         self.logp = torch.zeros(shape, device=device)
         self.values = torch.zeros(shape, device=device)

@@ -23,9 +23,26 @@ from policylab.errors import EnvError
 LEAVES = (gym.spaces.Box, gym.spaces.Discrete, gym.spaces.MultiDiscrete, gym.spaces.MultiBinary)
 
 
+def is_image_space(space: gym.Space) -> bool:
+    """uint8 frames (a Box of 2 or more dims): kept uint8 from the env to the network's encoder (nets/cnn.py)."""
+    return isinstance(space, gym.spaces.Box) and space.dtype == np.uint8 and len(space.shape) >= 2
+
+
+def storage_dtype(space: gym.Space) -> np.dtype:
+    """How observations are stored between the env and the networks: uint8 frames as they are, all else float32."""
+    return np.dtype(np.uint8) if is_image_space(space) else np.dtype(np.float32)
+
+
+def torch_dtype(dtype: np.dtype) -> Any:
+    """The torch dtype of a storage dtype (uint8 or float32)."""
+    import torch
+
+    return torch.uint8 if dtype == np.uint8 else torch.float32
+
+
 def _is_vector_box(space: gym.Space) -> bool:
     """A Box that is not an image (images need a CNN encoder, not flattening)."""
-    return isinstance(space, gym.spaces.Box) and not (space.dtype == np.uint8 and len(space.shape) >= 2)
+    return isinstance(space, gym.spaces.Box) and not is_image_space(space)
 
 
 def needs_encoding(space: gym.Space) -> bool:

@@ -17,7 +17,7 @@ import numpy as np
 from gymnasium.vector import AutoresetMode
 
 from policylab.envs.cartpole import SameStepCartPoleVectorEnv
-from policylab.envs.encode import OneHotObservation, needs_encoding, raw_observation_space
+from policylab.envs.encode import OneHotObservation, needs_encoding, raw_observation_space, storage_dtype
 from policylab.envs.sync import SyncEnvs
 from policylab.errors import EnvError, suggest
 
@@ -42,7 +42,8 @@ class StepResult:
 
 
 class VecEnv:
-    """A Gymnasium vector env with same-step autoreset, float32 observations and state snapshots."""
+    """A Gymnasium vector env with same-step autoreset, float32 observations (uint8 frames stay uint8) and state
+    snapshots."""
 
     def __init__(
         self,
@@ -59,10 +60,11 @@ class VecEnv:
         """The env's own observation space (a Discrete, a Tuple ...) where policylab encodes it as a Box."""
         self.single_action_space = env.single_action_space
         self.snapshot_able = snapshot_able
+        self.obs_dtype = storage_dtype(self.single_observation_space)
 
     def reset(self, seed: int | None = None) -> np.ndarray:
         obs, _ = self.env.reset(seed=seed)
-        return np.asarray(obs, dtype=np.float32)
+        return np.asarray(obs, dtype=self.obs_dtype)
 
     def step(self, actions: np.ndarray) -> StepResult:
         obs, reward, terminated, truncated, info = self.env.step(actions)
@@ -71,12 +73,12 @@ class VecEnv:
         if mask is not None and mask.any():
             final = info["final_obs"]
             if final.dtype == object:
-                stacked = np.asarray(obs, dtype=np.float32).copy()
+                stacked = np.asarray(obs, dtype=self.obs_dtype).copy()
                 stacked[mask] = np.stack(list(final[mask]))
                 final = stacked
-            final_obs = np.asarray(final, dtype=np.float32)
+            final_obs = np.asarray(final, dtype=self.obs_dtype)
         return StepResult(
-            np.asarray(obs, dtype=np.float32),
+            np.asarray(obs, dtype=self.obs_dtype),
             np.asarray(reward, dtype=np.float32),
             np.asarray(terminated, dtype=bool),
             np.asarray(truncated, dtype=bool),

@@ -9,6 +9,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from policylab.nets.cnn import make_encoder
 from policylab.nets.heads import make_head
 from policylab.nets.mlp import StackedMLP
 
@@ -31,9 +32,12 @@ class ActorCritic(nn.Module):
         log_std_init: float = 0.0,
         squash: bool = False,
         algo: str = "this algorithm",
+        encoder: str = "auto",
     ) -> None:
         super().__init__()
-        self.obs_dim = int(np.prod(observation_space.shape))
+        self.encoder = make_encoder(encoder, observation_space, orthogonal=ortho_init)
+        """The image encoder shared by actor and critic (nets/cnn.py), None for vector observations."""
+        self.obs_dim = int(np.prod(observation_space.shape)) if self.encoder is None else self.encoder.features
         self.head = make_head(action_space, squash, algo)
         n = self.head.n_outputs
         self.n_outputs = n
@@ -49,7 +53,8 @@ class ActorCritic(nn.Module):
             self.register_parameter("log_std", None)
 
     def forward(self, obs: Tensor) -> tuple[Tensor, Tensor]:
-        y = self.body.forward(obs.reshape(obs.shape[0], self.obs_dim))  # .forward: no hook overhead on the hot path
+        x = obs.reshape(obs.shape[0], self.obs_dim) if self.encoder is None else self.encoder(obs)
+        y = self.body.forward(x)  # .forward: no hook overhead on the hot path
         if self.shared:
             return y[0, :, : self.n_outputs], y[0, :, self.n_outputs]
         return y[0, :, : self.n_outputs], y[1, :, 0]
@@ -64,8 +69,8 @@ class ActorCritic(nn.Module):
 
     @property
     def numpy_acting(self) -> bool:
-        """Whether `act_numpy` applies: tanh/relu networks on the CPU."""
-        return self.body.analytic_backward and self.body.weights[0].device.type == "cpu"
+        """Whether `act_numpy` applies: tanh/relu MLPs on vectors, on the CPU."""
+        return self.encoder is None and self.body.analytic_backward and self.body.weights[0].device.type == "cpu"
 
     def act_numpy(self, obs: np.ndarray, noise: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """`act` in numpy with pre-drawn noise (rollouts on CPU); returns (actions, log-probs, values)."""

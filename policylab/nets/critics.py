@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from policylab.nets.cnn import ImageEncoder, flat_features
 from policylab.nets.mlp import StackedMLP
 
 _LOG_2 = math.log(2.0)
@@ -32,13 +33,16 @@ class QNetwork(nn.Module):
         activation: str = "relu",
         dueling: bool = False,
         members: int = 1,
+        encoder: ImageEncoder | None = None,
     ) -> None:
         super().__init__()
         self.dueling = dueling
+        self.encoder = encoder
+        """An image encoder (nets/cnn.py) before the MLP; `obs_dim` is then its feature count."""
         self.body = StackedMLP(members, obs_dim, hidden_sizes, n_actions + 1 if dueling else n_actions, activation)
 
     def forward(self, obs: Tensor) -> Tensor:
-        y = self.body(obs.flatten(1))
+        y = self.body(flat_features(self.encoder, obs))
         if not self.dueling:
             return y
         value, advantage = y[..., :1], y[..., 1:]

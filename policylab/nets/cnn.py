@@ -1,0 +1,195 @@
+"""Encoders for image observations: Nature-CNN (Mnih et al. 2015) and IMPALA-CNN (Espeholt et al. 2018).
+
+An observation space is an image when it is a uint8 Box of shape (H, W), (H, W, C) or (C, H, W) with C <= 4
+(a grayscale frame stack from Gymnasium's FrameStackObservation is (k, H, W)). The encoder takes the frames as
+they are stored, uint8, and converts them on the device: to float, divided by 255, channels first. So rollout
+and replay storage stay uint8 (a quarter of float32's memory and copies), and a `Policy` takes the env's own
+frames. Which encoder: `encoder=auto` (Nature-CNN for images, none for vectors), `nature`, `impala`, or `mlp`
+(frames scaled and flattened into the MLP).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import gymnasium as gym
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from policylab.errors import ConfigError, EnvError
+
+ENCODERS = ("auto", "mlp", "nature", "impala")
+IMAGE_ALGOS = ("ppo", "a2c", "reinforce", "dqn", "qrdqn")
+"""The algorithms that build an image encoder; the others flatten vectors only."""
+
+
+@dataclass(frozen=True)
+class ImageLayout:
+    channels: int
+    height: int
+    width: int
+    channels_last: bool
+
+    def to_nchw(self, frames: Tensor) -> Tensor:
+        """[B, *stored shape] uint8 (or float) frames -> [B, C, H, W] float in [0, 1]."""
+        x = frames.float().div_(255.0) if frames.dtype == torch.uint8 else frames.float() / 255.0
+        if x.dim() == 3:  # (H, W) frames
+            return x.unsqueeze(1)
+        return x.permute(0, 3, 1, 2) if self.channels_last else x
+
+
+def image_layout(space: gym.Space) -> ImageLayout | None:
+    """The layout of an image observation space, None for any other space; an error for a uint8 space that is
+    image-like but not one policylab's encoders read."""
+    if not isinstance(space, gym.spaces.Box) or space.dtype != np.uint8 or len(space.shape) < 2:
+        return None
+    shape = tuple(int(d) for d in space.shape)
+    if len(shape) == 2:
+        return ImageLayout(1, shape[0], shape[1], False)
+    if len(shape) == 3:
+        if shape[-1] <= 4 < min(shape[0], shape[1]):
+            return ImageLayout(shape[2], shape[0], shape[1], True)
+        if shape[0] <= 4 < min(shape[1], shape[2]):
+            return ImageLayout(shape[0], shape[1], shape[2], False)
+    raise EnvError(
+        f"uint8 observations of shape {shape} are not frames policylab's CNN encoders read: they take (H, W), "
+        "(H, W, C) or (C, H, W) with at most 4 channels",
+        "stack grayscale frames (gymnasium.wrappers.GrayscaleObservation before FrameStackObservation), or "
+        "reshape the observations yourself",
+    )
+
+
+def check_not_float_image(space: gym.Space, env_id: str) -> None:
+    """Float frames (H, W, C) or (C, H, W) would be flattened into a huge MLP input: an error naming the fix."""
+    if not isinstance(space, gym.spaces.Box) or space.dtype == np.uint8 or len(space.shape) != 3:
+        return
+    h, w, c = space.shape
+    c_first = space.shape[0]
+    if (c <= 4 and min(h, w) >= 16) or (c_first <= 4 and min(space.shape[1:]) >= 16):
+        raise EnvError(
+            f"{env_id!r} observes {space.dtype} frames of shape {space.shape}: policylab's CNN encoders read uint8 "
+            "frames (0-255)",
+            "convert them with gymnasium.wrappers.TransformObservation to a uint8 Box (frames * 255), or pass "
+            "--set encoder=mlp to flatten them into the MLP",
+        )
+
+
+class ImageEncoder(nn.Module):
+    """Frames as stored ([B, *shape], uint8) -> features [B, features]."""
+
+    features: int
+    min_size: int = 1
+    """The smallest height and width the encoder's convolutions take."""
+
+
+def _conv_out(size: int, kernel: int, stride: int, padding: int = 0) -> int:
+    return (size + 2 * padding - kernel) // stride + 1
+
+
+class NatureCNN(ImageEncoder):
+    """Mnih et al. 2015: 32 8x8 stride 4, 64 4x4 stride 2, 64 3x3 stride 1, ReLU, a 512-unit ReLU layer."""
+
+    min_size = 36
+
+    def __init__(self, layout: ImageLayout, features: int = 512) -> None:
+        super().__init__()
+        self.layout = layout
+        self.convs = nn.Sequential(
+            nn.Conv2d(layout.channels, 32, 8, 4), nn.ReLU(),
+            nn.Conv2d(32, 64, 4, 2), nn.ReLU(),
+            nn.Conv2d(64, 64, 3, 1), nn.ReLU(),
+            nn.Flatten(),
+        )  # fmt: skip
+        h, w = layout.height, layout.width
+        for kernel, stride in ((8, 4), (4, 2), (3, 1)):
+            h, w = _conv_out(h, kernel, stride), _conv_out(w, kernel, stride)
+        self.fc = nn.Sequential(nn.Linear(64 * h * w, features), nn.ReLU())
+        self.features = features
+
+    def forward(self, frames: Tensor) -> Tensor:
+        return self.fc(self.convs(self.layout.to_nchw(frames)))
+
+
+class _Residual(nn.Module):
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.conv0 = nn.Conv2d(channels, channels, 3, padding=1)
+        self.conv1 = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x + self.conv1(torch.relu(self.conv0(torch.relu(x))))
+
+
+class ImpalaCNN(ImageEncoder):
+    """Espeholt et al. 2018: three stacks of (3x3 conv, 3x3 max-pool stride 2, two residual blocks) with 16, 32 and
+    32 channels, ReLU, a 256-unit ReLU layer."""
+
+    def __init__(self, layout: ImageLayout, channels: tuple[int, ...] = (16, 32, 32), features: int = 256) -> None:
+        super().__init__()
+        self.layout = layout
+        layers: list[nn.Module] = []
+        c_in, h, w = layout.channels, layout.height, layout.width
+        for c in channels:
+            layers += [nn.Conv2d(c_in, c, 3, padding=1), nn.MaxPool2d(3, 2, padding=1), _Residual(c), _Residual(c)]
+            c_in, h, w = c, _conv_out(h, 3, 2, 1), _conv_out(w, 3, 2, 1)
+        self.convs = nn.Sequential(*layers, nn.ReLU(), nn.Flatten())
+        self.fc = nn.Sequential(nn.Linear(c_in * h * w, features), nn.ReLU())
+        self.features = features
+
+    def forward(self, frames: Tensor) -> Tensor:
+        return self.fc(self.convs(self.layout.to_nchw(frames)))
+
+
+class FlatFrames(ImageEncoder):
+    """`encoder=mlp` on images: the frames scaled to [0, 1] and flattened."""
+
+    def __init__(self, layout: ImageLayout) -> None:
+        super().__init__()
+        self.layout = layout
+        self.features = layout.channels * layout.height * layout.width
+
+    def forward(self, frames: Tensor) -> Tensor:
+        return frames.reshape(len(frames), -1).float() / 255.0
+
+
+def check_vector_observations(space: gym.Space, algo: str) -> None:
+    """For the algorithms whose networks read vectors only: an error for image observations."""
+    if image_layout(space) is not None:
+        raise ConfigError(
+            f"{algo} does not take image observations yet; its networks read vectors",
+            f"use one of {', '.join(IMAGE_ALGOS)} on images",
+        )
+
+
+def make_encoder(kind: str, space: gym.Space, orthogonal: bool = False) -> ImageEncoder | None:
+    """The encoder for `space` (None: the observations are vectors, flattened into the MLP)."""
+    if kind not in ENCODERS:
+        raise ConfigError(f"encoder={kind!r} is not one of {', '.join(ENCODERS)}", "use auto")
+    layout = image_layout(space)
+    if layout is None:
+        if kind in ("nature", "impala"):
+            raise ConfigError(
+                f"encoder={kind} needs image observations (uint8 frames); this env observes {space}",
+                "use encoder=auto (or mlp) for vector observations",
+            )
+        return None
+    cls: type[ImageEncoder] = {"auto": NatureCNN, "nature": NatureCNN, "impala": ImpalaCNN, "mlp": FlatFrames}[kind]
+    if min(layout.height, layout.width) < cls.min_size:
+        raise EnvError(
+            f"frames of {layout.height}x{layout.width} are smaller than Nature-CNN's {cls.min_size}x{cls.min_size}",
+            "use --set encoder=impala (any size), or enlarge them with gymnasium.wrappers.ResizeObservation",
+        )
+    encoder = cls(layout)  # type: ignore[call-arg]
+    if orthogonal:  # as SB3's on-policy CNN policies: sqrt(2) gains
+        for module in encoder.modules():
+            if isinstance(module, (nn.Conv2d, nn.Linear)):
+                nn.init.orthogonal_(module.weight, math.sqrt(2))
+                nn.init.zeros_(module.bias)  # type: ignore[arg-type]
+    return encoder
+
+
+def flat_features(encoder: nn.Module | None, obs: Tensor) -> Tensor:
+    """The MLP's input: the encoder's features, or the observations flattened."""
+    return obs.reshape(len(obs), -1) if encoder is None else encoder(obs)
