@@ -16,12 +16,12 @@ $(PY):
 $(STAMP): $(PY) pyproject.toml
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q torch==2.13.0
-	$(PIP) install -q -e '.[dev,llm,ray]'
+	$(PIP) install -q -e '.[dev,llm,ray,atari]'
 	touch $(STAMP)
 
 # Peers (stable-baselines3) are installed for benchmarks only.
 $(BENCH_STAMP): $(STAMP)
-	$(PIP) install -q -e '.[dev,llm,ray,bench]'
+	$(PIP) install -q -e '.[dev,llm,ray,atari,bench]'
 	touch $(BENCH_STAMP)
 
 install: $(STAMP)

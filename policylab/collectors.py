@@ -141,7 +141,7 @@ class RolloutSlice:
         one_thread_if_actor()
         self.cfg, self.start, self.stop = cfg, start, stop
         n = stop - start
-        self.env = make_vec_env(cfg.env, n, cfg.vectorization, cfg.env_kwargs)
+        self.env = make_vec_env(cfg.env, n, cfg.vectorization, cfg.env_kwargs, training=True)
         obs_space, act_space = self.env.single_observation_space, self.env.single_action_space
         self.net: ActorCritic = get_algo(algo).algo_cls.build_policy(cfg, obs_space, act_space).to(cfg.device)
         head = self.net.head
@@ -238,7 +238,7 @@ class OffPolicySlice:
 
         one_thread_if_actor()
         self.cfg, self.start = cfg, start
-        self.env = make_vec_env(cfg.env, stop - start, cfg.vectorization, cfg.env_kwargs)
+        self.env = make_vec_env(cfg.env, stop - start, cfg.vectorization, cfg.env_kwargs, training=True)
         spaces = (self.env.single_observation_space, self.env.single_action_space)
         self.algo = get_algo(algo).algo_cls(cfg, *spaces)
         seed = cfg.seed + EXPLORATION_SEED_STRIDE * (start + 1) + RESTART_SEED_STRIDE * restarts

@@ -321,6 +321,33 @@ for _algo in ("td3", "ddpg"):
     }
 
 
+# rl-zoo's `atari` entries, used for every Atari game (ALE/<Game>-v5 or <Game>NoFrameskip-v4; envs/atari.py
+# applies SB3's AtariWrapper preprocessing with 4 stacked frames). SB3's CnnPolicy reads Nature-CNN's 512 features
+# with linear heads: hidden_sizes [].
+ATARI = "atari"
+_CNN = {"encoder": "nature", "hidden_sizes": []}
+PRESETS["ppo"][ATARI] = Preset(
+    {
+        "steps": 10_000_000, **_CNN, "num_envs": 8, "n_steps": 128, "epochs": 4, "batch_size": 256,
+        "lr": 2.5e-4, "anneal_lr": True, "clip_eps": 0.1, "anneal_clip": True, "vf_coef": 0.5, "ent_coef": 0.01,
+    },
+    f"{_ZOO_PPO}, entry atari (lr lin_2.5e-4, clip_range lin_0.1)",
+)  # fmt: skip
+PRESETS["a2c"][ATARI] = Preset(
+    {"steps": 10_000_000, **_CNN, "num_envs": 16, "ent_coef": 0.01, "vf_coef": 0.25, "optim_eps": 1e-5},
+    f"{_ZOO_A2C}, entry atari (RMSprop with eps 1e-5: torch's RMSprop, not SB3's RMSpropTFLike)",
+)
+PRESETS["dqn"][ATARI] = Preset(
+    {
+        "steps": 10_000_000, **_CNN, "buffer_size": 10_000, "lr": 1e-4, "batch_size": 32, "learning_starts": 100_000,
+        "target_update_interval": 1000, "train_freq": 4, "gradient_steps": 1, "exploration_fraction": 0.1,
+        "eps_final": 0.01,
+    },
+    f"{_ZOO_DQN}, entry atari",
+)  # fmt: skip
+PRESETS["qrdqn"][ATARI] = Preset({"steps": 10_000_000, **_CNN}, f"{_ZOO_QRDQN}, entry atari (SB3-contrib's defaults)")
+
+
 VARIANTS: dict[str, dict[str, dict[str, Preset]]] = {
     "rl-zoo": {"dqn": {"CartPole-v1": Preset(dict(_ZOO_DQN_CARTPOLE), f"{_ZOO_DQN}, entry CartPole-v1")}}
 }
@@ -424,11 +451,19 @@ def find_preset(algo: str, env_id: str, variant: str | None = None) -> Preset | 
     ``variant`` (a key of VARIANTS), that variant's preset instead."""
     table = PRESETS.get(algo.lower(), {})
     preset = table.get(env_id) or DATASET_PRESETS.get(algo.lower(), {}).get(env_id)
+    if preset is None and _is_atari(env_id):
+        preset = table.get(ATARI)
     if variant is not None:
         alternative = VARIANTS[variant].get(algo.lower(), {}).get(env_id)
         from_zoo = variant == "rl-zoo" and preset is not None and preset.source.startswith("rl-baselines3-zoo")
         preset = alternative if alternative is not None else preset if from_zoo else None
     return None if preset is None else Preset(copy.deepcopy(preset.values), preset.source)
+
+
+def _is_atari(env_id: str) -> bool:
+    from policylab.envs.atari import is_atari, looks_like_atari
+
+    return looks_like_atari(env_id) or is_atari(env_id)
 
 
 def presets_for(algo: str) -> dict[str, int]:

@@ -222,7 +222,7 @@ def short_budget_note(algo: str, cfg: Any, budget: int) -> list[str]:
 
 
 def _env_and_algo(spec: AlgoSpec, cfg: Any, num_envs: int | None = None) -> tuple[VecEnv, Any]:
-    env = make_vec_env(cfg.env, num_envs or cfg.num_envs, cfg.vectorization, cfg.env_kwargs)
+    env = make_vec_env(cfg.env, num_envs or cfg.num_envs, cfg.vectorization, cfg.env_kwargs, training=True)
     try:
         check_observations(cfg, env.single_observation_space)
         return env, spec.algo_cls(cfg, env.single_observation_space, env.single_action_space)

@@ -16,6 +16,7 @@ import gymnasium as gym
 import numpy as np
 from gymnasium.vector import AutoresetMode
 
+from policylab.envs.atari import is_atari, make_atari, register_atari
 from policylab.envs.cartpole import SameStepCartPoleVectorEnv
 from policylab.envs.encode import OneHotObservation, needs_encoding, raw_observation_space, storage_dtype
 from policylab.envs.sync import SyncEnvs
@@ -111,6 +112,7 @@ def resolve_env_id(env_id: str) -> None:
     """Raise a clear error for an env id that Gymnasium does not know."""
     if ":" in env_id:
         return
+    register_atari(env_id)
     if env_id not in gym.registry:
         raise EnvError(
             f"unknown environment {env_id!r}.{suggest(env_id, gym.registry.keys())}",
@@ -136,10 +138,15 @@ def _import_entry(target: str) -> Callable[..., gym.Env]:
     return getattr(module, attr)
 
 
-def make_single_env(env_id: str, env_kwargs: dict[str, Any] | None = None, **extra: Any) -> gym.Env:
-    """One plain environment (for evaluation with rendering, or for `module:Class` envs)."""
+def make_single_env(
+    env_id: str, env_kwargs: dict[str, Any] | None = None, *, training: bool = False, **extra: Any
+) -> gym.Env:
+    """One plain environment (for evaluation with rendering, or for `module:Class` envs); `training`: an env that
+    training steps (Atari games then end episodes at lost lives and clip rewards, envs/atari.py)."""
     kwargs = {**(env_kwargs or {}), **extra}
     resolve_env_id(env_id)
+    if is_atari(env_id):
+        return _construct(env_id, lambda: make_atari(env_id, training, **kwargs))
     if ":" in env_id:
         entry = _import_entry(env_id)
         env = _construct(env_id, lambda: entry(**kwargs))
@@ -173,8 +180,9 @@ def make_vec_env(
     num_envs: int,
     vectorization: str = "auto",
     env_kwargs: dict[str, Any] | None = None,
+    training: bool = False,
 ) -> VecEnv:
-    """N copies of `env_id` behind the same-step `VecEnv` contract."""
+    """N copies of `env_id` behind the same-step `VecEnv` contract (`training`: see make_single_env)."""
     resolve_env_id(env_id)
     kwargs = dict(env_kwargs or {})
     if ":" not in env_id and vectorization == "auto":
@@ -185,7 +193,7 @@ def make_vec_env(
             env = _construct(env_id, lambda: fast(num_envs=num_envs, max_episode_steps=max_steps, **kwargs))
             env.spec = spec  # type: ignore[misc]
             return VecEnv(env, env_id, snapshot_able=True)
-    make_one = lambda: make_single_env(env_id, kwargs)  # noqa: E731
+    make_one = lambda: make_single_env(env_id, kwargs, training=training)  # noqa: E731
     probe = make_one()
     check_spaces_are_vectorizable(probe, env_id)
     raw = raw_observation_space(probe)
