@@ -35,6 +35,7 @@ from policylab.config import CommonConfig, apply_values, dump_yaml, format_count
 from policylab.data import Batch, ReplayBuffer, RolloutBuffer
 from policylab.data.dataset import Dataset, check_compatible, load_dataset
 from policylab.data.her import HindsightRelabeler, her_relabeler
+from policylab.data.replay import StackedFrameReplay
 from policylab.data.sources import (
     BatchSource,
     Demonstrations,
@@ -52,6 +53,7 @@ from policylab.envs import (
     make_vec_env,
     resolve_env_id,
 )
+from policylab.envs.atari import is_atari
 from policylab.envs.encode import is_image_space, needs_encoding, storage_dtype, torch_dtype
 from policylab.envs.vec import StepResult
 from policylab.errors import CheckpointError, ConfigError, TrainingDiverged
@@ -516,7 +518,8 @@ class OffPolicyLoop:
 
     def _replay_buffer(self) -> ReplayBuffer:
         cfg = self.cfg
-        buffer = ReplayBuffer(
+        buffer_cls = StackedFrameReplay if self._stacked_frames() else ReplayBuffer
+        buffer = buffer_cls(
             cfg.buffer_size,
             cfg.num_envs,
             tuple(self.obs_space.shape or ()),
@@ -536,6 +539,19 @@ class OffPolicyLoop:
         if cfg.her:
             buffer.relabeler = self._her_relabeler()
         return buffer
+
+    def _stacked_frames(self) -> bool:
+        """Whether the replay buffer stores each frame of stacked frames once (frame_stack_replay)."""
+        wanted = self.cfg.frame_stack_replay
+        stacks = is_image_space(self.obs_space) and len(self.obs_space.shape) == 3 and not self.cfg.her
+        if wanted and not stacks:
+            self.close()
+            raise ConfigError(
+                f"frame_stack_replay=true needs stacked uint8 frames [k, H, W] (and no her); {self.cfg.env} observes "
+                f"{self.obs_space}",
+                "drop frame_stack_replay, or stack frames with gymnasium.wrappers.FrameStackObservation",
+            )
+        return stacks and (wanted or (wanted is None and is_atari(self.cfg.env)))
 
     def _her_relabeler(self) -> HindsightRelabeler:
         """Hindsight relabelling with the env's own compute_reward (from one more copy of the env, kept open)."""

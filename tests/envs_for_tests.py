@@ -233,3 +233,30 @@ def float_pixel_grid(**kwargs) -> gym.Env:
     env = PixelGrid(**kwargs)
     space = gym.spaces.Box(0.0, 1.0, env.observation_space.shape, np.float32)
     return gym.wrappers.TransformObservation(env, lambda o: o.astype(np.float32) / 255.0, space)
+
+
+class CounterFrames(gym.Env):
+    """4x4 uint8 frames that count: frame value = 16 * (episode % 16) + step; episodes end at random (terminated)
+    or after 9 steps (truncated). For checking stacked-frame replay against full stacks."""
+
+    def __init__(self) -> None:
+        self.observation_space = gym.spaces.Box(0, 255, (4, 4), np.uint8)
+        self.action_space = gym.spaces.Discrete(2)
+        self.episode, self.t = -1, 0
+
+    def _frame(self) -> np.ndarray:
+        return np.full((4, 4), 16 * (self.episode % 16) + self.t, np.uint8)
+
+    def reset(self, *, seed=None, options=None):
+        super().reset(seed=seed)
+        self.episode, self.t = self.episode + 1, 0
+        return self._frame(), {}
+
+    def step(self, action):
+        self.t += 1
+        terminated = bool(self.np_random.random() < 0.15)
+        return self._frame(), 1.0, terminated, self.t >= 9 and not terminated, {}
+
+
+def stacked_pixel_grid(stack: int = 2, **kwargs) -> gym.Env:
+    return gym.wrappers.FrameStackObservation(PixelGrid(**kwargs), stack)

@@ -98,6 +98,9 @@ class OffPolicyConfig(CommonConfig):
     episode (any of its steps)."""
     her_goals: int = 4
     """Relabelled goals per real transition (SB3's n_sampled_goal): 4 relabels 80% of each batch."""
+    frame_stack_replay: bool | None = None
+    """Store each frame of stacked-frame observations ([k, H, W], e.g. Atari's 4 frames) once in the replay buffer
+    (data/replay.py, StackedFrameReplay): a quarter of the memory. None: on for Atari games."""
 
     def validate(self) -> None:
         super().validate()

@@ -326,11 +326,12 @@ class ReplayBuffer:
                 next_index = torch.from_numpy((flat_index.numpy() + self.num_envs) % len(flat["rewards"]))
             else:
                 next_index = torch.remainder(flat_index + self.num_envs, len(flat["rewards"]))
+            obs, next_obs = self._observations(flat_index, next_index)
             batch = Batch(
-                obs=flat["obs"].index_select(0, flat_index),
+                obs=obs,
                 actions=flat["actions"].index_select(0, flat_index),
                 rewards=flat["rewards"].index_select(0, flat_index),
-                next_obs=flat["obs"].index_select(0, next_index),
+                next_obs=next_obs,
                 terminated=flat["terminated"].index_select(0, flat_index),
                 discounts=torch.full(flat_index.shape, self.gamma, device=self.device),
                 indices=flat_index,
@@ -352,11 +353,12 @@ class ReplayBuffer:
         last = torch.gather(steps, 1, (count - 1).unsqueeze(1)).squeeze(1)
         rewards = (self.rewards[steps, envs] * include * self._discounts).sum(1)
         next_slot = (last + 1) % self.slots
+        obs, next_obs = self._observations(flat_index, next_slot * self.num_envs + env)
         batch = Batch(
-            obs=self.obs[slot, env],
+            obs=obs,
             actions=self.actions[slot, env],
             rewards=rewards,
-            next_obs=self.obs[next_slot, env],
+            next_obs=next_obs,
             terminated=self.terminated[last, env],
             discounts=self.gamma ** count.to(rewards.dtype),
             indices=flat_index,
@@ -366,6 +368,11 @@ class ReplayBuffer:
         if self.mc_returns is not None:  # from the sampled step on, whatever n
             batch.mc_returns = self.mc_returns[slot, env]
         return batch
+
+    def _observations(self, flat_index: Tensor, next_index: Tensor) -> tuple[Tensor, Tensor]:
+        """The observations at the transitions' slots and at the slots of their next observations."""
+        flat = self._flat["obs"]
+        return flat.index_select(0, flat_index), flat.index_select(0, next_index)
 
     def state(self) -> tuple[dict[str, Tensor], dict[str, Any]]:
         """Tensors and JSON for a checkpoint: the written slots only (large once the buffer has filled)."""
@@ -422,3 +429,102 @@ def _discounted_reverse_sums(values: np.ndarray, gamma: float) -> np.ndarray:
         return within.reshape(-1)[:n]
     from_next = np.append(_discounted_reverse_sums(within[:, 0], gamma**block)[1:], 0.0)  # S at each next block
     return (within + gamma ** (block - np.arange(block)) * from_next[:, None]).reshape(-1)[:n]
+
+
+class StackedFrameReplay(ReplayBuffer):
+    """A replay buffer for stacks of k frames ([k, H, W] observations, the newest last, as Gymnasium's
+    FrameStackObservation makes them) that stores each frame once: a slot holds its observation's newest frame,
+    and a stack is put together when a batch is drawn from the slots before it in the same episode. Where an
+    episode is younger than k steps, the frames before its first are the padding FrameStackObservation uses: copies
+    of the first frame (`padding="reset"`, its default) or zeros (`"zero"`). Memory: H x W bytes per uint8
+    transition instead of k x H x W (a 1M-transition Atari replay of 84x84 frames: 7 GB, not 28).
+
+    The padding is checked at every episode start, so stacks that were not made this way are an error, not wrong
+    batches. The k - 1 oldest slots of the ring, whose earlier frames the ring has overwritten, are not drawn."""
+
+    def __init__(self, capacity: int, num_envs: int, obs_shape: tuple[int, ...], *args: Any, **kwargs: Any) -> None:
+        if len(obs_shape) != 3:
+            raise ValueError(f"stacked frames are [k, H, W] observations, not {obs_shape}")
+        kwargs["episodes"] = True  # each slot's episode start: where its stack begins
+        super().__init__(capacity, num_envs, obs_shape[1:], *args, **kwargs)
+        self.stack = obs_shape[0]
+        self.padding: str | None = None
+        """"reset" or "zero", read from the first episode start."""
+        self._starting = np.ones(num_envs, bool)
+        """Envs whose next added observation begins an episode."""
+        self._unseen_frames = np.zeros(num_envs, np.int64)
+        """Per env, how many of its next transitions need frames from before this buffer's first (a buffer started
+        mid-episode, e.g. on resume without save_buffer): those are written but never drawn."""
+
+    def add(
+        self,
+        obs: Tensor | np.ndarray,
+        actions: Tensor | np.ndarray,
+        rewards: Tensor | np.ndarray,
+        next_obs: Tensor | np.ndarray,
+        terminated: Tensor | np.ndarray,
+        truncated: Tensor | np.ndarray,
+        final_obs: Tensor | np.ndarray | None = None,
+    ) -> None:
+        self._check_padding(obs)
+        slot = self.ptr.clone()
+        newest = None if final_obs is None else final_obs[:, -1]
+        super().add(obs[:, -1], actions, rewards, next_obs[:, -1], terminated, truncated, newest)
+        self._starting = np.asarray(terminated, bool) | np.asarray(truncated, bool)
+        unseen = torch.from_numpy(self._unseen_frames > 0).to(self.device)
+        self.valid[slot[unseen], self._envs[unseen]] = False
+        self._unseen_frames = np.maximum(self._unseen_frames - 1, 0)
+        for offset in range(1, self.stack):  # the oldest slots: their earlier frames are overwritten
+            self.valid[(self.ptr + offset) % self.slots, self._envs] = False
+
+    def _check_padding(self, obs: Tensor | np.ndarray) -> None:
+        """At episode starts, the stack must be k copies of the first frame, or zeros then the first frame."""
+        for env in np.flatnonzero(self._starting).tolist():
+            stack = np.asarray(obs[env])
+            repeated = bool((stack[:-1] == stack[-1]).all())
+            zeros = not bool(stack[:-1].any())
+            if not (repeated or zeros) and self.transitions_added == 0:  # joined an episode under way
+                self._unseen_frames[env] = self.stack - 1
+                continue
+            padding = "reset" if repeated and not zeros else "zero" if zeros and not repeated else self.padding
+            if padding is None and repeated:  # a blank first frame: either padding fits; decided later
+                continue
+            if padding is None or (self.padding is not None and padding != self.padding) or not (repeated or zeros):
+                raise ValueError(
+                    "these observations are not frame stacks whose first frames are padding (copies of the episode's "
+                    "first frame, or zeros): stacked-frame replay cannot rebuild them; use frame_stack_replay=false"
+                )
+            self.padding = padding
+
+    def _observations(self, flat_index: Tensor, next_index: Tensor) -> tuple[Tensor, Tensor]:
+        assert self.episode_first is not None
+        first = self.episode_first.view(-1).index_select(0, flat_index)
+        return self._stacks(flat_index, first), self._stacks(next_index, first)
+
+    def _stacks(self, flat_index: Tensor, first: Tensor) -> Tensor:
+        """[B, k, H, W]: the frames of the k slots up to each index's, the padding before its episode's first."""
+        n, slots = self.num_envs, self.slots
+        slot, env = flat_index // n, flat_index % n
+        age = (slot - first) % slots  # steps since the episode's first observation
+        back = torch.arange(self.stack - 1, -1, -1, device=self.device)  # oldest first
+        before_start = back.unsqueeze(0) > age.unsqueeze(1)
+        source = (slot.unsqueeze(1) - back) % slots
+        source = torch.where(before_start, first.unsqueeze(1), source)
+        frames = self._flat["obs"].index_select(0, (source * n + env.unsqueeze(1)).view(-1))
+        frames = frames.view(len(flat_index), self.stack, *frames.shape[1:])
+        if self.padding == "zero":
+            frames = frames.masked_fill(before_start.view(*before_start.shape, 1, 1), 0)
+        return frames
+
+    def state(self) -> tuple[dict[str, Tensor], dict[str, Any]]:
+        tensors, meta = super().state()
+        tensors["starting"] = torch.from_numpy(self._starting.copy())
+        tensors["unseen_frames"] = torch.from_numpy(self._unseen_frames.copy())
+        return tensors, {**meta, "padding": self.padding}
+
+    def load(self, tensors: dict[str, Tensor], meta: dict[str, Any]) -> None:
+        tensors = dict(tensors)
+        self._starting = tensors.pop("starting").numpy().copy()
+        self._unseen_frames = tensors.pop("unseen_frames").numpy().copy()
+        super().load(tensors, meta)
+        self.padding = meta.get("padding")
