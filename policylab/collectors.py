@@ -102,9 +102,12 @@ def collect_rollout(
             if truncated.any():
                 idx = np.flatnonzero(truncated)
                 final = observe(res.final_obs[idx], False)
-                with torch.inference_mode():
-                    boot = net.predict_values(torch.from_numpy(final).to(device))
-                buf.set_bootstrap(t, torch.from_numpy(idx).to(device), boot)
+                rows = torch.from_numpy(idx).to(device)
+                with torch.inference_mode():  # a recurrent net: from the envs' states before their reset
+                    boot = net.predict_values(torch.from_numpy(final).to(device), rows if net.recurrent else None)
+                buf.set_bootstrap(t, rows, boot)
+        if net.recurrent:
+            net.reset_states(episode_end)
         obs = observe(res.obs, True)
     with torch.inference_mode():
         last_values = net.predict_values(torch.from_numpy(obs).to(device))

@@ -72,6 +72,9 @@ class CommonConfig:
     """fp32, or bf16: the large products in bfloat16 with float32 accumulation (weights, gradients and optimizer
     state stay float32) on CPUs with native bfloat16 (AMX or AVX512-BF16); opt-in, it changes the results
     (nets/matmul.py; the speed and returns are in benchmarks/README.md)."""
+    recurrent: bool = False
+    """LSTM actor-critic (ppo, a2c; RecurrentPPO-style): hidden states carried across steps and rollouts, reset at
+    episode starts, minibatches of whole sequences (nets/actor_critic.py). Its size: lstm_hidden."""
     encoder: str = "auto"
     """How observations reach the networks: auto (image observations, uint8 frames: Nature-CNN; vectors: the MLP),
     nature, impala (IMPALA-CNN), or mlp (frames scaled and flattened). Images: ppo, a2c, reinforce, dqn, qrdqn."""

@@ -92,11 +92,26 @@ class Policy:
         self.algo = algo
         self._generator = torch.Generator().manual_seed(seed)
         self._device = next(net.parameters()).device
+        self.recurrent = bool(getattr(net, "recurrent", False))
+        """An LSTM policy: `act` carries its memory from call to call; `reset` clears it at episode starts."""
+        self._state: torch.Tensor | None = None
+
+    def reset(self, ended: np.ndarray | None = None) -> None:
+        """Clear a recurrent policy's memory: of every env (before a new episode), or of the envs where `ended`
+        is true (their next observation starts an episode). Nothing for other policies."""
+        if self._state is None:
+            return
+        if ended is None:
+            self._state = None
+        elif bool(np.any(ended)):
+            mask = torch.as_tensor(np.asarray(ended, bool), device=self._state.device)
+            self._state = self._state.masked_fill(mask.view(1, 1, -1, 1), 0.0)
 
     def act(self, obs: Any, deterministic: bool = True) -> Any:
         """One observation -> one action; a batch [B, *obs_shape] -> a batch of B actions (numpy). For an env with
         Discrete / Tuple / Dict observations, its own observations (an int, a tuple, a dict, or a batch of them) or
-        their encoded vectors."""
+        their encoded vectors. A recurrent policy remembers the observations of earlier calls: call `reset()`
+        before each new episode (`reset(ended)` for the envs of a batch whose episode ended)."""
         if self.encoder is not None and not self.encoder.is_encoded(obs):
             single = self.encoder.is_single(obs)
             obs = self.encoder.one(obs) if single else self.encoder.batch(obs)
@@ -114,7 +129,13 @@ class Policy:
             x = self.obs_normalizer(x)
         with torch.inference_mode():
             t = torch.from_numpy(x).to(self._device)
-            actions = self.net.env_action(t, deterministic, self._generator).cpu().numpy()
+            if self.recurrent:  # the LSTM state carried from the last call (zeros at first and after reset())
+                if self._state is None or self._state.shape[2] != len(t):
+                    self._state = self.net.initial_state(len(t), self._device)
+                actions = self.net.env_action(t, deterministic, self._generator, self._state).cpu().numpy()
+                self._state = self.net.last_state
+            else:
+                actions = self.net.env_action(t, deterministic, self._generator).cpu().numpy()
         if isinstance(self.action_space, gym.spaces.Discrete):
             actions = actions.astype(np.int64)
             return int(actions[0]) if single else actions
@@ -180,6 +201,7 @@ def evaluate(
     env = make_vec_env(env_id, n, "auto", env_kwargs if env_kwargs is not None else policy.env_kwargs)
     try:
         obs = env.reset(seed=seed)
+        policy.reset()
         running = np.zeros(n)
         lengths = np.zeros(n, np.int64)
         done_count = np.zeros(n, np.int64)
@@ -200,6 +222,7 @@ def evaluate(
                 returns.extend(running[ended].tolist())
                 ep_lengths.extend(lengths[ended].tolist())
             done_count += res.episode_end
+            policy.reset(res.episode_end)
             running[res.episode_end] = 0.0
             lengths[res.episode_end] = 0
             obs = res.obs
@@ -235,6 +258,7 @@ def record_video(policy: Policy, path: str | Path, episodes: int = 1, seed: int 
     try:
         for ep in range(episodes):
             obs, _ = env.reset(seed=seed + ep)
+            policy.reset()
             frames.append(env.render())
             done = False
             while not done:

@@ -160,6 +160,7 @@ def resolve_config(
         flags["dataset"] = str(flags["dataset"])
     cfg = apply_values(cfg, flags, "the arguments")
     cfg.validate()
+    check_recurrent(spec.name, cfg)
     if found is not None:
         notes += short_budget_note(spec.name, cfg, found.values.get("steps", 0))
     notes += rounded_budget_note(spec, cfg)
@@ -169,6 +170,23 @@ def resolve_config(
 ROUNDING_NOTE_SHARE = 0.01
 """An on-policy budget rounded up by more than this share of --steps gets a note (100k in rollouts of 256 steps
 becomes 100,096: no note)."""
+
+
+RECURRENT_ALGOS = ("ppo", "a2c")
+
+
+def check_recurrent(algo: str, cfg: Any) -> None:
+    """recurrent=true only where LSTM policies exist, and not with what they do not combine with."""
+    if not cfg.recurrent:
+        return
+    if algo not in RECURRENT_ALGOS:
+        raise ConfigError(
+            f"{algo} has no recurrent policy: LSTM actor-critics exist for {' and '.join(RECURRENT_ALGOS)}",
+            f"use {' or '.join(RECURRENT_ALGOS)} with recurrent=true, or drop recurrent",
+        )
+    for what, present in (("rollout_workers", cfg.rollout_workers), ("a dataset (imitation)", cfg.dataset)):
+        if present:
+            raise ConfigError(f"recurrent=true does not combine with {what} yet", "drop one of the two")
 
 
 def rounded_budget_note(spec: AlgoSpec, cfg: Any) -> list[str]:
@@ -319,6 +337,8 @@ class OnPolicyLoop:
     def collect(self) -> Batch:
         cfg = self.cfg
         noise = self.net.head.noise((cfg.n_steps, cfg.num_envs), self.algo.generator, cfg.device)  # one RNG call
+        if self.net.recurrent:  # the LSTM states at the rollout's start, from which the update replays it
+            states = self.net.current_states(cfg.num_envs, torch.device(cfg.device)).clone()
         if self.workers is not None:
             last_values = self._collect_from_workers(self.workers, noise)
         else:
@@ -327,7 +347,11 @@ class OnPolicyLoop:
                 self.reward_scaler, cfg.device,
             )  # fmt: skip
         self.step += self.steps_per_iteration
-        return self.buffer.finish(last_values)
+        rollout = self.buffer.finish(last_values)
+        if self.net.recurrent:  # an episode starts at step t where step t - 1 ended one (the state was zeroed then)
+            rollout.states = states
+            rollout.starts = torch.cat([torch.zeros_like(rollout.episode_end[:1]), rollout.episode_end[:-1]])
+        return rollout
 
     def _collect_from_workers(self, workers: RolloutWorkers, noise: Tensor) -> Tensor:
         """The workers' slices into the rollout buffer; their statistics and episodes into the learner's."""
@@ -378,6 +402,8 @@ class OnPolicyLoop:
             env_json = _env_state(self.env, self.obs, self.algo.generator, tensors)
         else:
             env_json = _workers_state(self.workers, self.algo.generator, tensors)
+        if self.net.rollout_state is not None:  # a recurrent policy's memory of the running episodes
+            tensors["loop/lstm_state"] = self.net.rollout_state.clone()
         state = {
             "algo": self.spec.name,
             "config": dataclasses.asdict(self.cfg),
@@ -409,6 +435,8 @@ class OnPolicyLoop:
         obs = _load_env_state(self.env, self.algo.generator, state, tensors)
         if obs is not None:
             self.obs = obs
+            if "loop/lstm_state" in tensors:
+                self.net.rollout_state = tensors["loop/lstm_state"].clone()
             return notes
         self.obs = self._normalize(self.env.reset(seed=self.cfg.seed + self.iteration), update=False)
         return [_ENV_RESTARTS, *notes]

@@ -260,3 +260,32 @@ class CounterFrames(gym.Env):
 
 def stacked_pixel_grid(stack: int = 2, **kwargs) -> gym.Env:
     return gym.wrappers.FrameStackObservation(PixelGrid(**kwargs), stack)
+
+
+class CueMemory(gym.Env):
+    """A cue (+1 or -1) shown at the first step only, then `delay` blank steps, then a query: the action that names
+    the cue (1 for +1, 0 for -1) earns +1 and the other -1, and the episode ends. Observations [cue, query flag].
+    Without memory a policy earns 0 on average; with it, 1."""
+
+    def __init__(self, delay: int = 3) -> None:
+        self.observation_space = gym.spaces.Box(-1.0, 1.0, (2,), np.float32)
+        self.action_space = gym.spaces.Discrete(2)
+        self.delay = delay
+        self.state = np.zeros(2, np.int64)
+        """The cue and the steps taken (what policylab's checkpoints snapshot)."""
+
+    def _obs(self) -> np.ndarray:
+        cue, t = int(self.state[0]), int(self.state[1])
+        return np.array([cue if t == 0 else 0.0, 1.0 if t == self.delay else 0.0], np.float32)
+
+    def reset(self, *, seed=None, options=None):
+        super().reset(seed=seed)
+        self.state = np.array([1 if self.np_random.random() < 0.5 else -1, 0])
+        return self._obs(), {}
+
+    def step(self, action):
+        if self.state[1] < self.delay:
+            self.state[1] += 1
+            return self._obs(), 0.0, False, False, {}
+        right = (int(action) == 1) == (self.state[0] == 1)
+        return self._obs(), 1.0 if right else -1.0, True, False, {}

@@ -44,6 +44,7 @@ class FusedActorCriticStep:
         return (
             isinstance(net, ActorCritic)
             and net.encoder is None
+            and not net.recurrent
             and net.body.analytic_backward
             and not (net.head.continuous and net.head.squash)  # type: ignore[union-attr]
         )

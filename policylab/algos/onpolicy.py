@@ -62,6 +62,8 @@ class OnPolicyConfig(CommonConfig):
     """Dataset samples in each gradient step (None: as many as the step's on-policy samples)."""
     imitation_beta: float = 1.0
     imitation_max_weight: float = 20.0
+    lstm_hidden: int = 256
+    """With recurrent=true: the hidden size of the actor's and the critic's LSTMs (SB3-contrib's default)."""
 
     def validate(self) -> None:
         super().validate()
@@ -101,6 +103,7 @@ def build_actor_critic(cfg: OnPolicyConfig, obs_space: gym.Space, act_space: gym
         squash=cfg.squash_actions,
         algo=algo,
         encoder=cfg.encoder,
+        memory=cfg.lstm_hidden if cfg.recurrent else 0,
     )
 
 
@@ -201,11 +204,14 @@ class AutogradStep:
     ) -> tuple[dict[str, Tensor], bool]:
         """One autograd step; `with_metrics` is accepted for symmetry (the metrics cost nothing extra here)."""
         spec = loss_spec
-        rows = len(batch)
+        rows = len(batch.advantages)
         obs, actions = batch.obs, batch.actions
         if imitation is not None:  # one forward pass over the on-policy rows and the demonstration rows
             obs, actions = torch.cat([obs, imitation.batch.obs]), torch.cat([actions, imitation.batch.actions])
-        all_logp, all_entropy, all_values = self.net.evaluate(obs, actions)
+        if "states" in batch.keys():  # recurrent: whole sequences [T, E] from their LSTM states
+            all_logp, all_entropy, all_values = self.net.evaluate_sequences(obs, actions, batch.states, batch.starts)
+        else:
+            all_logp, all_entropy, all_values = self.net.evaluate(obs, actions)
         logp, entropy, values = all_logp[:rows], all_entropy[:rows], all_values[:rows]
         old_logp = batch.get("logp")
         old = logp.detach() if old_logp is None else old_logp
@@ -269,7 +275,12 @@ def whole_rollout_step(
     progress: float = 0.0,
 ) -> dict[str, Tensor]:
     """One on-policy gradient step on the whole rollout (A2C, REINFORCE), with demonstration rows if given."""
-    data = Batch(obs=rollout.obs, actions=rollout.actions, advantages=advantages, returns=returns).flatten()
+    if "states" in rollout.keys():  # recurrent: the rollout as [T, N] sequences, the rest flat
+        data = Batch(obs=rollout.obs, states=rollout.states, starts=rollout.starts)
+        for name, value in (("actions", rollout.actions), ("advantages", advantages), ("returns", returns)):
+            setattr(data, name, value.flatten(0, 1))
+    else:
+        data = Batch(obs=rollout.obs, actions=rollout.actions, advantages=advantages, returns=returns).flatten()
     if cfg.normalize_advantage:
         data.advantages = normalize(data.advantages)
     loss = ActorCriticLoss(clip_low=None, vf_coef=cfg.vf_coef, ent_coef=cfg.ent_coef)

@@ -105,6 +105,8 @@ class PPO:
             advantages=advantages,
             returns=returns,
         ).flatten()
+        if self.net.recurrent:
+            return self._update_sequences(rollout, data, progress, clip_low, clip_high)
         n = len(data)
         one_batch = cfg.batch_size >= n
         if one_batch and cfg.normalize_advantage:  # the same minibatch every epoch: normalize once
@@ -125,6 +127,37 @@ class PPO:
                 for key, value in metrics.items() if report or not stepped else ():
                     history[key].append(value)
                 if not stepped:  # the KL that stopped it is among the metrics
+                    history["early_stop_epoch"].append(torch.tensor(float(epoch)))
+                    return self._metrics(history, data)
+        return self._metrics(history, data)
+
+    def _update_sequences(
+        self, rollout: Batch, data: Batch, progress: float, clip_low: float, clip_high: float | None
+    ) -> dict[str, Tensor]:
+        """The recurrent update: each minibatch is the whole rollouts of batch_size // n_steps envs (at least one),
+        replayed through the LSTMs from their states at the rollout's start; the envs are shuffled each epoch."""
+        cfg = self.cfg
+        steps, num_envs = rollout.rewards.shape
+        per_batch = max(1, cfg.batch_size // steps)
+        kl_limit = None if cfg.target_kl is None else 1.5 * cfg.target_kl
+        loss = ActorCriticLoss(clip_low, clip_high, cfg.dual_clip, cfg.clip_value, cfg.vf_coef, cfg.ent_coef)
+        history: dict[str, list[Tensor]] = defaultdict(list)
+        time_rows = torch.arange(steps, device=data.advantages.device).unsqueeze(1) * num_envs
+        for epoch in range(cfg.epochs):
+            order = torch.randperm(num_envs, generator=self.generator, device=data.advantages.device)
+            for start in range(0, num_envs, per_batch):
+                envs = order[start : start + per_batch]
+                rows = (time_rows + envs).view(-1)  # time-major, as evaluate_sequences returns them
+                mb = data.select(rows)
+                mb.obs = rollout.obs[:, envs]
+                mb.states, mb.starts = rollout.states[:, :, envs], rollout.starts[:, envs]
+                if cfg.normalize_advantage and len(rows) > 1:
+                    mb.advantages = normalize(mb.advantages)
+                report = epoch == cfg.epochs - 1
+                metrics, stepped = self.learner.step(mb, loss, kl_limit=kl_limit, with_metrics=report)
+                for key, value in metrics.items() if report or not stepped else ():
+                    history[key].append(value)
+                if not stepped:
                     history["early_stop_epoch"].append(torch.tensor(float(epoch)))
                     return self._metrics(history, data)
         return self._metrics(history, data)

@@ -1,4 +1,12 @@
-"""Actor-critic network: policy head + value function, separate or with a shared body."""
+"""Actor-critic network: policy head + value function, separate or with a shared body; optionally an image
+encoder in front, and LSTMs (`memory` > 0) between the features and the body.
+
+Recurrent networks (`memory` > 0, RecurrentPPO-style): the actor and the critic each have an LSTM (one shared
+LSTM with `shared`), whose hidden and cell states, [2, members, envs, memory], are carried from step to step
+and rollout to rollout, and zeroed where an episode starts. In rollouts the network keeps them itself
+(`rollout_state`, stepped by `act`, zeroed by `reset_states`); in updates, `evaluate_sequences` replays each
+env's rollout from its state at the rollout's start, zeroing at the recorded episode starts, so minibatches are
+whole sequences, never shuffled steps."""
 
 from __future__ import annotations
 
@@ -33,6 +41,7 @@ class ActorCritic(nn.Module):
         squash: bool = False,
         algo: str = "this algorithm",
         encoder: str = "auto",
+        memory: int = 0,
     ) -> None:
         super().__init__()
         self.encoder = make_encoder(encoder, observation_space, orthogonal=ortho_init)
@@ -43,7 +52,14 @@ class ActorCritic(nn.Module):
         self.n_outputs = n
         self.shared = shared
         out_dim = n + 1 if shared else n
-        self.body = StackedMLP(1 if shared else 2, self.obs_dim, hidden_sizes, out_dim, activation)
+        members = 1 if shared else 2
+        self.memory = memory
+        self.lstms = nn.ModuleList(nn.LSTM(self.obs_dim, memory) for _ in range(members if memory else 0))
+        self.rollout_state: Tensor | None = None
+        """The LSTM states of the envs being stepped in rollouts (recurrent networks only)."""
+        self.last_state: Tensor | None = None
+        """The state after the latest recurrent `forward`."""
+        self.body = StackedMLP(members, memory or self.obs_dim, hidden_sizes, out_dim, activation)
         if ortho_init:
             gains = [0.01] * n + [1.0] if shared else [0.01, 1.0]
             self.body.orthogonal_init(gains)
@@ -52,25 +68,100 @@ class ActorCritic(nn.Module):
         else:
             self.register_parameter("log_std", None)
 
-    def forward(self, obs: Tensor) -> tuple[Tensor, Tensor]:
-        x = obs.reshape(obs.shape[0], self.obs_dim) if self.encoder is None else self.encoder(obs)
-        y = self.body.forward(x)  # .forward: no hook overhead on the hot path
+    @property
+    def recurrent(self) -> bool:
+        return self.memory > 0
+
+    def _features(self, obs: Tensor) -> Tensor:
+        return obs.reshape(obs.shape[0], self.obs_dim) if self.encoder is None else self.encoder(obs)
+
+    def _split(self, y: Tensor) -> tuple[Tensor, Tensor]:
         if self.shared:
             return y[0, :, : self.n_outputs], y[0, :, self.n_outputs]
         return y[0, :, : self.n_outputs], y[1, :, 0]
 
+    def forward(self, obs: Tensor, state: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """(policy outputs, values) of a batch of observations; a recurrent network takes its LSTM `state` (zeros if
+        None) and steps it once (the stepped state is `self.last_state`)."""
+        x = self._features(obs)
+        if self.recurrent:
+            state = self.initial_state(len(obs), obs.device) if state is None else state
+            h, self.last_state = self._recur(x.unsqueeze(0), state, None)
+            return self._split(self.body.forward(h))
+        return self._split(self.body.forward(x))  # .forward: no hook overhead on the hot path
+
+    # recurrent networks ----------------------------------------------------------------------
+
+    def initial_state(self, n: int, device: torch.device | str = "cpu") -> Tensor:
+        """Zero LSTM states for n envs: [2 (hidden, cell), members, n, memory]."""
+        return torch.zeros(2, len(self.lstms), n, self.memory, device=device)
+
+    def _recur(self, x: Tensor, state: Tensor, starts: Tensor | None) -> tuple[Tensor, Tensor]:
+        """Run the LSTMs over features x [T, N, F] from `state`, zeroing it before the steps where `starts` [T, N]
+        is set. Returns ([members, T * N, memory] outputs, the final state)."""
+        outputs, finals = [], []
+        for k, lstm in enumerate(self.lstms):
+            h, c = state[0, k].unsqueeze(0), state[1, k].unsqueeze(0)
+            if starts is None or not bool(starts.any()):
+                out, (h, c) = lstm(x, (h, c))
+            else:  # step by step, zeroing the states where episodes start
+                steps = []
+                for t in range(len(x)):
+                    keep = (~starts[t]).to(x.dtype).view(1, -1, 1)
+                    step_out, (h, c) = lstm(x[t : t + 1], (h * keep, c * keep))
+                    steps.append(step_out)
+                out = torch.cat(steps)
+            outputs.append(out.reshape(-1, self.memory))
+            finals.append(torch.stack([h[0], c[0]]))
+        return torch.stack(outputs), torch.stack(finals, 1)
+
+    def reset_states(self, ended: np.ndarray | Tensor) -> None:
+        """Zero the rollout states of the envs whose episode just ended (the next step starts a new one)."""
+        if self.rollout_state is not None:
+            mask = torch.as_tensor(ended, device=self.rollout_state.device)
+            if bool(mask.any()):  # not in place: the state may come from inference mode
+                self.rollout_state = self.rollout_state.masked_fill(mask.view(1, 1, -1, 1), 0.0)
+
+    def current_states(self, n: int, device: torch.device) -> Tensor:
+        """The rollout states of n envs (zeros at first, or when the number of envs changed)."""
+        if self.rollout_state is None or self.rollout_state.shape[2] != n:
+            self.rollout_state = self.initial_state(n, device)
+        return self.rollout_state
+
+    def evaluate_sequences(
+        self, obs: Tensor, actions: Tensor, states: Tensor, starts: Tensor
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """`evaluate` over whole sequences: obs [T, E, ...] of E envs from their LSTM `states` at the sequence start,
+        zeroed where `starts` [T, E]; actions [T * E, ...] (time-major). Returns flat (log-probs, entropies, values)."""
+        t, e = obs.shape[:2]
+        x = self._features(obs.reshape(t * e, *obs.shape[2:])).view(t, e, -1)
+        h, _ = self._recur(x, states, starts)
+        out, values = self._split(self.body.forward(h))
+        logp, entropy = self.head.log_prob_entropy(out, self.log_std, actions)
+        return logp, entropy, values
+
     def act(
         self, obs: Tensor, generator: torch.Generator | None = None, noise: Tensor | None = None
     ) -> tuple[Tensor, Tensor, Tensor]:
-        """Sample actions (with pre-drawn `noise` from `head.noise`, if given); returns (actions, log-probs, values)."""
-        out, values = self.forward(obs)
+        """Sample actions (with pre-drawn `noise` from `head.noise`, if given); returns (actions, log-probs, values).
+        A recurrent network steps its `rollout_state`."""
+        if self.recurrent:
+            out, values = self.forward(obs, self.current_states(len(obs), obs.device))
+            self.rollout_state = self.last_state
+        else:
+            out, values = self.forward(obs)
         actions, logp = self.head.sample(out, self.log_std, generator, noise)
         return actions, logp, values
 
     @property
     def numpy_acting(self) -> bool:
-        """Whether `act_numpy` applies: tanh/relu MLPs on vectors, on the CPU."""
-        return self.encoder is None and self.body.analytic_backward and self.body.weights[0].device.type == "cpu"
+        """Whether `act_numpy` applies: tanh/relu MLPs on vectors, without memory, on the CPU."""
+        return (
+            self.encoder is None
+            and not self.recurrent
+            and self.body.analytic_backward
+            and self.body.weights[0].device.type == "cpu"
+        )
 
     def act_numpy(self, obs: np.ndarray, noise: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """`act` in numpy with pre-drawn noise (rollouts on CPU); returns (actions, log-probs, values)."""
@@ -86,13 +177,27 @@ class ActorCritic(nn.Module):
         logp, entropy = self.head.log_prob_entropy(out, self.log_std, actions)
         return logp, entropy, values
 
-    def predict_values(self, obs: Tensor) -> Tensor:
-        return self.forward(obs)[1]
+    def predict_values(self, obs: Tensor, rows: Tensor | None = None) -> Tensor:
+        """V(obs); a recurrent network reads (without stepping) the rollout states of the envs `rows` (all: None)."""
+        if not self.recurrent:
+            return self.forward(obs)[1]
+        if rows is None:
+            return self.forward(obs, self.current_states(len(obs), obs.device))[1]
+        assert self.rollout_state is not None
+        return self.forward(obs, self.rollout_state[:, :, rows])[1]
 
     def deterministic(self, obs: Tensor) -> Tensor:
         return self.head.mode(self.forward(obs)[0])
 
-    def env_action(self, obs: Tensor, deterministic: bool = True, generator: torch.Generator | None = None) -> Tensor:
-        """Actions as the env takes them (every policy network has this method; `Policy.act` calls it)."""
-        raw = self.deterministic(obs) if deterministic else self.act(obs, generator)[0]
+    def env_action(
+        self,
+        obs: Tensor,
+        deterministic: bool = True,
+        generator: torch.Generator | None = None,
+        state: Tensor | None = None,
+    ) -> Tensor:
+        """Actions as the env takes them (every policy network has this method; `Policy.act` calls it). A recurrent
+        network starts from `state` (zeros if None) and leaves the stepped state in `last_state`."""
+        out = self.forward(obs, state)[0] if self.recurrent else self.forward(obs)[0]
+        raw = self.head.mode(out) if deterministic else self.head.sample(out, self.log_std, generator, None)[0]
         return self.head.to_env(raw)

@@ -1,0 +1,191 @@
+"""policylab against stable-baselines3 on Atari (Pong), the same rl-zoo hyperparameters and preprocessing.
+
+Run from the repository root (needs the atari extra, which `make test` installs, and SB3: `make bench`):
+
+    .venv/bin/python benchmarks/atari.py --seeds 3                 # both cases
+    .venv/bin/python benchmarks/atari.py --case dqn-pong --seeds 1
+    .venv/bin/python benchmarks/atari.py --layout   # Nature-CNN's step on 32 frames, NCHW against channels-last
+
+Cases (policylab: its `atari` preset for the algorithm, which is rl-zoo's `atari` entry; SB3: the same values,
+`make_atari_env` (AtariWrapper) and `VecFrameStack(4)`, CnnPolicy), on PongNoFrameskip-v4, 1 torch thread:
+
+* `ppo-pong`: PPO, 8 envs, 128-step rollouts, 4 epochs of 256-sample minibatches, lr 2.5e-4 and clip range 0.1,
+  16,384 steps (16 updates). rl-zoo decays both linearly over its 10M steps: SB3 does so here (0.16% over the
+  run), policylab holds them (annealed over 16k steps they would halve).
+* `dqn-pong`: DQN with a 10k replay buffer (policylab: each frame stored once; SB3: optimize_memory_usage, as
+  rl-zoo's entry), learning_starts 1,000 instead of 100k so that the run times updates, 6,000 steps.
+
+Per run: the training loop's wall clock (from the first env step to the end of the last update; policylab's
+final evaluation and checkpoint are outside it), env steps/s over it, and the replay buffer's bytes per transition
+(DQN). Output: tables and JSON in benchmarks/results/atari-<date>.json. Speed only: these budgets are far too
+short for returns to mean anything.
+"""
+
+import time
+
+T0 = time.perf_counter()
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+from pathlib import Path  # noqa: E402
+from typing import Any  # noqa: E402
+
+from common import pair_report, provenance, run_alternating, write_results  # noqa: E402
+
+ENV = "PongNoFrameskip-v4"
+ZOO_STEPS = 10_000_000  # the linear schedules decay over rl-zoo's budget on both sides
+CASES: dict[str, dict[str, Any]] = {
+    "ppo-pong": {"algo": "ppo", "steps": 16_384, "ours": {}},
+    "dqn-pong": {"algo": "dqn", "steps": 6_000, "ours": {"learning_starts": 1000, "log_every": 500}},
+}
+
+
+def worker_ours(case: dict[str, Any], a: argparse.Namespace) -> dict[str, Any]:
+    import torch
+
+    import policylab as pl
+
+    torch.set_num_threads(1)
+    marks: list[float] = []
+
+    def callback(info: Any) -> None:
+        marks.append(info.elapsed)
+
+    overrides = {**case["ours"], "threads": 1, "eval_episodes": 1, "checkpoint_every": 0}
+    if case["algo"] == "ppo":  # decay over rl-zoo's budget, as SB3's schedules below: progress = step / 10M
+        overrides = {**overrides, "anneal_lr": False, "anneal_clip": False}
+    run = pl.train(case["algo"], env=ENV, steps=case["steps"], seed=a.seed, overrides=overrides, progress=False,
+                   verbose=False, runs_dir=Path(a.out).parent / "runs-ours", callback=callback)  # fmt: skip
+    record = {"loop_s": marks[-1], "steps": run.steps, "steps_per_s": run.steps / marks[-1]}
+    if case["algo"] == "dqn":
+        from policylab.data.replay import StackedFrameReplay
+
+        record["replay_bytes_per_transition"] = StackedFrameReplay(
+            1000, 1, (4, 84, 84), (), torch.long, obs_dtype=torch.uint8
+        ).bytes_per_transition
+    return record
+
+
+def worker_sb3(case: dict[str, Any], a: argparse.Namespace) -> dict[str, Any]:
+    import ale_py
+    import gymnasium as gym
+    import stable_baselines3 as sb3
+    import torch
+    from stable_baselines3.common.callbacks import BaseCallback
+    from stable_baselines3.common.env_util import make_atari_env
+    from stable_baselines3.common.vec_env import VecFrameStack
+
+    torch.set_num_threads(1)
+    gym.register_envs(ale_py)
+    times: dict[str, float] = {}
+
+    class Clock(BaseCallback):
+        def _on_training_start(self) -> None:
+            times["start"] = time.perf_counter()
+
+        def _on_step(self) -> bool:
+            return True
+
+        def _on_training_end(self) -> None:
+            times["end"] = time.perf_counter()
+
+    def linear(start: float) -> Any:
+        done = case["steps"] / ZOO_STEPS
+        return lambda remaining: start * (1.0 - done * (1.0 - remaining))  # the same decay over 10M steps
+
+    if case["algo"] == "ppo":
+        env = VecFrameStack(make_atari_env(ENV, n_envs=8, seed=a.seed), 4)
+        model = sb3.PPO("CnnPolicy", env, n_steps=128, n_epochs=4, batch_size=256, learning_rate=linear(2.5e-4),
+                        clip_range=linear(0.1), vf_coef=0.5, ent_coef=0.01, seed=a.seed, device="cpu")  # fmt: skip
+    else:
+        env = VecFrameStack(make_atari_env(ENV, n_envs=1, seed=a.seed), 4)
+        model = sb3.DQN("CnnPolicy", env, buffer_size=10_000, learning_rate=1e-4, batch_size=32, learning_starts=1000,
+                        target_update_interval=1000, train_freq=4, gradient_steps=1, exploration_fraction=0.1,
+                        exploration_final_eps=0.01, optimize_memory_usage=True,
+                        replay_buffer_kwargs={"handle_timeout_termination": False}, seed=a.seed,
+                        device="cpu")  # fmt: skip
+    model.learn(case["steps"], callback=Clock())
+    loop = times["end"] - times["start"]
+    record = {"loop_s": loop, "steps": model.num_timesteps, "steps_per_s": model.num_timesteps / loop}
+    if case["algo"] == "dqn":
+        buf = model.replay_buffer
+        arrays = [buf.observations, buf.actions, buf.rewards, buf.dones, buf.timeouts]
+        record["replay_bytes_per_transition"] = sum(x.nbytes for x in arrays) / buf.buffer_size
+    return record
+
+
+METRICS = {
+    "loop_s": ("training loop wall clock (s); ratio <1: ours faster", ".1f", True),
+    "steps_per_s": ("env steps/s in the loop; ratio >1: ours faster", ",.0f", True),
+}
+MEMORY = {"replay_bytes_per_transition": ("replay bytes per transition", ",.0f", True)}
+
+
+def time_layouts(repeats: int = 5, calls: int = 20) -> None:
+    """A Nature-CNN forward and backward on 32 Atari stacks, 1 thread: the input contiguous (NCHW) or in the
+    channels-last memory layout (what the encoder uses); medians over `repeats` of `calls` calls."""
+    import statistics
+
+    import torch
+
+    from policylab.nets.cnn import ImageLayout, NatureCNN
+
+    torch.set_num_threads(1)
+    net, head = NatureCNN(ImageLayout(4, 84, 84, False)), torch.nn.Linear(512, 6)
+    frames = torch.randint(0, 256, (32, 4, 84, 84), dtype=torch.uint8)
+
+    def step(channels_last: bool) -> None:
+        x = frames.float().div_(255.0)
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        head(net.fc(net.convs(x))).sum().backward()
+
+    results: dict[str, list[float]] = {"nchw": [], "channels_last": []}
+    for _ in range(repeats):
+        for name in results:
+            step(name == "channels_last")
+            start = time.perf_counter()
+            for _ in range(calls):
+                step(name == "channels_last")
+            results[name].append((time.perf_counter() - start) / calls * 1000)
+    for name, values in results.items():
+        print(f"{name:14s} {statistics.median(values):.2f} ms per step (median of {repeats})")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--case", action="append", choices=list(CASES))
+    p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--worker", choices=["ours", "sb3"])
+    p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--out")
+    p.add_argument("--layout", action="store_true", help="time the CNN step in both memory layouts, then stop")
+    a = p.parse_args()
+    if a.layout:
+        time_layouts()
+        return
+    if a.worker:
+        case = CASES[a.case[0]]
+        record = worker_ours(case, a) if a.worker == "ours" else worker_sb3(case, a)
+        Path(a.out).write_text(json.dumps({"side": a.worker, "seed": a.seed, **record}))
+        return
+    header = provenance(["policylab", "torch", "stable-baselines3", "gymnasium", "ale-py", "numpy"])
+    seeds, summaries, all_runs = list(range(1, a.seeds + 1)), {}, []
+    for name in a.case or list(CASES):
+        print(f"\n== {name}: {CASES[name]['algo']} {ENV}, {CASES[name]['steps']:,} steps", flush=True)
+        runs = run_alternating(
+            __file__,
+            ["ours", "sb3"],
+            seeds,
+            ["--case", name],
+            lambda r: print(f"  {r['side']} seed {r['seed']}: {r['loop_s']:.1f} s", flush=True),
+        )
+        metrics = {**METRICS, **(MEMORY if CASES[name]["algo"] == "dqn" else {})}
+        summaries[name] = pair_report(runs, seeds, metrics, {}, "ours", "sb3", ("policylab", "SB3"))
+        all_runs += [{**r, "case": name} for r in runs]
+    path = write_results("atari", {**header, "cases": CASES, "summary": summaries, "runs": all_runs})
+    print(f"\nresults: {path}")
+
+
+if __name__ == "__main__":
+    main()
