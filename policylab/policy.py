@@ -163,6 +163,9 @@ def load(path: str | Path, device: str = "cpu", which: Literal["final", "best"] 
     cfg = spec.config_cls(**{**state["config"], "device": device})
     obs_space: Any = space_from_json(state["spaces"]["observation"])
     act_space = space_from_json(state["spaces"]["action"])
+    raw = state["spaces"].get("raw_observation")
+    if raw is not None and needs_encoding(space_from_json(raw)):  # the encoded Box, with where its frames are
+        obs_space = ObservationEncoder(space_from_json(raw)).box
     net = spec.algo_cls.build_policy(cfg, obs_space, act_space).to(device)
     load_module_state(net, unprefixed("policy", tensors), ckpt_dir)
     net.eval()
@@ -170,7 +173,6 @@ def load(path: str | Path, device: str = "cpu", which: Literal["final", "best"] 
     if "obs_norm/mean" in tensors:
         normalizer = ObsNormalizer(tuple(obs_space.shape), clip=cfg.clip_obs)
         normalizer.rms.load({k: tensors[f"obs_norm/{k}"].numpy() for k in ("mean", "var", "count")})
-    raw = state["spaces"].get("raw_observation")
     return Policy(
         net, obs_space, act_space, normalizer, cfg.env, cfg.env_kwargs, state["algo"], cfg.seed,
         None if raw is None else space_from_json(raw),

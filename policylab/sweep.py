@@ -49,6 +49,8 @@ RUNS = "runs"
 REPORT = "report"
 STOP_CHECK_S = 0.5
 """How often a run looks for the stop file (a stat of one file)."""
+WAIT_S = 0.2
+"""The driver's longest wait for a run to end: how late it may notice a Ctrl-C."""
 DEFAULT_RETRIES = 3
 """Times Ray reruns a task whose worker or node died (the rerun resumes from the run's checkpoint)."""
 
@@ -532,7 +534,8 @@ def _drive(
                     run = queue.pop(0)
                     job = {**base, "run": asdict(run), "overrides": run_overrides(spec, {})}
                     in_flight[task.remote(job)] = run
-                ready, _ = ray.wait(list(in_flight), num_returns=1, timeout=1.0)
+                # a short wait: Python runs the Ctrl-C handler only between waits
+                ready, _ = ray.wait(list(in_flight), num_returns=1, timeout=WAIT_S)
                 ended = []
                 for ref in ready:
                     run = in_flight.pop(ref)

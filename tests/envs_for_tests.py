@@ -289,3 +289,25 @@ class CueMemory(gym.Env):
             return self._obs(), 0.0, False, False, {}
         right = (int(action) == 1) == (self.state[0] == 1)
         return self._obs(), 1.0 if right else -1.0, True, False, {}
+
+
+class PixelGridDict(gym.Wrapper):
+    """PixelGrid's frame in a Dict beside a vector: the share of the episode's steps taken so far."""
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(PixelGrid(**kwargs))
+        self.observation_space = gym.spaces.Dict(
+            [("frame", self.env.observation_space), ("clock", gym.spaces.Box(0.0, 1.0, (1,), np.float32))]
+        )
+
+    def _dict(self, frame: np.ndarray) -> dict:
+        inner = self.env.unwrapped
+        return {"frame": frame, "clock": np.array([inner.state[4] / inner.max_steps], np.float32)}
+
+    def reset(self, **kwargs):
+        frame, info = self.env.reset(**kwargs)
+        return self._dict(frame), info
+
+    def step(self, action):
+        frame, reward, terminated, truncated, info = self.env.step(action)
+        return self._dict(frame), reward, terminated, truncated, info

@@ -285,11 +285,18 @@ def test_module_attr_not_returning_an_env():
         make_vec_env(f"{__name__}:make_not_an_env", 2)
 
 
-def test_dict_observation_space_is_rejected():
+class NestedDictObsEnv(DictObsEnv):
+    observation_space = gym.spaces.Dict({"arm": gym.spaces.Dict({"pos": gym.spaces.Box(-1.0, 1.0, (2,))})})
+
+
+def test_a_dict_is_one_vector_and_a_nested_dict_is_rejected():
+    env = make_vec_env(f"{__name__}:DictObsEnv", 2)
+    assert env.reset(seed=0).shape == (2, 2)
+    env.close()
     with pytest.raises(EnvError) as info:
-        make_vec_env(f"{__name__}:DictObsEnv", 2)
+        make_vec_env(f"{__name__}:NestedDictObsEnv", 2)
     msg = str(info.value)
-    assert "policylab takes Box, Discrete, MultiDiscrete and Tuple observations" in msg and "FlattenObservation" in msg
+    assert "one-level Tuples or Dicts" in msg and "FlattenObservation" in msg
 
 
 # --- running statistics ------------------------------------------------------------------------

@@ -42,7 +42,8 @@ def test_a_dict_space_is_encoded_in_key_order_with_its_slices():
     assert encoder.is_single(one) and not encoder.is_single(two)
     np.testing.assert_array_equal(encoder.box.low, [-1, -1, 0, 0, 0, 0, 0])
     image = gym.spaces.Dict({"camera": gym.spaces.Box(0, 255, (8, 8, 3), np.uint8), "pos": gym.spaces.Box(0, 1, (2,))})
-    assert not needs_encoding(image)  # images need a CNN, not flattening
+    assert needs_encoding(image)  # frames inside: their pixels in the vector, and where they are for the CNN
+    assert ObservationEncoder(image).box.images == [(slice(0, 192), (8, 8, 3))]  # type: ignore[attr-defined]
     restored = space_from_json(space_to_json(space))
     assert restored == space and list(restored.spaces) == ["pos", "door", "bits"]
 

@@ -9,11 +9,13 @@ import pytest
 import torch
 
 import policylab as pl
+from policylab.algos.onpolicy import build_actor_critic
+from policylab.algos.ppo import PPOConfig
 from policylab.data import ReplayBuffer, RolloutBuffer
 from policylab.envs import make_vec_env
 from policylab.errors import ConfigError, EnvError, PolicylabError
-from policylab.nets.cnn import ImageLayout, ImpalaCNN, NatureCNN, image_layout, make_encoder
-from tests.envs_for_tests import PixelGrid
+from policylab.nets.cnn import ImageLayout, ImpalaCNN, MultiInputEncoder, NatureCNN, image_layout, make_encoder
+from tests.envs_for_tests import PixelGrid, PixelGridDict
 from tests.helpers import resumed_and_full_runs
 
 GRID = "tests.envs_for_tests:PixelGrid"
@@ -111,6 +113,33 @@ def test_an_image_run_resumes_exactly(tmp_path):
         "dqn", stop=400, env=GRID, steps=800, seed=3, preset="none", runs_dir=tmp_path, verbose=False,
         overrides={**DQN_GRID, "learning_starts": 200, "save_buffer": True, "log_every": 200, "train_freq": 8},
     )  # fmt: skip
+
+
+def test_a_dict_of_a_frame_and_a_vector_goes_through_a_cnn_and_beside_it(tmp_path):
+    """Multi-input: the Dict is one float vector (the frame's pixels as 0-255 floats); the network's encoder runs
+    the frame part through its own Nature-CNN and passes the vector part as it is, concatenated."""
+    env = make_vec_env("tests.envs_for_tests:PixelGridDict", 2)
+    obs = env.reset(seed=0)
+    space = env.single_observation_space
+    assert obs.shape == (2, 40 * 40 + 1) and obs.dtype == np.float32 and space.images == [(slice(0, 1600), (40, 40))]
+    env.close()
+    net = build_actor_critic(PPOConfig(), space, gym.spaces.Discrete(4), "ppo")
+    encoder = net.encoder
+    assert isinstance(encoder, MultiInputEncoder) and encoder.features == 512 + 1
+    x = torch.from_numpy(obs)
+    features = encoder(x)
+    frames = x[:, :1600].view(2, 40, 40).to(torch.uint8)
+    torch.testing.assert_close(features[:, :512], encoder.cnns[0](frames))  # the CNN sees the frame
+    torch.testing.assert_close(features[:, 512:], x[:, 1600:])  # the vector passes as it is
+    short = {**PPO_GRID, "num_envs": 4, "n_steps": 64, "epochs": 1}
+    run = pl.train("ppo", env="tests.envs_for_tests:PixelGridDict", steps=512, seed=0, preset="none",
+                   runs_dir=tmp_path, verbose=False, overrides=short)  # fmt: skip
+    policy = pl.load(run.dir)
+    raw, _ = PixelGridDict().reset(seed=3)
+    assert isinstance(policy.net.encoder, MultiInputEncoder) and 0 <= policy.act(raw) < 4
+    with pytest.raises(ConfigError, match="ppo, a2c, reinforce, dqn, qrdqn"):
+        pl.train("sac_discrete", env="tests.envs_for_tests:PixelGridDict", steps=100, preset="none",
+                 runs_dir=tmp_path, verbose=False)  # fmt: skip
 
 
 def test_image_errors_name_the_fix(tmp_path):

@@ -136,14 +136,17 @@ def test_grid_sweep_runs_equal_the_runs_started_alone(local_ray, tmp_path):
 def test_interrupted_sweep_resumes_without_rerunning_finished_runs(local_ray, tmp_path):
     """Ctrl-C once the first run has finished: the run in flight checkpoints, the rest never start. --resume then
     skips the finished run, continues the stopped one from its checkpoint and ends with the uninterrupted result."""
-    steps, grid = 16_384, {"lr": ["0.001", "0.0003"]}
+    steps, grid = 32_768, {"lr": ["0.001", "0.0003"]}  # runs of 1-2 s: well above the stop file's check interval
     sweeps = tmp_path / "sweeps"
     first_done = sweeps / "ppo-CartPole-v1-1" / "runs" / "ppo-CartPole-v1-lr=0.001-s1" / "eval.json"
 
-    def interrupt_after_first_run() -> None:
+    def interrupt_after_first_run() -> None:  # once the second run has logged its first iteration
         deadline = time.monotonic() + 120
-        while not first_done.exists() and time.monotonic() < deadline:
-            time.sleep(0.05)
+        while time.monotonic() < deadline:
+            logs = [p for p in sweeps.glob("*/runs/*/train.csv") if p.parent != first_done.parent]
+            if first_done.exists() and any(p.stat().st_size > 0 for p in logs):
+                break
+            time.sleep(0.02)
         os.kill(os.getpid(), signal.SIGINT)
 
     threading.Thread(target=interrupt_after_first_run, daemon=True).start()

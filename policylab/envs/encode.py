@@ -49,7 +49,7 @@ def needs_encoding(space: gym.Space) -> bool:
     """Whether `space` is one that `ObservationEncoder` turns into a Box (a Box stays as it is)."""
     if isinstance(space, (gym.spaces.Tuple, gym.spaces.Dict)):
         parts = space.spaces.values() if isinstance(space, gym.spaces.Dict) else space.spaces
-        return len(parts) > 0 and all(_is_vector_box(s) or isinstance(s, LEAVES[1:]) for s in parts)  # one level
+        return len(parts) > 0 and all(isinstance(s, LEAVES) for s in parts)  # one level
     return isinstance(space, LEAVES[1:])
 
 
@@ -89,7 +89,12 @@ class ObservationEncoder:
         """Where each part (a Dict's key, a Tuple's index; None for a lone space) sits in the encoded vector."""
         lows = [_bounds(part)[0] for part in self.parts]
         highs = [_bounds(part)[1] for part in self.parts]
-        self.box = gym.spaces.Box(np.concatenate(lows), np.concatenate(highs), dtype=np.float32)
+        images = [
+            (self.slices[k], tuple(int(d) for d in part.shape or ()))
+            for k, part in zip(self.keys, self.parts)
+            if is_image_space(part)
+        ]
+        self.box: gym.spaces.Box = EncodedBox(np.concatenate(lows), np.concatenate(highs), images)
 
     @property
     def dim(self) -> int:
@@ -152,6 +157,15 @@ def _bounds(part: gym.Space) -> tuple[np.ndarray, np.ndarray]:
         return part.low.astype(np.float32).ravel(), part.high.astype(np.float32).ravel()
     size = _part_size(part)
     return np.zeros(size, np.float32), np.ones(size, np.float32)
+
+
+class EncodedBox(gym.spaces.Box):
+    """The float32 Box of encoded observations; `images` lists the (slice, frame shape) of each image part (frames
+    of a Dict or Tuple, flattened as floats 0-255), for the networks' multi-input encoder (nets/cnn.py)."""
+
+    def __init__(self, low: np.ndarray, high: np.ndarray, images: list[tuple[slice, tuple[int, ...]]]) -> None:
+        super().__init__(low, high, dtype=np.float32)
+        self.images = images
 
 
 class OneHotObservation(gym.ObservationWrapper):

@@ -160,38 +160,67 @@ class FlatFrames(ImageEncoder):
 
 def check_vector_observations(space: gym.Space, algo: str) -> None:
     """For the algorithms whose networks read vectors only: an error for image observations."""
-    if image_layout(space) is not None:
+    if image_layout(space) is not None or getattr(space, "images", None):
         raise ConfigError(
             f"{algo} does not take image observations yet; its networks read vectors",
             f"use one of {', '.join(IMAGE_ALGOS)} on images",
         )
 
 
+class MultiInputEncoder(ImageEncoder):
+    """A Dict (or Tuple) with frames among its parts, encoded as one float vector (envs/encode.py): each frame part
+    through its own CNN, the vector parts as they are, the results concatenated (SB3's CombinedExtractor)."""
+
+    def __init__(self, size: int, images: list[tuple[slice, tuple[int, ...]]], cnns: list[ImageEncoder]) -> None:
+        super().__init__()
+        self.images = [(part, shape) for part, shape in images]
+        self.cnns = nn.ModuleList(cnns)
+        inside = set().union(*(range(part.start, part.stop) for part, _ in images))
+        self.vector_columns: Tensor
+        self.register_buffer("vector_columns", torch.tensor([i for i in range(size) if i not in inside]))
+        self.features = sum(cnn.features for cnn in cnns) + len(self.vector_columns)
+
+    def forward(self, x: Tensor) -> Tensor:
+        parts = [cnn(x[:, part].view(len(x), *shape)) for (part, shape), cnn in zip(self.images, self.cnns)]
+        return torch.cat([*parts, x.index_select(1, self.vector_columns)], 1)
+
+
 def make_encoder(kind: str, space: gym.Space, orthogonal: bool = False) -> ImageEncoder | None:
     """The encoder for `space` (None: the observations are vectors, flattened into the MLP)."""
     if kind not in ENCODERS:
         raise ConfigError(f"encoder={kind!r} is not one of {', '.join(ENCODERS)}", "use auto")
-    layout = image_layout(space)
-    if layout is None:
-        if kind in ("nature", "impala"):
-            raise ConfigError(
-                f"encoder={kind} needs image observations (uint8 frames); this env observes {space}",
-                "use encoder=auto (or mlp) for vector observations",
-            )
-        return None
-    cls: type[ImageEncoder] = {"auto": NatureCNN, "nature": NatureCNN, "impala": ImpalaCNN, "mlp": FlatFrames}[kind]
-    if min(layout.height, layout.width) < cls.min_size:
-        raise EnvError(
-            f"frames of {layout.height}x{layout.width} are smaller than Nature-CNN's {cls.min_size}x{cls.min_size}",
-            "use --set encoder=impala (any size), or enlarge them with gymnasium.wrappers.ResizeObservation",
-        )
-    encoder = cls(layout)  # type: ignore[call-arg]
+    images = getattr(space, "images", None)
+    if images:  # frames inside a Dict or Tuple
+        frames = [_frame_encoder(kind, gym.spaces.Box(0, 255, shape, np.uint8)) for _, shape in images]
+        encoder: ImageEncoder = MultiInputEncoder(int(np.prod(space.shape or ())), images, frames)
+    else:
+        layout = image_layout(space)
+        if layout is None:
+            if kind in ("nature", "impala"):
+                raise ConfigError(
+                    f"encoder={kind} needs image observations (uint8 frames); this env observes {space}",
+                    "use encoder=auto (or mlp) for vector observations",
+                )
+            return None
+        encoder = _frame_encoder(kind, space)
     if orthogonal:  # as SB3's on-policy CNN policies: sqrt(2) gains
         for module in encoder.modules():
             if isinstance(module, (nn.Conv2d, nn.Linear)):
                 nn.init.orthogonal_(module.weight, math.sqrt(2))
                 nn.init.zeros_(module.bias)  # type: ignore[arg-type]
     return encoder
+
+
+def _frame_encoder(kind: str, space: gym.Space) -> ImageEncoder:
+    layout = image_layout(space)
+    assert layout is not None
+    cls: type[ImageEncoder] = {"auto": NatureCNN, "nature": NatureCNN, "impala": ImpalaCNN, "mlp": FlatFrames}[kind]
+    if min(layout.height, layout.width) < cls.min_size:
+        raise EnvError(
+            f"frames of {layout.height}x{layout.width} are smaller than Nature-CNN's {cls.min_size}x{cls.min_size}",
+            "use --set encoder=impala (any size), or enlarge them with gymnasium.wrappers.ResizeObservation",
+        )
+    return cls(layout)  # type: ignore[call-arg]
 
 
 def flat_features(encoder: nn.Module | None, obs: Tensor) -> Tensor:
