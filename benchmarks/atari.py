@@ -5,6 +5,7 @@ Run from the repository root (needs the atari extra, which `make test` installs,
     .venv/bin/python benchmarks/atari.py --seeds 3                 # both cases
     .venv/bin/python benchmarks/atari.py --case dqn-pong --seeds 1
     .venv/bin/python benchmarks/atari.py --layout   # Nature-CNN's step on 32 frames, NCHW against channels-last
+    .venv/bin/python benchmarks/atari.py --seeds 3 --precision bf16   # policylab's opt-in bfloat16 encoder
 
 Cases (policylab: its `atari` preset for the algorithm, which is rl-zoo's `atari` entry; SB3: the same values,
 `make_atari_env` (AtariWrapper) and `VecFrameStack(4)`, CnnPolicy), on PongNoFrameskip-v4, 1 torch thread:
@@ -51,7 +52,7 @@ def worker_ours(case: dict[str, Any], a: argparse.Namespace) -> dict[str, Any]:
     def callback(info: Any) -> None:
         marks.append(info.elapsed)
 
-    overrides = {**case["ours"], "threads": 1, "eval_episodes": 1, "checkpoint_every": 0}
+    overrides = {**case["ours"], "threads": 1, "eval_episodes": 1, "checkpoint_every": 0, "precision": a.precision}
     if case["algo"] == "ppo":  # decay over rl-zoo's budget, as SB3's schedules below: progress = step / 10M
         overrides = {**overrides, "anneal_lr": False, "anneal_clip": False}
     run = pl.train(case["algo"], env=ENV, steps=case["steps"], seed=a.seed, overrides=overrides, progress=False,
@@ -134,22 +135,27 @@ def time_layouts(repeats: int = 5, calls: int = 20) -> None:
     net, head = NatureCNN(ImageLayout(4, 84, 84, False)), torch.nn.Linear(512, 6)
     frames = torch.randint(0, 256, (32, 4, 84, 84), dtype=torch.uint8)
 
-    def step(channels_last: bool) -> None:
-        x = frames.float().div_(255.0)
-        if channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        head(net.fc(net.convs(x))).sum().backward()
+    from policylab.nets.matmul import bf16_native
 
-    results: dict[str, list[float]] = {"nchw": [], "channels_last": []}
+    def step(name: str) -> None:
+        x = frames.float().div_(255.0)
+        if name != "nchw":
+            x = x.contiguous(memory_format=torch.channels_last)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=name == "channels_last_bf16"):
+            features = net.fc(net.convs(x))
+        head(features.float()).sum().backward()
+
+    names = ["nchw", "channels_last"] + (["channels_last_bf16"] if bf16_native() else [])
+    results: dict[str, list[float]] = {name: [] for name in names}
     for _ in range(repeats):
         for name in results:
-            step(name == "channels_last")
+            step(name)
             start = time.perf_counter()
             for _ in range(calls):
-                step(name == "channels_last")
+                step(name)
             results[name].append((time.perf_counter() - start) / calls * 1000)
     for name, values in results.items():
-        print(f"{name:14s} {statistics.median(values):.2f} ms per step (median of {repeats})")
+        print(f"{name:19s} {statistics.median(values):.2f} ms per step (median of {repeats})")
 
 
 def main() -> None:
@@ -160,6 +166,7 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--out")
     p.add_argument("--layout", action="store_true", help="time the CNN step in both memory layouts, then stop")
+    p.add_argument("--precision", default="fp32", help="policylab's precision (bf16: the encoder under autocast)")
     a = p.parse_args()
     if a.layout:
         time_layouts()
@@ -177,13 +184,14 @@ def main() -> None:
             __file__,
             ["ours", "sb3"],
             seeds,
-            ["--case", name],
+            ["--case", name, "--precision", a.precision],
             lambda r: print(f"  {r['side']} seed {r['seed']}: {r['loop_s']:.1f} s", flush=True),
         )
         metrics = {**METRICS, **(MEMORY if CASES[name]["algo"] == "dqn" else {})}
         summaries[name] = pair_report(runs, seeds, metrics, {}, "ours", "sb3", ("policylab", "SB3"))
         all_runs += [{**r, "case": name} for r in runs]
-    path = write_results("atari", {**header, "cases": CASES, "summary": summaries, "runs": all_runs})
+    payload = {**header, "precision": a.precision, "cases": CASES, "summary": summaries, "runs": all_runs}
+    path = write_results("atari", payload)
     print(f"\nresults: {path}")
 
 

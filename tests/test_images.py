@@ -160,3 +160,28 @@ def test_image_errors_name_the_fix(tmp_path):
         train("ppo", encoder="resnet")
     with pytest.raises(PolicylabError):
         make_encoder("nature", gym.spaces.Box(0, 1, (3,)))
+
+
+def test_precision_bf16_runs_the_encoder_in_bfloat16():
+    """Where the CPU has native bfloat16, precision=bf16 runs the CNN under autocast: float32 features within
+    bfloat16's precision of the float32 ones, and gradients in the float32 weights. Elsewhere it is an error."""
+    from policylab.errors import ConfigError as PrecisionError
+    from policylab.nets import matmul
+
+    torch.manual_seed(0)
+    net = NatureCNN(ImageLayout(4, 40, 40, False))
+    frames = torch.randint(0, 256, (8, 4, 40, 40), dtype=torch.uint8)
+    exact = net(frames)
+    if not matmul.bf16_native():
+        with pytest.raises(PrecisionError, match="bf16"):
+            matmul.set_precision("bf16")
+        return
+    matmul.set_precision("bf16")
+    try:
+        low = net(frames)
+        low.sum().backward()
+    finally:
+        matmul.set_precision("fp32")
+    assert low.dtype == torch.float32 and not torch.equal(low, exact)
+    torch.testing.assert_close(low, exact, rtol=0.05, atol=0.05)
+    assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in net.parameters())

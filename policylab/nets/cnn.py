@@ -19,6 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from policylab.errors import ConfigError, EnvError
+from policylab.nets import matmul
 
 ENCODERS = ("auto", "mlp", "nature", "impala")
 IMAGE_ALGOS = ("ppo", "a2c", "reinforce", "dqn", "qrdqn")
@@ -81,11 +82,22 @@ def check_not_float_image(space: gym.Space, env_id: str) -> None:
 
 
 class ImageEncoder(nn.Module):
-    """Frames as stored ([B, *shape], uint8) -> features [B, features]."""
+    """Frames as stored ([B, *shape], uint8) -> features [B, features] (float32). With a run's `precision=bf16`
+    the convolutions and the feature layer run under bfloat16 autocast (float32 weights, gradients and optimizer
+    state; on AMX about twice as fast: `benchmarks/atari.py --layout`)."""
 
     features: int
     min_size: int = 1
     """The smallest height and width the encoder's convolutions take."""
+
+    def forward(self, frames: Tensor) -> Tensor:
+        if matmul.precision() != "bf16" or frames.device.type != "cpu":
+            return self.encode(frames)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return self.encode(frames).float()
+
+    def encode(self, frames: Tensor) -> Tensor:
+        raise NotImplementedError
 
 
 def _conv_out(size: int, kernel: int, stride: int, padding: int = 0) -> int:
@@ -112,7 +124,7 @@ class NatureCNN(ImageEncoder):
         self.fc = nn.Sequential(nn.Linear(64 * h * w, features), nn.ReLU())
         self.features = features
 
-    def forward(self, frames: Tensor) -> Tensor:
+    def encode(self, frames: Tensor) -> Tensor:
         return self.fc(self.convs(self.layout.to_nchw(frames)))
 
 
@@ -142,7 +154,7 @@ class ImpalaCNN(ImageEncoder):
         self.fc = nn.Sequential(nn.Linear(c_in * h * w, features), nn.ReLU())
         self.features = features
 
-    def forward(self, frames: Tensor) -> Tensor:
+    def encode(self, frames: Tensor) -> Tensor:
         return self.fc(self.convs(self.layout.to_nchw(frames)))
 
 
@@ -154,7 +166,7 @@ class FlatFrames(ImageEncoder):
         self.layout = layout
         self.features = layout.channels * layout.height * layout.width
 
-    def forward(self, frames: Tensor) -> Tensor:
+    def encode(self, frames: Tensor) -> Tensor:
         return frames.reshape(len(frames), -1).float() / 255.0
 
 
@@ -180,7 +192,7 @@ class MultiInputEncoder(ImageEncoder):
         self.register_buffer("vector_columns", torch.tensor([i for i in range(size) if i not in inside]))
         self.features = sum(cnn.features for cnn in cnns) + len(self.vector_columns)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def encode(self, x: Tensor) -> Tensor:
         parts = [cnn(x[:, part].view(len(x), *shape)) for (part, shape), cnn in zip(self.images, self.cnns)]
         return torch.cat([*parts, x.index_select(1, self.vector_columns)], 1)
 
