@@ -88,8 +88,7 @@ def _first_eval_reaching(algo: str, overrides: dict, steps: int, bar: float, tmp
 
 def test_ppo_learns_the_pixel_grid(tmp_path):
     """Agent and goal in random cells of a 5x5 grid seen as a 40x40 frame: Nature-CNN + PPO reaches the goal in
-    every evaluation episode within 40k steps (seed 1: 24k, seed 2: 32k when this was written; a fixed policy
-    that ignores the frame reaches it in about a fifth)."""
+    every evaluation episode within 40k steps (seed 1, the test's: at 24k when this was written)."""
     run = _first_eval_reaching("ppo", PPO_GRID, 40_000, 1.0, tmp_path)
     assert run.interrupted, "no evaluation reached the goal in every episode"
 

@@ -287,9 +287,9 @@ def discrete_actions(act_space: gym.Space, algo: str) -> int:
     return int(act_space.n)
 
 
-def obs_dim(obs_space: gym.Space, algo: str = "this algorithm") -> int:
+def obs_dim(obs_space: gym.Space) -> int:
     """The flattened size of vector observations (image observations: an error naming the algorithms that take them)."""
-    check_vector_observations(obs_space, algo)
+    check_vector_observations(obs_space)
     return int(np.prod(obs_space.shape or ()))
 
 

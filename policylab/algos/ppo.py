@@ -16,6 +16,7 @@ for each iteration:
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import gymnasium as gym
@@ -105,10 +106,7 @@ class PPO:
             advantages=advantages,
             returns=returns,
         ).flatten()
-        if self.net.recurrent:
-            return self._update_sequences(rollout, data, progress, clip_low, clip_high)
-        n = len(data)
-        one_batch = cfg.batch_size >= n
+        one_batch = not self.net.recurrent and cfg.batch_size >= len(data)
         if one_batch and cfg.normalize_advantage:  # the same minibatch every epoch: normalize once
             data.advantages = normalize(data.advantages)
         kl_limit = None if cfg.target_kl is None else 1.5 * cfg.target_kl
@@ -116,13 +114,13 @@ class PPO:
         history: dict[str, list[Tensor]] = defaultdict(list)
         last_epoch = cfg.epochs - 1  # losses, KL and clip fraction are reported for the last epoch
         for epoch in range(cfg.epochs):
-            order = None if one_batch else torch.randperm(n, generator=self.generator, device=data.obs.device)
-            for start in range(0, n, cfg.batch_size):
-                mb = data if order is None else data.select(order[start : start + cfg.batch_size])
-                if cfg.normalize_advantage and not one_batch and len(mb) > 1:
+            minibatches = self._sequences(rollout, data) if self.net.recurrent else self._minibatches(data, one_batch)
+            for mb in minibatches:
+                rows = len(mb.advantages)
+                if cfg.normalize_advantage and not one_batch and rows > 1:
                     mb.advantages = normalize(mb.advantages)
                 report = epoch == last_epoch
-                term = None if self.imitation is None else self.imitation.term(progress, len(mb), self.generator)
+                term = None if self.imitation is None else self.imitation.term(progress, rows, self.generator)
                 metrics, stepped = self.learner.step(mb, loss, kl_limit=kl_limit, with_metrics=report, imitation=term)
                 for key, value in metrics.items() if report or not stepped else ():
                     history[key].append(value)
@@ -131,36 +129,30 @@ class PPO:
                     return self._metrics(history, data)
         return self._metrics(history, data)
 
-    def _update_sequences(
-        self, rollout: Batch, data: Batch, progress: float, clip_low: float, clip_high: float | None
-    ) -> dict[str, Tensor]:
-        """The recurrent update: each minibatch is the whole rollouts of batch_size // n_steps envs (at least one),
+    def _minibatches(self, data: Batch, one_batch: bool) -> Iterator[Batch]:
+        """One epoch's minibatches of batch_size shuffled samples (the whole rollout with `one_batch`)."""
+        n, size = len(data), self.cfg.batch_size
+        if one_batch:
+            yield data
+            return
+        order = torch.randperm(n, generator=self.generator, device=data.obs.device)
+        for start in range(0, n, size):
+            yield data.select(order[start : start + size])
+
+    def _sequences(self, rollout: Batch, data: Batch) -> Iterator[Batch]:
+        """A recurrent network's minibatches: the whole rollouts of batch_size // n_steps envs (at least one), to be
         replayed through the LSTMs from their states at the rollout's start; the envs are shuffled each epoch."""
-        cfg = self.cfg
         steps, num_envs = rollout.rewards.shape
-        per_batch = max(1, cfg.batch_size // steps)
-        kl_limit = None if cfg.target_kl is None else 1.5 * cfg.target_kl
-        loss = ActorCriticLoss(clip_low, clip_high, cfg.dual_clip, cfg.clip_value, cfg.vf_coef, cfg.ent_coef)
-        history: dict[str, list[Tensor]] = defaultdict(list)
-        time_rows = torch.arange(steps, device=data.advantages.device).unsqueeze(1) * num_envs
-        for epoch in range(cfg.epochs):
-            order = torch.randperm(num_envs, generator=self.generator, device=data.advantages.device)
-            for start in range(0, num_envs, per_batch):
-                envs = order[start : start + per_batch]
-                rows = (time_rows + envs).view(-1)  # time-major, as evaluate_sequences returns them
-                mb = data.select(rows)
-                mb.obs = rollout.obs[:, envs]
-                mb.states, mb.starts = rollout.states[:, :, envs], rollout.starts[:, envs]
-                if cfg.normalize_advantage and len(rows) > 1:
-                    mb.advantages = normalize(mb.advantages)
-                report = epoch == cfg.epochs - 1
-                metrics, stepped = self.learner.step(mb, loss, kl_limit=kl_limit, with_metrics=report)
-                for key, value in metrics.items() if report or not stepped else ():
-                    history[key].append(value)
-                if not stepped:
-                    history["early_stop_epoch"].append(torch.tensor(float(epoch)))
-                    return self._metrics(history, data)
-        return self._metrics(history, data)
+        per_batch = max(1, self.cfg.batch_size // steps)
+        flat = Batch(**{k: v for k, v in data.items() if k != "obs"})  # obs go as [T, E] sequences instead
+        time_rows = torch.arange(steps, device=flat.advantages.device).unsqueeze(1) * num_envs
+        order = torch.randperm(num_envs, generator=self.generator, device=flat.advantages.device)
+        for start in range(0, num_envs, per_batch):
+            envs = order[start : start + per_batch]
+            mb = flat.select((time_rows + envs).view(-1))  # time-major, as evaluate_sequences returns them
+            mb.obs = rollout.obs[:, envs]
+            mb.states, mb.starts = rollout.states[:, :, envs], rollout.starts[:, envs]
+            yield mb
 
     def _metrics(self, history: dict[str, list[Tensor]], data: Batch) -> dict[str, Tensor]:
         metrics = mean_metrics(history)

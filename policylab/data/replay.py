@@ -455,6 +455,8 @@ class StackedFrameReplay(ReplayBuffer):
         self._unseen_frames = np.zeros(num_envs, np.int64)
         """Per env, how many of its next transitions need frames from before this buffer's first (a buffer started
         mid-episode, e.g. on resume without save_buffer): those are written but never drawn."""
+        self._oldest = torch.arange(1, self.stack, device=self.device).unsqueeze(1)
+        """Offsets from the write head of the k - 1 oldest slots, whose earlier frames are overwritten."""
 
     def add(
         self,
@@ -471,11 +473,11 @@ class StackedFrameReplay(ReplayBuffer):
         newest = None if final_obs is None else final_obs[:, -1]
         super().add(obs[:, -1], actions, rewards, next_obs[:, -1], terminated, truncated, newest)
         self._starting = np.asarray(terminated, bool) | np.asarray(truncated, bool)
-        unseen = torch.from_numpy(self._unseen_frames > 0).to(self.device)
-        self.valid[slot[unseen], self._envs[unseen]] = False
-        self._unseen_frames = np.maximum(self._unseen_frames - 1, 0)
-        for offset in range(1, self.stack):  # the oldest slots: their earlier frames are overwritten
-            self.valid[(self.ptr + offset) % self.slots, self._envs] = False
+        if self._unseen_frames.any():
+            unseen = torch.from_numpy(self._unseen_frames > 0).to(self.device)
+            self.valid[slot[unseen], self._envs[unseen]] = False
+            self._unseen_frames = np.maximum(self._unseen_frames - 1, 0)
+        self.valid[(self.ptr + self._oldest) % self.slots, self._envs] = False  # one write for the k - 1 oldest
 
     def _check_padding(self, obs: Tensor | np.ndarray) -> None:
         """At episode starts, the stack must be k copies of the first frame, or zeros then the first frame."""
@@ -486,10 +488,10 @@ class StackedFrameReplay(ReplayBuffer):
             if not (repeated or zeros) and self.transitions_added == 0:  # joined an episode under way
                 self._unseen_frames[env] = self.stack - 1
                 continue
-            padding = "reset" if repeated and not zeros else "zero" if zeros and not repeated else self.padding
-            if padding is None and repeated:  # a blank first frame: either padding fits; decided later
+            padding = None if repeated and zeros else "reset" if repeated else "zero" if zeros else "neither"
+            if padding is None:  # a blank first frame: either padding fits
                 continue
-            if padding is None or (self.padding is not None and padding != self.padding) or not (repeated or zeros):
+            if padding == "neither" or self.padding not in (None, padding):
                 raise ValueError(
                     "these observations are not frame stacks whose first frames are padding (copies of the episode's "
                     "first frame, or zeros): stacked-frame replay cannot rebuild them; use frame_stack_replay=false"

@@ -40,11 +40,6 @@ def torch_dtype(dtype: np.dtype) -> Any:
     return torch.uint8 if dtype == np.uint8 else torch.float32
 
 
-def _is_vector_box(space: gym.Space) -> bool:
-    """A Box that is not an image (images need a CNN encoder, not flattening)."""
-    return isinstance(space, gym.spaces.Box) and not is_image_space(space)
-
-
 def needs_encoding(space: gym.Space) -> bool:
     """Whether `space` is one that `ObservationEncoder` turns into a Box (a Box stays as it is)."""
     if isinstance(space, (gym.spaces.Tuple, gym.spaces.Dict)):
@@ -54,12 +49,10 @@ def needs_encoding(space: gym.Space) -> bool:
 
 
 def _part_size(part: gym.Space) -> int:
-    if isinstance(part, gym.spaces.Box):
+    if isinstance(part, (gym.spaces.Box, gym.spaces.MultiBinary)):
         return int(np.prod(part.shape))
     if isinstance(part, gym.spaces.MultiDiscrete):
         return int(np.sum(part.nvec))
-    if isinstance(part, gym.spaces.MultiBinary):
-        return int(np.prod(part.shape))
     assert isinstance(part, gym.spaces.Discrete)
     return int(part.n)
 
@@ -73,8 +66,7 @@ class ObservationEncoder:
         if not needs_encoding(space):
             raise EnvError(
                 f"observation space {space} cannot be encoded as a vector",
-                "use Box, Discrete, MultiDiscrete or MultiBinary observations, or a Tuple or Dict of them (one level, "
-                "no images inside)",
+                "use Box, Discrete, MultiDiscrete or MultiBinary observations, or a Tuple or Dict of them (one level)",
             )
         self.space = space
         self.keys: list[Any] = (

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from policylab.envs.encode import is_image_space
 from policylab.errors import ConfigError, EnvError
 from policylab.nets import matmul
 
@@ -36,7 +37,7 @@ class ImageLayout:
     def to_nchw(self, frames: Tensor) -> Tensor:
         """[B, *stored shape] uint8 (or float) frames -> [B, C, H, W] float in [0, 1], in the channels-last memory
         layout: oneDNN's convolutions run about 20% faster on it (a Nature-CNN step on 32 Atari frames, 1 thread,
-        Xeon: 15.4 against 19.4 ms; `benchmarks/atari.py --layout`)."""
+        Xeon: 14.0 against 17.3 ms; `benchmarks/atari.py --layout`, benchmarks/README.md)."""
         x = frames.float().div_(255.0) if frames.dtype == torch.uint8 else frames.float() / 255.0
         if x.dim() == 3:  # (H, W) frames
             x = x.unsqueeze(1)
@@ -48,9 +49,9 @@ class ImageLayout:
 def image_layout(space: gym.Space) -> ImageLayout | None:
     """The layout of an image observation space, None for any other space; an error for a uint8 space that is
     image-like but not one policylab's encoders read."""
-    if not isinstance(space, gym.spaces.Box) or space.dtype != np.uint8 or len(space.shape) < 2:
+    if not is_image_space(space):
         return None
-    shape = tuple(int(d) for d in space.shape)
+    shape = tuple(int(d) for d in space.shape or ())
     if len(shape) == 2:
         return ImageLayout(1, shape[0], shape[1], False)
     if len(shape) == 3:
@@ -170,11 +171,11 @@ class FlatFrames(ImageEncoder):
         return frames.reshape(len(frames), -1).float() / 255.0
 
 
-def check_vector_observations(space: gym.Space, algo: str) -> None:
+def check_vector_observations(space: gym.Space) -> None:
     """For the algorithms whose networks read vectors only: an error for image observations."""
     if image_layout(space) is not None or getattr(space, "images", None):
         raise ConfigError(
-            f"{algo} does not take image observations yet; its networks read vectors",
+            "this algorithm does not take image observations yet; its networks read vectors",
             f"use one of {', '.join(IMAGE_ALGOS)} on images",
         )
 
