@@ -185,7 +185,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("collect", help="make an offline dataset by running a policy in an env")
     p.add_argument("--env", help="Gymnasium env id (or module:Class)")
-    p.add_argument("--policy", default="random", help="random (default), or a run directory (its final policy)")
+    p.add_argument(
+        "--policy", default="random", help="random (default), a run directory (its final policy), or module:function"
+    )
     p.add_argument("--episodes", type=int, default=10)
     p.add_argument("--noise", type=float, default=0.0, help="Gaussian std in half-ranges (Box) or epsilon (Discrete)")
     p.add_argument("--seed", type=int, default=0)

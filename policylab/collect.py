@@ -54,9 +54,9 @@ def collect(
     """Run `policy` for `episodes` episodes of `env` and return them as a Dataset (written to `out` if given).
 
     `policy`: "random", a run directory (its final policy; `dir/best` for the best one), a loaded `Policy`, or a
-    function from a batch of observations to a batch of env actions. `noise`: for Box actions, Gaussian noise of
-    this std in units of half the action range, clipped to the bounds; for Discrete actions, epsilon-greedy
-    with epsilon = noise.
+    function from a batch of observations to a batch of env actions (also as a "module:function" string).
+    `noise`: for Box actions, Gaussian noise of this std in units of half the action range, clipped to the
+    bounds; for Discrete actions, epsilon-greedy with epsilon = noise.
     """
     if episodes < 1:
         raise PolicylabError(f"episodes={episodes}: at least one is needed", "pass --episodes 1 or more")
@@ -100,6 +100,8 @@ def _load_policy(policy: Any) -> Any:
     if isinstance(policy, (str, Path)):
         if str(policy) == "random":
             return "random"
+        if isinstance(policy, str) and ":" in policy and not Path(policy).exists():
+            return _import_function(policy)
         from policylab.policy import load
 
         return load(policy)
@@ -108,6 +110,23 @@ def _load_policy(policy: Any) -> Any:
     raise PolicylabError(
         f"cannot collect with {policy!r}", "pass policy='random', a run directory, a Policy or a function"
     )
+
+
+def _import_function(spec: str) -> Callable[[np.ndarray], np.ndarray]:
+    """`module:function`, a function from a batch of observations to a batch of env actions (e.g. a scripted
+    expert such as policylab.envs.navigation:expert)."""
+    import importlib
+
+    module_name, _, attr = spec.partition(":")
+    try:
+        fn = getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError) as exc:
+        raise PolicylabError(
+            f"cannot import the policy {spec!r}: {exc}", "pass a run directory, random, or module:function"
+        ) from None
+    if not callable(fn):
+        raise PolicylabError(f"{spec!r} is not a function", "pass module:function (obs batch -> action batch)")
+    return fn  # type: ignore[no-any-return]
 
 
 def _behaviour(policy: Any, space: gym.Space, noise: float, seed: int) -> ActFn:

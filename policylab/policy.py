@@ -98,7 +98,11 @@ class Policy:
 
     def reset(self, ended: np.ndarray | None = None) -> None:
         """Clear a recurrent policy's memory: of every env (before a new episode), or of the envs where `ended`
-        is true (their next observation starts an episode). Nothing for other policies."""
+        is true (their next observation starts an episode). A policy acting by action chunks (nets/generative.py)
+        drops those envs' plans. Nothing for other policies."""
+        reset_plan = getattr(self.net, "reset_plan", None)
+        if reset_plan is not None:
+            reset_plan(ended)
         if self._state is None:
             return
         if ended is None:

@@ -59,6 +59,7 @@ class ReplayBuffer:
         mc_returns: bool = False,
         episodes: bool = False,
         obs_dtype: torch.dtype = torch.float32,
+        action_chunk: int = 1,
     ) -> None:
         if n_step < 1:
             raise ValueError(f"n_step must be >= 1, got {n_step}")
@@ -72,6 +73,12 @@ class ReplayBuffer:
         step it is whatever the final-obs slot holds (zeros, or a stale action once the ring wrapped): harmless at
         a termination (the target multiplies it by 1 - terminated), a stale value at a truncation (CORL's D4RL
         loader drops the truncated transitions instead)."""
+        if action_chunk < 1:
+            raise ValueError(f"action_chunk must be >= 1, got {action_chunk}")
+        self.action_chunk = action_chunk
+        """> 1: batches carry `action_chunks` [B, H, *action_shape], the actions of the sampled step and the H - 1
+        steps after it in its episode; past the episode's last step the last action repeats (Diffusion Policy's
+        padding)."""
         self.device = torch.device(device)
         shape = (self.slots, num_envs)
         self.obs = torch.zeros(*shape, *obs_shape, dtype=obs_dtype, device=device)  # uint8 for image frames
@@ -280,6 +287,8 @@ class ReplayBuffer:
         index = torch.randint(high, (batch_size,), generator=generator, device=self.device)
         self._redraw_invalid(index, high, generator)
         batch = self.gather(index)
+        if self.action_chunk > 1:
+            batch.action_chunks = self.chunks(index, self.action_chunk)
         if self.relabeler is not None:
             self.relabeler(self, batch, generator)
         return batch
@@ -307,6 +316,8 @@ class ReplayBuffer:
         weights = (len(self) * probs).pow(-self.beta)
         batch = self.gather(index)
         batch.weights = (weights / weights.max()).to(torch.float32)
+        if self.action_chunk > 1:
+            batch.action_chunks = self.chunks(index, self.action_chunk)
         return batch
 
     def update_priorities(self, flat_index: Tensor, td_errors: Tensor) -> None:
@@ -342,13 +353,8 @@ class ReplayBuffer:
                 batch.mc_returns = flat["mc_returns"].index_select(0, flat_index)
             return batch
         slot, env = flat_index // self.num_envs, flat_index % self.num_envs
-        steps = (slot.unsqueeze(1) + torch.arange(self.n_step, device=self.device)) % self.slots
+        steps, include = self._episode_steps(slot, env, self.n_step)
         envs = env.unsqueeze(1).expand_as(steps)
-        end = self.episode_end[steps, envs]
-        valid = self.valid[steps, envs]
-        # Step k is included if steps 0..k-1 did not end the episode and step k is a stored transition.
-        open_before = torch.cumprod(torch.cat([torch.ones_like(end[:, :1]), ~end[:, :-1]], 1).long(), 1).bool()
-        include = open_before & torch.cumprod(valid.long(), 1).bool()
         count = include.sum(1)
         last = torch.gather(steps, 1, (count - 1).unsqueeze(1)).squeeze(1)
         rewards = (self.rewards[steps, envs] * include * self._discounts).sum(1)
@@ -368,6 +374,25 @@ class ReplayBuffer:
         if self.mc_returns is not None:  # from the sampled step on, whatever n
             batch.mc_returns = self.mc_returns[slot, env]
         return batch
+
+    def _episode_steps(self, slot: Tensor, env: Tensor, n: int) -> tuple[Tensor, Tensor]:
+        """The slots of the n steps from `slot` on ([B, n], wrapping around the ring) and which of them belong to
+        the sampled step's episode: step k is included if steps 0..k-1 did not end it and step k is stored."""
+        steps = (slot.unsqueeze(1) + torch.arange(n, device=self.device)) % self.slots
+        envs = env.unsqueeze(1).expand_as(steps)
+        end = self.episode_end[steps, envs]
+        valid = self.valid[steps, envs]
+        open_before = torch.cumprod(torch.cat([torch.ones_like(end[:, :1]), ~end[:, :-1]], 1).long(), 1).bool()
+        return steps, open_before & torch.cumprod(valid.long(), 1).bool()
+
+    def chunks(self, flat_index: Tensor, horizon: int) -> Tensor:
+        """The actions of `horizon` consecutive steps from each flat index [B, H, *action_shape], within its
+        episode: past the episode's last step, its last action again."""
+        slot, env = flat_index // self.num_envs, flat_index % self.num_envs
+        steps, include = self._episode_steps(slot, env, horizon)
+        last = include.sum(1, keepdim=True) - 1
+        k = torch.minimum(torch.arange(horizon, device=self.device).unsqueeze(0), last)
+        return self.actions[torch.gather(steps, 1, k), env.unsqueeze(1)]
 
     def _observations(self, flat_index: Tensor, next_index: Tensor) -> tuple[Tensor, Tensor]:
         """The observations at the transitions' slots and at the slots of their next observations."""

@@ -52,11 +52,12 @@ def dataset_buffer(
     mc_returns: bool = False,
     reward_scale: float = 1.0,
     reward_bias: float = 0.0,
+    action_chunk: int = 1,
 ) -> ReplayBuffer:
     """A one-env replay buffer holding `dataset` (observations normalized by `obs_normalizer` if given), with
     room for `extra_capacity` more transitions (offline-to-online runs keep adding to it); `next_actions`: its
     batches carry the dataset's next actions, `mc_returns` the discounted returns-to-go (ReplayBuffer's flags).
-    Rewards are stored as r * reward_scale + reward_bias."""
+    Rewards are stored as r * reward_scale + reward_bias; `action_chunk` > 1: batches carry the next H actions."""
     obs = dataset.observations if obs_normalizer is None else obs_normalizer(dataset.observations)
     shape = tuple(obs.shape[1:])
     capacity = dataset.num_steps + dataset.num_episodes + 1 + extra_capacity
@@ -74,6 +75,7 @@ def dataset_buffer(
         device=device,
         next_actions=next_actions,
         mc_returns=mc_returns,
+        action_chunk=action_chunk,
     )
     actions = replay_actions(dataset.actions, dataset.action_space).reshape(len(dataset.actions), *action_shape)
     rewards = dataset.rewards
