@@ -12,7 +12,7 @@ the fused kernel is not available.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any, Union
 
 import numpy as np
@@ -220,3 +220,28 @@ def set_lr(optimizer: Optimizer, lr: float) -> None:
     """Every parameter group's learning rate."""
     for group in optimizer.param_groups:
         group["lr"] = lr
+
+
+def conjugate_gradient(
+    matvec: Callable[[Tensor], Tensor], b: Tensor, max_steps: int = 15, residual_tol: float = 1e-10
+) -> Tensor:
+    """An approximate solution x of A x = b for a symmetric positive-definite A given only as `matvec`
+    (x -> A x), by at most `max_steps` conjugate-gradient iterations from x = 0 (Nocedal & Wright, Alg. 5.2).
+
+    Stops early once the squared residual is below `residual_tol`: one host sync per iteration, which
+    TRPO pays anyway for its line search (and which saves the remaining matrix-vector products)."""
+    x = torch.zeros_like(b)
+    r = b.clone()  # residual b - A x
+    p = b.clone()  # search direction
+    rr = torch.dot(r, r)
+    for _ in range(max_steps):
+        if float(rr) < residual_tol:
+            break
+        ap = matvec(p)
+        alpha = rr / torch.dot(p, ap)
+        x.add_(alpha * p)
+        r.sub_(alpha * ap)
+        rr_next = torch.dot(r, r)
+        p = r + (rr_next / rr) * p
+        rr = rr_next
+    return x

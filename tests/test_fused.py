@@ -153,6 +153,11 @@ CASES = [
     ("continuous", "tanh", False, {"clip_low": 0.2, "ent_coef": 0.01}),
     ("continuous", "relu", True, {"clip_low": 0.2, "clip_value": 0.5}),
     ("continuous", "tanh", False, {"clip_low": None, "on_policy": True}),
+    # the trust-region family's surrogates: SPO's ratio penalty, MDPO's reverse and FixPO's forward KL penalty
+    ("discrete", "tanh", False, {"clip_low": None, "spo_eps": 0.2, "ent_coef": 0.01}),
+    ("continuous", "relu", True, {"clip_low": None, "spo_eps": 0.1, "clip_value": 0.2}),
+    ("continuous", "tanh", False, {"clip_low": None, "kl_coef": 2.0}),
+    ("multi", "tanh", False, {"clip_low": 0.2, "kl_coef": 0.5, "kl": "forward"}),
     # with demonstration rows (hybrid on-policy): no value or entropy gradient on them, their own weights
     ("discrete", "tanh", False, {"clip_low": 0.2, "ent_coef": 0.01, "imitation": "phi"}),
     ("multi", "relu", True, {"clip_low": 0.2, "ent_coef": 0.01, "imitation": "uniform"}),

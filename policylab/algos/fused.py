@@ -91,9 +91,7 @@ class FusedActorCriticStep:
             logp,
             logp if old_logp is None else old_logp,
             batch.advantages,
-            clip_low=spec.clip_low,
-            clip_high=spec.clip_high,
-            dual_clip=spec.dual_clip,
+            **spec.surrogate_options(),
             scale=1.0 - coef,
             with_metrics=with_metrics,
         )

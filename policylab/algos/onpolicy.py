@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import gymnasium as gym
 import torch
@@ -144,8 +145,10 @@ def optimizer_step(
 
 @dataclass(frozen=True)
 class ActorCriticLoss:
-    """The actor-critic loss: pg_surrogate(clip_low, clip_high, dual_clip) + vf_coef * value_loss(clip_value)
-    - ent_coef * entropy. clip_low=None is the unclipped (REINFORCE / A2C) surrogate."""
+    """The actor-critic loss: pg_surrogate(clip_low, clip_high, dual_clip, spo_eps, kl_coef, kl)
+    + vf_coef * value_loss(clip_value) - ent_coef * entropy. clip_low=None is the unclipped (REINFORCE / A2C)
+    surrogate; spo_eps (with clip_low=None) SPO's; kl_coef > 0 adds the KL penalty of MDPO / FixPO (a tensor
+    coefficient, e.g. a learned multiplier, costs no host sync)."""
 
     clip_low: float | None = 0.2
     clip_high: float | None = None
@@ -153,6 +156,20 @@ class ActorCriticLoss:
     clip_value: float | None = None
     vf_coef: float = 0.5
     ent_coef: float = 0.0
+    spo_eps: float | None = None
+    kl_coef: float | Tensor = 0.0
+    kl: str = "reverse"
+
+    def surrogate_options(self) -> dict[str, Any]:
+        """The keyword arguments of `pg_surrogate` / `pg_surrogate_grad` this loss sets."""
+        return {
+            "clip_low": self.clip_low,
+            "clip_high": self.clip_high,
+            "dual_clip": self.dual_clip,
+            "spo_eps": self.spo_eps,
+            "kl_coef": self.kl_coef,
+            "kl": self.kl,
+        }
 
 
 @dataclass(frozen=True)
@@ -215,9 +232,7 @@ class AutogradStep:
         logp, entropy, values = all_logp[:rows], all_entropy[:rows], all_values[:rows]
         old_logp = batch.get("logp")
         old = logp.detach() if old_logp is None else old_logp
-        pg_loss, stats = pg_surrogate(
-            logp, old, batch.advantages, clip_low=spec.clip_low, clip_high=spec.clip_high, dual_clip=spec.dual_clip
-        )
+        pg_loss, stats = pg_surrogate(logp, old, batch.advantages, **spec.surrogate_options())
         if kl_limit is not None and stats["approx_kl"].item() > kl_limit:
             return stats, False
         policy_loss = pg_loss

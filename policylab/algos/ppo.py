@@ -16,7 +16,7 @@ for each iteration:
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import gymnasium as gym
@@ -60,6 +60,8 @@ class PPOConfig(OnPolicyConfig):
     """Clip the value update around the old values (None: no value clipping)."""
     target_kl: float | None = None
     """Stop the epochs early once the approximate KL exceeds 1.5 * target_kl."""
+    ratio_penalty: bool = False
+    """SPO (algos/spo.py): instead of the clip, the penalty |A| / (2 clip_eps) (r - 1)^2 keeps r near 1."""
 
     def validate(self) -> None:
         super().validate()
@@ -91,26 +93,23 @@ class PPO:
     def build_policy(cfg: OnPolicyConfig, obs_space: gym.Space, act_space: gym.Space) -> ActorCritic:
         return build_actor_critic(cfg, obs_space, act_space, "ppo")
 
-    def update(self, rollout: Batch, progress: float) -> dict[str, Tensor]:
+    def update(
+        self,
+        rollout: Batch,
+        progress: float,
+        loss: ActorCriticLoss | None = None,
+        after_step: Callable[[dict[str, Tensor]], None] | None = None,
+    ) -> dict[str, Tensor]:
+        """Epochs of minibatch steps on the rollout. `loss`: another surrogate than the config's clip (the trust-
+        region variants: SPO, MDPO, FixPO); `after_step(metrics)`: called after every step with its metrics."""
         cfg = self.cfg
         set_lr(self.optimizer, annealed(cfg.lr, progress, cfg.anneal_lr))
-        clip_low = annealed(cfg.clip_eps, progress, cfg.anneal_clip)
-        clip_high = None if cfg.clip_eps_high is None else annealed(cfg.clip_eps_high, progress, cfg.anneal_clip)
-
-        advantages, returns = rollout_advantages(rollout, "gae", cfg)
-        data = Batch(
-            obs=rollout.obs,
-            actions=rollout.actions,
-            logp=rollout.logp,
-            values=rollout.values,
-            advantages=advantages,
-            returns=returns,
-        ).flatten()
+        data = self.rollout_data(rollout)
         one_batch = not self.net.recurrent and cfg.batch_size >= len(data)
         if one_batch and cfg.normalize_advantage:  # the same minibatch every epoch: normalize once
             data.advantages = normalize(data.advantages)
         kl_limit = None if cfg.target_kl is None else 1.5 * cfg.target_kl
-        loss = ActorCriticLoss(clip_low, clip_high, cfg.dual_clip, cfg.clip_value, cfg.vf_coef, cfg.ent_coef)
+        loss = self.clip_loss(progress) if loss is None else loss
         history: dict[str, list[Tensor]] = defaultdict(list)
         last_epoch = cfg.epochs - 1  # losses, KL and clip fraction are reported for the last epoch
         for epoch in range(cfg.epochs):
@@ -121,13 +120,40 @@ class PPO:
                     mb.advantages = normalize(mb.advantages)
                 report = epoch == last_epoch
                 term = None if self.imitation is None else self.imitation.term(progress, rows, self.generator)
-                metrics, stepped = self.learner.step(mb, loss, kl_limit=kl_limit, with_metrics=report, imitation=term)
+                metrics, stepped = self.learner.step(
+                    mb, loss, kl_limit=kl_limit, with_metrics=report or after_step is not None, imitation=term
+                )
+                if after_step is not None and stepped:
+                    after_step(metrics)
                 for key, value in metrics.items() if report or not stepped else ():
                     history[key].append(value)
                 if not stepped:  # the KL that stopped it is among the metrics
                     history["early_stop_epoch"].append(torch.tensor(float(epoch)))
                     return self._metrics(history, data)
         return self._metrics(history, data)
+
+    def clip_loss(self, progress: float) -> ActorCriticLoss:
+        """The config's clipped surrogate (clip ranges annealed with `anneal_clip`) with the value and entropy terms."""
+        cfg = self.cfg
+        clip_low = annealed(cfg.clip_eps, progress, cfg.anneal_clip)
+        clip_high = None if cfg.clip_eps_high is None else annealed(cfg.clip_eps_high, progress, cfg.anneal_clip)
+        if cfg.ratio_penalty:  # SPO: the penalty's eps is the clip range (annealed alike)
+            return ActorCriticLoss(
+                None, None, cfg.dual_clip, cfg.clip_value, cfg.vf_coef, cfg.ent_coef, spo_eps=clip_low
+            )
+        return ActorCriticLoss(clip_low, clip_high, cfg.dual_clip, cfg.clip_value, cfg.vf_coef, cfg.ent_coef)
+
+    def rollout_data(self, rollout: Batch) -> Batch:
+        """The rollout, flattened, with its GAE advantages and returns."""
+        advantages, returns = rollout_advantages(rollout, "gae", self.cfg)
+        return Batch(
+            obs=rollout.obs,
+            actions=rollout.actions,
+            logp=rollout.logp,
+            values=rollout.values,
+            advantages=advantages,
+            returns=returns,
+        ).flatten()
 
     def _minibatches(self, data: Batch, one_batch: bool) -> Iterator[Batch]:
         """One epoch's minibatches of batch_size shuffled samples (the whole rollout with `one_batch`)."""
@@ -159,6 +185,15 @@ class PPO:
         metrics["explained_variance"] = explained_variance(data.values, data.returns)
         metrics["lr"] = torch.tensor(self.optimizer.param_groups[0]["lr"])
         return metrics
+
+
+def delegated(attr: str, member: str = "ppo") -> property:
+    """An attribute read and written on a member: for algorithms built around a PPO instance (MDPO, FixPO), whose
+    `imitation` the loop sets."""
+    return property(
+        lambda self: getattr(getattr(self, member), attr),
+        lambda self, value: setattr(getattr(self, member), attr, value),
+    )
 
 
 def explained_variance(predicted: Tensor, target: Tensor) -> Tensor:

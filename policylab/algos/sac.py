@@ -6,6 +6,8 @@ for each gradient step on a replay batch (s, a, r, s', done, d = gamma^n):
     y = r + d (1 - done) (min_k Q'_k(s', a') - alpha log pi(a'|s')),  a' ~ pi(s')   (objectives.sac_target)
     critic step on 1/2 sum_k mean (Q_k(s, a) - y)^2                    (K critics in one batched call)
     actor step on mean(alpha log pi(a~|s) - min_k Q_k(s, a~))          (critic weights frozen)
+        with kl_coef > 0 (off-policy MDPO, algos/mdpo.py): + kl_coef mean KL(pi(.|s) || pi_old(.|s)),
+        pi_old a copy of the actor refreshed every kl_refresh gradient steps
     Q' <- (1 - tau) Q' + tau Q                                          (one lerp over flat parameters)
 """
 
@@ -33,7 +35,9 @@ from policylab.algos.offpolicy import (
 )
 from policylab.config import positive
 from policylab.data import Batch
+from policylab.errors import ConfigError
 from policylab.nets import ContinuousCritic, TanhGaussianActor
+from policylab.nets.heads import gaussian_kl
 from policylab.objectives.q_targets import sac_target
 
 
@@ -52,10 +56,16 @@ class SACConfig(OffPolicyConfig):
     """Actor (and temperature) updates every this many gradient steps."""
     target_update_interval: int = 1
     """Polyak updates every this many gradient steps."""
+    kl_coef: float = 0.0
+    """1 / t of off-policy MDPO: the weight of KL(pi || pi_old) in the actor loss (0: plain SAC)."""
+    kl_refresh: int = 1000
+    """With kl_coef > 0: pi_old is the actor as it was at the last multiple of this many gradient steps."""
 
     def validate(self) -> None:
         super().validate()
-        positive(self, "n_critics", "actor_delay", "target_update_interval")
+        positive(self, "n_critics", "actor_delay", "target_update_interval", "kl_refresh")
+        if self.kl_coef < 0:
+            raise ConfigError(f"kl_coef={self.kl_coef} must be >= 0", "set kl_coef to 0 (SAC) or e.g. 1.0 (MDPO)")
 
 
 class SAC:
@@ -79,7 +89,11 @@ class SAC:
             self.actor_opt, self.critic_opt, self.critic_target, self.temperature
         )
         self.action_shape, self.action_dtype = (self.act_dim,), torch.float32
-        self.fused = fused_sac_applies(self)
+        self.old_actor: TargetNetwork | None = None
+        if cfg.kl_coef > 0:  # off-policy MDPO's pi_old, checkpointed with the rest
+            self.old_actor = TargetNetwork(self.net, self.actor_opt.params)
+            self.modules["actor_old"] = self.old_actor.module
+        self.fused = fused_sac_applies(self) and self.old_actor is None
 
     @staticmethod
     def build_policy(cfg: SACConfig, obs_space: gym.Space, act_space: gym.Space) -> TanhGaussianActor:
@@ -126,6 +140,10 @@ class SAC:
             q_pi = critic(batch.obs, actions_pi).min(0).values
             critic.requires_grad_(True)
             actor_loss = (alpha * logp_pi - q_pi).mean()
+            if self.old_actor is not None:
+                kl = self._mirror_kl(batch.obs, index)
+                actor_loss = actor_loss + cfg.kl_coef * kl
+                metrics["kl_old"] = kl.detach()
             self.actor_opt.step(actor_loss)
             metrics.update(actor_loss=actor_loss.detach(), entropy=-logp_pi.detach().mean())
         if index % cfg.target_update_interval == 0:
@@ -133,3 +151,15 @@ class SAC:
         if cfg.prioritized:
             metrics["td_error"] = td.detach().abs().mean(0)
         return metrics
+
+    def _mirror_kl(self, obs: Tensor, index: int) -> Tensor:
+        """Mean KL(pi(.|s) || pi_old(.|s)) in closed form (pre-tanh Gaussians), pi_old refreshed to the actor first
+        at every multiple of kl_refresh gradient steps."""
+        assert self.old_actor is not None
+        if index % self.cfg.kl_refresh == 0:
+            self.old_actor.params.flat.data.copy_(self.actor_opt.params.flat.data)
+        old: TanhGaussianActor = self.old_actor.module  # type: ignore[assignment]  # a copy of self.net
+        mean, log_std = self.net._mean_log_std(obs)
+        with torch.no_grad():
+            old_mean, old_log_std = old._mean_log_std(obs)
+        return gaussian_kl(mean, log_std, old_mean, old_log_std).mean()

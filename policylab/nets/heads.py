@@ -84,6 +84,11 @@ class CategoricalHead:
             g_logits.sub_(g_h * g_entropy.unsqueeze(-1) if isinstance(g_entropy, Tensor) else g_h * g_entropy)
         return g_logits, None
 
+    def kl(self, logits: Tensor, _log_std: Tensor | None, ref_logits: Tensor, _ref_log_std: Tensor | None) -> Tensor:
+        """KL(pi || pi_ref) per sample, in closed form: sum_a p(a) (log p(a) - log p_ref(a))."""
+        logp_all = torch.log_softmax(logits, dim=-1)
+        return (logp_all.exp() * (logp_all - torch.log_softmax(ref_logits, dim=-1))).sum(-1)
+
     def mode(self, logits: Tensor) -> Tensor:
         return logits.argmax(-1)
 
@@ -183,6 +188,12 @@ class MultiCategoricalHead:
             g_h = probs * (logp_all + per_dim.unsqueeze(-1))
             g_grid.sub_(g_h * g_entropy.view(-1, 1, 1) if isinstance(g_entropy, Tensor) else g_h * g_entropy)
         return g_grid.reshape(g_grid.shape[0], self.n_outputs), None
+
+    def kl(self, logits: Tensor, _log_std: Tensor | None, ref_logits: Tensor, _ref_log_std: Tensor | None) -> Tensor:
+        """KL(pi || pi_ref) per sample: the sum over the independent dimensions of their categorical KLs."""
+        logp_all = torch.log_softmax(self._grid(logits), dim=-1)
+        ref_all = torch.log_softmax(self._grid(ref_logits), dim=-1)
+        return (logp_all.exp() * (logp_all - ref_all)).sum((-1, -2))
 
     def mode(self, logits: Tensor) -> Tensor:
         return self._grid(logits).argmax(-1)
@@ -287,6 +298,13 @@ class GaussianHead:
         g_log_std = (g * (z * z - 1.0)).sum(0) + entropy_part
         return g_mean, g_log_std
 
+    def kl(self, mean: Tensor, log_std: Tensor | None, ref_mean: Tensor, ref_log_std: Tensor | None) -> Tensor:
+        """KL(pi || pi_ref) per sample between the diagonal Gaussians, in closed form: sum over dimensions of
+        log(s_ref / s) + (s^2 + (m - m_ref)^2) / (2 s_ref^2) - 1/2. tanh squashing is an invertible map of the
+        same sample, which leaves the KL unchanged, so this is also the squashed policies' KL."""
+        assert log_std is not None and ref_log_std is not None
+        return gaussian_kl(mean, log_std, ref_mean, ref_log_std)
+
     def mode(self, mean: Tensor) -> Tensor:
         return mean
 
@@ -328,6 +346,13 @@ class GaussianHead:
 
 
 Head = CategoricalHead | MultiCategoricalHead | GaussianHead
+
+
+def gaussian_kl(mean: Tensor, log_std: Tensor, ref_mean: Tensor, ref_log_std: Tensor) -> Tensor:
+    """KL(N(mean, std) || N(ref_mean, ref_std)) of diagonal Gaussians, summed over the last dimension."""
+    var_ratio = torch.exp(2.0 * (log_std - ref_log_std))
+    z = (mean - ref_mean) * torch.exp(-ref_log_std)
+    return (0.5 * (var_ratio + z * z - 1.0) - (log_std - ref_log_std)).sum(-1)
 
 
 def make_head(space: gym.Space, squash: bool = False, algo: str = "this algorithm") -> Head:

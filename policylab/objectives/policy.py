@@ -1,9 +1,15 @@
-"""The one policy-gradient surrogate: REINFORCE, A2C, PPO-clip, clip-higher, dual-clip, truncated IS.
+"""The one policy-gradient surrogate: REINFORCE, A2C, PPO-clip, clip-higher, dual-clip, truncated IS, SPO, and the
+KL-penalized trust-region family (MDPO, FixPO).
 
     ratio = exp(logp - old_logp)
     loss  = -min(ratio * A, clip(ratio, 1 - eps_low, 1 + eps_high) * A)   (no clipping: -ratio * A)
+    SPO (Xie et al. 2024), instead of the clip:  loss = -(ratio * A - |A| / (2 spo_eps) (ratio - 1)^2)
     dual-clip (Ye et al. 2020), where A < 0:  loss = min(loss, -dual_clip * A)
     truncated IS: loss *= min(exp(old_logp - behaviour_logp), tis_cap)    (stale or foreign data)
+    KL penalty:   loss += kl_coef * k(ratio), a per-sample estimate from the old policy's samples of
+        kl="reverse": KL(pi || pi_old),  k = ratio log ratio - ratio + 1   (MDPO; d k/d logp = ratio log ratio)
+        kl="forward": KL(pi_old || pi),  k = ratio - 1 - log ratio         (FixPO; d k/d logp = ratio - 1)
+      both >= 0 per sample and unbiased (E_old[ratio] = 1).
 
 With `old_logp = logp.detach()` the ratio is 1 and the gradient is the
 REINFORCE / A2C gradient grad(logp) * A. The loss is reduced over `mask` by an
@@ -30,6 +36,9 @@ def pg_surrogate(
     dual_clip: float | None = None,
     behaviour_logp: Tensor | None = None,
     tis_cap: float | None = None,
+    spo_eps: float | None = None,
+    kl_coef: float | Tensor = 0.0,
+    kl: str = "reverse",
     aggregation: str = "token-mean",
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """Policy-gradient loss and detached metrics (approx_kl, clip_frac, ratio_mean)."""
@@ -42,6 +51,9 @@ def pg_surrogate(
         dual_clip=dual_clip,
         behaviour_logp=behaviour_logp,
         tis_cap=tis_cap,
+        spo_eps=spo_eps,
+        kl_coef=kl_coef,
+        kl=kl,
     )
     return aggregate(loss, mask, aggregation), surrogate_metrics(ratio, log_ratio, clipped_mask, mask)
 
@@ -66,12 +78,20 @@ def pg_token_losses(
     dual_clip: float | None = None,
     behaviour_logp: Tensor | None = None,
     tis_cap: float | None = None,
+    spo_eps: float | None = None,
+    kl_coef: float | Tensor = 0.0,
+    kl: str = "reverse",
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """The surrogate per element before aggregation: (loss, where it was clipped, ratio, log ratio)."""
+    """The surrogate per element before aggregation: (loss, where it was clipped, ratio, log ratio). With
+    `spo_eps` the "clipped" mask marks the samples outside SPO's trust region |ratio - 1| > spo_eps."""
     log_ratio = logp - old_logp
     ratio = torch.exp(log_ratio)
     unclipped = -ratio * advantages
-    if clip_low is None:
+    if spo_eps is not None:
+        _check_spo(spo_eps, clip_low)
+        loss = unclipped + advantages.abs() / (2.0 * spo_eps) * (ratio - 1.0) ** 2
+        clipped_mask = (ratio - 1.0).abs() > spo_eps
+    elif clip_low is None:
         loss = unclipped
         clipped_mask = torch.zeros_like(ratio, dtype=torch.bool)
     else:
@@ -88,7 +108,35 @@ def pg_token_losses(
             raise ValueError("tis_cap needs behaviour_logp (the log-probs of the policy that generated the data)")
         weights = torch.exp(old_logp - behaviour_logp).clamp(max=tis_cap).detach()
         loss = loss * weights
+    if isinstance(kl_coef, Tensor) or kl_coef != 0.0:
+        loss = loss + kl_coef * kl_estimate(ratio, log_ratio, kl)
     return loss, clipped_mask, ratio, log_ratio
+
+
+def kl_estimate(ratio: Tensor, log_ratio: Tensor, kl: str = "reverse") -> Tensor:
+    """Per-sample KL estimate from a sample of the old policy (ratio = pi / pi_old there): "reverse",
+    KL(pi || pi_old) ~ ratio log ratio - ratio + 1; "forward", KL(pi_old || pi) ~ ratio - 1 - log ratio."""
+    if kl == "reverse":
+        return ratio * log_ratio - ratio + 1.0
+    if kl == "forward":
+        return ratio - 1.0 - log_ratio
+    raise ValueError(f"unknown KL direction {kl!r}: choose reverse (KL(pi || pi_old)) or forward (KL(pi_old || pi))")
+
+
+def kl_estimate_grad(ratio: Tensor, log_ratio: Tensor, kl: str = "reverse") -> Tensor:
+    """d kl_estimate / d logp (d ratio / d logp = ratio)."""
+    if kl == "reverse":
+        return ratio * log_ratio
+    if kl == "forward":
+        return ratio - 1.0
+    raise ValueError(f"unknown KL direction {kl!r}: choose reverse (KL(pi || pi_old)) or forward (KL(pi_old || pi))")
+
+
+def _check_spo(spo_eps: float, clip_low: float | None) -> None:
+    if spo_eps <= 0:
+        raise ValueError(f"spo_eps must be > 0, got {spo_eps}")
+    if clip_low is not None:
+        raise ValueError("spo_eps replaces the clip: pass clip_low=None with it")
 
 
 def policy_shaping_loss(logp: Tensor, advantages: Tensor, gamma: float = 0.1) -> Tensor:
@@ -112,6 +160,9 @@ def pg_surrogate_grad(
     clip_low: float | None = 0.2,
     clip_high: float | None = None,
     dual_clip: float | None = None,
+    spo_eps: float | None = None,
+    kl_coef: float | Tensor = 0.0,
+    kl: str = "reverse",
     scale: float = 1.0,
     with_metrics: bool = True,
 ) -> tuple[Tensor | None, Tensor, dict[str, Tensor]]:
@@ -119,7 +170,8 @@ def pg_surrogate_grad(
 
     For the fast update path of small networks. d(-r A)/d(logp) = -r A, so the
     gradient of each element is the unclipped surrogate where that branch is
-    the active one and 0 where clipping (or dual-clip) holds the loss constant.
+    the active one and 0 where clipping (or dual-clip) holds the loss constant;
+    SPO's is -ratio (A - |A| / spo_eps (ratio - 1)), the KL term's kl_coef * kl_estimate_grad.
     Returns (loss or None, gradient, metrics); `with_metrics=False` skips the
     loss value and the metrics. Tests check it against autograd of `pg_surrogate`.
     """
@@ -130,7 +182,14 @@ def pg_surrogate_grad(
         unclipped = ratio * advantages
         unclipped.neg_()
         loss: Tensor | None
-        if clip_low is None:
+        if spo_eps is not None:
+            _check_spo(spo_eps, clip_low)
+            penalty = advantages.abs().mul_(1.0 / spo_eps)  # |A| / eps: d/dr of |A| / (2 eps) (r - 1)^2 / (r - 1)
+            excess = ratio - 1.0
+            grad = unclipped + penalty * excess * ratio
+            loss = unclipped + 0.5 * penalty * excess * excess if with_metrics or dual_clip is not None else None
+            clipped_mask = excess.abs() > spo_eps
+        elif clip_low is None:
             loss, grad = unclipped, unclipped
             clipped_mask = None
         else:
@@ -146,6 +205,10 @@ def pg_surrogate_grad(
             bounded = (advantages < 0) & (loss > bound)  # type: ignore[operator]
             loss = torch.where(bounded, bound, loss)  # type: ignore[arg-type]
             grad = torch.where(bounded, 0.0, grad)
+        if isinstance(kl_coef, Tensor) or kl_coef != 0.0:
+            grad = grad + kl_coef * kl_estimate_grad(ratio, log_ratio, kl)
+            if loss is not None:
+                loss = loss + kl_coef * kl_estimate(ratio, log_ratio, kl)
         grad = grad * (scale / n)
         if not with_metrics:
             return None, grad, {}

@@ -1,0 +1,189 @@
+"""TRPO (Schulman et al. 2015, arXiv:1502.05477): a natural-gradient step of bounded KL, then a critic fit.
+
+for each iteration:
+    collect n_steps x num_envs transitions with pi_old           (the loop)
+    A, R = GAE(lambda)(rewards, V);  A normalized
+    L(theta) = mean r A,  r = pi_theta(a|s) / pi_old(a|s)          (objectives.pg_surrogate, unclipped)
+    g = grad L;  F v = grad((grad mean KL(pi_old || pi_theta)) . v) + damping v   (Fisher-vector products by
+                                                                     double backprop at theta_old)
+    x = F^-1 g by cg_max_steps conjugate-gradient iterations        (optim.conjugate_gradient)
+    step = sqrt(2 target_kl / x.F x) x                              (the largest step the KL bound allows)
+    backtracking line search: theta = theta_old + shrink^j step, j = 0..line_search_max_iter-1, the first with
+        L(theta) > L(theta_old) and mean KL(pi_old || pi_theta) <= target_kl  (closed form, nets/heads.py);
+        none: theta stays theta_old
+    n_critic_updates epochs of Adam minibatch steps on (V(s) - R)^2  (the fused step, with zero advantages)
+
+The actor and the critic are two members of one stacked MLP whose parameters are one flat vector: the policy
+gradient and every Fisher-vector product are zero on the critic's entries, so CG and the line search work on the
+whole vector and move the actor only; the critic's Adam steps get zero policy gradient, so they move the critic
+only. Defaults follow SB3-contrib's TRPO.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import gymnasium as gym
+import torch
+from torch import Tensor
+
+from policylab.algos.onpolicy import (
+    ActorCriticLoss,
+    OnPolicyConfig,
+    adam,
+    annealed,
+    build_actor_critic,
+    make_learner,
+    normalize,
+    rollout_advantages,
+)
+from policylab.algos.ppo import explained_variance
+from policylab.config import positive
+from policylab.data import Batch
+from policylab.errors import ConfigError
+from policylab.nets import ActorCritic
+from policylab.objectives import pg_surrogate
+from policylab.optim import conjugate_gradient, set_lr
+
+
+@dataclass
+class TRPOConfig(OnPolicyConfig):
+    """TRPO. Defaults follow SB3-contrib's TRPO (lr is the critic's; the policy step is set by target_kl)."""
+
+    lr: float = 1e-3
+    """The critic's Adam learning rate."""
+    max_grad_norm: float | None = None
+    """Clip the critic's gradient norm (None: no clipping, as in SB3-contrib)."""
+    batch_size: int = 128
+    """Minibatch size of the critic updates."""
+    n_critic_updates: int = 10
+    """Epochs of critic minibatch steps per rollout."""
+    target_kl: float = 0.01
+    """The trust region: the mean KL(pi_old || pi) of an accepted policy step is at most this."""
+    cg_max_steps: int = 15
+    cg_damping: float = 0.1
+    """Added to the Fisher matrix's diagonal (F + damping I) for a well-conditioned CG solve."""
+    line_search_shrinking_factor: float = 0.8
+    line_search_max_iter: int = 10
+    sub_sampling_factor: int = 1
+    """Compute the policy step on every k-th sample of the rollout only (faster; 1: all)."""
+
+    def validate(self) -> None:
+        super().validate()
+        positive(self, "batch_size", "n_critic_updates", "target_kl", "cg_max_steps", "line_search_max_iter")
+        positive(self, "sub_sampling_factor")
+        if self.cg_damping < 0:
+            raise ConfigError(f"cg_damping={self.cg_damping} must be >= 0", "set cg_damping to e.g. 0.1")
+        if not 0.0 < self.line_search_shrinking_factor < 1.0:
+            raise ConfigError(
+                f"line_search_shrinking_factor={self.line_search_shrinking_factor} is outside (0, 1)",
+                "set line_search_shrinking_factor to e.g. 0.8",
+            )
+        if self.dataset is not None:
+            raise ConfigError(
+                "trpo has no imitation term for demonstrations (a dataset)", "drop --dataset, or use ppo with it"
+            )
+        if self.shared_net or self.recurrent:
+            raise ConfigError(
+                "trpo needs separate actor and critic networks without memory (shared_net=false, recurrent=false): "
+                "a shared body would let the critic's updates move the policy out of the trust region",
+                "drop shared_net / recurrent (--set shared_net=false recurrent=false)",
+            )
+
+
+class TRPO:
+    name = "trpo"
+    config_cls = TRPOConfig
+
+    def __init__(self, cfg: TRPOConfig, obs_space: gym.Space, act_space: gym.Space) -> None:
+        self.cfg = cfg
+        self.net = self.build_policy(cfg, obs_space, act_space).to(cfg.device)
+        self.learner = make_learner(self.net, cfg, lambda params: adam(params, cfg.lr))
+        self.optimizer, self.generator = self.learner.optimizer, self.learner.generator
+        self.imitation = None
+        """Part of the on-policy interface; TRPO has no imitation term (its config rejects a dataset)."""
+
+    @staticmethod
+    def build_policy(cfg: OnPolicyConfig, obs_space: gym.Space, act_space: gym.Space) -> ActorCritic:
+        return build_actor_critic(cfg, obs_space, act_space, "trpo")
+
+    def update(self, rollout: Batch, progress: float) -> dict[str, Tensor]:
+        cfg = self.cfg
+        set_lr(self.optimizer, annealed(cfg.lr, progress, cfg.anneal_lr))
+        advantages, returns = rollout_advantages(rollout, "gae", cfg)
+        data = Batch(
+            obs=rollout.obs, actions=rollout.actions, logp=rollout.logp, advantages=advantages, returns=returns
+        ).flatten()
+        metrics = self.policy_step(data.select(torch.arange(0, len(data), cfg.sub_sampling_factor)))
+        metrics.update(self.critic_steps(data))
+        metrics["explained_variance"] = explained_variance(rollout.values.flatten(), returns.flatten())
+        return metrics
+
+    def policy_step(self, data: Batch) -> dict[str, Tensor]:
+        """The natural-gradient step with its line search, on the actor's entries of the flat parameters."""
+        cfg, net, params = self.cfg, self.net, self.learner.params
+        adv = normalize(data.advantages) if cfg.normalize_advantage else data.advantages
+        with torch.no_grad():
+            old_out = net(data.obs)[0]
+            old_log_std = None if net.log_std is None else net.log_std.detach().clone()
+
+        def surrogate_and_kl() -> tuple[Tensor, Tensor]:
+            out = net(data.obs)[0]
+            logp, _ = net.head.log_prob_entropy(out, net.log_std, data.actions)
+            loss, _ = pg_surrogate(logp, data.logp, adv, clip_low=None)
+            return -loss, net.head.kl(old_out, old_log_std, out, net.log_std).mean()  # type: ignore[arg-type]
+
+        objective, kl = surrogate_and_kl()
+        grads = torch.autograd.grad(objective, params.params, retain_graph=True, allow_unused=True)
+        g = _flat(grads, params.params)
+        kl_grads = _flat(torch.autograd.grad(kl, params.params, create_graph=True, allow_unused=True), params.params)
+
+        def fisher_vector(v: Tensor) -> Tensor:
+            hv = torch.autograd.grad(kl_grads @ v, params.params, retain_graph=True, allow_unused=True)
+            return _flat(hv, params.params) + cfg.cg_damping * v
+
+        direction = conjugate_gradient(fisher_vector, g, cfg.cg_max_steps)
+        step = direction * torch.sqrt(2.0 * cfg.target_kl / (direction @ fisher_vector(direction)).clamp_min(1e-12))
+        theta_old, objective_old = params.flat.detach().clone(), float(objective.detach())
+        accepted, coef, kl_new, objective_new = -1, 1.0, 0.0, objective_old
+        with torch.no_grad():
+            for j in range(cfg.line_search_max_iter):
+                params.flat.copy_(theta_old + coef * step)
+                candidate, candidate_kl = (float(x) for x in surrogate_and_kl())  # the search's one sync a try
+                if candidate_kl <= cfg.target_kl and candidate > objective_old:
+                    accepted, kl_new, objective_new = j, candidate_kl, candidate
+                    break
+                coef *= cfg.line_search_shrinking_factor
+            if accepted < 0:
+                params.flat.copy_(theta_old)
+        return {
+            "policy_objective": torch.tensor(objective_new),
+            "kl": torch.tensor(kl_new),
+            "line_search_success": torch.tensor(float(accepted >= 0)),
+            "line_search_backtracks": torch.tensor(float(max(accepted, 0))),
+            "step_norm": coef * step.norm() if accepted >= 0 else torch.zeros(()),
+        }
+
+    def critic_steps(self, data: Batch) -> dict[str, Tensor]:
+        """n_critic_updates epochs of shuffled minibatches: the actor-critic step with zero advantages (so the
+        policy gets no gradient) and vf_coef 1, i.e. Adam on (V - R)^2 (the fused path where it applies)."""
+        cfg = self.cfg
+        critic = Batch(obs=data.obs, actions=data.actions, advantages=torch.zeros_like(data.returns))
+        critic.returns = data.returns
+        loss = ActorCriticLoss(clip_low=None, vf_coef=1.0, ent_coef=0.0)
+        values: list[Tensor] = []
+        n = len(critic)
+        for epoch in range(cfg.n_critic_updates):
+            order = torch.randperm(n, generator=self.generator, device=data.obs.device)
+            last = epoch == cfg.n_critic_updates - 1
+            for start in range(0, n, cfg.batch_size):
+                metrics, _ = self.learner.step(critic.select(order[start : start + cfg.batch_size]), loss,
+                                               with_metrics=last)  # fmt: skip
+                if last:
+                    values.append(metrics["value_loss"])
+        return {"value_loss": torch.stack(values).mean()}
+
+
+def _flat(grads: tuple[Tensor | None, ...], params: list[torch.nn.Parameter]) -> Tensor:
+    """Gradients concatenated in the flat buffer's order (zeros for parameters a quantity does not depend on)."""
+    return torch.cat([(torch.zeros_like(p) if g is None else g).reshape(-1) for g, p in zip(grads, params)])
