@@ -151,7 +151,7 @@ class RolloutSlice:
         shape: tuple[int, ...] = tuple(obs_space.shape or ())
         self.buf = RolloutBuffer(
             cfg.n_steps, n, shape, head.action_shape, head.action_dtype, cfg.device,
-            torch_dtype(storage_dtype(obs_space)),
+            torch_dtype(storage_dtype(obs_space)), getattr(head, "logp_shape", ()),
         )  # fmt: skip
         self.tracker = EpisodeTracker(n)
         self.obs_norm = ObsNormalizer(shape, cfg.clip_obs) if cfg.normalize_obs else None

@@ -321,6 +321,49 @@ for _algo in ("td3", "ddpg"):
     }
 
 
+_ZOO_TRPO = (
+    f"rl-baselines3-zoo hyperparams/trpo.yml ({_ZOO}/eec15dc22e1ec7167064aae0c1218eefccaf0ff4/hyperparams/trpo.yml)"
+)
+PRESETS["trpo"] = {
+    "CartPole-v1": Preset(
+        {
+            "steps": 100_000, "num_envs": 2, "n_steps": 512, "batch_size": 512, "cg_damping": 1e-3,
+            "gae_lambda": 0.98, "gamma": 0.99, "lr": 1e-3, "n_critic_updates": 20,
+        },
+        f"{_ZOO_TRPO}, entry CartPole-v1",
+    ),
+    "Pendulum-v1": Preset(
+        {"steps": 100_000, "num_envs": 2, "n_steps": 1024, "gamma": 0.9, "n_critic_updates": 15},
+        f"{_ZOO_TRPO}, entry Pendulum-v1; dropped use_sde=True, sde_sample_freq=4",
+    ),
+}  # fmt: skip
+PRESETS["mdpo_sac"] = {
+    "Pendulum-v1": Preset({"steps": 20_000, "lr": 1e-3}, f"{_ZOO_SAC}, entry Pendulum-v1 (SAC's, which MDPO extends)"),
+}
+
+_NAVIGATION_SOURCE = (
+    "policylab's own settings for its Navigation2D-v0 task (policylab/envs/navigation.py): small networks and "
+    "rollouts of 512 steps, where DPPO's paper clip (0.01, tuned for rollouts of 50k steps) barely moves the policy; "
+    "tests/test_expressive_rl.py checks them"
+)
+_NAVIGATION_ROLLOUT = {"num_envs": 16, "n_steps": 32, "batch_size": 256, "epochs": 10}
+PRESETS["dppo"] = {
+    "Navigation2D-v0": Preset(
+        {"steps": 20_000, **_NAVIGATION_ROLLOUT, "lr": 3e-4, "clip_eps": 0.2, "clip_eps_base": 0.02},
+        _NAVIGATION_SOURCE,
+    ),
+}
+PRESETS["fpo"] = {
+    "Navigation2D-v0": Preset(
+        {
+            "steps": 40_000, **_NAVIGATION_ROLLOUT, "epochs": 5, "lr": 1e-3, "clip_eps": 0.1, "mc_draws": 4,
+            "denoiser_hidden_sizes": [64, 64], "hidden_sizes": [64, 64],
+        },
+        _NAVIGATION_SOURCE,
+    ),
+}  # fmt: skip
+
+
 # rl-zoo's `atari` entries, used for every Atari game (ALE/<Game>-v5 or <Game>NoFrameskip-v4; envs/atari.py
 # applies SB3's AtariWrapper preprocessing with 4 stacked frames). SB3's CnnPolicy reads Nature-CNN's 512 features
 # with linear heads: hidden_sizes [].

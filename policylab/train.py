@@ -282,6 +282,10 @@ class OnPolicyLoop:
         self.net = self.algo.net
         shape: tuple[int, ...] = tuple(self.obs_space.shape or ())
         self.obs_norm = ObsNormalizer(shape, cfg.clip_obs) if cfg.normalize_obs else None
+        pretrained_stats = getattr(self.algo, "pretrained_obs_norm", None)
+        if pretrained_stats is not None:  # a fine-tuned policy keeps the normalization it was pretrained with
+            self.obs_norm = ObsNormalizer(shape, cfg.clip_obs, frozen=True)
+            self.obs_norm.rms.load({k: v.numpy() for k, v in pretrained_stats.items()})
         if self.dataset is not None:
             try:
                 self.algo.imitation = self._imitation(self.dataset)
@@ -293,7 +297,7 @@ class OnPolicyLoop:
         head = self.net.head
         self.buffer = RolloutBuffer(
             cfg.n_steps, cfg.num_envs, shape, head.action_shape, head.action_dtype, cfg.device,
-            torch_dtype(storage_dtype(self.obs_space)),
+            torch_dtype(storage_dtype(self.obs_space)), getattr(head, "logp_shape", ()),
         )  # fmt: skip
         self.step = 0
         self.iteration = 0
@@ -394,6 +398,12 @@ class OnPolicyLoop:
         tensors = self.policy_tensors()
         optim_tensors, optim_meta = ckpt.optimizer_to_flat("optim", self.algo.optimizer)
         tensors.update(optim_tensors)
+        extra_optimizers = {}  # an algorithm's own learned state beside the network (e.g. FixPO's multiplier)
+        for name, module in getattr(self.algo, "modules", {}).items():
+            tensors.update({f"{name}/{k}": v.detach().clone() for k, v in module.state_dict().items()})
+        for name, optimizer in getattr(self.algo, "optimizers", {}).items():
+            extra_tensors, extra_optimizers[name] = ckpt.optimizer_to_flat(f"optim_{name}", optimizer)
+            tensors.update(extra_tensors)
         if self.reward_scaler is not None:
             tensors.update(
                 {f"reward_scaler/{k}": torch.from_numpy(np.asarray(v)) for k, v in self.reward_scaler.state().items()}
@@ -410,6 +420,7 @@ class OnPolicyLoop:
             "step": self.step,
             "iteration": self.iteration,
             "optimizer": optim_meta,
+            "optimizers": extra_optimizers,
             "env": env_json,
             "episodes": self.tracker.state(),
             "dataset": _dataset_reference(self.dataset),
@@ -420,6 +431,10 @@ class OnPolicyLoop:
     def load_state(self, tensors: dict[str, Tensor], state: dict[str, Any]) -> list[str]:
         ckpt.load_module_state(self.net, ckpt.unprefixed("policy", tensors), f"checkpoint at step {state['step']}")
         ckpt.optimizer_from_flat("optim", self.algo.optimizer, tensors, state["optimizer"])
+        for name, module in getattr(self.algo, "modules", {}).items():
+            ckpt.load_module_state(module, ckpt.unprefixed(name, tensors), f"checkpoint at step {state['step']}")
+        for name, optimizer in getattr(self.algo, "optimizers", {}).items():
+            ckpt.optimizer_from_flat(f"optim_{name}", optimizer, tensors, state["optimizers"][name])
         if self.obs_norm is not None:
             self.obs_norm.rms.load({k: tensors[f"obs_norm/{k}"].numpy() for k in ("mean", "var", "count")})
         if self.reward_scaler is not None:
@@ -561,6 +576,7 @@ class OffPolicyLoop:
             device=cfg.device,
             next_actions=getattr(self.algo, "needs_next_actions", False),
             mc_returns=getattr(self.algo, "needs_mc_returns", False),
+            action_chunk=getattr(self.algo, "action_chunk", 1),
             episodes=cfg.her,
             obs_dtype=torch_dtype(storage_dtype(self.obs_space)),
         )
@@ -608,6 +624,7 @@ class OffPolicyLoop:
             device=cfg.device,
             next_actions=getattr(self.algo, "needs_next_actions", False),
             mc_returns=getattr(self.algo, "needs_mc_returns", False),
+            action_chunk=getattr(self.algo, "action_chunk", 1),
             reward_scale=self.reward_scale,
             reward_bias=cfg.reward_bias,
         )

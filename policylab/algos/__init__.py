@@ -10,9 +10,13 @@ from policylab.algos.awac import AWAC, AWACConfig
 from policylab.algos.bc import BC, BCConfig
 from policylab.algos.cal_ql import CalQL, CalQLConfig
 from policylab.algos.cql import CQL, CQLConfig, DiscreteCQL, DiscreteCQLConfig
+from policylab.algos.dppo import DPPO, DPPOConfig
 from policylab.algos.dqn import DQN, DQNConfig
 from policylab.algos.edac import SACN, EDACConfig, SACNConfig
+from policylab.algos.fixpo import FixPO, FixPOConfig
+from policylab.algos.fpo import FPO, FPOConfig
 from policylab.algos.iql import IQL, IQLConfig
+from policylab.algos.mdpo import MDPO, MDPOConfig, MDPOSACConfig
 from policylab.algos.ppo import PPO, PPOConfig
 from policylab.algos.prdc import PRDC, PRDCConfig
 from policylab.algos.qrdqn import QRDQN, QRDQNConfig
@@ -20,9 +24,11 @@ from policylab.algos.rebrac import ReBRAC, ReBRACConfig
 from policylab.algos.reinforce import Reinforce, ReinforceConfig
 from policylab.algos.sac import SAC, SACConfig
 from policylab.algos.sac_discrete import DiscreteSAC, DiscreteSACConfig
+from policylab.algos.spo import SPOConfig
 from policylab.algos.spot import SPOT, SPOTConfig
 from policylab.algos.td3 import TD3, DDPGConfig, TD3BCConfig, TD3Config
 from policylab.algos.tqc import TQC, TQCConfig
+from policylab.algos.trpo import TRPO, TRPOConfig
 from policylab.errors import ConfigError, suggest
 
 
@@ -52,11 +58,18 @@ ALGORITHMS: dict[str, AlgoSpec] = {
         AlgoSpec("ppo", PPOConfig, PPO, "on-policy", ON_POLICY, "PPO-clip: epochs of minibatch updates per rollout"),
         AlgoSpec("a2c", A2CConfig, A2C, "on-policy", ON_POLICY, "A2C: one gradient step per short rollout"),
         AlgoSpec("reinforce", ReinforceConfig, Reinforce, "on-policy", ON_POLICY, "REINFORCE with a learned baseline"),
+        AlgoSpec("trpo", TRPOConfig, TRPO, "on-policy", ("online",), "TRPO: natural gradient, KL line search"),
+        AlgoSpec("mdpo", MDPOConfig, MDPO, "on-policy", ON_POLICY, "MDPO: KL-regularized mirror descent steps"),
+        AlgoSpec("spo", SPOConfig, PPO, "on-policy", ON_POLICY, "SPO: PPO with a ratio penalty, no clip"),
+        AlgoSpec("fixpo", FixPOConfig, FixPO, "on-policy", ON_POLICY, "FixPO: learned KL penalty + fixup phase"),
+        AlgoSpec("dppo", DPPOConfig, DPPO, "on-policy", ("online",), "DPPO: PPO over a diffusion policy's chain"),
+        AlgoSpec("fpo", FPOConfig, FPO, "on-policy", ("online",), "FPO: PPO-clip on flow-matching loss ratios"),
         AlgoSpec("dqn", DQNConfig, DQN, "off-policy", OFF_POLICY, "DQN: double, dueling, n-step, prioritized"),
         AlgoSpec("qrdqn", QRDQNConfig, QRDQN, "off-policy", OFF_POLICY, "QR-DQN: quantiles of the return per action"),
         AlgoSpec("ddpg", DDPGConfig, TD3, "off-policy", OFF_POLICY, "DDPG: deterministic actor, one critic"),
         AlgoSpec("td3", TD3Config, TD3, "off-policy", OFF_POLICY, "TD3: twin critics, smoothing, delayed actor"),
         AlgoSpec("sac", SACConfig, SAC, "off-policy", OFF_POLICY, "SAC: max-entropy actor-critic, auto temperature"),
+        AlgoSpec("mdpo_sac", MDPOSACConfig, SAC, "off-policy", OFF_POLICY, "off-policy MDPO: SAC + KL to pi_k"),
         AlgoSpec("sac_discrete", DiscreteSACConfig, DiscreteSAC, "off-policy", OFF_POLICY, "SAC for discrete actions"),
         AlgoSpec("tqc", TQCConfig, TQC, "off-policy", OFF_POLICY, "TQC: SAC with truncated quantile critics"),
         AlgoSpec("bc", BCConfig, BC, "off-policy", OFFLINE, "behaviour cloning (deterministic, Gaussian, discrete)"),

@@ -14,7 +14,7 @@ Discrete actions: a softmax policy, loss = cross-entropy with the dataset's acti
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import gymnasium as gym
@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from policylab.algos.generative_heads import GenerativeHeadConfig, generative_head
 from policylab.algos.offpolicy import (
     FlatAdam,
     OfflineConfig,
@@ -32,17 +33,16 @@ from policylab.algos.offpolicy import (
     uniform_box_actions,
     uniform_discrete_actions,
 )
-from policylab.config import ACTIVATIONS
 from policylab.data import Batch
 from policylab.errors import ConfigError, EnvError
 from policylab.nets import DeterministicActor, DiscreteBCActor, GaussianActor
-from policylab.nets.generative import GENERATIVE_HEADS, GenerativeActor, make_generative_head
+from policylab.nets.generative import GENERATIVE_HEADS, GenerativeActor
 
 HEADS = ("deterministic", "gaussian", *GENERATIVE_HEADS)
 
 
 @dataclass
-class BCConfig(OfflineConfig):
+class BCConfig(OfflineConfig, GenerativeHeadConfig):
     """Behaviour cloning; CORL's values (lr 3e-4, [256, 256] ReLU, batch 256, observations normalized)."""
 
     head: str = "deterministic"
@@ -52,22 +52,6 @@ class BCConfig(OfflineConfig):
     action_noise: float = 0.1
     """Std of the exploration noise (Box) or epsilon (Discrete) when the run continues online (deterministic and
     gaussian heads; generative heads explore by their own sampling)."""
-    denoiser_hidden_sizes: list[int] = field(default_factory=lambda: [256, 256, 256])
-    """Generative heads: the denoiser MLP's hidden layers (three of 256 as Diffusion-QL and IDQL's MLPs)."""
-    denoiser_activation: str = "silu"
-    """Generative heads: the denoiser's activation (tanh, relu, elu or silu)."""
-    diffusion_steps: int = 20
-    """diffusion: DDPM's training steps T (DPPO's 20; Diffusion Policy uses 100); consistency: the grid's N."""
-    sample_steps: int | None = None
-    """Steps when acting: DDIM's K (default T), flow's Euler steps (default 10), consistency's (default 1)."""
-    beta_schedule: str = "cosine"
-    """diffusion: cosine or linear."""
-    ddim_eta: float = 0.0
-    """diffusion: DDIM's eta when acting (0: deterministic steps from the drawn noise; 1 with K = T: DDPM)."""
-    flow_time: str = "uniform"
-    """flow: the training distribution of t, uniform or beta (pi_0's)."""
-    consistency_sigma_max: float = 80.0
-    """consistency: the largest noise level."""
     horizon: int = 1
     """Generative heads: actions per chunk H (1: one action per observation)."""
     act_steps: int = 1
@@ -92,28 +76,8 @@ class BCConfig(OfflineConfig):
                 f"horizon={self.horizon} (action chunks) needs a generative head, not head={self.head}",
                 f"set head to one of {', '.join(GENERATIVE_HEADS)}, or horizon=1",
             )
-        if self.diffusion_steps < 2:
-            raise ConfigError(f"diffusion_steps={self.diffusion_steps} must be >= 2", "set diffusion_steps to e.g. 20")
-        limit = self.diffusion_steps if self.head == "diffusion" else None
-        if self.sample_steps is not None and (self.sample_steps < 1 or (limit and self.sample_steps > limit)):
-            raise ConfigError(
-                f"sample_steps={self.sample_steps} must be >= 1"
-                + (f" and <= diffusion_steps={limit}" if limit else ""),
-                "set sample_steps to e.g. 5 (or drop it for the head's default)",
-            )
-        if self.beta_schedule not in ("cosine", "linear"):
-            raise ConfigError(f"beta_schedule={self.beta_schedule!r} is not cosine or linear", "set it to cosine")
-        if self.flow_time not in ("uniform", "beta"):
-            raise ConfigError(f"flow_time={self.flow_time!r} is not uniform or beta", "set it to uniform")
-        if not 0.0 <= self.ddim_eta <= 1.0:
-            raise ConfigError(f"ddim_eta={self.ddim_eta} is outside [0, 1]", "set ddim_eta to 0 (DDIM) or 1 (DDPM)")
-        if self.denoiser_activation not in ACTIVATIONS:
-            raise ConfigError(
-                f"denoiser_activation={self.denoiser_activation!r} is not one of {', '.join(ACTIVATIONS)}",
-                "set denoiser_activation to silu",
-            )
-        if not self.consistency_sigma_max > 0.002:
-            raise ConfigError(f"consistency_sigma_max={self.consistency_sigma_max} must be > 0.002", "set it to 80")
+        if self.policy_head in GENERATIVE_HEADS:
+            self.validate_head(self.policy_head)
 
     @property
     def policy_head(self) -> str:
@@ -150,7 +114,7 @@ class BC:
             return DiscreteBCActor(obs_dim(obs_space), int(act_space.n), cfg.hidden_sizes, cfg.activation)
         low, high = box_bounds(act_space, "bc")
         if head in GENERATIVE_HEADS:
-            return GenerativeActor(generative_head(cfg, obs_dim(obs_space), low.numel()), low, high,
+            return GenerativeActor(generative_head(cfg, head, obs_dim(obs_space), cfg.horizon * low.numel()), low, high,
                                    cfg.horizon, cfg.act_steps, cfg.draw_when_deterministic)  # fmt: skip
         actor = GaussianActor if head == "gaussian" else DeterministicActor
         return actor(obs_dim(obs_space), low, high, cfg.hidden_sizes, cfg.activation)
@@ -194,20 +158,3 @@ class BC:
         loss = self.loss(batch)
         self.opt.step(loss)
         return {"bc_loss": loss.detach()}
-
-
-def generative_head(cfg: BCConfig, obs_size: int, act_dim: int) -> Any:
-    """The config's diffusion / flow / consistency head over chunks of `horizon` actions."""
-    return make_generative_head(
-        cfg.policy_head,
-        obs_size,
-        cfg.horizon * act_dim,
-        cfg.denoiser_hidden_sizes,
-        cfg.denoiser_activation,
-        train_steps=cfg.diffusion_steps,
-        sample_steps=cfg.sample_steps,
-        schedule=cfg.beta_schedule,
-        eta=cfg.ddim_eta,
-        time_sampling=cfg.flow_time,
-        sigma_max=cfg.consistency_sigma_max,
-    )

@@ -118,7 +118,9 @@ class IQL:
     def update(self, batch: Batch, index: int) -> dict[str, Tensor]:
         return fused_iql_update(self, batch) if self.fused else self.autograd_update(batch)
 
-    def autograd_update(self, batch: Batch) -> dict[str, Tensor]:
+    def value_and_critic_steps(self, batch: Batch) -> tuple[Tensor, dict[str, Tensor]]:
+        """IQL's V step (expectile of Q' over the dataset's actions) and Q step (towards r + d V(s')); returns the
+        detached advantages min_k Q'_k(s, a) - V(s) and the metrics. IDQL reuses this critic as it is."""
         cfg = self.cfg
         obs, next_obs = batch.obs.flatten(1), batch.next_obs.flatten(1)
         with torch.no_grad():
@@ -133,7 +135,14 @@ class IQL:
         td = self.critic(obs, batch.actions) - y  # [K, B]
         critic_loss = 0.5 * (td * td).mean(-1).sum()
         self.critic_opt.step(critic_loss)
-        weights = advantage_weights(advantage.detach(), cfg.beta, cfg.max_weight)
+        metrics = {"value_loss": value_loss.detach(), "critic_loss": critic_loss.detach(), "q": target_q.mean()}
+        return advantage.detach(), metrics
+
+    def autograd_update(self, batch: Batch) -> dict[str, Tensor]:
+        cfg = self.cfg
+        obs = batch.obs.flatten(1)
+        advantage, metrics = self.value_and_critic_steps(batch)
+        weights = advantage_weights(advantage, cfg.beta, cfg.max_weight)
         if isinstance(self.net, GaussianActor):
             bc_losses = -self.net.log_prob(obs, batch.actions)
         else:
@@ -141,10 +150,4 @@ class IQL:
         actor_loss = (weights * bc_losses).mean()
         self.actor_opt.step(actor_loss)
         self.critic_target.update(cfg.tau)
-        return {
-            "value_loss": value_loss.detach(),
-            "critic_loss": critic_loss.detach(),
-            "actor_loss": actor_loss.detach(),
-            "q": target_q.mean(),
-            "adv_weight": weights.mean(),
-        }
+        return {**metrics, "actor_loss": actor_loss.detach(), "adv_weight": weights.mean()}

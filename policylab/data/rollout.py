@@ -26,13 +26,15 @@ class RolloutBuffer:
         action_dtype: torch.dtype,
         device: torch.device | str = "cpu",
         obs_dtype: torch.dtype = torch.float32,
+        logp_shape: tuple[int, ...] = (),
     ) -> None:
         shape = (n_steps, num_envs)
         self.n_steps = n_steps
         self.num_envs = num_envs
         self.obs = torch.zeros(*shape, *obs_shape, dtype=obs_dtype, device=device)  # uint8 for image frames
         self.actions = torch.zeros(*shape, *action_shape, dtype=action_dtype, device=device)
-        self.logp = torch.zeros(shape, device=device)
+        self.logp = torch.zeros(*shape, *logp_shape, device=device)
+        """One log-prob per step, or several (a diffusion policy's per denoising step: `logp_shape` (K,))."""
         self.values = torch.zeros(shape, device=device)
         self.rewards = torch.zeros(shape, device=device)
         self.terminated = torch.zeros(shape, dtype=torch.bool, device=device)

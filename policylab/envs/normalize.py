@@ -52,15 +52,18 @@ class RunningMeanStd:
 class ObsNormalizer:
     """(obs - mean) / sqrt(var + eps), clipped; statistics update only while training."""
 
-    def __init__(self, shape: tuple[int, ...], clip: float = 10.0, eps: float = 1e-8) -> None:
+    def __init__(self, shape: tuple[int, ...], clip: float = 10.0, eps: float = 1e-8, frozen: bool = False) -> None:
         self.rms = RunningMeanStd(shape)
         self.clip = clip
         self.eps = eps
+        self.frozen = frozen
+        """Never update (a fine-tuned policy keeps the statistics it was pretrained with)."""
         self.updates: RunningMeanStd | None = None
         """When set (a rollout worker), updates go here and `rms` stays frozen until the learner merges them."""
 
     def update(self, obs: np.ndarray) -> None:
-        (self.rms if self.updates is None else self.updates).update(obs)
+        if not self.frozen:
+            (self.rms if self.updates is None else self.updates).update(obs)
 
     def __call__(self, obs: np.ndarray) -> np.ndarray:
         scaled = (obs - self.rms.mean) / np.sqrt(self.rms.var + self.eps)

@@ -1,0 +1,78 @@
+"""The generative-head options every algorithm with a diffusion, flow or consistency policy shares (BC, IDQL, DPPO,
+FPO): one config mixin, so a BC run's head can be loaded by a fine-tuning run with the same field names."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from policylab.config import ACTIVATIONS
+from policylab.errors import ConfigError
+from policylab.nets.consistency import ConsistencyHead
+from policylab.nets.diffusion import DiffusionHead
+from policylab.nets.flow import FlowHead
+from policylab.nets.generative import make_generative_head
+
+
+@dataclass
+class GenerativeHeadConfig:
+    """Mixed into an algorithm's config (`class XConfig(BaseConfig, GenerativeHeadConfig)`); its `validate` calls
+    `validate_head(kind)`."""
+
+    denoiser_hidden_sizes: list[int] = field(default_factory=lambda: [256, 256, 256])
+    """Generative heads: the denoiser MLP's hidden layers (three of 256 as Diffusion-QL and IDQL's MLPs)."""
+    denoiser_activation: str = "silu"
+    """Generative heads: the denoiser's activation (tanh, relu, elu or silu)."""
+    diffusion_steps: int = 20
+    """diffusion: DDPM's training steps T (DPPO's 20; Diffusion Policy uses 100); consistency: the grid's N."""
+    sample_steps: int | None = None
+    """Steps when acting: DDIM's K (default T), flow's Euler steps (default 10), consistency's (default 1)."""
+    beta_schedule: str = "cosine"
+    """diffusion: cosine or linear."""
+    ddim_eta: float = 0.0
+    """diffusion: DDIM's eta when acting (0: deterministic steps from the drawn noise; 1 with K = T: DDPM)."""
+    flow_time: str = "uniform"
+    """flow: the training distribution of t, uniform or beta (pi_0's)."""
+    consistency_sigma_max: float = 80.0
+    """consistency: the largest noise level."""
+
+    def validate_head(self, kind: str) -> None:
+        if self.diffusion_steps < 2:
+            raise ConfigError(f"diffusion_steps={self.diffusion_steps} must be >= 2", "set diffusion_steps to e.g. 20")
+        limit = self.diffusion_steps if kind == "diffusion" else None
+        if self.sample_steps is not None and (self.sample_steps < 1 or (limit and self.sample_steps > limit)):
+            raise ConfigError(
+                f"sample_steps={self.sample_steps} must be >= 1"
+                + (f" and <= diffusion_steps={limit}" if limit else ""),
+                "set sample_steps to e.g. 5 (or drop it for the head's default)",
+            )
+        if self.beta_schedule not in ("cosine", "linear"):
+            raise ConfigError(f"beta_schedule={self.beta_schedule!r} is not cosine or linear", "set it to cosine")
+        if self.flow_time not in ("uniform", "beta"):
+            raise ConfigError(f"flow_time={self.flow_time!r} is not uniform or beta", "set it to uniform")
+        if not 0.0 <= self.ddim_eta <= 1.0:
+            raise ConfigError(f"ddim_eta={self.ddim_eta} is outside [0, 1]", "set ddim_eta to 0 (DDIM) or 1 (DDPM)")
+        if self.denoiser_activation not in ACTIVATIONS:
+            raise ConfigError(
+                f"denoiser_activation={self.denoiser_activation!r} is not one of {', '.join(ACTIVATIONS)}",
+                "set denoiser_activation to silu",
+            )
+        if not self.consistency_sigma_max > 0.002:
+            raise ConfigError(f"consistency_sigma_max={self.consistency_sigma_max} must be > 0.002", "set it to 80")
+
+
+def generative_head(cfg: Any, kind: str, obs_size: int, dim: int) -> DiffusionHead | FlowHead | ConsistencyHead:
+    """The head of `kind` over x in R^dim (an action, or a chunk of actions) from a GenerativeHeadConfig."""
+    return make_generative_head(
+        kind,
+        obs_size,
+        dim,
+        cfg.denoiser_hidden_sizes,
+        cfg.denoiser_activation,
+        train_steps=cfg.diffusion_steps,
+        sample_steps=cfg.sample_steps,
+        schedule=cfg.beta_schedule,
+        eta=cfg.ddim_eta,
+        time_sampling=cfg.flow_time,
+        sigma_max=cfg.consistency_sigma_max,
+    )
