@@ -28,7 +28,7 @@ from torch import Tensor
 from policylab import checkpoint as ckpt
 from policylab import runtime
 from policylab.algos import AlgoSpec, get_algo
-from policylab.algos.onpolicy import Imitation
+from policylab.algos.onpolicy import Imitation, clone_demonstrations
 from policylab.collectors import FIELDS as COLLECTED_FIELDS
 from policylab.collectors import OffPolicySlice, RolloutSlice, RolloutWorkers, collect_rollout, normalize_obs
 from policylab.config import CommonConfig, apply_values, dump_yaml, format_count, load_yaml, parse_count
@@ -292,6 +292,8 @@ class OnPolicyLoop:
             except BaseException:
                 self.env.close()
                 raise
+            if cfg.bc_steps and self.obs_norm is not None:  # the cloned policy sees what it was cloned on
+                self.obs_norm.rms.load(dataset_normalizer(self.dataset, cfg.clip_obs).rms.state())
         self.reward_scaler = RewardScaler(cfg.num_envs, cfg.gamma, cfg.clip_reward) if cfg.normalize_reward else None
         self.tracker = EpisodeTracker(cfg.num_envs)
         head = self.net.head
@@ -307,6 +309,17 @@ class OnPolicyLoop:
             return
         raw = self.env.reset(seed=cfg.seed)
         self.obs = self._normalize(raw, update=True)
+
+    def pretrain(self) -> dict[str, float] | None:
+        """Behaviour cloning on the demonstrations before the first rollout (`bc_steps`; algos/onpolicy.py
+        `clone_demonstrations`), or None when the run has none to do. The observation statistics start from the
+        dataset's (set in __init__) and keep running, as in every hybrid on-policy run: the demonstrations are
+        normalized with the statistics of the moment, and the dataset's count makes the first rollouts move them
+        little."""
+        if not self.cfg.bc_steps or self.step:
+            return None
+        assert self.algo.imitation is not None
+        return clone_demonstrations(self.algo.learner, self.algo.imitation.demos, self.cfg)
 
     def _imitation(self, dataset: Dataset) -> Imitation:
         """The demonstrations of the imitation term, checked against the env and the algorithm's head."""
@@ -1114,6 +1127,8 @@ class _Session:
         self.next_ckpt = _next_multiple(loop.step, cfg.checkpoint_every)
         self.start_time = time.perf_counter()
         self.start_step = loop.step
+        self.pretraining: dict[str, float] | None = state.get("pretraining")
+        """What the loop's pretraining did before step 0 (e.g. behaviour cloning: its losses and seconds), if any."""
 
     @classmethod
     def new(
@@ -1136,7 +1151,13 @@ class _Session:
             runs_dir, name or f"{spec.name}-{cfg.env.replace('/', '_').replace(':', '_')}-s{cfg.seed}"
         )
         ckpt.atomic_write_text(run_dir / CONFIG_YAML, dump_yaml(cfg, spec.name))
-        return cls(spec, cfg, loop, run_dir, notes, {})
+        session = cls(spec, cfg, loop, run_dir, notes, {})
+        try:
+            session.pretrain()
+        except BaseException:
+            loop.close()
+            raise
+        return session
 
     @classmethod
     def resumed(cls, algo: str, resume: str | Path, steps: int | str | None) -> _Session:
@@ -1167,6 +1188,26 @@ class _Session:
     @property
     def elapsed(self) -> float:
         return self.elapsed_before + time.perf_counter() - self.start_time
+
+    def pretrain(self) -> None:
+        """A new run's pretraining before the first env step (on-policy `bc_steps`), if the loop has one; its policy
+        is then evaluated (with eval_every) and checkpointed (with checkpoint_every) as step 0, so that a curve
+        starts at the pretrained policy and `pl.load(<run>/checkpoints/step_000000000000)` gives it."""
+        pretrain = getattr(self.loop, "pretrain", None)
+        result = None if pretrain is None else pretrain()
+        if result is None:
+            return
+        self.pretraining = {**result, "seconds": self.elapsed}
+        self.notes.append(
+            f"behaviour cloning: {self.cfg.bc_steps:,} steps in {self.pretraining['seconds']:.1f} s, loss "
+            f"{result['bc_loss_first']:.3f} -> {result['bc_loss_last']:.3f}"
+        )
+        if self.cfg.eval_every:
+            evaluation = self._evaluate(self.cfg.seed + 10_000)
+            self.log.log_eval(_eval_row(0, self.pretraining["seconds"], evaluation))
+            self._keep_if_best(evaluation)
+        if self.cfg.checkpoint_every:
+            self.last_ckpt = self.save()
 
     def iterate(self) -> IterationInfo:
         """One collect -> update -> log -> evaluate -> checkpoint iteration."""
@@ -1211,6 +1252,7 @@ class _Session:
         tensors, state = self.loop.state()
         state["elapsed"] = self.elapsed
         state["best"] = self.best
+        state["pretraining"] = self.pretraining
         return ckpt.save_checkpoint(self.dir / "checkpoints", self.loop.step, tensors, state, self.cfg.keep_checkpoints)
 
     def _keep_if_best(self, result: dict[str, Any]) -> None:
@@ -1250,6 +1292,7 @@ class _Session:
                     "wall_clock_s": self.elapsed,
                     "final_eval": final_eval,
                     "best": best,
+                    **({} if self.pretraining is None else {"pretraining": self.pretraining}),
                 }
             )
         self.log.close()

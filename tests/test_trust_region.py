@@ -321,5 +321,6 @@ def test_spo_and_fixpo_learn_cartpole(tmp_path):
 
 
 def test_mdpo_sac_reaches_minus_300_on_pendulum_within_6k_steps(tmp_path):
-    # the preset (SAC's, lr 1e-3); seeds 1-3 reach it at 3k-5k steps (the autograd update: about 7 ms a step)
-    _reaches("mdpo_sac", "Pendulum-v1", 6000, -300, 1000, tmp_path)
+    # the preset (SAC's, lr 1e-3) with 64 x 64 networks (the autograd update: about 3 ms a step); seeds 1-3 reach
+    # it at 4k-5k steps
+    _reaches("mdpo_sac", "Pendulum-v1", 6000, -300, 1000, tmp_path, hidden_sizes=[64, 64])

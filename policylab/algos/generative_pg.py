@@ -58,6 +58,12 @@ class GenerativePGConfig(OnPolicyConfig, GenerativeHeadConfig):
     observation normalization, if any, this run keeps frozen)."""
 
     def validate(self) -> None:
+        if self.bc_steps:
+            raise ConfigError(
+                f"bc_steps={self.bc_steps} clones a dataset into the Gaussian or categorical actor-critic of ppo, a2c "
+                "or reinforce; a generative policy is cloned by its own run",
+                "run policylab train bc --dataset D --set head=diffusion, and pass it as --set pretrained=RUN_DIR",
+            )
         super().validate()
         self.validate_head(self.kind)
         if self.dataset is not None:

@@ -20,6 +20,7 @@ from policylab.objectives import ADVANTAGES, entropy_bonus, pg_surrogate, value_
 from policylab.objectives.imitation import (
     WEIGHTINGS,
     ImitationSchedule,
+    imitation_loss,
     imitation_weights,
     mixed_policy_loss,
     parse_schedule,
@@ -28,6 +29,8 @@ from policylab.optim import Adam, Optimizer, ParameterBuffer
 
 DEFAULT_IMITATION = "cosine:0.5->0.02"
 """The imitation schedule of an on-policy run given a dataset and no `imitation` (mu from 0.5 to 0.02)."""
+DEFAULT_IMITATION_AFTER_BC = "0"
+"""... and of one that starts by behaviour cloning (`bc_steps` > 0): none, so the run is pure RL fine-tuning."""
 
 
 @dataclass
@@ -63,6 +66,16 @@ class OnPolicyConfig(CommonConfig):
     """Dataset samples in each gradient step (None: as many as the step's on-policy samples)."""
     imitation_beta: float = 1.0
     imitation_max_weight: float = 20.0
+    bc_steps: int = 0
+    """With a `dataset`: gradient steps of behaviour cloning, -mean log pi(a_D | s_D) on demonstration minibatches,
+    before the first rollout (once, at step 0: a resumed run does not redo it), so that RL fine-tunes a cloned
+    policy. A Box head's log std stays at `log_std_init` meanwhile (it sets the fine-tuning's exploration), the
+    critic is left as it is, the observation statistics start from the dataset's (with `normalize_obs`), and
+    `imitation` defaults to 0 (pure fine-tuning; set it to keep a term). See `clone_demonstrations`."""
+    bc_batch_size: int = 256
+    """Demonstration rows in each behaviour-cloning step."""
+    bc_lr: float = 1e-3
+    """The learning rate of behaviour cloning's own Adam (the run's optimizer starts fine-tuning untouched)."""
     lstm_hidden: int = 256
     """With recurrent=true: the hidden size of the actor's and the critic's LSTMs (SB3-contrib's default)."""
 
@@ -72,8 +85,19 @@ class OnPolicyConfig(CommonConfig):
             raise ConfigError(
                 f"imitation={self.imitation!r} needs demonstrations", "pass a dataset (--dataset PATH), or drop it"
             )
+        if self.bc_steps < 0 or self.bc_batch_size <= 0 or self.bc_lr <= 0:
+            raise ConfigError(
+                f"bc_steps={self.bc_steps}, bc_batch_size={self.bc_batch_size}, bc_lr={self.bc_lr}: bc_steps must be "
+                ">= 0, the others > 0",
+                "set e.g. bc_steps=2000, bc_batch_size=256, bc_lr=1e-3",
+            )
+        if self.dataset is None and self.bc_steps > 0:
+            raise ConfigError(
+                f"bc_steps={self.bc_steps} clones demonstrations before the first rollout, but the run has no dataset",
+                "pass the demonstrations (--dataset PATH), or drop bc_steps",
+            )
         if self.dataset is not None:
-            parse_schedule(self.imitation if self.imitation is not None else DEFAULT_IMITATION)
+            parse_schedule(imitation_schedule_text(self))
         if self.imitation_weighting not in WEIGHTINGS:
             raise ConfigError(
                 f"imitation_weighting={self.imitation_weighting!r} is not one of {', '.join(WEIGHTINGS)}",
@@ -90,6 +114,13 @@ class OnPolicyConfig(CommonConfig):
             raise ConfigError(f"lr={self.lr} must be > 0", "set lr to e.g. 3e-4")
         if not 0.0 <= self.gae_lambda <= 1.0:
             raise ConfigError(f"gae_lambda={self.gae_lambda} is outside [0, 1]", "set gae_lambda to e.g. 0.95")
+
+
+def imitation_schedule_text(cfg: OnPolicyConfig) -> str:
+    """The run's imitation schedule: `imitation`, else none after behaviour cloning, else DEFAULT_IMITATION."""
+    if cfg.imitation is not None:
+        return cfg.imitation
+    return DEFAULT_IMITATION_AFTER_BC if cfg.bc_steps > 0 else DEFAULT_IMITATION
 
 
 def build_actor_critic(cfg: OnPolicyConfig, obs_space: gym.Space, act_space: gym.Space, algo: str) -> ActorCritic:
@@ -310,7 +341,7 @@ class Imitation:
 
     def __init__(self, demos: Demonstrations, cfg: OnPolicyConfig) -> None:
         self.demos, self.cfg = demos, cfg
-        self.schedule: ImitationSchedule = parse_schedule(cfg.imitation or DEFAULT_IMITATION)
+        self.schedule: ImitationSchedule = parse_schedule(imitation_schedule_text(cfg))
 
     def term(self, progress: float, rows: int, generator: torch.Generator) -> ImitationTerm | None:
         """The demonstration rows for a gradient step on `rows` on-policy samples (None once mu is 0)."""
@@ -320,6 +351,41 @@ class Imitation:
         cfg = self.cfg
         batch = self.demos.sample(cfg.imitation_batch_size or rows, generator)
         return ImitationTerm(batch, coef, cfg.imitation_weighting, cfg.imitation_beta, cfg.imitation_max_weight)
+
+
+def clone_demonstrations(learner: ActorCriticLearner, demos: Demonstrations, cfg: OnPolicyConfig) -> dict[str, float]:
+    """Behaviour cloning of the run's own actor-critic before its first rollout (`bc_steps`):
+
+        for step in 1..bc_steps:  (s_D, a_D) ~ demos (bc_batch_size rows)
+                                  L = mean [-log pi(a_D | s_D)]          (objectives.imitation_loss)
+                                  Adam step (lr bc_lr)
+
+    Its own Adam, dropped afterwards: the fine-tuning's optimizer (PPO's Adam at the RL learning rate, A2C's
+    RMSprop) starts with no moments of a supervised loss whose gradients have another scale, and cloning can
+    use a larger rate than RL. A Box head's state-independent log std keeps its value (its gradient is zeroed):
+    maximum likelihood on a near-deterministic expert would shrink it to the fit's residual and leave RL no
+    exploration, so `log_std_init` sets the exploration of fine-tuning, as DPPO's min std does for its chain.
+    The critic gets no gradient (separate networks) and starts fine-tuning as initialized. The rows are drawn
+    with the learner's generator (the run stays reproducible). Returns the mean loss of the first and the last
+    tenth of the steps."""
+    net, params = learner.net, learner.params
+    optimizer = adam([params.flat], cfg.bc_lr)
+    log_std = net.log_std
+    losses = []
+    for _ in range(cfg.bc_steps):
+        batch = demos.sample(cfg.bc_batch_size, learner.generator)
+        logp, _, _ = net.evaluate(batch.obs, batch.actions)
+        loss = imitation_loss(logp)
+        params.zero_grad()
+        loss.backward()
+        if log_std is not None:
+            assert log_std.grad is not None
+            log_std.grad.zero_()
+        optimizer.step()
+        losses.append(loss.detach())
+    tenth = max(1, len(losses) // 10)
+    history = torch.stack(losses)
+    return {"bc_loss_first": float(history[:tenth].mean()), "bc_loss_last": float(history[-tenth:].mean())}
 
 
 def normalize(x: Tensor, eps: float = 1e-8) -> Tensor:

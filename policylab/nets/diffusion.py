@@ -169,15 +169,32 @@ class DiffusionHead(nn.Module):
 
     def chain_log_prob(self, obs: Tensor, chain: Tensor, eta: float | None = None, min_std: float = 0.1) -> Tensor:
         """log pi_k(chain[k + 1] | chain[k], obs) [K, B] under the current weights (K = len(chain) - 1 steps; the
-        same eta and min_std as the chain was sampled with). Differentiable: DPPO's ratio is exp(new - old)."""
+        same eta and min_std as the chain was sampled with). Differentiable: DPPO's ratio is exp(new - old).
+
+        All K steps in one denoiser call on [K * B] rows (the chain is known, so the steps need not wait for each
+        other): `step_mean_std`'s arithmetic with per-step coefficients as [K, 1, 1] tensors."""
         eta = self.eta if eta is None else eta
-        schedule = self._schedule(chain.shape[0] - 1)
-        out = []
-        for k, (t, t_prev) in enumerate(schedule):
-            mean, sigma = self.step_mean_std(obs, chain[k], t, t_prev, eta)
-            std = max(sigma, min_std)
-            out.append(gaussian_log_prob_of_noise((chain[k + 1] - mean) / std, std))
-        return torch.stack(out)
+        steps, rows, dim = chain.shape[0] - 1, chain.shape[1], chain.shape[2]
+        coefficients = [self._step_coefficients(t, t_prev, eta, min_std) for t, t_prev in self._schedule(steps)]
+        c = torch.tensor(coefficients, dtype=chain.dtype, device=chain.device).T.reshape(6, steps, 1, 1)
+        root_abar, root_one_minus, root_abar_prev, direction, std, t = c
+        x = chain[:-1]
+        eps = self.eps(obs.repeat(steps, *([1] * (obs.dim() - 1))), x.reshape(steps * rows, dim),
+                       t.reshape(steps).repeat_interleave(rows)).view(steps, rows, dim)  # fmt: skip
+        x0 = ((x - root_one_minus * eps) / root_abar).clamp(-1.0, 1.0)
+        eps = (x - root_abar * x0) / root_one_minus
+        z = (chain[1:] - (root_abar_prev * x0 + direction * eps)) / std
+        return -0.5 * z.pow(2).sum(-1) - dim * (std.reshape(steps, 1).log() + 0.5 * _LOG_2PI)
+
+    def _step_coefficients(self, t: int, t_prev: int, eta: float, min_std: float) -> tuple[float, ...]:
+        """sqrt(abar_t), sqrt(1 - abar_t), sqrt(abar_prev), the direction's weight, max(sigma, min_std) and t:
+        the numbers of `step_mean_std` for one step, as host floats."""
+        abar_t = self.abar_host[t]
+        abar_prev = self.abar_host[t_prev] if t_prev >= 0 else 1.0
+        sigma = eta * math.sqrt((1.0 - abar_prev) / (1.0 - abar_t) * (1.0 - abar_t / abar_prev))
+        direction = math.sqrt(max(1.0 - abar_prev - sigma * sigma, 0.0))
+        root = math.sqrt
+        return root(abar_t), root(1.0 - abar_t), root(abar_prev), direction, max(sigma, min_std), float(t)
 
     @staticmethod
     def _noise(shape: tuple[int, int], like: Tensor, generator: torch.Generator | None) -> Tensor:

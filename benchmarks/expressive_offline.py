@@ -1,0 +1,148 @@
+"""Offline RL with generative actors against its Gaussian and full-chain baselines: IDQL vs IQL, EDP vs
+Diffusion-QL (and consistency_ac), on the Hopper-v5 datasets of benchmarks/make_datasets.py.
+
+    .venv/bin/python benchmarks/expressive_offline.py --steps 20000 --seeds 2
+    .venv/bin/python benchmarks/expressive_offline.py --algos idql iql --datasets benchmarks/data/hopper-medium
+    .venv/bin/python benchmarks/expressive.py --offline ...         (the same, wired in by the lead)
+
+Measured per run (each in-process, one torch thread, the same seed for every algorithm): gradient steps/s over
+the training loop after its first `--log-every` steps (warm-up excluded), and the final policy's evaluation return
+over `--eval-episodes` episodes with its normalized score from the dataset's references. Hyperparameters are each
+algorithm's defaults (policylab's, the papers' where they apply: algos/idql.py, algos/diffusion_ql.py) unless
+`--set key=value` overrides them for all. Without the hopper datasets (benchmarks/make_datasets.py makes them), a
+random Hopper-v5 dataset is made as benchmarks/offline.py does: enough for speed, not for scores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+from common import REPO_ROOT, provenance, write_results
+from offline import DEFAULT_DATA, ensure_dataset
+
+DATA = REPO_ROOT / "benchmarks" / "data"
+DEFAULT_DATASETS = ("hopper-medium", "hopper-medium-replay")
+PAIRS = {"idql": "iql", "edp": "diffusion_ql"}
+"""Each expressive algorithm and the baseline it is read against."""
+
+
+def run_one(algo: str, dataset: Path, seed: int, a: argparse.Namespace) -> dict[str, Any]:
+    import dataclasses
+
+    import torch
+
+    import policylab as pl
+    from policylab.algos import get_algo
+    from policylab.data.dataset import load_dataset
+
+    torch.set_num_threads(1)
+    known = {f.name for f in dataclasses.fields(get_algo(algo).config_cls)}
+    marks: list[tuple[int, float]] = []
+    overrides = {
+        "threads": 1,
+        "eval_every": 0,
+        "checkpoint_every": 0,
+        "log_every": a.log_every,
+        "eval_episodes": a.eval_episodes,
+        **{k: v for k, v in a.overrides.items() if k in known},  # e.g. head options only where a head is
+    }
+    with tempfile.TemporaryDirectory() as runs:
+        run = pl.train(algo, dataset=str(dataset), steps=a.steps, seed=seed, overrides=overrides, preset="none",
+                       runs_dir=runs, callback=lambda info: marks.append((info.step, time.perf_counter())) or True,
+                       verbose=False)  # fmt: skip
+        policy = pl.load(run.dir)
+    result = pl.evaluate(policy, a.eval_episodes, seed=10_000 + seed)
+    score = load_dataset(dataset, validate=False).normalized_score(result["return_mean"])
+    timed = marks[1:] if len(marks) > 1 else marks
+    steps_per_s = None
+    if len(timed) > 1 and timed[-1][1] > timed[0][1]:
+        steps_per_s = (timed[-1][0] - timed[0][0]) / (timed[-1][1] - timed[0][1])
+    return {
+        "algo": algo,
+        "dataset": dataset.name,
+        "seed": seed,
+        "steps": a.steps,
+        "return_mean": result["return_mean"],
+        "score": None if score is None else float(score),
+        "grad_steps_per_s": steps_per_s,
+    }
+
+
+def parse(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--algos", nargs="+", default=["idql", "iql", "edp", "diffusion_ql"])
+    p.add_argument("--datasets", nargs="+", default=None, help="dataset paths (default: the hopper datasets)")
+    p.add_argument("--steps", type=int, default=20_000)
+    p.add_argument("--seeds", type=int, default=1)
+    p.add_argument("--log-every", type=int, default=1_000)
+    p.add_argument("--eval-episodes", type=int, default=10)
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="an override for every run whose config has the key",
+    )
+    p.add_argument("--no-save", action="store_true", help="print only; write no results file")
+    a = p.parse_args(argv)
+    a.overrides = {k: yaml.safe_load(v) for k, v in (s.split("=", 1) for s in a.set)}
+    return a
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = parse(argv)
+    sys.path.insert(0, str(REPO_ROOT))
+    if a.datasets:
+        datasets = [Path(d) for d in a.datasets]
+    else:
+        datasets = [DATA / name for name in DEFAULT_DATASETS if (DATA / name).exists()]
+        if not datasets:
+            print(f"no hopper datasets in {DATA} (benchmarks/make_datasets.py makes them): a random one for speed")
+            datasets = [ensure_dataset(DEFAULT_DATA, 50)]
+    records = []
+    for dataset in datasets:
+        for seed in range(a.seeds):
+            for algo in a.algos:
+                rec = run_one(algo, dataset, seed, a)
+                records.append(rec)
+                rate = rec["grad_steps_per_s"]
+                score = rec["score"]
+                print(f"{dataset.name:24s} {algo:15s} seed {seed}: score "
+                      f"{'n/a' if score is None else f'{score:6.1f}'}  "
+                      f"{'n/a' if rate is None else f'{rate:7.1f}'} grad steps/s", flush=True)  # fmt: skip
+    summary = {}
+    for dataset in datasets:
+        for algo in a.algos:
+            rows = [r for r in records if r["dataset"] == dataset.name and r["algo"] == algo]
+            scores = [r["score"] for r in rows if r["score"] is not None]
+            rates = [r["grad_steps_per_s"] for r in rows if r["grad_steps_per_s"] is not None]
+            summary[f"{dataset.name}/{algo}"] = {
+                "score_mean": sum(scores) / len(scores) if scores else None,
+                "grad_steps_per_s_mean": sum(rates) / len(rates) if rates else None,
+                "baseline": PAIRS.get(algo),
+            }
+    for key, s in summary.items():
+        base = s["baseline"]
+        other = summary.get(f"{key.split('/')[0]}/{base}") if base else None
+        if other and s["grad_steps_per_s_mean"] and other["grad_steps_per_s_mean"]:
+            s["speed_vs_baseline"] = s["grad_steps_per_s_mean"] / other["grad_steps_per_s_mean"]
+    if not a.no_save:
+        payload = {
+            "benchmark": "expressive_offline",
+            "args": {k: v for k, v in vars(a).items() if k != "overrides"} | {"overrides": a.overrides},
+            "runs": records,
+            "summary": summary,
+            "provenance": provenance(["torch", "gymnasium", "mujoco"]),
+        }
+        print("wrote", write_results("expressive-offline", payload))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
