@@ -1,28 +1,69 @@
-"""Expressive policies (issue 17). `--acting`: the acting speed (actions/s) of each behaviour-cloning head on
-Navigation2D-v0's spaces (2-D observations and actions; the default networks: [256, 256] for the Gaussian and
-deterministic heads, a [256, 256, 256] SiLU denoiser for the generative ones), untrained (speed does not depend
-on the weights), at batch 1 (one env) and 64 (64 envs stepped together), each call what `pl.load(run).act(obs)`
-runs: observation to env action through `env_action` under inference mode.
+"""Expressive policies (issue 17).
+
+`--acting`: the acting speed (actions/s) of each behaviour-cloning head on Navigation2D-v0's spaces (2-D
+observations and actions; the default networks: [256, 256] for the Gaussian and deterministic heads, a
+[256, 256, 256] SiLU denoiser for the generative ones), untrained (speed does not depend on the weights), at batch
+1 (one env) and 64 (64 envs stepped together), each call what `pl.load(run).act(obs)` runs: observation to env
+action through `env_action` under inference mode.
 
     .venv/bin/python benchmarks/expressive.py --acting              # results/expressive-acting-<date>.json
     .venv/bin/python benchmarks/expressive.py --acting --seconds 0.05 --repeats 1 --no-save   # a smoke run
 
 Heads: gaussian, deterministic, diffusion DDIM-K (K = 5 and 20 of T = 20), flow Euler-K (K = 5, 10),
-consistency (1 step). The other parts of the issue's benchmark (DPPO, IDQL) belong to later work.
+consistency (1 step).
+
+`--finetune`: fine-tuning from behaviour cloning, two ways, on the same dataset, env-step budget and evaluation
+schedule, seeds alternating (dppo, ppo, ppo, dppo, ...):
+
+    dppo  `policylab train bc --dataset D --set head=diffusion` for B gradient steps, then
+          `policylab train dppo --set pretrained=<bc run>` (the BC run's observation statistics kept frozen)
+    ppo   `policylab train ppo --dataset D --set bc_steps=B` (B steps of -log pi(a_D | s_D) on its own Gaussian
+          actor-critic before the first rollout, then plain PPO: no imitation term)
+
+Tasks: `navigation` (Navigation2D-v0, the two-route task: 200 expert episodes from `navigation_dataset`, made
+in benchmarks/data/navigation on first use; DPPO's Navigation2D-v0 preset; PPO with the same rollouts) and
+`hopper` (Hopper-v5 from benchmarks/data/hopper-medium, made by `benchmarks/make_datasets.py --env Hopper-v5`:
+a medium SAC policy's 200 episodes; PPO's rl-zoo Hopper-v5 preset; DPPO with its defaults on 8 x 256-step
+rollouts). Every `--eval-every` env steps both runs checkpoint, and this script evaluates each checkpoint
+(step 0: the cloned policy) the same way: `--eval-episodes` deterministic episodes on env seeds 10000 + i,
+recording the return and, where the env reports `info["is_success"]`, the success rate. Wall clock: pretraining
+(the BC run's training time; PPO's cloning, eval.json `pretraining.seconds`) and fine-tuning (the run's
+`wall_clock_s`, less PPO's cloning), each including the checkpoint writes and one final one-episode evaluation
+of the run itself, not this script's evaluations. Medians (and min-max) over seeds.
+
+    .venv/bin/python benchmarks/expressive.py --finetune --seeds 3      # results/expressive-finetune-<date>.json
+    .venv/bin/python benchmarks/expressive.py --finetune --tasks navigation --seeds 1 --steps 1024 \
+        --eval-every 512 --bc-steps 50 --eval-episodes 2 --no-save     # a smoke run (not a result)
+
+`--fpo`: FPO (a flow policy trained from scratch by PPO-clip on flow-matching loss ratios) against PPO's Gaussian
+on Gymnasium MuJoCo tasks, the same env-step budget: InvertedPendulum-v5 (100k steps) and Hopper-v5 (200k), PPO
+with its rl-zoo preset, FPO with the settings below (8 envs x 128 or 256 steps, [64, 64] denoiser and critic,
+4 draws per action, clip 0.1). The runs' own evaluations (every 10,240 steps, 10 deterministic episodes) give
+the return curve; wall clock from eval.json. Seeds alternate (ppo, fpo, fpo, ppo, ...).
+
+    .venv/bin/python benchmarks/expressive.py --fpo --seeds 3       # results/expressive-fpo-<date>.json
+
+`--offline`: IDQL vs IQL and EDP vs Diffusion-QL on the hopper datasets (benchmarks/expressive_offline.py; the
+remaining arguments go to it).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import shutil
 import statistics
 import sys
+import tempfile
 import time
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import gymnasium as gym
 import numpy as np
 import torch
-from common import provenance, write_results
+from common import REPO_ROOT, provenance, write_results
 
 from policylab.algos.bc import BC, BCConfig
 
@@ -73,19 +114,306 @@ def acting(args: argparse.Namespace) -> dict[str, Any]:
     return {"threads": args.threads, "seconds": args.seconds, "rows": rows}
 
 
+# --- fine-tuning from behaviour cloning ---------------------------------------------------------------------------
+
+DATA = REPO_ROOT / "benchmarks" / "data"
+NAV_ROLLOUT = {"num_envs": 16, "n_steps": 32, "batch_size": 256, "epochs": 10}
+"""DPPO's Navigation2D-v0 preset's rollouts (policylab/presets.py), which PPO's side gets too."""
+
+
+@dataclass
+class Task:
+    env: str
+    dataset: Path
+    steps: int
+    eval_every: int
+    bc_steps: int
+    eval_episodes: int
+    bc: dict[str, Any]
+    """BC's settings (head=diffusion): its head fields are DPPO's, so the run loads as `pretrained`."""
+    dppo: dict[str, Any] = field(default_factory=dict)
+    """On top of DPPO's preset for the env (if any)."""
+    ppo: dict[str, Any] = field(default_factory=dict)
+    """On top of PPO's preset for the env (if any)."""
+
+
+DIFFUSION = {"head": "diffusion", "sample_steps": 5, "ddim_eta": 1.0}
+"""The chain DPPO fine-tunes (its defaults: DDIM-5 with eta 1), which BC's evaluation (step 0) samples too."""
+
+TASKS = {
+    "navigation": Task(
+        env="Navigation2D-v0",
+        dataset=DATA / "navigation",
+        steps=20_480,
+        eval_every=2048,
+        bc_steps=5000,
+        eval_episodes=50,
+        bc={**DIFFUSION, "lr": 1e-3},
+        ppo={**NAV_ROLLOUT, "lr": 3e-4, "normalize_obs": True, "log_std_init": -1.6, "bc_lr": 1e-3},
+    ),
+    "hopper": Task(
+        env="Hopper-v5",
+        dataset=DATA / "hopper-medium",
+        steps=102_400,
+        eval_every=10_240,
+        bc_steps=20_000,
+        eval_episodes=10,
+        bc={**DIFFUSION, "lr": 1e-3},
+        dppo={"num_envs": 8, "n_steps": 256, "batch_size": 256, "clip_eps": 0.1, "clip_eps_base": 0.01},
+        ppo={"bc_lr": 1e-3},
+    ),
+}
+
+
+def ensure_dataset(name: str, task: Task) -> None:
+    if task.dataset.exists():
+        return
+    if name == "navigation":
+        from policylab.envs.navigation import navigation_dataset
+
+        navigation_dataset(task.dataset, episodes=200, seed=0)
+        return
+    raise SystemExit(
+        f"{task.dataset} does not exist: make it with `.venv/bin/python benchmarks/make_datasets.py --env Hopper-v5` "
+        "(or pass --hopper-dataset PATH)"
+    )
+
+
+def evaluate_with_success(run_or_checkpoint: Path, episodes: int) -> dict[str, Any]:
+    """`episodes` deterministic episodes, one env each (seeds 10000 + i), stepped together: the mean return, and
+    the success rate where the env's final info has `is_success`."""
+    import policylab as pl
+
+    policy = pl.load(run_or_checkpoint)
+    envs = [gym.make(policy.env_id, **(policy.env_kwargs or {})) for _ in range(episodes)]
+    obs = np.stack([env.reset(seed=10_000 + i)[0] for i, env in enumerate(envs)])
+    policy.reset()
+    returns, running = np.zeros(episodes), np.ones(episodes, bool)
+    successes: list[bool | None] = [None] * episodes
+    while running.any():
+        actions = np.asarray(policy.act(obs, True))
+        for i in np.flatnonzero(running):
+            obs[i], reward, terminated, truncated, info = envs[i].step(actions[i])
+            returns[i] += reward
+            if terminated or truncated:
+                running[i] = False
+                successes[i] = bool(info["is_success"]) if "is_success" in info else None
+    for env in envs:
+        env.close()
+    known = [s for s in successes if s is not None]
+    return {
+        "return_mean": float(returns.mean()),
+        "success_rate": float(np.mean(known)) if len(known) == episodes else None,
+    }
+
+
+def _train_seconds(run_dir: Path) -> float:
+    """A run's wall clock (eval.json): its training, checkpoint writes and final one-episode evaluation."""
+    return float(json.loads((run_dir / "eval.json").read_text())["wall_clock_s"])
+
+
+def finetune_run(method: str, task: Task, seed: int, root: Path, threads: int) -> dict[str, Any]:
+    """One side of one seed: pretraining and fine-tuning, then this script's evaluation of every checkpoint."""
+    import policylab as pl
+
+    common = {"threads": threads, "eval_every": 0, "eval_episodes": 1, "keep_checkpoints": 0}
+    schedule = {"checkpoint_every": task.eval_every}
+    where = root / f"{method}-s{seed}"
+    if method == "dppo":
+        bc = pl.train(
+            "bc", dataset=str(task.dataset), steps=task.bc_steps, seed=seed, runs_dir=where, name="bc",
+            overrides={**common, **task.bc, "checkpoint_every": 0}, verbose=False, progress=False,
+        )  # fmt: skip
+        pretrain_s = _train_seconds(bc.dir)
+        run = pl.train(
+            "dppo", env=task.env, steps=task.steps, seed=seed, runs_dir=where, name="dppo",
+            overrides={**common, **schedule, **task.dppo, "pretrained": str(bc.dir)}, verbose=False, progress=False,
+        )  # fmt: skip
+        finetune_s = _train_seconds(run.dir)
+        points = {0: bc.dir}
+    else:
+        run = pl.train(
+            "ppo", env=task.env, dataset=str(task.dataset), steps=task.steps, seed=seed, runs_dir=where, name="ppo",
+            overrides={**common, **schedule, **task.ppo, "bc_steps": task.bc_steps}, verbose=False, progress=False,
+        )  # fmt: skip
+        summary = json.loads((run.dir / "eval.json").read_text())
+        pretrain_s = float(summary["pretraining"]["seconds"])
+        finetune_s = float(summary["wall_clock_s"]) - pretrain_s
+        points = {}
+    for ckpt in sorted((run.dir / "checkpoints").glob("step_*")):
+        points.setdefault(int(ckpt.name.split("_")[1]), ckpt)
+    curve = [{"step": step, **evaluate_with_success(path, task.eval_episodes)} for step, path in sorted(points.items())]
+    record = {"method": method, "seed": seed, "pretrain_s": pretrain_s, "finetune_s": finetune_s, "curve": curve}
+    first, last = curve[0], curve[-1]
+    success = (
+        "" if last["success_rate"] is None else f" (success {first['success_rate']:.2f} -> {last['success_rate']:.2f})"
+    )
+    print(
+        f"  {method} seed {seed}: pretraining {pretrain_s:.1f} s, fine-tuning {finetune_s:.1f} s; return "
+        f"{first['return_mean']:.2f} at step 0 -> {last['return_mean']:.2f} at {last['step']:,}{success}"
+    )
+    return record
+
+
+def _median_range(values: list[float]) -> str:
+    return f"{statistics.median(values):.2f} [{min(values):.2f}, {max(values):.2f}]"
+
+
+def finetune_table(task: str, records: list[dict[str, Any]]) -> list[str]:
+    """Markdown: per evaluated step, each method's median return [min-max] (and success rate); then wall clock."""
+    methods = ("dppo", "ppo")
+    by_method = {m: [r for r in records if r["method"] == m] for m in methods}
+    steps = sorted({p["step"] for r in records for p in r["curve"]})
+    success = any(p["success_rate"] is not None for r in records for p in r["curve"])
+    head = ["env steps"] + [f"{m} return" for m in methods] + ([f"{m} success" for m in methods] if success else [])
+    lines = [f"{task}:", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for step in steps:
+        cells = [f"{step:,}"]
+        for key in ("return_mean", "success_rate") if success else ("return_mean",):
+            for m in methods:
+                values = [p[key] for r in by_method[m] for p in r["curve"] if p["step"] == step and p[key] is not None]
+                cells.append(_median_range(values) if values else "-")
+        lines.append("| " + " | ".join(cells) + " |")
+    lines.append("")
+    lines.append("| method | pretraining (s) | fine-tuning (s) |")
+    lines.append("|---|---|---|")
+    for m in methods:
+        if by_method[m]:
+            pre = [r["pretrain_s"] for r in by_method[m]]
+            fine = [r["finetune_s"] for r in by_method[m]]
+            lines.append(f"| {m} | {_median_range(pre)} | {_median_range(fine)} |")
+    return lines
+
+
+def check_schedule(task: Task) -> None:
+    """Both sides checkpoint at the same env steps only if `eval_every` and `steps` are whole rollouts of each."""
+    from policylab.algos import get_algo
+    from policylab.train import resolve_config
+
+    for algo, overrides in (("dppo", {**task.dppo, "pretrained": None}), ("ppo", task.ppo)):
+        cfg, _ = resolve_config(get_algo(algo), env=task.env, overrides=overrides)
+        rollout = cfg.n_steps * cfg.num_envs
+        if task.eval_every % rollout or task.steps % rollout:
+            raise SystemExit(
+                f"{algo} on {task.env} collects rollouts of {rollout:,} steps: --eval-every {task.eval_every:,} and "
+                f"--steps {task.steps:,} must be multiples of it for both sides to be evaluated at the same steps"
+            )
+
+
+def finetune(args: argparse.Namespace) -> dict[str, Any]:
+    torch.set_num_threads(args.threads)
+    out: dict[str, Any] = {"threads": args.threads, "seeds": args.seeds, "tasks": {}}
+    root = Path(tempfile.mkdtemp(prefix="expressive-finetune-"))
+    try:
+        for name in args.tasks.split(","):
+            task = TASKS[name]
+            if name == "hopper" and args.hopper_dataset:
+                task.dataset = Path(args.hopper_dataset)
+            for option in ("steps", "eval_every", "bc_steps", "eval_episodes"):
+                if getattr(args, option) is not None:
+                    setattr(task, option, getattr(args, option))
+            ensure_dataset(name, task)
+            check_schedule(task)
+            print(f"{name}: {task.env}, dataset {task.dataset}, {task.steps:,} env steps, {task.bc_steps:,} BC steps")
+            records = []
+            for seed in range(1, args.seeds + 1):
+                order = ("dppo", "ppo") if seed % 2 else ("ppo", "dppo")
+                records += [finetune_run(m, task, seed, root / name, args.threads) for m in order]
+            table = finetune_table(name, records)
+            print("\n".join(table))
+            settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(task).items()}
+            out["tasks"][name] = {"settings": settings, "runs": records, "table": table}
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    return out
+
+
+FPO_SETTINGS: dict[str, Any] = {
+    "num_envs": 8, "batch_size": 256, "epochs": 5, "clip_eps": 0.1, "mc_draws": 4,
+    "denoiser_hidden_sizes": [64, 64], "hidden_sizes": [64, 64],
+}  # fmt: skip
+FPO_TASKS: dict[str, tuple[int, dict[str, Any]]] = {
+    "InvertedPendulum-v5": (100_000, {"n_steps": 128, "lr": 1e-3}),
+    "Hopper-v5": (200_000, {"n_steps": 256, "lr": 3e-4, "normalize_obs": True, "normalize_reward": True}),
+}
+"""env -> (env steps, FPO's settings beyond FPO_SETTINGS)."""
+
+
+def fpo_run(algo: str, env: str, seed: int, root: Path, args: argparse.Namespace) -> dict[str, Any]:
+    """One run: its evaluation curve (the run's own evaluations) and wall clock."""
+    import policylab as pl
+
+    steps, extra = FPO_TASKS[env]
+    steps = args.steps or steps
+    overrides = {"threads": args.threads, "eval_every": args.eval_every or 10_240, "eval_episodes": 10,
+                 "checkpoint_every": 0}  # fmt: skip
+    if algo == "fpo":
+        overrides.update({**FPO_SETTINGS, **extra})
+    run = pl.train(algo, env=env, steps=steps, seed=seed, runs_dir=root, name=f"{algo}-{env}-s{seed}",
+                   overrides=overrides, verbose=False, progress=False)  # fmt: skip
+    rows = (run.dir / "eval.csv").read_text().splitlines()
+    header = rows[0].split(",")
+    curve = [dict(zip(header, row.split(","), strict=True)) for row in rows[1:]]
+    points = [{"step": int(r["step"]), "return_mean": float(r["return_mean"])} for r in curve]
+    seconds = _train_seconds(run.dir)
+    print(f"  {env} {algo} seed {seed}: {seconds:.1f} s, final return {points[-1]['return_mean']:.1f}", flush=True)
+    return {"env": env, "algo": algo, "seed": seed, "seconds": seconds, "curve": points}
+
+
+def fpo_vs_ppo(args: argparse.Namespace) -> dict[str, Any]:
+    records = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for env in FPO_TASKS:
+            for seed in range(1, args.seeds + 1):
+                order = ("ppo", "fpo") if seed % 2 else ("fpo", "ppo")
+                records += [fpo_run(algo, env, seed, Path(tmp), args) for algo in order]
+    summary = {}
+    for env in FPO_TASKS:
+        for algo in ("ppo", "fpo"):
+            rows = [r for r in records if r["env"] == env and r["algo"] == algo]
+            final = [r["curve"][-1]["return_mean"] for r in rows]
+            best = [max(p["return_mean"] for p in r["curve"]) for r in rows]
+            seconds = [r["seconds"] for r in rows]
+            summary[f"{env}/{algo}"] = {"final_return": _median_range(final), "best_return": _median_range(best),
+                                        "seconds": _median_range(seconds)}  # fmt: skip
+            print(f"{env:20s} {algo}: final return {_median_range(final)}, best {_median_range(best)}, "
+                  f"wall clock {_median_range(seconds)} s")  # fmt: skip
+    return {"settings": {"fpo": FPO_SETTINGS, "tasks": FPO_TASKS}, "records": records, "summary": summary}
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if "--offline" in argv:
+        from expressive_offline import main as offline_main
+
+        return offline_main([arg for arg in argv if arg != "--offline"])
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--fpo", action="store_true", help="FPO vs PPO on MuJoCo tasks")
     parser.add_argument("--acting", action="store_true", help="actions/s of each head at batch 1 and 64")
-    parser.add_argument("--seconds", type=float, default=2.0, help="length of each timed window")
-    parser.add_argument("--repeats", type=int, default=3, help="timed windows per cell (the median is reported)")
+    parser.add_argument("--finetune", action="store_true", help="DPPO vs Gaussian PPO fine-tuning from BC")
+    parser.add_argument("--seconds", type=float, default=2.0, help="--acting: length of each timed window")
+    parser.add_argument("--repeats", type=int, default=3, help="--acting: timed windows per cell (the median)")
+    parser.add_argument("--tasks", default="navigation,hopper", help="--finetune: navigation, hopper or both")
+    parser.add_argument("--seeds", type=int, default=3, help="--finetune, --fpo: seeds 1..N per method")
+    parser.add_argument("--steps", type=int, help="--finetune, --fpo: env steps (default: per task)")
+    parser.add_argument("--eval-every", type=int, help="--finetune, --fpo: env steps between evaluations")
+    parser.add_argument("--bc-steps", type=int, help="--finetune: behaviour-cloning gradient steps (per task)")
+    parser.add_argument("--eval-episodes", type=int, help="--finetune: episodes per evaluation (per task)")
+    parser.add_argument("--hopper-dataset", help="--finetune: the Hopper-v5 dataset (default benchmarks/data/...)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads")
     parser.add_argument("--no-save", action="store_true", help="print only (a smoke run: no results file)")
     args = parser.parse_args(argv)
-    if not args.acting:
-        parser.error("choose a benchmark: --acting")
-    payload = {"provenance": provenance(["torch", "numpy", "gymnasium"]), "acting": acting(args)}
+    if args.acting + args.finetune + args.fpo != 1:
+        parser.error("choose one benchmark: --acting, --finetune, --fpo or --offline")
+    if args.finetune and any(t not in TASKS for t in args.tasks.split(",")):
+        parser.error(f"--tasks: choose from {', '.join(TASKS)}")
+    packages = ["torch", "numpy", "gymnasium"] + (["mujoco"] if args.finetune or args.fpo else [])
+    payload: dict[str, Any] = {"provenance": provenance(packages)}
+    mode = "acting" if args.acting else "finetune" if args.finetune else "fpo"
+    payload[mode] = {"acting": acting, "finetune": finetune, "fpo": fpo_vs_ppo}[mode](args)
     if not args.no_save:
-        print(f"results: {write_results('expressive-acting', payload)}")
+        name = f"expressive-{mode}"
+        print(f"results: {write_results(name, payload)}")
     return 0
 
 

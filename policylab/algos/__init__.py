@@ -10,13 +10,16 @@ from policylab.algos.awac import AWAC, AWACConfig
 from policylab.algos.bc import BC, BCConfig
 from policylab.algos.cal_ql import CalQL, CalQLConfig
 from policylab.algos.cql import CQL, CQLConfig, DiscreteCQL, DiscreteCQLConfig
+from policylab.algos.diffusion_ql import ConsistencyACConfig, DiffusionQL, DiffusionQLConfig, EDPConfig
 from policylab.algos.dppo import DPPO, DPPOConfig
 from policylab.algos.dqn import DQN, DQNConfig
 from policylab.algos.edac import SACN, EDACConfig, SACNConfig
 from policylab.algos.fixpo import FixPO, FixPOConfig
 from policylab.algos.fpo import FPO, FPOConfig
+from policylab.algos.idql import IDQL, IDQLConfig
 from policylab.algos.iql import IQL, IQLConfig
 from policylab.algos.mdpo import MDPO, MDPOConfig, MDPOSACConfig
+from policylab.algos.pa_rl import PARL, PARLConfig
 from policylab.algos.ppo import PPO, PPOConfig
 from policylab.algos.prdc import PRDC, PRDCConfig
 from policylab.algos.qrdqn import QRDQN, QRDQNConfig
@@ -84,6 +87,11 @@ ALGORITHMS: dict[str, AlgoSpec] = {
         AlgoSpec("cal_ql", CalQLConfig, CalQL, "off-policy", OFFLINE, "Cal-QL: CQL bounded below by MC returns"),
         AlgoSpec("spot", SPOTConfig, SPOT, "off-policy", OFFLINE, "SPOT: TD3 with a VAE density penalty"),
         AlgoSpec("prdc", PRDCConfig, PRDC, "off-policy", OFFLINE, "PRDC: TD3+BC towards nearest dataset actions"),
+        AlgoSpec("pa_rl", PARLConfig, PARL, "off-policy", OFFLINE, "PA-RL: any head, distils critic-optimized actions"),
+        AlgoSpec("idql", IDQLConfig, IDQL, "off-policy", OFFLINE, "IDQL: IQL critic, diffusion BC, critic resampling"),
+        AlgoSpec("diffusion_ql", DiffusionQLConfig, DiffusionQL, "off-policy", OFFLINE, "Diffusion-QL: BC + Q"),
+        AlgoSpec("edp", EDPConfig, DiffusionQL, "off-policy", OFFLINE, "EDP: Diffusion-QL, one-step action estimate"),
+        AlgoSpec("consistency_ac", ConsistencyACConfig, DiffusionQL, "off-policy", OFFLINE, "consistency actor-critic"),
     )
 }
 
@@ -131,4 +139,6 @@ __all__ = [
     "SPOTConfig",
     "PRDC",
     "PRDCConfig",
+    "PARL",
+    "PARLConfig",
 ]
