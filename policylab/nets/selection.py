@@ -4,8 +4,8 @@ EDP, consistency actor-critic).
 for a batch of states s [B]:
     a_{b,1} .. a_{b,N} ~ mu(. | s_b)                 N candidates per state: one head call on B x N rows
     q_{b,i} = min_k Q_k(s_b, a_{b,i})                 one batched critic call
-    greedy:     i = argmax_i q_{b,i}                                     (IDQL's released evaluation, EDP)
-    softmax:    i ~ Categorical(softmax(q_{b,.} / temperature))          (Diffusion-QL's evaluation, temperature 1)
+    greedy:     i = argmax_i q_{b,i}                                     (IDQL's released evaluation)
+    softmax:    i ~ Categorical(softmax(q_{b,.} / temperature))          (Diffusion-QL's, EDP's: temperature 1)
     expectile:  i ~ Categorical(w_{b,.}),  w_i = |tau - 1(q_i - V(s) < 0)| / |q_i - V(s)|
                 (IDQL, Hansen-Estruch et al. 2023, arXiv:2304.10573, eq. 8: the policy implied by the expectile
                 loss is mu(a|s) times these weights; its released code drops the 1 / |q - V| factor)
