@@ -39,7 +39,7 @@ import gymnasium as gym
 import torch
 from torch import Tensor, nn
 
-from policylab.algos.generative_heads import GenerativeHeadConfig, generative_head
+from policylab.algos.generative_heads import CandidateSelectionConfig, GenerativeHeadConfig, generative_head
 from policylab.algos.offpolicy import (
     FlatAdam,
     OfflineConfig,
@@ -60,7 +60,7 @@ from policylab.objectives.q_targets import td3_target
 
 
 @dataclass
-class DiffusionQLConfig(OfflineConfig, GenerativeHeadConfig):
+class DiffusionQLConfig(OfflineConfig, GenerativeHeadConfig, CandidateSelectionConfig):
     """Diffusion-QL with the paper's locomotion values (see the module docstring for what differs)."""
 
     head: str = "diffusion"
@@ -80,16 +80,11 @@ class DiffusionQLConfig(OfflineConfig, GenerativeHeadConfig):
     backup_samples: int = 10
     actor_ema: float = 0.001
     """Rate of the EMA copy of the actor that draws the target's next actions (0: the actor itself)."""
-    ema_start: int = 1000
-    """Updates before the EMA starts averaging (until then the copy follows the actor exactly)."""
     candidates: int = 50
-    """N, the draws per state when acting, one chosen by the critic (1: the actor's own draw)."""
     selection: str = "softmax"
-    """How a candidate is chosen when exploring: softmax or greedy."""
+    """How a candidate is chosen when exploring: softmax or greedy (no V here, so no expectile)."""
     eval_selection: str = "softmax"
     """How a candidate is chosen when evaluating: softmax (Diffusion-QL's) or greedy."""
-    temperature: float = 1.0
-    """softmax selection: the temperature of softmax(q / temperature)."""
 
     def validate(self) -> None:
         super().validate()
@@ -103,13 +98,7 @@ class DiffusionQLConfig(OfflineConfig, GenerativeHeadConfig):
             raise ConfigError(f"action_approx (EDP) needs head=diffusion, not {self.head}", "drop action_approx")
         if self.eta < 0:
             raise ConfigError(f"eta={self.eta} must be >= 0", "set eta to e.g. 1.0 (0: plain BC)")
-        for name in ("selection", "eval_selection"):
-            if getattr(self, name) not in ("greedy", "softmax"):
-                raise ConfigError(f"{name}={getattr(self, name)!r} is not greedy or softmax", f"set {name}=softmax")
-        if self.temperature <= 0:
-            raise ConfigError(f"temperature={self.temperature} must be > 0", "set temperature to e.g. 1.0")
-        if not 0.0 <= self.actor_ema <= 1.0:
-            raise ConfigError(f"actor_ema={self.actor_ema} is outside [0, 1]", "set actor_ema to 0 (off) or 0.001")
+        self.validate_selection(("softmax", "greedy"))
 
 
 @dataclass

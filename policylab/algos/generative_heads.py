@@ -12,6 +12,7 @@ from policylab.nets.consistency import ConsistencyHead
 from policylab.nets.diffusion import DiffusionHead
 from policylab.nets.flow import FlowHead
 from policylab.nets.generative import make_generative_head
+from policylab.nets.selection import SELECTIONS
 
 
 @dataclass
@@ -59,6 +60,39 @@ class GenerativeHeadConfig:
             )
         if not self.consistency_sigma_max > 0.002:
             raise ConfigError(f"consistency_sigma_max={self.consistency_sigma_max} must be > 0.002", "set it to 80")
+
+
+@dataclass
+class CandidateSelectionConfig:
+    """Acting by N candidates from a generative actor, one chosen by the critic (nets/selection.py), and an EMA copy
+    of the actor: IDQL's and Diffusion-QL's options (each algorithm sets its own defaults)."""
+
+    candidates: int = 64
+    """N, the actions drawn per state when acting (1: the actor's own draw, no critic)."""
+    selection: str = "expectile"
+    """How a candidate is chosen when exploring (online): expectile (needs V), greedy or softmax."""
+    eval_selection: str = "greedy"
+    """How a candidate is chosen when evaluating (`deterministic=True`)."""
+    temperature: float = 1.0
+    """softmax selection: the temperature of softmax(q / temperature)."""
+    actor_ema: float = 0.0
+    """The rate per step of an EMA copy of the actor (0: none; the algorithm says what the copy is for)."""
+    ema_start: int = 1000
+    """Updates before the EMA starts averaging (until then the copy follows the actor exactly)."""
+
+    def validate_selection(self, allowed: tuple[str, ...] = SELECTIONS) -> None:
+        for name in ("selection", "eval_selection"):
+            if getattr(self, name) not in allowed:
+                raise ConfigError(
+                    f"{name}={getattr(self, name)!r} is not one of {', '.join(allowed)}",
+                    f"set {name} to {allowed[0]}",
+                )
+        if self.candidates < 1:
+            raise ConfigError(f"candidates={self.candidates} must be >= 1", "set candidates to e.g. 64 (1: no critic)")
+        if self.temperature <= 0:
+            raise ConfigError(f"temperature={self.temperature} must be > 0", "set temperature to e.g. 1.0")
+        if not 0.0 <= self.actor_ema <= 1.0:
+            raise ConfigError(f"actor_ema={self.actor_ema} is outside [0, 1]", "set actor_ema to 0 (off) or 0.001")
 
 
 def generative_head(cfg: Any, kind: str, obs_size: int, dim: int) -> DiffusionHead | FlowHead | ConsistencyHead:

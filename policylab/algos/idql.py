@@ -32,53 +32,31 @@ import gymnasium as gym
 import torch
 from torch import Tensor, nn
 
-from policylab.algos.generative_heads import GenerativeHeadConfig, generative_head
+from policylab.algos.generative_heads import CandidateSelectionConfig, GenerativeHeadConfig, generative_head
 from policylab.algos.iql import IQL, IQLConfig
 from policylab.algos.offpolicy import FlatAdam, TargetNetwork, box_bounds, obs_dim, seeded_generator
 from policylab.data import Batch
-from policylab.errors import ConfigError
 from policylab.nets import ContinuousCritic, StackedMLP
 from policylab.nets.generative import GenerativeActor
-from policylab.nets.selection import SELECTIONS, CriticSelectedActor
+from policylab.nets.selection import CriticSelectedActor
 
 
 @dataclass
-class IDQLConfig(IQLConfig, GenerativeHeadConfig):
+class IDQLConfig(IQLConfig, GenerativeHeadConfig, CandidateSelectionConfig):
     """IDQL with the paper's locomotion values (see the module docstring for what differs)."""
 
     diffusion_steps: int = 5
     """DDPM's T (the paper's 5)."""
     ddim_eta: float = 1.0
     """1 with sample_steps = T: DDPM's ancestral sampler, as the paper samples."""
-    candidates: int = 64
-    """N, the actions drawn per state when acting (the paper's 64; it also reports 16 and 256). 1: pure BC."""
-    selection: str = "expectile"
-    """How a candidate is chosen when exploring (online): expectile, greedy or softmax (module docstring)."""
-    eval_selection: str = "greedy"
-    """How a candidate is chosen when evaluating (`deterministic=True`): greedy as the released code, or as above."""
-    temperature: float = 1.0
-    """softmax selection: the temperature of softmax(q / temperature)."""
     actor_ema: float = 0.0
     """Acting with an EMA copy of the diffusion model at this rate per step (0: the trained model itself; the
     released code uses 0.001). Before `ema_start` updates the copy follows the model exactly."""
-    ema_start: int = 1000
-    """Updates before the EMA starts averaging (Diffusion-QL's step_start_ema)."""
 
     def validate(self) -> None:
         super().validate()
         self.validate_head("diffusion")
-        for name in ("selection", "eval_selection"):
-            if getattr(self, name) not in SELECTIONS:
-                raise ConfigError(
-                    f"{name}={getattr(self, name)!r} is not one of {', '.join(SELECTIONS)}",
-                    f"set {name} to expectile, greedy or softmax",
-                )
-        if self.candidates < 1:
-            raise ConfigError(f"candidates={self.candidates} must be >= 1", "set candidates to e.g. 64 (1: pure BC)")
-        if self.temperature <= 0:
-            raise ConfigError(f"temperature={self.temperature} must be > 0", "set temperature to e.g. 1.0")
-        if not 0.0 <= self.actor_ema <= 1.0:
-            raise ConfigError(f"actor_ema={self.actor_ema} is outside [0, 1]", "set actor_ema to 0 (off) or 0.001")
+        self.validate_selection()
 
 
 class IDQL(IQL):
