@@ -88,7 +88,7 @@ def test_bad_input_fails_before_anything_starts(tmp_path, monkeypatch):
     base = {"env": "CartPole-v1", "steps": 512, "sweeps_dir": tmp_path / "sweeps"}
     with pytest.raises(ConfigError, match="'lrr' is not a config field of ppo") as info:
         pl.sweep("ppo", grid={"lrr": [1, 2]}, **base)
-    assert "Did you mean: lr?" in str(info.value) and info.value.fix
+    assert "Did you mean: lr" in str(info.value) and info.value.fix
     with pytest.raises(ConfigError, match="bad value for 'lr'"):
         pl.sweep("ppo", grid={"lr": ["fast"]}, **base)
     with pytest.raises(ConfigError, match="rollout_workers=2 inside a sweep"):

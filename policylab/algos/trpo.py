@@ -124,11 +124,11 @@ class TRPO:
         cfg, net, params = self.cfg, self.net, self.learner.params
         adv = normalize(data.advantages) if cfg.normalize_advantage else data.advantages
         with torch.no_grad():
-            old_out = net(data.obs)[0]
+            old_out = net.policy_outputs(data.obs)
             old_log_std = None if net.log_std is None else net.log_std.detach().clone()
 
         def surrogate_and_kl() -> tuple[Tensor, Tensor]:
-            out = net(data.obs)[0]
+            out = net.policy_outputs(data.obs)
             logp, _ = net.head.log_prob_entropy(out, net.log_std, data.actions)
             loss, _ = pg_surrogate(logp, data.logp, adv, clip_low=None)
             return -loss, net.head.kl(old_out, old_log_std, out, net.log_std).mean()  # type: ignore[arg-type]

@@ -186,6 +186,13 @@ class ActorCritic(nn.Module):
         assert self.rollout_state is not None
         return self.forward(obs, self.rollout_state[:, :, rows])[1]
 
+    def policy_outputs(self, obs: Tensor) -> Tensor:
+        """The head's inputs (logits or means) alone: with separate networks only the actor's member is computed
+        (TRPO's many policy-only passes), with a shared body or memory the whole forward."""
+        if self.shared or self.recurrent:
+            return self.forward(obs)[0]
+        return self.body.forward(self._features(obs), members=1)[0, :, : self.n_outputs]
+
     def deterministic(self, obs: Tensor) -> Tensor:
         return self.head.mode(self.forward(obs)[0])
 
