@@ -33,6 +33,20 @@ def resumed_and_full_runs(algo: str, stop: int, **kwargs) -> tuple[pl.Run, pl.Ru
     return full, part, resumed
 
 
+def train_until(bar: float, algo: str, score=None, **train_kwargs) -> tuple[pl.Run, list[tuple[int, float]]]:
+    """`pl.train(algo, **train_kwargs)` stopped at the first evaluation whose score (`score(return)`, the return
+    itself by default) reaches `bar`: (the run, every evaluation's (step, score)). A learning test asserts on them."""
+    evaluations: list[tuple[int, float]] = []
+
+    def stop_at_bar(info: pl.IterationInfo) -> bool:
+        if info.eval_return is not None:
+            evaluations.append((info.step, info.eval_return if score is None else score(info.eval_return)))
+        return not (evaluations and evaluations[-1][1] >= bar)
+
+    run = pl.train(algo, callback=stop_at_bar, verbose=False, **train_kwargs)
+    return run, evaluations
+
+
 def pendulum_expert(obs: np.ndarray) -> np.ndarray:
     """A swing-up controller for Pendulum-v1 (about -170 per episode): pump energy, then hold with PD control."""
     cos, sin, vel = obs[:, 0], obs[:, 1], obs[:, 2]

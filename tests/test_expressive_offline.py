@@ -16,7 +16,7 @@ from policylab.nets.denoiser import Denoiser
 from policylab.nets.diffusion import DiffusionHead
 from policylab.nets.selection import selection_probs
 from policylab.policy import evaluate
-from tests.helpers import pendulum_expert, resumed_and_full_runs
+from tests.helpers import pendulum_expert, resumed_and_full_runs, train_until
 from tests.test_offline import _score
 
 SMALL = {"hidden_sizes": [64, 64], "denoiser_hidden_sizes": [64, 64, 64], "log_every": 250}
@@ -74,17 +74,11 @@ def test_idql_learns_mixed_pendulum_data_and_beats_its_behaviour_model(mixed_pen
     same diffusion model acting alone (N = 1: plain diffusion BC) scores far lower. Measured (re-evaluated over 10
     episodes after the stop): seed 1 reaches 66.6 at 2000 steps, 28.6 with the critic vs -13.9 alone; seed 2 reaches
     79.9 at 2500 steps, 39.5 vs -10.3. About 30 s on 2 cores."""
-    best: list[float] = []
-
-    def stop_at_bar(info: pl.IterationInfo) -> bool:
-        if info.eval_return is not None:
-            best.append(_score(mixed_pendulum, info.eval_return))
-        return not (best and best[-1] >= 60)
-
     overrides = {**SMALL, "denoiser_hidden_sizes": [256, 256, 256], "lr": 1e-3, "eval_every": 500,
                  "eval_episodes": 5}  # fmt: skip
-    run = pl.train("idql", dataset=mixed_pendulum, steps=3000, seed=1, overrides=overrides, runs_dir=tmp_path,
-                   callback=stop_at_bar, verbose=False)  # fmt: skip
+    run, evaluations = train_until(60, "idql", lambda r: _score(mixed_pendulum, r), dataset=mixed_pendulum,
+                                   steps=3000, seed=1, overrides=overrides, runs_dir=tmp_path)  # fmt: skip
+    best = [s for _, s in evaluations]
     assert best and max(best) >= 60, best
     policy = pl.load(run.dir)
     with_critic = _score(mixed_pendulum, evaluate(policy, 10, seed=7)["return_mean"])
@@ -107,17 +101,11 @@ def test_diffusion_ql_and_edp_learn_mixed_pendulum_data(mixed_pendulum, tmp_path
     Diffusion-QL seed 1: 5.7, -19.3, -6.1, 94.3; seed 2: 4.7, -17.9, 30.4, 43.3, 62.8; seed 3: 5.9, -5.7, 64.2.
     EDP seed 1: 2.3, -19.6, -3.8, 81.6; seed 2: 4.1, -16.7, 34.3, 50.7, 82.2; seed 3: 12.9, 37.6, 42.2, 85.5.
     The test runs seed 1: about 15 s each on 2 cores."""
-    best: list[float] = []
-
-    def stop_at_bar(info: pl.IterationInfo) -> bool:
-        if info.eval_return is not None:
-            best.append(_score(mixed_pendulum, info.eval_return))
-        return not (best and best[-1] >= 60)
-
     overrides = {**SMALL, "lr": 1e-3, "eta": 5.0, "actor_ema": 0.005, "eval_selection": "greedy", "eval_every": 500,
                  "eval_episodes": 5}  # fmt: skip
-    pl.train(algo, dataset=mixed_pendulum, steps=3000, seed=1, overrides=overrides, runs_dir=tmp_path,
-             callback=stop_at_bar, verbose=False)  # fmt: skip
+    _, evaluations = train_until(60, algo, lambda r: _score(mixed_pendulum, r), dataset=mixed_pendulum, steps=3000,
+                                 seed=1, overrides=overrides, runs_dir=tmp_path)  # fmt: skip
+    best = [s for _, s in evaluations]
     assert best and max(best) >= 60, best
 
 

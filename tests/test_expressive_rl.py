@@ -23,8 +23,8 @@ from policylab.checkpoint import load_checkpoint
 from policylab.data import Batch
 from policylab.envs.navigation import navigation_dataset
 from policylab.errors import ConfigError
-from policylab.train import IterationInfo, resolve_config
-from tests.helpers import resumed_and_full_runs
+from policylab.train import resolve_config
+from tests.helpers import resumed_and_full_runs, train_until
 
 SMALL = {"denoiser_hidden_sizes": [32, 32], "hidden_sizes": [32, 32]}
 NAV = "Navigation2D-v0"
@@ -109,16 +109,9 @@ def weak_bc(navigation, tmp_path_factory):
 
 
 def _reaches(algo: str, budget: int, bar: float, tmp_path, **overrides) -> list[tuple[int, float]]:
-    evaluations: list[tuple[int, float]] = []
-
-    def stop_at_bar(info: IterationInfo) -> bool:
-        if info.eval_return is not None:
-            evaluations.append((info.step, info.eval_return))
-        return info.eval_return is None or info.eval_return < bar
-
     settings = {"eval_every": 2048, "eval_episodes": 50, "checkpoint_every": 0, "threads": 1, **overrides}
-    pl.train(algo, env=NAV, steps=budget, seed=1, overrides=settings, runs_dir=tmp_path, callback=stop_at_bar,
-             verbose=False, progress=False)  # fmt: skip
+    _, evaluations = train_until(bar, algo, env=NAV, steps=budget, seed=1, overrides=settings, runs_dir=tmp_path,
+                                 progress=False)  # fmt: skip
     assert evaluations and max(r for _, r in evaluations) >= bar, f"{algo} within {budget}: {evaluations}"
     return evaluations
 

@@ -7,23 +7,13 @@ a run on one machine.
 
 from __future__ import annotations
 
-import policylab as pl
-from policylab.train import IterationInfo
+from tests.helpers import train_until
 
 
 def _reaches(algo: str, env: str, budget: int, bar: float, every: int, tmp_path, **overrides) -> list[tuple]:
     """Train until an evaluation reaches `bar` (or the budget runs out); returns the evaluations."""
-    evaluations: list[tuple[int, float]] = []
-
-    def stop_at_bar(info: IterationInfo) -> bool:
-        if info.eval_return is not None:
-            evaluations.append((info.step, info.eval_return))
-        return info.eval_return is None or info.eval_return < bar
-
     settings = {"eval_every": every, "eval_episodes": 10, "checkpoint_every": 0, **overrides}
-    pl.train(
-        algo, env=env, steps=budget, seed=1, overrides=settings, runs_dir=tmp_path, callback=stop_at_bar, verbose=False
-    )
+    _, evaluations = train_until(bar, algo, env=env, steps=budget, seed=1, overrides=settings, runs_dir=tmp_path)
     assert evaluations and max(r for _, r in evaluations) >= bar, f"{algo} on {env} within {budget}: {evaluations}"
     return evaluations
 

@@ -27,7 +27,7 @@ from policylab.objectives import pg_surrogate, pg_surrogate_grad
 from policylab.objectives.policy import kl_estimate, pg_token_losses
 from policylab.optim import conjugate_gradient
 from policylab.train import IterationInfo, OnPolicyLoop, resolve_config
-from tests.helpers import resumed_and_full_runs
+from tests.helpers import resumed_and_full_runs, train_until
 
 B = 64
 
@@ -280,16 +280,8 @@ def test_resumed_run_equals_uninterrupted_run(tmp_path, algo, env, stop, extra):
 
 def _reaches(algo: str, env: str, budget: int, bar: float, every: int, tmp_path, seed: int = 1, **overrides) -> None:
     """Train until a deterministic evaluation reaches `bar` (or the budget runs out)."""
-    evaluations: list[tuple[int, float]] = []
-
-    def stop_at_bar(info: IterationInfo) -> bool:
-        if info.eval_return is not None:
-            evaluations.append((info.step, info.eval_return))
-        return info.eval_return is None or info.eval_return < bar
-
     settings = {"eval_every": every, "eval_episodes": 10, "checkpoint_every": 0, "threads": 1, **overrides}
-    pl.train(algo, env=env, steps=budget, seed=seed, overrides=settings, runs_dir=tmp_path, callback=stop_at_bar,
-             verbose=False)  # fmt: skip
+    _, evaluations = train_until(bar, algo, env=env, steps=budget, seed=seed, overrides=settings, runs_dir=tmp_path)
     assert evaluations and max(r for _, r in evaluations) >= bar, f"{algo} on {env} within {budget}: {evaluations}"
 
 
