@@ -3,6 +3,7 @@
     .venv/bin/python benchmarks/offline.py --setup                          # once: d3rlpy's own venv
     .venv/bin/python benchmarks/offline.py --seeds 2 --steps 2000           # bc, td3_bc, iql, cql on Hopper-v5 data
     .venv/bin/python benchmarks/offline.py --algo iql --dataset datasets/hopper-medium --steps 100000
+    .venv/bin/python benchmarks/offline.py --precisions --algo iql --dataset ...  # ours fp32 against ours bf16
 
 d3rlpy 2.8.1 pins gymnasium 1.0.0, which cannot sit next to policylab's gymnasium and minari, so it lives
 in `benchmarks/.venv-d3rlpy` (made by `--setup`: torch 2.13.0 first, so that no CUDA wheels come, then
@@ -52,6 +53,7 @@ D3RLPY_PY = D3RLPY_VENV / "bin" / "python"
 DEFAULT_DATA = REPO_ROOT / "benchmarks" / "data" / "hopper-random"
 ALGOS = ("bc", "td3_bc", "iql", "cql")
 EVAL_EPISODES = 10
+PRECISION_SIDES = ("fp32", "bf16")
 
 # policylab's overrides that match d3rlpy's defaults (see the module docstring)
 OURS = {
@@ -232,12 +234,15 @@ def _record(a: argparse.Namespace, marks: list[tuple[int, float]], ret: float, s
 
 
 def run_side(side: str, a: argparse.Namespace, algo: str, seed: int) -> dict[str, Any]:
-    python = None if side == "policylab" else str(D3RLPY_PY)
-    args = ["--worker", side, "--algo", algo, "--seed", str(seed), "--steps", str(a.steps)]
-    args += ["--log-every", str(a.log_every), "--dataset", str(a.dataset), "--precision", a.precision]
+    """One run in a fresh process; `side` is d3rlpy, policylab (at `--precision`), or fp32 / bf16 (policylab at
+    that precision, for `--precisions`)."""
+    worker, precision = ("policylab", side) if side in PRECISION_SIDES else (side, a.precision)
+    python = None if worker == "policylab" else str(D3RLPY_PY)
+    args = ["--worker", worker, "--algo", algo, "--seed", str(seed), "--steps", str(a.steps)]
+    args += ["--log-every", str(a.log_every), "--dataset", str(a.dataset), "--precision", precision]
     with tempfile.TemporaryDirectory() as tmp:
         res = run_worker(Path(__file__).resolve(), args, Path(tmp) / "out.json", python=python, env=ONE_THREAD)
-    return worker_record(res, f"{side} {algo} seed {seed}")
+    return {**worker_record(res, f"{side} {algo} seed {seed}"), "side": side}
 
 
 def main() -> None:
@@ -253,6 +258,11 @@ def main() -> None:
     parser.add_argument(
         "--precision", choices=("fp32", "bf16"), default="fp32", help="policylab's products (d3rlpy's stay float32)"
     )
+    parser.add_argument(
+        "--precisions",
+        action="store_true",
+        help="policylab in float32 against policylab in bf16, no d3rlpy: the bf16 option's score parity",
+    )
     parser.add_argument("--worker", choices=("policylab", "d3rlpy"), help=argparse.SUPPRESS)
     parser.add_argument("--seed", type=int, default=1, help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
@@ -265,7 +275,8 @@ def main() -> None:
     if a.setup:
         setup()
         return
-    if not D3RLPY_PY.exists():
+    sides = PRECISION_SIDES if a.precisions else ("policylab", "d3rlpy")
+    if not a.precisions and not D3RLPY_PY.exists():
         raise SystemExit("d3rlpy's venv is missing: run `.venv/bin/python benchmarks/offline.py --setup` first")
     a.dataset = ensure_dataset(Path(a.dataset), a.episodes)
     results: dict[str, Any] = {"provenance": provenance(["torch", "policylab", "minari"]), "cases": {}}
@@ -273,23 +284,28 @@ def main() -> None:
     for algo in a.algo or ALGOS:
         runs = []
         for seed in seeds:
-            for side in ("policylab", "d3rlpy"):
+            for side in sides:
                 rec = run_side(side, a, algo, seed)
                 print(f"  {algo} {side} seed {seed}: {rec['steps_per_s']:.1f} steps/s, return {rec['return']:.1f}")
                 runs.append(rec)
         print(f"\n{algo}: {a.steps:,} gradient steps on {a.dataset}, 1 thread, alternating runs")
+        names = sides if a.precisions else ("ours", "d3rlpy")
         per_run = {
-            "steps_per_s": ("gradient steps/s after the first log interval; ratio > 1: ours faster", ".1f", True),
+            "steps_per_s": (
+                f"gradient steps/s after the first log interval; ratio > 1: {names[0]} faster",
+                ".1f",
+                True,
+            ),
             "return": ("final return, deterministic, 10 episodes", ".1f", True),
             "score": ("normalized score", ".1f", False),
         }
-        summary = pair_report(runs, seeds, per_run, {}, "policylab", "d3rlpy", ("ours", "d3rlpy"))
+        summary = pair_report(runs, seeds, per_run, {}, *sides, names)
         results["cases"][algo] = {
             "runs": runs,
             "summary": summary,
             "steps": a.steps,
             "dataset": str(a.dataset),
-            "precision": a.precision,
+            "precision": "fp32 / bf16" if a.precisions else a.precision,
         }
     print(f"results: {write_results('offline', results)}")
 

@@ -69,6 +69,27 @@ def test_quantile_huber_loss_by_hand():
     assert loss.item() == 0.40625
 
 
+def test_quantile_huber_gradients_by_hand_and_against_autograd_of_the_formula():
+    # the case above: d/dz of 0.5 * [0.5 * huber(2 - z) + 0.5 * huber(-0.5 - z)] at z = 0 is
+    # 0.5 * [0.5 * -1 (clipped) + 0.5 * 0.5] = -0.125
+    z = torch.zeros(1, 1, 1, requires_grad=True)
+    quantile_huber_loss(z, torch.tensor([[2.0, -0.5]])).backward()
+    assert z.grad is not None and z.grad.item() == -0.125
+    # random shapes, kappa 2, gradients for the quantiles and the targets: the plain formula under autograd
+    gen = torch.Generator().manual_seed(0)
+    quantiles = torch.randn(3, 5, 4, generator=gen, dtype=torch.float64, requires_grad=True)
+    target = (2 * torch.randn(5, 7, generator=gen, dtype=torch.float64)).requires_grad_()
+    diff = target.unsqueeze(0).unsqueeze(-2) - quantiles.unsqueeze(-1)
+    huber = torch.where(diff.abs() <= 2.0, 0.5 * diff * diff, 2.0 * (diff.abs() - 1.0))
+    taus = (torch.arange(4, dtype=torch.float64) + 0.5) / 4
+    expected = ((taus.view(1, 1, 4, 1) - (diff < 0).double()).abs() * huber).mean()
+    expected_grads = torch.autograd.grad(expected, (quantiles, target))
+    loss = quantile_huber_loss(quantiles, target, kappa=2.0)
+    grads = torch.autograd.grad(loss, (quantiles, target))
+    assert torch.allclose(loss, expected)
+    assert all(torch.allclose(g, e) for g, e in zip(grads, expected_grads))
+
+
 def test_polyak_update():
     target, online = [torch.zeros(3)], [torch.ones(3)]
     polyak_update(target, online, 0.005)

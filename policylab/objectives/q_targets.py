@@ -88,14 +88,38 @@ def tqc_target(
 
 def quantile_huber_loss(quantiles: Tensor, target: Tensor, kappa: float = 1.0) -> Tensor:
     """Quantile regression with the Huber loss (QR-DQN / TQC): quantiles [K, B, M] at midpoints
-    tau_i = (i + 0.5) / M against target atoms [B, N]; mean over everything."""
-    m = quantiles.shape[-1]
-    taus = (torch.arange(m, device=quantiles.device, dtype=quantiles.dtype) + 0.5) / m
-    diff = target.unsqueeze(0).unsqueeze(-2) - quantiles.unsqueeze(-1)  # [K, B, M, N]
-    abs_diff = diff.abs()
-    huber = torch.where(abs_diff <= kappa, 0.5 * diff * diff, kappa * (abs_diff - 0.5 * kappa))
-    weight = (taus.view(1, 1, m, 1) - (diff < 0).to(diff.dtype)).abs()
-    return (weight * huber).mean()
+    tau_i = (i + 0.5) / M against target atoms [B, N]; mean over everything.
+
+    With u = y_j - z_i, c = clamp(u, -kappa, kappa) and w = |tau_i - 1(u < 0)|, the Huber loss (u^2 / 2 inside
+    [-kappa, kappa], kappa (|u| - kappa / 2) outside) is c (u - c / 2), so the loss is mean (w c) (u - c / 2)
+    and its gradient dL/dz_i = -sum_j w c / (K B M N), where w c = tau c + (1 - 2 tau) min(c, 0). The
+    forward computes both in eight passes over the [K, B, M, N] differences and no comparison tensor; autograd's
+    graph of the textbook formula took about 25 passes (10x the time at TQC's Pendulum shapes, 1 thread)."""
+    return _QuantileHuber.apply(quantiles, target, kappa)  # type: ignore[no-any-return]
+
+
+class _QuantileHuber(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, quantiles: Tensor, target: Tensor, kappa: float) -> Tensor:  # type: ignore[override]
+        m = quantiles.shape[-1]
+        taus = ((torch.arange(m, device=quantiles.device, dtype=quantiles.dtype) + 0.5) / m).unsqueeze(-1)
+        diff = target.unsqueeze(-2) - quantiles.unsqueeze(-1)  # [K, B, M, N]
+        clipped = diff.clamp(-kappa, kappa)
+        slope = clipped * taus  # becomes w c = (K B M N) dL/du
+        half_step = diff.sub_(clipped, alpha=0.5)  # u - c / 2, in place: u is not needed again
+        slope.addcmul_(clipped.clamp_max_(0.0), 1.0 - 2.0 * taus)
+        count = diff.numel()
+        loss = torch.dot(slope.view(-1), half_step.view(-1)) / count
+        grad_quantiles = slope.sum(-1).mul_(-1.0 / count)
+        grad_target = slope.sum(-2).sum(0).mul_(1.0 / count) if ctx.needs_input_grad[1] else None
+        ctx.save_for_backward(grad_quantiles, grad_target)
+        return loss
+
+    @staticmethod
+    def backward(ctx, g: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        grad_quantiles, grad_target = ctx.saved_tensors
+        grad_q = grad_quantiles * g if ctx.needs_input_grad[0] else None
+        return grad_q, None if grad_target is None else grad_target * g, None
 
 
 @torch.no_grad()
