@@ -10,10 +10,12 @@ import pytest
 import torch
 
 import policylab as pl
+from policylab.algos.diffusion_ql import ConsistencyACConfig
 from policylab.data import ReplayBuffer
 from policylab.data.dataset import load_dataset
 from policylab.envs.navigation import NavigationEnv, expert, navigation_dataset
 from policylab.errors import ConfigError
+from policylab.nets.consistency import ConsistencyHead
 from policylab.nets.denoiser import Denoiser
 from policylab.nets.diffusion import DiffusionHead
 from policylab.nets.flow import FlowHead
@@ -154,6 +156,31 @@ def test_flow_per_sample_loss_by_hand_and_fpo_ratio():
         last_b.fill_(0.1)
     ratio = torch.exp(old - head.per_sample_loss(obs, x1, noise, t))
     torch.testing.assert_close(ratio, torch.exp(expected - (0.1 - (x1 - noise)).pow(2).mean(-1)))
+
+
+def test_consistency_losses_by_hand():
+    """With F_theta = 0 the consistency function is c_skip(sigma) x, c_skip = sd^2 / ((sigma - sigma_min)^2 + sd^2):
+    ct is |student - target|^2, ict the pseudo-Huber distance over sigma_{n+1} - sigma_n."""
+    torch.manual_seed(0)
+    obs, a, noise, n = torch.randn(4, 3), torch.rand(4, 2) * 2 - 1, torch.randn(4, 2), torch.tensor([0, 3, 7, 8])
+    for kind in ("ict", "ct"):
+        head = ConsistencyHead(Denoiser(3, 2, (16,)), scales=10, loss_kind=kind)
+        with torch.no_grad():
+            head.denoiser.body.weights[-1].zero_()
+            head.denoiser.body.biases[-1].zero_()
+        lo, hi = head.sigmas[n].unsqueeze(-1), head.sigmas[n + 1].unsqueeze(-1)
+
+        def c_skip(sigma: torch.Tensor) -> torch.Tensor:
+            return 0.25 / ((sigma - 0.002) ** 2 + 0.25)
+
+        squared = (c_skip(hi) * (a + hi * noise) - c_skip(lo) * (a + lo * noise)).pow(2).sum(-1)
+        c = 0.00054 * math.sqrt(2)
+        expected = squared if kind == "ct" else ((squared + c * c).sqrt() - c) / (hi - lo)[:, 0]
+        torch.testing.assert_close(head.per_sample_loss(obs, a, noise, n), expected)
+    with pytest.raises(ValueError, match="loss_kind"):
+        ConsistencyHead(Denoiser(3, 2, (16,)), loss_kind="lpips")
+    with pytest.raises(ConfigError, match="consistency_loss='lpips'"):
+        ConsistencyACConfig(consistency_loss="lpips", dataset="d").validate()
 
 
 # --- action chunks -------------------------------------------------------------------------------------------

@@ -27,7 +27,8 @@ steps from step 1000 (here a rate of 0.001 per step), batch 256, 50 candidates w
 Replaced: its 3 x 256 Mish MLPs by the [256, 256, 256] SiLU denoiser and [256, 256] ReLU critics, the "vp" beta
 schedule by the cosine one, its learning-rate cosine decay by `anneal_lr` (off). EDP (`edp`) keeps T = 1000 training
 steps (its point: training cost no longer grows with T) and acts by DDIM with 15 steps (EDP uses DPM-Solver).
-Consistency-AC (`consistency_ac`) is this update with head=consistency (N = 40 levels, one-step sampling).
+Consistency-AC (`consistency_ac`) is this update with head=consistency (N = 40 levels, one-step sampling) and the
+original consistency-training loss (`consistency_loss=ct`; BC's consistency head defaults to improved CT).
 """
 
 from __future__ import annotations
@@ -113,10 +114,12 @@ class EDPConfig(DiffusionQLConfig):
 
 @dataclass
 class ConsistencyACConfig(DiffusionQLConfig):
-    """Consistency actor-critic: Diffusion-QL's update on a consistency head (N = 40 levels, one-step sampling)."""
+    """Consistency actor-critic: Diffusion-QL's update on a consistency head (N = 40 levels, one-step sampling), trained
+    by the original consistency-training loss (squared distance), whose gradient leaves room for the Q term."""
 
     head: str = "consistency"
     diffusion_steps: int = 40
+    consistency_loss: str = "ct"
 
 
 def one_step_action(

@@ -8,7 +8,7 @@ from typing import Any
 
 from policylab.config import ACTIVATIONS
 from policylab.errors import ConfigError
-from policylab.nets.consistency import ConsistencyHead
+from policylab.nets.consistency import CONSISTENCY_LOSSES, ConsistencyHead
 from policylab.nets.diffusion import DiffusionHead
 from policylab.nets.flow import FlowHead
 from policylab.nets.generative import make_generative_head
@@ -36,6 +36,9 @@ class GenerativeHeadConfig:
     """flow: the training distribution of t, uniform or beta (pi_0's)."""
     consistency_sigma_max: float = 80.0
     """consistency: the largest noise level."""
+    consistency_loss: str = "ict"
+    """consistency: ict (improved consistency training: pseudo-Huber, log-normal levels) or ct (the original's
+    squared distance, uniform levels: Consistency-AC's default, see nets/consistency.py)."""
 
     def validate_head(self, kind: str) -> None:
         if self.diffusion_steps < 2:
@@ -57,6 +60,11 @@ class GenerativeHeadConfig:
             raise ConfigError(
                 f"denoiser_activation={self.denoiser_activation!r} is not one of {', '.join(ACTIVATIONS)}",
                 "set denoiser_activation to silu",
+            )
+        if self.consistency_loss not in CONSISTENCY_LOSSES:
+            raise ConfigError(
+                f"consistency_loss={self.consistency_loss!r} is not one of {', '.join(CONSISTENCY_LOSSES)}",
+                "set consistency_loss to ict (or ct)",
             )
         if not self.consistency_sigma_max > 0.002:
             raise ConfigError(f"consistency_sigma_max={self.consistency_sigma_max} must be > 0.002", "set it to 80")
@@ -109,4 +117,5 @@ def generative_head(cfg: Any, kind: str, obs_size: int, dim: int) -> DiffusionHe
         eta=cfg.ddim_eta,
         time_sampling=cfg.flow_time,
         sigma_max=cfg.consistency_sigma_max,
+        consistency_loss=cfg.consistency_loss,
     )

@@ -18,8 +18,13 @@ a pseudo-Huber distance, noise levels drawn from a discretized log-normal, weigh
     loss = d(f(obs, a + sigma_{n+1} z, sigma_{n+1}), stopgrad f(obs, a + sigma_n z, sigma_n)) / (sigma_{n+1} - sigma_n)
     d(u, v) = sqrt(|u - v|^2 + c^2) - c,  c = 0.00054 sqrt(D)                          (per sample, [B])
 This is how Ding & Jin (2024, arXiv:2309.16984, "Consistency Models as a Rich and Efficient Policy Class") train
-their consistency behaviour-cloning policy. Distillation from a trained DiffusionHead (consistency distillation)
-is not implemented here.
+their consistency behaviour-cloning policy. `loss_kind="ct"` is the original CT of Song et al. instead: levels
+n ~ U{0 .. N-2}, the squared distance |f(obs, a + sigma_{n+1} z, sigma_{n+1}) - stopgrad f(obs, a + sigma_n z,
+sigma_n)|^2 with weight 1. Its gradient shrinks as the two outputs agree, where the pseudo-Huber distance with a
+small c behaves like |u - v| and keeps a gradient of about 1 / (sigma_{n+1} - sigma_n) per sample however close
+they are: next to a Q term (Consistency-AC) that gradient drowns the critic's (measured on a mixed Pendulum dataset,
+tests/test_expressive_offline.py). Distillation from a trained DiffusionHead (consistency distillation) is not
+implemented here.
 
 Sampling (Algorithm 1): a = f(obs, sigma_max z, sigma_max); with K > 1 steps, for each of K - 1 lower levels
 sigma (evenly spaced on the grid): a = f(obs, a + sqrt(sigma^2 - sigma_min^2) z, sigma). The action is a clipped
@@ -38,6 +43,7 @@ from policylab.nets.denoiser import Denoiser
 SIGMA_DATA = 0.5
 RHO = 7.0
 P_MEAN, P_STD = -1.1, 2.0
+CONSISTENCY_LOSSES = ("ict", "ct")
 
 
 def karras_sigmas(sigma_min: float, sigma_max: float, n: int, rho: float = RHO) -> Tensor:
@@ -60,11 +66,14 @@ class ConsistencyHead(nn.Module):
         sigma_min: float = 0.002,
         sigma_max: float = 80.0,
         sample_steps: int = 1,
+        loss_kind: str = "ict",
     ) -> None:
         super().__init__()
-        if scales < 2 or not 0.0 < sigma_min < sigma_max or sample_steps < 1:
-            raise ValueError(f"need scales >= 2, 0 < sigma_min < sigma_max, sample_steps >= 1; got {scales}, "
-                             f"{sigma_min}, {sigma_max}, {sample_steps}")  # fmt: skip
+        if scales < 2 or not 0.0 < sigma_min < sigma_max or sample_steps < 1 or loss_kind not in CONSISTENCY_LOSSES:
+            raise ValueError(f"need scales >= 2, 0 < sigma_min < sigma_max, sample_steps >= 1, loss_kind in "
+                             f"{CONSISTENCY_LOSSES}; got {scales}, {sigma_min}, {sigma_max}, {sample_steps}, "
+                             f"{loss_kind!r}")  # fmt: skip
+        self.loss_kind = loss_kind
         self.denoiser = denoiser
         self.dim = denoiser.x_dim
         self.scales, self.sigma_min, self.sigma_max = scales, sigma_min, sigma_max
@@ -89,7 +98,10 @@ class ConsistencyHead(nn.Module):
 
     def loss(self, obs: Tensor, a: Tensor, generator: torch.Generator | None = None) -> Tensor:
         """Per-sample consistency-training loss [B] at random levels and noise."""
-        n = torch.multinomial(self.level_probs, a.shape[0], replacement=True, generator=generator)
+        if self.loss_kind == "ict":
+            n = torch.multinomial(self.level_probs, a.shape[0], replacement=True, generator=generator)
+        else:
+            n = torch.randint(self.scales - 1, (a.shape[0],), generator=generator, device=a.device)
         noise = torch.randn(a.shape, generator=generator, device=a.device, dtype=a.dtype)
         return self.per_sample_loss(obs, a, noise, n)
 
@@ -99,8 +111,10 @@ class ConsistencyHead(nn.Module):
         student = self.consistency(obs, a + hi.unsqueeze(-1) * noise, hi)
         with torch.no_grad():
             target = self.consistency(obs, a + lo.unsqueeze(-1) * noise, lo)
-        distance = ((student - target).pow(2).sum(-1) + self.huber_c**2).sqrt() - self.huber_c
-        return distance / (hi - lo)
+        squared = (student - target).pow(2).sum(-1)
+        if self.loss_kind == "ct":
+            return squared
+        return ((squared + self.huber_c**2).sqrt() - self.huber_c) / (hi - lo)
 
     def sample(
         self,

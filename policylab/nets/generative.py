@@ -70,6 +70,7 @@ def make_generative_head(
     eta: float = 0.0,
     time_sampling: str = "uniform",
     sigma_max: float = 80.0,
+    consistency_loss: str = "ict",
 ) -> DiffusionHead | FlowHead | ConsistencyHead:
     """A head of `kind` (diffusion, flow, consistency) over x in R^dim with a fresh MLP denoiser.
     `train_steps`: DDPM's T, or the consistency grid's N; `sample_steps`: DDIM's K (default T), Euler's K (default
@@ -80,7 +81,9 @@ def make_generative_head(
     if kind == "flow":
         return FlowHead(denoiser, sample_steps or 10, time_sampling)
     if kind == "consistency":
-        return ConsistencyHead(denoiser, train_steps, sigma_max=sigma_max, sample_steps=sample_steps or 1)
+        return ConsistencyHead(
+            denoiser, train_steps, sigma_max=sigma_max, sample_steps=sample_steps or 1, loss_kind=consistency_loss
+        )
     raise ValueError(f"unknown generative head {kind!r}: use one of {', '.join(GENERATIVE_HEADS)}")
 
 
