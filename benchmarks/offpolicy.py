@@ -28,6 +28,11 @@ Cases (policylab with `preset="none"` and every hyperparameter set explicitly; S
   goals per transition) against SB3's DQN with `HerReplayBuffer` (n_sampled_goal 4, strategy future) on SB3's
   own `BitFlippingEnv(n_bits=15)`, the same values. The evaluation counts successes too (an episode that ends
   by reaching its goal).
+* `tqc-pendulum`: TQC against sb3-contrib's TQC, Pendulum-v1, rl-zoo's entry (lr 1e-3, 20k steps) and
+  sb3-contrib's defaults otherwise: `sac-pendulum`'s values plus 2 critics of 25 quantiles, the top 2 per critic
+  dropped from the pooled target.
+* `qrdqn-cartpole`: QR-DQN against sb3-contrib's QRDQN, CartPole-v1, rl-zoo's entry (`dqn-cartpole`'s values
+  with 10 quantiles and, as sb3-contrib's QRDQN, no gradient clipping and Adam's epsilon at 0.01 / batch size).
 
 `--precision bf16` runs policylab with `precision=bf16` (its large products in bfloat16 with float32
 accumulation, where the CPU has AMX or AVX512-BF16; SB3 stays float32 unless `--sb3-onednn`).
@@ -101,6 +106,8 @@ class Case:
     action_noise: float | None = None  # SB3: NormalActionNoise(0, action_noise) (policylab: the action_noise key)
     env_kwargs: dict[str, Any] = dataclasses.field(default_factory=dict)  # both sides' env (and the evaluation's)
     her: bool = False  # SB3: HerReplayBuffer with n_sampled_goal 4, future goals, on its BitFlippingEnv
+    sb3_module: str = "stable_baselines3"  # or sb3_contrib (TQC, QRDQN)
+    adam_eps: float = 1e-8  # SB3's Adam epsilon (checked; QRDQN's is 0.01 / batch size)
 
 
 def _sac(env: str, steps: int, learning_starts: int, lr: float) -> Case:
@@ -141,6 +148,31 @@ def _sac(env: str, steps: int, learning_starts: int, lr: float) -> Case:
             "target_entropy": "auto",
             "policy_kwargs": {"net_arch": [256, 256], "n_critics": 2},
         },
+    )
+
+
+def _tqc_pendulum() -> Case:
+    """rl-zoo's TQC Pendulum-v1 entry (lr 1e-3, 20k steps) on sb3-contrib's defaults: SAC's, plus 2 critics of 25
+    quantiles, the top 2 per critic dropped from the pooled target."""
+    sac = _sac("Pendulum-v1", 20_000, 100, 1e-3)
+    ours = {k: v for k, v in sac.ours.items() if k not in ("actor_delay", "target_update_interval")}
+    ours.update({"n_quantiles": 25, "drop_per_critic": 2})
+    sb3_kwargs = {**sac.sb3_kwargs, "top_quantiles_to_drop_per_net": 2}
+    sb3_kwargs["policy_kwargs"] = {**sac.sb3_kwargs["policy_kwargs"], "n_quantiles": 25}
+    return dataclasses.replace(sac, algo="tqc", sb3="TQC", sb3_module="sb3_contrib", ours=ours, sb3_kwargs=sb3_kwargs)
+
+
+def _qrdqn_cartpole() -> Case:
+    """rl-zoo's QR-DQN CartPole-v1 entry: its DQN entry's values with 10 quantiles, no gradient clipping
+    (sb3-contrib's QRDQN default)."""
+    dqn = CASES["dqn-cartpole"]
+    ours = {k: v for k, v in dqn.ours.items() if k not in ("double_q", "dueling", "loss")}
+    eps = 0.01 / dqn.ours["batch_size"]
+    ours.update({"n_quantiles": 10, "max_grad_norm": None, "adam_eps": eps})
+    sb3_kwargs = {k: v for k, v in dqn.sb3_kwargs.items() if k != "max_grad_norm"}
+    sb3_kwargs["policy_kwargs"] = {"net_arch": [256, 256], "n_quantiles": 10}
+    return dataclasses.replace(
+        dqn, algo="qrdqn", sb3="QRDQN", sb3_module="sb3_contrib", ours=ours, sb3_kwargs=sb3_kwargs, adam_eps=eps
     )
 
 
@@ -275,6 +307,8 @@ CASES: dict[str, Case] = {
         her=True,
     ),
 }
+CASES["tqc-pendulum"] = _tqc_pendulum()
+CASES["qrdqn-cartpole"] = _qrdqn_cartpole()
 
 
 def run_settings(case: Case, a: argparse.Namespace) -> tuple[int, int]:
@@ -441,13 +475,15 @@ def curve_record(curve: list[list[float]], steps: int, final_return: float) -> d
 
 def worker_sb3(case: Case, a: argparse.Namespace) -> dict[str, Any]:
     t = time.perf_counter()
+    import importlib
+
     import numpy as np
-    import stable_baselines3 as sb3
     import torch
     from stable_baselines3.common.callbacks import BaseCallback
     from stable_baselines3.common.env_util import make_vec_env
     from stable_baselines3.common.noise import NormalActionNoise
 
+    sb3 = importlib.import_module(case.sb3_module)  # stable_baselines3 or sb3_contrib
     imports_s = time.perf_counter() - t
     torch.set_num_threads(a.threads)
     if a.sb3_onednn:  # every float32 product through oneDNN (float32 on this CPU; with AMX it may be bfloat16)
@@ -459,7 +495,7 @@ def worker_sb3(case: Case, a: argparse.Namespace) -> dict[str, Any]:
 
     def act(obs: Any) -> Any:
         action = model.predict(obs, deterministic=True)[0]
-        return int(action) if case.sb3 == "DQN" else action
+        return int(action) if case.sb3 in ("DQN", "QRDQN") else action
 
     class Callback(BaseCallback):
         def _on_training_start(self) -> None:
@@ -513,7 +549,7 @@ def check_sb3(case: Case, model: Any, torch: Any) -> None:
     bad = []
     if pol.net_arch != want_arch or pol.activation_fn is not torch.nn.ReLU:
         bad.append(f"net {pol.net_arch} {pol.activation_fn}")
-    if case.sb3 == "SAC":
+    if case.sb3 in ("SAC", "TQC"):
         dim = model.action_space.shape[0]
         if float(model.log_ent_coef.exp()) != 1.0 or model.target_entropy != -dim or pol.share_features_extractor:
             bad.append("entropy coefficient / target / shared extractor")
@@ -521,7 +557,7 @@ def check_sb3(case: Case, model: Any, torch: Any) -> None:
     for optimizer in [getattr(o, "optimizer", None) for o in owners if o is not None]:
         if optimizer is None:
             continue
-        if not isinstance(optimizer, torch.optim.Adam) or optimizer.defaults["eps"] != 1e-8:
+        if not isinstance(optimizer, torch.optim.Adam) or optimizer.defaults["eps"] != case.adam_eps:
             bad.append(f"optimizer {optimizer}")
     if model.n_envs != 1:
         bad.append(f"n_envs {model.n_envs}")

@@ -61,3 +61,13 @@ def test_options_qrdqn_does_not_have_are_clear_errors():
         assert "use dqn" in info.value.fix
     with pytest.raises(ConfigError, match="n_quantiles=0"):
         QRDQNConfig(env="CartPole-v1", n_quantiles=0).validate()
+    with pytest.raises(ConfigError, match="adam_eps=0"):
+        QRDQNConfig(env="CartPole-v1", adam_eps=0.0).validate()
+
+
+def test_adam_epsilon_is_the_papers_unless_set():
+    """0.01 / batch_size (the QR-DQN paper's 0.01 / 32, SB3-contrib's default), or `adam_eps`."""
+    env = gym.make("CartPole-v1")
+    for overrides, eps in (({"batch_size": 64}, 0.01 / 64), ({"batch_size": 64, "adam_eps": 1e-8}, 1e-8)):
+        algo = QRDQN(QRDQNConfig(env="CartPole-v1", **overrides), env.observation_space, env.action_space)
+        assert algo.q_opt.optimizer.param_groups[0]["eps"] == eps

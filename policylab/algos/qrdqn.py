@@ -45,9 +45,13 @@ class QRDQNConfig(DQNConfig):
     eps_final: float = 0.01
     max_grad_norm: float | None = None
     n_quantiles: int = 200
+    adam_eps: float | None = None
+    """Adam's epsilon; None: 0.01 / batch_size, as the QR-DQN paper (0.01 / 32) and SB3-contrib's QRDQN."""
 
     def validate(self) -> None:
         super().validate()
+        if self.adam_eps is not None and self.adam_eps <= 0:
+            raise ConfigError(f"adam_eps={self.adam_eps} must be > 0", "drop adam_eps (0.01 / batch_size)")
         if self.n_quantiles < 1:
             raise ConfigError(f"n_quantiles={self.n_quantiles} must be >= 1", "set n_quantiles to e.g. 50")
         unsupported = [k for k in ("double_q", "dueling", "prioritized") if getattr(self, k)]
@@ -97,7 +101,8 @@ class QRDQN:
         self.generator = seeded_generator(cfg.seed, cfg.device)
         self.n_actions = discrete_actions(act_space, "qrdqn")
         self.net = self.build_policy(cfg, obs_space, act_space).to(cfg.device)
-        self.q_opt = FlatAdam(self.net, cfg.lr, cfg.max_grad_norm)
+        eps = 0.01 / cfg.batch_size if cfg.adam_eps is None else cfg.adam_eps
+        self.q_opt = FlatAdam(self.net, cfg.lr, cfg.max_grad_norm, eps=eps)
         self.q_target = TargetNetwork(self.net, self.q_opt.params)
         self.modules = {"q_target": self.q_target.module}
         self.optimizers = {"q": self.q_opt.optimizer}
