@@ -1,4 +1,5 @@
-"""The hand-derived off-policy gradient steps (SAC, TD3, DQN) equal the autograd steps (same noise, batch, state)."""
+"""The hand-derived off-policy gradient steps (SAC, TQC, TD3, DQN, IQL) equal the autograd steps (same noise, batch,
+state)."""
 
 from __future__ import annotations
 
@@ -6,7 +7,13 @@ import pytest
 import torch
 
 from policylab.algos import get_algo
-from policylab.algos.fused_offpolicy import fused_dqn_update, fused_iql_update, fused_sac_update, fused_td3_update
+from policylab.algos.fused_offpolicy import (
+    fused_dqn_update,
+    fused_iql_update,
+    fused_sac_update,
+    fused_td3_update,
+    fused_tqc_update,
+)
 from policylab.train import OffPolicyLoop, resolve_config
 
 
@@ -55,6 +62,28 @@ def test_fused_sac_step_equals_autograd(overrides):
     for index in (0, 1):
         fused = fused_sac_update(algo, batch, index, noise)
         reference = twin.autograd_update(batch, index, noise)
+        _assert_same_step(fused, reference, algo, twin)
+    loop.close()
+    twin_loop.close()
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {},
+        {"activation": "tanh", "max_grad_norm": 0.5, "n_critics": 3, "n_quantiles": 5, "drop_per_critic": 1},
+        {"auto_alpha": False, "alpha": 0.2, "n_step": 3},
+    ],
+)
+def test_fused_tqc_step_equals_autograd(overrides):
+    loop, twin_loop = (_warm_loop("tqc", "Pendulum-v1", overrides) for _ in range(2))
+    algo, twin = loop.algo, twin_loop.algo
+    assert algo.fused
+    batch = loop.buffer.sample(16, torch.Generator().manual_seed(5))
+    noise = torch.randn(32, algo.act_dim, generator=torch.Generator().manual_seed(7))
+    for _ in range(2):
+        fused = fused_tqc_update(algo, batch, noise)
+        reference = twin.autograd_update(batch, noise)
         _assert_same_step(fused, reference, algo, twin)
     loop.close()
     twin_loop.close()

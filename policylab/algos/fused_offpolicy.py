@@ -23,6 +23,7 @@ DQN: d huber(td) / d td = clamp(td, -1, 1); through a dueling head Q_a = V + A_a
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, cast
 
 import torch
@@ -32,43 +33,83 @@ from policylab.data import Batch
 from policylab.nets.critics import _LOG_2PI, tanh_gaussian_log_prob
 from policylab.nets.mlp import StackedMLP
 from policylab.objectives.offline import advantage_weights, td3_bc_lambda
-from policylab.objectives.q_targets import bootstrap, dqn_target, sac_target, target_policy_smoothing, td3_target
+from policylab.objectives.q_targets import (
+    bootstrap,
+    dqn_target,
+    quantile_huber_value_and_grads,
+    sac_target,
+    target_policy_smoothing,
+    td3_target,
+    tqc_target,
+)
 
 if TYPE_CHECKING:
     from policylab.algos.dqn import DQN
     from policylab.algos.iql import IQL
     from policylab.algos.sac import SAC
     from policylab.algos.td3 import TD3
+    from policylab.algos.tqc import TQC
 
 
-def fused_sac_applies(algo: SAC) -> bool:
+def fused_sac_applies(algo: SAC | TQC) -> bool:
     return bool(algo.cfg.analytic_grads and algo.net.body.analytic_backward and algo.critic.body.analytic_backward)
+
+
+fused_tqc_applies = fused_sac_applies
+
+
+@dataclass
+class _PolicyDraws:
+    """The tanh-Gaussian actor run once on [s; s'] (2B rows) and its draws: what the actor's backward needs."""
+
+    inputs: list[Tensor]
+    raw_log_std: Tensor
+    std: Tensor
+    noise: Tensor
+    actions: Tensor  # tanh(u), u = mean + std * noise
+    logp: Tensor
+
+
+def _policy_draws(algo: SAC | TQC, batch: Batch, noise: Tensor | None) -> _PolicyDraws:
+    actor, act_dim = algo.net, algo.act_dim
+    out, inputs = actor.body.forward_cached(torch.cat([batch.obs.flatten(1), batch.next_obs.flatten(1)]))
+    mean, raw_log_std = out[0, :, :act_dim], out[0, :, act_dim:]
+    log_std = raw_log_std.clamp(*actor.log_std_bounds)
+    std = log_std.exp()
+    if noise is None:
+        noise = torch.randn(mean.shape, generator=algo.generator, device=mean.device, dtype=mean.dtype)
+    u = torch.addcmul(mean, std, noise)
+    return _PolicyDraws(inputs, raw_log_std, std, noise, torch.tanh(u), tanh_gaussian_log_prob(noise, log_std, u))
+
+
+def _actor_step(algo: SAC | TQC, draws: _PolicyDraws, g_a: Tensor, alpha: Tensor, n: int) -> None:
+    """The actor's step on L = mean_B (alpha log pi(a|s) - Q(s, a)) given dL/da|_Q = `g_a` [B, A] (module docstring)."""
+    actor = algo.net
+    a_pi, std, noise = draws.actions[:n], draws.std[:n], draws.noise[:n]
+    g_u = torch.addcmul(g_a * (1.0 - a_pi * a_pi), a_pi, alpha * (2.0 / n))
+    low, high = actor.log_std_bounds
+    inside = (draws.raw_log_std[:n] >= low) & (draws.raw_log_std[:n] <= high)
+    g_log_std = (g_u * std * noise - alpha / n) * inside
+    algo.actor_opt.zero_grad_unless_written_by(actor.body)
+    actor.body.backward([h[:, :n] for h in draws.inputs], torch.cat([g_u, g_log_std], -1).unsqueeze(0))
+    algo.actor_opt.clip_and_step()
 
 
 def fused_sac_update(algo: SAC, batch: Batch, index: int, noise: Tensor | None = None) -> dict[str, Tensor]:
     """One SAC gradient step; `noise` ([2B, A] standard normal, obs rows then next-obs rows) for tests."""
-    cfg, actor, critic = algo.cfg, algo.net, algo.critic
-    n, act_dim = len(batch), algo.act_dim
+    cfg, critic = algo.cfg, algo.critic
+    n = len(batch)
     update_actor = index % cfg.actor_delay == 0
     with torch.no_grad():
-        # the actor on [s; s'] in one call
-        out, actor_inputs = actor.body.forward_cached(torch.cat([batch.obs.flatten(1), batch.next_obs.flatten(1)]))
-        mean, raw_log_std = out[0, :, :act_dim], out[0, :, act_dim:]
-        log_std = raw_log_std.clamp(*actor.log_std_bounds)
-        std = log_std.exp()
-        if noise is None:
-            noise = torch.randn(mean.shape, generator=algo.generator, device=mean.device, dtype=mean.dtype)
-        u = torch.addcmul(mean, std, noise)
-        actions = torch.tanh(u)
-        logp = tanh_gaussian_log_prob(noise, log_std, u)
-        logp_pi = logp[:n]
+        draws = _policy_draws(algo, batch, noise)
+        logp_pi = draws.logp[:n]
         if update_actor:
             alpha = algo.temperature.update(logp_pi + algo.temperature.target_entropy)
         else:
             alpha = algo.temperature.log_alpha.detach().exp()
 
-        next_q = algo.critic_target(batch.next_obs, actions[n:])
-        target = sac_target(batch.rewards, batch.discounts, batch.terminated, next_q, logp[n:], alpha)
+        next_q = algo.critic_target(batch.next_obs, draws.actions[n:])
+        target = sac_target(batch.rewards, batch.discounts, batch.terminated, next_q, draws.logp[n:], alpha)
 
         # critic: d/dQ_k of 1/2 sum_k mean_B w (Q_k - y)^2 = w (Q_k - y) / B
         q, critic_inputs = critic.body.forward_cached(torch.cat([batch.obs.flatten(1), batch.actions.flatten(1)], -1))
@@ -82,22 +123,12 @@ def fused_sac_update(algo: SAC, batch: Batch, index: int, noise: Tensor | None =
         metrics = {"critic_loss": critic_loss, "q": q.mean(), "alpha": alpha[0]}
 
         if update_actor:
-            a_pi = actions[:n]
-            obs_dim = batch.obs.flatten(1).shape[1]
-            q_pi, pi_inputs = critic.body.forward_cached(torch.cat([batch.obs.flatten(1), a_pi], -1))
+            q_pi, pi_inputs = _critic_at_policy_actions(algo, batch, draws, n)
             q_pi = q_pi[..., 0]  # [K, B], with the critic after its step
             q_min, k_min = q_pi.min(0)
             # dL/dQ_k = -1/B for the minimizing critic, 0 for the others
             g_qpi = torch.zeros_like(q_pi).scatter_(0, k_min.unsqueeze(0), -1.0 / n)
-            g_input = critic.body.backward(pi_inputs, g_qpi.unsqueeze(-1), weight_grads=False, input_grad=True)
-            assert g_input is not None
-            g_a = g_input[:, :, obs_dim:].sum(0)
-            g_u = torch.addcmul(g_a * (1.0 - a_pi * a_pi), a_pi, alpha * (2.0 / n))
-            inside = (raw_log_std[:n] >= actor.log_std_bounds[0]) & (raw_log_std[:n] <= actor.log_std_bounds[1])
-            g_log_std = (g_u * std[:n] * noise[:n] - alpha / n) * inside
-            algo.actor_opt.zero_grad_unless_written_by(actor.body)
-            actor.body.backward([h[:, :n] for h in actor_inputs], torch.cat([g_u, g_log_std], -1).unsqueeze(0))
-            algo.actor_opt.clip_and_step()
+            _actor_step(algo, draws, _action_grad(algo, batch, pi_inputs, g_qpi.unsqueeze(-1)), alpha, n)
             metrics["actor_loss"] = (alpha * logp_pi - q_min).mean()
             metrics["entropy"] = -logp_pi.mean()
         if index % cfg.target_update_interval == 0:
@@ -105,6 +136,53 @@ def fused_sac_update(algo: SAC, batch: Batch, index: int, noise: Tensor | None =
         if cfg.prioritized:
             metrics["td_error"] = td.abs().mean(0)
     return metrics
+
+
+def _critic_at_policy_actions(
+    algo: SAC | TQC, batch: Batch, draws: _PolicyDraws, n: int
+) -> tuple[Tensor, list[Tensor]]:
+    return algo.critic.body.forward_cached(torch.cat([batch.obs.flatten(1), draws.actions[:n]], -1))
+
+
+def _action_grad(algo: SAC | TQC, batch: Batch, pi_inputs: list[Tensor], g_out: Tensor) -> Tensor:
+    """dL/da [B, A] through the critics (summed over them) given dL/d(critic outputs), no weight gradients."""
+    g_input = algo.critic.body.backward(pi_inputs, g_out, weight_grads=False, input_grad=True)
+    assert g_input is not None
+    return g_input[:, :, batch.obs.flatten(1).shape[1] :].sum(0)
+
+
+def fused_tqc_update(algo: TQC, batch: Batch, noise: Tensor | None = None) -> dict[str, Tensor]:
+    """One TQC gradient step, the same as `TQC.autograd_update`: SAC's actor and temperature steps, a critic of
+    K x M quantiles trained by the quantile Huber loss against the truncated pooled target, and the actor's Q the
+    mean of every quantile of every critic (dL/dZ_{k,b,m} = -1 / (K B M))."""
+    cfg, critic = algo.cfg, algo.critic
+    n = len(batch)
+    with torch.no_grad():
+        draws = _policy_draws(algo, batch, noise)
+        logp_pi = draws.logp[:n]
+        alpha = algo.temperature.update(logp_pi + algo.temperature.target_entropy)
+        next_quantiles = algo.critic_target(batch.next_obs, draws.actions[n:])
+        target = tqc_target(
+            batch.rewards, batch.discounts, batch.terminated, next_quantiles, cfg.drop_per_critic, draws.logp[n:], alpha
+        )
+        z, critic_inputs = critic.body.forward_cached(torch.cat([batch.obs.flatten(1), batch.actions.flatten(1)], -1))
+        critic_loss, g_z, _ = quantile_huber_value_and_grads(z, target)
+        algo.critic_opt.zero_grad_unless_written_by(critic.body)
+        critic.body.backward(critic_inputs, g_z)
+        algo.critic_opt.clip_and_step()
+
+        z_pi, pi_inputs = _critic_at_policy_actions(algo, batch, draws, n)
+        _actor_step(
+            algo, draws, _action_grad(algo, batch, pi_inputs, torch.full_like(z_pi, -1.0 / z_pi.numel())), alpha, n
+        )
+        algo.critic_target.update(cfg.tau)
+        return {
+            "critic_loss": critic_loss,
+            "actor_loss": (alpha * logp_pi - z_pi.mean((0, 2))).mean(),
+            "q": z.mean(),
+            "alpha": alpha[0],
+            "entropy": -logp_pi.mean(),
+        }
 
 
 def fused_dqn_applies(algo: DQN) -> bool:

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from policylab.algos.fused_offpolicy import fused_tqc_applies, fused_tqc_update
 from policylab.algos.offpolicy import (
     FlatAdam,
     OffPolicyConfig,
@@ -91,6 +92,7 @@ class TQC:
             self.actor_opt, self.critic_opt, self.critic_target, self.temperature
         )
         self.action_shape, self.action_dtype = (self.act_dim,), torch.float32
+        self.fused = fused_tqc_applies(self)
 
     @staticmethod
     def build_policy(cfg: TQCConfig, obs_space: gym.Space, act_space: gym.Space) -> TanhGaussianActor:
@@ -109,11 +111,17 @@ class TQC:
         pass
 
     def update(self, batch: Batch, index: int) -> dict[str, Tensor]:
+        return fused_tqc_update(self, batch) if self.fused else self.autograd_update(batch)
+
+    def autograd_update(self, batch: Batch, noise: Tensor | None = None) -> dict[str, Tensor]:
+        """The update with autograd (`noise`: [2B, A] standard normal draws, obs rows then next-obs rows)."""
         cfg, actor, critic = self.cfg, self.net, self.critic
-        actions_pi, logp_pi = actor.sample(batch.obs, self.generator)
+        n = len(batch)
+        noise_pi, noise_next = (None, None) if noise is None else (noise[:n], noise[n:])
+        actions_pi, logp_pi = actor.sample(batch.obs, self.generator, noise_pi)
         alpha = self.temperature.update(logp_pi + self.temperature.target_entropy)
         with torch.no_grad():
-            next_actions, next_logp = actor.sample(batch.next_obs, self.generator)
+            next_actions, next_logp = actor.sample(batch.next_obs, self.generator, noise_next)
             next_quantiles = self.critic_target(batch.next_obs, next_actions)  # [K, B, M]
             target = tqc_target(
                 batch.rewards, batch.discounts, batch.terminated, next_quantiles, cfg.drop_per_critic, next_logp, alpha

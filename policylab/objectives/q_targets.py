@@ -98,20 +98,30 @@ def quantile_huber_loss(quantiles: Tensor, target: Tensor, kappa: float = 1.0) -
     return _QuantileHuber.apply(quantiles, target, kappa)  # type: ignore[no-any-return]
 
 
+def quantile_huber_value_and_grads(
+    quantiles: Tensor, target: Tensor, kappa: float = 1.0, target_grad: bool = False
+) -> tuple[Tensor, Tensor, Tensor | None]:
+    """`quantile_huber_loss` and its gradients w.r.t. the quantiles and (`target_grad`) the targets, no autograd."""
+    m = quantiles.shape[-1]
+    taus = ((torch.arange(m, device=quantiles.device, dtype=quantiles.dtype) + 0.5) / m).unsqueeze(-1)
+    diff = target.unsqueeze(-2) - quantiles.unsqueeze(-1)  # [K, B, M, N]
+    clipped = diff.clamp(-kappa, kappa)
+    slope = clipped * taus  # becomes w c = (K B M N) dL/du
+    half_step = diff.sub_(clipped, alpha=0.5)  # u - c / 2, in place: u is not needed again
+    slope.addcmul_(clipped.clamp_max_(0.0), 1.0 - 2.0 * taus)
+    count = diff.numel()
+    loss = torch.dot(slope.view(-1), half_step.view(-1)) / count
+    grad_quantiles = slope.sum(-1).mul_(-1.0 / count)
+    grad_target = slope.sum(-2).sum(0).mul_(1.0 / count) if target_grad else None
+    return loss, grad_quantiles, grad_target
+
+
 class _QuantileHuber(torch.autograd.Function):
     @staticmethod
     def forward(ctx, quantiles: Tensor, target: Tensor, kappa: float) -> Tensor:  # type: ignore[override]
-        m = quantiles.shape[-1]
-        taus = ((torch.arange(m, device=quantiles.device, dtype=quantiles.dtype) + 0.5) / m).unsqueeze(-1)
-        diff = target.unsqueeze(-2) - quantiles.unsqueeze(-1)  # [K, B, M, N]
-        clipped = diff.clamp(-kappa, kappa)
-        slope = clipped * taus  # becomes w c = (K B M N) dL/du
-        half_step = diff.sub_(clipped, alpha=0.5)  # u - c / 2, in place: u is not needed again
-        slope.addcmul_(clipped.clamp_max_(0.0), 1.0 - 2.0 * taus)
-        count = diff.numel()
-        loss = torch.dot(slope.view(-1), half_step.view(-1)) / count
-        grad_quantiles = slope.sum(-1).mul_(-1.0 / count)
-        grad_target = slope.sum(-2).sum(0).mul_(1.0 / count) if ctx.needs_input_grad[1] else None
+        loss, grad_quantiles, grad_target = quantile_huber_value_and_grads(
+            quantiles, target, kappa, target_grad=ctx.needs_input_grad[1]
+        )
         ctx.save_for_backward(grad_quantiles, grad_target)
         return loss
 
