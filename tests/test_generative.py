@@ -158,6 +158,19 @@ def test_flow_per_sample_loss_by_hand_and_fpo_ratio():
     torch.testing.assert_close(ratio, torch.exp(expected - (0.1 - (x1 - noise)).pow(2).mean(-1)))
 
 
+def test_a_cached_level_embedding_equals_the_per_row_one():
+    """A scalar level's embedding is kept per value (and a DDIM step's level per step): the same bits as embedding
+    the level for every row, on the first call and after."""
+    torch.manual_seed(0)
+    denoiser, obs, x = Denoiser(3, 2, (16,)), torch.randn(5, 3), torch.randn(5, 2)
+    for level in (0.0, 0.35, 0.35, 1.0):
+        s = torch.tensor(level)
+        assert torch.equal(denoiser(obs, x, s), denoiser(obs, x, s.expand(5)))
+    head = DiffusionHead(denoiser, train_steps=20)
+    for t in (19, 7, 7):
+        assert torch.equal(head._step_level(t, x), torch.tensor(t).to(x.dtype) / 20)
+
+
 def test_consistency_losses_by_hand():
     """With F_theta = 0 the consistency function is c_skip(sigma) x, c_skip = sd^2 / ((sigma - sigma_min)^2 + sd^2):
     ct is |student - target|^2, ict the pseudo-Huber distance over sigma_{n+1} - sigma_n."""

@@ -50,9 +50,26 @@ class Denoiser(nn.Module):
         self.obs_dim, self.x_dim, self.time_dim = obs_dim, x_dim, time_dim
         self.out_dim = x_dim if out_dim is None else out_dim
         self.body = StackedMLP(1, obs_dim + x_dim + time_dim, hidden_sizes, self.out_dim, activation)
+        self._level_rows: dict[tuple[float, torch.dtype], Tensor] = {}
 
     def forward(self, obs: Tensor, x: Tensor, s: Tensor) -> Tensor:
         """obs [B, ...] (flattened here), x [B, x_dim], s [B] (or a scalar: one level for all) -> [B, out_dim]."""
-        s = s.to(x.dtype).expand(x.shape[0]) if s.dim() == 0 else s.to(x.dtype)
-        features = torch.cat([obs.flatten(1), x, sinusoidal_embedding(s, self.time_dim)], -1)
-        return self.body(features)[0]
+        if s.dim() == 0:
+            embedding = self._level_row(s, x.dtype).expand(x.shape[0], -1)
+        else:
+            embedding = sinusoidal_embedding(s.to(x.dtype), self.time_dim)
+        return self.body(torch.cat([obs.flatten(1), x, embedding], -1))[0]
+
+    def _level_row(self, s: Tensor, dtype: torch.dtype) -> Tensor:
+        """The embedding [1, time_dim] of one level, kept per value on the CPU: a sampler's K levels repeat every
+        call, and at batch 1 the embedding's seven operator calls were a third of a denoiser call (the same bits
+        as embedding the level per row). Elsewhere the value would need a device sync to look up: computed."""
+        if s.device.type != "cpu":
+            return sinusoidal_embedding(s.to(dtype).reshape(1), self.time_dim)
+        key = (float(s), dtype)
+        row = self._level_rows.get(key)
+        if row is None:
+            if len(self._level_rows) >= 4096:  # levels drawn from a continuum (flow time): do not grow forever
+                self._level_rows.clear()
+            row = self._level_rows[key] = sinusoidal_embedding(s.to(dtype).reshape(1), self.time_dim)
+        return row
