@@ -169,6 +169,11 @@ def test_a_cached_level_embedding_equals_the_per_row_one():
     head = DiffusionHead(denoiser, train_steps=20)
     for t in (19, 7, 7):
         assert torch.equal(head._step_level(t, x), torch.tensor(t).to(x.dtype) / 20)
+    # a consistency head's sampler passes its level as a float (host-side scalings): equal within float32 rounding
+    consistency = ConsistencyHead(Denoiser(3, 2, (16,)))
+    for sigma in consistency.sigmas_host[::13]:
+        per_row = consistency.consistency(obs, x, torch.full((5,), sigma))
+        torch.testing.assert_close(consistency.consistency(obs, x, sigma), per_row, rtol=1e-5, atol=1e-5)
 
 
 def test_consistency_losses_by_hand():

@@ -85,8 +85,11 @@ class ConsistencyHead(nn.Module):
         self.sigmas_host: list[float] = sigmas.tolist()
         self.huber_c = 0.00054 * math.sqrt(self.dim)
 
-    def consistency(self, obs: Tensor, x: Tensor, sigma: Tensor) -> Tensor:
-        """f(obs, x, sigma) [B, D]; sigma [B] (or a scalar)."""
+    def consistency(self, obs: Tensor, x: Tensor, sigma: Tensor | float) -> Tensor:
+        """f(obs, x, sigma) [B, D]; sigma [B], a scalar tensor, or a float (one level for all rows: the scalings are
+        computed on the host and the level's embedding is cached, the sampler's case)."""
+        if isinstance(sigma, float):
+            return self._consistency_at_level(obs, x, sigma)
         sigma = sigma.to(x.dtype).expand(x.shape[0]) if sigma.dim() == 0 else sigma.to(x.dtype)
         sd2 = SIGMA_DATA * SIGMA_DATA
         c_skip = sd2 / ((sigma - self.sigma_min).pow(2) + sd2)
@@ -95,6 +98,15 @@ class ConsistencyHead(nn.Module):
         s = (sigma / self.sigma_min).log() / math.log(self.sigma_max / self.sigma_min)
         out = self.denoiser(obs, c_in.unsqueeze(-1) * x, s)
         return c_skip.unsqueeze(-1) * x + c_out.unsqueeze(-1) * out
+
+    def _consistency_at_level(self, obs: Tensor, x: Tensor, sigma: float) -> Tensor:
+        sd2 = SIGMA_DATA * SIGMA_DATA
+        c_skip = sd2 / ((sigma - self.sigma_min) ** 2 + sd2)
+        c_out = SIGMA_DATA * (sigma - self.sigma_min) / math.sqrt(sd2 + sigma * sigma)
+        c_in = 1.0 / math.sqrt(sigma * sigma + sd2)
+        level = math.log(sigma / self.sigma_min) / math.log(self.sigma_max / self.sigma_min)
+        out = self.denoiser(obs, c_in * x, torch.tensor(level, dtype=x.dtype, device=x.device))
+        return torch.add(c_out * out, x, alpha=c_skip)
 
     def loss(self, obs: Tensor, a: Tensor, generator: torch.Generator | None = None) -> Tensor:
         """Per-sample consistency-training loss [B] at random levels and noise."""
@@ -136,5 +148,5 @@ class ConsistencyHead(nn.Module):
                 if deterministic
                 else torch.randn(shape, generator=generator, device=obs.device)
             )
-            a = self.consistency(obs, a + spread * z, torch.tensor(sigma, device=obs.device))
+            a = self.consistency(obs, a + spread * z, sigma)
         return a.clamp(-1.0, 1.0)
