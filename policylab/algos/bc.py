@@ -14,7 +14,8 @@ Discrete actions: a softmax policy, loss = cross-entropy with the dataset's acti
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
+from pathlib import Path
 from typing import Any
 
 import gymnasium as gym
@@ -36,6 +37,7 @@ from policylab.algos.offpolicy import (
 from policylab.data import Batch
 from policylab.errors import ConfigError, EnvError
 from policylab.nets import DeterministicActor, DiscreteBCActor, GaussianActor
+from policylab.nets.diffusion import DiffusionHead, ve_sigmas
 from policylab.nets.generative import GENERATIVE_HEADS, GenerativeActor
 
 HEADS = ("deterministic", "gaussian", *GENERATIVE_HEADS)
@@ -59,6 +61,10 @@ class BCConfig(OfflineConfig, GenerativeHeadConfig):
     draw_when_deterministic: bool = True
     """Generative heads: deterministic acting (evaluation) still draws the initial noise from the policy's seeded
     generator; false takes the head's zero-noise sample, which falls between the modes of multimodal data."""
+    teacher: str | None = None
+    """head=consistency: a run directory of `policylab train bc --set head=diffusion` on the same dataset to distil
+    (consistency distillation) instead of training from the data alone; the student's levels are the teacher's
+    DDPM levels, so this run's `diffusion_steps` and `beta_schedule` must be the teacher's."""
 
     def validate(self) -> None:
         super().validate()
@@ -78,6 +84,11 @@ class BCConfig(OfflineConfig, GenerativeHeadConfig):
             )
         if self.policy_head in GENERATIVE_HEADS:
             self.validate_head(self.policy_head)
+        if self.teacher is not None and self.policy_head != "consistency":
+            raise ConfigError(
+                f"teacher= distils a diffusion run into a consistency head, not head={self.policy_head}",
+                "set head=consistency, or drop teacher",
+            )
 
     @property
     def policy_head(self) -> str:
@@ -104,6 +115,7 @@ class BC:
         self.optimizers = {"actor": self.opt.optimizer}
         self.action_shape = () if self.discrete else (self.act_dim,)
         self.action_dtype = torch.long if self.discrete else torch.float32
+        self.teacher = load_teacher(cfg, obs_space, act_space) if cfg.teacher else None
 
     @staticmethod
     def build_policy(cfg: BCConfig, obs_space: gym.Space, act_space: gym.Space) -> nn.Module:
@@ -114,8 +126,9 @@ class BC:
             return DiscreteBCActor(obs_dim(obs_space), int(act_space.n), cfg.hidden_sizes, cfg.activation)
         low, high = box_bounds(act_space, "bc")
         if head in GENERATIVE_HEADS:
-            return GenerativeActor(generative_head(cfg, head, obs_dim(obs_space), cfg.horizon * low.numel()), low, high,
-                                   cfg.horizon, cfg.act_steps, cfg.draw_when_deterministic)  # fmt: skip
+            sigmas = ve_sigmas(cfg.beta_schedule, cfg.diffusion_steps) if cfg.teacher else None  # the teacher's levels
+            return GenerativeActor(generative_head(cfg, head, obs_dim(obs_space), cfg.horizon * low.numel(), sigmas),
+                                   low, high, cfg.horizon, cfg.act_steps, cfg.draw_when_deterministic)  # fmt: skip
         actor = GaussianActor if head == "gaussian" else DeterministicActor
         return actor(obs_dim(obs_space), low, high, cfg.hidden_sizes, cfg.activation)
 
@@ -149,6 +162,9 @@ class BC:
             return F.cross_entropy(self.net(batch.obs), batch.actions.long())
         if self.generative:
             targets = batch.action_chunks if self.action_chunk > 1 else batch.actions
+            if self.teacher is not None:
+                flat = targets.reshape(targets.shape[0], -1)
+                return self.net.head.distillation_loss(batch.obs, flat, self.teacher, self.generator).mean()
             return self.net.loss(batch.obs, targets, self.generator).mean()
         if self.cfg.policy_head == "gaussian":
             return -self.net.log_prob(batch.obs, batch.actions).mean()
@@ -158,3 +174,43 @@ class BC:
         loss = self.loss(batch)
         self.opt.step(loss)
         return {"bc_loss": loss.detach()}
+
+
+def bc_run(run_dir: str, option: str, dataset: str | None, normalize_obs: bool, fix: str) -> tuple[dict, BCConfig]:
+    """A BC run's policy tensors and config, for an option naming one (`pretrained=`, `teacher=`): one clear error
+    unless it is a bc run that learned from `dataset` with the same observation normalization (its policy sees
+    observations normalized by that dataset's statistics)."""
+    from policylab.checkpoint import load_checkpoint, unprefixed
+
+    tensors, state, _ = load_checkpoint(run_dir)
+    if state.get("algo") != "bc":
+        raise ConfigError(f"{option}={run_dir} is a {state.get('algo')} run, not a bc run", fix)
+    bc = BCConfig(**{k: v for k, v in state["config"].items() if k in {f.name for f in fields(BCConfig)}})
+    if bc.dataset is None or dataset is None or Path(bc.dataset).resolve() != Path(dataset).resolve():
+        raise ConfigError(f"the {option} bc run learned from {bc.dataset}, this run from {dataset}: its "
+                          "observation normalization would not match", fix)  # fmt: skip
+    if bc.normalize_obs != normalize_obs:
+        raise ConfigError(f"the {option} bc run and this run differ in normalize_obs", "use the same normalize_obs")
+    return unprefixed("policy", tensors), bc
+
+
+def load_teacher(cfg: BCConfig, obs_space: gym.Space, act_space: gym.Space) -> DiffusionHead:
+    """The diffusion head of the `teacher` run, frozen; an error when it cannot teach this run's consistency head."""
+    fix = (f"train the teacher with `policylab train bc --dataset {cfg.dataset} --set head=diffusion` and give this "
+           "run its diffusion_steps, beta_schedule and horizon")  # fmt: skip
+    tensors, teacher_cfg = bc_run(str(cfg.teacher), "teacher", cfg.dataset, cfg.normalize_obs, fix)
+    differ = (
+        [f"head={teacher_cfg.policy_head} there, diffusion needed"] if teacher_cfg.policy_head != "diffusion" else []
+    )
+    differ += [
+        f"{k}={getattr(teacher_cfg, k)!r} there, {getattr(cfg, k)!r} here"
+        for k in ("diffusion_steps", "beta_schedule", "horizon")
+        if getattr(teacher_cfg, k) != getattr(cfg, k)
+    ]
+    if differ:
+        raise ConfigError(f"the teacher run cannot teach this run ({'; '.join(differ)})", fix)
+    teacher = BC.build_policy(teacher_cfg, obs_space, act_space)
+    teacher.load_state_dict(tensors)
+    teacher.to(cfg.device).requires_grad_(False).eval()
+    assert isinstance(teacher, GenerativeActor) and isinstance(teacher.head, DiffusionHead)
+    return teacher.head

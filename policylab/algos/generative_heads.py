@@ -103,8 +103,11 @@ class CandidateSelectionConfig:
             raise ConfigError(f"actor_ema={self.actor_ema} is outside [0, 1]", "set actor_ema to 0 (off) or 0.001")
 
 
-def generative_head(cfg: Any, kind: str, obs_size: int, dim: int) -> DiffusionHead | FlowHead | ConsistencyHead:
-    """The head of `kind` over x in R^dim (an action, or a chunk of actions) from a GenerativeHeadConfig."""
+def generative_head(
+    cfg: Any, kind: str, obs_size: int, dim: int, consistency_sigmas: list[float] | None = None
+) -> DiffusionHead | FlowHead | ConsistencyHead:
+    """The head of `kind` over x in R^dim (an action, or a chunk of actions) from a GenerativeHeadConfig;
+    `consistency_sigmas`: a consistency head's explicit grid (a distilled head's, its teacher's levels)."""
     return make_generative_head(
         kind,
         obs_size,
@@ -118,4 +121,5 @@ def generative_head(cfg: Any, kind: str, obs_size: int, dim: int) -> DiffusionHe
         time_sampling=cfg.flow_time,
         sigma_max=cfg.consistency_sigma_max,
         consistency_loss=cfg.consistency_loss,
+        consistency_sigmas=consistency_sigmas,
     )

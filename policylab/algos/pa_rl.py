@@ -24,7 +24,6 @@ softmax(Q) draw among the kept candidates (temperature 1) where this distils the
 from __future__ import annotations
 
 from dataclasses import dataclass, fields, replace
-from pathlib import Path
 from typing import Any
 
 import gymnasium as gym
@@ -32,7 +31,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from policylab.algos.bc import BC, BCConfig
+from policylab.algos.bc import BC, BCConfig, bc_run
 from policylab.algos.iql import IQL, IQLConfig
 from policylab.algos.offpolicy import box_bounds, obs_dim, seeded_generator, uniform_box_actions
 from policylab.config import positive
@@ -257,15 +256,15 @@ WEIGHT_FIELDS = (
 
 def load_pretrained(actor: nn.Module, cfg: PARLConfig) -> None:
     """A BC run's policy weights into `actor`; a clear error when its head, its settings or its dataset differ."""
-    from policylab.checkpoint import load_checkpoint, unprefixed
-
-    tensors, state, _ = load_checkpoint(str(cfg.pretrained))
-    theirs, mine = unprefixed("policy", tensors), actor.state_dict()
     fix = (f"pretrain with `policylab train bc --dataset {cfg.dataset} --set head={cfg.policy_head}` and this "
            "run's head settings, or set them here as the bc run has them")  # fmt: skip
-    if state.get("algo") != "bc":
-        raise ConfigError(f"pretrained={cfg.pretrained} is a {state.get('algo')} run, not a bc run", fix)
-    bc = BCConfig(**{k: v for k, v in state["config"].items() if k in {f.name for f in fields(BCConfig)}})
+    theirs, bc = bc_run(str(cfg.pretrained), "pretrained", cfg.dataset, cfg.normalize_obs, fix)
+    mine = actor.state_dict()
+    if bc.teacher is not None:
+        raise ConfigError(
+            "the pretrained bc run was distilled from a teacher (its consistency levels are the teacher's)",
+            "pretrain with a consistency head trained from the data (no teacher)",
+        )
     names = WEIGHT_FIELDS + (() if cfg.policy_head in GENERATIVE_HEADS else ("hidden_sizes", "activation"))
     differ = [
         f"{k}={getattr(bc, k)!r} there, {getattr(cfg, k)!r} here" for k in names if getattr(bc, k) != getattr(cfg, k)
@@ -274,9 +273,4 @@ def load_pretrained(actor: nn.Module, cfg: PARLConfig) -> None:
         differ.insert(0, f"head={bc.policy_head} there, {cfg.policy_head} here")
     if differ or theirs.keys() != mine.keys() or any(theirs[k].shape != v.shape for k, v in mine.items()):
         raise ConfigError(f"the pretrained bc run's policy does not match this run's ({'; '.join(differ)})", fix)
-    if bc.dataset is None or cfg.dataset is None or Path(bc.dataset).resolve() != Path(cfg.dataset).resolve():
-        raise ConfigError(f"the pretrained bc run learned from {bc.dataset}, this run from {cfg.dataset}: its "
-                          "observation normalization would not match", fix)  # fmt: skip
-    if bc.normalize_obs != cfg.normalize_obs:
-        raise ConfigError("the pretrained bc run and this run differ in normalize_obs", "use the same normalize_obs")
     actor.load_state_dict(theirs)

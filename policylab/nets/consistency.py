@@ -23,8 +23,9 @@ n ~ U{0 .. N-2}, the squared distance |f(obs, a + sigma_{n+1} z, sigma_{n+1}) - 
 sigma_n)|^2 with weight 1. Its gradient shrinks as the two outputs agree, where the pseudo-Huber distance with a
 small c behaves like |u - v| and keeps a gradient of about 1 / (sigma_{n+1} - sigma_n) per sample however close
 they are: next to a Q term (Consistency-AC) that gradient drowns the critic's (measured on a mixed Pendulum dataset,
-tests/test_expressive_offline.py). Distillation from a trained DiffusionHead (consistency distillation) is not
-implemented here.
+tests/test_expressive_offline.py). Consistency distillation from a trained DiffusionHead (`distillation_loss`)
+takes the teacher's own levels sigma_t = sqrt((1 - abar_t) / abar_t) as the grid and one deterministic DDIM step
+of the teacher as the ODE step.
 
 Sampling (Algorithm 1): a = f(obs, sigma_max z, sigma_max); with K > 1 steps, for each of K - 1 lower levels
 sigma (evenly spaced on the grid): a = f(obs, a + sqrt(sigma^2 - sigma_min^2) z, sigma). The action is a clipped
@@ -34,11 +35,13 @@ to [-1, 1].
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor, nn
 
 from policylab.nets.denoiser import Denoiser
+from policylab.nets.diffusion import DiffusionHead
 
 SIGMA_DATA = 0.5
 RHO = 7.0
@@ -67,8 +70,13 @@ class ConsistencyHead(nn.Module):
         sigma_max: float = 80.0,
         sample_steps: int = 1,
         loss_kind: str = "ict",
+        sigmas: Sequence[float] | None = None,
     ) -> None:
+        """`sigmas`: an explicit increasing grid instead of Karras's (then scales, sigma_min and sigma_max are its own):
+        a distilled head takes its teacher's levels (`diffusion.ve_sigmas`)."""
         super().__init__()
+        if sigmas is not None:
+            scales, sigma_min, sigma_max = len(sigmas), float(sigmas[0]), float(sigmas[-1])
         if scales < 2 or not 0.0 < sigma_min < sigma_max or sample_steps < 1 or loss_kind not in CONSISTENCY_LOSSES:
             raise ValueError(f"need scales >= 2, 0 < sigma_min < sigma_max, sample_steps >= 1, loss_kind in "
                              f"{CONSISTENCY_LOSSES}; got {scales}, {sigma_min}, {sigma_max}, {sample_steps}, "
@@ -78,11 +86,15 @@ class ConsistencyHead(nn.Module):
         self.dim = denoiser.x_dim
         self.scales, self.sigma_min, self.sigma_max = scales, sigma_min, sigma_max
         self.sample_steps = sample_steps
-        sigmas = karras_sigmas(sigma_min, sigma_max, scales)
-        cdf = torch.erf((sigmas.log() - P_MEAN) / (math.sqrt(2.0) * P_STD))
-        self.register_buffer("sigmas", sigmas.float(), persistent=False)
+        grid = (
+            karras_sigmas(sigma_min, sigma_max, scales) if sigmas is None else torch.tensor(sigmas, dtype=torch.float64)
+        )
+        if sigmas is not None and not bool((grid[1:] > grid[:-1]).all()):
+            raise ValueError("sigmas must increase")
+        cdf = torch.erf((grid.log() - P_MEAN) / (math.sqrt(2.0) * P_STD))
+        self.register_buffer("sigmas", grid.float(), persistent=False)
         self.register_buffer("level_probs", (cdf[1:] - cdf[:-1]).float(), persistent=False)
-        self.sigmas_host: list[float] = sigmas.tolist()
+        self.sigmas_host: list[float] = grid.tolist()
         self.huber_c = 0.00054 * math.sqrt(self.dim)
 
     def consistency(self, obs: Tensor, x: Tensor, sigma: Tensor | float) -> Tensor:
@@ -127,6 +139,25 @@ class ConsistencyHead(nn.Module):
         if self.loss_kind == "ct":
             return squared
         return ((squared + self.huber_c**2).sqrt() - self.huber_c) / (hi - lo)
+
+    def distillation_loss(
+        self, obs: Tensor, a: Tensor, teacher: DiffusionHead, generator: torch.Generator | None = None
+    ) -> Tensor:
+        """Consistency distillation (Song et al. 2023, Algorithm 2) from a DDPM teacher whose levels this head's grid
+        is (`ve_sigmas`): per sample [B], with n ~ U{0 .. N-2}, z ~ N(0, I), x = a + sigma_{n+1} z,
+            x^_n = x0 + sigma_n (x - x0) / sigma_{n+1},  x0 = the teacher's clipped estimate of a at step n + 1
+        (one deterministic DDIM step of the teacher, read in the variance-exploding coordinates x = x_t / sqrt(abar_t)),
+            loss = |f(obs, x, sigma_{n+1}) - stopgrad f(obs, x^_n, sigma_n)|^2."""
+        n = torch.randint(self.scales - 1, (a.shape[0],), generator=generator, device=a.device)
+        noise = torch.randn(a.shape, generator=generator, device=a.device, dtype=a.dtype)
+        lo, hi = self.sigmas[n].unsqueeze(-1), self.sigmas[n + 1].unsqueeze(-1)
+        x = a + hi * noise
+        with torch.no_grad():
+            abar = teacher.abar[n + 1].unsqueeze(-1)
+            x_t = x * abar.sqrt()
+            x0 = ((x_t - (1.0 - abar).sqrt() * teacher.eps(obs, x_t, n + 1)) / abar.sqrt()).clamp(-1.0, 1.0)
+            target = self.consistency(obs, x0 + lo * (x - x0) / hi, lo[:, 0])
+        return (self.consistency(obs, x, hi[:, 0]) - target).pow(2).sum(-1)
 
     def sample(
         self,

@@ -58,6 +58,13 @@ def step_indices(train_steps: int, steps: int) -> Tensor:
     return torch.linspace(train_steps - 1, 0, steps, dtype=torch.float64).round().long()
 
 
+def ve_sigmas(schedule: str, train_steps: int) -> list[float]:
+    """The noise levels of a DDPM's T steps in variance-exploding form, sigma_t = sqrt((1 - abar_t) / abar_t), since
+    x_t / sqrt(abar_t) = x0 + sigma_t eps: a consistency head distilled from such a DDPM takes them as its grid."""
+    abar = torch.cumprod(1.0 - beta_schedule(schedule, train_steps), 0)
+    return ((1.0 - abar) / abar).sqrt().tolist()
+
+
 class DiffusionHead(nn.Module):
     """A DDPM over x in R^D (D = horizon * act_dim) conditioned on obs; see the module docstring."""
 

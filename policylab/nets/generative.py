@@ -71,6 +71,7 @@ def make_generative_head(
     time_sampling: str = "uniform",
     sigma_max: float = 80.0,
     consistency_loss: str = "ict",
+    consistency_sigmas: Sequence[float] | None = None,
 ) -> DiffusionHead | FlowHead | ConsistencyHead:
     """A head of `kind` (diffusion, flow, consistency) over x in R^dim with a fresh MLP denoiser.
     `train_steps`: DDPM's T, or the consistency grid's N; `sample_steps`: DDIM's K (default T), Euler's K (default
@@ -82,7 +83,12 @@ def make_generative_head(
         return FlowHead(denoiser, sample_steps or 10, time_sampling)
     if kind == "consistency":
         return ConsistencyHead(
-            denoiser, train_steps, sigma_max=sigma_max, sample_steps=sample_steps or 1, loss_kind=consistency_loss
+            denoiser,
+            train_steps,
+            sigma_max=sigma_max,
+            sample_steps=sample_steps or 1,
+            loss_kind=consistency_loss,
+            sigmas=consistency_sigmas,
         )
     raise ValueError(f"unknown generative head {kind!r}: use one of {', '.join(GENERATIVE_HEADS)}")
 
