@@ -20,6 +20,7 @@ from policylab.nets.denoiser import Denoiser
 from policylab.nets.diffusion import DiffusionHead, ve_sigmas
 from policylab.nets.flow import FlowHead
 from policylab.nets.generative import GenerativeActor, make_generative_head
+from tests.helpers import resumed_and_full_runs
 
 
 @pytest.fixture(autouse=True)
@@ -285,10 +286,11 @@ def test_generative_bc_takes_one_route_where_unimodal_bc_averages_them(navigatio
 
 def test_a_consistency_head_distilled_from_a_diffusion_run_acts_in_one_step(navigation, tmp_path):
     """Consistency distillation (`teacher=` a diffusion BC run): the student's levels are the teacher's 20 DDPM
-    levels, its ODE step one deterministic DDIM step of the teacher. Measured (2,000 steps each, 50 episodes): the
-    teacher (DDIM, 20 steps) 98% success; the distilled head in one step 56% (seed 1), 76% (seed 2), where a head
-    trained from the data alone (improved CT) reaches 84% and 80% in the same steps and Gaussian BC 0%. The
-    checkpoint alone acts (the grid comes from the config, not the teacher)."""
+    levels, its ODE step one deterministic DDIM step of the teacher, its target an EMA copy (0.95). Measured (2,000
+    steps each, 50 episodes): the teacher (DDIM, 20 steps) 98% success; the distilled head in one step 64% (seed 1),
+    84% (seed 2) (without the EMA target 56% and 76%; EMA 0.99: 56% and 50%), where a head trained from the data
+    alone (improved CT) reaches 84% and 80% in the same steps and Gaussian BC 0%. The checkpoint alone acts (the
+    grid comes from the config, not the teacher); a resumed distillation equals an uninterrupted one."""
     settings = {"eval_every": 0, "log_every": 500, "lr": 1e-3}
     teacher = pl.train("bc", dataset=str(navigation), steps=2000, seed=1, overrides={**settings, "head": "diffusion"},
                        runs_dir=tmp_path, verbose=False, progress=False)  # fmt: skip
@@ -298,7 +300,7 @@ def test_a_consistency_head_distilled_from_a_diffusion_run_acts_in_one_step(navi
     head = pl.load(student.dir).net.head
     assert isinstance(head, ConsistencyHead) and head.sample_steps == 1
     torch.testing.assert_close(head.sigmas, torch.tensor(ve_sigmas("cosine", 20)).float())
-    assert _success_rate(student.dir) >= 0.4
+    assert _success_rate(student.dir) >= 0.5
     for bad, message in (({"diffusion_steps": 10}, "diffusion_steps=20 there, 10 here"),
                          ({"head": "flow"}, "teacher= distils a diffusion run into a consistency head")):  # fmt: skip
         with pytest.raises(ConfigError, match=message):
@@ -308,6 +310,9 @@ def test_a_consistency_head_distilled_from_a_diffusion_run_acts_in_one_step(navi
         pl.train("bc", dataset=str(navigation), steps=10, overrides={**overrides, "teacher": str(student.dir)},
                  runs_dir=tmp_path, verbose=False, progress=False)  # fmt: skip
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([teacher.dir.name, student.dir.name]), "nothing written"
+    small = {**overrides, "denoiser_hidden_sizes": [32, 32], "log_every": 50}
+    resumed_and_full_runs("bc", 100, dataset=str(navigation), steps=200, seed=2, overrides=small,
+                          runs_dir=tmp_path / "resume", verbose=False, progress=False)  # fmt: skip
 
 
 def test_a_chunked_diffusion_bc_policy_round_trips_through_its_checkpoint(navigation, tmp_path):

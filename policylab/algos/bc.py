@@ -28,6 +28,7 @@ from policylab.algos.generative_heads import GenerativeHeadConfig, generative_he
 from policylab.algos.offpolicy import (
     FlatAdam,
     OfflineConfig,
+    TargetNetwork,
     box_bounds,
     obs_dim,
     seeded_generator,
@@ -65,6 +66,9 @@ class BCConfig(OfflineConfig, GenerativeHeadConfig):
     """head=consistency: a run directory of `policylab train bc --set head=diffusion` on the same dataset to distil
     (consistency distillation) instead of training from the data alone; the student's levels are the teacher's
     DDPM levels, so this run's `diffusion_steps` and `beta_schedule` must be the teacher's."""
+    distill_ema: float = 0.95
+    """With `teacher`: the target network of the distillation loss is an EMA copy of the student with this decay
+    per step (Song et al.'s 0.95; 0: the student itself, stop-gradient)."""
 
     def validate(self) -> None:
         super().validate()
@@ -84,6 +88,8 @@ class BCConfig(OfflineConfig, GenerativeHeadConfig):
             )
         if self.policy_head in GENERATIVE_HEADS:
             self.validate_head(self.policy_head)
+        if not 0.0 <= self.distill_ema < 1.0:
+            raise ConfigError(f"distill_ema={self.distill_ema} is outside [0, 1)", "set distill_ema to 0.95 (0: none)")
         if self.teacher is not None and self.policy_head != "consistency":
             raise ConfigError(
                 f"teacher= distils a diffusion run into a consistency head, not head={self.policy_head}",
@@ -116,6 +122,10 @@ class BC:
         self.action_shape = () if self.discrete else (self.act_dim,)
         self.action_dtype = torch.long if self.discrete else torch.float32
         self.teacher = load_teacher(cfg, obs_space, act_space) if cfg.teacher else None
+        self.distill_target: TargetNetwork | None = None
+        if self.teacher is not None and cfg.distill_ema > 0:
+            self.distill_target = TargetNetwork(self.net, self.opt.params)
+            self.modules["distill_target"] = self.distill_target.module
 
     @staticmethod
     def build_policy(cfg: BCConfig, obs_space: gym.Space, act_space: gym.Space) -> nn.Module:
@@ -164,7 +174,8 @@ class BC:
             targets = batch.action_chunks if self.action_chunk > 1 else batch.actions
             if self.teacher is not None:
                 flat = targets.reshape(targets.shape[0], -1)
-                return self.net.head.distillation_loss(batch.obs, flat, self.teacher, self.generator).mean()
+                ema = None if self.distill_target is None else self.distill_target.module.head
+                return self.net.head.distillation_loss(batch.obs, flat, self.teacher, self.generator, ema).mean()
             return self.net.loss(batch.obs, targets, self.generator).mean()
         if self.cfg.policy_head == "gaussian":
             return -self.net.log_prob(batch.obs, batch.actions).mean()
@@ -173,6 +184,8 @@ class BC:
     def update(self, batch: Batch, index: int) -> dict[str, Tensor]:
         loss = self.loss(batch)
         self.opt.step(loss)
+        if self.distill_target is not None:
+            self.distill_target.update(1.0 - self.cfg.distill_ema)
         return {"bc_loss": loss.detach()}
 
 

@@ -141,13 +141,19 @@ class ConsistencyHead(nn.Module):
         return ((squared + self.huber_c**2).sqrt() - self.huber_c) / (hi - lo)
 
     def distillation_loss(
-        self, obs: Tensor, a: Tensor, teacher: DiffusionHead, generator: torch.Generator | None = None
+        self,
+        obs: Tensor,
+        a: Tensor,
+        teacher: DiffusionHead,
+        generator: torch.Generator | None = None,
+        target: ConsistencyHead | None = None,
     ) -> Tensor:
         """Consistency distillation (Song et al. 2023, Algorithm 2) from a DDPM teacher whose levels this head's grid
         is (`ve_sigmas`): per sample [B], with n ~ U{0 .. N-2}, z ~ N(0, I), x = a + sigma_{n+1} z,
             x^_n = x0 + sigma_n (x - x0) / sigma_{n+1},  x0 = the teacher's clipped estimate of a at step n + 1
         (one deterministic DDIM step of the teacher, read in the variance-exploding coordinates x = x_t / sqrt(abar_t)),
-            loss = |f(obs, x, sigma_{n+1}) - stopgrad f(obs, x^_n, sigma_n)|^2."""
+            loss = |f(obs, x, sigma_{n+1}) - stopgrad f-(obs, x^_n, sigma_n)|^2,
+        f- the `target` head (an EMA copy of this one, as Song et al.) or this one."""
         n = torch.randint(self.scales - 1, (a.shape[0],), generator=generator, device=a.device)
         noise = torch.randn(a.shape, generator=generator, device=a.device, dtype=a.dtype)
         lo, hi = self.sigmas[n].unsqueeze(-1), self.sigmas[n + 1].unsqueeze(-1)
@@ -156,8 +162,8 @@ class ConsistencyHead(nn.Module):
             abar = teacher.abar[n + 1].unsqueeze(-1)
             x_t = x * abar.sqrt()
             x0 = ((x_t - (1.0 - abar).sqrt() * teacher.eps(obs, x_t, n + 1)) / abar.sqrt()).clamp(-1.0, 1.0)
-            target = self.consistency(obs, x0 + lo * (x - x0) / hi, lo[:, 0])
-        return (self.consistency(obs, x, hi[:, 0]) - target).pow(2).sum(-1)
+            goal = (self if target is None else target).consistency(obs, x0 + lo * (x - x0) / hi, lo[:, 0])
+        return (self.consistency(obs, x, hi[:, 0]) - goal).pow(2).sum(-1)
 
     def sample(
         self,
