@@ -122,6 +122,9 @@ class BC:
         self.action_shape = () if self.discrete else (self.act_dim,)
         self.action_dtype = torch.long if self.discrete else torch.float32
         self.teacher = load_teacher(cfg, obs_space, act_space) if cfg.teacher else None
+        self.fused = bool(
+            cfg.analytic_grads and isinstance(self.net, DeterministicActor) and self.net.body.analytic_backward
+        )
         self.distill_target: TargetNetwork | None = None
         if self.teacher is not None and cfg.distill_ema > 0:
             self.distill_target = TargetNetwork(self.net, self.opt.params)
@@ -182,11 +185,28 @@ class BC:
         return (self.net(batch.obs) - batch.actions).pow(2).mean()
 
     def update(self, batch: Batch, index: int) -> dict[str, Tensor]:
+        if self.fused:
+            return {"bc_loss": self.fused_deterministic_step(batch)}
         loss = self.loss(batch)
         self.opt.step(loss)
         if self.distill_target is not None:
             self.distill_target.update(1.0 - self.cfg.distill_ema)
         return {"bc_loss": loss.detach()}
+
+    def fused_deterministic_step(self, batch: Batch) -> Tensor:
+        """The deterministic head's step with its gradient by hand (no autograd graph; equal to `loss` under
+        autograd, tests/test_offline.py): m = tanh(out), L = mean (m - a)^2, dL/d out = 2 (m - a) (1 - m^2) / (B A)."""
+        body = self.net.body
+        with torch.no_grad():
+            out, inputs = body.forward_cached(batch.obs.flatten(1))
+            mean = torch.tanh(out[0])
+            gap = mean - batch.actions
+            g_out = gap * (1.0 - mean * mean)
+            g_out.mul_(2.0 / gap.numel())
+            self.opt.zero_grad_unless_written_by(body)
+            body.backward(inputs, g_out.unsqueeze(0))
+            self.opt.clip_and_step()
+            return gap.pow(2).mean()
 
 
 def bc_run(run_dir: str, option: str, dataset: str | None, normalize_obs: bool, fix: str) -> tuple[dict, BCConfig]:
