@@ -161,6 +161,47 @@ def test_fused_iql_step_equals_autograd(tmp_path, overrides):
         loop.close()
 
 
+@pytest.mark.parametrize(
+    ("algo_name", "overrides"),
+    [
+        ("cql", {}),
+        ("cql", {"lagrange": True, "backup_entropy": False, "max_grad_norm": 0.5, "n_critics": 3}),
+        ("cal_ql", {"activation": "tanh"}),  # the calibrated (bounded) policy values in the penalty
+    ],
+)
+def test_fused_cql_step_equals_autograd(tmp_path, algo_name, overrides):
+    from policylab.algos.cql import CQLNoise
+    from policylab.algos.fused_offpolicy import fused_cql_update
+    from policylab.collect import collect
+
+    data = collect("Pendulum-v1", "random", 4, seed=0, out=tmp_path / "pendulum-random")
+    loops = []
+    for _ in range(2):
+        spec = get_algo(algo_name)
+        settings = {"hidden_sizes": [32, 32], "batch_size": 16, "lr": 1e-2, "n_action_samples": 3, **overrides}
+        cfg, _ = resolve_config(spec, steps=1000, seed=0, dataset=data.path, overrides=settings)
+        loops.append(OffPolicyLoop(spec, cfg))
+    algo, twin = loops[0].algo, loops[1].algo
+    assert algo.fused
+    draws = torch.Generator().manual_seed(7)
+    for index in range(2):
+        batch = loops[0].offline_source.sample(16, torch.Generator().manual_seed(index))
+        if algo_name == "cal_ql":  # bounds near the critics' values: some policy values below, some above
+            batch.mc_returns = algo.critic(batch.obs, batch.actions).detach().mean(0)
+        noise = CQLNoise(
+            torch.randn(32, algo.act_dim, generator=draws),
+            torch.randn(32 * 3, algo.act_dim, generator=draws),
+            torch.rand(16 * 3, algo.act_dim, generator=draws) * 2 - 1,
+        )
+        fused = fused_cql_update(algo, batch, index, noise)
+        reference = twin.autograd_update(batch, index, noise)
+        _assert_same_step(fused, reference, algo, twin)
+        if algo_name == "cal_ql":
+            assert 0.1 < float(algo._below_bound) < 0.9
+    for loop in loops:
+        loop.close()
+
+
 def test_fused_deterministic_bc_step_equals_autograd():
     import gymnasium as gym
 

@@ -23,6 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from policylab.algos.dqn import DQN, DQNConfig
+from policylab.algos.fused_offpolicy import fused_cql_update, fused_sac_applies
 from policylab.algos.offpolicy import OfflineConfig, soft_actor_critic_state
 from policylab.algos.sac import SAC, SACConfig
 from policylab.config import positive
@@ -31,6 +32,16 @@ from policylab.errors import ConfigError
 from policylab.objectives.offline import cql_penalty, discrete_cql_penalty
 from policylab.objectives.q_targets import sac_target
 from policylab.optim import Adam, set_lr
+
+
+@dataclass
+class CQLNoise:
+    """One step's draws: `policy` [2B, A] standard normal (the s rows, then s'), `proposals` [2B M, A] standard
+    normal (row b M + j: draw j of row b of [s; s']), `uniform` [B M, A] in [-1, 1]."""
+
+    policy: Tensor
+    proposals: Tensor
+    uniform: Tensor
 
 
 @dataclass
@@ -76,7 +87,7 @@ class CQL(SAC):
 
     def __init__(self, cfg: CQLConfig, obs_space: gym.Space, act_space: gym.Space) -> None:
         super().__init__(cfg, obs_space, act_space)
-        self.fused = False
+        self.fused = fused_sac_applies(self)  # the hand-derived step (from bc_steps on)
         for optimizer in (self.actor_opt.optimizer, self.temperature.optimizer):
             if optimizer is not None:
                 set_lr(optimizer, cfg.actor_lr)
@@ -90,27 +101,75 @@ class CQL(SAC):
             self.optimizers["cql_multiplier"] = self.alpha_prime_opt
 
     def update(self, batch: Batch, index: int) -> dict[str, Tensor]:
+        if self.fused and index >= self.cfg.bc_steps:
+            return fused_cql_update(self, batch, index)
+        return self.autograd_update(batch, index)
+
+    def autograd_update(  # type: ignore[override]  # CQL draws more than SAC's noise
+        self, batch: Batch, index: int, noise: CQLNoise | None = None
+    ) -> dict[str, Tensor]:
+        """The update with autograd (`noise`: the step's draws, for tests)."""
         cfg, actor, critic = self.cfg, self.net, self.critic
-        n, m = len(batch), cfg.n_action_samples
+        n = len(batch)
         obs, next_obs = batch.obs.flatten(1), batch.next_obs.flatten(1)
-        actions_pi, logp_pi = actor.sample(obs, self.generator)
+        noise_pi, noise_next = (None, None) if noise is None else (noise.policy[:n], noise.policy[n:])
+        actions_pi, logp_pi = actor.sample(obs, self.generator, noise_pi)
         alpha = self.temperature.update(logp_pi + self.temperature.target_entropy)
         with torch.no_grad():
-            next_actions, next_logp = actor.sample(next_obs, self.generator)
-            next_q = self.critic_target(next_obs, next_actions)
-            entropy_alpha = alpha if cfg.backup_entropy else torch.zeros_like(alpha)
-            target = sac_target(batch.rewards, batch.discounts, batch.terminated, next_q, next_logp, entropy_alpha)
+            next_actions, next_logp = actor.sample(next_obs, self.generator, noise_next)
+            target = self.td_target(batch, next_actions, next_logp, alpha)
             # proposals, all to be evaluated at s: uniform, pi(.|s), pi(.|s')
-            sampled, sampled_logp = actor.sample_many(torch.cat([obs, next_obs]), m, self.generator)  # [2 B M]
-            uniform = torch.rand((n * m, self.act_dim), generator=self.generator, device=obs.device) * 2.0 - 1.0
-            log_uniform = torch.full((n, m), -self.act_dim * math.log(2.0), device=obs.device)
-        all_actions = torch.cat([batch.actions.flatten(1), uniform, sampled])  # [B + 3 B M, A]
-        all_obs = torch.cat([obs, obs.repeat_interleave(m, 0).repeat(3, 1)])
-        q_all = critic(all_obs, all_actions)  # [K, B (1 + 3M)]
+            proposals = torch.cat([obs, next_obs])
+            sampled, sampled_logp = actor.sample_many(
+                proposals, cfg.n_action_samples, self.generator, None if noise is None else noise.proposals
+            )
+            uniform = self.uniform_proposals(n, noise)
+        q_all = critic.body(self.proposal_rows(batch, uniform, sampled))[..., 0]  # [K, B (1 + 3M)]
+        critic_loss, metrics = self.critic_loss(q_all, target, sampled_logp, batch)
+        self.critic_opt.step(critic_loss)
+        critic.requires_grad_(False)
+        q_pi = critic(obs, actions_pi).min(0).values
+        critic.requires_grad_(True)
+        if index < cfg.bc_steps:
+            q_pi = actor.log_prob(obs, batch.actions.flatten(1))  # the data's likelihood in place of Q
+        actor_loss = (alpha * logp_pi - q_pi).mean()
+        self.actor_opt.step(actor_loss)
+        self.critic_target.update(cfg.tau)
+        metrics.update(alpha=alpha[0], actor_loss=actor_loss.detach(), entropy=-logp_pi.detach().mean())
+        return metrics
+
+    def td_target(self, batch: Batch, next_actions: Tensor, next_logp: Tensor, alpha: Tensor) -> Tensor:
+        """SAC's target, with the entropy term only with `backup_entropy`."""
+        next_q = self.critic_target(batch.next_obs, next_actions)
+        entropy_alpha = alpha if self.cfg.backup_entropy else torch.zeros_like(alpha)
+        return sac_target(batch.rewards, batch.discounts, batch.terminated, next_q, next_logp, entropy_alpha)
+
+    def uniform_proposals(self, n: int, noise: CQLNoise | None) -> Tensor:
+        """`n_action_samples` uniform actions in [-1, 1] per state, [B M, A]."""
+        if noise is not None:
+            return noise.uniform
+        shape = (n * self.cfg.n_action_samples, self.act_dim)
+        return torch.rand(shape, generator=self.generator, device=self.cfg.device) * 2.0 - 1.0
+
+    def proposal_rows(self, batch: Batch, uniform: Tensor, sampled: Tensor) -> Tensor:
+        """The critics' input rows [B (1 + 3M), obs + act]: (s, a_data), then s with the uniform actions, with the
+        policy's draws at s and with its draws at s' (`sampled`: [2 B M, A], the s rows first)."""
+        obs = batch.obs.flatten(1)
+        repeated = obs.repeat_interleave(self.cfg.n_action_samples, 0).repeat(3, 1)
+        return torch.cat([torch.cat([obs, repeated]), torch.cat([batch.actions.flatten(1), uniform, sampled])], -1)
+
+    def critic_loss(
+        self, q_all: Tensor, target: Tensor, sampled_logp: Tensor, batch: Batch
+    ) -> tuple[Tensor, dict[str, Tensor]]:
+        """The critics' loss from their values at `proposal_rows` (q_all [K, B (1 + 3M)]): the TD loss plus the
+        weighted penalty, after the Lagrangian multiplier's step (with `lagrange`)."""
+        cfg, n, m = self.cfg, len(batch), self.cfg.n_action_samples
         q_data = q_all[:, :n]
         q_sampled = q_all[:, n:].reshape(q_all.shape[0], 3, n, m).permute(0, 2, 1, 3).flatten(2)  # [K, B, 3M]
-        log_density = torch.cat([log_uniform, sampled_logp.view(2, n, m)[1], sampled_logp.view(2, n, m)[0]], -1)
-        order = torch.cat([torch.arange(m), torch.arange(2 * m, 3 * m), torch.arange(m, 2 * m)]).to(obs.device)
+        log_uniform = torch.full((n, m), -self.act_dim * math.log(2.0), device=q_all.device)
+        logp_s, logp_next = sampled_logp.view(2, n, m)
+        log_density = torch.cat([log_uniform, logp_next, logp_s], -1)
+        order = torch.cat([torch.arange(m), torch.arange(2 * m, 3 * m), torch.arange(m, 2 * m)]).to(q_all.device)
         q_sampled = self.penalized_values(q_sampled[..., order], batch)
         penalty = cql_penalty(q_data, q_sampled, log_density, cfg.cql_temperature)  # [K]
         td = q_data - target
@@ -126,24 +185,8 @@ class CQL(SAC):
             weight = float(cfg.cql_alpha) * alpha_prime.detach()
             metrics["cql_multiplier"] = alpha_prime.detach()
         critic_loss = td_loss + (weight * (penalty - (cfg.target_gap if cfg.lagrange else 0.0))).sum()
-        self.critic_opt.step(critic_loss)
-        critic.requires_grad_(False)
-        q_pi = critic(obs, actions_pi).min(0).values
-        critic.requires_grad_(True)
-        if index < cfg.bc_steps:
-            q_pi = actor.log_prob(obs, batch.actions.flatten(1))  # the data's likelihood in place of Q
-        actor_loss = (alpha * logp_pi - q_pi).mean()
-        self.actor_opt.step(actor_loss)
-        self.critic_target.update(cfg.tau)
-        metrics.update(
-            critic_loss=td_loss.detach(),
-            cql_penalty=penalty.detach().mean(),
-            q=q_data.detach().mean(),
-            alpha=alpha[0],
-            actor_loss=actor_loss.detach(),
-            entropy=-logp_pi.detach().mean(),
-        )
-        return metrics
+        metrics.update(critic_loss=td_loss.detach(), cql_penalty=penalty.detach().mean(), q=q_data.detach().mean())
+        return critic_loss, metrics
 
     def penalized_values(self, q_sampled: Tensor, batch: Batch) -> Tensor:
         """Q at the sampled actions as the penalty sees them, [K, B, 3M]: `n_action_samples` uniform ones, then

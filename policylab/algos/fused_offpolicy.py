@@ -44,6 +44,7 @@ from policylab.objectives.q_targets import (
 )
 
 if TYPE_CHECKING:
+    from policylab.algos.cql import CQL, CQLNoise
     from policylab.algos.dqn import DQN
     from policylab.algos.iql import IQL
     from policylab.algos.sac import SAC
@@ -63,6 +64,8 @@ class _PolicyDraws:
     """The tanh-Gaussian actor run once on [s; s'] (2B rows) and its draws: what the actor's backward needs."""
 
     inputs: list[Tensor]
+    mean: Tensor
+    log_std: Tensor  # clamped to the actor's bounds
     raw_log_std: Tensor
     std: Tensor
     noise: Tensor
@@ -79,7 +82,8 @@ def _policy_draws(algo: SAC | TQC, batch: Batch, noise: Tensor | None) -> _Polic
     if noise is None:
         noise = torch.randn(mean.shape, generator=algo.generator, device=mean.device, dtype=mean.dtype)
     u = torch.addcmul(mean, std, noise)
-    return _PolicyDraws(inputs, raw_log_std, std, noise, torch.tanh(u), tanh_gaussian_log_prob(noise, log_std, u))
+    logp = tanh_gaussian_log_prob(noise, log_std, u)
+    return _PolicyDraws(inputs, mean, log_std, raw_log_std, std, noise, torch.tanh(u), logp)
 
 
 def _actor_step(algo: SAC | TQC, draws: _PolicyDraws, g_a: Tensor, alpha: Tensor, n: int) -> None:
@@ -123,12 +127,7 @@ def fused_sac_update(algo: SAC, batch: Batch, index: int, noise: Tensor | None =
         metrics = {"critic_loss": critic_loss, "q": q.mean(), "alpha": alpha[0]}
 
         if update_actor:
-            q_pi, pi_inputs = _critic_at_policy_actions(algo, batch, draws, n)
-            q_pi = q_pi[..., 0]  # [K, B], with the critic after its step
-            q_min, k_min = q_pi.min(0)
-            # dL/dQ_k = -1/B for the minimizing critic, 0 for the others
-            g_qpi = torch.zeros_like(q_pi).scatter_(0, k_min.unsqueeze(0), -1.0 / n)
-            _actor_step(algo, draws, _action_grad(algo, batch, pi_inputs, g_qpi.unsqueeze(-1)), alpha, n)
+            q_min = _min_critic_actor_step(algo, batch, draws, alpha, n)
             metrics["actor_loss"] = (alpha * logp_pi - q_min).mean()
             metrics["entropy"] = -logp_pi.mean()
         if index % cfg.target_update_interval == 0:
@@ -136,6 +135,18 @@ def fused_sac_update(algo: SAC, batch: Batch, index: int, noise: Tensor | None =
         if cfg.prioritized:
             metrics["td_error"] = td.abs().mean(0)
     return metrics
+
+
+def _min_critic_actor_step(algo: SAC | CQL, batch: Batch, draws: _PolicyDraws, alpha: Tensor, n: int) -> Tensor:
+    """SAC's actor step on mean_B (alpha log pi(a|s) - min_k Q_k(s, a)) through the critics as they are now;
+    returns min_k Q_k(s, a) [B]."""
+    q_pi, pi_inputs = _critic_at_policy_actions(algo, batch, draws, n)
+    q_pi = q_pi[..., 0]  # [K, B]
+    q_min, k_min = q_pi.min(0)
+    # dL/dQ_k = -1/B for the minimizing critic, 0 for the others
+    g_qpi = torch.zeros_like(q_pi).scatter_(0, k_min.unsqueeze(0), -1.0 / n)
+    _actor_step(algo, draws, _action_grad(algo, batch, pi_inputs, g_qpi.unsqueeze(-1)), alpha, n)
+    return q_min
 
 
 def _critic_at_policy_actions(
@@ -183,6 +194,42 @@ def fused_tqc_update(algo: TQC, batch: Batch, noise: Tensor | None = None) -> di
             "alpha": alpha[0],
             "entropy": -logp_pi.mean(),
         }
+
+
+def fused_cql_update(algo: CQL, batch: Batch, index: int, noise: CQLNoise | None = None) -> dict[str, Tensor]:
+    """One CQL (or Cal-QL) gradient step, the same as `CQL.autograd_update` after its cloning phase. The critics'
+    loss (TD plus penalty, Lagrangian step included) is the autograd path's own function of their values at the
+    B (1 + 3M) proposal rows, differentiated by autograd on those values only; the critics' forward and backward
+    over the rows, the one large part of the step, are hand-done. The proposals' policy draws come from the
+    actor's one pass over [s; s'] that also gives SAC's draws."""
+    from policylab.nets.critics import draw_many
+
+    cfg, critic = algo.cfg, algo.critic
+    n = len(batch)
+    with torch.no_grad():
+        draws = _policy_draws(algo, batch, None if noise is None else noise.policy)
+        logp_pi = draws.logp[:n]
+        alpha = algo.temperature.update(logp_pi + algo.temperature.target_entropy)
+        target = algo.td_target(batch, draws.actions[n:], draws.logp[n:], alpha)
+        proposal_noise = None if noise is None else noise.proposals
+        sampled, sampled_logp = draw_many(
+            draws.mean, draws.log_std, cfg.n_action_samples, algo.generator, proposal_noise
+        )
+        uniform = algo.uniform_proposals(n, noise)
+        q_all, critic_inputs = critic.body.forward_cached(algo.proposal_rows(batch, uniform, sampled))
+    values = q_all[..., 0].requires_grad_()
+    with torch.enable_grad():
+        critic_loss, metrics = algo.critic_loss(values, target, sampled_logp, batch)
+        (g_values,) = torch.autograd.grad(critic_loss, values)
+    with torch.no_grad():
+        algo.critic_opt.zero_grad_unless_written_by(critic.body)
+        critic.body.backward(critic_inputs, g_values.unsqueeze(-1))
+        algo.critic_opt.clip_and_step()
+
+        q_min = _min_critic_actor_step(algo, batch, draws, alpha, n)
+        algo.critic_target.update(cfg.tau)
+        metrics.update(alpha=alpha[0], actor_loss=(alpha * logp_pi - q_min).mean(), entropy=-logp_pi.mean())
+    return metrics
 
 
 def fused_dqn_applies(algo: DQN) -> bool:

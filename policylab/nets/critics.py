@@ -134,6 +134,18 @@ def tanh_gaussian_log_prob(noise: Tensor, log_std: Tensor, u: Tensor) -> Tensor:
     return logp - (2.0 * (_LOG_2 - u - F.softplus(-2.0 * u))).sum(-1)
 
 
+def draw_many(
+    mean: Tensor, log_std: Tensor, m: int, generator: torch.Generator | None = None, noise: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
+    """m tanh-Gaussian draws per row of (mean, log_std) [B, A]: actions [B m, A] (row b m + j: draw j of row b) and
+    their log-probabilities [B m]; `noise` [B m, A]: the standard normal draws to use (else from `generator`)."""
+    mean, log_std = mean.repeat_interleave(m, 0), log_std.repeat_interleave(m, 0)
+    if noise is None:
+        noise = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
+    u = torch.addcmul(mean, log_std.exp(), noise)
+    return torch.tanh(u), tanh_gaussian_log_prob(noise, log_std, u)
+
+
 class TanhGaussianActor(_BoundedActor):
     """SAC's actor: state-dependent mean and log-std, a = tanh(u) in [-1, 1], u ~ N(mean, std).
 
@@ -179,14 +191,12 @@ class TanhGaussianActor(_BoundedActor):
         u = torch.atanh(actions.clamp(-1.0 + eps, 1.0 - eps))
         return tanh_gaussian_log_prob((u - mean) * torch.exp(-log_std), log_std, u)
 
-    def sample_many(self, obs: Tensor, m: int, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+    def sample_many(
+        self, obs: Tensor, m: int, generator: torch.Generator | None = None, noise: Tensor | None = None
+    ) -> tuple[Tensor, Tensor]:
         """m samples per observation from one forward pass: actions [B m, A] (row b m + j: sample j of obs b) and
-        their log-probabilities [B m]."""
-        mean, log_std = self._mean_log_std(obs)
-        mean, log_std = mean.repeat_interleave(m, 0), log_std.repeat_interleave(m, 0)
-        noise = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
-        u = mean + log_std.exp() * noise
-        return torch.tanh(u), tanh_gaussian_log_prob(noise, log_std, u)
+        their log-probabilities [B m]; `noise` [B m, A]: the standard normal draws to use."""
+        return draw_many(*self._mean_log_std(obs), m, generator, noise)
 
     def forward(self, obs: Tensor) -> Tensor:
         """The deterministic action, tanh of the mean."""
