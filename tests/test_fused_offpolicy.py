@@ -1,4 +1,4 @@
-"""The hand-derived off-policy gradient steps (SAC, TQC, TD3, DQN, IQL) equal the autograd steps (same noise, batch,
+"""The hand-derived off-policy gradient steps (SAC, TQC, TD3, DQN, IQL, CQL) equal the autograd steps (same noise, batch,
 state)."""
 
 from __future__ import annotations

@@ -19,6 +19,8 @@ IQL, with u = min_k Q'_k(s, a) - V(s), w(u) = tau or 1 - tau by the sign of u, m
     deterministic actor, L = mean_B c |m - a|^2:  dL/d out = 2 (c / B) (m - a) (1 - m^2).
 DQN: d huber(td) / d td = clamp(td, -1, 1); through a dueling head Q_a = V + A_a - mean(A):
     dQ_a/dV = 1, dQ_a/dA_j = [j = a] - 1/|A|.
+CQL: dL/dQ_k at the B (1 + 3M) proposal rows from autograd on those [K, rows] values alone (the penalty's softmax
+weights, Cal-QL's bound, the Lagrangian weight), then the critics' backward over the rows by hand; actor as SAC's.
 """
 
 from __future__ import annotations
