@@ -1,5 +1,5 @@
-"""The hand-derived off-policy gradient steps (SAC, TQC, TD3, DQN, IQL, CQL) equal the autograd steps (same noise, batch,
-state)."""
+"""The hand-derived off-policy gradient steps (SAC, TQC, TD3, DQN, IQL, CQL) equal the autograd steps (same noise,
+batch, state)."""
 
 from __future__ import annotations
 

@@ -141,7 +141,16 @@ def test_bf16_precision_is_opt_in_and_refused_without_native_bfloat16(monkeypatc
     monkeypatch.setattr(matmul, "_use_onednn", False)
     try:
         matmul.set_precision("bf16")
+        monkeypatch.setattr(matmul, "_bf16_by_setting", True)  # oneDNN's setting computes in bfloat16 (AMX)
         assert matmul._relative_error(matmul.bmm(a, b), exact) < 2e-2 and calls == [torch.bmm]
+        monkeypatch.setattr(matmul, "_bf16_by_setting", False)  # it keeps float32: cast the inputs instead
+        bias = torch.randn(2, 1, 256, generator=g)
+        low = matmul.baddbmm(bias, a, b, beta=2.0, alpha=2.0)
+        out = torch.empty(2, 256, 256)
+        assert matmul.bmm(a, b, out=out) is out and calls == [torch.bmm]
+        reference = torch.baddbmm(bias.double(), a.double(), b.double(), beta=2.0, alpha=2.0)
+        assert low.dtype == torch.float32 and 1e-5 < matmul._relative_error(low, reference) < 2e-2
+        assert 1e-5 < matmul._relative_error(out, exact) < 2e-2
         matmul.set_precision("fp32")
         assert matmul._relative_error(matmul.bmm(a, b), exact) < 1e-5 and calls == [torch.bmm]
         monkeypatch.setattr(matmul, "bf16_native", lambda: False)
@@ -151,6 +160,17 @@ def test_bf16_precision_is_opt_in_and_refused_without_native_bfloat16(monkeypatc
             matmul.set_precision("fp16")
     finally:
         matmul._precision = "fp32"
+
+
+def test_the_bf16_probe_tells_a_bfloat16_setting_from_a_float32_one(monkeypatch) -> None:
+    """bf16_by_setting: true where oneDNN's reduced-precision setting rounds the inputs to bfloat16 (simulated),
+    false where it keeps float32 (simulated: the exact product)."""
+    monkeypatch.setattr(matmul, "_bf16_by_setting", None)
+    monkeypatch.setattr(matmul, "_onednn_call", lambda op, a, b: torch.bmm(a.bfloat16(), b.bfloat16()).float())
+    assert matmul.bf16_by_setting()
+    monkeypatch.setattr(matmul, "_bf16_by_setting", None)
+    monkeypatch.setattr(matmul, "_onednn_call", lambda op, a, b: torch.bmm(a, b))
+    assert not matmul.bf16_by_setting()
 
 
 def test_bf16_native_reads_the_cpu_flags(tmp_path) -> None:

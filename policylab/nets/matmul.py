@@ -21,10 +21,13 @@ outweighs its speed (the small shapes of `benchmarks/micro.py --only matmul`).
 `POLICYLAB_ONEDNN_MATMUL=0` in the environment turns the oneDNN path off.
 
 `set_precision("bf16")` (a run's `precision=bf16`) is the opt-in exception: where the CPU has native bfloat16
-(AMX or AVX512-BF16), the same large products go to oneDNN with reduced precision allowed on purpose, which
-there means bfloat16 inputs with float32 accumulation and float32 outputs; the weights, gradients and
-optimizer state stay float32. On an Intel Xeon with AMX oneDNN ran 3.3x MKL's float32 on a 256x256x256
-product. It changes the results (about 3 significant digits per product), so it is off by default.
+(AMX or AVX512-BF16), the same large products run with bfloat16 inputs and float32 accumulation; the weights,
+gradients and optimizer state stay float32. Where oneDNN's reduced-precision setting does compute in bfloat16
+(AMX: an Intel Xeon ran 3.3x MKL's float32 on a 256x256x256 product) the products go there with float32
+outputs. Where it keeps float32 (AVX512-BF16 without AMX, e.g. an AMD EPYC Zen 4: the setting changed no bit),
+the inputs are cast to bfloat16 and torch's bfloat16 product runs (about 2x the float32 product there, casts
+included), its output rounded to bfloat16 and cast back; a probe decides which, once per process (`_bf16_route`).
+It changes the results (about 3 significant digits per product), so it is off by default.
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ MIN_MACS_PER_MEMBER = 1 << 20
 MIN_INNER = 16
 _PROBE_TOLERANCE = 8.0  # x MKL's relative error; bfloat16 inputs give ~1000x
 _use_onednn: bool | None = None
+_bf16_by_setting: bool | None = None
 _precision = "fp32"
 PRECISIONS = ("fp32", "bf16")
 
@@ -135,6 +139,42 @@ def _onednn_faster(cpuinfo: Path = Path("/proc/cpuinfo")) -> bool:
     return fields.get("vendor_id") == "AuthenticAMD" and "avx512f" in fields.get("flags", "").split()
 
 
+def bf16_by_setting() -> bool:
+    """Whether oneDNN's reduced-precision setting computes in bfloat16 here (AMX), not float32: its error on
+    inputs near 1 is bfloat16's (probed once per process)."""
+    global _bf16_by_setting
+    if _bf16_by_setting is None:
+        generator = torch.Generator().manual_seed(0)
+        a = 1.0 + 1e-3 * torch.randn(1, 256, 256, generator=generator)
+        b = torch.randn(1, 256, 256, generator=generator)
+        reference = torch.bmm(a.double(), b.double())
+        mkl_error = _relative_error(torch.bmm(a, b), reference)
+        try:
+            error = _relative_error(_onednn_call(torch.bmm, a, b), reference)
+        except RuntimeError:
+            error = mkl_error
+        _bf16_by_setting = error > 100 * max(mkl_error, 1e-7)
+    return _bf16_by_setting
+
+
+def _bf16_call(op, *args, **kwargs) -> Tensor:  # type: ignore[no-untyped-def]
+    """A product with bfloat16 inputs and float32 accumulation: by oneDNN's setting where that computes in
+    bfloat16, else on inputs cast to bfloat16 (output rounded to bfloat16, returned as float32)."""
+    if bf16_by_setting():
+        return _onednn_call(op, *args, **kwargs)
+    if op is torch.bmm:
+        a, b = args
+        product = torch.bmm(a.bfloat16(), b.bfloat16())
+        out = kwargs.get("out")
+        return product.float() if out is None else out.copy_(product)
+    bias, a, b = args
+    beta, alpha = kwargs.get("beta", 1.0), kwargs.get("alpha", 1.0)
+    product = torch.bmm(a.bfloat16(), b.bfloat16()).float()
+    if alpha != 1.0:
+        product.mul_(alpha)
+    return product.add_(bias, alpha=beta)
+
+
 def _onednn_call(op, *args, **kwargs) -> Tensor:  # type: ignore[no-untyped-def]
     settings = torch.backends.mkldnn.matmul  # type: ignore[attr-defined]
     previous = settings.fp32_precision
@@ -188,7 +228,8 @@ def affine(bias: Tensor, a: Tensor, b: Tensor) -> Tensor:
 def bmm(a: Tensor, b: Tensor, out: Tensor | None = None) -> Tensor:
     """`torch.bmm(a, b, out=out)` on the faster exact kernel."""
     if _worth_it(a, b):
-        return _onednn_call(torch.bmm, a, b, out=out)
+        call = _bf16_call if _precision == "bf16" else _onednn_call
+        return call(torch.bmm, a, b, out=out)
     return torch.bmm(a, b, out=out)
 
 
@@ -201,7 +242,8 @@ def baddbmm(bias: Tensor, a: Tensor, b: Tensor, beta: float = 1.0, alpha: float 
     copy of the broadcast bias into the output and the product's read of it (about 0.2 ms of IQL's 5 ms
     step, 1 thread, Xeon)."""
     if _worth_it(a, b):
-        return _onednn_call(torch.baddbmm, bias, a, b, beta=beta, alpha=alpha)
+        call = _bf16_call if _precision == "bf16" else _onednn_call
+        return call(torch.baddbmm, bias, a, b, beta=beta, alpha=alpha)
     if beta == 1.0 and alpha == 1.0 and a.shape[-2] > 1:
         return torch.bmm(a, b).add_(bias)
     return torch.baddbmm(bias, a, b, beta=beta, alpha=alpha)
