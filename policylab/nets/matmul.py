@@ -103,17 +103,22 @@ def _probe() -> bool:
     return _onednn_exact() and _onednn_faster()
 
 
+def _probe_problem() -> tuple[Tensor, Tensor, Tensor, float]:
+    """A product whose inputs lose their offsets when rounded to bfloat16 (values near 1, offsets of 1e-3):
+    a, b, the float64 product and the float32 product's relative error."""
+    generator = torch.Generator().manual_seed(0)
+    a = 1.0 + 1e-3 * torch.randn(2, 256, 256, generator=generator)
+    b = torch.randn(2, 256, 256, generator=generator)
+    reference = torch.bmm(a.double(), b.double())
+    return a, b, reference, _relative_error(torch.bmm(a, b), reference)
+
+
 def _onednn_exact() -> bool:
     """Whether oneDNN's float32 products are float32-accurate here (not bfloat16 in disguise)."""
     settings = getattr(getattr(torch.backends, "mkldnn", None), "matmul", None)
     if not torch.backends.mkldnn.is_available() or not hasattr(settings, "fp32_precision"):
         return False
-    generator = torch.Generator().manual_seed(0)
-    # values near 1 with small offsets: rounding the inputs to bfloat16 (8 bits) loses the offsets
-    a = 1.0 + 1e-3 * torch.randn(2, 256, 256, generator=generator)
-    b = torch.randn(2, 256, 256, generator=generator)
-    reference = torch.bmm(a.double(), b.double())
-    mkl_error = _relative_error(torch.bmm(a, b), reference)
+    a, b, reference, mkl_error = _probe_problem()
     try:
         onednn = _onednn_call(torch.bmm, a, b)
         onednn_t = _onednn_call(torch.bmm, a.transpose(1, 2).contiguous().transpose(1, 2), b)
@@ -144,11 +149,7 @@ def bf16_by_setting() -> bool:
     inputs near 1 is bfloat16's (probed once per process)."""
     global _bf16_by_setting
     if _bf16_by_setting is None:
-        generator = torch.Generator().manual_seed(0)
-        a = 1.0 + 1e-3 * torch.randn(1, 256, 256, generator=generator)
-        b = torch.randn(1, 256, 256, generator=generator)
-        reference = torch.bmm(a.double(), b.double())
-        mkl_error = _relative_error(torch.bmm(a, b), reference)
+        a, b, reference, mkl_error = _probe_problem()
         try:
             error = _relative_error(_onednn_call(torch.bmm, a, b), reference)
         except RuntimeError:
