@@ -1,5 +1,5 @@
-"""The hand-derived off-policy gradient steps (SAC, TQC, TD3, DQN, IQL, CQL) equal the autograd steps (same noise,
-batch, state)."""
+"""The hand-derived off-policy gradient steps (SAC, TQC, TD3, DQN, QR-DQN, IQL, CQL) equal the autograd steps
+(same noise, batch, state)."""
 
 from __future__ import annotations
 
@@ -105,6 +105,22 @@ def test_fused_dqn_step_equals_autograd(overrides):
     batch = loop.buffer.sample(16, torch.Generator().manual_seed(5))
     for _ in range(2):
         fused = fused_dqn_update(algo, batch)
+        reference = twin.autograd_update(batch)
+        _assert_same_step(fused, reference, algo, twin)
+    loop.close()
+    twin_loop.close()
+
+
+@pytest.mark.parametrize("overrides", [{}, {"activation": "tanh", "max_grad_norm": 0.5, "n_quantiles": 7, "n_step": 3}])
+def test_fused_qrdqn_step_equals_autograd(overrides):
+    from policylab.algos.fused_offpolicy import fused_qrdqn_update
+
+    loop, twin_loop = (_warm_loop("qrdqn", "CartPole-v1", overrides) for _ in range(2))
+    algo, twin = loop.algo, twin_loop.algo
+    assert algo.fused
+    batch = loop.buffer.sample(16, torch.Generator().manual_seed(5))
+    for _ in range(2):
+        fused = fused_qrdqn_update(algo, batch)
         reference = twin.autograd_update(batch)
         _assert_same_step(fused, reference, algo, twin)
     loop.close()

@@ -49,6 +49,7 @@ if TYPE_CHECKING:
     from policylab.algos.cql import CQL, CQLNoise
     from policylab.algos.dqn import DQN
     from policylab.algos.iql import IQL
+    from policylab.algos.qrdqn import QRDQN
     from policylab.algos.sac import SAC
     from policylab.algos.td3 import TD3
     from policylab.algos.tqc import TQC
@@ -275,6 +276,31 @@ def fused_dqn_update(algo: DQN, batch: Batch) -> dict[str, Tensor]:
         if cfg.prioritized:
             metrics["td_error"] = td
     return metrics
+
+
+def fused_qrdqn_applies(algo: QRDQN) -> bool:
+    return bool(algo.cfg.analytic_grads and algo.net.encoder is None and algo.net.body.analytic_backward)
+
+
+def fused_qrdqn_update(algo: QRDQN, batch: Batch) -> dict[str, Tensor]:
+    """One QR-DQN gradient step, the same as its autograd path: the quantile Huber loss's gradient (computed with
+    its value) lands in the taken action's N outputs, zero elsewhere."""
+    net, n_quantiles = algo.net, algo.cfg.n_quantiles
+    n = len(batch)
+    with torch.no_grad():
+        target = algo.quantile_target(batch)
+        out, inputs = net.body.forward_cached(batch.obs.flatten(1))
+        actions = batch.actions.long()
+        z_all = out[0].view(n, algo.n_actions, n_quantiles)
+        z = z_all[torch.arange(n, device=z_all.device), actions]
+        loss, g_z, _ = quantile_huber_value_and_grads(z.unsqueeze(0), target)
+        g_out = torch.zeros_like(z_all)
+        index = actions.view(n, 1, 1).expand(n, 1, n_quantiles)
+        g_out.scatter_(1, index, g_z[0].unsqueeze(1).mul_(n_quantiles))  # the loss is scaled by N
+        algo.q_opt.zero_grad_unless_written_by(net.body)
+        net.body.backward(inputs, g_out.view(1, n, -1))
+        algo.q_opt.clip_and_step()
+    return {"loss": loss * n_quantiles, "q": z.mean()}
 
 
 def fused_td3_applies(algo: TD3) -> bool:

@@ -21,6 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from policylab.algos.dqn import DQNConfig, EpsilonGreedyActing
+from policylab.algos.fused_offpolicy import fused_qrdqn_applies, fused_qrdqn_update
 from policylab.algos.offpolicy import (
     FlatAdam,
     TargetNetwork,
@@ -110,6 +111,7 @@ class QRDQN:
         self.action_dtype = torch.long
         self.acting = EpsilonGreedyActing(cfg, self.net, self.q_target, self.n_actions, self.generator)
         self.random_actions, self.explore, self.greedy, self.after_step = self.acting.methods()
+        self.fused = fused_qrdqn_applies(self)
 
     @staticmethod
     def build_policy(cfg: QRDQNConfig, obs_space: gym.Space, act_space: gym.Space) -> QuantileQNetwork:
@@ -122,17 +124,23 @@ class QRDQN:
         return actions
 
     def update(self, batch: Batch, index: int) -> dict[str, Tensor]:
+        return fused_qrdqn_update(self, batch) if self.fused else self.autograd_update(batch)
+
+    def autograd_update(self, batch: Batch) -> dict[str, Tensor]:
         loss, z = self.quantile_loss(batch)
         self.q_opt.step(loss)
         return {"loss": loss.detach(), "q": z.detach().mean()}
 
+    @torch.no_grad()
+    def quantile_target(self, batch: Batch) -> Tensor:
+        """The target atoms [B, N]: r + d (1 - done) Z'(s', argmax_a mean Z'(s', a))."""
+        next_z = self.q_target(batch.next_obs)
+        next_best = next_z[torch.arange(len(batch), device=next_z.device), next_z.mean(-1).argmax(-1)]
+        keep = (batch.discounts * (1.0 - batch.terminated.float())).unsqueeze(-1)
+        return batch.rewards.unsqueeze(-1) + keep * next_best
+
     def quantile_loss(self, batch: Batch) -> tuple[Tensor, Tensor]:
         """The loss of the module docstring, and Z(s, a) [B, N]."""
-        rows = torch.arange(len(batch), device=batch.obs.device)
-        with torch.no_grad():
-            next_z = self.q_target(batch.next_obs)
-            next_best = next_z[rows, next_z.mean(-1).argmax(-1)]
-            keep = (batch.discounts * (1.0 - batch.terminated.float())).unsqueeze(-1)
-            target = batch.rewards.unsqueeze(-1) + keep * next_best
-        z = self.net(batch.obs)[rows, batch.actions.long()]
+        target = self.quantile_target(batch)
+        z = self.net(batch.obs)[torch.arange(len(batch), device=target.device), batch.actions.long()]
         return quantile_huber_loss(z.unsqueeze(0), target) * self.cfg.n_quantiles, z
