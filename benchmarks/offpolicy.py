@@ -719,7 +719,10 @@ def main() -> None:
         help="SB3 with torch.backends.mkldnn.matmul.fp32_precision='bf16' (every float32 product on oneDNN)",
     )
     p.add_argument(
-        "--precision", default="fp32", choices=["fp32", "bf16"], help="policylab's precision (bf16: opt-in, AMX)"
+        "--precision",
+        default="fp32",
+        choices=["fp32", "bf16"],
+        help="policylab's precision (bf16: opt-in, AMX or AVX512-BF16)",
     )
     p.add_argument("--worker", choices=["ours", "sb3"], help=argparse.SUPPRESS)
     p.add_argument("--seed", type=int, default=1, help=argparse.SUPPRESS)
