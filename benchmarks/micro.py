@@ -148,6 +148,7 @@ MATMUL_SHAPES = [  # (members, rows, inner, columns)
     (1, 64, 256, 256),  # DQN at batch 64
     (2, 256, 4, 256),  # a first layer (Pendulum critics): stays on MKL
     (1, 64, 64, 64),  # a small product (2^18 multiply-adds): stays on MKL
+    (2, 7936, 256, 256),  # CQL's critics on B (1 + 3M) proposal rows, hidden layer
 ]
 
 
@@ -165,6 +166,20 @@ def matmul_gflops(members: int, rows: int, inner: int, columns: int) -> tuple[fl
     onednn = flops / timed(lambda: matmul._onednn_call(torch.bmm, a, b), 200) / 1e9
     results = (torch.bmm(a, b), matmul._onednn_call(torch.bmm, a, b), torch.bmm(a.bfloat16(), b.bfloat16()))
     return mkl, onednn, [matmul._relative_error(x, reference) for x in results]
+
+
+def bf16_gflops(members: int, rows: int, inner: int, columns: int) -> float | None:
+    """GFLOP/s of one product as `precision=bf16` runs it here (casts included), None where bf16 is refused."""
+    from policylab.nets import matmul
+
+    if not matmul.bf16_native():
+        return None
+    a, b = torch.randn(members, rows, inner), torch.randn(members, inner, columns)
+    matmul.set_precision("bf16")
+    try:
+        return 2 * members * rows * inner * columns / timed(lambda: matmul.bmm(a, b), 200) / 1e9
+    finally:
+        matmul.set_precision("fp32")
 
 
 def cpu_flags() -> str:
@@ -193,12 +208,20 @@ def matmul_kernels() -> None:
         f"faster kernel (AMD with AVX-512) {matmul._onednn_faster()}: large products go to "
         f"{'oneDNN' if matmul.use_onednn() else 'MKL'}"
     )
+    if matmul.bf16_native():
+        route = (
+            "oneDNN's setting (it rounds to bfloat16 here)" if matmul.bf16_by_setting() else "inputs cast to bfloat16"
+        )
+        print(f"precision=bf16 products here: {route}")
     for shape in MATMUL_SHAPES:
         mkl, onednn, errors = matmul_gflops(*shape)
+        bf16 = bf16_gflops(*shape)
         print(
             f"bmm {'x'.join(map(str, shape))}: MKL {mkl:.0f} GFLOP/s, oneDNN {onednn:.0f} GFLOP/s "
-            f"({onednn / mkl:.2f}x), policylab uses {kernel_used(*shape)}; relative error vs float64: "
-            f"MKL {errors[0]:.1e}, oneDNN {errors[1]:.1e}, bfloat16 inputs {errors[2]:.1e}"
+            f"({onednn / mkl:.2f}x), policylab uses {kernel_used(*shape)}"
+            + ("" if bf16 is None else f", precision=bf16 {bf16:.0f} GFLOP/s")
+            + f"; relative error vs float64: MKL {errors[0]:.1e}, oneDNN {errors[1]:.1e}, "
+            + f"bfloat16 inputs {errors[2]:.1e}"
         )
 
 
