@@ -10,6 +10,7 @@ from policylab.algos import get_algo
 from policylab.algos.fused_offpolicy import (
     fused_dqn_update,
     fused_iql_update,
+    fused_qrdqn_update,
     fused_sac_update,
     fused_td3_update,
     fused_tqc_update,
@@ -90,37 +91,24 @@ def test_fused_tqc_step_equals_autograd(overrides):
 
 
 @pytest.mark.parametrize(
-    "overrides",
+    ("algo_name", "overrides"),
     [
-        {},
-        {"double_q": True, "dueling": True},
-        {"loss": "mse", "activation": "tanh", "max_grad_norm": None},
-        {"prioritized": True, "double_q": True, "n_step": 3},
+        ("dqn", {}),
+        ("dqn", {"double_q": True, "dueling": True}),
+        ("dqn", {"loss": "mse", "activation": "tanh", "max_grad_norm": None}),
+        ("dqn", {"prioritized": True, "double_q": True, "n_step": 3}),
+        ("qrdqn", {}),
+        ("qrdqn", {"activation": "tanh", "max_grad_norm": 0.5, "n_quantiles": 7, "n_step": 3}),
     ],
 )
-def test_fused_dqn_step_equals_autograd(overrides):
-    loop, twin_loop = (_warm_loop("dqn", "CartPole-v1", overrides) for _ in range(2))
+def test_fused_dqn_and_qrdqn_steps_equal_autograd(algo_name, overrides):
+    fused_update = fused_dqn_update if algo_name == "dqn" else fused_qrdqn_update
+    loop, twin_loop = (_warm_loop(algo_name, "CartPole-v1", overrides) for _ in range(2))
     algo, twin = loop.algo, twin_loop.algo
     assert algo.fused
     batch = loop.buffer.sample(16, torch.Generator().manual_seed(5))
     for _ in range(2):
-        fused = fused_dqn_update(algo, batch)
-        reference = twin.autograd_update(batch)
-        _assert_same_step(fused, reference, algo, twin)
-    loop.close()
-    twin_loop.close()
-
-
-@pytest.mark.parametrize("overrides", [{}, {"activation": "tanh", "max_grad_norm": 0.5, "n_quantiles": 7, "n_step": 3}])
-def test_fused_qrdqn_step_equals_autograd(overrides):
-    from policylab.algos.fused_offpolicy import fused_qrdqn_update
-
-    loop, twin_loop = (_warm_loop("qrdqn", "CartPole-v1", overrides) for _ in range(2))
-    algo, twin = loop.algo, twin_loop.algo
-    assert algo.fused
-    batch = loop.buffer.sample(16, torch.Generator().manual_seed(5))
-    for _ in range(2):
-        fused = fused_qrdqn_update(algo, batch)
+        fused = fused_update(algo, batch)
         reference = twin.autograd_update(batch)
         _assert_same_step(fused, reference, algo, twin)
     loop.close()

@@ -195,7 +195,8 @@ class BC:
 
     def fused_deterministic_step(self, batch: Batch) -> Tensor:
         """The deterministic head's step with its gradient by hand (no autograd graph; equal to `loss` under
-        autograd, tests/test_offline.py): m = tanh(out), L = mean (m - a)^2, dL/d out = 2 (m - a) (1 - m^2) / (B A)."""
+        autograd, tests/test_fused_offpolicy.py): m = tanh(out), L = mean (m - a)^2,
+        dL/d out = 2 (m - a) (1 - m^2) / (B A)."""
         body = self.net.body
         with torch.no_grad():
             out, inputs = body.forward_cached(batch.obs.flatten(1))
