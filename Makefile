@@ -6,6 +6,8 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
 BENCH_STAMP := $(VENV)/.installed-bench
+# test worker processes: the CPUs this shell may use, at most 4 (each learning test is mostly one thread)
+TEST_WORKERS ?= $(shell $(PYTHON) -c 'import os; print(max(1, min(4, len(os.sched_getaffinity(0)))))')
 
 .PHONY: demo test bench lint install clean
 
@@ -29,8 +31,11 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/policylab train ppo --env CartPole-v1 --steps 100k --seed 1
 
+# The suite in one worker process per usable core (whole files per worker: their module fixtures are made
+# once), then the few tests that need the other cores idle.
 test: $(STAMP)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile -m 'not alone'
+	$(PY) -m pytest -q -m alone
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check policylab tests benchmarks

@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/products_in_place.py                  # SAC Pendulum-v1 (online update) and IQL
     .venv/bin/python benchmarks/products_in_place.py --algo td3_bc --no-flush
+    .venv/bin/python benchmarks/products_in_place.py --algo sac --algo sb3-sac   # ours and SB3's SAC step
 
 `nets/matmul.bmm` / `baddbmm` (every product of `StackedMLP`) are wrapped with a timer, then 200 updates run
 on 1 thread after 50 of warm-up, with the process settings of the training loops (`runtime.configure`:
@@ -41,6 +42,7 @@ class ProductTimer:
         self.seconds: dict[str, float] = collections.defaultdict(float)
         self.macs: dict[str, float] = collections.defaultdict(float)
         self.calls: collections.Counter[str] = collections.Counter()
+        self._inside = False
         self._bmm, self._baddbmm = matmul.bmm, matmul.baddbmm
         matmul.bmm = lambda a, b, out=None: self._timed("bmm", a, b, lambda: self._bmm(a, b, out=out))
         matmul.baddbmm = lambda bias, a, b, beta=1.0, alpha=1.0: self._timed(
@@ -48,6 +50,15 @@ class ProductTimer:
         )
 
     def _timed(self, op: str, a: torch.Tensor, b: torch.Tensor, call: Any) -> torch.Tensor:
+        if self._inside:  # baddbmm's own call of bmm: counted once, as baddbmm
+            return call()  # type: ignore[no-any-return]
+        self._inside = True
+        try:
+            return self._time(op, a, b, call)
+        finally:
+            self._inside = False
+
+    def _time(self, op: str, a: torch.Tensor, b: torch.Tensor, call: Any) -> torch.Tensor:
         layout = ("aT" if not a.is_contiguous() else "a") + (" bT" if not b.is_contiguous() else " b")
         key = f"{op} {tuple(a.shape)}x{tuple(b.shape)} {layout}"
         start = time.perf_counter()
@@ -93,9 +104,38 @@ def offline_step(name: str) -> Any:
     return lambda i: algo.update(source.sample(cfg.batch_size, algo.generator), i)
 
 
+def sb3_sac_products(updates: int) -> None:
+    """SB3's SAC update with the `sac` case's settings (Pendulum-v1, lr 1e-3, batch 256, 1 thread): ms per update
+    untimed, then the products' share under torch's profiler (their autograd backward is C++, out of reach of a
+    Python timer). Needs the bench extra (`make .venv/.installed-bench`)."""
+    import gymnasium as gym
+    from stable_baselines3 import SAC
+    from torch.profiler import ProfilerActivity, profile
+
+    model = SAC("MlpPolicy", gym.make("Pendulum-v1"), learning_rate=1e-3, learning_starts=100, seed=0, device="cpu")
+    model.learn(2000)
+    model.train(gradient_steps=50, batch_size=256)
+    start = time.perf_counter()
+    model.train(gradient_steps=updates, batch_size=256)
+    per_update = (time.perf_counter() - start) / updates * 1e3
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        model.train(gradient_steps=updates, batch_size=256)
+    events = prof.key_averages()
+    total = sum(e.self_cpu_time_total for e in events)
+    products = sum(e.self_cpu_time_total for e in events if e.key in ("aten::mm", "aten::addmm", "aten::bmm"))
+    print(
+        f"\nsb3-sac: {per_update:.2f} ms per update; under the profiler {total / updates / 1e3:.2f} ms, of which "
+        f"{products / updates / 1e3:.2f} ms in products ({100 * products / total:.0f}%)"
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--algo", action="append", help="sac (Pendulum, online) or an offline algorithm; repeatable")
+    parser.add_argument(
+        "--algo",
+        action="append",
+        help="sac (Pendulum, online), sb3-sac (SB3's SAC update, same settings) or an offline algorithm; repeatable",
+    )
     parser.add_argument("--no-flush", action="store_true", help="leave denormals as they are")
     parser.add_argument("--updates", type=int, default=200)
     a = parser.parse_args()
@@ -104,6 +144,9 @@ def main() -> None:
         torch.set_flush_denormal(False)
     timer = ProductTimer()
     for name in a.algo or ["sac", "iql"]:
+        if name == "sb3-sac":
+            sb3_sac_products(a.updates)
+            continue
         step = sac_step() if name == "sac" else offline_step(name)
         for i in range(50):
             step(i)

@@ -40,6 +40,7 @@ def _spinners(n: int) -> list[subprocess.Popen]:
     return [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(n)]
 
 
+@pytest.mark.alone  # "more once it stops" needs the other cores idle: not beside another test worker
 @pytest.mark.skipif(not os.path.exists("/proc/stat"), reason="threads=auto reads /proc/stat (Linux)")
 def test_auto_threads_use_one_thread_while_another_process_keeps_a_core_busy_and_more_once_it_stops():
     from policylab import runtime
