@@ -240,9 +240,8 @@ def baddbmm(bias: Tensor, a: Tensor, b: Tensor, beta: float = 1.0, alpha: float 
     With beta = alpha = 1 and more than one row it is `bmm(a, b) + bias`, the bias added in place after the
     product, on either kernel: baddbmm first copies the broadcast bias into the output and the product then
     reads it back. On MKL that copy was about 0.2 ms of IQL's 5 ms step (1 thread, Intel Xeon; there the result
-    is bit for bit baddbmm's, which adds C after forming the product); inside SAC's step on an AMD EPYC Zen 4
-    oneDNN's copy took 0.2 ms per hidden layer under torch's profiler, about 0.9 ms of a 10 ms step. Single rows
-    go to a kernel that accumulates onto C, so they stay on baddbmm."""
+    is bit for bit baddbmm's, which adds C after forming the product); oneDNN's baddbmm makes the same copy.
+    Single rows go to a kernel that accumulates onto C, so they stay on baddbmm."""
     if beta == 1.0 and alpha == 1.0 and a.shape[-2] > 1:
         return bmm(a, b).add_(bias)
     if _worth_it(a, b):
