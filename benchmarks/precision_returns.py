@@ -4,6 +4,10 @@ Needs a CPU with native bfloat16 (AMX or AVX512-BF16).
 
     .venv/bin/python benchmarks/precision_returns.py --case td3-pendulum --seeds 2
     .venv/bin/python benchmarks/precision_returns.py --case sac-pendulum --seeds 3 --first-seed 3
+    .venv/bin/python benchmarks/precision_returns.py --case sac-halfcheetah --steps 50000 --seeds 8 --jobs 2
+
+`--jobs 2` runs a seed's float32 and bf16 runs at the same time (one thread each), for returns only: its wall
+clocks are not speed figures (the two runs share the machine's caches and memory).
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ import json
 import statistics
 import sys
 import tempfile
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -25,28 +30,41 @@ def main() -> None:
     parser.add_argument("--case", action="append", choices=list(CASES), help="repeatable (default td3-pendulum)")
     parser.add_argument("--seeds", type=int, default=2)
     parser.add_argument("--first-seed", type=int, default=1, help="seeds first-seed .. first-seed + seeds - 1")
+    parser.add_argument("--steps", type=int, help="env steps per run, overriding each case's")
+    parser.add_argument("--curve-every", type=int, help="evaluate every N steps too: the late-run mean return")
+    parser.add_argument("--jobs", type=int, default=1, choices=[1, 2], help="2: a seed's two runs at once")
     a = parser.parse_args()
     cases = a.case or ["td3-pendulum"]
     runs: list[dict[str, Any]] = []
     script = Path(__file__).parent / "offpolicy.py"
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp, ThreadPoolExecutor(a.jobs) as pool:
+
+        def one(case: str, seed: int, precision: str) -> dict[str, Any]:
+            args = ["--worker", "ours", "--case", case, "--seed", str(seed), "--precision", precision]
+            args += ["--steps", str(a.steps)] if a.steps is not None else []
+            args += ["--curve-every", str(a.curve_every)] if a.curve_every else []
+            res = run_worker(script, args, Path(tmp) / f"ours-{precision}.json", env=ONE_THREAD)
+            if res.record is None:
+                raise SystemExit(f"{case} {precision} seed {seed} failed:\n{res.tail}")
+            row = {"case": case, "seed": seed, "precision": precision, "wall_s": res.wall_s, "steps": a.steps,
+                   "return": res.record.get("eval_return_mean"), "jobs": a.jobs,
+                   "late_return": res.record.get("late_return_mean"), "curve": res.record.get("curve")}  # fmt: skip
+            print(json.dumps(row), flush=True)
+            return row
+
         for case in cases:
             for seed in range(a.first_seed, a.first_seed + a.seeds):
-                for precision in ("fp32", "bf16"):  # alternating, as everywhere
-                    args = ["--worker", "ours", "--case", case, "--seed", str(seed), "--precision", precision]
-                    res = run_worker(script, args, Path(tmp) / "ours.json", env=ONE_THREAD)
-                    if res.record is None:
-                        raise SystemExit(f"{case} {precision} seed {seed} failed:\n{res.tail}")
-                    row = {"case": case, "seed": seed, "precision": precision, "wall_s": res.wall_s,
-                           "return": res.record.get("eval_return_mean")}  # fmt: skip
-                    print(json.dumps(row), flush=True)
-                    runs.append(row)
+                # alternating, as everywhere (or both at once with --jobs 2)
+                runs += pool.map(one, (case, case), (seed, seed), ("fp32", "bf16"))
     for case in cases:
         for precision in ("fp32", "bf16"):
             mine = [r for r in runs if r["case"] == case and r["precision"] == precision]
             wall = statistics.median(r["wall_s"] for r in mine)
             returns = ", ".join(f"{r['return']:.1f}" for r in mine)
             print(f"{case:<16}{precision:<6} wall {wall:7.1f} s   returns by seed: {returns}")
+            if a.curve_every:
+                late = ", ".join(f"{r['late_return']:.1f}" for r in mine)
+                print(f"{'':<22} late-run mean returns by seed: {late}")
     payload = {"provenance": provenance(["torch", "policylab"]), "runs": runs, "argv": sys.argv[1:]}
     print(f"results: {write_results('precision_returns', payload)}")
 

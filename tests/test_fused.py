@@ -213,6 +213,36 @@ def test_fused_step_matches_autograd_step(kind, activation, shared, options):
         torch.testing.assert_close(q, p, atol=1e-6, rtol=1e-5, msg=name)
 
 
+@pytest.mark.parametrize(("kind", "activation"), [("continuous", "tanh"), ("discrete", "relu")])
+def test_value_step_is_the_fused_step_with_zero_advantages(kind, activation):
+    """TRPO's critic fit: the critic's member alone gives the full step's loss, gradients and parameters."""
+    torch.manual_seed(0)
+    obs_space, act_space = _spaces(kind)
+    net_a = ActorCritic(obs_space, act_space, (32, 32), activation, log_std_init=-0.5)
+    net_b = copy.deepcopy(net_a)
+    buf_a, buf_b = ParameterBuffer(net_a.parameters()), ParameterBuffer(net_b.parameters())
+    full = FusedActorCriticStep(net_a, buf_a, adam([buf_a.flat], 3e-3), max_grad_norm=0.5)
+    critic_only = FusedActorCriticStep(net_b, buf_b, adam([buf_b.flat], 3e-3), max_grad_norm=0.5)
+    g = torch.Generator().manual_seed(1)
+    obs = torch.randn(B, 6, generator=g)
+    with torch.no_grad():
+        actions, _, values = net_a.act(obs, g)
+    returns = values + torch.randn(B, generator=g)
+    batch = Batch(obs=obs, actions=actions, advantages=torch.zeros(B), returns=returns)
+    m_a, _ = full(batch, ActorCriticLoss(clip_low=None, vf_coef=1.0, ent_coef=0.0))
+    buf_b.grad.fill_(1.0)  # stale entries: zeroed by the caller, left alone by value_step
+    buf_b.zero_grad()
+    v_loss = critic_only.value_step(obs, returns)
+    torch.testing.assert_close(v_loss, m_a["value_loss"])
+    moved = 0
+    for (name, p), q in zip(net_a.named_parameters(), net_b.parameters()):
+        torch.testing.assert_close(q.grad, p.grad, atol=1e-7, rtol=1e-5, msg=name)
+        torch.testing.assert_close(q, p, atol=1e-7, rtol=1e-6, msg=name)
+        moved += float(p.grad.abs().max()) > 0.0
+    assert moved == len(net_a.body.weights) + len(net_a.body.biases)  # the critic's member of every layer
+    assert float(net_b.body.weights[0].grad[0].abs().max()) == 0.0  # the actor's, none
+
+
 def test_fast_path_is_chosen_only_where_it_applies():
     obs_space, act_space = _spaces("continuous")
     assert FusedActorCriticStep.supports(ActorCritic(obs_space, act_space, activation="tanh"))

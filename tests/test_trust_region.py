@@ -195,6 +195,38 @@ def test_every_trpo_update_stays_within_target_kl(env):
         loop.close()
 
 
+@pytest.mark.parametrize(
+    ("action_space", "activation", "squash"),
+    [
+        (gym.spaces.Box(-1.0, 1.0, (3,)), "tanh", False),
+        (gym.spaces.Box(-1.0, 1.0, (2,)), "relu", True),
+        (gym.spaces.Discrete(4), "tanh", False),
+        (gym.spaces.MultiDiscrete([3, 2]), "relu", False),
+    ],
+)
+def test_trpo_fisher_vector_products_equal_double_backprop(action_space, activation, squash):
+    from policylab.algos.trpo import ActorFisher, _autograd_fisher
+    from policylab.optim import ParameterBuffer
+
+    torch.manual_seed(0)
+    obs_space = gym.spaces.Box(-np.inf, np.inf, (5,))
+    net = ActorCritic(obs_space, action_space, (16, 8), activation, log_std_init=-0.5, squash=squash)
+    params = ParameterBuffer(list(net.parameters()))
+    with torch.no_grad():
+        params.flat.add_(0.3 * torch.randn_like(params.flat))  # off the init: ReLUs of both signs, log-std != 0
+    assert ActorFisher.supports(net)
+    obs = torch.randn(B, 5)
+    with torch.no_grad():
+        old_out = net.policy_outputs(obs)
+        old_log_std = None if net.log_std is None else net.log_std.detach().clone()
+    kl = net.head.kl(old_out, old_log_std, net.policy_outputs(obs), net.log_std).mean()
+    reference = _autograd_fisher(kl, params.params, damping=0.1)
+    analytic = ActorFisher(net, params, obs, damping=0.1)
+    for _ in range(3):  # the same cached activations serve every product
+        v = torch.randn_like(params.flat)
+        torch.testing.assert_close(analytic(v), reference(v), rtol=1e-5, atol=1e-6)
+
+
 def test_fixpo_fixup_phase_ends_inside_the_trust_region():
     # a large learning rate, many epochs and a tight eps_kl: the primary phase leaves the region, the fixup
     # phase brings the policy back

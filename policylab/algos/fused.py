@@ -139,6 +139,26 @@ class FusedActorCriticStep:
                 metrics["grad_norm"] = grad_norm
         return metrics, True
 
+    def value_step(self, obs: Tensor, returns: Tensor, with_metrics: bool = True) -> Tensor | None:
+        """One optimizer step on (V - R)^2 through the critic's member alone (separate actor and critic
+        networks): the same gradient as `__call__` with zero advantages, no entropy and vf_coef 1 (TRPO's
+        critic fit), without the actor's forward, head and backward. The actor's gradient entries are left as
+        they are: the caller zeroes them (`params.zero_grad()`) once before its value steps. Returns the loss
+        (None without metrics)."""
+        net = self.net
+        assert not net.shared, "value_step needs separate actor and critic networks"
+        with torch.no_grad():
+            critic = slice(1, 2)
+            out, cache = net.body.forward_cached(obs.reshape(obs.shape[0], net.obs_dim), members=critic)
+            v_loss, g_values = value_loss_grad(out[0, :, 0], returns, with_loss=with_metrics)
+            g_out = self._zeros_like(out)
+            g_out[0, :, 0] = g_values
+            net.body.backward(cache, g_out, members=critic)
+            if self.max_grad_norm is not None:
+                self.params.clip_grad_norm_(self.max_grad_norm)
+            self.optimizer.step()
+        return v_loss
+
     def _zeros_like(self, out: Tensor) -> Tensor:
         """A preallocated zero gradient for the output: the slices written each step cover every used entry."""
         key = out.shape[1]

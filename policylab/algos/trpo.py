@@ -4,14 +4,14 @@ for each iteration:
     collect n_steps x num_envs transitions with pi_old           (the loop)
     A, R = GAE(lambda)(rewards, V);  A normalized
     L(theta) = mean r A,  r = pi_theta(a|s) / pi_old(a|s)          (objectives.pg_surrogate, unclipped)
-    g = grad L;  F v = grad((grad mean KL(pi_old || pi_theta)) . v) + damping v   (Fisher-vector products by
-                                                                     double backprop at theta_old)
+    g = grad L;  F v = grad((grad mean KL(pi_old || pi_theta)) . v) + damping v   (Fisher-vector products at
+                                    theta_old: forward- then reverse-mode through the actor, `ActorFisher`)
     x = F^-1 g by cg_max_steps conjugate-gradient iterations        (optim.conjugate_gradient)
     step = sqrt(2 target_kl / x.F x) x                              (the largest step the KL bound allows)
     backtracking line search: theta = theta_old + shrink^j step, j = 0..line_search_max_iter-1, the first with
         L(theta) > L(theta_old) and mean KL(pi_old || pi_theta) <= target_kl  (closed form, nets/heads.py);
         none: theta stays theta_old
-    n_critic_updates epochs of Adam minibatch steps on (V(s) - R)^2  (the fused step, with zero advantages)
+    n_critic_updates epochs of Adam minibatch steps on (V(s) - R)^2  (the fused step, critic member alone)
 
 The actor and the critic are two members of one stacked MLP whose parameters are one flat vector: the policy
 gradient and every Fisher-vector product are zero on the critic's entries, so CG and the line search work on the
@@ -21,12 +21,14 @@ only. Defaults follow SB3-contrib's TRPO.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import gymnasium as gym
 import torch
 from torch import Tensor
 
+from policylab.algos.fused import FusedActorCriticStep
 from policylab.algos.onpolicy import (
     ActorCriticLoss,
     OnPolicyConfig,
@@ -43,7 +45,7 @@ from policylab.data import Batch
 from policylab.errors import ConfigError
 from policylab.nets import ActorCritic
 from policylab.objectives import pg_surrogate
-from policylab.optim import conjugate_gradient, set_lr
+from policylab.optim import ParameterBuffer, conjugate_gradient, set_lr
 
 
 @dataclass
@@ -134,14 +136,14 @@ class TRPO:
             return -loss, net.head.kl(old_out, old_log_std, out, net.log_std).mean()  # type: ignore[arg-type]
 
         objective, kl = surrogate_and_kl()
-        grads = torch.autograd.grad(objective, params.params, retain_graph=True, allow_unused=True)
+        analytic = ActorFisher.supports(net)  # else double backprop through this graph: keep it
+        grads = torch.autograd.grad(objective, params.params, retain_graph=not analytic, allow_unused=True)
         g = _flat(grads, params.params)
-        kl_grads = _flat(torch.autograd.grad(kl, params.params, create_graph=True, allow_unused=True), params.params)
-
-        def fisher_vector(v: Tensor) -> Tensor:
-            hv = torch.autograd.grad(kl_grads @ v, params.params, retain_graph=True, allow_unused=True)
-            return _flat(hv, params.params) + cfg.cg_damping * v
-
+        fisher_vector: Callable[[Tensor], Tensor]
+        if analytic:
+            fisher_vector = ActorFisher(net, params, data.obs, cfg.cg_damping)
+        else:
+            fisher_vector = _autograd_fisher(kl, params.params, cfg.cg_damping)
         direction = conjugate_gradient(fisher_vector, g, cfg.cg_max_steps)
         step = direction * torch.sqrt(2.0 * cfg.target_kl / (direction @ fisher_vector(direction)).clamp_min(1e-12))
         theta_old, objective_old = params.flat.detach().clone(), float(objective.detach())
@@ -165,9 +167,13 @@ class TRPO:
         }
 
     def critic_steps(self, data: Batch) -> dict[str, Tensor]:
-        """n_critic_updates epochs of shuffled minibatches: the actor-critic step with zero advantages (so the
-        policy gets no gradient) and vf_coef 1, i.e. Adam on (V - R)^2 (the fused path where it applies)."""
-        cfg = self.cfg
+        """n_critic_updates epochs of shuffled minibatches of Adam on (V - R)^2: through the critic's member alone
+        (`value_step`) on the fused path, else the actor-critic step with zero advantages (so the policy gets no
+        gradient) and vf_coef 1."""
+        cfg, step = self.cfg, self.learner.step
+        fused = step if isinstance(step, FusedActorCriticStep) else None
+        if fused is not None:
+            self.learner.params.zero_grad()  # the actor's entries stay zero through value_step
         critic = Batch(obs=data.obs, actions=data.actions, advantages=torch.zeros_like(data.returns))
         critic.returns = data.returns
         loss = ActorCriticLoss(clip_low=None, vf_coef=1.0, ent_coef=0.0)
@@ -177,11 +183,81 @@ class TRPO:
             order = torch.randperm(n, generator=self.generator, device=data.obs.device)
             last = epoch == cfg.n_critic_updates - 1
             for start in range(0, n, cfg.batch_size):
-                metrics, _ = self.learner.step(critic.select(order[start : start + cfg.batch_size]), loss,
-                                               with_metrics=last)  # fmt: skip
+                rows = order[start : start + cfg.batch_size]
+                if fused is not None:
+                    obs, returns = data.obs.index_select(0, rows), data.returns.index_select(0, rows)
+                    v_loss = fused.value_step(obs, returns, with_metrics=last)
+                else:
+                    metrics, _ = step(critic.select(rows), loss, with_metrics=last)
+                    v_loss = metrics["value_loss"]
                 if last:
-                    values.append(metrics["value_loss"])
+                    values.append(v_loss)  # type: ignore[arg-type]
         return {"value_loss": torch.stack(values).mean()}
+
+
+class ActorFisher:
+    """Fisher-vector products of the actor at its current weights, without double backprop.
+
+    F v = mean_i J_i^T M_i J_i v (+ the head's log-std block), with J_i the Jacobian of sample i's head inputs
+    (means or logits) in the actor's weights and M_i the head's Fisher matrix in them (`head.fisher_product`):
+    the Hessian of the mean KL(pi_old || pi) at pi = pi_old, which double backprop computes through autograd's
+    graph. Here J v is one forward-mode pass (`StackedMLP.jvp`) and J^T u one backward (`StackedMLP.backward`),
+    both through the actor's member alone, at the activations of one cached forward. v and F v are the
+    learner's flat vectors: the critic's entries of F v are damping * v's (zero in TRPO's solve)."""
+
+    def __init__(self, net: ActorCritic, params: ParameterBuffer, obs: Tensor, damping: float) -> None:
+        self.net, self.damping = net, damping
+        body = net.body
+        self.out, self.inputs = body.forward_cached(obs.reshape(obs.shape[0], net.obs_dim), members=1)
+        self.scale = 1.0 / obs.shape[0]
+        self._where: dict[int, tuple[int, torch.Size]] = {}
+        offset = 0
+        for p in params.params:
+            self._where[id(p)] = (offset, p.shape)
+            offset += p.numel()
+        self.result = torch.empty(offset, dtype=params.flat.dtype, device=params.flat.device)
+        self._layers = list(zip(body.weights, body.biases))
+        self.log_std_at = self._where[id(net.log_std)][0] if net.log_std is not None else None
+
+    @staticmethod
+    def supports(net: torch.nn.Module) -> bool:
+        return (
+            isinstance(net, ActorCritic)
+            and net.encoder is None
+            and not net.recurrent
+            and not net.shared
+            and net.body.analytic_backward
+        )
+
+    def _actor(self, flat: Tensor, p: Tensor) -> Tensor:
+        """The actor's member of stacked parameter p, as a view of a flat vector in the learner's layout."""
+        start, shape = self._where[id(p)]
+        return flat[start : start + p.numel()].view(shape)[:1]
+
+    def __call__(self, v: Tensor) -> Tensor:
+        net, view = self.net, self._actor
+        w_tangents = [view(v, w) for w, _ in self._layers]
+        b_tangents = [view(v, b) for _, b in self._layers]
+        tangent = net.body.jvp(self.inputs, w_tangents, b_tangents, members=1)[0]
+        u = net.head.fisher_product(self.out[0], net.log_std, tangent).mul_(self.scale)
+        result = self.result.zero_()
+        into = [(view(result, w), view(result, b)) for w, b in self._layers]
+        net.body.backward(self.inputs, u.unsqueeze(0), members=1, into=into)
+        if self.log_std_at is not None:
+            at, n = self.log_std_at, net.log_std.numel()  # type: ignore[union-attr]
+            result[at : at + n] = v[at : at + n] * net.head.log_std_fisher  # type: ignore[union-attr]
+        return result.add_(v, alpha=self.damping)
+
+
+def _autograd_fisher(kl: Tensor, params: list[torch.nn.Parameter], damping: float) -> Callable[[Tensor], Tensor]:
+    """Fisher-vector products by double backprop through the mean KL's graph (any network)."""
+    kl_grads = _flat(torch.autograd.grad(kl, params, create_graph=True, allow_unused=True), params)
+
+    def fisher_vector(v: Tensor) -> Tensor:
+        hv = torch.autograd.grad(kl_grads @ v, params, retain_graph=True, allow_unused=True)
+        return _flat(hv, params) + damping * v
+
+    return fisher_vector
 
 
 def _flat(grads: tuple[Tensor | None, ...], params: list[torch.nn.Parameter]) -> Tensor:

@@ -84,6 +84,13 @@ class CategoricalHead:
             g_logits.sub_(g_h * g_entropy.unsqueeze(-1) if isinstance(g_entropy, Tensor) else g_h * g_entropy)
         return g_logits, None
 
+    def fisher_product(self, logits: Tensor, _log_std: Tensor | None, tangent: Tensor) -> Tensor:
+        """The distribution's Fisher matrix in its logits times `tangent`, per sample: (diag(p) - p p^T) t, the
+        Hessian of KL(pi_old || pi) in pi's logits at pi = pi_old (TRPO's Fisher-vector products)."""
+        p = torch.softmax(logits, dim=-1)
+        pt = p * tangent
+        return pt.sub_(p * pt.sum(-1, keepdim=True))
+
     def kl(self, logits: Tensor, _log_std: Tensor | None, ref_logits: Tensor, _ref_log_std: Tensor | None) -> Tensor:
         """KL(pi || pi_ref) per sample, in closed form: sum_a p(a) (log p(a) - log p_ref(a))."""
         logp_all = torch.log_softmax(logits, dim=-1)
@@ -188,6 +195,12 @@ class MultiCategoricalHead:
             g_h = probs * (logp_all + per_dim.unsqueeze(-1))
             g_grid.sub_(g_h * g_entropy.view(-1, 1, 1) if isinstance(g_entropy, Tensor) else g_h * g_entropy)
         return g_grid.reshape(g_grid.shape[0], self.n_outputs), None
+
+    def fisher_product(self, logits: Tensor, _log_std: Tensor | None, tangent: Tensor) -> Tensor:
+        """As CategoricalHead's, one dimension's row of the grid at a time (the padded entries have p = 0)."""
+        p = torch.softmax(self._grid(logits), dim=-1)
+        pt = p * tangent.reshape(p.shape)
+        return pt.sub_(p * pt.sum(-1, keepdim=True)).reshape(tangent.shape)
 
     def kl(self, logits: Tensor, _log_std: Tensor | None, ref_logits: Tensor, _ref_log_std: Tensor | None) -> Tensor:
         """KL(pi || pi_ref) per sample: the sum over the independent dimensions of their categorical KLs."""
@@ -297,6 +310,15 @@ class GaussianHead:
         entropy_part = g_entropy.sum() if isinstance(g_entropy, Tensor) else g_entropy * z.shape[0]
         g_log_std = (g * (z * z - 1.0)).sum(0) + entropy_part
         return g_mean, g_log_std
+
+    log_std_fisher = 2.0
+    """The Fisher matrix's block of the log-std parameter: 2 I (the mean and log-std blocks do not mix)."""
+
+    def fisher_product(self, mean: Tensor, log_std: Tensor | None, tangent: Tensor) -> Tensor:
+        """The distribution's Fisher matrix in its mean times `tangent`, per sample: t / std^2, the Hessian of
+        KL(pi_old || pi) in pi's mean at pi = pi_old (also with squashing: the KL is that of the Gaussians)."""
+        assert log_std is not None
+        return tangent * torch.exp(-2.0 * log_std)
 
     def kl(self, mean: Tensor, log_std: Tensor | None, ref_mean: Tensor, ref_log_std: Tensor | None) -> Tensor:
         """KL(pi || pi_ref) per sample between the diagonal Gaussians, in closed form: sum over dimensions of
