@@ -6,6 +6,7 @@ Needs a CPU with native bfloat16 (AMX or AVX512-BF16).
     .venv/bin/python benchmarks/precision_returns.py --case sac-pendulum --seeds 3 --first-seed 3
     .venv/bin/python benchmarks/precision_returns.py --case sac-halfcheetah --steps 50000 --seeds 8 --jobs 2
 
+`--summarize FILE` prints the summary (paired differences with a bootstrap interval) of an earlier results file.
 `--jobs 2` runs a seed's float32 and bf16 runs at the same time (one thread each), for returns only: its wall
 clocks are not speed figures (the two runs share the machine's caches and memory).
 """
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import random
 import statistics
 import sys
 import tempfile
@@ -33,7 +35,11 @@ def main() -> None:
     parser.add_argument("--steps", type=int, help="env steps per run, overriding each case's")
     parser.add_argument("--curve-every", type=int, help="evaluate every N steps too: the late-run mean return")
     parser.add_argument("--jobs", type=int, default=1, choices=[1, 2], help="2: a seed's two runs at once")
+    parser.add_argument("--summarize", metavar="FILE", help="only print the summary of an earlier results file")
     a = parser.parse_args()
+    if a.summarize:
+        summarize(json.loads(Path(a.summarize).read_text())["runs"])
+        return
     cases = a.case or ["td3-pendulum"]
     runs: list[dict[str, Any]] = []
     script = Path(__file__).parent / "offpolicy.py"
@@ -56,17 +62,38 @@ def main() -> None:
             for seed in range(a.first_seed, a.first_seed + a.seeds):
                 # alternating, as everywhere (or both at once with --jobs 2)
                 runs += pool.map(one, (case, case), (seed, seed), ("fp32", "bf16"))
-    for case in cases:
-        for precision in ("fp32", "bf16"):
-            mine = [r for r in runs if r["case"] == case and r["precision"] == precision]
-            wall = statistics.median(r["wall_s"] for r in mine)
-            returns = ", ".join(f"{r['return']:.1f}" for r in mine)
-            print(f"{case:<16}{precision:<6} wall {wall:7.1f} s   returns by seed: {returns}")
-            if a.curve_every:
-                late = ", ".join(f"{r['late_return']:.1f}" for r in mine)
-                print(f"{'':<22} late-run mean returns by seed: {late}")
+    summarize(runs)
     payload = {"provenance": provenance(["torch", "policylab"]), "runs": runs, "argv": sys.argv[1:]}
     print(f"results: {write_results('precision_returns', payload)}")
+
+
+def summarize(runs: list[dict[str, Any]]) -> None:
+    """Per case: each precision's returns by seed, then the paired differences bf16 - float32 (same seed):
+    their mean, a 95% bootstrap interval of that mean (10,000 resamples of the seeds, fixed RNG) and how many
+    seeds bf16 ends lower on; for the final return and, where the runs evaluated during training, the late-run
+    mean return."""
+    for case in dict.fromkeys(r["case"] for r in runs):
+        by = {(r["seed"], r["precision"]): r for r in runs if r["case"] == case}
+        seeds = sorted({seed for seed, _ in by if (seed, "fp32") in by and (seed, "bf16") in by})
+        for precision in ("fp32", "bf16"):
+            wall = statistics.median(by[s, precision]["wall_s"] for s in seeds)
+            returns = ", ".join(f"{by[s, precision]['return']:.1f}" for s in seeds)
+            print(f"{case:<16}{precision:<6} wall {wall:7.1f} s   returns by seed {seeds}: {returns}")
+        for key in ("return", "late_return"):
+            if any(by[s, p].get(key) is None for s in seeds for p in ("fp32", "bf16")):
+                continue
+            diffs = [by[s, "bf16"][key] - by[s, "fp32"][key] for s in seeds]
+            base = statistics.mean(by[s, "fp32"][key] for s in seeds)
+            low, high = _bootstrap_mean_interval(diffs)
+            lower = sum(d < 0 for d in diffs)
+            print(f"{'':<22}{key}: bf16 - fp32 mean {statistics.mean(diffs):+.1f} (95% interval {low:+.1f} to "
+                  f"{high:+.1f}; fp32 mean {base:.1f}); bf16 lower on {lower} of {len(diffs)} seeds")  # fmt: skip
+
+
+def _bootstrap_mean_interval(values: list[float], resamples: int = 10_000) -> tuple[float, float]:
+    rng = random.Random(0)
+    means = sorted(statistics.fmean(rng.choices(values, k=len(values))) for _ in range(resamples))
+    return means[int(0.025 * resamples)], means[int(0.975 * resamples) - 1]
 
 
 if __name__ == "__main__":
