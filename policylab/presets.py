@@ -361,6 +361,23 @@ PRESETS["fpo"] = {
         },
         _NAVIGATION_SOURCE,
     ),
+    "InvertedPendulum-v5": Preset(
+        {
+            "steps": 100_000, "num_envs": 8, "n_steps": 128, "batch_size": 256, "epochs": 5, "lr": 1e-3,
+            "clip_eps": 0.1, "mc_draws": 4, "denoiser_hidden_sizes": [64, 64], "hidden_sizes": [64, 64],
+        },
+        "policylab's own settings (solves it within 100k steps; benchmarks/README.md, `expressive.py --fpo`)",
+    ),
+    "Hopper-v5": Preset(
+        {
+            "steps": 200_000, **_NORM, "num_envs": 1, "n_steps": 512, "batch_size": 32, "epochs": 5,
+            "gamma": 0.999, "gae_lambda": 0.99, "lr": 1e-4, "clip_eps": 0.1, "mc_draws": 4,
+            "denoiser_hidden_sizes": [256, 256], "hidden_sizes": [256, 256],
+        },
+        "policylab's own settings: the rollout and update schedule of PPO's rl-zoo Hopper-v4 entry (1 env x 512 "
+        "steps, batch 32, 5 epochs, gamma 0.999, lambda 0.99, normalization, [256, 256]) with FPO's clip 0.1 and "
+        "4 draws; chosen among seven settings tried at 200k steps (benchmarks/README.md, `expressive.py --fpo`)",
+    ),
 }  # fmt: skip
 
 

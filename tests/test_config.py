@@ -254,3 +254,16 @@ def test_an_on_policy_budget_rounded_up_to_whole_rollouts_is_said():
     assert not any("rounded up" in n for n in exact + close)
     _, off_policy = resolve_config(get_algo("sac"), env="Pendulum-v1", steps=5_001, preset="none")
     assert not any("rounded up" in n for n in off_policy)
+
+
+def test_every_preset_resolves_to_a_valid_config():
+    """A preset is a user-facing claim: every one must name real fields with values its algorithm accepts."""
+    from policylab.algos import get_algo
+    from policylab.presets import ATARI, PRESETS
+    from policylab.train import resolve_config
+
+    for algo, table in PRESETS.items():
+        for env, preset in table.items():
+            cfg, notes = resolve_config(get_algo(algo), env="PongNoFrameskip-v4" if env == ATARI else env)
+            assert all(getattr(cfg, k) == v for k, v in preset.values.items()), (algo, env)
+            assert notes and "tuned" in notes[0], (algo, env)
