@@ -43,6 +43,7 @@ return curve and the late-run mean (the evaluations of the last 40% of the run);
 Seeds alternate (ppo, fpo, fpo, ppo, ...).
 
     .venv/bin/python benchmarks/expressive.py --fpo --seeds 3       # results/expressive-fpo-<date>.json
+    .venv/bin/python benchmarks/expressive.py --fpo --fpo-envs InvertedPendulum-v5 --seeds 3    # one env
 
 `--offline`: IDQL vs IQL and EDP vs Diffusion-QL on the hopper datasets (benchmarks/expressive_offline.py; the
 remaining arguments go to it).
@@ -352,14 +353,18 @@ def fpo_run(algo: str, env: str, seed: int, root: Path, args: argparse.Namespace
 
 
 def fpo_vs_ppo(args: argparse.Namespace) -> dict[str, Any]:
+    envs = args.fpo_envs.split(",") if args.fpo_envs else list(FPO_TASKS)
+    unknown = sorted(set(envs) - set(FPO_TASKS))
+    if unknown:
+        raise SystemExit(f"--fpo-envs: {', '.join(unknown)} not among {', '.join(FPO_TASKS)}")
     records = []
     with tempfile.TemporaryDirectory() as tmp:
-        for env in FPO_TASKS:
+        for env in envs:
             for seed in range(1, args.seeds + 1):
                 order = ("ppo", "fpo") if seed % 2 else ("fpo", "ppo")
                 records += [fpo_run(algo, env, seed, Path(tmp), args) for algo in order]
     summary = {}
-    for env in FPO_TASKS:
+    for env in envs:
         for algo in ("ppo", "fpo"):
             rows = [r for r in records if r["env"] == env and r["algo"] == algo]
             final = [r["curve"][-1]["return_mean"] for r in rows]
@@ -369,8 +374,12 @@ def fpo_vs_ppo(args: argparse.Namespace) -> dict[str, Any]:
                                         "seconds": _median_range(seconds)}  # fmt: skip
             print(f"{env:20s} {algo}: final return {_median_range(final)}, late-run mean {_median_range(late)}, "
                   f"wall clock {_median_range(seconds)} s")  # fmt: skip
-    presets = {algo: {env: _preset_values(algo, env) for env in FPO_TASKS} for algo in ("ppo", "fpo")}
-    return {"settings": {"presets": presets, "tasks": FPO_TASKS}, "records": records, "summary": summary}
+    presets = {algo: {env: _preset_values(algo, env) for env in envs} for algo in ("ppo", "fpo")}
+    return {
+        "settings": {"presets": presets, "tasks": {env: FPO_TASKS[env] for env in envs}},
+        "records": records,
+        "summary": summary,
+    }
 
 
 def _preset_values(algo: str, env: str) -> dict[str, Any]:
@@ -400,6 +409,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seconds", type=float, default=2.0, help="--acting: length of each timed window")
     parser.add_argument("--repeats", type=int, default=3, help="--acting: timed windows per cell (the median)")
     parser.add_argument("--tasks", default="navigation,hopper", help="--finetune: navigation, hopper or both")
+    parser.add_argument("--fpo-envs", help=f"--fpo: a comma-separated subset of {', '.join(FPO_TASKS)} (default all)")
     parser.add_argument("--seeds", type=int, default=3, help="--finetune, --fpo: seeds 1..N per method")
     parser.add_argument("--steps", type=int, help="--finetune, --fpo: env steps (default: per task)")
     parser.add_argument("--eval-every", type=int, help="--finetune, --fpo: env steps between evaluations")
