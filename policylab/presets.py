@@ -364,10 +364,12 @@ PRESETS["fpo"] = {
     "InvertedPendulum-v5": Preset(
         {
             "steps": 100_000, **_NORM, "num_envs": 8, "n_steps": 128, "batch_size": 64, "epochs": 10, "lr": 3e-4,
-            "gamma": 0.999, "clip_eps": 0.1, "mc_draws": 4, "denoiser_hidden_sizes": [64, 64], "hidden_sizes": [64, 64],
+            "anneal_lr": True, "gamma": 0.999, "clip_eps": 0.1, "mc_draws": 4, "denoiser_hidden_sizes": [64, 64],
+            "hidden_sizes": [64, 64],
         },
-        "policylab's own settings: 8 envs x 128 steps with normalization and rl-zoo's gamma 0.999 for the task; lr "
-        "1e-3 with batch 256 solved 1 of 3 seeds on an AMD EPYC (benchmarks/README.md, `expressive.py --fpo`)",
+        "policylab's own settings: 8 envs x 128 steps with normalization, rl-zoo's gamma 0.999 for the task and a "
+        "linearly annealed lr; lr 1e-3 with batch 256 solved 1 of 3 seeds on an AMD EPYC, and without annealing one "
+        "seed of 3 collapsed after solving it (benchmarks/README.md, `expressive.py --fpo`)",
     ),
     "Hopper-v5": Preset(
         {
