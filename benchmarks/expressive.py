@@ -65,7 +65,7 @@ from typing import Any
 import gymnasium as gym
 import numpy as np
 import torch
-from common import REPO_ROOT, provenance, write_results
+from common import REPO_ROOT, late_mean, provenance, write_results
 
 from policylab.algos.bc import BC, BCConfig
 
@@ -368,7 +368,9 @@ def fpo_vs_ppo(args: argparse.Namespace) -> dict[str, Any]:
         for algo in ("ppo", "fpo"):
             rows = [r for r in records if r["env"] == env and r["algo"] == algo]
             final = [r["curve"][-1]["return_mean"] for r in rows]
-            late = [_late_mean(r["curve"]) for r in rows]
+            late = [
+                late_mean([(p["step"], p["return_mean"]) for p in r["curve"]], r["curve"][-1]["step"]) for r in rows
+            ]
             seconds = [r["seconds"] for r in rows]
             summary[f"{env}/{algo}"] = {"final_return": _median_range(final), "late_return": _median_range(late),
                                         "seconds": _median_range(seconds)}  # fmt: skip
@@ -387,13 +389,6 @@ def _preset_values(algo: str, env: str) -> dict[str, Any]:
 
     preset = find_preset(algo, env)
     return preset.values if preset is not None else {}
-
-
-def _late_mean(curve: list[dict[str, float]]) -> float:
-    """The mean return of the evaluations over the last 40% of the run (less noisy than the final one alone)."""
-    last = curve[-1]["step"]
-    late = [p["return_mean"] for p in curve if p["step"] >= 0.6 * last]
-    return sum(late) / len(late)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -79,6 +79,7 @@ from common import (  # noqa: E402
     Metric,
     fmt,
     fmt_summary,
+    late_mean,
     pair_report,
     print_table,
     provenance,
@@ -469,8 +470,7 @@ def curve_record(curve: list[list[float]], steps: int, final_return: float) -> d
     (those evaluations and the final one), a less noisy measure than the final return alone."""
     if not curve:
         return {}
-    late = [r for step, r in curve if step >= 0.6 * steps] + [final_return]
-    return {"curve": curve, "late_return_mean": sum(late) / len(late)}
+    return {"curve": curve, "late_return_mean": late_mean([*curve, [steps, final_return]], steps)}
 
 
 def worker_sb3(case: Case, a: argparse.Namespace) -> dict[str, Any]:
