@@ -256,6 +256,19 @@ def late_mean(curve: Sequence[Sequence[float]], last_step: float) -> float:
     return sum(late) / len(late)
 
 
+def eval_rows(run_dir: Path) -> list[dict[str, str]]:
+    """The rows of a run directory's eval.csv (the run's periodic evaluations), as strings by column."""
+    import csv
+
+    with open(Path(run_dir) / "eval.csv", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def eval_curve(run_dir: Path) -> list[tuple[int, float]]:
+    """(step, mean return) of each of a run's periodic evaluations, in the order they ran."""
+    return [(int(float(r["step"])), float(r["return_mean"])) for r in eval_rows(run_dir)]
+
+
 def ratio(a: float | None, b: float | None) -> float | None:
     return None if a is None or b is None or b == 0 else a / b
 

@@ -65,7 +65,7 @@ from typing import Any
 import gymnasium as gym
 import numpy as np
 import torch
-from common import REPO_ROOT, late_mean, provenance, write_results
+from common import REPO_ROOT, eval_curve, late_mean, provenance, write_results
 
 from policylab.algos.bc import BC, BCConfig
 
@@ -343,10 +343,7 @@ def fpo_run(algo: str, env: str, seed: int, root: Path, args: argparse.Namespace
                  "checkpoint_every": 0}  # fmt: skip
     run = pl.train(algo, env=env, steps=steps, seed=seed, runs_dir=root, name=f"{algo}-{env}-s{seed}",
                    overrides=overrides, verbose=False, progress=False)  # fmt: skip
-    rows = (run.dir / "eval.csv").read_text().splitlines()
-    header = rows[0].split(",")
-    curve = [dict(zip(header, row.split(","), strict=True)) for row in rows[1:]]
-    points = [{"step": int(r["step"]), "return_mean": float(r["return_mean"])} for r in curve]
+    points = [{"step": step, "return_mean": ret} for step, ret in eval_curve(run.dir)]
     seconds = _train_seconds(run.dir)
     print(f"  {env} {algo} seed {seed}: {seconds:.1f} s, final return {points[-1]['return_mean']:.1f}", flush=True)
     return {"env": env, "algo": algo, "seed": seed, "seconds": seconds, "curve": points}

@@ -16,14 +16,16 @@ random Hopper-v5 dataset is made as benchmarks/offline.py does: enough for speed
 from __future__ import annotations
 
 import argparse
+import multiprocessing
 import sys
 import tempfile
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import yaml
-from common import REPO_ROOT, provenance, write_results
+from common import REPO_ROOT, eval_curve, fmt_summary, provenance, summarize, write_results
 from offline import DEFAULT_DATA, ensure_dataset
 
 DATA = REPO_ROOT / "benchmarks" / "data"
@@ -46,7 +48,7 @@ def run_one(algo: str, dataset: Path, seed: int, a: argparse.Namespace) -> dict[
     marks: list[tuple[int, float]] = []
     overrides = {
         "threads": 1,
-        "eval_every": 0,
+        "eval_every": a.eval_every,
         "checkpoint_every": 0,
         "log_every": a.log_every,
         "eval_episodes": a.eval_episodes,
@@ -57,13 +59,15 @@ def run_one(algo: str, dataset: Path, seed: int, a: argparse.Namespace) -> dict[
                        runs_dir=runs, callback=lambda info: marks.append((info.step, time.perf_counter())) or True,
                        verbose=False)  # fmt: skip
         policy = pl.load(run.dir)
+        curve = eval_curve(run.dir) if a.eval_every else []
     result = pl.evaluate(policy, a.eval_episodes, seed=10_000 + seed)
-    score = load_dataset(dataset, validate=False).normalized_score(result["return_mean"])
+    data = load_dataset(dataset, validate=False)
+    score = data.normalized_score(result["return_mean"])
     timed = marks[1:] if len(marks) > 1 else marks
     steps_per_s = None
-    if len(timed) > 1 and timed[-1][1] > timed[0][1]:
+    if a.jobs == 1 and len(timed) > 1 and timed[-1][1] > timed[0][1]:
         steps_per_s = (timed[-1][0] - timed[0][0]) / (timed[-1][1] - timed[0][1])
-    return {
+    record = {
         "algo": algo,
         "dataset": dataset.name,
         "seed": seed,
@@ -71,7 +75,19 @@ def run_one(algo: str, dataset: Path, seed: int, a: argparse.Namespace) -> dict[
         "return_mean": result["return_mean"],
         "score": None if score is None else float(score),
         "grad_steps_per_s": steps_per_s,
+        "score_curve": [[step, _maybe_float(data.normalized_score(ret))] for step, ret in curve],
     }
+    rate = "n/a" if steps_per_s is None else f"{steps_per_s:7.1f}"
+    print(f"{dataset.name:24s} {algo:15s} seed {seed}: score {_fmt(record['score'])}  {rate} grad steps/s", flush=True)
+    return record
+
+
+def _maybe_float(value: Any) -> float | None:
+    return None if value is None else float(value)
+
+
+def _fmt(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:6.1f}"
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
@@ -82,6 +98,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--seeds", type=int, default=1)
     p.add_argument("--log-every", type=int, default=1_000)
     p.add_argument("--eval-episodes", type=int, default=10)
+    p.add_argument("--eval-every", type=int, default=0, help="the runs' own periodic evaluations (a score curve)")
+    p.add_argument("--jobs", type=int, default=1, help="runs in parallel processes (then scores only: no speed)")
     p.add_argument(
         "--set",
         action="append",
@@ -105,17 +123,12 @@ def main(argv: list[str] | None = None) -> int:
         if not datasets:
             print(f"no hopper datasets in {DATA} (benchmarks/make_datasets.py makes them): a random one for speed")
             datasets = [ensure_dataset(DEFAULT_DATA, 50)]
-    records = []
-    for dataset in datasets:
-        for seed in range(a.seeds):
-            for algo in a.algos:
-                rec = run_one(algo, dataset, seed, a)
-                records.append(rec)
-                rate = rec["grad_steps_per_s"]
-                score = rec["score"]
-                print(f"{dataset.name:24s} {algo:15s} seed {seed}: score "
-                      f"{'n/a' if score is None else f'{score:6.1f}'}  "
-                      f"{'n/a' if rate is None else f'{rate:7.1f}'} grad steps/s", flush=True)  # fmt: skip
+    jobs = [(algo, dataset, seed) for dataset in datasets for seed in range(a.seeds) for algo in a.algos]
+    if a.jobs == 1:
+        records = [run_one(algo, dataset, seed, a) for algo, dataset, seed in jobs]
+    else:  # score-only runs side by side; each process keeps one torch thread
+        with ProcessPoolExecutor(a.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+            records = list(pool.map(run_one, *zip(*jobs, strict=True), [a] * len(jobs)))
     summary = {}
     for dataset in datasets:
         for algo in a.algos:
@@ -124,9 +137,12 @@ def main(argv: list[str] | None = None) -> int:
             rates = [r["grad_steps_per_s"] for r in rows if r["grad_steps_per_s"] is not None]
             summary[f"{dataset.name}/{algo}"] = {
                 "score_mean": sum(scores) / len(scores) if scores else None,
+                "score": summarize(scores),
                 "grad_steps_per_s_mean": sum(rates) / len(rates) if rates else None,
                 "baseline": PAIRS.get(algo),
             }
+            score_text = fmt_summary(summarize(scores), ".1f")
+            print(f"{dataset.name:24s} {algo:15s} score over {len(scores)} seeds: {score_text}")
     for key, s in summary.items():
         base = s["baseline"]
         other = summary.get(f"{key.split('/')[0]}/{base}") if base else None

@@ -15,12 +15,11 @@ cost the same). Results go to benchmarks/results/hybrid-<date>.json.
 from __future__ import annotations
 
 import argparse
-import csv
 import sys
 import tempfile
 from typing import Any
 
-from common import REPO_ROOT, provenance, write_results
+from common import REPO_ROOT, eval_curve, provenance, write_results
 
 sys.path.insert(0, str(REPO_ROOT))
 
@@ -42,8 +41,7 @@ def run_side(args: argparse.Namespace, seed: int, dataset: str | None) -> dict[s
             runs_dir=runs,
             verbose=False,
         )
-        with open(run.dir / "eval.csv") as f:
-            curve = [(int(row["step"]), float(row["return_mean"])) for row in csv.DictReader(f)]
+        curve = eval_curve(run.dir)
     reached = next((step for step, ret in curve if ret >= args.bar), None)
     return {"seed": seed, "dataset": dataset, "curve": curve, "steps_to_bar": reached}
 

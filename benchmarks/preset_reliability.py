@@ -36,7 +36,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from common import REPO_ROOT, print_table, provenance, write_results
+from common import REPO_ROOT, eval_curve, print_table, provenance, write_results
 
 THRESHOLDS = {"Pendulum-v1": -200.0, "Walker2d-v5": 3000.0, "BitFlipping-v0": -8.5}
 """Thresholds for envs whose Gymnasium spec has none (Pendulum: SB3's rl-zoo benchmark reports about -150
@@ -72,17 +72,15 @@ def worker(args: argparse.Namespace) -> None:
         verbose=False,
     )
     wall = time.perf_counter() - t0
-    evals = (run.dir / "eval.csv").read_text().splitlines()
-    header = evals[0].split(",")
-    rows = [dict(zip(header, line.split(","))) for line in evals[1:]]
-    best = max(rows, key=lambda r: float(r["return_mean"]))
+    curve = eval_curve(run.dir)
+    best_step, best_return = max(curve, key=lambda point: point[1])
     record = {
         "seed": args.seed,
         "steps": run.steps,
         "final_return": run.final_eval["return_mean"] if run.final_eval else None,
-        "best_return": float(best["return_mean"]),
-        "best_step": int(float(best["step"])),
-        "eval_curve": [[int(float(r["step"])), float(r["return_mean"])] for r in rows],
+        "best_return": best_return,
+        "best_step": best_step,
+        "eval_curve": [list(point) for point in curve],
         "train_wall_s": wall,
     }
     Path(args.out).write_text(json.dumps(record))
