@@ -269,6 +269,22 @@ def eval_curve(run_dir: Path) -> list[tuple[int, float]]:
     return [(int(float(r["step"])), float(r["return_mean"])) for r in eval_rows(run_dir)]
 
 
+DATASET_SUMMARY_KEYS = ("episodes", "steps", "return_mean", "return_min", "return_max", "normalized_return_mean",
+                        "env_id", "checksum")  # fmt: skip
+
+
+def dataset_summary(path: Path | str) -> dict[str, Any]:
+    """What a results file records of a dataset it used: sizes, returns and checksum. make_datasets.py trains its
+    behaviour policy anew on each machine, so two machines' "hopper-medium" can differ (normalized 13 on one, 66
+    on another): results are only comparable where these agree."""
+    from policylab.data.dataset import load_dataset
+
+    info = load_dataset(path, validate=False).info()
+    where = Path(path).resolve()
+    shown = where.relative_to(REPO_ROOT) if where.is_relative_to(REPO_ROOT) else where
+    return {"path": str(shown)} | {k: info.get(k) for k in DATASET_SUMMARY_KEYS}
+
+
 def ratio(a: float | None, b: float | None) -> float | None:
     return None if a is None or b is None or b == 0 else a / b
 

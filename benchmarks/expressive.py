@@ -65,7 +65,7 @@ from typing import Any
 import gymnasium as gym
 import numpy as np
 import torch
-from common import REPO_ROOT, eval_curve, late_mean, provenance, write_results
+from common import REPO_ROOT, dataset_summary, eval_curve, late_mean, provenance, write_results
 
 from policylab.algos.bc import BC, BCConfig
 
@@ -324,7 +324,8 @@ def finetune(args: argparse.Namespace) -> dict[str, Any]:
             table = finetune_table(name, records)
             print("\n".join(table))
             settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(task).items()}
-            out["tasks"][name] = {"settings": settings, "runs": records, "table": table}
+            out["tasks"][name] = {"settings": settings, "dataset": dataset_summary(task.dataset), "runs": records,
+                                  "table": table}  # fmt: skip
     finally:
         shutil.rmtree(root, ignore_errors=True)
     return out

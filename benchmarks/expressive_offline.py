@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from common import REPO_ROOT, eval_curve, fmt_summary, provenance, summarize, write_results
+from common import REPO_ROOT, dataset_summary, eval_curve, fmt_summary, provenance, summarize, write_results
 from offline import DEFAULT_DATA, ensure_dataset
 
 DATA = REPO_ROOT / "benchmarks" / "data"
@@ -152,6 +152,7 @@ def main(argv: list[str] | None = None) -> int:
         payload = {
             "benchmark": "expressive_offline",
             "args": {k: v for k, v in vars(a).items() if k != "overrides"} | {"overrides": a.overrides},
+            "datasets": {d.name: dataset_summary(d) for d in datasets},
             "runs": records,
             "summary": summary,
             "provenance": provenance(["torch", "gymnasium", "mujoco"]),

@@ -19,7 +19,7 @@ import sys
 import tempfile
 from typing import Any
 
-from common import REPO_ROOT, eval_curve, provenance, write_results
+from common import REPO_ROOT, dataset_summary, eval_curve, provenance, write_results
 
 sys.path.insert(0, str(REPO_ROOT))
 
@@ -92,6 +92,7 @@ def main() -> None:
         {
             "benchmark": "hybrid SAC vs plain SAC: env steps to a return bar",
             "settings": vars(args),
+            "dataset": dataset_summary(args.dataset),
             "runs": runs,
             "provenance": provenance(["torch", "gymnasium", "mujoco"]),
         },

@@ -40,6 +40,7 @@ from typing import Any
 from common import (
     ONE_THREAD,
     REPO_ROOT,
+    dataset_summary,
     make_peer_venv,
     pair_report,
     provenance,
@@ -279,7 +280,8 @@ def main() -> None:
     if not a.precisions and not D3RLPY_PY.exists():
         raise SystemExit("d3rlpy's venv is missing: run `.venv/bin/python benchmarks/offline.py --setup` first")
     a.dataset = ensure_dataset(Path(a.dataset), a.episodes)
-    results: dict[str, Any] = {"provenance": provenance(["torch", "policylab", "minari"]), "cases": {}}
+    results: dict[str, Any] = {"provenance": provenance(["torch", "policylab", "minari"]), "cases": {},
+                               "dataset": dataset_summary(a.dataset)}  # fmt: skip
     seeds = list(range(a.first_seed, a.first_seed + a.seeds))
     for algo in a.algo or ALGOS:
         runs = []
