@@ -3,12 +3,15 @@
     .venv/bin/python benchmarks/products_in_place.py                  # SAC Pendulum-v1 (online update) and IQL
     .venv/bin/python benchmarks/products_in_place.py --algo td3_bc --no-flush
     .venv/bin/python benchmarks/products_in_place.py --algo sac --algo sb3-sac   # ours and SB3's SAC step
+    .venv/bin/python benchmarks/products_in_place.py --algo td3 --algo sb3-td3   # ours and SB3's TD3 step
 
 `nets/matmul.bmm` / `baddbmm` (every product of `StackedMLP`) are wrapped with a timer, then 200 updates run
 on 1 thread after 50 of warm-up, with the process settings of the training loops (`runtime.configure`:
-denormals flushed; `--no-flush` leaves them). SAC updates on a replay buffer of 2,000 random Pendulum-v1
-transitions; the offline algorithms on `benchmarks/data/hopper-random` (`benchmarks/offline.py` makes it).
-Prints ms per update, ms in products, and each product shape's time and GFLOP/s.
+denormals flushed; `--no-flush` leaves them). SAC and TD3 update with the settings of offpolicy.py's
+`sac-pendulum` / `td3-pendulum` cases on a replay buffer of 2,000 random Pendulum-v1 transitions; the offline
+algorithms on `benchmarks/data/hopper-random` (`benchmarks/offline.py` makes it). Prints ms per update, ms in
+products, and each product shape's time and GFLOP/s. `sb3-sac` / `sb3-td3`: SB3's update with the same case's
+settings, its time and its products' share under torch's profiler.
 """
 
 from __future__ import annotations
@@ -74,9 +77,17 @@ class ProductTimer:
         self.calls.clear()
 
 
-def sac_step() -> Any:
-    spec = get_algo("sac")
-    cfg, _ = resolve_config(spec, "Pendulum-v1", 1000, 0, overrides={"threads": 1}, preset="none")
+ONLINE_CASES = {"sac": "sac-pendulum", "td3": "td3-pendulum"}
+"""Online algorithms timed here -> the offpolicy.py case whose settings they run with."""
+
+
+def online_step(name: str) -> Any:
+    from offpolicy import CASES
+
+    spec = get_algo(name)
+    case = CASES[ONLINE_CASES[name]]
+    overrides = {**case.ours, "threads": 1}
+    cfg, _ = resolve_config(spec, case.env, 1000, 0, overrides=overrides, preset="none")
     algo = spec.algo_cls(cfg, *_pendulum_spaces())
     buffer = ReplayBuffer(10_000, 1, (3,), (1,))
     rng = np.random.default_rng(0)
@@ -104,15 +115,20 @@ def offline_step(name: str) -> Any:
     return lambda i: algo.update(source.sample(cfg.batch_size, algo.generator), i)
 
 
-def sb3_sac_products(updates: int) -> None:
-    """SB3's SAC update with the `sac` case's settings (Pendulum-v1, lr 1e-3, batch 256, 1 thread): ms per update
-    untimed, then the products' share under torch's profiler (their autograd backward is C++, out of reach of a
-    Python timer). Needs the bench extra (`make .venv/.installed-bench`)."""
+def sb3_products(name: str, updates: int) -> None:
+    """SB3's update with the settings of `name`'s offpolicy.py case (Pendulum-v1, batch 256, 1 thread): ms per
+    update untimed, then the products' share under torch's profiler (their autograd backward is C++, out of
+    reach of a Python timer). Needs the bench extra (`make .venv/.installed-bench`)."""
     import gymnasium as gym
-    from stable_baselines3 import SAC
+    import stable_baselines3
+    from offpolicy import CASES
     from torch.profiler import ProfilerActivity, profile
 
-    model = SAC("MlpPolicy", gym.make("Pendulum-v1"), learning_rate=1e-3, learning_starts=100, seed=0, device="cpu")
+    case = CASES[ONLINE_CASES[name]]
+    kwargs = {k: v for k, v in case.sb3_kwargs.items() if k != "buffer_size"} | {"buffer_size": 10_000}
+    model = getattr(stable_baselines3, case.sb3)(
+        "MlpPolicy", gym.make(case.env), learning_starts=case.learning_starts, seed=0, device="cpu", **kwargs
+    )
     model.learn(2000)
     model.train(gradient_steps=50, batch_size=256)
     start = time.perf_counter()
@@ -124,7 +140,7 @@ def sb3_sac_products(updates: int) -> None:
     total = sum(e.self_cpu_time_total for e in events)
     products = sum(e.self_cpu_time_total for e in events if e.key in ("aten::mm", "aten::addmm", "aten::bmm"))
     print(
-        f"\nsb3-sac: {per_update:.2f} ms per update; under the profiler {total / updates / 1e3:.2f} ms, of which "
+        f"\nsb3-{name}: {per_update:.2f} ms per update; under the profiler {total / updates / 1e3:.2f} ms, of which "
         f"{products / updates / 1e3:.2f} ms in products ({100 * products / total:.0f}%)"
     )
 
@@ -134,7 +150,8 @@ def main() -> None:
     parser.add_argument(
         "--algo",
         action="append",
-        help="sac (Pendulum, online), sb3-sac (SB3's SAC update, same settings) or an offline algorithm; repeatable",
+        help="sac or td3 (Pendulum, online), sb3-sac / sb3-td3 (SB3's update, same settings) or an offline "
+        "algorithm; repeatable",
     )
     parser.add_argument("--no-flush", action="store_true", help="leave denormals as they are")
     parser.add_argument("--updates", type=int, default=200)
@@ -144,10 +161,10 @@ def main() -> None:
         torch.set_flush_denormal(False)
     timer = ProductTimer()
     for name in a.algo or ["sac", "iql"]:
-        if name == "sb3-sac":
-            sb3_sac_products(a.updates)
+        if name.startswith("sb3-"):
+            sb3_products(name.removeprefix("sb3-"), a.updates)
             continue
-        step = sac_step() if name == "sac" else offline_step(name)
+        step = online_step(name) if name in ONLINE_CASES else offline_step(name)
         for i in range(50):
             step(i)
         timer.reset()
