@@ -16,6 +16,7 @@ random Hopper-v5 dataset is made as benchmarks/offline.py does: enough for speed
 from __future__ import annotations
 
 import argparse
+import json
 import multiprocessing
 import sys
 import tempfile
@@ -25,7 +26,16 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from common import REPO_ROOT, dataset_summary, eval_curve, fmt_summary, provenance, summarize, write_results
+from common import (
+    REPO_ROOT,
+    dataset_summary,
+    eval_curve,
+    fmt_summary,
+    print_table,
+    provenance,
+    summarize,
+    write_results,
+)
 from offline import DEFAULT_DATA, ensure_dataset
 
 DATA = REPO_ROOT / "benchmarks" / "data"
@@ -108,13 +118,39 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         help="an override for every run whose config has the key",
     )
     p.add_argument("--no-save", action="store_true", help="print only; write no results file")
+    p.add_argument("--summarize", metavar="RESULTS", help="print the score table of an earlier results file and exit")
     a = p.parse_args(argv)
     a.overrides = {k: yaml.safe_load(v) for k, v in (s.split("=", 1) for s in a.set)}
     return a
 
 
+def score_table(records: list[dict[str, Any]]) -> None:
+    """Per dataset and algorithm: the median [min-max] over seeds of the normalized score at each of the runs'
+    own evaluations, and of the final policy's separate evaluation."""
+    groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for r in records:
+        groups.setdefault((r["dataset"], r["algo"]), []).append(r)
+    steps = sorted({step for r in records for step, _ in r.get("score_curve", [])})
+    print_table(
+        ["dataset", "algo", "seeds", *(f"{step:,}" for step in steps), "final"],
+        [
+            [dataset, algo, str(len(rows))]
+            + [fmt_summary(summarize([_score_at(r, step) for r in rows]), ".1f") for step in steps]
+            + [fmt_summary(summarize([r["score"] for r in rows]), ".1f")]
+            for (dataset, algo), rows in groups.items()
+        ],
+    )
+
+
+def _score_at(record: dict[str, Any], step: int) -> float | None:
+    return next((score for at, score in record.get("score_curve", []) if at == step), None)
+
+
 def main(argv: list[str] | None = None) -> int:
     a = parse(argv)
+    if a.summarize:
+        score_table(json.loads(Path(a.summarize).read_text())["runs"])
+        return 0
     sys.path.insert(0, str(REPO_ROOT))
     if a.datasets:
         datasets = [Path(d) for d in a.datasets]
@@ -141,8 +177,7 @@ def main(argv: list[str] | None = None) -> int:
                 "grad_steps_per_s_mean": sum(rates) / len(rates) if rates else None,
                 "baseline": PAIRS.get(algo),
             }
-            score_text = fmt_summary(summarize(scores), ".1f")
-            print(f"{dataset.name:24s} {algo:15s} score over {len(scores)} seeds: {score_text}")
+    score_table(records)
     for key, s in summary.items():
         base = s["baseline"]
         other = summary.get(f"{key.split('/')[0]}/{base}") if base else None
