@@ -243,8 +243,12 @@ def time_sampling(a: argparse.Namespace, repeats: int = 20) -> None:
 
 def time_training(a: argparse.Namespace, repeats: int = 20) -> None:
     """Median ms of the training forward (log-probs of the completions, `token_logprobs`) and of its backward on
-    one sampled batch of `--group-size` x `--prompts-per-step` completions from `--model` (random weights)."""
+    one sampled batch of `--group-size` x `--prompts-per-step` completions from `--model` (random weights), with
+    their floating-point work (torch's FlopCounterMode: products and attention) and its rate, against the rate of
+    one plain product of the model's largest per-token shape (all the batch's tokens through the MLP's gate and
+    up projection): how close to the kernel the step runs."""
     import torch
+    from torch.utils.flop_counter import FlopCounterMode
 
     sys.path.insert(0, str(REPO_ROOT))
     from policylab.llm.models import load_model
@@ -269,7 +273,26 @@ def time_training(a: argparse.Namespace, repeats: int = 20) -> None:
         if i >= 3:
             forward.append(1e3 * (middle - start))
             backward.append(1e3 * (time.perf_counter() - middle))
-    print(f"  training forward  {statistics.median(forward):6.1f} ms, backward {statistics.median(backward):6.1f} ms")
+    with FlopCounterMode(display=False) as counter:
+        logp, _ = token_logprobs(model, r.prompt_ids, r.prompt_mask, r.completion_ids, r.completion_mask)
+    forward_flop = counter.get_total_flops()
+    with FlopCounterMode(display=False) as counter:
+        logp.sum().backward()
+    backward_flop = counter.get_total_flops()
+    fwd_ms, bwd_ms = statistics.median(forward), statistics.median(backward)
+    print(f"  training forward  {fwd_ms:6.1f} ms ({forward_flop / 1e6:.0f} MFLOP, {forward_flop / fwd_ms / 1e6:.1f} "
+          f"GFLOP/s), backward {bwd_ms:6.1f} ms ({backward_flop / 1e6:.0f} MFLOP, "
+          f"{backward_flop / bwd_ms / 1e6:.1f} GFLOP/s)")  # fmt: skip
+    tokens = int(r.completion_mask.numel() + r.prompt_mask.numel())
+    x = torch.randn(tokens, model.config.hidden_size)
+    w = torch.randn(model.config.hidden_size, 2 * model.config.intermediate_size)
+    plain = []
+    for _ in range(repeats + 3):
+        start = time.perf_counter()
+        x @ w
+        plain.append(time.perf_counter() - start)
+    rate = 2 * x.shape[0] * x.shape[1] * w.shape[1] / statistics.median(plain[3:]) / 1e9
+    print(f"  plain product [{x.shape[0]}, {x.shape[1]}] x [{w.shape[0]}, {w.shape[1]}]: {rate:.1f} GFLOP/s")
 
 
 # --- the parent ---------------------------------------------------------------------------------------------
