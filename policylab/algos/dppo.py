@@ -30,8 +30,8 @@ import torch
 from torch import Tensor
 
 from policylab.algos.generative_pg import (
+    GenerativePGAlgo,
     GenerativePGConfig,
-    GenerativePGLearner,
     build_generative_actor_critic,
     flat_rollout,
 )
@@ -80,17 +80,13 @@ def denoising_discounts(steps: int, gamma: float) -> Tensor:
     return gamma ** torch.arange(steps - 1, -1, -1, dtype=torch.float32)
 
 
-class DPPO:
+class DPPO(GenerativePGAlgo):
     name = "dppo"
     config_cls = DPPOConfig
+    cfg: DPPOConfig
 
     def __init__(self, cfg: DPPOConfig, obs_space: gym.Space, act_space: gym.Space) -> None:
-        self.cfg = cfg
-        self.net = self.build_policy(cfg, obs_space, act_space).to(cfg.device)
-        self.learner = GenerativePGLearner(self.net, cfg)
-        self.optimizer, self.generator = self.learner.optimizer, self.learner.generator
-        self.pretrained_obs_norm = self.learner.pretrained_obs_norm
-        self.imitation = None
+        super().__init__(cfg, obs_space, act_space)
         steps = self.net.head.chain_steps
         assert steps is not None
         self.clips = denoising_clips(steps, cfg.clip_eps_base, cfg.clip_eps, cfg.clip_eps_rate).to(cfg.device)

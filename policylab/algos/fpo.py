@@ -27,8 +27,8 @@ import torch
 from torch import Tensor
 
 from policylab.algos.generative_pg import (
+    GenerativePGAlgo,
     GenerativePGConfig,
-    GenerativePGLearner,
     build_generative_actor_critic,
     flat_rollout,
 )
@@ -70,17 +70,10 @@ def fpo_log_ratio_inputs(head: FlowHead, obs: Tensor, actions: Tensor, noise: Te
     return -losses.view(b, m)
 
 
-class FPO:
+class FPO(GenerativePGAlgo):
     name = "fpo"
     config_cls = FPOConfig
-
-    def __init__(self, cfg: FPOConfig, obs_space: gym.Space, act_space: gym.Space) -> None:
-        self.cfg = cfg
-        self.net = self.build_policy(cfg, obs_space, act_space).to(cfg.device)
-        self.learner = GenerativePGLearner(self.net, cfg)
-        self.optimizer, self.generator = self.learner.optimizer, self.learner.generator
-        self.pretrained_obs_norm = self.learner.pretrained_obs_norm
-        self.imitation = None
+    cfg: FPOConfig
 
     @staticmethod
     def build_policy(cfg: FPOConfig, obs_space: gym.Space, act_space: gym.Space) -> GenerativeActorCritic:

@@ -15,7 +15,7 @@ from __future__ import annotations
 from collections import defaultdict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import gymnasium as gym
 import numpy as np
@@ -94,6 +94,23 @@ def build_generative_actor_critic(
     box = check_bounded_box(act_space, algo)
     head = generative_head(cfg, kind, int(np.prod(obs_space.shape or ())), int(np.prod(box.shape)))
     return GenerativeActorCritic(obs_space, box, head, cfg.hidden_sizes, cfg.activation, cfg.ddim_eta, min_std)
+
+
+class GenerativePGAlgo:
+    """The construction DPPO and FPO share: the network of the subclass's `build_policy` (its head kind), its
+    learner (optimizer, RNG, the pretrained BC run's weights and frozen observation statistics)."""
+
+    def __init__(self, cfg: GenerativePGConfig, obs_space: gym.Space, act_space: gym.Space) -> None:
+        self.cfg = cfg
+        self.net = self.build_policy(cfg, obs_space, act_space).to(cfg.device)
+        self.learner = GenerativePGLearner(self.net, cfg)
+        self.optimizer, self.generator = self.learner.optimizer, self.learner.generator
+        self.pretrained_obs_norm = self.learner.pretrained_obs_norm
+        self.imitation = None
+
+    @staticmethod
+    def build_policy(cfg: Any, obs_space: gym.Space, act_space: gym.Space) -> GenerativeActorCritic:
+        raise NotImplementedError
 
 
 class GenerativePGLearner:
