@@ -11,6 +11,13 @@ over `--eval-episodes` episodes with its normalized score from the dataset's ref
 algorithm's defaults (policylab's, the papers' where they apply: algos/idql.py, algos/diffusion_ql.py) unless
 `--set key=value` overrides them for all. Without the hopper datasets (benchmarks/make_datasets.py makes them), a
 random Hopper-v5 dataset is made as benchmarks/offline.py does: enough for speed, not for scores.
+
+For scores at longer budgets: `--eval-every N` records each run's own evaluations as a normalized score curve,
+`--jobs 2` runs two runs side by side (then no speed is recorded), and `--summarize RESULTS` prints the table of
+median [min-max] scores over seeds at each evaluation of an earlier results file:
+
+    .venv/bin/python benchmarks/expressive_offline.py --algos iql idql --datasets benchmarks/data/hopper-medium \
+        --steps 100000 --eval-every 20000 --seeds 3 --jobs 2
 """
 
 from __future__ import annotations
