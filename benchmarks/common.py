@@ -17,6 +17,7 @@ Only the standard library is imported, so a worker that imports this module pays
 
 from __future__ import annotations
 
+import csv
 import datetime as _dt
 import json
 import os
@@ -258,8 +259,6 @@ def late_mean(curve: Sequence[Sequence[float]], last_step: float) -> float:
 
 def eval_rows(run_dir: Path) -> list[dict[str, str]]:
     """The rows of a run directory's eval.csv (the run's periodic evaluations), as strings by column."""
-    import csv
-
     with open(Path(run_dir) / "eval.csv", newline="") as f:
         return list(csv.DictReader(f))
 

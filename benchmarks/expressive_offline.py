@@ -37,6 +37,7 @@ from common import (
     REPO_ROOT,
     dataset_summary,
     eval_curve,
+    fmt,
     fmt_summary,
     print_table,
     provenance,
@@ -94,17 +95,13 @@ def run_one(algo: str, dataset: Path, seed: int, a: argparse.Namespace) -> dict[
         "grad_steps_per_s": steps_per_s,
         "score_curve": [[step, _maybe_float(data.normalized_score(ret))] for step, ret in curve],
     }
-    rate = "n/a" if steps_per_s is None else f"{steps_per_s:7.1f}"
-    print(f"{dataset.name:24s} {algo:15s} seed {seed}: score {_fmt(record['score'])}  {rate} grad steps/s", flush=True)
+    print(f"{dataset.name:24s} {algo:15s} seed {seed}: score {fmt(record['score'], '6.1f')}  "
+          f"{fmt(steps_per_s, '7.1f')} grad steps/s", flush=True)  # fmt: skip
     return record
 
 
 def _maybe_float(value: Any) -> float | None:
     return None if value is None else float(value)
-
-
-def _fmt(value: float | None) -> str:
-    return "n/a" if value is None else f"{value:6.1f}"
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:

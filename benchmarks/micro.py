@@ -145,6 +145,7 @@ MATMUL_SHAPES = [  # (members, rows, inner, columns)
     (2, 256, 256, 256),  # SAC's twin critics, hidden layer
     (1, 512, 256, 256),  # SAC's actor on [s; s']
     (2, 256, 400, 300),  # TD3's critics, hidden layer
+    (1, 256, 400, 300),  # TD3's actor, hidden layer
     (1, 64, 256, 256),  # DQN at batch 64
     (2, 256, 4, 256),  # a first layer (Pendulum critics): stays on MKL
     (1, 64, 64, 64),  # a small product (2^18 multiply-adds): stays on MKL
