@@ -20,6 +20,10 @@ Per run: the training loop's wall clock (from the first env step to the end of t
 final evaluation and checkpoint are outside it), env steps/s over it, and the replay buffer's bytes per transition
 (DQN). Output: tables and JSON in benchmarks/results/atari-<date>.json. Speed only: these budgets are far too
 short for returns to mean anything.
+
+Returns, float32 against bfloat16 (policylab only), come from `precision_returns.py --case ppo-breakout`, which
+runs `RETURN_CASES` through this script's `--return-case` worker: Breakout learns within a CPU budget where Pong
+does not.
 """
 
 import time
@@ -31,7 +35,7 @@ import json  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Any  # noqa: E402
 
-from common import pair_report, provenance, run_alternating, write_results  # noqa: E402
+from common import curve_record, pair_report, provenance, run_alternating, write_results  # noqa: E402
 
 ENV = "PongNoFrameskip-v4"
 ZOO_STEPS = 10_000_000  # the linear schedules decay over rl-zoo's budget on both sides
@@ -39,6 +43,41 @@ CASES: dict[str, dict[str, Any]] = {
     "ppo-pong": {"algo": "ppo", "steps": 16_384, "ours": {}},
     "dqn-pong": {"algo": "dqn", "steps": 6_000, "ours": {"learning_starts": 1000, "log_every": 500}},
 }
+# precision_returns.py's cases: policylab's own preset (rl-zoo's atari entry, its schedules annealed over the
+# run), whole-game evaluations of 10 episodes at the end. An evaluation game is cut at 20,000 frames (5,000
+# steps): a deterministic Breakout policy that never presses FIRE after losing a life would otherwise wait out
+# the game's 108,000.
+RETURN_CASES: dict[str, dict[str, Any]] = {
+    "ppo-breakout": {
+        "algo": "ppo",
+        "env": "BreakoutNoFrameskip-v4",
+        "steps": 150_000,
+        "ours": {"env_kwargs": {"max_num_frames_per_episode": 20_000}, "eval_episodes": 10},
+    },
+}
+
+
+def worker_returns(case: dict[str, Any], a: argparse.Namespace) -> dict[str, Any]:
+    """One policylab run of a RETURN_CASES case: its final evaluation's mean return and, with --curve-every,
+    its evaluations during training."""
+    import torch
+
+    import policylab as pl
+
+    torch.set_num_threads(1)
+    steps = a.steps or case["steps"]
+    curve: list[list[float]] = []
+
+    def callback(info: Any) -> None:
+        if info.eval_return is not None and info.step < steps:
+            curve.append([info.step, info.eval_return])
+
+    overrides = {**case["ours"], "threads": 1, "checkpoint_every": 0, "precision": a.precision}
+    overrides["eval_every"] = a.curve_every or 0
+    run = pl.train(case["algo"], env=case["env"], steps=steps, seed=a.seed, overrides=overrides, progress=False,
+                   verbose=False, runs_dir=Path(a.out).parent / "runs-returns", callback=callback)  # fmt: skip
+    final = run.final_eval or {}
+    return {"eval_return_mean": final["return_mean"], **curve_record(curve, steps, final["return_mean"])}
 
 
 def worker_ours(case: dict[str, Any], a: argparse.Namespace) -> dict[str, Any]:
@@ -167,9 +206,16 @@ def main() -> None:
     p.add_argument("--out")
     p.add_argument("--layout", action="store_true", help="time the CNN step in both memory layouts, then stop")
     p.add_argument("--precision", default="fp32", help="policylab's precision (bf16: the encoder under autocast)")
+    p.add_argument("--return-case", choices=list(RETURN_CASES), help=argparse.SUPPRESS)  # precision_returns.py's
+    p.add_argument("--steps", type=int, help=argparse.SUPPRESS)
+    p.add_argument("--curve-every", type=int, help=argparse.SUPPRESS)
     a = p.parse_args()
     if a.layout:
         time_layouts()
+        return
+    if a.return_case:
+        record = worker_returns(RETURN_CASES[a.return_case], a)
+        Path(a.out).write_text(json.dumps({"side": "ours", "seed": a.seed, **record}))
         return
     if a.worker:
         case = CASES[a.case[0]]

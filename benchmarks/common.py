@@ -257,6 +257,14 @@ def late_mean(curve: Sequence[Sequence[float]], last_step: float) -> float:
     return sum(late) / len(late)
 
 
+def curve_record(curve: list[list[float]], steps: int, final_return: float) -> dict[str, Any]:
+    """With --curve-every: the evaluations during training and the mean return over the last 40% of the run
+    (those evaluations and the final one), a less noisy measure than the final return alone."""
+    if not curve:
+        return {}
+    return {"curve": curve, "late_return_mean": late_mean([*curve, [steps, final_return]], steps)}
+
+
 def eval_rows(run_dir: Path) -> list[dict[str, str]]:
     """The rows of a run directory's eval.csv (the run's periodic evaluations), as strings by column."""
     with open(Path(run_dir) / "eval.csv", newline="") as f:

@@ -3,6 +3,7 @@ and number of steps, alternating runs, 1 thread each.
 
     .venv/bin/python benchmarks/llm.py --setup                # once: TRL's own venv (benchmarks/.venv-trl)
     .venv/bin/python benchmarks/llm.py --seeds 3 --steps 40
+    .venv/bin/python benchmarks/llm.py --training --model tiny-llama --prompts-per-step 8 --profile
 
 What is shared: a tiny Llama is built once (`--model`, policylab's config and character tokenizer) and, for
 `--sft-steps` > 0, supervised on the addition task by policylab, then saved with `save_pretrained`; both sides
@@ -293,6 +294,15 @@ def time_training(a: argparse.Namespace, repeats: int = 20) -> None:
         plain.append(time.perf_counter() - start)
     rate = 2 * x.shape[0] * x.shape[1] * w.shape[1] / statistics.median(plain[3:]) / 1e9
     print(f"  plain product [{x.shape[0]}, {x.shape[1]}] x [{w.shape[0]}, {w.shape[1]}]: {rate:.1f} GFLOP/s")
+    if a.profile:  # where the pass's time goes, operator by operator (with the profiler's own overhead)
+        from torch.profiler import profile
+
+        with profile(record_shapes=True) as prof:
+            for _ in range(repeats):
+                logp, _ = token_logprobs(model, r.prompt_ids, r.prompt_mask, r.completion_ids, r.completion_mask)
+                logp.sum().backward()
+        table = prof.key_averages(group_by_input_shape=True).table(sort_by="self_cpu_time_total", row_limit=20)
+        print(f"  {repeats} forward and backward passes under torch.profiler:\n{table}")
 
 
 # --- the parent ---------------------------------------------------------------------------------------------
@@ -329,6 +339,7 @@ def main() -> None:
     parser.add_argument("--trl-defaults", action="store_true", help="TRL's own bfloat16 / checkpointing defaults")
     parser.add_argument("--sampling", action="store_true", help="only time the samplers (see time_sampling)")
     parser.add_argument("--training", action="store_true", help="only time the training forward and backward")
+    parser.add_argument("--profile", action="store_true", help="with --training: operator times (torch.profiler)")
     parser.add_argument("--worker", choices=("policylab", "trl"), help=argparse.SUPPRESS)
     parser.add_argument("--seed", type=int, default=1, help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)

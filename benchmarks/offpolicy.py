@@ -77,9 +77,9 @@ from typing import TYPE_CHECKING, Any  # noqa: E402
 
 from common import (  # noqa: E402
     Metric,
+    curve_record,
     fmt,
     fmt_summary,
-    late_mean,
     pair_report,
     print_table,
     provenance,
@@ -463,14 +463,6 @@ def worker_ours(case: Case, a: argparse.Namespace) -> dict[str, Any]:
         "own_final_eval_return_mean": final.get("return_mean"),
         "config": cfg,
     }
-
-
-def curve_record(curve: list[list[float]], steps: int, final_return: float) -> dict[str, Any]:
-    """With --curve-every: the evaluations during training and the mean return over the last 40% of the run
-    (those evaluations and the final one), a less noisy measure than the final return alone."""
-    if not curve:
-        return {}
-    return {"curve": curve, "late_return_mean": late_mean([*curve, [steps, final_return]], steps)}
 
 
 def worker_sb3(case: Case, a: argparse.Namespace) -> dict[str, Any]:

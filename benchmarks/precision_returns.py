@@ -5,6 +5,10 @@ Needs a CPU with native bfloat16 (AMX or AVX512-BF16).
     .venv/bin/python benchmarks/precision_returns.py --case td3-pendulum --seeds 2
     .venv/bin/python benchmarks/precision_returns.py --case sac-pendulum --seeds 3 --first-seed 3
     .venv/bin/python benchmarks/precision_returns.py --case sac-halfcheetah --steps 50000 --seeds 8 --jobs 2
+    .venv/bin/python benchmarks/precision_returns.py --case ppo-breakout --seeds 3 --jobs 2 --curve-every 50000
+
+The Atari case (`ppo-breakout`, from `atari.py`'s RETURN_CASES) runs through atari.py's worker, the others
+through offpolicy.py's.
 
 `--summarize FILE` prints the summary (paired differences with a bootstrap interval) of an earlier results file.
 `--jobs 2` runs a seed's float32 and bf16 runs at the same time (one thread each), for returns only: its wall
@@ -23,13 +27,16 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+from atari import RETURN_CASES
 from common import ONE_THREAD, provenance, run_worker, write_results
 from offpolicy import CASES
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--case", action="append", choices=list(CASES), help="repeatable (default td3-pendulum)")
+    parser.add_argument(
+        "--case", action="append", choices=[*CASES, *RETURN_CASES], help="repeatable (default td3-pendulum)"
+    )
     parser.add_argument("--seeds", type=int, default=2)
     parser.add_argument("--first-seed", type=int, default=1, help="seeds first-seed .. first-seed + seeds - 1")
     parser.add_argument("--steps", type=int, help="env steps per run, overriding each case's")
@@ -42,11 +49,13 @@ def main() -> None:
         return
     cases = a.case or ["td3-pendulum"]
     runs: list[dict[str, Any]] = []
-    script = Path(__file__).parent / "offpolicy.py"
     with tempfile.TemporaryDirectory() as tmp, ThreadPoolExecutor(a.jobs) as pool:
 
         def one(case: str, seed: int, precision: str) -> dict[str, Any]:
-            args = ["--worker", "ours", "--case", case, "--seed", str(seed), "--precision", precision]
+            atari = case in RETURN_CASES
+            script = Path(__file__).parent / ("atari.py" if atari else "offpolicy.py")
+            args = ["--return-case", case] if atari else ["--worker", "ours", "--case", case]
+            args += ["--seed", str(seed), "--precision", precision]
             args += ["--steps", str(a.steps)] if a.steps is not None else []
             args += ["--curve-every", str(a.curve_every)] if a.curve_every else []
             res = run_worker(script, args, Path(tmp) / f"ours-{precision}.json", env=ONE_THREAD)
