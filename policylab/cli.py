@@ -43,7 +43,8 @@ def _eval(args: argparse.Namespace) -> int:
     from policylab.policy import evaluate, load, record_video
 
     policy = load(args.run, which="best" if args.best else "final")
-    result = evaluate(policy, args.episodes, args.seed, deterministic=not args.stochastic)
+    deterministic = args.deterministic or (policy.eval_deterministic and not args.stochastic)
+    result = evaluate(policy, args.episodes, args.seed, deterministic=deterministic)
     print(
         f"{policy.env_id}: return {result['return_mean']:.2f} +/- {result['return_std']:.2f} "
         f"(min {result['return_min']:.1f}, max {result['return_max']:.1f}) over {result['episodes']} episodes, "
@@ -169,7 +170,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--best", action="store_true", help="the best evaluated policy (best/), not the final one")
     p.add_argument("--episodes", type=int, default=10)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--stochastic", action="store_true", help="sample actions instead of the deterministic policy")
+    how = p.add_mutually_exclusive_group()
+    how.add_argument("--stochastic", action="store_true", help="sample actions instead of the deterministic policy")
+    how.add_argument(
+        "--deterministic", action="store_true", help="the deterministic policy even where the run sampled (Atari)"
+    )
     p.add_argument("--video", help="also render one episode to this file (.mp4 or .gif)")
     p.add_argument("--json", action="store_true", help="also print the result as JSON")
     p.set_defaults(func=_eval)

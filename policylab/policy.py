@@ -78,6 +78,7 @@ class Policy:
         algo: str | None = None,
         seed: int = 0,
         raw_observation_space: gym.Space | None = None,
+        eval_deterministic: bool = True,
     ) -> None:
         self.net: Any = net  # any policy network: it has env_action(obs, deterministic, generator)
         self.observation_space = observation_space
@@ -90,6 +91,8 @@ class Policy:
         self.env_id = env_id
         self.env_kwargs = env_kwargs or {}
         self.algo = algo
+        self.eval_deterministic = eval_deterministic
+        """How its run evaluated it (`policylab eval` does the same unless told otherwise)."""
         self._generator = torch.Generator().manual_seed(seed)
         self._device = next(net.parameters()).device
         self.recurrent = bool(getattr(net, "recurrent", False))
@@ -179,7 +182,7 @@ def load(path: str | Path, device: str = "cpu", which: Literal["final", "best"] 
         normalizer.rms.load({k: tensors[f"obs_norm/{k}"].numpy() for k in ("mean", "var", "count")})
     return Policy(
         net, obs_space, act_space, normalizer, cfg.env, cfg.env_kwargs, state["algo"], cfg.seed,
-        None if raw is None else space_from_json(raw),
+        None if raw is None else space_from_json(raw), cfg.eval_deterministic,
     )  # fmt: skip
 
 

@@ -389,16 +389,29 @@ PRESETS["fpo"] = {
 # with linear heads: hidden_sizes [].
 ATARI = "atari"
 _CNN = {"encoder": "nature", "hidden_sizes": []}
+# rl-zoo evaluates Atari policies with sampled actions (its enjoy.py is deterministic except on Atari): a
+# deterministic Breakout policy that never presses FIRE after a lost life plays out the game's 108,000 frames
+_SAMPLED_EVAL = {"eval_deterministic": False}
 PRESETS["ppo"][ATARI] = Preset(
     {
         "steps": 10_000_000, **_CNN, "num_envs": 8, "n_steps": 128, "epochs": 4, "batch_size": 256,
         "lr": 2.5e-4, "anneal_lr": True, "clip_eps": 0.1, "anneal_clip": True, "vf_coef": 0.5, "ent_coef": 0.01,
+        **_SAMPLED_EVAL,
     },
-    f"{_ZOO_PPO}, entry atari (lr lin_2.5e-4, clip_range lin_0.1)",
+    f"{_ZOO_PPO}, entry atari (lr lin_2.5e-4, clip_range lin_0.1); evaluated with sampled actions, as rl-zoo's Atari",
 )  # fmt: skip
 PRESETS["a2c"][ATARI] = Preset(
-    {"steps": 10_000_000, **_CNN, "num_envs": 16, "ent_coef": 0.01, "vf_coef": 0.25, "optim_eps": 1e-5},
-    f"{_ZOO_A2C}, entry atari (RMSprop with eps 1e-5: torch's RMSprop, not SB3's RMSpropTFLike)",
+    {
+        "steps": 10_000_000,
+        **_CNN,
+        "num_envs": 16,
+        "ent_coef": 0.01,
+        "vf_coef": 0.25,
+        "optim_eps": 1e-5,
+        **_SAMPLED_EVAL,
+    },
+    f"{_ZOO_A2C}, entry atari (RMSprop with eps 1e-5: torch's RMSprop, not SB3's RMSpropTFLike); sampled-action "
+    "evaluations",
 )
 PRESETS["dqn"][ATARI] = Preset(
     {

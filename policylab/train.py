@@ -1241,8 +1241,9 @@ class _Session:
         return IterationInfo(loop.step, loop.iteration, elapsed, mean_ret, loop.tracker.episodes, values, eval_return)
 
     def _evaluate(self, seed: int) -> dict[str, Any]:
-        """A deterministic evaluation; with a dataset that has reference returns, also its normalized score."""
-        result = evaluate(self.loop.policy(), self.cfg.eval_episodes, seed)
+        """An evaluation (deterministic unless `eval_deterministic` is off); with a dataset that has reference
+        returns, also its normalized score."""
+        result = evaluate(self.loop.policy(), self.cfg.eval_episodes, seed, deterministic=self.cfg.eval_deterministic)
         score = self.loop.score(result["return_mean"])
         if score is not None:
             result["score"] = score

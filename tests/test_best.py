@@ -250,6 +250,34 @@ def test_eval_best_command(capsys, real_run):
     assert main(["eval", str(real_run.dir / "best"), "--episodes", "2"]) == 0  # a best/ directory is a checkpoint
 
 
+def test_eval_deterministic_off_samples_in_training_and_in_the_eval_command(monkeypatch, tmp_path):
+    """eval_deterministic=false (rl-zoo's Atari evaluations, set by the ppo and a2c atari presets): every
+    evaluation of the run samples actions, the loaded policy knows it, and `policylab eval` follows the run
+    unless told --deterministic."""
+    modes: list[bool] = []
+
+    def scripted(*args: Any, deterministic: bool = True, **kwargs: Any) -> dict[str, Any]:
+        modes.append(deterministic)
+        return {"episodes": 1, "return_mean": 1.0, "return_std": 0.0, "length_mean": 1.0}
+
+    monkeypatch.setattr(train_module, "evaluate", scripted)
+    run = _train(tmp_path, steps=96, overrides={"eval_deterministic": False})
+    assert modes == [False, False, False]  # at 32 and 64, and the final one at 96
+    assert pl.load(run.dir).eval_deterministic is False
+    assert pl.load(_train(tmp_path, steps=32, name="default").dir).eval_deterministic is True
+    asked: list[bool] = []
+    real = pl.policy.evaluate
+
+    def recorded(*args: Any, **kwargs: Any) -> dict[str, Any]:
+        asked.append(kwargs["deterministic"])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(pl.policy, "evaluate", recorded)
+    for flags in ([], ["--deterministic"], ["--stochastic"]):
+        assert main(["eval", str(run.dir), "--episodes", "1", *flags]) == 0
+    assert asked == [False, True, False]
+
+
 def test_missing_best_is_a_clear_error(capsys, tmp_path):
     run = _train(tmp_path, overrides={"eval_every": 0}, callback=lambda info: False)
     assert run.interrupted and run.best is None and not (run.dir / "best").exists()
