@@ -61,9 +61,9 @@ class CommonConfig:
     """Evaluation every this many env steps (0: only at the end)."""
     eval_episodes: int = 10
     eval_deterministic: bool = True
-    """Evaluate the deterministic policy (its mean or most likely action); false: actions sampled from the policy,
-    as rl-zoo evaluates Atari games (its presets for ppo and a2c set it), where a deterministic policy that never
-    presses FIRE after a lost life waits out the game. A Q-network acts greedily either way."""
+    """Evaluate the deterministic policy (its mean, most likely or greedy action); false: actions sampled from the
+    policy (a Q-network's: epsilon-greedy at the run's eps_final), as rl-zoo evaluates Atari games (the Atari
+    presets set it), where a deterministic policy that never presses FIRE after a lost life waits out the game."""
     checkpoint_every: int = 50_000
     """Checkpoint every this many env steps (0: only at the end and on Ctrl-C)."""
     keep_checkpoints: int = 2

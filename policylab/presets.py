@@ -389,8 +389,9 @@ PRESETS["fpo"] = {
 # with linear heads: hidden_sizes [].
 ATARI = "atari"
 _CNN = {"encoder": "nature", "hidden_sizes": []}
-# rl-zoo evaluates Atari policies with sampled actions (its enjoy.py is deterministic except on Atari): a
-# deterministic Breakout policy that never presses FIRE after a lost life plays out the game's 108,000 frames
+# rl-zoo evaluates Atari policies with sampled actions (its enjoy.py is deterministic except on Atari; a Q-network
+# then acts epsilon-greedily at its final exploration rate): a deterministic Breakout policy that never presses
+# FIRE after a lost life plays out the game's 108,000 frames
 _SAMPLED_EVAL = {"eval_deterministic": False}
 PRESETS["ppo"][ATARI] = Preset(
     {
@@ -417,11 +418,14 @@ PRESETS["dqn"][ATARI] = Preset(
     {
         "steps": 10_000_000, **_CNN, "buffer_size": 10_000, "lr": 1e-4, "batch_size": 32, "learning_starts": 100_000,
         "target_update_interval": 1000, "train_freq": 4, "gradient_steps": 1, "exploration_fraction": 0.1,
-        "eps_final": 0.01,
+        "eps_final": 0.01, **_SAMPLED_EVAL,
     },
-    f"{_ZOO_DQN}, entry atari",
+    f"{_ZOO_DQN}, entry atari; evaluated epsilon-greedy at eps_final, as rl-zoo's Atari",
 )  # fmt: skip
-PRESETS["qrdqn"][ATARI] = Preset({"steps": 10_000_000, **_CNN}, f"{_ZOO_QRDQN}, entry atari (SB3-contrib's defaults)")
+PRESETS["qrdqn"][ATARI] = Preset(
+    {"steps": 10_000_000, **_CNN, **_SAMPLED_EVAL},
+    f"{_ZOO_QRDQN}, entry atari (SB3-contrib's defaults); evaluated epsilon-greedy at eps_final",
+)
 
 
 VARIANTS: dict[str, dict[str, dict[str, Preset]]] = {

@@ -53,9 +53,8 @@ def test_the_atari_presets_apply_to_every_game():
             preset = find_preset(algo, game)
             assert preset is not None and preset.values["encoder"] == "nature" and preset.values["hidden_sizes"] == []
     assert find_preset("ppo", "ALE/Pong-v5").values["clip_eps"] == 0.1  # type: ignore[union-attr]
-    for algo in ("ppo", "a2c"):  # rl-zoo evaluates Atari policies with sampled actions; a Q-network stays greedy
+    for algo in ("ppo", "a2c", "dqn", "qrdqn"):  # rl-zoo evaluates Atari policies with sampled actions
         assert find_preset(algo, "BreakoutNoFrameskip-v4").values["eval_deterministic"] is False  # type: ignore
-    assert "eval_deterministic" not in find_preset("dqn", "BreakoutNoFrameskip-v4").values  # type: ignore
     assert find_preset("sac", "ALE/Pong-v5") is None
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gymnasium as gym
 import numpy as np
 import pytest
 import torch
@@ -109,3 +110,25 @@ def test_numpy_forward_of_one_member_equals_the_torch_member():
     np.testing.assert_allclose(critic.body.numpy_forward(x.numpy()), stacked.numpy(), rtol=1e-5, atol=1e-6)
     for k in range(3):
         np.testing.assert_allclose(critic.body.numpy_forward(x.numpy(), member=k), stacked[k].numpy(), atol=1e-6)
+
+
+def test_a_q_networks_sampled_action_is_epsilon_greedy_at_its_rate():
+    """env_action(deterministic=False): the greedy action, replaced by a uniform one with probability
+    sample_epsilon (SB3's predict(deterministic=False)); deterministic, or at rate 0, always greedy."""
+    torch.manual_seed(0)
+    obs = torch.randn(1, 4).expand(20_000, 4)
+    net = QNetwork(4, 5, (16,), sample_epsilon=0.2)
+    greedy = int(net(obs[:1])[0].argmax(-1))
+    gen = torch.Generator().manual_seed(1)
+    counts = torch.bincount(net.env_action(obs, False, gen), minlength=5).float() / len(obs)
+    expected = torch.full((5,), 0.2 / 5)
+    expected[greedy] += 0.8
+    torch.testing.assert_close(counts, expected, atol=0.01, rtol=0)
+    assert torch.all(net.env_action(obs, True, gen) == greedy)
+    net.sample_epsilon = 0.0
+    assert torch.all(net.env_action(obs, False, gen) == greedy)
+    # DQN's policy network samples at its run's final exploration rate
+    from policylab.algos.dqn import DQN, DQNConfig
+
+    space = gym.spaces.Box(-1.0, 1.0, (4,))
+    assert DQN.build_policy(DQNConfig(eps_final=0.07), space, gym.spaces.Discrete(3)).sample_epsilon == 0.07

@@ -52,6 +52,7 @@ def test_qrdqn_learns_cartpole_with_the_rl_zoo_preset(tmp_path):
         assert max(float(r["return_mean"]) for r in csv.DictReader(f)) >= 475
     policy = pl.load(run.dir)
     assert policy.act(gym.make("CartPole-v1").reset(seed=0)[0]) in (0, 1)
+    assert policy.net.sample_epsilon == run.config.eps_final  # sampled actions: epsilon-greedy at the final rate
 
 
 def test_options_qrdqn_does_not_have_are_clear_errors():

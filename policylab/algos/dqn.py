@@ -150,7 +150,10 @@ class DQN:
         n_actions = discrete_actions(act_space, "dqn")
         encoder = make_encoder(cfg.encoder, obs_space)
         features = obs_dim(obs_space) if encoder is None else encoder.features
-        return QNetwork(features, n_actions, cfg.hidden_sizes, cfg.activation, cfg.dueling, encoder=encoder)
+        return QNetwork(
+            features, n_actions, cfg.hidden_sizes, cfg.activation, cfg.dueling, encoder=encoder,
+            sample_epsilon=cfg.eps_final,
+        )  # fmt: skip
 
     def to_env(self, actions: np.ndarray) -> np.ndarray:
         return actions

@@ -32,6 +32,7 @@ from policylab.algos.offpolicy import (
 from policylab.data import Batch
 from policylab.errors import ConfigError
 from policylab.nets.cnn import ImageEncoder, flat_features, make_encoder
+from policylab.nets.critics import sampled_greedy
 from policylab.nets.mlp import StackedMLP
 from policylab.objectives.q_targets import quantile_huber_loss
 
@@ -74,9 +75,12 @@ class QuantileQNetwork(nn.Module):
         hidden_sizes: Sequence[int],
         activation: str,
         encoder: ImageEncoder | None = None,
+        sample_epsilon: float = 0.0,
     ) -> None:
         super().__init__()
         self.n_actions, self.n_quantiles = n_actions, n_quantiles
+        self.sample_epsilon = sample_epsilon
+        """`env_action(deterministic=False)`'s exploration rate (the run's eps_final)."""
         self.encoder = encoder
         self.body = StackedMLP(1, obs_dim, hidden_sizes, n_actions * n_quantiles, activation)
 
@@ -89,8 +93,9 @@ class QuantileQNetwork(nn.Module):
         return y.reshape(len(obs), self.n_actions, self.n_quantiles).mean(-1).argmax(-1)
 
     def env_action(self, obs: Tensor, deterministic: bool = True, generator: torch.Generator | None = None) -> Tensor:
-        """The greedy action (a Q-network's policy is greedy either way)."""
-        return self(obs).mean(-1).argmax(-1)
+        """The greedy action; not `deterministic`: epsilon-greedy with `sample_epsilon`."""
+        greedy = self(obs).mean(-1).argmax(-1)
+        return greedy if deterministic else sampled_greedy(greedy, self.n_actions, self.sample_epsilon, generator)
 
 
 class QRDQN:
@@ -118,7 +123,9 @@ class QRDQN:
         n_actions = discrete_actions(act_space, "qrdqn")
         encoder = make_encoder(cfg.encoder, obs_space)
         features = obs_dim(obs_space) if encoder is None else encoder.features
-        return QuantileQNetwork(features, n_actions, cfg.n_quantiles, cfg.hidden_sizes, cfg.activation, encoder)
+        return QuantileQNetwork(
+            features, n_actions, cfg.n_quantiles, cfg.hidden_sizes, cfg.activation, encoder, cfg.eps_final
+        )
 
     def to_env(self, actions: np.ndarray) -> np.ndarray:
         return actions

@@ -22,6 +22,16 @@ _LOG_2 = math.log(2.0)
 _LOG_2PI = math.log(2 * math.pi)
 
 
+def sampled_greedy(greedy: Tensor, n_actions: int, epsilon: float, generator: torch.Generator | None) -> Tensor:
+    """A Q-network's sampled action: the greedy action [B], replaced by a uniform one with probability
+    `epsilon` (SB3's `predict(deterministic=False)`, with the run's final exploration rate)."""
+    if epsilon <= 0.0:
+        return greedy
+    draws = torch.rand((2, len(greedy)), generator=generator, device=greedy.device)
+    uniform = (draws[1] * n_actions).long().clamp_max(n_actions - 1)
+    return torch.where(draws[0] < epsilon, uniform, greedy)
+
+
 class QNetwork(nn.Module):
     """Q(s, .) for Discrete actions; dueling: V(s) + A(s, a) - mean_a A(s, a). Returns [K, B, n_actions]."""
 
@@ -34,9 +44,13 @@ class QNetwork(nn.Module):
         dueling: bool = False,
         members: int = 1,
         encoder: ImageEncoder | None = None,
+        sample_epsilon: float = 0.0,
     ) -> None:
         super().__init__()
         self.dueling = dueling
+        self.n_actions = n_actions
+        self.sample_epsilon = sample_epsilon
+        """`env_action(deterministic=False)`'s exploration rate (DQN: its eps_final; 0: greedy either way)."""
         self.encoder = encoder
         """An image encoder (nets/cnn.py) before the MLP; `obs_dim` is then its feature count."""
         self.body = StackedMLP(members, obs_dim, hidden_sizes, n_actions + 1 if dueling else n_actions, activation)
@@ -54,8 +68,9 @@ class QNetwork(nn.Module):
         return (y[:, 1:] if self.dueling else y).argmax(-1)
 
     def env_action(self, obs: Tensor, deterministic: bool = True, generator: torch.Generator | None = None) -> Tensor:
-        """The greedy action of member 0 (a Q-network's policy is greedy either way)."""
-        return self(obs)[0].argmax(-1)
+        """The greedy action of member 0; not `deterministic`: epsilon-greedy with `sample_epsilon`."""
+        greedy = self(obs)[0].argmax(-1)
+        return greedy if deterministic else sampled_greedy(greedy, self.n_actions, self.sample_epsilon, generator)
 
 
 class ContinuousCritic(nn.Module):
