@@ -65,12 +65,12 @@ def worker_returns(case: dict[str, Any], a: argparse.Namespace) -> dict[str, Any
         if info.eval_return is not None and info.step < steps:
             curve.append([info.step, info.eval_return])
 
-    overrides = {**case["ours"], "threads": 1, "checkpoint_every": 0, "precision": a.precision}
-    overrides["eval_every"] = a.curve_every or 0
+    overrides = {**case["ours"], "threads": 1, "checkpoint_every": 0, "precision": a.precision,
+                 "eval_every": a.curve_every or 0}  # fmt: skip
     run = pl.train(case["algo"], env=case["env"], steps=steps, seed=a.seed, overrides=overrides, progress=False,
                    verbose=False, runs_dir=Path(a.out).parent / "runs-returns", callback=callback)  # fmt: skip
-    final = run.final_eval or {}
-    return {"eval_return_mean": final["return_mean"], **curve_record(curve, steps, final["return_mean"])}
+    final = run.final_eval["return_mean"]  # type: ignore[index]  # the run was not interrupted
+    return {"eval_return_mean": final, **curve_record(curve, steps, final)}
 
 
 def worker_ours(case: dict[str, Any], a: argparse.Namespace) -> dict[str, Any]:

@@ -251,7 +251,7 @@ def test_eval_best_command(capsys, real_run):
 
 
 def test_eval_deterministic_off_samples_in_training_and_in_the_eval_command(monkeypatch, tmp_path):
-    """eval_deterministic=false (rl-zoo's Atari evaluations, set by the ppo and a2c atari presets): every
+    """eval_deterministic=false (rl-zoo's Atari evaluations, set by the Atari presets): every
     evaluation of the run samples actions, the loaded policy knows it, and `policylab eval` follows the run
     unless told --deterministic."""
     modes: list[bool] = []
