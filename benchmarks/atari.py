@@ -4,7 +4,7 @@ Run from the repository root (needs the atari extra, which `make test` installs,
 
     .venv/bin/python benchmarks/atari.py --seeds 3                 # both cases
     .venv/bin/python benchmarks/atari.py --case dqn-pong --seeds 1
-    .venv/bin/python benchmarks/atari.py --layout   # Nature-CNN's step on 32 frames, NCHW against channels-last
+    .venv/bin/python benchmarks/atari.py --layout --batch 256   # the Nature-CNN step: layouts, feature-layer kernel
     .venv/bin/python benchmarks/atari.py --seeds 3 --precision bf16   # policylab's opt-in bfloat16 encoder
 
 Cases (policylab: its `atari` preset for the algorithm, which is rl-zoo's `atari` entry; SB3: the same values,
@@ -154,30 +154,34 @@ METRICS = {
 MEMORY = {"replay_bytes_per_transition": ("replay bytes per transition", ",.0f", True)}
 
 
-def time_layouts(repeats: int = 5, calls: int = 20) -> None:
-    """A Nature-CNN forward and backward on 32 Atari stacks, 1 thread: the input contiguous (NCHW) or in the
-    channels-last memory layout (what the encoder uses); medians over `repeats` of `calls` calls."""
+def time_layouts(batch: int = 32, repeats: int = 5, calls: int = 20) -> None:
+    """A Nature-CNN forward and backward on `batch` Atari stacks, 1 thread: the input contiguous (NCHW) or in the
+    channels-last memory layout (what the encoder uses), the feature layer on nn.Linear's kernel (MKL; SB3's) or
+    on `matmul.linear`'s (the encoder's); medians over `repeats` of `calls` calls."""
     import statistics
 
     import torch
+    import torch.nn.functional as F
 
     from policylab.nets.cnn import ImageLayout, NatureCNN
+    from policylab.nets.matmul import bf16_native
 
     torch.set_num_threads(1)
     net, head = NatureCNN(ImageLayout(4, 84, 84, False)), torch.nn.Linear(512, 6)
-    frames = torch.randint(0, 256, (32, 4, 84, 84), dtype=torch.uint8)
-
-    from policylab.nets.matmul import bf16_native
+    frames = torch.randint(0, 256, (batch, 4, 84, 84), dtype=torch.uint8)
+    fc = net.fc[0]
 
     def step(name: str) -> None:
         x = frames.float().div_(255.0)
         if name != "nchw":
             x = x.contiguous(memory_format=torch.channels_last)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=name == "channels_last_bf16"):
-            features = net.fc(net.convs(x))
+            h = net.convs(x)
+            h = fc(h) if name.startswith("channels_last") else F.linear(h, fc.weight, fc.bias)
+            features = torch.relu(h)
         head(features.float()).sum().backward()
 
-    names = ["nchw", "channels_last"] + (["channels_last_bf16"] if bf16_native() else [])
+    names = ["nchw", "channels_last_mkl_fc", "channels_last"] + (["channels_last_bf16"] if bf16_native() else [])
     results: dict[str, list[float]] = {name: [] for name in names}
     for _ in range(repeats):
         for name in results:
@@ -186,8 +190,9 @@ def time_layouts(repeats: int = 5, calls: int = 20) -> None:
             for _ in range(calls):
                 step(name)
             results[name].append((time.perf_counter() - start) / calls * 1000)
+    print(f"Nature-CNN forward and backward on {batch} stacks, 1 thread:")
     for name, values in results.items():
-        print(f"{name:19s} {statistics.median(values):.2f} ms per step (median of {repeats})")
+        print(f"{name:21s} {statistics.median(values):.2f} ms per step (median of {repeats})")
 
 
 def main() -> None:
@@ -198,13 +203,14 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--out")
     p.add_argument("--layout", action="store_true", help="time the CNN step in both memory layouts, then stop")
+    p.add_argument("--batch", type=int, default=32, help="--layout's stacks per step (DQN's batch; PPO's is 256)")
     p.add_argument("--precision", default="fp32", help="policylab's precision (bf16: the encoder under autocast)")
     p.add_argument("--return-case", choices=list(RETURN_CASES), help=argparse.SUPPRESS)  # precision_returns.py's
     p.add_argument("--steps", type=int, help=argparse.SUPPRESS)
     p.add_argument("--curve-every", type=int, help=argparse.SUPPRESS)
     a = p.parse_args()
     if a.layout:
-        time_layouts()
+        time_layouts(a.batch)
         return
     if a.return_case:
         record = worker_returns(RETURN_CASES[a.return_case], a)

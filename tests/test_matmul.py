@@ -237,3 +237,41 @@ def test_routed_products_keep_their_route_in_the_backward(monkeypatch) -> None:
         assert calls.count(torch.bmm) == (3 if inputs is a else 2) and calls.count(torch.baddbmm) == 0
     with torch.no_grad():
         assert matmul.affine(bias, a, w.transpose(1, 2)).grad_fn is None
+
+
+def test_linear_routes_its_backward_and_matches_nn_linear(monkeypatch) -> None:
+    """`matmul.linear` (the CNN encoders' feature layer): nn.Linear's output and gradients, the forward on MKL
+    (oneDNN reorders a transposed weight per call) and the backward's two products through the routed kernel;
+    no Python function without autograd, under autocast, or for other dtypes."""
+    g = torch.Generator().manual_seed(5)
+    layer = torch.nn.Linear(3136, 512)
+    x = torch.rand(64, 3136, generator=g, requires_grad=True)
+    upstream = torch.randn(64, 512, generator=g)
+
+    def grads(fn):
+        for t in (x, layer.weight, layer.bias):
+            t.grad = None
+        out = fn(x, layer.weight, layer.bias)
+        (out * upstream).sum().backward()
+        return out.detach(), [t.grad.clone() for t in (x, layer.weight, layer.bias)]
+
+    calls: list = []
+
+    def recorded(op, *args, **kw):
+        calls.append(op)
+        return op(*args, **kw)
+
+    expected_out, expected = grads(torch.nn.functional.linear)
+    monkeypatch.setattr(matmul, "_worth_it", lambda *args: True)
+    monkeypatch.setattr(matmul, "_onednn_call", recorded)
+    out, got = grads(matmul.linear)
+    assert calls == [torch.bmm, torch.bmm]  # grad_x and grad_weight; the forward stayed on F.linear
+    assert torch.equal(out, expected_out)
+    for mine, want in zip(got, expected):
+        torch.testing.assert_close(mine, want, rtol=1e-5, atol=1e-5)
+    with torch.no_grad():
+        assert matmul.linear(x, layer.weight, layer.bias).grad_fn is None
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert matmul.linear(x, layer.weight, layer.bias).dtype == torch.bfloat16  # autocast's F.linear
+    in_float64 = matmul.linear(x.double(), layer.weight.double(), layer.bias.double())
+    assert in_float64.grad_fn.name() != "_RoutedLinearBackward"

@@ -101,6 +101,13 @@ class ImageEncoder(nn.Module):
         raise NotImplementedError
 
 
+class RoutedLinear(nn.Linear):
+    """nn.Linear (same parameters and checkpoint keys) whose products take `matmul.linear`'s kernel."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return matmul.linear(x, self.weight, self.bias)
+
+
 def _conv_out(size: int, kernel: int, stride: int, padding: int = 0) -> int:
     return (size + 2 * padding - kernel) // stride + 1
 
@@ -122,7 +129,7 @@ class NatureCNN(ImageEncoder):
         h, w = layout.height, layout.width
         for kernel, stride in ((8, 4), (4, 2), (3, 1)):
             h, w = _conv_out(h, kernel, stride), _conv_out(w, kernel, stride)
-        self.fc = nn.Sequential(nn.Linear(64 * h * w, features), nn.ReLU())
+        self.fc = nn.Sequential(RoutedLinear(64 * h * w, features), nn.ReLU())
         self.features = features
 
     def encode(self, frames: Tensor) -> Tensor:
@@ -152,7 +159,7 @@ class ImpalaCNN(ImageEncoder):
             layers += [nn.Conv2d(c_in, c, 3, padding=1), nn.MaxPool2d(3, 2, padding=1), _Residual(c), _Residual(c)]
             c_in, h, w = c, _conv_out(h, 3, 2, 1), _conv_out(w, 3, 2, 1)
         self.convs = nn.Sequential(*layers, nn.ReLU(), nn.Flatten())
-        self.fc = nn.Sequential(nn.Linear(c_in * h * w, features), nn.ReLU())
+        self.fc = nn.Sequential(RoutedLinear(c_in * h * w, features), nn.ReLU())
         self.features = features
 
     def encode(self, frames: Tensor) -> Tensor:
