@@ -1,8 +1,10 @@
-"""policylab's GRPO against TRL's GRPOTrainer: the same model, prompts, group size, lengths, optimizer settings
-and number of steps, alternating runs, 1 thread each.
+"""policylab's GRPO, RLOO and DPO against TRL's GRPOTrainer, RLOOTrainer and DPOTrainer: the same model, prompts
+(or preference pairs), group size, lengths, optimizer settings and number of steps, alternating runs, 1 thread each.
 
     .venv/bin/python benchmarks/llm.py --setup                # once: TRL's own venv (benchmarks/.venv-trl)
     .venv/bin/python benchmarks/llm.py --seeds 3 --steps 40
+    .venv/bin/python benchmarks/llm.py --algo rloo --seeds 3 --steps 40 --model tiny-llama --prompts-per-step 8
+    .venv/bin/python benchmarks/llm.py --algo dpo --seeds 3 --steps 40 --model tiny-llama --prompts-per-step 16
     .venv/bin/python benchmarks/llm.py --training --model tiny-llama --prompts-per-step 8 --profile
 
 What is shared: a tiny Llama is built once (`--model`, policylab's config and character tokenizer) and, for
@@ -14,6 +16,14 @@ batch (Adam(W) without weight decay, constant learning rate, gradient-norm clip 
 advantages and clipped surrogate (epsilon 0.2), no KL term, the sequence-mean-token-mean aggregation (TRL's
 loss_type "grpo"). After training, each side's model is evaluated by the same code (policylab's greedy exact
 match on the task's held-out rows).
+
+`--algo rloo`: the same rollouts with RLOO's leave-one-out advantages and no KL term on both sides. TRL's
+RLOOTrainer clips a sequence-level ratio (the sum of the token log-probs) and averages over sequences; policylab's
+rloo runs with `aggregation=seq-mean-token-sum`, whose token-level clipped surrogate has the same gradient at the
+one update per batch both sides make (every ratio is 1 there). `--algo dpo`: offline DPO (sigmoid loss, beta 0.1,
+the starting model as the reference) on one preference file both sides read: for each addition prompt its answer
+(chosen) against a copy with one character changed (rejected), policylab's default pairs written out;
+`--prompts-per-step` pairs per step. policylab draws each step's pairs at random, TRL walks the shuffled file.
 
 Measured: wall-clock per step (median over the steps after the first `--warmup`), completion tokens per second
 over the same steps, and accuracy after the run. TRL is installed in its own venv (it pulls its own
@@ -54,7 +64,8 @@ def setup() -> None:
 
 
 def prepare(a: argparse.Namespace, where: Path) -> tuple[Path, Path]:
-    """(model directory, prompts JSONL): the starting model and the training prompts both sides use."""
+    """(model directory, prompts JSONL): the starting model and the training prompts (DPO: preference pairs) both
+    sides use."""
     sys.path.insert(0, str(REPO_ROOT))
     from policylab.llm.models import load_model
     from policylab.llm.tasks import get_task
@@ -75,11 +86,25 @@ def prepare(a: argparse.Namespace, where: Path) -> tuple[Path, Path]:
         tokenizer.save_pretrained(model_dir)
     rows = get_task("addition").make(5_000, 0)
     prompts = where / "prompts.jsonl"
+    if a.algo == "dpo":
+        import numpy as np
+
+        from policylab.llm.trainer import preference_pair
+
+        rng = np.random.default_rng(0)
+        pairs = [preference_pair(row, rng) for row in rows]
+        rows = [{"prompt": p, "chosen": c, "rejected": r} for p, c, r in pairs]
     prompts.write_text("".join(json.dumps(row) + "\n" for row in rows))
     return model_dir, prompts
 
 
 # --- workers ------------------------------------------------------------------------------------------------
+
+OURS_EXTRA: dict[str, Any] = {
+    "grpo": lambda a: {},
+    "rloo": lambda a: {"aggregation": "seq-mean-token-sum"},  # TRL's sequence-level surrogate, see the docstring
+    "dpo": lambda a: {"pairs": a.prompts, "prompts": None, "beta": 0.1},
+}
 
 
 def worker_ours(a: argparse.Namespace) -> dict[str, Any]:
@@ -105,8 +130,9 @@ def worker_ours(a: argparse.Namespace) -> dict[str, Any]:
         "lr": a.lr,
         "eval_every": a.steps + 1,
         "eval_size": 1,
+        **OURS_EXTRA[a.algo](a),
     }
-    run = train_llm("grpo", settings, a.work, verbose=False, callback=callback)
+    run = train_llm(a.algo, settings, a.work, verbose=False, callback=callback)
     return _record(a, marks, str(run.dir / "model"), "policylab")
 
 
@@ -114,7 +140,6 @@ def worker_trl(a: argparse.Namespace) -> dict[str, Any]:
     import torch
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
-    from trl import GRPOConfig, GRPOTrainer
 
     torch.set_num_threads(1)
     torch.manual_seed(a.seed)
@@ -134,39 +159,52 @@ def worker_trl(a: argparse.Namespace) -> dict[str, Any]:
             tokens = state.log_history[-1].get("completions/mean_length", 0.0) if state.log_history else 0.0
             marks.append((time.perf_counter(), float(tokens) * a.prompts_per_step * a.group_size))
 
-    config = GRPOConfig(
-        output_dir=str(Path(a.work) / "trl"),
-        per_device_train_batch_size=a.prompts_per_step * a.group_size,
-        num_generations=a.group_size,
-        max_completion_length=a.max_new_tokens,
-        temperature=1.0,
-        learning_rate=a.lr,
-        lr_scheduler_type="constant",
-        weight_decay=0.0,
-        max_grad_norm=1.0,
-        beta=0.0,
-        epsilon=0.2,
-        loss_type="grpo",
-        num_iterations=1,
-        max_steps=a.steps,
-        logging_steps=1,
-        save_strategy="no",
-        report_to="none",
-        use_cpu=True,
-        seed=a.seed,
-        dataloader_num_workers=0,
+    common = {
+        "output_dir": str(Path(a.work) / "trl"),
+        "learning_rate": a.lr,
+        "lr_scheduler_type": "constant",
+        "weight_decay": 0.0,
+        "max_grad_norm": 1.0,
+        "max_steps": a.steps,
+        "logging_steps": 1,
+        "save_strategy": "no",
+        "report_to": "none",
+        "use_cpu": True,
+        "seed": a.seed,
+        "dataloader_num_workers": 0,
         # float32 without gradient checkpointing, as policylab's runs; TRL's defaults turn both on (its bfloat16
         # autocast is emulated on an AVX2 CPU): --trl-defaults keeps them
         **({} if a.trl_defaults else {"gradient_checkpointing": False, "bf16": False, "fp16": False}),
-    )
-    trainer = GRPOTrainer(
-        model=model,
-        reward_funcs=exact_match,
-        args=config,
-        train_dataset=dataset,
-        processing_class=tokenizer,
-        callbacks=[Marks()],
-    )
+    }
+    rollouts = {
+        "per_device_train_batch_size": a.prompts_per_step * a.group_size,
+        "num_generations": a.group_size,
+        "max_completion_length": a.max_new_tokens,
+        "temperature": 1.0,
+        "beta": 0.0,
+        "epsilon": 0.2,
+        "num_iterations": 1,
+    }
+    if a.algo == "dpo":
+        from trl import DPOConfig, DPOTrainer
+
+        config: Any = DPOConfig(
+            **common, per_device_train_batch_size=a.prompts_per_step, beta=0.1, loss_type=["sigmoid"]
+        )
+        trainer: Any = DPOTrainer(model=model, args=config, train_dataset=dataset, processing_class=tokenizer)
+    elif a.algo == "rloo":
+        from trl import RLOOConfig, RLOOTrainer
+
+        config = RLOOConfig(**common, **rollouts, normalize_advantages=False)
+        trainer = RLOOTrainer(model=model, reward_funcs=exact_match, args=config, train_dataset=dataset,
+                              processing_class=tokenizer)  # fmt: skip
+    else:
+        from trl import GRPOConfig, GRPOTrainer
+
+        config = GRPOConfig(**common, **rollouts, loss_type="grpo")
+        trainer = GRPOTrainer(model=model, reward_funcs=exact_match, args=config, train_dataset=dataset,
+                              processing_class=tokenizer)  # fmt: skip
+    trainer.add_callback(Marks())
     trainer.train()
     out = Path(a.work) / "trl-model"
     trainer.save_model(str(out))
@@ -313,7 +351,7 @@ def run_side(side: str, a: argparse.Namespace, seed: int, model_dir: Path, promp
     args = ["--worker", side, "--seed", str(seed), "--model-dir", str(model_dir), "--prompts", str(prompts)]
     args += ["--work", str(work / f"{side}-{seed}"), "--steps", str(a.steps), "--lr", str(a.lr)]
     args += ["--prompts-per-step", str(a.prompts_per_step), "--group-size", str(a.group_size)]
-    args += ["--max-new-tokens", str(a.max_new_tokens), "--warmup", str(a.warmup)]
+    args += ["--max-new-tokens", str(a.max_new_tokens), "--warmup", str(a.warmup), "--algo", a.algo]
     args += ["--trl-defaults"] if a.trl_defaults else []
     env = {**ONE_THREAD, "PYTHONPATH": ""} if side == "trl" else ONE_THREAD  # TRL's venv must not see ours
     res = run_worker(Path(__file__).resolve(), args, work / f"{side}-{seed}.json", python=python, env=env)
@@ -327,6 +365,7 @@ def run_side(side: str, a: argparse.Namespace, seed: int, model_dir: Path, promp
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--setup", action="store_true", help="create TRL's venv and exit")
+    parser.add_argument("--algo", choices=("grpo", "rloo", "dpo"), default="grpo")
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--model", default="small-llama", help="a policylab tiny model (tiny-llama, small-llama)")
@@ -334,7 +373,7 @@ def main() -> None:
     parser.add_argument("--prompts-per-step", type=int, default=2)
     parser.add_argument("--group-size", type=int, default=8)
     parser.add_argument("--max-new-tokens", type=int, default=8)
-    parser.add_argument("--lr", type=float, default=3e-4)
+    parser.add_argument("--lr", type=float, help="default 3e-4 (dpo: 1e-4, policylab's DPO default)")
     parser.add_argument("--warmup", type=int, default=3, help="steps left out of the timing")
     parser.add_argument("--trl-defaults", action="store_true", help="TRL's own bfloat16 / checkpointing defaults")
     parser.add_argument("--sampling", action="store_true", help="only time the samplers (see time_sampling)")
@@ -347,6 +386,8 @@ def main() -> None:
     parser.add_argument("--prompts", help=argparse.SUPPRESS)
     parser.add_argument("--work", help=argparse.SUPPRESS)
     a = parser.parse_args()
+    if a.lr is None:
+        a.lr = 1e-4 if a.algo == "dpo" else 3e-4
     if a.worker:
         record = worker_ours(a) if a.worker == "policylab" else worker_trl(a)
         Path(a.out).write_text(json.dumps(record))
@@ -367,6 +408,10 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         model_dir, prompts = prepare(a, work)
+        from policylab.llm.trainer import evaluate_llm
+
+        start_accuracy = evaluate_llm(str(model_dir), "addition", eval_size=200)["accuracy"]
+        print(f"  the starting model: exact match {start_accuracy:.3f}")
         for seed in seeds:
             for side in ("policylab", "trl"):
                 rec = run_side(side, a, seed, model_dir, prompts, work)
@@ -374,20 +419,24 @@ def main() -> None:
                 runs.append(rec)
     settings = {
         k: getattr(a, k)
-        for k in ("steps", "model", "sft_steps", "prompts_per_step", "group_size", "max_new_tokens", "lr", "warmup")
-    }
-    print(f"\nGRPO, {settings}, 1 thread, alternating runs")
+        for k in ("algo", "steps", "model", "sft_steps", "prompts_per_step", "group_size", "max_new_tokens", "lr",
+                  "warmup")
+    }  # fmt: skip
+    print(f"\n{a.algo}, {settings}, 1 thread, alternating runs")
     per_run = {
         "ms_per_step": ("ms per step (median after warm-up); ratio < 1: ours faster", ".1f", True),
         "completion_tokens_per_s": ("completion tokens/s", ".0f", True),
         "accuracy": ("exact match after the run (same evaluation)", ".3f", True),
     }
+    if a.algo == "dpo":  # no sampling: policylab's count is its training tokens, TRL logs none
+        del per_run["completion_tokens_per_s"]
     summary = pair_report(runs, seeds, per_run, {}, "policylab", "trl", ("ours", "trl"))
     for run in runs:
         run.pop("model")
     payload = {
         "provenance": provenance(["torch", "transformers", "policylab"]),
         "settings": settings,
+        "start_accuracy": start_accuracy,
         "runs": runs,
         "summary": summary,
     }
