@@ -5,6 +5,7 @@ Run from the repository root (needs the atari extra, which `make test` installs,
     .venv/bin/python benchmarks/atari.py --seeds 3                 # both cases
     .venv/bin/python benchmarks/atari.py --case dqn-pong --seeds 1
     .venv/bin/python benchmarks/atari.py --layout --batch 256   # the Nature-CNN step: layouts, feature-layer kernel
+    .venv/bin/python benchmarks/atari.py --acting     # forwards without gradients: float32 against bf16 by batch
     .venv/bin/python benchmarks/atari.py --seeds 3 --precision bf16   # policylab's opt-in bfloat16 encoder
 
 Cases (policylab: its `atari` preset for the algorithm, which is rl-zoo's `atari` entry; SB3: the same values,
@@ -198,6 +199,33 @@ def time_layouts(batch: int = 32, repeats: int = 12) -> None:
     print(f"feature layer routed minus on MKL: {statistics.median(paired):+.2f} ms (median of {repeats} pairs)")
 
 
+def time_acting(repeats: int = 200) -> None:
+    """A Nature-CNN forward without gradients (acting, a target network) on 1-32 stacks, 1 thread: float32 against
+    bfloat16 autocast (`precision=bf16`'s encoder), median of `repeats` calls, the two taking turns. Below
+    `nets.cnn.BF16_MIN_ACTING_FRAMES` stacks the encoder acts in float32 under precision=bf16."""
+    import statistics
+
+    import torch
+
+    from policylab.nets.cnn import ImageLayout, NatureCNN
+
+    torch.set_num_threads(1)
+    net, head = NatureCNN(ImageLayout(4, 84, 84, False)), torch.nn.Linear(512, 6)
+    print("Nature-CNN forward without gradients, 1 thread: float32 / bfloat16 autocast, median us per call")
+    for batch in (1, 2, 4, 8, 32):
+        frames = torch.randint(0, 256, (batch, 4, 84, 84), dtype=torch.uint8)
+        times: dict[bool, list[float]] = {False: [], True: []}
+        with torch.no_grad():
+            for _ in range(repeats):
+                for bf16 in times:
+                    start = time.perf_counter()
+                    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                        head(net.encode(frames).float())
+                    times[bf16].append((time.perf_counter() - start) * 1e6)
+        fp32, bf16 = statistics.median(times[False]), statistics.median(times[True])
+        print(f"{batch:3d} stacks  {fp32:8.0f} / {bf16:8.0f}  (bf16 {fp32 / bf16:.2f}x)")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--case", action="append", choices=list(CASES))
@@ -206,6 +234,7 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--out")
     p.add_argument("--layout", action="store_true", help="time the CNN step in both memory layouts, then stop")
+    p.add_argument("--acting", action="store_true", help="time acting forwards, float32 against bf16, then stop")
     p.add_argument("--batch", type=int, default=32, help="--layout's stacks per step (DQN's batch; PPO's is 256)")
     p.add_argument("--precision", default="fp32", help="policylab's precision (bf16: the encoder under autocast)")
     p.add_argument("--return-case", choices=list(RETURN_CASES), help=argparse.SUPPRESS)  # precision_returns.py's
@@ -214,6 +243,9 @@ def main() -> None:
     a = p.parse_args()
     if a.layout:
         time_layouts(a.batch)
+        return
+    if a.acting:
+        time_acting()
         return
     if a.return_case:
         record = worker_returns(RETURN_CASES[a.return_case], a)

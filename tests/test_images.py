@@ -164,7 +164,8 @@ def test_image_errors_name_the_fix(tmp_path):
 
 def test_precision_bf16_runs_the_encoder_in_bfloat16():
     """Where the CPU has native bfloat16, precision=bf16 runs the CNN under autocast: float32 features within
-    bfloat16's precision of the float32 ones, and gradients in the float32 weights. Elsewhere it is an error."""
+    bfloat16's precision of the float32 ones, and gradients in the float32 weights; a forward without gradients on
+    a single stack (acting) stays float32. Elsewhere it is an error."""
     from policylab.errors import ConfigError as PrecisionError
     from policylab.nets import matmul
 
@@ -185,3 +186,12 @@ def test_precision_bf16_runs_the_encoder_in_bfloat16():
     assert low.dtype == torch.float32 and not torch.equal(low, exact)
     torch.testing.assert_close(low, exact, rtol=0.05, atol=0.05)
     assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in net.parameters())
+    # acting on one stack (no gradients) stays float32, where autocast's weight casts cost more than they save
+    matmul.set_precision("bf16")
+    try:
+        with torch.no_grad():
+            one, batch = net(frames[:1]), net(frames)
+    finally:
+        matmul.set_precision("fp32")
+    with torch.no_grad():
+        assert torch.equal(one, net(frames[:1])) and not torch.equal(batch, net(frames))
