@@ -244,17 +244,14 @@ class _RoutedLinear(torch.autograd.Function):
 
 
 def _routed_mm(a: Tensor, b: Tensor) -> Tensor:
-    if _worth_it(a, b):
-        return (_bf16_call if _precision == "bf16" else _onednn_call)(torch.bmm, a[None], b[None])[0]
-    return torch.mm(a, b)
+    return bmm(a[None], b[None])[0]
 
 
 def linear(x: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
     """`torch.nn.functional.linear(x, weight, bias)`, and under autograd for 2-D float32 x outside autocast, its
     backward's products on the kernel `bmm` picks: for the Nature-CNN's feature layer ([256, 3136] inputs, 512
-    outputs) oneDNN's 101-104 GFLOP/s against MKL's ~95 on an AMD EPYC Zen 4, 1-3% of the encoder's step
-    (`benchmarks/atari.py --layout`). The forward stays on MKL: oneDNN reorders the transposed weight on every
-    call, which made a one-row acting pass several times slower."""
+    outputs) 1-3% of the encoder's step on an AMD EPYC Zen 4 (`benchmarks/atari.py --layout`). The forward stays
+    on MKL: oneDNN reorders the transposed weight on every call, which made a one-row acting pass slower."""
     if (
         torch.is_grad_enabled()
         and (x.requires_grad or weight.requires_grad or bias.requires_grad)
