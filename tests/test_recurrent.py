@@ -37,7 +37,7 @@ def test_sequences_replay_the_rollout_step_by_step():
     obs = torch.randn(steps, envs, 3)
     actions = torch.randint(0, 2, (steps * envs,))
     starts = torch.zeros(steps, envs, dtype=torch.bool)
-    starts[2, 0] = starts[4, 2] = True
+    starts[2, 0] = starts[4, 2] = starts[0, 1] = starts[5, 1] = True
     initial = torch.randn(2, 2, envs, 8)
     logp, _, values = net.evaluate_sequences(obs, actions, initial, starts)
     state = initial.clone()

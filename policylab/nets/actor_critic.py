@@ -86,7 +86,7 @@ class ActorCritic(nn.Module):
         x = self._features(obs)
         if self.recurrent:
             state = self.initial_state(len(obs), obs.device) if state is None else state
-            h, self.last_state = self._recur(x.unsqueeze(0), state, None)
+            h, self.last_state = self._recur(x.unsqueeze(0), state)
             return self._split(self.body.forward(h))
         return self._split(self.body.forward(x))  # .forward: no hook overhead on the hot path
 
@@ -96,24 +96,39 @@ class ActorCritic(nn.Module):
         """Zero LSTM states for n envs: [2 (hidden, cell), members, n, memory]."""
         return torch.zeros(2, len(self.lstms), n, self.memory, device=device)
 
-    def _recur(self, x: Tensor, state: Tensor, starts: Tensor | None) -> tuple[Tensor, Tensor]:
-        """Run the LSTMs over features x [T, N, F] from `state`, zeroing it before the steps where `starts` [T, N]
-        is set. Returns ([members, T * N, memory] outputs, the final state)."""
+    def _recur(self, x: Tensor, state: Tensor) -> tuple[Tensor, Tensor]:
+        """Run the LSTMs over features x [T, N, F] from `state`. Returns ([members, T * N, memory] outputs, the
+        final state)."""
         outputs, finals = [], []
         for k, lstm in enumerate(self.lstms):
-            h, c = state[0, k].unsqueeze(0), state[1, k].unsqueeze(0)
-            if starts is None or not bool(starts.any()):
-                out, (h, c) = lstm(x, (h, c))
-            else:  # step by step, zeroing the states where episodes start
-                steps = []
-                for t in range(len(x)):
-                    keep = (~starts[t]).to(x.dtype).view(1, -1, 1)
-                    step_out, (h, c) = lstm(x[t : t + 1], (h * keep, c * keep))
-                    steps.append(step_out)
-                out = torch.cat(steps)
+            out, (h, c) = lstm(x, (state[0, k].unsqueeze(0), state[1, k].unsqueeze(0)))
             outputs.append(out.reshape(-1, self.memory))
             finals.append(torch.stack([h[0], c[0]]))
         return torch.stack(outputs), torch.stack(finals, 1)
+
+    def _recur_segments(self, x: Tensor, state: Tensor, starts: Tensor) -> Tensor:
+        """The LSTMs' outputs [members, T * N, memory] over x [T, N, F] from `state`, zeroed before the steps where
+        `starts` [T, N] is set: each env's steps are cut at its episode starts into segments, and all segments
+        go through one LSTM call side by side (padded at their ends), the first of each env from its state and
+        the others from zeros. The same arithmetic as stepping one step at a time, in one call instead of T."""
+        t, n = starts.shape
+        begins = starts.t().reshape(-1).clone()  # env-major: position e * T + s
+        begins[::t] = True
+        segment = torch.cumsum(begins, 0) - 1
+        first_position = torch.nonzero(begins).squeeze(1)
+        offset = torch.arange(t * n, device=x.device) - first_position[segment]
+        segments, length = len(first_position), int(offset.max()) + 1
+        first_of_env = segment[::t]
+        keep = (~starts[0]).to(x.dtype).view(1, n, 1)
+        padded = x.new_zeros(length, segments, x.shape[-1])
+        padded[offset, segment] = x.transpose(0, 1).reshape(t * n, -1)
+        outputs = []
+        for k, lstm in enumerate(self.lstms):
+            h0 = x.new_zeros(2, 1, segments, self.memory)
+            h0[:, :, first_of_env] = state[:, k].unsqueeze(1) * keep
+            out, _ = lstm(padded, (h0[0], h0[1]))
+            outputs.append(out[offset, segment].view(n, t, self.memory).transpose(0, 1).reshape(-1, self.memory))
+        return torch.stack(outputs)
 
     def reset_states(self, ended: np.ndarray | Tensor) -> None:
         """Zero the rollout states of the envs whose episode just ended (the next step starts a new one)."""
@@ -135,7 +150,7 @@ class ActorCritic(nn.Module):
         zeroed where `starts` [T, E]; actions [T * E, ...] (time-major). Returns flat (log-probs, entropies, values)."""
         t, e = obs.shape[:2]
         x = self._features(obs.reshape(t * e, *obs.shape[2:])).view(t, e, -1)
-        h, _ = self._recur(x, states, starts)
+        h = self._recur_segments(x, states, starts) if bool(starts.any()) else self._recur(x, states)[0]
         out, values = self._split(self.body.forward(h))
         logp, entropy = self.head.log_prob_entropy(out, self.log_std, actions)
         return logp, entropy, values
