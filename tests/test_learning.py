@@ -10,6 +10,7 @@ import pytest
 
 import policylab as pl
 from tests.envs_for_tests import MultiTargetEnv
+from tests.helpers import train_until
 
 FAST = {"eval_every": 0, "checkpoint_every": 0, "eval_episodes": 20}
 
@@ -34,10 +35,13 @@ def test_reinforce_learns_cartpole(tmp_path):
 
 
 def test_ppo_solves_inverted_pendulum_within_100k_steps(tmp_path):
-    run = pl.train(
-        "ppo", env="InvertedPendulum-v5", steps=100_000, seed=1, overrides=FAST, runs_dir=tmp_path, verbose=False
-    )
-    assert run.final_eval["return_mean"] >= 900
+    """Stops at the first evaluation (every 8,192 steps) at 900 or more: seed 1 reached 1000 at the first, seed 2 at
+    the second, when written."""
+    _, evaluations = train_until(
+        900, "ppo", env="InvertedPendulum-v5", steps=100_000, seed=1, runs_dir=tmp_path,
+        overrides={**FAST, "eval_every": 8192},
+    )  # fmt: skip
+    assert evaluations and max(r for _, r in evaluations) >= 900, evaluations
 
 
 def test_ppo_learns_multidiscrete_actions(tmp_path):

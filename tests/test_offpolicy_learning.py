@@ -18,12 +18,15 @@ def _reaches(algo: str, env: str, budget: int, bar: float, every: int, tmp_path,
     return evaluations
 
 
+SMALL = {"hidden_sizes": [64, 64]}
+
+
 def test_sac_reaches_minus_250_on_pendulum_within_15k_steps(tmp_path):
-    _reaches("sac", "Pendulum-v1", 15_000, -250, 1000, tmp_path)  # the preset (lr 1e-3)
+    _reaches("sac", "Pendulum-v1", 15_000, -250, 1000, tmp_path, **SMALL)  # the preset's lr 1e-3
 
 
 def test_td3_reaches_minus_250_on_pendulum_within_15k_steps(tmp_path):
-    _reaches("td3", "Pendulum-v1", 15_000, -250, 1000, tmp_path, learning_starts=1000)
+    _reaches("td3", "Pendulum-v1", 15_000, -250, 1000, tmp_path, learning_starts=1000, **SMALL)
 
 
 def test_dqn_reaches_450_on_cartpole_within_30k_steps(tmp_path):
@@ -31,12 +34,12 @@ def test_dqn_reaches_450_on_cartpole_within_30k_steps(tmp_path):
 
 
 def test_discrete_sac_learns_cartpole(tmp_path):
-    _reaches("sac_discrete", "CartPole-v1", 30_000, 300, 2500, tmp_path, learning_starts=1000)
+    _reaches("sac_discrete", "CartPole-v1", 30_000, 300, 2500, tmp_path, learning_starts=1000, **SMALL)
 
 
 def test_ddpg_learns_pendulum(tmp_path):
-    _reaches("ddpg", "Pendulum-v1", 15_000, -300, 1000, tmp_path, learning_starts=1000)
+    _reaches("ddpg", "Pendulum-v1", 15_000, -300, 1000, tmp_path, learning_starts=1000, **SMALL)
 
 
 def test_tqc_learns_pendulum(tmp_path):
-    _reaches("tqc", "Pendulum-v1", 15_000, -250, 1000, tmp_path)  # the preset (lr 1e-3)
+    _reaches("tqc", "Pendulum-v1", 15_000, -250, 1000, tmp_path, **SMALL)  # the preset's lr 1e-3
