@@ -53,11 +53,36 @@ def cpu_model() -> str:
     return names[0] if names else platform.processor() or platform.machine()
 
 
+CPU_FEATURES = ("avx2", "avx512f", "avx512_bf16", "amx_tile", "amx_bf16")  # the ones that pick a kernel
+
+
+def cpu_kind() -> dict[str, Any]:
+    """Vendor, family and model numbers and the instruction sets that choose kernels (Linux; else empty): the
+    model name alone says "AMD EPYC" for Zen 3, Zen 4 and Zen 5 alike."""
+    cpuinfo = Path("/proc/cpuinfo")
+    fields: dict[str, str] = {}
+    for line in cpuinfo.read_text().splitlines() if cpuinfo.is_file() else []:
+        if not line.strip():
+            break  # the first processor's block is enough
+        key, _, value = line.partition(":")
+        fields[key.strip()] = value.strip()
+    if not fields:
+        return {}
+    flags = set(fields.get("flags", "").split())
+    return {
+        "vendor": fields.get("vendor_id"),
+        "family": int(fields["cpu family"]) if fields.get("cpu family", "").isdigit() else None,
+        "model": int(fields["model"]) if fields.get("model", "").isdigit() else None,
+        "features": [f for f in CPU_FEATURES if f in flags],
+    }
+
+
 def machine_info() -> dict[str, Any]:
     usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     load = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
     return {
         "cpu_model": cpu_model(),
+        "cpu_kind": cpu_kind(),
         "logical_cores": os.cpu_count(),
         "usable_cores": usable,
         "load_average": load,
@@ -218,6 +243,33 @@ class ThresholdTracker:
         if self.hit_time is None and mean is not None and mean >= self.threshold:
             self.hit_time, self.hit_step = now, step
 
+    def sb3_callback(self, window: int) -> Any:
+        """An SB3 callback that feeds this tracker as policylab's iteration callback does: after each update (at
+        the next rollout's start) and at the end, with the mean of the last `window` finished training episodes."""
+        from stable_baselines3.common.callbacks import BaseCallback
+
+        track = self
+
+        class Callback(BaseCallback):  # type: ignore[misc]
+            def _mean(self) -> float | None:
+                last = list(self.model.ep_info_buffer or [])[-window:]
+                return sum(e["r"] for e in last) / len(last) if last else None
+
+            def _on_training_start(self) -> None:
+                track.train_start = time.perf_counter()
+
+            def _on_rollout_start(self) -> None:  # right after the previous update, where policylab's callback runs
+                if self.model.num_timesteps:
+                    track.observe(time.perf_counter(), self.model.num_timesteps, self._mean())
+
+            def _on_step(self) -> bool:
+                return True
+
+            def _on_training_end(self) -> None:
+                track.observe(time.perf_counter(), self.model.num_timesteps, self._mean())
+
+        return Callback()
+
     def record(self, t_setup: float, t_returned: float) -> dict[str, Any]:
         """`t_setup`: just before the model/env were built; `t_returned`: when train()/learn() returned."""
         train, hit = self.train_end - self.train_start, self.hit_time
@@ -236,6 +288,11 @@ class ThresholdTracker:
 
 
 # --- summaries -----------------------------------------------------------------------------------
+
+
+def linear_schedule(start: float) -> Callable[[float], float]:
+    """SB3's form of rl-zoo's `lin_<start>`: a function of the remaining progress (1 -> 0)."""
+    return lambda progress_remaining: start * progress_remaining
 
 
 def summarize(values: Sequence[float | None]) -> dict[str, Any]:

@@ -38,6 +38,7 @@ from common import (  # noqa: E402
     fmt,
     fmt_summary,
     index_runs,
+    linear_schedule,
     pair_report,
     provenance,
     ratio,
@@ -148,33 +149,11 @@ def worker_sb3(a: argparse.Namespace) -> dict[str, Any]:
     t = time.perf_counter()
     import torch
     from stable_baselines3 import PPO
-    from stable_baselines3.common.callbacks import BaseCallback
     from stable_baselines3.common.env_util import make_vec_env
 
     imports_s = time.perf_counter() - t
     torch.set_num_threads(a.threads)
     track = ThresholdTracker(THRESHOLD, T0)
-
-    class Callback(BaseCallback):
-        def _mean(self) -> float | None:
-            last = list(self.model.ep_info_buffer or [])[-WINDOW:]
-            return sum(e["r"] for e in last) / len(last) if last else None
-
-        def _on_training_start(self) -> None:
-            track.train_start = time.perf_counter()
-
-        def _on_rollout_start(self) -> None:  # right after the previous update, where policylab's callback runs
-            if self.model.num_timesteps:
-                track.observe(time.perf_counter(), self.model.num_timesteps, self._mean())
-
-        def _on_step(self) -> bool:
-            return True
-
-        def _on_training_end(self) -> None:
-            track.observe(time.perf_counter(), self.model.num_timesteps, self._mean())
-
-    def linear(start: float) -> Callable[[float], float]:
-        return lambda progress_remaining: start * progress_remaining
 
     t_setup = time.perf_counter()
     model = PPO(
@@ -186,8 +165,8 @@ def worker_sb3(a: argparse.Namespace) -> dict[str, Any]:
         gamma=0.98,
         n_epochs=20,
         ent_coef=0.0,
-        learning_rate=linear(1e-3),
-        clip_range=linear(0.2),
+        learning_rate=linear_schedule(1e-3),
+        clip_range=linear_schedule(0.2),
         seed=a.seed,
         device="cpu",
         verbose=0,
@@ -197,7 +176,7 @@ def worker_sb3(a: argparse.Namespace) -> dict[str, Any]:
     same &= model.max_grad_norm == 0.5 and model.vf_coef == 0.5 and model.normalize_advantage
     if not (same and pol.net_arch == {"pi": [64, 64], "vf": [64, 64]}):  # separate 64x64 actor and critic
         raise SystemExit("SB3's PPO defaults are not the ones this benchmark states")
-    model.learn(a.steps, callback=Callback())
+    model.learn(a.steps, callback=track.sb3_callback(WINDOW))
     t_returned = time.perf_counter()
     ev = shared_eval(lambda obs: int(model.predict(obs, deterministic=True)[0]), a.seed)
     return {"imports_s": imports_s, **track.record(t_setup, t_returned), **ev}
