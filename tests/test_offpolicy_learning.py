@@ -4,7 +4,7 @@ The runs evaluate every `every` steps and stop at the first evaluation at or abo
 "reaches X within N steps" test), so a fast learner costs less CI time. Seeds are fixed: a seed fixes
 a run on one machine. The continuous-action runs and discrete SAC use [64, 64] networks (SMALL): the same
 algorithms learn the same tasks in about a quarter of the CI time of the presets' wider ones (seeds 1-3 reached
-every bar below within half its budget, when written); the presets themselves are measured by
+every bar below by 8,000 steps, when written); the presets themselves are measured by
 benchmarks/preset_reliability.py.
 """
 
