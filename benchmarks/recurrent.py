@@ -190,7 +190,7 @@ def main_parent(a: argparse.Namespace) -> None:
             "threads": a.threads,
             "hyperparameters": OURS,
             "order": "per seed: ours, sb3",
-        },  # fmt: skip
+        },
         "summary": summary,
         "never_reached": never,
         "runs": runs,
