@@ -29,8 +29,8 @@ def _net(**overrides):
 
 
 def test_sequences_replay_the_rollout_step_by_step():
-    """evaluate_sequences over [T, E] with episode starts equals stepping each env one step at a time, zeroing
-    its state where an episode starts."""
+    """evaluate_sequences over [T, E] with episode starts (one at the first step, two in one env) equals stepping
+    each env one step at a time, zeroing its state where an episode starts: the outputs and the gradients."""
     torch.manual_seed(0)
     net = _net()
     steps, envs = 6, 3
@@ -40,14 +40,20 @@ def test_sequences_replay_the_rollout_step_by_step():
     starts[2, 0] = starts[4, 2] = starts[0, 1] = starts[5, 1] = True
     initial = torch.randn(2, 2, envs, 8)
     logp, _, values = net.evaluate_sequences(obs, actions, initial, starts)
-    state = initial.clone()
+    sequence_grads = torch.autograd.grad((logp + values).square().sum(), list(net.parameters()))
+    state, step_logps, step_values = initial.clone(), [], []
     for t in range(steps):
         state = state.masked_fill(starts[t].view(1, 1, -1, 1), 0.0)
         out, v = net(obs[t], state)
         state = net.last_state
-        step_logp, _ = net.head.log_prob_entropy(out, net.log_std, actions[t * envs : (t + 1) * envs])
-        torch.testing.assert_close(logp[t * envs : (t + 1) * envs], step_logp)
-        torch.testing.assert_close(values[t * envs : (t + 1) * envs], v)
+        step_logps.append(net.head.log_prob_entropy(out, net.log_std, actions[t * envs : (t + 1) * envs])[0])
+        step_values.append(v)
+    torch.testing.assert_close(logp, torch.cat(step_logps))
+    torch.testing.assert_close(values, torch.cat(step_values))
+    step_loss = (torch.cat(step_logps) + torch.cat(step_values)).square().sum()
+    step_grads = torch.autograd.grad(step_loss, list(net.parameters()))
+    for a, b in zip(sequence_grads, step_grads, strict=True):
+        torch.testing.assert_close(a, b)
 
 
 def _mean_return(run_dir, episodes: int = 40) -> float:
