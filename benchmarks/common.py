@@ -45,12 +45,21 @@ SHARED_CLOCK = sys.platform.startswith("linux")
 # --- provenance ----------------------------------------------------------------------------------
 
 
+def cpu_fields() -> dict[str, str]:
+    """The first processor's block of /proc/cpuinfo as key -> value (Linux; else empty)."""
+    cpuinfo = Path("/proc/cpuinfo")
+    fields: dict[str, str] = {}
+    for line in cpuinfo.read_text().splitlines() if cpuinfo.is_file() else []:
+        if not line.strip():
+            break  # the first processor's block is enough
+        key, _, value = line.partition(":")
+        fields[key.strip()] = value.strip()
+    return fields
+
+
 def cpu_model() -> str:
     """The CPU model name from /proc/cpuinfo (Linux), else what `platform` knows."""
-    cpuinfo = Path("/proc/cpuinfo")
-    lines = cpuinfo.read_text().splitlines() if cpuinfo.is_file() else []
-    names = [ln.split(":", 1)[1].strip() for ln in lines if ln.lower().startswith("model name")]
-    return names[0] if names else platform.processor() or platform.machine()
+    return cpu_fields().get("model name") or platform.processor() or platform.machine()
 
 
 CPU_FEATURES = ("avx2", "avx512f", "avx512_bf16", "amx_tile", "amx_bf16")  # the ones that pick a kernel
@@ -59,13 +68,7 @@ CPU_FEATURES = ("avx2", "avx512f", "avx512_bf16", "amx_tile", "amx_bf16")  # the
 def cpu_kind() -> dict[str, Any]:
     """Vendor, family and model numbers and the instruction sets that choose kernels (Linux; else empty): the
     model name alone says "AMD EPYC" for Zen 3, Zen 4 and Zen 5 alike."""
-    cpuinfo = Path("/proc/cpuinfo")
-    fields: dict[str, str] = {}
-    for line in cpuinfo.read_text().splitlines() if cpuinfo.is_file() else []:
-        if not line.strip():
-            break  # the first processor's block is enough
-        key, _, value = line.partition(":")
-        fields[key.strip()] = value.strip()
+    fields = cpu_fields()
     if not fields:
         return {}
     flags = set(fields.get("flags", "").split())
