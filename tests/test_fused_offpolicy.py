@@ -8,6 +8,10 @@ import torch
 
 from policylab.algos import get_algo
 from policylab.algos.fused_offpolicy import (
+    _action_grad,
+    _critic_at_policy_actions,
+    _min_critic_action_grad,
+    _policy_draws,
     fused_dqn_update,
     fused_iql_update,
     fused_qrdqn_update,
@@ -66,6 +70,22 @@ def test_fused_sac_step_equals_autograd(overrides):
         _assert_same_step(fused, reference, algo, twin)
     loop.close()
     twin_loop.close()
+
+
+def test_the_actor_step_through_each_rows_minimizing_critic_alone_changes_no_bit():
+    """SAC's dL/da through the minimizing critic of each row only (the others' gradient there is zero) equals the
+    pass through every critic with zero output gradients, bit for bit; also when a critic minimizes no row."""
+    loop = _warm_loop("sac", "Pendulum-v1", {"n_critics": 3})
+    algo, n = loop.algo, 16
+    batch = loop.buffer.sample(n, torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        draws = _policy_draws(algo, batch, None)
+        _, pi_inputs = _critic_at_policy_actions(algo, batch, draws, n)
+        for k_min in (torch.randint(0, 3, (n,), generator=torch.Generator().manual_seed(1)), torch.zeros(n).long()):
+            g_out = torch.zeros(3, n).scatter_(0, k_min[None], -1.0 / n)[..., None]
+            dense = _action_grad(algo, batch, pi_inputs, g_out)
+            assert torch.equal(_min_critic_action_grad(algo, batch, pi_inputs, k_min, n), dense)
+    loop.close()
 
 
 @pytest.mark.parametrize(

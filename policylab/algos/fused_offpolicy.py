@@ -4,7 +4,8 @@ paths (checked against autograd in tests/test_fused_offpolicy.py), faster on the
 Why they are faster: no autograd graph is built; every backward pass writes into the flat gradient
 buffers with contiguous layouts (no transposed copies, no strided ReLU backward); SAC's actor runs once
 on [s; s'] (2B rows) and DQN's double-Q online net once on [s; s']; actor losses propagate through the
-critics without computing critic weight gradients. Used for ReLU/tanh MLPs without LayerNorm
+critics without computing critic weight gradients, SAC's and CQL's (min over critics) through each row's minimizing
+critic alone. Used for ReLU/tanh MLPs without LayerNorm
 (`analytic_grads=false` opts out).
 
 SAC, with u = mean + std * noise, a = tanh(u), L_actor = mean_B(alpha log pi(a|s) - min_k Q_k(s, a)):
@@ -146,10 +147,32 @@ def _min_critic_actor_step(algo: SAC | CQL, batch: Batch, draws: _PolicyDraws, a
     q_pi, pi_inputs = _critic_at_policy_actions(algo, batch, draws, n)
     q_pi = q_pi[..., 0]  # [K, B]
     q_min, k_min = q_pi.min(0)
-    # dL/dQ_k = -1/B for the minimizing critic, 0 for the others
-    g_qpi = torch.zeros_like(q_pi).scatter_(0, k_min.unsqueeze(0), -1.0 / n)
-    _actor_step(algo, draws, _action_grad(algo, batch, pi_inputs, g_qpi.unsqueeze(-1)), alpha, n)
+    if q_pi.device.type == "cpu":
+        g_a = _min_critic_action_grad(algo, batch, pi_inputs, k_min, n)
+    else:  # the rows' split needs their counts on the host: a sync per step on an accelerator
+        # dL/dQ_k = -1/B for the minimizing critic, 0 for the others
+        g_qpi = torch.zeros_like(q_pi).scatter_(0, k_min.unsqueeze(0), -1.0 / n)
+        g_a = _action_grad(algo, batch, pi_inputs, g_qpi.unsqueeze(-1))
+    _actor_step(algo, draws, g_a, alpha, n)
     return q_min
+
+
+def _min_critic_action_grad(algo: SAC | CQL, batch: Batch, pi_inputs: list[Tensor], k_min: Tensor, n: int) -> Tensor:
+    """dL/da [B, A] of L = -mean_B min_k Q_k(s, a), each row through its minimizing critic alone: the other
+    critics' gradient there is zero (adding it changes no bit), so the pass costs one critic's products per row
+    instead of K's."""
+    body, obs_dim = algo.critic.body, batch.obs.flatten(1).shape[1]
+    g_a = pi_inputs[0].new_empty(n, pi_inputs[0].shape[-1] - obs_dim)
+    for k in range(body.members):
+        rows = (k_min == k).nonzero().squeeze(1)
+        if len(rows) == 0:
+            continue
+        inputs = [h[k].index_select(0, rows).unsqueeze(0) for h in pi_inputs]
+        g_out = inputs[0].new_full((1, len(rows), 1), -1.0 / n)
+        g_input = body.backward(inputs, g_out, weight_grads=False, input_grad=True, members=slice(k, k + 1))
+        assert g_input is not None
+        g_a.index_copy_(0, rows, g_input[0, :, obs_dim:])
+    return g_a
 
 
 def _critic_at_policy_actions(
