@@ -72,9 +72,10 @@ def test_fused_sac_step_equals_autograd(overrides):
     twin_loop.close()
 
 
-def test_the_actor_step_through_each_rows_minimizing_critic_alone_changes_no_bit():
+def test_the_actor_step_through_each_rows_minimizing_critic_alone_equals_the_pass_through_all():
     """SAC's dL/da through the minimizing critic of each row only (the others' gradient there is zero) equals the
-    pass through every critic with zero output gradients, bit for bit; also when a critic minimizes no row."""
+    pass through every critic with zero output gradients (bit for bit on MKL; a kernel may round a product of fewer
+    rows differently in the last bit); also when a critic minimizes no row."""
     loop = _warm_loop("sac", "Pendulum-v1", {"n_critics": 3})
     algo, n = loop.algo, 16
     batch = loop.buffer.sample(n, torch.Generator().manual_seed(5))
@@ -84,7 +85,8 @@ def test_the_actor_step_through_each_rows_minimizing_critic_alone_changes_no_bit
         for k_min in (torch.randint(0, 3, (n,), generator=torch.Generator().manual_seed(1)), torch.zeros(n).long()):
             g_out = torch.zeros(3, n).scatter_(0, k_min[None], -1.0 / n)[..., None]
             dense = _action_grad(algo, batch, pi_inputs, g_out)
-            assert torch.equal(_min_critic_action_grad(algo, batch, pi_inputs, k_min, n), dense)
+            split = _min_critic_action_grad(algo, batch, pi_inputs, k_min, n)
+            torch.testing.assert_close(split, dense, rtol=1e-6, atol=1e-9)
     loop.close()
 
 

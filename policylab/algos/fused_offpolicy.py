@@ -159,7 +159,7 @@ def _min_critic_actor_step(algo: SAC | CQL, batch: Batch, draws: _PolicyDraws, a
 
 def _min_critic_action_grad(algo: SAC | CQL, batch: Batch, pi_inputs: list[Tensor], k_min: Tensor, n: int) -> Tensor:
     """dL/da [B, A] of L = -mean_B min_k Q_k(s, a), each row through its minimizing critic alone: the other
-    critics' gradient there is zero (adding it changes no bit), so the pass costs one critic's products per row
+    critics' gradient there is zero (adding it changes nothing), so the pass costs one critic's products per row
     instead of K's."""
     body, obs_dim = algo.critic.body, batch.obs.flatten(1).shape[1]
     g_a = pi_inputs[0].new_empty(n, pi_inputs[0].shape[-1] - obs_dim)
