@@ -32,7 +32,10 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from policylab import IterationInfo
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 RESULTS_DIR = REPO_ROOT / "benchmarks" / "results"
@@ -245,6 +248,18 @@ class ThresholdTracker:
         self.train_end, self.steps, self.last_mean = now, step, mean
         if self.hit_time is None and mean is not None and mean >= self.threshold:
             self.hit_time, self.hit_step = now, step
+
+    def policylab_callback(self) -> Callable[["IterationInfo"], None]:
+        """policylab's iteration callback feeding this tracker: the training start from the first iteration's
+        elapsed time, then (time, step, running mean return) after each update."""
+
+        def callback(info: "IterationInfo") -> None:
+            now = time.perf_counter()
+            if self.steps == 0:
+                self.train_start = now - info.elapsed
+            self.observe(now, info.step, info.mean_return)
+
+        return callback
 
     def sb3_callback(self, window: int) -> Any:
         """An SB3 callback that feeds this tracker as policylab's iteration callback does: after each update (at

@@ -30,7 +30,7 @@ import dataclasses  # noqa: E402
 import json  # noqa: E402
 from collections.abc import Callable  # noqa: E402
 from pathlib import Path  # noqa: E402
-from typing import TYPE_CHECKING, Any  # noqa: E402
+from typing import Any  # noqa: E402
 
 from common import (  # noqa: E402
     Metric,
@@ -46,9 +46,6 @@ from common import (  # noqa: E402
     summarize,
     write_results,
 )
-
-if TYPE_CHECKING:
-    from policylab import IterationInfo
 
 ENV_ID, N_ENVS, THRESHOLD, WINDOW, EVAL_EPISODES, EVAL_SEED = "CartPole-v1", 8, 475.0, 20, 20, 1_000_000
 EXPECTED: dict[str, Any] = {  # policylab's resolved config must equal rl-zoo's / SB3's values
@@ -108,12 +105,7 @@ def worker_ours(a: argparse.Namespace) -> dict[str, Any]:
     imports_s = time.perf_counter() - t
     torch.set_num_threads(a.threads)
     track = ThresholdTracker(THRESHOLD, T0)
-
-    def callback(info: "IterationInfo") -> None:
-        now = time.perf_counter()
-        if track.steps == 0:
-            track.train_start = now - info.elapsed
-        track.observe(now, info.step, info.mean_return)
+    callback = track.policylab_callback()
 
     overrides = {"eval_every": 0, "checkpoint_every": 0, "threads": a.threads, "eval_episodes": EVAL_EPISODES}
     t_setup = time.perf_counter()

@@ -24,7 +24,7 @@ import dataclasses  # noqa: E402
 import json  # noqa: E402
 from collections.abc import Callable  # noqa: E402
 from pathlib import Path  # noqa: E402
-from typing import TYPE_CHECKING, Any  # noqa: E402
+from typing import Any  # noqa: E402
 
 from common import (  # noqa: E402
     Metric,
@@ -36,9 +36,6 @@ from common import (  # noqa: E402
     run_alternating,
     write_results,
 )
-
-if TYPE_CHECKING:
-    from policylab import IterationInfo
 
 ENV, N_ENVS, THRESHOLD, WINDOW, EVAL_EPISODES, EVAL_SEED = "memory_envs:make", 8, 475.0, 20, 20, 1_000_000
 OURS: dict[str, Any] = {  # rl-zoo's ppo_lstm CartPoleNoVel-v1 entry in policylab's names
@@ -91,12 +88,7 @@ def worker_ours(a: argparse.Namespace) -> dict[str, Any]:
 
     torch.set_num_threads(a.threads)
     track = ThresholdTracker(THRESHOLD, T0)
-
-    def callback(info: "IterationInfo") -> None:
-        now = time.perf_counter()
-        if track.steps == 0:
-            track.train_start = now - info.elapsed
-        track.observe(now, info.step, info.mean_return)
+    callback = track.policylab_callback()
 
     overrides = {**OURS, "eval_every": 0, "checkpoint_every": 0, "threads": a.threads, "eval_episodes": 1}
     t_setup = time.perf_counter()
