@@ -232,6 +232,15 @@ def run_alternating(
 # --- time-to-threshold ---------------------------------------------------------------------------
 
 
+def config_mismatches(config: Any, expected: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """The fields of a run's resolved config (a dataclass) that differ from `expected`, each as {got, want}: a
+    benchmark worker stops on any, so a renamed or re-defaulted option cannot change what is compared."""
+    import dataclasses
+
+    cfg = dataclasses.asdict(config)
+    return {k: {"got": cfg.get(k), "want": v} for k, v in expected.items() if cfg.get(k) != v}
+
+
 class ThresholdTracker:
     """Fed once per iteration (time, env step, running mean return) by a training callback; a few float ops.
     Records when the mean first reaches `threshold`, in seconds since the worker's start `t0`."""

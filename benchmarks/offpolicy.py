@@ -77,6 +77,7 @@ from typing import TYPE_CHECKING, Any  # noqa: E402
 
 from common import (  # noqa: E402
     Metric,
+    config_mismatches,
     curve_record,
     fmt,
     fmt_summary,
@@ -448,8 +449,7 @@ def worker_ours(case: Case, a: argparse.Namespace) -> dict[str, Any]:
         callback=callback,
     )
     t_returned = time.perf_counter()
-    cfg = dataclasses.asdict(run.config)
-    wrong = {k: {"got": cfg.get(k), "want": v} for k, v in overrides.items() if cfg.get(k) != v}
+    wrong = config_mismatches(run.config, overrides)
     if wrong or run.steps != steps:
         raise SystemExit(f"policylab's resolved config differs from the benchmark's: {wrong}, steps {run.steps}")
     policy = pl.load(run.dir)
@@ -461,7 +461,7 @@ def worker_ours(case: Case, a: argparse.Namespace) -> dict[str, Any]:
         **ev,
         **curve_record(curve, steps, ev["eval_return_mean"]),
         "own_final_eval_return_mean": final.get("return_mean"),
-        "config": cfg,
+        "config": dataclasses.asdict(run.config),
     }
 
 

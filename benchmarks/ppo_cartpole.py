@@ -35,6 +35,7 @@ from typing import Any  # noqa: E402
 from common import (  # noqa: E402
     Metric,
     ThresholdTracker,
+    config_mismatches,
     fmt,
     fmt_summary,
     index_runs,
@@ -121,8 +122,7 @@ def worker_ours(a: argparse.Namespace) -> dict[str, Any]:
         callback=callback,
     )
     t_returned = time.perf_counter()
-    cfg = dataclasses.asdict(run.config)
-    wrong = {k: {"got": cfg.get(k), "want": v} for k, v in EXPECTED.items() if cfg.get(k) != v}
+    wrong = config_mismatches(run.config, EXPECTED)
     if wrong:
         raise SystemExit(f"policylab's CartPole-v1 config differs from rl-zoo's: {wrong}")
     policy = pl.load(run.dir)
@@ -133,7 +133,7 @@ def worker_ours(a: argparse.Namespace) -> dict[str, Any]:
         **track.record(t_setup, t_returned),
         **ev,
         "own_final_eval_return_mean": final.get("return_mean"),
-        "config": cfg,
+        "config": dataclasses.asdict(run.config),
     }
 
 

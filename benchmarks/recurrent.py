@@ -20,7 +20,6 @@ import time
 T0 = time.perf_counter()  # the worker's first statement: everything after it counts as the run
 
 import argparse  # noqa: E402
-import dataclasses  # noqa: E402
 import json  # noqa: E402
 from collections.abc import Callable  # noqa: E402
 from pathlib import Path  # noqa: E402
@@ -29,6 +28,7 @@ from typing import Any  # noqa: E402
 from common import (  # noqa: E402
     Metric,
     ThresholdTracker,
+    config_mismatches,
     index_runs,
     linear_schedule,
     pair_report,
@@ -95,8 +95,7 @@ def worker_ours(a: argparse.Namespace) -> dict[str, Any]:
     run = pl.train("ppo", env=ENV, steps=a.steps, seed=a.seed, overrides=overrides, preset="none", progress=False,
                    verbose=False, runs_dir=Path(a.out).parent / f"runs-ours-s{a.seed}", callback=callback)  # fmt: skip
     t_returned = time.perf_counter()
-    cfg = dataclasses.asdict(run.config)
-    wrong = {k: {"got": cfg.get(k), "want": v} for k, v in OURS.items() if cfg.get(k) != v}
+    wrong = config_mismatches(run.config, OURS)
     if wrong:
         raise SystemExit(f"policylab's config differs from rl-zoo's entry: {wrong}")
     policy = pl.load(run.dir)

@@ -40,7 +40,15 @@ from dataclasses import dataclass  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Any  # noqa: E402
 
-from common import Metric, fmt, pair_report, provenance, ratio, run_alternating, write_results  # noqa: E402
+from common import (  # noqa: E402
+    Metric,
+    fmt,
+    pair_report,
+    provenance,
+    ratio,
+    run_alternating,
+    write_results,
+)
 
 EVAL_EPISODES, EVAL_SEED_OFFSET = 10, 1000
 QUICK_FACTOR = 0.05
