@@ -45,9 +45,11 @@ def weights(run_dir: Path) -> dict[str, torch.Tensor]:
     return {k: v.clone() for k, v in pl.load(run_dir).net.state_dict().items()}
 
 
-def alone(tmp_path: Path, seed: int, params: dict[str, str], steps: int) -> dict[str, torch.Tensor]:
+def alone(
+    tmp_path: Path, seed: int, params: dict[str, str], steps: int, settings: dict = SHORT
+) -> dict[str, torch.Tensor]:
     """The same run started on its own with pl.train (what `policylab train` runs)."""
-    overrides = {**SHORT, **params, "threads": 1}
+    overrides = {**settings, **params, "threads": 1}
     run = pl.train(
         "ppo", env="CartPole-v1", steps=steps, seed=seed, overrides=overrides, runs_dir=tmp_path, verbose=False
     )
@@ -136,7 +138,8 @@ def test_grid_sweep_runs_equal_the_runs_started_alone(local_ray, tmp_path):
 def test_interrupted_sweep_resumes_without_rerunning_finished_runs(local_ray, tmp_path):
     """Ctrl-C once the first run has finished: the run in flight checkpoints, the rest never start. --resume then
     skips the finished run, continues the stopped one from its checkpoint and ends with the uninterrupted result."""
-    steps, grid = 32_768, {"lr": ["0.001", "0.0003"]}  # runs of 1-2 s: well above the stop file's check interval
+    # runs of about 2 s (evaluations only in the middle and at the end): well above the stop file's check interval
+    steps, grid, settings = 16_384, {"lr": ["0.001"]}, {**SHORT, "eval_every": 8192}
     sweeps = tmp_path / "sweeps"
     first_done = sweeps / "ppo-CartPole-v1-1" / "runs" / "ppo-CartPole-v1-lr=0.001-s1" / "eval.json"
 
@@ -150,8 +153,8 @@ def test_interrupted_sweep_resumes_without_rerunning_finished_runs(local_ray, tm
         os.kill(os.getpid(), signal.SIGINT)
 
     threading.Thread(target=interrupt_after_first_run, daemon=True).start()
-    kwargs = {"env": "CartPole-v1", "steps": steps, "grid": grid, "overrides": SHORT, "sweeps_dir": sweeps}
-    out = pl.sweep("ppo", seeds="1-2", workers=1, verbose=False, **kwargs)
+    kwargs = {"env": "CartPole-v1", "steps": steps, "grid": grid, "overrides": settings, "sweeps_dir": sweeps}
+    out = pl.sweep("ppo", seeds="1-3", workers=1, verbose=False, **kwargs)
     statuses = [out.results[r.name]["status"] for r in out.runs]
     assert out.interrupted and statuses[0] == "done" and statuses[-1] == "not started", statuses
     assert "stopped" in statuses, statuses  # the second run was in flight: it saved a checkpoint
@@ -162,7 +165,8 @@ def test_interrupted_sweep_resumes_without_rerunning_finished_runs(local_ray, tm
     stopped = [r for r, s in zip(out.runs, statuses, strict=True) if s == "stopped"]
     assert all(resumed.results[r.name]["resumed"] for r in stopped)
     for run in stopped:  # runs that never stopped equal runs started alone: test_grid_sweep_runs_equal_the_runs_...
-        assert_same(weights(resumed.run_dir(run.name)), alone(tmp_path / "alone", run.seed, run.params, steps))
+        expected = alone(tmp_path / "alone", run.seed, run.params, steps, settings)
+        assert_same(weights(resumed.run_dir(run.name)), expected)
 
 
 def test_a_failed_run_does_not_stop_the_others(local_ray, tmp_path):
