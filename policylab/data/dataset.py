@@ -814,7 +814,7 @@ def _read_episodes(main_file: Path, num_episodes: int | None, act_space: gym.Spa
     """Each episode's arrays with one read per field, concatenated once (episode_0 .. episode_<E-1>).
 
     Through h5py's low-level calls: a Minari file holds five or six small datasets per episode, and the high-level
-    API's bookkeeping around each of them took more than half of a many-episode dataset's load time."""
+    API's bookkeeping around each of them was a large part of a many-episode dataset's load time."""
     import h5py
     from h5py import h5g
 
