@@ -38,7 +38,7 @@ def test_quantile_loss_against_a_hand_computation():
 
 
 def test_qrdqn_learns_cartpole_with_its_preset(tmp_path):
-    """The CartPole-v1 preset (rl-zoo's entry with 3-step returns and a decaying learning rate, 50k steps): an
+    """The CartPole-v1 preset (rl-zoo's entry with 3-step returns and a decaying learning rate, 40k steps): an
     evaluation reaches 475 within the budget; the loaded policy acts greedily on the quantiles' mean."""
 
     def stop_at_bar(info: pl.IterationInfo) -> bool:
