@@ -282,14 +282,19 @@ def time_sampling(a: argparse.Namespace, repeats: int = 20) -> None:
 
 def time_training(a: argparse.Namespace, repeats: int = 20) -> None:
     """Median ms of the training forward (log-probs of the completions, `token_logprobs`) and of its backward on
-    one sampled batch of `--group-size` x `--prompts-per-step` completions from `--model` (random weights), with
-    their floating-point work (torch's FlopCounterMode: products and attention) and its rate, against the rate of
-    one plain product of the model's largest per-token shape (all the batch's tokens through the MLP's gate and
-    up projection): how close to the kernel the step runs."""
+    one sampled batch of `--group-size` x `--prompts-per-step` completions from `--model` (random weights), two
+    ways, interleaved: the numpy pass with its written-out backward (`llm/fast_train.py`, what float32 models
+    run) and the torch pass under autograd (`LlamaDecoder.completion_logits`, what other dtypes run). With their
+    floating-point work (torch's FlopCounterMode on the torch pass: products and attention; the numpy pass does
+    the same arithmetic) and its rate, against the rate of one plain product of the model's largest per-token
+    shape (all the batch's tokens through the MLP's gate and up projection): how close to the kernel each runs."""
+    from unittest import mock
+
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
     sys.path.insert(0, str(REPO_ROOT))
+    from policylab.llm import fast_train
     from policylab.llm.models import load_model
     from policylab.llm.rollout import generate, token_logprobs
     from policylab.llm.tasks import get_task
@@ -303,25 +308,31 @@ def time_training(a: argparse.Namespace, repeats: int = 20) -> None:
     enc = tok([r["prompt"] for r in rows for _ in range(a.group_size)], padding=True, return_tensors="pt")
     common = {"max_new_tokens": a.max_new_tokens, "eos_token_id": tok.eos_token_id, "pad_token_id": tok.pad_token_id}
     r = generate(model, enc["input_ids"], enc["attention_mask"], generator=torch.Generator().manual_seed(0), **common)
-    forward, backward = [], []
+    ways = {"numpy pass, written-out backward": True, "torch pass, autograd": False}
+    forward: dict[str, list[float]] = {name: [] for name in ways}
+    backward: dict[str, list[float]] = {name: [] for name in ways}
     for i in range(repeats + 3):
-        start = time.perf_counter()
-        logp, _ = token_logprobs(model, r.prompt_ids, r.prompt_mask, r.completion_ids, r.completion_mask)
-        middle = time.perf_counter()
-        logp.sum().backward()
-        if i >= 3:
-            forward.append(1e3 * (middle - start))
-            backward.append(1e3 * (time.perf_counter() - middle))
-    with FlopCounterMode(display=False) as counter:
-        logp, _ = token_logprobs(model, r.prompt_ids, r.prompt_mask, r.completion_ids, r.completion_mask)
-    forward_flop = counter.get_total_flops()
-    with FlopCounterMode(display=False) as counter:
-        logp.sum().backward()
-    backward_flop = counter.get_total_flops()
-    fwd_ms, bwd_ms = statistics.median(forward), statistics.median(backward)
-    print(f"  training forward  {fwd_ms:6.1f} ms ({forward_flop / 1e6:.0f} MFLOP, {forward_flop / fwd_ms / 1e6:.1f} "
-          f"GFLOP/s), backward {bwd_ms:6.1f} ms ({backward_flop / 1e6:.0f} MFLOP, "
-          f"{backward_flop / bwd_ms / 1e6:.1f} GFLOP/s)")  # fmt: skip
+        for name, in_numpy in ways.items():
+            with mock.patch.object(fast_train, "supports", fast_train.supports if in_numpy else lambda model: False):
+                start = time.perf_counter()
+                logp, _ = token_logprobs(model, r.prompt_ids, r.prompt_mask, r.completion_ids, r.completion_mask)
+                middle = time.perf_counter()
+                logp.sum().backward()
+            if i >= 3:
+                forward[name].append(1e3 * (middle - start))
+                backward[name].append(1e3 * (time.perf_counter() - middle))
+    with mock.patch.object(fast_train, "supports", lambda model: False):
+        with FlopCounterMode(display=False) as counter:
+            logp, _ = token_logprobs(model, r.prompt_ids, r.prompt_mask, r.completion_ids, r.completion_mask)
+        forward_flop = counter.get_total_flops()
+        with FlopCounterMode(display=False) as counter:
+            logp.sum().backward()
+        backward_flop = counter.get_total_flops()
+    for name in ways:
+        fwd_ms, bwd_ms = statistics.median(forward[name]), statistics.median(backward[name])
+        print(f"  {name:<34} forward {fwd_ms:6.1f} ms ({forward_flop / 1e6:.0f} MFLOP, "
+              f"{forward_flop / fwd_ms / 1e6:.1f} GFLOP/s), backward {bwd_ms:6.1f} ms ({backward_flop / 1e6:.0f} "
+              f"MFLOP, {backward_flop / bwd_ms / 1e6:.1f} GFLOP/s)")  # fmt: skip
     tokens = int(r.completion_mask.numel() + r.prompt_mask.numel())
     x = torch.randn(tokens, model.config.hidden_size)
     w = torch.randn(model.config.hidden_size, 2 * model.config.intermediate_size)
@@ -332,10 +343,10 @@ def time_training(a: argparse.Namespace, repeats: int = 20) -> None:
         plain.append(time.perf_counter() - start)
     rate = 2 * x.shape[0] * x.shape[1] * w.shape[1] / statistics.median(plain[3:]) / 1e9
     print(f"  plain product [{x.shape[0]}, {x.shape[1]}] x [{w.shape[0]}, {w.shape[1]}]: {rate:.1f} GFLOP/s")
-    if a.profile:  # where the pass's time goes, operator by operator (with the profiler's own overhead)
+    if a.profile:  # where the torch pass's time goes, operator by operator (with the profiler's own overhead)
         from torch.profiler import profile
 
-        with profile(record_shapes=True) as prof:
+        with profile(record_shapes=True) as prof, mock.patch.object(fast_train, "supports", lambda model: False):
             for _ in range(repeats):
                 logp, _ = token_logprobs(model, r.prompt_ids, r.prompt_mask, r.completion_ids, r.completion_mask)
                 logp.sum().backward()

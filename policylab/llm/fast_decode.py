@@ -45,7 +45,8 @@ def shared_prompts(prompt_ids: Tensor, prompt_mask: Tensor) -> tuple[Tensor, Ten
 
 
 class LlamaDecoder:
-    def __init__(self, model: Any) -> None:
+    def __init__(self, model: Any, weights: bool = True) -> None:
+        """`weights=False`: the shapes and rotary tables only (for `fast_train`, which reads the parameters)."""
         cfg = model.config
         inner = model.model
         self.eps = float(cfg.rms_norm_eps)
@@ -56,8 +57,9 @@ class LlamaDecoder:
         self.padding_idx = inner.embed_tokens.padding_idx  # its row gets no gradient, as in nn.Embedding
         self.inv_freq = inner.rotary_emb.inv_freq.float()
         self.rope_scale = float(getattr(inner.rotary_emb, "attention_scaling", 1.0))
+        self.n_layers = len(inner.layers)
         self.layers = []
-        for layer in inner.layers:
+        for layer in inner.layers if weights else ():
             attn, mlp = layer.self_attn, layer.mlp
             self.layers.append(
                 (
@@ -234,7 +236,9 @@ class NumpyDecoder:
         self.norm = decoder.norm.detach().numpy()
         self.lm_head = np.ascontiguousarray(decoder.lm_head.detach().numpy().T)
         cos, sin = decoder._rotary(torch.arange(length), torch.float32)
-        self.cos, self.sin = cos[:, 0].numpy(), sin[:, 0].numpy()  # [length, D]
+        rotated = (length, self.heads + self.kv_heads, self.head_dim)  # the tables for every query and key head
+        self.cos, self.sin = (np.ascontiguousarray(np.broadcast_to(t.numpy(), rotated)) for t in (cos, sin))
+        self.rotation = rotation_matrix(self.head_dim)
         self.scale = np.float32(self.head_dim**-0.5)
 
     @staticmethod
@@ -255,14 +259,13 @@ class NumpyDecoder:
         into the cache's columns start..start+L-1; `bias` [B, L, start + L]: 0 where a query may attend to a key,
         -inf elsewhere."""
         (batch, length), heads, kv_heads, dim = tokens.shape, self.heads, self.kv_heads, self.head_dim
-        end, half, repeat = start + length, dim // 2, heads // kv_heads
-        cos, sin = self.cos[positions.reshape(-1)][:, None], self.sin[positions.reshape(-1)][:, None]  # [B L, 1, D]
+        end, repeat = start + length, heads // kv_heads
+        cos, sin = self.cos[positions.reshape(-1)], self.sin[positions.reshape(-1)]  # [B L, H + K, D]
         mask = bias[:, None, None]  # [B, 1, 1, L, S]
         h = self.embed[tokens.reshape(-1)]  # [B L, E]: the products are 2-D (a 3-D one is a loop of small ones)
         for i, (w_in, w_qkv, w_out, w_post, w_gate_up, w_down) in enumerate(self.layers):
             qkv = (self._rms(h, w_in) @ w_qkv).reshape(batch * length, -1, dim)
-            qk = qkv[:, : heads + kv_heads]
-            qk = qk * cos + np.concatenate([-qk[..., half:], qk[..., :half]], -1) * sin
+            qk = rotate(np.ascontiguousarray(qkv[:, : heads + kv_heads]), cos, sin, self.rotation)
             k = qk[:, heads:].reshape(batch, length, kv_heads, dim)
             self.keys[i][:, :, start:end] = k.transpose(0, 2, 1, 3)
             v = qkv[:, heads + kv_heads :].reshape(batch, length, kv_heads, dim)
@@ -270,16 +273,39 @@ class NumpyDecoder:
             keys, values = self.keys[i][:, :, None, :end], self.values[i][:, :, None, :end]  # [B, kv, 1, S, D]
             # head j reads kv head j // repeat: queries as [B, kv_heads, repeat, L, D]
             q = qk[:, :heads].reshape(batch, length, kv_heads, repeat, dim).transpose(0, 2, 3, 1, 4)
-            scores = (q @ keys.swapaxes(-1, -2)) * self.scale + mask  # [B, kv_heads, repeat, L, S]
-            scores -= scores.max(-1, keepdims=True)
-            np.exp(scores, out=scores)
-            scores /= scores.sum(-1, keepdims=True)
+            scores = softmax((q @ keys.swapaxes(-1, -2)) * self.scale + mask)  # [B, kv_heads, repeat, L, S]
             attended = (scores @ values).transpose(0, 3, 1, 2, 4).reshape(batch * length, heads * dim)
             h = h + attended @ w_out
             gate_up = self._rms(h, w_post) @ w_gate_up
             gate, up = gate_up[:, : self.intermediate], gate_up[:, self.intermediate :]
-            h = h + (gate * (0.5 + 0.5 * np.tanh(0.5 * gate)) * up) @ w_down  # silu, without exp's overflow
+            h = h + (silu(gate) * up) @ w_down
         return self._rms(h.reshape(batch, length, -1)[:, -1], self.norm) @ self.lm_head
+
+
+def rotation_matrix(dim: int) -> np.ndarray:
+    """R [D, D] with x @ R = [-x2, x1] (x = [x1, x2]): the rotary embedding's half swap as one product."""
+    half, rows = dim // 2, np.arange(dim // 2)
+    rotation = np.zeros((dim, dim), np.float32)
+    rotation[rows + half, rows] = -1.0
+    rotation[rows, rows + half] = 1.0
+    return rotation
+
+
+def rotate(x: np.ndarray, cos: np.ndarray, sin: np.ndarray, rotation: np.ndarray) -> np.ndarray:
+    """The rotary embedding x cos + rot(x) sin of x [M, heads, D] (cos and sin of its shape). numpy's elementwise
+    loops over an inner axis of D numbers, broadcast over heads, and a concatenation of halves cost several times
+    the arithmetic; full tables and a product do not."""
+    return x * cos + (x.reshape(-1, x.shape[-1]) @ rotation).reshape(x.shape) * sin
+
+
+def softmax(scores: np.ndarray) -> np.ndarray:
+    """Softmax over the last axis by torch's kernel (numpy's reductions over an axis of a dozen numbers are slow)."""
+    return torch.softmax(torch.from_numpy(scores), -1).numpy()
+
+
+def silu(x: np.ndarray) -> np.ndarray:
+    """x sigmoid(x) by torch's kernel: numpy's float32 tanh and exp cost 3-4 ns a number here, torch's about 1."""
+    return F.silu(torch.from_numpy(x)).numpy()
 
 
 def causal_bias(key_valid: np.ndarray, start: int) -> np.ndarray:

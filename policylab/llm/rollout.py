@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from policylab.llm import fast_train
 from policylab.llm.fast_decode import LlamaDecoder, NumpyDecoder, causal_bias, shared_prompts
 
 
@@ -222,7 +223,9 @@ def token_logprobs(
     list), the last layer's states at the positions that predict the completion tokens, [N, T, H], are appended
     to it (what a value head reads: the state before each token). `fast`: Llama-family models run through
     `LlamaDecoder.completion_logits`, which computes each distinct prompt of the batch once."""
-    if fast and LlamaDecoder.supports(model):
+    if fast and fast_train.supports(model):
+        logits = fast_train.completion_logits(model, prompt_ids, prompt_mask, completion_ids, hidden)
+    elif fast and LlamaDecoder.supports(model):
         logits = LlamaDecoder(model).completion_logits(prompt_ids, prompt_mask, completion_ids, hidden).float()
     else:
         ids = torch.cat([prompt_ids, completion_ids], -1)

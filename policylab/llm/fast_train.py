@@ -1,0 +1,318 @@
+"""The prompt-shared training pass of a float32 Llama-family model in numpy, with its backward written out.
+
+`LlamaDecoder.completion_logits` runs the training forward in torch and leaves the backward to autograd. For the
+small models that run on a CPU both are a few hundred calls on arrays of a few thousand to a hundred thousand
+numbers, with attention on hundreds of tiny problems (a row's 8 queries over 14 keys): the calls, the graph and
+the elementwise passes cost as much as the products. `NumpyLlamaPass` is one `torch.autograd.Function` whose inputs
+are the model's own parameters: its forward computes the logits and final-norm states of `completion_logits` (each
+distinct prompt once, its keys and values read by every row of its group) in numpy, its backward takes their
+gradients and returns every parameter's, so the losses, the optimizer and every caller stay in torch. Gradients
+equal autograd's through transformers' forward to float32 rounding (tests/test_llm.py); `benchmarks/llm.py
+--training` times this pass against the torch one.
+
+Shapes in the comments: M tokens in the stream (the P distinct prompts' W tokens each, then the N rows' L
+completion tokens but the last), E hidden, H query heads and K key/value heads of D numbers, R = H / K, I the
+MLP's width. Attention runs on queries [B, K, R, Q, D] (head j reads key head j // R) and keys and values
+[B, K, 1, S, D]."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from policylab.llm.fast_decode import LlamaDecoder, causal_bias, rotate, rotation_matrix, shared_prompts, silu, softmax
+
+F32 = np.float32
+
+
+def supports(model: Any) -> bool:
+    """A float32 Llama-family model on the CPU whose parameters `parameters_of` reads directly."""
+    return (
+        LlamaDecoder.supports(model)
+        and type(model.model.embed_tokens).__name__ == "Embedding"
+        and all(p.dtype == torch.float32 and p.device.type == "cpu" for p in parameters_of(model))
+    )
+
+
+def parameters_of(model: Any) -> list[Tensor]:
+    """The parameters `NumpyLlamaPass` takes, in its order: the embedding; per layer the input norm, q, k, v, o,
+    the post-attention norm, gate, up, down; the final norm; the LM head."""
+    inner = model.model
+    weights = [inner.embed_tokens.weight]
+    for layer in inner.layers:
+        attn, mlp = layer.self_attn, layer.mlp
+        weights += [layer.input_layernorm.weight, attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight,
+                    attn.o_proj.weight, layer.post_attention_layernorm.weight, mlp.gate_proj.weight,
+                    mlp.up_proj.weight, mlp.down_proj.weight]  # fmt: skip
+    return weights + [inner.norm.weight, model.lm_head.weight]
+
+
+PER_LAYER = 9
+
+
+@dataclass
+class Stream:
+    """One batch as a token stream: the distinct prompts' tokens, then each row's completion tokens but the last
+    (the positions that predict the next completion token), with the rotary tables and attention biases."""
+
+    tokens: np.ndarray  # [M]
+    cos: np.ndarray  # [M, H + K, D]: the rotary tables of every query and key head
+    sin: np.ndarray
+    rotation: np.ndarray  # [D, D]
+    prompt_bias: np.ndarray  # [P, 1, 1, W, W]: 0 where a prompt token may attend, -inf elsewhere
+    completion_bias: np.ndarray  # [N, 1, 1, L, W + L]
+    index: np.ndarray  # [N]: each row's distinct prompt
+    scatter: np.ndarray  # [P, N]: one-hot of `index`, so that summing each prompt's rows is one product
+    distinct: int
+    width: int
+    rows: int
+    length: int
+
+    @property
+    def split(self) -> int:
+        """Where the completion tokens start in the stream."""
+        return self.distinct * self.width
+
+
+def token_stream(decoder: LlamaDecoder, prompt_ids: Tensor, prompt_mask: Tensor, completion_ids: Tensor) -> Stream:
+    ids, mask, index = shared_prompts(prompt_ids, prompt_mask.bool())
+    (distinct, width), (rows, length) = ids.shape, (completion_ids.shape[0], completion_ids.shape[1] - 1)
+    positions = torch.cat(
+        [
+            (mask.long().cumsum(-1) - 1).clamp_min(0).reshape(-1),
+            (mask.long().sum(-1)[index, None] + torch.arange(length)).reshape(-1),
+        ]
+    )
+    cos, sin = decoder._rotary(positions, torch.float32)
+    rotated = (len(positions), decoder.heads + decoder.kv_heads, decoder.head_dim)
+    key_valid = torch.cat([mask.bool()[index], torch.ones(rows, length, dtype=torch.bool)], -1).numpy()
+    return Stream(
+        tokens=torch.cat([ids.reshape(-1), completion_ids[:, :length].reshape(-1)]).numpy(),
+        cos=np.ascontiguousarray(np.broadcast_to(cos.numpy(), rotated)),
+        sin=np.ascontiguousarray(np.broadcast_to(sin.numpy(), rotated)),
+        rotation=rotation_matrix(decoder.head_dim),
+        prompt_bias=causal_bias(mask.bool().numpy(), 0)[:, None, None],
+        completion_bias=causal_bias(key_valid, width)[:, None, None],
+        index=index.numpy(),
+        scatter=(np.arange(distinct)[:, None] == index.numpy()[None, :]).astype(F32),
+        distinct=distinct,
+        width=width,
+        rows=rows,
+        length=length,
+    )
+
+
+# --- pieces and their backward ---------------------------------------------------------------------------------
+
+
+def _rms(x: np.ndarray, weight: np.ndarray, eps: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(weight x / rms(x), x / rms(x), 1 / rms(x)): the RMS norm and what its backward reads."""
+    inverse = 1.0 / np.sqrt(np.einsum("...i,...i->...", x, x)[..., None] * F32(1.0 / x.shape[-1]) + F32(eps))
+    normed = x * inverse
+    return normed * weight, normed, inverse
+
+
+def _rms_backward(
+    grad: np.ndarray, normed: np.ndarray, inverse: np.ndarray, weight: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """(gradient of the input, of the weight) of `_rms` from its output's gradient [rows, E]."""
+    scaled = grad * weight
+    return inverse * (scaled - normed * (scaled * normed).mean(-1, keepdims=True)), (grad * normed).sum(0)
+
+
+def _softmax_backward(grad: np.ndarray, probs: np.ndarray) -> np.ndarray:
+    return torch._softmax_backward_data(torch.from_numpy(grad), torch.from_numpy(probs), -1, torch.float32).numpy()
+
+
+def _heads(x: np.ndarray, batch: int, count: int, heads: int, repeat: int) -> np.ndarray:
+    """Tokens' heads [B * count, heads * repeat, D] (or [B * count, heads * repeat * D]) as [B, heads, repeat, count, D]."""
+    return x.reshape(batch, count, heads, repeat, -1).transpose(0, 2, 3, 1, 4)
+
+
+def _tokens(x: np.ndarray) -> np.ndarray:
+    """[B, heads, repeat, count, D] back to tokens' heads [B * count, heads * repeat, D]."""
+    b, heads, repeat, count, dim = x.shape
+    return x.transpose(0, 3, 1, 2, 4).reshape(b * count, heads * repeat, dim)
+
+
+@dataclass
+class Attention:
+    """One softmax attention's inputs and probabilities (queries pre-scaled)."""
+
+    queries: np.ndarray
+    keys: np.ndarray
+    values: np.ndarray
+    probs: np.ndarray
+
+    @staticmethod
+    def run(
+        queries: np.ndarray, keys: np.ndarray, values: np.ndarray, bias: np.ndarray
+    ) -> tuple[np.ndarray, Attention]:
+        probs = softmax(queries @ keys.swapaxes(-1, -2) + bias)
+        return probs @ values, Attention(queries, keys, values, probs)
+
+    def backward(self, grad: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Gradients of the (scaled) queries, the keys and the values, the latter two summed over R."""
+        d_scores = _softmax_backward(grad @ self.values.swapaxes(-1, -2), self.probs)
+        d_keys = (d_scores.swapaxes(-1, -2) @ self.queries).sum(2, keepdims=True)
+        d_values = (self.probs.swapaxes(-1, -2) @ grad).sum(2, keepdims=True)
+        return d_scores @ self.keys, d_keys, d_values
+
+
+@dataclass
+class Layer:
+    """What one decoder layer's backward reads from its forward."""
+
+    normed1: np.ndarray
+    inverse1: np.ndarray
+    x1: np.ndarray
+    prompts: Attention
+    completions: Attention
+    attended: np.ndarray
+    normed2: np.ndarray
+    inverse2: np.ndarray
+    x2: np.ndarray
+    gate: np.ndarray
+    up: np.ndarray
+    silu: np.ndarray
+    act: np.ndarray
+
+
+def _layer_forward(
+    h: np.ndarray, w: list[np.ndarray], stream: Stream, shapes: LlamaDecoder
+) -> tuple[np.ndarray, Layer]:
+    w_in, wq, wk, wv, wo, w_post, wg, wu, wd = w
+    heads, kv, dim, split = shapes.heads, shapes.kv_heads, shapes.head_dim, stream.split
+    p, n, repeat = stream.distinct, stream.rows, heads // kv
+    x1, normed1, inverse1 = _rms(h, w_in, shapes.eps)
+    qkv = (x1 @ np.concatenate([wq, wk, wv]).T).reshape(len(h), -1, dim)
+    qk = rotate(np.ascontiguousarray(qkv[:, : heads + kv]), stream.cos, stream.sin, stream.rotation)
+    q, k, v = qk[:, :heads] * F32(dim**-0.5), qk[:, heads:], qkv[:, heads + kv :]
+    kp, vp = _heads(k[:split], p, stream.width, kv, 1), _heads(v[:split], p, stream.width, kv, 1)
+    out_p, prompts = Attention.run(_heads(q[:split], p, stream.width, kv, repeat), kp, vp, stream.prompt_bias)
+    # a completion row attends to its prompt's keys and values, then to its own
+    keys = np.concatenate([kp[stream.index], _heads(k[split:], n, stream.length, kv, 1)], 3)
+    values = np.concatenate([vp[stream.index], _heads(v[split:], n, stream.length, kv, 1)], 3)
+    out_c, completions = Attention.run(_heads(q[split:], n, stream.length, kv, repeat), keys, values,
+                                       stream.completion_bias)  # fmt: skip
+    attended = np.concatenate([_tokens(out_p), _tokens(out_c)]).reshape(len(h), -1)
+    h = h + attended @ wo.T
+    x2, normed2, inverse2 = _rms(h, w_post, shapes.eps)
+    gate, up = x2 @ wg.T, x2 @ wu.T
+    act_silu = silu(gate)
+    act = act_silu * up
+    saved = Layer(normed1, inverse1, x1, prompts, completions, attended, normed2, inverse2, x2, gate, up, act_silu, act)
+    return h + act @ wd.T, saved
+
+
+def _layer_backward(
+    dh: np.ndarray, w: list[np.ndarray], saved: Layer, stream: Stream, shapes: LlamaDecoder
+) -> tuple[np.ndarray, list[np.ndarray]]:
+    """(gradient of the layer's input, its parameters' gradients in `parameters_of` order) from its output's."""
+    w_in, wq, wk, wv, wo, w_post, wg, wu, wd = w
+    heads, kv, dim, split, width = shapes.heads, shapes.kv_heads, shapes.head_dim, stream.split, stream.width
+    repeat = heads // kv
+    d_act = dh @ wd
+    d_up = d_act * saved.silu
+    d_gate = torch.ops.aten.silu_backward(torch.from_numpy(d_act * saved.up), torch.from_numpy(saved.gate)).numpy()
+    d_x2, d_post = _rms_backward(d_gate @ wg + d_up @ wu, saved.normed2, saved.inverse2, w_post)
+    dh2 = dh + d_x2
+    d_attended = dh2 @ wo
+    d_qc, d_keys, d_values = saved.completions.backward(
+        _heads(d_attended[split:], stream.rows, stream.length, kv, repeat)
+    )
+    d_qp, d_kp, d_vp = saved.prompts.backward(_heads(d_attended[:split], stream.distinct, width, kv, repeat))
+    # the rows' gradients of their prompt's keys and values, summed per prompt
+    d_kp += (stream.scatter @ d_keys[:, :, :, :width].reshape(stream.rows, -1)).reshape(d_kp.shape)
+    d_vp += (stream.scatter @ d_values[:, :, :, :width].reshape(stream.rows, -1)).reshape(d_vp.shape)
+    d_qkv = np.empty((len(dh), heads + 2 * kv, dim), F32)
+    d_qkv[:split, :heads], d_qkv[split:, :heads] = _tokens(d_qp), _tokens(d_qc)
+    d_qkv[:, :heads] *= F32(dim**-0.5)
+    d_qkv[:split, heads : heads + kv], d_qkv[split:, heads : heads + kv] = (
+        _tokens(d_kp),
+        _tokens(d_keys[..., width:, :]),
+    )
+    d_qkv[:split, heads + kv :], d_qkv[split:, heads + kv :] = _tokens(d_vp), _tokens(d_values[..., width:, :])
+    qk = d_qkv[:, : heads + kv]  # the rotary embedding's backward: g cos + rot^T(g sin)
+    qk[:] = qk * stream.cos + ((qk * stream.sin).reshape(-1, dim) @ stream.rotation.T).reshape(qk.shape)
+    d_flat = d_qkv.reshape(len(dh), -1)
+    w_qkv = np.concatenate([wq, wk, wv])
+    d_w_qkv = d_flat.T @ saved.x1
+    d_x1, d_in = _rms_backward(d_flat @ w_qkv, saved.normed1, saved.inverse1, w_in)
+    q_rows, k_rows = wq.shape[0], wk.shape[0]
+    grads = [d_in, d_w_qkv[:q_rows], d_w_qkv[q_rows : q_rows + k_rows], d_w_qkv[q_rows + k_rows :],
+             dh2.T @ saved.attended, d_post, d_gate.T @ saved.x2, d_up.T @ saved.x2, dh.T @ saved.act]  # fmt: skip
+    return dh2 + d_x1, grads
+
+
+# --- the pass ----------------------------------------------------------------------------------------------------
+
+
+class NumpyLlamaPass(torch.autograd.Function):
+    """(logits [N, L + 1, V], final-norm states [N, L + 1, E]) of `LlamaDecoder.completion_logits` from the
+    parameters (`parameters_of`'s order)."""
+
+    @staticmethod
+    def forward(ctx: Any, shapes: LlamaDecoder, stream: Stream, *weights: Tensor) -> tuple[Tensor, Tensor]:  # type: ignore[override]
+        w = [t.detach().numpy() for t in weights]
+        h = w[0][stream.tokens]  # [M, E]
+        layers = []
+        for i in range(shapes.n_layers):
+            h, saved = _layer_forward(h, w[1 + PER_LAYER * i : 1 + PER_LAYER * (i + 1)], stream, shapes)
+            layers.append(saved)
+        split, n, length = stream.split, stream.rows, stream.length
+        last = h[:split].reshape(stream.distinct, stream.width, -1)[:, -1][stream.index][:, None]
+        selected = np.concatenate([last, h[split:].reshape(n, length, -1)], 1)  # [N, L + 1, E]
+        states, normed, inverse = _rms(selected, w[-2], shapes.eps)
+        ctx.save_for_backward(*weights)
+        ctx.numpy = (shapes, stream, layers, states, normed, inverse)
+        ctx.set_materialize_grads(False)
+        return torch.from_numpy(states @ w[-1].T), torch.from_numpy(states)
+
+    @staticmethod
+    def backward(ctx: Any, grad_logits: Tensor | None, grad_states: Tensor | None) -> tuple:  # type: ignore[override]
+        shapes, stream, layers, states, normed, inverse = ctx.numpy
+        w = [t.detach().numpy() for t in ctx.saved_tensors]
+        embed_dim, split, width = w[0].shape[1], stream.split, stream.width
+        grads: list[np.ndarray | None] = [None] * len(w)
+        d_states = np.zeros_like(states) if grad_states is None else grad_states.numpy().copy()
+        if grad_logits is not None:
+            g = grad_logits.numpy().reshape(-1, w[-1].shape[0])
+            grads[-1] = g.T @ states.reshape(-1, embed_dim)
+            d_states += (g @ w[-1]).reshape(d_states.shape)
+        d_selected, grads[-2] = _rms_backward(d_states.reshape(-1, embed_dim), normed.reshape(-1, embed_dim),
+                                              inverse.reshape(-1, 1), w[-2])  # fmt: skip
+        d_selected = d_selected.reshape(stream.rows, stream.length + 1, embed_dim)
+        dh = np.zeros((split + stream.rows * stream.length, embed_dim), F32)
+        dh[width - 1 : split : width] = stream.scatter @ d_selected[:, 0]  # each prompt's last token: its rows' sum
+        dh[split:] = d_selected[:, 1:].reshape(-1, embed_dim)
+        for i in reversed(range(shapes.n_layers)):
+            start = 1 + PER_LAYER * i
+            dh, grads[start : start + PER_LAYER] = _layer_backward(
+                dh, w[start : start + PER_LAYER], layers[i], stream, shapes
+            )
+        d_embed = torch.zeros(w[0].shape).index_add_(0, torch.from_numpy(stream.tokens), torch.from_numpy(dh))
+        if shapes.padding_idx is not None:
+            d_embed[shapes.padding_idx] = 0.0  # as nn.Embedding: the padding row gets no gradient
+        return (
+            None,
+            None,
+            d_embed,
+            *(None if g is None else torch.from_numpy(np.ascontiguousarray(g)) for g in grads[1:]),
+        )
+
+
+def completion_logits(
+    model: Any, prompt_ids: Tensor, prompt_mask: Tensor, completion_ids: Tensor, hidden: list[Tensor] | None = None
+) -> Tensor:
+    """`LlamaDecoder.completion_logits` through `NumpyLlamaPass` (for models where `supports(model)`)."""
+    decoder = LlamaDecoder(model, weights=False)
+    stream = token_stream(decoder, prompt_ids, prompt_mask, completion_ids)
+    logits, states = NumpyLlamaPass.apply(decoder, stream, *parameters_of(model))
+    if hidden is not None:
+        hidden.append(states)
+    return logits
