@@ -264,4 +264,11 @@ def decode(tokenizer: Any, rollout: Rollout) -> list[str]:
     """The completions' text (special tokens dropped, masked tokens left out)."""
     ids, mask = rollout.completion_ids.tolist(), rollout.completion_mask.tolist()
     rows = [[token for token, keep in zip(row, keeps) if keep] for row, keeps in zip(ids, mask)]
-    return tokenizer.batch_decode(rows, skip_special_tokens=True)
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        return tokenizer.batch_decode(rows, skip_special_tokens=True)
+    # a fast tokenizer's Rust backend directly: `batch_decode` first walks every token in Python (to_py_obj)
+    texts = backend.decode_batch(rows, skip_special_tokens=True)
+    if getattr(tokenizer, "clean_up_tokenization_spaces", False):
+        texts = [tokenizer.clean_up_tokenization(text) for text in texts]
+    return texts
