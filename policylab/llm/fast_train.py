@@ -129,7 +129,8 @@ def _softmax_backward(grad: np.ndarray, probs: np.ndarray) -> np.ndarray:
 
 
 def _heads(x: np.ndarray, batch: int, count: int, heads: int, repeat: int) -> np.ndarray:
-    """Tokens' heads [B * count, heads * repeat, D] (or [B * count, heads * repeat * D]) as [B, heads, repeat, count, D]."""
+    """Tokens' heads [B * count, heads * repeat, D] (or flat, [B * count, heads * repeat * D]) as
+    [B, heads, repeat, count, D]."""
     return x.reshape(batch, count, heads, repeat, -1).transpose(0, 2, 3, 1, 4)
 
 
