@@ -99,6 +99,10 @@ class Adam:
                 grad_scale=None,
                 found_inf=None,
             )
+            # the fused kernel writes the parameters without bumping their version counters (torch.optim's
+            # wrapper does): bump them, so that whatever checks for in-place changes (autograd's saved tensors,
+            # llm/fast_train's sampler tape) sees this update
+            torch.autograd.graph.increment_version(params)
             return
         self._foreach_step(params, grads, exp_avgs, exp_avg_sqs, steps, group)  # type: ignore[arg-type]
 

@@ -7,6 +7,7 @@ import csv
 import math
 import subprocess
 import sys
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -538,6 +539,31 @@ def _gradients_of_one_update(model_dir, **overrides) -> list[torch.Tensor]:
     return [p.grad.clone() for p in trainer.optimizer.params if p.grad is not None]
 
 
+def test_an_rl_step_reading_the_sampler_tape_takes_the_gradients_of_computing_every_forward(sft_model, monkeypatch):
+    """Two updates on one batch: the first reads the sampler's tape, the second (the optimizer has changed the
+    weights in place) must compute its forward; both gradients equal those of computing every forward."""
+    from policylab.llm.trainer import LLMTrainer
+
+    def gradients_of_one_step(record: bool) -> list[torch.Tensor]:
+        monkeypatch.setattr(LLMTrainer, "trains_on_sampled_batch", property(lambda self: record))
+        settings = {"model": str(sft_model.dir), "batch_size": 4, "group_size": 4, "eval_size": 8, "seed": 5,
+                    "updates_per_batch": 2, "lr": 1e-2}  # fmt: skip
+        trainer = LLMTrainer(make_config("grpo", settings))
+        grads: list[torch.Tensor] = []
+        step = trainer._step
+
+        def recording_step() -> None:
+            grads.extend(p.grad.clone() for p in trainer.optimizer.params)
+            step()
+
+        trainer._step = recording_step  # type: ignore[method-assign]
+        trainer.rl_step()
+        return grads
+
+    for with_tape, computed in zip(gradients_of_one_step(True), gradients_of_one_step(False), strict=True):
+        torch.testing.assert_close(with_tape, computed, rtol=1e-3, atol=1e-3 * float(computed.abs().max()))
+
+
 @pytest.mark.parametrize("aggregation", ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"])
 def test_micro_batches_give_the_full_batchs_gradient(sft_model, aggregation):
     full = _gradients_of_one_update(sft_model.dir, aggregation=aggregation)
@@ -647,14 +673,15 @@ def test_a_sequence_classification_model_scores_completions_as_a_reward(tmp_path
         load_reward(f"model:{tmp_path / 'missing'}")
 
 
-@pytest.mark.parametrize("path", ["numpy", "torch"])
+@pytest.mark.parametrize("path", ["numpy", "tape", "torch"])
 @pytest.mark.parametrize("tied", [False, True])
 def test_the_prompt_shared_training_forward_equals_transformers_forward_with_gradients(monkeypatch, path, tied):
     """The prompt-shared training pass computes each distinct prompt once (groups share theirs), in numpy with its
-    backward written out (fast_train, float32) or in torch (LlamaDecoder.completion_logits, other dtypes): the
-    log-probs, entropies, value-head states and every parameter's gradient equal those of transformers' forward over
-    each row's prompt + completion in float64, as closely as transformers' own float32 pass does (grouped-query
-    attention, left-padded prompts, completions of several lengths, tied or separate embeddings)."""
+    backward written out (fast_train, float32; `tape`: its forward read from the sampler's recorded activations)
+    or in torch (LlamaDecoder.completion_logits, other dtypes): the log-probs, entropies, value-head states and
+    every parameter's gradient equal those of transformers' forward over each row's prompt + completion in
+    float64, as closely as transformers' own float32 pass does (grouped-query attention, left-padded prompts,
+    completions of several lengths, tied or separate embeddings)."""
     import copy
 
     from transformers import LlamaForCausalLM
@@ -670,18 +697,21 @@ def test_the_prompt_shared_training_forward_equals_transformers_forward_with_gra
     enc = tok(["12+34=", "5+6=", "99+1="] * 3, padding=True, return_tensors="pt", add_special_tokens=False)
     kwargs = dict(max_new_tokens=6, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
     generator = torch.Generator().manual_seed(1)
-    rollout = generate(model, enc["input_ids"], enc["attention_mask"], generator=generator, **kwargs)
+    rollout = generate(model, enc["input_ids"], enc["attention_mask"], generator=generator, record=True, **kwargs)
     rollout = rollout.with_mask(rollout.completion_mask & (torch.arange(6) < torch.tensor([6, 3, 1] * 3)[:, None]))
     assert fast_train.supports(model)
     if path == "torch":
         monkeypatch.setattr(fast_train, "supports", lambda model: False)
+    if path == "tape":  # the pass must not compute its forward
+        monkeypatch.setattr(fast_train, "_forward", lambda *args: pytest.fail("the tape was not used"))
+    tape = rollout.tape if path == "tape" else None
 
     def outputs(model, fast):
         model.zero_grad()
         hidden: list[torch.Tensor] = []
         mask = rollout.completion_mask
         logp, entropy = token_logprobs(
-            model, rollout.prompt_ids, rollout.prompt_mask, rollout.completion_ids, mask, 0.9, hidden, fast=fast
+            model, rollout.prompt_ids, rollout.prompt_mask, rollout.completion_ids, mask, 0.9, hidden, fast, tape
         )
         states = hidden[0] * mask[..., None]
         (logp.sum() + (entropy * mask).sum() + states.square().sum()).backward()
@@ -691,6 +721,50 @@ def test_the_prompt_shared_training_forward_equals_transformers_forward_with_gra
     for ours, theirs, reference in zip(outputs(model, True), outputs(model, False), exact, strict=True):
         bound = (theirs - reference).abs().max() + 1e-4 * reference.abs().max()
         assert (ours - reference).abs().max() <= 2 * bound
+
+
+def test_the_sampler_tape_serves_only_the_weights_and_tokens_it_was_recorded_with(sft_model):
+    """A rollout's tape stands in for the training forward only at the same parameters, unmodified since the
+    sampling (an optimizer step changes them in place), and on the same rows (a sub-batch or changed tokens fall
+    back to computing the forward), and until a later recording of the same shapes reuses its arrays. A decode
+    that stopped early (every row ended) serves as well: the positions after the longest completion are masked in
+    every loss, and the pass's gradients equal the computed ones."""
+    from policylab.llm import fast_train
+
+    model, tok = load_model(str(sft_model.dir))
+    enc = tok(["12+34=", "5+6="] * 4, padding=True, return_tensors="pt", add_special_tokens=False)
+    kwargs = dict(eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, record=True)
+    rollout = generate(model, enc["input_ids"], enc["attention_mask"], max_new_tokens=3, **kwargs)
+
+    def usable(r):
+        decoder = fast_train.LlamaDecoder(model, weights=False)
+        stream = fast_train.token_stream(decoder, r.prompt_ids, r.prompt_mask, r.completion_ids)
+        return r.tape is not None and r.tape.usable(tuple(fast_train.parameters_of(model)), stream)
+
+    assert usable(rollout) and usable(rollout.with_mask(rollout.completion_mask & False))
+    assert not usable(rollout.select(torch.arange(4)))
+    changed = rollout.completion_ids.clone()
+    changed[0, 0] = tok.eos_token_id if changed[0, 0] != tok.eos_token_id else tok.pad_token_id
+    assert not usable(replace(rollout, completion_ids=changed))
+    with torch.no_grad():
+        model.lm_head.weight.mul_(1.0)  # same values, a new version
+    assert not usable(rollout)
+
+    rollout = generate(model, enc["input_ids"], enc["attention_mask"], max_new_tokens=40, greedy=True, **kwargs)
+    assert rollout.completion_mask.sum(1).max() < 39 and usable(rollout)  # every row ended well before 40 tokens
+    results = []
+    for tape in (rollout.tape, None):
+        model.zero_grad()
+        mask = rollout.completion_mask
+        logp, _ = token_logprobs(
+            model, rollout.prompt_ids, rollout.prompt_mask, rollout.completion_ids, mask, tape=tape
+        )
+        logp.sum().backward()
+        results.append([logp.detach(), *(p.grad.clone() for p in model.parameters())])
+    for with_tape, computed in zip(*results, strict=True):
+        torch.testing.assert_close(with_tape, computed, atol=1e-4 * float(computed.abs().max()), rtol=1e-4)
+    again = generate(model, enc["input_ids"], enc["attention_mask"], max_new_tokens=40, greedy=True, **kwargs)
+    assert usable(again) and not usable(rollout)  # a later tape of the same shapes took this one's arrays
 
 
 def test_the_fast_llama_decoder_samples_what_transformers_forward_samples(monkeypatch):

@@ -31,6 +31,19 @@ def test_adam_matches_torch_fused_adam_bitwise(weight_decay):
         assert torch.equal(p, q)
 
 
+@pytest.mark.parametrize("fused", [True, False])
+def test_a_step_bumps_every_parameters_version_counter(fused):
+    """As torch.optim's step does: checks for in-place changes (autograd's, the LLM trainer's sampler tape) see it."""
+    params = _params(4)
+    opt = Adam(params, lr=1e-2)
+    opt._fused = opt._fused and fused
+    for p in params:
+        p.grad = torch.ones_like(p)
+    before = [p._version for p in params]
+    opt.step()
+    assert all(p._version > v for p, v in zip(params, before))
+
+
 def test_foreach_fallback_matches_torch_adam():
     ours, ref = _params(2), _params(2)
     opt = Adam(ours, lr=1e-2)

@@ -240,6 +240,8 @@ class NumpyDecoder:
         self.cos, self.sin = (np.ascontiguousarray(np.broadcast_to(t.numpy(), rotated)) for t in (cos, sin))
         self.rotation = rotation_matrix(self.head_dim)
         self.scale = np.float32(self.head_dim**-0.5)
+        self.tape: Any = None
+        """A `fast_train.Tape` that records this decode's activations for the training pass, or None."""
 
     @staticmethod
     def supports(decoder: LlamaDecoder) -> bool:
@@ -250,21 +252,18 @@ class NumpyDecoder:
         self.keys = [k[index] for k in self.keys]
         self.values = [v[index] for v in self.values]
 
-    def _rms(self, x: np.ndarray, weight: np.ndarray) -> np.ndarray:
-        mean_square = (x * x).sum(-1, keepdims=True) * np.float32(1.0 / x.shape[-1])
-        return weight * (x / np.sqrt(mean_square + np.float32(self.eps)))
-
     def forward(self, tokens: np.ndarray, positions: np.ndarray, bias: np.ndarray, start: int) -> np.ndarray:
         """Logits [B, V] at the last of `tokens` [B, L] (at `positions` [B, L]), whose keys and values are written
         into the cache's columns start..start+L-1; `bias` [B, L, start + L]: 0 where a query may attend to a key,
-        -inf elsewhere."""
+        -inf elsewhere. With a `tape`, every activation the training pass's backward reads is written into it."""
         (batch, length), heads, kv_heads, dim = tokens.shape, self.heads, self.kv_heads, self.head_dim
         end, repeat = start + length, heads // kv_heads
         cos, sin = self.cos[positions.reshape(-1)], self.sin[positions.reshape(-1)]  # [B L, H + K, D]
         mask = bias[:, None, None]  # [B, 1, 1, L, S]
         h = self.embed[tokens.reshape(-1)]  # [B L, E]: the products are 2-D (a 3-D one is a loop of small ones)
         for i, (w_in, w_qkv, w_out, w_post, w_gate_up, w_down) in enumerate(self.layers):
-            qkv = (self._rms(h, w_in) @ w_qkv).reshape(batch * length, -1, dim)
+            x1, normed1, inverse1 = rms_norm(h, w_in, self.eps)
+            qkv = (x1 @ w_qkv).reshape(batch * length, -1, dim)
             qk = rotate(np.ascontiguousarray(qkv[:, : heads + kv_heads]), cos, sin, self.rotation)
             k = qk[:, heads:].reshape(batch, length, kv_heads, dim)
             self.keys[i][:, :, start:end] = k.transpose(0, 2, 1, 3)
@@ -272,14 +271,33 @@ class NumpyDecoder:
             self.values[i][:, :, start:end] = v.transpose(0, 2, 1, 3)
             keys, values = self.keys[i][:, :, None, :end], self.values[i][:, :, None, :end]  # [B, kv, 1, S, D]
             # head j reads kv head j // repeat: queries as [B, kv_heads, repeat, L, D]
-            q = qk[:, :heads].reshape(batch, length, kv_heads, repeat, dim).transpose(0, 2, 3, 1, 4)
-            scores = softmax((q @ keys.swapaxes(-1, -2)) * self.scale + mask)  # [B, kv_heads, repeat, L, S]
-            attended = (scores @ values).transpose(0, 3, 1, 2, 4).reshape(batch * length, heads * dim)
+            q = qk[:, :heads].reshape(batch, length, kv_heads, repeat, dim).transpose(0, 2, 3, 1, 4) * self.scale
+            probs = softmax(q @ keys.swapaxes(-1, -2) + mask)  # [B, kv_heads, repeat, L, S]
+            attended = (probs @ values).transpose(0, 3, 1, 2, 4).reshape(batch * length, heads * dim)
             h = h + attended @ w_out
-            gate_up = self._rms(h, w_post) @ w_gate_up
+            x2, normed2, inverse2 = rms_norm(h, w_post, self.eps)
+            gate_up = x2 @ w_gate_up
             gate, up = gate_up[:, : self.intermediate], gate_up[:, self.intermediate :]
-            h = h + (silu(gate) * up) @ w_down
-        return self._rms(h.reshape(batch, length, -1)[:, -1], self.norm) @ self.lm_head
+            activated = silu(gate)
+            act = activated * up
+            if self.tape is not None:
+                layer = (normed1, inverse1, x1, attended, normed2, inverse2, x2, gate, up, activated, act)
+                self.tape.record_layer(i, start, layer, q, self.keys[i], self.values[i], probs)
+            h = h + act @ w_down
+        states, normed, inverse = rms_norm(h.reshape(batch, length, -1)[:, -1], self.norm, self.eps)
+        logits = states @ self.lm_head
+        if self.tape is not None:
+            self.tape.record_output(start, states, normed, inverse, logits)
+        return logits
+
+
+def rms_norm(x: np.ndarray, weight: np.ndarray, eps: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(weight x / rms(x), x / rms(x), 1 / rms(x)) over the last axis: the RMS norm and what its backward reads."""
+    inverse = 1.0 / np.sqrt(
+        np.einsum("...i,...i->...", x, x)[..., None] * np.float32(1.0 / x.shape[-1]) + np.float32(eps)
+    )
+    normed = x * inverse
+    return normed * weight, normed, inverse
 
 
 def rotation_matrix(dim: int) -> np.ndarray:

@@ -17,6 +17,7 @@ MLP's width. Attention runs on queries [B, K, R, Q, D] (head j reads key head j 
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,7 +25,16 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from policylab.llm.fast_decode import LlamaDecoder, causal_bias, rotate, rotation_matrix, shared_prompts, silu, softmax
+from policylab.llm.fast_decode import (
+    LlamaDecoder,
+    causal_bias,
+    rms_norm,
+    rotate,
+    rotation_matrix,
+    shared_prompts,
+    silu,
+    softmax,
+)
 
 F32 = np.float32
 
@@ -109,17 +119,10 @@ def token_stream(decoder: LlamaDecoder, prompt_ids: Tensor, prompt_mask: Tensor,
 # --- pieces and their backward ---------------------------------------------------------------------------------
 
 
-def _rms(x: np.ndarray, weight: np.ndarray, eps: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(weight x / rms(x), x / rms(x), 1 / rms(x)): the RMS norm and what its backward reads."""
-    inverse = 1.0 / np.sqrt(np.einsum("...i,...i->...", x, x)[..., None] * F32(1.0 / x.shape[-1]) + F32(eps))
-    normed = x * inverse
-    return normed * weight, normed, inverse
-
-
 def _rms_backward(
     grad: np.ndarray, normed: np.ndarray, inverse: np.ndarray, weight: np.ndarray
 ) -> tuple[np.ndarray, np.ndarray]:
-    """(gradient of the input, of the weight) of `_rms` from its output's gradient [rows, E]."""
+    """(gradient of the input, of the weight) of `rms_norm` from its output's gradient [rows, E]."""
     scaled = grad * weight
     return inverse * (scaled - normed * (scaled * normed).mean(-1, keepdims=True)), (grad * normed).sum(0)
 
@@ -189,7 +192,7 @@ def _layer_forward(
     w_in, wq, wk, wv, wo, w_post, wg, wu, wd = w
     heads, kv, dim, split = shapes.heads, shapes.kv_heads, shapes.head_dim, stream.split
     p, n, repeat = stream.distinct, stream.rows, heads // kv
-    x1, normed1, inverse1 = _rms(h, w_in, shapes.eps)
+    x1, normed1, inverse1 = rms_norm(h, w_in, shapes.eps)
     qkv = (x1 @ np.concatenate([wq, wk, wv]).T).reshape(len(h), -1, dim)
     qk = rotate(np.ascontiguousarray(qkv[:, : heads + kv]), stream.cos, stream.sin, stream.rotation)
     q, k, v = qk[:, :heads] * F32(dim**-0.5), qk[:, heads:], qkv[:, heads + kv :]
@@ -202,7 +205,7 @@ def _layer_forward(
                                        stream.completion_bias)  # fmt: skip
     attended = np.concatenate([_tokens(out_p), _tokens(out_c)]).reshape(len(h), -1)
     h = h + attended @ wo.T
-    x2, normed2, inverse2 = _rms(h, w_post, shapes.eps)
+    x2, normed2, inverse2 = rms_norm(h, w_post, shapes.eps)
     gate, up = x2 @ wg.T, x2 @ wu.T
     act_silu = silu(gate)
     act = act_silu * up
@@ -250,7 +253,154 @@ def _layer_backward(
     return dh2 + d_x1, grads
 
 
+_POOL: dict[tuple, tuple[weakref.ref, dict[str, list[np.ndarray]]]] = {}
+"""The arrays of the latest tapes by shape. A tape's arrays are a few MB that the decode writes once: new arrays
+cost their page faults on that first write (more than the writes), so a new tape of the same shapes takes the
+previous one's arrays, and that one becomes unusable (its training pass computes its forward)."""
+POOL_SIZE = 4
+
+
+def _buffers(owner: Tape, shapes: dict[str, list[Any]]) -> dict[str, list[np.ndarray]]:
+    """Arrays of these shapes for `owner`: the pool's (their previous tape made unusable) or new zeros. Positions
+    a decode does not reach hold finite numbers either way (the backward multiplies them by zero gradients)."""
+    key = tuple((name, tuple(s)) for name, s in shapes.items())
+    previous, buffers = _POOL.pop(key, (None, None))
+    if previous is not None and (tape := previous()) is not None:
+        tape.retire()
+    if buffers is None:
+        buffers = {name: [np.zeros(shape, F32) for shape in group] for name, group in shapes.items()}
+        while len(_POOL) >= POOL_SIZE:
+            _POOL.pop(next(iter(_POOL)))
+    _POOL[key] = (weakref.ref(owner), buffers)
+    return buffers
+
+
+class Tape:
+    """The sampler's activations laid out as the training pass's token stream, so that a training pass at the
+    weights the completions were sampled with (GRPO's and RLOO's one update per batch, the first of several)
+    skips its forward: the decode already computed every number of it, the prompts' in the prefill and each
+    completion token's at its step (`NumpyDecoder.tape`). Used only at the same parameters (the same tensors,
+    unmodified in place since: their version counters) and the same token stream (`usable`); any other pass
+    computes its forward. Recording costs a copy of each activation into its place, in arrays reused from the
+    previous tape of the same shapes (`_buffers`)."""
+
+    def __init__(self, decoder: Any, weights: list[Tensor], index: np.ndarray, distinct_ids: np.ndarray, rows: int,
+                 max_new_tokens: int) -> None:  # fmt: skip
+        self.weights, self.versions = weights, [w._version for w in weights]
+        self.index, self.distinct_ids = index, distinct_ids
+        self.distinct, self.width = (int(n) for n in distinct_ids.shape)
+        self.rows, self.length = rows, max_new_tokens - 1
+        self.split = self.distinct * self.width
+        tokens, embed = self.split + rows * self.length, int(decoder.embed.shape[1])
+        heads, kv, dim, width = decoder.heads, decoder.kv_heads, decoder.head_dim, decoder.intermediate
+        widths: tuple[int, ...] = (embed, 1, embed, heads * dim, embed, 1, embed, width, width, width, width)
+        layers, vocab = len(decoder.layers), int(decoder.lm_head.shape[1])
+        shapes: dict[str, list[Any]] = {
+            "arrays": [(tokens, n) for n in widths] * layers,
+            "queries": [(rows, kv, heads // kv, self.length, dim)] * layers,
+            "probs": [(rows, kv, heads // kv, self.length, self.width + self.length)] * layers,
+            "outputs": [(rows, self.length + 1, n) for n in (embed, embed, 1, vocab)],
+        }
+        buffers = _buffers(self, shapes)
+        self.arrays = [buffers["arrays"][i * len(widths) : (i + 1) * len(widths)] for i in range(layers)]
+        self.queries, self.probs = buffers["queries"], buffers["probs"]
+        self.states, self.normed, self.inverse, self.logits = buffers["outputs"]
+        self.prompts: list[Attention | None] = [None] * len(decoder.layers)
+        self.keys: list[np.ndarray] = [np.empty(0, F32)] * layers
+        self.values: list[np.ndarray] = [np.empty(0, F32)] * layers
+        self.recorded = -1  # the last position whose logits are recorded (-1: not even the prefill's)
+        self.needed = 0  # the last position whose logits a loss reads: the longest completion's last token
+        self.tokens: np.ndarray | None = None
+        self.retired = False
+
+    def record_layer(self, i: int, start: int, layer: tuple[np.ndarray, ...], queries: np.ndarray, keys: np.ndarray,
+                     values: np.ndarray, probs: np.ndarray) -> None:  # fmt: skip
+        """Layer i's activations of the decode's forward from cache column `start` (0: the prefill); `keys` and
+        `values`: the layer's whole cache [B, K, columns, D]."""
+        if start == 0:
+            for target, value in zip(self.arrays[i], layer, strict=True):
+                target[: self.split] = value
+            prompt_keys, prompt_values = keys[:, :, None, : self.width], values[:, :, None, : self.width]
+            self.prompts[i] = Attention(queries, prompt_keys, prompt_values, probs)
+            return
+        step = start - self.width
+        if step >= self.length:
+            return
+        at = slice(self.split + step, None, self.length)  # each row's completion token `step`
+        for target, value in zip(self.arrays[i], layer, strict=True):
+            target[at] = value
+        self.queries[i][:, :, :, step] = queries[:, :, :, 0]
+        self.probs[i][:, :, :, step, : start + 1] = probs[:, :, :, 0]
+        self.probs[i][:, :, :, step, start + 1 :] = 0.0  # the keys after this query's, as softmax gives
+        self.keys[i], self.values[i] = keys, values
+
+    def record_output(self, start: int, states: np.ndarray, normed: np.ndarray, inverse: np.ndarray,
+                      logits: np.ndarray) -> None:  # fmt: skip
+        """The final norm's output and the logits at the last position of the decode's forward."""
+        step = 0 if start == 0 else start - self.width + 1
+        if step > self.length:
+            return
+        rows = self.index if start == 0 else slice(None)  # the prefill computed each distinct prompt once
+        self.states[:, step], self.normed[:, step] = states[rows], normed[rows]
+        self.inverse[:, step], self.logits[:, step] = inverse[rows], logits[rows]
+        self.recorded = step
+
+    def retire(self) -> None:
+        """Another tape took this one's arrays: unusable from now on (and an error in a backward still to run)."""
+        self.tokens, self.retired = None, True
+
+    def finish(self, completion_ids: np.ndarray, lengths: np.ndarray) -> None:
+        """After the decode: its completions [N, T] and their lengths [N]."""
+        if self.recorded < 1:  # every row ended at its first token: no completion position was computed
+            return
+        self.tokens = np.concatenate([self.distinct_ids.reshape(-1), completion_ids[:, : self.length].reshape(-1)])
+        self.needed = int(lengths.max()) - 1
+        columns = self.width + self.length
+        for i, (keys, values) in enumerate(zip(self.keys, self.values, strict=True)):
+            keys[:, :, self.width + self.recorded :] = 0.0  # columns never written: finite, as above
+            values[:, :, self.width + self.recorded :] = 0.0
+            self.keys[i], self.values[i] = keys[:, :, None, :columns], values[:, :, None, :columns]
+
+    def usable(self, weights: tuple[Tensor, ...], stream: Stream) -> bool:
+        return (
+            self.tokens is not None
+            and self.recorded >= self.needed
+            and len(weights) == len(self.weights)
+            and all(a is b and a._version == v for a, b, v in zip(weights, self.weights, self.versions))
+            and (stream.distinct, stream.width, stream.rows, stream.length)
+            == (self.distinct, self.width, self.rows, self.length)
+            and np.array_equal(stream.tokens, self.tokens)
+            and np.array_equal(stream.index, self.index)
+        )
+
+    def layers(self) -> list[Layer]:
+        layers = []
+        for i, (normed1, inverse1, x1, attended, normed2, inverse2, x2, gate, up, act_silu, act) in enumerate(
+            self.arrays
+        ):
+            prompts = self.prompts[i]
+            assert prompts is not None
+            completions = Attention(self.queries[i], self.keys[i], self.values[i], self.probs[i])
+            layers.append(Layer(normed1, inverse1, x1, prompts, completions, attended, normed2, inverse2, x2, gate, up,
+                                act_silu, act))  # fmt: skip
+        return layers
+
+
 # --- the pass ----------------------------------------------------------------------------------------------------
+
+
+def _forward(w: list[np.ndarray], stream: Stream, shapes: LlamaDecoder) -> tuple:
+    """(the layers' saved activations, final-norm states, their normed input and inverse RMS, logits)."""
+    h = w[0][stream.tokens]  # [M, E]
+    layers = []
+    for i in range(shapes.n_layers):
+        h, saved = _layer_forward(h, w[1 + PER_LAYER * i : 1 + PER_LAYER * (i + 1)], stream, shapes)
+        layers.append(saved)
+    split, n, length = stream.split, stream.rows, stream.length
+    last = h[:split].reshape(stream.distinct, stream.width, -1)[:, -1][stream.index][:, None]
+    selected = np.concatenate([last, h[split:].reshape(n, length, -1)], 1)  # [N, L + 1, E]
+    states, normed, inverse = rms_norm(selected, w[-2], shapes.eps)
+    return layers, states, normed, inverse, states @ w[-1].T
 
 
 class NumpyLlamaPass(torch.autograd.Function):
@@ -258,25 +408,28 @@ class NumpyLlamaPass(torch.autograd.Function):
     parameters (`parameters_of`'s order)."""
 
     @staticmethod
-    def forward(ctx: Any, shapes: LlamaDecoder, stream: Stream, *weights: Tensor) -> tuple[Tensor, Tensor]:  # type: ignore[override]
-        w = [t.detach().numpy() for t in weights]
-        h = w[0][stream.tokens]  # [M, E]
-        layers = []
-        for i in range(shapes.n_layers):
-            h, saved = _layer_forward(h, w[1 + PER_LAYER * i : 1 + PER_LAYER * (i + 1)], stream, shapes)
-            layers.append(saved)
-        split, n, length = stream.split, stream.rows, stream.length
-        last = h[:split].reshape(stream.distinct, stream.width, -1)[:, -1][stream.index][:, None]
-        selected = np.concatenate([last, h[split:].reshape(n, length, -1)], 1)  # [N, L + 1, E]
-        states, normed, inverse = _rms(selected, w[-2], shapes.eps)
+    def forward(
+        ctx: Any, shapes: LlamaDecoder, stream: Stream, tape: Tape | None, *weights: Tensor
+    ) -> tuple[Tensor, Tensor]:  # type: ignore[override]
+        used = tape if tape is not None and tape.usable(weights, stream) else None
+        ctx.tape = used
+        if used is not None:
+            layers, states, normed, inverse, logits = used.layers(), used.states, used.normed, used.inverse, used.logits
+        else:
+            layers, states, normed, inverse, logits = _forward([t.detach().numpy() for t in weights], stream, shapes)
         ctx.save_for_backward(*weights)
         ctx.numpy = (shapes, stream, layers, states, normed, inverse)
         ctx.set_materialize_grads(False)
-        return torch.from_numpy(states @ w[-1].T), torch.from_numpy(states)
+        return torch.from_numpy(logits), torch.from_numpy(states)
 
     @staticmethod
     def backward(ctx: Any, grad_logits: Tensor | None, grad_states: Tensor | None) -> tuple:  # type: ignore[override]
         shapes, stream, layers, states, normed, inverse = ctx.numpy
+        if ctx.tape is not None and ctx.tape.retired:
+            raise RuntimeError(
+                "the sampler tape this forward read was overwritten by a later generate(record=True) of the same "
+                "shapes before its backward: run the backward first, or generate without record"
+            )
         w = [t.detach().numpy() for t in ctx.saved_tensors]
         embed_dim, split, width = w[0].shape[1], stream.split, stream.width
         grads: list[np.ndarray | None] = [None] * len(w)
@@ -302,18 +455,25 @@ class NumpyLlamaPass(torch.autograd.Function):
         return (
             None,
             None,
+            None,
             d_embed,
             *(None if g is None else torch.from_numpy(np.ascontiguousarray(g)) for g in grads[1:]),
         )
 
 
 def completion_logits(
-    model: Any, prompt_ids: Tensor, prompt_mask: Tensor, completion_ids: Tensor, hidden: list[Tensor] | None = None
+    model: Any,
+    prompt_ids: Tensor,
+    prompt_mask: Tensor,
+    completion_ids: Tensor,
+    hidden: list[Tensor] | None = None,
+    tape: Tape | None = None,
 ) -> Tensor:
-    """`LlamaDecoder.completion_logits` through `NumpyLlamaPass` (for models where `supports(model)`)."""
+    """`LlamaDecoder.completion_logits` through `NumpyLlamaPass` (for models where `supports(model)`); with the
+    `tape` of the sampling that produced these completions, its forward is the tape's where it is `usable`."""
     decoder = LlamaDecoder(model, weights=False)
     stream = token_stream(decoder, prompt_ids, prompt_mask, completion_ids)
-    logits, states = NumpyLlamaPass.apply(decoder, stream, *parameters_of(model))
+    logits, states = NumpyLlamaPass.apply(decoder, stream, tape, *parameters_of(model))
     if hidden is not None:
         hidden.append(states)
     return logits

@@ -31,6 +31,7 @@ class Rollout:
     logprobs: Tensor  # [N, T], behaviour log-probs (0 where the mask is 0)
     off_policy: Tensor | None = None  # [N] bool: completions not sampled from the policy (LUFFY's expert ones)
     rows: list[dict[str, Any]] | None = None  # the data rows of the prompts (what rewards read)
+    tape: fast_train.Tape | None = None  # the sampler's activations (`generate(record=True)`), for training
 
     def __len__(self) -> int:
         return int(self.prompt_ids.shape[0])
@@ -46,6 +47,7 @@ class Rollout:
             self.logprobs[index],
             None if self.off_policy is None else self.off_policy[index],
             None if self.rows is None else [self.rows[i] for i in index.tolist()],
+            self.tape,  # used by a training pass only where these rows are the sampled ones (`Tape.usable`)
         )
 
     def with_mask(self, completion_mask: Tensor) -> Rollout:
@@ -138,11 +140,13 @@ def generate(
     greedy: bool = False,
     generator: torch.Generator | None = None,
     fast: bool = True,
+    record: bool = False,
 ) -> Rollout:
     """One completion per prompt row (repeat the rows for groups). `greedy` takes the most likely token. `fast`:
     Llama-family models run through `LlamaDecoder` (the same arithmetic without transformers' per-call cost):
     each distinct prompt prefilled once, then one token at a time, in numpy (`NumpyDecoder`) for float32 weights.
-    The loop's own bookkeeping is numpy too."""
+    The loop's own bookkeeping is numpy too. `record`: the numpy decode writes its activations into the rollout's
+    `tape`, which the training pass at the same weights reads instead of computing its forward again."""
     n, width = prompt_ids.shape
     mask = prompt_mask.long()
     total = width + max_new_tokens
@@ -155,6 +159,9 @@ def generate(
         key_valid = valid.index_select(0, index)
         if NumpyDecoder.supports(decoder):
             in_numpy = NumpyDecoder(decoder, len(distinct), total)
+            if record and max_new_tokens > 1 and fast_train.supports(model):
+                weights = fast_train.parameters_of(model)
+                in_numpy.tape = fast_train.Tape(in_numpy, weights, index.numpy(), distinct.numpy(), n, max_new_tokens)
             prefill_bias = causal_bias(distinct_mask.bool().numpy(), 0)
             prefilled = in_numpy.forward(distinct.numpy(), positions(distinct_mask).numpy(), prefill_bias, 0)
             next_logits = prefilled[index.numpy()]
@@ -205,7 +212,12 @@ def generate(
         )
         cache, next_logits = _cache_of(out), out.logits[:, -1].float().numpy()
     completion_mask = torch.arange(max_new_tokens)[None, :] < torch.from_numpy(lengths)[:, None]
-    return Rollout(prompt_ids, prompt_mask, torch.from_numpy(tokens), completion_mask, torch.from_numpy(logprobs))
+    tape = None if in_numpy is None else in_numpy.tape
+    if tape is not None:
+        tape.finish(tokens, lengths)
+    return Rollout(
+        prompt_ids, prompt_mask, torch.from_numpy(tokens), completion_mask, torch.from_numpy(logprobs), tape=tape
+    )
 
 
 def token_logprobs(
@@ -217,14 +229,16 @@ def token_logprobs(
     temperature: float = 1.0,
     hidden: list[Tensor] | None = None,
     fast: bool = True,
+    tape: fast_train.Tape | None = None,
 ) -> tuple[Tensor, Tensor]:
     """(log-probs [N, T] of the completion tokens under softmax(logits / temperature), the entropy [N, T] of that
     distribution) in one forward pass over prompt + completion (with gradients, for training). With `hidden` (a
     list), the last layer's states at the positions that predict the completion tokens, [N, T, H], are appended
     to it (what a value head reads: the state before each token). `fast`: Llama-family models run through
-    `LlamaDecoder.completion_logits`, which computes each distinct prompt of the batch once."""
+    `LlamaDecoder.completion_logits`, which computes each distinct prompt of the batch once (float32: in numpy,
+    `fast_train`, whose forward is the sampler's `tape` where that holds these completions at these weights)."""
     if fast and fast_train.supports(model):
-        logits = fast_train.completion_logits(model, prompt_ids, prompt_mask, completion_ids, hidden)
+        logits = fast_train.completion_logits(model, prompt_ids, prompt_mask, completion_ids, hidden, tape)
     elif fast and LlamaDecoder.supports(model):
         logits = LlamaDecoder(model).completion_logits(prompt_ids, prompt_mask, completion_ids, hidden).float()
     else:

@@ -566,11 +566,25 @@ class LLMTrainer:
             top_p=self.cfg.top_p,
             greedy=greedy,
             generator=self.generator,
+            record=not greedy and self.trains_on_sampled_batch,
         )
         if self.switch_modes:
             self.model.train()
         rollout.rows = rows
         return rollout, decode(self.tokenizer, rollout)
+
+    @property
+    def trains_on_sampled_batch(self) -> bool:
+        """Whether the first training pass of an RL step runs on the sampled batch as it is, at the weights it was
+        sampled with: then the sampler records its activations and that pass skips its forward (fast_train.Tape).
+        Not where the batch changes first (DAPO's refills, LUFFY's expert rows, online DPO's pairs, micro-batches)."""
+        cfg = self.cfg
+        return (
+            cfg.algo != "online_dpo"
+            and not cfg.dynamic_sampling
+            and cfg.mix != "luffy"
+            and (cfg.micro_batch_size is None or cfg.micro_batch_size >= cfg.batch_size * cfg.group_size)
+        )
 
     def sft_step(self) -> dict[str, float]:
         rows = self.sample_rows(self.cfg.batch_size)
@@ -673,7 +687,14 @@ class LLMTrainer:
         cfg = self.cfg
         mask, mode = rollout.completion_mask, cfg.aggregation
         logp, entropy = token_logprobs(
-            self.model, rollout.prompt_ids, rollout.prompt_mask, rollout.completion_ids, mask, cfg.temperature, hidden
+            self.model,
+            rollout.prompt_ids,
+            rollout.prompt_mask,
+            rollout.completion_ids,
+            mask,
+            cfg.temperature,
+            hidden,
+            tape=rollout.tape,
         )
         per_token = advantages[:, None].expand_as(logp) if advantages.dim() == 1 else advantages
         if cfg.loss == "gspo":
@@ -789,6 +810,7 @@ class LLMTrainer:
                 mask,
                 cfg.temperature,
                 hidden,
+                tape=rollout.tape,
             )
             old_values = head(hidden[0]).squeeze(-1) * mask
             advantages, returns = token_gae(rewards, old_values, mask, cfg.gamma, cfg.gae_lambda)
