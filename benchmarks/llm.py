@@ -227,9 +227,9 @@ def _record(a: argparse.Namespace, marks: list[tuple[float, float]], model: str,
 
 def time_sampling(a: argparse.Namespace, repeats: int = 20) -> None:
     """Median ms to sample `--group-size` x `--prompts-per-step` completions of `--max-new-tokens` tokens from
-    `--model` (random weights), 1 thread, four ways, interleaved: policylab's loop with its numpy decode, the same
-    loop with LlamaDecoder's torch decode (what non-float32 models use), the loop over transformers' forward, and
-    transformers' `generate`."""
+    `--model` (random weights), 1 thread, five ways, interleaved: policylab's loop with its numpy decode (and the
+    same recording the training pass's tape, `fast_train.Tape`), the same loop with LlamaDecoder's torch decode
+    (what non-float32 models use), the loop over transformers' forward, and transformers' `generate`."""
     import torch
 
     sys.path.insert(0, str(REPO_ROOT))
@@ -263,6 +263,7 @@ def time_sampling(a: argparse.Namespace, repeats: int = 20) -> None:
 
     ways = {
         "policylab loop, fast decode (numpy)": lambda: generate(model, ids, mask, generator=gen, **common),
+        "the same, recording the tape": lambda: generate(model, ids, mask, generator=gen, record=True, **common),
         "policylab loop, torch decode": lambda: torch_decode(),
         "policylab loop, transformers forward": lambda: generate(model, ids, mask, generator=gen, fast=False, **common),
         "transformers generate": transformers_generate,
@@ -282,9 +283,11 @@ def time_sampling(a: argparse.Namespace, repeats: int = 20) -> None:
 
 def time_training(a: argparse.Namespace, repeats: int = 20) -> None:
     """Median ms of the training forward (log-probs of the completions, `token_logprobs`) and of its backward on
-    one sampled batch of `--group-size` x `--prompts-per-step` completions from `--model` (random weights), two
+    one sampled batch of `--group-size` x `--prompts-per-step` completions from `--model` (random weights), three
     ways, interleaved: the numpy pass with its written-out backward (`llm/fast_train.py`, what float32 models
-    run) and the torch pass under autograd (`LlamaDecoder.completion_logits`, what other dtypes run). With their
+    run), the same with its forward read from the sampler's tape (`fast_train.Tape`: what an RL step's first
+    update at the sampled weights runs) and the torch pass under autograd (`LlamaDecoder.completion_logits`, what
+    other dtypes run). With their
     floating-point work (torch's FlopCounterMode on the torch pass: products and attention; the numpy pass does
     the same arithmetic) and its rate, against the rate of one plain product of the model's largest per-token
     shape (all the batch's tokens through the MLP's gate and up projection): how close to the kernel each runs."""
@@ -308,14 +311,21 @@ def time_training(a: argparse.Namespace, repeats: int = 20) -> None:
     enc = tok([r["prompt"] for r in rows for _ in range(a.group_size)], padding=True, return_tensors="pt")
     common = {"max_new_tokens": a.max_new_tokens, "eos_token_id": tok.eos_token_id, "pad_token_id": tok.pad_token_id}
     r = generate(model, enc["input_ids"], enc["attention_mask"], generator=torch.Generator().manual_seed(0), **common)
-    ways = {"numpy pass, written-out backward": True, "torch pass, autograd": False}
+    r = generate(model, r.prompt_ids, r.prompt_mask, generator=torch.Generator().manual_seed(0), record=True, **common)
+    ways = {  # (numpy pass, the sampler's tape)
+        "numpy pass, forward from the tape": (True, r.tape),
+        "numpy pass, written-out backward": (True, None),
+        "torch pass, autograd": (False, None),
+    }
     forward: dict[str, list[float]] = {name: [] for name in ways}
     backward: dict[str, list[float]] = {name: [] for name in ways}
     for i in range(repeats + 3):
-        for name, in_numpy in ways.items():
+        for name, (in_numpy, tape) in ways.items():
             with mock.patch.object(fast_train, "supports", fast_train.supports if in_numpy else lambda model: False):
                 start = time.perf_counter()
-                logp, _ = token_logprobs(model, r.prompt_ids, r.prompt_mask, r.completion_ids, r.completion_mask)
+                logp, _ = token_logprobs(
+                    model, r.prompt_ids, r.prompt_mask, r.completion_ids, r.completion_mask, tape=tape
+                )
                 middle = time.perf_counter()
                 logp.sum().backward()
             if i >= 3:
@@ -328,11 +338,12 @@ def time_training(a: argparse.Namespace, repeats: int = 20) -> None:
         with FlopCounterMode(display=False) as counter:
             logp.sum().backward()
         backward_flop = counter.get_total_flops()
-    for name in ways:
+    for name, (_, tape) in ways.items():
         fwd_ms, bwd_ms = statistics.median(forward[name]), statistics.median(backward[name])
-        print(f"  {name:<34} forward {fwd_ms:6.1f} ms ({forward_flop / 1e6:.0f} MFLOP, "
-              f"{forward_flop / fwd_ms / 1e6:.1f} GFLOP/s), backward {bwd_ms:6.1f} ms ({backward_flop / 1e6:.0f} "
-              f"MFLOP, {backward_flop / bwd_ms / 1e6:.1f} GFLOP/s)")  # fmt: skip
+        rate = "its products done by the sampler" if tape else f"{forward_flop / fwd_ms / 1e6:.1f} GFLOP/s"
+        backward_rate = f"{backward_flop / bwd_ms / 1e6:.1f} GFLOP/s"
+        print(f"  {name:<34} forward {fwd_ms:6.1f} ms ({forward_flop / 1e6:.0f} MFLOP, {rate}), backward "
+              f"{bwd_ms:6.1f} ms ({backward_flop / 1e6:.0f} MFLOP, {backward_rate})")  # fmt: skip
     tokens = int(r.completion_mask.numel() + r.prompt_mask.numel())
     x = torch.randn(tokens, model.config.hidden_size)
     w = torch.randn(model.config.hidden_size, 2 * model.config.intermediate_size)
