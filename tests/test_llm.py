@@ -56,6 +56,19 @@ def test_prompt_encoder_equals_the_tokenizer_and_tokenizes_each_prompt_once():
     assert calls == [["12+34=", "5+6="], ["123+4="], ["1="]]
 
 
+@pytest.mark.parametrize("name", ["tiny-llama", "tiny-gpt2"])
+def test_answers_are_encoded_as_the_tokenizer_encodes_each_with_eos_and_right_padding(name):
+    from policylab.llm.trainer import encode_answers
+
+    _, tok = load_model(name)
+    answers = ["42", "1234", " 7", "hello world", ""]
+    ids, mask = encode_answers(tok, answers)
+    for row, answer in enumerate(answers):
+        expected = tok(answer, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+        assert ids[row, : len(expected)].tolist() == expected and int(mask[row].sum()) == len(expected)
+        assert (ids[row, len(expected) :] == tok.pad_token_id).all() and not mask[row, len(expected) :].any()
+
+
 def test_sampling_draws_from_the_tempered_and_top_p_filtered_distribution():
     from policylab.llm.rollout import sample_tokens
 

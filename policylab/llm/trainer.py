@@ -269,13 +269,7 @@ class PromptEncoder:
         self.tokens: dict[str, list[int]] = {}
 
     def _tokenize(self, texts: list[str]) -> list[list[int]]:
-        """A fast tokenizer's Rust backend directly (what its batch call runs, without ~0.2 ms of Python around
-        it: prompts drawn from a large set are mostly new); the tokenizer's call otherwise."""
-        backend = getattr(self.tokenizer, "backend_tokenizer", None)
-        if backend is not None and backend.truncation is None:  # its own padding is undone by the mask
-            encodings = backend.encode_batch(texts, add_special_tokens=False)
-            return [[i for i, real in zip(e.ids, e.attention_mask) if real] for e in encodings]
-        return list(self.tokenizer(texts, add_special_tokens=False)["input_ids"])
+        return tokenize(self.tokenizer, texts)
 
     def __call__(self, prompts: list[str]) -> tuple[Tensor, Tensor]:
         missing = [p for p in dict.fromkeys(prompts) if p not in self.tokens]
@@ -302,15 +296,22 @@ def has_dropout(model: Any) -> bool:
     return any(v > 0 for v in rates)
 
 
+def tokenize(tokenizer: Any, texts: list[str]) -> list[list[int]]:
+    """Token ids of each text, no special tokens: a fast tokenizer's Rust backend directly (what its batch call
+    runs, without ~0.2 ms of Python around it, or per text ~50 us), the tokenizer's call otherwise."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None and backend.truncation is None:  # its own padding is undone by the mask
+        encodings = backend.encode_batch(texts, add_special_tokens=False)
+        return [[i for i, real in zip(e.ids, e.attention_mask) if real] for e in encodings]
+    return list(tokenizer(texts, add_special_tokens=False)["input_ids"])
+
+
 def encode_answers(tokenizer: Any, answers: list[str]) -> tuple[Tensor, Tensor]:
     """Answer tokens + EOS, right-padded, and their mask."""
-    ids = [tokenizer(a, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id] for a in answers]
+    ids = [row + [tokenizer.eos_token_id] for row in tokenize(tokenizer, answers)]
     width = max(len(row) for row in ids)
-    out = torch.full((len(ids), width), tokenizer.pad_token_id, dtype=torch.long)
-    mask = torch.zeros(len(ids), width, dtype=torch.bool)
-    for i, row in enumerate(ids):
-        out[i, : len(row)] = torch.tensor(row)
-        mask[i, : len(row)] = True
+    out = torch.tensor([row + [tokenizer.pad_token_id] * (width - len(row)) for row in ids], dtype=torch.long)
+    mask = torch.tensor([[True] * len(row) + [False] * (width - len(row)) for row in ids], dtype=torch.bool)
     return out, mask
 
 
