@@ -195,6 +195,21 @@ def test_every_trpo_update_stays_within_target_kl(env):
         loop.close()
 
 
+def test_anneal_kl_shrinks_trpos_trust_region_linearly_to_zero():
+    loop = _loop("trpo", "CartPole-v1", n_steps=512, num_envs=2, target_kl=0.01, anneal_kl=True)
+    try:
+        for progress in (0.5, 0.8, 1.0):
+            rollout = loop.collect()
+            old = copy.deepcopy(loop.net)
+            loop.algo.update(rollout, progress)
+            kl = _policy_kl(loop.net, old, rollout.obs.flatten(0, 1))
+            bound = 0.01 * (1.0 - progress)
+            assert kl <= bound * 1.0001, f"KL {kl} past the annealed bound {bound} at progress {progress}"
+            assert (kl > 1e-5) == (progress < 1.0), "steps within the bound, none at its end"
+    finally:
+        loop.close()
+
+
 @pytest.mark.parametrize(
     ("action_space", "activation", "squash"),
     [

@@ -62,6 +62,9 @@ class TRPOConfig(OnPolicyConfig):
     """Epochs of critic minibatch steps per rollout."""
     target_kl: float = 0.01
     """The trust region: the mean KL(pi_old || pi) of an accepted policy step is at most this."""
+    anneal_kl: bool = False
+    """Shrink target_kl linearly to 0 over the run (as `anneal_lr` does a learning rate): the policy's last steps
+    are small, so the policy at the end of the budget is the one the run converged to."""
     cg_max_steps: int = 15
     cg_damping: float = 0.1
     """Added to the Fisher matrix's diagonal (F + damping I) for a well-conditioned CG solve."""
@@ -116,13 +119,15 @@ class TRPO:
         data = Batch(
             obs=rollout.obs, actions=rollout.actions, logp=rollout.logp, advantages=advantages, returns=returns
         ).flatten()
-        metrics = self.policy_step(data.select(torch.arange(0, len(data), cfg.sub_sampling_factor)))
+        target_kl = annealed(cfg.target_kl, progress, cfg.anneal_kl)
+        metrics = self.policy_step(data.select(torch.arange(0, len(data), cfg.sub_sampling_factor)), target_kl)
         metrics.update(self.critic_steps(data))
         metrics["explained_variance"] = explained_variance(rollout.values.flatten(), returns.flatten())
         return metrics
 
-    def policy_step(self, data: Batch) -> dict[str, Tensor]:
-        """The natural-gradient step with its line search, on the actor's entries of the flat parameters."""
+    def policy_step(self, data: Batch, target_kl: float) -> dict[str, Tensor]:
+        """The natural-gradient step with its line search (KL bound `target_kl`), on the actor's entries of the
+        flat parameters."""
         cfg, net, params = self.cfg, self.net, self.learner.params
         adv = normalize(data.advantages) if cfg.normalize_advantage else data.advantages
         with torch.no_grad():
@@ -145,14 +150,14 @@ class TRPO:
         else:
             fisher_vector = _autograd_fisher(kl, params.params, cfg.cg_damping)
         direction = conjugate_gradient(fisher_vector, g, cfg.cg_max_steps)
-        step = direction * torch.sqrt(2.0 * cfg.target_kl / (direction @ fisher_vector(direction)).clamp_min(1e-12))
+        step = direction * torch.sqrt(2.0 * target_kl / (direction @ fisher_vector(direction)).clamp_min(1e-12))
         theta_old, objective_old = params.flat.detach().clone(), float(objective.detach())
         accepted, coef, kl_new, objective_new = -1, 1.0, 0.0, objective_old
         with torch.no_grad():
             for j in range(cfg.line_search_max_iter):
                 params.flat.copy_(theta_old + coef * step)
                 candidate, candidate_kl = (float(x) for x in surrogate_and_kl())  # the search's one sync a try
-                if candidate_kl <= cfg.target_kl and candidate > objective_old:
+                if candidate_kl <= target_kl and candidate > objective_old:
                     accepted, kl_new, objective_new = j, candidate_kl, candidate
                     break
                 coef *= cfg.line_search_shrinking_factor
