@@ -157,12 +157,14 @@ def time_versus(args: argparse.Namespace, seeds: list[int]) -> dict:
 
 
 def markdown_table(paths: list[str]) -> str:
-    """A row per preset of `policylab list` (the default presets) from results files (of the runs of a preset
-    with no extra --set, the one with the most seeds, the later on a tie); presets no file ran: "not run"."""
+    """A row per preset of `policylab list` (the default presets) from results files: the runs of each preset
+    at its budget with no extra --set, pooled over the files by seed (a later file's run of a seed replaces an
+    earlier one's); presets no file ran: "not run"."""
     from policylab.config import format_count
     from policylab.presets import PRESETS
 
-    found: dict[tuple[str, str], tuple[dict, str]] = {}
+    runs: dict[tuple[str, str], dict[int, dict]] = {}
+    names: dict[tuple[str, str], list[str]] = {}
     for path in paths:
         for res in json.loads(Path(path).read_text())["results"]:
             key = (res["algo"], res["env"])
@@ -171,8 +173,8 @@ def markdown_table(paths: list[str]) -> str:
                 continue
             if abs(res["steps"] - budget.values.get("steps", 0)) > 0.05 * res["steps"]:  # another budget
                 continue  # (on-policy runs end on a whole rollout: 100,096 steps for a 100k budget)
-            if key not in found or len(res["seeds"]) >= len(found[key][0]["seeds"]):
-                found[key] = (res, Path(path).name)
+            runs.setdefault(key, {}).update({run["seed"]: run for run in res["runs"]})
+            names.setdefault(key, []).append(Path(path).name)
     lines = [
         "| algorithm | env | budget | final >= threshold | median final return | median best return | results |",
         "|---|---|---|---|---|---|---|",
@@ -180,16 +182,17 @@ def markdown_table(paths: list[str]) -> str:
     for algo, table in PRESETS.items():
         for env, preset in sorted(table.items()):
             budget = format_count(int(preset.values.get("steps", 0)))
-            if (algo, env) not in found:
+            if (algo, env) not in runs:
                 lines.append(f"| {algo} | {env} | {budget} | not run | | | |")
                 continue
-            res, name = found[(algo, env)]
-            n = len(res["seeds"])
-            bar = res["threshold"] if res["threshold"] is not None else threshold(env)  # a bar added since
-            reached = sum(run["final_return"] >= bar for run in res["runs"]) if bar is not None else "?"
+            pooled = list(runs[(algo, env)].values())
+            finals = [run["final_return"] for run in pooled]
+            bar = threshold(env)
+            reached = f"{sum(f >= bar for f in finals)}/{len(pooled)} (>= {bar:g})" if bar is not None else "no bar"
+            files = ", ".join(f"`{name}`" for name in dict.fromkeys(names[(algo, env)]))
             lines.append(
-                f"| {algo} | {env} | {budget} | {reached}/{n} (>= {bar:g}) | "
-                f"{res['final_median']:.1f} | {res['best_median']:.1f} | `{name}` |"
+                f"| {algo} | {env} | {budget} | {reached} | {statistics.median(finals):.1f} | "
+                f"{statistics.median(run['best_return'] for run in pooled):.1f} | {files} |"
             )
     return "\n".join(lines)
 
