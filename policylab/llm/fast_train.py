@@ -10,6 +10,11 @@ gradients and returns every parameter's, so the losses, the optimizer and every 
 equal autograd's through transformers' forward to float32 rounding (tests/test_llm.py); `benchmarks/llm.py
 --training` times this pass against the torch one.
 
+An RL step's first update runs at the weights its completions were just sampled with, and the numpy decode
+computed every activation of this forward already: with `generate(record=True)` it writes them into a `Tape`,
+and the pass reads the tape instead of computing its forward wherever the tape is `usable` (the same parameters,
+unmodified since, and the same rows).
+
 Shapes in the comments: M tokens in the stream (the P distinct prompts' W tokens each, then the N rows' L
 completion tokens but the last), E hidden, H query heads and K key/value heads of D numbers, R = H / K, I the
 MLP's width. Attention runs on queries [B, K, R, Q, D] (head j reads key head j // R) and keys and values
