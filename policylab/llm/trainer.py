@@ -680,6 +680,19 @@ class LLMTrainer:
         )
         return rollout, torch.cat([w for _, w in kept])[: len(rollout)], metrics
 
+    def rollout_logprobs(self, rollout: Rollout, hidden: list[Tensor] | None = None) -> tuple[Tensor, Tensor]:
+        """`token_logprobs` of the policy on a rollout's completions, reading the sampler's tape where it can."""
+        return token_logprobs(
+            self.model,
+            rollout.prompt_ids,
+            rollout.prompt_mask,
+            rollout.completion_ids,
+            rollout.completion_mask,
+            self.cfg.temperature,
+            hidden,
+            tape=rollout.tape,
+        )
+
     def policy_loss(
         self, rollout: Rollout, advantages: Tensor, hidden: list[Tensor] | None = None
     ) -> tuple[Tensor, dict[str, Tensor]]:
@@ -687,16 +700,7 @@ class LLMTrainer:
         the last hidden states (PPO's value head reads them)."""
         cfg = self.cfg
         mask, mode = rollout.completion_mask, cfg.aggregation
-        logp, entropy = token_logprobs(
-            self.model,
-            rollout.prompt_ids,
-            rollout.prompt_mask,
-            rollout.completion_ids,
-            mask,
-            cfg.temperature,
-            hidden,
-            tape=rollout.tape,
-        )
+        logp, entropy = self.rollout_logprobs(rollout, hidden)
         per_token = advantages[:, None].expand_as(logp) if advantages.dim() == 1 else advantages
         if cfg.loss == "gspo":
             assert cfg.clip_low is not None and cfg.clip_high is not None
@@ -803,16 +807,7 @@ class LLMTrainer:
         mask = rollout.completion_mask
         with torch.no_grad():
             hidden: list[Tensor] = []
-            token_logprobs(
-                self.model,
-                rollout.prompt_ids,
-                rollout.prompt_mask,
-                rollout.completion_ids,
-                mask,
-                cfg.temperature,
-                hidden,
-                tape=rollout.tape,
-            )
+            self.rollout_logprobs(rollout, hidden)
             old_values = head(hidden[0]).squeeze(-1) * mask
             advantages, returns = token_gae(rewards, old_values, mask, cfg.gamma, cfg.gae_lambda)
             valid = advantages[mask]
