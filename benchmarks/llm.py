@@ -310,8 +310,8 @@ def time_training(a: argparse.Namespace, repeats: int = 20) -> None:
     rows = get_task("addition").make(a.prompts_per_step, 0)
     enc = tok([r["prompt"] for r in rows for _ in range(a.group_size)], padding=True, return_tensors="pt")
     common = {"max_new_tokens": a.max_new_tokens, "eos_token_id": tok.eos_token_id, "pad_token_id": tok.pad_token_id}
-    r = generate(model, enc["input_ids"], enc["attention_mask"], generator=torch.Generator().manual_seed(0), **common)
-    r = generate(model, r.prompt_ids, r.prompt_mask, generator=torch.Generator().manual_seed(0), record=True, **common)
+    generator = torch.Generator().manual_seed(0)
+    r = generate(model, enc["input_ids"], enc["attention_mask"], generator=generator, record=True, **common)
     ways = {  # (numpy pass, the sampler's tape)
         "numpy pass, forward from the tape": (True, r.tape),
         "numpy pass, written-out backward": (True, None),

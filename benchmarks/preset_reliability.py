@@ -156,28 +156,11 @@ def time_versus(args: argparse.Namespace, seeds: list[int]) -> dict:
     }
 
 
-PRESET_CHANGES: dict[tuple[str, str], tuple[set[str], list[list[str]]]] = {
-    ("dqn", "MountainCar-v0"): ({"preset_reliability-2026-12-05-2.json"}, [["anneal_lr=true", "n_step=3"]]),
-}
-"""Presets changed at the same budget: {(algo, env): (results files whose default-preset runs of it predate the
-change, the --set lists that make rl-zoo's old default the current preset)}. The table counts the latter, not the
-former (a budget change needs no entry: the table keeps only runs at the current budget)."""
-
-
-def counts_as_current_preset(res: dict, file_name: str) -> bool:
-    """Whether a results entry ran the current default preset of its (algo, env)."""
-    stale_files, equal_sets = PRESET_CHANGES.get((res["algo"], res["env"]), (set(), []))
-    if res.get("preset", "auto") != "auto" or "reached" not in res:
-        return False
-    if res.get("set"):
-        return sorted(res["set"]) in [sorted(s) for s in equal_sets]
-    return file_name not in stale_files
-
-
 def markdown_table(paths: list[str]) -> str:
     """A row per preset of `policylab list` (the default presets) from results files: the runs of each preset
-    at its budget with its current values (`counts_as_current_preset`), pooled over the files by seed (a later
-    file's run of a seed replaces an earlier one's); presets no file ran: "not run"."""
+    at its budget with no extra --set (a preset whose values change changes its budget too, as DQN's, QR-DQN's and
+    DQN MountainCar's did), pooled over the files by seed (a later file's run of a seed replaces an earlier
+    one's); presets no file ran: "not run"."""
     from policylab.config import format_count
     from policylab.presets import PRESETS
 
@@ -187,7 +170,7 @@ def markdown_table(paths: list[str]) -> str:
         for res in json.loads(Path(path).read_text())["results"]:
             key = (res["algo"], res["env"])
             budget = PRESETS.get(res["algo"], {}).get(res["env"])
-            if budget is None or not counts_as_current_preset(res, Path(path).name):
+            if res.get("preset", "auto") != "auto" or res.get("set") or "reached" not in res or budget is None:
                 continue
             if abs(res["steps"] - budget.values.get("steps", 0)) > 0.05 * res["steps"]:  # another budget
                 continue  # (on-policy runs end on a whole rollout: 100,096 steps for a 100k budget)
