@@ -813,6 +813,41 @@ def test_the_fast_llama_decoder_samples_what_transformers_forward_samples(monkey
     torch.testing.assert_close(in_torch.logprobs, slow.logprobs, atol=1e-5, rtol=1e-5)
 
 
+def test_the_numpy_decoder_reads_the_weights_of_the_moment():
+    """NumpyDecoder copies the weights into the arrays of the model's previous decode: after an in-place change (an
+    optimizer step), the next decode samples what transformers' forward samples with the new weights."""
+    from transformers import LlamaForCausalLM
+
+    tok = char_tokenizer()
+    torch.manual_seed(0)
+    config = _small_llama_config(tok, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
+    model = LlamaForCausalLM(config).eval()
+    enc = tok(["12+34=", "5+6="] * 2, padding=True, return_tensors="pt", add_special_tokens=False)
+    kwargs = dict(max_new_tokens=5, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+
+    def both() -> tuple:
+        return tuple(
+            generate(
+                model,
+                enc["input_ids"],
+                enc["attention_mask"],
+                generator=torch.Generator().manual_seed(1),
+                fast=fast,
+                **kwargs,
+            )  # fmt: skip
+            for fast in (True, False)
+        )
+
+    before, _ = both()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    fast, slow = both()
+    assert torch.equal(fast.completion_ids, slow.completion_ids)
+    torch.testing.assert_close(fast.logprobs, slow.logprobs, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(fast.logprobs, before.logprobs)
+
+
 # --- Python objects instead of names and paths ------------------------------------------------------------------
 
 

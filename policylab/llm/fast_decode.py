@@ -23,6 +23,7 @@ prompt's activations receive the sum of their rows' gradients). Both equal trans
 
 from __future__ import annotations
 
+import weakref
 from typing import Any
 
 import numpy as np
@@ -58,6 +59,7 @@ class LlamaDecoder:
         self.inv_freq = inner.rotary_emb.inv_freq.float()
         self.rope_scale = float(getattr(inner.rotary_emb, "attention_scaling", 1.0))
         self.n_layers = len(inner.layers)
+        self.modules = inner.layers
         self.layers = []
         for layer in inner.layers if weights else ():
             attn, mlp = layer.self_attn, layer.mlp
@@ -223,18 +225,12 @@ class NumpyDecoder:
         self.eps, self.heads, self.kv_heads = decoder.eps, decoder.heads, decoder.kv_heads
         self.head_dim = decoder.head_dim
         self.intermediate = decoder.intermediate
-        # matrices as [in, out] copies: numpy's product with a transposed view runs at less than half the speed
-        # (benchmarks/small_ops.py)
-        self.layers = [
-            tuple(np.ascontiguousarray(t.detach().numpy().T) if t.dim() == 2 else t.detach().numpy() for t in layer)
-            for layer in decoder.layers
-        ]
+        self.layers, self.lm_head = numpy_weights(decoder)
         shape = (rows, self.kv_heads, length, self.head_dim)
         self.keys = [np.empty(shape, np.float32) for _ in self.layers]
         self.values = [np.empty(shape, np.float32) for _ in self.layers]
         self.embed = decoder.embed.detach().numpy()
         self.norm = decoder.norm.detach().numpy()
-        self.lm_head = np.ascontiguousarray(decoder.lm_head.detach().numpy().T)
         cos, sin = decoder._rotary(torch.arange(length), torch.float32)
         rotated = (length, self.heads + self.kv_heads, self.head_dim)  # the tables for every query and key head
         self.cos, self.sin = (np.ascontiguousarray(np.broadcast_to(t.numpy(), rotated)) for t in (cos, sin))
@@ -245,7 +241,8 @@ class NumpyDecoder:
 
     @staticmethod
     def supports(decoder: LlamaDecoder) -> bool:
-        return decoder.embed.dtype == torch.float32 and all(t.dtype == torch.float32 for t in decoder.layers[0])
+        layer = decoder.modules[0]
+        return decoder.embed.dtype == torch.float32 and all(p.dtype == torch.float32 for p in layer.parameters())
 
     def repeat_rows(self, index: np.ndarray) -> None:
         """The cache's rows taken by `index` [N] (after a prefill of each distinct prompt once)."""
@@ -289,6 +286,40 @@ class NumpyDecoder:
         if self.tape is not None:
             self.tape.record_output(start, states, normed, inverse, logits)
         return logits
+
+
+_NUMPY_WEIGHTS: weakref.WeakKeyDictionary[Any, list[np.ndarray]] = weakref.WeakKeyDictionary()
+"""Per model (keyed by its layers' ModuleList) the arrays `numpy_weights` copied it into last time."""
+
+
+def numpy_weights(decoder: LlamaDecoder) -> tuple[list[tuple[np.ndarray, ...]], np.ndarray]:
+    """The decoder's weights for `NumpyDecoder`: per layer (input norm, [q; k; v], output, post-attention norm,
+    [gate; up], down) with every matrix as an [in, out] copy (numpy's product with a transposed view runs at less
+    than half the speed: benchmarks/small_ops.py), and the LM head [E, V]. The copies go into the arrays of the
+    model's previous call: new arrays of a few MB cost their page faults at every rollout, about a tenth of a
+    small-llama GRPO step. So a decoder's matrices are current only until the next decoder of the same model."""
+    groups: list[list[Tensor]] = []  # the matrices of each [in, out] array
+    for layer in decoder.modules:
+        attn, mlp = layer.self_attn, layer.mlp
+        groups += [[attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight], [attn.o_proj.weight]]
+        groups += [[mlp.gate_proj.weight, mlp.up_proj.weight], [mlp.down_proj.weight]]
+    groups.append([decoder.lm_head])
+    shapes = [(int(group[0].shape[1]), sum(int(w.shape[0]) for w in group)) for group in groups]
+    arrays = _NUMPY_WEIGHTS.get(decoder.modules)
+    if arrays is None or [a.shape for a in arrays] != shapes:
+        arrays = [np.empty(shape, np.float32) for shape in shapes]
+        _NUMPY_WEIGHTS[decoder.modules] = arrays
+    for array, group in zip(arrays, groups, strict=True):
+        column = 0
+        for w in group:
+            np.copyto(array[:, column : column + w.shape[0]], w.detach().numpy().T)
+            column += w.shape[0]
+    layers: list[tuple[np.ndarray, ...]] = []
+    for i, module in enumerate(decoder.modules):
+        qkv, out, gate_up, down = arrays[4 * i : 4 * i + 4]
+        norm_in, norm_post = module.input_layernorm.weight, module.post_attention_layernorm.weight
+        layers.append((norm_in.detach().numpy(), qkv, out, norm_post.detach().numpy(), gate_up, down))
+    return layers, arrays[-1]
 
 
 def rms_norm(x: np.ndarray, weight: np.ndarray, eps: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -150,7 +150,7 @@ def generate(
     n, width = prompt_ids.shape
     mask = prompt_mask.long()
     total = width + max_new_tokens
-    decoder = LlamaDecoder(model) if fast and LlamaDecoder.supports(model) else None
+    decoder = LlamaDecoder(model, weights=False) if fast and LlamaDecoder.supports(model) else None
     in_numpy: NumpyDecoder | None = None
     if decoder is not None:  # each distinct prompt is prefilled once, then its cache rows are repeated
         distinct, distinct_mask, index = shared_prompts(prompt_ids, mask)
@@ -168,6 +168,7 @@ def generate(
             in_numpy.repeat_rows(index.numpy())
             bias = np.where(key_valid.numpy(), np.float32(0.0), np.float32(-np.inf))
         else:
+            decoder = LlamaDecoder(model)  # the torch forward reads its concatenated weights
             decoder.start(len(distinct), total)
             logits = decoder.forward(distinct, positions(distinct_mask), valid, 0).float().index_select(0, index)
             next_logits = logits.numpy()
