@@ -766,16 +766,18 @@ def test_the_sampler_tape_serves_only_the_weights_and_tokens_it_was_recorded_wit
     rollout = generate(model, enc["input_ids"], enc["attention_mask"], max_new_tokens=40, greedy=True, **kwargs)
     assert rollout.completion_mask.sum(1).max() < 39 and usable(rollout)  # every row ended well before 40 tokens
     results = []
-    for tape in (rollout.tape, None):
+    for tape, fast in ((rollout.tape, True), (None, True), (None, False)):  # transformers' pass: every column
         model.zero_grad()
         mask = rollout.completion_mask
         logp, _ = token_logprobs(
-            model, rollout.prompt_ids, rollout.prompt_mask, rollout.completion_ids, mask, tape=tape
+            model, rollout.prompt_ids, rollout.prompt_mask, rollout.completion_ids, mask, tape=tape, fast=fast
         )
         logp.sum().backward()
         results.append([logp.detach(), *(p.grad.clone() for p in model.parameters())])
-    for with_tape, computed in zip(*results, strict=True):
+    assert rollout.tape.length == int(rollout.completion_mask.sum(1).max()) - 1  # the pass left out the tail
+    for with_tape, computed, full in zip(*results, strict=True):
         torch.testing.assert_close(with_tape, computed, atol=1e-4 * float(computed.abs().max()), rtol=1e-4)
+        torch.testing.assert_close(computed, full, atol=1e-4 * float(full.abs().max()), rtol=1e-4)
     again = generate(model, enc["input_ids"], enc["attention_mask"], max_new_tokens=40, greedy=True, **kwargs)
     assert usable(again) and not usable(rollout)  # a later tape of the same shapes took this one's arrays
 

@@ -366,6 +366,28 @@ class Tape:
             values[:, :, self.width + self.recorded :] = 0.0
             self.keys[i], self.values[i] = keys[:, :, None, :columns], values[:, :, None, :columns]
 
+    def shorten(self, length: int) -> None:
+        """Keep each row's first `length` completion positions (the training pass leaves out the columns after the
+        batch's longest completion: `rollout.token_logprobs`); the later positions' activations are dropped, in
+        place. Exact: no kept position attends to a dropped one."""
+        old, split, end = self.length, self.split, self.split + self.rows * length
+        for group in self.arrays:
+            for j, array in enumerate(group):
+                array[split:end] = array[split:].reshape(self.rows, old, -1)[:, :length].reshape(end - split, -1)
+                group[j] = array[:end]
+        columns = self.width + length
+        self.queries = [q[..., :length, :] for q in self.queries]
+        self.probs = [p[..., :length, :columns] for p in self.probs]
+        self.keys = [k[..., :columns, :] for k in self.keys]
+        self.values = [v[..., :columns, :] for v in self.values]
+        self.states, self.normed, self.inverse, self.logits = (
+            x[:, : length + 1] for x in (self.states, self.normed, self.inverse, self.logits)
+        )
+        if self.tokens is not None:
+            completions = self.tokens[split:].reshape(self.rows, old)[:, :length]
+            self.tokens = np.concatenate([self.tokens[:split], completions.reshape(-1)])
+        self.length, self.needed = length, min(self.needed, length)
+
     def usable(self, weights: tuple[Tensor, ...], stream: Stream) -> bool:
         return (
             self.tokens is not None
@@ -416,6 +438,8 @@ class NumpyLlamaPass(torch.autograd.Function):
     def forward(
         ctx: Any, shapes: LlamaDecoder, stream: Stream, tape: Tape | None, *weights: Tensor
     ) -> tuple[Tensor, Tensor]:  # type: ignore[override]
+        if tape is not None and not tape.retired and stream.length < tape.length:
+            tape.shorten(stream.length)
         used = tape if tape is not None and tape.usable(weights, stream) else None
         ctx.tape = used
         if used is not None:

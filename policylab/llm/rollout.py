@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from policylab.llm import fast_train
@@ -237,7 +238,17 @@ def token_logprobs(
     list), the last layer's states at the positions that predict the completion tokens, [N, T, H], are appended
     to it (what a value head reads: the state before each token). `fast`: Llama-family models run through
     `LlamaDecoder.completion_logits`, which computes each distinct prompt of the batch once (float32: in numpy,
-    `fast_train`, whose forward is the sampler's `tape` where that holds these completions at these weights)."""
+    `fast_train`, whose forward is the sampler's `tape` where that holds these completions at these weights).
+    The fast passes stop at the batch's last masked-in position: the columns after it come back as zeros."""
+    used = int(completion_mask.any(0).nonzero().max()) + 1 if completion_mask.any() else 1
+    if fast and used < completion_ids.shape[1] and LlamaDecoder.supports(model):
+        inner: list[Tensor] | None = [] if hidden is not None else None
+        chosen, entropy = token_logprobs(model, prompt_ids, prompt_mask, completion_ids[:, :used],
+                                         completion_mask[:, :used], temperature, inner, fast, tape)  # fmt: skip
+        missing = completion_ids.shape[1] - used
+        if hidden is not None and inner is not None:
+            hidden.append(F.pad(inner[0], (0, 0, 0, missing)))
+        return F.pad(chosen, (0, missing)), F.pad(entropy, (0, missing))
     if fast and fast_train.supports(model):
         logits = fast_train.completion_logits(model, prompt_ids, prompt_mask, completion_ids, hidden, tape)
     elif fast and LlamaDecoder.supports(model):
