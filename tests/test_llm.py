@@ -815,6 +815,27 @@ def test_the_fast_llama_decoder_samples_what_transformers_forward_samples(monkey
     torch.testing.assert_close(in_torch.logprobs, slow.logprobs, atol=1e-5, rtol=1e-5)
 
 
+def test_the_training_pass_reuses_a_batchs_token_stream_only_while_the_batch_is_unchanged(sft_model):
+    """DPO's policy and reference passes read one batch: the second gets the first's stream; a batch changed in
+    place, another batch, or a model with other attention shapes get a new one."""
+    from policylab.llm import fast_train
+
+    model, tok = load_model(str(sft_model.dir))
+    decoder = fast_train.LlamaDecoder(model, weights=False)
+    enc = tok(["12+34=", "5+6="], padding=True, return_tensors="pt", add_special_tokens=False)
+    ids = torch.tensor([[5, 6, tok.eos_token_id], [7, tok.eos_token_id, tok.pad_token_id]])
+    batch = (enc["input_ids"], enc["attention_mask"], ids)
+    first = fast_train.shared_stream(decoder, *batch)
+    assert fast_train.shared_stream(decoder, *batch) is first
+    ids[1, 2] = tok.eos_token_id  # in place: a new version
+    changed = fast_train.shared_stream(decoder, *batch)
+    assert changed is not first and changed.tokens[-1] == tok.eos_token_id
+    assert fast_train.shared_stream(decoder, batch[0], batch[1], ids.clone()) is not changed
+    other = fast_train.LlamaDecoder(model, weights=False)
+    other.heads, other.kv_heads = other.heads * 2, other.kv_heads * 2
+    assert fast_train.shared_stream(other, *batch) is not fast_train.shared_stream(decoder, *batch)
+
+
 def test_the_numpy_decoder_reads_the_weights_of_the_moment():
     """NumpyDecoder copies the weights into the arrays of the model's previous decode: after an in-place change (an
     optimizer step), the next decode samples what transformers' forward samples with the new weights."""

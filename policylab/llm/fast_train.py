@@ -121,6 +121,32 @@ def token_stream(decoder: LlamaDecoder, prompt_ids: Tensor, prompt_mask: Tensor,
     )
 
 
+_LAST_STREAM: list[tuple[tuple[Tensor, ...], tuple[int, ...], tuple[Any, ...], Stream]] = []
+"""The latest `shared_stream`: its batch tensors (held, so their identity stays theirs), their versions, the
+decoder's attention shapes and rotary table it was built for, the stream."""
+
+
+def shared_stream(decoder: LlamaDecoder, prompt_ids: Tensor, prompt_mask: Tensor, completion_ids: Tensor) -> Stream:
+    """`token_stream`, the previous one again where the same batch tensors (unmodified since: version counters) come
+    with the same attention shapes and rotary table: DPO's policy and reference passes read one batch, and building
+    its stream took 0.65 ms of a 10 ms tiny-llama DPO step (AMD EPYC Zen 3)."""
+    tensors = (prompt_ids, prompt_mask, completion_ids)
+    versions = tuple(t._version for t in tensors)
+    shapes = (decoder.heads, decoder.kv_heads, decoder.head_dim, decoder.rope_scale)
+    if _LAST_STREAM:
+        held, held_versions, (*held_shapes, inv_freq), stream = _LAST_STREAM[0]
+        if (
+            all(a is b for a, b in zip(held, tensors, strict=True))
+            and held_versions == versions
+            and tuple(held_shapes) == shapes
+            and torch.equal(inv_freq, decoder.inv_freq)
+        ):
+            return stream
+    stream = token_stream(decoder, prompt_ids, prompt_mask, completion_ids)
+    _LAST_STREAM[:] = [(tensors, versions, (*shapes, decoder.inv_freq.clone()), stream)]
+    return stream
+
+
 # --- pieces and their backward ---------------------------------------------------------------------------------
 
 
@@ -501,7 +527,7 @@ def completion_logits(
     """`LlamaDecoder.completion_logits` through `NumpyLlamaPass` (for models where `supports(model)`); with the
     `tape` of the sampling that produced these completions, its forward is the tape's where it is `usable`."""
     decoder = LlamaDecoder(model, weights=False)
-    stream = token_stream(decoder, prompt_ids, prompt_mask, completion_ids)
+    stream = shared_stream(decoder, prompt_ids, prompt_mask, completion_ids)
     logits, states = NumpyLlamaPass.apply(decoder, stream, tape, *parameters_of(model))
     if hidden is not None:
         hidden.append(states)
