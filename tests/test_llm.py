@@ -58,11 +58,16 @@ def test_prompt_encoder_equals_the_tokenizer_and_tokenizes_each_prompt_once():
 
 @pytest.mark.parametrize("name", ["tiny-llama", "tiny-gpt2"])
 def test_answers_are_encoded_as_the_tokenizer_encodes_each_with_eos_and_right_padding(name):
-    from policylab.llm.trainer import encode_answers
+    from policylab.llm.trainer import PromptEncoder, encode_answers
 
     _, tok = load_model(name)
     answers = ["42", "1234", " 7", "hello world", ""]
     ids, mask = encode_answers(tok, answers)
+    cached = PromptEncoder(tok)
+    for batch in (answers, answers[::-1], answers):  # the second and third from the cache
+        expected_ids, expected_mask = encode_answers(tok, batch)
+        got_ids, got_mask = cached.answers(batch)
+        assert torch.equal(got_ids, expected_ids) and torch.equal(got_mask, expected_mask)
     for row, answer in enumerate(answers):
         expected = tok(answer, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
         assert ids[row, : len(expected)].tolist() == expected and int(mask[row].sum()) == len(expected)

@@ -260,7 +260,8 @@ def make_config(algo: str, overrides: dict[str, Any] | None = None) -> LLMConfig
 class PromptEncoder:
     """Prompts to left-padded token ids and attention mask, equal to the tokenizer's batch call (no special
     tokens added; tests/test_llm.py), with each distinct prompt tokenized once: a run draws the same prompts
-    again and again, and a tokenizer call costs more than its few prompts' lookups."""
+    again and again, and a tokenizer call costs more than its few prompts' lookups. `answers`: the same for
+    answers (right-padded, with EOS)."""
 
     MAX_CACHED = 200_000
 
@@ -271,13 +272,20 @@ class PromptEncoder:
     def _tokenize(self, texts: list[str]) -> list[list[int]]:
         return tokenize(self.tokenizer, texts)
 
-    def __call__(self, prompts: list[str]) -> tuple[Tensor, Tensor]:
-        missing = [p for p in dict.fromkeys(prompts) if p not in self.tokens]
+    def token_lists(self, texts: list[str]) -> list[list[int]]:
+        missing = [t for t in dict.fromkeys(texts) if t not in self.tokens]
         if missing:
             if len(self.tokens) + len(missing) > self.MAX_CACHED:
                 self.tokens.clear()
             self.tokens.update(zip(missing, self._tokenize(missing)))
-        rows = [self.tokens[p] for p in prompts]
+        return [self.tokens[t] for t in texts]
+
+    def answers(self, answers: list[str]) -> tuple[Tensor, Tensor]:
+        """`encode_answers` through the same cache (DPO and SFT draw the same answers again and again)."""
+        return _right_padded(self.token_lists(answers), self.tokenizer)
+
+    def __call__(self, prompts: list[str]) -> tuple[Tensor, Tensor]:
+        rows = self.token_lists(prompts)
         width = max(len(row) for row in rows)
         pad = self.tokenizer.pad_token_id
         ids = torch.tensor([[pad] * (width - len(row)) + row for row in rows], dtype=torch.long)
@@ -308,7 +316,11 @@ def tokenize(tokenizer: Any, texts: list[str]) -> list[list[int]]:
 
 def encode_answers(tokenizer: Any, answers: list[str]) -> tuple[Tensor, Tensor]:
     """Answer tokens + EOS, right-padded, and their mask."""
-    ids = [row + [tokenizer.eos_token_id] for row in tokenize(tokenizer, answers)]
+    return _right_padded(tokenize(tokenizer, answers), tokenizer)
+
+
+def _right_padded(answers: list[list[int]], tokenizer: Any) -> tuple[Tensor, Tensor]:
+    ids = [row + [tokenizer.eos_token_id] for row in answers]
     width = max(len(row) for row in ids)
     out = torch.tensor([row + [tokenizer.pad_token_id] * (width - len(row)) for row in ids], dtype=torch.long)
     mask = torch.tensor([[True] * len(row) + [False] * (width - len(row)) for row in ids], dtype=torch.bool)
@@ -590,7 +602,7 @@ class LLMTrainer:
     def sft_step(self) -> dict[str, float]:
         rows = self.sample_rows(self.cfg.batch_size)
         prompt_ids, prompt_mask = self.encode_prompts([row["prompt"] for row in rows])
-        answer_ids, answer_mask = encode_answers(self.tokenizer, [expert_completion(row) for row in rows])
+        answer_ids, answer_mask = self.encode_prompts.answers([expert_completion(row) for row in rows])
         logp, _ = token_logprobs(self.model, prompt_ids, prompt_mask, answer_ids, answer_mask)
         loss = -aggregate(logp, answer_mask, "token-mean")
         self._optimize(loss)
@@ -766,7 +778,7 @@ class LLMTrainer:
         last = torch.arange(size - 1, len(rollout), size)
         rows = [rollout.rows[i] for i in last.tolist()]
         texts = [expert_completion(row) for row in rows]
-        ids, mask = encode_answers(self.tokenizer, texts)
+        ids, mask = self.encode_prompts.answers(texts)
         ids = torch.nn.functional.pad(ids, (0, max(width - ids.shape[1], 0)), value=self.tokenizer.pad_token_id)
         mask = torch.nn.functional.pad(mask, (0, max(width - mask.shape[1], 0)))
         completion_ids, completion_mask = rollout.completion_ids.clone(), rollout.completion_mask.clone()
@@ -792,7 +804,7 @@ class LLMTrainer:
         picks = self.rng.integers(0, len(self.expert_rows), cfg.expert_batch_size or cfg.batch_size)
         rows = [self.expert_rows[i] for i in picks]
         prompt_ids, prompt_mask = self.encode_prompts([row["prompt"] for row in rows])
-        ids, mask = encode_answers(self.tokenizer, [expert_completion(row) for row in rows])
+        ids, mask = self.encode_prompts.answers([expert_completion(row) for row in rows])
         logp, _ = token_logprobs(self.model, prompt_ids, prompt_mask, ids, mask)
         weights = imitation_weights(logp, "phi" if cfg.mix_phi else "uniform")
         return mixed_policy_loss(rl_loss, logp, mu, weights=weights, mask=mask, aggregation="token-mean")
@@ -824,7 +836,7 @@ class LLMTrainer:
         picks = self.rng.integers(0, len(rows), self.cfg.batch_size)
         pairs = [preference_pair(rows[i], self.rng) for i in picks]
         prompt_ids, prompt_mask = self.encode_prompts([p for p, _, _ in pairs] * 2)
-        ids, mask = encode_answers(self.tokenizer, [c for _, c, _ in pairs] + [r for _, _, r in pairs])
+        ids, mask = self.encode_prompts.answers([c for _, c, _ in pairs] + [r for _, _, r in pairs])
         return self.preference_update(prompt_ids, prompt_mask, ids, mask)
 
     def online_dpo_step(self) -> dict[str, float]:
