@@ -820,6 +820,26 @@ def test_the_fast_llama_decoder_samples_what_transformers_forward_samples(monkey
     torch.testing.assert_close(in_torch.logprobs, slow.logprobs, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("width", [1, 3])
+def test_the_training_pass_takes_completions_of_one_token(width):
+    """Completions that all end at their first token (every row's EOS first, or max_new_tokens=1): the pass has no
+    completion position to run, only each prompt's last; log-probs and gradients as transformers' pass."""
+    model, tok = load_model("tiny-llama")
+    enc = tok(["12+34=", "5+6="], padding=True, return_tensors="pt", add_special_tokens=False)
+    ids = torch.full((2, width), tok.pad_token_id)
+    ids[:, 0] = tok.eos_token_id
+    mask = torch.zeros((2, width), dtype=torch.bool)
+    mask[:, 0] = True
+    results = []
+    for fast in (True, False):
+        model.zero_grad()
+        logp, _ = token_logprobs(model, enc["input_ids"], enc["attention_mask"], ids, mask, fast=fast)
+        logp.sum().backward()
+        results.append([logp.detach(), *(p.grad.clone() for p in model.parameters())])
+    for got, expected in zip(*results, strict=True):
+        torch.testing.assert_close(got, expected, atol=1e-4 * float(expected.abs().max()), rtol=1e-4)
+
+
 def test_the_training_pass_reuses_a_batchs_token_stream_only_while_the_batch_is_unchanged(sft_model):
     """DPO's policy and reference passes read one batch: the second gets the first's stream; a batch changed in
     place, another batch, or a model with other attention shapes get a new one."""

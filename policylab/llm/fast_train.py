@@ -165,7 +165,8 @@ def _softmax_backward(grad: np.ndarray, probs: np.ndarray) -> np.ndarray:
 def _heads(x: np.ndarray, batch: int, count: int, heads: int, repeat: int) -> np.ndarray:
     """Tokens' heads [B * count, heads * repeat, D] (or flat, [B * count, heads * repeat * D]) as
     [B, heads, repeat, count, D]."""
-    return x.reshape(batch, count, heads, repeat, -1).transpose(0, 2, 3, 1, 4)
+    dim = x.shape[-1] if x.ndim == 3 else x.shape[-1] // (heads * repeat)  # explicit: count may be 0
+    return x.reshape(batch, count, heads, repeat, dim).transpose(0, 2, 3, 1, 4)
 
 
 def _tokens(x: np.ndarray) -> np.ndarray:
@@ -451,7 +452,7 @@ def _forward(w: list[np.ndarray], stream: Stream, shapes: LlamaDecoder) -> tuple
         layers.append(saved)
     split, n, length = stream.split, stream.rows, stream.length
     last = h[:split].reshape(stream.distinct, stream.width, -1)[:, -1][stream.index][:, None]
-    selected = np.concatenate([last, h[split:].reshape(n, length, -1)], 1)  # [N, L + 1, E]
+    selected = np.concatenate([last, h[split:].reshape(n, length, h.shape[-1])], 1)  # [N, L + 1, E]
     states, normed, inverse = rms_norm(selected, w[-2], shapes.eps)
     return layers, states, normed, inverse, states @ w[-1].T
 
