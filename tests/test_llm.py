@@ -35,7 +35,7 @@ def test_character_tokenizer_round_trips_and_pads_on_the_left():
 
 
 def test_prompt_encoder_equals_the_tokenizer_and_tokenizes_each_prompt_once():
-    from policylab.llm.trainer import PromptEncoder
+    from policylab.llm.trainer import PromptEncoder, tokenize
 
     tok = char_tokenizer()
     calls = []
@@ -46,7 +46,7 @@ def test_prompt_encoder_equals_the_tokenizer_and_tokenizes_each_prompt_once():
 
     counting.pad_token_id = tok.pad_token_id  # type: ignore[attr-defined]
     fast, slow = PromptEncoder(tok), PromptEncoder(counting)  # the Rust backend's path, the tokenizer call's
-    assert fast._tokenize(["1+2="]) == [tok("1+2=", add_special_tokens=False)["input_ids"]]
+    assert tokenize(tok, ["1+2="]) == [tok("1+2=", add_special_tokens=False)["input_ids"]]
     for prompts in (["12+34=", "5+6="], ["5+6=", "123+4=", "5+6="], ["1="]):
         enc = tok(prompts, padding=True, return_tensors="pt", add_special_tokens=False)
         for encoder in (fast, slow):

@@ -240,8 +240,9 @@ def token_logprobs(
     `LlamaDecoder.completion_logits`, which computes each distinct prompt of the batch once (float32: in numpy,
     `fast_train`, whose forward is the sampler's `tape` where that holds these completions at these weights).
     The fast passes stop at the batch's last masked-in position: the columns after it come back as zeros."""
-    used = int(completion_mask.any(0).nonzero().max()) + 1 if completion_mask.any() else 1
-    if fast and used < completion_ids.shape[1] and LlamaDecoder.supports(model):
+    fast = fast and LlamaDecoder.supports(model)
+    used = int(completion_mask.any(0).nonzero().max()) + 1 if fast and completion_mask.any() else 1
+    if fast and used < completion_ids.shape[1]:
         inner: list[Tensor] | None = [] if hidden is not None else None
         chosen, entropy = token_logprobs(model, prompt_ids, prompt_mask, completion_ids[:, :used],
                                          completion_mask[:, :used], temperature, inner, fast, tape)  # fmt: skip
@@ -251,7 +252,7 @@ def token_logprobs(
         return F.pad(chosen, (0, missing)), F.pad(entropy, (0, missing))
     if fast and fast_train.supports(model):
         logits = fast_train.completion_logits(model, prompt_ids, prompt_mask, completion_ids, hidden, tape)
-    elif fast and LlamaDecoder.supports(model):
+    elif fast:
         logits = LlamaDecoder(model).completion_logits(prompt_ids, prompt_mask, completion_ids, hidden).float()
     else:
         ids = torch.cat([prompt_ids, completion_ids], -1)

@@ -269,15 +269,12 @@ class PromptEncoder:
         self.tokenizer = tokenizer
         self.tokens: dict[str, list[int]] = {}
 
-    def _tokenize(self, texts: list[str]) -> list[list[int]]:
-        return tokenize(self.tokenizer, texts)
-
     def token_lists(self, texts: list[str]) -> list[list[int]]:
         missing = [t for t in dict.fromkeys(texts) if t not in self.tokens]
         if missing:
             if len(self.tokens) + len(missing) > self.MAX_CACHED:
                 self.tokens.clear()
-            self.tokens.update(zip(missing, self._tokenize(missing)))
+            self.tokens.update(zip(missing, tokenize(self.tokenizer, missing)))
         return [self.tokens[t] for t in texts]
 
     def answers(self, answers: list[str]) -> tuple[Tensor, Tensor]:
