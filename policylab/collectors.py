@@ -65,6 +65,16 @@ def normalize_obs(obs_norm: ObsNormalizer | None, raw: np.ndarray, update: bool)
     return obs_norm(raw)
 
 
+def rollout_noise(
+    net: Any, steps: int, envs: int, generator: torch.Generator | None, device: str | torch.device
+) -> Tensor:
+    """A rollout's pre-drawn noise in one RNG call, envs on axis 1 (`ActorCritic.rollout_noise`; a generative
+    policy's head draws it per step)."""
+    if isinstance(net, ActorCritic):
+        return net.rollout_noise(steps, envs, generator, device)
+    return net.head.noise((steps, envs), generator, device)
+
+
 def collect_rollout(
     net: ActorCritic,
     env: VecEnv,
@@ -82,14 +92,15 @@ def collect_rollout(
     head = net.head
     numpy_acting = net.numpy_acting
     noise_np = noise.numpy() if numpy_acting else None
+    noise_at = net.noise_at if isinstance(net, ActorCritic) else lambda noise, t: noise[t]
     for t in range(buf.n_steps):
         if numpy_acting:  # small CPU batches: numpy calls cost a fifth of torch calls
-            actions, logp, values = net.act_numpy(obs, noise_np[t])  # type: ignore[index]
+            actions, logp, values = net.act_numpy(obs, noise_at(noise_np, t))  # type: ignore[arg-type]
             env_actions = head.to_env_numpy(actions)
             buf.add_policy_step(t, obs, actions, logp, values)
         else:
             with torch.inference_mode():
-                taken, log_probs, value_estimates = net.act(torch.from_numpy(obs).to(device), noise=noise[t])
+                taken, log_probs, value_estimates = net.act(torch.from_numpy(obs).to(device), noise=noise_at(noise, t))
                 env_actions = head.to_env(taken).cpu().numpy()
             buf.add_policy_step(t, obs, taken, log_probs, value_estimates)
         res = env.step(env_actions)

@@ -11,9 +11,9 @@ n_envs -> num_envs, n_epochs -> epochs, learning_rate -> lr, clip_range -> clip_
 * ``lin_X`` (linear decay from X to 0 over the run) -> the value X plus ``anneal_lr`` / ``anneal_clip``;
 * ``normalize: true`` -> ``normalize_obs`` and ``normalize_reward`` both True;
 * rl-zoo falls back to ``n_envs = 1`` when an entry omits it, so such presets set ``num_envs: 1``;
-* gSDE (``use_sde``, ``sde_sample_freq``) is not supported by policylab and is dropped.  Under gSDE
-  ``log_std_init`` is the log-std of the noise-matrix weights, not of the action, so it is
-  dropped with it (entries that set it without gSDE keep it);
+* gSDE (``use_sde``, ``sde_sample_freq``) is kept for PPO and A2C (nets/sde.py), with the entry's
+  ``log_std_init`` (under gSDE the log-std of the noise-matrix weights, not of the action); TRPO has
+  no gSDE here, so its entries drop both;
 * rl-zoo's MuJoCo entries are keyed by older ids (-v2/-v4); they are used for the -v5 ids.
 """
 
@@ -63,9 +63,16 @@ PRESETS: dict[str, dict[str, Preset]] = {
             f"{_ZOO_PPO}, entry Acrobot-v1 (untuned in rl-zoo)",
         ),
         "Pendulum-v1": Preset(
-            {"steps": 100_000, "num_envs": 4, "n_steps": 1024, "gamma": 0.9, "lr": 1e-3},
-            f"{_ZOO_PPO}, entry Pendulum-v1; dropped use_sde=True, sde_sample_freq=4 "
-            "(tuned with gSDE, so 100k steps may not be enough without it)",
+            {
+                "steps": 100_000,
+                "num_envs": 4,
+                "n_steps": 1024,
+                "gamma": 0.9,
+                "lr": 1e-3,
+                "use_sde": True,
+                "sde_sample_freq": 4,
+            },
+            f"{_ZOO_PPO}, entry Pendulum-v1",
         ),
         # rl-zoo budgets 1M steps, but a quick SB3-style PPO check (not policylab; 3 seeds) reached 1000
         # within 100k steps with these values.  If >= 900 within 100k is not met, the CleanRL

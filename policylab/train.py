@@ -30,7 +30,14 @@ from policylab import runtime
 from policylab.algos import AlgoSpec, get_algo
 from policylab.algos.onpolicy import Imitation, clone_demonstrations
 from policylab.collectors import FIELDS as COLLECTED_FIELDS
-from policylab.collectors import OffPolicySlice, RolloutSlice, RolloutWorkers, collect_rollout, normalize_obs
+from policylab.collectors import (
+    OffPolicySlice,
+    RolloutSlice,
+    RolloutWorkers,
+    collect_rollout,
+    normalize_obs,
+    rollout_noise,
+)
 from policylab.config import CommonConfig, apply_values, dump_yaml, format_count, load_yaml, parse_count
 from policylab.data import Batch, ReplayBuffer, RolloutBuffer
 from policylab.data.dataset import Dataset, check_compatible, load_dataset
@@ -353,7 +360,7 @@ class OnPolicyLoop:
 
     def collect(self) -> Batch:
         cfg = self.cfg
-        noise = self.net.head.noise((cfg.n_steps, cfg.num_envs), self.algo.generator, cfg.device)  # one RNG call
+        noise = rollout_noise(self.net, cfg.n_steps, cfg.num_envs, self.algo.generator, cfg.device)  # one RNG call
         if self.net.recurrent:  # the LSTM states at the rollout's start, from which the update replays it
             states = self.net.current_states(cfg.num_envs, torch.device(cfg.device)).clone()
         if self.workers is not None:

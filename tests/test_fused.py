@@ -163,6 +163,10 @@ CASES = [
     ("multi", "relu", True, {"clip_low": 0.2, "ent_coef": 0.01, "imitation": "uniform"}),
     ("continuous", "tanh", False, {"clip_low": 0.2, "ent_coef": 0.01, "imitation": "advantage"}),
     ("continuous", "relu", True, {"clip_low": None, "on_policy": True, "imitation": "uniform"}),
+    # gSDE: a log std per row from the actor's features, its gradient into the [features, actions] parameter
+    ("continuous", "tanh", False, {"clip_low": 0.2, "ent_coef": 0.01, "sde": True}),
+    ("continuous", "relu", True, {"clip_low": None, "on_policy": True, "sde": True}),
+    ("continuous", "tanh", False, {"clip_low": 0.2, "ent_coef": 0.01, "imitation": "advantage", "sde": True}),
 ]
 
 
@@ -180,9 +184,10 @@ def test_fused_step_matches_autograd_step(kind, activation, shared, options):
     options = dict(options)
     on_policy = options.pop("on_policy", False)
     weighting = options.pop("imitation", None)
+    sde = options.pop("sde", False)
     torch.manual_seed(0)
     obs_space, act_space = _spaces(kind)
-    net_a = ActorCritic(obs_space, act_space, (32, 32), activation, shared=shared, log_std_init=-0.5)
+    net_a = ActorCritic(obs_space, act_space, (32, 32), activation, shared=shared, log_std_init=-0.5, sde=sde)
     net_b = copy.deepcopy(net_a)
     buf_a, buf_b = ParameterBuffer(net_a.parameters()), ParameterBuffer(net_b.parameters())
     auto = AutogradStep(net_a, buf_a, adam([buf_a.flat], 3e-3), max_grad_norm=0.5)

@@ -29,6 +29,7 @@ def _stop_at(step: int):
         ("CartPole-v1", {}),
         ("CartPole-v1", {"normalize_obs": True, "normalize_reward": True, "anneal_lr": True, "anneal_clip": True}),
         ("Pendulum-v1", {"normalize_obs": True}),
+        ("Pendulum-v1", {"use_sde": True, "sde_sample_freq": 8}),  # noise matrices drawn from the saved generator
         ("InvertedPendulum-v5", {}),
     ],
 )

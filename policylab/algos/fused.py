@@ -21,6 +21,7 @@ from torch import Tensor
 
 from policylab.data import Batch
 from policylab.nets import ActorCritic
+from policylab.nets.sde import sde_log_std_grad
 from policylab.objectives import pg_surrogate_grad, value_loss_grad
 from policylab.objectives.imitation import imitation_logp_grad, imitation_loss
 from policylab.optim import Optimizer, ParameterBuffer
@@ -80,8 +81,10 @@ class FusedActorCriticStep:
         out, cache = net.body.forward_cached(obs.reshape(obs.shape[0], net.obs_dim))
         policy_out = out[0, :, :n_out]
         all_values = out[0, :, n_out] if net.shared else out[1, :, 0]
+        hidden = cache[-1][0]  # the actor's last hidden features (gSDE's)
+        row_log_std = net.row_log_std(hidden)
         all_logp, all_entropy, head_cache = net.head.log_prob_entropy_cached(
-            policy_out, net.log_std, actions, need_entropy=with_metrics or spec.ent_coef != 0.0
+            policy_out, row_log_std, actions, need_entropy=with_metrics or spec.ent_coef != 0.0
         )
         logp, values = all_logp[:size], all_values[:size]
         entropy = None if all_entropy is None else all_entropy[:size]
@@ -117,6 +120,8 @@ class FusedActorCriticStep:
             if with_metrics:
                 metrics.update(imitation_loss=imitation_loss(demo_logp, weights), imitation_coef=torch.tensor(coef))
         g_policy, g_log_std = net.head.grad(head_cache, g_logp, g_entropy)
+        if net.sde and g_log_std is not None:  # through log sigma(s) into the [features, A] parameter
+            g_log_std = sde_log_std_grad(hidden, row_log_std, g_log_std, net.log_std)  # type: ignore[arg-type]
         g_out = self._zeros_like(out)
         g_out[0, :, :n_out] = g_policy
         if net.shared:

@@ -11,22 +11,34 @@ whole sequences, never shuffled steps."""
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import gymnasium as gym
 import numpy as np
 import torch
 from torch import Tensor, nn
 
+from policylab.errors import ConfigError
 from policylab.nets.cnn import make_encoder
 from policylab.nets.heads import make_head
 from policylab.nets.mlp import StackedMLP
+from policylab.nets.sde import (
+    exploration_matrices,
+    sde_log_std,
+    sde_log_std_numpy,
+    standardized_noise,
+    standardized_noise_numpy,
+)
 
 
 class ActorCritic(nn.Module):
     """Separate actor and critic MLPs (two members of one StackedMLP) or one shared body.
 
     forward(obs) -> (policy outputs [B, n], values [B]). The policy outputs are
-    logits (Discrete) or Gaussian means (Box, with the parameter `log_std`).
+    logits (Discrete) or Gaussian means (Box, with the parameter `log_std`). With `sde` (Box actions), the
+    exploration is gSDE's (nets/sde.py): `log_std` is [features, n], the Gaussian's log std per row comes from
+    the actor's last hidden features, and rollouts act with each env's noise matrix, redrawn every
+    `sde_sample_freq` steps (<= 0: once per rollout).
     """
 
     def __init__(
@@ -42,6 +54,8 @@ class ActorCritic(nn.Module):
         algo: str = "this algorithm",
         encoder: str = "auto",
         memory: int = 0,
+        sde: bool = False,
+        sde_sample_freq: int = -1,
     ) -> None:
         super().__init__()
         self.encoder = make_encoder(encoder, observation_space, orthogonal=ortho_init)
@@ -63,8 +77,14 @@ class ActorCritic(nn.Module):
         if ortho_init:
             gains = [0.01] * n + [1.0] if shared else [0.01, 1.0]
             self.body.orthogonal_init(gains)
+        self.sde, self.sde_sample_freq = sde, sde_sample_freq
+        self.latent_dim = int(hidden_sizes[-1]) if len(hidden_sizes) else (memory or self.obs_dim)
+        """The width of the actor's last hidden layer (gSDE's features)."""
+        if sde:
+            check_sde(self.head.continuous and not squash, memory > 0)
         if self.head.continuous:
-            self.log_std = nn.Parameter(torch.full((n,), float(log_std_init)))
+            shape = (self.latent_dim, n) if sde else (n,)
+            self.log_std = nn.Parameter(torch.full(shape, float(log_std_init)))
         else:
             self.register_parameter("log_std", None)
 
@@ -89,6 +109,46 @@ class ActorCritic(nn.Module):
             h, self.last_state = self._recur(x.unsqueeze(0), state)
             return self._split(self.body.forward(h))
         return self._split(self.body.forward(x))  # .forward: no hook overhead on the hot path
+
+    def _outputs(self, obs: Tensor) -> tuple[Tensor, Tensor | None, Tensor, Tensor]:
+        """(policy outputs, the head's log std: the shared parameter, or under gSDE one per row, values, the actor's
+        last hidden features) of a non-recurrent network."""
+        y, hidden = self.body.forward_features(self._features(obs))
+        out, values = self._split(y)
+        if not self.sde:
+            return out, self.log_std, values, hidden[0]
+        return out, sde_log_std(hidden[0], self.log_std), values, hidden[0]  # type: ignore[arg-type]
+
+    def distribution(self, obs: Tensor) -> tuple[Tensor, Tensor | None]:
+        """(the head's inputs, its log std) at `obs`: what `head.sample` and `head.log_prob_entropy` take."""
+        if not self.sde:
+            return self.forward(obs)[0], self.log_std
+        out, log_std, _, _ = self._outputs(obs)
+        return out, log_std
+
+    def row_log_std(self, hidden: Tensor) -> Tensor | None:
+        """The head's log std given the actor's last hidden features [B, features] (`forward_cached`'s last input):
+        the shared parameter, or under gSDE one per row."""
+        return sde_log_std(hidden, self.log_std) if self.sde else self.log_std  # type: ignore[arg-type]
+
+    # gSDE exploration -----------------------------------------------------------------------
+
+    def rollout_noise(
+        self, steps: int, envs: int, generator: torch.Generator | None, device: torch.device | str
+    ) -> Tensor:
+        """A rollout's noise in one RNG call, [draws, envs, ...] (envs on axis 1, so slices of envs take slices of
+        it): the head's per-step noise (draws = steps), or under gSDE the standard normal draws of each env's noise
+        matrices, one per `sde_sample_freq` steps (one per rollout if <= 0)."""
+        if not self.sde:
+            return self.head.noise((steps, envs), generator, device)
+        draws = 1 if self.sde_sample_freq <= 0 else -(-steps // self.sde_sample_freq)
+        return torch.randn((draws, envs, self.latent_dim, self.n_outputs), generator=generator, device=device)
+
+    def noise_at(self, noise: Any, step: int) -> Any:
+        """The part of `rollout_noise` that rollout step `step` acts with."""
+        if not self.sde:
+            return noise[step]
+        return noise[0 if self.sde_sample_freq <= 0 else step // self.sde_sample_freq]
 
     # recurrent networks ----------------------------------------------------------------------
 
@@ -163,6 +223,14 @@ class ActorCritic(nn.Module):
         if self.recurrent:
             out, values = self.forward(obs, self.current_states(len(obs), obs.device))
             self.rollout_state = self.last_state
+        elif self.sde:  # `noise`: the envs' standard normal matrix draws (`noise_at`)
+            out, log_std, values, hidden = self._outputs(obs)
+            assert log_std is not None
+            if noise is None:
+                noise = torch.randn((len(obs), self.latent_dim, self.n_outputs), generator=generator, device=obs.device)
+            matrices = exploration_matrices(self.log_std, noise)  # type: ignore[arg-type]
+            actions, logp = self.head.sample(out, log_std, generator, standardized_noise(hidden, matrices, log_std))
+            return actions, logp, values
         else:
             out, values = self.forward(obs)
         actions, logp = self.head.sample(out, self.log_std, generator, noise)
@@ -180,14 +248,24 @@ class ActorCritic(nn.Module):
 
     def act_numpy(self, obs: np.ndarray, noise: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """`act` in numpy with pre-drawn noise (rollouts on CPU); returns (actions, log-probs, values)."""
-        y = self.body.numpy_forward(obs.reshape(obs.shape[0], self.obs_dim))
+        y, hidden = self.body.numpy_forward_features(obs.reshape(obs.shape[0], self.obs_dim))
         values = y[0, :, self.n_outputs] if self.shared else y[1, :, 0]
         log_std = None if self.log_std is None else self.log_std.detach().numpy()
+        if self.sde:  # `noise`: the envs' standard normal matrix draws
+            assert log_std is not None
+            features = hidden[0] if hidden.ndim == 3 else hidden
+            row_log_std = sde_log_std_numpy(features, log_std)
+            noise = standardized_noise_numpy(features, np.exp(log_std) * noise, row_log_std)
+            log_std = row_log_std
         actions, logp = self.head.sample_numpy(y[0, :, : self.n_outputs], log_std, noise)
         return actions, logp, values
 
     def evaluate(self, obs: Tensor, actions: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """(log-probs of `actions`, entropies, values) under the current parameters."""
+        if self.sde:
+            out, log_std, values, _ = self._outputs(obs)
+            logp, entropy = self.head.log_prob_entropy(out, log_std, actions)
+            return logp, entropy, values
         out, values = self(obs)
         logp, entropy = self.head.log_prob_entropy(out, self.log_std, actions)
         return logp, entropy, values
@@ -220,6 +298,28 @@ class ActorCritic(nn.Module):
     ) -> Tensor:
         """Actions as the env takes them (every policy network has this method; `Policy.act` calls it). A recurrent
         network starts from `state` (zeros if None) and leaves the stepped state in `last_state`."""
-        out = self.forward(obs, state)[0] if self.recurrent else self.forward(obs)[0]
-        raw = self.head.mode(out) if deterministic else self.head.sample(out, self.log_std, generator, None)[0]
+        log_std: Tensor | None
+        if self.recurrent:
+            out, log_std = self.forward(obs, state)[0], self.log_std
+        else:
+            out, log_std = self.distribution(obs) if not deterministic else (self.forward(obs)[0], None)
+        # sampled: from the Gaussian of each row (gSDE's per-row law, without a held noise matrix)
+        raw = self.head.mode(out) if deterministic else self.head.sample(out, log_std, generator, None)[0]
         return self.head.to_env(raw)
+
+
+SDE_ALGOS = ("ppo", "a2c", "reinforce")
+"""The algorithms that explore with gSDE (`use_sde=true`): the ones whose update goes through `evaluate` or the
+fused step's `row_log_std`."""
+
+
+def check_sde(box_actions: bool, recurrent: bool) -> None:
+    """One clear error where gSDE does not apply to the network."""
+    if not box_actions:
+        raise ConfigError(
+            "use_sde explores continuous actions with state-dependent Gaussian noise: it needs Box actions without "
+            "tanh squashing",
+            "drop use_sde (discrete actions), or set squash_actions=false",
+        )
+    if recurrent:
+        raise ConfigError("use_sde does not combine with recurrent=true", "drop one of use_sde and recurrent")

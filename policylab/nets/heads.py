@@ -232,7 +232,8 @@ class MultiCategoricalHead:
 
 
 class GaussianHead:
-    """Box actions: diagonal Gaussian with a state-independent log-std, optionally tanh-squashed.
+    """Box actions: diagonal Gaussian with a state-independent log-std, optionally tanh-squashed. Every method
+    also takes a log std per row, [B, A] (gSDE's, nets/sde.py).
 
     Stored actions are the pre-squash samples u; with squashing the env gets
     tanh(u) scaled to the bounds and log pi(a) = log N(u) - sum log(1 - tanh(u)^2).
@@ -302,11 +303,14 @@ class GaussianHead:
         self, cache: tuple[Tensor | None, ...], g_logp: Tensor, g_entropy: float | Tensor
     ) -> tuple[Tensor, Tensor | None]:
         """(d loss/d mean, d loss/d log_std). d logp/d mean = z / std; d logp/d log_std = z^2 - 1; dH/d log_std = 1
-        (for each sample; `g_entropy` one weight for all, or one per sample)."""
+        (for each sample; `g_entropy` one weight for all, or one per sample). With a log std per row (gSDE), its
+        gradient per row, [B, A]."""
         z, inv_std = cache
         assert z is not None and inv_std is not None
         g = g_logp.unsqueeze(-1)
         g_mean = g * z * inv_std
+        if inv_std.dim() == 2:
+            return g_mean, g * (z * z - 1.0) + (g_entropy.unsqueeze(-1) if isinstance(g_entropy, Tensor) else g_entropy)
         entropy_part = g_entropy.sum() if isinstance(g_entropy, Tensor) else g_entropy * z.shape[0]
         g_log_std = (g * (z * z - 1.0)).sum(0) + entropy_part
         return g_mean, g_log_std

@@ -99,6 +99,11 @@ class StackedMLP(nn.Module):
     def forward(self, x: Tensor, members: int | None = None) -> Tensor:
         """x: [B, in] (the same input to every member) or [K, B, in]. Returns [K, B, out].
         `members=m`: only the first m members (e.g. TD3's actor loss uses the first critic), [m, B, out]."""
+        return self.forward_features(x, members)[0]
+
+    def forward_features(self, x: Tensor, members: int | None = None) -> tuple[Tensor, Tensor]:
+        """`forward`'s output and the last hidden layer's activations [K, B, hidden] (the input without hidden
+        layers): the features gSDE's noise reads."""
         k = self.members if members is None else members
         h = x.unsqueeze(0).expand(k, -1, -1) if x.dim() == 2 else x
         # without autograd, in place on each layer's fresh output: no allocation, the memory is in cache
@@ -113,12 +118,16 @@ class StackedMLP(nn.Module):
         w, b, transposed = self._layers[-1]
         if members is not None:
             w, b = w[:k], b[:k]
-        return matmul.affine(b, h, w.transpose(1, 2) if transposed else w)
+        return matmul.affine(b, h, w.transpose(1, 2) if transposed else w), h
 
     def numpy_forward(self, x: np.ndarray, member: int | None = None) -> np.ndarray:
         """The forward pass in numpy (tanh/relu, CPU), for acting on small batches: a numpy call costs
         about 1 us where a torch call costs about 5 us. Reads the parameters' memory through views.
         x: [B, in]; returns [K, B, out], or [B, out] of one member with `member=k` (2-D products, cheaper)."""
+        return self.numpy_forward_features(x, member)[0]
+
+    def numpy_forward_features(self, x: np.ndarray, member: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """`numpy_forward`'s output and the last hidden layer's activations (as `forward_features`)."""
         layers = self._numpy_views()[member if member is not None else -1]
         h = x
         for w, b in layers[:-1]:
@@ -131,7 +140,7 @@ class StackedMLP(nn.Module):
         w, b = layers[-1]
         out = np.matmul(h, w)
         out += b
-        return out
+        return out, h
 
     def _numpy_views(self) -> list[list[tuple[np.ndarray, np.ndarray]]]:
         """Per member k, its [in, out] weight and [1, out] bias views; last, all members' [K, in, out] and

@@ -152,9 +152,9 @@ class TargetPolicy:
             z = (env - self.policy_mean_env(obs)) / std
             return (-0.5 * z * z - std.log() - 0.5 * _LOG_2PI).sum(-1)
         assert isinstance(net, ActorCritic) and isinstance(net.head, GaussianHead)
-        mean = net(obs)[0]
+        mean, log_std = net.distribution(obs)
         raw = net.head.from_env(env)
-        logp, _ = net.head.log_prob_entropy(mean, net.log_std, raw)
+        logp, _ = net.head.log_prob_entropy(mean, log_std, raw)
         return logp - to_env_units if net.head.squash else logp
 
     def policy_mean_env(self, obs: Tensor) -> Tensor:
@@ -179,7 +179,7 @@ class TargetPolicy:
             # sigma half-ranges is sigma in [-1, 1] units; the env clips what leaves the bounds
             return (mean + self.sigma * noise).clamp(-1.0, 1.0).view(batch, m, -1)
         assert isinstance(net, ActorCritic)
-        raw, _ = net.head.sample(net(repeated)[0], net.log_std, generator)
+        raw, _ = net.head.sample(*net.distribution(repeated), generator)
         env = net.head.to_env(raw).reshape(batch * m, -1)
         return (2.0 * (env - self.low) / (self.high - self.low) - 1.0).view(batch, m, -1)
 

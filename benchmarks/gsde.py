@@ -1,0 +1,184 @@
+"""policylab's PPO and A2C with gSDE (`use_sde`) against Stable-Baselines3's on Pendulum-v1, rl-zoo's entries.
+
+    .venv/bin/python benchmarks/gsde.py --seeds 3                           # PPO, 100k steps per run
+    .venv/bin/python benchmarks/gsde.py --algo a2c --seeds 3                # A2C, 1M steps per run
+    .venv/bin/python benchmarks/gsde.py --seeds 1 --steps 20000             # a quick smoke run
+
+Both sides run rl-zoo's Pendulum-v1 entry with its gSDE settings (policylab's preset for the env, checked against
+OURS after each run). PPO (hyperparams/ppo.yml): 4 envs x n_steps 1024, minibatches of 64 x 10 epochs, gamma 0.9,
+GAE lambda 0.95, lr 1e-3, clip 0.2, ent_coef 0, use_sde with sde_sample_freq 4; SB3's defaults otherwise (64x64
+tanh actor and critic, orthogonal init, log_std_init 0, Adam eps 1e-5, max_grad_norm 0.5). A2C (hyperparams/a2c.yml):
+8 envs x n_steps 8, gamma 0.9, GAE lambda 0.9, vf_coef 0.4, lr 7e-4 annealed linearly to 0, RMSprop, no advantage
+normalization, observations and rewards normalized, use_sde (matrices redrawn once per rollout), log_std_init -2,
+no orthogonal init. `--threads` torch threads (default 1) on both sides.
+
+Each run is a fresh subprocess, run alternately (ours, sb3, ours, sb3 ...), seeds 1..N. Per run: whole-process wall
+clock; training time and env steps/s; when the mean of the last 20 training returns first reaches -200; a
+deterministic evaluation of 20 episodes in the same plain Gymnasium loop for both. Output: tables on stdout, JSON in
+benchmarks/results/gsde-<date>.json.
+"""
+
+import time
+
+T0 = time.perf_counter()  # the worker's first statement: everything after it counts as the run
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+from collections.abc import Callable  # noqa: E402
+from pathlib import Path  # noqa: E402
+from typing import Any  # noqa: E402
+
+from common import (  # noqa: E402
+    Metric,
+    ThresholdTracker,
+    config_mismatches,
+    index_runs,
+    linear_schedule,
+    pair_report,
+    provenance,
+    run_alternating,
+    write_results,
+)
+
+ENV, THRESHOLD, WINDOW, EVAL_EPISODES, EVAL_SEED = "Pendulum-v1", -200.0, 20, 20, 1_000_000
+OURS: dict[str, dict[str, Any]] = {  # rl-zoo's entries in policylab's names (what the presets must resolve to)
+    "ppo": {"num_envs": 4, "n_steps": 1024, "batch_size": 64, "epochs": 10, "gamma": 0.9, "gae_lambda": 0.95,
+            "lr": 1e-3, "clip_eps": 0.2, "ent_coef": 0.0, "use_sde": True, "sde_sample_freq": 4,
+            "log_std_init": 0.0, "normalize_obs": False, "normalize_reward": False},
+    "a2c": {"num_envs": 8, "n_steps": 8, "gamma": 0.9, "gae_lambda": 0.9, "vf_coef": 0.4, "lr": 7e-4,
+            "anneal_lr": True, "optimizer": "rmsprop", "normalize_advantage": False, "normalize_obs": True,
+            "normalize_reward": True, "use_sde": True, "sde_sample_freq": -1, "log_std_init": -2.0,
+            "ortho_init": False, "ent_coef": 0.0, "max_grad_norm": 0.5},
+}  # fmt: skip
+STEPS = {"ppo": 100_000, "a2c": 1_000_000}
+
+
+def shared_eval(act: Callable[[Any], Any], seed: int) -> dict[str, Any]:
+    """The same plain Gymnasium loop for both sides: EVAL_EPISODES episodes, deterministic actions."""
+    import gymnasium as gym
+
+    start, env, returns = time.perf_counter(), gym.make(ENV), []
+    for i in range(EVAL_EPISODES):
+        obs, _ = env.reset(seed=EVAL_SEED + 1000 * seed + i)
+        total, done = 0.0, False
+        while not done:
+            obs, reward, terminated, truncated, _ = env.step(act(obs))
+            total, done = total + float(reward), terminated or truncated
+        returns.append(total)
+    env.close()
+    return {"eval_return_mean": sum(returns) / len(returns), "eval_returns": returns,
+            "eval_s": time.perf_counter() - start}  # fmt: skip
+
+
+def worker_ours(a: argparse.Namespace) -> dict[str, Any]:
+    import torch
+
+    import policylab as pl
+
+    torch.set_num_threads(a.threads)
+    track = ThresholdTracker(THRESHOLD, T0)
+    overrides = {"eval_every": 0, "checkpoint_every": 0, "threads": a.threads, "eval_episodes": 1}
+    t_setup = time.perf_counter()
+    run = pl.train(a.algo, env=ENV, steps=a.steps, seed=a.seed, overrides=overrides, progress=False, verbose=False,
+                   runs_dir=Path(a.out).parent / f"runs-ours-s{a.seed}", callback=track.policylab_callback())  # fmt: skip
+    t_returned = time.perf_counter()
+    wrong = config_mismatches(run.config, OURS[a.algo])
+    if wrong:
+        raise SystemExit(f"policylab's preset differs from rl-zoo's entry: {wrong}")
+    policy = pl.load(run.dir)
+    return {**track.record(t_setup, t_returned), **shared_eval(lambda obs: policy.act(obs), a.seed)}
+
+
+def worker_sb3(a: argparse.Namespace) -> dict[str, Any]:
+    import torch
+    from stable_baselines3 import A2C, PPO
+    from stable_baselines3.common.env_util import make_vec_env
+    from stable_baselines3.common.vec_env import VecNormalize
+
+    torch.set_num_threads(a.threads)
+    track = ThresholdTracker(THRESHOLD, T0)
+    t_setup = time.perf_counter()
+    if a.algo == "ppo":
+        env: Any = make_vec_env(ENV, n_envs=4, seed=a.seed)
+        model: Any = PPO(
+            "MlpPolicy", env, n_steps=1024, gae_lambda=0.95, gamma=0.9, n_epochs=10, ent_coef=0.0, learning_rate=1e-3,
+            clip_range=0.2, use_sde=True, sde_sample_freq=4, seed=a.seed, device="cpu", verbose=0,
+        )  # fmt: skip
+    else:
+        env = VecNormalize(make_vec_env(ENV, n_envs=8, seed=a.seed), norm_obs=True, norm_reward=True, gamma=0.9)
+        model = A2C(
+            "MlpPolicy", env, ent_coef=0.0, max_grad_norm=0.5, n_steps=8, gae_lambda=0.9, vf_coef=0.4, gamma=0.9,
+            use_rms_prop=True, normalize_advantage=False, learning_rate=linear_schedule(7e-4), use_sde=True,
+            policy_kwargs={"log_std_init": -2, "ortho_init": False}, seed=a.seed, device="cpu", verbose=0,
+        )  # fmt: skip
+    model.learn(a.steps, callback=track.sb3_callback(WINDOW))
+    t_returned = time.perf_counter()
+    normalize = env.normalize_obs if isinstance(env, VecNormalize) else (lambda obs: obs)
+    if isinstance(env, VecNormalize):
+        env.training = False
+
+    def act(obs: Any) -> Any:
+        return model.predict(normalize(obs[None]), deterministic=True)[0][0]
+
+    return {**track.record(t_setup, t_returned), **shared_eval(act, a.seed)}
+
+
+def main_worker(a: argparse.Namespace) -> None:
+    record = {"side": a.worker, "seed": a.seed, **{"ours": worker_ours, "sb3": worker_sb3}[a.worker](a)}
+    Path(a.out).write_text(json.dumps(record))
+
+
+METRICS: dict[str, Metric] = {
+    "process_wall_s": ("process wall clock, launch to exit (s)", ".2f", True),
+    "train_wall_s": ("training (s)", ".2f", True),
+    "train_steps_per_s": ("training env steps/s", ",.0f", True),
+    "time_to_threshold_s": ("time-to--200 (s since process start)", ".2f", True),
+    "steps_to_threshold": ("env steps to reach -200", ",.0f", True),
+    "final_train_return": ("final return, last 20 train episodes", ".1f", True),
+    "eval_return_mean": (f"shared deterministic eval, {EVAL_EPISODES} episodes", ".1f", True),
+}
+DETAIL: dict[str, Metric] = {"setup_s": ("set-up before training (s)", ".3f", False)}
+
+
+def main_parent(a: argparse.Namespace) -> None:
+    def show(rec: dict[str, Any]) -> None:
+        print(f"  {rec['side']:4s} seed {rec['seed']}: wall {rec['process_wall_s']:.1f} s, train "
+              f"{rec['train_wall_s']:.1f} s, eval {rec['eval_return_mean']:.1f}", flush=True)  # fmt: skip
+
+    seeds = list(range(a.first_seed, a.first_seed + a.seeds))
+    header = provenance(["policylab", "torch", "stable-baselines3", "gymnasium", "numpy"])
+    args = ["--algo", a.algo, "--steps", str(a.steps), "--threads", str(a.threads)]
+    runs = run_alternating(__file__, ["ours", "sb3"], seeds, args, show)
+    print(f"\n{a.algo} with gSDE, {ENV}, {a.steps:,} steps, {a.seeds} seed(s) per side, torch threads {a.threads}")
+    summary = pair_report(runs, seeds, METRICS, DETAIL, "ours", "sb3", ("ours", "SB3"))
+    by = index_runs(runs)
+    never = {side: [s for s in seeds if by[(side, s)]["time_to_threshold_s"] is None] for side in ("ours", "sb3")}
+    payload = {
+        "benchmark": "gsde",
+        **header,
+        "settings": {"algo": a.algo, "env": ENV, "steps": a.steps, "seeds": seeds, "threads": a.threads,
+                     "hyperparameters": OURS[a.algo], "order": "per seed: ours, sb3"},  # fmt: skip
+        "summary": summary,
+        "never_reached": never,
+        "runs": runs,
+    }
+    print(f"\nresults: {write_results('gsde', payload)}")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    p.add_argument("--algo", choices=sorted(OURS), default="ppo")
+    p.add_argument("--seeds", type=int, default=3, help="seeds per side")
+    p.add_argument("--first-seed", type=int, default=1)
+    p.add_argument("--steps", type=int, help="env steps per run (default: the entry's, PPO 100k, A2C 1M)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads, both sides")
+    p.add_argument("--worker", choices=["ours", "sb3"], help=argparse.SUPPRESS)
+    p.add_argument("--seed", type=int, default=1, help=argparse.SUPPRESS)
+    p.add_argument("--out", help=argparse.SUPPRESS)
+    a = p.parse_args()
+    a.steps = a.steps or STEPS[a.algo]
+    main_worker(a) if a.worker else main_parent(a)
+
+
+if __name__ == "__main__":
+    main()
