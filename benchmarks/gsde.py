@@ -80,7 +80,8 @@ def worker_ours(a: argparse.Namespace) -> dict[str, Any]:
     overrides = {"eval_every": 0, "checkpoint_every": 0, "threads": a.threads, "eval_episodes": 1}
     t_setup = time.perf_counter()
     run = pl.train(a.algo, env=ENV, steps=a.steps, seed=a.seed, overrides=overrides, progress=False, verbose=False,
-                   runs_dir=Path(a.out).parent / f"runs-ours-s{a.seed}", callback=track.policylab_callback())  # fmt: skip
+                   runs_dir=Path(a.out).parent / f"runs-ours-s{a.seed}",
+                   callback=track.policylab_callback())  # fmt: skip
     t_returned = time.perf_counter()
     wrong = config_mismatches(run.config, OURS[a.algo])
     if wrong:
@@ -156,8 +157,15 @@ def main_parent(a: argparse.Namespace) -> None:
     payload = {
         "benchmark": "gsde",
         **header,
-        "settings": {"algo": a.algo, "env": ENV, "steps": a.steps, "seeds": seeds, "threads": a.threads,
-                     "hyperparameters": OURS[a.algo], "order": "per seed: ours, sb3"},  # fmt: skip
+        "settings": {
+            "algo": a.algo,
+            "env": ENV,
+            "steps": a.steps,
+            "seeds": seeds,
+            "threads": a.threads,
+            "hyperparameters": OURS[a.algo],
+            "order": "per seed: ours, sb3",
+        },  # fmt: skip
         "summary": summary,
         "never_reached": never,
         "runs": runs,

@@ -78,7 +78,7 @@ class ActorCritic(nn.Module):
             gains = [0.01] * n + [1.0] if shared else [0.01, 1.0]
             self.body.orthogonal_init(gains)
         self.sde, self.sde_sample_freq = sde, sde_sample_freq
-        self.latent_dim = int(hidden_sizes[-1]) if len(hidden_sizes) else (memory or self.obs_dim)
+        self.latent_dim = int(hidden_sizes[-1]) if len(hidden_sizes) else self.obs_dim
         """The width of the actor's last hidden layer (gSDE's features)."""
         if sde:
             check_sde(self.head.continuous and not squash, memory > 0)
@@ -119,11 +119,17 @@ class ActorCritic(nn.Module):
             return out, self.log_std, values, hidden[0]
         return out, sde_log_std(hidden[0], self.log_std), values, hidden[0]  # type: ignore[arg-type]
 
+    def _head_inputs(self, obs: Tensor) -> tuple[Tensor, Tensor | None, Tensor]:
+        """(the head's inputs, its log std, values) at `obs` (a recurrent network from zero states)."""
+        if self.recurrent:
+            out, values = self(obs)
+            return out, self.log_std, values
+        out, log_std, values, _ = self._outputs(obs)
+        return out, log_std, values
+
     def distribution(self, obs: Tensor) -> tuple[Tensor, Tensor | None]:
         """(the head's inputs, its log std) at `obs`: what `head.sample` and `head.log_prob_entropy` take."""
-        if not self.sde:
-            return self.forward(obs)[0], self.log_std
-        out, log_std, _, _ = self._outputs(obs)
+        out, log_std, _ = self._head_inputs(obs)
         return out, log_std
 
     def row_log_std(self, hidden: Tensor) -> Tensor | None:
@@ -262,12 +268,8 @@ class ActorCritic(nn.Module):
 
     def evaluate(self, obs: Tensor, actions: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """(log-probs of `actions`, entropies, values) under the current parameters."""
-        if self.sde:
-            out, log_std, values, _ = self._outputs(obs)
-            logp, entropy = self.head.log_prob_entropy(out, log_std, actions)
-            return logp, entropy, values
-        out, values = self(obs)
-        logp, entropy = self.head.log_prob_entropy(out, self.log_std, actions)
+        out, log_std, values = self._head_inputs(obs)
+        logp, entropy = self.head.log_prob_entropy(out, log_std, actions)
         return logp, entropy, values
 
     def predict_values(self, obs: Tensor, rows: Tensor | None = None) -> Tensor:
@@ -301,9 +303,8 @@ class ActorCritic(nn.Module):
         log_std: Tensor | None
         if self.recurrent:
             out, log_std = self.forward(obs, state)[0], self.log_std
-        else:
-            out, log_std = self.distribution(obs) if not deterministic else (self.forward(obs)[0], None)
-        # sampled: from the Gaussian of each row (gSDE's per-row law, without a held noise matrix)
+        else:  # sampled under gSDE: from each row's Gaussian (its law given s), without a held noise matrix
+            out, log_std = self.distribution(obs)
         raw = self.head.mode(out) if deterministic else self.head.sample(out, log_std, generator, None)[0]
         return self.head.to_env(raw)
 
