@@ -11,6 +11,7 @@ from gymnasium.envs.classic_control.cartpole import CartPoleVectorEnv
 
 from policylab.envs import EpisodeTracker, ObsNormalizer, RewardScaler, RunningMeanStd, VecEnv, make_vec_env
 from policylab.envs.cartpole import SameStepCartPoleVectorEnv
+from policylab.envs.pendulum import PendulumVectorEnv
 from policylab.envs.sync import SyncEnvs
 from policylab.errors import EnvError
 
@@ -185,7 +186,7 @@ def test_cartpole_max_episode_steps_direct():
 
 def test_pendulum_truncates_at_200_steps():
     env = make_vec_env("Pendulum-v1", 2)
-    assert isinstance(env.env, SyncEnvs)
+    assert isinstance(env.env, PendulumVectorEnv)
     env.reset(seed=0)
     actions = np.zeros((2, 1), np.float32)
     for _ in range(199):
@@ -221,7 +222,7 @@ def test_module_attr_env_with_time_limit_in_sync_path():
     "env_id, warmup, kind",
     [
         ("CartPole-v1", 10, SameStepCartPoleVectorEnv),
-        ("Pendulum-v1", 195, SyncEnvs),  # the snapshot's continuation crosses the time limit
+        ("Pendulum-v1", 195, PendulumVectorEnv),  # the snapshot's continuation crosses the time limit
         ("InvertedPendulum-v5", 10, SyncEnvs),
     ],
 )
@@ -427,3 +428,28 @@ def test_sync_envs_match_gymnasium_sync_vector_env_same_step():
             mask = info["_final_obs"]
             np.testing.assert_array_equal(res.final_obs[mask], np.stack(info["final_obs"][mask]).astype(np.float32))
     assert ends > 3, "the comparison crossed several episode ends"
+
+
+@pytest.mark.parametrize("env_kwargs", [{}, {"g": 9.81}])
+def test_the_numpy_pendulum_is_bit_identical_to_one_gymnasium_pendulum_per_env(env_kwargs):
+    """N envs in one numpy step against N `gym.make("Pendulum-v1")` behind SyncEnvs: the same seeds, the same
+    observations, rewards, truncations, final observations and resets, bit for bit; snapshots interchange."""
+    ours = make_vec_env("Pendulum-v1", 3, env_kwargs=env_kwargs)
+    assert isinstance(ours.env, PendulumVectorEnv)
+    ref = make_vec_env("Pendulum-v1", 3, vectorization="sync", env_kwargs=env_kwargs)
+    assert isinstance(ref.env, SyncEnvs)
+    np.testing.assert_array_equal(ours.reset(seed=5), ref.reset(seed=5))
+    rng = np.random.default_rng(0)
+    ends = 0
+    for t in range(450):
+        actions = rng.uniform(-3, 3, (3, 1)).astype(np.float32)  # beyond the bounds: the env clips
+        a, b = ours.step(actions), ref.step(actions)
+        for field in ("obs", "reward", "terminated", "truncated"):
+            np.testing.assert_array_equal(getattr(a, field), getattr(b, field), err_msg=f"{field} at step {t}")
+        assert (a.final_obs is None) == (b.final_obs is None)
+        if a.final_obs is not None:
+            ends += int(a.episode_end.sum())
+            np.testing.assert_array_equal(a.final_obs, b.final_obs)
+        if t == 300:  # a snapshot of one restores into the other
+            ours.set_state(copy.deepcopy(ref.get_state()))
+    assert ends == 6, "two time limits crossed by each env"

@@ -19,12 +19,15 @@ from gymnasium.vector import AutoresetMode
 from policylab.envs.atari import is_atari, make_atari, register_atari
 from policylab.envs.cartpole import SameStepCartPoleVectorEnv
 from policylab.envs.encode import OneHotObservation, needs_encoding, raw_observation_space, storage_dtype
+from policylab.envs.pendulum import PendulumVectorEnv
 from policylab.envs.sync import SyncEnvs
 from policylab.errors import EnvError, suggest
 
 _NUMPY_VECTOR_ENVS: dict[str, type] = {
     "gymnasium.envs.classic_control.cartpole:CartPoleVectorEnv": SameStepCartPoleVectorEnv,
 }
+_NUMPY_VECTOR_ENVS_BY_ID: dict[str, tuple[type, set[str]]] = {"Pendulum-v1": (PendulumVectorEnv, {"g"})}
+"""Ids Gymnasium has no vector env for, with a numpy one here, and the env_kwargs it takes (others: one env each)."""
 
 
 @dataclass
@@ -90,15 +93,15 @@ class VecEnv:
         """A JSON/array snapshot of every env's state, or None where that is not possible."""
         if not self.snapshot_able:
             return None
-        if isinstance(self.env, SameStepCartPoleVectorEnv):
-            return self.env.get_state()
+        if hasattr(self.env, "get_state"):  # the numpy-vectorized envs
+            return self.env.get_state()  # type: ignore[no-any-return]
         subs = [_snapshot_env(e) for e in self.env.envs]  # type: ignore[union-attr]
         if any(s is None for s in subs):
             return None
         return {"envs": subs}
 
     def set_state(self, snapshot: dict[str, Any]) -> None:
-        if isinstance(self.env, SameStepCartPoleVectorEnv):
+        if hasattr(self.env, "set_state"):
             self.env.set_state(snapshot)
             return
         for env, sub in zip(self.env.envs, snapshot["envs"]):  # type: ignore[union-attr]
@@ -193,6 +196,10 @@ def make_vec_env(
             env = _construct(env_id, lambda: fast(num_envs=num_envs, max_episode_steps=max_steps, **kwargs))
             env.spec = spec  # type: ignore[misc]
             return VecEnv(env, env_id, snapshot_able=True)
+        by_id, accepted = _NUMPY_VECTOR_ENVS_BY_ID.get(env_id, (None, set()))
+        if by_id is not None and set(kwargs) <= accepted | {"max_episode_steps"}:
+            max_steps = kwargs.pop("max_episode_steps", None) or spec.max_episode_steps
+            return VecEnv(by_id(num_envs, max_steps, **kwargs), env_id, snapshot_able=True)
     make_one = lambda: make_single_env(env_id, kwargs, training=training)  # noqa: E731
     probe = make_one()
     check_spaces_are_vectorizable(probe, env_id)
