@@ -1,4 +1,5 @@
-"""Adam without torch.optim: the same arithmetic as `torch.optim.Adam(fused=True)`, less overhead.
+"""Adam and RMSprop without torch.optim: the same arithmetic as `torch.optim.Adam(fused=True)` and
+`torch.optim.RMSprop(foreach=True)`, less overhead.
 
 Two costs of torch.optim matter for small, short runs: constructing any
 torch.optim optimizer imports torch._dynamo (about 1.2 s on the benchmark
@@ -20,23 +21,19 @@ import torch
 from torch import Tensor
 
 
-class Adam:
-    def __init__(
-        self,
-        params: Iterable[torch.nn.Parameter],
-        lr: float = 1e-3,
-        betas: tuple[float, float] = (0.9, 0.999),
-        eps: float = 1e-8,
-        weight_decay: float = 0.0,
-    ) -> None:
+class _OneGroupOptimizer:
+    """What policylab's optimizers share: one parameter group, per-parameter state tensors created at the first
+    step, and torch.optim's `state_dict` layout (so checkpoints of either read the same way)."""
+
+    STATE: tuple[str, ...] = ()
+    """The per-parameter state tensors besides the step count."""
+
+    def __init__(self, params: Iterable[torch.nn.Parameter], **group: Any) -> None:
         params = list(params)
         if not params:
-            raise ValueError("Adam got no parameters")
-        self.param_groups: list[dict[str, Any]] = [
-            {"params": params, "lr": lr, "betas": tuple(betas), "eps": eps, "weight_decay": weight_decay}
-        ]
+            raise ValueError(f"{type(self).__name__} got no parameters")
+        self.param_groups: list[dict[str, Any]] = [{"params": params, **group}]
         self.state: dict[torch.nn.Parameter, dict[str, Tensor]] = {}
-        self._fused = hasattr(torch, "_fused_adam_")
 
     @property
     def params(self) -> list[torch.nn.Parameter]:
@@ -49,15 +46,6 @@ class Adam:
             elif p.grad is not None:
                 p.grad.zero_()
 
-    def _init_state(self) -> None:
-        for p in self.params:
-            if p not in self.state:
-                self.state[p] = {
-                    "step": torch.zeros((), dtype=torch.float32, device=p.device),
-                    "exp_avg": torch.zeros_like(p, memory_format=torch.preserve_format),
-                    "exp_avg_sq": torch.zeros_like(p, memory_format=torch.preserve_format),
-                }
-
     def step(self) -> None:
         if torch.is_grad_enabled():
             with torch.no_grad():
@@ -66,15 +54,64 @@ class Adam:
             self._step()
 
     def _step(self) -> None:
-        group = self.param_groups[0]
+        raise NotImplementedError
+
+    def _with_grads(self) -> tuple[list[torch.nn.Parameter], list[dict[str, Tensor]]]:
+        """The parameters that have a gradient and their state (created at the first step)."""
         params = self.params
         if any(p.grad is None for p in params):
             params = [p for p in params if p.grad is not None]
-            if not params:
-                return
-        if len(self.state) < len(self.params):
-            self._init_state()
-        states = [self.state[p] for p in params]
+        for p in params:
+            if p not in self.state:
+                self.state[p] = {
+                    "step": torch.zeros((), dtype=torch.float32, device=p.device),
+                    **{key: torch.zeros_like(p, memory_format=torch.preserve_format) for key in self.STATE},
+                }
+        return params, [self.state[p] for p in params]
+
+    def state_dict(self) -> dict[str, Any]:
+        index = {p: i for i, p in enumerate(self.params)}
+        group = {k: list(v) if isinstance(v, tuple) else v for k, v in self.param_groups[0].items() if k != "params"}
+        group["params"] = list(range(len(self.params)))
+        return {"state": {index[p]: dict(s) for p, s in self.state.items()}, "param_groups": [group]}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """torch.optim's layout: that of a checkpoint written by this class or by its torch.optim twin."""
+        groups = state_dict["param_groups"]
+        if len(groups) != 1 or len(groups[0]["params"]) != len(self.params):
+            raise ValueError("optimizer state does not match the parameters (a different network?)")
+        group = self.param_groups[0]
+        for key, value in group.items():
+            if key != "params" and key in groups[0]:
+                group[key] = tuple(groups[0][key]) if isinstance(value, tuple) else groups[0][key]
+        self.state = {}
+        for idx, s in state_dict["state"].items():
+            p = self.params[int(idx)]
+            self.state[p] = {
+                "step": torch.as_tensor(s["step"]).to(dtype=torch.float32, device=p.device).reshape(()).clone(),
+                **{key: s[key].to(p.device).clone() for key in self.STATE},
+            }
+
+
+class Adam(_OneGroupOptimizer):
+    STATE = ("exp_avg", "exp_avg_sq")
+
+    def __init__(
+        self,
+        params: Iterable[torch.nn.Parameter],
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+    ) -> None:
+        super().__init__(params, lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay)
+        self._fused = hasattr(torch, "_fused_adam_")
+
+    def _step(self) -> None:
+        group = self.param_groups[0]
+        params, states = self._with_grads()
+        if not params:
+            return
         grads: list[Tensor] = [p.grad for p in params]  # type: ignore[misc]
         exp_avgs = [s["exp_avg"] for s in states]
         exp_avg_sqs = [s["exp_avg_sq"] for s in states]
@@ -127,31 +164,32 @@ class Adam:
             denom = (v.sqrt() / math.sqrt(1 - beta2**n)).add_(group["eps"])
             p.addcdiv_(m, denom, value=-step_size)
 
-    # torch.optim's state_dict layout, so that checkpoints read the same way -------------------
 
-    def state_dict(self) -> dict[str, Any]:
-        index = {p: i for i, p in enumerate(self.params)}
-        group = {k: v for k, v in self.param_groups[0].items() if k != "params"}
-        group["betas"] = list(group["betas"])
-        group["params"] = list(range(len(self.params)))
-        return {"state": {index[p]: dict(s) for p, s in self.state.items()}, "param_groups": [group]}
+class RMSprop(_OneGroupOptimizer):
+    """torch.optim.RMSprop(foreach=True) without momentum, centering or weight decay (A2C's, as SB3's), the same
+    arithmetic bit for bit (tests/test_optim.py): square_avg = alpha square_avg + (1 - alpha) g^2, then
+    p -= lr g / (sqrt(square_avg) + eps)."""
 
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        groups = state_dict["param_groups"]
-        if len(groups) != 1 or len(groups[0]["params"]) != len(self.params):
-            raise ValueError("optimizer state does not match the parameters (a different network?)")
+    STATE = ("square_avg",)
+
+    def __init__(
+        self, params: Iterable[torch.nn.Parameter], lr: float = 1e-2, alpha: float = 0.99, eps: float = 1e-8
+    ) -> None:
+        super().__init__(params, lr=lr, alpha=alpha, eps=eps)
+
+    def _step(self) -> None:
         group = self.param_groups[0]
-        for key in ("lr", "eps", "weight_decay"):
-            group[key] = groups[0][key]
-        group["betas"] = tuple(groups[0]["betas"])
-        self.state = {}
-        for idx, s in state_dict["state"].items():
-            p = self.params[int(idx)]
-            self.state[p] = {
-                "step": s["step"].to(dtype=torch.float32, device=p.device).reshape(()).clone(),
-                "exp_avg": s["exp_avg"].to(p.device).clone(),
-                "exp_avg_sq": s["exp_avg_sq"].to(p.device).clone(),
-            }
+        params, states = self._with_grads()
+        if not params:
+            return
+        grads: list[Tensor] = [p.grad for p in params]  # type: ignore[misc]
+        square_avgs = [s["square_avg"] for s in states]
+        torch._foreach_add_([s["step"] for s in states], 1)
+        torch._foreach_mul_(square_avgs, group["alpha"])
+        torch._foreach_addcmul_(square_avgs, grads, grads, value=1 - group["alpha"])
+        denominators = torch._foreach_sqrt(square_avgs)
+        torch._foreach_add_(denominators, group["eps"])
+        torch._foreach_addcdiv_(params, grads, denominators, value=-group["lr"])  # type: ignore[arg-type]
 
 
 class ParameterBuffer:
@@ -216,8 +254,8 @@ class ParameterBuffer:
         return self._grad_view
 
 
-Optimizer = Union[torch.optim.Optimizer, Adam]
-"""What the algorithms accept: policylab's Adam or any torch.optim optimizer."""
+Optimizer = Union[torch.optim.Optimizer, Adam, RMSprop]
+"""What the algorithms accept: policylab's Adam and RMSprop, or any torch.optim optimizer."""
 
 
 def set_lr(optimizer: Optimizer, lr: float) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from policylab.optim import Adam
+from policylab.optim import Adam, RMSprop
 
 
 def _params(seed: int) -> list[torch.nn.Parameter]:
@@ -81,3 +81,30 @@ def test_state_dict_round_trip_continues_identically():
         assert torch.equal(p, q)
     with pytest.raises(ValueError, match="does not match"):
         Adam(_params(0)[:1]).load_state_dict(state)
+
+
+def test_rmsprop_matches_torch_rmsprop_bitwise_and_round_trips_through_its_state_dict():
+    """A2C's optimizer: torch.optim.RMSprop(foreach=True) without momentum or centering, bit for bit, with a
+    learning-rate change on the way (A2C anneals it); a state_dict of either loads into the other."""
+    ours, ref = _params(5), _params(5)
+    opt = RMSprop(ours, lr=7e-4, alpha=0.99, eps=1e-5)
+    ref_opt = torch.optim.RMSprop(ref, lr=7e-4, alpha=0.99, eps=1e-5, foreach=True)
+    g = torch.Generator().manual_seed(6)
+    for step in range(6):
+        for p, q in zip(ours, ref):
+            grad = torch.randn(p.shape, generator=g)
+            p.grad, q.grad = grad.clone(), grad.clone()
+        if step == 2:
+            opt.param_groups[0]["lr"] = ref_opt.param_groups[0]["lr"] = 3e-4
+        opt.step()
+        ref_opt.step()
+        for p, q in zip(ours, ref):
+            assert torch.equal(p, q), step
+    restored = RMSprop(_params(5), lr=1.0)
+    restored.load_state_dict(ref_opt.state_dict())
+    assert restored.param_groups[0]["lr"] == 3e-4 and restored.param_groups[0]["eps"] == 1e-5
+    for p, q in zip(opt.params, restored.params):
+        assert torch.equal(restored.state[q]["square_avg"], opt.state[p]["square_avg"])
+    back = torch.optim.RMSprop(_params(5), lr=1.0, foreach=True)
+    back.load_state_dict(opt.state_dict())
+    assert back.param_groups[0]["lr"] == 3e-4

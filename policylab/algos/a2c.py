@@ -29,7 +29,7 @@ from policylab.algos.ppo import explained_variance
 from policylab.data import Batch
 from policylab.errors import ConfigError
 from policylab.nets import ActorCritic
-from policylab.optim import Optimizer, set_lr
+from policylab.optim import Optimizer, RMSprop, set_lr
 
 
 @dataclass
@@ -66,7 +66,7 @@ class A2C:
     def _optimizer(self, params: list[torch.nn.Parameter]) -> Optimizer:
         cfg = self.cfg
         if cfg.optimizer == "rmsprop":
-            return torch.optim.RMSprop(params, lr=cfg.lr, alpha=cfg.rms_alpha, eps=cfg.optim_eps, foreach=True)
+            return RMSprop(params, lr=cfg.lr, alpha=cfg.rms_alpha, eps=cfg.optim_eps)
         return adam(params, cfg.lr, cfg.optim_eps)
 
     @staticmethod
