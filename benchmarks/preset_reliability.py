@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import statistics
 import subprocess
 import sys
@@ -159,14 +160,14 @@ def time_versus(args: argparse.Namespace, seeds: list[int]) -> dict:
 def markdown_table(paths: list[str]) -> str:
     """A row per preset of `policylab list` (the default presets) from results files: the runs of each preset
     at its budget with no extra --set (a preset whose values change changes its budget too, as DQN's, QR-DQN's and
-    DQN MountainCar's did), pooled over the files by seed (a later file's run of a seed replaces an earlier
-    one's); presets no file ran: "not run"."""
+    DQN MountainCar's did, or is run again on the earlier seeds, as PPO's and A2C's Pendulum with gSDE were), pooled
+    over the files by seed (a later file's run of a seed replaces an earlier one's; the files listed are those
+    whose runs remain); presets no file ran: "not run"."""
     from policylab.config import format_count
     from policylab.presets import PRESETS
 
-    runs: dict[tuple[str, str], dict[int, dict]] = {}
-    names: dict[tuple[str, str], list[str]] = {}
-    for path in paths:
+    runs: dict[tuple[str, str], dict[int, tuple[dict, str]]] = {}  # per preset and seed: the run, its file
+    for path in sorted(paths, key=written_order):
         for res in json.loads(Path(path).read_text())["results"]:
             key = (res["algo"], res["env"])
             budget = PRESETS.get(res["algo"], {}).get(res["env"])
@@ -174,8 +175,7 @@ def markdown_table(paths: list[str]) -> str:
                 continue
             if abs(res["steps"] - budget.values.get("steps", 0)) > 0.05 * res["steps"]:  # another budget
                 continue  # (on-policy runs end on a whole rollout: 100,096 steps for a 100k budget)
-            runs.setdefault(key, {}).update({run["seed"]: run for run in res["runs"]})
-            names.setdefault(key, []).append(Path(path).name)
+            runs.setdefault(key, {}).update({run["seed"]: (run, Path(path).name) for run in res["runs"]})
     lines = [
         "| algorithm | env | budget | final >= threshold | median final return | median best return | results |",
         "|---|---|---|---|---|---|---|",
@@ -186,16 +186,22 @@ def markdown_table(paths: list[str]) -> str:
             if (algo, env) not in runs:
                 lines.append(f"| {algo} | {env} | {budget} | not run | | | |")
                 continue
-            pooled = list(runs[(algo, env)].values())
+            pooled = [run for run, _ in runs[(algo, env)].values()]
             finals = [run["final_return"] for run in pooled]
             bar = threshold(env)
             reached = f"{sum(f >= bar for f in finals)}/{len(pooled)} (>= {bar:g})" if bar is not None else "no bar"
-            files = ", ".join(f"`{name}`" for name in dict.fromkeys(names[(algo, env)]))
+            files = ", ".join(f"`{name}`" for name in sorted({name for _, name in runs[(algo, env)].values()}))
             lines.append(
                 f"| {algo} | {env} | {budget} | {reached} | {statistics.median(finals):.1f} | "
                 f"{statistics.median(run['best_return'] for run in pooled):.1f} | {files} |"
             )
     return "\n".join(lines)
+
+
+def written_order(path: str) -> tuple[str, int]:
+    """results/<name>-<date>[-<n>].json in the order they were written (a shell glob puts -10 before -9)."""
+    match = re.search(r"-(\d{4}-\d\d-\d\d)(?:-(\d+))?\.json$", path)
+    return (match.group(1), int(match.group(2) or 1)) if match else ("", 0)
 
 
 def affordable_presets(max_steps: int) -> list[tuple[str, str]]:
