@@ -317,6 +317,52 @@ class ThresholdTracker:
 # --- summaries -----------------------------------------------------------------------------------
 
 
+def gym_eval(env_id: str, act: Callable[[Any], Any], seed: int, episodes: int = 20,
+             eval_seed: int = 1_000_000) -> dict[str, Any]:  # fmt: skip
+    """The same plain Gymnasium loop for both sides of a benchmark: `episodes` episodes of `act(obs)`, episode i
+    reset with eval_seed + 1000 * seed + i."""
+    import gymnasium as gym
+
+    start, env, returns = time.perf_counter(), gym.make(env_id), []
+    for i in range(episodes):
+        obs, _ = env.reset(seed=eval_seed + 1000 * seed + i)
+        total, done = 0.0, False
+        while not done:
+            obs, reward, terminated, truncated, _ = env.step(act(obs))
+            total, done = total + float(reward), terminated or truncated
+        returns.append(total)
+    env.close()
+    return {"eval_return_mean": sum(returns) / len(returns), "eval_returns": returns,
+            "eval_s": time.perf_counter() - start}  # fmt: skip
+
+
+def threshold_metrics(threshold: str, episodes: int) -> tuple[dict[str, "Metric"], dict[str, "Metric"]]:
+    """(per-run metrics, details) of a side-by-side training benchmark with a `ThresholdTracker` and a shared
+    evaluation of `episodes` episodes."""
+    metrics = {
+        "process_wall_s": ("process wall clock, launch to exit (s)", ".2f", True),
+        "train_wall_s": ("training (s)", ".2f", True),
+        "train_steps_per_s": ("training env steps/s", ",.0f", True),
+        "time_to_threshold_s": (f"time-to-{threshold} (s since process start)", ".2f", True),
+        "steps_to_threshold": (f"env steps to reach {threshold}", ",.0f", True),
+        "final_train_return": ("final return, last 20 train episodes", ".1f", True),
+        "eval_return_mean": (f"shared deterministic eval, {episodes} episodes", ".1f", True),
+    }
+    return metrics, {"setup_s": ("set-up before training (s)", ".3f", False)}
+
+
+def write_worker_record(a: Any, workers: dict[str, Callable[[Any], dict[str, Any]]]) -> None:
+    """A worker subprocess's record (side, seed and what `workers[side](a)` measured) into `a.out`."""
+    record = {"side": a.worker, "seed": a.seed, **workers[a.worker](a)}
+    Path(a.out).write_text(json.dumps(record))
+
+
+def show_run(rec: dict[str, Any]) -> None:
+    """One line per finished run of `run_alternating`."""
+    print(f"  {rec['side']:4s} seed {rec['seed']}: wall {rec['process_wall_s']:.1f} s, train "
+          f"{rec['train_wall_s']:.1f} s, eval {rec['eval_return_mean']:.1f}", flush=True)  # fmt: skip
+
+
 def linear_schedule(start: float) -> Callable[[float], float]:
     """SB3's form of rl-zoo's `lin_<start>`: a function of the remaining progress (1 -> 0)."""
     return lambda progress_remaining: start * progress_remaining

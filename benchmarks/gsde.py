@@ -23,21 +23,22 @@ import time
 T0 = time.perf_counter()  # the worker's first statement: everything after it counts as the run
 
 import argparse  # noqa: E402
-import json  # noqa: E402
-from collections.abc import Callable  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Any  # noqa: E402
 
 from common import (  # noqa: E402
-    Metric,
     ThresholdTracker,
     config_mismatches,
+    gym_eval,
     index_runs,
     linear_schedule,
     pair_report,
     provenance,
     run_alternating,
+    show_run,
+    threshold_metrics,
     write_results,
+    write_worker_record,
 )
 
 ENV, THRESHOLD, WINDOW, EVAL_EPISODES, EVAL_SEED = "Pendulum-v1", -200.0, 20, 20, 1_000_000
@@ -51,23 +52,6 @@ OURS: dict[str, dict[str, Any]] = {  # rl-zoo's entries in policylab's names (wh
             "ortho_init": False, "ent_coef": 0.0, "max_grad_norm": 0.5},
 }  # fmt: skip
 STEPS = {"ppo": 100_000, "a2c": 1_000_000}
-
-
-def shared_eval(act: Callable[[Any], Any], seed: int) -> dict[str, Any]:
-    """The same plain Gymnasium loop for both sides: EVAL_EPISODES episodes, deterministic actions."""
-    import gymnasium as gym
-
-    start, env, returns = time.perf_counter(), gym.make(ENV), []
-    for i in range(EVAL_EPISODES):
-        obs, _ = env.reset(seed=EVAL_SEED + 1000 * seed + i)
-        total, done = 0.0, False
-        while not done:
-            obs, reward, terminated, truncated, _ = env.step(act(obs))
-            total, done = total + float(reward), terminated or truncated
-        returns.append(total)
-    env.close()
-    return {"eval_return_mean": sum(returns) / len(returns), "eval_returns": returns,
-            "eval_s": time.perf_counter() - start}  # fmt: skip
 
 
 def worker_ours(a: argparse.Namespace) -> dict[str, Any]:
@@ -87,7 +71,8 @@ def worker_ours(a: argparse.Namespace) -> dict[str, Any]:
     if wrong:
         raise SystemExit(f"policylab's preset differs from rl-zoo's entry: {wrong}")
     policy = pl.load(run.dir)
-    return {**track.record(t_setup, t_returned), **shared_eval(lambda obs: policy.act(obs), a.seed)}
+    evaluation = gym_eval(ENV, lambda obs: policy.act(obs), a.seed, EVAL_EPISODES, EVAL_SEED)
+    return {**track.record(t_setup, t_returned), **evaluation}
 
 
 def worker_sb3(a: argparse.Namespace) -> dict[str, Any]:
@@ -121,35 +106,17 @@ def worker_sb3(a: argparse.Namespace) -> dict[str, Any]:
     def act(obs: Any) -> Any:
         return model.predict(normalize(obs[None]), deterministic=True)[0][0]
 
-    return {**track.record(t_setup, t_returned), **shared_eval(act, a.seed)}
+    return {**track.record(t_setup, t_returned), **gym_eval(ENV, act, a.seed, EVAL_EPISODES, EVAL_SEED)}
 
 
-def main_worker(a: argparse.Namespace) -> None:
-    record = {"side": a.worker, "seed": a.seed, **{"ours": worker_ours, "sb3": worker_sb3}[a.worker](a)}
-    Path(a.out).write_text(json.dumps(record))
-
-
-METRICS: dict[str, Metric] = {
-    "process_wall_s": ("process wall clock, launch to exit (s)", ".2f", True),
-    "train_wall_s": ("training (s)", ".2f", True),
-    "train_steps_per_s": ("training env steps/s", ",.0f", True),
-    "time_to_threshold_s": ("time-to--200 (s since process start)", ".2f", True),
-    "steps_to_threshold": ("env steps to reach -200", ",.0f", True),
-    "final_train_return": ("final return, last 20 train episodes", ".1f", True),
-    "eval_return_mean": (f"shared deterministic eval, {EVAL_EPISODES} episodes", ".1f", True),
-}
-DETAIL: dict[str, Metric] = {"setup_s": ("set-up before training (s)", ".3f", False)}
+METRICS, DETAIL = threshold_metrics("-200", EVAL_EPISODES)
 
 
 def main_parent(a: argparse.Namespace) -> None:
-    def show(rec: dict[str, Any]) -> None:
-        print(f"  {rec['side']:4s} seed {rec['seed']}: wall {rec['process_wall_s']:.1f} s, train "
-              f"{rec['train_wall_s']:.1f} s, eval {rec['eval_return_mean']:.1f}", flush=True)  # fmt: skip
-
     seeds = list(range(a.first_seed, a.first_seed + a.seeds))
     header = provenance(["policylab", "torch", "stable-baselines3", "gymnasium", "numpy"])
     args = ["--algo", a.algo, "--steps", str(a.steps), "--threads", str(a.threads)]
-    runs = run_alternating(__file__, ["ours", "sb3"], seeds, args, show)
+    runs = run_alternating(__file__, ["ours", "sb3"], seeds, args, show_run)
     print(f"\n{a.algo} with gSDE, {ENV}, {a.steps:,} steps, {a.seeds} seed(s) per side, torch threads {a.threads}")
     summary = pair_report(runs, seeds, METRICS, DETAIL, "ours", "sb3", ("ours", "SB3"))
     by = index_runs(runs)
@@ -185,7 +152,7 @@ def main() -> None:
     p.add_argument("--out", help=argparse.SUPPRESS)
     a = p.parse_args()
     a.steps = a.steps or STEPS[a.algo]
-    main_worker(a) if a.worker else main_parent(a)
+    write_worker_record(a, {"ours": worker_ours, "sb3": worker_sb3}) if a.worker else main_parent(a)
 
 
 if __name__ == "__main__":

@@ -28,7 +28,6 @@ T0 = time.perf_counter()  # the worker's first statement: everything after it co
 import argparse  # noqa: E402
 import dataclasses  # noqa: E402
 import json  # noqa: E402
-from collections.abc import Callable  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Any  # noqa: E402
 
@@ -38,6 +37,7 @@ from common import (  # noqa: E402
     config_mismatches,
     fmt,
     fmt_summary,
+    gym_eval,
     index_runs,
     linear_schedule,
     pair_report,
@@ -77,26 +77,6 @@ EXPECTED: dict[str, Any] = {  # policylab's resolved config must equal rl-zoo's 
 }
 
 
-def shared_eval(act: Callable[[Any], int], seed: int) -> dict[str, Any]:
-    """The same plain Gymnasium loop for both sides: EVAL_EPISODES episodes, deterministic actions."""
-    import gymnasium as gym
-
-    start, env, returns = time.perf_counter(), gym.make(ENV_ID), []
-    for i in range(EVAL_EPISODES):
-        obs, _ = env.reset(seed=EVAL_SEED + 1000 * seed + i)
-        total, done = 0.0, False
-        while not done:
-            obs, reward, terminated, truncated, _ = env.step(act(obs))
-            total, done = total + float(reward), terminated or truncated
-        returns.append(total)
-    env.close()
-    return {
-        "eval_return_mean": sum(returns) / len(returns),
-        "eval_returns": returns,
-        "eval_s": time.perf_counter() - start,
-    }
-
-
 def worker_ours(a: argparse.Namespace) -> dict[str, Any]:
     t = time.perf_counter()
     import torch
@@ -126,7 +106,7 @@ def worker_ours(a: argparse.Namespace) -> dict[str, Any]:
     if wrong:
         raise SystemExit(f"policylab's CartPole-v1 config differs from rl-zoo's: {wrong}")
     policy = pl.load(run.dir)
-    ev = shared_eval(lambda obs: policy.act(obs, deterministic=True), a.seed)
+    ev = gym_eval(ENV_ID, lambda obs: policy.act(obs, deterministic=True), a.seed, EVAL_EPISODES, EVAL_SEED)
     final = run.final_eval or {}
     return {
         "imports_s": imports_s,
@@ -170,7 +150,7 @@ def worker_sb3(a: argparse.Namespace) -> dict[str, Any]:
         raise SystemExit("SB3's PPO defaults are not the ones this benchmark states")
     model.learn(a.steps, callback=track.sb3_callback(WINDOW))
     t_returned = time.perf_counter()
-    ev = shared_eval(lambda obs: int(model.predict(obs, deterministic=True)[0]), a.seed)
+    ev = gym_eval(ENV_ID, lambda obs: int(model.predict(obs, deterministic=True)[0]), a.seed, EVAL_EPISODES, EVAL_SEED)
     return {"imports_s": imports_s, **track.record(t_setup, t_returned), **ev}
 
 

@@ -20,13 +20,11 @@ import time
 T0 = time.perf_counter()  # the worker's first statement: everything after it counts as the run
 
 import argparse  # noqa: E402
-import json  # noqa: E402
 from collections.abc import Callable  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Any  # noqa: E402
 
 from common import (  # noqa: E402
-    Metric,
     ThresholdTracker,
     config_mismatches,
     index_runs,
@@ -34,7 +32,10 @@ from common import (  # noqa: E402
     pair_report,
     provenance,
     run_alternating,
+    show_run,
+    threshold_metrics,
     write_results,
+    write_worker_record,
 )
 
 ENV, N_ENVS, THRESHOLD, WINDOW, EVAL_EPISODES, EVAL_SEED = "memory_envs:make", 8, 475.0, 20, 20, 1_000_000
@@ -141,32 +142,14 @@ def worker_sb3(a: argparse.Namespace) -> dict[str, Any]:
     return {**track.record(t_setup, t_returned), **shared_eval(act, a.seed)}
 
 
-def main_worker(a: argparse.Namespace) -> None:
-    record = {"side": a.worker, "seed": a.seed, **{"ours": worker_ours, "sb3": worker_sb3}[a.worker](a)}
-    Path(a.out).write_text(json.dumps(record))
-
-
-METRICS: dict[str, Metric] = {
-    "process_wall_s": ("process wall clock, launch to exit (s)", ".2f", True),
-    "train_wall_s": ("training (s)", ".2f", True),
-    "train_steps_per_s": ("training env steps/s", ",.0f", True),
-    "time_to_threshold_s": ("time-to-475 (s since process start)", ".2f", True),
-    "steps_to_threshold": ("env steps to reach 475", ",.0f", True),
-    "final_train_return": ("final return, last 20 train episodes", ".1f", True),
-    "eval_return_mean": (f"shared deterministic eval, {EVAL_EPISODES} episodes", ".1f", True),
-}
-DETAIL: dict[str, Metric] = {"setup_s": ("set-up before training (s)", ".3f", False)}
+METRICS, DETAIL = threshold_metrics("475", EVAL_EPISODES)
 
 
 def main_parent(a: argparse.Namespace) -> None:
-    def show(rec: dict[str, Any]) -> None:
-        print(f"  {rec['side']:4s} seed {rec['seed']}: wall {rec['process_wall_s']:.1f} s, train "
-              f"{rec['train_wall_s']:.1f} s, eval {rec['eval_return_mean']:.1f}", flush=True)  # fmt: skip
-
     seeds = list(range(1, a.seeds + 1))
     header = provenance(["policylab", "torch", "stable-baselines3", "sb3-contrib", "gymnasium", "numpy"])
     runs = run_alternating(__file__, ["ours", "sb3"], seeds, ["--steps", str(a.steps), "--threads", str(a.threads)],
-                           show)  # fmt: skip
+                           show_run)  # fmt: skip
     print(f"\nrecurrent PPO, CartPoleNoVel, {a.steps:,} steps, {a.seeds} seed(s) per side, torch threads {a.threads}")
     summary = pair_report(runs, seeds, METRICS, DETAIL, "ours", "sb3", ("ours", "SB3-contrib"))
     by = index_runs(runs)
@@ -198,7 +181,7 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=1, help=argparse.SUPPRESS)
     p.add_argument("--out", help=argparse.SUPPRESS)
     a = p.parse_args()
-    main_worker(a) if a.worker else main_parent(a)
+    write_worker_record(a, {"ours": worker_ours, "sb3": worker_sb3}) if a.worker else main_parent(a)
 
 
 if __name__ == "__main__":
