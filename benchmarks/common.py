@@ -317,15 +317,14 @@ class ThresholdTracker:
 # --- summaries -----------------------------------------------------------------------------------
 
 
-def gym_eval(env_id: str, act: Callable[[Any], Any], seed: int, episodes: int = 20,
-             eval_seed: int = 1_000_000) -> dict[str, Any]:  # fmt: skip
+def gym_eval(env_id: str, act: Callable[[Any], Any], first_seed: int, episodes: int = 20) -> dict[str, Any]:
     """The same plain Gymnasium loop for both sides of a benchmark: `episodes` episodes of `act(obs)`, episode i
-    reset with eval_seed + 1000 * seed + i."""
+    reset with first_seed + i."""
     import gymnasium as gym
 
     start, env, returns = time.perf_counter(), gym.make(env_id), []
     for i in range(episodes):
-        obs, _ = env.reset(seed=eval_seed + 1000 * seed + i)
+        obs, _ = env.reset(seed=first_seed + i)
         total, done = 0.0, False
         while not done:
             obs, reward, terminated, truncated, _ = env.step(act(obs))

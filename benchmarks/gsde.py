@@ -71,7 +71,7 @@ def worker_ours(a: argparse.Namespace) -> dict[str, Any]:
     if wrong:
         raise SystemExit(f"policylab's preset differs from rl-zoo's entry: {wrong}")
     policy = pl.load(run.dir)
-    evaluation = gym_eval(ENV, lambda obs: policy.act(obs), a.seed, EVAL_EPISODES, EVAL_SEED)
+    evaluation = gym_eval(ENV, lambda obs: policy.act(obs), EVAL_SEED + 1000 * a.seed, EVAL_EPISODES)
     return {**track.record(t_setup, t_returned), **evaluation}
 
 
@@ -106,7 +106,7 @@ def worker_sb3(a: argparse.Namespace) -> dict[str, Any]:
     def act(obs: Any) -> Any:
         return model.predict(normalize(obs[None]), deterministic=True)[0][0]
 
-    return {**track.record(t_setup, t_returned), **gym_eval(ENV, act, a.seed, EVAL_EPISODES, EVAL_SEED)}
+    return {**track.record(t_setup, t_returned), **gym_eval(ENV, act, EVAL_SEED + 1000 * a.seed, EVAL_EPISODES)}
 
 
 METRICS, DETAIL = threshold_metrics("-200", EVAL_EPISODES)

@@ -106,7 +106,8 @@ def worker_ours(a: argparse.Namespace) -> dict[str, Any]:
     if wrong:
         raise SystemExit(f"policylab's CartPole-v1 config differs from rl-zoo's: {wrong}")
     policy = pl.load(run.dir)
-    ev = gym_eval(ENV_ID, lambda obs: policy.act(obs, deterministic=True), a.seed, EVAL_EPISODES, EVAL_SEED)
+    first = EVAL_SEED + 1000 * a.seed
+    ev = gym_eval(ENV_ID, lambda obs: policy.act(obs, deterministic=True), first, EVAL_EPISODES)
     final = run.final_eval or {}
     return {
         "imports_s": imports_s,
@@ -150,7 +151,8 @@ def worker_sb3(a: argparse.Namespace) -> dict[str, Any]:
         raise SystemExit("SB3's PPO defaults are not the ones this benchmark states")
     model.learn(a.steps, callback=track.sb3_callback(WINDOW))
     t_returned = time.perf_counter()
-    ev = gym_eval(ENV_ID, lambda obs: int(model.predict(obs, deterministic=True)[0]), a.seed, EVAL_EPISODES, EVAL_SEED)
+    first = EVAL_SEED + 1000 * a.seed
+    ev = gym_eval(ENV_ID, lambda obs: int(model.predict(obs, deterministic=True)[0]), first, EVAL_EPISODES)
     return {"imports_s": imports_s, **track.record(t_setup, t_returned), **ev}
 
 

@@ -43,6 +43,7 @@ from typing import Any  # noqa: E402
 from common import (  # noqa: E402
     Metric,
     fmt,
+    gym_eval,
     pair_report,
     provenance,
     ratio,
@@ -99,26 +100,6 @@ def per_case(case: Case) -> dict[str, tuple[str, Any]]:
     }
 
 
-def shared_eval(case: Case, act: Any, seed: int) -> dict[str, Any]:
-    """The same plain Gymnasium loop for both sides: EVAL_EPISODES deterministic episodes, seeds seed+1000+i."""
-    import gymnasium as gym
-
-    start, env, returns = time.perf_counter(), gym.make(case.env), []
-    for i in range(EVAL_EPISODES):
-        obs, _ = env.reset(seed=seed + EVAL_SEED_OFFSET + i)
-        total, done = 0.0, False
-        while not done:
-            obs, reward, terminated, truncated, _ = env.step(act(obs))
-            total, done = total + float(reward), terminated or truncated
-        returns.append(total)
-    env.close()
-    return {
-        "eval_return_mean": sum(returns) / len(returns),
-        "eval_returns": returns,
-        "eval_s": time.perf_counter() - start,
-    }
-
-
 def worker_ours(case: Case, a: argparse.Namespace) -> dict[str, Any]:
     import torch
 
@@ -142,7 +123,8 @@ def worker_ours(case: Case, a: argparse.Namespace) -> dict[str, Any]:
     if wrong:
         raise SystemExit(f"policylab's resolved config differs from the benchmark's: {wrong}")
     policy = pl.load(run.dir)
-    ev = shared_eval(case, lambda obs: policy.act(obs, deterministic=True), a.seed)
+    first = a.seed + EVAL_SEED_OFFSET
+    ev = gym_eval(case.env, lambda obs: policy.act(obs, deterministic=True), first, EVAL_EPISODES)
     return {"train_wall_s": t_returned - t_call, "steps": run.steps, **ev}
 
 
@@ -167,7 +149,7 @@ def worker_sb3(case: Case, a: argparse.Namespace) -> dict[str, Any]:
             obs = env.normalize_obs(obs)  # type: ignore[union-attr]
         return model.predict(obs, deterministic=True)[0]
 
-    ev = shared_eval(case, act, a.seed)
+    ev = gym_eval(case.env, act, a.seed + EVAL_SEED_OFFSET, EVAL_EPISODES)
     return {"train_wall_s": t_returned - t_call, "steps": model.num_timesteps, **ev}
 
 
