@@ -11,9 +11,8 @@ n_envs -> num_envs, n_epochs -> epochs, learning_rate -> lr, clip_range -> clip_
 * ``lin_X`` (linear decay from X to 0 over the run) -> the value X plus ``anneal_lr`` / ``anneal_clip``;
 * ``normalize: true`` -> ``normalize_obs`` and ``normalize_reward`` both True;
 * rl-zoo falls back to ``n_envs = 1`` when an entry omits it, so such presets set ``num_envs: 1``;
-* gSDE (``use_sde``, ``sde_sample_freq``) is kept for PPO and A2C (nets/sde.py), with the entry's
-  ``log_std_init`` (under gSDE the log-std of the noise-matrix weights, not of the action); TRPO has
-  no gSDE here, so its entries drop both;
+* gSDE (``use_sde``, ``sde_sample_freq``) is kept (nets/sde.py), with the entry's ``log_std_init``
+  (under gSDE the log-std of the noise-matrix weights, not of the action);
 * rl-zoo's MuJoCo entries are keyed by older ids (-v2/-v4); they are used for the -v5 ids.
 """
 
@@ -353,8 +352,11 @@ PRESETS["trpo"] = {
         f"{_ZOO_TRPO}, entry CartPole-v1",
     ),
     "Pendulum-v1": Preset(
-        {"steps": 100_000, "num_envs": 2, "n_steps": 1024, "gamma": 0.9, "n_critic_updates": 15},
-        f"{_ZOO_TRPO}, entry Pendulum-v1; dropped use_sde=True, sde_sample_freq=4",
+        {
+            "steps": 100_000, "num_envs": 2, "n_steps": 1024, "gamma": 0.9, "n_critic_updates": 15, "use_sde": True,
+            "sde_sample_freq": 4,
+        },
+        f"{_ZOO_TRPO}, entry Pendulum-v1",
     ),
 }  # fmt: skip
 PRESETS["mdpo_sac"] = {

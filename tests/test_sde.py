@@ -88,7 +88,6 @@ def test_the_noise_follows_the_state_smoothly():
     ("algo", "env", "extra", "message"),
     [
         ("ppo", "CartPole-v1", {}, "needs Box actions"),
-        ("trpo", "Pendulum-v1", {}, "not supported by trpo"),
         ("ppo", "Pendulum-v1", {"squash_actions": True}, "without tanh squashing"),
         ("ppo", "Pendulum-v1", {"recurrent": True}, "does not combine with recurrent"),
     ],

@@ -44,6 +44,7 @@ from policylab.config import positive
 from policylab.data import Batch
 from policylab.errors import ConfigError
 from policylab.nets import ActorCritic
+from policylab.nets.sde import sde_log_std_grad
 from policylab.objectives import pg_surrogate
 from policylab.optim import ParameterBuffer, conjugate_gradient, set_lr
 
@@ -131,14 +132,14 @@ class TRPO:
         cfg, net, params = self.cfg, self.net, self.learner.params
         adv = normalize(data.advantages) if cfg.normalize_advantage else data.advantages
         with torch.no_grad():
-            old_out = net.policy_outputs(data.obs)
-            old_log_std = None if net.log_std is None else net.log_std.detach().clone()
+            old_out, old_log_std = net.policy_distribution(data.obs)
+            old_log_std = None if old_log_std is None else old_log_std.detach().clone()
 
         def surrogate_and_kl() -> tuple[Tensor, Tensor]:
-            out = net.policy_outputs(data.obs)
-            logp, _ = net.head.log_prob_entropy(out, net.log_std, data.actions)
+            out, log_std = net.policy_distribution(data.obs)
+            logp, _ = net.head.log_prob_entropy(out, log_std, data.actions)
             loss, _ = pg_surrogate(logp, data.logp, adv, clip_low=None)
-            return -loss, net.head.kl(old_out, old_log_std, out, net.log_std).mean()  # type: ignore[arg-type]
+            return -loss, net.head.kl(old_out, old_log_std, out, log_std).mean()  # type: ignore[arg-type]
 
         objective, kl = surrogate_and_kl()
         analytic = ActorFisher.supports(net)  # else double backprop through this graph: keep it
@@ -208,7 +209,9 @@ class ActorFisher:
     the Hessian of the mean KL(pi_old || pi) at pi = pi_old, which double backprop computes through autograd's
     graph. Here J v is one forward-mode pass (`StackedMLP.jvp`) and J^T u one backward (`StackedMLP.backward`),
     both through the actor's member alone, at the activations of one cached forward. v and F v are the
-    learner's flat vectors: the critic's entries of F v are damping * v's (zero in TRPO's solve)."""
+    learner's flat vectors: the critic's entries of F v are damping * v's (zero in TRPO's solve). Under gSDE the
+    log-std block is mean_i K_i^T 2 K_i, K_i the Jacobian of sample i's log sigma in the [features, actions]
+    parameter (the features held fixed, as in the policy's gradient)."""
 
     def __init__(self, net: ActorCritic, params: ParameterBuffer, obs: Tensor, damping: float) -> None:
         self.net, self.damping = net, damping
@@ -223,6 +226,9 @@ class ActorFisher:
         self.result = torch.empty(offset, dtype=params.flat.dtype, device=params.flat.device)
         self._layers = list(zip(body.weights, body.biases))
         self.log_std_at = self._where[id(net.log_std)][0] if net.log_std is not None else None
+        self.features = self.inputs[-1][0]  # the actor's last hidden layer: gSDE's features
+        with torch.no_grad():
+            self.row_log_std = net.row_log_std(self.features)
 
     @staticmethod
     def supports(net: torch.nn.Module) -> bool:
@@ -244,14 +250,27 @@ class ActorFisher:
         w_tangents = [view(v, w) for w, _ in self._layers]
         b_tangents = [view(v, b) for _, b in self._layers]
         tangent = net.body.jvp(self.inputs, w_tangents, b_tangents, members=1)[0]
-        u = net.head.fisher_product(self.out[0], net.log_std, tangent).mul_(self.scale)
+        u = net.head.fisher_product(self.out[0], self.row_log_std, tangent).mul_(self.scale)
         result = self.result.zero_()
         into = [(view(result, w), view(result, b)) for w, b in self._layers]
         net.body.backward(self.inputs, u.unsqueeze(0), members=1, into=into)
         if self.log_std_at is not None:
             at, n = self.log_std_at, net.log_std.numel()  # type: ignore[union-attr]
-            result[at : at + n] = v[at : at + n] * net.head.log_std_fisher  # type: ignore[union-attr]
+            if net.sde:
+                result[at : at + n] = self._sde_block(v[at : at + n]).reshape(-1)
+            else:
+                result[at : at + n] = v[at : at + n] * net.head.log_std_fisher  # type: ignore[union-attr]
         return result.add_(v, alpha=self.damping)
+
+    def _sde_block(self, v: Tensor) -> Tensor:
+        """gSDE's log-std block times v: mean_i K_i^T (2 K_i v), K_i v = (phi_i^2 (S^2 * V)) / sigma_i^2."""
+        log_std, rows, features = self.net.log_std, self.row_log_std, self.features
+        assert log_std is not None and rows is not None
+        with torch.no_grad():
+            along = (features * features) @ (torch.exp(2.0 * log_std) * v.view(log_std.shape))
+            along = along * torch.exp(-2.0 * rows)
+            weight = self.net.head.log_std_fisher * self.scale  # type: ignore[union-attr]
+            return sde_log_std_grad(features, rows, along * weight, log_std)
 
 
 def _autograd_fisher(kl: Tensor, params: list[torch.nn.Parameter], damping: float) -> Callable[[Tensor], Tensor]:

@@ -281,12 +281,13 @@ class ActorCritic(nn.Module):
         assert self.rollout_state is not None
         return self.forward(obs, self.rollout_state[:, :, rows])[1]
 
-    def policy_outputs(self, obs: Tensor) -> Tensor:
-        """The head's inputs (logits or means) alone: with separate networks only the actor's member is computed
-        (TRPO's many policy-only passes), with a shared body or memory the whole forward."""
+    def policy_distribution(self, obs: Tensor) -> tuple[Tensor, Tensor | None]:
+        """`distribution` (the head's inputs and log std) alone: with separate networks only the actor's member is
+        computed (TRPO's many policy-only passes), with a shared body or memory the whole forward."""
         if self.shared or self.recurrent:
-            return self.forward(obs)[0]
-        return self.body.forward(self._features(obs), members=1)[0, :, : self.n_outputs]
+            return self.distribution(obs)
+        y, hidden = self.body.forward_features(self._features(obs), members=1)
+        return y[0, :, : self.n_outputs], self.row_log_std(hidden[0])
 
     def deterministic(self, obs: Tensor) -> Tensor:
         return self.head.mode(self.forward(obs)[0])
@@ -309,9 +310,9 @@ class ActorCritic(nn.Module):
         return self.head.to_env(raw)
 
 
-SDE_ALGOS = ("ppo", "a2c", "reinforce")
-"""The algorithms that explore with gSDE (`use_sde=true`): the ones whose update goes through `evaluate` or the
-fused step's `row_log_std`."""
+SDE_ALGOS = ("ppo", "a2c", "reinforce", "trpo")
+"""The algorithms that explore with gSDE (`use_sde=true`): the ones whose update goes through `evaluate`, the
+fused step's `row_log_std` or `policy_distribution` (with TRPO's Fisher-vector products)."""
 
 
 def check_sde(box_actions: bool, recurrent: bool) -> None:
