@@ -16,7 +16,6 @@ from policylab.data import Batch
 from policylab.data.sources import Demonstrations
 from policylab.errors import ConfigError
 from policylab.nets import ActorCritic
-from policylab.nets.actor_critic import SDE_ALGOS
 from policylab.objectives import ADVANTAGES, entropy_bonus, pg_surrogate, value_loss
 from policylab.objectives.imitation import (
     WEIGHTINGS,
@@ -55,7 +54,8 @@ class OnPolicyConfig(CommonConfig):
     use_sde: bool = False
     """Box actions: gSDE exploration (Raffin et al. 2021; SB3's use_sde; nets/sde.py): the noise is phi(s) W, the
     actor's last hidden features times a Gaussian matrix per env, redrawn every `sde_sample_freq` steps, so it is
-    smooth in time and in the state; `log_std` becomes [features, actions]. PPO, A2C and REINFORCE."""
+    smooth in time and in the state; `log_std` becomes [features, actions]. PPO (and MDPO, SPO, FixPO), A2C,
+    REINFORCE and TRPO."""
     sde_sample_freq: int = -1
     """With use_sde: steps between redraws of each env's noise matrix (<= 0: once per rollout)."""
     squash_actions: bool = False
@@ -132,8 +132,6 @@ def imitation_schedule_text(cfg: OnPolicyConfig) -> str:
 
 
 def build_actor_critic(cfg: OnPolicyConfig, obs_space: gym.Space, act_space: gym.Space, algo: str) -> ActorCritic:
-    if cfg.use_sde and algo not in SDE_ALGOS:
-        raise ConfigError(f"use_sde is not supported by {algo}", f"drop use_sde, or use one of {', '.join(SDE_ALGOS)}")
     return ActorCritic(
         obs_space,  # type: ignore[arg-type]
         act_space,

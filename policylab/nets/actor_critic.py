@@ -310,11 +310,6 @@ class ActorCritic(nn.Module):
         return self.head.to_env(raw)
 
 
-SDE_ALGOS = ("ppo", "a2c", "reinforce", "trpo")
-"""The algorithms that explore with gSDE (`use_sde=true`): the ones whose update goes through `evaluate`, the
-fused step's `row_log_std` or `policy_distribution` (with TRPO's Fisher-vector products)."""
-
-
 def check_sde(box_actions: bool, recurrent: bool) -> None:
     """One clear error where gSDE does not apply to the network."""
     if not box_actions:
