@@ -61,7 +61,7 @@ class _OneGroupOptimizer:
         params = self.params
         if any(p.grad is None for p in params):
             params = [p for p in params if p.grad is not None]
-        for p in params:
+        for p in params if len(self.state) < len(self.params) else ():
             if p not in self.state:
                 self.state[p] = {
                     "step": torch.zeros((), dtype=torch.float32, device=p.device),
