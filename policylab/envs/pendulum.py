@@ -1,7 +1,7 @@
 """Pendulum-v1 for N envs in numpy: Gymnasium's dynamics on arrays, the same trajectories as N separate envs.
 
 Gymnasium has no vector Pendulum, so N envs were N Python `step` calls behind `SyncEnvs` (with the wrappers'
-checks around each): 8 envs took about 150 us per step, a fifth of an A2C Pendulum run's time. Here one call
+checks around each), a large part of an A2C Pendulum run's time (`benchmarks/gsde.py --algo a2c`). Here one call
 steps all N with Gymnasium's expressions, expression for expression and in the same dtypes (the action's float32
 terms, float64 state), so every observation, reward and reset is the same bits as N `gym.make("Pendulum-v1")`
 envs behind `SyncEnvs` (tests/test_envs.py checks it): each env keeps its own generator, seeded seed + i, that
