@@ -1,7 +1,8 @@
-"""policylab's PPO and A2C with gSDE (`use_sde`) against Stable-Baselines3's on Pendulum-v1, rl-zoo's entries.
+"""policylab's PPO, A2C and SAC with gSDE (`use_sde`) against Stable-Baselines3's on Pendulum-v1.
 
     .venv/bin/python benchmarks/gsde.py --seeds 3                           # PPO, 100k steps per run
     .venv/bin/python benchmarks/gsde.py --algo a2c --seeds 3                # A2C, 1M steps per run
+    .venv/bin/python benchmarks/gsde.py --algo sac --seeds 3                # SAC, 20k steps per run
     .venv/bin/python benchmarks/gsde.py --seeds 1 --steps 20000             # a quick smoke run
 
 Both sides run rl-zoo's Pendulum-v1 entry with its gSDE settings (policylab's preset for the env, checked against
@@ -10,7 +11,10 @@ GAE lambda 0.95, lr 1e-3, clip 0.2, ent_coef 0, use_sde with sde_sample_freq 4; 
 tanh actor and critic, orthogonal init, log_std_init 0, Adam eps 1e-5, max_grad_norm 0.5). A2C (hyperparams/a2c.yml):
 8 envs x n_steps 8, gamma 0.9, GAE lambda 0.9, vf_coef 0.4, lr 7e-4 annealed linearly to 0, RMSprop, no advantage
 normalization, observations and rewards normalized, use_sde (matrices redrawn once per rollout), log_std_init -2,
-no orthogonal init. `--threads` torch threads (default 1) on both sides.
+no orthogonal init. SAC: rl-zoo's Pendulum-v1 entry (hyperparams/sac.yml: 20k steps, lr 1e-3) with use_sde added on
+both sides (rl-zoo uses gSDE for SAC only on PyBullet envs), SB3's SAC defaults otherwise ([256, 256] ReLU networks,
+batch 256, learning_starts 100, tau 0.005, automatic entropy, log_std_init -3, a new matrix at every step with
+train_freq 1). `--threads` torch threads (default 1) on both sides.
 
 Each run is a fresh subprocess, run alternately (ours, sb3, ours, sb3 ...), seeds 1..N. Per run: whole-process wall
 clock; training time and env steps/s; when the mean of the last 20 training returns first reaches -200; a
@@ -50,8 +54,13 @@ OURS: dict[str, dict[str, Any]] = {  # rl-zoo's entries in policylab's names (wh
             "anneal_lr": True, "optimizer": "rmsprop", "normalize_advantage": False, "normalize_obs": True,
             "normalize_reward": True, "use_sde": True, "sde_sample_freq": -1, "log_std_init": -2.0,
             "ortho_init": False, "ent_coef": 0.0, "max_grad_norm": 0.5},
+    "sac": {"lr": 1e-3, "use_sde": True, "sde_sample_freq": -1, "log_std_init": -3.0, "use_sde_at_warmup": False,
+            "hidden_sizes": [256, 256], "batch_size": 256, "learning_starts": 100, "tau": 0.005, "gamma": 0.99,
+            "train_freq": 1, "gradient_steps": 1, "auto_alpha": True},
 }  # fmt: skip
-STEPS = {"ppo": 100_000, "a2c": 1_000_000}
+STEPS = {"ppo": 100_000, "a2c": 1_000_000, "sac": 20_000}
+ADDED = {"sac": {"use_sde": True}}
+"""Settings passed on top of policylab's preset (rl-zoo's SAC Pendulum entry has no gSDE)."""
 
 
 def worker_ours(a: argparse.Namespace) -> dict[str, Any]:
@@ -62,6 +71,7 @@ def worker_ours(a: argparse.Namespace) -> dict[str, Any]:
     torch.set_num_threads(a.threads)
     track = ThresholdTracker(THRESHOLD, T0)
     overrides = {"eval_every": 0, "checkpoint_every": 0, "threads": a.threads, "eval_episodes": 1}
+    overrides.update(ADDED.get(a.algo, {}))
     t_setup = time.perf_counter()
     run = pl.train(a.algo, env=ENV, steps=a.steps, seed=a.seed, overrides=overrides, progress=False, verbose=False,
                    runs_dir=Path(a.out).parent / f"runs-ours-s{a.seed}",
@@ -77,7 +87,7 @@ def worker_ours(a: argparse.Namespace) -> dict[str, Any]:
 
 def worker_sb3(a: argparse.Namespace) -> dict[str, Any]:
     import torch
-    from stable_baselines3 import A2C, PPO
+    from stable_baselines3 import A2C, PPO, SAC
     from stable_baselines3.common.env_util import make_vec_env
     from stable_baselines3.common.vec_env import VecNormalize
 
@@ -90,6 +100,9 @@ def worker_sb3(a: argparse.Namespace) -> dict[str, Any]:
             "MlpPolicy", env, n_steps=1024, gae_lambda=0.95, gamma=0.9, n_epochs=10, ent_coef=0.0, learning_rate=1e-3,
             clip_range=0.2, use_sde=True, sde_sample_freq=4, seed=a.seed, device="cpu", verbose=0,
         )  # fmt: skip
+    elif a.algo == "sac":
+        env = make_vec_env(ENV, n_envs=1, seed=a.seed)
+        model = SAC("MlpPolicy", env, learning_rate=1e-3, use_sde=True, seed=a.seed, device="cpu", verbose=0)
     else:
         env = VecNormalize(make_vec_env(ENV, n_envs=8, seed=a.seed), norm_obs=True, norm_reward=True, gamma=0.9)
         model = A2C(
@@ -145,7 +158,7 @@ def main() -> None:
     p.add_argument("--algo", choices=sorted(OURS), default="ppo")
     p.add_argument("--seeds", type=int, default=3, help="seeds per side")
     p.add_argument("--first-seed", type=int, default=1)
-    p.add_argument("--steps", type=int, help="env steps per run (default: the entry's, PPO 100k, A2C 1M)")
+    p.add_argument("--steps", type=int, help="env steps per run (default: the entry's, PPO 100k, A2C 1M, SAC 20k)")
     p.add_argument("--threads", type=int, default=1, help="torch threads, both sides")
     p.add_argument("--worker", choices=["ours", "sb3"], help=argparse.SUPPRESS)
     p.add_argument("--seed", type=int, default=1, help=argparse.SUPPRESS)

@@ -303,7 +303,11 @@ class OffPolicySlice:
 
     def get_state(self) -> dict[str, Any]:
         generator = self.algo.generator.get_state().numpy()
-        return {"env": self.env.get_state(), "obs": self.obs.copy(), "generator": generator}
+        state = {"env": self.env.get_state(), "obs": self.obs.copy(), "generator": generator}
+        sde = getattr(self.algo, "sde", None)  # gSDE's held matrices (SAC, TQC)
+        if sde is not None:
+            state["sde"] = sde.get_state()
+        return state
 
     def set_state(self, state: dict[str, Any]) -> None:
         if state["env"] is None:
@@ -312,6 +316,9 @@ class OffPolicySlice:
             self.env.set_state(state["env"])
             self.obs = np.asarray(state["obs"], np.float32).copy()
         self.algo.generator.set_state(torch.tensor(state["generator"], dtype=torch.uint8))
+        sde = getattr(self.algo, "sde", None)
+        if sde is not None and "sde" in state:
+            sde.set_state(state["sde"])
 
     def close(self) -> None:
         self.env.close()

@@ -551,9 +551,11 @@ class OffPolicyLoop:
         self.iteration = 0
         self.vec_steps = 0
         self.updates = 0
-        self.random_until = self.offline_steps + (cfg.learning_starts if not offline_first else 0)
-        """Uniformly random actions before this step (not after an offline phase: the policy is trained)."""
-        self.updates_after = self.random_until
+        warmup = cfg.learning_starts if not offline_first else 0
+        self.random_until = self.offline_steps + (0 if getattr(cfg, "use_sde_at_warmup", False) else warmup)
+        """Uniformly random actions before this step (not after an offline phase: the policy is trained; not
+        with use_sde_at_warmup: gSDE explores from the start)."""
+        self.updates_after = self.offline_steps + warmup
         """Online updates run once `step` exceeds this (moved on when a resumed run refills its buffer)."""
         self.base_lrs = {name: opt.param_groups[0]["lr"] for name, opt in self.algo.optimizers.items()}
         self.pending: deque[tuple[np.ndarray, StepResult]] = deque()

@@ -47,6 +47,10 @@ def _assert_same_step(fused: dict, reference: dict, algo, twin) -> None:
     a, b = _state(algo), _state(twin)
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-6, msg=key)
+    for name, param in algo.net.named_parameters():  # the gradients themselves (Adam's step hides their scale)
+        twin_param = dict(twin.net.named_parameters())[name]
+        if param.grad is not None or twin_param.grad is not None:
+            torch.testing.assert_close(param.grad, twin_param.grad, rtol=1e-4, atol=1e-7, msg=f"grad {name}")
 
 
 @pytest.mark.parametrize(
@@ -56,6 +60,8 @@ def _assert_same_step(fused: dict, reference: dict, algo, twin) -> None:
         {"activation": "tanh", "max_grad_norm": 0.5, "n_critics": 3},
         {"prioritized": True, "auto_alpha": False, "alpha": 0.2},
         {"actor_delay": 2},
+        {"use_sde": True},  # gSDE: the per-row log std's gradient into the [latent, A] log_std
+        {"use_sde": True, "activation": "tanh", "log_std_init": -0.5, "n_critics": 3, "max_grad_norm": 0.5},
     ],
 )
 def test_fused_sac_step_equals_autograd(overrides):
@@ -68,6 +74,22 @@ def test_fused_sac_step_equals_autograd(overrides):
         fused = fused_sac_update(algo, batch, index, noise)
         reference = twin.autograd_update(batch, index, noise)
         _assert_same_step(fused, reference, algo, twin)
+    loop.close()
+    twin_loop.close()
+
+
+def test_fused_sac_gsde_step_with_clipped_means_equals_autograd():
+    """gSDE clips the mean to +-2 (SB3's Hardtanh): no gradient reaches the rows' clipped outputs."""
+    loop, twin_loop = (_warm_loop("sac", "Pendulum-v1", {"use_sde": True}) for _ in range(2))
+    algo, twin = loop.algo, twin_loop.algo
+    batch = loop.buffer.sample(16, torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        for a in (algo, twin):
+            a.net.body.biases[-1][0, 0, 0] = 2.0  # about half the rows above the clip
+        raw = algo.net.body(batch.obs)[0, :, 0]
+        assert 0 < int((raw > 2.0).sum()) < len(raw)
+    noise = torch.randn(32, algo.act_dim, generator=torch.Generator().manual_seed(7))
+    _assert_same_step(fused_sac_update(algo, batch, 0, noise), twin.autograd_update(batch, 0, noise), algo, twin)
     loop.close()
     twin_loop.close()
 
@@ -96,6 +118,7 @@ def test_the_actor_step_through_each_rows_minimizing_critic_alone_equals_the_pas
         {},
         {"activation": "tanh", "max_grad_norm": 0.5, "n_critics": 3, "n_quantiles": 5, "drop_per_critic": 1},
         {"auto_alpha": False, "alpha": 0.2, "n_step": 3},
+        {"use_sde": True, "log_std_init": -1.0},
     ],
 )
 def test_fused_tqc_step_equals_autograd(overrides):

@@ -31,6 +31,7 @@ CASES = [
     ("dqn", "CartPole-v1", {"target_update_interval": 50, "double_q": True, "dueling": True, "n_step": 3}),
     ("dqn", "CartPole-v1", {"prioritized": True, "num_envs": 2, "anneal_lr": True}),
     ("sac_discrete", "CartPole-v1", {"num_envs": 2, "train_freq": 2, "gradient_steps": 3}),
+    ("sac", "Pendulum-v1", {"use_sde": True, "train_freq": 7, "sde_sample_freq": 3}),  # stops inside a collection
 ]
 
 

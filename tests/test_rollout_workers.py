@@ -153,10 +153,14 @@ def test_off_policy_ray_workers_compute_the_inline_run(local_ray, tmp_path, algo
     assert_same_params(params_of(runs["ray"].dir), params_of(runs["inline"].dir))
 
 
-def test_an_off_policy_run_with_workers_resumes_exactly(tmp_path):
+@pytest.mark.parametrize(
+    ("algo", "extra"),
+    [("td3", {}), ("sac", {"use_sde": True, "train_freq": 7, "sde_sample_freq": 3})],  # gSDE: each worker's matrices
+)
+def test_an_off_policy_run_with_workers_resumes_exactly(tmp_path, algo, extra):
     resumed_and_full_runs(
-        "td3", stop=800, env="Pendulum-v1", steps=1600, seed=2, preset="none", runs_dir=tmp_path, verbose=False,
-        overrides={**OFF, "rollout_workers": 2, "rollout_backend": "inline", "save_buffer": True},
+        algo, stop=800, env="Pendulum-v1", steps=1600, seed=2, preset="none", runs_dir=tmp_path, verbose=False,
+        overrides={**OFF, **extra, "rollout_workers": 2, "rollout_backend": "inline", "save_buffer": True},
     )  # fmt: skip
 
 

@@ -35,6 +35,7 @@ from torch import Tensor
 from policylab.data import Batch
 from policylab.nets.critics import _LOG_2PI, tanh_gaussian_log_prob
 from policylab.nets.mlp import StackedMLP
+from policylab.nets.sde import sde_log_std, sde_log_std_grad
 from policylab.objectives.offline import advantage_weights, td3_bc_lambda
 from policylab.objectives.q_targets import (
     bootstrap,
@@ -68,9 +69,9 @@ class _PolicyDraws:
     """The tanh-Gaussian actor run once on [s; s'] (2B rows) and its draws: what the actor's backward needs."""
 
     inputs: list[Tensor]
-    mean: Tensor
-    log_std: Tensor  # clamped to the actor's bounds
-    raw_log_std: Tensor
+    mean: Tensor  # clipped to +-clip_mean with gSDE
+    log_std: Tensor  # clamped to the actor's bounds; gSDE's per-row log std
+    raw: Tensor  # the body's output: [mean, log_std] before the clamp, or gSDE's mean before its clip
     std: Tensor
     noise: Tensor
     actions: Tensor  # tanh(u), u = mean + std * noise
@@ -80,26 +81,40 @@ class _PolicyDraws:
 def _policy_draws(algo: SAC | TQC, batch: Batch, noise: Tensor | None) -> _PolicyDraws:
     actor, act_dim = algo.net, algo.act_dim
     out, inputs = actor.body.forward_cached(torch.cat([batch.obs.flatten(1), batch.next_obs.flatten(1)]))
-    mean, raw_log_std = out[0, :, :act_dim], out[0, :, act_dim:]
-    log_std = raw_log_std.clamp(*actor.log_std_bounds)
+    raw = out[0]
+    if actor.sde:  # the per-row Gaussian of gSDE (nets/sde.py), from the last hidden features
+        mean = raw.clamp(-actor.clip_mean, actor.clip_mean)
+        log_std = sde_log_std(inputs[-1][0], actor.log_std)
+    else:
+        mean, log_std = raw[:, :act_dim], raw[:, act_dim:].clamp(*actor.log_std_bounds)
     std = log_std.exp()
     if noise is None:
         noise = torch.randn(mean.shape, generator=algo.generator, device=mean.device, dtype=mean.dtype)
     u = torch.addcmul(mean, std, noise)
     logp = tanh_gaussian_log_prob(noise, log_std, u)
-    return _PolicyDraws(inputs, mean, log_std, raw_log_std, std, noise, torch.tanh(u), logp)
+    return _PolicyDraws(inputs, mean, log_std, raw, std, noise, torch.tanh(u), logp)
 
 
 def _actor_step(algo: SAC | TQC, draws: _PolicyDraws, g_a: Tensor, alpha: Tensor, n: int) -> None:
-    """The actor's step on L = mean_B (alpha log pi(a|s) - Q(s, a)) given dL/da|_Q = `g_a` [B, A] (module docstring)."""
+    """The actor's step on L = mean_B (alpha log pi(a|s) - Q(s, a)) given dL/da|_Q = `g_a` [B, A] (module docstring).
+    With gSDE the per-row log std's gradient goes into the [latent, A] `log_std` (nets/sde.py) and the mean's
+    is zero where it was clipped."""
     actor = algo.net
     a_pi, std, noise = draws.actions[:n], draws.std[:n], draws.noise[:n]
     g_u = torch.addcmul(g_a * (1.0 - a_pi * a_pi), a_pi, alpha * (2.0 / n))
-    low, high = actor.log_std_bounds
-    inside = (draws.raw_log_std[:n] >= low) & (draws.raw_log_std[:n] <= high)
-    g_log_std = (g_u * std * noise - alpha / n) * inside
+    g_log_std = g_u * std * noise - alpha / n
+    inputs = [h[:, :n] for h in draws.inputs]
     algo.actor_opt.zero_grad_unless_written_by(actor.body)
-    actor.body.backward([h[:, :n] for h in draws.inputs], torch.cat([g_u, g_log_std], -1).unsqueeze(0))
+    if actor.sde:
+        assert actor.log_std.grad is not None
+        features = inputs[-1][0]
+        actor.log_std.grad.copy_(sde_log_std_grad(features, draws.log_std[:n], g_log_std, actor.log_std))
+        g_out = g_u * (draws.raw[:n].abs() <= actor.clip_mean)
+    else:
+        low, high = actor.log_std_bounds
+        raw_log_std = draws.raw[:n, algo.act_dim :]
+        g_out = torch.cat([g_u, g_log_std * ((raw_log_std >= low) & (raw_log_std <= high))], -1)
+    actor.body.backward(inputs, g_out.unsqueeze(0))
     algo.actor_opt.clip_and_step()
 
 

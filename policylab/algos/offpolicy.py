@@ -105,6 +105,7 @@ class OffPolicyConfig(CommonConfig):
     def validate(self) -> None:
         super().validate()
         check_her_config(self)
+        check_sde_config(self)
         for name in ("buffer_size", "batch_size", "train_freq", "n_step", "log_every"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name}={getattr(self, name)} must be > 0", f"set {name} to a positive value")
@@ -157,6 +158,60 @@ class OffPolicyConfig(CommonConfig):
 
 
 @dataclass
+class SDEConfig:
+    """gSDE for the tanh-Gaussian actors (SAC, TQC, off-policy MDPO), as SB3's `use_sde` (nets/sde.py)."""
+
+    use_sde: bool = False
+    """Explore with state-dependent noise: a = tanh(mean(s) + phi(s) W), phi(s) the actor's last hidden features
+    and W a Gaussian matrix per env held across steps, instead of white noise at every step; log-probs, the
+    entropy and the gradients use each row's Gaussian N(mean, sum_j phi_j^2 exp(2 log_std_j))."""
+    sde_sample_freq: int = -1
+    """With use_sde: each env's matrix is redrawn at the start of every collection between two updates
+    (train_freq vector steps, counted from the first exploring step, as SB3) and, within one, every this many
+    steps (<= 0: only at the start)."""
+    use_sde_at_warmup: bool = False
+    """With use_sde: explore with gSDE instead of uniformly random actions before learning_starts (SB3's option)."""
+    log_std_init: float = -3.0
+    """With use_sde: the initial log std of the noise matrices' weights (SB3's SAC default)."""
+
+
+def check_sde_config(cfg: OffPolicyConfig) -> None:
+    if getattr(cfg, "use_sde_at_warmup", False) and not getattr(cfg, "use_sde", False):
+        raise ConfigError("use_sde_at_warmup=true needs use_sde=true", "set use_sde=true, or drop use_sde_at_warmup")
+
+
+class SDEExploration(nn.Module):
+    """The standard normal draws [envs, latent, A] of an off-policy run's gSDE matrices, and the exploring steps
+    taken (both checkpointed with the algorithm, so a resumed run continues the same matrices)."""
+
+    standard: Tensor
+    steps: Tensor
+
+    def __init__(self, actor: TanhGaussianActor, n_envs: int, train_freq: int, sample_freq: int) -> None:
+        super().__init__()
+        self.period, self.sample_freq = train_freq, sample_freq if sample_freq > 0 else train_freq
+        self.register_buffer("standard", torch.zeros(n_envs, actor.latent_dim, actor.act_dim))
+        self.register_buffer("steps", torch.zeros((), dtype=torch.int64))
+
+    def draws(self, n: int, generator: torch.Generator) -> Tensor:
+        """The matrices' draws for this step of `n` envs (redrawn at the start of a collection, every
+        `sample_freq` steps within one, or when the number of envs changes)."""
+        position = int(self.steps) % self.period
+        if position % self.sample_freq == 0 or len(self.standard) != n:
+            shape = (n, *self.standard.shape[1:])
+            self.standard = torch.randn(shape, generator=generator, device=generator.device)
+        self.steps.add_(1)
+        return self.standard
+
+    def get_state(self) -> dict[str, Any]:
+        return {"standard": self.standard.cpu().numpy().copy(), "steps": int(self.steps)}
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        self.standard = torch.as_tensor(np.asarray(state["standard"]), device=self.standard.device).clone()
+        self.steps.fill_(int(state["steps"]))
+
+
+@dataclass
 class OfflineConfig(OffPolicyConfig):
     """What the offline algorithms (BC, IQL, ...) share: `steps` counts gradient steps on the `dataset`,
     observations are normalized with the dataset's statistics, `online_steps` continues online."""
@@ -171,6 +226,12 @@ class OfflineConfig(OffPolicyConfig):
             raise ConfigError(
                 "this offline algorithm learns from a dataset",
                 "pass --dataset PATH (make one with `policylab collect`)",
+            )
+        if getattr(self, "use_sde", False):
+            raise ConfigError(
+                "use_sde is an exploration setting of the online tanh-Gaussian algorithms; this offline algorithm "
+                "does not take it",
+                "drop use_sde, or train sac / tqc with --dataset and offline_ratio (hybrid) to explore with gSDE",
             )
         super().validate()
 
@@ -246,9 +307,23 @@ class Temperature(nn.Module):
 def tanh_gaussian_policy(
     cfg: OffPolicyConfig, obs_space: gym.Space, act_space: gym.Space, algo: str
 ) -> TanhGaussianActor:
-    """The actor of SAC and TQC."""
+    """The actor of SAC and TQC (with `use_sde`: gSDE's)."""
     low, high = box_bounds(act_space, algo)
-    return TanhGaussianActor(obs_dim(obs_space), low, high, cfg.hidden_sizes, cfg.activation)
+    sde, log_std_init = bool(getattr(cfg, "use_sde", False)), float(getattr(cfg, "log_std_init", -3.0))
+    return TanhGaussianActor(
+        obs_dim(obs_space), low, high, cfg.hidden_sizes, cfg.activation, sde=sde, log_std_init=log_std_init
+    )
+
+
+def sde_exploration(
+    cfg: OffPolicyConfig, actor: TanhGaussianActor, modules: dict[str, nn.Module]
+) -> SDEExploration | None:
+    """gSDE's held matrices for an actor built with `use_sde` (added to the checkpointed `modules`), else None."""
+    if not actor.sde:
+        return None
+    exploration = SDEExploration(actor, cfg.num_envs, cfg.train_freq, getattr(cfg, "sde_sample_freq", -1))
+    modules["sde_exploration"] = exploration.to(cfg.device)
+    return exploration
 
 
 def soft_actor_critic_state(
@@ -302,13 +377,22 @@ def uniform_discrete_actions(n: int, n_actions: int, generator: torch.Generator)
     return torch.randint(n_actions, (n,), generator=generator, device=generator.device).cpu().numpy()
 
 
-def explore_tanh_gaussian(actor: TanhGaussianActor, obs: np.ndarray, generator: torch.Generator) -> np.ndarray:
-    """a = tanh(mean + std * noise) for a batch of env observations (numpy on the CPU: small batches)."""
-    noise = torch.randn((len(obs), actor.act_dim), generator=generator, device=generator.device)
+def explore_tanh_gaussian(
+    actor: TanhGaussianActor, obs: np.ndarray, generator: torch.Generator, sde: SDEExploration | None = None
+) -> np.ndarray:
+    """a = tanh(mean + std * noise) for a batch of env observations (numpy on the CPU: small batches); with
+    gSDE's held matrices `sde`, a = tanh(mean + phi(s) W)."""
+    if sde is not None:
+        noise = sde.draws(len(obs), generator)
+    else:
+        noise = torch.randn((len(obs), actor.act_dim), generator=generator, device=generator.device)
     if actor.body.analytic_backward and noise.device.type == "cpu":
         return actor.sample_numpy(obs, noise.numpy())
     with torch.inference_mode():
-        mean, log_std = actor._mean_log_std(torch.as_tensor(obs, device=noise.device))
+        obs_tensor = torch.as_tensor(obs, device=noise.device)
+        if sde is not None:
+            return actor.sample_matrices(obs_tensor, noise).cpu().numpy()
+        mean, log_std = actor._mean_log_std(obs_tensor)
         return torch.tanh(mean + log_std.exp() * noise).cpu().numpy()
 
 

@@ -24,10 +24,13 @@ from policylab.algos.fused_offpolicy import fused_sac_applies, fused_sac_update
 from policylab.algos.offpolicy import (
     FlatAdam,
     OffPolicyConfig,
+    SDEConfig,
+    SDEExploration,
     TargetNetwork,
     Temperature,
     explore_tanh_gaussian,
     obs_dim,
+    sde_exploration,
     seeded_generator,
     soft_actor_critic_state,
     tanh_gaussian_policy,
@@ -42,7 +45,7 @@ from policylab.objectives.q_targets import sac_target
 
 
 @dataclass
-class SACConfig(OffPolicyConfig):
+class SACConfig(OffPolicyConfig, SDEConfig):
     """SAC with automatic entropy temperature. Defaults follow Stable-Baselines3."""
 
     n_critics: int = 2
@@ -89,6 +92,7 @@ class SAC:
             self.actor_opt, self.critic_opt, self.critic_target, self.temperature
         )
         self.action_shape, self.action_dtype = (self.act_dim,), torch.float32
+        self.sde: SDEExploration | None = sde_exploration(cfg, self.net, self.modules)
         self.old_actor: TargetNetwork | None = None
         if cfg.kl_coef > 0:  # off-policy MDPO's pi_old, checkpointed with the rest
             self.old_actor = TargetNetwork(self.net, self.actor_opt.params)
@@ -103,7 +107,7 @@ class SAC:
         return uniform_box_actions(n, self.act_dim, self.generator)
 
     def explore(self, obs: np.ndarray, progress: float) -> np.ndarray:
-        return explore_tanh_gaussian(self.net, obs, self.generator)
+        return explore_tanh_gaussian(self.net, obs, self.generator, self.sde)
 
     def to_env(self, actions: np.ndarray) -> np.ndarray:
         return self.net.to_env_numpy(actions)

@@ -23,10 +23,13 @@ from policylab.algos.fused_offpolicy import fused_tqc_applies, fused_tqc_update
 from policylab.algos.offpolicy import (
     FlatAdam,
     OffPolicyConfig,
+    SDEConfig,
+    SDEExploration,
     TargetNetwork,
     Temperature,
     explore_tanh_gaussian,
     obs_dim,
+    sde_exploration,
     seeded_generator,
     soft_actor_critic_state,
     tanh_gaussian_policy,
@@ -40,7 +43,7 @@ from policylab.objectives.q_targets import quantile_huber_loss, tqc_target
 
 
 @dataclass
-class TQCConfig(OffPolicyConfig):
+class TQCConfig(OffPolicyConfig, SDEConfig):
     """TQC. Defaults follow sb3-contrib."""
 
     n_critics: int = 2
@@ -92,6 +95,7 @@ class TQC:
             self.actor_opt, self.critic_opt, self.critic_target, self.temperature
         )
         self.action_shape, self.action_dtype = (self.act_dim,), torch.float32
+        self.sde: SDEExploration | None = sde_exploration(cfg, self.net, self.modules)
         self.fused = fused_tqc_applies(self)
 
     @staticmethod
@@ -102,7 +106,7 @@ class TQC:
         return uniform_box_actions(n, self.act_dim, self.generator)
 
     def explore(self, obs: np.ndarray, progress: float) -> np.ndarray:
-        return explore_tanh_gaussian(self.net, obs, self.generator)
+        return explore_tanh_gaussian(self.net, obs, self.generator, self.sde)
 
     def to_env(self, actions: np.ndarray) -> np.ndarray:
         return self.net.to_env_numpy(actions)

@@ -17,6 +17,7 @@ from torch import Tensor, nn
 
 from policylab.nets.cnn import ImageEncoder, flat_features
 from policylab.nets.mlp import StackedMLP
+from policylab.nets.sde import exploration_matrices, sde_log_std
 
 _LOG_2 = math.log(2.0)
 _LOG_2PI = math.log(2 * math.pi)
@@ -167,6 +168,11 @@ class TanhGaussianActor(_BoundedActor):
     log pi(a|s) = log N(u; mean, std) - sum log(1 - tanh(u)^2), with
     log(1 - tanh(u)^2) = 2 (log 2 - u - softplus(-2u)) for numerical stability. The density is
     that of the [-1, 1] action (as in SB3), so entropy targets do not depend on the env's bounds.
+
+    With `sde` (gSDE, nets/sde.py; SB3's SAC `use_sde`): the body outputs the mean alone, clipped to
+    +-`clip_mean` (SB3's Hardtanh), `log_std` is a [features, A] parameter and each row's log std comes from the
+    last hidden features; exploration offsets the mean by phi(s) W with a held matrix W per env
+    (`sample_matrices`), and every log-prob and gradient uses the per-row Gaussian.
     """
 
     def __init__(
@@ -177,16 +183,31 @@ class TanhGaussianActor(_BoundedActor):
         hidden_sizes: Sequence[int] = (256, 256),
         activation: str = "relu",
         log_std_bounds: tuple[float, float] = (-20.0, 2.0),
+        sde: bool = False,
+        log_std_init: float = -3.0,
+        clip_mean: float = 2.0,
     ) -> None:
         super().__init__(low, high)
         self.act_dim = low.numel()
-        self.body = StackedMLP(1, obs_dim, hidden_sizes, 2 * self.act_dim, activation)
+        self.sde, self.clip_mean = sde, clip_mean
+        self.body = StackedMLP(1, obs_dim, hidden_sizes, self.act_dim if sde else 2 * self.act_dim, activation)
         self.log_std_bounds = log_std_bounds
+        self.latent_dim = hidden_sizes[-1] if hidden_sizes else obs_dim
+        if sde:
+            self.log_std = nn.Parameter(torch.full((self.latent_dim, self.act_dim), float(log_std_init)))
 
     def _mean_log_std(self, obs: Tensor) -> tuple[Tensor, Tensor]:
+        if self.sde:
+            mean, features = self._sde_mean_features(obs)
+            return mean, sde_log_std(features, self.log_std)
         y = self.body(obs.flatten(1))[0]
         mean, log_std = y[:, : self.act_dim], y[:, self.act_dim :]
         return mean, log_std.clamp(*self.log_std_bounds)
+
+    def _sde_mean_features(self, obs: Tensor) -> tuple[Tensor, Tensor]:
+        """gSDE: the clipped mean [B, A] and the last hidden features [B, latent]."""
+        out, features = self.body.forward_features(obs.flatten(1))
+        return out[0].clamp(-self.clip_mean, self.clip_mean), features[0]
 
     def sample(
         self, obs: Tensor, generator: torch.Generator | None = None, noise: Tensor | None = None
@@ -215,13 +236,25 @@ class TanhGaussianActor(_BoundedActor):
 
     def forward(self, obs: Tensor) -> Tensor:
         """The deterministic action, tanh of the mean."""
-        return torch.tanh(self._mean_log_std(obs)[0])
+        return torch.tanh(self._sde_mean_features(obs)[0] if self.sde else self._mean_log_std(obs)[0])
 
     def sample_numpy(self, obs: np.ndarray, noise: np.ndarray) -> np.ndarray:
-        """tanh(mean + std * noise) in numpy (CPU acting on small batches, no log-prob)."""
-        y = self.body.numpy_forward(obs.reshape(len(obs), -1), member=0)
+        """tanh(mean + std * noise) in numpy (CPU acting on small batches, no log-prob); with `sde`, `noise` is
+        each row's standard normal matrix draw [B, latent, A] (`sample_matrices`)."""
+        y, features = self.body.numpy_forward_features(obs.reshape(len(obs), -1), member=0)
+        if self.sde:
+            matrices = np.exp(self.log_std.detach().numpy()) * noise
+            offset = np.matmul(features[:, None, :], matrices)[:, 0]
+            return np.tanh(np.clip(y, -self.clip_mean, self.clip_mean) + offset)
         log_std = np.clip(y[:, self.act_dim :], *self.log_std_bounds)
         return np.tanh(y[:, : self.act_dim] + np.exp(log_std) * noise)
+
+    def sample_matrices(self, obs: Tensor, standard: Tensor) -> Tensor:
+        """gSDE's exploration, a = tanh(mean(s) + phi(s) W) with each row's W = exp(log_std) * `standard`
+        [B, latent, A] (standard normal draws held across steps by the caller)."""
+        mean, features = self._sde_mean_features(obs)
+        offset = torch.bmm(features.unsqueeze(1), exploration_matrices(self.log_std, standard)).squeeze(1)
+        return torch.tanh(mean + offset)
 
     def env_action(self, obs: Tensor, deterministic: bool = True, generator: torch.Generator | None = None) -> Tensor:
         squashed = self(obs) if deterministic else self.sample(obs, generator)[0]
