@@ -8,6 +8,7 @@ Run from the repository root:
     .venv/bin/python benchmarks/preset_reliability.py --all --seeds 5 --max-steps 100k   # every affordable preset
     .venv/bin/python benchmarks/preset_reliability.py --algo dqn --env CartPole-v1 --seeds 3 --versus rl-zoo  # speed
     .venv/bin/python benchmarks/preset_reliability.py --table benchmarks/results/preset_reliability-*.json
+    .venv/bin/python benchmarks/preset_reliability.py --algo a2c --env HalfCheetah-v5 --seeds 3 --peer sb3
 
 Each run is `policylab.train(algo, env, seed=s, preset=...)` with the preset's own budget, in a fresh
 subprocess with `threads=1`, `--jobs` of them at a time (default 2, one per core here). What a user sees is
@@ -19,6 +20,11 @@ output). Wall clocks are recorded but, with runs side by side, they are not spee
 With `--versus PRESET`, the variant and that preset run one at a time, alternating per seed, and the ratio
 of their training wall clocks (`pl.train` from call to return, final evaluation included) is reported:
 JSON in benchmarks/results/preset_timing-<date>.json.
+
+With `--peer sb3` (PPO and A2C), the same preset's values run in Stable-Baselines3 instead (`sb3_onpolicy`
+translates them; a value SB3 has no equivalent for is an error), evaluated as policylab's runs are: every
+`eval_every` env steps and at the end, deterministic episodes of a separate env whose observations go through the
+training run's frozen VecNormalize statistics. Those results carry `"peer": "sb3"` and stay out of `--table`.
 
 Output: a table per (algo, env, variant) and JSON in benchmarks/results/preset_reliability-<date>.json.
 """
@@ -88,6 +94,98 @@ def worker(args: argparse.Namespace) -> None:
     Path(args.out).write_text(json.dumps(record))
 
 
+SB3_SAME_NAME = ("n_steps", "batch_size", "gamma", "gae_lambda", "ent_coef", "vf_coef", "max_grad_norm",
+                 "normalize_advantage", "use_sde", "sde_sample_freq", "target_kl")  # fmt: skip
+SB3_RENAMED = {"epochs": "n_epochs", "clip_eps": "clip_range"}
+SB3_HANDLED = {"num_envs", "lr", "anneal_lr", "hidden_sizes", "activation", "ortho_init", "log_std_init",
+               "normalize_obs", "normalize_reward", "clip_obs", "optimizer", "rms_alpha", "optim_eps"}  # fmt: skip
+SB3_IGNORED = {"env", "steps", "seed", "eval_every", "eval_episodes", "eval_deterministic", "checkpoint_every",
+               "threads", "device", "tensorboard", "log_every", "keep_checkpoints", "runs_dir"}  # fmt: skip
+"""Run settings with no bearing on the algorithm; every other field must equal policylab's default or be translated."""
+
+
+def sb3_onpolicy(algo: str, cfg: Any) -> tuple[Any, dict[str, Any], dict[str, Any] | None]:
+    """(SB3 class, its keyword arguments, VecNormalize keyword arguments or None) of a resolved PPO or A2C config."""
+    import dataclasses
+
+    import torch
+    from common import linear_schedule
+    from stable_baselines3 import A2C, PPO
+
+    from policylab.algos import get_algo
+
+    default = get_algo(algo).config_cls(env=cfg.env)
+    changed = {f.name for f in dataclasses.fields(cfg) if getattr(cfg, f.name) != getattr(default, f.name)}
+    unknown = changed - set(SB3_SAME_NAME) - set(SB3_RENAMED) - SB3_HANDLED - SB3_IGNORED
+    if unknown:
+        raise SystemExit(f"--peer sb3: no SB3 equivalent for {sorted(unknown)} of the {algo} preset")
+    names = [n for n in SB3_SAME_NAME if hasattr(cfg, n) and (n != "batch_size" or algo == "ppo")]
+    kwargs: dict[str, Any] = {n: getattr(cfg, n) for n in names}
+    kwargs.update({sb3: getattr(cfg, ours) for ours, sb3 in SB3_RENAMED.items() if hasattr(cfg, ours)})
+    kwargs["learning_rate"] = linear_schedule(cfg.lr) if cfg.anneal_lr else cfg.lr
+    activation = {"tanh": torch.nn.Tanh, "relu": torch.nn.ReLU}[cfg.activation]
+    policy_kwargs: dict[str, Any] = {"net_arch": list(cfg.hidden_sizes), "activation_fn": activation,
+                                     "ortho_init": cfg.ortho_init, "log_std_init": cfg.log_std_init}  # fmt: skip
+    if algo == "a2c":
+        kwargs["use_rms_prop"] = cfg.optimizer == "rmsprop"
+        kwargs["rms_prop_eps"] = cfg.optim_eps
+        if cfg.rms_alpha != 0.99:
+            raise SystemExit("--peer sb3: SB3's A2C fixes RMSprop's alpha at 0.99")
+    kwargs["policy_kwargs"] = policy_kwargs
+    normalize = None
+    if cfg.normalize_obs or cfg.normalize_reward:
+        normalize = {"norm_obs": cfg.normalize_obs, "norm_reward": cfg.normalize_reward, "gamma": cfg.gamma,
+                     "clip_obs": cfg.clip_obs}  # fmt: skip
+    return {"ppo": PPO, "a2c": A2C}[algo], kwargs, normalize
+
+
+def sb3_worker(args: argparse.Namespace) -> None:
+    """One SB3 run of the preset's values: periodic and final deterministic evaluations, as policylab's run makes."""
+    import torch
+    from common import gym_eval
+    from stable_baselines3.common.callbacks import BaseCallback
+    from stable_baselines3.common.env_util import make_vec_env
+    from stable_baselines3.common.vec_env import VecNormalize
+
+    from policylab.algos import get_algo
+    from policylab.config import parse_set_args
+    from policylab.train import resolve_config
+
+    torch.set_num_threads(1)
+    steps = None if args.steps is None else int(float(args.steps))
+    cfg, _ = resolve_config(
+        get_algo(args.algo), args.env, steps, args.seed, overrides=parse_set_args(args.set), preset=args.preset
+    )
+    cls, kwargs, normalize = sb3_onpolicy(args.algo, cfg)
+    env: Any = make_vec_env(args.env, n_envs=cfg.num_envs, seed=args.seed)
+    if normalize is not None:
+        env = VecNormalize(env, **normalize)
+    model = cls("MlpPolicy", env, seed=args.seed, device="cpu", verbose=0, **kwargs)
+    curve: list[list[float]] = []
+
+    def evaluate(episodes: int, first_seed: int) -> float:
+        obs_norm = env.normalize_obs if isinstance(env, VecNormalize) else (lambda obs: obs)
+        result = gym_eval(args.env, lambda obs: model.predict(obs_norm(obs[None]), deterministic=True)[0][0],
+                          first_seed, episodes)  # fmt: skip
+        return float(result["eval_return_mean"])
+
+    class Evaluations(BaseCallback):  # type: ignore[misc]
+        def _on_step(self) -> bool:
+            due = cfg.eval_every and self.num_timesteps // cfg.eval_every > len(curve)
+            if due:
+                curve.append([self.num_timesteps, evaluate(cfg.eval_episodes, 10_000 * args.seed + len(curve))])
+            return True
+
+    t0 = time.perf_counter()
+    model.learn(cfg.steps, callback=Evaluations())
+    final = evaluate(10, 10_000 * args.seed + 9_999)
+    curve.append([model.num_timesteps, final])
+    best_step, best_return = max(curve, key=lambda point: point[1])
+    record = {"seed": args.seed, "steps": model.num_timesteps, "final_return": final, "best_return": best_return,
+              "best_step": best_step, "eval_curve": curve, "train_wall_s": time.perf_counter() - t0}  # fmt: skip
+    Path(args.out).write_text(json.dumps(record))
+
+
 def run_one(base: list[str], seed: int, tmp: Path) -> dict[str, Any]:
     out = tmp / f"seed{seed}.json"
     cmd = [sys.executable, __file__, "--worker", *base, "--seed", str(seed), "--runs-dir", str(tmp), "--out", str(out)]
@@ -97,9 +195,12 @@ def run_one(base: list[str], seed: int, tmp: Path) -> dict[str, Any]:
     return json.loads(out.read_text())
 
 
-def measure(algo: str, env: str, preset: str, sets: list[str], steps: str | None, seeds: list[int], jobs: int) -> dict:
+def measure(
+    algo: str, env: str, preset: str, sets: list[str], steps: str | None, seeds: list[int], jobs: int, peer: str = ""
+) -> dict:
     base = ["--algo", algo, "--env", env, "--preset", preset, *[f"--set={s}" for s in sets]]
     base += ["--steps", steps] if steps else []
+    base += ["--peer", peer] if peer else []
     with tempfile.TemporaryDirectory(prefix="policylab-reliability-") as tmp, ThreadPoolExecutor(jobs) as pool:
         runs = list(pool.map(lambda s: run_one(base, s, Path(tmp)), seeds))
     bar = threshold(env)
@@ -117,6 +218,7 @@ def measure(algo: str, env: str, preset: str, sets: list[str], steps: str | None
         "final_median": statistics.median(finals),
         "final_mean": statistics.fmean(finals),
         "best_median": statistics.median(r["best_return"] for r in runs),
+        **({"peer": peer} if peer else {}),
         "runs": runs,
     }
 
@@ -171,7 +273,8 @@ def markdown_table(paths: list[str]) -> str:
         for res in json.loads(Path(path).read_text())["results"]:
             key = (res["algo"], res["env"])
             budget = PRESETS.get(res["algo"], {}).get(res["env"])
-            if res.get("preset", "auto") != "auto" or res.get("set") or "reached" not in res or budget is None:
+            variant = res.get("preset", "auto") != "auto" or res.get("set") or res.get("peer")
+            if variant or "reached" not in res or budget is None:
                 continue
             if abs(res["steps"] - budget.values.get("steps", 0)) > 0.05 * res["steps"]:  # another budget
                 continue  # (on-policy runs end on a whole rollout: 100,096 steps for a 100k budget)
@@ -233,13 +336,14 @@ def main() -> None:
     parser.add_argument("--max-steps", default="100k")
     parser.add_argument("--exclude", action="append", default=[], metavar="ALGO:ENV", help="with --all: skip these")
     parser.add_argument("--tag", default="", help="a name for this variant in the output")
+    parser.add_argument("--peer", choices=["sb3"], help="run the preset's values in this library instead (ppo, a2c)")
     parser.add_argument("--table", nargs="+", metavar="RESULTS", help="print the markdown table of these files")
     parser.add_argument(
         "--versus", help="time the variant against this preset (e.g. rl-zoo), one run at a time, alternating"
     )
     args = parser.parse_args()
     if args.worker:
-        worker(args)
+        sb3_worker(args) if args.peer == "sb3" else worker(args)
         return
     from policylab.config import parse_count
 
@@ -258,10 +362,11 @@ def main() -> None:
     path = None
     for algo, env in cases:
         t0 = time.perf_counter()
-        res = measure(algo, env, args.preset, args.set, args.steps, seeds, args.jobs)
+        res = measure(algo, env, args.preset, args.set, args.steps, seeds, args.jobs, args.peer or "")
         res["tag"], res["elapsed_s"] = args.tag, time.perf_counter() - t0
         results.append(res)
-        print(f"\n{algo} {env} preset={args.preset} {' '.join(args.set)} ({res['steps']:,} steps)", flush=True)
+        peer = f" in {args.peer}" if args.peer else ""
+        print(f"\n{algo} {env} preset={args.preset} {' '.join(args.set)}{peer} ({res['steps']:,} steps)", flush=True)
         print_table(
             ["seed", "final", "best", "best at"],
             [
