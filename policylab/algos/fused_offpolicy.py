@@ -12,6 +12,8 @@ SAC, with u = mean + std * noise, a = tanh(u), L_actor = mean_B(alpha log pi(a|s
     d log pi / du = 2 a,  d log pi / d log_std = -1 (direct) + (d log pi / du) std noise
     dL/du = (2 alpha a) / B + dL/da|_Q (1 - a^2)       (dL/da|_Q through the critic's input gradient)
     dL/d log_std = (dL/du) std noise - alpha / B, zero where log_std was clamped.
+    With gSDE (use_sde) the log std is per row, log sigma(s) from the features and the [latent, A] log_std
+    (nets/sde.py: its gradient through sde_log_std_grad), and dL/d mean is zero where the mean was clipped.
 TD3: L_actor = -mean_B Q_1(s, tanh(out)): dL/d out = dL/da|_Q1 (1 - a^2), through the first critic only.
 IQL, with u = min_k Q'_k(s, a) - V(s), w(u) = tau or 1 - tau by the sign of u, m = tanh(out) the actor's mean:
     dL_V/dV = -2 w(u) u / B;

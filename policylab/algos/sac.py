@@ -9,6 +9,9 @@ for each gradient step on a replay batch (s, a, r, s', done, d = gamma^n):
         with kl_coef > 0 (off-policy MDPO, algos/mdpo.py): + kl_coef mean KL(pi(.|s) || pi_old(.|s)),
         pi_old a copy of the actor refreshed every kl_refresh gradient steps
     Q' <- (1 - tau) Q' + tau Q                                          (one lerp over flat parameters)
+
+Exploration: a = tanh(mean + std * noise) per step, or with use_sde gSDE's tanh(mean(s) + phi(s) W), each env's
+matrix W held between two updates (SDEConfig, nets/sde.py); pi's log std is then per row, from the features.
 """
 
 from __future__ import annotations
