@@ -252,11 +252,24 @@ def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 
 
+def algorithms_with_option(key: str) -> list[str]:
+    """The algorithms whose config has the field `key` (for an option given to one that lacks it)."""
+    from policylab.algos import ALGORITHMS  # here: the algorithms' configs import this module
+
+    return [name for name, spec in ALGORITHMS.items() if key in {f.name for f in fields(spec.config_cls)}]
+
+
 def apply_values(cfg: C, values: dict[str, Any], source: str) -> C:
     """Return a copy of `cfg` with `values` set, each checked against the field's type."""
     types_by_name = field_types(type(cfg))
     updates = {}
     for key, value in values.items():
+        owners = [] if key in types_by_name else algorithms_with_option(key)
+        if owners:
+            raise ConfigError(
+                f"{key!r} in {source} is not an option of {type(cfg).__name__}: it is one of {', '.join(owners)}",
+                f"train one of those algorithms, or drop {key}",
+            )
         if key not in types_by_name:
             raise ConfigError(
                 f"unknown config key {key!r} in {source}.{suggest(key, types_by_name)}",

@@ -92,6 +92,17 @@ def test_unknown_key_suggests_close_match_and_lists_keys():
         assert key in err.fix
 
 
+def test_an_option_of_other_algorithms_names_them():
+    """A key this config lacks but other algorithms have: the error names those algorithms, not near-miss keys."""
+    with pytest.raises(ConfigError) as info:
+        apply_values(PPOConfig(), {"tau": "0.01"}, "--set")
+    err = info.value
+    assert "'tau' in --set is not an option of PPOConfig" in err.problem
+    owners = err.problem.split("it is one of ")[1].split(", ")
+    assert {"sac", "td3", "dqn", "iql"} <= set(owners) and "ppo" not in owners
+    assert "drop tau" in err.fix
+
+
 @pytest.mark.parametrize(
     "key, value",
     [

@@ -207,7 +207,7 @@ def test_sac_gsde_at_warmup_explores_instead_of_random_actions(tmp_path):
     ("algo", "extra", "message"),
     [
         ("sac", {"use_sde_at_warmup": True}, "needs use_sde=true"),
-        ("td3", {"use_sde": True}, "use_sde"),
+        ("td3", {"use_sde": True}, "not an option of TD3Config: it is one of ppo, .*, sac, mdpo_sac, tqc"),
     ],
 )
 def test_off_policy_sde_misuse_is_one_clear_error(tmp_path, algo, extra, message):
