@@ -1,5 +1,6 @@
 """Generalized state-dependent exploration (gSDE; Raffin, Kober and Stulp, "Smooth exploration for robotic
-reinforcement learning", CoRL 2021), as Stable-Baselines3's `use_sde` has it for PPO and A2C.
+reinforcement learning", CoRL 2021), as Stable-Baselines3's `use_sde` has it for PPO, A2C and SAC (here:
+nets/actor_critic.py for the on-policy family, nets/critics.py's TanhGaussianActor for SAC and TQC).
 
 The action noise is a function of the state, eps(s) = phi(s) W, where phi(s) [latent] are the policy network's
 last hidden features (held out of the gradient: SB3's default `learn_features=False`) and W [latent, actions] is
