@@ -264,7 +264,7 @@ def apply_values(cfg: C, values: dict[str, Any], source: str) -> C:
     types_by_name = field_types(type(cfg))
     updates = {}
     for key, value in values.items():
-        owners = [] if key in types_by_name else algorithms_with_option(key)
+        owners = algorithms_with_option(key) if key not in types_by_name and isinstance(cfg, CommonConfig) else []
         if owners:
             raise ConfigError(
                 f"{key!r} in {source} is not an option of {type(cfg).__name__}: it is one of {', '.join(owners)}",
