@@ -61,12 +61,13 @@ class _OneGroupOptimizer:
         params = self.params
         if any(p.grad is None for p in params):
             params = [p for p in params if p.grad is not None]
-        for p in params if len(self.state) < len(self.params) else ():
-            if p not in self.state:
-                self.state[p] = {
-                    "step": torch.zeros((), dtype=torch.float32, device=p.device),
-                    **{key: torch.zeros_like(p, memory_format=torch.preserve_format) for key in self.STATE},
-                }
+        if len(self.state) < len(self.params):  # some parameter has no state yet: its first gradient
+            for p in params:
+                if p not in self.state:
+                    self.state[p] = {
+                        "step": torch.zeros((), dtype=torch.float32, device=p.device),
+                        **{key: torch.zeros_like(p, memory_format=torch.preserve_format) for key in self.STATE},
+                    }
         return params, [self.state[p] for p in params]
 
     def state_dict(self) -> dict[str, Any]:
