@@ -1,8 +1,8 @@
 """Is policylab's DPO the same algorithm as TRL's DPOTrainer? Checked on the same batches, in the same order.
 
-`llm.py --algo dpo` compares the two over seeds, where each side draws its own batches (policylab at random from the
-pairs, TRL walking its shuffled file), so a difference in accuracy there mixes the algorithms with their random
-streams. Here both sides take the same `--steps` batches of `--pairs-per-step` pairs, the pairs file's rows in
+`llm.py --algo dpo` compares the two over seeds, where each side draws its own batches (both walk the pairs in
+shuffled epochs, each in its own seeded order), so a difference in accuracy there mixes the algorithms with their
+random streams. Here both sides take the same `--steps` batches of `--pairs-per-step` pairs, the pairs file's rows in
 order (TRL's random sampler replaced by a sequential one; policylab's `preference_update` called on each batch),
 from the same starting model (llm.py's: a tiny Llama after SFT), with the same settings (beta, lr, Adam without
 weight decay, gradient-norm clip 1, constant learning rate, float32, 1 thread). Compared: the loss at every step,

@@ -23,7 +23,7 @@ rloo runs with `aggregation=seq-mean-token-sum`, whose token-level clipped surro
 one update per batch both sides make (every ratio is 1 there). `--algo dpo`: offline DPO (sigmoid loss, beta 0.1,
 the starting model as the reference) on one preference file both sides read: for each addition prompt its answer
 (chosen) against a copy with one character changed (rejected), policylab's default pairs written out;
-`--prompts-per-step` pairs per step. policylab draws each step's pairs at random, TRL walks the shuffled file.
+`--prompts-per-step` pairs per step. Both sides walk the file in shuffled epochs, each in its own seeded order.
 
 Measured: wall-clock per step (median over the steps after the first `--warmup`), completion tokens per second
 over the same steps, and accuracy after the run. TRL is installed in its own venv (it pulls its own

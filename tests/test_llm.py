@@ -368,11 +368,11 @@ def test_chord_mixes_the_expert_nll_into_the_rl_loss_with_the_scheduled_weight(s
     overrides = {"model": str(sft_model.dir), "mix": "chord", "batch_size": 4, "eval_size": 8, "seed": 3}
     trainer = LLMTrainer(make_config("grpo", overrides))
     rl = torch.tensor(2.0)
-    state = trainer.rng.bit_generator.state
+    state = trainer.orders["expert"].state()
     loss, metrics = trainer.with_expert_term(rl, 0.25)
     assert loss.item() == pytest.approx(0.75 * 2.0 + 0.25 * metrics["imitation_loss"].item())
-    trainer.rng.bit_generator.state = state  # the same expert rows: the NLL of their answers, by hand
-    rows = [trainer.expert_rows[i] for i in trainer.rng.integers(0, len(trainer.expert_rows), 4)]
+    trainer.orders["expert"].load(state)  # the same expert rows: the NLL of their answers, by hand
+    rows = trainer.draw_rows("expert", 4)
     from policylab.llm.trainer import encode_answers
 
     p, pm = trainer.encode_prompts([r["prompt"] for r in rows])
@@ -526,19 +526,66 @@ def test_dpo_pairs_come_from_a_file_or_from_one_changed_character():
         preference_pair({"prompt": "p", "chosen": "a"}, rng)
 
 
+def test_rows_are_drawn_in_shuffled_epochs_that_resume_where_they_stopped():
+    from policylab.llm.epochs import ShuffledEpochs
+
+    order = ShuffledEpochs(10, seed=3, stream="train")
+    first, second = order.draw(4), order.draw(4)
+    state = order.state()
+    tail = order.draw(6)  # crosses into the second epoch: 2 rows of the first, then 4 of the second
+    assert sorted([*first, *second, *tail[:2]]) == list(range(10))  # each row once in the epoch
+    assert order.epoch == 1 and order.position == 4 and order.epochs_done == pytest.approx(1.4)
+    assert not np.array_equal(order.order, ShuffledEpochs(10, seed=3, stream="train").order)  # a fresh order
+    again = ShuffledEpochs(10, seed=3, stream="train")
+    again.load(state)
+    assert np.array_equal(again.draw(6), tail)
+    assert not np.array_equal(
+        ShuffledEpochs(10, seed=3, stream="expert").draw(10), ShuffledEpochs(10, 3, "train").draw(10)
+    )
+    assert len(ShuffledEpochs(3, 0, "pairs").draw(7)) == 7
+
+
+def test_sft_and_dpo_see_every_row_once_before_any_row_twice(sft_model):
+    from policylab.llm.trainer import LLMTrainer
+
+    settings = {"model": str(sft_model.dir), "train_size": 12, "batch_size": 4, "eval_size": 8}
+    for algo, step in (("sft", "sft_step"), ("dpo", "dpo_step")):
+        trainer = LLMTrainer(make_config(algo, settings))
+        seen: list[str] = []
+        draw = trainer.draw_rows
+
+        def spy(kind, n, seen=seen, draw=draw):
+            rows = draw(kind, n)
+            seen.extend(row["prompt"] for row in rows)
+            return rows
+
+        trainer.draw_rows = spy
+        for _ in range(3):
+            getattr(trainer, step)()
+        assert sorted(seen) == sorted(row["prompt"] for row in trainer.train_rows), algo
+        assert trainer.epochs_done == 1.0
+
+
 @pytest.mark.parametrize(
-    ("algo", "overrides", "gain"),
+    ("algo", "overrides", "seeds", "gain"),
     [
-        ("ppo", {"steps": 40}, 0.1),
-        ("dpo", {"steps": 60, "batch_size": 32}, 0.05),
-        ("online_dpo", {"steps": 40, "batch_size": 32}, 0.1),
+        ("ppo", {"steps": 40}, [0], 0.1),
+        ("dpo", {"steps": 60, "batch_size": 32, "beta": 0.5}, [0, 1], 0.05),
+        ("online_dpo", {"steps": 40, "batch_size": 32}, [0], 0.1),
     ],
 )
-def test_ppo_dpo_and_online_dpo_raise_accuracy_over_the_sft_model(sft_model, tmp_path, algo, overrides, gain):
-    """DPO's offline pairs (the answer against a one-character corruption) move less than on-policy RL: from an
-    SFT model at 0.52-0.535 it reached 0.61-0.65 over seeds 0-2 (its gain bar is 0.05, the others' 0.1)."""
-    run = train_llm(algo, {"model": str(sft_model.dir), "eval_every": 1000, **overrides}, tmp_path, verbose=False)
-    assert run.final_eval["accuracy"] >= run.initial_eval["accuracy"] + gain, (run.initial_eval, run.final_eval)
+def test_ppo_dpo_and_online_dpo_raise_accuracy_over_the_sft_model(sft_model, tmp_path, algo, overrides, seeds, gain):
+    """DPO's offline pairs (the answer against a one-character corruption) move exact match less than on-policy
+    RL, and more noisily, so its gain is the mean over two seeds and its bar 0.05. beta 0.5, not the default
+    0.1: at 0.1 the tiny model drifts from its reference and loses what it gains (from the SFT model at 0.375,
+    60 steps of 32 pairs changed exact match by -0.03 to +0.11 over seeds 0-7, 120 steps by -0.065 to +0.055
+    over seeds 0-5; at beta 0.5, +0.06 to +0.225 over seeds 0-5)."""
+    gains = []
+    for seed in seeds:
+        settings = {"model": str(sft_model.dir), "eval_every": 1000, "seed": seed, **overrides}
+        run = train_llm(algo, settings, tmp_path, name=f"{algo}-{seed}", verbose=False)
+        gains.append(run.final_eval["accuracy"] - run.initial_eval["accuracy"])
+    assert sum(gains) / len(gains) >= gain, gains
 
 
 # --- memory options: micro-batches, gradient checkpointing, LoRA --------------------------------------------------
@@ -636,6 +683,7 @@ def test_a_resumed_run_ends_with_the_uninterrupted_runs_weights(sft_model, tmp_p
         "batch_size": 4,
         "group_size": 4,
         "eval_size": 8,
+        "train_size": 10,  # the part stops 2 rows into the second epoch of prompts
     }
     full = train_llm(algo, settings, tmp_path, name="full", verbose=False)
     part = train_llm(algo, settings, tmp_path, name="part", verbose=False, callback=lambda step, _: step < 3)
@@ -648,6 +696,15 @@ def test_a_resumed_run_ends_with_the_uninterrupted_runs_weights(sft_model, tmp_p
         torch.testing.assert_close(a[key], b[key], rtol=0, atol=0)
     with open(resumed.dir / "train.csv") as f:
         assert [int(float(row["step"])) for row in csv.DictReader(f)] == [1, 2, 3, 4, 5, 6]
+    if algo == "grpo":  # a checkpoint without the rows' epoch positions cannot resume exactly: it says so
+        import json
+
+        for state_file in (part.dir / "checkpoints").glob("*/state.json"):
+            state = json.loads(state_file.read_text())
+            del state["row_orders"]
+            state_file.write_text(json.dumps(state))
+        with pytest.raises(LLMError, match="before policylab drew rows in shuffled epochs"):
+            train_llm(resume=part.dir, verbose=False)
 
 
 def test_sapo_gate_gives_reinforces_gradient_at_ratio_one_and_fades_away_from_it():

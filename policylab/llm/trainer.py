@@ -23,6 +23,9 @@ kl_coef times a k1/k2/k3 KL estimate to the initial model and minus entropy_coef
     ppo           GAE over tokens with a value head (gamma 1, lambda 0.95), token-mean, one sample per prompt
     dpo           DPO's sigmoid loss on (chosen, rejected) pairs, beta 0.1 (Rafailov et al. 2023)
     online_dpo    DPO on the best and worst of `group_size` own samples by reward (Guo et al. 2024)
+
+Prompts, SFT examples, expert completions and DPO pairs are drawn in shuffled epochs (llm/epochs.py), as TRL's
+trainers walk their datasets; `epoch` in train.csv counts the passes.
 """
 
 from __future__ import annotations
@@ -51,6 +54,7 @@ from policylab.checkpoint import (
 from policylab.config import apply_values
 from policylab.errors import ConfigError, suggest
 from policylab.llm import LLMError, require_llm
+from policylab.llm.epochs import ShuffledEpochs
 from policylab.llm.models import check_model, load_model, prepare_tokenizer
 from policylab.llm.rewards import RewardSpec, checked_call, combine_rewards, prompt_rows, reward_name
 from policylab.llm.rollout import Rollout, concat_rollouts, decode, generate, token_logprobs
@@ -523,7 +527,9 @@ class LLMTrainer:
         expert, pairs = _given(cfg, inputs, "expert"), _given(cfg, inputs, "pairs")
         self.expert_rows = prompt_rows(expert, "expert") if expert is not None else self.train_rows
         self.pair_rows = prompt_rows(pairs, "pairs") if pairs is not None else None
-        self.rng = np.random.default_rng(cfg.seed)
+        self.rng = np.random.default_rng(cfg.seed)  # DPO's corrupted answers
+        tables = self._row_tables().items()
+        self.orders = {kind: ShuffledEpochs(len(rows), cfg.seed, kind) for kind, rows in tables if rows}
         if self.pair_rows is not None:  # files without the fields fail here, not mid-run
             preference_pair(self.pair_rows[0], np.random.default_rng(0))
         if cfg.mix != "none":
@@ -550,8 +556,22 @@ class LLMTrainer:
         check_model(model, tokenizer)
         return model, tokenizer
 
+    def _row_tables(self) -> dict[str, list[dict[str, Any]]]:
+        return {"train": self.train_rows, "expert": self.expert_rows, "pairs": self.pair_rows or []}
+
+    def draw_rows(self, kind: str, n: int) -> list[dict[str, Any]]:
+        """The next n rows of a table ("train", "expert" or "pairs") in its shuffled epochs."""
+        table = self._row_tables()[kind]
+        return [table[i] for i in self.orders[kind].draw(n)]
+
     def sample_rows(self, n: int) -> list[dict[str, Any]]:
-        return [self.train_rows[i] for i in self.rng.integers(0, len(self.train_rows), n)]
+        return self.draw_rows("train", n)
+
+    @property
+    def epochs_done(self) -> float:
+        """Passes over the rows the steps draw from (the pairs for DPO with a pairs table, else the prompts)."""
+        uses_pairs = self.cfg.algo == "dpo" and self.pair_rows is not None
+        return self.orders["pairs" if uses_pairs else "train"].epochs_done
 
     def rollout(self, rows: list[dict[str, str]], greedy: bool = False) -> tuple[Rollout, list[str]]:
         ids, mask = self.encode_prompts([row["prompt"] for row in rows])
@@ -798,8 +818,7 @@ class LLMTrainer:
     def with_expert_term(self, rl_loss: Tensor, mu: float) -> tuple[Tensor, dict[str, Tensor]]:
         """CHORD: (1 - mu) rl_loss + mu mean over expert tokens of -w log pi (w = 1, or p (1 - p) with mix_phi)."""
         cfg = self.cfg
-        picks = self.rng.integers(0, len(self.expert_rows), cfg.expert_batch_size or cfg.batch_size)
-        rows = [self.expert_rows[i] for i in picks]
+        rows = self.draw_rows("expert", cfg.expert_batch_size or cfg.batch_size)
         prompt_ids, prompt_mask = self.encode_prompts([row["prompt"] for row in rows])
         ids, mask = self.encode_prompts.answers([expert_completion(row) for row in rows])
         logp, _ = token_logprobs(self.model, prompt_ids, prompt_mask, ids, mask)
@@ -829,9 +848,8 @@ class LLMTrainer:
 
     def dpo_step(self) -> dict[str, float]:
         """DPO on pairs: the pairs file's, or the task's answers against one-character corruptions of them."""
-        rows = self.pair_rows if self.pair_rows is not None else self.train_rows
-        picks = self.rng.integers(0, len(rows), self.cfg.batch_size)
-        pairs = [preference_pair(rows[i], self.rng) for i in picks]
+        rows = self.draw_rows("pairs" if self.pair_rows is not None else "train", self.cfg.batch_size)
+        pairs = [preference_pair(row, self.rng) for row in rows]
         prompt_ids, prompt_mask = self.encode_prompts([p for p, _, _ in pairs] * 2)
         ids, mask = self.encode_prompts.answers([c for _, c, _ in pairs] + [r for _, _, r in pairs])
         return self.preference_update(prompt_ids, prompt_mask, ids, mask)
@@ -905,7 +923,13 @@ class LLMTrainer:
         if self.workers is not None:
             for i, worker_state in enumerate(self.workers.get_state()):
                 tensors[f"rng/generation_worker/{i}"] = torch.tensor(worker_state)  # Ray gives read-only arrays
-        state = {"step": self.step, "optimizer": optimizer_meta, "numpy_rng": self.rng.bit_generator.state, **extra}
+        state = {
+            "step": self.step,
+            "optimizer": optimizer_meta,
+            "numpy_rng": self.rng.bit_generator.state,
+            "row_orders": {kind: order.state() for kind, order in self.orders.items()},
+            **extra,
+        }
         return tensors, state
 
     def restore(self, tensors: dict[str, Tensor], state: dict[str, Any]) -> None:
@@ -923,7 +947,28 @@ class LLMTrainer:
                 )
             self.workers.set_state([s.numpy() for s in saved if s is not None])
         self.rng.bit_generator.state = state["numpy_rng"]
+        self._restore_orders(state.get("row_orders"))
         self.step = int(state["step"])
+
+    def _restore_orders(self, saved: dict[str, Any] | None) -> None:
+        if saved is None:
+            raise LLMError(
+                "the checkpoint was written before policylab drew rows in shuffled epochs: its resume would not be "
+                "exact",
+                "start a new run from its weights (--model RUN/model), or resume with the policylab that wrote it",
+            )
+        if saved.keys() != self.orders.keys():
+            raise LLMError(
+                f"the checkpoint drew from {sorted(saved)} rows, this run from {sorted(self.orders)}",
+                "resume with the run's own prompts, expert and pairs",
+            )
+        for kind, order in self.orders.items():
+            if int(saved[kind]["size"]) != order.size:
+                raise LLMError(
+                    f"the checkpoint walked {saved[kind]['size']} {kind} rows, this run has {order.size}",
+                    "resume with the run's own prompts, expert and pairs",
+                )
+            order.load(saved[kind])
 
     def save(self, run_dir: Path) -> None:
         """The model and tokenizer as safetensors + JSON (save_pretrained), written beside and renamed in."""
@@ -1018,6 +1063,7 @@ def train_llm(
         for step in range(start + 1, cfg.steps + 1):
             trainer.step = step
             metrics = step_fn()
+            metrics["epoch"] = trainer.epochs_done
             if trainer.workers is not None:
                 metrics["worker_restarts"] = float(sum(trainer.workers.restarts))
             tokens += metrics["tokens"]
