@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import textwrap
 from pathlib import Path
 
 from policylab.certify import add_certify_parser
@@ -68,22 +69,36 @@ def _plot(args: argparse.Namespace) -> int:
 
 def _list(_args: argparse.Namespace) -> int:
     from rich.console import Console
+    from rich.measure import Measurement
     from rich.table import Table
 
     from policylab.algos import ALGORITHMS
     from policylab.config import format_count
     from policylab.presets import DATASET_PRESETS, presets_for
 
-    table = Table(title="policylab algorithms")
-    for col in ("algorithm", "kind", "regimes", "what"):
-        table.add_column(col)
-    table.add_column("tuned presets (--env) and their budgets", min_width=28)  # one preset per line fits
+    rows = []
     for spec in ALGORITHMS.values():
         presets = [f"{env} ({format_count(budget)})" for env, budget in presets_for(spec.name).items()]
         if kinds := DATASET_PRESETS.get(spec.name):
             presets.append(f"{len(kinds)} D4RL dataset kinds (CORL's), e.g. {sorted(kinds)[0]}")
-        table.add_row(spec.name, spec.kind, "\n".join(spec.regimes), spec.summary, ", ".join(presets))
-    Console().print(table)
+        rows.append((spec.name, spec.kind, spec.regimes, spec.summary, ", ".join(presets)))
+    table = Table(title="policylab algorithms")
+    for col in ("algorithm", "kind", "regimes", "what"):
+        table.add_column(col)
+    table.add_column("tuned presets (--env) and their budgets", min_width=28)  # one preset per line fits
+    for name, kind, regimes, summary, presets in rows:
+        table.add_row(name, kind, "\n".join(regimes), summary, presets)
+    console = Console()
+    if Measurement.get(console, console.options.update_width(10_000), table).minimum <= console.width:
+        console.print(table)
+        return 0
+    for name, kind, regimes, summary, presets in rows:  # the table's columns would be cut off: paragraphs
+        console.print(f"[bold]{name}[/bold] ({kind}; {', '.join(regimes)}): {summary}", highlight=False)
+        if presets:
+            text = textwrap.fill(
+                presets, console.width, initial_indent="    tuned presets (--env): ", subsequent_indent="    "
+            )
+            console.print(text, highlight=False)
     return 0
 
 

@@ -167,6 +167,23 @@ def test_list_shows_each_presets_budget(capsys, monkeypatch):
     assert "CartPole-v1 (30k)" in out and "Pendulum-v1 (20k)" in out and "HalfCheetah-v5 (1M)" in out
 
 
+def test_list_in_an_80_column_terminal_cuts_nothing_off(capsys, monkeypatch):
+    """The table needs about 103 columns: narrower, each algorithm is a wrapped paragraph, every preset whole."""
+    from policylab.algos import ALGORITHMS
+    from policylab.config import format_count
+    from policylab.presets import presets_for
+
+    monkeypatch.setenv("COLUMNS", "80")
+    assert main(["list"]) == 0
+    out = capsys.readouterr().out
+    assert max(len(line) for line in out.splitlines()) <= 80
+    text = " ".join(out.split())  # the wrapped lines joined again
+    for spec in ALGORITHMS.values():
+        assert f"{spec.name} ({spec.kind}; " in text and spec.summary in text
+        for env, budget in presets_for(spec.name).items():
+            assert f"{env} ({format_count(budget)})" in text, (spec.name, env)
+
+
 def test_a_budget_too_short_for_a_presets_warm_up_gets_a_note():
     from policylab.algos import get_algo
     from policylab.train import resolve_config
