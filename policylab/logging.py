@@ -136,10 +136,12 @@ class Progress:
         else:
             print(f"{description}: {total} steps", flush=True)
 
-    def update(self, step: int, fps: float, mean_return: float | None) -> None:
+    def update(self, step: int, fps: float, mean_return: float | None, evaluated: str | None = None) -> None:
+        """`mean_return`: of the training episodes that ended lately; without one (an offline phase has no
+        episodes) `evaluated`, the latest evaluation's text, is shown instead."""
         if self.silent:
             return
-        ret = "-" if mean_return is None else f"{mean_return:.1f}"
+        ret = f"{mean_return:.1f}" if mean_return is not None else evaluated or "-"
         if self._bar is not None:
             self._bar.update(self._task, completed=step, fps=f"{fps:,.0f}", ret=ret)
         elif step >= self._next_print * self.total:

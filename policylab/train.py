@@ -1091,7 +1091,7 @@ def train(
         with _StopFlag() as stop:
             while loop.step < loop.total:
                 info = session.iterate()
-                bar.update(loop.step, info.metrics["fps"], info.mean_return)
+                bar.update(loop.step, info.metrics["fps"], info.mean_return, session.last_evaluation())
                 if stop.requested or (callback is not None and callback(info) is False):
                     break
         session.last_ckpt = session.save()
@@ -1110,9 +1110,11 @@ def train(
         )
         if run.best is not None:
             which = " (the final policy)" if run.best["step"] == loop.step else ""
+            best_score = loop.score(run.best["return_mean"])
             say(
-                f"best policy: step {run.best['step']:,}{which}, evaluation return {run.best['return_mean']:.1f} "
-                f"(saved in {run.dir / run.best['dir']}; policylab eval {run.dir} --best, "
+                f"best policy: step {run.best['step']:,}{which}, evaluation return {run.best['return_mean']:.1f}"
+                + (f", normalized score {best_score:.1f}" if best_score is not None else "")
+                + f" (saved in {run.dir / run.best['dir']}; policylab eval {run.dir} --best, "
                 f'pl.load(run.dir, which="best"))'
             )
         say(f"run directory: {run.dir}")
@@ -1136,6 +1138,7 @@ class _Session:
         self.next_ckpt = _next_multiple(loop.step, cfg.checkpoint_every)
         self.start_time = time.perf_counter()
         self.start_step = loop.step
+        self.latest_eval: dict[str, Any] | None = None
         self.pretraining: dict[str, float] | None = state.get("pretraining")
         """What the loop's pretraining did before step 0 (e.g. behaviour cloning: its losses and seconds), if any."""
 
@@ -1256,7 +1259,16 @@ class _Session:
         score = self.loop.score(result["return_mean"])
         if score is not None:
             result["score"] = score
+        self.latest_eval = result
         return result
+
+    def last_evaluation(self) -> str | None:
+        """The latest evaluation as the progress line shows it where no training episode has ended (offline)."""
+        result = self.latest_eval
+        if result is None:
+            return None
+        score = f", normalized {result['score']:.1f}" if "score" in result else ""
+        return f"{result['return_mean']:.1f} (evaluation{score})"
 
     def save(self) -> Path:
         tensors, state = self.loop.state()

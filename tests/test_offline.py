@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import math
+import re
 
 import numpy as np
 import pytest
@@ -453,6 +454,21 @@ def test_cli_collects_a_dataset_and_trains_on_it(tmp_path, capsys):
     argv = ["train", "bc", "--dataset", str(out), "--steps", "200", "--runs-dir", str(tmp_path), "--no-progress"]
     assert main([*argv, "--set", "hidden_sizes=[16]"]) == 0
     assert "run directory" in capsys.readouterr().out
+
+
+def test_offline_progress_lines_show_the_latest_evaluation_and_its_normalized_score(goal_datasets, tmp_path, capsys):
+    """An offline phase has no training episodes: its progress lines show the latest evaluation instead, with
+    the D4RL-normalized score, as the final and best-policy lines do."""
+    overrides = {**SMALL_NETS, "eval_every": 100, "log_every": 100, "eval_episodes": 2}
+    run = pl.train("bc", dataset=goal_datasets["medium"], steps=300, runs_dir=tmp_path, overrides=overrides)
+    lines = capsys.readouterr().out.splitlines()
+    progress = [line for line in lines if "/300 steps" in line]
+    assert progress and all("return " in line for line in progress)
+    assert re.search(r"return -?[0-9.]+ \(evaluation, normalized -?[0-9.]+\)", progress[-2]), progress
+    final = next(line for line in lines if line.startswith("done:"))
+    best = next(line for line in lines if line.startswith("best policy:"))
+    assert "normalized score" in final and "normalized score" in best
+    assert run.best is not None
 
 
 def _loop(algo: str, dataset, overrides: dict):
