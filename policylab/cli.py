@@ -78,10 +78,10 @@ def _list(_args: argparse.Namespace) -> int:
 
     rows = []
     for spec in ALGORITHMS.values():
-        presets = [f"{env} ({format_count(budget)})" for env, budget in presets_for(spec.name).items()]
+        tuned = [f"{env} ({format_count(budget)})" for env, budget in presets_for(spec.name).items()]
         if kinds := DATASET_PRESETS.get(spec.name):
-            presets.append(f"{len(kinds)} D4RL dataset kinds (CORL's), e.g. {sorted(kinds)[0]}")
-        rows.append((spec.name, spec.kind, spec.regimes, spec.summary, ", ".join(presets)))
+            tuned.append(f"{len(kinds)} D4RL dataset kinds (CORL's), e.g. {sorted(kinds)[0]}")
+        rows.append((spec.name, spec.kind, spec.regimes, spec.summary, ", ".join(tuned)))
     table = Table(title="policylab algorithms")
     for col in ("algorithm", "kind", "regimes", "what"):
         table.add_column(col)

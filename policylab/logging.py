@@ -109,8 +109,16 @@ class Progress:
     """Progress output: `enabled=None` shows a live rich bar on a terminal and a line every 10%
     otherwise (e.g. in CI logs); True forces the bar, False prints nothing."""
 
-    def __init__(self, total: int, description: str, enabled: bool | None = None, start: int = 0) -> None:
-        self.total = total
+    def __init__(
+        self,
+        total: int,
+        description: str,
+        enabled: bool | None = None,
+        start: int = 0,
+        metric: str = "return",
+        digits: int = 1,
+    ) -> None:
+        self.total, self.metric, self.digits = total, metric, digits
         self.live = sys.stdout.isatty() if enabled is None else enabled
         self.silent = enabled is False
         self._next_print = 0.1
@@ -126,7 +134,7 @@ class Progress:
                 BarColumn(),
                 MofNCompleteColumn(),
                 TextColumn("{task.fields[fps]} steps/s"),
-                TextColumn("return {task.fields[ret]}"),
+                TextColumn(metric + " {task.fields[ret]}"),
                 TextColumn("ETA"),
                 TimeRemainingColumn(),
                 refresh_per_second=5,
@@ -141,11 +149,11 @@ class Progress:
         episodes) `evaluated`, the latest evaluation's text, is shown instead."""
         if self.silent:
             return
-        ret = f"{mean_return:.1f}" if mean_return is not None else evaluated or "-"
+        ret = f"{mean_return:.{self.digits}f}" if mean_return is not None else evaluated or "-"
         if self._bar is not None:
             self._bar.update(self._task, completed=step, fps=f"{fps:,.0f}", ret=ret)
         elif step >= self._next_print * self.total:
-            print(f"  {step:>10,}/{self.total:,} steps  {fps:,.0f} steps/s  return {ret}", flush=True)
+            print(f"  {step:>10,}/{self.total:,} steps  {fps:,.0f} steps/s  {self.metric} {ret}", flush=True)
             while self._next_print * self.total <= step:
                 self._next_print += 0.1
 

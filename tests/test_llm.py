@@ -278,6 +278,13 @@ def test_rl_raises_exact_match_accuracy_over_the_sft_model(sft_model, tmp_path, 
     assert run.final_eval["accuracy"] >= run.initial_eval["accuracy"] + 0.15, (run.initial_eval, run.final_eval)
 
 
+def test_the_progress_lines_of_a_language_model_run_show_its_accuracy(sft_model, tmp_path, capsys):
+    settings = {"model": str(sft_model.dir), "steps": 2, "eval_every": 1, "batch_size": 4, "eval_size": 8}
+    run = train_llm("dpo", settings, tmp_path)  # not a terminal: a progress line per 10% of the steps
+    lines = [line for line in capsys.readouterr().out.splitlines() if "/2 steps" in line]
+    assert lines and lines[-1].endswith(f"accuracy {run.final_eval['accuracy']:.3f}"), lines
+
+
 def test_cli_trains_and_evaluates_and_refuses_a_missing_model(tmp_path, capsys):
     assert (
         main(
@@ -299,8 +306,23 @@ def test_cli_trains_and_evaluates_and_refuses_a_missing_model(tmp_path, capsys):
         )
         == 0
     )
-    assert main(["llm", "eval", str(tmp_path / "s"), "--k", "2", "--json"]) == 0
-    assert '"pass@2"' in capsys.readouterr().out
+    evaluation = subprocess.run(  # a fresh process: transformers' progress bars in their default state
+        [
+            sys.executable,
+            "-c",
+            "from policylab.cli import main; import sys; sys.exit(main(sys.argv[1:]))",
+            "llm",
+            "eval",
+            str(tmp_path / "s"),
+            "--k",
+            "2",
+            "--json",
+        ],  # fmt: skip
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert '"pass@2"' in evaluation.stdout and "Loading weights" not in evaluation.stderr  # no bar of theirs
     assert main(["llm", "train", "grpo", "--model", str(tmp_path / "missing"), "--steps", "2"]) == 2
     assert "no model at" in capsys.readouterr().err
 

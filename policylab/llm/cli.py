@@ -47,8 +47,9 @@ def run_llm_command(args: argparse.Namespace) -> int:
     from policylab.llm.tasks import TASKS
 
     if args.llm_command == "tasks":
+        width = max(len(name) for name in TASKS)
         for task in TASKS.values():
-            print(f"{task.name:<12} {task.summary}")
+            print(f"{task.name:<{width}}  {task.summary}")
         return 0
     if args.llm_command == "eval":
         from policylab.llm.trainer import evaluate_llm

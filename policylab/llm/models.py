@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -70,8 +72,24 @@ def load_model(source: str | Path, seed: int = 0) -> tuple[Any, Any]:
         )
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    tokenizer = prepare_tokenizer(AutoTokenizer.from_pretrained(path))
-    return AutoModelForCausalLM.from_pretrained(path, use_safetensors=True), tokenizer
+    with without_progress_bars():
+        tokenizer = prepare_tokenizer(AutoTokenizer.from_pretrained(path))
+        return AutoModelForCausalLM.from_pretrained(path, use_safetensors=True), tokenizer
+
+
+@contextmanager
+def without_progress_bars() -> Iterator[None]:
+    """transformers' own bars (loading and saving weights) off, as the run's progress line is its output;
+    the user's setting is restored after."""
+    from transformers.utils import logging as hf_logging
+
+    enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if enabled:
+            hf_logging.enable_progress_bar()
 
 
 def prepare_tokenizer(tokenizer: Any) -> Any:

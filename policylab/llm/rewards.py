@@ -55,8 +55,11 @@ def reward_model(path: str) -> RewardFn:
 
     if not (Path(path) / "config.json").is_file():
         raise LLMError(f"no reward model at {path} (no config.json)", "pass model:DIR with a save_pretrained model")
-    model = AutoModelForSequenceClassification.from_pretrained(path).eval()
-    tokenizer = AutoTokenizer.from_pretrained(path)
+    from policylab.llm.models import without_progress_bars
+
+    with without_progress_bars():
+        model = AutoModelForSequenceClassification.from_pretrained(path).eval()
+        tokenizer = AutoTokenizer.from_pretrained(path)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     if model.config.num_labels != 1:

@@ -55,7 +55,7 @@ from policylab.config import apply_values
 from policylab.errors import ConfigError, suggest
 from policylab.llm import LLMError, require_llm
 from policylab.llm.epochs import ShuffledEpochs
-from policylab.llm.models import check_model, load_model, prepare_tokenizer
+from policylab.llm.models import check_model, load_model, prepare_tokenizer, without_progress_bars
 from policylab.llm.rewards import RewardSpec, checked_call, combine_rewards, prompt_rows, reward_name
 from policylab.llm.rollout import Rollout, concat_rollouts, decode, generate, token_logprobs
 from policylab.llm.tasks import Task, get_task
@@ -972,15 +972,13 @@ class LLMTrainer:
 
     def save(self, run_dir: Path) -> None:
         """The model and tokenizer as safetensors + JSON (save_pretrained), written beside and renamed in."""
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.disable_progress_bar()  # the run's own output is the progress line
         target, tmp = run_dir / "model", run_dir / ".model.tmp"
         model = self.model
         if self.cfg.lora_rank > 0:  # a plain model with the adapters merged in: it loads like any other
             model = copy.deepcopy(model).merge_and_unload()
-        model.save_pretrained(tmp, safe_serialization=True)
-        self.tokenizer.save_pretrained(tmp)
+        with without_progress_bars():
+            model.save_pretrained(tmp, safe_serialization=True)
+            self.tokenizer.save_pretrained(tmp)
         if target.exists():
             old = run_dir / ".model.old"
             target.rename(old)
@@ -1051,7 +1049,7 @@ def train_llm(
         log = RunLog(run_dir, tensorboard=False)
         initial, start = trainer.evaluate(), 0
         log.log_eval({"step": 0, **initial})
-    progress = Progress(cfg.steps, f"{cfg.algo} {cfg.task}", enabled=verbose, start=start)
+    progress = Progress(cfg.steps, f"{cfg.algo} {cfg.task}", enabled=verbose, start=start, metric="accuracy", digits=3)
     step_fn = {
         "sft": trainer.sft_step,
         "ppo": trainer.ppo_step,
