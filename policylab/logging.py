@@ -142,7 +142,7 @@ class Progress:
             self._task = self._bar.add_task(description, total=total, completed=start, fps="-", ret="-")
             self._bar.start()
         else:
-            print(f"{description}: {total} steps", flush=True)
+            print(f"{description}: {total:,} steps", flush=True)
 
     def update(self, step: int, fps: float, mean_return: float | None, evaluated: str | None = None) -> None:
         """`mean_return`: of the training episodes that ended lately; without one (an offline phase has no

@@ -28,7 +28,7 @@ from torch import Tensor
 from policylab import checkpoint as ckpt
 from policylab import runtime
 from policylab.algos import AlgoSpec, get_algo
-from policylab.algos.onpolicy import Imitation, clone_demonstrations
+from policylab.algos.onpolicy import Imitation, clone_demonstrations, whole_rollouts
 from policylab.collectors import FIELDS as COLLECTED_FIELDS
 from policylab.collectors import (
     OffPolicySlice,
@@ -202,7 +202,7 @@ def rounded_budget_note(spec: AlgoSpec, cfg: Any) -> list[str]:
     if spec.kind != "on-policy":
         return []
     rollout = cfg.n_steps * cfg.num_envs
-    total = -(-cfg.steps // rollout) * rollout
+    total = whole_rollouts(cfg)
     if total - cfg.steps <= ROUNDING_NOTE_SHARE * cfg.steps:
         return []
     return [
@@ -347,7 +347,9 @@ class OnPolicyLoop:
 
     @property
     def total(self) -> int:
-        return int(self.cfg.steps)
+        """The steps the run takes (--steps in whole rollouts): the progress bar's total and the denominator of
+        the annealing schedules, so that a budget rounded up anneals over the steps it runs."""
+        return whole_rollouts(self.cfg)
 
     def score(self, return_mean: float) -> float | None:
         return _normalized_score(self.dataset, return_mean)
@@ -401,7 +403,7 @@ class OnPolicyLoop:
         """Collect one rollout and update on it."""
         self.threads.update()
         rollout = self.collect()
-        metrics = self.algo.update(rollout, progress=self.step / self.cfg.steps)
+        metrics = self.algo.update(rollout, progress=self.step / self.total)
         metrics["threads"] = torch.tensor(float(self.threads.count))
         if self.workers is not None:
             metrics["worker_restarts"] = torch.tensor(float(sum(self.workers.restarts)))

@@ -39,6 +39,21 @@ def test_learning_rate_and_clip_anneal_linearly():
     assert float(metrics["lr"]) == 0.0
 
 
+def test_a_budget_rounded_up_to_whole_rollouts_is_the_runs_total_and_anneals_over_it():
+    """--steps 10,000 in rollouts of 4 x 16 = 64 steps runs 10,048: the loop's total (the progress bar's and the
+    eval schedule's), and the annealing runs over it (the last update at progress 1, the first at 1/157), where
+    it ran over 10,000 and clamped the overshoot to 0."""
+    loop = _loop({"anneal_lr": True, "lr": 1e-3, "epochs": 1})
+    assert loop.total == 10_048
+    seen: list[float] = []
+    update = loop.algo.update
+    loop.algo.update = lambda rollout, progress: seen.append(progress) or update(rollout, progress)
+    while loop.step < loop.total:
+        loop.iterate()
+    assert len(seen) == 157 and seen[0] == pytest.approx(1 / 157) and seen[-1] == 1.0
+    assert seen == sorted(seen) and all(p <= 1.0 for p in seen)
+
+
 def test_autograd_and_analytic_paths_train_alike():
     fast, slow = _loop({"epochs": 2, "batch_size": 32}), _loop({"epochs": 2, "batch_size": 32, "analytic_grads": False})
     assert type(fast.algo.learner.step).__name__ == "FusedActorCriticStep"

@@ -25,7 +25,7 @@ import gymnasium as gym
 import torch
 from torch import Tensor
 
-from policylab.algos.onpolicy import ActorCriticLoss
+from policylab.algos.onpolicy import ActorCriticLoss, whole_rollouts
 from policylab.algos.ppo import PPO, PPOConfig, delegated
 from policylab.algos.sac import SACConfig
 from policylab.config import positive
@@ -67,7 +67,7 @@ class MDPO:
 
     def update(self, rollout: Batch, progress: float) -> dict[str, Tensor]:
         cfg = self.cfg
-        t_k = mdpo_step_size(progress, cfg.n_steps * cfg.num_envs, int(cfg.steps), cfg.t_min)
+        t_k = mdpo_step_size(progress, cfg.n_steps * cfg.num_envs, whole_rollouts(cfg), cfg.t_min)
         loss = ActorCriticLoss(
             clip_low=None, clip_value=cfg.clip_value, vf_coef=cfg.vf_coef, ent_coef=cfg.ent_coef, kl_coef=1.0 / t_k
         )

@@ -154,6 +154,12 @@ def adam(params: list[nn.Parameter], lr: float, eps: float = 1e-5) -> Adam:
     return Adam(params, lr=lr, eps=eps)
 
 
+def whole_rollouts(cfg: Any) -> int:
+    """An on-policy run's budget: --steps rounded up to whole rollouts of n_steps x num_envs env steps."""
+    rollout = cfg.n_steps * cfg.num_envs
+    return int(-(-cfg.steps // rollout) * rollout)
+
+
 def annealed(value: float, progress: float, anneal: bool) -> float:
     """`value` decayed linearly to 0 over the run (progress 0 -> 1), if `anneal`; the last rollout may
     overshoot the step budget, so the factor is clamped at 0."""
