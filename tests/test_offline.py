@@ -108,8 +108,17 @@ def test_add_episodes_gives_the_layout_of_add_and_n_step_returns_stop_at_episode
     torch.testing.assert_close(batch.next_obs[:, 0], torch.tensor([2.0, 3.0, 3.0, 6.0, 6.0]))
     assert batch.terminated.tolist() == [False, True, True, False, False]
     torch.testing.assert_close(batch.discounts, torch.tensor([0.25, 0.25, 0.5, 0.25, 0.5]))
-    drawn = buffer.sample(500, torch.Generator().manual_seed(0)).obs[:, 0]
+    drawn = buffer.sample(5000, torch.Generator().manual_seed(0)).obs[:, 0]
     assert set(drawn.tolist()) == {0.0, 1.0, 2.0, 4.0, 5.0}, "final observations are never sampled"
+    counts = torch.bincount(drawn.long(), minlength=6)[[0, 1, 2, 4, 5]].float()
+    assert counts.min() > 900 and counts.max() < 1100, counts  # uniform over the 5 transitions (1000 each)
+    assert buffer._step_table is not None and buffer._step_table.tolist() == [0, 1, 2, 4, 5]
+    buffer.add(
+        np.array([[9.0]]), np.zeros((1, 1)), np.zeros(1), np.array([[9.5]]), np.zeros(1, bool), np.zeros(1, bool)
+    )
+    assert buffer._step_table is None  # online steps added: the rejection sampler again, over every slot written
+    drawn = buffer.sample(5000, torch.Generator().manual_seed(1)).obs[:, 0]
+    assert set(drawn.tolist()) == {0.0, 1.0, 2.0, 4.0, 5.0, 9.0}
 
 
 def test_a_mixed_batch_takes_its_share_from_each_buffer():

@@ -126,6 +126,11 @@ class ReplayBuffer:
         self.tree = SumTree(self.slots * num_envs, device) if prioritized else None
         self.max_priority = 1.0
         self.transitions_added = 0
+        self._step_table: Tensor | None = None
+        """The flat indices of every transition while the buffer holds only whole episodes from `add_episodes` (a
+        dataset): sampling then draws among them directly, where it otherwise redraws the final-obs slots it hits.
+        `add` and `load` drop it."""
+        self._episodes_only = True
         self.filled = 0
         """Slots of the furthest-advanced ring that hold transitions (each add advances a ring by 1, or 2 at an
         episode end); sampling draws below it and redraws the few pending or final-obs slots it hits."""
@@ -152,6 +157,7 @@ class ReplayBuffer:
         """One step of N envs (numpy arrays or tensors). `next_obs` is what the envs return (the reset obs
         where an episode ended); `final_obs` (rows of ended envs) is the last obs of the ended episodes,
         needed at truncations. On the CPU the writes go through numpy views (a third of the cost)."""
+        self._step_table, self._episodes_only = None, False
         cpu = self._np is not None
         xp: Any = np if cpu else torch
         arr: Any = np.asarray if cpu else (lambda x: torch.as_tensor(x, device=self.device))
@@ -234,6 +240,8 @@ class ReplayBuffer:
             self.tree.set(step_slots, torch.full((len(step_slots),), self.max_priority, dtype=torch.float64))
         self.transitions_added += int(lengths.sum())
         self.filled = min(self.slots, max(self.filled, start + n_obs))
+        if self._episodes_only:
+            self._step_table = torch.nonzero(self.valid.view(-1)).squeeze(1)
 
     def _track_returns(self, store: Any, slot: Any, envs: Any, end: Any, ended: bool) -> None:
         """Monte-Carlo returns of the transitions `add` just wrote: unknown (-inf) until their episode ends, then
@@ -283,9 +291,15 @@ class ReplayBuffer:
             raise ValueError("the replay buffer is empty: add transitions before sampling")
         if self.tree is not None:
             return self._sample_prioritized(batch_size, generator)
-        high = self.filled * self.num_envs
-        index = torch.randint(high, (batch_size,), generator=generator, device=self.device)
-        self._redraw_invalid(index, high, generator)
+        table = self._step_table
+        if table is not None:
+            index = table.index_select(
+                0, torch.randint(len(table), (batch_size,), generator=generator, device=self.device)
+            )
+        else:
+            high = self.filled * self.num_envs
+            index = torch.randint(high, (batch_size,), generator=generator, device=self.device)
+            self._redraw_invalid(index, high, generator)
         batch = self.gather(index)
         if self.action_chunk > 1:
             batch.action_chunks = self.chunks(index, self.action_chunk)
@@ -415,6 +429,7 @@ class ReplayBuffer:
         return tensors, meta
 
     def load(self, tensors: dict[str, Tensor], meta: dict[str, Any]) -> None:
+        self._step_table, self._episodes_only = None, False
         for name, value in tensors.items():
             if name == "priority_tree" and self.tree is not None:
                 self.tree.tree.copy_(value)
