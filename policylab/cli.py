@@ -46,10 +46,13 @@ def _eval(args: argparse.Namespace) -> int:
     policy = load(args.run, which="best" if args.best else "final")
     deterministic = args.deterministic or (policy.eval_deterministic and not args.stochastic)
     result = evaluate(policy, args.episodes, args.seed, deterministic=deterministic)
+    score = policy.normalized_score(result["return_mean"])
+    if score is not None:
+        result["score"] = score
     print(
         f"{policy.env_id}: return {result['return_mean']:.2f} +/- {result['return_std']:.2f} "
         f"(min {result['return_min']:.1f}, max {result['return_max']:.1f}) over {result['episodes']} episodes, "
-        f"mean length {result['length_mean']:.1f}"
+        f"mean length {result['length_mean']:.1f}" + (f", normalized score {score:.1f}" if score is not None else "")
     )
     if args.json:
         print(json.dumps(result))

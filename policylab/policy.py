@@ -79,6 +79,7 @@ class Policy:
         seed: int = 0,
         raw_observation_space: gym.Space | None = None,
         eval_deterministic: bool = True,
+        reference_returns: tuple[float, float] | None = None,
     ) -> None:
         self.net: Any = net  # any policy network: it has env_action(obs, deterministic, generator)
         self.observation_space = observation_space
@@ -93,11 +94,20 @@ class Policy:
         self.algo = algo
         self.eval_deterministic = eval_deterministic
         """How its run evaluated it (`policylab eval` does the same unless told otherwise)."""
+        self.reference_returns = reference_returns
+        """(random, expert) returns of the dataset its run learned from, where it has both: normalized scores."""
         self._generator = torch.Generator().manual_seed(seed)
         self._device = next(net.parameters()).device
         self.recurrent = bool(getattr(net, "recurrent", False))
         """An LSTM policy: `act` carries its memory from call to call; `reset` clears it at episode starts."""
         self._state: torch.Tensor | None = None
+
+    def normalized_score(self, return_mean: float) -> float | None:
+        """D4RL's 100 (R - random) / (expert - random) with its run's dataset's references; None without them."""
+        if self.reference_returns is None:
+            return None
+        low, high = self.reference_returns
+        return 100.0 * (return_mean - low) / (high - low)
 
     def reset(self, ended: np.ndarray | None = None) -> None:
         """Clear a recurrent policy's memory: of every env (before a new episode), or of the envs where `ended`
@@ -180,9 +190,12 @@ def load(path: str | Path, device: str = "cpu", which: Literal["final", "best"] 
     if "obs_norm/mean" in tensors:
         normalizer = ObsNormalizer(tuple(obs_space.shape), clip=cfg.clip_obs)
         normalizer.rms.load({k: tensors[f"obs_norm/{k}"].numpy() for k in ("mean", "var", "count")})
+    data = state.get("dataset") or {}
+    low, high = data.get("ref_min_score"), data.get("ref_max_score")
     return Policy(
         net, obs_space, act_space, normalizer, cfg.env, cfg.env_kwargs, state["algo"], cfg.seed,
         None if raw is None else space_from_json(raw), cfg.eval_deterministic,
+        (float(low), float(high)) if low is not None and high is not None and high != low else None,
     )  # fmt: skip
 
 

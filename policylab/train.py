@@ -868,8 +868,16 @@ def _normalized_score(dataset: Dataset | None, return_mean: float) -> float | No
 
 
 def _dataset_reference(dataset: Dataset | None) -> dict[str, Any] | None:
-    """How a checkpoint names its dataset: by path and checksum, never a copy."""
-    return None if dataset is None else {"path": str(dataset.path), "sha256": dataset.checksum}
+    """How a checkpoint names its dataset: by path and checksum, never a copy; with its reference returns, so that
+    `pl.load` / `policylab eval` give normalized scores without the dataset."""
+    if dataset is None:
+        return None
+    return {
+        "path": str(dataset.path),
+        "sha256": dataset.checksum,
+        "ref_min_score": dataset.ref_min_score,
+        "ref_max_score": dataset.ref_max_score,
+    }
 
 
 def _dataset_notes(dataset: Dataset | None, saved: dict[str, Any] | None) -> list[str]:
@@ -1292,6 +1300,7 @@ class _Session:
             "step": loop.step,
             "spaces": _spaces_json(loop),
             "eval": {k: result[k] for k in ("return_mean", "return_std", "episodes")},
+            "dataset": _dataset_reference(getattr(loop, "dataset", None)),
         }
         ckpt.write_checkpoint_dir(self.dir / ckpt.BEST, loop.policy_tensors(), state)
         self.best = {"step": loop.step, "return_mean": ret}

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import csv
+import json
 import math
 import re
+import shutil
 
 import numpy as np
 import pytest
@@ -478,6 +480,29 @@ def test_offline_progress_lines_show_the_latest_evaluation_and_its_normalized_sc
     best = next(line for line in lines if line.startswith("best policy:"))
     assert "normalized score" in final and "normalized score" in best
     assert run.best is not None
+
+
+def test_a_dataset_runs_policy_keeps_its_reference_returns_for_normalized_scores(goal_datasets, tmp_path, capsys):
+    """`pl.load` (final or best) and `policylab eval` give normalized scores from the references the checkpoint
+    stores, without the dataset; a run without a dataset gives none."""
+    overrides = {**SMALL_NETS, "eval_every": 100, "log_every": 100, "eval_episodes": 2}
+    run = pl.train("bc", dataset=goal_datasets["medium"], steps=200, runs_dir=tmp_path, overrides=overrides,
+                   verbose=False)  # fmt: skip
+    for which in ("final", "best"):
+        policy = pl.load(run.dir, which=which)
+        assert policy.reference_returns is not None and policy.reference_returns[1] == 16.0
+        assert policy.normalized_score(run.final_eval["return_mean"]) == pytest.approx(run.final_eval["score"])
+    shutil.move(goal_datasets["medium"], tmp_path / "moved")  # eval needs no dataset
+    try:
+        assert main(["eval", str(run.dir), "--episodes", "2", "--json"]) == 0
+        assert main(["eval", str(run.dir), "--episodes", "2", "--best"]) == 0
+    finally:
+        shutil.move(tmp_path / "moved", goal_datasets["medium"])
+    out = capsys.readouterr().out.splitlines()
+    assert "normalized score" in out[0] and "score" in json.loads(out[1]) and "normalized score" in out[2]
+    online = pl.train("sac", env="Pendulum-v1", steps=300, runs_dir=tmp_path, verbose=False,
+                      overrides={**SMALL_NETS, "learning_starts": 100, "eval_episodes": 1})  # fmt: skip
+    assert pl.load(online.dir).reference_returns is None
 
 
 def _loop(algo: str, dataset, overrides: dict):
