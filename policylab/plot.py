@@ -33,6 +33,10 @@ class RunData:
     env: str
     rows: list[dict[str, float]]  # the `source` CSV
     eval_rows: list[dict[str, float]]
+    offline_steps: int = 0
+    """An offline run's gradient steps before its online phase (`online_steps`), if any: its first steps are
+    gradient steps, not env steps."""
+    online_steps: int = 0
 
 
 def load_run(run_dir: Path, source: str = "train") -> RunData:
@@ -45,7 +49,25 @@ def load_run(run_dir: Path, source: str = "train") -> RunData:
     config = _read_config(run_dir / CONFIG_YAML)
     eval_rows = read_csv(run_dir / EVAL_CSV) if (run_dir / EVAL_CSV).is_file() else []
     rows = eval_rows if source == "eval" else read_csv(run_dir / TRAIN_CSV)
-    return RunData(run_dir, str(config.get("algo", run_dir.name)), str(config.get("env", "?")), rows, eval_rows)
+    offline = config.get("dataset") is not None and config.get("offline_ratio", 0) is None  # not a hybrid run
+    return RunData(
+        run_dir,
+        str(config.get("algo", run_dir.name)),
+        str(config.get("env", "?")),
+        rows,
+        eval_rows,
+        int(config.get("steps", 0)) if offline else 0,
+        int(config.get("online_steps", 0) or 0) if offline else 0,
+    )
+
+
+def step_axis_label(runs: list[RunData]) -> str:
+    """What the x axis counts: env steps, an offline run's gradient steps, or both (offline, then online)."""
+    if not any(run.offline_steps for run in runs):
+        return "environment steps"
+    if all(run.offline_steps and not run.online_steps for run in runs):
+        return "gradient steps (offline)"
+    return "gradient steps offline, then environment steps online (from the dotted line)"
 
 
 def _read_config(path: Path) -> dict[str, Any]:
@@ -120,7 +142,9 @@ def plot_runs(run_dirs: list[Path], out: Path, metric: str = "return_mean", sour
     ax = fig.add_subplot()
     for i, ((algo, env), members) in enumerate(groups.items()):
         _draw_group(ax, f"C{i % 10}", f"{algo} on {env}", members, metric, with_eval=source == "train")
-    ax.set_xlabel("environment steps")
+    ax.set_xlabel(step_axis_label(runs))
+    for boundary in sorted({run.offline_steps for run in runs if run.offline_steps and run.online_steps}):
+        ax.axvline(boundary, color="0.4", ls=":", lw=1)
     ax.set_ylabel(metric)
     ax.set_title(f"{metric} ({source})")
     ax.grid(alpha=0.3)

@@ -134,3 +134,20 @@ def test_cli_plot_not_a_run(tmp_path: Path, capsys: pytest.CaptureFixture[str]) 
     assert lines[0].startswith("error: ") and "not a run directory" in lines[0]
     assert all(line.strip().startswith("fix:") for line in lines[1:])  # at most the fix follows, no traceback
     assert "Traceback" not in err
+
+
+def test_the_step_axis_says_what_offline_runs_count(tmp_path):
+    from policylab.plot import step_axis_label
+
+    online = make_run(tmp_path, "sac-s0", "sac", 0, {100: "1"}, {})
+    offline = make_run(tmp_path, "iql-s0", "iql", 0, {100: ""}, {100: 5.0})
+    config = offline / "config.yaml"
+    config.write_text(config.read_text() + "dataset: data/d\noffline_ratio: null\nonline_steps: 0\n")
+    hybrid = make_run(tmp_path, "sac-s1", "sac", 1, {100: "1"}, {})
+    (hybrid / "config.yaml").write_text((hybrid / "config.yaml").read_text() + "dataset: d\noffline_ratio: 0.5\n")
+    assert step_axis_label([load_run(online), load_run(hybrid)]) == "environment steps"  # a hybrid counts env steps
+    assert load_run(offline).offline_steps == 400 and step_axis_label([load_run(offline)]) == "gradient steps (offline)"
+    config.write_text(config.read_text().replace("online_steps: 0", "online_steps: 200"))
+    assert load_run(offline).online_steps == 200
+    assert step_axis_label([load_run(offline)]).startswith("gradient steps offline, then environment steps online")
+    assert plot_runs([offline], tmp_path / "p.png", source="eval").read_bytes().startswith(PNG_MAGIC)
