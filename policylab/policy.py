@@ -102,6 +102,17 @@ class Policy:
         """An LSTM policy: `act` carries its memory from call to call; `reset` clears it at episode starts."""
         self._state: torch.Tensor | None = None
 
+    def __repr__(self) -> str:
+        extras = ", observations normalized" if self.obs_normalizer is not None else ""
+        extras += ", recurrent" if self.recurrent else ""
+        observed = str(self.observation_space)
+        if self.encoder is not None:  # what act() takes, and the vector the network reads
+            observed = f"{self.encoder.space} (read as {self.observation_space})"
+        return (
+            f"Policy(algo={self.algo!r}, env={self.env_id!r}, observation_space={observed}, "
+            f"action_space={self.action_space}{extras})"
+        )
+
     def normalized_score(self, return_mean: float) -> float | None:
         """D4RL's 100 (R - random) / (expert - random) with its run's dataset's references; None without them."""
         if self.reference_returns is None:

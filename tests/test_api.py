@@ -70,6 +70,8 @@ def test_act_on_plain_gymnasium_observations_continuous_with_normalization(pendu
     assert policy.act(np.stack([obs] * 5)).shape == (5, 1)
     sampled = policy.act(obs, deterministic=False)
     assert env.action_space.contains(sampled)
+    assert repr(policy).startswith("Policy(algo='ppo', env='Pendulum-v1', observation_space=Box(")
+    assert repr(policy).endswith("action_space=Box(-2.0, 2.0, (1,), float32), observations normalized)")
 
 
 def test_wrong_observation_shape_is_a_clear_error(cartpole_run):

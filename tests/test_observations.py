@@ -87,6 +87,7 @@ def test_a_loaded_policy_takes_the_envs_own_observations(tmp_path):
     )  # fmt: skip
     policy = pl.load(run.dir)
     assert isinstance(policy.act(0), int)
+    assert "observation_space=Discrete(16) (read as Box(0.0, 1.0, (16,), float32))" in repr(policy)
     encoded = np.eye(16, dtype=np.float32)
     np.testing.assert_array_equal(policy.act(np.arange(16)), policy.act(encoded))
     assert policy.act(5) == policy.act(encoded[5])
