@@ -281,16 +281,18 @@ def _success_rate(run_dir, episodes: int = 50) -> float:
 
 
 def test_generative_bc_takes_one_route_where_unimodal_bc_averages_them(navigation, diffusion_bc, tmp_path):
-    """2,000 gradient steps each. Measured (seed 1, 50 episodes): gaussian 0% success (all collide), deterministic
-    67% (seed 2: 22%: it leaves the line only by its fitting error), diffusion (DDIM 20 steps) 97%, flow 95%."""
+    """2,000 gradient steps each, success over 50 episodes. The generative heads take one route: diffusion (DDIM 20
+    steps) 96%, flow 100% (seed 1). The unimodal heads' actions fall between the routes, into the disc, and leave
+    that line only by their fitting error, so their success swings with the seed: over seeds 1-4 gaussian 42, 28,
+    50, 12%, deterministic 62, 0, 12, 32% (with another order of batches: 0, 16, 84, 0% and 78, 24, 100, 70%)."""
     rates = {"diffusion": _success_rate(diffusion_bc.dir)}
     for head in ("gaussian", "deterministic", "flow"):
         run = pl.train("bc", dataset=str(navigation), steps=2000, seed=1, overrides={**BC_SETTINGS, "head": head},
                        runs_dir=tmp_path, verbose=False, progress=False)  # fmt: skip
         rates[head] = _success_rate(run.dir)
-    assert rates["gaussian"] <= 0.1, rates
     assert rates["diffusion"] >= 0.8 and rates["flow"] >= 0.8, rates
-    assert rates["deterministic"] < min(rates["diffusion"], rates["flow"]) - 0.15, rates
+    one_route = min(rates["diffusion"], rates["flow"])
+    assert rates["gaussian"] < one_route - 0.3 and rates["deterministic"] < one_route - 0.15, rates
 
 
 def test_a_consistency_head_distilled_from_a_diffusion_run_acts_in_one_step(navigation, diffusion_bc, tmp_path):
