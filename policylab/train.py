@@ -754,9 +754,11 @@ class OffPolicyLoop:
             self.pending.append((joined["actions"][t], StepResult(joined["next_obs"][t], *outcome)))
 
     def _update(self, source: BatchSource, history: dict[str, list[Tensor]]) -> None:
-        batch = source.sample(self.cfg.batch_size, self.algo.generator)
+        batch = source.sample(self.cfg.batch_size, self.algo.generator, getattr(self.algo, "batch_fields", None))
         if self.running_norm:
-            batch.obs, batch.next_obs = self._normalized(batch.obs), self._normalized(batch.next_obs)
+            for name in ("obs", "next_obs"):
+                if name in batch:
+                    setattr(batch, name, self._normalized(getattr(batch, name)))
         metrics = self.algo.update(batch, self.updates)
         td_error = metrics.pop("td_error", None)
         if td_error is not None:

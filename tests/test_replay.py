@@ -105,6 +105,19 @@ def test_uniform_sampling_over_stored_transitions_only():
     assert float(((stored - expected) ** 2 / expected).sum()) < 80  # chi-square, 39 dof: p > 0.999
 
 
+def test_a_batch_of_only_the_fields_asked_for_holds_their_values():
+    buf = ReplayBuffer(64, 2, (2,), (1,))
+    s = Stream(2)
+    for i in range(20):
+        s.step(buf, float(i), [False, False], [i % 5 == 4, False])
+    full = buf.sample(300, torch.Generator().manual_seed(3))
+    some = buf.sample(300, torch.Generator().manual_seed(3), fields=("obs", "actions"))
+    assert sorted(some.keys()) == ["actions", "indices", "obs"]  # the same draws, two lookups
+    for name in ("obs", "actions", "indices"):
+        assert torch.equal(getattr(some, name), getattr(full, name))
+    assert sorted(buf.sample(8, fields=("obs", "next_obs")).keys()) == sorted(full.keys())  # next_obs: all of them
+
+
 def test_memory_state_round_trip_and_empty_error():
     buf = ReplayBuffer(32, 2, (3,), (2,))
     # obs 3 floats + action 2 floats + reward + 3 bool flags, per slot; next obs is not stored again

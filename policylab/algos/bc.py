@@ -105,6 +105,8 @@ class BCConfig(OfflineConfig, GenerativeHeadConfig):
 class BC:
     name = "bc"
     config_cls = BCConfig
+    batch_fields = ("obs", "actions")
+    """All BC reads of a replay batch (the buffer gathers only these; action chunks come with them)."""
 
     def __init__(self, cfg: BCConfig, obs_space: gym.Space, act_space: gym.Space) -> None:
         self.cfg = cfg

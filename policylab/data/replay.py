@@ -38,6 +38,9 @@ from torch import Tensor
 from policylab.data.batch import Batch
 from policylab.data.sumtree import SumTree
 
+PER_STEP_FIELDS = ("obs", "actions", "rewards", "terminated")
+"""Batch fields stored once per step, which `ReplayBuffer.gather` can look up alone."""
+
 
 class ReplayBuffer:
     def __init__(
@@ -281,8 +284,12 @@ class ReplayBuffer:
         values[:n] = self.max_priority
         self.tree.set(touched, values)
 
-    def sample(self, batch_size: int, generator: torch.Generator | None = None) -> Batch:
-        """Uniform over stored transitions, with n-step returns that stop at episode ends.
+    def sample(
+        self, batch_size: int, generator: torch.Generator | None = None, fields: tuple[str, ...] | None = None
+    ) -> Batch:
+        """Uniform over stored transitions, with n-step returns that stop at episode ends. `fields`: the only
+        ones the caller reads (e.g. behaviour cloning's obs and actions), which the one-step path then gathers
+        alone; None gathers every field.
 
         Rejection sampling over the written slots: draws that land on a pending or final-obs
         slot (one per env, plus one per episode) are redrawn, so no O(capacity) scan is needed.
@@ -300,12 +307,18 @@ class ReplayBuffer:
             high = self.filled * self.num_envs
             index = torch.randint(high, (batch_size,), generator=generator, device=self.device)
             self._redraw_invalid(index, high, generator)
-        batch = self.gather(index)
+        batch = self.gather(index, fields)
         if self.action_chunk > 1:
             batch.action_chunks = self.chunks(index, self.action_chunk)
         if self.relabeler is not None:
             self.relabeler(self, batch, generator)
         return batch
+
+    def _gathers_alone(self, fields: tuple[str, ...]) -> bool:
+        """Whether `fields` can come from plain per-step lookups: stored per step, no relabelling of the batch,
+        and observations stored whole (frame-stacking buffers rebuild theirs)."""
+        plain = type(self)._observations is ReplayBuffer._observations
+        return plain and self.relabeler is None and all(k in PER_STEP_FIELDS for k in fields)
 
     def _redraw_invalid(self, index: Tensor, high: int, generator: torch.Generator | None) -> None:
         """Redraw, in place, the draws that hit a pending or final-obs slot, until none does."""
@@ -343,10 +356,13 @@ class ReplayBuffer:
         self.tree.set(flat_index[valid], priorities[valid])
         self.max_priority = max(self.max_priority, float(priorities.max()))
 
-    def gather(self, flat_index: Tensor) -> Batch:
-        """The transitions at flat indices (slot * num_envs + env), with their n-step targets."""
+    def gather(self, flat_index: Tensor, fields: tuple[str, ...] | None = None) -> Batch:
+        """The transitions at flat indices (slot * num_envs + env), with their n-step targets; only `fields` where
+        they are all stored per step (obs, actions, rewards, terminated) and nothing else is asked of the batch."""
         if self.n_step == 1:  # the common case: one index_select per field on the flat storage
             flat = self._flat
+            if fields is not None and self._gathers_alone(fields):
+                return Batch(**{k: flat[k].index_select(0, flat_index) for k in fields}, indices=flat_index)
             if self._np is not None:  # the next row's index (wrapping around the ring) in numpy: cheaper calls
                 next_index = torch.from_numpy((flat_index.numpy() + self.num_envs) % len(flat["rewards"]))
             else:

@@ -138,18 +138,22 @@ class BatchSource:
         offline = int(round(batch_size * self.offline_ratio))
         return offline, batch_size - offline
 
-    def sample(self, batch_size: int, generator: torch.Generator | None = None) -> Batch:
+    def sample(
+        self, batch_size: int, generator: torch.Generator | None = None, fields: tuple[str, ...] | None = None
+    ) -> Batch:
+        """`fields`: the only ones the algorithm reads (ReplayBuffer.sample); None: all."""
         n_offline, n_online = self.split(batch_size)
         if n_online == 0:
             assert self.offline is not None
-            return self.offline.sample(batch_size, generator)
+            return self.offline.sample(batch_size, generator, fields)
         if n_offline == 0:
             assert self.online is not None
-            return self.online.sample(batch_size, generator)
+            return self.online.sample(batch_size, generator, fields)
         assert self.offline is not None and self.online is not None
-        first, second = self.offline.sample(n_offline, generator), self.online.sample(n_online, generator)
-        fields = [k for k in first.keys() if k != "indices"]  # indices of two buffers do not mix
-        return Batch(**{k: torch.cat([getattr(first, k), getattr(second, k)]) for k in fields})
+        first = self.offline.sample(n_offline, generator, fields)
+        second = self.online.sample(n_online, generator, fields)
+        mixed = [k for k in first.keys() if k != "indices"]  # indices of two buffers do not mix
+        return Batch(**{k: torch.cat([getattr(first, k), getattr(second, k)]) for k in mixed})
 
     def update_priorities(self, batch: Batch, td_errors: torch.Tensor) -> None:
         """Prioritized replay: new priorities for a batch drawn from one buffer (mixed batches are refused by
