@@ -49,23 +49,23 @@ def load_run(run_dir: Path, source: str = "train") -> RunData:
     config = _read_config(run_dir / CONFIG_YAML)
     eval_rows = read_csv(run_dir / EVAL_CSV) if (run_dir / EVAL_CSV).is_file() else []
     rows = eval_rows if source == "eval" else read_csv(run_dir / TRAIN_CSV)
-    offline = config.get("dataset") is not None and config.get("offline_ratio", 0) is None  # not a hybrid run
-    return RunData(
-        run_dir,
-        str(config.get("algo", run_dir.name)),
-        str(config.get("env", "?")),
-        rows,
-        eval_rows,
-        int(config.get("steps", 0)) if offline else 0,
-        int(config.get("online_steps", 0) or 0) if offline else 0,
-    )
+    algo, env = str(config.get("algo", run_dir.name)), str(config.get("env", "?"))
+    return RunData(run_dir, algo, env, rows, eval_rows, *offline_phases(config))
 
 
-def step_axis_label(runs: list[RunData]) -> str:
-    """What the x axis counts: env steps, an offline run's gradient steps, or both (offline, then online)."""
-    if not any(run.offline_steps for run in runs):
+def offline_phases(config: dict[str, Any]) -> tuple[int, int]:
+    """(gradient steps before the online phase, online env steps) of an offline run's config; (0, 0) for online
+    and hybrid runs (a dataset with `offline_ratio`), whose steps are env steps throughout."""
+    if config.get("dataset") is None or config.get("offline_ratio", 0) is not None:
+        return 0, 0
+    return int(config.get("steps", 0)), int(config.get("online_steps", 0) or 0)
+
+
+def step_axis_label(phases: list[tuple[int, int]]) -> str:
+    """What the x axis counts, from each run's `offline_phases`: env steps, gradient steps, or both."""
+    if not any(offline for offline, _ in phases):
         return "environment steps"
-    if all(run.offline_steps and not run.online_steps for run in runs):
+    if all(offline and not online for offline, online in phases):
         return "gradient steps (offline)"
     return "gradient steps offline, then environment steps online (from the dotted line)"
 
@@ -142,7 +142,7 @@ def plot_runs(run_dirs: list[Path], out: Path, metric: str = "return_mean", sour
     ax = fig.add_subplot()
     for i, ((algo, env), members) in enumerate(groups.items()):
         _draw_group(ax, f"C{i % 10}", f"{algo} on {env}", members, metric, with_eval=source == "train")
-    ax.set_xlabel(step_axis_label(runs))
+    ax.set_xlabel(step_axis_label([(run.offline_steps, run.online_steps) for run in runs]))
     for boundary in sorted({run.offline_steps for run in runs if run.offline_steps and run.online_steps}):
         ax.axvline(boundary, color="0.4", ls=":", lw=1)
     ax.set_ylabel(metric)

@@ -277,6 +277,8 @@ class RunScore:
     curve_values: np.ndarray
     refs: tuple[float, float] | None = None
     ref_source: str | None = None
+    phases: tuple[int, int] = (0, 0)
+    """An offline run's (gradient steps, online env steps) (plot.offline_phases): what its curve's steps count."""
 
 
 def load_run_score(
@@ -309,9 +311,12 @@ def load_run_score(
     refs, source = _run_refs(config)
     seed = config.get("seed")
     label = run_label(config, group_by, path)
+    from policylab.plot import offline_phases
+
     return RunScore(
-        path, label, str(env), seed if isinstance(seed, int) else None, value, step, steps, values, refs, source
-    )
+        path, label, str(env), seed if isinstance(seed, int) else None, value, step, steps, values, refs, source,
+        offline_phases(config),
+    )  # fmt: skip
 
 
 def run_label(config: dict[str, Any], group_by: Sequence[str], path: Path) -> str:
@@ -674,6 +679,14 @@ class Report:
     curves: dict[str, Curve]
     curve_statistic: str
     notes: list[str]
+
+    @property
+    def step_label(self) -> str:
+        """What the curves' steps count (env steps, or an offline run's gradient steps; plot.step_axis_label)."""
+        from policylab.plot import step_axis_label
+
+        runs = [run for by_task in self.score_set.runs.values() for column in by_task for run in column]
+        return step_axis_label([run.phases for run in runs])
 
     @property
     def score_label(self) -> str:

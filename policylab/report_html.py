@@ -125,7 +125,7 @@ def plot_curves(result: Report, path: Path) -> Path:
         marker = "o" if len(curve.steps) == 1 else None
         ax.plot(curve.steps, curve.value, color=color, lw=2, marker=marker, label=algo)
         ax.fill_between(curve.steps, curve.low, curve.high, color=color, alpha=0.2, lw=0)
-    ax.set_xlabel("environment steps")
+    ax.set_xlabel(result.step_label)
     ax.set_ylabel(f"{_curve_statistic(result)} {_score_axis(result)}")
     ax.xaxis.set_major_formatter(EngFormatter(sep=""))
     ax.grid(alpha=0.3)

@@ -145,9 +145,13 @@ def test_the_step_axis_says_what_offline_runs_count(tmp_path):
     config.write_text(config.read_text() + "dataset: data/d\noffline_ratio: null\nonline_steps: 0\n")
     hybrid = make_run(tmp_path, "sac-s1", "sac", 1, {100: "1"}, {})
     (hybrid / "config.yaml").write_text((hybrid / "config.yaml").read_text() + "dataset: d\noffline_ratio: 0.5\n")
-    assert step_axis_label([load_run(online), load_run(hybrid)]) == "environment steps"  # a hybrid counts env steps
-    assert load_run(offline).offline_steps == 400 and step_axis_label([load_run(offline)]) == "gradient steps (offline)"
+
+    def label(*dirs):
+        return step_axis_label([(run.offline_steps, run.online_steps) for run in map(load_run, dirs)])
+
+    assert label(online, hybrid) == "environment steps"  # a hybrid run counts env steps
+    assert load_run(offline).offline_steps == 400 and label(offline) == "gradient steps (offline)"
     config.write_text(config.read_text().replace("online_steps: 0", "online_steps: 200"))
     assert load_run(offline).online_steps == 200
-    assert step_axis_label([load_run(offline)]).startswith("gradient steps offline, then environment steps online")
+    assert label(offline, online).startswith("gradient steps offline, then environment steps online")
     assert plot_runs([offline], tmp_path / "p.png", source="eval").read_bytes().startswith(PNG_MAGIC)

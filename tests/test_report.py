@@ -297,6 +297,13 @@ def test_report_folder(two_algos: list[Path], tmp_path: Path) -> None:
     assert {r["kind"] for r in rows} == {"run", "aggregate", "profile", "improvement", "curve"}
 
 
+def test_the_curves_step_axis_says_what_offline_runs_count(two_algos: list[Path], tmp_path: Path) -> None:
+    assert report(two_algos, tmp_path / "online", reps=50).step_label == "environment steps"
+    offline = {"dataset": "data/d", "offline_ratio": None, "steps": 300, "online_steps": 0}
+    runs = [fake_run(tmp_path / "runs", "iql", "Pendulum-v1", s, [1.0, 2.0, 3.0], config=offline) for s in (0, 1)]
+    assert report(runs, tmp_path / "offline", reps=50).step_label == "gradient steps (offline)"
+
+
 def test_which_best_and_threshold(two_algos: list[Path], tmp_path: Path) -> None:
     result = report(two_algos, tmp_path / "best", which="best", threshold=250.0, reps=100)
     assert result.aggregates["sac"]["mean"].value == pytest.approx(275.0)  # best evaluations 300 and 250
