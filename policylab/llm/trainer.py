@@ -321,9 +321,10 @@ def encode_answers(tokenizer: Any, answers: list[str]) -> tuple[Tensor, Tensor]:
 
 
 def _right_padded(answers: list[list[int]], tokenizer: Any) -> tuple[Tensor, Tensor]:
-    ids = [row + [tokenizer.eos_token_id] for row in answers]
+    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id  # once: each read goes through transformers' getattr
+    ids = [row + [eos] for row in answers]
     width = max(len(row) for row in ids)
-    out = torch.tensor([row + [tokenizer.pad_token_id] * (width - len(row)) for row in ids], dtype=torch.long)
+    out = torch.tensor([row + [pad] * (width - len(row)) for row in ids], dtype=torch.long)
     mask = torch.tensor([[True] * len(row) + [False] * (width - len(row)) for row in ids], dtype=torch.bool)
     return out, mask
 
