@@ -306,22 +306,10 @@ def test_cli_trains_and_evaluates_and_refuses_a_missing_model(tmp_path, capsys):
         )
         == 0
     )
-    evaluation = subprocess.run(  # a fresh process: transformers' progress bars in their default state
-        [
-            sys.executable,
-            "-c",
-            "from policylab.cli import main; import sys; sys.exit(main(sys.argv[1:]))",
-            "llm",
-            "eval",
-            str(tmp_path / "s"),
-            "--k",
-            "2",
-            "--json",
-        ],  # fmt: skip
-        capture_output=True,
-        text=True,
-        check=True,
-    )
+    code = "from policylab.cli import main; import sys; sys.exit(main(sys.argv[1:]))"
+    argv = ["llm", "eval", str(tmp_path / "s"), "--k", "2", "--json"]
+    # a fresh process: transformers' progress bars in their default state
+    evaluation = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True, check=True)
     assert '"pass@2"' in evaluation.stdout and "Loading weights" not in evaluation.stderr  # no bar of theirs
     assert main(["llm", "train", "grpo", "--model", str(tmp_path / "missing"), "--steps", "2"]) == 2
     assert "no model at" in capsys.readouterr().err
