@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from policylab.checkpoint import find_best, load_checkpoint, load_module_state, unprefixed
+from policylab.data.dataset import d4rl_score
 from policylab.envs import ObsNormalizer, make_single_env, make_vec_env
 from policylab.envs.encode import ObservationEncoder, needs_encoding
 from policylab.errors import CheckpointError, EnvError, PolicylabError
@@ -114,11 +115,10 @@ class Policy:
         )
 
     def normalized_score(self, return_mean: float) -> float | None:
-        """D4RL's 100 (R - random) / (expert - random) with its run's dataset's references; None without them."""
-        if self.reference_returns is None:
-            return None
-        low, high = self.reference_returns
-        return 100.0 * (return_mean - low) / (high - low)
+        """D4RL's score with its run's dataset's references (`d4rl_score`); None without them."""
+        low, high = self.reference_returns or (None, None)
+        score = d4rl_score(return_mean, low, high)
+        return None if score is None else float(score)
 
     def reset(self, ended: np.ndarray | None = None) -> None:
         """Clear a recurrent policy's memory: of every env (before a new episode), or of the envs where `ended`
@@ -206,7 +206,7 @@ def load(path: str | Path, device: str = "cpu", which: Literal["final", "best"] 
     return Policy(
         net, obs_space, act_space, normalizer, cfg.env, cfg.env_kwargs, state["algo"], cfg.seed,
         None if raw is None else space_from_json(raw), cfg.eval_deterministic,
-        (float(low), float(high)) if low is not None and high is not None and high != low else None,
+        None if low is None or high is None else (float(low), float(high)),
     )  # fmt: skip
 
 

@@ -61,6 +61,15 @@ _DATASET_ID_RE = re.compile(r"^(?:(?P<namespace>[-\w][-\w/]*[-\w])/)?(?P<name>[-
 _UNREADABLE = (OSError, KeyError, ValueError, TypeError, RuntimeError)
 
 
+def d4rl_score(returns: float | np.ndarray, ref_min: float | None, ref_max: float | None) -> float | np.ndarray | None:
+    """D4RL's score: 100 * (R - ref_min) / (ref_max - ref_min); None without both (distinct) refs."""
+    if ref_min is None or ref_max is None or ref_max == ref_min:
+        return None
+    if isinstance(returns, np.ndarray):
+        return 100.0 * (returns.astype(np.float64) - ref_min) / (ref_max - ref_min)
+    return 100.0 * (float(returns) - ref_min) / (ref_max - ref_min)
+
+
 @dataclass(eq=False)
 class Dataset:
     """Episodes of experience as whole arrays (see the module docstring for the layout)."""
@@ -128,13 +137,8 @@ class Dataset:
         return discounted_returns_to_go(self.rewards, self.episode_lengths, gamma)
 
     def normalized_score(self, returns: float | np.ndarray) -> float | np.ndarray | None:
-        """D4RL's score: 100 * (R - ref_min) / (ref_max - ref_min); None without both (distinct) refs."""
-        if self.ref_min_score is None or self.ref_max_score is None or self.ref_max_score == self.ref_min_score:
-            return None
-        span = self.ref_max_score - self.ref_min_score
-        if isinstance(returns, np.ndarray):
-            return 100.0 * (returns.astype(np.float64) - self.ref_min_score) / span
-        return 100.0 * (float(returns) - self.ref_min_score) / span
+        """D4RL's score of `returns` with this dataset's references (`d4rl_score`)."""
+        return d4rl_score(returns, self.ref_min_score, self.ref_max_score)
 
     def info(self) -> dict[str, Any]:
         """A JSON-able summary: sizes, returns, lengths, spaces, env, refs and provenance."""

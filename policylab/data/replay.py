@@ -133,7 +133,6 @@ class ReplayBuffer:
         """The flat indices of every transition while the buffer holds only whole episodes from `add_episodes` (a
         dataset): sampling then draws among them directly, where it otherwise redraws the final-obs slots it hits.
         `add` and `load` drop it."""
-        self._episodes_only = True
         self.filled = 0
         """Slots of the furthest-advanced ring that hold transitions (each add advances a ring by 1, or 2 at an
         episode end); sampling draws below it and redraws the few pending or final-obs slots it hits."""
@@ -160,7 +159,7 @@ class ReplayBuffer:
         """One step of N envs (numpy arrays or tensors). `next_obs` is what the envs return (the reset obs
         where an episode ended); `final_obs` (rows of ended envs) is the last obs of the ended episodes,
         needed at truncations. On the CPU the writes go through numpy views (a third of the cost)."""
-        self._step_table, self._episodes_only = None, False
+        self._step_table = None
         cpu = self._np is not None
         xp: Any = np if cpu else torch
         arr: Any = np.asarray if cpu else (lambda x: torch.as_tensor(x, device=self.device))
@@ -215,6 +214,7 @@ class ReplayBuffer:
             raise ValueError("add_episodes needs a one-env buffer (num_envs=1)")
         if self.episode_first is not None:
             raise ValueError("add_episodes does not track episodes for hindsight relabelling (episodes=True)")
+        episodes_only = self.transitions_added == 0 or self._step_table is not None  # nothing `add`ed or loaded
         lengths = np.asarray(episode_lengths, np.int64)
         n_obs = int(lengths.sum() + len(lengths))
         start = int(self.ptr[0])
@@ -243,7 +243,7 @@ class ReplayBuffer:
             self.tree.set(step_slots, torch.full((len(step_slots),), self.max_priority, dtype=torch.float64))
         self.transitions_added += int(lengths.sum())
         self.filled = min(self.slots, max(self.filled, start + n_obs))
-        if self._episodes_only:
+        if episodes_only:
             self._step_table = torch.nonzero(self.valid.view(-1)).squeeze(1)
 
     def _track_returns(self, store: Any, slot: Any, envs: Any, end: Any, ended: bool) -> None:
@@ -445,7 +445,7 @@ class ReplayBuffer:
         return tensors, meta
 
     def load(self, tensors: dict[str, Tensor], meta: dict[str, Any]) -> None:
-        self._step_table, self._episodes_only = None, False
+        self._step_table = None
         for name, value in tensors.items():
             if name == "priority_tree" and self.tree is not None:
                 self.tree.tree.copy_(value)
