@@ -149,17 +149,30 @@ def check_settings(sigma: float, alpha: float, samples: int, eps: Sequence[float
             f"alpha={alpha}: the failure probability must lie strictly between 0 and 1",
             "pass e.g. alpha=0.05 (--alpha 0.05) for 95% confidence",
         )
+    if samples < 1:
+        raise PolicylabError(
+            f"samples={samples}: the certificate is computed from sampled smoothed episodes, and none would be sampled",
+            f"sample at least {min_samples(alpha)} episodes (thousands give a useful bound: --samples 10000)",
+        )
     if samples < min_samples(alpha):
         raise PolicylabError(
             f"samples={samples}: too few episodes for confidence {1 - alpha:g}: the DKW band "
-            f"({dkw_band(max(samples, 1), alpha):.2f}) covers every probability, so nothing can be certified",
+            f"({dkw_band(samples, alpha):.2f}) covers every probability, so nothing can be certified",
             f"sample at least {min_samples(alpha)} episodes (thousands give a useful bound: --samples 10000)",
         )
     if eps is not None:
         grid = np.asarray(eps, dtype=np.float64)
-        if grid.ndim != 1 or grid.size == 0 or not np.all(np.isfinite(grid)) or np.any(grid < 0):
+        shown = ",".join(f"{float(e):g}" for e in np.ravel(grid))
+        if grid.ndim != 1 or grid.size == 0:
             raise PolicylabError(
-                f"eps={list(np.ravel(grid))}: the attack budgets must be a non-empty list of numbers >= 0",
+                f"eps=[{shown}]: the attack budgets must be a non-empty list of numbers >= 0",
+                "pass e.g. --eps 0,0.1,0.2,0.4",
+            )
+        bad = [f"{float(e):g}" for e in grid if not (math.isfinite(e) and e >= 0)]
+        if bad:
+            raise PolicylabError(
+                f"eps={shown}: {', '.join(bad)} {'is' if len(bad) == 1 else 'are'} not an attack budget (the total "
+                "l2 size of an attack must be a finite number >= 0)",
                 "pass e.g. --eps 0,0.1,0.2,0.4",
             )
 
@@ -518,7 +531,10 @@ def certify(
         check_thresholds(thresholds, r_min)
     grid = np.unique(grid)  # sorted, for the table and the plot
     if attack and attack_episodes < 1:
-        raise PolicylabError(f"attack_episodes={attack_episodes}", "pass at least 1 (or attack=False)")
+        raise PolicylabError(
+            f"attack_episodes={attack_episodes}: the attack needs at least 1 episode per eps",
+            "pass attack_episodes=1 or more (default 100), or attack=False to skip the attack",
+        )
     out_path = None if out is None else _check_out(Path(out))
     policy = load(run_dir, which=which)
     check_observations(policy)
@@ -707,6 +723,11 @@ def run_certify_command(args: argparse.Namespace) -> int:
         samples = parse_count(args.samples)
     except ValueError as exc:
         raise PolicylabError(str(exc), "write e.g. --samples 10000 or --samples 10k") from None
+    if not args.no_attack and args.attack_episodes < 1:
+        raise PolicylabError(
+            f"--attack-episodes {args.attack_episodes}: the attack needs at least 1 episode per eps",
+            "pass --attack-episodes 1 or more (default 100), or --no-attack to skip the attack",
+        )
     cert = certify(
         args.run,
         sigma=args.sigma,

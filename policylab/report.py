@@ -327,9 +327,10 @@ def run_label(config: dict[str, Any], group_by: Sequence[str], path: Path) -> st
     parts = []
     for key in group_by:
         if key not in config:
-            known = ", ".join(sorted(k for k in config if not isinstance(config[k], dict | list))[:12])
+            known = sorted(k for k in config if not isinstance(config[k], dict | list))
             raise PolicylabError(
-                f"{path / CONFIG_YAML} has no {key!r} to group by", f"group by keys every run's config has: {known}"
+                f"{path / CONFIG_YAML} has no {key!r} to group by.{suggest(key, known)}",
+                f"group by keys every run's config has; this run's: {', '.join(known)}",
             )
         parts.append(str(config[key]) if key == "algo" else f"{key}={config[key]}")
     return " ".join(parts)

@@ -37,7 +37,7 @@ import yaml
 
 from policylab.checkpoint import atomic_write_text
 from policylab.cluster import import_ray, start_ray
-from policylab.config import field_types, parse_count
+from policylab.config import apply_values, field_types, parse_count
 from policylab.errors import ConfigError, PolicylabError, suggest
 from policylab.logging import SUMMARY_JSON, TRAIN_CSV
 
@@ -88,8 +88,13 @@ class SweepSpec:
         return [{**point, **combo} for point in (self.points or [{}]) for combo in combos]
 
     def name(self) -> str:
-        """<algo>-<env> (or the dataset's name), safe as a directory name."""
-        source = self.env or Path(self.dataset or "dataset").name
+        """<algo>-<env>, safe as a directory name: the env its runs train in (--env, else --set env=..., else the
+        algorithm's default env, as for `policylab train`), or the dataset's name for a dataset and no env."""
+        source = self.env or self.overrides.get("env") or (Path(self.dataset).name if self.dataset else None)
+        if source is None:
+            from policylab.algos import get_algo
+
+            source = str(get_algo(self.algo).config_cls().env)
         return f"{self.algo}-{re.sub(r'[^A-Za-z0-9_.-]', '_', source)}"
 
     def runs(self) -> list[RunSpec]:
@@ -103,17 +108,27 @@ class SweepSpec:
         return list(dict.fromkeys([*(k for p in self.points for k in p), *self.grid]))
 
 
+def _items(text: str, given: str, example: str) -> list[str]:
+    """The comma-separated items of `text`, stripped; an empty one (`a,,b`, a trailing comma) is an error naming
+    the flag as `given` (e.g. "--seeds '1,,2'")."""
+    items = [item.strip() for item in text.split(",")]
+    if not all(items):
+        raise ConfigError(f"{given} has an empty item (two commas in a row, or one at an end)", example)
+    return items
+
+
 def parse_seeds(text: str) -> list[int]:
     """'1-10' -> 1..10; '1,3,5'; '1-3,7'."""
+    example = "write e.g. --seeds 1-10 or 1,2,5"
     seeds: list[int] = []
     try:
-        for part in (p.strip() for p in text.split(",") if p.strip()):
+        for part in _items(text, f"--seeds {text!r}", example) if text.strip() else []:
             first, sep, last = part.partition("-")
             seeds += list(range(int(first), int(last) + 1)) if sep else [int(first)]
     except ValueError:
         seeds = []
     if not seeds or len(set(seeds)) != len(seeds):
-        raise ConfigError(f"--seeds {text!r} is not a list of distinct seeds", "write e.g. --seeds 1-10 or 1,2,5")
+        raise ConfigError(f"--seeds {text!r} is not a list of distinct seeds", example)
     return seeds
 
 
@@ -121,26 +136,31 @@ def parse_grid(pairs: Sequence[str]) -> dict[str, list[str]]:
     """['lr=1e-4,3e-4', 'tau=0.005'] -> {'lr': ['1e-4', '3e-4'], 'tau': ['0.005']}."""
     grid: dict[str, list[str]] = {}
     for pair in pairs:
-        key, sep, values = pair.partition("=")
-        items = [v.strip() for v in values.split(",") if v.strip()]
-        if not sep or not key.strip() or not items or key.strip() in grid:
+        key, sep, values = (part.strip() for part in pair.partition("="))
+        if not sep or not key or not values:
+            raise ConfigError(f"--grid {pair!r} is not key=value1,value2,...", "write e.g. --grid lr=1e-4,3e-4")
+        if key in grid:
             raise ConfigError(
-                f"--grid {pair!r} is not key=value1,value2,... (each key once)", "write e.g. --grid lr=1e-4,3e-4"
+                f"--grid {pair!r} repeats the key {key!r} (already --grid {key}={','.join(grid[key])})",
+                f"give each key once, with all its values: --grid {key}={','.join([*grid[key], values])}",
             )
-        grid[key.strip()] = items
+        grid[key] = _items(values, f"--grid {pair!r}", "write e.g. --grid lr=1e-4,3e-4")
     return grid
 
 
 def parse_point(text: str) -> dict[str, str]:
     """'lr=1e-4,tau=0.005' -> {'lr': '1e-4', 'tau': '0.005'}: one explicit grid point."""
+    example = "write e.g. --point lr=1e-4,tau=0.005"
+    if not text.strip():
+        raise ConfigError("an empty --point", example)
     point: dict[str, str] = {}
-    for pair in (p for p in text.split(",") if p.strip()):
-        key, sep, value = pair.partition("=")
-        if not sep or not key.strip() or not value.strip():
-            raise ConfigError(f"--point {text!r} is not key=value,key=value", "write e.g. --point lr=1e-4,tau=0.005")
-        point[key.strip()] = value.strip()
-    if not point:
-        raise ConfigError("an empty --point", "write e.g. --point lr=1e-4,tau=0.005")
+    for pair in _items(text, f"--point {text!r}", example):
+        key, sep, value = (part.strip() for part in pair.partition("="))
+        if not sep or not key or not value:
+            raise ConfigError(f"--point {text!r} is not key=value,key=value", example)
+        if key in point:
+            raise ConfigError(f"--point {text!r} sets {key!r} twice", f"give {key} one value per --point")
+        point[key] = value
     return point
 
 
@@ -161,6 +181,14 @@ def check_spec(spec: SweepSpec) -> None:
             raise ConfigError(f"--grid/--point key {key!r} is set by the sweep", f"use --{key}s / --threads")
     if spec.threads < 1:
         raise ConfigError(f"threads={spec.threads}", "each run needs at least 1 thread: --threads 1")
+    empty = [key for key, values in spec.grid.items() if not values]
+    if empty:
+        raise ConfigError(f"the grid axis {empty[0]!r} has no values", f"give it at least one: --grid {empty[0]}=V1,V2")
+    defaults = algo.config_cls()
+    for source, values in (("--grid", spec.grid), *(("--point", {k: [v]}) for p in spec.points for k, v in p.items())):
+        for key, options in values.items():  # each value alone, so that a bad one is named with its flag
+            for value in options:
+                apply_values(defaults, {key: value}, source)
     for params in spec.grid_points():
         cfg, _ = resolve_config(
             algo, spec.env, spec.steps, spec.seeds[0], None, run_overrides(spec, params), spec.preset, spec.dataset

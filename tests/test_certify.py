@@ -386,7 +386,11 @@ def test_certify_command(cartpole_run, tmp_path, capsys):
         ({"alpha": 1.0}, "strictly between 0 and 1"),
         ({"samples": 1}, "too few episodes"),
         ({"samples": 3, "alpha": 1e-3}, "too few episodes"),
-        ({"eps": [0.1, -0.1]}, "budgets must be"),
+        ({"samples": 0}, "none would be sampled"),
+        ({"eps": [0.1, -0.1]}, r"eps=0.1,-0.1: -0.1 is not an attack budget"),
+        ({"eps": [0.0, float("nan"), -2]}, r"eps=0,nan,-2: nan, -2 are not an attack budget"),
+        ({"eps": []}, "non-empty list"),
+        ({"attack_episodes": 0}, "attack_episodes=0"),
         ({"out": "cert.pdf"}, "not a .png path"),
     ],
 )
@@ -394,6 +398,26 @@ def test_bad_settings_are_clear_errors_before_any_work(kwargs, message, tmp_path
     with pytest.raises(PolicylabError, match=message) as info:
         certify(tmp_path / "no-such-run", **kwargs)
     assert info.value.fix
+
+
+def test_bad_numbers_are_shown_as_typed_and_fixes_name_the_interface_used(tmp_path, capsys):
+    from policylab.cli import main
+
+    missing = str(tmp_path / "no-such-run")
+    assert main(["certify", missing, "--eps", "0,-1"]) == 2
+    err = capsys.readouterr().err
+    assert "eps=0,-1: -1 is not an attack budget" in err and "np.float64" not in err
+    assert main(["certify", missing, "--samples", "0"]) == 2
+    err = capsys.readouterr().err
+    assert "samples=0" in err and "DKW band" not in err and "--samples 10000" in err
+    assert main(["certify", missing, "--samples", "1"]) == 2
+    assert "the DKW band (1.36)" in capsys.readouterr().err  # the band of n = 1, where it is meant
+    assert main(["certify", missing, "--attack-episodes", "0"]) == 2
+    err = capsys.readouterr().err
+    assert "--attack-episodes 0" in err and "--no-attack" in err and "attack=False" not in err
+    with pytest.raises(PolicylabError) as info:  # from Python the fix names the keyword
+        certify(missing, attack_episodes=0)
+    assert "attack=False" in (info.value.fix or "") and "--no-attack" not in (info.value.fix or "")
 
 
 def test_bad_runs_and_envs_are_clear_errors(tmp_path):

@@ -4,6 +4,7 @@ exact value, behaviour cloning where log-probs are missing, selection metrics, a
 from __future__ import annotations
 
 import json
+import re
 
 import gymnasium as gym
 import numpy as np
@@ -116,6 +117,66 @@ def test_ope_errors_name_the_problem(chain_dataset):
     zero = replace(chain_dataset, behavior_log_probs=np.full(chain_dataset.num_steps, -np.inf))
     with pytest.raises(DatasetError, match="probability 0"):
         evaluate_policy(zero, _chain_policy(0), ["pdis"], gamma=GAMMA)
+
+
+def test_a_policy_of_another_env_gets_a_fix_that_ope_offers(chain_dataset):
+    from policylab.data.dataset import check_compatible
+
+    cartpole = pl.Policy(
+        CategoricalActor(4, 2),
+        gym.spaces.Box(-5, 5, (4,), np.float32),
+        gym.spaces.Discrete(2),
+        env_id="CartPole-v1",
+    )
+    with pytest.raises(DatasetError, match="observation") as info:
+        evaluate_policy(chain_dataset, cartpole, ["pdis"], gamma=GAMMA)
+    assert info.value.fix is not None and "--env" not in info.value.fix  # ope has no --env flag
+    assert f"trained in the env the dataset was collected in ({CHAIN})" in info.value.fix
+    assert "collected in the policy's env (CartPole-v1)" in info.value.fix
+    with pytest.raises(DatasetError) as info:  # training's message keeps its --env fix
+        check_compatible(chain_dataset, cartpole.observation_space, cartpole.action_space, "--env CartPole-v1")
+    assert info.value.fix == f"use the env the dataset was collected in: --env {CHAIN}"
+
+
+def test_the_unknown_estimator_error_lists_every_accepted_name(chain_dataset):
+    with pytest.raises(ConfigError) as info:
+        evaluate_policy(chain_dataset, _chain_policy(0), ["pids"], gamma=GAMMA)
+    for name in ("dm", "fqe", "is", "pdis", "wis", "wpdis", "dr", "wdr"):
+        assert re.search(rf"\b{name}\b", info.value.fix or ""), name
+    report = evaluate_policy(chain_dataset, _chain_policy(0), ["fqe"], gamma=GAMMA, bootstrap=0,
+                             fqe=FQEConfig(steps=50))  # fmt: skip
+    assert set(report.results) == {"fqe"}  # and what it lists is accepted
+
+
+def test_a_greedy_q_policy_at_epsilon_0_gets_a_note_pointing_to_epsilon():
+    from policylab.nets.critics import QNetwork
+
+    logged = pl.collect("CartPole-v1", "random", episodes=30, seed=0)  # ~20 steps each: no episode is all-greedy
+    env = gym.make("CartPole-v1")
+    torch.manual_seed(0)
+    greedy = pl.Policy(QNetwork(4, 2, (16,)), env.observation_space, env.action_space, algo="dqn")
+    report = evaluate_policy(logged, greedy, ["wpdis"], gamma=GAMMA, bootstrap=0)
+    assert report.results["wpdis"].ess == 0.0
+    (note,) = [n for n in report.notes if "effective sample size" in n]
+    assert "deterministic" in note and "--epsilon" in note and "fqe" in note
+    assert "--epsilon" in report.format()
+    smoothed = evaluate_policy(logged, greedy, ["wpdis"], gamma=GAMMA, bootstrap=0, epsilon=0.5)
+    assert smoothed.results["wpdis"].ess > 1.0 and not any("--epsilon" in n for n in smoothed.notes)
+
+
+def test_bootstrap_0_gives_estimates_without_intervals_and_says_so(chain_dataset, tmp_path, capsys):
+    report = evaluate_policy(chain_dataset, _chain_policy(0), ["pdis", "wpdis"], gamma=GAMMA, bootstrap=0)
+    text = report.format()
+    assert "nan" not in text and "no intervals" in text and "--bootstrap 1000" in text
+    saved = json.loads(json.dumps(report.to_json()))  # standard JSON: null where there is no interval
+    assert saved["results"]["pdis"]["ci_low"] is None and saved["results"]["pdis"]["value"] is not None
+    with pytest.raises(ConfigError, match="selection needs intervals"):
+        select_policies(chain_dataset, [_chain_policy(0)], estimator="pdis", gamma=GAMMA, bootstrap=0)
+    missing = str(tmp_path / "missing")
+    for bad in ("1", "-5"):  # refused before anything is read
+        assert main(["ope", "--dataset", missing, "--policy", missing, "--bootstrap", bad]) == 2
+        err = capsys.readouterr().err
+        assert f"--bootstrap {bad}" in err and "--bootstrap 0" in err
 
 
 def test_selection_metrics_against_hand_computed_values():

@@ -508,8 +508,20 @@ def test_group_by_config_keys_compares_variants_of_one_algorithm(tmp_path: Path)
     assert result.aggregates["sac lr=0.001"]["mean"].value == pytest.approx(-190.0)
     assert result.aggregates["sac lr=0.0003"]["mean"].value == pytest.approx(-410.0)
     assert [set(pair) for pair in result.improvements] == [{"sac lr=0.0003", "sac lr=0.001"}]
+    assert (tmp_path / "by-lr" / "improvement.png").is_file()
     pooled = report(runs, tmp_path / "by-algo", reps=100)  # the default pools the four runs as one algorithm
     assert pooled.score_set.algorithms == ["sac"]
+    assert not pooled.improvements and not (tmp_path / "by-algo" / "improvement.png").exists()  # no pair to compare
     with pytest.raises(PolicylabError, match="no 'gamma' to group by") as error:
         report(runs, tmp_path / "bad", reps=100, group_by=["algo", "gamma"])
     assert "lr" in error.value.fix
+
+
+def test_an_unknown_group_by_key_lists_every_key_the_run_has(tmp_path: Path) -> None:
+    many = {f"key_{i:02d}": i for i in range(20)}
+    run = fake_run(tmp_path / "runs", "ppo", "CartPole-v1", 0, [1.0], config={**many, "nested": {"a": 1}})
+    with pytest.raises(PolicylabError, match="no 'key_2' to group by") as error:
+        report([run], tmp_path / "bad", reps=100, group_by=["algo", "key_2"])
+    fix = error.value.fix or ""
+    assert all(key in fix for key in [*many, "algo", "env", "seed"]) and "nested" not in fix
+    assert "Did you mean" in str(error.value)

@@ -77,6 +77,32 @@ def test_seeds_grid_and_points_parse():
             parse_grid(bad_grid)
     with pytest.raises(ConfigError, match="--point"):
         parse_point("lr")
+
+
+def test_parse_errors_name_the_flag_the_repeated_key_and_empty_items():
+    with pytest.raises(ConfigError, match=r"--grid 'lr=3e-4' repeats the key 'lr' \(already --grid lr=1e-3\)") as info:
+        parse_grid(["lr=1e-3", "lr=3e-4"])
+    assert info.value.fix == "give each key once, with all its values: --grid lr=1e-3,3e-4"
+    for bad in ("lr=1e-3,,3e-4", "lr=1e-3,", "lr=,1e-3"):
+        with pytest.raises(ConfigError, match=f"--grid '{bad}' has an empty item"):
+            parse_grid([bad])
+    for bad in ("1,,2", "1,", ",1"):
+        with pytest.raises(ConfigError, match=f"--seeds '{bad}' has an empty item"):
+            parse_seeds(bad)
+    with pytest.raises(ConfigError, match="--point 'lr=1,,tau=2' has an empty item"):
+        parse_point("lr=1,,tau=2")
+    with pytest.raises(ConfigError, match="sets 'lr' twice"):
+        parse_point("lr=1,lr=2")
+
+
+def test_a_sweep_without_env_is_named_after_the_env_its_runs_train():
+    # `policylab train ppo` without --env trains the config's default env, CartPole-v1: so do the sweep's runs
+    spec = SweepSpec("ppo", None, 1000, [1, 2])
+    assert spec.name() == "ppo-CartPole-v1"
+    assert [r.name for r in spec.runs()] == ["ppo-CartPole-v1-s1", "ppo-CartPole-v1-s2"]
+    assert SweepSpec("ppo", None, 1000, [1], overrides={"env": "Acrobot-v1"}).name() == "ppo-Acrobot-v1"
+    assert SweepSpec("iql", None, 1000, [1], dataset="/data/hopper-medium").name() == "iql-hopper-medium"
+    assert SweepSpec("iql", "Hopper-v5", 1000, [1], dataset="/data/hopper-medium").name() == "iql-Hopper-v5"
     spec = SweepSpec("sac", "Hopper-v5", 1000, [1, 2], {"lr": ["1", "2"]}, [{"tau": "0.01"}, {"tau": "0.02"}])
     runs = spec.runs()
     assert len(runs) == 8 and len({r.name for r in runs}) == 8
@@ -91,8 +117,12 @@ def test_bad_input_fails_before_anything_starts(tmp_path, monkeypatch):
     with pytest.raises(ConfigError, match="'lrr' is not a config field of ppo") as info:
         pl.sweep("ppo", grid={"lrr": [1, 2]}, **base)
     assert "Did you mean: lr" in str(info.value) and info.value.fix
-    with pytest.raises(ConfigError, match="bad value for 'lr'"):
-        pl.sweep("ppo", grid={"lr": ["fast"]}, **base)
+    with pytest.raises(ConfigError, match="bad value for 'lr' in --grid"):
+        pl.sweep("ppo", grid={"lr": ["0.001", "fast"]}, **base)
+    with pytest.raises(ConfigError, match="bad value for 'ent_coef' in --point"):
+        pl.sweep("ppo", points=[{"lr": "0.001", "ent_coef": "none"}], **base)
+    with pytest.raises(ConfigError, match="grid axis 'lr' has no values"):
+        pl.sweep("ppo", grid={"lr": []}, **base)
     with pytest.raises(ConfigError, match="rollout_workers=2 inside a sweep"):
         pl.sweep("ppo", overrides={"rollout_workers": 2}, **base)
     with pytest.raises(PolicylabError, match="this machine has"):
@@ -107,6 +137,8 @@ def test_bad_input_fails_before_anything_starts(tmp_path, monkeypatch):
     assert "policylab[ray]" in info.value.fix
     assert not (tmp_path / "sweeps").exists()
     assert main(["sweep", "ppo", "--env", "CartPole-v1", "--grid", "lrr=1", "--sweeps-dir", str(tmp_path)]) == 2
+    for argv in (["--grid", "lr=abc"], ["--grid", "lr=1e-3,,3e-4"], ["--seeds", "1,,2"]):
+        assert main(["sweep", "ppo", *argv, "--sweeps-dir", str(tmp_path)]) == 2
     assert not any(tmp_path.iterdir())
 
 

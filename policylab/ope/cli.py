@@ -24,7 +24,12 @@ def add_ope_parser(sub: argparse._SubParsersAction) -> None:
         "(each policy run N episodes, default 100, in the dataset's env)",
     )
     p.add_argument("--gamma", type=float, help="discount of the value (default: the run's gamma)")
-    p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the intervals")
+    p.add_argument(
+        "--bootstrap",
+        type=int,
+        default=1000,
+        help="bootstrap resamples for the intervals (at least 2; 0: no intervals, not with select)",
+    )
     p.add_argument("--alpha", type=float, default=0.05, help="1 - confidence of the intervals")
     p.add_argument("--clip", type=float, help="cap on each per-step importance ratio")
     p.add_argument("--epsilon", type=float, default=0.0, help="Discrete: mix the policy with uniform (epsilon-greedy)")
@@ -40,6 +45,11 @@ def run_ope_command(args: argparse.Namespace) -> int:
     from policylab.ope.evaluate import evaluate_policy, select_policies, write_json
     from policylab.ope.fqe import FQEConfig
 
+    if args.bootstrap < 0 or args.bootstrap == 1:
+        raise ConfigError(
+            f"--bootstrap {args.bootstrap}: the intervals need at least 2 bootstrap resamples",
+            "pass e.g. --bootstrap 1000 (the default), or --bootstrap 0 for the estimates without intervals",
+        )
     options = {
         "gamma": args.gamma,
         "bootstrap": args.bootstrap,

@@ -10,6 +10,7 @@ estimated by behaviour cloning with a caveat) and, for dm / fqe / dr / wdr, a cr
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -17,9 +18,9 @@ from typing import Any
 import numpy as np
 
 from policylab.data.dataset import Dataset, check_compatible, load_dataset
-from policylab.errors import ConfigError
+from policylab.errors import ConfigError, DatasetError, suggest
 from policylab.ope.bootstrap import OPEResult, estimate
-from policylab.ope.estimators import NEEDS_CRITIC, Trajectories, get_estimator, pad_episodes
+from policylab.ope.estimators import ESTIMATORS, NEEDS_CRITIC, Trajectories, pad_episodes
 from policylab.ope.fqe import FQEConfig, fit_fqe
 from policylab.ope.policies import TargetPolicy
 from policylab.ope.selection import Selection
@@ -28,6 +29,8 @@ from policylab.policy import Policy, load
 ALIASES = {"fqe": "dm"}
 """`fqe` is the direct method on the FQE critic (what `dm` uses here): the two names give one estimate."""
 DEFAULT_ESTIMATORS = ("fqe", "pdis", "wpdis", "dr", "wdr")
+NEAR_ZERO_ESS = 1.0
+"""Kish's ESS is 0 when every episode's weight is 0 and at least 1 otherwise: below this, IS means nothing."""
 
 
 @dataclass
@@ -55,16 +58,28 @@ class OPEReport:
         ]
         for name, r in self.results.items():
             ess = "" if name in ("dm", "fqe") else f"{r.ess:10.1f}"
-            lines.append(f"{name:<10}{r.value:12.3f}{r.std_error:11.3f}{r.ci_low:12.3f}{r.ci_high:12.3f}{ess:>10}")
-        alpha = next(iter(self.results.values())).alpha if self.results else 0.05
-        lines.append(f"(CI: {100 * (1 - alpha):.0f}% percentile bootstrap over episodes)")
+            spread = "".join(_cell(x, w) for x, w in ((r.std_error, 11), (r.ci_low, 12), (r.ci_high, 12)))
+            lines.append(f"{name:<10}{r.value:12.3f}{spread}{ess:>10}")
+        first = next(iter(self.results.values()), None)
+        if first is not None and first.bootstrap == 0:
+            lines.append("(no intervals: bootstrap 0 resamples; --bootstrap 1000 gives them)")
+        else:
+            alpha = first.alpha if first is not None else 0.05
+            lines.append(f"(CI: {100 * (1 - alpha):.0f}% percentile bootstrap over episodes)")
         lines.extend(f"note: {note}" for note in self.notes)
         return "\n".join(lines)
 
     def to_json(self) -> dict[str, Any]:
         out = asdict(self)
-        out["results"] = {name: asdict(r) for name, r in self.results.items()}
+        out["results"] = {
+            name: {k: None if isinstance(v, float) and math.isnan(v) else v for k, v in asdict(r).items()}
+            for name, r in self.results.items()
+        }  # no intervals (bootstrap 0): null, not JSON's non-standard NaN
         return out
+
+
+def _cell(value: float, width: int) -> str:
+    return f"{'-':>{width}}" if math.isnan(value) else f"{value:{width}.3f}"
 
 
 def evaluate_policy(
@@ -88,7 +103,7 @@ def evaluate_policy(
     data = dataset if isinstance(dataset, Dataset) else load_dataset(dataset)
     loaded = policy if isinstance(policy, Policy) else load(policy)
     gamma, gamma_source = _gamma(gamma, policy)
-    check_compatible(data, loaded.observation_space, loaded.action_space, "the policy")
+    _check_fits(data, loaded)
     needs_ratios = any(ALIASES.get(n, n) != "dm" for n in names)
     target = TargetPolicy(loaded, epsilon, sigma)
     step_obs = data.observations[data.obs_index()]
@@ -114,7 +129,7 @@ def evaluate_policy(
                    bootstrap=bootstrap, alpha=alpha, seed=seed)  # fmt: skip
     results = {n: raw[ALIASES.get(n, n)] for n in names}
     if needs_ratios:
-        _weight_notes(trajectories, clip, notes)
+        _weight_notes(trajectories, clip, target, notes)
     return OPEReport(
         results=results,
         gamma=gamma,
@@ -128,12 +143,30 @@ def evaluate_policy(
     )
 
 
+def _check_fits(data: Dataset, policy: Policy) -> None:
+    """check_compatible, with a fix that OPE can act on (it has no --env: the env is the dataset's)."""
+    try:
+        check_compatible(data, policy.observation_space, policy.action_space, "the policy")
+    except DatasetError as exc:
+        where = f" ({data.env_id})" if data.env_id else ""
+        raise DatasetError(
+            exc.problem,
+            f"evaluate a policy trained in the env the dataset was collected in{where}, or a dataset collected in "
+            f"the policy's env{f' ({policy.env_id})' if policy.env_id else ''}",
+        ) from None
+
+
 def _check_names(estimators: list[str] | tuple[str, ...]) -> list[str]:
     names = [n.strip() for n in estimators if n.strip()]
     if not names:
         raise ConfigError("no estimator given", "e.g. --estimators fqe,pdis,wdr")
+    known = [*ESTIMATORS, *ALIASES]
     for name in names:
-        get_estimator(ALIASES.get(name, name))
+        if ALIASES.get(name, name) not in ESTIMATORS:
+            raise ConfigError(
+                f"unknown OPE estimator {name!r}.{suggest(name, known)}",
+                f"choose from: {', '.join(known)} (fqe is dm on the FQE critic), e.g. --estimators fqe,pdis,wdr",
+            )
     return names
 
 
@@ -175,15 +208,32 @@ def _fqe_note(cfg: FQEConfig) -> str:
     )
 
 
-def _weight_notes(data: Trajectories, clip: float | None, notes: list[str]) -> None:
+def _weight_notes(data: Trajectories, clip: float | None, target: TargetPolicy, notes: list[str]) -> None:
     from policylab.ope.bootstrap import kish_ess
     from policylab.ope.estimators import log_weights
 
     ess = kish_ess(log_weights(data, clip)[:, -1])
-    if ess < 0.05 * data.n_episodes:
+    if ess >= 0.05 * data.n_episodes:
+        return
+    head = f"the trajectory weights' effective sample size is {ess:.1f} of {data.n_episodes} episodes"
+    if target.deterministic:
         notes.append(
-            f"the trajectory weights' effective sample size is {ess:.1f} of {data.n_episodes} episodes: IS / WIS "
-            "rest on a few episodes (per-decision and weighted estimators, clip, or a closer behaviour policy help)"
+            f"{head}: the policy ({type(target.net).__name__}) is greedy at epsilon 0, a deterministic policy that "
+            "gives probability 0 to every logged action but its own, so (almost) no episode keeps any weight and "
+            "the importance-sampling estimates (is, pdis, wis, wpdis, and the corrections of dr / wdr) mean little; "
+            "pass epsilon (e.g. --epsilon 0.1) to evaluate its epsilon-greedy version, or rely on the model-based "
+            "fqe / dm estimate"
+        )
+    elif ess < NEAR_ZERO_ESS:
+        notes.append(
+            f"{head}: no episode keeps any weight (the policy gives probability 0 to some logged action in every "
+            "episode), so the importance-sampling estimates (is, pdis, wis, wpdis, and the corrections of dr / wdr) "
+            "mean nothing; rely on the model-based fqe / dm estimate, or use data whose behaviour covers the policy"
+        )
+    else:
+        notes.append(
+            f"{head}: IS / WIS rest on a few episodes (per-decision and weighted estimators, clip, or a closer "
+            "behaviour policy help)"
         )
 
 
@@ -247,6 +297,11 @@ def select_policies(
     `online_value`, 100 episodes by default), adds the top-k metrics."""
     if not policies:
         raise ConfigError("no candidate policies", "pass run directories, e.g. --policies runs/iql-* runs/cql-*")
+    if options.get("bootstrap") == 0:
+        raise ConfigError(
+            "selection needs intervals (the pessimistic choice is the highest CI low): bootstrap 0 gives none",
+            "pass at least 2 bootstrap resamples, e.g. bootstrap=1000 (--bootstrap 1000, the default)",
+        )
     data = dataset if isinstance(dataset, Dataset) else load_dataset(dataset)
     names = names or [str(p) for p in policies]
     if len(set(names)) != len(policies):

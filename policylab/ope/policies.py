@@ -72,6 +72,11 @@ class TargetPolicy:
             )
         self._check_supported()
 
+    @property
+    def deterministic(self) -> bool:
+        """Whether pi(a|s) is 1 for one action and 0 for all others (a greedy Q-network with epsilon 0)."""
+        return isinstance(self.net, QNetwork) and self.epsilon == 0.0
+
     def describe(self) -> str:
         """One line saying which distribution the estimates are for."""
         kind = type(self.net).__name__
