@@ -77,6 +77,10 @@ def test_seeds_grid_and_points_parse():
             parse_grid(bad_grid)
     with pytest.raises(ConfigError, match="--point"):
         parse_point("lr")
+    spec = SweepSpec("sac", "Hopper-v5", 1000, [1, 2], {"lr": ["1", "2"]}, [{"tau": "0.01"}, {"tau": "0.02"}])
+    runs = spec.runs()
+    assert len(runs) == 8 and len({r.name for r in runs}) == 8
+    assert runs[0].name == "sac-Hopper-v5-tau=0.01-lr=1-s1" and runs[0].params == {"tau": "0.01", "lr": "1"}
 
 
 def test_parse_errors_name_the_flag_the_repeated_key_and_empty_items():
@@ -103,10 +107,6 @@ def test_a_sweep_without_env_is_named_after_the_env_its_runs_train():
     assert SweepSpec("ppo", None, 1000, [1], overrides={"env": "Acrobot-v1"}).name() == "ppo-Acrobot-v1"
     assert SweepSpec("iql", None, 1000, [1], dataset="/data/hopper-medium").name() == "iql-hopper-medium"
     assert SweepSpec("iql", "Hopper-v5", 1000, [1], dataset="/data/hopper-medium").name() == "iql-Hopper-v5"
-    spec = SweepSpec("sac", "Hopper-v5", 1000, [1, 2], {"lr": ["1", "2"]}, [{"tau": "0.01"}, {"tau": "0.02"}])
-    runs = spec.runs()
-    assert len(runs) == 8 and len({r.name for r in runs}) == 8
-    assert runs[0].name == "sac-Hopper-v5-tau=0.01-lr=1-s1" and runs[0].params == {"tau": "0.01", "lr": "1"}
 
 
 # --- bad input: one error, nothing started ----------------------------------------------------------------------
