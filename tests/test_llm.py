@@ -230,6 +230,16 @@ def test_a_misbehaving_reward_function_is_one_clear_error_naming_it():
         with pytest.raises(LLMError, match=f"{fn.__name__} {message}"):
             call_reward(bad, [r["prompt"] for r in rows], ["1", "2"], rows)
 
+    def wants_level(prompts, completions, level, **_):
+        return [1.0] * len(completions)
+
+    bad = type(task)(task.name, task.summary, task.make, wants_level, task.max_new_tokens)
+    with pytest.raises(LLMError, match="missing 1 required .*'level'") as info:
+        call_reward(bad, [r["prompt"] for r in rows], ["1", "2"], rows)
+    assert info.value.fix == (
+        "give every row the fields the function takes (the rows have: answer), or pass another reward (--reward)"
+    )
+
 
 def test_settings_are_checked():
     with pytest.raises(Exception, match="unknown algorithm 'grpp'.*grpo"):
@@ -1149,3 +1159,170 @@ def test_bad_generation_worker_settings_are_clear_errors(monkeypatch):
     with pytest.raises(PolicylabError, match="generation_workers with generation_backend=ray needs Ray") as info:
         LLMTrainer(make_config("grpo", {"generation_workers": 2, "eval_size": 8}))
     assert "generation_backend=inline" in info.value.fix
+
+
+# --- what a user of the command line sees: resume, messages, run directories --------------------------------------
+
+SMALL = {"steps": 2, "eval_every": 1, "batch_size": 4, "group_size": 4, "eval_size": 8}
+
+
+def _cli(*argv):
+    return main(["llm", *map(str, argv)])
+
+
+def test_resuming_a_finished_run_reports_its_final_evaluation_and_says_it_has_finished(sft_model, tmp_path, capsys):
+    import json
+
+    run = train_llm("grpo", {"model": str(sft_model.dir), **SMALL}, tmp_path, name="done", verbose=False)
+    # the checkpoint's starting evaluation made unmistakable: a resume that reported it would show -1
+    for state_file in (run.dir / "checkpoints").glob("step_*/state.json"):
+        state = json.loads(state_file.read_text())
+        state["initial"] = {"accuracy": -1.0, "reward": -1.0}
+        state_file.write_text(json.dumps(state))
+    assert _cli("train", "--resume", run.dir, "--no-progress") == 0  # no algo: the run's
+    out = capsys.readouterr().out
+    assert "has already finished (step 2 of 2): nothing to train" in out, out
+    assert f"-> {run.final_eval['accuracy']:.3f}" in out and f"run directory: {run.dir}" in out
+    assert json.loads((run.dir / "eval.json").read_text())["accuracy"] == run.final_eval["accuracy"]
+    # a checkpoint from before checkpoints kept the last evaluation: the weights are evaluated again
+    for state_file in (run.dir / "checkpoints").glob("step_*/state.json"):
+        state = json.loads(state_file.read_text())
+        del state["last"]
+        state_file.write_text(json.dumps(state))
+    again = train_llm("grpo", resume=run.dir, verbose=False)
+    assert again.steps == 2 and again.final_eval == run.final_eval
+
+
+def test_resume_takes_more_steps_and_refuses_other_changes(sft_model, tmp_path, capsys):
+    import re
+
+    import yaml
+
+    run = train_llm("grpo", {"model": str(sft_model.dir), **SMALL}, tmp_path, name="r", verbose=False)
+    assert _cli("train", "grpo", "--resume", run.dir, "--steps", 3, "--no-progress") == 0
+    assert "done: 3 steps" in capsys.readouterr().out
+    with open(run.dir / "train.csv") as f:
+        assert [int(float(row["step"])) for row in csv.DictReader(f)] == [1, 2, 3]
+    assert yaml.safe_load((run.dir / "config.yaml").read_text())["steps"] == 3  # a later resume goes on to 3
+    for argv, message in (
+        (["train", "rloo", "--resume", run.dir], "is a grpo run, not rloo(.|\n)*llm train grpo --resume"),
+        (["sft", "--resume", run.dir], "is a grpo run, not sft"),
+        (["train", "--resume", run.dir, "--steps", 2], "at step 3, past steps=2(.|\n)*--steps 3 or more"),
+        (["train", "--resume", run.dir, "--set", "lr=1"], "--set cannot change it(.|\n)*only --steps may change"),
+        (["train", "--resume", run.dir, "--seed", 0], "--seed cannot change it"),
+        (["train"], "no algorithm given(.|\n)*--resume RUN"),
+    ):
+        assert _cli(*argv) == 2, argv
+        assert re.search(message, capsys.readouterr().err), argv
+    with pytest.raises(ConfigError, match="lr cannot change"):
+        train_llm(overrides={"lr": 1.0}, resume=run.dir, verbose=False)
+
+
+def test_evaluations_are_exact_fractions_and_a_prompts_run_is_named_after_its_prompts(sft_model, tmp_path, capsys):
+    """Accuracy is hits / n as a Python float (1/6, not float32's 0.1666666716337204), in eval.json too; a run
+    on a prompts file goes by its stem, on rows given in Python by `prompts`: header, directory and config."""
+    import json
+
+    import yaml
+
+    rows = get_task("addition").make(30, 0)  # the last 6 rows evaluate
+    right = rows[-1]["prompt"]
+
+    def one_right(prompts, completions, **_):
+        return [1.0 if p == right else 0.1 for p in prompts]
+
+    settings = {"model": str(sft_model.dir), **SMALL, "steps": 1}
+    run = train_llm("grpo", settings, tmp_path, verbose=False, prompts=rows, rewards=[one_right])
+    assert run.final_eval["accuracy"] == 1 / 6 and run.initial_eval["accuracy"] == 1 / 6
+    assert run.final_eval["reward"] == pytest.approx(1.5 / 6, abs=1e-15)
+    assert json.loads((run.dir / "eval.json").read_text())["accuracy"] == 1 / 6
+    assert run.dir.name == "grpo-prompts-s0"
+    assert yaml.safe_load((run.dir / "config.yaml").read_text())["task"] == "prompts"
+    path = _jsonl(tmp_path / "arith.jsonl", rows)
+    run = train_llm("grpo", {**settings, "prompts": str(path)}, tmp_path)
+    assert run.dir.name == "grpo-arith-s0" and "grpo arith" in capsys.readouterr().out
+    assert yaml.safe_load((run.dir / "config.yaml").read_text())["task"] == "arith"
+
+
+def test_a_run_that_fails_before_its_first_checkpoint_leaves_no_directory(sft_model, tmp_path):
+    """Rewards that fail on the evaluation rows or only in training, rows without the fields a run needs: an
+    error, and nothing left under runs/ (not even runs/ itself when the call made it). A resumed run that fails
+    keeps its directory."""
+    runs = tmp_path / "runs"
+    settings = {"model": str(sft_model.dir), **SMALL}
+    rows = get_task("addition").make(30, 0)
+
+    def raises(prompts, completions, **_):
+        raise ValueError("boom")
+
+    def fails_in_training(prompts, completions, **_):  # evaluation: 6 completions; a training step: 16
+        return [1.0] * min(len(completions), 6)
+
+    cases = [
+        ({"rewards": [raises]}, "raises raised ValueError: boom"),
+        ({"rewards": [fails_in_training]}, "returned 6 values for 16 completions"),
+    ]
+    for given, message in cases:
+        with pytest.raises(LLMError, match=message):
+            train_llm("grpo", settings, runs, verbose=False, prompts=rows, **given)
+        assert not runs.exists(), given
+    no_answer = _jsonl(tmp_path / "no_answer.jsonl", [{"prompt": f"{i}+0="} for i in range(10)])
+    with pytest.raises(LLMError, match=r'no_answer.jsonl, line 1: no "answer" field(.|\n)*--reward'):
+        train_llm("grpo", {**settings, "prompts": str(no_answer)}, runs, verbose=False)
+    pairs = _jsonl(tmp_path / "pairs.jsonl", [{"prompt": "1+1=", "chosen": "2", "rejected": "3"}, {"prompt": "2+2="}])
+    with pytest.raises(LLMError, match=r'pairs.jsonl, line 2: no "chosen" field(.|\n)*"rejected"'):
+        train_llm("dpo", {**settings, "pairs": str(pairs)}, runs, verbose=False)
+    with pytest.raises(LLMError, match=r'expert, row 1: no "completion" \(or "answer"\)'):
+        train_llm("grpo", {**settings, "mix": "chord"}, runs, verbose=False, expert=[rows[0], {"prompt": "1+1="}])
+    assert not runs.exists()
+    runs.mkdir()
+    (runs / "other").mkdir()  # what was there before stays
+    with pytest.raises(LLMError):
+        train_llm("grpo", settings, runs, verbose=False, prompts=rows, rewards=[fails_in_training])
+    assert [p.name for p in runs.iterdir()] == ["other"]
+    part = train_llm("grpo", settings, runs, verbose=False, prompts=rows, callback=lambda step, _: False)
+    with pytest.raises(LLMError, match="returned 6 values"):
+        train_llm(resume=part.dir, verbose=False, prompts=rows, rewards=[fails_in_training])
+    assert (part.dir / "config.yaml").is_file() and (part.dir / "checkpoints").is_dir()
+
+
+def test_inputs_a_run_would_ignore_or_misread_are_errors_or_notes(sft_model, tmp_path, capsys):
+    settings = {"model": str(sft_model.dir), **SMALL}
+    expert = _jsonl(tmp_path / "expert.jsonl", [{"prompt": "1+1=", "completion": "2"}])
+    with pytest.raises(ConfigError, match="expert rows were given but mix is none(.|\n)*mix=chord or --set mix=luffy"):
+        make_config("grpo", {"expert": str(expert)})
+    with pytest.raises(ConfigError, match="mix='foo' is not one of none, chord, luffy"):
+        make_config("grpo", {"mix": "foo"})
+    with pytest.raises(ConfigError, match=r"mix_weight='cosine:0.5-0.02'(.|\n)*fix: write e.g. mix_weight=cosine"):
+        make_config("grpo", {"mix": "chord", "mix_weight": "cosine:0.5-0.02"})
+    assert _cli("eval", sft_model.dir, "--k", 0) == 2
+    assert "k=0 must be >= 1" in capsys.readouterr().err
+    few = _jsonl(tmp_path / "few.jsonl", get_task("addition").make(3, 0))
+    run = train_llm("grpo", {**settings, "prompts": str(few), "steps": 1}, tmp_path, progress=False)
+    out = capsys.readouterr().out
+    assert "the prompts have 3 rows, too few to hold a fifth out" in out and "evaluation uses the training rows" in out
+    assert f"run directory: {run.dir}" in out and "/1 steps" not in out  # no progress lines, the result still
+
+
+def test_a_reward_module_in_the_current_directory_is_found_as_python_m_finds_it(tmp_path, monkeypatch):
+    from policylab.llm.rewards import load_reward
+
+    package = tmp_path / "mypkg_cwd_rewards"
+    package.mkdir()
+    (package / "__init__.py").write_text("")
+    (package / "rewards.py").write_text("def fmt(prompts, completions, **_):\n    return [0.5] * len(completions)\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", ".", str(tmp_path))])
+    monkeypatch.delitem(sys.modules, "mypkg_cwd_rewards", raising=False)
+    monkeypatch.delitem(sys.modules, "mypkg_cwd_rewards.rewards", raising=False)
+    fn, weight = load_reward("mypkg_cwd_rewards.rewards:fmt=0.2")
+    assert weight == 0.2 and fn(["p"], ["c"]) == [0.5]
+    import re
+    from pathlib import Path
+
+    with pytest.raises(
+        LLMError, match=rf"cannot import nothere_x(.|\n)*current directory \({re.escape(str(Path.cwd()))}\)"
+    ):
+        load_reward("nothere_x.rewards:f")
+    sys.modules.pop("mypkg_cwd_rewards", None)
+    sys.modules.pop("mypkg_cwd_rewards.rewards", None)

@@ -13,7 +13,12 @@ def add_llm_parser(sub: argparse._SubParsersAction) -> None:
     q = llm_sub.add_parser("sft", help="supervised fine-tuning on a task's answers")
     _common(q)
     q = llm_sub.add_parser("train", help="RL on a task's reward (GRPO family, PPO, DPO, online DPO)")
-    q.add_argument("algo", help="grpo, dr_grpo, dapo, gspo, cispo, sapo, rloo, reinforce++, ppo, dpo or online_dpo")
+    q.add_argument(
+        "algo",
+        nargs="?",
+        help="grpo, dr_grpo, dapo, gspo, cispo, sapo, rloo, reinforce++, ppo, dpo or online_dpo (with --resume: the "
+        "run's)",
+    )
     _common(q)
     q.add_argument("--group-size", type=int, help="completions sampled per prompt (default 8)")
     q.add_argument("--expert", help="a JSONL file of {prompt, completion} rows for --set mix=chord")
@@ -27,8 +32,8 @@ def add_llm_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def _common(q: argparse.ArgumentParser) -> None:
-    q.add_argument("--model", default="tiny-llama", help="tiny-llama, small-llama, tiny-gpt2, or a local directory")
-    q.add_argument("--task", default="addition")
+    q.add_argument("--model", help="tiny-llama (default), small-llama, tiny-gpt2, or a local directory")
+    q.add_argument("--task", help="a built-in task (default: addition)")
     q.add_argument("--prompts", help='a JSONL file of {"prompt": ...} rows instead of the task\'s')
     q.add_argument(
         "--reward", action="append", default=[], help="name, module:function, or either =weight; repeatable (summed)"
@@ -58,9 +63,41 @@ def run_llm_command(args: argparse.Namespace) -> int:
         print(json.dumps(result) if args.json else ", ".join(f"{k} {v:.3f}" for k, v in result.items()))
         return 0
     from policylab.config import parse_count
+    from policylab.errors import ConfigError
     from policylab.llm.trainer import train_llm
 
-    overrides: dict = {"model": args.model, "task": args.task, **parse_set_args(args.set)}
+    algo = "sft" if args.llm_command == "sft" else args.algo
+    progress = False if args.no_progress else None
+    if args.resume:
+        given = [
+            flag
+            for flag, value in (
+                ("--model", args.model),
+                ("--task", args.task),
+                ("--prompts", args.prompts),
+                ("--reward", args.reward),
+                ("--seed", args.seed),
+                ("--set", args.set),
+                ("--name", args.name),
+                ("--expert", getattr(args, "expert", None)),
+                ("--group-size", getattr(args, "group_size", None)),
+            )
+            if value is not None and value != []
+        ]
+        if given:
+            raise ConfigError(
+                f"--resume continues a run with its saved config; {', '.join(given)} cannot change it",
+                f"drop {', '.join(given)} (only --steps may change)",
+            )
+        steps = {"steps": parse_count(args.steps)} if args.steps is not None else {}
+        train_llm(algo, steps, resume=args.resume, progress=progress)
+        return 0
+    if algo is None:
+        raise ConfigError(
+            "no algorithm given",
+            "write e.g. `policylab llm train grpo --model runs/sft-add`, or `policylab llm train --resume RUN`",
+        )
+    overrides: dict = {"model": args.model or "tiny-llama", "task": args.task or "addition", **parse_set_args(args.set)}
     if args.steps is not None:
         overrides["steps"] = parse_count(args.steps)
     if args.seed is not None:
@@ -73,10 +110,5 @@ def run_llm_command(args: argparse.Namespace) -> int:
         overrides["expert"] = args.expert
     if getattr(args, "group_size", None) is not None:
         overrides["group_size"] = args.group_size
-    algo = "sft" if args.llm_command == "sft" else args.algo
-    verbose = False if args.no_progress else None
-    if args.resume:
-        train_llm(resume=args.resume, verbose=verbose)
-    else:
-        train_llm(algo, overrides, args.runs_dir, args.name, verbose=verbose)
+    train_llm(algo, overrides, args.runs_dir, args.name, progress=progress)
     return 0

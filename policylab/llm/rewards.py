@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib
 import json
 import re
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -95,14 +96,33 @@ def load_reward(spec: str) -> tuple[RewardFn, float]:
             "write e.g. --reward mypkg.rewards:exact_match",
         )
     try:
-        fn = getattr(importlib.import_module(module_name), attr)
+        fn = getattr(import_user_module(module_name), attr)
     except ImportError as exc:
-        raise LLMError(f"reward {target!r}: cannot import {module_name} ({exc})", "check the module path") from None
+        raise LLMError(
+            f"reward {target!r}: cannot import {module_name} ({exc})",
+            f"check the module path: it was looked for in the current directory ({Path.cwd()}) and on sys.path "
+            "(add its parent directory to PYTHONPATH, or run from the directory that holds it)",
+        ) from None
     except AttributeError:
         raise LLMError(f"reward {target!r}: {module_name} has no {attr}", "check the function name") from None
     if not callable(fn):
         raise LLMError(f"reward {target!r} is not callable", "point at a function") from None
     return fn, weight
+
+
+def import_user_module(name: str) -> Any:
+    """The module `name`, found as `python -m` finds it: on sys.path, else in the current directory (which a
+    console script's sys.path lacks; it is then put first on sys.path, as `python -m` has it)."""
+    try:
+        return importlib.import_module(name)
+    except ModuleNotFoundError as exc:
+        cwd = str(Path.cwd())
+        missing = exc.name or ""
+        if cwd in sys.path or not (name == missing or name.startswith(missing + ".")):
+            raise  # a module the user's module imports is missing, or the current directory was searched already
+        sys.path.insert(0, cwd)
+        importlib.invalidate_caches()
+        return importlib.import_module(name)
 
 
 RewardSpec = str | RewardFn | tuple[str | RewardFn, float]
@@ -153,7 +173,13 @@ def checked_call(fn: RewardFn, prompts: list[str], completions: list[str], colum
     except LLMError:
         raise
     except Exception as exc:
-        raise LLMError(f"the reward function {name} raised {type(exc).__name__}: {exc}", "fix the function") from exc
+        fix = "fix the function"
+        if isinstance(exc, TypeError) and "required" in str(exc) and "argument" in str(exc):
+            fix = (
+                f"give every row the fields the function takes (the rows have: {', '.join(columns) or 'only prompt'})"
+                ", or pass another reward (--reward)"
+            )
+        raise LLMError(f"the reward function {name} raised {type(exc).__name__}: {exc}", fix) from exc
     if len(values) != len(completions):
         raise LLMError(
             f"the reward function {name} returned {len(values)} values for {len(completions)} completions",
@@ -168,8 +194,9 @@ def checked_call(fn: RewardFn, prompts: list[str], completions: list[str], colum
     return floats
 
 
-def load_prompts(path: str | Path) -> list[dict[str, Any]]:
-    """Rows of a JSONL file, each an object with a "prompt" string (other fields reach the reward functions)."""
+def load_prompts(path: str | Path, require: tuple[str, ...] = (), fix: str = "") -> list[dict[str, Any]]:
+    """Rows of a JSONL file, each an object with a "prompt" string (other fields reach the reward functions) and
+    the fields in `require` (an error naming the line and the field otherwise, with `fix`)."""
     path = Path(path)
     if not path.is_file():
         raise LLMError(f"no prompts file {path}", 'pass a JSONL file with one {"prompt": ...} object per line')
@@ -181,17 +208,20 @@ def load_prompts(path: str | Path) -> list[dict[str, Any]]:
             row = json.loads(line)
         except json.JSONDecodeError as exc:
             raise LLMError(f"{path}, line {number}: not JSON ({exc.msg})", "one JSON object per line") from None
-        _check_row(row, f"{path}, line {number}")
+        _check_row(row, f"{path}, line {number}", require, fix)
         rows.append(row)
     if not rows:
         raise LLMError(f"{path} has no prompts", 'add lines like {"prompt": "2+2=", "answer": "4"}')
     return rows
 
 
-def prompt_rows(source: Any, what: str = "prompts") -> list[dict[str, Any]]:
-    """Rows from a JSONL path, a `datasets.Dataset` or a list of dicts, each with a "prompt" string."""
+def prompt_rows(
+    source: Any, what: str = "prompts", require: tuple[str, ...] = (), fix: str = ""
+) -> list[dict[str, Any]]:
+    """Rows from a JSONL path, a `datasets.Dataset` or a list of dicts, each with a "prompt" string and the
+    fields in `require`."""
     if isinstance(source, str | Path):
-        return load_prompts(source)
+        return load_prompts(source, require, fix)
     if hasattr(source, "to_list") and hasattr(source, "column_names"):  # a datasets.Dataset
         rows = source.to_list()
     elif isinstance(source, list | tuple):
@@ -204,10 +234,13 @@ def prompt_rows(source: Any, what: str = "prompts") -> list[dict[str, Any]]:
     if not rows:
         raise LLMError(f"{what} has no rows", 'add rows like {"prompt": "2+2=", "answer": "4"}')
     for number, row in enumerate(rows):
-        _check_row(row, f"{what}, row {number}")
+        _check_row(row, f"{what}, row {number}", require, fix)
     return [dict(row) for row in rows]
 
 
-def _check_row(row: Any, where: str) -> None:
+def _check_row(row: Any, where: str, require: tuple[str, ...] = (), fix: str = "") -> None:
     if not isinstance(row, dict) or not isinstance(row.get("prompt"), str):
         raise LLMError(f'{where}: no "prompt" string', 'give every row a "prompt" field')
+    for key in require:
+        if row.get(key) is None:
+            raise LLMError(f'{where}: no "{key}" field', fix or f'give every row a "{key}" field')

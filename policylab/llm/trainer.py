@@ -30,7 +30,10 @@ trainers walk their datasets; `epoch` in train.csv counts the passes.
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import math
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
@@ -56,7 +59,14 @@ from policylab.errors import ConfigError, suggest
 from policylab.llm import LLMError, require_llm
 from policylab.llm.epochs import ShuffledEpochs
 from policylab.llm.models import check_model, load_model, prepare_tokenizer, without_progress_bars
-from policylab.llm.rewards import RewardSpec, checked_call, combine_rewards, prompt_rows, reward_name
+from policylab.llm.rewards import (
+    BUILTIN_REWARDS,
+    RewardSpec,
+    checked_call,
+    combine_rewards,
+    prompt_rows,
+    reward_name,
+)
 from policylab.llm.rollout import Rollout, concat_rollouts, decode, generate, token_logprobs
 from policylab.llm.tasks import Task, get_task
 from policylab.llm.workers import GenerationWorkers
@@ -96,6 +106,7 @@ ALGO_DEFAULTS: dict[str, dict[str, Any]] = {
 """Each algorithm is GRPO's config with these values (the table in the module docstring)."""
 ALGOS = tuple(ALGO_DEFAULTS)
 LOSSES = ("ppo", "gspo", "cispo", "sapo")
+MIXES = ("none", "chord", "luffy")
 
 
 @dataclass
@@ -231,8 +242,17 @@ class LLMConfig:
             raise ConfigError(f"kl_estimator={self.kl_estimator!r}", "choose k1, k2 or k3")
         if self.loss not in LOSSES:
             raise ConfigError(f"loss={self.loss!r}.{suggest(self.loss, LOSSES)}", f"choose one of: {', '.join(LOSSES)}")
-        if self.mix not in ("none", "chord", "luffy"):
-            raise ConfigError(f"mix={self.mix!r}", "choose none, chord or luffy")
+        if self.mix not in MIXES:
+            raise ConfigError(
+                f"mix={self.mix!r} is not one of {', '.join(MIXES)}.{suggest(self.mix, MIXES)}",
+                "set mix=chord (expert NLL mixed into the RL loss), mix=luffy (an expert completion in each group) or "
+                "mix=none",
+            )
+        if self.expert is not None and self.mix == "none":
+            raise ConfigError(
+                "expert rows were given but mix is none, so nothing would use them",
+                "add --set mix=chord or --set mix=luffy (or drop --expert)",
+            )
         if self.mix == "luffy" and (self.loss != "ppo" or self.group_size < 2 or self.algo in ("ppo", "dpo")):
             raise ConfigError(
                 "mix=luffy puts an expert completion into each group of a group-advantage algorithm",
@@ -245,7 +265,10 @@ class LLMConfig:
         try:
             parse_schedule(self.mix_weight)
         except ConfigError as exc:
-            raise ConfigError(f"mix_weight: {exc.problem}", exc.fix) from None
+            key = "mix_weight="  # parse_schedule names its value `imitation=`, the control side's key
+            raise ConfigError(
+                exc.problem.replace("imitation=", key), (exc.fix or "").replace("imitation=", key)
+            ) from None
 
 
 def make_config(algo: str, overrides: dict[str, Any] | None = None) -> LLMConfig:
@@ -335,8 +358,13 @@ def _columns(rows: list[dict[str, Any]]) -> dict[str, list[Any]]:
 
 def call_reward(task: Task, prompts: list[str], completions: list[str], rows: list[dict[str, Any]]) -> Tensor:
     """The task's rewards as a tensor, with one clear error for a reward function that misbehaves."""
+    return torch.tensor(reward_values(task, prompts, completions, rows))
+
+
+def reward_values(task: Task, prompts: list[str], completions: list[str], rows: list[dict[str, Any]]) -> list[float]:
+    """The task's rewards as Python floats (call_reward's, before float32)."""
     columns = {k: v for k, v in _columns(rows).items() if k != "prompt"}
-    return torch.tensor(checked_call(task.reward, prompts, completions, columns))
+    return checked_call(task.reward, prompts, completions, columns)
 
 
 # --- the trainer -----------------------------------------------------------------------------------------------
@@ -351,6 +379,22 @@ def expert_completion(row: dict[str, Any]) -> str:
         f'an expert row has no "completion" (or "answer") string: {str(row)[:80]}',
         'give every expert row a completion, e.g. {"prompt": "2+2=", "completion": "4"}',
     )
+
+
+def check_expert_rows(rows: list[dict[str, Any]], what: str) -> None:
+    """One error naming the first row without an expert completion (a `completion` or `answer` string)."""
+    for number, row in enumerate(rows):
+        if not any(isinstance(row.get(key), str) for key in ("completion", "answer")):
+            raise LLMError(
+                f'{what}, row {number}: no "completion" (or "answer") string: {str(row)[:80]}',
+                f'give every {what} row a completion, e.g. {{"prompt": "2+2=", "completion": "4"}}',
+            )
+
+
+PAIRS_FIX = (
+    'give every pairs row "prompt", "chosen" and "rejected" strings, e.g. {"prompt": "2+2=", "chosen": "4", '
+    '"rejected": "5"}'
+)
 
 
 def ended_with_eos(rollout: Rollout, tokenizer: Any) -> Tensor:
@@ -472,10 +516,33 @@ def task_of(cfg: LLMConfig, inputs: LLMInputs | None = None) -> Task:
     if prompts is None:
         task = get_task(cfg.task)
         return task if not rewards else replace(task, reward=combine_rewards(rewards))
-    rows = prompt_rows(prompts)
+    rows = prompt_rows(prompts, "prompts", *answers_needed(rewards))
     reward = combine_rewards(rewards or ["exact_match"])
     where = str(prompts) if isinstance(prompts, str | Path) else f"{len(rows)} rows given in Python"
     return Task("prompts", where, lambda n, seed: rows, reward, cfg.max_new_tokens or 32)
+
+
+def answers_needed(rewards: list[RewardSpec] | None) -> tuple[tuple[str, ...], str]:
+    """(required fields, fix) of prompt rows under these rewards: an `answer` where a built-in reward compares
+    completions with it (the default, exact_match, does)."""
+    targets = [spec[0] if isinstance(spec, tuple) else spec for spec in (rewards or ["exact_match"])]
+    used = [target.partition("=")[0] for target in targets if isinstance(target, str)]
+    builtins = [name for name in used if name in BUILTIN_REWARDS]
+    if not builtins:
+        return (), ""
+    default = "" if rewards else " (the default reward)"
+    return ("answer",), (
+        f'give every row an "answer" ({builtins[0]}{default} compares completions with it), or pass a reward '
+        "that needs none (--reward module:function)"
+    )
+
+
+def prompts_label(prompts: Any) -> str:
+    """The name a run on given prompts goes by (header, run name, config.yaml's `task`): the file's stem, or
+    `prompts` for rows given in Python."""
+    if isinstance(prompts, str | Path) and not str(prompts).startswith(PYTHON):
+        return Path(prompts).stem or "prompts"
+    return "prompts"
 
 
 def rows_of(
@@ -487,12 +554,27 @@ def rows_of(
     evaluation = _given(cfg, inputs, "eval_prompts")
     if evaluation is not None:
         rows = task.make(0 if task.name == "prompts" else cfg.train_size, cfg.seed)
-        return rows, prompt_rows(evaluation, "eval_prompts")
+        return rows, prompt_rows(evaluation, "eval_prompts", *answers_needed(_given(cfg, inputs, "rewards")))
     if task.name != "prompts":
         return task.make(cfg.train_size, cfg.seed), task.make(cfg.eval_size, 1_000_003 + cfg.seed)
     rows = task.make(0, cfg.seed)
     held_out = min(cfg.eval_size, len(rows) // 5)
     return (rows[:-held_out], rows[-held_out:]) if held_out else (rows, rows)
+
+
+def eval_note(task: Task, cfg: LLMConfig, inputs: LLMInputs | None = None) -> str | None:
+    """What a run should say about its evaluation rows: that they are its training rows (given prompts too few
+    to hold a fifth out, and no eval_prompts)."""
+    inputs = inputs or LLMInputs()
+    if task.name != "prompts" or _given(cfg, inputs, "eval_prompts") is not None:
+        return None
+    rows = task.make(0, cfg.seed)
+    if len(rows) // 5:
+        return None
+    return (
+        f"note: the prompts have {len(rows)} rows, too few to hold a fifth out for evaluation: evaluation uses the "
+        "training rows (give separate ones with --set eval_prompts=FILE)"
+    )
 
 
 class LLMTrainer:
@@ -527,14 +609,18 @@ class LLMTrainer:
         self.train_rows, self.eval_rows = rows_of(self.task, cfg, inputs)
         expert, pairs = _given(cfg, inputs, "expert"), _given(cfg, inputs, "pairs")
         self.expert_rows = prompt_rows(expert, "expert") if expert is not None else self.train_rows
-        self.pair_rows = prompt_rows(pairs, "pairs") if pairs is not None else None
+        self.pair_rows = prompt_rows(pairs, "pairs", ("chosen", "rejected"), PAIRS_FIX) if pairs is not None else None
+        note = eval_note(self.task, cfg, inputs)
+        self.notes: list[str] = [note] if note else []
+        """What the run should say before it starts."""
         self.rng = np.random.default_rng(cfg.seed)  # DPO's corrupted answers
         tables = self._row_tables().items()
         self.orders = {kind: ShuffledEpochs(len(rows), cfg.seed, kind) for kind, rows in tables if rows}
-        if self.pair_rows is not None:  # files without the fields fail here, not mid-run
-            preference_pair(self.pair_rows[0], np.random.default_rng(0))
+        # rows without the fields a step needs fail here, each naming the row, not mid-run
         if cfg.mix != "none":
-            expert_completion(self.expert_rows[0])
+            check_expert_rows(self.expert_rows, "expert" if expert is not None else "prompts")
+        if cfg.algo == "sft" or (cfg.algo == "dpo" and self.pair_rows is None):
+            check_expert_rows(self.train_rows, "prompts")
         self.generator = torch.Generator().manual_seed(cfg.seed)
         self.max_new_tokens = cfg.max_new_tokens or self.task.max_new_tokens
         self.encode_prompts = PromptEncoder(self.tokenizer)
@@ -903,14 +989,18 @@ class LLMTrainer:
     def evaluate(self, k: int = 1) -> dict[str, float]:
         """Greedy exact-match accuracy and mean reward on the evaluation rows; with k > 1 also pass@k (at least
         one of k sampled completions is correct)."""
-        rollout, completions = self.rollout(self.eval_rows, greedy=True)
-        rewards = call_reward(self.task, [r["prompt"] for r in self.eval_rows], completions, self.eval_rows)
-        out = {"accuracy": float((rewards >= 1.0).float().mean()), "reward": float(rewards.mean())}
+        if k < 1:
+            raise ConfigError(f"k={k} must be >= 1", "pass --k 1 (greedy accuracy only) or more (pass@k)")
+        n = len(self.eval_rows)
+        _, completions = self.rollout(self.eval_rows, greedy=True)
+        rewards = reward_values(self.task, [r["prompt"] for r in self.eval_rows], completions, self.eval_rows)
+        # Python floats (hits / n): exact decimals in eval.json, not float32's 0.7250000238418579
+        out = {"accuracy": sum(r >= 1.0 for r in rewards) / n, "reward": math.fsum(rewards) / n}
         if k > 1:
             rows = [row for row in self.eval_rows for _ in range(k)]
             _, sampled = self.rollout(rows)
-            hits = call_reward(self.task, [r["prompt"] for r in rows], sampled, rows) >= 1.0
-            out[f"pass@{k}"] = float(hits.view(-1, k).any(1).float().mean())
+            hits = [r >= 1.0 for r in reward_values(self.task, [r["prompt"] for r in rows], sampled, rows)]
+            out[f"pass@{k}"] = sum(any(hits[i * k : (i + 1) * k]) for i in range(n)) / n
         return out
 
     def checkpoint(self, extra: dict[str, Any]) -> tuple[dict[str, Tensor], dict[str, Any]]:
@@ -1015,11 +1105,15 @@ def train_llm(
     rewards: list[RewardSpec] | None = None,
     expert: Any = None,
     pairs: Any = None,
+    progress: bool | None = None,
 ) -> LLMRun:
     """Train (SFT or RL) and write the run directory: config.yaml, train.csv, eval.csv, eval.json, model/ and
     checkpoints/ (at every evaluation: weights, optimizer and RNG state). `resume`: a run directory to continue
-    from its latest checkpoint, exactly (its config is used). `callback(step, metrics)` returning False stops
-    the run after that step (a checkpoint is written first).
+    from its latest checkpoint, exactly (its config is used; only `steps` may change, through `overrides`, and
+    `algo`, if given, must be the run's). `callback(step, metrics)` returning False stops the run after that
+    step (a checkpoint is written first). A run that fails before its first checkpoint leaves no directory.
+    `verbose=False` prints nothing; `progress=False` prints no progress lines (notes and the result still
+    print); None: a live line on a terminal, a line per 10% otherwise.
 
     The inputs can be Python objects instead of the config's names and paths (see LLMInputs): `model` (a
     transformers causal LM, trained in place) with its `tokenizer`, `prompts` / `eval_prompts` / `expert` /
@@ -1028,37 +1122,83 @@ def train_llm(
     import yaml
 
     inputs = LLMInputs(model, tokenizer, prompts, eval_prompts, rewards, expert, pairs)
-
+    say: Callable[..., None] = print if verbose is not False else (lambda *a, **k: None)
+    notes: list[str] = []
+    state: dict[str, Any] = {}
+    tensors: dict[str, Tensor] = {}
+    new_steps = False
     if resume is not None:
         run_dir = Path(resume)
         if not (run_dir / CONFIG_YAML).is_file():
             raise LLMError(f"{run_dir} is not a language-model run directory (no {CONFIG_YAML})", "check the path")
         saved = yaml.safe_load((run_dir / CONFIG_YAML).read_text())
-        cfg = make_config(saved.pop("algo"), saved)
-        trainer = LLMTrainer(cfg, inputs)
+        run_algo = saved.pop("algo")
+        if algo is not None and algo != run_algo:
+            command = "sft" if run_algo == "sft" else f"train {run_algo}"
+            raise ConfigError(
+                f"{run_dir} is a {run_algo} run, not {algo}", f"run `policylab llm {command} --resume {run_dir}`"
+            )
+        changed = sorted(set(overrides or {}) - {"steps"})
+        if changed:
+            raise ConfigError(
+                f"--resume continues a run with its saved config ({run_dir / CONFIG_YAML}); {', '.join(changed)} "
+                "cannot change",
+                "drop --model/--task/--prompts/--reward/--expert/--group-size/--seed/--set (only --steps may change)",
+            )
+        cfg = make_config(run_algo, {**saved, **(overrides or {})})
+        new_steps = cfg.steps != saved.get("steps")
         tensors, state, _ = load_checkpoint(run_dir)
-        trainer.restore(tensors, state)
-        initial, start = state["initial"], int(state["step"])
-        log = RunLog(run_dir, tensorboard=False, resume_step=start)
+        start = int(state["step"])
+        if cfg.steps < start:
+            raise ConfigError(
+                f"{run_dir} is at step {start}, past steps={cfg.steps}",
+                f"pass --steps {start} or more, or leave it out",
+            )
+        notes.append(f"resuming {run_dir} from step {start}")
+        if start >= cfg.steps:
+            notes.append(
+                f"{run_dir} has already finished (step {start} of {cfg.steps}): nothing to train; "
+                f"continue it with --steps N (N > {start})"
+            )
     else:
         if algo is None:
             raise LLMError("no algorithm given", "pass one (e.g. grpo), or resume=RUN_DIR")
         cfg = make_config(algo, {**(overrides or {}), **inputs.config_values()})
-        trainer = LLMTrainer(cfg, inputs)
-        run_dir = new_run_dir(runs_dir, name or f"{algo}-{cfg.task}-s{cfg.seed}")
-        atomic_write_text(run_dir / CONFIG_YAML, yaml.safe_dump(asdict(cfg), sort_keys=False))
-        log = RunLog(run_dir, tensorboard=False)
-        initial, start = trainer.evaluate(), 0
-        log.log_eval({"step": 0, **initial})
-    progress = Progress(cfg.steps, f"{cfg.algo} {cfg.task}", enabled=verbose, start=start, metric="accuracy", digits=3)
+        if cfg.prompts is not None:  # the run goes by its prompts' name, not the unused built-in task's
+            cfg = replace(cfg, task=prompts_label(cfg.prompts))
+        start = 0
+    trainer = LLMTrainer(cfg, inputs)
+    for note in notes + trainer.notes:
+        say(note)
+    runs_root_existed = Path(runs_dir).exists()
+    created: Path | None = None
+    """The directory this call made, until its first checkpoint: removed if the run fails before then."""
+    log: RunLog | None = None
+    bar: Progress | None = None
     step_fn = {
         "sft": trainer.sft_step,
         "ppo": trainer.ppo_step,
         "dpo": trainer.dpo_step,
         "online_dpo": trainer.online_dpo_step,
     }.get(cfg.algo, trainer.rl_step)
-    started, tokens, last = time.perf_counter(), 0.0, initial
     try:
+        if resume is not None:
+            trainer.restore(tensors, state)
+            initial: dict[str, float] = state["initial"]
+            last: dict[str, float] | None = state.get("last")
+            """The evaluation of the latest weights (None: a checkpoint written before it was kept)."""
+            if new_steps:  # a later resume continues to the new step count
+                atomic_write_text(run_dir / CONFIG_YAML, yaml.safe_dump(asdict(cfg), sort_keys=False))
+            log = RunLog(run_dir, tensorboard=False, resume_step=start)
+        else:
+            initial = last = trainer.evaluate()  # before the directory: a reward that fails here leaves none
+            run_dir = created = new_run_dir(runs_dir, name or f"{cfg.algo}-{cfg.task}-s{cfg.seed}")
+            atomic_write_text(run_dir / CONFIG_YAML, yaml.safe_dump(asdict(cfg), sort_keys=False))
+            log = RunLog(run_dir, tensorboard=False)
+            log.log_eval({"step": 0, **initial})
+        enabled = False if verbose is False or progress is False else (progress if progress is not None else verbose)
+        bar = Progress(cfg.steps, f"{cfg.algo} {cfg.task}", enabled=enabled, start=start, metric="accuracy", digits=3)
+        started, tokens = time.perf_counter(), 0.0
         for step in range(start + 1, cfg.steps + 1):
             trainer.step = step
             metrics = step_fn()
@@ -1072,23 +1212,38 @@ def train_llm(
             if step % cfg.eval_every == 0 or step == cfg.steps or stop:
                 last = trainer.evaluate()
                 log.log_eval({"step": step, **last})
-                save_checkpoint(run_dir / "checkpoints", step, *trainer.checkpoint({"initial": initial}))
-            progress.update(step, (step - start) / elapsed, last["accuracy"])
+                save_checkpoint(run_dir / "checkpoints", step, *trainer.checkpoint({"initial": initial, "last": last}))
+                created = None  # the run can resume now: its directory stays whatever happens
+            bar.update(step, (step - start) / elapsed, (last or initial)["accuracy"])
             if stop:
                 break
+        if last is None:  # resumed at its last checkpoint, from before checkpoints kept the evaluation
+            last = trainer.evaluate()
+    except Exception:
+        if created is not None:
+            if log is not None:
+                log.close()
+            shutil.rmtree(created, ignore_errors=True)
+            if not runs_root_existed:
+                with contextlib.suppress(OSError):  # only while empty: another run may have started in it
+                    Path(runs_dir).rmdir()
+        raise
     finally:
-        progress.close()
+        if bar is not None:
+            bar.close()
         if trainer.workers is not None:
             trainer.workers.close()
     trainer.save(run_dir)
     log.write_summary({"step": trainer.step, **last, "initial": initial})
     log.close()
-    if verbose is not False:
-        print(f"accuracy {initial['accuracy']:.3f} -> {last['accuracy']:.3f}; run directory {run_dir}")
+    say(f"done: {trainer.step} steps; accuracy {initial['accuracy']:.3f} -> {last['accuracy']:.3f}")
+    say(f"run directory: {run_dir}")
     return LLMRun(run_dir, last, initial, trainer.step)
 
 
 def evaluate_llm(model: str, task: str = "addition", k: int = 1, seed: int = 0, eval_size: int = 200) -> dict:
     """Greedy accuracy (and pass@k) of a model or run directory on a task's evaluation rows."""
+    if k < 1:
+        raise ConfigError(f"k={k} must be >= 1", "pass --k 1 (greedy accuracy only) or more (pass@k)")
     trainer = LLMTrainer(make_config("grpo", {"model": model, "task": task, "seed": seed, "eval_size": eval_size}))
     return trainer.evaluate(k)
