@@ -39,6 +39,13 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+def _file_mode() -> int:
+    """The mode a newly created file gets under the process's umask (0666 & ~umask, e.g. 0644)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
 def atomic_write_text(path: Path, text: str) -> None:
     """Write `text` to a temporary file beside `path`, fsync it, and rename it into place."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
@@ -59,6 +66,7 @@ def write_checkpoint_dir(final: Path, tensors: dict[str, Tensor], state: dict[st
     tmp.mkdir()
     try:
         save_file({k: v.detach().contiguous().cpu().clone() for k, v in tensors.items()}, str(tmp / WEIGHTS))
+        os.chmod(tmp / WEIGHTS, _file_mode())  # safetensors writes 0600: readable by others, as state.json is
         with (tmp / WEIGHTS).open("rb+") as f:
             os.fsync(f.fileno())  # on disk before the rename makes the checkpoint visible
         state = {**state, "format": FORMAT_VERSION, "weights_sha256": _sha256(tmp / WEIGHTS)}

@@ -6,6 +6,7 @@ import argparse
 import json
 import sys
 import textwrap
+import warnings
 from pathlib import Path
 
 from policylab.certify import add_certify_parser
@@ -41,6 +42,7 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
+    from policylab.logging import fixed
     from policylab.policy import evaluate, load, record_video
 
     policy = load(args.run, which="best" if args.best else "final")
@@ -50,9 +52,10 @@ def _eval(args: argparse.Namespace) -> int:
     if score is not None:
         result["score"] = score
     print(
-        f"{policy.env_id}: return {result['return_mean']:.2f} +/- {result['return_std']:.2f} "
-        f"(min {result['return_min']:.1f}, max {result['return_max']:.1f}) over {result['episodes']} episodes, "
-        f"mean length {result['length_mean']:.1f}" + (f", normalized score {score:.1f}" if score is not None else "")
+        f"{policy.env_id}: return {fixed(result['return_mean'], 2)} +/- {fixed(result['return_std'], 2)} "
+        f"(min {fixed(result['return_min'])}, max {fixed(result['return_max'])}) over {result['episodes']} "
+        f"episode{'s' if result['episodes'] != 1 else ''}, "
+        f"mean length {result['length_mean']:.1f}" + (f", normalized score {fixed(score)}" if score is not None else "")
     )
     if args.json:
         print(json.dumps(result))
@@ -65,7 +68,10 @@ def _eval(args: argparse.Namespace) -> int:
 def _plot(args: argparse.Namespace) -> int:
     from policylab.plot import plot_runs
 
-    out = plot_runs([Path(p) for p in args.runs], Path(args.out), metric=args.metric)
+    notes: list[str] = []
+    out = plot_runs([Path(p) for p in args.runs], Path(args.out), metric=args.metric, notes=notes)
+    for note in notes:
+        print(f"note: {note}")
     print(f"plot: {out}")
     return 0
 
@@ -106,35 +112,46 @@ def _list(_args: argparse.Namespace) -> int:
 
 
 def _collect(args: argparse.Namespace) -> int:
-    from policylab.collect import collect, collect_from_buffer
+    from policylab.collect import ReferenceWarning, collect, collect_from_buffer
 
-    if args.from_buffer:
-        dataset = collect_from_buffer(
-            args.from_buffer,
-            args.out,
-            overwrite=args.overwrite,
-            ref_min_score=args.ref_min,
-            ref_max_score=args.ref_max,
-        )
-    else:
-        if args.env is None:
-            raise PolicylabError("collect needs an env", "pass --env ENV_ID (or --from-buffer RUN_DIR)")
-        dataset = collect(
-            args.env,
-            args.policy,
-            args.episodes,
-            noise=args.noise,
-            seed=args.seed,
-            out=args.out,
-            overwrite=args.overwrite,
-            ref_min_score=args.ref_min,
-            ref_max_score=args.ref_max,
-        )
+    if args.from_buffer is None and args.env is None and args.policy == "random":
+        raise PolicylabError("collect needs an env", "pass --env ENV_ID (or --policy RUN_DIR, or --from-buffer)")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", ReferenceWarning)
+        if args.from_buffer:
+            dataset = collect_from_buffer(
+                args.from_buffer,
+                args.out,
+                overwrite=args.overwrite,
+                ref_min_score=args.ref_min,
+                ref_max_score=args.ref_max,
+            )
+        else:
+            dataset = collect(
+                args.env,
+                args.policy,
+                args.episodes,
+                noise=args.noise,
+                seed=args.seed,
+                out=args.out,
+                overwrite=args.overwrite,
+                ref_min_score=args.ref_min,
+                ref_max_score=args.ref_max,
+            )
+    for w in caught:
+        if issubclass(w.category, ReferenceWarning):
+            print(f"warning: {w.message}", file=sys.stderr)
+        else:
+            warnings.showwarning(w.message, w.category, w.filename, w.lineno)
+    from policylab.logging import fixed
+
     returns = dataset.episode_returns()
     score = dataset.normalized_score(float(returns.mean()))
     print(
-        f"wrote {dataset.path}: {dataset.num_episodes} episodes, {dataset.num_steps:,} steps, "
-        f"return {returns.mean():.1f} +/- {returns.std():.1f}" + (f", normalized score {score:.1f}" if score else "")
+        f"wrote {dataset.path}: {dataset.num_episodes} episode{'s' if dataset.num_episodes != 1 else ''}, "
+        f"{dataset.num_steps:,} steps, "
+        f"return {fixed(returns.mean())} +/- {fixed(returns.std())}"
+        + (f", normalized score {fixed(float(score))}" if score is not None else "")
     )
     return 0
 
@@ -144,7 +161,10 @@ def _dataset(args: argparse.Namespace) -> int:
 
     if args.dataset_command == "info":
         info = load_dataset(args.path).info()
-        print(json.dumps(info, indent=2) if args.json else format_info(info))
+        try:
+            print(json.dumps(info, indent=2) if args.json else format_info(info), flush=True)
+        except BrokenPipeError:  # `policylab dataset info D | head`: the reader has what it wanted
+            _quiet_broken_pipe()
     elif args.dataset_command == "validate":
         dataset = load_dataset(args.path)
         print(f"ok: {dataset.num_episodes} episodes, {dataset.num_steps} steps")
@@ -153,6 +173,15 @@ def _dataset(args: argparse.Namespace) -> int:
         out = write_dataset(merged, args.out, overwrite=args.overwrite)
         print(f"wrote {out}: {merged.num_episodes} episodes, {merged.num_steps} steps")
     return 0
+
+
+def _quiet_broken_pipe() -> None:
+    """After a BrokenPipeError on stdout: point stdout at devnull, so that the interpreter's flush at exit does not
+    print a second traceback (Python's documented recipe)."""
+    import os
+
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -207,7 +236,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_list)
 
     p = sub.add_parser("collect", help="make an offline dataset by running a policy in an env")
-    p.add_argument("--env", help="Gymnasium env id (or module:Class)")
+    p.add_argument("--env", help="Gymnasium env id (or module:Class); default with --policy RUN_DIR: the run's env")
     p.add_argument(
         "--policy", default="random", help="random (default), a run directory (its final policy), or module:function"
     )

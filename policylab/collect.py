@@ -19,6 +19,7 @@ unclipped Gaussian: exact wherever the action was not clipped at a bound), epsil
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -36,7 +37,7 @@ ActFn = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray | None]]
 
 
 def collect(
-    env: str,
+    env: str | None,
     policy: str | Path | Policy | Callable[[np.ndarray], np.ndarray] = "random",
     episodes: int = 10,
     *,
@@ -53,6 +54,7 @@ def collect(
 ) -> Dataset:
     """Run `policy` for `episodes` episodes of `env` and return them as a Dataset (written to `out` if given).
 
+    `env`: None takes the env of the run directory (or loaded Policy) given as `policy`.
     `policy`: "random", a run directory (its final policy; `dir/best` for the best one), a loaded `Policy`, or a
     function from a batch of observations to a batch of env actions (also as a "module:function" string).
     `noise`: for Box actions, Gaussian noise of this std in units of half the action range, clipped to the
@@ -62,12 +64,21 @@ def collect(
         raise PolicylabError(f"episodes={episodes}: at least one is needed", "pass --episodes 1 or more")
     if noise < 0:
         raise PolicylabError(f"noise={noise} must be >= 0", "pass --noise 0.1 (or 0: the policy as it acts)")
+    check_references(ref_min_score, ref_max_score)
     kwargs = dict(env_kwargs or {})
     source = _describe(policy)
     loaded = _load_policy(policy)
+    if env is None:
+        if not isinstance(loaded, Policy) or loaded.env_id is None:
+            raise PolicylabError(
+                f"collect needs an env: the policy {source} names none", "pass --env ENV_ID (or --from-buffer RUN_DIR)"
+            )
+        env = loaded.env_id
     if isinstance(loaded, Policy) and loaded.env_id is not None and isinstance(policy, (str, Path)):
         kwargs = kwargs or dict(loaded.env_kwargs)
-    dataset = _rollouts(env, kwargs, lambda space: _behaviour(loaded, space, noise, seed), episodes, seed, num_envs)
+    dataset = _rollouts(
+        env, kwargs, lambda space: _behaviour(loaded, space, noise, seed), episodes, seed, num_envs, (loaded, source)
+    )
     dataset.env_id, dataset.env_kwargs = env, kwargs
     dataset.metadata = {
         "name": name or (Path(out).name if out is not None else f"{env}-{source}"),
@@ -82,9 +93,51 @@ def collect(
         dataset.ref_max_score = ref_max_score
     elif loaded != "random":  # a random dataset has no expert of its own: pass ref_max_score for scores
         dataset.ref_max_score = _policy_return(loaded, env, kwargs, ref_episodes, seed)
+    _drop_inverted_reference(dataset, ref_min_score is None, ref_max_score is None)
     if out is not None:
         dataset.path = write_dataset(dataset, out, overwrite=overwrite)
     return dataset
+
+
+class ReferenceWarning(UserWarning):
+    """A measured reference return left out of a dataset (the CLI prints it as `warning: ...`)."""
+
+
+def check_references(ref_min_score: float | None, ref_max_score: float | None) -> None:
+    """Explicit reference returns must rise from the random one to the expert one (else every normalized score
+    is upside down)."""
+    if ref_min_score is not None and ref_max_score is not None and not ref_max_score > ref_min_score:
+        raise PolicylabError(
+            f"ref_max_score={ref_max_score:g} is not above ref_min_score={ref_min_score:g}: normalized scores "
+            "would rise as returns fall",
+            "pass the random policy's return as --ref-min and a better (expert) return as --ref-max",
+        )
+
+
+def _drop_inverted_reference(dataset: Dataset, min_measured: bool, max_measured: bool) -> None:
+    """A measured reference that is not on the right side of the other is left out (with a warning): the
+    collecting policy scored no better than random, so it cannot serve as the expert reference."""
+    low, high = dataset.ref_min_score, dataset.ref_max_score
+    if low is None or high is None or high > low:
+        return
+    if max_measured:
+        dataset.ref_max_score = None
+        warnings.warn(
+            f"the collecting policy's return {high:.1f} is not above a random policy's {low:.1f}, so the dataset "
+            "stores no expert reference (ref_max_score) and has no normalized scores; pass --ref-max (ref_max_score=) "
+            "with an expert's return to have them",
+            ReferenceWarning,
+            stacklevel=3,
+        )
+    elif min_measured:
+        dataset.ref_min_score = None
+        warnings.warn(
+            f"a random policy's return {low:.1f} is not below the given ref_max_score {high:.1f}, so the dataset "
+            "stores no random reference (ref_min_score) and has no normalized scores; pass --ref-min (ref_min_score=) "
+            "below --ref-max to have them",
+            ReferenceWarning,
+            stacklevel=3,
+        )
 
 
 def _describe(policy: Any) -> str:
@@ -115,11 +168,11 @@ def _load_policy(policy: Any) -> Any:
 def _import_function(spec: str) -> Callable[[np.ndarray], np.ndarray]:
     """`module:function`, a function from a batch of observations to a batch of env actions (e.g. a scripted
     expert such as policylab.envs.navigation:expert)."""
-    import importlib
+    from policylab.imports import import_user_module
 
     module_name, _, attr = spec.partition(":")
     try:
-        fn = getattr(importlib.import_module(module_name), attr)
+        fn = getattr(import_user_module(module_name), attr)
     except (ImportError, AttributeError) as exc:
         raise PolicylabError(
             f"cannot import the policy {spec!r}: {exc}", "pass a run directory, random, or module:function"
@@ -240,14 +293,39 @@ def _rollouts(
     episodes: int,
     seed: int,
     num_envs: int = 8,
+    policy: tuple[Any, str] | None = None,
 ) -> Dataset:
-    """`episodes` whole episodes of `env` with the acting function `behaviour(action_space)` makes."""
+    """`episodes` whole episodes of `env` with the acting function `behaviour(action_space)` makes; `policy`
+    ((the loaded policy, how to name it)) is first checked against the env's spaces."""
     vec = make_vec_env(env, min(num_envs, episodes), "auto", kwargs)
     try:
+        if policy is not None:
+            _check_fits(*policy, env, vec.single_observation_space, vec.single_action_space)
         record = _run(vec, behaviour(vec.single_action_space), episodes, seed)
     finally:
         vec.close()
     return _episodes(record, vec.single_observation_space, vec.single_action_space)
+
+
+def _check_fits(policy: Any, source: str, env: str, obs_space: gym.Space, act_space: gym.Space) -> None:
+    """One clear error when a loaded run's policy cannot act in `env` (other observation or action shapes)."""
+    if not isinstance(policy, Policy):
+        return
+    why = []
+    if policy.encoder is None and tuple(policy.observation_space.shape or ()) != tuple(obs_space.shape or ()):
+        why.append(f"observations of shape {policy.observation_space.shape}, {env} has {obs_space.shape}")
+    if type(policy.action_space) is not type(act_space) or policy.action_space.shape != act_space.shape:
+        why.append(f"actions in {policy.action_space}, {env} has {act_space}")
+    if getattr(policy.action_space, "n", None) != getattr(act_space, "n", None):
+        why.append(f"actions in {policy.action_space}, {env} has {act_space}")
+    if why:
+        trained = f" was trained on {policy.env_id}" if policy.env_id else ""
+        raise PolicylabError(
+            f"the policy {source}{trained} and cannot act in {env}: it takes {'; '.join(dict.fromkeys(why))}",
+            f"pass --env {policy.env_id} (or leave --env out: collect then uses the run's env)"
+            if policy.env_id
+            else "collect with a policy trained on this env",
+        )
 
 
 def _random_return(env: str, kwargs: dict[str, Any], episodes: int, seed: int) -> float:
@@ -274,6 +352,7 @@ def collect_from_buffer(
     every complete episode it still holds, in the order they were collected, actions back in env units. The
     episode cut by the ring's write head, and the one still running, are left out. The reference returns are
     given ones, else a random policy's measured return and none."""
+    check_references(ref_min_score, ref_max_score)
     from policylab import checkpoint as ckpt
     from policylab.policy import space_from_json
 
@@ -334,6 +413,7 @@ def collect_from_buffer(
     dataset.ref_min_score = (
         ref_min_score if ref_min_score is not None else _random_return(dataset.env_id or "", dataset.env_kwargs, 10, 0)
     )
+    _drop_inverted_reference(dataset, ref_min_score is None, False)
     if out is not None:
         dataset.path = write_dataset(dataset, out, overwrite=overwrite)
     return dataset

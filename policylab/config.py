@@ -81,7 +81,8 @@ class CommonConfig:
     episode starts, minibatches of whole sequences (nets/actor_critic.py). Its size: lstm_hidden."""
     encoder: str = "auto"
     """How observations reach the networks: auto (image observations, uint8 frames: Nature-CNN; vectors: the MLP),
-    nature, impala (IMPALA-CNN), or mlp (frames scaled and flattened). Images: ppo, a2c, reinforce, dqn, qrdqn."""
+    nature, impala (IMPALA-CNN), or mlp (frames scaled and flattened). Which algorithms take images:
+    `policylab.algos.image_algorithms()` (the on-policy actor-critics, dqn, qrdqn, cql_discrete)."""
     tensorboard: bool = False
     rollout_workers: int = 0
     """Step the envs in this many rollout workers, each a slice of the envs with a copy of the acting policy
@@ -93,10 +94,15 @@ class CommonConfig:
     """What threads=auto uses when the cores are free: 1 is fastest for the on-policy family's small networks
     (2 threads gave the same update time for the PPO CartPole preset, benchmarks/README.md)."""
 
+    def divergence_fix(self) -> str:
+        """The fix line of a run that diverged: the remedies this algorithm takes (`divergence_fix`)."""
+        return divergence_fix(self)
+
     def validate(self) -> None:
         """Reject values that type checks cannot catch; subclasses extend this."""
         positive(self, "steps", "num_envs", "eval_episodes")
         check_threads(self.threads)
+        check_device(self.device)
         from policylab.nets import matmul
 
         matmul.check_precision(self.precision)
@@ -141,10 +147,41 @@ def check_threads(threads: int | str) -> None:
     )
 
 
+DEVICES = "cpu, cuda (cuda:N for GPU N), mps"
+"""The device strings a config takes (torch's names for the devices policylab runs on)."""
+
+
+def check_device(device: str) -> None:
+    """A device string torch knows and this machine has: one error naming the forms, or what is missing."""
+    import torch
+
+    if not re.fullmatch(r"cpu|cuda(:[0-9]+)?|mps", device):
+        raise ConfigError(f"device={device!r} is not a device: it takes {DEVICES}", "use --set device=cpu (or cuda)")
+    if device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            why = "this torch is built without CUDA" if torch.version.cuda is None else "torch sees no CUDA GPU"
+            raise ConfigError(
+                f"device={device} needs a CUDA GPU, and {why}",
+                "use --set device=cpu, or a CUDA build of torch on a machine with an NVIDIA GPU",
+            )
+        index, count = int(device.partition(":")[2] or 0), torch.cuda.device_count()
+        if index >= count:
+            raise ConfigError(
+                f"device={device} names GPU {index}, and this machine has {count} (cuda:0 to cuda:{count - 1})",
+                "use --set device=cuda (the first GPU) or a cuda:N below the count",
+            )
+    if device == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError(
+            "device=mps needs Apple silicon's GPU (Metal), which this torch does not see",
+            "use --set device=cpu (or cuda on a machine with an NVIDIA GPU)",
+        )
+
+
 def positive(cfg: object, *names: str) -> None:
     for name in names:
         if getattr(cfg, name) <= 0:
-            raise ConfigError(f"{name}={getattr(cfg, name)} must be > 0", f"set {name} to a positive value")
+            fix = "give a positive count, e.g. --steps 100k" if name == "steps" else f"set {name} to a positive value"
+            raise ConfigError(f"{name}={getattr(cfg, name)} must be > 0", fix)
 
 
 def _non_negative(cfg: object, *names: str) -> None:
@@ -209,6 +246,8 @@ def _coerce(name: str, value: Any, tp: Any) -> Any:
             return False
         raise ValueError(f"{value!r} is not a bool (use true or false)")
     if tp is int:
+        if isinstance(value, str) and value.strip().startswith("-"):  # e.g. gradient_steps=-1
+            return -parse_count(value.strip()[1:])
         return parse_count(value)
     if tp is float:
         if isinstance(value, bool):
@@ -226,7 +265,14 @@ def _coerce(name: str, value: Any, tp: Any) -> Any:
             value = _yaml_value(value if value.strip().startswith("[") else f"[{value}]")
         if not isinstance(value, (list, tuple)):
             raise ValueError(f"{value!r} is not a list (use e.g. [64,64])")
-        return [_coerce(name, v, args[0]) for v in value]
+        items = []
+        for i, v in enumerate(value):
+            try:
+                items.append(_coerce(name, v, args[0]))
+            except ValueError:
+                what = "an integer layer width" if name == "hidden_sizes" else _expects(args[0])
+                raise ValueError(f"item {i + 1} of {list(value)}, {v!r}, is not {what}") from None
+        return items
     if origin is dict:
         if isinstance(value, str):
             value = _yaml_value(value)
@@ -248,28 +294,130 @@ def field_types(cls: type) -> dict[str, Any]:
     return {f.name: hints[f.name] for f in fields(cls)}
 
 
-def _type_name(tp: Any) -> str:
-    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+def _expects(tp: Any) -> str:
+    """What a value of field type `tp` is, in words."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join("none" if a is type(None) else _expects(a) for a in args)
+    if origin is list:
+        return f"a list of {_expects(args[0]).removeprefix('a ')}s" if args else "a list"
+    words = {bool: "true or false", int: "a whole number", float: "a number", str: "a string", dict: "a mapping"}
+    return words.get(origin or tp, getattr(tp, "__name__", None) or str(tp).replace("typing.", ""))
 
 
-def algorithms_with_option(key: str) -> list[str]:
-    """The algorithms whose config has the field `key` (for an option given to one that lacks it)."""
+def _value_fix(key: str, tp: Any, source: str) -> str:
+    """The fix line for a value of `key` that does not convert to its type."""
+    examples = {
+        "steps": "give a positive count, e.g. --steps 100k (or 100000, 1e6)",
+        "hidden_sizes": "give whole layer widths, e.g. --set hidden_sizes=[64,64]",
+    }
+    if key in examples and (key != "steps" or source == "the arguments"):
+        return examples[key]
+    hint = {int: " (e.g. 100000, 100k, 1e6)", float: " (e.g. 3e-4)"}.get(tp, "")
+    return f"{key} expects {_expects(tp)}{hint}"
+
+
+def algorithms_with_option(key: str, value: Any = None) -> list[str]:
+    """The algorithms whose config has the field `key` (for an option given to one that lacks it); with `value`,
+    only those whose own validation accepts it, with or without a dataset (e.g. use_sde=true: not the offline
+    algorithms, which refuse it)."""
     from policylab.algos import ALGORITHMS  # here: the algorithms' configs import this module
 
-    return [name for name, spec in ALGORITHMS.items() if key in {f.name for f in fields(spec.config_cls)}]
+    owners = [spec for spec in ALGORITHMS.values() if key in {f.name for f in fields(spec.config_cls)}]
+    if value is None:
+        return [spec.name for spec in owners]
+    return [spec.name for spec in owners if _accepts(spec.config_cls(), key, value)]
+
+
+def _accepts(cfg: CommonConfig, key: str, value: Any) -> bool:
+    """Whether `cfg` with `key` set to `value` passes its validation, without a dataset or with one."""
+    for extra in ({}, {"dataset": "dataset"}):  # validation checks that a dataset is given, not the file
+        try:
+            apply_values(cfg, {key: value, **extra}, "--set").validate()
+            return True
+        except (ConfigError, ValueError):
+            pass
+    return False
+
+
+def divergence_fix(cfg: CommonConfig) -> str:
+    """The fix line for a run that diverged (NaN or inf): the remedies this algorithm's config takes, each with
+    its --set (normalize_reward only where the algorithm accepts it, gradient clipping only where it is off)."""
+    default_lr = next((f.default for f in fields(cfg) if f.name == "lr"), None)
+    lr = getattr(cfg, "lr", None)
+    remedies = []
+    if isinstance(lr, float):
+        lower = default_lr if isinstance(default_lr, float) and default_lr < lr else lr / 10
+        remedies.append(f"lower lr (--set lr={lower:g})")
+    candidates = {
+        "max_grad_norm": ("clip gradients", 10.0),
+        "normalize_obs": ("normalize observations", True),
+        "normalize_reward": ("normalize rewards", True),
+    }
+    for key, (what, value) in candidates.items():
+        if hasattr(cfg, key) and not getattr(cfg, key) and _valid_with(cfg, key, value):
+            remedies.append(f"{what} (--set {key}={str(value).lower() if value is True else f'{value:g}'})")
+    return ", or ".join([", ".join(remedies[:-1]), remedies[-1]] if len(remedies) > 1 else remedies)
+
+
+def _valid_with(cfg: CommonConfig, key: str, value: Any) -> bool:
+    try:
+        dataclasses.replace(cfg, **{key: value}).validate()
+        return True
+    except ConfigError:
+        return False
+
+
+def algorithm_of(cfg: object) -> str | None:
+    """The name of the algorithm whose config class `cfg` is (None for other dataclasses)."""
+    from policylab.algos import ALGORITHMS
+
+    return next((name for name, spec in ALGORITHMS.items() if spec.config_cls is type(cfg)), None)
+
+
+_SOURCES = "_policylab_sources"
+"""The attribute where `apply_values` keeps which source set each value (see `set_by`)."""
+
+
+def set_by(cfg: object, key: str) -> str | None:
+    """Where the value of `key` in `cfg` came from (e.g. "the dqn preset for CartPole-v1", "--set"), or None for
+    the algorithm's default."""
+    sources: dict[str, str] = getattr(cfg, _SOURCES, {})
+    return sources.get(key)
+
+
+def _check_file_algorithm(cfg: object, values: dict[str, Any], source: str) -> dict[str, Any]:
+    """`values` without its `algo` entry (a saved config.yaml names its algorithm); an error when that names
+    another algorithm whose keys this config does not take."""
+    values = dict(values)
+    file_algo, own = values.pop("algo", None), algorithm_of(cfg)
+    if file_algo is None or own is None or str(file_algo) == own:
+        return values
+    names = {f.name for f in fields(cfg)}  # type: ignore[arg-type]
+    foreign = [key for key in values if key not in names]
+    if foreign:
+        shown = ", ".join(foreign[:6]) + (f" and {len(foreign) - 6} more" if len(foreign) > 6 else "")
+        raise ConfigError(
+            f"{source} is a {file_algo} config (algo: {file_algo}), and {own} does not take its keys {shown}",
+            f"train {file_algo} with it (policylab train {file_algo} --config {source}), or keep only the keys "
+            f"{own} takes in a copy of the file",
+        )
+    return values
 
 
 def apply_values(cfg: C, values: dict[str, Any], source: str) -> C:
     """Return a copy of `cfg` with `values` set, each checked against the field's type."""
     types_by_name = field_types(type(cfg))
+    values = _check_file_algorithm(cfg, values, source)
     updates = {}
     for key, value in values.items():
-        owners = algorithms_with_option(key) if key not in types_by_name and isinstance(cfg, CommonConfig) else []
-        if owners:
-            raise ConfigError(
-                f"{key!r} in {source} is not an option of {type(cfg).__name__}: it is one of {', '.join(owners)}",
-                f"train one of those algorithms, or drop {key}",
-            )
+        if key not in types_by_name and isinstance(cfg, CommonConfig):
+            owners = algorithms_with_option(key, value) or algorithms_with_option(key)  # none take the value: all
+            if owners:
+                raise ConfigError(
+                    f"{key!r} in {source} is not an option of {type(cfg).__name__}: it is one of {', '.join(owners)}",
+                    f"train one of those algorithms, or drop {key}",
+                )
         if key not in types_by_name:
             raise ConfigError(
                 f"unknown config key {key!r} in {source}.{suggest(key, types_by_name)}",
@@ -279,10 +427,12 @@ def apply_values(cfg: C, values: dict[str, Any], source: str) -> C:
             updates[key] = _coerce(key, value, types_by_name[key])
         except ValueError as exc:
             raise ConfigError(
-                f"bad value for {key!r} in {source}: {exc}",
-                f"{key} expects {_type_name(types_by_name[key])}",
+                f"bad value for {key!r} in {source}: {exc}", _value_fix(key, types_by_name[key], source)
             ) from None
-    return dataclasses.replace(cfg, **updates)
+    new = dataclasses.replace(cfg, **updates)
+    sources = {**getattr(cfg, _SOURCES, {}), **dict.fromkeys(updates, source)}
+    object.__setattr__(new, _SOURCES, sources)  # object's: also on a frozen dataclass
+    return new
 
 
 def parse_set_args(pairs: list[str]) -> dict[str, str]:
@@ -316,8 +466,7 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
             f"config file {str(path)!r} holds a {type(data).__name__}, not a mapping",
             "write one key: value per line, e.g. 'lr: 0.0003'",
         )
-    data.pop("algo", None)
-    return data
+    return data  # with its `algo` entry, if any: `apply_values` checks it against the algorithm trained
 
 
 def to_dict(cfg: object) -> dict[str, Any]:

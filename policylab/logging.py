@@ -100,6 +100,11 @@ def _fmt(value: Any) -> Any:
     return value
 
 
+def fixed(value: float, digits: int = 1) -> str:
+    """`value` with `digits` decimals, never "-0.0" (a mean of zero rewards, or a small negative one rounded)."""
+    return f"{round(value, digits) + 0.0:.{digits}f}"
+
+
 def read_csv(path: Path) -> list[dict[str, float]]:
     with path.open(newline="") as f:
         return [{k: float(v) if v not in ("", None) else math.nan for k, v in r.items()} for r in csv.DictReader(f)]
@@ -121,7 +126,8 @@ class Progress:
         self.total, self.metric, self.digits = total, metric, digits
         self.live = sys.stdout.isatty() if enabled is None else enabled
         self.silent = enabled is False
-        self._next_print = 0.1
+        self._next_tenth = 1
+        """The next 10% mark to print a line at (an integer count of tenths: 0.1 added up drifts past 0.3)."""
         self._bar = None
         if self.silent:
             return
@@ -149,13 +155,13 @@ class Progress:
         episodes) `evaluated`, the latest evaluation's text, is shown instead."""
         if self.silent:
             return
-        ret = f"{mean_return:.{self.digits}f}" if mean_return is not None else evaluated or "-"
+        ret = fixed(mean_return, self.digits) if mean_return is not None else evaluated or "-"
         if self._bar is not None:
             self._bar.update(self._task, completed=step, fps=f"{fps:,.0f}", ret=ret)
-        elif step >= self._next_print * self.total:
+        elif step * 10 >= self._next_tenth * self.total:
             print(f"  {step:>10,}/{self.total:,} steps  {fps:,.0f} steps/s  {self.metric} {ret}", flush=True)
-            while self._next_print * self.total <= step:
-                self._next_print += 0.1
+            while self._next_tenth * self.total <= step * 10:
+                self._next_tenth += 1
 
     def close(self) -> None:
         if self._bar is not None:

@@ -243,7 +243,8 @@ class ParameterBuffer:
             self.grad.mul_(torch.clamp_max(max_norm / (total + 1e-6), 1.0))
             return total
         grad = self._grad_numpy()
-        norm = math.sqrt(float(np.dot(grad, grad)))
+        with np.errstate(over="ignore", invalid="ignore"):  # a diverging run: inf, which the NaN check reports
+            norm = math.sqrt(float(np.dot(grad, grad)))
         if norm + 1e-6 > max_norm:
             self.grad.mul_(max_norm / (norm + 1e-6))
         return torch.full((), norm, dtype=self.grad.dtype)

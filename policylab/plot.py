@@ -41,6 +41,11 @@ class RunData:
 
 def load_run(run_dir: Path, source: str = "train") -> RunData:
     """Read a run directory; raise a PolicylabError when it is not one."""
+    if not run_dir.exists():
+        raise PolicylabError(
+            f"{str(run_dir)!r} does not exist",
+            "pass directories written by `policylab train` (they are under runs/), e.g. runs/ppo-CartPole-v1-s1",
+        )
     if not (run_dir / TRAIN_CSV).is_file():
         raise PolicylabError(
             f"{str(run_dir)!r} is not a run directory (it has no {TRAIN_CSV})",
@@ -120,8 +125,15 @@ def _check_metric(run: RunData, metric: str, source: str) -> None:
         raise PolicylabError(f"{path} has no column {metric!r}", f"use --metric with one of: {choices}")
 
 
-def plot_runs(run_dirs: list[Path], out: Path, metric: str = "return_mean", source: str = "train") -> Path:
-    """Draw the learning curves of `run_dirs` into the PNG `out` (written atomically); return its path."""
+def plot_runs(
+    run_dirs: list[Path],
+    out: Path,
+    metric: str = "return_mean",
+    source: str = "train",
+    notes: list[str] | None = None,
+) -> Path:
+    """Draw the learning curves of `run_dirs` into the PNG `out` (written atomically); return its path. `notes`, if
+    given, gets a line for each group whose runs end at different steps (its curve stops where the first ends)."""
     if source not in ("train", "eval"):
         raise PolicylabError(f"unknown source {source!r}", "use source='train' or source='eval'")
     runs = [load_run(Path(d), source) for d in run_dirs]
@@ -142,6 +154,12 @@ def plot_runs(run_dirs: list[Path], out: Path, metric: str = "return_mean", sour
     ax = fig.add_subplot()
     for i, ((algo, env), members) in enumerate(groups.items()):
         _draw_group(ax, f"C{i % 10}", f"{algo} on {env}", members, metric, with_eval=source == "train")
+        ends = [float(metric_curve(r.rows, metric)[0][-1]) for r in members]
+        if notes is not None and min(ends) < max(ends):
+            notes.append(
+                f"{algo} on {env}: the runs end at different steps ({min(ends):,.0f} to {max(ends):,.0f}); its mean "
+                f"and band are drawn over the steps that all of them reached (to {min(ends):,.0f})"
+            )
     ax.set_xlabel(step_axis_label([(run.offline_steps, run.online_steps) for run in runs]))
     for boundary in sorted({run.offline_steps for run in runs if run.offline_steps and run.online_steps}):
         ax.axvline(boundary, color="0.4", ls=":", lw=1)

@@ -8,6 +8,7 @@ in, one action the plain env accepts out (or a batch in, a batch out).
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 from typing import Any, Literal
 
@@ -16,7 +17,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from policylab.checkpoint import find_best, load_checkpoint, load_module_state, unprefixed
+from policylab.checkpoint import BEST, find_best, load_checkpoint, load_module_state, unprefixed
 from policylab.data.dataset import d4rl_score
 from policylab.envs import ObsNormalizer, make_single_env, make_vec_env
 from policylab.envs.encode import ObservationEncoder, needs_encoding
@@ -186,7 +187,17 @@ def load(path: str | Path, device: str = "cpu", which: Literal["final", "best"] 
         raise PolicylabError(
             f"which={which!r} is not a policy of a run", "pass which='final' (the default) or which='best'"
         )
-    tensors, state, ckpt_dir = load_checkpoint(find_best(path) if which == "best" else path)
+    try:
+        tensors, state, ckpt_dir = load_checkpoint(find_best(path) if which == "best" else path)
+    except CheckpointError as exc:
+        run = next((p for p in (Path(path), *Path(path).parents[:2]) if (p / BEST / "state.json").is_file()), None)
+        if which == "best" or run is None:
+            raise
+        raise CheckpointError(
+            exc.problem,
+            f"load the run's best evaluated policy instead (policylab eval {run} --best, pl.load({str(run)!r}, "
+            f'which="best")), or {exc.fix}',
+        ) from None
     spec = get_algo(state["algo"])
     cfg = spec.config_cls(**{**state["config"], "device": device})
     obs_space: Any = space_from_json(state["spaces"]["observation"])
@@ -273,6 +284,19 @@ def evaluate(
     }
 
 
+def _render_modes(env_id: str) -> list[str]:
+    """The render modes an env declares (its class's `metadata`), found without making it; ["rgb_array"] where the
+    env cannot be looked up that way (a `module:function` env), so that making it decides."""
+    if ":" in env_id:
+        return ["rgb_array"]
+    try:
+        creator = gym.envs.registration.load_env_creator(gym.spec(env_id).entry_point)  # type: ignore[arg-type]
+    except Exception:  # noqa: BLE001 - an Atari id, a callable entry point ...: making it decides
+        return ["rgb_array"]
+    modes = getattr(creator, "metadata", {}).get("render_modes", ["rgb_array"])
+    return list(modes)
+
+
 def record_video(policy: Policy, path: str | Path, episodes: int = 1, seed: int = 0) -> Path:
     """Render `episodes` deterministic episodes to a video file (mp4/gif, by extension)."""
     if policy.env_id is None:
@@ -283,10 +307,16 @@ def record_video(policy: Policy, path: str | Path, episodes: int = 1, seed: int 
         raise PolicylabError("video needs imageio", "pip install 'policylab[video]'") from None
     os.environ.setdefault("SDL_VIDEODRIVER", "dummy")  # pygame-based renderers: no display needed
     os.environ.setdefault("MUJOCO_GL", "egl" if os.environ.get("DISPLAY") is None else "glfw")
+    cannot = f"{policy.env_id!r} cannot render frames"
+    if "rgb_array" not in _render_modes(policy.env_id):
+        raise PolicylabError(f"{cannot} (it has no rgb_array render mode)", "run eval without --video")
     try:
-        env = make_single_env(policy.env_id, policy.env_kwargs, render_mode="rgb_array")
+        with warnings.catch_warnings():  # gymnasium's warning about render modes: the error below says it
+            warnings.simplefilter("ignore", UserWarning)
+            env = make_single_env(policy.env_id, policy.env_kwargs, render_mode="rgb_array")
     except Exception as exc:  # noqa: BLE001 - any failure here means: no renderer
-        raise PolicylabError(f"{policy.env_id!r} cannot render frames: {exc}", "run eval without --video") from None
+        why = exc.problem if isinstance(exc, PolicylabError) else str(exc)
+        raise PolicylabError(f"{cannot}: {why}", "run eval without --video") from None
     frames = []
     try:
         for ep in range(episodes):
@@ -307,6 +337,7 @@ def record_video(policy: Policy, path: str | Path, episodes: int = 1, seed: int 
     if not frames or frames[0] is None:
         raise PolicylabError(f"{policy.env_id!r} rendered no frames", "this env has no rgb_array renderer")
     path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)  # as every output: a new folder is made
     fps = env.metadata.get("render_fps", 30)
     if path.suffix.lower() in (".mp4", ".mkv", ".mov", ".avi"):
         timing: dict[str, float] = {"fps": fps, "macro_block_size": 1}

@@ -22,6 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from policylab.errors import ConfigError, suggest
+
 
 @dataclass(frozen=True)
 class Preset:
@@ -184,9 +186,8 @@ PRESETS: dict[str, dict[str, Preset]] = {
 # --- off-policy -------------------------------------------------------------------------------
 # SB3 names mapped as above plus: exploration_final_eps -> eps_final, policy_kwargs net_arch -> hidden_sizes,
 # noise_std (noise_type normal) -> action_noise, top_quantiles_to_drop_per_net -> drop_per_critic.
-# The MuJoCo entries of rl-zoo's td3/ddpg/tqc.yml are its shared "mujoco-defaults" block (keyed -v4), read
-# from a verbatim copy of the upstream file (fork SIRI611/Bio-inspired-Robot-Learning at fd20096a, the same
-# text as rl-zoo d29756c4); rl-zoo's sac.yml MuJoCo block is keyed -v3. They are used for the -v5 ids.
+# The MuJoCo entries of rl-zoo's td3/ddpg/tqc.yml are its shared "mujoco-defaults" block (keyed -v4; the same
+# values at d29756c4 and 22e3ff24); rl-zoo's sac.yml MuJoCo block is keyed -v3. They are used for the -v5 ids.
 
 _ZOO_DQN = (
     f"rl-baselines3-zoo hyperparams/dqn.yml ({_ZOO}/ce95481b041fe5314c1b2f1a53940d169b9253fc/hyperparams/dqn.yml)"
@@ -197,12 +198,12 @@ _ZOO_QRDQN = (
 _ZOO_SAC = (
     f"rl-baselines3-zoo hyperparams/sac.yml ({_ZOO}/c94924e5b31bce36920f29d3eb18b975231bdec4/hyperparams/sac.yml)"
 )
-_ZOO_FORK = "https://github.com/SIRI611/Bio-inspired-Robot-Learning/blob/fd20096a5f3d4ee5e0056c2d02631f35a2f376e6"
+_ZOO_COMMIT = "22e3ff2450fd92033f7f032915e1f64894a09584"
 _MUJOCO = ("HalfCheetah-v5", "Hopper-v5", "Walker2d-v5", "Ant-v5")
 
 
-def _zoo_copy(algo: str) -> str:
-    return f"rl-baselines3-zoo hyperparams/{algo}.yml, upstream text as copied in {_ZOO_FORK}/hyperparams/{algo}.yml"
+def _zoo_file(algo: str) -> str:
+    return f"rl-baselines3-zoo hyperparams/{algo}.yml ({_ZOO}/{_ZOO_COMMIT}/hyperparams/{algo}.yml)"
 
 
 _TD3_PENDULUM = {
@@ -324,19 +325,19 @@ PRESETS["sac"] = {
     **{env: Preset(dict(_SAC_MUJOCO), f"{_ZOO_SAC}, entry {env[:-3]}-v3 used for v5") for env in _MUJOCO},
 }
 PRESETS["tqc"] = {
-    "Pendulum-v1": Preset({"steps": 20_000, "lr": 1e-3}, f"{_zoo_copy('tqc')}, entry Pendulum-v1"),
+    "Pendulum-v1": Preset({"steps": 20_000, "lr": 1e-3}, f"{_zoo_file('tqc')}, entry Pendulum-v1"),
     **{
         env: Preset(
             {**_SAC_MUJOCO, **({"drop_per_critic": 5} if env == "Hopper-v5" else {})},
-            f"{_zoo_copy('tqc')}, entry {env[:-3]}-v4 used for v5",
+            f"{_zoo_file('tqc')}, entry {env[:-3]}-v4 used for v5",
         )
         for env in _MUJOCO
     },
 }
 for _algo in ("td3", "ddpg"):
     PRESETS[_algo] = {
-        "Pendulum-v1": Preset(dict(_TD3_PENDULUM), f"{_zoo_copy(_algo)}, entry Pendulum-v1"),
-        **{env: Preset(dict(_TD3_MUJOCO), f"{_zoo_copy(_algo)}, entry {env[:-3]}-v4 used for v5") for env in _MUJOCO},
+        "Pendulum-v1": Preset(dict(_TD3_PENDULUM), f"{_zoo_file(_algo)}, entry Pendulum-v1"),
+        **{env: Preset(dict(_TD3_MUJOCO), f"{_zoo_file(_algo)}, entry {env[:-3]}-v4 used for v5") for env in _MUJOCO},
     }
 
 
@@ -579,3 +580,28 @@ def presets_for(algo: str) -> dict[str, int]:
     algorithm (its dataset presets: DATASET_PRESETS)."""
     table = PRESETS.get(algo.lower(), {})
     return {env: int(table[env].values.get("steps", 0)) for env in sorted(table)}
+
+
+def missing_preset(algo: str, preset: str, variant: str | None, env_id: str) -> ConfigError:
+    """The error for a `--preset` that names no preset of `algo`: the choices it takes, with a near miss; for a
+    variant (e.g. rl-zoo), the envs it has one for."""
+    if variant is not None:
+        envs = sorted(env for env in {*PRESETS.get(algo, {}), *VARIANTS[variant].get(algo, {})}
+                      if find_preset(algo, env, variant) is not None)  # fmt: skip
+        envs = ["Atari games" if env == ATARI else env for env in envs]
+        return ConfigError(
+            f"no {algo} {variant} preset for {env_id!r}",
+            f"the {algo} {variant} presets are for {', '.join(envs)}; use --preset auto or none on {env_id}"
+            if envs
+            else f"{algo} has no {variant} presets; use --preset auto or none",
+        )
+    envs = [env for env in presets_for(algo) if env != ATARI]
+    kinds = sorted(DATASET_PRESETS.get(algo, {}))
+    choices = ["auto", "none", *VARIANTS, *envs, *kinds]
+    named = f"an env id with a {algo} preset ({', '.join(envs)})" if envs else f"an env id ({algo} has no env presets)"
+    if kinds:
+        named += f", or a D4RL dataset kind (e.g. {kinds[0]})"
+    return ConfigError(
+        f"no {algo} preset for {preset!r}.{suggest(preset, choices)}",
+        f"--preset takes auto (the env's tuned preset, if any), none, {', '.join(VARIANTS)} (its values), or {named}",
+    )

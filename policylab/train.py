@@ -11,6 +11,7 @@ parameters as an uninterrupted one.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import signal
 import threading
@@ -64,11 +65,11 @@ from policylab.envs.atari import is_atari
 from policylab.envs.encode import is_image_space, needs_encoding, storage_dtype, torch_dtype
 from policylab.envs.vec import StepResult
 from policylab.errors import CheckpointError, ConfigError, TrainingDiverged
-from policylab.logging import CONFIG_YAML, Progress, RunLog, new_run_dir
+from policylab.logging import CONFIG_YAML, SUMMARY_JSON, Progress, RunLog, fixed, new_run_dir
 from policylab.nets import matmul
 from policylab.nets.cnn import check_not_float_image
 from policylab.policy import Policy, evaluate, space_to_json
-from policylab.presets import VARIANTS, dataset_preset_name, find_preset
+from policylab.presets import VARIANTS, dataset_preset_name, find_preset, missing_preset
 
 
 @dataclass
@@ -146,8 +147,7 @@ def resolve_config(
             cfg = apply_values(cfg, found.values, f"the {name}")
             notes.append(f"using the tuned {name} ({found.source}); --preset none opts out")
         elif preset != "auto":
-            what = f"{variant} preset for {wanted!r}" if variant else f"preset for {preset!r}"
-            raise ConfigError(f"no {spec.name} {what}", "run `policylab list` to see the presets")
+            raise missing_preset(spec.name, str(preset), variant, str(wanted))
     if preset == "auto" and dataset is not None:
         cfg = _apply_dataset_preset(spec.name, cfg, str(dataset), notes)
     cfg = apply_values(cfg, file_values, str(config) if isinstance(config, (str, Path)) else "the config")
@@ -169,7 +169,7 @@ def resolve_config(
     cfg.validate()
     check_recurrent(spec.name, cfg)
     if found is not None:
-        notes += short_budget_note(spec.name, cfg, found.values.get("steps", 0))
+        notes += short_budget_note(name, cfg, found.values.get("steps", 0))
     notes += rounded_budget_note(spec, cfg)
     return cfg, notes
 
@@ -216,7 +216,16 @@ def _apply_dataset_preset(algo: str, cfg: Any, dataset: str, notes: list[str]) -
     """CORL's values for the D4RL dataset kind that `dataset` is named after (e.g. hopper-medium), if any."""
     kind = dataset_preset_name(dataset)
     found = find_preset(algo, kind) if kind is not None else None
-    if found is None:
+    if found is None or kind is None:
+        return cfg
+    import re
+
+    recorded = load_dataset(dataset, validate=False).env_id  # the name may say hopper, the data be Pendulum's
+    if recorded and not re.sub(r"[^a-z0-9]", "", recorded.lower().split("/")[-1]).startswith(kind.split("-")[0]):
+        notes.append(
+            f"note: {dataset} is named like a {kind} dataset but was collected in {recorded}: the {algo} preset "
+            f"for {kind} datasets is not used (pass --preset {kind} to use it anyway)"
+        )
         return cfg
     notes.append(f"using the {algo} preset for {kind} datasets ({found.source}); --preset none opts out")
     return apply_values(cfg, found.values, f"the {algo} preset for {kind} datasets")
@@ -236,14 +245,18 @@ SHORT_BUDGET_STEPS = 10_000
 """A run below its preset's budget that leaves fewer env steps than this after `learning_starts` gets a note."""
 
 
-def short_budget_note(algo: str, cfg: Any, budget: int) -> list[str]:
-    """A note for `--steps` that leaves an off-policy preset little learning after its random warm-up."""
+def short_budget_note(preset: str, cfg: Any, budget: int) -> list[str]:
+    """A note for `--steps` that leaves an off-policy preset (`preset`: e.g. "sac preset for Pendulum-v1") little
+    learning after its random warm-up; none when a dataset phase comes first (gradient steps, no warm-up)."""
     start = getattr(cfg, "learning_starts", None)
-    if start is None or cfg.steps >= budget or cfg.steps - start >= SHORT_BUDGET_STEPS:
+    offline_first = bool(getattr(cfg, "dataset", None)) and (
+        getattr(cfg, "offline_ratio", None) is None or getattr(cfg, "online_steps", 0) > 0
+    )
+    if start is None or offline_first or cfg.steps >= budget or cfg.steps - start >= SHORT_BUDGET_STEPS:
         return []
     return [
         f"note: {cfg.steps:,} steps leave {max(cfg.steps - start, 0):,} env steps of learning after "
-        f"learning_starts={start:,}, and the {algo} preset for {cfg.env} is tuned for {budget:,} steps: "
+        f"learning_starts={start:,}, and the {preset} is tuned for {budget:,} steps: "
         f"the result may fall short (use --steps {format_count(budget)}, or --set learning_starts=N)"
     ]
 
@@ -252,7 +265,7 @@ def _env_and_algo(spec: AlgoSpec, cfg: Any, num_envs: int | None = None) -> tupl
     env = make_vec_env(cfg.env, num_envs or cfg.num_envs, cfg.vectorization, cfg.env_kwargs, training=True)
     try:
         check_observations(cfg, env.single_observation_space)
-        return env, spec.algo_cls(cfg, env.single_observation_space, env.single_action_space)
+        return env, spec.build(cfg, env.single_observation_space, env.single_action_space)
     except BaseException:
         env.close()  # e.g. an action space the algorithm cannot handle: no env processes left behind
         raise
@@ -532,7 +545,7 @@ class OffPolicyLoop:
         offline_first = self.dataset is not None and (cfg.offline_ratio is None or cfg.online_steps > 0)
         self.offline_steps = cfg.steps if offline_first else 0
         """Gradient steps on the dataset alone before any env step."""
-        self.total = cfg.steps + cfg.online_steps if offline_first else cfg.steps
+        self.total = run_total(spec, cfg)
         seeded = self.dataset is not None and cfg.offline_ratio is None  # the dataset starts the online replay
         if seeded and cfg.online_steps and cfg.num_envs != 1:
             raise ConfigError(
@@ -681,7 +694,9 @@ class OffPolicyLoop:
     def _offline_steps(self, history: dict[str, list[Tensor]]) -> None:
         if self.cfg.anneal_lr:
             self._anneal_lr()
-        for _ in range(min(self.cfg.log_every, self.offline_steps - self.step)):
+        cfg = self.cfg  # a block ends at the next log, evaluation or checkpoint boundary (gradient steps)
+        end = min(_next_multiple(self.step, every) for every in (cfg.log_every, cfg.eval_every, cfg.checkpoint_every))
+        for _ in range(min(end, self.offline_steps) - self.step):
             self._update(self.offline_source, history)
             self.step += 1
             self.algo.after_step(self.step)  # offline, a step is a gradient step (e.g. DQN's target copies)
@@ -1041,6 +1056,22 @@ Loop = OnPolicyLoop | OffPolicyLoop
 LOOPS: dict[str, Callable[[AlgoSpec, Any], Loop]] = {"on-policy": OnPolicyLoop, "off-policy": OffPolicyLoop}
 
 
+def run_total(spec: AlgoSpec, cfg: Any) -> int:
+    """The step a run ends at, as its loop counts (known without building the loop): on-policy, --steps in whole
+    rollouts; off-policy, `steps`, or an offline phase's gradient steps and then `online_steps` env steps."""
+    if spec.kind == "on-policy":
+        return whole_rollouts(cfg)
+    offline_first = bool(cfg.dataset) and (cfg.offline_ratio is None or cfg.online_steps > 0)
+    return int(cfg.steps + cfg.online_steps if offline_first else cfg.steps)
+
+
+def _with_actual_steps(spec: AlgoSpec, cfg: Any) -> Any:
+    """The config with `steps` the run actually takes: on-policy runs collect whole rollouts, so --steps 20000 in
+    rollouts of 128 x 8 is 20,224. config.yaml and the checkpoints then record the run's total, and a resume that
+    reads it back ends at the same step (whole_rollouts of a whole number of rollouts is itself)."""
+    return dataclasses.replace(cfg, steps=whole_rollouts(cfg)) if spec.kind == "on-policy" else cfg
+
+
 def _finite_check(loop: Loop, metrics: dict[str, Tensor], last_ckpt: Path | None) -> None:
     bad = [k for k, v in metrics.items() if not torch.isfinite(v).all()]
     norms = torch._foreach_norm(loop.parameters())
@@ -1050,7 +1081,7 @@ def _finite_check(loop: Loop, metrics: dict[str, Tensor], last_ckpt: Path | None
         kept = f"the last good checkpoint is {last_ckpt}" if last_ckpt else "no checkpoint was written yet"
         raise TrainingDiverged(
             f"training diverged at step {loop.step}: {', '.join(bad)} became NaN or inf; {kept}",
-            "lower lr, enable max_grad_norm, or normalize observations/rewards (--set normalize_obs=true)",
+            loop.cfg.divergence_fix(),
         )
 
 
@@ -1089,7 +1120,12 @@ def train(
                 "--resume continues a run with its saved config",
                 "drop --env/--seed/--set/--config (only --steps may change)",
             )
-        session = _Session.resumed(algo, resume, steps)
+        point = _ResumePoint.load(algo, resume, steps)
+        complete = point.complete_run()
+        if complete is not None:
+            say(complete.notes[-1])
+            return complete
+        session = _Session.resumed(point)
     else:
         data = {"dataset": dataset, "online_steps": online_steps}
         session = _Session.new(algo, env, steps, seed, config, overrides, preset, name, runs_dir, data)
@@ -1117,20 +1153,76 @@ def train(
     elif run.final_eval is not None:
         say(
             f"done: {loop.step:,} steps; evaluation over {run.final_eval['episodes']} episodes: "
-            f"return {run.final_eval['return_mean']:.1f} +/- {run.final_eval['return_std']:.1f}"
-            + (f", normalized score {run.final_eval['score']:.1f}" if "score" in run.final_eval else "")
+            f"return {fixed(run.final_eval['return_mean'])} +/- {fixed(run.final_eval['return_std'])}"
+            + (f", normalized score {fixed(run.final_eval['score'])}" if "score" in run.final_eval else "")
         )
         if run.best is not None:
             which = " (the final policy)" if run.best["step"] == loop.step else ""
             best_score = loop.score(run.best["return_mean"])
             say(
-                f"best policy: step {run.best['step']:,}{which}, evaluation return {run.best['return_mean']:.1f}"
-                + (f", normalized score {best_score:.1f}" if best_score is not None else "")
+                f"best policy: step {run.best['step']:,}{which}, evaluation return {fixed(run.best['return_mean'])}"
+                + (f", normalized score {fixed(best_score)}" if best_score is not None else "")
                 + f" (saved in {run.dir / run.best['dir']}; policylab eval {run.dir} --best, "
                 f'pl.load(run.dir, which="best"))'
             )
         say(f"run directory: {run.dir}")
     return run
+
+
+@dataclass
+class _ResumePoint:
+    """A run's latest checkpoint, read for --resume, with the config it continues with (--steps applied)."""
+
+    spec: AlgoSpec
+    cfg: Any
+    tensors: dict[str, Tensor]
+    state: dict[str, Any]
+    run_dir: Path
+
+    @classmethod
+    def load(cls, algo: str, resume: str | Path, steps: int | str | None) -> _ResumePoint:
+        tensors, state, ckpt_dir = ckpt.load_checkpoint(resume)
+        if "iteration" not in state:
+            raise CheckpointError(
+                f"{str(ckpt_dir)!r} holds only a policy (the best evaluated one), not a training checkpoint",
+                f"resume the run directory: --resume {ckpt_dir.parent}",
+            )
+        spec = get_algo(state["algo"])
+        if algo and spec.name != algo.lower():
+            raise ConfigError(
+                f"{str(resume)!r} is a {spec.name} run, not {algo}",
+                f"run `policylab train {spec.name} --resume {resume}`",
+            )
+        cfg = apply_values(spec.config_cls(), state["config"], str(ckpt_dir / ckpt.STATE))
+        run_dir = ckpt_dir.parent.parent
+        if steps is not None:
+            cfg = _with_actual_steps(spec, dataclasses.replace(cfg, steps=parse_count(steps)))
+            step = int(state["step"])
+            if run_total(spec, cfg) < step:
+                raise ConfigError(
+                    f"{run_dir} is at step {step:,}, past --steps {steps}",
+                    f"pass --steps {step} or more (more trains longer), or leave --steps out",
+                )
+        return cls(spec, cfg, tensors, state, run_dir)
+
+    def complete_run(self) -> Run | None:
+        """The run as it ended, when it is already at its total and its final evaluation is written (eval.json at
+        its last step): nothing to train, evaluate or write. None when there is something to do."""
+        step = int(self.state["step"])
+        if step < run_total(self.spec, self.cfg):
+            return None
+        try:
+            summary = json.loads((self.run_dir / SUMMARY_JSON).read_text())
+        except (OSError, ValueError):
+            return None  # stopped before its final evaluation was written: the resume writes it
+        if not isinstance(summary, dict) or summary.get("steps") != step:
+            return None
+        note = (
+            f"{self.run_dir} is already complete at {step:,} steps: nothing to train (to train longer: "
+            f"policylab train {self.spec.name} --resume {self.run_dir} --steps N, with N above {step:,})"
+        )
+        final_eval, best = summary.get("final_eval"), summary.get("best")
+        return Run(self.run_dir, self.spec.name, self.cfg, step, final_eval, False, [note], best)
 
 
 class _Session:
@@ -1170,6 +1262,7 @@ class _Session:
     ) -> _Session:
         spec = get_algo(algo)
         cfg, notes = resolve_config(spec, env, steps, seed, config, overrides, preset, **data)
+        cfg = _with_actual_steps(spec, cfg)
         loop = LOOPS[spec.kind](spec, cfg)  # env and networks first: a failed start leaves no run directory behind
         run_dir = new_run_dir(
             runs_dir, name or f"{spec.name}-{cfg.env.replace('/', '_').replace(':', '_')}-s{cfg.seed}"
@@ -1184,30 +1277,17 @@ class _Session:
         return session
 
     @classmethod
-    def resumed(cls, algo: str, resume: str | Path, steps: int | str | None) -> _Session:
-        tensors, state, ckpt_dir = ckpt.load_checkpoint(resume)
-        if "iteration" not in state:
-            raise CheckpointError(
-                f"{str(ckpt_dir)!r} holds only a policy (the best evaluated one), not a training checkpoint",
-                f"resume the run directory: --resume {ckpt_dir.parent}",
-            )
-        spec = get_algo(state["algo"])
-        if algo and spec.name != algo.lower():
-            raise ConfigError(
-                f"{str(resume)!r} is a {spec.name} run, not {algo}",
-                f"run `policylab train {spec.name} --resume {resume}`",
-            )
-        cfg = apply_values(spec.config_cls(), state["config"], str(ckpt_dir / ckpt.STATE))
-        if steps is not None:
-            cfg = dataclasses.replace(cfg, steps=parse_count(steps))
+    def resumed(cls, point: _ResumePoint) -> _Session:
+        spec, cfg, state = point.spec, point.cfg, point.state
         loop = LOOPS[spec.kind](spec, cfg)
-        run_dir = ckpt_dir.parent.parent
         try:
-            notes = [f"resuming {run_dir} from step {state['step']:,}", *loop.load_state(tensors, state)]
+            notes = [f"resuming {point.run_dir} from step {state['step']:,}", *loop.load_state(point.tensors, state)]
+            if cfg.steps != state["config"]["steps"]:  # --steps moved the total: config.yaml records the new one
+                ckpt.atomic_write_text(point.run_dir / CONFIG_YAML, dump_yaml(cfg, spec.name))
         except BaseException:
             loop.close()
             raise
-        return cls(spec, cfg, loop, run_dir, notes, state)
+        return cls(spec, cfg, loop, point.run_dir, notes, state)
 
     @property
     def elapsed(self) -> float:

@@ -228,6 +228,23 @@ class PixelGrid(gym.Env):
         return self._frame(), float(reached), reached, truncated, {}
 
 
+class _BoxMoves(gym.ActionWrapper):
+    """PixelGrid's four moves from a Box action: the larger coordinate's sign picks the move."""
+
+    def __init__(self, env: gym.Env) -> None:
+        super().__init__(env)
+        self.action_space = gym.spaces.Box(-1.0, 1.0, (2,), np.float32)
+
+    def action(self, action):
+        axis = int(abs(action[1]) > abs(action[0]))
+        return 2 * axis + int(action[axis] > 0)
+
+
+def box_action_pixel_grid(**kwargs) -> gym.Env:
+    """PixelGrid with Box actions (for the algorithms that take only those)."""
+    return _BoxMoves(PixelGrid(**kwargs))
+
+
 def float_pixel_grid(**kwargs) -> gym.Env:
     """PixelGrid's frames as float32 in [0, 1] (for the error that asks for uint8 frames)."""
     env = PixelGrid(**kwargs)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import gymnasium as gym
 import numpy as np
 import pytest
@@ -82,6 +84,8 @@ def test_wrong_observation_shape_is_a_clear_error(cartpole_run):
 def test_eval_command(capsys, cartpole_run):
     assert main(["eval", str(cartpole_run.dir), "--episodes", "3"]) == 0
     assert "over 3 episodes" in capsys.readouterr().out
+    assert main(["eval", str(cartpole_run.dir), "--episodes", "1"]) == 0
+    assert "over 1 episode," in capsys.readouterr().out
 
 
 def test_eval_video(capsys, cartpole_run, tmp_path):
@@ -143,3 +147,50 @@ def test_csv_log_adds_columns_for_new_keys(tmp_path):
     rows = read_csv(tmp_path / "m.csv")
     assert [r["step"] for r in rows] == [1.0, 2.0, 3.0]
     assert rows[1]["early_stop_epoch"] == 3.0 and np.isnan(rows[0]["early_stop_epoch"])
+
+
+def test_progress_lines_off_a_terminal_are_the_ten_marks(capsys):
+    from policylab.logging import Progress
+
+    bar = Progress(10_240, "ppo CartPole-v1", enabled=None)  # pytest's stdout is not a terminal
+    for step in range(512, 10_241, 512):
+        bar.update(step, 1000.0, -0.04)
+    bar.close()
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == "ppo CartPole-v1: 10,240 steps"
+    marks = [int(line.split("/")[0].replace(",", "")) for line in lines[1:]]
+    assert marks == [1024 * k for k in range(1, 11)]  # 3,072 included: tenths are counted in integers
+    assert all(line.endswith("return 0.0") for line in lines[1:])  # not "-0.0"
+
+
+def test_numbers_are_printed_without_a_negative_zero():
+    from policylab.logging import fixed
+
+    assert [fixed(-0.0), fixed(-0.04), fixed(-0.004, 2), fixed(-0.06), fixed(2.25, 2)] == [
+        "0.0",
+        "0.0",
+        "0.00",
+        "-0.1",
+        "2.25",
+    ]
+
+
+def test_eval_video_on_an_env_that_cannot_render_is_one_clear_error(capsys, tmp_path):
+    run = pl.train(
+        "dqn", env="BitFlipping-v0", steps=64, seed=0, preset="none", runs_dir=tmp_path, verbose=False,
+        overrides={"learning_starts": 32, "eval_every": 0, "eval_episodes": 1, "num_envs": 1},
+    )  # fmt: skip
+    out = tmp_path / "out.gif"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # gymnasium's render-mode UserWarning stays out of the output
+        assert main(["eval", str(run.dir), "--episodes", "1", "--video", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "'BitFlipping-v0' cannot render frames (it has no rgb_array render mode)" in err
+    assert err.count("fix:") == 1 and "fix: run eval without --video" in err and "env_kwargs" not in err
+    assert not out.exists()
+
+
+def test_eval_video_into_a_new_folder_makes_it(capsys, cartpole_run, tmp_path):
+    out = tmp_path / "videos" / "new" / "cartpole.gif"
+    assert main(["eval", str(cartpole_run.dir), "--episodes", "1", "--video", str(out)]) == 0
+    assert out.stat().st_size > 1000 and f"video: {out}" in capsys.readouterr().out

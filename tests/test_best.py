@@ -244,6 +244,21 @@ def test_resume_with_best_missing_writes_a_new_one(tmp_path, monkeypatch):
 # --- loading and the command line ----------------------------------------------------------------
 
 
+def test_eval_of_a_corrupt_final_checkpoint_suggests_the_best_policy(capsys, tmp_path):
+    run = _train(tmp_path, steps=64, overrides={"eval_every": 32})
+    weights = checkpoint.find_checkpoint(run.dir) / checkpoint.WEIGHTS
+    weights.write_bytes(weights.read_bytes()[:100])
+    assert main(["eval", str(run.dir), "--episodes", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "is corrupt or truncated" in err and err.count("fix:") == 1
+    assert f"fix: load the run's best evaluated policy instead (policylab eval {run.dir} --best" in err
+    assert main(["eval", str(run.dir), "--best", "--episodes", "1"]) == 0  # and that works
+    checkpoint.shutil.rmtree(run.dir / "best")  # without a best/, the fix is the older checkpoint's alone
+    with pytest.raises(CheckpointError) as info:
+        pl.load(run.dir)
+    assert "--best" not in str(info.value) and "use an older checkpoint" in str(info.value)
+
+
 def test_eval_best_command(capsys, real_run):
     assert main(["eval", str(real_run.dir), "--best", "--episodes", "2"]) == 0
     assert "over 2 episodes" in capsys.readouterr().out

@@ -34,7 +34,7 @@ def test_unsupported_action_space_names_the_space(capsys, tmp_path):
 
 def test_bad_set_value_and_unknown_key(capsys, tmp_path):
     err = _error(capsys, ["train", "ppo", "--env", "CartPole-v1", "--set", "lr=fast", "--runs-dir", str(tmp_path)])
-    assert "bad value for 'lr'" in err and "float" in err
+    assert "bad value for 'lr'" in err and "fix: lr expects a number (e.g. 3e-4)" in err
     err = _error(capsys, ["train", "ppo", "--env", "CartPole-v1", "--set", "lrr=1e-3", "--runs-dir", str(tmp_path)])
     assert "unknown config key 'lrr'" in err and "Did you mean: lr" in err and "valid keys" in err
     err = _error(capsys, ["train", "ppo", "--set", "gamma=1.5", "--runs-dir", str(tmp_path)])
@@ -92,9 +92,10 @@ def test_yaml_config_set_and_preset_resolution(capsys, tmp_path):
     import yaml
 
     saved = yaml.safe_load((tmp_path / "runs" / "ppo-CartPole-v1-s1" / "config.yaml").read_text())
-    # preset (gamma 0.98) < YAML (lr, n_steps) < --set (num_envs, epochs) < flags (steps, seed)
+    # preset (gamma 0.98) < YAML (lr, n_steps) < --set (num_envs, epochs) < flags (steps, seed); --steps 1000 is
+    # saved as the run takes it, in whole rollouts of 16 x 4 steps
     assert saved["gamma"] == 0.98 and saved["lr"] == 0.002 and saved["n_steps"] == 16
-    assert saved["num_envs"] == 4 and saved["epochs"] == 1 and saved["steps"] == 1000 and saved["seed"] == 1
+    assert saved["num_envs"] == 4 and saved["epochs"] == 1 and saved["steps"] == 1024 and saved["seed"] == 1
 
 
 def test_preset_none_opts_out(capsys, tmp_path):
@@ -197,3 +198,21 @@ def test_a_budget_too_short_for_a_presets_warm_up_gets_a_note():
     ):
         _, notes = resolve_config(get_algo(algo), env=env, steps=steps)  # the budget; a short warm-up; on-policy
         assert not any("env steps of learning after learning_starts" in n for n in notes)
+
+
+def test_the_short_budget_note_names_the_preset_used_and_skips_dataset_phases(tmp_path):
+    """A preset named by --preset is the one the note names; an offline phase (gradient steps on a dataset, no
+    random warm-up) gets no learning_starts note, a hybrid run mixing the dataset into batches does."""
+    from policylab.algos import get_algo
+    from policylab.collect import collect
+    from policylab.train import resolve_config
+
+    _, notes = resolve_config(get_algo("td3"), env="MountainCarContinuous-v0", preset="Pendulum-v1", steps="15k")
+    assert any("the td3 preset for Pendulum-v1 is tuned for 20,000 steps" in n for n in notes)
+    data = collect("Pendulum-v1", "random", episodes=1, out=tmp_path / "pend", ref_episodes=1).path
+    warm_up = "env steps of learning after learning_starts"
+    for extra in ({}, {"online_steps": 1000}):  # offline, offline then online
+        _, notes = resolve_config(get_algo("sac"), dataset=data, steps=200, overrides=extra)
+        assert not any(warm_up in n for n in notes), notes
+    _, notes = resolve_config(get_algo("sac"), dataset=data, steps=200, overrides={"offline_ratio": 0.5})
+    assert any(warm_up in n for n in notes)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from policylab.algos import PPOConfig
+from policylab.algos import A2CConfig, PPOConfig, SACConfig, TD3Config
 from policylab.config import apply_values, dump_yaml, load_yaml, parse_count, parse_set_args
 from policylab.errors import ConfigError
 
@@ -104,6 +104,84 @@ def test_an_option_of_other_algorithms_names_them():
 
 
 @pytest.mark.parametrize(
+    ("cfg", "key", "takers", "refusers"),
+    [
+        (TD3Config(), "use_sde", {"sac", "tqc", "mdpo_sac", "ppo", "trpo"}, {"cql", "sac_n", "edac", "cal_ql"}),
+        (PPOConfig(), "her", {"dqn", "qrdqn", "sac", "td3", "tqc"}, {"bc", "iql", "awac", "cql", "rebrac"}),
+    ],
+)
+def test_an_option_of_other_algorithms_names_only_those_that_accept_the_value(cfg, key, takers, refusers):
+    """The offline algorithms have use_sde and her (their configs extend the off-policy one) but refuse both:
+    the hint lists the algorithms whose own validation accepts the value."""
+    with pytest.raises(ConfigError) as info:
+        apply_values(cfg, {key: "true"}, "--set")
+    owners = set(info.value.problem.split("it is one of ")[1].split(", "))
+    assert takers <= owners and not refusers & owners
+
+
+def test_another_algorithms_config_file_is_named(tmp_path):
+    """A run's config.yaml records its algorithm: given to another algorithm that lacks its keys, the error says
+    whose file it is, instead of naming the first foreign key; the same algorithm's file applies as it is."""
+    path = tmp_path / "config.yaml"
+    path.write_text(dump_yaml(PPOConfig(lr=1e-3), "ppo"))
+    with pytest.raises(ConfigError) as info:
+        apply_values(A2CConfig(), load_yaml(path), str(path))
+    assert info.value.problem.startswith(f"{path} is a ppo config (algo: ppo), and a2c does not take its keys ")
+    assert "batch_size" in info.value.problem
+    assert info.value.fix.startswith(f"train ppo with it (policylab train ppo --config {path})")
+    assert apply_values(PPOConfig(), load_yaml(path), str(path)).lr == 1e-3
+
+
+def test_device_is_checked_against_its_forms_and_this_torch(monkeypatch):
+    import torch
+
+    with pytest.raises(ConfigError) as info:
+        PPOConfig(device="gpu").validate()
+    assert info.value.problem == "device='gpu' is not a device: it takes cpu, cuda (cuda:N for GPU N), mps"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    for device in ("cuda", "cuda:1"):
+        with pytest.raises(ConfigError, match=f"device={device} needs a CUDA GPU") as info:
+            PPOConfig(device=device).validate()
+        assert "--set device=cpu" in str(info.value.fix) and "CUDA build of torch" in str(info.value.fix)
+    with pytest.raises(ConfigError, match="device=mps needs Apple silicon") as info:
+        SACConfig(device="mps").validate()
+    assert "--set device=cpu" in str(info.value.fix)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    PPOConfig(device="cuda:0").validate()
+    with pytest.raises(ConfigError, match="names GPU 1, and this machine has 1"):
+        PPOConfig(device="cuda:1").validate()
+    PPOConfig(device="cpu").validate()
+
+
+def test_a_bad_item_of_a_list_names_it_and_negative_whole_numbers_parse():
+    with pytest.raises(ConfigError) as info:
+        apply_values(PPOConfig(), {"hidden_sizes": "[64,x]"}, "--set")
+    assert (
+        info.value.problem
+        == "bad value for 'hidden_sizes' in --set: item 2 of [64, 'x'], 'x', is not an integer layer width"
+    )
+    assert info.value.fix == "give whole layer widths, e.g. --set hidden_sizes=[64,64]"
+    assert apply_values(SACConfig(), {"gradient_steps": "-1"}, "--set").gradient_steps == -1  # its documented -1
+    with pytest.raises(ConfigError) as info:
+        apply_values(PPOConfig(), {"n_steps": "lots"}, "--set")
+    assert info.value.fix == "n_steps expects a whole number (e.g. 100000, 100k, 1e6)"
+
+
+def test_negative_steps_say_a_positive_count():
+    from policylab.algos import get_algo
+    from policylab.train import resolve_config
+
+    with pytest.raises(ConfigError) as info:
+        resolve_config(get_algo("ppo"), env="CartPole-v1", steps="-5")
+    assert info.value.problem == "steps=-5 must be > 0" and info.value.fix == "give a positive count, e.g. --steps 100k"
+    with pytest.raises(ConfigError) as info:
+        resolve_config(get_algo("ppo"), env="CartPole-v1", steps="many")
+    assert info.value.fix == "give a positive count, e.g. --steps 100k (or 100000, 1e6)"
+
+
+@pytest.mark.parametrize(
     "key, value",
     [
         ("num_envs", "abc"),
@@ -141,7 +219,7 @@ def test_parse_set_args_errors(bad):
 def test_load_yaml_mapping(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("algo: ppo\nlr: 0.001\nhidden_sizes: [32, 32]\n")
-    assert load_yaml(path) == {"lr": 0.001, "hidden_sizes": [32, 32]}  # 'algo' is dropped
+    assert load_yaml(path) == {"algo": "ppo", "lr": 0.001, "hidden_sizes": [32, 32]}  # algo: checked on apply
     empty = tmp_path / "empty.yaml"
     empty.write_text("")
     assert load_yaml(empty) == {}
@@ -253,6 +331,24 @@ def test_preset_rl_zoo_gives_rl_zoos_values_where_the_default_differs():
         resolve_config(get_algo("reinforce"), env="CartPole-v1", preset="rl-zoo")
 
 
+def test_an_unknown_preset_lists_the_choices_with_a_near_miss():
+    from policylab.algos import get_algo
+    from policylab.train import resolve_config
+
+    with pytest.raises(ConfigError) as info:
+        resolve_config(get_algo("ppo"), env="CartPole-v1", preset="nonee")
+    assert info.value.problem == "no ppo preset for 'nonee'. Did you mean: none?"
+    fix = str(info.value.fix)
+    assert fix.startswith("--preset takes auto (the env's tuned preset, if any), none, rl-zoo (its values), or an env")
+    assert "CartPole-v1" in fix and "Pendulum-v1" in fix
+    with pytest.raises(ConfigError) as info:
+        resolve_config(get_algo("dqn"), env="Pendulum-v1", preset="rl-zoo")
+    assert info.value.fix == (
+        "the dqn rl-zoo presets are for Acrobot-v1, CartPole-v1, MountainCar-v0, Atari games; use --preset auto or "
+        "none on Pendulum-v1"
+    )
+
+
 def test_an_on_policy_budget_rounded_up_to_whole_rollouts_is_said():
     from policylab.algos import get_algo
     from policylab.train import resolve_config
@@ -278,3 +374,15 @@ def test_every_preset_resolves_to_a_valid_config():
             cfg, notes = resolve_config(get_algo(algo), env="PongNoFrameskip-v4" if env == ATARI else env)
             assert all(getattr(cfg, k) == v for k, v in preset.values.items()), (algo, env)
             assert notes and "tuned" in notes[0], (algo, env)
+
+
+def test_rl_zoo_presets_cite_rl_zoo_itself():
+    """Every preset that says it is rl-baselines3-zoo's links rl-zoo's own file at a commit (td3/ddpg/tqc's
+    MuJoCo and Pendulum values are rl-zoo's, checked against its hyperparams at 22e3ff24), not a fork's copy."""
+    from policylab.presets import PRESETS, VARIANTS
+
+    tables = [*PRESETS.values(), *(table for variant in VARIANTS.values() for table in variant.values())]
+    sources = [preset.source for table in tables for preset in table.values()]
+    zoo = [source for source in sources if source.startswith("rl-baselines3-zoo")]
+    assert len(zoo) > 20 and all("https://github.com/DLR-RM/rl-baselines3-zoo/blob/" in source for source in zoo)
+    assert PRESETS["td3"]["HalfCheetah-v5"].source.startswith("rl-baselines3-zoo hyperparams/td3.yml (https://")

@@ -19,6 +19,7 @@ from policylab.data.dataset import (
     Dataset,
     check_compatible,
     concat_datasets,
+    format_info,
     load_dataset,
     sha256_file,
     validate_dataset,
@@ -270,6 +271,39 @@ def test_d4rl_flat_file_without_next_observations_repeats_the_last(tmp_path):
     np.testing.assert_array_equal(ds.observations[[3, 8, 12]], raw["observations"][[2, 6, 9]])
 
 
+def _write_pendulum_flat(path: Path, action_scale: float = 2.0) -> Path:
+    """A flat file as D4RL's: no env id, no spaces (Pendulum-like data: |obs| <= 1, actions within +-scale)."""
+    rng = np.random.default_rng(0)
+    n = 12
+    with h5py.File(path, "w") as f:
+        f.create_dataset("observations", data=rng.uniform(-1, 1, size=(n, 3)).astype(np.float32))
+        f.create_dataset("actions", data=rng.uniform(-action_scale, action_scale, size=(n, 1)).astype(np.float32))
+        f.create_dataset("rewards", data=-np.ones(n, np.float32))
+        f.create_dataset("terminals", data=np.zeros(n, bool))
+        f.create_dataset("timeouts", data=np.isin(np.arange(n), [5, 11]))
+    return path
+
+
+def test_flat_file_without_bounds_fits_any_env_of_its_shapes_and_takes_its_spaces(tmp_path):
+    """The file's spaces are guesses (unbounded observations, the actions' range): a bounded env of the same shapes
+    that holds the data fits, and the dataset then has the env's spaces; data outside the env's bounds does not."""
+    env = gym.make("Pendulum-v1")
+    ds = load_dataset(_write_pendulum_flat(tmp_path / "flat.hdf5"))
+    check_compatible(ds, env.observation_space, env.action_space, "--env Pendulum-v1")
+    assert ds.observation_space == env.observation_space and ds.action_space == env.action_space
+    wide = load_dataset(_write_pendulum_flat(tmp_path / "wide.hdf5", action_scale=3.0))
+    err = _problem(check_compatible, wide, env.observation_space, env.action_space, "--env Pendulum-v1")
+    assert "action space" in err and "outside these bounds" in err
+    cartpole_env = gym.make("CartPole-v1")
+    assert "shape (3,) vs (4,)" in _problem(
+        check_compatible, load_dataset(tmp_path / "flat.hdf5"), cartpole_env.observation_space,
+        cartpole_env.action_space, "--env CartPole-v1")  # fmt: skip
+    both = concat_datasets([load_dataset(tmp_path / "flat.hdf5"), pendulum()])
+    assert both.env_id == "Pendulum-v1" and both.observation_space == PENDULUM_OBS
+    assert both.action_space == PENDULUM_ACT and both.num_episodes == 2 + 3
+    assert "outside these bounds" in _problem(concat_datasets, [pendulum(), load_dataset(tmp_path / "wide.hdf5")])
+
+
 # --------------------------------------------------------------------------------------- errors
 
 
@@ -451,3 +485,27 @@ def test_cli_validate_bad_dataset_exits_2(tmp_path, capsys):
     assert main(["dataset", "validate", str(path)]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "episode 0: action [7.0] at step 1" in err and "Traceback" not in err
+
+
+def test_a_dataset_prints_as_one_short_line_and_info_shows_no_negative_zero(tmp_path):
+    ds = pendulum()
+    text = repr(ds)
+    assert "\n" not in text and len(text) < 400 and "array" not in text
+    assert text.startswith("Dataset(env='Pendulum-v1', episodes=3, steps=15, return ") and "Box(-2.0, 2.0" in text
+    zero = pendulum(ref_min_score=0.0, ref_max_score=1.0)
+    zero.rewards = np.full(15, -1e-6, np.float32)  # returns and normalized returns round to -0.0
+    lines = format_info(zero.info())
+    assert "-0.0" not in lines and "return: 0.00 +/- 0.00" in lines and "normalized return: 0.0 +/- 0.0" in lines
+
+
+def test_dataset_info_into_a_closed_pipe_exits_quietly(tmp_path):
+    """`policylab dataset info D | head -1`: the reader goes away; no BrokenPipeError traceback."""
+    import subprocess
+    import sys
+
+    path = write_dataset(pendulum(), tmp_path / "ds")
+    proc = subprocess.Popen([sys.executable, "-m", "policylab.cli", "dataset", "info", str(path)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # fmt: skip
+    proc.stdout.close()  # before the command has loaded the dataset and printed
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0 and b"Traceback" not in err and b"BrokenPipe" not in err, err.decode()

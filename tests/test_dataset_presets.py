@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from policylab.algos import get_algo
-from policylab.data.dataset import load_dataset
+from policylab.data.dataset import load_dataset, write_dataset
 from policylab.errors import ConfigError
 from policylab.presets import DATASET_PRESETS, dataset_preset_name
 from policylab.train import OffPolicyLoop, resolve_config
@@ -43,22 +43,36 @@ def test_corl_tables_hold_every_locomotion_dataset_with_its_values():
 
 
 def test_a_dataset_named_like_a_d4rl_kind_gets_corls_values_unless_opted_out(datasets, tmp_path):
-    """The name picks the preset (the data here is Pendulum's: only the name matters), later layers win, and
-    --preset none or an explicit kind chooses otherwise."""
+    """The name picks the preset when the recorded env agrees (Pendulum data relabelled as Hopper-v5's here, run in
+    Pendulum-v1), later layers win, and --preset none or an explicit kind chooses otherwise."""
     named = tmp_path / "hopper-medium"
-    shutil.copytree(datasets["medium"], named)
+    data = load_dataset(datasets["medium"])
+    data.env_id = "Hopper-v5"
+    write_dataset(data, named)
     spec = get_algo("rebrac")
-    cfg, notes = resolve_config(spec, dataset=named)
+    cfg, notes = resolve_config(spec, env="Pendulum-v1", dataset=named)
     assert (cfg.actor_bc_coef, cfg.critic_bc_coef, cfg.steps) == (0.01, 0.01, 1_000_000)
     assert any("rebrac preset for hopper-medium datasets" in note and "CORL" in note for note in notes)
-    cfg, _ = resolve_config(spec, dataset=named, steps=500, overrides={"critic_bc_coef": 0.2})
+    cfg, _ = resolve_config(spec, env="Pendulum-v1", dataset=named, steps=500, overrides={"critic_bc_coef": 0.2})
     assert (cfg.actor_bc_coef, cfg.critic_bc_coef, cfg.steps) == (0.01, 0.2, 500)
-    cfg, notes = resolve_config(spec, dataset=named, preset="none")
+    cfg, notes = resolve_config(spec, env="Pendulum-v1", dataset=named, preset="none")
     assert (cfg.actor_bc_coef, cfg.critic_bc_coef) == (1.0, 1.0) and not notes
     cfg, _ = resolve_config(spec, dataset=datasets["medium"], preset="hopper-medium-replay")
     assert (cfg.actor_bc_coef, cfg.critic_bc_coef) == (0.05, 0.5)
-    cfg, notes = resolve_config(get_algo("td3_bc"), dataset=named)  # CORL's TD3+BC has one set of values
+    cfg, notes = resolve_config(get_algo("td3_bc"), env="Pendulum-v1", dataset=named)  # CORL's TD3+BC: one set
     assert cfg.bc_alpha == 2.5 and not notes
+
+
+def test_a_dataset_whose_name_and_recorded_env_disagree_gets_no_dataset_preset(datasets, tmp_path):
+    """A folder named hopper-medium holding Pendulum-v1 data: no hopper-medium values, a note saying why."""
+    named = tmp_path / "hopper-medium"
+    shutil.copytree(datasets["medium"], named)
+    cfg, notes = resolve_config(get_algo("rebrac"), dataset=named)
+    assert (cfg.actor_bc_coef, cfg.critic_bc_coef) == (1.0, 1.0) and cfg.env == "Pendulum-v1"
+    assert not any("preset for hopper-medium datasets (" in note for note in notes)
+    assert any("named like a hopper-medium dataset but was collected in Pendulum-v1" in n for n in notes), notes
+    cfg, _ = resolve_config(get_algo("rebrac"), dataset=named, preset="hopper-medium")
+    assert (cfg.actor_bc_coef, cfg.critic_bc_coef) == (0.01, 0.01)
 
 
 def _offline_rewards(dataset, **overrides) -> torch.Tensor:

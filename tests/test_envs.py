@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import sys
 
 import gymnasium as gym
 import numpy as np
@@ -272,6 +273,37 @@ def test_unknown_env_id_suggests_close_match():
 def test_module_attr_with_bad_module():
     with pytest.raises(EnvError, match="cannot import module 'no_such_module_policylab_test'"):
         make_vec_env("no_such_module_policylab_test:Env", 2)
+
+
+def test_module_attr_is_found_in_the_current_directory_as_python_m_finds_it(tmp_path, monkeypatch):
+    """A console script's sys.path lacks the current directory: `policylab train --env myenvs:MyEnv` run from the
+    folder that holds myenvs.py imports it all the same (policylab.imports.import_user_module)."""
+    (tmp_path / "policylab_cwd_envs.py").write_text(
+        "import gymnasium as gym\nfrom tests.test_envs import CountingEnv as MyEnv\n"
+    )
+    (tmp_path / "policylab_cwd_broken.py").write_text("import no_such_package_policylab_test\n")
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", str(tmp_path))])
+    monkeypatch.chdir(tmp_path)
+    try:
+        env = make_vec_env("policylab_cwd_envs:MyEnv", 2)
+        np.testing.assert_array_equal(env.reset(seed=0), [[0.0], [0.0]])
+        with pytest.raises(EnvError, match=r"No module named 'no_such_package_policylab_test'(.|\n)*fix: install no_s"):
+            make_vec_env("policylab_cwd_broken:Env", 2)
+    finally:
+        sys.modules.pop("policylab_cwd_envs", None)
+    monkeypatch.chdir(tmp_path.parent)
+    with pytest.raises(EnvError, match="looked in the current directory(.|\n)*fix: run from the folder that holds it"):
+        make_vec_env("policylab_cwd_envs_elsewhere:MyEnv", 2)
+
+
+def test_mujoco_compiler_warnings_are_shown_once_not_printed_for_every_env(tmp_path, monkeypatch, capfd):
+    pytest.importorskip("mujoco")
+    monkeypatch.chdir(tmp_path)
+    for _ in range(2):
+        make_vec_env("HalfCheetah-v5", 3).close()
+    out, err = capfd.readouterr()
+    assert "settotalmass" not in out and err.count("settotalmass") <= 1
+    assert not (tmp_path / "MUJOCO_LOG.TXT").exists()
 
 
 def test_module_attr_with_missing_attribute_suggests():

@@ -154,3 +154,29 @@ def test_generative_on_policy_errors_name_the_fix(weak_bc, navigation, tmp_path)
         pl.train("dppo", env=NAV, dataset=str(navigation), steps=64, runs_dir=tmp_path, verbose=False)
     with pytest.raises(pl.PolicylabError, match="Box actions"):
         pl.train("fpo", env="CartPole-v1", steps=64, overrides=SMALL, runs_dir=tmp_path, verbose=False)
+
+
+def test_pretrained_run_of_another_head_env_or_settings_is_refused_by_name(navigation, tmp_path):
+    """A flow-head BC run cannot start DPPO (which fine-tunes a diffusion head); a diffusion run with another
+    denoiser or diffusion_steps is refused with each difference and the --set that removes it."""
+    tiny = {**SMALL, "eval_every": 0, "eval_episodes": 1, "sample_steps": 3}
+    bc = {name: pl.train("bc", dataset=str(navigation), steps=2, overrides={**tiny, "head": name}, verbose=False,
+                         runs_dir=tmp_path / name, progress=False).dir for name in ("flow", "diffusion")}  # fmt: skip
+    run = dict(env=NAV, steps=64, runs_dir=tmp_path / "rl", verbose=False)
+    with pytest.raises(ConfigError, match="head=flow, but dppo fine-tunes a diffusion head") as err:
+        pl.train("dppo", overrides={**SMALL, "pretrained": str(bc["flow"])}, **run)
+    assert "policylab train fpo" in err.value.fix
+    with pytest.raises(ConfigError, match=r"denoiser_hidden_sizes=\[32,32\] there, \[64,64\] here") as err:
+        pl.train("dppo", overrides={**SMALL, "denoiser_hidden_sizes": [64, 64], "pretrained": str(bc["diffusion"])},
+                 **run)  # fmt: skip
+    assert "--set denoiser_hidden_sizes=[32,32]" in err.value.fix and "train_steps" not in err.value.fix
+    with pytest.raises(ConfigError, match="diffusion_steps=20 there, 10 here"):
+        pl.train("dppo", overrides={**SMALL, "diffusion_steps": 10, "sample_steps": 3,
+                                    "pretrained": str(bc["diffusion"])}, **run)  # fmt: skip
+    with pytest.raises(ConfigError, match="trained on Navigation2D-v0, this run is on Pendulum-v1"):
+        pl.train("dppo", env="Pendulum-v1", steps=64, overrides={**SMALL, "pretrained": str(bc["diffusion"])},
+                 runs_dir=tmp_path / "rl", verbose=False)  # fmt: skip
+    assert not (tmp_path / "rl").exists() or not any((tmp_path / "rl").iterdir()), "nothing written"
+    ok = pl.train("dppo", overrides={**SMALL, "sample_steps": 3, "n_steps": 32, "batch_size": 32, "eval_every": 0,
+                                     "eval_episodes": 1, "pretrained": str(bc["diffusion"])}, **run)  # fmt: skip
+    assert ok.dir.exists()

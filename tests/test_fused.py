@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import warnings
 
 import gymnasium as gym
 import numpy as np
@@ -113,6 +114,17 @@ def test_parameter_buffer_clipping_matches_torch(max_norm):
     for p, q in zip(a, b):
         torch.testing.assert_close(q.grad, p.grad)
     assert torch.equal(buffer.grad, torch.cat([q.grad for q in b]))
+
+
+def test_parameter_buffer_clipping_an_overflowing_norm_warns_nothing():
+    """A diverging run's gradients: the norm overflows to inf without numpy's RuntimeWarning (the NaN check's
+    error is the message a user needs), as torch's clip_grad_norm_ does."""
+    buffer = ParameterBuffer([torch.nn.Parameter(torch.zeros(4))])
+    buffer.grad.fill_(1e30)  # squares overflow float32
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        total = buffer.clip_grad_norm_(1.0)
+    assert torch.isinf(total)
 
 
 def test_parameter_buffer_params_are_views_and_autograd_accumulates_into_it():

@@ -208,3 +208,18 @@ def test_her_errors_name_the_fix(tmp_path):
         train("BitFlipping-v0", prioritized=True)
     with pytest.raises(ConfigError, match="her_strategy"):
         train("BitFlipping-v0", her_strategy="past")
+
+
+def test_her_with_a_presets_n_step_names_the_preset(tmp_path):
+    """DQN's CartPole preset uses 3-step returns: her=true there names the preset as where n_step=3 came from
+    (the user never set it), and the fix keeps the rest of the preset or opts out of it."""
+    with pytest.raises(ConfigError) as info:
+        pl.train("dqn", env="CartPole-v1", steps=200, runs_dir=tmp_path, verbose=False, overrides={"her": True})
+    assert "n_step=3 (n-step returns), which the dqn preset for CartPole-v1 sets" in info.value.problem
+    assert info.value.fix == "--set n_step=1 (or --preset none), or drop her"
+    with pytest.raises(ConfigError) as info:  # set by the user: no preset named
+        pl.train("dqn", env="BitFlipping-v0", steps=200, preset="none", runs_dir=tmp_path, verbose=False,
+                 overrides={"her": True, "n_step": 3})  # fmt: skip
+    assert info.value.problem == "her=true does not combine with n_step=3 (n-step returns)"
+    assert info.value.fix == "set n_step=1, or drop her"
+    assert not any(tmp_path.iterdir())

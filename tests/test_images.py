@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import policylab as pl
+from policylab.algos import image_algorithms
 from policylab.algos.onpolicy import build_actor_critic
 from policylab.algos.ppo import PPOConfig
 from policylab.data import ReplayBuffer, RolloutBuffer
@@ -137,7 +138,7 @@ def test_a_dict_of_a_frame_and_a_vector_goes_through_a_cnn_and_beside_it(tmp_pat
     policy = pl.load(run.dir)
     raw, _ = PixelGridDict().reset(seed=3)
     assert isinstance(policy.net.encoder, MultiInputEncoder) and 0 <= policy.act(raw) < 4
-    with pytest.raises(ConfigError, match="ppo, a2c, reinforce, dqn, qrdqn"):
+    with pytest.raises(ConfigError, match="sac_discrete does not take image observations"):
         pl.train("sac_discrete", env="tests.envs_for_tests:PixelGridDict", steps=100, preset="none",
                  runs_dir=tmp_path, verbose=False)  # fmt: skip
 
@@ -146,7 +147,7 @@ def test_image_errors_name_the_fix(tmp_path):
     def train(algo: str, env: str = GRID, **overrides):
         return pl.train(algo, env=env, steps=300, preset="none", runs_dir=tmp_path, verbose=False, overrides=overrides)
 
-    with pytest.raises(ConfigError, match="ppo, a2c, reinforce, dqn, qrdqn"):
+    with pytest.raises(ConfigError, match="sac_discrete does not take image observations"):
         train("sac_discrete")
     with pytest.raises(ConfigError, match="normalize_obs"):
         train("ppo", normalize_obs=True)
@@ -160,6 +161,24 @@ def test_image_errors_name_the_fix(tmp_path):
         train("ppo", encoder="resnet")
     with pytest.raises(PolicylabError):
         make_encoder("nature", gym.spaces.Box(0, 1, (3,)))
+
+
+def test_a_vector_only_algorithm_on_images_names_itself_and_every_algorithm_that_takes_them(tmp_path):
+    """The list is found by building each algorithm on frames: the on-policy actor-critics (TRPO and MDPO among
+    them), the Q-networks; not SAC/TD3's MLPs, nor DPPO/FPO's generative actors (which refuse frames up front
+    instead of failing inside the first update)."""
+    takes = image_algorithms()
+    assert {"ppo", "a2c", "reinforce", "trpo", "mdpo", "spo", "fixpo", "dqn", "qrdqn", "cql_discrete"} == set(takes)
+    box_grid = "tests.envs_for_tests:box_action_pixel_grid"
+    for algo, env in (("sac_discrete", GRID), ("sac", box_grid), ("td3", box_grid), ("dppo", box_grid)):
+        with pytest.raises(ConfigError) as info:
+            pl.train(algo, env=env, steps=300, preset="none", runs_dir=tmp_path, verbose=False)
+        assert info.value.problem == f"{algo} does not take image observations yet: its networks read vectors"
+        assert info.value.fix == f"use one of {', '.join(takes)} on images"
+    for algo in ("trpo", "mdpo"):  # in the list, and they do train on frames
+        run = pl.train(algo, env=GRID, steps=256, preset="none", runs_dir=tmp_path, verbose=False,
+                       overrides={"num_envs": 2, "n_steps": 64, "batch_size": 64, "eval_episodes": 1})  # fmt: skip
+        assert run.steps >= 256 and run.final_eval is not None
 
 
 def test_precision_bf16_runs_the_encoder_in_bfloat16():

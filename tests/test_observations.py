@@ -13,6 +13,7 @@ import torch
 import policylab as pl
 from policylab.envs import make_vec_env
 from policylab.envs.encode import ObservationEncoder, needs_encoding
+from policylab.errors import PolicylabError
 from tests.helpers import assert_same_params, params_of, resumed_and_full_runs
 
 LAKE = {"env_kwargs": {"is_slippery": False}}
@@ -99,6 +100,22 @@ def test_a_loaded_policy_takes_the_envs_own_observations(tmp_path):
     cards = pl.load(tuple_run.dir)
     assert cards.act((14, 10, 0)) in (0, 1)
     assert cards.act([(14, 10, 0), (20, 3, 1)]).shape == (2,)
+    for bad in (16, -1, np.array([3, 16])):  # not an IndexError, nor a wrapped-around -1 acting as 15
+        with pytest.raises(PolicylabError, match=r"outside the observation space Discrete\(16\) \(valid: 0 to 15\)"):
+            policy.act(bad)
+
+
+def test_out_of_range_discrete_observations_name_the_valid_range():
+    discrete = ObservationEncoder(gym.spaces.Discrete(4, start=1))
+    with pytest.raises(PolicylabError, match=r"observation 5 is outside .* \(valid: 1 to 4\)"):
+        discrete.one(5)
+    with pytest.raises(PolicylabError, match="observation 0 is outside"):
+        discrete.batch(np.array([1, 0]))
+    multi = ObservationEncoder(gym.spaces.MultiDiscrete([2, 3]))
+    for bad in (np.array([0, 3]), np.array([[0, 1], [-1, 0]])):
+        with pytest.raises(PolicylabError, match=r"outside the observation space MultiDiscrete\(\[2 3\]\)"):
+            multi.one(bad) if bad.ndim == 1 else multi.batch(bad)
+    np.testing.assert_array_equal(multi.batch(np.array([[1, 2], [0, 0]])), [[0, 1, 0, 0, 1], [1, 0, 1, 0, 0]])
 
 
 def test_a_frozen_lake_run_resumes_exactly(tmp_path):

@@ -158,6 +158,44 @@ def test_collect_keeps_whole_episodes_with_references_and_behaviour_log_probs(da
     assert random.ref_max_score is None and random.normalized_score(10.0) is None
 
 
+def _hold_at_the_bottom(obs: np.ndarray) -> np.ndarray:
+    """Worse than random on Pendulum-v1: damp the swing so that the pendulum hangs (about -2000 per episode)."""
+    return -2.0 * np.sign(obs[:, 2:3])
+
+
+def test_inverted_reference_returns_are_refused_or_left_out(tmp_path, capsys):
+    """Explicit references must rise from random to expert; a measured expert reference below random is not
+    stored (with a warning): a worse-than-random policy would otherwise get a high normalized score."""
+    with pytest.raises(PolicylabError, match="ref_max_score=-2000 is not above ref_min_score=-100"):
+        collect("Pendulum-v1", "random", 1, ref_min_score=-100.0, ref_max_score=-2000.0, out=tmp_path / "x")
+    assert not (tmp_path / "x").exists()
+    assert main(["collect", "--env", "Pendulum-v1", "--ref-min", "-100", "--ref-max", "-2000", "--out",
+                 str(tmp_path / "y")]) == 2  # fmt: skip
+    assert "error: ref_max_score=-2000 is not above" in capsys.readouterr().err and not (tmp_path / "y").exists()
+    with pytest.warns(UserWarning, match="not above a random policy's"):
+        bad = collect("Pendulum-v1", _hold_at_the_bottom, 2, ref_episodes=2)
+    assert bad.ref_min_score is not None and bad.ref_max_score is None and bad.normalized_score(-1500.0) is None
+    assert main(["collect", "--env", "Pendulum-v1", "--policy", "tests.helpers:pendulum_expert", "--episodes", "1",
+                 "--ref-max", "-5000", "--out", str(tmp_path / "z")]) == 0  # fmt: skip
+    out = capsys.readouterr()
+    assert "warning: a random policy's return" in out.err and "1 episode, 200 steps" in out.out
+    with pytest.warns(UserWarning, match="stores no random reference"):
+        expert = collect("Pendulum-v1", "random", 1, ref_max_score=-5000.0, ref_episodes=1)
+    assert expert.ref_min_score is None and expert.ref_max_score == -5000.0
+
+
+def test_collect_checks_a_runs_env_up_front_and_defaults_to_it(tmp_path, capsys):
+    run = pl.train("sac", env="Pendulum-v1", steps=200, overrides={"learning_starts": 100, "eval_episodes": 1},
+                   preset="none", runs_dir=tmp_path, verbose=False)  # fmt: skip
+    with pytest.raises(PolicylabError, match="was trained on Pendulum-v1 and cannot act in CartPole-v1") as err:
+        collect("CartPole-v1", str(run.dir), 1)
+    assert "--env Pendulum-v1" in err.value.fix
+    assert main(["collect", "--policy", str(run.dir), "--episodes", "1", "--out", str(tmp_path / "d")]) == 0
+    assert load_dataset(tmp_path / "d").env_id == "Pendulum-v1" and "wrote" in capsys.readouterr().out
+    assert main(["collect", "--out", str(tmp_path / "e")]) == 2
+    assert "collect needs an env" in capsys.readouterr().err
+
+
 def test_collect_from_a_runs_replay_buffer_keeps_its_complete_episodes(tmp_path):
     for capacity, episodes in ((10_000, 6), (700, 3)):  # 700 slots: the ring wrapped, the oldest episode is cut
         run = pl.train(
@@ -413,6 +451,7 @@ def test_dataset_runs_save_the_datasets_observation_statistics_with_the_policy(d
     ("algo", "extra"),
     [
         ("iql", {"steps": 1000}),  # offline
+        ("iql", {"steps": 1200, "log_every": 1000, "eval_every": 300, "checkpoint_every": 400}),  # blocks of 300/400
         ("sac", {"steps": 1000, "offline_ratio": 0.5, "learning_starts": 200, "save_buffer": True}),  # hybrid
         ("td3_bc", {"steps": 500, "online_steps": 500, "save_buffer": True}),  # offline, then online (seeded replay)
         ("cql", {"steps": 1000, "lagrange": True, "n_action_samples": 2, "batch_size": 32}),  # its multiplier too
@@ -433,6 +472,20 @@ def test_resumed_dataset_run_equals_uninterrupted_run(datasets, tmp_path, algo, 
         verbose=False,
     )
     resumed_and_full_runs(algo, 750, **kwargs)
+
+
+def test_offline_evaluations_and_checkpoints_come_at_their_multiples_below_log_every(datasets, tmp_path):
+    """eval_every and checkpoint_every count gradient steps, also when they are below log_every (1000)."""
+    cfg = {**SMALL_NETS, "log_every": 1000, "eval_every": 500, "checkpoint_every": 500, "keep_checkpoints": 0,
+           "eval_episodes": 1}  # fmt: skip
+    run = pl.train("iql", dataset=datasets["medium"], steps=1500, overrides=cfg, preset="none", runs_dir=tmp_path,
+                   verbose=False)  # fmt: skip
+    with open(run.dir / "eval.csv") as f:
+        assert [int(row["step"]) for row in csv.DictReader(f)] == [500, 1000, 1500]
+    saved = sorted(p.name for p in (run.dir / "checkpoints").iterdir() if p.name.startswith("step_"))
+    assert [int(name[len("step_") :]) for name in saved] == [500, 1000, 1500]
+    with open(run.dir / "train.csv") as f:
+        assert [int(row["step"]) for row in csv.DictReader(f)] == [500, 1000, 1500]
 
 
 # --- bad input -------------------------------------------------------------------------------------------------
@@ -512,3 +565,38 @@ def _loop(algo: str, dataset, overrides: dict):
     spec = get_algo(algo)
     cfg, _ = resolve_config(spec, steps=1000, seed=0, overrides={**SMALL_NETS, **overrides}, dataset=dataset)
     return OffPolicyLoop(spec, cfg)
+
+
+@pytest.mark.parametrize(
+    ("algo", "which", "named", "offered"),
+    [
+        ("td3_bc", "cartpole", "td3_bc needs a continuous (Box) action space; the dataset's is Discrete", "cql_disc"),
+        ("iql", "cartpole", "iql needs a continuous (Box) action space; the dataset's is Discrete", "cql_discrete"),
+        ("cql_discrete", "medium", "cql_discrete needs a Discrete action space; the dataset's is Box", "iql, cql"),
+    ],
+)
+def test_action_space_errors_name_the_algorithm_run_and_offline_alternatives(datasets, tmp_path, algo, which,
+                                                                             named, offered):  # fmt: skip
+    with pytest.raises(PolicylabError) as err:
+        pl.train(algo, dataset=datasets[which], steps=10, runs_dir=tmp_path, verbose=False)
+    assert named in err.value.problem and offered in str(err.value.fix)
+    assert not any(tmp_path.iterdir()), "nothing written"
+    with pytest.raises(PolicylabError, match="td3 needs a continuous") as online:
+        pl.train("td3", env="CartPole-v1", steps=10, runs_dir=tmp_path, verbose=False)
+    assert "dqn or sac_discrete" in str(online.value.fix)
+
+
+def test_collect_finds_a_policy_function_in_the_current_directory(tmp_path, monkeypatch, capsys):
+    """`policylab collect --policy mymod:fn` finds mymod.py in the directory it runs from, as `python -m` would."""
+    import sys
+
+    (tmp_path / "my_pendulum_controller.py").write_text(
+        "import numpy as np\n\ndef act(obs):\n    return np.zeros((len(obs), 1), np.float32)\n"
+    )
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", str(tmp_path))])
+    assert main(["collect", "--env", "Pendulum-v1", "--policy", "my_pendulum_controller:act", "--episodes", "1",
+                 "--out", str(tmp_path / "d")]) == 0  # fmt: skip
+    assert "wrote" in capsys.readouterr().out
+    np.testing.assert_array_equal(load_dataset(tmp_path / "d").actions, 0.0)
+    monkeypatch.delitem(sys.modules, "my_pendulum_controller")

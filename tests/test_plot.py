@@ -98,9 +98,15 @@ def test_shared_eval_points(runs: list[Path]) -> None:
     np.testing.assert_allclose(values, [60.0, 95.0])
 
 
-@pytest.mark.parametrize("make_path", [lambda tmp: tmp, lambda tmp: tmp / "does-not-exist"])
-def test_not_a_run_directory(tmp_path: Path, make_path) -> None:
-    with pytest.raises(PolicylabError, match="not a run directory") as info:
+@pytest.mark.parametrize(
+    ("make_path", "problem"),
+    [
+        (lambda tmp: tmp, "is not a run directory"),
+        (lambda tmp: tmp / "does-not-exist", "does-not-exist' does not exist"),
+    ],
+)
+def test_not_a_run_directory(tmp_path: Path, make_path, problem: str) -> None:
+    with pytest.raises(PolicylabError, match=problem) as info:
         plot_runs([make_path(tmp_path)], tmp_path / "out.png")
     assert info.value.fix is not None and "policylab train" in info.value.fix
 
@@ -125,6 +131,19 @@ def test_cli_plot(runs: list[Path], tmp_path: Path, capsys: pytest.CaptureFixtur
     assert main(["plot", str(runs[0]), str(runs[1]), "--out", str(out)]) == 0
     assert capsys.readouterr().out.strip() == f"plot: {out}"
     assert_png(out)
+
+
+def test_runs_of_different_lengths_get_a_note(runs: list[Path], tmp_path: Path, capsys) -> None:
+    notes: list[str] = []
+    plot_runs(runs, tmp_path / "p.png", notes=notes)  # ppo-s2 stops at 300, the other seeds go on to 400
+    assert notes == [
+        "ppo on CartPole-v1: the runs end at different steps (300 to 400); its mean and band are drawn over the "
+        "steps that all of them reached (to 300)"
+    ]
+    plot_runs(runs[:2], tmp_path / "p.png", notes=notes)  # the same lengths: no note
+    assert len(notes) == 1
+    assert main(["plot", *map(str, runs[:3]), "--out", str(tmp_path / "cli.png")]) == 0
+    assert capsys.readouterr().out.startswith("note: ppo on CartPole-v1: the runs end at different steps")
 
 
 def test_cli_plot_not_a_run(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -12,8 +12,10 @@ import pytest
 import torch
 
 import policylab as pl
+from policylab.algos import SACConfig
 from policylab.checkpoint import find_checkpoint, load_checkpoint
 from policylab.errors import CheckpointError, TrainingDiverged
+from policylab.logging import read_csv
 from tests.helpers import assert_same_params, params_of
 
 SMALL = {"n_steps": 32, "num_envs": 4, "batch_size": 64, "epochs": 2, "eval_every": 0, "eval_episodes": 2}
@@ -78,6 +80,28 @@ def _trained(tmp_path) -> Path:
     return run.dir
 
 
+def test_checkpoint_files_get_the_umask_mode_so_other_users_can_load_the_policy(tmp_path):
+    import os
+
+    def modes() -> dict[str, int]:
+        return {p.relative_to(run.dir).as_posix(): p.stat().st_mode & 0o777 for p in run.dir.rglob("*") if p.is_file()}
+
+    old = os.umask(0o022)
+    try:
+        run = pl.train(
+            "ppo", env="CartPole-v1", steps=128, seed=0, overrides={**SMALL, "eval_every": 128}, preset="none",
+            runs_dir=tmp_path, verbose=False,
+        )  # fmt: skip
+        assert modes()["best/weights.safetensors"] == modes()["best/state.json"] == 0o644  # not safetensors' 0600
+        assert modes()["checkpoints/step_000000000128/weights.safetensors"] == 0o644
+        os.umask(0o027)
+        pl.train("ppo", resume=run.dir, steps=256, verbose=False)
+    finally:
+        os.umask(old)
+    assert modes()["checkpoints/step_000000000256/weights.safetensors"] == 0o640  # the umask of its writing
+    assert modes()["checkpoints/step_000000000256/state.json"] == 0o640
+
+
 def test_truncated_weights_give_a_clear_error_and_are_left_alone(tmp_path):
     run_dir = _trained(tmp_path)
     weights = find_checkpoint(run_dir) / "weights.safetensors"
@@ -119,6 +143,25 @@ def test_divergence_stops_with_a_clear_message_and_keeps_the_last_good_checkpoin
     run_dir = next(tmp_path.iterdir())
     tensors, state, _ = load_checkpoint(run_dir)
     assert state["step"] == 512 and all(torch.isfinite(v).all() for k, v in tensors.items() if k.startswith("policy/"))
+    assert info.value.fix == (  # PPO takes each remedy (max_grad_norm is on: not suggested)
+        "lower lr (--set lr=3e-05), normalize observations (--set normalize_obs=true), or normalize rewards "
+        "(--set normalize_reward=true)"
+    )
+
+
+def test_divergence_advice_names_only_what_the_algorithm_takes(tmp_path):
+    """Off-policy algorithms refuse normalize_reward: their divergence fix does not suggest it; gradient clipping
+    is suggested where it is off, and an absurd lr gets the algorithm's default."""
+    with pytest.raises(TrainingDiverged) as info:
+        pl.train("dqn", env="tests.envs_for_tests:make_nan_env", steps=2000, preset="none", runs_dir=tmp_path,
+                 verbose=False, overrides={"learning_starts": 100, "log_every": 200, "eval_every": 0})  # fmt: skip
+    assert info.value.fix == "lower lr (--set lr=1e-05), or normalize observations (--set normalize_obs=true)"
+    sac = SACConfig(lr=1e8).divergence_fix()
+    assert sac == (
+        "lower lr (--set lr=0.0003), clip gradients (--set max_grad_norm=10), or normalize observations "
+        "(--set normalize_obs=true)"
+    )
+    assert "normalize_reward" not in sac
 
 
 def test_ctrl_c_saves_a_checkpoint_and_exits_cleanly(tmp_path):
@@ -154,3 +197,42 @@ def test_ctrl_c_saves_a_checkpoint_and_exits_cleanly(tmp_path):
     assert "Traceback" not in err and "resume with: policylab train ppo --resume" in out
     _, state, _ = load_checkpoint(run_dir)
     assert 0 < state["step"] < 10_000_000
+
+
+def test_resuming_a_complete_run_says_so_and_writes_nothing(tmp_path, capsys):
+    from policylab.cli import main
+
+    run = pl.train(
+        "ppo", env="CartPole-v1", steps=256, seed=0, overrides={**SMALL, "eval_every": 128}, preset="none",
+        runs_dir=tmp_path, verbose=False,
+    )  # fmt: skip
+    files = {p: p.read_bytes() for p in run.dir.rglob("*") if p.is_file()}
+    for _ in range(2):
+        assert main(["train", "ppo", "--resume", str(run.dir)]) == 0
+        out = capsys.readouterr().out
+        assert f"{run.dir} is already complete at 256 steps: nothing to train" in out
+        assert f"--resume {run.dir} --steps N, with N above 256" in out
+        assert {p: p.read_bytes() for p in run.dir.rglob("*") if p.is_file()} == files  # no eval row, no checkpoint
+    again = pl.train("ppo", resume=run.dir, verbose=False)
+    assert again.steps == 256 and again.final_eval == run.final_eval and not again.interrupted
+    assert main(["train", "ppo", "--resume", str(run.dir), "--steps", "100"]) == 2
+    assert "is at step 256, past --steps 100" in capsys.readouterr().err
+    more = pl.train("ppo", resume=run.dir, steps=384, verbose=False)  # --steps N trains on to N
+    assert more.steps == 384 and [r["step"] for r in read_csv(run.dir / "eval.csv")] == [128, 256, 384]
+
+
+def test_config_yaml_records_the_rounded_budget_and_a_resume_that_changes_it(tmp_path):
+    import yaml
+
+    def saved_steps() -> int:
+        return yaml.safe_load((run.dir / "config.yaml").read_text())["steps"]
+
+    kwargs = dict(env="CartPole-v1", seed=3, overrides=SMALL, preset="none", runs_dir=tmp_path, verbose=False)
+    full = pl.train("ppo", steps=1500, name="full", **kwargs)  # whole rollouts of 32 x 4: 1,536
+    run = pl.train("ppo", steps=1500, name="part", callback=_stop_at(640), **kwargs)
+    assert saved_steps() == 1536 == run.config.steps and load_checkpoint(run.dir)[1]["config"]["steps"] == 1536
+    resumed = pl.train("ppo", resume=run.dir, verbose=False)  # reads 1,536 back: the same run
+    assert resumed.steps == full.steps == 1536 and saved_steps() == 1536
+    assert_same_params(params_of(full.dir), params_of(resumed.dir))
+    longer = pl.train("ppo", resume=run.dir, steps="2k", verbose=False)
+    assert longer.steps == 2048 == saved_steps() == load_checkpoint(run.dir)[1]["config"]["steps"]

@@ -292,8 +292,13 @@ def test_mdpo_sac_kl_term_is_zero_at_refresh_and_grows_after():
 
 def test_trpo_rejects_shared_and_recurrent_networks():
     for bad in ({"shared_net": True}, {"recurrent": True}):
-        with pytest.raises(ConfigError, match="separate actor and critic"):
+        with pytest.raises(ConfigError, match="separate actor and critic") as info:
             resolve_config(get_algo("trpo"), env="CartPole-v1", overrides=bad)
+        (key,) = bad  # the fix names the one setting given, one --set per key (the command line takes no other form)
+        assert info.value.fix == f"drop {key} (--set {key}=false)"
+    with pytest.raises(ConfigError) as info:
+        resolve_config(get_algo("trpo"), env="CartPole-v1", overrides={"shared_net": True, "recurrent": True})
+    assert "(--set shared_net=false --set recurrent=false)" in str(info.value.fix)
 
 
 @pytest.mark.parametrize(

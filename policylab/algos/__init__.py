@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Any
+
+import gymnasium as gym
+import numpy as np
 
 from policylab.algos.a2c import A2C, A2CConfig
 from policylab.algos.awac import AWAC, AWACConfig
@@ -32,7 +36,8 @@ from policylab.algos.spot import SPOT, SPOTConfig
 from policylab.algos.td3 import TD3, DDPGConfig, TD3BCConfig, TD3Config
 from policylab.algos.tqc import TQC, TQCConfig
 from policylab.algos.trpo import TRPO, TRPOConfig
-from policylab.errors import ConfigError, suggest
+from policylab.errors import ConfigError, PolicylabError, suggest
+from policylab.nets.cnn import VectorObservationsOnly
 
 
 @dataclass(frozen=True)
@@ -48,6 +53,17 @@ class AlgoSpec:
     (data/sources.py). The offline algorithms are off-policy algorithms whose defaults expect a dataset."""
     regimes: tuple[str, ...]
     summary: str
+
+    def build(self, cfg: Any, obs_space: gym.Space, act_space: gym.Space) -> Any:
+        """The algorithm for an env's spaces; image observations given to one whose networks read vectors only
+        are an error naming it and the algorithms that take images."""
+        try:
+            return self.algo_cls(cfg, obs_space, act_space)
+        except VectorObservationsOnly:
+            raise ConfigError(
+                f"{self.name} does not take image observations yet: its networks read vectors",
+                f"use one of {', '.join(image_algorithms())} on images",
+            ) from None
 
 
 ON_POLICY = ("online", "hybrid")
@@ -96,6 +112,28 @@ ALGORITHMS: dict[str, AlgoSpec] = {
 }
 
 
+@functools.cache
+def image_algorithms() -> tuple[str, ...]:
+    """The algorithms whose networks take image observations (uint8 frames through a CNN encoder): found by
+    building each on a small image space, with Discrete or Box actions, rather than written down."""
+    frames = gym.spaces.Box(0, 255, (40, 40, 3), np.uint8)
+    actions = (gym.spaces.Discrete(2), gym.spaces.Box(-1.0, 1.0, (1,), np.float32))
+    found = []
+    for spec in ALGORITHMS.values():
+        offline = "online" not in spec.regimes
+        cfg = spec.config_cls(dataset="dataset") if offline else spec.config_cls()  # the configs need one
+        for act in actions:
+            try:
+                spec.algo_cls(cfg, frames, act)
+            except VectorObservationsOnly:
+                break
+            except PolicylabError:  # an action space it does not take: the other one
+                continue
+            found.append(spec.name)
+            break
+    return tuple(found)
+
+
 def get_algo(name: str) -> AlgoSpec:
     key = name.lower()
     if key not in ALGORITHMS:
@@ -110,6 +148,7 @@ __all__ = [
     "ALGORITHMS",
     "AlgoSpec",
     "get_algo",
+    "image_algorithms",
     "A2C",
     "A2CConfig",
     "AWAC",

@@ -139,7 +139,7 @@ class BC:
             if head != "deterministic":
                 raise EnvError(f"head={head} needs Box actions; this env's are Discrete", "drop head (softmax BC)")
             return DiscreteBCActor(obs_dim(obs_space), int(act_space.n), cfg.hidden_sizes, cfg.activation)
-        low, high = box_bounds(act_space, "bc")
+        low, high = box_bounds(act_space, "bc", cfg)
         if head in GENERATIVE_HEADS:
             sigmas = ve_sigmas(cfg.beta_schedule, cfg.diffusion_steps) if cfg.teacher else None  # the teacher's levels
             return GenerativeActor(generative_head(cfg, head, obs_dim(obs_space), cfg.horizon * low.numel(), sigmas),

@@ -163,7 +163,7 @@ class DiffusionQL:
 
     @staticmethod
     def build_policy(cfg: DiffusionQLConfig, obs_space: gym.Space, act_space: gym.Space) -> CriticSelectedActor:
-        low, high = box_bounds(act_space, "diffusion_ql")
+        low, high = box_bounds(act_space, "diffusion_ql", cfg)
         n_obs = obs_dim(obs_space)
         actor = GenerativeActor(generative_head(cfg, cfg.head, n_obs, low.numel()), low, high)
         critic = ContinuousCritic(n_obs, low.numel(), cfg.hidden_sizes, cfg.activation, cfg.n_critics)

@@ -133,7 +133,7 @@ class DQN:
     def __init__(self, cfg: DQNConfig, obs_space: gym.Space, act_space: gym.Space) -> None:
         self.cfg = cfg
         self.generator = seeded_generator(cfg.seed, cfg.device)
-        self.n_actions = discrete_actions(act_space, "dqn")
+        self.n_actions = discrete_actions(act_space, "dqn", cfg)
         self.net = self.build_policy(cfg, obs_space, act_space).to(cfg.device)
         self.q_opt = FlatAdam(self.net, cfg.lr, cfg.max_grad_norm)
         self.q_target = TargetNetwork(self.net, self.q_opt.params)
@@ -147,7 +147,7 @@ class DQN:
 
     @staticmethod
     def build_policy(cfg: DQNConfig, obs_space: gym.Space, act_space: gym.Space) -> QNetwork:
-        n_actions = discrete_actions(act_space, "dqn")
+        n_actions = discrete_actions(act_space, "dqn", cfg)
         encoder = make_encoder(cfg.encoder, obs_space)
         features = obs_dim(obs_space) if encoder is None else encoder.features
         return QNetwork(

@@ -94,7 +94,7 @@ class SACN(SAC):
 
     @staticmethod
     def build_policy(cfg: SACConfig, obs_space: gym.Space, act_space: gym.Space) -> TanhGaussianActor:
-        low, high = box_bounds(act_space, "sac_n/edac")
+        low, high = box_bounds(act_space, "sac_n/edac", cfg)
         return TanhGaussianActor(obs_dim(obs_space), low, high, cfg.hidden_sizes, cfg.activation, LOG_STD_BOUNDS)
 
     def update(self, batch: Batch, index: int) -> dict[str, Tensor]:

@@ -26,6 +26,7 @@ from policylab.algos.generative_heads import GenerativeHeadConfig, generative_he
 from policylab.algos.onpolicy import OnPolicyConfig, annealed, mean_metrics, normalize, rollout_advantages
 from policylab.data import Batch
 from policylab.errors import ConfigError
+from policylab.nets.cnn import check_vector_observations
 from policylab.nets.generative_ac import GenerativeActorCritic, check_bounded_box
 from policylab.objectives import value_loss
 
@@ -91,6 +92,7 @@ def build_generative_actor_critic(
     cfg: GenerativePGConfig, obs_space: gym.Space, act_space: gym.Space, kind: str, algo: str, min_std: float = 0.1
 ) -> GenerativeActorCritic:
     """A generative actor of `kind` (diffusion: chains are stored; flow: actions) with the config's MLP critic."""
+    check_vector_observations(obs_space)  # the actor and critic are MLPs over the flattened observation
     box = check_bounded_box(act_space, algo)
     head = generative_head(cfg, kind, int(np.prod(obs_space.shape or ())), int(np.prod(box.shape)))
     return GenerativeActorCritic(obs_space, box, head, cfg.hidden_sizes, cfg.activation, cfg.ddim_eta, min_std)
@@ -118,7 +120,7 @@ class GenerativePGLearner:
 
     def __init__(self, net: GenerativeActorCritic, cfg: GenerativePGConfig) -> None:
         self.net, self.cfg = net, cfg
-        self.pretrained_obs_norm = load_pretrained(net, cfg.pretrained) if cfg.pretrained else None
+        self.pretrained_obs_norm = load_pretrained(net, cfg.pretrained, cfg) if cfg.pretrained else None
         self.actor_params = list(net.actor.parameters())
         self.critic_params = list(net.critic.parameters())
         self.optimizer = torch.optim.Adam(
@@ -170,12 +172,14 @@ class GenerativePGLearner:
         return metrics
 
 
-def load_pretrained(net: GenerativeActorCritic, run_dir: str) -> dict[str, Tensor] | None:
-    """Load a BC run's generative head into `net`; returns its observation-normalization statistics (or None)."""
+def load_pretrained(net: GenerativeActorCritic, run_dir: str, cfg: Any = None) -> dict[str, Tensor] | None:
+    """Load a BC run's generative head into `net` (its head kind, env and head settings checked against `cfg`);
+    returns its observation-normalization statistics (or None)."""
+    from policylab.checkpoint import load_checkpoint
     from policylab.policy import load
 
     policy = load(run_dir)
-    net.load_pretrained(policy.net.state_dict())
+    net.load_pretrained(policy.net.state_dict(), load_checkpoint(run_dir)[1].get("config"), cfg, run_dir)
     if policy.obs_normalizer is None:
         return None
     return {k: torch.as_tensor(v) for k, v in policy.obs_normalizer.rms.state().items()}

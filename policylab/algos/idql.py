@@ -101,7 +101,7 @@ class IDQL(IQL):
         obs_space: gym.Space,
         act_space: gym.Space,
     ) -> CriticSelectedActor:
-        low, high = box_bounds(act_space, "idql")
+        low, high = box_bounds(act_space, "idql", cfg)
         n_obs = obs_dim(obs_space)
         actor = GenerativeActor(generative_head(cfg, "diffusion", n_obs, low.numel()), low, high)
         critic = ContinuousCritic(n_obs, low.numel(), cfg.hidden_sizes, cfg.activation, cfg.n_critics)

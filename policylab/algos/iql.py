@@ -93,7 +93,7 @@ class IQL:
 
     @staticmethod
     def build_policy(cfg: IQLConfig, obs_space: gym.Space, act_space: gym.Space) -> nn.Module:
-        low, high = box_bounds(act_space, "iql")
+        low, high = box_bounds(act_space, "iql", cfg)
         actor = DeterministicActor if cfg.deterministic_actor else GaussianActor
         return actor(obs_dim(obs_space), low, high, cfg.hidden_sizes, cfg.activation)
 

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from policylab.config import CommonConfig
+from policylab.config import CommonConfig, set_by
 from policylab.data.her import check_her_config
 from policylab.errors import ConfigError, EnvError
 from policylab.nets import TanhGaussianActor
@@ -104,6 +104,15 @@ class OffPolicyConfig(CommonConfig):
 
     def validate(self) -> None:
         super().validate()
+        if self.her and self.n_step > 1:  # before check_her_config: say where n_step came from (often a preset)
+            where = set_by(self, "n_step")  # named when it is not the user's own --set (a preset, a config file)
+            where = None if where in (None, "--set", "the arguments") else where
+            preset = where is not None and "preset" in where
+            raise ConfigError(
+                f"her=true does not combine with n_step={self.n_step} (n-step returns)"
+                + (f", which {where} sets" if where else ""),
+                "--set n_step=1 (or --preset none), or drop her" if preset else "set n_step=1, or drop her",
+            )
         check_her_config(self)
         check_sde_config(self)
         for name in ("buffer_size", "batch_size", "train_freq", "n_step", "log_every"):
@@ -308,7 +317,7 @@ def tanh_gaussian_policy(
     cfg: OffPolicyConfig, obs_space: gym.Space, act_space: gym.Space, algo: str
 ) -> TanhGaussianActor:
     """The actor of SAC and TQC (with `use_sde`: gSDE's)."""
-    low, high = box_bounds(act_space, algo)
+    low, high = box_bounds(act_space, algo, cfg)
     sde, log_std_init = bool(getattr(cfg, "use_sde", False)), float(getattr(cfg, "log_std_init", -3.0))
     return TanhGaussianActor(
         obs_dim(obs_space), low, high, cfg.hidden_sizes, cfg.activation, sde=sde, log_std_init=log_std_init
@@ -337,27 +346,51 @@ def soft_actor_critic_state(
     return modules, optimizers
 
 
-def box_bounds(act_space: gym.Space, algo: str) -> tuple[Tensor, Tensor]:
-    """The finite bounds of a Box action space (off-policy actors squash into them)."""
+DATASET_BOX_ALGOS = "iql, cql, td3_bc, awac, rebrac or bc"
+DATASET_DISCRETE_ALGOS = "cql_discrete or bc (or dqn, sac_discrete with the dataset mixed in: hybrid)"
+
+
+def run_algo(algo: str, cfg: Any) -> tuple[str, bool]:
+    """(the name of the algorithm `cfg` configures, e.g. td3_bc for TD3 built from a TD3BCConfig, else `algo`;
+    whether the run learns from a dataset) for the errors below."""
+    from policylab.algos import ALGORITHMS
+
+    if cfg is None:
+        return algo, False
+    name = next((n for n, spec in ALGORITHMS.items() if type(cfg) is spec.config_cls), algo)
+    return name, getattr(cfg, "dataset", None) is not None
+
+
+def box_bounds(act_space: gym.Space, algo: str, cfg: Any = None) -> tuple[Tensor, Tensor]:
+    """The finite bounds of a Box action space (off-policy actors squash into them); `cfg` (the run's config) names
+    the algorithm run and whether it has a dataset in the error."""
     if not isinstance(act_space, gym.spaces.Box):
+        name, dataset = run_algo(algo, cfg)
+        where = "the dataset's" if dataset else "this env's"
         raise EnvError(
-            f"{algo} needs a continuous (Box) action space; this env has {type(act_space).__name__}",
-            "use dqn or sac_discrete for Discrete actions, or another env",
+            f"{name} needs a continuous (Box) action space; {where} is {type(act_space).__name__}",
+            f"use {DATASET_DISCRETE_ALGOS} for a dataset of Discrete actions"
+            if dataset
+            else "use dqn or sac_discrete for Discrete actions, or another env",
         )
     low, high = np.asarray(act_space.low, np.float32), np.asarray(act_space.high, np.float32)
     if not (np.isfinite(low).all() and np.isfinite(high).all()):
         raise EnvError(
-            f"{algo} needs finite action bounds; this env's Box is [{low.min()}, {high.max()}]",
+            f"{run_algo(algo, cfg)[0]} needs finite action bounds; this env's Box is [{low.min()}, {high.max()}]",
             "wrap the env with gymnasium.wrappers.RescaleAction (or ClipAction) to give it finite bounds",
         )
     return torch.from_numpy(low), torch.from_numpy(high)
 
 
-def discrete_actions(act_space: gym.Space, algo: str) -> int:
+def discrete_actions(act_space: gym.Space, algo: str, cfg: Any = None) -> int:
     if not isinstance(act_space, gym.spaces.Discrete):
+        name, dataset = run_algo(algo, cfg)
+        where = "the dataset's" if dataset else "this env's"
         raise EnvError(
-            f"{algo} needs a Discrete action space; this env has {type(act_space).__name__}",
-            "use sac, td3, tqc or ddpg for Box actions, or another env",
+            f"{name} needs a Discrete action space; {where} is {type(act_space).__name__}",
+            f"use {DATASET_BOX_ALGOS} for a dataset of Box actions"
+            if dataset
+            else "use sac, td3, tqc or ddpg for Box actions, or another env",
         )
     return int(act_space.n)
 

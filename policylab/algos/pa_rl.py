@@ -193,7 +193,7 @@ class PARL:
     def __init__(self, cfg: PARLConfig, obs_space: gym.Space, act_space: gym.Space) -> None:
         self.cfg = cfg
         self.generator = seeded_generator(cfg.seed, cfg.device)
-        box_bounds(act_space, "pa_rl")
+        box_bounds(act_space, "pa_rl", cfg)
         self.bc = BC(replace(cfg, lr=cfg.actor_lr or cfg.lr), obs_space, act_space)  # the policy and its BC loss
         self.bc.generator = self.generator
         if cfg.pretrained:
@@ -209,7 +209,7 @@ class PARL:
 
     @staticmethod
     def build_policy(cfg: PARLConfig, obs_space: gym.Space, act_space: gym.Space) -> nn.Module:
-        low, _ = box_bounds(act_space, "pa_rl")
+        low, _ = box_bounds(act_space, "pa_rl", cfg)
         critic = ContinuousCritic(obs_dim(obs_space), low.numel(), cfg.hidden_sizes, cfg.activation, cfg.n_critics)
         return PARLPolicy(BC.build_policy(cfg, obs_space, act_space), critic, cfg)
 

@@ -105,7 +105,7 @@ class QRDQN:
     def __init__(self, cfg: QRDQNConfig, obs_space: gym.Space, act_space: gym.Space) -> None:
         self.cfg = cfg
         self.generator = seeded_generator(cfg.seed, cfg.device)
-        self.n_actions = discrete_actions(act_space, "qrdqn")
+        self.n_actions = discrete_actions(act_space, "qrdqn", cfg)
         self.net = self.build_policy(cfg, obs_space, act_space).to(cfg.device)
         eps = 0.01 / cfg.batch_size if cfg.adam_eps is None else cfg.adam_eps
         self.q_opt = FlatAdam(self.net, cfg.lr, cfg.max_grad_norm, eps=eps)
@@ -120,7 +120,7 @@ class QRDQN:
 
     @staticmethod
     def build_policy(cfg: QRDQNConfig, obs_space: gym.Space, act_space: gym.Space) -> QuantileQNetwork:
-        n_actions = discrete_actions(act_space, "qrdqn")
+        n_actions = discrete_actions(act_space, "qrdqn", cfg)
         encoder = make_encoder(cfg.encoder, obs_space)
         features = obs_dim(obs_space) if encoder is None else encoder.features
         return QuantileQNetwork(

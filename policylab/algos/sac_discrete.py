@@ -65,7 +65,7 @@ class DiscreteSAC:
     def __init__(self, cfg: DiscreteSACConfig, obs_space: gym.Space, act_space: gym.Space) -> None:
         self.cfg = cfg
         self.generator = seeded_generator(cfg.seed, cfg.device)
-        self.n_actions = discrete_actions(act_space, "sac_discrete")
+        self.n_actions = discrete_actions(act_space, "sac_discrete", cfg)
         self.net = self.build_policy(cfg, obs_space, act_space).to(cfg.device)
         self.critic = QNetwork(
             obs_dim(obs_space), self.n_actions, cfg.hidden_sizes, cfg.activation, members=cfg.n_critics
@@ -83,7 +83,7 @@ class DiscreteSAC:
 
     @staticmethod
     def build_policy(cfg: DiscreteSACConfig, obs_space: gym.Space, act_space: gym.Space) -> CategoricalActor:
-        n_actions = discrete_actions(act_space, "sac_discrete")
+        n_actions = discrete_actions(act_space, "sac_discrete", cfg)
         return CategoricalActor(obs_dim(obs_space), n_actions, cfg.hidden_sizes, cfg.activation)
 
     def random_actions(self, n: int) -> np.ndarray:

@@ -118,7 +118,7 @@ class TD3:
 
     @staticmethod
     def build_policy(cfg: TD3Config, obs_space: gym.Space, act_space: gym.Space) -> DeterministicActor:
-        low, high = box_bounds(act_space, "td3/ddpg")
+        low, high = box_bounds(act_space, "td3/ddpg", cfg)
         return DeterministicActor(obs_dim(obs_space), low, high, cfg.hidden_sizes, cfg.activation)
 
     def random_actions(self, n: int) -> np.ndarray:

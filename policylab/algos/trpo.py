@@ -90,10 +90,11 @@ class TRPOConfig(OnPolicyConfig):
                 "trpo has no imitation term for demonstrations (a dataset)", "drop --dataset, or use ppo with it"
             )
         if self.shared_net or self.recurrent:
+            given = [key for key in ("shared_net", "recurrent") if getattr(self, key)]
             raise ConfigError(
                 "trpo needs separate actor and critic networks without memory (shared_net=false, recurrent=false): "
                 "a shared body would let the critic's updates move the policy out of the trust region",
-                "drop shared_net / recurrent (--set shared_net=false recurrent=false)",
+                f"drop {' and '.join(given)} ({' '.join(f'--set {key}=false' for key in given)})",
             )
 
 

@@ -49,6 +49,7 @@ import numpy as np
 
 from policylab.data.replay import discounted_returns_to_go
 from policylab.errors import DatasetError, suggest
+from policylab.logging import fixed
 
 FORMAT_VERSION = 1
 LOG_PROB_INFO = "behavior_log_prob"  # per-step infos key of the behaviour policy's log-probability
@@ -140,6 +141,16 @@ class Dataset:
         """D4RL's score of `returns` with this dataset's references (`d4rl_score`)."""
         return d4rl_score(returns, self.ref_min_score, self.ref_max_score)
 
+    def __repr__(self) -> str:
+        """One line (the arrays are left out: `print(pl.collect(...))` shows what was collected, not every step)."""
+        returns = self.episode_returns()
+        stats = f", return {fixed(float(returns.mean()))} +/- {fixed(float(returns.std()))}" if len(returns) else ""
+        where = f", path={str(self.path)!r}" if self.path is not None else ""
+        return (
+            f"Dataset(env={self.env_id!r}, episodes={self.num_episodes}, steps={self.num_steps}{stats}, "
+            f"observation_space={self.observation_space}, action_space={self.action_space}{where})"
+        )
+
     def info(self) -> dict[str, Any]:
         """A JSON-able summary: sizes, returns, lengths, spaces, env, refs and provenance."""
         returns = self.episode_returns()
@@ -174,12 +185,12 @@ def format_info(info: dict[str, Any]) -> str:
         f"env: {info['env_id'] or 'unknown'}" + (f" {info['env_kwargs']}" if info["env_kwargs"] else ""),
         f"episodes: {info['episodes']}, steps: {info['steps']} "
         f"(length mean {info['length_mean']:.1f}, min {info['length_min']}, max {info['length_max']})",
-        f"return: {info['return_mean']:.2f} +/- {info['return_std']:.2f} "
-        f"(min {info['return_min']:.2f}, max {info['return_max']:.2f})",
+        f"return: {fixed(info['return_mean'], 2)} +/- {fixed(info['return_std'], 2)} "
+        f"(min {fixed(info['return_min'], 2)}, max {fixed(info['return_max'], 2)})",
     ]
     if "normalized_return_mean" in info:
         lines.append(
-            f"normalized return: {info['normalized_return_mean']:.1f} +/- {info['normalized_return_std']:.1f} "
+            f"normalized return: {fixed(info['normalized_return_mean'])} +/- {fixed(info['normalized_return_std'])} "
             f"(refs: random {info['ref_min_score']:.2f}, expert {info['ref_max_score']:.2f})"
         )
     lines += [
@@ -403,8 +414,18 @@ def _check_action_bounds(ds: Dataset) -> None:
 # ---------------------------------------------------------------------------------------------- compatibility
 
 
-def _space_difference(a: gym.Space, b: gym.Space) -> str | None:
-    """Why two spaces differ for learning purposes (shape, dtype kind, Discrete n, Box bounds), or None."""
+INFERRED_SPACES = "inferred_spaces"
+"""Metadata key of a dataset whose spaces were guessed from its arrays (a flat D4RL-style file stores none): its
+observation Box is unbounded, its action Box spans the actions seen, its Discrete n is the largest action + 1."""
+
+
+def spaces_inferred(ds: Dataset) -> bool:
+    return bool(ds.metadata.get(INFERRED_SPACES))
+
+
+def _space_difference(a: gym.Space, b: gym.Space, inferred: bool = False) -> str | None:
+    """Why two spaces differ for learning purposes (shape, dtype kind, Discrete n, Box bounds), or None. With
+    `inferred` (`a` guessed from data): `a` fits `b` when its shape and dtype match and what it spans lies in `b`."""
     if type(a) is not type(b):
         return f"{type(a).__name__} vs {type(b).__name__}"
     if isinstance(a, gym.spaces.Box) and isinstance(b, gym.spaces.Box):
@@ -412,10 +433,17 @@ def _space_difference(a: gym.Space, b: gym.Space) -> str | None:
             return f"shape {a.shape} vs {b.shape}"
         if a.dtype.kind != b.dtype.kind:
             return f"dtype {a.dtype} vs {b.dtype}"
+        if inferred:
+            inside = np.all((a.low >= b.low - 1e-6) | ~np.isfinite(a.low)) and np.all(
+                (a.high <= b.high + 1e-6) | ~np.isfinite(a.high)
+            )
+            return None if inside else "the dataset's values fall outside these bounds"
         if not (np.allclose(a.low, b.low) and np.allclose(a.high, b.high)):
             return "bounds differ"
         return None
     if isinstance(a, gym.spaces.Discrete) and isinstance(b, gym.spaces.Discrete):
+        if inferred and a.start == b.start and a.n <= b.n:
+            return None
         if a.n != b.n or a.start != b.start:
             return f"n={a.n} start={a.start} vs n={b.n} start={b.start}"
         return None
@@ -426,12 +454,15 @@ def _space_difference(a: gym.Space, b: gym.Space) -> str | None:
 
 
 def check_compatible(dataset: Dataset, observation_space: gym.Space, action_space: gym.Space, what: str) -> None:
-    """Raise a DatasetError when the dataset's spaces do not match those of `what` (e.g. "the env CartPole-v1")."""
+    """Raise a DatasetError when the dataset's spaces do not match those of `what` (e.g. "the env CartPole-v1").
+    A dataset whose spaces were inferred from its arrays (`spaces_inferred`) fits any spaces of its shapes and
+    dtypes that hold its data, and then takes those spaces (their bounds are the env's, not guesses)."""
+    inferred = spaces_inferred(dataset)
     for kind, ours, theirs in (
         ("observation", dataset.observation_space, observation_space),
         ("action", dataset.action_space, action_space),
     ):
-        why = _space_difference(ours, theirs)
+        why = _space_difference(ours, theirs, inferred)
         if why is not None:
             fix = (
                 f"use the env the dataset was collected in: --env {dataset.env_id}"
@@ -443,15 +474,22 @@ def check_compatible(dataset: Dataset, observation_space: gym.Space, action_spac
                 f"the dataset's {kind} space is {ours}, {what} has {theirs} ({why})",
                 fix,
             )
+    if inferred:
+        dataset.observation_space, dataset.action_space = observation_space, action_space
+        dataset.metadata = {k: v for k, v in dataset.metadata.items() if k != INFERRED_SPACES}
 
 
 def concat_datasets(datasets: Sequence[Dataset]) -> Dataset:
     """One dataset holding the episodes of all of them, in order (same spaces, env id and env kwargs)."""
     if not datasets:
         raise DatasetError("no datasets to concatenate", "give at least one dataset")
-    first = datasets[0]
-    for i, other in enumerate(datasets[1:], start=1):
-        _check_same_source(first, other, _label(first, 0), _label(other, i))
+    known = [i for i, d in enumerate(datasets) if not spaces_inferred(d)]
+    at = known[0] if known else 0  # the spaces, env id and kwargs the others must fit
+    first = datasets[at]
+    for i, other in enumerate(datasets):
+        if i != at:
+            _check_same_source(first, other, _label(first, at), _label(other, i))
+    env_id = next((d.env_id for d in [first, *datasets] if d.env_id), None)
     log_probs = [d.behavior_log_probs for d in datasets]
     mins = [d.ref_min_score for d in datasets if d.ref_min_score is not None]
     maxs = [d.ref_max_score for d in datasets if d.ref_max_score is not None]
@@ -464,12 +502,15 @@ def concat_datasets(datasets: Sequence[Dataset]) -> Dataset:
         episode_lengths=np.concatenate([np.asarray(d.episode_lengths, np.int64) for d in datasets]),
         observation_space=first.observation_space,
         action_space=first.action_space,
-        env_id=first.env_id,
+        env_id=env_id,
         env_kwargs=dict(first.env_kwargs),
         behavior_log_probs=None if any(lp is None for lp in log_probs) else np.concatenate(log_probs),  # type: ignore[arg-type]
         ref_min_score=min(mins) if mins else None,
         ref_max_score=max(maxs) if maxs else None,
-        metadata={"concat_of": [_label(d, i) for i, d in enumerate(datasets)]},
+        metadata={
+            "concat_of": [_label(d, i) for i, d in enumerate(datasets)],
+            **({} if known else {INFERRED_SPACES: True}),
+        },
     )
 
 
@@ -479,13 +520,17 @@ def _label(ds: Dataset, index: int) -> str:
 
 
 def _check_same_source(a: Dataset, b: Dataset, a_label: str, b_label: str) -> None:
+    """`b` (spaces inferred or not) fits `a` (whose spaces are known unless all are inferred); a dataset without
+    an env id (a flat file) takes the others'."""
     what = f"cannot concatenate {a_label} and {b_label}"
     fix = "concatenate only datasets collected in the same env (same id, kwargs and spaces)"
     for kind in ("observation", "action"):
         space_a, space_b = getattr(a, f"{kind}_space"), getattr(b, f"{kind}_space")
-        why = _space_difference(space_a, space_b)
+        why = _space_difference(space_b, space_a, True) if spaces_inferred(b) else _space_difference(space_a, space_b)
         if why is not None:
             raise DatasetError(f"{what}: their {kind} spaces differ ({space_a} vs {space_b}: {why})", fix)
+    if any(d.env_id is None and spaces_inferred(d) for d in (a, b)):
+        return  # a flat file names no env: it takes the other's
     if a.env_id != b.env_id:
         raise DatasetError(f"{what}: env_id {a.env_id!r} vs {b.env_id!r}", fix)
     if _jsonable(a.env_kwargs) != _jsonable(b.env_kwargs):
@@ -932,7 +977,7 @@ def _read_flat_hdf5(path: Path) -> Dataset:
         env_kwargs=json.loads(env_kwargs) if isinstance(env_kwargs, str) else {},
         ref_min_score=_float_or_none(attrs.get("ref_min_score")),
         ref_max_score=_float_or_none(attrs.get("ref_max_score")),
-        metadata={"format": "d4rl-hdf5"},
+        metadata={"format": "d4rl-hdf5", INFERRED_SPACES: True},
         path=path,
         checksum=sha256_file(path),
     )

@@ -135,13 +135,38 @@ class ObservationEncoder:
             if isinstance(part, (gym.spaces.Box, gym.spaces.MultiBinary)):
                 out[:, offset : offset + size] = values.reshape(n, size)
             elif isinstance(part, gym.spaces.Discrete):
-                out[rows, offset + values.astype(np.int64) - int(part.start)] = 1.0
+                index = values.astype(np.int64) - int(part.start)
+                _check_range(index, part.n, part)
+                out[rows, offset + index] = 1.0
             else:
                 assert isinstance(part, gym.spaces.MultiDiscrete)
                 starts = np.cumsum([0, *part.nvec[:-1]])
-                index = offset + starts + values.reshape(n, -1).astype(np.int64) - part.start
-                out[rows[:, None], index] = 1.0
+                index = values.reshape(n, -1).astype(np.int64) - part.start
+                _check_range(index, part.nvec, part)
+                out[rows[:, None], offset + starts + index] = 1.0
         return out
+
+
+def _check_range(index: np.ndarray, n: Any, part: Any) -> None:
+    """Each discrete observation (less its space's start) in [0, n): out of range it would set another entry's bit
+    (negative ones wrap around) or fail with a bare IndexError."""
+    if index.size == 1 and np.ndim(n) == 0:  # one Discrete observation (every env step): Python ints are cheapest
+        if 0 <= int(index[0]) < n:
+            return
+    elif len(index) == 1 and index.size <= 64:  # one MultiDiscrete observation: the same, entry by entry
+        if all(0 <= v < m for v, m in zip(index[0].tolist(), np.ravel(n).tolist(), strict=True)):
+            return
+    elif index.size == 0 or (index.min() >= 0 and (index < n).all()):
+        return
+    bad = (index + part.start)[(index < 0) | (index >= n)].ravel()[0]
+    if isinstance(part, gym.spaces.Discrete):
+        valid = f"{int(part.start)} to {int(part.start) + int(n) - 1}"
+    else:
+        valid = f"each entry from its start {part.start.tolist()} to start + nvec - 1 {(part.start + n - 1).tolist()}"
+    raise EnvError(
+        f"observation {bad} is outside the observation space {part} (valid: {valid})",
+        f"pass observations of the env's space {part}",
+    )
 
 
 def _bounds(part: gym.Space) -> tuple[np.ndarray, np.ndarray]:

@@ -8,8 +8,11 @@ resets finished envs in the same step and reports their final observations
 
 from __future__ import annotations
 
-import importlib
+import contextlib
+import sys
+from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable
 
 import gymnasium as gym
@@ -22,6 +25,7 @@ from policylab.envs.encode import OneHotObservation, needs_encoding, raw_observa
 from policylab.envs.pendulum import PendulumVectorEnv
 from policylab.envs.sync import SyncEnvs
 from policylab.errors import EnvError, suggest
+from policylab.imports import import_user_module
 
 _NUMPY_VECTOR_ENVS: dict[str, type] = {
     "gymnasium.envs.classic_control.cartpole:CartPoleVectorEnv": SameStepCartPoleVectorEnv,
@@ -127,11 +131,17 @@ def resolve_env_id(env_id: str) -> None:
 def _import_entry(target: str) -> Callable[..., gym.Env]:
     module_name, _, attr = target.partition(":")
     try:
-        module = importlib.import_module(module_name)
+        module = import_user_module(module_name)
     except ImportError as exc:
+        top = module_name.partition(".")[0]
+        if exc.name and exc.name.partition(".")[0] != top:  # the user's module imports a missing package
+            fix = f"install {exc.name.partition('.')[0]} (the module {module_name!r} imports it)"
+        else:
+            fix = "run from the folder that holds it, add that folder to PYTHONPATH, or pip install it"
         raise EnvError(
-            f"cannot import module {module_name!r} for env {target!r}: {exc}",
-            "make sure the module is on PYTHONPATH (run from its folder or pip install it)",
+            f"cannot import module {module_name!r} for env {target!r}: {exc} (looked in the current directory "
+            f"{Path.cwd()} and on sys.path)",
+            fix,
         ) from None
     if not hasattr(module, attr):
         raise EnvError(
@@ -170,12 +180,40 @@ def _encoded(env: gym.Env) -> gym.Env:
 def _construct(env_id: str, build: Callable[[], Any]) -> Any:
     """Call an env constructor; a TypeError from bad env_kwargs becomes an error naming them."""
     try:
-        return build()
+        with _mujoco_warnings_once(env_id):
+            return build()
     except TypeError as exc:
         raise EnvError(
             f"cannot create {env_id!r} with the given env_kwargs: {exc}",
             "fix or remove the offending key in env_kwargs (--set env_kwargs={...})",
         ) from None
+
+
+_MUJOCO_WARNINGS_SHOWN: set[str] = set()
+
+
+@contextlib.contextmanager
+def _mujoco_warnings_once(env_id: str) -> Iterator[None]:
+    """MuJoCo prints its warnings from C to stdout (and appends them to MUJOCO_LOG.TXT in the current directory)
+    each time a model compiles: Gymnasium's v5 models give a deprecation warning ('settotalmass') for every env made,
+    13 times in a HalfCheetah-v5 run's output. While an env is made, each distinct warning goes to stderr once per
+    process instead; MuJoCo's own handler is back afterwards (warnings while stepping are printed as MuJoCo does)."""
+    if "mujoco" not in sys.modules and "mujoco" not in str(getattr(gym.registry.get(env_id), "entry_point", "")):
+        yield
+        return
+    import mujoco
+
+    def once(message: str) -> None:
+        if message not in _MUJOCO_WARNINGS_SHOWN:
+            _MUJOCO_WARNINGS_SHOWN.add(message)
+            print(f"MuJoCo warning: {message}", file=sys.stderr, flush=True)
+
+    previous = mujoco.get_mju_user_warning()
+    mujoco.set_mju_user_warning(once)
+    try:
+        yield
+    finally:
+        mujoco.set_mju_user_warning(previous)
 
 
 def make_vec_env(

@@ -3,14 +3,13 @@ loaded from `module:function`, weighted sums of several; and prompt files (JSONL
 
 from __future__ import annotations
 
-import importlib
 import json
 import re
-import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from policylab.imports import import_user_module
 from policylab.llm import LLMError
 
 RewardFn = Callable[..., list[float]]
@@ -108,21 +107,6 @@ def load_reward(spec: str) -> tuple[RewardFn, float]:
     if not callable(fn):
         raise LLMError(f"reward {target!r} is not callable", "point at a function") from None
     return fn, weight
-
-
-def import_user_module(name: str) -> Any:
-    """The module `name`, found as `python -m` finds it: on sys.path, else in the current directory (which a
-    console script's sys.path lacks; it is then put first on sys.path, as `python -m` has it)."""
-    try:
-        return importlib.import_module(name)
-    except ModuleNotFoundError as exc:
-        cwd = str(Path.cwd())
-        missing = exc.name or ""
-        if cwd in sys.path or not (name == missing or name.startswith(missing + ".")):
-            raise  # a module the user's module imports is missing, or the current directory was searched already
-        sys.path.insert(0, cwd)
-        importlib.invalidate_caches()
-        return importlib.import_module(name)
 
 
 RewardSpec = str | RewardFn | tuple[str | RewardFn, float]

@@ -23,8 +23,11 @@ from policylab.errors import ConfigError, EnvError
 from policylab.nets import matmul
 
 ENCODERS = ("auto", "mlp", "nature", "impala")
-IMAGE_ALGOS = ("ppo", "a2c", "reinforce", "dqn", "qrdqn")
-"""The algorithms that build an image encoder; the others flatten vectors only."""
+
+
+class VectorObservationsOnly(ConfigError):
+    """Image observations given to an algorithm whose networks read vectors only (`AlgoSpec.build` names the
+    algorithm and those that take images)."""
 
 
 @dataclass(frozen=True)
@@ -192,9 +195,9 @@ class FlatFrames(ImageEncoder):
 def check_vector_observations(space: gym.Space) -> None:
     """For the algorithms whose networks read vectors only: an error for image observations."""
     if image_layout(space) is not None or getattr(space, "images", None):
-        raise ConfigError(
+        raise VectorObservationsOnly(
             "this algorithm does not take image observations yet; its networks read vectors",
-            f"use one of {', '.join(IMAGE_ALGOS)} on images",
+            "use an algorithm that builds an image encoder on images (policylab.algos.image_algorithms() lists them)",
         )
 
 

@@ -17,6 +17,7 @@ Noise is drawn for a whole rollout in one call (`head.noise`), as for the Gaussi
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import gymnasium as gym
 import numpy as np
@@ -161,14 +162,71 @@ class GenerativeActorCritic(nn.Module):
         its zero-noise sample may fall between modes)."""
         return self.actor.env_action(obs.reshape(obs.shape[0], self.obs_dim), deterministic, generator)
 
-    def load_pretrained(self, tensors: dict[str, Tensor]) -> None:
+    def load_pretrained(
+        self, tensors: dict[str, Tensor], theirs: dict[str, Any] | None = None, mine: Any = None, run_dir: str = ""
+    ) -> None:
         """Take a behaviour-cloned generative policy's weights (`policylab train bc --set head=...`): its
-        `head.*` tensors go into the actor's head; the critic starts fresh."""
-        mine = self.actor.head.state_dict()
-        theirs = {k[len("head.") :]: v for k, v in tensors.items() if k.startswith("head.")}
-        if set(theirs) != set(mine) or any(theirs[k].shape != mine[k].shape for k in mine):
+        `head.*` tensors go into the actor's head; the critic starts fresh. `theirs` (the BC run's config) and
+        `mine` (this run's) are checked first: the head kind this network needs, the env and the head settings the
+        weights were trained under, each difference named with the setting that removes it."""
+        kind = "diffusion" if self.stored == "chain" else "flow"
+        if theirs is not None and mine is not None:
+            check_pretrained_config(theirs, mine, kind, run_dir)
+        mine_tensors = self.actor.head.state_dict()
+        given = {k[len("head.") :]: v for k, v in tensors.items() if k.startswith("head.")}
+        if set(given) != set(mine_tensors) or any(given[k].shape != mine_tensors[k].shape for k in mine_tensors):
             raise ConfigError(
-                "the pretrained policy's generative head does not match this run's",
-                "use the same head kind, hidden_sizes, train_steps and action space as the BC run",
+                "the pretrained policy's generative head does not match this run's (its tensors differ in names "
+                "or shapes: a different head kind, denoiser_hidden_sizes or action space)",
+                f"pretrain with `policylab train bc --set head={kind}` on this run's env, with this run's "
+                "denoiser_hidden_sizes",
             )
-        self.actor.head.load_state_dict(theirs)
+        self.actor.head.load_state_dict(given)
+
+
+PRETRAINED_HEAD_FIELDS = ("denoiser_hidden_sizes", "denoiser_activation", "diffusion_steps", "beta_schedule")
+"""The head settings a BC run's weights were trained under and a fine-tuning run must share (sample_steps and
+ddim_eta only change acting, so they may differ; flow_time only changes flow training)."""
+
+ALGO_OF_KIND = {"diffusion": "dppo", "flow": "fpo"}
+
+
+def set_value(value: Any) -> str:
+    """`value` as `--set key=VALUE` parses it back (lists without spaces, so no shell quoting is needed)."""
+    if isinstance(value, list | tuple):
+        return "[" + ",".join(set_value(v) for v in value) + "]"
+    return str(value)
+
+
+def check_pretrained_config(theirs: dict[str, Any], mine: Any, kind: str, run_dir: str = "") -> None:
+    """One clear error when the BC run whose config is `theirs` cannot start this run (`mine`, whose head is
+    `kind`): not a bc run, a head of another kind, another env, or other weight-shaping head settings."""
+    algo = ALGO_OF_KIND[kind]
+    name = f"pretrained={run_dir}" if run_dir else "the pretrained run"
+    if theirs.get("algo", "bc") != "bc":
+        raise ConfigError(
+            f"{name} is a {theirs.get('algo')} run, not a bc run",
+            f"pretrain with `policylab train bc --set head={kind}`",
+        )
+    head = theirs.get("head", "deterministic")
+    if head != kind:
+        other = ALGO_OF_KIND.get(str(head))
+        raise ConfigError(
+            f"{name} is a bc run with head={head}, but {algo} fine-tunes a {kind} head",
+            f"pretrain with `policylab train bc --set head={kind}`"
+            + (f", or fine-tune this {head} head with `policylab train {other}`" if other else ""),
+        )
+    env = getattr(mine, "env", None)
+    if theirs.get("env") and env and theirs["env"] != env:
+        raise ConfigError(
+            f"{name} was trained on {theirs['env']}, this run is on {env}",
+            f"run this one with --env {theirs['env']}, or pretrain on {env}",
+        )
+    differ = [k for k in PRETRAINED_HEAD_FIELDS if k in theirs and theirs[k] != getattr(mine, k)]
+    if differ:
+        detail = "; ".join(f"{k}={set_value(theirs[k])} there, {set_value(getattr(mine, k))} here" for k in differ)
+        sets = " ".join(f"--set {k}={set_value(theirs[k])}" for k in differ)
+        raise ConfigError(
+            f"the pretrained bc run's {kind} head does not match this run's ({detail})",
+            f"add {sets} to this run (or pretrain with this run's settings)",
+        )
