@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from policylab.config import CommonConfig, set_by
+from policylab.config import CommonConfig, algorithm_of, set_by
 from policylab.data.her import check_her_config
 from policylab.errors import ConfigError, EnvError
 from policylab.nets import TanhGaussianActor
@@ -353,12 +353,9 @@ DATASET_DISCRETE_ALGOS = "cql_discrete or bc (or dqn, sac_discrete with the data
 def run_algo(algo: str, cfg: Any) -> tuple[str, bool]:
     """(the name of the algorithm `cfg` configures, e.g. td3_bc for TD3 built from a TD3BCConfig, else `algo`;
     whether the run learns from a dataset) for the errors below."""
-    from policylab.algos import ALGORITHMS
-
     if cfg is None:
         return algo, False
-    name = next((n for n, spec in ALGORITHMS.items() if type(cfg) is spec.config_cls), algo)
-    return name, getattr(cfg, "dataset", None) is not None
+    return algorithm_of(cfg) or algo, getattr(cfg, "dataset", None) is not None
 
 
 def box_bounds(act_space: gym.Space, algo: str, cfg: Any = None) -> tuple[Tensor, Tensor]:
