@@ -1179,8 +1179,10 @@ def test_resuming_a_finished_run_reports_its_final_evaluation_and_says_it_has_fi
         state = json.loads(state_file.read_text())
         state["initial"] = {"accuracy": -1.0, "reward": -1.0}
         state_file.write_text(json.dumps(state))
+    written = {p: p.stat().st_mtime_ns for p in [run.dir / "eval.json", *(run.dir / "model").iterdir()]}
     assert _cli("train", "--resume", run.dir, "--no-progress") == 0  # no algo: the run's
     out = capsys.readouterr().out
+    assert {p: p.stat().st_mtime_ns for p in written} == written  # complete: nothing rewritten
     assert "has already finished (step 2 of 2): nothing to train" in out, out
     assert f"-> {run.final_eval['accuracy']:.3f}" in out and f"run directory: {run.dir}" in out
     assert json.loads((run.dir / "eval.json").read_text())["accuracy"] == run.final_eval["accuracy"]

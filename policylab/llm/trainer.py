@@ -1233,8 +1233,9 @@ def train_llm(
             bar.close()
         if trainer.workers is not None:
             trainer.workers.close()
-    trainer.save(run_dir)
-    log.write_summary({"step": trainer.step, **last, "initial": initial})
+    if not (resume is not None and start >= cfg.steps and "last" in state):  # a complete run: nothing to write
+        trainer.save(run_dir)
+        log.write_summary({"step": trainer.step, **last, "initial": initial})
     log.close()
     say(f"done: {trainer.step} steps; accuracy {initial['accuracy']:.3f} -> {last['accuracy']:.3f}")
     say(f"run directory: {run_dir}")
