@@ -181,6 +181,35 @@ def test_a_vector_only_algorithm_on_images_names_itself_and_every_algorithm_that
         assert run.steps >= 256 and run.final_eval is not None
 
 
+def test_trpos_critic_steps_leave_the_shared_encoder_to_the_policy_step():
+    """TRPO's critic (Adam on the value loss) must not move the image encoder the actor reads, or the policy would
+    leave the trust region between updates (SB3-contrib's TRPO drops those gradients too): the critic's weights
+    move, the encoder's do not, and the natural-gradient step still trains the encoder."""
+    from policylab.algos.trpo import TRPO, TRPOConfig
+    from policylab.data import Batch
+
+    env = PixelGrid()
+    cfg = TRPOConfig(env=GRID, n_steps=32, batch_size=16, n_critic_updates=3, seed=0)
+    algo = TRPO(cfg, env.observation_space, env.action_space)
+    assert algo.net.encoder is not None
+    generator = torch.Generator().manual_seed(0)
+    n = 32
+    obs = torch.randint(0, 256, (n, *env.observation_space.shape), dtype=torch.uint8, generator=generator)
+    actions = torch.randint(0, int(env.action_space.n), (n,), generator=generator)
+    data = Batch(obs=obs, actions=actions, advantages=torch.randn(n, generator=generator))
+    data.returns = torch.randn(n, generator=generator)
+    with torch.no_grad():
+        data.logp = algo.net.evaluate(obs, actions)[0]
+    encoder = [p.detach().clone() for p in algo.net.encoder.parameters()]
+    others = {name: p.detach().clone() for name, p in algo.net.named_parameters() if not name.startswith("encoder.")}
+    algo.critic_steps(data)
+    assert all(torch.equal(p, q) for p, q in zip(algo.net.encoder.parameters(), encoder, strict=True))
+    assert any(not torch.equal(p, others[name]) for name, p in algo.net.named_parameters() if name in others)
+    moved = algo.policy_step(data, target_kl=0.05)
+    assert float(moved["line_search_success"]) == 1.0
+    assert any(not torch.equal(p, q) for p, q in zip(algo.net.encoder.parameters(), encoder, strict=True))
+
+
 def test_precision_bf16_runs_the_encoder_in_bfloat16():
     """Where the CPU has native bfloat16, precision=bf16 runs the CNN under autocast: float32 features within
     bfloat16's precision of the float32 ones, and gradients in the float32 weights; a forward without gradients on

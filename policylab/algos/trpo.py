@@ -177,7 +177,7 @@ class TRPO:
         """n_critic_updates epochs of shuffled minibatches of Adam on (V - R)^2: through the critic's member alone
         (`value_step`) on the fused path, else the actor-critic step with zero advantages (so the policy gets no
         gradient) and vf_coef 1."""
-        cfg, step = self.cfg, self.learner.step
+        step = self.learner.step
         fused = step if isinstance(step, FusedActorCriticStep) else None
         if fused is not None:
             self.learner.params.zero_grad()  # the actor's entries stay zero through value_step
@@ -185,7 +185,27 @@ class TRPO:
         critic.returns = data.returns
         loss = ActorCriticLoss(clip_low=None, vf_coef=1.0, ent_coef=0.0)
         values: list[Tensor] = []
-        n = len(critic)
+        # An image encoder feeds actor and critic: the value loss's gradient into it is dropped (SB3-contrib's TRPO
+        # does the same), else the critic's steps would move the policy outside the trust region. The encoder then
+        # learns through the natural-gradient step alone (its Adam moments stay zero: Adam never moves it).
+        encoder = [] if self.net.encoder is None else list(self.net.encoder.parameters())
+        hooks = [p.register_hook(torch.zeros_like) for p in encoder]
+        try:
+            self._critic_epochs(data, critic, loss, fused, values)
+        finally:
+            for hook in hooks:
+                hook.remove()
+        return {"value_loss": torch.stack(values).mean()}
+
+    def _critic_epochs(
+        self,
+        data: Batch,
+        critic: Batch,
+        loss: ActorCriticLoss,
+        fused: FusedActorCriticStep | None,
+        values: list[Tensor],
+    ) -> None:
+        cfg, step, n = self.cfg, self.learner.step, len(critic)
         for epoch in range(cfg.n_critic_updates):
             order = torch.randperm(n, generator=self.generator, device=data.obs.device)
             last = epoch == cfg.n_critic_updates - 1
@@ -199,7 +219,6 @@ class TRPO:
                     v_loss = metrics["value_loss"]
                 if last:
                     values.append(v_loss)  # type: ignore[arg-type]
-        return {"value_loss": torch.stack(values).mean()}
 
 
 class ActorFisher:
