@@ -75,6 +75,11 @@ class GenerativePGConfig(OnPolicyConfig, GenerativeHeadConfig):
             )
         if self.recurrent:
             raise ConfigError("generative policies have no recurrent version", "drop --set recurrent=true")
+        if self.use_sde:  # the option comes with the on-policy config; a denoising chain has no Gaussian head
+            raise ConfigError(
+                "use_sde is gSDE for Gaussian actors; a generative policy explores through its own sampling noise",
+                "drop --set use_sde=true (or train ppo, a2c, reinforce or trpo with it)",
+            )
         rollout = self.n_steps * self.num_envs
         if not 0 < self.batch_size <= rollout:
             raise ConfigError(
