@@ -154,9 +154,10 @@ def test_generative_on_policy_errors_name_the_fix(weak_bc, navigation, tmp_path)
         pl.train("dppo", env=NAV, dataset=str(navigation), steps=64, runs_dir=tmp_path, verbose=False)
     with pytest.raises(pl.PolicylabError, match="Box actions"):
         pl.train("fpo", env="CartPole-v1", steps=64, overrides=SMALL, runs_dir=tmp_path, verbose=False)
-    for algo in ("dppo", "fpo"):  # gSDE is for Gaussian actors: refused, not ignored
-        with pytest.raises(ConfigError, match="use_sde is gSDE for Gaussian actors"):
-            pl.train(algo, env=NAV, steps=64, overrides={**SMALL, "use_sde": True}, runs_dir=tmp_path, verbose=False)
+    for algo, option in (("dppo", {"use_sde": True}), ("fpo", {"ent_coef": 0.01, "ortho_init": False})):
+        with pytest.raises(ConfigError, match="for the Gaussian actor-critic") as err:  # refused, not ignored
+            pl.train(algo, env=NAV, steps=64, overrides={**SMALL, **option}, runs_dir=tmp_path, verbose=False)
+        assert err.value.fix == f"drop {' '.join(f'--set {k}={v}' for k, v in option.items())} (or train ppo with it)"
 
 
 def test_pretrained_run_of_another_head_env_or_settings_is_refused_by_name(navigation, tmp_path):

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any, ClassVar
 
 import gymnasium as gym
@@ -32,6 +32,20 @@ from policylab.objectives import value_loss
 
 PolicyLoss = Callable[[Batch], tuple[Tensor, dict[str, Tensor]]]
 """minibatch -> (policy loss, detached metrics with approx_kl)."""
+
+
+GAUSSIAN_ACTOR_OPTIONS = (
+    "use_sde",
+    "sde_sample_freq",
+    "log_std_init",
+    "squash_actions",
+    "ent_coef",
+    "shared_net",
+    "ortho_init",
+)
+"""OnPolicyConfig fields that only the Gaussian / categorical actor-critic reads: a generative run refuses other
+values than their defaults instead of ignoring them."""
+GAUSSIAN_DEFAULTS = {f.name: f.default for f in fields(OnPolicyConfig) if f.name in GAUSSIAN_ACTOR_OPTIONS}
 
 
 @dataclass
@@ -75,10 +89,17 @@ class GenerativePGConfig(OnPolicyConfig, GenerativeHeadConfig):
             )
         if self.recurrent:
             raise ConfigError("generative policies have no recurrent version", "drop --set recurrent=true")
-        if self.use_sde:  # the option comes with the on-policy config; a denoising chain has no Gaussian head
+        ignored = [
+            f"{key}={getattr(self, key)}"
+            for key in GAUSSIAN_ACTOR_OPTIONS
+            if getattr(self, key) != GAUSSIAN_DEFAULTS[key]
+        ]
+        if ignored:  # options that come with the on-policy config but shape a Gaussian or categorical actor-critic
             raise ConfigError(
-                "use_sde is gSDE for Gaussian actors; a generative policy explores through its own sampling noise",
-                "drop --set use_sde=true (or train ppo, a2c, reinforce or trpo with it)",
+                f"{', '.join(ignored)}: {'this option is' if len(ignored) == 1 else 'these options are'} for the "
+                "Gaussian actor-critic of ppo, a2c, reinforce and trpo; a generative policy explores through its own "
+                "sampling noise and has its own actor and critic",
+                f"drop {' '.join(f'--set {item}' for item in ignored)} (or train ppo with it)",
             )
         rollout = self.n_steps * self.num_envs
         if not 0 < self.batch_size <= rollout:
