@@ -189,6 +189,11 @@ def _behaviour(policy: Any, space: gym.Space, noise: float, seed: int) -> ActFn:
         n = int(space.n)
         if policy == "random":
             return lambda obs: (rng.integers(n, size=len(obs)) + space.start, np.full(len(obs), -math.log(n)))
+        if noise > 1:
+            raise PolicylabError(
+                f"noise={noise:g}: for Discrete actions noise is epsilon-greedy's epsilon, a probability",
+                "pass --noise between 0 and 1 (1: uniform actions)",
+            )
         greedy_fn = _greedy(policy)
 
         def epsilon_greedy(obs: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:

@@ -101,6 +101,7 @@ class CommonConfig:
     def validate(self) -> None:
         """Reject values that type checks cannot catch; subclasses extend this."""
         positive(self, "steps", "num_envs", "eval_episodes")
+        check_seed(self.seed)
         check_threads(self.threads)
         check_device(self.device)
         from policylab.nets import matmul
@@ -145,6 +146,12 @@ def check_threads(threads: int | str) -> None:
         f"threads={threads!r} is neither a positive number nor auto",
         "use --set threads=auto (the default: as many as the free cores allow) or a number such as 1",
     )
+
+
+def check_seed(seed: int) -> None:
+    """Seeds are whole numbers >= 0 (Gymnasium's and numpy's rule): one error here, not a traceback from an env."""
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise ConfigError(f"seed={seed!r}: a seed is a whole number >= 0", "pass e.g. --seed 0 (or seed=0)")
 
 
 DEVICES = "cpu, cuda (cuda:N for GPU N), mps"

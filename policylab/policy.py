@@ -226,17 +226,26 @@ MAX_EVAL_EPISODE_STEPS = 100_000
 
 
 def evaluate(
-    policy: Policy,
-    episodes: int,
-    seed: int,
+    policy: Policy | str | Path,
+    episodes: int = 10,
+    seed: int = 0,
     env_id: str | None = None,
     env_kwargs: dict[str, Any] | None = None,
     deterministic: bool = True,
     max_envs: int = 16,
 ) -> dict[str, Any]:
-    """Run `episodes` full episodes (spread over up to `max_envs` parallel envs). Returns summary statistics."""
-    if episodes < 1:
-        raise PolicylabError(f"episodes={episodes}: at least one episode is needed", "pass --episodes 1 or more")
+    """Run `episodes` full episodes of `policy` (a loaded Policy, or a run directory: its final policy), spread over
+    up to `max_envs` parallel envs. Returns summary statistics: return_mean / std / min / max, length_mean,
+    episodes."""
+    if not isinstance(policy, Policy):
+        policy = load(policy)
+    if isinstance(episodes, bool) or not isinstance(episodes, int) or episodes < 1:
+        raise PolicylabError(f"episodes={episodes!r}: at least one episode is needed", "pass --episodes 1 or more")
+    if isinstance(max_envs, bool) or not isinstance(max_envs, int) or max_envs < 1:
+        raise PolicylabError(f"max_envs={max_envs!r}: at least one env is needed", "pass max_envs=1 or more")
+    from policylab.config import check_seed
+
+    check_seed(seed)
     env_id = env_id or policy.env_id
     if env_id is None:
         raise PolicylabError("the policy does not know its env", "pass env_id")

@@ -725,6 +725,10 @@ def report(
     returns where they are known (`refs` {env: (min, max)}, else the run's dataset); runs of several envs need
     them. `threshold` is the optimality gap's target (default 100 for normalized scores; none otherwise).
     `out` is written to a temporary folder and renamed into place; a non-empty one needs `overwrite=True`."""
+    if isinstance(run_dirs, str | Path):  # one run given as itself, not as a list of one
+        run_dirs = [run_dirs]
+    if isinstance(group_by, str):  # "algo,lr" as the CLI's --group-by takes it
+        group_by = [key.strip() for key in group_by.split(",") if key.strip()]
     _check_confidence(confidence)
     _check_reps(reps)
     if curve_statistic not in CURVE_STATISTICS:

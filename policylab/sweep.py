@@ -37,7 +37,7 @@ import yaml
 
 from policylab.checkpoint import atomic_write_text
 from policylab.cluster import import_ray, start_ray
-from policylab.config import apply_values, field_types, parse_count
+from policylab.config import apply_values, check_seed, field_types, parse_count
 from policylab.errors import ConfigError, PolicylabError, suggest
 from policylab.logging import SUMMARY_JSON, TRAIN_CSV
 
@@ -170,6 +170,8 @@ def check_spec(spec: SweepSpec) -> None:
     from policylab.train import resolve_config
 
     algo = get_algo(spec.algo)
+    for seed in spec.seeds:  # every seed, not only the first one resolve_config sees below
+        check_seed(seed)
     fields = field_types(algo.config_cls)
     for key in spec.grid_keys():
         if key not in fields:
@@ -516,7 +518,8 @@ def sweep(
             sweep_dir = new_sweep_dir(Path(sweeps_dir).resolve(), spec.name())
         write_sweep_yaml(sweep_dir, spec, workers, address)
         (sweep_dir / STOP_FILE).unlink(missing_ok=True)
-        say(f"sweep {sweep_dir}: {len(runs)} runs, {workers} at a time, {spec.threads} thread(s) each")
+        count = f"{len(runs)} run{'s' if len(runs) != 1 else ''}, {min(workers, len(runs))} at a time"
+        say(f"sweep {sweep_dir}: {count}, {spec.threads} thread(s) each")
         live = progress if progress is not None else os.isatty(1)
         results = _drive(sweep_dir, spec, runs, workers, "silent" if not verbose else ("live" if live else "lines"))
     finally:

@@ -194,3 +194,17 @@ def test_eval_video_into_a_new_folder_makes_it(capsys, cartpole_run, tmp_path):
     out = tmp_path / "videos" / "new" / "cartpole.gif"
     assert main(["eval", str(cartpole_run.dir), "--episodes", "1", "--video", str(out)]) == 0
     assert out.stat().st_size > 1000 and f"video: {out}" in capsys.readouterr().out
+
+
+def test_seeds_are_checked_up_front_and_evaluate_takes_a_run_directory(capsys, cartpole_run, tmp_path):
+    """A negative seed is one error naming the rule (it was Gymnasium's traceback from inside the env), in train,
+    eval and pl.evaluate; pl.evaluate loads a run directory itself, with the CLI's defaults."""
+    assert main(["train", "ppo", "--env", "CartPole-v1", "--steps", "2k", "--seed", "-1", "--runs-dir",
+                 str(tmp_path)]) == 2  # fmt: skip
+    assert "seed=-1: a seed is a whole number >= 0" in capsys.readouterr().err and not any(tmp_path.iterdir())
+    assert main(["eval", str(cartpole_run.dir), "--seed", "-1"]) == 2
+    assert "seed=-1" in capsys.readouterr().err
+    result = pl.evaluate(str(cartpole_run.dir), episodes=2)  # a run directory, seed 0 by default
+    assert result == pl.evaluate(pl.load(cartpole_run.dir), 2, 0) and result["episodes"] == 2
+    with pytest.raises(PolicylabError, match="max_envs=0"):
+        pl.evaluate(cartpole_run.dir, 2, max_envs=0)

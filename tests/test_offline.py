@@ -169,6 +169,9 @@ def test_inverted_reference_returns_are_refused_or_left_out(tmp_path, capsys):
     with pytest.raises(PolicylabError, match="ref_max_score=-2000 is not above ref_min_score=-100"):
         collect("Pendulum-v1", "random", 1, ref_min_score=-100.0, ref_max_score=-2000.0, out=tmp_path / "x")
     assert not (tmp_path / "x").exists()
+    with pytest.raises(PolicylabError, match="noise=2: for Discrete actions noise is epsilon-greedy's epsilon"):
+        collect("CartPole-v1", lambda obs: np.zeros(len(obs), np.int64), 1, noise=2.0, out=tmp_path / "y")
+    assert not (tmp_path / "y").exists()
     assert main(["collect", "--env", "Pendulum-v1", "--ref-min", "-100", "--ref-max", "-2000", "--out",
                  str(tmp_path / "y")]) == 2  # fmt: skip
     assert "error: ref_max_score=-2000 is not above" in capsys.readouterr().err and not (tmp_path / "y").exists()

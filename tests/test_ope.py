@@ -146,6 +146,8 @@ def test_the_unknown_estimator_error_lists_every_accepted_name(chain_dataset):
     report = evaluate_policy(chain_dataset, _chain_policy(0), ["fqe"], gamma=GAMMA, bootstrap=0,
                              fqe=FQEConfig(steps=50))  # fmt: skip
     assert set(report.results) == {"fqe"}  # and what it lists is accepted
+    as_text = evaluate_policy(chain_dataset, _chain_policy(0), "pdis,wpdis", gamma=GAMMA, bootstrap=0)
+    assert set(as_text.results) == {"pdis", "wpdis"}  # a string is the CLI's comma list, not its characters
 
 
 def test_a_greedy_q_policy_at_epsilon_0_gets_a_note_pointing_to_epsilon():

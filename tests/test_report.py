@@ -517,6 +517,13 @@ def test_group_by_config_keys_compares_variants_of_one_algorithm(tmp_path: Path)
     assert "lr" in error.value.fix
 
 
+def test_one_run_and_a_comma_list_of_keys_are_taken_as_given(tmp_path: Path) -> None:
+    """A string is one run directory (not its characters) and group_by="algo,lr" the CLI's comma list."""
+    run = fake_run(tmp_path / "runs", "sac", "Pendulum-v1", 0, [-200.0], config={"lr": 0.001})
+    result = report(str(run), tmp_path / "one", reps=100, group_by="algo,lr")
+    assert list(result.aggregates) == ["sac lr=0.001"]
+
+
 def test_an_unknown_group_by_key_lists_every_key_the_run_has(tmp_path: Path) -> None:
     many = {f"key_{i:02d}": i for i in range(20)}
     run = fake_run(tmp_path / "runs", "ppo", "CartPole-v1", 0, [1.0], config={**many, "nested": {"a": 1}})

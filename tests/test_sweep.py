@@ -119,6 +119,8 @@ def test_bad_input_fails_before_anything_starts(tmp_path, monkeypatch):
     assert "Did you mean: lr" in str(info.value) and info.value.fix
     with pytest.raises(ConfigError, match="bad value for 'lr' in --grid"):
         pl.sweep("ppo", grid={"lr": ["0.001", "fast"]}, **base)
+    with pytest.raises(ConfigError, match="seed=-1: a seed is a whole number >= 0"):  # not only the first seed
+        pl.sweep("ppo", **{**base, "seeds": [1, -1]})
     with pytest.raises(ConfigError, match="bad value for 'ent_coef' in --point"):
         pl.sweep("ppo", points=[{"lr": "0.001", "ent_coef": "none"}], **base)
     with pytest.raises(ConfigError, match="grid axis 'lr' has no values"):

@@ -85,7 +85,7 @@ def _cell(value: float, width: int) -> str:
 def evaluate_policy(
     dataset: str | Path | Dataset,
     policy: str | Path | Policy,
-    estimators: list[str] | tuple[str, ...] = DEFAULT_ESTIMATORS,
+    estimators: str | list[str] | tuple[str, ...] = DEFAULT_ESTIMATORS,
     *,
     gamma: float | None = None,
     bootstrap: int = 1000,
@@ -156,7 +156,9 @@ def _check_fits(data: Dataset, policy: Policy) -> None:
         ) from None
 
 
-def _check_names(estimators: list[str] | tuple[str, ...]) -> list[str]:
+def _check_names(estimators: str | list[str] | tuple[str, ...]) -> list[str]:
+    if isinstance(estimators, str):  # "pdis" or "fqe,pdis" as the CLI's --estimators takes it
+        estimators = estimators.split(",")
     names = [n.strip() for n in estimators if n.strip()]
     if not names:
         raise ConfigError("no estimator given", "e.g. --estimators fqe,pdis,wdr")
