@@ -654,11 +654,17 @@ def add_certify_parser(sub: argparse._SubParsersAction) -> None:
         help="certified return of a smoothed policy under l2 observation attacks (policy smoothing)",
     )
     p.add_argument("run", help="run directory (or a checkpoint directory)")
-    p.add_argument("--sigma", type=float, default=0.2, help="std of the smoothing noise, observation units")
-    p.add_argument("--samples", default="10000", help="smoothed episodes to sample (e.g. 10000, 10k)")
-    p.add_argument("--alpha", type=float, default=0.05, help="failure probability: confidence 1 - alpha")
+    p.add_argument(
+        "--sigma", type=float, default=0.2, help="std of the smoothing noise, observation units (default 0.2)"
+    )
+    p.add_argument("--samples", default="10000", help="smoothed episodes to sample (default 10000; e.g. 10k)")
+    p.add_argument("--alpha", type=float, default=0.05, help="failure probability: confidence 1 - alpha (default 0.05)")
     p.add_argument("--eps", help="attack budgets, comma-separated (default: 11 points from 0 to 4 sigma)")
-    p.add_argument("--out", default="certificate.png", help="the plot; its numbers go beside it (.json, .csv)")
+    p.add_argument(
+        "--out",
+        default="certificate.png",
+        help="the plot (default: certificate.png); its numbers go beside it (.json, .csv)",
+    )
     p.add_argument("--no-attack", action="store_true", help="skip the empirical gradient attack")
     p.add_argument("--attack-episodes", type=int, default=100, help="attacked episodes per eps (default 100)")
     p.add_argument("--horizon", type=int, help="the env's episode-length cap, if it has no registered time limit")
@@ -674,7 +680,7 @@ def add_certify_parser(sub: argparse._SubParsersAction) -> None:
         help="return thresholds of --bound clopper-pearson: START:STOP[:STEP] (STOP included) or a comma list",
     )
     p.add_argument("--best", action="store_true", help="the best evaluated policy (best/), not the final one")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the smoothing noise and the envs (default 0)")
     p.set_defaults(func=run_certify_command)
 
 

@@ -78,6 +78,7 @@ def _plot(args: argparse.Namespace) -> int:
 
 def _list(_args: argparse.Namespace) -> int:
     from rich.console import Console
+    from rich.markup import escape
     from rich.measure import Measurement
     from rich.table import Table
 
@@ -89,7 +90,9 @@ def _list(_args: argparse.Namespace) -> int:
     for spec in ALGORITHMS.values():
         tuned = [f"{env} ({format_count(budget)})" for env, budget in presets_for(spec.name).items()]
         if kinds := DATASET_PRESETS.get(spec.name):
-            tuned.append(f"{len(kinds)} D4RL dataset kinds (CORL's), e.g. {sorted(kinds)[0]}")
+            tuned.append(
+                f"{len(kinds)} D4RL dataset kind{'s' if len(kinds) != 1 else ''} (CORL's), e.g. {sorted(kinds)[0]}"
+            )
         rows.append((spec.name, spec.kind, spec.regimes, spec.summary, ", ".join(tuned)))
     table = Table(title="policylab algorithms")
     for col in ("algorithm", "kind", "regimes", "what"):
@@ -101,13 +104,17 @@ def _list(_args: argparse.Namespace) -> int:
     if Measurement.get(console, console.options.update_width(10_000), table).minimum <= console.width:
         console.print(table)
         return 0
+
+    def paragraph(text: str, first: str = "") -> str:  # wrapped here (not by rich), names kept whole
+        return textwrap.fill(
+            text, console.width, initial_indent=first, subsequent_indent="    ", break_on_hyphens=False
+        )
+
     for name, kind, regimes, summary, presets in rows:  # the table's columns would be cut off: paragraphs
-        console.print(f"[bold]{name}[/bold] ({kind}; {', '.join(regimes)}): {summary}", highlight=False)
+        lines = [paragraph(f"{name} ({kind}; {', '.join(regimes)}): {summary}")]
         if presets:
-            text = textwrap.fill(
-                presets, console.width, initial_indent="    tuned presets (--env): ", subsequent_indent="    "
-            )
-            console.print(text, highlight=False)
+            lines.append(paragraph(presets, "    tuned presets (--env): "))
+        console.print(escape("\n".join(lines)), highlight=False, soft_wrap=True)
     return 0
 
 
@@ -193,7 +200,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("algo", nargs="?", help="algorithm (see `policylab list`)")
     p.add_argument("--env", help="Gymnasium env id, or module:Class / module:function")
     p.add_argument("--steps", help="total env steps, e.g. 100k, 1e6")
-    p.add_argument("--seed", type=int)
+    p.add_argument("--seed", type=int, help="random seed, a whole number >= 0 (default: 0, or the --config file's)")
     p.add_argument(
         "--dataset",
         help="an offline dataset: train offline (--steps are gradient steps), or hybrid with --set offline_ratio=P",
@@ -215,8 +222,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="evaluate a trained policy")
     p.add_argument("run", help="run directory (or a checkpoint directory)")
     p.add_argument("--best", action="store_true", help="the best evaluated policy (best/), not the final one")
-    p.add_argument("--episodes", type=int, default=10)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--episodes", type=int, default=10, help="evaluation episodes (default 10)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the evaluation envs (default 0)")
     how = p.add_mutually_exclusive_group()
     how.add_argument("--stochastic", action="store_true", help="sample actions instead of the deterministic policy")
     how.add_argument(
@@ -228,7 +235,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("plot", help="learning curves of runs as a PNG (mean and spread over seeds)")
     p.add_argument("runs", nargs="+", help="run directories")
-    p.add_argument("--out", default="learning_curves.png")
+    p.add_argument("--out", default="learning_curves.png", help="the PNG to write (default: learning_curves.png)")
     p.add_argument("--metric", default="return_mean", help="train.csv column to plot (default: return_mean)")
     p.set_defaults(func=_plot)
 
@@ -240,9 +247,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--policy", default="random", help="random (default), a run directory (its final policy), or module:function"
     )
-    p.add_argument("--episodes", type=int, default=10)
+    p.add_argument("--episodes", type=int, default=10, help="whole episodes to collect (default 10)")
     p.add_argument("--noise", type=float, default=0.0, help="Gaussian std in half-ranges (Box) or epsilon (Discrete)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the envs and the noise (default 0)")
     p.add_argument("--from-buffer", help="a run directory saved with save_buffer=true: its replay as a dataset")
     p.add_argument("--out", required=True, help="the dataset directory to write")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")

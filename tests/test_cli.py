@@ -177,7 +177,11 @@ def test_list_in_an_80_column_terminal_cuts_nothing_off(capsys, monkeypatch):
     monkeypatch.setenv("COLUMNS", "80")
     assert main(["list"]) == 0
     out = capsys.readouterr().out
-    assert max(len(line) for line in out.splitlines()) <= 80
+    lines = out.splitlines()
+    assert max(len(line) for line in lines) <= 80 and not any(line.endswith(" ") for line in lines)
+    names = {spec.name for spec in ALGORITHMS.values()}  # a paragraph's continuation lines are indented
+    assert all(line.startswith("    ") for line in lines if line.split(" ")[0] not in names)
+    assert "1 D4RL dataset kinds" not in out and "e.g. hopper-medium" in out  # singular; names not cut at "-"
     text = " ".join(out.split())  # the wrapped lines joined again
     for spec in ALGORITHMS.values():
         assert f"{spec.name} ({spec.kind}; " in text and spec.summary in text

@@ -24,10 +24,10 @@ def add_llm_parser(sub: argparse._SubParsersAction) -> None:
     q.add_argument("--expert", help="a JSONL file of {prompt, completion} rows for --set mix=chord")
     q = llm_sub.add_parser("eval", help="greedy exact-match accuracy (and pass@k) of a model or run")
     q.add_argument("model", help="run directory, save_pretrained directory, or a built-in tiny model")
-    q.add_argument("--task", default="addition")
+    q.add_argument("--task", default="addition", help="a built-in task (default: addition)")
     q.add_argument("--k", type=int, default=1, help="also pass@k from k sampled completions per prompt")
-    q.add_argument("--seed", type=int, default=0)
-    q.add_argument("--json", action="store_true")
+    q.add_argument("--seed", type=int, default=0, help="seed of the sampled completions (default 0)")
+    q.add_argument("--json", action="store_true", help="print the result as JSON")
     p.set_defaults(func=run_llm_command)
 
 
@@ -39,11 +39,11 @@ def _common(q: argparse.ArgumentParser) -> None:
         "--reward", action="append", default=[], help="name, module:function, or either =weight; repeatable (summed)"
     )
     q.add_argument("--steps", help="gradient steps (SFT) or rollout batches (RL), e.g. 200, 2k")
-    q.add_argument("--seed", type=int)
+    q.add_argument("--seed", type=int, help="random seed (default 0)")
     q.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a setting")
     q.add_argument("--name", help="run name (default: <algo>-<task>-s<seed>)")
-    q.add_argument("--runs-dir", default="runs")
-    q.add_argument("--no-progress", action="store_true")
+    q.add_argument("--runs-dir", default="runs", help="where run directories go (default: ./runs)")
+    q.add_argument("--no-progress", action="store_true", help="no progress lines (notes and the result still print)")
     q.add_argument("--resume", help="continue this run directory from its latest checkpoint (its own settings)")
 
 

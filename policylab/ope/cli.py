@@ -14,10 +14,12 @@ def add_ope_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--policy", help="a run directory (its final policy)")
     p.add_argument("--policies", nargs="+", default=[], help="select: candidate run directories")
     p.add_argument(
-        "--estimators", default="fqe,pdis,wpdis,dr,wdr", help="comma-separated: dm/fqe, is, pdis, wis, wpdis, dr, wdr"
+        "--estimators",
+        default="fqe,pdis,wpdis,dr,wdr",
+        help="comma-separated: dm/fqe, is, pdis, wis, wpdis, dr, wdr (default: fqe,pdis,wpdis,dr,wdr)",
     )
     p.add_argument("--estimator", default="wdr", help="select: the estimator that ranks (default wdr)")
-    p.add_argument("--top-k", type=int, default=3)
+    p.add_argument("--top-k", type=int, default=3, help="select: k of the top-k metrics (default 3)")
     p.add_argument(
         "--true",
         help="select: true values for regret, SharpeRatio@k ...: a JSON file {run directory: value}, or online[:N] "
@@ -30,12 +32,12 @@ def add_ope_parser(sub: argparse._SubParsersAction) -> None:
         default=1000,
         help="bootstrap resamples for the intervals (at least 2; 0: no intervals, not with select)",
     )
-    p.add_argument("--alpha", type=float, default=0.05, help="1 - confidence of the intervals")
+    p.add_argument("--alpha", type=float, default=0.05, help="1 - confidence of the intervals (default 0.05)")
     p.add_argument("--clip", type=float, help="cap on each per-step importance ratio")
     p.add_argument("--epsilon", type=float, default=0.0, help="Discrete: mix the policy with uniform (epsilon-greedy)")
     p.add_argument("--sigma", type=float, help="deterministic Box policies: Gaussian std in half-ranges")
-    p.add_argument("--fqe-steps", type=int, default=5_000, help="gradient steps of fitted Q evaluation")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--fqe-steps", type=int, default=5_000, help="gradient steps of fitted Q evaluation (default 5000)")
+    p.add_argument("--seed", type=int, default=0, help="seed of FQE and the bootstrap (default 0)")
     p.add_argument("--json", help="also write the result as JSON to this file")
     p.set_defaults(func=run_ope_command)
 
