@@ -499,7 +499,7 @@ class Certificate:
 def certify(
     run_dir: str | Path,
     sigma: float = 0.2,
-    samples: int = 10_000,
+    samples: int | str = 10_000,
     alpha: float = 0.05,
     eps: Sequence[float] | None = None,
     out: str | Path | None = None,
@@ -525,6 +525,13 @@ def certify(
     episode-length cap T, if the env has no registered time limit (the attack spends eps / sqrt(T) per step).
     `thresholds`: a grid of returns, chosen before sampling, for the Clopper-Pearson variant (default: DKW).
     """
+    if isinstance(samples, str):  # "10k", as --samples takes it
+        from policylab.config import parse_count
+
+        try:
+            samples = parse_count(samples)
+        except ValueError as exc:
+            raise PolicylabError(str(exc), "pass e.g. samples=10000 or samples='10k'") from None
     grid = default_eps_grid(sigma) if eps is None else np.asarray(eps, dtype=np.float64)
     check_settings(sigma, alpha, samples, grid)
     if thresholds is not None:

@@ -30,7 +30,7 @@ import numpy as np
 from policylab.data.dataset import Dataset, write_dataset
 from policylab.envs import make_vec_env
 from policylab.errors import PolicylabError
-from policylab.policy import Policy, evaluate
+from policylab.policy import Policy, check_acts_in, evaluate
 
 ActFn = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray | None]]
 """obs [n, ...] -> (env actions [n, ...], behaviour log-probs [n] or None)."""
@@ -60,8 +60,8 @@ def collect(
     `noise`: for Box actions, Gaussian noise of this std in units of half the action range, clipped to the
     bounds; for Discrete actions, epsilon-greedy with epsilon = noise.
     """
-    if episodes < 1:
-        raise PolicylabError(f"episodes={episodes}: at least one is needed", "pass --episodes 1 or more")
+    if isinstance(episodes, bool) or not isinstance(episodes, int) or episodes < 1:
+        raise PolicylabError(f"episodes={episodes!r}: a whole number >= 1 is needed", "pass --episodes 1 or more")
     if noise < 0:
         raise PolicylabError(f"noise={noise} must be >= 0", "pass --noise 0.1 (or 0: the policy as it acts)")
     check_references(ref_min_score, ref_max_score)
@@ -305,32 +305,13 @@ def _rollouts(
     vec = make_vec_env(env, min(num_envs, episodes), "auto", kwargs)
     try:
         if policy is not None:
-            _check_fits(*policy, env, vec.single_observation_space, vec.single_action_space)
+            loaded, source = policy
+            if isinstance(loaded, Policy):
+                check_acts_in(loaded, source, env, vec.single_observation_space, vec.single_action_space)
         record = _run(vec, behaviour(vec.single_action_space), episodes, seed)
     finally:
         vec.close()
     return _episodes(record, vec.single_observation_space, vec.single_action_space)
-
-
-def _check_fits(policy: Any, source: str, env: str, obs_space: gym.Space, act_space: gym.Space) -> None:
-    """One clear error when a loaded run's policy cannot act in `env` (other observation or action shapes)."""
-    if not isinstance(policy, Policy):
-        return
-    why = []
-    if policy.encoder is None and tuple(policy.observation_space.shape or ()) != tuple(obs_space.shape or ()):
-        why.append(f"observations of shape {policy.observation_space.shape}, {env} has {obs_space.shape}")
-    if type(policy.action_space) is not type(act_space) or policy.action_space.shape != act_space.shape:
-        why.append(f"actions in {policy.action_space}, {env} has {act_space}")
-    if getattr(policy.action_space, "n", None) != getattr(act_space, "n", None):
-        why.append(f"actions in {policy.action_space}, {env} has {act_space}")
-    if why:
-        trained = f" was trained on {policy.env_id}" if policy.env_id else ""
-        raise PolicylabError(
-            f"the policy {source}{trained} and cannot act in {env}: it takes {'; '.join(dict.fromkeys(why))}",
-            f"pass --env {policy.env_id} (or leave --env out: collect then uses the run's env)"
-            if policy.env_id
-            else "collect with a policy trained on this env",
-        )
 
 
 def _random_return(env: str, kwargs: dict[str, Any], episodes: int, seed: int) -> float:

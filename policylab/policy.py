@@ -182,7 +182,14 @@ def load(path: str | Path, device: str = "cpu", which: Literal["final", "best"] 
     kept in `<run>/best/`.
     """
     from policylab.algos import get_algo
+    from policylab.config import check_device
 
+    if not isinstance(path, str | Path):
+        raise PolicylabError(
+            f"path is a {type(path).__name__}: it takes a run directory (or a checkpoint directory)",
+            'pass e.g. pl.load("runs/ppo-CartPole-v1-s1")',
+        )
+    check_device(device)
     if which not in ("final", "best"):
         raise PolicylabError(
             f"which={which!r} is not a policy of a run", "pass which='final' (the default) or which='best'"
@@ -253,6 +260,9 @@ def evaluate(
     quota = np.array([episodes // n + (i < episodes % n) for i in range(n)])
     env = make_vec_env(env_id, n, "auto", env_kwargs if env_kwargs is not None else policy.env_kwargs)
     try:
+        if env_id != policy.env_id:
+            spaces = env.single_observation_space, env.single_action_space
+            check_acts_in(policy, "evaluated", env_id, *spaces, fix=f"evaluate it in {policy.env_id} (env_id=None)")
         obs = env.reset(seed=seed)
         policy.reset()
         running = np.zeros(n)
@@ -291,6 +301,31 @@ def evaluate(
         "length_mean": float(np.mean(ep_lengths)),
         "returns": [float(x) for x in returns],
     }
+
+
+def check_acts_in(
+    policy: Policy, source: str, env: str, obs_space: gym.Space, act_space: gym.Space, fix: str | None = None
+) -> None:
+    """One clear error when a loaded run's policy cannot act in `env` (other observation or action shapes), naming
+    the env it was trained on (collect; evaluate with its own `fix`)."""
+    why = []
+    if policy.encoder is None and tuple(policy.observation_space.shape or ()) != tuple(obs_space.shape or ()):
+        why.append(f"observations of shape {policy.observation_space.shape}, {env} has {obs_space.shape}")
+    if type(policy.action_space) is not type(act_space) or policy.action_space.shape != act_space.shape:
+        why.append(f"actions in {policy.action_space}, {env} has {act_space}")
+    if getattr(policy.action_space, "n", None) != getattr(act_space, "n", None):
+        why.append(f"actions in {policy.action_space}, {env} has {act_space}")
+    if why:
+        trained = f" was trained on {policy.env_id}" if policy.env_id else ""
+        raise PolicylabError(
+            f"the policy {source}{trained} and cannot act in {env}: it takes {'; '.join(dict.fromkeys(why))}",
+            fix
+            or (
+                f"pass --env {policy.env_id} (or leave --env out: collect then uses the run's env)"
+                if policy.env_id
+                else "collect with a policy trained on this env"
+            ),
+        )
 
 
 def _render_modes(env_id: str) -> list[str]:

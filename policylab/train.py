@@ -1106,7 +1106,9 @@ def train(
     """Train `algo` and return the Run (its directory, config and final evaluation).
 
     `pl.train("ppo", env="CartPole-v1", steps=100_000, seed=1)` uses the tuned
-    preset for the env when there is one. `resume=run_dir` continues a run.
+    preset for the env when there is one. Without `env` (and without a dataset) the algorithm's default env
+    trains (CartPole-v1 for most; `policylab list`), without `steps` the preset's or the config's budget, without
+    `seed` seed 0. `overrides` is a dict of config values (`--set`). `resume=run_dir` continues a run.
     `dataset=path`: offline training for `steps` gradient steps in the dataset's env (`online_steps`: then
     online), or hybrid with `overrides={"offline_ratio": p}` (see OffPolicyConfig).
     `callback(info)` runs after every iteration; returning False stops the run
@@ -1114,6 +1116,11 @@ def train(
     terminal (lines otherwise), False prints no progress.
     """
     say = print if verbose else (lambda *a, **k: None)
+    if overrides is not None and not isinstance(overrides, dict):
+        raise ConfigError(
+            f"overrides is a {type(overrides).__name__}: it takes a dict of config values",
+            'pass e.g. overrides={"lr": 3e-4, "num_envs": 16}',
+        )
     if resume is not None:
         if env is not None or seed is not None or overrides or config is not None or dataset is not None:
             raise ConfigError(

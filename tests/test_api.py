@@ -208,3 +208,19 @@ def test_seeds_are_checked_up_front_and_evaluate_takes_a_run_directory(capsys, c
     assert result == pl.evaluate(pl.load(cartpole_run.dir), 2, 0) and result["episodes"] == 2
     with pytest.raises(PolicylabError, match="max_envs=0"):
         pl.evaluate(cartpole_run.dir, 2, max_envs=0)
+
+
+def test_wrong_types_in_the_python_api_are_clear_errors(cartpole_run, tmp_path):
+    """Not TypeError / AttributeError / AssertionError from deep inside: one error naming the argument."""
+    with pytest.raises(PolicylabError, match="path is a int"):
+        pl.load(123)  # type: ignore[arg-type]
+    with pytest.raises(PolicylabError, match="device='bogus' is not a device"):
+        pl.load(cartpole_run.dir, device="bogus")
+    with pytest.raises(PolicylabError, match="overrides is a list: it takes a dict"):
+        pl.train("ppo", env="CartPole-v1", steps=64, overrides=[("lr", 1)], runs_dir=tmp_path, verbose=False)  # type: ignore[arg-type]
+    with pytest.raises(PolicylabError, match="episodes='abc'"):
+        pl.collect("CartPole-v1", episodes="abc")  # type: ignore[arg-type]
+    with pytest.raises(PolicylabError, match="trained on CartPole-v1 and cannot act in Pendulum-v1") as info:
+        pl.evaluate(cartpole_run.dir, 2, env_id="Pendulum-v1")
+    assert info.value.fix == "evaluate it in CartPole-v1 (env_id=None)"
+    assert not any(tmp_path.iterdir())

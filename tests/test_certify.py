@@ -387,6 +387,8 @@ def test_certify_command(cartpole_run, tmp_path, capsys):
         ({"samples": 1}, "too few episodes"),
         ({"samples": 3, "alpha": 1e-3}, "too few episodes"),
         ({"samples": 0}, "none would be sampled"),
+        ({"samples": "1"}, "too few episodes"),  # a string is read as --samples reads it
+        ({"samples": "lots"}, "lots"),
         ({"eps": [0.1, -0.1]}, r"eps=0.1,-0.1: -0.1 is not an attack budget"),
         ({"eps": [0.0, float("nan"), -2]}, r"eps=0,nan,-2: nan, -2 are not an attack budget"),
         ({"eps": []}, "non-empty list"),
