@@ -106,12 +106,15 @@ def _prune(root: Path, keep: int) -> None:
 
 
 def find_checkpoint(path: str | Path) -> Path:
-    """Resolve a run directory, its checkpoints/ folder or one checkpoint directory to a checkpoint directory."""
+    """Resolve a run directory, its checkpoints/ folder (or its `latest` pointer) or one checkpoint directory to a
+    checkpoint directory."""
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"{str(path)!r} does not exist", "give a run directory such as runs/ppo-CartPole-v1-s1")
     if (path / STATE).exists() or (path / WEIGHTS).exists():
         return path
+    if path.name == LATEST and path.is_file():  # checkpoints/latest, the pointer file itself: its folder
+        path = path.parent
     root = path / "checkpoints" if (path / "checkpoints").is_dir() else path
     latest = root / LATEST
     if latest.is_file():

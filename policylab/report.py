@@ -361,10 +361,15 @@ def _read_config(path: Path) -> dict[str, Any]:
 def _final_value(path: Path, metric: str) -> tuple[float, float | None]:
     summary_path = path / SUMMARY_JSON
     if not summary_path.is_file():
+        try:
+            algo = str(_read_config(path).get("algo") or "ALGO")
+        except PolicylabError:
+            algo = "ALGO"
+        evaluated = (path / EVAL_CSV).is_file() and bool(read_csv(path / EVAL_CSV))
+        best = f", or score every run by its best evaluation in {EVAL_CSV} with --which best" if evaluated else ""
         raise PolicylabError(
             f"{str(path)!r} has no final evaluation ({SUMMARY_JSON}): the run has not finished",
-            f"finish it (`policylab train --resume {path}`), leave it out, or score every run by its best "
-            f"evaluation in {EVAL_CSV} with --which best",
+            f"finish it (`policylab train {algo} --resume {path}`) or leave it out{best}",
         )
     try:
         summary = json.loads(summary_path.read_text())

@@ -212,6 +212,8 @@ def test_seeds_are_checked_up_front_and_evaluate_takes_a_run_directory(capsys, c
 
 def test_wrong_types_in_the_python_api_are_clear_errors(cartpole_run, tmp_path):
     """Not TypeError / AttributeError / AssertionError from deep inside: one error naming the argument."""
+    latest = pl.load(cartpole_run.dir / "checkpoints" / "latest")  # the pointer file: the checkpoint it names
+    assert latest.env_id == "CartPole-v1"
     with pytest.raises(PolicylabError, match="path is a int"):
         pl.load(123)  # type: ignore[arg-type]
     with pytest.raises(PolicylabError, match="device='bogus' is not a device"):

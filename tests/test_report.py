@@ -411,7 +411,11 @@ def test_bad_input_is_one_clear_error_each(two_algos: list[Path], tmp_path: Path
     unfinished = fake_run(tmp_path / "runs", "ppo", "CartPole-v1", 3, [5.0], final=False)
     with pytest.raises(PolicylabError, match="has no final evaluation") as err:
         report([*two_algos, unfinished], out)
-    assert f"--resume {unfinished}" in str(err.value) and "--which best" in str(err.value)
+    assert f"policylab train ppo --resume {unfinished}" in str(err.value) and "--which best" in str(err.value)
+    unevaluated = fake_run(tmp_path / "runs", "sac", "CartPole-v1", 4, [], final=False)
+    with pytest.raises(PolicylabError, match="has no final evaluation") as err:
+        report([*two_algos, unevaluated], out)
+    assert "--which best" not in str(err.value)  # it has no evaluation to choose from either
     with pytest.raises(PolicylabError, match="return_maen") as err:
         report(two_algos, out, metric="return_maen")
     assert "Did you mean: return_mean" in str(err.value)
