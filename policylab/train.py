@@ -79,6 +79,8 @@ class IterationInfo:
     step: int
     """Env steps so far (summed over the parallel envs)."""
     iteration: int
+    """Iterations so far: rollouts (on-policy), or blocks of up to `log_every` steps (off-policy; offline, a block
+    also ends at an evaluation or checkpoint step)."""
     elapsed: float
     """Training wall-clock seconds so far (summed over resumed sessions)."""
     mean_return: float | None
@@ -86,19 +88,29 @@ class IterationInfo:
     episodes: int
     """Training episodes finished so far."""
     metrics: dict[str, float]
+    """The algorithm's latest update metrics (e.g. policy_loss, value_loss, approx_kl), as in train.csv."""
     eval_return: float | None = None
     """Mean return of the deterministic evaluation run at this iteration (None when none ran)."""
 
 
 @dataclass
 class Run:
+    """What `pl.train` returns: the run directory, its resolved config and how it ended."""
+
     dir: Path
+    """The run directory (config.yaml, train.csv, eval.csv, eval.json, checkpoints/, best/)."""
     algo: str
     config: CommonConfig
+    """The resolved config (preset, file, overrides; on-policy `steps` rounded to whole rollouts)."""
     steps: int
+    """The step the run ended at (env steps; gradient steps in an offline phase)."""
     final_eval: dict[str, Any] | None
+    """The final evaluation (eval.json: return_mean, return_std, episodes, ... and `score` with reference
+    returns); None for a run stopped early."""
     interrupted: bool = False
+    """Stopped by Ctrl-C or a callback (a checkpoint was written: `resume=dir` continues it)."""
     notes: list[str] = field(default_factory=list)
+    """The notes printed when the run started (presets, rounded budgets, resumes)."""
     best: dict[str, Any] | None = None
     """The best evaluation so far, whose policy is in `dir / "best"` (`pl.load(dir, which="best")`):
     {"step", "return_mean", "dir": "best"}; None before the first evaluation."""
@@ -677,8 +689,8 @@ class OffPolicyLoop:
         return _normalized_score(self.dataset, return_mean)
 
     def iterate(self) -> dict[str, Tensor]:
-        """`log_every` env steps (fewer at the end of the run) with their updates, or `log_every` gradient
-        steps in the offline phase."""
+        """`log_every` env steps (fewer at the end of the run) with their updates, or in the offline phase gradient
+        steps up to the next multiple of `log_every`, `eval_every` or `checkpoint_every`."""
         history: dict[str, list[Tensor]] = {}
         self.threads.update()
         if self.step < self.offline_steps:
