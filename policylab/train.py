@@ -119,6 +119,10 @@ class Run:
 # --- config resolution -------------------------------------------------------------------------
 
 
+OVERRIDES = "--set (overrides)"
+"""How errors name the values of `--set`, which reach `pl.train` as `overrides` (the same path for both)."""
+
+
 def resolve_config(
     spec: AlgoSpec,
     env: str | None = None,
@@ -163,7 +167,7 @@ def resolve_config(
     if preset == "auto" and dataset is not None:
         cfg = _apply_dataset_preset(spec.name, cfg, str(dataset), notes)
     cfg = apply_values(cfg, file_values, str(config) if isinstance(config, (str, Path)) else "the config")
-    cfg = apply_values(cfg, overrides or {}, "--set")
+    cfg = apply_values(cfg, overrides or {}, OVERRIDES)
     flags = {
         k: v
         for k, v in (

@@ -218,6 +218,8 @@ def test_wrong_types_in_the_python_api_are_clear_errors(cartpole_run, tmp_path):
         pl.load(123)  # type: ignore[arg-type]
     with pytest.raises(PolicylabError, match="device='bogus' is not a device"):
         pl.load(cartpole_run.dir, device="bogus")
+    with pytest.raises(PolicylabError, match=r"unknown config key 'lrr' in --set \(overrides\)"):  # both names
+        pl.train("ppo", env="CartPole-v1", steps=64, overrides={"lrr": 1}, runs_dir=tmp_path, verbose=False)
     with pytest.raises(PolicylabError, match="overrides is a list: it takes a dict"):
         pl.train("ppo", env="CartPole-v1", steps=64, overrides=[("lr", 1)], runs_dir=tmp_path, verbose=False)  # type: ignore[arg-type]
     with pytest.raises(PolicylabError, match="episodes='abc'"):

@@ -106,7 +106,7 @@ class OffPolicyConfig(CommonConfig):
         super().validate()
         if self.her and self.n_step > 1:  # before check_her_config: say where n_step came from (often a preset)
             where = set_by(self, "n_step")  # named when it is not the user's own --set (a preset, a config file)
-            where = None if where in (None, "--set", "the arguments") else where
+            where = None if where in (None, "--set", "--set (overrides)", "the arguments") else where
             preset = where is not None and "preset" in where
             raise ConfigError(
                 f"her=true does not combine with n_step={self.n_step} (n-step returns)"
