@@ -311,14 +311,16 @@ def check_acts_in(
     why = []
     if policy.encoder is None and tuple(policy.observation_space.shape or ()) != tuple(obs_space.shape or ()):
         why.append(f"observations of shape {policy.observation_space.shape}, {env} has {obs_space.shape}")
-    if type(policy.action_space) is not type(act_space) or policy.action_space.shape != act_space.shape:
-        why.append(f"actions in {policy.action_space}, {env} has {act_space}")
-    if getattr(policy.action_space, "n", None) != getattr(act_space, "n", None):
+    if (
+        type(policy.action_space) is not type(act_space)
+        or policy.action_space.shape != act_space.shape
+        or getattr(policy.action_space, "n", None) != getattr(act_space, "n", None)
+    ):
         why.append(f"actions in {policy.action_space}, {env} has {act_space}")
     if why:
         trained = f" was trained on {policy.env_id}" if policy.env_id else ""
         raise PolicylabError(
-            f"the policy {source}{trained} and cannot act in {env}: it takes {'; '.join(dict.fromkeys(why))}",
+            f"the policy {source}{trained} and cannot act in {env}: it takes {'; '.join(why)}",
             fix
             or (
                 f"pass --env {policy.env_id} (or leave --env out: collect then uses the run's env)"

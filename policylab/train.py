@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import re
 import signal
 import threading
 import time
@@ -147,9 +148,10 @@ def resolve_config(
     file_values = load_yaml(config) if isinstance(config, (str, Path)) else dict(config or {})
     dataset = dataset or (overrides or {}).get("dataset") or file_values.get("dataset")
     env_id = env or file_values.get("env") or (overrides or {}).get("env")
+    recorded_env = None  # the dataset's env when read here (no env given): the dataset preset's check reuses it
     if dataset is not None and env_id is None:
         env, env_kwargs = _dataset_env(str(dataset))
-        env_id = env
+        env_id = recorded_env = env
         overrides = {"env_kwargs": env_kwargs, **(overrides or {})}
     env_id = env_id or cfg.env
     resolve_env_id(str(env_id))
@@ -165,7 +167,7 @@ def resolve_config(
         elif preset != "auto":
             raise missing_preset(spec.name, str(preset), variant, str(wanted))
     if preset == "auto" and dataset is not None:
-        cfg = _apply_dataset_preset(spec.name, cfg, str(dataset), notes)
+        cfg = _apply_dataset_preset(spec.name, cfg, str(dataset), recorded_env, notes)
     cfg = apply_values(cfg, file_values, str(config) if isinstance(config, (str, Path)) else "the config")
     cfg = apply_values(cfg, overrides or {}, OVERRIDES)
     flags = {
@@ -228,15 +230,15 @@ def rounded_budget_note(spec: AlgoSpec, cfg: Any) -> list[str]:
     ]
 
 
-def _apply_dataset_preset(algo: str, cfg: Any, dataset: str, notes: list[str]) -> Any:
-    """CORL's values for the D4RL dataset kind that `dataset` is named after (e.g. hopper-medium), if any."""
+def _apply_dataset_preset(algo: str, cfg: Any, dataset: str, recorded: str | None, notes: list[str]) -> Any:
+    """CORL's values for the D4RL dataset kind that `dataset` is named after (e.g. hopper-medium), if any, and if
+    the env it was collected in (`recorded`, read here when not known yet) is that kind's."""
     kind = dataset_preset_name(dataset)
     found = find_preset(algo, kind) if kind is not None else None
     if found is None or kind is None:
         return cfg
-    import re
-
-    recorded = load_dataset(dataset, validate=False).env_id  # the name may say hopper, the data be Pendulum's
+    if recorded is None:  # the name may say hopper, the data be Pendulum's
+        recorded = load_dataset(dataset, validate=False).env_id
     if recorded and not re.sub(r"[^a-z0-9]", "", recorded.lower().split("/")[-1]).startswith(kind.split("-")[0]):
         notes.append(
             f"note: {dataset} is named like a {kind} dataset but was collected in {recorded}: the {algo} preset "
