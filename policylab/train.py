@@ -42,7 +42,7 @@ from policylab.collectors import (
 )
 from policylab.config import CommonConfig, apply_values, dump_yaml, format_count, load_yaml, parse_count
 from policylab.data import Batch, ReplayBuffer, RolloutBuffer
-from policylab.data.dataset import Dataset, check_compatible, load_dataset
+from policylab.data.dataset import Dataset, check_compatible, dataset_observation_space, load_dataset
 from policylab.data.her import HindsightRelabeler, her_relabeler
 from policylab.data.replay import StackedFrameReplay
 from policylab.data.sources import (
@@ -184,6 +184,8 @@ def resolve_config(
     if "dataset" in flags:
         flags["dataset"] = str(flags["dataset"])
     cfg = apply_values(cfg, flags, "the arguments")
+    chosen = {*file_values, *(overrides or {}), *(found.values if found is not None else {})}
+    cfg = _frames_kept_raw(cfg, chosen)
     cfg.validate()
     check_recurrent(spec.name, cfg)
     if found is not None:
@@ -215,18 +217,23 @@ def check_recurrent(algo: str, cfg: Any) -> None:
 
 
 def rounded_budget_note(spec: AlgoSpec, cfg: Any) -> list[str]:
-    """On-policy runs collect whole rollouts of n_steps x num_envs steps: say so when --steps is rounded up by
-    more than ROUNDING_NOTE_SHARE."""
-    if spec.kind != "on-policy":
+    """A run takes whole rollouts (on-policy: n_steps x num_envs) or whole vector steps (off-policy online:
+    num_envs env steps at once): say so when --steps is rounded up by more than ROUNDING_NOTE_SHARE."""
+    actual = _with_actual_steps(spec, cfg)
+    flag, asked, total = "--steps", cfg.steps, actual.steps
+    if getattr(actual, "online_steps", 0) != getattr(cfg, "online_steps", 0):
+        flag, asked, total = "--online-steps", cfg.online_steps, actual.online_steps
+    if total - asked <= ROUNDING_NOTE_SHARE * asked:
         return []
-    rollout = cfg.n_steps * cfg.num_envs
-    total = whole_rollouts(cfg)
-    if total - cfg.steps <= ROUNDING_NOTE_SHARE * cfg.steps:
-        return []
+    if spec.kind == "on-policy":
+        rollout = cfg.n_steps * cfg.num_envs
+        unit = f"whole rollouts of n_steps x num_envs = {cfg.n_steps:,} x {cfg.num_envs} = {rollout:,} steps"
+        finer = "a smaller n_steps or num_envs"
+    else:
+        unit = f"{cfg.num_envs} env steps at a time (num_envs={cfg.num_envs})"
+        finer = "a multiple of num_envs, or a smaller num_envs,"
     return [
-        f"note: --steps {cfg.steps:,} is rounded up to {total:,}: {spec.name} collects whole rollouts of "
-        f"n_steps x num_envs = {cfg.n_steps:,} x {cfg.num_envs} = {rollout:,} steps (a smaller n_steps or "
-        "num_envs gives a finer budget)"
+        f"note: {flag} {asked:,} is rounded up to {total:,}: {spec.name} collects {unit} ({finer} gives a finer budget)"
     ]
 
 
@@ -247,6 +254,16 @@ def _apply_dataset_preset(algo: str, cfg: Any, dataset: str, recorded: str | Non
         return cfg
     notes.append(f"using the {algo} preset for {kind} datasets ({found.source}); --preset none opts out")
     return apply_values(cfg, found.values, f"the {algo} preset for {kind} datasets")
+
+
+def _frames_kept_raw(cfg: Any, chosen: set[str]) -> Any:
+    """Offline runs normalize observations with their dataset's statistics by default; a dataset of image frames
+    gets normalize_obs=false instead (the CNN encoder scales frames itself). Chosen explicitly (`chosen`: the keys
+    a preset, file or override set), normalize_obs stays, and check_observations says why it does not apply."""
+    if not getattr(cfg, "normalize_obs", False) or "normalize_obs" in chosen or not getattr(cfg, "dataset", None):
+        return cfg
+    space = dataset_observation_space(str(cfg.dataset))
+    return dataclasses.replace(cfg, normalize_obs=False) if space is not None and is_image_space(space) else cfg
 
 
 def _dataset_env(path: str) -> tuple[str, dict[str, Any]]:
@@ -1079,15 +1096,28 @@ def run_total(spec: AlgoSpec, cfg: Any) -> int:
     rollouts; off-policy, `steps`, or an offline phase's gradient steps and then `online_steps` env steps."""
     if spec.kind == "on-policy":
         return whole_rollouts(cfg)
-    offline_first = bool(cfg.dataset) and (cfg.offline_ratio is None or cfg.online_steps > 0)
-    return int(cfg.steps + cfg.online_steps if offline_first else cfg.steps)
+    return int(cfg.steps + cfg.online_steps if _offline_first(cfg) else cfg.steps)
 
 
 def _with_actual_steps(spec: AlgoSpec, cfg: Any) -> Any:
-    """The config with `steps` the run actually takes: on-policy runs collect whole rollouts, so --steps 20000 in
-    rollouts of 128 x 8 is 20,224. config.yaml and the checkpoints then record the run's total, and a resume that
-    reads it back ends at the same step (whole_rollouts of a whole number of rollouts is itself)."""
-    return dataclasses.replace(cfg, steps=whole_rollouts(cfg)) if spec.kind == "on-policy" else cfg
+    """The config with the budget the run actually takes: on-policy runs collect whole rollouts, so --steps 20000
+    in rollouts of 128 x 8 is 20,224; off-policy runs step all num_envs envs at once, so their env steps (`steps`,
+    or `online_steps` after an offline phase) are a multiple of num_envs. config.yaml and the checkpoints then
+    record the run's total, and a resume that reads it back ends at the same step (rounding is idempotent)."""
+    if spec.kind == "on-policy":
+        return dataclasses.replace(cfg, steps=whole_rollouts(cfg))
+    if _offline_first(cfg):
+        return dataclasses.replace(cfg, online_steps=_whole_vector_steps(cfg.online_steps, cfg.num_envs))
+    return dataclasses.replace(cfg, steps=_whole_vector_steps(cfg.steps, cfg.num_envs))
+
+
+def _offline_first(cfg: Any) -> bool:
+    """Whether an off-policy run starts with an offline phase (`steps` gradient steps on its dataset)."""
+    return bool(cfg.dataset) and (cfg.offline_ratio is None or cfg.online_steps > 0)
+
+
+def _whole_vector_steps(steps: int, num_envs: int) -> int:
+    return int(-(-steps // num_envs) * num_envs)
 
 
 def _finite_check(loop: Loop, metrics: dict[str, Tensor], last_ckpt: Path | None) -> None:

@@ -363,6 +363,20 @@ def test_an_on_policy_budget_rounded_up_to_whole_rollouts_is_said():
     assert not any("rounded up" in n for n in off_policy)
 
 
+def test_an_off_policy_budget_is_whole_vector_steps_and_said_when_rounded_up():
+    """num_envs envs step at once: a run of 4 envs asked for 1,001 steps takes 1,004, config.yaml says so, and a
+    budget rounded up by more than 1% gets a note (the loop used to run past --steps silently)."""
+    from policylab.algos import get_algo
+    from policylab.train import _with_actual_steps, resolve_config, run_total
+
+    sac = get_algo("sac")
+    cfg, notes = resolve_config(sac, env="Pendulum-v1", steps=1_001, preset="none", overrides={"num_envs": 4})
+    assert not any("rounded up" in n for n in notes)
+    assert _with_actual_steps(sac, cfg).steps == run_total(sac, _with_actual_steps(sac, cfg)) == 1_004
+    _, notes = resolve_config(sac, env="Pendulum-v1", steps=10, preset="none", overrides={"num_envs": 8})
+    assert any(n.startswith("note: --steps 10 is rounded up to 16: sac collects 8 env steps at a time") for n in notes)
+
+
 def test_every_preset_resolves_to_a_valid_config():
     """A preset is a user-facing claim: every one must name real fields with values its algorithm accepts."""
     from policylab.algos import get_algo

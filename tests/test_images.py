@@ -243,3 +243,17 @@ def test_precision_bf16_runs_the_encoder_in_bfloat16():
         matmul.set_precision("fp32")
     with torch.no_grad():
         assert torch.equal(one, net(frames[:1])) and not torch.equal(batch, net(frames))
+
+
+def test_offline_runs_on_a_dataset_of_frames_keep_them_raw_by_default(tmp_path):
+    """Offline configs normalize observations with the dataset's statistics by default; frames are scaled by the
+    encoder instead, so a frame dataset trains with the defaults (it used to need --set normalize_obs=false), and
+    normalize_obs chosen explicitly is still the error that says why."""
+    data = tmp_path / "grid-random"
+    pl.collect(GRID, "random", episodes=4, out=data, ref_min_score=0.0, ref_max_score=1.0)
+    run = pl.train("cql_discrete", dataset=data, steps=20, preset="none", runs_dir=tmp_path, verbose=False,
+                   overrides={"eval_episodes": 1, "batch_size": 8})  # fmt: skip
+    assert run.config.normalize_obs is False and run.steps == 20
+    with pytest.raises(ConfigError, match="normalize_obs does not apply to image frames"):
+        pl.train("cql_discrete", dataset=data, steps=20, preset="none", runs_dir=tmp_path, verbose=False,
+                 overrides={"normalize_obs": True})  # fmt: skip

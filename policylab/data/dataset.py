@@ -682,29 +682,48 @@ def _policylab_metadata(ds: Dataset) -> dict[str, Any]:
 
 def load_dataset(source: str | Path, *, validate: bool = True) -> Dataset:
     """Read a dataset from a Minari directory (or its data/), a D4RL-style .hdf5 file, or a local Minari id."""
-    path = Path(source).expanduser()
-    if path.is_dir():
-        dataset = _read_minari_dir(_data_dir(path))
-    elif path.is_file():
-        if path.suffix.lower() not in _FLAT_SUFFIXES:
-            raise DatasetError(
-                f"{path} is not a dataset: expected a Minari dataset directory or a .hdf5/.h5 file",
-                "point at the dataset directory (the one holding data/metadata.json)",
-            )
-        dataset = _read_flat_hdf5(path)
-    elif isinstance(source, str) and _looks_like_id(source):
-        dataset = _read_minari_dir(_find_local_id(source) / _DATA_DIR)
-    else:
-        raise DatasetError(
-            f"no dataset at {path}: the path does not exist",
-            "check the path: a dataset is a directory holding data/metadata.json, or a .hdf5 file",
-        )
+    data_dir = _minari_data_dir(source)
+    dataset = _read_minari_dir(data_dir) if data_dir is not None else _read_flat_hdf5(Path(source).expanduser())
     if validate:
         try:
             validate_dataset(dataset)
         except DatasetError as exc:
             raise DatasetError(f"{dataset.name}: {exc.problem}", exc.fix) from None
     return dataset
+
+
+def dataset_observation_space(source: str | Path) -> gym.Space | None:
+    """The observation space a Minari dataset records, from its metadata alone (the episodes are not read); None
+    for a D4RL-style file, whose spaces are inferred from its arrays."""
+    data_dir = _minari_data_dir(source)
+    if data_dir is None:
+        return None
+    meta_file = data_dir / _METADATA_FILE
+    try:
+        meta = json.loads(meta_file.read_text())
+    except (OSError, ValueError) as exc:
+        raise _unreadable(meta_file, exc) from None
+    return _minari_spaces(meta, meta.get("policylab") or {}, data_dir)[0]
+
+
+def _minari_data_dir(source: str | Path) -> Path | None:
+    """The data/ directory of a Minari dataset (a directory, its data/, or a local id); None for a flat file."""
+    path = Path(source).expanduser()
+    if path.is_dir():
+        return _data_dir(path)
+    if path.is_file():
+        if path.suffix.lower() not in _FLAT_SUFFIXES:
+            raise DatasetError(
+                f"{path} is not a dataset: expected a Minari dataset directory or a .hdf5/.h5 file",
+                "point at the dataset directory (the one holding data/metadata.json)",
+            )
+        return None
+    if isinstance(source, str) and _looks_like_id(source):
+        return _find_local_id(source) / _DATA_DIR
+    raise DatasetError(
+        f"no dataset at {path}: the path does not exist",
+        "check the path: a dataset is a directory holding data/metadata.json, or a .hdf5 file",
+    )
 
 
 def _data_dir(path: Path) -> Path:
