@@ -400,6 +400,11 @@ def _check_file_algorithm(cfg: object, values: dict[str, Any], source: str) -> d
     file_algo, own = values.pop("algo", None), algorithm_of(cfg)
     if file_algo is None or own is None or str(file_algo) == own:
         return values
+    if source.startswith("--set"):  # not a file: nothing else names the algorithm, and it was not chosen here
+        raise ConfigError(
+            f"{source} algo={file_algo}: the algorithm is not a config value, and this run trains {own}",
+            f"train {file_algo} itself (policylab train {file_algo} ..., pl.train({file_algo!r}, ...)), and drop algo",
+        )
     names = {f.name for f in fields(cfg)}  # type: ignore[arg-type]
     foreign = [key for key in values if key not in names]
     if foreign:

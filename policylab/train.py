@@ -40,7 +40,7 @@ from policylab.collectors import (
     normalize_obs,
     rollout_noise,
 )
-from policylab.config import CommonConfig, apply_values, dump_yaml, format_count, load_yaml, parse_count
+from policylab.config import CommonConfig, apply_values, dump_yaml, format_count, load_yaml, parse_count, set_by
 from policylab.data import Batch, ReplayBuffer, RolloutBuffer
 from policylab.data.dataset import Dataset, check_compatible, dataset_observation_space, load_dataset
 from policylab.data.her import HindsightRelabeler, her_relabeler
@@ -184,8 +184,7 @@ def resolve_config(
     if "dataset" in flags:
         flags["dataset"] = str(flags["dataset"])
     cfg = apply_values(cfg, flags, "the arguments")
-    chosen = {*file_values, *(overrides or {}), *(found.values if found is not None else {})}
-    cfg = _frames_kept_raw(cfg, chosen)
+    cfg = _frames_kept_raw(cfg)
     cfg.validate()
     check_recurrent(spec.name, cfg)
     if found is not None:
@@ -256,11 +255,11 @@ def _apply_dataset_preset(algo: str, cfg: Any, dataset: str, recorded: str | Non
     return apply_values(cfg, found.values, f"the {algo} preset for {kind} datasets")
 
 
-def _frames_kept_raw(cfg: Any, chosen: set[str]) -> Any:
+def _frames_kept_raw(cfg: Any) -> Any:
     """Offline runs normalize observations with their dataset's statistics by default; a dataset of image frames
-    gets normalize_obs=false instead (the CNN encoder scales frames itself). Chosen explicitly (`chosen`: the keys
-    a preset, file or override set), normalize_obs stays, and check_observations says why it does not apply."""
-    if not getattr(cfg, "normalize_obs", False) or "normalize_obs" in chosen or not getattr(cfg, "dataset", None):
+    gets normalize_obs=false instead (the CNN encoder scales frames itself). Set explicitly (by a preset, file or
+    override), normalize_obs stays, and check_observations says why it does not apply."""
+    if not getattr(cfg, "normalize_obs", False) or set_by(cfg, "normalize_obs") or not getattr(cfg, "dataset", None):
         return cfg
     space = dataset_observation_space(str(cfg.dataset))
     return dataclasses.replace(cfg, normalize_obs=False) if space is not None and is_image_space(space) else cfg

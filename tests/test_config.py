@@ -132,6 +132,20 @@ def test_another_algorithms_config_file_is_named(tmp_path):
     assert apply_values(PPOConfig(), load_yaml(path), str(path)).lr == 1e-3
 
 
+def test_another_algorithm_given_as_an_override_is_an_error():
+    """`--set algo=td3` on `train sac` was dropped without a word (the key exists only to name a file's algorithm);
+    the same algorithm's name is harmless and passes."""
+    from policylab.train import OVERRIDES
+
+    with pytest.raises(ConfigError) as info:
+        apply_values(A2CConfig(), {"algo": "ppo", "lr": 1e-3}, OVERRIDES)
+    assert (
+        info.value.problem == "--set (overrides) algo=ppo: the algorithm is not a config value, and this run trains a2c"
+    )
+    assert info.value.fix.startswith("train ppo itself (policylab train ppo ..., pl.train('ppo', ...))")
+    assert apply_values(A2CConfig(), {"algo": "a2c", "lr": 1e-3}, OVERRIDES).lr == 1e-3
+
+
 def test_device_is_checked_against_its_forms_and_this_torch(monkeypatch):
     import torch
 
