@@ -27,7 +27,7 @@ from typing import Any
 import gymnasium as gym
 import numpy as np
 
-from policylab.data.dataset import Dataset, write_dataset
+from policylab.data.dataset import Dataset, ReferenceWarning, write_dataset
 from policylab.envs import make_vec_env
 from policylab.errors import PolicylabError
 from policylab.policy import Policy, check_acts_in, evaluate
@@ -97,10 +97,6 @@ def collect(
     if out is not None:
         dataset.path = write_dataset(dataset, out, overwrite=overwrite)
     return dataset
-
-
-class ReferenceWarning(UserWarning):
-    """A measured reference return left out of a dataset (the CLI prints it as `warning: ...`)."""
 
 
 def check_references(ref_min_score: float | None, ref_max_score: float | None) -> None:

@@ -187,6 +187,25 @@ def test_inverted_reference_returns_are_refused_or_left_out(tmp_path, capsys):
     assert expert.ref_min_score is None and expert.ref_max_score == -5000.0
 
 
+def test_inverted_reference_returns_on_disk_are_left_out_with_a_warning(tmp_path, capsys):
+    """A dataset whose metadata has the expert reference below the random one (another tool's, or edited by hand)
+    loads without normalized scores and says why, instead of scoring a worse policy higher."""
+    import json
+
+    collect("Pendulum-v1", "random", 1, ref_min_score=-100.0, ref_max_score=-50.0, out=tmp_path / "d")
+    meta_file = tmp_path / "d" / "data" / "metadata.json"
+    meta = json.loads(meta_file.read_text())
+    for where in (meta, meta["policylab"]):
+        where.update(ref_min_score=-50.0, ref_max_score=-2000.0)
+    meta_file.write_text(json.dumps(meta))
+    with pytest.warns(UserWarning, match="records ref_max_score=-2000, not above ref_min_score=-50") as caught:
+        data = load_dataset(tmp_path / "d")
+    assert "data/metadata.json" in str(caught[0].message)
+    assert data.ref_min_score is None and data.ref_max_score is None and data.normalized_score(-1500.0) is None
+    assert main(["dataset", "info", str(tmp_path / "d")]) == 0
+    assert "warning: " + str(tmp_path / "d") + " records ref_max_score=-2000" in capsys.readouterr().err
+
+
 def test_collect_checks_a_runs_env_up_front_and_defaults_to_it(tmp_path, capsys):
     run = pl.train("sac", env="Pendulum-v1", steps=200, overrides={"learning_starts": 100, "eval_episodes": 1},
                    preset="none", runs_dir=tmp_path, verbose=False)  # fmt: skip

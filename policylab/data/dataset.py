@@ -62,9 +62,13 @@ _DATASET_ID_RE = re.compile(r"^(?:(?P<namespace>[-\w][-\w/]*[-\w])/)?(?P<name>[-
 _UNREADABLE = (OSError, KeyError, ValueError, TypeError, RuntimeError)
 
 
+class ReferenceWarning(UserWarning):
+    """A reference return left out of a dataset (the CLI prints it as `warning: ...`)."""
+
+
 def d4rl_score(returns: float | np.ndarray, ref_min: float | None, ref_max: float | None) -> float | np.ndarray | None:
-    """D4RL's score: 100 * (R - ref_min) / (ref_max - ref_min); None without both (distinct) refs."""
-    if ref_min is None or ref_max is None or ref_max == ref_min:
+    """D4RL's score: 100 * (R - ref_min) / (ref_max - ref_min); None without both refs, the expert's above."""
+    if ref_min is None or ref_max is None or not ref_max > ref_min:
         return None
     if isinstance(returns, np.ndarray):
         return 100.0 * (returns.astype(np.float64) - ref_min) / (ref_max - ref_min)
@@ -684,12 +688,29 @@ def load_dataset(source: str | Path, *, validate: bool = True) -> Dataset:
     """Read a dataset from a Minari directory (or its data/), a D4RL-style .hdf5 file, or a local Minari id."""
     data_dir = _minari_data_dir(source)
     dataset = _read_minari_dir(data_dir) if data_dir is not None else _read_flat_hdf5(Path(source).expanduser())
+    _drop_inverted_references(dataset)
     if validate:
         try:
             validate_dataset(dataset)
         except DatasetError as exc:
             raise DatasetError(f"{dataset.name}: {exc.problem}", exc.fix) from None
     return dataset
+
+
+def _drop_inverted_references(dataset: Dataset) -> None:
+    """Reference returns on disk that do not rise from random to expert (written by another tool, or by hand)
+    would turn every normalized score upside down: both are left out, with a warning."""
+    low, high = dataset.ref_min_score, dataset.ref_max_score
+    if low is None or high is None or high > low:
+        return
+    dataset.ref_min_score = dataset.ref_max_score = None
+    warnings.warn(
+        f"{dataset.name} records ref_max_score={high:g}, not above ref_min_score={low:g}, so its scores are not "
+        "normalized; set a random policy's return as ref_min_score and an expert's as ref_max_score in its "
+        f"{_DATA_DIR}/{_METADATA_FILE} (an .hdf5 file: its attributes) to have them",
+        ReferenceWarning,
+        stacklevel=3,
+    )
 
 
 def dataset_observation_space(source: str | Path) -> gym.Space | None:
