@@ -148,6 +148,18 @@ def check_threads(threads: int | str) -> None:
     )
 
 
+def check_resume_place(resume: object, name: str | None, runs_dir: object) -> None:
+    """A resumed run continues in its own directory: a new run's --name or --runs-dir would be ignored (an
+    error naming them; both are None unless given)."""
+    given = [flag for flag, value in (("--name", name), ("--runs-dir", runs_dir)) if value is not None]
+    if given:
+        flags = " and ".join(given)
+        raise ConfigError(
+            f"{flags} {'does' if len(given) == 1 else 'do'} not apply to --resume: the run continues in {resume}",
+            f"drop {flags}",
+        )
+
+
 def check_seed(seed: int) -> None:
     """Seeds are whole numbers >= 0 (Gymnasium's and numpy's rule): one error here, not a traceback from an env."""
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:

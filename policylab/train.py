@@ -40,7 +40,16 @@ from policylab.collectors import (
     normalize_obs,
     rollout_noise,
 )
-from policylab.config import CommonConfig, apply_values, dump_yaml, format_count, load_yaml, parse_count, set_by
+from policylab.config import (
+    CommonConfig,
+    apply_values,
+    check_resume_place,
+    dump_yaml,
+    format_count,
+    load_yaml,
+    parse_count,
+    set_by,
+)
 from policylab.data import Batch, ReplayBuffer, RolloutBuffer
 from policylab.data.dataset import Dataset, check_compatible, dataset_observation_space, load_dataset
 from policylab.data.her import HindsightRelabeler, her_relabeler
@@ -711,8 +720,8 @@ class OffPolicyLoop:
         return _normalized_score(self.dataset, return_mean)
 
     def iterate(self) -> dict[str, Tensor]:
-        """`log_every` env steps (fewer at the end of the run) with their updates, or in the offline phase gradient
-        steps up to the next multiple of `log_every`, `eval_every` or `checkpoint_every`."""
+        """Env steps with their updates (in the offline phase, gradient steps) up to the next multiple of
+        `log_every`, `eval_every` or `checkpoint_every`, or to the end of the run."""
         history: dict[str, list[Tensor]] = {}
         self.threads.update()
         if self.step < self.offline_steps:
@@ -728,8 +737,7 @@ class OffPolicyLoop:
     def _offline_steps(self, history: dict[str, list[Tensor]]) -> None:
         if self.cfg.anneal_lr:
             self._anneal_lr()
-        cfg = self.cfg  # a block ends at the next log, evaluation or checkpoint boundary (gradient steps)
-        end = min(_next_multiple(self.step, every) for every in (cfg.log_every, cfg.eval_every, cfg.checkpoint_every))
+        end = self._block_end()  # gradient steps
         for _ in range(min(end, self.offline_steps) - self.step):
             self._update(self.offline_source, history)
             self.step += 1
@@ -742,7 +750,7 @@ class OffPolicyLoop:
         norm = self.obs_norm
         stored = None if self.running_norm else norm  # what the buffer's observations are normalized with
         online_total = max(self.total - self.offline_steps, 1)
-        vector_steps = max(1, cfg.log_every // cfg.num_envs)
+        vector_steps = max(1, -(-(self._block_end() - self.step) // cfg.num_envs))
         for k in range(vector_steps):
             if self.step >= self.total:
                 break
@@ -779,6 +787,15 @@ class OffPolicyLoop:
                     self._anneal_lr()
                 for _ in range(cfg.updates_per_train):
                     self._update(source, history)
+
+    def _block_end(self) -> int:
+        """Where an iteration ends: the next multiple of `log_every`, `eval_every` or `checkpoint_every`, so that
+        evaluations and checkpoints happen at the steps they are asked for (online, the first vector step
+        reaching it)."""
+        cfg = self.cfg
+        return int(
+            min(_next_multiple(self.step, every) for every in (cfg.log_every, cfg.eval_every, cfg.checkpoint_every))
+        )
 
     def _steps_left(self) -> int:
         """Vector steps to the end of the run."""
@@ -1090,6 +1107,15 @@ Loop = OnPolicyLoop | OffPolicyLoop
 LOOPS: dict[str, Callable[[AlgoSpec, Any], Loop]] = {"on-policy": OnPolicyLoop, "off-policy": OffPolicyLoop}
 
 
+def _check_resume_online(online_steps: Any) -> None:
+    """A resumed run keeps the online phase it was started with (only its total, --steps, may change)."""
+    if online_steps is not None:
+        raise ConfigError(
+            "--online-steps does not apply to --resume: the run keeps the online phase it was started with",
+            "drop --online-steps (only --steps may change: the run's new total)",
+        )
+
+
 def run_total(spec: AlgoSpec, cfg: Any) -> int:
     """The step a run ends at, as its loop counts (known without building the loop): on-policy, --steps in whole
     rollouts; off-policy, `steps`, or an offline phase's gradient steps and then `online_steps` env steps."""
@@ -1145,7 +1171,7 @@ def train(
     preset: str | None = "auto",
     resume: str | Path | None = None,
     name: str | None = None,
-    runs_dir: str | Path = "runs",
+    runs_dir: str | Path | None = None,
     callback: Callable[[IterationInfo], bool | None] | None = None,
     progress: bool | None = None,
     verbose: bool = True,
@@ -1155,7 +1181,8 @@ def train(
     `pl.train("ppo", env="CartPole-v1", steps=100_000, seed=1)` uses the tuned
     preset for the env when there is one. Without `env` (and without a dataset) the algorithm's default env
     trains (CartPole-v1 for most; `policylab list`), without `steps` the preset's or the config's budget, without
-    `seed` seed 0. `overrides` is a dict of config values (`--set`). `resume=run_dir` continues a run.
+    `seed` seed 0. `overrides` is a dict of config values (`--set`). A new run's directory is
+    `runs_dir`/`name` (default ./runs/<algo>-<env>-s<seed>). `resume=run_dir` continues a run in its directory.
     `dataset=path`: offline training for `steps` gradient steps in the dataset's env (`online_steps`: then
     online), or hybrid with `overrides={"offline_ratio": p}` (see OffPolicyConfig).
     `callback(info)` runs after every iteration; returning False stops the run
@@ -1174,6 +1201,8 @@ def train(
                 "--resume continues a run with its saved config",
                 "drop --env/--seed/--set/--config (only --steps may change)",
             )
+        check_resume_place(resume, name, runs_dir)
+        _check_resume_online(online_steps)
         point = _ResumePoint.load(algo, resume, steps)
         complete = point.complete_run()
         if complete is not None:
@@ -1182,7 +1211,7 @@ def train(
         session = _Session.resumed(point)
     else:
         data = {"dataset": dataset, "online_steps": online_steps}
-        session = _Session.new(algo, env, steps, seed, config, overrides, preset, name, runs_dir, data)
+        session = _Session.new(algo, env, steps, seed, config, overrides, preset, name, runs_dir or "runs", data)
     for note in session.notes:
         say(note)
     cfg, loop = session.cfg, session.loop

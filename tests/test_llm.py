@@ -1213,9 +1213,21 @@ def test_resume_takes_more_steps_and_refuses_other_changes(sft_model, tmp_path, 
         (["train", "--resume", run.dir, "--set", "lr=1"], "--set cannot change it(.|\n)*only --steps may change"),
         (["train", "--resume", run.dir, "--seed", 0], "--seed cannot change it"),
         (["train"], "no algorithm given(.|\n)*--resume RUN"),
+        # where a new run's directory goes: a resumed run stays in its own, so given, they are errors
+        (
+            ["train", "--resume", run.dir, "--runs-dir", tmp_path / "elsewhere"],
+            f"--runs-dir does not apply to --resume: the run continues in {re.escape(str(run.dir))}\n"
+            "  fix: drop --runs-dir$",
+        ),
+        (
+            ["train", "--resume", run.dir, "--name", "other"],
+            "--name does not apply to --resume(.|\n)*fix: drop --name$",
+        ),
+        (["sft", "--resume", run.dir, "--runs-dir", "runs", "--name", "r"], "--name and --runs-dir do not apply"),
     ):
         assert _cli(*argv) == 2, argv
         assert re.search(message, capsys.readouterr().err), argv
+    assert not (tmp_path / "elsewhere").exists()
     with pytest.raises(ConfigError, match="lr cannot change"):
         train_llm(overrides={"lr": 1.0}, resume=run.dir, verbose=False)
 
@@ -1286,6 +1298,45 @@ def test_a_run_that_fails_before_its_first_checkpoint_leaves_no_directory(sft_mo
     with pytest.raises(LLMError, match="returned 6 values"):
         train_llm(resume=part.dir, verbose=False, prompts=rows, rewards=[fails_in_training])
     assert (part.dir / "config.yaml").is_file() and (part.dir / "checkpoints").is_dir()
+
+
+def test_ctrl_c_before_the_first_checkpoint_leaves_no_directory_and_after_it_keeps_the_run(
+    tmp_path, monkeypatch, capsys
+):
+    """Ctrl-C (KeyboardInterrupt) in a training step: before the run's first checkpoint the directory it made goes,
+    as after a failure, and the interrupt goes on (the command exits 130, `aborted`); after it the directory stays,
+    and the run resumes from it."""
+    from policylab.llm.trainer import LLMTrainer
+
+    runs = tmp_path / "runs"
+    rl_step = LLMTrainer.rl_step
+
+    def interrupted_at(step):
+        def step_fn(self):
+            if self.step == step:
+                raise KeyboardInterrupt
+            return rl_step(self)
+
+        return step_fn
+
+    monkeypatch.setattr(LLMTrainer, "rl_step", interrupted_at(1))
+    with pytest.raises(KeyboardInterrupt):
+        train_llm("grpo", SMALL, runs, verbose=False)
+    assert not runs.exists()
+    small = [a for key, value in SMALL.items() if key != "steps" for a in ("--set", f"{key}={value}")]
+    assert _cli("train", "grpo", "--runs-dir", runs, "--steps", 2, *small, "--no-progress") == 130
+    assert "aborted" in capsys.readouterr().err and not runs.exists()
+    runs.mkdir()
+    (runs / "other").mkdir()  # what was there before stays
+    with pytest.raises(KeyboardInterrupt):
+        train_llm("grpo", SMALL, runs, verbose=False)
+    assert [p.name for p in runs.iterdir()] == ["other"]
+    monkeypatch.setattr(LLMTrainer, "rl_step", interrupted_at(2))  # after step 1's checkpoint (eval_every=1)
+    with pytest.raises(KeyboardInterrupt):
+        train_llm("grpo", SMALL, runs, name="kept", verbose=False)
+    assert (runs / "kept" / "config.yaml").is_file() and (runs / "kept" / "checkpoints").is_dir()
+    monkeypatch.setattr(LLMTrainer, "rl_step", rl_step)
+    assert train_llm(resume=runs / "kept", verbose=False).steps == 2
 
 
 def test_inputs_a_run_would_ignore_or_misread_are_errors_or_notes(sft_model, tmp_path, capsys):

@@ -21,6 +21,7 @@ TINY = {
     "eval_every": 0,
     "eval_episodes": 2,
     "checkpoint_every": 0,
+    "threads": 1,  # bit-for-bit results whatever else runs (threads=auto follows the machine's load)
 }
 CASES = [
     ("sac", "Pendulum-v1", {}),
@@ -128,6 +129,20 @@ def test_update_to_data_ratio(tmp_path):
     # 30 vector steps of 2 envs; an update of 2 gradient steps after every 3rd vector step
     assert loop.step == 60 and loop.updates == 10 * 2 and metrics["updates"] == 20
     loop.close()
+
+
+def test_evaluations_and_checkpoints_happen_at_the_steps_asked_for_not_at_the_next_log(tmp_path):
+    """An iteration ends at the next multiple of log_every, eval_every or checkpoint_every: eval_every=100 with
+    log_every=250 evaluated at 250 and 500 only (the log's multiples); with 3 envs, at the first vector step
+    reaching each multiple."""
+    overrides = {**TINY, "num_envs": 3, "log_every": 250, "eval_every": 100, "checkpoint_every": 150,
+                 "learning_starts": 50, "eval_episodes": 1}  # fmt: skip
+    run = pl.train("sac", env="Pendulum-v1", steps=500, preset="none", runs_dir=tmp_path, verbose=False,
+                   overrides=overrides)  # fmt: skip
+    evaluated = [int(row.split(",")[0]) for row in (run.dir / "eval.csv").read_text().splitlines()[1:]]
+    assert evaluated == [102, 201, 300, 402, 501]
+    logged = [int(row.split(",")[0]) for row in (run.dir / "train.csv").read_text().splitlines()[1:]]
+    assert logged == [102, 150, 201, 252, 300, 402, 450, 501]
 
 
 def test_wrong_action_space_and_unsupported_options_are_clear_errors(tmp_path):

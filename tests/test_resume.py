@@ -221,6 +221,27 @@ def test_resuming_a_complete_run_says_so_and_writes_nothing(tmp_path, capsys):
     assert more.steps == 384 and [r["step"] for r in read_csv(run.dir / "eval.csv")] == [128, 256, 384]
 
 
+def test_resume_refuses_a_new_runs_place_and_online_phase(tmp_path, capsys):
+    """--runs-dir, --name and --online-steps with --resume were dropped silently (the run continues in its own
+    directory with its own phases); each is now an error naming it, and nothing is written."""
+    from policylab.cli import main
+    from policylab.errors import ConfigError
+
+    run = pl.train("ppo", env="CartPole-v1", steps=128, overrides=SMALL, preset="none", runs_dir=tmp_path,
+                   verbose=False)  # fmt: skip
+    files = {p: p.read_bytes() for p in run.dir.rglob("*") if p.is_file()}
+    elsewhere = tmp_path / "elsewhere"
+    assert main(["train", "--resume", str(run.dir), "--steps", "256", "--runs-dir", str(elsewhere)]) == 2
+    err = capsys.readouterr().err
+    assert f"error: --runs-dir does not apply to --resume: the run continues in {run.dir}" in err
+    assert "fix: drop --runs-dir" in err and not elsewhere.exists()
+    with pytest.raises(ConfigError, match="--name and --runs-dir do not apply to --resume"):
+        pl.train("ppo", resume=run.dir, name="other", runs_dir=tmp_path, verbose=False)
+    with pytest.raises(ConfigError, match="--online-steps does not apply to --resume"):
+        pl.train("ppo", resume=run.dir, online_steps=100, verbose=False)
+    assert {p: p.read_bytes() for p in run.dir.rglob("*") if p.is_file()} == files
+
+
 def test_config_yaml_records_the_rounded_budget_and_a_resume_that_changes_it(tmp_path):
     import yaml
 

@@ -42,7 +42,7 @@ def _common(q: argparse.ArgumentParser) -> None:
     q.add_argument("--seed", type=int, help="random seed (default 0)")
     q.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a setting")
     q.add_argument("--name", help="run name (default: <algo>-<task>-s<seed>)")
-    q.add_argument("--runs-dir", default="runs", help="where run directories go (default: ./runs)")
+    q.add_argument("--runs-dir", help="where run directories go (default: ./runs)")  # None: not given (--resume)
     q.add_argument("--no-progress", action="store_true", help="no progress lines (notes and the result still print)")
     q.add_argument("--resume", help="continue this run directory from its latest checkpoint (its own settings)")
 
@@ -62,13 +62,14 @@ def run_llm_command(args: argparse.Namespace) -> int:
         result = evaluate_llm(args.model, args.task, args.k, args.seed)
         print(json.dumps(result) if args.json else ", ".join(f"{k} {v:.3f}" for k, v in result.items()))
         return 0
-    from policylab.config import parse_count
+    from policylab.config import check_resume_place, parse_count
     from policylab.errors import ConfigError
     from policylab.llm.trainer import train_llm
 
     algo = "sft" if args.llm_command == "sft" else args.algo
     progress = False if args.no_progress else None
     if args.resume:
+        check_resume_place(args.resume, args.name, args.runs_dir)
         given = [
             flag
             for flag, value in (
@@ -78,7 +79,6 @@ def run_llm_command(args: argparse.Namespace) -> int:
                 ("--reward", args.reward),
                 ("--seed", args.seed),
                 ("--set", args.set),
-                ("--name", args.name),
                 ("--expert", getattr(args, "expert", None)),
                 ("--group-size", getattr(args, "group_size", None)),
             )
@@ -110,5 +110,6 @@ def run_llm_command(args: argparse.Namespace) -> int:
         overrides["expert"] = args.expert
     if getattr(args, "group_size", None) is not None:
         overrides["group_size"] = args.group_size
-    train_llm(algo, overrides, args.runs_dir, args.name, progress=progress)
+    runs_dir = args.runs_dir if args.runs_dir is not None else "runs"
+    train_llm(algo, overrides, runs_dir, args.name, progress=progress)
     return 0

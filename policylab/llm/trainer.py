@@ -562,18 +562,21 @@ def rows_of(
     return (rows[:-held_out], rows[-held_out:]) if held_out else (rows, rows)
 
 
-def eval_note(task: Task, cfg: LLMConfig, inputs: LLMInputs | None = None) -> str | None:
+def eval_note(
+    task: Task,
+    cfg: LLMConfig,
+    rows: tuple[list[dict[str, Any]], list[dict[str, Any]]],
+    inputs: LLMInputs | None = None,
+) -> str | None:
     """What a run should say about its evaluation rows: that they are its training rows (given prompts too few
-    to hold a fifth out, and no eval_prompts)."""
+    to hold a fifth out, and no eval_prompts). `rows`: (training rows, evaluation rows), as rows_of gave them."""
     inputs = inputs or LLMInputs()
-    if task.name != "prompts" or _given(cfg, inputs, "eval_prompts") is not None:
-        return None
-    rows = task.make(0, cfg.seed)
-    if len(rows) // 5:
-        return None
+    train_rows, eval_rows = rows
+    if task.name != "prompts" or _given(cfg, inputs, "eval_prompts") is not None or eval_rows is not train_rows:
+        return None  # rows_of held a fifth out: its evaluation rows are not the training rows
     return (
-        f"note: the prompts have {len(rows)} rows, too few to hold a fifth out for evaluation: evaluation uses the "
-        "training rows (give separate ones with --set eval_prompts=FILE)"
+        f"note: the prompts have {len(train_rows)} rows, too few to hold a fifth out for evaluation: evaluation uses "
+        "the training rows (give separate ones with --set eval_prompts=FILE)"
     )
 
 
@@ -610,7 +613,7 @@ class LLMTrainer:
         expert, pairs = _given(cfg, inputs, "expert"), _given(cfg, inputs, "pairs")
         self.expert_rows = prompt_rows(expert, "expert") if expert is not None else self.train_rows
         self.pair_rows = prompt_rows(pairs, "pairs", ("chosen", "rejected"), PAIRS_FIX) if pairs is not None else None
-        note = eval_note(self.task, cfg, inputs)
+        note = eval_note(self.task, cfg, (self.train_rows, self.eval_rows), inputs)
         self.notes: list[str] = [note] if note else []
         """What the run should say before it starts."""
         self.rng = np.random.default_rng(cfg.seed)  # DPO's corrupted answers
@@ -1111,7 +1114,8 @@ def train_llm(
     checkpoints/ (at every evaluation: weights, optimizer and RNG state). `resume`: a run directory to continue
     from its latest checkpoint, exactly (its config is used; only `steps` may change, through `overrides`, and
     `algo`, if given, must be the run's). `callback(step, metrics)` returning False stops the run after that
-    step (a checkpoint is written first). A run that fails before its first checkpoint leaves no directory.
+    step (a checkpoint is written first). A run that fails or is interrupted (Ctrl-C) before its first checkpoint
+    leaves no directory; after it, the directory stays, to be resumed.
     `verbose=False` prints nothing; `progress=False` prints no progress lines (notes and the result still
     print); None: a live line on a terminal, a line per 10% otherwise.
 
@@ -1172,7 +1176,8 @@ def train_llm(
         say(note)
     runs_root_existed = Path(runs_dir).exists()
     created: Path | None = None
-    """The directory this call made, until its first checkpoint: removed if the run fails before then."""
+    """The directory this call made, until its first checkpoint: removed if the run fails or is interrupted before
+    then."""
     log: RunLog | None = None
     bar: Progress | None = None
     step_fn = {
@@ -1219,7 +1224,7 @@ def train_llm(
                 break
         if last is None:  # resumed at its last checkpoint, from before checkpoints kept the evaluation
             last = trainer.evaluate()
-    except Exception:
+    except BaseException:  # KeyboardInterrupt too: re-raised below, the CLI exits 130
         if created is not None:
             if log is not None:
                 log.close()
