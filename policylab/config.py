@@ -350,13 +350,8 @@ def algorithms_with_option(key: str, value: Any = None) -> list[str]:
 
 def _accepts(cfg: CommonConfig, key: str, value: Any) -> bool:
     """Whether `cfg` with `key` set to `value` passes its validation, without a dataset or with one."""
-    for extra in ({}, {"dataset": "dataset"}):  # validation checks that a dataset is given, not the file
-        try:
-            apply_values(cfg, {key: value, **extra}, "--set").validate()
-            return True
-        except (ConfigError, ValueError):
-            pass
-    return False
+    # validation checks that a dataset is given, not the file
+    return any(_valid_with(cfg, {key: value, **extra}) for extra in ({}, {"dataset": "dataset"}))
 
 
 def divergence_fix(cfg: CommonConfig) -> str:
@@ -374,16 +369,17 @@ def divergence_fix(cfg: CommonConfig) -> str:
         "normalize_reward": ("normalize rewards", True),
     }
     for key, (what, value) in candidates.items():
-        if hasattr(cfg, key) and not getattr(cfg, key) and _valid_with(cfg, key, value):
+        if hasattr(cfg, key) and not getattr(cfg, key) and _valid_with(cfg, {key: value}):
             remedies.append(f"{what} (--set {key}={str(value).lower() if value is True else f'{value:g}'})")
     return ", or ".join([", ".join(remedies[:-1]), remedies[-1]] if len(remedies) > 1 else remedies)
 
 
-def _valid_with(cfg: CommonConfig, key: str, value: Any) -> bool:
+def _valid_with(cfg: CommonConfig, values: dict[str, Any]) -> bool:
+    """Whether `cfg` with `values` set passes its type checks and its validation."""
     try:
-        dataclasses.replace(cfg, **{key: value}).validate()
+        apply_values(cfg, values, "--set").validate()
         return True
-    except ConfigError:
+    except (ConfigError, ValueError):
         return False
 
 
