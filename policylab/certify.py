@@ -177,6 +177,63 @@ def check_settings(sigma: float, alpha: float, samples: int, eps: Sequence[float
             )
 
 
+def check_options(
+    attack: bool = True,
+    attack_episodes: int = 100,
+    attack_steps: int = 5,
+    num_envs: int = 128,
+    r_min: float = 0.0,
+    r_max: float | None = None,
+    *,
+    cli: bool = False,
+) -> None:
+    """Raise a PolicylabError for a bad attack budget, env count or return range; its message and fix name the
+    command's flags (`cli`) or `certify`'s keywords, as the user wrote them."""
+
+    def name(key: str, value: object) -> str:
+        return f"--{key.replace('_', '-')} {value}" if cli else f"{key}={value}"
+
+    def whole(value: object, least: int) -> bool:
+        return isinstance(value, int) and not isinstance(value, bool) and value >= least
+
+    check_return_range(r_min, r_max, cli=cli)
+    if attack and not whole(attack_episodes, 1):
+        skip = "--no-attack" if cli else "attack=False"
+        raise PolicylabError(
+            f"{name('attack_episodes', attack_episodes)}: the attack needs at least 1 episode per eps",
+            f"pass {name('attack_episodes', 1)} or more (default 100), or {skip} to skip the attack",
+        )
+    if attack and not whole(attack_steps, 0):
+        raise PolicylabError(
+            f"{name('attack_steps', attack_steps)}: the attack takes a whole number >= 0 of gradient steps per "
+            "observation",
+            f"pass {name('attack_steps', 5)} (the default; 0 leaves each perturbation in a random direction)",
+        )
+    if not whole(num_envs, 1):
+        raise PolicylabError(
+            f"{name('num_envs', num_envs)}: the episodes need at least one env to run in",
+            f"pass {name('num_envs', 1)} or more (default 128)",
+        )
+
+
+def check_return_range(r_min: float, r_max: float | None = None, *, cli: bool = False) -> None:
+    """r_min must be a finite return, and r_max (if given) a finite one not below it."""
+    if not math.isfinite(r_min):
+        flag = f"--r-min {r_min:g}" if cli else f"r_min={r_min}"
+        raise PolicylabError(
+            f"{flag}: the certificate's lower limit must be a finite return",
+            "pass the lowest return the env can produce " + ("(--r-min, default 0)" if cli else "(r_min, default 0)"),
+        )
+    if r_max is not None and not (math.isfinite(r_max) and r_max >= r_min):
+        flag = f"--r-max {r_max:g}" if cli else f"r_max={r_max}"
+        raise PolicylabError(
+            f"{flag}: the highest return the env can produce must be a finite number >= r_min ({r_min:g})",
+            "pass the highest possible return, or leave "
+            + ("--r-max out" if cli else "r_max=None")
+            + " (the interval's upper end then uses the largest sampled return)",
+        )
+
+
 def check_thresholds(thresholds: Sequence[float] | np.ndarray, r_min: float) -> np.ndarray:
     """The Clopper-Pearson variant's threshold grid as an array, or a PolicylabError naming the fix."""
     grid = np.asarray(thresholds, dtype=np.float64)
@@ -250,6 +307,7 @@ def certified_return_bound(
     """
     x = np.sort(np.asarray(returns, dtype=np.float64).ravel())
     check_settings(sigma, alpha, x.size, eps)
+    check_return_range(r_min, r_max)
     if not np.all(np.isfinite(x)):
         raise PolicylabError("some sampled returns are NaN or infinite", "check the env's rewards")
     if x[0] < r_min:
@@ -491,6 +549,9 @@ class Certificate:
     method: Literal["dkw", "clopper-pearson"] = "dkw"
     thresholds: list[float] | None = None
     """The Clopper-Pearson variant's return thresholds (None for DKW)."""
+    r_max: float | None = None
+    """The highest return the env can produce, as given (None: the interval's upper end used the largest sampled
+    return, so it is an estimate, not a guarantee)."""
     plot: Path | None = None
     numbers: tuple[Path, Path] | None = None
     """The JSON and CSV files written beside the plot."""
@@ -524,6 +585,10 @@ def certify(
     lowest return the env can produce (the integral's lower limit; 0 for non-negative rewards). `horizon`: the
     episode-length cap T, if the env has no registered time limit (the attack spends eps / sqrt(T) per step).
     `thresholds`: a grid of returns, chosen before sampling, for the Clopper-Pearson variant (default: DKW).
+    `r_max`: the highest return the env can produce, for the upper end of the no-attack interval (default: the
+    largest sampled return). `attack_steps`: gradient steps of the attack per observation. `num_envs`: parallel envs
+    of the sampled and the attacked episodes. `deterministic=False` samples the policy's actions (on the noisy
+    observations) instead of taking its deterministic action.
     """
     if isinstance(samples, str):  # "10k", as --samples takes it
         from policylab.config import parse_count
@@ -537,11 +602,7 @@ def certify(
     if thresholds is not None:
         check_thresholds(thresholds, r_min)
     grid = np.unique(grid)  # sorted, for the table and the plot
-    if attack and attack_episodes < 1:
-        raise PolicylabError(
-            f"attack_episodes={attack_episodes}: the attack needs at least 1 episode per eps",
-            "pass attack_episodes=1 or more (default 100), or attack=False to skip the attack",
-        )
+    check_options(attack, attack_episodes, attack_steps, num_envs, r_min, r_max)
     out_path = None if out is None else _check_out(Path(out))
     policy = load(run_dir, which=which)
     check_observations(policy)
@@ -574,6 +635,7 @@ def certify(
         returns=returns.tolist(),
         method=result.method,
         thresholds=None if thresholds is None else [float(t) for t in thresholds],
+        r_max=r_max,
     )
     if out_path is None:
         return cert
@@ -677,6 +739,26 @@ def add_certify_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--horizon", type=int, help="the env's episode-length cap, if it has no registered time limit")
     p.add_argument("--r-min", type=float, default=0.0, help="the lowest return the env can produce (default 0)")
     p.add_argument(
+        "--r-max",
+        type=float,
+        help="the highest return the env can produce, for the no-attack interval's upper end "
+        "(default: the largest sampled return, an estimate)",
+    )
+    p.add_argument(
+        "--attack-steps",
+        type=int,
+        default=5,
+        help="gradient steps of the attack per observation (default 5; 0: random directions)",
+    )
+    p.add_argument(
+        "--num-envs", type=int, default=128, help="parallel envs of the sampled and attacked episodes (default 128)"
+    )
+    p.add_argument(
+        "--stochastic",
+        action="store_true",
+        help="sample the policy's actions on the noisy observations (default: its deterministic action)",
+    )
+    p.add_argument(
         "--bound",
         choices=("dkw", "clopper-pearson"),
         default="dkw",
@@ -736,11 +818,8 @@ def run_certify_command(args: argparse.Namespace) -> int:
         samples = parse_count(args.samples)
     except ValueError as exc:
         raise PolicylabError(str(exc), "write e.g. --samples 10000 or --samples 10k") from None
-    if not args.no_attack and args.attack_episodes < 1:
-        raise PolicylabError(
-            f"--attack-episodes {args.attack_episodes}: the attack needs at least 1 episode per eps",
-            "pass --attack-episodes 1 or more (default 100), or --no-attack to skip the attack",
-        )
+    attack = not args.no_attack
+    check_options(attack, args.attack_episodes, args.attack_steps, args.num_envs, args.r_min, args.r_max, cli=True)
     cert = certify(
         args.run,
         sigma=args.sigma,
@@ -748,11 +827,15 @@ def run_certify_command(args: argparse.Namespace) -> int:
         alpha=args.alpha,
         eps=_parse_eps(args.eps),
         out=args.out,
-        attack=not args.no_attack,
+        attack=attack,
         seed=args.seed,
         r_min=args.r_min,
+        r_max=args.r_max,
         attack_episodes=args.attack_episodes,
+        attack_steps=args.attack_steps,
         horizon=args.horizon,
+        num_envs=args.num_envs,
+        deterministic=not args.stochastic,
         which="best" if args.best else "final",
         thresholds=parse_thresholds(args.thresholds, args.bound),
     )
@@ -774,7 +857,8 @@ def format_certificate(cert: Certificate) -> str:
             row += f"  {cert.attack_return[i]:>10.2f}"
         lines.append(row)
     how = "one DKW band" if cert.thresholds is None else f"Clopper-Pearson at {len(cert.thresholds)} thresholds"
-    lines.append(f"certified with confidence {level} ({how}), returns >= {cert.r_min:g} assumed")
+    assumed = f">= {cert.r_min:g}" if cert.r_max is None else f"in [{cert.r_min:g}, {cert.r_max:g}]"
+    lines.append(f"certified with confidence {level} ({how}), returns {assumed} assumed")
     if cert.plot is not None and cert.numbers is not None:
         lines.append(f"plot: {cert.plot} (numbers: {cert.numbers[0]}, {cert.numbers[1]})")
     return "\n".join(lines)

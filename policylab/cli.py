@@ -7,7 +7,10 @@ import json
 import sys
 import textwrap
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 from policylab.certify import add_certify_parser
 from policylab.errors import PolicylabError
@@ -45,9 +48,11 @@ def _eval(args: argparse.Namespace) -> int:
     from policylab.logging import fixed
     from policylab.policy import evaluate, load, record_video
 
+    if args.max_envs < 1:  # evaluate's rule, checked before the policy loads, its fix naming the flag
+        raise PolicylabError(f"--max-envs {args.max_envs}: at least one env is needed", "pass --max-envs 1 or more")
     policy = load(args.run, which="best" if args.best else "final")
     deterministic = args.deterministic or (policy.eval_deterministic and not args.stochastic)
-    result = evaluate(policy, args.episodes, args.seed, deterministic=deterministic)
+    result = evaluate(policy, args.episodes, args.seed, deterministic=deterministic, max_envs=args.max_envs)
     score = policy.normalized_score(result["return_mean"])
     if score is not None:
         result["score"] = score
@@ -119,37 +124,30 @@ def _list(_args: argparse.Namespace) -> int:
 
 
 def _collect(args: argparse.Namespace) -> int:
-    from policylab.collect import ReferenceWarning, collect, collect_from_buffer
+    from policylab.collect import collect, collect_from_buffer
 
     if args.from_buffer is None and args.env is None and args.policy == "random":
         raise PolicylabError("collect needs an env", "pass --env ENV_ID (or --policy RUN_DIR, or --from-buffer)")
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always", ReferenceWarning)
-        if args.from_buffer:
-            dataset = collect_from_buffer(
-                args.from_buffer,
-                args.out,
-                overwrite=args.overwrite,
-                ref_min_score=args.ref_min,
-                ref_max_score=args.ref_max,
-            )
-        else:
-            dataset = collect(
-                args.env,
-                args.policy,
-                args.episodes,
-                noise=args.noise,
-                seed=args.seed,
-                out=args.out,
-                overwrite=args.overwrite,
-                ref_min_score=args.ref_min,
-                ref_max_score=args.ref_max,
-            )
-    for w in caught:
-        if issubclass(w.category, ReferenceWarning):
-            print(f"warning: {w.message}", file=sys.stderr)
-        else:
-            warnings.showwarning(w.message, w.category, w.filename, w.lineno)
+    if args.from_buffer:
+        dataset = collect_from_buffer(
+            args.from_buffer,
+            args.out,
+            overwrite=args.overwrite,
+            ref_min_score=args.ref_min,
+            ref_max_score=args.ref_max,
+        )
+    else:
+        dataset = collect(
+            args.env,
+            args.policy,
+            args.episodes,
+            noise=args.noise,
+            seed=args.seed,
+            out=args.out,
+            overwrite=args.overwrite,
+            ref_min_score=args.ref_min,
+            ref_max_score=args.ref_max,
+        )
     from policylab.logging import fixed
 
     returns = dataset.episode_returns()
@@ -215,7 +213,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--resume", help="continue the run in this directory from its latest checkpoint")
     p.add_argument("--name", help="run name (default: <algo>-<env>-s<seed>)")
-    p.add_argument("--runs-dir", default="runs", help="where run directories go (default: ./runs)")
+    p.add_argument("--runs-dir", help="where run directories go (default: ./runs)")
     p.add_argument("--no-progress", action="store_true", help="no progress output, only the final result")
     p.set_defaults(func=_train)
 
@@ -224,6 +222,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--best", action="store_true", help="the best evaluated policy (best/), not the final one")
     p.add_argument("--episodes", type=int, default=10, help="evaluation episodes (default 10)")
     p.add_argument("--seed", type=int, default=0, help="seed of the evaluation envs (default 0)")
+    p.add_argument(
+        "--max-envs", type=int, default=16, help="parallel evaluation envs, at most one per episode (default 16)"
+    )
     how = p.add_mutually_exclusive_group()
     how.add_argument("--stochastic", action="store_true", help="sample actions instead of the deterministic policy")
     how.add_argument(
@@ -278,11 +279,31 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+@contextmanager
+def _warnings_as_lines() -> Iterator[None]:
+    """policylab's own warnings (e.g. a dataset's reference returns left out) as `warning: ...` lines on stderr,
+    each time, not Python's file:line form; other warnings as Python shows them."""
+    from policylab.data.dataset import ReferenceWarning
+
+    def show(message: Any, category: type[Warning], *args: Any, **kwargs: Any) -> None:
+        if issubclass(category, ReferenceWarning):
+            print(f"warning: {message}", file=sys.stderr)
+        else:
+            shown(message, category, *args, **kwargs)
+
+    shown = warnings.showwarning
+    with warnings.catch_warnings():
+        warnings.simplefilter("always", ReferenceWarning)
+        warnings.showwarning = show
+        yield
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        return args.func(args)
+        with _warnings_as_lines():
+            return args.func(args)
     except PolicylabError as exc:
         if args.debug:
             raise

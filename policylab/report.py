@@ -736,6 +736,14 @@ def report(
         group_by = [key.strip() for key in group_by.split(",") if key.strip()]
     _check_confidence(confidence)
     _check_reps(reps)
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**32:
+        raise PolicylabError(
+            f"seed={seed!r}: the bootstrap seed is a whole number from 0 to 2**32 - 1", "pass e.g. --seed 0 (seed=0)"
+        )
+    if threshold is not None and not math.isfinite(threshold):
+        raise PolicylabError(
+            f"threshold={threshold}: the optimality gap's target must be a finite score", "pass e.g. --threshold 100"
+        )
     if curve_statistic not in CURVE_STATISTICS:
         raise PolicylabError(
             f"unknown curve statistic {curve_statistic!r}", f"use one of: {', '.join(CURVE_STATISTICS)}"
@@ -882,6 +890,15 @@ def add_report_parser(sub: argparse._SubParsersAction) -> None:
         help="config keys that name a group (default algo; e.g. algo,lr compares variants of an algorithm)",
     )
     p.add_argument("--bootstrap", type=int, default=2000, metavar="REPS", help="bootstrap resamples (default 2000)")
+    p.add_argument(
+        "--confidence", type=float, default=0.95, help="level of the bootstrap intervals, in (0, 1) (default 0.95)"
+    )
+    p.add_argument(
+        "--curve-statistic",
+        choices=CURVE_STATISTICS,
+        default="iqm",
+        help="the statistic of the learning curves: iqm or mean over runs (default iqm)",
+    )
     p.add_argument("--seed", type=int, default=0, help="bootstrap seed (default 0)")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it is not empty")
     p.set_defaults(func=run_report_command)
@@ -897,7 +914,9 @@ def run_report_command(args: argparse.Namespace) -> int:
         refs=refs,
         threshold=args.threshold,
         reps=args.bootstrap,
+        confidence=args.confidence,
         seed=args.seed,
+        curve_statistic=args.curve_statistic,
         overwrite=args.overwrite,
         group_by=[key.strip() for key in args.group_by.split(",") if key.strip()],
     )

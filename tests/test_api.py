@@ -88,6 +88,24 @@ def test_eval_command(capsys, cartpole_run):
     assert "over 1 episode," in capsys.readouterr().out
 
 
+def test_eval_command_max_envs_reaches_evaluate(capsys, cartpole_run, monkeypatch):
+    asked: list[int] = []
+    real = pl.policy.evaluate
+
+    def recorded(*args, **kwargs):
+        asked.append(kwargs["max_envs"])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(pl.policy, "evaluate", recorded)
+    assert main(["eval", str(cartpole_run.dir), "--episodes", "3"]) == 0
+    assert main(["eval", str(cartpole_run.dir), "--episodes", "3", "--max-envs", "2"]) == 0
+    assert asked == [16, 2] and "over 3 episodes" in capsys.readouterr().out
+    for bad in ("0", "-1"):  # evaluate's rule, refused before the policy loads
+        assert main(["eval", "no-such-run", "--max-envs", bad]) == 2
+        err = capsys.readouterr().err
+        assert f"--max-envs {bad}: at least one env" in err and "fix: pass --max-envs 1 or more" in err
+
+
 def test_eval_video(capsys, cartpole_run, tmp_path):
     out = tmp_path / "cartpole.gif"
     assert main(["eval", str(cartpole_run.dir), "--episodes", "1", "--video", str(out)]) == 0

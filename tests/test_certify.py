@@ -374,6 +374,41 @@ def test_certify_command(cartpole_run, tmp_path, capsys):
     assert data["method"] == "clopper-pearson" and data["thresholds"][-1] == 500 and data["band"] is None
 
 
+def test_certify_command_passes_every_option_of_the_api(cartpole_run, tmp_path, monkeypatch, capsys):
+    """r_max, attack_steps, num_envs and deterministic reach certify() from their flags, with its defaults."""
+    import importlib
+    import inspect
+
+    certify_module = importlib.import_module("policylab.certify")  # pl.certify is the function, not the module
+    seen: dict = {}
+
+    def spy(*args, **kwargs):
+        seen.clear()
+        seen.update(kwargs)
+        return certify(*args, **kwargs)
+
+    monkeypatch.setattr(certify_module, "certify", spy)
+    parser = argparse.ArgumentParser()
+    add_certify_parser(parser.add_subparsers(dest="command", required=True))
+    out = tmp_path / "c.png"
+    argv = ["certify", str(cartpole_run.dir), "--sigma", "0.1", "--samples", "20", "--eps", "0,0.3", "--out", str(out)]
+    args = parser.parse_args([*argv, "--no-attack"])
+    assert args.func(args) == 0
+    defaults = {k: v.default for k, v in inspect.signature(certify).parameters.items()}
+    for key in ("r_max", "attack_steps", "num_envs", "deterministic", "r_min", "attack_episodes", "horizon"):
+        assert seen[key] == defaults[key], key
+    plain = json.loads(out.with_suffix(".json").read_text())
+    assert plain["r_max"] is None and "returns >= 0 assumed" in capsys.readouterr().out
+    extra = ["--attack-episodes", "2", "--attack-steps", "1", "--num-envs", "3", "--stochastic", "--r-max", "600"]
+    args = parser.parse_args([*argv, *extra])
+    assert args.func(args) == 0
+    assert (seen["attack_steps"], seen["num_envs"], seen["deterministic"], seen["r_max"]) == (1, 3, False, 600.0)
+    assert "returns in [0, 600] assumed" in capsys.readouterr().out
+    data = json.loads(out.with_suffix(".json").read_text())
+    assert data["r_max"] == 600.0 and data["attack_return"] is not None
+    assert data["smoothed_ci"][1] > plain["smoothed_ci"][1]  # the interval's upper end reaches towards r_max
+
+
 # --- bad input -------------------------------------------------------------------------------------------------
 
 
@@ -393,6 +428,11 @@ def test_certify_command(cartpole_run, tmp_path, capsys):
         ({"eps": [0.0, float("nan"), -2]}, r"eps=0,nan,-2: nan, -2 are not an attack budget"),
         ({"eps": []}, "non-empty list"),
         ({"attack_episodes": 0}, "attack_episodes=0"),
+        ({"attack_steps": -1}, "attack_steps=-1"),
+        ({"num_envs": 0}, "num_envs=0"),
+        ({"r_max": -1.0}, r"r_max=-1.0: .* >= r_min \(0\)"),
+        ({"r_max": float("nan")}, "r_max=nan"),
+        ({"r_min": float("-inf")}, "r_min=-inf"),
         ({"out": "cert.pdf"}, "not a .png path"),
     ],
 )
@@ -420,6 +460,12 @@ def test_bad_numbers_are_shown_as_typed_and_fixes_name_the_interface_used(tmp_pa
     with pytest.raises(PolicylabError) as info:  # from Python the fix names the keyword
         certify(missing, attack_episodes=0)
     assert "attack=False" in (info.value.fix or "") and "--no-attack" not in (info.value.fix or "")
+    for flag, value in (("--attack-steps", "-1"), ("--num-envs", "0"), ("--r-max", "-5"), ("--r-max", "nan")):
+        assert main(["certify", missing, flag, value]) == 2
+        err = capsys.readouterr().err
+        assert f"{flag} {value}" in err and "fix:" in err and "Traceback" not in err
+    assert main(["certify", missing, "--r-min", "inf"]) == 2
+    assert "--r-min inf" in capsys.readouterr().err
 
 
 def test_bad_runs_and_envs_are_clear_errors(tmp_path):

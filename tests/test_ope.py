@@ -252,6 +252,63 @@ def test_the_ope_command_evaluates_and_selects_run_directories(chain_dataset, tm
     assert "error:" in capsys.readouterr().err
 
 
+def test_every_fqe_option_reaches_evaluate_policy_from_its_flag(tmp_path, monkeypatch, capsys):
+    """Each FQEConfig field has a flag with FQEConfig's default; bad values are refused before anything is read."""
+    import dataclasses
+    import importlib
+
+    module = importlib.import_module("policylab.ope.evaluate")
+    seen: dict = {}
+
+    class Stub:
+        def format(self) -> str:
+            return "stub report"
+
+    def spy(dataset, policy, estimators, **options):
+        seen.clear()
+        seen.update(options)
+        return Stub()
+
+    monkeypatch.setattr(module, "evaluate_policy", spy)
+    missing = str(tmp_path / "missing")
+    base = ["ope", "--dataset", missing, "--policy", missing]
+    assert main(base) == 0 and "stub report" in capsys.readouterr().out
+    assert seen["fqe"] == FQEConfig()  # every default is FQEConfig's
+    flags = "--fqe-steps 7 --fqe-batch-size 8 --fqe-lr 0.01 --fqe-hidden 16,8 --fqe-tau 0.5 --fqe-action-samples 2"
+    flags += " --fqe-reward-scale 0.1 --fqe-threads 2 --seed 3"
+    assert main([*base, *flags.split()]) == 0
+    expected = FQEConfig(7, 8, 0.01, (16, 8), 0.5, 2, 0.1, seed=3, threads=2)
+    assert dataclasses.asdict(seen["fqe"]) == dataclasses.asdict(expected) and seen["seed"] == 3
+    seen.clear()
+    bad = "--fqe-batch-size 0 --fqe-lr -1 --fqe-lr nan --fqe-hidden 8,x --fqe-hidden 0,8 --fqe-tau 0 --fqe-tau 1.5"
+    bad += " --fqe-action-samples 0 --fqe-reward-scale 0 --fqe-threads 0"
+    words = bad.split()
+    for flag, value in zip(words[::2], words[1::2]):
+        assert main([*base, flag, value]) == 2, flag
+        err = capsys.readouterr().err
+        assert "error:" in err and flag in err and "Traceback" not in err
+    assert not seen  # refused before evaluate_policy
+    with pytest.raises(ConfigError, match="lr=0"):  # from Python too, before the dataset is read
+        evaluate_policy(missing, missing, ["fqe"], fqe=FQEConfig(lr=0))
+
+
+def test_bad_true_values_of_ope_select_are_clear_errors(tmp_path, capsys):
+    missing = str(tmp_path / "missing")
+    base = ["ope", "select", "--dataset", missing, "--policies", missing, "--true"]
+    (tmp_path / "list.json").write_text("[1, 2]")
+    for value, message in (
+        ("online:x", "online or online:EPISODES"),
+        ("online:0", "online or online:EPISODES"),
+        (str(tmp_path / "none.json"), "cannot read --true"),
+        (str(tmp_path / "list.json"), "not a JSON object"),
+    ):
+        assert main([*base, value]) == 2
+        err = capsys.readouterr().err
+        assert message in err and "fix:" in err
+    with pytest.raises(ConfigError, match="online or online:EPISODES"):
+        select_policies(missing, [missing], true_values="results.json")  # a file name is not read as online
+
+
 @pytest.mark.parametrize("discrete", [True, False])
 def test_fqe_regression_gradient_by_hand_equals_autograd(discrete):
     from types import SimpleNamespace

@@ -477,6 +477,54 @@ def test_cli(two_algos: list[Path], tmp_path: Path, capsys: pytest.CaptureFixtur
     assert "normalized" in capsys.readouterr().out
 
 
+def test_cli_confidence_and_curve_statistic_reach_report(
+    two_algos: list[Path], tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import importlib
+    import inspect
+
+    from policylab.report import add_report_parser
+
+    module = importlib.import_module("policylab.report")
+    seen: dict = {}
+
+    def spy(*args, **kwargs):
+        seen.clear()
+        seen.update(kwargs)
+        return report(*args, **kwargs)
+
+    monkeypatch.setattr(module, "report", spy)
+    parser = argparse.ArgumentParser()
+    add_report_parser(parser.add_subparsers(dest="command", required=True))
+    runs = [str(r) for r in two_algos]
+    args = parser.parse_args(["report", *runs, "--out", str(tmp_path / "a"), "--bootstrap", "50"])
+    assert args.func(args) == 0
+    defaults = {k: v.default for k, v in inspect.signature(report).parameters.items()}
+    for key in ("confidence", "curve_statistic", "seed", "threshold", "which", "metric", "overwrite"):
+        assert seen[key] == defaults[key], key
+    assert "[95% CI]" in capsys.readouterr().out
+    out = tmp_path / "b"
+    argv = ["report", *runs, "--out", str(out), "--bootstrap", "50", "--confidence", "0.8", "--curve-statistic", "mean"]
+    args = parser.parse_args(argv)
+    assert args.func(args) == 0
+    assert seen["confidence"] == 0.8 and seen["curve_statistic"] == "mean"
+    assert "[80% CI]" in capsys.readouterr().out
+    curve_rows = [r for r in csv.DictReader((out / "report.csv").open()) if r["kind"] == "curve"]
+    assert curve_rows and {r["statistic"] for r in curve_rows} == {"mean"}
+    for bad in ("0", "1.5", "nan"):
+        args = parser.parse_args(["report", *runs, "--out", str(tmp_path / "c"), "--confidence", bad])
+        with pytest.raises(PolicylabError, match="not between 0 and 1"):
+            args.func(args)
+    with pytest.raises(SystemExit) as info:  # argparse: one of the choices, exit 2
+        parser.parse_args(["report", *runs, "--out", str(tmp_path / "c"), "--curve-statistic", "median"])
+    assert info.value.code == 2 and "invalid choice: 'median'" in capsys.readouterr().err
+    for flag, value in (("--seed", "-1"), ("--threshold", "nan")):
+        args = parser.parse_args(["report", *runs, "--out", str(tmp_path / "c"), flag, value])
+        with pytest.raises(PolicylabError, match=f"{flag[2:]}=-1|{flag[2:]}=nan"):
+            args.func(args)
+    assert not (tmp_path / "c").exists()
+
+
 def test_report_of_real_runs(tmp_path: Path) -> None:
     small = {"n_steps": 16, "num_envs": 2, "batch_size": 32, "epochs": 1, "eval_every": 128, "eval_episodes": 2}
     runs = [

@@ -100,6 +100,8 @@ def evaluate_policy(
     `gamma`: the discount of the value (None: the policy's run's own gamma). `epsilon` / `sigma`: see
     policies.TargetPolicy (an epsilon-greedy or Gaussian version of a greedy / deterministic policy)."""
     names = _check_names(estimators)
+    if fqe is not None:
+        fqe.validate()  # before the dataset loads and behaviour cloning runs, not when FQE starts
     data = dataset if isinstance(dataset, Dataset) else load_dataset(dataset)
     loaded = policy if isinstance(policy, Policy) else load(policy)
     gamma, gamma_source = _gamma(gamma, policy)
@@ -283,6 +285,21 @@ def online_value(
     return float((returns @ (gamma ** np.arange(returns.shape[1]))).mean())
 
 
+def online_episodes(text: str) -> int:
+    """The episode count of `true_values` "online" (100) or "online:EPISODES", or a ConfigError naming the fix."""
+    head, colon, count = text.partition(":")
+    try:
+        episodes = int(count) if colon else 100
+    except ValueError:
+        episodes = 0
+    if head != "online" or episodes < 1:
+        raise ConfigError(
+            f"true values {text!r}: a string means online values, written online or online:EPISODES",
+            "pass e.g. online:100 (--true online:100), or a {run directory: value} mapping (--true FILE.json)",
+        )
+    return episodes
+
+
 def select_policies(
     dataset: str | Path | Dataset,
     policies: list[str | Path] | list[Policy],
@@ -304,6 +321,7 @@ def select_policies(
             "selection needs intervals (the pessimistic choice is the highest CI low): bootstrap 0 gives none",
             "pass at least 2 bootstrap resamples, e.g. bootstrap=1000 (--bootstrap 1000, the default)",
         )
+    episodes = online_episodes(true_values) if isinstance(true_values, str) else 0  # checked before any work
     data = dataset if isinstance(dataset, Dataset) else load_dataset(dataset)
     names = names or [str(p) for p in policies]
     if len(set(names)) != len(policies):
@@ -312,7 +330,6 @@ def select_policies(
     results = [report.results[estimator] for report in reports.values()]
     true = None
     if isinstance(true_values, str):
-        episodes = int(true_values.partition(":")[2] or 100)
         gamma = next(iter(reports.values())).gamma
         keep = {k: options[k] for k in ("epsilon", "sigma", "seed") if k in options}
         true_values = {n: online_value(p, data, gamma, episodes=episodes, **keep) for n, p in zip(names, policies)}

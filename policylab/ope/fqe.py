@@ -15,7 +15,9 @@ the same step as autograd's (tests/test_ope.py) without building a graph.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+from numbers import Integral, Real
 
 import numpy as np
 import torch
@@ -49,11 +51,33 @@ class FQEConfig:
     threads: int = 1
 
     def validate(self) -> None:
-        for name in ("steps", "batch_size", "action_samples"):
-            if getattr(self, name) <= 0:
-                raise ConfigError(f"fqe {name}={getattr(self, name)} must be > 0", f"set {name} to a positive value")
-        if not 0 < self.tau <= 1 or self.lr <= 0 or self.reward_scale <= 0:
-            raise ConfigError("fqe needs 0 < tau <= 1, lr > 0 and reward_scale > 0", "e.g. tau=0.005, lr=3e-4")
+        """A ConfigError naming the field, its rule, its `policylab ope` flag and its default."""
+        defaults = FQEConfig.__dataclass_fields__
+
+        def fail(name: str, rule: str) -> ConfigError:
+            flag = f"--fqe-{'hidden' if name == 'hidden_sizes' else name.replace('_', '-')}"
+            default = defaults[name].default
+            shown = ",".join(map(str, default)) if isinstance(default, tuple) else f"{default:g}"
+            return ConfigError(
+                f"fqe {name}={getattr(self, name)!r} must be {rule}",
+                f"set {name} to {rule} (FQEConfig({name}=...), `policylab ope {flag}`; default {shown})",
+            )
+
+        for name in ("steps", "batch_size", "action_samples", "threads"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, Integral) or value <= 0:
+                raise fail(name, "a whole number > 0")
+        hidden = self.hidden_sizes
+        if not isinstance(hidden, tuple | list) or not all(
+            isinstance(h, Integral) and not isinstance(h, bool) and h > 0 for h in hidden
+        ):
+            raise fail("hidden_sizes", "a list of whole numbers > 0")
+        if not (isinstance(self.tau, Real) and 0 < self.tau <= 1):
+            raise fail("tau", "a number in (0, 1]")
+        for name in ("lr", "reward_scale"):
+            value = getattr(self, name)
+            if not (isinstance(value, Real) and math.isfinite(value) and value > 0):
+                raise fail(name, "a finite number > 0")
 
 
 class FittedQ:
