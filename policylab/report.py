@@ -253,6 +253,11 @@ def _check_reps(reps: int) -> int:
     return int(reps)
 
 
+def percent(level: float) -> str:
+    """A confidence level as its labels show it: 0.95 -> 95%, 0.975 -> 97.5% (not rounded to 98%)."""
+    return f"{100 * level:.4g}%"
+
+
 def _check_confidence(confidence: float) -> None:
     if not 0.0 < confidence < 1.0:
         raise PolicylabError(f"confidence {confidence} is not between 0 and 1", "use e.g. 0.95")
@@ -934,7 +939,7 @@ def print_summary(result: Report) -> None:
     table.add_column("runs x envs", justify="right")
     names = [m for m in METRICS if m in next(iter(result.aggregates.values()))]
     for name in names:
-        table.add_column(f"{METRIC_NAMES[name]} [{result.confidence:.0%} CI]", justify="right")
+        table.add_column(f"{METRIC_NAMES[name]} [{percent(result.confidence)} CI]", justify="right")
     for algo, estimates in result.aggregates.items():
         n_runs, n_tasks = result.score_set.matrices[algo].shape
         cells = [f"{e.value:.4g} [{e.low:.4g}, {e.high:.4g}]" for e in (estimates[m] for m in names)]

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from policylab.report import METRIC_NAMES, METRICS, Interval, Report
+from policylab.report import METRIC_NAMES, METRICS, Interval, Report, percent
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -76,7 +76,7 @@ def plot_aggregates(result: Report, path: Path) -> Path:
         _interval_bars(ax, algos, [result.aggregates[a][name] for a in algos], [_color(result, a) for a in algos])
         ax.set_title(METRIC_NAMES[name] + (" (lower is better)" if name == "optimality_gap" else ""))
         ax.set_xlabel(_score_axis(result))
-    fig.suptitle(f"Aggregate scores with {result.confidence:.0%} stratified bootstrap CIs")
+    fig.suptitle(f"Aggregate scores with {percent(result.confidence)} stratified bootstrap CIs")
     fig.savefig(path, format="png")
     return path
 
@@ -94,7 +94,7 @@ def plot_profiles(result: Report, path: Path) -> Path:
     ax.set_ylim(-0.02, 1.02)
     ax.grid(alpha=0.3)
     ax.legend(loc="upper right", fontsize="small")
-    ax.set_title(f"Performance profiles ({result.confidence:.0%} CI bands)")
+    ax.set_title(f"Performance profiles ({percent(result.confidence)} CI bands)")
     fig.savefig(path, format="png")
     return path
 
@@ -109,7 +109,7 @@ def plot_improvement(result: Report, path: Path) -> Path:
     ax.axvline(0.5, color="gray", ls="--", lw=1, zorder=3)
     ax.set_xlim(0, 1)
     ax.set_xlabel("probability of improvement")
-    ax.set_title(f"Probability of improvement ({result.confidence:.0%} CIs)")
+    ax.set_title(f"Probability of improvement ({percent(result.confidence)} CIs)")
     fig.savefig(path, format="png")
     return path
 
@@ -130,7 +130,7 @@ def plot_curves(result: Report, path: Path) -> Path:
     ax.xaxis.set_major_formatter(EngFormatter(sep=""))
     ax.grid(alpha=0.3)
     ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1), fontsize="small")
-    ax.set_title(f"Learning curves ({result.confidence:.0%} CI bands)")
+    ax.set_title(f"Learning curves ({percent(result.confidence)} CI bands)")
     fig.savefig(path, format="png")
     return path
 
@@ -265,8 +265,8 @@ def _settings_html(result: Report) -> str:
     ss = result.score_set
     items = [
         f"{len(ss.algorithms)} algorithm(s), {len(ss.tasks)} env(s) (each env is a task): {e(', '.join(ss.tasks))}",
-        f"{result.confidence:.0%} percentile intervals from a stratified bootstrap (runs resampled within each env) "
-        f"with {result.reps} resamples, seed {result.seed}",
+        f"{percent(result.confidence)} percentile intervals from a stratified bootstrap (runs resampled within each "
+        f"env) with {result.reps} resamples, seed {result.seed}",
     ]
     if result.threshold is not None:
         items.append(f"optimality gap threshold: {result.threshold:g}")
@@ -292,7 +292,7 @@ def _fmt(interval: Interval) -> str:
 def _aggregate_table(result: Report) -> str:
     algos = result.score_set.algorithms
     names = [m for m in METRICS if m in result.aggregates[algos[0]]]
-    header = ["algorithm", "runs x envs", *(f"{METRIC_NAMES[n]} [{result.confidence:.0%} CI]" for n in names)]
+    header = ["algorithm", "runs x envs", *(f"{METRIC_NAMES[n]} [{percent(result.confidence)} CI]" for n in names)]
     rows = []
     for algo in algos:
         n_runs, n_tasks = result.score_set.matrices[algo].shape
@@ -302,7 +302,7 @@ def _aggregate_table(result: Report) -> str:
 
 def _improvement_table(result: Report) -> str:
     rows = [[x, y, _fmt(e)] for (x, y), e in result.improvements.items()]
-    return _table(["X", "Y", f"P(X > Y) [{result.confidence:.0%} CI]"], rows)
+    return _table(["X", "Y", f"P(X > Y) [{percent(result.confidence)} CI]"], rows)
 
 
 def _runs_table(result: Report) -> str:

@@ -504,11 +504,22 @@ def test_cli_confidence_and_curve_statistic_reach_report(
         assert seen[key] == defaults[key], key
     assert "[95% CI]" in capsys.readouterr().out
     out = tmp_path / "b"
-    argv = ["report", *runs, "--out", str(out), "--bootstrap", "50", "--confidence", "0.8", "--curve-statistic", "mean"]
+    argv = [
+        "report",
+        *runs,
+        "--out",
+        str(out),
+        "--bootstrap",
+        "50",
+        "--confidence",
+        "0.975",
+        "--curve-statistic",
+        "mean",
+    ]
     args = parser.parse_args(argv)
     assert args.func(args) == 0
-    assert seen["confidence"] == 0.8 and seen["curve_statistic"] == "mean"
-    assert "[80% CI]" in capsys.readouterr().out
+    assert seen["confidence"] == 0.975 and seen["curve_statistic"] == "mean"
+    assert "[97.5% CI]" in capsys.readouterr().out  # not rounded to 98%
     curve_rows = [r for r in csv.DictReader((out / "report.csv").open()) if r["kind"] == "curve"]
     assert curve_rows and {r["statistic"] for r in curve_rows} == {"mean"}
     for bad in ("0", "1.5", "nan"):
