@@ -1,4 +1,5 @@
-"""The `policylab` command: train, eval, plot, list."""
+"""The `policylab` command: train, eval, plot, list, collect, dataset here; llm, ope, report, certify and sweep
+register their own subcommands."""
 
 from __future__ import annotations
 

@@ -732,6 +732,8 @@ class OffPolicyLoop:
         out = {key: torch.stack(values).mean() for key, values in history.items()}
         out["updates"] = torch.tensor(float(self.updates))
         out["threads"] = torch.tensor(float(self.threads.count))
+        if self.workers is not None:
+            out["worker_restarts"] = torch.tensor(float(sum(self.workers.restarts)))
         return out
 
     def _offline_steps(self, history: dict[str, list[Tensor]]) -> None:

@@ -1166,6 +1166,61 @@ def test_bad_generation_worker_settings_are_clear_errors(monkeypatch):
 SMALL = {"steps": 2, "eval_every": 1, "batch_size": 4, "group_size": 4, "eval_size": 8}
 
 
+def test_algorithms_that_sample_nothing_refuse_generation_workers_and_sampling_settings_first(
+    tmp_path, monkeypatch, capsys
+):
+    """SFT and offline DPO sample no completions: generation_workers > 0 (which started Ray for nothing) and the
+    other sampling settings away from their defaults are a config error naming the algorithms that sample,
+    raised before a model loads or a worker starts. Their defaults, max_new_tokens (the evaluation decodes with
+    it) and a saved config (what a resume passes) are accepted."""
+    from dataclasses import asdict
+
+    from policylab.llm import trainer as trainer_module
+    from policylab.llm.trainer import ALGOS, SAMPLING_ALGOS, SAMPLING_SETTINGS
+
+    def must_not_start(*args, **kwargs):
+        raise AssertionError("started before the config was checked")
+
+    monkeypatch.setattr(trainer_module, "GenerationWorkers", must_not_start)
+    monkeypatch.setattr(trainer_module, "load_model", must_not_start)
+    assert set(SAMPLING_ALGOS) == set(ALGOS) - {"sft", "dpo"}
+    takers = r"the algorithms that sample: grpo, dr_grpo, dapo, gspo, cispo, sapo, rloo, reinforce\+\+, ppo, online_dpo"
+    runs = tmp_path / "runs"
+    for algo in ("sft", "dpo"):
+        message = rf"{algo} trains on .* samples no completions, so generation_workers=2 would do nothing; it applies"
+        with pytest.raises(ConfigError, match=rf"{message} to {takers}(.|\n)*drop generation_workers"):
+            train_llm(algo, {"generation_workers": 2, "steps": 2}, runs, verbose=False)
+    assert _cli("sft", "--set", "generation_workers=2", "--steps", 2, "--runs-dir", runs, "--no-progress") == 2
+    assert "generation_workers=2 would do nothing" in capsys.readouterr().err
+    assert _cli("train", "dpo", "--group-size", 4, "--steps", 2, "--runs-dir", runs, "--no-progress") == 2
+    assert "group_size=4 would do nothing" in capsys.readouterr().err
+    others = {
+        "generation_backend": "inline",
+        "group_size": 4,
+        "temperature": 0.7,
+        "top_p": 0.9,
+        "updates_per_batch": 2,
+        "dynamic_sampling": True,
+        "max_sampling_rounds": 2,
+        "overlong_filter": True,
+        "overlong_buffer": 2,
+        "overlong_penalty": 0.5,
+    }
+    assert set(others) | {"generation_workers"} == set(SAMPLING_SETTINGS)
+    for algo in ("sft", "dpo"):
+        for name, value in others.items():
+            with pytest.raises(ConfigError, match=rf"so {name}={value} would do nothing(.|\n)*drop {name}"):
+                make_config(algo, {name: value})
+        with pytest.raises(ConfigError, match=r"generation_workers=1, temperature=0.5 would(.|\n)*drop generation_"
+                           r"workers and temperature, or train one of those"):  # fmt: skip
+            make_config(algo, {"generation_workers": 1, "temperature": 0.5})
+        make_config(algo, {"max_new_tokens": 8, "group_size": 8, "generation_workers": 0})  # the defaults' values
+        make_config(algo, asdict(make_config(algo)))  # a saved config.yaml holds every key
+    assert not runs.exists()
+    for algo in SAMPLING_ALGOS:
+        assert make_config(algo, {"generation_workers": 2, "temperature": 0.7}).generation_workers == 2
+
+
 def _cli(*argv):
     return main(["llm", *map(str, argv)])
 
@@ -1285,7 +1340,8 @@ def test_a_run_that_fails_before_its_first_checkpoint_leaves_no_directory(sft_mo
         train_llm("grpo", {**settings, "prompts": str(no_answer)}, runs, verbose=False)
     pairs = _jsonl(tmp_path / "pairs.jsonl", [{"prompt": "1+1=", "chosen": "2", "rejected": "3"}, {"prompt": "2+2="}])
     with pytest.raises(LLMError, match=r'pairs.jsonl, line 2: no "chosen" field(.|\n)*"rejected"'):
-        train_llm("dpo", {**settings, "pairs": str(pairs)}, runs, verbose=False)
+        dpo = {key: value for key, value in settings.items() if key != "group_size"}  # DPO samples nothing
+        train_llm("dpo", {**dpo, "pairs": str(pairs)}, runs, verbose=False)
     with pytest.raises(LLMError, match=r'expert, row 1: no "completion" \(or "answer"\)'):
         train_llm("grpo", {**settings, "mix": "chord"}, runs, verbose=False, expert=[rows[0], {"prompt": "1+1="}])
     assert not runs.exists()

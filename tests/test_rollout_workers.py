@@ -151,6 +151,8 @@ def test_off_policy_ray_workers_compute_the_inline_run(local_ray, tmp_path, algo
         )  # fmt: skip
     assert returns_logged(runs["ray"].dir) == returns_logged(runs["inline"].dir)
     assert_same_params(params_of(runs["ray"].dir), params_of(runs["inline"].dir))
+    with open(runs["ray"].dir / "train.csv") as f:  # the column on-policy runs with workers have too
+        assert {float(row["worker_restarts"]) for row in csv.DictReader(f)} == {0.0}
 
 
 @pytest.mark.parametrize(

@@ -105,6 +105,35 @@ ALGO_DEFAULTS: dict[str, dict[str, Any]] = {
 }
 """Each algorithm is GRPO's config with these values (the table in the module docstring)."""
 ALGOS = tuple(ALGO_DEFAULTS)
+OFFLINE_ALGOS = ("sft", "dpo")
+"""The algorithms that train on given completions (the rows' answers, DPO's pairs) and sample none: their steps
+(LLMTrainer.sft_step, dpo_step) draw rows; every other algorithm's step samples `group_size` completions per
+prompt (LLMTrainer.sample_groups). All of them decode greedily to evaluate, in the learner."""
+
+
+def samples_completions(algo: str) -> bool:
+    """Whether the algorithm's training steps sample completions (the trainer starts generation workers only
+    then)."""
+    return algo not in OFFLINE_ALGOS
+
+
+SAMPLING_ALGOS = tuple(algo for algo in ALGOS if samples_completions(algo))
+SAMPLING_SETTINGS = (
+    "generation_workers",
+    "generation_backend",
+    "group_size",
+    "temperature",
+    "top_p",
+    "updates_per_batch",
+    "dynamic_sampling",
+    "max_sampling_rounds",
+    "overlong_filter",
+    "overlong_buffer",
+    "overlong_penalty",
+)
+"""Settings that only act on sampled completions (how they are sampled, filtered, rewarded and reused), so an
+algorithm that samples none refuses a value other than its default. Not max_new_tokens: the evaluation's greedy
+decoding uses it."""
 LOSSES = ("ppo", "gspo", "cispo", "sapo")
 MIXES = ("none", "chord", "luffy")
 
@@ -209,7 +238,8 @@ class LLMConfig:
     threads: int = 1
     generation_workers: int = 0
     """Sample completions in this many workers, each a copy of the policy with its own generator, the weights
-    sent before every generation (0: in the learner; llm/workers.py)."""
+    sent before every generation (0: in the learner; llm/workers.py). Only for the algorithms that sample
+    (SAMPLING_ALGOS: not sft, dpo)."""
     generation_backend: str = "ray"
     """ray (each worker a Ray actor with one CPU), or inline (the same workers in the learner's process)."""
 
@@ -230,7 +260,9 @@ class LLMConfig:
         for name in ("steps", "batch_size", "group_size", "updates_per_batch", "eval_size", "train_size"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name}={getattr(self, name)} must be > 0", f"set {name} to a positive value")
-        grouped = self.algo not in ("sft", "ppo", "dpo") and self.advantage in ("rloo", "grpo", "dr_grpo")
+        grouped = (
+            samples_completions(self.algo) and self.algo != "ppo" and self.advantage in ("rloo", "grpo", "dr_grpo")
+        )
         if (grouped or self.algo == "online_dpo") and self.group_size < 2:
             raise ConfigError(f"{self.algo} compares completions within a group", "set group_size to 2 or more")
         if self.temperature <= 0 or not 0 < self.top_p <= 1:
@@ -238,6 +270,7 @@ class LLMConfig:
                 f"temperature={self.temperature} must be > 0 and top_p={self.top_p} in (0, 1]",
                 "set temperature to e.g. 1.0 and top_p to 1.0",
             )
+        self._check_sampling_settings()
         if self.kl_estimator not in ("k1", "k2", "k3"):
             raise ConfigError(f"kl_estimator={self.kl_estimator!r}", "choose k1, k2 or k3")
         if self.loss not in LOSSES:
@@ -269,6 +302,26 @@ class LLMConfig:
             raise ConfigError(
                 exc.problem.replace("imitation=", key), (exc.fix or "").replace("imitation=", key)
             ) from None
+
+    def _check_sampling_settings(self) -> None:
+        """An algorithm that samples no completions refuses the SAMPLING_SETTINGS set to anything but its
+        defaults (generation workers would start Ray, or copy the model, for nothing)."""
+        if samples_completions(self.algo):
+            return
+        defaults = LLMConfig(algo=self.algo, **ALGO_DEFAULTS[self.algo])
+        given = [name for name in SAMPLING_SETTINGS if getattr(self, name) != getattr(defaults, name)]
+        if not given:
+            return
+        shown = ", ".join(f"{name}={getattr(self, name)}" for name in given)
+        names = " and ".join([", ".join(given[:-1]), given[-1]] if len(given) > 1 else given)
+        what = "the rows' answers" if self.algo == "sft" else "(chosen, rejected) pairs"
+        raise ConfigError(
+            f"{self.algo} trains on {what} and samples no completions, so {shown} would do nothing; "
+            f"{'they apply' if len(given) > 1 else 'it applies'} to the algorithms that sample: "
+            f"{', '.join(SAMPLING_ALGOS)}",
+            f"drop {names}, or train one of those algorithms"
+            + (" (online_dpo: DPO on the best and worst of its own samples)" if self.algo == "dpo" else ""),
+        )
 
 
 def make_config(algo: str, overrides: dict[str, Any] | None = None) -> LLMConfig:
@@ -631,7 +684,8 @@ class LLMTrainer:
         self.switch_modes = has_dropout(self.model)
         self.step = 0
         self.workers: GenerationWorkers | None = None
-        if cfg.generation_workers:  # after LoRA: the workers' copies carry the adapters the optimizer trains
+        # after LoRA: the workers' copies carry the adapters the optimizer trains
+        if cfg.generation_workers and samples_completions(cfg.algo):
             self.workers = GenerationWorkers(self.model, cfg.seed, cfg.generation_workers, cfg.generation_backend)
 
     @staticmethod
