@@ -37,7 +37,7 @@ import yaml
 
 from policylab.checkpoint import atomic_write_text
 from policylab.cluster import import_ray, start_ray
-from policylab.config import apply_values, check_seed, field_types, parse_count
+from policylab.config import apply_values, check_seed, field_types
 from policylab.errors import ConfigError, PolicylabError, suggest
 from policylab.logging import SUMMARY_JSON, TRAIN_CSV
 
@@ -118,18 +118,46 @@ def _items(text: str, given: str, example: str) -> list[str]:
 
 
 def parse_seeds(text: str) -> list[int]:
-    """'1-10' -> 1..10; '1,3,5'; '1-3,7'."""
-    example = "write e.g. --seeds 1-10 or 1,2,5"
+    """'1-10' -> 1..10; '1,3,5'; '1-3,7'. Seeds are whole numbers >= 0 (`check_seed`), each given once."""
+    example = "write e.g. --seeds 1-10 or 1,2,5 (whole numbers >= 0)"
+    if not text.strip():
+        raise ConfigError("--seeds '' gives no seeds", example)
     seeds: list[int] = []
-    try:
-        for part in _items(text, f"--seeds {text!r}", example) if text.strip() else []:
-            first, sep, last = part.partition("-")
-            seeds += list(range(int(first), int(last) + 1)) if sep else [int(first)]
-    except ValueError:
-        seeds = []
-    if not seeds or len(set(seeds)) != len(seeds):
-        raise ConfigError(f"--seeds {text!r} is not a list of distinct seeds", example)
+    for part in _items(text, f"--seeds {text!r}", example):
+        match = re.fullmatch(r"(\d+)(?:\s*-\s*(\d+))?", part)
+        if match is None:
+            raise ConfigError(
+                f"--seeds {text!r}: seeds are whole numbers >= 0 (or ranges FIRST-LAST of them), and {part!r} is not",
+                example,
+            )
+        first, last = int(match[1]), int(match[2] or match[1])
+        if last < first:
+            raise ConfigError(f"--seeds {text!r}: the range {part!r} is empty", f"write it upwards: {last}-{first}")
+        seeds += range(first, last + 1)
+    _check_distinct_seeds(seeds, f"--seeds {text!r}")
     return seeds
+
+
+def _check_distinct_seeds(seeds: Sequence[int], given: str) -> None:
+    repeated = sorted({seed for seed in seeds if seeds.count(seed) > 1})
+    if repeated:
+        listed = ", ".join(map(str, repeated))
+        raise ConfigError(f"{given} gives seed{'s' if len(repeated) > 1 else ''} {listed} twice", "give each seed once")
+
+
+def seed_list(seeds: str | int | Sequence[int] | None) -> list[int]:
+    """`pl.sweep`'s seeds: a --seeds string, one seed, or a list of them (None: seed 1)."""
+    if seeds is None:
+        return [1]
+    if isinstance(seeds, str):
+        return parse_seeds(seeds)
+    out: list[Any] = list(seeds) if isinstance(seeds, Sequence) else [seeds]  # check_seed: each an int >= 0
+    for seed in out:
+        check_seed(seed)
+    if not out:
+        raise ConfigError("seeds=[] gives no seeds", "give at least one, e.g. seeds='1-5' or seeds=[1, 2]")
+    _check_distinct_seeds(out, f"seeds={out}")
+    return out
 
 
 def parse_grid(pairs: Sequence[str]) -> dict[str, list[str]]:
@@ -165,13 +193,17 @@ def parse_point(text: str) -> dict[str, str]:
 
 
 def check_spec(spec: SweepSpec) -> None:
-    """Every grid point resolves to a valid config (unknown keys and bad values fail here, before Ray starts)."""
+    """Every grid point resolves to a valid config, and each run has a directory of its own: unknown keys, bad
+    values, a key given by two flags, a repeated value or point and a missing dataset fail here, before Ray
+    starts, each as one error naming the flag it came from."""
     from policylab.algos import get_algo
-    from policylab.train import resolve_config
 
     algo = get_algo(spec.algo)
+    if not spec.seeds:
+        raise ConfigError("the sweep has no seeds", "give at least one: --seeds 1-3")
     for seed in spec.seeds:  # every seed, not only the first one resolve_config sees below
         check_seed(seed)
+    _check_distinct_seeds(spec.seeds, f"seeds={spec.seeds}")
     fields = field_types(algo.config_cls)
     for key in spec.grid_keys():
         if key not in fields:
@@ -179,28 +211,122 @@ def check_spec(spec: SweepSpec) -> None:
                 f"--grid/--point key {key!r} is not a config field of {algo.name}.{suggest(key, fields)}",
                 f"valid keys for {algo.config_cls.__name__}: {', '.join(sorted(fields))}",
             )
-        if key in ("seed", "threads"):
-            raise ConfigError(f"--grid/--point key {key!r} is set by the sweep", f"use --{key}s / --threads")
+    for key, flag in (("seed", "--seeds"), ("threads", "--threads")):
+        if key in spec.grid_keys() or key in spec.overrides:
+            raise ConfigError(f"{key!r} in --grid/--point/--set: the sweep sets it", f"use {flag}")
     if spec.threads < 1:
         raise ConfigError(f"threads={spec.threads}", "each run needs at least 1 thread: --threads 1")
     empty = [key for key, values in spec.grid.items() if not values]
     if empty:
         raise ConfigError(f"the grid axis {empty[0]!r} has no values", f"give it at least one: --grid {empty[0]}=V1,V2")
-    defaults = algo.config_cls()
-    for source, values in (("--grid", spec.grid), *(("--point", {k: [v]}) for p in spec.points for k, v in p.items())):
-        for key, options in values.items():  # each value alone, so that a bad one is named with its flag
-            for value in options:
-                apply_values(defaults, {key: value}, source)
+    _check_keys_given_once(spec)
+    _check_values_given_once(spec, algo.config_cls())
+    for dataset in (spec.dataset, spec.overrides.get("dataset")):
+        if dataset is not None:
+            from policylab.data.dataset import dataset_observation_space
+
+            dataset_observation_space(dataset)  # finds the dataset as load_dataset does (metadata only): or fails
     for params in spec.grid_points():
-        cfg, _ = resolve_config(
-            algo, spec.env, spec.steps, spec.seeds[0], None, run_overrides(spec, params), spec.preset, spec.dataset
-        )
+        try:
+            cfg = _resolve(spec, params)
+        except PolicylabError as exc:
+            raise _blame(spec, params, exc) from None
         if cfg.rollout_workers:  # their actors would wait for CPUs the sweep's own tasks hold
             raise ConfigError(
                 f"rollout_workers={cfg.rollout_workers} inside a sweep: a sweep's runs step their envs in their own "
                 "task, and rollout workers would wait for the CPUs the other runs hold",
                 "drop rollout_workers from the sweep (its runs already run side by side), or use --threads",
             )
+    runs: dict[str, RunSpec] = {}
+    for run in spec.runs():  # distinct values whose names differ only in characters a directory name drops
+        if run.name in runs:
+            raise ConfigError(
+                f"the grid points {_point_text(runs[run.name].params)} and {_point_text(run.params)} would share "
+                f"the run directory {run.name}",
+                "give values that differ in letters, digits or . _ + -",
+            )
+        runs[run.name] = run
+
+
+def _resolve(spec: SweepSpec, params: dict[str, str]) -> Any:
+    from policylab.algos import get_algo
+    from policylab.train import resolve_config
+
+    overrides = run_overrides(spec, params)
+    cfg, _ = resolve_config(
+        get_algo(spec.algo), spec.env, spec.steps, spec.seeds[0], None, overrides, spec.preset, spec.dataset
+    )
+    return cfg
+
+
+def _blame(spec: SweepSpec, params: dict[str, str], exc: PolicylabError) -> PolicylabError:
+    """The error of a grid point that does not resolve, naming the flag of the value it is about (a value that
+    passes the type check and fails a range check, e.g. --grid lr=-1), when the sweep's base config resolves."""
+    if not params:
+        return exc
+    try:
+        _resolve(spec, {})
+    except PolicylabError:
+        return exc  # not the grid point's doing (--set, --steps, --env ...): the error names its own source
+    named = [key for key in params if re.search(rf"(?<![\w.]){re.escape(key)}\b", exc.problem)]
+    if named:
+        where = ", ".join(f"{key}={params[key]} in {'--grid' if key in spec.grid else '--point'}" for key in named)
+        return ConfigError(f"{exc.problem} (from {where})", exc.fix)
+    return ConfigError(f"the grid point {_point_text(params)} (from --grid/--point): {exc.problem}", exc.fix)
+
+
+def _point_text(params: Mapping[str, str]) -> str:
+    return ",".join(f"{key}={value}" for key, value in params.items())
+
+
+def _check_keys_given_once(spec: SweepSpec) -> None:
+    """A key belongs to one flag: --grid, --point or --set (a second one would silently win over the first)."""
+    for key in spec.grid_keys():
+        flags = [
+            flag
+            for flag, given in (
+                ("--grid", key in spec.grid),
+                ("--point", any(key in point for point in spec.points)),
+                ("--set", key in spec.overrides),
+            )
+            if given
+        ]
+        if len(flags) > 1:
+            raise ConfigError(
+                f"{key!r} is given by both {' and '.join(flags)}",
+                f"give {key} in one of them: its values as --grid {key}=V1,V2, in each --point, or one value for "
+                "every run as --set",
+            )
+
+
+def _check_values_given_once(spec: SweepSpec, defaults: Any) -> None:
+    """Each value checked alone against its field's type (so that a bad one is named with its flag), and no value
+    of a --grid axis nor any --point given twice: both copies would run in one run directory."""
+
+    def value(key: str, text: str, source: str) -> Any:
+        return getattr(apply_values(defaults, {key: text}, source), key)
+
+    for key, options in spec.grid.items():
+        coerced = [value(key, text, "--grid") for text in options]
+        first = [coerced.index(v) for v in coerced]  # where each value is given first
+        repeat = next((i for i, j in enumerate(first) if j != i), None)
+        if repeat is not None:
+            twin, text = options[first[repeat]], options[repeat]
+            same = f"the value {text} twice" if twin == text else f"{twin} and {text}, the same value"
+            kept = ",".join(t for i, t in enumerate(options) if first[i] == i)
+            raise ConfigError(
+                f"--grid {key}={','.join(options)} gives {same}", f"give each value once: --grid {key}={kept}"
+            )
+    points: list[tuple[dict[str, Any], dict[str, str]]] = []
+    for point in spec.points:
+        coerced_point = {key: value(key, text, "--point") for key, text in point.items()}
+        twin_point = next((p for c, p in points if c == coerced_point), None)
+        if twin_point is not None:
+            given = f"--point {_point_text(point)}"
+            if twin_point == point:
+                raise ConfigError(f"{given} is given twice", "give each point once")
+            raise ConfigError(f"--point {_point_text(twin_point)} and {given} are the same grid point", "drop one")
+        points.append((coerced_point, point))
 
 
 def run_overrides(spec: SweepSpec, params: dict[str, str]) -> dict[str, Any]:
@@ -298,13 +424,41 @@ class SweepResult:
         return self.dir / RUNS / name
 
 
-def check_capacity(workers: int, threads: int) -> None:
+def check_capacity(workers: int, threads: int, resumed: bool = False) -> None:
     total = int(import_ray().cluster_resources().get("CPU", 0))
     if workers * threads > total:
         raise PolicylabError(
             f"{workers} workers x {threads} threads need {workers * threads} CPUs; the Ray cluster has {total}",
-            f"pass --workers {max(total // threads, 1)} (or fewer --threads)",
+            capacity_fix(workers, threads, total, resumed),
         )
+
+
+def capacity_fix(workers: int, threads: int, cpus: int, resumed: bool = False) -> str:
+    """The fix for `workers` x `threads` above `cpus`: fewer workers where one run fits, else fewer threads
+    (a resumed sweep keeps its --threads: only --workers and --address may change)."""
+    if threads <= cpus:
+        return f"pass --workers {cpus // threads}" + ("" if resumed else " (or fewer --threads)")
+    if resumed:
+        return f"its runs take --threads {threads}: resume it on a Ray cluster with that many CPUs per node (--address)"
+    if workers == 1 or cpus < 2:
+        return f"pass --threads {max(cpus, 1)}" + (" --workers 1" if workers > 1 else "")
+    if cpus // workers >= 1:
+        return f"pass --threads {cpus // workers} (or --workers 1 --threads {cpus})"
+    return f"pass --workers {cpus} --threads 1 (or --workers 1 --threads {cpus})"
+
+
+def check_sweeps_dir(root: Path) -> None:
+    """`root` is a directory new sweep directories can be made in (or can be made itself): checked before Ray
+    starts, so that a bad --sweeps-dir is one error, not an OSError once Ray is up."""
+    existing = root
+    while not os.path.lexists(existing):  # the nearest part that exists: mkdir makes the rest under it
+        existing = existing.parent
+    fix = "give a directory (made if missing), e.g. --sweeps-dir sweeps"
+    if not existing.is_dir():
+        what = " (it is not a directory)" if existing == root else f": {existing} is not a directory"
+        raise ConfigError(f"--sweeps-dir {root} cannot hold sweeps{what}", fix)
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"--sweeps-dir {root}: {existing} is not writable", fix)
 
 
 def new_sweep_dir(root: Path, name: str) -> Path:
@@ -323,12 +477,87 @@ def write_sweep_yaml(path: Path, spec: SweepSpec, workers: int, address: str | N
     atomic_write_text(path / SWEEP_YAML, yaml.safe_dump(data, sort_keys=False))
 
 
-def read_sweep_yaml(path: Path) -> tuple[SweepSpec, int, str | None]:
+def sweep_dir_of(resume: str | Path) -> Path:
+    """The sweep directory `--resume` names: the directory, or its sweep.yaml."""
+    path = Path(resume).expanduser().resolve()
+    if path.name == SWEEP_YAML and path.is_file():
+        path = path.parent
+    if not (path / SWEEP_YAML).is_file():
+        what = "does not exist" if not path.exists() else f"is not a sweep directory (no {SWEEP_YAML} in it)"
+        raise PolicylabError(
+            f"--resume {str(resume)!r} {what}",
+            "give the sweep's directory, the one holding sweep.yaml: e.g. --resume sweeps/ppo-CartPole-v1-1",
+        )
+    return path
+
+
+_SCALAR = (str, int, float, bool)
+_SAVED: dict[str, tuple[str, Callable[[Any], bool]]] = {
+    "algo": ("an algorithm's name", lambda v: isinstance(v, str)),
+    "env": ("an env id or null", lambda v: v is None or isinstance(v, str)),
+    "steps": ("a whole number or null", lambda v: v is None or (isinstance(v, int) and not isinstance(v, bool))),
+    "seeds": (
+        "a list of whole numbers",
+        lambda v: isinstance(v, list) and all(isinstance(s, int) and not isinstance(s, bool) for s in v),
+    ),
+    "grid": (
+        "a mapping of key: [values]",
+        lambda v: (
+            isinstance(v, dict)
+            and all(isinstance(o, list) and all(isinstance(x, _SCALAR) for x in o) for o in v.values())
+        ),
+    ),
+    "points": (
+        "a list of mappings key: value",
+        lambda v: (
+            isinstance(v, list)
+            and all(isinstance(p, dict) and all(isinstance(x, _SCALAR) for x in p.values()) for p in v)
+        ),
+    ),
+    "overrides": (
+        "a mapping key: value",
+        lambda v: isinstance(v, dict) and all(isinstance(x, _SCALAR) for x in v.values()),
+    ),
+    "preset": ("a preset name", lambda v: isinstance(v, str)),
+    "dataset": ("a path or null", lambda v: v is None or isinstance(v, str)),
+    "threads": ("a whole number", lambda v: isinstance(v, int) and not isinstance(v, bool)),
+    "workers": ("a whole number or null", lambda v: v is None or (isinstance(v, int) and not isinstance(v, bool))),
+    "address": ("a Ray address or null", lambda v: v is None or isinstance(v, str)),
+}
+_REQUIRED = ("algo", "env", "steps", "seeds")
+
+
+def read_sweep_yaml(path: Path) -> tuple[SweepSpec, int | None, str | None]:
+    """The settings a sweep was started with (its sweep.yaml), each checked: a file edited or damaged since is one
+    error naming it, not a traceback."""
     file = path / SWEEP_YAML
-    if not file.is_file():
-        raise PolicylabError(f"{str(path)!r} is not a sweep directory (no {SWEEP_YAML})", "give a sweeps/<name> path")
-    data = yaml.safe_load(file.read_text())
-    workers, address = data.pop("workers"), data.pop("address")
+    fix = (
+        f"restore {file} as `policylab sweep` wrote it (keys: {', '.join(_SAVED)}), or start a new sweep "
+        "(without --resume)"
+    )
+    try:
+        data = yaml.safe_load(file.read_text())
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise ConfigError(f"{file} is not valid YAML{where}: {getattr(exc, 'problem', None) or exc}", fix) from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"cannot read {file}: {exc}", fix) from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{file} holds a {type(data).__name__}, not a sweep's settings (a mapping)", fix)
+    unknown = [str(key) for key in data if key not in _SAVED]
+    missing = [key for key in _REQUIRED if key not in data]
+    if unknown or missing:
+        parts = [f"unknown key{'s' if len(unknown) > 1 else ''} {', '.join(unknown)}"] if unknown else []
+        parts += [f"no {', '.join(missing)}"] if missing else []
+        raise ConfigError(f"{file} is not a sweep's settings: {'; '.join(parts)}", fix)
+    for key, (what, ok) in _SAVED.items():
+        if key in data and not ok(data[key]):
+            raise ConfigError(f"{file}: {key} is {data[key]!r}, not {what}", fix)
+    workers, address = data.pop("workers", None), data.pop("address", None)
+    data["grid"] = {str(k): [str(v) for v in values] for k, values in data.get("grid", {}).items()}
+    data["points"] = [{str(k): str(v) for k, v in point.items()} for point in data.get("points", [])]
+    data["overrides"] = {str(k): str(v) for k, v in data.get("overrides", {}).items()}
     return SweepSpec(**data), workers, address
 
 
@@ -445,21 +674,81 @@ class StatusTable:
             self._live.stop()
 
 
+def new_spec(
+    algo: str | None,
+    env: str | None,
+    steps: int | str | None,
+    seeds: str | int | Sequence[int] | None,
+    grid: Mapping[str, Sequence[Any]] | None,
+    points: Sequence[Mapping[str, Any]],
+    overrides: dict[str, Any] | None,
+    preset: str | None,
+    dataset: str | Path | None,
+    threads: int | None,
+) -> SweepSpec:
+    """A new sweep's spec from `pl.sweep`'s arguments (check_spec checks it against the algorithm's config)."""
+    if algo is None:
+        raise ConfigError("no algorithm given", "write e.g. `policylab sweep sac --env Pendulum-v1 --seeds 1-3`")
+    from policylab.algos import get_algo
+
+    spec = get_algo(algo)
+    if steps is not None:  # parsed and checked as `policylab train --steps` does
+        steps = apply_values(spec.config_cls(), {"steps": steps}, "the arguments").steps
+    threads = 1 if threads is None else threads
+    if isinstance(threads, bool) or not isinstance(threads, int):
+        raise ConfigError(f"threads={threads!r} is not a whole number", "pass e.g. --threads 1")
+    for point in points:
+        if not isinstance(point, Mapping):
+            raise ConfigError(f"the point {point!r} is not a dict of config values", 'e.g. points=[{"lr": 1e-3}]')
+    if dataset is not None:  # an existing path as an absolute one (runs may start elsewhere); a Minari id as given
+        path = Path(dataset).expanduser()
+        dataset = str(path.resolve()) if path.exists() else str(dataset)
+    return SweepSpec(
+        algo=spec.name,
+        env=env,
+        steps=None if steps is None else int(steps),
+        seeds=seed_list(seeds),
+        grid={k: [str(v) for v in values] for k, values in (grid or {}).items()},
+        points=[{k: str(v) for k, v in p.items()} for p in points],
+        overrides={k: str(v) for k, v in (overrides or {}).items()},
+        preset="auto" if preset is None else preset,
+        dataset=dataset,
+        threads=threads,
+    )
+
+
+def check_resume_args(resume: str | Path, algo: str | None, **given: Any) -> None:
+    """`--resume` continues a sweep with the settings in its sweep.yaml: anything that would change them (and be
+    ignored) is an error naming it; only --workers and --address may change."""
+    flags = [f"the algorithm {algo!r}"] if algo is not None else []
+    flag = {"points": "--point", "overrides": "--set", "sweeps_dir": "--sweeps-dir"}
+    flags += [
+        flag.get(name, f"--{name}")
+        for name, value in given.items()
+        if value is not None and not (isinstance(value, (dict, list, tuple)) and not value)
+    ]
+    if flags:
+        raise ConfigError(
+            f"--resume continues a sweep with its saved settings ({SWEEP_YAML}): {', '.join(flags)} would be ignored",
+            f"drop {', '.join(flags)} (on --resume only --workers and --address may change)",
+        )
+
+
 def sweep(
     algo: str | None = None,
     env: str | None = None,
     steps: int | str | None = None,
-    seeds: str | Sequence[int] = (1,),
+    seeds: str | int | Sequence[int] | None = None,
     *,
     grid: Mapping[str, Sequence[Any]] | None = None,
-    points: Sequence[dict[str, Any]] = (),
+    points: Sequence[Mapping[str, Any]] = (),
     overrides: dict[str, Any] | None = None,
-    preset: str = "auto",
+    preset: str | None = None,
     dataset: str | Path | None = None,
-    threads: int = 1,
+    threads: int | None = None,
     workers: int | None = None,
     address: str | None = None,
-    sweeps_dir: str | Path = "sweeps",
+    sweeps_dir: str | Path | None = None,
     resume: str | Path | None = None,
     report: bool = True,
     progress: bool | None = None,
@@ -467,36 +756,31 @@ def sweep(
 ) -> SweepResult:
     """Train `algo` on every grid point x seed as Ray tasks and return where each run ended.
 
-    `pl.sweep("sac", env="Pendulum-v1", steps=20_000, seeds="1-5", grid={"lr": [1e-4, 3e-4]})`. `points`: explicit
-    grid points (each a dict), combined with every point of `grid`. `threads`: torch threads (and Ray CPUs) per run.
-    `workers`: runs at once (default: as many as the CPUs hold, threads each). `address`: a Ray cluster (default
-    RAY_ADDRESS, else a local Ray). `resume`: a sweep directory: finished runs are skipped, interrupted ones
-    resume from their checkpoints. At the end `report/` holds the multi-seed report, one group per grid point.
+    `pl.sweep("sac", env="Pendulum-v1", steps=20_000, seeds="1-5", grid={"lr": [1e-4, 3e-4]})`. `seeds`: a
+    --seeds string, a seed or a list (default seed 1). `points`: explicit grid points (each a dict), combined with
+    every point of `grid`. `preset`: as for pl.train (default auto). `threads`: torch threads (and Ray CPUs) per
+    run (default 1). `workers`: runs at once (default: as many as the CPUs hold, threads each). `address`: a Ray
+    cluster (default RAY_ADDRESS, else a local Ray). `sweeps_dir`: where the sweep's directory goes (default
+    ./sweeps). `resume`: a sweep directory (or its sweep.yaml): finished runs are skipped, interrupted ones resume
+    from their checkpoints, with the saved settings (only `workers` and `address` may be given). At the end
+    `report/` holds the multi-seed report, one group per grid point.
     """
     say = print if verbose else (lambda *a, **k: None)
     if resume is not None:
-        sweep_dir = Path(resume).resolve()
+        check_resume_args(
+            resume, algo=algo, env=env, steps=steps, seeds=seeds, grid=grid, points=points, overrides=overrides,
+            preset=preset, dataset=dataset, threads=threads, sweeps_dir=sweeps_dir,
+        )  # fmt: skip
+        sweep_dir = sweep_dir_of(resume)
         spec, saved_workers, saved_address = read_sweep_yaml(sweep_dir)
-        workers, address = workers or saved_workers, address or saved_address
+        workers = saved_workers if workers is None else workers
+        address = address or saved_address
+        if not os.access(sweep_dir, os.W_OK | os.X_OK):
+            raise PolicylabError(f"cannot write to the sweep directory {sweep_dir}", "resume it as its owner")
     else:
-        if algo is None:
-            raise ConfigError("no algorithm given", "write e.g. `policylab sweep sac --env Pendulum-v1 --seeds 1-3`")
-        from policylab.algos import get_algo
-
-        spec = SweepSpec(
-            algo=get_algo(algo).name,
-            env=env,
-            steps=None if steps is None else parse_count(steps),
-            seeds=parse_seeds(seeds) if isinstance(seeds, str) else [int(s) for s in seeds],
-            grid={k: [str(v) for v in values] for k, values in (grid or {}).items()},
-            points=[{k: str(v) for k, v in p.items()} for p in points],
-            overrides={k: str(v) for k, v in (overrides or {}).items()},
-            preset=preset,
-            dataset=None if dataset is None else str(Path(dataset).resolve()),
-            threads=threads,
-        )
-        if len(set(spec.seeds)) != len(spec.seeds) or not spec.seeds:
-            raise ConfigError(f"seeds={spec.seeds}: give distinct seeds", "e.g. seeds='1-5'")
+        spec = new_spec(algo, env, steps, seeds, grid, points, overrides, preset, dataset, threads)
+        root = Path(sweeps_dir if sweeps_dir is not None else "sweeps").expanduser().resolve()
+        check_sweeps_dir(root)
     check_spec(spec)
     import_ray()
     runs = spec.runs()
@@ -506,16 +790,17 @@ def sweep(
     if workers < 1:
         raise ConfigError(f"workers={workers}", "run at least one at a time: --workers 1")
     if not (address or os.environ.get("RAY_ADDRESS")) and workers * spec.threads > local_cpus:
+        fix = capacity_fix(workers, spec.threads, local_cpus, resumed=resume is not None)
         raise PolicylabError(
             f"{workers} workers x {spec.threads} threads need {workers * spec.threads} CPUs; this machine has "
             f"{local_cpus}",
-            f"pass --workers {max(local_cpus // spec.threads, 1)} (or run on a cluster: --address)",
+            fix if resume is not None else f"{fix}, or run on a cluster: --address",
         )
     started_ray = start_ray(address, workers * spec.threads)
     try:
-        check_capacity(workers, spec.threads)
+        check_capacity(workers, spec.threads, resumed=resume is not None)
         if resume is None:
-            sweep_dir = new_sweep_dir(Path(sweeps_dir).resolve(), spec.name())
+            sweep_dir = new_sweep_dir(root, spec.name())
         write_sweep_yaml(sweep_dir, spec, workers, address)
         (sweep_dir / STOP_FILE).unlink(missing_ok=True)
         count = f"{len(runs)} run{'s' if len(runs) != 1 else ''}, {min(workers, len(runs))} at a time"
@@ -625,19 +910,21 @@ def add_sweep_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("algo", nargs="?", help="algorithm (see `policylab list`)")
     p.add_argument("--env", help="Gymnasium env id, or module:Class / module:function")
     p.add_argument("--steps", help="total env steps of each run, e.g. 100k")
-    p.add_argument("--seeds", default="1", help="seeds: a range and/or list, e.g. 1-10 or 1,3,5 (default 1)")
+    p.add_argument("--seeds", help="seeds: a range and/or list, e.g. 1-10 or 1,3,5 (default 1)")
     p.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2", help="a grid axis (repeatable)")
     p.add_argument(
         "--point", action="append", default=[], metavar="K1=V1,K2=V2", help="an explicit grid point (repeatable)"
     )
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="a config value for every run")
-    p.add_argument("--preset", default="auto", help="auto, none, rl-zoo or an env id (as for train)")
+    p.add_argument("--preset", help="auto (the default), none, rl-zoo or an env id (as for train)")
     p.add_argument("--dataset", help="an offline dataset, as for train")
-    p.add_argument("--threads", type=int, default=1, help="torch threads (and Ray CPUs) per run (default 1)")
+    p.add_argument("--threads", type=int, help="torch threads (and Ray CPUs) per run (default 1)")
     p.add_argument("--workers", type=int, help="runs at once (default: as many as the CPUs hold)")
     p.add_argument("--address", help="a Ray cluster (host:port or ray://host:10001; default RAY_ADDRESS, else local)")
-    p.add_argument("--sweeps-dir", default="sweeps", help="where sweep directories go (default: ./sweeps)")
-    p.add_argument("--resume", help="a sweep directory: skip finished runs, resume interrupted ones")
+    p.add_argument("--sweeps-dir", help="where sweep directories go (default: ./sweeps)")
+    p.add_argument(
+        "--resume", help="a sweep directory: skip finished runs, resume interrupted ones (its saved settings)"
+    )
     p.add_argument("--no-report", action="store_true", help="skip the multi-seed report at the end")
     p.add_argument("--no-progress", action="store_true", help="a line per finished run instead of the live table")
     p.set_defaults(func=run_sweep_command)

@@ -19,7 +19,7 @@ import torch
 import policylab as pl
 from policylab.cli import main
 from policylab.cluster import check_address
-from policylab.errors import ConfigError, PolicylabError
+from policylab.errors import ConfigError, DatasetError, PolicylabError
 from policylab.sweep import (
     RUNS_CSV,
     SWEEP_YAML,
@@ -27,6 +27,7 @@ from policylab.sweep import (
     parse_grid,
     parse_point,
     parse_seeds,
+    write_sweep_yaml,
 )
 from tests.helpers import ray_process_pids
 
@@ -142,6 +143,176 @@ def test_bad_input_fails_before_anything_starts(tmp_path, monkeypatch):
     for argv in (["--grid", "lr=abc"], ["--grid", "lr=1e-3,,3e-4"], ["--seeds", "1,,2"]):
         assert main(["sweep", "ppo", *argv, "--sweeps-dir", str(tmp_path)]) == 2
     assert not any(tmp_path.iterdir())
+
+
+@pytest.fixture
+def no_ray(monkeypatch):
+    """Bad input must fail before Ray starts: starting it fails the test."""
+
+    def refuse(*_args, **_kwargs):
+        raise AssertionError("Ray started: the error should have come before")
+
+    monkeypatch.setattr(sys.modules["policylab.sweep"], "start_ray", refuse)  # the module: pl.sweep is the function
+
+
+BASE = {"env": "CartPole-v1", "steps": 512}
+
+
+def cli_error(capsys, *argv: str) -> str:
+    """`policylab sweep ARGV`: exit 2 with one error (no traceback); its stderr."""
+    assert main(["sweep", *argv]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "Traceback" not in err
+    return err
+
+
+def test_a_repeated_grid_value_or_point_is_an_error(tmp_path, no_ray, capsys):
+    """Both copies would run in one run directory at once."""
+    sweeps = tmp_path / "sweeps"
+    with pytest.raises(ConfigError, match="--grid lr=1e-3,1e-3 gives the value 1e-3 twice") as info:
+        pl.sweep("ppo", grid={"lr": ["1e-3", "1e-3"]}, sweeps_dir=sweeps, **BASE)
+    assert info.value.fix == "give each value once: --grid lr=1e-3"
+    with pytest.raises(ConfigError, match="1e-3 and 0.001, the same value") as info:  # equal values, other spellings
+        pl.sweep("ppo", grid={"lr": ["1e-3", "0.001", "3e-4"]}, sweeps_dir=sweeps, **BASE)
+    assert info.value.fix == "give each value once: --grid lr=1e-3,3e-4"
+    with pytest.raises(ConfigError, match="--point lr=1e-3 is given twice"):
+        pl.sweep("ppo", points=[{"lr": "1e-3"}, {"lr": "1e-3"}], sweeps_dir=sweeps, **BASE)
+    with pytest.raises(ConfigError, match="are the same grid point"):
+        pl.sweep("ppo", points=[{"lr": "1e-3", "ent_coef": "0"}, {"ent_coef": 0.0, "lr": 0.001}], sweeps_dir=sweeps)
+    assert "gives the value 1e-3 twice" in cli_error(
+        capsys, "ppo", "--grid", "lr=1e-3,1e-3", "--sweeps-dir", str(sweeps)
+    )
+    argv = ["ppo", "--point", "lr=1e-3", "--point", "lr=1e-3", "--sweeps-dir", str(sweeps)]
+    assert "--point lr=1e-3 is given twice" in cli_error(capsys, *argv)
+    assert not sweeps.exists()
+
+
+def test_a_key_given_by_two_flags_is_an_error(tmp_path, no_ray, capsys):
+    """--grid would silently win over --point or --set (and --point over --set)."""
+    sweeps = tmp_path / "sweeps"
+    for kwargs, flags in (
+        ({"grid": {"lr": ["1e-3"]}, "points": [{"lr": "5e-4"}]}, "--grid and --point"),
+        ({"grid": {"lr": ["1e-3"]}, "overrides": {"lr": "5e-4"}}, "--grid and --set"),
+        ({"points": [{"lr": "1e-3"}], "overrides": {"lr": "5e-4"}}, "--point and --set"),
+    ):
+        with pytest.raises(ConfigError, match=f"'lr' is given by both {flags}") as info:
+            pl.sweep("ppo", sweeps_dir=sweeps, **BASE, **kwargs)
+        assert "give lr in one of them" in info.value.fix
+    with pytest.raises(ConfigError, match="'threads' in --grid/--point/--set: the sweep sets it"):  # not dropped
+        pl.sweep("ppo", overrides={"threads": 2}, sweeps_dir=sweeps, **BASE)
+    err = cli_error(capsys, "ppo", "--grid", "lr=1e-3", "--point", "lr=5e-4", "--sweeps-dir", str(sweeps))
+    assert "'lr' is given by both --grid and --point" in err
+    assert not sweeps.exists()
+
+
+def test_steps_parse_as_for_train(tmp_path, no_ray, capsys):
+    sweeps = tmp_path / "sweeps"
+    err = cli_error(capsys, "ppo", "--env", "CartPole-v1", "--steps", "1x", "--sweeps-dir", str(sweeps))
+    assert "bad value for 'steps' in the arguments: '1x' is not a count" in err and "fix: give a positive count" in err
+    train_err = cli_error(capsys, "ppo", "--env", "CartPole-v1", "--steps", "1x")  # the same error as train's
+    assert train_err == err
+    with pytest.raises(ConfigError, match="steps=-5 must be > 0"):
+        pl.sweep("ppo", env="CartPole-v1", steps="-5", sweeps_dir=sweeps)
+    assert not sweeps.exists()
+
+
+def test_a_missing_dataset_fails_before_ray(tmp_path, no_ray):
+    sweeps = tmp_path / "sweeps"
+    for algo in ("sac", "ppo"):  # hybrid and demonstrations: their runs read the dataset only once started
+        with pytest.raises(DatasetError, match="no dataset at .*nope.hdf5: the path does not exist"):
+            pl.sweep(algo, env="Pendulum-v1", steps=512, dataset=tmp_path / "nope.hdf5", sweeps_dir=sweeps)
+    with pytest.raises(DatasetError, match="no dataset 'nope/thing-v0'"):  # a Minari id, resolved as load_dataset does
+        pl.sweep("iql", env="Pendulum-v1", steps=512, dataset="nope/thing-v0", sweeps_dir=sweeps)
+    assert not sweeps.exists()
+
+
+def saved_sweep(tmp_path: Path) -> Path:
+    """A sweep directory as a new sweep leaves it (no runs yet)."""
+    sweep_dir = tmp_path / "sweeps" / "ppo-CartPole-v1-1"
+    sweep_dir.mkdir(parents=True)
+    write_sweep_yaml(sweep_dir, SweepSpec("ppo", "CartPole-v1", 512, [1, 2], {"lr": ["1e-3"]}), 1, None)
+    return sweep_dir
+
+
+def test_resume_takes_the_saved_settings_only_workers_and_address_change(tmp_path, no_ray, capsys):
+    sweep_dir = saved_sweep(tmp_path)
+    saved = (sweep_dir / SWEEP_YAML).read_text()
+    with pytest.raises(ConfigError, match="--resume continues a sweep with its saved settings") as info:
+        pl.sweep(resume=sweep_dir, steps=2048)
+    assert info.value.fix.startswith("drop --steps ")
+    for argv, named in (
+        (["ppo"], "the algorithm 'ppo'"),
+        (["--steps", "2k"], "--steps"),
+        (["--grid", "lr=3e-4"], "--grid"),
+        (["--point", "lr=3e-4"], "--point"),
+        (["--set", "ent_coef=0.01"], "--set"),
+        (["--preset", "none"], "--preset"),
+        (["--dataset", "d.hdf5"], "--dataset"),
+        (["--threads", "1"], "--threads"),
+        (["--seeds", "1-5"], "--seeds"),
+    ):
+        err = cli_error(capsys, *argv, "--resume", str(sweep_dir))
+        assert "--resume continues a sweep with its saved settings" in err and f"fix: drop {named} " in err
+    cpus = os.cpu_count() or 1
+    with pytest.raises(PolicylabError, match="this machine has"):  # --workers is taken (and checked)
+        pl.sweep(resume=sweep_dir, workers=cpus + 1)
+    assert (sweep_dir / SWEEP_YAML).read_text() == saved and sorted(sweep_dir.iterdir()) == [sweep_dir / SWEEP_YAML]
+
+
+def test_a_damaged_sweep_yaml_is_one_error_naming_it(tmp_path, no_ray, capsys):
+    sweep_dir = saved_sweep(tmp_path)
+    for text, problem in (
+        ("algo: [\n", "is not valid YAML at line 2"),
+        ("foo: 1\n", "is not a sweep's settings: unknown key foo; no algo, env, steps, seeds"),
+        ("- ppo\n", "holds a list, not a sweep's settings"),
+        ("algo: ppo\nenv: null\nsteps: 512\nseeds: [1]\nthreads: two\n", "threads is 'two', not a whole number"),
+    ):
+        (sweep_dir / SWEEP_YAML).write_text(text)
+        err = cli_error(capsys, "--resume", str(sweep_dir))
+        assert f"error: {sweep_dir / SWEEP_YAML} " in err or f"error: {sweep_dir / SWEEP_YAML}:" in err, err
+        assert problem in err and "fix: restore" in err
+
+
+def test_resume_takes_the_sweep_yaml_for_its_directory(tmp_path, no_ray, capsys):
+    sweep_dir = saved_sweep(tmp_path)
+    cpus = os.cpu_count() or 1
+    with pytest.raises(PolicylabError, match="this machine has"):  # past the path: the same sweep as its directory
+        pl.sweep(resume=sweep_dir / SWEEP_YAML, workers=cpus + 1)
+    err = cli_error(capsys, "--resume", str(tmp_path))
+    assert "is not a sweep directory (no sweep.yaml in it)" in err and "the one holding sweep.yaml" in err
+
+
+def test_an_unusable_sweeps_dir_fails_before_ray(tmp_path, no_ray, capsys):
+    (tmp_path / "file").write_text("")
+    with pytest.raises(ConfigError, match=f"--sweeps-dir {tmp_path / 'file' / 'sub'} cannot hold sweeps: .* is not"):
+        pl.sweep("ppo", sweeps_dir=tmp_path / "file" / "sub", **BASE)
+    err = cli_error(capsys, "ppo", "--steps", "512", "--sweeps-dir", str(tmp_path / "file"))
+    assert "cannot hold sweeps (it is not a directory)" in err
+    assert sorted(tmp_path.iterdir()) == [tmp_path / "file"]
+
+
+def test_fix_lines_name_the_flag_to_change(tmp_path, no_ray):
+    sweeps, cpus = tmp_path / "sweeps", os.cpu_count() or 1
+    with pytest.raises(PolicylabError, match="this machine has") as info:  # one worker: only fewer threads fit
+        pl.sweep("ppo", threads=cpus + 1, workers=1, sweeps_dir=sweeps, **BASE)
+    assert info.value.fix.startswith(f"pass --threads {cpus}")
+    with pytest.raises(PolicylabError, match="this machine has") as info:
+        pl.sweep("ppo", workers=cpus + 1, sweeps_dir=sweeps, **BASE)
+    assert info.value.fix.startswith(f"pass --workers {cpus}")
+    # a value of the right type that fails the config's range check names the flag it came from
+    with pytest.raises(ConfigError, match=r"lr=-1.0 must be > 0 \(from lr=-1 in --grid\)"):
+        pl.sweep("ppo", grid={"lr": ["1e-3", "-1"]}, sweeps_dir=sweeps, **BASE)
+    with pytest.raises(ConfigError, match=r"gamma=2.0 is outside \[0, 1\] \(from gamma=2 in --point\)"):
+        pl.sweep("ppo", points=[{"gamma": "2"}], sweeps_dir=sweeps, **BASE)
+    with pytest.raises(ConfigError, match=r"gamma=2.0 is outside \[0, 1\]\n"):  # --set's own error: not a grid point's
+        pl.sweep("ppo", overrides={"gamma": "2"}, grid={"lr": ["1e-3"]}, sweeps_dir=sweeps, **BASE)
+    for bad in ("-1", "1,-2"):
+        with pytest.raises(ConfigError, match="seeds are whole numbers >= 0"):
+            parse_seeds(bad)
+    with pytest.raises(ConfigError, match="the range '3-1' is empty") as info:
+        parse_seeds("3-1")
+    assert info.value.fix == "write it upwards: 1-3"
+    assert not sweeps.exists()
 
 
 # --- a sweep on local Ray ---------------------------------------------------------------------------------------
