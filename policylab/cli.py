@@ -51,14 +51,19 @@ def _eval(args: argparse.Namespace) -> int:
 
     if args.max_envs < 1:  # evaluate's rule, checked before the policy loads, its fix naming the flag
         raise PolicylabError(f"--max-envs {args.max_envs}: at least one env is needed", "pass --max-envs 1 or more")
+    env_kwargs = _env_kwargs(args.env_kwargs)
+    if args.video and (args.env or env_kwargs is not None):
+        raise PolicylabError("--video records the run's own env, not --env / --env-kwargs", "drop one of the two")
     policy = load(args.run, which="best" if args.best else "final")
     deterministic = args.deterministic or (policy.eval_deterministic and not args.stochastic)
-    result = evaluate(policy, args.episodes, args.seed, deterministic=deterministic, max_envs=args.max_envs)
-    score = policy.normalized_score(result["return_mean"])
+    result = evaluate(
+        policy, args.episodes, args.seed, args.env, env_kwargs, deterministic=deterministic, max_envs=args.max_envs
+    )
+    score = policy.normalized_score(result["return_mean"]) if args.env is None else None  # refs: the run's env
     if score is not None:
         result["score"] = score
     print(
-        f"{policy.env_id}: return {fixed(result['return_mean'], 2)} +/- {fixed(result['return_std'], 2)} "
+        f"{args.env or policy.env_id}: return {fixed(result['return_mean'], 2)} +/- {fixed(result['return_std'], 2)} "
         f"(min {fixed(result['return_min'])}, max {fixed(result['return_max'])}) over {result['episodes']} "
         f"episode{'s' if result['episodes'] != 1 else ''}, "
         f"mean length {result['length_mean']:.1f}" + (f", normalized score {fixed(score)}" if score is not None else "")
@@ -69,6 +74,22 @@ def _eval(args: argparse.Namespace) -> int:
         path = record_video(policy, args.video, episodes=1, seed=args.seed)
         print(f"video: {path}")
     return 0
+
+
+def _env_kwargs(text: str | None) -> dict[str, Any] | None:
+    """`--env-kwargs '{gravity: 5.0}'` (YAML, as `--set env_kwargs=...` takes it) as a dict; None when not given."""
+    if text is None:
+        return None
+    import yaml
+
+    fix = "write a mapping, e.g. --env-kwargs '{gravity: 5.0}'"
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise PolicylabError(f"--env-kwargs {text!r} is not YAML: {exc}", fix) from None
+    if not isinstance(value, dict):
+        raise PolicylabError(f"--env-kwargs {text!r} is not a mapping of keyword arguments", fix)
+    return value
 
 
 def _plot(args: argparse.Namespace) -> int:
@@ -230,6 +251,10 @@ def build_parser() -> argparse.ArgumentParser:
     how.add_argument("--stochastic", action="store_true", help="sample actions instead of the deterministic policy")
     how.add_argument(
         "--deterministic", action="store_true", help="the deterministic policy even where the run sampled (Atari)"
+    )
+    p.add_argument("--env", help="evaluate in this env instead of the run's (its spaces must fit the policy)")
+    p.add_argument(
+        "--env-kwargs", metavar="YAML", help="the env's keyword arguments, e.g. '{gravity: 5.0}' (default: the run's)"
     )
     p.add_argument("--video", help="also render one episode to this file (.mp4 or .gif)")
     p.add_argument("--json", action="store_true", help="also print the result as JSON")

@@ -262,7 +262,9 @@ def evaluate(
     try:
         if env_id != policy.env_id:
             spaces = env.single_observation_space, env.single_action_space
-            check_acts_in(policy, "evaluated", env_id, *spaces, fix=f"evaluate it in {policy.env_id} (env_id=None)")
+            check_acts_in(
+                policy, "evaluated", env_id, *spaces, fix=f"evaluate it in {policy.env_id} (leave env_id / --env out)"
+            )
         obs = env.reset(seed=seed)
         policy.reset()
         running = np.zeros(n)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import math
+import re
 import subprocess
 import sys
 from dataclasses import replace
@@ -458,6 +459,28 @@ def test_luffy_puts_the_expert_answer_last_in_every_group(sft_model):
         assert texts[i] == mixed.rows[i]["answer"] and mixed_rewards[i] == 1.0
         assert (mixed.logprobs[i] == 0).all()
     torch.testing.assert_close(mixed_rewards[:3], rewards[:3])
+
+
+def test_luffy_takes_each_prompts_completion_from_the_expert_file(sft_model, tmp_path):
+    """With --expert, LUFFY's expert completion of a group is the expert file's row of the same prompt (it took
+    the prompts' own answers whatever the file said); a prompt the file lacks is an error before training."""
+    from policylab.llm.tasks import TASKS
+    from policylab.llm.trainer import LLMTrainer
+
+    rows = TASKS["addition"].make(12, 0)
+    prompts = _jsonl(tmp_path / "p.jsonl", rows)
+    experts = _jsonl(tmp_path / "e.jsonl", [{"prompt": r["prompt"], "completion": f"9{i}9"} for i, r in enumerate(rows)])
+    base = {"model": str(sft_model.dir), "mix": "luffy", "batch_size": 3, "group_size": 4, "prompts": str(prompts)}
+    trainer = LLMTrainer(make_config("grpo", {**base, "expert": str(experts)}))
+    rollout, rewards, _ = trainer.sample_groups()
+    mixed, _ = trainer.with_expert_completions(rollout, rewards)
+    by_prompt = {r["prompt"]: f"9{i}9" for i, r in enumerate(rows)}
+    texts = decode(trainer.tokenizer, mixed)
+    for i in (3, 7, 11):
+        assert texts[i] == by_prompt[mixed.rows[i]["prompt"]]
+    short = _jsonl(tmp_path / "short.jsonl", [{"prompt": rows[0]["prompt"], "completion": "1"}])
+    with pytest.raises(LLMError, match="mix=luffy needs an expert completion of every training prompt"):
+        LLMTrainer(make_config("grpo", {**base, "expert": str(short)}))
 
 
 def test_prompt_files_and_reward_specs(tmp_path):
@@ -1187,13 +1210,14 @@ def test_algorithms_that_sample_nothing_refuse_generation_workers_and_sampling_s
     takers = r"the algorithms that sample: grpo, dr_grpo, dapo, gspo, cispo, sapo, rloo, reinforce\+\+, ppo, online_dpo"
     runs = tmp_path / "runs"
     for algo in ("sft", "dpo"):
-        message = rf"{algo} trains on .* samples no completions, so generation_workers=2 would do nothing; it applies"
-        with pytest.raises(ConfigError, match=rf"{message} to {takers}(.|\n)*drop generation_workers"):
+        message = rf"{algo} does not use generation_workers=2: it trains on .* samples no completions, so it would"
+        applies = rf" do nothing; generation_workers applies to {takers}(.|\n)*drop generation_workers"
+        with pytest.raises(ConfigError, match=message + applies):
             train_llm(algo, {"generation_workers": 2, "steps": 2}, runs, verbose=False)
     assert _cli("sft", "--set", "generation_workers=2", "--steps", 2, "--runs-dir", runs, "--no-progress") == 2
-    assert "generation_workers=2 would do nothing" in capsys.readouterr().err
+    assert "sft does not use generation_workers=2" in capsys.readouterr().err
     assert _cli("train", "dpo", "--group-size", 4, "--steps", 2, "--runs-dir", runs, "--no-progress") == 2
-    assert "group_size=4 would do nothing" in capsys.readouterr().err
+    assert "dpo does not use group_size=4" in capsys.readouterr().err
     others = {
         "generation_backend": "inline",
         "group_size": 4,
@@ -1209,9 +1233,9 @@ def test_algorithms_that_sample_nothing_refuse_generation_workers_and_sampling_s
     assert set(others) | {"generation_workers"} == set(SAMPLING_SETTINGS)
     for algo in ("sft", "dpo"):
         for name, value in others.items():
-            with pytest.raises(ConfigError, match=rf"so {name}={value} would do nothing(.|\n)*drop {name}"):
+            with pytest.raises(ConfigError, match=rf"does not use {name}={value}:(.|\n)*drop {name}"):
                 make_config(algo, {name: value})
-        with pytest.raises(ConfigError, match=r"generation_workers=1, temperature=0.5 would(.|\n)*drop generation_"
+        with pytest.raises(ConfigError, match=r"use generation_workers=1, temperature=0.5:(.|\n)*drop generation_"
                            r"workers and temperature, or train one of those"):  # fmt: skip
             make_config(algo, {"generation_workers": 1, "temperature": 0.5})
         make_config(algo, {"max_new_tokens": 8, "group_size": 8, "generation_workers": 0})  # the defaults' values
@@ -1219,6 +1243,198 @@ def test_algorithms_that_sample_nothing_refuse_generation_workers_and_sampling_s
     assert not runs.exists()
     for algo in SAMPLING_ALGOS:
         assert make_config(algo, {"generation_workers": 2, "temperature": 0.7}).generation_workers == 2
+
+
+POLICY_GRADIENT = r"the policy-gradient algorithms: grpo, dr_grpo, dapo, gspo, cispo, sapo, rloo, reinforce\+\+, ppo"
+GROUP_ADVANTAGE = r"the group-advantage algorithms: grpo, dr_grpo, dapo, gspo, cispo, sapo, rloo, reinforce\+\+"
+UNUSED = {
+    "sft": [
+        ("kl_coef", 0.1, POLICY_GRADIENT),
+        ("clip_high", 0.28, POLICY_GRADIENT),
+        ("loss", "cispo", POLICY_GRADIENT),
+        ("aggregation", "token-mean", POLICY_GRADIENT),
+        ("entropy_coef", 0.01, POLICY_GRADIENT),
+        ("micro_batch_size", 4, POLICY_GRADIENT),
+        ("advantage", "rloo", GROUP_ADVANTAGE),
+        ("mix", "chord", GROUP_ADVANTAGE),
+        ("beta", 0.5, "dpo, online_dpo"),
+        ("vf_coef", 1.0, "ppo"),
+        ("pairs", "p.jsonl", "dpo"),
+    ],
+    "dpo": [
+        ("kl_coef", 0.1, POLICY_GRADIENT),
+        ("dual_clip", 3.0, POLICY_GRADIENT),
+        ("micro_batch_size", 4, POLICY_GRADIENT),
+        ("mix", "chord", GROUP_ADVANTAGE),
+        ("expert", "e.jsonl", GROUP_ADVANTAGE),
+        ("gae_lambda", 0.9, "ppo"),
+    ],
+    "online_dpo": [
+        ("updates_per_batch", 2, POLICY_GRADIENT),
+        ("clip_low", 0.1, POLICY_GRADIENT),
+        ("kl_coef", 0.1, POLICY_GRADIENT),
+        ("micro_batch_size", 4, POLICY_GRADIENT),
+        ("overlong_filter", True, GROUP_ADVANTAGE),
+        ("mix", "luffy", GROUP_ADVANTAGE),
+        ("pairs", "p.jsonl", "dpo"),
+    ],
+    "ppo": [
+        ("advantage", "rloo", GROUP_ADVANTAGE),
+        ("mix", "chord", GROUP_ADVANTAGE),
+        ("overlong_filter", True, GROUP_ADVANTAGE),
+        ("shaping_gamma", 0.5, GROUP_ADVANTAGE),
+        ("beta", 0.5, "dpo, online_dpo"),
+        ("pairs", "p.jsonl", "dpo"),
+    ],
+    "grpo": [
+        ("vf_coef", 1.0, "ppo"),
+        ("gamma", 0.99, "ppo"),
+        ("beta", 0.5, "dpo, online_dpo"),
+        ("label_smoothing", 0.1, "dpo, online_dpo"),
+        ("pairs", "p.jsonl", "dpo"),
+    ],
+    "cispo": [("gae_lambda", 0.9, "ppo"), ("beta", 0.2, "dpo, online_dpo")],
+}
+"""(setting, a value other than the default, the algorithms the error names as reading it) per algorithm."""
+EVERY_ALGORITHM = {
+    "algo": None,
+    "model": "tiny-gpt2",
+    "task": "countdown",
+    "steps": 3,
+    "seed": 1,
+    "lr": 1e-3,
+    "batch_size": 2,
+    "max_new_tokens": 4,
+    "max_grad_norm": 0.5,
+    "gradient_checkpointing": True,
+    "lora_rank": 4,
+    "lora_alpha": 8,
+    "eval_every": 1,
+    "eval_size": 4,
+    "train_size": 10,
+    "prompts": "prompts.jsonl",
+    "eval_prompts": "eval.jsonl",
+    "rewards": ["exact_match", "numeric_match=0.5"],
+    "threads": 2,
+}
+"""The settings every algorithm reads (the model, rows, rewards, optimizer, evaluation) with values other than
+the defaults: none of them is ever refused (algo aside: it picks the algorithm)."""
+READ = {
+    "generation_workers": (2,),
+    "generation_backend": ("inline",),
+    "group_size": (6,),
+    "temperature": (0.7,),
+    "top_p": (0.9,),
+    "updates_per_batch": (3,),
+    "dynamic_sampling": (True, False),
+    "max_sampling_rounds": (2,),
+    "overlong_filter": (True,),
+    "overlong_buffer": (2,),
+    "overlong_penalty": (0.5,),
+    "loss": ("sapo", "ppo"),
+    "clip_low": (0.1,),
+    "clip_high": (0.3,),
+    "dual_clip": (3.0,),
+    "tau_pos": (0.5,),
+    "tau_neg": (0.5,),
+    "aggregation": ("seq-mean-token-sum", "token-mean"),
+    "kl_coef": (0.1,),
+    "kl_estimator": ("k1",),
+    "entropy_coef": (0.01,),
+    "micro_batch_size": (4,),
+    "advantage": ("rloo", "grpo"),
+    "mix": ("chord",),
+    "mix_weight": ("cosine:0.4->0.01",),
+    "mix_phi": (True,),
+    "shaping_gamma": (0.2,),
+    "expert": ("e.jsonl",),
+    "expert_batch_size": (4,),
+    "vf_coef": (1.0,),
+    "gamma": (0.99,),
+    "gae_lambda": (0.9,),
+    "beta": (0.5,),
+    "label_smoothing": (0.1,),
+    "pairs": ("p.jsonl",),
+}
+"""Non-default values of the settings only some algorithms read (the second where the first is an algorithm's
+default)."""
+
+
+def test_each_algorithm_refuses_the_settings_its_training_step_never_reads(tmp_path, monkeypatch, capsys):
+    """Beyond the sampling settings of SFT and DPO: a setting that an algorithm's training step never reads (SFT
+    and DPO: the policy-gradient loss's, the group advantages' and mixing's, PPO's value head's; online DPO:
+    updates_per_batch (one DPO update per batch), the policy-gradient loss's; PPO: advantage, mix, overlong_filter;
+    the group-advantage algorithms: PPO's and DPO's) set away from the algorithm's default is a config error that
+    names it, says the algorithm does not use it and names the algorithms that do, before a model loads."""
+    from policylab.llm import trainer as trainer_module
+
+    for algo, cases in UNUSED.items():
+        for name, value, readers in cases:
+            with pytest.raises(ConfigError) as info:
+                make_config(algo, {name: value})
+            assert re.fullmatch(
+                rf"{algo} does not use {name}={value}: it .*, so it would do nothing; {name} applies to {readers}",
+                info.value.problem,
+            ), info.value.problem
+            assert info.value.fix == f"drop {name}, or train one of those algorithms"
+    with pytest.raises(ConfigError) as info:  # settings read by different algorithms: each group named
+        make_config("sft", {"beta": 0.5, "temperature": 0.5, "kl_coef": 0.1})
+    assert info.value.problem.endswith(
+        "so they would do nothing; temperature applies to the algorithms that sample: grpo, dr_grpo, dapo, gspo, "
+        "cispo, sapo, rloo, reinforce++, ppo, online_dpo; kl_coef applies to the policy-gradient algorithms: grpo, "
+        "dr_grpo, dapo, gspo, cispo, sapo, rloo, reinforce++, ppo; beta applies to dpo, online_dpo"
+    ), info.value.problem
+    assert info.value.fix.startswith("drop temperature, kl_coef and beta, or train one of those algorithms")
+
+    def must_not_start(*args, **kwargs):
+        raise AssertionError("started before the config was checked")
+
+    monkeypatch.setattr(trainer_module, "load_model", must_not_start)
+    runs = tmp_path / "runs"
+    with pytest.raises(ConfigError, match="ppo does not use mix=chord"):
+        train_llm("ppo", {"mix": "chord", "steps": 2}, runs, verbose=False, expert=[{"prompt": "1+1=", "answer": "2"}])
+    assert _cli("train", "online_dpo", "--set", "updates_per_batch=2", "--runs-dir", runs, "--no-progress") == 2
+    assert "online_dpo does not use updates_per_batch=2: it makes one DPO update per batch" in capsys.readouterr().err
+    assert not runs.exists()
+
+
+def test_every_algorithm_accepts_the_settings_it_reads_and_its_saved_config():
+    """The settings every algorithm reads, the ones its step reads (SETTING_READERS), its defaults and a saved
+    config.yaml (every key, what a resume passes) are accepted; each algorithm's step is a trainer method, and
+    the algorithms whose step samples are SAMPLING_ALGOS."""
+    from dataclasses import asdict, fields
+
+    import yaml
+
+    from policylab.llm.trainer import (
+        ALGOS,
+        SAMPLING_ALGOS,
+        SAMPLING_STEPS,
+        SETTING_READERS,
+        LLMConfig,
+        LLMTrainer,
+        setting_readers,
+        training_step,
+    )
+
+    assert {f.name for f in fields(LLMConfig)} == set(SETTING_READERS) | set(EVERY_ALGORITHM)  # each one decided
+    assert set(READ) == set(SETTING_READERS)
+    assert SAMPLING_ALGOS == tuple(algo for algo in ALGOS if training_step(algo) in SAMPLING_STEPS)
+    for algo in ALGOS:
+        assert callable(getattr(LLMTrainer, training_step(algo)))
+        universal = {name: value for name, value in EVERY_ALGORITHM.items() if name != "algo"}
+        configs = [make_config(algo), make_config(algo, universal)]
+        defaults = make_config(algo)
+        for name, values in READ.items():
+            if algo not in setting_readers(name):
+                continue
+            value = next(v for v in values if v != getattr(defaults, name))
+            companion = {"mix": "chord"} if name == "expert" else {}
+            configs.append(make_config(algo, {name: value, **companion}))
+            assert getattr(configs[-1], name) == value
+        for cfg in configs:  # a resume: config.yaml's every key through make_config
+            saved = yaml.safe_load(yaml.safe_dump(asdict(cfg), sort_keys=False))
+            assert make_config(saved.pop("algo"), saved) == cfg
 
 
 def _cli(*argv):

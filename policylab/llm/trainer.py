@@ -105,18 +105,34 @@ ALGO_DEFAULTS: dict[str, dict[str, Any]] = {
 }
 """Each algorithm is GRPO's config with these values (the table in the module docstring)."""
 ALGOS = tuple(ALGO_DEFAULTS)
-OFFLINE_ALGOS = ("sft", "dpo")
-"""The algorithms that train on given completions (the rows' answers, DPO's pairs) and sample none: their steps
-(LLMTrainer.sft_step, dpo_step) draw rows; every other algorithm's step samples `group_size` completions per
-prompt (LLMTrainer.sample_groups). All of them decode greedily to evaluate, in the learner."""
+TRAINING_STEPS = {"sft": "sft_step", "ppo": "ppo_step", "dpo": "dpo_step", "online_dpo": "online_dpo_step"}
+"""The LLMTrainer method that makes one training step of each algorithm but the group-advantage ones (rl_step)."""
+
+
+def training_step(algo: str) -> str:
+    """The name of the LLMTrainer method that makes one training step of `algo` (train_llm calls it)."""
+    return TRAINING_STEPS.get(algo, "rl_step")
+
+
+SAMPLING_STEPS = ("rl_step", "ppo_step", "online_dpo_step")
+"""The steps that sample `group_size` completions per prompt (LLMTrainer.sample_groups)."""
+POLICY_LOSS_STEPS = ("rl_step", "ppo_step")
+"""The steps that train the policy-gradient loss (LLMTrainer.policy_loss through accumulate), `updates_per_batch`
+times per batch."""
+PREFERENCE_STEPS = ("dpo_step", "online_dpo_step")
+"""The steps that train DPO's loss (LLMTrainer.preference_update), once per batch."""
 
 
 def samples_completions(algo: str) -> bool:
     """Whether the algorithm's training steps sample completions (the trainer starts generation workers only
     then)."""
-    return algo not in OFFLINE_ALGOS
+    return training_step(algo) in SAMPLING_STEPS
 
 
+OFFLINE_ALGOS = tuple(algo for algo in ALGOS if not samples_completions(algo))
+"""The algorithms that train on given completions (the rows' answers, DPO's pairs) and sample none: their steps
+(LLMTrainer.sft_step, dpo_step) draw rows; every other algorithm's step samples `group_size` completions per
+prompt (LLMTrainer.sample_groups). All of them decode greedily to evaluate, in the learner."""
 SAMPLING_ALGOS = tuple(algo for algo in ALGOS if samples_completions(algo))
 SAMPLING_SETTINGS = (
     "generation_workers",
@@ -134,6 +150,58 @@ SAMPLING_SETTINGS = (
 """Settings that only act on sampled completions (how they are sampled, filtered, rewarded and reused), so an
 algorithm that samples none refuses a value other than its default. Not max_new_tokens: the evaluation's greedy
 decoding uses it."""
+SETTING_READERS: dict[str, tuple[str, ...]] = {
+    **dict.fromkeys(SAMPLING_SETTINGS, SAMPLING_STEPS),
+    "updates_per_batch": POLICY_LOSS_STEPS,  # online DPO makes one preference update per batch
+    "overlong_filter": ("rl_step",),  # rl_step masks the cut completions; ppo_step and online_dpo_step do not
+    **dict.fromkeys(
+        (
+            "loss",
+            "clip_low",
+            "clip_high",
+            "dual_clip",
+            "tau_pos",
+            "tau_neg",
+            "aggregation",
+            "kl_coef",
+            "kl_estimator",
+            "entropy_coef",
+            "micro_batch_size",
+        ),
+        POLICY_LOSS_STEPS,
+    ),
+    **dict.fromkeys(
+        ("advantage", "mix", "mix_weight", "mix_phi", "shaping_gamma", "expert", "expert_batch_size"), ("rl_step",)
+    ),
+    **dict.fromkeys(("vf_coef", "gamma", "gae_lambda"), ("ppo_step",)),
+    **dict.fromkeys(("beta", "label_smoothing"), PREFERENCE_STEPS),
+    "pairs": ("dpo_step",),
+}
+"""The settings that only some training steps read, and which: an algorithm whose step does not read one refuses
+a value of it other than the algorithm's default (LLMConfig._check_unused_settings), naming the algorithms that
+read it.
+Every other setting is read by every algorithm (the model, the task's rows and rewards, the optimizer, the
+evaluation, ...). sft_step reads none of these (its loss is the answers' token-mean NLL, no reference model)."""
+READER_NAMES = {
+    SAMPLING_STEPS: "the algorithms that sample",
+    POLICY_LOSS_STEPS: "the policy-gradient algorithms",
+    ("rl_step",): "the group-advantage algorithms",
+}
+STEP_SUMMARIES = {
+    "sft_step": "trains on the rows' answers and samples no completions",
+    "dpo_step": "trains on (chosen, rejected) pairs and samples no completions",
+    "online_dpo_step": "makes one DPO update per batch, on the best and worst of its own samples",
+    "ppo_step": "trains on GAE advantages from a value head",
+    "rl_step": "trains on group advantages",
+}
+
+
+def setting_readers(name: str) -> tuple[str, ...]:
+    """The algorithms whose training step reads setting `name`."""
+    steps = SETTING_READERS.get(name)
+    return tuple(algo for algo in ALGOS if steps is None or training_step(algo) in steps)
+
+
 LOSSES = ("ppo", "gspo", "cispo", "sapo")
 MIXES = ("none", "chord", "luffy")
 
@@ -216,7 +284,8 @@ class LLMConfig:
     gae_lambda: float = 0.95
     micro_batch_size: int | None = None
     """Completions per forward/backward pass; the gradients of the micro-batches add up to the full batch's
-    (the same update, less memory). None: the whole batch at once."""
+    (the same update, less memory). None: the whole batch at once. Only the policy-gradient algorithms (not sft,
+    dpo, online_dpo: their steps take the whole batch at once)."""
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass instead of storing them (transformers' own; less memory)."""
     lora_rank: int = 0
@@ -270,7 +339,7 @@ class LLMConfig:
                 f"temperature={self.temperature} must be > 0 and top_p={self.top_p} in (0, 1]",
                 "set temperature to e.g. 1.0 and top_p to 1.0",
             )
-        self._check_sampling_settings()
+        self._check_unused_settings()
         if self.kl_estimator not in ("k1", "k2", "k3"):
             raise ConfigError(f"kl_estimator={self.kl_estimator!r}", "choose k1, k2 or k3")
         if self.loss not in LOSSES:
@@ -286,7 +355,7 @@ class LLMConfig:
                 "expert rows were given but mix is none, so nothing would use them",
                 "add --set mix=chord or --set mix=luffy (or drop --expert)",
             )
-        if self.mix == "luffy" and (self.loss != "ppo" or self.group_size < 2 or self.algo in ("ppo", "dpo")):
+        if self.mix == "luffy" and (self.loss != "ppo" or self.group_size < 2):  # other algorithms: unused above
             raise ConfigError(
                 "mix=luffy puts an expert completion into each group of a group-advantage algorithm",
                 "use it with grpo / dr_grpo / dapo / rloo / reinforce++ and group_size >= 2",
@@ -303,25 +372,41 @@ class LLMConfig:
                 exc.problem.replace("imitation=", key), (exc.fix or "").replace("imitation=", key)
             ) from None
 
-    def _check_sampling_settings(self) -> None:
-        """An algorithm that samples no completions refuses the SAMPLING_SETTINGS set to anything but its
-        defaults (generation workers would start Ray, or copy the model, for nothing)."""
-        if samples_completions(self.algo):
-            return
+    def _check_unused_settings(self) -> None:
+        """An algorithm refuses the settings its training step never reads (SETTING_READERS) set to anything but
+        its defaults, naming the algorithms that read them (generation workers would start Ray, or copy the
+        model, for nothing; a KL coefficient or a clip range would change nothing). Compared with the algorithm's
+        defaults, not GRPO's: a resume passes every key of the saved config."""
         defaults = LLMConfig(algo=self.algo, **ALGO_DEFAULTS[self.algo])
-        given = [name for name in SAMPLING_SETTINGS if getattr(self, name) != getattr(defaults, name)]
+        unused = [name for name in SETTING_READERS if self.algo not in setting_readers(name)]
+        given = [name for name in unused if getattr(self, name) != getattr(defaults, name)]
         if not given:
             return
+        groups: dict[tuple[str, ...], list[str]] = {}
+        for name in given:
+            groups.setdefault(SETTING_READERS[name], []).append(name)
+        clauses = []
+        for steps, names in groups.items():
+            readers = ", ".join(setting_readers(names[0]))
+            label = f"{READER_NAMES[steps]}: {readers}" if steps in READER_NAMES else readers
+            clauses.append(f"{_and(names)} {'apply' if len(names) > 1 else 'applies'} to {label}")
         shown = ", ".join(f"{name}={getattr(self, name)}" for name in given)
-        names = " and ".join([", ".join(given[:-1]), given[-1]] if len(given) > 1 else given)
-        what = "the rows' answers" if self.algo == "sft" else "(chosen, rejected) pairs"
+        step = training_step(self.algo)
         raise ConfigError(
-            f"{self.algo} trains on {what} and samples no completions, so {shown} would do nothing; "
-            f"{'they apply' if len(given) > 1 else 'it applies'} to the algorithms that sample: "
-            f"{', '.join(SAMPLING_ALGOS)}",
-            f"drop {names}, or train one of those algorithms"
-            + (" (online_dpo: DPO on the best and worst of its own samples)" if self.algo == "dpo" else ""),
+            f"{self.algo} does not use {shown}: it {STEP_SUMMARIES[step]}, so "
+            f"{'they' if len(given) > 1 else 'it'} would do nothing; {'; '.join(clauses)}",
+            f"drop {_and(given)}, or train one of those algorithms"
+            + (
+                " (online_dpo: DPO on the best and worst of its own samples)"
+                if self.algo == "dpo" and SAMPLING_STEPS in groups
+                else ""
+            ),
         )
+
+
+def _and(names: list[str]) -> str:
+    """a, b and c."""
+    return " and ".join([", ".join(names[:-1]), names[-1]] if len(names) > 1 else names)
 
 
 def make_config(algo: str, overrides: dict[str, Any] | None = None) -> LLMConfig:
@@ -432,6 +517,23 @@ def expert_completion(row: dict[str, Any]) -> str:
         f'an expert row has no "completion" (or "answer") string: {str(row)[:80]}',
         'give every expert row a completion, e.g. {"prompt": "2+2=", "completion": "4"}',
     )
+
+
+def luffy_experts(expert_rows: list[dict[str, Any]], train_rows: list[dict[str, Any]]) -> dict[str, str]:
+    """LUFFY puts an expert completion of the group's own prompt into each group: the expert rows' completions by
+    prompt (the training rows' own answers without --expert), and an error naming a prompt that has none."""
+    experts: dict[str, str] = {}
+    for row in expert_rows:
+        experts.setdefault(row["prompt"], expert_completion(row))
+    missing = next((row["prompt"] for row in train_rows if row["prompt"] not in experts), None)
+    if missing is not None:
+        raise LLMError(
+            f"mix=luffy needs an expert completion of every training prompt, and the expert rows have none for "
+            f"{missing[:80]!r}",
+            "give the --expert file a row for each prompt (the same prompt string), or drop --expert to use the "
+            "prompts' own answers",
+        )
+    return experts
 
 
 def check_expert_rows(rows: list[dict[str, Any]], what: str) -> None:
@@ -675,6 +777,8 @@ class LLMTrainer:
         # rows without the fields a step needs fail here, each naming the row, not mid-run
         if cfg.mix != "none":
             check_expert_rows(self.expert_rows, "expert" if expert is not None else "prompts")
+        self.luffy_experts = luffy_experts(self.expert_rows, self.train_rows) if cfg.mix == "luffy" else {}
+        """LUFFY's expert completion of each training prompt (from the expert rows of the same prompt)."""
         if cfg.algo == "sft" or (cfg.algo == "dpo" and self.pair_rows is None):
             check_expert_rows(self.train_rows, "prompts")
         self.generator = torch.Generator().manual_seed(cfg.seed)
@@ -938,7 +1042,7 @@ class LLMTrainer:
         size, width = self.cfg.group_size, rollout.completion_ids.shape[1]
         last = torch.arange(size - 1, len(rollout), size)
         rows = [rollout.rows[i] for i in last.tolist()]
-        texts = [expert_completion(row) for row in rows]
+        texts = [self.luffy_experts[row["prompt"]] for row in rows]
         ids, mask = self.encode_prompts.answers(texts)
         ids = torch.nn.functional.pad(ids, (0, max(width - ids.shape[1], 0)), value=self.tokenizer.pad_token_id)
         mask = torch.nn.functional.pad(mask, (0, max(width - mask.shape[1], 0)))
@@ -1234,12 +1338,7 @@ def train_llm(
     then."""
     log: RunLog | None = None
     bar: Progress | None = None
-    step_fn = {
-        "sft": trainer.sft_step,
-        "ppo": trainer.ppo_step,
-        "dpo": trainer.dpo_step,
-        "online_dpo": trainer.online_dpo_step,
-    }.get(cfg.algo, trainer.rl_step)
+    step_fn: Callable[[], dict[str, float]] = getattr(trainer, training_step(cfg.algo))
     try:
         if resume is not None:
             trainer.restore(tensors, state)
