@@ -36,7 +36,16 @@ import json  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Any  # noqa: E402
 
-from common import curve_record, pair_report, provenance, run_alternating, write_results  # noqa: E402
+from common import (  # noqa: E402
+    HelpFormatter,
+    curve_record,
+    pair_report,
+    positive_int,
+    provenance,
+    require_precision,
+    run_alternating,
+    write_results,
+)
 
 ENV = "PongNoFrameskip-v4"
 ZOO_STEPS = 10_000_000  # the linear schedules decay over rl-zoo's budget on both sides
@@ -227,16 +236,23 @@ def time_acting(repeats: int = 200) -> None:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--case", action="append", choices=list(CASES))
-    p.add_argument("--seeds", type=int, default=3)
-    p.add_argument("--worker", choices=["ours", "sb3"])
-    p.add_argument("--seed", type=int, default=1)
-    p.add_argument("--out")
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    p.add_argument("--case", action="append", choices=list(CASES), help="a case to run (repeatable; default both)")
+    p.add_argument("--seeds", type=positive_int, default=3, help="seeds 1..N per side")
+    p.add_argument("--worker", choices=["ours", "sb3"], help=argparse.SUPPRESS)
+    p.add_argument("--seed", type=int, default=1, help=argparse.SUPPRESS)
+    p.add_argument("--out", help=argparse.SUPPRESS)
     p.add_argument("--layout", action="store_true", help="time the CNN step in both memory layouts, then stop")
     p.add_argument("--acting", action="store_true", help="time acting forwards, float32 against bf16, then stop")
-    p.add_argument("--batch", type=int, default=32, help="--layout's stacks per step (DQN's batch; PPO's is 256)")
-    p.add_argument("--precision", default="fp32", help="policylab's precision (bf16: the encoder under autocast)")
+    p.add_argument(
+        "--batch", type=positive_int, default=32, help="--layout's stacks per step (DQN's batch; PPO's is 256)"
+    )
+    p.add_argument(
+        "--precision",
+        default="fp32",
+        choices=["fp32", "bf16"],
+        help="policylab's precision (bf16: the encoder under autocast; opt-in, AMX or AVX512-BF16)",
+    )
     p.add_argument("--return-case", choices=list(RETURN_CASES), help=argparse.SUPPRESS)  # precision_returns.py's
     p.add_argument("--steps", type=int, help=argparse.SUPPRESS)
     p.add_argument("--curve-every", type=int, help=argparse.SUPPRESS)
@@ -256,6 +272,7 @@ def main() -> None:
         record = worker_ours(case, a) if a.worker == "ours" else worker_sb3(case, a)
         Path(a.out).write_text(json.dumps({"side": a.worker, "seed": a.seed, **record}))
         return
+    require_precision(a.precision)  # before any run: bf16 needs AMX or AVX512-BF16
     header = provenance(["policylab", "torch", "stable-baselines3", "gymnasium", "ale-py", "numpy"])
     seeds, summaries, all_runs = list(range(1, a.seeds + 1)), {}, []
     for name in a.case or list(CASES):

@@ -10,18 +10,22 @@ Not run on its own: benchmark scripts (e.g. `benchmarks/ppo_cartpole.py`) do `fr
 * `ThresholdTracker`: time-to-threshold, training time and steps/s, fed by a training callback;
 * `summarize()` / `paired()` / `pair_report()`: per-seed ratios, median and min-max over seeds;
   a missing value (None: e.g. a run that never reached the threshold) is counted apart;
-* `write_results()`: JSON into `benchmarks/results/<name>-<YYYY-MM-DD>.json`, never overwriting.
+* `write_results()`: JSON into `benchmarks/results/<name>-<YYYY-MM-DD>.json`, never overwriting;
+* `HelpFormatter`, `positive_int`, `fail()`, `worker_failed()`, `require_precision()`: the scripts' command
+  lines and their errors (a user's mistake ends in its `error:` / `fix:` lines and exit status 2, no traceback).
 
 Only the standard library is imported, so a worker that imports this module pays ~nothing for it.
 """
 
 from __future__ import annotations
 
+import argparse
 import csv
 import datetime as _dt
 import json
 import os
 import platform
+import re
 import shlex
 import statistics
 import subprocess
@@ -30,9 +34,9 @@ import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from importlib import metadata
+from importlib import metadata, util
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 if TYPE_CHECKING:
     from policylab import IterationInfo
@@ -109,22 +113,45 @@ def package_versions(names: Sequence[str]) -> dict[str, str | None]:
     return {name: version(name) for name in names}
 
 
-def git_state() -> dict[str, Any]:
-    """The commit of the checkout and whether it has uncommitted changes (None outside git)."""
+def _git(args: Sequence[str], where: Path) -> str | None:
+    """`git *args` in `where`: its output, or None outside git (or without git)."""
     try:
-        head, status = (
-            subprocess.run(["git", *args], cwd=REPO_ROOT, capture_output=True, text=True, timeout=10)
-            for args in (["rev-parse", "HEAD"], ["status", "--porcelain"])
-        )
+        proc = subprocess.run(["git", *args], cwd=where, capture_output=True, text=True, timeout=10)
     except (OSError, subprocess.SubprocessError):
+        return None
+    return None if proc.returncode else proc.stdout
+
+
+def git_state(where: Path = REPO_ROOT) -> dict[str, Any]:
+    """The commit of the checkout at `where` (default: the scripts') and whether it has uncommitted changes
+    (None outside git)."""
+    head, status = _git(["rev-parse", "HEAD"], where), _git(["status", "--porcelain"], where)
+    if head is None or status is None:
         return {"commit": None, "dirty": None}
-    if head.returncode or status.returncode:
-        return {"commit": None, "dirty": None}
-    return {"commit": head.stdout.strip(), "dirty": bool(status.stdout.strip())}
+    return {"commit": head.strip(), "dirty": bool(status.strip())}
+
+
+def policylab_source() -> dict[str, Any]:
+    """Where this process imports policylab from (an editable install or PYTHONPATH can point at another checkout
+    than the scripts'): its directory and whether it is in the scripts' checkout; where it is in another git
+    checkout, that one's commit and state too (`git` of the results is the scripts' checkout)."""
+    spec = util.find_spec("policylab")  # the package's location, without importing it
+    places = list(spec.submodule_search_locations or []) if spec is not None else []
+    if not places:
+        return {"path": None}
+    path = Path(places[0]).resolve()
+    top = _git(["rev-parse", "--show-toplevel"], path)
+    here = _git(["rev-parse", "--show-toplevel"], REPO_ROOT)
+    same = top is not None and here is not None and Path(top.strip()).resolve() == Path(here.strip()).resolve()
+    info: dict[str, Any] = {"path": str(path), "in_scripts_checkout": same}
+    if not same:
+        info["git"] = git_state(path) if top is not None else None  # None: not a git checkout
+    return info
 
 
 def provenance(packages: Sequence[str]) -> dict[str, Any]:
-    """Date, exact command, machine, git state and package versions: the header of every results file."""
+    """Date, exact command, machine, git state (of the scripts' checkout, and where the imported policylab is
+    another checkout, of that one) and package versions: the header of every results file."""
     now = _dt.datetime.now().astimezone()
     command = shlex.join([sys.executable, *sys.argv])  # the exact command, as it was run
     return {
@@ -133,8 +160,91 @@ def provenance(packages: Sequence[str]) -> dict[str, Any]:
         "command": command,
         "machine": machine_info(),
         "git": git_state(),
+        "policylab_source": policylab_source(),
         "versions": package_versions(packages),
     }
+
+
+# --- command lines and errors --------------------------------------------------------------------
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """--help with the description as written (its command lines kept) and each option's default, where it has
+    one (not None or False) and its help text does not state it already."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text, default = action.help or "", action.default
+        shown = default is not None and default is not False and default != [] and default is not argparse.SUPPRESS
+        if not (action.option_strings and shown) or "default" in text.lower():
+            return action.help
+        return f"{text} (default: %(default)s)"
+
+
+def positive_int(text: str) -> int:
+    """argparse type of a count that must be at least 1 (seeds, steps, threads, repetitions ...)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
+    return value
+
+
+def fail(message: str) -> NoReturn:
+    """Stop on a user's error: `message` (its `error:` and `fix:` lines) on stderr, exit status 2 (as argparse and
+    policylab's CLI), no traceback."""
+    print(message, file=sys.stderr)
+    raise SystemExit(2)
+
+
+_ERROR_LINE = re.compile(r"^(?:\S+: )?error: (.*)")  # policylab's CLI ("error: ..."), argparse ("prog: error: ...")
+_POLICYLAB_EXCEPTION = re.compile(r"^policylab(?:\.\w+)+: (.*)")  # a traceback's last line: policylab.errors.X: ...
+
+
+def user_error(output: str) -> str | None:
+    """What a failed process said about a user's mistake, without its traceback: the message of a policylab error
+    (every exception policylab raises is a PolicylabError: the problem and its `fix:` line) that ended it, or else
+    its last `error:` line (and the indented lines after it); None for any other failure (a bug, whose traceback is
+    what helps)."""
+    lines = output.rstrip().splitlines()
+    starts = [i for i, line in enumerate(lines) if line.startswith("Traceback (most recent call last):")]
+    if starts:
+        # the last traceback's exception line: its first unindented line (its frames are indented)
+        at = next((i for i in range(starts[-1] + 1, len(lines)) if lines[i][:1] not in (" ", "\t")), len(lines))
+        found = _POLICYLAB_EXCEPTION.match(lines[at]) if at < len(lines) else None
+        return "\n".join([f"error: {found.group(1)}", *lines[at + 1 :]]) if found else None
+    for i in range(len(lines) - 1, -1, -1):
+        found = _ERROR_LINE.match(lines[i])
+        if found:
+            rest = [line for line in lines[i + 1 :] if line.startswith((" ", "\t"))]
+            return "\n".join(["error: " + found.group(1), *rest])
+    return None
+
+
+def worker_failed(what: str, returncode: int, output: str) -> NoReturn:
+    """Stop after a failed worker process: on a user's error (`user_error`), its `error:` / `fix:` lines and exit
+    status 2; on anything else, the end of the worker's output (its traceback)."""
+    said = user_error(output)
+    if said is not None:
+        fail(f"{what} failed (exit {returncode}):\n{said}")
+    raise SystemExit(f"{what} failed (exit {returncode}):\n{output}")
+
+
+def require_precision(*precisions: str) -> None:
+    """Before any run: stop with policylab's error (exit status 2) unless this CPU can run each of `precisions`
+    (`policylab.nets.matmul.check_precision`, what a run's `precision` setting checks: bf16 needs native bfloat16
+    products, AMX or AVX512-BF16). Imports torch only for bf16."""
+    if all(p == "fp32" for p in precisions):
+        return
+    from policylab.errors import PolicylabError
+    from policylab.nets.matmul import check_precision
+
+    for precision in precisions:
+        try:
+            check_precision(precision)
+        except PolicylabError as exc:
+            fail(f"error: {exc}")
 
 
 # --- running one measured subprocess -------------------------------------------------------------
@@ -200,9 +310,9 @@ ONE_THREAD = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TOKENIZERS_PARALL
 
 
 def worker_record(res: WorkerResult, what: str) -> dict[str, Any]:
-    """The worker's JSON, or an exit that shows what `what` printed when it failed."""
+    """The worker's JSON, or an exit that shows what `what` printed when it failed (`worker_failed`)."""
     if res.record is None:
-        raise SystemExit(f"{what} failed:\n{res.stderr_tail}")
+        worker_failed(what, res.returncode, res.stderr_tail)
     return res.record
 
 
@@ -221,7 +331,7 @@ def run_alternating(
             for worker in workers:
                 res = run_worker(script, ["--worker", worker, "--seed", str(seed), *args], Path(tmp) / "out.json")
                 if res.record is None:
-                    raise SystemExit(f"worker {worker} seed {seed} failed (exit {res.returncode}):\n{res.stderr_tail}")
+                    worker_failed(f"worker {worker} seed {seed}", res.returncode, res.stderr_tail)
                 rec = {**res.record, "order": len(runs), "process_wall_s": res.wall_s}
                 if on_record is not None:
                     on_record(rec)
@@ -414,8 +524,12 @@ def dataset_summary(path: Path | str) -> dict[str, Any]:
     behaviour policy anew on each machine, so two machines' "hopper-medium" can differ (normalized 13 on one, 66
     on another): results are only comparable where these agree."""
     from policylab.data.dataset import load_dataset
+    from policylab.errors import PolicylabError
 
-    info = load_dataset(path, validate=False).info()
+    try:
+        info = load_dataset(path, validate=False).info()
+    except PolicylabError as exc:  # not a dataset: policylab's error and fix, before any run
+        fail(f"error: {exc}")
     where = Path(path).resolve()
     shown = where.relative_to(REPO_ROOT) if where.is_relative_to(REPO_ROOT) else where
     return {"path": str(shown)} | {k: info.get(k) for k in DATASET_SUMMARY_KEYS}

@@ -38,7 +38,17 @@ import time
 from pathlib import Path
 from typing import Any
 
-from common import REPO_ROOT, fmt_summary, print_table, provenance, ratio, summarize, write_results
+from common import (
+    REPO_ROOT,
+    HelpFormatter,
+    fmt_summary,
+    positive_int,
+    print_table,
+    provenance,
+    ratio,
+    summarize,
+    write_results,
+)
 
 POLICYLAB = str(Path(sys.executable).with_name("policylab"))
 
@@ -68,13 +78,13 @@ def launch(args: argparse.Namespace, threads: str | None, seeds: list[int], runs
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--algo", default="sac")
-    parser.add_argument("--env", default="Pendulum-v1")
-    parser.add_argument("--steps", default="3k")
-    parser.add_argument("--reps", type=int, default=3)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    parser.add_argument("--algo", default="sac", help="policylab train ALGO")
+    parser.add_argument("--env", default="Pendulum-v1", help="its --env")
+    parser.add_argument("--steps", default="3k", help="its --steps")
+    parser.add_argument("--reps", type=positive_int, default=3, help="repetitions of the five measurements")
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    parser.add_argument("--runs", type=int, default=cores, help="processes launched together (default: cores)")
+    parser.add_argument("--runs", type=positive_int, default=cores, help="processes launched together (default: cores)")
     args = parser.parse_args()
     seeds = list(range(1, args.runs + 1))
     reps: list[dict[str, Any]] = []

@@ -27,7 +27,17 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from common import ONE_THREAD, REPO_ROOT, print_table, provenance, run_worker, worker_record, write_results
+from common import (
+    ONE_THREAD,
+    REPO_ROOT,
+    HelpFormatter,
+    positive_int,
+    print_table,
+    provenance,
+    run_worker,
+    worker_record,
+    write_results,
+)
 
 TRL_PY = REPO_ROOT / "benchmarks" / ".venv-trl" / "bin" / "python"
 
@@ -107,13 +117,13 @@ def side_by_side(a: argparse.Namespace, work: Path, model_dir: Path, pairs: Path
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
-    p.add_argument("--steps", type=int, default=40)
-    p.add_argument("--pairs-per-step", type=int, default=16)
-    p.add_argument("--model", default="tiny-llama")
-    p.add_argument("--sft-steps", type=int, default=300)
-    p.add_argument("--lr", type=float, default=1e-4)
-    p.add_argument("--beta", type=float, default=0.1)
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None, formatter_class=HelpFormatter)
+    p.add_argument("--steps", type=positive_int, default=40, help="DPO steps on both sides")
+    p.add_argument("--pairs-per-step", type=positive_int, default=16, help="preference pairs per step")
+    p.add_argument("--model", default="tiny-llama", help="a policylab tiny model (tiny-llama, small-llama)")
+    p.add_argument("--sft-steps", type=int, default=300, help="SFT of the starting model (as llm.py's)")
+    p.add_argument("--lr", type=float, default=1e-4, help="learning rate, both sides")
+    p.add_argument("--beta", type=float, default=0.1, help="DPO's beta, both sides")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--model-dir", help=argparse.SUPPRESS)
     p.add_argument("--pairs", help=argparse.SUPPRESS)

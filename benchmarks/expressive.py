@@ -32,7 +32,7 @@ recording the return and, where the env reports `info["is_success"]`, the succes
 of the run itself, not this script's evaluations. Medians (and min-max) over seeds.
 
     .venv/bin/python benchmarks/expressive.py --finetune --seeds 3      # results/expressive-finetune-<date>.json
-    .venv/bin/python benchmarks/expressive.py --finetune --tasks navigation --seeds 1 --steps 1024 \
+    .venv/bin/python benchmarks/expressive.py --finetune --tasks navigation --seeds 1 --steps 1024 \\
         --eval-every 512 --bc-steps 50 --eval-episodes 2 --no-save     # a smoke run (not a result)
 
 `--fpo`: FPO (a flow policy trained from scratch by PPO-clip on flow-matching loss ratios) against PPO's Gaussian
@@ -65,7 +65,16 @@ from typing import Any
 import gymnasium as gym
 import numpy as np
 import torch
-from common import REPO_ROOT, dataset_summary, eval_curve, late_mean, provenance, write_results
+from common import (
+    REPO_ROOT,
+    HelpFormatter,
+    dataset_summary,
+    eval_curve,
+    late_mean,
+    positive_int,
+    provenance,
+    write_results,
+)
 
 from policylab.algos.bc import BC, BCConfig
 
@@ -395,21 +404,27 @@ def main(argv: list[str] | None = None) -> int:
         from expressive_offline import main as offline_main
 
         return offline_main([arg for arg in argv if arg != "--offline"])
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    parser.add_argument(  # handled above, before this parser: here for --help and the usage line
+        "--offline",
+        action="store_true",
+        help="IDQL vs IQL and EDP vs Diffusion-QL: the other arguments go to "
+        "benchmarks/expressive_offline.py (see its --help)",
+    )
     parser.add_argument("--fpo", action="store_true", help="FPO vs PPO on MuJoCo tasks")
     parser.add_argument("--acting", action="store_true", help="actions/s of each head at batch 1 and 64")
     parser.add_argument("--finetune", action="store_true", help="DPPO vs Gaussian PPO fine-tuning from BC")
     parser.add_argument("--seconds", type=float, default=2.0, help="--acting: length of each timed window")
-    parser.add_argument("--repeats", type=int, default=3, help="--acting: timed windows per cell (the median)")
+    parser.add_argument("--repeats", type=positive_int, default=3, help="--acting: timed windows per cell (the median)")
     parser.add_argument("--tasks", default="navigation,hopper", help="--finetune: navigation, hopper or both")
     parser.add_argument("--fpo-envs", help=f"--fpo: a comma-separated subset of {', '.join(FPO_TASKS)} (default all)")
-    parser.add_argument("--seeds", type=int, default=3, help="--finetune, --fpo: seeds 1..N per method")
-    parser.add_argument("--steps", type=int, help="--finetune, --fpo: env steps (default: per task)")
-    parser.add_argument("--eval-every", type=int, help="--finetune, --fpo: env steps between evaluations")
-    parser.add_argument("--bc-steps", type=int, help="--finetune: behaviour-cloning gradient steps (per task)")
-    parser.add_argument("--eval-episodes", type=int, help="--finetune: episodes per evaluation (per task)")
+    parser.add_argument("--seeds", type=positive_int, default=3, help="--finetune, --fpo: seeds 1..N per method")
+    parser.add_argument("--steps", type=positive_int, help="--finetune, --fpo: env steps (default: per task)")
+    parser.add_argument("--eval-every", type=positive_int, help="--finetune, --fpo: env steps between evaluations")
+    parser.add_argument("--bc-steps", type=positive_int, help="--finetune: behaviour-cloning gradient steps (per task)")
+    parser.add_argument("--eval-episodes", type=positive_int, help="--finetune: episodes per evaluation (per task)")
     parser.add_argument("--hopper-dataset", help="--finetune: the Hopper-v5 dataset (default benchmarks/data/...)")
-    parser.add_argument("--threads", type=int, default=1, help="torch threads")
+    parser.add_argument("--threads", type=positive_int, default=1, help="torch threads")
     parser.add_argument("--no-save", action="store_true", help="print only (a smoke run: no results file)")
     args = parser.parse_args(argv)
     if args.acting + args.finetune + args.fpo != 1:

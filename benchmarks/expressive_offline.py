@@ -16,7 +16,7 @@ For scores at longer budgets: `--eval-every N` records each run's own evaluation
 `--jobs 2` runs two runs side by side (then no speed is recorded), and `--summarize RESULTS` prints the table of
 median [min-max] scores over seeds at each evaluation of an earlier results file:
 
-    .venv/bin/python benchmarks/expressive_offline.py --algos iql idql --datasets benchmarks/data/hopper-medium \
+    .venv/bin/python benchmarks/expressive_offline.py --algos iql idql --datasets benchmarks/data/hopper-medium \\
         --steps 100000 --eval-every 20000 --seeds 3 --jobs 2
 """
 
@@ -35,10 +35,12 @@ from typing import Any
 import yaml
 from common import (
     REPO_ROOT,
+    HelpFormatter,
     dataset_summary,
     eval_curve,
     fmt,
     fmt_summary,
+    positive_int,
     print_table,
     provenance,
     summarize,
@@ -105,15 +107,17 @@ def _maybe_float(value: Any) -> float | None:
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--algos", nargs="+", default=["idql", "iql", "edp", "diffusion_ql"])
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    p.add_argument("--algos", nargs="+", default=["idql", "iql", "edp", "diffusion_ql"], help="policylab algorithms")
     p.add_argument("--datasets", nargs="+", default=None, help="dataset paths (default: the hopper datasets)")
-    p.add_argument("--steps", type=int, default=20_000)
-    p.add_argument("--seeds", type=int, default=1)
-    p.add_argument("--log-every", type=int, default=1_000)
-    p.add_argument("--eval-episodes", type=int, default=10)
+    p.add_argument("--steps", type=positive_int, default=20_000, help="gradient steps per run")
+    p.add_argument("--seeds", type=positive_int, default=1, help="seeds 0..N-1 per algorithm and dataset")
+    p.add_argument("--log-every", type=positive_int, default=1_000, help="steps per log interval (the first not timed)")
+    p.add_argument("--eval-episodes", type=positive_int, default=10, help="episodes of the final evaluation")
     p.add_argument("--eval-every", type=int, default=0, help="the runs' own periodic evaluations (a score curve)")
-    p.add_argument("--jobs", type=int, default=1, help="runs in parallel processes (then scores only: no speed)")
+    p.add_argument(
+        "--jobs", type=positive_int, default=1, help="runs in parallel processes (then scores only: no speed)"
+    )
     p.add_argument(
         "--set",
         action="append",
@@ -124,7 +128,24 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--no-save", action="store_true", help="print only; write no results file")
     p.add_argument("--summarize", metavar="RESULTS", help="print the score table of an earlier results file and exit")
     a = p.parse_args(argv)
+    bad = [s for s in a.set if "=" not in s]
+    if bad:
+        p.error(f"--set {bad[0]!r} is not of the form KEY=VALUE")
     a.overrides = {k: yaml.safe_load(v) for k, v in (s.split("=", 1) for s in a.set)}
+    if a.summarize:
+        return a
+    sys.path.insert(0, str(REPO_ROOT))
+    from policylab.algos import ALGORITHMS
+
+    unknown = [algo for algo in a.algos if algo not in ALGORITHMS]
+    if unknown:
+        p.error(f"--algos: unknown {', '.join(unknown)}; choose from {', '.join(ALGORITHMS)}")
+    missing = [d for d in a.datasets or [] if not Path(d).exists()]
+    if missing:
+        p.error(
+            f"--datasets: no dataset at {', '.join(missing)}: make the hopper ones with `.venv/bin/python "
+            "benchmarks/make_datasets.py --env Hopper-v5`, others with `policylab collect ... --out PATH`"
+        )
     return a
 
 
@@ -196,7 +217,7 @@ def main(argv: list[str] | None = None) -> int:
             "summary": summary,
             "provenance": provenance(["torch", "gymnasium", "mujoco"]),
         }
-        print("wrote", write_results("expressive-offline", payload))
+        print(f"results: {write_results('expressive-offline', payload)}")
     return 0
 
 

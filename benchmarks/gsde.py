@@ -31,12 +31,14 @@ from pathlib import Path  # noqa: E402
 from typing import Any  # noqa: E402
 
 from common import (  # noqa: E402
+    HelpFormatter,
     ThresholdTracker,
     config_mismatches,
     gym_eval,
     index_runs,
     linear_schedule,
     pair_report,
+    positive_int,
     provenance,
     run_alternating,
     show_run,
@@ -154,12 +156,14 @@ def main_parent(a: argparse.Namespace) -> None:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
-    p.add_argument("--algo", choices=sorted(OURS), default="ppo")
-    p.add_argument("--seeds", type=int, default=3, help="seeds per side")
-    p.add_argument("--first-seed", type=int, default=1)
-    p.add_argument("--steps", type=int, help="env steps per run (default: the entry's, PPO 100k, A2C 1M, SAC 20k)")
-    p.add_argument("--threads", type=int, default=1, help="torch threads, both sides")
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None, formatter_class=HelpFormatter)
+    p.add_argument("--algo", choices=sorted(OURS), default="ppo", help="the algorithm on both sides")
+    p.add_argument("--seeds", type=positive_int, default=3, help="seeds per side")
+    p.add_argument("--first-seed", type=int, default=1, help="seeds first-seed .. first-seed + seeds - 1")
+    p.add_argument(
+        "--steps", type=positive_int, help="env steps per run (default: the entry's, PPO 100k, A2C 1M, SAC 20k)"
+    )
+    p.add_argument("--threads", type=positive_int, default=1, help="torch threads, both sides")
     p.add_argument("--worker", choices=["ours", "sb3"], help=argparse.SUPPRESS)
     p.add_argument("--seed", type=int, default=1, help=argparse.SUPPRESS)
     p.add_argument("--out", help=argparse.SUPPRESS)

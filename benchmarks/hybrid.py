@@ -17,9 +17,10 @@ from __future__ import annotations
 import argparse
 import sys
 import tempfile
+from pathlib import Path
 from typing import Any
 
-from common import REPO_ROOT, dataset_summary, eval_curve, provenance, write_results
+from common import REPO_ROOT, HelpFormatter, dataset_summary, eval_curve, positive_int, provenance, write_results
 
 sys.path.insert(0, str(REPO_ROOT))
 
@@ -61,15 +62,19 @@ def summarize(runs: list[dict[str, Any]], bar: float) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--env", default="Hopper-v5")
-    parser.add_argument("--dataset", default=str(REPO_ROOT / "benchmarks" / "data" / "hopper-medium"))
-    parser.add_argument("--steps", type=int, default=50_000)
-    parser.add_argument("--bar", type=float, default=1000.0)
-    parser.add_argument("--seeds", type=int, default=2)
-    parser.add_argument("--offline-ratio", type=float, default=0.5)
-    parser.add_argument("--eval-every", type=int, default=5_000)
-    parser.add_argument("--eval-episodes", type=int, default=5)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    parser.add_argument("--env", default="Hopper-v5", help="the env both sides train in")
+    parser.add_argument(
+        "--dataset",
+        default=str(REPO_ROOT / "benchmarks" / "data" / "hopper-medium"),
+        help="the hybrid side's dataset (default: benchmarks/data/hopper-medium, made by make_datasets.py)",
+    )
+    parser.add_argument("--steps", type=positive_int, default=50_000, help="env steps per run")
+    parser.add_argument("--bar", type=float, default=1000.0, help="the return to reach")
+    parser.add_argument("--seeds", type=positive_int, default=2, help="seeds 1..N per side")
+    parser.add_argument("--offline-ratio", type=float, default=0.5, help="the hybrid side's share of dataset samples")
+    parser.add_argument("--eval-every", type=positive_int, default=5_000, help="env steps between evaluations")
+    parser.add_argument("--eval-episodes", type=positive_int, default=5, help="episodes per evaluation")
     parser.add_argument("--summarize", help="print the summary of an earlier results file and exit")
     args = parser.parse_args()
     if args.summarize:
@@ -78,6 +83,11 @@ def main() -> None:
         data = json.loads(open(args.summarize).read())
         summarize(data["runs"], data["settings"]["bar"])
         return
+    if not Path(args.dataset).exists():
+        parser.error(
+            f"no dataset at {args.dataset}: make it with `.venv/bin/python benchmarks/make_datasets.py --env "
+            "Hopper-v5` (benchmarks/data/hopper-medium; --env HalfCheetah-v5: halfcheetah-medium), or pass --dataset"
+        )
 
     runs = []
     for seed in range(1, args.seeds + 1):
@@ -97,7 +107,7 @@ def main() -> None:
             "provenance": provenance(["torch", "gymnasium", "mujoco"]),
         },
     )
-    print(f"wrote {path}")
+    print(f"results: {path}")
 
 
 if __name__ == "__main__":

@@ -44,8 +44,10 @@ from typing import Any
 from common import (
     ONE_THREAD,
     REPO_ROOT,
+    HelpFormatter,
     make_peer_venv,
     pair_report,
+    positive_int,
     provenance,
     run_worker,
     worker_record,
@@ -385,16 +387,16 @@ def run_side(side: str, a: argparse.Namespace, seed: int, model_dir: Path, promp
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
     parser.add_argument("--setup", action="store_true", help="create TRL's venv and exit")
-    parser.add_argument("--algo", choices=("grpo", "rloo", "dpo"), default="grpo")
-    parser.add_argument("--seeds", type=int, default=3)
-    parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--algo", choices=("grpo", "rloo", "dpo"), default="grpo", help="the algorithm on both sides")
+    parser.add_argument("--seeds", type=positive_int, default=3, help="seeds 1..N per side")
+    parser.add_argument("--steps", type=positive_int, default=40, help="optimizer steps per run (> --warmup + 1)")
     parser.add_argument("--model", default="small-llama", help="a policylab tiny model (tiny-llama, small-llama)")
     parser.add_argument("--sft-steps", type=int, default=300, help="SFT before RL (0: RL from random weights)")
-    parser.add_argument("--prompts-per-step", type=int, default=2)
-    parser.add_argument("--group-size", type=int, default=8)
-    parser.add_argument("--max-new-tokens", type=int, default=8)
+    parser.add_argument("--prompts-per-step", type=positive_int, default=2, help="prompts (dpo: pairs) per step")
+    parser.add_argument("--group-size", type=positive_int, default=8, help="completions per prompt")
+    parser.add_argument("--max-new-tokens", type=positive_int, default=8, help="completion length limit")
     parser.add_argument("--lr", type=float, help="default 3e-4 (dpo: 1e-4, policylab's DPO default)")
     parser.add_argument("--warmup", type=int, default=3, help="steps left out of the timing")
     parser.add_argument("--trl-defaults", action="store_true", help="TRL's own bfloat16 / checkpointing defaults")
@@ -423,6 +425,9 @@ def main() -> None:
     if a.training:
         time_training(a)
         return
+    if a.steps < a.warmup + 2:  # the time per step is the median of the step times after the warm-up
+        parser.error(f"--steps {a.steps} leaves no step to time after --warmup {a.warmup}: give --steps "
+                     f"{a.warmup + 2} or more, or a smaller --warmup")  # fmt: skip
     if not TRL_PY.exists():
         raise SystemExit("TRL's venv is missing: run `.venv/bin/python benchmarks/llm.py --setup` first")
     seeds = list(range(1, a.seeds + 1))

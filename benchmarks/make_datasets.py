@@ -5,7 +5,8 @@ policy, "medium-replay" from that run's replay buffer, "random" from a uniform p
     .venv/bin/python benchmarks/make_datasets.py --env HalfCheetah-v5 --sac-steps 150000
 
 writes benchmarks/data/{hopper,halfcheetah}-{medium,medium-replay,random} (Minari datasets, gitignored) and
-keeps the SAC run in benchmarks/data/runs/. The steps, in commands a user can type:
+keeps the SAC run in benchmarks/data/runs/. Existing medium datasets are an error before anything runs, unless
+`--overwrite` (an existing random dataset is kept). The steps, in commands a user can type:
 
     policylab train sac --env Hopper-v5 --steps 150k --seed 0 --set save_buffer=true --runs-dir benchmarks/data/runs
     policylab collect --env Hopper-v5 --policy benchmarks/data/runs/<run> --episodes 200 --out .../hopper-medium
@@ -26,7 +27,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from common import REPO_ROOT
+from common import REPO_ROOT, HelpFormatter, positive_int
 
 sys.path.insert(0, str(REPO_ROOT))
 
@@ -39,19 +40,23 @@ D4RL_REFERENCES = {
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--env", default="Hopper-v5", choices=sorted(D4RL_REFERENCES))
-    parser.add_argument("--sac-steps", type=int, default=150_000)
-    parser.add_argument("--episodes", type=int, default=200, help="episodes of the medium and random datasets")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", default=str(REPO_ROOT / "benchmarks" / "data"))
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    parser.add_argument("--env", default="Hopper-v5", choices=sorted(D4RL_REFERENCES), help="the MuJoCo env")
+    parser.add_argument("--sac-steps", type=positive_int, default=150_000, help="env steps of the SAC run")
+    parser.add_argument("--episodes", type=positive_int, default=200, help="episodes of the medium and random datasets")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the SAC run (and, +1 / +2, of the collection)")
+    parser.add_argument("--out", default=str(REPO_ROOT / "benchmarks" / "data"), help="where the datasets go")
+    parser.add_argument("--overwrite", action="store_true", help="replace existing medium and medium-replay datasets")
     args = parser.parse_args()
+    out = Path(args.out)
+    prefix = args.env.split("-")[0].lower()
+    existing = [str(p) for p in (out / f"{prefix}-medium", out / f"{prefix}-medium-replay") if p.exists()]
+    if existing and not args.overwrite:  # before the SAC run, not after it
+        parser.error(f"{' and '.join(existing)} exist already: pass --overwrite to replace them, or another --out")
 
     import policylab as pl
     from policylab.collect import collect, collect_from_buffer
 
-    out = Path(args.out)
-    prefix = args.env.split("-")[0].lower()
     ref_min, ref_max = D4RL_REFERENCES[args.env]
     runs = out / "runs"
     run = pl.train(
@@ -65,8 +70,9 @@ def main() -> None:
     )
     print(f"SAC {args.sac_steps:,} steps: final return {run.final_eval['return_mean']:.1f} ({run.dir})")
     refs = {"ref_min_score": ref_min, "ref_max_score": ref_max}
-    medium = collect(args.env, run.dir, args.episodes, seed=args.seed + 1, out=out / f"{prefix}-medium", **refs)
-    replay = collect_from_buffer(run.dir, out / f"{prefix}-medium-replay", **refs)
+    medium = collect(args.env, run.dir, args.episodes, seed=args.seed + 1, out=out / f"{prefix}-medium",
+                     overwrite=args.overwrite, **refs)  # fmt: skip
+    replay = collect_from_buffer(run.dir, out / f"{prefix}-medium-replay", overwrite=args.overwrite, **refs)
     made = [medium, replay]
     if not (out / f"{prefix}-random").exists():  # offline.py's speed runs made it already for Hopper
         made.append(

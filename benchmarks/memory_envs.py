@@ -1,6 +1,8 @@
 """CartPoleNoVel: CartPole-v1 without the velocities (cart position and pole angle only), the memory task rl-zoo
 uses for SB3-contrib's RecurrentPPO (its `CartPoleNoVel-v1`). Importable by both sides as
-`memory_envs:CartPoleNoVel` (benchmarks/ is on the path of a benchmark's workers)."""
+`memory_envs:CartPoleNoVel` (benchmarks/ is on the path of a benchmark's workers).
+
+A helper module of `recurrent.py`, not a benchmark: it has nothing to run."""
 
 from __future__ import annotations
 
@@ -33,3 +35,7 @@ class CartPoleNoVel(CartPoleEnv):
 def make() -> gym.Env:
     """CartPoleNoVel with CartPole-v1's 500-step limit."""
     return gym.wrappers.TimeLimit(CartPoleNoVel(), max_episode_steps=500)
+
+
+if __name__ == "__main__":
+    print(__doc__)

@@ -41,6 +41,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from common import HelpFormatter, positive_int
 
 
 def timed(fn: Callable[[], object], n: int, warmup: int = 20) -> float:
@@ -451,20 +452,13 @@ def sac_compile() -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--threads", type=int, default=1)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    parser.add_argument("--threads", type=positive_int, default=1, help="torch threads")
+    parts = ["matmul", "sac", "breakdown", "denormal", "threads", "thread-invariance", "compile"]
     parser.add_argument(
         "--only",
-        choices=[
-            "matmul",
-            "sac",
-            "breakdown",
-            "denormal",
-            "denormal-worker",
-            "threads",
-            "thread-invariance",
-            "compile",
-        ],
+        choices=[*parts, "denormal-worker"],  # denormal-worker: --only denormal's subprocesses, not for people
+        metavar="{" + ",".join(parts) + "}",
         help="run one part only",
     )
     args = parser.parse_args()

@@ -2,7 +2,7 @@
 
     .venv/bin/python benchmarks/offline.py --setup                          # once: d3rlpy's own venv
     .venv/bin/python benchmarks/offline.py --seeds 2 --steps 2000           # bc, td3_bc, iql, cql on Hopper-v5 data
-    .venv/bin/python benchmarks/offline.py --algo iql --dataset datasets/hopper-medium --steps 100000
+    .venv/bin/python benchmarks/offline.py --algo iql --dataset benchmarks/data/hopper-medium --steps 100000
     .venv/bin/python benchmarks/offline.py --precisions --algo iql --dataset ...  # ours fp32 against ours bf16
 
 d3rlpy 2.8.1 pins gymnasium 1.0.0, which cannot sit next to policylab's gymnasium and minari, so it lives
@@ -24,7 +24,8 @@ excluded on both sides), and the deterministic evaluation return of the final po
 the dataset's env (the same seeds on both sides), with its normalized score from the dataset's references.
 
 Without `--dataset`, the Hopper-v5 dataset is made once in `benchmarks/data/` by `policylab collect`: a
-random policy (the speed does not depend on the data; the scores of a random dataset say little).
+random policy (the speed does not depend on the data; the scores of a random dataset say little). Any other
+dataset must exist: `benchmarks/make_datasets.py` makes the hopper-medium ones, `policylab collect` any other.
 """
 
 from __future__ import annotations
@@ -40,10 +41,15 @@ from typing import Any
 from common import (
     ONE_THREAD,
     REPO_ROOT,
+    HelpFormatter,
     dataset_summary,
+    fail,
+    fmt,
     make_peer_venv,
     pair_report,
+    positive_int,
     provenance,
+    require_precision,
     run_worker,
     worker_record,
     write_results,
@@ -80,8 +86,16 @@ def setup() -> None:
 
 
 def ensure_dataset(path: Path, episodes: int) -> Path:
+    """`path`, a dataset; the default one (DEFAULT_DATA, random Hopper-v5) is made on first use, any other missing
+    path is an error (a mistyped path must not become a random dataset under a real-looking name)."""
     if path.exists():
         return path
+    if path.resolve() != DEFAULT_DATA.resolve():
+        fail(
+            f"error: no dataset at {path}\n  fix: make it with `.venv/bin/python benchmarks/make_datasets.py --env "
+            "Hopper-v5` (benchmarks/data/hopper-medium, -medium-replay, -random) or `policylab collect --env ENV "
+            f"--policy POLICY --out {path}`; without --dataset, a random Hopper-v5 dataset is made in {DEFAULT_DATA}"
+        )
     sys.path.insert(0, str(REPO_ROOT))
     from policylab.collect import collect
 
@@ -247,15 +261,26 @@ def run_side(side: str, a: argparse.Namespace, algo: str, seed: int) -> dict[str
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
     parser.add_argument("--setup", action="store_true", help="create the d3rlpy venv and exit")
     parser.add_argument("--algo", action="append", choices=ALGOS, help="repeatable; default all")
-    parser.add_argument("--seeds", type=int, default=2)
+    parser.add_argument("--seeds", type=positive_int, default=2, help="seeds per side")
     parser.add_argument("--first-seed", type=int, default=1, help="seeds are first-seed .. first-seed + seeds - 1")
-    parser.add_argument("--steps", type=int, default=2000)
-    parser.add_argument("--log-every", type=int, default=500)
-    parser.add_argument("--dataset", default=str(DEFAULT_DATA))
-    parser.add_argument("--episodes", type=int, default=1000, help="episodes of the default random dataset")
+    parser.add_argument("--steps", type=positive_int, default=2000, help="gradient steps per run")
+    parser.add_argument(
+        "--log-every", type=positive_int, default=500, help="steps per log interval (the first one is not timed)"
+    )
+    parser.add_argument(
+        "--dataset",
+        default=str(DEFAULT_DATA),
+        help="a dataset directory (default: a random Hopper-v5 dataset, made in benchmarks/data/ on first use)",
+    )
+    parser.add_argument(
+        "--episodes",
+        type=positive_int,
+        default=1000,
+        help="episodes of the random Hopper-v5 dataset made without --dataset",
+    )
     parser.add_argument(
         "--precision", choices=("fp32", "bf16"), default="fp32", help="policylab's products (d3rlpy's stay float32)"
     )
@@ -276,7 +301,16 @@ def main() -> None:
     if a.setup:
         setup()
         return
+    # the speed is timed from the first log mark (step --log-every) to the last: policylab marks every --log-every
+    # steps and at the end, d3rlpy only at multiples of --log-every
+    need, until = (a.log_every + 1, "the end") if a.precisions else (2 * a.log_every, "the last multiple of it")
+    if a.steps < need:
+        parser.error(
+            f"--steps {a.steps} leaves nothing to time: the speed is measured from step --log-every ({a.log_every}) "
+            f"to {until}; give --steps {need} or more, or a smaller --log-every"
+        )
     sides = PRECISION_SIDES if a.precisions else ("policylab", "d3rlpy")
+    require_precision(*(PRECISION_SIDES if a.precisions else [a.precision]))
     if not a.precisions and not D3RLPY_PY.exists():
         raise SystemExit("d3rlpy's venv is missing: run `.venv/bin/python benchmarks/offline.py --setup` first")
     a.dataset = ensure_dataset(Path(a.dataset), a.episodes)
@@ -288,7 +322,9 @@ def main() -> None:
         for seed in seeds:
             for side in sides:
                 rec = run_side(side, a, algo, seed)
-                print(f"  {algo} {side} seed {seed}: {rec['steps_per_s']:.1f} steps/s, return {rec['return']:.1f}")
+                print(
+                    f"  {algo} {side} seed {seed}: {fmt(rec['steps_per_s'], '.1f')} steps/s, return {rec['return']:.1f}"
+                )
                 runs.append(rec)
         print(f"\n{algo}: {a.steps:,} gradient steps on {a.dataset}, 1 thread, alternating runs")
         names = sides if a.precisions else ("ours", "d3rlpy")

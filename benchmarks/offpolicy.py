@@ -76,14 +76,17 @@ from pathlib import Path  # noqa: E402
 from typing import TYPE_CHECKING, Any  # noqa: E402
 
 from common import (  # noqa: E402
+    HelpFormatter,
     Metric,
     config_mismatches,
     curve_record,
     fmt,
     fmt_summary,
     pair_report,
+    positive_int,
     print_table,
     provenance,
+    require_precision,
     run_alternating,
     write_results,
 )
@@ -592,6 +595,7 @@ DETAIL: dict[str, Metric] = {
 
 
 def main_parent(a: argparse.Namespace) -> None:
+    require_precision(a.precision)  # before any run: bf16 needs AMX or AVX512-BF16
     names = a.case or list(CASES)
     seeds = list(range(a.first_seed, a.first_seed + a.seeds))
     header = provenance(["policylab", "torch", "stable-baselines3", "gymnasium", "numpy", "mujoco"])
@@ -691,8 +695,8 @@ def main_parent(a: argparse.Namespace) -> None:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
-    p.add_argument("--seeds", type=int, default=3, help="seeds per side (first_seed..first_seed+N-1)")
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None, formatter_class=HelpFormatter)
+    p.add_argument("--seeds", type=positive_int, default=3, help="seeds per side (first_seed..first_seed+N-1)")
     p.add_argument("--first-seed", type=int, default=1, help="the first seed (default 1): more seeds in a second run")
     p.add_argument(
         "--curve-every",
@@ -702,8 +706,8 @@ def main() -> None:
         "includes the evaluations)",
     )
     p.add_argument("--case", action="append", choices=list(CASES), help="a case to run (repeatable; default all)")
-    p.add_argument("--threads", type=int, default=1, help="torch threads, both sides")
-    p.add_argument("--steps", type=int, help="env steps per run, overriding every selected case's")
+    p.add_argument("--threads", type=positive_int, default=1, help="torch threads, both sides")
+    p.add_argument("--steps", type=positive_int, help="env steps per run, overriding every selected case's")
     p.add_argument("--quick", action="store_true", help="10%% of each case's steps (a smoke test, not a result)")
     p.add_argument(
         "--sb3-onednn",

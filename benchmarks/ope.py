@@ -33,7 +33,17 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from common import ONE_THREAD, REPO_ROOT, make_peer_venv, provenance, run_worker, write_results
+from common import (
+    ONE_THREAD,
+    REPO_ROOT,
+    HelpFormatter,
+    make_peer_venv,
+    positive_int,
+    provenance,
+    run_worker,
+    worker_record,
+    write_results,
+)
 
 SCOPE_VENV = REPO_ROOT / "benchmarks" / ".venv-scope"
 SCOPE_PY = SCOPE_VENV / "bin" / "python"
@@ -307,9 +317,7 @@ def run_fqe(a: argparse.Namespace) -> None:
         for side, python, budgets in (("policylab", None, a.ours_budgets), ("d3rlpy", str(SCOPE_PY), a.their_budgets)):
             args = ["--worker", f"fqe-{side}", "--data", str(where), "--budgets", budgets, "--gamma", str(a.gamma)]
             res = run_worker(__file__, args, where / f"{side}.json", python=python, env=ONE_THREAD)
-            if res.record is None:
-                raise SystemExit(f"{side} worker failed:\n{res.tail}")
-            sides[side] = res.record["runs"]
+            sides[side] = worker_record(res, f"{side} worker")["runs"]
     for side, runs in sides.items():
         for run in runs:
             run["error"] = run["value"] - problem["truth"]
@@ -324,15 +332,15 @@ def run_fqe(a: argparse.Namespace) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
     parser.add_argument("--setup", action="store_true", help="create SCOPE-RL's venv and exit")
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=positive_int, default=5, help="timed calls per estimate (the median)")
     parser.add_argument("--bootstrap", type=int, default=200, help="resamples for the interval timing")
     parser.add_argument("--steps", default="100000,1000000", help="logged steps per problem, comma-separated")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="seed of the problems (and of the FQE data)")
     parser.add_argument("--fqe", action="store_true", help="FQE on a logged CartPole dataset against d3rlpy's")
-    parser.add_argument("--fqe-episodes", type=int, default=300)
-    parser.add_argument("--gamma", type=float, default=0.99)
+    parser.add_argument("--fqe-episodes", type=positive_int, default=300, help="--fqe: logged episodes")
+    parser.add_argument("--gamma", type=float, default=0.99, help="discount")
     parser.add_argument("--ours-budgets", default="1000,2000,5000", help="--fqe: policylab's gradient steps")
     parser.add_argument("--their-budgets", default="5000,10000,20000,40000", help="--fqe: d3rlpy's gradient steps")
     parser.add_argument("--budgets", help=argparse.SUPPRESS)
@@ -366,9 +374,7 @@ def main() -> None:
                     args = ["--worker", side, "--data", str(data), "--repeats", str(a.repeats),
                             "--bootstrap", str(a.bootstrap)]  # fmt: skip
                     res = run_worker(__file__, args, Path(tmp) / f"{side}.json", python=python, env=ONE_THREAD)
-                    if res.record is None:
-                        raise SystemExit(f"{side} worker failed:\n{res.tail}")
-                    sides[side] = res.record
+                    sides[side] = worker_record(res, f"{side} worker")
                 truth = float(np.load(data)["truth"])
                 rows.extend(_rows(problem.__name__, steps, truth, sides))
     _print(rows)

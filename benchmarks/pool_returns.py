@@ -15,8 +15,10 @@ Both sides' seeds are independent random streams (two libraries), so nothing is 
 compares two variants of policylab instead (e.g. a different step budget, through offpolicy.py's worker),
 paired by seed: the final return of the `ours` runs in those files against the `ours` runs above.
 
-    python benchmarks/pool_returns.py results/offpolicy-A.json results/offpolicy-B.json --case dqn-cartpole
-    python benchmarks/pool_returns.py results/offpolicy-B.json --versus results/offpolicy-variant.json
+    .venv/bin/python benchmarks/pool_returns.py benchmarks/results/offpolicy-A.json \\
+        benchmarks/results/offpolicy-B.json --case dqn-cartpole
+    .venv/bin/python benchmarks/pool_returns.py benchmarks/results/offpolicy-B.json \\
+        --versus benchmarks/results/offpolicy-variant.json
 """
 
 from __future__ import annotations
@@ -29,11 +31,15 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from common import HelpFormatter, fail, positive_int
+
 MEASURES = {
     "eval_return_mean": "final return (10 deterministic episodes after training)",
     "late_return_mean": "late-run return (mean of the evaluations over the last 40% of the run)",
 }
 SIDES = ("ours", "sb3")
+THRESHOLDS = {"dqn-cartpole": 475.0, "qrdqn-cartpole": 475.0}
+"""A return counted as solved, per offpolicy.py case: CartPole-v1's reward_threshold (the other cases have none)."""
 
 
 def pooled_values(paths: Sequence[Path], case: str, key: str) -> dict[str, dict[int, Any]]:
@@ -54,7 +60,7 @@ def pooled_values(paths: Sequence[Path], case: str, key: str) -> dict[str, dict[
     return pooled
 
 
-def describe(values: Sequence[float], threshold: float) -> dict[str, float]:
+def describe(values: Sequence[float], threshold: float | None) -> dict[str, float | None]:
     n = len(values)
     std = statistics.stdev(values) if n > 1 else 0.0
     return {
@@ -63,7 +69,7 @@ def describe(values: Sequence[float], threshold: float) -> dict[str, float]:
         "se": std / n**0.5,
         "std": std,
         "median": statistics.median(values),
-        "at_threshold": sum(v >= threshold for v in values) / n,
+        "at_threshold": None if threshold is None else sum(v >= threshold for v in values) / n,
     }
 
 
@@ -86,7 +92,7 @@ def permutation_p(a: Sequence[float], b: Sequence[float], draws: int, rng: rando
     return (hits + 1) / (draws + 1)
 
 
-def compare(pooled: dict[str, dict[int, float]], threshold: float, draws: int, seed: int) -> dict[str, Any]:
+def compare(pooled: dict[str, dict[int, float]], threshold: float | None, draws: int, seed: int) -> dict[str, Any]:
     ours, sb3 = list(pooled["ours"].values()), list(pooled["sb3"].values())
     rng = random.Random(seed)
     low, high = bootstrap_ratio(ours, sb3, draws, rng)
@@ -100,13 +106,14 @@ def compare(pooled: dict[str, dict[int, float]], threshold: float, draws: int, s
     }
 
 
-def print_comparison(label: str, result: dict[str, Any], threshold: float) -> None:
+def print_comparison(label: str, result: dict[str, Any], threshold: float | None) -> None:
     print(f"\n{label}")
     for side in SIDES:
         d = result[side]
+        solved = "" if threshold is None else f"  >= {threshold:g}: {d['at_threshold']:.0%}"
         print(
             f"  {side:5} n={d['n']:3d}  mean {d['mean']:7.1f} +- {d['se']:5.1f} (s.e.)  median {d['median']:6.1f}"
-            f"  >= {threshold:g}: {d['at_threshold']:.0%}"
+            + solved
         )
     low, high = result["ratio_ci95"]
     print(
@@ -149,21 +156,33 @@ def print_versus(base: dict[int, Any], variant: dict[int, Any]) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
     parser.add_argument("results", nargs="+", type=Path, help="offpolicy.py results JSON files")
-    parser.add_argument("--case", default="dqn-cartpole")
-    parser.add_argument("--threshold", type=float, default=475.0, help="a return counted as solved")
-    parser.add_argument("--draws", type=int, default=20_000, help="bootstrap and permutation draws")
+    parser.add_argument("--case", default="dqn-cartpole", help="the offpolicy.py case to pool")
+    parser.add_argument(
+        "--threshold",
+        type=float,
+        help="a return counted as solved (default: the case's own: 475 for dqn-cartpole and qrdqn-cartpole, none for "
+        "the other cases)",
+    )
+    parser.add_argument("--draws", type=positive_int, default=20_000, help="bootstrap and permutation draws")
     parser.add_argument("--seed", type=int, default=0, help="seed of the resampling")
     parser.add_argument("--versus", nargs="+", type=Path, default=[], help="results of a policylab variant")
     args = parser.parse_args(argv)
+    fixes = {"results": "pass --case with one of those", "--versus": f"pass --versus files with {args.case} runs"}
+    for option, paths in (("results", args.results), ("--versus", args.versus)):
+        cases = sorted({run.get("case", "?") for path in paths for run in json.loads(path.read_text())["runs"]})
+        if paths and args.case not in cases:
+            fail(f"error: no {args.case} runs in the {option} files: they have {', '.join(cases) or 'no runs'}\n"
+                 f"  fix: {fixes[option]}")  # fmt: skip
+    threshold = args.threshold if args.threshold is not None else THRESHOLDS.get(args.case)
     report: dict[str, Any] = {}
     for key, label in MEASURES.items():
         pooled = pooled_values(args.results, args.case, key)
         if not pooled["ours"] or not pooled["sb3"]:
             continue
-        report[key] = compare(pooled, args.threshold, args.draws, args.seed)
-        print_comparison(label, report[key], args.threshold)
+        report[key] = compare(pooled, threshold, args.draws, args.seed)
+        print_comparison(label, report[key], threshold)
     finals = pooled_values(args.results, args.case, "eval_return_mean")
     curves = pooled_values(args.results, args.case, "curve")
     if curves["ours"] and curves["sb3"]:

@@ -32,6 +32,7 @@ from pathlib import Path  # noqa: E402
 from typing import Any  # noqa: E402
 
 from common import (  # noqa: E402
+    HelpFormatter,
     Metric,
     ThresholdTracker,
     config_mismatches,
@@ -41,6 +42,7 @@ from common import (  # noqa: E402
     index_runs,
     linear_schedule,
     pair_report,
+    positive_int,
     provenance,
     ratio,
     run_alternating,
@@ -269,11 +271,11 @@ def main_parent(a: argparse.Namespace) -> None:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
-    p.add_argument("--seeds", type=int, default=3, help="seeds per side (1..N)")
-    p.add_argument("--steps", type=int, default=100_000, help="env steps per run")
-    p.add_argument("--threads", type=int, default=1, help="torch threads, both sides")
-    p.add_argument("--env-steps", type=int, default=20_000, help="vector steps for the raw env throughput")
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None, formatter_class=HelpFormatter)
+    p.add_argument("--seeds", type=positive_int, default=3, help="seeds per side (1..N)")
+    p.add_argument("--steps", type=positive_int, default=100_000, help="env steps per run")
+    p.add_argument("--threads", type=positive_int, default=1, help="torch threads, both sides")
+    p.add_argument("--env-steps", type=positive_int, default=20_000, help="vector steps for the raw env throughput")
     p.add_argument("--worker", choices=["ours", "sb3", "env-ours", "env-sb3"], help=argparse.SUPPRESS)
     p.add_argument("--seed", type=int, default=1, help=argparse.SUPPRESS)
     p.add_argument("--out", help=argparse.SUPPRESS)

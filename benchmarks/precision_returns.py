@@ -28,18 +28,27 @@ from pathlib import Path
 from typing import Any
 
 from atari import RETURN_CASES
-from common import ONE_THREAD, provenance, run_worker, write_results
+from common import (
+    ONE_THREAD,
+    HelpFormatter,
+    positive_int,
+    provenance,
+    require_precision,
+    run_worker,
+    worker_record,
+    write_results,
+)
 from offpolicy import CASES
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
     parser.add_argument(
         "--case", action="append", choices=[*CASES, *RETURN_CASES], help="repeatable (default td3-pendulum)"
     )
-    parser.add_argument("--seeds", type=int, default=2)
+    parser.add_argument("--seeds", type=positive_int, default=2, help="seeds per case")
     parser.add_argument("--first-seed", type=int, default=1, help="seeds first-seed .. first-seed + seeds - 1")
-    parser.add_argument("--steps", type=int, help="env steps per run, overriding each case's")
+    parser.add_argument("--steps", type=positive_int, help="env steps per run, overriding each case's")
     parser.add_argument("--curve-every", type=int, help="evaluate every N steps too: the late-run mean return")
     parser.add_argument("--jobs", type=int, default=1, choices=[1, 2], help="2: a seed's two runs at once")
     parser.add_argument("--summarize", metavar="FILE", help="only print the summary of an earlier results file")
@@ -47,6 +56,7 @@ def main() -> None:
     if a.summarize:
         summarize(json.loads(Path(a.summarize).read_text())["runs"])
         return
+    require_precision("bf16")  # before the float32 runs: bf16 needs AMX or AVX512-BF16
     cases = a.case or ["td3-pendulum"]
     runs: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory() as tmp, ThreadPoolExecutor(a.jobs) as pool:
@@ -59,11 +69,10 @@ def main() -> None:
             args += ["--steps", str(a.steps)] if a.steps is not None else []
             args += ["--curve-every", str(a.curve_every)] if a.curve_every else []
             res = run_worker(script, args, Path(tmp) / f"ours-{precision}.json", env=ONE_THREAD)
-            if res.record is None:
-                raise SystemExit(f"{case} {precision} seed {seed} failed:\n{res.tail}")
+            record = worker_record(res, f"{case} {precision} seed {seed}")
             row = {"case": case, "seed": seed, "precision": precision, "wall_s": res.wall_s, "steps": a.steps,
-                   "return": res.record.get("eval_return_mean"), "jobs": a.jobs,
-                   "late_return": res.record.get("late_return_mean"), "curve": res.record.get("curve")}  # fmt: skip
+                   "return": record.get("eval_return_mean"), "jobs": a.jobs,
+                   "late_return": record.get("late_return_mean"), "curve": record.get("curve")}  # fmt: skip
             print(json.dumps(row), flush=True)
             return row
 

@@ -43,7 +43,17 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from common import REPO_ROOT, eval_curve, print_table, provenance, write_results
+from common import (
+    REPO_ROOT,
+    HelpFormatter,
+    eval_curve,
+    fail,
+    positive_int,
+    print_table,
+    provenance,
+    worker_failed,
+    write_results,
+)
 
 THRESHOLDS = {"Pendulum-v1": -200.0, "Walker2d-v5": 3000.0, "BitFlipping-v0": -8.5, "Navigation2D-v0": 2.0}
 """Thresholds for envs whose Gymnasium spec has none (Pendulum: SB3's rl-zoo benchmark reports about -150
@@ -191,8 +201,22 @@ def run_one(base: list[str], seed: int, tmp: Path) -> dict[str, Any]:
     cmd = [sys.executable, __file__, "--worker", *base, "--seed", str(seed), "--runs-dir", str(tmp), "--out", str(out)]
     proc = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True)
     if proc.returncode != 0 or not out.is_file():
-        raise SystemExit(f"seed {seed} failed (exit {proc.returncode}):\n{(proc.stdout + proc.stderr)[-3000:]}")
+        worker_failed(f"seed {seed}", proc.returncode, (proc.stdout + proc.stderr)[-3000:])
     return json.loads(out.read_text())
+
+
+def check_variant(algo: str, env: str, preset: str, sets: list[str], steps: str | None) -> None:
+    """Before any run: the algorithm, env, preset, --set values and --steps resolve to a config (policylab's own
+    check, as each run makes it), or an exit with policylab's error and fix (status 2)."""
+    from policylab.algos import get_algo
+    from policylab.config import parse_set_args
+    from policylab.errors import PolicylabError
+    from policylab.train import resolve_config
+
+    try:
+        resolve_config(get_algo(algo), env, steps, 1, overrides=parse_set_args(sets), preset=preset)
+    except PolicylabError as exc:
+        fail(f"error: {algo} {env} preset={preset}: {exc}")
 
 
 def measure(
@@ -238,6 +262,10 @@ def time_versus(args: argparse.Namespace, seeds: list[int]) -> dict:
     summary = {"median": statistics.median(ratios), "min": min(ratios), "max": max(ratios)}
     steps = f" --steps {args.steps}" if args.steps else ""
     print(f"\n{args.algo} {args.env}: preset={args.preset} {' '.join(args.set)}{steps} against preset={args.versus}")
+    budgets = {side: ", ".join(f"{n:,}" for n in sorted({r["steps"] for r in rs})) for side, rs in runs.items()}
+    if budgets["variant"] != budgets["versus"]:
+        print(f"note: the budgets differ (variant {budgets['variant']} env steps, versus {budgets['versus']}): the "
+              "ratio compares runs of different lengths")  # fmt: skip
     print_table(
         ["seed", "variant s", "versus s", "ratio", "variant final", "versus final"],
         [
@@ -319,21 +347,26 @@ def affordable_presets(max_steps: int) -> list[tuple[str, str]]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
     parser.add_argument("--runs-dir", default="runs", help=argparse.SUPPRESS)
     parser.add_argument("--seed", type=int, help=argparse.SUPPRESS)
-    parser.add_argument("--algo")
-    parser.add_argument("--env")
+    parser.add_argument("--algo", help="the algorithm (required unless --all or --table)")
+    parser.add_argument("--env", help="the env id (required unless --all or --table)")
     parser.add_argument("--preset", default="auto", help="auto (the env's preset), rl-zoo, none, ...")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
-    parser.add_argument("--steps", help="override the preset's budget")
-    parser.add_argument("--seeds", type=int, default=20)
-    parser.add_argument("--first-seed", type=int, default=1)
-    parser.add_argument("--jobs", type=int, default=2, help="runs at once (each with threads=1)")
+    parser.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="a config override (repeatable)"
+    )
+    parser.add_argument(
+        "--steps",
+        help="override the preset's budget; with --versus, the variant's only (the --versus preset runs at its own)",
+    )
+    parser.add_argument("--seeds", type=positive_int, default=20, help="seeds per variant")
+    parser.add_argument("--first-seed", type=int, default=1, help="seeds first-seed .. first-seed + seeds - 1")
+    parser.add_argument("--jobs", type=positive_int, default=2, help="runs at once (each with threads=1)")
     parser.add_argument("--all", action="store_true", help="every preset whose budget is at most --max-steps")
-    parser.add_argument("--max-steps", default="100k")
+    parser.add_argument("--max-steps", default="100k", help="with --all: the largest preset budget run")
     parser.add_argument("--exclude", action="append", default=[], metavar="ALGO:ENV", help="with --all: skip these")
     parser.add_argument("--tag", default="", help="a name for this variant in the output")
     parser.add_argument("--peer", choices=["sb3"], help="run the preset's values in this library instead (ppo, a2c)")
@@ -346,18 +379,35 @@ def main() -> None:
         sb3_worker(args) if args.peer == "sb3" else worker(args)
         return
     from policylab.config import parse_count
+    from policylab.errors import PolicylabError
 
     if args.table:
         print(markdown_table(args.table))
         return
+    if not args.all and not (args.algo and args.env):
+        parser.error("give --algo and --env (or --all for every affordable preset, or --table RESULTS)")
     seeds = list(range(args.first_seed, args.first_seed + args.seeds))
     if args.versus:
+        if args.all:
+            parser.error("--versus times one variant: give --algo and --env, not --all")
+        check_variant(args.algo, args.env, args.preset, args.set, args.steps)
+        check_variant(args.algo, args.env, args.versus, [], None)
+        if args.steps:
+            print(f"note: --steps {args.steps} is the variant's budget only; preset={args.versus} runs at its own")
         result = time_versus(args, seeds)
         path = write_results("preset_timing", {**provenance(["torch", "gymnasium"]), "results": [result]})
         print(f"\nresults: {path}")
         return
-    cases = affordable_presets(parse_count(args.max_steps)) if args.all else [(args.algo, args.env)]
+    try:
+        max_steps = parse_count(args.max_steps)
+    except (ValueError, PolicylabError) as exc:
+        parser.error(f"--max-steps: {exc}")
+    cases = affordable_presets(max_steps) if args.all else [(args.algo, args.env)]
     cases = [(algo, env) for algo, env in cases if f"{algo}:{env}" not in args.exclude]
+    if not cases:
+        fail(f"error: no preset has a budget of at most --max-steps {args.max_steps} (after --exclude): nothing to run")
+    for algo, env in cases:
+        check_variant(algo, env, args.preset, args.set, args.steps)
     results: list[dict] = []
     path = None
     for algo, env in cases:

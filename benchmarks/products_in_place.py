@@ -25,12 +25,13 @@ from typing import Any
 
 import numpy as np
 import torch
+from common import HelpFormatter, positive_int
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from policylab import runtime  # noqa: E402
-from policylab.algos import get_algo  # noqa: E402
+from policylab.algos import ALGORITHMS, get_algo  # noqa: E402
 from policylab.data import ReplayBuffer  # noqa: E402
 from policylab.nets import matmul  # noqa: E402
 from policylab.train import OffPolicyLoop, resolve_config  # noqa: E402
@@ -146,16 +147,24 @@ def sb3_products(name: str, updates: int) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
+    offline = [name for name, spec in ALGORITHMS.items() if "online" not in spec.regimes]
+    known = [*ONLINE_CASES, *(f"sb3-{name}" for name in ONLINE_CASES), *offline]
     parser.add_argument(
         "--algo",
         action="append",
+        choices=known,
+        metavar="ALGO",
         help="sac or td3 (Pendulum, online), sb3-sac / sb3-td3 (SB3's update, same settings) or an offline "
-        "algorithm; repeatable",
+        f"algorithm ({', '.join(offline)}); repeatable (default: sac and iql)",
     )
     parser.add_argument("--no-flush", action="store_true", help="leave denormals as they are")
-    parser.add_argument("--updates", type=int, default=200)
+    parser.add_argument("--updates", type=positive_int, default=200, help="timed updates (after 50 of warm-up)")
     a = parser.parse_args()
+    if any(name in offline for name in a.algo or ["iql"]) and not DATA.exists():
+        parser.error(f"the offline algorithms need {DATA} (benchmarks/offline.py makes it on first use): make it with "
+                     "`.venv/bin/policylab collect --env Hopper-v5 --policy random --episodes 1000 --out "
+                     "benchmarks/data/hopper-random`")  # fmt: skip
     runtime.configure(1, 0, 1)
     if a.no_flush:
         torch.set_flush_denormal(False)

@@ -30,7 +30,7 @@ from typing import Any
 import stable_baselines3 as sb3
 import stable_baselines3.common.policies as sb3_policies
 import torch
-from common import print_table, provenance, write_results
+from common import HelpFormatter, positive_int, print_table, provenance, write_results
 from offpolicy import CASES
 from stable_baselines3.common.logger import configure
 from stable_baselines3.common.type_aliases import ReplayBufferSamples
@@ -276,8 +276,8 @@ def print_schedule(schedule: dict[str, Any]) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seeds", type=int, default=3, help="seeds 1..N (initial network, batches, env)")
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=HelpFormatter)
+    parser.add_argument("--seeds", type=positive_int, default=3, help="seeds 1..N (initial network, batches, env)")
     args = parser.parse_args()
     torch.set_num_threads(1)
     per_seed = []

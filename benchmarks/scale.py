@@ -39,7 +39,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from common import REPO_ROOT, fmt, print_table, provenance, write_results
+from common import REPO_ROOT, HelpFormatter, fmt, positive_int, print_table, provenance, write_results
 
 sys.path.insert(0, str(REPO_ROOT))
 
@@ -228,7 +228,7 @@ def workers_part(args: argparse.Namespace) -> None:
             "provenance": provenance(["torch", "gymnasium", "mujoco", "ray"]),
         },
     )
-    print(f"wrote {path}")
+    print(f"results: {path}")
 
 
 def summarize_workers(rows: list[dict[str, Any]], steps: int) -> tuple[float, float]:
@@ -287,14 +287,14 @@ def summarize_sweeps(rows: list[dict[str, Any]], startup: list[float]) -> list[f
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--part", choices=("sweeps", "workers"), default="sweeps")
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    parser.add_argument("--part", choices=("sweeps", "workers"), default="sweeps", help="what to measure")
     parser.add_argument("--runs", type=int, default=8, help="runs per way (an even number: 2 lrs x runs/2 seeds)")
-    parser.add_argument("--steps", type=int, default=30_000)
-    parser.add_argument("--reps", type=int, default=3)
-    parser.add_argument("--envs", type=int, default=16, help="workers part: envs of the PPO Hopper run")
-    parser.add_argument("--n-steps", type=int, default=128, help="workers part: steps per env per rollout")
-    parser.add_argument("--rollouts", type=int, default=5, help="workers part: timed rollouts per setting")
+    parser.add_argument("--steps", type=positive_int, default=30_000, help="env steps per run")
+    parser.add_argument("--reps", type=positive_int, default=3, help="repetitions")
+    parser.add_argument("--envs", type=positive_int, default=16, help="workers part: envs of the PPO Hopper run")
+    parser.add_argument("--n-steps", type=positive_int, default=128, help="workers part: steps per env per rollout")
+    parser.add_argument("--rollouts", type=positive_int, default=5, help="workers part: timed rollouts per setting")
     parser.add_argument("--summarize", help="print the tables of an earlier results file (either part) and exit")
     args = parser.parse_args()
     if args.summarize:
@@ -331,7 +331,7 @@ def main() -> None:
             "provenance": provenance(["torch", "gymnasium", "ray"]),
         },
     )
-    print(f"wrote {path}")
+    print(f"results: {path}")
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ unless said): which form of a reduction or product is fastest at the shapes wher
 
 from __future__ import annotations
 
+import argparse
 import statistics
 import subprocess
 import sys
@@ -25,6 +26,7 @@ from collections.abc import Callable
 
 import numpy as np
 import torch
+from common import HelpFormatter
 
 
 def us(fn: Callable[[], object], number: int = 200, repeat: int = 5) -> float:
@@ -124,10 +126,16 @@ def one_column_products() -> None:
          ("2-D 512x256x1", us(lambda: torch.mm(flat, v0), 2000)))  # fmt: skip
 
 
-if __name__ == "__main__":
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    parser.parse_args()  # no options: --help describes what runs
     reductions()
     pdis_arrays()
     resample_counts()
     numpy_products()
     blas_threads()
     one_column_products()
+
+
+if __name__ == "__main__":
+    main()

@@ -41,10 +41,12 @@ from pathlib import Path  # noqa: E402
 from typing import Any  # noqa: E402
 
 from common import (  # noqa: E402
+    HelpFormatter,
     Metric,
     fmt,
     gym_eval,
     pair_report,
+    positive_int,
     provenance,
     ratio,
     run_alternating,
@@ -202,11 +204,11 @@ def main_parent(a: argparse.Namespace) -> None:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
-    p.add_argument("--seeds", type=int, default=3, help="seeds per side (first_seed..first_seed+N-1)")
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None, formatter_class=HelpFormatter)
+    p.add_argument("--seeds", type=positive_int, default=3, help="seeds per side (first_seed..first_seed+N-1)")
     p.add_argument("--first-seed", type=int, default=1, help="the first seed (default 1)")
     p.add_argument("--case", action="append", choices=list(CASES), help="a case to run (repeatable; default all)")
-    p.add_argument("--steps", type=int, help="env steps per run, overriding every selected case's")
+    p.add_argument("--steps", type=positive_int, help="env steps per run, overriding every selected case's")
     p.add_argument("--quick", action="store_true", help="5%% of each case's steps (a smoke test, not a result)")
     p.add_argument("--worker", choices=["ours", "sb3"], help=argparse.SUPPRESS)
     p.add_argument("--seed", type=int, default=1, help=argparse.SUPPRESS)

@@ -469,7 +469,8 @@ def test_luffy_takes_each_prompts_completion_from_the_expert_file(sft_model, tmp
 
     rows = TASKS["addition"].make(12, 0)
     prompts = _jsonl(tmp_path / "p.jsonl", rows)
-    experts = _jsonl(tmp_path / "e.jsonl", [{"prompt": r["prompt"], "completion": f"9{i}9"} for i, r in enumerate(rows)])
+    expert_rows = [{"prompt": r["prompt"], "completion": f"9{i}9"} for i, r in enumerate(rows)]
+    experts = _jsonl(tmp_path / "e.jsonl", expert_rows)
     base = {"model": str(sft_model.dir), "mix": "luffy", "batch_size": 3, "group_size": 4, "prompts": str(prompts)}
     trainer = LLMTrainer(make_config("grpo", {**base, "expert": str(experts)}))
     rollout, rewards, _ = trainer.sample_groups()
