@@ -9,6 +9,7 @@ later winning: algorithm defaults < tuned preset for the env id < YAML file <
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 import types
 import typing
@@ -272,9 +273,12 @@ def _coerce(name: str, value: Any, tp: Any) -> Any:
         if isinstance(value, bool):
             raise ValueError(f"{value!r} is not a number")
         try:
-            return float(value)
+            number = float(value)
         except (TypeError, ValueError):
             raise ValueError(f"{value!r} is not a number") from None
+        if math.isnan(number):  # no setting means anything by NaN: it would only reach the run as a divergence
+            raise ValueError(f"{value!r} is not a number (NaN)")
+        return number
     if tp is str:
         if not isinstance(value, (str, int, float)) or isinstance(value, bool):
             raise ValueError(f"{value!r} is not a string")

@@ -146,6 +146,28 @@ def test_another_algorithm_given_as_an_override_is_an_error():
     assert apply_values(A2CConfig(), {"algo": "a2c", "lr": 1e-3}, OVERRIDES).lr == 1e-3
 
 
+@pytest.mark.parametrize(
+    ("algo", "values", "message"),
+    [
+        ("ppo", {"lr": "nan"}, "bad value for 'lr' in --set: 'nan' is not a number (NaN)"),
+        ("sac", {"alpha": float("nan")}, "is not a number (NaN)"),
+        ("ppo", {"dual_clip": 1.0}, "dual_clip=1.0 must be > 1"),
+        ("dppo", {"denoiser_hidden_sizes": [0]}, "denoiser_hidden_sizes=[0] must be a list of positive layer widths"),
+        ("fpo", {"denoiser_hidden_sizes": [-5]}, "denoiser_hidden_sizes=[-5] must be a list of positive"),
+        ("dppo", {"clip_eps_rate": 1e12}, "clip_eps_rate=1000000000000.0 is outside [-100, 100]"),
+    ],
+)
+def test_values_that_failed_deep_inside_a_run_are_config_errors(algo, values, message):
+    """Found by trying edge values of every field: NaN reached runs as a divergence (lr, alpha, ...), dual_clip
+    <= 1 as a ValueError from the objective, a zero or negative denoiser width as ZeroDivisionError / a torch
+    error, a huge DPPO clip rate as OverflowError; each is now the config's error."""
+    from policylab.algos import get_algo
+
+    with pytest.raises(ConfigError) as info:
+        apply_values(get_algo(algo).config_cls(), values, "--set").validate()
+    assert message in info.value.problem
+
+
 def test_device_is_checked_against_its_forms_and_this_torch(monkeypatch):
     import torch
 

@@ -42,6 +42,7 @@ def test_denoising_clips_and_discounts_by_hand():
     middle = 0.001 + 0.009 * math.expm1(1.5) / math.expm1(3.0)
     assert torch.allclose(clips, torch.tensor([0.001, middle, 0.01]))
     assert torch.allclose(denoising_discounts(3, 0.9), torch.tensor([0.81, 0.9, 1.0]))
+    assert torch.allclose(denoising_clips(3, 0.001, 0.01, 0.0), torch.tensor([0.001, 0.0055, 0.01]))  # a line
 
 
 def test_dppo_stores_chains_whose_log_probs_the_update_recomputes():

@@ -65,6 +65,16 @@ class DPPOConfig(GenerativePGConfig):
                 f"clip_eps_base={self.clip_eps_base}: each must be > 0 (gamma_denoising <= 1)",
                 "set them to e.g. 0.1, 0.99, 0.001",
             )
+        if not abs(self.clip_eps_rate) <= MAX_CLIP_RATE:
+            raise ConfigError(
+                f"clip_eps_rate={self.clip_eps_rate} is outside [-{MAX_CLIP_RATE:g}, {MAX_CLIP_RATE:g}]: the clips "
+                "grow as exp(rate x k / (K - 1)) from clip_eps_base to clip_eps",
+                "set clip_eps_rate to e.g. 3 (DPPO's), or 0 for a linear ramp",
+            )
+
+
+MAX_CLIP_RATE = 100.0
+"""The steepest clip ramp taken (exp(100) is already a step at the last denoising step; exp(710) overflows)."""
 
 
 def denoising_clips(steps: int, base: float, last: float, rate: float) -> Tensor:
@@ -72,6 +82,8 @@ def denoising_clips(steps: int, base: float, last: float, rate: float) -> Tensor
     if steps == 1:
         return torch.tensor([last])
     k = torch.arange(steps, dtype=torch.float64) / (steps - 1)
+    if rate == 0.0:  # the limit of the exponential ramp: a straight line
+        return (base + (last - base) * k).float()
     return (base + (last - base) * torch.expm1(rate * k) / math.expm1(rate)).float()
 
 

@@ -41,6 +41,11 @@ class GenerativeHeadConfig:
     squared distance, uniform levels: Consistency-AC's default, see nets/consistency.py)."""
 
     def validate_head(self, kind: str) -> None:
+        if any(h <= 0 for h in self.denoiser_hidden_sizes):
+            raise ConfigError(
+                f"denoiser_hidden_sizes={self.denoiser_hidden_sizes} must be a list of positive layer widths",
+                "set denoiser_hidden_sizes to e.g. [256, 256, 256]",
+            )
         if self.diffusion_steps < 2:
             raise ConfigError(f"diffusion_steps={self.diffusion_steps} must be >= 2", "set diffusion_steps to e.g. 20")
         limit = self.diffusion_steps if kind == "diffusion" else None

@@ -75,6 +75,12 @@ class PPOConfig(OnPolicyConfig):
             raise ConfigError(f"epochs={self.epochs} must be > 0", "set epochs to e.g. 10")
         if self.clip_eps <= 0:
             raise ConfigError(f"clip_eps={self.clip_eps} must be > 0", "set clip_eps to e.g. 0.2")
+        if self.dual_clip is not None and not self.dual_clip > 1:
+            raise ConfigError(
+                f"dual_clip={self.dual_clip} must be > 1: it bounds the loss of negative advantages at dual_clip x "
+                "the advantage",
+                "set dual_clip to e.g. 3.0 (the dual-clip PPO paper's), or drop it (none: off)",
+            )
 
 
 class PPO:
