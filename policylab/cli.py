@@ -340,6 +340,24 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print("aborted", file=sys.stderr)
         return 130
+    except (MemoryError, RuntimeError) as exc:
+        if args.debug or not _out_of_memory(exc):
+            raise
+        print(f"error: out of memory: {exc}".rstrip(), file=sys.stderr)
+        print(f"  fix: {OUT_OF_MEMORY_FIX}", file=sys.stderr)
+        return 2
+
+
+OUT_OF_MEMORY_FIX = (
+    "use smaller sizes (hidden_sizes, buffer_size, num_envs, batch_size, n_steps; a smaller model), or a machine "
+    "with more memory (--debug shows where it failed)"
+)
+
+
+def _out_of_memory(exc: BaseException) -> bool:
+    """A failed allocation: Python's MemoryError (numpy's too) or torch's allocator refusing (CPU or CUDA)."""
+    text = str(exc)
+    return isinstance(exc, MemoryError) or "can't allocate memory" in text or "CUDA out of memory" in text
 
 
 if __name__ == "__main__":

@@ -62,6 +62,17 @@ def test_debug_flag_shows_the_traceback(tmp_path):
         main(["--debug", "train", "ppoo", "--runs-dir", str(tmp_path)])
 
 
+def test_running_out_of_memory_is_one_error_naming_the_sizes(capsys, tmp_path):
+    """A failed allocation (torch's allocator refusing a 1e9-wide layer here) was a traceback; other runtime
+    errors still are (they are bugs), and --debug shows this one's."""
+    argv = ["train", "ppo", "--env", "CartPole-v1", "--steps", "64", "--runs-dir", str(tmp_path)]
+    err = _error(capsys, [*argv, "--set", "hidden_sizes=[1000000000]"])
+    assert "error: out of memory:" in err and "can't allocate memory" in err
+    assert "fix: use smaller sizes (hidden_sizes, buffer_size" in err and not any(tmp_path.iterdir())
+    with pytest.raises(RuntimeError, match="can't allocate memory"):
+        main(["--debug", *argv, "--set", "hidden_sizes=[1000000000]"])
+
+
 def test_yaml_config_set_and_preset_resolution(capsys, tmp_path):
     cfg = tmp_path / "my.yaml"
     cfg.write_text("lr: 0.002\nnum_envs: 8\nn_steps: 16\nbatch_size: 64\neval_every: 0\neval_episodes: 2\n")
