@@ -155,12 +155,16 @@ def test_another_algorithm_given_as_an_override_is_an_error():
         ("dppo", {"denoiser_hidden_sizes": [0]}, "denoiser_hidden_sizes=[0] must be a list of positive layer widths"),
         ("fpo", {"denoiser_hidden_sizes": [-5]}, "denoiser_hidden_sizes=[-5] must be a list of positive"),
         ("dppo", {"clip_eps_rate": 1e12}, "clip_eps_rate=1000000000000.0 is outside [-100, 100]"),
+        ("spot", {"vae_hidden_sizes": [0], "dataset": "d"}, "vae_hidden_sizes=[0] and vae_latent_dim=None must be"),
+        ("spot", {"vae_latent_dim": -1, "dataset": "d"}, "vae_latent_dim=-1 must be positive widths"),
+        ("prdc", {"dc_beta": "inf", "dataset": "d"}, "dc_beta=inf must be finite and > 0"),
     ],
 )
 def test_values_that_failed_deep_inside_a_run_are_config_errors(algo, values, message):
     """Found by trying edge values of every field: NaN reached runs as a divergence (lr, alpha, ...), dual_clip
     <= 1 as a ValueError from the objective, a zero or negative denoiser width as ZeroDivisionError / a torch
-    error, a huge DPPO clip rate as OverflowError; each is now the config's error."""
+    error, a huge DPPO clip rate as OverflowError, PRDC's inf scales as scipy's ValueError; each is now the
+    config's error."""
     from policylab.algos import get_algo
 
     with pytest.raises(ConfigError) as info:

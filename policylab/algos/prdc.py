@@ -19,6 +19,7 @@ torch search (2.2-2.5 s); on the small test datasets (4k points) about 1 ms.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import gymnasium as gym
@@ -46,9 +47,9 @@ class PRDCConfig(OfflineConfig, TD3Config):
 
     def validate(self) -> None:
         super().validate()
-        if self.bc_alpha <= 0 or self.dc_beta <= 0:
+        if not (0 < self.bc_alpha < math.inf and 0 < self.dc_beta < math.inf):  # dc_beta scales the k-d tree's keys
             raise ConfigError(
-                f"bc_alpha={self.bc_alpha} and dc_beta={self.dc_beta} must be > 0",
+                f"bc_alpha={self.bc_alpha} and dc_beta={self.dc_beta} must be finite and > 0",
                 "set bc_alpha to e.g. 2.5 and dc_beta to 2",
             )
 

@@ -79,6 +79,12 @@ class SPOTConfig(OfflineConfig, TD3Config):
             )
         if self.bc_alpha:
             raise ConfigError("bc_alpha is TD3+BC's weight; SPOT's is spot_lambda", "drop bc_alpha")
+        if any(h <= 0 for h in self.vae_hidden_sizes) or (self.vae_latent_dim is not None and self.vae_latent_dim < 1):
+            raise ConfigError(
+                f"vae_hidden_sizes={self.vae_hidden_sizes} and vae_latent_dim={self.vae_latent_dim} must be positive "
+                "widths (vae_latent_dim none: twice the action size)",
+                "set vae_hidden_sizes to e.g. [750, 750] and drop vae_latent_dim",
+            )
 
 
 class SPOT(TD3):
