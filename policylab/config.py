@@ -128,6 +128,9 @@ class CommonConfig:
                 f"activation={self.activation!r} is unknown",
                 f"use one of: {', '.join(ACTIVATIONS)}",
             )
+        for name in ("clip_obs", "clip_reward"):  # normalized values are clipped to +-clip: 0 would make them all 0
+            if not getattr(self, name) > 0:
+                raise ConfigError(f"{name}={getattr(self, name)} must be > 0", f"set {name} to e.g. 10 (the default)")
         if any(h <= 0 for h in self.hidden_sizes):
             raise ConfigError(
                 f"hidden_sizes={self.hidden_sizes} must be a list of positive ints (empty: linear heads, e.g. on the "
@@ -202,6 +205,13 @@ def positive(cfg: object, *names: str) -> None:
         if getattr(cfg, name) <= 0:
             fix = "give a positive count, e.g. --steps 100k" if name == "steps" else f"set {name} to a positive value"
             raise ConfigError(f"{name}={getattr(cfg, name)} must be > 0", fix)
+
+
+def check_unit_interval(cfg: object, *names: str) -> None:
+    """Each of `names` in [0, 1] (a probability, an exponent of prioritized replay ...)."""
+    for name in names:
+        if not 0.0 <= getattr(cfg, name) <= 1.0:
+            raise ConfigError(f"{name}={getattr(cfg, name)} is outside [0, 1]", f"set {name} to a value in [0, 1]")
 
 
 def _non_negative(cfg: object, *names: str) -> None:

@@ -175,6 +175,9 @@ def test_prdc_targets_are_the_actions_of_the_nearest_dataset_points():
     # beta 1: points (0, -1), (1, 0), (2, 1); the key (1.2, 1.0) is nearest (2, 1): states matter less
     nearest = NearestActions(obs, actions, beta=1.0)
     torch.testing.assert_close(nearest(torch.tensor([[1.2]]), torch.tensor([[1.0]])), torch.tensor([[1.0]]))
+    # a diverged actor's NaN action is looked up (as 0), for the loop's divergence check to stop the run: scipy
+    # raised on the non-finite query before
+    torch.testing.assert_close(nearest(torch.tensor([[0.9]]), torch.tensor([[float("nan")]])), torch.tensor([[0.0]]))
 
 
 def test_prdc_actor_loss_regularizes_towards_nearest_dataset_actions(datasets):

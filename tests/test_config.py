@@ -158,13 +158,20 @@ def test_another_algorithm_given_as_an_override_is_an_error():
         ("spot", {"vae_hidden_sizes": [0], "dataset": "d"}, "vae_hidden_sizes=[0] and vae_latent_dim=None must be"),
         ("spot", {"vae_latent_dim": -1, "dataset": "d"}, "vae_latent_dim=-1 must be positive widths"),
         ("prdc", {"dc_beta": "inf", "dataset": "d"}, "dc_beta=inf must be finite and > 0"),
+        ("ppo", {"recurrent": True, "lstm_hidden": -1}, "lstm_hidden=-1 must be >= 1"),
+        ("dqn", {"batch_size": 10**9}, "batch_size=1,000,000,000 is more than buffer_size=1,000,000 transitions"),
+        ("dqn", {"eps_final": 1.5}, "eps_final=1.5 is outside [0, 1]"),
+        ("sac", {"per_alpha": -0.5}, "per_alpha=-0.5 is outside [0, 1]"),
+        ("ppo", {"clip_obs": 0}, "clip_obs=0.0 must be > 0"),
+        ("a2c", {"optim_eps": -1}, "optim_eps=-1.0 must be > 0"),
     ],
 )
 def test_values_that_failed_deep_inside_a_run_are_config_errors(algo, values, message):
     """Found by trying edge values of every field: NaN reached runs as a divergence (lr, alpha, ...), dual_clip
     <= 1 as a ValueError from the objective, a zero or negative denoiser width as ZeroDivisionError / a torch
-    error, a huge DPPO clip rate as OverflowError, PRDC's inf scales as scipy's ValueError; each is now the
-    config's error."""
+    error, a huge DPPO clip rate as OverflowError, PRDC's inf scales as scipy's ValueError, a negative LSTM size
+    as torch's, a batch larger than the buffer as an allocation failure; probabilities outside [0, 1], clips of 0
+    and a negative optimizer eps were accepted; each is now the config's error."""
     from policylab.algos import get_algo
 
     with pytest.raises(ConfigError) as info:

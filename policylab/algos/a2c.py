@@ -49,6 +49,8 @@ class A2CConfig(OnPolicyConfig):
         super().validate()
         if self.optimizer not in ("rmsprop", "adam"):
             raise ConfigError(f"optimizer={self.optimizer!r} is not rmsprop or adam", "use --set optimizer=rmsprop")
+        if not self.optim_eps > 0:
+            raise ConfigError(f"optim_eps={self.optim_eps} must be > 0", "set optim_eps to e.g. 1e-5 (the default)")
 
 
 class A2C:

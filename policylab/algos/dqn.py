@@ -30,6 +30,7 @@ from policylab.algos.offpolicy import (
     seeded_generator,
     uniform_discrete_actions,
 )
+from policylab.config import check_unit_interval
 from policylab.data import Batch
 from policylab.errors import ConfigError
 from policylab.nets import QNetwork
@@ -71,6 +72,7 @@ class DQNConfig(OffPolicyConfig):
                 f"exploration_fraction={self.exploration_fraction} is outside [0, 1]",
                 "set exploration_fraction to e.g. 0.1",
             )
+        check_unit_interval(self, "eps_start", "eps_final")
 
 
 def epsilon(cfg: DQNConfig, progress: float) -> float:

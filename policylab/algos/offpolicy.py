@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from policylab.config import CommonConfig, algorithm_of, set_by
+from policylab.config import CommonConfig, algorithm_of, check_unit_interval, set_by
 from policylab.data.her import check_her_config
 from policylab.errors import ConfigError, EnvError
 from policylab.nets import TanhGaussianActor
@@ -118,6 +118,12 @@ class OffPolicyConfig(CommonConfig):
         for name in ("buffer_size", "batch_size", "train_freq", "n_step", "log_every"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name}={getattr(self, name)} must be > 0", f"set {name} to a positive value")
+        if self.batch_size > self.buffer_size:
+            raise ConfigError(
+                f"batch_size={self.batch_size:,} is more than buffer_size={self.buffer_size:,} transitions",
+                "set batch_size to e.g. 256 (or a larger buffer_size)",
+            )
+        check_unit_interval(self, "per_alpha", "per_beta")
         if self.gradient_steps == 0 or self.gradient_steps < -1:
             raise ConfigError(
                 f"gradient_steps={self.gradient_steps} must be > 0 or -1",

@@ -89,6 +89,8 @@ class OnPolicyConfig(CommonConfig):
 
     def validate(self) -> None:
         super().validate()
+        if self.lstm_hidden < 1:
+            raise ConfigError(f"lstm_hidden={self.lstm_hidden} must be >= 1", "set lstm_hidden to e.g. 256")
         if self.dataset is None and self.imitation is not None:
             raise ConfigError(
                 f"imitation={self.imitation!r} needs demonstrations", "pass a dataset (--dataset PATH), or drop it"

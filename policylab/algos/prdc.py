@@ -69,7 +69,9 @@ class NearestActions:
         return torch.cat([self.beta * obs.flatten(1), actions.flatten(1)], -1).detach().cpu().double().numpy()
 
     def __call__(self, obs: Tensor, actions: Tensor) -> Tensor:
-        _, index = self.tree.query(self._keys(obs, actions))
+        # a diverged actor's NaN actions are looked up as zeros: the NaN loss then stops the run as a divergence
+        # (the loop's check, naming the last good checkpoint), not as scipy's error about non-finite queries
+        _, index = self.tree.query(np.nan_to_num(self._keys(obs, actions), nan=0.0, posinf=0.0, neginf=0.0))
         return self.actions.index_select(0, torch.as_tensor(index, device=self.actions.device))
 
 
