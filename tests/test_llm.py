@@ -1399,6 +1399,38 @@ def test_each_algorithm_refuses_the_settings_its_training_step_never_reads(tmp_p
     assert not runs.exists()
 
 
+COMPANIONS: dict[str, dict[str, object]] = {
+    "expert": {"mix": "chord"},
+    **dict.fromkeys(("mix_weight", "mix_phi", "expert_batch_size"), {"mix": "chord"}),
+    **dict.fromkeys(("tau_pos", "tau_neg"), {"loss": "sapo"}),
+    "shaping_gamma": {"mix": "luffy", "loss": "ppo"},
+    "kl_estimator": {"kl_coef": 0.05},
+    "lora_alpha": {"lora_rank": 4},
+}
+"""The settings read only under another one, and that one (a value of it that turns them on)."""
+
+
+def test_settings_read_only_under_another_are_refused_without_it():
+    """SAPO's temperatures without loss=sapo, CHORD's and LUFFY's settings without their mix, the KL estimator at
+    kl_coef 0 and LoRA's alpha at rank 0 did nothing, silently; each is now an error naming what turns it on."""
+    cases = [
+        ("grpo", {"tau_pos": 0.5}, "tau_pos=0.5 would do nothing: it is SAPO's gate temperatures", "--set loss=sapo"),
+        ("grpo", {"mix_weight": "0.1", "mix_phi": True}, "mix_weight=0.1, mix_phi=True would do nothing: they are "
+         "CHORD's mixing", "--set mix=chord"),
+        ("grpo", {"shaping_gamma": 0.5}, "LUFFY's policy shaping", "--set mix=luffy"),
+        ("grpo", {"kl_estimator": "k1"}, "kl_estimator=k1 would do nothing", "--set kl_coef=0.05"),
+        ("sft", {"lora_alpha": 32}, "lora_alpha=32 would do nothing: it is LoRA's scale", "--set lora_rank=8"),
+    ]  # fmt: skip
+    for algo, values, problem, switch in cases:
+        with pytest.raises(ConfigError) as info:
+            make_config(algo, values)
+        assert problem in info.value.problem and switch in info.value.fix, (algo, values)
+    for name, on in COMPANIONS.items():  # with what turns it on, each is taken
+        value = {"tau_pos": 0.5, "tau_neg": 0.5, "mix_weight": "0.1", "mix_phi": True, "expert_batch_size": 4,
+                 "shaping_gamma": 0.5, "kl_estimator": "k1", "lora_alpha": 32, "expert": "e.jsonl"}[name]  # fmt: skip
+        assert getattr(make_config("grpo", {name: value, **on}), name) == value
+
+
 def test_every_algorithm_accepts_the_settings_it_reads_and_its_saved_config():
     """The settings every algorithm reads, the ones its step reads (SETTING_READERS), its defaults and a saved
     config.yaml (every key, what a resume passes) are accepted; each algorithm's step is a trainer method, and
@@ -1430,7 +1462,7 @@ def test_every_algorithm_accepts_the_settings_it_reads_and_its_saved_config():
             if algo not in setting_readers(name):
                 continue
             value = next(v for v in values if v != getattr(defaults, name))
-            companion = {"mix": "chord"} if name == "expert" else {}
+            companion = COMPANIONS.get(name, {})  # the setting it is read under (DEPENDENT_SETTINGS)
             configs.append(make_config(algo, {name: value, **companion}))
             assert getattr(configs[-1], name) == value
         for cfg in configs:  # a resume: config.yaml's every key through make_config

@@ -340,6 +340,7 @@ class LLMConfig:
                 "set temperature to e.g. 1.0 and top_p to 1.0",
             )
         self._check_unused_settings()
+        self._check_dependent_settings()
         if self.kl_estimator not in ("k1", "k2", "k3"):
             raise ConfigError(f"kl_estimator={self.kl_estimator!r}", "choose k1, k2 or k3")
         if self.loss not in LOSSES:
@@ -372,6 +373,19 @@ class LLMConfig:
                 exc.problem.replace("imitation=", key), (exc.fix or "").replace("imitation=", key)
             ) from None
 
+    def _check_dependent_settings(self) -> None:
+        """A setting read only under another one (DEPENDENT_SETTINGS: SAPO's temperatures under loss=sapo, ...),
+        given a value other than the algorithm's default while that other setting is off, would do nothing."""
+        defaults = LLMConfig(algo=self.algo, **ALGO_DEFAULTS[self.algo])
+        for names, read, what, switch in DEPENDENT_SETTINGS:
+            given = [name for name in names if getattr(self, name) != getattr(defaults, name)]
+            if given and not read(self):
+                shown = ", ".join(f"{name}={getattr(self, name)}" for name in given)
+                raise ConfigError(
+                    f"{shown} would do nothing: {'they are' if len(given) > 1 else 'it is'} {what}, off in this run",
+                    f"drop {_and(given)}, or turn it on ({switch})",
+                )
+
     def _check_unused_settings(self) -> None:
         """An algorithm refuses the settings its training step never reads (SETTING_READERS) set to anything but
         its defaults, naming the algorithms that read them (generation workers would start Ray, or copy the
@@ -402,6 +416,16 @@ class LLMConfig:
                 else ""
             ),
         )
+
+
+DEPENDENT_SETTINGS: tuple[tuple[tuple[str, ...], Callable[[LLMConfig], bool], str, str], ...] = (
+    (("tau_pos", "tau_neg"), lambda c: c.loss == "sapo", "SAPO's gate temperatures", "--set loss=sapo"),
+    (("mix_weight", "mix_phi", "expert_batch_size"), lambda c: c.mix == "chord", "CHORD's mixing", "--set mix=chord"),
+    (("shaping_gamma",), lambda c: c.mix == "luffy", "LUFFY's policy shaping", "--set mix=luffy"),
+    (("kl_estimator",), lambda c: c.kl_coef != 0, "the KL penalty's estimator", "--set kl_coef=0.05 (e.g.)"),
+    (("lora_alpha",), lambda c: c.lora_rank > 0, "LoRA's scale", "--set lora_rank=8 (e.g.)"),
+)
+"""Settings read only under another setting: (names, whether they are read, what they are, what turns them on)."""
 
 
 def _and(names: list[str]) -> str:
