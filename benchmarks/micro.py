@@ -25,7 +25,7 @@ Prints medians over 5 repetitions of:
 - `--only threads`: per-update time (env steps included) of SAC, TD3 (Pendulum-v1) and the DQN CartPole rl-zoo
   preset at 1 and 2 torch threads;
 - `--only thread-invariance`: whether SAC, TD3 and DQN runs end with the same parameters at 1 and 2 threads
-  (what `threads=auto` may change during a run);
+  (what `threads=auto` may change during a run), at default sizes and with 32-unit layers;
 - `--only compile`: the autograd SAC update with torch.compile'd networks against eager, and the compile time.
 """
 
@@ -333,16 +333,26 @@ def thread_invariance() -> None:
     import policylab as pl
     from policylab.checkpoint import load_checkpoint
 
-    cases = [("sac", "Pendulum-v1", 2000), ("td3", "Pendulum-v1", 2000), ("dqn", "CartPole-v1", 5000)]
-    for algo, env, steps in cases:
+    small = {"hidden_sizes": [32, 32], "learning_starts": 64, "batch_size": 32, "log_every": 100}
+    cases = [
+        ("sac", "Pendulum-v1", 2000, 1, {"learning_starts": 500}, "auto"),
+        ("td3", "Pendulum-v1", 2000, 1, {"learning_starts": 500}, "auto"),
+        ("dqn", "CartPole-v1", 5000, 1, {"learning_starts": 500}, "auto"),
+        ("sac", "Pendulum-v1", 600, 2, small, "none"),  # 32-unit layers (tests/test_offpolicy.py's sizes)
+    ]
+    for algo, env, steps, seed, extra, preset in cases:
         params = []
         for threads in (1, 2):
             with tempfile.TemporaryDirectory() as runs:
-                overrides = {"threads": threads, "eval_every": 0, "learning_starts": 500}
-                run = pl.train(algo, env=env, steps=steps, seed=1, overrides=overrides, runs_dir=runs, verbose=False)
-                params.append({k: v for k, v in load_checkpoint(run.dir)[0].items() if k.startswith("policy/")})
-        diff = max(float((params[0][k] - params[1][k]).abs().max()) for k in params[0])
-        print(f"{algo} {env}, {steps} steps: largest parameter difference between 1 and 2 threads {diff:.1e}")
+                overrides = {"threads": threads, "eval_every": 0, **extra}
+                run = pl.train(algo, env=env, steps=steps, seed=seed, overrides=overrides, preset=preset,
+                               runs_dir=runs, verbose=False)  # fmt: skip
+                tensors = load_checkpoint(run.dir)[0]
+                params.append({k: v for k, v in tensors.items() if not k.startswith(("buffer/", "env/"))})
+        diff = max(float((params[0][k].double() - params[1][k].double()).abs().max()) for k in params[0])
+        sizes = f", hidden_sizes {extra['hidden_sizes']}" if "hidden_sizes" in extra else ""
+        print(f"{algo} {env}{sizes}, {steps} steps: largest difference of the networks' and optimizer's tensors "
+              f"between 1 and 2 threads {diff:.1e}")  # fmt: skip
 
 
 def loop_breakdown() -> None:

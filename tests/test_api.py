@@ -106,7 +106,7 @@ def test_eval_command_max_envs_reaches_evaluate(capsys, cartpole_run, monkeypatc
         assert f"--max-envs {bad}: at least one env" in err and "fix: pass --max-envs 1 or more" in err
 
 
-def test_eval_command_evaluates_in_another_env_or_with_other_env_kwargs(capsys, cartpole_run):
+def test_eval_command_evaluates_in_another_env_or_with_other_env_kwargs(capsys, cartpole_run, monkeypatch):
     """`--env` and `--env-kwargs` reach evaluate (the API had env_id / env_kwargs; the CLI had neither)."""
     asked: list[tuple] = []
     real = pl.policy.evaluate
@@ -115,22 +115,18 @@ def test_eval_command_evaluates_in_another_env_or_with_other_env_kwargs(capsys, 
         asked.append(args[3:5])
         return real(*args, **kwargs)
 
-    monkeypatch = pytest.MonkeyPatch()
     monkeypatch.setattr(pl.policy, "evaluate", recorded)
-    try:
-        argv = ["eval", str(cartpole_run.dir), "--episodes", "2"]
-        assert main([*argv, "--env", "CartPole-v1", "--env-kwargs", "{max_episode_steps: 20}"]) == 0
-        assert asked == [("CartPole-v1", {"max_episode_steps": 20})]
-        assert "mean length 20.0" in capsys.readouterr().out  # the shorter episodes of the kwargs
-        assert main([*argv, "--env", "Pendulum-v1"]) == 2
-        assert "trained on CartPole-v1 and cannot act in Pendulum-v1" in capsys.readouterr().err
-        for bad in ("[1, 2]", "{a: [1"):
-            assert main([*argv, "--env-kwargs", bad]) == 2
-            assert "fix: write a mapping, e.g. --env-kwargs '{gravity: 5.0}'" in capsys.readouterr().err
-        assert main([*argv, "--env", "CartPole-v1", "--video", "x.gif"]) == 2
-        assert "--video records the run's own env" in capsys.readouterr().err
-    finally:
-        monkeypatch.undo()
+    argv = ["eval", str(cartpole_run.dir), "--episodes", "2"]
+    assert main([*argv, "--env", "CartPole-v1", "--env-kwargs", "{max_episode_steps: 20}"]) == 0
+    assert asked == [("CartPole-v1", {"max_episode_steps": 20})]
+    assert "mean length 20.0" in capsys.readouterr().out  # the shorter episodes of the kwargs
+    assert main([*argv, "--env", "Pendulum-v1"]) == 2
+    assert "trained on CartPole-v1 and cannot act in Pendulum-v1" in capsys.readouterr().err
+    for bad in ("[1, 2]", "{a: [1"):
+        assert main([*argv, "--env-kwargs", bad]) == 2
+        assert "fix: write a mapping, e.g. --env-kwargs '{gravity: 5.0}'" in capsys.readouterr().err
+    assert main([*argv, "--env", "CartPole-v1", "--video", "x.gif"]) == 2
+    assert "--video records the run's own env" in capsys.readouterr().err
 
 
 def test_eval_video(capsys, cartpole_run, tmp_path):
