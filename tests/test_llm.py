@@ -57,6 +57,36 @@ def test_prompt_encoder_equals_the_tokenizer_and_tokenizes_each_prompt_once():
     assert calls == [["12+34=", "5+6="], ["123+4="], ["1="]]
 
 
+def test_every_text_a_run_draws_is_tokenized_before_its_first_step(tmp_path, monkeypatch):
+    """As TRL maps its datasets before training: one tokenizer call at the start, none in the steps; not where
+    the texts would overflow the cache."""
+    import json
+
+    from policylab.llm import trainer as trainer_module
+    from policylab.llm.trainer import LLMTrainer, PromptEncoder
+
+    rows = [{"prompt": f"{i}+1=", "chosen": str(i + 1), "rejected": str(i + 2)} for i in range(30)]
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    for algo, overrides in (("dpo", {"pairs": str(pairs), "prompts": None}), ("sft", {}), ("grpo", {})):
+        trainer = LLMTrainer(make_config(algo, {"batch_size": 4, "eval_size": 4, "max_new_tokens": 3, **overrides}))
+        expected = [row["prompt"] for row in trainer.train_rows + trainer.eval_rows]
+        expected += [row[key] for row in rows for key in ("prompt", "chosen", "rejected")] if algo == "dpo" else []
+        expected += [row["answer"] for row in trainer.train_rows] if algo == "sft" else []
+        assert set(trainer.encode_prompts.tokens) == set(expected)
+
+        def tokenized_late(tokenizer, texts):
+            raise AssertionError(f"tokenized during a step: {texts}")
+
+        with monkeypatch.context() as patch:
+            patch.setattr(trainer_module, "tokenize", tokenized_late)
+            for _ in range(3):
+                getattr(trainer, trainer_module.training_step(algo))()
+    monkeypatch.setattr(PromptEncoder, "MAX_CACHED", 10)
+    trainer = LLMTrainer(make_config("dpo", {"pairs": str(pairs), "prompts": None, "batch_size": 4, "eval_size": 4}))
+    assert trainer.encode_prompts.tokens == {}
+
+
 @pytest.mark.parametrize("name", ["tiny-llama", "tiny-gpt2"])
 def test_answers_are_encoded_as_the_tokenizer_encodes_each_with_eos_and_right_padding(name):
     from policylab.llm.trainer import PromptEncoder, encode_answers

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import itertools
 import math
 import shutil
 import time
@@ -470,13 +471,17 @@ class PromptEncoder:
         """`encode_answers` through the same cache (DPO and SFT draw the same answers again and again)."""
         return _right_padded(self.token_lists(answers), self.tokenizer)
 
+    def warm(self, texts: list[str]) -> None:
+        """Tokenize these texts in one call ahead of the steps (as TRL's trainers map their datasets before
+        training), where the cache holds them all; a step then only looks its rows up."""
+        missing = [t for t in dict.fromkeys(texts) if t not in self.tokens]
+        if missing and len(self.tokens) + len(missing) <= self.MAX_CACHED:
+            self.tokens.update(zip(missing, tokenize(self.tokenizer, missing)))
+
     def __call__(self, prompts: list[str]) -> tuple[Tensor, Tensor]:
         rows = self.token_lists(prompts)
-        width = max(len(row) for row in rows)
-        pad = self.tokenizer.pad_token_id
-        ids = torch.tensor([[pad] * (width - len(row)) + row for row in rows], dtype=torch.long)
-        mask = torch.tensor([[0] * (width - len(row)) + [1] * len(row) for row in rows], dtype=torch.long)
-        return ids, mask
+        ids, mask = _padded(rows, self.tokenizer.pad_token_id, left=True)
+        return ids, mask.long()
 
 
 def has_dropout(model: Any) -> bool:
@@ -507,11 +512,19 @@ def encode_answers(tokenizer: Any, answers: list[str]) -> tuple[Tensor, Tensor]:
 
 def _right_padded(answers: list[list[int]], tokenizer: Any) -> tuple[Tensor, Tensor]:
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id  # once: each read goes through transformers' getattr
-    ids = [row + [eos] for row in answers]
-    width = max(len(row) for row in ids)
-    out = torch.tensor([row + [pad] * (width - len(row)) for row in ids], dtype=torch.long)
-    mask = torch.tensor([[True] * len(row) + [False] * (width - len(row)) for row in ids], dtype=torch.bool)
-    return out, mask
+    return _padded([row + [eos] for row in answers], pad, left=False)
+
+
+def _padded(rows: list[list[int]], pad: int, left: bool) -> tuple[Tensor, Tensor]:
+    """(ids [N, width] padded with `pad` on the left or the right, the boolean mask of the real tokens), filled in
+    numpy: nested lists through `torch.tensor` took most of an encode call."""
+    lengths = np.fromiter(map(len, rows), np.int64, len(rows))
+    width = int(lengths.max())
+    columns = np.arange(width)
+    mask = columns >= width - lengths[:, None] if left else columns < lengths[:, None]
+    ids = np.full((len(rows), width), pad, np.int64)
+    ids[mask] = np.fromiter(itertools.chain.from_iterable(rows), np.int64, int(lengths.sum()))
+    return torch.from_numpy(ids), torch.from_numpy(mask)
 
 
 def _columns(rows: list[dict[str, Any]]) -> dict[str, list[Any]]:
@@ -808,6 +821,7 @@ class LLMTrainer:
         self.generator = torch.Generator().manual_seed(cfg.seed)
         self.max_new_tokens = cfg.max_new_tokens or self.task.max_new_tokens
         self.encode_prompts = PromptEncoder(self.tokenizer)
+        self.encode_prompts.warm(self._texts_drawn())
         # sampling runs in eval mode; switching modes walks every module twice a step, so only where it matters
         self.switch_modes = has_dropout(self.model)
         self.step = 0
@@ -827,6 +841,19 @@ class LLMTrainer:
         tokenizer = prepare_tokenizer(inputs.tokenizer)
         check_model(model, tokenizer)
         return model, tokenizer
+
+    def _texts_drawn(self) -> list[str]:
+        """The texts the steps and evaluations will tokenize: every prompt, the pairs' completions, and the expert
+        completions where a step trains on them."""
+        texts = [row["prompt"] for row in self.train_rows + self.eval_rows]
+        for row in self.pair_rows or []:
+            texts += (row["prompt"], row["chosen"], row["rejected"])
+        cfg = self.cfg
+        if cfg.algo == "sft" or (cfg.algo == "dpo" and self.pair_rows is None):
+            texts += [expert_completion(row) for row in self.train_rows]
+        elif cfg.mix != "none":
+            texts += [expert_completion(row) for row in self.expert_rows]
+        return [text for text in texts if isinstance(text, str)]  # a pairs row's non-string is the step's error
 
     def _row_tables(self) -> dict[str, list[dict[str, Any]]]:
         return {"train": self.train_rows, "expert": self.expert_rows, "pairs": self.pair_rows or []}
