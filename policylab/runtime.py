@@ -8,6 +8,7 @@ import math
 import os
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -74,6 +75,43 @@ def _cgroup_cpu_quota(cpu_max: Path = Path("/sys/fs/cgroup/cpu.max")) -> float |
     except (OSError, ValueError):
         return None
     return None if quota == "max" else int(quota) / int(period)
+
+
+def memory_available(meminfo: Path = Path("/proc/meminfo"), cgroup: Path = Path("/sys/fs/cgroup")) -> int | None:
+    """Bytes this process can still allocate: the machine's available memory and free swap (/proc/meminfo), or
+    what its cgroup's `memory.max` leaves where that is lower; None where neither can be read (not Linux)."""
+    try:
+        fields = dict(line.split(":", 1) for line in meminfo.read_text().splitlines() if ":" in line)
+        machine: int | None = sum(int(fields[key].split()[0]) * 1024 for key in ("MemAvailable", "SwapFree"))
+    except (OSError, KeyError, ValueError):
+        machine = None
+    try:
+        limit, used = ((cgroup / name).read_text().strip() for name in ("memory.max", "memory.current"))
+        in_group: int | None = None if limit == "max" else max(0, int(limit) - int(used))
+    except (OSError, ValueError):
+        in_group = None
+    known = [n for n in (machine, in_group) if n is not None]
+    return min(known) if known else None
+
+
+def check_memory(nbytes: int, what: str, per_item: int, fix: Callable[[int], str]) -> None:
+    """Refuse storage that cannot fit before allocating it: torch writes every page of a new tensor, so too large a
+    buffer ends the process at once (the kernel's OOM killer: no message) or fails inside torch. `per_item`: bytes
+    per item, so that `fix` gets the number of items that would fit in half of what is available (the rest is
+    left for the networks, the envs and the batches)."""
+    available = memory_available()
+    if available is None or nbytes <= available:
+        return
+    from policylab.errors import ConfigError
+
+    raise ConfigError(
+        f"{what} needs {_gigabytes(nbytes)} of memory, and {_gigabytes(available)} is available here",
+        fix(max(1, available // 2 // max(1, per_item))),
+    )
+
+
+def _gigabytes(nbytes: int) -> str:
+    return f"{nbytes / 2**30:.1f} GiB" if nbytes >= 2**30 else f"{nbytes / 2**20:.0f} MiB"
 
 
 class CoreLoad:

@@ -106,6 +106,50 @@ def test_a_cgroup_cpu_quota_caps_the_usable_cores(tmp_path, monkeypatch):
     assert runtime.usable_cores() == 1
 
 
+def test_available_memory_is_the_machines_or_its_cgroups_whichever_is_lower(tmp_path):
+    from policylab import runtime
+
+    meminfo, group = tmp_path / "meminfo", tmp_path / "cgroup"
+    meminfo.write_text("MemTotal:       24000000 kB\nMemAvailable:    2000000 kB\nSwapFree:        1000000 kB\n")
+    group.mkdir()
+    assert runtime.memory_available(meminfo, group) == 3_000_000 * 1024  # no cgroup files: the machine's
+    (group / "memory.max").write_text("max\n")
+    (group / "memory.current").write_text("123\n")
+    assert runtime.memory_available(meminfo, group) == 3_000_000 * 1024
+    (group / "memory.max").write_text(f"{2 << 30}\n")  # docker --memory=2g, 123 bytes used
+    assert runtime.memory_available(meminfo, group) == (2 << 30) - 123
+    assert runtime.memory_available(tmp_path / "missing", tmp_path / "missing") is None
+
+
+@pytest.mark.parametrize("kind", ["replay", "rollout", "dataset"])
+def test_storage_that_cannot_fit_is_refused_before_it_is_allocated(tmp_path, monkeypatch, capsys, kind):
+    """torch writes every page of a new tensor: a buffer larger than the free memory would end the process at once
+    (the OOM killer, no message). One error naming the size and the most that fits, and no run directory."""
+    from policylab import runtime
+    from policylab.cli import main
+
+    monkeypatch.setattr(runtime, "memory_available", lambda: 100 << 20)  # 100 MiB free
+    argv = {
+        "replay": ["train", "sac", "--env", "Pendulum-v1", "--set", "buffer_size=10_000_000"],
+        "rollout": ["train", "ppo", "--env", "CartPole-v1", "--set", "n_steps=1_000_000", "--set", "num_envs=8"],
+        "dataset": ["train", "td3_bc", "--dataset", "DATA"],
+    }[kind]
+    if kind == "dataset":
+        from policylab.collect import collect
+
+        collect("Pendulum-v1", "random", episodes=2, out=tmp_path / "data", ref_episodes=1)
+        argv[-1] = str(tmp_path / "data")
+        monkeypatch.setattr(runtime, "memory_available", lambda: 4000)  # the 402 transitions take 8 KiB
+    runs = tmp_path / "runs"
+    assert main([*argv, "--steps", "1000", "--runs-dir", str(runs), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "of memory, and" in err and "is available here" in err, err
+    fix = {"replay": "lower buffer_size to at most about", "rollout": "lower n_steps x num_envs to at most about",
+           "dataset": "use a dataset of at most about"}[kind]  # fmt: skip
+    assert f"fix: {fix}" in err, err
+    assert not runs.exists() or not any(runs.iterdir())
+
+
 def test_training_puts_numpys_blas_on_one_thread_and_leaves_torchs_openmp_alone():
     script = """
 import torch, numpy

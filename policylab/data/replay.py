@@ -37,9 +37,24 @@ from torch import Tensor
 
 from policylab.data.batch import Batch
 from policylab.data.sumtree import SumTree
+from policylab.runtime import check_memory
 
 PER_STEP_FIELDS = ("obs", "actions", "rewards", "terminated")
 """Batch fields stored once per step, which `ReplayBuffer.gather` can look up alone."""
+
+
+def _bytes_per_transition(
+    obs_shape: tuple[int, ...],
+    obs_dtype: torch.dtype,
+    action_shape: tuple[int, ...],
+    action_dtype: torch.dtype,
+    mc_returns: bool,
+    episodes: bool,
+) -> int:
+    """What one transition of `ReplayBuffer` takes: its observation, action, reward and three flags, and the
+    optional returns (4 bytes) and episode bounds (16)."""
+    obs = math.prod(obs_shape) * obs_dtype.itemsize
+    return obs + math.prod(action_shape) * action_dtype.itemsize + 4 + 3 + 4 * mc_returns + 16 * episodes
 
 
 class ReplayBuffer:
@@ -63,7 +78,10 @@ class ReplayBuffer:
         episodes: bool = False,
         obs_dtype: torch.dtype = torch.float32,
         action_chunk: int = 1,
+        memory_fix: Callable[[int], str] | None = None,
     ) -> None:
+        """`memory_fix(n)`: the fix to show where the buffer cannot fit in memory, given about how many transitions
+        would (default: lower buffer_size to n)."""
         if n_step < 1:
             raise ValueError(f"n_step must be >= 1, got {n_step}")
         self.num_envs = num_envs
@@ -84,6 +102,15 @@ class ReplayBuffer:
         padding)."""
         self.device = torch.device(device)
         shape = (self.slots, num_envs)
+        if self.device.type == "cpu":
+            per = _bytes_per_transition(obs_shape, obs_dtype, action_shape, action_dtype, mc_returns, episodes)
+            per += 16 * prioritized  # the sum tree's two float64 nodes per leaf
+            check_memory(
+                self.slots * num_envs * per,
+                f"a replay buffer of {self.slots * num_envs:,} transitions ({per:,} bytes each)",
+                per,
+                memory_fix or (lambda fit: f"lower buffer_size to at most about {fit:,}"),
+            )
         self.obs = torch.zeros(*shape, *obs_shape, dtype=obs_dtype, device=device)  # uint8 for image frames
         self.actions = torch.zeros(*shape, *action_shape, dtype=action_dtype, device=device)
         self.rewards = torch.zeros(shape, device=device)

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 from torch import Tensor
 
 from policylab.data.batch import Batch
+from policylab.runtime import check_memory
 
 
 class RolloutBuffer:
@@ -31,6 +34,15 @@ class RolloutBuffer:
         shape = (n_steps, num_envs)
         self.n_steps = n_steps
         self.num_envs = num_envs
+        if torch.device(device).type == "cpu":
+            obs_bytes = math.prod(obs_shape) * obs_dtype.itemsize
+            per = obs_bytes + math.prod(action_shape) * action_dtype.itemsize + 4 * math.prod(logp_shape) + 18
+            check_memory(
+                n_steps * num_envs * per,
+                f"a rollout of {n_steps:,} steps x {num_envs:,} envs ({per:,} bytes a step)",
+                per,
+                lambda fit: f"lower n_steps x num_envs to at most about {fit:,}",
+            )
         self.obs = torch.zeros(*shape, *obs_shape, dtype=obs_dtype, device=device)  # uint8 for image frames
         self.actions = torch.zeros(*shape, *action_shape, dtype=action_dtype, device=device)
         self.logp = torch.zeros(*shape, *logp_shape, device=device)

@@ -76,6 +76,10 @@ def dataset_buffer(
         next_actions=next_actions,
         mc_returns=mc_returns,
         action_chunk=action_chunk,
+        memory_fix=lambda fit: (
+            f"use a dataset of at most about {fit:,} steps"
+            + (f" with the online phase's buffer_size ({extra_capacity:,}) included" if extra_capacity else "")
+        ),
     )
     actions = replay_actions(dataset.actions, dataset.action_space).reshape(len(dataset.actions), *action_shape)
     rewards = dataset.rewards
