@@ -37,11 +37,14 @@ def shared_prompts(prompt_ids: Tensor, prompt_mask: Tensor) -> tuple[Tensor, Ten
     slots: dict[bytes, int] = {}
     firsts: list[int] = []  # the first row of each distinct prompt
     inverse = np.empty(len(prompt_ids), np.int64)
-    ids, mask = prompt_ids.numpy(), prompt_mask.numpy()  # numpy: a few us a call where torch takes tens
+    ids, mask = prompt_ids.cpu().numpy(), prompt_mask.cpu().numpy()  # numpy: a few us a call where torch takes tens
     for row, key in enumerate(np.concatenate([ids, mask.astype(np.int64)], -1)):
         slot = inverse[row] = slots.setdefault(key.tobytes(), len(firsts))
         if slot == len(firsts):
             firsts.append(row)
+    if prompt_ids.device.type != "cpu":  # a model on an accelerator: its batch stays there
+        rows = torch.tensor(firsts, device=prompt_ids.device)
+        return prompt_ids[rows], prompt_mask[rows], torch.from_numpy(inverse).to(prompt_ids.device)
     return torch.from_numpy(ids[firsts]), torch.from_numpy(mask[firsts]), torch.from_numpy(inverse)
 
 
