@@ -1,0 +1,313 @@
+"""Are policylab's SAC and TD3 updates stable-baselines3's? Checked apart from the random streams.
+
+`offpolicy.py` compares the two libraries by wall clock at about equal return; this script checks that they run
+the same update. The same initial networks (SB3's actor, twin critics and their targets, copied into
+policylab's), the same replay batches (real Pendulum-v1 transitions) and the same Gaussian draws go into
+policylab's update and SB3's own `train()`: SAC's reparameterized actions (policylab's update takes its noise as
+an argument; SB3's `Normal.rsample` is replaced by one that reads the same draws, the observations' then the next
+observations', the order SB3's `train()` samples them in), TD3's target-smoothing noise (policylab's
+`target_policy_smoothing` and SB3's `Tensor.normal_` both read the same draws). After 1 to 512 gradient steps:
+how far apart are the twin critics' Q-values and the actor's output (SAC: its mean and log std, and the entropy
+temperature) on a probe set? The scale to compare with: how far each float32 run is from SB3's `train()` with
+every network, optimizer and draw in float64, since float32 rounding differs between any two implementations and
+Adam amplifies it. Both of policylab's paths are checked: the hand-derived update it runs (`fused_offpolicy`)
+and the autograd one.
+
+    .venv/bin/python benchmarks/actor_critic_equivalence.py                       # offpolicy.py's sac-pendulum case
+    .venv/bin/python benchmarks/actor_critic_equivalence.py --sb3-epsilon 0       # SB3 with the exact log-probability
+    .venv/bin/python benchmarks/actor_critic_equivalence.py --case td3-pendulum   # TD3 (SB3's [400, 300] networks)
+
+One SAC convention differs by design: SB3's squashed-Gaussian log-probability subtracts
+log(1 - tanh(u)^2 + 1e-6), policylab's the exact log(1 - tanh(u)^2) in its stable form 2 (log 2 - u -
+softplus(-2u)); `--sb3-epsilon 0` gives SB3 the exact one.
+
+Output: a table per seed and JSON in benchmarks/results/<sac or td3>_equivalence-<date>.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+from collections.abc import Iterator
+from typing import Any
+
+import stable_baselines3 as sb3
+import stable_baselines3.common.policies as sb3_policies
+import torch
+from common import HelpFormatter, positive_int, print_table, provenance, write_results
+from offpolicy import CASES
+from sb3_equivalence import relative_gap
+from stable_baselines3.common.logger import configure
+from stable_baselines3.common.type_aliases import ReplayBufferSamples
+
+import policylab.algos.fused_offpolicy as pl_fused
+import policylab.algos.td3 as pl_td3
+from policylab.algos import get_algo
+from policylab.algos.fused_offpolicy import fused_sac_update
+from policylab.data import Batch
+from policylab.train import OffPolicyLoop, resolve_config
+
+CASE = CASES["sac-pendulum"]  # or td3-pendulum (--case)
+CHECKPOINTS = (1, 8, 32, 128, 512)
+FILL_STEPS = 2000
+PROBES = 1000
+
+
+def ours_loop(seed: int, analytic: bool) -> OffPolicyLoop:
+    """A loop whose buffer holds FILL_STEPS random-action transitions, no update made."""
+    overrides = {**CASE.ours, "learning_starts": FILL_STEPS, "num_envs": 1, "eval_every": 0, "threads": 1}
+    overrides.update(checkpoint_every=0, device="cpu", analytic_grads=analytic)
+    cfg, _ = resolve_config(get_algo(CASE.algo), CASE.env, FILL_STEPS, seed, overrides=overrides, preset="none")
+    loop = OffPolicyLoop(get_algo(CASE.algo), cfg)
+    while loop.step < cfg.steps:
+        loop.iterate()
+    return loop
+
+
+def sb3_model(seed: int, epsilon: float) -> Any:
+    """SB3's model (SAC: with `epsilon` in its squashed log-probability's log(1 - tanh(u)^2 + epsilon), its own
+    1e-6)."""
+    model = getattr(sb3, CASE.sb3)("MlpPolicy", CASE.env, learning_starts=0, seed=seed, device="cpu", **CASE.sb3_kwargs)
+    model.set_logger(configure(None, []))
+    if CASE.algo == "sac":
+        model.actor.action_dist.epsilon = epsilon
+    return model
+
+
+def _linears(module: torch.nn.Module) -> list[torch.nn.Linear]:
+    return [m for m in module.modules() if isinstance(m, torch.nn.Linear)]
+
+
+def copy_into_ours(model: Any, loop: OffPolicyLoop) -> None:
+    """SB3's actor (SAC: latent MLP, then mu and log_std heads, where policylab's last layer is [mean, log_std];
+    TD3: one MLP), critics qf0 / qf1 and the targets into policylab's stacked networks ([in, out], member k)."""
+    algo = loop.algo
+    sac = CASE.algo == "sac"
+    actor = [*_linears(model.actor.latent_pi), None] if sac else _linears(model.actor.mu)
+    heads = (model.actor.mu, model.actor.log_std) if sac else ()
+    with torch.no_grad():
+        for i, linear in enumerate(actor):
+            if linear is None:
+                algo.net.body.weight(i)[0].copy_(torch.cat([h.weight for h in heads]).T)
+                algo.net.body.biases[i][0].view(-1).copy_(torch.cat([h.bias for h in heads]))
+            else:
+                algo.net.body.weight(i)[0].copy_(linear.weight.T)
+                algo.net.body.biases[i][0].view(-1).copy_(linear.bias)
+        for k, q in enumerate((model.critic.qf0, model.critic.qf1)):
+            for i, linear in enumerate(_linears(q)):
+                algo.critic.body.weight(i)[k].copy_(linear.weight.T)
+                algo.critic.body.biases[i][k].view(-1).copy_(linear.bias)
+    algo.critic_target.update(1.0)
+    model.critic_target.load_state_dict(model.critic.state_dict())
+    if not sac:
+        algo.actor_target.update(1.0)
+        model.actor_target.load_state_dict(model.actor.state_dict())
+
+
+def sb3_samples(batch: Batch, dtype: torch.dtype) -> ReplayBufferSamples:
+    return ReplayBufferSamples(
+        observations=batch.obs.to(dtype),
+        actions=batch.actions.to(dtype),
+        next_observations=batch.next_obs.to(dtype),
+        dones=batch.terminated.to(dtype).unsqueeze(1),
+        rewards=batch.rewards.to(dtype).unsqueeze(1),
+    )
+
+
+@contextlib.contextmanager
+def shared_draws(draws: list[torch.Tensor]) -> Iterator[None]:
+    """`torch.distributions.Normal.rsample` reads `draws` in order (mean + std * draw) instead of drawing."""
+    rsample = torch.distributions.Normal.rsample
+    feed = iter(draws)
+
+    def from_feed(self: torch.distributions.Normal, sample_shape: Any = None) -> torch.Tensor:
+        return self.loc + self.scale * next(feed).to(self.loc.dtype)
+
+    torch.distributions.Normal.rsample = from_feed  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        torch.distributions.Normal.rsample = rsample  # type: ignore[method-assign]
+
+
+@contextlib.contextmanager
+def shared_normal_(draws: list[torch.Tensor]) -> Iterator[None]:
+    """`Tensor.normal_(mean, std)` (SB3's TD3 target noise) writes mean + std * the next of `draws`."""
+    normal_ = torch.Tensor.normal_
+    feed = iter(draws)
+
+    def from_feed(self: torch.Tensor, mean: float = 0.0, std: float = 1.0, **kwargs: Any) -> torch.Tensor:
+        return self.copy_(mean + std * next(feed).to(self.dtype))
+
+    torch.Tensor.normal_ = from_feed  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        torch.Tensor.normal_ = normal_  # type: ignore[method-assign]
+
+
+@contextlib.contextmanager
+def ours_smoothing(draws: list[torch.Tensor]) -> Iterator[None]:
+    """policylab's TD3 `target_policy_smoothing` (both update paths) reads `draws` instead of drawing."""
+    smoothing = pl_td3.target_policy_smoothing
+    feed = iter(draws)
+
+    def from_feed(actions: torch.Tensor, std: float, clip: float, low: Any, high: Any, generator: Any) -> torch.Tensor:
+        noise = next(feed).to(actions.dtype) * std
+        return torch.clamp(actions + noise.clamp(-clip, clip), low, high)
+
+    pl_td3.target_policy_smoothing = pl_fused.target_policy_smoothing = from_feed  # type: ignore[assignment]
+    try:
+        yield
+    finally:
+        pl_td3.target_policy_smoothing = pl_fused.target_policy_smoothing = smoothing  # type: ignore[assignment]
+
+
+@contextlib.contextmanager
+def sb3_in_float64(model: Any) -> Iterator[None]:
+    """SB3's networks, entropy coefficient and optimizers in float64; its policies cast Box observations to
+    float32, so that cast is lifted for the duration."""
+    cast = sb3_policies.preprocess_obs
+    lr = CASE.sb3_kwargs["learning_rate"]
+    model.policy.double()
+    model.actor.optimizer = torch.optim.Adam(model.actor.parameters(), lr=lr)
+    model.critic.optimizer = torch.optim.Adam(model.critic.parameters(), lr=lr)
+    if CASE.algo == "sac":
+        model.log_ent_coef = model.log_ent_coef.detach().double().requires_grad_(True)
+        model.ent_coef_optimizer = torch.optim.Adam([model.log_ent_coef], lr=lr)
+    sb3_policies.preprocess_obs = lambda obs, *args, **kwargs: obs
+    try:
+        yield
+    finally:
+        sb3_policies.preprocess_obs = cast
+
+
+def sb3_train(model: Any, batches: list[ReplayBufferSamples], noise: list[torch.Tensor]) -> None:
+    """SB3's own SAC.train() over the given batches and draws, in order."""
+    feed = iter(batches)
+    model.replay_buffer.sample = lambda *args, **kwargs: next(feed)
+    n = len(batches[0].observations)
+    if CASE.algo == "td3":
+        with shared_normal_(noise):
+            model.train(gradient_steps=len(batches), batch_size=n)
+        return
+    with shared_draws([half for draw in noise for half in (draw[:n], draw[n:])]):
+        model.train(gradient_steps=len(batches), batch_size=n)
+
+
+def ours_train(loop: OffPolicyLoop, batches: list[Batch], noise: list[torch.Tensor], start: int) -> None:
+    algo = loop.algo
+    if CASE.algo == "td3":
+        with ours_smoothing(noise):
+            for i, batch in enumerate(batches):
+                algo.update(batch, start + i)
+        return
+    for i, (batch, draw) in enumerate(zip(batches, noise, strict=True)):
+        if algo.fused:
+            fused_sac_update(algo, batch, start + i, draw)
+        else:
+            algo.autograd_update(batch, start + i, draw)
+
+
+OUTPUTS = {"sac": ("q", "mean", "log_std", "alpha"), "td3": ("q", "action")}
+
+
+def probe_outputs(loop: OffPolicyLoop | None, model: Any | None, obs: torch.Tensor, actions: torch.Tensor) -> dict:
+    """Both critics' Q [2, P] and the actor's output on the probe set: SAC's mean and log std [P, A] and alpha,
+    TD3's action [P, A] (in [-1, 1])."""
+    with torch.no_grad():
+        if loop is not None:
+            algo = loop.algo
+            q = algo.critic(obs, actions).reshape(2, -1)
+            if CASE.algo == "td3":
+                return {"q": q, "action": torch.tanh(algo.net.body(obs)[0])}
+            mean, log_std = algo.net._mean_log_std(obs)
+            return {"q": q, "mean": mean, "log_std": log_std, "alpha": algo.temperature.log_alpha.exp()}
+        dtype = next(model.policy.parameters()).dtype
+        obs, actions = obs.to(dtype), actions.to(dtype)
+        q = torch.cat(model.critic(obs, actions), 1).T
+        if CASE.algo == "td3":
+            return {"q": q, "action": model.actor(obs)}
+        mean, log_std, _ = model.actor.get_action_dist_params(obs)
+        return {"q": q, "mean": mean, "log_std": log_std, "alpha": model.log_ent_coef.detach().exp()}
+
+
+def compare(seed: int, analytic: bool, epsilon: float) -> list[dict[str, Any]]:
+    loop = ours_loop(seed, analytic)
+    generator = torch.Generator().manual_seed(seed)
+    batch_size = CASE.sb3_kwargs["batch_size"]
+    batches = [loop.buffer.sample(batch_size, generator) for _ in range(CHECKPOINTS[-1])]
+    rows_per_step = 2 * batch_size if CASE.algo == "sac" else batch_size  # SAC: obs rows, then next-obs rows
+    noise = [torch.randn(rows_per_step, 1, generator=generator, dtype=torch.float64) for _ in batches]
+    probe = loop.buffer.sample(PROBES, generator)
+    sb3_32, sb3_64 = sb3_model(seed, epsilon), sb3_model(seed, epsilon)
+    sb3_64.policy.load_state_dict(sb3_32.policy.state_dict())
+    copy_into_ours(sb3_32, loop)
+    rows, done = [], 0
+    initial = probe_outputs(None, sb3_32, probe.obs, probe.actions)
+    with sb3_in_float64(sb3_64):
+        for upto in CHECKPOINTS:
+            chunk, draws = batches[done:upto], noise[done:upto]
+            ours_train(loop, chunk, [d.float() for d in draws], done)
+            sb3_train(sb3_32, [sb3_samples(b, torch.float32) for b in chunk], [d.float() for d in draws])
+            sb3_train(sb3_64, [sb3_samples(b, torch.float64) for b in chunk], draws)
+            done = upto
+            outputs = [probe_outputs(loop, None, probe.obs, probe.actions)]
+            outputs += [probe_outputs(None, m, probe.obs, probe.actions) for m in (sb3_32, sb3_64)]
+            row: dict[str, Any] = {"gradient_steps": upto}
+            for what in OUTPUTS[CASE.algo]:
+                ours, theirs, exact = (o[what] for o in outputs)
+                row[what] = {
+                    "moved_from_initial": relative_gap(initial[what], theirs),
+                    "ours_vs_sb3": relative_gap(ours, theirs),
+                    "ours_vs_float64": relative_gap(ours, exact),
+                    "sb3_vs_float64": relative_gap(theirs, exact),
+                }
+            rows.append(row)
+    loop.close()
+    return rows
+
+
+def print_rows(rows: list[dict[str, Any]], path: str) -> None:
+    print(f"policylab's {path} update against SB3's {CASE.sb3}.train(): max |d| / mean |value| on {PROBES:,} probes")
+    headers = ["steps", "output", "SB3 vs its initial", "ours vs SB3", "ours vs float64", "SB3 vs float64"]
+    table = [
+        [str(r["gradient_steps"]), what]
+        + [f"{r[what][k]:.1e}" for k in ("moved_from_initial", "ours_vs_sb3", "ours_vs_float64", "sb3_vs_float64")]
+        for r in rows
+        for what in OUTPUTS[CASE.algo]
+    ]
+    print_table(headers, table)
+
+
+def main() -> None:
+    global CASE
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=HelpFormatter)
+    parser.add_argument("--case", choices=("sac-pendulum", "td3-pendulum"), default="sac-pendulum", help="the case")
+    parser.add_argument("--seeds", type=positive_int, default=3, help="seeds 1..N (initial networks, batches, env)")
+    parser.add_argument(
+        "--sb3-epsilon",
+        type=float,
+        default=1e-6,
+        help="SB3's epsilon in log(1 - tanh(u)^2 + epsilon); 0: the exact log-probability policylab computes",
+    )
+    args = parser.parse_args()
+    CASE = CASES[args.case]
+    torch.set_num_threads(1)
+    per_seed = []
+    for seed in range(1, args.seeds + 1):
+        print(f"\n== seed {seed}")
+        result: dict[str, Any] = {"seed": seed}
+        for path, analytic in (("fused", True), ("autograd", False)):
+            result[path] = compare(seed, analytic, args.sb3_epsilon)
+            print_rows(result[path], path)
+        per_seed.append(result)
+    payload = {**provenance(["policylab", "torch", "stable-baselines3", "gymnasium"]), "case": args.case}
+    if CASE.algo == "sac":
+        payload["sb3_epsilon"] = args.sb3_epsilon
+    payload["seeds"] = per_seed
+    print(f"\nresults: {write_results(f'{CASE.algo}_equivalence', payload)}")
+
+
+if __name__ == "__main__":
+    main()
