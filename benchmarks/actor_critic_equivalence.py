@@ -1,37 +1,38 @@
-"""Are policylab's SAC and TD3 updates stable-baselines3's? Checked apart from the random streams.
+"""Are policylab's SAC, TD3 and TQC updates SB3's (sb3-contrib's)? Checked apart from the random streams.
 
-`offpolicy.py` compares the two libraries by wall clock at about equal return; this script checks that they run
-the same update. The same initial networks (SB3's actor, twin critics and their targets, copied into
-policylab's), the same replay batches (real Pendulum-v1 transitions) and the same Gaussian draws go into
-policylab's update and SB3's own `train()`: SAC's reparameterized actions (policylab's update takes its noise as
-an argument; SB3's `Normal.rsample` is replaced by one that reads the same draws, the observations' then the next
+`offpolicy.py` compares the libraries by wall clock at about equal return; this script checks that they run the
+same update. The same initial networks (SB3's actor, twin critics and their targets, copied into policylab's),
+the same replay batches (real Pendulum-v1 transitions) and the same Gaussian draws go into policylab's update and
+SB3's own `train()`: SAC's and TQC's reparameterized actions (policylab's update takes its noise as an argument;
+SB3's `Normal.rsample` is replaced by one that reads the same draws, the observations' then the next
 observations', the order SB3's `train()` samples them in), TD3's target-smoothing noise (policylab's
 `target_policy_smoothing` and SB3's `Tensor.normal_` both read the same draws). After 1 to 512 gradient steps:
-how far apart are the twin critics' Q-values and the actor's output (SAC: its mean and log std, and the entropy
-temperature) on a probe set? The scale to compare with: how far each float32 run is from SB3's `train()` with
-every network, optimizer and draw in float64, since float32 rounding differs between any two implementations and
-Adam amplifies it. Both of policylab's paths are checked: the hand-derived update it runs (`fused_offpolicy`)
-and the autograd one.
+how far apart are the twin critics' Q-values (TQC: every quantile) and the actor's output (SAC and TQC: its mean
+and log std, and the entropy temperature) on a probe set? The scale to compare with: how far each float32 run is
+from SB3's `train()` with every network, optimizer and draw in float64, since float32 rounding differs between
+any two implementations and Adam amplifies it. Both of policylab's paths are checked: the hand-derived update it
+runs (`fused_offpolicy`) and the autograd one.
 
     .venv/bin/python benchmarks/actor_critic_equivalence.py                       # offpolicy.py's sac-pendulum case
     .venv/bin/python benchmarks/actor_critic_equivalence.py --sb3-epsilon 0       # SB3 with the exact log-probability
     .venv/bin/python benchmarks/actor_critic_equivalence.py --case td3-pendulum   # TD3 (SB3's [400, 300] networks)
+    .venv/bin/python benchmarks/actor_critic_equivalence.py --case tqc-pendulum   # TQC against sb3-contrib's
 
-One SAC convention differs by design: SB3's squashed-Gaussian log-probability subtracts
+One SAC (and TQC) convention differs by design: SB3's squashed-Gaussian log-probability subtracts
 log(1 - tanh(u)^2 + 1e-6), policylab's the exact log(1 - tanh(u)^2) in its stable form 2 (log 2 - u -
 softplus(-2u)); `--sb3-epsilon 0` gives SB3 the exact one.
 
-Output: a table per seed and JSON in benchmarks/results/<sac or td3>_equivalence-<date>.json.
+Output: a table per seed and JSON in benchmarks/results/<sac, td3 or tqc>_equivalence-<date>.json.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib
 from collections.abc import Iterator
 from typing import Any
 
-import stable_baselines3 as sb3
 import stable_baselines3.common.policies as sb3_policies
 import torch
 from common import HelpFormatter, positive_int, print_table, provenance, write_results
@@ -67,11 +68,19 @@ def ours_loop(seed: int, analytic: bool) -> OffPolicyLoop:
 def sb3_model(seed: int, epsilon: float) -> Any:
     """SB3's model (SAC: with `epsilon` in its squashed log-probability's log(1 - tanh(u)^2 + epsilon), its own
     1e-6)."""
-    model = getattr(sb3, CASE.sb3)("MlpPolicy", CASE.env, learning_starts=0, seed=seed, device="cpu", **CASE.sb3_kwargs)
+    module = importlib.import_module(CASE.sb3_module)
+    model = getattr(module, CASE.sb3)(
+        "MlpPolicy", CASE.env, learning_starts=0, seed=seed, device="cpu", **CASE.sb3_kwargs
+    )
     model.set_logger(configure(None, []))
-    if CASE.algo == "sac":
+    if _gaussian():
         model.actor.action_dist.epsilon = epsilon
     return model
+
+
+def _gaussian() -> bool:
+    """SAC and TQC: a tanh-Gaussian actor and an entropy temperature (TD3: a deterministic actor)."""
+    return CASE.algo in ("sac", "tqc")
 
 
 def _linears(module: torch.nn.Module) -> list[torch.nn.Linear]:
@@ -82,7 +91,7 @@ def copy_into_ours(model: Any, loop: OffPolicyLoop) -> None:
     """SB3's actor (SAC: latent MLP, then mu and log_std heads, where policylab's last layer is [mean, log_std];
     TD3: one MLP), critics qf0 / qf1 and the targets into policylab's stacked networks ([in, out], member k)."""
     algo = loop.algo
-    sac = CASE.algo == "sac"
+    sac = _gaussian()
     actor = [*_linears(model.actor.latent_pi), None] if sac else _linears(model.actor.mu)
     heads = (model.actor.mu, model.actor.log_std) if sac else ()
     with torch.no_grad():
@@ -93,7 +102,7 @@ def copy_into_ours(model: Any, loop: OffPolicyLoop) -> None:
             else:
                 algo.net.body.weight(i)[0].copy_(linear.weight.T)
                 algo.net.body.biases[i][0].view(-1).copy_(linear.bias)
-        for k, q in enumerate((model.critic.qf0, model.critic.qf1)):
+        for k, q in enumerate(model.critic.q_networks):
             for i, linear in enumerate(_linears(q)):
                 algo.critic.body.weight(i)[k].copy_(linear.weight.T)
                 algo.critic.body.biases[i][k].view(-1).copy_(linear.bias)
@@ -172,7 +181,7 @@ def sb3_in_float64(model: Any) -> Iterator[None]:
     model.policy.double()
     model.actor.optimizer = torch.optim.Adam(model.actor.parameters(), lr=lr)
     model.critic.optimizer = torch.optim.Adam(model.critic.parameters(), lr=lr)
-    if CASE.algo == "sac":
+    if _gaussian():
         model.log_ent_coef = model.log_ent_coef.detach().double().requires_grad_(True)
         model.ent_coef_optimizer = torch.optim.Adam([model.log_ent_coef], lr=lr)
     sb3_policies.preprocess_obs = lambda obs, *args, **kwargs: obs
@@ -203,29 +212,32 @@ def ours_train(loop: OffPolicyLoop, batches: list[Batch], noise: list[torch.Tens
                 algo.update(batch, start + i)
         return
     for i, (batch, draw) in enumerate(zip(batches, noise, strict=True)):
-        if algo.fused:
+        if CASE.algo == "tqc":
+            pl_fused.fused_tqc_update(algo, batch, draw) if algo.fused else algo.autograd_update(batch, draw)
+        elif algo.fused:
             fused_sac_update(algo, batch, start + i, draw)
         else:
             algo.autograd_update(batch, start + i, draw)
 
 
-OUTPUTS = {"sac": ("q", "mean", "log_std", "alpha"), "td3": ("q", "action")}
+OUTPUTS = {"sac": ("q", "mean", "log_std", "alpha"), "td3": ("q", "action"), "tqc": ("q", "mean", "log_std", "alpha")}
 
 
 def probe_outputs(loop: OffPolicyLoop | None, model: Any | None, obs: torch.Tensor, actions: torch.Tensor) -> dict:
-    """Both critics' Q [2, P] and the actor's output on the probe set: SAC's mean and log std [P, A] and alpha,
-    TD3's action [P, A] (in [-1, 1])."""
+    """Both critics' Q [2, P] (TQC's quantiles [2, P, M]) and the actor's output on the probe set: SAC's and TQC's
+    mean and log std [P, A] and alpha, TD3's action [P, A] (in [-1, 1])."""
     with torch.no_grad():
         if loop is not None:
             algo = loop.algo
-            q = algo.critic(obs, actions).reshape(2, -1)
+            q = algo.critic(obs, actions).reshape(2, len(obs), -1)
             if CASE.algo == "td3":
                 return {"q": q, "action": torch.tanh(algo.net.body(obs)[0])}
             mean, log_std = algo.net._mean_log_std(obs)
             return {"q": q, "mean": mean, "log_std": log_std, "alpha": algo.temperature.log_alpha.exp()}
         dtype = next(model.policy.parameters()).dtype
         obs, actions = obs.to(dtype), actions.to(dtype)
-        q = torch.cat(model.critic(obs, actions), 1).T
+        critics = model.critic(obs, actions)  # SAC, TD3: a tuple of [P, 1]; TQC: [P, K, M]
+        q = critics.transpose(0, 1) if CASE.algo == "tqc" else torch.stack(critics)
         if CASE.algo == "td3":
             return {"q": q, "action": model.actor(obs)}
         mean, log_std, _ = model.actor.get_action_dist_params(obs)
@@ -237,7 +249,7 @@ def compare(seed: int, analytic: bool, epsilon: float) -> list[dict[str, Any]]:
     generator = torch.Generator().manual_seed(seed)
     batch_size = CASE.sb3_kwargs["batch_size"]
     batches = [loop.buffer.sample(batch_size, generator) for _ in range(CHECKPOINTS[-1])]
-    rows_per_step = 2 * batch_size if CASE.algo == "sac" else batch_size  # SAC: obs rows, then next-obs rows
+    rows_per_step = 2 * batch_size if _gaussian() else batch_size  # SAC, TQC: obs rows, then next-obs rows
     noise = [torch.randn(rows_per_step, 1, generator=generator, dtype=torch.float64) for _ in batches]
     probe = loop.buffer.sample(PROBES, generator)
     sb3_32, sb3_64 = sb3_model(seed, epsilon), sb3_model(seed, epsilon)
@@ -283,7 +295,9 @@ def print_rows(rows: list[dict[str, Any]], path: str) -> None:
 def main() -> None:
     global CASE
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=HelpFormatter)
-    parser.add_argument("--case", choices=("sac-pendulum", "td3-pendulum"), default="sac-pendulum", help="the case")
+    parser.add_argument(
+        "--case", choices=("sac-pendulum", "td3-pendulum", "tqc-pendulum"), default="sac-pendulum", help="the case"
+    )
     parser.add_argument("--seeds", type=positive_int, default=3, help="seeds 1..N (initial networks, batches, env)")
     parser.add_argument(
         "--sb3-epsilon",
@@ -302,8 +316,9 @@ def main() -> None:
             result[path] = compare(seed, analytic, args.sb3_epsilon)
             print_rows(result[path], path)
         per_seed.append(result)
-    payload = {**provenance(["policylab", "torch", "stable-baselines3", "gymnasium"]), "case": args.case}
-    if CASE.algo == "sac":
+    packages = ["policylab", "torch", "stable-baselines3", "sb3-contrib", "gymnasium"]
+    payload = {**provenance(packages), "case": args.case}
+    if _gaussian():
         payload["sb3_epsilon"] = args.sb3_epsilon
     payload["seeds"] = per_seed
     print(f"\nresults: {write_results(f'{CASE.algo}_equivalence', payload)}")
