@@ -36,7 +36,8 @@ class RolloutBuffer:
         self.num_envs = num_envs
         if torch.device(device).type == "cpu":
             obs_bytes = math.prod(obs_shape) * obs_dtype.itemsize
-            per = obs_bytes + math.prod(action_shape) * action_dtype.itemsize + 4 * math.prod(logp_shape) + 18
+            # + values, rewards and bootstrap (float32), terminated and episode_end (bool)
+            per = obs_bytes + math.prod(action_shape) * action_dtype.itemsize + 4 * math.prod(logp_shape) + 14
             check_memory(
                 n_steps * num_envs * per,
                 f"a rollout of {n_steps:,} steps x {num_envs:,} envs ({per:,} bytes a step)",
