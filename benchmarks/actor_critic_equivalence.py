@@ -48,7 +48,7 @@ from policylab.algos.fused_offpolicy import fused_sac_update
 from policylab.data import Batch
 from policylab.train import OffPolicyLoop, resolve_config
 
-CASE = CASES["sac-pendulum"]  # or td3-pendulum (--case)
+CASE = CASES["sac-pendulum"]  # --case picks td3-pendulum or tqc-pendulum instead
 CHECKPOINTS = (1, 8, 32, 128, 512)
 FILL_STEPS = 2000
 PROBES = 1000
