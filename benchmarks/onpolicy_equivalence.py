@@ -1,19 +1,22 @@
-"""Is policylab's PPO update (with its GAE) stable-baselines3's? Checked apart from the random streams.
+"""Are policylab's PPO and A2C updates (with their GAE) stable-baselines3's? Checked apart from the random streams.
 
-`ppo_cartpole.py` compares the two PPOs by wall clock at equal return; this script checks that they compute the
-same update from the same experience. SB3's initial actor and critic are copied into policylab's network;
-policylab collects each rollout (CartPole-v1, `ppo_cartpole.py`'s settings: 8 envs x 32 steps, 20 epochs of one
-256-sample minibatch, gamma 0.98, GAE lambda 0.8, clip 0.2, vf_coef 0.5, max_grad_norm 0.5, Adam's epsilon 1e-5;
-the learning rate and the clip range held at their starting values), and SB3 gets the same observations, actions,
-rewards and episode starts in its rollout buffer, with its own values and log-probabilities of them and its own
-`compute_returns_and_advantage`, then its own `PPO.train()`. With one minibatch per epoch the update does not
-depend on the minibatches' order. After each of 1 to 8 rollouts (20 to 160 gradient steps): how far apart are the
-two actors' log-probabilities and the two critics' values on the rollouts' observations, and the GAE advantages
-of the rollout? The scale to compare with: SB3's float32 run against the same run in float64.
+`ppo_cartpole.py` compares the two PPOs by wall clock at equal return; this script checks that the libraries
+compute the same update from the same experience. SB3's initial actor and critic are copied into policylab's
+network; policylab collects each rollout on CartPole-v1 with its preset, which is SB3's settings (PPO:
+`ppo_cartpole.py`'s, 8 envs x 32 steps, 20 epochs of one 256-sample minibatch, gamma 0.98, GAE lambda 0.8, clip
+0.2, vf_coef 0.5, max_grad_norm 0.5, Adam's epsilon 1e-5, the learning rate and the clip range held at their
+starting values; A2C: SB3's defaults, 8 envs x 5 steps, one step of RMSprop (alpha 0.99, epsilon 1e-5) per
+rollout, lr 7e-4, gamma 0.99, no advantage normalization), and SB3 gets the same observations, actions, rewards
+and episode starts in its rollout buffer, with its own values and log-probabilities of them and its own
+`compute_returns_and_advantage`, then its own `train()`. With one minibatch per epoch PPO's update does not depend
+on the minibatches' order. After a number of rollouts: how far apart are the two actors' log-probabilities and the
+two critics' values on the rollouts' observations, and the GAE advantages of the last rollout? The scale to
+compare with: SB3's float32 run against the same run in float64.
 
-    .venv/bin/python benchmarks/ppo_equivalence.py --seeds 3
+    .venv/bin/python benchmarks/onpolicy_equivalence.py --seeds 3               # PPO
+    .venv/bin/python benchmarks/onpolicy_equivalence.py --seeds 3 --algo a2c
 
-Output: a table per seed and JSON in benchmarks/results/ppo_equivalence-<date>.json.
+Output: a table per seed and JSON in benchmarks/results/<ppo or a2c>_equivalence-<date>.json.
 """
 
 from __future__ import annotations
@@ -28,34 +31,48 @@ import stable_baselines3.common.policies as sb3_policies
 import torch
 from common import HelpFormatter, positive_int, print_table, provenance, write_results
 from sb3_equivalence import relative_gap
-from stable_baselines3 import PPO
+from stable_baselines3 import A2C, PPO
 from stable_baselines3.common.env_util import make_vec_env
 from stable_baselines3.common.logger import configure
 
 from policylab.algos import get_algo
+from policylab.algos.onpolicy import rollout_advantages
 from policylab.data import Batch
 from policylab.train import OnPolicyLoop, resolve_config
 
 ENV = "CartPole-v1"
-ROLLOUTS = (1, 2, 4, 8)
-SETTINGS = {"n_steps": 32, "batch_size": 256, "n_epochs": 20, "gamma": 0.98, "gae_lambda": 0.8, "ent_coef": 0.0}
-SETTINGS.update(vf_coef=0.5, max_grad_norm=0.5, learning_rate=1e-3, clip_range=0.2)
+ROLLOUTS = {"ppo": (1, 2, 4, 8), "a2c": (1, 8, 32, 128)}
+SB3 = {"ppo": PPO, "a2c": A2C}
+SETTINGS: dict[str, dict[str, Any]] = {
+    "ppo": {"n_steps": 32, "batch_size": 256, "n_epochs": 20, "gamma": 0.98, "gae_lambda": 0.8, "ent_coef": 0.0},
+    "a2c": {"n_steps": 5, "gamma": 0.99, "gae_lambda": 1.0, "ent_coef": 0.0, "learning_rate": 7e-4},
+}
+SETTINGS["ppo"].update(vf_coef=0.5, max_grad_norm=0.5, learning_rate=1e-3, clip_range=0.2)
+SETTINGS["a2c"].update(vf_coef=0.5, max_grad_norm=0.5, rms_prop_eps=1e-5, normalize_advantage=False)
+EXPECTED: dict[str, dict[str, Any]] = {  # policylab's CartPole-v1 presets: SB3's settings above
+    "ppo": {"num_envs": 8, "n_steps": 32, "batch_size": 256, "epochs": 20, "gamma": 0.98, "gae_lambda": 0.8},
+    "a2c": {"num_envs": 8, "n_steps": 5, "gamma": 0.99, "gae_lambda": 1.0, "lr": 7e-4, "optimizer": "rmsprop"},
+}
+EXPECTED["ppo"].update(ent_coef=0.0, vf_coef=0.5, max_grad_norm=0.5, lr=1e-3, clip_eps=0.2, normalize_reward=False)
+EXPECTED["a2c"].update(ent_coef=0.0, vf_coef=0.5, max_grad_norm=0.5, rms_alpha=0.99, optim_eps=1e-5)
+EXPECTED["a2c"].update(normalize_advantage=False, normalize_reward=False)
+ALGO = "ppo"  # --algo a2c instead
 
 
 def ours_loop(seed: int) -> OnPolicyLoop:
     """policylab's CartPole-v1 preset (the same values) with the schedules held at their start."""
-    overrides = {"threads": 1, "eval_every": 0, "checkpoint_every": 0, "anneal_lr": False, "anneal_clip": False}
-    cfg, _ = resolve_config(get_algo("ppo"), ENV, 100_000, seed, overrides=overrides, preset="auto")
-    expected = {"num_envs": 8, "n_steps": 32, "batch_size": 256, "epochs": 20, "gamma": 0.98, "gae_lambda": 0.8}
-    expected.update(ent_coef=0.0, vf_coef=0.5, max_grad_norm=0.5, lr=1e-3, clip_eps=0.2, normalize_reward=False)
-    different = {k: getattr(cfg, k) for k, v in expected.items() if getattr(cfg, k) != v}
+    overrides = {"threads": 1, "eval_every": 0, "checkpoint_every": 0, "anneal_lr": False}
+    overrides.update({"anneal_clip": False} if ALGO == "ppo" else {})
+    cfg, _ = resolve_config(get_algo(ALGO), ENV, 100_000, seed, overrides=overrides, preset="auto")
+    different = {k: getattr(cfg, k) for k, v in EXPECTED[ALGO].items() if getattr(cfg, k) != v}
     if different:
         raise SystemExit(f"policylab's CartPole-v1 preset is not the one this script states: {different}")
-    return OnPolicyLoop(get_algo("ppo"), cfg)
+    return OnPolicyLoop(get_algo(ALGO), cfg)
 
 
 def sb3_model(seed: int) -> Any:
-    model = PPO("MlpPolicy", make_vec_env(ENV, n_envs=8, seed=seed), seed=seed, device="cpu", **SETTINGS)
+    env = make_vec_env(ENV, n_envs=8, seed=seed)
+    model = SB3[ALGO]("MlpPolicy", env, seed=seed, device="cpu", **SETTINGS[ALGO])
     model.set_logger(configure(None, []))
     return model
 
@@ -88,7 +105,8 @@ def sb3_in_float64(model: Any) -> Iterator[None]:
     for the duration."""
     cast = sb3_policies.preprocess_obs
     model.policy.double()
-    model.policy.optimizer = torch.optim.Adam(model.policy.parameters(), lr=SETTINGS["learning_rate"], eps=1e-5)
+    optimizer = model.policy.optimizer
+    model.policy.optimizer = type(optimizer)(model.policy.parameters(), **optimizer.defaults)
     sb3_policies.preprocess_obs = lambda obs, *args, **kwargs: obs
     try:
         yield
@@ -151,24 +169,24 @@ def compare(seed: int) -> list[dict[str, Any]]:
     starts = np.ones(loop.cfg.num_envs, np.float32)  # the first observations start episodes
     seen: list[torch.Tensor] = []
     with sb3_in_float64(sb3_64):
-        for index in range(1, ROLLOUTS[-1] + 1):
+        for index in range(1, ROLLOUTS[ALGO][-1] + 1):
             rollout = loop.collect()
             if not torch.equal(rollout.terminated, rollout.episode_end):
                 raise SystemExit("a CartPole episode was truncated: SB3 would bootstrap it in its rewards; use a seed "
                                  "without one")  # fmt: skip
             episode_starts = np.concatenate([starts[None], rollout.episode_end[:-1].numpy().astype(np.float32)])
             starts = rollout.episode_end[-1].numpy().astype(np.float32)
-            ours_advantages = loop.algo.rollout_data(rollout).advantages.reshape(rollout.rewards.shape)
+            ours_advantages = rollout_advantages(rollout, "gae", loop.cfg)[0]
             last_obs = np.asarray(loop.obs)
             theirs = sb3_train(sb3_32, rollout, episode_starts, last_obs)
             exact = sb3_train(sb3_64, rollout, episode_starts, last_obs)
             loop.algo.update(rollout, progress=0.0)
             seen.append(rollout.obs.reshape(-1, rollout.obs.shape[-1]))
-            if index not in ROLLOUTS:
+            if index not in ROLLOUTS[ALGO]:
                 continue
             probe = torch.cat(seen)
             ours, sb3, f64 = outputs(loop, None, probe), outputs(None, sb3_32, probe), outputs(None, sb3_64, probe)
-            row: dict[str, Any] = {"rollouts": index, "gradient_steps": index * loop.cfg.epochs}
+            row: dict[str, Any] = {"rollouts": index, "gradient_steps": index * getattr(loop.cfg, "epochs", 1)}
             row["advantages"] = {
                 "ours_vs_sb3": relative_gap(ours_advantages, torch.from_numpy(theirs)),
                 "ours_vs_float64": relative_gap(ours_advantages, torch.from_numpy(exact)),
@@ -186,7 +204,8 @@ def compare(seed: int) -> list[dict[str, Any]]:
 
 
 def print_rows(rows: list[dict[str, Any]]) -> None:
-    print("policylab's PPO against SB3's PPO.train() on the same rollouts: max |d| / mean |value|")
+    name = ALGO.upper()
+    print(f"policylab's {name} against SB3's {name}.train() on the same rollouts: max |d| / mean |value|")
     headers = ["rollouts", "gradient steps", "output", "ours vs SB3", "ours vs float64", "SB3 vs float64"]
     table = [
         [str(r["rollouts"]), str(r["gradient_steps"]), what]
@@ -198,9 +217,12 @@ def print_rows(rows: list[dict[str, Any]]) -> None:
 
 
 def main() -> None:
+    global ALGO
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=HelpFormatter)
+    parser.add_argument("--algo", choices=tuple(SB3), default="ppo", help="the algorithm on both sides")
     parser.add_argument("--seeds", type=positive_int, default=3, help="seeds 1..N (initial networks, env)")
     args = parser.parse_args()
+    ALGO = args.algo
     torch.set_num_threads(1)
     per_seed = []
     for seed in range(1, args.seeds + 1):
@@ -208,9 +230,9 @@ def main() -> None:
         rows = compare(seed)
         print_rows(rows)
         per_seed.append({"seed": seed, "rows": rows})
-    payload = {**provenance(["policylab", "torch", "stable-baselines3", "gymnasium"]), "case": "ppo-cartpole"}
+    payload = {**provenance(["policylab", "torch", "stable-baselines3", "gymnasium"]), "case": f"{ALGO}-cartpole"}
     payload["seeds"] = per_seed
-    print(f"\nresults: {write_results('ppo_equivalence', payload)}")
+    print(f"\nresults: {write_results(f'{ALGO}_equivalence', payload)}")
 
 
 if __name__ == "__main__":
