@@ -1,4 +1,5 @@
-"""Is policylab's DQN the same algorithm as stable-baselines3's? Checked apart from the random streams.
+"""Is policylab's DQN the same algorithm as stable-baselines3's (its QR-DQN sb3-contrib's)? Checked apart from the
+random streams.
 
 The return comparison in `offpolicy.py` can only say "not shown different" for a bimodal measure over
 tens of seeds. This script takes the random streams out and checks the two parts of the algorithm:
@@ -14,20 +15,23 @@ tens of seeds. This script takes the random streams out and checks the two parts
    network copies, and epsilon at every exploring step. These must be equal, exactly.
 
     .venv/bin/python benchmarks/sb3_equivalence.py            # the dqn-cartpole case of offpolicy.py
+    .venv/bin/python benchmarks/sb3_equivalence.py --case qrdqn-cartpole   # the update against sb3-contrib's QRDQN
 
-The hyperparameters are `offpolicy.py`'s `dqn-cartpole` case. Output: a table per part and JSON in
-benchmarks/results/sb3_equivalence-<date>.json.
+The hyperparameters are `offpolicy.py`'s `dqn-cartpole` case (`--case qrdqn-cartpole`: its `qrdqn-cartpole`
+case, the update only, against sb3-contrib's QRDQN, whose quantile network is copied in with its outputs
+reordered). Output: a table per part and JSON in benchmarks/results/sb3_equivalence-<date>.json
+(qrdqn_equivalence-<date>.json).
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib
 import math
 from collections.abc import Callable, Iterator
 from typing import Any
 
-import stable_baselines3 as sb3
 import stable_baselines3.common.policies as sb3_policies
 import torch
 from common import HelpFormatter, positive_int, print_table, provenance, write_results
@@ -50,14 +54,33 @@ FILL_STEPS = 4000
 def ours_loop(steps: int, learning_starts: int, seed: int) -> OffPolicyLoop:
     overrides = {**CASE.ours, "learning_starts": learning_starts, "num_envs": 1, "eval_every": 0, "threads": 1}
     overrides.update(checkpoint_every=0, n_step=1, prioritized=False, device="cpu")
-    cfg, _ = resolve_config(get_algo("dqn"), CASE.env, steps, seed, overrides=overrides, preset="none")
-    return OffPolicyLoop(get_algo("dqn"), cfg)
+    cfg, _ = resolve_config(get_algo(CASE.algo), CASE.env, steps, seed, overrides=overrides, preset="none")
+    return OffPolicyLoop(get_algo(CASE.algo), cfg)
 
 
 def sb3_model(learning_starts: int, seed: int) -> Any:
-    model = sb3.DQN("MlpPolicy", CASE.env, learning_starts=learning_starts, seed=seed, device="cpu", **CASE.sb3_kwargs)
+    """SB3's DQN (or sb3-contrib's QRDQN with --case qrdqn-cartpole)."""
+    model_class = getattr(importlib.import_module(CASE.sb3_module), CASE.sb3)
+    model = model_class(
+        "MlpPolicy", CASE.env, learning_starts=learning_starts, seed=seed, device="cpu", **CASE.sb3_kwargs
+    )
     model.set_logger(configure(None, []))
     return model
+
+
+def sb3_net(model: Any, target: bool = False) -> torch.nn.Module:
+    """SB3's Q-network (sb3-contrib's quantile network), or its target."""
+    name = "quantile_net" if CASE.algo == "qrdqn" else "q_net"
+    return getattr(model, f"{name}_target" if target else name)
+
+
+def values(loop: OffPolicyLoop | None, model: Any | None, obs: torch.Tensor) -> torch.Tensor:
+    """Q-values [P, A] (QR-DQN: quantiles [P, A, M]) of policylab's network or SB3's on `obs`."""
+    if loop is not None:
+        out = loop.algo.net(obs)
+        return out if CASE.algo == "qrdqn" else out[0]
+    out = sb3_net(model)(obs.to(next(model.policy.parameters()).dtype))
+    return out.transpose(1, 2) if CASE.algo == "qrdqn" else out  # sb3-contrib's quantiles are [P, M, A]
 
 
 def run_to_end(loop: OffPolicyLoop) -> None:
@@ -69,12 +92,21 @@ def run_to_end(loop: OffPolicyLoop) -> None:
 
 
 def copy_into_ours(linears: list[torch.nn.Linear], loop: OffPolicyLoop) -> None:
-    """SB3's Linear layers ([out, in] weights) into policylab's StackedMLP (member 0, [in, out]), target too."""
+    """SB3's Linear layers ([out, in] weights) into policylab's StackedMLP (member 0, [in, out]), target too. A
+    quantile network's last layer is reordered: sb3-contrib's outputs are quantile-major (m A + a), policylab's
+    action-major (a M + m)."""
     body = loop.algo.net.body
+    order = None
+    if CASE.algo == "qrdqn":
+        actions, quantiles = loop.algo.net.n_actions, loop.algo.net.n_quantiles
+        order = torch.arange(actions * quantiles).view(quantiles, actions).T.reshape(-1)  # ours a M + m <- theirs
     with torch.no_grad():
         for i, linear in enumerate(linears):
-            body.weight(i)[0].copy_(linear.weight.T)
-            body.biases[i][0].view(-1).copy_(linear.bias)
+            weight, bias = linear.weight, linear.bias
+            if order is not None and i == len(linears) - 1:
+                weight, bias = weight[order], bias[order]
+            body.weight(i)[0].copy_(weight.T)
+            body.biases[i][0].view(-1).copy_(bias)
     loop.algo.q_target.update(1.0)
 
 
@@ -94,7 +126,8 @@ def sb3_in_float64(model: Any) -> Iterator[None]:
     lifted for the duration."""
     cast = sb3_policies.preprocess_obs
     model.policy.double()
-    model.policy.optimizer = torch.optim.Adam(model.q_net.parameters(), lr=CASE.sb3_kwargs["learning_rate"])
+    optimizer = model.policy.optimizer  # Adam with SB3's epsilon (QRDQN's: 0.01 / batch size)
+    model.policy.optimizer = type(optimizer)(sb3_net(model).parameters(), **optimizer.defaults)
     sb3_policies.preprocess_obs = lambda obs, *args, **kwargs: obs
     try:
         yield
@@ -115,7 +148,10 @@ def relative_gap(q: torch.Tensor, reference: torch.Tensor) -> float:
 
 
 def agreement(q: torch.Tensor, other: torch.Tensor) -> float:
-    """The share of probe observations where the two Q-functions pick the same greedy action."""
+    """The share of probe observations where the two Q-functions pick the same greedy action (QR-DQN: by the
+    quantiles' mean)."""
+    if q.ndim == 3:
+        q, other = q.mean(-1), other.mean(-1)
     return float((q.argmax(-1) == other.argmax(-1)).double().mean())
 
 
@@ -126,11 +162,11 @@ def compare_updates(seed: int) -> list[dict[str, float]]:
     batches = [loop.buffer.sample(CASE.sb3_kwargs["batch_size"], generator) for _ in range(CHECKPOINTS[-1])]
     probe = loop.buffer.sample(1000, generator).obs
     sb3_32, sb3_64 = sb3_model(0, seed), sb3_model(0, seed)
-    sb3_64.q_net.load_state_dict(sb3_32.q_net.state_dict())
-    sb3_64.q_net_target.load_state_dict(sb3_32.q_net.state_dict())
-    copy_into_ours([m for m in sb3_32.q_net.q_net if isinstance(m, torch.nn.Linear)], loop)
+    sb3_net(sb3_64).load_state_dict(sb3_net(sb3_32).state_dict())
+    sb3_net(sb3_64, target=True).load_state_dict(sb3_net(sb3_32).state_dict())
+    copy_into_ours([m for m in sb3_net(sb3_32).modules() if isinstance(m, torch.nn.Linear)], loop)
     with torch.no_grad():
-        initial = sb3_32.q_net(probe)
+        initial = values(None, sb3_32, probe)
     rows, done = [], 0
     with sb3_in_float64(sb3_64):
         for upto in CHECKPOINTS:
@@ -141,7 +177,7 @@ def compare_updates(seed: int) -> list[dict[str, float]]:
             sb3_train(sb3_64, [sb3_samples(b, torch.float64) for b in chunk])
             done = upto
             with torch.no_grad():
-                ours, theirs, exact = loop.algo.net(probe)[0], sb3_32.q_net(probe), sb3_64.q_net(probe.double())
+                ours, theirs, exact = (values(loop, None, probe), *(values(None, m, probe) for m in (sb3_32, sb3_64)))
             rows.append(
                 {
                     "gradient_steps": upto,
@@ -276,20 +312,32 @@ def print_schedule(schedule: dict[str, Any]) -> None:
 
 
 def main() -> None:
+    global CASE
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=HelpFormatter)
     parser.add_argument("--seeds", type=positive_int, default=3, help="seeds 1..N (initial network, batches, env)")
+    parser.add_argument(
+        "--case",
+        choices=("dqn-cartpole", "qrdqn-cartpole"),
+        default="dqn-cartpole",
+        help="qrdqn-cartpole: the update of policylab's QR-DQN against sb3-contrib's QRDQN (the schedule is DQN's)",
+    )
     args = parser.parse_args()
+    CASE = CASES[args.case]
     torch.set_num_threads(1)
     per_seed = []
     for seed in range(1, args.seeds + 1):
         print(f"\n== seed {seed}")
-        updates, schedule = compare_updates(seed), compare_schedules(seed)
+        updates = compare_updates(seed)
         print_updates(updates)
-        print_schedule(schedule)
-        per_seed.append({"seed": seed, "update": updates, "schedule": schedule})
-    payload = {**provenance(["policylab", "torch", "stable-baselines3", "gymnasium"]), "case": "dqn-cartpole"}
+        result: dict[str, Any] = {"seed": seed, "update": updates}
+        if CASE.algo == "dqn":
+            result["schedule"] = compare_schedules(seed)
+            print_schedule(result["schedule"])
+        per_seed.append(result)
+    packages = ["policylab", "torch", "stable-baselines3", "sb3-contrib", "gymnasium"]
+    payload = {**provenance(packages), "case": args.case}
     payload["seeds"] = per_seed
-    print(f"\nresults: {write_results('sb3_equivalence', payload)}")
+    print(f"\nresults: {write_results('sb3_equivalence' if CASE.algo == 'dqn' else 'qrdqn_equivalence', payload)}")
 
 
 if __name__ == "__main__":
