@@ -1,4 +1,4 @@
-"""Are policylab's SAC, TD3 and TQC updates SB3's (sb3-contrib's)? Checked apart from the random streams.
+"""Are policylab's SAC, TD3, DDPG and TQC updates SB3's (sb3-contrib's)? Checked apart from the random streams.
 
 `offpolicy.py` compares the libraries by wall clock at about equal return; this script checks that they run the
 same update. The same initial networks (SB3's actor, twin critics and their targets, copied into policylab's),
@@ -17,18 +17,20 @@ runs (`fused_offpolicy`) and the autograd one.
     .venv/bin/python benchmarks/actor_critic_equivalence.py --sb3-epsilon 0       # SB3 with the exact log-probability
     .venv/bin/python benchmarks/actor_critic_equivalence.py --case td3-pendulum   # TD3 (SB3's [400, 300] networks)
     .venv/bin/python benchmarks/actor_critic_equivalence.py --case tqc-pendulum   # TQC against sb3-contrib's
+    .venv/bin/python benchmarks/actor_critic_equivalence.py --case ddpg-pendulum  # DDPG (TD3's case, its tricks off)
 
 One SAC (and TQC) convention differs by design: SB3's squashed-Gaussian log-probability subtracts
 log(1 - tanh(u)^2 + 1e-6), policylab's the exact log(1 - tanh(u)^2) in its stable form 2 (log 2 - u -
 softplus(-2u)); `--sb3-epsilon 0` gives SB3 the exact one.
 
-Output: a table per seed and JSON in benchmarks/results/<sac, td3 or tqc>_equivalence-<date>.json.
+Output: a table per seed and JSON in benchmarks/results/<sac, td3, ddpg or tqc>_equivalence-<date>.json.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import importlib
 from collections.abc import Iterator
 from typing import Any
@@ -48,10 +50,21 @@ from policylab.algos.fused_offpolicy import fused_sac_update
 from policylab.data import Batch
 from policylab.train import OffPolicyLoop, resolve_config
 
-CASE = CASES["sac-pendulum"]  # --case picks td3-pendulum or tqc-pendulum instead
+CASE = CASES["sac-pendulum"]  # --case picks another
 CHECKPOINTS = (1, 8, 32, 128, 512)
 FILL_STEPS = 2000
 PROBES = 1000
+
+
+def ddpg_case() -> Any:
+    """offpolicy.py's td3-pendulum case as DDPG: one critic, no policy delay, no target smoothing (SB3's DDPG is its
+    TD3 with those removed: its target noise is clipped to 0)."""
+    td3 = CASES["td3-pendulum"]
+    ours = {**td3.ours, "policy_delay": 1, "target_noise": 0.0, "n_critics": 1}
+    removed = ("policy_delay", "target_policy_noise", "target_noise_clip")
+    sb3_kwargs = {k: v for k, v in td3.sb3_kwargs.items() if k not in removed}
+    sb3_kwargs["policy_kwargs"] = {"net_arch": [400, 300]}
+    return dataclasses.replace(td3, algo="ddpg", sb3="DDPG", ours=ours, sb3_kwargs=sb3_kwargs)
 
 
 def ours_loop(seed: int, analytic: bool) -> OffPolicyLoop:
@@ -196,7 +209,7 @@ def sb3_train(model: Any, batches: list[ReplayBufferSamples], noise: list[torch.
     feed = iter(batches)
     model.replay_buffer.sample = lambda *args, **kwargs: next(feed)
     n = len(batches[0].observations)
-    if CASE.algo == "td3":
+    if not _gaussian():
         with shared_normal_(noise):
             model.train(gradient_steps=len(batches), batch_size=n)
         return
@@ -206,7 +219,7 @@ def sb3_train(model: Any, batches: list[ReplayBufferSamples], noise: list[torch.
 
 def ours_train(loop: OffPolicyLoop, batches: list[Batch], noise: list[torch.Tensor], start: int) -> None:
     algo = loop.algo
-    if CASE.algo == "td3":
+    if not _gaussian():
         with ours_smoothing(noise):
             for i, batch in enumerate(batches):
                 algo.update(batch, start + i)
@@ -220,17 +233,18 @@ def ours_train(loop: OffPolicyLoop, batches: list[Batch], noise: list[torch.Tens
             algo.autograd_update(batch, start + i, draw)
 
 
-OUTPUTS = {"sac": ("q", "mean", "log_std", "alpha"), "td3": ("q", "action"), "tqc": ("q", "mean", "log_std", "alpha")}
+GAUSSIAN_OUTPUTS, DETERMINISTIC_OUTPUTS = ("q", "mean", "log_std", "alpha"), ("q", "action")
 
 
 def probe_outputs(loop: OffPolicyLoop | None, model: Any | None, obs: torch.Tensor, actions: torch.Tensor) -> dict:
-    """Both critics' Q [2, P] (TQC's quantiles [2, P, M]) and the actor's output on the probe set: SAC's and TQC's
-    mean and log std [P, A] and alpha, TD3's action [P, A] (in [-1, 1])."""
+    """The critics' Q [K, P, 1] (TQC's quantiles [K, P, M]) and the actor's output on the probe set: SAC's and TQC's
+    mean and log std [P, A] and alpha, TD3's and DDPG's action [P, A] (in [-1, 1])."""
     with torch.no_grad():
         if loop is not None:
             algo = loop.algo
-            q = algo.critic(obs, actions).reshape(2, len(obs), -1)
-            if CASE.algo == "td3":
+            q = algo.critic(obs, actions)
+            q = q.reshape(q.shape[0], len(obs), -1)
+            if not _gaussian():
                 return {"q": q, "action": torch.tanh(algo.net.body(obs)[0])}
             mean, log_std = algo.net._mean_log_std(obs)
             return {"q": q, "mean": mean, "log_std": log_std, "alpha": algo.temperature.log_alpha.exp()}
@@ -238,7 +252,7 @@ def probe_outputs(loop: OffPolicyLoop | None, model: Any | None, obs: torch.Tens
         obs, actions = obs.to(dtype), actions.to(dtype)
         critics = model.critic(obs, actions)  # SAC, TD3: a tuple of [P, 1]; TQC: [P, K, M]
         q = critics.transpose(0, 1) if CASE.algo == "tqc" else torch.stack(critics)
-        if CASE.algo == "td3":
+        if not _gaussian():
             return {"q": q, "action": model.actor(obs)}
         mean, log_std, _ = model.actor.get_action_dist_params(obs)
         return {"q": q, "mean": mean, "log_std": log_std, "alpha": model.log_ent_coef.detach().exp()}
@@ -267,7 +281,7 @@ def compare(seed: int, analytic: bool, epsilon: float) -> list[dict[str, Any]]:
             outputs = [probe_outputs(loop, None, probe.obs, probe.actions)]
             outputs += [probe_outputs(None, m, probe.obs, probe.actions) for m in (sb3_32, sb3_64)]
             row: dict[str, Any] = {"gradient_steps": upto}
-            for what in OUTPUTS[CASE.algo]:
+            for what in GAUSSIAN_OUTPUTS if _gaussian() else DETERMINISTIC_OUTPUTS:
                 ours, theirs, exact = (o[what] for o in outputs)
                 row[what] = {
                     "moved_from_initial": relative_gap(initial[what], theirs),
@@ -287,7 +301,7 @@ def print_rows(rows: list[dict[str, Any]], path: str) -> None:
         [str(r["gradient_steps"]), what]
         + [f"{r[what][k]:.1e}" for k in ("moved_from_initial", "ours_vs_sb3", "ours_vs_float64", "sb3_vs_float64")]
         for r in rows
-        for what in OUTPUTS[CASE.algo]
+        for what in (GAUSSIAN_OUTPUTS if _gaussian() else DETERMINISTIC_OUTPUTS)
     ]
     print_table(headers, table)
 
@@ -296,7 +310,10 @@ def main() -> None:
     global CASE
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=HelpFormatter)
     parser.add_argument(
-        "--case", choices=("sac-pendulum", "td3-pendulum", "tqc-pendulum"), default="sac-pendulum", help="the case"
+        "--case",
+        choices=("sac-pendulum", "td3-pendulum", "tqc-pendulum", "ddpg-pendulum"),
+        default="sac-pendulum",
+        help="the case (ddpg-pendulum: td3-pendulum's settings as DDPG, against SB3's DDPG)",
     )
     parser.add_argument("--seeds", type=positive_int, default=3, help="seeds 1..N (initial networks, batches, env)")
     parser.add_argument(
@@ -306,7 +323,7 @@ def main() -> None:
         help="SB3's epsilon in log(1 - tanh(u)^2 + epsilon); 0: the exact log-probability policylab computes",
     )
     args = parser.parse_args()
-    CASE = CASES[args.case]
+    CASE = ddpg_case() if args.case == "ddpg-pendulum" else CASES[args.case]
     torch.set_num_threads(1)
     per_seed = []
     for seed in range(1, args.seeds + 1):
