@@ -39,7 +39,7 @@ import stable_baselines3.common.policies as sb3_policies
 import torch
 from common import HelpFormatter, positive_int, print_table, provenance, write_results
 from offpolicy import CASES
-from sb3_equivalence import relative_gap
+from sb3_equivalence import linears, relative_gap
 from stable_baselines3.common.logger import configure
 from stable_baselines3.common.type_aliases import ReplayBufferSamples
 
@@ -96,16 +96,12 @@ def _gaussian() -> bool:
     return CASE.algo in ("sac", "tqc")
 
 
-def _linears(module: torch.nn.Module) -> list[torch.nn.Linear]:
-    return [m for m in module.modules() if isinstance(m, torch.nn.Linear)]
-
-
 def copy_into_ours(model: Any, loop: OffPolicyLoop) -> None:
     """SB3's actor (SAC: latent MLP, then mu and log_std heads, where policylab's last layer is [mean, log_std];
     TD3: one MLP), critics qf0 / qf1 and the targets into policylab's stacked networks ([in, out], member k)."""
     algo = loop.algo
     sac = _gaussian()
-    actor = [*_linears(model.actor.latent_pi), None] if sac else _linears(model.actor.mu)
+    actor = [*linears(model.actor.latent_pi), None] if sac else linears(model.actor.mu)
     heads = (model.actor.mu, model.actor.log_std) if sac else ()
     with torch.no_grad():
         for i, linear in enumerate(actor):
@@ -116,7 +112,7 @@ def copy_into_ours(model: Any, loop: OffPolicyLoop) -> None:
                 algo.net.body.weight(i)[0].copy_(linear.weight.T)
                 algo.net.body.biases[i][0].view(-1).copy_(linear.bias)
         for k, q in enumerate(model.critic.q_networks):
-            for i, linear in enumerate(_linears(q)):
+            for i, linear in enumerate(linears(q)):
                 algo.critic.body.weight(i)[k].copy_(linear.weight.T)
                 algo.critic.body.biases[i][k].view(-1).copy_(linear.bias)
     algo.critic_target.update(1.0)

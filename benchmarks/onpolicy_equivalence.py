@@ -30,7 +30,7 @@ import numpy as np
 import stable_baselines3.common.policies as sb3_policies
 import torch
 from common import HelpFormatter, positive_int, print_table, provenance, write_results
-from sb3_equivalence import relative_gap
+from sb3_equivalence import linears, relative_gap
 from stable_baselines3 import A2C, PPO
 from stable_baselines3.common.env_util import make_vec_env
 from stable_baselines3.common.logger import configure
@@ -77,21 +77,17 @@ def sb3_model(seed: int) -> Any:
     return model
 
 
-def _linears(module: torch.nn.Module) -> list[torch.nn.Linear]:
-    return [m for m in module.modules() if isinstance(m, torch.nn.Linear)]
-
-
 def copy_into_ours(model: Any, loop: OnPolicyLoop) -> None:
     """SB3's policy MLP + action_net into policylab's actor (member 0), its value MLP + value_net into the critic
     (member 1, whose last layer's first output is the value; its other outputs are unused and set to 0)."""
     policy, body = model.policy, loop.algo.net.body
     members = (
-        [*_linears(policy.mlp_extractor.policy_net), policy.action_net],
-        [*_linears(policy.mlp_extractor.value_net), policy.value_net],
+        [*linears(policy.mlp_extractor.policy_net), policy.action_net],
+        [*linears(policy.mlp_extractor.value_net), policy.value_net],
     )
     with torch.no_grad():
-        for k, linears in enumerate(members):
-            for i, linear in enumerate(linears):
+        for k, layers in enumerate(members):
+            for i, linear in enumerate(layers):
                 weight, bias = body.weight(i)[k], body.biases[i][k].view(-1)
                 weight.zero_()
                 bias.zero_()

@@ -91,7 +91,12 @@ def run_to_end(loop: OffPolicyLoop) -> None:
 # --- 1. the update ---------------------------------------------------------------------------------
 
 
-def copy_into_ours(linears: list[torch.nn.Linear], loop: OffPolicyLoop) -> None:
+def linears(module: torch.nn.Module) -> list[torch.nn.Linear]:
+    """A network's Linear layers in order (SB3's networks into policylab's: every equivalence script copies them)."""
+    return [m for m in module.modules() if isinstance(m, torch.nn.Linear)]
+
+
+def copy_into_ours(layers: list[torch.nn.Linear], loop: OffPolicyLoop) -> None:
     """SB3's Linear layers ([out, in] weights) into policylab's StackedMLP (member 0, [in, out]), target too. A
     quantile network's last layer is reordered: sb3-contrib's outputs are quantile-major (m A + a), policylab's
     action-major (a M + m)."""
@@ -101,9 +106,9 @@ def copy_into_ours(linears: list[torch.nn.Linear], loop: OffPolicyLoop) -> None:
         actions, quantiles = loop.algo.net.n_actions, loop.algo.net.n_quantiles
         order = torch.arange(actions * quantiles).view(quantiles, actions).T.reshape(-1)  # ours a M + m <- theirs
     with torch.no_grad():
-        for i, linear in enumerate(linears):
+        for i, linear in enumerate(layers):
             weight, bias = linear.weight, linear.bias
-            if order is not None and i == len(linears) - 1:
+            if order is not None and i == len(layers) - 1:
                 weight, bias = weight[order], bias[order]
             body.weight(i)[0].copy_(weight.T)
             body.biases[i][0].view(-1).copy_(bias)
@@ -164,7 +169,7 @@ def compare_updates(seed: int) -> list[dict[str, float]]:
     sb3_32, sb3_64 = sb3_model(0, seed), sb3_model(0, seed)
     sb3_net(sb3_64).load_state_dict(sb3_net(sb3_32).state_dict())
     sb3_net(sb3_64, target=True).load_state_dict(sb3_net(sb3_32).state_dict())
-    copy_into_ours([m for m in sb3_net(sb3_32).modules() if isinstance(m, torch.nn.Linear)], loop)
+    copy_into_ours(linears(sb3_net(sb3_32)), loop)
     with torch.no_grad():
         initial = values(None, sb3_32, probe)
     rows, done = [], 0

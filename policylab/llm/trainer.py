@@ -517,7 +517,7 @@ def _right_padded(answers: list[list[int]], tokenizer: Any) -> tuple[Tensor, Ten
 
 def _padded(rows: list[list[int]], pad: int, left: bool) -> tuple[Tensor, Tensor]:
     """(ids [N, width] padded with `pad` on the left or the right, the boolean mask of the real tokens), filled in
-    numpy: nested lists through `torch.tensor` took most of an encode call."""
+    numpy rather than through `torch.tensor` on nested lists, which walks every element in Python."""
     lengths = np.fromiter(map(len, rows), np.int64, len(rows))
     width = int(lengths.max())
     columns = np.arange(width)
