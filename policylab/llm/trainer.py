@@ -21,8 +21,14 @@ kl_coef times a k1/k2/k3 KL estimate to the initial model and minus entropy_coef
     rloo          rloo          seq-mean-token-mean         (Ahmadian et al. 2024)
     reinforce++   reinforce++   token-mean                  (Hu et al. 2025)
     ppo           GAE over tokens with a value head (gamma 1, lambda 0.95), token-mean, one sample per prompt
-    dpo           DPO's sigmoid loss on (chosen, rejected) pairs, beta 0.1 (Rafailov et al. 2023)
+    dpo           DPO's sigmoid loss on (chosen, rejected) pairs, beta 0.1 (Rafailov et al. 2023); `preference_loss`
+                  takes every loss type of TRL's DPOTrainer (ipo, hinge, robust, ...) or a weighted sum of them
     online_dpo    DPO on the best and worst of `group_size` own samples by reward (Guo et al. 2024)
+    cpo           CPO's reference-free sigmoid loss plus the chosen completions' NLL (Xu et al. 2024)
+    simpo         SimPO: the length-normalized log-prob margin over a target margin, beta 2.0, no reference
+                  (Meng et al. 2024)
+    orpo          ORPO: the chosen completions' NLL plus beta times the log odds-ratio loss, no reference
+                  (Hong et al. 2024)
 
 Prompts, SFT examples, expert completions and DPO pairs are drawn in shuffled epochs (llm/epochs.py), as TRL's
 trainers walk their datasets; `epoch` in train.csv counts the passes.
@@ -85,7 +91,15 @@ from policylab.objectives.policy import (
     sapo_loss,
     surrogate_metrics,
 )
-from policylab.objectives.preference import dpo_loss
+from policylab.objectives.preference import (
+    PREFERENCE_LOSSES,
+    PreferenceSettings,
+    check_preference_settings,
+    needs_reference,
+    pair_logps,
+    parse_preference_loss,
+    preference_loss,
+)
 from policylab.objectives.value import value_loss
 from policylab.optim import Adam
 from policylab.runtime import limit_numpy_blas
@@ -103,10 +117,18 @@ ALGO_DEFAULTS: dict[str, dict[str, Any]] = {
     "ppo": {"group_size": 1, "batch_size": 64, "aggregation": "token-mean", "updates_per_batch": 2},
     "dpo": {"lr": 1e-4},
     "online_dpo": {"group_size": 4, "lr": 1e-4},
+    "cpo": {"preference_loss": "cpo+sft", "lr": 1e-4},
+    "simpo": {"preference_loss": "simpo", "beta": 2.0, "lr": 1e-4},
+    "orpo": {"preference_loss": "sft+orpo", "lr": 1e-4},
 }
 """Each algorithm is GRPO's config with these values (the table in the module docstring)."""
 ALGOS = tuple(ALGO_DEFAULTS)
-TRAINING_STEPS = {"sft": "sft_step", "ppo": "ppo_step", "dpo": "dpo_step", "online_dpo": "online_dpo_step"}
+TRAINING_STEPS = {
+    "sft": "sft_step",
+    "ppo": "ppo_step",
+    "online_dpo": "online_dpo_step",
+    **dict.fromkeys(("dpo", "cpo", "simpo", "orpo"), "dpo_step"),
+}
 """The LLMTrainer method that makes one training step of each algorithm but the group-advantage ones (rl_step)."""
 
 
@@ -121,7 +143,7 @@ POLICY_LOSS_STEPS = ("rl_step", "ppo_step")
 """The steps that train the policy-gradient loss (LLMTrainer.policy_loss through accumulate), `updates_per_batch`
 times per batch."""
 PREFERENCE_STEPS = ("dpo_step", "online_dpo_step")
-"""The steps that train DPO's loss (LLMTrainer.preference_update), once per batch."""
+"""The steps that train a preference loss (LLMTrainer.preference_update), once per batch."""
 
 
 def samples_completions(algo: str) -> bool:
@@ -151,6 +173,18 @@ SAMPLING_SETTINGS = (
 """Settings that only act on sampled completions (how they are sampled, filtered, rewarded and reused), so an
 algorithm that samples none refuses a value other than its default. Not max_new_tokens: the evaluation's greedy
 decoding uses it."""
+PREFERENCE_SETTINGS = (
+    "beta",
+    "label_smoothing",
+    "preference_loss",
+    "f_divergence",
+    "f_alpha",
+    "ld_alpha",
+    "simpo_gamma",
+    "discopop_tau",
+)
+"""The settings of the preference losses (objectives.preference.PreferenceSettings, and which losses, and LD-DPO's
+weight)."""
 SETTING_READERS: dict[str, tuple[str, ...]] = {
     **dict.fromkeys(SAMPLING_SETTINGS, SAMPLING_STEPS),
     "updates_per_batch": POLICY_LOSS_STEPS,  # online DPO makes one preference update per batch
@@ -175,7 +209,7 @@ SETTING_READERS: dict[str, tuple[str, ...]] = {
         ("advantage", "mix", "mix_weight", "mix_phi", "shaping_gamma", "expert", "expert_batch_size"), ("rl_step",)
     ),
     **dict.fromkeys(("vf_coef", "gamma", "gae_lambda"), ("ppo_step",)),
-    **dict.fromkeys(("beta", "label_smoothing"), PREFERENCE_STEPS),
+    **dict.fromkeys(PREFERENCE_SETTINGS, PREFERENCE_STEPS),
     "pairs": ("dpo_step",),
 }
 """The settings that only some training steps read, and which: an algorithm whose step does not read one refuses
@@ -191,7 +225,7 @@ READER_NAMES = {
 STEP_SUMMARIES = {
     "sft_step": "trains on the rows' answers and samples no completions",
     "dpo_step": "trains on (chosen, rejected) pairs and samples no completions",
-    "online_dpo_step": "makes one DPO update per batch, on the best and worst of its own samples",
+    "online_dpo_step": "makes one preference update per batch, on the best and worst of its own samples",
     "ppo_step": "trains on GAE advantages from a value head",
     "rl_step": "trains on group advantages",
 }
@@ -273,9 +307,25 @@ class LLMConfig:
     """Expert completions per step (None: batch_size). The expert completion of a row is its `completion`
     field, else its `answer`."""
     beta: float = 0.1
-    """DPO / online DPO: the inverse temperature of the implicit reward beta log(pi / pi_ref)."""
+    """The preference losses' beta: DPO's inverse temperature of the implicit reward beta log(pi / pi_ref), IPO's
+    tau, SimPO's scale of the length-normalized log-prob, ORPO's weight lambda of the odds-ratio loss."""
     label_smoothing: float = 0.0
-    """DPO: the assumed share of flipped labels (conservative DPO); 0: plain DPO."""
+    """The assumed share of flipped labels of the losses that take one: sigmoid (conservative DPO), robust,
+    exo_pair, aot, aot_unpaired, cpo, simpo; 0: plain DPO."""
+    preference_loss: str = "sigmoid"
+    """The preference algorithms' loss: one of objectives.preference.PREFERENCE_LOSSES (TRL's DPO loss types and
+    the reference-free cpo, simpo, orpo) or a weighted sum, `0.8*sigmoid+0.2*bco_pair+sft`. The reference model
+    is kept only when a loss of it reads one."""
+    f_divergence: str = "reverse_kl"
+    """f-DPO's divergence (reverse_kl: DPO's), for sigmoid, hinge, ipo, exo_pair, robust, discopop, sigmoid_norm."""
+    f_alpha: float = 0.5
+    """The alpha of f_divergence=alpha_divergence."""
+    ld_alpha: float | None = None
+    """LD-DPO: the weight of each pair's tokens past the shorter completion in the sequence log-probs (None: 1)."""
+    simpo_gamma: float = 1.0
+    """SimPO's target margin gamma (beta 2.0 with gamma 1.0: gamma / beta = 0.5, the paper's usual ratio)."""
+    discopop_tau: float = 0.05
+    """DiscoPOP's temperature."""
     pairs: str | None = None
     """DPO: a JSONL file of {"prompt", "chosen", "rejected"} rows; None: the task's answers as chosen and each
     with one character changed as rejected."""
@@ -313,6 +363,17 @@ class LLMConfig:
     generation_backend: str = "ray"
     """ray (each worker a Ray actor with one CPU), or inline (the same workers in the learner's process)."""
 
+    @property
+    def preference_settings(self) -> PreferenceSettings:
+        return PreferenceSettings(
+            self.beta, self.label_smoothing, self.f_divergence, self.f_alpha, self.simpo_gamma, self.discopop_tau
+        )
+
+    @property
+    def preference_terms(self) -> tuple[str, ...]:
+        """The losses `preference_loss` names."""
+        return tuple(name for name, _ in parse_preference_loss(self.preference_loss))
+
     def validate(self) -> None:
         if self.algo not in ALGOS:
             raise ConfigError(f"unknown algorithm {self.algo!r}.{suggest(self.algo, ALGOS)}", f"one of {ALGOS}")
@@ -341,6 +402,10 @@ class LLMConfig:
                 "set temperature to e.g. 1.0 and top_p to 1.0",
             )
         self._check_unused_settings()
+        if training_step(self.algo) in PREFERENCE_STEPS:
+            check_preference_settings(self.preference_loss, self.preference_settings)
+            if self.ld_alpha is not None and not 0 <= self.ld_alpha <= 1:
+                raise ConfigError(f"ld_alpha={self.ld_alpha} must be in [0, 1]", "set ld_alpha=0.5 (e.g.), or drop it")
         self._check_dependent_settings()
         if self.kl_estimator not in ("k1", "k2", "k3"):
             raise ConfigError(f"kl_estimator={self.kl_estimator!r}", "choose k1, k2 or k3")
@@ -412,8 +477,8 @@ class LLMConfig:
             f"{'they' if len(given) > 1 else 'it'} would do nothing; {'; '.join(clauses)}",
             f"drop {_and(given)}, or train one of those algorithms"
             + (
-                " (online_dpo: DPO on the best and worst of its own samples)"
-                if self.algo == "dpo" and SAMPLING_STEPS in groups
+                " (online_dpo: the preference loss on the best and worst of its own samples)"
+                if step == "dpo_step" and SAMPLING_STEPS in groups
                 else ""
             ),
         )
@@ -425,6 +490,25 @@ DEPENDENT_SETTINGS: tuple[tuple[tuple[str, ...], Callable[[LLMConfig], bool], st
     (("shaping_gamma",), lambda c: c.mix == "luffy", "LUFFY's policy shaping", "--set mix=luffy"),
     (("kl_estimator",), lambda c: c.kl_coef != 0, "the KL penalty's estimator", "--set kl_coef=0.05 (e.g.)"),
     (("lora_alpha",), lambda c: c.lora_rank > 0, "LoRA's scale", "--set lora_rank=8 (e.g.)"),
+    (
+        ("label_smoothing",),
+        lambda c: any(PREFERENCE_LOSSES[name].smoothing for name in c.preference_terms),
+        "the share of flipped labels",
+        "--set preference_loss=sigmoid, robust, exo_pair, aot, cpo or simpo",
+    ),
+    (("simpo_gamma",), lambda c: "simpo" in c.preference_terms, "SimPO's margin", "--set preference_loss=simpo"),
+    (
+        ("discopop_tau",),
+        lambda c: "discopop" in c.preference_terms,
+        "DiscoPOP's temperature",
+        "--set preference_loss=discopop",
+    ),
+    (
+        ("f_alpha",),
+        lambda c: c.f_divergence == "alpha_divergence",
+        "the alpha-divergence's alpha",
+        "--set f_divergence=alpha_divergence",
+    ),
 )
 """Settings read only under another setting: (names, whether they are read, what they are, what turns them on)."""
 
@@ -789,7 +873,8 @@ class LLMTrainer:
             else:
                 self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.reference = None
-        if (cfg.kl_coef and cfg.algo != "sft") or cfg.algo in ("dpo", "online_dpo"):
+        preference = training_step(cfg.algo) in PREFERENCE_STEPS
+        if (cfg.kl_coef and cfg.algo != "sft") or (preference and needs_reference(cfg.preference_loss)):
             self.reference = copy.deepcopy(self.model).eval().requires_grad_(False)
         self.value_head: torch.nn.Linear | None = None
         if cfg.algo == "ppo":
@@ -816,7 +901,7 @@ class LLMTrainer:
             check_expert_rows(self.expert_rows, "expert" if expert is not None else "prompts")
         self.luffy_experts = luffy_experts(self.expert_rows, self.train_rows) if cfg.mix == "luffy" else {}
         """LUFFY's expert completion of each training prompt (from the expert rows of the same prompt)."""
-        if cfg.algo == "sft" or (cfg.algo == "dpo" and self.pair_rows is None):
+        if cfg.algo == "sft" or (training_step(cfg.algo) == "dpo_step" and self.pair_rows is None):
             check_expert_rows(self.train_rows, "prompts")
         self.generator = torch.Generator().manual_seed(cfg.seed)
         self.max_new_tokens = cfg.max_new_tokens or self.task.max_new_tokens
@@ -849,7 +934,7 @@ class LLMTrainer:
         for row in self.pair_rows or []:
             texts += (row["prompt"], row["chosen"], row["rejected"])
         cfg = self.cfg
-        if cfg.algo == "sft" or (cfg.algo == "dpo" and self.pair_rows is None):
+        if cfg.algo == "sft" or (training_step(cfg.algo) == "dpo_step" and self.pair_rows is None):
             texts += [expert_completion(row) for row in self.train_rows]
         elif cfg.mix != "none":
             texts += [expert_completion(row) for row in self.expert_rows]
@@ -869,7 +954,7 @@ class LLMTrainer:
     @property
     def epochs_done(self) -> float:
         """Passes over the rows the steps draw from (the pairs for DPO with a pairs table, else the prompts)."""
-        uses_pairs = self.cfg.algo == "dpo" and self.pair_rows is not None
+        uses_pairs = training_step(self.cfg.algo) == "dpo_step" and self.pair_rows is not None
         return self.orders["pairs" if uses_pairs else "train"].epochs_done
 
     def rollout(self, rows: list[dict[str, str]], greedy: bool = False) -> tuple[Rollout, list[str]]:
@@ -1172,13 +1257,15 @@ class LLMTrainer:
         return metrics
 
     def preference_update(self, prompt_ids: Tensor, prompt_mask: Tensor, ids: Tensor, mask: Tensor) -> dict[str, float]:
-        """One DPO step on 2P rows: the P chosen completions, then the P rejected ones of the same prompts."""
-        assert self.reference is not None
-        logp = token_logprobs(self.model, prompt_ids, prompt_mask, ids, mask)[0].sum(-1)
-        with torch.no_grad():
-            ref = token_logprobs(self.reference, prompt_ids, prompt_mask, ids, mask)[0].sum(-1)
-        n = len(logp) // 2
-        loss, metrics = dpo_loss(logp[:n], logp[n:], ref[:n], ref[n:], self.cfg.beta, self.cfg.label_smoothing)
+        """One step of the preference loss on 2P rows: the P chosen completions, then the P rejected ones of the
+        same prompts (the reference's pass only where a loss reads it)."""
+        logp = token_logprobs(self.model, prompt_ids, prompt_mask, ids, mask)[0]
+        ref = None
+        if self.reference is not None:
+            with torch.no_grad():
+                ref = token_logprobs(self.reference, prompt_ids, prompt_mask, ids, mask)[0]
+        pairs = pair_logps(logp, mask, ref, self.cfg.ld_alpha)
+        loss, metrics = preference_loss(self.cfg.preference_loss, pairs, self.cfg.preference_settings)
         self._optimize(loss)
         return {"loss": float(loss.detach()), "tokens": float(mask.sum()), **{k: float(v) for k, v in metrics.items()}}
 

@@ -1,0 +1,225 @@
+"""Preference losses (objectives/preference.py) against hand computations, and their settings in the LLM trainer:
+parsing a weighted sum, the errors that name a fix, the reference model kept only where a loss reads it."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from policylab.errors import ConfigError
+from policylab.objectives.preference import (
+    PREFERENCE_LOSSES,
+    PreferenceSettings,
+    pair_logps,
+    parse_preference_loss,
+    preference_loss,
+)
+
+# Two pairs of uneven lengths: token log-probs of the chosen completions, then the rejected ones.
+CHOSEN = [[-0.5, -1.0, -0.25], [-2.0, -0.5]]
+REJECTED = [[-1.5, -0.75], [-0.5, -1.0, -1.5, -0.25]]
+REF_CHOSEN = [[-0.75, -1.0, -0.5], [-1.0, -1.0]]
+REF_REJECTED = [[-1.0, -1.0], [-0.5, -0.5, -1.0, -1.0]]
+
+
+def _padded(rows: list[list[float]]) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(row) for row in rows)
+    values = torch.tensor([row + [0.0] * (width - len(row)) for row in rows])
+    mask = torch.tensor([[i < len(row) for i in range(width)] for row in rows])
+    return values, mask
+
+
+def _pairs(ld_alpha: float | None = None, reference: bool = True):
+    logps, mask = _padded(CHOSEN + REJECTED)
+    ref, _ = _padded(REF_CHOSEN + REF_REJECTED)
+    return pair_logps(logps, mask, ref if reference else None, ld_alpha)
+
+
+def logsig(x: float) -> float:
+    return -math.log1p(math.exp(-x))
+
+
+def sig(x: float) -> float:
+    return 1.0 / (1.0 + math.exp(-x))
+
+
+# per pair by hand: sequence sums, lengths and log-ratios
+LC, LR = [-1.75, -2.5], [-2.25, -3.25]  # log pi(y_w), log pi(y_l)
+NC, NR = [3, 2], [2, 4]  # |y_w|, |y_l|
+C = [LC[i] - s for i, s in enumerate([-2.25, -2.0])]  # [0.5, -0.5]
+R = [LR[i] - s for i, s in enumerate([-2.0, -3.0])]  # [-0.25, -0.25]
+B = 0.5
+
+
+def _expected(name: str, i: int) -> float:
+    """The loss of pair i, from the formulas in the module docstring (beta 0.5, label smoothing as set below)."""
+    c, r, d = C[i], R[i], C[i] - R[i]
+    eps = {"exo_pair": 1e-3, "robust": 0.1, "aot": 0.1}.get(name, 0.0)
+    if name == "sigmoid":
+        return -logsig(B * d)
+    if name == "hinge":
+        return max(0.0, 1 - B * d)
+    if name == "ipo":
+        return (c / NC[i] - r / NR[i] - 1 / (2 * B)) ** 2
+    if name == "exo_pair":
+        q = sig(B * d)
+        return q * math.log(q / (1 - eps)) + (1 - q) * math.log((1 - q) / eps)
+    if name == "nca_pair":
+        return -logsig(B * c) - 0.5 * logsig(-B * c) - 0.5 * logsig(-B * r)
+    if name == "robust":
+        return (-(1 - eps) * logsig(B * d) + eps * logsig(-B * d)) / (1 - 2 * eps)
+    if name == "bco_pair":
+        return -logsig(B * c) - logsig(-B * r)
+    if name == "sppo_hard":
+        return (c - 1 / (2 * B)) ** 2 + (r + 1 / (2 * B)) ** 2
+    if name == "aot":  # sorted over the batch: policy margins [0.5, 0.75], reference margins [-0.25, 1.0]
+        x = B * ([0.5, 0.75][i] - [-0.25, 1.0][i])
+        return -(1 - eps) * logsig(x) - eps * logsig(-x)
+    if name == "aot_unpaired":  # sort(c) = [-0.5, 0.5], sort(r) = [-0.25, -0.25]
+        return -logsig(B * ([-0.5, 0.5][i] + 0.25))
+    if name == "apo_zero":
+        return 1 - sig(B * c) + sig(B * r)
+    if name == "apo_down":
+        return sig(B * c) + 1 - sig(B * (c - r))
+    if name == "discopop":
+        x = B * d
+        m = sig(x / 0.05)
+        return -logsig(x) * (1 - m) + math.exp(-x) * m
+    if name == "sigmoid_norm":
+        return -logsig(B * (c / NC[i] - r / NR[i]))
+    if name == "sft":
+        return (0.5 + 1.0 + 0.25 + 2.0 + 0.5) / 5  # the chosen tokens' mean NLL, the same on every pair
+    if name == "cpo":
+        return -logsig(B * (LC[i] - LR[i]))
+    if name == "simpo":  # gamma 1.0
+        return -logsig(B * (LC[i] / NC[i] - LR[i] / NR[i]) - 1.0)
+    if name == "orpo":
+        a, b = LC[i] / NC[i], LR[i] / NR[i]
+        log_odds = (a - b) - (math.log(1 - math.exp(a)) - math.log(1 - math.exp(b)))
+        return -B * logsig(log_odds)
+    raise AssertionError(name)
+
+
+@pytest.mark.parametrize("name", list(PREFERENCE_LOSSES))
+def test_each_preference_loss_equals_its_formula_by_hand(name):
+    eps = {"exo_pair": 1e-3, "robust": 0.1, "aot": 0.1}.get(name, 0.0)
+    settings = PreferenceSettings(beta=B, label_smoothing=eps)
+    loss, metrics = preference_loss(name, _pairs(reference=PREFERENCE_LOSSES[name].reference), settings)
+    assert loss.item() == pytest.approx((_expected(name, 0) + _expected(name, 1)) / 2, rel=1e-6)
+    assert metrics["nll"].item() == pytest.approx(0.85)
+
+
+def test_the_implicit_rewards_are_the_log_ratios_or_without_a_reference_the_mean_log_probs():
+    _, metrics = preference_loss("sigmoid", _pairs(), PreferenceSettings(beta=B))
+    assert metrics["reward_chosen"].item() == pytest.approx(B * sum(C) / 2)
+    assert metrics["reward_accuracy"].item() == 0.5  # pair 0: c > r, pair 1: c < r
+    _, free = preference_loss("simpo", _pairs(reference=False), PreferenceSettings(beta=B))
+    assert free["reward_rejected"].item() == pytest.approx(B * (LR[0] / 2 + LR[1] / 4) / 2)
+
+
+def test_conservative_dpo_smooths_the_sigmoid_loss():
+    loss, _ = preference_loss("sigmoid", _pairs(), PreferenceSettings(beta=B, label_smoothing=0.1))
+    expected = [-0.9 * logsig(B * (C[i] - R[i])) - 0.1 * logsig(-B * (C[i] - R[i])) for i in (0, 1)]
+    assert loss.item() == pytest.approx(sum(expected) / 2)
+
+
+@pytest.mark.parametrize(
+    ("divergence", "score"),
+    [
+        ("forward_kl", lambda u: 1 - math.exp(-u)),
+        ("js_divergence", lambda u: math.log(2) + logsig(u)),
+        ("alpha_divergence", lambda u: (math.exp(-0.5 * u) - 1) / -0.5),  # alpha 0.5
+    ],
+)
+def test_f_divergences_replace_the_log_ratio_by_their_score(divergence, score):
+    settings = PreferenceSettings(beta=B, f_divergence=divergence)
+    loss, _ = preference_loss("sigmoid", _pairs(), settings)
+    expected = [-logsig(B * (score(C[i]) - score(R[i]))) for i in (0, 1)]
+    assert loss.item() == pytest.approx(sum(expected) / 2, rel=1e-6)
+
+
+def test_ld_alpha_weights_the_tokens_past_the_shorter_completion():
+    pairs = _pairs(ld_alpha=0.5)
+    # pair 0 shares 2 tokens: the chosen one's third counts half; pair 1: the rejected one's third and fourth
+    torch.testing.assert_close(pairs.chosen, torch.tensor([-1.5 - 0.125, -2.5]))
+    torch.testing.assert_close(pairs.rejected, torch.tensor([-2.25, -1.5 - 0.875]))
+    torch.testing.assert_close(pairs.ref_chosen, torch.tensor([-1.75 - 0.25, -2.0]))
+    torch.testing.assert_close(pairs.ref_rejected, torch.tensor([-2.0, -1.0 - 1.0]))
+    torch.testing.assert_close(pairs.chosen_tokens, torch.tensor([3.0, 2.0]))  # lengths stay the token counts
+    assert pairs.chosen_nll.item() == pytest.approx(0.85)  # and the NLL every token
+
+
+def test_a_weighted_sum_of_losses_is_the_sum_of_their_means():
+    assert parse_preference_loss("0.8*sigmoid + 0.2*bco_pair+sft") == (
+        ("sigmoid", 0.8),
+        ("bco_pair", 0.2),
+        ("sft", 1.0),
+    )
+    settings = PreferenceSettings(beta=B)
+    total, _ = preference_loss("0.8*sigmoid+0.2*bco_pair+sft", _pairs(), settings)
+    parts = [preference_loss(name, _pairs(), settings)[0].item() for name in ("sigmoid", "bco_pair", "sft")]
+    assert total.item() == pytest.approx(0.8 * parts[0] + 0.2 * parts[1] + parts[2])
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("sigmod", "'sigmod' is not a preference loss. Did you mean: sigmoid"),
+        ("two*sigmoid", "the weight 'two' is not a number"),
+        ("-1*ipo", "the weight of ipo must be > 0"),
+        ("sigmoid+0.5*sigmoid", "names sigmoid twice"),
+    ],
+)
+def test_a_bad_preference_loss_is_one_error_naming_it(text, message):
+    with pytest.raises(ConfigError, match=message) as info:
+        parse_preference_loss(text)
+    assert info.value.fix
+
+
+# --- the trainer's settings ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("algo", "settings", "message", "fix"),
+    [
+        ("dpo", {"preference_loss": "nca_pair", "f_divergence": "js_divergence"}, "has no form for nca_pair", "ipo"),
+        ("dpo", {"f_divergence": "kl"}, "f_divergence='kl'", "reverse_kl"),
+        ("dpo", {"preference_loss": "exo_pair"}, r"exo_pair takes label_smoothing in \(0, 1\)", "0.001"),
+        ("dpo", {"preference_loss": "robust", "label_smoothing": 0.5}, r"in \[0, 0.5\)", "0.1"),
+        ("dpo", {"preference_loss": "hinge", "label_smoothing": 0.1}, "share of flipped labels", "robust"),
+        ("dpo", {"simpo_gamma": 0.5}, "SimPO's margin, off in this run", "preference_loss=simpo"),
+        ("dpo", {"f_alpha": 0.3}, "alpha-divergence's alpha", "f_divergence=alpha_divergence"),
+        ("dpo", {"ld_alpha": 1.5}, r"ld_alpha=1.5 must be in \[0, 1\]", "0.5"),
+        ("dpo", {"beta": 0.0}, "beta=0.0 must be > 0", "0.1"),
+        ("grpo", {"preference_loss": "ipo"}, "preference_loss applies to dpo, online_dpo, cpo, simpo, orpo", "drop"),
+    ],
+)
+def test_preference_settings_a_loss_cannot_take_are_refused_naming_the_fix(algo, settings, message, fix):
+    from policylab.llm.trainer import make_config
+
+    with pytest.raises(ConfigError, match=message) as info:
+        make_config(algo, settings)
+    assert fix in (info.value.fix or "")
+
+
+@pytest.mark.parametrize(
+    ("algo", "loss", "reference"),
+    [("dpo", "sigmoid", True), ("simpo", "simpo", False), ("orpo", "sft+orpo", False), ("cpo", "cpo+sft", False)],
+)
+def test_the_reference_model_is_kept_and_run_only_where_a_loss_reads_it(algo, loss, reference, monkeypatch):
+    from policylab.llm import trainer as trainer_module
+    from policylab.llm.trainer import LLMTrainer, make_config
+
+    run = LLMTrainer(make_config(algo, {"batch_size": 4, "eval_size": 4, "train_size": 8}))
+    assert run.cfg.preference_loss == loss
+    assert (run.reference is not None) == reference
+    passes = []
+    real = trainer_module.token_logprobs
+    monkeypatch.setattr(
+        trainer_module, "token_logprobs", lambda model, *a, **k: passes.append(model) or real(model, *a, **k)
+    )
+    metrics = run.dpo_step()
+    assert len(passes) == (2 if reference else 1) and passes[0] is run.model
+    assert math.isfinite(metrics["loss"]) and "nll" in metrics
