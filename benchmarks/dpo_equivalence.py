@@ -15,6 +15,9 @@ evaluation).
     .venv/bin/python benchmarks/dpo_equivalence.py --losses all --steps 10   # each loss in turn, a table
     .venv/bin/python benchmarks/dpo_equivalence.py --losses ipo,robust --label-smoothing 0.1 --ld-alpha 0.5
 
+`--use-weighting` (WPO) and `--ref-sync-steps N` (TR-DPO, `--ref-mixup-alpha`) set the options of the same names
+on both sides (TRL's DPOTrainer only).
+
 `--losses` takes policylab's `preference_loss` values (comma-separated; `all`: each of PREFERENCE_LOSSES alone
 but sft, plus the CPO and ORPO algorithms' sums cpo+sft and sft+orpo); the TRL side gets the same loss: its
 DPOTrainer's `loss_type` list and `loss_weights`, or its CPOTrainer (cpo: loss_type sigmoid, simpo: loss_type
@@ -65,12 +68,15 @@ def trl_loss(a: argparse.Namespace, loss: str) -> dict[str, Any]:
     if not terms.keys() & {"cpo", "simpo", "orpo"}:
         config = {"loss_type": list(terms), "loss_weights": list(terms.values()), "ld_alpha": a.ld_alpha,
                   "f_divergence_type": a.f_divergence, "f_alpha_divergence_coef": a.f_alpha,
-                  "discopop_tau": a.discopop_tau}  # fmt: skip
+                  "discopop_tau": a.discopop_tau, "use_weighting": a.use_weighting}  # fmt: skip
+        if a.ref_sync_steps:
+            config |= {"sync_ref_model": True, "ref_model_sync_steps": a.ref_sync_steps,
+                       "ref_model_mixup_alpha": a.ref_mixup_alpha}  # fmt: skip
         if any(PREFERENCE_LOSSES[name].smoothing for name in terms):
             config["label_smoothing"] = a.label_smoothing
         return {"trainer": "dpo", "config": config}
-    if a.ld_alpha is not None:
-        raise SystemExit(f"{loss}: TRL's CPO and ORPO trainers have no ld_alpha (drop --ld-alpha)")
+    if a.ld_alpha is not None or a.use_weighting or a.ref_sync_steps:
+        raise SystemExit(f"{loss}: TRL's CPO and ORPO trainers have no ld_alpha, WPO or TR-DPO")
     rest = {name: weight for name, weight in terms.items() if name != "sft"}
     if len(rest) == 1 and rest.get("cpo", rest.get("simpo")) == 1.0:
         config = {"loss_type": "sigmoid" if "cpo" in rest else "simpo", "cpo_alpha": terms.get("sft", 0.0),
@@ -134,6 +140,10 @@ def our_settings(a: argparse.Namespace, loss: str) -> dict[str, Any]:
     settings |= {"simpo_gamma": a.simpo_gamma} if "simpo" in names else {}
     settings |= {"discopop_tau": a.discopop_tau} if "discopop" in names else {}
     settings |= {"f_alpha": a.f_alpha} if a.f_divergence == "alpha_divergence" else {}
+    settings |= {"use_weighting": True} if a.use_weighting else {}
+    if a.ref_sync_steps:
+        settings |= {"sync_ref_model": True, "ref_model_sync_steps": a.ref_sync_steps,
+                     "ref_model_mixup_alpha": a.ref_mixup_alpha}  # fmt: skip
     return settings
 
 
@@ -147,6 +157,7 @@ def ours(a: argparse.Namespace, loss: str, model_dir: Path, pairs: Path, steps: 
     rows = [json.loads(line) for line in pairs.read_text().splitlines()]
     losses = []
     for step in range(steps):
+        trainer.step = step + 1  # as train_llm's loop sets it (TR-DPO's syncs follow it)
         batch = rows[step * a.pairs_per_step : (step + 1) * a.pairs_per_step]
         prompt_ids, prompt_mask = trainer.encode_prompts([r["prompt"] for r in batch] * 2)
         ids, mask = trainer.encode_prompts.answers([r["chosen"] for r in batch] + [r["rejected"] for r in batch])
@@ -233,7 +244,8 @@ def all_losses(a: argparse.Namespace) -> list[str]:
     if a.f_divergence != "reverse_kl":
         return [name for name, spec in PREFERENCE_LOSSES.items() if spec.f_divergence]
     names = [name for name, spec in PREFERENCE_LOSSES.items() if spec.reference]
-    return names if a.ld_alpha is not None else [*names, "simpo", "cpo+sft", "sft+orpo"]
+    dpo_only = a.ld_alpha is not None or a.use_weighting or a.ref_sync_steps
+    return names if dpo_only else [*names, "simpo", "cpo+sft", "sft+orpo"]
 
 
 def main() -> None:
@@ -253,6 +265,9 @@ def main() -> None:
     p.add_argument("--ld-alpha", type=float, help="LD-DPO's weight of the tokens past the shorter completion")
     p.add_argument("--simpo-gamma", type=float, default=1.0, help="SimPO's target margin")
     p.add_argument("--discopop-tau", type=float, default=0.05, help="DiscoPOP's temperature")
+    p.add_argument("--use-weighting", action="store_true", help="WPO's pair weights (DPO's loss types)")
+    p.add_argument("--ref-sync-steps", type=int, default=0, help="TR-DPO: mix the policy into the reference every N")
+    p.add_argument("--ref-mixup-alpha", type=float, default=0.6, help="TR-DPO's alpha")
     p.add_argument("--even", action="store_true", help="keep every pair's two completions the same length")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--model-dir", help=argparse.SUPPRESS)

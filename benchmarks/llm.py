@@ -1,10 +1,12 @@
-"""policylab's GRPO, RLOO and DPO against TRL's GRPOTrainer, RLOOTrainer and DPOTrainer: the same model, prompts
+"""policylab's GRPO, RLOO, DPO, CPO, SimPO and ORPO against TRL's GRPOTrainer, RLOOTrainer, DPOTrainer, CPOTrainer
+and ORPOTrainer: the same model, prompts
 (or preference pairs), group size, lengths, optimizer settings and number of steps, alternating runs, 1 thread each.
 
     .venv/bin/python benchmarks/llm.py --setup                # once: TRL's own venv (benchmarks/.venv-trl)
     .venv/bin/python benchmarks/llm.py --seeds 3 --steps 40
     .venv/bin/python benchmarks/llm.py --algo rloo --seeds 3 --steps 40 --model tiny-llama --prompts-per-step 8
     .venv/bin/python benchmarks/llm.py --algo dpo --seeds 3 --steps 40 --model tiny-llama --prompts-per-step 16
+    .venv/bin/python benchmarks/llm.py --algo orpo --seeds 3 --steps 40 --model tiny-llama --prompts-per-step 16
     .venv/bin/python benchmarks/llm.py --training --model tiny-llama --prompts-per-step 8 --profile
 
 What is shared: a tiny Llama is built once (`--model`, policylab's config and character tokenizer) and, for
@@ -24,6 +26,12 @@ one update per batch both sides make (every ratio is 1 there). `--algo dpo`: off
 the starting model as the reference) on one preference file both sides read: for each addition prompt its answer
 (chosen) against a copy with one character changed (rejected), policylab's default pairs written out;
 `--prompts-per-step` pairs per step. Both sides walk the file in shuffled epochs, each in its own seeded order.
+`--algo cpo|simpo|orpo`: the same pairs, no reference model on either side, with policylab's defaults for the
+algorithm on both: CPO (TRL's CPOTrainer, loss_type sigmoid, beta 0.1, cpo_alpha 1), SimPO (CPOTrainer, loss_type
+simpo, beta 2.0, simpo_gamma 1.0, cpo_alpha 0) and ORPO (ORPOTrainer, beta 0.1). The CPO and ORPO trainers put the
+tokenizer's BOS before every prompt: their worker clears it, as dpo_equivalence.py's does. TRL's ORPOTrainer
+also trains its NLL term on the prompt's tokens (policylab's, as the paper's, only on the completion's), so
+ORPO's accuracies compare two variants of the algorithm; the step's work is the same forward and backward.
 
 Measured: wall-clock per step (median over the steps after the first `--warmup`), completion tokens per second
 over the same steps, and accuracy after the run. TRL is installed in its own venv (it pulls its own
@@ -88,7 +96,7 @@ def prepare(a: argparse.Namespace, where: Path) -> tuple[Path, Path]:
         tokenizer.save_pretrained(model_dir)
     rows = get_task("addition").make(5_000, 0)
     prompts = where / "prompts.jsonl"
-    if a.algo == "dpo":
+    if a.algo in PAIR_ALGOS:
         import numpy as np
 
         from policylab.llm.trainer import preference_pair
@@ -106,7 +114,10 @@ OURS_EXTRA: dict[str, Any] = {
     "grpo": lambda a: {},
     "rloo": lambda a: {"aggregation": "seq-mean-token-sum"},  # TRL's sequence-level surrogate, see the docstring
     "dpo": lambda a: {"pairs": a.prompts, "prompts": None, "beta": 0.1},
+    **dict.fromkeys(("cpo", "simpo", "orpo"), lambda a: {"pairs": a.prompts, "prompts": None}),
 }
+PAIR_ALGOS = ("dpo", "cpo", "simpo", "orpo")
+"""The algorithms that train on preference pairs (prepare writes pairs for them) and sample nothing."""
 
 
 def worker_ours(a: argparse.Namespace) -> dict[str, Any]:
@@ -194,6 +205,20 @@ def worker_trl(a: argparse.Namespace) -> dict[str, Any]:
             **common, per_device_train_batch_size=a.prompts_per_step, beta=0.1, loss_type=["sigmoid"]
         )
         trainer: Any = DPOTrainer(model=model, args=config, train_dataset=dataset, processing_class=tokenizer)
+    elif a.algo in ("cpo", "simpo", "orpo"):
+        from trl.experimental.cpo import CPOConfig, CPOTrainer
+        from trl.experimental.orpo import ORPOConfig, ORPOTrainer
+
+        tokenizer.bos_token = None  # these trainers put it before every prompt; policylab's runs do not
+        pairs = {"per_device_train_batch_size": a.prompts_per_step}
+        if a.algo == "orpo":
+            config = ORPOConfig(**common, **pairs, beta=0.1)
+            trainer = ORPOTrainer(model=model, args=config, train_dataset=dataset, processing_class=tokenizer)
+        else:
+            loss = {"loss_type": "sigmoid", "beta": 0.1, "cpo_alpha": 1.0} if a.algo == "cpo" else {
+                "loss_type": "simpo", "beta": 2.0, "simpo_gamma": 1.0, "cpo_alpha": 0.0}  # fmt: skip
+            config = CPOConfig(**common, **pairs, **loss)
+            trainer = CPOTrainer(model=model, args=config, train_dataset=dataset, processing_class=tokenizer)
     elif a.algo == "rloo":
         from trl import RLOOConfig, RLOOTrainer
 
@@ -389,7 +414,9 @@ def run_side(side: str, a: argparse.Namespace, seed: int, model_dir: Path, promp
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
     parser.add_argument("--setup", action="store_true", help="create TRL's venv and exit")
-    parser.add_argument("--algo", choices=("grpo", "rloo", "dpo"), default="grpo", help="the algorithm on both sides")
+    parser.add_argument(
+        "--algo", choices=("grpo", "rloo", *PAIR_ALGOS), default="grpo", help="the algorithm on both sides"
+    )
     parser.add_argument("--seeds", type=positive_int, default=3, help="seeds 1..N per side")
     parser.add_argument("--steps", type=positive_int, default=40, help="optimizer steps per run (> --warmup + 1)")
     parser.add_argument("--model", default="small-llama", help="a policylab tiny model (tiny-llama, small-llama)")
@@ -411,7 +438,7 @@ def main() -> None:
     parser.add_argument("--work", help=argparse.SUPPRESS)
     a = parser.parse_args()
     if a.lr is None:
-        a.lr = 1e-4 if a.algo == "dpo" else 3e-4
+        a.lr = 1e-4 if a.algo in PAIR_ALGOS else 3e-4
     if a.worker:
         record = worker_ours(a) if a.worker == "policylab" else worker_trl(a)
         Path(a.out).write_text(json.dumps(record))
@@ -455,7 +482,7 @@ def main() -> None:
         "completion_tokens_per_s": ("completion tokens/s", ".0f", True),
         "accuracy": ("exact match after the run (same evaluation)", ".3f", True),
     }
-    if a.algo == "dpo":  # no sampling: policylab's count is its training tokens, TRL logs none
+    if a.algo in PAIR_ALGOS:  # no sampling: policylab's count is its training tokens, TRL logs none
         del per_run["completion_tokens_per_s"]
     summary = pair_report(runs, seeds, per_run, {}, "policylab", "trl", ("ours", "trl"))
     for run in runs:

@@ -753,16 +753,21 @@ def _weights(run_dir):
     return load_file(str(run_dir / "model" / "model.safetensors"))
 
 
-@pytest.mark.parametrize("algo", ["grpo", "ppo"])
-def test_a_resumed_run_ends_with_the_uninterrupted_runs_weights(sft_model, tmp_path, algo):
+TR_DPO = {"sync_ref_model": True, "ref_model_sync_steps": 2, "use_weighting": True}
+"""DPO whose reference moves (TR-DPO: at steps 2, 4, 6), with WPO's weights: the resumed run needs the reference
+of step 2 from the checkpoint."""
+
+
+@pytest.mark.parametrize(("algo", "extra"), [("grpo", {"group_size": 4}), ("ppo", {"group_size": 4}), ("dpo", TR_DPO)])
+def test_a_resumed_run_ends_with_the_uninterrupted_runs_weights(sft_model, tmp_path, algo, extra):
     settings = {
         "model": str(sft_model.dir),
         "steps": 6,
         "eval_every": 2,
         "batch_size": 4,
-        "group_size": 4,
         "eval_size": 8,
         "train_size": 10,  # the part stops 2 rows into the second epoch of prompts
+        **extra,
     }
     full = train_llm(algo, settings, tmp_path, name="full", verbose=False)
     part = train_llm(algo, settings, tmp_path, name="part", verbose=False, callback=lambda step, _: step < 3)
@@ -1402,6 +1407,10 @@ READ = {
     "ld_alpha": (0.5,),
     "simpo_gamma": (0.5,),
     "discopop_tau": (0.1,),
+    "use_weighting": (True,),
+    "sync_ref_model": (True,),
+    "ref_model_sync_steps": (4,),
+    "ref_model_mixup_alpha": (0.5,),
     "pairs": ("p.jsonl",),
 }
 """Non-default values of the settings only some algorithms read (the second where the first is an algorithm's
@@ -1448,7 +1457,10 @@ def test_each_algorithm_refuses_the_settings_its_training_step_never_reads(tmp_p
 
 
 COMPANIONS: dict[str, dict[str, object]] = {
-    **dict.fromkeys(("label_smoothing", "f_divergence"), {"preference_loss": "sigmoid"}),
+    **dict.fromkeys(("label_smoothing", "f_divergence", "sync_ref_model"), {"preference_loss": "sigmoid"}),
+    **dict.fromkeys(
+        ("ref_model_sync_steps", "ref_model_mixup_alpha"), {"preference_loss": "sigmoid", "sync_ref_model": True}
+    ),
     "f_alpha": {"preference_loss": "sigmoid", "f_divergence": "alpha_divergence"},
     "simpo_gamma": {"preference_loss": "simpo"},
     "discopop_tau": {"preference_loss": "discopop"},
@@ -1485,7 +1497,8 @@ def test_settings_read_only_under_another_are_refused_without_it():
         value = {"tau_pos": 0.5, "tau_neg": 0.5, "mix_weight": "0.1", "mix_phi": True, "expert_batch_size": 4,
                  "shaping_gamma": 0.5, "kl_estimator": "k1", "lora_alpha": 32, "expert": "e.jsonl",
                  "label_smoothing": 0.1, "f_divergence": "js_divergence", "f_alpha": 0.3, "simpo_gamma": 0.5,
-                 "discopop_tau": 0.1}[name]  # fmt: skip
+                 "discopop_tau": 0.1, "sync_ref_model": True, "ref_model_sync_steps": 4,
+                 "ref_model_mixup_alpha": 0.5}[name]  # fmt: skip
         algo = "orpo" if name in PREFERENCE_SETTINGS else "grpo"  # orpo: none of them on by default
         assert getattr(make_config(algo, {name: value, **on}), name) == value
 

@@ -193,6 +193,9 @@ def test_a_bad_preference_loss_is_one_error_naming_it(text, message):
         ("dpo", {"f_alpha": 0.3}, "alpha-divergence's alpha", "f_divergence=alpha_divergence"),
         ("dpo", {"ld_alpha": 1.5}, r"ld_alpha=1.5 must be in \[0, 1\]", "0.5"),
         ("dpo", {"beta": 0.0}, "beta=0.0 must be > 0", "0.1"),
+        ("simpo", {"sync_ref_model": True}, "which preference_loss=simpo does not read", "preference_loss=sigmoid"),
+        ("dpo", {"sync_ref_model": True, "lora_rank": 4}, "LoRA trains adapters", "drop sync_ref_model"),
+        ("dpo", {"ref_model_sync_steps": 8}, "TR-DPO's reference updates, off", "sync_ref_model=true"),
         ("grpo", {"preference_loss": "ipo"}, "preference_loss applies to dpo, online_dpo, cpo, simpo, orpo", "drop"),
     ],
 )
@@ -223,3 +226,53 @@ def test_the_reference_model_is_kept_and_run_only_where_a_loss_reads_it(algo, lo
     metrics = run.dpo_step()
     assert len(passes) == (2 if reference else 1) and passes[0] is run.model
     assert math.isfinite(metrics["loss"]) and "nll" in metrics
+
+
+def test_wpo_weights_each_pair_by_its_completions_mean_log_prob_over_the_policys_square_mass():
+    logps, mask = _padded(CHOSEN + REJECTED)
+    mass, _ = _padded([[-0.5, -0.5, -0.5], [-1.0, -1.0], [-0.25, -0.25], [-0.5, -0.5, -0.5, -0.5]])
+    pairs = pair_logps(logps, mask, _padded(REF_CHOSEN + REF_REJECTED)[0], square_mass=mass)
+    # w(y) = exp(mean over y's tokens of log p - log sum p^2); a pair's weight is w(y_w) w(y_l)
+    w = [
+        math.exp((-1.75 + 1.5) / 3),
+        math.exp((-2.5 + 2.0) / 2),
+        math.exp((-2.25 + 0.5) / 2),
+        math.exp((-3.25 + 2) / 4),
+    ]
+    torch.testing.assert_close(pairs.weights, torch.tensor([w[0] * w[2], w[1] * w[3]]))
+    loss, _ = preference_loss("sigmoid+sft", pairs, PreferenceSettings(beta=B))
+    each = [(_expected("sigmoid", i) + _expected("sft", i)) * [w[0] * w[2], w[1] * w[3]][i] for i in (0, 1)]
+    assert loss.item() == pytest.approx(sum(each) / 2, rel=1e-6)
+
+
+def test_the_fast_pass_gives_the_square_mass_of_transformers_forward():
+    from policylab.llm.models import load_model
+    from policylab.llm.rollout import token_logprobs
+
+    model, tokenizer = load_model("tiny-llama")
+    prompts = tokenizer(["12+34=", "5+6="], padding=True, return_tensors="pt", add_special_tokens=False)
+    ids = torch.tensor([[3, 4, 5, 2], [6, 2, 0, 0]])
+    mask = ids.ne(0)
+    masses = []
+    for fast in (True, False):
+        mass: list[torch.Tensor] = []
+        token_logprobs(model, prompts["input_ids"], prompts["attention_mask"].bool(), ids, mask, fast=fast,
+                       square_mass=mass)  # fmt: skip
+        masses.append(mass[0] * mask)
+    torch.testing.assert_close(masses[0], masses[1], rtol=1e-5, atol=1e-5)
+    assert (masses[1][mask] < 0).all()  # log sum p^2 < 0 for any distribution over more than one token
+
+
+def test_tr_dpo_mixes_the_policy_into_the_reference_every_n_steps():
+    from policylab.llm.trainer import LLMTrainer, make_config
+
+    run = LLMTrainer(make_config("dpo", {"batch_size": 4, "eval_size": 4, "train_size": 8, "sync_ref_model": True,
+                                         "ref_model_sync_steps": 2, "ref_model_mixup_alpha": 0.25}))  # fmt: skip
+    initial = [p.clone() for p in run.reference.parameters()]
+    run.step = 1
+    run.dpo_step()
+    assert all(torch.equal(a, b) for a, b in zip(initial, run.reference.parameters()))  # step 1: not synced
+    run.step = 2
+    run.dpo_step()
+    for old, ref, param in zip(initial, run.reference.parameters(), run.model.parameters()):
+        torch.testing.assert_close(ref, 0.25 * param + 0.75 * old)

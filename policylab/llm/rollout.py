@@ -232,6 +232,7 @@ def token_logprobs(
     hidden: list[Tensor] | None = None,
     fast: bool = True,
     tape: fast_train.Tape | None = None,
+    square_mass: list[Tensor] | None = None,
 ) -> tuple[Tensor, Tensor]:
     """(log-probs [N, T] of the completion tokens under softmax(logits / temperature), the entropy [N, T] of that
     distribution) in one forward pass over prompt + completion (with gradients, for training). With `hidden` (a
@@ -239,16 +240,21 @@ def token_logprobs(
     to it (what a value head reads: the state before each token). `fast`: Llama-family models run through
     `LlamaDecoder.completion_logits`, which computes each distinct prompt of the batch once (float32: in numpy,
     `fast_train`, whose forward is the sampler's `tape` where that holds these completions at these weights).
-    The fast passes stop at the batch's last masked-in position: the columns after it come back as zeros."""
+    With `square_mass` (a list), log sum_v p_v^2 of each position's distribution [N, T] (WPO's weights; no
+    gradient) is appended to it. The fast passes stop at the batch's last masked-in position: the columns after it
+    come back as zeros."""
     fast = fast and LlamaDecoder.supports(model)
     used = int(completion_mask.any(0).nonzero().max()) + 1 if fast and completion_mask.any() else 1
     if fast and used < completion_ids.shape[1]:
         inner: list[Tensor] | None = [] if hidden is not None else None
+        mass: list[Tensor] | None = [] if square_mass is not None else None
         chosen, entropy = token_logprobs(model, prompt_ids, prompt_mask, completion_ids[:, :used],
-                                         completion_mask[:, :used], temperature, inner, fast, tape)  # fmt: skip
+                                         completion_mask[:, :used], temperature, inner, fast, tape, mass)  # fmt: skip
         missing = completion_ids.shape[1] - used
         if hidden is not None and inner is not None:
             hidden.append(F.pad(inner[0], (0, 0, 0, missing)))
+        if square_mass is not None and mass is not None:
+            square_mass.append(F.pad(mass[0], (0, missing)))
         return F.pad(chosen, (0, missing)), F.pad(entropy, (0, missing))
     if fast and fast_train.supports(model):
         logits = fast_train.completion_logits(model, prompt_ids, prompt_mask, completion_ids, hidden, tape)
@@ -268,6 +274,9 @@ def token_logprobs(
     log_probs = torch.log_softmax(logits, -1)
     chosen = log_probs.gather(-1, completion_ids[..., None]).squeeze(-1)
     entropy = -(log_probs.exp() * log_probs).sum(-1)
+    if square_mass is not None:
+        with torch.no_grad():
+            square_mass.append(torch.logsumexp(2.0 * log_probs, -1))
     return chosen * completion_mask, entropy
 
 

@@ -182,6 +182,10 @@ PREFERENCE_SETTINGS = (
     "ld_alpha",
     "simpo_gamma",
     "discopop_tau",
+    "use_weighting",
+    "sync_ref_model",
+    "ref_model_sync_steps",
+    "ref_model_mixup_alpha",
 )
 """The settings of the preference losses (objectives.preference.PreferenceSettings, and which losses, and LD-DPO's
 weight)."""
@@ -326,6 +330,14 @@ class LLMConfig:
     """SimPO's target margin gamma (beta 2.0 with gamma 1.0: gamma / beta = 0.5, the paper's usual ratio)."""
     discopop_tau: float = 0.05
     """DiscoPOP's temperature."""
+    use_weighting: bool = False
+    """WPO: weight each pair's loss by how likely the policy is to sample its two completions
+    (objectives.preference.pair_logps)."""
+    sync_ref_model: bool = False
+    """TR-DPO (Gorbatovski et al. 2024): every `ref_model_sync_steps` steps the reference becomes
+    ref_model_mixup_alpha * policy + (1 - ref_model_mixup_alpha) * reference (saved in the checkpoints)."""
+    ref_model_sync_steps: int = 512
+    ref_model_mixup_alpha: float = 0.6
     pairs: str | None = None
     """DPO: a JSONL file of {"prompt", "chosen", "rejected"} rows; None: the task's answers as chosen and each
     with one character changed as rejected."""
@@ -406,6 +418,7 @@ class LLMConfig:
             check_preference_settings(self.preference_loss, self.preference_settings)
             if self.ld_alpha is not None and not 0 <= self.ld_alpha <= 1:
                 raise ConfigError(f"ld_alpha={self.ld_alpha} must be in [0, 1]", "set ld_alpha=0.5 (e.g.), or drop it")
+            self._check_reference_sync()
         self._check_dependent_settings()
         if self.kl_estimator not in ("k1", "k2", "k3"):
             raise ConfigError(f"kl_estimator={self.kl_estimator!r}", "choose k1, k2 or k3")
@@ -438,6 +451,28 @@ class LLMConfig:
             raise ConfigError(
                 exc.problem.replace("imitation=", key), (exc.fix or "").replace("imitation=", key)
             ) from None
+
+    def _check_reference_sync(self) -> None:
+        """TR-DPO moves a reference model: the loss must read one, and it must have the policy's parameters."""
+        if not self.sync_ref_model:
+            return
+        if not needs_reference(self.preference_loss):
+            raise ConfigError(
+                f"sync_ref_model=true moves the reference model, which preference_loss={self.preference_loss} "
+                "does not read (so the run keeps none)",
+                "drop sync_ref_model, or use a loss with a reference (e.g. preference_loss=sigmoid)",
+            )
+        if self.lora_rank > 0:
+            raise ConfigError(
+                "sync_ref_model=true mixes the policy's weights into the reference, and LoRA trains adapters instead",
+                "drop sync_ref_model or lora_rank",
+            )
+        if self.ref_model_sync_steps <= 0 or not 0 < self.ref_model_mixup_alpha <= 1:
+            raise ConfigError(
+                f"ref_model_sync_steps={self.ref_model_sync_steps} must be > 0 and ref_model_mixup_alpha="
+                f"{self.ref_model_mixup_alpha} in (0, 1]",
+                "set ref_model_sync_steps=512 and ref_model_mixup_alpha=0.6 (TR-DPO's)",
+            )
 
     def _check_dependent_settings(self) -> None:
         """A setting read only under another one (DEPENDENT_SETTINGS: SAPO's temperatures under loss=sapo, ...),
@@ -497,6 +532,12 @@ DEPENDENT_SETTINGS: tuple[tuple[tuple[str, ...], Callable[[LLMConfig], bool], st
         "--set preference_loss=sigmoid, robust, exo_pair, aot, cpo or simpo",
     ),
     (("simpo_gamma",), lambda c: "simpo" in c.preference_terms, "SimPO's margin", "--set preference_loss=simpo"),
+    (
+        ("ref_model_sync_steps", "ref_model_mixup_alpha"),
+        lambda c: c.sync_ref_model,
+        "TR-DPO's reference updates",
+        "--set sync_ref_model=true",
+    ),
     (
         ("discopop_tau",),
         lambda c: "discopop" in c.preference_terms,
@@ -1259,15 +1300,27 @@ class LLMTrainer:
     def preference_update(self, prompt_ids: Tensor, prompt_mask: Tensor, ids: Tensor, mask: Tensor) -> dict[str, float]:
         """One step of the preference loss on 2P rows: the P chosen completions, then the P rejected ones of the
         same prompts (the reference's pass only where a loss reads it)."""
-        logp = token_logprobs(self.model, prompt_ids, prompt_mask, ids, mask)[0]
+        cfg = self.cfg
+        square_mass: list[Tensor] | None = [] if cfg.use_weighting else None
+        logp = token_logprobs(self.model, prompt_ids, prompt_mask, ids, mask, square_mass=square_mass)[0]
         ref = None
         if self.reference is not None:
             with torch.no_grad():
                 ref = token_logprobs(self.reference, prompt_ids, prompt_mask, ids, mask)[0]
-        pairs = pair_logps(logp, mask, ref, self.cfg.ld_alpha)
-        loss, metrics = preference_loss(self.cfg.preference_loss, pairs, self.cfg.preference_settings)
+        pairs = pair_logps(logp, mask, ref, cfg.ld_alpha, square_mass[0] if square_mass else None)
+        loss, metrics = preference_loss(cfg.preference_loss, pairs, cfg.preference_settings)
         self._optimize(loss)
+        if cfg.sync_ref_model and self.step % cfg.ref_model_sync_steps == 0:
+            self._sync_reference()
         return {"loss": float(loss.detach()), "tokens": float(mask.sum()), **{k: float(v) for k, v in metrics.items()}}
+
+    @torch.no_grad()
+    def _sync_reference(self) -> None:
+        """TR-DPO's soft update: reference <- alpha * policy + (1 - alpha) * reference, in place."""
+        assert self.reference is not None
+        alpha = self.cfg.ref_model_mixup_alpha
+        for ref, param in zip(self.reference.parameters(), self.model.parameters(), strict=True):
+            ref.mul_(1.0 - alpha).add_(param, alpha=alpha)
 
     def _optimize(self, loss: Tensor) -> None:
         self.optimizer.zero_grad()
@@ -1307,6 +1360,8 @@ class LLMTrainer:
         tensors = prefixed("model", dict(self.model.state_dict()))
         if self.value_head is not None:
             tensors.update(prefixed("value_head", dict(self.value_head.state_dict())))
+        if self.cfg.sync_ref_model and self.reference is not None:  # TR-DPO's moves; otherwise the initial model
+            tensors.update(prefixed("reference", dict(self.reference.state_dict())))
         optimizer_tensors, optimizer_meta = optimizer_to_flat("optimizer", self.optimizer)  # type: ignore[arg-type]
         tensors.update(optimizer_tensors)
         tensors["rng/torch"] = self.generator.get_state()
@@ -1326,6 +1381,8 @@ class LLMTrainer:
         load_module_state(self.model, unprefixed("model", tensors), "the checkpoint")
         if self.value_head is not None:
             load_module_state(self.value_head, unprefixed("value_head", tensors), "the checkpoint")
+        if self.cfg.sync_ref_model and self.reference is not None:
+            load_module_state(self.reference, unprefixed("reference", tensors), "the checkpoint")
         optimizer_from_flat("optimizer", self.optimizer, tensors, state["optimizer"])  # type: ignore[arg-type]
         self.generator.set_state(tensors["rng/torch"])
         if self.workers is not None:

@@ -34,7 +34,8 @@ and without a reference model:
                                                                                         ORPO (Hong et al. 2024)
 
 A run's loss is a weighted sum of these, each the mean over the pairs: `0.8*sigmoid+0.2*bco_pair+sft` (MPO's),
-`cpo+sft` (CPO, TRL's cpo_alpha 1), `sft+orpo` (ORPO: beta is its lambda). The formulas are TRL 1.16's
+`cpo+sft` (CPO, TRL's cpo_alpha 1), `sft+orpo` (ORPO: beta is its lambda). With WPO's weights (`pair_logps`'s
+`square_mass`), every loss of a pair is multiplied by its weight. The formulas are TRL 1.16's
 (benchmarks/dpo_equivalence.py runs its trainers against these), except that `sigmoid` keeps label smoothing
 (conservative DPO, which TRL's DPOTrainer dropped). The implicit rewards b c and b r (without a reference:
 b log pi(y) / |y|, SimPO's) are returned as metrics, with their accuracy (the share of pairs whose chosen one's is
@@ -76,6 +77,8 @@ class PairLogps:
     """The chosen completions' token-mean negative log-likelihood over the batch (a scalar)."""
     ref_chosen: Tensor | None = None
     ref_rejected: Tensor | None = None
+    weights: Tensor | None = None
+    """WPO's weight of each pair (no gradient), which multiplies its every loss; None: 1."""
 
     def ratios(self) -> tuple[Tensor, Tensor]:
         """(c, r): log pi(y) - log pi_ref(y) of the chosen and the rejected completions."""
@@ -84,11 +87,18 @@ class PairLogps:
 
 
 def pair_logps(
-    token_logps: Tensor, mask: Tensor, ref_token_logps: Tensor | None = None, ld_alpha: float | None = None
+    token_logps: Tensor,
+    mask: Tensor,
+    ref_token_logps: Tensor | None = None,
+    ld_alpha: float | None = None,
+    square_mass: Tensor | None = None,
 ) -> PairLogps:
     """PairLogps from token log-probs [2P, L] (0 off the mask) of the P chosen completions, then the P rejected
     ones of the same prompts, and the reference's (or None). `ld_alpha`: each pair's tokens past the shorter
-    completion's length count with this weight in the sequence log-probs (LD-DPO; None: all with weight 1)."""
+    completion's length count with this weight in the sequence log-probs (LD-DPO; None: all with weight 1).
+    `square_mass` [2P, L], log sum_v p_v^2 of the policy's distribution at each token: WPO's pair weights (Zhou et
+    al. 2024), w(y_w) w(y_l) with w(y) = exp(mean over y's tokens of log p(token) - log sum_v p_v^2), the
+    probability of the completion relative to the policy's own sampling, per token."""
     mask = mask.to(token_logps.dtype)
     n = len(mask) // 2
     tokens = mask.sum(-1)
@@ -99,6 +109,11 @@ def pair_logps(
     sums = (token_logps * weights).sum(-1)
     refs = (ref_token_logps * weights).sum(-1) if ref_token_logps is not None else None
     nll = -(token_logps[:n] * mask[:n]).sum() / mask[:n].sum().clamp_min(1.0)
+    pair_weights = None
+    if square_mass is not None:
+        with torch.no_grad():
+            per_completion = torch.exp(((token_logps - square_mass) * mask).sum(-1) / tokens.clamp_min(1.0))
+            pair_weights = per_completion[:n] * per_completion[n:]
     return PairLogps(
         sums[:n],
         sums[n:],
@@ -107,6 +122,7 @@ def pair_logps(
         nll,
         refs[:n] if refs is not None else None,
         refs[n:] if refs is not None else None,
+        pair_weights,
     )
 
 
@@ -328,8 +344,13 @@ def check_preference_settings(text: str, s: PreferenceSettings) -> None:
 
 
 def preference_loss(text: str, p: PairLogps, s: PreferenceSettings) -> tuple[Tensor, dict[str, Tensor]]:
-    """The weighted sum of `text`'s losses (parse_preference_loss), each the mean over pairs, and the metrics."""
-    loss = sum(weight * PREFERENCE_LOSSES[name].loss(p, s).mean() for name, weight in parse_preference_loss(text))
+    """The weighted sum of `text`'s losses (parse_preference_loss), each the mean over pairs (times WPO's pair
+    weights where `p` has them), and the metrics."""
+    pair_weights = p.weights if p.weights is not None else 1.0
+    loss = sum(
+        weight * (PREFERENCE_LOSSES[name].loss(p, s) * pair_weights).mean()
+        for name, weight in parse_preference_loss(text)
+    )
     assert isinstance(loss, Tensor)
     with torch.no_grad():
         if p.ref_chosen is not None:
