@@ -53,7 +53,6 @@ from common import (
     print_table,
     provenance,
     run_worker,
-    worker_record,
     write_results,
 )
 
@@ -176,6 +175,10 @@ def parameter_gap(a_dir: str | Path, b_dir: str | Path) -> dict[str, float]:
     return {"max": max(gaps.values()), "worst": max(gaps, key=lambda k: gaps[k]), "tensors": len(gaps)}
 
 
+class TrlFailed(Exception):
+    """TRL's trainer raised on this loss (its last error line)."""
+
+
 def side_by_side(
     a: argparse.Namespace, loss: str, work: Path, model_dir: Path, pairs: Path, steps: int
 ) -> dict[str, Any]:
@@ -185,8 +188,11 @@ def side_by_side(
     args += ["--steps", str(steps), "--pairs-per-step", str(a.pairs_per_step), "--lr", str(a.lr)]
     args += ["--beta", str(a.beta), "--trl", json.dumps(setup)]
     env = {**ONE_THREAD, "PYTHONPATH": ""}
-    trl = worker_record(run_worker(Path(__file__).resolve(), args, work / "trl.json", python=str(TRL_PY), env=env),
-                        f"TRL's {setup['trainer'].upper()}Trainer ({loss})")  # fmt: skip
+    res = run_worker(Path(__file__).resolve(), args, work / "trl.json", python=str(TRL_PY), env=env)
+    if res.record is None:  # TRL's own error (e.g. WPO on the hinge loss): the table says so and goes on
+        lines = [line for line in res.stderr_tail.splitlines() if line.strip()]
+        raise TrlFailed(lines[-1] if lines else f"exit code {res.returncode}")
+    trl = res.record
     our_dir = work / "ours"
     losses = ours(a, loss, model_dir, pairs, steps, our_dir)
     return {"steps": steps, "ours_losses": losses, "trl_losses": trl["losses"], "ours_model": str(our_dir),
@@ -221,8 +227,15 @@ def compare(a: argparse.Namespace, loss: str, work: Path, model_dir: Path, pairs
     )
     if trl_loss(a, loss)["trainer"] == "orpo":
         pairs = one_token_prompts(pairs, work / "one-token-prompts.jsonl")
-    first = side_by_side(a, loss, work, model_dir, pairs, 1)
-    last = side_by_side(a, loss, work, model_dir, pairs, a.steps)
+    try:
+        first = side_by_side(a, loss, work, model_dir, pairs, 1)
+        last = side_by_side(a, loss, work, model_dir, pairs, a.steps)
+    except TrlFailed as failure:
+        our_dir = work / f"{loss}-ours-alone"
+        losses = ours(a, loss, model_dir, pairs, a.steps, our_dir)
+        accuracy = evaluate_llm(str(our_dir), "addition", eval_size=200)["accuracy"]
+        return {"loss": loss, "beta": a.beta, "trl": trl_loss(a, loss), "trl_error": str(failure),
+                "ours_losses": losses, "accuracy": {"ours": accuracy}}  # fmt: skip
     accuracy = {side: evaluate_llm(last[f"{side}_model"], "addition", eval_size=200)["accuracy"]
                 for side in ("ours", "trl")}  # fmt: skip
     for run in (first, last):
@@ -305,6 +318,10 @@ def main() -> None:
     rows = []
     for r in results:
         trainer = f"{r['trl']['trainer'].upper()}Trainer {r['trl']['config'].get('loss_type', '')}".strip()
+        if "trl_error" in r:
+            rows.append([r["loss"], trainer, f"{r['beta']:g}", f"TRL raised: {r['trl_error'][:60]}", "", "",
+                         f"{r['accuracy']['ours']:.3f} / -"])  # fmt: skip
+            continue
         rows.append([r["loss"], trainer, f"{r['beta']:g}", f"{r['largest_loss_gap']:.1e}",
                      f"{r['first_step']['parameters']['max']:.1e}", f"{r['run']['parameters']['max']:.1e}",
                      f"{r['accuracy']['ours']:.3f} / {r['accuracy']['trl']:.3f}"])  # fmt: skip
