@@ -59,10 +59,16 @@ from common import (
 TRL_PY = REPO_ROOT / "benchmarks" / ".venv-trl" / "bin" / "python"
 
 
+UNPAIRED = ("kto", "apo_zero_unpaired")
+"""`--losses` names of policylab's kto algorithm's `unpaired_loss` (TRL's KTOTrainer's loss types)."""
+
+
 def trl_loss(a: argparse.Namespace, loss: str) -> dict[str, Any]:
     """{"trainer": dpo | cpo | orpo, "config": its config's loss settings} for policylab's `preference_loss`."""
     from policylab.objectives.preference import PREFERENCE_LOSSES, parse_preference_loss
 
+    if loss in UNPAIRED:
+        return {"trainer": "kto", "config": {"loss_type": loss, "desirable_weight": 1.0, "undesirable_weight": 1.0}}
     terms = dict(parse_preference_loss(loss))
     if not terms.keys() & {"cpo", "simpo", "orpo"}:
         config = {"loss_type": list(terms), "loss_weights": list(terms.values()), "ld_alpha": a.ld_alpha,
@@ -93,7 +99,7 @@ def worker_trl(a: argparse.Namespace) -> None:
     from datasets import Dataset
     from torch.utils.data import SequentialSampler
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    from trl import DPOConfig, DPOTrainer
+    from trl import DPOConfig, DPOTrainer, KTOConfig, KTOTrainer
     from trl.experimental.cpo import CPOConfig, CPOTrainer
     from trl.experimental.orpo import ORPOConfig, ORPOTrainer
 
@@ -103,9 +109,10 @@ def worker_trl(a: argparse.Namespace) -> None:
     model = AutoModelForCausalLM.from_pretrained(a.model_dir)
     rows = [json.loads(line) for line in Path(a.pairs).read_text().splitlines()]
     setup = json.loads(a.trl)
-    config_class, trainer_class = {"dpo": (DPOConfig, DPOTrainer), "cpo": (CPOConfig, CPOTrainer),
-                                   "orpo": (ORPOConfig, ORPOTrainer)}[setup["trainer"]]  # fmt: skip
-    if setup["trainer"] != "dpo":
+    trainers = {"dpo": (DPOConfig, DPOTrainer), "cpo": (CPOConfig, CPOTrainer), "orpo": (ORPOConfig, ORPOTrainer),
+                "kto": (KTOConfig, KTOTrainer)}  # fmt: skip
+    config_class, trainer_class = trainers[setup["trainer"]]
+    if setup["trainer"] in ("cpo", "orpo"):
         tokenizer.bos_token = None  # CPO and ORPO would put it before every prompt (the module docstring)
 
     class InOrder(trainer_class):  # type: ignore[misc,valid-type]
@@ -131,6 +138,8 @@ def our_settings(a: argparse.Namespace, loss: str) -> dict[str, Any]:
     """The dpo algorithm's settings for `loss` and the command line's loss options (those the loss reads)."""
     from policylab.objectives.preference import PREFERENCE_LOSSES, parse_preference_loss
 
+    if loss in UNPAIRED:
+        return {"unpaired_loss": loss, "beta": a.beta}
     names = [name for name, _ in parse_preference_loss(loss)]
     settings: dict[str, Any] = {"preference_loss": loss, "beta": a.beta, "ld_alpha": a.ld_alpha,
                                 "f_divergence": a.f_divergence}  # fmt: skip
@@ -150,14 +159,19 @@ def ours(a: argparse.Namespace, loss: str, model_dir: Path, pairs: Path, steps: 
     """policylab's preference update on the same batches: per-step losses; the model saved to `out`."""
     from policylab.llm.trainer import LLMTrainer, make_config
 
-    cfg = make_config("dpo", {"model": str(model_dir), "pairs": str(pairs), "prompts": None, "lr": a.lr,
-                              "batch_size": a.pairs_per_step, "threads": 1, **our_settings(a, loss)})  # fmt: skip
+    algo = "kto" if loss in UNPAIRED else "dpo"
+    cfg = make_config(algo, {"model": str(model_dir), "pairs": str(pairs), "prompts": None, "lr": a.lr,
+                             "batch_size": a.pairs_per_step, "threads": 1, **our_settings(a, loss)})  # fmt: skip
     trainer = LLMTrainer(cfg)
     rows = [json.loads(line) for line in pairs.read_text().splitlines()]
     losses = []
     for step in range(steps):
         trainer.step = step + 1  # as train_llm's loop sets it (TR-DPO's syncs follow it)
         batch = rows[step * a.pairs_per_step : (step + 1) * a.pairs_per_step]
+        if algo == "kto":  # its step draws its rows: these, in file order
+            trainer.draw_rows = lambda kind, n, batch=batch: batch  # type: ignore[method-assign]
+            losses.append(trainer.kto_step()["loss"])
+            continue
         prompt_ids, prompt_mask = trainer.encode_prompts([r["prompt"] for r in batch] * 2)
         ids, mask = trainer.encode_prompts.answers([r["chosen"] for r in batch] + [r["rejected"] for r in batch])
         losses.append(trainer.preference_update(prompt_ids, prompt_mask, ids, mask)["loss"])
@@ -190,7 +204,7 @@ def side_by_side(
     env = {**ONE_THREAD, "PYTHONPATH": ""}
     res = run_worker(Path(__file__).resolve(), args, work / "trl.json", python=str(TRL_PY), env=env)
     if res.record is None:  # TRL's own error (e.g. WPO on the hinge loss): the table says so and goes on
-        lines = [line for line in res.stderr_tail.splitlines() if line.strip()]
+        lines = [line for line in res.stderr_tail.splitlines() if "Error" in line]
         raise TrlFailed(lines[-1] if lines else f"exit code {res.returncode}")
     trl = res.record
     our_dir = work / "ours"
@@ -204,6 +218,15 @@ def uneven(pairs: Path, out: Path) -> Path:
     rows = [json.loads(line) for line in pairs.read_text().splitlines()]
     for i, row in enumerate(rows):
         row["rejected"] += str(i % 10) if i % 2 else ""
+    out.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return out
+
+
+def labelled(pairs: Path, out: Path) -> Path:
+    """KTO's rows from the pairs: each pair's chosen completion (label true), then its rejected one (false)."""
+    rows = [json.loads(line) for line in pairs.read_text().splitlines()]
+    rows = [{"prompt": r["prompt"], "completion": r[key], "label": key == "chosen"}
+            for r in rows for key in ("chosen", "rejected")]  # fmt: skip
     out.write_text("".join(json.dumps(row) + "\n" for row in rows))
     return out
 
@@ -227,6 +250,8 @@ def compare(a: argparse.Namespace, loss: str, work: Path, model_dir: Path, pairs
     )
     if trl_loss(a, loss)["trainer"] == "orpo":
         pairs = one_token_prompts(pairs, work / "one-token-prompts.jsonl")
+    if loss in UNPAIRED:
+        pairs = labelled(pairs, work / "labelled.jsonl")
     try:
         first = side_by_side(a, loss, work, model_dir, pairs, 1)
         last = side_by_side(a, loss, work, model_dir, pairs, a.steps)
@@ -257,8 +282,10 @@ def all_losses(a: argparse.Namespace) -> list[str]:
     if a.f_divergence != "reverse_kl":
         return [name for name, spec in PREFERENCE_LOSSES.items() if spec.f_divergence]
     names = [name for name, spec in PREFERENCE_LOSSES.items() if spec.reference]
+    if a.use_weighting:  # policylab refuses WPO on the sorted-margin losses (TRL raises NotImplementedError)
+        names = [name for name in names if name not in ("aot", "aot_unpaired")]
     dpo_only = a.ld_alpha is not None or a.use_weighting or a.ref_sync_steps
-    return names if dpo_only else [*names, "simpo", "cpo+sft", "sft+orpo"]
+    return names if dpo_only else [*names, "simpo", "cpo+sft", "sft+orpo", *UNPAIRED]
 
 
 def main() -> None:

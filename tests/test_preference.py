@@ -193,6 +193,7 @@ def test_a_bad_preference_loss_is_one_error_naming_it(text, message):
         ("dpo", {"f_alpha": 0.3}, "alpha-divergence's alpha", "f_divergence=alpha_divergence"),
         ("dpo", {"ld_alpha": 1.5}, r"ld_alpha=1.5 must be in \[0, 1\]", "0.5"),
         ("dpo", {"beta": 0.0}, "beta=0.0 must be > 0", "0.1"),
+        ("dpo", {"preference_loss": "aot", "use_weighting": True}, "sorted margins, not pairs", "drop use_weighting"),
         ("simpo", {"sync_ref_model": True}, "which preference_loss=simpo does not read", "preference_loss=sigmoid"),
         ("dpo", {"sync_ref_model": True, "lora_rank": 4}, "LoRA trains adapters", "drop sync_ref_model"),
         ("dpo", {"ref_model_sync_steps": 8}, "TR-DPO's reference updates, off", "sync_ref_model=true"),
@@ -276,3 +277,63 @@ def test_tr_dpo_mixes_the_policy_into_the_reference_every_n_steps():
     run.dpo_step()
     for old, ref, param in zip(initial, run.reference.parameters(), run.model.parameters()):
         torch.testing.assert_close(ref, 0.25 * param + 0.75 * old)
+
+
+# --- KTO -------------------------------------------------------------------------------------------------------
+
+
+def test_kto_losses_equal_their_formulas_by_hand():
+    from policylab.objectives.preference import kto_kl, unpaired_loss
+
+    u = torch.tensor([0.5, -0.25, 1.0])  # log pi(y) - log pi_ref(y)
+    desirable = torch.tensor([True, False, False])
+    kl = kto_kl(torch.tensor([-2.0, -3.0, -1.0]), torch.tensor([-2.5, -3.0, -1.3]))  # mean of 0.5, 0, 0.3
+    assert kl.item() == pytest.approx(0.8 / 3)
+    assert kto_kl(torch.tensor([-2.0]), torch.tensor([-1.0])).item() == 0.0  # clamped at 0
+    z = 0.8 / 3
+    loss, metrics = unpaired_loss(u, desirable, kl, "kto", beta=B, desirable_weight=1.5, undesirable_weight=0.5)
+    expected = [1.5 * (1 - sig(B * (0.5 - z))), 0.5 * (1 - sig(B * (z + 0.25))), 0.5 * (1 - sig(B * (z - 1.0)))]
+    assert loss.item() == pytest.approx(sum(expected) / 3)
+    assert metrics["reward_undesirable"].item() == pytest.approx(B * 0.75 / 2)
+    apo, _ = unpaired_loss(u, desirable, kl, "apo_zero_unpaired", beta=B)
+    assert apo.item() == pytest.approx((1 - sig(B * 0.5) + sig(-B * 0.25) + sig(B * 1.0)) / 3)
+
+
+def test_kto_rows_are_labelled_completions_or_pairs_unpaired():
+    import numpy as np
+
+    from policylab.llm import LLMError
+    from policylab.llm.trainer import check_unpaired_rows, unpaired_examples
+
+    rng = np.random.default_rng(0)
+    assert unpaired_examples({"prompt": "p", "completion": "a", "label": False}, rng) == [("p", "a", False)]
+    assert unpaired_examples({"prompt": "p", "chosen": "a", "rejected": "b"}, rng) == [
+        ("p", "a", True),
+        ("p", "b", False),
+    ]
+    (prompt, chosen, _), (_, rejected, label) = unpaired_examples({"prompt": "1+2=", "answer": "03"}, rng)
+    assert (prompt, chosen, label) == ("1+2=", "03", False) and rejected != chosen
+    for row in ({"prompt": "p", "completion": "a", "label": "yes"}, {"prompt": "p", "completion": "a"}):
+        with pytest.raises(LLMError, match='row 1: neither "completion" with a true/false "label"'):
+            check_unpaired_rows([{"prompt": "p", "chosen": "a", "rejected": "b"}, row])
+
+
+def test_kto_keeps_a_reference_and_refuses_what_it_cannot_take():
+    from policylab.llm.trainer import LLMTrainer, make_config
+
+    run = LLMTrainer(make_config("kto", {"batch_size": 4, "eval_size": 4, "train_size": 8}))
+    assert run.reference is not None
+    metrics = run.kto_step()
+    assert math.isfinite(metrics["loss"]) and metrics["kl"] >= 0
+    cases = [
+        ({"unpaired_loss": "kt"}, "unpaired_loss='kt'. Did you mean: kto", "apo_zero_unpaired"),
+        ({"desirable_weight": 0.0}, "must be > 0", "both weights to 1.0"),
+        ({"batch_size": 1}, "at least 2 rows a step", "batch_size to 2"),
+        ({"preference_loss": "ipo"}, "kto does not use preference_loss=ipo", "drop preference_loss"),
+    ]
+    for settings, message, fix in cases:
+        with pytest.raises(ConfigError, match=message) as info:
+            make_config("kto", settings)
+        assert fix in (info.value.fix or "")
+    with pytest.raises(ConfigError, match="unpaired_loss applies to kto"):
+        make_config("dpo", {"unpaired_loss": "apo_zero_unpaired"})

@@ -29,6 +29,7 @@ kl_coef times a k1/k2/k3 KL estimate to the initial model and minus entropy_coef
                   (Meng et al. 2024)
     orpo          ORPO: the chosen completions' NLL plus beta times the log odds-ratio loss, no reference
                   (Hong et al. 2024)
+    kto           KTO on completions labelled desirable or not, unpaired; beta 0.1 (Ethayarajh et al. 2024)
 
 Prompts, SFT examples, expert completions and DPO pairs are drawn in shuffled epochs (llm/epochs.py), as TRL's
 trainers walk their datasets; `epoch` in train.csv counts the passes.
@@ -93,12 +94,15 @@ from policylab.objectives.policy import (
 )
 from policylab.objectives.preference import (
     PREFERENCE_LOSSES,
+    UNPAIRED_LOSSES,
     PreferenceSettings,
     check_preference_settings,
+    kto_kl,
     needs_reference,
     pair_logps,
     parse_preference_loss,
     preference_loss,
+    unpaired_loss,
 )
 from policylab.objectives.value import value_loss
 from policylab.optim import Adam
@@ -120,6 +124,7 @@ ALGO_DEFAULTS: dict[str, dict[str, Any]] = {
     "cpo": {"preference_loss": "cpo+sft", "lr": 1e-4},
     "simpo": {"preference_loss": "simpo", "beta": 2.0, "lr": 1e-4},
     "orpo": {"preference_loss": "sft+orpo", "lr": 1e-4},
+    "kto": {"lr": 1e-4},
 }
 """Each algorithm is GRPO's config with these values (the table in the module docstring)."""
 ALGOS = tuple(ALGO_DEFAULTS)
@@ -128,6 +133,7 @@ TRAINING_STEPS = {
     "ppo": "ppo_step",
     "online_dpo": "online_dpo_step",
     **dict.fromkeys(("dpo", "cpo", "simpo", "orpo"), "dpo_step"),
+    "kto": "kto_step",
 }
 """The LLMTrainer method that makes one training step of each algorithm but the group-advantage ones (rl_step)."""
 
@@ -143,6 +149,8 @@ POLICY_LOSS_STEPS = ("rl_step", "ppo_step")
 """The steps that train the policy-gradient loss (LLMTrainer.policy_loss through accumulate), `updates_per_batch`
 times per batch."""
 PREFERENCE_STEPS = ("dpo_step", "online_dpo_step")
+ROW_PAIR_STEPS = ("dpo_step", "kto_step")
+"""The steps that draw rows of the pairs file (or the task's answers with corruptions), not prompts to sample."""
 """The steps that train a preference loss (LLMTrainer.preference_update), once per batch."""
 
 
@@ -174,7 +182,6 @@ SAMPLING_SETTINGS = (
 algorithm that samples none refuses a value other than its default. Not max_new_tokens: the evaluation's greedy
 decoding uses it."""
 PREFERENCE_SETTINGS = (
-    "beta",
     "label_smoothing",
     "preference_loss",
     "f_divergence",
@@ -187,8 +194,10 @@ PREFERENCE_SETTINGS = (
     "ref_model_sync_steps",
     "ref_model_mixup_alpha",
 )
-"""The settings of the preference losses (objectives.preference.PreferenceSettings, and which losses, and LD-DPO's
-weight)."""
+"""The settings of the pairwise preference losses (objectives.preference.PreferenceSettings, which losses, LD-DPO,
+WPO, TR-DPO); beta is KTO's too."""
+UNPAIRED_SETTINGS = ("unpaired_loss", "desirable_weight", "undesirable_weight")
+"""KTO's settings (objectives.preference.unpaired_loss)."""
 SETTING_READERS: dict[str, tuple[str, ...]] = {
     **dict.fromkeys(SAMPLING_SETTINGS, SAMPLING_STEPS),
     "updates_per_batch": POLICY_LOSS_STEPS,  # online DPO makes one preference update per batch
@@ -214,7 +223,9 @@ SETTING_READERS: dict[str, tuple[str, ...]] = {
     ),
     **dict.fromkeys(("vf_coef", "gamma", "gae_lambda"), ("ppo_step",)),
     **dict.fromkeys(PREFERENCE_SETTINGS, PREFERENCE_STEPS),
-    "pairs": ("dpo_step",),
+    "beta": (*PREFERENCE_STEPS, "kto_step"),
+    **dict.fromkeys(UNPAIRED_SETTINGS, ("kto_step",)),
+    "pairs": ("dpo_step", "kto_step"),
 }
 """The settings that only some training steps read, and which: an algorithm whose step does not read one refuses
 a value of it other than the algorithm's default (LLMConfig._check_unused_settings), naming the algorithms that
@@ -229,6 +240,7 @@ READER_NAMES = {
 STEP_SUMMARIES = {
     "sft_step": "trains on the rows' answers and samples no completions",
     "dpo_step": "trains on (chosen, rejected) pairs and samples no completions",
+    "kto_step": "trains on completions labelled desirable or not and samples no completions",
     "online_dpo_step": "makes one preference update per batch, on the best and worst of its own samples",
     "ppo_step": "trains on GAE advantages from a value head",
     "rl_step": "trains on group advantages",
@@ -333,14 +345,20 @@ class LLMConfig:
     use_weighting: bool = False
     """WPO: weight each pair's loss by how likely the policy is to sample its two completions
     (objectives.preference.pair_logps)."""
+    unpaired_loss: str = "kto"
+    """KTO's loss type: kto, or apo_zero_unpaired (objectives.preference.unpaired_loss)."""
+    desirable_weight: float = 1.0
+    undesirable_weight: float = 1.0
+    """KTO's weights of the desirable and undesirable completions' losses."""
     sync_ref_model: bool = False
     """TR-DPO (Gorbatovski et al. 2024): every `ref_model_sync_steps` steps the reference becomes
     ref_model_mixup_alpha * policy + (1 - ref_model_mixup_alpha) * reference (saved in the checkpoints)."""
     ref_model_sync_steps: int = 512
     ref_model_mixup_alpha: float = 0.6
     pairs: str | None = None
-    """DPO: a JSONL file of {"prompt", "chosen", "rejected"} rows; None: the task's answers as chosen and each
-    with one character changed as rejected."""
+    """DPO and the other pairwise algorithms: a JSONL file of {"prompt", "chosen", "rejected"} rows; None: the
+    task's answers as chosen and each with one character changed as rejected. KTO: rows of {"prompt",
+    "completion", "label"} (label true: desirable), or pairs (each a desirable and an undesirable row)."""
     vf_coef: float = 0.5
     """PPO: weight of the value loss (a linear value head on the policy's last hidden state)."""
     gamma: float = 1.0
@@ -419,6 +437,15 @@ class LLMConfig:
             if self.ld_alpha is not None and not 0 <= self.ld_alpha <= 1:
                 raise ConfigError(f"ld_alpha={self.ld_alpha} must be in [0, 1]", "set ld_alpha=0.5 (e.g.), or drop it")
             self._check_reference_sync()
+            sorted_terms = [name for name in self.preference_terms if name in ("aot", "aot_unpaired")]
+            if self.use_weighting and sorted_terms:
+                raise ConfigError(
+                    f"use_weighting=true weights each pair's losses, and {sorted_terms[0]}'s are over the batch's "
+                    "sorted margins, not pairs",
+                    f"drop use_weighting, or use another loss than {' and '.join(sorted_terms)}",
+                )
+        if self.algo == "kto":
+            self._check_unpaired_settings()
         self._check_dependent_settings()
         if self.kl_estimator not in ("k1", "k2", "k3"):
             raise ConfigError(f"kl_estimator={self.kl_estimator!r}", "choose k1, k2 or k3")
@@ -451,6 +478,25 @@ class LLMConfig:
             raise ConfigError(
                 exc.problem.replace("imitation=", key), (exc.fix or "").replace("imitation=", key)
             ) from None
+
+    def _check_unpaired_settings(self) -> None:
+        if self.unpaired_loss not in UNPAIRED_LOSSES:
+            raise ConfigError(
+                f"unpaired_loss={self.unpaired_loss!r}.{suggest(self.unpaired_loss, UNPAIRED_LOSSES)}",
+                f"choose one of: {', '.join(UNPAIRED_LOSSES)}",
+            )
+        if self.beta <= 0 or self.desirable_weight <= 0 or self.undesirable_weight <= 0:
+            raise ConfigError(
+                f"beta={self.beta}, desirable_weight={self.desirable_weight} and undesirable_weight="
+                f"{self.undesirable_weight} must be > 0",
+                "set beta=0.1 and both weights to 1.0 (KTO's)",
+            )
+        if self.batch_size < 2:
+            raise ConfigError(
+                "kto estimates its KL reference point by pairing each prompt with another row's completion, which "
+                "takes at least 2 rows a step",
+                "set batch_size to 2 or more",
+            )
 
     def _check_reference_sync(self) -> None:
         """TR-DPO moves a reference model: the loss must read one, and it must have the policy's parameters."""
@@ -750,6 +796,30 @@ def preference_pair(row: dict[str, Any], rng: np.random.Generator) -> tuple[str,
     return row["prompt"], chosen, chosen[:i] + digits[int(rng.integers(len(digits)))] + chosen[i + 1 :]
 
 
+def unpaired_examples(row: dict[str, Any], rng: np.random.Generator) -> list[tuple[str, str, bool]]:
+    """KTO's (prompt, completion, desirable) examples of a row: a labelled row's one, else its pair's two (the
+    chosen completion desirable, the rejected one not; preference_pair)."""
+    if "label" in row:
+        return [(row["prompt"], row["completion"], bool(row["label"]))]
+    prompt, chosen, rejected = preference_pair(row, rng)
+    return [(prompt, chosen, True), (prompt, rejected, False)]
+
+
+def check_unpaired_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """KTO's rows, each labelled ({"prompt", "completion", "label": true or false}) or a pair; one error naming the
+    first that is neither."""
+    for number, row in enumerate(rows):
+        labelled = isinstance(row.get("completion"), str) and isinstance(row.get("label"), bool)
+        paired = isinstance(row.get("chosen"), str) and isinstance(row.get("rejected"), str)
+        if not (labelled or paired) or ("label" in row and not labelled):
+            raise LLMError(
+                f'pairs, row {number}: neither "completion" with a true/false "label" nor "chosen" and "rejected" '
+                f"strings: {str(row)[:80]}",
+                'give KTO rows like {"prompt": "2+2=", "completion": "4", "label": true}, or pairs',
+            )
+    return rows
+
+
 def token_gae(rewards: Tensor, values: Tensor, mask: Tensor, gamma: float, lam: float) -> tuple[Tensor, Tensor]:
     """GAE over the tokens of each completion (objectives.advantages.gae, time = token): the sequence reward
     [N] arrives on its last token, which ends the episode. Returns (advantages, returns), [N, T], 0 off the mask."""
@@ -915,7 +985,8 @@ class LLMTrainer:
                 self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.reference = None
         preference = training_step(cfg.algo) in PREFERENCE_STEPS
-        if (cfg.kl_coef and cfg.algo != "sft") or (preference and needs_reference(cfg.preference_loss)):
+        needs = cfg.algo == "kto" or (preference and needs_reference(cfg.preference_loss))
+        if (cfg.kl_coef and cfg.algo != "sft") or needs:
             self.reference = copy.deepcopy(self.model).eval().requires_grad_(False)
         self.value_head: torch.nn.Linear | None = None
         if cfg.algo == "ppo":
@@ -930,7 +1001,11 @@ class LLMTrainer:
         self.train_rows, self.eval_rows = rows_of(self.task, cfg, inputs)
         expert, pairs = _given(cfg, inputs, "expert"), _given(cfg, inputs, "pairs")
         self.expert_rows = prompt_rows(expert, "expert") if expert is not None else self.train_rows
-        self.pair_rows = prompt_rows(pairs, "pairs", ("chosen", "rejected"), PAIRS_FIX) if pairs is not None else None
+        self.pair_rows = None
+        if pairs is not None and cfg.algo == "kto":
+            self.pair_rows = check_unpaired_rows(prompt_rows(pairs, "pairs"))
+        elif pairs is not None:
+            self.pair_rows = prompt_rows(pairs, "pairs", ("chosen", "rejected"), PAIRS_FIX)
         note = eval_note(self.task, cfg, (self.train_rows, self.eval_rows), inputs)
         self.notes: list[str] = [note] if note else []
         """What the run should say before it starts."""
@@ -942,7 +1017,7 @@ class LLMTrainer:
             check_expert_rows(self.expert_rows, "expert" if expert is not None else "prompts")
         self.luffy_experts = luffy_experts(self.expert_rows, self.train_rows) if cfg.mix == "luffy" else {}
         """LUFFY's expert completion of each training prompt (from the expert rows of the same prompt)."""
-        if cfg.algo == "sft" or (training_step(cfg.algo) == "dpo_step" and self.pair_rows is None):
+        if cfg.algo == "sft" or (training_step(cfg.algo) in ROW_PAIR_STEPS and self.pair_rows is None):
             check_expert_rows(self.train_rows, "prompts")
         self.generator = torch.Generator().manual_seed(cfg.seed)
         self.max_new_tokens = cfg.max_new_tokens or self.task.max_new_tokens
@@ -973,9 +1048,9 @@ class LLMTrainer:
         completions where a step trains on them."""
         texts = [row["prompt"] for row in self.train_rows + self.eval_rows]
         for row in self.pair_rows or []:
-            texts += (row["prompt"], row["chosen"], row["rejected"])
+            texts += (row["prompt"], row.get("chosen"), row.get("rejected"), row.get("completion"))
         cfg = self.cfg
-        if cfg.algo == "sft" or (training_step(cfg.algo) == "dpo_step" and self.pair_rows is None):
+        if cfg.algo == "sft" or (training_step(cfg.algo) in ROW_PAIR_STEPS and self.pair_rows is None):
             texts += [expert_completion(row) for row in self.train_rows]
         elif cfg.mix != "none":
             texts += [expert_completion(row) for row in self.expert_rows]
@@ -995,7 +1070,7 @@ class LLMTrainer:
     @property
     def epochs_done(self) -> float:
         """Passes over the rows the steps draw from (the pairs for DPO with a pairs table, else the prompts)."""
-        uses_pairs = training_step(self.cfg.algo) == "dpo_step" and self.pair_rows is not None
+        uses_pairs = training_step(self.cfg.algo) in ROW_PAIR_STEPS and self.pair_rows is not None
         return self.orders["pairs" if uses_pairs else "train"].epochs_done
 
     def rollout(self, rows: list[dict[str, str]], greedy: bool = False) -> tuple[Rollout, list[str]]:
@@ -1278,6 +1353,36 @@ class LLMTrainer:
         prompt_ids, prompt_mask = self.encode_prompts([p for p, _, _ in pairs] * 2)
         ids, mask = self.encode_prompts.answers([c for _, c, _ in pairs] + [r for _, _, r in pairs])
         return self.preference_update(prompt_ids, prompt_mask, ids, mask)
+
+    def kto_step(self) -> dict[str, float]:
+        """KTO on `batch_size` rows: a KTO file's labelled completions, or pairs unpaired (each a desirable and an
+        undesirable completion), the task's answers and their corruptions without a file. The reference point is
+        the KL estimate over the batch's completions each paired with the previous row's prompt (rotated by one,
+        as TRL's KTOTrainer does)."""
+        rows = self.draw_rows("pairs" if self.pair_rows is not None else "train", self.cfg.batch_size)
+        examples = [example for row in rows for example in unpaired_examples(row, self.rng)]
+        prompts = [prompt for prompt, _, _ in examples]
+        completions = [completion for _, completion, _ in examples]
+        desirable = torch.tensor([label for _, _, label in examples])
+        mismatched = completions[-1:] + completions[:-1]
+        prompt_ids, prompt_mask = self.encode_prompts(prompts * 2)
+        ids, mask = self.encode_prompts.answers(completions + mismatched)
+        n = len(examples)
+        logp = token_logprobs(self.model, prompt_ids[:n], prompt_mask[:n], ids[:n], mask[:n])[0].sum(-1)
+        assert self.reference is not None
+        with torch.no_grad():
+            mismatched_logp = token_logprobs(self.model, prompt_ids[n:], prompt_mask[n:], ids[n:], mask[n:])[0]
+            ref = token_logprobs(self.reference, prompt_ids, prompt_mask, ids, mask)[0].sum(-1)
+        kl = kto_kl(mismatched_logp.sum(-1), ref[n:])
+        cfg = self.cfg
+        loss, metrics = unpaired_loss(logp - ref[:n], desirable, kl, cfg.unpaired_loss, cfg.beta,
+                                      cfg.desirable_weight, cfg.undesirable_weight)  # fmt: skip
+        self._optimize(loss)
+        return {
+            "loss": float(loss.detach()),
+            "tokens": float(mask[:n].sum()),
+            **{k: float(v) for k, v in metrics.items()},
+        }
 
     def online_dpo_step(self) -> dict[str, float]:
         """Online DPO: `group_size` own samples per prompt, the best against the worst by reward (groups whose

@@ -365,3 +365,44 @@ def preference_loss(text: str, p: PairLogps, s: PreferenceSettings) -> tuple[Ten
             "nll": p.chosen_nll.detach(),
         }
     return loss, metrics
+
+
+UNPAIRED_LOSSES = ("kto", "apo_zero_unpaired")
+
+
+def unpaired_loss(
+    logratios: Tensor,
+    desirable: Tensor,
+    kl: Tensor,
+    loss_type: str = "kto",
+    beta: float = 0.1,
+    desirable_weight: float = 1.0,
+    undesirable_weight: float = 1.0,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """Losses on unpaired completions, each labelled desirable or not, as TRL's KTOTrainer's loss types. With
+    u = log pi(y) - log pi_ref(y) [N], `desirable` [N] bool and z the batch's KL estimate (`kto_kl`), per completion:
+
+        kto                 desirable: 1 - s(b(u - z));  undesirable: 1 - s(b(z - u))   KTO (Ethayarajh et al. 2024)
+        apo_zero_unpaired   desirable: 1 - s(bu);        undesirable: s(bu)            APO-zero, unpaired
+
+    times `desirable_weight` or `undesirable_weight`, averaged over the N completions."""
+    if loss_type == "kto":
+        kept, dropped = 1.0 - torch.sigmoid(beta * (logratios - kl)), 1.0 - torch.sigmoid(beta * (kl - logratios))
+    else:
+        kept, dropped = 1.0 - torch.sigmoid(beta * logratios), torch.sigmoid(beta * logratios)
+    losses = torch.where(desirable, desirable_weight * kept, undesirable_weight * dropped)
+    with torch.no_grad():
+        rewards = beta * logratios
+        zero = rewards.new_zeros(())
+        metrics = {
+            "reward_desirable": rewards[desirable].mean() if desirable.any() else zero,
+            "reward_undesirable": rewards[~desirable].mean() if (~desirable).any() else zero,
+            "kl": kl.detach(),
+        }
+    return losses.mean(), metrics
+
+
+def kto_kl(mismatched_logps: Tensor, ref_mismatched_logps: Tensor) -> Tensor:
+    """KTO's reference point z: the batch's mean log pi(y'|x) - log pi_ref(y'|x) over mismatched pairs (each
+    prompt with another row's completion), clamped at 0, without gradient."""
+    return (mismatched_logps - ref_mismatched_logps).mean().detach().clamp(min=0.0)
