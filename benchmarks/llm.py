@@ -32,6 +32,9 @@ simpo, beta 2.0, simpo_gamma 1.0, cpo_alpha 0) and ORPO (ORPOTrainer, beta 0.1).
 tokenizer's BOS before every prompt: their worker clears it, as dpo_equivalence.py's does. TRL's ORPOTrainer
 also trains its NLL term on the prompt's tokens (policylab's, as the paper's, only on the completion's), so
 ORPO's accuracies compare two variants of the algorithm; the step's work is the same forward and backward.
+`--algo kto`: the same pairs, which both sides unpair (each pair a desirable and an undesirable completion), so a
+step of `--prompts-per-step` pairs trains 2x as many completions (TRL's KTOTrainer, beta 0.1, walks its rows in
+order, as it requires for its KL pairs; policylab's in shuffled epochs).
 
 Measured: wall-clock per step (median over the steps after the first `--warmup`), completion tokens per second
 over the same steps, and accuracy after the run. TRL is installed in its own venv (it pulls its own
@@ -114,9 +117,9 @@ OURS_EXTRA: dict[str, Any] = {
     "grpo": lambda a: {},
     "rloo": lambda a: {"aggregation": "seq-mean-token-sum"},  # TRL's sequence-level surrogate, see the docstring
     "dpo": lambda a: {"pairs": a.prompts, "prompts": None, "beta": 0.1},
-    **dict.fromkeys(("cpo", "simpo", "orpo"), lambda a: {"pairs": a.prompts, "prompts": None}),
+    **dict.fromkeys(("cpo", "simpo", "orpo", "kto"), lambda a: {"pairs": a.prompts, "prompts": None}),
 }
-PAIR_ALGOS = ("dpo", "cpo", "simpo", "orpo")
+PAIR_ALGOS = ("dpo", "cpo", "simpo", "orpo", "kto")
 """The algorithms that train on preference pairs (prepare writes pairs for them) and sample nothing."""
 
 
@@ -205,6 +208,11 @@ def worker_trl(a: argparse.Namespace) -> dict[str, Any]:
             **common, per_device_train_batch_size=a.prompts_per_step, beta=0.1, loss_type=["sigmoid"]
         )
         trainer: Any = DPOTrainer(model=model, args=config, train_dataset=dataset, processing_class=tokenizer)
+    elif a.algo == "kto":  # TRL unpairs the pairs itself: 2 completions a pair, as policylab's kto step
+        from trl import KTOConfig, KTOTrainer
+
+        config = KTOConfig(**common, per_device_train_batch_size=2 * a.prompts_per_step, beta=0.1)
+        trainer = KTOTrainer(model=model, args=config, train_dataset=dataset, processing_class=tokenizer)
     elif a.algo in ("cpo", "simpo", "orpo"):
         from trl.experimental.cpo import CPOConfig, CPOTrainer
         from trl.experimental.orpo import ORPOConfig, ORPOTrainer
