@@ -32,9 +32,12 @@ simpo, beta 2.0, simpo_gamma 1.0, cpo_alpha 0) and ORPO (ORPOTrainer, beta 0.1).
 tokenizer's BOS before every prompt: their worker clears it, as dpo_equivalence.py's does. TRL's ORPOTrainer
 also trains its NLL term on the prompt's tokens (policylab's, as the paper's, only on the completion's), so
 ORPO's accuracies compare two variants of the algorithm; the step's work is the same forward and backward.
-`--algo kto`: the same pairs, which both sides unpair (each pair a desirable and an undesirable completion), so a
-step of `--prompts-per-step` pairs trains 2x as many completions (TRL's KTOTrainer, beta 0.1, walks its rows in
-order, as it requires for its KL pairs; policylab's in shuffled epochs).
+`--algo kto`: the same pairs, unpaired (each a desirable and an undesirable completion), so a step of
+`--prompts-per-step` pairs trains 2x as many completions (beta 0.1). TRL's KTOTrainer walks its rows in order (it
+requires that for its KL pairs), and its own unpairing puts a thousand desirable rows before their undesirable
+ones (datasets' map batches), so its first steps would train on desirable completions only: its worker gives it
+the rows unpaired in pair order instead (each chosen completion, then its rejected one), so each of its batches
+holds 16 pairs, as policylab's (which draws the pairs in shuffled epochs).
 
 Measured: wall-clock per step (median over the steps after the first `--warmup`), completion tokens per second
 over the same steps, and accuracy after the run. TRL is installed in its own venv (it pulls its own
@@ -208,11 +211,14 @@ def worker_trl(a: argparse.Namespace) -> dict[str, Any]:
             **common, per_device_train_batch_size=a.prompts_per_step, beta=0.1, loss_type=["sigmoid"]
         )
         trainer: Any = DPOTrainer(model=model, args=config, train_dataset=dataset, processing_class=tokenizer)
-    elif a.algo == "kto":  # TRL unpairs the pairs itself: 2 completions a pair, as policylab's kto step
+    elif a.algo == "kto":  # 2 completions a pair, as policylab's kto step; see the module docstring for the order
         from trl import KTOConfig, KTOTrainer
 
+        unpaired = [{"prompt": r["prompt"], "completion": r[key], "label": key == "chosen"}
+                    for r in rows for key in ("chosen", "rejected")]  # fmt: skip
         config = KTOConfig(**common, per_device_train_batch_size=2 * a.prompts_per_step, beta=0.1)
-        trainer = KTOTrainer(model=model, args=config, train_dataset=dataset, processing_class=tokenizer)
+        trainer = KTOTrainer(model=model, args=config, train_dataset=Dataset.from_list(unpaired),
+                             processing_class=tokenizer)  # fmt: skip
     elif a.algo in ("cpo", "simpo", "orpo"):
         from trl.experimental.cpo import CPOConfig, CPOTrainer
         from trl.experimental.orpo import ORPOConfig, ORPOTrainer
