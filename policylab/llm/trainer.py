@@ -149,9 +149,9 @@ POLICY_LOSS_STEPS = ("rl_step", "ppo_step")
 """The steps that train the policy-gradient loss (LLMTrainer.policy_loss through accumulate), `updates_per_batch`
 times per batch."""
 PREFERENCE_STEPS = ("dpo_step", "online_dpo_step")
+"""The steps that train a pairwise preference loss (LLMTrainer.preference_update), once per batch."""
 ROW_PAIR_STEPS = ("dpo_step", "kto_step")
 """The steps that draw rows of the pairs file (or the task's answers with corruptions), not prompts to sample."""
-"""The steps that train a preference loss (LLMTrainer.preference_update), once per batch."""
 
 
 def samples_completions(algo: str) -> bool:
