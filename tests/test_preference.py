@@ -337,3 +337,22 @@ def test_kto_keeps_a_reference_and_refuses_what_it_cannot_take():
         assert fix in (info.value.fix or "")
     with pytest.raises(ConfigError, match="unpaired_loss applies to kto"):
         make_config("dpo", {"unpaired_loss": "apo_zero_unpaired"})
+
+
+def test_kto_names_the_weights_that_balance_its_labelled_rows(tmp_path):
+    import json
+
+    from policylab.llm.trainer import LLMTrainer, kto_balance_note, make_config
+
+    rows = [{"prompt": "1+1=", "completion": "2", "label": True}] + [
+        {"prompt": "1+1=", "completion": str(d), "label": False} for d in (3, 4, 5)
+    ]
+    note = kto_balance_note(rows, make_config("kto"))
+    assert note is not None and "1 desirable and 3 undesirable completions, weighted 0.33 to 1" in note
+    assert "--set desirable_weight=3.5" in note  # 3.5 * 1 / 3 = 1.17, inside [1, 4/3]
+    assert kto_balance_note(rows, make_config("kto", {"desirable_weight": 3.5})) is None
+    assert kto_balance_note([{"prompt": "p", "chosen": "a", "rejected": "b"}], make_config("kto")) is None
+    path = tmp_path / "kto.jsonl"
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    run = LLMTrainer(make_config("kto", {"batch_size": 2, "eval_size": 4, "train_size": 8, "pairs": str(path)}))
+    assert note in run.notes  # said before the run starts

@@ -820,6 +820,29 @@ def check_unpaired_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return rows
 
 
+def kto_balance_note(rows: list[dict[str, Any]], cfg: LLMConfig) -> str | None:
+    """A note when the labelled rows' weighted balance leaves the KTO paper's range, desirable_weight * n_D /
+    (undesirable_weight * n_U) in [1, 4/3], naming the weights that bring it back (None inside it)."""
+    counts = [0, 0]  # undesirable, desirable; a pair counts one of each
+    for row in rows:
+        if "label" in row:
+            counts[bool(row["label"])] += 1
+        else:
+            counts = [counts[0] + 1, counts[1] + 1]
+    undesirable, desirable = counts
+    if not undesirable or not desirable:
+        return None
+    ratio = cfg.desirable_weight * desirable / (cfg.undesirable_weight * undesirable)
+    if 1.0 <= ratio <= 4 / 3:
+        return None
+    lower = cfg.undesirable_weight * undesirable / desirable
+    return (
+        f"kto: {desirable} desirable and {undesirable} undesirable completions, weighted {ratio:.2f} to 1; KTO's "
+        f"paper keeps desirable_weight * n_D / (undesirable_weight * n_U) in [1, 4/3]: e.g. --set "
+        f"desirable_weight={lower * 7 / 6:.3g}"
+    )
+
+
 def token_gae(rewards: Tensor, values: Tensor, mask: Tensor, gamma: float, lam: float) -> tuple[Tensor, Tensor]:
     """GAE over the tokens of each completion (objectives.advantages.gae, time = token): the sequence reward
     [N] arrives on its last token, which ends the episode. Returns (advantages, returns), [N, T], 0 off the mask."""
@@ -1009,6 +1032,8 @@ class LLMTrainer:
         note = eval_note(self.task, cfg, (self.train_rows, self.eval_rows), inputs)
         self.notes: list[str] = [note] if note else []
         """What the run should say before it starts."""
+        balance = kto_balance_note(self.pair_rows, cfg) if cfg.algo == "kto" and self.pair_rows else None
+        self.notes += [balance] if balance else []
         self.rng = np.random.default_rng(cfg.seed)  # DPO's corrupted answers
         tables = self._row_tables().items()
         self.orders = {kind: ShuffledEpochs(len(rows), cfg.seed, kind) for kind, rows in tables if rows}
