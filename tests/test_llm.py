@@ -1235,7 +1235,7 @@ def test_algorithms_that_sample_nothing_refuse_generation_workers_and_sampling_s
 
     monkeypatch.setattr(trainer_module, "GenerationWorkers", must_not_start)
     monkeypatch.setattr(trainer_module, "load_model", must_not_start)
-    assert set(SAMPLING_ALGOS) == set(ALGOS) - {"sft", "dpo", "cpo", "simpo", "orpo", "kto"}
+    assert set(SAMPLING_ALGOS) == set(ALGOS) - {"sft", "dpo", "cpo", "simpo", "orpo", "kto", "reward_model"}
     takers = r"the algorithms that sample: grpo, dr_grpo, dapo, gspo, cispo, sapo, rloo, reinforce\+\+, ppo, online_dpo"
     runs = tmp_path / "runs"
     for algo in ("sft", "dpo"):
@@ -1288,7 +1288,7 @@ UNUSED = {
         ("mix", "chord", GROUP_ADVANTAGE),
         ("beta", 0.5, "dpo, online_dpo, cpo, simpo, orpo, kto"),
         ("vf_coef", 1.0, "ppo"),
-        ("pairs", "p.jsonl", "dpo, cpo, simpo, orpo, kto"),
+        ("pairs", "p.jsonl", "dpo, cpo, simpo, orpo, kto, reward_model"),
     ],
     "dpo": [
         ("kl_coef", 0.1, POLICY_GRADIENT),
@@ -1305,7 +1305,7 @@ UNUSED = {
         ("micro_batch_size", 4, POLICY_GRADIENT),
         ("overlong_filter", True, GROUP_ADVANTAGE),
         ("mix", "luffy", GROUP_ADVANTAGE),
-        ("pairs", "p.jsonl", "dpo, cpo, simpo, orpo, kto"),
+        ("pairs", "p.jsonl", "dpo, cpo, simpo, orpo, kto, reward_model"),
     ],
     "ppo": [
         ("advantage", "rloo", GROUP_ADVANTAGE),
@@ -1313,14 +1313,14 @@ UNUSED = {
         ("overlong_filter", True, GROUP_ADVANTAGE),
         ("shaping_gamma", 0.5, GROUP_ADVANTAGE),
         ("beta", 0.5, "dpo, online_dpo, cpo, simpo, orpo, kto"),
-        ("pairs", "p.jsonl", "dpo, cpo, simpo, orpo, kto"),
+        ("pairs", "p.jsonl", "dpo, cpo, simpo, orpo, kto, reward_model"),
     ],
     "grpo": [
         ("vf_coef", 1.0, "ppo"),
         ("gamma", 0.99, "ppo"),
         ("beta", 0.5, "dpo, online_dpo, cpo, simpo, orpo, kto"),
         ("label_smoothing", 0.1, "dpo, online_dpo, cpo, simpo, orpo"),
-        ("pairs", "p.jsonl", "dpo, cpo, simpo, orpo, kto"),
+        ("pairs", "p.jsonl", "dpo, cpo, simpo, orpo, kto, reward_model"),
     ],
     "cispo": [("gae_lambda", 0.9, "ppo"), ("beta", 0.2, "dpo, online_dpo, cpo, simpo, orpo, kto")],
     "orpo": [
@@ -1401,6 +1401,7 @@ READ = {
     "unpaired_loss": ("apo_zero_unpaired",),
     "desirable_weight": (1.5,),
     "undesirable_weight": (0.5,),
+    "center_rewards_coefficient": (0.01,),
     "pairs": ("p.jsonl",),
 }
 """Non-default values of the settings only some algorithms read (the second where the first is an algorithm's

@@ -70,8 +70,16 @@ def load_model(source: str | Path, seed: int = 0) -> tuple[Any, Any]:
             "(models cannot be downloaded here)",
             f"use one of {', '.join(TINY_MODELS)}, a run directory, or a local save_pretrained directory",
         )
+    import json
+
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    architectures = json.loads((path / "config.json").read_text()).get("architectures") or []
+    if any(str(name).endswith("ForSequenceClassification") for name in architectures):
+        raise LLMError(
+            f"{name} is a sequence classifier (a reward model, e.g. a reward_model run's), not a causal LM",
+            f"use it as a reward: --reward model:{path}",
+        )
     with without_progress_bars():
         tokenizer = prepare_tokenizer(AutoTokenizer.from_pretrained(path))
         return AutoModelForCausalLM.from_pretrained(path, use_safetensors=True), tokenizer

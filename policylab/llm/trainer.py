@@ -30,6 +30,8 @@ kl_coef times a k1/k2/k3 KL estimate to the initial model and minus entropy_coef
     orpo          ORPO: the chosen completions' NLL plus beta times the log odds-ratio loss, no reference
                   (Hong et al. 2024)
     kto           KTO on completions labelled desirable or not, unpaired; beta 0.1 (Ethayarajh et al. 2024)
+    reward_model  a reward model: a linear score on the last hidden state, trained on pairs with the
+                  Bradley-Terry loss -log s(r(y_w) - r(y_l) - margin); saved as a sequence classifier
 
 Prompts, SFT examples, expert completions and DPO pairs are drawn in shuffled epochs (llm/epochs.py), as TRL's
 trainers walk their datasets; `epoch` in train.csv counts the passes.
@@ -125,6 +127,7 @@ ALGO_DEFAULTS: dict[str, dict[str, Any]] = {
     "simpo": {"preference_loss": "simpo", "beta": 2.0, "lr": 1e-4},
     "orpo": {"preference_loss": "sft+orpo", "lr": 1e-4},
     "kto": {"lr": 1e-4},
+    "reward_model": {"lr": 1e-3},
 }
 """Each algorithm is GRPO's config with these values (the table in the module docstring)."""
 ALGOS = tuple(ALGO_DEFAULTS)
@@ -134,6 +137,7 @@ TRAINING_STEPS = {
     "online_dpo": "online_dpo_step",
     **dict.fromkeys(("dpo", "cpo", "simpo", "orpo"), "dpo_step"),
     "kto": "kto_step",
+    "reward_model": "reward_step",
 }
 """The LLMTrainer method that makes one training step of each algorithm but the group-advantage ones (rl_step)."""
 
@@ -150,7 +154,7 @@ POLICY_LOSS_STEPS = ("rl_step", "ppo_step")
 times per batch."""
 PREFERENCE_STEPS = ("dpo_step", "online_dpo_step")
 """The steps that train a pairwise preference loss (LLMTrainer.preference_update), once per batch."""
-ROW_PAIR_STEPS = ("dpo_step", "kto_step")
+ROW_PAIR_STEPS = ("dpo_step", "kto_step", "reward_step")
 """The steps that draw rows of the pairs file (or the task's answers with corruptions), not prompts to sample."""
 
 
@@ -225,7 +229,8 @@ SETTING_READERS: dict[str, tuple[str, ...]] = {
     **dict.fromkeys(PREFERENCE_SETTINGS, PREFERENCE_STEPS),
     "beta": (*PREFERENCE_STEPS, "kto_step"),
     **dict.fromkeys(UNPAIRED_SETTINGS, ("kto_step",)),
-    "pairs": ("dpo_step", "kto_step"),
+    "pairs": ROW_PAIR_STEPS,
+    "center_rewards_coefficient": ("reward_step",),
 }
 """The settings that only some training steps read, and which: an algorithm whose step does not read one refuses
 a value of it other than the algorithm's default (LLMConfig._check_unused_settings), naming the algorithms that
@@ -241,6 +246,7 @@ STEP_SUMMARIES = {
     "sft_step": "trains on the rows' answers and samples no completions",
     "dpo_step": "trains on (chosen, rejected) pairs and samples no completions",
     "kto_step": "trains on completions labelled desirable or not and samples no completions",
+    "reward_step": "trains a reward model on (chosen, rejected) pairs and samples no completions",
     "online_dpo_step": "makes one preference update per batch, on the best and worst of its own samples",
     "ppo_step": "trains on GAE advantages from a value head",
     "rl_step": "trains on group advantages",
@@ -350,6 +356,9 @@ class LLMConfig:
     desirable_weight: float = 1.0
     undesirable_weight: float = 1.0
     """KTO's weights of the desirable and undesirable completions' losses."""
+    center_rewards_coefficient: float = 0.0
+    """reward_model: weight of mean((r(y_w) + r(y_l))^2), which keeps the rewards centred at 0 (Eisenstein et al.
+    2023; TRL's option of the same name)."""
     sync_ref_model: bool = False
     """TR-DPO (Gorbatovski et al. 2024): every `ref_model_sync_steps` steps the reference becomes
     ref_model_mixup_alpha * policy + (1 - ref_model_mixup_alpha) * reference (saved in the checkpoints)."""
@@ -446,6 +455,11 @@ class LLMConfig:
                 )
         if self.algo == "kto":
             self._check_unpaired_settings()
+        if self.center_rewards_coefficient < 0:
+            raise ConfigError(
+                f"center_rewards_coefficient={self.center_rewards_coefficient} must be >= 0",
+                "set it to 0 (off) or e.g. 0.01",
+            )
         self._check_dependent_settings()
         if self.kl_estimator not in ("k1", "k2", "k3"):
             raise ConfigError(f"kl_estimator={self.kl_estimator!r}", "choose k1, k2 or k3")
@@ -820,6 +834,41 @@ def check_unpaired_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return rows
 
 
+def reward_model_pairs(
+    rows: list[dict[str, Any]] | None, eval_rows: list[dict[str, Any]], cfg: LLMConfig
+) -> tuple[list[dict[str, Any]] | None, list[tuple[str, str, str, float]]]:
+    """(training pair rows, held-out pairs) of a reward model: a pairs file's last eval_size rows (at most a
+    fifth; all of them for fewer than 5 rows, which then also train), else the task's evaluation rows' answers
+    against a one-character corruption each (from a seed of their own)."""
+    if rows is None:
+        rng = np.random.default_rng(1_000_003 + cfg.seed)
+        return None, [(*preference_pair(row, rng), 0.0) for row in eval_rows]
+    held_out = min(cfg.eval_size, len(rows) // 5)
+    train, held = (rows[:-held_out], rows[-held_out:]) if held_out else (rows, rows)
+    return train, [(r["prompt"], r["chosen"], r["rejected"], float(r.get("margin", 0.0))) for r in held]
+
+
+def sequence_classifier(model: Any, head: torch.nn.Linear, tokenizer: Any) -> Any:
+    """The causal LM's body with `head` as a one-output sequence classifier (transformers'
+    AutoModelForSequenceClassification: what `--reward model:DIR` loads), scoring the last non-pad token."""
+    from transformers import AutoModelForSequenceClassification
+
+    config = copy.deepcopy(model.config)
+    config.num_labels, config.pad_token_id = 1, tokenizer.pad_token_id
+    config.architectures = None
+    classifier = AutoModelForSequenceClassification.from_config(config)
+    body = getattr(classifier, classifier.base_model_prefix)
+    body.load_state_dict(getattr(model, model.base_model_prefix).state_dict())
+    if not isinstance(getattr(classifier, "score", None), torch.nn.Linear):
+        raise LLMError(
+            f"{type(classifier).__name__} has no linear `score` head to take the reward model's",
+            "use a Llama-, GPT-2-, Qwen- or Mistral-family model",
+        )
+    with torch.no_grad():
+        classifier.score.weight.copy_(head.weight)
+    return classifier
+
+
 def kto_balance_note(rows: list[dict[str, Any]], cfg: LLMConfig) -> str | None:
     """A note when the labelled rows' weighted balance leaves the KTO paper's range, desirable_weight * n_D /
     (undesirable_weight * n_U) in [1, 4/3], naming the weights that bring it back (None inside it)."""
@@ -1012,10 +1061,14 @@ class LLMTrainer:
         if (cfg.kl_coef and cfg.algo != "sft") or needs:
             self.reference = copy.deepcopy(self.model).eval().requires_grad_(False)
         self.value_head: torch.nn.Linear | None = None
+        """PPO's value head, or the reward model's score (no bias, as a sequence classifier's)."""
         if cfg.algo == "ppo":
             self.value_head = torch.nn.Linear(self.model.config.hidden_size, 1)
             torch.nn.init.zeros_(self.value_head.weight)
             torch.nn.init.zeros_(self.value_head.bias)
+        elif cfg.algo == "reward_model":
+            self.value_head = torch.nn.Linear(self.model.config.hidden_size, 1, bias=False)
+            torch.nn.init.zeros_(self.value_head.weight)
         if cfg.lora_rank > 0:
             self.model = with_lora(self.model, cfg.lora_rank, cfg.lora_alpha)
         params = [p for p in self.model.parameters() if p.requires_grad]
@@ -1029,6 +1082,10 @@ class LLMTrainer:
             self.pair_rows = check_unpaired_rows(prompt_rows(pairs, "pairs"))
         elif pairs is not None:
             self.pair_rows = prompt_rows(pairs, "pairs", ("chosen", "rejected"), PAIRS_FIX)
+        self.eval_pairs: list[tuple[str, str, str, float]] = []
+        """The reward model's held-out pairs (prompt, chosen, rejected, margin)."""
+        if cfg.algo == "reward_model":
+            self.pair_rows, self.eval_pairs = reward_model_pairs(self.pair_rows, self.eval_rows, cfg)
         note = eval_note(self.task, cfg, (self.train_rows, self.eval_rows), inputs)
         self.notes: list[str] = [note] if note else []
         """What the run should say before it starts."""
@@ -1409,6 +1466,36 @@ class LLMTrainer:
             **{k: float(v) for k, v in metrics.items()},
         }
 
+    def reward_step(self) -> dict[str, float]:
+        """The reward model on `batch_size` pairs: -log s(r(y_w) - r(y_l) - margin), the rows' `margin` or 0, plus
+        center_rewards_coefficient times mean((r(y_w) + r(y_l))^2)."""
+        rows = self.draw_rows("pairs" if self.pair_rows is not None else "train", self.cfg.batch_size)
+        pairs = [(*preference_pair(row, self.rng), float(row.get("margin", 0.0))) for row in rows]
+        chosen, rejected = self.pair_rewards(pairs)
+        margin = torch.tensor([m for *_, m in pairs])
+        loss = -torch.nn.functional.logsigmoid(chosen - rejected - margin).mean()
+        if self.cfg.center_rewards_coefficient:
+            loss = loss + self.cfg.center_rewards_coefficient * ((chosen + rejected) ** 2).mean()
+        self._optimize(loss)
+        with torch.no_grad():
+            accuracy = float((chosen > rejected).float().mean())
+            return {"loss": float(loss), "tokens": float(len(pairs)), "reward_accuracy": accuracy,
+                    "reward_margin": float((chosen - rejected).mean())}  # fmt: skip
+
+    def pair_rewards(self, pairs: list[tuple[str, str, str, float]]) -> tuple[Tensor, Tensor]:
+        """The reward model's scores of the pairs' chosen and rejected completions: its head on the last hidden
+        state at the completion's last token (the state that predicts EOS), which is what the saved sequence
+        classifier scores on prompt + completion."""
+        assert self.value_head is not None
+        prompt_ids, prompt_mask = self.encode_prompts([p for p, *_ in pairs] * 2)
+        ids, mask = self.encode_prompts.answers([c for _, c, _, _ in pairs] + [r for _, _, r, _ in pairs])
+        hidden: list[Tensor] = []
+        token_logprobs(self.model, prompt_ids, prompt_mask, ids, mask, hidden=hidden)
+        last = (mask.sum(-1) - 1).clamp_min(0)
+        states = hidden[0][torch.arange(len(ids)), last]
+        rewards = self.value_head(states).squeeze(-1)
+        return rewards[: len(pairs)], rewards[len(pairs) :]
+
     def online_dpo_step(self) -> dict[str, float]:
         """Online DPO: `group_size` own samples per prompt, the best against the worst by reward (groups whose
         rewards are all equal give no pair)."""
@@ -1470,9 +1557,19 @@ class LLMTrainer:
     @torch.no_grad()
     def evaluate(self, k: int = 1) -> dict[str, float]:
         """Greedy exact-match accuracy and mean reward on the evaluation rows; with k > 1 also pass@k (at least
-        one of k sampled completions is correct)."""
+        one of k sampled completions is correct). A reward model: its accuracy on the held-out pairs (the share
+        where the chosen completion scores higher) and its mean margin r(y_w) - r(y_l)."""
         if k < 1:
             raise ConfigError(f"k={k} must be >= 1", "pass --k 1 (greedy accuracy only) or more (pass@k)")
+        if self.cfg.algo == "reward_model":
+            if self.switch_modes:  # dropout off, as the saved classifier scores
+                self.model.eval()
+            with torch.no_grad():
+                chosen, rejected = self.pair_rewards(self.eval_pairs)
+            if self.switch_modes:
+                self.model.train()
+            ranked = int((chosen > rejected).sum())
+            return {"accuracy": ranked / len(self.eval_pairs), "reward": float((chosen - rejected).mean())}
         n = len(self.eval_rows)
         _, completions = self.rollout(self.eval_rows, greedy=True)
         rewards = reward_values(self.task, [r["prompt"] for r in self.eval_rows], completions, self.eval_rows)
@@ -1553,6 +1650,9 @@ class LLMTrainer:
         model = self.model
         if self.cfg.lora_rank > 0:  # a plain model with the adapters merged in: it loads like any other
             model = copy.deepcopy(model).merge_and_unload()
+        if self.cfg.algo == "reward_model":
+            assert self.value_head is not None
+            model = sequence_classifier(model, self.value_head, self.tokenizer)
         with without_progress_bars():
             model.save_pretrained(tmp, safe_serialization=True)
             self.tokenizer.save_pretrained(tmp)
