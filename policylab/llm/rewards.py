@@ -47,7 +47,8 @@ BUILTIN_REWARDS: dict[str, RewardFn] = {"exact_match": exact_match, "numeric_mat
 
 def reward_model(path: str) -> RewardFn:
     """A sequence-classification model (one output; a local `save_pretrained` directory) as a reward: its score
-    of prompt + completion, in batches, without gradients."""
+    of prompt + completion + EOS (at the EOS, where TRL's RewardTrainer and policylab's reward_model train it), in
+    batches, without gradients."""
     import torch
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
@@ -67,7 +68,7 @@ def reward_model(path: str) -> RewardFn:
 
     @torch.no_grad()
     def score(prompts: list[str], completions: list[str], **_: Any) -> list[float]:
-        texts = [p + c for p, c in zip(prompts, completions)]
+        texts = [p + c + (tokenizer.eos_token or "") for p, c in zip(prompts, completions)]
         enc = tokenizer(texts, padding=True, return_tensors="pt", add_special_tokens=False)
         ids, mask = enc["input_ids"], enc["attention_mask"]
         return model(input_ids=ids, attention_mask=mask, position_ids=positions(mask)).logits[:, 0].float().tolist()

@@ -1484,15 +1484,20 @@ class LLMTrainer:
 
     def pair_rewards(self, pairs: list[tuple[str, str, str, float]]) -> tuple[Tensor, Tensor]:
         """The reward model's scores of the pairs' chosen and rejected completions: its head on the last hidden
-        state at the completion's last token (the state that predicts EOS), which is what the saved sequence
-        classifier scores on prompt + completion."""
+        state at the completion's EOS, as TRL's RewardTrainer scores and as the saved sequence classifier scores
+        prompt + completion + EOS (`rewards.reward_model`). The training pass gives the states that predict each
+        token, so one more column after the EOS (a pad, its log-prob unused) brings the state at the EOS."""
         assert self.value_head is not None
         prompt_ids, prompt_mask = self.encode_prompts([p for p, *_ in pairs] * 2)
         ids, mask = self.encode_prompts.answers([c for _, c, _, _ in pairs] + [r for _, _, r, _ in pairs])
+        eos = mask.sum(-1)  # the column after each row's EOS
+        rows = torch.arange(len(ids))
+        ids = torch.nn.functional.pad(ids, (0, 1), value=self.tokenizer.pad_token_id)
+        mask = torch.nn.functional.pad(mask, (0, 1))
+        mask[rows, eos] = True
         hidden: list[Tensor] = []
         token_logprobs(self.model, prompt_ids, prompt_mask, ids, mask, hidden=hidden)
-        last = (mask.sum(-1) - 1).clamp_min(0)
-        states = hidden[0][torch.arange(len(ids)), last]
+        states = hidden[0][rows, eos]
         rewards = self.value_head(states).squeeze(-1)
         return rewards[: len(pairs)], rewards[len(pairs) :]
 
