@@ -32,6 +32,10 @@ simpo, beta 2.0, simpo_gamma 1.0, cpo_alpha 0) and ORPO (ORPOTrainer, beta 0.1).
 tokenizer's BOS before every prompt: their worker clears it, as dpo_equivalence.py's does. TRL's ORPOTrainer
 also trains its NLL term on the prompt's tokens (policylab's, as the paper's, only on the completion's), so
 ORPO's accuracies compare two variants of the algorithm; the step's work is the same forward and backward.
+`--algo reward_model`: the same pairs, a reward model trained on them (Bradley-Terry loss, lr 1e-3, policylab's
+default): TRL's RewardTrainer on transformers' sequence classifier made from the starting model (its score head
+initialized by transformers, policylab's at zero), both scoring at the EOS after the completion; its accuracy is
+the share of 200 held-out pairs ranked right by each saved model through `--reward model:DIR`.
 `--algo kto`: the same pairs, unpaired (each a desirable and an undesirable completion), so a step of
 `--prompts-per-step` pairs trains 2x as many completions (beta 0.1). TRL's KTOTrainer walks its rows in order (it
 requires that for its KL pairs), and its own unpairing puts a thousand desirable rows before their undesirable
@@ -120,9 +124,9 @@ OURS_EXTRA: dict[str, Any] = {
     "grpo": lambda a: {},
     "rloo": lambda a: {"aggregation": "seq-mean-token-sum"},  # TRL's sequence-level surrogate, see the docstring
     "dpo": lambda a: {"pairs": a.prompts, "prompts": None, "beta": 0.1},
-    **dict.fromkeys(("cpo", "simpo", "orpo", "kto"), lambda a: {"pairs": a.prompts, "prompts": None}),
+    **dict.fromkeys(("cpo", "simpo", "orpo", "kto", "reward_model"), lambda a: {"pairs": a.prompts, "prompts": None}),
 }
-PAIR_ALGOS = ("dpo", "cpo", "simpo", "orpo", "kto")
+PAIR_ALGOS = ("dpo", "cpo", "simpo", "orpo", "kto", "reward_model")
 """The algorithms that train on preference pairs (prepare writes pairs for them) and sample nothing."""
 
 
@@ -211,6 +215,14 @@ def worker_trl(a: argparse.Namespace) -> dict[str, Any]:
             **common, per_device_train_batch_size=a.prompts_per_step, beta=0.1, loss_type=["sigmoid"]
         )
         trainer: Any = DPOTrainer(model=model, args=config, train_dataset=dataset, processing_class=tokenizer)
+    elif a.algo == "reward_model":
+        from transformers import AutoModelForSequenceClassification
+        from trl import RewardConfig, RewardTrainer
+
+        classifier = AutoModelForSequenceClassification.from_pretrained(a.model_dir, num_labels=1)
+        classifier.config.pad_token_id = tokenizer.pad_token_id
+        config = RewardConfig(**common, per_device_train_batch_size=a.prompts_per_step)
+        trainer = RewardTrainer(model=classifier, args=config, train_dataset=dataset, processing_class=tokenizer)
     elif a.algo == "kto":  # 2 completions a pair, as policylab's kto step; see the module docstring for the order
         from trl import KTOConfig, KTOTrainer
 
@@ -421,8 +433,25 @@ def run_side(side: str, a: argparse.Namespace, seed: int, model_dir: Path, promp
     record = worker_record(res, f"{side} seed {seed}")
     from policylab.llm.trainer import evaluate_llm
 
-    record["accuracy"] = evaluate_llm(record["model"], "addition", eval_size=200)["accuracy"]
+    if a.algo == "reward_model":
+        record["accuracy"] = ranking_accuracy(record["model"])
+    else:
+        record["accuracy"] = evaluate_llm(record["model"], "addition", eval_size=200)["accuracy"]
     return record
+
+
+def ranking_accuracy(model_dir: str) -> float:
+    """A reward model's share of 200 held-out addition pairs (policylab's reward_model evaluation pairs: each
+    answer against a one-character corruption) where the answer scores higher, scored by `--reward model:DIR`."""
+    from policylab.llm.rewards import reward_model
+    from policylab.llm.tasks import get_task
+    from policylab.llm.trainer import make_config, reward_model_pairs
+
+    _, pairs = reward_model_pairs(None, get_task("addition").make(200, 1_000_003), make_config("reward_model"))
+    score = reward_model(model_dir)
+    prompts = [p for p, *_ in pairs]
+    chosen, rejected = score(prompts, [c for _, c, _, _ in pairs]), score(prompts, [r for _, _, r, _ in pairs])
+    return sum(c > r for c, r in zip(chosen, rejected)) / len(pairs)
 
 
 def main() -> None:
@@ -452,7 +481,7 @@ def main() -> None:
     parser.add_argument("--work", help=argparse.SUPPRESS)
     a = parser.parse_args()
     if a.lr is None:
-        a.lr = 1e-4 if a.algo in PAIR_ALGOS else 3e-4
+        a.lr = 1e-3 if a.algo == "reward_model" else 1e-4 if a.algo in PAIR_ALGOS else 3e-4
     if a.worker:
         record = worker_ours(a) if a.worker == "policylab" else worker_trl(a)
         Path(a.out).write_text(json.dumps(record))
@@ -496,6 +525,8 @@ def main() -> None:
         "completion_tokens_per_s": ("completion tokens/s", ".0f", True),
         "accuracy": ("exact match after the run (same evaluation)", ".3f", True),
     }
+    if a.algo == "reward_model":
+        per_run["accuracy"] = ("held-out pairs ranked right (the same scorer)", ".3f", True)
     if a.algo in PAIR_ALGOS:  # no sampling: policylab's count is its training tokens, TRL logs none
         del per_run["completion_tokens_per_s"]
     summary = pair_report(runs, seeds, per_run, {}, "policylab", "trl", ("ours", "trl"))
