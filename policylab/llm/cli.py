@@ -13,13 +13,13 @@ def add_llm_parser(sub: argparse._SubParsersAction) -> None:
     q = llm_sub.add_parser("sft", help="supervised fine-tuning on a task's answers")
     _common(q)
     q = llm_sub.add_parser(
-        "train", help="RL on a task's reward (GRPO family, PPO) and preference learning (DPO, online DPO, KTO, ...)"
+        "train", help="RL on a task's reward (GRPO, PPO, ...), preference learning (DPO, KTO, ...) and reward models"
     )
     q.add_argument(
         "algo",
         nargs="?",
-        help="grpo, dr_grpo, dapo, gspo, cispo, sapo, rloo, reinforce++, ppo, dpo, online_dpo, cpo, simpo, orpo or "
-        "kto (with --resume: the run's)",
+        help="grpo, dr_grpo, dapo, gspo, cispo, sapo, rloo, reinforce++, ppo, dpo, online_dpo, cpo, simpo, orpo, kto "
+        "or reward_model (with --resume: the run's)",
     )
     _common(q)
     q.add_argument("--group-size", type=int, help="completions sampled per prompt (default 8)")

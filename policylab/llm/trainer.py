@@ -272,8 +272,8 @@ class LLMConfig:
     steps: int = 200
     seed: int = 0
     lr: float = 3e-4
-    """3e-3 for SFT, 1e-4 for the preference algorithms (at 1e-3 DPO collapsed the tiny models of the built-in
-    tasks; RL at 2e-3 did too)."""
+    """3e-3 for SFT, 1e-3 for reward models, 1e-4 for the preference algorithms (at 1e-3 DPO collapsed the tiny
+    models of the built-in tasks; RL at 2e-3 did too)."""
     batch_size: int = 16
     """Prompts per step (SFT: examples per step)."""
     group_size: int = 8
