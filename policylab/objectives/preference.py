@@ -1,5 +1,6 @@
 """Preference losses over sequence log-probabilities (language models): every loss type of TRL's DPOTrainer and
-the reference-free losses of its CPO and ORPO trainers (CPO, SimPO, ORPO), one function per loss.
+the reference-free losses of its CPO and ORPO trainers (CPO, SimPO, ORPO), one function per loss; and, at the end,
+KTO's losses on unpaired completions (`unpaired_loss`, `kto_kl`).
 
 A batch holds P pairs: the chosen completion y_w and the rejected y_l of one prompt. Per completion: log pi(y), the
 sum of its token log-probs under the policy (`ld_alpha` < 1: the tokens past the shorter completion of the pair
@@ -21,7 +22,7 @@ b = beta and e = label_smoothing, the loss of a pair is:
                   Melnyk et al. 2024); aot_unpaired: on sort(c) - sort(r)
     apo_zero      1 - s(bc) + s(br)                       APO (D'Oosterlinck et al. 2024)
     apo_down      s(bc) + 1 - s(b(c - r))
-    discopop      -log s(bD)(1 - m) + e^(-bD) m, m = s(bD / discopop_tau)      DiscoPOP (Chris Lu et al. 2024)
+    discopop      -log s(bD)(1 - m) + e^(-bD) m, m = s(bD / discopop_tau)      DiscoPOP (Lu et al. 2024)
     sigmoid_norm  -log s(b(f(c)/|y_w| - f(r)/|y_l|))
     sft           the chosen completions' token-mean negative log-likelihood (the batch's, on every pair)
 
