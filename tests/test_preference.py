@@ -420,3 +420,31 @@ def test_the_margin_and_centring_terms_of_the_reward_model_loss(monkeypatch):
     assert metrics["reward_accuracy"] == 0.5
     with pytest.raises(ConfigError, match="center_rewards_coefficient=-1.0 must be >= 0"):
         make_config("reward_model", {"center_rewards_coefficient": -1.0})
+
+
+def test_the_states_only_pass_gives_the_full_pass_states_and_gradients():
+    from policylab.llm import fast_train
+    from policylab.llm.models import load_model
+    from policylab.llm.rollout import token_logprobs
+
+    model, tokenizer = load_model("tiny-llama")
+    prompts = tokenizer(["12+34=", "5+6="], padding=True, return_tensors="pt", add_special_tokens=False)
+    ids = torch.tensor([[3, 4, 5, 2], [6, 2, 7, 8]])
+    weights = torch.randn(2, 4, model.config.hidden_size, generator=torch.Generator().manual_seed(0))
+    results = []
+    for states_only in (False, True):
+        model.zero_grad()
+        if states_only:
+            states = fast_train.completion_states(model, prompts["input_ids"], prompts["attention_mask"].bool(), ids)
+        else:
+            hidden: list[torch.Tensor] = []
+            token_logprobs(
+                model, prompts["input_ids"], prompts["attention_mask"].bool(), ids, ids.ne(-1), hidden=hidden
+            )
+            states = hidden[0]
+        (states * weights).sum().backward()
+        results.append((states.detach(), [p.grad.clone() for p in model.parameters() if p.grad is not None]))
+    torch.testing.assert_close(results[0][0], results[1][0], rtol=0, atol=0)
+    assert len(results[0][1]) == len(results[1][1]) > 0
+    for full, only in zip(results[0][1], results[1][1]):
+        torch.testing.assert_close(full, only, rtol=0, atol=0)

@@ -466,8 +466,9 @@ class Tape:
 # --- the pass ----------------------------------------------------------------------------------------------------
 
 
-def _forward(w: list[np.ndarray], stream: Stream, shapes: LlamaDecoder) -> tuple:
-    """(the layers' saved activations, final-norm states, their normed input and inverse RMS, logits)."""
+def _forward(w: list[np.ndarray], stream: Stream, shapes: LlamaDecoder, with_logits: bool = True) -> tuple:
+    """(the layers' saved activations, final-norm states, their normed input and inverse RMS, logits; without
+    `with_logits` an empty array: the LM head's product skipped)."""
     h = w[0][stream.tokens]  # [M, E]
     layers = []
     for i in range(shapes.n_layers):
@@ -477,16 +478,17 @@ def _forward(w: list[np.ndarray], stream: Stream, shapes: LlamaDecoder) -> tuple
     last = h[:split].reshape(stream.distinct, stream.width, -1)[:, -1][stream.index][:, None]
     selected = np.concatenate([last, h[split:].reshape(n, length, h.shape[-1])], 1)  # [N, L + 1, E]
     states, normed, inverse = rms_norm(selected, w[-2], shapes.eps)
-    return layers, states, normed, inverse, states @ w[-1].T
+    return layers, states, normed, inverse, states @ w[-1].T if with_logits else np.zeros((0,), F32)
 
 
 class NumpyLlamaPass(torch.autograd.Function):
     """(logits [N, L + 1, V], final-norm states [N, L + 1, E]) of `LlamaDecoder.completion_logits` from the
-    parameters (`parameters_of`'s order)."""
+    parameters (`parameters_of`'s order); `with_logits` False: the states and an empty logits tensor (a reward
+    model reads the states only)."""
 
     @staticmethod
     def forward(
-        ctx: Any, shapes: LlamaDecoder, stream: Stream, tape: Tape | None, *weights: Tensor
+        ctx: Any, shapes: LlamaDecoder, stream: Stream, tape: Tape | None, with_logits: bool, *weights: Tensor
     ) -> tuple[Tensor, Tensor]:  # type: ignore[override]
         if tape is not None and not tape.retired and stream.length < tape.length:
             tape.shorten(stream.length)
@@ -495,7 +497,8 @@ class NumpyLlamaPass(torch.autograd.Function):
         if used is not None:
             layers, states, normed, inverse, logits = used.layers(), used.states, used.normed, used.inverse, used.logits
         else:
-            layers, states, normed, inverse, logits = _forward([t.detach().numpy() for t in weights], stream, shapes)
+            arrays = [t.detach().numpy() for t in weights]
+            layers, states, normed, inverse, logits = _forward(arrays, stream, shapes, with_logits)
         ctx.save_for_backward(*weights)
         ctx.numpy = (shapes, stream, layers, states, normed, inverse)
         ctx.set_materialize_grads(False)
@@ -513,7 +516,7 @@ class NumpyLlamaPass(torch.autograd.Function):
         embed_dim, split, width = w[0].shape[1], stream.split, stream.width
         grads: list[np.ndarray | None] = [None] * len(w)
         d_states = np.zeros_like(states) if grad_states is None else grad_states.numpy().copy()
-        if grad_logits is not None:
+        if grad_logits is not None and grad_logits.numel():
             g = grad_logits.numpy().reshape(-1, w[-1].shape[0])
             grads[-1] = g.T @ states.reshape(-1, embed_dim)
             d_states += (g @ w[-1]).reshape(d_states.shape)
@@ -535,6 +538,7 @@ class NumpyLlamaPass(torch.autograd.Function):
             None,
             None,
             None,
+            None,
             d_embed,
             *(None if g is None else torch.from_numpy(np.ascontiguousarray(g)) for g in grads[1:]),
         )
@@ -552,7 +556,15 @@ def completion_logits(
     `tape` of the sampling that produced these completions, its forward is the tape's where it is `usable`."""
     decoder = LlamaDecoder(model, weights=False)
     stream = shared_stream(decoder, prompt_ids, prompt_mask, completion_ids)
-    logits, states = NumpyLlamaPass.apply(decoder, stream, tape, *parameters_of(model))
+    logits, states = NumpyLlamaPass.apply(decoder, stream, tape, True, *parameters_of(model))
     if hidden is not None:
         hidden.append(states)
     return logits
+
+
+def completion_states(model: Any, prompt_ids: Tensor, prompt_mask: Tensor, completion_ids: Tensor) -> Tensor:
+    """The final-norm states [N, T, E] of `completion_logits` (those that predict each completion token) without
+    the LM head's product: what a reward model's score reads."""
+    decoder = LlamaDecoder(model, weights=False)
+    stream = shared_stream(decoder, prompt_ids, prompt_mask, completion_ids)
+    return NumpyLlamaPass.apply(decoder, stream, None, False, *parameters_of(model))[1]

@@ -66,7 +66,7 @@ from policylab.checkpoint import (
 )
 from policylab.config import apply_values
 from policylab.errors import ConfigError, suggest
-from policylab.llm import LLMError, require_llm
+from policylab.llm import LLMError, fast_train, require_llm
 from policylab.llm.epochs import ShuffledEpochs
 from policylab.llm.models import check_model, load_model, prepare_tokenizer, without_progress_bars
 from policylab.llm.rewards import (
@@ -1495,9 +1495,12 @@ class LLMTrainer:
         ids = torch.nn.functional.pad(ids, (0, 1), value=self.tokenizer.pad_token_id)
         mask = torch.nn.functional.pad(mask, (0, 1))
         mask[rows, eos] = True
-        hidden: list[Tensor] = []
-        token_logprobs(self.model, prompt_ids, prompt_mask, ids, mask, hidden=hidden)
-        states = hidden[0][rows, eos]
+        if fast_train.supports(self.model):  # the states only: no LM head product
+            states = fast_train.completion_states(self.model, prompt_ids, prompt_mask, ids)[rows, eos]
+        else:
+            hidden: list[Tensor] = []
+            token_logprobs(self.model, prompt_ids, prompt_mask, ids, mask, hidden=hidden)
+            states = hidden[0][rows, eos]
         rewards = self.value_head(states).squeeze(-1)
         return rewards[: len(pairs)], rewards[len(pairs) :]
 
