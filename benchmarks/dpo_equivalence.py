@@ -1,5 +1,6 @@
 """Is policylab's DPO the same algorithm as TRL's DPOTrainer? Checked on the same batches, in the same order, for
-every preference loss (TRL's DPO loss types, and its CPO and ORPO trainers for the reference-free cpo, simpo, orpo).
+every preference loss (TRL's DPO loss types, its CPO and ORPO trainers for the reference-free cpo, simpo, orpo, and
+its KTOTrainer for kto's two loss types, `--losses kto,apo_zero_unpaired`, on the pairs written as labelled rows).
 
 `llm.py --algo dpo` compares the two over seeds, where each side draws its own batches (both walk the pairs in
 shuffled epochs, each in its own seeded order), so a difference in accuracy there mixes the algorithms with their
@@ -64,7 +65,8 @@ UNPAIRED = ("kto", "apo_zero_unpaired")
 
 
 def trl_loss(a: argparse.Namespace, loss: str) -> dict[str, Any]:
-    """{"trainer": dpo | cpo | orpo, "config": its config's loss settings} for policylab's `preference_loss`."""
+    """{"trainer": dpo | cpo | orpo | kto, "config": its config's loss settings} for policylab's `preference_loss`
+    (or kto's `unpaired_loss`)."""
     from policylab.objectives.preference import PREFERENCE_LOSSES, parse_preference_loss
 
     if loss in UNPAIRED:
