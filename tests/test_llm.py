@@ -1402,6 +1402,7 @@ READ = {
     "desirable_weight": (1.5,),
     "undesirable_weight": (0.5,),
     "center_rewards_coefficient": (0.01,),
+    "precompute_ref_log_probs": (True,),
     "pairs": ("p.jsonl",),
 }
 """Non-default values of the settings only some algorithms read (the second where the first is an algorithm's
@@ -1449,7 +1450,10 @@ def test_each_algorithm_refuses_the_settings_its_training_step_never_reads(tmp_p
 
 
 COMPANIONS: dict[str, dict[str, object]] = {
-    **dict.fromkeys(("label_smoothing", "f_divergence", "sync_ref_model"), {"preference_loss": "sigmoid"}),
+    **dict.fromkeys(
+        ("label_smoothing", "f_divergence", "sync_ref_model", "precompute_ref_log_probs"),
+        {"preference_loss": "sigmoid"},
+    ),
     **dict.fromkeys(
         ("ref_model_sync_steps", "ref_model_mixup_alpha"), {"preference_loss": "sigmoid", "sync_ref_model": True}
     ),
@@ -1490,8 +1494,9 @@ def test_settings_read_only_under_another_are_refused_without_it():
                  "shaping_gamma": 0.5, "kl_estimator": "k1", "lora_alpha": 32, "expert": "e.jsonl",
                  "label_smoothing": 0.1, "f_divergence": "js_divergence", "f_alpha": 0.3, "simpo_gamma": 0.5,
                  "discopop_tau": 0.1, "sync_ref_model": True, "ref_model_sync_steps": 4,
-                 "ref_model_mixup_alpha": 0.5}[name]  # fmt: skip
-        algo = "orpo" if name in PREFERENCE_SETTINGS else "grpo"  # orpo: none of them on by default
+                 "ref_model_mixup_alpha": 0.5, "precompute_ref_log_probs": True}[name]  # fmt: skip
+        preference = name in PREFERENCE_SETTINGS or name == "precompute_ref_log_probs"
+        algo = "orpo" if preference else "grpo"  # orpo: none of them on by default
         assert getattr(make_config(algo, {name: value, **on}), name) == value
 
 

@@ -448,3 +448,45 @@ def test_the_states_only_pass_gives_the_full_pass_states_and_gradients():
     assert len(results[0][1]) == len(results[1][1]) > 0
     for full, only in zip(results[0][1], results[1][1]):
         torch.testing.assert_close(full, only, rtol=0, atol=0)
+
+
+def test_precomputed_reference_log_probs_train_as_the_reference_pass_does(tmp_path, monkeypatch):
+    import json
+
+    from policylab.llm import LLMError
+    from policylab.llm import trainer as trainer_module
+    from policylab.llm.trainer import LLMTrainer, make_config
+
+    pairs = tmp_path / "pairs.jsonl"
+    rows = [
+        {"prompt": f"{a}+{b}=", "chosen": str(a + b), "rejected": str(a + b) + "1"} for a in range(4) for b in range(5)
+    ]
+    pairs.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    settings = {"pairs": str(pairs), "prompts": None, "batch_size": 6, "eval_size": 4, "ld_alpha": 0.5}
+    plain = LLMTrainer(make_config("dpo", settings))
+    precomputed = LLMTrainer(make_config("dpo", {**settings, "precompute_ref_log_probs": True}))
+    assert precomputed.reference is None and precomputed.reference_sums.shape == (20, 2)  # the memory back
+    passes = []
+    real = trainer_module.token_logprobs
+    monkeypatch.setattr(
+        trainer_module, "token_logprobs", lambda model, *a, **k: passes.append(model) or real(model, *a, **k)
+    )
+    for _ in range(5):  # across the end of the first pass over the 20 rows
+        a, b = plain.dpo_step(), precomputed.dpo_step()
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-5) and b["reward_margin"] == pytest.approx(
+            a["reward_margin"], rel=1e-4, abs=1e-6
+        )
+    assert passes.count(plain.reference) == 5 and all(
+        model is precomputed.model or model is plain.model or model is plain.reference for model in passes
+    )
+    for p, q in zip(plain.model.parameters(), precomputed.model.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-6)
+    with pytest.raises(LLMError, match="needs fixed pairs") as info:
+        LLMTrainer(make_config("dpo", {"precompute_ref_log_probs": True, "batch_size": 4, "eval_size": 4}))
+    assert "--set pairs=FILE" in info.value.fix
+    for extra, message in (
+        ({"preference_loss": "simpo"}, "reads no reference"),
+        ({"sync_ref_model": True}, "moves the reference"),
+    ):
+        with pytest.raises(ConfigError, match=message):
+            make_config("dpo", {"precompute_ref_log_probs": True, **extra})

@@ -230,6 +230,7 @@ SETTING_READERS: dict[str, tuple[str, ...]] = {
     "beta": (*PREFERENCE_STEPS, "kto_step"),
     **dict.fromkeys(UNPAIRED_SETTINGS, ("kto_step",)),
     "pairs": ROW_PAIR_STEPS,
+    "precompute_ref_log_probs": ("dpo_step",),
     "center_rewards_coefficient": ("reward_step",),
 }
 """The settings that only some training steps read, and which: an algorithm whose step does not read one refuses
@@ -356,6 +357,10 @@ class LLMConfig:
     desirable_weight: float = 1.0
     undesirable_weight: float = 1.0
     """KTO's weights of the desirable and undesirable completions' losses."""
+    precompute_ref_log_probs: bool = False
+    """The pairwise algorithms with a pairs file: the reference's sequence log-probs of every pair computed once
+    before the first step, and the reference model dropped (TRL's option of the same name): steps without a
+    reference pass, and its memory back."""
     center_rewards_coefficient: float = 0.0
     """reward_model: weight of mean((r(y_w) + r(y_l))^2), which keeps the rewards centred at 0 (Eisenstein et al.
     2023; TRL's option of the same name)."""
@@ -446,6 +451,13 @@ class LLMConfig:
             if self.ld_alpha is not None and not 0 <= self.ld_alpha <= 1:
                 raise ConfigError(f"ld_alpha={self.ld_alpha} must be in [0, 1]", "set ld_alpha=0.5 (e.g.), or drop it")
             self._check_reference_sync()
+            if self.precompute_ref_log_probs and (self.sync_ref_model or not needs_reference(self.preference_loss)):
+                raise ConfigError(
+                    "precompute_ref_log_probs=true computes the reference's log-probs once, and "
+                    + ("sync_ref_model=true moves the reference" if self.sync_ref_model else
+                       f"preference_loss={self.preference_loss} reads no reference"),
+                    "drop precompute_ref_log_probs" + (" or sync_ref_model" if self.sync_ref_model else ""),
+                )  # fmt: skip
             sorted_terms = [name for name in self.preference_terms if name in ("aot", "aot_unpaired")]
             if self.use_weighting and sorted_terms:
                 raise ConfigError(
@@ -1086,6 +1098,12 @@ class LLMTrainer:
         """The reward model's held-out pairs (prompt, chosen, rejected, margin)."""
         if cfg.algo == "reward_model":
             self.pair_rows, self.eval_pairs = reward_model_pairs(self.pair_rows, self.eval_rows, cfg)
+        if cfg.precompute_ref_log_probs and self.pair_rows is None:
+            raise LLMError(
+                "precompute_ref_log_probs=true needs fixed pairs, and without a pairs file each step corrupts the "
+                "task's answers afresh",
+                "give a pairs file (--set pairs=FILE), or drop precompute_ref_log_probs",
+            )
         note = eval_note(self.task, cfg, (self.train_rows, self.eval_rows), inputs)
         self.notes: list[str] = [note] if note else []
         """What the run should say before it starts."""
@@ -1105,6 +1123,12 @@ class LLMTrainer:
         self.max_new_tokens = cfg.max_new_tokens or self.task.max_new_tokens
         self.encode_prompts = PromptEncoder(self.tokenizer)
         self.encode_prompts.warm(self._texts_drawn())
+        self.reference_sums: Tensor | None = None
+        """The reference's (chosen, rejected) sequence log-probs of every pairs row [R, 2], with
+        precompute_ref_log_probs (then the reference model itself is dropped)."""
+        if cfg.precompute_ref_log_probs:
+            self.reference_sums = self._reference_sums()
+            self.reference = None
         # sampling runs in eval mode; switching modes walks every module twice a step, so only where it matters
         self.switch_modes = has_dropout(self.model)
         self.step = 0
@@ -1430,11 +1454,33 @@ class LLMTrainer:
 
     def dpo_step(self) -> dict[str, float]:
         """DPO on pairs: the pairs file's, or the task's answers against one-character corruptions of them."""
-        rows = self.draw_rows("pairs" if self.pair_rows is not None else "train", self.cfg.batch_size)
+        if self.reference_sums is not None:  # precomputed: the rows' indices pick their reference log-probs
+            assert self.pair_rows is not None
+            indices = self.orders["pairs"].draw(self.cfg.batch_size)
+            rows = [self.pair_rows[i] for i in indices]
+            ref_sums: Tensor | None = self.reference_sums[torch.as_tensor(indices)].T.reshape(-1)
+        else:
+            rows = self.draw_rows("pairs" if self.pair_rows is not None else "train", self.cfg.batch_size)
+            ref_sums = None
         pairs = [preference_pair(row, self.rng) for row in rows]
         prompt_ids, prompt_mask = self.encode_prompts([p for p, _, _ in pairs] * 2)
         ids, mask = self.encode_prompts.answers([c for _, c, _ in pairs] + [r for _, _, r in pairs])
-        return self.preference_update(prompt_ids, prompt_mask, ids, mask)
+        return self.preference_update(prompt_ids, prompt_mask, ids, mask, ref_sums)
+
+    @torch.no_grad()
+    def _reference_sums(self) -> Tensor:
+        """precompute_ref_log_probs: the reference's sequence log-probs (LD-DPO's weights applied) of every pairs
+        row, in batches of batch_size rows in file order, [R, 2] (chosen, rejected)."""
+        assert self.pair_rows is not None and self.reference is not None
+        sums = []
+        for start in range(0, len(self.pair_rows), self.cfg.batch_size):
+            pairs = [preference_pair(row, self.rng) for row in self.pair_rows[start : start + self.cfg.batch_size]]
+            prompt_ids, prompt_mask = self.encode_prompts([p for p, _, _ in pairs] * 2)
+            ids, mask = self.encode_prompts.answers([c for _, c, _ in pairs] + [r for _, _, r in pairs])
+            ref = pair_logps(token_logprobs(self.reference, prompt_ids, prompt_mask, ids, mask)[0], mask, None,
+                             self.cfg.ld_alpha)  # fmt: skip
+            sums.append(torch.stack([ref.chosen, ref.rejected], 1))
+        return torch.cat(sums)
 
     def kto_step(self) -> dict[str, float]:
         """KTO on `batch_size` rows: a KTO file's labelled completions, or pairs unpaired (each a desirable and an
@@ -1522,9 +1568,12 @@ class LLMTrainer:
         )
         return metrics
 
-    def preference_update(self, prompt_ids: Tensor, prompt_mask: Tensor, ids: Tensor, mask: Tensor) -> dict[str, float]:
+    def preference_update(
+        self, prompt_ids: Tensor, prompt_mask: Tensor, ids: Tensor, mask: Tensor, ref_sums: Tensor | None = None
+    ) -> dict[str, float]:
         """One step of the preference loss on 2P rows: the P chosen completions, then the P rejected ones of the
-        same prompts (the reference's pass only where a loss reads it)."""
+        same prompts (the reference's pass only where a loss reads it and `ref_sums` [2P], its precomputed
+        sequence log-probs, are not given)."""
         cfg = self.cfg
         square_mass: list[Tensor] | None = [] if cfg.use_weighting else None
         logp = token_logprobs(self.model, prompt_ids, prompt_mask, ids, mask, square_mass=square_mass)[0]
@@ -1532,7 +1581,7 @@ class LLMTrainer:
         if self.reference is not None:
             with torch.no_grad():
                 ref = token_logprobs(self.reference, prompt_ids, prompt_mask, ids, mask)[0]
-        pairs = pair_logps(logp, mask, ref, cfg.ld_alpha, square_mass[0] if square_mass else None)
+        pairs = pair_logps(logp, mask, ref, cfg.ld_alpha, square_mass[0] if square_mass else None, ref_sums)
         loss, metrics = preference_loss(cfg.preference_loss, pairs, cfg.preference_settings)
         self._optimize(loss)
         if cfg.sync_ref_model and self.step % cfg.ref_model_sync_steps == 0:

@@ -93,13 +93,15 @@ def pair_logps(
     ref_token_logps: Tensor | None = None,
     ld_alpha: float | None = None,
     square_mass: Tensor | None = None,
+    ref_sums: Tensor | None = None,
 ) -> PairLogps:
     """PairLogps from token log-probs [2P, L] (0 off the mask) of the P chosen completions, then the P rejected
     ones of the same prompts, and the reference's (or None). `ld_alpha`: each pair's tokens past the shorter
     completion's length count with this weight in the sequence log-probs (LD-DPO; None: all with weight 1).
     `square_mass` [2P, L], log sum_v p_v^2 of the policy's distribution at each token: WPO's pair weights (Zhou et
     al. 2024), w(y_w) w(y_l) with w(y) = exp(mean over y's tokens of log p(token) - log sum_v p_v^2), the
-    probability of the completion relative to the policy's own sampling, per token."""
+    probability of the completion relative to the policy's own sampling, per token. `ref_sums` [2P]: the
+    reference's sequence log-probs already summed (precomputed), instead of `ref_token_logps`."""
     mask = mask.to(token_logps.dtype)
     n = len(mask) // 2
     tokens = mask.sum(-1)
@@ -108,7 +110,7 @@ def pair_logps(
         shared = torch.minimum(tokens[:n], tokens[n:]).repeat(2)
         weights = torch.where(mask.cumsum(-1) > shared[:, None], ld_alpha * mask, mask)
     sums = (token_logps * weights).sum(-1)
-    refs = (ref_token_logps * weights).sum(-1) if ref_token_logps is not None else None
+    refs = (ref_token_logps * weights).sum(-1) if ref_token_logps is not None else ref_sums
     nll = -(token_logps[:n] * mask[:n]).sum() / mask[:n].sum().clamp_min(1.0)
     pair_weights = None
     if square_mass is not None:
