@@ -16,8 +16,8 @@ evaluation).
     .venv/bin/python benchmarks/dpo_equivalence.py --losses all --steps 10   # each loss in turn, a table
     .venv/bin/python benchmarks/dpo_equivalence.py --losses ipo,robust --label-smoothing 0.1 --ld-alpha 0.5
 
-`--use-weighting` (WPO) and `--ref-sync-steps N` (TR-DPO, `--ref-mixup-alpha`) set the options of the same names
-on both sides (TRL's DPOTrainer only).
+`--use-weighting` (WPO), `--ref-sync-steps N` (TR-DPO, `--ref-mixup-alpha`) and `--precompute`
+(precompute_ref_log_probs) set the options of the same names on both sides (TRL's DPOTrainer only).
 
 `--losses` takes policylab's `preference_loss` values (comma-separated; `all`: each of PREFERENCE_LOSSES alone
 but sft, plus the CPO and ORPO algorithms' sums cpo+sft and sft+orpo); the TRL side gets the same loss: its
@@ -75,14 +75,15 @@ def trl_loss(a: argparse.Namespace, loss: str) -> dict[str, Any]:
     if not terms.keys() & {"cpo", "simpo", "orpo"}:
         config = {"loss_type": list(terms), "loss_weights": list(terms.values()), "ld_alpha": a.ld_alpha,
                   "f_divergence_type": a.f_divergence, "f_alpha_divergence_coef": a.f_alpha,
-                  "discopop_tau": a.discopop_tau, "use_weighting": a.use_weighting}  # fmt: skip
+                  "discopop_tau": a.discopop_tau, "use_weighting": a.use_weighting,
+                  "precompute_ref_log_probs": a.precompute}  # fmt: skip
         if a.ref_sync_steps:
             config |= {"sync_ref_model": True, "ref_model_sync_steps": a.ref_sync_steps,
                        "ref_model_mixup_alpha": a.ref_mixup_alpha}  # fmt: skip
         if any(PREFERENCE_LOSSES[name].smoothing for name in terms):
             config["label_smoothing"] = a.label_smoothing
         return {"trainer": "dpo", "config": config}
-    if a.ld_alpha is not None or a.use_weighting or a.ref_sync_steps:
+    if a.ld_alpha is not None or a.use_weighting or a.ref_sync_steps or a.precompute:
         raise SystemExit(f"{loss}: TRL's CPO and ORPO trainers have no ld_alpha, WPO or TR-DPO")
     rest = {name: weight for name, weight in terms.items() if name != "sft"}
     if len(rest) == 1 and rest.get("cpo", rest.get("simpo")) == 1.0:
@@ -151,6 +152,7 @@ def our_settings(a: argparse.Namespace, loss: str) -> dict[str, Any]:
     settings |= {"discopop_tau": a.discopop_tau} if "discopop" in names else {}
     settings |= {"f_alpha": a.f_alpha} if a.f_divergence == "alpha_divergence" else {}
     settings |= {"use_weighting": True} if a.use_weighting else {}
+    settings |= {"precompute_ref_log_probs": True} if a.precompute else {}
     if a.ref_sync_steps:
         settings |= {"sync_ref_model": True, "ref_model_sync_steps": a.ref_sync_steps,
                      "ref_model_mixup_alpha": a.ref_mixup_alpha}  # fmt: skip
@@ -174,9 +176,12 @@ def ours(a: argparse.Namespace, loss: str, model_dir: Path, pairs: Path, steps: 
             trainer.draw_rows = lambda kind, n, batch=batch: batch  # type: ignore[method-assign]
             losses.append(trainer.kto_step()["loss"])
             continue
+        ref_sums = None
+        if trainer.reference_sums is not None:  # precomputed: this batch's rows, chosen then rejected
+            ref_sums = trainer.reference_sums[step * a.pairs_per_step : (step + 1) * a.pairs_per_step].T.reshape(-1)
         prompt_ids, prompt_mask = trainer.encode_prompts([r["prompt"] for r in batch] * 2)
         ids, mask = trainer.encode_prompts.answers([r["chosen"] for r in batch] + [r["rejected"] for r in batch])
-        losses.append(trainer.preference_update(prompt_ids, prompt_mask, ids, mask)["loss"])
+        losses.append(trainer.preference_update(prompt_ids, prompt_mask, ids, mask, ref_sums)["loss"])
     trainer.model.save_pretrained(out)
     trainer.tokenizer.save_pretrained(out)
     return losses
@@ -286,7 +291,7 @@ def all_losses(a: argparse.Namespace) -> list[str]:
     names = [name for name, spec in PREFERENCE_LOSSES.items() if spec.reference]
     if a.use_weighting:  # policylab refuses WPO on the sorted-margin losses (TRL raises NotImplementedError)
         names = [name for name in names if name not in ("aot", "aot_unpaired")]
-    dpo_only = a.ld_alpha is not None or a.use_weighting or a.ref_sync_steps
+    dpo_only = a.ld_alpha is not None or a.use_weighting or a.ref_sync_steps or a.precompute
     return names if dpo_only else [*names, "simpo", "cpo+sft", "sft+orpo", *UNPAIRED]
 
 
@@ -307,6 +312,7 @@ def main() -> None:
     p.add_argument("--ld-alpha", type=float, help="LD-DPO's weight of the tokens past the shorter completion")
     p.add_argument("--simpo-gamma", type=float, default=1.0, help="SimPO's target margin")
     p.add_argument("--discopop-tau", type=float, default=0.05, help="DiscoPOP's temperature")
+    p.add_argument("--precompute", action="store_true", help="precompute_ref_log_probs on both sides")
     p.add_argument("--use-weighting", action="store_true", help="WPO's pair weights (DPO's loss types)")
     p.add_argument("--ref-sync-steps", type=int, default=0, help="TR-DPO: mix the policy into the reference every N")
     p.add_argument("--ref-mixup-alpha", type=float, default=0.6, help="TR-DPO's alpha")
