@@ -26,6 +26,9 @@ one update per batch both sides make (every ratio is 1 there). `--algo dpo`: off
 the starting model as the reference) on one preference file both sides read: for each addition prompt its answer
 (chosen) against a copy with one character changed (rejected), policylab's default pairs written out;
 `--prompts-per-step` pairs per step. Both sides walk the file in shuffled epochs, each in its own seeded order.
+`--algo dpo --precompute`: both sides compute the reference's log-probs of every pair before training
+(precompute_ref_log_probs) and make no reference pass in their steps (the precomputation is outside the timed steps
+on both sides).
 `--algo cpo|simpo|orpo`: the same pairs, no reference model on either side, with policylab's defaults for the
 algorithm on both: CPO (TRL's CPOTrainer, loss_type sigmoid, beta 0.1, cpo_alpha 1), SimPO (CPOTrainer, loss_type
 simpo, beta 2.0, simpo_gamma 1.0, cpo_alpha 0) and ORPO (ORPOTrainer, beta 0.1). The CPO and ORPO trainers put the
@@ -123,7 +126,7 @@ def prepare(a: argparse.Namespace, where: Path) -> tuple[Path, Path]:
 OURS_EXTRA: dict[str, Any] = {
     "grpo": lambda a: {},
     "rloo": lambda a: {"aggregation": "seq-mean-token-sum"},  # TRL's sequence-level surrogate, see the docstring
-    "dpo": lambda a: {"pairs": a.prompts, "prompts": None, "beta": 0.1},
+    "dpo": lambda a: {"pairs": a.prompts, "prompts": None, "beta": 0.1, "precompute_ref_log_probs": a.precompute},
     **dict.fromkeys(("cpo", "simpo", "orpo", "kto", "reward_model"), lambda a: {"pairs": a.prompts, "prompts": None}),
 }
 PAIR_ALGOS = ("dpo", "cpo", "simpo", "orpo", "kto", "reward_model")
@@ -211,9 +214,8 @@ def worker_trl(a: argparse.Namespace) -> dict[str, Any]:
     if a.algo == "dpo":
         from trl import DPOConfig, DPOTrainer
 
-        config: Any = DPOConfig(
-            **common, per_device_train_batch_size=a.prompts_per_step, beta=0.1, loss_type=["sigmoid"]
-        )
+        config: Any = DPOConfig(**common, per_device_train_batch_size=a.prompts_per_step, beta=0.1,
+                                loss_type=["sigmoid"], precompute_ref_log_probs=a.precompute)  # fmt: skip
         trainer: Any = DPOTrainer(model=model, args=config, train_dataset=dataset, processing_class=tokenizer)
     elif a.algo == "reward_model":
         from transformers import AutoModelForSequenceClassification
@@ -428,6 +430,7 @@ def run_side(side: str, a: argparse.Namespace, seed: int, model_dir: Path, promp
     args += ["--prompts-per-step", str(a.prompts_per_step), "--group-size", str(a.group_size)]
     args += ["--max-new-tokens", str(a.max_new_tokens), "--warmup", str(a.warmup), "--algo", a.algo]
     args += ["--trl-defaults"] if a.trl_defaults else []
+    args += ["--precompute"] if a.precompute else []
     env = {**ONE_THREAD, "PYTHONPATH": ""} if side == "trl" else ONE_THREAD  # TRL's venv must not see ours
     res = run_worker(Path(__file__).resolve(), args, work / f"{side}-{seed}.json", python=python, env=env)
     record = worker_record(res, f"{side} seed {seed}")
@@ -469,6 +472,7 @@ def main() -> None:
     parser.add_argument("--max-new-tokens", type=positive_int, default=8, help="completion length limit")
     parser.add_argument("--lr", type=float, help="default 3e-4 (dpo: 1e-4, policylab's DPO default)")
     parser.add_argument("--warmup", type=int, default=3, help="steps left out of the timing")
+    parser.add_argument("--precompute", action="store_true", help="dpo: precompute_ref_log_probs on both sides")
     parser.add_argument("--trl-defaults", action="store_true", help="TRL's own bfloat16 / checkpointing defaults")
     parser.add_argument("--sampling", action="store_true", help="only time the samplers (see time_sampling)")
     parser.add_argument("--training", action="store_true", help="only time the training forward and backward")
@@ -517,7 +521,7 @@ def main() -> None:
     settings = {
         k: getattr(a, k)
         for k in ("algo", "steps", "model", "sft_steps", "prompts_per_step", "group_size", "max_new_tokens", "lr",
-                  "warmup")
+                  "precompute", "warmup")
     }  # fmt: skip
     print(f"\n{a.algo}, {settings}, 1 thread, alternating runs")
     per_run = {
