@@ -45,7 +45,7 @@ import itertools
 import math
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -1189,25 +1189,34 @@ class LLMTrainer:
             )  # fmt: skip
             rollout.rows = rows
             return rollout, decode(self.tokenizer, rollout)
-        if self.switch_modes:
-            self.model.eval()
-        rollout = generate(
-            self.model,
-            ids,
-            mask,
-            max_new_tokens=self.max_new_tokens,
-            eos_token_id=self.tokenizer.eos_token_id,
-            pad_token_id=self.tokenizer.pad_token_id,
-            temperature=self.cfg.temperature,
-            top_p=self.cfg.top_p,
-            greedy=greedy,
-            generator=self.generator,
-            record=not greedy and self.trains_on_sampled_batch,
-        )
-        if self.switch_modes:
-            self.model.train()
+        with self.eval_mode():
+            rollout = generate(
+                self.model,
+                ids,
+                mask,
+                max_new_tokens=self.max_new_tokens,
+                eos_token_id=self.tokenizer.eos_token_id,
+                pad_token_id=self.tokenizer.pad_token_id,
+                temperature=self.cfg.temperature,
+                top_p=self.cfg.top_p,
+                greedy=greedy,
+                generator=self.generator,
+                record=not greedy and self.trains_on_sampled_batch,
+            )
         rollout.rows = rows
         return rollout, decode(self.tokenizer, rollout)
+
+    @contextlib.contextmanager
+    def eval_mode(self) -> Iterator[None]:
+        """Dropout off for sampling and scoring, back on after (only for models that have dropout: switching modes
+        walks every module twice)."""
+        if self.switch_modes:
+            self.model.eval()
+        try:
+            yield
+        finally:
+            if self.switch_modes:
+                self.model.train()
 
     @property
     def trains_on_sampled_batch(self) -> bool:
@@ -1619,12 +1628,8 @@ class LLMTrainer:
         if k < 1:
             raise ConfigError(f"k={k} must be >= 1", "pass --k 1 (greedy accuracy only) or more (pass@k)")
         if self.cfg.algo == "reward_model":
-            if self.switch_modes:  # dropout off, as the saved classifier scores
-                self.model.eval()
-            with torch.no_grad():
+            with self.eval_mode(), torch.no_grad():  # dropout off, as the saved classifier scores
                 chosen, rejected = self.pair_rewards(self.eval_pairs)
-            if self.switch_modes:
-                self.model.train()
             ranked = int((chosen > rejected).sum())
             return {"accuracy": ranked / len(self.eval_pairs), "reward": float((chosen - rejected).mean())}
         n = len(self.eval_rows)
