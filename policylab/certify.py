@@ -434,19 +434,20 @@ class SmoothedPolicy(Policy):
             policy.env_kwargs,
             policy.algo,
             seed,
+            action_masks=policy.action_masks,
         )
         self.sigma = sigma
         self.attack = attack
         self._rng = np.random.default_rng(seed)
 
-    def act(self, obs: Any, deterministic: bool = True) -> Any:
+    def act(self, obs: Any, deterministic: bool = True, action_mask: Any = None) -> Any:
         x = np.asarray(obs, dtype=np.float32)
         single = x.shape == tuple(self.observation_space.shape)
         batch = x[None] if single else x
         if self.attack is not None:
             batch = (batch + self.attack(batch)).astype(np.float32)
         noisy = batch + self.sigma * self._rng.standard_normal(batch.shape, dtype=np.float32)
-        return super().act(noisy[0] if single else noisy, deterministic)
+        return super().act(noisy[0] if single else noisy, deterministic, action_mask)
 
     __call__ = act
 

@@ -47,6 +47,7 @@ from policylab.envs.encode import storage_dtype, torch_dtype
 from policylab.envs.normalize import RunningMeanStd
 from policylab.errors import ConfigError, PolicylabError
 from policylab.nets.actor_critic import ActorCritic
+from policylab.nets.heads import mask_logit_bias
 
 BACKENDS = ("ray", "inline")
 RESTART_SEED_STRIDE = 1000
@@ -55,6 +56,39 @@ EXPLORATION_SEED_STRIDE = 7919
 """An off-policy worker's exploration generator: seed + this x (first env index + 1) + RESTART_SEED_STRIDE x
 restarts, apart from the learner's generator (seed) and from each other."""
 FIELDS = ("obs", "actions", "logp", "values", "rewards", "terminated", "episode_end", "bootstrap")
+
+
+def rollout_buffer(cfg: Any, net: Any, obs_space: Any, num_envs: int) -> RolloutBuffer:
+    """The rollout storage of `num_envs` envs stepped by `net` (with room for the action masks' logit bias where the
+    run uses action masks)."""
+    head = net.head
+    return RolloutBuffer(
+        cfg.n_steps, num_envs, tuple(obs_space.shape or ()), head.action_shape, head.action_dtype, cfg.device,
+        torch_dtype(storage_dtype(obs_space)), getattr(head, "logp_shape", ()),
+        head.n_outputs if getattr(cfg, "action_masks", False) else 0,
+    )  # fmt: skip
+
+
+def collected_fields(buf: RolloutBuffer) -> tuple[str, ...]:
+    """The buffer fields a rollout fills (what a rollout worker sends back)."""
+    return FIELDS if buf.logit_bias is None else (*FIELDS, "logit_bias")
+
+
+def track_action_masks(cfg: Any, env: VecEnv, head: Any) -> None:
+    """With `action_masks`: check that the actions can be masked, and have `env` read the masks (before its reset)."""
+    if not getattr(cfg, "action_masks", False):
+        return
+    if not hasattr(head, "mask_bias"):  # the error, before any env step
+        mask_logit_bias(head, np.ones((1, 1), bool), f"{cfg.env!r}")
+    env.track_action_masks()
+
+
+def unused_masks_note(cfg: Any, env: VecEnv) -> list[str]:
+    """A note for a run whose env offers action masks that it does not use."""
+    if cfg.action_masks or not (env.offers_info_masks or env.mask_method):
+        return []
+    where = "an action_masks() method" if env.mask_method else "info['action_mask']"
+    return [f"{cfg.env} offers action masks ({where}); --set action_masks=true acts only among the allowed actions"]
 
 
 def normalize_obs(obs_norm: ObsNormalizer | None, raw: np.ndarray, update: bool) -> np.ndarray:
@@ -93,16 +127,23 @@ def collect_rollout(
     numpy_acting = net.numpy_acting
     noise_np = noise.numpy() if numpy_acting else None
     noise_at = net.noise_at if isinstance(net, ActorCritic) else lambda noise, t: noise[t]
+    masking = buf.logit_bias is not None
+    bias = None
     for t in range(buf.n_steps):
+        if masking:  # the allowed actions at `obs`, as the logit bias the policy acts with (and is trained with)
+            bias = mask_logit_bias(head, env.action_masks, env.mask_description())
         if numpy_acting:  # small CPU batches: numpy calls cost a fifth of torch calls
-            actions, logp, values = net.act_numpy(obs, noise_at(noise_np, t))  # type: ignore[arg-type]
+            actions, logp, values = net.act_numpy(obs, noise_at(noise_np, t), bias)  # type: ignore[arg-type]
             env_actions = head.to_env_numpy(actions)
-            buf.add_policy_step(t, obs, actions, logp, values)
+            buf.add_policy_step(t, obs, actions, logp, values, bias)
         else:
             with torch.inference_mode():
-                taken, log_probs, value_estimates = net.act(torch.from_numpy(obs).to(device), noise=noise_at(noise, t))
+                acting_bias = None if bias is None else torch.from_numpy(bias).to(device)
+                taken, log_probs, value_estimates = net.act(
+                    torch.from_numpy(obs).to(device), noise=noise_at(noise, t), logit_bias=acting_bias
+                )
                 env_actions = head.to_env(taken).cpu().numpy()
-            buf.add_policy_step(t, obs, taken, log_probs, value_estimates)
+            buf.add_policy_step(t, obs, taken, log_probs, value_estimates, bias)
         res = env.step(env_actions)
         episode_end = res.episode_end
         tracker.update(res.reward, episode_end)
@@ -158,12 +199,9 @@ class RolloutSlice:
         self.env = make_vec_env(cfg.env, n, cfg.vectorization, cfg.env_kwargs, training=True)
         obs_space, act_space = self.env.single_observation_space, self.env.single_action_space
         self.net: ActorCritic = get_algo(algo).algo_cls.build_policy(cfg, obs_space, act_space).to(cfg.device)
-        head = self.net.head
         shape: tuple[int, ...] = tuple(obs_space.shape or ())
-        self.buf = RolloutBuffer(
-            cfg.n_steps, n, shape, head.action_shape, head.action_dtype, cfg.device,
-            torch_dtype(storage_dtype(obs_space)), getattr(head, "logp_shape", ()),
-        )  # fmt: skip
+        self.buf = rollout_buffer(cfg, self.net, obs_space, n)
+        track_action_masks(cfg, self.env, self.net.head)
         self.tracker = EpisodeTracker(n)
         self.obs_norm = ObsNormalizer(shape, cfg.clip_obs) if cfg.normalize_obs else None
         self.reward_scaler = RewardScaler(n, cfg.gamma, cfg.clip_reward) if cfg.normalize_reward else None
@@ -207,7 +245,7 @@ class RolloutSlice:
             self.reward_scaler, self.cfg.device,
         )  # fmt: skip
         finished = self.tracker.episodes - episodes_before
-        out: dict[str, Any] = {name: getattr(self.buf, name).numpy() for name in FIELDS}
+        out: dict[str, Any] = {name: getattr(self.buf, name).numpy() for name in collected_fields(self.buf)}
         out["last_values"] = last_values.numpy()
         out["episodes"] = finished
         kept = min(finished, len(self.tracker.recent_returns))

@@ -22,6 +22,8 @@ from policylab.data.dataset import d4rl_score
 from policylab.envs import ObsNormalizer, make_single_env, make_vec_env
 from policylab.envs.encode import ObservationEncoder, needs_encoding
 from policylab.errors import CheckpointError, EnvError, PolicylabError
+from policylab.nets.actor_critic import ActorCritic
+from policylab.nets.heads import mask_logit_bias
 
 
 def space_to_json(space: gym.Space) -> dict[str, Any]:
@@ -82,6 +84,7 @@ class Policy:
         raw_observation_space: gym.Space | None = None,
         eval_deterministic: bool = True,
         reference_returns: tuple[float, float] | None = None,
+        action_masks: bool = False,
     ) -> None:
         self.net: Any = net  # any policy network: it has env_action(obs, deterministic, generator)
         self.observation_space = observation_space
@@ -98,6 +101,8 @@ class Policy:
         """How its run evaluated it (`policylab eval` does the same unless told otherwise)."""
         self.reference_returns = reference_returns
         """(random, expert) returns of the dataset its run learned from, where it has both: normalized scores."""
+        self.action_masks = action_masks
+        """Trained with action masks: `evaluate` (and `policylab eval`) reads its env's masks and acts among them."""
         self._generator = torch.Generator().manual_seed(seed)
         self._device = next(net.parameters()).device
         self.recurrent = bool(getattr(net, "recurrent", False))
@@ -107,6 +112,7 @@ class Policy:
     def __repr__(self) -> str:
         extras = ", observations normalized" if self.obs_normalizer is not None else ""
         extras += ", recurrent" if self.recurrent else ""
+        extras += ", action masks" if self.action_masks else ""
         observed = str(self.observation_space)
         if self.encoder is not None:  # what act() takes, and the vector the network reads
             observed = f"{self.encoder.space} (read as {self.observation_space})"
@@ -136,11 +142,13 @@ class Policy:
             mask = torch.as_tensor(np.asarray(ended, bool), device=self._state.device)
             self._state = self._state.masked_fill(mask.view(1, 1, -1, 1), 0.0)
 
-    def act(self, obs: Any, deterministic: bool = True) -> Any:
+    def act(self, obs: Any, deterministic: bool = True, action_mask: Any = None) -> Any:
         """One observation -> one action; a batch [B, *obs_shape] -> a batch of B actions (numpy). For an env with
         Discrete / Tuple / Dict observations, its own observations (an int, a tuple, a dict, or a batch of them) or
         their encoded vectors. A recurrent policy remembers the observations of earlier calls: call `reset()`
-        before each new episode (`reset(ended)` for the envs of a batch whose episode ended)."""
+        before each new episode (`reset(ended)` for the envs of a batch whose episode ended). `action_mask`: the
+        allowed actions (true or 1; one row per observation, or one row for one observation; for MultiDiscrete the
+        dimensions' choices one after another): the action is chosen among them (actor-critic policies)."""
         if self.encoder is not None and not self.encoder.is_encoded(obs):
             single = self.encoder.is_single(obs)
             obs = self.encoder.one(obs) if single else self.encoder.batch(obs)
@@ -156,15 +164,16 @@ class Policy:
             )
         if self.obs_normalizer is not None:
             x = self.obs_normalizer(x)
+        masking = {} if action_mask is None else {"logit_bias": self._mask_bias(action_mask, len(x), single)}
         with torch.inference_mode():
             t = torch.from_numpy(x).to(self._device)
             if self.recurrent:  # the LSTM state carried from the last call (zeros at first and after reset())
                 if self._state is None or self._state.shape[2] != len(t):
                     self._state = self.net.initial_state(len(t), self._device)
-                actions = self.net.env_action(t, deterministic, self._generator, self._state).cpu().numpy()
+                actions = self.net.env_action(t, deterministic, self._generator, self._state, **masking).cpu().numpy()
                 self._state = self.net.last_state
             else:
-                actions = self.net.env_action(t, deterministic, self._generator).cpu().numpy()
+                actions = self.net.env_action(t, deterministic, self._generator, **masking).cpu().numpy()
         if isinstance(self.action_space, gym.spaces.Discrete):
             actions = actions.astype(np.int64)
             return int(actions[0]) if single else actions
@@ -172,6 +181,23 @@ class Policy:
         return actions[0] if single else actions
 
     __call__ = act
+
+    def _mask_bias(self, action_mask: Any, rows: int, single: bool) -> torch.Tensor:
+        """`act`'s action_mask as the logit bias its network adds (one error naming the problem)."""
+        head = getattr(self.net, "head", None)
+        if not isinstance(self.net, ActorCritic) or head is None:
+            raise PolicylabError(
+                f"this {self.algo or type(self.net).__name__} policy does not take action masks: they apply to the "
+                "on-policy actor-critics' Discrete and MultiDiscrete actions",
+                "drop action_mask, or train ppo (or a2c ...) with action_masks=true",
+            )
+        flags = np.asarray(action_mask)
+        flags = flags[None] if single and flags.ndim == 1 else flags
+        if flags.ndim == 2 and flags.shape[0] != rows:
+            raise PolicylabError(
+                f"action_mask has {flags.shape[0]} rows for {rows} observations", "pass one mask row per observation"
+            )
+        return torch.from_numpy(mask_logit_bias(head, flags, "action_mask")).to(self._device)
 
 
 def load(path: str | Path, device: str = "cpu", which: Literal["final", "best"] = "final") -> Policy:
@@ -224,7 +250,7 @@ def load(path: str | Path, device: str = "cpu", which: Literal["final", "best"] 
     return Policy(
         net, obs_space, act_space, normalizer, cfg.env, cfg.env_kwargs, state["algo"], cfg.seed,
         None if raw is None else space_from_json(raw), cfg.eval_deterministic,
-        None if low is None or high is None else (float(low), float(high)),
+        None if low is None or high is None else (float(low), float(high)), bool(cfg.action_masks),
     )  # fmt: skip
 
 
@@ -265,6 +291,8 @@ def evaluate(
             check_acts_in(
                 policy, "evaluated", env_id, *spaces, fix=f"evaluate it in {policy.env_id} (leave env_id / --env out)"
             )
+        if policy.action_masks:
+            env.track_action_masks()
         obs = env.reset(seed=seed)
         policy.reset()
         running = np.zeros(n)
@@ -273,7 +301,8 @@ def evaluate(
         returns: list[float] = []
         ep_lengths: list[int] = []
         while (done_count < quota).any():
-            res = env.step(np.asarray(policy.act(obs, deterministic)))
+            masks = {} if env.action_masks is None else {"action_mask": env.action_masks}
+            res = env.step(np.asarray(policy.act(obs, deterministic, **masks)))
             running += res.reward
             lengths += 1
             if lengths.max() > MAX_EVAL_EPISODE_STEPS:

@@ -31,14 +31,17 @@ from policylab import checkpoint as ckpt
 from policylab import runtime
 from policylab.algos import AlgoSpec, get_algo
 from policylab.algos.onpolicy import Imitation, clone_demonstrations, whole_rollouts
-from policylab.collectors import FIELDS as COLLECTED_FIELDS
 from policylab.collectors import (
     OffPolicySlice,
     RolloutSlice,
     RolloutWorkers,
     collect_rollout,
+    collected_fields,
     normalize_obs,
+    rollout_buffer,
     rollout_noise,
+    track_action_masks,
+    unused_masks_note,
 )
 from policylab.config import (
     CommonConfig,
@@ -50,7 +53,7 @@ from policylab.config import (
     parse_count,
     set_by,
 )
-from policylab.data import Batch, ReplayBuffer, RolloutBuffer
+from policylab.data import Batch, ReplayBuffer
 from policylab.data.dataset import Dataset, check_compatible, dataset_observation_space, load_dataset
 from policylab.data.her import HindsightRelabeler, her_relabeler
 from policylab.data.replay import StackedFrameReplay
@@ -196,6 +199,7 @@ def resolve_config(
     cfg = _frames_kept_raw(cfg)
     cfg.validate()
     check_recurrent(spec.name, cfg)
+    check_action_masks(spec.name, cfg)
     if found is not None:
         notes += short_budget_note(name, cfg, found.values.get("steps", 0))
     notes += rounded_budget_note(spec, cfg)
@@ -222,6 +226,19 @@ def check_recurrent(algo: str, cfg: Any) -> None:
     for what, present in (("rollout_workers", cfg.rollout_workers), ("a dataset (imitation)", cfg.dataset)):
         if present:
             raise ConfigError(f"recurrent=true does not combine with {what} yet", "drop one of the two")
+
+
+MASKABLE_ALGOS = ("ppo", "a2c", "reinforce", "trpo", "mdpo", "spo", "fixpo")
+"""The algorithms that take action_masks=true: the on-policy actor-critics (categorical heads)."""
+
+
+def check_action_masks(algo: str, cfg: Any) -> None:
+    """action_masks=true only where the policy's logits take the masks' bias."""
+    if cfg.action_masks and algo not in MASKABLE_ALGOS:
+        raise ConfigError(
+            f"{algo} does not take action masks: they exist for {', '.join(MASKABLE_ALGOS)}",
+            "use one of those with action_masks=true (e.g. ppo, as SB3-contrib's MaskablePPO), or drop action_masks",
+        )
 
 
 def rounded_budget_note(spec: AlgoSpec, cfg: Any) -> list[str]:
@@ -359,19 +376,23 @@ class OnPolicyLoop:
                 self.obs_norm.rms.load(dataset_normalizer(self.dataset, cfg.clip_obs).rms.state())
         self.reward_scaler = RewardScaler(cfg.num_envs, cfg.gamma, cfg.clip_reward) if cfg.normalize_reward else None
         self.tracker = EpisodeTracker(cfg.num_envs)
-        head = self.net.head
-        self.buffer = RolloutBuffer(
-            cfg.n_steps, cfg.num_envs, shape, head.action_shape, head.action_dtype, cfg.device,
-            torch_dtype(storage_dtype(self.obs_space)), getattr(head, "logp_shape", ()),
-        )  # fmt: skip
+        self.buffer = rollout_buffer(cfg, self.net, self.obs_space, cfg.num_envs)
         self.step = 0
         self.iteration = 0
+        self.notes: list[str] = []
+        """What the run's start says about its env (e.g. that it offers action masks the run does not use)."""
         self.workers = _start_workers(spec, cfg, RolloutSlice, self.env)
         if self.workers is not None:
             self.obs = np.zeros(0, np.float32)  # the workers hold the observations
             return
-        raw = self.env.reset(seed=cfg.seed)
+        try:
+            track_action_masks(cfg, self.env, self.net.head)
+            raw = self.env.reset(seed=cfg.seed)
+        except BaseException:
+            self.env.close()
+            raise
         self.obs = self._normalize(raw, update=True)
+        self.notes += unused_masks_note(cfg, self.env)
 
     def pretrain(self) -> dict[str, float] | None:
         """Behaviour cloning on the demonstrations before the first rollout (`bc_steps`; algos/onpolicy.py
@@ -444,7 +465,7 @@ class OnPolicyLoop:
         slices = [{"noise": noise_np[:, start:stop]} for start, stop in workers.slices]
         parts = workers.collect(weights, slices, obs_stats=obs_stats, reward_stats=reward_stats)
         for (start, stop), part in zip(workers.slices, parts, strict=True):
-            for name in COLLECTED_FIELDS:
+            for name in collected_fields(self.buffer):
                 getattr(self.buffer, name)[:, start:stop] = torch.tensor(part[name])  # Ray's arrays are read-only
             self.tracker.recent_returns.extend(part["episode_returns"])
             self.tracker.recent_lengths.extend(part["episode_lengths"])
@@ -972,7 +993,7 @@ def _policy_of(loop: Loop) -> Policy:
     cfg = loop.cfg
     return Policy(
         loop.net, loop.obs_space, loop.act_space, loop.obs_norm, cfg.env, cfg.env_kwargs,
-        raw_observation_space=loop.env.raw_observation_space,
+        raw_observation_space=loop.env.raw_observation_space, action_masks=cfg.action_masks,
     )  # fmt: skip
 
 
@@ -1349,6 +1370,7 @@ class _Session:
         cfg, notes = resolve_config(spec, env, steps, seed, config, overrides, preset, **data)
         cfg = _with_actual_steps(spec, cfg)
         loop = LOOPS[spec.kind](spec, cfg)  # env and networks first: a failed start leaves no run directory behind
+        notes += getattr(loop, "notes", [])
         run_dir = new_run_dir(
             runs_dir, name or f"{spec.name}-{cfg.env.replace('/', '_').replace(':', '_')}-s{cfg.seed}"
         )

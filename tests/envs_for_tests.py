@@ -328,3 +328,76 @@ class PixelGridDict(gym.Wrapper):
     def step(self, action):
         frame, reward, terminated, truncated, info = self.env.step(action)
         return self._dict(frame), reward, terminated, truncated, info
+
+
+class MaskedChoice(gym.Env):
+    """Each step shows a target action (one-hot) and allows it plus `extra` random others (the masks: in
+    info["action_mask"] as Gymnasium's Taxi-v4 gives them; MaskedChoiceWithMethod adds SB3-contrib's
+    `action_masks()`); reward 1 for the target, 0 for another allowed action. A forbidden action is an error with
+    `strict` (a masked run must never take one), else reward -1 and the episode ends. `multi`: MultiDiscrete([n, 2])
+    actions, whose second dimension allows only 0 (masks of n + 2 flags).
+
+    `ranked`: the observation shows nothing (zeros) and the target is the highest allowed action. A masked policy
+    solves it by ranking the actions (logits rising with the index); without masks the allowed ones are unknown,
+    and the best a policy can do is about one step in (extra + 1) / n."""
+
+    def __init__(
+        self,
+        n: int = 8,
+        extra: int = 1,
+        length: int = 20,
+        strict: bool = True,
+        multi: bool = False,
+        ranked: bool = False,
+    ) -> None:
+        self.n, self.extra, self.length, self.strict, self.multi, self.ranked = n, extra, length, strict, multi, ranked
+        self.observation_space = gym.spaces.Box(0.0, 1.0, (n,), np.float32)
+        self.action_space = gym.spaces.MultiDiscrete([n, 2]) if multi else gym.spaces.Discrete(n)
+        self.state = np.zeros(2 + n)
+        """[steps so far, target, allowed flags]: one array, so that runs on this env resume exactly."""
+
+    t = property(lambda self: int(self.state[0]), lambda self, v: self.state.__setitem__(0, v))
+    target = property(lambda self: int(self.state[1]), lambda self, v: self.state.__setitem__(1, v))
+    allowed = property(
+        lambda self: self.state[2:].astype(bool), lambda self, v: self.state.__setitem__(slice(2, None), v)
+    )
+
+    def _draw(self) -> tuple[np.ndarray, dict]:
+        self.target = int(self.np_random.integers(self.n))
+        others = np.delete(np.arange(self.n), self.target)
+        allowed = np.zeros(self.n, bool)
+        allowed[[self.target, *self.np_random.choice(others, self.extra, replace=False)]] = True
+        self.allowed = allowed
+        obs = np.zeros(self.n, np.float32)
+        if self.ranked:
+            self.target = int(np.flatnonzero(self.allowed).max())
+        else:
+            obs[self.target] = 1.0
+        return obs, {"action_mask": self.flags().astype(np.int8)}
+
+    def flags(self) -> np.ndarray:
+        return np.concatenate([self.allowed, [True, False]]) if self.multi else self.allowed.copy()
+
+    def reset(self, *, seed: int | None = None, options: dict | None = None):
+        super().reset(seed=seed)
+        self.t = 0
+        return self._draw()
+
+    def step(self, action):
+        choice, second = (int(action[0]), int(action[1])) if self.multi else (int(action), 0)
+        self.t += 1
+        if not self.allowed[choice] or second != 0:
+            if self.strict:
+                raise RuntimeError(f"forbidden action {action} taken (allowed: {np.flatnonzero(self.allowed)})")
+            obs, info = self._draw()
+            return obs, -1.0, True, False, info
+        reward = 1.0 if choice == self.target else 0.0
+        obs, info = self._draw()
+        return obs, reward, False, self.t >= self.length, info
+
+
+class MaskedChoiceWithMethod(MaskedChoice):
+    """MaskedChoice with SB3-contrib's `action_masks()` method too (which policylab prefers)."""
+
+    def action_masks(self) -> np.ndarray:
+        return self.flags()

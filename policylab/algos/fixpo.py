@@ -27,7 +27,7 @@ import gymnasium as gym
 import torch
 from torch import Tensor, nn
 
-from policylab.algos.onpolicy import ActorCriticLoss, adam
+from policylab.algos.onpolicy import ActorCriticLoss, adam, with_logit_bias
 from policylab.algos.ppo import PPO, PPOConfig, delegated
 from policylab.config import positive
 from policylab.data import Batch
@@ -113,6 +113,7 @@ class FixPO:
         check: the loop's condition)."""
         cfg = self.cfg
         data = Batch(obs=rollout.obs, actions=rollout.actions, logp=rollout.logp, values=rollout.values).flatten()
+        with_logit_bias(data, rollout)
         data.advantages = torch.zeros_like(data.logp)
         data.returns = data.values
         loss = ActorCriticLoss(clip_low=None, vf_coef=0.0, ent_coef=0.0, kl_coef=beta, kl="forward")
@@ -128,6 +129,6 @@ class FixPO:
     def rollout_kl(self, data: Batch) -> Tensor:
         """Mean KL(pi_old || pi) over the rollout, estimated on its samples: r - 1 - log r."""
         with torch.no_grad():
-            logp = self.net.evaluate(data.obs, data.actions)[0]
+            logp = self.net.evaluate(data.obs, data.actions, data.get("logit_bias"))[0]
             log_ratio = logp - data.logp
             return kl_estimate(log_ratio.exp(), log_ratio, "forward").mean()

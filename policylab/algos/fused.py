@@ -19,8 +19,10 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
+from policylab.algos.onpolicy import step_logit_bias
 from policylab.data import Batch
 from policylab.nets import ActorCritic
+from policylab.nets.actor_critic import masked
 from policylab.nets.sde import sde_log_std_grad
 from policylab.objectives import pg_surrogate_grad, value_loss_grad
 from policylab.objectives.imitation import imitation_logp_grad, imitation_loss
@@ -79,7 +81,7 @@ class FusedActorCriticStep:
         if imitation is not None:
             obs, actions = torch.cat([obs, imitation.batch.obs]), torch.cat([actions, imitation.batch.actions])
         out, cache = net.body.forward_cached(obs.reshape(obs.shape[0], net.obs_dim))
-        policy_out = out[0, :, :n_out]
+        policy_out = masked(out[0, :, :n_out], step_logit_bias(batch, imitation))  # d(out + bias)/d out = 1
         all_values = out[0, :, n_out] if net.shared else out[1, :, 0]
         hidden = cache[-1][0]  # the actor's last hidden features (gSDE's)
         row_log_std = net.row_log_std(hidden)

@@ -181,6 +181,24 @@ def rollout_advantages(rollout: Batch, estimator: str, cfg: OnPolicyConfig) -> t
     )
 
 
+def with_logit_bias(data: Batch, rollout: Batch) -> Batch:
+    """`data` (flat rows of `rollout`) with the rollout's action-mask logit bias, flattened alike, where the run
+    masks actions: every loss then evaluates the policy the rollout acted with."""
+    bias = rollout.get("logit_bias")
+    if bias is not None:
+        data.logit_bias = bias.flatten(0, 1)
+    return data
+
+
+def step_logit_bias(batch: Batch, imitation: ImitationTerm | None) -> Tensor | None:
+    """A gradient step's logit bias: the batch's action masks' (None without), with zero rows (nothing masked) for
+    the demonstration rows of `imitation`."""
+    bias = batch.get("logit_bias")
+    if bias is None or imitation is None:
+        return bias
+    return torch.cat([bias, bias.new_zeros(len(imitation.batch.actions), bias.shape[1])])
+
+
 def optimizer_step(
     optimizer: Optimizer, loss: Tensor, params: ParameterBuffer, max_grad_norm: float | None
 ) -> Tensor | None:
@@ -274,10 +292,13 @@ class AutogradStep:
         obs, actions = batch.obs, batch.actions
         if imitation is not None:  # one forward pass over the on-policy rows and the demonstration rows
             obs, actions = torch.cat([obs, imitation.batch.obs]), torch.cat([actions, imitation.batch.actions])
+        bias = step_logit_bias(batch, imitation)
         if "states" in batch.keys():  # recurrent: whole sequences [T, E] from their LSTM states
-            all_logp, all_entropy, all_values = self.net.evaluate_sequences(obs, actions, batch.states, batch.starts)
+            all_logp, all_entropy, all_values = self.net.evaluate_sequences(
+                obs, actions, batch.states, batch.starts, bias
+            )
         else:
-            all_logp, all_entropy, all_values = self.net.evaluate(obs, actions)
+            all_logp, all_entropy, all_values = self.net.evaluate(obs, actions, bias)
         logp, entropy, values = all_logp[:rows], all_entropy[:rows], all_values[:rows]
         old_logp = batch.get("logp")
         old = logp.detach() if old_logp is None else old_logp
@@ -345,6 +366,7 @@ def whole_rollout_step(
             setattr(data, name, value.flatten(0, 1))
     else:
         data = Batch(obs=rollout.obs, actions=rollout.actions, advantages=advantages, returns=returns).flatten()
+    with_logit_bias(data, rollout)
     if cfg.normalize_advantage:
         data.advantages = normalize(data.advantages)
     loss = ActorCriticLoss(clip_low=None, vf_coef=cfg.vf_coef, ent_coef=cfg.ent_coef)

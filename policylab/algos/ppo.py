@@ -34,6 +34,7 @@ from policylab.algos.onpolicy import (
     mean_metrics,
     normalize,
     rollout_advantages,
+    with_logit_bias,
 )
 from policylab.data import Batch
 from policylab.errors import ConfigError
@@ -152,7 +153,7 @@ class PPO:
     def rollout_data(self, rollout: Batch) -> Batch:
         """The rollout, flattened, with its GAE advantages and returns."""
         advantages, returns = rollout_advantages(rollout, "gae", self.cfg)
-        return Batch(
+        data = Batch(
             obs=rollout.obs,
             actions=rollout.actions,
             logp=rollout.logp,
@@ -160,6 +161,7 @@ class PPO:
             advantages=advantages,
             returns=returns,
         ).flatten()
+        return with_logit_bias(data, rollout)
 
     def _minibatches(self, data: Batch, one_batch: bool) -> Iterator[Batch]:
         """One epoch's minibatches of batch_size shuffled samples (the whole rollout with `one_batch`)."""

@@ -38,12 +38,14 @@ from policylab.algos.onpolicy import (
     make_learner,
     normalize,
     rollout_advantages,
+    with_logit_bias,
 )
 from policylab.algos.ppo import explained_variance
 from policylab.config import positive
 from policylab.data import Batch
 from policylab.errors import ConfigError
 from policylab.nets import ActorCritic
+from policylab.nets.actor_critic import masked
 from policylab.nets.sde import sde_log_std_grad
 from policylab.objectives import pg_surrogate
 from policylab.optim import ParameterBuffer, conjugate_gradient, set_lr
@@ -121,6 +123,7 @@ class TRPO:
         data = Batch(
             obs=rollout.obs, actions=rollout.actions, logp=rollout.logp, advantages=advantages, returns=returns
         ).flatten()
+        with_logit_bias(data, rollout)
         target_kl = annealed(cfg.target_kl, progress, cfg.anneal_kl)
         metrics = self.policy_step(data.select(torch.arange(0, len(data), cfg.sub_sampling_factor)), target_kl)
         metrics.update(self.critic_steps(data))
@@ -132,12 +135,15 @@ class TRPO:
         flat parameters."""
         cfg, net, params = self.cfg, self.net, self.learner.params
         adv = normalize(data.advantages) if cfg.normalize_advantage else data.advantages
+        bias = data.get("logit_bias")  # the action masks' (the masked actions have probability 0 on both sides)
         with torch.no_grad():
             old_out, old_log_std = net.policy_distribution(data.obs)
+            old_out = masked(old_out, bias)
             old_log_std = None if old_log_std is None else old_log_std.detach().clone()
 
         def surrogate_and_kl() -> tuple[Tensor, Tensor]:
             out, log_std = net.policy_distribution(data.obs)
+            out = masked(out, bias)
             logp, _ = net.head.log_prob_entropy(out, log_std, data.actions)
             loss, _ = pg_surrogate(logp, data.logp, adv, clip_low=None)
             return -loss, net.head.kl(old_out, old_log_std, out, log_std).mean()  # type: ignore[arg-type]
@@ -148,7 +154,7 @@ class TRPO:
         g = _flat(grads, params.params)
         fisher_vector: Callable[[Tensor], Tensor]
         if analytic:
-            fisher_vector = ActorFisher(net, params, data.obs, cfg.cg_damping)
+            fisher_vector = ActorFisher(net, params, data.obs, cfg.cg_damping, bias)
         else:
             fisher_vector = _autograd_fisher(kl, params.params, cfg.cg_damping)
         direction = conjugate_gradient(fisher_vector, g, cfg.cg_max_steps)
@@ -233,10 +239,14 @@ class ActorFisher:
     log-std block is mean_i K_i^T 2 K_i, K_i the Jacobian of sample i's log sigma in the [features, actions]
     parameter (the features held fixed, as in the policy's gradient)."""
 
-    def __init__(self, net: ActorCritic, params: ParameterBuffer, obs: Tensor, damping: float) -> None:
+    def __init__(
+        self, net: ActorCritic, params: ParameterBuffer, obs: Tensor, damping: float, logit_bias: Tensor | None = None
+    ) -> None:
         self.net, self.damping = net, damping
         body = net.body
         self.out, self.inputs = body.forward_cached(obs.reshape(obs.shape[0], net.obs_dim), members=1)
+        self.head_inputs = masked(self.out[0], logit_bias)
+        """The head's inputs (logits with the action masks' bias, or means) at the cached forward."""
         self.scale = 1.0 / obs.shape[0]
         self._where: dict[int, tuple[int, torch.Size]] = {}
         offset = 0
@@ -270,7 +280,7 @@ class ActorFisher:
         w_tangents = [view(v, w) for w, _ in self._layers]
         b_tangents = [view(v, b) for _, b in self._layers]
         tangent = net.body.jvp(self.inputs, w_tangents, b_tangents, members=1)[0]
-        u = net.head.fisher_product(self.out[0], self.row_log_std, tangent).mul_(self.scale)
+        u = net.head.fisher_product(self.head_inputs, self.row_log_std, tangent).mul_(self.scale)
         result = self.result.zero_()
         into = [(view(result, w), view(result, b)) for w, b in self._layers]
         net.body.backward(self.inputs, u.unsqueeze(0), members=1, into=into)

@@ -30,6 +30,7 @@ class RolloutBuffer:
         device: torch.device | str = "cpu",
         obs_dtype: torch.dtype = torch.float32,
         logp_shape: tuple[int, ...] = (),
+        logit_bias_size: int = 0,
     ) -> None:
         shape = (n_steps, num_envs)
         self.n_steps = n_steps
@@ -38,6 +39,7 @@ class RolloutBuffer:
             obs_bytes = math.prod(obs_shape) * obs_dtype.itemsize
             # + values, rewards and bootstrap (float32), terminated and episode_end (bool)
             per = obs_bytes + math.prod(action_shape) * action_dtype.itemsize + 4 * math.prod(logp_shape) + 14
+            per += 4 * logit_bias_size
             check_memory(
                 n_steps * num_envs * per,
                 f"a rollout of {n_steps:,} steps x {num_envs:,} envs ({per:,} bytes a step)",
@@ -54,11 +56,15 @@ class RolloutBuffer:
         self.episode_end = torch.zeros(shape, dtype=torch.bool, device=device)
         self.bootstrap = torch.zeros(shape, device=device)
         """V(final obs) at truncated steps, 0 elsewhere."""
+        self.logit_bias = torch.zeros(*shape, logit_bias_size, device=device) if logit_bias_size else None
+        """With action masks: the logit bias each step acted with (0 where allowed, -1e9 where not)."""
 
         self._numpy = torch.device(device).type == "cpu"
         if self._numpy:  # numpy views of the same memory: a numpy row write costs a fraction of a torch copy
             names = ("obs", "actions", "logp", "values", "rewards", "terminated", "episode_end", "bootstrap")
             self._np = {k: getattr(self, k).numpy() for k in names}
+            if self.logit_bias is not None:
+                self._np["logit_bias"] = self.logit_bias.numpy()
 
     def add_policy_step(
         self,
@@ -67,6 +73,7 @@ class RolloutBuffer:
         actions: Tensor | np.ndarray,
         logp: Tensor | np.ndarray,
         values: Tensor | np.ndarray,
+        logit_bias: np.ndarray | None = None,
     ) -> None:
         if self._numpy:
             np_ = self._np
@@ -74,12 +81,17 @@ class RolloutBuffer:
             np_["actions"][t] = actions if isinstance(actions, np.ndarray) else actions.numpy()
             np_["logp"][t] = logp if isinstance(logp, np.ndarray) else logp.numpy()
             np_["values"][t] = values if isinstance(values, np.ndarray) else values.numpy()
+            if logit_bias is not None:
+                np_["logit_bias"][t] = logit_bias
             return
         assert isinstance(actions, Tensor) and isinstance(logp, Tensor) and isinstance(values, Tensor)
         self.obs[t] = torch.from_numpy(obs)
         self.actions[t] = actions
         self.logp[t] = logp
         self.values[t] = values
+        if logit_bias is not None:
+            assert self.logit_bias is not None
+            self.logit_bias[t] = torch.from_numpy(logit_bias)
 
     def add_env_step(self, t: int, rewards: np.ndarray, terminated: np.ndarray, episode_end: np.ndarray) -> None:
         if self._numpy:
@@ -100,6 +112,7 @@ class RolloutBuffer:
         """The rollout as a T x N Batch, with `next_values` assembled from V(obs[t+1]) and the bootstraps."""
         following = torch.cat([self.values[1:], last_values.unsqueeze(0)])
         next_values = torch.where(self.episode_end, self.bootstrap, following)
+        extra = {} if self.logit_bias is None else {"logit_bias": self.logit_bias}
         return Batch(
             obs=self.obs,
             actions=self.actions,
@@ -109,4 +122,5 @@ class RolloutBuffer:
             terminated=self.terminated,
             episode_end=self.episode_end,
             next_values=next_values,
+            **extra,
         )

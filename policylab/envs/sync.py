@@ -14,6 +14,8 @@ from typing import Any
 import gymnasium as gym
 import numpy as np
 
+from policylab.errors import EnvError
+
 
 class SyncEnvs:
     def __init__(self, make_one: Callable[[], gym.Env], num_envs: int) -> None:
@@ -22,10 +24,23 @@ class SyncEnvs:
         self.single_observation_space = self.envs[0].observation_space
         self.single_action_space = self.envs[0].action_space
         self.metadata = self.envs[0].metadata
+        self.info_masks: np.ndarray | None = None
+        """Set (by VecEnv) to gather each step's `info["action_mask"]` into these rows, returned in the step's info."""
 
     def reset(self, seed: int | None = None) -> tuple[np.ndarray, dict[str, Any]]:
-        obs = [env.reset(seed=None if seed is None else seed + i)[0] for i, env in enumerate(self.envs)]
-        return np.stack(obs), {}
+        obs: list[Any] = []
+        masks: list[Any] = []
+        for i, env in enumerate(self.envs):
+            o, info = env.reset(seed=None if seed is None else seed + i)
+            obs.append(o)
+            masks.append(info.get("action_mask"))
+        if any(m is None for m in masks):
+            return np.stack(obs), {}
+        return np.stack(obs), {"action_mask": np.stack(masks)}
+
+    def call(self, name: str) -> tuple[Any, ...]:
+        """Each env's method `name` called (found through its wrappers), as Gymnasium's vector envs' `call`."""
+        return tuple(env.get_wrapper_attr(name)() for env in self.envs)
 
     def step(self, actions: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, dict[str, Any]]:
         n = self.num_envs
@@ -34,22 +49,36 @@ class SyncEnvs:
         terminated = np.zeros(n, bool)
         truncated = np.zeros(n, bool)
         finals: dict[int, Any] = {}
+        masks = self.info_masks
         for i, env in enumerate(self.envs):
-            o, rewards[i], terminated[i], truncated[i], _ = env.step(actions[i])
+            o, rewards[i], terminated[i], truncated[i], info = env.step(actions[i])
             if terminated[i] or truncated[i]:
                 finals[i] = o
-                o, _ = env.reset()
+                o, info = env.reset()
             obs[i] = o
+            if masks is not None:
+                masks[i] = _info_mask(info, i)
         batch = np.stack(obs)
+        out: dict[str, Any] = {} if masks is None else {"action_mask": masks}
         if not finals:
-            return batch, rewards, terminated, truncated, {}
+            return batch, rewards, terminated, truncated, out
         final_obs = batch.copy()
         mask = np.zeros(n, bool)
         for i, o in finals.items():
             final_obs[i] = o
             mask[i] = True
-        return batch, rewards, terminated, truncated, {"final_obs": final_obs, "_final_obs": mask}
+        return batch, rewards, terminated, truncated, {**out, "final_obs": final_obs, "_final_obs": mask}
 
     def close(self) -> None:
         for env in self.envs:
             env.close()
+
+
+def _info_mask(info: dict[str, Any], index: int) -> Any:
+    mask = info.get("action_mask")
+    if mask is None:
+        raise EnvError(
+            f"env {index} returned no info['action_mask'] at a step, though its reset did",
+            "return the mask of the allowed actions in the info of every reset and step",
+        )
+    return mask

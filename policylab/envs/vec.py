@@ -59,6 +59,7 @@ class VecEnv:
         env_id: str,
         snapshot_able: bool,
         raw_observation_space: gym.Space | None = None,
+        mask_method: bool | None = None,
     ) -> None:
         self.env = env
         self.env_id = env_id
@@ -69,13 +70,59 @@ class VecEnv:
         self.single_action_space = env.single_action_space
         self.snapshot_able = snapshot_able
         self.obs_dtype = storage_dtype(self.single_observation_space)
+        self.action_masks: np.ndarray | None = None
+        """[N, mask size] flags (true: allowed) of the actions at the current observations, once
+        `track_action_masks` was called (else None)."""
+        self.mask_source: str | None = None
+        """Where the masks come from: "method" (each env's `action_masks()`) or "info" (`info["action_mask"]`)."""
+        envs = getattr(env, "envs", None)
+        self.mask_method = has_mask_method(envs[0]) if mask_method is None and envs else bool(mask_method)
+        """The envs have an `action_masks()` method (looked up through their wrappers)."""
+        self.offers_info_masks = False
+        """The last reset's info held an "action_mask" (a note suggests `action_masks=true` to runs without it)."""
+
+    def track_action_masks(self) -> None:
+        """Read the allowed actions at every reset and step from now on, into `action_masks`: from each env's
+        `action_masks()` method (SB3-contrib's convention, e.g. its ActionMasker wrapper), else from
+        `info["action_mask"]` (Gymnasium's, e.g. Taxi-v4). Call before `reset`; an env with neither is an error
+        at that reset. `nets.heads.mask_logit_bias` checks them where they are used."""
+        self.mask_source = "method" if self.mask_method else "pending"
+
+    def _read_masks(self, info: dict[str, Any]) -> None:
+        if self.mask_source == "pending":  # the first reset decides: the info's mask, or an error
+            if "action_mask" not in info:
+                raise EnvError(
+                    f"{self.env_id!r} gives no action masks: it has no action_masks() method and its reset's info "
+                    "has no 'action_mask'",
+                    "give the env an action_masks() method returning one flag per action (sb3-contrib's "
+                    "ActionMasker wrapper adds one), or return the flags as info['action_mask'] at every reset and "
+                    "step; or drop action_masks",
+                )
+            self.mask_source = "info"
+            if isinstance(self.env, SyncEnvs):
+                self.env.info_masks = np.zeros(np.shape(info["action_mask"]), bool)
+        if self.mask_source == "method":
+            source = self.env.call("action_masks")  # type: ignore[union-attr]
+        else:
+            source = info["action_mask"]
+        self.action_masks = np.asarray(source).astype(bool, copy=False)
+
+    def mask_description(self) -> str:
+        """Where this env's action masks come from, for errors about them."""
+        where = "action_masks()" if self.mask_source == "method" else "info['action_mask']"
+        return f"{self.env_id!r}'s {where}"
 
     def reset(self, seed: int | None = None) -> np.ndarray:
-        obs, _ = self.env.reset(seed=seed)
+        obs, info = self.env.reset(seed=seed)
+        self.offers_info_masks = "action_mask" in info
+        if self.mask_source is not None:
+            self._read_masks(info)
         return np.asarray(obs, dtype=self.obs_dtype)
 
     def step(self, actions: np.ndarray) -> StepResult:
         obs, reward, terminated, truncated, info = self.env.step(actions)
+        if self.mask_source is not None:
+            self._read_masks(info)
         final_obs = None
         mask = info.get("_final_obs")
         if mask is not None and mask.any():
@@ -102,6 +149,8 @@ class VecEnv:
         subs = [_snapshot_env(e) for e in self.env.envs]  # type: ignore[union-attr]
         if any(s is None for s in subs):
             return None
+        if self.action_masks is not None:  # an info mask cannot be asked for again: the current ones are saved
+            return {"envs": subs, "action_masks": self.action_masks.copy()}
         return {"envs": subs}
 
     def set_state(self, snapshot: dict[str, Any]) -> None:
@@ -110,9 +159,25 @@ class VecEnv:
             return
         for env, sub in zip(self.env.envs, snapshot["envs"]):  # type: ignore[union-attr]
             _restore_env(env, sub)
+        if self.mask_source is not None:
+            if "action_masks" not in snapshot:
+                raise EnvError(
+                    "this checkpoint was written by a run without action masks", "resume with action_masks=false"
+                )
+            if self.mask_source == "pending":
+                self.mask_source = "method" if self.mask_method else "info"
+            self.action_masks = np.asarray(snapshot["action_masks"], bool).copy()
 
     def close(self) -> None:
         self.env.close()
+
+
+def has_mask_method(env: gym.Env) -> bool:
+    """Whether `env` has a callable `action_masks()` (looked up through its wrappers)."""
+    try:
+        return callable(env.get_wrapper_attr("action_masks"))
+    except AttributeError:
+        return False
 
 
 def resolve_env_id(env_id: str) -> None:
@@ -242,10 +307,11 @@ def make_vec_env(
     probe = make_one()
     check_spaces_are_vectorizable(probe, env_id)
     raw = raw_observation_space(probe)
+    mask_method = has_mask_method(probe)
     probe.close()
     if vectorization == "async":
         env = gym.vector.AsyncVectorEnv([make_one] * num_envs, autoreset_mode=AutoresetMode.SAME_STEP)
-        return VecEnv(env, env_id, snapshot_able=False, raw_observation_space=raw)
+        return VecEnv(env, env_id, snapshot_able=False, raw_observation_space=raw, mask_method=mask_method)
     return VecEnv(SyncEnvs(make_one, num_envs), env_id, snapshot_able=True, raw_observation_space=raw)  # type: ignore[arg-type]
 
 

@@ -210,7 +210,7 @@ class ActorCritic(nn.Module):
         return self.rollout_state
 
     def evaluate_sequences(
-        self, obs: Tensor, actions: Tensor, states: Tensor, starts: Tensor
+        self, obs: Tensor, actions: Tensor, states: Tensor, starts: Tensor, logit_bias: Tensor | None = None
     ) -> tuple[Tensor, Tensor, Tensor]:
         """`evaluate` over whole sequences: obs [T, E, ...] of E envs from their LSTM `states` at the sequence start,
         zeroed where `starts` [T, E]; actions [T * E, ...] (time-major). Returns flat (log-probs, entropies, values)."""
@@ -218,14 +218,19 @@ class ActorCritic(nn.Module):
         x = self._features(obs.reshape(t * e, *obs.shape[2:])).view(t, e, -1)
         h = self._recur_segments(x, states, starts) if bool(starts.any()) else self._recur(x, states)[0]
         out, values = self._split(self.body.forward(h))
-        logp, entropy = self.head.log_prob_entropy(out, self.log_std, actions)
+        logp, entropy = self.head.log_prob_entropy(masked(out, logit_bias), self.log_std, actions)
         return logp, entropy, values
 
     def act(
-        self, obs: Tensor, generator: torch.Generator | None = None, noise: Tensor | None = None
+        self,
+        obs: Tensor,
+        generator: torch.Generator | None = None,
+        noise: Tensor | None = None,
+        logit_bias: Tensor | None = None,
     ) -> tuple[Tensor, Tensor, Tensor]:
         """Sample actions (with pre-drawn `noise` from `head.noise`, if given); returns (actions, log-probs, values).
-        A recurrent network steps its `rollout_state`."""
+        A recurrent network steps its `rollout_state`. `logit_bias`: the action masks' (`head.mask_bias`), added to
+        the logits."""
         if self.recurrent:
             out, values = self.forward(obs, self.current_states(len(obs), obs.device))
             self.rollout_state = self.last_state
@@ -239,7 +244,7 @@ class ActorCritic(nn.Module):
             return actions, logp, values
         else:
             out, values = self.forward(obs)
-        actions, logp = self.head.sample(out, self.log_std, generator, noise)
+        actions, logp = self.head.sample(masked(out, logit_bias), self.log_std, generator, noise)
         return actions, logp, values
 
     @property
@@ -252,7 +257,9 @@ class ActorCritic(nn.Module):
             and self.body.weights[0].device.type == "cpu"
         )
 
-    def act_numpy(self, obs: np.ndarray, noise: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def act_numpy(
+        self, obs: np.ndarray, noise: np.ndarray, logit_bias: np.ndarray | None = None
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """`act` in numpy with pre-drawn noise (rollouts on CPU); returns (actions, log-probs, values)."""
         y, hidden = self.body.numpy_forward_features(obs.reshape(obs.shape[0], self.obs_dim))
         values = y[0, :, self.n_outputs] if self.shared else y[1, :, 0]
@@ -263,13 +270,15 @@ class ActorCritic(nn.Module):
             row_log_std = sde_log_std_numpy(features, log_std)
             noise = standardized_noise_numpy(features, np.exp(log_std) * noise, row_log_std)
             log_std = row_log_std
-        actions, logp = self.head.sample_numpy(y[0, :, : self.n_outputs], log_std, noise)
+        out = y[0, :, : self.n_outputs]
+        actions, logp = self.head.sample_numpy(out if logit_bias is None else out + logit_bias, log_std, noise)
         return actions, logp, values
 
-    def evaluate(self, obs: Tensor, actions: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """(log-probs of `actions`, entropies, values) under the current parameters."""
+    def evaluate(self, obs: Tensor, actions: Tensor, logit_bias: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+        """(log-probs of `actions`, entropies, values) under the current parameters (and the action masks'
+        `logit_bias`, if given)."""
         out, log_std, values = self._head_inputs(obs)
-        logp, entropy = self.head.log_prob_entropy(out, log_std, actions)
+        logp, entropy = self.head.log_prob_entropy(masked(out, logit_bias), log_std, actions)
         return logp, entropy, values
 
     def predict_values(self, obs: Tensor, rows: Tensor | None = None) -> Tensor:
@@ -298,16 +307,24 @@ class ActorCritic(nn.Module):
         deterministic: bool = True,
         generator: torch.Generator | None = None,
         state: Tensor | None = None,
+        logit_bias: Tensor | None = None,
     ) -> Tensor:
         """Actions as the env takes them (every policy network has this method; `Policy.act` calls it). A recurrent
-        network starts from `state` (zeros if None) and leaves the stepped state in `last_state`."""
+        network starts from `state` (zeros if None) and leaves the stepped state in `last_state`. `logit_bias`: the
+        action masks' (`head.mask_bias`)."""
         log_std: Tensor | None
         if self.recurrent:
             out, log_std = self.forward(obs, state)[0], self.log_std
         else:  # sampled under gSDE: from each row's Gaussian (its law given s), without a held noise matrix
             out, log_std = self.distribution(obs)
+        out = masked(out, logit_bias)
         raw = self.head.mode(out) if deterministic else self.head.sample(out, log_std, generator, None)[0]
         return self.head.to_env(raw)
+
+
+def masked(logits: Tensor, logit_bias: Tensor | None) -> Tensor:
+    """Logits with the action masks' bias (0 where allowed, -1e9 where not: `head.mask_bias`) added, if any."""
+    return logits if logit_bias is None else logits + logit_bias
 
 
 def check_sde(box_actions: bool, recurrent: bool) -> None:

@@ -7,6 +7,7 @@ maps stored actions to what the env accepts (`to_env`).
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import gymnasium as gym
 import numpy as np
@@ -19,6 +20,32 @@ from policylab.errors import EnvError
 _LOG_2PI = math.log(2 * math.pi)
 _LOG_2 = math.log(2.0)
 _MASKED = -1e9  # logit bias of the unused entries of a MultiDiscrete grid (probability 0, no NaN in p log p)
+
+
+def mask_logit_bias(head: Any, masks: Any, source: str) -> np.ndarray:
+    """Action masks [B, head.mask_size] (true or 1: allowed) as the logit bias [B, n_outputs] that `head` adds to
+    its logits; one error naming `source` where the masks do not fit the action space or a row allows nothing."""
+    if not hasattr(head, "mask_bias"):
+        raise EnvError(
+            f"action masks apply to Discrete and MultiDiscrete actions; {source} belongs to an env with "
+            f"{'continuous (Box)' if getattr(head, 'continuous', False) else type(head).__name__} actions",
+            "drop action_masks (continuous actions have no invalid choices to mask)",
+        )
+    flags = np.asarray(masks)
+    if flags.ndim != 2 or flags.shape[1] != head.mask_size:
+        raise EnvError(
+            f"{source} has shape {flags.shape[1:] if flags.ndim == 2 else flags.shape}: the action space needs "
+            f"{head.mask_size} flags per observation",
+            "return one flag per action (for MultiDiscrete: every dimension's choices, one dimension after another)",
+        )
+    bias = head.mask_bias(flags.astype(bool, copy=False))
+    empty = np.flatnonzero(head.nothing_allowed(bias))
+    if len(empty):
+        raise EnvError(
+            f"{source} allows no action at all (row {int(empty[0])}{', and others' if len(empty) > 1 else ''})",
+            "allow at least one action in every state (end the episode where nothing can be done)",
+        )
+    return bias
 
 
 class CategoricalHead:
@@ -118,6 +145,20 @@ class CategoricalHead:
     def to_env_numpy(self, actions: np.ndarray) -> np.ndarray:
         return actions
 
+    @property
+    def mask_size(self) -> int:
+        """The length of an action mask row: one flag per action."""
+        return self.n_outputs
+
+    def mask_bias(self, masks: np.ndarray) -> np.ndarray:
+        """Action masks [B, n] (true: allowed) as logit biases [B, n]: 0 where allowed, -1e9 where not (the
+        action's probability is then exactly 0, and so is its gradient)."""
+        return np.where(masks, np.float32(0.0), np.float32(_MASKED))
+
+    def nothing_allowed(self, bias: np.ndarray) -> np.ndarray:
+        """The rows of `mask_bias` output that allow no action at all."""
+        return np.asarray((bias < 0).all(-1))
+
 
 class MultiCategoricalHead:
     """MultiDiscrete(nvec) actions: one independent categorical per dimension.
@@ -145,6 +186,9 @@ class MultiCategoricalHead:
         self.pad = pad
         self.start = torch.as_tensor(np.asarray(space.start).reshape(-1), dtype=torch.long)
         self._np_pad, self._np_start = pad.numpy(), self.start.numpy()
+        self._mask_columns = np.array([i * self.m + j for i, n in enumerate(nvec) for j in range(int(n))])
+        """Where each entry of an action mask row (the dimensions' flags one after another, SB3-contrib's layout)
+        falls in the [k, m] logit grid."""
 
     def _grid(self, out: Tensor) -> Tensor:
         return out.reshape(out.shape[0], self.k, self.m) + self.pad.to(out.device)
@@ -229,6 +273,23 @@ class MultiCategoricalHead:
 
     def to_env_numpy(self, actions: np.ndarray) -> np.ndarray:
         return actions + self._np_start
+
+    @property
+    def mask_size(self) -> int:
+        """The length of an action mask row: the flags of every dimension's choices, one dimension after another."""
+        return len(self._mask_columns)
+
+    def mask_bias(self, masks: np.ndarray) -> np.ndarray:
+        """Action masks [B, sum(nvec)] as logit biases on the [k, m] grid, flattened [B, k * m] (0 where allowed
+        and on the padding, which has its own bias; -1e9 where not allowed)."""
+        bias = np.zeros((masks.shape[0], self.n_outputs), np.float32)
+        bias[:, self._mask_columns] = np.where(masks, np.float32(0.0), np.float32(_MASKED))
+        return bias
+
+    def nothing_allowed(self, bias: np.ndarray) -> np.ndarray:
+        """The rows of `mask_bias` output in which some dimension allows no choice at all."""
+        grid = bias.reshape(bias.shape[0], self.k, self.m) + self._np_pad
+        return (grid < 0).all(-1).any(-1)
 
 
 class GaussianHead:
