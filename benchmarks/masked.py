@@ -252,7 +252,7 @@ def main_parent(a: argparse.Namespace) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None, formatter_class=HelpFormatter)
-    p.add_argument("--case", choices=sorted(CASES), default="invalid", help="the task (see the description)")
+    p.add_argument("--case", choices=sorted(CASES), default="invalid", help="the task (see the docstring)")
     p.add_argument("--seeds", type=positive_int, default=3, help="seeds per side (1..N)")
     p.add_argument("--steps", type=positive_int, help="env steps per run (default: invalid 150,000, taxi 300,000)")
     p.add_argument("--threads", type=positive_int, default=1, help="torch threads, both sides")

@@ -21,6 +21,7 @@ from policylab.checkpoint import BEST, find_best, load_checkpoint, load_module_s
 from policylab.data.dataset import d4rl_score
 from policylab.envs import ObsNormalizer, make_single_env, make_vec_env
 from policylab.envs.encode import ObservationEncoder, needs_encoding
+from policylab.envs.vec import has_mask_method
 from policylab.errors import CheckpointError, EnvError, PolicylabError
 from policylab.nets.actor_critic import ActorCritic
 from policylab.nets.heads import mask_logit_bias
@@ -103,6 +104,7 @@ class Policy:
         """(random, expert) returns of the dataset its run learned from, where it has both: normalized scores."""
         self.action_masks = action_masks
         """Trained with action masks: `evaluate` (and `policylab eval`) reads its env's masks and acts among them."""
+        self._warned_unmasked = False
         self._generator = torch.Generator().manual_seed(seed)
         self._device = next(net.parameters()).device
         self.recurrent = bool(getattr(net, "recurrent", False))
@@ -164,6 +166,13 @@ class Policy:
             )
         if self.obs_normalizer is not None:
             x = self.obs_normalizer(x)
+        if action_mask is None and self.action_masks and not self._warned_unmasked:
+            self._warned_unmasked = True
+            warnings.warn(
+                "this policy was trained with action masks, and act() got none: it may choose a forbidden action "
+                "(pass action_mask=...)",
+                stacklevel=2,
+            )
         masking = {} if action_mask is None else {"logit_bias": self._mask_bias(action_mask, len(x), single)}
         with torch.inference_mode():
             t = torch.from_numpy(x).to(self._device)
@@ -193,11 +202,12 @@ class Policy:
             )
         flags = np.asarray(action_mask)
         flags = flags[None] if single and flags.ndim == 1 else flags
-        if flags.ndim == 2 and flags.shape[0] != rows:
+        if flags.ndim == 1 or (flags.ndim == 2 and flags.shape[0] != rows):
+            got = "one row" if flags.ndim == 1 else f"{flags.shape[0]} rows"
             raise PolicylabError(
-                f"action_mask has {flags.shape[0]} rows for {rows} observations", "pass one mask row per observation"
+                f"action_mask has {got} for {rows} observations", "pass one mask row per observation ([B, flags])"
             )
-        return torch.from_numpy(mask_logit_bias(head, flags, "action_mask")).to(self._device)
+        return torch.from_numpy(mask_logit_bias(head, flags, "action_mask", PolicylabError)).to(self._device)
 
 
 def load(path: str | Path, device: str = "cpu", which: Literal["final", "best"] = "final") -> Policy:
@@ -301,8 +311,7 @@ def evaluate(
         returns: list[float] = []
         ep_lengths: list[int] = []
         while (done_count < quota).any():
-            masks = {} if env.action_masks is None else {"action_mask": env.action_masks}
-            res = env.step(np.asarray(policy.act(obs, deterministic, **masks)))
+            res = env.step(np.asarray(policy.act(obs, deterministic, env.action_masks)))
             running += res.reward
             lengths += 1
             if lengths.max() > MAX_EVAL_EPISODE_STEPS:
@@ -361,6 +370,18 @@ def check_acts_in(
         )
 
 
+def single_env_mask(env: gym.Env, info: dict[str, Any]) -> np.ndarray:
+    """The allowed actions of one plain env now: its `action_masks()`, else its last info's "action_mask"."""
+    if has_mask_method(env):
+        return np.asarray(env.get_wrapper_attr("action_masks")())
+    if "action_mask" not in info:
+        raise EnvError(
+            f"{env.spec.id if env.spec else 'the env'} gives no action masks, and the policy was trained with them",
+            "give the env an action_masks() method or info['action_mask'] at every reset and step",
+        )
+    return np.asarray(info["action_mask"])
+
+
 def _render_modes(env_id: str) -> list[str]:
     """The render modes an env declares (its class's `metadata`), found without making it; ["rgb_array"] where the
     env cannot be looked up that way (a `module:function` env), so that making it decides."""
@@ -397,12 +418,13 @@ def record_video(policy: Policy, path: str | Path, episodes: int = 1, seed: int 
     frames = []
     try:
         for ep in range(episodes):
-            obs, _ = env.reset(seed=seed + ep)
+            obs, info = env.reset(seed=seed + ep)
             policy.reset()
             frames.append(env.render())
             done = False
             while not done:
-                obs, _, terminated, truncated, _ = env.step(policy.act(obs))
+                mask = single_env_mask(env, info) if policy.action_masks else None
+                obs, _, terminated, truncated, info = env.step(policy.act(obs, action_mask=mask))
                 frames.append(env.render())
                 done = terminated or truncated
     except gym.error.DependencyNotInstalled as exc:

@@ -17,11 +17,12 @@ import policylab as pl
 from policylab.algos.fused import FusedActorCriticStep
 from policylab.algos.onpolicy import ActorCriticLoss, AutogradStep, adam
 from policylab.data import Batch
-from policylab.envs import make_vec_env
+from policylab.envs import make_single_env, make_vec_env
 from policylab.errors import ConfigError, EnvError, PolicylabError
 from policylab.nets import ActorCritic
 from policylab.nets.heads import CategoricalHead, MultiCategoricalHead, mask_logit_bias
 from policylab.optim import ParameterBuffer
+from policylab.policy import single_env_mask
 from tests.helpers import resumed_and_full_runs, train_until
 
 ENV = "tests.envs_for_tests:MaskedChoice"  # info["action_mask"] only; strict: a forbidden action raises
@@ -164,6 +165,12 @@ def test_masks_come_from_the_method_first_then_the_info():
             env.step(np.array(allowed))
             assert (env.action_masks.sum(1) == 2).all()
         env.close()
+    for env_id in (ENV, WITH_METHOD):  # one plain env (videos): the same masks
+        single = make_single_env(env_id)
+        _, info = single.reset(seed=0)
+        assert (single_env_mask(single, info) == single.unwrapped.flags()).all()
+    with pytest.raises(EnvError, match="gives no action masks"):
+        single_env_mask(make_single_env("CartPole-v1"), {})
     plain = make_vec_env("CartPole-v1", 2)
     plain.track_action_masks()
     with pytest.raises(EnvError, match="gives no action masks") as exc:
@@ -196,8 +203,13 @@ def test_the_saved_policy_takes_masks(tmp_path):
     assert pl.evaluate(policy, episodes=3)["return_mean"] > 12.0  # masked in evaluation too: the strict env raises
     with pytest.raises(PolicylabError, match="action_mask has 2 rows for 8 observations"):
         policy.act(obs, action_mask=only[:2])
-    with pytest.raises(EnvError, match=r"action_mask has shape \(3,\)"):
+    with pytest.raises(PolicylabError, match="action_mask has one row for 8 observations"):
+        policy.act(obs, action_mask=only[0])
+    with pytest.raises(PolicylabError, match=r"action_mask has shape \(3,\)") as exc:
         policy.act(obs, action_mask=np.ones((8, 3), bool))
+    assert not isinstance(exc.value, EnvError), "the caller's argument is wrong, not the env"
+    with pytest.warns(UserWarning, match=r"trained with action masks, and act\(\) got none"):
+        policy.act(obs)
 
 
 def test_action_mask_settings_name_the_fix(tmp_path):

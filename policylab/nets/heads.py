@@ -15,25 +15,25 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from policylab.errors import EnvError
+from policylab.errors import EnvError, PolicylabError
 
 _LOG_2PI = math.log(2 * math.pi)
 _LOG_2 = math.log(2.0)
 _MASKED = -1e9  # logit bias of the unused entries of a MultiDiscrete grid (probability 0, no NaN in p log p)
 
 
-def mask_logit_bias(head: Any, masks: Any, source: str) -> np.ndarray:
+def mask_logit_bias(head: Any, masks: Any, source: str, error: type[PolicylabError] = EnvError) -> np.ndarray:
     """Action masks [B, head.mask_size] (true or 1: allowed) as the logit bias [B, n_outputs] that `head` adds to
-    its logits; one error naming `source` where the masks do not fit the action space or a row allows nothing."""
+    its logits; one `error` naming `source` where the masks do not fit the action space or a row allows nothing."""
     if not hasattr(head, "mask_bias"):
-        raise EnvError(
+        raise error(
             f"action masks apply to Discrete and MultiDiscrete actions; {source} belongs to an env with "
             f"{'continuous (Box)' if getattr(head, 'continuous', False) else type(head).__name__} actions",
             "drop action_masks (continuous actions have no invalid choices to mask)",
         )
     flags = np.asarray(masks)
     if flags.ndim != 2 or flags.shape[1] != head.mask_size:
-        raise EnvError(
+        raise error(
             f"{source} has shape {flags.shape[1:] if flags.ndim == 2 else flags.shape}: the action space needs "
             f"{head.mask_size} flags per observation",
             "return one flag per action (for MultiDiscrete: every dimension's choices, one dimension after another)",
@@ -41,7 +41,7 @@ def mask_logit_bias(head: Any, masks: Any, source: str) -> np.ndarray:
     bias = head.mask_bias(flags.astype(bool, copy=False))
     empty = np.flatnonzero(head.nothing_allowed(bias))
     if len(empty):
-        raise EnvError(
+        raise error(
             f"{source} allows no action at all (row {int(empty[0])}{', and others' if len(empty) > 1 else ''})",
             "allow at least one action in every state (end the episode where nothing can be done)",
         )
