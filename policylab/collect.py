@@ -68,6 +68,12 @@ def collect(
     kwargs = dict(env_kwargs or {})
     source = _describe(policy)
     loaded = _load_policy(policy)
+    if isinstance(loaded, Policy) and loaded.action_masks:
+        raise PolicylabError(
+            "collect does not read action masks yet: this policy was trained with action_masks=true, would act "
+            "without its env's masks here, and a dataset holds no masks for the algorithms that learn from it",
+            "collect with a policy trained without action masks (or evaluate this one: policylab eval RUN)",
+        )
     if env is None:
         if not isinstance(loaded, Policy) or loaded.env_id is None:
             raise PolicylabError(

@@ -21,6 +21,7 @@ from policylab.envs import make_single_env, make_vec_env
 from policylab.errors import ConfigError, EnvError, PolicylabError
 from policylab.nets import ActorCritic
 from policylab.nets.heads import CategoricalHead, MultiCategoricalHead, mask_logit_bias
+from policylab.ope.policies import TargetPolicy
 from policylab.optim import ParameterBuffer
 from policylab.policy import single_env_mask
 from tests.helpers import resumed_and_full_runs, train_until
@@ -210,6 +211,10 @@ def test_the_saved_policy_takes_masks(tmp_path):
     assert not isinstance(exc.value, EnvError), "the caller's argument is wrong, not the env"
     with pytest.warns(UserWarning, match=r"trained with action masks, and act\(\) got none"):
         policy.act(obs)
+    with pytest.raises(PolicylabError, match="collect does not read action masks yet"):
+        pl.collect(ENV, run.dir, episodes=1)
+    with pytest.raises(PolicylabError, match="off-policy evaluation does not read action masks yet"):
+        TargetPolicy(policy)
 
 
 def test_action_mask_settings_name_the_fix(tmp_path):

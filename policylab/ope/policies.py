@@ -91,6 +91,12 @@ class TargetPolicy:
 
     def _check_supported(self) -> None:
         net = self.net
+        if self.policy.action_masks:
+            raise PolicylabError(
+                "off-policy evaluation does not read action masks yet: the probabilities of a policy trained with "
+                "action_masks=true depend on each step's mask, and logged datasets hold none",
+                "evaluate it in its env instead (policylab eval RUN, pl.evaluate)",
+            )
         if isinstance(net, ActorCritic) and not isinstance(net.head, CategoricalHead | GaussianHead):
             raise PolicylabError(
                 f"OPE does not support the {type(net.head).__name__} action head", "use Discrete or Box actions"
