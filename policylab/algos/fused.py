@@ -81,13 +81,15 @@ class FusedActorCriticStep:
         if imitation is not None:
             obs, actions = torch.cat([obs, imitation.batch.obs]), torch.cat([actions, imitation.batch.actions])
         out, cache = net.body.forward_cached(obs.reshape(obs.shape[0], net.obs_dim))
-        policy_out = masked(out[0, :, :n_out], step_logit_bias(batch, imitation))  # d(out + bias)/d out = 1
+        bias = step_logit_bias(batch, imitation)
+        policy_out = masked(out[0, :, :n_out], bias)  # d(out + bias)/d out = 1: the gradient is unchanged
         all_values = out[0, :, n_out] if net.shared else out[1, :, 0]
         hidden = cache[-1][0]  # the actor's last hidden features (gSDE's)
         row_log_std = net.row_log_std(hidden)
         all_logp, all_entropy, head_cache = net.head.log_prob_entropy_cached(
-            policy_out, row_log_std, actions, need_entropy=with_metrics or spec.ent_coef != 0.0
-        )
+            policy_out, row_log_std, actions, need_entropy=with_metrics or spec.ent_coef != 0.0,
+            **({} if bias is None else {"masked": True}),
+        )  # fmt: skip
         logp, values = all_logp[:size], all_values[:size]
         entropy = None if all_entropy is None else all_entropy[:size]
         coef = 0.0 if imitation is None else imitation.coef

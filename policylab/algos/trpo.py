@@ -143,8 +143,8 @@ class TRPO:
 
         def surrogate_and_kl() -> tuple[Tensor, Tensor]:
             out, log_std = net.policy_distribution(data.obs)
+            logp, _ = net.masked_log_prob_entropy(out, log_std, data.actions, bias)
             out = masked(out, bias)
-            logp, _ = net.head.log_prob_entropy(out, log_std, data.actions)
             loss, _ = pg_surrogate(logp, data.logp, adv, clip_low=None)
             return -loss, net.head.kl(old_out, old_log_std, out, log_std).mean()  # type: ignore[arg-type]
 

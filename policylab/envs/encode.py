@@ -116,6 +116,13 @@ class ObservationEncoder:
         return np.ndim(obs) == len(self.space.shape or ())
 
     def one(self, obs: Any) -> np.ndarray:
+        if isinstance(self.space, gym.spaces.Discrete):  # every env step of FrozenLake, Taxi ...: Python ints
+            n, index = int(self.space.n), int(obs) - int(self.space.start)
+            if not 0 <= index < n:
+                _check_range(np.array([index]), n, self.space)
+            out = np.zeros(n, np.float32)
+            out[index] = 1.0
+            return out
         if self.composite:
             return self.batch({k: np.asarray(obs[k])[None] for k in self.keys})[0]
         return self.batch(np.asarray(obs)[None])[0]

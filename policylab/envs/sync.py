@@ -24,6 +24,7 @@ class SyncEnvs:
         self.single_observation_space = self.envs[0].observation_space
         self.single_action_space = self.envs[0].action_space
         self.metadata = self.envs[0].metadata
+        self._methods: dict[str, list[Callable[[], Any]]] = {}
         self.info_masks: np.ndarray | None = None
         """Set (by VecEnv) to gather each step's `info["action_mask"]` into these rows, returned in the step's info."""
 
@@ -39,8 +40,11 @@ class SyncEnvs:
         return np.stack(obs), {"action_mask": np.stack(masks)}
 
     def call(self, name: str) -> tuple[Any, ...]:
-        """Each env's method `name` called (found through its wrappers), as Gymnasium's vector envs' `call`."""
-        return tuple(env.get_wrapper_attr(name)() for env in self.envs)
+        """Each env's method `name` called (found through its wrappers, once), as Gymnasium's vector envs' `call`."""
+        methods = self._methods.get(name)
+        if methods is None:
+            methods = self._methods[name] = [env.get_wrapper_attr(name) for env in self.envs]
+        return tuple(method() for method in methods)
 
     def step(self, actions: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, dict[str, Any]]:
         n = self.num_envs

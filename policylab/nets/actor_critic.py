@@ -218,7 +218,7 @@ class ActorCritic(nn.Module):
         x = self._features(obs.reshape(t * e, *obs.shape[2:])).view(t, e, -1)
         h = self._recur_segments(x, states, starts) if bool(starts.any()) else self._recur(x, states)[0]
         out, values = self._split(self.body.forward(h))
-        logp, entropy = self.head.log_prob_entropy(masked(out, logit_bias), self.log_std, actions)
+        logp, entropy = self.masked_log_prob_entropy(out, self.log_std, actions, logit_bias)
         return logp, entropy, values
 
     def act(
@@ -278,8 +278,16 @@ class ActorCritic(nn.Module):
         """(log-probs of `actions`, entropies, values) under the current parameters (and the action masks'
         `logit_bias`, if given)."""
         out, log_std, values = self._head_inputs(obs)
-        logp, entropy = self.head.log_prob_entropy(masked(out, logit_bias), log_std, actions)
+        logp, entropy = self.masked_log_prob_entropy(out, log_std, actions, logit_bias)
         return logp, entropy, values
+
+    def masked_log_prob_entropy(
+        self, out: Tensor, log_std: Tensor | None, actions: Tensor, logit_bias: Tensor | None
+    ) -> tuple[Tensor, Tensor]:
+        """The head's (log-probs, entropies) of `actions`, under the action masks' `logit_bias` if given."""
+        if logit_bias is None:
+            return self.head.log_prob_entropy(out, log_std, actions)
+        return self.head.log_prob_entropy(out + logit_bias, log_std, actions, masked=True)  # type: ignore[call-arg]
 
     def predict_values(self, obs: Tensor, rows: Tensor | None = None) -> Tensor:
         """V(obs); a recurrent network reads (without stepping) the rollout states of the envs `rows` (all: None)."""

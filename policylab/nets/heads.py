@@ -22,6 +22,12 @@ _LOG_2 = math.log(2.0)
 _MASKED = -1e9  # logit bias of the unused entries of a MultiDiscrete grid (probability 0, no NaN in p log p)
 
 
+def _probabilities(logp_all: Tensor, logits: Tensor, masked: bool) -> Tensor:
+    """exp(log-softmax): with masked logits (-1e9 entries) through softmax instead, whose kernel is ~8x faster than
+    torch's exp on inputs that underflow (its exp of -1e9 takes ~200 us per 20k entries on CPU, 22 us otherwise)."""
+    return torch.softmax(logits, dim=-1) if masked else logp_all.exp()
+
+
 def mask_logit_bias(head: Any, masks: Any, source: str, error: type[PolicylabError] = EnvError) -> np.ndarray:
     """Action masks [B, head.mask_size] (true or 1: allowed) as the logit bias [B, n_outputs] that `head` adds to
     its logits; one `error` naming `source` where the masks do not fit the action space or a row allows nothing."""
@@ -75,20 +81,23 @@ class CategoricalHead:
         actions = (logits + noise).argmax(-1, keepdim=True)
         return actions.squeeze(-1), logp_all.gather(-1, actions).squeeze(-1)
 
-    def log_prob_entropy(self, logits: Tensor, _log_std: Tensor | None, actions: Tensor) -> tuple[Tensor, Tensor]:
+    def log_prob_entropy(
+        self, logits: Tensor, _log_std: Tensor | None, actions: Tensor, masked: bool = False
+    ) -> tuple[Tensor, Tensor]:
+        """(log-probs of `actions`, entropies); `masked`: the logits carry action masks' -1e9 biases."""
         logp_all = torch.log_softmax(logits, dim=-1)
         logp = logp_all.gather(-1, actions.long().unsqueeze(-1)).squeeze(-1)
-        entropy = -(logp_all.exp() * logp_all).sum(-1)
+        entropy = -(_probabilities(logp_all, logits, masked) * logp_all).sum(-1)
         return logp, entropy
 
     def log_prob_entropy_cached(
-        self, logits: Tensor, _log_std: Tensor | None, actions: Tensor, need_entropy: bool = True
+        self, logits: Tensor, _log_std: Tensor | None, actions: Tensor, need_entropy: bool = True, masked: bool = False
     ) -> tuple[Tensor, Tensor | None, tuple[Tensor | None, ...]]:
         """`log_prob_entropy` without autograd, keeping what `grad` needs (entropy only if asked for)."""
         with torch.no_grad():
             logp_all = torch.log_softmax(logits, dim=-1)
             index = actions.long().unsqueeze(-1)
-            probs = logp_all.exp()
+            probs = _probabilities(logp_all, logits, masked)
             entropy = (probs * logp_all).sum(-1).neg_() if need_entropy else None
             return logp_all.gather(-1, index).squeeze(-1), entropy, (logp_all, probs, index, entropy)
 
@@ -184,6 +193,8 @@ class MultiCategoricalHead:
         for i, n in enumerate(nvec):
             pad[i, int(n) :] = _MASKED
         self.pad = pad
+        self.padded = bool((pad < 0).any())
+        """Some dimension has fewer choices than the grid's width (its padding takes the -1e9 bias)."""
         self.start = torch.as_tensor(np.asarray(space.start).reshape(-1), dtype=torch.long)
         self._np_pad, self._np_start = pad.numpy(), self.start.numpy()
         self._mask_columns = np.array([i * self.m + j for i, n in enumerate(nvec) for j in range(int(n))])
@@ -209,18 +220,22 @@ class MultiCategoricalHead:
         logp = torch.log_softmax(grid, dim=-1).gather(-1, actions).squeeze(-1).sum(-1)
         return actions.squeeze(-1), logp
 
-    def log_prob_entropy(self, logits: Tensor, _log_std: Tensor | None, actions: Tensor) -> tuple[Tensor, Tensor]:
-        logp_all = torch.log_softmax(self._grid(logits), dim=-1)
+    def log_prob_entropy(
+        self, logits: Tensor, _log_std: Tensor | None, actions: Tensor, masked: bool = False
+    ) -> tuple[Tensor, Tensor]:
+        grid = self._grid(logits)
+        logp_all = torch.log_softmax(grid, dim=-1)
         logp = logp_all.gather(-1, actions.long().unsqueeze(-1)).squeeze(-1).sum(-1)
-        return logp, -(logp_all.exp() * logp_all).sum((-1, -2))
+        return logp, -(_probabilities(logp_all, grid, masked or self.padded) * logp_all).sum((-1, -2))
 
     def log_prob_entropy_cached(
-        self, logits: Tensor, _log_std: Tensor | None, actions: Tensor, need_entropy: bool = True
+        self, logits: Tensor, _log_std: Tensor | None, actions: Tensor, need_entropy: bool = True, masked: bool = False
     ) -> tuple[Tensor, Tensor | None, tuple[Tensor | None, ...]]:
         with torch.no_grad():
-            logp_all = torch.log_softmax(self._grid(logits), dim=-1)
+            grid = self._grid(logits)
+            logp_all = torch.log_softmax(grid, dim=-1)
             index = actions.long().unsqueeze(-1)
-            probs = logp_all.exp()
+            probs = _probabilities(logp_all, grid, masked or self.padded)
             per_dim = (probs * logp_all).sum(-1).neg_() if need_entropy else None
             logp = logp_all.gather(-1, index).squeeze(-1).sum(-1)
             return logp, None if per_dim is None else per_dim.sum(-1), (logp_all, probs, index, per_dim)
