@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from policylab.certify import add_certify_parser
-from policylab.errors import PolicylabError
+from policylab.errors import PolicylabError, cli_wording
 from policylab.llm.cli import add_llm_parser
 from policylab.ope.cli import add_ope_parser
 from policylab.report import add_report_parser
@@ -325,6 +325,11 @@ def _warnings_as_lines() -> Iterator[None]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    with cli_wording():  # errors name this command line's flags
+        return _main(argv)
+
+
+def _main(argv: list[str] | None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

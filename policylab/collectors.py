@@ -133,14 +133,15 @@ def collect_rollout(
         if masking:  # the allowed actions at `obs`, as the logit bias the policy acts with (and is trained with)
             bias = mask_logit_bias(head, env.action_masks, env.mask_description())
         if numpy_acting:  # small CPU batches: numpy calls cost a fifth of torch calls
-            actions, logp, values = net.act_numpy(obs, noise_at(noise_np, t), bias)  # type: ignore[arg-type]
+            acting = (obs, noise_at(noise_np, t)) if bias is None else (obs, noise_at(noise_np, t), bias)
+            actions, logp, values = net.act_numpy(*acting)  # type: ignore[arg-type]
             env_actions = head.to_env_numpy(actions)
             buf.add_policy_step(t, obs, actions, logp, values, bias)
         else:
             with torch.inference_mode():
-                acting_bias = None if bias is None else torch.from_numpy(bias).to(device)
+                with_bias = {} if bias is None else {"logit_bias": torch.from_numpy(bias).to(device)}
                 taken, log_probs, value_estimates = net.act(
-                    torch.from_numpy(obs).to(device), noise=noise_at(noise, t), logit_bias=acting_bias
+                    torch.from_numpy(obs).to(device), noise=noise_at(noise, t), **with_bias
                 )
                 env_actions = head.to_env(taken).cpu().numpy()
             buf.add_policy_step(t, obs, taken, log_probs, value_estimates, bias)

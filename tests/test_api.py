@@ -10,7 +10,7 @@ import pytest
 
 import policylab as pl
 from policylab.cli import main
-from policylab.errors import PolicylabError
+from policylab.errors import PolicylabError, cli_wording, python_wording
 
 SMALL = {"n_steps": 16, "num_envs": 2, "batch_size": 32, "epochs": 1, "eval_every": 0, "eval_episodes": 2}
 
@@ -267,5 +267,40 @@ def test_wrong_types_in_the_python_api_are_clear_errors(cartpole_run, tmp_path):
         pl.collect("CartPole-v1", episodes="abc")  # type: ignore[arg-type]
     with pytest.raises(PolicylabError, match="trained on CartPole-v1 and cannot act in Pendulum-v1") as info:
         pl.evaluate(cartpole_run.dir, 2, env_id="Pendulum-v1")
-    assert info.value.fix == "evaluate it in CartPole-v1 (leave env_id / --env out)"
+    assert info.value.fix == "evaluate it in CartPole-v1 (leave env_id / env out)"  # the Python API's wording
     assert not any(tmp_path.iterdir())
+
+
+def test_python_wording_turns_the_command_lines_flags_into_the_apis_arguments():
+    cases = {
+        "use --set device=cpu (or cuda)": "use overrides={'device': 'cpu'} (or cuda)",
+        "lower lr (--set lr=3e-05)": "lower lr (overrides={'lr': 3e-05})",
+        "--set action_masks=true": "overrides={'action_masks': True}",
+        "use e.g. --set hidden_sizes=[64,64]": "use e.g. overrides={'hidden_sizes': [64, 64]}",
+        "--set 'env_kwargs={max_episode_steps: 200}'": "overrides={'env_kwargs': {'max_episode_steps': 200}}",
+        "drop it (--set a=false --set b=1)": "drop it (overrides={'a': False, 'b': 1})",
+        "give a file (--set pairs=FILE)": "give a file (overrides={'pairs': FILE})",
+        "pass --steps 100k or more.": "pass steps=100_000 or more.",
+        "use the env it was collected in: --env my.mod:Env": "use the env it was collected in: env='my.mod:Env'",
+        "pass the demonstrations (--dataset PATH)": "pass the demonstrations (dataset=PATH)",
+        "(or leave --env out: collect uses the run's env)": "(or leave env out: collect uses the run's env)",
+        "--preset none": "preset='none'",
+        "pretrain with `policylab train bc --set head=flow`": "pretrain with `policylab train bc --set head=flow`",
+        "(policylab eval runs/x --best, or --set lr=1)": "(policylab eval runs/x --best, or overrides={'lr': 1})",
+        "set batch_size to 64": "set batch_size to 64",
+    }
+    for cli, python in cases.items():
+        assert python_wording(cli) == python, cli
+        assert python_wording(python) == python, "idempotent"
+
+
+def test_the_same_error_names_flags_on_the_command_line_and_arguments_in_python(tmp_path, capsys):
+    with pytest.raises(PolicylabError) as info:
+        pl.train("sac", env="Pendulum-v1", steps=100, overrides={"threads": 0}, runs_dir=tmp_path)
+    assert "overrides={'threads': 'auto'}" in info.value.fix and "--set" not in str(info.value)
+    with cli_wording():
+        assert "--set threads=auto" in info.value.fix  # the same error, as the command line shows it
+    assert main(["train", "sac", "--env", "Pendulum-v1", "--set", "threads=0", "--runs-dir", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "fix: use --set threads=auto" in err and "overrides" not in err
+    assert info.value.args == (info.value._problem, info.value._fix), "pickles (Ray) with the raw wording"

@@ -190,10 +190,10 @@ def test_device_is_checked_against_its_forms_and_this_torch(monkeypatch):
     for device in ("cuda", "cuda:1"):
         with pytest.raises(ConfigError, match=f"device={device} needs a CUDA GPU") as info:
             PPOConfig(device=device).validate()
-        assert "--set device=cpu" in str(info.value.fix) and "CUDA build of torch" in str(info.value.fix)
+        assert "overrides={'device': 'cpu'}" in str(info.value.fix) and "CUDA build of torch" in str(info.value.fix)
     with pytest.raises(ConfigError, match="device=mps needs Apple silicon") as info:
         SACConfig(device="mps").validate()
-    assert "--set device=cpu" in str(info.value.fix)
+    assert "overrides={'device': 'cpu'}" in str(info.value.fix)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     PPOConfig(device="cuda:0").validate()
@@ -209,7 +209,7 @@ def test_a_bad_item_of_a_list_names_it_and_negative_whole_numbers_parse():
         info.value.problem
         == "bad value for 'hidden_sizes' in --set: item 2 of [64, 'x'], 'x', is not an integer layer width"
     )
-    assert info.value.fix == "give whole layer widths, e.g. --set hidden_sizes=[64,64]"
+    assert info.value.fix == "give whole layer widths, e.g. overrides={'hidden_sizes': [64, 64]}"
     assert apply_values(SACConfig(), {"gradient_steps": "-1"}, "--set").gradient_steps == -1  # its documented -1
     with pytest.raises(ConfigError) as info:
         apply_values(PPOConfig(), {"n_steps": "lots"}, "--set")
@@ -222,10 +222,12 @@ def test_negative_steps_say_a_positive_count():
 
     with pytest.raises(ConfigError) as info:
         resolve_config(get_algo("ppo"), env="CartPole-v1", steps="-5")
-    assert info.value.problem == "steps=-5 must be > 0" and info.value.fix == "give a positive count, e.g. --steps 100k"
+    assert (
+        info.value.problem == "steps=-5 must be > 0" and info.value.fix == "give a positive count, e.g. steps=100_000"
+    )
     with pytest.raises(ConfigError) as info:
         resolve_config(get_algo("ppo"), env="CartPole-v1", steps="many")
-    assert info.value.fix == "give a positive count, e.g. --steps 100k (or 100000, 1e6)"
+    assert info.value.fix == "give a positive count, e.g. steps=100_000 (or 100000, 1e6)"
 
 
 @pytest.mark.parametrize(
@@ -386,12 +388,12 @@ def test_an_unknown_preset_lists_the_choices_with_a_near_miss():
         resolve_config(get_algo("ppo"), env="CartPole-v1", preset="nonee")
     assert info.value.problem == "no ppo preset for 'nonee'. Did you mean: none?"
     fix = str(info.value.fix)
-    assert fix.startswith("--preset takes auto (the env's tuned preset, if any), none, rl-zoo (its values), or an env")
+    assert fix.startswith("preset takes auto (the env's tuned preset, if any), none, rl-zoo (its values), or an env")
     assert "CartPole-v1" in fix and "Pendulum-v1" in fix
     with pytest.raises(ConfigError) as info:
         resolve_config(get_algo("dqn"), env="Pendulum-v1", preset="rl-zoo")
     assert info.value.fix == (
-        "the dqn rl-zoo presets are for Acrobot-v1, CartPole-v1, MountainCar-v0, Atari games; use --preset auto or "
+        "the dqn rl-zoo presets are for Acrobot-v1, CartPole-v1, MountainCar-v0, Atari games; use preset='auto' or "
         "none on Pendulum-v1"
     )
 

@@ -432,7 +432,7 @@ def test_check_compatible_names_both_spaces_and_the_env():
     err = _problem(check_compatible, ds, CARTPOLE_OBS, gym.spaces.Discrete(2), "the env CartPole-v1")
     assert "does not fit the env CartPole-v1: the dataset's observation space is Box(-inf, inf, (3,), float32)" in err
     assert "the env CartPole-v1 has Box(-inf, inf, (4,), float32)" in err
-    assert "--env Pendulum-v1" in err
+    assert "env='Pendulum-v1'" in err
     wider = gym.spaces.Box(-1.0, 1.0, (1,), np.float32)
     assert "bounds differ" in _problem(check_compatible, ds, PENDULUM_OBS, wider, "the env X")
 

@@ -158,7 +158,10 @@ def test_generative_on_policy_errors_name_the_fix(weak_bc, navigation, tmp_path)
     for algo, option in (("dppo", {"use_sde": True}), ("fpo", {"ent_coef": 0.01, "ortho_init": False})):
         with pytest.raises(ConfigError, match="for the Gaussian actor-critic") as err:  # refused, not ignored
             pl.train(algo, env=NAV, steps=64, overrides={**SMALL, **option}, runs_dir=tmp_path, verbose=False)
-        assert err.value.fix == f"drop {' '.join(f'--set {k}={v}' for k, v in option.items())} (or train ppo with it)"
+        assert (
+            err.value.fix
+            == f"drop {' '.join(f'overrides={{{k!r}: {v}}}' for k, v in option.items())} (or train ppo with it)"
+        )
 
 
 def test_pretrained_run_of_another_head_env_or_settings_is_refused_by_name(navigation, tmp_path):
@@ -174,7 +177,7 @@ def test_pretrained_run_of_another_head_env_or_settings_is_refused_by_name(navig
     with pytest.raises(ConfigError, match=r"denoiser_hidden_sizes=\[32,32\] there, \[64,64\] here") as err:
         pl.train("dppo", overrides={**SMALL, "denoiser_hidden_sizes": [64, 64], "pretrained": str(bc["diffusion"])},
                  **run)  # fmt: skip
-    assert "--set denoiser_hidden_sizes=[32,32]" in err.value.fix and "train_steps" not in err.value.fix
+    assert "overrides={'denoiser_hidden_sizes': [32, 32]}" in err.value.fix and "train_steps" not in err.value.fix
     with pytest.raises(ConfigError, match="diffusion_steps=20 there, 10 here"):
         pl.train("dppo", overrides={**SMALL, "diffusion_steps": 10, "sample_steps": 3,
                                     "pretrained": str(bc["diffusion"])}, **run)  # fmt: skip

@@ -216,7 +216,7 @@ def test_her_with_a_presets_n_step_names_the_preset(tmp_path):
     with pytest.raises(ConfigError) as info:
         pl.train("dqn", env="CartPole-v1", steps=200, runs_dir=tmp_path, verbose=False, overrides={"her": True})
     assert "n_step=3 (n-step returns), which the dqn preset for CartPole-v1 sets" in info.value.problem
-    assert info.value.fix == "--set n_step=1 (or --preset none), or drop her"
+    assert info.value.fix == "overrides={'n_step': 1} (or preset='none'), or drop her"
     with pytest.raises(ConfigError) as info:  # set by the user: no preset named
         pl.train("dqn", env="BitFlipping-v0", steps=200, preset="none", runs_dir=tmp_path, verbose=False,
                  overrides={"her": True, "n_step": 3})  # fmt: skip

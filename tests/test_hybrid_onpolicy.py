@@ -275,7 +275,7 @@ def test_resumed_cloned_run_equals_uninterrupted_run_and_clones_once(datasets, t
 def test_bad_cloning_settings_are_clear_errors(datasets, tmp_path):
     with pytest.raises(ConfigError, match="no dataset") as info:
         pl.train("ppo", env="Pendulum-v1", steps=64, overrides={"bc_steps": 100}, runs_dir=tmp_path, verbose=False)
-    assert "--dataset" in info.value.fix
+    assert "dataset=PATH" in info.value.fix
     with pytest.raises(ConfigError, match="bc_steps"):
         pl.train("ppo", dataset=datasets["expert"], steps=64, overrides={"bc_steps": -1}, runs_dir=tmp_path,
                  verbose=False)  # fmt: skip

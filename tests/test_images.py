@@ -151,7 +151,7 @@ def test_image_errors_name_the_fix(tmp_path):
         train("sac_discrete")
     with pytest.raises(ConfigError, match="normalize_obs"):
         train("ppo", normalize_obs=True)
-    with pytest.raises(EnvError, match="encoder=impala"):
+    with pytest.raises(EnvError, match="overrides={'encoder': 'impala'}"):
         train("ppo", env_kwargs={"size": 3})  # 24x24 frames: below Nature-CNN's 36
     with pytest.raises(EnvError, match="TransformObservation"):
         train("ppo", env="tests.envs_for_tests:float_pixel_grid", env_kwargs={"layout": "hwc"})

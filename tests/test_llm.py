@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from policylab.cli import main
-from policylab.errors import ConfigError, PolicylabError
+from policylab.errors import ConfigError, PolicylabError, cli_wording
 from policylab.llm import LLMError
 from policylab.llm.models import load_model
 from policylab.llm.rollout import cut_at_stop, decode, generate, token_logprobs
@@ -1486,7 +1486,8 @@ def test_settings_read_only_under_another_are_refused_without_it():
     for algo, values, problem, switch in cases:
         with pytest.raises(ConfigError) as info:
             make_config(algo, values)
-        assert problem in info.value.problem and switch in info.value.fix, (algo, values)
+        with cli_wording():  # the command line's wording, as the cases give it
+            assert problem in info.value.problem and switch in info.value.fix, (algo, values)
     from policylab.llm.trainer import PREFERENCE_SETTINGS
 
     for name, on in COMPANIONS.items():  # with what turns it on, each is taken
@@ -1716,7 +1717,7 @@ def test_ctrl_c_before_the_first_checkpoint_leaves_no_directory_and_after_it_kee
 def test_inputs_a_run_would_ignore_or_misread_are_errors_or_notes(sft_model, tmp_path, capsys):
     settings = {"model": str(sft_model.dir), **SMALL}
     expert = _jsonl(tmp_path / "expert.jsonl", [{"prompt": "1+1=", "completion": "2"}])
-    with pytest.raises(ConfigError, match="expert rows were given but mix is none(.|\n)*mix=chord or --set mix=luffy"):
+    with pytest.raises(ConfigError, match="expert rows were given but mix is none(.|\n)*'chord'} or overrides={'mix'"):
         make_config("grpo", {"expert": str(expert)})
     with pytest.raises(ConfigError, match="mix='foo' is not one of none, chord, luffy"):
         make_config("grpo", {"mix": "foo"})

@@ -211,7 +211,7 @@ def test_collect_checks_a_runs_env_up_front_and_defaults_to_it(tmp_path, capsys)
                    preset="none", runs_dir=tmp_path, verbose=False)  # fmt: skip
     with pytest.raises(PolicylabError, match="was trained on Pendulum-v1 and cannot act in CartPole-v1") as err:
         collect("CartPole-v1", str(run.dir), 1)
-    assert "--env Pendulum-v1" in err.value.fix
+    assert "env='Pendulum-v1'" in err.value.fix
     assert main(["collect", "--policy", str(run.dir), "--episodes", "1", "--out", str(tmp_path / "d")]) == 0
     assert load_dataset(tmp_path / "d").env_id == "Pendulum-v1" and "wrote" in capsys.readouterr().out
     assert main(["collect", "--out", str(tmp_path / "e")]) == 2

@@ -135,7 +135,7 @@ def test_a_policy_of_another_env_gets_a_fix_that_ope_offers(chain_dataset):
     assert "collected in the policy's env (CartPole-v1)" in info.value.fix
     with pytest.raises(DatasetError) as info:  # training's message keeps its --env fix
         check_compatible(chain_dataset, cartpole.observation_space, cartpole.action_space, "--env CartPole-v1")
-    assert info.value.fix == f"use the env the dataset was collected in: --env {CHAIN}"
+    assert info.value.fix == f"use the env the dataset was collected in: env={CHAIN!r}"
 
 
 def test_the_unknown_estimator_error_lists_every_accepted_name(chain_dataset):

@@ -144,8 +144,8 @@ def test_divergence_stops_with_a_clear_message_and_keeps_the_last_good_checkpoin
     tensors, state, _ = load_checkpoint(run_dir)
     assert state["step"] == 512 and all(torch.isfinite(v).all() for k, v in tensors.items() if k.startswith("policy/"))
     assert info.value.fix == (  # PPO takes each remedy (max_grad_norm is on: not suggested)
-        "lower lr (--set lr=3e-05), normalize observations (--set normalize_obs=true), or normalize rewards "
-        "(--set normalize_reward=true)"
+        "lower lr (overrides={'lr': 3e-05}), normalize observations (overrides={'normalize_obs': True}), or normalize "
+        "rewards (overrides={'normalize_reward': True})"
     )
 
 
@@ -155,7 +155,10 @@ def test_divergence_advice_names_only_what_the_algorithm_takes(tmp_path):
     with pytest.raises(TrainingDiverged) as info:
         pl.train("dqn", env="tests.envs_for_tests:make_nan_env", steps=2000, preset="none", runs_dir=tmp_path,
                  verbose=False, overrides={"learning_starts": 100, "log_every": 200, "eval_every": 0})  # fmt: skip
-    assert info.value.fix == "lower lr (--set lr=1e-05), or normalize observations (--set normalize_obs=true)"
+    assert (
+        info.value.fix
+        == "lower lr (overrides={'lr': 1e-05}), or normalize observations (overrides={'normalize_obs': True})"
+    )
     sac = SACConfig(lr=1e8).divergence_fix()
     assert sac == (
         "lower lr (--set lr=0.0003), clip gradients (--set max_grad_norm=10), or normalize observations "
@@ -235,9 +238,9 @@ def test_resume_refuses_a_new_runs_place_and_online_phase(tmp_path, capsys):
     err = capsys.readouterr().err
     assert f"error: --runs-dir does not apply to --resume: the run continues in {run.dir}" in err
     assert "fix: drop --runs-dir" in err and not elsewhere.exists()
-    with pytest.raises(ConfigError, match="--name and --runs-dir do not apply to --resume"):
+    with pytest.raises(ConfigError, match="name and runs_dir do not apply to resume"):
         pl.train("ppo", resume=run.dir, name="other", runs_dir=tmp_path, verbose=False)
-    with pytest.raises(ConfigError, match="--online-steps does not apply to --resume"):
+    with pytest.raises(ConfigError, match="online_steps does not apply to resume"):
         pl.train("ppo", resume=run.dir, online_steps=100, verbose=False)
     assert {p: p.read_bytes() for p in run.dir.rglob("*") if p.is_file()} == files
 

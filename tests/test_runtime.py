@@ -89,7 +89,7 @@ def test_bad_threads_values_are_refused_with_the_fix(value):
     from policylab.errors import ConfigError
     from policylab.train import resolve_config
 
-    with pytest.raises(ConfigError, match="threads=auto"):
+    with pytest.raises(ConfigError, match="overrides={'threads': 'auto'}"):
         resolve_config(get_algo("sac"), env="Pendulum-v1", overrides={"threads": value}, preset="none")
 
 

@@ -237,9 +237,9 @@ def saved_sweep(tmp_path: Path) -> Path:
 def test_resume_takes_the_saved_settings_only_workers_and_address_change(tmp_path, no_ray, capsys):
     sweep_dir = saved_sweep(tmp_path)
     saved = (sweep_dir / SWEEP_YAML).read_text()
-    with pytest.raises(ConfigError, match="--resume continues a sweep with its saved settings") as info:
+    with pytest.raises(ConfigError, match="resume continues a sweep with its saved settings") as info:
         pl.sweep(resume=sweep_dir, steps=2048)
-    assert info.value.fix.startswith("drop --steps ")
+    assert info.value.fix.startswith("drop steps (on resume only workers and address may change)")
     for argv, named in (
         (["ppo"], "the algorithm 'ppo'"),
         (["--steps", "2k"], "--steps"),

@@ -295,10 +295,10 @@ def test_trpo_rejects_shared_and_recurrent_networks():
         with pytest.raises(ConfigError, match="separate actor and critic") as info:
             resolve_config(get_algo("trpo"), env="CartPole-v1", overrides=bad)
         (key,) = bad  # the fix names the one setting given, one --set per key (the command line takes no other form)
-        assert info.value.fix == f"drop {key} (--set {key}=false)"
+        assert info.value.fix == f"drop {key} (overrides={{{key!r}: False}})"
     with pytest.raises(ConfigError) as info:
         resolve_config(get_algo("trpo"), env="CartPole-v1", overrides={"shared_net": True, "recurrent": True})
-    assert "(--set shared_net=false --set recurrent=false)" in str(info.value.fix)
+    assert "(overrides={'shared_net': False, 'recurrent': False})" in str(info.value.fix)
 
 
 @pytest.mark.parametrize(
