@@ -139,10 +139,12 @@ def collect_rollout(
             buf.add_policy_step(t, obs, actions, logp, values, bias)
         else:
             with torch.inference_mode():
-                with_bias = {} if bias is None else {"logit_bias": torch.from_numpy(bias).to(device)}
-                taken, log_probs, value_estimates = net.act(
-                    torch.from_numpy(obs).to(device), noise=noise_at(noise, t), **with_bias
-                )
+                acting_obs, step_noise = torch.from_numpy(obs).to(device), noise_at(noise, t)
+                if bias is None:  # (a generative policy's `act` takes no mask)
+                    taken, log_probs, value_estimates = net.act(acting_obs, noise=step_noise)
+                else:
+                    logit_bias = torch.from_numpy(bias).to(device)
+                    taken, log_probs, value_estimates = net.act(acting_obs, noise=step_noise, logit_bias=logit_bias)
                 env_actions = head.to_env(taken).cpu().numpy()
             buf.add_policy_step(t, obs, taken, log_probs, value_estimates, bias)
         res = env.step(env_actions)
