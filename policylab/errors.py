@@ -25,18 +25,16 @@ def cli_wording() -> Iterator[None]:
 _FLAGS = {
     "steps": "steps", "env": "env", "seed": "seed", "dataset": "dataset", "preset": "preset", "resume": "resume",
     "online-steps": "online_steps", "runs-dir": "runs_dir", "name": "name", "workers": "workers",
-    "address": "address", "grid": "grid", "point": "point", "seeds": "seeds", "expert": "expert", "model": "model",
-    "prompts": "prompts", "pairs": "pairs", "reward": "rewards", "episodes": "episodes", "policy": "policy",
-    "noise": "noise",
+    "address": "address", "seeds": "seeds", "expert": "expert", "model": "model", "prompts": "prompts",
+    "pairs": "pairs", "episodes": "episodes", "policy": "policy", "noise": "noise",
 }  # fmt: skip
 """The command line's flags and the arguments of the Python functions they set (`pl.train`, `pl.sweep`,
-`pl.collect`, `train_llm`)."""
+`pl.collect`, `train_llm`). Flags whose text does not read as the argument's Python value (`--grid lr=1e-3,3e-4`,
+`--reward module:function`) keep the command line's wording."""
 _NUMBERS = {"steps", "seed", "online_steps", "workers", "episodes", "noise"}
-_NAMED_ONLY = {"grid", "point", "rewards"}
-"""Flags whose command-line values do not read as the argument's Python value (a grid's text, a reward spec)."""
 _COMMAND = re.compile(r"`policylab [^`]*`|policylab (?:train|eval|llm|sweep|collect|dataset|ope|report)\b[^,;)\n]*")
 _SET = re.compile(r"--set '([A-Za-z_]\w*)=([^']*)'|--set ([A-Za-z_]\w*)=(\{[^}]*\}|\[[^\]]*\]|[^\s,;)`]+)")
-_FLAG = re.compile(r"--(" + "|".join(_FLAGS) + r")(?![\w-])(?: ([^\s,;)`]+))?")
+_FLAG = re.compile(r"--(" + "|".join(_FLAGS) + r")(?![\w-])(?: ('[^']*'|[^\s,;)`]+))?")
 _FLAG_VALUE = re.compile(r"[A-Z][A-Z_]*|auto|none|rl-zoo|.*[\d/.:-].*")
 """What a flag's value looks like (a number, a path, an env id, a placeholder, a preset's name): `--env out` in
 a sentence about the flag is not a value."""
@@ -88,9 +86,10 @@ def python_wording(text: str) -> str:
         if not outside(match):
             return match[0]
         name, text = _FLAGS[match[1]], match[2] or ""
-        value = text.rstrip(".:")
-        after = text[len(value) :]
-        if name in _NAMED_ONLY or not _FLAG_VALUE.fullmatch(value):  # the flag named in a sentence: its argument
+        quoted = len(text) > 1 and text[0] == text[-1] == "'"
+        value = text[1:-1] if quoted else text.rstrip(".:")
+        after = "" if quoted else text[len(value) :]
+        if not _FLAG_VALUE.fullmatch(value):  # the flag named in a sentence ("leave --env out"): its argument
             return f"{name} {text}" if text else name
         if name in _NUMBERS:
             return f"{name}={_python_value(value)}{after}"
