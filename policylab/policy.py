@@ -24,7 +24,7 @@ from policylab.envs.encode import ObservationEncoder, needs_encoding
 from policylab.envs.vec import has_mask_method
 from policylab.errors import CheckpointError, EnvError, PolicylabError
 from policylab.nets.actor_critic import ActorCritic
-from policylab.nets.heads import mask_logit_bias
+from policylab.nets.heads import CategoricalHead, mask_logit_bias
 
 
 def space_to_json(space: gym.Space) -> dict[str, Any]:
@@ -193,12 +193,16 @@ class Policy:
 
     def _mask_bias(self, action_mask: Any, rows: int, single: bool) -> torch.Tensor:
         """`act`'s action_mask as the logit bias its network adds (one error naming the problem)."""
-        head = getattr(self.net, "head", None)
-        if not isinstance(self.net, ActorCritic) or head is None:
+        head: Any = None
+        if isinstance(self.net, ActorCritic):
+            head = self.net.head
+        elif isinstance(getattr(self.net, "n_actions", None), int):  # a Q-network: greedy among the allowed
+            head = CategoricalHead(self.net.n_actions)
+        if head is None:
             raise PolicylabError(
                 f"this {self.algo or type(self.net).__name__} policy does not take action masks: they apply to the "
-                "on-policy actor-critics' Discrete and MultiDiscrete actions",
-                "drop action_mask, or train ppo (or a2c ...) with action_masks=true",
+                "on-policy actor-critics' Discrete and MultiDiscrete actions and to Q-networks' Discrete ones",
+                "drop action_mask, or train ppo (or dqn ...) with action_masks=true",
             )
         flags = np.asarray(action_mask)
         flags = flags[None] if single and flags.ndim == 1 else flags

@@ -81,6 +81,7 @@ from policylab.errors import CheckpointError, ConfigError, TrainingDiverged
 from policylab.logging import CONFIG_YAML, SUMMARY_JSON, Progress, RunLog, fixed, new_run_dir
 from policylab.nets import matmul
 from policylab.nets.cnn import check_not_float_image
+from policylab.nets.heads import CategoricalHead, mask_logit_bias
 from policylab.policy import Policy, evaluate, space_to_json
 from policylab.presets import VARIANTS, dataset_preset_name, find_preset, missing_preset
 
@@ -228,17 +229,26 @@ def check_recurrent(algo: str, cfg: Any) -> None:
             raise ConfigError(f"recurrent=true does not combine with {what} yet", "drop one of the two")
 
 
-MASKABLE_ALGOS = ("ppo", "a2c", "reinforce", "trpo", "mdpo", "spo", "fixpo")
-"""The algorithms that take action_masks=true: the on-policy actor-critics (categorical heads)."""
+MASKABLE_ALGOS = ("ppo", "a2c", "reinforce", "trpo", "mdpo", "spo", "fixpo", "dqn", "qrdqn")
+"""The algorithms that take action_masks=true: the on-policy actor-critics (categorical heads) and the Q-learning
+family (acting and the target's max among the allowed actions)."""
 
 
 def check_action_masks(algo: str, cfg: Any) -> None:
-    """action_masks=true only where the policy's logits take the masks' bias."""
-    if cfg.action_masks and algo not in MASKABLE_ALGOS:
+    """action_masks=true only where the policy's logits (or action values) take the masks, and not with what the
+    masks do not reach yet."""
+    if not cfg.action_masks:
+        return
+    if algo not in MASKABLE_ALGOS:
         raise ConfigError(
             f"{algo} does not take action masks: they exist for {', '.join(MASKABLE_ALGOS)}",
             "use one of those with action_masks=true (e.g. ppo, as SB3-contrib's MaskablePPO), or drop action_masks",
         )
+    if algo in ("dqn", "qrdqn"):
+        gaps = (("a dataset (datasets hold no masks)", cfg.dataset), ("rollout_workers", cfg.rollout_workers))
+        for what, present in gaps:
+            if present:
+                raise ConfigError(f"{algo} with action masks does not combine with {what} yet", "drop one of the two")
 
 
 def rounded_budget_note(spec: AlgoSpec, cfg: Any) -> list[str]:
@@ -643,10 +653,35 @@ class OffPolicyLoop:
         if self.workers is not None:
             self.obs = np.concatenate(self.workers.call("current_obs"))
         else:
+            if cfg.action_masks:
+                self._track_masks()
             self.obs = self.env.reset(seed=cfg.seed)
         if self.running_norm:
             assert self.obs_norm is not None
             self.obs_norm.update(self.obs)
+
+    def _track_masks(self) -> None:
+        """Have the env read its action masks (the Q-learning family with action_masks=true)."""
+        if isinstance(self.buffer, StackedFrameReplay):
+            self.close()
+            raise ConfigError(
+                "action masks do not combine with the stacked-frame replay yet",
+                "drop action_masks or frame_stack_replay",
+            )
+        try:
+            self.env.track_action_masks()
+        except BaseException:
+            self.close()
+            raise
+
+    def _allowed(self) -> np.ndarray | None:
+        """The allowed actions at the envs' current observations, checked (a copy: an info mask's rows are
+        rewritten by the next step), or None without action masks."""
+        masks = self.env.action_masks
+        if masks is None:
+            return None
+        mask_logit_bias(CategoricalHead(self.algo.n_actions), masks, self.env.mask_description())
+        return masks.copy()
 
     def _buffers(self, seeded: bool) -> tuple[ReplayBuffer | None, ReplayBuffer | None]:
         """(online replay, dataset buffer) for the regime: online only (replay, None); offline only (None,
@@ -680,6 +715,7 @@ class OffPolicyLoop:
             action_chunk=getattr(self.algo, "action_chunk", 1),
             episodes=cfg.her,
             obs_dtype=torch_dtype(storage_dtype(self.obs_space)),
+            mask_size=self.algo.n_actions if cfg.action_masks else 0,
         )
         if cfg.her:
             buffer.relabeler = self._her_relabeler()
@@ -777,16 +813,19 @@ class OffPolicyLoop:
         for k in range(vector_steps):
             if self.step >= self.total:
                 break
+            allowed: np.ndarray | None = None
             if self.workers is not None:
                 if not self.pending:
                     self._collect_segment(self.workers, min(vector_steps - k, self._steps_left()), online_total)
                 actions, res = self.pending.popleft()
-            elif self.step < self.random_until:
-                actions = algo.random_actions(cfg.num_envs)
-                res = env.step(algo.to_env(actions))
             else:
-                acting_obs = self.obs if norm is None else norm(self.obs)
-                actions = algo.explore(acting_obs, (self.step - self.offline_steps) / online_total)
+                allowed = self._allowed()
+                masked = () if allowed is None else (allowed,)  # only the Q-learning family takes masks
+                if self.step < self.random_until:
+                    actions = algo.random_actions(cfg.num_envs, *masked)
+                else:
+                    acting_obs = self.obs if norm is None else norm(self.obs)
+                    actions = algo.explore(acting_obs, (self.step - self.offline_steps) / online_total, *masked)
                 res = env.step(algo.to_env(actions))
             self.tracker.update(res.reward, res.episode_end)
             obs, next_obs, final_obs = self.obs, res.obs, res.final_obs
@@ -796,7 +835,11 @@ class OffPolicyLoop:
             reward = res.reward
             if (self.reward_scale, cfg.reward_bias) != (1.0, 0.0):
                 reward = res.reward * self.reward_scale + cfg.reward_bias
-            buffer.add(obs, actions, reward, next_obs, res.terminated, res.truncated, final_obs)
+            step = (obs, actions, reward, next_obs, res.terminated, res.truncated, final_obs)
+            if allowed is None:
+                buffer.add(*step)
+            else:  # the allowed actions at obs and at next_obs (the reset's where an episode ended)
+                buffer.add(*step, allowed, self._allowed())
             if self.running_norm:
                 assert norm is not None
                 norm.update(res.obs)

@@ -16,11 +16,12 @@ import torch
 import policylab as pl
 from policylab.algos.fused import FusedActorCriticStep
 from policylab.algos.onpolicy import ActorCriticLoss, AutogradStep, adam
-from policylab.data import Batch
+from policylab.data import Batch, ReplayBuffer
 from policylab.envs import make_single_env, make_vec_env
 from policylab.errors import ConfigError, EnvError, PolicylabError
 from policylab.nets import ActorCritic
 from policylab.nets.heads import CategoricalHead, MultiCategoricalHead, mask_logit_bias
+from policylab.objectives.q_targets import allowed_only, dqn_target
 from policylab.ope.policies import TargetPolicy
 from policylab.optim import ParameterBuffer
 from policylab.policy import single_env_mask
@@ -226,7 +227,71 @@ def test_action_mask_settings_name_the_fix(tmp_path):
     with pytest.raises(EnvError, match="gives no action masks"):
         pl.train("ppo", env="CartPole-v1", steps=100, overrides={"action_masks": True}, runs_dir=tmp_path)
     assert not list(tmp_path.iterdir()), "a refused start leaves no run directory"
-    dqn = pl.train("dqn", env="CartPole-v1", steps=600, preset="none", runs_dir=tmp_path, verbose=False,
+    sac = pl.train("sac", env="Pendulum-v1", steps=600, preset="none", runs_dir=tmp_path, verbose=False,
                    overrides={"learning_starts": 500, "eval_episodes": 1})  # fmt: skip
     with pytest.raises(PolicylabError, match="does not take action masks"):
-        pl.load(dqn.dir).act(np.zeros(4, np.float32), action_mask=np.ones(2, bool))
+        pl.load(sac.dir).act(np.zeros(3, np.float32), action_mask=np.ones(1, bool))
+    for extra in ({"dataset": "datasets/x"}, {"rollout_workers": 2, "num_envs": 2}):
+        with pytest.raises(ConfigError, match="dqn with action masks does not combine with"):
+            pl.train("dqn", env=ENV, steps=100, overrides={"action_masks": True, **extra}, runs_dir=tmp_path)
+
+
+def test_the_q_target_takes_the_max_over_the_allowed_actions_only():
+    next_q_target = torch.tensor([[1.0, 5.0, 2.0], [3.0, 0.0, 4.0]])
+    next_q_online = torch.tensor([[0.0, 9.0, 1.0], [5.0, 0.0, 1.0]])
+    allowed = torch.tensor([[True, False, True], [False, True, True]])
+    rewards, discounts, terminated = torch.tensor([1.0, 0.0]), torch.tensor([0.5, 0.5]), torch.tensor([False, False])
+    plain = dqn_target(rewards, discounts, terminated, allowed_only(next_q_target, allowed))
+    assert plain.tolist() == [1.0 + 0.5 * 2.0, 0.5 * 4.0]  # not 5 (action 1 forbidden) nor 3 (action 0)
+    double = dqn_target(
+        rewards, discounts, terminated, allowed_only(next_q_target, allowed), allowed_only(next_q_online, allowed)
+    )
+    assert double.tolist() == [1.0 + 0.5 * 2.0, 0.5 * 4.0]  # the online argmax among allowed: action 2 in both rows
+    assert allowed_only(next_q_target, None) is next_q_target
+
+
+@pytest.mark.parametrize("n_step", [1, 2])
+def test_the_replay_keeps_the_allowed_actions_at_each_next_observation(n_step):
+    """One env: a step, a truncation (its final observation: every action allowed, its mask there unknown), a step
+    of the new episode; each transition's next_action_mask is the mask where its target bootstraps."""
+    buffer = ReplayBuffer(16, 1, (1,), (), torch.long, n_step=n_step, mask_size=3)
+    m = [np.array([[True, False, True]]), np.array([[False, True, False]]), np.array([[True, True, False]])]
+    obs = [np.full((1, 1), float(i), np.float32) for i in range(4)]
+    no, yes = np.array([False]), np.array([True])
+    buffer.add(obs[0], np.array([0]), np.array([1.0]), obs[1], no, no, None, m[0], m[1])
+    buffer.add(obs[1], np.array([1]), np.array([1.0]), obs[2], no, yes, obs[3], m[1], m[2])  # truncated; reset: m[2]
+    buffer.add(obs[2], np.array([0]), np.array([1.0]), obs[3], no, no, None, m[2], m[0])
+    batch = buffer.gather(torch.tensor([0, 1, 3]))  # slot 2 holds the final observation
+    expected = [m[1][0] if n_step == 1 else [True] * 3, [True] * 3, m[0][0]]  # n = 2: step 0 bootstraps at the end
+    assert batch.next_action_mask.tolist() == [list(map(bool, row)) for row in expected]
+
+
+@pytest.mark.parametrize("algo", ["dqn", "qrdqn"])
+def test_masked_q_learning_learns_what_it_cannot_learn_without_masks(tmp_path, algo):
+    """The ranked task: acting, exploring and the target's max among the allowed actions; the strict env raises at
+    a forbidden action. Without masks a forbidden action ends the episode."""
+    settings = {"eval_episodes": 20, "learning_starts": 500, "exploration_fraction": 0.3, "lr": 1e-3, "train_freq": 1}
+    settings.update(target_update_interval=500, eval_every=2000)
+    _, evaluations = train_until(
+        19.5, algo, env=ENV, steps=6000, seed=2, preset="none", runs_dir=tmp_path, name="masked",
+        overrides={**settings, "action_masks": True, "env_kwargs": RANKED},
+    )  # fmt: skip
+    assert evaluations and evaluations[-1][1] >= 19.5, evaluations
+    unmasked = pl.train(
+        algo, env=ENV, steps=evaluations[-1][0], seed=2, preset="none", runs_dir=tmp_path, name="unmasked",
+        verbose=False, overrides={**settings, "eval_every": 0, "env_kwargs": {**RANKED, "strict": False}},
+    )  # fmt: skip
+    assert unmasked.final_eval["return_mean"] < 5.0
+    policy = pl.load(next(tmp_path.glob("masked*")))
+    only = np.zeros((2, 8), bool)
+    only[:, 3] = True
+    assert policy.act(np.zeros((2, 8), np.float32), action_mask=only).tolist() == [3, 3]
+
+
+def test_a_masked_dqn_run_resumes_exactly(tmp_path):
+    """The env's current masks and the replay's (saved with the buffer) are part of the checkpoint."""
+    resumed_and_full_runs(
+        "dqn", stop=1000, env=ENV, steps=2000, seed=3, preset="none", runs_dir=tmp_path, verbose=False,
+        overrides={"action_masks": True, "learning_starts": 300, "save_buffer": True, "checkpoint_every": 500,
+                   "eval_every": 0, "eval_episodes": 2},
+    )  # fmt: skip

@@ -35,7 +35,7 @@ from policylab.data import Batch
 from policylab.errors import ConfigError
 from policylab.nets import QNetwork
 from policylab.nets.cnn import make_encoder
-from policylab.objectives.q_targets import dqn_target
+from policylab.objectives.q_targets import MASKED_Q, allowed_only, dqn_target
 
 
 @dataclass
@@ -83,16 +83,31 @@ def epsilon(cfg: DQNConfig, progress: float) -> float:
 
 
 def epsilon_greedy(
-    obs: np.ndarray, eps: float, greedy: Callable[[np.ndarray], np.ndarray], n_actions: int, generator: torch.Generator
+    obs: np.ndarray,
+    eps: float,
+    greedy: Callable[[np.ndarray], np.ndarray],
+    n_actions: int,
+    generator: torch.Generator,
+    allowed: np.ndarray | None = None,
 ) -> np.ndarray:
-    """Epsilon-greedy per env, from one RNG call: a uniform draw decides, a second one picks the random action;
-    the greedy and random actions are only computed where some env needs them."""
+    """Epsilon-greedy per env, from one RNG call: a uniform draw decides, a second one picks the random action
+    (with action masks `allowed` [N, A], among each env's allowed actions); the greedy and random actions are only
+    computed where some env needs them."""
     draws = torch.rand((2, len(obs)), generator=generator, device=generator.device).cpu().numpy()
     explore = draws[0] < eps
     if not explore.any():
         return greedy(obs)
-    random = np.minimum((draws[1] * n_actions).astype(np.int64), n_actions - 1)
+    random = uniform_choice(draws[1], n_actions, allowed)
     return random if explore.all() else np.where(explore, random, greedy(obs))
+
+
+def uniform_choice(u: np.ndarray, n_actions: int, allowed: np.ndarray | None) -> np.ndarray:
+    """Actions uniform over all n_actions, or over each row's allowed ones, from one uniform draw u [N] per row."""
+    if allowed is None:
+        return np.minimum((u * n_actions).astype(np.int64), n_actions - 1)
+    counts = allowed.sum(1)
+    k = np.minimum((u * counts).astype(np.int64), counts - 1)  # the k-th allowed action of each row
+    return np.argmax(np.cumsum(allowed, 1) > k[:, None], axis=1)
 
 
 class EpsilonGreedyActing:
@@ -111,17 +126,28 @@ class EpsilonGreedyActing:
         """(random_actions, explore, greedy, after_step): the algorithm's own methods of those names."""
         return self.random_actions, self.explore, self.greedy, self.after_step
 
-    def random_actions(self, n: int) -> np.ndarray:
-        return uniform_discrete_actions(n, self.n_actions, self.generator)
+    def random_actions(self, n: int, allowed: np.ndarray | None = None) -> np.ndarray:
+        """Uniform actions (among each env's `allowed` ones, with action masks)."""
+        if allowed is None:
+            return uniform_discrete_actions(n, self.n_actions, self.generator)
+        u = torch.rand(n, generator=self.generator, device=self.generator.device).cpu().numpy()
+        return uniform_choice(u, self.n_actions, allowed)
 
-    def explore(self, obs: np.ndarray, progress: float) -> np.ndarray:
-        return epsilon_greedy(obs, epsilon(self.cfg, progress), self.greedy, self.n_actions, self.generator)
+    def explore(self, obs: np.ndarray, progress: float, allowed: np.ndarray | None = None) -> np.ndarray:
+        greedy = self.greedy if allowed is None else lambda x: self.greedy(x, allowed)
+        return epsilon_greedy(obs, epsilon(self.cfg, progress), greedy, self.n_actions, self.generator, allowed)
 
-    def greedy(self, obs: np.ndarray) -> np.ndarray:
+    def greedy(self, obs: np.ndarray, allowed: np.ndarray | None = None) -> np.ndarray:
+        """argmax_a Q(s, a), among the `allowed` actions with action masks."""
+        bias = None if allowed is None else np.where(allowed, np.float32(0.0), np.float32(MASKED_Q))
         if self.numpy_acting:
-            return self.net.greedy_numpy(obs)
+            return self.net.greedy_numpy(obs, bias)
+        device = self.generator.device
         with torch.inference_mode():
-            return self.net.env_action(torch.as_tensor(obs, device=self.generator.device)).cpu().numpy()
+            x = torch.as_tensor(obs, device=device)
+            if bias is None:
+                return self.net.env_action(x).cpu().numpy()
+            return self.net.env_action(x, logit_bias=torch.from_numpy(bias).to(device)).cpu().numpy()
 
     def after_step(self, step: int) -> None:
         if (step // self.cfg.num_envs) % self.target_every == 0:
@@ -174,11 +200,12 @@ class DQN:
     def td_loss(self, batch: Batch) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """DQN's loss on a batch, with Q(s, .) [B, A], Q(s, a) [B] and the target [B] (for losses built on it)."""
         cfg = self.cfg
+        allowed = batch.get("next_action_mask")  # with action masks: the max over the allowed actions at s'
         with torch.no_grad():
-            next_q_target = self.q_target(batch.next_obs)[0]
+            next_q_target = allowed_only(self.q_target(batch.next_obs)[0], allowed)
         if cfg.double_q:  # online Q on s and s' in one call
             both = self.net(torch.cat([batch.obs, batch.next_obs]))[0]
-            q_all, next_q_online = both[: len(batch)], both[len(batch) :].detach()
+            q_all, next_q_online = both[: len(batch)], allowed_only(both[len(batch) :].detach(), allowed)
         else:
             q_all, next_q_online = self.net(batch.obs)[0], None
         target = dqn_target(batch.rewards, batch.discounts, batch.terminated, next_q_target, next_q_online)

@@ -40,6 +40,7 @@ from policylab.nets.mlp import StackedMLP
 from policylab.nets.sde import sde_log_std, sde_log_std_grad
 from policylab.objectives.offline import advantage_weights, td3_bc_lambda
 from policylab.objectives.q_targets import (
+    allowed_only,
     bootstrap,
     dqn_target,
     quantile_huber_value_and_grads,
@@ -284,14 +285,15 @@ def fused_dqn_update(algo: DQN, batch: Batch) -> dict[str, Tensor]:
     cfg, net = algo.cfg, algo.net
     n = len(batch)
     with torch.no_grad():
-        next_q_target = algo.q_target(batch.next_obs)[0]
+        allowed = batch.get("next_action_mask")  # with action masks: the max over the allowed actions at s'
+        next_q_target = allowed_only(algo.q_target(batch.next_obs)[0], allowed)
         x = batch.obs.flatten(1)
         if cfg.double_q:  # the online net on [s; s'] in one call
             x = torch.cat([x, batch.next_obs.flatten(1)])
         out, inputs = net.body.forward_cached(x)
         y = out[0]
         q_all = y if not cfg.dueling else y[:, :1] + y[:, 1:] - y[:, 1:].mean(-1, keepdim=True)
-        next_q_online = q_all[n:] if cfg.double_q else None
+        next_q_online = allowed_only(q_all[n:], allowed) if cfg.double_q else None
         target = dqn_target(batch.rewards, batch.discounts, batch.terminated, next_q_target, next_q_online)
         actions = batch.actions.long().unsqueeze(1)
         q = q_all[:n].gather(1, actions).squeeze(1)

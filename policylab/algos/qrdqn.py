@@ -32,9 +32,9 @@ from policylab.algos.offpolicy import (
 from policylab.data import Batch
 from policylab.errors import ConfigError
 from policylab.nets.cnn import ImageEncoder, flat_features, make_encoder
-from policylab.nets.critics import sampled_greedy
+from policylab.nets.critics import masked_greedy, sampled_greedy
 from policylab.nets.mlp import StackedMLP
-from policylab.objectives.q_targets import quantile_huber_loss
+from policylab.objectives.q_targets import allowed_only, quantile_huber_loss
 
 
 @dataclass
@@ -87,15 +87,25 @@ class QuantileQNetwork(nn.Module):
     def forward(self, obs: Tensor) -> Tensor:
         return self.body(flat_features(self.encoder, obs))[0].view(len(obs), self.n_actions, self.n_quantiles)
 
-    def greedy_numpy(self, obs: np.ndarray) -> np.ndarray:
-        """argmax_a mean_i Z_i(s, a) in numpy (CPU acting)."""
+    def greedy_numpy(self, obs: np.ndarray, logit_bias: np.ndarray | None = None) -> np.ndarray:
+        """argmax_a mean_i Z_i(s, a) in numpy (CPU acting; among the allowed actions with masks' `logit_bias`)."""
         y = self.body.numpy_forward(obs.reshape(len(obs), -1), member=0)
-        return y.reshape(len(obs), self.n_actions, self.n_quantiles).mean(-1).argmax(-1)
+        q = y.reshape(len(obs), self.n_actions, self.n_quantiles).mean(-1)
+        return (q if logit_bias is None else q + logit_bias).argmax(-1)
 
-    def env_action(self, obs: Tensor, deterministic: bool = True, generator: torch.Generator | None = None) -> Tensor:
-        """The greedy action; not `deterministic`: epsilon-greedy with `sample_epsilon`."""
-        greedy = self(obs).mean(-1).argmax(-1)
-        return greedy if deterministic else sampled_greedy(greedy, self.n_actions, self.sample_epsilon, generator)
+    def env_action(
+        self,
+        obs: Tensor,
+        deterministic: bool = True,
+        generator: torch.Generator | None = None,
+        logit_bias: Tensor | None = None,
+    ) -> Tensor:
+        """The greedy action; not `deterministic`: epsilon-greedy with `sample_epsilon` (among the allowed actions,
+        with action masks' `logit_bias`)."""
+        greedy = masked_greedy(self(obs).mean(-1), logit_bias)
+        if deterministic:
+            return greedy
+        return sampled_greedy(greedy, self.n_actions, self.sample_epsilon, generator, logit_bias)
 
 
 class QRDQN:
@@ -140,9 +150,11 @@ class QRDQN:
 
     @torch.no_grad()
     def quantile_target(self, batch: Batch) -> Tensor:
-        """The target atoms [B, N]: r + d (1 - done) Z'(s', argmax_a mean Z'(s', a))."""
+        """The target atoms [B, N]: r + d (1 - done) Z'(s', argmax_a mean Z'(s', a)) (a among the allowed actions
+        at s', with action masks)."""
         next_z = self.q_target(batch.next_obs)
-        next_best = next_z[torch.arange(len(batch), device=next_z.device), next_z.mean(-1).argmax(-1)]
+        best = allowed_only(next_z.mean(-1), batch.get("next_action_mask")).argmax(-1)
+        next_best = next_z[torch.arange(len(batch), device=next_z.device), best]
         keep = (batch.discounts * (1.0 - batch.terminated.float())).unsqueeze(-1)
         return batch.rewards.unsqueeze(-1) + keep * next_best
 

@@ -21,7 +21,8 @@ next_obs (the obs n steps on, or the final obs), terminated, discounts
 (gamma^m for the m steps summed) and indices (plus importance `weights` with
 `prioritized=True`, and the stored action at next_obs, `next_actions`, with
 `next_actions=True`, and each transition's discounted return-to-go, `mc_returns`,
-with `mc_returns=True`): the same fields whether the transitions came from envs
+with `mc_returns=True`, and the allowed actions at next_obs, `next_action_mask`,
+with `mask_size` > 0): the same fields whether the transitions came from envs
 or from a dataset.
 """
 
@@ -79,6 +80,7 @@ class ReplayBuffer:
         obs_dtype: torch.dtype = torch.float32,
         action_chunk: int = 1,
         memory_fix: Callable[[int], str] | None = None,
+        mask_size: int = 0,
     ) -> None:
         """`memory_fix(n)`: the fix to show where the buffer cannot fit in memory, given about how many transitions
         would (default: lower buffer_size to n)."""
@@ -104,7 +106,7 @@ class ReplayBuffer:
         shape = (self.slots, num_envs)
         if self.device.type == "cpu":
             per = _bytes_per_transition(obs_shape, obs_dtype, action_shape, action_dtype, mc_returns, episodes)
-            per += 16 * prioritized  # the sum tree's two float64 nodes per leaf
+            per += 16 * prioritized + mask_size  # the sum tree's two float64 nodes per leaf, the mask's flags
             check_memory(
                 self.slots * num_envs * per,
                 f"a replay buffer of {self.slots * num_envs:,} transitions ({per:,} bytes each)",
@@ -120,8 +122,15 @@ class ReplayBuffer:
         """True for entries that are transitions (not pending obs, not final-obs slots)."""
         self.ptr = torch.zeros(num_envs, dtype=torch.long, device=device)
         self._envs = torch.arange(num_envs, device=device)
+        self.action_masks: Tensor | None = (
+            torch.ones(*shape, mask_size, dtype=torch.bool, device=device) if mask_size else None
+        )
+        """With `mask_size` > 0: the allowed actions at each slot's observation (a final observation's: all, as its
+        env's mask there is not known; it only matters at truncations), in batches as `next_action_mask`."""
         names = ("obs", "actions", "rewards", "terminated", "episode_end", "valid", "ptr")
         self._tensors: dict[str, Tensor] = {k: getattr(self, k) for k in names}
+        if self.action_masks is not None:
+            self._tensors["action_masks"] = self.action_masks
         self._tensors["envs"] = self._envs
         self.mc_returns: Tensor | None = torch.zeros(shape, device=device) if mc_returns else None
         """With `mc_returns=True`: each transition's discounted return to the end of its episode (the Monte-Carlo
@@ -182,10 +191,13 @@ class ReplayBuffer:
         terminated: Tensor | np.ndarray,
         truncated: Tensor | np.ndarray,
         final_obs: Tensor | np.ndarray | None = None,
+        masks: np.ndarray | None = None,
+        next_masks: np.ndarray | None = None,
     ) -> None:
         """One step of N envs (numpy arrays or tensors). `next_obs` is what the envs return (the reset obs
         where an episode ended); `final_obs` (rows of ended envs) is the last obs of the ended episodes,
-        needed at truncations. On the CPU the writes go through numpy views (a third of the cost)."""
+        needed at truncations. With action masks, `masks` / `next_masks` [N, mask size]: the allowed actions at
+        `obs` / `next_obs`. On the CPU the writes go through numpy views (a third of the cost)."""
         self._step_table = None
         cpu = self._np is not None
         xp: Any = np if cpu else torch
@@ -218,12 +230,29 @@ class ReplayBuffer:
             store["obs"][started, envs] = xp.where(rows, next_obs, store["obs"][started, envs])
             store["valid"][started, envs] = store["valid"][started, envs] & ~end
         store["ptr"][:] = started
+        if self.action_masks is not None:
+            self._write_masks(store, slot, after, started, envs, end, ended, masks, next_masks)
         if self.episode_first is not None and ended:
             store["episode_start"][:] = xp.where(end, started, store["episode_start"])
         if self.tree is not None:
             self._new_priorities(*(torch.as_tensor(x, device=self.device) for x in (slot, after, started, envs)))
         self.transitions_added += self.num_envs
         self.filled = min(self.slots, self.filled + (2 if ended else 1))
+
+    def _write_masks(
+        self, store: Any, slot: Any, after: Any, started: Any, envs: Any, end: Any, ended: bool, masks: Any, nxt: Any
+    ) -> None:
+        """The action masks of `add`'s slots: `masks` at the step's slot, `next_masks` at the next one (all allowed
+        at a final-obs slot) and, where an episode ended, at the new episode's first slot."""
+        if masks is None or nxt is None:
+            raise ValueError("a replay buffer with action masks needs masks and next_masks in every add")
+        arr: Any = np.asarray if self._np is not None else (lambda x: torch.as_tensor(x, device=self.device))
+        xp: Any = np if self._np is not None else torch
+        store["action_masks"][slot, envs] = arr(masks)
+        rows = end.reshape(-1, 1)
+        store["action_masks"][after, envs] = xp.where(rows, True, arr(nxt)) if ended else arr(nxt)
+        if ended:
+            store["action_masks"][started, envs] = xp.where(rows, arr(nxt), store["action_masks"][started, envs])
 
     def add_episodes(
         self,
@@ -408,6 +437,8 @@ class ReplayBuffer:
                 batch.next_actions = flat["actions"].index_select(0, next_index)
             if self.mc_returns is not None:
                 batch.mc_returns = flat["mc_returns"].index_select(0, flat_index)
+            if self.action_masks is not None:
+                batch.next_action_mask = self.action_masks.flatten(0, 1).index_select(0, next_index)
             return batch
         slot, env = flat_index // self.num_envs, flat_index % self.num_envs
         steps, include = self._episode_steps(slot, env, self.n_step)
@@ -430,6 +461,8 @@ class ReplayBuffer:
             batch.next_actions = self.actions[next_slot, env]
         if self.mc_returns is not None:  # from the sampled step on, whatever n
             batch.mc_returns = self.mc_returns[slot, env]
+        if self.action_masks is not None:  # the allowed actions where the target bootstraps
+            batch.next_action_mask = self.action_masks[next_slot, env]
         return batch
 
     def _episode_steps(self, slot: Tensor, env: Tensor, n: int) -> tuple[Tensor, Tensor]:
@@ -468,6 +501,8 @@ class ReplayBuffer:
             tensors["episode_start"] = self.episode_start
         if self.tree is not None:
             tensors["priority_tree"] = self.tree.tree
+        if self.action_masks is not None:
+            tensors["action_masks"] = self.action_masks[:n]
         meta = {"transitions_added": self.transitions_added, "filled": self.filled, "max_priority": self.max_priority}
         return tensors, meta
 
@@ -550,11 +585,13 @@ class StackedFrameReplay(ReplayBuffer):
         terminated: Tensor | np.ndarray,
         truncated: Tensor | np.ndarray,
         final_obs: Tensor | np.ndarray | None = None,
+        masks: np.ndarray | None = None,
+        next_masks: np.ndarray | None = None,
     ) -> None:
         self._check_padding(obs)
         slot = self.ptr.clone()
         newest = None if final_obs is None else final_obs[:, -1]
-        super().add(obs[:, -1], actions, rewards, next_obs[:, -1], terminated, truncated, newest)
+        super().add(obs[:, -1], actions, rewards, next_obs[:, -1], terminated, truncated, newest, masks, next_masks)
         self._starting = np.asarray(terminated, bool) | np.asarray(truncated, bool)
         if self._unseen_frames.any():
             unseen = torch.from_numpy(self._unseen_frames > 0).to(self.device)

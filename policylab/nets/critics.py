@@ -23,14 +23,29 @@ _LOG_2 = math.log(2.0)
 _LOG_2PI = math.log(2 * math.pi)
 
 
-def sampled_greedy(greedy: Tensor, n_actions: int, epsilon: float, generator: torch.Generator | None) -> Tensor:
+def sampled_greedy(
+    greedy: Tensor,
+    n_actions: int,
+    epsilon: float,
+    generator: torch.Generator | None,
+    logit_bias: Tensor | None = None,
+) -> Tensor:
     """A Q-network's sampled action: the greedy action [B], replaced by a uniform one with probability
-    `epsilon` (SB3's `predict(deterministic=False)`, with the run's final exploration rate)."""
+    `epsilon` (SB3's `predict(deterministic=False)`, with the run's final exploration rate); with action masks'
+    `logit_bias`, uniform among the allowed actions."""
     if epsilon <= 0.0:
         return greedy
     draws = torch.rand((2, len(greedy)), generator=generator, device=greedy.device)
-    uniform = (draws[1] * n_actions).long().clamp_max(n_actions - 1)
+    if logit_bias is None:
+        uniform = (draws[1] * n_actions).long().clamp_max(n_actions - 1)
+    else:
+        uniform = masked_greedy(torch.rand(logit_bias.shape, generator=generator, device=greedy.device), logit_bias)
     return torch.where(draws[0] < epsilon, uniform, greedy)
+
+
+def masked_greedy(values: Tensor, logit_bias: Tensor | None) -> Tensor:
+    """argmax over the last dimension, among the allowed actions where action masks' `logit_bias` is given."""
+    return (values if logit_bias is None else values + logit_bias).argmax(-1)
 
 
 class QNetwork(nn.Module):
@@ -63,15 +78,26 @@ class QNetwork(nn.Module):
         value, advantage = y[..., :1], y[..., 1:]
         return value + advantage - advantage.mean(-1, keepdim=True)
 
-    def greedy_numpy(self, obs: np.ndarray) -> np.ndarray:
-        """argmax_a Q(s, a) of member 0, in numpy (CPU acting; the dueling mean does not move the argmax)."""
+    def greedy_numpy(self, obs: np.ndarray, logit_bias: np.ndarray | None = None) -> np.ndarray:
+        """argmax_a Q(s, a) of member 0 (among the allowed actions, with action masks' `logit_bias`), in numpy
+        (CPU acting; the dueling mean does not move the argmax)."""
         y = self.body.numpy_forward(obs.reshape(len(obs), -1), member=0)
-        return (y[:, 1:] if self.dueling else y).argmax(-1)
+        q = y[:, 1:] if self.dueling else y
+        return (q if logit_bias is None else q + logit_bias).argmax(-1)
 
-    def env_action(self, obs: Tensor, deterministic: bool = True, generator: torch.Generator | None = None) -> Tensor:
-        """The greedy action of member 0; not `deterministic`: epsilon-greedy with `sample_epsilon`."""
-        greedy = self(obs)[0].argmax(-1)
-        return greedy if deterministic else sampled_greedy(greedy, self.n_actions, self.sample_epsilon, generator)
+    def env_action(
+        self,
+        obs: Tensor,
+        deterministic: bool = True,
+        generator: torch.Generator | None = None,
+        logit_bias: Tensor | None = None,
+    ) -> Tensor:
+        """The greedy action of member 0; not `deterministic`: epsilon-greedy with `sample_epsilon` (among the
+        allowed actions, with action masks' `logit_bias`)."""
+        greedy = masked_greedy(self(obs)[0], logit_bias)
+        if deterministic:
+            return greedy
+        return sampled_greedy(greedy, self.n_actions, self.sample_epsilon, generator, logit_bias)
 
 
 class ContinuousCritic(nn.Module):

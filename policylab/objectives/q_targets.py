@@ -17,6 +17,16 @@ def bootstrap(rewards: Tensor, discounts: Tensor, terminated: Tensor, next_value
     return torch.addcmul(rewards, discounts.masked_fill(terminated, 0.0), next_value)
 
 
+MASKED_Q = -1e9
+"""What a forbidden action's value becomes before a max over actions (action masks)."""
+
+
+def allowed_only(q: Tensor, allowed: Tensor | None) -> Tensor:
+    """Action values [B, A] with the forbidden actions' (where the bool mask `allowed` is false) at -1e9, so that a
+    max or argmax over actions picks an allowed one; `q` itself without a mask."""
+    return q if allowed is None else q.masked_fill(~allowed, MASKED_Q)
+
+
 def dqn_target(
     rewards: Tensor, discounts: Tensor, terminated: Tensor, next_q_target: Tensor, next_q_online: Tensor | None = None
 ) -> Tensor:
