@@ -82,10 +82,11 @@ class CommonConfig:
     episode starts, minibatches of whole sequences (nets/actor_critic.py). Its size: lstm_hidden."""
     action_masks: bool = False
     """Act only among the allowed actions (Discrete / MultiDiscrete; the on-policy actor-critics, as SB3-contrib's
-    MaskablePPO): the env gives them as an `action_masks()` method (SB3-contrib's convention; its ActionMasker
-    wrapper adds one) or as info["action_mask"] at every reset and step (Gymnasium's, e.g. Taxi-v4). The
-    forbidden actions' logits get -1e9 when acting, in the loss (their probability and gradient are exactly 0) and
-    in evaluation; the saved policy takes masks too (`Policy.act(obs, action_mask=...)`)."""
+    MaskablePPO, and dqn / qrdqn): the env gives them as an `action_masks()` method (SB3-contrib's convention; its
+    ActionMasker wrapper adds one) or as info["action_mask"] at every reset and step (Gymnasium's, e.g. Taxi-v4).
+    The forbidden actions' logits get -1e9 when acting, in the loss (their probability and gradient are exactly 0)
+    and in evaluation; a Q-network acts, explores and takes its target's max among the allowed actions. The saved
+    policy takes masks too (`Policy.act(obs, action_mask=...)`)."""
     encoder: str = "auto"
     """How observations reach the networks: auto (image observations, uint8 frames: Nature-CNN; vectors: the MLP),
     nature, impala (IMPALA-CNN), or mlp (frames scaled and flattened). Which algorithms take images:
