@@ -150,7 +150,7 @@ class Policy:
         their encoded vectors. A recurrent policy remembers the observations of earlier calls: call `reset()`
         before each new episode (`reset(ended)` for the envs of a batch whose episode ended). `action_mask`: the
         allowed actions (true or 1; one row per observation, or one row for one observation; for MultiDiscrete the
-        dimensions' choices one after another): the action is chosen among them (actor-critic policies)."""
+        dimensions' choices one after another): the action is chosen among them (actor-critics, Q-networks)."""
         if self.encoder is not None and not self.encoder.is_encoded(obs):
             single = self.encoder.is_single(obs)
             obs = self.encoder.one(obs) if single else self.encoder.batch(obs)
