@@ -32,7 +32,7 @@ from policylab.algos.offpolicy import (
 from policylab.data import Batch
 from policylab.errors import ConfigError
 from policylab.nets.cnn import ImageEncoder, flat_features, make_encoder
-from policylab.nets.critics import masked_greedy, sampled_greedy
+from policylab.nets.critics import act_on_values, masked_greedy
 from policylab.nets.mlp import StackedMLP
 from policylab.objectives.q_targets import allowed_only, quantile_huber_loss
 
@@ -90,8 +90,7 @@ class QuantileQNetwork(nn.Module):
     def greedy_numpy(self, obs: np.ndarray, logit_bias: np.ndarray | None = None) -> np.ndarray:
         """argmax_a mean_i Z_i(s, a) in numpy (CPU acting; among the allowed actions with masks' `logit_bias`)."""
         y = self.body.numpy_forward(obs.reshape(len(obs), -1), member=0)
-        q = y.reshape(len(obs), self.n_actions, self.n_quantiles).mean(-1)
-        return (q if logit_bias is None else q + logit_bias).argmax(-1)
+        return masked_greedy(y.reshape(len(obs), self.n_actions, self.n_quantiles).mean(-1), logit_bias)  # type: ignore[no-any-return]
 
     def env_action(
         self,
@@ -102,10 +101,7 @@ class QuantileQNetwork(nn.Module):
     ) -> Tensor:
         """The greedy action; not `deterministic`: epsilon-greedy with `sample_epsilon` (among the allowed actions,
         with action masks' `logit_bias`)."""
-        greedy = masked_greedy(self(obs).mean(-1), logit_bias)
-        if deterministic:
-            return greedy
-        return sampled_greedy(greedy, self.n_actions, self.sample_epsilon, generator, logit_bias)
+        return act_on_values(self(obs).mean(-1), deterministic, self.sample_epsilon, generator, logit_bias)
 
 
 class QRDQN:

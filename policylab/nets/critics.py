@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -43,9 +44,19 @@ def sampled_greedy(
     return torch.where(draws[0] < epsilon, uniform, greedy)
 
 
-def masked_greedy(values: Tensor, logit_bias: Tensor | None) -> Tensor:
-    """argmax over the last dimension, among the allowed actions where action masks' `logit_bias` is given."""
+def masked_greedy(values: Any, logit_bias: Any) -> Any:
+    """argmax over the last dimension (tensors or numpy arrays), among the allowed actions where action masks'
+    `logit_bias` is given."""
     return (values if logit_bias is None else values + logit_bias).argmax(-1)
+
+
+def act_on_values(
+    values: Tensor, deterministic: bool, epsilon: float, generator: torch.Generator | None, logit_bias: Tensor | None
+) -> Tensor:
+    """A Q-network's action from its action values [B, A]: the greedy one, or with `deterministic` false
+    epsilon-greedy with `epsilon` (among the allowed actions, with action masks' `logit_bias`)."""
+    greedy = masked_greedy(values, logit_bias)
+    return greedy if deterministic else sampled_greedy(greedy, values.shape[-1], epsilon, generator, logit_bias)
 
 
 class QNetwork(nn.Module):
@@ -82,8 +93,7 @@ class QNetwork(nn.Module):
         """argmax_a Q(s, a) of member 0 (among the allowed actions, with action masks' `logit_bias`), in numpy
         (CPU acting; the dueling mean does not move the argmax)."""
         y = self.body.numpy_forward(obs.reshape(len(obs), -1), member=0)
-        q = y[:, 1:] if self.dueling else y
-        return (q if logit_bias is None else q + logit_bias).argmax(-1)
+        return masked_greedy(y[:, 1:] if self.dueling else y, logit_bias)  # type: ignore[no-any-return]
 
     def env_action(
         self,
@@ -94,10 +104,7 @@ class QNetwork(nn.Module):
     ) -> Tensor:
         """The greedy action of member 0; not `deterministic`: epsilon-greedy with `sample_epsilon` (among the
         allowed actions, with action masks' `logit_bias`)."""
-        greedy = masked_greedy(self(obs)[0], logit_bias)
-        if deterministic:
-            return greedy
-        return sampled_greedy(greedy, self.n_actions, self.sample_epsilon, generator, logit_bias)
+        return act_on_values(self(obs)[0], deterministic, self.sample_epsilon, generator, logit_bias)
 
 
 class ContinuousCritic(nn.Module):
