@@ -100,6 +100,11 @@ def python_wording(text: str) -> str:
     return _FLAG.sub(flag, text)
 
 
+def for_reader(text: str) -> str:
+    """A message (a run's note) worded for where it is read: as written inside the CLI, else `python_wording`."""
+    return text if _CLI.get() else python_wording(text)
+
+
 class PolicylabError(Exception):
     """A user-facing error. The CLI prints its message without a traceback. `problem` and `fix` name the command
     line's flags where the CLI runs (`cli_wording`) and the Python API's arguments elsewhere (`python_wording`)."""

@@ -77,7 +77,7 @@ from policylab.envs import (
 from policylab.envs.atari import is_atari
 from policylab.envs.encode import is_image_space, needs_encoding, storage_dtype, torch_dtype
 from policylab.envs.vec import StepResult
-from policylab.errors import CheckpointError, ConfigError, TrainingDiverged
+from policylab.errors import CheckpointError, ConfigError, TrainingDiverged, for_reader
 from policylab.logging import CONFIG_YAML, SUMMARY_JSON, Progress, RunLog, fixed, new_run_dir
 from policylab.nets import matmul
 from policylab.nets.cnn import check_not_float_image
@@ -1272,12 +1272,13 @@ def train(
         point = _ResumePoint.load(algo, resume, steps)
         complete = point.complete_run()
         if complete is not None:
-            say(complete.notes[-1])
+            say(for_reader(complete.notes[-1]))
             return complete
         session = _Session.resumed(point)
     else:
         data = {"dataset": dataset, "online_steps": online_steps}
         session = _Session.new(algo, env, steps, seed, config, overrides, preset, name, runs_dir or "runs", data)
+    session.notes[:] = [for_reader(note) for note in session.notes]  # as printed, so in `Run.notes`
     for note in session.notes:
         say(note)
     cfg, loop = session.cfg, session.loop

@@ -16,6 +16,7 @@ import torch
 import policylab as pl
 from policylab.algos.fused import FusedActorCriticStep
 from policylab.algos.onpolicy import ActorCriticLoss, AutogradStep, adam
+from policylab.cli import main
 from policylab.data import Batch, ReplayBuffer
 from policylab.envs import make_single_env, make_vec_env
 from policylab.errors import ConfigError, EnvError, PolicylabError
@@ -126,6 +127,15 @@ def test_masked_ppo_learns_what_unmasked_ppo_cannot(tmp_path):
     )  # fmt: skip
     assert unmasked.final_eval["return_mean"] < 5.0
     assert any("offers action masks" in note for note in unmasked.notes), unmasked.notes
+    assert any("overrides={'action_masks': True} acts only" in note for note in unmasked.notes), "the API's wording"
+
+
+def test_the_unused_masks_note_names_the_flag_on_the_command_line(tmp_path, capsys):
+    argv = ["train", "ppo", "--env", ENV, "--steps", "256", "--runs-dir", str(tmp_path), "--no-progress"]
+    settings = ["--set", "n_steps=64", "--set", "num_envs=4", "--set", "eval_episodes=1", "--set"]
+    assert main([*argv, *settings, "env_kwargs={strict: false}"]) == 0
+    out = capsys.readouterr().out
+    assert "offers action masks (info['action_mask']); --set action_masks=true acts only" in out
 
 
 @pytest.mark.parametrize(

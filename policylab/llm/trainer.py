@@ -65,7 +65,7 @@ from policylab.checkpoint import (
     unprefixed,
 )
 from policylab.config import apply_values
-from policylab.errors import ConfigError, suggest
+from policylab.errors import ConfigError, for_reader, suggest
 from policylab.llm import LLMError, fast_train, require_llm
 from policylab.llm.epochs import ShuffledEpochs
 from policylab.llm.models import check_model, load_model, prepare_tokenizer, without_progress_bars
@@ -1818,7 +1818,7 @@ def train_llm(
         start = 0
     trainer = LLMTrainer(cfg, inputs)
     for note in notes + trainer.notes:
-        say(note)
+        say(for_reader(note))
     runs_root_existed = Path(runs_dir).exists()
     created: Path | None = None
     """The directory this call made, until its first checkpoint: removed if the run fails or is interrupted before
