@@ -26,7 +26,11 @@ Prints medians over 5 repetitions of:
   preset at 1 and 2 torch threads;
 - `--only thread-invariance`: whether SAC, TD3 and DQN runs end with the same parameters at 1 and 2 threads
   (what `threads=auto` may change during a run), at default sizes and with 32-unit layers;
-- `--only compile`: the autograd SAC update with torch.compile'd networks against eager, and the compile time.
+- `--only compile`: the autograd SAC update with torch.compile'd networks against eager, and the compile time;
+- `--only masks`: what action masks cost where they once were slow: torch's `exp` of the log-probabilities of
+  [256, 80] logits with 60 of 80 masked (-1e9) against none masked, and `softmax` of the masked ones (what the
+  heads use); the one-hot encoding of one Discrete(500) observation (Taxi's) by the encoder's per-observation
+  path and by its batch path.
 """
 
 from __future__ import annotations
@@ -39,6 +43,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import gymnasium as gym
 import numpy as np
 import torch
 from common import HelpFormatter, positive_int
@@ -461,10 +466,28 @@ def sac_compile() -> None:
     loop.close()
 
 
+def mask_costs() -> None:
+    """`--only masks` (see the docstring)."""
+    from policylab.envs.encode import ObservationEncoder
+
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(256, 80, generator=g)
+    masked = logits.clone()
+    masked[:, 20:] -= 1e9
+    for name, x in (("none masked", logits), ("60 of 80 masked", masked)):
+        logp = torch.log_softmax(x, -1)
+        print(f"exp(log_softmax), [256, 80], {name}: {timed(logp.exp, 500) * 1e6:.1f} us")
+    print(f"softmax, [256, 80], 60 of 80 masked: {timed(lambda: torch.softmax(masked, -1), 500) * 1e6:.1f} us")
+    encoder = ObservationEncoder(gym.spaces.Discrete(500))
+    one = timed(lambda: encoder.one(314), 20_000) * 1e6
+    batch = timed(lambda: encoder.batch(np.array([314]))[0], 20_000) * 1e6
+    print(f"one-hot of one Discrete(500) observation: one() {one:.1f} us, batch() of one {batch:.1f} us")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("--threads", type=positive_int, default=1, help="torch threads")
-    parts = ["matmul", "sac", "breakdown", "denormal", "threads", "thread-invariance", "compile"]
+    parts = ["matmul", "sac", "breakdown", "denormal", "threads", "thread-invariance", "compile", "masks"]
     parser.add_argument(
         "--only",
         choices=[*parts, "denormal-worker"],  # denormal-worker: --only denormal's subprocesses, not for people
@@ -483,6 +506,7 @@ def main() -> None:
             "threads": offpolicy_threads,
             "thread-invariance": thread_invariance,
             "compile": sac_compile,
+            "masks": mask_costs,
         }
         parts[args.only]()
         return

@@ -47,7 +47,7 @@ from policylab.envs.encode import storage_dtype, torch_dtype
 from policylab.envs.normalize import RunningMeanStd
 from policylab.errors import ConfigError, PolicylabError
 from policylab.nets.actor_critic import ActorCritic
-from policylab.nets.heads import mask_logit_bias
+from policylab.nets.heads import check_maskable, mask_logit_bias
 
 BACKENDS = ("ray", "inline")
 RESTART_SEED_STRIDE = 1000
@@ -78,8 +78,7 @@ def track_action_masks(cfg: Any, env: VecEnv, head: Any) -> None:
     """With `action_masks`: check that the actions can be masked, and have `env` read the masks (before its reset)."""
     if not getattr(cfg, "action_masks", False):
         return
-    if not hasattr(head, "mask_bias"):  # the error, before any env step
-        mask_logit_bias(head, np.ones((1, 1), bool), f"{cfg.env!r}")
+    check_maskable(head, repr(cfg.env))  # before any env step
     env.track_action_masks()
 
 

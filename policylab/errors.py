@@ -96,7 +96,7 @@ def python_wording(text: str) -> str:
         return f"{name}={value if _PLACEHOLDER.fullmatch(value) else repr(value)}{after}"
 
     text = _SET.sub(setting, text).replace("} overrides={", ", ")  # `--set a=1 --set b=2`: one dict
-    protected = [(m.start(), m.end()) for m in _COMMAND.finditer(text)]
+    protected = [(m.start(), m.end()) for m in _COMMAND.finditer(text)]  # again: the settings moved the commands
     return _FLAG.sub(flag, text)
 
 

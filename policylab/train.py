@@ -810,16 +810,16 @@ class OffPolicyLoop:
         stored = None if self.running_norm else norm  # what the buffer's observations are normalized with
         online_total = max(self.total - self.offline_steps, 1)
         vector_steps = max(1, -(-(self._block_end() - self.step) // cfg.num_envs))
+        next_allowed = self._allowed() if self.workers is None else None  # each step's, checked once
         for k in range(vector_steps):
             if self.step >= self.total:
                 break
-            allowed: np.ndarray | None = None
+            allowed = next_allowed
             if self.workers is not None:
                 if not self.pending:
                     self._collect_segment(self.workers, min(vector_steps - k, self._steps_left()), online_total)
                 actions, res = self.pending.popleft()
             else:
-                allowed = self._allowed()
                 masked = () if allowed is None else (allowed,)  # only the Q-learning family takes masks
                 if self.step < self.random_until:
                     actions = algo.random_actions(cfg.num_envs, *masked)
@@ -839,7 +839,8 @@ class OffPolicyLoop:
             if allowed is None:
                 buffer.add(*step)
             else:  # the allowed actions at obs and at next_obs (the reset's where an episode ended)
-                buffer.add(*step, allowed, self._allowed())
+                next_allowed = self._allowed()
+                buffer.add(*step, allowed, next_allowed)
             if self.running_norm:
                 assert norm is not None
                 norm.update(res.obs)

@@ -88,7 +88,7 @@ class FusedActorCriticStep:
         row_log_std = net.row_log_std(hidden)
         all_logp, all_entropy, head_cache = net.head.log_prob_entropy_cached(
             policy_out, row_log_std, actions, need_entropy=with_metrics or spec.ent_coef != 0.0,
-            **({} if bias is None else {"masked": True}),
+            masked=bias is not None,
         )  # fmt: skip
         logp, values = all_logp[:size], all_values[:size]
         entropy = None if all_entropy is None else all_entropy[:size]

@@ -285,9 +285,7 @@ class ActorCritic(nn.Module):
         self, out: Tensor, log_std: Tensor | None, actions: Tensor, logit_bias: Tensor | None
     ) -> tuple[Tensor, Tensor]:
         """The head's (log-probs, entropies) of `actions`, under the action masks' `logit_bias` if given."""
-        if logit_bias is None:
-            return self.head.log_prob_entropy(out, log_std, actions)
-        return self.head.log_prob_entropy(out + logit_bias, log_std, actions, masked=True)  # type: ignore[call-arg]
+        return self.head.log_prob_entropy(masked(out, logit_bias), log_std, actions, masked=logit_bias is not None)
 
     def predict_values(self, obs: Tensor, rows: Tensor | None = None) -> Tensor:
         """V(obs); a recurrent network reads (without stepping) the rollout states of the envs `rows` (all: None)."""

@@ -23,20 +23,25 @@ _MASKED = -1e9  # logit bias of the unused entries of a MultiDiscrete grid (prob
 
 
 def _probabilities(logp_all: Tensor, logits: Tensor, masked: bool) -> Tensor:
-    """exp(log-softmax): with masked logits (-1e9 entries) through softmax instead, whose kernel is ~8x faster than
-    torch's exp on inputs that underflow (its exp of -1e9 takes ~200 us per 20k entries on CPU, 22 us otherwise)."""
+    """exp(log-softmax): with masked logits (-1e9 entries) through softmax instead, whose CPU kernel keeps its speed
+    where torch's exp slows down on inputs that underflow (`benchmarks/micro.py --only masks`)."""
     return torch.softmax(logits, dim=-1) if masked else logp_all.exp()
 
 
-def mask_logit_bias(head: Any, masks: Any, source: str, error: type[PolicylabError] = EnvError) -> np.ndarray:
-    """Action masks [B, head.mask_size] (true or 1: allowed) as the logit bias [B, n_outputs] that `head` adds to
-    its logits; one `error` naming `source` where the masks do not fit the action space or a row allows nothing."""
+def check_maskable(head: Any, source: str, error: type[PolicylabError] = EnvError) -> None:
+    """One `error` naming `source` where `head`'s actions cannot be masked (anything but Discrete / MultiDiscrete)."""
     if not hasattr(head, "mask_bias"):
         raise error(
             f"action masks apply to Discrete and MultiDiscrete actions; {source} belongs to an env with "
             f"{'continuous (Box)' if getattr(head, 'continuous', False) else type(head).__name__} actions",
             "drop action_masks (continuous actions have no invalid choices to mask)",
         )
+
+
+def mask_logit_bias(head: Any, masks: Any, source: str, error: type[PolicylabError] = EnvError) -> np.ndarray:
+    """Action masks [B, head.mask_size] (true or 1: allowed) as the logit bias [B, n_outputs] that `head` adds to
+    its logits; one `error` naming `source` where the masks do not fit the action space or a row allows nothing."""
+    check_maskable(head, source, error)
     flags = np.asarray(masks)
     if flags.ndim != 2 or flags.shape[1] != head.mask_size:
         raise error(
@@ -357,14 +362,17 @@ class GaussianHead:
         u = torch.addcmul(mean, torch.exp(log_std), noise)
         return u, self._log_prob(mean, log_std, u)
 
-    def log_prob_entropy(self, mean: Tensor, log_std: Tensor | None, actions: Tensor) -> tuple[Tensor, Tensor]:
+    def log_prob_entropy(
+        self, mean: Tensor, log_std: Tensor | None, actions: Tensor, masked: bool = False
+    ) -> tuple[Tensor, Tensor]:
+        """`masked`: part of every head's signature; Box actions are never masked (`check_maskable`)."""
         assert log_std is not None
         actions = actions.reshape(mean.shape)
         entropy = (log_std + 0.5 * (1.0 + _LOG_2PI)).sum(-1).expand(mean.shape[0])
         return self._log_prob(mean, log_std, actions), entropy
 
     def log_prob_entropy_cached(
-        self, mean: Tensor, log_std: Tensor | None, actions: Tensor, need_entropy: bool = True
+        self, mean: Tensor, log_std: Tensor | None, actions: Tensor, need_entropy: bool = True, masked: bool = False
     ) -> tuple[Tensor, Tensor | None, tuple[Tensor, ...]]:
         """`log_prob_entropy` without autograd (no squashing), keeping what `grad` needs."""
         assert log_std is not None and not self.squash
