@@ -334,6 +334,29 @@ PRESETS["tqc"] = {
         for env in _MUJOCO
     },
 }
+_ZOO_CROSSQ = (
+    f"rl-baselines3-zoo hyperparams/crossq.yml ({_ZOO}/208b6fdf3a9aa24de44b2e068c6e5f6a07d97fcc/hyperparams/crossq.yml)"
+)
+PRESETS["crossq"] = {
+    "Pendulum-v1": Preset(
+        {"steps": 20_000, "actor_delay": 2, "hidden_sizes": [256, 256], "critic_hidden_sizes": [256, 256]},
+        f"{_ZOO_CROSSQ}, entry Pendulum-v1 (its net_arch [256, 256] is the actor's and the critics')",
+    ),
+    **{
+        env: Preset(
+            {
+                "steps": 5_000_000,
+                "lr": 1e-3,
+                "learning_starts": 5000,
+                "actor_delay": 3,
+                "hidden_sizes": [256, 256],
+                "critic_hidden_sizes": [2048, 2048],
+            },
+            f"{_ZOO_CROSSQ}, entry {env[:-3]}-v4 used for v5",
+        )
+        for env in _MUJOCO
+    },
+}
 for _algo in ("td3", "ddpg"):
     PRESETS[_algo] = {
         "Pendulum-v1": Preset(dict(_TD3_PENDULUM), f"{_zoo_file(_algo)}, entry Pendulum-v1"),

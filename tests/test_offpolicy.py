@@ -29,6 +29,8 @@ CASES = [
     ("td3", "Pendulum-v1", {"anneal_lr": True}),
     ("ddpg", "Pendulum-v1", {}),
     ("tqc", "Pendulum-v1", {"n_quantiles": 5}),
+    # the renormalizations' warmup ends after the stop: their step counts must come back from the checkpoint
+    ("crossq", "Pendulum-v1", {"critic_hidden_sizes": [32, 32], "renorm_warmup": 300}),
     ("dqn", "CartPole-v1", {"target_update_interval": 50, "double_q": True, "dueling": True, "n_step": 3}),
     ("dqn", "CartPole-v1", {"prioritized": True, "num_envs": 2, "anneal_lr": True}),
     ("sac_discrete", "CartPole-v1", {"num_envs": 2, "train_freq": 2, "gradient_steps": 3}),

@@ -14,6 +14,7 @@ from policylab.algos.awac import AWAC, AWACConfig
 from policylab.algos.bc import BC, BCConfig
 from policylab.algos.cal_ql import CalQL, CalQLConfig
 from policylab.algos.cql import CQL, CQLConfig, DiscreteCQL, DiscreteCQLConfig
+from policylab.algos.crossq import CrossQ, CrossQConfig
 from policylab.algos.diffusion_ql import ConsistencyACConfig, DiffusionQL, DiffusionQLConfig, EDPConfig
 from policylab.algos.dppo import DPPO, DPPOConfig
 from policylab.algos.dqn import DQN, DQNConfig
@@ -91,6 +92,7 @@ ALGORITHMS: dict[str, AlgoSpec] = {
         AlgoSpec("mdpo_sac", MDPOSACConfig, SAC, "off-policy", OFF_POLICY, "off-policy MDPO: SAC + KL to pi_k"),
         AlgoSpec("sac_discrete", DiscreteSACConfig, DiscreteSAC, "off-policy", OFF_POLICY, "SAC for discrete actions"),
         AlgoSpec("tqc", TQCConfig, TQC, "off-policy", OFF_POLICY, "TQC: SAC with truncated quantile critics"),
+        AlgoSpec("crossq", CrossQConfig, CrossQ, "off-policy", OFF_POLICY, "CrossQ: SAC, batch renorm, no targets"),
         AlgoSpec("bc", BCConfig, BC, "off-policy", OFFLINE, "behaviour cloning (deterministic, Gaussian, discrete)"),
         AlgoSpec("td3_bc", TD3BCConfig, TD3, "off-policy", OFFLINE, "TD3+BC: TD3 with a behaviour-cloning term"),
         AlgoSpec("iql", IQLConfig, IQL, "off-policy", OFFLINE, "IQL: expectile values, advantage-weighted actor"),

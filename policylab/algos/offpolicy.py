@@ -255,10 +255,17 @@ class FlatAdam:
     """A module's parameters as one flat tensor with Adam on it: zeroing, clipping and the step are one
     operator call each, whatever the number of parameter tensors."""
 
-    def __init__(self, module: nn.Module, lr: float, max_grad_norm: float | None = None, eps: float = 1e-8) -> None:
+    def __init__(
+        self,
+        module: nn.Module,
+        lr: float,
+        max_grad_norm: float | None = None,
+        eps: float = 1e-8,
+        betas: tuple[float, float] = (0.9, 0.999),
+    ) -> None:
         self.module = module
         self.params = ParameterBuffer(module.parameters())
-        self.optimizer = Adam([self.params.flat], lr=lr, eps=eps)
+        self.optimizer = Adam([self.params.flat], lr=lr, eps=eps, betas=betas)
         self.max_grad_norm = max_grad_norm
         self._written_by: tuple[nn.Module, bool] | None = None
 
@@ -422,7 +429,7 @@ def explore_tanh_gaussian(
         noise = sde.draws(len(obs), generator)
     else:
         noise = torch.randn((len(obs), actor.act_dim), generator=generator, device=generator.device)
-    if actor.body.analytic_backward and noise.device.type == "cpu":
+    if actor.body.numpy_acting and noise.device.type == "cpu":
         return actor.sample_numpy(obs, noise.numpy())
     with torch.inference_mode():
         obs_tensor = torch.as_tensor(obs, device=noise.device)

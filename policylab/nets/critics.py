@@ -18,6 +18,7 @@ from torch import Tensor, nn
 
 from policylab.nets.cnn import ImageEncoder, flat_features
 from policylab.nets.mlp import StackedMLP
+from policylab.nets.renorm import RenormSettings
 from policylab.nets.sde import exploration_matrices, sde_log_std
 
 _LOG_2 = math.log(2.0)
@@ -119,10 +120,13 @@ class ContinuousCritic(nn.Module):
         members: int = 2,
         layer_norm: bool = False,
         quantiles: int = 1,
+        batch_renorm: RenormSettings | None = None,
     ) -> None:
         super().__init__()
         self.quantiles = quantiles
-        self.body = StackedMLP(members, obs_dim + act_dim, hidden_sizes, quantiles, activation, layer_norm)
+        self.body = StackedMLP(
+            members, obs_dim + act_dim, hidden_sizes, quantiles, activation, layer_norm, batch_renorm
+        )
 
     def forward(self, obs: Tensor, actions: Tensor, members: int | None = None) -> Tensor:
         """`members=m`: only the first m critics."""
@@ -202,6 +206,8 @@ class TanhGaussianActor(_BoundedActor):
     log(1 - tanh(u)^2) = 2 (log 2 - u - softplus(-2u)) for numerical stability. The density is
     that of the [-1, 1] action (as in SB3), so entropy targets do not depend on the env's bounds.
 
+    With `batch_renorm` (CrossQ): batch renormalization before every linear layer (nets/renorm.py).
+
     With `sde` (gSDE, nets/sde.py; SB3's SAC `use_sde`): the body outputs the mean alone, clipped to
     +-`clip_mean` (SB3's Hardtanh), `log_std` is a [features, A] parameter and each row's log std comes from the
     last hidden features; exploration offsets the mean by phi(s) W with a held matrix W per env
@@ -219,11 +225,13 @@ class TanhGaussianActor(_BoundedActor):
         sde: bool = False,
         log_std_init: float = -3.0,
         clip_mean: float = 2.0,
+        batch_renorm: RenormSettings | None = None,
     ) -> None:
         super().__init__(low, high)
         self.act_dim = low.numel()
         self.sde, self.clip_mean = sde, clip_mean
-        self.body = StackedMLP(1, obs_dim, hidden_sizes, self.act_dim if sde else 2 * self.act_dim, activation)
+        out_dim = self.act_dim if sde else 2 * self.act_dim
+        self.body = StackedMLP(1, obs_dim, hidden_sizes, out_dim, activation, batch_renorm=batch_renorm)
         self.log_std_bounds = log_std_bounds
         self.latent_dim = hidden_sizes[-1] if hidden_sizes else obs_dim
         if sde:

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from policylab.nets import matmul
+from policylab.nets.renorm import RenormSettings, StackedBatchRenorm
 
 ACTIVATION_FNS = {"tanh": torch.tanh, "relu": torch.relu, "elu": nn.functional.elu, "silu": nn.functional.silu}
 INPLACE_ACTIVATION_FNS = {"tanh": torch.tanh_, "relu": torch.relu_}
@@ -33,6 +34,7 @@ class StackedMLP(nn.Module):
         out_dim: int,
         activation: str = "tanh",
         layer_norm: bool = False,
+        batch_renorm: RenormSettings | None = None,
     ) -> None:
         super().__init__()
         dims = [in_dim, *hidden_sizes, out_dim]
@@ -56,6 +58,13 @@ class StackedMLP(nn.Module):
         self.norm_shifts = nn.ParameterList(
             nn.Parameter(torch.zeros(members, 1, d)) for d in (hidden_sizes if layer_norm else ())
         )
+        # Batch renormalization before every linear layer (CrossQ's networks, nets/renorm.py): running statistics
+        # unless `batch_stats` is set (by renorm.batch_statistics, for training passes).
+        self.renorms: list[StackedBatchRenorm] | None = None
+        self.batch_stats = False
+        if batch_renorm is not None:
+            self.renorm_layers = nn.ModuleList(StackedBatchRenorm(members, d, batch_renorm) for d in dims[:-1])
+            self.renorms = list(self.renorm_layers)  # type: ignore[arg-type]
         # Plain lists of the same Parameter objects: ParameterList indexing costs microseconds per call.
         self._layers = list(zip(self.weights, self.biases, self.transposed))
         self._numpy_key: tuple[int, ...] = ()
@@ -93,7 +102,14 @@ class StackedMLP(nn.Module):
 
     @property
     def analytic_backward(self) -> bool:
-        """Whether `forward_cached`/`backward`/`numpy_forward` apply: tanh or relu, no LayerNorm."""
+        """Whether `forward_cached`/`backward`/`numpy_forward` apply: tanh or relu, no LayerNorm or batch
+        renormalization."""
+        return self.numpy_acting and self.renorms is None
+
+    @property
+    def numpy_acting(self) -> bool:
+        """Whether `numpy_forward` applies: tanh or relu, no LayerNorm (batch renormalization acts on running
+        statistics, which numpy reads)."""
         return self.activation in ("tanh", "relu") and not self.layer_norm
 
     def forward(self, x: Tensor, members: int | None = None) -> Tensor:
@@ -111,6 +127,8 @@ class StackedMLP(nn.Module):
         for i, (w, b, transposed) in enumerate(self._layers[:-1]):
             if members is not None:
                 w, b = w[:k], b[:k]
+            if self.renorms is not None:
+                h = self.renorms[i](h, self.batch_stats)
             h = matmul.affine(b, h, w.transpose(1, 2) if transposed else w)
             if self.layer_norm:
                 h = F.layer_norm(h, h.shape[-1:]) * self.norm_scales[i][:k] + self.norm_shifts[i][:k]
@@ -118,7 +136,10 @@ class StackedMLP(nn.Module):
         w, b, transposed = self._layers[-1]
         if members is not None:
             w, b = w[:k], b[:k]
-        return matmul.affine(b, h, w.transpose(1, 2) if transposed else w), h
+        features = h
+        if self.renorms is not None:
+            h = self.renorms[-1](h, self.batch_stats)
+        return matmul.affine(b, h, w.transpose(1, 2) if transposed else w), features
 
     def numpy_forward(self, x: np.ndarray, member: int | None = None) -> np.ndarray:
         """The forward pass in numpy (tanh/relu, CPU), for acting on small batches: a numpy call costs
@@ -130,7 +151,9 @@ class StackedMLP(nn.Module):
         """`numpy_forward`'s output and the last hidden layer's activations (as `forward_features`)."""
         layers = self._numpy_views()[member if member is not None else -1]
         h = x
-        for w, b in layers[:-1]:
+        for i, (w, b) in enumerate(layers[:-1]):
+            if self.renorms is not None:
+                h = self.renorms[i].numpy_forward(h, member)
             h = np.matmul(h, w)
             h += b
             if self.activation == "tanh":
@@ -138,7 +161,7 @@ class StackedMLP(nn.Module):
             else:
                 np.maximum(h, 0.0, out=h)
         w, b = layers[-1]
-        out = np.matmul(h, w)
+        out = np.matmul(h if self.renorms is None else self.renorms[-1].numpy_forward(h, member), w)
         out += b
         return out, h
 

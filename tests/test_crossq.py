@@ -1,0 +1,160 @@
+"""CrossQ: batch renormalization checked by hand, the joint critic pass, running statistics for acting and
+loading, the settings' errors, and learning Pendulum."""
+
+from __future__ import annotations
+
+import gymnasium as gym
+import numpy as np
+import pytest
+import torch
+
+import policylab as pl
+from policylab.algos.crossq import CrossQ, CrossQConfig
+from policylab.data import Batch
+from policylab.errors import ConfigError
+from policylab.nets.mlp import StackedMLP
+from policylab.nets.renorm import RenormSettings, StackedBatchRenorm, batch_statistics
+from tests.helpers import train_until
+
+EPS = 1e-3
+
+
+def _renorm(warmup: int, momentum: float = 0.1) -> StackedBatchRenorm:
+    layer = StackedBatchRenorm(2, 3, RenormSettings(momentum=momentum, eps=EPS, warmup_steps=warmup))
+    with torch.no_grad():
+        layer.scale.copy_(torch.tensor([[[1.0, 2.0, 0.5]], [[3.0, 1.0, 1.0]]]))
+        layer.shift.copy_(torch.tensor([[[0.0, -1.0, 0.5]], [[1.0, 0.0, 2.0]]]))
+    return layer
+
+
+def _inputs(seed: int) -> np.ndarray:
+    return np.random.default_rng(seed).normal(2.0, 3.0, size=(2, 8, 3))
+
+
+def test_batch_renorm_is_batch_norm_during_its_warmup_and_moves_the_running_statistics():
+    layer, x = _renorm(warmup=10), _inputs(0)
+    out = layer(torch.tensor(x, dtype=torch.float32), batch_stats=True).detach().numpy()
+    mean, var = x.mean(1, keepdims=True), x.var(1, ddof=1, keepdims=True)  # the unbiased variance
+    scale, shift = layer.scale.detach().numpy(), layer.shift.detach().numpy()
+    np.testing.assert_allclose(out, (x - mean) / np.sqrt(var + EPS) * scale + shift, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(layer.running_mean.numpy(), 0.1 * mean, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(layer.running_var.numpy(), 0.9 + 0.1 * var, rtol=1e-5)
+    assert int(layer.steps) == 1
+
+
+def test_batch_renorm_after_its_warmup_corrects_the_batch_by_the_running_statistics():
+    layer = _renorm(warmup=0)  # the first pass is plain batch normalization whatever the warmup, the second not
+    first, second = _inputs(1), _inputs(2) * 0.1 + 8.0  # a second batch far from the running statistics
+    layer(torch.tensor(first, dtype=torch.float32), batch_stats=True)
+    mu, var = layer.running_mean.numpy().copy(), layer.running_var.numpy().copy()
+    out = layer(torch.tensor(second, dtype=torch.float32), batch_stats=True).detach().numpy()
+    b_mean, b_var = second.mean(1, keepdims=True), second.var(1, ddof=1, keepdims=True)
+    sigma = np.sqrt(var + EPS)
+    r = np.clip(np.sqrt(b_var + EPS) / sigma, 1 / 3, 3)
+    d = np.clip((b_mean - mu) / sigma, -5, 5)
+    assert (np.abs(d) == 5).any() and (r == 1 / 3).any()  # the clips bind
+    x_hat = (second - (b_mean - d * np.sqrt(b_var) / r)) / np.sqrt(b_var / r**2 + EPS)
+    expected = x_hat * layer.scale.detach().numpy() + layer.shift.detach().numpy()
+    np.testing.assert_allclose(out, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_batch_renorm_uses_running_statistics_outside_training_passes_in_torch_and_numpy():
+    layer, x = _renorm(warmup=0), _inputs(3)
+    layer(torch.tensor(x, dtype=torch.float32), batch_stats=True)
+    mu, var = layer.running_mean.numpy().copy(), layer.running_var.numpy().copy()
+    probe = _inputs(4)
+    expected = (probe - mu) / np.sqrt(var + EPS) * layer.scale.detach().numpy() + layer.shift.detach().numpy()
+    out = layer(torch.tensor(probe, dtype=torch.float32), batch_stats=False).detach().numpy()
+    np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(layer.numpy_forward(probe[1], member=1), expected[1], rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(layer.running_mean.numpy(), mu)  # unchanged by the running-statistics passes
+
+
+def test_a_renormalized_mlp_acts_alike_in_numpy_and_torch_and_batch_statistics_is_scoped():
+    torch.manual_seed(0)
+    mlp = StackedMLP(1, 4, [16, 16], 2, "relu", batch_renorm=RenormSettings(warmup_steps=0))
+    x = torch.randn(64, 4) * 3 + 1
+    with batch_statistics(mlp):
+        assert mlp.batch_stats
+        mlp(x)
+        mlp(x * 2)
+    assert not mlp.batch_stats and not mlp.analytic_backward and mlp.numpy_acting
+    with pytest.raises(RuntimeError), batch_statistics(mlp):
+        raise RuntimeError("inside")
+    assert not mlp.batch_stats  # restored on errors too
+    probe = torch.randn(5, 4)
+    with torch.no_grad():
+        expected = mlp(probe)[0].numpy()
+    np.testing.assert_allclose(mlp.numpy_forward(probe.numpy(), member=0), expected, rtol=1e-5, atol=1e-5)
+
+
+def _algo(**settings) -> CrossQ:
+    cfg = CrossQConfig(hidden_sizes=[8], critic_hidden_sizes=[8], renorm_momentum=1.0, threads=1, **settings)
+    cfg.validate()
+    obs_space = gym.spaces.Box(-5.0, 5.0, (3,), np.float32)
+    return CrossQ(cfg, obs_space, gym.spaces.Box(-2.0, 2.0, (1,), np.float32))
+
+
+def _batch(n: int = 16) -> Batch:
+    g = torch.Generator().manual_seed(0)
+    return Batch(
+        obs=torch.randn(n, 3, generator=g),
+        actions=torch.rand(n, 1, generator=g) * 2 - 1,
+        rewards=torch.randn(n, generator=g),
+        next_obs=torch.randn(n, 3, generator=g) + 4.0,  # far from obs: the joint statistics differ from either's
+        terminated=torch.zeros(n, dtype=torch.bool),
+        discounts=torch.full((n,), 0.99),
+    )
+
+
+def test_the_critic_normalizes_current_and_next_state_actions_together():
+    """With momentum 1 the first renormalization's running mean after one update is the mean of its training
+    pass: over [s, a] and [s', a'] together (the actor's next actions, drawn before the critic's step)."""
+    algo, batch = _algo(), _batch()
+    algo.update(batch, 1)  # not an actor step (actor_delay 3): the actor's statistics stay where they were
+    first = algo.critic.body.renorms[0]  # type: ignore[index]
+    obs_mean = torch.cat([batch.obs, batch.next_obs]).mean(0)
+    np.testing.assert_allclose(first.running_mean[0, 0, :3].numpy(), obs_mean.numpy(), rtol=1e-5, atol=1e-6)
+    assert int(first.steps) == 1
+    assert all(int(r.steps) == 0 for r in algo.net.body.renorms)  # type: ignore[union-attr]
+    algo.update(batch, 3)  # an actor step: one training pass of the actor, on s only
+    actor_first = algo.net.body.renorms[0]  # type: ignore[index]
+    np.testing.assert_allclose(actor_first.running_mean[0, 0].numpy(), batch.obs.mean(0).numpy(), rtol=1e-5, atol=1e-6)
+    assert int(first.steps) == 2 and int(actor_first.steps) == 1
+
+
+@pytest.mark.parametrize(
+    ("settings", "named"),
+    [
+        ({"renorm_momentum": 0.0}, "renorm_momentum"),
+        ({"adam_beta1": 1.0}, "adam_beta1"),
+        ({"renorm_warmup": -1}, "renorm_warmup"),
+        ({"critic_hidden_sizes": []}, "critic_hidden_sizes"),
+        ({"actor_delay": 0}, "actor_delay"),
+    ],
+)
+def test_bad_settings_are_errors_that_name_them(settings, named):
+    with pytest.raises(ConfigError, match=named):
+        CrossQConfig(**settings).validate()
+
+
+def test_crossq_reaches_minus_250_on_pendulum_and_its_loaded_policy_keeps_the_running_statistics(tmp_path):
+    run, evaluations = train_until(
+        -250,
+        "crossq",
+        env="Pendulum-v1",
+        steps=15_000,
+        seed=1,
+        overrides={
+            "eval_every": 1000,
+            "eval_episodes": 10,
+            "checkpoint_every": 0,
+            "hidden_sizes": [64, 64],
+            "critic_hidden_sizes": [64, 64],
+        },
+        runs_dir=tmp_path,
+    )
+    assert evaluations and evaluations[-1][1] >= -250, evaluations
+    policy = pl.load(run.dir)
+    assert int(policy.net.body.renorms[0].steps) > 0  # the statistics came back with the weights
+    assert pl.evaluate(policy, episodes=5, seed=7)["return_mean"] >= -400
