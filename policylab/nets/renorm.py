@@ -103,7 +103,9 @@ class StackedBatchRenorm(nn.Module):
 def batch_statistics(*modules: nn.Module) -> Iterator[None]:
     """Inside: every batch-renormalized `StackedMLP` in `modules` normalizes by batch statistics and updates its
     running ones (CrossQ's training passes); outside, running statistics."""
-    bodies = [m for module in modules for m in module.modules() if getattr(m, "renorms", None) is not None]
+    from policylab.nets.mlp import StackedMLP  # mlp.py imports this module
+
+    bodies = [m for module in modules for m in module.modules() if isinstance(m, StackedMLP) and m.renorms]
     for body in bodies:
         body.batch_stats = True
     try:
