@@ -31,6 +31,9 @@ Cases (policylab with `preset="none"` and every hyperparameter set explicitly; S
 * `tqc-pendulum`: TQC against sb3-contrib's TQC, Pendulum-v1, rl-zoo's entry (lr 1e-3, 20k steps) and
   sb3-contrib's defaults otherwise: `sac-pendulum`'s values plus 2 critics of 25 quantiles, the top 2 per critic
   dropped from the pooled target.
+* `crossq-pendulum`: CrossQ against sb3-contrib's CrossQ, Pendulum-v1, rl-zoo's entry (20k steps, policy_delay
+  2, [256, 256] for the actor and the critics) and sb3-contrib's defaults otherwise: `sac-pendulum`'s values
+  without target networks, Adam betas (0.5, 0.999), batch renormalization (momentum 0.01, eps 1e-3, warmup 100k).
 * `qrdqn-cartpole`: QR-DQN against sb3-contrib's QRDQN, CartPole-v1, rl-zoo's entry (`dqn-cartpole`'s values
   with 10 quantiles and, as sb3-contrib's QRDQN, no gradient clipping and Adam's epsilon at 0.01 / batch size).
 
@@ -165,6 +168,30 @@ def _tqc_pendulum() -> Case:
     sb3_kwargs = {**sac.sb3_kwargs, "top_quantiles_to_drop_per_net": 2}
     sb3_kwargs["policy_kwargs"] = {**sac.sb3_kwargs["policy_kwargs"], "n_quantiles": 25}
     return dataclasses.replace(sac, algo="tqc", sb3="TQC", sb3_module="sb3_contrib", ours=ours, sb3_kwargs=sb3_kwargs)
+
+
+def _crossq_pendulum() -> Case:
+    """rl-zoo's CrossQ Pendulum-v1 entry (20k steps, policy_delay 2, net_arch [256, 256] for actor and critics) on
+    sb3-contrib's defaults otherwise: `sac-pendulum`'s values without target networks, Adam betas (0.5, 0.999),
+    batch renormalization (momentum 0.01, eps 1e-3, 100k warmup passes)."""
+    sac = _sac("Pendulum-v1", 20_000, 100, 1e-3)
+    dropped = ("tau", "target_update_interval", "critic_layer_norm")
+    ours = {k: v for k, v in sac.ours.items() if k not in dropped}
+    ours.update(
+        {
+            "actor_delay": 2,
+            "critic_hidden_sizes": [256, 256],
+            "adam_beta1": 0.5,
+            "renorm_momentum": 0.01,
+            "renorm_eps": 1e-3,
+            "renorm_warmup": 100_000,
+        }
+    )
+    sb3_kwargs = {k: v for k, v in sac.sb3_kwargs.items() if k != "tau"}
+    sb3_kwargs["policy_delay"] = 2
+    return dataclasses.replace(
+        sac, algo="crossq", sb3="CrossQ", sb3_module="sb3_contrib", ours=ours, sb3_kwargs=sb3_kwargs
+    )
 
 
 def _qrdqn_cartpole() -> Case:
@@ -314,6 +341,7 @@ CASES: dict[str, Case] = {
 }
 CASES["tqc-pendulum"] = _tqc_pendulum()
 CASES["qrdqn-cartpole"] = _qrdqn_cartpole()
+CASES["crossq-pendulum"] = _crossq_pendulum()
 
 
 def run_settings(case: Case, a: argparse.Namespace) -> tuple[int, int]:
@@ -544,7 +572,13 @@ def check_sb3(case: Case, model: Any, torch: Any) -> None:
     bad = []
     if pol.net_arch != want_arch or pol.activation_fn is not torch.nn.ReLU:
         bad.append(f"net {pol.net_arch} {pol.activation_fn}")
-    if case.sb3 in ("SAC", "TQC"):
+    if case.sb3 == "CrossQ":
+        renorms = [m for m in pol.modules() if type(m).__name__ == "BatchRenorm1d"]
+        settings = {(m.momentum, m.eps, m.warmup_steps) for m in renorms}
+        betas = {o.optimizer.defaults["betas"] for o in (pol.actor, pol.critic)}
+        if not renorms or settings != {(0.01, 1e-3, 100_000)} or betas != {(0.5, 0.999)}:
+            bad.append(f"batch renorm {settings} / Adam betas {betas}")
+    if case.sb3 in ("SAC", "TQC", "CrossQ"):
         dim = model.action_space.shape[0]
         if float(model.log_ent_coef.exp()) != 1.0 or model.target_entropy != -dim or pol.share_features_extractor:
             bad.append("entropy coefficient / target / shared extractor")

@@ -53,9 +53,37 @@ def test_batch_renorm_after_its_warmup_corrects_the_batch_by_the_running_statist
     r = np.clip(np.sqrt(b_var + EPS) / sigma, 1 / 3, 3)
     d = np.clip((b_mean - mu) / sigma, -5, 5)
     assert (np.abs(d) == 5).any() and (r == 1 / 3).any()  # the clips bind
-    x_hat = (second - (b_mean - d * np.sqrt(b_var) / r)) / np.sqrt(b_var / r**2 + EPS)
+    x_hat = r * (second - b_mean) / np.sqrt(b_var + EPS) + d  # the paper's (Ioffe 2017, algorithm 1)
     expected = x_hat * layer.scale.detach().numpy() + layer.shift.detach().numpy()
     np.testing.assert_allclose(out, expected, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("warmup", [10, 0])
+def test_batch_renorm_gradients_equal_autograd_of_the_formula(warmup):
+    """The hand-written backward against autograd through the same formula, in float64, before and after the
+    warmup (r and d constants); a feature constant over the batch keeps a finite gradient."""
+    torch.manual_seed(0)
+    layer = _renorm(warmup=warmup).double()
+    layer(torch.tensor(_inputs(5)), batch_stats=True)  # the second pass is renormalized when warmup is 0
+    mu, var = layer.running_mean.clone(), layer.running_var.clone()
+    x = torch.tensor(_inputs(6), requires_grad=True)
+    with torch.no_grad():
+        x[:, :, 1] = 0.5  # a constant feature
+    upstream = torch.randn(2, 8, 3, dtype=torch.float64)
+    (layer(x, batch_stats=True) * upstream).sum().backward()
+    ours = [x.grad.clone(), layer.scale.grad.clone(), layer.shift.grad.clone()]
+    x.grad, layer.scale.grad, layer.shift.grad = None, None, None
+    b_mean, b_var = x.mean(1, keepdim=True), x.var(1, keepdim=True)
+    r, d = torch.ones_like(b_var), torch.zeros_like(b_var)
+    if warmup == 0:
+        sigma = (var + EPS).sqrt()
+        r = ((b_var.detach() + EPS).sqrt() / sigma).clamp(1 / 3, 3)
+        d = ((b_mean.detach() - mu) / sigma).clamp(-5, 5)
+    y = layer.scale * (r * (x - b_mean) / (b_var + EPS).sqrt() + d) + layer.shift
+    (y * upstream).sum().backward()
+    for got, want in zip(ours, [x.grad, layer.scale.grad, layer.shift.grad]):
+        assert torch.isfinite(got).all()
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
 
 
 def test_batch_renorm_uses_running_statistics_outside_training_passes_in_torch_and_numpy():

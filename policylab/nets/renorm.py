@@ -4,14 +4,18 @@
 A layer normalizes its input x [K, B, d] per member and feature:
 
     with batch statistics (inside `batch_statistics(...)`, training steps only):
-        mu_B, var_B = mean and unbiased variance of x over the batch; the running ones move towards them by
-        `momentum`; after `warmup_steps` such calls the batch's normalization is corrected towards the running
-        one by r = clip(sigma_B / sigma, 1/r_max, r_max) and d = clip((mu_B - mu) / sigma, -d_max, d_max), both
-        without gradient (sigma = sqrt(var + eps)): x_hat = (x - (mu_B - d sqrt(var_B) / r)) / sqrt(var_B / r^2 + eps)
-        (before the warmup: plain batch normalization, r = 1, d = 0)
-    otherwise (acting, evaluation, target values, the actor's loss through the critic):
+        mu_B, var_B = mean and unbiased variance of x over the batch, sigma_B = sqrt(var_B + eps);
+        x_hat = r (x - mu_B) / sigma_B + d, with r = 1, d = 0 for the first `warmup_steps` + 1 such passes and then
+        r = clip(sigma_B / sigma, 1/r_max, r_max), d = clip((mu_B - mu) / sigma, -d_max, d_max) from the running
+        mu, sigma = sqrt(var + eps), both constants (no gradient) as in the paper's algorithm 1; the running
+        statistics then move towards the batch's by `momentum`
+    otherwise (acting, evaluation, the actor's loss through the critic):
         x_hat = (x - mu) / sqrt(var + eps), the running statistics
     y = scale * x_hat + shift
+
+sb3-contrib's BatchRenorm puts eps inside the corrected variance (sqrt(var_B / r^2 + eps)) and lets gradients
+flow through sqrt(var_B) in the mean's correction: the two differ by where eps enters, and after the warmup its
+input gradient is NaN for a feature constant over the batch (var_B = 0), where this one's is finite.
 
 Running statistics are the default so that a loaded policy, an evaluation or a single observation never
 normalizes by its own batch; training code opts in to batch statistics with the context manager.
@@ -61,31 +65,24 @@ class StackedBatchRenorm(nn.Module):
 
     def forward(self, x: Tensor, batch_stats: bool) -> Tensor:
         """x: [k, B, d], the input of the first k members."""
-        k = len(x)
-        mean, var = self.running_mean[:k], self.running_var[:k]
-        if batch_stats:
-            mean, var = self._batch_statistics(x, k)
-        return torch.addcmul(self.shift[:k], (x - mean) * torch.rsqrt(var + self.settings.eps), self.scale[:k])
-
-    def _batch_statistics(self, x: Tensor, k: int) -> tuple[Tensor, Tensor]:
-        """The (mean, variance) to normalize `x` with, and one step of the running statistics."""
-        s = self.settings
-        batch_var, batch_mean = torch.var_mean(x, dim=1, keepdim=True)
-        mean, var = batch_mean, batch_var
+        k, s = len(x), self.settings
         running_mean, running_var = self.running_mean[:k], self.running_var[:k]
-        if self._steps > s.warmup_steps:
-            with torch.no_grad():
+        if not batch_stats:
+            return torch.addcmul(self.shift[:k], x - running_mean, self.scale[:k] * torch.rsqrt(running_var + s.eps))
+        r = d = None
+        with torch.no_grad():
+            batch_mean = x.mean(1, keepdim=True)
+            centred = x - batch_mean
+            batch_var = (centred * centred).sum(1, keepdim=True) / max(x.shape[1] - 1, 1)
+            if self._steps > s.warmup_steps:
                 running_std = (running_var + s.eps).sqrt()
                 r = ((batch_var + s.eps).sqrt() / running_std).clamp(1.0 / R_MAX, R_MAX)
                 d = ((batch_mean - running_mean) / running_std).clamp(-D_MAX, D_MAX)
-            mean = batch_mean - d * batch_var.sqrt() / r
-            var = batch_var / (r * r)
-        with torch.no_grad():
-            running_mean.lerp_(batch_mean.detach(), s.momentum)
-            running_var.lerp_(batch_var.detach(), s.momentum)
+            running_mean.lerp_(batch_mean, s.momentum)
+            running_var.lerp_(batch_var, s.momentum)
             self._steps += 1
             self.steps.fill_(self._steps)
-        return mean, var
+        return _Renormalize.apply(x, centred, batch_var, self.scale[:k], self.shift[:k], r, d, s.eps)
 
     def numpy_forward(self, x: np.ndarray, member: int | None) -> np.ndarray:
         """The running-statistics normalization in numpy (acting on the CPU): x [B, d] with `member`, else [K, B, d]."""
@@ -97,6 +94,48 @@ class StackedBatchRenorm(nn.Module):
     def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
         super()._load_from_state_dict(state_dict, prefix, *args)
         self._steps = int(self.steps)
+
+
+class _Renormalize(torch.autograd.Function):
+    """y = scale (r (x - mu_B) / sqrt(var_B + eps) + d) + shift over dim 1 of x [K, B, d] (r = 1, d = 0 during the
+    warmup), with mu_B and the unbiased var_B computed by the caller (`centred` = x - mu_B) and r, d constants.
+
+    The backward is written out: with G = scale r / sqrt(var_B + eps), g = dL/dy, S = sum_B g (x - mu_B),
+    dL/dx = G (g - mean_B g) - (x - mu_B) S G / ((B - 1)(var_B + eps)); dL/dscale = S r / sqrt(var_B + eps)
+    + d sum_B g; dL/dshift = sum_B g. Five passes over the [K, B, d] tensors each way, where autograd's chain of
+    the same operations takes about twice as many."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any,
+        x: Tensor,
+        centred: Tensor,
+        batch_var: Tensor,
+        scale: Tensor,
+        shift: Tensor,
+        r: Tensor | None,
+        d: Tensor | None,
+        eps: float,
+    ) -> Tensor:
+        norm = torch.rsqrt(batch_var + eps)
+        if r is not None:
+            norm = norm * r
+        gain = scale * norm
+        offset = shift if d is None else torch.addcmul(shift, scale, d)
+        ctx.save_for_backward(centred, batch_var, norm, gain, d)
+        ctx.eps = eps
+        return torch.addcmul(offset, centred, gain)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        centred, batch_var, norm, gain, d = ctx.saved_tensors
+        n = grad.shape[1]
+        grad_sum = grad.sum(1, keepdim=True)
+        grad_dot = (grad * centred).sum(1, keepdim=True)
+        grad_scale = grad_dot * norm if d is None else torch.addcmul(grad_dot * norm, grad_sum, d)
+        coef = -grad_dot * gain / ((max(n - 1, 1)) * (batch_var + ctx.eps))
+        grad_x = torch.addcmul(gain * grad_sum * (-1.0 / n), grad, gain).addcmul_(centred, coef)
+        return grad_x, None, None, grad_scale, grad_sum, None, None, None
 
 
 @contextmanager
