@@ -151,7 +151,7 @@ class CrossQ:
         alpha = self.temperature.log_alpha.detach().exp()
         with torch.no_grad():
             next_actions, next_logp = actor.sample(batch.next_obs, self.generator)
-        with batch_statistics(critic):
+        with batch_statistics(critic.body):
             q_both = critic(torch.cat([batch.obs, batch.next_obs]), torch.cat([batch.actions, next_actions]))
         q, next_q = q_both[:, :n], q_both[:, n:].detach()  # [K, B] each
         target = sac_target(batch.rewards, batch.discounts, batch.terminated, next_q, next_logp, alpha)
@@ -169,7 +169,7 @@ class CrossQ:
 
     def _actor_step(self, obs: Tensor) -> dict[str, Tensor]:
         """The temperature's and the actor's steps (the actor with batch statistics, the critic with running ones)."""
-        with batch_statistics(self.net):
+        with batch_statistics(self.net.body):
             actions_pi, logp_pi = self.net.sample(obs, self.generator)
         alpha = self.temperature.update(logp_pi + self.temperature.target_entropy)
         self.critic.requires_grad_(False)  # the actor loss needs dQ/da, not critic weight gradients

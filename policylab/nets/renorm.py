@@ -140,11 +140,13 @@ class _Renormalize(torch.autograd.Function):
 
 @contextmanager
 def batch_statistics(*modules: nn.Module) -> Iterator[None]:
-    """Inside: every batch-renormalized `StackedMLP` in `modules` normalizes by batch statistics and updates its
+    """Inside: every batch-renormalized `StackedMLP` in `modules` (or among them: passing the bodies themselves
+    spares the search through submodules, for hot paths) normalizes by batch statistics and updates its
     running ones (CrossQ's training passes); outside, running statistics."""
     from policylab.nets.mlp import StackedMLP  # mlp.py imports this module
 
-    bodies = [m for module in modules for m in module.modules() if isinstance(m, StackedMLP) and m.renorms]
+    found = (m for module in modules for m in ([module] if isinstance(module, StackedMLP) else module.modules()))
+    bodies = [m for m in found if isinstance(m, StackedMLP) and m.renorms]
     for body in bodies:
         body.batch_stats = True
     try:
