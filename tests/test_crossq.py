@@ -139,13 +139,13 @@ def test_the_critic_normalizes_current_and_next_state_actions_together():
     """With momentum 1 the first renormalization's running mean after one update is the mean of its training
     pass: over [s, a] and [s', a'] together (the actor's next actions, drawn before the critic's step)."""
     algo, batch = _algo(), _batch()
-    algo.update(batch, 1)  # not an actor step (actor_delay 3): the actor's statistics stay where they were
+    algo.update(batch, 0)  # not an actor step (actor_delay 3): the actor's statistics stay where they were
     first = algo.critic.body.renorms[0]  # type: ignore[index]
     obs_mean = torch.cat([batch.obs, batch.next_obs]).mean(0)
     np.testing.assert_allclose(first.running_mean[0, 0, :3].numpy(), obs_mean.numpy(), rtol=1e-5, atol=1e-6)
     assert int(first.steps) == 1
     assert all(int(r.steps) == 0 for r in algo.net.body.renorms)  # type: ignore[union-attr]
-    algo.update(batch, 3)  # an actor step: one training pass of the actor, on s only
+    algo.update(batch, 2)  # an actor step (the third update): one training pass of the actor, on s only
     actor_first = algo.net.body.renorms[0]  # type: ignore[index]
     np.testing.assert_allclose(actor_first.running_mean[0, 0].numpy(), batch.obs.mean(0).numpy(), rtol=1e-5, atol=1e-6)
     assert int(first.steps) == 2 and int(actor_first.steps) == 1

@@ -145,12 +145,14 @@ class CrossQ:
     def after_step(self, step: int) -> None:
         pass
 
-    def update(self, batch: Batch, index: int) -> dict[str, Tensor]:
+    def update(self, batch: Batch, index: int, noise: Tensor | None = None) -> dict[str, Tensor]:
+        """One gradient step (`noise`: [2B, A] standard normal draws, obs rows then next-obs rows, else drawn)."""
         cfg, actor, critic = self.cfg, self.net, self.critic
         n = len(batch)
+        noise_pi, noise_next = (None, None) if noise is None else (noise[:n], noise[n:])
         alpha = self.temperature.log_alpha.detach().exp()
         with torch.no_grad():
-            next_actions, next_logp = actor.sample(batch.next_obs, self.generator)
+            next_actions, next_logp = actor.sample(batch.next_obs, self.generator, noise_next)
         with batch_statistics(critic.body):
             q_both = critic(torch.cat([batch.obs, batch.next_obs]), torch.cat([batch.actions, next_actions]))
         q, next_q = q_both[:, :n], q_both[:, n:].detach()  # [K, B] each
@@ -161,16 +163,16 @@ class CrossQ:
         critic_loss = 0.5 * sq.mean(-1).sum()
         self.critic_opt.step(critic_loss)
         metrics = {"critic_loss": critic_loss.detach(), "q": q.detach().mean(), "alpha": alpha[0]}
-        if index % cfg.actor_delay == 0:
-            metrics.update(self._actor_step(batch.obs))
+        if (index + 1) % cfg.actor_delay == 0:  # sb3-contrib counts updates from 1
+            metrics.update(self._actor_step(batch.obs, noise_pi))
         if cfg.prioritized:
             metrics["td_error"] = td.detach().abs().mean(0)
         return metrics
 
-    def _actor_step(self, obs: Tensor) -> dict[str, Tensor]:
+    def _actor_step(self, obs: Tensor, noise: Tensor | None) -> dict[str, Tensor]:
         """The temperature's and the actor's steps (the actor with batch statistics, the critic with running ones)."""
         with batch_statistics(self.net.body):
-            actions_pi, logp_pi = self.net.sample(obs, self.generator)
+            actions_pi, logp_pi = self.net.sample(obs, self.generator, noise)
         alpha = self.temperature.update(logp_pi + self.temperature.target_entropy)
         self.critic.requires_grad_(False)  # the actor loss needs dQ/da, not critic weight gradients
         q_pi = self.critic(obs, actions_pi).min(0).values
