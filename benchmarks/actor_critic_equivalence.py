@@ -1,4 +1,5 @@
-"""Are policylab's SAC, TD3, DDPG and TQC updates SB3's (sb3-contrib's)? Checked apart from the random streams.
+"""Are policylab's SAC, TD3, DDPG, TQC and CrossQ updates SB3's (sb3-contrib's)? Checked apart from the random
+streams.
 
 `offpolicy.py` compares the libraries by wall clock at about equal return; this script checks that they run the
 same update. The same initial networks (SB3's actor, twin critics and their targets, copied into policylab's),
@@ -11,19 +12,29 @@ how far apart are the twin critics' Q-values (TQC: every quantile) and the actor
 and log std, and the entropy temperature) on a probe set? The scale to compare with: how far each float32 run is
 from SB3's `train()` with every network, optimizer and draw in float64, since float32 rounding differs between
 any two implementations and Adam amplifies it. Both of policylab's paths are checked: the hand-derived update it
-runs (`fused_offpolicy`) and the autograd one.
+runs (`fused_offpolicy`) and the autograd one (CrossQ has the second only).
+
+CrossQ: the batch renormalizations' scales, shifts and running statistics are copied too, and the draws go in
+sb3-contrib's order (the next observations' every step, the observations' on actor steps). The 512 steps stay
+inside the renormalization's warmup (100k training passes), where both normalize by the batch's mean and unbiased
+variance; after it the two corrections differ by where eps enters (policylab/nets/renorm.py).
 
     .venv/bin/python benchmarks/actor_critic_equivalence.py                       # offpolicy.py's sac-pendulum case
     .venv/bin/python benchmarks/actor_critic_equivalence.py --sb3-epsilon 0       # SB3 with the exact log-probability
     .venv/bin/python benchmarks/actor_critic_equivalence.py --case td3-pendulum   # TD3 (SB3's [400, 300] networks)
     .venv/bin/python benchmarks/actor_critic_equivalence.py --case tqc-pendulum   # TQC against sb3-contrib's
     .venv/bin/python benchmarks/actor_critic_equivalence.py --case ddpg-pendulum  # DDPG (TD3's case, its tricks off)
+    .venv/bin/python benchmarks/actor_critic_equivalence.py --case crossq-pendulum  # CrossQ against sb3-contrib's
 
 One SAC (and TQC) convention differs by design: SB3's squashed-Gaussian log-probability subtracts
 log(1 - tanh(u)^2 + 1e-6), policylab's the exact log(1 - tanh(u)^2) in its stable form 2 (log 2 - u -
-softplus(-2u)); `--sb3-epsilon 0` gives SB3 the exact one.
+softplus(-2u)); `--sb3-epsilon 0` gives SB3 the exact one. Where SB3 cannot run without its epsilon (CrossQ: its
+actor's actions saturate within a few steps and log(0) turns its parameters to NaN), `--ours-epsilon 1e-6` gives
+policylab's autograd update SB3's form instead (the hand-derived path has its own and is then skipped):
 
-Output: a table per seed and JSON in benchmarks/results/<sac, td3, ddpg or tqc>_equivalence-<date>.json.
+    .venv/bin/python benchmarks/actor_critic_equivalence.py --case crossq-pendulum --ours-epsilon 1e-6
+
+Output: a table per seed and JSON in benchmarks/results/<sac, td3, ddpg, tqc or crossq>_equivalence-<date>.json.
 """
 
 from __future__ import annotations
@@ -32,6 +43,7 @@ import argparse
 import contextlib
 import dataclasses
 import importlib
+import math
 from collections.abc import Iterator
 from typing import Any
 
@@ -44,6 +56,7 @@ from stable_baselines3.common.logger import configure
 from stable_baselines3.common.type_aliases import ReplayBufferSamples
 
 import policylab.algos.fused_offpolicy as pl_fused
+import policylab.nets.critics as pl_critics
 import policylab.algos.td3 as pl_td3
 from policylab.algos import get_algo
 from policylab.algos.fused_offpolicy import fused_sac_update
@@ -92,8 +105,25 @@ def sb3_model(seed: int, epsilon: float) -> Any:
 
 
 def _gaussian() -> bool:
-    """SAC and TQC: a tanh-Gaussian actor and an entropy temperature (TD3: a deterministic actor)."""
-    return CASE.algo in ("sac", "tqc")
+    """SAC, TQC and CrossQ: a tanh-Gaussian actor and an entropy temperature (TD3: a deterministic actor)."""
+    return CASE.algo in ("sac", "tqc", "crossq")
+
+
+def _renorms(module: torch.nn.Module) -> list[torch.nn.Module]:
+    """sb3-contrib's BatchRenorm1d layers of a network, in order."""
+    return [m for m in module.modules() if type(m).__name__ == "BatchRenorm1d"]
+
+
+def copy_renorms(theirs: list[torch.nn.Module], body: Any, member: int) -> None:
+    """sb3-contrib's BatchRenorm1d layers (one before each linear layer) into member `member` of a StackedMLP."""
+    assert len(theirs) == len(body.renorms), (len(theirs), len(body.renorms))
+    for layer, ours in zip(theirs, body.renorms, strict=True):
+        pairs = ((ours.scale, layer.scale), (ours.shift, layer.bias))
+        pairs += ((ours.running_mean, layer.ra_mean), (ours.running_var, layer.ra_var))
+        for dst, src in pairs:
+            dst[member].view(-1).copy_(src)
+        ours._steps = int(layer.steps)
+        ours.steps.fill_(ours._steps)
 
 
 def copy_into_ours(model: Any, loop: OffPolicyLoop) -> None:
@@ -115,6 +145,11 @@ def copy_into_ours(model: Any, loop: OffPolicyLoop) -> None:
             for i, linear in enumerate(linears(q)):
                 algo.critic.body.weight(i)[k].copy_(linear.weight.T)
                 algo.critic.body.biases[i][k].view(-1).copy_(linear.bias)
+            if CASE.algo == "crossq":
+                copy_renorms(_renorms(q), algo.critic.body, k)
+        if CASE.algo == "crossq":
+            copy_renorms(_renorms(model.actor.latent_pi), algo.net.body, 0)
+            return  # no target networks
     algo.critic_target.update(1.0)
     model.critic_target.load_state_dict(model.critic.state_dict())
     if not sac:
@@ -187,9 +222,10 @@ def sb3_in_float64(model: Any) -> Iterator[None]:
     float32, so that cast is lifted for the duration."""
     cast = sb3_policies.preprocess_obs
     lr = CASE.sb3_kwargs["learning_rate"]
+    betas = (0.5, 0.999) if CASE.algo == "crossq" else (0.9, 0.999)
     model.policy.double()
-    model.actor.optimizer = torch.optim.Adam(model.actor.parameters(), lr=lr)
-    model.critic.optimizer = torch.optim.Adam(model.critic.parameters(), lr=lr)
+    model.actor.optimizer = torch.optim.Adam(model.actor.parameters(), lr=lr, betas=betas)
+    model.critic.optimizer = torch.optim.Adam(model.critic.parameters(), lr=lr, betas=betas)
     if _gaussian():
         model.log_ent_coef = model.log_ent_coef.detach().double().requires_grad_(True)
         model.ent_coef_optimizer = torch.optim.Adam([model.log_ent_coef], lr=lr)
@@ -209,6 +245,12 @@ def sb3_train(model: Any, batches: list[ReplayBufferSamples], noise: list[torch.
         with shared_normal_(noise):
             model.train(gradient_steps=len(batches), batch_size=n)
         return
+    if CASE.algo == "crossq":  # the next observations' draws every step, the observations' on actor steps
+        delay, done = CASE.sb3_kwargs["policy_delay"], model._n_updates
+        order = [(draw[n:], draw[:n]) if (done + i + 1) % delay == 0 else (draw[n:],) for i, draw in enumerate(noise)]
+        with shared_draws([half for halves in order for half in halves]):
+            model.train(gradient_steps=len(batches), batch_size=n)
+        return
     with shared_draws([half for draw in noise for half in (draw[:n], draw[n:])]):
         model.train(gradient_steps=len(batches), batch_size=n)
 
@@ -221,7 +263,9 @@ def ours_train(loop: OffPolicyLoop, batches: list[Batch], noise: list[torch.Tens
                 algo.update(batch, start + i)
         return
     for i, (batch, draw) in enumerate(zip(batches, noise, strict=True)):
-        if CASE.algo == "tqc":
+        if CASE.algo == "crossq":
+            algo.update(batch, start + i, draw)
+        elif CASE.algo == "tqc":
             pl_fused.fused_tqc_update(algo, batch, draw) if algo.fused else algo.autograd_update(batch, draw)
         elif algo.fused:
             fused_sac_update(algo, batch, start + i, draw)
@@ -246,12 +290,31 @@ def probe_outputs(loop: OffPolicyLoop | None, model: Any | None, obs: torch.Tens
             return {"q": q, "mean": mean, "log_std": log_std, "alpha": algo.temperature.log_alpha.exp()}
         dtype = next(model.policy.parameters()).dtype
         obs, actions = obs.to(dtype), actions.to(dtype)
+        model.policy.set_training_mode(False)  # CrossQ: running statistics (its train() sets its modes itself)
         critics = model.critic(obs, actions)  # SAC, TD3: a tuple of [P, 1]; TQC: [P, K, M]
         q = critics.transpose(0, 1) if CASE.algo == "tqc" else torch.stack(critics)
         if not _gaussian():
             return {"q": q, "action": model.actor(obs)}
         mean, log_std, _ = model.actor.get_action_dist_params(obs)
         return {"q": q, "mean": mean, "log_std": log_std, "alpha": model.log_ent_coef.detach().exp()}
+
+
+@contextlib.contextmanager
+def ours_log_prob(epsilon: float | None) -> Iterator[None]:
+    """With `epsilon`, policylab's squashed-Gaussian log-probability is SB3's, log N(u) - sum log(1 - tanh(u)^2 +
+    epsilon) (policylab/nets/critics.py's function is replaced for the duration)."""
+    exact = pl_critics.tanh_gaussian_log_prob
+
+    def sb3_form(noise: torch.Tensor, log_std: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+        logp = (-0.5 * noise * noise - log_std - 0.5 * math.log(2 * math.pi)).sum(-1)
+        return logp - torch.log(1 - torch.tanh(u) ** 2 + epsilon).sum(-1)
+
+    if epsilon is not None:
+        pl_critics.tanh_gaussian_log_prob = sb3_form
+    try:
+        yield
+    finally:
+        pl_critics.tanh_gaussian_log_prob = exact
 
 
 def compare(seed: int, analytic: bool, epsilon: float) -> list[dict[str, Any]]:
@@ -307,11 +370,17 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=HelpFormatter)
     parser.add_argument(
         "--case",
-        choices=("sac-pendulum", "td3-pendulum", "tqc-pendulum", "ddpg-pendulum"),
+        choices=("sac-pendulum", "td3-pendulum", "tqc-pendulum", "ddpg-pendulum", "crossq-pendulum"),
         default="sac-pendulum",
         help="the case (ddpg-pendulum: td3-pendulum's settings as DDPG, against SB3's DDPG)",
     )
     parser.add_argument("--seeds", type=positive_int, default=3, help="seeds 1..N (initial networks, batches, env)")
+    parser.add_argument(
+        "--ours-epsilon",
+        type=float,
+        default=None,
+        help="policylab's log-probability as SB3's log(1 - tanh(u)^2 + epsilon) (autograd path only); default exact",
+    )
     parser.add_argument(
         "--sb3-epsilon",
         type=float,
@@ -325,14 +394,18 @@ def main() -> None:
     for seed in range(1, args.seeds + 1):
         print(f"\n== seed {seed}")
         result: dict[str, Any] = {"seed": seed}
-        for path, analytic in (("fused", True), ("autograd", False)):
-            result[path] = compare(seed, analytic, args.sb3_epsilon)
+        autograd_only = CASE.algo == "crossq" or args.ours_epsilon is not None
+        paths = (("autograd", False),) if autograd_only else (("fused", True), ("autograd", False))
+        for path, analytic in paths:
+            with ours_log_prob(args.ours_epsilon):
+                result[path] = compare(seed, analytic, args.sb3_epsilon)
             print_rows(result[path], path)
         per_seed.append(result)
     packages = ["policylab", "torch", "stable-baselines3", "sb3-contrib", "gymnasium"]
     payload = {**provenance(packages), "case": args.case}
     if _gaussian():
         payload["sb3_epsilon"] = args.sb3_epsilon
+        payload["ours_epsilon"] = args.ours_epsilon
     payload["seeds"] = per_seed
     print(f"\nresults: {write_results(f'{CASE.algo}_equivalence', payload)}")
 

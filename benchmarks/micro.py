@@ -31,6 +31,11 @@ Prints medians over 5 repetitions of:
   [256, 80] logits with 60 of 80 masked (-1e9) against none masked, and `softmax` of the masked ones (what the
   heads use); the one-hot encoding of one Discrete(500) observation (Taxi's) by the encoder's per-observation
   path and by its batch path.
+- `--only renorm`: CrossQ's batch renormalization on a [2, 512, 256] input (twin critics' hidden layer on [s; s']):
+  torch's `var_mean` (a Welford pass, what sb3-contrib's BatchRenorm computes with `var`) against the mean and the
+  centred sum of squares policylab uses; one forward and backward of policylab's renormalization (a hand-written
+  backward) and of sb3-contrib's BatchRenorm1d applied per member (where sb3-contrib is installed); and one
+  CrossQ update with rl-zoo's Pendulum-v1 sizes.
 """
 
 from __future__ import annotations
@@ -484,10 +489,64 @@ def mask_costs() -> None:
     print(f"one-hot of one Discrete(500) observation: one() {one:.1f} us, batch() of one {batch:.1f} us")
 
 
+def renorm_costs() -> None:
+    """`--only renorm` (see the docstring)."""
+    from policylab import runtime
+    from policylab.algos.crossq import CrossQ, CrossQConfig
+    from policylab.data import Batch
+    from policylab.nets.renorm import RenormSettings, StackedBatchRenorm
+
+    runtime.keep_freed_memory()  # as the training loops (else each large temporary page-faults)
+    runtime.flush_denormals()
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 512, 256, generator=g) + 1.0
+
+    def centred() -> torch.Tensor:
+        c = x - x.mean(1, keepdim=True)
+        return (c * c).sum(1, keepdim=True)
+
+    print(f"var_mean over 512 rows of [2, 512, 256]: {timed(lambda: torch.var_mean(x, 1), 200) * 1e6:.0f} us")
+    print(f"mean + centred sum of squares, the same: {timed(centred, 200) * 1e6:.0f} us")
+    ours = StackedBatchRenorm(2, 256, RenormSettings())
+    upstream = torch.randn(2, 512, 256, generator=g)
+    xg = x.clone().requires_grad_(True)
+    ours_pass = timed(lambda: (ours(xg, True) * upstream).sum().backward(), 100)
+    print(f"policylab's renorm, forward + backward: {ours_pass * 1e6:.0f} us")
+    try:
+        from sb3_contrib.common.torch_layers import BatchRenorm1d
+    except ImportError:
+        print("sb3-contrib is not installed: its BatchRenorm1d is not timed")
+    else:
+        theirs = [BatchRenorm1d(256) for _ in range(2)]
+
+        def sb3_pass() -> None:
+            (torch.stack([layer(xg[k]) for k, layer in enumerate(theirs)]) * upstream).sum().backward()
+
+        print(f"sb3-contrib's BatchRenorm1d per member, forward + backward: {timed(sb3_pass, 100) * 1e6:.0f} us")
+    obs_space = gym.spaces.Box(-5.0, 5.0, (3,), np.float32)
+    algo = CrossQ(
+        CrossQConfig(critic_hidden_sizes=[256, 256], actor_delay=2, threads=1),
+        obs_space,
+        gym.spaces.Box(-2.0, 2.0, (1,), np.float32),
+    )
+    n = 256
+    batch = Batch(
+        obs=torch.randn(n, 3, generator=g),
+        actions=torch.rand(n, 1, generator=g) * 2 - 1,
+        rewards=torch.randn(n, generator=g),
+        next_obs=torch.randn(n, 3, generator=g),
+        terminated=torch.zeros(n, dtype=torch.bool),
+        discounts=torch.full((n,), 0.99),
+    )
+    counter = iter(range(10**9))
+    per_update = timed(lambda: algo.update(batch, next(counter)), 200)
+    print(f"one CrossQ update (Pendulum-v1, [256, 256], batch 256, actor every 2nd): {per_update * 1e3:.2f} ms")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("--threads", type=positive_int, default=1, help="torch threads")
-    parts = ["matmul", "sac", "breakdown", "denormal", "threads", "thread-invariance", "compile", "masks"]
+    parts = ["matmul", "sac", "breakdown", "denormal", "threads", "thread-invariance", "compile", "masks", "renorm"]
     parser.add_argument(
         "--only",
         choices=[*parts, "denormal-worker"],  # denormal-worker: --only denormal's subprocesses, not for people
@@ -507,6 +566,7 @@ def main() -> None:
             "thread-invariance": thread_invariance,
             "compile": sac_compile,
             "masks": mask_costs,
+            "renorm": renorm_costs,
         }
         parts[args.only]()
         return

@@ -400,7 +400,7 @@ def discrete_actions(act_space: gym.Space, algo: str, cfg: Any = None) -> int:
             f"{name} needs a Discrete action space; {where} is {type(act_space).__name__}",
             f"use {DATASET_BOX_ALGOS} for a dataset of Box actions"
             if dataset
-            else "use sac, td3, tqc or ddpg for Box actions, or another env",
+            else "use sac, td3, tqc, crossq or ddpg for Box actions, or another env",
         )
     return int(act_space.n)
 
