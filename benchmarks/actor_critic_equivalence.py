@@ -56,8 +56,8 @@ from stable_baselines3.common.logger import configure
 from stable_baselines3.common.type_aliases import ReplayBufferSamples
 
 import policylab.algos.fused_offpolicy as pl_fused
-import policylab.nets.critics as pl_critics
 import policylab.algos.td3 as pl_td3
+import policylab.nets.critics as pl_critics
 from policylab.algos import get_algo
 from policylab.algos.fused_offpolicy import fused_sac_update
 from policylab.data import Batch
