@@ -23,7 +23,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import gymnasium as gym
-import numpy as np
 import torch
 from torch import Tensor
 
@@ -32,13 +31,12 @@ from policylab.algos.offpolicy import (
     OffPolicyConfig,
     SDEConfig,
     SDEExploration,
-    Temperature,
+    TanhGaussianActing,
     box_bounds,
-    explore_tanh_gaussian,
     obs_dim,
     sde_exploration,
     seeded_generator,
-    uniform_box_actions,
+    temperature_for,
 )
 from policylab.config import positive
 from policylab.data import Batch
@@ -90,7 +88,7 @@ class CrossQConfig(OffPolicyConfig, SDEConfig):
         return RenormSettings(self.renorm_momentum, self.renorm_eps, self.renorm_warmup)
 
 
-class CrossQ:
+class CrossQ(TanhGaussianActing):
     name = "crossq"
     config_cls = CrossQConfig
 
@@ -110,8 +108,7 @@ class CrossQ:
         betas = (cfg.adam_beta1, 0.999)
         self.actor_opt = FlatAdam(self.net, cfg.lr, cfg.max_grad_norm, betas=betas)
         self.critic_opt = FlatAdam(self.critic, cfg.lr, cfg.max_grad_norm, betas=betas)
-        target_entropy = -float(self.act_dim) if cfg.target_entropy is None else cfg.target_entropy
-        self.temperature = Temperature(cfg.alpha, cfg.auto_alpha, target_entropy, cfg.lr).to(cfg.device)
+        self.temperature = temperature_for(cfg, self.act_dim)
         self.modules = {"critic": self.critic, "temperature": self.temperature}
         self.optimizers = {"actor": self.actor_opt.optimizer, "critic": self.critic_opt.optimizer}
         if self.temperature.optimizer is not None:
@@ -132,18 +129,6 @@ class CrossQ:
             log_std_init=cfg.log_std_init,
             batch_renorm=cfg.renorm,
         )
-
-    def random_actions(self, n: int) -> np.ndarray:
-        return uniform_box_actions(n, self.act_dim, self.generator)
-
-    def explore(self, obs: np.ndarray, progress: float) -> np.ndarray:
-        return explore_tanh_gaussian(self.net, obs, self.generator, self.sde)
-
-    def to_env(self, actions: np.ndarray) -> np.ndarray:
-        return self.net.to_env_numpy(actions)
-
-    def after_step(self, step: int) -> None:
-        pass
 
     def update(self, batch: Batch, index: int, noise: Tensor | None = None) -> dict[str, Tensor]:
         """One gradient step (`noise`: [2B, A] standard normal draws, obs rows then next-obs rows, else drawn)."""

@@ -439,5 +439,33 @@ def explore_tanh_gaussian(
         return torch.tanh(mean + log_std.exp() * noise).cpu().numpy()
 
 
+class TanhGaussianActing:
+    """How SAC, TQC and CrossQ act in the loop: uniform actions before learning starts, then their tanh-Gaussian
+    actor (gSDE's held matrices with use_sde), in [-1, 1] until `to_env` scales to the env's bounds."""
+
+    net: TanhGaussianActor
+    act_dim: int
+    generator: torch.Generator
+    sde: SDEExploration | None
+
+    def random_actions(self, n: int) -> np.ndarray:
+        return uniform_box_actions(n, self.act_dim, self.generator)
+
+    def explore(self, obs: np.ndarray, progress: float) -> np.ndarray:
+        return explore_tanh_gaussian(self.net, obs, self.generator, self.sde)
+
+    def to_env(self, actions: np.ndarray) -> np.ndarray:
+        return self.net.to_env_numpy(actions)
+
+    def after_step(self, step: int) -> None:
+        pass
+
+
+def temperature_for(cfg: Any, act_dim: int) -> Temperature:
+    """SAC's entropy temperature from a config's alpha, auto_alpha, target_entropy (None: -dim(A)) and lr."""
+    target_entropy = -float(act_dim) if cfg.target_entropy is None else cfg.target_entropy
+    return Temperature(cfg.alpha, cfg.auto_alpha, target_entropy, cfg.lr).to(cfg.device)
+
+
 def seeded_generator(seed: int, device: str) -> torch.Generator:
     return torch.Generator(device=device).manual_seed(seed)

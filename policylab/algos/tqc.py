@@ -15,7 +15,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import gymnasium as gym
-import numpy as np
 import torch
 from torch import Tensor
 
@@ -25,15 +24,14 @@ from policylab.algos.offpolicy import (
     OffPolicyConfig,
     SDEConfig,
     SDEExploration,
+    TanhGaussianActing,
     TargetNetwork,
-    Temperature,
-    explore_tanh_gaussian,
     obs_dim,
     sde_exploration,
     seeded_generator,
     soft_actor_critic_state,
     tanh_gaussian_policy,
-    uniform_box_actions,
+    temperature_for,
 )
 from policylab.config import positive
 from policylab.data import Batch
@@ -68,7 +66,7 @@ class TQCConfig(OffPolicyConfig, SDEConfig):
             raise ConfigError("tqc does not support prioritized replay", "drop prioritized (or use sac / td3)")
 
 
-class TQC:
+class TQC(TanhGaussianActing):
     name = "tqc"
     config_cls = TQCConfig
 
@@ -89,8 +87,7 @@ class TQC:
         self.actor_opt = FlatAdam(self.net, cfg.lr, cfg.max_grad_norm)
         self.critic_opt = FlatAdam(self.critic, cfg.lr, cfg.max_grad_norm)
         self.critic_target = TargetNetwork(self.critic, self.critic_opt.params)
-        target_entropy = -float(self.act_dim) if cfg.target_entropy is None else cfg.target_entropy
-        self.temperature = Temperature(cfg.alpha, cfg.auto_alpha, target_entropy, cfg.lr).to(cfg.device)
+        self.temperature = temperature_for(cfg, self.act_dim)
         self.modules, self.optimizers = soft_actor_critic_state(
             self.actor_opt, self.critic_opt, self.critic_target, self.temperature
         )
@@ -101,18 +98,6 @@ class TQC:
     @staticmethod
     def build_policy(cfg: TQCConfig, obs_space: gym.Space, act_space: gym.Space) -> TanhGaussianActor:
         return tanh_gaussian_policy(cfg, obs_space, act_space, "tqc")
-
-    def random_actions(self, n: int) -> np.ndarray:
-        return uniform_box_actions(n, self.act_dim, self.generator)
-
-    def explore(self, obs: np.ndarray, progress: float) -> np.ndarray:
-        return explore_tanh_gaussian(self.net, obs, self.generator, self.sde)
-
-    def to_env(self, actions: np.ndarray) -> np.ndarray:
-        return self.net.to_env_numpy(actions)
-
-    def after_step(self, step: int) -> None:
-        pass
 
     def update(self, batch: Batch, index: int) -> dict[str, Tensor]:
         return fused_tqc_update(self, batch) if self.fused else self.autograd_update(batch)
