@@ -159,6 +159,7 @@ def test_the_critic_normalizes_current_and_next_state_actions_together():
         ({"renorm_warmup": -1}, "renorm_warmup"),
         ({"critic_hidden_sizes": []}, "critic_hidden_sizes"),
         ({"actor_delay": 0}, "actor_delay"),
+        ({"tau": 0.01}, "no target networks"),
     ],
 )
 def test_bad_settings_are_errors_that_name_them(settings, named):

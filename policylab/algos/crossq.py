@@ -82,6 +82,11 @@ class CrossQConfig(OffPolicyConfig, SDEConfig):
             raise ConfigError(f"renorm_warmup={self.renorm_warmup} must be >= 0", "set renorm_warmup to e.g. 100000")
         if not self.critic_hidden_sizes:
             raise ConfigError("critic_hidden_sizes is empty", "set critic_hidden_sizes to e.g. [1024, 1024]")
+        if self.tau != OffPolicyConfig.tau:
+            raise ConfigError(
+                f"tau={self.tau}: crossq has no target networks, so nothing reads tau",
+                "drop tau (or use sac, whose target networks it sets)",
+            )
 
     @property
     def renorm(self) -> RenormSettings:
