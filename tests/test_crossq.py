@@ -3,6 +3,8 @@ loading, the settings' errors, and learning Pendulum."""
 
 from __future__ import annotations
 
+import copy
+
 import gymnasium as gym
 import numpy as np
 import pytest
@@ -12,7 +14,7 @@ import policylab as pl
 from policylab.algos.crossq import CrossQ, CrossQConfig
 from policylab.data import Batch
 from policylab.errors import ConfigError
-from policylab.nets.mlp import StackedMLP
+from policylab.nets.mlp import StackedMLP, member_rows
 from policylab.nets.renorm import RenormSettings, StackedBatchRenorm, batch_statistics
 from tests.helpers import train_until
 
@@ -116,6 +118,79 @@ def test_a_renormalized_mlp_acts_alike_in_numpy_and_torch_and_batch_statistics_i
     np.testing.assert_allclose(mlp.numpy_forward(probe.numpy(), member=0), expected, rtol=1e-5, atol=1e-5)
 
 
+def _spread(mlp: StackedMLP) -> StackedMLP:
+    """Scales and shifts away from their initial ones and zeros, so that every term of the gradients shows."""
+    with torch.no_grad():
+        for renorm in mlp.renorms or []:
+            renorm.scale.uniform_(0.5, 2.0)
+            renorm.shift.normal_()
+    return mlp
+
+
+@pytest.mark.parametrize("warmup", [10, 0])
+@pytest.mark.parametrize("activation", ["relu", "tanh"])
+def test_the_cached_passes_of_a_renormalized_mlp_equal_autograd(warmup, activation):
+    """`forward_cached` and `backward` fold each normalization into the product after it (nets/mlp.py). In float64
+    their outputs, running statistics and gradients (weights, biases, scales, shifts, input) equal autograd's
+    through `forward`: with batch statistics before and after the warmup, and with running statistics (the input's
+    gradient alone, also per member at a subset of rows, as SAC's actor step takes it)."""
+    torch.manual_seed(0)
+    settings = RenormSettings(momentum=0.1, eps=EPS, warmup_steps=warmup)
+    mlp = _spread(StackedMLP(2, 5, [16, 12], 3, activation, batch_renorm=settings).double())
+    twin = copy.deepcopy(mlp)
+    for net in (mlp, twin):  # a first pass each: with warmup 0 the next is renormalized
+        with batch_statistics(net), torch.no_grad():
+            net(torch.randn(32, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(1)) * 2 + 3)
+    x = torch.randn(32, 5, dtype=torch.float64) * 3 + 1
+    upstream = torch.randn(2, 32, 3, dtype=torch.float64)
+    with batch_statistics(mlp):
+        out, inputs = mlp.forward_cached(x)
+    input_grad = mlp.backward(inputs, upstream, input_grad=True)
+    x_twin = x.clone().requires_grad_()
+    with batch_statistics(twin):
+        expected = twin(x_twin)
+    (expected * upstream).sum().backward()
+    torch.testing.assert_close(out, expected.detach())
+    assert input_grad is not None
+    torch.testing.assert_close(input_grad.sum(0), x_twin.grad)  # every member reads the same input
+    for (name, got), (_, want) in zip(mlp.named_parameters(), twin.named_parameters()):
+        torch.testing.assert_close(got.grad, want.grad, msg=name)
+    for (name, got), (_, want) in zip(mlp.named_buffers(), twin.named_buffers()):
+        torch.testing.assert_close(got, want, msg=name)
+
+    out, inputs = mlp.forward_cached(x)  # running statistics
+    input_grad = mlp.backward(inputs, upstream, weight_grads=False, input_grad=True)
+    recomputed = mlp.backward(list(inputs), upstream, weight_grads=False, input_grad=True)  # folds made anew
+    x_twin = x.clone().requires_grad_()
+    expected = twin(x_twin)
+    (expected * upstream).sum().backward()
+    torch.testing.assert_close(out, expected.detach())
+    assert input_grad is not None and recomputed is not None
+    torch.testing.assert_close(input_grad.sum(0), x_twin.grad)
+    torch.testing.assert_close(recomputed, input_grad)
+    rows = torch.tensor([0, 5, 7, 30])
+    member = mlp.backward(
+        member_rows(inputs, 1, rows), upstream[1:, rows], weight_grads=False, input_grad=True, members=slice(1, 2)
+    )
+    x_twin = x.clone().requires_grad_()
+    (twin(x_twin)[1, rows] * upstream[1, rows]).sum().backward()
+    assert member is not None
+    torch.testing.assert_close(member[0], x_twin.grad[rows])
+
+
+def test_the_cached_passes_refuse_what_they_cannot_compute():
+    mlp = StackedMLP(2, 3, [8], 1, "relu", batch_renorm=RenormSettings())
+    out, inputs = mlp.forward_cached(torch.randn(4, 3))
+    with pytest.raises(ValueError, match="pass with batch statistics"):
+        mlp.backward(inputs, torch.ones_like(out))  # weight gradients after a running-statistics pass
+    with batch_statistics(mlp):
+        with pytest.raises(ValueError, match="every member"):
+            mlp.forward_cached(torch.randn(4, 3), members=1)
+        out, inputs = mlp.forward_cached(torch.randn(4, 3))
+    with pytest.raises(ValueError, match="apart"):
+        member_rows(inputs, 0, torch.tensor([0]))
+
+
 def _algo(**settings) -> CrossQ:
     cfg = CrossQConfig(hidden_sizes=[8], critic_hidden_sizes=[8], renorm_momentum=1.0, threads=1, **settings)
     cfg.validate()
@@ -135,10 +210,12 @@ def _batch(n: int = 16) -> Batch:
     )
 
 
-def test_the_critic_normalizes_current_and_next_state_actions_together():
+@pytest.mark.parametrize("analytic_grads", [True, False])
+def test_the_critic_normalizes_current_and_next_state_actions_together(analytic_grads):
     """With momentum 1 the first renormalization's running mean after one update is the mean of its training
     pass: over [s, a] and [s', a'] together (the actor's next actions, drawn before the critic's step)."""
-    algo, batch = _algo(), _batch()
+    algo, batch = _algo(analytic_grads=analytic_grads), _batch()
+    assert algo.fused == analytic_grads
     algo.update(batch, 0)  # not an actor step (actor_delay 3): the actor's statistics stay where they were
     first = algo.critic.body.renorms[0]  # type: ignore[index]
     obs_mean = torch.cat([batch.obs, batch.next_obs]).mean(0)

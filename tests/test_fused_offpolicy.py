@@ -1,5 +1,5 @@
-"""The hand-derived off-policy gradient steps (SAC, TQC, TD3, DQN, QR-DQN, IQL, CQL) equal the autograd steps
-(same noise, batch, state)."""
+"""The hand-derived off-policy gradient steps (SAC, TQC, CrossQ, TD3, DQN, QR-DQN, IQL, CQL) equal the autograd
+steps (same noise, batch, state)."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from policylab.algos.fused_offpolicy import (
     _critic_at_policy_actions,
     _min_critic_action_grad,
     _policy_draws,
+    fused_crossq_update,
     fused_dqn_update,
     fused_iql_update,
     fused_qrdqn_update,
@@ -90,6 +91,59 @@ def test_fused_sac_gsde_step_with_clipped_means_equals_autograd():
         assert 0 < int((raw > 2.0).sum()) < len(raw)
     noise = torch.randn(32, algo.act_dim, generator=torch.Generator().manual_seed(7))
     _assert_same_step(fused_sac_update(algo, batch, 0, noise), twin.autograd_update(batch, 0, noise), algo, twin)
+    loop.close()
+    twin_loop.close()
+
+
+def _assert_close_to_scale(got: torch.Tensor, want: torch.Tensor, name: str, rtol: float = 1e-5) -> None:
+    """Elementwise within rtol of the tensor's largest magnitude (the rounding of sums of many terms)."""
+    error = float((got.double() - want.double()).abs().max())
+    assert error <= rtol * max(float(want.double().abs().max()), 1e-6), (name, error)
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {},
+        {"activation": "tanh", "n_critics": 3, "max_grad_norm": 0.5},
+        {"renorm_warmup": 0},  # every later pass corrected by r and d
+        {"use_sde": True, "renorm_warmup": 0},
+        {"prioritized": True, "auto_alpha": False, "alpha": 0.2},
+    ],
+)
+def test_fused_crossq_step_equals_autograd(overrides):
+    """Metrics, every gradient (weights, biases, the normalizations' scales and shifts) and the running statistics
+    over six steps, three of them actor steps. The two algorithms are made equal again after each step: a bias
+    before a normalization can have a gradient that is zero in exact arithmetic (a ReLU unit active on every row:
+    the normalization removes any shift of it), and Adam turns the two paths' different rounding there into
+    steps of +-lr."""
+    overrides = {"critic_hidden_sizes": [32, 32], "actor_delay": 2, **overrides}
+    loop, twin_loop = (_warm_loop("crossq", "Pendulum-v1", overrides) for _ in range(2))
+    algo, twin = loop.algo, twin_loop.algo
+    assert algo.fused
+    batch = loop.buffer.sample(16, torch.Generator().manual_seed(5))
+    noise = torch.randn(32, algo.act_dim, generator=torch.Generator().manual_seed(7))
+    for index in range(6):
+        fused, reference = fused_crossq_update(algo, batch, index, noise), twin.autograd_update(batch, index, noise)
+        assert fused.keys() == reference.keys() and ("actor_loss" in fused) == (index % 2 == 1)
+        for key in reference:
+            _assert_close_to_scale(fused[key], reference[key].detach(), key)
+        for ours, theirs in ((algo.critic, twin.critic), (algo.net, twin.net)):
+            for (name, got), (_, want) in zip(ours.named_parameters(), theirs.named_parameters()):
+                if want.grad is not None:
+                    _assert_close_to_scale(got.grad, want.grad, f"grad {name}")
+            for (name, got), (_, want) in zip(ours.named_buffers(), theirs.named_buffers()):
+                _assert_close_to_scale(got, want, name)
+        with torch.no_grad():
+            for ours, theirs in (
+                (algo.critic, twin.critic),
+                (algo.net, twin.net),
+                (algo.temperature, twin.temperature),
+            ):
+                for got, want in zip(ours.parameters(), theirs.parameters()):
+                    want.copy_(got)
+        for ours_opt, theirs_opt in ((algo.critic_opt, twin.critic_opt), (algo.actor_opt, twin.actor_opt)):
+            theirs_opt.optimizer.load_state_dict(ours_opt.optimizer.state_dict())
     loop.close()
     twin_loop.close()
 

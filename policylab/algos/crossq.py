@@ -26,6 +26,7 @@ import gymnasium as gym
 import torch
 from torch import Tensor
 
+from policylab.algos.fused_offpolicy import fused_crossq_applies, fused_crossq_update
 from policylab.algos.offpolicy import (
     FlatAdam,
     OffPolicyConfig,
@@ -120,6 +121,7 @@ class CrossQ(TanhGaussianActing):
             self.optimizers["temperature"] = self.temperature.optimizer
         self.action_shape, self.action_dtype = (self.act_dim,), torch.float32
         self.sde: SDEExploration | None = sde_exploration(cfg, self.net, self.modules)
+        self.fused = fused_crossq_applies(self)
 
     @staticmethod
     def build_policy(cfg: CrossQConfig, obs_space: gym.Space, act_space: gym.Space) -> TanhGaussianActor:
@@ -135,7 +137,10 @@ class CrossQ(TanhGaussianActing):
             batch_renorm=cfg.renorm,
         )
 
-    def update(self, batch: Batch, index: int, noise: Tensor | None = None) -> dict[str, Tensor]:
+    def update(self, batch: Batch, index: int) -> dict[str, Tensor]:
+        return fused_crossq_update(self, batch, index) if self.fused else self.autograd_update(batch, index)
+
+    def autograd_update(self, batch: Batch, index: int, noise: Tensor | None = None) -> dict[str, Tensor]:
         """One gradient step (`noise`: [2B, A] standard normal draws, obs rows then next-obs rows, else drawn)."""
         cfg, actor, critic = self.cfg, self.net, self.critic
         n = len(batch)

@@ -36,7 +36,8 @@ from torch import Tensor
 
 from policylab.data import Batch
 from policylab.nets.critics import _LOG_2PI, tanh_gaussian_log_prob
-from policylab.nets.mlp import StackedMLP
+from policylab.nets.mlp import StackedMLP, member_rows
+from policylab.nets.renorm import batch_statistics
 from policylab.nets.sde import sde_log_std, sde_log_std_grad
 from policylab.objectives.offline import advantage_weights, td3_bc_lambda
 from policylab.objectives.q_targets import (
@@ -52,6 +53,7 @@ from policylab.objectives.q_targets import (
 
 if TYPE_CHECKING:
     from policylab.algos.cql import CQL, CQLNoise
+    from policylab.algos.crossq import CrossQ
     from policylab.algos.dqn import DQN
     from policylab.algos.iql import IQL
     from policylab.algos.qrdqn import QRDQN
@@ -81,9 +83,14 @@ class _PolicyDraws:
     logp: Tensor
 
 
-def _policy_draws(algo: SAC | TQC, batch: Batch, noise: Tensor | None) -> _PolicyDraws:
+def _policy_draws(algo: SAC | TQC | CrossQ, batch: Batch, noise: Tensor | None) -> _PolicyDraws:
+    return _draws_at(algo, torch.cat([batch.obs.flatten(1), batch.next_obs.flatten(1)]), noise)
+
+
+def _draws_at(algo: SAC | TQC | CrossQ, obs: Tensor, noise: Tensor | None) -> _PolicyDraws:
+    """The actor's draws at the rows of `obs` [N, obs_dim] (noise [N, A], else drawn)."""
     actor, act_dim = algo.net, algo.act_dim
-    out, inputs = actor.body.forward_cached(torch.cat([batch.obs.flatten(1), batch.next_obs.flatten(1)]))
+    out, inputs = actor.body.forward_cached(obs)
     raw = out[0]
     if actor.sde:  # the per-row Gaussian of gSDE (nets/sde.py), from the last hidden features
         mean = raw.clamp(-actor.clip_mean, actor.clip_mean)
@@ -98,7 +105,7 @@ def _policy_draws(algo: SAC | TQC, batch: Batch, noise: Tensor | None) -> _Polic
     return _PolicyDraws(inputs, mean, log_std, raw, std, noise, torch.tanh(u), logp)
 
 
-def _actor_step(algo: SAC | TQC, draws: _PolicyDraws, g_a: Tensor, alpha: Tensor, n: int) -> None:
+def _actor_step(algo: SAC | TQC | CrossQ, draws: _PolicyDraws, g_a: Tensor, alpha: Tensor, n: int) -> None:
     """The actor's step on L = mean_B (alpha log pi(a|s) - Q(s, a)) given dL/da|_Q = `g_a` [B, A] (module docstring).
     With gSDE the per-row log std's gradient goes into the [latent, A] `log_std` (nets/sde.py) and the mean's
     is zero where it was clipped."""
@@ -106,7 +113,7 @@ def _actor_step(algo: SAC | TQC, draws: _PolicyDraws, g_a: Tensor, alpha: Tensor
     a_pi, std, noise = draws.actions[:n], draws.std[:n], draws.noise[:n]
     g_u = torch.addcmul(g_a * (1.0 - a_pi * a_pi), a_pi, alpha * (2.0 / n))
     g_log_std = g_u * std * noise - alpha / n
-    inputs = [h[:, :n] for h in draws.inputs]
+    inputs = draws.inputs if len(draws.actions) == n else [h[:, :n] for h in draws.inputs]
     algo.actor_opt.zero_grad_unless_written_by(actor.body)
     if actor.sde:
         assert actor.log_std.grad is not None
@@ -159,7 +166,9 @@ def fused_sac_update(algo: SAC, batch: Batch, index: int, noise: Tensor | None =
     return metrics
 
 
-def _min_critic_actor_step(algo: SAC | CQL, batch: Batch, draws: _PolicyDraws, alpha: Tensor, n: int) -> Tensor:
+def _min_critic_actor_step(
+    algo: SAC | CQL | CrossQ, batch: Batch, draws: _PolicyDraws, alpha: Tensor, n: int
+) -> Tensor:
     """SAC's actor step on mean_B (alpha log pi(a|s) - min_k Q_k(s, a)) through the critics as they are now;
     returns min_k Q_k(s, a) [B]."""
     q_pi, pi_inputs = _critic_at_policy_actions(algo, batch, draws, n)
@@ -175,7 +184,9 @@ def _min_critic_actor_step(algo: SAC | CQL, batch: Batch, draws: _PolicyDraws, a
     return q_min
 
 
-def _min_critic_action_grad(algo: SAC | CQL, batch: Batch, pi_inputs: list[Tensor], k_min: Tensor, n: int) -> Tensor:
+def _min_critic_action_grad(
+    algo: SAC | CQL | CrossQ, batch: Batch, pi_inputs: list[Tensor], k_min: Tensor, n: int
+) -> Tensor:
     """dL/da [B, A] of L = -mean_B min_k Q_k(s, a), each row through its minimizing critic alone: the other
     critics' gradient there is zero (adding it changes nothing), so the pass costs one critic's products per row
     instead of K's."""
@@ -185,7 +196,7 @@ def _min_critic_action_grad(algo: SAC | CQL, batch: Batch, pi_inputs: list[Tenso
         rows = (k_min == k).nonzero().squeeze(1)
         if len(rows) == 0:
             continue
-        inputs = [h[k].index_select(0, rows).unsqueeze(0) for h in pi_inputs]
+        inputs = member_rows(pi_inputs, k, rows)
         g_out = inputs[0].new_full((1, len(rows), 1), -1.0 / n)
         g_input = body.backward(inputs, g_out, weight_grads=False, input_grad=True, members=slice(k, k + 1))
         assert g_input is not None
@@ -194,16 +205,62 @@ def _min_critic_action_grad(algo: SAC | CQL, batch: Batch, pi_inputs: list[Tenso
 
 
 def _critic_at_policy_actions(
-    algo: SAC | TQC, batch: Batch, draws: _PolicyDraws, n: int
+    algo: SAC | TQC | CrossQ, batch: Batch, draws: _PolicyDraws, n: int
 ) -> tuple[Tensor, list[Tensor]]:
     return algo.critic.body.forward_cached(torch.cat([batch.obs.flatten(1), draws.actions[:n]], -1))
 
 
-def _action_grad(algo: SAC | TQC, batch: Batch, pi_inputs: list[Tensor], g_out: Tensor) -> Tensor:
+def _action_grad(algo: SAC | TQC | CQL | CrossQ, batch: Batch, pi_inputs: list[Tensor], g_out: Tensor) -> Tensor:
     """dL/da [B, A] through the critics (summed over them) given dL/d(critic outputs), no weight gradients."""
     g_input = algo.critic.body.backward(pi_inputs, g_out, weight_grads=False, input_grad=True)
     assert g_input is not None
     return g_input[:, :, batch.obs.flatten(1).shape[1] :].sum(0)
+
+
+def fused_crossq_applies(algo: CrossQ) -> bool:
+    return bool(algo.cfg.analytic_grads and algo.net.body.numpy_acting and algo.critic.body.numpy_acting)
+
+
+def fused_crossq_update(algo: CrossQ, batch: Batch, index: int, noise: Tensor | None = None) -> dict[str, Tensor]:
+    """One CrossQ gradient step, the same as `CrossQ.autograd_update`: the critics once over [s; s'] with batch
+    statistics of both halves (the bootstrapped half's values held fixed, its rows still in the statistics' gradient),
+    then every `actor_delay`-th step the actor on s with batch statistics through the critics' running ones (each
+    row through its minimizing critic, as SAC's). `noise`: [2B, A], obs rows then next-obs rows."""
+    cfg, critic = algo.cfg, algo.critic
+    n = len(batch)
+    noise_pi, noise_next = (None, None) if noise is None else (noise[:n], noise[n:])
+    with torch.no_grad():
+        alpha = algo.temperature.log_alpha.detach().exp()
+        next_draws = _draws_at(algo, batch.next_obs.flatten(1), noise_next)  # running statistics
+        rows = torch.cat(
+            [
+                torch.cat([batch.obs.flatten(1), batch.actions.flatten(1)], -1),
+                torch.cat([batch.next_obs.flatten(1), next_draws.actions], -1),
+            ]
+        )
+        with batch_statistics(critic.body):
+            q_both, critic_inputs = critic.body.forward_cached(rows)
+        q = q_both[:, :n, 0]
+        target = sac_target(batch.rewards, batch.discounts, batch.terminated, q_both[:, n:, 0], next_draws.logp, alpha)
+        td = q - target
+        weights = batch.get("weights")
+        g_q = torch.zeros_like(q_both)  # the bootstrapped half is a constant of the loss
+        torch.div(td if weights is None else td * weights, n, out=g_q[:, :n, 0])
+        algo.critic_opt.zero_grad_unless_written_by(critic.body)
+        critic.body.backward(critic_inputs, g_q)
+        algo.critic_opt.clip_and_step()
+        critic_loss = 0.5 * ((td * td if weights is None else weights * td * td).mean(-1).sum())
+        metrics = {"critic_loss": critic_loss, "q": q.mean(), "alpha": alpha[0]}
+        if (index + 1) % cfg.actor_delay == 0:  # sb3-contrib counts updates from 1
+            with batch_statistics(algo.net.body):
+                draws = _draws_at(algo, batch.obs.flatten(1), noise_pi)
+            alpha = algo.temperature.update(draws.logp + algo.temperature.target_entropy)
+            q_min = _min_critic_actor_step(algo, batch, draws, alpha, n)
+            metrics["actor_loss"] = (alpha * draws.logp - q_min).mean()
+            metrics["entropy"] = -draws.logp.mean()
+        if cfg.prioritized:
+            metrics["td_error"] = td.abs().mean(0)
+    return metrics
 
 
 def fused_tqc_update(algo: TQC, batch: Batch, noise: Tensor | None = None) -> dict[str, Tensor]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import cast
 
 import numpy as np
 import torch
@@ -17,7 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from policylab.nets import matmul
-from policylab.nets.renorm import RenormSettings, StackedBatchRenorm
+from policylab.nets.renorm import RenormSettings, RenormStats, StackedBatchRenorm
 
 ACTIVATION_FNS = {"tanh": torch.tanh, "relu": torch.relu, "elu": nn.functional.elu, "silu": nn.functional.silu}
 INPLACE_ACTIVATION_FNS = {"tanh": torch.tanh_, "relu": torch.relu_}
@@ -196,22 +197,67 @@ class StackedMLP(nn.Module):
         tanh is computed as 2 sigmoid(2z) - 1, with the factor 2 folded into the
         matmul: on CPU this is about twice as fast as torch.tanh (and equal to it
         within float32 rounding).
+
+        With batch renormalization each layer's normalization is folded into its product: y W + b with
+        y = (x - mean) * gain + offset is (x - mean) (gain W) + (offset W + b), so no normalized copy of the
+        activations is made. With `batch_stats` (a training pass: all members) the running statistics move as in
+        `forward`, and the returned `RenormedInputs` keep the batch statistics `backward` needs.
         """
         layers = self._member_layers(members)
         h = x.unsqueeze(0).expand(len(layers[0][0]), -1, -1) if x.dim() == 2 else x
-        inputs = [h]
+        inputs = [h] if self.renorms is None else RenormedInputs([h])
         tanh = self.activation == "tanh"
         with torch.no_grad():
-            for w, b, transposed in layers[:-1]:
+            for i, (w, b, transposed) in enumerate(layers):
+                if self.renorms is not None:
+                    w, b, h = self._renorm_folded(i, h, w, b, transposed, members, cast(RenormedInputs, inputs))
                 w = w.transpose(1, 2) if transposed else w
+                if i == len(layers) - 1:
+                    return matmul.baddbmm(b, h, w), inputs
                 if tanh:
                     h = torch.sigmoid_(matmul.baddbmm(b, h, w, beta=2.0, alpha=2.0)).mul_(2.0).sub_(1.0)
                 else:
                     h = matmul.baddbmm(b, h, w).relu_()
                 inputs.append(h)
-            w, b, transposed = layers[-1]
-            out = matmul.baddbmm(b, h, w.transpose(1, 2) if transposed else w)
-        return out, inputs
+        raise AssertionError("unreachable: an MLP has an output layer")
+
+    def _renorm_folded(
+        self,
+        i: int,
+        h: Tensor,
+        w: Tensor,
+        b: Tensor,
+        transposed: bool,
+        members: int | slice | None,
+        cache: RenormedInputs,
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """Layer i's weight and bias with its renormalization folded in, and the centred input they multiply."""
+        assert self.renorms is not None
+        renorm = self.renorms[i]
+        if self.batch_stats:
+            if members is not None:
+                raise ValueError("a training pass with batch statistics runs every member: pass members=None")
+            stats = renorm.batch_pass(h)
+            folded = w * stats.gain if transposed else w * stats.gain.transpose(1, 2)
+            cache.renormed.append((stats, folded))
+            centred, offset = stats.centred, stats.offset
+        else:
+            mean, folded, offset = self._running_fold(i, w, transposed, self._selection(members))
+            cache.folded.append(folded)
+            centred = h - mean
+        return folded, matmul.baddbmm(b, offset, w.transpose(1, 2) if transposed else w), centred
+
+    def _running_fold(self, i: int, w: Tensor, transposed: bool, sel: slice | None) -> tuple[Tensor, Tensor, Tensor]:
+        """Layer i's running-statistics normalization y = (x - mean) gain + shift of the members `sel` (w: theirs):
+        (mean, w with gain folded in, shift)."""
+        assert self.renorms is not None
+        renorm = self.renorms[i]
+        with torch.no_grad():
+            mean, gain = renorm.running_affine()
+            shift: Tensor = renorm.shift
+            if sel is not None:
+                mean, gain, shift = mean[sel], gain[sel], shift[sel]
+            return mean, w * gain if transposed else w * gain.transpose(1, 2), shift
 
     def jvp(
         self,
@@ -258,6 +304,16 @@ class StackedMLP(nn.Module):
         """
         sel = self._selection(members)
         layers = self._member_layers(members)
+        if self.renorms is not None:
+            if isinstance(inputs, RenormedInputs) and inputs.renormed:
+                return self._batch_renorm_backward(inputs, grad_out, input_grad)
+            if weight_grads:
+                raise ValueError("weight gradients of a batch-renormalized MLP need a pass with batch statistics")
+            if isinstance(inputs, RenormedInputs) and inputs.folded:
+                folded = inputs.folded
+            else:
+                folded = [self._running_fold(i, w, t, sel)[1] for i, (w, _, t) in enumerate(layers)]
+            layers = [(w, b, t) for w, (_, b, t) in zip(folded, layers)]
         g = grad_out
         tanh = self.activation == "tanh"
         with torch.no_grad():
@@ -293,3 +349,76 @@ class StackedMLP(nn.Module):
                     else:
                         g = torch.ops.aten.threshold_backward.grad_input(g_h, h, 0.0, grad_input=g_h)
         return None
+
+    def _batch_renorm_backward(self, inputs: RenormedInputs, grad_out: Tensor, input_grad: bool) -> Tensor | None:
+        """`backward` after a pass with batch statistics: every weight, bias, scale and shift gradient.
+
+        Per layer, with c = x - mean the centred input, y = c gain + offset its normalization, z = y W + b and
+        g = dL/dz: Q = c^T g (one product), dL/dW = gain Q + offset^T sum_B g, dL/dy = g W^T is never formed:
+        sum_B dL/dy = (sum_B g) W^T and sum_B dL/dy c = rowsums of W * Q, all the normalization's backward needs
+        (`RenormStats`); dL/dx = g (gain W)^T + coef c + const, one product into the normalization's own terms."""
+        assert self.renorms is not None
+        g = grad_out
+        tanh = self.activation == "tanh"
+        with torch.no_grad():
+            for i in range(len(self._layers) - 1, -1, -1):
+                w, b, transposed = self._layers[i]
+                stats, folded = inputs.renormed[i]
+                renorm = self.renorms[i]
+                for p in (w, b, renorm.scale, renorm.shift):
+                    if p.grad is None:
+                        p.grad = torch.empty_like(p)
+                assert w.grad is not None and b.grad is not None
+                assert renorm.scale.grad is not None and renorm.shift.grad is not None
+                grad_sum = torch.sum(g, dim=1, keepdim=True, out=b.grad)
+                if transposed:  # w: [K, out, in]
+                    q = matmul.bmm(g.transpose(1, 2), stats.centred)
+                    grad_dot = (w * q).sum(1, keepdim=True)
+                    grad_y_sum = matmul.bmm(grad_sum, w)
+                    torch.mul(q, stats.gain, out=w.grad).baddbmm_(grad_sum.transpose(1, 2), stats.offset)
+                else:  # w: [K, in, out]
+                    q = matmul.bmm(stats.centred.transpose(1, 2), g)
+                    grad_dot = (w * q).sum(2).unsqueeze(1)
+                    grad_y_sum = matmul.bmm(grad_sum, w.transpose(1, 2))
+                    torch.mul(q, stats.gain.transpose(1, 2), out=w.grad).baddbmm_(
+                        stats.offset.transpose(1, 2), grad_sum
+                    )
+                grad_scale, grad_shift = stats.param_grads(grad_y_sum, grad_dot)
+                renorm.scale.grad.copy_(grad_scale)
+                renorm.shift.grad.copy_(grad_shift)
+                if i == 0 and not input_grad:
+                    return None
+                coef, const = stats.input_grad_terms(grad_y_sum, grad_dot)
+                base = torch.addcmul(const, stats.centred, coef)
+                w_t = folded if transposed else folded.transpose(1, 2)
+                g_h = base.addcmul_(g, w_t) if g.shape[-1] == 1 else matmul.baddbmm(base, g, w_t)
+                if i == 0:
+                    return g_h
+                h = inputs[i]
+                if tanh:
+                    g = torch.ops.aten.tanh_backward.grad_input(g_h, h, grad_input=g_h)
+                else:
+                    g = torch.ops.aten.threshold_backward.grad_input(g_h, h, 0.0, grad_input=g_h)
+        return None
+
+
+class RenormedInputs(list[Tensor]):
+    """`StackedMLP.forward_cached`'s layer inputs for a batch-renormalized MLP, with what `backward` needs of the
+    normalizations: after a pass with batch statistics each layer's statistics and folded weight (`renormed`),
+    after one with running statistics the folded weights (`folded`)."""
+
+    def __init__(self, inputs: list[Tensor], folded: list[Tensor] | None = None) -> None:
+        super().__init__(inputs)
+        self.renormed: list[tuple[RenormStats, Tensor]] = []
+        self.folded: list[Tensor] = folded or []
+
+
+def member_rows(inputs: list[Tensor], k: int, rows: Tensor) -> list[Tensor]:
+    """Member k's `forward_cached` inputs at `rows` of a pass over every member, for
+    `backward(..., members=slice(k, k + 1))`."""
+    selected = [h[k].index_select(0, rows).unsqueeze(0) for h in inputs]
+    if isinstance(inputs, RenormedInputs):
+        if inputs.renormed:
+            raise ValueError("the rows of a pass with batch statistics cannot be back-propagated apart")
+        return RenormedInputs(selected, [w[k : k + 1] for w in inputs.folded])
+    return selected

@@ -46,6 +46,32 @@ class RenormSettings:
     ones are corrected towards the running statistics (r and d)."""
 
 
+@dataclass
+class RenormStats:
+    """One training pass's batch statistics over the B rows of x [K, B, d] and what follows from them ([K, 1, d]
+    each): x_hat = (x - mean) * norm + d, y = scale * x_hat + shift = (x - mean) * gain + offset."""
+
+    mean: Tensor
+    centred: Tensor  # x - mean, [K, B, d]
+    var_eps: Tensor  # the unbiased batch variance + eps
+    norm: Tensor  # r / sqrt(var + eps)
+    d: Tensor | None  # None (and r = 1) during the warmup
+    gain: Tensor  # scale * norm
+    offset: Tensor  # shift + scale * d
+    rows: int
+
+    def input_grad_terms(self, grad_sum: Tensor, grad_dot: Tensor) -> tuple[Tensor, Tensor]:
+        """dL/dx = gain * dL/dy + coef * (x - mean) + const, given grad_sum = sum_B dL/dy and
+        grad_dot = sum_B dL/dy (x - mean) (`_Renormalize`'s docstring): returns (coef, const)."""
+        coef = -grad_dot * self.gain / (max(self.rows - 1, 1) * self.var_eps)
+        return coef, (self.gain * grad_sum).mul_(-1.0 / self.rows)
+
+    def param_grads(self, grad_sum: Tensor, grad_dot: Tensor) -> tuple[Tensor, Tensor]:
+        """(dL/dscale, dL/dshift) given grad_sum and grad_dot as in `input_grad_terms`."""
+        grad_scale = grad_dot * self.norm if self.d is None else torch.addcmul(grad_dot * self.norm, grad_sum, self.d)
+        return grad_scale, grad_sum
+
+
 class StackedBatchRenorm(nn.Module):
     """Batch renormalization of a [K, B, d] input, each of the K members with its own statistics, scale and shift."""
 
@@ -66,24 +92,50 @@ class StackedBatchRenorm(nn.Module):
 
     def forward(self, x: Tensor, batch_stats: bool) -> Tensor:
         """x: [k, B, d], the input of the first k members."""
-        k, s = len(x), self.settings
-        running_mean, running_var = self.running_mean[:k], self.running_var[:k]
+        k = len(x)
         if not batch_stats:
-            return torch.addcmul(self.shift[:k], x - running_mean, self.scale[:k] * torch.rsqrt(running_var + s.eps))
-        r = d = None
+            mean, gain = self.running_affine(k)
+            return torch.addcmul(self.shift[:k], x - mean, gain)
+        stats = self.batch_pass(x)
+        return _Renormalize.apply(x, stats, self.scale[:k], self.shift[:k])
+
+    def _params(self) -> tuple[Tensor, Tensor]:
+        return self.scale, self.shift
+
+    def running_affine(self, k: int | None = None) -> tuple[Tensor, Tensor]:
+        """The running-statistics normalization of the first k members, y = (x - mean) * gain + shift: returns
+        (mean, gain), [k, 1, d] each."""
+        mean, var, scale = self.running_mean, self.running_var, self._params()[0]
+        if k is not None and k != len(scale):
+            mean, var, scale = mean[:k], var[:k], scale[:k]
+        return mean, scale * torch.rsqrt(var + self.settings.eps)
+
+    def batch_pass(self, x: Tensor) -> RenormStats:
+        """A training pass's statistics of x [k, B, d] (the first k members), r and d included; moves the running
+        statistics towards the batch's and counts the pass."""
+        k, s = len(x), self.settings
+        running_mean, running_var = self.running_mean, self.running_var
+        scale, shift = self._params()
+        if k != len(scale):
+            running_mean, running_var, scale, shift = running_mean[:k], running_var[:k], scale[:k], shift[:k]
         with torch.no_grad():
             batch_mean = x.mean(1, keepdim=True)
             centred = x - batch_mean
             batch_var = (centred * centred).sum(1, keepdim=True) / max(x.shape[1] - 1, 1)
+            norm = torch.rsqrt(batch_var + s.eps)
+            r = d = None
             if self._steps > s.warmup_steps:
                 running_std = (running_var + s.eps).sqrt()
                 r = ((batch_var + s.eps).sqrt() / running_std).clamp(1.0 / R_MAX, R_MAX)
                 d = ((batch_mean - running_mean) / running_std).clamp(-D_MAX, D_MAX)
+                norm = norm * r
             running_mean.lerp_(batch_mean, s.momentum)
             running_var.lerp_(batch_var, s.momentum)
             self._steps += 1
             self.steps.fill_(self._steps)
-        return _Renormalize.apply(x, centred, batch_var, self.scale[:k], self.shift[:k], r, d, s.eps)
+            gain = scale * norm
+            offset = shift if d is None else torch.addcmul(shift, scale, d)
+        return RenormStats(batch_mean, centred, batch_var + s.eps, norm, d, gain, offset, x.shape[1])
 
     def numpy_forward(self, x: np.ndarray, member: int | None) -> np.ndarray:
         """The running-statistics normalization in numpy (acting on the CPU): x [B, d] with `member`, else [K, B, d]."""
@@ -99,7 +151,7 @@ class StackedBatchRenorm(nn.Module):
 
 class _Renormalize(torch.autograd.Function):
     """y = scale (r (x - mu_B) / sqrt(var_B + eps) + d) + shift over dim 1 of x [K, B, d] (r = 1, d = 0 during the
-    warmup), with mu_B and the unbiased var_B computed by the caller (`centred` = x - mu_B) and r, d constants.
+    warmup), with mu_B, the unbiased var_B, r and d in `stats` (r and d constants).
 
     The backward is written out: with G = scale r / sqrt(var_B + eps), g = dL/dy, S = sum_B g (x - mu_B),
     dL/dx = G (g - mean_B g) - (x - mu_B) S G / ((B - 1)(var_B + eps)); dL/dscale = S r / sqrt(var_B + eps)
@@ -107,38 +159,21 @@ class _Renormalize(torch.autograd.Function):
     of the same operations), and two in the backward when x needs no gradient (a network's inputs)."""
 
     @staticmethod
-    def forward(  # type: ignore[override]
-        ctx: Any,
-        x: Tensor,
-        centred: Tensor,
-        batch_var: Tensor,
-        scale: Tensor,
-        shift: Tensor,
-        r: Tensor | None,
-        d: Tensor | None,
-        eps: float,
-    ) -> Tensor:
-        norm = torch.rsqrt(batch_var + eps)
-        if r is not None:
-            norm = norm * r
-        gain = scale * norm
-        offset = shift if d is None else torch.addcmul(shift, scale, d)
-        ctx.save_for_backward(centred, batch_var, norm, gain, d)
-        ctx.eps = eps
-        return torch.addcmul(offset, centred, gain)
+    def forward(ctx: Any, x: Tensor, stats: RenormStats, scale: Tensor, shift: Tensor) -> Tensor:  # type: ignore[override]
+        ctx.stats = stats
+        return torch.addcmul(stats.offset, stats.centred, stats.gain)
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
-        centred, batch_var, norm, gain, d = ctx.saved_tensors
-        n = grad.shape[1]
+        stats: RenormStats = ctx.stats
         grad_sum = grad.sum(1, keepdim=True)
-        grad_dot = (grad * centred).sum(1, keepdim=True)
-        grad_scale = grad_dot * norm if d is None else torch.addcmul(grad_dot * norm, grad_sum, d)
+        grad_dot = (grad * stats.centred).sum(1, keepdim=True)
+        grad_scale, grad_shift = stats.param_grads(grad_sum, grad_dot)
         grad_x = None
         if ctx.needs_input_grad[0]:
-            coef = -grad_dot * gain / (max(n - 1, 1) * (batch_var + ctx.eps))
-            grad_x = torch.addcmul(gain * grad_sum * (-1.0 / n), grad, gain).addcmul_(centred, coef)
-        return grad_x, None, None, grad_scale, grad_sum, None, None, None
+            coef, const = stats.input_grad_terms(grad_sum, grad_dot)
+            grad_x = torch.addcmul(const, grad, stats.gain).addcmul_(stats.centred, coef)
+        return grad_x, None, grad_scale, grad_shift
 
 
 @contextmanager
