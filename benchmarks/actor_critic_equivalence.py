@@ -12,7 +12,7 @@ how far apart are the twin critics' Q-values (TQC: every quantile) and the actor
 and log std, and the entropy temperature) on a probe set? The scale to compare with: how far each float32 run is
 from SB3's `train()` with every network, optimizer and draw in float64, since float32 rounding differs between
 any two implementations and Adam amplifies it. Both of policylab's paths are checked: the hand-derived update it
-runs (`fused_offpolicy`) and the autograd one (CrossQ has the second only).
+runs (`fused_offpolicy`) and the autograd one.
 
 CrossQ: the batch renormalizations' scales, shifts and running statistics are copied too, and the draws go in
 sb3-contrib's order (the next observations' every step, the observations' on actor steps). The 512 steps stay
@@ -263,8 +263,10 @@ def ours_train(loop: OffPolicyLoop, batches: list[Batch], noise: list[torch.Tens
                 algo.update(batch, start + i)
         return
     for i, (batch, draw) in enumerate(zip(batches, noise, strict=True)):
-        if CASE.algo == "crossq":
-            algo.update(batch, start + i, draw)
+        if CASE.algo == "crossq" and algo.fused:
+            pl_fused.fused_crossq_update(algo, batch, start + i, draw)
+        elif CASE.algo == "crossq":
+            algo.autograd_update(batch, start + i, draw)
         elif CASE.algo == "tqc":
             pl_fused.fused_tqc_update(algo, batch, draw) if algo.fused else algo.autograd_update(batch, draw)
         elif algo.fused:
@@ -394,7 +396,7 @@ def main() -> None:
     for seed in range(1, args.seeds + 1):
         print(f"\n== seed {seed}")
         result: dict[str, Any] = {"seed": seed}
-        autograd_only = CASE.algo == "crossq" or args.ours_epsilon is not None
+        autograd_only = args.ours_epsilon is not None
         paths = (("autograd", False),) if autograd_only else (("fused", True), ("autograd", False))
         for path, analytic in paths:
             with ours_log_prob(args.ours_epsilon):
