@@ -35,7 +35,8 @@ Prints medians over 5 repetitions of:
   torch's `var_mean` (a Welford pass, what sb3-contrib's BatchRenorm computes with `var`) against the mean and the
   centred sum of squares policylab uses; one forward and backward of policylab's renormalization (a hand-written
   backward) and of sb3-contrib's BatchRenorm1d applied per member (where sb3-contrib is installed); and one
-  CrossQ update with rl-zoo's Pendulum-v1 sizes, with the share of it its products take under torch's profiler.
+  CrossQ update with rl-zoo's Pendulum-v1 sizes, the hand-derived step (what runs) and the autograd one, with the
+  share of the hand-derived step its products take under torch's profiler.
 """
 
 from __future__ import annotations
@@ -539,8 +540,11 @@ def renorm_costs() -> None:
         discounts=torch.full((n,), 0.99),
     )
     counter = iter(range(10**9))
-    per_update = timed(lambda: algo.update(batch, next(counter)), 200)
-    print(f"one CrossQ update (Pendulum-v1, [256, 256], batch 256, actor every 2nd): {per_update * 1e3:.2f} ms")
+    assert algo.fused
+    print("one CrossQ update (Pendulum-v1, [256, 256], batch 256, actor every 2nd):")
+    for name, step in (("hand-derived", algo.update), ("autograd", algo.autograd_update)):
+        per_update = timed(lambda step=step: step(batch, next(counter)), 200)
+        print(f"  {name}: {per_update * 1e3:.2f} ms")
     from torch.profiler import profile
 
     with profile() as prof:
@@ -549,7 +553,9 @@ def renorm_costs() -> None:
     events = prof.key_averages()
     total = sum(e.self_cpu_time_total for e in events)
     products = sum(e.self_cpu_time_total for e in events if e.key in ("aten::bmm", "aten::baddbmm", "aten::mm"))
-    print(f"  of which products (torch's profiler, self time, 100 updates): {100 * products / total:.0f}%")
+    print(
+        f"  of the hand-derived one, products (torch's profiler, self time, 100 updates): {100 * products / total:.0f}%"
+    )
 
 
 def main() -> None:

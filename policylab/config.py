@@ -65,6 +65,13 @@ class CommonConfig:
     """Evaluate the deterministic policy (its mean, most likely or greedy action); false: actions sampled from the
     policy (a Q-network's: epsilon-greedy at the run's eps_final), as rl-zoo evaluates Atari games (the Atari
     presets set it), where a deterministic policy that never presses FIRE after a lost life waits out the game."""
+    stop_return: float | None = None
+    """End the run at the first periodic evaluation whose mean return reaches this (e.g. 475 on CartPole-v1): a
+    finished run, with its final evaluation, best/ and summary, as at the end of its budget (SB3's
+    StopTrainingOnRewardThreshold). Needs eval_every."""
+    stop_patience: int = 0
+    """End the run after this many periodic evaluations in a row without a new best (SB3's
+    StopTrainingOnNoModelImprovement); 0: never. Needs eval_every."""
     checkpoint_every: int = 50_000
     """Checkpoint every this many env steps (0: only at the end and on Ctrl-C)."""
     keep_checkpoints: int = 2
@@ -119,7 +126,13 @@ class CommonConfig:
 
         if self.encoder not in ENCODERS:
             raise ConfigError(f"encoder={self.encoder!r} is not one of {', '.join(ENCODERS)}", "use encoder=auto")
-        _non_negative(self, "eval_every", "checkpoint_every", "keep_checkpoints")
+        _non_negative(self, "eval_every", "checkpoint_every", "keep_checkpoints", "stop_patience")
+        if (self.stop_return is not None or self.stop_patience) and not self.eval_every:
+            rule = "stop_return" if self.stop_return is not None else "stop_patience"
+            raise ConfigError(
+                f"{rule} acts at the periodic evaluations, and eval_every=0 runs none",
+                "set eval_every, e.g. eval_every=10000",
+            )
         from policylab.collectors import check_workers
 
         check_workers(self)

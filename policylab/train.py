@@ -128,6 +128,9 @@ class Run:
     best: dict[str, Any] | None = None
     """The best evaluation so far, whose policy is in `dir / "best"` (`pl.load(dir, which="best")`):
     {"step", "return_mean", "dir": "best"}; None before the first evaluation."""
+    stopped: str | None = None
+    """Why the run ended before its budget by a stopping rule (`stop_return`, `stop_patience`): a finished run,
+    with its final evaluation; None otherwise."""
 
 
 # --- config resolution -------------------------------------------------------------------------
@@ -1288,7 +1291,7 @@ def train(
     )
     try:
         with _StopFlag() as stop:
-            while loop.step < loop.total:
+            while loop.step < loop.total and session.stopped is None:
                 info = session.iterate()
                 bar.update(loop.step, info.metrics["fps"], info.mean_return, session.last_evaluation())
                 if stop.requested or (callback is not None and callback(info) is False):
@@ -1302,6 +1305,8 @@ def train(
         say(f"stopped at step {loop.step:,}; checkpoint {session.last_ckpt}")
         say(f"resume with: policylab train {session.spec.name} --resume {run.dir}")
     elif run.final_eval is not None:
+        if run.stopped is not None:
+            say(f"ended early at step {loop.step:,} of {loop.total:,}: {run.stopped}")
         say(
             f"done: {loop.step:,} steps; evaluation over {run.final_eval['episodes']} episodes: "
             f"return {fixed(run.final_eval['return_mean'])} +/- {fixed(run.final_eval['return_std'])}"
@@ -1359,8 +1364,8 @@ class _ResumePoint:
     def complete_run(self) -> Run | None:
         """The run as it ended, when it is already at its total and its final evaluation is written (eval.json at
         its last step): nothing to train, evaluate or write. None when there is something to do."""
-        step = int(self.state["step"])
-        if step < run_total(self.spec, self.cfg):
+        step, stopped = int(self.state["step"]), self.state.get("stopped")
+        if step < run_total(self.spec, self.cfg) and stopped is None:
             return None
         try:
             summary = json.loads((self.run_dir / SUMMARY_JSON).read_text())
@@ -1368,12 +1373,18 @@ class _ResumePoint:
             return None  # stopped before its final evaluation was written: the resume writes it
         if not isinstance(summary, dict) or summary.get("steps") != step:
             return None
-        note = (
-            f"{self.run_dir} is already complete at {step:,} steps: nothing to train (to train longer: "
-            f"policylab train {self.spec.name} --resume {self.run_dir} --steps N, with N above {step:,})"
-        )
+        if stopped is None:
+            note = (
+                f"{self.run_dir} is already complete at {step:,} steps: nothing to train (to train longer: "
+                f"policylab train {self.spec.name} --resume {self.run_dir} --steps N, with N above {step:,})"
+            )
+        else:
+            note = (
+                f"{self.run_dir} is already complete: it ended early at step {step:,} ({stopped}); nothing to "
+                "train (to train on, start a new run without that setting)"
+            )
         final_eval, best = summary.get("final_eval"), summary.get("best")
-        return Run(self.run_dir, self.spec.name, self.cfg, step, final_eval, False, [note], best)
+        return Run(self.run_dir, self.spec.name, self.cfg, step, final_eval, False, [note], best, stopped)
 
 
 class _Session:
@@ -1396,6 +1407,10 @@ class _Session:
         self.latest_eval: dict[str, Any] | None = None
         self.pretraining: dict[str, float] | None = state.get("pretraining")
         """What the loop's pretraining did before step 0 (e.g. behaviour cloning: its losses and seconds), if any."""
+        self.stopped: str | None = state.get("stopped")
+        """Why a stopping rule ended the run (`stop_return`, `stop_patience`); None while it goes on."""
+        self.evals_since_best = int(state.get("evals_since_best", 0))
+        """Periodic evaluations in a row without a new best (what `stop_patience` counts)."""
 
     @classmethod
     def new(
@@ -1490,7 +1505,7 @@ class _Session:
             self.log.log_eval(_eval_row(loop.step, elapsed, result))
             self.next_eval = _next_multiple(loop.step, cfg.eval_every)
             eval_return = float(result["return_mean"])
-            self._keep_if_best(result)
+            self.stopped = self._stopping_rule(eval_return, improved=self._keep_if_best(result))
         if cfg.checkpoint_every and self.next_ckpt <= loop.step < loop.total:
             self.last_ckpt = self.save()
             self.next_ckpt = _next_multiple(loop.step, cfg.checkpoint_every)
@@ -1519,14 +1534,31 @@ class _Session:
         state["elapsed"] = self.elapsed
         state["best"] = self.best
         state["pretraining"] = self.pretraining
+        state["evals_since_best"] = self.evals_since_best
+        state["stopped"] = self.stopped
         return ckpt.save_checkpoint(self.dir / "checkpoints", self.loop.step, tensors, state, self.cfg.keep_checkpoints)
 
-    def _keep_if_best(self, result: dict[str, Any]) -> None:
+    def _stopping_rule(self, eval_return: float, improved: bool) -> str | None:
+        """Why the run ends at this periodic evaluation (`stop_return`, `stop_patience`), or None."""
+        cfg, step = self.cfg, self.loop.step
+        self.evals_since_best = 0 if improved else self.evals_since_best + 1
+        if cfg.stop_return is not None and eval_return >= cfg.stop_return:
+            return f"stop_return={cfg.stop_return:g} reached, evaluation return {fixed(eval_return)} at step {step:,}"
+        if cfg.stop_patience and self.evals_since_best >= cfg.stop_patience:
+            assert self.best is not None
+            return (
+                f"stop_patience={cfg.stop_patience}: {self.evals_since_best} evaluations in a row without a new best "
+                f"(the best: {fixed(self.best['return_mean'])} at step {self.best['step']:,})"
+            )
+        return None
+
+    def _keep_if_best(self, result: dict[str, Any]) -> bool:
         """Write the policy just evaluated to best/ if its mean return beats the best so far (the first always
-        does). Only the policy (weights, observation statistics), not the state needed to resume from it."""
+        does); returns whether it did. Only the policy (weights, observation statistics), not the state needed to
+        resume from it."""
         ret = float(result["return_mean"])
         if not math.isfinite(ret) or (self.best is not None and not ret > self.best["return_mean"]):
-            return
+            return False
         loop = self.loop
         state = {
             "algo": self.spec.name,
@@ -1538,11 +1570,12 @@ class _Session:
         }
         ckpt.write_checkpoint_dir(self.dir / ckpt.BEST, loop.policy_tensors(), state)
         self.best = {"step": loop.step, "return_mean": ret}
+        return True
 
     def finish(self) -> Run:
         """The final evaluation (it competes for best/) and summary (skipped when the run was stopped early)."""
         loop, cfg = self.loop, self.cfg
-        interrupted = loop.step < loop.total
+        interrupted = loop.step < loop.total and self.stopped is None
         final_eval = None
         if not interrupted:
             final_eval = self._evaluate(cfg.seed + 20_000)
@@ -1560,10 +1593,11 @@ class _Session:
                     "final_eval": final_eval,
                     "best": best,
                     **({} if self.pretraining is None else {"pretraining": self.pretraining}),
+                    **({} if self.stopped is None else {"stopped": self.stopped}),
                 }
             )
         self.log.close()
-        return Run(self.dir, self.spec.name, cfg, loop.step, final_eval, interrupted, self.notes, best)
+        return Run(self.dir, self.spec.name, cfg, loop.step, final_eval, interrupted, self.notes, best, self.stopped)
 
 
 def _best_so_far(run_dir: Path, state: dict[str, Any], notes: list[str]) -> dict[str, Any] | None:

@@ -15,7 +15,8 @@ The joint pass is the point of the method: the critic's batch statistics mix the
 policy's next ones, so the bootstrapped values are normalized like the regressed ones and no target network is
 needed. Defaults follow sb3-contrib's CrossQ (Adam betas (0.5, 0.999), lr 1e-3, actor delay 3, critics of
 [1024, 1024]); with `use_sde`, gSDE's features are the actor's last hidden activations before its final
-renormalization.
+renormalization. The step runs with hand-derived gradients (`fused_offpolicy.fused_crossq_update`; the autograd one
+with `analytic_grads=false` or other activations), each renormalization folded into the product after it.
 """
 
 from __future__ import annotations

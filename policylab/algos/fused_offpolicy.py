@@ -5,7 +5,7 @@ Why they are faster: no autograd graph is built; every backward pass writes into
 buffers with contiguous layouts (no transposed copies, no strided ReLU backward); SAC's actor runs once
 on [s; s'] (2B rows) and DQN's double-Q online net once on [s; s']; actor losses propagate through the
 critics without computing critic weight gradients, SAC's and CQL's (min over critics) through each row's minimizing
-critic alone. Used for ReLU/tanh MLPs without LayerNorm
+critic alone. Used for ReLU/tanh MLPs without LayerNorm (CrossQ's batch renormalization included)
 (`analytic_grads=false` opts out).
 
 SAC, with u = mean + std * noise, a = tanh(u), L_actor = mean_B(alpha log pi(a|s) - min_k Q_k(s, a)):
@@ -24,6 +24,10 @@ DQN: d huber(td) / d td = clamp(td, -1, 1); through a dueling head Q_a = V + A_a
     dQ_a/dV = 1, dQ_a/dA_j = [j = a] - 1/|A|.
 CQL: dL/dQ_k at the B (1 + 3M) proposal rows from autograd on those [K, rows] values alone (the penalty's softmax
 weights, Cal-QL's bound, the Lagrangian weight), then the critics' backward over the rows by hand; actor as SAC's.
+CrossQ: SAC's losses; the batch renormalizations are folded into the products (StackedMLP.forward_cached and
+backward, nets/mlp.py): the critics' joint pass over [s; s'] gets dL/dQ = td / B on the s rows and 0 on the s'
+rows, whose gradient still reaches every row through the batch statistics; the actor's loss goes through the
+critics' running statistics, an affine map per feature folded into their weights.
 """
 
 from __future__ import annotations

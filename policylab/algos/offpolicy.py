@@ -88,8 +88,8 @@ class OffPolicyConfig(CommonConfig):
     """With a dataset: "return_range" multiplies rewards (before `reward_scale`) by 1000 / (max - min episode
     return of the dataset), as the IQL paper and CORL's IQL do on the D4RL locomotion datasets; "none"."""
     analytic_grads: bool = True
-    """Fast path where an algorithm has one (SAC, TD3/DDPG, DQN with ReLU/tanh MLPs): hand-derived gradients,
-    the same update as autograd's (tested); false forces autograd."""
+    """Fast path where an algorithm has one (SAC, TQC, CrossQ, TD3/DDPG, DQN, QR-DQN, IQL, CQL, ... with ReLU/tanh
+    MLPs): hand-derived gradients, the same update as autograd's (tested); false forces autograd."""
     her: bool = False
     """Hindsight experience replay (data/her.py) on a goal-conditioned env (Dict observations with achieved_goal
     and desired_goal, and a compute_reward method): a share of every batch trains on goals reached later."""

@@ -103,14 +103,15 @@ class StackedMLP(nn.Module):
 
     @property
     def analytic_backward(self) -> bool:
-        """Whether `forward_cached`/`backward`/`numpy_forward` apply: tanh or relu, no LayerNorm or batch
-        renormalization."""
+        """Whether `forward_cached`/`backward`/`numpy_forward` apply as every hand-derived step but CrossQ's uses
+        them: tanh or relu, no LayerNorm or batch renormalization (with it they apply too, as `numpy_acting` says,
+        but a backward with weight gradients needs a pass with batch statistics)."""
         return self.numpy_acting and self.renorms is None
 
     @property
     def numpy_acting(self) -> bool:
-        """Whether `numpy_forward` applies: tanh or relu, no LayerNorm (batch renormalization acts on running
-        statistics, which numpy reads)."""
+        """Whether `numpy_forward` applies, and `forward_cached`/`backward` with batch renormalization: tanh or relu,
+        no LayerNorm (batch renormalization acts on running statistics, which numpy reads)."""
         return self.activation in ("tanh", "relu") and not self.layer_norm
 
     def forward(self, x: Tensor, members: int | None = None) -> Tensor:
