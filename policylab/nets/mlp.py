@@ -103,9 +103,8 @@ class StackedMLP(nn.Module):
 
     @property
     def analytic_backward(self) -> bool:
-        """Whether `forward_cached`/`backward`/`numpy_forward` apply as every hand-derived step but CrossQ's uses
-        them: tanh or relu, no LayerNorm or batch renormalization (with it they apply too, as `numpy_acting` says,
-        but a backward with weight gradients needs a pass with batch statistics)."""
+        """Whether the hand-derived steps apply (`forward_cached`, `backward`, `numpy_forward`): tanh or relu, no
+        LayerNorm or batch renormalization. CrossQ's step also takes batch renormalization (`numpy_acting`)."""
         return self.numpy_acting and self.renorms is None
 
     @property
