@@ -20,6 +20,7 @@ from policylab.algos.fused_offpolicy import (
     fused_td3_update,
     fused_tqc_update,
 )
+from policylab.data import Batch
 from policylab.train import OffPolicyLoop, resolve_config
 
 
@@ -31,6 +32,16 @@ def _warm_loop(algo: str, env: str, overrides: dict) -> OffPolicyLoop:
     loop = OffPolicyLoop(spec, cfg)
     loop.iterate()
     return loop
+
+
+def _fused_twins(algo: str, overrides: dict) -> tuple[OffPolicyLoop, OffPolicyLoop, Batch, torch.Tensor]:
+    """Two equal warm Pendulum-v1 loops whose algorithm runs the hand-derived step, a batch of 16 and [32, A]
+    standard normal draws for it."""
+    loop, twin_loop = (_warm_loop(algo, "Pendulum-v1", overrides) for _ in range(2))
+    assert loop.algo.fused
+    batch = loop.buffer.sample(16, torch.Generator().manual_seed(5))
+    noise = torch.randn(32, loop.algo.act_dim, generator=torch.Generator().manual_seed(7))
+    return loop, twin_loop, batch, noise
 
 
 def _state(algo) -> dict[str, torch.Tensor]:
@@ -118,11 +129,8 @@ def test_fused_crossq_step_equals_autograd(overrides):
     the normalization removes any shift of it), and Adam turns the two paths' different rounding there into
     steps of +-lr."""
     overrides = {"critic_hidden_sizes": [32, 32], "actor_delay": 2, **overrides}
-    loop, twin_loop = (_warm_loop("crossq", "Pendulum-v1", overrides) for _ in range(2))
+    loop, twin_loop, batch, noise = _fused_twins("crossq", overrides)
     algo, twin = loop.algo, twin_loop.algo
-    assert algo.fused
-    batch = loop.buffer.sample(16, torch.Generator().manual_seed(5))
-    noise = torch.randn(32, algo.act_dim, generator=torch.Generator().manual_seed(7))
     for index in range(6):
         fused, reference = fused_crossq_update(algo, batch, index, noise), twin.autograd_update(batch, index, noise)
         assert fused.keys() == reference.keys() and ("actor_loss" in fused) == (index % 2 == 1)
@@ -176,11 +184,8 @@ def test_the_actor_step_through_each_rows_minimizing_critic_alone_equals_the_pas
     ],
 )
 def test_fused_tqc_step_equals_autograd(overrides):
-    loop, twin_loop = (_warm_loop("tqc", "Pendulum-v1", overrides) for _ in range(2))
+    loop, twin_loop, batch, noise = _fused_twins("tqc", overrides)
     algo, twin = loop.algo, twin_loop.algo
-    assert algo.fused
-    batch = loop.buffer.sample(16, torch.Generator().manual_seed(5))
-    noise = torch.randn(32, algo.act_dim, generator=torch.Generator().manual_seed(7))
     for _ in range(2):
         fused = fused_tqc_update(algo, batch, noise)
         reference = twin.autograd_update(batch, noise)
