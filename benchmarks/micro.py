@@ -35,8 +35,8 @@ Prints medians over 5 repetitions of:
   torch's `var_mean` (a Welford pass, what sb3-contrib's BatchRenorm computes with `var`) against the mean and the
   centred sum of squares policylab uses; one forward and backward of policylab's renormalization (a hand-written
   backward) and of sb3-contrib's BatchRenorm1d applied per member (where sb3-contrib is installed); and one
-  CrossQ update with rl-zoo's Pendulum-v1 sizes, the hand-derived step (what runs) and the autograd one, with the
-  share of the hand-derived step its products take under torch's profiler.
+  CrossQ update with rl-zoo's Pendulum-v1 sizes, the hand-derived step (what runs) and the autograd one in
+  alternating blocks, with the share of the hand-derived step its products take under torch's profiler.
 """
 
 from __future__ import annotations
@@ -541,10 +541,22 @@ def renorm_costs() -> None:
     )
     counter = iter(range(10**9))
     assert algo.fused
-    print("one CrossQ update (Pendulum-v1, [256, 256], batch 256, actor every 2nd):")
-    for name, step in (("hand-derived", algo.update), ("autograd", algo.autograd_update)):
-        per_update = timed(lambda step=step: step(batch, next(counter)), 200)
-        print(f"  {name}: {per_update * 1e3:.2f} ms")
+    print("one CrossQ update (Pendulum-v1, [256, 256], batch 256, actor every 2nd; 7 alternating blocks of 200):")
+    steps = {"hand-derived": algo.update, "autograd": algo.autograd_update}
+    blocks: dict[str, list[float]] = {name: [] for name in steps}
+    for step in steps.values():  # warm-up
+        for _ in range(20):
+            step(batch, next(counter))
+    for _ in range(7):  # alternating, so that the machine's drift reaches both alike
+        for name, step in steps.items():
+            start = time.perf_counter()
+            for _ in range(200):
+                step(batch, next(counter))
+            blocks[name].append((time.perf_counter() - start) / 200)
+    for name, times in blocks.items():
+        print(
+            f"  {name}: median {statistics.median(times) * 1e3:.2f} ms [{min(times) * 1e3:.2f}-{max(times) * 1e3:.2f}]"
+        )
     from torch.profiler import profile
 
     with profile() as prof:
