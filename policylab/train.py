@@ -1573,7 +1573,8 @@ class _Session:
         return True
 
     def finish(self) -> Run:
-        """The final evaluation (it competes for best/) and summary (skipped when the run was stopped early)."""
+        """The final evaluation (it competes for best/) and summary (skipped when the run was interrupted; a stopping
+        rule's end is a finished run)."""
         loop, cfg = self.loop, self.cfg
         interrupted = loop.step < loop.total and self.stopped is None
         final_eval = None

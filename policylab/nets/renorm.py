@@ -100,6 +100,7 @@ class StackedBatchRenorm(nn.Module):
         return _Renormalize.apply(x, stats, self.scale[:k], self.shift[:k])
 
     def _params(self) -> tuple[Tensor, Tensor]:
+        """(scale, shift) typed as tensors, so that their slices may take the same names."""
         return self.scale, self.shift
 
     def running_affine(self, k: int | None = None) -> tuple[Tensor, Tensor]:
