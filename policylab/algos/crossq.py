@@ -34,10 +34,11 @@ from policylab.algos.offpolicy import (
     SDEConfig,
     SDEExploration,
     TanhGaussianActing,
-    box_bounds,
     obs_dim,
     sde_exploration,
     seeded_generator,
+    soft_actor_critic_state,
+    tanh_gaussian_policy,
     temperature_for,
 )
 from policylab.config import positive
@@ -116,27 +117,14 @@ class CrossQ(TanhGaussianActing):
         self.actor_opt = FlatAdam(self.net, cfg.lr, cfg.max_grad_norm, betas=betas)
         self.critic_opt = FlatAdam(self.critic, cfg.lr, cfg.max_grad_norm, betas=betas)
         self.temperature = temperature_for(cfg, self.act_dim)
-        self.modules = {"critic": self.critic, "temperature": self.temperature}
-        self.optimizers = {"actor": self.actor_opt.optimizer, "critic": self.critic_opt.optimizer}
-        if self.temperature.optimizer is not None:
-            self.optimizers["temperature"] = self.temperature.optimizer
+        self.modules, self.optimizers = soft_actor_critic_state(self.actor_opt, self.critic_opt, None, self.temperature)
         self.action_shape, self.action_dtype = (self.act_dim,), torch.float32
         self.sde: SDEExploration | None = sde_exploration(cfg, self.net, self.modules)
         self.fused = fused_crossq_applies(self)
 
     @staticmethod
     def build_policy(cfg: CrossQConfig, obs_space: gym.Space, act_space: gym.Space) -> TanhGaussianActor:
-        low, high = box_bounds(act_space, "crossq", cfg)
-        return TanhGaussianActor(
-            obs_dim(obs_space),
-            low,
-            high,
-            cfg.hidden_sizes,
-            cfg.activation,
-            sde=cfg.use_sde,
-            log_std_init=cfg.log_std_init,
-            batch_renorm=cfg.renorm,
-        )
+        return tanh_gaussian_policy(cfg, obs_space, act_space, "crossq", batch_renorm=cfg.renorm)
 
     def update(self, batch: Batch, index: int) -> dict[str, Tensor]:
         return fused_crossq_update(self, batch, index) if self.fused else self.autograd_update(batch, index)

@@ -32,6 +32,7 @@ from policylab.data.her import check_her_config
 from policylab.errors import ConfigError, EnvError
 from policylab.nets import TanhGaussianActor
 from policylab.nets.cnn import check_vector_observations
+from policylab.nets.renorm import RenormSettings
 from policylab.objectives.q_targets import polyak_update
 from policylab.optim import Adam, ParameterBuffer
 
@@ -327,13 +328,24 @@ class Temperature(nn.Module):
 
 
 def tanh_gaussian_policy(
-    cfg: OffPolicyConfig, obs_space: gym.Space, act_space: gym.Space, algo: str
+    cfg: OffPolicyConfig,
+    obs_space: gym.Space,
+    act_space: gym.Space,
+    algo: str,
+    batch_renorm: RenormSettings | None = None,
 ) -> TanhGaussianActor:
-    """The actor of SAC and TQC (with `use_sde`: gSDE's)."""
+    """The actor of SAC, TQC and CrossQ (with `use_sde`: gSDE's; with `batch_renorm`: CrossQ's)."""
     low, high = box_bounds(act_space, algo, cfg)
     sde, log_std_init = bool(getattr(cfg, "use_sde", False)), float(getattr(cfg, "log_std_init", -3.0))
     return TanhGaussianActor(
-        obs_dim(obs_space), low, high, cfg.hidden_sizes, cfg.activation, sde=sde, log_std_init=log_std_init
+        obs_dim(obs_space),
+        low,
+        high,
+        cfg.hidden_sizes,
+        cfg.activation,
+        sde=sde,
+        log_std_init=log_std_init,
+        batch_renorm=batch_renorm,
     )
 
 
@@ -349,10 +361,13 @@ def sde_exploration(
 
 
 def soft_actor_critic_state(
-    actor_opt: FlatAdam, critic_opt: FlatAdam, critic_target: TargetNetwork, temperature: Temperature
+    actor_opt: FlatAdam, critic_opt: FlatAdam, critic_target: TargetNetwork | None, temperature: Temperature
 ) -> tuple[dict[str, nn.Module], dict[str, Any]]:
-    """The checkpointed modules and optimizers of SAC, discrete SAC and TQC (the actor is saved as `policy/`)."""
-    modules = {"critic": critic_opt.module, "critic_target": critic_target.module, "temperature": temperature}
+    """The checkpointed modules and optimizers of SAC, discrete SAC, TQC and CrossQ (no target networks: None); the
+    actor is saved as `policy/`."""
+    modules = {"critic": critic_opt.module, "temperature": temperature}
+    if critic_target is not None:
+        modules["critic_target"] = critic_target.module
     optimizers: dict[str, Any] = {"actor": actor_opt.optimizer, "critic": critic_opt.optimizer}
     if temperature.optimizer is not None:
         optimizers["temperature"] = temperature.optimizer

@@ -123,11 +123,12 @@ class StackedBatchRenorm(nn.Module):
             batch_mean = x.mean(1, keepdim=True)
             centred = x - batch_mean
             batch_var = (centred * centred).sum(1, keepdim=True) / max(x.shape[1] - 1, 1)
-            norm = torch.rsqrt(batch_var + s.eps)
+            var_eps = batch_var + s.eps
+            norm = torch.rsqrt(var_eps)
             r = d = None
             if self._steps > s.warmup_steps:
                 running_std = (running_var + s.eps).sqrt()
-                r = ((batch_var + s.eps).sqrt() / running_std).clamp(1.0 / R_MAX, R_MAX)
+                r = (var_eps.sqrt() / running_std).clamp(1.0 / R_MAX, R_MAX)
                 d = ((batch_mean - running_mean) / running_std).clamp(-D_MAX, D_MAX)
                 norm = norm * r
             running_mean.lerp_(batch_mean, s.momentum)
@@ -136,7 +137,7 @@ class StackedBatchRenorm(nn.Module):
             self.steps.fill_(self._steps)
             gain = scale * norm
             offset = shift if d is None else torch.addcmul(shift, scale, d)
-        return RenormStats(batch_mean, centred, batch_var + s.eps, norm, d, gain, offset, x.shape[1])
+        return RenormStats(batch_mean, centred, var_eps, norm, d, gain, offset, x.shape[1])
 
     def numpy_forward(self, x: np.ndarray, member: int | None) -> np.ndarray:
         """The running-statistics normalization in numpy (acting on the CPU): x [B, d] with `member`, else [K, B, d]."""
