@@ -357,6 +357,52 @@ PRESETS["crossq"] = {
         for env in _MUJOCO
     },
 }
+_ZOO_ARS = (
+    f"rl-baselines3-zoo hyperparams/ars.yml ({_ZOO}/0103d98346593a15bebf2a234a6127efcb2a8ef0/hyperparams/ars.yml)"
+)
+_ARS_NOTE = "normalize: observations only (ars scores raw returns); num_envs: one row per candidate episode"
+"""rl-zoo's n_envs is the size of the env that evaluates one candidate after another; policylab's num_envs is the
+number of candidate episodes run at once (presets: all of an iteration's, up to 32), so it is not carried over."""
+
+
+def _ars(steps: int, num_envs: int, **values: Any) -> dict[str, Any]:
+    return {"steps": steps, "num_envs": num_envs, **values}
+
+
+_ARS_MUJOCO_VALUES = {  # the paper's MuJoCo settings as rl-zoo keeps them (linear policies, V2: normalized)
+    "Swimmer-v5": _ars(2_000_000, 2, lr=0.02, delta_std=0.01, n_delta=1, n_top=1),
+    "Hopper-v5": _ars(7_000_000, 16, lr=0.01, delta_std=0.025, n_delta=8, n_top=4, alive_bonus_offset=-1.0),
+    "HalfCheetah-v5": _ars(12_500_000, 32, lr=0.02, delta_std=0.03, n_delta=32, n_top=4),
+    "Walker2d-v5": _ars(75_000_000, 32, lr=0.03, delta_std=0.025, n_delta=40, n_top=30, alive_bonus_offset=-1.0),
+    "Ant-v5": _ars(75_000_000, 32, lr=0.015, delta_std=0.025, n_delta=60, n_top=20, alive_bonus_offset=-1.0),
+    "Humanoid-v5": _ars(
+        250_000_000, 32, lr=0.02, delta_std=0.0075, n_delta=256, n_top=256, alive_bonus_offset=-5.0
+    ),
+}
+PRESETS["ars"] = {
+    "CartPole-v1": Preset(_ars(200_000, 16), f"{_ZOO_ARS}, entry CartPole-v1 ({_ARS_NOTE})"),
+    "Pendulum-v1": Preset(
+        _ars(
+            5_000_000, 8, policy="mlp", hidden_sizes=[16], normalize_obs=True, lr=0.018, n_delta=4, n_top=1,
+            delta_std=0.1,
+        ),
+        f"{_ZOO_ARS}, entry Pendulum-v0 used for v1 ({_ARS_NOTE})",
+    ),
+    **{
+        env: Preset(_ars(1_000_000, 16, normalize_obs=True), f"{_ZOO_ARS}, entry {env} ({_ARS_NOTE})")
+        for env in ("Acrobot-v1", "MountainCar-v0")
+    },
+    "MountainCarContinuous-v0": Preset(
+        _ars(1_000_000, 32, normalize_obs=True, n_delta=16),
+        f"{_ZOO_ARS}, entry MountainCarContinuous-v0 ({_ARS_NOTE})",
+    ),
+    **{
+        env: Preset(
+            {**values, "normalize_obs": env != "Swimmer-v5"}, f"{_ZOO_ARS}, entry {env[:-3]}-v3 used for v5 ({_ARS_NOTE})"
+        )
+        for env, values in _ARS_MUJOCO_VALUES.items()
+    },
+}
 for _algo in ("td3", "ddpg"):
     PRESETS[_algo] = {
         "Pendulum-v1": Preset(dict(_TD3_PENDULUM), f"{_zoo_file(_algo)}, entry Pendulum-v1"),

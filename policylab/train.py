@@ -82,7 +82,8 @@ from policylab.logging import CONFIG_YAML, SUMMARY_JSON, Progress, RunLog, fixed
 from policylab.nets import matmul
 from policylab.nets.cnn import check_not_float_image
 from policylab.nets.heads import CategoricalHead, mask_logit_bias
-from policylab.policy import Policy, evaluate, space_to_json
+from policylab.nets.population import PopulationActor
+from policylab.policy import MAX_EVAL_EPISODE_STEPS, Policy, evaluate, space_to_json
 from policylab.presets import VARIANTS, dataset_preset_name, find_preset, missing_preset
 
 
@@ -999,6 +1000,145 @@ class OffPolicyLoop:
         self.env.close()
 
 
+# --- the population loop -----------------------------------------------------------------------
+
+
+class PopulationLoop:
+    """Random search (ars): each iteration runs whole episodes of the algorithm's candidate parameter vectors on
+    `num_envs` env rows and hands the candidates' scores to `algo.update`. All rows act in one batched product
+    (nets/population.py); a row whose episode ends takes the next one waiting, and rows with none left are not
+    stepped (envs stepped one by one) or stepped and ignored (vectorized envs). The envs are reset at every
+    iteration's start with a seed from the algorithm's generator, so a checkpoint (written between iterations)
+    needs no env state to resume exactly."""
+
+    def __init__(self, spec: AlgoSpec, cfg: Any) -> None:
+        self.threads = runtime.configure(cfg.threads, cfg.seed, cfg.preferred_threads)
+        self.cfg, self.spec = cfg, spec
+        self.dataset: Dataset | None = None
+        self.env, self.algo = _env_and_algo(spec, cfg)
+        self.obs_space: Any = self.env.single_observation_space
+        self.act_space = self.env.single_action_space
+        self.net = self.algo.net
+        self.obs_norm = ObsNormalizer(tuple(self.obs_space.shape), cfg.clip_obs) if cfg.normalize_obs else None
+        self.actor = PopulationActor(self.net, cfg.num_envs)
+        self.tracker = EpisodeTracker(cfg.num_envs)
+        self.step = 0
+        self.iteration = 0
+        self.notes: list[str] = []
+
+    @property
+    def total(self) -> int:
+        return int(self.cfg.steps)
+
+    def score(self, return_mean: float) -> float | None:
+        return None
+
+    def policy(self) -> Policy:
+        return _policy_of(self)
+
+    def iterate(self) -> dict[str, Tensor]:
+        """One iteration: the candidates' episodes, then the step; the observation statistics take the iteration's
+        states afterwards (they stay frozen while its candidates act)."""
+        self.threads.update()
+        candidates = self.algo.candidates()
+        scores, seen = self._run_episodes(candidates)
+        metrics = self.algo.update(scores)
+        if self.obs_norm is not None:
+            self.obs_norm.update(seen)
+        self.step += len(seen)
+        self.iteration += 1
+        metrics["threads"] = torch.tensor(float(self.threads.count))
+        return metrics
+
+    def _run_episodes(self, candidates: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Each candidate's score (the mean over its n_eval_episodes of return + alive_bonus_offset x length), and
+        the raw observations every step acted on."""
+        cfg, env, actor = self.cfg, self.env, self.actor
+        owner = np.repeat(np.arange(len(candidates)), cfg.n_eval_episodes)  # episode e runs candidate owner[e]
+        rows = env.num_envs
+        running = np.full(rows, -1)  # the episode each row runs (-1: none left for it)
+        first = min(rows, len(owner))
+        running[:first] = np.arange(first)
+        actor.use(candidates)
+        actor.assign(np.arange(first), owner[:first])
+        waiting = first  # the next episode to start
+        totals = np.zeros(len(candidates))
+        returns, lengths = np.zeros(rows), np.zeros(rows, np.int64)
+        seed = int(torch.randint(0, 2**31 - 1, (1,), generator=self.algo.generator))
+        obs = env.reset(seed=seed)
+        seen: list[np.ndarray] = []
+        actions = np.zeros((rows, *(self.act_space.shape or ())), self.act_space.dtype)
+        while True:
+            active = np.flatnonzero(running >= 0)
+            if not len(active):
+                break
+            seen.append(obs[active])
+            acted = actor.act(obs if self.obs_norm is None else self.obs_norm(obs))
+            actions[active] = acted[active]
+            result = env.step(actions, None if len(active) == rows else active)
+            returns[active] += result.reward[active]
+            lengths[active] += 1
+            ended = active[result.episode_end[active]]
+            if len(ended):
+                np.add.at(totals, owner[running[ended]], returns[ended] + cfg.alive_bonus_offset * lengths[ended])
+                self._record_episodes(returns[ended], lengths[ended])
+                returns[ended], lengths[ended] = 0.0, 0
+                starting = np.arange(waiting, min(waiting + len(ended), len(owner)))
+                running[ended] = -1
+                running[ended[: len(starting)]] = starting
+                actor.assign(ended[: len(starting)], owner[starting])
+                waiting += len(starting)
+            elif lengths.max() > MAX_EVAL_EPISODE_STEPS:
+                raise ConfigError(
+                    f"an episode of {cfg.env} ran {MAX_EVAL_EPISODE_STEPS:,} steps without ending: random search "
+                    "scores whole episodes, and this env has no time limit",
+                    "give the env a time limit: --set 'env_kwargs={max_episode_steps: 1000}'",
+                )
+            obs = result.obs
+        return totals / cfg.n_eval_episodes, np.concatenate(seen)
+
+    def _record_episodes(self, returns: np.ndarray, lengths: np.ndarray) -> None:
+        tracker = self.tracker
+        tracker.recent_returns.extend(returns.tolist())
+        tracker.recent_lengths.extend(lengths.tolist())
+        tracker.episodes += len(returns)
+
+    # checkpoint state ------------------------------------------------------------------------
+
+    def policy_tensors(self) -> dict[str, Tensor]:
+        return _policy_tensors(self.net, self.obs_norm)
+
+    def state(self) -> tuple[dict[str, Tensor], dict[str, Any]]:
+        tensors = self.policy_tensors()
+        tensors["rng/generator"] = self.algo.generator.get_state()
+        state = {
+            "algo": self.spec.name,
+            "config": dataclasses.asdict(self.cfg),
+            "step": self.step,
+            "iteration": self.iteration,
+            "episodes": self.tracker.state(),
+            "dataset": None,
+            "spaces": _spaces_json(self),
+        }
+        return tensors, state
+
+    def load_state(self, tensors: dict[str, Tensor], state: dict[str, Any]) -> list[str]:
+        ckpt.load_module_state(self.net, ckpt.unprefixed("policy", tensors), f"checkpoint at step {state['step']}")
+        if self.obs_norm is not None:
+            self.obs_norm.rms.load({k: tensors[f"obs_norm/{k}"].numpy() for k in ("mean", "var", "count")})
+        self.algo.generator.set_state(tensors["rng/generator"])
+        self.tracker.load(state["episodes"])
+        self.step = int(state["step"])
+        self.iteration = int(state["iteration"])
+        return []
+
+    def parameters(self) -> list[Tensor]:
+        return list(self.net.parameters())
+
+    def close(self) -> None:
+        self.env.close()
+
+
 def _normalized_score(dataset: Dataset | None, return_mean: float) -> float | None:
     """The dataset's normalized score (D4RL's 100 (R - random) / (expert - random)) of a return, if known."""
     score = None if dataset is None else dataset.normalized_score(return_mean)
@@ -1173,8 +1313,12 @@ class _StopFlag:
             signal.signal(signal.SIGINT, self._previous)
 
 
-Loop = OnPolicyLoop | OffPolicyLoop
-LOOPS: dict[str, Callable[[AlgoSpec, Any], Loop]] = {"on-policy": OnPolicyLoop, "off-policy": OffPolicyLoop}
+Loop = OnPolicyLoop | OffPolicyLoop | PopulationLoop
+LOOPS: dict[str, Callable[[AlgoSpec, Any], Loop]] = {
+    "on-policy": OnPolicyLoop,
+    "off-policy": OffPolicyLoop,
+    "population": PopulationLoop,
+}
 
 
 def _check_resume_online(online_steps: Any) -> None:
@@ -1191,6 +1335,8 @@ def run_total(spec: AlgoSpec, cfg: Any) -> int:
     rollouts; off-policy, `steps`, or an offline phase's gradient steps and then `online_steps` env steps."""
     if spec.kind == "on-policy":
         return whole_rollouts(cfg)
+    if spec.kind == "population":
+        return int(cfg.steps)
     return int(cfg.steps + cfg.online_steps if _offline_first(cfg) else cfg.steps)
 
 
@@ -1201,6 +1347,8 @@ def _with_actual_steps(spec: AlgoSpec, cfg: Any) -> Any:
     record the run's total, and a resume that reads it back ends at the same step (rounding is idempotent)."""
     if spec.kind == "on-policy":
         return dataclasses.replace(cfg, steps=whole_rollouts(cfg))
+    if spec.kind == "population":  # whole iterations: the last one ends past `steps` (the env steps it took)
+        return cfg
     if _offline_first(cfg):
         return dataclasses.replace(cfg, online_steps=_whole_vector_steps(cfg.online_steps, cfg.num_envs))
     return dataclasses.replace(cfg, steps=_whole_vector_steps(cfg.steps, cfg.num_envs))

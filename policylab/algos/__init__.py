@@ -10,6 +10,7 @@ import gymnasium as gym
 import numpy as np
 
 from policylab.algos.a2c import A2C, A2CConfig
+from policylab.algos.ars import ARS, ARSConfig
 from policylab.algos.awac import AWAC, AWACConfig
 from policylab.algos.bc import BC, BCConfig
 from policylab.algos.cal_ql import CalQL, CalQLConfig
@@ -51,7 +52,8 @@ class AlgoSpec:
     """on-policy: the loop collects rollouts with the current policy and hands them to update(rollout, progress).
     off-policy: the loop steps the envs into a replay buffer and calls update(batch, index) on sampled batches
     (the interface is described in algos/offpolicy.py); with a dataset, the batches come from it, or from both
-    (data/sources.py). The offline algorithms are off-policy algorithms whose defaults expect a dataset."""
+    (data/sources.py). The offline algorithms are off-policy algorithms whose defaults expect a dataset.
+    population: random search; the loop runs whole episodes of the candidates(), then calls update(scores)."""
     regimes: tuple[str, ...]
     summary: str
 
@@ -84,6 +86,7 @@ ALGORITHMS: dict[str, AlgoSpec] = {
         AlgoSpec("fixpo", FixPOConfig, FixPO, "on-policy", ON_POLICY, "FixPO: learned KL penalty + fixup phase"),
         AlgoSpec("dppo", DPPOConfig, DPPO, "on-policy", ("online",), "DPPO: PPO over a diffusion policy's chain"),
         AlgoSpec("fpo", FPOConfig, FPO, "on-policy", ("online",), "FPO: PPO-clip on flow-matching loss ratios"),
+        AlgoSpec("ars", ARSConfig, ARS, "population", ("online",), "ARS: random search over policy parameters"),
         AlgoSpec("dqn", DQNConfig, DQN, "off-policy", OFF_POLICY, "DQN: double, dueling, n-step, prioritized"),
         AlgoSpec("qrdqn", QRDQNConfig, QRDQN, "off-policy", OFF_POLICY, "QR-DQN: quantiles of the return per action"),
         AlgoSpec("ddpg", DDPGConfig, TD3, "off-policy", OFF_POLICY, "DDPG: deterministic actor, one critic"),

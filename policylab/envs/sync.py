@@ -25,6 +25,8 @@ class SyncEnvs:
         self.single_action_space = self.envs[0].action_space
         self.metadata = self.envs[0].metadata
         self._methods: dict[str, list[Callable[[], Any]]] = {}
+        self._obs: list[Any] = [None] * num_envs
+        """The latest observation of each env (what a row not stepped by `step(..., rows)` still shows)."""
         self.info_masks: np.ndarray | None = None
         """Set (by VecEnv) to gather each step's `info["action_mask"]` into these rows, returned in the step's info."""
 
@@ -35,6 +37,7 @@ class SyncEnvs:
             o, info = env.reset(seed=None if seed is None else seed + i)
             obs.append(o)
             masks.append(info.get("action_mask"))
+        self._obs = list(obs)
         if any(m is None for m in masks):
             return np.stack(obs), {}
         return np.stack(obs), {"action_mask": np.stack(masks)}
@@ -46,15 +49,19 @@ class SyncEnvs:
             methods = self._methods[name] = [env.get_wrapper_attr(name) for env in self.envs]
         return tuple(method() for method in methods)
 
-    def step(self, actions: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, dict[str, Any]]:
+    def step(
+        self, actions: np.ndarray, rows: np.ndarray | None = None
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, dict[str, Any]]:
+        """Step every env, or only those of `rows` (the others keep their observation, with reward 0 and no end)."""
         n = self.num_envs
-        obs: list[Any] = [None] * n
+        obs = self._obs
         rewards = np.zeros(n, np.float64)
         terminated = np.zeros(n, bool)
         truncated = np.zeros(n, bool)
         finals: dict[int, Any] = {}
         masks = self.info_masks
-        for i, env in enumerate(self.envs):
+        for i in range(n) if rows is None else rows.tolist():
+            env = self.envs[i]
             o, rewards[i], terminated[i], truncated[i], info = env.step(actions[i])
             if terminated[i] or truncated[i]:
                 finals[i] = o

@@ -119,8 +119,14 @@ class VecEnv:
             self._read_masks(info)
         return np.asarray(obs, dtype=self.obs_dtype)
 
-    def step(self, actions: np.ndarray) -> StepResult:
-        obs, reward, terminated, truncated, info = self.env.step(actions)
+    def step(self, actions: np.ndarray, rows: np.ndarray | None = None) -> StepResult:
+        """Step the envs with one action per row. `rows`: only these rows need stepping (random search's free
+        rows): envs stepped one by one skip the others (their rows show their last observation, reward 0, no end);
+        vectorized envs step every row, and the caller ignores the rest."""
+        if rows is not None and isinstance(self.env, SyncEnvs):
+            obs, reward, terminated, truncated, info = self.env.step(actions, rows)
+        else:
+            obs, reward, terminated, truncated, info = self.env.step(actions)
         if self.mask_source is not None:
             self._read_masks(info)
         final_obs = None

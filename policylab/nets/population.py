@@ -1,0 +1,149 @@
+"""A deterministic policy whose parameters are searched directly (ARS), and its population forward pass.
+
+`SearchPolicy` is an MLP (a linear map without bias in ARS's linear policy) from an observation to an action:
+for Box actions, tanh squashed into the bounds or the raw output clipped to them; for Discrete, the argmax of
+the outputs. Random search evaluates many perturbed copies of its parameters at once: `population_layers`
+views a [P, n_params] matrix of candidate parameter vectors as per-layer weights, and `PopulationActor` keeps
+one candidate's weights per env row, so all rows act in one batched numpy product per layer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import gymnasium as gym
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from policylab.errors import ConfigError
+from policylab.nets.cnn import VectorObservationsOnly
+
+NUMPY_ACTIVATIONS = {
+    "tanh": np.tanh,
+    "relu": lambda x: np.maximum(x, 0.0),
+    "elu": lambda x: np.where(x > 0, x, np.expm1(np.minimum(x, 0.0))),
+    "silu": lambda x: x / (1.0 + np.exp(-x)),
+}
+TORCH_ACTIVATIONS = {"tanh": torch.tanh, "relu": torch.relu, "elu": nn.functional.elu, "silu": nn.functional.silu}
+
+
+class SearchPolicy(nn.Module):
+    def __init__(
+        self,
+        obs_space: gym.Space,
+        act_space: gym.Space,
+        hidden_sizes: Sequence[int],
+        activation: str,
+        bias: bool,
+        squash: bool,
+    ) -> None:
+        super().__init__()
+        if len(obs_space.shape or ()) != 1:
+            raise VectorObservationsOnly(f"observations of shape {obs_space.shape}: ars's policy reads vectors")
+        if isinstance(act_space, gym.spaces.Discrete):
+            out_dim, self.low, self.high = int(act_space.n), None, None
+        elif isinstance(act_space, gym.spaces.Box) and len(act_space.shape) == 1:
+            out_dim = int(act_space.shape[0])
+            self.low = act_space.low.astype(np.float32)
+            self.high = act_space.high.astype(np.float32)
+            if squash and not (np.all(np.isfinite(self.low)) and np.all(np.isfinite(self.high))):
+                raise ConfigError(
+                    "squash maps the policy's output into the action bounds, and this env's Box has infinite ones",
+                    "set squash=false (the output is used as it is)",
+                )
+        else:
+            raise ConfigError(
+                f"ars acts in Discrete or 1-d Box action spaces, not {act_space}",
+                "use ppo, a2c or dqn for MultiDiscrete and MultiBinary actions",
+            )
+        self.discrete = self.low is None
+        self.squash = squash and not self.discrete
+        self.activation = activation
+        dims = [int(obs_space.shape[0]), *hidden_sizes, out_dim]
+        self.layers = nn.ModuleList(nn.Linear(i, o, bias=bias) for i, o in zip(dims[:-1], dims[1:]))
+
+    @property
+    def n_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def flat(self) -> Tensor:
+        """All parameters as one vector (each layer's weight [out, in], then its bias)."""
+        return nn.utils.parameters_to_vector(self.parameters()).detach()
+
+    def load_flat(self, vector: Tensor) -> None:
+        with torch.no_grad():
+            nn.utils.vector_to_parameters(vector.to(self.layers[0].weight.dtype), self.parameters())
+
+    def env_action(self, obs: Tensor, deterministic: bool = True, generator: object = None, **_: object) -> Tensor:
+        """The env's action for each row (the policy is deterministic: `deterministic` changes nothing)."""
+        x = obs
+        for i, layer in enumerate(self.layers):
+            x = layer(x)
+            if i < len(self.layers) - 1:
+                x = TORCH_ACTIVATIONS[self.activation](x)
+        if self.discrete:
+            return x.argmax(dim=-1)
+        low, high = torch.as_tensor(self.low, device=x.device), torch.as_tensor(self.high, device=x.device)
+        if self.squash:
+            return low + (torch.tanh(x) + 1.0) * 0.5 * (high - low)
+        return torch.maximum(torch.minimum(x, high), low)
+
+    def population_layers(self, candidates: np.ndarray) -> list[tuple[np.ndarray, np.ndarray | None]]:
+        """[P, n_params] candidate vectors as per-layer (weights [P, out, in], biases [P, out] or None) views."""
+        layers: list[tuple[np.ndarray, np.ndarray | None]] = []
+        offset = 0
+        for layer in self.layers:
+            out_dim, in_dim = layer.weight.shape
+            weights = candidates[:, offset : offset + out_dim * in_dim].reshape(-1, out_dim, in_dim)
+            offset += out_dim * in_dim
+            biases = None
+            if layer.bias is not None:
+                biases = candidates[:, offset : offset + out_dim]
+                offset += out_dim
+            layers.append((weights, biases))
+        return layers
+
+
+class PopulationActor:
+    """Env rows acting with candidates of a `SearchPolicy`: row r acts with the candidate `assign(r, c)` gave it,
+    all rows in one batched product per layer."""
+
+    def __init__(self, policy: SearchPolicy, rows: int) -> None:
+        self.policy = policy
+        self.rows: list[tuple[np.ndarray, np.ndarray | None]] = [
+            (
+                np.zeros((rows, *layer.weight.shape), np.float32),
+                None if layer.bias is None else np.zeros((rows, layer.weight.shape[0]), np.float32),
+            )
+            for layer in policy.layers
+        ]
+        self.candidates: list[tuple[np.ndarray, np.ndarray | None]] = []
+
+    def use(self, candidates: np.ndarray) -> None:
+        """The iteration's [P, n_params] candidate vectors."""
+        self.candidates = self.policy.population_layers(candidates)
+
+    def assign(self, rows: np.ndarray, candidates: np.ndarray) -> None:
+        """Rows `rows` act with candidates `candidates` from now on."""
+        for (weights, biases), (cand_weights, cand_biases) in zip(self.rows, self.candidates):
+            weights[rows] = cand_weights[candidates]
+            if biases is not None and cand_biases is not None:
+                biases[rows] = cand_biases[candidates]
+
+    def act(self, obs: np.ndarray) -> np.ndarray:
+        """[rows, obs_dim] observations (normalized as the policy reads them) -> the env's actions."""
+        policy, x = self.policy, obs.astype(np.float32, copy=False)
+        last = len(self.rows) - 1
+        for i, (weights, biases) in enumerate(self.rows):
+            x = np.matmul(weights, x[:, :, None])[:, :, 0]
+            if biases is not None:
+                x += biases
+            if i < last:
+                x = NUMPY_ACTIVATIONS[policy.activation](x)
+        if policy.discrete:
+            return np.argmax(x, axis=1)
+        assert policy.low is not None and policy.high is not None
+        if policy.squash:
+            return policy.low + (np.tanh(x) + 1.0) * 0.5 * (policy.high - policy.low)
+        return np.clip(x, policy.low, policy.high)
