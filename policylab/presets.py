@@ -375,15 +375,20 @@ _ARS_MUJOCO_VALUES = {  # the paper's MuJoCo settings as rl-zoo keeps them (line
     "HalfCheetah-v5": _ars(12_500_000, 32, lr=0.02, delta_std=0.03, n_delta=32, n_top=4),
     "Walker2d-v5": _ars(75_000_000, 32, lr=0.03, delta_std=0.025, n_delta=40, n_top=30, alive_bonus_offset=-1.0),
     "Ant-v5": _ars(75_000_000, 32, lr=0.015, delta_std=0.025, n_delta=60, n_top=20, alive_bonus_offset=-1.0),
-    "Humanoid-v5": _ars(
-        250_000_000, 32, lr=0.02, delta_std=0.0075, n_delta=256, n_top=256, alive_bonus_offset=-5.0
-    ),
+    "Humanoid-v5": _ars(250_000_000, 32, lr=0.02, delta_std=0.0075, n_delta=256, n_top=256, alive_bonus_offset=-5.0),
 }
 PRESETS["ars"] = {
     "CartPole-v1": Preset(_ars(200_000, 16), f"{_ZOO_ARS}, entry CartPole-v1 ({_ARS_NOTE})"),
     "Pendulum-v1": Preset(
         _ars(
-            5_000_000, 8, policy="mlp", hidden_sizes=[16], normalize_obs=True, lr=0.018, n_delta=4, n_top=1,
+            5_000_000,
+            8,
+            policy="mlp",
+            hidden_sizes=[16],
+            normalize_obs=True,
+            lr=0.018,
+            n_delta=4,
+            n_top=1,
             delta_std=0.1,
         ),
         f"{_ZOO_ARS}, entry Pendulum-v0 used for v1 ({_ARS_NOTE})",
@@ -398,7 +403,8 @@ PRESETS["ars"] = {
     ),
     **{
         env: Preset(
-            {**values, "normalize_obs": env != "Swimmer-v5"}, f"{_ZOO_ARS}, entry {env[:-3]}-v3 used for v5 ({_ARS_NOTE})"
+            {**values, "normalize_obs": env != "Swimmer-v5"},
+            f"{_ZOO_ARS}, entry {env[:-3]}-v3 used for v5 ({_ARS_NOTE})",
         )
         for env, values in _ARS_MUJOCO_VALUES.items()
     },

@@ -1019,7 +1019,8 @@ class PopulationLoop:
         self.obs_space: Any = self.env.single_observation_space
         self.act_space = self.env.single_action_space
         self.net = self.algo.net
-        self.obs_norm = ObsNormalizer(tuple(self.obs_space.shape), cfg.clip_obs) if cfg.normalize_obs else None
+        shape: tuple[int, ...] = tuple(self.obs_space.shape or ())
+        self.obs_norm = ObsNormalizer(shape, cfg.clip_obs) if cfg.normalize_obs else None
         self.actor = PopulationActor(self.net, cfg.num_envs)
         self.tracker = EpisodeTracker(cfg.num_envs)
         self.step = 0

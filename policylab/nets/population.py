@@ -9,7 +9,7 @@ one candidate's weights per env row, so all rows act in one batched numpy produc
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import gymnasium as gym
 import numpy as np
@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from policylab.errors import ConfigError
 from policylab.nets.cnn import VectorObservationsOnly
 
-NUMPY_ACTIVATIONS = {
+NUMPY_ACTIVATIONS: dict[str, Callable[[np.ndarray], np.ndarray]] = {
     "tanh": np.tanh,
     "relu": lambda x: np.maximum(x, 0.0),
     "elu": lambda x: np.where(x > 0, x, np.expm1(np.minimum(x, 0.0))),
@@ -39,7 +39,8 @@ class SearchPolicy(nn.Module):
         squash: bool,
     ) -> None:
         super().__init__()
-        if len(obs_space.shape or ()) != 1:
+        obs_shape = tuple(obs_space.shape or ())
+        if len(obs_shape) != 1:
             raise VectorObservationsOnly(f"observations of shape {obs_space.shape}: ars's policy reads vectors")
         if isinstance(act_space, gym.spaces.Discrete):
             out_dim, self.low, self.high = int(act_space.n), None, None
@@ -60,8 +61,11 @@ class SearchPolicy(nn.Module):
         self.discrete = self.low is None
         self.squash = squash and not self.discrete
         self.activation = activation
-        dims = [int(obs_space.shape[0]), *hidden_sizes, out_dim]
+        dims = [obs_shape[0], *hidden_sizes, out_dim]
         self.layers = nn.ModuleList(nn.Linear(i, o, bias=bias) for i, o in zip(dims[:-1], dims[1:]))
+        self.shapes: list[tuple[int, int, bool]] = [(o, i, bias) for i, o in zip(dims[:-1], dims[1:])]
+        """(out, in, has a bias) of each layer."""
+        self.requires_grad_(False)  # searched, never differentiated
 
     @property
     def n_params(self) -> int:
@@ -73,7 +77,7 @@ class SearchPolicy(nn.Module):
 
     def load_flat(self, vector: Tensor) -> None:
         with torch.no_grad():
-            nn.utils.vector_to_parameters(vector.to(self.layers[0].weight.dtype), self.parameters())
+            nn.utils.vector_to_parameters(vector.to(torch.float32), self.parameters())
 
     def env_action(self, obs: Tensor, deterministic: bool = True, generator: object = None, **_: object) -> Tensor:
         """The env's action for each row (the policy is deterministic: `deterministic` changes nothing)."""
@@ -93,12 +97,11 @@ class SearchPolicy(nn.Module):
         """[P, n_params] candidate vectors as per-layer (weights [P, out, in], biases [P, out] or None) views."""
         layers: list[tuple[np.ndarray, np.ndarray | None]] = []
         offset = 0
-        for layer in self.layers:
-            out_dim, in_dim = layer.weight.shape
+        for out_dim, in_dim, bias in self.shapes:
             weights = candidates[:, offset : offset + out_dim * in_dim].reshape(-1, out_dim, in_dim)
             offset += out_dim * in_dim
             biases = None
-            if layer.bias is not None:
+            if bias:
                 biases = candidates[:, offset : offset + out_dim]
                 offset += out_dim
             layers.append((weights, biases))
@@ -112,11 +115,8 @@ class PopulationActor:
     def __init__(self, policy: SearchPolicy, rows: int) -> None:
         self.policy = policy
         self.rows: list[tuple[np.ndarray, np.ndarray | None]] = [
-            (
-                np.zeros((rows, *layer.weight.shape), np.float32),
-                None if layer.bias is None else np.zeros((rows, layer.weight.shape[0]), np.float32),
-            )
-            for layer in policy.layers
+            (np.zeros((rows, out_dim, in_dim), np.float32), np.zeros((rows, out_dim), np.float32) if bias else None)
+            for out_dim, in_dim, bias in policy.shapes
         ]
         self.candidates: list[tuple[np.ndarray, np.ndarray | None]] = []
 

@@ -1,0 +1,151 @@
+"""policylab's ARS against sb3-contrib's ARS, side by side.
+
+    .venv/bin/python benchmarks/ars.py --case cartpole --seeds 3     # rl-zoo's CartPole-v1 entry, 200k steps
+    .venv/bin/python benchmarks/ars.py --case swimmer --seeds 3      # rl-zoo's Swimmer entry, 300k of its 2M steps
+    .venv/bin/python benchmarks/ars.py --case cartpole --seeds 1 --steps 20000   # a quick smoke run
+
+Cases (`--case`), rl-zoo's ars.yml entries (commit 0103d98), the same on both sides:
+
+* `cartpole`: CartPole-v1, the linear policy (no bias; actions: argmax), n_delta 8, all directions kept, lr 0.02,
+  delta_std 0.05, one episode per candidate, zero initial policy; 200,000 env steps; threshold 475.
+* `swimmer`: Swimmer-v5 (rl-zoo: Swimmer-v3), the linear policy (actions clipped to the bounds), n_delta 1,
+  n_top 1, lr 0.02, delta_std 0.01; 300,000 env steps (rl-zoo trains 2M); threshold 200.
+
+Neither case normalizes observations (rl-zoo's entries do not), so both sides' policies act on the env's own
+observations. sb3-contrib evaluates its candidates one after another, each in `evaluate_policy` on a one-env
+DummyVecEnv (its synchronous mode); policylab runs an iteration's 2 n_delta candidate episodes on its env rows at
+once, acting for all rows in one batched product (num_envs 16 for cartpole, 2 for swimmer). Both count every env
+step of the candidates' episodes and stop after the iteration that reaches `--steps`.
+
+Each run is a fresh subprocess, alternately (ours, sb3, ours, sb3 ...), seeds 1..N, `--threads` torch threads
+(default 1) on both sides. Per run: whole-process wall clock; training time and env steps/s; when the mean of the
+last 20 candidate episodes' returns first reaches the case's threshold; a deterministic evaluation of 20 episodes
+of the final policy in the same plain Gymnasium loop for both. Output: tables on stdout, JSON in
+benchmarks/results/ars-<date>.json.
+"""
+
+import time
+
+T0 = time.perf_counter()  # the worker's first statement: everything after it counts as the run
+
+import argparse  # noqa: E402
+from pathlib import Path  # noqa: E402
+from typing import Any  # noqa: E402
+
+from common import (  # noqa: E402
+    HelpFormatter,
+    ThresholdTracker,
+    config_mismatches,
+    gym_eval,
+    pair_report,
+    positive_int,
+    provenance,
+    run_alternating,
+    show_run,
+    threshold_metrics,
+    write_results,
+    write_worker_record,
+)
+
+WINDOW, EVAL_EPISODES, EVAL_SEED = 20, 20, 1_000_000
+CASES: dict[str, dict[str, Any]] = {
+    "cartpole": {"env": "CartPole-v1", "steps": 200_000, "threshold": 475.0, "num_envs": 16,
+                 "search": {"n_delta": 8, "n_top": None, "lr": 0.02, "delta_std": 0.05}},
+    "swimmer": {"env": "Swimmer-v5", "steps": 300_000, "threshold": 200.0, "num_envs": 2,
+                "search": {"n_delta": 1, "n_top": 1, "lr": 0.02, "delta_std": 0.01}},
+}  # fmt: skip
+SHARED = {"policy": "linear", "n_eval_episodes": 1, "alive_bonus_offset": 0.0, "zero_policy": True,
+          "normalize_obs": False}  # fmt: skip
+
+
+def worker_ours(a: argparse.Namespace) -> dict[str, Any]:
+    import policylab as pl
+
+    case = CASES[a.case]
+    expected = {**SHARED, **case["search"]}
+    track = ThresholdTracker(case["threshold"], T0)
+    overrides = {**expected, "num_envs": case["num_envs"], "eval_every": 0, "checkpoint_every": 0,
+                 "threads": a.threads, "eval_episodes": 1}  # fmt: skip
+    t_setup = time.perf_counter()
+    run = pl.train("ars", env=case["env"], steps=a.steps, seed=a.seed, overrides=overrides, preset="none",
+                   progress=False, verbose=False, runs_dir=Path(a.out).parent / f"runs-ours-s{a.seed}",
+                   callback=track.policylab_callback())  # fmt: skip
+    t_returned = time.perf_counter()
+    wrong = config_mismatches(run.config, expected)
+    if wrong:
+        raise SystemExit(f"policylab's config differs from the benchmark's: {wrong}")
+    policy = pl.load(run.dir)
+    return {**track.record(t_setup, t_returned), **gym_eval(case["env"], policy.act, EVAL_SEED, EVAL_EPISODES)}
+
+
+def worker_sb3(a: argparse.Namespace) -> dict[str, Any]:
+    import torch
+    from sb3_contrib import ARS
+    from stable_baselines3.common.env_util import make_vec_env
+
+    torch.set_num_threads(a.threads)
+    case = CASES[a.case]
+    search = case["search"]
+    track = ThresholdTracker(case["threshold"], T0)
+    t_setup = time.perf_counter()
+    env = make_vec_env(case["env"], n_envs=1, seed=a.seed)
+    model = ARS(
+        "LinearPolicy", env, n_delta=search["n_delta"], n_top=search["n_top"], learning_rate=search["lr"],
+        delta_std=search["delta_std"], n_eval_episodes=SHARED["n_eval_episodes"],
+        alive_bonus_offset=SHARED["alive_bonus_offset"], zero_policy=SHARED["zero_policy"], seed=a.seed,
+        device="cpu", verbose=0,
+    )  # fmt: skip
+    model.learn(a.steps, callback=track.sb3_callback(WINDOW))
+    t_returned = time.perf_counter()
+
+    def act(obs: Any) -> Any:
+        return model.predict(obs, deterministic=True)[0]
+
+    return {**track.record(t_setup, t_returned), **gym_eval(case["env"], act, EVAL_SEED, EVAL_EPISODES)}
+
+
+def main_parent(a: argparse.Namespace) -> None:
+    seeds = list(range(1, a.seeds + 1))
+    case = CASES[a.case]
+    steps = a.steps or case["steps"]
+    header = provenance(["policylab", "torch", "stable-baselines3", "sb3-contrib", "gymnasium", "numpy", "mujoco"])
+    args = ["--case", a.case, "--steps", str(steps), "--threads", str(a.threads)]
+    runs = run_alternating(__file__, ["ours", "sb3"], seeds, args, show_run)
+    print(f"\nARS, {case['env']}, {steps:,} steps, {a.seeds} seed(s) per side, torch threads {a.threads}")
+    per_run, detail = threshold_metrics(f"{case['threshold']:g}", EVAL_EPISODES)
+    summary = pair_report(runs, seeds, per_run, detail, "ours", "sb3", ("ours", "sb3-contrib"))
+    payload = {
+        "benchmark": "ars",
+        **header,
+        "settings": {
+            "case": a.case,
+            "env": case["env"],
+            "threshold": case["threshold"],
+            "steps": steps,
+            "seeds": seeds,
+            "threads": a.threads,
+            "hyperparameters": {**SHARED, **case["search"]},
+            "num_envs_ours": case["num_envs"],
+            "order": "per seed: ours, sb3",
+        },
+        "summary": summary,
+        "runs": runs,
+    }
+    print(f"\nresults: {write_results('ars', payload)}")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None, formatter_class=HelpFormatter)
+    p.add_argument("--case", choices=sorted(CASES), default="cartpole", help="the task (see the docstring)")
+    p.add_argument("--seeds", type=positive_int, default=3, help="seeds per side (1..N)")
+    p.add_argument("--steps", type=positive_int, help="env steps per run (default: cartpole 200,000, swimmer 300,000)")
+    p.add_argument("--threads", type=positive_int, default=1, help="torch threads, both sides")
+    p.add_argument("--worker", choices=["ours", "sb3"], help=argparse.SUPPRESS)
+    p.add_argument("--seed", type=int, default=1, help=argparse.SUPPRESS)
+    p.add_argument("--out", help=argparse.SUPPRESS)
+    a = p.parse_args()
+    write_worker_record(a, {"ours": worker_ours, "sb3": worker_sb3}) if a.worker else main_parent(a)
+
+
+if __name__ == "__main__":
+    main()
