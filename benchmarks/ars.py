@@ -19,7 +19,8 @@ step of the candidates' episodes and stop after the iteration that reaches `--st
 
 Each run is a fresh subprocess, alternately (ours, sb3, ours, sb3 ...), seeds 1..N, `--threads` torch threads
 (default 1) on both sides. Per run: whole-process wall clock; training time and env steps/s; when the mean of the
-last 20 candidate episodes' returns first reaches the case's threshold; a deterministic evaluation of 20 episodes
+last 20 candidate episodes' returns first reaches the case's threshold (looked at after each iteration on both
+sides); a deterministic evaluation of 20 episodes
 of the final policy in the same plain Gymnasium loop for both. Output: tables on stdout, JSON in
 benchmarks/results/ars-<date>.json.
 """
@@ -29,6 +30,7 @@ import time
 T0 = time.perf_counter()  # the worker's first statement: everything after it counts as the run
 
 import argparse  # noqa: E402
+from collections import deque  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Any  # noqa: E402
 
@@ -78,6 +80,31 @@ def worker_ours(a: argparse.Namespace) -> dict[str, Any]:
     return {**track.record(t_setup, t_returned), **gym_eval(case["env"], policy.act, EVAL_SEED, EVAL_EPISODES)}
 
 
+def iteration_callback(track: ThresholdTracker) -> Any:
+    """An sb3-contrib callback feeding `track` as policylab's iteration callback does: after each iteration's
+    candidate episodes, the mean return of the last WINDOW of them. (sb3-contrib empties its episode buffer at each
+    iteration's start, before `on_rollout_start`: the common SB3 callback would see it empty.)"""
+    from stable_baselines3.common.callbacks import BaseCallback
+
+    recent: deque[float] = deque(maxlen=WINDOW)
+
+    class Callback(BaseCallback):  # type: ignore[misc]
+        def _on_training_start(self) -> None:
+            track.train_start = time.perf_counter()
+
+        def _on_rollout_end(self) -> None:
+            recent.extend(float(e["r"]) for e in self.model.ep_info_buffer)
+            track.observe(time.perf_counter(), self.model.num_timesteps, sum(recent) / len(recent))
+
+        def _on_step(self) -> bool:
+            return True
+
+        def _on_training_end(self) -> None:
+            track.observe(time.perf_counter(), self.model.num_timesteps, sum(recent) / len(recent) if recent else None)
+
+    return Callback()
+
+
 def worker_sb3(a: argparse.Namespace) -> dict[str, Any]:
     import torch
     from sb3_contrib import ARS
@@ -95,7 +122,7 @@ def worker_sb3(a: argparse.Namespace) -> dict[str, Any]:
         alive_bonus_offset=SHARED["alive_bonus_offset"], zero_policy=SHARED["zero_policy"], seed=a.seed,
         device="cpu", verbose=0,
     )  # fmt: skip
-    model.learn(a.steps, callback=track.sb3_callback(WINDOW))
+    model.learn(a.steps, callback=iteration_callback(track))
     t_returned = time.perf_counter()
 
     def act(obs: Any) -> Any:
