@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/ars.py --case cartpole --seeds 3     # rl-zoo's CartPole-v1 entry, 200k steps
     .venv/bin/python benchmarks/ars.py --case swimmer --seeds 3      # rl-zoo's Swimmer entry, 300k of its 2M steps
+    .venv/bin/python benchmarks/ars.py --case cartpole --seeds 20 --stop-at-threshold   # env steps to 475, 20 seeds
     .venv/bin/python benchmarks/ars.py --case cartpole --seeds 1 --steps 20000   # a quick smoke run
 
 Cases (`--case`), rl-zoo's ars.yml entries (commit 0103d98), the same on both sides:
@@ -22,7 +23,9 @@ Each run is a fresh subprocess, alternately (ours, sb3, ours, sb3 ...), seeds 1.
 last 20 candidate episodes' returns first reaches the case's threshold (looked at after each iteration on both
 sides); a deterministic evaluation of 20 episodes
 of the final policy in the same plain Gymnasium loop for both. Output: tables on stdout, JSON in
-benchmarks/results/ars-<date>.json.
+benchmarks/results/ars-<date>.json. With `--stop-at-threshold`, each run ends after the iteration whose
+running mean first reaches the threshold (how many env steps each side needs, cheaply over many seeds); its
+evaluation is then of that policy.
 """
 
 import time
@@ -66,12 +69,18 @@ def worker_ours(a: argparse.Namespace) -> dict[str, Any]:
     case = CASES[a.case]
     expected = {**SHARED, **case["search"]}
     track = ThresholdTracker(case["threshold"], T0)
+    observe = track.policylab_callback()
+
+    def callback(info: Any) -> bool:
+        observe(info)
+        return not (a.stop_at_threshold and track.hit_step is not None)
+
     overrides = {**expected, "num_envs": case["num_envs"], "eval_every": 0, "checkpoint_every": 0,
                  "threads": a.threads, "eval_episodes": 1}  # fmt: skip
     t_setup = time.perf_counter()
     run = pl.train("ars", env=case["env"], steps=a.steps, seed=a.seed, overrides=overrides, preset="none",
                    progress=False, verbose=False, runs_dir=Path(a.out).parent / f"runs-ours-s{a.seed}",
-                   callback=track.policylab_callback())  # fmt: skip
+                   callback=callback)  # fmt: skip
     t_returned = time.perf_counter()
     wrong = config_mismatches(run.config, expected)
     if wrong:
@@ -80,10 +89,12 @@ def worker_ours(a: argparse.Namespace) -> dict[str, Any]:
     return {**track.record(t_setup, t_returned), **gym_eval(case["env"], policy.act, EVAL_SEED, EVAL_EPISODES)}
 
 
-def iteration_callback(track: ThresholdTracker) -> Any:
+def iteration_callback(track: ThresholdTracker, stop_at_threshold: bool) -> Any:
     """An sb3-contrib callback feeding `track` as policylab's iteration callback does: after each iteration's
     candidate episodes, the mean return of the last WINDOW of them. (sb3-contrib empties its episode buffer at each
-    iteration's start, before `on_rollout_start`: the common SB3 callback would see it empty.)"""
+    iteration's start, before `on_rollout_start`: the common SB3 callback would see it empty.) `stop_at_threshold`:
+    learn() ends after the iteration that reached it (ARS's loop reads no callback's answer: its step count is
+    moved past the budget)."""
     from stable_baselines3.common.callbacks import BaseCallback
 
     recent: deque[float] = deque(maxlen=WINDOW)
@@ -95,6 +106,8 @@ def iteration_callback(track: ThresholdTracker) -> Any:
         def _on_rollout_end(self) -> None:
             recent.extend(float(e["r"]) for e in self.model.ep_info_buffer)
             track.observe(time.perf_counter(), self.model.num_timesteps, sum(recent) / len(recent))
+            if stop_at_threshold and track.hit_step is not None:
+                self.model.num_timesteps = 10**12
 
         def _on_step(self) -> bool:
             return True
@@ -122,7 +135,7 @@ def worker_sb3(a: argparse.Namespace) -> dict[str, Any]:
         alive_bonus_offset=SHARED["alive_bonus_offset"], zero_policy=SHARED["zero_policy"], seed=a.seed,
         device="cpu", verbose=0,
     )  # fmt: skip
-    model.learn(a.steps, callback=iteration_callback(track))
+    model.learn(a.steps, callback=iteration_callback(track, a.stop_at_threshold))
     t_returned = time.perf_counter()
 
     def act(obs: Any) -> Any:
@@ -137,6 +150,7 @@ def main_parent(a: argparse.Namespace) -> None:
     steps = a.steps or case["steps"]
     header = provenance(["policylab", "torch", "stable-baselines3", "sb3-contrib", "gymnasium", "numpy", "mujoco"])
     args = ["--case", a.case, "--steps", str(steps), "--threads", str(a.threads)]
+    args += ["--stop-at-threshold"] if a.stop_at_threshold else []
     runs = run_alternating(__file__, ["ours", "sb3"], seeds, args, show_run)
     print(f"\nARS, {case['env']}, {steps:,} steps, {a.seeds} seed(s) per side, torch threads {a.threads}")
     per_run, detail = threshold_metrics(f"{case['threshold']:g}", EVAL_EPISODES)
@@ -153,6 +167,7 @@ def main_parent(a: argparse.Namespace) -> None:
             "threads": a.threads,
             "hyperparameters": {**SHARED, **case["search"]},
             "num_envs_ours": case["num_envs"],
+            "stop_at_threshold": a.stop_at_threshold,
             "order": "per seed: ours, sb3",
         },
         "summary": summary,
@@ -167,6 +182,7 @@ def main() -> None:
     p.add_argument("--seeds", type=positive_int, default=3, help="seeds per side (1..N)")
     p.add_argument("--steps", type=positive_int, help="env steps per run (default: cartpole 200,000, swimmer 300,000)")
     p.add_argument("--threads", type=positive_int, default=1, help="torch threads, both sides")
+    p.add_argument("--stop-at-threshold", action="store_true", help="end each run once it reaches the threshold")
     p.add_argument("--worker", choices=["ours", "sb3"], help=argparse.SUPPRESS)
     p.add_argument("--seed", type=int, default=1, help=argparse.SUPPRESS)
     p.add_argument("--out", help=argparse.SUPPRESS)

@@ -69,6 +69,7 @@ from policylab.envs import (
     EpisodeTracker,
     ObsNormalizer,
     RewardScaler,
+    RunningMeanStd,
     VecEnv,
     make_single_env,
     make_vec_env,
@@ -77,7 +78,7 @@ from policylab.envs import (
 from policylab.envs.atari import is_atari
 from policylab.envs.encode import is_image_space, needs_encoding, storage_dtype, torch_dtype
 from policylab.envs.vec import StepResult
-from policylab.errors import CheckpointError, ConfigError, TrainingDiverged, for_reader
+from policylab.errors import CheckpointError, ConfigError, EnvError, TrainingDiverged, for_reader
 from policylab.logging import CONFIG_YAML, SUMMARY_JSON, Progress, RunLog, fixed, new_run_dir
 from policylab.nets import matmul
 from policylab.nets.cnn import check_not_float_image
@@ -1042,18 +1043,19 @@ class PopulationLoop:
         states afterwards (they stay frozen while its candidates act)."""
         self.threads.update()
         candidates = self.algo.candidates()
-        scores, seen = self._run_episodes(candidates)
+        seen = None if self.obs_norm is None else RunningMeanStd(self.obs_norm.rms.mean.shape, count=0.0)
+        scores, steps = self._run_episodes(candidates, seen)
         metrics = self.algo.update(scores)
-        if self.obs_norm is not None:
-            self.obs_norm.update(seen)
-        self.step += len(seen)
+        if self.obs_norm is not None and seen is not None:
+            self.obs_norm.rms.merge(seen.state())
+        self.step += steps
         self.iteration += 1
         metrics["threads"] = torch.tensor(float(self.threads.count))
         return metrics
 
-    def _run_episodes(self, candidates: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def _run_episodes(self, candidates: np.ndarray, seen: RunningMeanStd | None) -> tuple[np.ndarray, int]:
         """Each candidate's score (the mean over its n_eval_episodes of return + alive_bonus_offset x length), and
-        the raw observations every step acted on."""
+        the env steps taken; `seen` gathers the statistics of the raw observations every step acted on."""
         cfg, env, actor = self.cfg, self.env, self.actor
         owner = np.repeat(np.arange(len(candidates)), cfg.n_eval_episodes)  # episode e runs candidate owner[e]
         rows = env.num_envs
@@ -1067,13 +1069,15 @@ class PopulationLoop:
         returns, lengths = np.zeros(rows), np.zeros(rows, np.int64)
         seed = int(torch.randint(0, 2**31 - 1, (1,), generator=self.algo.generator))
         obs = env.reset(seed=seed)
-        seen: list[np.ndarray] = []
+        steps = 0
         actions = np.zeros((rows, *(self.act_space.shape or ())), self.act_space.dtype)
         while True:
             active = np.flatnonzero(running >= 0)
             if not len(active):
                 break
-            seen.append(obs[active])
+            steps += len(active)
+            if seen is not None:
+                seen.update(obs[active])
             acted = actor.act(obs if self.obs_norm is None else self.obs_norm(obs))
             actions[active] = acted[active]
             result = env.step(actions, None if len(active) == rows else active)
@@ -1090,13 +1094,13 @@ class PopulationLoop:
                 actor.assign(ended[: len(starting)], owner[starting])
                 waiting += len(starting)
             elif lengths.max() > MAX_EVAL_EPISODE_STEPS:
-                raise ConfigError(
+                raise EnvError(
                     f"an episode of {cfg.env} ran {MAX_EVAL_EPISODE_STEPS:,} steps without ending: random search "
                     "scores whole episodes, and this env has no time limit",
                     "give the env a time limit: --set 'env_kwargs={max_episode_steps: 1000}'",
                 )
             obs = result.obs
-        return totals / cfg.n_eval_episodes, np.concatenate(seen)
+        return totals / cfg.n_eval_episodes, steps
 
     def _record_episodes(self, returns: np.ndarray, lengths: np.ndarray) -> None:
         tracker = self.tracker

@@ -10,7 +10,7 @@ import torch
 
 import policylab as pl
 from policylab.algos.ars import ARS, ARSConfig
-from policylab.envs import make_vec_env
+from policylab.envs import RunningMeanStd, make_vec_env
 from policylab.errors import ConfigError
 from policylab.nets.population import PopulationActor, SearchPolicy
 from tests.helpers import resumed_and_full_runs
@@ -87,12 +87,13 @@ def test_every_candidate_episode_is_scored_once_whatever_the_number_of_rows(rows
     loop = PopulationLoop(get_algo("ars"), loop_cfg)
     try:
         candidates = loop.algo.candidates()
-        scores, seen = loop._run_episodes(candidates)
+        seen = RunningMeanStd((2,), count=0.0)
+        scores, steps = loop._run_episodes(candidates, seen)
     finally:
         loop.close()
     expected = 5 * np.clip(candidates[:, 0] + candidates[:, 1], -10, 10) + loop_cfg.alive_bonus_offset
     np.testing.assert_allclose(scores, expected, rtol=1e-5)
-    assert len(seen) == 16 * 2 * 5  # every step of the 32 episodes, and nothing else
+    assert steps == seen.count == 16 * 2 * 5  # every step of the 32 episodes, and nothing else
     assert loop.tracker.episodes == 32
 
 
@@ -115,7 +116,7 @@ def test_alive_bonus_offset_is_added_per_step():
     loop = PopulationLoop(get_algo("ars"), cfg)
     try:
         candidates = loop.algo.candidates()
-        scores, _ = loop._run_episodes(candidates)
+        scores, _ = loop._run_episodes(candidates, None)
     finally:
         loop.close()
     np.testing.assert_allclose(scores, 5 * np.clip(candidates.sum(axis=1), -10, 10) - 7.5, rtol=1e-5)
