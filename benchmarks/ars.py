@@ -53,6 +53,8 @@ from common import (  # noqa: E402
 )
 
 WINDOW, EVAL_EPISODES, EVAL_SEED = 20, 20, 1_000_000
+STOPPED = 10**12
+"""Added to sb3-contrib's step count to end learn() after the iteration that reached the threshold."""
 CASES: dict[str, dict[str, Any]] = {
     "cartpole": {"env": "CartPole-v1", "steps": 200_000, "threshold": 475.0, "num_envs": 16,
                  "search": {"n_delta": 8, "n_top": None, "lr": 0.02, "delta_std": 0.05}},
@@ -106,13 +108,14 @@ def iteration_callback(track: ThresholdTracker, stop_at_threshold: bool) -> Any:
         def _on_rollout_end(self) -> None:
             recent.extend(float(e["r"]) for e in self.model.ep_info_buffer)
             track.observe(time.perf_counter(), self.model.num_timesteps, sum(recent) / len(recent))
-            if stop_at_threshold and track.hit_step is not None:
-                self.model.num_timesteps = 10**12
+            if stop_at_threshold and track.hit_step is not None and self.model.num_timesteps < STOPPED:
+                self.model.num_timesteps += STOPPED  # taken back at the training's end
 
         def _on_step(self) -> bool:
             return True
 
         def _on_training_end(self) -> None:
+            self.model.num_timesteps %= STOPPED
             track.observe(time.perf_counter(), self.model.num_timesteps, sum(recent) / len(recent) if recent else None)
 
     return Callback()

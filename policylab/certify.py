@@ -86,6 +86,7 @@ from policylab.nets.critics import (
     QNetwork,
     TanhGaussianActor,
 )
+from policylab.nets.population import SearchPolicy
 from policylab.policy import Policy, evaluate, load
 
 DEFAULT_EPS_POINTS = 11
@@ -413,6 +414,10 @@ def _attack_functions(net: Any) -> tuple[CleanAction, AttackLoss]:
         return lambda m, f: m(f).argmax(-1), lambda m, f, a: F.cross_entropy(m(f), a, reduction="none")
     if isinstance(net, CategoricalActor):
         return lambda m, f: m(f)[1].argmax(-1), lambda m, f, a: -m(f)[1].gather(-1, a[:, None])[:, 0]
+    if isinstance(net, SearchPolicy):  # ARS: the argmax of its outputs, or its action in env units
+        if net.discrete:
+            return lambda m, f: m(f).argmax(-1), lambda m, f, a: F.cross_entropy(m(f), a, reduction="none")
+        return lambda m, f: m.env_action(f), lambda m, f, a: (m.env_action(f) - a).square().sum(-1)
     if isinstance(net, (DeterministicActor, TanhGaussianActor, GaussianActor)):  # forward: the [-1, 1] action
         return lambda m, f: m(f), lambda m, f, a: (m(f) - a).square().sum(-1)
     raise PolicylabError(

@@ -366,7 +366,9 @@ number of candidate episodes run at once (presets: all of an iteration's, up to 
 
 
 def _ars(steps: int, num_envs: int, **values: Any) -> dict[str, Any]:
-    return {"steps": steps, "num_envs": num_envs, **values}
+    """An ARS preset's values; evaluations every 1/50 of its budget (at least every 10k steps): an evaluation's
+    episodes cost as many env steps as an iteration's, so the default 10k would double a long run's time."""
+    return {"steps": steps, "num_envs": num_envs, "eval_every": max(10_000, steps // 50), **values}
 
 
 _ARS_MUJOCO_VALUES = {  # the paper's MuJoCo settings as rl-zoo keeps them (linear policies, V2: normalized)

@@ -40,6 +40,7 @@ from policylab.nets.critics import (
     QNetwork,
     TanhGaussianActor,
 )
+from policylab.nets.population import SearchPolicy
 from policylab.policy import Policy
 
 PHI = NormalDist()
@@ -299,10 +300,12 @@ def _nets() -> list[tuple[str, torch.nn.Module, gym.Space]]:
         ("td3", DeterministicActor(4, low, high, (32,)), box),
         ("sac", TanhGaussianActor(4, low, high, (32,)), box),
         ("iql", GaussianActor(4, low, high, (32,)), box),
+        ("ars discrete", SearchPolicy(obs_space, discrete, [32], "relu", bias=True, squash=False), discrete),
+        ("ars box", SearchPolicy(obs_space, box, [32], "relu", bias=True, squash=True), box),
     ]
 
 
-@pytest.mark.parametrize("index", range(8))
+@pytest.mark.parametrize("index", range(10))
 def test_attack_moves_every_network_further_than_a_random_perturbation(index):
     """The loss (minus the clean action's log-prob, or the distance from the clean action) grows more than twice
     as much under the attack as under a random perturbation of the same norm."""

@@ -15,6 +15,7 @@ import policylab as pl
 from policylab.cli import main
 from policylab.errors import ConfigError, DatasetError, PolicylabError
 from policylab.nets.critics import CategoricalActor
+from policylab.nets.population import SearchPolicy
 from policylab.ope import FQEConfig, evaluate_policy, select_policies
 from policylab.ope.policies import TargetPolicy
 from policylab.ope.selection import nmse, rank_correlation, regret_at_k, sharpe_ratio_at_k, top_k
@@ -329,3 +330,33 @@ def test_fqe_regression_gradient_by_hand_equals_autograd(discrete):
     for grad, want in zip((p.grad for p in critic.parameters()), expected):
         torch.testing.assert_close(grad, want, rtol=1e-5, atol=1e-6)
     assert not _by_hand(QNetwork(4, 3, (32, 32), dueling=True))
+
+
+def test_an_ars_policy_is_evaluated_as_a_greedy_or_deterministic_one():
+    """ARS's search policy: Discrete, epsilon-greedy around its argmax; Box, a Gaussian of sigma half-ranges around
+    its action (without sigma, no density: an error naming it)."""
+    torch.manual_seed(0)
+    obs_space = gym.spaces.Box(-1.0, 1.0, (4,), np.float32)
+    net = SearchPolicy(obs_space, gym.spaces.Discrete(3), [8], "relu", bias=True, squash=False)
+    policy = pl.Policy(net, obs_space, gym.spaces.Discrete(3), algo="ars")
+    obs = np.random.default_rng(0).normal(size=(5, 4)).astype(np.float32)
+    greedy = policy.act(obs)
+    target = TargetPolicy(policy, epsilon=0.3)
+    assert target.greedy and not TargetPolicy(policy).deterministic_actor and TargetPolicy(policy).deterministic
+    expected = np.full((5, 3), 0.1)
+    expected[np.arange(5), greedy] += 0.7
+    np.testing.assert_allclose(target.probs(torch.from_numpy(obs)).numpy(), expected, rtol=1e-6)
+
+    box = gym.spaces.Box(-2.0, 2.0, (2,), np.float32)
+    net = SearchPolicy(obs_space, box, [], "relu", bias=False, squash=False)
+    policy = pl.Policy(net, obs_space, box, algo="ars")
+    actions = policy.act(obs)
+    logged = actions + 0.5
+    logp = TargetPolicy(policy, sigma=0.25).log_prob(obs, logged)
+    std = 0.25 * 2.0  # sigma half-ranges
+    z = 0.5 / std
+    np.testing.assert_allclose(logp, 2 * (-0.5 * z * z - np.log(std) - 0.5 * np.log(2 * np.pi)), rtol=1e-5)
+    samples = TargetPolicy(policy).sample_unit(torch.from_numpy(obs), 3)
+    np.testing.assert_allclose(samples.numpy(), np.repeat(actions[:, None] / 2.0, 3, axis=1), rtol=1e-5, atol=1e-6)
+    with pytest.raises(ConfigError, match="deterministic"):
+        TargetPolicy(policy).log_prob(obs, logged)

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from policylab.errors import ConfigError
+from policylab.errors import ConfigError, EnvError
 from policylab.nets.cnn import VectorObservationsOnly
 
 NUMPY_ACTIVATIONS: dict[str, Callable[[np.ndarray], np.ndarray]] = {
@@ -43,6 +43,8 @@ class SearchPolicy(nn.Module):
         if len(obs_shape) != 1:
             raise VectorObservationsOnly(f"observations of shape {obs_space.shape}: ars's policy reads vectors")
         if isinstance(act_space, gym.spaces.Discrete):
+            if act_space.start != 0:
+                raise EnvError(f"Discrete action space with start={act_space.start} is not supported", "use start=0")
             out_dim, self.low, self.high = int(act_space.n), None, None
         elif isinstance(act_space, gym.spaces.Box) and len(act_space.shape) == 1:
             out_dim = int(act_space.shape[0])
@@ -79,13 +81,18 @@ class SearchPolicy(nn.Module):
         with torch.no_grad():
             nn.utils.vector_to_parameters(vector.to(torch.float32), self.parameters())
 
-    def env_action(self, obs: Tensor, deterministic: bool = True, generator: object = None, **_: object) -> Tensor:
-        """The env's action for each row (the policy is deterministic: `deterministic` changes nothing)."""
+    def forward(self, obs: Tensor) -> Tensor:
+        """The outputs: logits (Discrete; the action is their argmax), or the action before squashing or clipping."""
         x = obs
         for i, layer in enumerate(self.layers):
             x = layer(x)
             if i < len(self.layers) - 1:
                 x = TORCH_ACTIVATIONS[self.activation](x)
+        return x
+
+    def env_action(self, obs: Tensor, deterministic: bool = True, generator: object = None, **_: object) -> Tensor:
+        """The env's action for each row (the policy is deterministic: `deterministic` changes nothing)."""
+        x = self(obs)
         if self.discrete:
             return x.argmax(dim=-1)
         low, high = torch.as_tensor(self.low, device=x.device), torch.as_tensor(self.high, device=x.device)

@@ -268,15 +268,15 @@ def online_value(
     (policies.TargetPolicy: the policy's own, epsilon-greedy, or Gaussian around a deterministic action), run in
     the env the dataset was collected in: the true value that `select_policies` compares estimates with."""
     from policylab.collect import collect
-    from policylab.nets.critics import DeterministicActor, QNetwork
 
     loaded = policy if isinstance(policy, Policy) else load(policy)
     if dataset.env_id is None:
         raise ConfigError(
             f"{dataset.name} does not record the env it came from", "pass true values (--true FILE) instead"
         )
-    discrete = TargetPolicy(loaded, epsilon, sigma).discrete
-    greedy = isinstance(loaded.net, QNetwork | DeterministicActor)
+    target = TargetPolicy(loaded, epsilon, sigma)
+    discrete = target.discrete
+    greedy = target.greedy or target.deterministic_actor
     act = loaded if greedy else (lambda obs: loaded.act(obs, deterministic=False))
     noise = epsilon if discrete else (sigma or 0.0) if greedy else 0.0
     rollouts = collect(dataset.env_id, act, episodes, noise=noise, seed=seed, env_kwargs=dataset.env_kwargs,

@@ -40,6 +40,7 @@ from policylab.nets.critics import (
     TanhGaussianActor,
 )
 from policylab.nets.heads import CategoricalHead, GaussianHead
+from policylab.nets.population import SearchPolicy
 from policylab.policy import Policy
 
 _LOG_2PI = math.log(2 * math.pi)
@@ -73,16 +74,26 @@ class TargetPolicy:
         self._check_supported()
 
     @property
+    def greedy(self) -> bool:
+        """A network whose Discrete action is the argmax of its outputs: a Q-network, or ARS's search policy."""
+        return isinstance(self.net, QNetwork) or (isinstance(self.net, SearchPolicy) and self.discrete)
+
+    @property
+    def deterministic_actor(self) -> bool:
+        """A network with one Box action per state: a deterministic actor (TD3 ...), or ARS's search policy."""
+        return isinstance(self.net, DeterministicActor) or (isinstance(self.net, SearchPolicy) and not self.discrete)
+
+    @property
     def deterministic(self) -> bool:
-        """Whether pi(a|s) is 1 for one action and 0 for all others (a greedy Q-network with epsilon 0)."""
-        return isinstance(self.net, QNetwork) and self.epsilon == 0.0
+        """Whether pi(a|s) is 1 for one action and 0 for all others (a greedy network with epsilon 0)."""
+        return self.greedy and self.epsilon == 0.0
 
     def describe(self) -> str:
         """One line saying which distribution the estimates are for."""
         kind = type(self.net).__name__
-        if isinstance(self.net, QNetwork):
+        if self.greedy:
             return f"epsilon-greedy ({kind}, epsilon={self.epsilon})"
-        if isinstance(self.net, DeterministicActor):
+        if self.deterministic_actor:
             if self.sigma is None:
                 return f"its deterministic action ({kind})"
             return f"Gaussian around the deterministic action ({kind}, sigma={self.sigma} half-ranges)"
@@ -102,7 +113,7 @@ class TargetPolicy:
                 f"OPE does not support the {type(net.head).__name__} action head", "use Discrete or Box actions"
             )
         known = (ActorCritic, CategoricalActor, DiscreteBCActor, QNetwork, TanhGaussianActor, GaussianActor)
-        if not isinstance(net, known + (DeterministicActor,)):
+        if not isinstance(net, known + (DeterministicActor, SearchPolicy)):
             raise PolicylabError(f"OPE does not know the policy network {type(net).__name__}", "report this")
 
     # --- observations -------------------------------------------------------------------------------------------
@@ -119,8 +130,8 @@ class TargetPolicy:
     def probs(self, obs: Tensor) -> Tensor:
         """pi(.|s) [B, n] of network inputs `obs` (Discrete)."""
         net = self.net
-        if isinstance(net, QNetwork):
-            greedy = net(obs)[0].argmax(-1)
+        if self.greedy:
+            greedy = net(obs)[0].argmax(-1) if isinstance(net, QNetwork) else net(obs).argmax(-1)
             probs = torch.nn.functional.one_hot(greedy, self.n_actions).float()
         elif isinstance(net, CategoricalActor):
             probs = net(obs)[0]
@@ -152,7 +163,7 @@ class TargetPolicy:
         net = self.net
         if isinstance(net, TanhGaussianActor | GaussianActor):
             return net.log_prob(obs, unit) - to_env_units
-        if isinstance(net, DeterministicActor):
+        if self.deterministic_actor:
             if self.sigma is None:
                 raise ConfigError(
                     f"the policy ({self.policy.algo}) is deterministic, so it has no density at the logged actions",
@@ -170,6 +181,8 @@ class TargetPolicy:
 
     def policy_mean_env(self, obs: Tensor) -> Tensor:
         """The deterministic actor's action in env units."""
+        if isinstance(self.net, SearchPolicy):
+            return self.net.env_action(obs)
         return self.low + (self.net(obs) + 1.0) * self.half
 
     # --- samples for a critic -----------------------------------------------------------------------------------
@@ -182,8 +195,11 @@ class TargetPolicy:
         repeated = obs.repeat_interleave(m, 0)
         if isinstance(net, GaussianActor):
             return net.sample(repeated, generator).view(batch, m, -1)
-        if isinstance(net, DeterministicActor):
-            mean = net(repeated)
+        if self.deterministic_actor:
+            if isinstance(net, DeterministicActor):
+                mean = net(repeated)
+            else:  # ARS's search policy acts in env units
+                mean = (self.policy_mean_env(repeated) - self.low) / self.half - 1.0
             if self.sigma is None:
                 return mean.view(batch, m, -1)
             noise = torch.randn(mean.shape, generator=generator)
