@@ -78,9 +78,12 @@ class ConstantEnv(gym.Env):
         return np.ones(2, np.float32), float(action[0]), False, self.t >= self.length, {}
 
 
-@pytest.mark.parametrize("rows", [1, 3, 16])
-def test_every_candidate_episode_is_scored_once_whatever_the_number_of_rows(rows):
-    loop_cfg = ARSConfig(env="tests.test_ars:ConstantEnv", num_envs=rows, n_delta=8, n_eval_episodes=2)
+@pytest.mark.parametrize(("rows", "vectorization"), [(1, "sync"), (3, "sync"), (16, "sync"), (3, "async")])
+def test_every_candidate_episode_is_scored_once_whatever_the_number_of_rows(rows, vectorization):
+    """Rows of envs stepped one by one skip rows without an episode; subprocess envs step them and ignore them."""
+    loop_cfg = ARSConfig(
+        env="tests.test_ars:ConstantEnv", num_envs=rows, n_delta=8, n_eval_episodes=2, vectorization=vectorization
+    )
     from policylab.algos import get_algo
     from policylab.train import PopulationLoop
 
