@@ -1042,10 +1042,11 @@ class PopulationLoop:
         """One iteration: the candidates' episodes, then the step; the observation statistics take the iteration's
         states afterwards (they stay frozen while its candidates act)."""
         self.threads.update()
-        candidates = self.algo.candidates()
+        progress = self.step / self.total
+        candidates = self.algo.candidates(progress)
         seen = None if self.obs_norm is None else RunningMeanStd(self.obs_norm.rms.mean.shape, count=0.0)
         scores, steps = self._run_episodes(candidates, seen)
-        metrics = self.algo.update(scores)
+        metrics = self.algo.update(scores, progress)
         if self.obs_norm is not None and seen is not None:
             self.obs_norm.rms.merge(seen.state())
         self.step += steps

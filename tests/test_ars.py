@@ -176,3 +176,16 @@ def test_action_spaces_it_does_not_take_are_errors():
         SearchPolicy(BOX, gym.spaces.MultiDiscrete([2, 3]), [], "relu", bias=False, squash=False)
     with pytest.raises(ConfigError, match="infinite"):
         SearchPolicy(BOX, gym.spaces.Box(-np.inf, np.inf, (2,)), [4], "relu", bias=True, squash=True)
+
+
+def test_annealing_scales_the_perturbations_and_the_step_by_the_run_left():
+    cfg = ARSConfig(n_delta=2, lr=0.1, delta_std=0.5, anneal_lr=True, anneal_delta_std=True)
+    algo = ARS(cfg, gym.spaces.Box(-1, 1, (2,), np.float32), gym.spaces.Discrete(2))
+    candidates = algo.candidates(progress=0.75)
+    np.testing.assert_allclose(candidates[:2], 0.125 * algo.directions.numpy(), rtol=1e-6)  # theta = 0
+    scores = np.array([2.0, 0.0, 1.0, 1.0])
+    kept = np.array([2.0, 0.0, 1.0, 1.0])  # both directions kept (n_top = n_delta)
+    sigma = kept.std(ddof=1)
+    algo.update(scores, progress=0.75)
+    expected = 0.025 / (2 * sigma + 1e-6) * ((2 - 1) * algo.directions[0] + (0 - 1) * algo.directions[1])
+    np.testing.assert_allclose(algo.net.flat().numpy(), expected.numpy(), rtol=1e-5, atol=1e-7)

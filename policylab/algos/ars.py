@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from policylab.algos.onpolicy import annealed
 from policylab.config import CommonConfig, positive
 from policylab.errors import ConfigError
 from policylab.nets.population import SearchPolicy
@@ -46,6 +47,10 @@ class ARSConfig(CommonConfig):
     lr: float = 0.02
     delta_std: float = 0.05
     """The perturbations' scale."""
+    anneal_lr: bool = False
+    """lr decays linearly to 0 over the run (SB3-contrib's learning-rate schedule `lin_X`)."""
+    anneal_delta_std: bool = False
+    """delta_std decays linearly to 0 over the run (SB3-contrib's delta_std schedule)."""
     n_eval_episodes: int = 1
     """Episodes per candidate (its score is their mean)."""
     alive_bonus_offset: float = 0.0
@@ -111,22 +116,23 @@ class ARS:
         hidden = [] if linear else cfg.hidden_sizes
         return SearchPolicy(obs_space, act_space, hidden, cfg.activation, bias=not linear, squash=not linear)
 
-    def candidates(self) -> np.ndarray:
-        """[2 n_delta, n_params]: theta + delta_std delta_i for every i, then theta - delta_std delta_i."""
+    def candidates(self, progress: float = 0.0) -> np.ndarray:
+        """[2 n_delta, n_params]: theta + delta_std delta_i for every i, then theta - delta_std delta_i
+        (`progress`: the run's share done, for anneal_delta_std)."""
         cfg = self.cfg
         self.directions = torch.randn(cfg.n_delta, self.net.n_params, generator=self.generator)
-        theta, step = self.net.flat(), cfg.delta_std * self.directions
+        theta, step = self.net.flat(), annealed(cfg.delta_std, progress, cfg.anneal_delta_std) * self.directions
         return torch.cat([theta + step, theta - step]).numpy()
 
-    def update(self, scores: np.ndarray) -> dict[str, Tensor]:
-        """The step from the candidates' scores (in `candidates`' order)."""
+    def update(self, scores: np.ndarray, progress: float = 0.0) -> dict[str, Tensor]:
+        """The step from the candidates' scores (in `candidates`' order; `progress` as there, for anneal_lr)."""
         cfg = self.cfg
         plus, minus = scores[: cfg.n_delta], scores[cfg.n_delta :]
         top = np.argsort(-np.maximum(plus, minus), kind="stable")[: cfg.top]
         plus, minus = plus[top], minus[top]
         kept = np.concatenate([plus, minus])
         score_std = float(kept.std(ddof=1)) if len(kept) > 1 else 0.0
-        step_size = cfg.lr / (cfg.top * score_std + 1e-6)
+        step_size = annealed(cfg.lr, progress, cfg.anneal_lr) / (cfg.top * score_std + 1e-6)
         direction = torch.from_numpy(plus - minus) @ self.directions[torch.from_numpy(top)].double()
         theta = self.net.flat().double() + step_size * direction
         self.net.load_flat(theta)
