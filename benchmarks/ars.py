@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/ars.py --case cartpole --seeds 3     # rl-zoo's CartPole-v1 entry, 200k steps
     .venv/bin/python benchmarks/ars.py --case swimmer --seeds 3      # rl-zoo's Swimmer entry, 300k of its 2M steps
+    .venv/bin/python benchmarks/ars.py --case hopper --seeds 3       # rl-zoo's Hopper entry (V2), 300k of its 7M
     .venv/bin/python benchmarks/ars.py --case cartpole --seeds 20 --stop-at-threshold   # env steps to 475, 20 seeds
     .venv/bin/python benchmarks/ars.py --case cartpole --seeds 1 --steps 20000   # a quick smoke run
 
@@ -11,11 +12,18 @@ Cases (`--case`), rl-zoo's ars.yml entries (commit 0103d98), the same on both si
   delta_std 0.05, one episode per candidate, zero initial policy; 200,000 env steps; threshold 475.
 * `swimmer`: Swimmer-v5 (rl-zoo: Swimmer-v3), the linear policy (actions clipped to the bounds), n_delta 1,
   n_top 1, lr 0.02, delta_std 0.01; 300,000 env steps (rl-zoo trains 2M); threshold 200.
+* `hopper`: Hopper-v5 (rl-zoo: Hopper-v3), the linear policy, n_delta 8, n_top 4, lr 0.01, delta_std 0.025,
+  alive_bonus_offset -1 (the healthy reward taken out of the scores), observations normalized (ARS V2);
+  300,000 env steps (rl-zoo trains 7M); threshold 1000.
 
-Neither case normalizes observations (rl-zoo's entries do not), so both sides' policies act on the env's own
-observations. sb3-contrib evaluates its candidates one after another, each in `evaluate_policy` on a one-env
-DummyVecEnv (its synchronous mode); policylab runs an iteration's 2 n_delta candidate episodes on its env rows at
-once, acting for all rows in one batched product (num_envs 16 for cartpole, 2 for swimmer). Both count every env
+CartPole and Swimmer do not normalize observations (rl-zoo's entries do not). Hopper does, each side its own way:
+sb3-contrib through rl-zoo's VecNormalize(norm_obs=True, norm_reward=False), whose statistics move at every step
+of every candidate's episode; policylab as the paper does, with statistics frozen during an iteration and updated
+after it. The shared evaluation normalizes with each side's final statistics.
+
+sb3-contrib evaluates its candidates one after another, each in `evaluate_policy` on a one-env DummyVecEnv (its
+synchronous mode); policylab runs an iteration's 2 n_delta candidate episodes on its env rows at once, acting for
+all rows in one batched product (num_envs 16 for cartpole and hopper, 2 for swimmer). Both count every env
 step of the candidates' episodes and stop after the iteration that reaches `--steps`.
 
 Each run is a fresh subprocess, alternately (ours, sb3, ours, sb3 ...), seeds 1..N, `--threads` torch threads
@@ -60,9 +68,13 @@ CASES: dict[str, dict[str, Any]] = {
                  "search": {"n_delta": 8, "n_top": None, "lr": 0.02, "delta_std": 0.05}},
     "swimmer": {"env": "Swimmer-v5", "steps": 300_000, "threshold": 200.0, "num_envs": 2,
                 "search": {"n_delta": 1, "n_top": 1, "lr": 0.02, "delta_std": 0.01}},
+    "hopper": {"env": "Hopper-v5", "steps": 300_000, "threshold": 1000.0, "num_envs": 16,
+               "search": {"n_delta": 8, "n_top": 4, "lr": 0.01, "delta_std": 0.025, "alive_bonus_offset": -1.0,
+                          "normalize_obs": True}},
 }  # fmt: skip
 SHARED = {"policy": "linear", "n_eval_episodes": 1, "alive_bonus_offset": 0.0, "zero_policy": True,
           "normalize_obs": False}  # fmt: skip
+"""The values of every case unless its "search" says otherwise."""
 
 
 def worker_ours(a: argparse.Namespace) -> dict[str, Any]:
@@ -127,21 +139,27 @@ def worker_sb3(a: argparse.Namespace) -> dict[str, Any]:
     from stable_baselines3.common.env_util import make_vec_env
 
     torch.set_num_threads(a.threads)
+    from stable_baselines3.common.vec_env import VecNormalize
+
     case = CASES[a.case]
-    search = case["search"]
+    search = {**SHARED, **case["search"]}
     track = ThresholdTracker(case["threshold"], T0)
     t_setup = time.perf_counter()
     env = make_vec_env(case["env"], n_envs=1, seed=a.seed)
+    if search["normalize_obs"]:
+        env = VecNormalize(env, norm_obs=True, norm_reward=False)
     model = ARS(
         "LinearPolicy", env, n_delta=search["n_delta"], n_top=search["n_top"], learning_rate=search["lr"],
-        delta_std=search["delta_std"], n_eval_episodes=SHARED["n_eval_episodes"],
-        alive_bonus_offset=SHARED["alive_bonus_offset"], zero_policy=SHARED["zero_policy"], seed=a.seed,
+        delta_std=search["delta_std"], n_eval_episodes=search["n_eval_episodes"],
+        alive_bonus_offset=search["alive_bonus_offset"], zero_policy=search["zero_policy"], seed=a.seed,
         device="cpu", verbose=0,
     )  # fmt: skip
     model.learn(a.steps, callback=iteration_callback(track, a.stop_at_threshold))
     t_returned = time.perf_counter()
 
     def act(obs: Any) -> Any:
+        if isinstance(env, VecNormalize):  # the final statistics, frozen
+            obs = env.normalize_obs(obs)
         return model.predict(obs, deterministic=True)[0]
 
     return {**track.record(t_setup, t_returned), **gym_eval(case["env"], act, EVAL_SEED, EVAL_EPISODES)}
@@ -183,7 +201,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None, formatter_class=HelpFormatter)
     p.add_argument("--case", choices=sorted(CASES), default="cartpole", help="the task (see the docstring)")
     p.add_argument("--seeds", type=positive_int, default=3, help="seeds per side (1..N)")
-    p.add_argument("--steps", type=positive_int, help="env steps per run (default: cartpole 200,000, swimmer 300,000)")
+    p.add_argument("--steps", type=positive_int, help="env steps per run (default: cartpole 200k, others 300k)")
     p.add_argument("--threads", type=positive_int, default=1, help="torch threads, both sides")
     p.add_argument("--stop-at-threshold", action="store_true", help="end each run once it reaches the threshold")
     p.add_argument("--worker", choices=["ours", "sb3"], help=argparse.SUPPRESS)
