@@ -52,8 +52,8 @@ class SearchPolicy(nn.Module):
             self.high = act_space.high.astype(np.float32)
             if squash and not (np.all(np.isfinite(self.low)) and np.all(np.isfinite(self.high))):
                 raise ConfigError(
-                    "squash maps the policy's output into the action bounds, and this env's Box has infinite ones",
-                    "set squash=false (the output is used as it is)",
+                    "the mlp policy squashes its output into the action bounds, and this env's Box has infinite ones",
+                    "use policy=linear (its output is clipped to the bounds, not squashed)",
                 )
         else:
             raise ConfigError(
