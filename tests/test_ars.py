@@ -9,10 +9,12 @@ import pytest
 import torch
 
 import policylab as pl
+from policylab.algos import get_algo
 from policylab.algos.ars import ARS, ARSConfig
 from policylab.envs import RunningMeanStd, make_vec_env
 from policylab.errors import ConfigError
 from policylab.nets.population import PopulationActor, SearchPolicy
+from policylab.train import PopulationLoop
 from tests.helpers import resumed_and_full_runs
 
 BOX = gym.spaces.Box(-1.0, 1.0, (3,), np.float32)
@@ -84,9 +86,6 @@ def test_every_candidate_episode_is_scored_once_whatever_the_number_of_rows(rows
     loop_cfg = ARSConfig(
         env="tests.test_ars:ConstantEnv", num_envs=rows, n_delta=8, n_eval_episodes=2, vectorization=vectorization
     )
-    from policylab.algos import get_algo
-    from policylab.train import PopulationLoop
-
     loop = PopulationLoop(get_algo("ars"), loop_cfg)
     try:
         candidates = loop.algo.candidates()
@@ -94,7 +93,7 @@ def test_every_candidate_episode_is_scored_once_whatever_the_number_of_rows(rows
         scores, steps = loop._run_episodes(candidates, seen)
     finally:
         loop.close()
-    expected = 5 * np.clip(candidates[:, 0] + candidates[:, 1], -10, 10) + loop_cfg.alive_bonus_offset
+    expected = 5 * np.clip(candidates[:, 0] + candidates[:, 1], -10, 10)  # 5 steps, reward = the action
     np.testing.assert_allclose(scores, expected, rtol=1e-5)
     assert steps == seen.count == 16 * 2 * 5  # every step of the 32 episodes, and nothing else
     assert loop.tracker.episodes == 32
@@ -113,9 +112,6 @@ def test_rows_without_an_episode_are_not_stepped():
 
 def test_alive_bonus_offset_is_added_per_step():
     cfg = ARSConfig(env="tests.test_ars:ConstantEnv", num_envs=4, n_delta=2, alive_bonus_offset=-1.5)
-    from policylab.algos import get_algo
-    from policylab.train import PopulationLoop
-
     loop = PopulationLoop(get_algo("ars"), cfg)
     try:
         candidates = loop.algo.candidates()
