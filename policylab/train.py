@@ -482,9 +482,7 @@ class OnPolicyLoop:
         for (start, stop), part in zip(workers.slices, parts, strict=True):
             for name in collected_fields(self.buffer):
                 getattr(self.buffer, name)[:, start:stop] = torch.tensor(part[name])  # Ray's arrays are read-only
-            self.tracker.recent_returns.extend(part["episode_returns"])
-            self.tracker.recent_lengths.extend(part["episode_lengths"])
-            self.tracker.episodes += part["episodes"]
+            self.tracker.record(part["episode_returns"], part["episode_lengths"], part["episodes"])
             if self.obs_norm is not None:
                 self.obs_norm.rms.merge(part["obs_updates"])
             if self.reward_scaler is not None:
@@ -1087,7 +1085,7 @@ class PopulationLoop:
             ended = active[result.episode_end[active]]
             if len(ended):
                 np.add.at(totals, owner[running[ended]], returns[ended] + cfg.alive_bonus_offset * lengths[ended])
-                self._record_episodes(returns[ended], lengths[ended])
+                self.tracker.record(returns[ended].tolist(), lengths[ended].tolist())
                 returns[ended], lengths[ended] = 0.0, 0
                 starting = np.arange(waiting, min(waiting + len(ended), len(owner)))
                 running[ended] = -1
@@ -1102,12 +1100,6 @@ class PopulationLoop:
                 )
             obs = result.obs
         return totals / cfg.n_eval_episodes, steps
-
-    def _record_episodes(self, returns: np.ndarray, lengths: np.ndarray) -> None:
-        tracker = self.tracker
-        tracker.recent_returns.extend(returns.tolist())
-        tracker.recent_lengths.extend(lengths.tolist())
-        tracker.episodes += len(returns)
 
     # checkpoint state ------------------------------------------------------------------------
 

@@ -19,11 +19,16 @@ class EpisodeTracker:
         self.returns += reward
         self.lengths += 1
         if episode_end.any():
-            self.recent_returns.extend(self.returns[episode_end].tolist())
-            self.recent_lengths.extend(self.lengths[episode_end].tolist())
-            self.episodes += int(episode_end.sum())
+            self.record(self.returns[episode_end].tolist(), self.lengths[episode_end].tolist())
             self.returns[episode_end] = 0.0
             self.lengths[episode_end] = 0
+
+    def record(self, returns: list[float], lengths: list[int], episodes: int | None = None) -> None:
+        """Finished episodes counted elsewhere (rollout workers, random search): their returns and lengths, and how
+        many finished (`episodes`: more than the returns given where a worker kept only its latest)."""
+        self.recent_returns.extend(returns)
+        self.recent_lengths.extend(lengths)
+        self.episodes += len(returns) if episodes is None else episodes
 
     def mean_return(self, last: int = 20) -> float | None:
         if not self.recent_returns:

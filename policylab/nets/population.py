@@ -18,6 +18,7 @@ from torch import Tensor, nn
 
 from policylab.errors import ConfigError, EnvError
 from policylab.nets.cnn import VectorObservationsOnly
+from policylab.nets.mlp import ACTIVATION_FNS
 
 NUMPY_ACTIVATIONS: dict[str, Callable[[np.ndarray], np.ndarray]] = {
     "tanh": np.tanh,
@@ -25,7 +26,6 @@ NUMPY_ACTIVATIONS: dict[str, Callable[[np.ndarray], np.ndarray]] = {
     "elu": lambda x: np.where(x > 0, x, np.expm1(np.minimum(x, 0.0))),
     "silu": lambda x: x / (1.0 + np.exp(-x)),
 }
-TORCH_ACTIVATIONS = {"tanh": torch.tanh, "relu": torch.relu, "elu": nn.functional.elu, "silu": nn.functional.silu}
 
 
 class SearchPolicy(nn.Module):
@@ -87,7 +87,7 @@ class SearchPolicy(nn.Module):
         for i, layer in enumerate(self.layers):
             x = layer(x)
             if i < len(self.layers) - 1:
-                x = TORCH_ACTIVATIONS[self.activation](x)
+                x = ACTIVATION_FNS[self.activation](x)
         return x
 
     def env_action(self, obs: Tensor, deterministic: bool = True, generator: object = None, **_: object) -> Tensor:
