@@ -55,6 +55,8 @@ def _eval(args: argparse.Namespace) -> int:
     if args.video and (args.env or env_kwargs is not None):
         raise PolicylabError("--video records the run's own env, not --env / --env-kwargs", "drop one of the two")
     policy = load(args.run, which="best" if args.best else "final")
+    if args.target_return is not None:
+        policy.target_return = args.target_return
     deterministic = args.deterministic or (policy.eval_deterministic and not args.stochastic)
     result = evaluate(
         policy, args.episodes, args.seed, args.env, env_kwargs, deterministic=deterministic, max_envs=args.max_envs
@@ -258,6 +260,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--video", help="also render one episode to this file (.mp4 or .gif)")
     p.add_argument("--json", action="store_true", help="also print the result as JSON")
+    p.add_argument(
+        "--target-return", type=float, metavar="R", help="dt runs: the return to ask for (default: the run's)"
+    )
     p.set_defaults(func=_eval)
 
     p = sub.add_parser("plot", help="learning curves of runs as a PNG (mean and spread over seeds)")

@@ -236,14 +236,18 @@ def _greedy(policy: Any) -> Callable[[np.ndarray], np.ndarray]:
     return policy  # type: ignore[no-any-return]
 
 
-def _run(vec: Any, act: ActFn, episodes: int, seed: int) -> dict[str, Any]:
-    """Step every env until each has finished its share of the episodes; a time-major record of all steps."""
+def _run(vec: Any, act: ActFn, episodes: int, seed: int, policy: Policy | None = None) -> dict[str, Any]:
+    """Step every env until each has finished its share of the episodes; a time-major record of all steps.
+    `policy`: the loaded policy `act` calls, told each step's rewards and episode ends (`Policy.observe`: a
+    recurrent policy's memory, action-chunk plans and a Decision Transformer's context start over with an episode)."""
     n = vec.num_envs
     quota = np.array([episodes // n + (i < episodes % n) for i in range(n)])
     done = np.zeros(n, np.int64)
     keys = ("obs", "actions", "rewards", "terminated", "truncated", "final_obs", "logp")
     record: dict[str, list[Any]] = {k: [] for k in keys}
     obs = vec.reset(seed=seed)
+    if policy is not None:
+        policy.reset()
     has_logp = True
     while (done < quota).any():
         actions, logp = act(obs)
@@ -253,6 +257,8 @@ def _run(vec: Any, act: ActFn, episodes: int, seed: int) -> dict[str, Any]:
         for key, value in zip(keys, (obs, actions, res.reward, res.terminated, res.truncated, final, logp)):
             record[key].append(value)
         done += res.episode_end
+        if policy is not None:
+            policy.observe(res.reward, res.episode_end)
         obs = res.obs
     stacked: dict[str, Any] = {k: np.stack(v) for k, v in record.items() if k != "logp"}
     stacked["logp"] = np.stack(record["logp"]) if has_logp else None
@@ -305,12 +311,11 @@ def _rollouts(
     """`episodes` whole episodes of `env` with the acting function `behaviour(action_space)` makes; `policy`
     ((the loaded policy, how to name it)) is first checked against the env's spaces."""
     vec = make_vec_env(env, min(num_envs, episodes), "auto", kwargs)
+    loaded = policy[0] if policy is not None and isinstance(policy[0], Policy) else None
     try:
-        if policy is not None:
-            loaded, source = policy
-            if isinstance(loaded, Policy):
-                check_acts_in(loaded, source, env, vec.single_observation_space, vec.single_action_space)
-        record = _run(vec, behaviour(vec.single_action_space), episodes, seed)
+        if policy is not None and loaded is not None:
+            check_acts_in(loaded, policy[1], env, vec.single_observation_space, vec.single_action_space)
+        record = _run(vec, behaviour(vec.single_action_space), episodes, seed, loaded)
     finally:
         vec.close()
     return _episodes(record, vec.single_observation_space, vec.single_action_space)

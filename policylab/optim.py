@@ -104,15 +104,22 @@ class Adam(_OneGroupOptimizer):
         betas: tuple[float, float] = (0.9, 0.999),
         eps: float = 1e-8,
         weight_decay: float = 0.0,
+        decoupled_weight_decay: bool = False,
     ) -> None:
+        """`decoupled_weight_decay`: AdamW (torch.optim.AdamW's arithmetic: each parameter is multiplied by
+        1 - lr * weight_decay before Adam's step); otherwise weight decay is an L2 term added to the gradients."""
         super().__init__(params, lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay)
         self._fused = hasattr(torch, "_fused_adam_")
+        self.decoupled = decoupled_weight_decay
 
     def _step(self) -> None:
         group = self.param_groups[0]
         params, states = self._with_grads()
         if not params:
             return
+        if self.decoupled and group["weight_decay"]:
+            torch._foreach_mul_(list[Tensor](params), 1.0 - group["lr"] * group["weight_decay"])
+            group = {**group, "weight_decay": 0.0}
         grads: list[Tensor] = [p.grad for p in params]  # type: ignore[misc]
         exp_avgs = [s["exp_avg"] for s in states]
         exp_avg_sqs = [s["exp_avg_sq"] for s in states]

@@ -132,10 +132,10 @@ class Policy:
     def reset(self, ended: np.ndarray | None = None) -> None:
         """Clear a recurrent policy's memory: of every env (before a new episode), or of the envs where `ended`
         is true (their next observation starts an episode). A policy acting by action chunks (nets/generative.py)
-        drops those envs' plans. Nothing for other policies."""
-        reset_plan = getattr(self.net, "reset_plan", None)
-        if reset_plan is not None:
-            reset_plan(ended)
+        drops those envs' plans; a Decision Transformer starts their contexts over. Nothing for other policies."""
+        reset_memory = getattr(self.net, "reset_memory", None)
+        if reset_memory is not None:
+            reset_memory(ended)
         if self._state is None:
             return
         if ended is None:
@@ -144,11 +144,39 @@ class Policy:
             mask = torch.as_tensor(np.asarray(ended, bool), device=self._state.device)
             self._state = self._state.masked_fill(mask.view(1, 1, -1, 1), 0.0)
 
+    def observe(self, rewards: Any, ended: np.ndarray | None = None) -> None:
+        """After each env step: the rewards the last actions earned and which episodes ended (`reset(ended)`).
+        A Decision Transformer lowers the return it asks for by the rewards; other policies only reset."""
+        observe_rewards = getattr(self.net, "observe_rewards", None)
+        if observe_rewards is not None:
+            observe_rewards(np.asarray(rewards, np.float32).reshape(-1))
+        if ended is not None:
+            self.reset(ended)
+
+    @property
+    def target_return(self) -> float | None:
+        """A Decision Transformer's return to ask for at an episode's start (in the env's units); None for the
+        policies that take none. Set it to ask for another (from the next episode, or after `reset()`)."""
+        return float(self.net.target_return) if hasattr(self.net, "observe_rewards") else None
+
+    @target_return.setter
+    def target_return(self, value: float) -> None:
+        if not hasattr(self.net, "observe_rewards"):
+            raise PolicylabError(
+                f"this {self.algo or type(self.net).__name__} policy is not conditioned on a return",
+                "set target_return on a dt (Decision Transformer) policy only",
+            )
+        if not np.isfinite(value):
+            raise PolicylabError(f"target_return={value}: a finite return is needed", "pass e.g. 3600")
+        self.net.target_return = float(value)
+
     def act(self, obs: Any, deterministic: bool = True, action_mask: Any = None) -> Any:
         """One observation -> one action; a batch [B, *obs_shape] -> a batch of B actions (numpy). For an env with
         Discrete / Tuple / Dict observations, its own observations (an int, a tuple, a dict, or a batch of them) or
         their encoded vectors. A recurrent policy remembers the observations of earlier calls: call `reset()`
-        before each new episode (`reset(ended)` for the envs of a batch whose episode ended). `action_mask`: the
+        before each new episode (`reset(ended)` for the envs of a batch whose episode ended); a Decision Transformer
+        (and so every policy, in a loop that should work for all) gets each step's rewards through
+        `observe(rewards, ended)`, which also resets the envs whose episode ended. `action_mask`: the
         allowed actions (true or 1; one row per observation, or one row for one observation; for MultiDiscrete the
         dimensions' choices one after another): the action is chosen among them (actor-critics, Q-networks)."""
         if self.encoder is not None and not self.encoder.is_encoded(obs):
@@ -329,7 +357,7 @@ def evaluate(
                 returns.extend(running[ended].tolist())
                 ep_lengths.extend(lengths[ended].tolist())
             done_count += res.episode_end
-            policy.reset(res.episode_end)
+            policy.observe(res.reward, res.episode_end)
             running[res.episode_end] = 0.0
             lengths[res.episode_end] = 0
             obs = res.obs
@@ -428,7 +456,8 @@ def record_video(policy: Policy, path: str | Path, episodes: int = 1, seed: int 
             done = False
             while not done:
                 mask = single_env_mask(env, info) if policy.action_masks else None
-                obs, _, terminated, truncated, info = env.step(policy.act(obs, action_mask=mask))
+                obs, reward, terminated, truncated, info = env.step(policy.act(obs, action_mask=mask))
+                policy.observe([reward])
                 frames.append(env.render())
                 done = terminated or truncated
     except gym.error.DependencyNotInstalled as exc:

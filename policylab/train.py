@@ -204,6 +204,9 @@ def resolve_config(
     cfg = apply_values(cfg, flags, "the arguments")
     cfg = _frames_kept_raw(cfg)
     cfg.validate()
+    resolve = getattr(spec.algo_cls, "resolve_config", None)  # values read from the dataset (dt's target_return)
+    if resolve is not None:
+        cfg = resolve(cfg, notes)
     check_recurrent(spec.name, cfg)
     check_action_masks(spec.name, cfg)
     if found is not None:
@@ -716,6 +719,7 @@ class OffPolicyLoop:
             next_actions=getattr(self.algo, "needs_next_actions", False),
             mc_returns=getattr(self.algo, "needs_mc_returns", False),
             action_chunk=getattr(self.algo, "action_chunk", 1),
+            sequence_length=getattr(self.algo, "sequence_length", 0),
             episodes=cfg.her,
             obs_dtype=torch_dtype(storage_dtype(self.obs_space)),
             mask_size=self.algo.n_actions if cfg.action_masks else 0,
@@ -765,6 +769,7 @@ class OffPolicyLoop:
             next_actions=getattr(self.algo, "needs_next_actions", False),
             mc_returns=getattr(self.algo, "needs_mc_returns", False),
             action_chunk=getattr(self.algo, "action_chunk", 1),
+            sequence_length=getattr(self.algo, "sequence_length", 0),
             reward_scale=self.reward_scale,
             reward_bias=cfg.reward_bias,
         )

@@ -234,7 +234,7 @@ def test_receding_horizon_replans_every_act_steps_and_after_episode_ends():
     assert plans == [3, 3], "one plan for all envs, then a new one after act_steps actions"
     torch.testing.assert_close(first, plan[:, 0])
     torch.testing.assert_close(second, plan[:, 1])
-    actor.reset_plan(np.array([False, True, False]))
+    actor.reset_memory(np.array([False, True, False]))
     with torch.no_grad():
         actor.act(obs, g)
     assert plans == [3, 3, 1], "only the env whose episode ended plans again"

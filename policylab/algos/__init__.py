@@ -19,6 +19,7 @@ from policylab.algos.crossq import CrossQ, CrossQConfig
 from policylab.algos.diffusion_ql import ConsistencyACConfig, DiffusionQL, DiffusionQLConfig, EDPConfig
 from policylab.algos.dppo import DPPO, DPPOConfig
 from policylab.algos.dqn import DQN, DQNConfig
+from policylab.algos.dt import DT, DTConfig
 from policylab.algos.edac import SACN, EDACConfig, SACNConfig
 from policylab.algos.fixpo import FixPO, FixPOConfig
 from policylab.algos.fpo import FPO, FPOConfig
@@ -113,6 +114,7 @@ ALGORITHMS: dict[str, AlgoSpec] = {
         AlgoSpec("diffusion_ql", DiffusionQLConfig, DiffusionQL, "off-policy", OFFLINE, "Diffusion-QL: BC + Q"),
         AlgoSpec("edp", EDPConfig, DiffusionQL, "off-policy", OFFLINE, "EDP: Diffusion-QL, one-step action estimate"),
         AlgoSpec("consistency_ac", ConsistencyACConfig, DiffusionQL, "off-policy", OFFLINE, "consistency actor-critic"),
+        AlgoSpec("dt", DTConfig, DT, "off-policy", ("offline",), "Decision Transformer: return-conditioned sequences"),
     )
 }
 

@@ -263,10 +263,14 @@ class FlatAdam:
         max_grad_norm: float | None = None,
         eps: float = 1e-8,
         betas: tuple[float, float] = (0.9, 0.999),
+        weight_decay: float = 0.0,
     ) -> None:
+        """`weight_decay` > 0: AdamW's decoupled decay, on every parameter."""
         self.module = module
         self.params = ParameterBuffer(module.parameters())
-        self.optimizer = Adam([self.params.flat], lr=lr, eps=eps, betas=betas)
+        self.optimizer = Adam(
+            [self.params.flat], lr=lr, eps=eps, betas=betas, weight_decay=weight_decay, decoupled_weight_decay=True
+        )
         self.max_grad_norm = max_grad_norm
         self._written_by: tuple[nn.Module, bool] | None = None
 

@@ -81,6 +81,7 @@ class ReplayBuffer:
         action_chunk: int = 1,
         memory_fix: Callable[[int], str] | None = None,
         mask_size: int = 0,
+        sequence_length: int = 0,
     ) -> None:
         """`memory_fix(n)`: the fix to show where the buffer cannot fit in memory, given about how many transitions
         would (default: lower buffer_size to n)."""
@@ -102,11 +103,17 @@ class ReplayBuffer:
         """> 1: batches carry `action_chunks` [B, H, *action_shape], the actions of the sampled step and the H - 1
         steps after it in its episode; past the episode's last step the last action repeats (Diffusion Policy's
         padding)."""
+        if sequence_length < 0 or (sequence_length and not mc_returns):
+            raise ValueError(f"sequence_length={sequence_length} needs to be >= 0, and > 0 needs mc_returns=True")
+        self.sequence_length = sequence_length
+        """> 0: `sample` returns windows of this many consecutive steps of one episode (`windows`), the returns to go
+        and the steps' timesteps within their episodes with them (sequence models: the Decision Transformer)."""
         self.device = torch.device(device)
         shape = (self.slots, num_envs)
         if self.device.type == "cpu":
             per = _bytes_per_transition(obs_shape, obs_dtype, action_shape, action_dtype, mc_returns, episodes)
             per += 16 * prioritized + mask_size  # the sum tree's two float64 nodes per leaf, the mask's flags
+            per += 8 * bool(sequence_length)  # the timesteps
             check_memory(
                 self.slots * num_envs * per,
                 f"a replay buffer of {self.slots * num_envs:,} transitions ({per:,} bytes each)",
@@ -141,6 +148,10 @@ class ReplayBuffer:
         """Transitions of each env's running episode so far (where its returns start when it ends)."""
         if self.mc_returns is not None:
             self._tensors.update(mc_returns=self.mc_returns, episode_steps=self.episode_steps)
+        self.timesteps: Tensor | None = torch.zeros(shape, dtype=torch.long, device=device) if sequence_length else None
+        """With `sequence_length` > 0: each transition's step within its episode (0 at the first)."""
+        if self.timesteps is not None:
+            self._tensors["timesteps"] = self.timesteps
         self.episode_first: Tensor | None = torch.zeros(shape, dtype=torch.long, device=device) if episodes else None
         self.episode_last: Tensor | None = torch.zeros(shape, dtype=torch.long, device=device) if episodes else None
         """With `episodes=True`: each transition's episode, as the slots of its first and last transitions (last:
@@ -214,6 +225,8 @@ class ReplayBuffer:
             store[name][slot, envs] = arr(value)
         store["episode_end"][slot, envs] = end
         store["valid"][slot, envs] = True
+        if self.timesteps is not None:  # before _track_returns counts this step
+            store["timesteps"][slot, envs] = store["episode_steps"]
         if self.mc_returns is not None:
             self._track_returns(store, slot, envs, end, ended)
         if self.episode_first is not None:
@@ -290,6 +303,9 @@ class ReplayBuffer:
             returns = discounted_returns_to_go(self.rewards[step_slots, 0].cpu().numpy(), lengths, self.gamma)
             self.mc_returns[step_slots, 0] = as_tensor(returns)
             self.episode_steps[0] = 0
+        if self.timesteps is not None:
+            firsts = np.repeat(np.cumsum(lengths) - lengths, lengths)
+            self.timesteps[step_slots, 0] = as_tensor(np.arange(int(lengths.sum())) - firsts)
         self.episode_end[start : start + n_obs, 0] = False
         self.episode_end[last_steps, 0] = True
         self.valid[start : start + n_obs, 0] = as_tensor(is_step)
@@ -363,6 +379,8 @@ class ReplayBuffer:
             high = self.filled * self.num_envs
             index = torch.randint(high, (batch_size,), generator=generator, device=self.device)
             self._redraw_invalid(index, high, generator)
+        if self.sequence_length:
+            return self.windows(index, self.sequence_length)
         batch = self.gather(index, fields)
         if self.action_chunk > 1:
             batch.action_chunks = self.chunks(index, self.action_chunk)
@@ -484,6 +502,31 @@ class ReplayBuffer:
         k = torch.minimum(torch.arange(horizon, device=self.device).unsqueeze(0), last)
         return self.actions[torch.gather(steps, 1, k), env.unsqueeze(1)]
 
+    def windows(self, flat_index: Tensor, length: int) -> Batch:
+        """The `length` consecutive steps of each sampled step's episode from it on, as a batch of sequences
+        [B, L, ...]: obs, actions, rewards, returns (the Monte-Carlo returns to go), timesteps (within the episode)
+        and mask (1 for steps of the episode, 0 for the padding after its last step, whose fields are zeros).
+        Online, the steps of an episode still running have no return yet: they are masked (and zeroed) too."""
+        assert self.mc_returns is not None and self.timesteps is not None, "windows need sequence_length > 0"
+        slot, env = flat_index // self.num_envs, flat_index % self.num_envs
+        steps, include = self._episode_steps(slot, env, length)
+        envs = env.unsqueeze(1).expand_as(steps)
+        include &= self.mc_returns[steps, envs] > -math.inf
+
+        def kept(values: Tensor) -> Tensor:  # the padding zeroed
+            mask = include.view(*include.shape, *([1] * (values.dim() - 2)))
+            return torch.where(mask, values, torch.zeros((), dtype=values.dtype, device=values.device))
+
+        return Batch(
+            obs=kept(self.obs[steps, envs]),
+            actions=kept(self.actions[steps, envs]),
+            rewards=kept(self.rewards[steps, envs]),
+            returns=kept(self.mc_returns[steps, envs]),
+            timesteps=kept(self.timesteps[steps, envs]),
+            mask=include.to(torch.float32),
+            indices=flat_index,
+        )
+
     def _observations(self, flat_index: Tensor, next_index: Tensor) -> tuple[Tensor, Tensor]:
         """The observations at the transitions' slots and at the slots of their next observations."""
         flat = self._flat["obs"]
@@ -496,6 +539,8 @@ class ReplayBuffer:
         tensors["ptr"] = self.ptr
         if self.mc_returns is not None:
             tensors.update(mc_returns=self.mc_returns[:n], episode_steps=self.episode_steps)
+        if self.timesteps is not None:
+            tensors["timesteps"] = self.timesteps[:n]
         if self.episode_first is not None and self.episode_last is not None:
             tensors.update(episode_first=self.episode_first[:n], episode_last=self.episode_last[:n])
             tensors["episode_start"] = self.episode_start

@@ -53,11 +53,13 @@ def dataset_buffer(
     reward_scale: float = 1.0,
     reward_bias: float = 0.0,
     action_chunk: int = 1,
+    sequence_length: int = 0,
 ) -> ReplayBuffer:
     """A one-env replay buffer holding `dataset` (observations normalized by `obs_normalizer` if given), with
     room for `extra_capacity` more transitions (offline-to-online runs keep adding to it); `next_actions`: its
     batches carry the dataset's next actions, `mc_returns` the discounted returns-to-go (ReplayBuffer's flags).
-    Rewards are stored as r * reward_scale + reward_bias; `action_chunk` > 1: batches carry the next H actions."""
+    Rewards are stored as r * reward_scale + reward_bias; `action_chunk` > 1: batches carry the next H actions;
+    `sequence_length` > 0: batches are windows of that many steps (ReplayBuffer.windows)."""
     obs = dataset.observations if obs_normalizer is None else obs_normalizer(dataset.observations)
     shape = tuple(obs.shape[1:])
     capacity = dataset.num_steps + dataset.num_episodes + 1 + extra_capacity
@@ -76,6 +78,7 @@ def dataset_buffer(
         next_actions=next_actions,
         mc_returns=mc_returns,
         action_chunk=action_chunk,
+        sequence_length=sequence_length,
         memory_fix=lambda fit: (
             f"use a dataset of at most about {fit:,} steps"
             + (f" with the online phase's buffer_size ({extra_capacity:,}) included" if extra_capacity else "")

@@ -21,7 +21,7 @@ between the modes, so the actor below draws even when asked to act "deterministi
 Action chunks (Diffusion Policy, Chi et al. 2023): with horizon H the head models the next H actions as one x;
 acting executes the first `act_steps` = k of them, then plans again (receding horizon). Per env the actor keeps
 its plan [B, H, A] and how many of its actions were used [B] as tensors; the envs whose plan ran out (or whose
-episode ended: `reset_plan(ended)`) are planned again in one batched call.
+episode ended: `reset_memory(ended)`) are planned again in one batched call.
 """
 
 from __future__ import annotations
@@ -152,7 +152,7 @@ class GenerativeActor(_BoundedActor):
         self._used += 1
         return action
 
-    def reset_plan(self, ended: np.ndarray | None = None) -> None:
+    def reset_memory(self, ended: np.ndarray | None = None) -> None:
         """Drop the plans of every env (None) or of the envs where `ended` is true: they plan at their next step."""
         if self._used is None:
             return

@@ -108,6 +108,12 @@ class TargetPolicy:
                 "action_masks=true depend on each step's mask, and logged datasets hold none",
                 "evaluate it in its env instead (policylab eval RUN, pl.evaluate)",
             )
+        if self.policy.target_return is not None:
+            raise PolicylabError(
+                "off-policy evaluation needs the policy's pi(a | s), and a Decision Transformer's actions depend on "
+                "the episode so far and the return it asks for, which a logged step does not hold",
+                "evaluate it in its env instead (policylab eval RUN --target-return R, pl.evaluate)",
+            )
         if isinstance(net, ActorCritic) and not isinstance(net.head, CategoricalHead | GaussianHead):
             raise PolicylabError(
                 f"OPE does not support the {type(net.head).__name__} action head", "use Discrete or Box actions"

@@ -1,0 +1,230 @@
+"""The Decision Transformer's network (Chen et al. 2021, arXiv:2106.01345): a causal transformer over the tokens
+(R_1, s_1, a_1, R_2, s_2, a_2, ...) of a window of K steps, R_t the return still to collect from step t on. Each
+step's action is predicted from the output at its observation token, which attends to the returns, observations
+and actions before it and to its own return, never to its own action. As in the authors' code and CORL's: GPT
+blocks with LayerNorm before attention and the MLP, a learned embedding of the step's timestep within its episode
+added to its three tokens (no other position embedding), LayerNorm after the embeddings, and tanh on Box actions.
+
+Training reads windows [B, K, ...] (`ReplayBuffer.windows`, padded after an episode's last step: the causal mask
+keeps the padding out of every real step's prediction, and the loss masks its own). Acting keeps each env's last K
+steps (its context): `env_action` appends the observation with the return still wanted (the target return less
+the rewards observed so far, `observe_rewards`) and reads the action at its position; `reset_memory` starts an
+env's context over. The context is not part of the module's state (nothing of it is saved).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from policylab.nets.critics import scale_to_bounds
+
+
+def dropped(x: Tensor, p: float, generator: torch.Generator | None) -> Tensor:
+    """Inverted dropout with masks from `generator` (None or p = 0: x unchanged), so that a run's dropout
+    draws come from its own generator and a resumed run draws the same ones."""
+    if p == 0.0 or generator is None:
+        return x
+    keep = torch.empty_like(x).bernoulli_(1.0 - p, generator=generator)
+    return x * keep * (1.0 / (1.0 - p))
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, dim: int, heads: int, dropout: float) -> None:
+        super().__init__()
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+        self.heads = heads
+        self.dropout = dropout
+
+    def forward(self, x: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        """Attention weights are dropped (with `generator`) while training; acting takes the fused kernel."""
+        b, t, c = x.shape
+        q, k, v = self.qkv(x).view(b, t, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4)
+        if generator is None or self.dropout == 0.0:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        else:
+            scores = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(c // self.heads))
+            future = torch.ones(t, t, dtype=torch.bool, device=x.device).triu_(1)
+            weights = scores.masked_fill_(future, -math.inf).softmax(-1)
+            y = dropped(weights, self.dropout, generator) @ v
+        return self.proj(y.transpose(1, 2).reshape(b, t, c))
+
+
+class Block(nn.Module):
+    """x + attention(LN(x)), then + MLP(LN(x)) (4x wide, GELU), each residual branch dropped while training."""
+
+    def __init__(self, dim: int, heads: int, dropout: float) -> None:
+        super().__init__()
+        self.ln1, self.ln2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.attn = CausalSelfAttention(dim, heads, dropout)
+        self.mlp = nn.Sequential(nn.Linear(dim, 4 * dim), nn.GELU(), nn.Linear(4 * dim, dim))
+        self.dropout = dropout
+
+    def forward(self, x: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        x = x + dropped(self.attn(self.ln1(x), generator), self.dropout, generator)
+        return x + dropped(self.mlp(self.ln2(x)), self.dropout, generator)
+
+
+class DecisionTransformer(nn.Module):
+    """Box actions: predictions in [-1, 1] (the replay buffer's units; `env_action` scales them to the bounds).
+    Discrete actions: logits over the n actions (actions enter as an embedding)."""
+
+    low: Tensor
+    high: Tensor
+
+    def __init__(
+        self,
+        obs_dim: int,
+        act_dim: int,
+        n_actions: int,
+        low: Tensor | None,
+        high: Tensor | None,
+        *,
+        context: int = 20,
+        embed_dim: int = 128,
+        layers: int = 3,
+        heads: int = 1,
+        dropout: float = 0.1,
+        max_timestep: int = 1000,
+        target_return: float = 0.0,
+        reward_scale: float = 1.0,
+    ) -> None:
+        """`act_dim` for Box actions (n_actions 0), `n_actions` for Discrete ones (act_dim 0). The return
+        embedding reads returns as the replay buffer holds them, sums of r * reward_scale; `target_return` is in
+        the env's own units."""
+        super().__init__()
+        self.discrete = n_actions > 0
+        self.act_dim, self.n_actions = act_dim, n_actions
+        self.context, self.max_timestep = context, max_timestep
+        self.dropout = dropout
+        self.target_return, self.reward_scale = target_return, reward_scale
+        self.register_buffer("low", (low if low is not None else torch.zeros(0)).reshape(-1).float())
+        self.register_buffer("high", (high if high is not None else torch.zeros(0)).reshape(-1).float())
+        self.embed_obs = nn.Linear(obs_dim, embed_dim)
+        self.embed_action: nn.Module = (
+            nn.Embedding(n_actions, embed_dim) if self.discrete else nn.Linear(act_dim, embed_dim)
+        )
+        self.embed_return = nn.Linear(1, embed_dim)
+        self.embed_timestep = nn.Embedding(max_timestep, embed_dim)
+        self.embed_norm = nn.LayerNorm(embed_dim)
+        self.blocks = nn.ModuleList(Block(embed_dim, heads, dropout) for _ in range(layers))
+        self.out_norm = nn.LayerNorm(embed_dim)
+        self.head = nn.Linear(embed_dim, n_actions if self.discrete else act_dim)
+        self.apply(_gpt_init)
+        self._context: dict[str, Tensor] | None = None
+        """Acting: per env, its last `context` steps (obs, actions, returns, timesteps), its steps in the context
+        (`length`), its episode's steps so far (`t`) and the return it still wants (`wanted`)."""
+
+    def forward(
+        self, obs: Tensor, actions: Tensor, returns: Tensor, timesteps: Tensor, generator: torch.Generator | None = None
+    ) -> Tensor:
+        """[B, K, ...] windows -> [B, K, A]: each step's predicted action (Box, in [-1, 1]) or its action logits
+        (Discrete). `generator`: dropout is on, drawn from it (training); None: off (acting, evaluation)."""
+        b, k = returns.shape
+        time = self.embed_timestep(timesteps.clamp(0, self.max_timestep - 1))
+        acts = self.embed_action(actions.long()) if self.discrete else self.embed_action(actions)
+        tokens = torch.stack(
+            (self.embed_return(returns.unsqueeze(-1)) + time, self.embed_obs(obs.flatten(2)) + time, acts + time), 2
+        ).reshape(b, 3 * k, -1)
+        x = dropped(self.embed_norm(tokens), self.dropout, generator)
+        for block in self.blocks:
+            x = block(x, generator)
+        out = self.head(self.out_norm(x[:, 1::3]))
+        return out if self.discrete else torch.tanh(out)
+
+    # acting ----------------------------------------------------------------------------------------------------
+
+    def reset_memory(self, ended: np.ndarray | None = None) -> None:
+        """Start over the context of every env (None) or of the envs where `ended` is true."""
+        if self._context is None:
+            return
+        if ended is None:
+            self._context = None
+        elif bool(np.any(ended)):
+            with torch.inference_mode():  # the context was made while acting, in inference mode
+                rows = torch.as_tensor(np.asarray(ended, bool), device=self.low.device)
+                ctx = self._context
+                ctx["length"][rows] = 0
+                ctx["t"][rows] = 0
+                ctx["wanted"][rows] = self.target_return * self.reward_scale
+
+    def observe_rewards(self, rewards: np.ndarray) -> None:
+        """The rewards the last actions earned: the return each env still wants drops by them (in the units
+        the network learned returns in)."""
+        if self._context is None:
+            return
+        with torch.inference_mode():
+            earned = torch.as_tensor(np.asarray(rewards, np.float32), device=self.low.device)
+            self._context["wanted"] -= earned * self.reward_scale
+
+    @property
+    def _action_dtype(self) -> torch.dtype:
+        return torch.long if self.discrete else torch.float32
+
+    def _new_context(self, n: int, obs: Tensor) -> dict[str, Tensor]:
+        k, device = self.context, obs.device
+        action_shape = () if self.discrete else (self.act_dim,)
+        return {
+            "obs": torch.zeros(n, k, *obs.shape[1:], device=device),
+            "actions": torch.zeros(n, k, *action_shape, dtype=self._action_dtype, device=device),
+            "returns": torch.zeros(n, k, device=device),
+            "timesteps": torch.zeros(n, k, dtype=torch.long, device=device),
+            "length": torch.zeros(n, dtype=torch.long, device=device),
+            "t": torch.zeros(n, dtype=torch.long, device=device),
+            "wanted": torch.full((n,), self.target_return * self.reward_scale, device=device),
+        }
+
+    def act(self, obs: Tensor, deterministic: bool = True, generator: torch.Generator | None = None) -> Tensor:
+        """Each env's action at its new observation `obs` [N, ...], in replay units (Box: [-1, 1]; Discrete: the
+        index, the argmax or, not deterministic, a draw from the softmax), kept in its context."""
+        n = obs.shape[0]
+        if self._context is None or self._context["length"].shape[0] != n:
+            self._context = self._new_context(n, obs)
+        ctx, k = self._context, self.context
+        full = ctx["length"] == k
+        if bool(full.any()):  # drop the oldest step of the envs whose context is full
+            for name in ("obs", "actions", "returns", "timesteps"):
+                ctx[name][full] = ctx[name][full].roll(-1, 1)
+        rows = torch.arange(n, device=obs.device)
+        at = ctx["length"].clamp(max=k - 1)
+        ctx["obs"][rows, at] = obs.to(ctx["obs"].dtype)
+        ctx["returns"][rows, at] = ctx["wanted"]
+        ctx["timesteps"][rows, at] = ctx["t"]
+        ctx["actions"][rows, at] = 0
+        out = self(ctx["obs"], ctx["actions"], ctx["returns"], ctx["timesteps"])[rows, at]
+        if not self.discrete:
+            action = out
+        elif deterministic:
+            action = out.argmax(-1)
+        else:
+            action = torch.multinomial(out.softmax(-1), 1, generator=generator).squeeze(1)
+        ctx["actions"][rows, at] = action
+        ctx["length"] = (ctx["length"] + 1).clamp(max=k)
+        ctx["t"] += 1
+        return action
+
+    def env_action(self, obs: Tensor, deterministic: bool = True, generator: torch.Generator | None = None) -> Tensor:
+        action = self.act(obs, deterministic, generator)
+        return action if self.discrete else scale_to_bounds(action, self.low, self.high)
+
+    def to_env_numpy(self, actions: np.ndarray) -> np.ndarray:
+        if self.discrete:
+            return actions
+        low, high = self.low.cpu().numpy(), self.high.cpu().numpy()
+        return low + (actions + 1.0) * 0.5 * (high - low)
+
+
+def _gpt_init(module: nn.Module) -> None:
+    """GPT-2's initialization (the authors' and CORL's): weights N(0, 0.02), biases 0, LayerNorm 1 and 0."""
+    if isinstance(module, nn.Linear | nn.Embedding):
+        nn.init.normal_(module.weight, 0.0, 0.02)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+    elif isinstance(module, nn.LayerNorm):
+        nn.init.ones_(module.weight)
+        nn.init.zeros_(module.bias)
