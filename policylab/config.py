@@ -30,6 +30,10 @@ _SUFFIXES = {"k": 1_000, "m": 1_000_000, "g": 1_000_000_000}
 AUTO_THREADS = "auto"
 
 
+ACTIVATIONS = ("tanh", "relu", "elu", "silu")
+"""The activations of the MLP networks (nets/mlp.py)."""
+
+
 @dataclass
 class CommonConfig:
     """Run-level settings shared by every algorithm."""
@@ -106,6 +110,8 @@ class CommonConfig:
     """ray (each worker a Ray actor with one CPU), or inline (the same slices in the learner's process)."""
 
     preferred_threads: ClassVar[int] = 1
+    activations: ClassVar[tuple[str, ...]] = ACTIVATIONS
+    """The `activation` values the algorithm's networks take."""
     """What threads=auto uses when the cores are free: 1 is fastest for the on-policy family's small networks
     (2 threads gave the same update time for the PPO CartPole preset, benchmarks/README.md)."""
 
@@ -143,10 +149,10 @@ class CommonConfig:
                 f"vectorization={self.vectorization!r} is not one of auto, sync, async",
                 "use --set vectorization=sync (or async, auto)",
             )
-        if self.activation not in ACTIVATIONS:
+        if self.activation not in self.activations:
             raise ConfigError(
                 f"activation={self.activation!r} is unknown",
-                f"use one of: {', '.join(ACTIVATIONS)}",
+                f"use one of: {', '.join(self.activations)}",
             )
         for name in ("clip_obs", "clip_reward"):  # normalized values are clipped to +-clip: 0 would make them all 0
             if not getattr(self, name) > 0:
@@ -157,9 +163,6 @@ class CommonConfig:
                 "features of an image encoder)",
                 "use e.g. --set hidden_sizes=[64,64]",
             )
-
-
-ACTIVATIONS = ("tanh", "relu", "elu", "silu")
 
 
 def check_threads(threads: int | str) -> None:

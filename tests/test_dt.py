@@ -79,6 +79,32 @@ def _window(net: DecisionTransformer, b: int = 2, k: int = 4, seed: int = 1) -> 
     return obs, actions, returns, timesteps
 
 
+def _reference(net: DecisionTransformer, obs, actions, returns, timesteps) -> torch.Tensor:
+    """The network written out plainly: every block's output at every token, attention by its definition."""
+    b, k = returns.shape
+    time = net.embed_timestep(timesteps)
+    tokens = [net.embed_return(returns[..., None]) + time, net.embed_obs(obs) + time, net.embed_action(actions) + time]
+    x = net.embed_norm(torch.stack(tokens, 2).reshape(b, 3 * k, -1))
+    causal = torch.ones(3 * k, 3 * k, dtype=torch.bool).tril()
+    for block in net.blocks:
+        h = block.ln1(x)
+        q, key, v = block.attn.qkv(h).chunk(3, -1)
+        heads = lambda t: t.reshape(b, 3 * k, block.attn.heads, -1).transpose(1, 2)  # noqa: E731
+        q, key, v = heads(q), heads(key), heads(v)
+        scores = (q @ key.transpose(-2, -1)) / (q.shape[-1] ** 0.5)
+        y = scores.masked_fill(~causal, float("-inf")).softmax(-1) @ v
+        x = x + block.attn.proj(y.transpose(1, 2).reshape(b, 3 * k, -1))
+        x = x + block.mlp(block.ln2(x))
+    return torch.tanh(net.head(net.out_norm(x[:, 1::3])))
+
+
+def test_the_network_is_the_transformer_written_out_on_every_token():
+    """The last block computes the observation tokens' outputs only: the same as computing all of them."""
+    net = _tiny_net()
+    window = _window(net, b=3, k=4)
+    torch.testing.assert_close(net(*window), _reference(net, *window), rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("discrete", [False, True])
 def test_each_prediction_reads_the_steps_before_it_and_its_own_observation_and_return_only(discrete):
     net = _tiny_net(discrete)

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import gymnasium as gym
 import numpy as np
@@ -36,7 +36,7 @@ from policylab.algos.offpolicy import (
 )
 from policylab.data import Batch
 from policylab.errors import ConfigError
-from policylab.nets.transformer import DecisionTransformer
+from policylab.nets.transformer import ACTIVATIONS, DecisionTransformer
 
 
 @dataclass
@@ -52,6 +52,9 @@ class DTConfig(OfflineConfig):
     n_heads: int = 1
     dropout: float = 0.1
     """Dropout on the embeddings, the attention weights and both residual branches of every block."""
+    activation: str = "relu"
+    """The blocks' MLP activation: relu (the authors' GPT-2 settings and d3rlpy's) or gelu (CORL's)."""
+    activations: ClassVar[tuple[str, ...]] = tuple(ACTIVATIONS)
     max_timestep: int = 1000
     """Timesteps embedded: steps later in an episode share the last embedding (CORL's episode_len)."""
     target_return: float | None = None
@@ -125,7 +128,8 @@ class DT:
             act_dim, n_actions = low.numel(), 0
         return DecisionTransformer(
             obs_dim(obs_space), act_dim, n_actions, low, high, context=cfg.context_length, embed_dim=cfg.embed_dim,
-            layers=cfg.n_layers, heads=cfg.n_heads, dropout=cfg.dropout, max_timestep=cfg.max_timestep,
+            layers=cfg.n_layers, heads=cfg.n_heads, dropout=cfg.dropout, activation=cfg.activation,
+            max_timestep=cfg.max_timestep,
             target_return=float(cfg.target_return or 0.0), reward_scale=cfg.reward_scale,
         )  # fmt: skip
 
