@@ -17,7 +17,12 @@ reward scaling): BC deterministic, lr 1e-3, batch 100; TD3+BC actor and critic l
 0.7, inverse temperature 3, weights clipped at 100, two critics, a Gaussian actor with a state-independent
 log-std in [-5, 2] (d3rlpy: `NormalPolicy` without squashing); CQL on SAC with critic lr 3e-4, actor and
 temperature lr 1e-4, 10 action samples per proposal, conservative weight 5 with a tuned multiplier (target
-gap 10), no entropy term in the TD target (d3rlpy's `soft_q_backup=False`).
+gap 10), no entropy term in the TD target (d3rlpy's `soft_q_backup=False`). The Decision Transformer takes the
+settings of d3rlpy's own DT reproduction script on both sides (d3rlpy's defaults would put a [256, 256] MLP encoder
+under the observation tokens): windows of 20 steps, 3 blocks of 1 head, width 128 (the observation embedding one
+linear layer), ReLU, dropout 0.1 everywhere, AdamW lr 1e-4 with weight decay 1e-4 on every parameter, a linear
+warm-up over 10k steps, gradients clipped at 0.25, batch 64, observations standardized with the dataset's
+statistics, returns to go x 0.001; both sides ask for the dataset's best episode return when they act.
 
 Measured per run: gradient steps/s over the training loop after its first `--log-every` steps (warm-up
 excluded on both sides), and the deterministic evaluation return of the final policy over 10 episodes in
@@ -58,7 +63,7 @@ from common import (
 D3RLPY_VENV = REPO_ROOT / "benchmarks" / ".venv-d3rlpy"
 D3RLPY_PY = D3RLPY_VENV / "bin" / "python"
 DEFAULT_DATA = REPO_ROOT / "benchmarks" / "data" / "hopper-random"
-ALGOS = ("bc", "td3_bc", "iql", "cql")
+ALGOS = ("bc", "td3_bc", "iql", "cql", "dt")
 EVAL_EPISODES = 10
 PRECISION_SIDES = ("fp32", "bf16")
 
@@ -76,6 +81,21 @@ OURS = {
         "target_gap": 10.0,
         "backup_entropy": False,
         "normalize_obs": False,
+    },
+    "dt": {  # d3rlpy's own DT reproduction settings (and CORL's), set on both sides: see _d3rlpy_algo
+        "lr": 1e-4,
+        "batch_size": 64,
+        "context_length": 20,
+        "embed_dim": 128,
+        "n_layers": 3,
+        "n_heads": 1,
+        "dropout": 0.1,
+        "activation": "relu",
+        "weight_decay": 1e-4,
+        "warmup_steps": 10_000,
+        "max_grad_norm": 0.25,
+        "reward_scale": 0.001,
+        "normalize_obs": True,
     },
 }
 
@@ -173,11 +193,15 @@ def worker_d3rlpy(a: argparse.Namespace) -> dict[str, Any]:
     )
     env = gym.make(meta["env_id"])
     returns = []
+    actor = algo.as_stateful_wrapper(target_return=meta["best_return"]) if a.algo == "dt" else None
     for episode in range(EVAL_EPISODES):
         obs, _ = env.reset(seed=10_000 + a.seed + episode)
-        done, total = False, 0.0
+        done, total, reward = False, 0.0, 0.0
+        if actor is not None:
+            actor.reset()
         while not done:
-            action = algo.predict(np.asarray(obs, np.float32)[None])[0]
+            x = np.asarray(obs, np.float32)
+            action = algo.predict(x[None])[0] if actor is None else actor.predict(x, reward)
             obs, reward, terminated, truncated, _ = env.step(action)
             total += float(reward)
             done = terminated or truncated
@@ -198,6 +222,28 @@ def _d3rlpy_algo(name: str) -> Any:
         return d3rlpy.algos.TD3PlusBCConfig().create(device=device)
     if name == "cql":
         return d3rlpy.algos.CQLConfig().create(device=device)
+    if name == "dt":
+        optim = d3rlpy.optimizers.AdamWFactory(
+            weight_decay=1e-4,
+            clip_grad_norm=0.25,
+            lr_scheduler_factory=d3rlpy.optimizers.WarmupSchedulerFactory(warmup_steps=10_000),
+        )
+        return d3rlpy.algos.DecisionTransformerConfig(
+            batch_size=64,
+            learning_rate=1e-4,
+            context_size=20,
+            max_timestep=1000,
+            num_heads=1,
+            num_layers=3,
+            attn_dropout=0.1,
+            resid_dropout=0.1,
+            embed_dropout=0.1,
+            activation_type="relu",
+            encoder_factory=d3rlpy.models.VectorEncoderFactory(hidden_units=[128], exclude_last_activation=True),
+            optim_factory=optim,
+            observation_scaler=d3rlpy.preprocessing.StandardObservationScaler(),
+            reward_scaler=d3rlpy.preprocessing.MultiplyRewardScaler(0.001),
+        ).create(device=device)
     return d3rlpy.algos.IQLConfig().create(device=device)
 
 
@@ -228,7 +274,9 @@ def _d3rlpy_dataset(path: str) -> tuple[Any, dict[str, Any]]:
         terminals=arrays["terminals"].astype(np.float32),
         timeouts=arrays["timeouts"].astype(np.float32),
     )
-    refs = {"ref_min_score": meta.get("ref_min_score", ours.get("ref_min_score"))}
+    ends = np.flatnonzero(np.logical_or(arrays["terminals"], arrays["timeouts"]))
+    best = max(float(r.sum()) for r in np.split(arrays["rewards"], ends[:-1] + 1))
+    refs = {"ref_min_score": meta.get("ref_min_score", ours.get("ref_min_score")), "best_return": best}
     refs["ref_max_score"] = meta.get("ref_max_score", ours.get("ref_max_score"))
     return dataset, {"env_id": ours.get("env_id") or json.loads(meta["env_spec"])["id"], **refs}
 

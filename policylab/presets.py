@@ -579,6 +579,9 @@ _IQL_EXCEPTIONS: dict[str, dict[str, Any]] = {
 """Where CORL's IQL configs depart from its locomotion values (expectile 0.7, beta 3, tau 0.005, Gaussian actor,
 raw rewards)."""
 
+_DT_TARGET_RETURNS = {"halfcheetah": 12000.0, "hopper": 3600.0, "walker2d": 5000.0}
+"""The first of the two target returns CORL's DT configs evaluate per locomotion env (the second is half of it)."""
+
 _EDAC_CRITICS = {"halfcheetah": 10, "hopper": 50, "walker2d": 10}
 _SAC_N_CRITICS = {"halfcheetah": 10, "hopper-medium": 500, "hopper": 200, "walker2d": 20}
 
@@ -590,7 +593,7 @@ def _corl_source(algo: str, dataset: str) -> str:
 
 def _dataset_presets() -> dict[str, dict[str, Preset]]:
     names = [f"{env}-{kind}" for env in LOCOMOTION_ENVS for kind in DATASET_KINDS]
-    table: dict[str, dict[str, Preset]] = {"rebrac": {}, "iql": {}, "edac": {}, "sac_n": {}, "cql": {}}
+    table: dict[str, dict[str, Preset]] = {"rebrac": {}, "iql": {}, "edac": {}, "sac_n": {}, "cql": {}, "dt": {}}
     table["cql"]["hopper-medium"] = Preset({"steps": 1_000_000, **_RETURN_RANGE}, _corl_source("cql", "hopper-medium"))
     for name in names:
         actor_bc, critic_bc = _REBRAC_COEFFICIENTS[name]
@@ -609,13 +612,17 @@ def _dataset_presets() -> dict[str, dict[str, Preset]]:
         )
         critics = _SAC_N_CRITICS.get(name, _SAC_N_CRITICS[env])
         table["sac_n"][name] = Preset({"steps": 3_000_000, "n_critics": critics}, _corl_source("sac_n", name))
+        table["dt"][name] = Preset(  # not CORL's GPU-sized batch 4096 and lr 8e-4 (see README)
+            {"steps": 100_000, "target_return": _DT_TARGET_RETURNS[env]}, _corl_source("dt", name)
+        )
     return table
 
 
 DATASET_PRESETS: dict[str, dict[str, Preset]] = _dataset_presets()
 """Presets per D4RL locomotion dataset kind, {algo: {"hopper-medium": Preset}}: the values of CORL's per-dataset
 configs that differ from the algorithm's defaults (which are CORL's shared values), with CORL's budget (1M
-gradient steps; 3M for SAC-N and EDAC). A dataset named like one of these keys picks its preset: see
+gradient steps; 3M for SAC-N and EDAC; 100k and the target return for DT, whose batch 4096 and lr 8e-4 there are
+sized for a GPU and not taken). A dataset named like one of these keys picks its preset: see
 `dataset_preset_name`. TD3+BC, AWAC and BC use one set of values on every locomotion dataset in CORL, so they
 have none; CQL's differ only on hopper-medium (rewards scaled by the return range)."""
 

@@ -40,6 +40,9 @@ def test_corl_tables_hold_every_locomotion_dataset_with_its_values():
     iql = DATASET_PRESETS["iql"]
     assert iql["hopper-medium"].values["reward_normalization"] == "return_range"
     assert "reward_normalization" not in iql["halfcheetah-medium"].values
+    dt = DATASET_PRESETS["dt"]
+    assert len(dt) == 9 and dt["halfcheetah-medium-replay"].values == {"steps": 100_000, "target_return": 12000.0}
+    assert "dt/walker2d/medium_expert_v2.yaml" in dt["walker2d-medium-expert"].source
 
 
 def test_a_dataset_named_like_a_d4rl_kind_gets_corls_values_unless_opted_out(datasets, tmp_path):

@@ -88,9 +88,8 @@ def _reference(net: DecisionTransformer, obs, actions, returns, timesteps) -> to
     causal = torch.ones(3 * k, 3 * k, dtype=torch.bool).tril()
     for block in net.blocks:
         h = block.ln1(x)
-        q, key, v = block.attn.qkv(h).chunk(3, -1)
-        heads = lambda t: t.reshape(b, 3 * k, block.attn.heads, -1).transpose(1, 2)  # noqa: E731
-        q, key, v = heads(q), heads(key), heads(v)
+        n_heads = block.attn.heads
+        q, key, v = (t.reshape(b, 3 * k, n_heads, -1).transpose(1, 2) for t in block.attn.qkv(h).chunk(3, -1))
         scores = (q @ key.transpose(-2, -1)) / (q.shape[-1] ** 0.5)
         y = scores.masked_fill(~causal, float("-inf")).softmax(-1) @ v
         x = x + block.attn.proj(y.transpose(1, 2).reshape(b, 3 * k, -1))

@@ -41,9 +41,9 @@ from policylab.nets.transformer import ACTIVATIONS, DecisionTransformer
 
 @dataclass
 class DTConfig(OfflineConfig):
-    """CORL's values for D4RL's locomotion datasets (algorithms/offline/dt.py): windows of 20 steps, 3 blocks of
-    1 head, width 128, dropout 0.1, AdamW (lr 1e-4, weight decay 1e-4, linear warm-up over 10k steps), batch 64,
-    gradient norm 0.25, returns to go in units of 1000 (reward_scale 0.001), undiscounted (gamma 1)."""
+    """CORL's defaults (algorithms/offline/dt.py; d3rlpy's DT reproduction uses the same): windows of 20 steps,
+    3 blocks of 1 head, width 128, dropout 0.1, AdamW (lr 1e-4, weight decay 1e-4, linear warm-up over 10k steps),
+    batch 64, gradient norm 0.25, returns to go in units of 1000 (reward_scale 0.001), undiscounted (gamma 1)."""
 
     context_length: int = 20
     """K: the steps in each training window and in the context the policy acts on."""
