@@ -110,10 +110,10 @@ class CommonConfig:
     """ray (each worker a Ray actor with one CPU), or inline (the same slices in the learner's process)."""
 
     preferred_threads: ClassVar[int] = 1
-    activations: ClassVar[tuple[str, ...]] = ACTIVATIONS
-    """The `activation` values the algorithm's networks take."""
     """What threads=auto uses when the cores are free: 1 is fastest for the on-policy family's small networks
     (2 threads gave the same update time for the PPO CartPole preset, benchmarks/README.md)."""
+    activations: ClassVar[tuple[str, ...]] = ACTIVATIONS
+    """The `activation` values the algorithm's networks take."""
 
     def divergence_fix(self) -> str:
         """The fix line of a run that diverged: the remedies this algorithm takes (`divergence_fix`)."""

@@ -115,6 +115,7 @@ class Policy:
         extras = ", observations normalized" if self.obs_normalizer is not None else ""
         extras += ", recurrent" if self.recurrent else ""
         extras += ", action masks" if self.action_masks else ""
+        extras += f", target_return={self.target_return:g}" if self.target_return is not None else ""
         observed = str(self.observation_space)
         if self.encoder is not None:  # what act() takes, and the vector the network reads
             observed = f"{self.encoder.space} (read as {self.observation_space})"
