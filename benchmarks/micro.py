@@ -207,9 +207,8 @@ def kernel_used(members: int, rows: int, inner: int, columns: int) -> str:
     """Which kernel policylab's `nets.matmul` sends a float32 product of this shape to, here."""
     from policylab.nets import matmul
 
-    return (
-        "oneDNN" if matmul._worth_it(torch.empty(members, rows, inner), torch.empty(members, inner, columns)) else "MKL"
-    )
+    routed = matmul.worth_routing(torch.empty(members, rows, inner), torch.empty(members, inner, columns))
+    return "oneDNN" if routed else "MKL"
 
 
 def matmul_kernels() -> None:
@@ -243,7 +242,7 @@ def products_of(update: Callable[[], object]) -> dict[str, int]:
     from policylab.nets import matmul
 
     seen: dict[str, int] = {}
-    original = matmul._worth_it
+    original = matmul.worth_routing
 
     def recording(a: torch.Tensor, b: torch.Tensor) -> bool:
         use = original(a, b)
@@ -252,11 +251,11 @@ def products_of(update: Callable[[], object]) -> dict[str, int]:
         seen[key] = seen.get(key, 0) + 1
         return use
 
-    matmul._worth_it = recording  # type: ignore[assignment]
+    matmul.worth_routing = recording  # type: ignore[assignment]
     try:
         update()
     finally:
-        matmul._worth_it = original  # type: ignore[assignment]
+        matmul.worth_routing = original  # type: ignore[assignment]
     return seen
 
 

@@ -225,7 +225,7 @@ def test_routed_products_keep_their_route_in_the_backward(monkeypatch) -> None:
     for inputs in (a, x):
         expected = grads(torch.baddbmm, inputs)
         calls.clear()
-        monkeypatch.setattr(matmul, "_worth_it", lambda *args: True)
+        monkeypatch.setattr(matmul, "worth_routing", lambda *args: True)
         monkeypatch.setattr(matmul, "_onednn_call", recorded)
         got = grads(matmul.affine, inputs)
         monkeypatch.undo()
@@ -262,7 +262,7 @@ def test_linear_routes_its_backward_and_matches_nn_linear(monkeypatch) -> None:
         return op(*args, **kw)
 
     expected_out, expected = grads(torch.nn.functional.linear)
-    monkeypatch.setattr(matmul, "_worth_it", lambda *args: True)
+    monkeypatch.setattr(matmul, "worth_routing", lambda *args: True)
     monkeypatch.setattr(matmul, "_onednn_call", recorded)
     out, got = grads(matmul.linear)
     assert calls == [torch.bmm, torch.bmm]  # grad_x and grad_weight; the forward stayed on F.linear

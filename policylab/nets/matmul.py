@@ -186,7 +186,7 @@ def _onednn_call(op, *args, **kwargs) -> Tensor:  # type: ignore[no-untyped-def]
         settings.fp32_precision = previous
 
 
-def _worth_it(a: Tensor, b: Tensor) -> bool:
+def worth_routing(a: Tensor, b: Tensor) -> bool:
     """Large enough for oneDNN to pay off, float32 on the CPU, and oneDNN exact here (or bfloat16 asked for)."""
     m, k = a.shape[-2], a.shape[-1]
     n = b.shape[-1]
@@ -221,7 +221,7 @@ def affine(bias: Tensor, a: Tensor, b: Tensor) -> Tensor:
     """bias [K, 1, N] + a [K, M, I] @ b [K, I, N], differentiable, on the kernel `bmm` picks for the forward and,
     under autograd, for the backward's products too. Where nothing is routed it is `baddbmm` (no Python
     autograd function: its cost per call matters to small networks)."""
-    if torch.is_grad_enabled() and (bias.requires_grad or a.requires_grad or b.requires_grad) and _worth_it(a, b):
+    if torch.is_grad_enabled() and (bias.requires_grad or a.requires_grad or b.requires_grad) and worth_routing(a, b):
         return _RoutedAffine.apply(bias, a, b)  # type: ignore[no-any-return]
     return baddbmm(bias, a, b)
 
@@ -265,7 +265,7 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
 
 def bmm(a: Tensor, b: Tensor, out: Tensor | None = None) -> Tensor:
     """`torch.bmm(a, b, out=out)` on the faster exact kernel."""
-    if _worth_it(a, b):
+    if worth_routing(a, b):
         call = _bf16_call if _precision == "bf16" else _onednn_call
         return call(torch.bmm, a, b, out=out)
     return torch.bmm(a, b, out=out)
@@ -281,7 +281,7 @@ def baddbmm(bias: Tensor, a: Tensor, b: Tensor, beta: float = 1.0, alpha: float 
     Single rows go to a kernel that accumulates onto C, so they stay on baddbmm."""
     if beta == 1.0 and alpha == 1.0 and a.shape[-2] > 1:
         return bmm(a, b).add_(bias)
-    if _worth_it(a, b):
+    if worth_routing(a, b):
         call = _bf16_call if _precision == "bf16" else _onednn_call
         return call(torch.baddbmm, bias, a, b, beta=beta, alpha=alpha)
     return torch.baddbmm(bias, a, b, beta=beta, alpha=alpha)

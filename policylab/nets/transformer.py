@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from policylab.nets import matmul
 from policylab.nets.critics import scale_to_bounds
 
 
@@ -60,11 +61,28 @@ def plus_dropped(x: Tensor, branch: Tensor, masks: DropoutMasks | None) -> Tenso
 ACTIVATIONS: dict[str, type[nn.Module]] = {"relu": nn.ReLU, "gelu": nn.GELU}
 
 
+def dense(x: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
+    """`F.linear`; while training, its products forward and backward on the kernel nets/matmul.py picks for
+    float32 (oneDNN's AVX-512 one on AMD processors that have it, MKL elsewhere: the same results within float32
+    rounding)."""
+    rows, columns = x.reshape(1, -1, x.shape[-1]), weight.t().unsqueeze(0)
+    if not torch.is_grad_enabled() or not matmul.worth_routing(rows, columns):  # F.linear's addmm: faster on MKL
+        return F.linear(x, weight, bias)
+    return matmul.affine(bias.view(1, 1, -1), rows, columns).view(*x.shape[:-1], -1)
+
+
+class Dense(nn.Linear):
+    """nn.Linear through `dense`."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return dense(x, self.weight, self.bias)
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, dim: int, heads: int) -> None:
         super().__init__()
-        self.qkv = nn.Linear(dim, 3 * dim)
-        self.proj = nn.Linear(dim, dim)
+        self.qkv = Dense(dim, 3 * dim)
+        self.proj = Dense(dim, dim)
         self.heads = heads
 
     def forward(self, x: Tensor, masks: DropoutMasks | None = None, queries: slice | None = None) -> Tensor:
@@ -77,8 +95,8 @@ class CausalSelfAttention(nn.Module):
             positions = torch.arange(t, device=x.device)
         else:  # keys and values of all tokens, queries of some (the last block's observation tokens)
             weight, bias = self.qkv.weight, self.qkv.bias
-            k, v = F.linear(x, weight[c:], bias[c:]).view(b, t, 2, self.heads, -1).permute(2, 0, 3, 1, 4)
-            q = F.linear(x[:, queries], weight[:c], bias[:c]).view(split).transpose(1, 2)
+            k, v = dense(x, weight[c:], bias[c:]).view(b, t, 2, self.heads, -1).permute(2, 0, 3, 1, 4)
+            q = dense(x[:, queries], weight[:c], bias[:c]).view(split).transpose(1, 2)
             positions = torch.arange(t, device=x.device)[queries]
         allowed = positions.unsqueeze(1) >= torch.arange(t, device=x.device)  # [queries, t]
         if masks is None:
@@ -97,7 +115,7 @@ class Block(nn.Module):
         super().__init__()
         self.ln1, self.ln2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
         self.attn = CausalSelfAttention(dim, heads)
-        self.mlp = nn.Sequential(nn.Linear(dim, 4 * dim), ACTIVATIONS[activation](), nn.Linear(4 * dim, dim))
+        self.mlp = nn.Sequential(Dense(dim, 4 * dim), ACTIVATIONS[activation](), Dense(4 * dim, dim))
 
     def forward(self, x: Tensor, masks: DropoutMasks | None = None, queries: slice | None = None) -> Tensor:
         """The block's output at the tokens `queries` (all by default; the others' outputs are not computed)."""
