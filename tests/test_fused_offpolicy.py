@@ -138,8 +138,11 @@ def test_fused_crossq_step_equals_autograd(overrides):
             _assert_close_to_scale(fused[key], reference[key].detach(), key)
         for ours, theirs in ((algo.critic, twin.critic), (algo.net, twin.net)):
             for (name, got), (_, want) in zip(ours.named_parameters(), theirs.named_parameters()):
-                if want.grad is not None:
-                    _assert_close_to_scale(got.grad, want.grad, f"grad {name}")
+                if want.grad is not None:  # a renormalization's shift and scale gradients sum the batch's
+                    # upstream gradients of both signs: two summation orders differ by more than their result's
+                    # scale suggests (1.2e-5 of it on an AMD EPYC Zen 4's MKL)
+                    rtol = 3e-5 if "renorm" in name else 1e-5
+                    _assert_close_to_scale(got.grad, want.grad, f"grad {name}", rtol)
             for (name, got), (_, want) in zip(ours.named_buffers(), theirs.named_buffers()):
                 _assert_close_to_scale(got, want, name)
         with torch.no_grad():
