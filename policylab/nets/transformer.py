@@ -28,9 +28,9 @@ from policylab.nets.critics import scale_to_bounds
 class DropoutMasks:
     """Dropout's keep masks for one training step, already scaled by 1 / P(keep) (inverted dropout), drawn from
     the run's generator so that a resumed run draws the same ones. On the CPU, 16 random bits per element from a
-    numpy PCG64 seeded by one draw of the generator: about ten times faster than torch's `bernoulli_` there (one
-    draw per element of a sequential Mersenne twister), with P(drop) = round(p * 65536) / 65536 (within 8e-6 of
-    p). Elsewhere, `bernoulli_` with the generator."""
+    numpy PCG64 seeded by one draw of the generator: much faster than torch's `bernoulli_` there (one draw per
+    element of a sequential Mersenne twister), with P(drop) = round(p * 65536) / 65536 (within 8e-6 of p).
+    Elsewhere, `bernoulli_` with the generator."""
 
     def __init__(self, p: float, generator: torch.Generator) -> None:
         self.p, self.generator = p, generator
@@ -65,8 +65,10 @@ def dense(x: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
     """`F.linear`; while training, its products forward and backward on the kernel nets/matmul.py picks for
     float32 (oneDNN's AVX-512 one on AMD processors that have it, MKL elsewhere: the same results within float32
     rounding)."""
+    if not torch.is_grad_enabled():
+        return F.linear(x, weight, bias)
     rows, columns = x.reshape(1, -1, x.shape[-1]), weight.t().unsqueeze(0)
-    if not torch.is_grad_enabled() or not matmul.worth_routing(rows, columns):  # F.linear's addmm: faster on MKL
+    if not matmul.worth_routing(rows, columns):  # MKL's addmm through F.linear: faster than bmm + bias there
         return F.linear(x, weight, bias)
     return matmul.affine(bias.view(1, 1, -1), rows, columns).view(*x.shape[:-1], -1)
 
@@ -221,16 +223,12 @@ class DecisionTransformer(nn.Module):
             earned = torch.as_tensor(np.asarray(rewards, np.float32), device=self.low.device)
             self._context["wanted"] -= earned * self.reward_scale
 
-    @property
-    def _action_dtype(self) -> torch.dtype:
-        return torch.long if self.discrete else torch.float32
-
     def _new_context(self, n: int, obs: Tensor) -> dict[str, Tensor]:
         k, device = self.context, obs.device
         action_shape = () if self.discrete else (self.act_dim,)
         return {
             "obs": torch.zeros(n, k, *obs.shape[1:], device=device),
-            "actions": torch.zeros(n, k, *action_shape, dtype=self._action_dtype, device=device),
+            "actions": torch.zeros(n, k, *action_shape, dtype=torch.long if self.discrete else None, device=device),
             "returns": torch.zeros(n, k, device=device),
             "timesteps": torch.zeros(n, k, dtype=torch.long, device=device),
             "length": torch.zeros(n, dtype=torch.long, device=device),
