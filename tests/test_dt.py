@@ -170,7 +170,7 @@ def test_reset_memory_starts_one_envs_context_over():
 
 def test_decoupled_weight_decay_is_torch_adamw():
     torch.manual_seed(0)
-    ours, theirs = torch.nn.Parameter(torch.randn(50)), None
+    ours = torch.nn.Parameter(torch.randn(50))
     theirs = torch.nn.Parameter(ours.detach().clone())
     a = Adam([ours], lr=1e-2, weight_decay=0.1, decoupled_weight_decay=True)
     b = torch.optim.AdamW([theirs], lr=1e-2, weight_decay=0.1)
@@ -205,8 +205,7 @@ def test_dt_learns_cartpole_from_an_epsilon_greedy_expert(datasets, tmp_path):
 def test_dt_asks_for_a_return_and_gets_what_it_asks_for(datasets, tmp_path):
     """CartPole episodes of the epsilon-greedy expert (returns 150-500) and of a policy that always pushes left
     (about 9): one trained policy asked for the best return in the data balances the pole; asked for 9, it acts as
-    the left-pusher did. Measured: 468.6 and 9.2 (with the default reward_scale, 0.001, the returns' embedding
-    inputs differ by at most 0.5 and 600 steps do not learn to tell them apart)."""
+    the left-pusher did. reward_scale 0.01 puts the returns to go between 0 and 5."""
     left = collect("CartPole-v1", lambda obs: np.zeros(len(obs), np.int64), 10, seed=3, ref_max_score=500.0)
     mixed = concat_datasets([load_dataset(datasets["cartpole"]), left])
     path = write_dataset(mixed, tmp_path / "cartpole-mixed")

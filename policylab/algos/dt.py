@@ -31,8 +31,6 @@ from policylab.algos.offpolicy import (
     box_bounds,
     obs_dim,
     seeded_generator,
-    uniform_box_actions,
-    uniform_discrete_actions,
 )
 from policylab.data import Batch
 from policylab.errors import ConfigError
@@ -159,17 +157,6 @@ class DT:
         loss = self.loss(batch)
         self.opt.step(loss)
         return {"dt_loss": loss.detach()}
-
-    def random_actions(self, n: int) -> np.ndarray:
-        if self.discrete:
-            return uniform_discrete_actions(n, self.n_actions, self.generator)
-        return uniform_box_actions(n, self.act_dim, self.generator)
-
-    def explore(self, obs: np.ndarray, progress: float) -> np.ndarray:
-        raise ConfigError("dt does not act online during training", "drop --online-steps")
-
-    def to_env(self, actions: np.ndarray) -> np.ndarray:
-        return self.net.to_env_numpy(actions)
 
     def after_step(self, step: int) -> None:
         pass

@@ -8,7 +8,8 @@ An off-policy algorithm is a class with:
 - `generator`: the one torch RNG for exploration, sampling and target noise;
 - `random_actions(n)`, `explore(obs, progress)`: replay-format actions (numpy) for the warm-up and after it;
 - `to_env(actions)`: replay format -> what the env takes (Box actions live in [-1, 1] in the buffer and
-  the critics, as in SB3, and are scaled to the env's bounds on the way out);
+  the critics, as in SB3, and are scaled to the env's bounds on the way out); these three only where the
+  algorithm acts online (an offline-only one, as the Decision Transformer, has none);
 - `after_step(step)`: called after every vector-env step (DQN's target updates count env steps), and in an
   offline phase after every gradient step (where `step` counts gradient steps);
 - `update(batch, index) -> metrics`: one gradient step on a replay `Batch` (from envs or a dataset: the

@@ -34,9 +34,8 @@ class DropoutMasks:
 
     def __init__(self, p: float, generator: torch.Generator) -> None:
         self.p, self.generator = p, generator
-        self.on_cpu = generator.device.type == "cpu"
         self.rng: np.random.Generator | None = None
-        if self.on_cpu:
+        if generator.device.type == "cpu":
             seed = int(torch.randint(2**62, (1,), generator=generator))
             self.rng = np.random.Generator(np.random.PCG64(seed))
             self.threshold = round(p * 65536)
@@ -268,12 +267,6 @@ class DecisionTransformer(nn.Module):
     def env_action(self, obs: Tensor, deterministic: bool = True, generator: torch.Generator | None = None) -> Tensor:
         action = self.act(obs, deterministic, generator)
         return action if self.discrete else scale_to_bounds(action, self.low, self.high)
-
-    def to_env_numpy(self, actions: np.ndarray) -> np.ndarray:
-        if self.discrete:
-            return actions
-        low, high = self.low.cpu().numpy(), self.high.cpu().numpy()
-        return low + (actions + 1.0) * 0.5 * (high - low)
 
 
 def _gpt_init(module: nn.Module) -> None:
