@@ -13,9 +13,11 @@ from policylab.algos.a2c import A2C, A2CConfig
 from policylab.algos.ars import ARS, ARSConfig
 from policylab.algos.awac import AWAC, AWACConfig
 from policylab.algos.bc import BC, BCConfig
+from policylab.algos.bcq import BCQ, BCQConfig, DiscreteBCQ, DiscreteBCQConfig
 from policylab.algos.cal_ql import CalQL, CalQLConfig
 from policylab.algos.cql import CQL, CQLConfig, DiscreteCQL, DiscreteCQLConfig
 from policylab.algos.crossq import CrossQ, CrossQConfig
+from policylab.algos.crr import CRR, CRRConfig
 from policylab.algos.diffusion_ql import ConsistencyACConfig, DiffusionQL, DiffusionQLConfig, EDPConfig
 from policylab.algos.dppo import DPPO, DPPOConfig
 from policylab.algos.dqn import DQN, DQNConfig
@@ -101,12 +103,15 @@ ALGORITHMS: dict[str, AlgoSpec] = {
         AlgoSpec("td3_bc", TD3BCConfig, TD3, "off-policy", OFFLINE, "TD3+BC: TD3 with a behaviour-cloning term"),
         AlgoSpec("iql", IQLConfig, IQL, "off-policy", OFFLINE, "IQL: expectile values, advantage-weighted actor"),
         AlgoSpec("awac", AWACConfig, AWAC, "off-policy", OFFLINE, "AWAC: advantage-weighted actor, TD critics"),
+        AlgoSpec("crr", CRRConfig, CRR, "off-policy", OFFLINE, "CRR: BC weighted by the critic's advantage"),
         AlgoSpec("cql", CQLConfig, CQL, "off-policy", OFFLINE, "CQL(H) on SAC: conservative critics"),
         AlgoSpec("cql_discrete", DiscreteCQLConfig, DiscreteCQL, "off-policy", OFFLINE, "CQL on DQN, discrete actions"),
         AlgoSpec("rebrac", ReBRACConfig, ReBRAC, "off-policy", OFFLINE, "ReBRAC: TD3+BC, BC in the target, LayerNorm"),
         AlgoSpec("sac_n", SACNConfig, SACN, "off-policy", OFFLINE, "SAC-N: SAC with a min over N critics"),
         AlgoSpec("edac", EDACConfig, SACN, "off-policy", OFFLINE, "EDAC: SAC-N with diverse critic gradients"),
         AlgoSpec("cal_ql", CalQLConfig, CalQL, "off-policy", OFFLINE, "Cal-QL: CQL bounded below by MC returns"),
+        AlgoSpec("bcq", BCQConfig, BCQ, "off-policy", OFFLINE, "BCQ: perturbed VAE draws, the best by Q"),
+        AlgoSpec("bcq_discrete", DiscreteBCQConfig, DiscreteBCQ, "off-policy", OFFLINE, "BCQ for discrete actions"),
         AlgoSpec("spot", SPOTConfig, SPOT, "off-policy", OFFLINE, "SPOT: TD3 with a VAE density penalty"),
         AlgoSpec("prdc", PRDCConfig, PRDC, "off-policy", OFFLINE, "PRDC: TD3+BC towards nearest dataset actions"),
         AlgoSpec("pa_rl", PARLConfig, PARL, "off-policy", OFFLINE, "PA-RL: any head, distils critic-optimized actions"),
@@ -162,8 +167,14 @@ __all__ = [
     "AWACConfig",
     "BC",
     "BCConfig",
+    "BCQ",
+    "BCQConfig",
+    "DiscreteBCQ",
+    "DiscreteBCQConfig",
     "CQL",
     "CQLConfig",
+    "CRR",
+    "CRRConfig",
     "DiscreteCQL",
     "DiscreteCQLConfig",
     "IQL",

@@ -142,7 +142,7 @@ class DiffusionQL:
         self.cfg = cfg
         self.generator = seeded_generator(cfg.seed, cfg.device)
         self.net: Any = self.build_policy(cfg, obs_space, act_space).to(cfg.device)
-        self.actor: GenerativeActor = self.net.actor
+        self.actor = cast(GenerativeActor, self.net.actor)
         self.critic: ContinuousCritic = self.net.critic
         self.act_dim = int(self.actor.act_dim)
         self.actor_opt = FlatAdam(self.actor, cfg.lr, cfg.max_grad_norm)

@@ -71,7 +71,7 @@ class IDQL(IQL):
         self.generator = seeded_generator(cfg.seed, cfg.device)
         self.net: Any = self.build_policy(cfg, obs_space, act_space).to(cfg.device)
         self.act_dim = int(self.net.actor.act_dim)
-        self.actor: GenerativeActor = self.net.actor
+        self.actor = cast(GenerativeActor, self.net.actor)
         self.critic: ContinuousCritic = self.net.critic
         self.value = cast(StackedMLP, self.net.value)
         self.actor_opt = FlatAdam(self.actor, cfg.lr, cfg.max_grad_norm)

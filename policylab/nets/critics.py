@@ -84,7 +84,10 @@ class QNetwork(nn.Module):
         self.body = StackedMLP(members, obs_dim, hidden_sizes, n_actions + 1 if dueling else n_actions, activation)
 
     def forward(self, obs: Tensor) -> Tensor:
-        y = self.body(flat_features(self.encoder, obs))
+        return self.values(self.body(flat_features(self.encoder, obs)))
+
+    def values(self, y: Tensor) -> Tensor:
+        """The body's output -> Q(s, .): itself, or dueling's V + A - mean A."""
         if not self.dueling:
             return y
         value, advantage = y[..., :1], y[..., 1:]

@@ -1,5 +1,5 @@
 """Acting by drawing candidate actions from a generative actor and choosing one with a critic (IDQL, Diffusion-QL,
-EDP, consistency actor-critic).
+EDP, consistency actor-critic; CRR's critic-weighted policy over its Gaussian actor's draws).
 
 for a batch of states s [B]:
     a_{b,1} .. a_{b,N} ~ mu(. | s_b)                 N candidates per state: one head call on B x N rows
@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from policylab.nets.critics import ContinuousCritic, scale_to_bounds
+from policylab.nets.critics import ContinuousCritic, GaussianActor, scale_to_bounds
 from policylab.nets.generative import GenerativeActor
 
 SELECTIONS = ("greedy", "softmax", "expectile")
@@ -50,7 +50,7 @@ class CriticSelectedActor(nn.Module):
 
     def __init__(
         self,
-        actor: GenerativeActor,
+        actor: GenerativeActor | GaussianActor,
         critic: ContinuousCritic,
         value: nn.Module | None = None,
         candidates: int = 64,
@@ -60,7 +60,7 @@ class CriticSelectedActor(nn.Module):
         temperature: float = 1.0,
     ) -> None:
         super().__init__()
-        if actor.horizon != 1:
+        if isinstance(actor, GenerativeActor) and actor.horizon != 1:
             raise ValueError("candidate selection scores single actions: horizon must be 1")
         for s in (selection, eval_selection):
             if s not in SELECTIONS or (s == "expectile" and value is None):
@@ -76,7 +76,12 @@ class CriticSelectedActor(nn.Module):
         b, n = obs.shape[0], self.candidates
         obs = obs.flatten(1)
         repeated = obs.repeat_interleave(n, 0)  # [B N, O], the N candidates of a state adjacent
-        draws = self.actor.head.sample(repeated, generator)  # [B N, A]
+        actor = self.actor
+        draws = (
+            actor.head.sample(repeated, generator)
+            if isinstance(actor, GenerativeActor)
+            else actor.sample(repeated, generator)
+        )  # [B N, A]
         if n == 1:
             return draws
         q = self.critic(repeated, draws).min(0).values.view(b, n)

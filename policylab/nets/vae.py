@@ -38,6 +38,13 @@ class ConditionalVAE(nn.Module):
         """Actions in [-1, 1] for observations [N, ...] and latents [N, D]."""
         return torch.tanh(self.decoder(torch.cat([obs.flatten(1), latents], -1))[0])
 
+    def sample(self, obs: Tensor, generator: torch.Generator | None = None, latent_clip: float = 0.5) -> Tensor:
+        """Actions from the prior: decode(s, z) with z ~ N(0, I) clipped to +-latent_clip (BCQ's draws from the
+        behaviour model, which stay near its mode), [N, A] for observations [N, ...]."""
+        z = torch.randn((len(obs), self.latent_dim), generator=generator, device=obs.device, dtype=obs.dtype)
+        z.clamp_(-latent_clip, latent_clip)
+        return self.decode(obs, z)
+
     def forward(
         self, obs: Tensor, actions: Tensor, samples: int = 1, generator: torch.Generator | None = None
     ) -> tuple[Tensor, Tensor, Tensor, Tensor]:

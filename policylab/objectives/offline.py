@@ -7,6 +7,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from policylab.objectives.q_targets import bootstrap
@@ -23,6 +24,13 @@ def advantage_weights(advantages: Tensor, beta: float, max_weight: float = 100.0
     """Advantage-weighted regression's weights exp(beta A), clipped at `max_weight` (IQL, AWAC, CRR): the
     extracted policy imitates the dataset's actions in proportion to how much better than the value they are."""
     return torch.exp(beta * advantages).clamp(max=max_weight)
+
+
+def crr_weights(advantages: Tensor, kind: str, temperature: float, max_weight: float) -> Tensor:
+    """CRR's weights f(A) (Wang et al. 2020): exp, min(exp(A / temperature), max_weight); binary, 1(A > 0)."""
+    if kind == "binary":
+        return (advantages > 0).to(advantages.dtype)
+    return advantage_weights(advantages, 1.0 / temperature, max_weight)
 
 
 def td3_bc_lambda(q: Tensor, alpha: float) -> Tensor:
@@ -122,3 +130,9 @@ def vae_importance_weighted_log_likelihood(
     noise = (latents - mean.unsqueeze(1)) / std.unsqueeze(1)
     log_posterior = -0.5 * (noise.pow(2) + log_2pi).sum(-1) - std.log().sum(-1, keepdim=True)
     return torch.logsumexp(log_decoder + log_prior - log_posterior, dim=-1) - math.log(latents.shape[1])
+
+
+def discrete_imitation_loss(logits: Tensor, actions: Tensor, beta: float) -> Tensor:
+    """Discrete BCQ's behaviour-cloning loss for its classifier G(a|s): mean cross-entropy of the dataset's
+    actions plus beta mean logit^2 (keeps the logits from growing without bound). logits [B, A], actions [B]."""
+    return F.cross_entropy(logits, actions.long()) + beta * logits.pow(2).mean()

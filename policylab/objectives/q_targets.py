@@ -56,6 +56,13 @@ def td3_target(rewards: Tensor, discounts: Tensor, terminated: Tensor, next_q: T
     return bootstrap(rewards, discounts, terminated, next_q.min(0).values)
 
 
+def soft_clipped_double_q(next_q: Tensor, lam: float, candidates: int) -> Tensor:
+    """BCQ's value of s': max over its N candidate actions of lam min_k Q_k + (1 - lam) max_k Q_k. `next_q`:
+    [K, B N], a state's N candidates adjacent; returns [B]. lam = 1 is TD3's min over critics, lam = 0 the max."""
+    mixed = torch.lerp(next_q.amax(0), next_q.amin(0), lam)
+    return mixed.view(-1, candidates).amax(-1)
+
+
 def sac_target(
     rewards: Tensor, discounts: Tensor, terminated: Tensor, next_q: Tensor, next_logp: Tensor, alpha: Tensor | float
 ) -> Tensor:
