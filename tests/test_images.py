@@ -168,7 +168,19 @@ def test_a_vector_only_algorithm_on_images_names_itself_and_every_algorithm_that
     them), the Q-networks; not SAC/TD3's MLPs, nor DPPO/FPO's generative actors (which refuse frames up front
     instead of failing inside the first update)."""
     takes = image_algorithms()
-    assert {"ppo", "a2c", "reinforce", "trpo", "mdpo", "spo", "fixpo", "dqn", "qrdqn", "cql_discrete"} == set(takes)
+    assert {
+        "ppo",
+        "a2c",
+        "reinforce",
+        "trpo",
+        "mdpo",
+        "spo",
+        "fixpo",
+        "dqn",
+        "qrdqn",
+        "cql_discrete",
+        "bcq_discrete",
+    } == set(takes)
     box_grid = "tests.envs_for_tests:box_action_pixel_grid"
     for algo, env in (("sac_discrete", GRID), ("sac", box_grid), ("td3", box_grid), ("dppo", box_grid)):
         with pytest.raises(ConfigError) as info:
@@ -251,9 +263,10 @@ def test_offline_runs_on_a_dataset_of_frames_keep_them_raw_by_default(tmp_path):
     normalize_obs chosen explicitly is still the error that says why."""
     data = tmp_path / "grid-random"
     pl.collect(GRID, "random", episodes=4, out=data, ref_min_score=0.0, ref_max_score=1.0)
-    run = pl.train("cql_discrete", dataset=data, steps=20, preset="none", runs_dir=tmp_path, verbose=False,
-                   overrides={"eval_episodes": 1, "batch_size": 8})  # fmt: skip
-    assert run.config.normalize_obs is False and run.steps == 20
+    for algo in ("cql_discrete", "bcq_discrete"):  # discrete BCQ's classifier reads the shared encoder's features
+        run = pl.train(algo, dataset=data, steps=20, preset="none", runs_dir=tmp_path, verbose=False,
+                       overrides={"eval_episodes": 1, "batch_size": 8})  # fmt: skip
+        assert run.config.normalize_obs is False and run.steps == 20 and run.final_eval is not None
     with pytest.raises(ConfigError, match="normalize_obs does not apply to image frames"):
         pl.train("cql_discrete", dataset=data, steps=20, preset="none", runs_dir=tmp_path, verbose=False,
                  overrides={"normalize_obs": True})  # fmt: skip
