@@ -63,7 +63,9 @@ from common import (
 D3RLPY_VENV = REPO_ROOT / "benchmarks" / ".venv-d3rlpy"
 D3RLPY_PY = D3RLPY_VENV / "bin" / "python"
 DEFAULT_DATA = REPO_ROOT / "benchmarks" / "data" / "hopper-random"
-ALGOS = ("bc", "td3_bc", "iql", "cql", "dt")
+ALGOS = ("bc", "td3_bc", "iql", "cql", "dt", "bcq", "crr", "bcq_discrete")
+DISCRETE = ("bcq_discrete",)
+"""Algorithms for Discrete actions: they need a `--dataset` of a Discrete env (e.g. benchmarks/data/cartpole-random)."""
 EVAL_EPISODES = 10
 PRECISION_SIDES = ("fp32", "bf16")
 
@@ -80,6 +82,25 @@ OURS = {
         "lagrange": True,
         "target_gap": 10.0,
         "backup_entropy": False,
+        "normalize_obs": False,
+    },
+    "bcq": {
+        "lr": 1e-3,
+        "actor_lr": 1e-3,
+        "vae_lr": 1e-3,
+        "batch_size": 100,
+        "hidden_sizes": [256, 256],
+        "vae_hidden_sizes": [256, 256],
+        "candidates": 100,
+        "normalize_obs": False,
+    },
+    "crr": {"lr": 3e-4, "batch_size": 100, "normalize_obs": False},
+    "bcq_discrete": {
+        "lr": 6.25e-5,
+        "batch_size": 32,
+        "threshold": 0.3,
+        "imitation_beta": 0.5,
+        "target_update_interval": 8000,
         "normalize_obs": False,
     },
     "dt": {  # d3rlpy's own DT reproduction settings (and CORL's), set on both sides: see _d3rlpy_algo
@@ -222,6 +243,12 @@ def _d3rlpy_algo(name: str) -> Any:
         return d3rlpy.algos.TD3PlusBCConfig().create(device=device)
     if name == "cql":
         return d3rlpy.algos.CQLConfig().create(device=device)
+    if name == "bcq":
+        return d3rlpy.algos.BCQConfig().create(device=device)
+    if name == "crr":
+        return d3rlpy.algos.CRRConfig().create(device=device)
+    if name == "bcq_discrete":  # the authors' MLP networks, not shared (d3rlpy shares them by default)
+        return d3rlpy.algos.DiscreteBCQConfig(share_encoder=False).create(device=device)
     if name == "dt":
         optim = d3rlpy.optimizers.AdamWFactory(
             weight_decay=1e-4,
@@ -267,9 +294,10 @@ def _d3rlpy_dataset(path: str) -> tuple[Any, dict[str, Any]]:
             parts["terminals"].append(group["terminations"][()])
             parts["timeouts"].append(group["truncations"][()])
     arrays = {k: np.concatenate(v) for k, v in parts.items()}
+    discrete = np.issubdtype(arrays["actions"].dtype, np.integer)
     dataset = d3rlpy.dataset.MDPDataset(
         observations=arrays["obs"].astype(np.float32),
-        actions=arrays["actions"].astype(np.float32),
+        actions=arrays["actions"].astype(np.int64 if discrete else np.float32),
         rewards=arrays["rewards"].astype(np.float32),
         terminals=arrays["terminals"].astype(np.float32),
         timeouts=arrays["timeouts"].astype(np.float32),
@@ -365,7 +393,7 @@ def main() -> None:
     results: dict[str, Any] = {"provenance": provenance(["torch", "policylab", "minari"]), "cases": {},
                                "dataset": dataset_summary(a.dataset)}  # fmt: skip
     seeds = list(range(a.first_seed, a.first_seed + a.seeds))
-    for algo in a.algo or ALGOS:
+    for algo in a.algo or [name for name in ALGOS if name not in DISCRETE]:
         runs = []
         for seed in seeds:
             for side in sides:

@@ -137,11 +137,12 @@ class CRR(IQL):
         critic_loss = 0.5 * (td * td).mean(-1).sum()
         self.critic_opt.step(critic_loss)
         with torch.no_grad():
-            m = cfg.n_action_samples
+            m, b = cfg.n_action_samples, len(obs)
             repeated = obs.repeat_interleave(m, 0)  # a state's m draws adjacent
-            q_policy = critic(repeated, actor.sample(repeated, self.generator)).min(0).values.view(-1, m)
+            actions = torch.cat([actor.sample(repeated, self.generator), batch.actions])  # one critic call for both
+            q = critic(torch.cat([repeated, obs]), actions).min(0).values
+            q_policy, q_data = q[: b * m].view(b, m), q[b * m :]
             baseline = q_policy.mean(-1) if cfg.advantage_baseline == "mean" else q_policy.amax(-1)
-            q_data = critic(obs, batch.actions).min(0).values
             weights = crr_weights(q_data - baseline, cfg.weight, cfg.crr_beta, cfg.max_weight)
         actor_loss = -(weights * actor.log_prob(obs, batch.actions)).mean()
         self.actor_opt.step(actor_loss)

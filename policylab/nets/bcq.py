@@ -106,7 +106,9 @@ def filtered_greedy(q: Tensor, logits: Tensor, threshold: float, logit_bias: Ten
 class ImitationFilteredQNetwork(QNetwork):
     """Discrete BCQ's Q-network: QNetwork's Q(s, .) (what `forward` returns, as DQN's losses read it) and a
     classifier of the dataset's actions on the same features (the image encoder is shared, as in BCQ's Atari
-    networks); acting takes the filtered greedy action (module docstring)."""
+    networks); acting takes the filtered greedy action (module docstring). The classifier is the second member of
+    the MLP (an MLP of the Q-network's sizes, as the authors' networks), so each layer of both is one product;
+    with dueling heads its first output column is unused."""
 
     def __init__(
         self,
@@ -119,23 +121,24 @@ class ImitationFilteredQNetwork(QNetwork):
         sample_epsilon: float = 0.0,
         threshold: float = 0.3,
     ) -> None:
-        super().__init__(obs_dim, n_actions, hidden_sizes, activation, dueling, encoder=encoder,
+        super().__init__(obs_dim, n_actions, hidden_sizes, activation, dueling, members=2, encoder=encoder,
                          sample_epsilon=sample_epsilon)  # fmt: skip
-        self.imitation = StackedMLP(1, obs_dim, hidden_sizes, n_actions, activation)
         self.threshold = threshold
 
+    def forward(self, obs: Tensor) -> Tensor:
+        """Q(s, .) alone, [1, B, A] (the classifier's member is not computed)."""
+        return self.values(self.body(flat_features(self.encoder, obs), members=1))
+
     def values_and_logits(self, obs: Tensor) -> tuple[Tensor, Tensor]:
-        """Q(s, .) [1, B, A] and the classifier's logits [B, A], the encoder run once."""
-        x = flat_features(self.encoder, obs)
-        return self.values(self.body(x)), self.imitation(x)[0]
+        """Q(s, .) [1, B, A] and the classifier's logits [B, A], in one pass of both members."""
+        y = self.body(flat_features(self.encoder, obs))
+        return self.values(y[:1]), y[1, :, -self.n_actions :]
 
     def greedy_numpy(self, obs: np.ndarray, logit_bias: np.ndarray | None = None) -> np.ndarray:
-        flat = obs.reshape(len(obs), -1)
-        y = self.body.numpy_forward(flat, member=0)
-        logits = torch.from_numpy(self.imitation.numpy_forward(flat, member=0))
-        values = torch.from_numpy(y[:, 1:] if self.dueling else y)
+        y = torch.from_numpy(self.body.numpy_forward(obs.reshape(len(obs), -1)))
+        values = y[0, :, 1:] if self.dueling else y[0]  # the dueling mean does not move the argmax
         bias = None if logit_bias is None else torch.from_numpy(logit_bias)
-        return filtered_greedy(values, logits, self.threshold, bias).numpy()
+        return filtered_greedy(values, y[1, :, -self.n_actions :], self.threshold, bias).numpy()
 
     def env_action(
         self,
