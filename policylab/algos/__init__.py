@@ -13,7 +13,7 @@ from policylab.algos.a2c import A2C, A2CConfig
 from policylab.algos.ars import ARS, ARSConfig
 from policylab.algos.awac import AWAC, AWACConfig
 from policylab.algos.bc import BC, BCConfig
-from policylab.algos.bcq import BCQ, BCQConfig, DiscreteBCQ, DiscreteBCQConfig
+from policylab.algos.bcq import BCQ, PLAS, BCQConfig, DiscreteBCQ, DiscreteBCQConfig, PLASConfig
 from policylab.algos.cal_ql import CalQL, CalQLConfig
 from policylab.algos.cql import CQL, CQLConfig, DiscreteCQL, DiscreteCQLConfig
 from policylab.algos.crossq import CrossQ, CrossQConfig
@@ -112,6 +112,7 @@ ALGORITHMS: dict[str, AlgoSpec] = {
         AlgoSpec("cal_ql", CalQLConfig, CalQL, "off-policy", OFFLINE, "Cal-QL: CQL bounded below by MC returns"),
         AlgoSpec("bcq", BCQConfig, BCQ, "off-policy", OFFLINE, "BCQ: perturbed VAE draws, the best by Q"),
         AlgoSpec("bcq_discrete", DiscreteBCQConfig, DiscreteBCQ, "off-policy", OFFLINE, "BCQ for discrete actions"),
+        AlgoSpec("plas", PLASConfig, PLAS, "off-policy", OFFLINE, "PLAS: a policy in the VAE's latent space"),
         AlgoSpec("spot", SPOTConfig, SPOT, "off-policy", OFFLINE, "SPOT: TD3 with a VAE density penalty"),
         AlgoSpec("prdc", PRDCConfig, PRDC, "off-policy", OFFLINE, "PRDC: TD3+BC towards nearest dataset actions"),
         AlgoSpec("pa_rl", PARLConfig, PARL, "off-policy", OFFLINE, "PA-RL: any head, distils critic-optimized actions"),
@@ -171,6 +172,8 @@ __all__ = [
     "BCQConfig",
     "DiscreteBCQ",
     "DiscreteBCQConfig",
+    "PLAS",
+    "PLASConfig",
     "CQL",
     "CQLConfig",
     "CRR",

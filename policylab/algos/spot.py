@@ -22,18 +22,18 @@ from dataclasses import dataclass, field
 import gymnasium as gym
 from torch import Tensor
 
+from policylab.algos.behaviour_vae import BehaviourVAEConfig, vae_loss
 from policylab.algos.offpolicy import FlatAdam, OfflineConfig, obs_dim
 from policylab.algos.td3 import TD3, TD3Config
 from policylab.config import positive
 from policylab.data import Batch
 from policylab.errors import ConfigError
-from policylab.nets.vae import ConditionalVAE
 from policylab.objectives.offline import td3_bc_lambda, vae_importance_weighted_log_likelihood, vae_negative_elbo
 from policylab.optim import set_lr
 
 
 @dataclass
-class SPOTConfig(OfflineConfig, TD3Config):
+class SPOTConfig(OfflineConfig, TD3Config, BehaviourVAEConfig):
     """SPOT with CORL's defaults: critics lr 3e-4, actor lr 1e-4, [256, 256] networks, policy_delay 2, target noise
     0.2 clipped at 0.5, tau 5e-3, gamma 0.99; VAE [750, 750], latent 2 dim(A), lr 1e-3, KL weight 0.5, 100k steps
     (capped at a tenth of `steps`); lambda 1 (CORL's Adroit value; its AntMaze configs use 0.025), one latent
@@ -49,10 +49,6 @@ class SPOTConfig(OfflineConfig, TD3Config):
     vae_steps: int | None = None
     """Gradient steps of VAE training at the start of the run (part of `steps`); the VAE is frozen after them.
     None: CORL's 100k, or a tenth of `steps` if that is less."""
-    vae_lr: float = 1e-3
-    vae_hidden_sizes: list[int] = field(default_factory=lambda: [750, 750])
-    vae_latent_dim: int | None = None
-    """None: 2 dim(A)."""
     vae_kl_weight: float = 0.5
     """The KL term's weight in the VAE's loss and in the density estimate (CORL's `beta`)."""
     density_samples: int = 1
@@ -66,12 +62,10 @@ class SPOTConfig(OfflineConfig, TD3Config):
 
     def validate(self) -> None:
         super().validate()
-        positive(self, "actor_lr", "vae_lr", "density_samples")
-        if self.spot_lambda < 0 or self.vae_kl_weight <= 0:
-            raise ConfigError(
-                f"spot_lambda={self.spot_lambda} must be >= 0 and vae_kl_weight={self.vae_kl_weight} > 0",
-                "set spot_lambda to e.g. 1.0 and vae_kl_weight to 0.5",
-            )
+        positive(self, "actor_lr", "density_samples")
+        self.validate_vae()
+        if self.spot_lambda < 0:
+            raise ConfigError(f"spot_lambda={self.spot_lambda} must be >= 0", "set spot_lambda to e.g. 1.0")
         if not 0 <= self.vae_pretraining_steps < self.steps:
             raise ConfigError(
                 f"vae_steps={self.vae_steps} must be >= 0 and below steps={self.steps} (they are part of the run)",
@@ -79,26 +73,18 @@ class SPOTConfig(OfflineConfig, TD3Config):
             )
         if self.bc_alpha:
             raise ConfigError("bc_alpha is TD3+BC's weight; SPOT's is spot_lambda", "drop bc_alpha")
-        if any(h <= 0 for h in self.vae_hidden_sizes) or (self.vae_latent_dim is not None and self.vae_latent_dim < 1):
-            raise ConfigError(
-                f"vae_hidden_sizes={self.vae_hidden_sizes} and vae_latent_dim={self.vae_latent_dim} must be positive "
-                "widths (vae_latent_dim none: twice the action size)",
-                "set vae_hidden_sizes to e.g. [750, 750] and drop vae_latent_dim",
-            )
 
 
 class SPOT(TD3):
     name = "spot"
-    config_cls = SPOTConfig
+    config_cls = SPOTConfig  # type: ignore[assignment]  # its dataclass __init__ adds the VAE's fields
     cfg: SPOTConfig
 
     def __init__(self, cfg: SPOTConfig, obs_space: gym.Space, act_space: gym.Space) -> None:
         super().__init__(cfg, obs_space, act_space)
         self.fused = False  # the hand-derived TD3 step has no density term
         set_lr(self.actor_opt.optimizer, cfg.actor_lr)
-        latent_dim = cfg.vae_latent_dim or 2 * self.act_dim
-        self.vae = ConditionalVAE(obs_dim(obs_space), self.act_dim, latent_dim, cfg.vae_hidden_sizes, cfg.activation)
-        self.vae.to(cfg.device)
+        self.vae = cfg.build_vae(obs_dim(obs_space), self.act_dim, cfg.activation).to(cfg.device)
         self.vae_opt = FlatAdam(self.vae, cfg.vae_lr, cfg.max_grad_norm)
         self.modules["vae"] = self.vae
         self.optimizers["vae"] = self.vae_opt.optimizer
@@ -114,8 +100,7 @@ class SPOT(TD3):
         return self.autograd_update(batch, index - vae_steps)
 
     def vae_update(self, batch: Batch) -> dict[str, Tensor]:
-        reconstructed, _, mean, std = self.vae(batch.obs, batch.actions, 1, self.generator)
-        loss = vae_negative_elbo(reconstructed, batch.actions.unsqueeze(1), mean, std, self.cfg.vae_kl_weight).mean()
+        loss = vae_loss(self.vae, batch, self.cfg.vae_kl_weight, self.generator)
         self.vae_opt.step(loss)
         return {"vae_loss": loss.detach()}
 

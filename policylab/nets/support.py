@@ -1,5 +1,5 @@
-"""The acting networks of batch-constrained Q-learning (BCQ, Fujimoto et al. 2019): policies that only choose actions
-a model of the dataset's behaviour policy finds likely.
+"""Policies kept on the support of the dataset's behaviour: they only choose actions a model of the behaviour
+policy finds likely. The acting networks of BCQ (Fujimoto et al. 2019) and PLAS (Zhou et al. 2020).
 
 Box actions (`PerturbedVAEActor`): N candidates per state from a conditional VAE of the dataset's actions, each moved
 by at most +-phi by a perturbation network, the one with the highest Q_1 taken:
@@ -8,6 +8,9 @@ by at most +-phi by a perturbation network, the one with the highest Q_1 taken:
 Discrete actions (`ImitationFilteredQNetwork`): a Q-network and a behaviour-cloning classifier G(a|s); the greedy
 action is the best of the actions whose probability is within a factor `threshold` of the likeliest one:
     pi(s) = argmax over {a : G(a|s) / max_a' G(a'|s) > threshold} of Q(s, a)
+PLAS (`LatentPolicyActor`): a deterministic policy in the VAE's latent space, decoded into an action (PLAS+P: then
+perturbed as BCQ's candidates are):
+    pi(s) = D(s, max_latent tanh(f(s)))      (with perturbation: clip(a + phi tanh(xi(s, a)), -1, 1) of it)
 
 Both hold what acting needs (the VAE, the perturbation network and the critics; the Q-network and the classifier),
 so a checkpoint's `policy/` tensors are enough for `pl.load(run).act(obs)`.
@@ -87,6 +90,39 @@ class PerturbedVAEActor(_BoundedActor):
     def env_action(self, obs: Tensor, deterministic: bool = True, generator: torch.Generator | None = None) -> Tensor:
         """The same rule either way: BCQ's greedy choice is random through its VAE draws."""
         return scale_to_bounds(self.act(obs, generator), self.low, self.high)
+
+
+class LatentPolicyActor(_BoundedActor):
+    """PLAS's policy for Box actions (module docstring): the latent policy, the VAE and, for PLAS+P, the
+    perturbation network."""
+
+    def __init__(
+        self,
+        obs_dim: int,
+        vae: ConditionalVAE,
+        low: Tensor,
+        high: Tensor,
+        hidden_sizes: Sequence[int],
+        activation: str = "relu",
+        max_latent: float = 2.0,
+        perturbation: Perturbation | None = None,
+    ) -> None:
+        super().__init__(low, high)
+        self.vae, self.perturbation, self.max_latent = vae, perturbation, max_latent
+        self.latent = StackedMLP(1, obs_dim, hidden_sizes, vae.latent_dim, activation)
+
+    def act_with(self, obs: Tensor, latent: nn.Module, perturbation: nn.Module | None) -> Tensor:
+        """pi(s) [B, A] with the given latent policy and perturbation networks (the online or the target ones)."""
+        obs = obs.flatten(1)
+        z = self.max_latent * torch.tanh(latent(obs)[0])
+        actions = self.vae.decode(obs, z)
+        return actions if perturbation is None else perturbation(obs, actions)
+
+    def forward(self, obs: Tensor) -> Tensor:
+        return self.act_with(obs, self.latent, self.perturbation)
+
+    def env_action(self, obs: Tensor, deterministic: bool = True, generator: torch.Generator | None = None) -> Tensor:
+        return scale_to_bounds(self(obs), self.low, self.high)
 
 
 def filter_bias(logits: Tensor, threshold: float) -> Tensor:

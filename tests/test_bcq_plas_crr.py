@@ -1,5 +1,6 @@
-"""BCQ (Box and Discrete actions) and CRR: their targets, filters and weights against hand-computed values, their
-acting rules, learning from Pendulum and CartPole datasets, loading a saved policy, exact resume, bad settings."""
+"""BCQ (Box and Discrete actions), PLAS and CRR: their targets, filters and weights against hand-computed values,
+their acting rules, learning from Pendulum and CartPole datasets, loading a saved policy, exact resume, bad
+settings."""
 
 from __future__ import annotations
 
@@ -13,8 +14,8 @@ import policylab as pl
 from policylab.checkpoint import load_checkpoint
 from policylab.errors import ConfigError
 from policylab.nets import ContinuousCritic, GaussianActor
-from policylab.nets.bcq import Perturbation, PerturbedVAEActor, filter_bias, filtered_greedy
 from policylab.nets.selection import CriticSelectedActor
+from policylab.nets.support import LatentPolicyActor, Perturbation, PerturbedVAEActor, filter_bias, filtered_greedy
 from policylab.nets.vae import ConditionalVAE
 from policylab.objectives.offline import crr_weights, discrete_imitation_loss
 from policylab.objectives.q_targets import MASKED_Q, soft_clipped_double_q
@@ -55,6 +56,20 @@ def test_bcq_acts_with_the_candidate_of_highest_first_critic():
     proposals = actor.propose(repeated, torch.Generator().manual_seed(5))  # the same draws
     q1 = critic(repeated, proposals)[0].view(4, 7)
     torch.testing.assert_close(chosen, proposals.view(4, 7, 2)[torch.arange(4), q1.argmax(1)])
+
+
+def test_plas_acts_by_decoding_its_bounded_latent_action_then_perturbing_it():
+    torch.manual_seed(0)
+    vae = ConditionalVAE(3, 2, 4, [16])
+    xi = Perturbation(3, 2, 0.05, [16])
+    for perturbation in (None, xi):
+        actor = LatentPolicyActor(3, vae, -torch.ones(2), torch.ones(2), [16], 2.0, perturbation=perturbation)
+        with torch.no_grad():
+            actor.latent.biases[-1].fill_(50.0)  # a saturated latent policy: z = +2 in every dimension
+            obs = torch.randn(5, 3)
+            decoded = vae.decode(obs, torch.full((5, 4), 2.0))
+            expected = decoded if perturbation is None else xi(obs, decoded)
+            torch.testing.assert_close(actor(obs), expected)
 
 
 def test_discrete_bcq_filter_keeps_the_actions_within_the_threshold_of_the_likeliest():
@@ -141,6 +156,28 @@ def test_discrete_bcq_update_bootstraps_from_the_target_at_the_filtered_online_a
     loop.close()
 
 
+def test_plas_trains_its_vae_first_then_freezes_it_and_trains_the_latent_policy(datasets):
+    overrides = {"vae_steps": 3, "vae_hidden_sizes": [16], "batch_size": 32, "perturbation": 0.05}
+    loop = _loop("plas", datasets["medium"], overrides)
+    algo = loop.algo
+    assert set(algo.actor) == {"latent", "perturbation"}, "PLAS+P: the actor step trains both"
+    modules = {"vae": algo.vae, "critic": algo.critic, "actor": algo.actor}
+    before = {name: [p.clone() for p in m.parameters()] for name, m in modules.items()}
+
+    def changed(name: str) -> bool:
+        return any(not torch.equal(a, b) for a, b in zip(before[name], modules[name].parameters()))
+
+    batch = loop.offline_source.sample(32, torch.Generator().manual_seed(0))
+    for i in range(3):
+        assert set(algo.update(batch, i)) == {"vae_loss"}
+    assert changed("vae") and not changed("critic") and not changed("actor")
+    vae = [p.clone() for p in algo.vae.parameters()]
+    metrics = algo.update(batch, 3)
+    assert "actor_loss" in metrics and changed("critic") and changed("actor")
+    assert all(torch.equal(a, b) for a, b in zip(vae, algo.vae.parameters())), "the VAE is frozen after vae_steps"
+    loop.close()
+
+
 # --- learning ----------------------------------------------------------------------------------------------------
 
 
@@ -194,6 +231,8 @@ def test_a_saved_bcq_policy_acts_within_the_bounds_with_the_run_s_networks(datas
     ("algo", "extra", "own_state"),
     [
         ("bcq", {"vae_hidden_sizes": [16], "batch_size": 32, "policy_delay": 2}, "actor_target/"),
+        # the checkpoint at 450 is before PLAS's VAE -> TD3 switch at 500
+        ("plas", {"vae_steps": 500, "vae_hidden_sizes": [16], "batch_size": 32, "perturbation": 0.05}, "actor_target/"),
         ("crr", {"batch_size": 32, "target_update_interval": 40}, "actor_target/"),
         ("crr", {"batch_size": 32, "cwp": False}, "critic/"),
     ],
@@ -212,10 +251,12 @@ def test_resumed_run_equals_uninterrupted_run(datasets, tmp_path, algo, extra, o
 @pytest.mark.parametrize(
     ("algo", "overrides", "named"),
     [
-        ("bcq", {"target_noise": 0.2}, "BCQ's targets come from its VAE's draws"),
-        ("bcq", {"perturbation": 0.0}, "perturbation=0.0 must be in (0, 2]"),
+        ("bcq", {"target_noise": 0.2}, "bcq's targets come from its VAE's actions"),
+        ("bcq", {"perturbation": 0.0}, "perturbation=0 leaves BCQ's actor nothing to learn"),
         ("bcq", {"bcq_lambda": 1.5}, "bcq_lambda"),
         ("bcq_discrete", {"threshold": 1.5}, "threshold"),
+        ("plas", {"vae_steps": 10}, "vae_steps=10 must be >= 0 and below steps=10"),
+        ("plas", {"perturbation": 3.0}, "perturbation=3.0 must be in [0, 2]"),
         ("crr", {"weight": "softmax"}, "weight='softmax' is not one of exp, binary"),
         ("crr", {"deterministic_actor": True}, "CRR's policy is a Gaussian"),
     ],
