@@ -17,7 +17,15 @@ reward scaling): BC deterministic, lr 1e-3, batch 100; TD3+BC actor and critic l
 0.7, inverse temperature 3, weights clipped at 100, two critics, a Gaussian actor with a state-independent
 log-std in [-5, 2] (d3rlpy: `NormalPolicy` without squashing); CQL on SAC with critic lr 3e-4, actor and
 temperature lr 1e-4, 10 action samples per proposal, conservative weight 5 with a tuned multiplier (target
-gap 10), no entropy term in the TD target (d3rlpy's `soft_q_backup=False`). The Decision Transformer takes the
+gap 10), no entropy term in the TD target (d3rlpy's `soft_q_backup=False`); BCQ with lr 1e-3 for the critics, the
+perturbation network and the VAE, batch 100, 100 candidates, phi 0.05, lambda 0.75, a [256, 256] VAE with latent
+2 dim(A) and KL weight 0.5; PLAS with critic lr 1e-3, actor and VAE lr 1e-4, batch 100, the VAE alone for the first
+250 steps (d3rlpy's warmup_steps; its default is 500k); CRR with lr 3e-4, batch 100, one critic, exp weights with
+beta 1 clipped at 20, a mean baseline over 4 policy draws, hard target copies every 100 steps; discrete BCQ (on a
+Discrete dataset, e.g. `policylab collect --env CartPole-v1 --policy random --episodes 1000 --out
+benchmarks/data/cartpole-random`) with lr 6.25e-5, batch 32, threshold 0.3, imitation beta 0.5, hard target copies
+every 8,000 steps, and separate Q and classifier MLPs (d3rlpy's `share_encoder=False`, as the authors' networks).
+The Decision Transformer takes the
 settings of d3rlpy's own DT reproduction script on both sides (d3rlpy's defaults would put a [256, 256] MLP encoder
 under the observation tokens): windows of 20 steps, 3 blocks of 1 head, width 128 (the observation embedding one
 linear layer), ReLU, dropout 0.1 everywhere, AdamW lr 1e-4 with weight decay 1e-4 on every parameter, a linear
@@ -63,7 +71,7 @@ from common import (
 D3RLPY_VENV = REPO_ROOT / "benchmarks" / ".venv-d3rlpy"
 D3RLPY_PY = D3RLPY_VENV / "bin" / "python"
 DEFAULT_DATA = REPO_ROOT / "benchmarks" / "data" / "hopper-random"
-ALGOS = ("bc", "td3_bc", "iql", "cql", "dt", "bcq", "crr", "bcq_discrete")
+ALGOS = ("bc", "td3_bc", "iql", "cql", "dt", "bcq", "plas", "crr", "bcq_discrete")
 DISCRETE = ("bcq_discrete",)
 """Algorithms for Discrete actions: they need a `--dataset` of a Discrete env (e.g. benchmarks/data/cartpole-random)."""
 EVAL_EPISODES = 10
@@ -92,6 +100,16 @@ OURS = {
         "hidden_sizes": [256, 256],
         "vae_hidden_sizes": [256, 256],
         "candidates": 100,
+        "normalize_obs": False,
+    },
+    "plas": {  # the VAE alone for the first 250 steps on both sides (d3rlpy's warmup_steps), untimed
+        "lr": 1e-3,
+        "actor_lr": 1e-4,
+        "vae_lr": 1e-4,
+        "batch_size": 100,
+        "hidden_sizes": [256, 256],
+        "vae_hidden_sizes": [256, 256],
+        "vae_steps": 250,
         "normalize_obs": False,
     },
     "crr": {"lr": 3e-4, "batch_size": 100, "normalize_obs": False},
@@ -245,6 +263,8 @@ def _d3rlpy_algo(name: str) -> Any:
         return d3rlpy.algos.CQLConfig().create(device=device)
     if name == "bcq":
         return d3rlpy.algos.BCQConfig().create(device=device)
+    if name == "plas":
+        return d3rlpy.algos.PLASConfig(warmup_steps=250).create(device=device)
     if name == "crr":
         return d3rlpy.algos.CRRConfig().create(device=device)
     if name == "bcq_discrete":  # the authors' MLP networks, not shared (d3rlpy shares them by default)
