@@ -4,6 +4,7 @@
     .venv/bin/python benchmarks/products_in_place.py --algo td3_bc --no-flush
     .venv/bin/python benchmarks/products_in_place.py --algo sac --algo sb3-sac   # ours and SB3's SAC step
     .venv/bin/python benchmarks/products_in_place.py --algo td3 --algo sb3-td3   # ours and SB3's TD3 step
+    .venv/bin/python benchmarks/products_in_place.py --algo bcq --d3rlpy-settings   # offline.py's settings
 
 `nets/matmul.bmm` / `baddbmm` (every product of `StackedMLP`) are wrapped with a timer, then 200 updates run
 on 1 thread after 50 of warm-up, with the process settings of the training loops (`runtime.configure`:
@@ -107,13 +108,18 @@ def _pendulum_spaces() -> tuple[Any, Any]:
     return env.observation_space, env.action_space
 
 
-def offline_step(name: str) -> Any:
+def offline_step(name: str, dataset: Path, peer_settings: bool) -> Any:
     spec = get_algo(name)
     overrides = {"threads": 1, "normalize_obs": False, "eval_every": 0}
-    cfg, _ = resolve_config(spec, steps=100_000, seed=0, overrides=overrides, dataset=str(DATA), preset="none")
+    if peer_settings:  # the settings offline.py gives both sides
+        from offline import OURS
+
+        overrides = {**OURS.get(name, {}), **overrides}
+    cfg, _ = resolve_config(spec, steps=100_000, seed=0, overrides=overrides, dataset=str(dataset), preset="none")
     loop = OffPolicyLoop(spec, cfg)
     source, algo = loop.offline_source, loop.algo
-    return lambda i: algo.update(source.sample(cfg.batch_size, algo.generator), i)
+    start = getattr(cfg, "vae_pretraining_steps", 0)  # SPOT's and PLAS's steps after their VAE's own
+    return lambda i: algo.update(source.sample(cfg.batch_size, algo.generator), start + i)
 
 
 def sb3_products(name: str, updates: int) -> None:
@@ -159,12 +165,16 @@ def main() -> None:
         f"algorithm ({', '.join(offline)}); repeatable (default: sac and iql)",
     )
     parser.add_argument("--no-flush", action="store_true", help="leave denormals as they are")
+    parser.add_argument("--dataset", type=Path, default=DATA, help="the offline algorithms' dataset")
+    parser.add_argument(
+        "--d3rlpy-settings", action="store_true", help="the offline algorithms with offline.py's settings (d3rlpy's)"
+    )
     parser.add_argument("--updates", type=positive_int, default=200, help="timed updates (after 50 of warm-up)")
     a = parser.parse_args()
-    if any(name in offline for name in a.algo or ["iql"]) and not DATA.exists():
-        parser.error(f"the offline algorithms need {DATA} (benchmarks/offline.py makes it on first use): make it with "
-                     "`.venv/bin/policylab collect --env Hopper-v5 --policy random --episodes 1000 --out "
-                     "benchmarks/data/hopper-random`")  # fmt: skip
+    if any(name in offline for name in a.algo or ["iql"]) and not a.dataset.exists():
+        parser.error(f"no dataset at {a.dataset}: the default one (benchmarks/offline.py makes it on first use) is "
+                     "made by `.venv/bin/policylab collect --env Hopper-v5 --policy random --episodes 1000 --out "
+                     "benchmarks/data/hopper-random`; or pass --dataset PATH")  # fmt: skip
     runtime.configure(1, 0, 1)
     if a.no_flush:
         torch.set_flush_denormal(False)
@@ -173,7 +183,7 @@ def main() -> None:
         if name.startswith("sb3-"):
             sb3_products(name.removeprefix("sb3-"), a.updates)
             continue
-        step = online_step(name) if name in ONLINE_CASES else offline_step(name)
+        step = online_step(name) if name in ONLINE_CASES else offline_step(name, a.dataset, a.d3rlpy_settings)
         for i in range(50):
             step(i)
         timer.reset()
