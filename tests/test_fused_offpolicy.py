@@ -1,5 +1,5 @@
-"""The hand-derived off-policy gradient steps (SAC, TQC, CrossQ, TD3, DQN, QR-DQN, IQL, CQL) equal the autograd
-steps (same noise, batch, state)."""
+"""The hand-derived off-policy gradient steps (SAC, TQC, CrossQ, TD3, DQN, QR-DQN, IQL, AWAC, CRR, CQL) equal the
+autograd steps (same noise, batch, state)."""
 
 from __future__ import annotations
 
@@ -334,3 +334,34 @@ def test_fused_deterministic_bc_step_equals_autograd():
         torch.testing.assert_close(a["bc_loss"], b["bc_loss"], rtol=1e-5, atol=1e-6)
     for (name, p), q in zip(fused.net.state_dict().items(), reference.net.state_dict().values()):
         torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize(
+    ("algo_name", "overrides"),
+    [
+        ("awac", {}),
+        ("awac", {"deterministic_actor": True, "max_grad_norm": 0.5, "activation": "tanh", "n_critics": 3}),
+        ("crr", {"target_update_interval": 2}),  # a hard target copy after the second step
+        ("crr", {"weight": "binary", "advantage_baseline": "max", "cwp": False, "n_critics": 2, "tau": 0.1}),
+        ("crr", {"activation": "tanh", "max_grad_norm": 0.5, "n_action_samples": 2}),
+    ],
+)
+def test_fused_awac_and_crr_steps_equal_autograd(tmp_path, algo_name, overrides):
+    from policylab.collect import collect
+
+    data = collect("Pendulum-v1", "random", 4, seed=0, out=tmp_path / "pendulum-random")
+    loops = []
+    for _ in range(2):
+        spec = get_algo(algo_name)
+        settings = {"hidden_sizes": [32, 32], "batch_size": 16, "lr": 1e-2, **overrides}
+        cfg, _ = resolve_config(spec, steps=1000, seed=0, dataset=data.path, overrides=settings)
+        loops.append(OffPolicyLoop(spec, cfg))
+    algo, twin = loops[0].algo, loops[1].algo
+    assert algo.fused and twin.fused
+    for index in range(3):
+        batch = loops[0].offline_source.sample(16, torch.Generator().manual_seed(index))
+        fused = algo.update(batch, index)
+        reference = twin.autograd_update(batch, index) if algo_name == "crr" else twin.autograd_update(batch)
+        _assert_same_step(fused, reference, algo, twin)
+    for loop in loops:
+        loop.close()

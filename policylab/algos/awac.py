@@ -15,9 +15,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import gymnasium as gym
 import torch
 from torch import Tensor
 
+from policylab.algos.fused_offpolicy import fused_awac_applies, fused_awac_update
 from policylab.algos.iql import IQL, IQLConfig
 from policylab.data import Batch
 from policylab.errors import ConfigError
@@ -48,7 +50,14 @@ class AWAC(IQL):
 
     uses_value = False
 
+    def __init__(self, cfg: AWACConfig, obs_space: gym.Space, act_space: gym.Space) -> None:
+        super().__init__(cfg, obs_space, act_space)
+        self.fused = fused_awac_applies(self)
+
     def update(self, batch: Batch, index: int) -> dict[str, Tensor]:
+        return fused_awac_update(self, batch) if self.fused else self.autograd_update(batch)
+
+    def autograd_update(self, batch: Batch) -> dict[str, Tensor]:
         cfg, actor, critic = self.cfg, self.net, self.critic
         obs, next_obs = batch.obs.flatten(1), batch.next_obs.flatten(1)
         with torch.no_grad():
@@ -62,8 +71,8 @@ class AWAC(IQL):
         self.critic_opt.step(critic_loss)
         with torch.no_grad():
             policy_actions = actor.sample(obs, self.generator) if isinstance(actor, GaussianActor) else actor(obs)
-            q_data = critic(obs, batch.actions).min(0).values
-            v = critic(obs, policy_actions).min(0).values
+            q = critic(torch.cat([obs, obs]), torch.cat([batch.actions, policy_actions])).min(0).values
+            q_data, v = q.chunk(2)  # one critic call for both
             weights = advantage_weights(q_data - v, 1.0 / cfg.awac_lambda, cfg.max_weight)
         if isinstance(actor, GaussianActor):
             bc_losses = -actor.log_prob(obs, batch.actions)

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from policylab.algos.fused_offpolicy import fused_crr_applies, fused_crr_update
 from policylab.algos.iql import IQL, IQLConfig
 from policylab.algos.offpolicy import FlatAdam, TargetNetwork, box_bounds, obs_dim, seeded_generator
 from policylab.data import Batch
@@ -107,7 +108,7 @@ class CRR(IQL):
             self.modules["critic"] = self.critic
         self.optimizers = {"actor": self.actor_opt.optimizer, "critic": self.critic_opt.optimizer}
         self.action_shape, self.action_dtype = (self.act_dim,), torch.float32
-        self.fused = False
+        self.fused = fused_crr_applies(self)
 
     @staticmethod
     def build_policy(cfg: IQLConfig, obs_space: gym.Space, act_space: gym.Space) -> nn.Module:
@@ -127,7 +128,10 @@ class CRR(IQL):
             return actions.cpu().numpy()
 
     def update(self, batch: Batch, index: int) -> dict[str, Tensor]:
-        cfg, actor, critic = self.cfg, self.actor, self.critic
+        return fused_crr_update(self, batch, index) if self.fused else self.autograd_update(batch, index)
+
+    def autograd_update(self, batch: Batch, index: int = 0) -> dict[str, Tensor]:  # type: ignore[override]
+        actor, critic = self.actor, self.critic
         obs, next_obs = batch.obs.flatten(1), batch.next_obs.flatten(1)
         with torch.no_grad():
             next_actions = cast(GaussianActor, self.actor_target.module).sample(next_obs, self.generator)
@@ -137,21 +141,29 @@ class CRR(IQL):
         critic_loss = 0.5 * (td * td).mean(-1).sum()
         self.critic_opt.step(critic_loss)
         with torch.no_grad():
-            m, b = cfg.n_action_samples, len(obs)
-            repeated = obs.repeat_interleave(m, 0)  # a state's m draws adjacent
-            actions = torch.cat([actor.sample(repeated, self.generator), batch.actions])  # one critic call for both
-            q = critic(torch.cat([repeated, obs]), actions).min(0).values
-            q_policy, q_data = q[: b * m].view(b, m), q[b * m :]
-            baseline = q_policy.mean(-1) if cfg.advantage_baseline == "mean" else q_policy.amax(-1)
-            weights = crr_weights(q_data - baseline, cfg.weight, cfg.crr_beta, cfg.max_weight)
+            q_data, weights = self.advantage_weights(obs, batch.actions)
         actor_loss = -(weights * actor.log_prob(obs, batch.actions)).mean()
         self.actor_opt.step(actor_loss)
-        if (index + 1) % cfg.target_update_interval == 0:
-            self.actor_target.update(cfg.tau)
-            self.critic_target.update(cfg.tau)
+        self.update_targets(index)
         return {
             "critic_loss": critic_loss.detach(),
             "actor_loss": actor_loss.detach(),
             "q": q_data.mean(),
             "adv_weight": weights.mean(),
         }
+
+    def advantage_weights(self, obs: Tensor, actions: Tensor) -> tuple[Tensor, Tensor]:
+        """min_k Q_k(s, a) [B] and the weights f(A) [B], A against the baseline over m policy draws (no gradient)."""
+        cfg = self.cfg
+        m, b = cfg.n_action_samples, len(obs)
+        repeated = obs.repeat_interleave(m, 0)  # a state's m draws adjacent
+        drawn = torch.cat([self.actor.sample(repeated, self.generator), actions])  # one critic call for both
+        q = self.critic(torch.cat([repeated, obs]), drawn).min(0).values
+        q_policy, q_data = q[: b * m].view(b, m), q[b * m :]
+        baseline = q_policy.mean(-1) if cfg.advantage_baseline == "mean" else q_policy.amax(-1)
+        return q_data, crr_weights(q_data - baseline, cfg.weight, cfg.crr_beta, cfg.max_weight)
+
+    def update_targets(self, index: int) -> None:
+        if (index + 1) % self.cfg.target_update_interval == 0:
+            self.actor_target.update(self.cfg.tau)
+            self.critic_target.update(self.cfg.tau)

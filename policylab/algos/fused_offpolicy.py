@@ -20,6 +20,8 @@ IQL, with u = min_k Q'_k(s, a) - V(s), w(u) = tau or 1 - tau by the sign of u, m
     Gaussian actor, L = -mean_B c log N(a; m, std), c = min(exp(beta u), 100), z = (a - m) / std:
     dL/d out = -(c / B) (z / std) (1 - m^2),  dL/d log_std = sum_B (c / B) (1 - z^2) (zero where clamped);
     deterministic actor, L = mean_B c |m - a|^2:  dL/d out = 2 (c / B) (m - a) (1 - m^2).
+AWAC and CRR: the critics' step on 1/2 sum_k mean_B (Q_k - y)^2 (dL/dQ_k = td / B), the weights c from forward passes
+alone (AWAC: exp(A / lambda) against one policy draw; CRR: f(A) against m draws), then IQL's actor step with them.
 DQN: d huber(td) / d td = clamp(td, -1, 1); through a dueling head Q_a = V + A_a - mean(A):
     dQ_a/dV = 1, dQ_a/dA_j = [j = a] - 1/|A|.
 CQL: dL/dQ_k at the B (1 + 3M) proposal rows from autograd on those [K, rows] values alone (the penalty's softmax
@@ -33,7 +35,7 @@ critics' running statistics, an affine map per feature folded into their weights
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from torch import Tensor
@@ -56,8 +58,10 @@ from policylab.objectives.q_targets import (
 )
 
 if TYPE_CHECKING:
+    from policylab.algos.awac import AWAC
     from policylab.algos.cql import CQL, CQLNoise
     from policylab.algos.crossq import CrossQ
+    from policylab.algos.crr import CRR
     from policylab.algos.dqn import DQN
     from policylab.algos.iql import IQL
     from policylab.algos.qrdqn import QRDQN
@@ -465,9 +469,7 @@ def fused_iql_applies(algo: IQL) -> bool:
 
 def fused_iql_update(algo: IQL, batch: Batch) -> dict[str, Tensor]:
     """One IQL gradient step (value, critics, actor), the same as `IQL.autograd_update`."""
-    from policylab.nets import GaussianActor
-
-    cfg, actor, critic, value = algo.cfg, algo.net, algo.critic, algo.value
+    cfg, value = algo.cfg, algo.value
     n = len(batch)
     obs, actions = batch.obs.flatten(1), batch.actions.flatten(1)
     with torch.no_grad():
@@ -484,36 +486,9 @@ def fused_iql_update(algo: IQL, batch: Batch) -> dict[str, Tensor]:
 
         next_v = value(batch.next_obs.flatten(1))[0, :, 0]
         y = bootstrap(batch.rewards, batch.discounts, batch.terminated, next_v)
-        q, critic_inputs = critic.body.forward_cached(obs_actions)
-        td = q[..., 0] - y
-        algo.critic_opt.zero_grad_unless_written_by(critic.body)
-        critic.body.backward(critic_inputs, (td / n).unsqueeze(-1))
-        algo.critic_opt.clip_and_step()
-        critic_loss = 0.5 * (td * td).mean(-1).sum()
-
+        critic_loss = _half_squared_td_step(algo, obs_actions, y)
         c = advantage_weights(advantage, cfg.beta, cfg.max_weight)
-        out, actor_inputs = actor.body.forward_cached(obs)
-        mean = torch.tanh(out[0])
-        algo.actor_opt.zero_grad_unless_written_by(actor.body)
-        if isinstance(actor, GaussianActor):
-            raw = actor.log_std
-            log_std = raw.clamp(*actor.log_std_bounds)
-            inv_std = torch.exp(-log_std)
-            z = (actions - mean).mul_(inv_std)
-            zz = z * z
-            logp = (-0.5 * zz - log_std - 0.5 * _LOG_2PI).sum(-1)
-            actor_loss = -(c * logp).mean()
-            cn = (c / n).unsqueeze(1)
-            g_out = (cn * z).mul_(inv_std).mul_(mean * mean - 1.0)
-            inside = (raw >= actor.log_std_bounds[0]) & (raw <= actor.log_std_bounds[1])
-            assert raw.grad is not None
-            torch.sum(cn * (1.0 - zz), 0, out=raw.grad).mul_(inside)
-        else:
-            gap = mean - actions
-            actor_loss = (c * gap.pow(2).sum(-1)).mean()
-            g_out = (2.0 / n) * c.unsqueeze(1) * gap * (1.0 - mean * mean)
-        actor.body.backward(actor_inputs, g_out.unsqueeze(0))
-        algo.actor_opt.clip_and_step()
+        actor_loss = _weighted_regression_step(algo, algo.net, obs, actions, c)
         algo.critic_target.update(cfg.tau)
     return {
         "value_loss": value_loss,
@@ -522,3 +497,87 @@ def fused_iql_update(algo: IQL, batch: Batch) -> dict[str, Tensor]:
         "q": target_q.mean(),
         "adv_weight": c.mean(),
     }
+
+
+def _half_squared_td_step(algo: IQL | AWAC | CRR, obs_actions: Tensor, y: Tensor) -> Tensor:
+    """The critics' step on 1/2 sum_k mean_B (Q_k(s, a) - y)^2 (dL/dQ_k = td / B); returns the loss."""
+    critic = algo.critic
+    q, critic_inputs = critic.body.forward_cached(obs_actions)
+    td = q[..., 0] - y
+    algo.critic_opt.zero_grad_unless_written_by(critic.body)
+    critic.body.backward(critic_inputs, (td / len(y)).unsqueeze(-1))
+    algo.critic_opt.clip_and_step()
+    return 0.5 * (td * td).mean(-1).sum()
+
+
+def _weighted_regression_step(algo: IQL | AWAC | CRR, actor: Any, obs: Tensor, actions: Tensor, c: Tensor) -> Tensor:
+    """The actor's step on advantage-weighted regression towards the dataset's actions (IQL, AWAC, CRR): a Gaussian
+    actor on -mean_B c log N(a; m, std), a deterministic one on mean_B c |m - a|^2 (module docstring); returns the
+    loss."""
+    from policylab.nets import GaussianActor
+
+    n = len(obs)
+    out, actor_inputs = actor.body.forward_cached(obs)
+    mean = torch.tanh(out[0])
+    algo.actor_opt.zero_grad_unless_written_by(actor.body)
+    if isinstance(actor, GaussianActor):
+        raw = actor.log_std
+        log_std = raw.clamp(*actor.log_std_bounds)
+        inv_std = torch.exp(-log_std)
+        z = (actions - mean).mul_(inv_std)
+        zz = z * z
+        logp = (-0.5 * zz - log_std - 0.5 * _LOG_2PI).sum(-1)
+        actor_loss = -(c * logp).mean()
+        cn = (c / n).unsqueeze(1)
+        g_out = (cn * z).mul_(inv_std).mul_(mean * mean - 1.0)
+        inside = (raw >= actor.log_std_bounds[0]) & (raw <= actor.log_std_bounds[1])
+        assert raw.grad is not None
+        torch.sum(cn * (1.0 - zz), 0, out=raw.grad).mul_(inside)
+    else:
+        gap = mean - actions
+        actor_loss = (c * gap.pow(2).sum(-1)).mean()
+        g_out = (2.0 / n) * c.unsqueeze(1) * gap * (1.0 - mean * mean)
+    actor.body.backward(actor_inputs, g_out.unsqueeze(0))
+    algo.actor_opt.clip_and_step()
+    return actor_loss
+
+
+def fused_awac_applies(algo: AWAC) -> bool:
+    return bool(algo.cfg.analytic_grads and algo.net.body.analytic_backward and algo.critic.body.analytic_backward)
+
+
+def fused_awac_update(algo: AWAC, batch: Batch) -> dict[str, Tensor]:
+    """One AWAC gradient step, the same as `AWAC.autograd_update` (the same draws, in the same order)."""
+    from policylab.nets import GaussianActor
+
+    cfg, actor, critic = algo.cfg, algo.net, algo.critic
+    obs, next_obs, actions = batch.obs.flatten(1), batch.next_obs.flatten(1), batch.actions.flatten(1)
+    gaussian = isinstance(actor, GaussianActor)
+    with torch.no_grad():
+        next_actions = actor.sample(next_obs, algo.generator) if gaussian else actor(next_obs)
+        y = td3_target(batch.rewards, batch.discounts, batch.terminated, algo.critic_target(next_obs, next_actions))
+        critic_loss = _half_squared_td_step(algo, torch.cat([obs, actions], -1), y)
+        policy_actions = actor.sample(obs, algo.generator) if gaussian else actor(obs)
+        q = critic(torch.cat([obs, obs]), torch.cat([actions, policy_actions])).min(0).values  # one call for both
+        q_data, v = q.chunk(2)
+        c = advantage_weights(q_data - v, 1.0 / cfg.awac_lambda, cfg.max_weight)
+        actor_loss = _weighted_regression_step(algo, actor, obs, actions, c)
+        algo.critic_target.update(cfg.tau)
+    return {"critic_loss": critic_loss, "actor_loss": actor_loss, "q": q_data.mean(), "adv_weight": c.mean()}
+
+
+def fused_crr_applies(algo: CRR) -> bool:
+    return bool(algo.cfg.analytic_grads and algo.actor.body.analytic_backward and algo.critic.body.analytic_backward)
+
+
+def fused_crr_update(algo: CRR, batch: Batch, index: int) -> dict[str, Tensor]:
+    """One CRR gradient step, the same as `CRR.autograd_update` (the same draws, in the same order)."""
+    obs, next_obs, actions = batch.obs.flatten(1), batch.next_obs.flatten(1), batch.actions.flatten(1)
+    with torch.no_grad():
+        next_actions = cast(Any, algo.actor_target.module).sample(next_obs, algo.generator)
+        y = td3_target(batch.rewards, batch.discounts, batch.terminated, algo.critic_target(next_obs, next_actions))
+        critic_loss = _half_squared_td_step(algo, torch.cat([obs, actions], -1), y)
+        q_data, weights = algo.advantage_weights(obs, actions)
+        actor_loss = _weighted_regression_step(algo, algo.actor, obs, actions, weights)
+        algo.update_targets(index)
+    return {"critic_loss": critic_loss, "actor_loss": actor_loss, "q": q_data.mean(), "adv_weight": weights.mean()}
