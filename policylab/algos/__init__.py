@@ -14,6 +14,7 @@ from policylab.algos.ars import ARS, ARSConfig
 from policylab.algos.awac import AWAC, AWACConfig
 from policylab.algos.bc import BC, BCConfig
 from policylab.algos.bcq import BCQ, PLAS, BCQConfig, DiscreteBCQ, DiscreteBCQConfig, PLASConfig
+from policylab.algos.c51 import C51, C51Config
 from policylab.algos.cal_ql import CalQL, CalQLConfig
 from policylab.algos.cql import CQL, CQLConfig, DiscreteCQL, DiscreteCQLConfig
 from policylab.algos.crossq import CrossQ, CrossQConfig
@@ -92,6 +93,7 @@ ALGORITHMS: dict[str, AlgoSpec] = {
         AlgoSpec("ars", ARSConfig, ARS, "population", ("online",), "ARS: random search over policy parameters"),
         AlgoSpec("dqn", DQNConfig, DQN, "off-policy", OFF_POLICY, "DQN: double, dueling, n-step, prioritized"),
         AlgoSpec("qrdqn", QRDQNConfig, QRDQN, "off-policy", OFF_POLICY, "QR-DQN: quantiles of the return per action"),
+        AlgoSpec("c51", C51Config, C51, "off-policy", OFF_POLICY, "C51: a categorical return distribution per action"),
         AlgoSpec("ddpg", DDPGConfig, TD3, "off-policy", OFF_POLICY, "DDPG: deterministic actor, one critic"),
         AlgoSpec("td3", TD3Config, TD3, "off-policy", OFF_POLICY, "TD3: twin critics, smoothing, delayed actor"),
         AlgoSpec("sac", SACConfig, SAC, "off-policy", OFF_POLICY, "SAC: max-entropy actor-critic, auto temperature"),
@@ -168,6 +170,8 @@ __all__ = [
     "AWACConfig",
     "BC",
     "BCConfig",
+    "C51",
+    "C51Config",
     "BCQ",
     "BCQConfig",
     "DiscreteBCQ",

@@ -63,6 +63,22 @@ def soft_clipped_double_q(next_q: Tensor, lam: float, candidates: int) -> Tensor
     return mixed.view(-1, candidates).amax(-1)
 
 
+def categorical_projection(probs: Tensor, atoms: Tensor, rewards: Tensor, keep: Tensor) -> Tensor:
+    """C51's target distribution: the masses `probs` [B, N] of the atoms [N] (evenly spaced) moved to
+    rewards + keep * atoms (keep = d (1 - done), [B]), clipped to the support, then each moved atom's mass split
+    between its two neighbouring atoms in proportion to closeness (all of it to one atom it lands on). [B, N]."""
+    v_min, v_max, n = atoms[0], atoms[-1], atoms.numel()
+    moved = (rewards.unsqueeze(-1) + keep.unsqueeze(-1) * atoms).clamp(v_min, v_max)
+    position = (moved - v_min) / (v_max - v_min) * (n - 1)  # in atom units, [0, N - 1]
+    lower = position.floor().clamp(0, n - 1)
+    upper = position.ceil().clamp(0, n - 1)
+    to_lower = probs * (upper - position + (lower == upper).to(probs.dtype))  # all of it where it lands on an atom
+    to_upper = probs * (position - lower)
+    projected = torch.zeros_like(probs)
+    projected.scatter_add_(-1, lower.long(), to_lower)
+    return projected.scatter_add_(-1, upper.long(), to_upper)
+
+
 def sac_target(
     rewards: Tensor, discounts: Tensor, terminated: Tensor, next_q: Tensor, next_logp: Tensor, alpha: Tensor | float
 ) -> Tensor:
