@@ -20,7 +20,9 @@ temperature lr 1e-4, 10 action samples per proposal, conservative weight 5 with 
 gap 10), no entropy term in the TD target (d3rlpy's `soft_q_backup=False`); BCQ with lr 1e-3 for the critics, the
 perturbation network and the VAE, batch 100, 100 candidates, phi 0.05, lambda 0.75, a [256, 256] VAE with latent
 2 dim(A) and KL weight 0.5; PLAS with critic lr 1e-3, actor and VAE lr 1e-4, batch 100, the VAE alone for the first
-250 steps (d3rlpy's warmup_steps; its default is 500k); CRR with lr 3e-4, batch 100, one critic, exp weights with
+250 steps (d3rlpy's warmup_steps; its default is 500k); BEAR with critic and VAE lr 3e-4, actor and temperature lr
+1e-4, multiplier lr 1e-3, batch 256, eps 0.05, the laplacian kernel with sigma 20, 4 MMD draws, 10 target draws,
+100 acting draws, the MMD-only actor warm-up for the first 250 steps (d3rlpy's default is 40k); CRR with lr 3e-4, batch 100, one critic, exp weights with
 beta 1 clipped at 20, a mean baseline over 4 policy draws, hard target copies every 100 steps; discrete BCQ (on a
 Discrete dataset, e.g. `policylab collect --env CartPole-v1 --policy random --episodes 1000 --out
 benchmarks/data/cartpole-random`) with lr 6.25e-5, batch 32, threshold 0.3, imitation beta 0.5, hard target copies
@@ -71,7 +73,7 @@ from common import (
 D3RLPY_VENV = REPO_ROOT / "benchmarks" / ".venv-d3rlpy"
 D3RLPY_PY = D3RLPY_VENV / "bin" / "python"
 DEFAULT_DATA = REPO_ROOT / "benchmarks" / "data" / "hopper-random"
-ALGOS = ("bc", "td3_bc", "iql", "cql", "dt", "bcq", "plas", "crr", "bcq_discrete")
+ALGOS = ("bc", "td3_bc", "iql", "cql", "dt", "bcq", "bear", "plas", "crr", "bcq_discrete")
 DISCRETE = ("bcq_discrete",)
 """Algorithms for Discrete actions: they need a `--dataset` of a Discrete env (e.g. benchmarks/data/cartpole-random)."""
 EVAL_EPISODES = 10
@@ -100,6 +102,17 @@ OURS = {
         "hidden_sizes": [256, 256],
         "vae_hidden_sizes": [256, 256],
         "candidates": 100,
+        "normalize_obs": False,
+    },
+    "bear": {  # the MMD-only actor warm-up for the first 250 steps on both sides, untimed
+        "lr": 3e-4,
+        "actor_lr": 1e-4,
+        "vae_lr": 3e-4,
+        "batch_size": 256,
+        "hidden_sizes": [256, 256],
+        "vae_hidden_sizes": [256, 256],
+        "candidates": 100,
+        "warmup_steps": 250,
         "normalize_obs": False,
     },
     "plas": {  # the VAE alone for the first 250 steps on both sides (d3rlpy's warmup_steps), untimed
@@ -263,6 +276,8 @@ def _d3rlpy_algo(name: str) -> Any:
         return d3rlpy.algos.CQLConfig().create(device=device)
     if name == "bcq":
         return d3rlpy.algos.BCQConfig().create(device=device)
+    if name == "bear":
+        return d3rlpy.algos.BEARConfig(warmup_steps=250).create(device=device)
     if name == "plas":
         return d3rlpy.algos.PLASConfig(warmup_steps=250).create(device=device)
     if name == "crr":

@@ -14,6 +14,7 @@ from policylab.algos.ars import ARS, ARSConfig
 from policylab.algos.awac import AWAC, AWACConfig
 from policylab.algos.bc import BC, BCConfig
 from policylab.algos.bcq import BCQ, PLAS, BCQConfig, DiscreteBCQ, DiscreteBCQConfig, PLASConfig
+from policylab.algos.bear import BEAR, BEARConfig
 from policylab.algos.c51 import C51, C51Config
 from policylab.algos.cal_ql import CalQL, CalQLConfig
 from policylab.algos.cql import CQL, CQLConfig, DiscreteCQL, DiscreteCQLConfig
@@ -114,6 +115,7 @@ ALGORITHMS: dict[str, AlgoSpec] = {
         AlgoSpec("cal_ql", CalQLConfig, CalQL, "off-policy", OFFLINE, "Cal-QL: CQL bounded below by MC returns"),
         AlgoSpec("bcq", BCQConfig, BCQ, "off-policy", OFFLINE, "BCQ: perturbed VAE draws, the best by Q"),
         AlgoSpec("bcq_discrete", DiscreteBCQConfig, DiscreteBCQ, "off-policy", OFFLINE, "BCQ for discrete actions"),
+        AlgoSpec("bear", BEARConfig, BEAR, "off-policy", OFFLINE, "BEAR: SAC held near the data by an MMD bound"),
         AlgoSpec("plas", PLASConfig, PLAS, "off-policy", OFFLINE, "PLAS: a policy in the VAE's latent space"),
         AlgoSpec("spot", SPOTConfig, SPOT, "off-policy", OFFLINE, "SPOT: TD3 with a VAE density penalty"),
         AlgoSpec("prdc", PRDCConfig, PRDC, "off-policy", OFFLINE, "PRDC: TD3+BC towards nearest dataset actions"),
@@ -170,6 +172,8 @@ __all__ = [
     "AWACConfig",
     "BC",
     "BCConfig",
+    "BEAR",
+    "BEARConfig",
     "C51",
     "C51Config",
     "BCQ",

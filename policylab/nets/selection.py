@@ -1,5 +1,6 @@
 """Acting by drawing candidate actions from a generative actor and choosing one with a critic (IDQL, Diffusion-QL,
-EDP, consistency actor-critic; CRR's critic-weighted policy over its Gaussian actor's draws).
+EDP, consistency actor-critic; CRR's critic-weighted policy over its Gaussian actor's draws; BEAR's best of its
+tanh-Gaussian's draws).
 
 for a batch of states s [B]:
     a_{b,1} .. a_{b,N} ~ mu(. | s_b)                 N candidates per state: one head call on B x N rows
@@ -22,7 +23,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from policylab.nets.critics import ContinuousCritic, GaussianActor, scale_to_bounds
+from policylab.nets.critics import ContinuousCritic, GaussianActor, TanhGaussianActor, scale_to_bounds
 from policylab.nets.generative import GenerativeActor
 
 SELECTIONS = ("greedy", "softmax", "expectile")
@@ -50,7 +51,7 @@ class CriticSelectedActor(nn.Module):
 
     def __init__(
         self,
-        actor: GenerativeActor | GaussianActor,
+        actor: GenerativeActor | GaussianActor | TanhGaussianActor,
         critic: ContinuousCritic,
         value: nn.Module | None = None,
         candidates: int = 64,
@@ -76,12 +77,7 @@ class CriticSelectedActor(nn.Module):
         b, n = obs.shape[0], self.candidates
         obs = obs.flatten(1)
         repeated = obs.repeat_interleave(n, 0)  # [B N, O], the N candidates of a state adjacent
-        actor = self.actor
-        draws = (
-            actor.head.sample(repeated, generator)
-            if isinstance(actor, GenerativeActor)
-            else actor.sample(repeated, generator)
-        )  # [B N, A]
+        draws = self.draw(repeated, generator)  # [B N, A]
         if n == 1:
             return draws
         q = self.critic(repeated, draws).min(0).values.view(b, n)
@@ -93,6 +89,15 @@ class CriticSelectedActor(nn.Module):
         else:
             index = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
         return draws.view(b, n, -1)[torch.arange(b, device=obs.device), index]
+
+    def draw(self, obs: Tensor, generator: torch.Generator | None) -> Tensor:
+        """One action per row of `obs` from the actor (a tanh-Gaussian's sample without its log-probability)."""
+        actor = self.actor
+        if isinstance(actor, GenerativeActor):
+            return actor.head.sample(obs, generator)
+        if isinstance(actor, TanhGaussianActor):
+            return actor.sample(obs, generator)[0]
+        return actor.sample(obs, generator)
 
     def forward(self, obs: Tensor) -> Tensor:
         return self.act(obs, None, True)

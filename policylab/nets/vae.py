@@ -34,16 +34,19 @@ class ConditionalVAE(nn.Module):
         mean, log_std = self.encoder(torch.cat([obs.flatten(1), actions], -1))[0].chunk(2, -1)
         return mean, log_std.clamp(*LOG_STD_BOUNDS).exp()
 
-    def decode(self, obs: Tensor, latents: Tensor) -> Tensor:
-        """Actions in [-1, 1] for observations [N, ...] and latents [N, D]."""
-        return torch.tanh(self.decoder(torch.cat([obs.flatten(1), latents], -1))[0])
+    def decode(self, obs: Tensor, latents: Tensor, squash: bool = True) -> Tensor:
+        """Actions in [-1, 1] for observations [N, ...] and latents [N, D] (`squash` false: before the tanh)."""
+        raw = self.decoder(torch.cat([obs.flatten(1), latents], -1))[0]
+        return torch.tanh(raw) if squash else raw
 
-    def sample(self, obs: Tensor, generator: torch.Generator | None = None, latent_clip: float = 0.5) -> Tensor:
-        """Actions from the prior: decode(s, z) with z ~ N(0, I) clipped to +-latent_clip (BCQ's draws from the
-        behaviour model, which stay near its mode), [N, A] for observations [N, ...]."""
+    def sample(
+        self, obs: Tensor, generator: torch.Generator | None = None, latent_clip: float = 0.5, squash: bool = True
+    ) -> Tensor:
+        """Actions from the prior: decode(s, z) with z ~ N(0, I) clipped to +-latent_clip (BCQ's and BEAR's draws
+        from the behaviour model, which stay near its mode), [N, A] for observations [N, ...]."""
         z = torch.randn((len(obs), self.latent_dim), generator=generator, device=obs.device, dtype=obs.dtype)
         z.clamp_(-latent_clip, latent_clip)
-        return self.decode(obs, z)
+        return self.decode(obs, z, squash)
 
     def forward(
         self, obs: Tensor, actions: Tensor, samples: int = 1, generator: torch.Generator | None = None

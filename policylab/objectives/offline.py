@@ -136,3 +136,16 @@ def discrete_imitation_loss(logits: Tensor, actions: Tensor, beta: float) -> Ten
     """Discrete BCQ's behaviour-cloning loss for its classifier G(a|s): mean cross-entropy of the dataset's
     actions plus beta mean logit^2 (keeps the logits from growing without bound). logits [B, A], actions [B]."""
     return F.cross_entropy(logits, actions.long()) + beta * logits.pow(2).mean()
+
+
+def mmd(x: Tensor, y: Tensor, kernel: str, sigma: float) -> Tensor:
+    """BEAR's maximum mean discrepancy between two sets of m samples per row, x and y [B, m, A]:
+    sqrt(mean k(x, x') + mean k(y, y') - 2 mean k(x, y) + 1e-6), k(u, v) = exp(-|u - v|_1 / (2 sigma)) ("laplacian")
+    or exp(-|u - v|^2 / (2 sigma)) ("gaussian"), each mean over all m x m pairs (a sample with itself included). [B]."""
+
+    def mean_kernel(u: Tensor, v: Tensor) -> Tensor:
+        diff = u.unsqueeze(2) - v.unsqueeze(1)  # [B, m, m, A]
+        distance = diff.abs().sum(-1) if kernel == "laplacian" else diff.pow(2).sum(-1)
+        return torch.exp(-distance / (2.0 * sigma)).mean((1, 2))
+
+    return (mean_kernel(x, x) + mean_kernel(y, y) - 2.0 * mean_kernel(x, y) + 1e-6).sqrt()
