@@ -22,13 +22,13 @@ perturbation network and the VAE, batch 100, 100 candidates, phi 0.05, lambda 0.
 2 dim(A) and KL weight 0.5; PLAS with critic lr 1e-3, actor and VAE lr 1e-4, batch 100, the VAE alone for the first
 250 steps (d3rlpy's warmup_steps; its default is 500k); BEAR with critic and VAE lr 3e-4, actor and temperature lr
 1e-4, multiplier lr 1e-3, batch 256, eps 0.05, the laplacian kernel with sigma 20, 4 MMD draws, 10 target draws,
-100 acting draws, the MMD-only actor warm-up for the first 250 steps (d3rlpy's default is 40k); CRR with lr 3e-4, batch 100, one critic, exp weights with
-beta 1 clipped at 20, a mean baseline over 4 policy draws, hard target copies every 100 steps; discrete BCQ (on a
-Discrete dataset, e.g. `policylab collect --env CartPole-v1 --policy random --episodes 1000 --out
-benchmarks/data/cartpole-random`) with lr 6.25e-5, batch 32, threshold 0.3, imitation beta 0.5, hard target copies
-every 8,000 steps, and separate Q and classifier MLPs (d3rlpy's `share_encoder=False`, as the authors' networks).
-The Decision Transformer takes the
-settings of d3rlpy's own DT reproduction script on both sides (d3rlpy's defaults would put a [256, 256] MLP encoder
+100 acting draws, the MMD-only actor warm-up for the first 250 steps (d3rlpy's default is 40k); CRR with lr
+3e-4, batch 100, one critic, exp weights with beta 1 clipped at 20, a mean baseline over 4 policy draws, hard
+target copies every 100 steps; discrete BCQ (on a Discrete dataset, e.g. `policylab collect --env CartPole-v1
+--policy random --episodes 1000 --out benchmarks/data/cartpole-random`) with lr 6.25e-5, batch 32, threshold 0.3,
+imitation beta 0.5, hard target copies every 8,000 steps, and separate Q and classifier MLPs (d3rlpy's
+`share_encoder=False`, as the authors' networks). The Decision Transformer takes the settings of d3rlpy's own DT
+reproduction script on both sides (d3rlpy's defaults would put a [256, 256] MLP encoder
 under the observation tokens): windows of 20 steps, 3 blocks of 1 head, width 128 (the observation embedding one
 linear layer), ReLU, dropout 0.1 everywhere, AdamW lr 1e-4 with weight decay 1e-4 on every parameter, a linear
 warm-up over 10k steps, gradients clipped at 0.25, batch 64, observations standardized with the dataset's
