@@ -108,9 +108,9 @@ def _pendulum_spaces() -> tuple[Any, Any]:
     return env.observation_space, env.action_space
 
 
-def offline_step(name: str, dataset: Path, peer_settings: bool) -> Any:
+def offline_step(name: str, dataset: Path, peer_settings: bool, autograd: bool = False) -> Any:
     spec = get_algo(name)
-    overrides = {"threads": 1, "normalize_obs": False, "eval_every": 0}
+    overrides = {"threads": 1, "normalize_obs": False, "eval_every": 0, "analytic_grads": not autograd}
     if peer_settings:  # the settings offline.py gives both sides
         from offline import OURS
 
@@ -169,6 +169,9 @@ def main() -> None:
     parser.add_argument(
         "--d3rlpy-settings", action="store_true", help="the offline algorithms with offline.py's settings (d3rlpy's)"
     )
+    parser.add_argument(
+        "--autograd", action="store_true", help="the offline algorithms' autograd steps (analytic_grads=false)"
+    )
     parser.add_argument("--updates", type=positive_int, default=200, help="timed updates (after 50 of warm-up)")
     a = parser.parse_args()
     if any(name in offline for name in a.algo or ["iql"]) and not a.dataset.exists():
@@ -183,7 +186,9 @@ def main() -> None:
         if name.startswith("sb3-"):
             sb3_products(name.removeprefix("sb3-"), a.updates)
             continue
-        step = online_step(name) if name in ONLINE_CASES else offline_step(name, a.dataset, a.d3rlpy_settings)
+        step = (
+            online_step(name) if name in ONLINE_CASES else offline_step(name, a.dataset, a.d3rlpy_settings, a.autograd)
+        )
         for i in range(50):
             step(i)
         timer.reset()

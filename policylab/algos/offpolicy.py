@@ -380,7 +380,7 @@ def soft_actor_critic_state(
 
 
 DATASET_BOX_ALGOS = "iql, cql, td3_bc, awac, rebrac or bc"
-DATASET_DISCRETE_ALGOS = "cql_discrete or bc (or dqn, sac_discrete with the dataset mixed in: hybrid)"
+DATASET_DISCRETE_ALGOS = "cql_discrete, bcq_discrete or bc (or dqn, c51, sac_discrete with the dataset mixed in)"
 
 
 def run_algo(algo: str, cfg: Any) -> tuple[str, bool]:
