@@ -1,5 +1,5 @@
-"""The hand-derived off-policy gradient steps (SAC, TQC, CrossQ, TD3, DQN, QR-DQN, IQL, AWAC, CRR, CQL) equal the
-autograd steps (same noise, batch, state)."""
+"""The hand-derived off-policy gradient steps (SAC, TQC, CrossQ, TD3, DQN, QR-DQN, discrete BCQ, IQL, AWAC, CRR,
+CQL) equal the autograd steps (same noise, batch, state)."""
 
 from __future__ import annotations
 
@@ -363,5 +363,28 @@ def test_fused_awac_and_crr_steps_equal_autograd(tmp_path, algo_name, overrides)
         fused = algo.update(batch, index)
         reference = twin.autograd_update(batch, index) if algo_name == "crr" else twin.autograd_update(batch)
         _assert_same_step(fused, reference, algo, twin)
+    for loop in loops:
+        loop.close()
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [{}, {"dueling": True, "loss": "mse", "activation": "tanh", "max_grad_norm": 0.5, "imitation_beta": 0.5}],
+)
+def test_fused_discrete_bcq_step_equals_autograd(tmp_path, overrides):
+    from policylab.collect import collect
+
+    data = collect("CartPole-v1", "random", 6, seed=0, out=tmp_path / "cartpole-random")
+    loops = []
+    for _ in range(2):
+        spec = get_algo("bcq_discrete")
+        settings = {"hidden_sizes": [32, 32], "batch_size": 16, "lr": 1e-2, "threshold": 0.5, **overrides}
+        cfg, _ = resolve_config(spec, steps=1000, seed=0, dataset=data.path, overrides=settings)
+        loops.append(OffPolicyLoop(spec, cfg))
+    algo, twin = loops[0].algo, loops[1].algo
+    assert algo.fused
+    for index in range(3):
+        batch = loops[0].offline_source.sample(16, torch.Generator().manual_seed(index))
+        _assert_same_step(algo.update(batch, index), twin.autograd_update(batch), algo, twin)
     for loop in loops:
         loop.close()

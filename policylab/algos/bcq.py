@@ -48,6 +48,7 @@ from torch import Tensor, nn
 
 from policylab.algos.behaviour_vae import BehaviourVAEConfig, vae_loss
 from policylab.algos.dqn import DQN, DQNConfig
+from policylab.algos.fused_offpolicy import fused_bcq_discrete_update, fused_dqn_applies
 from policylab.algos.offpolicy import (
     FlatAdam,
     OfflineConfig,
@@ -369,7 +370,7 @@ class DiscreteBCQ(DQN):
 
     def __init__(self, cfg: DiscreteBCQConfig, obs_space: gym.Space, act_space: gym.Space) -> None:
         super().__init__(cfg, obs_space, act_space)
-        self.fused = False
+        self.fused = fused_dqn_applies(self)  # DQN's conditions; the step is its own
 
     @staticmethod
     def build_policy(cfg: DQNConfig, obs_space: gym.Space, act_space: gym.Space) -> ImitationFilteredQNetwork:
@@ -383,6 +384,9 @@ class DiscreteBCQ(DQN):
         )  # fmt: skip
 
     def update(self, batch: Batch, index: int) -> dict[str, Tensor]:
+        return fused_bcq_discrete_update(self, batch) if self.fused else self.autograd_update(batch)
+
+    def autograd_update(self, batch: Batch) -> dict[str, Tensor]:
         cfg, net = self.cfg, self.net
         n = len(batch)
         q_both, logits_both = net.values_and_logits(torch.cat([batch.obs, batch.next_obs]))

@@ -59,6 +59,7 @@ from policylab.objectives.q_targets import (
 
 if TYPE_CHECKING:
     from policylab.algos.awac import AWAC
+    from policylab.algos.bcq import DiscreteBCQ
     from policylab.algos.cql import CQL, CQLNoise
     from policylab.algos.crossq import CrossQ
     from policylab.algos.crr import CRR
@@ -383,6 +384,46 @@ def fused_dqn_update(algo: DQN, batch: Batch) -> dict[str, Tensor]:
         if cfg.prioritized:
             metrics["td_error"] = td
     return metrics
+
+
+def fused_bcq_discrete_update(algo: DiscreteBCQ, batch: Batch) -> dict[str, Tensor]:
+    """One discrete BCQ step, the same as `DiscreteBCQ.autograd_update`: both members of the MLP (Q and the
+    behaviour classifier) forward on [s; s'] and backward on the s rows at once, member 0 with DQN's TD gradient,
+    member 1 with the imitation loss's, d/d logits = (softmax - onehot(a)) / B + 2 beta logits / (B A)."""
+    from policylab.nets.support import filtered_greedy
+
+    cfg, net = algo.cfg, algo.net
+    n, n_actions = len(batch), algo.n_actions
+    with torch.no_grad():
+        out, inputs = net.body.forward_cached(torch.cat([batch.obs.flatten(1), batch.next_obs.flatten(1)]))
+        q_all, logits_all = net.values(out[:1])[0], out[1, :, -n_actions:]
+        mask = batch.get("next_action_mask")
+        bias = None if mask is None else allowed_only(torch.zeros_like(logits_all[n:]), mask)
+        next_actions = filtered_greedy(q_all[n:], logits_all[n:], cfg.threshold, bias)
+        next_value = algo.q_target(batch.next_obs)[0].gather(1, next_actions.unsqueeze(1)).squeeze(1)
+        target = bootstrap(batch.rewards, batch.discounts, batch.terminated, next_value)
+        actions = batch.actions.long().unsqueeze(1)
+        q = q_all[:n].gather(1, actions).squeeze(1)
+        td = q - target
+        g = td.clamp(-1.0, 1.0) if cfg.loss == "huber" else 2.0 * td
+        g_q = g * (1.0 / n)
+        g_out = torch.zeros((2, n, out.shape[-1]), dtype=out.dtype, device=out.device)
+        if cfg.dueling:  # dQ_a/dV = 1, dQ_a/dA_j = [j = a] - 1/|A|
+            g_out[0, :, :1] = g_q.unsqueeze(1)
+            g_out[0, :, 1:] = (-g_q / n_actions).unsqueeze(1)
+            g_out[0, :, 1:].scatter_add_(1, actions, g_q.unsqueeze(1))
+        else:
+            g_out[0].scatter_(1, actions, g_q.unsqueeze(1))
+        logits = logits_all[:n]
+        log_p = torch.log_softmax(logits, -1)
+        imitation_loss = -log_p.gather(1, actions).mean() + cfg.imitation_beta * logits.pow(2).mean()
+        g_logits = log_p.exp_().scatter_add_(1, actions, torch.full_like(g_q, -1.0).unsqueeze(1)).mul_(1.0 / n)
+        g_out[1, :, -n_actions:] = g_logits.add_(logits, alpha=2.0 * cfg.imitation_beta / logits.numel())
+        algo.q_opt.zero_grad_unless_written_by(net.body)
+        net.body.backward([h[:, :n] for h in inputs], g_out)
+        algo.q_opt.clip_and_step()
+        td_loss = torch.dot(g_q, torch.add(td, g, alpha=-0.5) if cfg.loss == "huber" else 0.5 * td)
+    return {"loss": td_loss, "imitation_loss": imitation_loss, "q": q.mean()}
 
 
 def fused_qrdqn_applies(algo: QRDQN) -> bool:
