@@ -388,3 +388,29 @@ def test_fused_discrete_bcq_step_equals_autograd(tmp_path, overrides):
         _assert_same_step(algo.update(batch, index), twin.autograd_update(batch), algo, twin)
     for loop in loops:
         loop.close()
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [{}, {"perturbation": 0.5, "policy_delay": 2, "activation": "tanh", "max_grad_norm": 0.5, "n_critics": 3}],
+)
+def test_fused_plas_step_equals_autograd(tmp_path, overrides):
+    """After the VAE's steps (index 2 and on), PLAS and PLAS+P (a wide perturbation: some actions clipped)."""
+    from policylab.collect import collect
+
+    data = collect("Pendulum-v1", "random", 4, seed=0, out=tmp_path / "pendulum-random")
+    loops = []
+    for _ in range(2):
+        spec = get_algo("plas")
+        settings = {"hidden_sizes": [32, 32], "vae_hidden_sizes": [32], "batch_size": 16, "lr": 1e-2,
+                    "actor_lr": 1e-2, "vae_steps": 2, **overrides}  # fmt: skip
+        cfg, _ = resolve_config(spec, steps=1000, seed=0, dataset=data.path, overrides=settings)
+        loops.append(OffPolicyLoop(spec, cfg))
+    algo, twin = loops[0].algo, loops[1].algo
+    assert algo.fused
+    twin.fused = False
+    for index in range(5):
+        batch = loops[0].offline_source.sample(16, torch.Generator().manual_seed(index))
+        _assert_same_step(algo.update(batch, index), twin.update(batch, index), algo, twin)
+    for loop in loops:
+        loop.close()

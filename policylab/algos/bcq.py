@@ -48,7 +48,12 @@ from torch import Tensor, nn
 
 from policylab.algos.behaviour_vae import BehaviourVAEConfig, vae_loss
 from policylab.algos.dqn import DQN, DQNConfig
-from policylab.algos.fused_offpolicy import fused_bcq_discrete_update, fused_dqn_applies
+from policylab.algos.fused_offpolicy import (
+    fused_bcq_discrete_update,
+    fused_dqn_applies,
+    fused_plas_applies,
+    fused_plas_update,
+)
 from policylab.algos.offpolicy import (
     FlatAdam,
     OfflineConfig,
@@ -270,7 +275,7 @@ class PLAS:
             "vae": self.vae_opt.optimizer,
         }
         self.action_shape, self.action_dtype = (self.act_dim,), torch.float32
-        self.fused = False
+        self.fused = fused_plas_applies(self)
         self._vae_frozen = False
 
     @staticmethod
@@ -309,6 +314,13 @@ class PLAS:
         if not self._vae_frozen:
             self.vae.requires_grad_(False)
             self._vae_frozen = True
+        if self.fused:
+            return fused_plas_update(self, batch, index - vae_steps)
+        return self.autograd_update(batch, index - vae_steps)
+
+    def autograd_update(self, batch: Batch, index: int) -> dict[str, Tensor]:
+        """One step after the VAE's (`index` counts from its end)."""
+        cfg = self.cfg
         obs = batch.obs.flatten(1)
         with torch.no_grad():
             target = self.td_target(batch)
@@ -316,7 +328,7 @@ class PLAS:
         critic_loss = (td * td).mean(-1).sum()
         self.critic_opt.step(critic_loss)
         metrics = {"critic_loss": critic_loss.detach(), "q": (td.detach() + target).mean()}
-        if (index - vae_steps + 1) % cfg.policy_delay == 0:
+        if (index + 1) % cfg.policy_delay == 0:
             self.critic.requires_grad_(False)  # the actor loss needs dQ/da, not critic weight gradients
             actor_loss = -self.critic(obs, self.net(obs), members=1).mean()
             self.critic.requires_grad_(True)

@@ -59,7 +59,7 @@ from policylab.objectives.q_targets import (
 
 if TYPE_CHECKING:
     from policylab.algos.awac import AWAC
-    from policylab.algos.bcq import DiscreteBCQ
+    from policylab.algos.bcq import PLAS, DiscreteBCQ
     from policylab.algos.cql import CQL, CQLNoise
     from policylab.algos.crossq import CrossQ
     from policylab.algos.crr import CRR
@@ -622,3 +622,66 @@ def fused_crr_update(algo: CRR, batch: Batch, index: int) -> dict[str, Tensor]:
         actor_loss = _weighted_regression_step(algo, algo.actor, obs, actions, weights)
         algo.update_targets(index)
     return {"critic_loss": critic_loss, "actor_loss": actor_loss, "q": q_data.mean(), "adv_weight": weights.mean()}
+
+
+def fused_plas_applies(algo: PLAS) -> bool:
+    bodies = [algo.net.latent, algo.vae.decoder, algo.critic.body]
+    if algo.net.perturbation is not None:
+        bodies.append(algo.net.perturbation.body)
+    return bool(algo.cfg.analytic_grads and all(body.analytic_backward for body in bodies))
+
+
+def fused_plas_update(algo: PLAS, batch: Batch, index: int) -> dict[str, Tensor]:
+    """One PLAS step after the VAE's, the same as `PLAS.autograd_update`. The actor's gradient goes from the first
+    critic's input through the perturbation (where the clip lets it; its weights trained too), the frozen decoder
+    (input gradient only) and max_latent tanh into the latent policy:
+        g_a0 = g_a 1(|a0 + phi m| <= 1) + (g_a 1(...) phi (1 - m^2)) dxi/da0,  g_z = (g_a0 (1 - a0^2)) dD/dz,
+        g_f = g_z max_latent (1 - t^2)
+    for a0 = tanh(D(s, z)), z = max_latent t, t = tanh(f(s)), m = tanh(xi(s, a0))."""
+    cfg, net, critic = algo.cfg, algo.net, algo.critic
+    obs, actions = batch.obs.flatten(1), batch.actions.flatten(1)
+    n, n_obs = len(obs), obs.shape[1]
+    with torch.no_grad():
+        target = algo.td_target(batch)
+        q, critic_inputs = critic.body.forward_cached(torch.cat([obs, actions], -1))
+        td = q[..., 0] - target
+        algo.critic_opt.zero_grad_unless_written_by(critic.body)
+        critic.body.backward(critic_inputs, (2.0 * td / n).unsqueeze(-1))
+        algo.critic_opt.clip_and_step()
+        metrics = {"critic_loss": (td * td).mean(-1).sum(), "q": q.mean()}
+        if (index + 1) % cfg.policy_delay == 0:
+            out, latent_inputs = net.latent.forward_cached(obs)
+            t = torch.tanh(out[0])
+            decoded, decoder_inputs = algo.vae.decoder.forward_cached(torch.cat([obs, net.max_latent * t], -1))
+            a0 = torch.tanh(decoded[0])
+            xi = net.perturbation
+            if xi is not None:
+                moved, xi_inputs = xi.body.forward_cached(torch.cat([obs, a0], -1))
+                m = torch.tanh(moved[0])
+                unclipped = a0 + xi.scale * m
+                a = unclipped.clamp(-1.0, 1.0)
+            else:
+                a = a0
+            q1, pi_inputs = critic.body.forward_cached(torch.cat([obs, a], -1), members=1)
+            g_in = critic.body.backward(pi_inputs, torch.full_like(q1, -1.0 / n), weight_grads=False,
+                                        input_grad=True, members=1)  # fmt: skip
+            assert g_in is not None
+            g_a = g_in[:, :, n_obs:]
+            algo.actor_opt.zero_grad_unless_written_by(net.latent)
+            if xi is not None:
+                g_a = g_a * (
+                    (unclipped >= -1.0) & (unclipped <= 1.0)
+                )  # torch.clamp's gradient: 1 inside, bounds included
+                g_xi = xi.body.backward(xi_inputs, g_a * (xi.scale * (1.0 - m * m)), input_grad=True)
+                assert g_xi is not None
+                g_a = g_a + g_xi[:, :, n_obs:]
+            g_decoder = algo.vae.decoder.backward(decoder_inputs, g_a * (1.0 - a0 * a0), weight_grads=False,
+                                                  input_grad=True)  # fmt: skip
+            assert g_decoder is not None
+            g_latent = g_decoder[:, :, n_obs:] * (net.max_latent * (1.0 - t * t))
+            net.latent.backward(latent_inputs, g_latent)
+            algo.actor_opt.clip_and_step()
+            algo.actor_target.update(cfg.tau)
+            algo.critic_target.update(cfg.tau)
+            metrics["actor_loss"] = -q1.mean()
+    return metrics
