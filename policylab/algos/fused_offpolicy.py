@@ -22,6 +22,9 @@ IQL, with u = min_k Q'_k(s, a) - V(s), w(u) = tau or 1 - tau by the sign of u, m
     deterministic actor, L = mean_B c |m - a|^2:  dL/d out = 2 (c / B) (m - a) (1 - m^2).
 AWAC and CRR: the critics' step on 1/2 sum_k mean_B (Q_k - y)^2 (dL/dQ_k = td / B), the weights c from forward passes
 alone (AWAC: exp(A / lambda) against one policy draw; CRR: f(A) against m draws), then IQL's actor step with them.
+Discrete BCQ: DQN's gradient into the MLP's first member (Q), the imitation loss's into its second (the behaviour
+classifier), one backward for both. PLAS: TD3's critic step; the actor's gradient through the first critic's input,
+the perturbation, the frozen decoder's input and the latent tanh (fused_plas_update).
 DQN: d huber(td) / d td = clamp(td, -1, 1); through a dueling head Q_a = V + A_a - mean(A):
     dQ_a/dV = 1, dQ_a/dA_j = [j = a] - 1/|A|.
 CQL: dL/dQ_k at the B (1 + 3M) proposal rows from autograd on those [K, rows] values alone (the penalty's softmax
