@@ -179,6 +179,9 @@ CASES = [
     ("continuous", "tanh", False, {"clip_low": 0.2, "ent_coef": 0.01, "sde": True}),
     ("continuous", "relu", True, {"clip_low": None, "on_policy": True, "sde": True}),
     ("continuous", "tanh", False, {"clip_low": 0.2, "ent_coef": 0.01, "imitation": "advantage", "sde": True}),
+    # RPO: the Gaussian's mean moved by U(-alpha, alpha) per row (the demonstration rows unmoved)
+    ("continuous", "tanh", False, {"clip_low": 0.2, "ent_coef": 0.01, "rpo": 0.5}),
+    ("continuous", "relu", True, {"clip_low": 0.2, "rpo": 0.5, "imitation": "advantage"}),
 ]
 
 
@@ -197,6 +200,7 @@ def test_fused_step_matches_autograd_step(kind, activation, shared, options):
     on_policy = options.pop("on_policy", False)
     weighting = options.pop("imitation", None)
     sde = options.pop("sde", False)
+    rpo = options.pop("rpo", 0.0)
     torch.manual_seed(0)
     obs_space, act_space = _spaces(kind)
     net_a = ActorCritic(obs_space, act_space, (32, 32), activation, shared=shared, log_std_init=-0.5, sde=sde)
@@ -214,6 +218,8 @@ def test_fused_step_matches_autograd_step(kind, activation, shared, options):
     # One step: the gradients (after clipping) and the metrics agree. (Over several Adam steps,
     # float32 rounding differences of 1e-8 get amplified where a gradient is near Adam's eps.)
     fields = {"obs": obs, "actions": actions, "advantages": adv, "returns": returns, "values": values}
+    if rpo:  # PPO.update's draw for RPO, as the head inputs' bias
+        fields["logit_bias"] = (torch.rand(actions.shape, generator=g) * 2.0 - 1.0) * rpo
     batch = Batch(**fields) if old_logp is None else Batch(**fields, logp=old_logp)
     loss = ActorCriticLoss(vf_coef=0.5, **options)
     demos = None if weighting is None else _demonstrations(net_a, weighting, g)

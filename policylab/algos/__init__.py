@@ -36,6 +36,7 @@ from policylab.algos.prdc import PRDC, PRDCConfig
 from policylab.algos.qrdqn import QRDQN, QRDQNConfig
 from policylab.algos.rebrac import ReBRAC, ReBRACConfig
 from policylab.algos.reinforce import Reinforce, ReinforceConfig
+from policylab.algos.rpo import RPOConfig
 from policylab.algos.sac import SAC, SACConfig
 from policylab.algos.sac_discrete import DiscreteSAC, DiscreteSACConfig
 from policylab.algos.spo import SPOConfig
@@ -88,6 +89,7 @@ ALGORITHMS: dict[str, AlgoSpec] = {
         AlgoSpec("trpo", TRPOConfig, TRPO, "on-policy", ("online",), "TRPO: natural gradient, KL line search"),
         AlgoSpec("mdpo", MDPOConfig, MDPO, "on-policy", ON_POLICY, "MDPO: KL-regularized mirror descent steps"),
         AlgoSpec("spo", SPOConfig, PPO, "on-policy", ON_POLICY, "SPO: PPO with a ratio penalty, no clip"),
+        AlgoSpec("rpo", RPOConfig, PPO, "on-policy", ON_POLICY, "RPO: PPO, the mean moved by uniform noise"),
         AlgoSpec("fixpo", FixPOConfig, FixPO, "on-policy", ON_POLICY, "FixPO: learned KL penalty + fixup phase"),
         AlgoSpec("dppo", DPPOConfig, DPPO, "on-policy", ("online",), "DPPO: PPO over a diffusion policy's chain"),
         AlgoSpec("fpo", FPOConfig, FPO, "on-policy", ("online",), "FPO: PPO-clip on flow-matching loss ratios"),

@@ -191,8 +191,9 @@ def with_logit_bias(data: Batch, rollout: Batch) -> Batch:
 
 
 def step_logit_bias(batch: Batch, imitation: ImitationTerm | None) -> Tensor | None:
-    """A gradient step's logit bias: the batch's action masks' (None without), with zero rows (nothing masked) for
-    the demonstration rows of `imitation`."""
+    """A gradient step's bias on the head's inputs: the batch's action masks' logit bias, or RPO's shift of the
+    Gaussian's mean (None without), with zero rows (nothing masked or moved) for the demonstration rows of
+    `imitation`."""
     bias = batch.get("logit_bias")
     if bias is None or imitation is None:
         return bias

@@ -63,6 +63,9 @@ class PPOConfig(OnPolicyConfig):
     """Stop the epochs early once the approximate KL exceeds 1.5 * target_kl."""
     ratio_penalty: bool = False
     """SPO (algos/spo.py): instead of the clip, the penalty |A| / (2 clip_eps) (r - 1)^2 keeps r near 1."""
+    rpo_alpha: float = 0.0
+    """RPO (algos/rpo.py, Box actions): every gradient step evaluates log pi(a|s) with the Gaussian's mean moved by
+    U(-rpo_alpha, rpo_alpha) noise per row and dimension (0: plain PPO)."""
 
     def validate(self) -> None:
         super().validate()
@@ -76,6 +79,11 @@ class PPOConfig(OnPolicyConfig):
             raise ConfigError(f"epochs={self.epochs} must be > 0", "set epochs to e.g. 10")
         if self.clip_eps <= 0:
             raise ConfigError(f"clip_eps={self.clip_eps} must be > 0", "set clip_eps to e.g. 0.2")
+        if self.rpo_alpha < 0 or (self.rpo_alpha > 0 and self.use_sde):
+            raise ConfigError(
+                f"rpo_alpha={self.rpo_alpha} must be >= 0, and is not for gSDE's state-dependent noise",
+                "set rpo_alpha to e.g. 0.5 without use_sde (0: plain PPO)",
+            )
         if self.dual_clip is not None and not self.dual_clip > 1:
             raise ConfigError(
                 f"dual_clip={self.dual_clip} must be > 1: it bounds the loss of negative advantages at dual_clip x "
@@ -95,6 +103,11 @@ class PPO:
         self.optimizer, self.generator = self.learner.optimizer, self.learner.generator
         self.imitation: Imitation | None = None
         """Demonstrations mixed into every gradient step (set by the loop when the run has a dataset)."""
+        if cfg.rpo_alpha > 0 and not (self.net.head.continuous and self.net.log_std is not None):
+            raise ConfigError(
+                "rpo_alpha moves a Gaussian policy's mean: this env's actions are not Box",
+                "drop rpo_alpha (or use a Box-action env)",
+            )
 
     @staticmethod
     def build_policy(cfg: OnPolicyConfig, obs_space: gym.Space, act_space: gym.Space) -> ActorCritic:
@@ -126,6 +139,9 @@ class PPO:
                 if cfg.normalize_advantage and not one_batch and rows > 1:
                     mb.advantages = normalize(mb.advantages)
                 report = epoch == last_epoch
+                if cfg.rpo_alpha > 0:  # RPO: the mean moved by U(-alpha, alpha), a bias on the head's inputs
+                    shift = torch.rand(mb.actions.shape, generator=self.generator, device=mb.actions.device)
+                    mb.logit_bias = shift.mul_(2.0 * cfg.rpo_alpha).sub_(cfg.rpo_alpha)
                 term = None if self.imitation is None else self.imitation.term(progress, rows, self.generator)
                 metrics, stepped = self.learner.step(
                     mb, loss, kl_limit=kl_limit, with_metrics=report or after_step is not None, imitation=term
