@@ -38,7 +38,7 @@ D(s, z) ends in tanh, as the authors' decoders (d3rlpy's returns the unsquashed 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import cast
+from typing import Any, cast
 
 import gymnasium as gym
 import numpy as np
@@ -161,7 +161,31 @@ class PLASConfig(SupportConstrainedConfig):
             )
 
 
-class BCQ:
+class SupportConstrainedActing:
+    """The online side (after an offline phase) of BCQ, PLAS and BEAR: uniform random actions in [-1, 1], actions
+    scaled to the env's bounds, nothing after a step; exploring by the acting network's own rule (BCQ's VAE draws,
+    BEAR's best of its policy's draws; PLAS adds noise instead)."""
+
+    net: Any
+    cfg: Any
+    act_dim: int
+    generator: torch.Generator
+
+    def random_actions(self, n: int) -> np.ndarray:
+        return uniform_box_actions(n, self.act_dim, self.generator)
+
+    def explore(self, obs: np.ndarray, progress: float) -> np.ndarray:
+        with torch.inference_mode():
+            return self.net.act(torch.as_tensor(obs, device=self.cfg.device), self.generator).cpu().numpy()
+
+    def to_env(self, actions: np.ndarray) -> np.ndarray:
+        return self.net.to_env_numpy(actions)
+
+    def after_step(self, step: int) -> None:
+        pass
+
+
+class BCQ(SupportConstrainedActing):
     name = "bcq"
     config_cls = BCQConfig
 
@@ -193,20 +217,6 @@ class BCQ:
         perturbation = Perturbation(n_obs, n_act, cfg.perturbation, cfg.hidden_sizes, cfg.activation)
         critic = ContinuousCritic(n_obs, n_act, cfg.hidden_sizes, cfg.activation, cfg.n_critics, cfg.critic_layer_norm)
         return PerturbedVAEActor(vae, perturbation, critic, low, high, cfg.candidates, cfg.latent_clip)
-
-    def random_actions(self, n: int) -> np.ndarray:
-        return uniform_box_actions(n, self.act_dim, self.generator)
-
-    def explore(self, obs: np.ndarray, progress: float) -> np.ndarray:
-        """Online (after the offline phase), BCQ's own rule: its VAE draws are the exploration."""
-        with torch.inference_mode():
-            return self.net.act(torch.as_tensor(obs, device=self.cfg.device), self.generator).cpu().numpy()
-
-    def to_env(self, actions: np.ndarray) -> np.ndarray:
-        return self.net.to_env_numpy(actions)
-
-    def after_step(self, step: int) -> None:
-        pass
 
     def update(self, batch: Batch, index: int) -> dict[str, Tensor]:
         cfg = self.cfg
@@ -241,7 +251,7 @@ class BCQ:
         return bootstrap(batch.rewards, batch.discounts, batch.terminated, next_value)
 
 
-class PLAS:
+class PLAS(SupportConstrainedActing):
     """PLAS: the VAE alone for its first `vae_steps`, then, the VAE frozen, TD3's steps on the latent policy (and
     the perturbation network, PLAS+P) through the decoder, with BCQ's target (module docstring)."""
 
@@ -288,21 +298,12 @@ class PLAS:
         vae = cfg.build_vae(n_obs, n_act, cfg.activation)
         return LatentPolicyActor(n_obs, vae, low, high, cfg.hidden_sizes, cfg.activation, cfg.max_latent, perturbation)
 
-    def random_actions(self, n: int) -> np.ndarray:
-        return uniform_box_actions(n, self.act_dim, self.generator)
-
     def explore(self, obs: np.ndarray, progress: float) -> np.ndarray:
         """Online (after the offline phase): the policy's action plus Gaussian noise of std action_noise."""
         with torch.inference_mode():
             actions = self.net(torch.as_tensor(obs, device=self.cfg.device))
             noise = torch.randn(actions.shape, generator=self.generator, device=actions.device)
             return (actions + self.cfg.action_noise * noise).clamp(-1.0, 1.0).cpu().numpy()
-
-    def to_env(self, actions: np.ndarray) -> np.ndarray:
-        return self.net.to_env_numpy(actions)
-
-    def after_step(self, step: int) -> None:
-        pass
 
     def update(self, batch: Batch, index: int) -> dict[str, Tensor]:
         cfg = self.cfg

@@ -30,10 +30,10 @@ import math
 from dataclasses import dataclass, field
 
 import gymnasium as gym
-import numpy as np
 import torch
 from torch import Tensor, nn
 
+from policylab.algos.bcq import SupportConstrainedActing
 from policylab.algos.behaviour_vae import BehaviourVAEConfig, vae_loss
 from policylab.algos.cql import _ParameterHolder
 from policylab.algos.offpolicy import (
@@ -44,7 +44,6 @@ from policylab.algos.offpolicy import (
     seeded_generator,
     tanh_gaussian_policy,
     temperature_for,
-    uniform_box_actions,
 )
 from policylab.algos.sac import SACConfig
 from policylab.config import check_unit_interval, positive
@@ -108,7 +107,7 @@ class BEARConfig(OfflineConfig, SACConfig, BehaviourVAEConfig):
                               "drop use_sde and kl_coef")  # fmt: skip
 
 
-class BEAR:
+class BEAR(SupportConstrainedActing):
     name = "bear"
     config_cls = BEARConfig
 
@@ -149,20 +148,6 @@ class BEAR:
         actor = tanh_gaussian_policy(cfg, obs_space, act_space, "bear")
         critic = ContinuousCritic(obs_dim(obs_space), actor.act_dim, cfg.hidden_sizes, cfg.activation, cfg.n_critics)
         return CriticSelectedActor(actor, critic, None, cfg.candidates, "greedy", "greedy")
-
-    def random_actions(self, n: int) -> np.ndarray:
-        return uniform_box_actions(n, self.act_dim, self.generator)
-
-    def explore(self, obs: np.ndarray, progress: float) -> np.ndarray:
-        """Online (after the offline phase): the best of N policy draws, as when evaluating."""
-        with torch.inference_mode():
-            return self.net.act(torch.as_tensor(obs, device=self.cfg.device), self.generator).cpu().numpy()
-
-    def to_env(self, actions: np.ndarray) -> np.ndarray:
-        return self.net.to_env_numpy(actions)
-
-    def after_step(self, step: int) -> None:
-        pass
 
     def update(self, batch: Batch, index: int) -> dict[str, Tensor]:
         cfg, actor, critic = self.cfg, self.actor, self.critic

@@ -25,18 +25,18 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from policylab.algos.dqn import DQNConfig, EpsilonGreedyActing
-from policylab.algos.offpolicy import FlatAdam, TargetNetwork, discrete_actions, obs_dim, seeded_generator
+from policylab.algos.offpolicy import discrete_actions
+from policylab.algos.qrdqn import DistributionalDQN, DistributionalDQNConfig
 from policylab.data import Batch
 from policylab.errors import ConfigError
-from policylab.nets.cnn import ImageEncoder, flat_features, make_encoder
+from policylab.nets.cnn import ImageEncoder, flat_features
 from policylab.nets.critics import act_on_values, masked_greedy
 from policylab.nets.mlp import StackedMLP
 from policylab.objectives.q_targets import allowed_only, categorical_projection
 
 
 @dataclass
-class C51Config(DQNConfig):
+class C51Config(DistributionalDQNConfig):
     """C51 with CleanRL's values (module docstring)."""
 
     lr: float = 2.5e-4
@@ -50,8 +50,6 @@ class C51Config(DQNConfig):
     n_atoms: int = 101
     v_min: float = -100.0
     v_max: float = 100.0
-    adam_eps: float | None = None
-    """Adam's epsilon; None: 0.01 / batch_size, as CleanRL's c51.py."""
 
     def validate(self) -> None:
         super().validate()
@@ -59,14 +57,6 @@ class C51Config(DQNConfig):
             raise ConfigError(
                 f"n_atoms={self.n_atoms} must be >= 2 and v_min={self.v_min} below v_max={self.v_max}",
                 "set n_atoms to e.g. 51 and v_min / v_max around the returns the env gives (e.g. -10 and 10)",
-            )
-        if self.adam_eps is not None and self.adam_eps <= 0:
-            raise ConfigError(f"adam_eps={self.adam_eps} must be > 0", "drop adam_eps (0.01 / batch_size)")
-        unsupported = [k for k in ("double_q", "dueling", "prioritized") if getattr(self, k)]
-        if unsupported:
-            raise ConfigError(
-                f"{', '.join(unsupported)} is not part of c51 here",
-                f"drop --set {unsupported[0]}=true, or use dqn, which has it",
             )
 
 
@@ -120,36 +110,19 @@ class CategoricalQNetwork(nn.Module):
         return act_on_values(self.q_values(self(obs)), deterministic, self.sample_epsilon, generator, logit_bias)
 
 
-class C51:
+class C51(DistributionalDQN):
     name = "c51"
     config_cls = C51Config
-
-    def __init__(self, cfg: C51Config, obs_space: gym.Space, act_space: gym.Space) -> None:
-        self.cfg = cfg
-        self.generator = seeded_generator(cfg.seed, cfg.device)
-        self.n_actions = discrete_actions(act_space, "c51", cfg)
-        self.net = self.build_policy(cfg, obs_space, act_space).to(cfg.device)
-        eps = 0.01 / cfg.batch_size if cfg.adam_eps is None else cfg.adam_eps
-        self.q_opt = FlatAdam(self.net, cfg.lr, cfg.max_grad_norm, eps=eps)
-        self.q_target = TargetNetwork(self.net, self.q_opt.params)
-        self.modules = {"q_target": self.q_target.module}
-        self.optimizers = {"q": self.q_opt.optimizer}
-        self.action_shape: tuple[int, ...] = ()
-        self.action_dtype = torch.long
-        self.acting = EpsilonGreedyActing(cfg, self.net, self.q_target, self.n_actions, self.generator)
-        self.random_actions, self.explore, self.greedy, self.after_step = self.acting.methods()
-        self.fused = False
+    cfg: C51Config
+    net: CategoricalQNetwork
 
     @staticmethod
-    def build_policy(cfg: C51Config, obs_space: gym.Space, act_space: gym.Space) -> CategoricalQNetwork:
+    def build_policy(cfg: DistributionalDQNConfig, obs_space: gym.Space, act_space: gym.Space) -> CategoricalQNetwork:
+        assert isinstance(cfg, C51Config)
         n_actions = discrete_actions(act_space, "c51", cfg)
-        encoder = make_encoder(cfg.encoder, obs_space)
-        features = obs_dim(obs_space) if encoder is None else encoder.features
+        encoder, features = C51.encoder_and_features(cfg, obs_space)
         atoms = torch.linspace(cfg.v_min, cfg.v_max, cfg.n_atoms)
         return CategoricalQNetwork(features, n_actions, atoms, cfg.hidden_sizes, cfg.activation, encoder, cfg.eps_final)
-
-    def to_env(self, actions: np.ndarray) -> np.ndarray:
-        return actions
 
     def update(self, batch: Batch, index: int) -> dict[str, Tensor]:
         target = self.projected_target(batch)

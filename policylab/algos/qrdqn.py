@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import gymnasium as gym
 import numpy as np
@@ -29,6 +30,7 @@ from policylab.algos.offpolicy import (
     obs_dim,
     seeded_generator,
 )
+from policylab.config import algorithm_of
 from policylab.data import Batch
 from policylab.errors import ConfigError
 from policylab.nets.cnn import ImageEncoder, flat_features, make_encoder
@@ -38,7 +40,28 @@ from policylab.objectives.q_targets import allowed_only, quantile_huber_loss
 
 
 @dataclass
-class QRDQNConfig(DQNConfig):
+class DistributionalDQNConfig(DQNConfig):
+    """What QR-DQN and C51 share: Adam's epsilon 0.01 / batch_size unless set, and none of DQN's double Q, dueling
+    heads or prioritized replay."""
+
+    adam_eps: float | None = None
+    """Adam's epsilon; None: 0.01 / batch_size, as the QR-DQN paper (0.01 / 32), SB3-contrib's QRDQN and CleanRL's
+    C51."""
+
+    def validate(self) -> None:
+        super().validate()
+        if self.adam_eps is not None and self.adam_eps <= 0:
+            raise ConfigError(f"adam_eps={self.adam_eps} must be > 0", "drop adam_eps (0.01 / batch_size)")
+        unsupported = [k for k in ("double_q", "dueling", "prioritized") if getattr(self, k)]
+        if unsupported:
+            raise ConfigError(
+                f"{', '.join(unsupported)} is not part of {algorithm_of(self) or 'this algorithm'} here",
+                f"drop --set {unsupported[0]}=true, or use dqn, which has it",
+            )
+
+
+@dataclass
+class QRDQNConfig(DistributionalDQNConfig):
     """QR-DQN. Defaults follow SB3-contrib's QRDQN (its constructor's defaults; [64, 64] networks)."""
 
     lr: float = 5e-5
@@ -47,21 +70,11 @@ class QRDQNConfig(DQNConfig):
     eps_final: float = 0.01
     max_grad_norm: float | None = None
     n_quantiles: int = 200
-    adam_eps: float | None = None
-    """Adam's epsilon; None: 0.01 / batch_size, as the QR-DQN paper (0.01 / 32) and SB3-contrib's QRDQN."""
 
     def validate(self) -> None:
         super().validate()
-        if self.adam_eps is not None and self.adam_eps <= 0:
-            raise ConfigError(f"adam_eps={self.adam_eps} must be > 0", "drop adam_eps (0.01 / batch_size)")
         if self.n_quantiles < 1:
             raise ConfigError(f"n_quantiles={self.n_quantiles} must be >= 1", "set n_quantiles to e.g. 50")
-        unsupported = [k for k in ("double_q", "dueling", "prioritized") if getattr(self, k)]
-        if unsupported:
-            raise ConfigError(
-                f"{', '.join(unsupported)} is not part of qrdqn here",
-                f"drop --set {unsupported[0]}=true, or use dqn, which has it",
-            )
 
 
 class QuantileQNetwork(nn.Module):
@@ -104,14 +117,17 @@ class QuantileQNetwork(nn.Module):
         return act_on_values(self(obs).mean(-1), deterministic, self.sample_epsilon, generator, logit_bias)
 
 
-class QRDQN:
-    name = "qrdqn"
-    config_cls = QRDQNConfig
+class DistributionalDQN:
+    """What QR-DQN and C51 share besides their networks and losses: DQN's epsilon-greedy acting and target updates
+    (EpsilonGreedyActing), one Adam over the network with the config's epsilon, a target copy."""
 
-    def __init__(self, cfg: QRDQNConfig, obs_space: gym.Space, act_space: gym.Space) -> None:
+    name: str
+    cfg: DistributionalDQNConfig
+
+    def __init__(self, cfg: DistributionalDQNConfig, obs_space: gym.Space, act_space: gym.Space) -> None:
         self.cfg = cfg
         self.generator = seeded_generator(cfg.seed, cfg.device)
-        self.n_actions = discrete_actions(act_space, "qrdqn", cfg)
+        self.n_actions = discrete_actions(act_space, self.name, cfg)
         self.net = self.build_policy(cfg, obs_space, act_space).to(cfg.device)
         eps = 0.01 / cfg.batch_size if cfg.adam_eps is None else cfg.adam_eps
         self.q_opt = FlatAdam(self.net, cfg.lr, cfg.max_grad_norm, eps=eps)
@@ -122,19 +138,39 @@ class QRDQN:
         self.action_dtype = torch.long
         self.acting = EpsilonGreedyActing(cfg, self.net, self.q_target, self.n_actions, self.generator)
         self.random_actions, self.explore, self.greedy, self.after_step = self.acting.methods()
-        self.fused = fused_qrdqn_applies(self)
+        self.fused = False
 
     @staticmethod
-    def build_policy(cfg: QRDQNConfig, obs_space: gym.Space, act_space: gym.Space) -> QuantileQNetwork:
-        n_actions = discrete_actions(act_space, "qrdqn", cfg)
+    def build_policy(cfg: DistributionalDQNConfig, obs_space: gym.Space, act_space: gym.Space) -> Any:
+        raise NotImplementedError
+
+    @staticmethod
+    def encoder_and_features(cfg: DistributionalDQNConfig, obs_space: gym.Space) -> tuple[ImageEncoder | None, int]:
+        """The image encoder for the observations (None for vectors) and the MLP's input size."""
         encoder = make_encoder(cfg.encoder, obs_space)
-        features = obs_dim(obs_space) if encoder is None else encoder.features
-        return QuantileQNetwork(
-            features, n_actions, cfg.n_quantiles, cfg.hidden_sizes, cfg.activation, encoder, cfg.eps_final
-        )
+        return encoder, obs_dim(obs_space) if encoder is None else encoder.features
 
     def to_env(self, actions: np.ndarray) -> np.ndarray:
         return actions
+
+
+class QRDQN(DistributionalDQN):
+    name = "qrdqn"
+    config_cls = QRDQNConfig
+    cfg: QRDQNConfig
+
+    def __init__(self, cfg: QRDQNConfig, obs_space: gym.Space, act_space: gym.Space) -> None:
+        super().__init__(cfg, obs_space, act_space)
+        self.fused = fused_qrdqn_applies(self)
+
+    @staticmethod
+    def build_policy(cfg: DistributionalDQNConfig, obs_space: gym.Space, act_space: gym.Space) -> QuantileQNetwork:
+        assert isinstance(cfg, QRDQNConfig)
+        n_actions = discrete_actions(act_space, "qrdqn", cfg)
+        encoder, features = QRDQN.encoder_and_features(cfg, obs_space)
+        return QuantileQNetwork(
+            features, n_actions, cfg.n_quantiles, cfg.hidden_sizes, cfg.activation, encoder, cfg.eps_final
+        )
 
     def update(self, batch: Batch, index: int) -> dict[str, Tensor]:
         return fused_qrdqn_update(self, batch) if self.fused else self.autograd_update(batch)
