@@ -83,6 +83,7 @@ def test_discrete_bcq_filter_keeps_the_actions_within_the_threshold_of_the_likel
     assert filtered_greedy(q, logits, 0.3).tolist() == [2, 0]
     assert filtered_greedy(q, logits, 0.5).tolist() == [2, 2], "ratio 1/3 < 0.5: only the likeliest is left"
     assert filtered_greedy(q, logits, 0.0).tolist() == [1, 0], "threshold 0: DQN's argmax"
+    assert filtered_greedy(q, logits, 1.0).tolist() == [0, 2], "threshold 1: the likeliest action alone"
     masked = torch.tensor([[0.0, 0.0, MASKED_Q], [0.0, 0.0, 0.0]])  # action masks forbid action 2 of the first
     assert filtered_greedy(q, logits, 0.3, masked).tolist() == [0, 0]
 

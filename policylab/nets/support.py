@@ -126,9 +126,12 @@ class LatentPolicyActor(_BoundedActor):
 
 
 def filter_bias(logits: Tensor, threshold: float) -> Tensor:
-    """0 for the actions with G(a|s) / max_a' G(a'|s) > threshold, MASKED_Q for the others, [B, A] (logits in)."""
+    """0 for the actions with G(a|s) / max_a' G(a'|s) > threshold (the likeliest always), MASKED_Q for the others,
+    [B, A] (logits in)."""
     log_ratio = logits - logits.amax(-1, keepdim=True)  # log G(a|s) - log max G: the softmax's normalizer cancels
-    allowed = log_ratio > math.log(threshold) if threshold > 0 else torch.ones_like(logits, dtype=torch.bool)
+    if threshold <= 0:
+        return torch.zeros_like(logits)
+    allowed = (log_ratio > math.log(threshold)) | (log_ratio == 0)
     return torch.where(allowed, 0.0, MASKED_Q).to(logits.dtype)
 
 
