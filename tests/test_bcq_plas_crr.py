@@ -298,3 +298,25 @@ def test_bad_settings_are_clear_errors(datasets, tmp_path, algo, overrides, name
         pl.train(algo, dataset=datasets[which], steps=10, runs_dir=tmp_path, verbose=False, overrides=overrides)
     assert named in str(err.value)
     assert not any(tmp_path.iterdir()), "nothing written"
+
+
+@pytest.mark.parametrize(
+    ("algo", "which", "extra"),
+    [
+        ("bcq", "medium", {"vae_hidden_sizes": [16], "candidates": 4}),
+        ("plas", "medium", {"vae_hidden_sizes": [16], "vae_steps": 50, "perturbation": 0.05}),
+        ("bear", "medium", {"vae_hidden_sizes": [16], "candidates": 4, "warmup_steps": 50}),
+        ("crr", "medium", {}),
+        ("crr", "medium", {"cwp": False}),
+        ("bcq_discrete", "cartpole", {}),
+        ("c51", "cartpole", {"n_atoms": 11, "v_min": 0.0, "v_max": 100.0}),  # an online algorithm, offline first
+    ],
+)
+def test_offline_then_online_runs_explore_in_the_env_with_the_dataset_in_replay(datasets, tmp_path, algo, which,
+                                                                                  extra):  # fmt: skip
+    """Every regime the registry names: 150 gradient steps offline, then 150 env steps online, whose exploration
+    (each algorithm's own rule) acts in the env and whose updates draw from the dataset-seeded replay."""
+    cfg = {**SMALL_NETS, "batch_size": 32, "eval_every": 0, "eval_episodes": 1, "learning_starts": 0, **extra}
+    run = pl.train(algo, dataset=datasets[which], steps=150, online_steps=150, seed=1, overrides=cfg,
+                   preset="none", runs_dir=tmp_path, verbose=False)  # fmt: skip
+    assert run.steps == 300 and run.final_eval is not None

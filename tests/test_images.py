@@ -180,6 +180,8 @@ def test_a_vector_only_algorithm_on_images_names_itself_and_every_algorithm_that
         "qrdqn",
         "cql_discrete",
         "bcq_discrete",
+        "c51",
+        "rpo",
     } == set(takes)
     box_grid = "tests.envs_for_tests:box_action_pixel_grid"
     for algo, env in (("sac_discrete", GRID), ("sac", box_grid), ("td3", box_grid), ("dppo", box_grid)):
@@ -191,6 +193,9 @@ def test_a_vector_only_algorithm_on_images_names_itself_and_every_algorithm_that
         run = pl.train(algo, env=GRID, steps=256, preset="none", runs_dir=tmp_path, verbose=False,
                        overrides={"num_envs": 2, "n_steps": 64, "batch_size": 64, "eval_episodes": 1})  # fmt: skip
         assert run.steps >= 256 and run.final_eval is not None
+    settings = {"learning_starts": 50, "train_freq": 4, "batch_size": 16, "eval_episodes": 1}
+    run = pl.train("c51", env=GRID, steps=200, preset="none", runs_dir=tmp_path, verbose=False, overrides=settings)
+    assert run.steps == 200 and run.final_eval is not None
 
 
 def test_trpos_critic_steps_leave_the_shared_encoder_to_the_policy_step():
