@@ -12,8 +12,8 @@ PLAS (`LatentPolicyActor`): a deterministic policy in the VAE's latent space, de
 perturbed as BCQ's candidates are):
     pi(s) = D(s, max_latent tanh(f(s)))      (with perturbation: clip(a + phi tanh(xi(s, a)), -1, 1) of it)
 
-Both hold what acting needs (the VAE, the perturbation network and the critics; the Q-network and the classifier),
-so a checkpoint's `policy/` tensors are enough for `pl.load(run).act(obs)`.
+Each holds what acting needs (BCQ's VAE, perturbation network and critics; PLAS's latent policy, VAE and perturbation
+network; the Q-network and its classifier), so a checkpoint's `policy/` tensors are enough for `pl.load(run).act(obs)`.
 """
 
 from __future__ import annotations
