@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 from policylab.algos import A2CConfig, PPOConfig, SACConfig, TD3Config
@@ -449,3 +451,22 @@ def test_rl_zoo_presets_cite_rl_zoo_itself():
     zoo = [source for source in sources if source.startswith("rl-baselines3-zoo")]
     assert len(zoo) > 20 and all("https://github.com/DLR-RM/rl-baselines3-zoo/blob/" in source for source in zoo)
     assert PRESETS["td3"]["HalfCheetah-v5"].source.startswith("rl-baselines3-zoo hyperparams/td3.yml (https://")
+
+
+def _field_default(cls: type, name: str):
+    f = cls.__dataclass_fields__[name]
+    return f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+
+
+def test_every_config_default_is_the_one_its_nearest_class_declares():
+    """A config built from two (e.g. OfflineConfig and DQNConfig) takes each field's default from the last base that
+    dataclasses read, not from the nearest class in the method order: OfflineConfig's copy of OffPolicyConfig's tau
+    (0.005) silently replaced DQNConfig's 1.0 (hard target copies) in discrete CQL and BCQ. Every default must be
+    the one the nearest class that declares the field gives it."""
+    from policylab.algos import ALGORITHMS
+
+    for spec in ALGORITHMS.values():
+        cls = spec.config_cls
+        for name in cls.__dataclass_fields__:
+            owner = next(k for k in cls.__mro__ if name in k.__dict__.get("__annotations__", {}))
+            assert _field_default(cls, name) == _field_default(owner, name), (spec.name, name, owner.__name__)

@@ -355,8 +355,14 @@ class DiscreteBCQConfig(OfflineConfig, DQNConfig):
     """Discrete BCQ on DQN (module docstring). Double-DQN-style targets are part of the method (`double_q` is
     not read); `dueling` and image encoders apply."""
 
+    # Declared here because OfflineConfig's copies of OffPolicyConfig's defaults would otherwise replace DQNConfig's
+    # (dataclasses read the bases last to first): the offline values, and DQN's hard target copies (tau 1).
     lr: float = 3e-4
     hidden_sizes: list[int] = field(default_factory=lambda: [256, 256])
+    batch_size: int = 256
+    train_freq: int = 1
+    max_grad_norm: float | None = None
+    tau: float = 1.0
     threshold: float = 0.3
     """Actions whose behaviour probability is within this factor of the likeliest one's are allowed (tau in the
     paper; d3rlpy's action_flexibility). 0: every action (DQN); 1: only the likeliest (behaviour cloning)."""

@@ -16,7 +16,7 @@ Discrete: DQN's loss + cql_alpha mean_B [logsumexp_a Q(s, a) - Q(s, a_data)].
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import gymnasium as gym
 import torch
@@ -207,6 +207,14 @@ class DiscreteCQLConfig(OfflineConfig, DQNConfig):
     """Discrete CQL on DQN (d3rlpy's DiscreteCQL: alpha 1, Huber TD loss, hard target copies)."""
 
     cql_alpha: float = 1.0
+    # Declared here because OfflineConfig's copies of OffPolicyConfig's defaults would otherwise replace DQNConfig's
+    # (dataclasses read the bases last to first): the offline values, and DQN's hard target copies (tau 1).
+    lr: float = 3e-4
+    hidden_sizes: list[int] = field(default_factory=lambda: [256, 256])
+    batch_size: int = 256
+    train_freq: int = 1
+    max_grad_norm: float | None = None
+    tau: float = 1.0
     target_update_interval: int = 2_000
     """Hard target copies every this many gradient steps (then env steps online); d3rlpy's Atari value is 8000."""
     exploration_fraction: float = 0.0
