@@ -47,6 +47,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from policylab.algos.behaviour_vae import BehaviourVAEConfig, vae_loss
+from policylab.algos.cql import OfflineDQNConfig
 from policylab.algos.dqn import DQN, DQNConfig
 from policylab.algos.fused_offpolicy import (
     fused_bcq_discrete_update,
@@ -351,28 +352,15 @@ class PLAS(SupportConstrainedActing):
 
 
 @dataclass
-class DiscreteBCQConfig(OfflineConfig, DQNConfig):
+class DiscreteBCQConfig(OfflineDQNConfig):
     """Discrete BCQ on DQN (module docstring). Double-DQN-style targets are part of the method (`double_q` is
     not read); `dueling` and image encoders apply."""
 
-    # Declared here because OfflineConfig's copies of OffPolicyConfig's defaults would otherwise replace DQNConfig's
-    # (dataclasses read the bases last to first): the offline values, and DQN's hard target copies (tau 1).
-    lr: float = 3e-4
-    hidden_sizes: list[int] = field(default_factory=lambda: [256, 256])
-    batch_size: int = 256
-    train_freq: int = 1
-    max_grad_norm: float | None = None
-    tau: float = 1.0
     threshold: float = 0.3
     """Actions whose behaviour probability is within this factor of the likeliest one's are allowed (tau in the
     paper; d3rlpy's action_flexibility). 0: every action (DQN); 1: only the likeliest (behaviour cloning)."""
     imitation_beta: float = 0.01
     """Weight of the classifier's mean squared logit (the authors' 0.01; d3rlpy's beta 0.5)."""
-    target_update_interval: int = 2_000
-    """Hard target copies every this many gradient steps (then env steps online); the authors' Atari value is 8000."""
-    exploration_fraction: float = 0.0
-    eps_start: float = 0.05
-    """Online (after the offline phase): epsilon-greedy from the start, not a decay from 1."""
 
     def validate(self) -> None:
         super().validate()

@@ -203,12 +203,11 @@ class _ParameterHolder(nn.Module):
 
 
 @dataclass
-class DiscreteCQLConfig(OfflineConfig, DQNConfig):
-    """Discrete CQL on DQN (d3rlpy's DiscreteCQL: alpha 1, Huber TD loss, hard target copies)."""
+class OfflineDQNConfig(OfflineConfig, DQNConfig):
+    """What the offline DQN family (discrete CQL, discrete BCQ) shares. Its fields are declared here because
+    OfflineConfig's copies of OffPolicyConfig's defaults would otherwise replace DQNConfig's (dataclasses read the
+    bases last to first): the offline values, and DQN's hard target copies (tau 1)."""
 
-    cql_alpha: float = 1.0
-    # Declared here because OfflineConfig's copies of OffPolicyConfig's defaults would otherwise replace DQNConfig's
-    # (dataclasses read the bases last to first): the offline values, and DQN's hard target copies (tau 1).
     lr: float = 3e-4
     hidden_sizes: list[int] = field(default_factory=lambda: [256, 256])
     batch_size: int = 256
@@ -220,6 +219,13 @@ class DiscreteCQLConfig(OfflineConfig, DQNConfig):
     exploration_fraction: float = 0.0
     eps_start: float = 0.05
     """Online (after the offline phase): epsilon-greedy from the start, not a decay from 1."""
+
+
+@dataclass
+class DiscreteCQLConfig(OfflineDQNConfig):
+    """Discrete CQL on DQN (d3rlpy's DiscreteCQL: alpha 1, Huber TD loss, hard target copies)."""
+
+    cql_alpha: float = 1.0
 
     def validate(self) -> None:
         super().validate()
