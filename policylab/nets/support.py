@@ -51,7 +51,7 @@ class Perturbation(nn.Module):
 
     def forward(self, obs: Tensor, actions: Tensor) -> Tensor:
         moved = torch.tanh(self.body(torch.cat([obs.flatten(1), actions], -1))[0])
-        return torch.addcmul(actions, moved, torch.tensor(self.scale, dtype=actions.dtype)).clamp(-1.0, 1.0)
+        return (actions + self.scale * moved).clamp(-1.0, 1.0)
 
 
 class PerturbedVAEActor(_BoundedActor):
