@@ -186,7 +186,8 @@ def _collect(args: argparse.Namespace) -> int:
 
 
 def _dataset(args: argparse.Namespace) -> int:
-    from policylab.data.dataset import concat_datasets, format_info, load_dataset, write_dataset
+    from policylab.data.dataset import best_episodes, concat_datasets, format_info, load_dataset, write_dataset
+    from policylab.logging import fixed
 
     if args.dataset_command == "info":
         info = load_dataset(args.path).info()
@@ -197,6 +198,15 @@ def _dataset(args: argparse.Namespace) -> int:
     elif args.dataset_command == "validate":
         dataset = load_dataset(args.path)
         print(f"ok: {dataset.num_episodes} episodes, {dataset.num_steps} steps")
+    elif args.dataset_command == "filter":
+        source = load_dataset(args.path)
+        kept = best_episodes(source, args.top)
+        out = write_dataset(kept, args.out, overwrite=args.overwrite)
+        lowest = float(kept.episode_returns().min()) if kept.num_episodes else float("nan")
+        print(
+            f"wrote {out}: the best {kept.num_episodes} of {source.num_episodes} episodes ({kept.num_steps} steps, "
+            f"returns >= {fixed(lowest)})"
+        )
     else:
         merged = concat_datasets([load_dataset(p) for p in args.paths])
         out = write_dataset(merged, args.out, overwrite=args.overwrite)
@@ -299,6 +309,11 @@ def build_parser() -> argparse.ArgumentParser:
     q = dataset_sub.add_parser("concat", help="write the episodes of several datasets as one")
     q.add_argument("paths", nargs="+", metavar="PATH", help="datasets collected in the same env")
     q.add_argument("--out", required=True, help="directory to write the combined dataset to")
+    q.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    q = dataset_sub.add_parser("filter", help="write the best episodes of a dataset by return (e.g. for BC-10%%)")
+    q.add_argument("path", help="dataset directory, D4RL-style .hdf5 file, or local Minari dataset id")
+    q.add_argument("--top", type=float, required=True, help="the share of episodes to keep, e.g. 0.1 for the best 10%%")
+    q.add_argument("--out", required=True, help="directory to write the kept episodes to")
     q.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     p.set_defaults(func=_dataset)
 

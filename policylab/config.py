@@ -48,6 +48,9 @@ class CommonConfig:
     dataset: str | None = None
     """An offline dataset (a directory made by `policylab collect`, a Minari dataset directory or name, or a
     D4RL-style HDF5 file): offline training, or hybrid with `offline_ratio` (off-policy algorithms)."""
+    top_fraction: float = 1.0
+    """Learn from the best this share of the dataset's episodes by return (1.0: all of them); observation
+    statistics are then those of the kept episodes. `bc --set top_fraction=0.1` is CORL's BC-10%."""
     seed: int = 0
     num_envs: int = 8
     vectorization: str = "auto"
@@ -142,6 +145,16 @@ class CommonConfig:
         from policylab.collectors import check_workers
 
         check_workers(self)
+        if not 0.0 < self.top_fraction <= 1.0:
+            raise ConfigError(
+                f"top_fraction={self.top_fraction} is outside (0, 1]",
+                "set the share of the dataset's episodes to keep, e.g. top_fraction=0.1 for the best 10%",
+            )
+        if self.top_fraction < 1.0 and not self.dataset:
+            raise ConfigError(
+                f"top_fraction={self.top_fraction} selects episodes of a dataset, and this run has none",
+                "pass --dataset PATH, or drop top_fraction",
+            )
         if not 0.0 <= self.gamma <= 1.0:
             raise ConfigError(f"gamma={self.gamma} is outside [0, 1]", "set gamma to e.g. 0.99")
         if self.vectorization not in ("auto", "sync", "async"):

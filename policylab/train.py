@@ -54,7 +54,13 @@ from policylab.config import (
     set_by,
 )
 from policylab.data import Batch, ReplayBuffer
-from policylab.data.dataset import Dataset, check_compatible, dataset_observation_space, load_dataset
+from policylab.data.dataset import (
+    Dataset,
+    best_episodes,
+    check_compatible,
+    dataset_observation_space,
+    load_dataset,
+)
 from policylab.data.her import HindsightRelabeler, her_relabeler
 from policylab.data.replay import StackedFrameReplay
 from policylab.data.sources import (
@@ -371,7 +377,7 @@ class OnPolicyLoop:
         matmul.set_precision(cfg.precision)
         self.cfg = cfg
         self.spec = spec
-        self.dataset = load_dataset(cfg.dataset) if cfg.dataset else None
+        self.dataset = training_dataset(cfg)
         """Demonstrations for the imitation term (hybrid on-policy runs); the rollouts stay on-policy."""
         # with rollout workers the learner's env is one env, for its spaces only: the workers step theirs
         self.env, self.algo = _env_and_algo(spec, cfg, 1 if cfg.rollout_workers else None)
@@ -593,7 +599,7 @@ class OffPolicyLoop:
         matmul.set_precision(cfg.precision)
         self.cfg = cfg
         self.spec = spec
-        self.dataset = load_dataset(cfg.dataset) if cfg.dataset else None
+        self.dataset = training_dataset(cfg)
         self.env, self.algo = _env_and_algo(spec, cfg, 1 if cfg.rollout_workers else None)
         self.obs_space: Any = self.env.single_observation_space
         self.act_space = self.env.single_action_space
@@ -1140,6 +1146,13 @@ class PopulationLoop:
 
     def close(self) -> None:
         self.env.close()
+
+
+def training_dataset(cfg: Any) -> Dataset | None:
+    """The run's dataset as it trains on it: loaded and checked, then its best `top_fraction` of episodes."""
+    if not cfg.dataset:
+        return None
+    return best_episodes(load_dataset(cfg.dataset), cfg.top_fraction)
 
 
 def _normalized_score(dataset: Dataset | None, return_mean: float) -> float | None:

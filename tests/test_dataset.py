@@ -17,10 +17,12 @@ from minari.dataset._storages.hdf5_storage import HDF5Storage
 from policylab.cli import main
 from policylab.data.dataset import (
     Dataset,
+    best_episodes,
     check_compatible,
     concat_datasets,
     format_info,
     load_dataset,
+    select_episodes,
     sha256_file,
     validate_dataset,
     write_dataset,
@@ -426,6 +428,35 @@ def test_concat_and_its_errors():
     assert "env_id 'Pendulum-v1' vs 'Other-v0'" in _problem(concat_datasets, [a, pendulum(env_id="Other-v0")])
 
 
+def test_select_episodes_keeps_each_episodes_rows_in_order():
+    ds = pendulum(lengths=[2, 3, 1, 4])
+    kept = select_episodes(ds, [3, 1])  # the dataset's order, whatever the order asked
+    np.testing.assert_array_equal(kept.episode_lengths, [3, 4])
+    # steps 2-4 and 6-9; observation rows 3-6 (episode 1's 4) and 9-13 (episode 3's 5)
+    np.testing.assert_array_equal(kept.actions, ds.actions[[2, 3, 4, 6, 7, 8, 9]])
+    np.testing.assert_array_equal(kept.rewards, ds.rewards[[2, 3, 4, 6, 7, 8, 9]])
+    np.testing.assert_array_equal(kept.behavior_log_probs, ds.behavior_log_probs[[2, 3, 4, 6, 7, 8, 9]])
+    np.testing.assert_array_equal(kept.observations, ds.observations[[3, 4, 5, 6, 9, 10, 11, 12, 13]])
+    np.testing.assert_array_equal(kept.truncations, [False, False, False, False, False, False, True])
+    np.testing.assert_array_equal(kept.terminations, [False, False, True, False, False, False, False])
+    validate_dataset(kept)
+    assert (kept.env_id, kept.ref_min_score, kept.ref_max_score) == (ds.env_id, ds.ref_min_score, ds.ref_max_score)
+
+
+def test_best_episodes_keeps_the_top_share_by_return_and_names_its_source():
+    ds = pendulum(lengths=[1] * 10)
+    ds.rewards[:] = [5.0, 1.0, 9.0, 3.0, 9.0, 0.0, 7.0, 2.0, 8.0, 4.0]
+    top = best_episodes(ds, 0.3)
+    np.testing.assert_array_equal(top.rewards, [9.0, 9.0, 8.0])  # episodes 2, 4, 8, in the dataset's order
+    assert best_episodes(ds, 0.29).num_episodes == 2, "floor(0.29 * 10)"
+    assert best_episodes(ds, 0.01).num_episodes == 1, "at least one episode"
+    assert best_episodes(ds, 0.2).rewards.tolist() == [9.0, 9.0], "ties: the earlier episode first"
+    assert best_episodes(ds, 1.0) is ds
+    assert top.metadata["top_fraction"] == 0.3 and top.metadata["best_episodes_of"] == ds.name
+    assert "0.1 for the best 10%" in _problem(best_episodes, ds, 0.0)
+    assert "outside (0, 1]" in _problem(best_episodes, ds, 1.5)
+
+
 def test_check_compatible_names_both_spaces_and_the_env():
     ds = pendulum()
     check_compatible(ds, PENDULUM_OBS, PENDULUM_ACT, "the env Pendulum-v1")
@@ -476,6 +507,13 @@ def test_cli_info_validate_concat(tmp_path, capsys):
     assert main(["dataset", "concat", str(a), str(b), "--out", str(tmp_path / "ab")]) == 2
     assert "--overwrite" in capsys.readouterr().err
     assert main(["dataset", "concat", str(a), str(b), "--out", str(tmp_path / "ab"), "--overwrite"]) == 0
+    capsys.readouterr()
+    assert main(["dataset", "filter", str(tmp_path / "ab"), "--top", "0.5", "--out", str(tmp_path / "best")]) == 0
+    best = load_dataset(tmp_path / "best")
+    returns = np.sort(load_dataset(tmp_path / "ab").episode_returns())[::-1]
+    np.testing.assert_allclose(np.sort(best.episode_returns())[::-1], returns[:2])
+    assert capsys.readouterr().out.startswith(f"wrote {tmp_path / 'best'}: the best 2 of 4 episodes")
+    assert best.metadata["best_episodes_of"] == str(tmp_path / "ab")
 
 
 def test_cli_validate_bad_dataset_exits_2(tmp_path, capsys):

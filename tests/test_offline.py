@@ -16,7 +16,7 @@ import policylab as pl
 from policylab.cli import main
 from policylab.collect import collect, collect_from_buffer
 from policylab.data import ReplayBuffer
-from policylab.data.dataset import load_dataset
+from policylab.data.dataset import concat_datasets, load_dataset, write_dataset
 from policylab.data.sources import BatchSource
 from policylab.errors import ConfigError, DatasetError, PolicylabError
 from policylab.objectives.offline import (
@@ -293,6 +293,19 @@ def test_offline_algorithms_learn_pendulum_from_a_dataset(datasets, tmp_path, al
     _train_until(algo, datasets[which], bar, steps, tmp_path, overrides)
 
 
+def test_bc_on_the_best_tenth_of_mixed_data_learns_where_bc_on_all_of_it_does_not(datasets, tmp_path):
+    """CORL's BC-10% (top_fraction): 20 expert episodes among 80 of a random policy. BC on the best 20% of the
+    episodes by return clones the expert; BC on every episode clones a blend of the two."""
+    expert = load_dataset(datasets["expert"])
+    randoms = collect("Pendulum-v1", "random", 80, seed=3, ref_max_score=expert.ref_max_score)
+    mixed = write_dataset(concat_datasets([expert, randoms]), tmp_path / "mixed")
+    _train_until("bc", mixed, 85.0, 3000, tmp_path, {"top_fraction": 0.2})
+    everything = pl.train("bc", dataset=mixed, steps=3000, seed=1, runs_dir=tmp_path, verbose=False,
+                          overrides={**SMALL_NETS, "eval_every": 500, "eval_episodes": 5})  # fmt: skip
+    scores = [_score(mixed, float(row["return_mean"])) for row in csv.DictReader(open(everything.dir / "eval.csv"))]
+    assert max(scores) < 50.0, f"BC on every episode scored {scores}"
+
+
 def test_discrete_bc_learns_cartpole_from_an_epsilon_greedy_expert(datasets, tmp_path):
     run = pl.train(
         "bc",
@@ -528,6 +541,10 @@ def test_bad_dataset_settings_are_clear_errors(datasets, tmp_path):
         pl.train("iql", dataset=datasets["cartpole"], steps=100, runs_dir=tmp_path, verbose=False)
     with pytest.raises(DatasetError, match="no local dataset|does not exist|not found"):
         pl.train("bc", dataset=str(tmp_path / "missing"), steps=100, runs_dir=tmp_path, verbose=False)
+    with pytest.raises(ConfigError, match=r"top_fraction=0.0 is outside \(0, 1\]"):
+        pl.train("bc", dataset=datasets["expert"], steps=100, overrides={"top_fraction": 0}, runs_dir=tmp_path)
+    with pytest.raises(ConfigError, match="(?s)this run has none.*dataset=PATH"):
+        pl.train("sac", env="Pendulum-v1", steps=100, overrides={"top_fraction": 0.5}, runs_dir=tmp_path)
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(("iql", "ppo", "sac", "bc"))]
 
 

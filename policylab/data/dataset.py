@@ -518,6 +518,47 @@ def concat_datasets(datasets: Sequence[Dataset]) -> Dataset:
     )
 
 
+def select_episodes(dataset: Dataset, episodes: Sequence[int] | np.ndarray) -> Dataset:
+    """The dataset's episodes at these indices, in the dataset's order (a new Dataset; the arrays are copies).
+    Provenance (path, checksum, reference returns, env) stays the source's: a run trained on a selection names
+    the file it read and the setting that selected from it."""
+    keep = np.zeros(dataset.num_episodes, bool)
+    keep[np.asarray(episodes, np.int64)] = True
+    lengths = np.asarray(dataset.episode_lengths, np.int64)
+    steps = np.repeat(keep, lengths)
+    rows = np.repeat(keep, lengths + 1)  # each episode's T + 1 observations
+    log_probs = dataset.behavior_log_probs
+    return replace(
+        dataset,
+        observations=dataset.observations[rows],
+        actions=dataset.actions[steps],
+        rewards=dataset.rewards[steps],
+        terminations=dataset.terminations[steps],
+        truncations=dataset.truncations[steps],
+        episode_lengths=lengths[keep],
+        behavior_log_probs=None if log_probs is None else log_probs[steps],
+        metadata=dict(dataset.metadata),
+    )
+
+
+def best_episodes(dataset: Dataset, fraction: float) -> Dataset:
+    """The best `fraction` of the dataset's episodes by undiscounted return: the top max(1, floor(fraction * E)),
+    kept in the dataset's order (equal returns: the earlier episode first). What "BC-10%" trains on (CORL's
+    any-percent BC; Chen et al. 2021, the Decision Transformer paper's %BC baseline)."""
+    if not 0.0 < fraction <= 1.0:
+        raise DatasetError(
+            f"top fraction {fraction} is outside (0, 1]",
+            "give the share of episodes to keep, e.g. 0.1 for the best 10%",
+        )
+    if fraction == 1.0 or dataset.num_episodes == 0:
+        return dataset
+    count = max(1, math.floor(fraction * dataset.num_episodes + 1e-9))  # 0.29 * 100 is 28.999...
+    order = np.argsort(-dataset.episode_returns(), kind="stable")
+    kept = select_episodes(dataset, np.sort(order[:count]))
+    kept.metadata.update(best_episodes_of=dataset.name, top_fraction=fraction)
+    return kept
+
+
 def _label(ds: Dataset, index: int) -> str:
     """The dataset's path or name, else its position among those given."""
     return ds.name if ds.path is not None or "name" in ds.metadata else f"dataset {index}"
