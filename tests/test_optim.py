@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from policylab.optim import Adam, RMSprop
+from policylab.optim import Adam, RAdam, RMSprop
 
 
 def _params(seed: int) -> list[torch.nn.Parameter]:
@@ -108,3 +108,28 @@ def test_rmsprop_matches_torch_rmsprop_bitwise_and_round_trips_through_its_state
     back = torch.optim.RMSprop(_params(5), lr=1.0, foreach=True)
     back.load_state_dict(opt.state_dict())
     assert back.param_groups[0]["lr"] == 3e-4
+
+
+def test_radam_matches_torch_radam_bitwise_through_both_regimes_and_its_state_dict():
+    """PQN's optimizer: torch.optim.RAdam (single-tensor path) bit for bit, over the first steps (rho_t <= 5: the
+    unadapted step) and the later ones (the rectified adaptive step), with a learning-rate change on the way."""
+    ours, ref = _params(7), _params(7)
+    opt = RAdam(ours, lr=2.5e-4)
+    ref_opt = torch.optim.RAdam(ref, lr=2.5e-4, foreach=False)
+    g = torch.Generator().manual_seed(8)
+    for step in range(10):  # rho_t passes 5 at the 6th step with beta2 0.999
+        for p, q in zip(ours, ref):
+            grad = torch.randn(p.shape, generator=g)
+            p.grad, q.grad = grad.clone(), grad.clone()
+        if step == 7:
+            opt.param_groups[0]["lr"] = ref_opt.param_groups[0]["lr"] = 1e-4
+        opt.step()
+        ref_opt.step()
+        for p, q in zip(ours, ref):
+            assert torch.equal(p, q), step
+    restored = RAdam(_params(7), lr=1.0)
+    restored.load_state_dict(ref_opt.state_dict())
+    assert restored.param_groups[0]["lr"] == 1e-4
+    for p, q in zip(opt.params, restored.params):
+        assert torch.equal(restored.state[q]["exp_avg_sq"], opt.state[p]["exp_avg_sq"])
+        assert float(restored.state[q]["step"]) == 10

@@ -32,6 +32,7 @@ from policylab.algos.iql import IQL, IQLConfig
 from policylab.algos.mdpo import MDPO, MDPOConfig, MDPOSACConfig
 from policylab.algos.pa_rl import PARL, PARLConfig
 from policylab.algos.ppo import PPO, PPOConfig
+from policylab.algos.pqn import PQN, PQNConfig
 from policylab.algos.prdc import PRDC, PRDCConfig
 from policylab.algos.qrdqn import QRDQN, QRDQNConfig
 from policylab.algos.rebrac import ReBRAC, ReBRACConfig
@@ -93,6 +94,7 @@ ALGORITHMS: dict[str, AlgoSpec] = {
         AlgoSpec("fixpo", FixPOConfig, FixPO, "on-policy", ON_POLICY, "FixPO: learned KL penalty + fixup phase"),
         AlgoSpec("dppo", DPPOConfig, DPPO, "on-policy", ("online",), "DPPO: PPO over a diffusion policy's chain"),
         AlgoSpec("fpo", FPOConfig, FPO, "on-policy", ("online",), "FPO: PPO-clip on flow-matching loss ratios"),
+        AlgoSpec("pqn", PQNConfig, PQN, "on-policy", ("online",), "PQN: Q(lambda) from parallel envs, LayerNorm"),
         AlgoSpec("ars", ARSConfig, ARS, "population", ("online",), "ARS: random search over policy parameters"),
         AlgoSpec("dqn", DQNConfig, DQN, "off-policy", OFF_POLICY, "DQN: double, dueling, n-step, prioritized"),
         AlgoSpec("qrdqn", QRDQNConfig, QRDQN, "off-policy", OFF_POLICY, "QR-DQN: quantiles of the return per action"),
@@ -194,6 +196,8 @@ __all__ = [
     "IQLConfig",
     "PPO",
     "PPOConfig",
+    "PQN",
+    "PQNConfig",
     "Reinforce",
     "ReinforceConfig",
     "SAC",

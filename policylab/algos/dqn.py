@@ -75,8 +75,9 @@ class DQNConfig(OffPolicyConfig):
         check_unit_interval(self, "eps_start", "eps_final")
 
 
-def epsilon(cfg: DQNConfig, progress: float) -> float:
-    """Linear from eps_start to eps_final over the first exploration_fraction of the run, then constant."""
+def epsilon(cfg: Any, progress: float) -> float:
+    """Linear from eps_start to eps_final over the first exploration_fraction of the run, then constant (any config
+    with those three fields: the DQN family's, PQN's)."""
     if cfg.exploration_fraction == 0 or progress >= cfg.exploration_fraction:
         return cfg.eps_final
     return cfg.eps_start + progress / cfg.exploration_fraction * (cfg.eps_final - cfg.eps_start)

@@ -73,7 +73,9 @@ class QNetwork(nn.Module):
         members: int = 1,
         encoder: ImageEncoder | None = None,
         sample_epsilon: float = 0.0,
+        layer_norm: bool = False,
     ) -> None:
+        """`layer_norm`: LayerNorm before each hidden activation (PQN's network)."""
         super().__init__()
         self.dueling = dueling
         self.n_actions = n_actions
@@ -81,7 +83,8 @@ class QNetwork(nn.Module):
         """`env_action(deterministic=False)`'s exploration rate (DQN: its eps_final; 0: greedy either way)."""
         self.encoder = encoder
         """An image encoder (nets/cnn.py) before the MLP; `obs_dim` is then its feature count."""
-        self.body = StackedMLP(members, obs_dim, hidden_sizes, n_actions + 1 if dueling else n_actions, activation)
+        out_dim = n_actions + 1 if dueling else n_actions
+        self.body = StackedMLP(members, obs_dim, hidden_sizes, out_dim, activation, layer_norm)
 
     def forward(self, obs: Tensor) -> Tensor:
         return self.values(self.body(flat_features(self.encoder, obs)))

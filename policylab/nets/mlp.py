@@ -70,6 +70,8 @@ class StackedMLP(nn.Module):
         self._layers = list(zip(self.weights, self.biases, self.transposed))
         self._numpy_key: tuple[int, ...] = ()
         self._numpy_layers: list[list[tuple[np.ndarray, np.ndarray]]] = []
+        self._numpy_norms: list[list[tuple[np.ndarray, np.ndarray]]] = []
+        """LayerNorm's (scale, shift) views per hidden layer, indexed as `_numpy_layers`."""
         self.default_init()
 
     def default_init(self) -> None:
@@ -110,7 +112,8 @@ class StackedMLP(nn.Module):
     @property
     def numpy_acting(self) -> bool:
         """Whether `numpy_forward` applies, and `forward_cached`/`backward` with batch renormalization: tanh or relu,
-        no LayerNorm (batch renormalization acts on running statistics, which numpy reads)."""
+        no LayerNorm (batch renormalization acts on running statistics, which numpy reads). `numpy_forward` itself
+        also takes LayerNorm (PQN acts through it), which the hand-derived steps do not."""
         return self.activation in ("tanh", "relu") and not self.layer_norm
 
     def forward(self, x: Tensor, members: int | None = None) -> Tensor:
@@ -157,6 +160,8 @@ class StackedMLP(nn.Module):
                 h = self.renorms[i].numpy_forward(h, member)
             h = np.matmul(h, w)
             h += b
+            if self.layer_norm:
+                h = self._numpy_layer_norm(h, i, member)
             if self.activation == "tanh":
                 np.tanh(h, out=h)
             else:
@@ -166,10 +171,28 @@ class StackedMLP(nn.Module):
         out += b
         return out, h
 
+    def _numpy_layer_norm(self, h: np.ndarray, i: int, member: int | None) -> np.ndarray:
+        """F.layer_norm (eps 1e-5, biased variance) times the layer's scale plus its shift, in numpy (reductions by
+        np.add.reduce: ndarray.mean costs three times as much on a few rows)."""
+        scale, shift = self._numpy_norms[member if member is not None else -1][i]
+        inverse_width = np.float32(1.0 / h.shape[-1])
+        mean = np.add.reduce(h, -1, keepdims=True)
+        mean *= inverse_width
+        centered = h - mean
+        variance = np.add.reduce(centered * centered, -1, keepdims=True)
+        variance *= inverse_width
+        variance += 1e-5
+        np.sqrt(variance, out=variance)
+        centered /= variance
+        centered *= scale
+        centered += shift
+        return centered
+
     def _numpy_views(self) -> list[list[tuple[np.ndarray, np.ndarray]]]:
         """Per member k, its [in, out] weight and [1, out] bias views; last, all members' [K, in, out] and
         [K, 1, out] views. Rebuilt if a parameter's storage moved."""
-        key = tuple(t.data_ptr() for w, b, _ in self._layers for t in (w, b))
+        norms = [*self.norm_scales, *self.norm_shifts]
+        key = tuple(t.data_ptr() for w, b, _ in self._layers for t in (w, b)) + tuple(t.data_ptr() for t in norms)
         if key != self._numpy_key:
             stacked = [
                 (w.detach().numpy().transpose(0, 2, 1) if transposed else w.detach().numpy(), b.detach().numpy())
@@ -177,6 +200,13 @@ class StackedMLP(nn.Module):
             ]
             per_member = [[(w[k], b[k]) for w, b in stacked] for k in range(self.members)]
             self._numpy_layers = [*per_member, stacked]
+            scales = [p.detach().numpy() for p in self.norm_scales]
+            shifts = [p.detach().numpy() for p in self.norm_shifts]
+            stacked_norms = list(zip(scales, shifts, strict=True))
+            self._numpy_norms = [
+                *([(a[k], b[k]) for a, b in stacked_norms] for k in range(self.members)),
+                stacked_norms,
+            ]
             self._numpy_key = key
         return self._numpy_layers
 
