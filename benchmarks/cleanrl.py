@@ -1,7 +1,7 @@
 """policylab against CleanRL's single-file scripts, the same algorithm with the same settings, side by side.
 
     .venv/bin/python benchmarks/cleanrl.py --setup                      # once: CleanRL's own venv
-    .venv/bin/python benchmarks/cleanrl.py --seeds 3                    # every case, 100k steps each
+    .venv/bin/python benchmarks/cleanrl.py --seeds 3                    # every case at its own budget
     .venv/bin/python benchmarks/cleanrl.py --case c51-cartpole --seeds 3 --steps 50000
 
 CleanRL is a set of scripts, not a library: the PyPI wheel `cleanrl==1.2.0` ships them as modules
@@ -20,6 +20,9 @@ Cases (each side with the script's defaults; policylab's values are listed in CA
   clip 0.2 with value clipping, ent 0.01, grad norm 0.5, 64x64 tanh). CleanRL's value loss has a factor 1/2 that
   policylab's does not (objectives/value.py), so policylab's vf_coef is 0.25 for CleanRL's 0.5.
 - c51-cartpole: `cleanrl.c51` on CartPole-v1 (policylab's c51 defaults are this script's).
+- td3-pendulum: `cleanrl.td3_continuous_action` on Pendulum-v1, 30k steps (its defaults: lr 3e-4 for both,
+  256x256, batch 256, tau 0.005, actor and targets every 2 steps, smoothing 0.2 clipped at 0.5, exploration 0.1;
+  learning after 10k random steps instead of its 25k, on both sides).
 - rpo-pendulum: `cleanrl.rpo_continuous_action` on Pendulum-v1 (1 env x 2048 steps, 10 epochs of 32 minibatches,
   lr 3e-4 annealed, alpha 0.5, observations and rewards normalized and clipped at 10, 64x64 tanh; its default
   env is HalfCheetah-v4, whose v4 the policylab side does not have: Pendulum-v1 is the same env on both sides).
@@ -70,6 +73,8 @@ class Case:
     algo: str
     ours: dict[str, Any] = field(default_factory=dict)
     peer: tuple[str, ...] = ()
+    steps: int = 100_000
+    """The default budget (--steps overrides it for every case)."""
 
 
 PPO_CARTPOLE = {
@@ -84,10 +89,23 @@ RPO_PENDULUM = {
     "rpo_alpha": 0.5, "normalize_obs": True, "normalize_reward": True, "clip_obs": 10.0, "clip_reward": 10.0,
     "log_std_init": 0.0, "squash_actions": False,
 }  # fmt: skip
+TD3_PENDULUM = {
+    "lr": 3e-4, "hidden_sizes": [256, 256], "batch_size": 256, "buffer_size": 1_000_000, "tau": 0.005,
+    "gamma": 0.99, "policy_delay": 2, "target_noise": 0.2, "target_noise_clip": 0.5, "action_noise": 0.1,
+    "learning_starts": 10_000, "num_envs": 1, "train_freq": 1, "gradient_steps": 1,
+}  # fmt: skip
 CASES = {
     "ppo-cartpole": Case("cleanrl.ppo", "CartPole-v1", "ppo", PPO_CARTPOLE),
     "c51-cartpole": Case("cleanrl.c51", "CartPole-v1", "c51"),
     "rpo-pendulum": Case("cleanrl.rpo_continuous_action", "Pendulum-v1", "rpo", RPO_PENDULUM),
+    "td3-pendulum": Case(
+        "cleanrl.td3_continuous_action",
+        "Pendulum-v1",
+        "td3",
+        TD3_PENDULUM,
+        ("--learning-starts", "10000"),
+        steps=30_000,
+    ),
 }
 
 
@@ -187,25 +205,26 @@ def main() -> None:
     parser.add_argument("--case", action="append", choices=sorted(CASES), help="the cases to run (default: all)")
     parser.add_argument("--seeds", type=positive_int, default=3)
     parser.add_argument("--first-seed", type=int, default=1)
-    parser.add_argument("--steps", type=positive_int, default=100_000, help="env steps per run, both sides")
+    parser.add_argument("--steps", type=positive_int, help="env steps per run, both sides (default: the case's)")
     a = parser.parse_args()
     if a.setup:
         setup()
         return
     if not (VENV / "bin" / "python").exists():
         raise SystemExit("CleanRL's venv is missing: run `.venv/bin/python benchmarks/cleanrl.py --setup` first")
-    results: dict[str, Any] = {"provenance": provenance(["torch", "gymnasium", "numpy"]), "steps": a.steps}
+    results: dict[str, Any] = {"provenance": provenance(["torch", "gymnasium", "numpy"])}
     results["cases"] = {}
     with tempfile.TemporaryDirectory(prefix="policylab-cleanrl-") as scratch:
         tmp = Path(scratch)
         for name in a.case or list(CASES):
             case, runs = CASES[name], []
+            steps = a.steps or case.steps
             for seed in range(a.first_seed, a.first_seed + a.seeds):
-                runs.append(run_ours(case, seed, a.steps, tmp))
-                runs.append(run_cleanrl(case, seed, a.steps, tmp))
+                runs.append(run_ours(case, seed, steps, tmp))
+                runs.append(run_cleanrl(case, seed, steps, tmp))
                 print(f"  {name} seed {seed}: ours {runs[-2]['wall_s']:.1f} s, CleanRL {runs[-1]['wall_s']:.1f} s",
                       flush=True)  # fmt: skip
-            results["cases"][name] = {"case": case.__dict__ | {"ours": dict(case.ours)}, "runs": runs,
+            results["cases"][name] = {"case": case.__dict__ | {"ours": dict(case.ours), "steps": steps}, "runs": runs,
                                       "summary": report(name, runs)}  # fmt: skip
     print(f"results: {write_results('cleanrl', results)}")
 

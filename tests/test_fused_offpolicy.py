@@ -16,6 +16,7 @@ from policylab.algos.fused_offpolicy import (
     fused_dqn_update,
     fused_iql_update,
     fused_qrdqn_update,
+    fused_c51_update,
     fused_sac_update,
     fused_td3_update,
     fused_tqc_update,
@@ -206,10 +207,12 @@ def test_fused_tqc_step_equals_autograd(overrides):
         ("dqn", {"prioritized": True, "double_q": True, "n_step": 3}),
         ("qrdqn", {}),
         ("qrdqn", {"activation": "tanh", "max_grad_norm": 0.5, "n_quantiles": 7, "n_step": 3}),
+        ("c51", {}),
+        ("c51", {"activation": "tanh", "max_grad_norm": 0.5, "n_atoms": 11, "v_min": 0.0, "v_max": 20.0, "n_step": 3}),
     ],
 )
-def test_fused_dqn_and_qrdqn_steps_equal_autograd(algo_name, overrides):
-    fused_update = fused_dqn_update if algo_name == "dqn" else fused_qrdqn_update
+def test_fused_dqn_qrdqn_and_c51_steps_equal_autograd(algo_name, overrides):
+    fused_update = {"dqn": fused_dqn_update, "qrdqn": fused_qrdqn_update, "c51": fused_c51_update}[algo_name]
     loop, twin_loop = (_warm_loop(algo_name, "CartPole-v1", overrides) for _ in range(2))
     algo, twin = loop.algo, twin_loop.algo
     assert algo.fused

@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from policylab.algos.fused_offpolicy import fused_c51_update, fused_qrdqn_applies
 from policylab.algos.offpolicy import discrete_actions
 from policylab.algos.qrdqn import DistributionalDQN, DistributionalDQNConfig
 from policylab.data import Batch
@@ -124,7 +125,14 @@ class C51(DistributionalDQN):
         atoms = torch.linspace(cfg.v_min, cfg.v_max, cfg.n_atoms)
         return CategoricalQNetwork(features, n_actions, atoms, cfg.hidden_sizes, cfg.activation, encoder, cfg.eps_final)
 
+    def __init__(self, cfg: C51Config, obs_space: gym.Space, act_space: gym.Space) -> None:
+        super().__init__(cfg, obs_space, act_space)
+        self.fused = fused_qrdqn_applies(self)
+
     def update(self, batch: Batch, index: int) -> dict[str, Tensor]:
+        return fused_c51_update(self, batch) if self.fused else self.autograd_update(batch)
+
+    def autograd_update(self, batch: Batch) -> dict[str, Tensor]:
         target = self.projected_target(batch)
         logits = self.net(batch.obs)[torch.arange(len(batch), device=target.device), batch.actions.long()]
         log_p = F.log_softmax(logits, -1)

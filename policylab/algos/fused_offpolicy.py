@@ -63,6 +63,7 @@ from policylab.objectives.q_targets import (
 if TYPE_CHECKING:
     from policylab.algos.awac import AWAC
     from policylab.algos.bcq import PLAS, DiscreteBCQ
+    from policylab.algos.c51 import C51
     from policylab.algos.cql import CQL, CQLNoise
     from policylab.algos.crossq import CrossQ
     from policylab.algos.crr import CRR
@@ -429,7 +430,8 @@ def fused_bcq_discrete_update(algo: DiscreteBCQ, batch: Batch) -> dict[str, Tens
     return {"loss": td_loss, "imitation_loss": imitation_loss, "q": q.mean()}
 
 
-def fused_qrdqn_applies(algo: QRDQN) -> bool:
+def fused_qrdqn_applies(algo: QRDQN | C51) -> bool:
+    """QR-DQN's and C51's steps: an MLP on vectors whose backward is hand-derived."""
     return bool(algo.cfg.analytic_grads and algo.net.encoder is None and algo.net.body.analytic_backward)
 
 
@@ -452,6 +454,27 @@ def fused_qrdqn_update(algo: QRDQN, batch: Batch) -> dict[str, Tensor]:
         net.body.backward(inputs, g_out.view(1, n, -1))
         algo.q_opt.clip_and_step()
     return {"loss": loss * n_quantiles, "q": z.mean()}
+
+
+def fused_c51_update(algo: C51, batch: Batch) -> dict[str, Tensor]:
+    """One C51 gradient step, the same as its autograd path: d/dlogits of -mean_B sum_j m_j log softmax_j is
+    (p sum_j m_j - m) / B in the taken action's N outputs, zero elsewhere."""
+    net = algo.net
+    n = len(batch)
+    with torch.no_grad():
+        target = algo.projected_target(batch)
+        out, inputs = net.body.forward_cached(batch.obs.flatten(1))
+        logits_all = out[0].view(n, algo.n_actions, net.n_atoms)
+        rows, actions = torch.arange(n, device=logits_all.device), batch.actions.long()
+        log_p = torch.log_softmax(logits_all[rows, actions], -1)
+        loss = -(target * log_p).sum(-1).mean()
+        p = log_p.exp()
+        g_out = torch.zeros_like(logits_all)
+        g_out[rows, actions] = (p * target.sum(-1, keepdim=True) - target).div_(n)
+        algo.q_opt.zero_grad_unless_written_by(net.body)
+        net.body.backward(inputs, g_out.view(1, n, -1))
+        algo.q_opt.clip_and_step()
+    return {"loss": loss, "q": (p @ net.atoms).mean()}
 
 
 def fused_td3_applies(algo: TD3) -> bool:
