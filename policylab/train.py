@@ -475,6 +475,8 @@ class OnPolicyLoop:
             )  # fmt: skip
         self.step += self.steps_per_iteration
         rollout = self.buffer.finish(last_values)
+        if self.workers is None:  # the observation after the last step (RND's bonus reads every next observation)
+            rollout.last_obs = torch.from_numpy(self.obs).to(cfg.device)
         if self.net.recurrent:  # an episode starts at step t where step t - 1 ended one (the state was zeroed then)
             rollout.states = states
             rollout.starts = torch.cat([torch.zeros_like(rollout.episode_end[:1]), rollout.episode_end[:-1]])

@@ -92,6 +92,35 @@ class SparseGoalEnv(gym.Env):
         return np.array([self.x], np.float32), reward, False, self.t >= 30, {}
 
 
+class LongChain(gym.Env):
+    """A corridor of `n` cells seen as one-hot vectors, starting in cell 0: action 1 moves right, action 0 left (the
+    left wall holds); reaching the last cell pays 1 and ends the episode, nothing else pays; `horizon` steps per
+    episode. With n 60 and horizon 80 a uniform random walk reaches the end about once in 10^8 episodes, so only
+    directed exploration finds the reward (RND's test)."""
+
+    action_space = gym.spaces.Discrete(2)
+
+    def __init__(self, n: int = 60, horizon: int = 80) -> None:
+        self.n, self.horizon = n, horizon
+        self.observation_space = gym.spaces.Box(0.0, 1.0, (n,), np.float32)
+
+    def _obs(self) -> np.ndarray:
+        obs = np.zeros(self.n, np.float32)
+        obs[self.cell] = 1.0
+        return obs
+
+    def reset(self, *, seed: int | None = None, options: dict | None = None):
+        super().reset(seed=seed)
+        self.cell, self.t = 0, 0
+        return self._obs(), {}
+
+    def step(self, action):
+        self.cell = max(0, self.cell + (1 if int(action) == 1 else -1))
+        self.t += 1
+        reached = self.cell == self.n - 1
+        return self._obs(), float(reached), reached, self.t >= self.horizon and not reached, {}
+
+
 class ChainMDP(gym.Env):
     """A 4-state chain with known dynamics, one-hot observations: action 1 moves right with probability 0.8
     (else stays), action 0 moves left with probability 0.8; reaching state 3 pays 1 and ends the episode, every

@@ -37,6 +37,7 @@ from policylab.algos.prdc import PRDC, PRDCConfig
 from policylab.algos.qrdqn import QRDQN, QRDQNConfig
 from policylab.algos.rebrac import ReBRAC, ReBRACConfig
 from policylab.algos.reinforce import Reinforce, ReinforceConfig
+from policylab.algos.rnd import PPORND, RNDConfig
 from policylab.algos.rpo import RPOConfig
 from policylab.algos.sac import SAC, SACConfig
 from policylab.algos.sac_discrete import DiscreteSAC, DiscreteSACConfig
@@ -94,6 +95,7 @@ ALGORITHMS: dict[str, AlgoSpec] = {
         AlgoSpec("fixpo", FixPOConfig, FixPO, "on-policy", ON_POLICY, "FixPO: learned KL penalty + fixup phase"),
         AlgoSpec("dppo", DPPOConfig, DPPO, "on-policy", ("online",), "DPPO: PPO over a diffusion policy's chain"),
         AlgoSpec("fpo", FPOConfig, FPO, "on-policy", ("online",), "FPO: PPO-clip on flow-matching loss ratios"),
+        AlgoSpec("ppo_rnd", RNDConfig, PPORND, "on-policy", ("online",), "PPO + RND: a random-network novelty bonus"),
         AlgoSpec("pqn", PQNConfig, PQN, "on-policy", ("online",), "PQN: Q(lambda) from parallel envs, LayerNorm"),
         AlgoSpec("ars", ARSConfig, ARS, "population", ("online",), "ARS: random search over policy parameters"),
         AlgoSpec("dqn", DQNConfig, DQN, "off-policy", OFF_POLICY, "DQN: double, dueling, n-step, prioritized"),
@@ -198,6 +200,8 @@ __all__ = [
     "PPOConfig",
     "PQN",
     "PQNConfig",
+    "PPORND",
+    "RNDConfig",
     "Reinforce",
     "ReinforceConfig",
     "SAC",
