@@ -5,13 +5,13 @@
     .venv/bin/python benchmarks/cleanrl.py --case c51-cartpole --seeds 3 --steps 50000
 
 CleanRL is a set of scripts, not a library: the PyPI wheel `cleanrl==1.2.0` ships them as modules
-(`python -m cleanrl.ppo ...`). Its metadata asks for Python < 3.11 and a mix of pins (gym 0.23 for some scripts,
-gymnasium for others, stable-baselines3 1.2.0 for the replay buffer); `--setup` makes
-`benchmarks/.venv-cleanrl` with torch 2.13.0 (the CPU wheel), gym 0.23.1, gymnasium 0.29.1, stable-baselines3
-1.2.0, tensorboard and numpy < 2, and installs the wheel with `--no-deps --ignore-requires-python`: the three
-scripts below run there unchanged. (Its `dqn.py` needs a gymnasium replay buffer, stable-baselines3 2.x, which
-clashes with `c51.py`'s 1.2.0, so it is not among the cases; policylab's DQN is measured against SB3's in
-offpolicy.py.)
+(`python -m cleanrl.ppo ...`). Its metadata asks for Python < 3.11 and a mix of pins: gym 0.23 for some scripts,
+gymnasium for others, and stable-baselines3's replay buffer, 1.2.0 for the gym scripts (`c51.py`,
+`td3_continuous_action.py`) and 2.x for the gymnasium one that uses it (`dqn.py`). `--setup` makes two venvs with
+torch 2.13.0 (the CPU wheel) and the wheel installed with `--no-deps --ignore-requires-python`:
+`benchmarks/.venv-cleanrl` (gym 0.23.1, gymnasium 0.29.1, stable-baselines3 1.2.0, tensorboard, numpy < 2) and
+`benchmarks/.venv-cleanrl-sb3` (gymnasium 0.29.1, stable-baselines3 2.3.2, tensorboard, numpy < 2); the scripts
+below run there unchanged.
 
 Cases (each side with the script's defaults; policylab's values are listed in CASES and passed with
 `--preset none`, so no tuned preset applies):
@@ -19,6 +19,8 @@ Cases (each side with the script's defaults; policylab's values are listed in CA
 - ppo-cartpole: `cleanrl.ppo` on CartPole-v1 (4 envs x 128 steps, 4 epochs of 4 minibatches, lr 2.5e-4 annealed,
   clip 0.2 with value clipping, ent 0.01, grad norm 0.5, 64x64 tanh). CleanRL's value loss has a factor 1/2 that
   policylab's does not (objectives/value.py), so policylab's vf_coef is 0.25 for CleanRL's 0.5.
+- dqn-cartpole: `cleanrl.dqn` on CartPole-v1 (lr 2.5e-4, a 10k buffer, batch 128, an update every 10 steps after
+  10k, a hard target copy every 500, epsilon 1 -> 0.05 over half the run, the squared TD error, [120, 84]).
 - c51-cartpole: `cleanrl.c51` on CartPole-v1 (policylab's c51 defaults are this script's).
 - td3-pendulum: `cleanrl.td3_continuous_action` on Pendulum-v1, 30k steps (its defaults: lr 3e-4 for both,
   256x256, batch 256, tau 0.005, actor and targets every 2 steps, smoothing 0.2 clipped at 0.5, exploration 0.1;
@@ -61,6 +63,9 @@ PEER_PACKAGES = (
     "tensorboard>=2.10,<3",
     "pygame",
 )
+SB3_VENV = REPO_ROOT / "benchmarks" / ".venv-cleanrl-sb3"
+"""The scripts that give gymnasium spaces to stable-baselines3's replay buffer (dqn.py) need its 2.x."""
+SB3_PACKAGES = ("numpy<2", "gymnasium==0.29.1", "stable-baselines3==2.3.2", "tensorboard>=2.10,<3")
 CLEANRL = "cleanrl==1.2.0"
 LAST_EPISODES = 20
 EPISODE_RETURN = re.compile(r"episodic_return=\[?(-?[\d.]+(?:e[-+]?\d+)?)")
@@ -75,6 +80,7 @@ class Case:
     peer: tuple[str, ...] = ()
     steps: int = 100_000
     """The default budget (--steps overrides it for every case)."""
+    venv: Path = VENV
 
 
 PPO_CARTPOLE = {
@@ -94,8 +100,15 @@ TD3_PENDULUM = {
     "gamma": 0.99, "policy_delay": 2, "target_noise": 0.2, "target_noise_clip": 0.5, "action_noise": 0.1,
     "learning_starts": 10_000, "num_envs": 1, "train_freq": 1, "gradient_steps": 1,
 }  # fmt: skip
+DQN_CARTPOLE = {
+    "lr": 2.5e-4, "buffer_size": 10_000, "gamma": 0.99, "tau": 1.0, "target_update_interval": 500,
+    "batch_size": 128, "eps_start": 1.0, "eps_final": 0.05, "exploration_fraction": 0.5, "learning_starts": 10_000,
+    "train_freq": 10, "hidden_sizes": [120, 84], "activation": "relu", "loss": "mse", "max_grad_norm": None,
+    "double_q": False, "dueling": False, "num_envs": 1,
+}  # fmt: skip
 CASES = {
     "ppo-cartpole": Case("cleanrl.ppo", "CartPole-v1", "ppo", PPO_CARTPOLE),
+    "dqn-cartpole": Case("cleanrl.dqn", "CartPole-v1", "dqn", DQN_CARTPOLE, venv=SB3_VENV),
     "c51-cartpole": Case("cleanrl.c51", "CartPole-v1", "c51"),
     "rpo-pendulum": Case("cleanrl.rpo_continuous_action", "Pendulum-v1", "rpo", RPO_PENDULUM),
     "td3-pendulum": Case(
@@ -110,10 +123,11 @@ CASES = {
 
 
 def setup() -> None:
-    make_peer_venv(VENV, *PEER_PACKAGES)
-    python = str(VENV / "bin" / "python")
-    pip = [python, "-m", "pip", "install", "-q", "--no-deps", "--ignore-requires-python", CLEANRL]
-    subprocess.run(pip, check=True)
+    for venv, packages in ((VENV, PEER_PACKAGES), (SB3_VENV, SB3_PACKAGES)):
+        make_peer_venv(venv, *packages)
+        python = str(venv / "bin" / "python")
+        pip = [python, "-m", "pip", "install", "-q", "--no-deps", "--ignore-requires-python", CLEANRL]
+        subprocess.run(pip, check=True)
 
 
 def _set_value(value: Any) -> str:
@@ -147,7 +161,7 @@ def run_ours(case: Case, seed: int, steps: int, tmp: Path) -> dict[str, Any]:
 
 def run_cleanrl(case: Case, seed: int, steps: int, tmp: Path) -> dict[str, Any]:
     """CleanRL's script in its venv, in a fresh process (its tensorboard logs go to a scratch directory)."""
-    command = [str(VENV / "bin" / "python"), "-m", case.module, "--env-id", case.env, "--seed", str(seed),
+    command = [str(case.venv / "bin" / "python"), "-m", case.module, "--env-id", case.env, "--seed", str(seed),
                "--total-timesteps", str(steps), "--capture-video", "False", "--track", "False", *case.peer]  # fmt: skip
     wall, output = _timed(command, cwd=tmp)
     returns = [float(m.group(1)) for m in EPISODE_RETURN.finditer(output)]
@@ -210,7 +224,7 @@ def main() -> None:
     if a.setup:
         setup()
         return
-    if not (VENV / "bin" / "python").exists():
+    if not all((case.venv / "bin" / "python").exists() for case in CASES.values()):
         raise SystemExit("CleanRL's venv is missing: run `.venv/bin/python benchmarks/cleanrl.py --setup` first")
     results: dict[str, Any] = {"provenance": provenance(["torch", "gymnasium", "numpy"])}
     results["cases"] = {}
@@ -224,7 +238,8 @@ def main() -> None:
                 runs.append(run_cleanrl(case, seed, steps, tmp))
                 print(f"  {name} seed {seed}: ours {runs[-2]['wall_s']:.1f} s, CleanRL {runs[-1]['wall_s']:.1f} s",
                       flush=True)  # fmt: skip
-            results["cases"][name] = {"case": case.__dict__ | {"ours": dict(case.ours), "steps": steps}, "runs": runs,
+            record = case.__dict__ | {"ours": dict(case.ours), "steps": steps, "venv": case.venv.name}
+            results["cases"][name] = {"case": record, "runs": runs,
                                       "summary": report(name, runs)}  # fmt: skip
     print(f"results: {write_results('cleanrl', results)}")
 
