@@ -182,6 +182,7 @@ def test_a_vector_only_algorithm_on_images_names_itself_and_every_algorithm_that
         "bcq_discrete",
         "c51",
         "rpo",
+        "ppo_rnd",
     } == set(takes)
     box_grid = "tests.envs_for_tests:box_action_pixel_grid"
     for algo, env in (("sac_discrete", GRID), ("sac", box_grid), ("td3", box_grid), ("dppo", box_grid)):

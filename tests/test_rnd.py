@@ -129,4 +129,30 @@ def test_bad_settings_are_clear_errors(tmp_path):
     with pytest.raises(ConfigError, match="rnd_update_proportion=0 is outside"):
         RNDConfig(rnd_update_proportion=0).validate()
     with pytest.raises(ConfigError, match="ppo_rnd does not take image observations yet"):
-        pl.train("ppo_rnd", env="tests.envs_for_tests:PixelGrid", steps=512, runs_dir=tmp_path, verbose=False)
+        pl.train("ppo_rnd", env="tests.envs_for_tests:PixelGridDict", steps=512, runs_dir=tmp_path, verbose=False)
+    with pytest.raises(ConfigError, match="too small for RND's convolutions"):
+        pl.train("ppo_rnd", env="tests.envs_for_tests:PixelGrid", steps=512, runs_dir=tmp_path, verbose=False,
+                 overrides={"encoder": "impala", "env_kwargs": {"size": 4}})  # fmt: skip
+
+
+def test_on_frames_the_bonus_reads_pixels_normalized_one_by_one_and_falls_where_it_has_been():
+    """PixelGrid's 40x40 uint8 frames: the statistics are per pixel, the networks convolutional (the predictor
+    deeper than the random network), and the predictor's error on the rollout's frames falls as it trains."""
+    spec = get_algo("ppo_rnd")
+    settings = {"threads": 1, "num_envs": 2, "n_steps": 32, "batch_size": 32, "epochs": 2}
+    cfg, _ = resolve_config(spec, "tests.envs_for_tests:PixelGrid", 640, 0, overrides=settings)
+    loop = OnPolicyLoop(spec, cfg)
+    rnd = loop.algo.rnd
+    assert rnd.obs_mean.shape == (1, 40, 40)
+    assert len(list(rnd.predictor.parameters())) > len(list(rnd.target.parameters()))
+    rollout = loop.collect()
+    _, _, normalized = rnd.intrinsic(rollout)
+    frames = torch.cat([rollout.obs[1:], rollout.last_obs.unsqueeze(0)]).flatten(0, 1).float() / 255.0
+    expected = ((frames.unsqueeze(1) - rnd.obs_mean) / rnd.obs_var.sqrt()).clamp(-5, 5)
+    torch.testing.assert_close(normalized.flatten(0, 1), expected)
+    before = rnd.prediction_error(normalized.flatten(0, 1)).mean().item()
+    for _ in range(3):
+        loop.algo.update(rollout, 0.0)
+    after = rnd.prediction_error(normalized.flatten(0, 1)).mean().item()
+    loop.close()
+    assert after < 0.5 * before, (before, after)

@@ -13,9 +13,11 @@ error is the intrinsic reward, large where the agent has rarely been:
     to f on a random rnd_update_proportion of each minibatch's rows, with one Adam of their own
 
 As CleanRL's `ppo_rnd_envpool.py` (the intrinsic and extrinsic coefficients 1 and 2, int_gamma 0.99, a quarter of
-the rows for the predictor, observations clipped at 5), for vector observations: f and f_hat are ReLU MLPs
-(`rnd_hidden_sizes`, `rnd_features` outputs, orthogonal weights), V_int an MLP like the critic. The other settings
-are PPO's; the intrinsic statistics, networks and optimizer are checkpointed with the run.
+the rows for the predictor, observations clipped at 5). Vector observations: f and f_hat are ReLU MLPs
+(`rnd_hidden_sizes`, `rnd_features` outputs, orthogonal weights), V_int an MLP like the critic. Image observations
+(uint8 frames): CleanRL's convolutional f and f_hat (the predictor two 512-unit layers deeper) on frames normalized
+pixel by pixel, V_int on an image encoder of its own. The other settings are PPO's; the intrinsic statistics,
+networks and optimizer are checkpointed with the run.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from policylab.algos.ppo import PPO, PPOConfig
 from policylab.config import positive
 from policylab.data import Batch
 from policylab.errors import ConfigError
+from policylab.nets.cnn import ImageLayout, image_layout, make_encoder
 from policylab.nets.mlp import StackedMLP
 from policylab.objectives import ADVANTAGES
 from policylab.optim import Adam, ParameterBuffer, set_lr
@@ -90,10 +93,53 @@ def _update_moments(mean: Tensor, var: Tensor, count: Tensor, batch: Tensor) -> 
     count.copy_(total)
 
 
+class _MLPFeatures(nn.Module):
+    """A one-member StackedMLP as [B, in] -> [B, out]."""
+
+    def __init__(self, in_size: int, hidden_sizes: list[int], out_size: int, activation: str, gain: float) -> None:
+        super().__init__()
+        self.body = StackedMLP(1, in_size, hidden_sizes, out_size, activation)
+        self.body.orthogonal_init([gain])
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.body(x.reshape(len(x), -1))[0]
+
+
+def _frame_features(layout: ImageLayout, features: int, head: list[int]) -> nn.Sequential:
+    """RND's image network (CleanRL's for Atari): three convolutions (32 8x8 stride 4, 64 4x4 stride 2, 64 3x3),
+    leaky ReLU, then linear layers of `head` units (ReLU) and `features` outputs; orthogonal weights of gain sqrt(2).
+    It reads normalized [B, C, H, W] frames."""
+    height, width = layout.height, layout.width
+    for kernel, stride in ((8, 4), (4, 2), (3, 1)):
+        height, width = (height - kernel) // stride + 1, (width - kernel) // stride + 1
+    if min(height, width) < 1:
+        raise ConfigError(
+            f"frames of {layout.height}x{layout.width} are too small for RND's convolutions (36x36 at least)",
+            "enlarge them with gymnasium.wrappers.ResizeObservation",
+        )
+    layers: list[nn.Module] = [
+        nn.Conv2d(layout.channels, 32, 8, 4), nn.LeakyReLU(), nn.Conv2d(32, 64, 4, 2), nn.LeakyReLU(),
+        nn.Conv2d(64, 64, 3, 1), nn.LeakyReLU(), nn.Flatten(),
+    ]  # fmt: skip
+    width_in = 64 * height * width
+    for units in head:
+        layers += [nn.Linear(width_in, units), nn.ReLU()]
+        width_in = units
+    layers.append(nn.Linear(width_in, features))
+    net = nn.Sequential(*layers)
+    for module in net.modules():
+        if isinstance(module, (nn.Conv2d, nn.Linear)):
+            nn.init.orthogonal_(module.weight, math.sqrt(2))
+            nn.init.zeros_(module.bias)  # type: ignore[arg-type]
+    return net
+
+
 class RandomNetworkDistillation(nn.Module):
     """The random network, the predictor, the intrinsic critic and the running statistics (see the module
-    docstring). Buffers: the next observations' mean / var / count, the intrinsic returns' var / count, and each
-    env's running discounted intrinsic return."""
+    docstring). Vector observations: MLPs. Image observations (uint8 frames): CleanRL's convolutional random
+    network and predictor (the predictor with two more 512-unit layers) on frames normalized pixel by pixel, and
+    an intrinsic critic on the run's image encoder. Buffers: the next observations' mean / var / count (per
+    feature or pixel), the intrinsic returns' var / count, and each env's running discounted intrinsic return."""
 
     obs_mean: Tensor
     obs_var: Tensor
@@ -103,17 +149,28 @@ class RandomNetworkDistillation(nn.Module):
     return_count: Tensor
     running_return: Tensor
 
-    def __init__(self, obs_size: int, num_envs: int, cfg: RNDConfig) -> None:
+    def __init__(self, obs_space: gym.Space, num_envs: int, cfg: RNDConfig) -> None:
         super().__init__()
         self.cfg = cfg
-        self.obs_size = obs_size
-        self.target = StackedMLP(1, obs_size, cfg.rnd_hidden_sizes, cfg.rnd_features, "relu")
-        self.predictor = StackedMLP(1, obs_size, cfg.rnd_hidden_sizes, cfg.rnd_features, "relu")
-        self.critic = StackedMLP(1, obs_size, cfg.hidden_sizes, 1, cfg.activation)
-        for net, gain in ((self.target, math.sqrt(2)), (self.predictor, math.sqrt(2)), (self.critic, 1.0)):
-            net.orthogonal_init([gain])
+        self.layout = image_layout(obs_space)
+        self.target: nn.Module
+        self.predictor: nn.Module
+        self.critic: nn.Module
+        if self.layout is None:
+            size = obs_dim(obs_space)
+            stats_shape: tuple[int, ...] = (size,)
+            self.target = _MLPFeatures(size, cfg.rnd_hidden_sizes, cfg.rnd_features, "relu", math.sqrt(2))
+            self.predictor = _MLPFeatures(size, cfg.rnd_hidden_sizes, cfg.rnd_features, "relu", math.sqrt(2))
+            self.critic = _MLPFeatures(size, cfg.hidden_sizes, 1, cfg.activation, 1.0)
+        else:
+            stats_shape = (self.layout.channels, self.layout.height, self.layout.width)
+            self.target = _frame_features(self.layout, cfg.rnd_features, [])
+            self.predictor = _frame_features(self.layout, cfg.rnd_features, [512, 512])
+            encoder = make_encoder(cfg.encoder, obs_space, orthogonal=True)
+            assert encoder is not None
+            self.critic = nn.Sequential(encoder, nn.Linear(encoder.features, 1))
         self.target.requires_grad_(False)
-        for name, value in (("obs_mean", torch.zeros(obs_size)), ("obs_var", torch.ones(obs_size)),
+        for name, value in (("obs_mean", torch.zeros(stats_shape)), ("obs_var", torch.ones(stats_shape)),
                             ("obs_count", torch.tensor(1e-4)), ("return_mean", torch.zeros(())),
                             ("return_var", torch.ones(())), ("return_count", torch.tensor(1e-4)),
                             ("running_return", torch.zeros(num_envs))):  # fmt: skip
@@ -122,26 +179,30 @@ class RandomNetworkDistillation(nn.Module):
     def trained_parameters(self) -> list[nn.Parameter]:
         return [*self.predictor.parameters(), *self.critic.parameters()]
 
+    def _inputs(self, obs: Tensor) -> Tensor:
+        """Vectors flattened [B, D], frames as [B, C, H, W] in [0, 1]."""
+        return obs.reshape(len(obs), -1).float() if self.layout is None else self.layout.to_nchw(obs)
+
     def normalized(self, obs: Tensor) -> Tensor:
-        std = self.obs_var.sqrt()
         clip = self.cfg.rnd_obs_clip
-        return ((obs.reshape(len(obs), self.obs_size) - self.obs_mean) / std).clamp_(-clip, clip)
+        return ((self._inputs(obs) - self.obs_mean) / self.obs_var.sqrt()).clamp_(-clip, clip)
 
     def prediction_error(self, normalized_obs: Tensor) -> Tensor:
         """||f_hat(o) - f(o)||^2 / 2 per row (with autograd through the predictor)."""
         with torch.no_grad():
-            target = self.target(normalized_obs)[0]
-        return (self.predictor(normalized_obs)[0] - target).pow(2).sum(-1) / 2
+            target = self.target(normalized_obs)
+        return (self.predictor(normalized_obs) - target).pow(2).sum(-1) / 2
 
     def values(self, obs: Tensor) -> Tensor:
-        return self.critic(obs.reshape(len(obs), self.obs_size))[0, :, 0]
+        return self.critic(obs)[:, 0]
 
     @torch.no_grad()
     def intrinsic(self, rollout: Batch) -> tuple[Tensor, Tensor, Tensor]:
-        """(A_int, R_int, the normalized next observations), each [T, N], for a rollout that carries `last_obs`."""
+        """(A_int, R_int, the normalized next observations), [T, N] and [T, N, ...], for a rollout that carries
+        `last_obs`."""
         steps, envs = rollout.rewards.shape
-        next_obs = torch.cat([rollout.obs[1:], rollout.last_obs.unsqueeze(0)]).flatten(0, 1).float()
-        _update_moments(self.obs_mean, self.obs_var, self.obs_count, next_obs.reshape(len(next_obs), -1))
+        next_obs = torch.cat([rollout.obs[1:], rollout.last_obs.unsqueeze(0)]).flatten(0, 1)
+        _update_moments(self.obs_mean, self.obs_var, self.obs_count, self._inputs(next_obs))
         normalized = self.normalized(next_obs)
         rewards = self.prediction_error(normalized).view(steps, envs)
         returns = torch.empty_like(rewards)
@@ -151,14 +212,14 @@ class RandomNetworkDistillation(nn.Module):
             returns[t] = running
         _update_moments(self.return_mean, self.return_var, self.return_count, returns.reshape(-1))
         rewards /= self.return_var.sqrt()
-        values = self.values(rollout.obs.flatten(0, 1).float()).view(steps, envs)
-        after_last = self.values(rollout.last_obs.float())
+        values = self.values(rollout.obs.flatten(0, 1)).view(steps, envs)
+        after_last = self.values(rollout.last_obs)
         next_values = torch.cat([values[1:], after_last.unsqueeze(0)])
         never = torch.zeros_like(rewards, dtype=torch.bool)
         gae = ADVANTAGES.get("gae")
         advantages, int_returns = gae(rewards, values, next_values, never, never, self.cfg.int_gamma,
                                       self.cfg.gae_lambda)  # fmt: skip
-        return advantages, int_returns, normalized.view(steps, envs, -1)
+        return advantages, int_returns, normalized.view(steps, envs, *normalized.shape[1:])
 
 
 class PPORND(PPO):
@@ -169,7 +230,7 @@ class PPORND(PPO):
 
     def __init__(self, cfg: RNDConfig, obs_space: gym.Space, act_space: gym.Space) -> None:
         super().__init__(cfg, obs_space, act_space)
-        self.rnd = RandomNetworkDistillation(obs_dim(obs_space), cfg.num_envs, cfg).to(cfg.device)
+        self.rnd = RandomNetworkDistillation(obs_space, cfg.num_envs, cfg).to(cfg.device)
         self.rnd_params = ParameterBuffer(self.rnd.trained_parameters())
         self.rnd_optimizer = Adam([self.rnd_params.flat], lr=cfg.lr, eps=1e-5)
         self.modules = {"rnd": self.rnd}
@@ -189,7 +250,7 @@ class PPORND(PPO):
         self._intrinsic_advantages = advantages
         metrics = super().update(rollout, progress, loss, after_step)
         set_lr(self.rnd_optimizer, annealed(cfg.lr, progress, cfg.anneal_lr))
-        metrics.update(self._fit(rollout.obs.flatten(0, 1).float(), returns.flatten(), normalized.flatten(0, 1)))
+        metrics.update(self._fit(rollout.obs.flatten(0, 1), returns.flatten(), normalized.flatten(0, 1)))
         metrics["intrinsic_return"] = returns.mean()
         return metrics
 
