@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import os
 import re
 import statistics
 import subprocess
@@ -53,6 +54,8 @@ from pathlib import Path
 from typing import Any
 
 from common import ONE_THREAD, REPO_ROOT, fmt, make_peer_venv, positive_int, provenance, summarize, write_results
+
+from policylab.nets.generative_ac import set_value
 
 VENV = REPO_ROOT / "benchmarks" / ".venv-cleanrl"
 PEER_PACKAGES = (
@@ -130,16 +133,10 @@ def setup() -> None:
         subprocess.run(pip, check=True)
 
 
-def _set_value(value: Any) -> str:
-    if isinstance(value, list):
-        return "[" + ",".join(str(v) for v in value) + "]"
-    return str(value).lower() if isinstance(value, bool) else str(value)
-
-
 def run_ours(case: Case, seed: int, steps: int, tmp: Path) -> dict[str, Any]:
     """`policylab train` in a fresh process: (wall clock, last-20 training return, final evaluation)."""
     overrides = {**case.ours, "threads": 1, "eval_every": 0}
-    sets = [arg for key, value in overrides.items() for arg in ("--set", f"{key}={_set_value(value)}")]
+    sets = [arg for key, value in overrides.items() for arg in ("--set", f"{key}={set_value(value)}")]
     runs_dir = tmp / f"ours-{case.algo}-{seed}"
     command = [str(Path(sys.executable).parent / "policylab"), "train", case.algo, "--env", case.env,
                "--steps", str(steps), "--seed", str(seed), "--preset", "none", "--runs-dir", str(runs_dir),
@@ -178,8 +175,6 @@ def run_cleanrl(case: Case, seed: int, steps: int, tmp: Path) -> dict[str, Any]:
 
 
 def _timed(command: list[str], cwd: Path = REPO_ROOT) -> tuple[float, str]:
-    import os
-
     start = time.perf_counter()
     proc = subprocess.run(command, cwd=cwd, capture_output=True, text=True, env={**os.environ, **ONE_THREAD})
     wall = time.perf_counter() - start

@@ -82,7 +82,9 @@ class RNDConfig(PPOConfig):
 
 
 def _update_moments(mean: Tensor, var: Tensor, count: Tensor, batch: Tensor) -> None:
-    """Merge a batch's mean and (biased) variance into running ones, in place (Chan et al.'s parallel update)."""
+    """Merge a batch's mean and (biased) variance into running ones, in place (Chan et al.'s parallel update, as
+    envs/normalize.RunningMeanStd does in numpy; here on tensors, the module's buffers, so that they stay on the
+    run's device and checkpoints hold them)."""
     n = batch.shape[0]
     batch_mean = batch.mean(0)
     batch_var = batch.var(0, unbiased=False)
