@@ -8,6 +8,7 @@ and ORPOTrainer: the same model, prompts
     .venv/bin/python benchmarks/llm.py --algo dpo --seeds 3 --steps 40 --model tiny-llama --prompts-per-step 16
     .venv/bin/python benchmarks/llm.py --algo orpo --seeds 3 --steps 40 --model tiny-llama --prompts-per-step 16
     .venv/bin/python benchmarks/llm.py --training --model tiny-llama --prompts-per-step 8 --profile
+    .venv/bin/python benchmarks/llm.py --algo distill --seeds 3 --steps 40 --model tiny-llama --prompts-per-step 64
 
 What is shared: a tiny Llama is built once (`--model`, policylab's config and character tokenizer) and, for
 `--sft-steps` > 0, supervised on the addition task by policylab, then saved with `save_pretrained`; both sides
@@ -39,6 +40,11 @@ ORPO's accuracies compare two variants of the algorithm; the step's work is the 
 default): TRL's RewardTrainer on transformers' sequence classifier made from the starting model (its score head
 initialized by transformers, policylab's at zero), both scoring at the EOS after the completion; its accuracy is
 the share of 200 held-out pairs ranked right by each saved model through `--reward model:DIR`.
+`--algo distill`: on-policy distillation against TRL's DistillationTrainer. The teacher is the model after
+`--sft-steps` of SFT; the student, the same architecture with random weights (saved once, both sides load it);
+`--prompts-per-step` prompts with one sampled completion each (DistillationTrainer samples one; `--group-size`
+is ignored), the reverse KL (beta 1) between the student's and the teacher's next-token distributions at every
+completion position, temperature 1, token-mean, lr 3e-3 (policylab's distill default).
 `--algo kto`: the same pairs, unpaired (each a desirable and an undesirable completion), so a step of
 `--prompts-per-step` pairs trains 2x as many completions (beta 0.1). TRL's KTOTrainer walks its rows in order (it
 requires that for its KL pairs), and its own unpairing puts a thousand desirable rows before their undesirable
@@ -88,7 +94,7 @@ def setup() -> None:
 
 def prepare(a: argparse.Namespace, where: Path) -> tuple[Path, Path]:
     """(model directory, prompts JSONL): the starting model and the training prompts (DPO: preference pairs) both
-    sides use."""
+    sides use. distill: the student, randomly initialized; the SFT model, the teacher, goes to `a.teacher_dir`."""
     sys.path.insert(0, str(REPO_ROOT))
     from policylab.llm.models import load_model
     from policylab.llm.tasks import get_task
@@ -103,7 +109,9 @@ def prepare(a: argparse.Namespace, where: Path) -> tuple[Path, Path]:
             verbose=False,
         )
         model_dir = run.dir / "model"
-    else:
+    if a.algo == "distill":
+        a.teacher_dir, model_dir = str(model_dir), where / "student"
+    if a.sft_steps <= 0 or a.algo == "distill":
         model, tokenizer = load_model(a.model)
         model.save_pretrained(model_dir)
         tokenizer.save_pretrained(model_dir)
@@ -125,6 +133,7 @@ def prepare(a: argparse.Namespace, where: Path) -> tuple[Path, Path]:
 
 OURS_EXTRA: dict[str, Any] = {
     "grpo": lambda a: {},
+    "distill": lambda a: {"teacher": a.teacher_dir, "beta": 1.0, "temperature": 1.0},
     "rloo": lambda a: {"aggregation": "seq-mean-token-sum"},  # TRL's sequence-level surrogate, see the docstring
     "dpo": lambda a: {"pairs": a.prompts, "prompts": None, "beta": 0.1, "precompute_ref_log_probs": a.precompute},
     **dict.fromkeys(("cpo", "simpo", "orpo", "kto", "reward_model"), lambda a: {"pairs": a.prompts, "prompts": None}),
@@ -247,6 +256,14 @@ def worker_trl(a: argparse.Namespace) -> dict[str, Any]:
                 "loss_type": "simpo", "beta": 2.0, "simpo_gamma": 1.0, "cpo_alpha": 0.0}  # fmt: skip
             config = CPOConfig(**common, **pairs, **loss)
             trainer = CPOTrainer(model=model, args=config, train_dataset=dataset, processing_class=tokenizer)
+    elif a.algo == "distill":
+        from trl import DistillationConfig, DistillationTrainer
+
+        config = DistillationConfig(**common, per_device_train_batch_size=a.prompts_per_step, beta=1.0,
+                                    max_completion_length=a.max_new_tokens, temperature=1.0)  # fmt: skip
+        teacher = AutoModelForCausalLM.from_pretrained(a.teacher_dir)
+        trainer = DistillationTrainer(model=model, teacher_model=teacher, args=config, train_dataset=dataset,
+                                      processing_class=tokenizer)  # fmt: skip
     elif a.algo == "rloo":
         from trl import RLOOConfig, RLOOTrainer
 
@@ -431,6 +448,7 @@ def run_side(side: str, a: argparse.Namespace, seed: int, model_dir: Path, promp
     args += ["--max-new-tokens", str(a.max_new_tokens), "--warmup", str(a.warmup), "--algo", a.algo]
     args += ["--trl-defaults"] if a.trl_defaults else []
     args += ["--precompute"] if a.precompute else []
+    args += ["--teacher-dir", a.teacher_dir] if a.teacher_dir else []
     env = {**ONE_THREAD, "PYTHONPATH": ""} if side == "trl" else ONE_THREAD  # TRL's venv must not see ours
     res = run_worker(Path(__file__).resolve(), args, work / f"{side}-{seed}.json", python=python, env=env)
     record = worker_record(res, f"{side} seed {seed}")
@@ -461,7 +479,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
     parser.add_argument("--setup", action="store_true", help="create TRL's venv and exit")
     parser.add_argument(
-        "--algo", choices=("grpo", "rloo", *PAIR_ALGOS), default="grpo", help="the algorithm on both sides"
+        "--algo", choices=("grpo", "rloo", "distill", *PAIR_ALGOS), default="grpo", help="the algorithm on both sides"
     )
     parser.add_argument("--seeds", type=positive_int, default=3, help="seeds 1..N per side")
     parser.add_argument("--steps", type=positive_int, default=40, help="optimizer steps per run (> --warmup + 1)")
@@ -470,7 +488,7 @@ def main() -> None:
     parser.add_argument("--prompts-per-step", type=positive_int, default=2, help="prompts (dpo: pairs) per step")
     parser.add_argument("--group-size", type=positive_int, default=8, help="completions per prompt")
     parser.add_argument("--max-new-tokens", type=positive_int, default=8, help="completion length limit")
-    parser.add_argument("--lr", type=float, help="default 3e-4 (dpo: 1e-4, policylab's DPO default)")
+    parser.add_argument("--lr", type=float, help="default 3e-4 (dpo: 1e-4, distill: 3e-3, policylab's defaults)")
     parser.add_argument("--warmup", type=int, default=3, help="steps left out of the timing")
     parser.add_argument("--precompute", action="store_true", help="dpo: precompute_ref_log_probs on both sides")
     parser.add_argument("--trl-defaults", action="store_true", help="TRL's own bfloat16 / checkpointing defaults")
@@ -483,9 +501,22 @@ def main() -> None:
     parser.add_argument("--model-dir", help=argparse.SUPPRESS)
     parser.add_argument("--prompts", help=argparse.SUPPRESS)
     parser.add_argument("--work", help=argparse.SUPPRESS)
+    parser.add_argument("--teacher-dir", help=argparse.SUPPRESS)
     a = parser.parse_args()
     if a.lr is None:
-        a.lr = 1e-3 if a.algo == "reward_model" else 1e-4 if a.algo in PAIR_ALGOS else 3e-4
+        a.lr = (
+            1e-3
+            if a.algo == "reward_model"
+            else 1e-4
+            if a.algo in PAIR_ALGOS
+            else 3e-3
+            if a.algo == "distill"
+            else 3e-4
+        )
+    if a.algo == "distill":
+        a.group_size = 1  # DistillationTrainer samples one completion per prompt
+        if a.sft_steps <= 0 and not a.worker:
+            parser.error("--algo distill distills the SFT model (the teacher) into a random one: give --sft-steps > 0")
     if a.worker:
         record = worker_ours(a) if a.worker == "policylab" else worker_trl(a)
         Path(a.out).write_text(json.dumps(record))

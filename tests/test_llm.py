@@ -654,6 +654,99 @@ def test_ppo_and_the_preference_algorithms_raise_accuracy_over_the_sft_model(
     assert sum(gains) / len(gains) >= gain, gains
 
 
+# --- distillation -------------------------------------------------------------------------------------------------
+
+
+def test_generalized_jsd_equals_the_hand_computed_divergences():
+    from policylab.objectives.imitation import generalized_jsd
+
+    p_student, p_teacher = [0.5, 0.3, 0.2], [0.2, 0.2, 0.6]
+    student, teacher = torch.tensor(p_student).log(), torch.tensor(p_teacher).log()
+
+    def kl(p, q):
+        return sum(a * math.log(a / b) for a, b in zip(p, q))
+
+    assert float(generalized_jsd(student, teacher, 0.0)) == pytest.approx(kl(p_teacher, p_student), rel=1e-5)
+    assert float(generalized_jsd(student, teacher, 1.0)) == pytest.approx(kl(p_student, p_teacher), rel=1e-5)
+    for beta in (0.5, 0.9):
+        m = [(1 - beta) * a + beta * b for a, b in zip(p_student, p_teacher)]
+        expected = beta * kl(p_teacher, m) + (1 - beta) * kl(p_student, m)
+        assert float(generalized_jsd(student, teacher, beta)) == pytest.approx(expected, rel=1e-5)
+    # temperature 2 halves the logits; a batch keeps its shape; a token with probability 0 adds nothing
+    hot = [math.sqrt(p) / sum(math.sqrt(x) for x in p_student) for p in p_student]
+    hot_t = [math.sqrt(p) / sum(math.sqrt(x) for x in p_teacher) for p in p_teacher]
+    assert float(generalized_jsd(student, teacher, 1.0, temperature=2.0)) == pytest.approx(kl(hot, hot_t), rel=1e-5)
+    assert generalized_jsd(torch.zeros(4, 5, 3), torch.zeros(4, 5, 3), 0.5).shape == (4, 5)
+    masked = torch.tensor([0.0, 0.0, -math.inf])
+    assert float(generalized_jsd(masked, torch.tensor([0.0, 0.0, 0.0]), 1.0)) == pytest.approx(math.log(1.5))
+    with pytest.raises(ConfigError, match="beta=1.5 must be in"):
+        generalized_jsd(student, teacher, 1.5)
+
+
+@pytest.mark.parametrize(("algo", "bar"), [("distill", 0.15), ("gkd", 0.15)])
+def test_distillation_teaches_a_random_model_the_teachers_answers(sft_model, tmp_path, algo, bar):
+    """The teacher answers about a third right; a randomly initialized tiny Llama, none. Distilled for 300 steps
+    (distill: on its own samples only, reverse KL; gkd: half the steps on the answers, JSD), it reached 0.205 and
+    0.405 (seed 0); SFT for 300 steps on the answers themselves gave the teacher."""
+    run = train_llm(algo, {"teacher": str(sft_model.dir), "steps": 300, "eval_every": 1000}, tmp_path, verbose=False)
+    assert run.initial_eval["accuracy"] == 0.0
+    assert run.final_eval["accuracy"] >= bar, run.final_eval
+    with open(run.dir / "train.csv") as f:
+        rows = list(csv.DictReader(f))
+    on_policy = [float(row["on_policy"]) for row in rows]
+    assert set(on_policy) == ({1.0} if algo == "distill" else {0.0, 1.0})
+    assert float(rows[-1]["loss"]) < 0.5 * float(rows[0]["loss"])
+
+
+def test_distilling_from_a_copy_of_the_model_starts_at_zero_loss_and_leaves_the_teacher_as_it_was(tmp_path):
+    """The first step's loss on the model's own samples (their pass read from the sampler's tape) and on the
+    answers is 0 to float32 rounding (after it, Adam turns the rounding's gradients into lr-sized steps)."""
+    import copy
+
+    for lmbda in (1.0, 0.0):
+        model, tokenizer = load_model("tiny-llama", 3)
+        teacher = copy.deepcopy(model)
+        before = {k: v.clone() for k, v in teacher.state_dict().items()}
+        settings = {"steps": 2, "batch_size": 4, "eval_size": 4, "lmbda": lmbda, "beta": 0.3}
+        run = train_llm("gkd", settings, tmp_path, verbose=False, model=model, tokenizer=tokenizer, teacher=teacher)
+        with open(run.dir / "train.csv") as f:
+            rows = list(csv.DictReader(f))
+        assert float(rows[0]["on_policy"]) == lmbda and abs(float(rows[0]["loss"])) < 1e-6, rows
+        assert float(rows[1]["loss"]) > 1e-6  # the model moved; the teacher did not
+        for key, value in teacher.state_dict().items():
+            assert torch.equal(value, before[key])
+
+
+def test_distillation_refuses_a_missing_or_mismatched_teacher(sft_model, tmp_path):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    with pytest.raises(ConfigError, match="no teacher was given"):
+        make_config("distill")
+    with pytest.raises(ConfigError, match="seq_kd=True would do nothing"):
+        make_config("distill", {"teacher": str(sft_model.dir), "seq_kd": True})
+    with pytest.raises(ConfigError, match="beta=2.0 and lmbda=1.0 must be in"):
+        make_config("gkd", {"teacher": str(sft_model.dir), "beta": 2.0, "lmbda": 1.0})
+    with pytest.raises(ConfigError, match="dynamic_sampling applies to the algorithms that sample and reward"):
+        make_config("distill", {"teacher": str(sft_model.dir), "dynamic_sampling": True})
+    model, tokenizer = load_model(str(sft_model.dir))
+    wider = LlamaForCausalLM(LlamaConfig(**{**model.config.to_dict(), "vocab_size": model.config.vocab_size + 1}))
+    with pytest.raises(LLMError, match="the teacher's output layer has"):
+        train_llm("distill", {"steps": 1}, tmp_path, verbose=False, model=model, tokenizer=tokenizer, teacher=wider)
+    with pytest.raises(LLMError, match="the teacher given is the model being trained"):
+        train_llm("distill", {"steps": 1}, tmp_path, verbose=False, model=model, tokenizer=tokenizer, teacher=model)
+    assert main(["llm", "train", "distill", "--steps", "1", "--runs-dir", str(tmp_path)]) == 2
+
+
+def test_the_cli_distills_from_a_run_directory(sft_model, tmp_path, capsys):
+    argv = ["llm", "train", "gkd", "--teacher", str(sft_model.dir), "--steps", "2", "--set", "batch_size=4",
+            "--set", "eval_size=4", "--set", "seq_kd=true", "--runs-dir", str(tmp_path), "--no-progress"]  # fmt: skip
+    assert main(argv) == 0
+    run_dir = next(tmp_path.iterdir())
+    config = (run_dir / "config.yaml").read_text()
+    assert f"teacher: {sft_model.dir}" in config and "seq_kd: true" in config
+    assert "run directory:" in capsys.readouterr().out
+
+
 # --- memory options: micro-batches, gradient checkpointing, LoRA --------------------------------------------------
 
 
@@ -745,9 +838,18 @@ TR_DPO = {"sync_ref_model": True, "ref_model_sync_steps": 2, "use_weighting": Tr
 of step 2 from the checkpoint."""
 
 
-@pytest.mark.parametrize(("algo", "extra"), [("grpo", {"group_size": 4}), ("ppo", {"group_size": 4}), ("dpo", TR_DPO)])
+@pytest.mark.parametrize(
+    ("algo", "extra"),
+    [
+        ("grpo", {"group_size": 4}),
+        ("ppo", {"group_size": 4}),
+        ("dpo", TR_DPO),
+        ("gkd", {"group_size": 2, "seq_kd": True, "model": "tiny-llama"}),  # the student's and the teacher's samples
+    ],
+)
 def test_a_resumed_run_ends_with_the_uninterrupted_runs_weights(sft_model, tmp_path, algo, extra):
     settings = {
+        **({"teacher": str(sft_model.dir)} if algo == "gkd" else {}),
         "model": str(sft_model.dir),
         "steps": 6,
         "eval_every": 2,
@@ -1271,7 +1373,8 @@ def test_algorithms_that_sample_nothing_refuse_generation_workers_and_sampling_s
         make_config(algo, asdict(make_config(algo)))  # a saved config.yaml holds every key
     assert not runs.exists()
     for algo in SAMPLING_ALGOS:
-        assert make_config(algo, {"generation_workers": 2, "temperature": 0.7}).generation_workers == 2
+        teacher = {"teacher": "runs/sft"} if algo in ("distill", "gkd") else {}
+        assert make_config(algo, {"generation_workers": 2, "temperature": 0.7, **teacher}).generation_workers == 2
 
 
 POLICY_GRADIENT = r"the policy-gradient algorithms: grpo, dr_grpo, dapo, gspo, cispo, sapo, rloo, reinforce\+\+, ppo"
@@ -1286,7 +1389,7 @@ UNUSED = {
         ("micro_batch_size", 4, POLICY_GRADIENT),
         ("advantage", "rloo", GROUP_ADVANTAGE),
         ("mix", "chord", GROUP_ADVANTAGE),
-        ("beta", 0.5, "dpo, online_dpo, cpo, simpo, orpo, kto"),
+        ("beta", 0.5, "dpo, online_dpo, cpo, simpo, orpo, kto, distill, gkd"),
         ("vf_coef", 1.0, "ppo"),
         ("pairs", "p.jsonl", "dpo, cpo, simpo, orpo, kto, reward_model"),
     ],
@@ -1312,21 +1415,29 @@ UNUSED = {
         ("mix", "chord", GROUP_ADVANTAGE),
         ("overlong_filter", True, GROUP_ADVANTAGE),
         ("shaping_gamma", 0.5, GROUP_ADVANTAGE),
-        ("beta", 0.5, "dpo, online_dpo, cpo, simpo, orpo, kto"),
+        ("beta", 0.5, "dpo, online_dpo, cpo, simpo, orpo, kto, distill, gkd"),
         ("pairs", "p.jsonl", "dpo, cpo, simpo, orpo, kto, reward_model"),
     ],
     "grpo": [
         ("vf_coef", 1.0, "ppo"),
         ("gamma", 0.99, "ppo"),
-        ("beta", 0.5, "dpo, online_dpo, cpo, simpo, orpo, kto"),
+        ("beta", 0.5, "dpo, online_dpo, cpo, simpo, orpo, kto, distill, gkd"),
         ("label_smoothing", 0.1, "dpo, online_dpo, cpo, simpo, orpo"),
         ("pairs", "p.jsonl", "dpo, cpo, simpo, orpo, kto, reward_model"),
     ],
-    "cispo": [("gae_lambda", 0.9, "ppo"), ("beta", 0.2, "dpo, online_dpo, cpo, simpo, orpo, kto")],
+    "cispo": [("gae_lambda", 0.9, "ppo"), ("beta", 0.2, "dpo, online_dpo, cpo, simpo, orpo, kto, distill, gkd")],
     "orpo": [
         ("kl_coef", 0.1, POLICY_GRADIENT),
         ("entropy_coef", 0.01, POLICY_GRADIENT),
         ("mix", "chord", GROUP_ADVANTAGE),
+        ("teacher", "runs/sft", "the distillation algorithms: distill, gkd"),
+    ],
+    "distill": [
+        ("kl_coef", 0.1, POLICY_GRADIENT),
+        ("mix", "chord", GROUP_ADVANTAGE),
+        ("dynamic_sampling", True, r"the algorithms that sample and reward: grpo, .*, ppo, online_dpo"),
+        ("overlong_buffer", 2, r"the algorithms that sample and reward: grpo, .*, ppo, online_dpo"),
+        ("pairs", "p.jsonl", "dpo, cpo, simpo, orpo, kto, reward_model"),
     ],
 }
 """(setting, a value other than the default, the algorithms the error names as reading it) per algorithm."""
@@ -1386,7 +1497,10 @@ READ = {
     "vf_coef": (1.0,),
     "gamma": (0.99,),
     "gae_lambda": (0.9,),
-    "beta": (0.5,),
+    "beta": (0.5, 0.2),
+    "teacher": ("runs/other",),
+    "lmbda": (0.3,),
+    "seq_kd": (True,),
     "label_smoothing": (0.1,),
     "preference_loss": ("ipo",),
     "f_divergence": ("js_divergence",),
@@ -1430,9 +1544,9 @@ def test_each_algorithm_refuses_the_settings_its_training_step_never_reads(tmp_p
         make_config("sft", {"beta": 0.5, "temperature": 0.5, "kl_coef": 0.1})
     assert info.value.problem.endswith(
         "so they would do nothing; temperature applies to the algorithms that sample: grpo, dr_grpo, dapo, gspo, "
-        "cispo, sapo, rloo, reinforce++, ppo, online_dpo; kl_coef applies to the policy-gradient algorithms: grpo, "
-        "dr_grpo, dapo, gspo, cispo, sapo, rloo, reinforce++, ppo; beta applies to dpo, online_dpo, cpo, simpo, orpo, "
-        "kto"
+        "cispo, sapo, rloo, reinforce++, ppo, online_dpo, distill, gkd; kl_coef applies to the policy-gradient "
+        "algorithms: grpo, dr_grpo, dapo, gspo, cispo, sapo, rloo, reinforce++, ppo; beta applies to dpo, online_dpo, cpo, simpo, orpo, "
+        "kto, distill, gkd"
     ), info.value.problem
     assert info.value.fix.startswith("drop temperature, kl_coef and beta, or train one of those algorithms")
 
@@ -1466,6 +1580,7 @@ COMPANIONS: dict[str, dict[str, object]] = {
     "shaping_gamma": {"mix": "luffy", "loss": "ppo"},
     "kl_estimator": {"kl_coef": 0.05},
     "lora_alpha": {"lora_rank": 4},
+    "seq_kd": {"lmbda": 0.5},
 }
 """The settings read only under another one, and that one (a value of it that turns them on)."""
 
@@ -1495,10 +1610,11 @@ def test_settings_read_only_under_another_are_refused_without_it():
                  "shaping_gamma": 0.5, "kl_estimator": "k1", "lora_alpha": 32, "expert": "e.jsonl",
                  "label_smoothing": 0.1, "f_divergence": "js_divergence", "f_alpha": 0.3, "simpo_gamma": 0.5,
                  "discopop_tau": 0.1, "sync_ref_model": True, "ref_model_sync_steps": 4,
-                 "ref_model_mixup_alpha": 0.5, "precompute_ref_log_probs": True}[name]  # fmt: skip
+                 "ref_model_mixup_alpha": 0.5, "precompute_ref_log_probs": True, "seq_kd": True}[name]  # fmt: skip
         preference = name in PREFERENCE_SETTINGS or name == "precompute_ref_log_probs"
-        algo = "orpo" if preference else "grpo"  # orpo: none of them on by default
-        assert getattr(make_config(algo, {name: value, **on}), name) == value
+        algo = "orpo" if preference else "distill" if name == "seq_kd" else "grpo"  # none of them on by default
+        teacher = {"teacher": "runs/sft"} if algo == "distill" else {}
+        assert getattr(make_config(algo, {name: value, **on, **teacher}), name) == value
 
 
 def test_every_algorithm_accepts_the_settings_it_reads_and_its_saved_config():
@@ -1525,15 +1641,16 @@ def test_every_algorithm_accepts_the_settings_it_reads_and_its_saved_config():
     assert SAMPLING_ALGOS == tuple(algo for algo in ALGOS if training_step(algo) in SAMPLING_STEPS)
     for algo in ALGOS:
         assert callable(getattr(LLMTrainer, training_step(algo)))
+        teacher = {"teacher": "runs/sft"} if training_step(algo) == "distill_step" else {}  # distill needs one
         universal = {name: value for name, value in EVERY_ALGORITHM.items() if name != "algo"}
-        configs = [make_config(algo), make_config(algo, universal)]
-        defaults = make_config(algo)
+        configs = [make_config(algo, teacher), make_config(algo, {**universal, **teacher})]
+        defaults = make_config(algo, teacher)
         for name, values in READ.items():
             if algo not in setting_readers(name):
                 continue
             value = next(v for v in values if v != getattr(defaults, name))
             companion = COMPANIONS.get(name, {})  # the setting it is read under (DEPENDENT_SETTINGS)
-            configs.append(make_config(algo, {name: value, **companion}))
+            configs.append(make_config(algo, {**teacher, name: value, **companion}))
             assert getattr(configs[-1], name) == value
         for cfg in configs:  # a resume: config.yaml's every key through make_config
             saved = yaml.safe_load(yaml.safe_dump(asdict(cfg), sort_keys=False))

@@ -13,17 +13,20 @@ def add_llm_parser(sub: argparse._SubParsersAction) -> None:
     q = llm_sub.add_parser("sft", help="supervised fine-tuning on a task's answers")
     _common(q)
     q = llm_sub.add_parser(
-        "train", help="RL on a task's reward (GRPO, PPO, ...), preference learning (DPO, KTO, ...) and reward models"
+        "train",
+        help="RL on a task's reward (GRPO, PPO, ...), preference learning (DPO, KTO, ...), reward models and "
+        "distillation",
     )
     q.add_argument(
         "algo",
         nargs="?",
-        help="grpo, dr_grpo, dapo, gspo, cispo, sapo, rloo, reinforce++, ppo, dpo, online_dpo, cpo, simpo, orpo, kto "
-        "or reward_model (with --resume: the run's)",
+        help="grpo, dr_grpo, dapo, gspo, cispo, sapo, rloo, reinforce++, ppo, dpo, online_dpo, cpo, simpo, orpo, kto, "
+        "reward_model, distill or gkd (with --resume: the run's)",
     )
     _common(q)
     q.add_argument("--group-size", type=int, help="completions sampled per prompt (default 8)")
     q.add_argument("--expert", help="a JSONL file of {prompt, completion} rows for --set mix=chord")
+    q.add_argument("--teacher", help="distill, gkd: the teacher (a run or save_pretrained directory)")
     q = llm_sub.add_parser("eval", help="greedy exact-match accuracy (and pass@k) of a model or run")
     q.add_argument("model", help="run directory, save_pretrained directory, or a built-in tiny model")
     q.add_argument("--task", default="addition", help="a built-in task (default: addition)")
@@ -83,6 +86,7 @@ def run_llm_command(args: argparse.Namespace) -> int:
                 ("--set", args.set),
                 ("--expert", getattr(args, "expert", None)),
                 ("--group-size", getattr(args, "group_size", None)),
+                ("--teacher", getattr(args, "teacher", None)),
             )
             if value is not None and value != []
         ]
@@ -112,6 +116,8 @@ def run_llm_command(args: argparse.Namespace) -> int:
         overrides["expert"] = args.expert
     if getattr(args, "group_size", None) is not None:
         overrides["group_size"] = args.group_size
+    if getattr(args, "teacher", None) is not None:
+        overrides["teacher"] = args.teacher
     runs_dir = args.runs_dir if args.runs_dir is not None else "runs"
     train_llm(algo, overrides, runs_dir, args.name, progress=progress)
     return 0

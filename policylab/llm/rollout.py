@@ -256,20 +256,7 @@ def token_logprobs(
         if square_mass is not None and mass is not None:
             square_mass.append(F.pad(mass[0], (0, missing)))
         return F.pad(chosen, (0, missing)), F.pad(entropy, (0, missing))
-    if fast and fast_train.supports(model):
-        logits = fast_train.completion_logits(model, prompt_ids, prompt_mask, completion_ids, hidden, tape)
-    elif fast:
-        logits = LlamaDecoder(model).completion_logits(prompt_ids, prompt_mask, completion_ids, hidden).float()
-    else:
-        ids = torch.cat([prompt_ids, completion_ids], -1)
-        mask = torch.cat([prompt_mask.long(), completion_mask.long()], -1)
-        out = model(
-            input_ids=ids, attention_mask=mask, position_ids=positions(mask), output_hidden_states=hidden is not None
-        )
-        start = prompt_ids.shape[1] - 1
-        if hidden is not None:
-            hidden.append(out.hidden_states[-1][:, start:-1])
-        logits = out.logits[:, start:-1].float()
+    logits = _completion_logits(model, prompt_ids, prompt_mask, completion_ids, completion_mask, hidden, fast, tape)
     logits = logits / temperature
     log_probs = torch.log_softmax(logits, -1)
     chosen = log_probs.gather(-1, completion_ids[..., None]).squeeze(-1)
@@ -278,6 +265,54 @@ def token_logprobs(
         with torch.no_grad():
             square_mass.append(torch.logsumexp(2.0 * log_probs, -1))
     return chosen * completion_mask, entropy
+
+
+def _completion_logits(
+    model: Any,
+    prompt_ids: Tensor,
+    prompt_mask: Tensor,
+    completion_ids: Tensor,
+    completion_mask: Tensor,
+    hidden: list[Tensor] | None,
+    fast: bool,
+    tape: fast_train.Tape | None,
+) -> Tensor:
+    """The float logits [N, T, V] at the positions that predict each completion token, in one pass over prompt +
+    completion: `fast_train`'s numpy pass, `LlamaDecoder`'s torch pass or the model's own forward (`fast` False,
+    or a model neither supports)."""
+    if fast and fast_train.supports(model):
+        return fast_train.completion_logits(model, prompt_ids, prompt_mask, completion_ids, hidden, tape)
+    if fast:
+        return LlamaDecoder(model).completion_logits(prompt_ids, prompt_mask, completion_ids, hidden).float()
+    ids = torch.cat([prompt_ids, completion_ids], -1)
+    mask = torch.cat([prompt_mask.long(), completion_mask.long()], -1)
+    out = model(
+        input_ids=ids, attention_mask=mask, position_ids=positions(mask), output_hidden_states=hidden is not None
+    )
+    start = prompt_ids.shape[1] - 1
+    if hidden is not None:
+        hidden.append(out.hidden_states[-1][:, start:-1])
+    return out.logits[:, start:-1].float()
+
+
+def completion_logits(
+    model: Any,
+    prompt_ids: Tensor,
+    prompt_mask: Tensor,
+    completion_ids: Tensor,
+    completion_mask: Tensor,
+    tape: fast_train.Tape | None = None,
+) -> Tensor:
+    """The logits [N, T, V] of the next-token distributions that produce each completion token (with gradients,
+    for training; what distillation compares), through the same passes as `token_logprobs`. The columns after
+    the batch's last masked-in position are not computed: they come back as zeros."""
+    fast = LlamaDecoder.supports(model)
+    used = int(completion_mask.any(0).nonzero().max()) + 1 if completion_mask.any() else 1
+    if not fast or used == completion_ids.shape[1]:
+        return _completion_logits(model, prompt_ids, prompt_mask, completion_ids, completion_mask, None, fast, tape)
+    logits = _completion_logits(model, prompt_ids, prompt_mask, completion_ids[:, :used], completion_mask[:, :used],
+                                None, fast, tape)  # fmt: skip
+    return F.pad(logits, (0, 0, 0, completion_ids.shape[1] - used))
 
 
 def cut_at_stop(rollout: Rollout, tokenizer: Any, stop: list[str]) -> Rollout:

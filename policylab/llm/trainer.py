@@ -32,6 +32,12 @@ kl_coef times a k1/k2/k3 KL estimate to the initial model and minus entropy_coef
     kto           KTO on completions labelled desirable or not, unpaired; beta 0.1 (Ethayarajh et al. 2024)
     reward_model  a reward model: a linear score on the last hidden state, trained on pairs with the
                   Bradley-Terry loss -log s(r(y_w) - r(y_l) - margin); saved as a sequence classifier
+    distill       on-policy distillation: the student samples, and learns the `teacher`'s next-token
+                  distribution at every position of its own completions, reverse KL (beta 1; Agarwal et al.
+                  2024; TRL's DistillationTrainer)
+    gkd           GKD: the same with the generalized JSD (beta 0.5), on the student's samples at a share lmbda
+                  0.5 of the steps and on the rows' answers (or, seq_kd, the teacher's samples) at the others,
+                  temperature 0.9 (Agarwal et al. 2024; TRL's GKDTrainer)
 
 Prompts, SFT examples, expert completions and DPO pairs are drawn in shuffled epochs (llm/epochs.py), as TRL's
 trainers walk their datasets; `epoch` in train.csv counts the passes.
@@ -77,13 +83,13 @@ from policylab.llm.rewards import (
     prompt_rows,
     reward_name,
 )
-from policylab.llm.rollout import Rollout, concat_rollouts, decode, generate, token_logprobs
+from policylab.llm.rollout import Rollout, completion_logits, concat_rollouts, decode, generate, token_logprobs
 from policylab.llm.tasks import Task, get_task
 from policylab.llm.workers import GenerationWorkers
 from policylab.logging import CONFIG_YAML, Progress, RunLog, new_run_dir
 from policylab.objectives.advantages import GROUP_ADVANTAGES, gae
 from policylab.objectives.aggregation import aggregate
-from policylab.objectives.imitation import imitation_weights, mixed_policy_loss, parse_schedule
+from policylab.objectives.imitation import generalized_jsd, imitation_weights, mixed_policy_loss, parse_schedule
 from policylab.objectives.policy import (
     cispo_loss,
     gspo_surrogate,
@@ -128,6 +134,8 @@ ALGO_DEFAULTS: dict[str, dict[str, Any]] = {
     "orpo": {"preference_loss": "sft+orpo", "lr": 1e-4},
     "kto": {"lr": 1e-4},
     "reward_model": {"lr": 1e-3},
+    "distill": {"beta": 1.0, "group_size": 1, "batch_size": 64, "lr": 3e-3},
+    "gkd": {"beta": 0.5, "lmbda": 0.5, "temperature": 0.9, "group_size": 1, "batch_size": 64, "lr": 3e-3},
 }
 """Each algorithm is GRPO's config with these values (the table in the module docstring)."""
 ALGOS = tuple(ALGO_DEFAULTS)
@@ -138,6 +146,7 @@ TRAINING_STEPS = {
     **dict.fromkeys(("dpo", "cpo", "simpo", "orpo"), "dpo_step"),
     "kto": "kto_step",
     "reward_model": "reward_step",
+    **dict.fromkeys(("distill", "gkd"), "distill_step"),
 }
 """The LLMTrainer method that makes one training step of each algorithm but the group-advantage ones (rl_step)."""
 
@@ -147,8 +156,10 @@ def training_step(algo: str) -> str:
     return TRAINING_STEPS.get(algo, "rl_step")
 
 
-SAMPLING_STEPS = ("rl_step", "ppo_step", "online_dpo_step")
-"""The steps that sample `group_size` completions per prompt (LLMTrainer.sample_groups)."""
+REWARDED_STEPS = ("rl_step", "ppo_step", "online_dpo_step")
+"""The steps that sample `group_size` completions per prompt and reward them (LLMTrainer.sample_groups)."""
+SAMPLING_STEPS = (*REWARDED_STEPS, "distill_step")
+"""The steps that sample completions (distill_step: the student's, without rewards, on its on-policy steps)."""
 POLICY_LOSS_STEPS = ("rl_step", "ppo_step")
 """The steps that train the policy-gradient loss (LLMTrainer.policy_loss through accumulate), `updates_per_batch`
 times per batch."""
@@ -204,6 +215,9 @@ UNPAIRED_SETTINGS = ("unpaired_loss", "desirable_weight", "undesirable_weight")
 """KTO's settings (objectives.preference.unpaired_loss)."""
 SETTING_READERS: dict[str, tuple[str, ...]] = {
     **dict.fromkeys(SAMPLING_SETTINGS, SAMPLING_STEPS),
+    **dict.fromkeys(
+        ("dynamic_sampling", "max_sampling_rounds", "overlong_buffer", "overlong_penalty"), REWARDED_STEPS
+    ),  # they act on rewards
     "updates_per_batch": POLICY_LOSS_STEPS,  # online DPO makes one preference update per batch
     "overlong_filter": ("rl_step",),  # rl_step masks the cut completions; ppo_step and online_dpo_step do not
     **dict.fromkeys(
@@ -227,7 +241,8 @@ SETTING_READERS: dict[str, tuple[str, ...]] = {
     ),
     **dict.fromkeys(("vf_coef", "gamma", "gae_lambda"), ("ppo_step",)),
     **dict.fromkeys(PREFERENCE_SETTINGS, PREFERENCE_STEPS),
-    "beta": (*PREFERENCE_STEPS, "kto_step"),
+    "beta": (*PREFERENCE_STEPS, "kto_step", "distill_step"),
+    **dict.fromkeys(("teacher", "lmbda", "seq_kd"), ("distill_step",)),
     **dict.fromkeys(UNPAIRED_SETTINGS, ("kto_step",)),
     "pairs": ROW_PAIR_STEPS,
     "precompute_ref_log_probs": ("dpo_step",),
@@ -240,6 +255,8 @@ Every other setting is read by every algorithm (the model, the task's rows and r
 evaluation, ...). sft_step reads none of these (its loss is the answers' token-mean NLL, no reference model)."""
 READER_NAMES = {
     SAMPLING_STEPS: "the algorithms that sample",
+    REWARDED_STEPS: "the algorithms that sample and reward",
+    ("distill_step",): "the distillation algorithms",
     POLICY_LOSS_STEPS: "the policy-gradient algorithms",
     ("rl_step",): "the group-advantage algorithms",
 }
@@ -251,6 +268,7 @@ STEP_SUMMARIES = {
     "online_dpo_step": "makes one preference update per batch, on the best and worst of its own samples",
     "ppo_step": "trains on GAE advantages from a value head",
     "rl_step": "trains on group advantages",
+    "distill_step": "trains toward a teacher's next-token distributions",
 }
 
 
@@ -331,7 +349,17 @@ class LLMConfig:
     field, else its `answer`."""
     beta: float = 0.1
     """The preference losses' beta: DPO's inverse temperature of the implicit reward beta log(pi / pi_ref), IPO's
-    tau, SimPO's scale of the length-normalized log-prob, ORPO's weight lambda of the odds-ratio loss."""
+    tau, SimPO's scale of the length-normalized log-prob, ORPO's weight lambda of the odds-ratio loss. Distillation:
+    the divergence, in [0, 1] (objectives.imitation.generalized_jsd: 0 forward KL, 1 reverse KL, 0.5 JSD)."""
+    teacher: str | None = None
+    """distill and gkd: the teacher model (a run directory, a save_pretrained directory or a built-in tiny model),
+    a causal LM of any architecture or size whose vocabulary is the student's."""
+    lmbda: float = 1.0
+    """distill and gkd: the share of steps that train on the student's own samples (GKD's lambda: each step draws
+    it); the other steps train on the rows' answers, or with seq_kd on the teacher's samples."""
+    seq_kd: bool = False
+    """gkd: the steps off the student's samples train on completions the teacher samples (sequence-level KD)
+    instead of the rows' answers."""
     label_smoothing: float = 0.0
     """The assumed share of flipped labels of the losses that take one: sigmoid (conservative DPO), robust,
     exo_pair, aot, aot_unpaired, cpo, simpo; 0: plain DPO."""
@@ -435,9 +463,7 @@ class LLMConfig:
         for name in ("steps", "batch_size", "group_size", "updates_per_batch", "eval_size", "train_size"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name}={getattr(self, name)} must be > 0", f"set {name} to a positive value")
-        grouped = (
-            samples_completions(self.algo) and self.algo != "ppo" and self.advantage in ("rloo", "grpo", "dr_grpo")
-        )
+        grouped = training_step(self.algo) == "rl_step" and self.advantage in ("rloo", "grpo", "dr_grpo")
         if (grouped or self.algo == "online_dpo") and self.group_size < 2:
             raise ConfigError(f"{self.algo} compares completions within a group", "set group_size to 2 or more")
         if self.temperature <= 0 or not 0 < self.top_p <= 1:
@@ -467,6 +493,8 @@ class LLMConfig:
                 )
         if self.algo == "kto":
             self._check_unpaired_settings()
+        if training_step(self.algo) == "distill_step":
+            self._check_distillation_settings()
         if self.center_rewards_coefficient < 0:
             raise ConfigError(
                 f"center_rewards_coefficient={self.center_rewards_coefficient} must be >= 0",
@@ -522,6 +550,19 @@ class LLMConfig:
                 "kto estimates its KL reference point by pairing each prompt with another row's completion, which "
                 "takes at least 2 rows a step",
                 "set batch_size to 2 or more",
+            )
+
+    def _check_distillation_settings(self) -> None:
+        if self.teacher is None:
+            raise ConfigError(
+                f"{self.algo} trains the model toward a teacher's next-token distributions, and no teacher was given",
+                "pass --teacher PATH (a run directory or a save_pretrained directory whose vocabulary is the model's)",
+            )
+        if not 0 <= self.beta <= 1 or not 0 <= self.lmbda <= 1:
+            raise ConfigError(
+                f"beta={self.beta} and lmbda={self.lmbda} must be in [0, 1]",
+                "set beta=1 (reverse KL), 0 (forward KL) or 0.5 (JSD), and lmbda=1 (only the model's own samples) or "
+                "e.g. 0.5",
             )
 
     def _check_reference_sync(self) -> None:
@@ -597,6 +638,7 @@ DEPENDENT_SETTINGS: tuple[tuple[tuple[str, ...], Callable[[LLMConfig], bool], st
     (("shaping_gamma",), lambda c: c.mix == "luffy", "LUFFY's policy shaping", "--set mix=luffy"),
     (("kl_estimator",), lambda c: c.kl_coef != 0, "the KL penalty's estimator", "--set kl_coef=0.05 (e.g.)"),
     (("lora_alpha",), lambda c: c.lora_rank > 0, "LoRA's scale", "--set lora_rank=8 (e.g.)"),
+    (("seq_kd",), lambda c: c.lmbda < 1, "the source of the steps off the model's samples", "--set lmbda=0.5 (e.g.)"),
     (
         ("label_smoothing",),
         lambda c: any(PREFERENCE_LOSSES[name].smoothing for name in c.preference_terms),
@@ -945,11 +987,13 @@ class LLMInputs:
     """Functions (prompts, completions, **columns) -> list[float], reward strings, or (either, weight) pairs."""
     expert: Any = None
     pairs: Any = None
+    teacher: Any = None
+    """distill and gkd: the teacher, a transformers causal LM with the model's vocabulary (kept frozen)."""
 
     def config_values(self) -> dict[str, Any]:
         """The config entries that record the objects given."""
         values: dict[str, Any] = {}
-        for name in ("model", "prompts", "eval_prompts", "expert", "pairs"):
+        for name in ("model", "prompts", "eval_prompts", "expert", "pairs", "teacher"):
             value = getattr(self, name)
             if value is not None:
                 values[name] = str(value) if isinstance(value, str | Path) else PYTHON + type(value).__name__
@@ -967,7 +1011,7 @@ def _given(cfg: LLMConfig, inputs: LLMInputs, name: str) -> Any:
 def _check_objects_given(cfg: LLMConfig, inputs: LLMInputs) -> None:
     """A config that records Python objects (python:..., a resumed run's) needs them passed again."""
     missing = []
-    for name in ("model", "prompts", "eval_prompts", "rewards", "expert", "pairs"):
+    for name in ("model", "prompts", "eval_prompts", "rewards", "expert", "pairs", "teacher"):
         recorded = getattr(cfg, name)
         values = recorded if isinstance(recorded, list) else [recorded]
         if getattr(inputs, name) is None and any(isinstance(v, str) and v.startswith(PYTHON) for v in values):
@@ -1072,6 +1116,8 @@ class LLMTrainer:
         needs = cfg.algo == "kto" or (preference and needs_reference(cfg.preference_loss))
         if (cfg.kl_coef and cfg.algo != "sft") or needs:
             self.reference = copy.deepcopy(self.model).eval().requires_grad_(False)
+        self.teacher = self._teacher(cfg, inputs) if training_step(cfg.algo) == "distill_step" else None
+        """distill's and gkd's frozen teacher."""
         self.value_head: torch.nn.Linear | None = None
         """PPO's value head, or the reward model's score (no bias, as a sequence classifier's)."""
         if cfg.algo == "ppo":
@@ -1117,7 +1163,7 @@ class LLMTrainer:
             check_expert_rows(self.expert_rows, "expert" if expert is not None else "prompts")
         self.luffy_experts = luffy_experts(self.expert_rows, self.train_rows) if cfg.mix == "luffy" else {}
         """LUFFY's expert completion of each training prompt (from the expert rows of the same prompt)."""
-        if cfg.algo == "sft" or (training_step(cfg.algo) in ROW_PAIR_STEPS and self.pair_rows is None):
+        if self.trains_on_answers:
             check_expert_rows(self.train_rows, "prompts")
         self.generator = torch.Generator().manual_seed(cfg.seed)
         self.max_new_tokens = cfg.max_new_tokens or self.task.max_new_tokens
@@ -1156,11 +1202,46 @@ class LLMTrainer:
         for row in self.pair_rows or []:
             texts += (row["prompt"], row.get("chosen"), row.get("rejected"), row.get("completion"))
         cfg = self.cfg
-        if cfg.algo == "sft" or (training_step(cfg.algo) in ROW_PAIR_STEPS and self.pair_rows is None):
+        if self.trains_on_answers:
             texts += [expert_completion(row) for row in self.train_rows]
         elif cfg.mix != "none":
             texts += [expert_completion(row) for row in self.expert_rows]
         return [text for text in texts if isinstance(text, str)]  # a pairs row's non-string is the step's error
+
+    @property
+    def trains_on_answers(self) -> bool:
+        """Whether steps train on the rows' answers (their `completion` or `answer`): SFT; DPO, KTO and reward
+        models without a pairs file (against corruptions of them); GKD's steps off the model's samples."""
+        cfg, step = self.cfg, training_step(self.cfg.algo)
+        return (
+            cfg.algo == "sft"
+            or (step in ROW_PAIR_STEPS and self.pair_rows is None)
+            or (step == "distill_step" and cfg.lmbda < 1 and not cfg.seq_kd)
+        )
+
+    def _teacher(self, cfg: LLMConfig, inputs: LLMInputs) -> Any:
+        """The frozen teacher of distill and gkd: the object given or the config's model, with the model's
+        vocabulary (the divergence compares their distributions token by token)."""
+        given = _given(cfg, inputs, "teacher")
+        if given is self.model:
+            raise LLMError("the teacher given is the model being trained", "pass a copy (copy.deepcopy(model))")
+        if isinstance(given, str):
+            teacher, tokenizer = load_model(given, cfg.seed)
+            if tokenizer.get_vocab() != self.tokenizer.get_vocab():
+                raise LLMError(
+                    f"the teacher {given} has another tokenizer than the model (vocabularies of {len(tokenizer)} "
+                    f"and {len(self.tokenizer)} tokens, or the same size with other ids)",
+                    "distill from a teacher that uses the model's tokenizer",
+                )
+        else:
+            teacher = given
+        sizes = [m.get_output_embeddings().weight.shape[0] for m in (teacher, self.model)]
+        if sizes[0] != sizes[1]:
+            raise LLMError(
+                f"the teacher's output layer has {sizes[0]} tokens and the model's {sizes[1]}",
+                "distill from a teacher with the model's vocabulary",
+            )
+        return teacher.eval().requires_grad_(False)
 
     def _row_tables(self) -> dict[str, list[dict[str, Any]]]:
         return {"train": self.train_rows, "expert": self.expert_rows, "pairs": self.pair_rows or []}
@@ -1476,6 +1557,39 @@ class LLMTrainer:
         ids, mask = self.encode_prompts.answers([c for _, c, _ in pairs] + [r for _, _, r in pairs])
         return self.preference_update(prompt_ids, prompt_mask, ids, mask, ref_sums)
 
+    def distill_step(self) -> dict[str, float]:
+        """On-policy distillation and GKD: `batch_size` prompts with `group_size` completions each, sampled by the
+        model (every step with lmbda 1, else with probability lmbda), else the rows' answers or, with seq_kd, the
+        teacher's samples; the loss is the token mean over the completions of the divergence between the model's
+        and the teacher's next-token distributions at each of their positions."""
+        cfg = self.cfg
+        rows = [row for row in self.sample_rows(cfg.batch_size) for _ in range(cfg.group_size)]
+        on_policy = cfg.lmbda >= 1 or self.rng.random() < cfg.lmbda
+        if on_policy or cfg.seq_kd:
+            rollout = self.rollout(rows)[0] if on_policy else self.teacher_rollout(rows)
+            prompt_ids, prompt_mask, tape = rollout.prompt_ids, rollout.prompt_mask, rollout.tape
+            ids, mask = rollout.completion_ids, rollout.completion_mask
+        else:
+            prompt_ids, prompt_mask = self.encode_prompts([row["prompt"] for row in rows])
+            ids, mask = self.encode_prompts.answers([expert_completion(row) for row in rows])
+            tape = None
+        student = completion_logits(self.model, prompt_ids, prompt_mask, ids, mask, tape=tape)
+        with torch.no_grad():
+            teacher = completion_logits(self.teacher, prompt_ids, prompt_mask, ids, mask)
+        loss = aggregate(generalized_jsd(student, teacher, cfg.beta, cfg.temperature), mask, "token-mean")
+        self._optimize(loss)
+        return {"loss": float(loss.detach()), "tokens": float(mask.sum()), "on_policy": float(on_policy)}
+
+    @torch.no_grad()
+    def teacher_rollout(self, rows: list[dict[str, Any]]) -> Rollout:
+        """One completion per row sampled by the teacher (GKD's seq_kd), with the run's sampling settings."""
+        ids, mask = self.encode_prompts([row["prompt"] for row in rows])
+        return generate(
+            self.teacher, ids, mask, max_new_tokens=self.max_new_tokens, eos_token_id=self.tokenizer.eos_token_id,
+            pad_token_id=self.tokenizer.pad_token_id, temperature=self.cfg.temperature, top_p=self.cfg.top_p,
+            generator=self.generator,
+        )  # fmt: skip
+
     @torch.no_grad()
     def _reference_sums(self) -> Tensor:
         """precompute_ref_log_probs: the reference's sequence log-probs (LD-DPO's weights applied) of every pairs
@@ -1753,6 +1867,7 @@ def train_llm(
     rewards: list[RewardSpec] | None = None,
     expert: Any = None,
     pairs: Any = None,
+    teacher: Any = None,
     progress: bool | None = None,
 ) -> LLMRun:
     """Train (SFT or RL) and write the run directory: config.yaml, train.csv, eval.csv, eval.json, model/ and
@@ -1766,11 +1881,11 @@ def train_llm(
 
     The inputs can be Python objects instead of the config's names and paths (see LLMInputs): `model` (a
     transformers causal LM, trained in place) with its `tokenizer`, `prompts` / `eval_prompts` / `expert` /
-    `pairs` (a datasets.Dataset or a list of dicts), `rewards` (functions, or (function, weight) pairs).
-    Resuming a run made so needs the same objects passed again."""
+    `pairs` (a datasets.Dataset or a list of dicts), `rewards` (functions, or (function, weight) pairs), `teacher`
+    (distill and gkd: a transformers causal LM). Resuming a run made so needs the same objects passed again."""
     import yaml
 
-    inputs = LLMInputs(model, tokenizer, prompts, eval_prompts, rewards, expert, pairs)
+    inputs = LLMInputs(model, tokenizer, prompts, eval_prompts, rewards, expert, pairs, teacher)
     say: Callable[..., None] = print if verbose is not False else (lambda *a, **k: None)
     notes: list[str] = []
     state: dict[str, Any] = {}

@@ -15,6 +15,10 @@ so the policy starts from the demonstrations, and decayed so that RL takes over.
 
 always held constant in the gradient. These are pure functions over log-probs and masks, so the language-model
 objectives use the same ones at token level (steps of a control task are tokens of length-1 sequences).
+
+Distillation imitates a teacher's whole distribution instead of its samples: `generalized_jsd` is the divergence
+of on-policy distillation and GKD (Agarwal et al. 2024, arXiv:2306.13649) between the student's and the
+teacher's categorical distributions at each position (next tokens, or discrete actions).
 """
 
 from __future__ import annotations
@@ -150,3 +154,32 @@ def parse_schedule(spec: str | float) -> ImitationSchedule:
     if not (0.0 <= start <= 1.0 and 0.0 <= end <= 1.0 and 0.0 <= warmup < 1.0):
         raise ConfigError(f"imitation={text!r}: the coefficients must lie in [0, 1] and warmup in [0, 1)", fix)
     return ImitationSchedule(kind, start, end, warmup)
+
+
+def generalized_jsd(student_logits: Tensor, teacher_logits: Tensor, beta: float, temperature: float = 1.0) -> Tensor:
+    """The divergence at each position (the logits' shape without the last axis) between the student's and the
+    teacher's distributions softmax(logits / temperature) over the last axis, with the mixture
+    m = (1 - beta) p_student + beta p_teacher:
+
+        beta = 0       KL(p_teacher || p_student)   forward KL: the student covers every teacher mode
+        beta = 1       KL(p_student || p_teacher)   reverse KL: the student keeps to the teacher's modes
+        otherwise      beta KL(p_teacher || m) + (1 - beta) KL(p_student || m)   (0.5: the Jensen-Shannon divergence)
+
+    the conventions of TRL's DistillationTrainer and GKDTrainer (the mixture form tends to 0, not to a KL, at
+    either end, hence the two ends by name). Tokens that a distribution gives probability 0 (logits -inf) add 0."""
+    if not 0.0 <= beta <= 1.0:
+        raise ConfigError(f"beta={beta} must be in [0, 1]", "set beta=1 (reverse KL), 0 (forward KL) or 0.5 (JSD)")
+    student = torch.log_softmax(student_logits.float() / temperature, -1)
+    teacher = torch.log_softmax(teacher_logits.float() / temperature, -1)
+    if beta == 0.0:
+        return _kl(teacher, student)
+    if beta == 1.0:
+        return _kl(student, teacher)
+    mixture = torch.logaddexp(student + math.log(1.0 - beta), teacher + math.log(beta))
+    return beta * _kl(teacher, mixture) + (1.0 - beta) * _kl(student, mixture)
+
+
+def _kl(log_p: Tensor, log_q: Tensor) -> Tensor:
+    """KL(p || q) over the last axis from log-probabilities (p's zero-probability entries add 0)."""
+    terms = log_p.exp() * (log_p - log_q)
+    return torch.where(torch.isneginf(log_p), torch.zeros_like(terms), terms).sum(-1)
