@@ -1545,8 +1545,8 @@ def test_each_algorithm_refuses_the_settings_its_training_step_never_reads(tmp_p
     assert info.value.problem.endswith(
         "so they would do nothing; temperature applies to the algorithms that sample: grpo, dr_grpo, dapo, gspo, "
         "cispo, sapo, rloo, reinforce++, ppo, online_dpo, distill, gkd; kl_coef applies to the policy-gradient "
-        "algorithms: grpo, dr_grpo, dapo, gspo, cispo, sapo, rloo, reinforce++, ppo; beta applies to dpo, online_dpo, cpo, simpo, orpo, "
-        "kto, distill, gkd"
+        "algorithms: grpo, dr_grpo, dapo, gspo, cispo, sapo, rloo, reinforce++, ppo; beta applies to dpo, online_dpo, "
+        "cpo, simpo, orpo, kto, distill, gkd"
     ), info.value.problem
     assert info.value.fix.startswith("drop temperature, kl_coef and beta, or train one of those algorithms")
 
