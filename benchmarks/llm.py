@@ -1,6 +1,7 @@
-"""policylab's GRPO, RLOO, DPO, CPO, SimPO and ORPO against TRL's GRPOTrainer, RLOOTrainer, DPOTrainer, CPOTrainer
-and ORPOTrainer: the same model, prompts
-(or preference pairs), group size, lengths, optimizer settings and number of steps, alternating runs, 1 thread each.
+"""policylab's GRPO, RLOO, DPO, CPO, SimPO, ORPO, KTO, reward models and on-policy distillation against TRL's
+GRPOTrainer, RLOOTrainer, DPOTrainer, CPOTrainer, ORPOTrainer, KTOTrainer, RewardTrainer and DistillationTrainer: the
+same model, prompts (or preference pairs), group size, lengths, optimizer settings and number of steps, alternating
+runs, 1 thread each.
 
     .venv/bin/python benchmarks/llm.py --setup                # once: TRL's own venv (benchmarks/.venv-trl)
     .venv/bin/python benchmarks/llm.py --seeds 3 --steps 40

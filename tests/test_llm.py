@@ -311,9 +311,18 @@ def test_sft_makes_the_tiny_model_partly_correct(sft_model):
     assert losses[-1] < 0.5 * losses[0]
 
 
-@pytest.mark.parametrize("algo", ["grpo", "rloo"])
-def test_rl_raises_exact_match_accuracy_over_the_sft_model(sft_model, tmp_path, algo):
+@pytest.mark.parametrize(
+    ("algo", "extra"),
+    [
+        ("grpo", {}),
+        ("rloo", {}),
+        ("grpo", {"loss": "vespo", "aggregation": "token-mean"}),
+        ("grpo", {"loss": "luspo", "clip_low": 3e-4, "clip_high": 4e-4}),
+    ],
+)
+def test_rl_raises_exact_match_accuracy_over_the_sft_model(sft_model, tmp_path, algo, extra):
     overrides = {"model": str(sft_model.dir), "steps": 60, "batch_size": 32, "group_size": 8, "eval_every": 60}
+    overrides.update(extra)
     run = train_llm(algo, overrides, tmp_path, verbose=False)
     assert run.initial_eval["accuracy"] == pytest.approx(sft_model.final_eval["accuracy"])
     assert run.final_eval["accuracy"] >= run.initial_eval["accuracy"] + 0.15, (run.initial_eval, run.final_eval)
@@ -384,6 +393,123 @@ def test_cispo_keeps_a_gradient_on_clipped_tokens_with_a_constant_clipped_weight
     loss.backward()
     torch.testing.assert_close(logp.grad, -torch.tensor([[1.28, math.exp(-0.1)]]) / 2)
     assert metrics["clip_frac"].item() == pytest.approx(0.5)
+
+
+def test_luspo_scales_each_sequences_clipped_surrogate_by_its_length():
+    from policylab.objectives.policy import luspo_surrogate
+
+    logp = torch.tensor([[-1.0, -2.0, 0.0], [-0.5, -0.5, -0.5]], requires_grad=True)
+    old = torch.tensor([[-1.2, -2.2, 0.0], [-0.5, -0.5, -0.5]])
+    mask = torch.tensor([[1, 1, 0], [1, 1, 1]], dtype=torch.bool)
+    loss, metrics = luspo_surrogate(logp, old, torch.tensor([1.0, -1.0]), mask, clip_low=0.1, clip_high=0.1)
+    # GSPO's per-sequence losses (-1.1: clipped, 1.0) times the lengths 2 and 3, averaged over the 2 sequences
+    assert loss.item() == pytest.approx((-1.1 * 2 + 1.0 * 3) / 2)
+    assert metrics["clip_frac"].item() == pytest.approx(0.5)
+    loss.backward()  # row 1: d/dlogp_t of -s A |y| / 2 with s = exp(mean log r) = 1: 3 / (2 * 3) per token
+    assert torch.all(logp.grad[0] == 0) and torch.allclose(logp.grad[1], torch.full((3,), 0.5))
+
+
+def test_vespo_weighs_reinforce_by_a_gamma_function_of_the_sequence_ratio():
+    from policylab.objectives.policy import vespo_loss, vespo_weights
+
+    old = torch.tensor([[-1.0, -1.0], [-1.0, -1.0], [-1.0, -1.0]])
+    logp = torch.tensor([[-1.0, -1.0], [-1.0 + math.log(2.0), -1.0], [-1.0, -1.0 + math.log(0.5)]], requires_grad=True)
+    mask = torch.ones(3, 2, dtype=torch.bool)
+    advantages = torch.tensor([1.0, 1.0, -2.0])
+    # phi(w) = e^lam w^k e^(-lam w): w = 1 -> 1; w = 2, A > 0 (k 2, lam 3) -> 4 e^-3; w = 0.5, A < 0 (k 3, lam 2) -> e/8
+    expected = torch.tensor([1.0, 4.0 * math.exp(-3.0), math.exp(1.0) / 8.0])
+    torch.testing.assert_close(vespo_weights(logp, old, advantages, mask), expected)
+    loss, _ = vespo_loss(logp, old, advantages, mask, aggregation="token-mean")
+    assert loss.item() == pytest.approx(float(-(expected * advantages)[:, None].mul(logp.detach()).mean()))
+    loss.backward()  # the weights are constant: REINFORCE's gradient scaled per sequence
+    torch.testing.assert_close(logp.grad, -(expected * advantages)[:, None].expand(3, 2) / 6)
+
+
+def test_the_entropy_and_off_policy_masks_zero_the_advantages_they_leave_out(sft_model):
+    from types import SimpleNamespace
+
+    from policylab.llm.trainer import LLMTrainer
+
+    mask = torch.tensor([[1, 1, 1, 0], [1, 1, 1, 1]], dtype=torch.bool)
+    entropy = torch.tensor([[0.1, 0.9, 0.5, 9.0], [0.3, 0.8, 0.2, 0.7]])  # 7 tokens; the padding's 9.0 is left out
+    old = torch.tensor([[-1.0, -1.0, -1.0, 0.0], [-1.0, -1.0, -1.0, -1.0]])
+    logp = torch.tensor([[-1.0, -1.0, -1.0, 0.0], [-2.0, -2.0, -2.0, -2.0]])  # row 1: KL(old || new) 1 per token
+    rollout = SimpleNamespace(completion_mask=mask, logprobs=old)
+    settings = {"model": str(sft_model.dir), "eval_size": 4}
+    top = LLMTrainer(make_config("grpo", {**settings, "top_entropy_quantile": 3 / 7}))
+    advantages = top.masked_advantages(rollout, torch.tensor([1.0, -1.0]), logp, entropy)
+    # the 3 of 7 highest entropies, 0.9, 0.8 and 0.7 (the 4/7 quantile), keep their advantage
+    assert advantages.tolist() == [[0.0, 1.0, 0.0, 0.0], [0.0, -1.0, 0.0, -1.0]]
+    off = LLMTrainer(make_config("grpo", {**settings, "off_policy_mask_threshold": 0.5}))
+    # row 1: A < 0 and mean KL 1 > 0.5 leaves; with A > 0 it stays, as row 0 (KL 0) does either way
+    assert off.masked_advantages(rollout, torch.tensor([1.0, -1.0]), logp, entropy).tolist() == [1.0, 0.0]
+    assert off.masked_advantages(rollout, torch.tensor([-1.0, 1.0]), logp, entropy).tolist() == [-1.0, 1.0]
+
+
+def test_bias_corrected_kl_adds_the_estimate_times_the_score_to_the_gradient(sft_model):
+    """With use_bias_correction_kl each token's k3 estimate is multiplied by its ratio pi / pi_old; at the sampled
+    weights (ratio 1) the loss is the same and its gradient gains kl_coef * aggregate(sg(k3) * grad log pi)."""
+    from policylab.llm.trainer import LLMTrainer
+
+    gradients, values = [], []
+    for corrected in (False, True):
+        settings = {"model": str(sft_model.dir), "kl_coef": 0.5, "use_bias_correction_kl": corrected, "eval_size": 4}
+        trainer = LLMTrainer(make_config("grpo", settings))
+        with torch.no_grad():  # a reference away from the policy, so that k3 is not 0
+            for p in trainer.reference.parameters():
+                p.mul_(0.9)
+        rollout, _ = trainer.rollout(trainer.train_rows[:4] * 2)
+        trainer.model.zero_grad()
+        loss, metrics = trainer.policy_loss(rollout, torch.zeros(8))
+        loss.backward()
+        gradients.append([p.grad.clone() for p in trainer.model.parameters()])
+        values.append((float(loss.detach()), trainer, rollout))
+    assert values[0][0] == pytest.approx(values[1][0], rel=1e-6)
+    trainer, rollout = values[0][1], values[0][2]
+    trainer.model.zero_grad()
+    logp, _ = trainer.rollout_logprobs(rollout)
+    with torch.no_grad():
+        ref, _ = token_logprobs(trainer.reference, rollout.prompt_ids, rollout.prompt_mask, rollout.completion_ids,
+                                rollout.completion_mask)  # fmt: skip
+        k3 = kl_penalty(logp, ref, "k3")
+    (0.5 * aggregate(k3 * logp, rollout.completion_mask, "seq-mean-token-mean")).backward()
+    for plain, corrected, p in zip(gradients[0], gradients[1], trainer.model.parameters()):
+        torch.testing.assert_close(corrected, plain + p.grad, rtol=1e-4, atol=1e-6)
+
+
+def test_adaptive_entropy_control_follows_trls_rule():
+    from policylab.llm.trainer import EntropyControl
+
+    cfg = make_config("grpo", {"use_adaptive_entropy": True, "entropy_coef": 0.01, "entropy_target": 0.5,
+                               "entropy_coef_delta": 0.01, "entropy_coef_max": 0.02})  # fmt: skip
+    control = EntropyControl(cfg)
+    assert control.coefficient() == 0.0  # nothing measured yet
+    coefs = []
+    for entropy in (0.4, 0.3, 0.2, 0.9, 0.9, 0.9):
+        control.update(entropy)
+        coefs.append((round(control.coef, 6), control.coefficient()))
+    # up while at or below the target (capped at 0.02), applied; down above it (floored at 0), not applied
+    assert coefs == [(0.02, 0.02), (0.02, 0.02), (0.02, 0.02), (0.01, 0.0), (0.0, 0.0), (0.0, 0.0)]
+    restored = EntropyControl(cfg)
+    restored.load(control.state())
+    assert (restored.coef, restored.last_entropy) == (control.coef, control.last_entropy)
+
+
+def test_trls_grpo_loss_options_refuse_what_they_cannot_apply():
+    with pytest.raises(ConfigError, match="loss=vespo weighs each sequence by its advantage's sign"):
+        make_config("ppo", {"loss": "vespo"})
+    with pytest.raises(ConfigError, match="top_entropy_quantile selects tokens, and loss=luspo"):
+        make_config("grpo", {"loss": "luspo", "clip_low": 3e-4, "clip_high": 4e-4, "top_entropy_quantile": 0.2})
+    with pytest.raises(ConfigError, match="luspo clips the sequence ratio on both sides"):
+        make_config("grpo", {"loss": "luspo", "clip_low": None})
+    with pytest.raises(ConfigError, match="vespo_k_pos=3.0 would do nothing"):
+        make_config("grpo", {"vespo_k_pos": 3.0})
+    with pytest.raises(ConfigError, match="entropy_target=1.0 would do nothing"):
+        make_config("grpo", {"entropy_target": 1.0})
+    with pytest.raises(ConfigError, match="use_bias_correction_kl=True would do nothing"):
+        make_config("grpo", {"use_bias_correction_kl": True})
+    with pytest.raises(ConfigError, match="off_policy_mask_threshold=0.0 must be > 0"):
+        make_config("grpo", {"off_policy_mask_threshold": 0.0})
 
 
 def test_overlong_penalty_and_eos_detection():
@@ -845,6 +971,7 @@ of step 2 from the checkpoint."""
         ("ppo", {"group_size": 4}),
         ("dpo", TR_DPO),
         ("gkd", {"group_size": 2, "seq_kd": True, "model": "tiny-llama"}),  # the student's and the teacher's samples
+        ("grpo", {"group_size": 4, "use_adaptive_entropy": True, "entropy_coef": 0.01, "entropy_target": 9.0}),
     ],
 )
 def test_a_resumed_run_ends_with_the_uninterrupted_runs_weights(sft_model, tmp_path, algo, extra):
@@ -1486,6 +1613,18 @@ READ = {
     "kl_coef": (0.1,),
     "kl_estimator": ("k1",),
     "entropy_coef": (0.01,),
+    "use_bias_correction_kl": (True,),
+    "top_entropy_quantile": (0.2,),
+    "off_policy_mask_threshold": (0.5,),
+    "use_adaptive_entropy": (True,),
+    "entropy_target": (1.0,),
+    "entropy_coef_delta": (0.01,),
+    "entropy_coef_min": (0.001,),
+    "entropy_coef_max": (0.5,),
+    "vespo_k_pos": (3.0,),
+    "vespo_lambda_pos": (2.0,),
+    "vespo_k_neg": (2.0,),
+    "vespo_lambda_neg": (3.0,),
     "micro_batch_size": (4,),
     "advantage": ("rloo", "grpo"),
     "mix": ("chord",),
@@ -1579,8 +1718,14 @@ COMPANIONS: dict[str, dict[str, object]] = {
     **dict.fromkeys(("tau_pos", "tau_neg"), {"loss": "sapo"}),
     "shaping_gamma": {"mix": "luffy", "loss": "ppo"},
     "kl_estimator": {"kl_coef": 0.05},
+    "use_bias_correction_kl": {"kl_coef": 0.05},
+    "top_entropy_quantile": {"loss": "ppo"},  # a token-level loss (gspo's ratio is per sequence)
     "lora_alpha": {"lora_rank": 4},
     "seq_kd": {"lmbda": 0.5},
+    **dict.fromkeys(("vespo_k_pos", "vespo_lambda_pos", "vespo_k_neg", "vespo_lambda_neg"), {"loss": "vespo"}),
+    **dict.fromkeys(
+        ("entropy_target", "entropy_coef_delta", "entropy_coef_min", "entropy_coef_max"), {"use_adaptive_entropy": True}
+    ),
 }
 """The settings read only under another one, and that one (a value of it that turns them on)."""
 
@@ -1607,6 +1752,9 @@ def test_settings_read_only_under_another_are_refused_without_it():
 
     for name, on in COMPANIONS.items():  # with what turns it on, each is taken
         value = {"tau_pos": 0.5, "tau_neg": 0.5, "mix_weight": "0.1", "mix_phi": True, "expert_batch_size": 4,
+                 "use_bias_correction_kl": True, "vespo_k_pos": 3.0, "vespo_lambda_pos": 2.0, "vespo_k_neg": 2.0,
+                 "vespo_lambda_neg": 3.0, "entropy_target": 1.0, "entropy_coef_delta": 0.01, "entropy_coef_min": 0.001,
+                 "entropy_coef_max": 0.5, "top_entropy_quantile": 0.2,
                  "shaping_gamma": 0.5, "kl_estimator": "k1", "lora_alpha": 32, "expert": "e.jsonl",
                  "label_smoothing": 0.1, "f_divergence": "js_divergence", "f_alpha": 0.3, "simpo_gamma": 0.5,
                  "discopop_tau": 0.1, "sync_ref_model": True, "ref_model_sync_steps": 4,

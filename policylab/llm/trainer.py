@@ -94,11 +94,13 @@ from policylab.objectives.policy import (
     cispo_loss,
     gspo_surrogate,
     kl_penalty,
+    luspo_surrogate,
     pg_surrogate,
     pg_token_losses,
     policy_shaping_loss,
     sapo_loss,
     surrogate_metrics,
+    vespo_loss,
 )
 from policylab.objectives.preference import (
     PREFERENCE_LOSSES,
@@ -213,6 +215,16 @@ PREFERENCE_SETTINGS = (
 WPO, TR-DPO); beta is KTO's too."""
 UNPAIRED_SETTINGS = ("unpaired_loss", "desirable_weight", "undesirable_weight")
 """KTO's settings (objectives.preference.unpaired_loss)."""
+VESPO_SETTINGS = ("vespo_k_pos", "vespo_lambda_pos", "vespo_k_neg", "vespo_lambda_neg")
+ADAPTIVE_ENTROPY_SETTINGS = ("entropy_target", "entropy_coef_delta", "entropy_coef_min", "entropy_coef_max")
+GRPO_LOSS_OPTIONS = (
+    "top_entropy_quantile",
+    "off_policy_mask_threshold",
+    "use_bias_correction_kl",
+    "use_adaptive_entropy",
+    *ADAPTIVE_ENTROPY_SETTINGS,
+)
+"""The options of TRL's GRPOTrainer loss beyond the loss types (LLMConfig's fields of these names)."""
 SETTING_READERS: dict[str, tuple[str, ...]] = {
     **dict.fromkeys(SAMPLING_SETTINGS, SAMPLING_STEPS),
     **dict.fromkeys(
@@ -233,9 +245,11 @@ SETTING_READERS: dict[str, tuple[str, ...]] = {
             "kl_estimator",
             "entropy_coef",
             "micro_batch_size",
+            *GRPO_LOSS_OPTIONS,
         ),
         POLICY_LOSS_STEPS,
     ),
+    **dict.fromkeys(VESPO_SETTINGS, ("rl_step",)),
     **dict.fromkeys(
         ("advantage", "mix", "mix_weight", "mix_phi", "shaping_gamma", "expert", "expert_batch_size"), ("rl_step",)
     ),
@@ -278,7 +292,9 @@ def setting_readers(name: str) -> tuple[str, ...]:
     return tuple(algo for algo in ALGOS if steps is None or training_step(algo) in steps)
 
 
-LOSSES = ("ppo", "gspo", "cispo", "sapo")
+LOSSES = ("ppo", "gspo", "cispo", "sapo", "luspo", "vespo")
+SEQUENCE_LOSSES = ("gspo", "luspo")
+"""The losses whose importance ratio is one per sequence."""
 MIXES = ("none", "chord", "luffy")
 
 
@@ -305,7 +321,13 @@ class LLMConfig:
     """A GROUP_ADVANTAGES name: grpo, dr_grpo, rloo, reinforce++."""
     loss: str = "ppo"
     """ppo (token-level clipped surrogate), gspo (sequence-level), cispo (clipped constant IS weight), sapo (a
-    soft sigmoid gate on the ratio instead of a clip)."""
+    soft sigmoid gate on the ratio instead of a clip), luspo (gspo with each sequence's loss times its length),
+    vespo (REINFORCE weighted by a gamma function of the sequence ratio; group advantages only)."""
+    vespo_k_pos: float = 2.0
+    vespo_lambda_pos: float = 3.0
+    vespo_k_neg: float = 3.0
+    vespo_lambda_neg: float = 2.0
+    """VESPO's gamma weights phi(w) = e^lambda w^k e^(-lambda w): (k, lambda) where A >= 0 and where A < 0."""
     tau_pos: float = 1.0
     tau_neg: float = 1.05
     """SAPO's gate temperatures for positive and negative advantages."""
@@ -316,10 +338,31 @@ class LLMConfig:
     clip_high: float | None = None
     """None: clip_low (symmetric); DAPO's clip-higher uses 0.28."""
     dual_clip: float | None = None
+    """Dual-clip PPO's bound c > 1: where A < 0 the loss is at most -c A (TRL's `delta`, INTELLECT-2's two-sided
+    clipping, is the same bound)."""
     kl_coef: float = 0.0
     """Weight of the KL to the initial model (its copy is kept only when this is non-zero)."""
     kl_estimator: str = "k3"
+    use_bias_correction_kl: bool = False
+    """Each token's KL estimate times its ratio pi / pi_old (differentiable), so that its gradient is the unbiased
+    reverse-KL gradient (DeepSeek-V3.2; TRL's option of the name, on by default there)."""
+    top_entropy_quantile: float = 1.0
+    """rho of "Beyond the 80/20 rule" (Wang et al. 2025): only the batch's top-rho share of completion tokens by the
+    entropy of their distribution carry the policy loss (0.2 in the paper; 1: every token). The denominator of the
+    aggregation still counts every token, as TRL's."""
+    off_policy_mask_threshold: float | None = None
+    """DeepSeek-V3.2's off-policy sequence mask: sequences with a negative advantage whose mean token KL(pi_old ||
+    pi) exceeds this leave the policy loss (later updates of a batch; e.g. 0.5; None: off)."""
     entropy_coef: float = 0.0
+    use_adaptive_entropy: bool = False
+    """Skywork-OR1's adaptive entropy control: after each update the coefficient (from entropy_coef) moves by
+    entropy_coef_delta, up while the batch's token-mean entropy is at or below entropy_target, down otherwise,
+    within [entropy_coef_min, entropy_coef_max]; the bonus applies only while the last update's entropy was at or
+    below the target (TRL's rule; saved in the checkpoints)."""
+    entropy_target: float = 0.2
+    entropy_coef_delta: float = 0.005
+    entropy_coef_min: float = 0.0
+    entropy_coef_max: float = 1.0
     max_grad_norm: float | None = 1.0
     dynamic_sampling: bool = False
     """DAPO: drop groups whose rewards are all equal (no signal) and sample more prompts, up to
@@ -521,8 +564,9 @@ class LLMConfig:
                 "mix=luffy puts an expert completion into each group of a group-advantage algorithm",
                 "use it with grpo / dr_grpo / dapo / rloo / reinforce++ and group_size >= 2",
             )
-        if self.loss == "gspo" and (self.clip_low is None or self.clip_high is None):
-            raise ConfigError("gspo clips the sequence ratio on both sides", "set clip_low and clip_high")
+        if self.loss in SEQUENCE_LOSSES and (self.clip_low is None or self.clip_high is None):
+            raise ConfigError(f"{self.loss} clips the sequence ratio on both sides", "set clip_low and clip_high")
+        self._check_grpo_loss_options()
         GROUP_ADVANTAGES.get(self.advantage)  # unknown names: one clear error each
         aggregate(torch.zeros(1, 1), None, self.aggregation)
         try:
@@ -532,6 +576,33 @@ class LLMConfig:
             raise ConfigError(
                 exc.problem.replace("imitation=", key), (exc.fix or "").replace("imitation=", key)
             ) from None
+
+    def _check_grpo_loss_options(self) -> None:
+        if self.loss == "vespo" and training_step(self.algo) != "rl_step":
+            raise ConfigError(
+                f"loss=vespo weighs each sequence by its advantage's sign, and {self.algo}'s advantages are per token",
+                "use vespo with a group-advantage algorithm (grpo, dr_grpo, dapo, rloo, reinforce++)",
+            )
+        if not 0 <= self.top_entropy_quantile <= 1:
+            raise ConfigError(
+                f"top_entropy_quantile={self.top_entropy_quantile} must be in [0, 1]",
+                "set it to 0.2 (the paper's) or 1 (every token)",
+            )
+        if self.top_entropy_quantile < 1 and self.loss in SEQUENCE_LOSSES:
+            raise ConfigError(
+                f"top_entropy_quantile selects tokens, and loss={self.loss} has one ratio per sequence",
+                "drop top_entropy_quantile, or use a token-level loss (ppo, cispo, sapo, vespo)",
+            )
+        if self.off_policy_mask_threshold is not None and self.off_policy_mask_threshold <= 0:
+            raise ConfigError(
+                f"off_policy_mask_threshold={self.off_policy_mask_threshold} must be > 0", "set it to e.g. 0.5"
+            )
+        if self.entropy_coef_delta <= 0 or not 0 <= self.entropy_coef_min <= self.entropy_coef_max:
+            raise ConfigError(
+                f"entropy_coef_delta={self.entropy_coef_delta} must be > 0 and 0 <= entropy_coef_min="
+                f"{self.entropy_coef_min} <= entropy_coef_max={self.entropy_coef_max}",
+                "set entropy_coef_delta=0.005, entropy_coef_min=0 and entropy_coef_max=1 (TRL's)",
+            )
 
     def _check_unpaired_settings(self) -> None:
         if self.unpaired_loss not in UNPAIRED_LOSSES:
@@ -636,7 +707,19 @@ DEPENDENT_SETTINGS: tuple[tuple[tuple[str, ...], Callable[[LLMConfig], bool], st
     (("tau_pos", "tau_neg"), lambda c: c.loss == "sapo", "SAPO's gate temperatures", "--set loss=sapo"),
     (("mix_weight", "mix_phi", "expert_batch_size"), lambda c: c.mix == "chord", "CHORD's mixing", "--set mix=chord"),
     (("shaping_gamma",), lambda c: c.mix == "luffy", "LUFFY's policy shaping", "--set mix=luffy"),
-    (("kl_estimator",), lambda c: c.kl_coef != 0, "the KL penalty's estimator", "--set kl_coef=0.05 (e.g.)"),
+    (
+        ("kl_estimator", "use_bias_correction_kl"),
+        lambda c: c.kl_coef != 0,
+        "the KL penalty's",
+        "--set kl_coef=0.05 (e.g.)",
+    ),
+    (VESPO_SETTINGS, lambda c: c.loss == "vespo", "VESPO's", "--set loss=vespo"),
+    (
+        ADAPTIVE_ENTROPY_SETTINGS,
+        lambda c: c.use_adaptive_entropy,
+        "adaptive entropy control's",
+        "--set use_adaptive_entropy=true",
+    ),
     (("lora_alpha",), lambda c: c.lora_rank > 0, "LoRA's scale", "--set lora_rank=8 (e.g.)"),
     (("seq_kd",), lambda c: c.lmbda < 1, "the source of the steps off the model's samples", "--set lmbda=0.5 (e.g.)"),
     (
@@ -946,6 +1029,33 @@ def kto_balance_note(rows: list[dict[str, Any]], cfg: LLMConfig) -> str | None:
     )
 
 
+class EntropyControl:
+    """Skywork-OR1's adaptive entropy coefficient (LLMConfig.use_adaptive_entropy), as TRL's GRPOTrainer runs it:
+    after each optimizer step the coefficient moves by `delta` toward more bonus while the step's token-mean
+    entropy is at or below `target`, toward less otherwise, within [low, high]; a step applies the bonus only while
+    the previous step's entropy was at or below the target (none before the first measurement)."""
+
+    def __init__(self, cfg: LLMConfig) -> None:
+        self.coef, self.target, self.delta = cfg.entropy_coef, cfg.entropy_target, cfg.entropy_coef_delta
+        self.low, self.high = cfg.entropy_coef_min, cfg.entropy_coef_max
+        self.last_entropy = math.inf
+
+    def coefficient(self) -> float:
+        return self.coef if self.last_entropy <= self.target else 0.0
+
+    def update(self, entropy: float) -> None:
+        step = self.delta if entropy <= self.target else -self.delta
+        self.coef = min(max(self.coef + step, self.low), self.high)
+        self.last_entropy = entropy
+
+    def state(self) -> dict[str, float | None]:
+        return {"coef": self.coef, "last_entropy": None if math.isinf(self.last_entropy) else self.last_entropy}
+
+    def load(self, state: dict[str, float | None]) -> None:
+        self.coef = float(state["coef"])  # type: ignore[arg-type]
+        self.last_entropy = math.inf if state["last_entropy"] is None else float(state["last_entropy"])
+
+
 def token_gae(rewards: Tensor, values: Tensor, mask: Tensor, gamma: float, lam: float) -> tuple[Tensor, Tensor]:
     """GAE over the tokens of each completion (objectives.advantages.gae, time = token): the sequence reward
     [N] arrives on its last token, which ends the episode. Returns (advantages, returns), [N, T], 0 off the mask."""
@@ -1117,6 +1227,9 @@ class LLMTrainer:
         if (cfg.kl_coef and cfg.algo != "sft") or needs:
             self.reference = copy.deepcopy(self.model).eval().requires_grad_(False)
         self.teacher = self._teacher(cfg, inputs) if training_step(cfg.algo) == "distill_step" else None
+        self.entropy_control = (
+            EntropyControl(cfg) if cfg.use_adaptive_entropy and training_step(cfg.algo) in POLICY_LOSS_STEPS else None
+        )
         """distill's and gkd's frozen teacher."""
         self.value_head: torch.nn.Linear | None = None
         """PPO's value head, or the reward model's score (no bias, as a sequence classifier's)."""
@@ -1338,7 +1451,14 @@ class LLMTrainer:
                 self._backward(expert_loss)
                 step_metrics.update({k: float(v) for k, v in mixed.items()})
             self._step()
-            metrics.update(step_metrics)
+            metrics.update(self._controlled(step_metrics))
+        return metrics
+
+    def _controlled(self, metrics: dict[str, float]) -> dict[str, float]:
+        """After an optimizer step of the policy-gradient loss: the adaptive entropy coefficient's update."""
+        if self.entropy_control is not None:
+            self.entropy_control.update(metrics["entropy"])
+            metrics["entropy_coef"] = self.entropy_control.coef
         return metrics
 
     def chunks(self, rollout: Rollout) -> list[Tensor]:
@@ -1426,12 +1546,19 @@ class LLMTrainer:
         cfg = self.cfg
         mask, mode = rollout.completion_mask, cfg.aggregation
         logp, entropy = self.rollout_logprobs(rollout, hidden)
+        advantages = self.masked_advantages(rollout, advantages, logp, entropy)
         per_token = advantages[:, None].expand_as(logp) if advantages.dim() == 1 else advantages
-        if cfg.loss == "gspo":
+        if cfg.loss in SEQUENCE_LOSSES:
             assert cfg.clip_low is not None and cfg.clip_high is not None
-            loss, metrics = gspo_surrogate(
+            surrogate = gspo_surrogate if cfg.loss == "gspo" else luspo_surrogate
+            loss, metrics = surrogate(
                 logp, rollout.logprobs, advantages, mask, clip_low=cfg.clip_low, clip_high=cfg.clip_high
             )
+        elif cfg.loss == "vespo":
+            loss, metrics = vespo_loss(
+                logp, rollout.logprobs, per_token, mask, k_pos=cfg.vespo_k_pos, lambda_pos=cfg.vespo_lambda_pos,
+                k_neg=cfg.vespo_k_neg, lambda_neg=cfg.vespo_lambda_neg, aggregation=mode,
+            )  # fmt: skip
         elif cfg.loss == "cispo":
             high = 0.28 if cfg.clip_high is None else cfg.clip_high
             loss, metrics = cispo_loss(
@@ -1475,13 +1602,37 @@ class LLMTrainer:
                     mask,
                     cfg.temperature,
                 )
-            kl = aggregate(kl_penalty(logp, ref_logp, cfg.kl_estimator), mask, mode)
+            kl_tokens = kl_penalty(logp, ref_logp, cfg.kl_estimator)
+            if cfg.use_bias_correction_kl:
+                kl_tokens = kl_tokens * torch.exp(logp - rollout.logprobs)
+            kl = aggregate(kl_tokens, mask, mode)
             loss = loss + cfg.kl_coef * kl
             metrics["kl"] = kl.detach()
         metrics["entropy"] = aggregate(entropy, mask, "token-mean").detach()
-        if cfg.entropy_coef:
-            loss = loss - cfg.entropy_coef * aggregate(entropy, mask, mode)
+        coef = self.entropy_control.coefficient() if self.entropy_control is not None else cfg.entropy_coef
+        if coef:
+            loss = loss - coef * aggregate(entropy, mask, mode)
         return loss, metrics
+
+    def masked_advantages(self, rollout: Rollout, advantages: Tensor, logp: Tensor, entropy: Tensor) -> Tensor:
+        """The advantages with TRL's loss masks applied, as zeros (every loss here is linear in A, so a zero is the
+        token left out; the aggregation's denominator still counts it, as TRL's): below the batch's
+        top_entropy_quantile of token entropies, and off-policy sequences (A < 0 and a mean token
+        KL(pi_old || pi) above off_policy_mask_threshold)."""
+        cfg, mask = self.cfg, rollout.completion_mask
+        with torch.no_grad():
+            if cfg.off_policy_mask_threshold is not None:
+                weights = mask.to(logp.dtype)
+                kl = ((rollout.logprobs - logp.detach()) * weights).sum(-1) / weights.sum(-1).clamp_min(1.0)
+                on_policy = kl <= cfg.off_policy_mask_threshold
+                advantages = advantages * (
+                    (advantages >= 0) | (on_policy if advantages.dim() == 1 else on_policy[:, None])
+                )
+            if cfg.top_entropy_quantile < 1 and mask.any():
+                threshold = torch.quantile(entropy.detach()[mask].float(), 1.0 - cfg.top_entropy_quantile)
+                per_token = advantages[:, None].expand_as(logp) if advantages.dim() == 1 else advantages
+                advantages = per_token * ((entropy.detach() >= threshold) & mask)
+        return advantages
 
     def with_expert_completions(self, rollout: Rollout, rewards: Tensor) -> tuple[Rollout, Tensor]:
         """LUFFY: the last completion of every group replaced by the row's expert completion (behaviour
@@ -1538,8 +1689,9 @@ class LLMTrainer:
             advantages = (advantages - valid.mean()) / (valid.std() + 1e-8) * mask
         for _ in range(cfg.updates_per_batch):
             self.optimizer.zero_grad()
-            metrics.update(self.accumulate(rollout, advantages, values=(old_values, returns)))
+            step_metrics = self.accumulate(rollout, advantages, values=(old_values, returns))
             self._step()
+            metrics.update(self._controlled(step_metrics))
         return metrics
 
     def dpo_step(self) -> dict[str, float]:
@@ -1776,6 +1928,7 @@ class LLMTrainer:
             "optimizer": optimizer_meta,
             "numpy_rng": self.rng.bit_generator.state,
             "row_orders": {kind: order.state() for kind, order in self.orders.items()},
+            **({"entropy_control": self.entropy_control.state()} if self.entropy_control is not None else {}),
             **extra,
         }
         return tensors, state
@@ -1797,6 +1950,8 @@ class LLMTrainer:
                 )
             self.workers.set_state([s.numpy() for s in saved if s is not None])
         self.rng.bit_generator.state = state["numpy_rng"]
+        if self.entropy_control is not None:
+            self.entropy_control.load(state["entropy_control"])
         self._restore_orders(state.get("row_orders"))
         self.step = int(state["step"])
 

@@ -19,6 +19,8 @@ same function serves steps of a control task and tokens of a language model.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -254,6 +256,70 @@ def gspo_surrogate(
     clip range is the paper's, far narrower than a token ratio's)."""
     seq = sequence_log_ratio(logp, old_logp, mask)
     return pg_surrogate(seq, torch.zeros_like(seq), advantages, clip_low=clip_low, clip_high=clip_high)
+
+
+def luspo_surrogate(
+    logp: Tensor,
+    old_logp: Tensor,
+    advantages: Tensor,
+    mask: Tensor,
+    *,
+    clip_low: float = 3e-4,
+    clip_high: float = 4e-4,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """LUSPO (arXiv:2602.05261): GSPO's clipped surrogate on the sequence ratio with each sequence's loss scaled by
+    its length |y|, averaged over sequences (TRL's loss_type "luspo")."""
+    seq = sequence_log_ratio(logp, old_logp, mask)
+    losses, clipped, ratio, _ = pg_token_losses(
+        seq, torch.zeros_like(seq), advantages, clip_low=clip_low, clip_high=clip_high
+    )
+    loss = (losses * mask.to(logp.dtype).sum(-1)).mean()
+    return loss, surrogate_metrics(ratio, seq, clipped, None)
+
+
+def vespo_weights(
+    logp: Tensor,
+    old_logp: Tensor,
+    advantages: Tensor,
+    mask: Tensor,
+    *,
+    k_pos: float = 2.0,
+    lambda_pos: float = 3.0,
+    k_neg: float = 3.0,
+    lambda_neg: float = 2.0,
+) -> Tensor:
+    """VESPO's gamma weights phi(w) = e^lambda w^k e^(-lambda w) [N] (phi(1) = 1), w = pi(y|x) / pi_old(y|x), the
+    sequence ratio (the sum of the token log-ratios, each clamped to [-20, 20], then to [log 1e-8, 20]); (k, lambda)
+    = (k_pos, lambda_pos) where A >= 0, else (k_neg, lambda_neg). No gradient: they scale REINFORCE's."""
+    with torch.no_grad():
+        log_w = ((logp - old_logp).clamp(-20.0, 20.0) * mask.to(logp.dtype)).sum(-1).clamp(math.log(1e-8), 20.0)
+        positive = advantages >= 0
+        k = torch.where(positive, torch.full_like(log_w, k_pos), torch.full_like(log_w, k_neg))
+        lam = torch.where(positive, torch.full_like(log_w, lambda_pos), torch.full_like(log_w, lambda_neg))
+        return torch.exp(lam + k * log_w - lam * torch.exp(log_w)).nan_to_num(0.0, 0.0, 0.0)
+
+
+def vespo_loss(
+    logp: Tensor,
+    old_logp: Tensor,
+    advantages: Tensor,
+    mask: Tensor,
+    *,
+    k_pos: float = 2.0,
+    lambda_pos: float = 3.0,
+    k_neg: float = 3.0,
+    lambda_neg: float = 2.0,
+    aggregation: str = "token-mean",
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """VESPO (arXiv:2602.10693): REINFORCE, -phi(w) A log pi, with `vespo_weights` on the sequence ratio instead of
+    a clip (soft, asymmetric: a sequence far off the sampling policy either way weighs little). `advantages` per
+    sequence [N] or per token [N, T] (a row's sign, for its weight: the sum of its tokens'). TRL's loss_type
+    "vespo" (with its token-mean normalization: aggregation token-mean)."""
+    per_token = advantages[:, None].expand_as(logp) if advantages.dim() == 1 else advantages
+    phi = vespo_weights(logp, old_logp, per_token.sum(-1), mask, k_pos=k_pos, lambda_pos=lambda_pos, k_neg=k_neg,
+                        lambda_neg=lambda_neg)  # fmt: skip
+    loss = aggregate(-phi[:, None] * per_token * logp, mask, aggregation)
+    return loss, {"vespo_weight_mean": phi.mean(), "ratio_mean": token_mean(torch.exp(logp - old_logp), mask)}
 
 
 def cispo_loss(
