@@ -318,6 +318,7 @@ def test_sft_makes_the_tiny_model_partly_correct(sft_model):
         ("rloo", {}),
         ("grpo", {"loss": "vespo", "aggregation": "token-mean"}),
         ("grpo", {"loss": "luspo", "clip_low": 3e-4, "clip_high": 4e-4}),
+        ("gmpo", {}),
     ],
 )
 def test_rl_raises_exact_match_accuracy_over_the_sft_model(sft_model, tmp_path, algo, extra):
@@ -407,6 +408,22 @@ def test_luspo_scales_each_sequences_clipped_surrogate_by_its_length():
     assert metrics["clip_frac"].item() == pytest.approx(0.5)
     loss.backward()  # row 1: d/dlogp_t of -s A |y| / 2 with s = exp(mean log r) = 1: 3 / (2 * 3) per token
     assert torch.all(logp.grad[0] == 0) and torch.allclose(logp.grad[1], torch.full((3,), 0.5))
+
+
+def test_gmpo_takes_the_geometric_mean_of_the_sign_aware_log_clipped_token_ratios():
+    from policylab.objectives.policy import gmpo_surrogate
+
+    old = torch.zeros(2, 3)
+    logp = torch.tensor([[0.6, -0.2, 0.0], [0.6, -0.6, 0.3]], requires_grad=True)
+    mask = torch.tensor([[1, 1, 0], [1, 1, 1]], dtype=torch.bool)
+    loss, metrics = gmpo_surrogate(logp, old, torch.tensor([1.0, -1.0]), mask, clip_low=0.4, clip_high=0.4)
+    # row 0, A > 0: min(log r, clip) -> 0.4, -0.2: geometric mean exp(0.1); row 1, A < 0: max(log r, clip) ->
+    # 0.6, -0.4, 0.3: exp(0.5 / 3); the loss -(exp(0.1) * 1 + exp(1/6) * -1) / 2
+    assert loss.item() == pytest.approx(-(math.exp(0.1) - math.exp(0.5 / 3)) / 2, abs=1e-6)
+    assert metrics["clip_frac"].item() == pytest.approx(2 / 5)
+    loss.backward()  # the clipped tokens have no gradient; the others -A exp(mean) / (|y| * 2)
+    expected = [[0.0, -math.exp(0.1) / 4, 0.0], [math.exp(0.5 / 3) / 6, 0.0, math.exp(0.5 / 3) / 6]]
+    torch.testing.assert_close(logp.grad, torch.tensor(expected))
 
 
 def test_vespo_weighs_reinforce_by_a_gamma_function_of_the_sequence_ratio():
@@ -1465,7 +1482,10 @@ def test_algorithms_that_sample_nothing_refuse_generation_workers_and_sampling_s
     monkeypatch.setattr(trainer_module, "GenerationWorkers", must_not_start)
     monkeypatch.setattr(trainer_module, "load_model", must_not_start)
     assert set(SAMPLING_ALGOS) == set(ALGOS) - {"sft", "dpo", "cpo", "simpo", "orpo", "kto", "reward_model"}
-    takers = r"the algorithms that sample: grpo, dr_grpo, dapo, gspo, cispo, sapo, rloo, reinforce\+\+, ppo, online_dpo"
+    takers = (
+        r"the algorithms that sample: grpo, dr_grpo, dapo, gspo, cispo, sapo, gmpo, rloo, reinforce\+\+, ppo, "
+        r"online_dpo"
+    )
     runs = tmp_path / "runs"
     for algo in ("sft", "dpo"):
         message = rf"{algo} does not use generation_workers=2: it trains on .* samples no completions, so it would"
@@ -1504,8 +1524,10 @@ def test_algorithms_that_sample_nothing_refuse_generation_workers_and_sampling_s
         assert make_config(algo, {"generation_workers": 2, "temperature": 0.7, **teacher}).generation_workers == 2
 
 
-POLICY_GRADIENT = r"the policy-gradient algorithms: grpo, dr_grpo, dapo, gspo, cispo, sapo, rloo, reinforce\+\+, ppo"
-GROUP_ADVANTAGE = r"the group-advantage algorithms: grpo, dr_grpo, dapo, gspo, cispo, sapo, rloo, reinforce\+\+"
+POLICY_GRADIENT = (
+    r"the policy-gradient algorithms: grpo, dr_grpo, dapo, gspo, cispo, sapo, gmpo, rloo, reinforce\+\+, ppo"
+)
+GROUP_ADVANTAGE = r"the group-advantage algorithms: grpo, dr_grpo, dapo, gspo, cispo, sapo, gmpo, rloo, reinforce\+\+"
 UNUSED = {
     "sft": [
         ("kl_coef", 0.1, POLICY_GRADIENT),
@@ -1683,9 +1705,9 @@ def test_each_algorithm_refuses_the_settings_its_training_step_never_reads(tmp_p
         make_config("sft", {"beta": 0.5, "temperature": 0.5, "kl_coef": 0.1})
     assert info.value.problem.endswith(
         "so they would do nothing; temperature applies to the algorithms that sample: grpo, dr_grpo, dapo, gspo, "
-        "cispo, sapo, rloo, reinforce++, ppo, online_dpo, distill, gkd; kl_coef applies to the policy-gradient "
-        "algorithms: grpo, dr_grpo, dapo, gspo, cispo, sapo, rloo, reinforce++, ppo; beta applies to dpo, online_dpo, "
-        "cpo, simpo, orpo, kto, distill, gkd"
+        "cispo, sapo, gmpo, rloo, reinforce++, ppo, online_dpo, distill, gkd; kl_coef applies to the policy-gradient "
+        "algorithms: grpo, dr_grpo, dapo, gspo, cispo, sapo, gmpo, rloo, reinforce++, ppo; beta applies to dpo, "
+        "online_dpo, cpo, simpo, orpo, kto, distill, gkd"
     ), info.value.problem
     assert info.value.fix.startswith("drop temperature, kl_coef and beta, or train one of those algorithms")
 

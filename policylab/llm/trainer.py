@@ -18,6 +18,7 @@ kl_coef times a k1/k2/k3 KL estimate to the initial model and minus entropy_coef
     gspo          grpo          (per sequence)              loss gspo, clip 3e-4 / 4e-4 (Zheng et al. 2025)
     cispo         grpo          token-mean                  loss cispo, no lower clip, clip_high 0.28 (MiniMax 2025)
     sapo          grpo          token-mean                  loss sapo, soft gate tau 1.0 / 1.05 (Gao et al. 2025)
+    gmpo          grpo          (per sequence)              loss gmpo, log-space clip 0.4 / 0.4 (Zhao et al. 2025)
     rloo          rloo          seq-mean-token-mean         (Ahmadian et al. 2024)
     reinforce++   reinforce++   token-mean                  (Hu et al. 2025)
     ppo           GAE over tokens with a value head (gamma 1, lambda 0.95), token-mean, one sample per prompt
@@ -92,6 +93,7 @@ from policylab.objectives.aggregation import aggregate
 from policylab.objectives.imitation import generalized_jsd, imitation_weights, mixed_policy_loss, parse_schedule
 from policylab.objectives.policy import (
     cispo_loss,
+    gmpo_surrogate,
     gspo_surrogate,
     kl_penalty,
     luspo_surrogate,
@@ -126,6 +128,7 @@ ALGO_DEFAULTS: dict[str, dict[str, Any]] = {
     "gspo": {"loss": "gspo", "clip_low": 3e-4, "clip_high": 4e-4},
     "cispo": {"loss": "cispo", "aggregation": "token-mean", "clip_low": None, "clip_high": 0.28},
     "sapo": {"loss": "sapo", "aggregation": "token-mean"},
+    "gmpo": {"loss": "gmpo", "clip_low": 0.4, "clip_high": 0.4},
     "rloo": {"advantage": "rloo"},
     "reinforce++": {"advantage": "reinforce++", "aggregation": "token-mean"},
     "ppo": {"group_size": 1, "batch_size": 64, "aggregation": "token-mean", "updates_per_batch": 2},
@@ -292,8 +295,8 @@ def setting_readers(name: str) -> tuple[str, ...]:
     return tuple(algo for algo in ALGOS if steps is None or training_step(algo) in steps)
 
 
-LOSSES = ("ppo", "gspo", "cispo", "sapo", "luspo", "vespo")
-SEQUENCE_LOSSES = ("gspo", "luspo")
+LOSSES = ("ppo", "gspo", "cispo", "sapo", "luspo", "vespo", "gmpo")
+SEQUENCE_LOSSES = ("gspo", "luspo", "gmpo")
 """The losses whose importance ratio is one per sequence."""
 MIXES = ("none", "chord", "luffy")
 
@@ -322,7 +325,8 @@ class LLMConfig:
     loss: str = "ppo"
     """ppo (token-level clipped surrogate), gspo (sequence-level), cispo (clipped constant IS weight), sapo (a
     soft sigmoid gate on the ratio instead of a clip), luspo (gspo with each sequence's loss times its length),
-    vespo (REINFORCE weighted by a gamma function of the sequence ratio; group advantages only)."""
+    vespo (REINFORCE weighted by a gamma function of the sequence ratio; group advantages only), gmpo (the
+    geometric mean of the token ratios, each clipped in log space: clip_low / clip_high are log bounds)."""
     vespo_k_pos: float = 2.0
     vespo_lambda_pos: float = 3.0
     vespo_k_neg: float = 3.0
@@ -1550,7 +1554,7 @@ class LLMTrainer:
         per_token = advantages[:, None].expand_as(logp) if advantages.dim() == 1 else advantages
         if cfg.loss in SEQUENCE_LOSSES:
             assert cfg.clip_low is not None and cfg.clip_high is not None
-            surrogate = gspo_surrogate if cfg.loss == "gspo" else luspo_surrogate
+            surrogate = {"gspo": gspo_surrogate, "luspo": luspo_surrogate, "gmpo": gmpo_surrogate}[cfg.loss]
             loss, metrics = surrogate(
                 logp, rollout.logprobs, advantages, mask, clip_low=cfg.clip_low, clip_high=cfg.clip_high
             )

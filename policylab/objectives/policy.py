@@ -277,6 +277,32 @@ def luspo_surrogate(
     return loss, surrogate_metrics(ratio, seq, clipped, None)
 
 
+def gmpo_surrogate(
+    logp: Tensor,
+    old_logp: Tensor,
+    advantages: Tensor,
+    mask: Tensor,
+    *,
+    clip_low: float = 0.4,
+    clip_high: float = 0.4,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """GMPO (Zhao et al. 2025, arXiv:2507.20673): the geometric mean of the token ratios instead of their
+    arithmetic mean, -exp(mean_t clip(log r_t)) A per sequence [N], averaged over sequences. Each token's
+    log-ratio is clipped to [-clip_low, clip_high] in log space, sign-aware as PPO's min: where A > 0 the smaller
+    of it and its clip, where A <= 0 the larger (TRL's GMPOTrainer; its default clip exp(+-0.4) is far wider than a
+    token ratio's, the geometric mean being robust to outlier tokens)."""
+    log_ratio = logp - old_logp
+    clamped = log_ratio.clamp(-clip_low, clip_high)
+    positive = (advantages > 0)[:, None]
+    clipped = torch.where(positive, torch.minimum(log_ratio, clamped), torch.maximum(log_ratio, clamped))
+    weights = mask.to(logp.dtype)
+    seq = (clipped * weights).sum(-1) / weights.sum(-1).clamp_min(1.0)
+    loss = (-torch.exp(seq) * advantages).mean()
+    ratio = torch.exp(log_ratio)
+    metrics = surrogate_metrics(ratio, log_ratio, (clipped != log_ratio).detach(), mask)
+    return loss, metrics
+
+
 def vespo_weights(
     logp: Tensor,
     old_logp: Tensor,
