@@ -90,7 +90,13 @@ from policylab.llm.workers import GenerationWorkers
 from policylab.logging import CONFIG_YAML, Progress, RunLog, new_run_dir
 from policylab.objectives.advantages import GROUP_ADVANTAGES, gae
 from policylab.objectives.aggregation import aggregate
-from policylab.objectives.imitation import generalized_jsd, imitation_weights, mixed_policy_loss, parse_schedule
+from policylab.objectives.imitation import (
+    generalized_jsd,
+    imitation_weights,
+    mixed_policy_loss,
+    parse_schedule,
+    sampled_distillation_advantages,
+)
 from policylab.objectives.policy import (
     cispo_loss,
     gmpo_surrogate,
@@ -259,7 +265,7 @@ SETTING_READERS: dict[str, tuple[str, ...]] = {
     **dict.fromkeys(("vf_coef", "gamma", "gae_lambda"), ("ppo_step",)),
     **dict.fromkeys(PREFERENCE_SETTINGS, PREFERENCE_STEPS),
     "beta": (*PREFERENCE_STEPS, "kto_step", "distill_step"),
-    **dict.fromkeys(("teacher", "lmbda", "seq_kd"), ("distill_step",)),
+    **dict.fromkeys(("teacher", "lmbda", "seq_kd", "distill_loss", "iw_opd_gamma"), ("distill_step",)),
     **dict.fromkeys(UNPAIRED_SETTINGS, ("kto_step",)),
     "pairs": ROW_PAIR_STEPS,
     "precompute_ref_log_probs": ("dpo_step",),
@@ -296,6 +302,7 @@ def setting_readers(name: str) -> tuple[str, ...]:
 
 
 LOSSES = ("ppo", "gspo", "cispo", "sapo", "luspo", "vespo", "gmpo")
+DISTILL_LOSSES = ("jsd", "sampled", "iw_opd")
 SEQUENCE_LOSSES = ("gspo", "luspo", "gmpo")
 """The losses whose importance ratio is one per sequence."""
 MIXES = ("none", "chord", "luffy")
@@ -407,6 +414,12 @@ class LLMConfig:
     seq_kd: bool = False
     """gkd: the steps off the student's samples train on completions the teacher samples (sequence-level KD)
     instead of the rows' answers."""
+    distill_loss: str = "jsd"
+    """distill and gkd: jsd (the divergence between the whole next-token distributions, `beta`), sampled
+    (REINFORCE on the per-token reverse-KL sample log p_teacher(y_t) - log p_student(y_t) of the completion's own
+    tokens: the teacher's log-prob of each token is all it reads), or iw_opd (sampled, each token weighted down
+    after a large accumulated discrepancy, `iw_opd_gamma`)."""
+    iw_opd_gamma: float = 0.5
     label_smoothing: float = 0.0
     """The assumed share of flipped labels of the losses that take one: sigmoid (conservative DPO), robust,
     exo_pair, aot, aot_unpaired, cpo, simpo; 0: plain DPO."""
@@ -633,6 +646,11 @@ class LLMConfig:
                 f"{self.algo} trains the model toward a teacher's next-token distributions, and no teacher was given",
                 "pass --teacher PATH (a run directory or a save_pretrained directory whose vocabulary is the model's)",
             )
+        if self.distill_loss not in DISTILL_LOSSES:
+            raise ConfigError(
+                f"distill_loss={self.distill_loss!r}.{suggest(self.distill_loss, DISTILL_LOSSES)}",
+                f"choose one of: {', '.join(DISTILL_LOSSES)}",
+            )
         if not 0 <= self.beta <= 1 or not 0 <= self.lmbda <= 1:
             raise ConfigError(
                 f"beta={self.beta} and lmbda={self.lmbda} must be in [0, 1]",
@@ -726,6 +744,13 @@ DEPENDENT_SETTINGS: tuple[tuple[tuple[str, ...], Callable[[LLMConfig], bool], st
     ),
     (("lora_alpha",), lambda c: c.lora_rank > 0, "LoRA's scale", "--set lora_rank=8 (e.g.)"),
     (("seq_kd",), lambda c: c.lmbda < 1, "the source of the steps off the model's samples", "--set lmbda=0.5 (e.g.)"),
+    (("iw_opd_gamma",), lambda c: c.distill_loss == "iw_opd", "IW-OPD's weight", "--set distill_loss=iw_opd"),
+    (
+        ("beta",),
+        lambda c: training_step(c.algo) != "distill_step" or c.distill_loss == "jsd",
+        "the divergence of distill_loss=jsd",
+        "--set distill_loss=jsd",
+    ),
     (
         ("label_smoothing",),
         lambda c: any(PREFERENCE_LOSSES[name].smoothing for name in c.preference_terms),
@@ -1058,6 +1083,11 @@ class EntropyControl:
     def load(self, state: dict[str, float | None]) -> None:
         self.coef = float(state["coef"])  # type: ignore[arg-type]
         self.last_entropy = math.inf if state["last_entropy"] is None else float(state["last_entropy"])
+
+
+def _chosen_logprobs(logits: Tensor, ids: Tensor, temperature: float) -> Tensor:
+    """log softmax(logits / temperature) at the given tokens [N, T]."""
+    return torch.log_softmax(logits / temperature, -1).gather(-1, ids[..., None]).squeeze(-1)
 
 
 def token_gae(rewards: Tensor, values: Tensor, mask: Tensor, gamma: float, lam: float) -> tuple[Tensor, Tensor]:
@@ -1732,9 +1762,19 @@ class LLMTrainer:
         student = completion_logits(self.model, prompt_ids, prompt_mask, ids, mask, tape=tape)
         with torch.no_grad():
             teacher = completion_logits(self.teacher, prompt_ids, prompt_mask, ids, mask)
-        loss = aggregate(generalized_jsd(student, teacher, cfg.beta, cfg.temperature), mask, "token-mean")
+        metrics = {"tokens": float(mask.sum()), "on_policy": float(on_policy)}
+        if cfg.distill_loss == "jsd":
+            loss = aggregate(generalized_jsd(student, teacher, cfg.beta, cfg.temperature), mask, "token-mean")
+        else:
+            student_logp = _chosen_logprobs(student, ids, cfg.temperature)
+            teacher_logp = _chosen_logprobs(teacher, ids, cfg.temperature)
+            behaviour = rollout.logprobs if on_policy else student_logp.detach()  # the sampler's, as TRL's
+            gamma = cfg.iw_opd_gamma if cfg.distill_loss == "iw_opd" else None
+            advantages = sampled_distillation_advantages(teacher_logp, behaviour, mask, gamma)
+            loss = aggregate(-advantages * student_logp, mask, "token-mean")
+            metrics["reverse_kl"] = float(aggregate(student_logp.detach() - teacher_logp, mask, "token-mean"))
         self._optimize(loss)
-        return {"loss": float(loss.detach()), "tokens": float(mask.sum()), "on_policy": float(on_policy)}
+        return {"loss": float(loss.detach()), **metrics}
 
     @torch.no_grad()
     def teacher_rollout(self, rows: list[dict[str, Any]]) -> Rollout:

@@ -19,6 +19,8 @@ objectives use the same ones at token level (steps of a control task are tokens 
 Distillation imitates a teacher's whole distribution instead of its samples: `generalized_jsd` is the divergence
 of on-policy distillation and GKD (Agarwal et al. 2024, arXiv:2306.13649) between the student's and the
 teacher's categorical distributions at each position (next tokens, or discrete actions).
+`sampled_distillation_advantages` is the cheaper signal that reads only the teacher's log-prob of each sampled
+token: REINFORCE on the per-token reverse-KL sample log p_teacher - log p_student.
 """
 
 from __future__ import annotations
@@ -183,3 +185,21 @@ def _kl(log_p: Tensor, log_q: Tensor) -> Tensor:
     """KL(p || q) over the last axis from log-probabilities (p's zero-probability entries add 0)."""
     terms = log_p.exp() * (log_p - log_q)
     return torch.where(torch.isneginf(log_p), torch.zeros_like(terms), terms).sum(-1)
+
+
+def sampled_distillation_advantages(
+    teacher_logp: Tensor, behaviour_logp: Tensor, mask: Tensor, iw_gamma: float | None = None, eps: float = 1e-8
+) -> Tensor:
+    """Per-token advantages [N, T] of sampled-token on-policy distillation: a_t = log p_teacher(y_t) -
+    log p_behaviour(y_t) at the sampled tokens (minus the per-token reverse-KL sample), no gradient; the loss is
+    aggregate(-a_t log pi(y_t)). With `iw_gamma` (IW-OPD, arXiv:2606.22600; TRL's IWOPDTrainer), each a_t is
+    weighted by 1 + iw_gamma (1 - sum_{s<t} |a_s| / sum_s |a_s|): tokens after a large accumulated discrepancy,
+    whose supervision has drifted out of the teacher's distribution, weigh less. Masked positions are 0."""
+    with torch.no_grad():
+        advantages = torch.where(mask.bool(), teacher_logp - behaviour_logp, torch.zeros_like(teacher_logp))
+        if iw_gamma is None:
+            return advantages
+        size = advantages.abs()
+        before = size.cumsum(-1) - size
+        total = size.sum(-1, keepdim=True).clamp_min(eps)
+        return (1.0 + iw_gamma * (1.0 - before / total)) * advantages
