@@ -195,3 +195,37 @@ def test_prioritized_sampling_frequencies_follow_priorities_and_weights_by_hand(
     other = ReplayBuffer(64, 1, (2,), (1,), prioritized=True, alpha=1.0, beta=0.5, priority_eps=0.0)
     other.load({k: v.clone() for k, v in tensors.items()}, meta)
     assert torch.equal(other.tree.tree, buf.tree.tree) and other.max_priority == 8.0
+
+
+@pytest.mark.parametrize("discrete", [False, True])
+def test_the_one_env_path_writes_what_the_general_path_writes(discrete):
+    """`add` for one env on the CPU takes scalar indices (`_add_one`); over a ring that wraps several times, with
+    terminations and truncations, every stored tensor, the fill and the batches equal the general path's."""
+    import numpy as np
+
+    action_shape = () if discrete else (2,)
+    action_dtype = torch.long if discrete else torch.float32
+    fast = ReplayBuffer(7, 1, (3,), action_shape, action_dtype=action_dtype)
+    general = ReplayBuffer(7, 1, (3,), action_shape, action_dtype=action_dtype)
+    general.single = False
+    assert fast.single
+    rng = np.random.default_rng(0)
+    obs = rng.normal(size=(1, 3)).astype(np.float32)
+    for _ in range(40):
+        actions = rng.integers(0, 4, size=(1,)) if discrete else rng.normal(size=(1, 2)).astype(np.float32)
+        reward = rng.normal(size=(1,)).astype(np.float32)
+        next_obs = rng.normal(size=(1, 3)).astype(np.float32)
+        event = rng.integers(0, 4)  # 0: terminated, 1: truncated, else running
+        terminated, truncated = np.array([event == 0]), np.array([event == 1])
+        final = rng.normal(size=(1, 3)).astype(np.float32) if event < 2 else None
+        for buffer in (fast, general):
+            buffer.add(obs, actions, reward, next_obs, terminated, truncated, final)
+        obs = next_obs
+    for name, tensor in general._tensors.items():
+        assert torch.equal(fast._tensors[name], tensor), name
+    assert (fast.filled, fast.transitions_added) == (general.filled, general.transitions_added)
+    a, b = (buffer.sample(16, torch.Generator().manual_seed(1)) for buffer in (fast, general))
+    for field in ("obs", "actions", "rewards", "next_obs", "terminated"):
+        assert torch.equal(getattr(a, field), getattr(b, field)), field
+    with pytest.raises(ValueError, match="a truncated episode needs its final observation"):
+        fast.add(obs, actions, reward, obs, np.array([False]), np.array([True]))

@@ -180,6 +180,16 @@ class ReplayBuffer:
         """The flat indices of every transition while the buffer holds only whole episodes from `add_episodes` (a
         dataset): sampling then draws among them directly, where it otherwise redraws the final-obs slots it hits.
         `add` and `load` drop it."""
+        self.single = (
+            self._np is not None
+            and num_envs == 1
+            and self.action_masks is None
+            and self.tree is None
+            and self.mc_returns is None
+            and self.timesteps is None
+            and self.episode_first is None
+        )
+        """Whether `add` takes its one-env path (`_add_one`): one env on the CPU without per-transition extras."""
         self.filled = 0
         """Slots of the furthest-advanced ring that hold transitions (each add advances a ring by 1, or 2 at an
         episode end); sampling draws below it and redraws the few pending or final-obs slots it hits."""
@@ -209,6 +219,9 @@ class ReplayBuffer:
         where an episode ended); `final_obs` (rows of ended envs) is the last obs of the ended episodes,
         needed at truncations. With action masks, `masks` / `next_masks` [N, mask size]: the allowed actions at
         `obs` / `next_obs`. On the CPU the writes go through numpy views (a third of the cost)."""
+        if self.single:
+            self._add_one(obs, actions, rewards, next_obs, terminated, truncated, final_obs)
+            return
         self._step_table = None
         cpu = self._np is not None
         xp: Any = np if cpu else torch
@@ -251,6 +264,38 @@ class ReplayBuffer:
             self._new_priorities(*(torch.as_tensor(x, device=self.device) for x in (slot, after, started, envs)))
         self.transitions_added += self.num_envs
         self.filled = min(self.slots, self.filled + (2 if ended else 1))
+
+    def _add_one(
+        self, obs: Any, actions: Any, rewards: Any, next_obs: Any, terminated: Any, truncated: Any, final_obs: Any
+    ) -> None:
+        """`add`'s writes for one env with scalar indices (the general path's fancy indexing over an env axis of 1
+        cost most of its time): the off-policy loop's most common case. The same slots and values (tested)."""
+        self._step_table = None
+        store = self._np
+        assert store is not None
+        term, trunc = bool(terminated[0]), bool(truncated[0])
+        if trunc and final_obs is None:
+            raise ValueError("a truncated episode needs its final observation: pass final_obs")
+        end = term or trunc
+        slot = int(store["ptr"][0])
+        store["obs"][slot, 0] = obs[0]
+        store["actions"][slot, 0] = actions[0]
+        store["rewards"][slot, 0] = rewards[0]
+        store["terminated"][slot, 0] = term
+        store["episode_end"][slot, 0] = end
+        store["valid"][slot, 0] = True
+        after = (slot + 1) % self.slots
+        # the slot after the transition holds its next obs: the final obs at an episode end, else the pending one
+        store["obs"][after, 0] = final_obs[0] if end and final_obs is not None else next_obs[0]
+        store["valid"][after, 0] = False
+        started = after
+        if end:  # the ended episode keeps its final-obs slot; the next one starts a slot further on
+            started = (after + 1) % self.slots
+            store["obs"][started, 0] = next_obs[0]
+            store["valid"][started, 0] = False
+        store["ptr"][0] = started
+        self.transitions_added += 1
+        self.filled = min(self.slots, self.filled + (2 if end else 1))
 
     def _write_masks(
         self, store: Any, slot: Any, after: Any, started: Any, envs: Any, end: Any, ended: bool, masks: Any, nxt: Any
