@@ -9,7 +9,7 @@ runs, 1 thread each.
     .venv/bin/python benchmarks/llm.py --algo dpo --seeds 3 --steps 40 --model tiny-llama --prompts-per-step 16
     .venv/bin/python benchmarks/llm.py --algo orpo --seeds 3 --steps 40 --model tiny-llama --prompts-per-step 16
     .venv/bin/python benchmarks/llm.py --training --model tiny-llama --prompts-per-step 8 --profile
-    .venv/bin/python benchmarks/llm.py --algo distill --seeds 3 --steps 40 --model tiny-llama --prompts-per-step 64
+    .venv/bin/python benchmarks/llm.py --algo distill --seeds 10 --steps 300 --model tiny-llama --prompts-per-step 64
 
 What is shared: a tiny Llama is built once (`--model`, policylab's config and character tokenizer) and, for
 `--sft-steps` > 0, supervised on the addition task by policylab, then saved with `save_pretrained`; both sides
@@ -505,15 +505,7 @@ def main() -> None:
     parser.add_argument("--teacher-dir", help=argparse.SUPPRESS)
     a = parser.parse_args()
     if a.lr is None:
-        a.lr = (
-            1e-3
-            if a.algo == "reward_model"
-            else 1e-4
-            if a.algo in PAIR_ALGOS
-            else 3e-3
-            if a.algo == "distill"
-            else 3e-4
-        )
+        a.lr = {"reward_model": 1e-3, "distill": 3e-3}.get(a.algo, 1e-4 if a.algo in PAIR_ALGOS else 3e-4)
     if a.algo == "distill":
         a.group_size = 1  # DistillationTrainer samples one completion per prompt
         if a.sft_steps <= 0 and not a.worker:

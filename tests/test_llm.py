@@ -885,6 +885,29 @@ def test_distilling_from_a_copy_of_the_model_starts_at_zero_loss_and_leaves_the_
             assert torch.equal(value, before[key])
 
 
+@pytest.mark.parametrize("teacher_name", ["tiny-gpt2", "small-llama"])
+def test_a_teacher_of_another_architecture_or_size_gives_its_own_next_token_logits(tmp_path, teacher_name):
+    """GPT-2 runs through its own forward, a wider Llama through the fast pass: either way the teacher's logits at
+    the completion positions are those of its transformers forward over prompt + completion."""
+    from policylab.llm.rollout import completion_logits
+    from policylab.llm.trainer import LLMTrainer
+
+    trainer = LLMTrainer(make_config("distill", {"teacher": teacher_name, "batch_size": 4, "eval_size": 4}))
+    rollout, _ = trainer.rollout(trainer.train_rows[:4])
+    with torch.no_grad():
+        logits = completion_logits(trainer.teacher, rollout.prompt_ids, rollout.prompt_mask, rollout.completion_ids,
+                                   rollout.completion_mask)  # fmt: skip
+        ids = torch.cat([rollout.prompt_ids, rollout.completion_ids], 1)
+        attention = torch.cat([rollout.prompt_mask.long(), rollout.completion_mask.long()], 1)
+        positions = (attention.cumsum(1) - 1).clamp_min(0)
+        full = trainer.teacher(input_ids=ids, attention_mask=attention, position_ids=positions).logits
+    width, mask = rollout.prompt_ids.shape[1], rollout.completion_mask
+    expected = full[:, width - 1 : -1]
+    torch.testing.assert_close(logits[mask], expected[mask], rtol=1e-4, atol=1e-4)
+    metrics = trainer.distill_step()
+    assert math.isfinite(metrics["loss"]) and metrics["loss"] > 0
+
+
 def test_distillation_refuses_a_missing_or_mismatched_teacher(sft_model, tmp_path):
     from transformers import LlamaConfig, LlamaForCausalLM
 

@@ -1261,10 +1261,10 @@ class LLMTrainer:
         if (cfg.kl_coef and cfg.algo != "sft") or needs:
             self.reference = copy.deepcopy(self.model).eval().requires_grad_(False)
         self.teacher = self._teacher(cfg, inputs) if training_step(cfg.algo) == "distill_step" else None
+        """distill's and gkd's frozen teacher."""
         self.entropy_control = (
             EntropyControl(cfg) if cfg.use_adaptive_entropy and training_step(cfg.algo) in POLICY_LOSS_STEPS else None
         )
-        """distill's and gkd's frozen teacher."""
         self.value_head: torch.nn.Linear | None = None
         """PPO's value head, or the reward model's score (no bias, as a sequence classifier's)."""
         if cfg.algo == "ppo":
@@ -1747,7 +1747,8 @@ class LLMTrainer:
         """On-policy distillation and GKD: `batch_size` prompts with `group_size` completions each, sampled by the
         model (every step with lmbda 1, else with probability lmbda), else the rows' answers or, with seq_kd, the
         teacher's samples; the loss is the token mean over the completions of the divergence between the model's
-        and the teacher's next-token distributions at each of their positions."""
+        and the teacher's next-token distributions at each of their positions (distill_loss jsd), or REINFORCE on
+        the teacher's log-prob of each token minus the model's (sampled, iw_opd)."""
         cfg = self.cfg
         rows = [row for row in self.sample_rows(cfg.batch_size) for _ in range(cfg.group_size)]
         on_policy = cfg.lmbda >= 1 or self.rng.random() < cfg.lmbda
