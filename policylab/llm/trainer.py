@@ -468,7 +468,7 @@ class LLMConfig:
     micro_batch_size: int | None = None
     """Completions per forward/backward pass; the gradients of the micro-batches add up to the full batch's
     (the same update, less memory). None: the whole batch at once. Only the policy-gradient algorithms (not sft,
-    dpo, online_dpo: their steps take the whole batch at once)."""
+    dpo, online_dpo, distill, gkd: their steps take the whole batch at once)."""
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass instead of storing them (transformers' own; less memory)."""
     lora_rank: int = 0
