@@ -21,7 +21,7 @@ def add_llm_parser(sub: argparse._SubParsersAction) -> None:
         "algo",
         nargs="?",
         help="grpo, dr_grpo, dapo, gspo, cispo, sapo, gmpo, rloo, reinforce++, ppo, dpo, online_dpo, cpo, simpo, orpo, "
-        "kto, reward_model, distill or gkd (with --resume: the run's)",
+        "kto, reward_model, distill, gkd or a2po (with --resume: the run's)",
     )
     _common(q)
     q.add_argument("--group-size", type=int, help="completions sampled per prompt (default 8)")

@@ -39,6 +39,9 @@ kl_coef times a k1/k2/k3 KL estimate to the initial model and minus entropy_coef
     gkd           GKD: the same with the generalized JSD (beta 0.5), on the student's samples at a share lmbda
                   0.5 of the steps and on the rows' answers (or, seq_kd, the teacher's samples) at the others,
                   temperature 0.9 (Agarwal et al. 2024; TRL's GKDTrainer)
+    a2po          A*-PO: before training, V*(x) = beta1 log mean exp(r / beta1) of num_value_samples reference
+                  samples per training prompt (prompts where all score 0 dropped); then one sample per prompt,
+                  beta2 log(pi / pi_ref) regressed onto r - V*(x) (Brantley et al. 2025; TRL's A2POTrainer)
 
 Prompts, SFT examples, expert completions and DPO pairs are drawn in shuffled epochs (llm/epochs.py), as TRL's
 trainers walk their datasets; `epoch` in train.csv counts the passes.
@@ -98,11 +101,13 @@ from policylab.objectives.imitation import (
     sampled_distillation_advantages,
 )
 from policylab.objectives.policy import (
+    a2po_loss,
     cispo_loss,
     gmpo_surrogate,
     gspo_surrogate,
     kl_penalty,
     luspo_surrogate,
+    optimal_values,
     pg_surrogate,
     pg_token_losses,
     policy_shaping_loss,
@@ -147,6 +152,7 @@ ALGO_DEFAULTS: dict[str, dict[str, Any]] = {
     "reward_model": {"lr": 1e-3},
     "distill": {"beta": 1.0, "group_size": 1, "batch_size": 64, "lr": 3e-3},
     "gkd": {"beta": 0.5, "lmbda": 0.5, "temperature": 0.9, "group_size": 1, "batch_size": 64, "lr": 3e-3},
+    "a2po": {"group_size": 1, "batch_size": 64},
 }
 """Each algorithm is GRPO's config with these values (the table in the module docstring)."""
 ALGOS = tuple(ALGO_DEFAULTS)
@@ -158,6 +164,7 @@ TRAINING_STEPS = {
     "kto": "kto_step",
     "reward_model": "reward_step",
     **dict.fromkeys(("distill", "gkd"), "distill_step"),
+    "a2po": "a2po_step",
 }
 """The LLMTrainer method that makes one training step of each algorithm but the group-advantage ones (rl_step)."""
 
@@ -169,8 +176,9 @@ def training_step(algo: str) -> str:
 
 REWARDED_STEPS = ("rl_step", "ppo_step", "online_dpo_step")
 """The steps that sample `group_size` completions per prompt and reward them (LLMTrainer.sample_groups)."""
-SAMPLING_STEPS = (*REWARDED_STEPS, "distill_step")
-"""The steps that sample completions (distill_step: the student's, without rewards, on its on-policy steps)."""
+SAMPLING_STEPS = (*REWARDED_STEPS, "distill_step", "a2po_step")
+"""The steps that sample completions (distill_step: the student's, without rewards, on its on-policy steps;
+a2po_step: one per prompt, without sample_groups' filters)."""
 POLICY_LOSS_STEPS = ("rl_step", "ppo_step")
 """The steps that train the policy-gradient loss (LLMTrainer.policy_loss through accumulate), `updates_per_batch`
 times per batch."""
@@ -225,6 +233,7 @@ WPO, TR-DPO); beta is KTO's too."""
 UNPAIRED_SETTINGS = ("unpaired_loss", "desirable_weight", "undesirable_weight")
 """KTO's settings (objectives.preference.unpaired_loss)."""
 VESPO_SETTINGS = ("vespo_k_pos", "vespo_lambda_pos", "vespo_k_neg", "vespo_lambda_neg")
+A2PO_SETTINGS = ("num_value_samples", "beta1", "beta2", "filter_all_incorrect")
 ADAPTIVE_ENTROPY_SETTINGS = ("entropy_target", "entropy_coef_delta", "entropy_coef_min", "entropy_coef_max")
 GRPO_LOSS_OPTIONS = (
     "top_entropy_quantile",
@@ -266,6 +275,7 @@ SETTING_READERS: dict[str, tuple[str, ...]] = {
     **dict.fromkeys(PREFERENCE_SETTINGS, PREFERENCE_STEPS),
     "beta": (*PREFERENCE_STEPS, "kto_step", "distill_step"),
     **dict.fromkeys(("teacher", "lmbda", "seq_kd", "distill_loss", "iw_opd_gamma"), ("distill_step",)),
+    **dict.fromkeys(A2PO_SETTINGS, ("a2po_step",)),
     **dict.fromkeys(UNPAIRED_SETTINGS, ("kto_step",)),
     "pairs": ROW_PAIR_STEPS,
     "precompute_ref_log_probs": ("dpo_step",),
@@ -292,6 +302,7 @@ STEP_SUMMARIES = {
     "ppo_step": "trains on GAE advantages from a value head",
     "rl_step": "trains on group advantages",
     "distill_step": "trains toward a teacher's next-token distributions",
+    "a2po_step": "regresses its implicit reward onto the optimal advantage",
 }
 
 
@@ -420,6 +431,14 @@ class LLMConfig:
     tokens: the teacher's log-prob of each token is all it reads), or iw_opd (sampled, each token weighted down
     after a large accumulated discrepancy, `iw_opd_gamma`)."""
     iw_opd_gamma: float = 0.5
+    num_value_samples: int = 8
+    """a2po: the reference policy's samples per training prompt behind its V* estimate (stage 1)."""
+    beta1: float = 0.5
+    """a2po: the KL temperature of V*(x) = beta1 log mean exp(r / beta1)."""
+    beta2: float = 1e-3
+    """a2po: the KL temperature of the implicit reward beta2 log(pi / pi_ref) of stage 2."""
+    filter_all_incorrect: bool = True
+    """a2po: drop the training prompts whose reference samples all scored 0 (no signal)."""
     label_smoothing: float = 0.0
     """The assumed share of flipped labels of the losses that take one: sigmoid (conservative DPO), robust,
     exo_pair, aot, aot_unpaired, cpo, simpo; 0: plain DPO."""
@@ -555,6 +574,12 @@ class LLMConfig:
             self._check_unpaired_settings()
         if training_step(self.algo) == "distill_step":
             self._check_distillation_settings()
+        if self.num_value_samples < 1 or self.beta1 <= 0 or self.beta2 <= 0:
+            raise ConfigError(
+                f"num_value_samples={self.num_value_samples} must be >= 1 and beta1={self.beta1}, beta2={self.beta2} "
+                "> 0",
+                "set num_value_samples=8, beta1=0.5 and beta2=0.001 (A*-PO's)",
+            )
         if self.center_rewards_coefficient < 0:
             raise ConfigError(
                 f"center_rewards_coefficient={self.center_rewards_coefficient} must be >= 0",
@@ -1258,7 +1283,7 @@ class LLMTrainer:
         self.reference = None
         preference = training_step(cfg.algo) in PREFERENCE_STEPS
         needs = cfg.algo == "kto" or (preference and needs_reference(cfg.preference_loss))
-        if (cfg.kl_coef and cfg.algo != "sft") or needs:
+        if (cfg.kl_coef and cfg.algo != "sft") or needs or cfg.algo == "a2po":
             self.reference = copy.deepcopy(self.model).eval().requires_grad_(False)
         self.teacher = self._teacher(cfg, inputs) if training_step(cfg.algo) == "distill_step" else None
         """distill's and gkd's frozen teacher."""
@@ -1329,6 +1354,10 @@ class LLMTrainer:
         # after LoRA: the workers' copies carry the adapters the optimizer trains
         if cfg.generation_workers and samples_completions(cfg.algo):
             self.workers = GenerationWorkers(self.model, cfg.seed, cfg.generation_workers, cfg.generation_backend)
+        self.optimal_values: dict[str, float] = {}
+        """a2po: V*(x) of each training prompt (stage 1, before the first step)."""
+        if cfg.algo == "a2po":
+            self._estimate_optimal_values()
 
     @staticmethod
     def _model(cfg: LLMConfig, inputs: LLMInputs) -> tuple[Any, Any]:
@@ -1869,6 +1898,53 @@ class LLMTrainer:
             states = hidden[0][rows, eos]
         rewards = self.value_head(states).squeeze(-1)
         return rewards[: len(pairs)], rewards[len(pairs) :]
+
+    def _estimate_optimal_values(self) -> None:
+        """A*-PO's stage 1: num_value_samples completions of each training prompt from the reference policy (the
+        starting model), rewarded, give V*(x); with filter_all_incorrect the prompts whose samples all scored 0
+        leave the training rows (their epochs restart over the rows kept). Deterministic from the seed, so a resume
+        recomputes it."""
+        cfg, n = self.cfg, self.cfg.num_value_samples
+        kept: list[dict[str, Any]] = []
+        for start in range(0, len(self.train_rows), cfg.batch_size):
+            rows = self.train_rows[start : start + cfg.batch_size]
+            repeated = [row for row in rows for _ in range(n)]
+            _, completions = self.rollout(repeated)
+            rewards = call_reward(self.task, [row["prompt"] for row in repeated], completions, repeated).view(-1, n)
+            for row, value, scores in zip(rows, optimal_values(rewards, cfg.beta1).tolist(), rewards, strict=True):
+                self.optimal_values[row["prompt"]] = value
+                if not cfg.filter_all_incorrect or bool((scores != 0).any()):
+                    kept.append(row)
+        if not kept:
+            raise LLMError(
+                f"every training prompt's {n} reference samples scored 0: A*-PO's regression has no signal",
+                "start from a model that solves some prompts (e.g. after SFT), or set filter_all_incorrect=false",
+            )
+        if len(kept) < len(self.train_rows):
+            self.notes.append(
+                f"a2po: {len(self.train_rows) - len(kept)} of {len(self.train_rows)} training prompts dropped, their "
+                f"{n} reference samples all scored 0 (filter_all_incorrect)"
+            )
+            self.train_rows = kept
+            self.orders["train"] = ShuffledEpochs(len(kept), cfg.seed, "train")
+
+    def a2po_step(self) -> dict[str, float]:
+        """A*-PO's stage 2: `batch_size` prompts, `group_size` samples each from the policy, their rewards, and the
+        implicit reward beta2 log(pi / pi_ref) regressed onto r - V*(x)."""
+        cfg = self.cfg
+        rows = [row for row in self.sample_rows(cfg.batch_size) for _ in range(cfg.group_size)]
+        rollout, completions = self.rollout(rows)
+        rewards = call_reward(self.task, [row["prompt"] for row in rows], completions, rows)
+        values = torch.tensor([self.optimal_values[row["prompt"]] for row in rows])
+        logp, _ = self.rollout_logprobs(rollout)
+        assert self.reference is not None
+        with torch.no_grad():
+            ref, _ = token_logprobs(self.reference, rollout.prompt_ids, rollout.prompt_mask, rollout.completion_ids,
+                                   rollout.completion_mask, cfg.temperature)  # fmt: skip
+        loss, metrics = a2po_loss(logp, ref, rewards, values, rollout.completion_mask, cfg.beta2)
+        self._optimize(loss)
+        summary = {"loss": loss.detach(), "reward": rewards.mean(), "v_star": values.mean(), **metrics}
+        return {"tokens": float(rollout.completion_mask.sum()), **{k: float(v) for k, v in summary.items()}}
 
     def online_dpo_step(self) -> dict[str, float]:
         """Online DPO: `group_size` own samples per prompt, the best against the worst by reward (groups whose

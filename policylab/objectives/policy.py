@@ -390,3 +390,22 @@ def sapo_loss(
     gate = torch.sigmoid(tau * (ratio - 1.0)) * 4.0 / tau
     loss = aggregate(-gate * advantages, mask, aggregation)
     return loss, surrogate_metrics(ratio, log_ratio, torch.zeros_like(ratio, dtype=torch.bool), mask)
+
+
+def optimal_values(rewards: Tensor, beta: float) -> Tensor:
+    """A*-PO's estimate of the optimal KL-regularized value of each prompt from N rewards of the reference policy's
+    samples [P, N]: V*(x) = beta log mean_i exp(r_i / beta) [P] (stable through logsumexp)."""
+    return beta * (torch.logsumexp(rewards / beta, -1) - math.log(rewards.shape[-1]))
+
+
+def a2po_loss(
+    logp: Tensor, ref_logp: Tensor, rewards: Tensor, values: Tensor, mask: Tensor, beta: float
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """A*-PO (Brantley et al. 2025, arXiv:2505.20686; TRL's A2POTrainer): the implicit reward
+    beta log(pi(y|x) / pi_ref(y|x)) (sequence log-probs, the sums over the completion's tokens) regressed onto the
+    optimal advantage r - V*(x), mean over sequences of the squared error."""
+    weights = mask.to(logp.dtype)
+    implicit = beta * ((logp - ref_logp) * weights).sum(-1)
+    target = rewards - values
+    loss = ((implicit - target) ** 2).mean()
+    return loss, {"implicit_reward": implicit.detach().mean(), "advantage": target.mean()}
