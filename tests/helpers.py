@@ -62,14 +62,30 @@ def cartpole_expert(obs: np.ndarray) -> np.ndarray:
 
 
 def ray_process_pids(title: str) -> list[int]:
-    """Processes whose command line holds `title`: Ray names its workers ray::<function or class>."""
+    """This process's descendants whose command line holds `title` (Ray names its workers ray::<function or
+    class>); another test run's Ray workers on the same machine are not ours to kill."""
+    import os
     from pathlib import Path
 
-    pids = []
+    parents: dict[int, int] = {}
+    titled = []
     for entry in Path("/proc").iterdir():
         try:
-            if entry.name.isdigit() and title.encode() in (entry / "cmdline").read_bytes():
-                pids.append(int(entry.name))
-        except OSError:
+            if not entry.name.isdigit():
+                continue
+            pid = int(entry.name)
+            parents[pid] = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            if title.encode() in (entry / "cmdline").read_bytes():
+                titled.append(pid)
+        except (OSError, ValueError, IndexError):
             continue
-    return pids
+    me = os.getpid()
+
+    def descends(pid: int) -> bool:
+        while pid > 1:
+            pid = parents.get(pid, 0)
+            if pid == me:
+                return True
+        return False
+
+    return [pid for pid in titled if descends(pid)]
