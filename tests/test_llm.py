@@ -977,6 +977,46 @@ def test_the_cli_distills_from_a_run_directory(sft_model, tmp_path, capsys):
     assert "run directory:" in capsys.readouterr().out
 
 
+def test_bema_averages_the_weights_as_trls_callback_does():
+    from policylab.llm.trainer import WeightAverage
+
+    cfg = make_config("grpo", {"bema": True, "bema_update_freq": 2, "bema_update_after": 1, "bema_lag": 3})
+    param = torch.zeros(1)
+    bema = WeightAverage([param], cfg)
+    theta0 = ema = None
+    for step, value in enumerate([1.0, 2.0, 4.0, 8.0, 16.0], start=1):
+        param.fill_(value)
+        bema.after_step(step)
+        if step == 1:  # the snapshot
+            theta0 = ema = value
+        elif (step - 1) % 2 == 0:  # steps 3 and 5: beta = (3 + t)^-0.5, alpha = (3 + t)^-0.2
+            beta, alpha = (3 + step) ** -0.5, (3 + step) ** -0.2
+            ema = (1 - beta) * ema + beta * value
+            assert float(bema.current[0]) == pytest.approx(ema + alpha * (value - theta0), rel=1e-6)
+    assert float(bema.ema[0]) == pytest.approx(ema, rel=1e-6)
+
+
+def test_a_bema_run_saves_its_averaged_model_and_resumes_it_exactly(sft_model, tmp_path):
+    settings = {"model": str(sft_model.dir), "steps": 6, "eval_every": 2, "batch_size": 4, "group_size": 4,
+                "eval_size": 8, "bema": True, "bema_update_freq": 2}  # fmt: skip
+    full = train_llm("grpo", settings, tmp_path, name="full", verbose=False)
+    part = train_llm("grpo", settings, tmp_path, name="part", verbose=False, callback=lambda step, _: step < 3)
+    resumed = train_llm(resume=part.dir, verbose=False)
+    from safetensors.torch import load_file
+
+    a, b = (load_file(str(run.dir / "model_bema" / "model.safetensors")) for run in (full, resumed))
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=0)
+    final = _weights(full.dir)
+    assert any(not torch.equal(a[key], final[key]) for key in a)  # an average, not the last weights
+    model, _ = load_model(str(full.dir / "model_bema"))
+    assert sum(p.numel() for p in model.parameters()) > 0
+    with pytest.raises(ConfigError, match="bema=true needs full weights"):
+        make_config("grpo", {"bema": True, "lora_rank": 4})
+    with pytest.raises(ConfigError, match="bema_lag=3 would do nothing"):
+        make_config("grpo", {"bema_lag": 3})
+
+
 # --- memory options: micro-batches, gradient checkpointing, LoRA --------------------------------------------------
 
 
@@ -1701,6 +1741,17 @@ EVERY_ALGORITHM = {
 }
 """The settings every algorithm reads (the model, rows, rewards, optimizer, evaluation) with values other than
 the defaults: none of them is ever refused (algo aside: it picks the algorithm)."""
+EVERY_ALGORITHM_BEMA = {
+    "bema": True,
+    "bema_update_freq": 10,
+    "bema_ema_power": 0.4,
+    "bema_bias_power": 0.3,
+    "bema_lag": 5,
+    "bema_update_after": 2,
+    "bema_multiplier": 2.0,
+    "bema_min_ema_multiplier": 0.1,
+}
+"""BEMA's settings, which every algorithm reads too (without LoRA: BEMA averages full weights)."""
 READ = {
     "generation_workers": (2,),
     "generation_backend": ("inline",),
@@ -1902,7 +1953,8 @@ def test_every_algorithm_accepts_the_settings_it_reads_and_its_saved_config():
         training_step,
     )
 
-    assert {f.name for f in fields(LLMConfig)} == set(SETTING_READERS) | set(EVERY_ALGORITHM)  # each one decided
+    decided = set(SETTING_READERS) | set(EVERY_ALGORITHM) | set(EVERY_ALGORITHM_BEMA)
+    assert {f.name for f in fields(LLMConfig)} == decided  # each one decided
     assert set(READ) == set(SETTING_READERS)
     assert SAMPLING_ALGOS == tuple(algo for algo in ALGOS if training_step(algo) in SAMPLING_STEPS)
     for algo in ALGOS:
@@ -1910,6 +1962,7 @@ def test_every_algorithm_accepts_the_settings_it_reads_and_its_saved_config():
         teacher = {"teacher": "runs/sft"} if training_step(algo) == "distill_step" else {}  # distill needs one
         universal = {name: value for name, value in EVERY_ALGORITHM.items() if name != "algo"}
         configs = [make_config(algo, teacher), make_config(algo, {**universal, **teacher})]
+        configs.append(make_config(algo, {**teacher, **EVERY_ALGORITHM_BEMA}))
         defaults = make_config(algo, teacher)
         for name, values in READ.items():
             if algo not in setting_readers(name):

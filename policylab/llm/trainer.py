@@ -234,6 +234,15 @@ UNPAIRED_SETTINGS = ("unpaired_loss", "desirable_weight", "undesirable_weight")
 """KTO's settings (objectives.preference.unpaired_loss)."""
 VESPO_SETTINGS = ("vespo_k_pos", "vespo_lambda_pos", "vespo_k_neg", "vespo_lambda_neg")
 A2PO_SETTINGS = ("num_value_samples", "beta1", "beta2", "filter_all_incorrect")
+BEMA_SETTINGS = (
+    "bema_update_freq",
+    "bema_ema_power",
+    "bema_bias_power",
+    "bema_lag",
+    "bema_update_after",
+    "bema_multiplier",
+    "bema_min_ema_multiplier",
+)
 ADAPTIVE_ENTROPY_SETTINGS = ("entropy_target", "entropy_coef_delta", "entropy_coef_min", "entropy_coef_max")
 GRPO_LOSS_OPTIONS = (
     "top_entropy_quantile",
@@ -494,6 +503,18 @@ class LLMConfig:
     """> 0: train LoRA adapters of this rank on every linear layer (peft) instead of all weights; the saved model
     has them merged in."""
     lora_alpha: int = 16
+    bema: bool = False
+    """Keep a bias-corrected exponential moving average of the weights (BEMA, Block and Zhang 2025; TRL's
+    BEMACallback), theta' = EMA_t + alpha_t (theta_t - theta_0), updated every bema_update_freq steps after
+    bema_update_after, with beta_t = max((lag + multiplier t)^-ema_power, min_ema_multiplier) and alpha_t =
+    (lag + multiplier t)^-bias_power; saved as the run's model_bema/ (and in the checkpoints)."""
+    bema_update_freq: int = 400
+    bema_ema_power: float = 0.5
+    bema_bias_power: float = 0.2
+    bema_lag: int = 10
+    bema_update_after: int = 0
+    bema_multiplier: float = 1.0
+    bema_min_ema_multiplier: float = 0.0
     eval_every: int = 50
     eval_size: int = 200
     train_size: int = 20_000
@@ -574,6 +595,12 @@ class LLMConfig:
             self._check_unpaired_settings()
         if training_step(self.algo) == "distill_step":
             self._check_distillation_settings()
+        if self.bema and (self.lora_rank > 0 or self.bema_update_freq < 1 or self.bema_lag + self.bema_multiplier <= 0):
+            raise ConfigError(
+                f"bema=true needs full weights (lora_rank={self.lora_rank}), bema_update_freq="
+                f"{self.bema_update_freq} >= 1 and bema_lag + bema_multiplier > 0",
+                "drop lora_rank (BEMA averages every weight), and keep bema_update_freq >= 1",
+            )
         if self.num_value_samples < 1 or self.beta1 <= 0 or self.beta2 <= 0:
             raise ConfigError(
                 f"num_value_samples={self.num_value_samples} must be >= 1 and beta1={self.beta1}, beta2={self.beta2} "
@@ -768,6 +795,7 @@ DEPENDENT_SETTINGS: tuple[tuple[tuple[str, ...], Callable[[LLMConfig], bool], st
         "--set use_adaptive_entropy=true",
     ),
     (("lora_alpha",), lambda c: c.lora_rank > 0, "LoRA's scale", "--set lora_rank=8 (e.g.)"),
+    (BEMA_SETTINGS, lambda c: c.bema, "BEMA's", "--set bema=true"),
     (("seq_kd",), lambda c: c.lmbda < 1, "the source of the steps off the model's samples", "--set lmbda=0.5 (e.g.)"),
     (("iw_opd_gamma",), lambda c: c.distill_loss == "iw_opd", "IW-OPD's weight", "--set distill_loss=iw_opd"),
     (
@@ -1110,6 +1138,46 @@ class EntropyControl:
         self.last_entropy = math.inf if state["last_entropy"] is None else float(state["last_entropy"])
 
 
+class WeightAverage:
+    """BEMA's weights (LLMConfig.bema), as TRL's BEMACallback computes them: theta_0 and the EMA are snapshots of
+    the weights at step `bema_update_after`; every `bema_update_freq` steps after it the EMA moves toward the
+    weights by beta_t and the averaged weights become EMA_t + alpha_t (theta_t - theta_0). Until the first update
+    they are the starting weights."""
+
+    def __init__(self, params: list[Tensor], cfg: LLMConfig) -> None:
+        self.params, self.cfg = params, cfg
+        self.theta0 = [p.detach().clone() for p in params]
+        self.ema = [p.detach().clone() for p in params]
+        self.current = [p.detach().clone() for p in params]
+
+    def _age(self, step: int) -> float:
+        return self.cfg.bema_lag + self.cfg.bema_multiplier * step
+
+    @torch.no_grad()
+    def after_step(self, step: int) -> None:
+        cfg = self.cfg
+        if step == cfg.bema_update_after:
+            for theta0, ema, p in zip(self.theta0, self.ema, self.params, strict=True):
+                theta0.copy_(p)
+                ema.copy_(p)
+        elif step > cfg.bema_update_after and (step - cfg.bema_update_after) % cfg.bema_update_freq == 0:
+            beta = max(self._age(step) ** -cfg.bema_ema_power, cfg.bema_min_ema_multiplier)
+            alpha = self._age(step) ** -cfg.bema_bias_power
+            for theta0, ema, current, p in zip(self.theta0, self.ema, self.current, self.params, strict=True):
+                ema.mul_(1.0 - beta).add_(p, alpha=beta)
+                current.copy_(ema + alpha * (p - theta0))
+
+    def tensors(self) -> dict[str, Tensor]:
+        return {f"bema/{kind}/{i}": t for kind in ("theta0", "ema", "current") for i, t in
+                enumerate(getattr(self, kind))}  # fmt: skip
+
+    @torch.no_grad()
+    def load(self, tensors: dict[str, Tensor]) -> None:
+        for kind in ("theta0", "ema", "current"):
+            for i, t in enumerate(getattr(self, kind)):
+                t.copy_(tensors[f"bema/{kind}/{i}"])
+
+
 def _chosen_logprobs(logits: Tensor, ids: Tensor, temperature: float) -> Tensor:
     """log softmax(logits / temperature) at the given tokens [N, T]."""
     return torch.log_softmax(logits / temperature, -1).gather(-1, ids[..., None]).squeeze(-1)
@@ -1304,6 +1372,7 @@ class LLMTrainer:
         params = [p for p in self.model.parameters() if p.requires_grad]
         params += list(self.value_head.parameters()) if self.value_head is not None else []
         self.optimizer = Adam(params, lr=cfg.lr)
+        self.bema = WeightAverage(list(self.model.parameters()), cfg) if cfg.bema else None
         self.train_rows, self.eval_rows = rows_of(self.task, cfg, inputs)
         expert, pairs = _given(cfg, inputs, "expert"), _given(cfg, inputs, "pairs")
         self.expert_rows = prompt_rows(expert, "expert") if expert is not None else self.train_rows
@@ -2041,6 +2110,8 @@ class LLMTrainer:
         optimizer_tensors, optimizer_meta = optimizer_to_flat("optimizer", self.optimizer)  # type: ignore[arg-type]
         tensors.update(optimizer_tensors)
         tensors["rng/torch"] = self.generator.get_state()
+        if self.bema is not None:
+            tensors.update(self.bema.tensors())
         if self.workers is not None:
             for i, worker_state in enumerate(self.workers.get_state()):
                 tensors[f"rng/generation_worker/{i}"] = torch.tensor(worker_state)  # Ray gives read-only arrays
@@ -2062,6 +2133,8 @@ class LLMTrainer:
             load_module_state(self.reference, unprefixed("reference", tensors), "the checkpoint")
         optimizer_from_flat("optimizer", self.optimizer, tensors, state["optimizer"])  # type: ignore[arg-type]
         self.generator.set_state(tensors["rng/torch"])
+        if self.bema is not None:
+            self.bema.load(tensors)
         if self.workers is not None:
             saved = [tensors.get(f"rng/generation_worker/{i}") for i in range(len(self.workers.handles))]
             if any(s is None for s in saved) or f"rng/generation_worker/{len(saved)}" in tensors:
@@ -2097,19 +2170,32 @@ class LLMTrainer:
             order.load(saved[kind])
 
     def save(self, run_dir: Path) -> None:
-        """The model and tokenizer as safetensors + JSON (save_pretrained), written beside and renamed in."""
-        target, tmp = run_dir / "model", run_dir / ".model.tmp"
+        """The model and tokenizer as safetensors + JSON (save_pretrained), written beside and renamed in; with
+        bema, BEMA's weights as model_bema/ too."""
         model = self.model
         if self.cfg.lora_rank > 0:  # a plain model with the adapters merged in: it loads like any other
             model = copy.deepcopy(model).merge_and_unload()
         if self.cfg.algo == "reward_model":
             assert self.value_head is not None
             model = sequence_classifier(model, self.value_head, self.tokenizer)
+        self._save_model(model, run_dir, "model")
+        if self.bema is not None:
+            averaged = copy.deepcopy(self.model)
+            with torch.no_grad():
+                for p, weights in zip(averaged.parameters(), self.bema.current, strict=True):
+                    p.copy_(weights)
+            if self.cfg.algo == "reward_model":
+                assert self.value_head is not None
+                averaged = sequence_classifier(averaged, self.value_head, self.tokenizer)
+            self._save_model(averaged, run_dir, "model_bema")
+
+    def _save_model(self, model: Any, run_dir: Path, name: str) -> None:
+        target, tmp = run_dir / name, run_dir / f".{name}.tmp"
         with without_progress_bars():
             model.save_pretrained(tmp, safe_serialization=True)
             self.tokenizer.save_pretrained(tmp)
         if target.exists():
-            old = run_dir / ".model.old"
+            old = run_dir / f".{name}.old"
             target.rename(old)
             tmp.rename(target)
             for f in old.iterdir():
@@ -2238,6 +2324,8 @@ def train_llm(
         for step in range(start + 1, cfg.steps + 1):
             trainer.step = step
             metrics = step_fn()
+            if trainer.bema is not None:
+                trainer.bema.after_step(step)
             metrics["epoch"] = trainer.epochs_done
             if trainer.workers is not None:
                 metrics["worker_restarts"] = float(sum(trainer.workers.restarts))
