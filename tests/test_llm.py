@@ -1011,6 +1011,25 @@ def test_a_bema_run_saves_its_averaged_model_and_resumes_it_exactly(sft_model, t
     assert any(not torch.equal(a[key], final[key]) for key in a)  # an average, not the last weights
     model, _ = load_model(str(full.dir / "model_bema"))
     assert sum(p.numel() for p in model.parameters()) > 0
+    dpo = {"model": str(sft_model.dir), "steps": 6, "eval_every": 2, "batch_size": 4, "eval_size": 8, "bema": True,
+           "bema_update_freq": 2, "bema_update_ref_model": True, "bema_ref_model_update_freq": 4}  # fmt: skip
+    full = train_llm("dpo", dpo, tmp_path, name="dpo-full", verbose=False)
+    part = train_llm("dpo", dpo, tmp_path, name="dpo-part", verbose=False, callback=lambda step, _: step < 5)
+    resumed = train_llm(resume=part.dir, verbose=False)  # needs the reference BEMA moved at step 4
+    a, b = _weights(full.dir), _weights(resumed.dir)
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=0)
+    from policylab.llm.trainer import LLMTrainer
+
+    trainer = LLMTrainer(make_config("dpo", {**dpo, "bema_ref_model_update_freq": 1}))
+    trainer.step = 1
+    trainer.dpo_step()
+    trainer.after_step(1)
+    assert trainer.bema is not None and trainer.reference is not None
+    for ref, weights in zip(trainer.reference.parameters(), trainer.bema.current, strict=True):
+        assert torch.equal(ref, weights)
+    with pytest.raises(LLMError, match="bema_update_ref_model=true moves the reference model, and this grpo run"):
+        LLMTrainer(make_config("grpo", {"model": str(sft_model.dir), "bema": True, "bema_update_ref_model": True}))
     with pytest.raises(ConfigError, match="bema=true needs full weights"):
         make_config("grpo", {"bema": True, "lora_rank": 4})
     with pytest.raises(ConfigError, match="bema_lag=3 would do nothing"):
@@ -1743,6 +1762,9 @@ EVERY_ALGORITHM = {
 the defaults: none of them is ever refused (algo aside: it picks the algorithm)."""
 EVERY_ALGORITHM_BEMA = {
     "bema": True,
+    "bema_update_ref_model": True,
+    "bema_ref_model_update_freq": 20,
+    "bema_ref_model_update_after": 3,
     "bema_update_freq": 10,
     "bema_ema_power": 0.4,
     "bema_bias_power": 0.3,

@@ -235,6 +235,9 @@ UNPAIRED_SETTINGS = ("unpaired_loss", "desirable_weight", "undesirable_weight")
 VESPO_SETTINGS = ("vespo_k_pos", "vespo_lambda_pos", "vespo_k_neg", "vespo_lambda_neg")
 A2PO_SETTINGS = ("num_value_samples", "beta1", "beta2", "filter_all_incorrect")
 BEMA_SETTINGS = (
+    "bema_update_ref_model",
+    "bema_ref_model_update_freq",
+    "bema_ref_model_update_after",
     "bema_update_freq",
     "bema_ema_power",
     "bema_bias_power",
@@ -515,6 +518,12 @@ class LLMConfig:
     bema_update_after: int = 0
     bema_multiplier: float = 1.0
     bema_min_ema_multiplier: float = 0.0
+    bema_update_ref_model: bool = False
+    """With bema: the reference model (DPO's, KTO's, the KL penalty's, A*-PO's) becomes BEMA's weights every
+    bema_ref_model_update_freq steps after bema_ref_model_update_after (TRL's experimental BEMA for the reference
+    model): a lagged, smoothed copy of the policy instead of the starting model."""
+    bema_ref_model_update_freq: int = 400
+    bema_ref_model_update_after: int = 0
     eval_every: int = 50
     eval_size: int = 200
     train_size: int = 20_000
@@ -600,6 +609,13 @@ class LLMConfig:
                 f"bema=true needs full weights (lora_rank={self.lora_rank}), bema_update_freq="
                 f"{self.bema_update_freq} >= 1 and bema_lag + bema_multiplier > 0",
                 "drop lora_rank (BEMA averages every weight), and keep bema_update_freq >= 1",
+            )
+        if self.bema_update_ref_model and (self.sync_ref_model or self.bema_ref_model_update_freq < 1):
+            raise ConfigError(
+                "bema_update_ref_model=true moves the reference model every bema_ref_model_update_freq="
+                f"{self.bema_ref_model_update_freq} (>= 1) steps"
+                + (", and sync_ref_model=true (TR-DPO) moves it too" if self.sync_ref_model else ""),
+                "keep one of bema_update_ref_model and sync_ref_model, with a frequency >= 1",
             )
         if self.num_value_samples < 1 or self.beta1 <= 0 or self.beta2 <= 0:
             raise ConfigError(
@@ -796,6 +812,12 @@ DEPENDENT_SETTINGS: tuple[tuple[tuple[str, ...], Callable[[LLMConfig], bool], st
     ),
     (("lora_alpha",), lambda c: c.lora_rank > 0, "LoRA's scale", "--set lora_rank=8 (e.g.)"),
     (BEMA_SETTINGS, lambda c: c.bema, "BEMA's", "--set bema=true"),
+    (
+        ("bema_ref_model_update_freq", "bema_ref_model_update_after"),
+        lambda c: c.bema_update_ref_model,
+        "the BEMA reference's schedule",
+        "--set bema_update_ref_model=true",
+    ),
     (("seq_kd",), lambda c: c.lmbda < 1, "the source of the steps off the model's samples", "--set lmbda=0.5 (e.g.)"),
     (("iw_opd_gamma",), lambda c: c.distill_loss == "iw_opd", "IW-OPD's weight", "--set distill_loss=iw_opd"),
     (
@@ -1373,6 +1395,12 @@ class LLMTrainer:
         params += list(self.value_head.parameters()) if self.value_head is not None else []
         self.optimizer = Adam(params, lr=cfg.lr)
         self.bema = WeightAverage(list(self.model.parameters()), cfg) if cfg.bema else None
+        if cfg.bema_update_ref_model and (self.reference is None or cfg.precompute_ref_log_probs):
+            raise LLMError(
+                f"bema_update_ref_model=true moves the reference model, and this {cfg.algo} run keeps none"
+                + (" (precompute_ref_log_probs drops it)" if cfg.precompute_ref_log_probs else ""),
+                "use it with a loss that reads a reference (DPO's sigmoid, KTO, kl_coef > 0, a2po), or drop it",
+            )
         self.train_rows, self.eval_rows = rows_of(self.task, cfg, inputs)
         expert, pairs = _given(cfg, inputs, "expert"), _given(cfg, inputs, "pairs")
         self.expert_rows = prompt_rows(expert, "expert") if expert is not None else self.train_rows
@@ -2105,7 +2133,8 @@ class LLMTrainer:
         tensors = prefixed("model", dict(self.model.state_dict()))
         if self.value_head is not None:
             tensors.update(prefixed("value_head", dict(self.value_head.state_dict())))
-        if self.cfg.sync_ref_model and self.reference is not None:  # TR-DPO's moves; otherwise the initial model
+        if self.moving_reference:  # TR-DPO's or BEMA's moves; otherwise the initial model
+            assert self.reference is not None
             tensors.update(prefixed("reference", dict(self.reference.state_dict())))
         optimizer_tensors, optimizer_meta = optimizer_to_flat("optimizer", self.optimizer)  # type: ignore[arg-type]
         tensors.update(optimizer_tensors)
@@ -2129,7 +2158,8 @@ class LLMTrainer:
         load_module_state(self.model, unprefixed("model", tensors), "the checkpoint")
         if self.value_head is not None:
             load_module_state(self.value_head, unprefixed("value_head", tensors), "the checkpoint")
-        if self.cfg.sync_ref_model and self.reference is not None:
+        if self.moving_reference:
+            assert self.reference is not None
             load_module_state(self.reference, unprefixed("reference", tensors), "the checkpoint")
         optimizer_from_flat("optimizer", self.optimizer, tensors, state["optimizer"])  # type: ignore[arg-type]
         self.generator.set_state(tensors["rng/torch"])
@@ -2148,6 +2178,24 @@ class LLMTrainer:
             self.entropy_control.load(state["entropy_control"])
         self._restore_orders(state.get("row_orders"))
         self.step = int(state["step"])
+
+    @property
+    def moving_reference(self) -> bool:
+        """Whether the reference model moves during the run (TR-DPO's syncs, BEMA's updates): checkpoints keep it."""
+        return self.reference is not None and (self.cfg.sync_ref_model or self.cfg.bema_update_ref_model)
+
+    def after_step(self, step: int) -> None:
+        """After a training step: BEMA's update, and the reference's from it."""
+        cfg = self.cfg
+        if self.bema is None:
+            return
+        self.bema.after_step(step)
+        after, every = cfg.bema_ref_model_update_after, cfg.bema_ref_model_update_freq
+        if cfg.bema_update_ref_model and step >= after and (step - after) % every == 0:
+            assert self.reference is not None
+            with torch.no_grad():
+                for ref, weights in zip(self.reference.parameters(), self.bema.current, strict=True):
+                    ref.copy_(weights)
 
     def _restore_orders(self, saved: dict[str, Any] | None) -> None:
         if saved is None:
@@ -2324,8 +2372,7 @@ def train_llm(
         for step in range(start + 1, cfg.steps + 1):
             trainer.step = step
             metrics = step_fn()
-            if trainer.bema is not None:
-                trainer.bema.after_step(step)
+            trainer.after_step(step)
             metrics["epoch"] = trainer.epochs_done
             if trainer.workers is not None:
                 metrics["worker_restarts"] = float(sum(trainer.workers.restarts))
