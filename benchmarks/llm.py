@@ -1,5 +1,6 @@
-"""policylab's GRPO, RLOO, DPO, CPO, SimPO, ORPO, KTO, reward models and on-policy distillation against TRL's
-GRPOTrainer, RLOOTrainer, DPOTrainer, CPOTrainer, ORPOTrainer, KTOTrainer, RewardTrainer and DistillationTrainer: the
+"""policylab's GRPO, GMPO, RLOO, DPO, CPO, SimPO, ORPO, KTO, reward models and on-policy distillation against TRL's
+GRPOTrainer, GMPOTrainer, RLOOTrainer, DPOTrainer, CPOTrainer, ORPOTrainer, KTOTrainer, RewardTrainer and
+DistillationTrainer: the
 same model, prompts (or preference pairs), group size, lengths, optimizer settings and number of steps, alternating
 runs, 1 thread each.
 
@@ -10,6 +11,7 @@ runs, 1 thread each.
     .venv/bin/python benchmarks/llm.py --algo orpo --seeds 3 --steps 40 --model tiny-llama --prompts-per-step 16
     .venv/bin/python benchmarks/llm.py --training --model tiny-llama --prompts-per-step 8 --profile
     .venv/bin/python benchmarks/llm.py --algo distill --seeds 10 --steps 300 --model tiny-llama --prompts-per-step 64
+    .venv/bin/python benchmarks/llm.py --algo gmpo --seeds 3 --steps 40 --model tiny-llama --prompts-per-step 8
 
 What is shared: a tiny Llama is built once (`--model`, policylab's config and character tokenizer) and, for
 `--sft-steps` > 0, supervised on the addition task by policylab, then saved with `save_pretrained`; both sides
@@ -41,6 +43,8 @@ ORPO's accuracies compare two variants of the algorithm; the step's work is the 
 default): TRL's RewardTrainer on transformers' sequence classifier made from the starting model (its score head
 initialized by transformers, policylab's at zero), both scoring at the EOS after the completion; its accuracy is
 the share of 200 held-out pairs ranked right by each saved model through `--reward model:DIR`.
+`--algo gmpo`: GRPO's rollouts and advantages with GMPO's loss on both sides (TRL's experimental GMPOTrainer,
+epsilon 0.4 in log space; policylab's gmpo, the same clip).
 `--algo distill`: on-policy distillation against TRL's DistillationTrainer. The teacher is the model after
 `--sft-steps` of SFT; the student, the same architecture with random weights (saved once, both sides load it);
 `--prompts-per-step` prompts with one sampled completion each (DistillationTrainer samples one; `--group-size`
@@ -135,6 +139,7 @@ def prepare(a: argparse.Namespace, where: Path) -> tuple[Path, Path]:
 OURS_EXTRA: dict[str, Any] = {
     "grpo": lambda a: {},
     "distill": lambda a: {"teacher": a.teacher_dir, "beta": 1.0, "temperature": 1.0},
+    "gmpo": lambda a: {},  # policylab's gmpo defaults: log-space clip 0.4 / 0.4, as GMPOConfig's epsilon
     "rloo": lambda a: {"aggregation": "seq-mean-token-sum"},  # TRL's sequence-level surrogate, see the docstring
     "dpo": lambda a: {"pairs": a.prompts, "prompts": None, "beta": 0.1, "precompute_ref_log_probs": a.precompute},
     **dict.fromkeys(("cpo", "simpo", "orpo", "kto", "reward_model"), lambda a: {"pairs": a.prompts, "prompts": None}),
@@ -265,6 +270,12 @@ def worker_trl(a: argparse.Namespace) -> dict[str, Any]:
         teacher = AutoModelForCausalLM.from_pretrained(a.teacher_dir)
         trainer = DistillationTrainer(model=model, teacher_model=teacher, args=config, train_dataset=dataset,
                                       processing_class=tokenizer)  # fmt: skip
+    elif a.algo == "gmpo":
+        from trl.experimental.gmpo import GMPOConfig, GMPOTrainer
+
+        config = GMPOConfig(**common, **{**rollouts, "epsilon": 0.4})
+        trainer = GMPOTrainer(model=model, reward_funcs=exact_match, args=config, train_dataset=dataset,
+                              processing_class=tokenizer)  # fmt: skip
     elif a.algo == "rloo":
         from trl import RLOOConfig, RLOOTrainer
 
@@ -480,7 +491,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
     parser.add_argument("--setup", action="store_true", help="create TRL's venv and exit")
     parser.add_argument(
-        "--algo", choices=("grpo", "rloo", "distill", *PAIR_ALGOS), default="grpo", help="the algorithm on both sides"
+        "--algo",
+        choices=("grpo", "gmpo", "rloo", "distill", *PAIR_ALGOS),
+        default="grpo",
+        help="the algorithm on both sides",
     )
     parser.add_argument("--seeds", type=positive_int, default=3, help="seeds 1..N per side")
     parser.add_argument("--steps", type=positive_int, default=40, help="optimizer steps per run (> --warmup + 1)")
