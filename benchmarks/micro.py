@@ -31,6 +31,7 @@ Prints medians over 5 repetitions of:
   [256, 80] logits with 60 of 80 masked (-1e9) against none masked, and `softmax` of the masked ones (what the
   heads use); the one-hot encoding of one Discrete(500) observation (Taxi's) by the encoder's per-observation
   path and by its batch path.
+- `--only replay`: one env's `ReplayBuffer.add` on its one-env path and on the general path, and `sample(256)`;
 - `--only renorm`: CrossQ's batch renormalization on a [2, 512, 256] input (twin critics' hidden layer on [s; s']):
   torch's `var_mean` (a Welford pass, what sb3-contrib's BatchRenorm computes with `var`) against the mean and the
   centred sum of squares policylab uses; one forward and backward of policylab's renormalization (a hand-written
@@ -123,15 +124,27 @@ def optim_import_seconds() -> float:
     return float(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)
 
 
-def replay() -> tuple[float, float]:
+def replay() -> tuple[float, float, float]:
+    """(us per add of one env's transition on its one-env path, the same on the general path, us per
+    sample(256)), on a 1M-transition buffer of HalfCheetah-sized transitions."""
     from policylab.data import ReplayBuffer
 
-    buf = ReplayBuffer(1_000_000, 1, (17,), (6,))
     o, a = np.zeros((1, 17), np.float32), np.zeros((1, 6), np.float32)
     r, f = np.ones(1, np.float32), np.zeros(1, bool)
-    add = timed(lambda: buf.add(o, a, r, o, f, f, o), 20_000)
+    adds = []
+    for single in (True, False):
+        buf = ReplayBuffer(1_000_000, 1, (17,), (6,))
+        buf.single = single  # False: the path every other buffer takes
+        adds.append(timed(lambda buf=buf: buf.add(o, a, r, o, f, f, o), 20_000) * 1e6)
     g = torch.Generator().manual_seed(0)
-    return add * 1e6, timed(lambda: buf.sample(256, g), 1000) * 1e6
+    return adds[0], adds[1], timed(lambda: buf.sample(256, g), 1000) * 1e6
+
+
+def replay_costs() -> None:
+    """`--only replay` (see the docstring)."""
+    single, general, sample = replay()
+    print(f"replay buffer, 1M transitions: add {single:.1f} us (1 env; the general path: {general:.1f} us), "
+          f"sample(256) {sample:.0f} us")  # fmt: skip
 
 
 def mlp_macs(dims: list[int]) -> int:
@@ -572,7 +585,8 @@ def renorm_costs() -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("--threads", type=positive_int, default=1, help="torch threads")
-    parts = ["matmul", "sac", "breakdown", "denormal", "threads", "thread-invariance", "compile", "masks", "renorm"]
+    parts = ["matmul", "sac", "breakdown", "denormal", "threads", "thread-invariance", "compile", "masks", "renorm",
+             "replay"]  # fmt: skip
     parser.add_argument(
         "--only",
         choices=[*parts, "denormal-worker"],  # denormal-worker: --only denormal's subprocesses, not for people
@@ -593,6 +607,7 @@ def main() -> None:
             "compile": sac_compile,
             "masks": mask_costs,
             "renorm": renorm_costs,
+            "replay": replay_costs,
         }
         parts[args.only]()
         return
@@ -605,8 +620,7 @@ def main() -> None:
     )
     print(f"raw CartPole, 8 envs, random actions: {raw_env():,.0f} env steps/s")
     print(f"first torch.optim optimizer (imports torch._dynamo): {optim_import_seconds():.2f} s")
-    add, sample = replay()
-    print(f"replay buffer, 1M transitions: add {add:.0f} us (1 env), sample(256) {sample:.0f} us")
+    replay_costs()
     matmul_kernels()
     sac_update()
 

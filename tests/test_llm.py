@@ -902,8 +902,8 @@ def test_sampled_distillation_advantages_and_iw_opds_prefix_weights():
 @pytest.mark.parametrize("loss", ["sampled", "iw_opd"])
 def test_sampled_token_distillation_brings_the_model_toward_the_teacher(sft_model, tmp_path, loss):
     """Reading only the teacher's log-prob of each sampled token, the signal is noisier than the whole
-    distribution's: from random weights 150 steps took the per-token reverse-KL sample from 3.8 to about 1.9
-    (seed 0), where exact match barely moves."""
+    distribution's: from random weights, 150 steps bring the per-token reverse-KL sample down (the mean of the
+    last 20 steps' below 0.7 of the first 20's), long before exact match moves."""
     settings = {"teacher": str(sft_model.dir), "steps": 150, "eval_every": 1000, "eval_size": 8, "distill_loss": loss}
     run = train_llm("distill", settings, tmp_path, verbose=False)
     with open(run.dir / "train.csv") as f:
@@ -1021,8 +1021,10 @@ def test_a_bema_run_saves_its_averaged_model_and_resumes_it_exactly(sft_model, t
         torch.testing.assert_close(a[key], b[key], rtol=0, atol=0)
     final = _weights(full.dir)
     assert any(not torch.equal(a[key], final[key]) for key in a)  # an average, not the last weights
-    model, _ = load_model(str(full.dir / "model_bema"))
-    assert sum(p.numel() for p in model.parameters()) > 0
+    from policylab.llm.trainer import evaluate_llm
+
+    # a plain save_pretrained directory, evaluated as users will (`policylab llm eval RUN/model_bema`)
+    assert 0.0 <= evaluate_llm(str(full.dir / "model_bema"), eval_size=8)["accuracy"] <= 1.0
     dpo = {"model": str(sft_model.dir), "steps": 6, "eval_every": 2, "batch_size": 4, "eval_size": 8, "bema": True,
            "bema_update_freq": 2, "bema_update_ref_model": True, "bema_ref_model_update_freq": 4}  # fmt: skip
     full = train_llm("dpo", dpo, tmp_path, name="dpo-full", verbose=False)
