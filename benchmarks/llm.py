@@ -155,9 +155,12 @@ def worker_ours(a: argparse.Namespace) -> dict[str, Any]:
 
     torch.set_num_threads(1)
     marks: list[tuple[float, float]] = []
+    rewards: list[float] = []
 
     def callback(step: int, metrics: dict[str, float]) -> bool:
         marks.append((time.perf_counter(), metrics["tokens"]))
+        if "reward" in metrics:
+            rewards.append(metrics["reward"])
         return True
 
     settings = {
@@ -174,7 +177,7 @@ def worker_ours(a: argparse.Namespace) -> dict[str, Any]:
         **OURS_EXTRA[a.algo](a),
     }
     run = train_llm(a.algo, settings, a.work, verbose=False, callback=callback)
-    return _record(a, marks, str(run.dir / "model"), "policylab")
+    return _record(a, marks, str(run.dir / "model"), "policylab", rewards)
 
 
 def worker_trl(a: argparse.Namespace) -> dict[str, Any]:
@@ -194,11 +197,16 @@ def worker_trl(a: argparse.Namespace) -> dict[str, Any]:
         return [float(c.strip() == str(x).strip()) for c, x in zip(completions, answer)]
 
     marks: list[tuple[float, float]] = []
+    rewards: list[float] = []
 
     class Marks(TrainerCallback):
         def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
             tokens = state.log_history[-1].get("completions/mean_length", 0.0) if state.log_history else 0.0
             marks.append((time.perf_counter(), float(tokens) * a.prompts_per_step * a.group_size))
+
+        def on_log(self, args: Any, state: Any, control: Any, logs: Any = None, **kwargs: Any) -> None:
+            if logs and "reward" in logs:
+                rewards.append(float(logs["reward"]))
 
     common = {
         "output_dir": str(Path(a.work) / "trl"),
@@ -293,10 +301,14 @@ def worker_trl(a: argparse.Namespace) -> dict[str, Any]:
     out = Path(a.work) / "trl-model"
     trainer.save_model(str(out))
     tokenizer.save_pretrained(out)
-    return _record(a, marks, str(out), "trl")
+    return _record(a, marks, str(out), "trl", rewards)
 
 
-def _record(a: argparse.Namespace, marks: list[tuple[float, float]], model: str, side: str) -> dict[str, Any]:
+def _record(
+    a: argparse.Namespace, marks: list[tuple[float, float]], model: str, side: str, rewards: list[float]
+) -> dict[str, Any]:
+    """The run's timing, its model, and its mean training reward per step (`rewards`; empty where the algorithm
+    samples nothing)."""
     timed = marks[a.warmup :]
     durations = [t1 - t0 for (t0, _), (t1, _) in zip(timed, timed[1:])]
     tokens = sum(n for _, n in timed[1:])
@@ -306,6 +318,8 @@ def _record(a: argparse.Namespace, marks: list[tuple[float, float]], model: str,
         "ms_per_step": 1e3 * statistics.median(durations) if durations else None,
         "completion_tokens_per_s": tokens / (timed[-1][0] - timed[0][0]) if len(timed) > 1 else None,
         "model": model,
+        "rewards": rewards,
+        "final_reward": statistics.fmean(rewards[-10:]) if rewards else None,
     }
 
 
@@ -566,11 +580,12 @@ def main() -> None:
         "ms_per_step": ("ms per step (median after warm-up); ratio < 1: ours faster", ".1f", True),
         "completion_tokens_per_s": ("completion tokens/s", ".0f", True),
         "accuracy": ("exact match after the run (same evaluation)", ".3f", True),
+        "final_reward": ("mean training reward, last 10 steps", ".3f", True),
     }
     if a.algo == "reward_model":
         per_run["accuracy"] = ("held-out pairs ranked right (the same scorer)", ".3f", True)
     if a.algo in PAIR_ALGOS:  # no sampling: policylab's count is its training tokens, TRL logs none
-        del per_run["completion_tokens_per_s"]
+        del per_run["completion_tokens_per_s"], per_run["final_reward"]
     summary = pair_report(runs, seeds, per_run, {}, "policylab", "trl", ("ours", "trl"))
     for run in runs:
         run.pop("model")
