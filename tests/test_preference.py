@@ -340,6 +340,84 @@ def test_kto_keeps_a_reference_and_refuses_what_it_cannot_take():
         make_config("dpo", {"unpaired_loss": "apo_zero_unpaired"})
 
 
+TPO_ROWS = [
+    {"prompt": "12+34=", "chosen": "46", "rejected": "47", "reference": "046"},
+    {"prompt": "5+6=", "chosen": "11", "rejected": "1", "reference": "011"},
+]
+
+
+@pytest.mark.parametrize(("loss", "alpha"), [("sigmoid", 1.0), ("hinge", 0.5), ("ipo", 1.0), ("simpo", 0.0)])
+def test_tpos_step_is_its_reference_free_pair_loss_plus_the_gold_nll_by_hand(loss, alpha, tmp_path):
+    """TPO's loss on two rows, from the model's own token log-probs of each completion and the formulas of TRL's
+    TPOTrainer (sigmoid, hinge, ipo length-normalized, tpo-l = simpo with gamma 0.5), beta 0.5, plus alpha times
+    the gold completions' token-mean NLL; alpha 0: the gold rows are not even in the pass."""
+    import json
+
+    from policylab.llm import trainer as trainer_module
+    from policylab.llm.trainer import LLMTrainer, make_config
+
+    pairs = tmp_path / "triples.jsonl"
+    pairs.write_text("".join(json.dumps(row) + "\n" for row in TPO_ROWS))
+    settings = {"pairs": str(pairs), "batch_size": 2, "eval_size": 4, "train_size": 8, "beta": B, "tpo_alpha": alpha}
+    run = LLMTrainer(make_config("tpo", {**settings, "preference_loss": loss}))
+    assert run.reference is None
+
+    def sequence(key: str) -> list[tuple[float, int]]:  # (log pi(y), |y| with EOS) of each row's completion
+        ids, mask = run.encode_prompts([row["prompt"] for row in TPO_ROWS])
+        answer_ids, answer_mask = run.encode_prompts.answers([row[key] for row in TPO_ROWS])
+        with torch.no_grad():
+            logp = trainer_module.token_logprobs(run.model, ids, mask, answer_ids, answer_mask)[0]
+        return [(float(logp[i].sum()), int(answer_mask[i].sum())) for i in range(len(TPO_ROWS))]
+
+    chosen, rejected, gold = sequence("chosen"), sequence("rejected"), sequence("reference")
+    per_pair = []
+    for (lc, nc), (lr, nr) in zip(chosen, rejected):
+        per_pair.append({
+            "sigmoid": -logsig(B * (lc - lr)),
+            "hinge": max(0.0, 1 - B * (lc - lr)),
+            "ipo": (lc / nc - lr / nr - 1 / (2 * B)) ** 2,
+            "simpo": -logsig(B * (lc / nc - lr / nr) - 0.5),
+        }[loss])  # fmt: skip
+    gold_nll = -sum(lp for lp, _ in gold) / sum(n for _, n in gold)
+    passes = []
+    real = trainer_module.token_logprobs
+    run_logprobs = lambda model, p, m, ids, *a, **k: passes.append(len(ids)) or real(model, p, m, ids, *a, **k)  # noqa: E731
+    trainer_module.token_logprobs = run_logprobs
+    try:
+        run.draw_rows = lambda kind, n: TPO_ROWS  # type: ignore[method-assign]
+        metrics = run.tpo_step()
+    finally:
+        trainer_module.token_logprobs = real
+    assert metrics["loss"] == pytest.approx(sum(per_pair) / 2 + alpha * gold_nll, rel=1e-5)
+    assert passes == [6 if alpha else 4]  # chosen, rejected (and gold) of both rows in one pass
+    assert ("gold_nll" in metrics) == bool(alpha)
+
+
+def test_tpo_refuses_losses_with_a_reference_and_pairs_without_a_gold_completion(tmp_path):
+    import json
+
+    from policylab.llm import LLMError
+    from policylab.llm.trainer import LLMTrainer, make_config
+
+    for settings, message, fix in [
+        ({"preference_loss": "bco_pair"}, "tpo takes one of the losses sigmoid, hinge, ipo, simpo", "train dpo"),
+        ({"preference_loss": "cpo+sft"}, "not preference_loss=cpo\\+sft", "preference_loss=sigmoid"),
+        ({"tpo_alpha": -1.0}, "tpo_alpha=-1.0 must be >= 0", "tpo_alpha=1.0"),
+        ({"f_divergence": "js_divergence"}, "tpo does not use f_divergence", "drop f_divergence"),
+        ({"precompute_ref_log_probs": True}, "tpo does not use precompute_ref_log_probs", "drop"),
+    ]:
+        with pytest.raises(ConfigError, match=message) as info:
+            make_config("tpo", settings)
+        assert fix in (info.value.fix or "")
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text(json.dumps({"prompt": "1+1=", "chosen": "2", "rejected": "3"}) + "\n")
+    with pytest.raises(LLMError, match='"reference"') as error:
+        LLMTrainer(make_config("tpo", {"pairs": str(pairs), "eval_size": 4, "train_size": 8}))
+    assert "tpo_alpha=0" in (error.value.fix or "")
+    run = LLMTrainer(make_config("tpo", {"pairs": str(pairs), "tpo_alpha": 0.0, "batch_size": 1, "eval_size": 4}))
+    assert math.isfinite(run.tpo_step()["loss"])
+
+
 def test_kto_names_the_weights_that_balance_its_labelled_rows(tmp_path):
     import json
 

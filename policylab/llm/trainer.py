@@ -30,6 +30,10 @@ kl_coef times a k1/k2/k3 KL estimate to the initial model and minus entropy_coef
                   (Meng et al. 2024)
     orpo          ORPO: the chosen completions' NLL plus beta times the log odds-ratio loss, no reference
                   (Hong et al. 2024)
+    tpo           TPO: a reference-free preference loss on (chosen, rejected) pairs (`preference_loss` sigmoid, hinge,
+                  ipo or simpo, TRL's TPO loss types sigmoid, hinge, ipo and tpo-l), beta 0.01, plus tpo_alpha times
+                  the NLL of a third, gold completion (the pairs row's `reference`; the task's answer) (Saeidi et
+                  al. 2024; TRL's TPOTrainer)
     kto           KTO on completions labelled desirable or not, unpaired; beta 0.1 (Ethayarajh et al. 2024)
     reward_model  a reward model: a linear score on the last hidden state, trained on pairs with the
                   Bradley-Terry loss -log s(r(y_w) - r(y_l) - margin); saved as a sequence classifier
@@ -148,6 +152,7 @@ ALGO_DEFAULTS: dict[str, dict[str, Any]] = {
     "cpo": {"preference_loss": "cpo+sft", "lr": 1e-4},
     "simpo": {"preference_loss": "simpo", "beta": 2.0, "lr": 1e-4},
     "orpo": {"preference_loss": "sft+orpo", "lr": 1e-4},
+    "tpo": {"beta": 0.01, "simpo_gamma": 0.5, "lr": 1e-4},
     "kto": {"lr": 1e-4},
     "reward_model": {"lr": 1e-3},
     "distill": {"beta": 1.0, "group_size": 1, "batch_size": 64, "lr": 3e-3},
@@ -161,6 +166,7 @@ TRAINING_STEPS = {
     "ppo": "ppo_step",
     "online_dpo": "online_dpo_step",
     **dict.fromkeys(("dpo", "cpo", "simpo", "orpo"), "dpo_step"),
+    "tpo": "tpo_step",
     "kto": "kto_step",
     "reward_model": "reward_step",
     **dict.fromkeys(("distill", "gkd"), "distill_step"),
@@ -184,7 +190,7 @@ POLICY_LOSS_STEPS = ("rl_step", "ppo_step")
 times per batch."""
 PREFERENCE_STEPS = ("dpo_step", "online_dpo_step")
 """The steps that train a pairwise preference loss (LLMTrainer.preference_update), once per batch."""
-ROW_PAIR_STEPS = ("dpo_step", "kto_step", "reward_step")
+ROW_PAIR_STEPS = ("dpo_step", "tpo_step", "kto_step", "reward_step")
 """The steps that draw rows of the pairs file (or the task's answers with corruptions), not prompts to sample."""
 
 
@@ -230,6 +236,10 @@ PREFERENCE_SETTINGS = (
 )
 """The settings of the pairwise preference losses (objectives.preference.PreferenceSettings, which losses, LD-DPO,
 WPO, TR-DPO); beta is KTO's too."""
+TPO_SETTINGS = ("preference_loss", "label_smoothing", "simpo_gamma")
+"""The preference settings TPO's step reads too (its losses have no reference, no f-divergence and no weights)."""
+TPO_LOSSES = ("sigmoid", "hinge", "ipo", "simpo")
+"""TPO's pair losses: TRL's TPO loss types sigmoid, hinge, ipo and tpo-l, each with the reference's log-probs 0."""
 UNPAIRED_SETTINGS = ("unpaired_loss", "desirable_weight", "undesirable_weight")
 """KTO's settings (objectives.preference.unpaired_loss)."""
 VESPO_SETTINGS = ("vespo_k_pos", "vespo_lambda_pos", "vespo_k_neg", "vespo_lambda_neg")
@@ -285,7 +295,9 @@ SETTING_READERS: dict[str, tuple[str, ...]] = {
     ),
     **dict.fromkeys(("vf_coef", "gamma", "gae_lambda"), ("ppo_step",)),
     **dict.fromkeys(PREFERENCE_SETTINGS, PREFERENCE_STEPS),
-    "beta": (*PREFERENCE_STEPS, "kto_step", "distill_step"),
+    **dict.fromkeys(TPO_SETTINGS, (*PREFERENCE_STEPS, "tpo_step")),
+    "tpo_alpha": ("tpo_step",),
+    "beta": (*PREFERENCE_STEPS, "tpo_step", "kto_step", "distill_step"),
     **dict.fromkeys(("teacher", "lmbda", "seq_kd", "distill_loss", "iw_opd_gamma"), ("distill_step",)),
     **dict.fromkeys(A2PO_SETTINGS, ("a2po_step",)),
     **dict.fromkeys(UNPAIRED_SETTINGS, ("kto_step",)),
@@ -308,6 +320,7 @@ READER_NAMES = {
 STEP_SUMMARIES = {
     "sft_step": "trains on the rows' answers and samples no completions",
     "dpo_step": "trains on (chosen, rejected) pairs and samples no completions",
+    "tpo_step": "trains on (chosen, rejected) pairs and gold completions and samples no completions",
     "kto_step": "trains on completions labelled desirable or not and samples no completions",
     "reward_step": "trains a reward model on (chosen, rejected) pairs and samples no completions",
     "online_dpo_step": "makes one preference update per batch, on the best and worst of its own samples",
@@ -480,6 +493,8 @@ class LLMConfig:
     """The pairwise algorithms with a pairs file: the reference's sequence log-probs of every pair computed once
     before the first step, and the reference model dropped (TRL's option of the same name): steps without a
     reference pass, and its memory back."""
+    tpo_alpha: float = 1.0
+    """TPO: the weight of the gold completions' NLL (token mean over the batch); 0 drops the term and its pass."""
     center_rewards_coefficient: float = 0.0
     """reward_model: weight of mean((r(y_w) + r(y_l))^2), which keeps the rewards centred at 0 (Eisenstein et al.
     2023; TRL's option of the same name)."""
@@ -581,6 +596,8 @@ class LLMConfig:
                 "set temperature to e.g. 1.0 and top_p to 1.0",
             )
         self._check_unused_settings()
+        if self.algo == "tpo":
+            self._check_tpo_settings()
         if training_step(self.algo) in PREFERENCE_STEPS:
             check_preference_settings(self.preference_loss, self.preference_settings)
             if self.ld_alpha is not None and not 0 <= self.ld_alpha <= 1:
@@ -725,6 +742,17 @@ class LLMConfig:
                 "set beta=1 (reverse KL), 0 (forward KL) or 0.5 (JSD), and lmbda=1 (only the model's own samples) or "
                 "e.g. 0.5",
             )
+
+    def _check_tpo_settings(self) -> None:
+        if self.preference_loss not in TPO_LOSSES:
+            raise ConfigError(
+                f"tpo takes one of the losses {', '.join(TPO_LOSSES)} (TRL's TPO loss types sigmoid, hinge, ipo and "
+                f"tpo-l), not preference_loss={self.preference_loss}",
+                "set preference_loss=sigmoid (or hinge, ipo, simpo), or train dpo for the losses with a reference",
+            )
+        check_preference_settings(self.preference_loss, self.preference_settings)
+        if self.tpo_alpha < 0:
+            raise ConfigError(f"tpo_alpha={self.tpo_alpha} must be >= 0", "set tpo_alpha=1.0 (TRL's), or 0")
 
     def _check_reference_sync(self) -> None:
         """TR-DPO moves a reference model: the loss must read one, and it must have the policy's parameters."""
@@ -1012,6 +1040,10 @@ def check_expert_rows(rows: list[dict[str, Any]], what: str) -> None:
 PAIRS_FIX = (
     'give every pairs row "prompt", "chosen" and "rejected" strings, e.g. {"prompt": "2+2=", "chosen": "4", '
     '"rejected": "5"}'
+)
+TPO_PAIRS_FIX = (
+    'give every pairs row "prompt", "chosen", "rejected" and "reference" (the gold completion) strings, e.g. '
+    '{"prompt": "2+2=", "chosen": "4", "rejected": "5", "reference": "4"}, or set tpo_alpha=0 (no gold term)'
 )
 
 
@@ -1407,6 +1439,8 @@ class LLMTrainer:
         self.pair_rows = None
         if pairs is not None and cfg.algo == "kto":
             self.pair_rows = check_unpaired_rows(prompt_rows(pairs, "pairs"))
+        elif pairs is not None and cfg.algo == "tpo" and cfg.tpo_alpha:
+            self.pair_rows = prompt_rows(pairs, "pairs", ("chosen", "rejected", "reference"), TPO_PAIRS_FIX)
         elif pairs is not None:
             self.pair_rows = prompt_rows(pairs, "pairs", ("chosen", "rejected"), PAIRS_FIX)
         self.eval_pairs: list[tuple[str, str, str, float]] = []
@@ -1473,7 +1507,7 @@ class LLMTrainer:
         completions where a step trains on them."""
         texts = [row["prompt"] for row in self.train_rows + self.eval_rows]
         for row in self.pair_rows or []:
-            texts += (row["prompt"], row.get("chosen"), row.get("rejected"), row.get("completion"))
+            texts += [row["prompt"], *(row.get(key) for key in ("chosen", "rejected", "completion", "reference"))]
         cfg = self.cfg
         if self.trains_on_answers:
             texts += [expert_completion(row) for row in self.train_rows]
@@ -1491,6 +1525,29 @@ class LLMTrainer:
             or (step in ROW_PAIR_STEPS and self.pair_rows is None)
             or (step == "distill_step" and cfg.lmbda < 1 and not cfg.seq_kd)
         )
+
+    def tpo_step(self) -> dict[str, float]:
+        """TPO: the reference-free preference loss on `batch_size` pairs (the reference's log-probs taken as 0),
+        plus tpo_alpha times the gold completions' token-mean NLL, all three completions of a row in one pass."""
+        cfg = self.cfg
+        rows = self.draw_rows("pairs" if self.pair_rows is not None else "train", cfg.batch_size)
+        pairs = [preference_pair(row, self.rng) for row in rows]
+        n = len(pairs)
+        completions = [c for _, c, _ in pairs] + [r for _, _, r in pairs]
+        if cfg.tpo_alpha:  # the gold completions: a pairs row's reference, else the row's answer
+            completions += [row["reference"] if "reference" in row else expert_completion(row) for row in rows]
+        prompt_ids, prompt_mask = self.encode_prompts([p for p, _, _ in pairs] * (len(completions) // n))
+        ids, mask = self.encode_prompts.answers(completions)
+        logp = token_logprobs(self.model, prompt_ids, prompt_mask, ids, mask)[0]
+        pair = pair_logps(logp[: 2 * n], mask[: 2 * n], ref_sums=torch.zeros(2 * n))
+        loss, metrics = preference_loss(cfg.preference_loss, pair, cfg.preference_settings)
+        if cfg.tpo_alpha:
+            gold_mask = mask[2 * n :]
+            gold_nll = -(logp[2 * n :] * gold_mask).sum() / gold_mask.sum().clamp_min(1)
+            loss = loss + cfg.tpo_alpha * gold_nll
+            metrics["gold_nll"] = gold_nll.detach()
+        self._optimize(loss)
+        return {"loss": float(loss.detach()), "tokens": float(mask.sum()), **{k: float(v) for k, v in metrics.items()}}
 
     def _teacher(self, cfg: LLMConfig, inputs: LLMInputs) -> Any:
         """The frozen teacher of distill and gkd: the object given or the config's model, with the model's
