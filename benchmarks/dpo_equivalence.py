@@ -62,6 +62,9 @@ TRL_PY = REPO_ROOT / "benchmarks" / ".venv-trl" / "bin" / "python"
 
 UNPAIRED = ("kto", "apo_zero_unpaired")
 """`--losses` names of policylab's kto algorithm's `unpaired_loss` (TRL's KTOTrainer's loss types)."""
+TPO = ("tpo:sigmoid", "tpo:hinge", "tpo:ipo", "tpo:simpo")
+"""`--losses` names of policylab's tpo algorithm with each `preference_loss` it takes (TRL's TPOTrainer's loss types
+sigmoid, hinge, ipo and tpo-l)."""
 
 
 def trl_loss(a: argparse.Namespace, loss: str) -> dict[str, Any]:
@@ -71,6 +74,11 @@ def trl_loss(a: argparse.Namespace, loss: str) -> dict[str, Any]:
 
     if loss in UNPAIRED:
         return {"trainer": "kto", "config": {"loss_type": loss, "desirable_weight": 1.0, "undesirable_weight": 1.0}}
+    if loss in TPO:
+        name = loss.removeprefix("tpo:")
+        smoothing = {"label_smoothing": a.label_smoothing} if PREFERENCE_LOSSES[name].smoothing else {}
+        return {"trainer": "tpo", "config": {"loss_type": "tpo-l" if name == "simpo" else name, "tpo_alpha": 1.0,
+                                             "tpo_l_gamma": a.simpo_gamma, **smoothing}}  # fmt: skip
     terms = dict(parse_preference_loss(loss))
     if not terms.keys() & {"cpo", "simpo", "orpo"}:
         config = {"loss_type": list(terms), "loss_weights": list(terms.values()), "ld_alpha": a.ld_alpha,
@@ -105,6 +113,7 @@ def worker_trl(a: argparse.Namespace) -> None:
     from trl import DPOConfig, DPOTrainer, KTOConfig, KTOTrainer
     from trl.experimental.cpo import CPOConfig, CPOTrainer
     from trl.experimental.orpo import ORPOConfig, ORPOTrainer
+    from trl.experimental.tpo import TPOConfig, TPOTrainer
 
     torch.set_num_threads(1)
     torch.manual_seed(0)
@@ -113,7 +122,7 @@ def worker_trl(a: argparse.Namespace) -> None:
     rows = [json.loads(line) for line in Path(a.pairs).read_text().splitlines()]
     setup = json.loads(a.trl)
     trainers = {"dpo": (DPOConfig, DPOTrainer), "cpo": (CPOConfig, CPOTrainer), "orpo": (ORPOConfig, ORPOTrainer),
-                "kto": (KTOConfig, KTOTrainer)}  # fmt: skip
+                "kto": (KTOConfig, KTOTrainer), "tpo": (TPOConfig, TPOTrainer)}  # fmt: skip
     config_class, trainer_class = trainers[setup["trainer"]]
     if setup["trainer"] in ("cpo", "orpo"):
         tokenizer.bos_token = None  # CPO and ORPO would put it before every prompt (the module docstring)
@@ -143,6 +152,11 @@ def our_settings(a: argparse.Namespace, loss: str) -> dict[str, Any]:
 
     if loss in UNPAIRED:
         return {"unpaired_loss": loss, "beta": a.beta}
+    if loss in TPO:
+        name = loss.removeprefix("tpo:")
+        settings = {"preference_loss": name, "beta": a.beta, "tpo_alpha": 1.0}
+        settings |= {"simpo_gamma": a.simpo_gamma} if name == "simpo" else {}
+        return settings | ({"label_smoothing": a.label_smoothing} if PREFERENCE_LOSSES[name].smoothing else {})
     names = [name for name, _ in parse_preference_loss(loss)]
     settings: dict[str, Any] = {"preference_loss": loss, "beta": a.beta, "ld_alpha": a.ld_alpha,
                                 "f_divergence": a.f_divergence}  # fmt: skip
@@ -163,7 +177,7 @@ def ours(a: argparse.Namespace, loss: str, model_dir: Path, pairs: Path, steps: 
     """policylab's preference update on the same batches: per-step losses; the model saved to `out`."""
     from policylab.llm.trainer import LLMTrainer, make_config
 
-    algo = "kto" if loss in UNPAIRED else "dpo"
+    algo = "kto" if loss in UNPAIRED else "tpo" if loss in TPO else "dpo"
     cfg = make_config(algo, {"model": str(model_dir), "pairs": str(pairs), "prompts": None, "lr": a.lr,
                              "batch_size": a.pairs_per_step, "threads": 1, **our_settings(a, loss)})  # fmt: skip
     trainer = LLMTrainer(cfg)
@@ -172,9 +186,9 @@ def ours(a: argparse.Namespace, loss: str, model_dir: Path, pairs: Path, steps: 
     for step in range(steps):
         trainer.step = step + 1  # as train_llm's loop sets it (TR-DPO's syncs follow it)
         batch = rows[step * a.pairs_per_step : (step + 1) * a.pairs_per_step]
-        if algo == "kto":  # its step draws its rows: these, in file order
+        if algo in ("kto", "tpo"):  # their steps draw their rows: these, in file order
             trainer.draw_rows = lambda kind, n, batch=batch: batch  # type: ignore[method-assign]
-            losses.append(trainer.kto_step()["loss"])
+            losses.append((trainer.kto_step if algo == "kto" else trainer.tpo_step)()["loss"])
             continue
         ref_sums = None
         if trainer.reference_sums is not None:  # precomputed: this batch's rows, chosen then rejected
@@ -229,6 +243,13 @@ def uneven(pairs: Path, out: Path) -> Path:
     return out
 
 
+def with_gold(pairs: Path, out: Path) -> Path:
+    """TPO's rows: each pair with its chosen completion, the addition's answer, as the gold one (`reference`)."""
+    rows = [json.loads(line) for line in pairs.read_text().splitlines()]
+    out.write_text("".join(json.dumps({**row, "reference": row["chosen"]}) + "\n" for row in rows))
+    return out
+
+
 def labelled(pairs: Path, out: Path) -> Path:
     """KTO's rows from the pairs: each pair's chosen completion (label true), then its rejected one (false)."""
     rows = [json.loads(line) for line in pairs.read_text().splitlines()]
@@ -253,12 +274,19 @@ def compare(a: argparse.Namespace, loss: str, work: Path, model_dir: Path, pairs
 
     smoothing = a.label_smoothing if a.label_smoothing is not None else DEFAULT_SMOOTHING.get(loss, 0.0)
     a = argparse.Namespace(
-        **{**vars(a), "beta": a.beta or (2.0 if "simpo" in loss else 0.1), "label_smoothing": smoothing}
+        **{
+            **vars(a),
+            "beta": a.beta or (0.01 if loss in TPO else 2.0 if "simpo" in loss else 0.1),
+            "label_smoothing": smoothing,
+            "simpo_gamma": a.simpo_gamma if a.simpo_gamma is not None else 0.5 if loss in TPO else 1.0,
+        }
     )
     if trl_loss(a, loss)["trainer"] == "orpo":
         pairs = one_token_prompts(pairs, work / "one-token-prompts.jsonl")
     if loss in UNPAIRED:
         pairs = labelled(pairs, work / "labelled.jsonl")
+    if loss in TPO:
+        pairs = with_gold(pairs, work / "gold.jsonl")
     try:
         first = side_by_side(a, loss, work, model_dir, pairs, 1)
         last = side_by_side(a, loss, work, model_dir, pairs, a.steps)
@@ -292,7 +320,7 @@ def all_losses(a: argparse.Namespace) -> list[str]:
     if a.use_weighting:  # policylab refuses WPO on the sorted-margin losses (TRL raises NotImplementedError)
         names = [name for name in names if name not in ("aot", "aot_unpaired")]
     dpo_only = a.ld_alpha is not None or a.use_weighting or a.ref_sync_steps or a.precompute
-    return names if dpo_only else [*names, "simpo", "cpo+sft", "sft+orpo", *UNPAIRED]
+    return names if dpo_only else [*names, "simpo", "cpo+sft", "sft+orpo", *UNPAIRED, *TPO]
 
 
 def main() -> None:
@@ -310,7 +338,7 @@ def main() -> None:
     p.add_argument("--f-divergence", default="reverse_kl", help="f-DPO's divergence (DPO's loss types)")
     p.add_argument("--f-alpha", type=float, default=0.5, help="alpha of f-divergence alpha_divergence")
     p.add_argument("--ld-alpha", type=float, help="LD-DPO's weight of the tokens past the shorter completion")
-    p.add_argument("--simpo-gamma", type=float, default=1.0, help="SimPO's target margin")
+    p.add_argument("--simpo-gamma", type=float, help="SimPO's target margin (default: 1.0; tpo:simpo, TPO-L's, 0.5)")
     p.add_argument("--discopop-tau", type=float, default=0.05, help="DiscoPOP's temperature")
     p.add_argument("--precompute", action="store_true", help="precompute_ref_log_probs on both sides")
     p.add_argument("--use-weighting", action="store_true", help="WPO's pair weights (DPO's loss types)")

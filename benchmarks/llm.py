@@ -12,6 +12,7 @@ runs, 1 thread each.
     .venv/bin/python benchmarks/llm.py --training --model tiny-llama --prompts-per-step 8 --profile
     .venv/bin/python benchmarks/llm.py --algo distill --seeds 10 --steps 300 --model tiny-llama --prompts-per-step 64
     .venv/bin/python benchmarks/llm.py --algo gmpo --seeds 3 --steps 40 --model tiny-llama --prompts-per-step 8
+    .venv/bin/python benchmarks/llm.py --algo tpo --seeds 10 --steps 40 --model tiny-llama --prompts-per-step 16
 
 What is shared: a tiny Llama is built once (`--model`, policylab's config and character tokenizer) and, for
 `--sft-steps` > 0, supervised on the addition task by policylab, then saved with `save_pretrained`; both sides
@@ -43,6 +44,9 @@ ORPO's accuracies compare two variants of the algorithm; the step's work is the 
 default): TRL's RewardTrainer on transformers' sequence classifier made from the starting model (its score head
 initialized by transformers, policylab's at zero), both scoring at the EOS after the completion; its accuracy is
 the share of 200 held-out pairs ranked right by each saved model through `--reward model:DIR`.
+`--algo tpo`: the same pairs with the answer (the chosen completion) as each row's gold completion (`reference`),
+TRL's experimental TPOTrainer against policylab's tpo at TPO's defaults on both sides (loss_type sigmoid, beta 0.01,
+tpo_alpha 1: the reference-free sigmoid loss plus the gold completions' NLL, three completions a row).
 `--algo gmpo`: GRPO's rollouts and advantages with GMPO's loss on both sides (TRL's experimental GMPOTrainer,
 epsilon 0.4 in log space; policylab's gmpo, the same clip).
 `--algo distill`: on-policy distillation against TRL's DistillationTrainer. The teacher is the model after
@@ -130,6 +134,8 @@ def prepare(a: argparse.Namespace, where: Path) -> tuple[Path, Path]:
         rng = np.random.default_rng(0)
         pairs = [preference_pair(row, rng) for row in rows]
         rows = [{"prompt": p, "chosen": c, "rejected": r} for p, c, r in pairs]
+        if a.algo == "tpo":  # the gold completion: the answer (the chosen one)
+            rows = [{**row, "reference": row["chosen"]} for row in rows]
     prompts.write_text("".join(json.dumps(row) + "\n" for row in rows))
     return model_dir, prompts
 
@@ -142,9 +148,11 @@ OURS_EXTRA: dict[str, Any] = {
     "gmpo": lambda a: {},  # policylab's gmpo defaults: log-space clip 0.4 / 0.4, as GMPOConfig's epsilon
     "rloo": lambda a: {"aggregation": "seq-mean-token-sum"},  # TRL's sequence-level surrogate, see the docstring
     "dpo": lambda a: {"pairs": a.prompts, "prompts": None, "beta": 0.1, "precompute_ref_log_probs": a.precompute},
-    **dict.fromkeys(("cpo", "simpo", "orpo", "kto", "reward_model"), lambda a: {"pairs": a.prompts, "prompts": None}),
+    **dict.fromkeys(
+        ("cpo", "simpo", "orpo", "tpo", "kto", "reward_model"), lambda a: {"pairs": a.prompts, "prompts": None}
+    ),
 }
-PAIR_ALGOS = ("dpo", "cpo", "simpo", "orpo", "kto", "reward_model")
+PAIR_ALGOS = ("dpo", "cpo", "simpo", "orpo", "tpo", "kto", "reward_model")
 """The algorithms that train on preference pairs (prepare writes pairs for them) and sample nothing."""
 
 
@@ -270,6 +278,12 @@ def worker_trl(a: argparse.Namespace) -> dict[str, Any]:
                 "loss_type": "simpo", "beta": 2.0, "simpo_gamma": 1.0, "cpo_alpha": 0.0}  # fmt: skip
             config = CPOConfig(**common, **pairs, **loss)
             trainer = CPOTrainer(model=model, args=config, train_dataset=dataset, processing_class=tokenizer)
+    elif a.algo == "tpo":
+        from trl.experimental.tpo import TPOConfig, TPOTrainer
+
+        config = TPOConfig(**common, per_device_train_batch_size=a.prompts_per_step, beta=0.01, loss_type="sigmoid",
+                           tpo_alpha=1.0)  # fmt: skip
+        trainer = TPOTrainer(model=model, args=config, train_dataset=dataset, processing_class=tokenizer)
     elif a.algo == "distill":
         from trl import DistillationConfig, DistillationTrainer
 
