@@ -134,6 +134,118 @@ def test_tasks_are_deterministic_and_rewards_check_the_answer():
     assert countdown_reward([r["prompt"] for r in target], [r["answer"] for r in target]) == [1.0, 1.0, 1.0]
 
 
+@pytest.mark.parametrize(
+    "options",
+    [{"top_k": 5}, {"top_p": 0.7}, {"min_p": 0.2}, {"top_k": 8, "top_p": 0.8, "min_p": 0.05}, {"top_k": 1}],
+)
+def test_the_sampling_filters_keep_what_transformers_warpers_keep(options):
+    """The tokens top_k, top_p and min_p leave (after a repetition penalty, at temperature 0.7) are those that
+    transformers' processors, in generate's order, leave finite; the drawn tokens are among them (top_k 1: the
+    most likely), and their log-probs are the unfiltered softmax's."""
+    from transformers import (
+        MinPLogitsWarper,
+        RepetitionPenaltyLogitsProcessor,
+        TemperatureLogitsWarper,
+        TopKLogitsWarper,
+        TopPLogitsWarper,
+    )
+
+    from policylab.llm.rollout import Filters, _filtered, penalized, sample_tokens
+
+    g = torch.Generator().manual_seed(0)
+    logits = 3 * torch.randn(64, 24, generator=g)
+    logits[:, 5] = logits[:, 4]  # ties
+    history = torch.randint(0, 24, (64, 6), generator=g)
+    seen = torch.zeros(64, 24, dtype=torch.bool).scatter_(1, history, True)
+    filters = Filters(**{"top_k": 0, "top_p": 1.0, "min_p": 0.0, **options}, repetition_penalty=1.5)
+    penalty = RepetitionPenaltyLogitsProcessor(1.5)(history, logits.clone())
+    assert np.array_equal(penalized(logits.numpy(), seen.numpy(), 1.5), penalty.numpy())
+    scores = TemperatureLogitsWarper(0.7)(history, penalty)
+    for key, warper in (("top_k", TopKLogitsWarper), ("top_p", TopPLogitsWarper), ("min_p", MinPLogitsWarper)):
+        if key in options:
+            scores = warper(options[key])(history, scores)
+    drawn = penalty.numpy() / np.float32(0.7)
+    ours = _filtered(np.exp(drawn - drawn.max(-1, keepdims=True)), filters)
+    assert np.array_equal(ours > 0, torch.isfinite(scores).numpy())
+    tokens, logp = sample_tokens(logits.numpy(), 0.7, filters.top_p, False, g, filters, seen.numpy())
+    assert torch.isfinite(scores[torch.arange(64), torch.from_numpy(tokens)]).all()
+    expected = torch.log_softmax(logits / 0.7, -1)[torch.arange(64), torch.from_numpy(tokens)]
+    torch.testing.assert_close(torch.from_numpy(logp), expected, atol=1e-5, rtol=1e-5)
+    if options == {"top_k": 1}:
+        assert np.array_equal(tokens, scores.argmax(-1).numpy())
+
+
+def test_generate_with_sampling_filters_samples_what_transformers_generate_samples():
+    """What `generate` draws with top_k, top_p, min_p or a repetition penalty is what transformers' generate draws
+    with the same option: the total variation between the two sets of 3000 completions is within sampling noise,
+    where without the option it is several times larger. top_k, top_p and min_p: each position's token
+    distribution, on a model with moderately peaked next-token distributions; the penalty with the others: whole
+    completions, on a sharply peaked one (whose few likely completions the penalty reorders)."""
+    from collections import Counter
+
+    from transformers import LlamaForCausalLM
+
+    tok = char_tokenizer()
+    torch.manual_seed(0)
+    config = _small_llama_config(tok, num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2)
+    model = LlamaForCausalLM(config).eval()
+    n = 3000
+    enc = tok(["12+3="] * n, return_tensors="pt", add_special_tokens=False)
+    common = dict(max_new_tokens=3, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, temperature=0.8)
+
+    def ours(**options) -> torch.Tensor:
+        seeded = torch.Generator().manual_seed(1)
+        out = generate(model, enc["input_ids"], enc["attention_mask"], generator=seeded, **common, **options)
+        return out.completion_ids
+
+    def theirs(**options) -> torch.Tensor:
+        torch.manual_seed(2)
+        with torch.no_grad():
+            return model.generate(**enc, do_sample=True, **common, **options)[:, enc["input_ids"].shape[1] :]
+
+    def tv(a: Counter, b: Counter) -> float:
+        return 0.5 * sum(abs(a[k] - b[k]) for k in a.keys() | b.keys()) / n
+
+    def per_position(a: torch.Tensor, b: torch.Tensor) -> float:
+        return max(tv(Counter(a[:, i].tolist()), Counter(b[:, i].tolist())) for i in range(3))
+
+    def whole(a: torch.Tensor, b: torch.Tensor) -> float:
+        return tv(Counter(map(tuple, a.tolist())), Counter(map(tuple, b.tolist())))
+
+    with torch.no_grad():
+        model.lm_head.weight.mul_(8.0)
+    for option in ({"top_k": 3}, {"top_p": 0.7}, {"min_p": 0.2}):
+        reference = theirs(**option)
+        assert per_position(ours(**option), reference) < 0.09, option
+        assert per_position(ours(), reference) > 0.15, option
+    with torch.no_grad():
+        model.lm_head.weight.mul_(5.0)
+    options = {"top_k": 6, "top_p": 0.95, "min_p": 0.02, "repetition_penalty": 3.0}
+    reference = theirs(**options)
+    assert whole(ours(**options), reference) < 0.06
+    assert whole(ours(**{**options, "repetition_penalty": 1.0}), reference) > 0.15
+
+
+def test_a_runs_sampling_settings_reach_its_sampler_and_its_workers(sft_model):
+    """top_k=1 leaves the most likely token only: a run's sampled completions, in the learner and in a
+    generation worker, are then its greedy ones. Out-of-range values are one error naming the fix."""
+    from policylab.llm.trainer import LLMTrainer
+
+    for workers in ({}, {"generation_workers": 1, "generation_backend": "inline"}):
+        settings = {"model": str(sft_model.dir), "top_k": 1, "repetition_penalty": 1.0, "batch_size": 4, **workers}
+        trainer = LLMTrainer(make_config("grpo", settings))
+        rows = trainer.train_rows[:6]
+        sampled, greedy = trainer.rollout(rows)[1], trainer.rollout(rows, greedy=True)[1]
+        assert sampled == greedy, workers
+        if trainer.workers is not None:
+            trainer.workers.close()
+    for settings, message in (({"top_k": -1}, "top_k=-1 must be >= 0"), ({"min_p": 1.0}, r"min_p=1.0 in \[0, 1\)"),
+                              ({"repetition_penalty": 0.0}, "repetition_penalty=0.0 > 0")):  # fmt: skip
+        with pytest.raises(ConfigError, match=message) as info:
+            make_config("grpo", settings)
+        assert "top_k=0, min_p=0 and repetition_penalty=1.0 (off)" in (info.value.fix or "")
+
+
 @pytest.mark.parametrize("name", ["tiny-llama", "tiny-gpt2"])
 def test_generation_log_probs_equal_recomputed_ones_and_masks_end_at_eos(name):
     model, tok = load_model(name, seed=0)
@@ -1684,6 +1796,9 @@ def test_algorithms_that_sample_nothing_refuse_generation_workers_and_sampling_s
         "group_size": 4,
         "temperature": 0.7,
         "top_p": 0.9,
+        "top_k": 20,
+        "min_p": 0.05,
+        "repetition_penalty": 1.1,
         "updates_per_batch": 2,
         "dynamic_sampling": True,
         "max_sampling_rounds": 2,
@@ -1816,6 +1931,9 @@ READ = {
     "group_size": (6,),
     "temperature": (0.7,),
     "top_p": (0.9,),
+    "top_k": (20,),
+    "min_p": (0.05,),
+    "repetition_penalty": (1.1,),
     "updates_per_batch": (3,),
     "dynamic_sampling": (True, False),
     "max_sampling_rounds": (2,),

@@ -87,21 +87,68 @@ def positions(mask: Tensor) -> Tensor:
 
 def _top_p_probs(probs: np.ndarray, top_p: float) -> np.ndarray:
     """Probabilities with the tokens outside the smallest set of probability >= top_p set to 0 (not renormalized:
-    sampling scales by the total)."""
+    sampling scales by the total; `probs` may be unnormalized, the share is of their sum)."""
     order = np.argsort(-probs, -1, kind="stable")
     ranked = np.take_along_axis(probs, order, -1)
-    ranked[np.cumsum(ranked, -1) - ranked >= top_p] = 0.0  # keep the token that crosses top_p
+    cumulative = np.cumsum(ranked, -1)
+    ranked[cumulative - ranked >= top_p * cumulative[:, -1:]] = 0.0  # keep the token that crosses top_p
     kept = np.empty_like(probs)
     np.put_along_axis(kept, order, ranked, -1)
     return kept
 
 
+@dataclass(frozen=True)
+class Filters:
+    """What sampling draws from, beyond softmax(logits / temperature), in transformers' order and with its
+    semantics (what TRL's trainers pass to `generate`): the repetition penalty on the raw logits of every token
+    already in the row (prompt and completion so far: divided by it where positive, multiplied where negative),
+    then the top_k most likely tokens, the smallest set of probability >= top_p among them (renormalized), and the
+    tokens of probability >= min_p times the most likely one's. 0, 1.0, 0.0 and 1.0: off."""
+
+    top_k: int = 0
+    top_p: float = 1.0
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+
+    @property
+    def filtering(self) -> bool:
+        return self.top_k > 0 or self.top_p < 1.0 or self.min_p > 0.0
+
+
+def penalized(logits: np.ndarray, seen: np.ndarray, penalty: float) -> np.ndarray:
+    """transformers' RepetitionPenaltyLogitsProcessor: the logits of the tokens `seen` [B, V] in each row divided by
+    `penalty` where positive and multiplied by it where negative."""
+    scaled = np.where(logits > 0, logits / np.float32(penalty), logits * np.float32(penalty))
+    return np.where(seen, scaled, logits).astype(np.float32)
+
+
+def _filtered(probs: np.ndarray, filters: Filters) -> np.ndarray:
+    """`probs` [B, V] (unnormalized) with the tokens top_k, top_p and min_p leave out set to 0."""
+    if 0 < filters.top_k < probs.shape[-1]:
+        kth = -np.partition(-probs, filters.top_k - 1, -1)[:, filters.top_k - 1 : filters.top_k]
+        probs = np.where(probs >= kth, probs, 0.0).astype(probs.dtype)  # ties at the k-th: all kept, as transformers
+    if filters.top_p < 1.0:
+        probs = _top_p_probs(probs, filters.top_p)
+    if filters.min_p > 0.0:
+        probs = np.where(probs >= filters.min_p * probs.max(-1, keepdims=True), probs, 0.0).astype(probs.dtype)
+    return probs
+
+
 def sample_tokens(
-    logits: np.ndarray, temperature: float, top_p: float, greedy: bool, generator: torch.Generator | None
+    logits: np.ndarray,
+    temperature: float,
+    top_p: float,
+    greedy: bool,
+    generator: torch.Generator | None,
+    filters: Filters | None = None,
+    seen: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """(tokens [B], their log-probs under softmax(logits / temperature) [B]) from logits [B, V]: the most likely
     token with `greedy`, else one draw per row by inverting the CDF at a uniform from `generator` (so a run's
-    tokens follow its seed, and resume restores the generator). In numpy: a handful of ~1 us calls a token."""
+    tokens follow its seed, and resume restores the generator) from the distribution `filters` leave (`seen` [B,
+    V]: the tokens already in each row, for the repetition penalty). The log-probs are of the unfiltered softmax,
+    what training recomputes. In numpy: a handful of ~1 us calls a token."""
+    filters = filters if filters is not None else Filters(top_p=top_p)
     scaled = logits.astype(np.float32) / np.float32(temperature)
     scaled -= scaled.max(-1, keepdims=True)
     probs = np.exp(scaled)
@@ -110,7 +157,11 @@ def sample_tokens(
     if greedy:
         tokens = log_probs.argmax(-1)
     else:
-        kept = probs if top_p >= 1.0 else _top_p_probs(probs / total, top_p)
+        kept = probs
+        if filters.repetition_penalty != 1.0 and seen is not None:
+            drawn = penalized(logits.astype(np.float32), seen, filters.repetition_penalty) / np.float32(temperature)
+            kept = np.exp(drawn - drawn.max(-1, keepdims=True))
+        kept = _filtered(kept, filters) if filters.filtering else kept
         cdf = np.cumsum(kept, -1, dtype=np.float64)
         uniform = torch.rand(len(logits), generator=generator, dtype=torch.float64).numpy()
         # the first token whose CDF exceeds u x total (a token of probability 0 never is that token)
@@ -142,12 +193,17 @@ def generate(
     generator: torch.Generator | None = None,
     fast: bool = True,
     record: bool = False,
+    top_k: int = 0,
+    min_p: float = 0.0,
+    repetition_penalty: float = 1.0,
 ) -> Rollout:
     """One completion per prompt row (repeat the rows for groups). `greedy` takes the most likely token. `fast`:
     Llama-family models run through `LlamaDecoder` (the same arithmetic without transformers' per-call cost):
     each distinct prompt prefilled once, then one token at a time, in numpy (`NumpyDecoder`) for float32 weights.
     The loop's own bookkeeping is numpy too. `record`: the numpy decode writes its activations into the rollout's
-    `tape`, which the training pass at the same weights reads instead of computing its forward again."""
+    `tape`, which the training pass at the same weights reads instead of computing its forward again. `top_k`,
+    `top_p`, `min_p` and `repetition_penalty` are transformers' (`Filters`); the behaviour log-probs stay those of
+    softmax(logits / temperature)."""
     n, width = prompt_ids.shape
     mask = prompt_mask.long()
     total = width + max_new_tokens
@@ -179,13 +235,21 @@ def generate(
         cache_keyword = _cache_keyword(model)
         cache, next_logits = _cache_of(out), out.logits[:, -1].float().numpy()
     next_position = mask.sum(-1).numpy()
+    filters = Filters(top_k, top_p, min_p, repetition_penalty)
+    seen = None
+    if repetition_penalty != 1.0 and not greedy:  # the tokens in each row so far: its prompt's, then each drawn one
+        seen = np.zeros((n, next_logits.shape[-1]), bool)
+        rows, columns = prompt_mask.bool().numpy().nonzero()
+        seen[rows, prompt_ids.numpy()[rows, columns]] = True
     tokens = np.full((n, max_new_tokens), pad_token_id, dtype=np.int64)
     logprobs = np.zeros((n, max_new_tokens), dtype=np.float32)
     finished = np.zeros(n, dtype=bool)
     lengths = np.zeros(n, dtype=np.int64)
     for t in range(max_new_tokens):
-        token, logp = sample_tokens(next_logits, temperature, top_p, greedy, generator)
+        token, logp = sample_tokens(next_logits, temperature, top_p, greedy, generator, filters, seen)
         active = ~finished
+        if seen is not None:
+            seen[np.arange(n)[active], token[active]] = True
         tokens[:, t] = np.where(active, token, pad_token_id)
         logprobs[:, t] = np.where(active, logp, 0.0)
         lengths += active

@@ -211,6 +211,9 @@ SAMPLING_SETTINGS = (
     "group_size",
     "temperature",
     "top_p",
+    "top_k",
+    "min_p",
+    "repetition_penalty",
     "updates_per_batch",
     "dynamic_sampling",
     "max_sampling_rounds",
@@ -363,6 +366,14 @@ class LLMConfig:
     """None: the task's."""
     temperature: float = 1.0
     top_p: float = 1.0
+    top_k: int = 0
+    """Sample from the top_k most likely tokens only (0: all)."""
+    min_p: float = 0.0
+    """Sample only tokens of probability >= min_p times the most likely one's (0: all)."""
+    repetition_penalty: float = 1.0
+    """Divide the positive logits of the tokens already in the row (prompt and completion so far) by it, multiply
+    the negative ones (1.0: off; transformers' and TRL's). top_k, top_p, min_p and the penalty shape what is sampled;
+    the behaviour log-probs, as training's, are those of softmax(logits / temperature)."""
     advantage: str = "grpo"
     """A GROUP_ADVANTAGES name: grpo, dr_grpo, rloo, reinforce++."""
     loss: str = "ppo"
@@ -594,6 +605,13 @@ class LLMConfig:
             raise ConfigError(
                 f"temperature={self.temperature} must be > 0 and top_p={self.top_p} in (0, 1]",
                 "set temperature to e.g. 1.0 and top_p to 1.0",
+            )
+        if self.top_k < 0 or not 0 <= self.min_p < 1 or self.repetition_penalty <= 0:
+            raise ConfigError(
+                f"top_k={self.top_k} must be >= 0, min_p={self.min_p} in [0, 1) and repetition_penalty="
+                f"{self.repetition_penalty} > 0",
+                "set top_k=0, min_p=0 and repetition_penalty=1.0 (off), or e.g. top_k=20, min_p=0.05, "
+                "repetition_penalty=1.1",
             )
         self._check_unused_settings()
         if self.algo == "tpo":
@@ -1596,7 +1614,7 @@ class LLMTrainer:
             rollout = self.workers.generate(
                 self.model, ids, mask, 1 if greedy else self.cfg.group_size, max_new_tokens=self.max_new_tokens,
                 eos_token_id=self.tokenizer.eos_token_id, pad_token_id=self.tokenizer.pad_token_id,
-                temperature=self.cfg.temperature, top_p=self.cfg.top_p, greedy=greedy,
+                greedy=greedy, **self.sampling_options,
             )  # fmt: skip
             rollout.rows = rows
             return rollout, decode(self.tokenizer, rollout)
@@ -1608,14 +1626,20 @@ class LLMTrainer:
                 max_new_tokens=self.max_new_tokens,
                 eos_token_id=self.tokenizer.eos_token_id,
                 pad_token_id=self.tokenizer.pad_token_id,
-                temperature=self.cfg.temperature,
-                top_p=self.cfg.top_p,
                 greedy=greedy,
                 generator=self.generator,
                 record=not greedy and self.trains_on_sampled_batch,
+                **self.sampling_options,
             )
         rollout.rows = rows
         return rollout, decode(self.tokenizer, rollout)
+
+    @property
+    def sampling_options(self) -> dict[str, Any]:
+        """`rollout.generate`'s sampling settings of the run."""
+        cfg = self.cfg
+        return {"temperature": cfg.temperature, "top_p": cfg.top_p, "top_k": cfg.top_k, "min_p": cfg.min_p,
+                "repetition_penalty": cfg.repetition_penalty}  # fmt: skip
 
     @contextlib.contextmanager
     def eval_mode(self) -> Iterator[None]:
@@ -1966,8 +1990,7 @@ class LLMTrainer:
         ids, mask = self.encode_prompts([row["prompt"] for row in rows])
         return generate(
             self.teacher, ids, mask, max_new_tokens=self.max_new_tokens, eos_token_id=self.tokenizer.eos_token_id,
-            pad_token_id=self.tokenizer.pad_token_id, temperature=self.cfg.temperature, top_p=self.cfg.top_p,
-            generator=self.generator,
+            pad_token_id=self.tokenizer.pad_token_id, generator=self.generator, **self.sampling_options,
         )  # fmt: skip
 
     @torch.no_grad()
