@@ -312,6 +312,8 @@ def test_group_advantages_match_hand_computed_values():
     rloo = GROUP_ADVANTAGES.get("rloo")(rewards, 4)
     assert rloo[0].item() == pytest.approx(1.0 - (0 + 0 + 1) / 3)  # r_i minus the mean of the others
     assert rloo[6].item() == pytest.approx(0.0 - 1.0)
+    batch = GROUP_ADVANTAGES.get("grpo_batch")(rewards, 4)  # the group means; the batch's std: 5/8 ones, Bessel
+    torch.testing.assert_close(batch, dr / (math.sqrt((5 * 0.375**2 + 3 * 0.625**2) / 7) + 1e-4))
     rpp = GROUP_ADVANTAGES.get("reinforce++")(rewards, 4)
     assert rpp.mean().item() == pytest.approx(0.0, abs=1e-6) and rpp.std().item() == pytest.approx(1.0, abs=1e-3)
     assert torch.equal(GROUP_ADVANTAGES.get("grpo")(torch.ones(4), 4), torch.zeros(4))  # no signal, no update

@@ -375,7 +375,7 @@ class LLMConfig:
     the negative ones (1.0: off; transformers' and TRL's). top_k, top_p, min_p and the penalty shape what is sampled;
     the behaviour log-probs, as training's, are those of softmax(logits / temperature)."""
     advantage: str = "grpo"
-    """A GROUP_ADVANTAGES name: grpo, dr_grpo, rloo, reinforce++."""
+    """A GROUP_ADVANTAGES name: grpo, grpo_batch (TRL's scale_rewards="batch"), dr_grpo, rloo, reinforce++."""
     loss: str = "ppo"
     """ppo (token-level clipped surrogate), gspo (sequence-level), cispo (clipped constant IS weight), sapo (a
     soft sigmoid gate on the ratio instead of a clip), luspo (gspo with each sequence's loss times its length),
@@ -598,7 +598,7 @@ class LLMConfig:
         for name in ("steps", "batch_size", "group_size", "updates_per_batch", "eval_size", "train_size"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name}={getattr(self, name)} must be > 0", f"set {name} to a positive value")
-        grouped = training_step(self.algo) == "rl_step" and self.advantage in ("rloo", "grpo", "dr_grpo")
+        grouped = training_step(self.algo) == "rl_step" and self.advantage in ("rloo", "grpo", "grpo_batch", "dr_grpo")
         if (grouped or self.algo == "online_dpo") and self.group_size < 2:
             raise ConfigError(f"{self.algo} compares completions within a group", "set group_size to 2 or more")
         if self.temperature <= 0 or not 0 < self.top_p <= 1:

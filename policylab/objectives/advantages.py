@@ -97,6 +97,14 @@ def group_centered(rewards: Tensor, group_size: int) -> Tensor:
     return (grouped - grouped.mean(dim=1, keepdim=True)).view(-1)
 
 
+@GROUP_ADVANTAGES.register("grpo_batch")
+def group_centered_batch_scaled(rewards: Tensor, group_size: int, eps: float = 1e-4) -> Tensor:
+    """GRPO's group mean with the whole batch's std of the rewards (Bessel-corrected): TRL's scale_rewards="batch",
+    Lite PPO's advantage (Liu et al. 2025), which keeps a group whose rewards barely differ from being blown up."""
+    centered = group_centered(rewards, group_size)
+    return centered / (rewards.std() + eps) if rewards.numel() > 1 else centered
+
+
 @GROUP_ADVANTAGES.register("rloo")
 def leave_one_out(rewards: Tensor, group_size: int) -> Tensor:
     """RLOO (Ahmadian et al. 2024): r_i - mean of the group's other rewards = G / (G - 1) (r_i - mean_group)."""
