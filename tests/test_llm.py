@@ -1547,26 +1547,6 @@ def test_the_numpy_decoder_reads_the_weights_of_the_moment():
     assert not torch.allclose(fast.logprobs, before.logprobs)
 
 
-@pytest.mark.parametrize("width", [1, 6, 15, 16, 23])
-def test_the_numpy_attention_softmax_and_its_backward_equal_autograds_on_short_and_long_axes(width):
-    """fast_decode.softmax pads an axis shorter than 16 (torch's scalar loop there is ~13x slower): masked keys
-    (-inf) still get probability 0, and the backward (padded with zeros) is autograd's."""
-    from policylab.llm.fast_decode import softmax, softmax_backward
-
-    g = torch.Generator().manual_seed(width)
-    scores = 3 * torch.randn(5, 2, 3, width, generator=g)
-    scores[..., 1:][torch.rand(5, 2, 3, width - 1, generator=g) < 0.3] = -math.inf  # causal-mask-like holes
-    grad = torch.randn(5, 2, 3, width, generator=g)
-    leaf = scores.clone().requires_grad_(True)
-    expected = torch.softmax(leaf, -1)
-    expected.backward(grad)
-    probs = softmax(scores.numpy())
-    assert probs.shape == scores.shape and (probs[scores.numpy() == -math.inf] == 0).all()
-    torch.testing.assert_close(torch.from_numpy(np.ascontiguousarray(probs)), expected.detach(), atol=1e-6, rtol=1e-6)
-    d_scores = softmax_backward(grad.numpy(), probs)
-    torch.testing.assert_close(torch.from_numpy(np.ascontiguousarray(d_scores)), leaf.grad, atol=1e-6, rtol=1e-6)
-
-
 # --- Python objects instead of names and paths ------------------------------------------------------------------
 
 

@@ -357,36 +357,9 @@ def rotate(x: np.ndarray, cos: np.ndarray, sin: np.ndarray, rotation: np.ndarray
     return x * cos + (x.reshape(-1, x.shape[-1]) @ rotation).reshape(x.shape) * sin
 
 
-SHORT_AXIS = 16
-"""torch's CPU softmax and its backward take a scalar loop over a last axis shorter than 16 (the AVX-512 vector):
-about 17 ns a number against 1.3 at 16 (AMD EPYC Zen 4, torch 2.13), and attention over a short prompt and
-completion has 6 to 15 keys. `softmax` and `softmax_backward` pad such an axis to 16 (scores with -inf, whose
-probability is 0; gradients and probabilities with 0, which add nothing to the backward's sum), which leaves every
-real entry's value as it was."""
-
-
-def padded_axis(x: np.ndarray, value: float) -> np.ndarray:
-    """x with its last axis padded with `value` to SHORT_AXIS entries (x itself where it has as many or more)."""
-    if x.shape[-1] >= SHORT_AXIS:
-        return x
-    out = np.full((*x.shape[:-1], SHORT_AXIS), value, np.float32)
-    out[..., : x.shape[-1]] = x
-    return out
-
-
 def softmax(scores: np.ndarray) -> np.ndarray:
-    """Softmax over the last axis by torch's kernel (numpy's reductions over an axis of a dozen numbers are slow),
-    a short axis padded (SHORT_AXIS); the result may be a view of the padded array."""
-    probs = torch.softmax(torch.from_numpy(padded_axis(scores, -np.inf)), -1).numpy()
-    return probs[..., : scores.shape[-1]]
-
-
-def softmax_backward(grad: np.ndarray, probs: np.ndarray) -> np.ndarray:
-    """The gradient of softmax's input from its output's `grad` and its `probs` (torch's kernel, as `softmax`)."""
-    width = grad.shape[-1]
-    padded = torch._softmax_backward_data(torch.from_numpy(padded_axis(grad, 0.0)),
-                                          torch.from_numpy(padded_axis(probs, 0.0)), -1, torch.float32)  # fmt: skip
-    return padded.numpy()[..., :width]
+    """Softmax over the last axis by torch's kernel (numpy's reductions over an axis of a dozen numbers are slow)."""
+    return torch.softmax(torch.from_numpy(scores), -1).numpy()
 
 
 def silu(x: np.ndarray) -> np.ndarray:

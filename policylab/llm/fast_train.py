@@ -39,7 +39,6 @@ from policylab.llm.fast_decode import (
     shared_prompts,
     silu,
     softmax,
-    softmax_backward,
 )
 
 F32 = np.float32
@@ -182,6 +181,10 @@ def _rms_backward(
     return inverse * (scaled - normed * (scaled * normed).mean(-1, keepdims=True)), (grad * normed).sum(0)
 
 
+def _softmax_backward(grad: np.ndarray, probs: np.ndarray) -> np.ndarray:
+    return torch._softmax_backward_data(torch.from_numpy(grad), torch.from_numpy(probs), -1, torch.float32).numpy()
+
+
 def _heads(x: np.ndarray, batch: int, count: int, heads: int, repeat: int) -> np.ndarray:
     """Tokens' heads [B * count, heads * repeat, D] (or flat, [B * count, heads * repeat * D]) as
     [B, heads, repeat, count, D]."""
@@ -213,7 +216,7 @@ class Attention:
 
     def backward(self, grad: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Gradients of the (scaled) queries, the keys and the values, the latter two summed over R."""
-        d_scores = softmax_backward(grad @ self.values.swapaxes(-1, -2), self.probs)
+        d_scores = _softmax_backward(grad @ self.values.swapaxes(-1, -2), self.probs)
         d_keys = (d_scores.swapaxes(-1, -2) @ self.queries).sum(2, keepdims=True)
         d_values = (self.probs.swapaxes(-1, -2) @ grad).sum(2, keepdims=True)
         return d_scores @ self.keys, d_keys, d_values
