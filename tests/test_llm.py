@@ -319,6 +319,54 @@ def test_group_advantages_match_hand_computed_values():
     assert torch.equal(GROUP_ADVANTAGES.get("grpo")(torch.ones(4), 4), torch.zeros(4))  # no signal, no update
 
 
+def test_gdpo_normalizes_each_reward_in_its_group_then_the_weighted_sum_over_the_batch():
+    from policylab.objectives.advantages import decoupled_group_advantages
+
+    rewards = torch.tensor([[1.0, 0.5], [0.0, 0.1], [1.0, 0.2], [1.0, 0.6]])  # two groups of 2, two functions
+    s = math.sqrt(0.5)  # Bessel std of (1, 0); (1, 1): 0; (0.5, 0.1) and (0.2, 0.6): sqrt(0.08)
+    first = [0.5 / (s + 1e-4), -0.5 / (s + 1e-4), 0.0, 0.0]
+    second = [x / (math.sqrt(0.08) + 1e-4) for x in (0.2, -0.2, -0.2, 0.2)]
+    summed = [a + 0.5 * b for a, b in zip(first, second)]
+    mean = sum(summed) / 4
+    std = math.sqrt(sum((x - mean) ** 2 for x in summed) / 3)
+    expected = torch.tensor([(x - mean) / (std + 1e-4) for x in summed])
+    torch.testing.assert_close(decoupled_group_advantages(rewards, torch.tensor([1.0, 0.5]), 2), expected)
+
+
+def test_gdpo_scores_each_reward_function_and_refuses_what_it_replaces(sft_model, monkeypatch):
+    """Under multi_objective_aggregation=normalize_then_sum the step's rewards are one column per reward function
+    (and one for the overlong penalty), their weighted sum is the logged reward, and the advantages are GDPO's."""
+    from policylab.llm.rewards import exact_match, numeric_match
+    from policylab.llm.trainer import LLMTrainer
+    from policylab.objectives.advantages import decoupled_group_advantages
+
+    settings = {"model": str(sft_model.dir), "batch_size": 4, "group_size": 4, "overlong_buffer": 2,
+                "rewards": ["exact_match", "numeric_match=0.5"],
+                "multi_objective_aggregation": "normalize_then_sum"}  # fmt: skip
+    trainer = LLMTrainer(make_config("grpo", settings))
+    rollout, rewards, metrics = trainer.sample_groups()
+    rows, completions = rollout.rows, decode(trainer.tokenizer, rollout)
+    prompts = [row["prompt"] for row in rows]
+    answers = [row["answer"] for row in rows]
+    lengths = rollout.completion_mask.sum(-1).float()
+    penalty = -((lengths - (trainer.max_new_tokens - 2)) / 2).clamp(0.0, 1.0)
+    expected = torch.stack([torch.tensor(exact_match(prompts, completions, answers)),
+                            torch.tensor(numeric_match(prompts, completions, answers)), penalty], 1)  # fmt: skip
+    torch.testing.assert_close(rewards, expected)
+    torch.testing.assert_close(trainer.reward_weights, torch.tensor([1.0, 0.5, 1.0]))
+    assert metrics["reward"] == pytest.approx(float((expected @ torch.tensor([1.0, 0.5, 1.0])).mean()), rel=1e-6)
+    seen = []
+    monkeypatch.setattr(trainer, "sample_groups", lambda: (rollout, rewards, metrics))
+    monkeypatch.setattr(trainer, "accumulate", lambda r, advantages, scale: seen.append(advantages) or {"entropy": 0})
+    trainer.rl_step()
+    torch.testing.assert_close(seen[0], decoupled_group_advantages(expected, trainer.reward_weights, 4))
+    for extra, message in (({"advantage": "rloo"}, "in place of advantage=rloo"),
+                           ({"mix": "luffy"}, "expert completions have no reward per function"),
+                           ({"multi_objective_aggregation": "sum"}, "is not one of")):  # fmt: skip
+        with pytest.raises(ConfigError, match=message):
+            make_config("grpo", {"multi_objective_aggregation": "normalize_then_sum", **extra})
+
+
 def test_dr_grpo_aggregation_divides_by_rows_times_padded_length():
     loss = torch.tensor([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]])
     mask = torch.tensor([[1, 1, 0], [1, 0, 0]])
@@ -433,6 +481,7 @@ def test_sft_makes_the_tiny_model_partly_correct(sft_model):
         ("grpo", {"loss": "vespo", "aggregation": "token-mean"}),
         ("grpo", {"loss": "luspo", "clip_low": 3e-4, "clip_high": 4e-4}),
         ("gmpo", {}),
+        ("grpo", {"multi_objective_aggregation": "normalize_then_sum"}),
     ],
 )
 def test_rl_raises_exact_match_accuracy_over_the_sft_model(sft_model, tmp_path, algo, extra):
@@ -1914,6 +1963,7 @@ READ = {
     "temperature": (0.7,),
     "top_p": (0.9,),
     "top_k": (20,),
+    "multi_objective_aggregation": ("normalize_then_sum",),
     "min_p": (0.05,),
     "repetition_penalty": (1.1,),
     "updates_per_batch": (3,),

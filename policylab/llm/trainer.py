@@ -85,17 +85,19 @@ from policylab.llm.epochs import ShuffledEpochs
 from policylab.llm.models import check_model, load_model, prepare_tokenizer, without_progress_bars
 from policylab.llm.rewards import (
     BUILTIN_REWARDS,
+    RewardFn,
     RewardSpec,
     checked_call,
     combine_rewards,
     prompt_rows,
+    resolve_reward,
     reward_name,
 )
 from policylab.llm.rollout import Rollout, completion_logits, concat_rollouts, decode, generate, token_logprobs
 from policylab.llm.tasks import Task, get_task
 from policylab.llm.workers import GenerationWorkers
 from policylab.logging import CONFIG_YAML, Progress, RunLog, new_run_dir
-from policylab.objectives.advantages import GROUP_ADVANTAGES, gae
+from policylab.objectives.advantages import GROUP_ADVANTAGES, decoupled_group_advantages, gae
 from policylab.objectives.aggregation import aggregate
 from policylab.objectives.imitation import (
     generalized_jsd,
@@ -294,7 +296,17 @@ SETTING_READERS: dict[str, tuple[str, ...]] = {
     ),
     **dict.fromkeys(VESPO_SETTINGS, ("rl_step",)),
     **dict.fromkeys(
-        ("advantage", "mix", "mix_weight", "mix_phi", "shaping_gamma", "expert", "expert_batch_size"), ("rl_step",)
+        (
+            "advantage",
+            "multi_objective_aggregation",
+            "mix",
+            "mix_weight",
+            "mix_phi",
+            "shaping_gamma",
+            "expert",
+            "expert_batch_size",
+        ),
+        ("rl_step",),
     ),
     **dict.fromkeys(("vf_coef", "gamma", "gae_lambda"), ("ppo_step",)),
     **dict.fromkeys(PREFERENCE_SETTINGS, PREFERENCE_STEPS),
@@ -376,6 +388,11 @@ class LLMConfig:
     the behaviour log-probs, as training's, are those of softmax(logits / temperature)."""
     advantage: str = "grpo"
     """A GROUP_ADVANTAGES name: grpo, grpo_batch (TRL's scale_rewards="batch"), dr_grpo, rloo, reinforce++."""
+    multi_objective_aggregation: str = "sum_then_normalize"
+    """With several reward functions (TRL's setting of the name): sum_then_normalize, the weighted sum's
+    `advantage`; normalize_then_sum, GDPO: each function's rewards normalized in its group, the weighted sum of
+    those normalized over the batch (objectives.advantages.decoupled_group_advantages), in place of the algorithm's
+    advantage (one set explicitly is refused)."""
     loss: str = "ppo"
     """ppo (token-level clipped surrogate), gspo (sequence-level), cispo (clipped constant IS weight), sapo (a
     soft sigmoid gate on the ratio instead of a clip), luspo (gspo with each sequence's loss times its length),
@@ -614,6 +631,7 @@ class LLMConfig:
                 "repetition_penalty=1.1",
             )
         self._check_unused_settings()
+        self._check_reward_aggregation()
         if self.algo == "tpo":
             self._check_tpo_settings()
         if training_step(self.algo) in PREFERENCE_STEPS:
@@ -759,6 +777,28 @@ class LLMConfig:
                 f"beta={self.beta} and lmbda={self.lmbda} must be in [0, 1]",
                 "set beta=1 (reverse KL), 0 (forward KL) or 0.5 (JSD), and lmbda=1 (only the model's own samples) or "
                 "e.g. 0.5",
+            )
+
+    def _check_reward_aggregation(self) -> None:
+        aggregations = ("sum_then_normalize", "normalize_then_sum")
+        if self.multi_objective_aggregation not in aggregations:
+            raise ConfigError(
+                f"multi_objective_aggregation={self.multi_objective_aggregation!r} is not one of "
+                f"{', '.join(aggregations)}",
+                "set multi_objective_aggregation=normalize_then_sum (GDPO) or drop it",
+            )
+        if self.multi_objective_aggregation == "sum_then_normalize":
+            return
+        chosen = self.advantage != ALGO_DEFAULTS[self.algo].get("advantage", "grpo")  # the algorithm's own: replaced
+        if chosen or self.mix == "luffy":
+            raise ConfigError(
+                "multi_objective_aggregation=normalize_then_sum (GDPO) makes the advantages itself, each reward in "
+                "its group and their sum over the batch"
+                + (f", in place of advantage={self.advantage}" if chosen else "")
+                + (", and mix=luffy's expert completions have no reward per function" if self.mix == "luffy" else ""),
+                "drop "
+                + _and([n for n, on in (("advantage", chosen), ("mix", self.mix == "luffy")) if on])
+                + ", or multi_objective_aggregation",
             )
 
     def _check_tpo_settings(self) -> None:
@@ -1413,6 +1453,11 @@ class LLMTrainer:
         _check_objects_given(cfg, inputs)
         self.cfg = cfg
         self.task = task_of(cfg, inputs)
+        self.reward_parts: list[tuple[RewardFn, float]] | None = None
+        """GDPO's reward functions and weights (multi_objective_aggregation=normalize_then_sum), else None."""
+        if cfg.multi_objective_aggregation == "normalize_then_sum":
+            specs = _given(cfg, inputs, "rewards")
+            self.reward_parts = [resolve_reward(spec) for spec in specs] if specs else [(self.task.reward, 1.0)]
         self.model, self.tokenizer = self._model(cfg, inputs)
         self.model.train()  # from_pretrained gives eval mode, in which transformers skips activation checkpointing
         if cfg.gradient_checkpointing:
@@ -1680,7 +1725,10 @@ class LLMTrainer:
         rollout, rewards, metrics = self.sample_groups()
         if cfg.mix == "luffy":
             rollout, rewards = self.with_expert_completions(rollout, rewards)
-        advantages = GROUP_ADVANTAGES.get(cfg.advantage)(rewards, cfg.group_size)
+        if rewards.dim() == 2:  # GDPO: each reward function's column normalized in its group
+            advantages = decoupled_group_advantages(rewards, self.reward_weights, cfg.group_size)
+        else:
+            advantages = GROUP_ADVANTAGES.get(cfg.advantage)(rewards, cfg.group_size)
         if cfg.overlong_filter:  # completions cut by the length limit teach nothing about how to finish
             rollout = rollout.with_mask(rollout.completion_mask & ended_with_eos(rollout, self.tokenizer)[:, None])
         mu = parse_schedule(cfg.mix_weight)((self.step - 1) / cfg.steps) if cfg.mix == "chord" else 0.0
@@ -1745,14 +1793,14 @@ class LLMTrainer:
         for _ in range(rounds):
             rows = [row for row in self.sample_rows(cfg.batch_size) for _ in range(size)]
             rollout, completions = self.rollout(rows)
-            rewards = call_reward(self.task, [row["prompt"] for row in rows], completions, rows)
-            rewards += overlong_penalty(rollout, self.max_new_tokens, cfg.overlong_buffer, cfg.overlong_penalty)
+            rewards = self.score(rollout, completions, rows)
+            total = self.total_reward(rewards)
             sampled += cfg.batch_size
-            metrics.setdefault("reward", float(rewards.mean()))  # the policy's, before any filtering
+            metrics.setdefault("reward", float(total.mean()))  # the policy's, before any filtering
             metrics.setdefault("tokens", float(rollout.completion_mask.sum()))
             if not cfg.dynamic_sampling:
                 return rollout, rewards, metrics
-            informative = rewards.view(-1, size).std(1) > 0 if size > 1 else torch.ones(cfg.batch_size).bool()
+            informative = total.view(-1, size).std(1) > 0 if size > 1 else torch.ones(cfg.batch_size).bool()
             rows_kept = informative.repeat_interleave(size)
             kept.append((rollout.select(rows_kept), rewards[rows_kept]))
             found += int(informative.sum())
@@ -1765,6 +1813,28 @@ class LLMTrainer:
             torch.arange(min(found, cfg.batch_size) * size)
         )
         return rollout, torch.cat([w for _, w in kept])[: len(rollout)], metrics
+
+    def score(self, rollout: Rollout, completions: list[str], rows: list[dict[str, Any]]) -> Tensor:
+        """The completions' rewards: [N], the task's reward plus DAPO's overlong penalty; with GDPO's reward parts,
+        [N, K], each reward function's, the penalty (when on) one more column (`reward_weights` weighs them)."""
+        cfg, prompts = self.cfg, [row["prompt"] for row in rows]
+        penalty = overlong_penalty(rollout, self.max_new_tokens, cfg.overlong_buffer, cfg.overlong_penalty)
+        if self.reward_parts is None:
+            return call_reward(self.task, prompts, completions, rows) + penalty
+        columns = {k: v for k, v in _columns(rows).items() if k != "prompt"}
+        parts = [torch.tensor(checked_call(fn, prompts, completions, columns)) for fn, _ in self.reward_parts]
+        return torch.stack(parts + ([penalty] if cfg.overlong_buffer > 0 else []), 1)
+
+    @property
+    def reward_weights(self) -> Tensor:
+        """The weights of `score`'s columns under GDPO: the reward functions', then 1 for the overlong penalty."""
+        assert self.reward_parts is not None
+        penalty = [1.0] if self.cfg.overlong_buffer > 0 else []
+        return torch.tensor([weight for _, weight in self.reward_parts] + penalty)
+
+    def total_reward(self, rewards: Tensor) -> Tensor:
+        """[N] the weighted sum of `score`'s rewards (themselves where they are one column)."""
+        return rewards if rewards.dim() == 1 else rewards @ self.reward_weights.to(rewards.dtype)
 
     def rollout_logprobs(self, rollout: Rollout, hidden: list[Tensor] | None = None) -> tuple[Tensor, Tensor]:
         """`token_logprobs` of the policy on a rollout's completions, reading the sampler's tape where it can."""

@@ -105,6 +105,18 @@ def group_centered_batch_scaled(rewards: Tensor, group_size: int, eps: float = 1
     return centered / (rewards.std() + eps) if rewards.numel() > 1 else centered
 
 
+def decoupled_group_advantages(rewards: Tensor, weights: Tensor, group_size: int, eps: float = 1e-4) -> Tensor:
+    """GDPO (Liu et al. 2026; TRL's multi_objective_aggregation="normalize_then_sum"): rewards [N, K] of K reward
+    functions -> advantages [N]. Each function's rewards are normalized within each group (mean, Bessel std), so
+    that no function drowns the others by its scale; their `weights` [K]-weighted sum is then normalized over the
+    whole batch."""
+    grouped = _grouped(rewards, group_size * rewards.shape[1]).view(-1, group_size, rewards.shape[1])
+    std = grouped.std(dim=1, keepdim=True) if group_size > 1 else torch.zeros_like(grouped[:, :1])
+    normalized = ((grouped - grouped.mean(dim=1, keepdim=True)) / (std + eps)).reshape(-1, rewards.shape[1])
+    summed = normalized @ weights.to(normalized.dtype)
+    return (summed - summed.mean()) / (summed.std() + eps) if summed.numel() > 1 else summed - summed.mean()
+
+
 @GROUP_ADVANTAGES.register("rloo")
 def leave_one_out(rewards: Tensor, group_size: int) -> Tensor:
     """RLOO (Ahmadian et al. 2024): r_i - mean of the group's other rewards = G / (G - 1) (r_i - mean_group)."""
