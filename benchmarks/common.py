@@ -308,6 +308,25 @@ def make_peer_venv(venv: Path, *packages: str) -> None:
 
 ONE_THREAD = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
 
+TRL_VENV = REPO_ROOT / "benchmarks" / ".venv-trl"
+TRL_PY = TRL_VENV / "bin" / "python"
+"""TRL's own venv (`benchmarks/llm.py --setup`), which the language-model benchmarks run TRL's side in."""
+
+
+def require_trl_venv() -> None:
+    if not TRL_PY.exists():
+        raise SystemExit("TRL's venv is missing: run `.venv/bin/python benchmarks/llm.py --setup` first")
+
+
+def parameter_gap(a_dir: str | Path, b_dir: str | Path) -> dict[str, Any]:
+    """Two save_pretrained models' parameters compared: per tensor, max |a - b| / max |b|; the largest of those,
+    its tensor's name, and how many tensors were compared."""
+    from safetensors.torch import load_file
+
+    a, b = load_file(str(Path(a_dir) / "model.safetensors")), load_file(str(Path(b_dir) / "model.safetensors"))
+    gaps = {k: float((a[k] - b[k]).abs().max() / b[k].abs().max().clamp_min(1e-12)) for k in b if k in a}
+    return {"max": max(gaps.values()), "worst": max(gaps, key=lambda k: gaps[k]), "tensors": len(gaps)}
+
 
 def worker_record(res: WorkerResult, what: str) -> dict[str, Any]:
     """The worker's JSON, or an exit that shows what `what` printed when it failed (`worker_failed`)."""

@@ -22,9 +22,18 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from common import ONE_THREAD, REPO_ROOT, HelpFormatter, print_table, provenance, run_worker, write_results
+from common import (
+    ONE_THREAD,
+    REPO_ROOT,
+    TRL_PY,
+    HelpFormatter,
+    print_table,
+    provenance,
+    require_trl_venv,
+    run_worker,
+    write_results,
+)
 
-TRL_PY = REPO_ROOT / "benchmarks" / ".venv-trl" / "bin" / "python"
 CASES = [(beta, temperature) for beta in (0.0, 0.3, 0.5, 0.9, 1.0) for temperature in (1.0, 0.7)]
 """(beta, temperature) pairs compared."""
 NAMES = ("student_hidden", "teacher_hidden", "student_head", "teacher_head", "mask")
@@ -98,8 +107,7 @@ def main() -> None:
     if a.worker:
         Path(a.out).write_text(json.dumps(losses_and_gradients(a, a.worker)))
         return
-    if not TRL_PY.exists():
-        raise SystemExit("TRL's venv is missing: run `.venv/bin/python benchmarks/llm.py --setup` first")
+    require_trl_venv()
     with tempfile.TemporaryDirectory() as tmp:
         a.inputs = str(Path(tmp) / "inputs.safetensors")
         inputs(Path(a.inputs))

@@ -49,16 +49,16 @@ from typing import Any
 from common import (
     ONE_THREAD,
     REPO_ROOT,
+    TRL_PY,
     HelpFormatter,
+    parameter_gap,
     positive_int,
     print_table,
     provenance,
+    require_trl_venv,
     run_worker,
     write_results,
 )
-
-TRL_PY = REPO_ROOT / "benchmarks" / ".venv-trl" / "bin" / "python"
-
 
 UNPAIRED = ("kto", "apo_zero_unpaired")
 """`--losses` names of policylab's kto algorithm's `unpaired_loss` (TRL's KTOTrainer's loss types)."""
@@ -199,15 +199,6 @@ def ours(a: argparse.Namespace, loss: str, model_dir: Path, pairs: Path, steps: 
     trainer.model.save_pretrained(out)
     trainer.tokenizer.save_pretrained(out)
     return losses
-
-
-def parameter_gap(a_dir: str | Path, b_dir: str | Path) -> dict[str, float]:
-    """Max |a - b| / max |b| over each parameter tensor, and its largest value over all of them."""
-    from safetensors.torch import load_file
-
-    a, b = load_file(str(Path(a_dir) / "model.safetensors")), load_file(str(Path(b_dir) / "model.safetensors"))
-    gaps = {k: float((a[k] - b[k]).abs().max() / b[k].abs().max().clamp_min(1e-12)) for k in b if k in a}
-    return {"max": max(gaps.values()), "worst": max(gaps, key=lambda k: gaps[k]), "tensors": len(gaps)}
 
 
 class TrlFailed(Exception):
@@ -355,8 +346,7 @@ def main() -> None:
     if a.worker:
         worker_trl(a)
         return
-    if not TRL_PY.exists():
-        raise SystemExit("TRL's venv is missing: run `.venv/bin/python benchmarks/llm.py --setup` first")
+    require_trl_venv()
     import torch
 
     torch.set_num_threads(1)

@@ -40,15 +40,17 @@ from typing import Any
 from common import (
     ONE_THREAD,
     REPO_ROOT,
+    TRL_PY,
     HelpFormatter,
+    parameter_gap,
     positive_int,
     print_table,
     provenance,
+    require_trl_venv,
     run_worker,
     write_results,
 )
 
-TRL_PY = REPO_ROOT / "benchmarks" / ".venv-trl" / "bin" / "python"
 LOSSES = {
     "grpo": {"advantage": "grpo", "aggregation": "seq-mean-token-mean"},
     "dr_grpo": {"advantage": "dr_grpo", "aggregation": "seq-mean-token-sum-norm"},
@@ -203,15 +205,6 @@ def ours(a: argparse.Namespace, model_dir: Path, prompts: Path, batches: Path, o
     return record
 
 
-def parameter_gap(a_dir: str | Path, b_dir: str | Path) -> dict[str, Any]:
-    """Max |a - b| / max |b| over each parameter tensor, and its largest value over all of them."""
-    from safetensors.torch import load_file
-
-    a, b = load_file(str(Path(a_dir) / "model.safetensors")), load_file(str(Path(b_dir) / "model.safetensors"))
-    gaps = {k: float((a[k] - b[k]).abs().max() / b[k].abs().max().clamp_min(1e-12)) for k in b if k in a}
-    return {"max": max(gaps.values()), "worst": max(gaps, key=lambda k: gaps[k]), "tensors": len(gaps)}
-
-
 def side_by_side(a: argparse.Namespace, work: Path, model_dir: Path, prompts: Path, batches: Path) -> dict:
     args = ["--worker", "--model-dir", str(model_dir), "--prompts", str(prompts), "--batches", str(batches)]
     args += ["--work", str(work / "trl"), "--steps", str(a.steps), "--prompts-per-step", str(a.prompts_per_step)]
@@ -253,8 +246,7 @@ def main() -> None:
     if a.worker:
         worker_trl(a)
         return
-    if not TRL_PY.exists():
-        raise SystemExit("TRL's venv is missing: run `.venv/bin/python benchmarks/llm.py --setup` first")
+    require_trl_venv()
     import torch
 
     torch.set_num_threads(1)

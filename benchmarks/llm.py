@@ -80,18 +80,18 @@ from typing import Any
 from common import (
     ONE_THREAD,
     REPO_ROOT,
+    TRL_PY,
+    TRL_VENV,
     HelpFormatter,
     make_peer_venv,
     pair_report,
     positive_int,
     provenance,
+    require_trl_venv,
     run_worker,
     worker_record,
     write_results,
 )
-
-TRL_VENV = REPO_ROOT / "benchmarks" / ".venv-trl"
-TRL_PY = TRL_VENV / "bin" / "python"
 
 
 def setup() -> None:
@@ -568,8 +568,7 @@ def main() -> None:
     if a.steps < a.warmup + 2:  # the time per step is the median of the step times after the warm-up
         parser.error(f"--steps {a.steps} leaves no step to time after --warmup {a.warmup}: give --steps "
                      f"{a.warmup + 2} or more, or a smaller --warmup")  # fmt: skip
-    if not TRL_PY.exists():
-        raise SystemExit("TRL's venv is missing: run `.venv/bin/python benchmarks/llm.py --setup` first")
+    require_trl_venv()
     seeds = list(range(1, a.seeds + 1))
     runs = []
     with tempfile.TemporaryDirectory() as tmp:
