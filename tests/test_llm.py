@@ -404,6 +404,80 @@ def test_grpo_with_one_update_per_batch_is_reinforce_with_the_group_mean_baselin
     torch.testing.assert_close(grad, expected)
 
 
+def test_a_reward_function_returns_none_where_it_does_not_apply():
+    """None (TRL's "this function does not apply") is NaN: a weighted sum counts the functions that apply, and is
+    NaN where none does; a NaN returned as a number is still an error."""
+    from policylab.llm.rewards import checked_call, combine_rewards
+
+    def math_only(prompts, completions, **_):
+        return [1.0 if "+" in p else None for p in prompts]
+
+    def length(prompts, completions, **_):
+        return [float(len(c)) if len(c) < 3 else None for c in completions]
+
+    values = checked_call(math_only, ["1+1=", "hi"], ["2", "yo"], {})
+    assert values[0] == 1.0 and math.isnan(values[1])
+    combined = combine_rewards([math_only, (length, 0.5)])(["1+1=", "hi", "2+2="], ["2", "abc", "toolong"])
+    assert combined[:1] == [1.0 + 0.5 * 1.0] and math.isnan(combined[1]) and combined[2] == 1.0
+
+    def nan(prompts, completions, **_):
+        return [float("nan")] * len(completions)
+
+    with pytest.raises(LLMError, match="nan returned NaN or inf") as info:
+        checked_call(nan, ["a"], ["b"], {})
+    assert "None where it does not apply" in (info.value.fix or "")
+
+
+def test_every_group_advantage_leaves_unscored_completions_out_by_hand():
+    from policylab.objectives.advantages import decoupled_group_advantages
+
+    nan = float("nan")
+    rewards = torch.tensor([1.0, 0.0, nan, 1.0, nan, nan, nan, 1.0])  # groups of 4: three scored, one scored
+    s = math.sqrt(1 / 3)  # Bessel std of (1, 0, 1)
+    grpo = [(1 / 3) / (s + 1e-4), (-2 / 3) / (s + 1e-4), 0.0, (1 / 3) / (s + 1e-4), 0.0, 0.0, 0.0, 0.0]
+    torch.testing.assert_close(GROUP_ADVANTAGES.get("grpo")(rewards, 4), torch.tensor(grpo))
+    dr = torch.tensor([1 / 3, -2 / 3, 0.0, 1 / 3, 0.0, 0.0, 0.0, 0.0])
+    torch.testing.assert_close(GROUP_ADVANTAGES.get("dr_grpo")(rewards, 4), dr)
+    rloo = [0.5, -1.0, 0.0, 0.5, 0.0, 0.0, 0.0, 0.0]  # against the mean of the others scored; alone: 0
+    torch.testing.assert_close(GROUP_ADVANTAGES.get("rloo")(rewards, 4), torch.tensor(rloo))
+    torch.testing.assert_close(GROUP_ADVANTAGES.get("grpo_batch")(rewards, 4), dr / (0.5 + 1e-4))  # std of 1, 0, 1, 1
+    rpp = torch.tensor([1 / 3, -2 / 3, 0.0, 1 / 3, 0.0, 0.0, 0.0, 0.0]) / (math.sqrt(2 / 9) + 1e-4)
+    torch.testing.assert_close(GROUP_ADVANTAGES.get("reinforce++")(rewards, 4), rpp)
+    # GDPO: two groups of 2, two functions; the second applies to the second group only
+    parts = torch.tensor([[1.0, nan], [0.0, nan], [nan, 0.2], [1.0, 0.6]])
+    a, b = 0.5 / (math.sqrt(0.5) + 1e-4), 0.5 * 0.2 / (math.sqrt(0.08) + 1e-4)
+    summed = [a, -a, -b, b]  # row 3's first function is alone in its group: 0
+    std = math.sqrt(sum(x * x for x in summed) / 3)
+    expected = torch.tensor([x / (std + 1e-4) for x in summed])
+    torch.testing.assert_close(decoupled_group_advantages(parts, torch.tensor([1.0, 0.5]), 2), expected)
+    assert torch.equal(GROUP_ADVANTAGES.get("grpo")(torch.full((4,), nan), 4), torch.zeros(4))
+
+
+def test_grpo_trains_on_the_completions_a_reward_applies_to_and_the_others_refuse_none(sft_model, monkeypatch):
+    """A reward that returns None for some prompts: GRPO gives those completions advantage 0 and logs the mean of
+    the others; PPO, online DPO and A*-PO, which need a reward for each completion, stop with one error."""
+    from policylab.llm.trainer import LLMInputs, LLMTrainer
+
+    def odd_sums(prompts, completions, answer, **_):
+        return [float(c.strip() == a) if int(a) % 2 else None for c, a in zip(completions, answer)]
+
+    inputs = LLMInputs(rewards=[odd_sums])
+    trainer = LLMTrainer(make_config("grpo", {"model": str(sft_model.dir), "batch_size": 8, "group_size": 4}), inputs)
+    rollout, rewards, metrics = trainer.sample_groups()
+    unscored = torch.isnan(rewards)
+    assert unscored.any() and (~unscored).any()
+    assert metrics["reward"] == pytest.approx(float(rewards[~unscored].mean()))
+    seen = []
+    monkeypatch.setattr(trainer, "sample_groups", lambda: (rollout, rewards, metrics))
+    monkeypatch.setattr(trainer, "accumulate", lambda r, advantages, scale: seen.append(advantages) or {"entropy": 0})
+    trainer.rl_step()
+    assert torch.isfinite(seen[0]).all() and (seen[0][unscored] == 0).all()
+    for algo in ("ppo", "online_dpo", "a2po"):
+        with pytest.raises(LLMError, match=f"returned None .* and {algo} needs a reward for every completion"):
+            run = LLMTrainer(make_config(algo, {"model": str(sft_model.dir), "batch_size": 8, "group_size": 4}), inputs)
+            getattr(run, {"ppo": "ppo_step", "online_dpo": "online_dpo_step", "a2po": "a2po_step"}[algo])()
+
+
 def test_a_misbehaving_reward_function_is_one_clear_error_naming_it():
     task = get_task("addition")
     rows = task.make(2, 0)

@@ -139,10 +139,11 @@ def combine_rewards(specs: list[RewardSpec]) -> RewardFn:
         return loaded[0][0]
 
     def combined(prompts: list[str], completions: list[str], **columns: Any) -> list[float]:
-        total = [0.0] * len(completions)
+        """The weighted sum over the functions that apply (None: does not), NaN where none does."""
+        total = [UNSCORED] * len(completions)
         for fn, weight in loaded:
             values = checked_call(fn, prompts, completions, columns)
-            total = [t + weight * v for t, v in zip(total, values)]
+            total = [t if v != v else (weight * v if t != t else t + weight * v) for t, v in zip(total, values)]
         return total
 
     combined.__name__ = " + ".join(reward_name(spec) for spec in specs)
@@ -151,7 +152,8 @@ def combine_rewards(specs: list[RewardSpec]) -> RewardFn:
 
 def checked_call(fn: RewardFn, prompts: list[str], completions: list[str], columns: dict[str, Any]) -> list[float]:
     """fn's rewards as floats, or one clear error naming the function: it raised, returned the wrong number of
-    values, or something that is not a finite number."""
+    values, or something that is not a finite number. None, as in TRL, means "this function does not apply to
+    this completion" (a multi-task dataset's reward for one kind of row): NaN here (`UNSCORED`)."""
     name = getattr(fn, "__name__", repr(fn))
     try:
         values = list(fn(prompts, completions, **columns))
@@ -171,12 +173,19 @@ def checked_call(fn: RewardFn, prompts: list[str], completions: list[str], colum
             "return one float per completion",
         )
     try:
-        floats = [float(v) for v in values]
+        floats = [UNSCORED if v is None else float(v) for v in values]
     except (TypeError, ValueError) as exc:
         raise LLMError(f"the reward function {name} returned a non-number: {exc}", "return floats") from exc
-    if any(f != f or f in (float("inf"), float("-inf")) for f in floats):
-        raise LLMError(f"the reward function {name} returned NaN or inf", "return finite floats")
+    if any((f != f and v is not None) or f in (float("inf"), float("-inf")) for f, v in zip(floats, values)):
+        raise LLMError(
+            f"the reward function {name} returned NaN or inf", "return finite floats (None where it does not apply)"
+        )
     return floats
+
+
+UNSCORED = float("nan")
+"""The reward of a completion no reward function applies to (each returned None): such a completion leaves its
+group's baseline and gets advantage 0 (the group-advantage algorithms, as TRL's GRPOTrainer)."""
 
 
 def load_prompts(path: str | Path, require: tuple[str, ...] = (), fix: str = "") -> list[dict[str, Any]]:

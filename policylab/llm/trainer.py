@@ -1044,8 +1044,29 @@ def _columns(rows: list[dict[str, Any]]) -> dict[str, list[Any]]:
 
 
 def call_reward(task: Task, prompts: list[str], completions: list[str], rows: list[dict[str, Any]]) -> Tensor:
-    """The task's rewards as a tensor, with one clear error for a reward function that misbehaves."""
+    """The task's rewards as a tensor, with one clear error for a reward function that misbehaves (NaN where no
+    function applies: `rewards.UNSCORED`)."""
     return torch.tensor(reward_values(task, prompts, completions, rows))
+
+
+def require_scored(rewards: Tensor, algo: str) -> Tensor:
+    """`rewards` where every completion has one; else one error: only the group-advantage algorithms leave out a
+    completion no reward function applies to (the reward functions' None)."""
+    missing = int(torch.isnan(rewards).sum())
+    if missing:
+        raise LLMError(
+            f"the reward functions returned None (does not apply) for {missing} of {rewards.numel()} completions, "
+            f"and {algo} needs a reward for every completion",
+            "return a number for every completion, or train a group-advantage algorithm (grpo, rloo, ...), which "
+            "leaves such completions out",
+        )
+    return rewards
+
+
+def scored_mean(rewards: Tensor) -> float:
+    """The mean reward of the completions some reward function applies to (0 where none does)."""
+    scored = rewards[~torch.isnan(rewards)]
+    return float(scored.mean()) if scored.numel() else 0.0
 
 
 def reward_values(task: Task, prompts: list[str], completions: list[str], rows: list[dict[str, Any]]) -> list[float]:
@@ -1103,6 +1124,13 @@ TPO_PAIRS_FIX = (
     'give every pairs row "prompt", "chosen", "rejected" and "reference" (the gold completion) strings, e.g. '
     '{"prompt": "2+2=", "chosen": "4", "rejected": "5", "reference": "4"}, or set tpo_alpha=0 (no gold term)'
 )
+
+
+def spread(groups: Tensor) -> Tensor:
+    """[G] whether each group's rewards [G, size] differ (DAPO's informative groups), over its scored ones."""
+    if not torch.isnan(groups).any():
+        return groups.std(1) > 0
+    return torch.nan_to_num(groups, nan=-math.inf).amax(1) > torch.nan_to_num(groups, nan=math.inf).amin(1)
 
 
 def ended_with_eos(rollout: Rollout, tokenizer: Any) -> Tensor:
@@ -1796,11 +1824,11 @@ class LLMTrainer:
             rewards = self.score(rollout, completions, rows)
             total = self.total_reward(rewards)
             sampled += cfg.batch_size
-            metrics.setdefault("reward", float(total.mean()))  # the policy's, before any filtering
+            metrics.setdefault("reward", scored_mean(total))  # the policy's, before any filtering
             metrics.setdefault("tokens", float(rollout.completion_mask.sum()))
             if not cfg.dynamic_sampling:
                 return rollout, rewards, metrics
-            informative = total.view(-1, size).std(1) > 0 if size > 1 else torch.ones(cfg.batch_size).bool()
+            informative = spread(total.view(-1, size)) if size > 1 else torch.ones(cfg.batch_size).bool()
             rows_kept = informative.repeat_interleave(size)
             kept.append((rollout.select(rows_kept), rewards[rows_kept]))
             found += int(informative.sum())
@@ -1819,8 +1847,9 @@ class LLMTrainer:
         [N, K], each reward function's, the penalty (when on) one more column (`reward_weights` weighs them)."""
         cfg, prompts = self.cfg, [row["prompt"] for row in rows]
         penalty = overlong_penalty(rollout, self.max_new_tokens, cfg.overlong_buffer, cfg.overlong_penalty)
-        if self.reward_parts is None:
-            return call_reward(self.task, prompts, completions, rows) + penalty
+        if self.reward_parts is None:  # the penalty applies to every completion, as TRL's overlong reward function
+            rewards = call_reward(self.task, prompts, completions, rows)
+            return torch.where(torch.isnan(rewards) & (cfg.overlong_buffer > 0), penalty, rewards + penalty)
         columns = {k: v for k, v in _columns(rows).items() if k != "prompt"}
         parts = [torch.tensor(checked_call(fn, prompts, completions, columns)) for fn, _ in self.reward_parts]
         return torch.stack(parts + ([penalty] if cfg.overlong_buffer > 0 else []), 1)
@@ -1833,8 +1862,12 @@ class LLMTrainer:
         return torch.tensor([weight for _, weight in self.reward_parts] + penalty)
 
     def total_reward(self, rewards: Tensor) -> Tensor:
-        """[N] the weighted sum of `score`'s rewards (themselves where they are one column)."""
-        return rewards if rewards.dim() == 1 else rewards @ self.reward_weights.to(rewards.dtype)
+        """[N] the weighted sum of `score`'s rewards (themselves where they are one column) over the functions
+        that apply; NaN where none does."""
+        if rewards.dim() == 1:
+            return rewards
+        total = torch.nansum(rewards * self.reward_weights.to(rewards.dtype), 1)
+        return total.masked_fill(torch.isnan(rewards).all(1), float("nan"))
 
     def rollout_logprobs(self, rollout: Rollout, hidden: list[Tensor] | None = None) -> tuple[Tensor, Tensor]:
         """`token_logprobs` of the policy on a rollout's completions, reading the sampler's tape where it can."""
@@ -1990,6 +2023,7 @@ class LLMTrainer:
         cfg, head = self.cfg, self.value_head
         assert head is not None
         rollout, rewards, metrics = self.sample_groups()
+        require_scored(rewards, cfg.algo)
         mask = rollout.completion_mask
         with torch.no_grad():
             hidden: list[Tensor] = []
@@ -2158,6 +2192,7 @@ class LLMTrainer:
             repeated = [row for row in rows for _ in range(n)]
             _, completions = self.rollout(repeated)
             rewards = call_reward(self.task, [row["prompt"] for row in repeated], completions, repeated).view(-1, n)
+            require_scored(rewards, "a2po")
             for row, value, scores in zip(rows, optimal_values(rewards, cfg.beta1).tolist(), rewards, strict=True):
                 self.optimal_values[row["prompt"]] = value
                 if not cfg.filter_all_incorrect or bool((scores != 0).any()):
@@ -2181,7 +2216,7 @@ class LLMTrainer:
         cfg = self.cfg
         rows = [row for row in self.sample_rows(cfg.batch_size) for _ in range(cfg.group_size)]
         rollout, completions = self.rollout(rows)
-        rewards = call_reward(self.task, [row["prompt"] for row in rows], completions, rows)
+        rewards = require_scored(call_reward(self.task, [row["prompt"] for row in rows], completions, rows), "a2po")
         values = torch.tensor([self.optimal_values[row["prompt"]] for row in rows])
         logp, _ = self.rollout_logprobs(rollout)
         assert self.reference is not None
@@ -2198,7 +2233,7 @@ class LLMTrainer:
         rewards are all equal give no pair)."""
         size = self.cfg.group_size
         rollout, rewards, metrics = self.sample_groups()
-        groups = rewards.view(-1, size)
+        groups = require_scored(rewards, "online_dpo").view(-1, size)
         offsets = torch.arange(len(groups)) * size
         best, worst = groups.argmax(1) + offsets, groups.argmin(1) + offsets
         keep = groups.max(1).values > groups.min(1).values
@@ -2270,7 +2305,8 @@ class LLMTrainer:
         _, completions = self.rollout(self.eval_rows, greedy=True)
         rewards = reward_values(self.task, [r["prompt"] for r in self.eval_rows], completions, self.eval_rows)
         # Python floats (hits / n): exact decimals in eval.json, not float32's 0.7250000238418579
-        out = {"accuracy": sum(r >= 1.0 for r in rewards) / n, "reward": math.fsum(rewards) / n}
+        scored = [r for r in rewards if r == r]  # the completions some reward function applies to
+        out = {"accuracy": sum(r >= 1.0 for r in rewards) / n, "reward": math.fsum(scored) / max(len(scored), 1)}
         if k > 1:
             rows = [row for row in self.eval_rows for _ in range(k)]
             _, sampled = self.rollout(rows)

@@ -76,6 +76,24 @@ GROUP_ADVANTAGES = Registry("group advantage estimator")
 """rewards [N] of N = prompts x group_size completions (the G completions of a prompt adjacent) -> advantages [N]."""
 
 
+def _unscored(rewards: Tensor) -> bool:
+    """Whether some reward is NaN: a completion no reward function applied to (their None, as TRL's). Every
+    estimator below then leaves those out of the means and stds and gives them advantage 0; without any, each runs
+    its plain arithmetic."""
+    return bool(torch.isnan(rewards).any())
+
+
+def _nan_stats(x: Tensor, dim: int | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """(mean, Bessel std, count) of x's non-NaN entries along `dim` (all of them: None), kept as dimensions; the
+    std is 0 where fewer than two entries count (an advantage of 0 then, as TRL's nanstd's NaN)."""
+    dims = tuple(range(x.dim())) if dim is None else (dim,)
+    count = (~torch.isnan(x)).sum(dims, keepdim=True)
+    mean = torch.nansum(x, dims, keepdim=True) / count.clamp_min(1)
+    squares = torch.nansum((x - mean) ** 2, dims, keepdim=True)
+    std = torch.where(count > 1, (squares / (count - 1).clamp_min(1)).sqrt(), torch.zeros_like(squares))
+    return mean, std, count
+
+
 def _grouped(rewards: Tensor, group_size: int) -> Tensor:
     if group_size < 1 or rewards.numel() % group_size:
         raise ValueError(f"{rewards.numel()} rewards do not split into groups of {group_size}")
@@ -86,6 +104,9 @@ def _grouped(rewards: Tensor, group_size: int) -> Tensor:
 def group_normalized(rewards: Tensor, group_size: int, eps: float = 1e-4) -> Tensor:
     """GRPO (Shao et al. 2024): (r - mean_group) / (std_group + eps), the std with Bessel's correction (as TRL)."""
     grouped = _grouped(rewards, group_size)
+    if _unscored(rewards):
+        mean, std, _ = _nan_stats(grouped, 1)
+        return ((grouped - mean) / (std + eps)).nan_to_num(0.0).view(-1)
     std = grouped.std(dim=1, keepdim=True) if group_size > 1 else torch.zeros_like(grouped[:, :1])
     return ((grouped - grouped.mean(dim=1, keepdim=True)) / (std + eps)).view(-1)
 
@@ -94,6 +115,8 @@ def group_normalized(rewards: Tensor, group_size: int, eps: float = 1e-4) -> Ten
 def group_centered(rewards: Tensor, group_size: int) -> Tensor:
     """Dr. GRPO (Liu et al. 2025): r - mean_group, no division by the std."""
     grouped = _grouped(rewards, group_size)
+    if _unscored(rewards):
+        return (grouped - _nan_stats(grouped, 1)[0]).nan_to_num(0.0).view(-1)
     return (grouped - grouped.mean(dim=1, keepdim=True)).view(-1)
 
 
@@ -102,6 +125,8 @@ def group_centered_batch_scaled(rewards: Tensor, group_size: int, eps: float = 1
     """GRPO's group mean with the whole batch's std of the rewards (Bessel-corrected): TRL's scale_rewards="batch",
     Lite PPO's advantage (Liu et al. 2025), which keeps a group whose rewards barely differ from being blown up."""
     centered = group_centered(rewards, group_size)
+    if _unscored(rewards):
+        return centered / (_nan_stats(rewards)[1].squeeze() + eps)
     return centered / (rewards.std() + eps) if rewards.numel() > 1 else centered
 
 
@@ -111,6 +136,13 @@ def decoupled_group_advantages(rewards: Tensor, weights: Tensor, group_size: int
     that no function drowns the others by its scale; their `weights` [K]-weighted sum is then normalized over the
     whole batch."""
     grouped = _grouped(rewards, group_size * rewards.shape[1]).view(-1, group_size, rewards.shape[1])
+    if _unscored(rewards):  # a function's None leaves it out of that completion's sum; all None: advantage 0
+        mean, std, _ = _nan_stats(grouped, 1)
+        normalized = ((grouped - mean) / (std + eps)).reshape(-1, rewards.shape[1])
+        summed = torch.nansum(normalized * weights.to(normalized.dtype), 1)
+        summed = summed.masked_fill(torch.isnan(rewards).all(1), float("nan"))
+        mean, std, _ = _nan_stats(summed)
+        return ((summed - mean.squeeze()) / (std.squeeze() + eps)).nan_to_num(0.0)
     std = grouped.std(dim=1, keepdim=True) if group_size > 1 else torch.zeros_like(grouped[:, :1])
     normalized = ((grouped - grouped.mean(dim=1, keepdim=True)) / (std + eps)).reshape(-1, rewards.shape[1])
     summed = normalized @ weights.to(normalized.dtype)
@@ -122,6 +154,10 @@ def leave_one_out(rewards: Tensor, group_size: int) -> Tensor:
     """RLOO (Ahmadian et al. 2024): r_i - mean of the group's other rewards = G / (G - 1) (r_i - mean_group)."""
     if group_size < 2:
         raise ValueError("RLOO needs group_size >= 2")
+    if _unscored(rewards):  # each completion against the mean of the others scored in its group
+        count = (~torch.isnan(_grouped(rewards, group_size))).sum(1, keepdim=True)
+        scale = torch.where(count > 1, count / (count - 1).clamp_min(1), torch.zeros_like(count, dtype=rewards.dtype))
+        return (_grouped(group_centered(rewards, group_size), group_size) * scale).view(-1)
     return group_centered(rewards, group_size) * (group_size / (group_size - 1))
 
 
@@ -130,4 +166,8 @@ def batch_normalized(rewards: Tensor, group_size: int, eps: float = 1e-4) -> Ten
     """REINFORCE++ with a group baseline (Hu et al. 2025): r - mean_group, then normalized by the whole batch's
     mean and std (global, not per group)."""
     centered = group_centered(rewards, group_size)
+    if _unscored(rewards):
+        scored = centered.masked_fill(torch.isnan(rewards), float("nan"))
+        mean, std, _ = _nan_stats(scored)
+        return ((scored - mean.squeeze()) / (std.squeeze() + eps)).nan_to_num(0.0)
     return (centered - centered.mean()) / (centered.std() + eps) if centered.numel() > 1 else centered
