@@ -16,6 +16,12 @@ float32, 1 thread).
     .venv/bin/python benchmarks/grpo_equivalence.py --steps 200 --loss dr_grpo
 
 `--loss`: policylab's loss / advantage pair for a TRL loss_type: grpo (default), dr_grpo, dapo, bnpo.
+`--advantage grpo_batch`: TRL's scale_rewards="batch" against policylab's advantage=grpo_batch; `--advantage gdpo`:
+its multi_objective_aggregation="normalize_then_sum" against policylab's of the same name. `--rewards`: the reward
+functions on both sides, with weights (TRL's reward_weights): exact_match, all_digits (a format reward) and
+odd_sums_only (exact match where the answer is odd, None elsewhere: TRL's "does not apply").
+
+    .venv/bin/python benchmarks/grpo_equivalence.py --advantage gdpo --rewards exact_match,all_digits=0.5,odd_sums_only
 
 Compared at every step: the mean reward (both sides score the same completions, so this checks they read the
 same text), the gradient norm before clipping (the whole update's scale: the advantages, the aggregation and the
@@ -58,6 +64,34 @@ LOSSES = {
     "bnpo": {"advantage": "grpo", "aggregation": "token-mean"},
 }
 """TRL loss_type -> policylab's grpo settings for it (bnpo and dapo are both token-mean on one process)."""
+
+
+def exact_match(prompts: list[str], completions: list[str], answer: list[str], **_: Any) -> list[float]:
+    return [float(c.strip() == str(x).strip()) for c, x in zip(completions, answer)]
+
+
+def all_digits(prompts: list[str], completions: list[str], **_: Any) -> list[float]:
+    """A format reward: the completion is digits only."""
+    return [float(c.strip().isdigit()) for c in completions]
+
+
+def odd_sums_only(prompts: list[str], completions: list[str], answer: list[str], **_: Any) -> list[float | None]:
+    """Exact match where the answer is odd; None (does not apply) where it is even."""
+    return [float(c.strip() == x) if int(x) % 2 else None for c, x in zip(completions, answer)]
+
+
+REWARDS = {"exact_match": exact_match, "all_digits": all_digits, "odd_sums_only": odd_sums_only}
+
+
+def reward_specs(a: argparse.Namespace) -> list[tuple[str, float]]:
+    """`--rewards` as (name, weight) pairs: `exact_match,all_digits=0.5`."""
+    specs = []
+    for text in a.rewards.split(","):
+        name, _, weight = text.partition("=")
+        if name not in REWARDS:
+            raise SystemExit(f"--rewards: {name!r} is not one of {', '.join(REWARDS)}")
+        specs.append((name, float(weight or 1.0)))
+    return specs
 
 
 def sample_batches(a: argparse.Namespace, model_dir: Path, prompts: Path, out: Path) -> None:
@@ -117,7 +151,9 @@ def sampler_distances(a: argparse.Namespace, model_dir: Path, prompts: Path) -> 
 def our_settings(a: argparse.Namespace, model_dir: Path, prompts: Path) -> dict[str, Any]:
     return {"model": str(model_dir), "prompts": str(prompts), "batch_size": a.prompts_per_step, "threads": 1,
             "group_size": a.group_size, "max_new_tokens": a.max_new_tokens, "lr": a.lr, "steps": a.steps,
-            "clip_low": 0.2, "clip_high": 0.2, **LOSSES[a.loss]}  # fmt: skip
+            "clip_low": 0.2, "clip_high": 0.2, **LOSSES[a.loss],
+            **({"advantage": "grpo_batch"} if a.advantage == "grpo_batch" else {}),
+            **({"multi_objective_aggregation": "normalize_then_sum"} if a.advantage == "gdpo" else {})}  # fmt: skip
 
 
 def worker_trl(a: argparse.Namespace) -> None:
@@ -144,18 +180,18 @@ def worker_trl(a: argparse.Namespace) -> None:
                 raise SystemExit("TRL's prompt token ids differ from policylab's")
             return batch["completions"], None
 
-    def exact_match(prompts: list[str], completions: list[str], answer: list[str], **_: Any) -> list[float]:
-        return [float(c.strip() == str(x).strip()) for c, x in zip(completions, answer)]
-
+    specs = reward_specs(a)
     config = GRPOConfig(
         output_dir=str(Path(a.work) / "trl"), learning_rate=a.lr, lr_scheduler_type="constant", weight_decay=0.0,
         max_grad_norm=1.0, max_steps=a.steps, logging_steps=1, save_strategy="no", report_to="none", use_cpu=True,
         seed=0, dataloader_num_workers=0, gradient_checkpointing=False, bf16=False, fp16=False,
         per_device_train_batch_size=a.prompts_per_step * a.group_size, num_generations=a.group_size,
         max_completion_length=a.max_new_tokens, temperature=1.0, beta=0.0, epsilon=0.2, num_iterations=1,
-        loss_type=a.loss, shuffle_dataset=False,
+        loss_type=a.loss, shuffle_dataset=False, reward_weights=[w for _, w in specs],
+        scale_rewards="batch" if a.advantage == "grpo_batch" else "group",
+        multi_objective_aggregation="normalize_then_sum" if a.advantage == "gdpo" else "sum_then_normalize",
     )  # fmt: skip
-    trainer = SameCompletions(model=model, reward_funcs=exact_match, args=config,
+    trainer = SameCompletions(model=model, reward_funcs=[REWARDS[n] for n, _ in specs], args=config,
                               train_dataset=Dataset.from_list(rows[: a.steps * a.prompts_per_step]),
                               processing_class=tokenizer)  # fmt: skip
     trainer.train()
@@ -173,9 +209,10 @@ def ours(a: argparse.Namespace, model_dir: Path, prompts: Path, batches: Path, o
     import torch
 
     from policylab.llm.rollout import Rollout, token_logprobs
-    from policylab.llm.trainer import LLMTrainer, _padded, call_reward, make_config
+    from policylab.llm.trainer import LLMInputs, LLMTrainer, _padded, make_config, scored_mean
 
-    trainer = LLMTrainer(make_config("grpo", our_settings(a, model_dir, prompts)))
+    inputs = LLMInputs(rewards=[(REWARDS[name], weight) for name, weight in reward_specs(a)])
+    trainer = LLMTrainer(make_config("grpo", our_settings(a, model_dir, prompts)), inputs)
     rows = [json.loads(line) for line in prompts.read_text().splitlines()]
     pad = trainer.tokenizer.pad_token_id
     record: dict[str, list[float]] = {"reward": [], "grad_norm": [], "entropy": [], "loss": []}
@@ -195,8 +232,9 @@ def ours(a: argparse.Namespace, model_dir: Path, prompts: Path, batches: Path, o
             logprobs, _ = token_logprobs(trainer.model, prompt_ids, prompt_mask, ids, mask)
         rollout = Rollout(prompt_ids, prompt_mask, ids, mask, logprobs * mask, rows=drawn)
         texts = trainer.tokenizer.batch_decode(ids.masked_fill(~mask, pad), skip_special_tokens=True)
-        rewards = call_reward(trainer.task, [row["prompt"] for row in drawn], texts, drawn)
-        trainer.sample_groups = lambda r=rollout, w=rewards: (r, w, {"reward": float(w.mean())})  # type: ignore
+        rewards = trainer.score(rollout, texts, drawn)
+        summary = {"reward": scored_mean(trainer.total_reward(rewards))}
+        trainer.sample_groups = lambda r=rollout, w=rewards, m=summary: (r, w, m)  # type: ignore
         metrics = trainer.rl_step()
         for key in ("reward", "entropy", "loss"):
             record[key].append(metrics[key])
@@ -209,7 +247,7 @@ def side_by_side(a: argparse.Namespace, work: Path, model_dir: Path, prompts: Pa
     args = ["--worker", "--model-dir", str(model_dir), "--prompts", str(prompts), "--batches", str(batches)]
     args += ["--work", str(work / "trl"), "--steps", str(a.steps), "--prompts-per-step", str(a.prompts_per_step)]
     args += ["--group-size", str(a.group_size), "--max-new-tokens", str(a.max_new_tokens), "--lr", str(a.lr)]
-    args += ["--loss", a.loss]
+    args += ["--loss", a.loss, "--advantage", a.advantage, "--rewards", a.rewards]
     res = run_worker(Path(__file__).resolve(), args, work / "trl.json", python=str(TRL_PY),
                      env={**ONE_THREAD, "PYTHONPATH": ""})  # fmt: skip
     if res.record is None:
@@ -234,6 +272,17 @@ def main() -> None:
     p.add_argument("--sft-steps", type=int, default=300, help="SFT of the starting model (as llm.py's)")
     p.add_argument("--lr", type=float, default=3e-4, help="learning rate, both sides")
     p.add_argument("--loss", choices=sorted(LOSSES), default="grpo", help="TRL's loss_type (policylab's equivalent)")
+    p.add_argument(
+        "--advantage",
+        choices=("grpo", "grpo_batch", "gdpo"),
+        default="grpo",
+        help="grpo_batch: TRL's scale_rewards=batch; gdpo: multi_objective_aggregation=normalize_then_sum",
+    )
+    p.add_argument(
+        "--rewards",
+        default="exact_match",
+        help=f"reward functions ({', '.join(REWARDS)}) and weights: e.g. exact_match,all_digits=0.5",
+    )
     p.add_argument("--sampler-prompts", type=int, default=8, help="prompts of the sampling check (0: none)")
     p.add_argument("--sampler-draws", type=positive_int, default=4096, help="completions per prompt and sampler")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
