@@ -1380,6 +1380,29 @@ TR_DPO = {"sync_ref_model": True, "ref_model_sync_steps": 2, "use_weighting": Tr
 of step 2 from the checkpoint."""
 
 
+def test_grpo_moves_its_kl_reference_toward_the_policy_every_n_steps(sft_model):
+    """TRL's GRPOConfig sync_ref_model: after every ref_model_sync_steps-th step the KL term's reference becomes
+    alpha * policy + (1 - alpha) * reference; without kl_coef there is no reference to move, an error."""
+    from policylab.llm.trainer import LLMTrainer
+
+    settings = {"model": str(sft_model.dir), "batch_size": 4, "group_size": 4, "kl_coef": 0.1,
+                "sync_ref_model": True, "ref_model_sync_steps": 2, "ref_model_mixup_alpha": 0.25}  # fmt: skip
+    trainer = LLMTrainer(make_config("grpo", settings))
+    assert trainer.reference is not None and trainer.moving_reference
+    start = [p.detach().clone() for p in trainer.reference.parameters()]
+    for step in (1, 2):
+        trainer.step = step
+        trainer.rl_step()
+        trainer.after_step(step)
+        if step == 1:  # not yet a multiple of 2
+            assert all(torch.equal(a, b) for a, b in zip(start, trainer.reference.parameters()))
+    for ref, old, policy in zip(trainer.reference.parameters(), start, trainer.model.parameters()):
+        torch.testing.assert_close(ref, 0.25 * policy.detach() + 0.75 * old)
+    with pytest.raises(ConfigError, match="kl_coef=0 keeps none") as info:
+        make_config("grpo", {"sync_ref_model": True})
+    assert "kl_coef" in (info.value.fix or "")
+
+
 @pytest.mark.parametrize(
     ("algo", "extra"),
     [
@@ -1388,6 +1411,7 @@ of step 2 from the checkpoint."""
         ("dpo", TR_DPO),
         ("gkd", {"group_size": 2, "seq_kd": True, "model": "tiny-llama"}),  # the student's and the teacher's samples
         ("grpo", {"group_size": 4, "use_adaptive_entropy": True, "entropy_coef": 0.01, "entropy_target": 9.0}),
+        ("grpo", {"group_size": 4, "kl_coef": 0.1, "sync_ref_model": True, "ref_model_sync_steps": 2}),  # its KL ref
         ("a2po", {"num_value_samples": 4}),
     ],
 )
@@ -2227,6 +2251,8 @@ def test_every_algorithm_accepts_the_settings_it_reads_and_its_saved_config():
 
     from policylab.llm.trainer import (
         ALGOS,
+        POLICY_LOSS_STEPS,
+        REFERENCE_SYNC_SETTINGS,
         SAMPLING_ALGOS,
         SAMPLING_STEPS,
         SETTING_READERS,
@@ -2252,6 +2278,8 @@ def test_every_algorithm_accepts_the_settings_it_reads_and_its_saved_config():
                 continue
             value = next(v for v in values if v != getattr(defaults, name))
             companion = COMPANIONS.get(name, {})  # the setting it is read under (DEPENDENT_SETTINGS)
+            if name in REFERENCE_SYNC_SETTINGS and training_step(algo) in POLICY_LOSS_STEPS:  # the KL's reference
+                companion = {"kl_coef": 0.05, **({"sync_ref_model": True} if name != "sync_ref_model" else {})}
             configs.append(make_config(algo, {**teacher, name: value, **companion}))
             assert getattr(configs[-1], name) == value
         for cfg in configs:  # a resume: config.yaml's every key through make_config

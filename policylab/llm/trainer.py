@@ -241,6 +241,9 @@ PREFERENCE_SETTINGS = (
 )
 """The settings of the pairwise preference losses (objectives.preference.PreferenceSettings, which losses, LD-DPO,
 WPO, TR-DPO); beta is KTO's too."""
+REFERENCE_SYNC_SETTINGS = ("sync_ref_model", "ref_model_sync_steps", "ref_model_mixup_alpha")
+"""TR-DPO's moving reference (TRL's DPOConfig and GRPOConfig settings): the preference losses' reference, or the
+policy-gradient losses' KL reference."""
 TPO_SETTINGS = ("preference_loss", "label_smoothing", "simpo_gamma")
 """The preference settings TPO's step reads too (its losses have no reference, no f-divergence and no weights)."""
 TPO_LOSSES = ("sigmoid", "hinge", "ipo", "simpo")
@@ -311,6 +314,7 @@ SETTING_READERS: dict[str, tuple[str, ...]] = {
     **dict.fromkeys(("vf_coef", "gamma", "gae_lambda"), ("ppo_step",)),
     **dict.fromkeys(PREFERENCE_SETTINGS, PREFERENCE_STEPS),
     **dict.fromkeys(TPO_SETTINGS, (*PREFERENCE_STEPS, "tpo_step")),
+    **dict.fromkeys(REFERENCE_SYNC_SETTINGS, (*PREFERENCE_STEPS, *POLICY_LOSS_STEPS)),
     "tpo_alpha": ("tpo_step",),
     "beta": (*PREFERENCE_STEPS, "tpo_step", "kto_step", "distill_step"),
     **dict.fromkeys(("teacher", "lmbda", "seq_kd", "distill_loss", "iw_opd_gamma"), ("distill_step",)),
@@ -528,7 +532,9 @@ class LLMConfig:
     2023; TRL's option of the same name)."""
     sync_ref_model: bool = False
     """TR-DPO (Gorbatovski et al. 2024): every `ref_model_sync_steps` steps the reference becomes
-    ref_model_mixup_alpha * policy + (1 - ref_model_mixup_alpha) * reference (saved in the checkpoints)."""
+    ref_model_mixup_alpha * policy + (1 - ref_model_mixup_alpha) * reference (saved in the checkpoints): the
+    preference losses' reference, or the policy-gradient algorithms' KL reference (kl_coef > 0; TRL's GRPOConfig
+    option of the same name)."""
     ref_model_sync_steps: int = 512
     ref_model_mixup_alpha: float = 0.6
     pairs: str | None = None
@@ -634,6 +640,8 @@ class LLMConfig:
         self._check_reward_aggregation()
         if self.algo == "tpo":
             self._check_tpo_settings()
+        if training_step(self.algo) in POLICY_LOSS_STEPS:
+            self._check_reference_sync()
         if training_step(self.algo) in PREFERENCE_STEPS:
             check_preference_settings(self.preference_loss, self.preference_settings)
             if self.ld_alpha is not None and not 0 <= self.ld_alpha <= 1:
@@ -813,10 +821,16 @@ class LLMConfig:
             raise ConfigError(f"tpo_alpha={self.tpo_alpha} must be >= 0", "set tpo_alpha=1.0 (TRL's), or 0")
 
     def _check_reference_sync(self) -> None:
-        """TR-DPO moves a reference model: the loss must read one, and it must have the policy's parameters."""
+        """TR-DPO moves a reference model: the loss must read one (a preference loss with a reference, or the
+        policy-gradient losses' KL term), and it must have the policy's parameters."""
         if not self.sync_ref_model:
             return
-        if not needs_reference(self.preference_loss):
+        if training_step(self.algo) in POLICY_LOSS_STEPS and self.kl_coef == 0:
+            raise ConfigError(
+                "sync_ref_model=true moves the KL term's reference model, and kl_coef=0 keeps none",
+                "drop sync_ref_model, or set kl_coef (e.g. 0.05)",
+            )
+        if training_step(self.algo) in PREFERENCE_STEPS and not needs_reference(self.preference_loss):
             raise ConfigError(
                 f"sync_ref_model=true moves the reference model, which preference_loss={self.preference_loss} "
                 "does not read (so the run keeps none)",
@@ -2371,8 +2385,12 @@ class LLMTrainer:
         return self.reference is not None and (self.cfg.sync_ref_model or self.cfg.bema_update_ref_model)
 
     def after_step(self, step: int) -> None:
-        """After a training step: BEMA's update, and the reference's from it."""
+        """After a training step: the policy-gradient steps' TR-DPO sync of the KL reference (the preference steps
+        sync theirs in `preference_update`); BEMA's update, and the reference's from it."""
         cfg = self.cfg
+        sync = cfg.sync_ref_model and training_step(cfg.algo) in POLICY_LOSS_STEPS
+        if sync and step % cfg.ref_model_sync_steps == 0:
+            self._sync_reference()
         if self.bema is None:
             return
         self.bema.after_step(step)
