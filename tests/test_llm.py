@@ -319,6 +319,36 @@ def test_group_advantages_match_hand_computed_values():
     assert torch.equal(GROUP_ADVANTAGES.get("grpo")(torch.ones(4), 4), torch.zeros(4))  # no signal, no update
 
 
+def test_steps_per_generation_samples_once_and_steps_on_each_slice_of_groups_in_turn(sft_model, monkeypatch):
+    """TRL's steps_per_generation: one generation of 2 x batch_size prompts' groups, advantages over all of it, then
+    an optimizer step on each slice of batch_size whole groups, in order, updates_per_batch times."""
+    from policylab.llm.trainer import LLMTrainer
+
+    settings = {"model": str(sft_model.dir), "batch_size": 2, "group_size": 4, "steps_per_generation": 2,
+                "updates_per_batch": 2}  # fmt: skip
+    trainer = LLMTrainer(make_config("grpo", settings))
+    drawn, seen, steps = [], [], []
+    real_rows, real_step = trainer.sample_rows, trainer._step
+    monkeypatch.setattr(trainer, "sample_rows", lambda n: drawn.append(n) or real_rows(n))
+    monkeypatch.setattr(trainer, "_step", lambda: steps.append(len(seen)) or real_step())
+    real_accumulate = trainer.accumulate
+
+    def accumulate(rollout, advantages, scale):
+        seen.append(([row["prompt"] for row in rollout.rows], advantages.clone()))
+        return real_accumulate(rollout, advantages, scale)
+
+    monkeypatch.setattr(trainer, "accumulate", accumulate)
+    rollout, rewards, metrics = trainer.sample_groups()
+    monkeypatch.setattr(trainer, "sample_groups", lambda: (rollout, rewards, metrics))
+    trainer.rl_step()
+    assert drawn == [4] and steps == [1, 2, 3, 4]  # one generation of 4 prompts; four optimizer steps
+    prompts = [row["prompt"] for row in rollout.rows]
+    expected = GROUP_ADVANTAGES.get("grpo")(rewards, 4)
+    for i, (rows, advantages) in enumerate(seen):
+        part = slice(0, 8) if i % 2 == 0 else slice(8, 16)  # slice 1, slice 2, slice 1, slice 2
+        assert rows == prompts[part] and torch.equal(advantages, expected[part])
+
+
 def test_gdpo_normalizes_each_reward_in_its_group_then_the_weighted_sum_over_the_batch():
     from policylab.objectives.advantages import decoupled_group_advantages
 
@@ -556,6 +586,7 @@ def test_sft_makes_the_tiny_model_partly_correct(sft_model):
         ("grpo", {"loss": "luspo", "clip_low": 3e-4, "clip_high": 4e-4}),
         ("gmpo", {}),
         ("grpo", {"multi_objective_aggregation": "normalize_then_sum"}),
+        ("grpo", {"steps_per_generation": 2}),
     ],
 )
 def test_rl_raises_exact_match_accuracy_over_the_sft_model(sft_model, tmp_path, algo, extra):
@@ -2061,6 +2092,7 @@ READ = {
     "temperature": (0.7,),
     "top_p": (0.9,),
     "top_k": (20,),
+    "steps_per_generation": (2,),
     "multi_objective_aggregation": ("normalize_then_sum",),
     "min_p": (0.05,),
     "repetition_penalty": (1.1,),

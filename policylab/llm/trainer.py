@@ -279,6 +279,7 @@ SETTING_READERS: dict[str, tuple[str, ...]] = {
         ("dynamic_sampling", "max_sampling_rounds", "overlong_buffer", "overlong_penalty"), REWARDED_STEPS
     ),  # they act on rewards
     "updates_per_batch": POLICY_LOSS_STEPS,  # online DPO makes one preference update per batch
+    "steps_per_generation": ("rl_step",),
     "overlong_filter": ("rl_step",),  # rl_step masks the cut completions; ppo_step and online_dpo_step do not
     **dict.fromkeys(
         (
@@ -412,6 +413,11 @@ class LLMConfig:
     """SAPO's gate temperatures for positive and negative advantages."""
     aggregation: str = "seq-mean-token-mean"
     updates_per_batch: int = 1
+    steps_per_generation: int = 1
+    """Sample steps_per_generation x batch_size prompts' groups at once, compute their advantages together, and
+    make one optimizer step per slice of batch_size groups, in order (times updates_per_batch, the slices in turn):
+    TRL's option of the name, except that a step here is the whole generation batch (TRL counts each optimizer
+    step). The slices after the first train off-policy, through the clipped ratio."""
     """Gradient steps per rollout batch (> 1: later steps see stale rollouts, corrected by the clipped ratio)."""
     clip_low: float | None = 0.2
     clip_high: float | None = None
@@ -618,7 +624,8 @@ class LLMConfig:
                 f"generation_backend={self.generation_backend!r} is not one of ray, inline",
                 "set generation_backend=ray",
             )
-        for name in ("steps", "batch_size", "group_size", "updates_per_batch", "eval_size", "train_size"):
+        for name in ("steps", "batch_size", "group_size", "updates_per_batch", "steps_per_generation", "eval_size",
+                     "train_size"):  # fmt: skip
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name}={getattr(self, name)} must be > 0", f"set {name} to a positive value")
         grouped = training_step(self.algo) == "rl_step" and self.advantage in ("rloo", "grpo", "grpo_batch", "dr_grpo")
@@ -1749,6 +1756,7 @@ class LLMTrainer:
         return (
             cfg.algo != "online_dpo"
             and not cfg.dynamic_sampling
+            and cfg.steps_per_generation == 1
             and cfg.mix != "luffy"
             and (cfg.micro_batch_size is None or cfg.micro_batch_size >= cfg.batch_size * cfg.group_size)
         )
@@ -1774,9 +1782,11 @@ class LLMTrainer:
         if cfg.overlong_filter:  # completions cut by the length limit teach nothing about how to finish
             rollout = rollout.with_mask(rollout.completion_mask & ended_with_eos(rollout, self.tokenizer)[:, None])
         mu = parse_schedule(cfg.mix_weight)((self.step - 1) / cfg.steps) if cfg.mix == "chord" else 0.0
-        for _ in range(cfg.updates_per_batch):
+        slices = self.generation_slices(len(rollout))
+        for rows in [rows for _ in range(cfg.updates_per_batch) for rows in slices]:
+            part = rollout if len(slices) == 1 else rollout.select(rows)
             self.optimizer.zero_grad()
-            step_metrics = self.accumulate(rollout, advantages, scale=1.0 - mu)
+            step_metrics = self.accumulate(part, advantages[rows], scale=1.0 - mu)
             if cfg.mix == "chord":  # (1 - mu) L_RL above, mu L_imitation here: CHORD's mixed loss, term by term
                 expert_loss, mixed = self.with_expert_term(torch.zeros(()), mu)
                 self._backward(expert_loss)
@@ -1784,6 +1794,13 @@ class LLMTrainer:
             self._step()
             metrics.update(self._controlled(step_metrics))
         return metrics
+
+    def generation_slices(self, rows: int) -> list[Tensor]:
+        """The rows of one generation batch that each make an optimizer step: steps_per_generation slices of
+        whole groups, in order (one: the batch)."""
+        size = self.cfg.group_size
+        groups = torch.arange(rows // size).chunk(self.cfg.steps_per_generation)
+        return [(g[:, None] * size + torch.arange(size)).reshape(-1) for g in groups]
 
     def _controlled(self, metrics: dict[str, float]) -> dict[str, float]:
         """After an optimizer step of the policy-gradient loss: the adaptive entropy coefficient's update."""
@@ -1824,35 +1841,36 @@ class LLMTrainer:
         return totals
 
     def sample_groups(self) -> tuple[Rollout, Tensor, dict[str, float]]:
-        """`batch_size` groups of `group_size` completions and their rewards. With dynamic_sampling (DAPO),
-        groups whose rewards are all equal are dropped and more prompts sampled, for at most
+        """`batch_size` (times steps_per_generation) groups of `group_size` completions and their rewards. With
+        dynamic_sampling (DAPO), groups whose rewards are all equal are dropped and more prompts sampled, for at most
         `max_sampling_rounds` generations; the step then trains on the informative groups it found."""
         cfg, size = self.cfg, self.cfg.group_size
+        wanted = cfg.batch_size * cfg.steps_per_generation  # the generation batch's prompts
         rounds = cfg.max_sampling_rounds if cfg.dynamic_sampling else 1
         kept: list[tuple[Rollout, Tensor]] = []
         found = sampled = 0
         metrics: dict[str, float] = {}
         for _ in range(rounds):
-            rows = [row for row in self.sample_rows(cfg.batch_size) for _ in range(size)]
+            rows = [row for row in self.sample_rows(wanted) for _ in range(size)]
             rollout, completions = self.rollout(rows)
             rewards = self.score(rollout, completions, rows)
             total = self.total_reward(rewards)
-            sampled += cfg.batch_size
+            sampled += wanted
             metrics.setdefault("reward", scored_mean(total))  # the policy's, before any filtering
             metrics.setdefault("tokens", float(rollout.completion_mask.sum()))
             if not cfg.dynamic_sampling:
                 return rollout, rewards, metrics
-            informative = spread(total.view(-1, size)) if size > 1 else torch.ones(cfg.batch_size).bool()
+            informative = spread(total.view(-1, size)) if size > 1 else torch.ones(wanted).bool()
             rows_kept = informative.repeat_interleave(size)
             kept.append((rollout.select(rows_kept), rewards[rows_kept]))
             found += int(informative.sum())
-            if found >= cfg.batch_size:
+            if found >= wanted:
                 break
         metrics.update(groups_kept=found / sampled, sampling_rounds=float(len(kept)))
         if found == 0:  # every group was uniform: advantages are zero, the step changes nothing but the KL term
             return rollout, rewards, metrics
         rollout = concat_rollouts([r for r, _ in kept], self.tokenizer.pad_token_id).select(
-            torch.arange(min(found, cfg.batch_size) * size)
+            torch.arange(min(found, wanted) * size)
         )
         return rollout, torch.cat([w for _, w in kept])[: len(rollout)], metrics
 
