@@ -413,12 +413,12 @@ class LLMConfig:
     """SAPO's gate temperatures for positive and negative advantages."""
     aggregation: str = "seq-mean-token-mean"
     updates_per_batch: int = 1
+    """Gradient steps per rollout batch (> 1: later steps see stale rollouts, corrected by the clipped ratio)."""
     steps_per_generation: int = 1
     """Sample steps_per_generation x batch_size prompts' groups at once, compute their advantages together, and
     make one optimizer step per slice of batch_size groups, in order (times updates_per_batch, the slices in turn):
     TRL's option of the name, except that a step here is the whole generation batch (TRL counts each optimizer
     step). The slices after the first train off-policy, through the clipped ratio."""
-    """Gradient steps per rollout batch (> 1: later steps see stale rollouts, corrected by the clipped ratio)."""
     clip_low: float | None = 0.2
     clip_high: float | None = None
     """None: clip_low (symmetric); DAPO's clip-higher uses 0.28."""
