@@ -349,6 +349,52 @@ def test_steps_per_generation_samples_once_and_steps_on_each_slice_of_groups_in_
         assert rows == prompts[part] and torch.equal(advantages, expected[part])
 
 
+def test_rlootrainer_options_clip_the_rewards_then_whiten_the_scored_advantages(sft_model, monkeypatch):
+    """TRL's RLOOConfig reward_clip_range and normalize_advantages: the rewards clipped before the group estimator,
+    its advantages whitened over the scored completions (Bessel std), 0 on the unscored one."""
+    from policylab.llm.trainer import LLMTrainer
+
+    settings = {"model": str(sft_model.dir), "batch_size": 2, "group_size": 4, "reward_clip_range": [-1.0, 1.0],
+                "normalize_advantages": True}  # fmt: skip
+    trainer = LLMTrainer(make_config("rloo", settings))
+    rollout, _, metrics = trainer.sample_groups()
+    rewards = torch.tensor([2.0, -3.0, 0.5, 0.0, 1.0, float("nan"), 0.25, -0.5])
+    seen = []
+    monkeypatch.setattr(trainer, "sample_groups", lambda: (rollout, rewards, metrics))
+    monkeypatch.setattr(trainer, "accumulate", lambda r, advantages, scale: seen.append(advantages) or {"entropy": 0})
+    trainer.rl_step()
+    clipped = [1.0, -1.0, 0.5, 0.0]  # group 1; group 2's scored: 1.0, 0.25, -0.5
+    loo = [c - (sum(clipped) - c) / 3 for c in clipped] + [1.0 - (-0.25) / 2, 0.0, 0.25 - 0.5 / 2, -0.5 - 1.25 / 2]
+    scored = [x for i, x in enumerate(loo) if i != 5]
+    mean = sum(scored) / 7
+    std = math.sqrt(sum((x - mean) ** 2 for x in scored) / 6)
+    expected = torch.tensor([0.0 if i == 5 else (x - mean) / (std + 1e-4) for i, x in enumerate(loo)])
+    torch.testing.assert_close(seen[0], expected)
+    with pytest.raises(ConfigError, match=r"reward_clip_range=\[1.0, 0.0\] must be \[low, high\]"):
+        make_config("rloo", {"reward_clip_range": [1.0, 0.0]})
+
+
+def test_sft_with_dft_weights_each_tokens_nll_by_its_held_probability_and_learns(sft_model, tmp_path, monkeypatch):
+    """TRL's SFTConfig loss_type="dft" (Dynamic Fine-Tuning): the token mean of -p log p with p held constant;
+    continuing from the SFT model at lr 3e-4 it raises exact match as NLL does (from random weights, where every p
+    is about 1/V, it barely moves: it is a fine-tuning loss)."""
+    from policylab.llm.trainer import LLMTrainer, expert_completion
+
+    trainer = LLMTrainer(make_config("sft", {"model": str(sft_model.dir), "batch_size": 4, "sft_loss": "dft"}))
+    rows = trainer.train_rows[:4]
+    ids, mask = trainer.encode_prompts([row["prompt"] for row in rows])
+    answer_ids, answer_mask = trainer.encode_prompts.answers([expert_completion(row) for row in rows])
+    with torch.no_grad():
+        logp, _ = token_logprobs(trainer.model, ids, mask, answer_ids, answer_mask)
+    expected = float(-(logp.exp() * logp)[answer_mask].mean())
+    monkeypatch.setattr(trainer, "sample_rows", lambda n: rows)
+    assert trainer.sft_step()["loss"] == pytest.approx(expected, rel=1e-5)
+    settings = {"model": str(sft_model.dir), "steps": 150, "batch_size": 64, "eval_every": 150, "lr": 3e-4,
+                "sft_loss": "dft"}  # fmt: skip
+    run = train_llm("sft", settings, tmp_path, verbose=False)
+    assert run.final_eval["accuracy"] >= run.initial_eval["accuracy"] + 0.2, (run.initial_eval, run.final_eval)
+
+
 def test_gdpo_normalizes_each_reward_in_its_group_then_the_weighted_sum_over_the_batch():
     from policylab.objectives.advantages import decoupled_group_advantages
 
@@ -2093,6 +2139,9 @@ READ = {
     "top_p": (0.9,),
     "top_k": (20,),
     "steps_per_generation": (2,),
+    "reward_clip_range": ([-1.0, 1.0],),
+    "normalize_advantages": (True,),
+    "sft_loss": ("dft",),
     "multi_objective_aggregation": ("normalize_then_sum",),
     "min_p": (0.05,),
     "repetition_penalty": (1.1,),

@@ -280,6 +280,9 @@ SETTING_READERS: dict[str, tuple[str, ...]] = {
     ),  # they act on rewards
     "updates_per_batch": POLICY_LOSS_STEPS,  # online DPO makes one preference update per batch
     "steps_per_generation": ("rl_step",),
+    "reward_clip_range": ("rl_step",),
+    "normalize_advantages": ("rl_step",),
+    "sft_loss": ("sft_step",),
     "overlong_filter": ("rl_step",),  # rl_step masks the cut completions; ppo_step and online_dpo_step do not
     **dict.fromkeys(
         (
@@ -414,6 +417,14 @@ class LLMConfig:
     aggregation: str = "seq-mean-token-mean"
     updates_per_batch: int = 1
     """Gradient steps per rollout batch (> 1: later steps see stale rollouts, corrected by the clipped ratio)."""
+    reward_clip_range: list[float] | None = None
+    """Clip each completion's reward to [low, high] before its advantage (TRL's RLOOConfig option; None: off)."""
+    normalize_advantages: bool = False
+    """Whiten the advantages over the batch's scored completions, (A - mean) / (std + 1e-4), after the group
+    estimator (TRL's RLOOConfig option)."""
+    sft_loss: str = "nll"
+    """SFT's loss: nll, or dft (Dynamic Fine-Tuning, Wu et al. 2025; TRL's SFTConfig loss_type): each token's NLL
+    times its probability, without gradient through the weight."""
     steps_per_generation: int = 1
     """Sample steps_per_generation x batch_size prompts' groups at once, compute their advantages together, and
     make one optimizer step per slice of batch_size groups, in order (times updates_per_batch, the slices in turn):
@@ -645,6 +656,14 @@ class LLMConfig:
             )
         self._check_unused_settings()
         self._check_reward_aggregation()
+        if self.sft_loss not in ("nll", "dft"):
+            raise ConfigError(f"sft_loss={self.sft_loss!r} is not one of nll, dft", "set sft_loss=nll or dft")
+        clip = self.reward_clip_range
+        if clip is not None and (len(clip) != 2 or not clip[0] < clip[1]):
+            raise ConfigError(
+                f"reward_clip_range={list(clip)} must be [low, high] with low < high",
+                "set e.g. reward_clip_range=[-1, 1]",
+            )
         if self.algo == "tpo":
             self._check_tpo_settings()
         if training_step(self.algo) in POLICY_LOSS_STEPS:
@@ -1145,6 +1164,14 @@ TPO_PAIRS_FIX = (
     'give every pairs row "prompt", "chosen", "rejected" and "reference" (the gold completion) strings, e.g. '
     '{"prompt": "2+2=", "chosen": "4", "rejected": "5", "reference": "4"}, or set tpo_alpha=0 (no gold term)'
 )
+
+
+def whitened(advantages: Tensor, scored: Tensor) -> Tensor:
+    """(A - mean) / (std + 1e-4) over the `scored` completions (Bessel std, as TRL's), 0 on the others."""
+    if int(scored.sum()) < 2:
+        return torch.zeros_like(advantages)
+    values = advantages[scored]
+    return torch.where(scored, (advantages - values.mean()) / (values.std() + 1e-4), torch.zeros_like(advantages))
 
 
 def spread(groups: Tensor) -> Tensor:
@@ -1766,7 +1793,8 @@ class LLMTrainer:
         prompt_ids, prompt_mask = self.encode_prompts([row["prompt"] for row in rows])
         answer_ids, answer_mask = self.encode_prompts.answers([expert_completion(row) for row in rows])
         logp, _ = token_logprobs(self.model, prompt_ids, prompt_mask, answer_ids, answer_mask)
-        loss = -aggregate(logp, answer_mask, "token-mean")
+        weighted = logp * logp.detach().exp() if self.cfg.sft_loss == "dft" else logp  # DFT: NLL x p, p held
+        loss = -aggregate(weighted, answer_mask, "token-mean")
         self._optimize(loss)
         return {"loss": float(loss.detach()), "tokens": float(answer_mask.sum())}
 
@@ -1775,10 +1803,14 @@ class LLMTrainer:
         rollout, rewards, metrics = self.sample_groups()
         if cfg.mix == "luffy":
             rollout, rewards = self.with_expert_completions(rollout, rewards)
+        if cfg.reward_clip_range is not None:
+            rewards = rewards.clamp(*cfg.reward_clip_range)
         if rewards.dim() == 2:  # GDPO: each reward function's column normalized in its group
             advantages = decoupled_group_advantages(rewards, self.reward_weights, cfg.group_size)
         else:
             advantages = GROUP_ADVANTAGES.get(cfg.advantage)(rewards, cfg.group_size)
+        if cfg.normalize_advantages:
+            advantages = whitened(advantages, ~torch.isnan(self.total_reward(rewards)))
         if cfg.overlong_filter:  # completions cut by the length limit teach nothing about how to finish
             rollout = rollout.with_mask(rollout.completion_mask & ended_with_eos(rollout, self.tokenizer)[:, None])
         mu = parse_schedule(cfg.mix_weight)((self.step - 1) / cfg.steps) if cfg.mix == "chord" else 0.0
