@@ -374,6 +374,35 @@ def test_rlootrainer_options_clip_the_rewards_then_whiten_the_scored_advantages(
         make_config("rloo", {"reward_clip_range": [1.0, 0.0]})
 
 
+def test_kl_in_reward_subtracts_the_sequences_k1_kl_from_its_reward_as_rloo_trainer(sft_model, monkeypatch):
+    """TRL's RLOOTrainer puts its KL in the reward: kl_coef x sum_t (log pi_old - log pi_ref) off each completion's
+    reward before the leave-one-out advantages, and no KL term in the loss."""
+    from policylab.llm.trainer import LLMTrainer
+
+    settings = {"model": str(sft_model.dir), "batch_size": 2, "group_size": 4, "kl_coef": 0.1, "kl_in_reward": True}
+    trainer = LLMTrainer(make_config("rloo", settings))
+    with torch.no_grad():  # a reference apart from the policy, so that the KL is not 0
+        for p in trainer.reference.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    rollout, rewards, metrics = trainer.sample_groups()
+    mask = rollout.completion_mask
+    with torch.no_grad():
+        ids = (rollout.prompt_ids, rollout.prompt_mask, rollout.completion_ids, mask)
+        ref, _ = token_logprobs(trainer.reference, *ids)
+    kl = ((rollout.logprobs - ref) * mask).sum(-1)
+    assert kl.abs().max() > 0.01
+    seen = []
+    monkeypatch.setattr(trainer, "sample_groups", lambda: (rollout, rewards, metrics))
+    monkeypatch.setattr(trainer, "accumulate", lambda r, advantages, scale: seen.append(advantages) or {"entropy": 0})
+    trainer.rl_step()
+    torch.testing.assert_close(seen[0], GROUP_ADVANTAGES.get("rloo")(rewards - 0.1 * kl, 4))
+    assert "kl" not in trainer.policy_loss(rollout, seen[0])[1]  # not in the loss too
+    with pytest.raises(ConfigError, match="kl_in_reward=True would do nothing"):
+        make_config("rloo", {"kl_in_reward": True})
+    with pytest.raises(ConfigError, match="which kl_estimator would not keep"):
+        make_config("rloo", {"kl_coef": 0.1, "kl_in_reward": True, "kl_estimator": "k2"})
+
+
 def test_sft_with_dft_weights_each_tokens_nll_by_its_held_probability_and_learns(sft_model, tmp_path, monkeypatch):
     """TRL's SFTConfig loss_type="dft" (Dynamic Fine-Tuning): the token mean of -p log p with p held constant;
     continuing from the SFT model at lr 3e-4 it raises exact match as NLL does (from random weights, where every p
@@ -2142,6 +2171,7 @@ READ = {
     "reward_clip_range": ([-1.0, 1.0],),
     "normalize_advantages": (True,),
     "sft_loss": ("dft",),
+    "kl_in_reward": (True,),
     "multi_objective_aggregation": ("normalize_then_sum",),
     "min_p": (0.05,),
     "repetition_penalty": (1.1,),
@@ -2274,6 +2304,7 @@ COMPANIONS: dict[str, dict[str, object]] = {
     **dict.fromkeys(("tau_pos", "tau_neg"), {"loss": "sapo"}),
     "shaping_gamma": {"mix": "luffy", "loss": "ppo"},
     "kl_estimator": {"kl_coef": 0.05},
+    "kl_in_reward": {"kl_coef": 0.05},
     "use_bias_correction_kl": {"kl_coef": 0.05},
     "top_entropy_quantile": {"loss": "ppo"},  # a token-level loss (gspo's ratio is per sequence)
     "lora_alpha": {"lora_rank": 4},
@@ -2311,6 +2342,7 @@ def test_settings_read_only_under_another_are_refused_without_it():
         value = {"tau_pos": 0.5, "tau_neg": 0.5, "mix_weight": "0.1", "mix_phi": True, "expert_batch_size": 4,
                  "use_bias_correction_kl": True, "vespo_k_pos": 3.0, "vespo_lambda_pos": 2.0, "vespo_k_neg": 2.0,
                  "vespo_lambda_neg": 3.0, "entropy_target": 1.0, "entropy_coef_delta": 0.01, "entropy_coef_min": 0.001,
+                 "kl_in_reward": True,
                  "entropy_coef_max": 0.5, "top_entropy_quantile": 0.2, "iw_opd_gamma": 0.2,
                  "shaping_gamma": 0.5, "kl_estimator": "k1", "lora_alpha": 32, "expert": "e.jsonl",
                  "label_smoothing": 0.1, "f_divergence": "js_divergence", "f_alpha": 0.3, "simpo_gamma": 0.5,

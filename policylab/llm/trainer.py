@@ -281,6 +281,7 @@ SETTING_READERS: dict[str, tuple[str, ...]] = {
     "updates_per_batch": POLICY_LOSS_STEPS,  # online DPO makes one preference update per batch
     "steps_per_generation": ("rl_step",),
     "reward_clip_range": ("rl_step",),
+    "kl_in_reward": ("rl_step",),
     "normalize_advantages": ("rl_step",),
     "sft_loss": ("sft_step",),
     "overlong_filter": ("rl_step",),  # rl_step masks the cut completions; ppo_step and online_dpo_step do not
@@ -417,6 +418,9 @@ class LLMConfig:
     aggregation: str = "seq-mean-token-mean"
     updates_per_batch: int = 1
     """Gradient steps per rollout batch (> 1: later steps see stale rollouts, corrected by the clipped ratio)."""
+    kl_in_reward: bool = False
+    """RLOO's KL (TRL's RLOOTrainer): kl_coef times each completion's k1 estimate sum_t (log pi_old - log pi_ref)
+    subtracted from its reward before the advantages, instead of a KL term in the loss."""
     reward_clip_range: list[float] | None = None
     """Clip each completion's reward to [low, high] before its advantage (TRL's RLOOConfig option; None: off)."""
     normalize_advantages: bool = False
@@ -821,6 +825,17 @@ class LLMConfig:
                 f"{', '.join(aggregations)}",
                 "set multi_objective_aggregation=normalize_then_sum (GDPO) or drop it",
             )
+        if self.kl_in_reward:
+            others = [name for name, on in (("multi_objective_aggregation", self.multi_objective_aggregation !=
+                      "sum_then_normalize"), ("mix", self.mix == "luffy"), ("kl_estimator", self.kl_estimator != "k3"),
+                      ("use_bias_correction_kl", self.use_bias_correction_kl)) if on]  # fmt: skip
+            if others:
+                raise ConfigError(
+                    f"kl_in_reward=true subtracts the sequence's k1 KL from its one reward, which {_and(others)} "
+                    "would not keep (GDPO's several rewards, LUFFY's expert completions, another estimator, the "
+                    "loss term's correction)",
+                    f"drop {_and(others)}, or kl_in_reward",
+                )
         if self.multi_objective_aggregation == "sum_then_normalize":
             return
         chosen = self.advantage != ALGO_DEFAULTS[self.algo].get("advantage", "grpo")  # the algorithm's own: replaced
@@ -924,7 +939,7 @@ DEPENDENT_SETTINGS: tuple[tuple[tuple[str, ...], Callable[[LLMConfig], bool], st
     (("mix_weight", "mix_phi", "expert_batch_size"), lambda c: c.mix == "chord", "CHORD's mixing", "--set mix=chord"),
     (("shaping_gamma",), lambda c: c.mix == "luffy", "LUFFY's policy shaping", "--set mix=luffy"),
     (
-        ("kl_estimator", "use_bias_correction_kl"),
+        ("kl_estimator", "use_bias_correction_kl", "kl_in_reward"),
         lambda c: c.kl_coef != 0,
         "the KL penalty's",
         "--set kl_coef=0.05 (e.g.)",
@@ -1805,6 +1820,10 @@ class LLMTrainer:
             rollout, rewards = self.with_expert_completions(rollout, rewards)
         if cfg.reward_clip_range is not None:
             rewards = rewards.clamp(*cfg.reward_clip_range)
+        if cfg.kl_in_reward:  # RLOO's: the reward minus kl_coef times the sequence's k1 KL to the reference
+            kl = self.sequence_kl(rollout)
+            rewards = rewards - cfg.kl_coef * kl
+            metrics["kl"] = float(kl.mean())
         if rewards.dim() == 2:  # GDPO: each reward function's column normalized in its group
             advantages = decoupled_group_advantages(rewards, self.reward_weights, cfg.group_size)
         else:
@@ -1826,6 +1845,15 @@ class LLMTrainer:
             self._step()
             metrics.update(self._controlled(step_metrics))
         return metrics
+
+    @torch.no_grad()
+    def sequence_kl(self, rollout: Rollout) -> Tensor:
+        """[N] sum over each completion's tokens of log pi_old - log pi_ref (the k1 estimate of KL(pi_old || pi_ref),
+        from the behaviour log-probs)."""
+        assert self.reference is not None
+        ref, _ = token_logprobs(self.reference, rollout.prompt_ids, rollout.prompt_mask, rollout.completion_ids,
+                               rollout.completion_mask, self.cfg.temperature)  # fmt: skip
+        return ((rollout.logprobs - ref) * rollout.completion_mask).sum(-1)
 
     def generation_slices(self, rows: int) -> list[Tensor]:
         """The rows of one generation batch that each make an optimizer step: steps_per_generation slices of
@@ -2000,7 +2028,7 @@ class LLMTrainer:
                 dual_clip=cfg.dual_clip,
                 aggregation=mode,
             )
-        if self.reference is not None:
+        if self.reference is not None and not cfg.kl_in_reward:
             with torch.no_grad():
                 ref_logp, _ = token_logprobs(
                     self.reference,
