@@ -501,6 +501,17 @@ def run_side(side: str, a: argparse.Namespace, seed: int, model_dir: Path, promp
     return record
 
 
+def accuracy_means(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Each side's mean accuracy over the seeds, and on how many seeds ours is at or above TRL's."""
+    by_side = {side: {r["seed"]: r["accuracy"] for r in runs if r["side"] == side} for side in ("policylab", "trl")}
+    seeds = sorted(by_side["policylab"].keys() & by_side["trl"].keys())
+    return {
+        **{side: statistics.fmean(values.values()) for side, values in by_side.items()},
+        "seeds": len(seeds),
+        "ours_at_or_above": sum(by_side["policylab"][s] >= by_side["trl"][s] for s in seeds),
+    }
+
+
 def ranking_accuracy(model_dir: str) -> float:
     """A reward model's share of 200 held-out addition pairs (policylab's reward_model evaluation pairs: each
     answer against a one-character corruption) where the answer scores higher, scored by `--reward model:DIR`."""
@@ -600,6 +611,10 @@ def main() -> None:
     if a.algo in PAIR_ALGOS:  # no sampling: policylab's count is its training tokens, TRL logs none
         del per_run["completion_tokens_per_s"], per_run["final_reward"]
     summary = pair_report(runs, seeds, per_run, {}, "policylab", "trl", ("ours", "trl"))
+    summary["accuracy_means"] = accuracy_means(runs)
+    means = summary["accuracy_means"]
+    print(f"exact match, mean over seeds: ours {means['policylab']:.3f}, TRL {means['trl']:.3f}; ours at or above "
+          f"TRL's on {means['ours_at_or_above']} of {means['seeds']} seeds")  # fmt: skip
     for run in runs:
         run.pop("model")
     payload = {

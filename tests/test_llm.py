@@ -106,18 +106,18 @@ def test_answers_are_encoded_as_the_tokenizer_encodes_each_with_eos_and_right_pa
 
 
 def test_sampling_draws_from_the_tempered_and_top_p_filtered_distribution():
-    from policylab.llm.rollout import sample_tokens
+    from policylab.llm.rollout import Filters, sample_tokens
 
     probs = np.array([0.1, 0.0, 0.2, 0.3, 0.4])
     logits = np.log(probs + 1e-30).astype(np.float32)[None].repeat(100_000, 0)
     generator = torch.Generator().manual_seed(0)
     cases = [(1.0, 1.0, probs), (0.5, 1.0, probs**2 / (probs**2).sum()), (1.0, 0.65, np.array([0, 0, 0, 3, 4]) / 7)]
     for temperature, top_p, expected in cases:
-        tokens, logp = sample_tokens(logits, temperature, top_p, False, generator)
+        tokens, logp = sample_tokens(logits, temperature, False, generator, Filters(top_p=top_p))
         assert np.abs(np.bincount(tokens, minlength=5) / len(tokens) - expected).max() < 0.01  # ~6 std errors
         tempered = probs ** (1 / temperature) / (probs ** (1 / temperature)).sum()
         np.testing.assert_allclose(logp, np.log(tempered[tokens]), rtol=1e-5)  # of the unfiltered distribution
-    tokens, logp = sample_tokens(logits[:3], 1.0, 1.0, True, generator)
+    tokens, logp = sample_tokens(logits[:3], 1.0, True, generator)
     assert tokens.tolist() == [4, 4, 4]
 
 
@@ -167,7 +167,7 @@ def test_the_sampling_filters_keep_what_transformers_warpers_keep(options):
     drawn = penalty.numpy() / np.float32(0.7)
     ours = _filtered(np.exp(drawn - drawn.max(-1, keepdims=True)), filters)
     assert np.array_equal(ours > 0, torch.isfinite(scores).numpy())
-    tokens, logp = sample_tokens(logits.numpy(), 0.7, filters.top_p, False, g, filters, seen.numpy())
+    tokens, logp = sample_tokens(logits.numpy(), 0.7, False, g, filters, seen.numpy())
     assert torch.isfinite(scores[torch.arange(64), torch.from_numpy(tokens)]).all()
     expected = torch.log_softmax(logits / 0.7, -1)[torch.arange(64), torch.from_numpy(tokens)]
     torch.testing.assert_close(torch.from_numpy(logp), expected, atol=1e-5, rtol=1e-5)

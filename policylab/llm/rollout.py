@@ -137,10 +137,9 @@ def _filtered(probs: np.ndarray, filters: Filters) -> np.ndarray:
 def sample_tokens(
     logits: np.ndarray,
     temperature: float,
-    top_p: float,
     greedy: bool,
     generator: torch.Generator | None,
-    filters: Filters | None = None,
+    filters: Filters = Filters(),
     seen: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """(tokens [B], their log-probs under softmax(logits / temperature) [B]) from logits [B, V]: the most likely
@@ -148,7 +147,6 @@ def sample_tokens(
     tokens follow its seed, and resume restores the generator) from the distribution `filters` leave (`seen` [B,
     V]: the tokens already in each row, for the repetition penalty). The log-probs are of the unfiltered softmax,
     what training recomputes. In numpy: a handful of ~1 us calls a token."""
-    filters = filters if filters is not None else Filters(top_p=top_p)
     scaled = logits.astype(np.float32) / np.float32(temperature)
     scaled -= scaled.max(-1, keepdims=True)
     probs = np.exp(scaled)
@@ -246,7 +244,7 @@ def generate(
     finished = np.zeros(n, dtype=bool)
     lengths = np.zeros(n, dtype=np.int64)
     for t in range(max_new_tokens):
-        token, logp = sample_tokens(next_logits, temperature, top_p, greedy, generator, filters, seen)
+        token, logp = sample_tokens(next_logits, temperature, greedy, generator, filters, seen)
         active = ~finished
         if seen is not None:
             seen[np.arange(n)[active], token[active]] = True
