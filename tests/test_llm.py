@@ -643,6 +643,13 @@ def sft_model(tmp_path_factory):
     return train_llm("sft", overrides, tmp_path_factory.mktemp("runs"), verbose=False)
 
 
+def headroom_closed(run) -> float:
+    """The share of the way from its first evaluation's exact match to 1 that a run's training closed: a bar on it
+    holds from start models of different accuracy, where a bar on the gain favours the weaker ones."""
+    start = run.initial_eval["accuracy"]
+    return (run.final_eval["accuracy"] - start) / (1.0 - start)
+
+
 def test_sft_makes_the_tiny_model_partly_correct(sft_model):
     assert sft_model.initial_eval["accuracy"] == 0.0
     assert 0.1 <= sft_model.final_eval["accuracy"] <= 0.8
@@ -904,10 +911,15 @@ def test_a2po_regresses_the_implicit_reward_onto_the_optimal_advantage():
 
 def test_a2po_raises_accuracy_over_the_sft_model_and_drops_prompts_without_signal(sft_model, tmp_path):
     """Stage 1 estimates V* of 1,000 prompts from 8 samples of the SFT model each (seed 0 dropped 241 whose samples
-    all scored 0); 60 steps of stage 2 took exact match from 0.370 to 0.595."""
+    all scored 0); 60 steps of stage 2 took exact match from 0.370 to 0.595 (seed 0) and 0.570 (seed 1). The bar
+    is on the share of the way to 1 the two seeds close (`headroom_closed`), 0.1, which holds from SFT models of
+    other seeds too (one starting at 0.72 closed 0.09-0.29 on four seeds, this one 0.21-0.38)."""
     settings = {"model": str(sft_model.dir), "steps": 60, "eval_every": 60, "train_size": 1000}
-    run = train_llm("a2po", settings, tmp_path, verbose=False)
-    assert run.final_eval["accuracy"] >= run.initial_eval["accuracy"] + 0.1, (run.initial_eval, run.final_eval)
+    shares = []
+    for seed in (0, 1):
+        run = train_llm("a2po", {**settings, "seed": seed}, tmp_path, name=f"a2po-{seed}", verbose=False)
+        shares.append(headroom_closed(run))
+    assert sum(shares) / len(shares) >= 0.1, shares
     from policylab.llm.trainer import LLMTrainer
 
     trainer = LLMTrainer(make_config("a2po", {**settings, "train_size": 200, "eval_size": 4}))
@@ -983,15 +995,21 @@ def test_grpo_alone_stays_below_the_mixing_bar_from_random_weights(tmp_path):
     assert run.final_eval["accuracy"] < 0.1
 
 
-@pytest.mark.parametrize(("mix", "steps", "bar"), [("chord", 100, 0.1), ("luffy", 250, 0.05)])
-def test_expert_data_lets_rl_learn_addition_from_random_weights(tmp_path, mix, steps, bar):
+@pytest.mark.parametrize(("mix", "steps", "bar", "seeds"), [("chord", 100, 0.1, [0]), ("luffy", 250, 0.05, [0, 1])])
+def test_expert_data_lets_rl_learn_addition_from_random_weights(tmp_path, mix, steps, bar, seeds):
     """CHORD's expert term (mu from 0.5 down to 0.02) or LUFFY's expert completion in every group gives RL the
     signal that on-policy samples of a random model almost never have (one-digit sums). Over seeds 0-4, CHORD
-    reached 0.16-0.38 after 100 steps; LUFFY is slower and noisier: 0.07-0.34 after 250 steps. A run's path
-    changes with the last bits of its products (seed 0's CHORD run gave 0.37, then 0.16 after a change of
-    product shapes), so the bars sit under those spreads."""
-    run = train_llm("grpo", {**SCRATCH, "mix": mix, "steps": steps, "eval_every": steps}, tmp_path, verbose=False)
-    assert run.final_eval["accuracy"] >= bar, run.final_eval
+    reached 0.16-0.38 after 100 steps; LUFFY is slower and noisier: 0.07-0.34 after 250 steps
+    (at this code, seeds 0-5: 0.105, 0.05, 0.14, 0.145, 0.13, 0.295), so its bar is on the mean of two seeds. A
+    run's path changes with the last bits of its products (seed 0's CHORD run gave 0.37, then 0.16 after a change
+    of product shapes), so the bars sit under those spreads."""
+    accuracies = []
+    for seed in seeds:
+        settings = {**SCRATCH, "mix": mix, "steps": steps, "eval_every": steps, "seed": seed}
+        accuracies.append(
+            train_llm("grpo", settings, tmp_path, name=f"{mix}-{seed}", verbose=False).final_eval["accuracy"]
+        )
+    assert sum(accuracies) / len(accuracies) >= bar, accuracies
 
 
 def test_policy_shaping_gradient_is_gamma_p_over_p_plus_gamma_squared():
@@ -1159,7 +1177,7 @@ def test_sft_and_dpo_see_every_row_once_before_any_row_twice(sft_model):
 @pytest.mark.parametrize(
     ("algo", "overrides", "seeds", "gain"),
     [
-        ("ppo", {"steps": 40}, [0], 0.1),
+        ("ppo", {"steps": 40}, [0, 1], 0.15),
         ("dpo", {"steps": 60, "batch_size": 32, "beta": 0.5}, [0, 1], 0.05),
         ("online_dpo", {"steps": 40, "batch_size": 32}, [0], 0.1),
         ("simpo", {"steps": 60, "batch_size": 32}, [0, 1], 0.1),
@@ -1178,12 +1196,15 @@ def test_ppo_and_the_preference_algorithms_raise_accuracy_over_the_sft_model(
     steps made that worse), where at 0.5 every seed tried gained. SimPO (no reference) at its defaults gained
     0.15-0.18 on both seeds; ORPO and CPO, whose NLL term keeps training on the chosen answers, 0.33-0.44; KTO
     (beta 0.5, as DPO: at 0.1 it moved neither seed in 60 steps) 0.14 and 0.26; TPO, whose gold NLL trains on the
-    answers too, 0.33 and 0.37."""
+    answers too, 0.33 and 0.37. PPO's bar is on the share of the way to 1 it closes (`headroom_closed`): from
+    this SFT model (0.37) seeds 0-3 closed 0.25-0.41, from one of another SFT seed (0.72) 0.29-0.43, where its
+    absolute gains (0.08-0.12) fell under a bar of 0.1 that the first model's (0.16-0.26) cleared."""
     gains = []
     for seed in seeds:
         settings = {"model": str(sft_model.dir), "eval_every": 1000, "seed": seed, **overrides}
         run = train_llm(algo, settings, tmp_path, name=f"{algo}-{seed}", verbose=False)
-        gains.append(run.final_eval["accuracy"] - run.initial_eval["accuracy"])
+        gain_of_run = run.final_eval["accuracy"] - run.initial_eval["accuracy"]
+        gains.append(headroom_closed(run) if algo == "ppo" else gain_of_run)
     assert sum(gains) / len(gains) >= gain, gains
 
 
