@@ -18,7 +18,7 @@ from policylab.cli import main
 from policylab.errors import ConfigError, PolicylabError, cli_wording
 from policylab.llm import LLMError
 from policylab.llm.models import load_model
-from policylab.llm.rollout import cut_at_stop, decode, generate, token_logprobs
+from policylab.llm.rollout import decode, generate, token_logprobs
 from policylab.llm.tasks import TASKS, char_tokenizer, countdown_reward, get_task
 from policylab.llm.trainer import call_reward, make_config, train_llm
 from policylab.objectives.advantages import GROUP_ADVANTAGES
@@ -282,23 +282,21 @@ def test_generation_log_probs_equal_recomputed_ones_and_masks_end_at_eos(name):
 
 
 def test_stop_strings_cut_the_completion_after_their_first_occurrence():
-    model, tok = load_model("tiny-llama")
-    enc = tok(["1+1="] * 8, padding=True, return_tensors="pt", add_special_tokens=False)
-    rollout = generate(
-        model,
-        enc["input_ids"],
-        enc["attention_mask"],
-        max_new_tokens=8,
-        eos_token_id=tok.eos_token_id,
-        pad_token_id=tok.pad_token_id,
-        generator=torch.Generator().manual_seed(1),
-    )
-    texts = decode(tok, rollout)
+    """`stop`: the same samples as without it (the cut draws nothing more), each cut after its first stop string,
+    the tokens after it out of the mask; the sampler's tape is not kept for such a batch."""
+    from policylab.llm.trainer import LLMTrainer
+
+    settings = {"batch_size": 2, "group_size": 4, "eval_size": 4}
+    plain = LLMTrainer(make_config("grpo", settings))
+    rows = [row for row in plain.train_rows[:2] for _ in range(4)]
+    _, texts = plain.rollout(rows)
     stop = next(c for text in texts for c in text[1:])  # a character some completion has after its first
-    cut = cut_at_stop(rollout, tok, [stop])
-    for before, after in zip(texts, decode(tok, cut)):
+    stopped = LLMTrainer(make_config("grpo", {**settings, "stop": [stop]}))
+    cut, cut_texts = stopped.rollout(rows)
+    for before, after in zip(texts, cut_texts):
         assert after == (before[: before.index(stop) + 1] if stop in before else before)
-    assert (cut.logprobs[~cut.completion_mask] == 0).all()
+    assert (cut.logprobs[~cut.completion_mask] == 0).all() and cut.tape is None
+    assert stopped.stopped(cut).tolist() == [stop in text for text in texts]
 
 
 def test_group_advantages_match_hand_computed_values():
@@ -2163,6 +2161,13 @@ EVERY_ALGORITHM = {
     "prompts": "prompts.jsonl",
     "eval_prompts": "eval.jsonl",
     "rewards": ["exact_match", "numeric_match=0.5"],
+    "stop": ["7"],
+    "tools": ["calculator"],
+    "max_tool_calling_iterations": 2,
+    "tool_call_start": "[",
+    "tool_call_end": "]",
+    "tool_response_start": "{",
+    "tool_response_end": "}",
     "threads": 2,
 }
 """The settings every algorithm reads (the model, rows, rewards, optimizer, evaluation) with values other than

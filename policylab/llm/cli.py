@@ -43,6 +43,10 @@ def _common(q: argparse.ArgumentParser) -> None:
     q.add_argument(
         "--reward", action="append", default=[], help="name, module:function, or either =weight; repeatable (summed)"
     )
+    q.add_argument(
+        "--tool", action="append", default=[], help="a tool completions may call: calculator or module:function"
+    )
+    q.add_argument("--stop", action="append", default=[], help="a stop string (repeatable): completions end after it")
     q.add_argument("--steps", help="gradient steps (SFT) or rollout batches (RL), e.g. 200, 2k")
     q.add_argument("--seed", type=int, help="random seed (default 0)")
     q.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a setting")
@@ -82,6 +86,8 @@ def run_llm_command(args: argparse.Namespace) -> int:
                 ("--task", args.task),
                 ("--prompts", args.prompts),
                 ("--reward", args.reward),
+                ("--tool", args.tool),
+                ("--stop", args.stop),
                 ("--seed", args.seed),
                 ("--set", args.set),
                 ("--expert", getattr(args, "expert", None)),
@@ -112,6 +118,10 @@ def run_llm_command(args: argparse.Namespace) -> int:
         overrides["prompts"] = args.prompts
     if args.reward:
         overrides["rewards"] = args.reward
+    if args.tool:
+        overrides["tools"] = args.tool
+    if args.stop:
+        overrides["stop"] = args.stop
     if getattr(args, "expert", None) is not None:
         overrides["expert"] = args.expert
     if getattr(args, "group_size", None) is not None:

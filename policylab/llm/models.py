@@ -53,13 +53,14 @@ def build_tiny_model(name: str, tokenizer: Any, seed: int = 0, max_positions: in
     return LlamaForCausalLM(llama)
 
 
-def load_model(source: str | Path, seed: int = 0) -> tuple[Any, Any]:
-    """(model, tokenizer) from a TINY_MODELS name (random weights, character tokenizer) or a local directory
-    written by `save_pretrained` (a policylab run's `model/`, or any Hugging Face causal LM)."""
+def load_model(source: str | Path, seed: int = 0, characters: str | None = None) -> tuple[Any, Any]:
+    """(model, tokenizer) from a TINY_MODELS name (random weights, character tokenizer; `characters`: its
+    vocabulary, None: the built-in tasks') or a local directory written by `save_pretrained` (a policylab run's
+    `model/`, or any Hugging Face causal LM)."""
     require_llm()
     name = str(source)
     if name in TINY_MODELS:
-        tokenizer = char_tokenizer()
+        tokenizer = char_tokenizer() if characters is None else char_tokenizer(characters)
         return build_tiny_model(name, tokenizer, seed), tokenizer
     path = Path(name)
     if (path / "model" / "config.json").is_file():  # a run directory

@@ -17,15 +17,21 @@ RewardFn = Callable[..., list[float]]
 _NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
 
 
-def exact_match(prompts: list[str], completions: list[str], answer: list[str], **_: Any) -> list[float]:
-    """1.0 where the completion (stripped) is the answer, else 0.0."""
-    return [float(c.strip() == str(a).strip()) for c, a in zip(completions, answer)]
+def exact_match(
+    prompts: list[str], completions: list[str], answer: list[str], final: list[str] | None = None, **_: Any
+) -> list[float]:
+    """1.0 where the completion (stripped) is the answer, else 0.0. In a run with tools, `final`: the text after
+    each completion's last tool result, which is what is compared."""
+    return [float(c.strip() == str(a).strip()) for c, a in zip(final or completions, answer)]
 
 
-def numeric_match(prompts: list[str], completions: list[str], answer: list[str], **_: Any) -> list[float]:
-    """1.0 where the last number in the completion equals the answer as a number ("042" and "42.0" match 42)."""
+def numeric_match(
+    prompts: list[str], completions: list[str], answer: list[str], final: list[str] | None = None, **_: Any
+) -> list[float]:
+    """1.0 where the last number in the completion (with tools: in `final`, after its last tool result) equals the
+    answer as a number ("042" and "42.0" match 42)."""
     out = []
-    for completion, expected in zip(completions, answer):
+    for completion, expected in zip(final or completions, answer):
         found = _NUMBER.findall(completion)
         out.append(float(bool(found) and float(found[-1]) == float(expected)))
     return out

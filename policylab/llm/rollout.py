@@ -33,6 +33,7 @@ class Rollout:
     off_policy: Tensor | None = None  # [N] bool: completions not sampled from the policy (LUFFY's expert ones)
     rows: list[dict[str, Any]] | None = None  # the data rows of the prompts (what rewards read)
     tape: fast_train.Tape | None = None  # the sampler's activations (`generate(record=True)`), for training
+    tool_mask: Tensor | None = None  # [N, T] the tokens tools wrote: in the context of later tokens, in no loss
 
     def __len__(self) -> int:
         return int(self.prompt_ids.shape[0])
@@ -49,7 +50,14 @@ class Rollout:
             None if self.off_policy is None else self.off_policy[index],
             None if self.rows is None else [self.rows[i] for i in index.tolist()],
             self.tape,  # used by a training pass only where these rows are the sampled ones (`Tape.usable`)
+            None if self.tool_mask is None else self.tool_mask[index],
         )
+
+    @property
+    def span(self) -> Tensor:
+        """[N, T] every token of each completion, the model's and the tools' (`completion_mask` holds the
+        model's only, what the losses read)."""
+        return self.completion_mask if self.tool_mask is None else self.completion_mask | self.tool_mask
 
     def with_mask(self, completion_mask: Tensor) -> Rollout:
         """The same tokens with fewer of them in the loss (log-probs zeroed outside the mask)."""
@@ -77,6 +85,14 @@ def concat_rollouts(rollouts: list[Rollout], pad_token_id: int) -> Rollout:
         if any(r.off_policy is None for r in rollouts)
         else torch.cat([r.off_policy for r in rollouts if r.off_policy is not None]),
         None if any(r.rows is None for r in rollouts) else [row for r in rollouts for row in r.rows or []],
+        tool_mask=None
+        if all(r.tool_mask is None for r in rollouts)
+        else torch.cat(
+            [
+                right((r.tool_mask if r.tool_mask is not None else torch.zeros_like(r.completion_mask)).long(), t, 0)
+                for r in rollouts
+            ]
+        ).bool(),  # fmt: skip
     )
 
 
@@ -347,7 +363,8 @@ def _completion_logits(
     if fast:
         return LlamaDecoder(model).completion_logits(prompt_ids, prompt_mask, completion_ids, hidden).float()
     ids = torch.cat([prompt_ids, completion_ids], -1)
-    mask = torch.cat([prompt_mask.long(), completion_mask.long()], -1)
+    reach = completion_mask.long().flip(-1).cummax(-1).values.flip(-1)  # up to the last token in the loss, tools'
+    mask = torch.cat([prompt_mask.long(), reach], -1)  # results before it included
     out = model(
         input_ids=ids, attention_mask=mask, position_ids=positions(mask), output_hidden_states=hidden is not None
     )
@@ -377,25 +394,9 @@ def completion_logits(
     return F.pad(logits, (0, 0, 0, completion_ids.shape[1] - used))
 
 
-def cut_at_stop(rollout: Rollout, tokenizer: Any, stop: list[str]) -> Rollout:
-    """Completions cut after the first occurrence of any stop string (the tokens after it leave the mask)."""
-    if not stop:
-        return rollout
-    mask = rollout.completion_mask.clone()
-    for row in range(len(rollout)):
-        length = int(mask[row].sum())
-        row_ids = rollout.completion_ids[row, :length].tolist()
-        for end in range(1, length + 1):
-            if any(s in tokenizer.decode(row_ids[:end], skip_special_tokens=True) for s in stop):
-                mask[row, end:] = False
-                break
-    ids = torch.where(mask, rollout.completion_ids, rollout.completion_ids.new_tensor(tokenizer.pad_token_id))
-    return replace(rollout, completion_ids=ids, completion_mask=mask, logprobs=rollout.logprobs * mask)
-
-
 def decode(tokenizer: Any, rollout: Rollout) -> list[str]:
-    """The completions' text (special tokens dropped, masked tokens left out)."""
-    ids, mask = rollout.completion_ids.tolist(), rollout.completion_mask.tolist()
+    """The completions' text (special tokens dropped, masked tokens left out; tool results in)."""
+    ids, mask = rollout.completion_ids.tolist(), rollout.span.tolist()
     rows = [[token for token, keep in zip(row, keeps) if keep] for row, keeps in zip(ids, mask)]
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is None:

@@ -18,6 +18,7 @@ import numpy as np
 
 from policylab.errors import ConfigError, suggest
 from policylab.llm.rewards import exact_match
+from policylab.llm.tools import ToolFormat, integer_value
 
 PAD, BOS, EOS = "<pad>", "<bos>", "<eos>"
 CHARACTERS = "0123456789+-*/=,>:() "
@@ -32,6 +33,12 @@ class Task:
     reward: Callable[..., list[float]]
     """(prompts, completions, **rows) -> one float per completion."""
     max_new_tokens: int
+    tools: tuple[str, ...] = ()
+    """Built-in tools (llm/tools.BUILTIN_TOOLS) the task's completions call."""
+    tool_format: ToolFormat | None = None
+    """The tags of its tool calls and results (None: the Hermes tags, ToolFormat's defaults)."""
+    characters: str = CHARACTERS
+    """The tiny models' character vocabulary for this task."""
 
 
 def addition_rows(n: int, seed: int, digits: int = 2) -> list[dict[str, str]]:
@@ -54,25 +61,11 @@ def countdown_rows(n: int, seed: int, count: int = 3) -> list[dict[str, str]]:
         numbers = rng.integers(1, 10, size=count).tolist()
         ops = rng.choice(["+", "-", "*"], size=count - 1).tolist()
         expression = str(numbers[0]) + "".join(op + str(x) for op, x in zip(ops, numbers[1:]))
-        target = _evaluate(expression)
+        target = integer_value(expression)
         if target is None or target < 0:
             continue
         rows.append({"prompt": f"{','.join(map(str, numbers))}>{target}:", "answer": expression})
     return rows
-
-
-_EXPRESSION = re.compile(r"^[0-9+\-*()]+$")
-
-
-def _evaluate(expression: str) -> int | None:
-    """The value of an expression of digits, + - * and parentheses, or None if it is not one."""
-    if not _EXPRESSION.fullmatch(expression) or "**" in expression:  # no powers: 9**9**9 would not finish
-        return None
-    try:
-        value = eval(expression, {"__builtins__": {}}, {})  # noqa: S307 - only digits, + - * ( ) reach here
-    except (SyntaxError, ZeroDivisionError, TypeError):
-        return None
-    return value if isinstance(value, int) else None
 
 
 def countdown_reward(prompts: list[str], completions: list[str], **_: Any) -> list[float]:
@@ -82,7 +75,7 @@ def countdown_reward(prompts: list[str], completions: list[str], **_: Any) -> li
     for prompt, completion in zip(prompts, completions):
         numbers_text, _sep, target_text = prompt.rstrip(":").partition(">")
         expression = completion.strip()
-        value = _evaluate(expression)
+        value = integer_value(expression)
         if value is None:
             rewards.append(0.0)
             continue
@@ -90,6 +83,20 @@ def countdown_reward(prompts: list[str], completions: list[str], **_: Any) -> li
         wanted = sorted(numbers_text.split(","))
         rewards.append(1.0 if used == wanted and str(value) == target_text else 0.1)
     return rewards
+
+
+CALCULATOR_FORMAT = ToolFormat("[", "]", "{", "}")
+
+
+def multiplication_rows(n: int, seed: int) -> list[dict[str, str]]:
+    """Two 2-digit numbers multiplied, "37*48=" -> "1776", with the completion that calls the calculator on them
+    and copies its result: "[37*48]{1776}1776" ({1776} is the tool's, appended by the run)."""
+    rng = np.random.default_rng(seed)
+    a, b = rng.integers(10, 100, size=(2, n))
+    return [
+        {"prompt": f"{x}*{y}=", "answer": str(x * y), "completion": f"[{x}*{y}]{{{x * y}}}{x * y}"}
+        for x, y in zip(a.tolist(), b.tolist())
+    ]
 
 
 TASKS: dict[str, Task] = {
@@ -103,6 +110,16 @@ TASKS: dict[str, Task] = {
     ),
     "countdown": Task(
         "countdown", "reach the target with each number once: 3,7,9>30: -> 3*7+9", countdown_rows, countdown_reward, 8
+    ),
+    "calculator": Task(
+        "calculator",
+        "two 2-digit numbers multiplied with a calculator tool: 37*48= -> [37*48]{1776}1776 ({1776} the tool's)",
+        multiplication_rows,
+        exact_match,
+        20,
+        tools=("calculator",),
+        tool_format=CALCULATOR_FORMAT,
+        characters=CHARACTERS + "[]{}",
     ),
 }
 

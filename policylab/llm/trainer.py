@@ -94,7 +94,17 @@ from policylab.llm.rewards import (
     reward_name,
 )
 from policylab.llm.rollout import Rollout, completion_logits, concat_rollouts, decode, generate, token_logprobs
-from policylab.llm.tasks import Task, get_task
+from policylab.llm.tasks import CHARACTERS, Task, get_task
+from policylab.llm.tools import (
+    ToolFormat,
+    ToolRunner,
+    ToolStats,
+    Turn,
+    padded_turns,
+    tool_table,
+    trace_tokens,
+    turns_of,
+)
 from policylab.llm.workers import GenerationWorkers
 from policylab.logging import CONFIG_YAML, Progress, RunLog, new_run_dir
 from policylab.objectives.advantages import GROUP_ADVANTAGES, decoupled_group_advantages, gae
@@ -606,6 +616,19 @@ class LLMConfig:
     rewards: list[str] = field(default_factory=list)
     """Reward functions, each `name`, `module:function` or either with `=weight`, summed; empty: the task's
     (exact_match with a prompts file)."""
+    stop: list[str] = field(default_factory=list)
+    """Stop strings: a completion ends after the first one it writes (the tokens after it are dropped)."""
+    tools: list[str] = field(default_factory=list)
+    """Tools the completions may call (TRL's GRPOTrainer `tools`), each a built-in (calculator) or
+    `module:function`; with the task's own (the calculator task's calculator). llm/tools.py has the protocol."""
+    max_tool_calling_iterations: int | None = None
+    """The most tool calls a completion makes (TRL's name; None: as many as fit in max_new_tokens)."""
+    tool_call_start: str | None = None
+    tool_call_end: str | None = None
+    tool_response_start: str | None = None
+    tool_response_end: str | None = None
+    """The tags around a call and around its result (None: the task's, else the Hermes format's <tool_call>,
+    </tool_call>, <tool_response>, </tool_response>)."""
     threads: int = 1
     generation_workers: int = 0
     """Sample completions in this many workers, each a copy of the policy with its own generator, the weights
@@ -1126,8 +1149,16 @@ def scored_mean(rewards: Tensor) -> float:
 
 def reward_values(task: Task, prompts: list[str], completions: list[str], rows: list[dict[str, Any]]) -> list[float]:
     """The task's rewards as Python floats (call_reward's, before float32)."""
+    return checked_call(task.reward, prompts, completions, reward_columns(task, rows, completions))
+
+
+def reward_columns(task: Task, rows: list[dict[str, Any]], completions: list[str]) -> dict[str, list[Any]]:
+    """The keyword arguments of a reward function: the rows' fields but the prompt; in a run with tools, also
+    `final`, each completion's text after its last tool result."""
     columns = {k: v for k, v in _columns(rows).items() if k != "prompt"}
-    return checked_call(task.reward, prompts, completions, columns)
+    if task.tool_format is not None:
+        columns["final"] = task.tool_format.final(completions)
+    return columns
 
 
 # --- the trainer -----------------------------------------------------------------------------------------------
@@ -1198,14 +1229,14 @@ def spread(groups: Tensor) -> Tensor:
 
 def ended_with_eos(rollout: Rollout, tokenizer: Any) -> Tensor:
     """[N] whether each completion ended with EOS (rather than at the length limit)."""
-    last = (rollout.completion_mask.sum(-1) - 1).clamp_min(0)
+    last = (rollout.span.sum(-1) - 1).clamp_min(0)
     return rollout.completion_ids.gather(1, last[:, None]).squeeze(1) == tokenizer.eos_token_id
 
 
 def overlong_penalty(rollout: Rollout, max_new_tokens: int, buffer: int, penalty: float) -> Tensor:
     """DAPO's soft overlong punishment [N]: 0 up to max_new_tokens - buffer tokens, then falling linearly to
     -penalty at max_new_tokens (0 everywhere when buffer is 0)."""
-    lengths = rollout.completion_mask.sum(-1).float()
+    lengths = rollout.span.sum(-1).float()  # the tools' tokens too: they take from the same budget
     if buffer <= 0:
         return torch.zeros_like(lengths)
     return -penalty * ((lengths - (max_new_tokens - buffer)) / buffer).clamp(0.0, 1.0)
@@ -1429,6 +1460,8 @@ class LLMInputs:
     pairs: Any = None
     teacher: Any = None
     """distill and gkd: the teacher, a transformers causal LM with the model's vocabulary (kept frozen)."""
+    tools: list[Any] | None = None
+    """Tool functions (their `__name__` is what a call names) or tool strings, as `tools` reads them."""
 
     def config_values(self) -> dict[str, Any]:
         """The config entries that record the objects given."""
@@ -1439,6 +1472,8 @@ class LLMInputs:
                 values[name] = str(value) if isinstance(value, str | Path) else PYTHON + type(value).__name__
         if self.rewards is not None:
             values["rewards"] = [reward_name(spec) for spec in self.rewards]
+        if self.tools is not None:
+            values["tools"] = [t if isinstance(t, str) else PYTHON + getattr(t, "__name__", "tool") for t in self.tools]
         return values
 
 
@@ -1451,7 +1486,7 @@ def _given(cfg: LLMConfig, inputs: LLMInputs, name: str) -> Any:
 def _check_objects_given(cfg: LLMConfig, inputs: LLMInputs) -> None:
     """A config that records Python objects (python:..., a resumed run's) needs them passed again."""
     missing = []
-    for name in ("model", "prompts", "eval_prompts", "rewards", "expert", "pairs", "teacher"):
+    for name in ("model", "prompts", "eval_prompts", "rewards", "expert", "pairs", "teacher", "tools"):
         recorded = getattr(cfg, name)
         values = recorded if isinstance(recorded, list) else [recorded]
         if getattr(inputs, name) is None and any(isinstance(v, str) and v.startswith(PYTHON) for v in values):
@@ -1474,7 +1509,19 @@ def task_of(cfg: LLMConfig, inputs: LLMInputs | None = None) -> Task:
     rows = prompt_rows(prompts, "prompts", *answers_needed(rewards))
     reward = combine_rewards(rewards or ["exact_match"])
     where = str(prompts) if isinstance(prompts, str | Path) else f"{len(rows)} rows given in Python"
-    return Task("prompts", where, lambda n, seed: rows, reward, cfg.max_new_tokens or 32)
+    task = Task("prompts", where, lambda n, seed: rows, reward, cfg.max_new_tokens or 32)
+    return replace(task, characters=characters_of(rows, cfg))
+
+
+def characters_of(rows: list[dict[str, Any]], cfg: LLMConfig) -> str:
+    """A tiny model's character vocabulary for given prompts: the built-in tasks' characters, then every other
+    character of the rows' text fields and of the tool tags set (without them, a tiny model would read each
+    as padding)."""
+    tags = [cfg.tool_call_start, cfg.tool_call_end, cfg.tool_response_start, cfg.tool_response_end]
+    texts = [v for row in rows for v in row.values() if isinstance(v, str)] + [t for t in tags if t]
+    seen = set(CHARACTERS)
+    extra = sorted({c for text in texts for c in text} - seen)
+    return CHARACTERS + "".join(extra)
 
 
 def answers_needed(rewards: list[RewardSpec] | None) -> tuple[tuple[str, ...], str]:
@@ -1549,7 +1596,7 @@ class LLMTrainer:
         if cfg.multi_objective_aggregation == "normalize_then_sum":
             specs = _given(cfg, inputs, "rewards")
             self.reward_parts = [resolve_reward(spec) for spec in specs] if specs else [(self.task.reward, 1.0)]
-        self.model, self.tokenizer = self._model(cfg, inputs)
+        self.model, self.tokenizer = self._model(cfg, inputs, self.task.characters)
         self.model.train()  # from_pretrained gives eval mode, in which transformers skips activation checkpointing
         if cfg.gradient_checkpointing:
             if hasattr(self.model, "activation_checkpointing_enable"):  # its name from transformers 5.2x on
@@ -1624,6 +1671,17 @@ class LLMTrainer:
             check_expert_rows(self.train_rows, "prompts")
         self.generator = torch.Generator().manual_seed(cfg.seed)
         self.max_new_tokens = cfg.max_new_tokens or self.task.max_new_tokens
+        self.tools = tool_table([*self.task.tools, *(_given(cfg, inputs, "tools") or [])])
+        """The tools completions call, by name (the task's and the run's)."""
+        self.tool_format = self._tool_format()
+        self.task = replace(self.task, tool_format=self.tool_format if self.tools else None)
+        self.tool_runner = None
+        if self.tools or cfg.stop:
+            iterations = cfg.max_tool_calling_iterations
+            self.tool_runner = ToolRunner(self.tokenizer, self.tools, self.tool_format, cfg.stop,
+                                          self.max_new_tokens if iterations is None else iterations)  # fmt: skip
+        self.tool_stats = ToolStats()
+        """The tool calls of the step so far, and how many failed (train.csv's tool_calls, tool_failures)."""
         self.encode_prompts = PromptEncoder(self.tokenizer)
         self.encode_prompts.warm(self._texts_drawn())
         self.reference_sums: Tensor | None = None
@@ -1645,16 +1703,42 @@ class LLMTrainer:
             self._estimate_optimal_values()
 
     @staticmethod
-    def _model(cfg: LLMConfig, inputs: LLMInputs) -> tuple[Any, Any]:
-        """(model, tokenizer): the objects given, or loaded from the config's model name or directory."""
+    def _model(cfg: LLMConfig, inputs: LLMInputs, characters: str) -> tuple[Any, Any]:
+        """(model, tokenizer): the objects given, or loaded from the config's model name or directory (a tiny
+        model's vocabulary: the task's `characters`)."""
         model = _given(cfg, inputs, "model")
         if isinstance(model, str):
-            return load_model(model, cfg.seed)
+            return load_model(model, cfg.seed, characters)
         if inputs.tokenizer is None:
             raise LLMError("a model object was given without its tokenizer", "pass tokenizer=... with model=...")
         tokenizer = prepare_tokenizer(inputs.tokenizer)
         check_model(model, tokenizer)
         return model, tokenizer
+
+    def _tool_format(self) -> ToolFormat:
+        """The run's tags: each setting given, else the task's, else the Hermes format's. Tags without tools, or a
+        limit below 1, are an error."""
+        cfg, base = self.cfg, self.task.tool_format or ToolFormat()
+        given = {name: getattr(cfg, f"tool_{name}") for name in ("call_start", "call_end", "response_start",
+                                                                  "response_end")}  # fmt: skip
+        set_names = [f"tool_{name}" for name, value in given.items() if value is not None]
+        if cfg.max_tool_calling_iterations is not None:
+            set_names.append("max_tool_calling_iterations")
+        if set_names and not self.tools:
+            raise ConfigError(
+                f"{_and(set_names)} would do nothing: this run has no tools",
+                "give tools (--tool calculator, --tool mypkg.tools:search, or train_llm(tools=[fn])), or drop "
+                + _and(set_names),
+            )
+        if cfg.max_tool_calling_iterations is not None and cfg.max_tool_calling_iterations < 1:
+            raise ConfigError(
+                f"max_tool_calling_iterations={cfg.max_tool_calling_iterations} must be >= 1",
+                "give the most calls a completion may make, or drop it (as many as fit in max_new_tokens)",
+            )
+        values = {name: value if value is not None else getattr(base, name) for name, value in given.items()}
+        if any(not value for value in values.values()):
+            raise ConfigError("a tool tag is empty", "give each of the four tool tags some text")
+        return ToolFormat(**values)
 
     def _texts_drawn(self) -> list[str]:
         """The texts the steps and evaluations will tokenize: every prompt, the pairs' completions, and the expert
@@ -1745,21 +1829,30 @@ class LLMTrainer:
         return self.orders["pairs" if uses_pairs else "train"].epochs_done
 
     def rollout(self, rows: list[dict[str, str]], greedy: bool = False) -> tuple[Rollout, list[str]]:
+        """One completion of each row's prompt (rows repeat for groups), cut at the stop strings, with the tools'
+        calls run and sampled on from (`tool_runner`); and their text."""
         ids, mask = self.encode_prompts([row["prompt"] for row in rows])
+        group = 1 if greedy else self.cfg.group_size
+        rollout = self._sample(ids, mask, group, greedy, self.max_new_tokens)
+        if self.tool_runner is not None:
+            rollout = self._run_tools(rollout, greedy)
+        rollout.rows = rows
+        return rollout, decode(self.tokenizer, rollout)
+
+    def _sample(self, ids: Tensor, mask: Tensor, group: int, greedy: bool, width: int) -> Rollout:
+        """One completion of each left-padded prompt row, in the workers or the learner (`group`: the rows come
+        in groups of that many repeats, which the workers keep whole)."""
         if self.workers is not None:
-            rollout = self.workers.generate(
-                self.model, ids, mask, 1 if greedy else self.cfg.group_size, max_new_tokens=self.max_new_tokens,
-                eos_token_id=self.tokenizer.eos_token_id, pad_token_id=self.tokenizer.pad_token_id,
-                greedy=greedy, **self.sampling_options,
+            return self.workers.generate(
+                self.model, ids, mask, group, max_new_tokens=width, eos_token_id=self.tokenizer.eos_token_id,
+                pad_token_id=self.tokenizer.pad_token_id, greedy=greedy, **self.sampling_options,
             )  # fmt: skip
-            rollout.rows = rows
-            return rollout, decode(self.tokenizer, rollout)
         with self.eval_mode():
-            rollout = generate(
+            return generate(
                 self.model,
                 ids,
                 mask,
-                max_new_tokens=self.max_new_tokens,
+                max_new_tokens=width,
                 eos_token_id=self.tokenizer.eos_token_id,
                 pad_token_id=self.tokenizer.pad_token_id,
                 greedy=greedy,
@@ -1767,8 +1860,24 @@ class LLMTrainer:
                 record=not greedy and self.trains_on_sampled_batch,
                 **self.sampling_options,
             )
-        rollout.rows = rows
-        return rollout, decode(self.tokenizer, rollout)
+
+    def _run_tools(self, rollout: Rollout, greedy: bool) -> Rollout:
+        """The rollout cut at its stop strings, with each tool call's result appended and sampling gone on from
+        it; the step's tool_calls and tool_failures counted."""
+        assert self.tool_runner is not None
+        width = self.max_new_tokens
+
+        def sample_on(ids: Tensor, mask: Tensor, room: int) -> list[Turn]:
+            more = self._sample(ids, mask, 1, greedy, room)
+            return turns_of(more.completion_ids, more.completion_mask, more.logprobs)
+
+        prompts = [row[row_mask.bool()].tolist() for row, row_mask in zip(rollout.prompt_ids, rollout.prompt_mask)]
+        first = turns_of(rollout.completion_ids, rollout.completion_mask, rollout.logprobs)
+        turns, stats = self.tool_runner.run(prompts, first, sample_on, width)
+        self.tool_stats.calls += stats.calls
+        self.tool_stats.failures += stats.failures
+        ids, trained, logprobs, tool = padded_turns(turns, width, self.tokenizer.pad_token_id)
+        return Rollout(rollout.prompt_ids, rollout.prompt_mask, ids, trained, logprobs, tool_mask=tool)
 
     @property
     def sampling_options(self) -> dict[str, Any]:
@@ -1793,20 +1902,35 @@ class LLMTrainer:
     def trains_on_sampled_batch(self) -> bool:
         """Whether the first training pass of an RL step runs on the sampled batch as it is, at the weights it was
         sampled with: then the sampler records its activations and that pass skips its forward (fast_train.Tape).
-        Not where the batch changes first (DAPO's refills, LUFFY's expert rows, online DPO's pairs, micro-batches)."""
+        Not where the batch changes first (DAPO's refills, LUFFY's expert rows, online DPO's pairs, micro-batches,
+        the cuts at stop strings and the tools' results)."""
         cfg = self.cfg
         return (
             cfg.algo != "online_dpo"
             and not cfg.dynamic_sampling
             and cfg.steps_per_generation == 1
             and cfg.mix != "luffy"
+            and not cfg.stop
+            and not self.tools
             and (cfg.micro_batch_size is None or cfg.micro_batch_size >= cfg.batch_size * cfg.group_size)
         )
+
+    def encode_completions(self, texts: list[str]) -> tuple[Tensor, Tensor, Tensor | None]:
+        """Given completions as (ids + EOS, right-padded; the mask of the model's tokens; the mask of the tools'
+        results in them, None in a run without tools, where every token is the model's)."""
+        if not self.tools:
+            ids, mask = self.encode_prompts.answers(texts)
+            return ids, mask, None
+        traces = [trace_tokens(self.tokenizer, text, self.tool_format) for text in texts]
+        eos = self.tokenizer.eos_token_id
+        turns = [Turn(ids + [eos], trained + [True], [0.0] * (len(ids) + 1)) for ids, trained in traces]
+        ids, mask, _, tool = padded_turns(turns, max(len(t.ids) for t in turns), self.tokenizer.pad_token_id)
+        return ids, mask, tool
 
     def sft_step(self) -> dict[str, float]:
         rows = self.sample_rows(self.cfg.batch_size)
         prompt_ids, prompt_mask = self.encode_prompts([row["prompt"] for row in rows])
-        answer_ids, answer_mask = self.encode_prompts.answers([expert_completion(row) for row in rows])
+        answer_ids, answer_mask, _ = self.encode_completions([expert_completion(row) for row in rows])
         logp, _ = token_logprobs(self.model, prompt_ids, prompt_mask, answer_ids, answer_mask)
         weighted = logp * logp.detach().exp() if self.cfg.sft_loss == "dft" else logp  # DFT: NLL x p, p held
         loss = -aggregate(weighted, answer_mask, "token-mean")
@@ -1831,7 +1955,8 @@ class LLMTrainer:
         if cfg.normalize_advantages:
             advantages = whitened(advantages, ~torch.isnan(self.total_reward(rewards)))
         if cfg.overlong_filter:  # completions cut by the length limit teach nothing about how to finish
-            rollout = rollout.with_mask(rollout.completion_mask & ended_with_eos(rollout, self.tokenizer)[:, None])
+            ended = ended_with_eos(rollout, self.tokenizer) | self.stopped(rollout)
+            rollout = rollout.with_mask(rollout.completion_mask & ended[:, None])
         mu = parse_schedule(cfg.mix_weight)((self.step - 1) / cfg.steps) if cfg.mix == "chord" else 0.0
         slices = self.generation_slices(len(rollout))
         for rows in [rows for _ in range(cfg.updates_per_batch) for rows in slices]:
@@ -1845,6 +1970,14 @@ class LLMTrainer:
             self._step()
             metrics.update(self._controlled(step_metrics))
         return metrics
+
+    def stopped(self, rollout: Rollout) -> Tensor:
+        """[N] whether each completion ended at a stop string."""
+        if not self.cfg.stop:
+            return torch.zeros(len(rollout), dtype=torch.bool)
+        texts = decode(self.tokenizer, rollout)
+        texts = self.task.tool_format.final(texts) if self.task.tool_format is not None else texts
+        return torch.tensor([any(s in text for s in self.cfg.stop) for text in texts])
 
     @torch.no_grad()
     def sequence_kl(self, rollout: Rollout) -> Tensor:
@@ -1910,6 +2043,7 @@ class LLMTrainer:
         kept: list[tuple[Rollout, Tensor]] = []
         found = sampled = 0
         metrics: dict[str, float] = {}
+        self.tool_stats = ToolStats()
         for _ in range(rounds):
             rows = [row for row in self.sample_rows(wanted) for _ in range(size)]
             rollout, completions = self.rollout(rows)
@@ -1918,6 +2052,9 @@ class LLMTrainer:
             sampled += wanted
             metrics.setdefault("reward", scored_mean(total))  # the policy's, before any filtering
             metrics.setdefault("tokens", float(rollout.completion_mask.sum()))
+            if self.tools:  # TRL's tools/call_frequency (calls per completion) and tools/failure_frequency
+                calls, failures = self.tool_stats.calls, self.tool_stats.failures
+                metrics.update(tool_calls=calls / (sampled * size), tool_failures=failures / max(calls, 1))
             if not cfg.dynamic_sampling:
                 return rollout, rewards, metrics
             informative = spread(total.view(-1, size)) if size > 1 else torch.ones(wanted).bool()
@@ -1942,7 +2079,7 @@ class LLMTrainer:
         if self.reward_parts is None:  # the penalty applies to every completion, as TRL's overlong reward function
             rewards = call_reward(self.task, prompts, completions, rows)
             return torch.where(torch.isnan(rewards) & (cfg.overlong_buffer > 0), penalty, rewards + penalty)
-        columns = {k: v for k, v in _columns(rows).items() if k != "prompt"}
+        columns = reward_columns(self.task, rows, completions)
         parts = [torch.tensor(checked_call(fn, prompts, completions, columns)) for fn, _ in self.reward_parts]
         return torch.stack(parts + ([penalty] if cfg.overlong_buffer > 0 else []), 1)
 
@@ -2078,11 +2215,15 @@ class LLMTrainer:
         last = torch.arange(size - 1, len(rollout), size)
         rows = [rollout.rows[i] for i in last.tolist()]
         texts = [self.luffy_experts[row["prompt"]] for row in rows]
-        ids, mask = self.encode_prompts.answers(texts)
+        ids, mask, tool = self.encode_completions(texts)
         ids = torch.nn.functional.pad(ids, (0, max(width - ids.shape[1], 0)), value=self.tokenizer.pad_token_id)
         mask = torch.nn.functional.pad(mask, (0, max(width - mask.shape[1], 0)))
         completion_ids, completion_mask = rollout.completion_ids.clone(), rollout.completion_mask.clone()
         completion_ids[last], completion_mask[last] = ids[:, :width], mask[:, :width]
+        tool_mask = rollout.tool_mask
+        if tool is not None and tool_mask is not None:
+            tool_mask = tool_mask.clone()
+            tool_mask[last] = torch.nn.functional.pad(tool, (0, max(width - tool.shape[1], 0)))[:, :width]
         logprobs = rollout.logprobs.clone()
         logprobs[last] = 0.0
         off_policy = torch.zeros(len(rollout), dtype=torch.bool)
@@ -2095,6 +2236,7 @@ class LLMTrainer:
             completion_mask=completion_mask,
             logprobs=logprobs,
             off_policy=off_policy,
+            tool_mask=tool_mask,
         )
         return mixed, rewards
 
@@ -2103,7 +2245,7 @@ class LLMTrainer:
         cfg = self.cfg
         rows = self.draw_rows("expert", cfg.expert_batch_size or cfg.batch_size)
         prompt_ids, prompt_mask = self.encode_prompts([row["prompt"] for row in rows])
-        ids, mask = self.encode_prompts.answers([expert_completion(row) for row in rows])
+        ids, mask, _ = self.encode_completions([expert_completion(row) for row in rows])
         logp, _ = token_logprobs(self.model, prompt_ids, prompt_mask, ids, mask)
         weights = imitation_weights(logp, "phi" if cfg.mix_phi else "uniform")
         return mixed_policy_loss(rl_loss, logp, mu, weights=weights, mask=mask, aggregation="token-mean")
@@ -2560,6 +2702,7 @@ def train_llm(
     expert: Any = None,
     pairs: Any = None,
     teacher: Any = None,
+    tools: list[Any] | None = None,
     progress: bool | None = None,
 ) -> LLMRun:
     """Train (SFT or RL) and write the run directory: config.yaml, train.csv, eval.csv, eval.json, model/ and
@@ -2574,10 +2717,11 @@ def train_llm(
     The inputs can be Python objects instead of the config's names and paths (see LLMInputs): `model` (a
     transformers causal LM, trained in place) with its `tokenizer`, `prompts` / `eval_prompts` / `expert` /
     `pairs` (a datasets.Dataset or a list of dicts), `rewards` (functions, or (function, weight) pairs), `teacher`
-    (distill and gkd: a transformers causal LM). Resuming a run made so needs the same objects passed again."""
+    (distill and gkd: a transformers causal LM), `tools` (functions completions may call; llm/tools.py). Resuming
+    a run made so needs the same objects passed again."""
     import yaml
 
-    inputs = LLMInputs(model, tokenizer, prompts, eval_prompts, rewards, expert, pairs, teacher)
+    inputs = LLMInputs(model, tokenizer, prompts, eval_prompts, rewards, expert, pairs, teacher, tools)
     say: Callable[..., None] = print if verbose is not False else (lambda *a, **k: None)
     notes: list[str] = []
     state: dict[str, Any] = {}

@@ -1,0 +1,323 @@
+"""Tool calling inside completions (TRL's GRPOTrainer `tools`): the model writes a call between two tags, the run
+calls the Python function and appends its result between two other tags, and sampling goes on from there, for at
+most `max_tool_calling_iterations` calls. The result's tokens are in the context of everything after them but in
+no loss (`Rollout.tool_mask`); rewards read the whole text.
+
+A call's body is JSON {"name": ..., "arguments": {...}} (the Hermes format Qwen's and Llama's chat templates
+render), or `name(arg, key=value)` with literal arguments, or, with one tool, any text: that tool's one argument.
+A call that cannot be parsed, names no tool, or raises gets "error: ..." as its result (the model sees it, as in
+TRL) and counts as a failure in train.csv.
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from policylab.imports import import_user_module
+from policylab.llm import LLMError
+
+Tool = Callable[..., Any]
+_CALL = re.compile(r"([A-Za-z_]\w*)\((.*)\)", re.DOTALL)
+
+
+@dataclass(frozen=True)
+class ToolFormat:
+    """The tags around a call the model writes and around the result the run appends."""
+
+    call_start: str = "<tool_call>"
+    call_end: str = "</tool_call>"
+    response_start: str = "<tool_response>"
+    response_end: str = "</tool_response>"
+
+    def response(self, result: str) -> str:
+        return f"{self.response_start}{result}{self.response_end}"
+
+    def final(self, texts: list[str]) -> list[str]:
+        """Each text after its last result (what a reward compares with the answer)."""
+        return [text.rsplit(self.response_end, 1)[-1] for text in texts]
+
+    def responses(self) -> re.Pattern[str]:
+        """The results in a text (what SFT leaves out of its loss)."""
+        return re.compile(re.escape(self.response_start) + ".*?" + re.escape(self.response_end), re.DOTALL)
+
+
+_EXPRESSION = re.compile(r"^[0-9+\-*()]+$")
+
+
+def integer_value(expression: str) -> int | None:
+    """The value of an expression of digits, + - * and parentheses, or None if it is not one."""
+    if not _EXPRESSION.fullmatch(expression) or "**" in expression:  # no powers: 9**9**9 would not finish
+        return None
+    try:
+        value = eval(expression, {"__builtins__": {}}, {})  # noqa: S307 - only digits, + - * ( ) reach here
+    except (SyntaxError, ZeroDivisionError, TypeError):
+        return None
+    return value if isinstance(value, int) else None
+
+
+def calculator(expression: str) -> str:
+    """The value of an integer expression of digits, + - * and parentheses (the `calculator` task's tool)."""
+    value = integer_value(str(expression).replace(" ", ""))
+    if value is None:
+        raise ValueError(f"not an expression of digits, + - * and parentheses: {str(expression)[:40]!r}")
+    return str(value)
+
+
+BUILTIN_TOOLS: dict[str, Tool] = {"calculator": calculator}
+
+
+def load_tool(spec: str | Tool) -> tuple[str, Tool]:
+    """(name, function) of a tool: a function (its `__name__`), a built-in name, or `module:function`."""
+    if callable(spec):
+        return getattr(spec, "__name__", type(spec).__name__), spec
+    if spec in BUILTIN_TOOLS:
+        return spec, BUILTIN_TOOLS[spec]
+    module_name, sep, attr = spec.partition(":")
+    if not sep or not module_name or not attr:
+        raise LLMError(
+            f"tool {spec!r} is neither a built-in ({', '.join(BUILTIN_TOOLS)}) nor module:function",
+            "write e.g. --tool mypkg.tools:search",
+        )
+    try:
+        fn = getattr(import_user_module(module_name), attr)
+    except ImportError as exc:
+        raise LLMError(
+            f"tool {spec!r}: cannot import {module_name} ({exc})",
+            f"check the module path: it was looked for in the current directory ({Path.cwd()}) and on sys.path",
+        ) from None
+    except AttributeError:
+        raise LLMError(f"tool {spec!r}: {module_name} has no {attr}", "check the function name") from None
+    if not callable(fn):
+        raise LLMError(f"tool {spec!r} is not callable", "point at a function")
+    return attr, fn
+
+
+def tool_table(specs: list[Any]) -> dict[str, Tool]:
+    """The tools by the name a call uses; two of one name are an error."""
+    table: dict[str, Tool] = {}
+    for spec in specs:
+        name, fn = load_tool(spec)
+        if name in table:
+            raise LLMError(f"two tools are named {name!r}", "give each tool function its own name")
+        table[name] = fn
+    return table
+
+
+def parse_call(body: str, tools: dict[str, Tool]) -> tuple[Tool, list[Any], dict[str, Any]]:
+    """(function, positional arguments, keyword arguments) of a call's body; ValueError says what is wrong."""
+    text = body.strip()
+    if text.startswith("{"):
+        try:
+            call = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"the call is not valid JSON ({exc.msg})") from None
+        arguments = call.get("arguments", {}) if isinstance(call, dict) else None
+        if not isinstance(call, dict) or not isinstance(call.get("name"), str) or not isinstance(arguments, dict):
+            raise ValueError('a JSON call is {"name": "...", "arguments": {...}}')
+        return _named(call["name"], tools), [], arguments
+    match = _CALL.fullmatch(text)
+    if match and match.group(1) in tools:
+        try:
+            node = ast.parse(text, mode="eval").body
+            assert isinstance(node, ast.Call)
+            args = [ast.literal_eval(a) for a in node.args]
+            kwargs = {k.arg: ast.literal_eval(k.value) for k in node.keywords if k.arg is not None}
+        except (SyntaxError, ValueError, AssertionError):
+            raise ValueError("the call's arguments are not Python literals") from None
+        return tools[match.group(1)], args, kwargs
+    if len(tools) == 1:
+        return next(iter(tools.values())), [text], {}
+    name = match.group(1) if match else text[:20]
+    return _named(name, tools), [], {}
+
+
+def _named(name: str, tools: dict[str, Tool]) -> Tool:
+    if name not in tools:
+        raise ValueError(f"no tool named {name!r} (the tools: {', '.join(tools)})")
+    return tools[name]
+
+
+def call_tool(body: str, tools: dict[str, Tool]) -> tuple[str, bool]:
+    """(the result as text, whether the call failed): a failure's result is "error: ..." for the model to read."""
+    try:
+        fn, args, kwargs = parse_call(body, tools)
+        return str(fn(*args, **kwargs)), False
+    except Exception as exc:  # a tool's own error is the model's to see, as in TRL
+        return f"error: {exc}", True
+
+
+@dataclass
+class Turn:
+    """One row's completion as it grows: token ids, whether each is the model's (trained) and its log-prob."""
+
+    ids: list[int]
+    trained: list[bool]
+    logprobs: list[float]
+
+
+def first_marker(decode: Callable[[list[int]], str], ids: list[int], markers: list[str]) -> tuple[int, str] | None:
+    """(the fewest leading tokens whose text holds one of `markers`, the text of those tokens), or None. Binary
+    search over prefixes: a prefix holding a marker stays holding it as it grows."""
+    text = decode(ids)
+    if not any(m in text for m in markers):
+        return None
+    low, high = 1, len(ids)
+    while low < high:
+        middle = (low + high) // 2
+        if any(m in decode(ids[:middle]) for m in markers):
+            high = middle
+        else:
+            low = middle + 1
+    return low, decode(ids[:low])
+
+
+@dataclass
+class ToolStats:
+    calls: int = 0
+    failures: int = 0
+
+
+class ToolRunner:
+    """Runs the tool calls of a batch of completions and samples on after each (`sample(ids, mask, width)`: one
+    completion of each left-padded context, at most `width` tokens; the trainer's sampler), cutting every
+    completion at its first stop string."""
+
+    def __init__(
+        self,
+        tokenizer: Any,
+        tools: dict[str, Tool],
+        fmt: ToolFormat,
+        stop: list[str],
+        max_iterations: int,
+    ) -> None:
+        self.tokenizer, self.tools, self.fmt, self.stop = tokenizer, tools, fmt, list(stop)
+        self.max_iterations = max_iterations
+        self.eos, self.pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+
+    def decode(self, ids: list[int]) -> str:
+        return str(self.tokenizer.decode(ids, skip_special_tokens=True))
+
+    def encode(self, text: str) -> list[int]:
+        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def markers(self) -> list[str]:
+        return self.stop + ([self.fmt.call_end] if self.tools else [])
+
+    def _cut(self, turn: Turn, start: int) -> str | None:
+        """Cut the tokens from `start` on (the latest sampling) after the first stop string or call end: the
+        call's body if it was a call (the row goes on), else None (the row ends here or at its EOS)."""
+        found = first_marker(self.decode, turn.ids[start:], self.markers())
+        if found is None:
+            return None
+        length, text = found
+        del turn.ids[start + length :], turn.trained[start + length :], turn.logprobs[start + length :]
+        ended_by = min((m for m in self.markers() if m in text), key=text.index)
+        before = text[: text.index(ended_by)]
+        if ended_by != self.fmt.call_end or self.fmt.call_start not in before:
+            return None  # a stop string, or a call's end without its start: the row ends
+        return before.rsplit(self.fmt.call_start, 1)[1]
+
+    def run(
+        self,
+        prompts: list[list[int]],
+        first: list[Turn],
+        sample: Callable[[Tensor, Tensor, int], list[Turn]],
+        width: int,
+    ) -> tuple[list[Turn], ToolStats]:
+        """Each row's completion after its calls: `first` are the sampled completions of `prompts`."""
+        stats, turns = ToolStats(), first
+        bodies = {i: self._cut(turn, 0) for i, turn in enumerate(turns)}
+        pending = [i for i, body in bodies.items() if body is not None]
+        for _ in range(self.max_iterations):
+            if not pending:
+                break
+            going: list[int] = []
+            for i in pending:
+                result, failed = call_tool(str(bodies[i]), self.tools)
+                stats.calls, stats.failures = stats.calls + 1, stats.failures + failed
+                response = self.encode(self.fmt.response(result))
+                if len(turns[i].ids) + len(response) >= width:  # no room to answer: end here, as TRL does
+                    continue
+                turns[i].ids += response
+                turns[i].trained += [False] * len(response)
+                turns[i].logprobs += [0.0] * len(response)
+                going.append(i)
+            if not going:
+                break
+            contexts = [prompts[i] + turns[i].ids for i in going]
+            ids, mask = left_padded(contexts, self.pad)
+            room = width - min(len(turns[i].ids) for i in going)
+            continued = sample(ids, mask, room)
+            pending = []
+            for i, more in zip(going, continued):
+                start, keep = len(turns[i].ids), width - len(turns[i].ids)
+                turns[i].ids += more.ids[:keep]
+                turns[i].trained += more.trained[:keep]
+                turns[i].logprobs += more.logprobs[:keep]
+                bodies[i] = self._cut(turns[i], start)
+                if bodies[i] is not None:
+                    pending.append(i)
+        return turns, stats
+
+
+def left_padded(rows: list[list[int]], pad: int) -> tuple[Tensor, Tensor]:
+    width = max(map(len, rows))
+    ids = torch.full((len(rows), width), pad, dtype=torch.long)
+    mask = torch.zeros(len(rows), width, dtype=torch.long)
+    for i, row in enumerate(rows):
+        if row:
+            ids[i, width - len(row) :] = torch.tensor(row)
+            mask[i, width - len(row) :] = 1
+    return ids, mask
+
+
+def turns_of(completion_ids: Tensor, completion_mask: Tensor, logprobs: Tensor) -> list[Turn]:
+    """The sampled completions as `Turn`s (the tokens in the mask)."""
+    lengths = completion_mask.sum(-1).tolist()
+    ids, logps = completion_ids.tolist(), logprobs.tolist()
+    return [Turn(ids[i][:n], [True] * n, logps[i][:n]) for i, n in enumerate(lengths)]
+
+
+def padded_turns(turns: list[Turn], width: int, pad: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(completion ids, completion mask (the model's tokens), log-probs, tool mask (the tools' tokens)), [N, width]."""
+    n = len(turns)
+    ids = np.full((n, width), pad, np.int64)
+    trained = np.zeros((n, width), bool)
+    tool = np.zeros((n, width), bool)
+    logprobs = np.zeros((n, width), np.float32)
+    for i, turn in enumerate(turns):
+        length = len(turn.ids)
+        ids[i, :length] = turn.ids
+        trained[i, :length] = turn.trained
+        tool[i, :length] = ~np.asarray(turn.trained, bool)
+        logprobs[i, :length] = turn.logprobs
+    return torch.from_numpy(ids), torch.from_numpy(trained), torch.from_numpy(logprobs), torch.from_numpy(tool)
+
+
+def trace_tokens(tokenizer: Any, text: str, fmt: ToolFormat) -> tuple[list[int], list[bool]]:
+    """An expert completion with tool results in it as tokens, and which are the model's: each result (between
+    the response tags) is tokenized apart, as the sampler appends it, and left out of SFT's loss."""
+    ids: list[int] = []
+    trained: list[bool] = []
+    cursor = 0
+    pieces: list[tuple[str, bool]] = []
+    for match in fmt.responses().finditer(text):
+        pieces += [(text[cursor : match.start()], True), (match.group(0), False)]
+        cursor = match.end()
+    pieces.append((text[cursor:], True))
+    for piece, model_written in pieces:
+        if piece:
+            tokens = list(tokenizer(piece, add_special_tokens=False)["input_ids"])
+            ids += tokens
+            trained += [model_written] * len(tokens)
+    return ids, trained

@@ -1,0 +1,228 @@
+"""Tool calling inside completions: the call protocol, the runner's token bookkeeping, SFT on traces with the
+tools' results out of the loss, and the calculator task, where answers come from the tool and RL learns to call
+it."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from policylab.errors import ConfigError
+from policylab.llm import LLMError
+from policylab.llm.tasks import CHARACTERS, char_tokenizer, multiplication_rows
+from policylab.llm.tools import (
+    ToolFormat,
+    ToolRunner,
+    Turn,
+    calculator,
+    call_tool,
+    first_marker,
+    padded_turns,
+    parse_call,
+    tool_table,
+    trace_tokens,
+)
+from policylab.llm.trainer import LLMTrainer, make_config, train_llm
+
+TAGS = {"tool_call_start": "[", "tool_call_end": "]", "tool_response_start": "{", "tool_response_end": "}"}
+
+
+def add(a: int, b: int = 0) -> int:
+    return a + b
+
+
+def test_a_call_is_json_a_python_call_or_one_tools_argument_and_a_bad_one_is_an_error_result():
+    tools = tool_table(["calculator", add])
+    assert parse_call('{"name": "add", "arguments": {"a": 2, "b": 3}}', tools) == (add, [], {"a": 2, "b": 3})
+    assert parse_call(" add(2, b=3) ", tools) == (add, [2], {"b": 3})
+    assert call_tool("calculator('6*(3+4)')", tools) == ("42", False)
+    assert call_tool("6*7", {"calculator": calculator}) == ("42", False)  # one tool: the whole body is its argument
+    failures = {
+        "6*7": "no tool named '6*7'",  # two tools: the body must name one
+        "search(1)": "no tool named 'search'",
+        "add(x)": "not Python literals",
+        '{"name": "add", "arguments": [1]}': '"arguments": {...}',
+        "{not json": "not valid JSON",
+        "add(1, c=2)": "unexpected keyword argument 'c'",  # the tool's own error
+        "calculator('2**99')": "not an expression",
+    }
+    for body, message in failures.items():
+        result, failed = call_tool(body, tools)
+        assert failed and result.startswith("error: ") and message in result, (body, result)
+    with pytest.raises(LLMError, match="two tools are named 'add'"):
+        tool_table([add, add])
+    with pytest.raises(LLMError, match="neither a built-in"):
+        tool_table(["search"])
+    with pytest.raises(LLMError, match="has no nothing"):
+        tool_table(["policylab.llm.tools:nothing"])
+
+
+def test_first_marker_is_the_shortest_prefix_holding_a_marker():
+    tok = char_tokenizer(CHARACTERS + "[]{}")
+    ids = tok("12[3*4]56]", add_special_tokens=False)["input_ids"]
+
+    def decode(x):
+        return tok.decode(x)
+
+    for markers in (["]"], ["5", "]"], ["*4"], ["9"]):
+        linear = next(
+            ((n, decode(ids[:n])) for n in range(1, len(ids) + 1) if any(m in decode(ids[:n]) for m in markers)), None
+        )
+        assert first_marker(decode, ids, markers) == linear, markers
+
+
+class ScriptedSampler:
+    """A stand-in for the trainer's sampler: each context's continuation is a scripted text (by the context's
+    last characters), with log-prob -1 a token; records what it was asked."""
+
+    def __init__(self, tok, script):
+        self.tok, self.script, self.calls = tok, script, []
+
+    def __call__(self, ids, mask, room):
+        contexts = [self.tok.decode(row[m.bool()].tolist()) for row, m in zip(ids, mask)]
+        self.calls.append((contexts, room))
+        turns = []
+        for context in contexts:
+            text = next(v for k, v in self.script.items() if context.endswith(k))
+            tokens = self.tok(text, add_special_tokens=False)["input_ids"] + [self.tok.eos_token_id]
+            tokens = tokens[:room]
+            turns.append(Turn(tokens, [True] * len(tokens), [-1.0] * len(tokens)))
+        return turns
+
+
+def test_the_runner_appends_each_result_samples_on_and_masks_the_results_out_of_the_loss():
+    tok = char_tokenizer(CHARACTERS + "[]{}")
+    fmt = ToolFormat("[", "]", "{", "}")
+    runner = ToolRunner(tok, {"calculator": calculator}, fmt, [], max_iterations=2)
+    encode = lambda text: tok(text, add_special_tokens=False)["input_ids"]  # noqa: E731
+    prompts = [encode("6*7="), encode("2*3="), encode("1+1=")]
+    first_texts = ["[6*7]9999", "[2*3]", "2"]  # what the first sampling wrote (after a call, to be dropped)
+    first = [Turn(encode(t), [True] * len(t), [-0.5] * len(t)) for t in first_texts]
+    first[2].ids.append(tok.eos_token_id), first[2].trained.append(True), first[2].logprobs.append(-0.5)
+    sampler = ScriptedSampler(tok, {"{42}": "42", "{6}": "[6*2]", "{12}": "12"})
+    turns, stats = runner.run(prompts, first, sampler, width=20)
+    texts = [tok.decode(t.ids, skip_special_tokens=True) for t in turns]
+    assert texts == ["[6*7]{42}42", "[2*3]{6}[6*2]{12}12", "2"]
+    assert (stats.calls, stats.failures) == (3, 0)
+    assert [c for c, _ in sampler.calls] == [["6*7=[6*7]{42}", "2*3=[2*3]{6}"], ["2*3=[2*3]{6}[6*2]{12}"]]
+    ids, trained, logprobs, tool = padded_turns(turns, 20, tok.pad_token_id)
+    row = "[6*7]{42}42"
+    assert tool[0, : len(row) + 1].tolist() == [c in "{}" or (5 <= i <= 8) for i, c in enumerate(row)] + [False]
+    assert trained[0, : len(row) + 1].all() == False  # noqa: E712 - the result's tokens are not the model's
+    assert (trained[0] == (~tool[0] & (torch.arange(20) <= len(row)))).all()
+    assert logprobs[0, :5].tolist() == [-0.5] * 5 and (logprobs[0, 5:9] == 0).all() and logprobs[0, 9] == -1.0
+    # the limit on calls: the second row's second call is not run after max_iterations=1
+    once = ToolRunner(tok, {"calculator": calculator}, fmt, [], max_iterations=1)
+    first = [Turn(encode(t), [True] * len(t), [-0.5] * len(t)) for t in first_texts[:2]]
+    turns, stats = once.run(prompts[:2], first, ScriptedSampler(tok, sampler.script), width=20)
+    assert [tok.decode(t.ids, skip_special_tokens=True) for t in turns] == ["[6*7]{42}42", "[2*3]{6}[6*2]"]
+    assert stats.calls == 2
+    # a result that does not fit in the budget is not appended: the row ends at its call
+    first = [Turn(encode("[6*7]"), [True] * 5, [-0.5] * 5)]
+    turns, _ = runner.run(prompts[:1], first, ScriptedSampler(tok, sampler.script), width=8)
+    assert tok.decode(turns[0].ids) == "[6*7]"
+
+
+def test_sft_on_traces_leaves_the_tools_results_out_of_its_loss(tmp_path):
+    from policylab.llm.rollout import token_logprobs
+    from policylab.objectives.aggregation import aggregate
+
+    tok = char_tokenizer(CHARACTERS + "[]{}")
+    ids, trained = trace_tokens(tok, "[6*7]{42}42", ToolFormat("[", "]", "{", "}"))
+    assert tok.decode(ids) == "[6*7]{42}42" and trained == [True] * 5 + [False] * 4 + [True] * 2
+    trainer = LLMTrainer(make_config("sft", {"task": "calculator", "batch_size": 4, "eval_size": 4}))
+    rows = trainer.train_rows[:4]
+    trainer.sample_rows = lambda n: rows
+    before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    metrics = trainer.sft_step()
+    trainer.model.load_state_dict(before)
+    p, pm = trainer.encode_prompts([r["prompt"] for r in rows])
+    a, am, tool = trainer.encode_completions([r["completion"] for r in rows])
+    assert int(am.sum()) == metrics["tokens"] and not (am & tool).any()
+    assert int(tool.sum()) == sum(len(r["answer"]) + 2 for r in rows)  # {answer} in each
+    with torch.no_grad():
+        logp, _ = token_logprobs(trainer.model, p, pm, a, am)
+    assert metrics["loss"] == pytest.approx(-float(aggregate(logp, am, "token-mean")), rel=1e-5)
+
+
+@pytest.fixture(scope="module")
+def calculator_model(tmp_path_factory):
+    """A tiny Llama after 100 SFT steps on the calculator task's traces: it calls the tool on the prompt's two
+    numbers and copies the result (exact match 0.99-1.0 at 80-300 steps)."""
+    settings = {"task": "calculator", "steps": 100, "batch_size": 64, "eval_every": 100, "eval_size": 100}
+    return train_llm("sft", settings, tmp_path_factory.mktemp("runs"), verbose=False)
+
+
+def test_the_calculator_tasks_answers_come_from_the_tool(calculator_model, tmp_path):
+    """The SFT model multiplies by calling the calculator: given a calculator that lies (adds 1), the same model on
+    the same prompts answers nothing right, and every completion's text holds the lie."""
+    assert calculator_model.final_eval["accuracy"] >= 0.9
+    rows = multiplication_rows(50, 7)
+
+    def liar(expression: str) -> str:
+        return str(int(calculator(expression)) + 1)
+
+    base = {"model": str(calculator_model.dir), "eval_size": 50, "max_new_tokens": 20}
+    honest = LLMTrainer(make_config("grpo", {**base, **TAGS}), _inputs(rows, [calculator]))
+    lying = LLMTrainer(make_config("grpo", {**base, **TAGS}), _inputs(rows, [liar]))
+    assert honest.evaluate()["accuracy"] >= 0.9
+    assert lying.evaluate()["accuracy"] == 0.0
+    _, texts = lying.rollout(rows[:5], greedy=True)
+    for row, text in zip(rows[:5], texts):
+        assert "{" + str(int(row["answer"]) + 1) + "}" in text, text
+
+
+def _inputs(rows, tools):
+    from policylab.llm.trainer import LLMInputs
+
+    return LLMInputs(prompts=rows, eval_prompts=rows, tools=tools)
+
+
+def test_rl_learns_to_call_the_calculator(tmp_path):
+    """SFT on rows that call the calculator 15% of the time and otherwise guess the product (which a tiny model
+    cannot compute): the model seldom calls it. 60 GRPO steps raise the calls per completion from 0.08 to 0.98
+    and exact match from 0.01 to 0.215 (seed 0; the copying the few traces taught stays imperfect)."""
+    rng = np.random.default_rng(0)
+    rows = [r if rng.random() < 0.15 else {**r, "completion": r["answer"]} for r in multiplication_rows(4000, 1)]
+    path = tmp_path / "mixed.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    sft = {"prompts": str(path), "tools": ["calculator"], **TAGS, "steps": 400, "batch_size": 64, "eval_every": 400}
+    model = train_llm("sft", {**sft, "eval_size": 200, "max_new_tokens": 20}, tmp_path, verbose=False)
+    settings = {"model": str(model.dir), "task": "calculator", "steps": 60, "eval_every": 60, "batch_size": 16}
+    run = train_llm("grpo", settings, tmp_path, verbose=False)
+    with open(run.dir / "train.csv") as f:
+        calls = [float(row["tool_calls"]) for row in csv.DictReader(f)]
+    assert np.mean(calls[:5]) < 0.25 and np.mean(calls[-10:]) > 0.8, calls
+    assert run.final_eval["accuracy"] >= run.initial_eval["accuracy"] + 0.1, (run.initial_eval, run.final_eval)
+
+
+def test_a_run_with_a_python_tool_resumes_exactly_when_it_is_given_again(calculator_model, tmp_path):
+    rows = multiplication_rows(64, 3)
+    settings = {"model": str(calculator_model.dir), **TAGS, "max_new_tokens": 20, "steps": 4, "eval_every": 2,
+                "batch_size": 4, "group_size": 4, "eval_size": 8}  # fmt: skip
+    full = train_llm("grpo", settings, tmp_path, name="full", verbose=False, prompts=rows, tools=[calculator])
+    part = train_llm("grpo", settings, tmp_path, name="part", verbose=False, prompts=rows, tools=[calculator],
+                     callback=lambda step, _: step < 2)  # fmt: skip
+    with pytest.raises(LLMError, match=r"Python objects for tools(.|\n)*tools=\.\.\."):
+        train_llm(resume=part.dir, verbose=False, prompts=rows)
+    resumed = train_llm(resume=part.dir, verbose=False, prompts=rows, tools=[calculator])
+    from safetensors.torch import load_file
+
+    a, b = (load_file(run.dir / "model" / "model.safetensors") for run in (full, resumed))
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=0)
+    with open(full.dir / "train.csv") as f:
+        assert all(float(row["tool_calls"]) > 0.5 for row in csv.DictReader(f))
+
+
+def test_tool_settings_without_tools_or_out_of_range_are_errors():
+    with pytest.raises(ConfigError, match="tool_call_start and max_tool_calling_iterations would do nothing"):
+        LLMTrainer(make_config("grpo", {"tool_call_start": "[", "max_tool_calling_iterations": 2, "eval_size": 4}))
+    with pytest.raises(ConfigError, match="max_tool_calling_iterations=0 must be >= 1"):
+        LLMTrainer(make_config("grpo", {"task": "calculator", "max_tool_calling_iterations": 0, "eval_size": 4}))
+    with pytest.raises(ConfigError, match="a tool tag is empty"):
+        LLMTrainer(make_config("grpo", {"task": "calculator", "tool_call_end": "", "eval_size": 4}))
