@@ -11,6 +11,7 @@ from typing import Any
 
 from policylab.imports import import_user_module
 from policylab.llm import LLMError
+from policylab.llm.chat import COMPLETION_FIELDS, check_messages, normalized_row
 
 RewardFn = Callable[..., list[float]]
 
@@ -209,7 +210,7 @@ def load_prompts(path: str | Path, require: tuple[str, ...] = (), fix: str = "")
         except json.JSONDecodeError as exc:
             raise LLMError(f"{path}, line {number}: not JSON ({exc.msg})", "one JSON object per line") from None
         _check_row(row, f"{path}, line {number}", require, fix)
-        rows.append(row)
+        rows.append(normalized_row(row))
     if not rows:
         raise LLMError(f"{path} has no prompts", 'add lines like {"prompt": "2+2=", "answer": "4"}')
     return rows
@@ -235,12 +236,27 @@ def prompt_rows(
         raise LLMError(f"{what} has no rows", 'add rows like {"prompt": "2+2=", "answer": "4"}')
     for number, row in enumerate(rows):
         _check_row(row, f"{what}, row {number}", require, fix)
-    return [dict(row) for row in rows]
+    return [normalized_row(dict(row)) for row in rows]
 
 
 def _check_row(row: Any, where: str, require: tuple[str, ...] = (), fix: str = "") -> None:
-    if not isinstance(row, dict) or not isinstance(row.get("prompt"), str):
-        raise LLMError(f'{where}: no "prompt" string', 'give every row a "prompt" field')
+    """A row has a "prompt" (a string, or a list of messages) or "messages" (a whole conversation; llm/chat.py),
+    not both, and the fields in `require`."""
+    if isinstance(row, dict) and "messages" in row:
+        if "prompt" in row:
+            raise LLMError(
+                f'{where}: both "prompt" and "messages"',
+                'give a conversation as "messages", or a prompt (a string or messages) with its "completion"',
+            )
+        check_messages(row["messages"], where, "messages")
+        row = {**row, "answer": row.get("answer", row["messages"][-1]["content"])}
+    elif not isinstance(row, dict) or not (isinstance(row.get("prompt"), str) or isinstance(row.get("prompt"), list)):
+        raise LLMError(f'{where}: no "prompt" string', 'give every row a "prompt" field (or "messages")')
+    elif isinstance(row["prompt"], list):
+        check_messages(row["prompt"], where, "prompt")
+    for field in COMPLETION_FIELDS:
+        if isinstance(row.get(field), list):
+            check_messages(row[field], where, field)
     for key in require:
         if row.get(key) is None:
             raise LLMError(f'{where}: no "{key}" field', fix or f'give every row a "{key}" field')

@@ -81,6 +81,7 @@ from policylab.checkpoint import (
 from policylab.config import apply_values
 from policylab.errors import ConfigError, for_reader, suggest
 from policylab.llm import LLMError, fast_train, require_llm
+from policylab.llm.chat import conversation_key, conversation_tokens, rendered_rows
 from policylab.llm.epochs import ShuffledEpochs
 from policylab.llm.models import check_model, load_model, prepare_tokenizer, without_progress_bars
 from policylab.llm.rewards import (
@@ -100,6 +101,7 @@ from policylab.llm.tools import (
     ToolRunner,
     ToolStats,
     Turn,
+    left_padded,
     padded_turns,
     tool_table,
     trace_tokens,
@@ -294,6 +296,7 @@ SETTING_READERS: dict[str, tuple[str, ...]] = {
     "kl_in_reward": ("rl_step",),
     "normalize_advantages": ("rl_step",),
     "sft_loss": ("sft_step",),
+    "assistant_only_loss": ("sft_step",),
     "overlong_filter": ("rl_step",),  # rl_step masks the cut completions; ppo_step and online_dpo_step do not
     **dict.fromkeys(
         (
@@ -436,6 +439,9 @@ class LLMConfig:
     normalize_advantages: bool = False
     """Whiten the advantages over the batch's scored completions, (A - mean) / (std + 1e-4), after the group
     estimator (TRL's RLOOConfig option)."""
+    assistant_only_loss: bool = False
+    """SFT on `messages` rows: train on the assistant's tokens only (TRL's SFTConfig setting; the chat template
+    must mark them with {% generation %}), not on the whole conversation."""
     sft_loss: str = "nll"
     """SFT's loss: nll, or dft (Dynamic Fine-Tuning, Wu et al. 2025; TRL's SFTConfig loss_type): each token's NLL
     times its probability, without gradient through the weight."""
@@ -1634,16 +1640,23 @@ class LLMTrainer:
                 + (" (precompute_ref_log_probs drops it)" if cfg.precompute_ref_log_probs else ""),
                 "use it with a loss that reads a reference (DPO's sigmoid, KTO, kl_coef > 0, a2po), or drop it",
             )
-        self.train_rows, self.eval_rows = rows_of(self.task, cfg, inputs)
+        self.train_rows, self.eval_rows = (
+            rendered_rows(rows, self.tokenizer) for rows in rows_of(self.task, cfg, inputs)
+        )
         expert, pairs = _given(cfg, inputs, "expert"), _given(cfg, inputs, "pairs")
-        self.expert_rows = prompt_rows(expert, "expert") if expert is not None else self.train_rows
+        self.expert_rows = (
+            rendered_rows(prompt_rows(expert, "expert"), self.tokenizer) if expert is not None else self.train_rows
+        )
         self.pair_rows = None
         if pairs is not None and cfg.algo == "kto":
-            self.pair_rows = check_unpaired_rows(prompt_rows(pairs, "pairs"))
+            self.pair_rows = check_unpaired_rows(rendered_rows(prompt_rows(pairs, "pairs"), self.tokenizer))
         elif pairs is not None and cfg.algo == "tpo" and cfg.tpo_alpha:
             self.pair_rows = prompt_rows(pairs, "pairs", ("chosen", "rejected", "reference"), TPO_PAIRS_FIX)
         elif pairs is not None:
             self.pair_rows = prompt_rows(pairs, "pairs", ("chosen", "rejected"), PAIRS_FIX)
+        self.pair_rows = None if self.pair_rows is None else rendered_rows(self.pair_rows, self.tokenizer)
+        self.conversations: dict[str, tuple[list[int], list[int], list[bool]]] = {}
+        """SFT's tokens of each `messages` row's conversation (chat.conversation_tokens), by the conversation."""
         self.eval_pairs: list[tuple[str, str, str, float]] = []
         """The reward model's held-out pairs (prompt, chosen, rejected, margin)."""
         if cfg.algo == "reward_model":
@@ -1927,10 +1940,35 @@ class LLMTrainer:
         ids, mask, _, tool = padded_turns(turns, max(len(t.ids) for t in turns), self.tokenizer.pad_token_id)
         return ids, mask, tool
 
+    def sft_batch(self, rows: list[dict[str, Any]]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """(prompt ids, prompt mask, completion ids, the mask of the trained completion tokens) of SFT rows: the
+        prompt and its expert completion, or for a `messages` row its conversation's tokens (chat.py)."""
+        if not any("messages" in row for row in rows):
+            prompt_ids, prompt_mask = self.encode_prompts([row["prompt"] for row in rows])
+            ids, mask, _ = self.encode_completions([expert_completion(row) for row in rows])
+            return prompt_ids, prompt_mask, ids, mask
+        prompts: list[list[int]] = []
+        turns: list[Turn] = []
+        for row in rows:
+            if "messages" in row:
+                key = conversation_key(row["messages"])
+                if key not in self.conversations:
+                    assistant_only = self.cfg.assistant_only_loss
+                    self.conversations[key] = conversation_tokens(self.tokenizer, row["messages"], assistant_only)
+                prompt, rest, trained = self.conversations[key]
+            else:
+                prompt = self.encode_prompts.token_lists([row["prompt"]])[0]
+                ids, mask, _ = self.encode_completions([expert_completion(row)])
+                rest, trained = ids[0].tolist(), mask[0].tolist()
+            prompts.append(prompt)
+            turns.append(Turn(rest, trained, [0.0] * len(rest)))
+        prompt_ids, prompt_mask = left_padded(prompts, self.tokenizer.pad_token_id)
+        ids, mask, _, _ = padded_turns(turns, max(len(t.ids) for t in turns), self.tokenizer.pad_token_id)
+        return prompt_ids, prompt_mask, ids, mask
+
     def sft_step(self) -> dict[str, float]:
         rows = self.sample_rows(self.cfg.batch_size)
-        prompt_ids, prompt_mask = self.encode_prompts([row["prompt"] for row in rows])
-        answer_ids, answer_mask, _ = self.encode_completions([expert_completion(row) for row in rows])
+        prompt_ids, prompt_mask, answer_ids, answer_mask = self.sft_batch(rows)
         logp, _ = token_logprobs(self.model, prompt_ids, prompt_mask, answer_ids, answer_mask)
         weighted = logp * logp.detach().exp() if self.cfg.sft_loss == "dft" else logp  # DFT: NLL x p, p held
         loss = -aggregate(weighted, answer_mask, "token-mean")

@@ -1,0 +1,121 @@
+"""Conversational rows (TRL's conversational dataset formats), rendered with the tokenizer's chat template:
+
+- a `prompt` that is a list of messages ({"role", "content"}) becomes the template's text of them with the
+  generation prompt (`add_generation_prompt=True`), what sampling continues;
+- a `completion`, `chosen`, `rejected` or `reference` that is a list of messages becomes its assistant
+  messages' content (the completion ends with the tokenizer's EOS, as every completion here);
+- a `messages` row (a whole conversation, for SFT) gets the prompt of its messages before the last (with the
+  generation prompt) and, unless given, `completion` and `answer` from its last message (the assistant's), what
+  RL and the evaluation read; SFT trains on the conversation's tokens (`conversation_tokens`): all of them after
+  the first, or, with `assistant_only_loss`, the assistant's only (the template must mark them with
+  {% generation %}, as TRL requires).
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from policylab.llm import LLMError
+
+COMPLETION_FIELDS = ("completion", "chosen", "rejected", "reference")
+"""The fields that may hold a conversation's assistant messages instead of a string."""
+
+
+def is_conversation(value: Any) -> bool:
+    return isinstance(value, list) and all(isinstance(m, dict) for m in value)
+
+
+def check_messages(value: Any, where: str, field: str) -> None:
+    """One error naming the row and field where a list of messages is malformed."""
+    fix = 'write messages as [{"role": "user", "content": "..."}, {"role": "assistant", "content": "..."}]'
+    if not isinstance(value, list) or not value:
+        raise LLMError(f'{where}: "{field}" is not a non-empty list of messages', fix)
+    for number, message in enumerate(value):
+        if not isinstance(message, dict) or not isinstance(message.get("role"), str):
+            raise LLMError(f'{where}: "{field}" message {number} has no "role" string', fix)
+        if not isinstance(message.get("content"), str):
+            raise LLMError(f'{where}: "{field}" message {number} has no "content" string', fix)
+    if field == "messages" and value[-1]["role"] != "assistant":
+        raise LLMError(
+            f'{where}: the last of "messages" is a {value[-1]["role"]!r} message, not the assistant\'s',
+            "end each conversation with the assistant's message (what SFT and the evaluation's answer read)",
+        )
+
+
+def normalized_row(row: dict[str, Any]) -> dict[str, Any]:
+    """A `messages` row with the `answer` its evaluation compares (the last message's content) unless given."""
+    if "messages" in row and "prompt" not in row and "answer" not in row:
+        return {**row, "answer": row["messages"][-1]["content"]}
+    return row
+
+
+def has_conversations(rows: list[dict[str, Any]]) -> bool:
+    return any(
+        "messages" in row
+        or is_conversation(row.get("prompt"))
+        or any(is_conversation(row.get(f)) for f in COMPLETION_FIELDS)
+        for row in rows
+    )
+
+
+def require_template(tokenizer: Any) -> None:
+    if not getattr(tokenizer, "chat_template", None):
+        raise LLMError(
+            f"the rows are conversations (lists of messages), and the tokenizer {type(tokenizer).__name__} has no "
+            "chat template to render them",
+            "use a model whose tokenizer has one (an instruct model's), set tokenizer.chat_template, or give the "
+            "prompts as strings",
+        )
+
+
+def render(tokenizer: Any, messages: list[dict[str, Any]]) -> str:
+    """The chat template's text of `messages` with the generation prompt (what the assistant's turn follows)."""
+    return str(tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True))
+
+
+def rendered_rows(rows: list[dict[str, Any]], tokenizer: Any) -> list[dict[str, Any]]:
+    """The rows with string prompts and completions (the module's docstring); rows of strings unchanged."""
+    if not has_conversations(rows):
+        return rows
+    require_template(tokenizer)
+    out = []
+    for row in rows:
+        row = dict(row)
+        if "messages" in row and "prompt" not in row:
+            row["prompt"] = render(tokenizer, row["messages"][:-1])
+            row.setdefault("completion", row["messages"][-1]["content"])
+        elif is_conversation(row.get("prompt")):
+            row["prompt"] = render(tokenizer, row["prompt"])
+        for field in COMPLETION_FIELDS:
+            if is_conversation(row.get(field)):
+                row[field] = "".join(m["content"] for m in row[field] if m["role"] == "assistant")
+        out.append(row)
+    return out
+
+
+def conversation_key(messages: list[dict[str, Any]]) -> str:
+    return json.dumps(messages, sort_keys=True)
+
+
+def conversation_tokens(
+    tokenizer: Any, messages: list[dict[str, Any]], assistant_only: bool
+) -> tuple[list[int], list[int], list[bool]]:
+    """(prompt tokens, the rest's tokens, which of the rest are trained) of a whole conversation: the prompt is
+    the tokens before the first trained one (the first token without `assistant_only`, else the first of the
+    assistant's, by the template's {% generation %} marks)."""
+    encoded = tokenizer.apply_chat_template(
+        messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=assistant_only
+    )
+    ids = list(encoded["input_ids"])
+    if not assistant_only:
+        return ids[:1], ids[1:], [True] * (len(ids) - 1)
+    marks = [bool(m) for m in encoded["assistant_masks"]]
+    if not any(marks):
+        raise LLMError(
+            "assistant_only_loss=true needs the chat template to mark the assistant's tokens with "
+            "{% generation %} ... {% endgeneration %}, and this one marks none",
+            "use a template with generation marks, or set assistant_only_loss=false (train on the whole conversation)",
+        )
+    start = marks.index(True)
+    return ids[:start], ids[start:], marks[start:]

@@ -1,0 +1,160 @@
+"""Conversational rows (TRL's formats) through a chat template: rendering, SFT on whole conversations with and
+without assistant-only loss, RL on conversational prompts, and the errors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from policylab.llm import LLMError
+from policylab.llm.chat import conversation_tokens, rendered_rows
+from policylab.llm.models import build_tiny_model
+from policylab.llm.rewards import prompt_rows
+from policylab.llm.tasks import addition_rows, char_tokenizer
+from policylab.llm.trainer import LLMInputs, LLMTrainer, make_config, train_llm
+
+TEMPLATE = (
+    "{% for m in messages %}{% if m['role'] == 'user' %}({{ m['content'] }}){% else %}:{% generation %}"
+    "{{ m['content'] }}{{ eos_token }}{% endgeneration %}{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}:{% endif %}"
+)
+"""A user turn in parentheses, an assistant turn after a colon and up to EOS (marked for assistant-only loss)."""
+
+
+def chat_tokenizer():
+    tok = char_tokenizer()
+    tok.chat_template = TEMPLATE
+    return tok
+
+
+def user(text):
+    return {"role": "user", "content": text}
+
+
+def assistant(text):
+    return {"role": "assistant", "content": text}
+
+
+def conversations(n, seed):
+    """Two-turn conversations: a sum and its answer, then another sum, whose answer the assistant gives last."""
+    rows = addition_rows(2 * n, seed)
+    return [
+        {"messages": [user(a["prompt"]), assistant(a["answer"]), user(b["prompt"]), assistant(b["answer"])]}
+        for a, b in zip(rows[::2], rows[1::2])
+    ]
+
+
+def test_conversational_rows_render_with_the_chat_template():
+    tok = chat_tokenizer()
+    rows = prompt_rows(
+        [
+            {"prompt": [user("1+2=")], "completion": [assistant("03")], "answer": "03"},
+            {"messages": [user("1+1="), assistant("02"), user("2+2="), assistant("04")]},
+            {"prompt": "3+3=", "answer": "06"},
+        ]
+    )
+    assert rows[1]["answer"] == "04"  # a conversation's answer: its last message's, unless given
+    rendered = rendered_rows(rows, tok)
+    assert rendered[0]["prompt"] == "(1+2=):" == tok.apply_chat_template([user("1+2=")], tokenize=False,
+                                                                         add_generation_prompt=True)  # fmt: skip
+    assert rendered[0]["completion"] == "03"
+    assert rendered[1]["prompt"] == "(1+1=):02<eos>(2+2=):" and rendered[1]["completion"] == "04"
+    assert rendered[2] == rows[2]
+    plain = [{"prompt": "1+1=", "answer": "2"}]
+    assert rendered_rows(plain, char_tokenizer()) is plain  # string rows need no template
+    with pytest.raises(LLMError, match="has no chat template"):
+        rendered_rows(rows, char_tokenizer())
+
+
+def test_malformed_conversations_are_one_error_naming_the_row_and_field():
+    cases = [
+        ({"messages": [user("1+1=")]}, "the last of \"messages\" is a 'user' message"),
+        ({"messages": [user("1+1="), assistant("2")], "prompt": "x"}, 'both "prompt" and "messages"'),
+        ({"messages": []}, '"messages" is not a non-empty list'),
+        ({"prompt": [{"role": "user"}]}, '"prompt" message 0 has no "content" string'),
+        ({"prompt": "1+1=", "completion": [{"content": "2"}]}, '"completion" message 0 has no "role" string'),
+    ]
+    for row, message in cases:
+        with pytest.raises(LLMError, match=f"rows, row 1: {message}"):
+            prompt_rows([{"prompt": "ok"}, row], "rows")
+
+
+def test_a_conversations_tokens_train_on_all_of_it_or_on_the_assistants_marked_turns():
+    tok = chat_tokenizer()
+    messages = [user("1+1="), assistant("02"), user("2+2="), assistant("04")]
+    text = "(1+1=):02<eos>(2+2=):04<eos>"
+    prompt, rest, trained = conversation_tokens(tok, messages, assistant_only=True)
+    assert tok.decode(prompt + rest) == text and tok.decode(prompt) == "(1+1=):"
+    assert [t for t, keep in zip(rest, trained) if keep] == tok("02<eos>04<eos>", add_special_tokens=False)["input_ids"]
+    prompt, rest, trained = conversation_tokens(tok, messages, assistant_only=False)
+    assert tok.decode(prompt) == "(" and tok.decode(prompt + rest) == text and all(trained)
+    unmarked = char_tokenizer()
+    unmarked.chat_template = TEMPLATE.replace("{% generation %}", "").replace("{% endgeneration %}", "")
+    with pytest.raises(LLMError, match="marks none"):
+        conversation_tokens(unmarked, messages, assistant_only=True)
+
+
+def _trainer(algo, settings, rows):
+    tok = chat_tokenizer()
+    model = build_tiny_model("tiny-llama", tok)
+    inputs = LLMInputs(model=model, tokenizer=tok, prompts=rows, eval_prompts=rows)
+    return LLMTrainer(make_config(algo, {"eval_size": 4, "max_new_tokens": 4, **settings}), inputs)
+
+
+@pytest.mark.parametrize("assistant_only", [True, False])
+def test_sft_on_conversations_takes_the_loss_over_the_tokens_it_trains(assistant_only):
+    from policylab.llm.rollout import token_logprobs
+    from policylab.objectives.aggregation import aggregate
+
+    rows = conversations(4, 0)
+    trainer = _trainer("sft", {"batch_size": 4, "assistant_only_loss": assistant_only}, rows)
+    drawn = trainer.train_rows[:4]
+    trainer.sample_rows = lambda n: drawn
+    before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    metrics = trainer.sft_step()
+    trainer.model.load_state_dict(before)
+    tok = trainer.tokenizer
+    p, pm, ids, mask = trainer.sft_batch(drawn)
+    for i, row in enumerate(drawn):
+        text = tok.apply_chat_template(row["messages"], tokenize=False)
+        assert tok.decode(torch.cat([p[i][pm[i].bool()], ids[i][: len(text)]]).tolist()).startswith(text[:-5])
+    # 2 answers of 3 digits + EOS each; else each turn pair "(07+85=):092<eos>" (13 tokens) twice, but the first
+    trained_tokens = 8 if assistant_only else 2 * 13 - 1
+    assert metrics["tokens"] == 4 * trained_tokens == int(mask.sum())
+    with torch.no_grad():
+        logp, _ = token_logprobs(trainer.model, p, pm, ids, mask)
+    assert metrics["loss"] == pytest.approx(-float(aggregate(logp, mask, "token-mean")), rel=1e-5)
+
+
+def test_sft_learns_from_conversations_and_rl_samples_after_the_rendered_prompt(tmp_path):
+    """300 SFT steps on two-turn conversations of sums (the evaluation: the last answer, after the first turn's sum
+    and answer): on the assistant's tokens only, exact match 0.51; on the whole conversation, whose other tokens
+    are random digits, 0.09 (seed 0). GRPO on conversational prompts then samples after the template's
+    generation prompt and trains."""
+    rows = conversations(600, 0)
+    path = tmp_path / "chats.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    runs = {}
+    for assistant_only in (True, False):
+        tok = chat_tokenizer()
+        settings = {"steps": 300, "batch_size": 64, "eval_every": 300, "eval_size": 100, "max_new_tokens": 4,
+                    "assistant_only_loss": assistant_only}  # fmt: skip
+        model = build_tiny_model("tiny-llama", tok)
+        name = f"sft-{assistant_only}"
+        runs[assistant_only] = train_llm("sft", settings, tmp_path, name=name, verbose=False, prompts=str(path),
+                                         tokenizer=tok, model=model)  # fmt: skip
+    sft = runs[True]
+    assert sft.initial_eval["accuracy"] == 0.0 and sft.final_eval["accuracy"] >= 0.3, sft.final_eval
+    assert sft.final_eval["accuracy"] >= runs[False].final_eval["accuracy"] + 0.2, runs[False].final_eval
+    prompts = [{"prompt": r["messages"][:3], "answer": r["messages"][3]["content"]} for r in rows]
+    from policylab.llm.models import load_model
+
+    model, saved_tok = load_model(sft.dir)
+    assert saved_tok.chat_template == TEMPLATE  # the run's model keeps its template
+    grpo = {"steps": 2, "batch_size": 4, "group_size": 4, "eval_size": 100, "max_new_tokens": 4}
+    trainer = LLMTrainer(make_config("grpo", grpo), LLMInputs(model=model, tokenizer=saved_tok, prompts=prompts))
+    assert trainer.train_rows[0]["prompt"].endswith("):") and trainer.train_rows[0]["prompt"].count("<eos>") == 1
+    assert trainer.evaluate()["accuracy"] == pytest.approx(sft.final_eval["accuracy"], abs=0.1)
+    assert trainer.rl_step()["tokens"] > 0
