@@ -2197,6 +2197,8 @@ READ = {
     "reward_clip_range": ([-1.0, 1.0],),
     "normalize_advantages": (True,),
     "sft_loss": ("dft",),
+    "assistant_only_loss": (True,),
+    "num_generations_eval": (4,),
     "kl_in_reward": (True,),
     "multi_objective_aggregation": ("normalize_then_sum",),
     "min_p": (0.05,),
@@ -2640,3 +2642,27 @@ def test_a_reward_module_in_the_current_directory_is_found_as_python_m_finds_it(
         load_reward("nothere_x.rewards:f")
     sys.modules.pop("mypkg_cwd_rewards", None)
     sys.modules.pop("mypkg_cwd_rewards.rewards", None)
+
+
+def test_num_generations_eval_adds_pass_at_k_and_the_samples_mean_reward_to_each_evaluation(sft_model, tmp_path):
+    from policylab.llm.rewards import exact_match
+    from policylab.llm.trainer import LLMTrainer
+
+    settings = {"model": str(sft_model.dir), "eval_size": 20, "num_generations_eval": 4}
+    trainer = LLMTrainer(make_config("grpo", settings))
+    state = trainer.generator.get_state()
+    result = trainer.evaluate()
+    trainer.generator.set_state(state)
+    rows = [row for row in trainer.eval_rows for _ in range(4)]
+    _, sampled = trainer.rollout(rows)
+    hits = exact_match([], sampled, [row["answer"] for row in rows])
+    assert result["sampled_reward"] == pytest.approx(sum(hits) / len(hits))
+    assert result["pass@4"] == sum(any(hits[i : i + 4]) for i in range(0, len(hits), 4)) / 20
+    assert set(trainer.evaluate(1)) == {"accuracy", "reward"}  # 1: the greedy evaluation only
+    run = train_llm("grpo", {**settings, "steps": 2, "eval_every": 1, "batch_size": 4}, tmp_path, verbose=False)
+    with open(run.dir / "eval.csv") as f:
+        assert [set(row) for row in csv.DictReader(f)] == [
+            {"step", "accuracy", "reward", "pass@4", "sampled_reward"}
+        ] * 3
+    with pytest.raises(ConfigError, match="num_generations_eval=0 must be >= 1"):
+        make_config("grpo", {"num_generations_eval": 0})

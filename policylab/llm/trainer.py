@@ -297,6 +297,8 @@ SETTING_READERS: dict[str, tuple[str, ...]] = {
     "normalize_advantages": ("rl_step",),
     "sft_loss": ("sft_step",),
     "assistant_only_loss": ("sft_step",),
+    # every algorithm's evaluation decodes, but the reward model's (its held-out pairs)
+    "num_generations_eval": tuple(dict.fromkeys(training_step(a) for a in ALGOS if a != "reward_model")),
     "overlong_filter": ("rl_step",),  # rl_step masks the cut completions; ppo_step and online_dpo_step do not
     **dict.fromkeys(
         (
@@ -439,6 +441,9 @@ class LLMConfig:
     normalize_advantages: bool = False
     """Whiten the advantages over the batch's scored completions, (A - mean) / (std + 1e-4), after the group
     estimator (TRL's RLOOConfig option)."""
+    num_generations_eval: int = 1
+    """Completions sampled per evaluation row at each evaluation, beside the greedy one (TRL's setting; 1: the
+    greedy one only): eval.csv gains pass@k and their mean reward, sampled_reward."""
     assistant_only_loss: bool = False
     """SFT on `messages` rows: train on the assistant's tokens only (TRL's SFTConfig setting; the chat template
     must mark them with {% generation %}), not on the whole conversation."""
@@ -663,6 +668,10 @@ class LLMConfig:
             raise ConfigError(f"lora_rank={self.lora_rank} must be >= 0", "set it to e.g. 8 (0: no LoRA)")
         if self.generation_workers < 0:
             raise ConfigError(f"generation_workers={self.generation_workers} must be >= 0", "set it to 0 or e.g. 2")
+        if self.num_generations_eval < 1:
+            raise ConfigError(
+                f"num_generations_eval={self.num_generations_eval} must be >= 1", "set it to 1 (greedy only) or e.g. 8"
+            )
         if self.generation_backend not in ("ray", "inline"):
             raise ConfigError(
                 f"generation_backend={self.generation_backend!r} is not one of ray, inline",
@@ -2562,12 +2571,12 @@ class LLMTrainer:
         self.optimizer.step()
 
     @torch.no_grad()
-    def evaluate(self, k: int = 1) -> dict[str, float]:
-        """Greedy exact-match accuracy and mean reward on the evaluation rows; with k > 1 also pass@k (at least
-        one of k sampled completions is correct). A reward model: its accuracy on the held-out pairs (the share
-        where the chosen completion scores higher) and its mean margin r(y_w) - r(y_l)."""
-        if k < 1:
-            raise ConfigError(f"k={k} must be >= 1", "pass --k 1 (greedy accuracy only) or more (pass@k)")
+    def evaluate(self, k: int | None = None) -> dict[str, float]:
+        """Greedy exact-match accuracy and mean reward on the evaluation rows; with k samples per row (None: the
+        run's num_generations_eval; 1 or less: none) also pass@k (at least one of k sampled completions is correct)
+        and their mean reward (TRL's evaluation reward). A reward model: its accuracy on the held-out pairs (the
+        share where the chosen completion scores higher) and its mean margin r(y_w) - r(y_l)."""
+        k = self.cfg.num_generations_eval if k is None else k
         if self.cfg.algo == "reward_model":
             with self.eval_mode(), torch.no_grad():  # dropout off, as the saved classifier scores
                 chosen, rejected = self.pair_rewards(self.eval_pairs)
@@ -2582,8 +2591,11 @@ class LLMTrainer:
         if k > 1:
             rows = [row for row in self.eval_rows for _ in range(k)]
             _, sampled = self.rollout(rows)
-            hits = [r >= 1.0 for r in reward_values(self.task, [r["prompt"] for r in rows], sampled, rows)]
+            values = reward_values(self.task, [r["prompt"] for r in rows], sampled, rows)
+            hits = [r >= 1.0 for r in values]
             out[f"pass@{k}"] = sum(any(hits[i * k : (i + 1) * k]) for i in range(n)) / n
+            scored = [r for r in values if r == r]
+            out["sampled_reward"] = math.fsum(scored) / max(len(scored), 1)
         return out
 
     def checkpoint(self, extra: dict[str, Any]) -> tuple[dict[str, Tensor], dict[str, Any]]:
