@@ -2163,6 +2163,7 @@ EVERY_ALGORITHM = {
     "rewards": ["exact_match", "numeric_match=0.5"],
     "stop": ["7"],
     "tools": ["calculator"],
+    "environment": "mypkg.envs:Game",
     "max_tool_calling_iterations": 2,
     "tool_call_start": "[",
     "tool_call_end": "]",

@@ -158,3 +158,24 @@ def test_sft_learns_from_conversations_and_rl_samples_after_the_rendered_prompt(
     assert trainer.train_rows[0]["prompt"].endswith("):") and trainer.train_rows[0]["prompt"].count("<eos>") == 1
     assert trainer.evaluate()["accuracy"] == pytest.approx(sft.final_eval["accuracy"], abs=0.1)
     assert trainer.rl_step()["tokens"] > 0
+
+
+class Hint:
+    """An environment whose reset text is a hint, appended to the prompt."""
+
+    def reset(self, **_):
+        return "7"
+
+    def look(self):
+        return "0"
+
+
+def test_an_environments_reset_text_joins_the_last_message_of_a_conversational_prompt():
+    rows = [{"prompt": [user("1+1=")], "answer": "2"}, {"prompt": "2+2=", "answer": "4"}]
+    tok = chat_tokenizer()
+    inputs = LLMInputs(model=build_tiny_model("tiny-llama", tok), tokenizer=tok, prompts=rows, eval_prompts=rows,
+                       environment=Hint)  # fmt: skip
+    trainer = LLMTrainer(make_config("grpo", {"eval_size": 2, "max_new_tokens": 4}), inputs)
+    rollout, _ = trainer.rollout(trainer.eval_rows, greedy=True)
+    prompts = [tok.decode(ids[mask.bool()]) for ids, mask in zip(rollout.prompt_ids, rollout.prompt_mask)]
+    assert prompts == ["(1+1=7):", "2+2=7"]

@@ -13,6 +13,7 @@ import torch
 
 from policylab.errors import ConfigError
 from policylab.llm import LLMError
+from policylab.llm.rollout import decode
 from policylab.llm.tasks import CHARACTERS, char_tokenizer, multiplication_rows
 from policylab.llm.tools import (
     ToolFormat,
@@ -26,7 +27,7 @@ from policylab.llm.tools import (
     tool_table,
     trace_tokens,
 )
-from policylab.llm.trainer import LLMTrainer, make_config, train_llm
+from policylab.llm.trainer import LLMInputs, LLMTrainer, make_config, train_llm
 
 TAGS = {"tool_call_start": "[", "tool_call_end": "]", "tool_response_start": "{", "tool_response_end": "}"}
 
@@ -97,14 +98,15 @@ class ScriptedSampler:
 def test_the_runner_appends_each_result_samples_on_and_masks_the_results_out_of_the_loss():
     tok = char_tokenizer(CHARACTERS + "[]{}")
     fmt = ToolFormat("[", "]", "{", "}")
-    runner = ToolRunner(tok, {"calculator": calculator}, fmt, [], max_iterations=2)
+    runner = ToolRunner(tok, fmt, [], max_iterations=2, calls=True)
+    calc = [{"calculator": calculator}] * 3
     encode = lambda text: tok(text, add_special_tokens=False)["input_ids"]  # noqa: E731
     prompts = [encode("6*7="), encode("2*3="), encode("1+1=")]
     first_texts = ["[6*7]9999", "[2*3]", "2"]  # what the first sampling wrote (after a call, to be dropped)
     first = [Turn(encode(t), [True] * len(t), [-0.5] * len(t)) for t in first_texts]
     first[2].ids.append(tok.eos_token_id), first[2].trained.append(True), first[2].logprobs.append(-0.5)
     sampler = ScriptedSampler(tok, {"{42}": "42", "{6}": "[6*2]", "{12}": "12"})
-    turns, stats = runner.run(prompts, first, sampler, width=20)
+    turns, stats = runner.run(prompts, first, sampler, 20, calc)
     texts = [tok.decode(t.ids, skip_special_tokens=True) for t in turns]
     assert texts == ["[6*7]{42}42", "[2*3]{6}[6*2]{12}12", "2"]
     assert (stats.calls, stats.failures) == (3, 0)
@@ -116,14 +118,14 @@ def test_the_runner_appends_each_result_samples_on_and_masks_the_results_out_of_
     assert (trained[0] == (~tool[0] & (torch.arange(20) <= len(row)))).all()
     assert logprobs[0, :5].tolist() == [-0.5] * 5 and (logprobs[0, 5:9] == 0).all() and logprobs[0, 9] == -1.0
     # the limit on calls: the second row's second call is not run after max_iterations=1
-    once = ToolRunner(tok, {"calculator": calculator}, fmt, [], max_iterations=1)
+    once = ToolRunner(tok, fmt, [], max_iterations=1, calls=True)
     first = [Turn(encode(t), [True] * len(t), [-0.5] * len(t)) for t in first_texts[:2]]
-    turns, stats = once.run(prompts[:2], first, ScriptedSampler(tok, sampler.script), width=20)
+    turns, stats = once.run(prompts[:2], first, ScriptedSampler(tok, sampler.script), 20, calc)
     assert [tok.decode(t.ids, skip_special_tokens=True) for t in turns] == ["[6*7]{42}42", "[2*3]{6}[6*2]"]
     assert stats.calls == 2
     # a result that does not fit in the budget is not appended: the row ends at its call
     first = [Turn(encode("[6*7]"), [True] * 5, [-0.5] * 5)]
-    turns, _ = runner.run(prompts[:1], first, ScriptedSampler(tok, sampler.script), width=8)
+    turns, _ = runner.run(prompts[:1], first, ScriptedSampler(tok, sampler.script), 8, calc)
     assert tok.decode(turns[0].ids) == "[6*7]"
 
 
@@ -177,8 +179,6 @@ def test_the_calculator_tasks_answers_come_from_the_tool(calculator_model, tmp_p
 
 
 def _inputs(rows, tools):
-    from policylab.llm.trainer import LLMInputs
-
     return LLMInputs(prompts=rows, eval_prompts=rows, tools=tools)
 
 
@@ -226,3 +226,87 @@ def test_tool_settings_without_tools_or_out_of_range_are_errors():
         LLMTrainer(make_config("grpo", {"task": "calculator", "max_tool_calling_iterations": 0, "eval_size": 4}))
     with pytest.raises(ConfigError, match="a tool tag is empty"):
         LLMTrainer(make_config("grpo", {"task": "calculator", "tool_call_end": "", "eval_size": 4}))
+
+
+class Counter:
+    """An environment: its completion's calculator, counting the calls; its reward is their number."""
+
+    made = 0
+
+    def __init__(self):
+        Counter.made += 1
+        self.calls, self.answer = 0, None
+
+    def reset(self, prompt, answer, **_):
+        self.calls, self.answer = 0, answer
+
+    def calculator(self, expression):
+        self.calls += 1
+        return calculator(expression)
+
+    def get_reward(self):
+        return float(self.calls)
+
+
+def test_an_environment_gives_each_completion_its_own_instance_tools_and_reward(calculator_model):
+    """Each completion's calls go to its own instance (its count is that completion's calls), the instances are
+    made once and reset for every rollout, get_reward is the reward (alone, then added to --reward's), and reward
+    functions receive the instances."""
+    rows = multiplication_rows(8, 5)
+    base = {"model": str(calculator_model.dir), **TAGS, "max_new_tokens": 20, "batch_size": 2, "group_size": 4}
+    seen = []
+
+    def spy(prompts, completions, environments, **_):
+        seen.append(environments)
+        return [0.0] * len(completions)
+
+    for rewards, extra in ((None, 0.0), (["exact_match"], 1.0)):
+        Counter.made = 0
+        inputs = LLMInputs(prompts=rows, eval_prompts=rows, environment=Counter, rewards=rewards)
+        trainer = LLMTrainer(make_config("grpo", {**base, "eval_size": 8}), inputs)
+        for _ in range(2):
+            rollout, reward, metrics = trainer.sample_groups()
+            counts = [e.calls for e in rollout.environments]
+            texts = decode(trainer.tokenizer, rollout)
+            assert counts == [text.count("{") for text in texts] and sum(counts) > 0
+            assert len({id(e) for e in rollout.environments}) == 8
+            hits = [float(t.rsplit("}", 1)[-1] == r["answer"]) for t, r in zip(texts, rollout.rows)]
+            torch.testing.assert_close(reward, torch.tensor(counts, dtype=torch.float32) + extra * torch.tensor(hits))
+            assert metrics["tool_calls"] == sum(counts) / 8
+        assert Counter.made == 8  # the probe, then the pool grew to the batch once
+    trainer = LLMTrainer(make_config("grpo", {**base, "eval_size": 8}),
+                         LLMInputs(prompts=rows, eval_prompts=rows, environment=Counter, rewards=[spy]))  # fmt: skip
+    trainer.sample_groups()
+    assert len(seen[-1]) == 8 and all(isinstance(e, Counter) for e in seen[-1])
+
+
+def test_environments_that_cannot_work_are_one_clear_error_each():
+    from policylab.llm.tools import Environments
+
+    class NoReset:
+        def act(self):
+            return 1
+
+    class NoTools:
+        def reset(self, **_):
+            return None
+
+    class BadObservation(NoTools):
+        def act(self):
+            return 1
+
+        def reset(self, **_):
+            return 3
+
+    def broken():
+        raise RuntimeError("no GPU")
+
+    for factory, message in ((NoReset, "no reset method"), (NoTools, "no public method"), (broken, "no GPU")):
+        with pytest.raises(LLMError, match=message):
+            Environments(factory, factory.__name__)
+    with pytest.raises(LLMError, match="reset returned a int"):
+        Environments(BadObservation, "BadObservation").reset([{"prompt": "1"}])
+    with pytest.raises(ConfigError, match="mix=luffy puts expert completions"):
+        LLMTrainer(make_config("grpo", {"mix": "luffy", "eval_size": 4}), LLMInputs(environment=Counter))
+    with pytest.raises(LLMError, match="is not module:Class"):
+        LLMTrainer(make_config("grpo", {"environment": "Counter", "eval_size": 4}))

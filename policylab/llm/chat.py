@@ -94,6 +94,18 @@ def rendered_rows(rows: list[dict[str, Any]], tokenizer: Any) -> list[dict[str, 
     return out
 
 
+def conversational_prompts(rows: list[dict[str, Any]], tokenizer: Any) -> dict[str, list[dict[str, Any]]]:
+    """The messages of the rows' conversational prompts (a `messages` row's: all but the last), by their rendered
+    text."""
+    found: dict[str, list[dict[str, Any]]] = {}
+    for row in rows:
+        messages = row["messages"][:-1] if "messages" in row and "prompt" not in row else row.get("prompt")
+        if is_conversation(messages) and messages:
+            require_template(tokenizer)
+            found[render(tokenizer, messages)] = messages
+    return found
+
+
 def conversation_key(messages: list[dict[str, Any]]) -> str:
     return json.dumps(messages, sort_keys=True)
 

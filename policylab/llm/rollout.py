@@ -34,6 +34,7 @@ class Rollout:
     rows: list[dict[str, Any]] | None = None  # the data rows of the prompts (what rewards read)
     tape: fast_train.Tape | None = None  # the sampler's activations (`generate(record=True)`), for training
     tool_mask: Tensor | None = None  # [N, T] the tokens tools wrote: in the context of later tokens, in no loss
+    environments: list[Any] | None = None  # each completion's environment instance (llm/tools.Environments)
 
     def __len__(self) -> int:
         return int(self.prompt_ids.shape[0])
@@ -51,6 +52,7 @@ class Rollout:
             None if self.rows is None else [self.rows[i] for i in index.tolist()],
             self.tape,  # used by a training pass only where these rows are the sampled ones (`Tape.usable`)
             None if self.tool_mask is None else self.tool_mask[index],
+            None if self.environments is None else [self.environments[i] for i in index.tolist()],
         )
 
     @property
@@ -93,6 +95,9 @@ def concat_rollouts(rollouts: list[Rollout], pad_token_id: int) -> Rollout:
                 for r in rollouts
             ]
         ).bool(),  # fmt: skip
+        environments=None
+        if any(r.environments is None for r in rollouts)
+        else [e for r in rollouts for e in r.environments or []],
     )
 
 

@@ -12,6 +12,7 @@ TRL) and counts as a failure in train.csv.
 from __future__ import annotations
 
 import ast
+import inspect
 import json
 import re
 from collections.abc import Callable
@@ -188,19 +189,13 @@ class ToolStats:
 
 
 class ToolRunner:
-    """Runs the tool calls of a batch of completions and samples on after each (`sample(ids, mask, width)`: one
-    completion of each left-padded context, at most `width` tokens; the trainer's sampler), cutting every
-    completion at its first stop string."""
+    """Runs the tool calls of a batch of completions, each row with its own tools (an environment's methods are
+    its instance's), and samples on after each (`sample(ids, mask, width)`: one completion of each left-padded
+    context, at most `width` tokens; the trainer's sampler), cutting every completion at its first stop string.
+    `calls`: whether completions call tools at all (else only the stop strings cut)."""
 
-    def __init__(
-        self,
-        tokenizer: Any,
-        tools: dict[str, Tool],
-        fmt: ToolFormat,
-        stop: list[str],
-        max_iterations: int,
-    ) -> None:
-        self.tokenizer, self.tools, self.fmt, self.stop = tokenizer, tools, fmt, list(stop)
+    def __init__(self, tokenizer: Any, fmt: ToolFormat, stop: list[str], max_iterations: int, calls: bool) -> None:
+        self.tokenizer, self.fmt, self.stop, self.calls = tokenizer, fmt, list(stop), calls
         self.max_iterations = max_iterations
         self.eos, self.pad = tokenizer.eos_token_id, tokenizer.pad_token_id
 
@@ -211,7 +206,7 @@ class ToolRunner:
         return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
     def markers(self) -> list[str]:
-        return self.stop + ([self.fmt.call_end] if self.tools else [])
+        return self.stop + ([self.fmt.call_end] if self.calls else [])
 
     def _cut(self, turn: Turn, start: int) -> str | None:
         """Cut the tokens from `start` on (the latest sampling) after the first stop string or call end: the
@@ -233,8 +228,10 @@ class ToolRunner:
         first: list[Turn],
         sample: Callable[[Tensor, Tensor, int], list[Turn]],
         width: int,
+        tools: list[dict[str, Tool]],
     ) -> tuple[list[Turn], ToolStats]:
-        """Each row's completion after its calls: `first` are the sampled completions of `prompts`."""
+        """Each row's completion after its calls: `first` are the sampled completions of `prompts`, `tools`
+        each row's tools by name."""
         stats, turns = ToolStats(), first
         bodies = {i: self._cut(turn, 0) for i, turn in enumerate(turns)}
         pending = [i for i, body in bodies.items() if body is not None]
@@ -243,7 +240,7 @@ class ToolRunner:
                 break
             going: list[int] = []
             for i in pending:
-                result, failed = call_tool(str(bodies[i]), self.tools)
+                result, failed = call_tool(str(bodies[i]), tools[i])
                 stats.calls, stats.failures = stats.calls + 1, stats.failures + failed
                 response = self.encode(self.fmt.response(result))
                 if len(turns[i].ids) + len(response) >= width:  # no room to answer: end here, as TRL does
@@ -321,3 +318,76 @@ def trace_tokens(tokenizer: Any, text: str, fmt: ToolFormat) -> tuple[list[int],
             ids += tokens
             trained += [model_written] * len(tokens)
     return ids, trained
+
+
+class Environments:
+    """Instances of an environment (TRL's GRPOTrainer `environment_factory`): a class or factory whose instances
+    have `reset(**row)` (returning None or text appended to the prompt), public methods (the tools of the
+    completion the instance serves) and, optionally, `get_reward()` (that completion's reward, read after its
+    rollout). One instance per completion of a batch, made once and reset before every rollout (pooled, as TRL
+    does), so completions never share state."""
+
+    def __init__(self, factory: Callable[[], Any], name: str) -> None:
+        self.factory, self.name = factory, name
+        probe = self._make()
+        kind = type(probe)
+        if not callable(getattr(probe, "reset", None)):
+            raise LLMError(f"environment {name}: its instances have no reset method", "define reset(self, **row)")
+        self.methods = [m for m, _ in inspect.getmembers(kind, inspect.isfunction) if self._is_tool(m)]
+        if not self.methods:
+            raise LLMError(
+                f"environment {name}: its instances have no public method for completions to call",
+                "define the tools as methods (not starting with _)",
+            )
+        self.rewarded = callable(getattr(probe, "get_reward", None))
+        self.pool: list[Any] = [probe]
+
+    @staticmethod
+    def _is_tool(name: str) -> bool:
+        return name not in ("reset", "get_reward") and not name.startswith("_")
+
+    def _make(self) -> Any:
+        try:
+            return self.factory()
+        except Exception as exc:
+            raise LLMError(f"environment {self.name} could not be made: {type(exc).__name__}: {exc}",
+                           "its factory (or class) must take no arguments") from exc  # fmt: skip
+
+    def reset(self, rows: list[dict[str, Any]]) -> tuple[list[Any], list[str]]:
+        """(an instance per row, reset with the row's fields; the text each appends to its prompt)."""
+        while len(self.pool) < len(rows):
+            self.pool.append(self._make())
+        instances, observations = self.pool[: len(rows)], []
+        for instance, row in zip(instances, rows):
+            observation = instance.reset(**row)
+            if observation is not None and not isinstance(observation, str):
+                raise LLMError(
+                    f"environment {self.name}: reset returned a {type(observation).__name__}",
+                    "return None, or the text to append to the prompt",
+                )
+            observations.append(observation or "")
+        return instances, observations
+
+    def tools(self, instances: list[Any]) -> list[dict[str, Tool]]:
+        return [{m: getattr(instance, m) for m in self.methods} for instance in instances]
+
+
+def load_environment(spec: str | Callable[[], Any]) -> Environments:
+    """An environment from a class or factory, or `module:Name`."""
+    if callable(spec):
+        return Environments(spec, getattr(spec, "__name__", type(spec).__name__))
+    module_name, sep, attr = spec.partition(":")
+    if not sep or not module_name or not attr:
+        raise LLMError(f"environment {spec!r} is not module:Class", "write e.g. --set environment=mypkg.envs:Wordle")
+    try:
+        factory = getattr(import_user_module(module_name), attr)
+    except ImportError as exc:
+        raise LLMError(f"environment {spec!r}: cannot import {module_name} ({exc})", "check the module path") from None
+    except AttributeError:
+        raise LLMError(f"environment {spec!r}: {module_name} has no {attr}", "check the class name") from None
+    return Environments(factory, attr)
+
+
+def environment_reward(prompts: list[str], completions: list[str], environments: list[Any], **_: Any) -> list[float]:
+    """Each completion's environment's get_reward() (the reward an environment owns)."""
+    return [float(environment.get_reward()) for environment in environments]

@@ -81,7 +81,13 @@ from policylab.checkpoint import (
 from policylab.config import apply_values
 from policylab.errors import ConfigError, for_reader, suggest
 from policylab.llm import LLMError, fast_train, require_llm
-from policylab.llm.chat import conversation_key, conversation_tokens, rendered_rows
+from policylab.llm.chat import (
+    conversation_key,
+    conversation_tokens,
+    conversational_prompts,
+    render,
+    rendered_rows,
+)
 from policylab.llm.epochs import ShuffledEpochs
 from policylab.llm.models import check_model, load_model, prepare_tokenizer, without_progress_bars
 from policylab.llm.rewards import (
@@ -97,11 +103,15 @@ from policylab.llm.rewards import (
 from policylab.llm.rollout import Rollout, completion_logits, concat_rollouts, decode, generate, token_logprobs
 from policylab.llm.tasks import CHARACTERS, Task, get_task
 from policylab.llm.tools import (
+    Environments,
+    Tool,
     ToolFormat,
     ToolRunner,
     ToolStats,
     Turn,
+    environment_reward,
     left_padded,
+    load_environment,
     padded_turns,
     tool_table,
     trace_tokens,
@@ -632,6 +642,11 @@ class LLMConfig:
     tools: list[str] = field(default_factory=list)
     """Tools the completions may call (TRL's GRPOTrainer `tools`), each a built-in (calculator) or
     `module:function`; with the task's own (the calculator task's calculator). llm/tools.py has the protocol."""
+    environment: str | None = None
+    """An environment class, `module:Class` (TRL's GRPOTrainer `environment_factory`): each completion gets an
+    instance, reset with its row (`reset(**row)`, whose text, if any, is appended to the prompt); its public
+    methods are that completion's tools, and its `get_reward()`, if defined, a reward of weight 1 (alone, without
+    --reward). llm/tools.Environments."""
     max_tool_calling_iterations: int | None = None
     """The most tool calls a completion makes (TRL's name; None: as many as fit in max_new_tokens)."""
     tool_call_start: str | None = None
@@ -1136,10 +1151,12 @@ def _columns(rows: list[dict[str, Any]]) -> dict[str, list[Any]]:
     return {key: [row[key] for row in rows] for key in rows[0]}
 
 
-def call_reward(task: Task, prompts: list[str], completions: list[str], rows: list[dict[str, Any]]) -> Tensor:
+def call_reward(
+    task: Task, prompts: list[str], completions: list[str], rows: list[dict[str, Any]], environments: Any = None
+) -> Tensor:
     """The task's rewards as a tensor, with one clear error for a reward function that misbehaves (NaN where no
     function applies: `rewards.UNSCORED`)."""
-    return torch.tensor(reward_values(task, prompts, completions, rows))
+    return torch.tensor(reward_values(task, prompts, completions, rows, environments))
 
 
 def require_scored(rewards: Tensor, algo: str) -> Tensor:
@@ -1162,17 +1179,24 @@ def scored_mean(rewards: Tensor) -> float:
     return float(scored.mean()) if scored.numel() else 0.0
 
 
-def reward_values(task: Task, prompts: list[str], completions: list[str], rows: list[dict[str, Any]]) -> list[float]:
+def reward_values(
+    task: Task, prompts: list[str], completions: list[str], rows: list[dict[str, Any]], environments: Any = None
+) -> list[float]:
     """The task's rewards as Python floats (call_reward's, before float32)."""
-    return checked_call(task.reward, prompts, completions, reward_columns(task, rows, completions))
+    return checked_call(task.reward, prompts, completions, reward_columns(task, rows, completions, environments))
 
 
-def reward_columns(task: Task, rows: list[dict[str, Any]], completions: list[str]) -> dict[str, list[Any]]:
+def reward_columns(
+    task: Task, rows: list[dict[str, Any]], completions: list[str], environments: list[Any] | None = None
+) -> dict[str, list[Any]]:
     """The keyword arguments of a reward function: the rows' fields but the prompt; in a run with tools, also
-    `final`, each completion's text after its last tool result."""
+    `final`, each completion's text after its last tool result; with an environment, `environments`, each
+    completion's instance (as TRL passes them)."""
     columns = {k: v for k, v in _columns(rows).items() if k != "prompt"}
     if task.tool_format is not None:
         columns["final"] = task.tool_format.final(completions)
+    if environments is not None:
+        columns["environments"] = environments
     return columns
 
 
@@ -1477,6 +1501,8 @@ class LLMInputs:
     """distill and gkd: the teacher, a transformers causal LM with the model's vocabulary (kept frozen)."""
     tools: list[Any] | None = None
     """Tool functions (their `__name__` is what a call names) or tool strings, as `tools` reads them."""
+    environment: Any = None
+    """An environment class or factory (LLMConfig.environment)."""
 
     def config_values(self) -> dict[str, Any]:
         """The config entries that record the objects given."""
@@ -1485,6 +1511,9 @@ class LLMInputs:
             value = getattr(self, name)
             if value is not None:
                 values[name] = str(value) if isinstance(value, str | Path) else PYTHON + type(value).__name__
+        if self.environment is not None:
+            given = self.environment
+            values["environment"] = given if isinstance(given, str) else PYTHON + getattr(given, "__name__", "env")
         if self.rewards is not None:
             values["rewards"] = [reward_name(spec) for spec in self.rewards]
         if self.tools is not None:
@@ -1501,7 +1530,7 @@ def _given(cfg: LLMConfig, inputs: LLMInputs, name: str) -> Any:
 def _check_objects_given(cfg: LLMConfig, inputs: LLMInputs) -> None:
     """A config that records Python objects (python:..., a resumed run's) needs them passed again."""
     missing = []
-    for name in ("model", "prompts", "eval_prompts", "rewards", "expert", "pairs", "teacher", "tools"):
+    for name in ("model", "prompts", "eval_prompts", "rewards", "expert", "pairs", "teacher", "tools", "environment"):
         recorded = getattr(cfg, name)
         values = recorded if isinstance(recorded, list) else [recorded]
         if getattr(inputs, name) is None and any(isinstance(v, str) and v.startswith(PYTHON) for v in values):
@@ -1514,10 +1543,11 @@ def _check_objects_given(cfg: LLMConfig, inputs: LLMInputs) -> None:
         )
 
 
-def task_of(cfg: LLMConfig, inputs: LLMInputs | None = None) -> Task:
-    """The built-in task, or the given prompts as a task; with rewards, their weighted sum as its reward."""
+def task_of(cfg: LLMConfig, inputs: LLMInputs | None = None, environment: Environments | None = None) -> Task:
+    """The built-in task, or the given prompts as a task; with rewards, their weighted sum as its reward (an
+    environment's get_reward one of them)."""
     inputs = inputs or LLMInputs()
-    rewards, prompts = _given(cfg, inputs, "rewards"), _given(cfg, inputs, "prompts")
+    rewards, prompts = run_rewards(cfg, inputs, environment), _given(cfg, inputs, "prompts")
     if prompts is None:
         task = get_task(cfg.task)
         return task if not rewards else replace(task, reward=combine_rewards(rewards))
@@ -1526,6 +1556,14 @@ def task_of(cfg: LLMConfig, inputs: LLMInputs | None = None) -> Task:
     where = str(prompts) if isinstance(prompts, str | Path) else f"{len(rows)} rows given in Python"
     task = Task("prompts", where, lambda n, seed: rows, reward, cfg.max_new_tokens or 32)
     return replace(task, characters=characters_of(rows, cfg))
+
+
+def run_rewards(cfg: LLMConfig, inputs: LLMInputs, environment: Environments | None) -> list[RewardSpec] | None:
+    """The reward specs given, and an environment's get_reward with weight 1 (None: the task's own)."""
+    given = _given(cfg, inputs, "rewards") or None
+    if environment is None or not environment.rewarded:
+        return given
+    return [*(given or []), (environment_reward, 1.0)]
 
 
 def characters_of(rows: list[dict[str, Any]], cfg: LLMConfig) -> str:
@@ -1605,11 +1643,19 @@ class LLMTrainer:
         inputs = inputs or LLMInputs()
         _check_objects_given(cfg, inputs)
         self.cfg = cfg
-        self.task = task_of(cfg, inputs)
+        environment = _given(cfg, inputs, "environment")
+        self.environments = load_environment(environment) if environment is not None else None
+        """The environment's instances (one per completion), or None."""
+        if self.environments is not None and cfg.mix == "luffy":
+            raise ConfigError(
+                "mix=luffy puts expert completions into the groups, and no environment ran them",
+                "drop mix=luffy (CHORD's mix=chord trains on expert completions apart from the groups)",
+            )
+        self.task = task_of(cfg, inputs, self.environments)
         self.reward_parts: list[tuple[RewardFn, float]] | None = None
         """GDPO's reward functions and weights (multi_objective_aggregation=normalize_then_sum), else None."""
         if cfg.multi_objective_aggregation == "normalize_then_sum":
-            specs = _given(cfg, inputs, "rewards")
+            specs = run_rewards(cfg, inputs, self.environments)
             self.reward_parts = [resolve_reward(spec) for spec in specs] if specs else [(self.task.reward, 1.0)]
         self.model, self.tokenizer = self._model(cfg, inputs, self.task.characters)
         self.model.train()  # from_pretrained gives eval mode, in which transformers skips activation checkpointing
@@ -1649,9 +1695,10 @@ class LLMTrainer:
                 + (" (precompute_ref_log_probs drops it)" if cfg.precompute_ref_log_probs else ""),
                 "use it with a loss that reads a reference (DPO's sigmoid, KTO, kl_coef > 0, a2po), or drop it",
             )
-        self.train_rows, self.eval_rows = (
-            rendered_rows(rows, self.tokenizer) for rows in rows_of(self.task, cfg, inputs)
-        )
+        raw_rows = rows_of(self.task, cfg, inputs)
+        self.prompt_messages = conversational_prompts([row for rows in raw_rows for row in rows], self.tokenizer)
+        """The messages of each conversational prompt, by its rendered text (an environment's reset text joins them)."""
+        self.train_rows, self.eval_rows = (rendered_rows(rows, self.tokenizer) for rows in raw_rows)
         expert, pairs = _given(cfg, inputs, "expert"), _given(cfg, inputs, "pairs")
         self.expert_rows = (
             rendered_rows(prompt_rows(expert, "expert"), self.tokenizer) if expert is not None else self.train_rows
@@ -1696,12 +1743,13 @@ class LLMTrainer:
         self.tools = tool_table([*self.task.tools, *(_given(cfg, inputs, "tools") or [])])
         """The tools completions call, by name (the task's and the run's)."""
         self.tool_format = self._tool_format()
-        self.task = replace(self.task, tool_format=self.tool_format if self.tools else None)
+        self.task = replace(self.task, tool_format=self.tool_format if self.calls_tools else None)
         self.tool_runner = None
-        if self.tools or cfg.stop:
+        if self.calls_tools or cfg.stop:
             iterations = cfg.max_tool_calling_iterations
-            self.tool_runner = ToolRunner(self.tokenizer, self.tools, self.tool_format, cfg.stop,
-                                          self.max_new_tokens if iterations is None else iterations)  # fmt: skip
+            self.tool_runner = ToolRunner(self.tokenizer, self.tool_format, cfg.stop,
+                                          self.max_new_tokens if iterations is None else iterations,
+                                          self.calls_tools)  # fmt: skip
         self.tool_stats = ToolStats()
         """The tool calls of the step so far, and how many failed (train.csv's tool_calls, tool_failures)."""
         self.encode_prompts = PromptEncoder(self.tokenizer)
@@ -1737,6 +1785,11 @@ class LLMTrainer:
         check_model(model, tokenizer)
         return model, tokenizer
 
+    @property
+    def calls_tools(self) -> bool:
+        """Whether completions call tools (given ones, the task's or an environment's)."""
+        return bool(self.tools) or self.environments is not None
+
     def _tool_format(self) -> ToolFormat:
         """The run's tags: each setting given, else the task's, else the Hermes format's. Tags without tools, or a
         limit below 1, are an error."""
@@ -1746,7 +1799,7 @@ class LLMTrainer:
         set_names = [f"tool_{name}" for name, value in given.items() if value is not None]
         if cfg.max_tool_calling_iterations is not None:
             set_names.append("max_tool_calling_iterations")
-        if set_names and not self.tools:
+        if set_names and not self.calls_tools:
             raise ConfigError(
                 f"{_and(set_names)} would do nothing: this run has no tools",
                 "give tools (--tool calculator, --tool mypkg.tools:search, or train_llm(tools=[fn])), or drop "
@@ -1853,13 +1906,32 @@ class LLMTrainer:
     def rollout(self, rows: list[dict[str, str]], greedy: bool = False) -> tuple[Rollout, list[str]]:
         """One completion of each row's prompt (rows repeat for groups), cut at the stop strings, with the tools'
         calls run and sampled on from (`tool_runner`); and their text."""
-        ids, mask = self.encode_prompts([row["prompt"] for row in rows])
+        prompts = [row["prompt"] for row in rows]
+        instances: list[Any] | None = None
+        if self.environments is not None:
+            instances, observations = self.environments.reset(rows)
+            prompts = [self.with_observation(p, o) for p, o in zip(prompts, observations)]
+        ids, mask = self.encode_prompts(prompts)
         group = 1 if greedy else self.cfg.group_size
         rollout = self._sample(ids, mask, group, greedy, self.max_new_tokens)
         if self.tool_runner is not None:
-            rollout = self._run_tools(rollout, greedy)
-        rollout.rows = rows
+            tools = [self.tools] * len(rows)
+            if self.environments is not None and instances is not None:
+                tools = [{**self.tools, **own} for own in self.environments.tools(instances)]
+            rollout = self._run_tools(rollout, greedy, tools)
+        rollout.rows, rollout.environments = rows, instances
         return rollout, decode(self.tokenizer, rollout)
+
+    def with_observation(self, prompt: str, observation: str) -> str:
+        """The prompt with an environment's reset text: appended to its last message's content and rendered again
+        for a conversational prompt (as TRL appends it to the last user message), else to its text."""
+        if not observation:
+            return prompt
+        messages = self.prompt_messages.get(prompt)
+        if messages is None:
+            return prompt + observation
+        last = messages[-1]
+        return render(self.tokenizer, [*messages[:-1], {**last, "content": last["content"] + observation}])
 
     def _sample(self, ids: Tensor, mask: Tensor, group: int, greedy: bool, width: int) -> Rollout:
         """One completion of each left-padded prompt row, in the workers or the learner (`group`: the rows come
@@ -1883,7 +1955,7 @@ class LLMTrainer:
                 **self.sampling_options,
             )
 
-    def _run_tools(self, rollout: Rollout, greedy: bool) -> Rollout:
+    def _run_tools(self, rollout: Rollout, greedy: bool, tools: list[dict[str, Tool]]) -> Rollout:
         """The rollout cut at its stop strings, with each tool call's result appended and sampling gone on from
         it; the step's tool_calls and tool_failures counted."""
         assert self.tool_runner is not None
@@ -1895,7 +1967,7 @@ class LLMTrainer:
 
         prompts = [row[row_mask.bool()].tolist() for row, row_mask in zip(rollout.prompt_ids, rollout.prompt_mask)]
         first = turns_of(rollout.completion_ids, rollout.completion_mask, rollout.logprobs)
-        turns, stats = self.tool_runner.run(prompts, first, sample_on, width)
+        turns, stats = self.tool_runner.run(prompts, first, sample_on, width, tools)
         self.tool_stats.calls += stats.calls
         self.tool_stats.failures += stats.failures
         ids, trained, logprobs, tool = padded_turns(turns, width, self.tokenizer.pad_token_id)
@@ -1933,14 +2005,14 @@ class LLMTrainer:
             and cfg.steps_per_generation == 1
             and cfg.mix != "luffy"
             and not cfg.stop
-            and not self.tools
+            and not self.calls_tools
             and (cfg.micro_batch_size is None or cfg.micro_batch_size >= cfg.batch_size * cfg.group_size)
         )
 
     def encode_completions(self, texts: list[str]) -> tuple[Tensor, Tensor, Tensor | None]:
         """Given completions as (ids + EOS, right-padded; the mask of the model's tokens; the mask of the tools'
         results in them, None in a run without tools, where every token is the model's)."""
-        if not self.tools:
+        if not self.calls_tools:
             ids, mask = self.encode_prompts.answers(texts)
             return ids, mask, None
         traces = [trace_tokens(self.tokenizer, text, self.tool_format) for text in texts]
@@ -2099,7 +2171,7 @@ class LLMTrainer:
             sampled += wanted
             metrics.setdefault("reward", scored_mean(total))  # the policy's, before any filtering
             metrics.setdefault("tokens", float(rollout.completion_mask.sum()))
-            if self.tools:  # TRL's tools/call_frequency (calls per completion) and tools/failure_frequency
+            if self.calls_tools:  # TRL's tools/call_frequency (calls per completion) and tools/failure_frequency
                 calls, failures = self.tool_stats.calls, self.tool_stats.failures
                 metrics.update(tool_calls=calls / (sampled * size), tool_failures=failures / max(calls, 1))
             if not cfg.dynamic_sampling:
@@ -2124,9 +2196,9 @@ class LLMTrainer:
         cfg, prompts = self.cfg, [row["prompt"] for row in rows]
         penalty = overlong_penalty(rollout, self.max_new_tokens, cfg.overlong_buffer, cfg.overlong_penalty)
         if self.reward_parts is None:  # the penalty applies to every completion, as TRL's overlong reward function
-            rewards = call_reward(self.task, prompts, completions, rows)
+            rewards = call_reward(self.task, prompts, completions, rows, rollout.environments)
             return torch.where(torch.isnan(rewards) & (cfg.overlong_buffer > 0), penalty, rewards + penalty)
-        columns = reward_columns(self.task, rows, completions)
+        columns = reward_columns(self.task, rows, completions, rollout.environments)
         parts = [torch.tensor(checked_call(fn, prompts, completions, columns)) for fn, _ in self.reward_parts]
         return torch.stack(parts + ([penalty] if cfg.overlong_buffer > 0 else []), 1)
 
@@ -2471,8 +2543,9 @@ class LLMTrainer:
         for start in range(0, len(self.train_rows), cfg.batch_size):
             rows = self.train_rows[start : start + cfg.batch_size]
             repeated = [row for row in rows for _ in range(n)]
-            _, completions = self.rollout(repeated)
-            rewards = call_reward(self.task, [row["prompt"] for row in repeated], completions, repeated).view(-1, n)
+            sampled, completions = self.rollout(repeated)
+            prompts = [row["prompt"] for row in repeated]
+            rewards = call_reward(self.task, prompts, completions, repeated, sampled.environments).view(-1, n)
             require_scored(rewards, "a2po")
             for row, value, scores in zip(rows, optimal_values(rewards, cfg.beta1).tolist(), rewards, strict=True):
                 self.optimal_values[row["prompt"]] = value
@@ -2497,7 +2570,8 @@ class LLMTrainer:
         cfg = self.cfg
         rows = [row for row in self.sample_rows(cfg.batch_size) for _ in range(cfg.group_size)]
         rollout, completions = self.rollout(rows)
-        rewards = require_scored(call_reward(self.task, [row["prompt"] for row in rows], completions, rows), "a2po")
+        prompts = [row["prompt"] for row in rows]
+        rewards = require_scored(call_reward(self.task, prompts, completions, rows, rollout.environments), "a2po")
         values = torch.tensor([self.optimal_values[row["prompt"]] for row in rows])
         logp, _ = self.rollout_logprobs(rollout)
         assert self.reference is not None
@@ -2583,15 +2657,16 @@ class LLMTrainer:
             ranked = int((chosen > rejected).sum())
             return {"accuracy": ranked / len(self.eval_pairs), "reward": float((chosen - rejected).mean())}
         n = len(self.eval_rows)
-        _, completions = self.rollout(self.eval_rows, greedy=True)
-        rewards = reward_values(self.task, [r["prompt"] for r in self.eval_rows], completions, self.eval_rows)
+        greedy, completions = self.rollout(self.eval_rows, greedy=True)
+        prompts = [r["prompt"] for r in self.eval_rows]
+        rewards = reward_values(self.task, prompts, completions, self.eval_rows, greedy.environments)
         # Python floats (hits / n): exact decimals in eval.json, not float32's 0.7250000238418579
         scored = [r for r in rewards if r == r]  # the completions some reward function applies to
         out = {"accuracy": sum(r >= 1.0 for r in rewards) / n, "reward": math.fsum(scored) / max(len(scored), 1)}
         if k > 1:
             rows = [row for row in self.eval_rows for _ in range(k)]
-            _, sampled = self.rollout(rows)
-            values = reward_values(self.task, [r["prompt"] for r in rows], sampled, rows)
+            drawn, sampled = self.rollout(rows)
+            values = reward_values(self.task, [r["prompt"] for r in rows], sampled, rows, drawn.environments)
             hits = [r >= 1.0 for r in values]
             out[f"pass@{k}"] = sum(any(hits[i * k : (i + 1) * k]) for i in range(n)) / n
             scored = [r for r in values if r == r]
