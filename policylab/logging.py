@@ -168,6 +168,25 @@ class Progress:
             self._bar.stop()
 
 
+class JsonlLog:
+    """Appends JSON rows (each with a "step") to a file, one per line; on resume, drops the rows logged after the
+    checkpoint being resumed from, as CsvLog does."""
+
+    def __init__(self, path: Path, resume_step: int | None = None) -> None:
+        self.path = path
+        if path.exists() and resume_step is not None:
+            lines = path.read_text().splitlines()
+            kept = [line for line in lines if line and json.loads(line)["step"] <= resume_step]
+            atomic_write_text(path, "".join(line + "\n" for line in kept))
+        elif path.exists():
+            path.unlink()
+
+    def write(self, rows: list[dict[str, Any]]) -> None:
+        if rows:
+            with self.path.open("a") as f:
+                f.write("".join(json.dumps(row) + "\n" for row in rows))
+
+
 class RunLog:
     """Everything a run writes besides checkpoints: train.csv, eval.csv, TensorBoard, eval.json."""
 

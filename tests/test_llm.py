@@ -670,11 +670,14 @@ def test_sft_makes_the_tiny_model_partly_correct(sft_model):
     ],
 )
 def test_rl_raises_exact_match_accuracy_over_the_sft_model(sft_model, tmp_path, algo, extra):
+    """60 steps close at least a quarter of the way from the SFT model's exact match to 1 (`headroom_closed`): from
+    this SFT model (0.37) every configuration closed 0.52-0.64 on seeds 0 and 1, from one of another SFT seed (0.72)
+    0.38-0.66, where their absolute gains there (0.11-0.19) fell under the former bar of 0.15."""
     overrides = {"model": str(sft_model.dir), "steps": 60, "batch_size": 32, "group_size": 8, "eval_every": 60}
     overrides.update(extra)
     run = train_llm(algo, overrides, tmp_path, verbose=False)
     assert run.initial_eval["accuracy"] == pytest.approx(sft_model.final_eval["accuracy"])
-    assert run.final_eval["accuracy"] >= run.initial_eval["accuracy"] + 0.15, (run.initial_eval, run.final_eval)
+    assert headroom_closed(run) >= 0.25, (run.initial_eval, run.final_eval)
 
 
 def test_the_progress_lines_of_a_language_model_run_show_its_accuracy(sft_model, tmp_path, capsys):
@@ -2161,6 +2164,7 @@ EVERY_ALGORITHM = {
     "prompts": "prompts.jsonl",
     "eval_prompts": "eval.jsonl",
     "rewards": ["exact_match", "numeric_match=0.5"],
+    "disable_dropout": True,
     "stop": ["7"],
     "tools": ["calculator"],
     "environment": "mypkg.envs:Game",
@@ -2200,6 +2204,8 @@ READ = {
     "sft_loss": ("dft",),
     "assistant_only_loss": (True,),
     "num_generations_eval": (4,),
+    "log_completions": (True,),
+    "num_completions_to_print": (3,),
     "kl_in_reward": (True,),
     "multi_objective_aggregation": ("normalize_then_sum",),
     "min_p": (0.05,),
@@ -2318,6 +2324,7 @@ def test_each_algorithm_refuses_the_settings_its_training_step_never_reads(tmp_p
 
 
 COMPANIONS: dict[str, dict[str, object]] = {
+    "num_completions_to_print": {"log_completions": True},
     **dict.fromkeys(
         ("label_smoothing", "f_divergence", "sync_ref_model", "precompute_ref_log_probs"),
         {"preference_loss": "sigmoid"},
@@ -2376,7 +2383,8 @@ def test_settings_read_only_under_another_are_refused_without_it():
                  "shaping_gamma": 0.5, "kl_estimator": "k1", "lora_alpha": 32, "expert": "e.jsonl",
                  "label_smoothing": 0.1, "f_divergence": "js_divergence", "f_alpha": 0.3, "simpo_gamma": 0.5,
                  "discopop_tau": 0.1, "sync_ref_model": True, "ref_model_sync_steps": 4,
-                 "ref_model_mixup_alpha": 0.5, "precompute_ref_log_probs": True, "seq_kd": True}[name]  # fmt: skip
+                 "ref_model_mixup_alpha": 0.5, "precompute_ref_log_probs": True, "seq_kd": True,
+                 "num_completions_to_print": 3}[name]  # fmt: skip
         preference = name in PREFERENCE_SETTINGS or name == "precompute_ref_log_probs"
         algo = "orpo" if preference else "distill" if name in ("seq_kd", "iw_opd_gamma") else "grpo"  # all off
         teacher = {"teacher": "runs/sft"} if algo == "distill" else {}
@@ -2667,3 +2675,55 @@ def test_num_generations_eval_adds_pass_at_k_and_the_samples_mean_reward_to_each
         ] * 3
     with pytest.raises(ConfigError, match="num_generations_eval=0 must be >= 1"):
         make_config("grpo", {"num_generations_eval": 0})
+
+
+def test_disable_dropout_takes_every_dropout_of_the_model_and_its_reference_to_zero():
+    """TRL's defaults: on for DPO (GPT-2 has dropout 0.1), off for GRPO; with it, two training-mode passes agree."""
+    from policylab.llm.trainer import LLMTrainer
+
+    ids = torch.tensor([[5, 6, 7, 8]])
+    for algo, off in (("dpo", True), ("grpo", False), ("grpo", True)):
+        settings = {"model": "tiny-gpt2", "eval_size": 4}
+        if algo == "grpo":
+            settings.update(kl_coef=0.05, disable_dropout=off)  # a reference too
+        trainer = LLMTrainer(make_config(algo, settings))
+        rates = {
+            m.p
+            for model in (trainer.model, trainer.reference)
+            for m in model.modules()
+            if isinstance(m, torch.nn.Dropout)
+        }
+        assert rates == ({0.0} if off else {0.1}), (algo, off, rates)
+        assert trainer.model.training
+        first, second = trainer.model(ids).logits, trainer.model(ids).logits
+        assert torch.equal(first, second) == off
+
+
+def test_log_completions_writes_each_steps_completions_and_resumes_without_repeating_them(sft_model, tmp_path):
+    import json
+
+    from policylab.llm.rewards import exact_match
+
+    settings = {"model": str(sft_model.dir), "steps": 3, "eval_every": 1, "batch_size": 2, "group_size": 4,
+                "eval_size": 8, "log_completions": True}  # fmt: skip
+
+    def rows_of(run):
+        return [json.loads(line) for line in (run.dir / "completions.jsonl").read_text().splitlines()]
+
+    full = rows_of(train_llm("grpo", settings, tmp_path, name="full", verbose=False))
+    assert [row["step"] for row in full] == [1] * 8 + [2] * 8 + [3] * 8
+    answers = [row["prompt"] for row in full]  # the prompts' answers are their sums
+    rewards = exact_match([], [row["completion"] for row in full], [_sum_of(p) for p in answers])
+    assert [row["reward"] for row in full] == rewards
+    expected = GROUP_ADVANTAGES.get("grpo")(torch.tensor(rewards), 4)
+    torch.testing.assert_close(torch.tensor([row["advantage"] for row in full]), expected)
+    part = train_llm("grpo", settings, tmp_path, name="part", verbose=False, callback=lambda step, _: step < 2)
+    resumed = train_llm(resume=part.dir, verbose=False)
+    assert rows_of(resumed) == full
+    few = train_llm("ppo", {**settings, "steps": 1, "num_completions_to_print": 3}, tmp_path, verbose=False)
+    assert [set(row) for row in rows_of(few)] == [{"step", "prompt", "completion", "reward"}] * 3
+
+
+def _sum_of(prompt: str) -> str:
+    a, b = prompt.rstrip("=").split("+")
+    return f"{int(a) + int(b):03d}"

@@ -118,7 +118,7 @@ from policylab.llm.tools import (
     turns_of,
 )
 from policylab.llm.workers import GenerationWorkers
-from policylab.logging import CONFIG_YAML, Progress, RunLog, new_run_dir
+from policylab.logging import CONFIG_YAML, JsonlLog, Progress, RunLog, new_run_dir
 from policylab.objectives.advantages import GROUP_ADVANTAGES, decoupled_group_advantages, gae
 from policylab.objectives.aggregation import aggregate
 from policylab.objectives.imitation import (
@@ -171,16 +171,24 @@ ALGO_DEFAULTS: dict[str, dict[str, Any]] = {
     "rloo": {"advantage": "rloo"},
     "reinforce++": {"advantage": "reinforce++", "aggregation": "token-mean"},
     "ppo": {"group_size": 1, "batch_size": 64, "aggregation": "token-mean", "updates_per_batch": 2},
-    "dpo": {"lr": 1e-4},
-    "online_dpo": {"group_size": 4, "lr": 1e-4},
-    "cpo": {"preference_loss": "cpo+sft", "lr": 1e-4},
-    "simpo": {"preference_loss": "simpo", "beta": 2.0, "lr": 1e-4},
-    "orpo": {"preference_loss": "sft+orpo", "lr": 1e-4},
-    "tpo": {"beta": 0.01, "simpo_gamma": 0.5, "lr": 1e-4},
-    "kto": {"lr": 1e-4},
-    "reward_model": {"lr": 1e-3},
+    "dpo": {"lr": 1e-4, "disable_dropout": True},
+    "online_dpo": {"group_size": 4, "lr": 1e-4, "disable_dropout": True},
+    "cpo": {"preference_loss": "cpo+sft", "lr": 1e-4, "disable_dropout": True},
+    "simpo": {"preference_loss": "simpo", "beta": 2.0, "lr": 1e-4, "disable_dropout": True},
+    "orpo": {"preference_loss": "sft+orpo", "lr": 1e-4, "disable_dropout": True},
+    "tpo": {"beta": 0.01, "simpo_gamma": 0.5, "lr": 1e-4, "disable_dropout": True},
+    "kto": {"lr": 1e-4, "disable_dropout": True},
+    "reward_model": {"lr": 1e-3, "disable_dropout": True},
     "distill": {"beta": 1.0, "group_size": 1, "batch_size": 64, "lr": 3e-3},
-    "gkd": {"beta": 0.5, "lmbda": 0.5, "temperature": 0.9, "group_size": 1, "batch_size": 64, "lr": 3e-3},
+    "gkd": {
+        "beta": 0.5,
+        "lmbda": 0.5,
+        "temperature": 0.9,
+        "group_size": 1,
+        "batch_size": 64,
+        "lr": 3e-3,
+        "disable_dropout": True,
+    },  # fmt: skip
     "a2po": {"group_size": 1, "batch_size": 64},
 }
 """Each algorithm is GRPO's config with these values (the table in the module docstring)."""
@@ -307,6 +315,7 @@ SETTING_READERS: dict[str, tuple[str, ...]] = {
     "normalize_advantages": ("rl_step",),
     "sft_loss": ("sft_step",),
     "assistant_only_loss": ("sft_step",),
+    **dict.fromkeys(("log_completions", "num_completions_to_print"), REWARDED_STEPS),
     # every algorithm's evaluation decodes, but the reward model's (its held-out pairs)
     "num_generations_eval": tuple(dict.fromkeys(training_step(a) for a in ALGOS if a != "reward_model")),
     "overlong_filter": ("rl_step",),  # rl_step masks the cut completions; ppo_step and online_dpo_step do not
@@ -655,6 +664,15 @@ class LLMConfig:
     tool_response_end: str | None = None
     """The tags around a call and around its result (None: the task's, else the Hermes format's <tool_call>,
     </tool_call>, <tool_response>, </tool_response>)."""
+    log_completions: bool = False
+    """Write each step's sampled completions to the run's completions.jsonl (TRL's setting): step, prompt,
+    completion, reward and, for the group-advantage algorithms, the advantage."""
+    num_completions_to_print: int | None = None
+    """With log_completions, the first this many of each step's completions (TRL's name; None: all)."""
+    disable_dropout: bool = False
+    """Dropout off in training too (the model's and the reference's dropout modules at 0; TRL's setting, with
+    TRL's defaults: on for the preference algorithms, KTO, reward models and GKD, off for GRPO, RLOO, distill and
+    SFT). Sampling and evaluation always run without dropout."""
     threads: int = 1
     generation_workers: int = 0
     """Sample completions in this many workers, each a copy of the policy with its own generator, the weights
@@ -1005,6 +1023,12 @@ DEPENDENT_SETTINGS: tuple[tuple[tuple[str, ...], Callable[[LLMConfig], bool], st
         "--set use_adaptive_entropy=true",
     ),
     (("lora_alpha",), lambda c: c.lora_rank > 0, "LoRA's scale", "--set lora_rank=8 (e.g.)"),
+    (
+        ("num_completions_to_print",),
+        lambda c: c.log_completions,
+        "the completions.jsonl limit",
+        "--set log_completions=true",
+    ),
     (BEMA_SETTINGS, lambda c: c.bema, "BEMA's", "--set bema=true"),
     (
         ("bema_ref_model_update_freq", "bema_ref_model_update_after"),
@@ -1113,6 +1137,15 @@ def has_dropout(model: Any) -> bool:
     fields = to_dict() if callable(to_dict) else {}
     rates = [v for k, v in fields.items() if ("dropout" in k or "pdrop" in k) and isinstance(v, int | float)]
     return any(v > 0 for v in rates)
+
+
+def without_dropout(model: Any) -> None:
+    """Every dropout of the model at 0 (TRL's disable_dropout_in_model, and attention's functional dropout)."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+        if isinstance(getattr(module, "attention_dropout", None), float):
+            module.attention_dropout = 0.0
 
 
 def tokenize(tokenizer: Any, texts: list[str]) -> list[list[int]]:
@@ -1659,6 +1692,8 @@ class LLMTrainer:
             self.reward_parts = [resolve_reward(spec) for spec in specs] if specs else [(self.task.reward, 1.0)]
         self.model, self.tokenizer = self._model(cfg, inputs, self.task.characters)
         self.model.train()  # from_pretrained gives eval mode, in which transformers skips activation checkpointing
+        if cfg.disable_dropout:
+            without_dropout(self.model)
         if cfg.gradient_checkpointing:
             if hasattr(self.model, "activation_checkpointing_enable"):  # its name from transformers 5.2x on
                 self.model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
@@ -1752,6 +1787,8 @@ class LLMTrainer:
                                           self.calls_tools)  # fmt: skip
         self.tool_stats = ToolStats()
         """The tool calls of the step so far, and how many failed (train.csv's tool_calls, tool_failures)."""
+        self.logged_completions: list[dict[str, Any]] = []
+        """The step's rows of completions.jsonl (log_completions), written and cleared after the step."""
         self.encode_prompts = PromptEncoder(self.tokenizer)
         self.encode_prompts.warm(self._texts_drawn())
         self.reference_sums: Tensor | None = None
@@ -1761,7 +1798,7 @@ class LLMTrainer:
             self.reference_sums = self._reference_sums()
             self.reference = None
         # sampling runs in eval mode; switching modes walks every module twice a step, so only where it matters
-        self.switch_modes = has_dropout(self.model)
+        self.switch_modes = has_dropout(self.model) and not cfg.disable_dropout
         self.step = 0
         self.workers: GenerationWorkers | None = None
         # after LoRA: the workers' copies carry the adapters the optimizer trains
@@ -2073,6 +2110,8 @@ class LLMTrainer:
             advantages = GROUP_ADVANTAGES.get(cfg.advantage)(rewards, cfg.group_size)
         if cfg.normalize_advantages:
             advantages = whitened(advantages, ~torch.isnan(self.total_reward(rewards)))
+        if cfg.log_completions:
+            self.note_completions(rollout, self.total_reward(rewards), advantages)
         if cfg.overlong_filter:  # completions cut by the length limit teach nothing about how to finish
             ended = ended_with_eos(rollout, self.tokenizer) | self.stopped(rollout)
             rollout = rollout.with_mask(rollout.completion_mask & ended[:, None])
@@ -2089,6 +2128,19 @@ class LLMTrainer:
             self._step()
             metrics.update(self._controlled(step_metrics))
         return metrics
+
+    def note_completions(self, rollout: Rollout, rewards: Tensor, advantages: Tensor | None = None) -> None:
+        """The step's completions for completions.jsonl (log_completions), the first num_completions_to_print."""
+        assert rollout.rows is not None
+        count = len(rollout) if self.cfg.num_completions_to_print is None else self.cfg.num_completions_to_print
+        texts = decode(self.tokenizer, rollout.select(torch.arange(min(count, len(rollout)))))
+        for i, text in enumerate(texts):
+            reward = float(rewards[i])
+            row: dict[str, Any] = {"step": self.step, "prompt": rollout.rows[i]["prompt"], "completion": text,
+                                   "reward": None if reward != reward else reward}  # fmt: skip
+            if advantages is not None:
+                row["advantage"] = float(advantages[i])
+            self.logged_completions.append(row)
 
     def stopped(self, rollout: Rollout) -> Tensor:
         """[N] whether each completion ended at a stop string."""
@@ -2377,6 +2429,8 @@ class LLMTrainer:
         assert head is not None
         rollout, rewards, metrics = self.sample_groups()
         require_scored(rewards, cfg.algo)
+        if cfg.log_completions:
+            self.note_completions(rollout, rewards)
         mask = rollout.completion_mask
         with torch.no_grad():
             hidden: list[Tensor] = []
@@ -2589,6 +2643,8 @@ class LLMTrainer:
         size = self.cfg.group_size
         rollout, rewards, metrics = self.sample_groups()
         groups = require_scored(rewards, "online_dpo").view(-1, size)
+        if self.cfg.log_completions:
+            self.note_completions(rollout, rewards)
         offsets = torch.arange(len(groups)) * size
         best, worst = groups.argmax(1) + offsets, groups.argmin(1) + offsets
         keep = groups.max(1).values > groups.min(1).values
@@ -2911,11 +2967,13 @@ def train_llm(
             if new_steps:  # a later resume continues to the new step count
                 atomic_write_text(run_dir / CONFIG_YAML, yaml.safe_dump(asdict(cfg), sort_keys=False))
             log = RunLog(run_dir, tensorboard=False, resume_step=start)
+            completions_log = JsonlLog(run_dir / "completions.jsonl", resume_step=start)
         else:
             initial = last = trainer.evaluate()  # before the directory: a reward that fails here leaves none
             run_dir = created = new_run_dir(runs_dir, name or f"{cfg.algo}-{cfg.task}-s{cfg.seed}")
             atomic_write_text(run_dir / CONFIG_YAML, yaml.safe_dump(asdict(cfg), sort_keys=False))
             log = RunLog(run_dir, tensorboard=False)
+            completions_log = JsonlLog(run_dir / "completions.jsonl")
             log.log_eval({"step": 0, **initial})
         enabled = False if verbose is False or progress is False else (progress if progress is not None else verbose)
         bar = Progress(cfg.steps, f"{cfg.algo} {cfg.task}", enabled=enabled, start=start, metric="accuracy", digits=3)
@@ -2930,6 +2988,8 @@ def train_llm(
             tokens += metrics["tokens"]
             elapsed = time.perf_counter() - started
             log.log_train({"step": step, "time": elapsed, **metrics, "tokens_per_s": tokens / elapsed})
+            completions_log.write(trainer.logged_completions)
+            trainer.logged_completions = []
             stop = callback is not None and callback(step, metrics) is False
             if step % cfg.eval_every == 0 or step == cfg.steps or stop:
                 last = trainer.evaluate()
