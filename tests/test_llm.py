@@ -2168,6 +2168,7 @@ EVERY_ALGORITHM = {
     "stop": ["7"],
     "tools": ["calculator"],
     "environment": "mypkg.envs:Game",
+    "tool_results": "tags",
     "max_tool_calling_iterations": 2,
     "tool_call_start": "[",
     "tool_call_end": "]",

@@ -166,7 +166,8 @@ class Hint:
     def reset(self, **_):
         return "7"
 
-    def look(self):
+    def look(self) -> str:
+        """What the board shows."""
         return "0"
 
 
@@ -179,3 +180,81 @@ def test_an_environments_reset_text_joins_the_last_message_of_a_conversational_p
     rollout, _ = trainer.rollout(trainer.eval_rows, greedy=True)
     prompts = [tok.decode(ids[mask.bool()]) for ids, mask in zip(rollout.prompt_ids, rollout.prompt_mask)]
     assert prompts == ["(1+1=7):", "2+2=7"]
+
+
+TOOL_TEMPLATE = (
+    "{% for m in messages %}{% if m['role'] == 'user' %}({{ m['content'] }}){% elif m['role'] == 'tool' %}"
+    "{{ '{' }}{{ m['content'] }}{{ '}' }}{% else %}:{% generation %}{{ m['content'] }}{{ eos_token }}"
+    "{% endgeneration %}{% endif %}{% endfor %}{% if add_generation_prompt %}:{% endif %}"
+)
+"""TEMPLATE with tool messages: a result in braces after the assistant's turn, then the next assistant turn."""
+CALL_TAGS = {"tool_call_start": "[", "tool_call_end": "]"}
+
+
+def tool_tokenizer():
+    from policylab.llm.tasks import CHARACTERS
+
+    tok = char_tokenizer(CHARACTERS + "[]{}")
+    tok.chat_template = TOOL_TEMPLATE
+    return tok
+
+
+def test_with_a_chat_template_a_result_is_the_templates_tool_message_after_the_models_turn():
+    """tool_results=template (TRL's way): the call's turn ends at the model's EOS, and what follows is the
+    template's rendering of a tool message and of the next assistant turn's start."""
+    from policylab.llm.tools import ToolFormat, ToolRunner, Turn, calculator
+
+    tok = tool_tokenizer()
+    runner = ToolRunner(tok, ToolFormat("[", "]"), [], max_iterations=2, calls=True, template=True)
+    assert tok.decode(runner.result_tokens("calculator", "42")) == "{42}:"
+    encode = lambda text: tok(text, add_special_tokens=False)["input_ids"]  # noqa: E731
+    first = [
+        Turn(encode("[6*7]") + [tok.eos_token_id], [True] * 6, [-0.5] * 6),
+        Turn(encode("[6*7]99"), [True] * 7, [-0.5] * 7),
+    ]
+
+    def sample(ids, mask, room):
+        return [Turn(encode("42") + [tok.eos_token_id], [True] * 3, [-1.0] * 3) for _ in ids]
+
+    turns, stats = runner.run([encode("(6*7=):")] * 2, first, sample, 20, [{"calculator": calculator}] * 2)
+    assert (
+        tok.decode(turns[0].ids) == "[6*7]<eos>{42}:42<eos>"
+        and turns[0].trained == [True] * 6 + [False] * 5 + [True] * 3
+    )
+    assert tok.decode(turns[1].ids) == "[6*7]99" and stats.calls == 1  # no EOS: the turn was cut, no call
+
+
+def test_a_chat_model_sft_on_tool_conversations_then_calls_the_tool_through_its_template(tmp_path):
+    """SFT (assistant-only) on conversations where the assistant calls the calculator and copies its result, then
+    the evaluation on conversational prompts runs each call through the template: exact match >= 0.9 with the
+    calculator (0.92 at seed 0), at most 0.05 with one that adds 1 (0.02: the answers are the tool's)."""
+    from policylab.llm.tasks import multiplication_rows
+    from policylab.llm.tools import calculator
+
+    def conversation(row):
+        expression = row["prompt"].rstrip("=")
+        result = {"role": "tool", "name": "calculator", "content": row["answer"]}
+        return {"messages": [user(row["prompt"]), assistant(f"[{expression}]"), result, assistant(row["answer"])]}
+
+    train = [conversation(r) for r in multiplication_rows(2000, 1)]
+    held_out = [{"prompt": [user(r["prompt"])], "answer": r["answer"]} for r in multiplication_rows(50, 9)]
+    tok = tool_tokenizer()
+    settings = {"steps": 100, "batch_size": 64, "eval_every": 100, "eval_size": 50, "max_new_tokens": 24,
+                "assistant_only_loss": True, **CALL_TAGS}  # fmt: skip
+    sft = train_llm("sft", settings, tmp_path, verbose=False, prompts=train, eval_prompts=held_out, tokenizer=tok,
+                    model=build_tiny_model("tiny-llama", tok), tools=[calculator])  # fmt: skip
+    assert sft.final_eval["accuracy"] >= 0.9, sft.final_eval
+    from policylab.llm.models import load_model
+
+    def liar(expression: str) -> str:
+        """A calculator that adds 1.
+
+        Args:
+            expression: the expression
+        """
+        return str(int(calculator(expression)) + 1)
+
+    model, saved = load_model(sft.dir)
+    inputs = LLMInputs(model=model, tokenizer=saved, prompts=held_out, eval_prompts=held_out, tools=[liar])
+    lying = LLMTrainer(make_config("grpo", {"eval_size": 50, "max_new_tokens": 24, **CALL_TAGS}), inputs)
+    assert lying.template_results and lying.evaluate()["accuracy"] <= 0.05  # a miscopied result can hit

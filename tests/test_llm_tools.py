@@ -40,8 +40,12 @@ def test_a_call_is_json_a_python_call_or_one_tools_argument_and_a_bad_one_is_an_
     tools = tool_table(["calculator", add])
     assert parse_call('{"name": "add", "arguments": {"a": 2, "b": 3}}', tools) == (add, [], {"a": 2, "b": 3})
     assert parse_call(" add(2, b=3) ", tools) == (add, [2], {"b": 3})
-    assert call_tool("calculator('6*(3+4)')", tools) == ("42", False)
-    assert call_tool("6*7", {"calculator": calculator}) == ("42", False)  # one tool: the whole body is its argument
+    assert call_tool("calculator('6*(3+4)')", tools) == ("42", False, "calculator")
+    assert call_tool("6*7", {"calculator": calculator}) == (
+        "42",
+        False,
+        "calculator",
+    )  # one tool: the body is its argument
     failures = {
         "6*7": "no tool named '6*7'",  # two tools: the body must name one
         "search(1)": "no tool named 'search'",
@@ -52,7 +56,7 @@ def test_a_call_is_json_a_python_call_or_one_tools_argument_and_a_bad_one_is_an_
         "calculator('2**99')": "not an expression",
     }
     for body, message in failures.items():
-        result, failed = call_tool(body, tools)
+        result, failed, _ = call_tool(body, tools)
         assert failed and result.startswith("error: ") and message in result, (body, result)
     with pytest.raises(LLMError, match="two tools are named 'add'"):
         tool_table([add, add])
@@ -172,7 +176,7 @@ def test_the_calculator_tasks_answers_come_from_the_tool(calculator_model, tmp_p
     honest = LLMTrainer(make_config("grpo", {**base, **TAGS}), _inputs(rows, [calculator]))
     lying = LLMTrainer(make_config("grpo", {**base, **TAGS}), _inputs(rows, [liar]))
     assert honest.evaluate()["accuracy"] >= 0.9
-    assert lying.evaluate()["accuracy"] == 0.0
+    assert lying.evaluate()["accuracy"] <= 0.05  # 0 at seed 0; a miscopied result could hit
     _, texts = lying.rollout(rows[:5], greedy=True)
     for row, text in zip(rows[:5], texts):
         assert "{" + str(int(row["answer"]) + 1) + "}" in text, text

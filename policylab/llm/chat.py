@@ -69,13 +69,29 @@ def require_template(tokenizer: Any) -> None:
         )
 
 
-def render(tokenizer: Any, messages: list[dict[str, Any]]) -> str:
-    """The chat template's text of `messages` with the generation prompt (what the assistant's turn follows)."""
-    return str(tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True))
+def render(tokenizer: Any, messages: list[dict[str, Any]], tools: list[Any] | None = None) -> str:
+    """The chat template's text of `messages` with the generation prompt (what the assistant's turn follows);
+    with `tools`, their descriptions too (the template's, from each function's type hints and docstring)."""
+    return str(chat_template(tokenizer, messages, tools, tokenize=False, add_generation_prompt=True))
 
 
-def rendered_rows(rows: list[dict[str, Any]], tokenizer: Any) -> list[dict[str, Any]]:
-    """The rows with string prompts and completions (the module's docstring); rows of strings unchanged."""
+def chat_template(tokenizer: Any, messages: list[dict[str, Any]], tools: list[Any] | None, **options: Any) -> Any:
+    """`apply_chat_template` with the tools described, or one error naming the tool it cannot describe."""
+    try:
+        return tokenizer.apply_chat_template(messages, tools=tools or None, **options)
+    except Exception as exc:
+        if not tools or "schema" not in str(exc).lower():
+            raise
+        raise LLMError(
+            f"a tool cannot be described to the chat template: {exc}",
+            "give each tool type hints and a Google-style docstring with an Args: section (what transformers' "
+            "get_json_schema reads), or set tool_results=tags",
+        ) from None
+
+
+def rendered_rows(rows: list[dict[str, Any]], tokenizer: Any, tools: list[Any] | None = None) -> list[dict[str, Any]]:
+    """The rows with string prompts and completions (the module's docstring; `tools`: described in the prompts);
+    rows of strings unchanged."""
     if not has_conversations(rows):
         return rows
     require_template(tokenizer)
@@ -83,10 +99,10 @@ def rendered_rows(rows: list[dict[str, Any]], tokenizer: Any) -> list[dict[str, 
     for row in rows:
         row = dict(row)
         if "messages" in row and "prompt" not in row:
-            row["prompt"] = render(tokenizer, row["messages"][:-1])
+            row["prompt"] = render(tokenizer, row["messages"][:-1], tools)
             row.setdefault("completion", row["messages"][-1]["content"])
         elif is_conversation(row.get("prompt")):
-            row["prompt"] = render(tokenizer, row["prompt"])
+            row["prompt"] = render(tokenizer, row["prompt"], tools)
         for field in COMPLETION_FIELDS:
             if is_conversation(row.get(field)):
                 row[field] = "".join(m["content"] for m in row[field] if m["role"] == "assistant")
@@ -94,7 +110,9 @@ def rendered_rows(rows: list[dict[str, Any]], tokenizer: Any) -> list[dict[str, 
     return out
 
 
-def conversational_prompts(rows: list[dict[str, Any]], tokenizer: Any) -> dict[str, list[dict[str, Any]]]:
+def conversational_prompts(
+    rows: list[dict[str, Any]], tokenizer: Any, tools: list[Any] | None = None
+) -> dict[str, list[dict[str, Any]]]:
     """The messages of the rows' conversational prompts (a `messages` row's: all but the last), by their rendered
     text."""
     found: dict[str, list[dict[str, Any]]] = {}
@@ -102,7 +120,7 @@ def conversational_prompts(rows: list[dict[str, Any]], tokenizer: Any) -> dict[s
         messages = row["messages"][:-1] if "messages" in row and "prompt" not in row else row.get("prompt")
         if is_conversation(messages) and messages:
             require_template(tokenizer)
-            found[render(tokenizer, messages)] = messages
+            found[render(tokenizer, messages, tools)] = messages
     return found
 
 
@@ -111,13 +129,13 @@ def conversation_key(messages: list[dict[str, Any]]) -> str:
 
 
 def conversation_tokens(
-    tokenizer: Any, messages: list[dict[str, Any]], assistant_only: bool
+    tokenizer: Any, messages: list[dict[str, Any]], assistant_only: bool, tools: list[Any] | None = None
 ) -> tuple[list[int], list[int], list[bool]]:
     """(prompt tokens, the rest's tokens, which of the rest are trained) of a whole conversation: the prompt is
     the tokens before the first trained one (the first token without `assistant_only`, else the first of the
     assistant's, by the template's {% generation %} marks)."""
-    encoded = tokenizer.apply_chat_template(
-        messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=assistant_only
+    encoded = chat_template(
+        tokenizer, messages, tools, tokenize=True, return_dict=True, return_assistant_tokens_mask=assistant_only
     )
     ids = list(encoded["input_ids"])
     if not assistant_only:

@@ -35,6 +35,7 @@ class Rollout:
     tape: fast_train.Tape | None = None  # the sampler's activations (`generate(record=True)`), for training
     tool_mask: Tensor | None = None  # [N, T] the tokens tools wrote: in the context of later tokens, in no loss
     environments: list[Any] | None = None  # each completion's environment instance (llm/tools.Environments)
+    final: list[str] | None = None  # with tools: each completion's text after its last tool result
 
     def __len__(self) -> int:
         return int(self.prompt_ids.shape[0])
@@ -53,6 +54,7 @@ class Rollout:
             self.tape,  # used by a training pass only where these rows are the sampled ones (`Tape.usable`)
             None if self.tool_mask is None else self.tool_mask[index],
             None if self.environments is None else [self.environments[i] for i in index.tolist()],
+            None if self.final is None else [self.final[i] for i in index.tolist()],
         )
 
     @property
@@ -98,6 +100,7 @@ def concat_rollouts(rollouts: list[Rollout], pad_token_id: int) -> Rollout:
         environments=None
         if any(r.environments is None for r in rollouts)
         else [e for r in rollouts for e in r.environments or []],
+        final=None if any(r.final is None for r in rollouts) else [t for r in rollouts for t in r.final or []],
     )
 
 

@@ -67,7 +67,11 @@ def integer_value(expression: str) -> int | None:
 
 
 def calculator(expression: str) -> str:
-    """The value of an integer expression of digits, + - * and parentheses (the `calculator` task's tool)."""
+    """The value of an integer expression of digits, + - * and parentheses (the `calculator` task's tool).
+
+    Args:
+        expression: the expression, e.g. 37*48
+    """
     value = integer_value(str(expression).replace(" ", ""))
     if value is None:
         raise ValueError(f"not an expression of digits, + - * and parentheses: {str(expression)[:40]!r}")
@@ -148,13 +152,16 @@ def _named(name: str, tools: dict[str, Tool]) -> Tool:
     return tools[name]
 
 
-def call_tool(body: str, tools: dict[str, Tool]) -> tuple[str, bool]:
-    """(the result as text, whether the call failed): a failure's result is "error: ..." for the model to read."""
+def call_tool(body: str, tools: dict[str, Tool]) -> tuple[str, bool, str]:
+    """(the result as text, whether the call failed, the tool's name): a failure's result is "error: ..." for the
+    model to read."""
+    name = "unknown"
     try:
         fn, args, kwargs = parse_call(body, tools)
-        return str(fn(*args, **kwargs)), False
+        name = next((n for n, f in tools.items() if f == fn), name)
+        return str(fn(*args, **kwargs)), False, name
     except Exception as exc:  # a tool's own error is the model's to see, as in TRL
-        return f"error: {exc}", True
+        return f"error: {exc}", True, name
 
 
 @dataclass
@@ -194,9 +201,11 @@ class ToolRunner:
     context, at most `width` tokens; the trainer's sampler), cutting every completion at its first stop string.
     `calls`: whether completions call tools at all (else only the stop strings cut)."""
 
-    def __init__(self, tokenizer: Any, fmt: ToolFormat, stop: list[str], max_iterations: int, calls: bool) -> None:
+    def __init__(
+        self, tokenizer: Any, fmt: ToolFormat, stop: list[str], max_iterations: int, calls: bool, template: bool = False
+    ) -> None:
         self.tokenizer, self.fmt, self.stop, self.calls = tokenizer, fmt, list(stop), calls
-        self.max_iterations = max_iterations
+        self.max_iterations, self.template = max_iterations, template
         self.eos, self.pad = tokenizer.eos_token_id, tokenizer.pad_token_id
 
     def decode(self, ids: list[int]) -> str:
@@ -206,14 +215,15 @@ class ToolRunner:
         return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
     def markers(self) -> list[str]:
-        return self.stop + ([self.fmt.call_end] if self.calls else [])
+        return self.stop + ([self.fmt.call_end] if self.calls and not self.template else [])
 
     def _cut(self, turn: Turn, start: int) -> str | None:
         """Cut the tokens from `start` on (the latest sampling) after the first stop string or call end: the
-        call's body if it was a call (the row goes on), else None (the row ends here or at its EOS)."""
+        call's body if it was a call (the row goes on), else None (the row ends here or at its EOS). With
+        `template`, a turn is not cut at a call: one that ends at EOS calls the last call it wrote."""
         found = first_marker(self.decode, turn.ids[start:], self.markers())
         if found is None:
-            return None
+            return self._template_call(turn, start) if self.template else None
         length, text = found
         del turn.ids[start + length :], turn.trained[start + length :], turn.logprobs[start + length :]
         ended_by = min((m for m in self.markers() if m in text), key=text.index)
@@ -221,6 +231,39 @@ class ToolRunner:
         if ended_by != self.fmt.call_end or self.fmt.call_start not in before:
             return None  # a stop string, or a call's end without its start: the row ends
         return before.rsplit(self.fmt.call_start, 1)[1]
+
+    def _template_call(self, turn: Turn, start: int) -> str | None:
+        """The body of the last complete call of a turn that ended at EOS (the chat model's turn), else None."""
+        if not self.calls or len(turn.ids) == start or turn.ids[-1] != self.eos:
+            return None
+        text = self.decode(turn.ids[start:])
+        if self.fmt.call_end not in text:
+            return None
+        before = text.rsplit(self.fmt.call_end, 1)[0]
+        return before.rsplit(self.fmt.call_start, 1)[1] if self.fmt.call_start in before else None
+
+    def result_tokens(self, name: str, result: str) -> list[int]:
+        """The tokens appended after a call: the result between the response tags, or with `template` what the
+        chat template renders after an assistant turn that called `name`: the tool's message and the
+        generation prompt of the next assistant turn (TRL's tool suffix)."""
+        if not self.template:
+            return self.encode(self.fmt.response(result))
+        call = {"role": "assistant", "content": "", "tool_calls": [
+            {"type": "function", "function": {"name": name, "arguments": {}}}]}  # fmt: skip
+        before = [{"role": "user", "content": "x"}, call]
+        prefix = list(self.tokenizer.apply_chat_template(before, tokenize=True, return_dict=False))
+        ends = [i for i, token in enumerate(prefix) if token == self.eos]
+        prefix = prefix[: ends[-1] + 1] if ends else prefix  # the turn ends at its EOS (Qwen's adds a newline)
+        message = {"role": "tool", "name": name, "content": result}
+        full = list(self.tokenizer.apply_chat_template(before + [message], tokenize=True, return_dict=False,
+                                                       add_generation_prompt=True))  # fmt: skip
+        if full[: len(prefix)] != prefix:
+            raise LLMError(
+                "the chat template renders a conversation's start differently once a tool message follows it, so "
+                "a tool's result cannot be appended to a completion",
+                "set tool_results=tags (the result between tool_response_start and tool_response_end)",
+            )
+        return full[len(prefix) :]
 
     def run(
         self,
@@ -240,9 +283,9 @@ class ToolRunner:
                 break
             going: list[int] = []
             for i in pending:
-                result, failed = call_tool(str(bodies[i]), tools[i])
+                result, failed, name = call_tool(str(bodies[i]), tools[i])
                 stats.calls, stats.failures = stats.calls + 1, stats.failures + failed
-                response = self.encode(self.fmt.response(result))
+                response = self.result_tokens(name, result)
                 if len(turns[i].ids) + len(response) >= width:  # no room to answer: end here, as TRL does
                     continue
                 turns[i].ids += response

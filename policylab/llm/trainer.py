@@ -85,8 +85,10 @@ from policylab.llm.chat import (
     conversation_key,
     conversation_tokens,
     conversational_prompts,
+    has_conversations,
     render,
     rendered_rows,
+    require_template,
 )
 from policylab.llm.epochs import ShuffledEpochs
 from policylab.llm.models import check_model, load_model, prepare_tokenizer, without_progress_bars
@@ -651,6 +653,11 @@ class LLMConfig:
     tools: list[str] = field(default_factory=list)
     """Tools the completions may call (TRL's GRPOTrainer `tools`), each a built-in (calculator) or
     `module:function`; with the task's own (the calculator task's calculator). llm/tools.py has the protocol."""
+    tool_results: str = "auto"
+    """How a tool's result joins the completion: tags (between tool_response_start and tool_response_end, right
+    after the call), template (the model's turn ends at its EOS, then what the chat template renders for a tool
+    message and the next assistant turn, TRL's way; the prompts describe the tools), or auto: template for
+    conversational prompts with a chat template, else tags."""
     environment: str | None = None
     """An environment class, `module:Class` (TRL's GRPOTrainer `environment_factory`): each completion gets an
     instance, reset with its row (`reset(**row)`, whose text, if any, is appended to the prompt); its public
@@ -701,6 +708,9 @@ class LLMConfig:
             raise ConfigError(f"lora_rank={self.lora_rank} must be >= 0", "set it to e.g. 8 (0: no LoRA)")
         if self.generation_workers < 0:
             raise ConfigError(f"generation_workers={self.generation_workers} must be >= 0", "set it to 0 or e.g. 2")
+        if self.tool_results not in ("auto", "tags", "template"):
+            raise ConfigError(f"tool_results={self.tool_results!r} is not one of auto, tags, template",
+                              "set tool_results=auto")  # fmt: skip
         if self.num_generations_eval < 1:
             raise ConfigError(
                 f"num_generations_eval={self.num_generations_eval} must be >= 1", "set it to 1 (greedy only) or e.g. 8"
@@ -1185,11 +1195,11 @@ def _columns(rows: list[dict[str, Any]]) -> dict[str, list[Any]]:
 
 
 def call_reward(
-    task: Task, prompts: list[str], completions: list[str], rows: list[dict[str, Any]], environments: Any = None
+    task: Task, prompts: list[str], completions: list[str], rows: list[dict[str, Any]], rollout: Any = None
 ) -> Tensor:
     """The task's rewards as a tensor, with one clear error for a reward function that misbehaves (NaN where no
     function applies: `rewards.UNSCORED`)."""
-    return torch.tensor(reward_values(task, prompts, completions, rows, environments))
+    return torch.tensor(reward_values(task, prompts, completions, rows, rollout))
 
 
 def require_scored(rewards: Tensor, algo: str) -> Tensor:
@@ -1213,23 +1223,24 @@ def scored_mean(rewards: Tensor) -> float:
 
 
 def reward_values(
-    task: Task, prompts: list[str], completions: list[str], rows: list[dict[str, Any]], environments: Any = None
+    task: Task, prompts: list[str], completions: list[str], rows: list[dict[str, Any]], rollout: Any = None
 ) -> list[float]:
     """The task's rewards as Python floats (call_reward's, before float32)."""
-    return checked_call(task.reward, prompts, completions, reward_columns(task, rows, completions, environments))
+    return checked_call(task.reward, prompts, completions, reward_columns(task, rows, completions, rollout))
 
 
 def reward_columns(
-    task: Task, rows: list[dict[str, Any]], completions: list[str], environments: list[Any] | None = None
+    task: Task, rows: list[dict[str, Any]], completions: list[str], rollout: Rollout | None = None
 ) -> dict[str, list[Any]]:
     """The keyword arguments of a reward function: the rows' fields but the prompt; in a run with tools, also
-    `final`, each completion's text after its last tool result; with an environment, `environments`, each
-    completion's instance (as TRL passes them)."""
+    `final`, each completion's text after its last tool result (the rollout's, else after the last response
+    tag); with an environment, `environments`, each completion's instance (as TRL passes them)."""
     columns = {k: v for k, v in _columns(rows).items() if k != "prompt"}
     if task.tool_format is not None:
-        columns["final"] = task.tool_format.final(completions)
-    if environments is not None:
-        columns["environments"] = environments
+        given = rollout.final if rollout is not None else None
+        columns["final"] = given if given is not None else task.tool_format.final(completions)
+    if rollout is not None and rollout.environments is not None:
+        columns["environments"] = rollout.environments
     return columns
 
 
@@ -1730,13 +1741,22 @@ class LLMTrainer:
                 + (" (precompute_ref_log_probs drops it)" if cfg.precompute_ref_log_probs else ""),
                 "use it with a loss that reads a reference (DPO's sigmoid, KTO, kl_coef > 0, a2po), or drop it",
             )
+        self.tools = tool_table([*self.task.tools, *(_given(cfg, inputs, "tools") or [])])
+        """The tools completions call, by name (the task's and the run's)."""
         raw_rows = rows_of(self.task, cfg, inputs)
-        self.prompt_messages = conversational_prompts([row for rows in raw_rows for row in rows], self.tokenizer)
+        self.template_results = self._template_results(raw_rows)
+        """Whether a tool's result is appended as the chat template renders a tool message (tool_results)."""
+        self.described: list[Any] | None = self.described_tools() if self.template_results else None
+        """The tools the chat template describes in conversational prompts (with template results)."""
+        every_row = [row for rows in raw_rows for row in rows]
+        self.prompt_messages = conversational_prompts(every_row, self.tokenizer, self.described)
         """The messages of each conversational prompt, by its rendered text (an environment's reset text joins them)."""
-        self.train_rows, self.eval_rows = (rendered_rows(rows, self.tokenizer) for rows in raw_rows)
+        self.train_rows, self.eval_rows = (rendered_rows(rows, self.tokenizer, self.described) for rows in raw_rows)
         expert, pairs = _given(cfg, inputs, "expert"), _given(cfg, inputs, "pairs")
         self.expert_rows = (
-            rendered_rows(prompt_rows(expert, "expert"), self.tokenizer) if expert is not None else self.train_rows
+            rendered_rows(prompt_rows(expert, "expert"), self.tokenizer, self.described)
+            if expert is not None
+            else self.train_rows
         )
         self.pair_rows = None
         if pairs is not None and cfg.algo == "kto":
@@ -1775,8 +1795,6 @@ class LLMTrainer:
             check_expert_rows(self.train_rows, "prompts")
         self.generator = torch.Generator().manual_seed(cfg.seed)
         self.max_new_tokens = cfg.max_new_tokens or self.task.max_new_tokens
-        self.tools = tool_table([*self.task.tools, *(_given(cfg, inputs, "tools") or [])])
-        """The tools completions call, by name (the task's and the run's)."""
         self.tool_format = self._tool_format()
         self.task = replace(self.task, tool_format=self.tool_format if self.calls_tools else None)
         self.tool_runner = None
@@ -1784,7 +1802,7 @@ class LLMTrainer:
             iterations = cfg.max_tool_calling_iterations
             self.tool_runner = ToolRunner(self.tokenizer, self.tool_format, cfg.stop,
                                           self.max_new_tokens if iterations is None else iterations,
-                                          self.calls_tools)  # fmt: skip
+                                          self.calls_tools, self.template_results)  # fmt: skip
         self.tool_stats = ToolStats()
         """The tool calls of the step so far, and how many failed (train.csv's tool_calls, tool_failures)."""
         self.logged_completions: list[dict[str, Any]] = []
@@ -1822,6 +1840,25 @@ class LLMTrainer:
         check_model(model, tokenizer)
         return model, tokenizer
 
+    def _template_results(self, raw_rows: tuple[list[dict[str, Any]], list[dict[str, Any]]]) -> bool:
+        """tool_results: template (a chat model's tool messages), tags, or auto: template where completions call
+        tools after conversational prompts and the tokenizer has a chat template."""
+        setting = self.cfg.tool_results
+        if setting == "template":
+            require_template(self.tokenizer)
+            return True
+        has_template = bool(getattr(self.tokenizer, "chat_template", None))
+        conversational = any(has_conversations(rows) for rows in raw_rows)
+        return setting == "auto" and self.calls_tools and conversational and has_template
+
+    def described_tools(self) -> list[Any]:
+        """The functions a chat template describes: the tools, and an environment's methods (its first
+        instance's: every instance has the same)."""
+        methods = []
+        if self.environments is not None:
+            methods = [getattr(self.environments.pool[0], m) for m in self.environments.methods]
+        return [*self.tools.values(), *methods]
+
     @property
     def calls_tools(self) -> bool:
         """Whether completions call tools (given ones, the task's or an environment's)."""
@@ -1836,6 +1873,8 @@ class LLMTrainer:
         set_names = [f"tool_{name}" for name, value in given.items() if value is not None]
         if cfg.max_tool_calling_iterations is not None:
             set_names.append("max_tool_calling_iterations")
+        if cfg.tool_results != "auto":
+            set_names.append("tool_results")
         if set_names and not self.calls_tools:
             raise ConfigError(
                 f"{_and(set_names)} would do nothing: this run has no tools",
@@ -1968,7 +2007,9 @@ class LLMTrainer:
         if messages is None:
             return prompt + observation
         last = messages[-1]
-        return render(self.tokenizer, [*messages[:-1], {**last, "content": last["content"] + observation}])
+        return render(
+            self.tokenizer, [*messages[:-1], {**last, "content": last["content"] + observation}], self.described
+        )
 
     def _sample(self, ids: Tensor, mask: Tensor, group: int, greedy: bool, width: int) -> Rollout:
         """One completion of each left-padded prompt row, in the workers or the learner (`group`: the rows come
@@ -2008,7 +2049,10 @@ class LLMTrainer:
         self.tool_stats.calls += stats.calls
         self.tool_stats.failures += stats.failures
         ids, trained, logprobs, tool = padded_turns(turns, width, self.tokenizer.pad_token_id)
-        return Rollout(rollout.prompt_ids, rollout.prompt_mask, ids, trained, logprobs, tool_mask=tool)
+        after = [turn.ids[len(turn.trained) - turn.trained[::-1].index(False) :] if False in turn.trained else turn.ids
+                 for turn in turns]  # fmt: skip
+        final = list(self.tokenizer.batch_decode(after, skip_special_tokens=True))
+        return Rollout(rollout.prompt_ids, rollout.prompt_mask, ids, trained, logprobs, tool_mask=tool, final=final)
 
     @property
     def sampling_options(self) -> dict[str, Any]:
@@ -2072,7 +2116,9 @@ class LLMTrainer:
                 key = conversation_key(row["messages"])
                 if key not in self.conversations:
                     assistant_only = self.cfg.assistant_only_loss
-                    self.conversations[key] = conversation_tokens(self.tokenizer, row["messages"], assistant_only)
+                    self.conversations[key] = conversation_tokens(
+                        self.tokenizer, row["messages"], assistant_only, self.described
+                    )
                 prompt, rest, trained = self.conversations[key]
             else:
                 prompt = self.encode_prompts.token_lists([row["prompt"]])[0]
@@ -2146,8 +2192,7 @@ class LLMTrainer:
         """[N] whether each completion ended at a stop string."""
         if not self.cfg.stop:
             return torch.zeros(len(rollout), dtype=torch.bool)
-        texts = decode(self.tokenizer, rollout)
-        texts = self.task.tool_format.final(texts) if self.task.tool_format is not None else texts
+        texts = rollout.final if rollout.final is not None else decode(self.tokenizer, rollout)
         return torch.tensor([any(s in text for s in self.cfg.stop) for text in texts])
 
     @torch.no_grad()
@@ -2248,9 +2293,9 @@ class LLMTrainer:
         cfg, prompts = self.cfg, [row["prompt"] for row in rows]
         penalty = overlong_penalty(rollout, self.max_new_tokens, cfg.overlong_buffer, cfg.overlong_penalty)
         if self.reward_parts is None:  # the penalty applies to every completion, as TRL's overlong reward function
-            rewards = call_reward(self.task, prompts, completions, rows, rollout.environments)
+            rewards = call_reward(self.task, prompts, completions, rows, rollout)
             return torch.where(torch.isnan(rewards) & (cfg.overlong_buffer > 0), penalty, rewards + penalty)
-        columns = reward_columns(self.task, rows, completions, rollout.environments)
+        columns = reward_columns(self.task, rows, completions, rollout)
         parts = [torch.tensor(checked_call(fn, prompts, completions, columns)) for fn, _ in self.reward_parts]
         return torch.stack(parts + ([penalty] if cfg.overlong_buffer > 0 else []), 1)
 
@@ -2408,6 +2453,7 @@ class LLMTrainer:
             logprobs=logprobs,
             off_policy=off_policy,
             tool_mask=tool_mask,
+            final=None,  # the expert rows' texts changed: decoded again where needed
         )
         return mixed, rewards
 
@@ -2599,7 +2645,7 @@ class LLMTrainer:
             repeated = [row for row in rows for _ in range(n)]
             sampled, completions = self.rollout(repeated)
             prompts = [row["prompt"] for row in repeated]
-            rewards = call_reward(self.task, prompts, completions, repeated, sampled.environments).view(-1, n)
+            rewards = call_reward(self.task, prompts, completions, repeated, sampled).view(-1, n)
             require_scored(rewards, "a2po")
             for row, value, scores in zip(rows, optimal_values(rewards, cfg.beta1).tolist(), rewards, strict=True):
                 self.optimal_values[row["prompt"]] = value
@@ -2625,7 +2671,7 @@ class LLMTrainer:
         rows = [row for row in self.sample_rows(cfg.batch_size) for _ in range(cfg.group_size)]
         rollout, completions = self.rollout(rows)
         prompts = [row["prompt"] for row in rows]
-        rewards = require_scored(call_reward(self.task, prompts, completions, rows, rollout.environments), "a2po")
+        rewards = require_scored(call_reward(self.task, prompts, completions, rows, rollout), "a2po")
         values = torch.tensor([self.optimal_values[row["prompt"]] for row in rows])
         logp, _ = self.rollout_logprobs(rollout)
         assert self.reference is not None
@@ -2715,14 +2761,14 @@ class LLMTrainer:
         n = len(self.eval_rows)
         greedy, completions = self.rollout(self.eval_rows, greedy=True)
         prompts = [r["prompt"] for r in self.eval_rows]
-        rewards = reward_values(self.task, prompts, completions, self.eval_rows, greedy.environments)
+        rewards = reward_values(self.task, prompts, completions, self.eval_rows, greedy)
         # Python floats (hits / n): exact decimals in eval.json, not float32's 0.7250000238418579
         scored = [r for r in rewards if r == r]  # the completions some reward function applies to
         out = {"accuracy": sum(r >= 1.0 for r in rewards) / n, "reward": math.fsum(scored) / max(len(scored), 1)}
         if k > 1:
             rows = [row for row in self.eval_rows for _ in range(k)]
             drawn, sampled = self.rollout(rows)
-            values = reward_values(self.task, [r["prompt"] for r in rows], sampled, rows, drawn.environments)
+            values = reward_values(self.task, [r["prompt"] for r in rows], sampled, rows, drawn)
             hits = [r >= 1.0 for r in values]
             out[f"pass@{k}"] = sum(any(hits[i * k : (i + 1) * k]) for i in range(n)) / n
             scored = [r for r in values if r == r]
