@@ -278,7 +278,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("plot", help="learning curves of runs as a PNG (mean and spread over seeds)")
     p.add_argument("runs", nargs="+", help="run directories")
     p.add_argument("--out", default="learning_curves.png", help="the PNG to write (default: learning_curves.png)")
-    p.add_argument("--metric", default="return_mean", help="train.csv column to plot (default: return_mean)")
+    p.add_argument("--metric", help="train.csv column to plot (default: return_mean; for `policylab llm` runs: reward)")
     p.set_defaults(func=_plot)
 
     p = sub.add_parser("list", help="algorithms and their tuned presets")

@@ -37,6 +37,8 @@ class RunData:
     """An offline run's gradient steps before its online phase (`online_steps`), if any: its first steps are
     gradient steps, not env steps."""
     online_steps: int = 0
+    language_model: bool = False
+    """A `policylab llm` run (its config has a task, no env): steps are training steps, the metric a reward."""
 
 
 def load_run(run_dir: Path, source: str = "train") -> RunData:
@@ -54,8 +56,19 @@ def load_run(run_dir: Path, source: str = "train") -> RunData:
     config = _read_config(run_dir / CONFIG_YAML)
     eval_rows = read_csv(run_dir / EVAL_CSV) if (run_dir / EVAL_CSV).is_file() else []
     rows = eval_rows if source == "eval" else read_csv(run_dir / TRAIN_CSV)
-    algo, env = str(config.get("algo", run_dir.name)), str(config.get("env", "?"))
-    return RunData(run_dir, algo, env, rows, eval_rows, *offline_phases(config))
+    language_model = "env" not in config and "task" in config
+    algo, env = str(config.get("algo", run_dir.name)), str(config.get("env", config.get("task", "?")))
+    return RunData(run_dir, algo, env, rows, eval_rows, *offline_phases(config), language_model=language_model)
+
+
+def default_metric(runs: list[RunData], source: str) -> str:
+    """The metric plotted unless one is given: the mean return; for language-model runs the reward of the
+    sampled completions (train.csv; SFT runs: the loss) or the greedy exact match (eval.csv)."""
+    if runs and all(run.language_model for run in runs):
+        if source == "eval":
+            return "accuracy"
+        return "loss" if all(run.algo == "sft" for run in runs) else "reward"
+    return "return_mean"
 
 
 def offline_phases(config: dict[str, Any]) -> tuple[int, int]:
@@ -66,8 +79,11 @@ def offline_phases(config: dict[str, Any]) -> tuple[int, int]:
     return int(config.get("steps", 0)), int(config.get("online_steps", 0) or 0)
 
 
-def step_axis_label(phases: list[tuple[int, int]]) -> str:
-    """What the x axis counts, from each run's `offline_phases`: env steps, gradient steps, or both."""
+def step_axis_label(phases: list[tuple[int, int]], language_model: bool = False) -> str:
+    """What the x axis counts, from each run's `offline_phases`: env steps, gradient steps, or both (language-model
+    runs: training steps)."""
+    if language_model:
+        return "training steps"
     if not any(offline for offline, _ in phases):
         return "environment steps"
     if all(offline and not online for offline, online in phases):
@@ -128,15 +144,17 @@ def _check_metric(run: RunData, metric: str, source: str) -> None:
 def plot_runs(
     run_dirs: list[Path],
     out: Path,
-    metric: str = "return_mean",
+    metric: str | None = None,
     source: str = "train",
     notes: list[str] | None = None,
 ) -> Path:
-    """Draw the learning curves of `run_dirs` into the PNG `out` (written atomically); return its path. `notes`, if
-    given, gets a line for each group whose runs end at different steps (its curve stops where the first ends)."""
+    """Draw the learning curves of `run_dirs` into the PNG `out` (written atomically); return its path (`metric`
+    None: `default_metric`). `notes`, if given, gets a line for each group whose runs end at different steps (its
+    curve stops where the first ends)."""
     if source not in ("train", "eval"):
         raise PolicylabError(f"unknown source {source!r}", "use source='train' or source='eval'")
     runs = [load_run(Path(d), source) for d in run_dirs]
+    metric = metric or default_metric(runs, source)
     for run in runs:
         _check_metric(run, metric, source)
     groups = group_runs(runs, metric)
@@ -160,7 +178,8 @@ def plot_runs(
                 f"{algo} on {env}: the runs end at different steps ({min(ends):,.0f} to {max(ends):,.0f}); its mean "
                 f"and band are drawn over the steps that all of them reached (to {min(ends):,.0f})"
             )
-    ax.set_xlabel(step_axis_label([(run.offline_steps, run.online_steps) for run in runs]))
+    phases = [(run.offline_steps, run.online_steps) for run in runs]
+    ax.set_xlabel(step_axis_label(phases, all(run.language_model for run in runs)))
     for boundary in sorted({run.offline_steps for run in runs if run.offline_steps and run.online_steps}):
         ax.axvline(boundary, color="0.4", ls=":", lw=1)
     ax.set_ylabel(metric)

@@ -2165,6 +2165,7 @@ EVERY_ALGORITHM = {
     "eval_prompts": "eval.jsonl",
     "rewards": ["exact_match", "numeric_match=0.5"],
     "disable_dropout": True,
+    "tensorboard": True,
     "stop": ["7"],
     "tools": ["calculator"],
     "environment": "mypkg.envs:Game",
@@ -2728,3 +2729,21 @@ def test_log_completions_writes_each_steps_completions_and_resumes_without_repea
 def _sum_of(prompt: str) -> str:
     a, b = prompt.rstrip("=").split("+")
     return f"{int(a) + int(b):03d}"
+
+
+def test_a_language_model_run_plots_its_reward_and_accuracy_and_writes_tensorboard(sft_model, tmp_path):
+    from policylab.plot import load_run, plot_runs
+
+    settings = {"model": str(sft_model.dir), "steps": 3, "eval_every": 1, "batch_size": 4, "eval_size": 8,
+                "tensorboard": True}  # fmt: skip
+    run = train_llm("grpo", settings, tmp_path, verbose=False)
+    assert load_run(run.dir).language_model and load_run(run.dir).env == "addition"
+    notes: list[str] = []
+    assert plot_runs([run.dir], tmp_path / "train.png", notes=notes).read_bytes().startswith(b"\x89PNG")
+    assert plot_runs([run.dir], tmp_path / "eval.png", source="eval").read_bytes().startswith(b"\x89PNG")
+    from policylab.plot import default_metric
+
+    assert default_metric([load_run(run.dir)], "train") == "reward"
+    assert default_metric([load_run(run.dir, "eval")], "eval") == "accuracy"
+    assert default_metric([load_run(sft_model.dir)], "train") == "loss"
+    assert any((run.dir / "tb").glob("events.out.tfevents.*"))

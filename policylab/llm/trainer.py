@@ -680,6 +680,9 @@ class LLMConfig:
     """Dropout off in training too (the model's and the reference's dropout modules at 0; TRL's setting, with
     TRL's defaults: on for the preference algorithms, KTO, reward models and GKD, off for GRPO, RLOO, distill and
     SFT). Sampling and evaluation always run without dropout."""
+    tensorboard: bool = False
+    """Also write train.csv's and eval.csv's rows as TensorBoard scalars under the run's tb/ (as the control
+    side's runs)."""
     threads: int = 1
     generation_workers: int = 0
     """Sample completions in this many workers, each a copy of the policy with its own generator, the weights
@@ -3012,13 +3015,13 @@ def train_llm(
             """The evaluation of the latest weights (None: a checkpoint written before it was kept)."""
             if new_steps:  # a later resume continues to the new step count
                 atomic_write_text(run_dir / CONFIG_YAML, yaml.safe_dump(asdict(cfg), sort_keys=False))
-            log = RunLog(run_dir, tensorboard=False, resume_step=start)
+            log = RunLog(run_dir, tensorboard=cfg.tensorboard, resume_step=start)
             completions_log = JsonlLog(run_dir / "completions.jsonl", resume_step=start)
         else:
             initial = last = trainer.evaluate()  # before the directory: a reward that fails here leaves none
             run_dir = created = new_run_dir(runs_dir, name or f"{cfg.algo}-{cfg.task}-s{cfg.seed}")
             atomic_write_text(run_dir / CONFIG_YAML, yaml.safe_dump(asdict(cfg), sort_keys=False))
-            log = RunLog(run_dir, tensorboard=False)
+            log = RunLog(run_dir, tensorboard=cfg.tensorboard)
             completions_log = JsonlLog(run_dir / "completions.jsonl")
             log.log_eval({"step": 0, **initial})
         enabled = False if verbose is False or progress is False else (progress if progress is not None else verbose)
