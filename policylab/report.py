@@ -286,6 +286,12 @@ class RunScore:
     """An offline run's (gradient steps, online env steps) (plot.offline_phases): what its curve's steps count."""
 
 
+def _is_language_model_run(run_dir: Path) -> bool:
+    """A `policylab llm` run: its config names a task and no env."""
+    config = _read_config(run_dir) if (run_dir / CONFIG_YAML).is_file() else {}
+    return "env" not in config and "task" in config
+
+
 def load_run_score(
     run_dir: str | Path, metric: str = "return_mean", which: str = "final", group_by: Sequence[str] = ("algo",)
 ) -> RunScore:
@@ -716,7 +722,7 @@ def report(
     run_dirs: Sequence[str | Path],
     out: str | Path,
     *,
-    metric: str = "return_mean",
+    metric: str | None = None,
     which: str = "final",
     refs: dict[str, tuple[float, float]] | None = None,
     threshold: float | None = None,
@@ -733,7 +739,8 @@ def report(
     in its eval.csv. Runs are pooled by algorithm (or by the config values of `group_by`, e.g. ("algo", "lr"));
     each env is a task. Scores are normalized with reference
     returns where they are known (`refs` {env: (min, max)}, else the run's dataset); runs of several envs need
-    them. `threshold` is the optimality gap's target (default 100 for normalized scores; none otherwise).
+    them. `threshold` is the optimality gap's target (default 100 for normalized scores; none otherwise). `metric`
+    None: return_mean, or for `policylab llm` runs their exact match, `accuracy` (then the threshold defaults to 1).
     `out` is written to a temporary folder and renamed into place; a non-empty one needs `overwrite=True`."""
     if isinstance(run_dirs, str | Path):  # one run given as itself, not as a list of one
         run_dirs = [run_dirs]
@@ -760,6 +767,11 @@ def report(
         )
     dirs, repeated = _unique_dirs(run_dirs)
     _check_out(out, dirs, overwrite)
+    language_models = bool(dirs) and all(_is_language_model_run(d) for d in dirs)
+    if metric is None:
+        metric = "accuracy" if language_models else "return_mean"
+    if threshold is None and language_models and metric == "accuracy":
+        threshold = 1.0  # exact match's natural target
     runs = [load_run_score(d, metric, which, group_by) for d in dirs]
     score_set = build_score_set(runs, metric, refs)
     result = _compute(score_set, out, metric, which, threshold, reps, confidence, seed, curve_statistic)
@@ -882,12 +894,16 @@ def add_report_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run directories, e.g. runs/ppo-*-s* runs/sac-*-s*")
     p.add_argument("--out", required=True, help="the folder to write (index.html, PNGs, report.csv)")
-    p.add_argument("--metric", default="return_mean", help="the evaluation value to score (default return_mean)")
+    p.add_argument(
+        "--metric", help="the evaluation value to score (default return_mean; `policylab llm` runs: accuracy)"
+    )
     p.add_argument("--which", choices=WHICH, default="final", help="final evaluation (eval.json) or best (eval.csv)")
     p.add_argument(
         "--ref", action="append", default=[], metavar="ENV=MIN,MAX", help="reference returns to normalize an env"
     )
-    p.add_argument("--threshold", type=float, help="optimality gap target (default 100 for normalized scores)")
+    p.add_argument(
+        "--threshold", type=float, help="optimality gap target (default 100 for normalized scores, 1 for accuracy)"
+    )
     p.add_argument(
         "--group-by",
         default="algo",

@@ -2747,3 +2747,10 @@ def test_a_language_model_run_plots_its_reward_and_accuracy_and_writes_tensorboa
     assert default_metric([load_run(run.dir, "eval")], "eval") == "accuracy"
     assert default_metric([load_run(sft_model.dir)], "train") == "loss"
     assert any((run.dir / "tb").glob("events.out.tfevents.*"))
+    from policylab.report import report
+
+    other = train_llm("grpo", {**settings, "seed": 1, "tensorboard": False}, tmp_path, verbose=False)
+    result = report([run.dir, other.dir], tmp_path / "report", reps=200)  # multi-seed: exact match, target 1
+    assert (result.metric, result.threshold) == ("accuracy", 1.0)
+    scores = sorted(float(v) for v in result.score_set.matrices["grpo"].ravel())
+    assert scores == sorted([run.final_eval["accuracy"], other.final_eval["accuracy"]])
