@@ -312,5 +312,5 @@ def test_environments_that_cannot_work_are_one_clear_error_each():
         Environments(BadObservation, "BadObservation").reset([{"prompt": "1"}])
     with pytest.raises(ConfigError, match="mix=luffy puts expert completions"):
         LLMTrainer(make_config("grpo", {"mix": "luffy", "eval_size": 4}), LLMInputs(environment=Counter))
-    with pytest.raises(LLMError, match="is not module:Class"):
+    with pytest.raises(LLMError, match="environment .Counter. is neither module:name"):
         LLMTrainer(make_config("grpo", {"environment": "Counter", "eval_size": 4}))

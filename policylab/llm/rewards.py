@@ -96,25 +96,29 @@ def load_reward(spec: str) -> tuple[RewardFn, float]:
         return BUILTIN_REWARDS[target], weight
     if target.startswith("model:"):
         return reward_model(target[len("model:") :]), weight
-    module_name, sep, attr = target.partition(":")
+    return import_callable(target, "reward", BUILTIN_REWARDS, "--reward mypkg.rewards:exact_match"), weight
+
+
+def import_callable(spec: str, what: str, builtins: dict[str, Any], example: str) -> Any:
+    """The callable `module:attr` names (a reward, a tool, an environment class), found as `python -m` finds
+    modules; one error naming the spec and the fix when it is not one."""
+    module_name, sep, attr = spec.partition(":")
     if not sep or not module_name or not attr:
-        raise LLMError(
-            f"reward {target!r} is neither a built-in ({', '.join(BUILTIN_REWARDS)}) nor module:function",
-            "write e.g. --reward mypkg.rewards:exact_match",
-        )
+        listed = f"a built-in ({', '.join(builtins)}) nor " if builtins else ""
+        raise LLMError(f"{what} {spec!r} is neither {listed}module:name", f"write e.g. {example}")
     try:
-        fn = getattr(import_user_module(module_name), attr)
+        found = getattr(import_user_module(module_name), attr)
     except ImportError as exc:
         raise LLMError(
-            f"reward {target!r}: cannot import {module_name} ({exc})",
+            f"{what} {spec!r}: cannot import {module_name} ({exc})",
             f"check the module path: it was looked for in the current directory ({Path.cwd()}) and on sys.path "
             "(add its parent directory to PYTHONPATH, or run from the directory that holds it)",
         ) from None
     except AttributeError:
-        raise LLMError(f"reward {target!r}: {module_name} has no {attr}", "check the function name") from None
-    if not callable(fn):
-        raise LLMError(f"reward {target!r} is not callable", "point at a function") from None
-    return fn, weight
+        raise LLMError(f"{what} {spec!r}: {module_name} has no {attr}", "check the name after the colon") from None
+    if not callable(found):
+        raise LLMError(f"{what} {spec!r} is not callable", "point at a function or class")
+    return found
 
 
 RewardSpec = str | RewardFn | tuple[str | RewardFn, float]

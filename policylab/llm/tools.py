@@ -17,15 +17,14 @@ import json
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from policylab.imports import import_user_module
 from policylab.llm import LLMError
+from policylab.llm.rewards import import_callable
 
 Tool = Callable[..., Any]
 _CALL = re.compile(r"([A-Za-z_]\w*)\((.*)\)", re.DOTALL)
@@ -87,24 +86,7 @@ def load_tool(spec: str | Tool) -> tuple[str, Tool]:
         return getattr(spec, "__name__", type(spec).__name__), spec
     if spec in BUILTIN_TOOLS:
         return spec, BUILTIN_TOOLS[spec]
-    module_name, sep, attr = spec.partition(":")
-    if not sep or not module_name or not attr:
-        raise LLMError(
-            f"tool {spec!r} is neither a built-in ({', '.join(BUILTIN_TOOLS)}) nor module:function",
-            "write e.g. --tool mypkg.tools:search",
-        )
-    try:
-        fn = getattr(import_user_module(module_name), attr)
-    except ImportError as exc:
-        raise LLMError(
-            f"tool {spec!r}: cannot import {module_name} ({exc})",
-            f"check the module path: it was looked for in the current directory ({Path.cwd()}) and on sys.path",
-        ) from None
-    except AttributeError:
-        raise LLMError(f"tool {spec!r}: {module_name} has no {attr}", "check the function name") from None
-    if not callable(fn):
-        raise LLMError(f"tool {spec!r} is not callable", "point at a function")
-    return attr, fn
+    return spec.partition(":")[2], import_callable(spec, "tool", BUILTIN_TOOLS, "--tool mypkg.tools:search")
 
 
 def tool_table(specs: list[Any]) -> dict[str, Tool]:
@@ -419,16 +401,8 @@ def load_environment(spec: str | Callable[[], Any]) -> Environments:
     """An environment from a class or factory, or `module:Name`."""
     if callable(spec):
         return Environments(spec, getattr(spec, "__name__", type(spec).__name__))
-    module_name, sep, attr = spec.partition(":")
-    if not sep or not module_name or not attr:
-        raise LLMError(f"environment {spec!r} is not module:Class", "write e.g. --set environment=mypkg.envs:Wordle")
-    try:
-        factory = getattr(import_user_module(module_name), attr)
-    except ImportError as exc:
-        raise LLMError(f"environment {spec!r}: cannot import {module_name} ({exc})", "check the module path") from None
-    except AttributeError:
-        raise LLMError(f"environment {spec!r}: {module_name} has no {attr}", "check the class name") from None
-    return Environments(factory, attr)
+    factory = import_callable(spec, "environment", {}, "--set environment=mypkg.envs:Wordle")
+    return Environments(factory, spec.partition(":")[2])
 
 
 def environment_reward(prompts: list[str], completions: list[str], environments: list[Any], **_: Any) -> list[float]:
