@@ -314,3 +314,26 @@ def test_environments_that_cannot_work_are_one_clear_error_each():
         LLMTrainer(make_config("grpo", {"mix": "luffy", "eval_size": 4}), LLMInputs(environment=Counter))
     with pytest.raises(LLMError, match="environment .Counter. is neither module:name"):
         LLMTrainer(make_config("grpo", {"environment": "Counter", "eval_size": 4}))
+
+
+def test_ppos_token_gae_runs_over_the_models_tokens_across_a_tools_result():
+    """GAE on a completion with a tool's result in it equals GAE on the model's tokens alone, put back in place."""
+    from policylab.llm.trainer import token_gae
+
+    mask = torch.tensor([[1, 1, 0, 0, 1, 1, 0], [1, 1, 1, 0, 0, 0, 0]], dtype=torch.bool)
+    values = torch.tensor([[0.1, 0.2, 9.0, 9.0, 0.3, 0.4, 9.0], [0.5, 0.6, 0.7, 0.0, 0.0, 0.0, 0.0]])
+    rewards = torch.tensor([1.0, 2.0])
+    advantages, returns = token_gae(rewards, values, mask, 0.9, 0.8)
+    packed = torch.tensor([[1, 1, 1, 1, 0, 0, 0], [1, 1, 1, 0, 0, 0, 0]], dtype=torch.bool)
+    packed_values = torch.tensor([[0.1, 0.2, 0.3, 0.4, 0.0, 0.0, 0.0], values[1].tolist()])
+    expected, expected_returns = token_gae(rewards, packed_values, packed, 0.9, 0.8)
+    torch.testing.assert_close(advantages[0, [0, 1, 4, 5]], expected[0, :4])
+    torch.testing.assert_close(returns[0, [0, 1, 4, 5]], expected_returns[0, :4])
+    assert (advantages[0, [2, 3, 6]] == 0).all() and torch.equal(advantages[1], expected[1])
+    # by hand, the first row: delta_t = r_t + gamma V_{t+1} - V_t over its 4 tokens, the reward on the last
+    deltas = [0.9 * 0.2 - 0.1, 0.9 * 0.3 - 0.2, 0.9 * 0.4 - 0.3, 1.0 - 0.4]
+    gae, by_hand = 0.0, []
+    for delta in reversed(deltas):
+        gae = delta + 0.9 * 0.8 * gae
+        by_hand.insert(0, gae)
+    torch.testing.assert_close(advantages[0, [0, 1, 4, 5]], torch.tensor(by_hand))

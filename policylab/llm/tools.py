@@ -1,7 +1,10 @@
-"""Tool calling inside completions (TRL's GRPOTrainer `tools`): the model writes a call between two tags, the run
-calls the Python function and appends its result between two other tags, and sampling goes on from there, for at
-most `max_tool_calling_iterations` calls. The result's tokens are in the context of everything after them but in
-no loss (`Rollout.tool_mask`); rewards read the whole text.
+"""Tool calling inside completions (TRL's GRPOTrainer `tools` and `environment_factory`): the model writes a call
+between two tags, the run calls the Python function and appends its result, and sampling goes on from there, for
+at most `max_tool_calling_iterations` calls. The result goes between two other tags right after the call, or, with
+a chat model (`ToolRunner(template=True)`), after the model's turn has ended at its EOS, as the chat template
+renders a tool message and the next assistant turn. The result's tokens are in the context of everything after
+them but in no loss (`Rollout.tool_mask`); rewards read the whole text. An environment (`Environments`) gives each
+completion its own instance, whose methods are that completion's tools.
 
 A call's body is JSON {"name": ..., "arguments": {...}} (the Hermes format Qwen's and Llama's chat templates
 render), or `name(arg, key=value)` with literal arguments, or, with one tool, any text: that tool's one argument.
@@ -116,10 +119,11 @@ def parse_call(body: str, tools: dict[str, Tool]) -> tuple[Tool, list[Any], dict
     if match and match.group(1) in tools:
         try:
             node = ast.parse(text, mode="eval").body
-            assert isinstance(node, ast.Call)
+            if not isinstance(node, ast.Call):
+                raise ValueError("not a call")
             args = [ast.literal_eval(a) for a in node.args]
             kwargs = {k.arg: ast.literal_eval(k.value) for k in node.keywords if k.arg is not None}
-        except (SyntaxError, ValueError, AssertionError):
+        except (SyntaxError, ValueError):
             raise ValueError("the call's arguments are not Python literals") from None
         return tools[match.group(1)], args, kwargs
     if len(tools) == 1:

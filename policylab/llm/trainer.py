@@ -1505,7 +1505,15 @@ def _chosen_logprobs(logits: Tensor, ids: Tensor, temperature: float) -> Tensor:
 
 def token_gae(rewards: Tensor, values: Tensor, mask: Tensor, gamma: float, lam: float) -> tuple[Tensor, Tensor]:
     """GAE over the tokens of each completion (objectives.advantages.gae, time = token): the sequence reward
-    [N] arrives on its last token, which ends the episode. Returns (advantages, returns), [N, T], 0 off the mask."""
+    [N] arrives on its last token, which ends the episode. Returns (advantages, returns), [N, T], 0 off the mask.
+    A mask with holes (tools' results between the model's tokens) is GAE over the model's tokens in order: each
+    one's next value is the next model token's."""
+    if bool((mask[:, 1:] & ~mask[:, :-1]).any()):  # holes: compact each row's tokens to its front, then back
+        order = torch.sort((~mask).to(torch.int8), dim=1, stable=True).indices
+        packed = torch.gather(mask, 1, order)
+        advantages, returns = token_gae(rewards, torch.gather(values, 1, order), packed, gamma, lam)
+        return (torch.zeros_like(advantages).scatter(1, order, advantages),
+                torch.zeros_like(returns).scatter(1, order, returns))  # fmt: skip
     lengths = mask.sum(-1)
     last = torch.nn.functional.one_hot((lengths - 1).clamp_min(0), mask.shape[1]).bool() & (lengths > 0)[:, None]
     token_rewards = last.float() * rewards[:, None]
