@@ -337,3 +337,18 @@ def test_ppos_token_gae_runs_over_the_models_tokens_across_a_tools_result():
         gae = delta + 0.9 * 0.8 * gae
         by_hand.insert(0, gae)
     torch.testing.assert_close(advantages[0, [0, 1, 4, 5]], torch.tensor(by_hand))
+
+
+def test_a_run_with_an_environment_class_records_it_and_needs_it_again_to_resume(calculator_model, tmp_path):
+    rows = multiplication_rows(32, 4)
+    settings = {"model": str(calculator_model.dir), **TAGS, "max_new_tokens": 20, "steps": 2, "eval_every": 1,
+                "batch_size": 2, "group_size": 4, "eval_size": 4}  # fmt: skip
+    run = train_llm("grpo", settings, tmp_path, verbose=False, prompts=rows, environment=Counter,
+                    callback=lambda step, _: step < 1)  # fmt: skip
+    assert "environment: python:Counter" in (run.dir / "config.yaml").read_text()
+    with pytest.raises(LLMError, match=r"Python objects for prompts, environment"):
+        train_llm(resume=run.dir, verbose=False)
+    resumed = train_llm(resume=run.dir, verbose=False, prompts=rows, environment=Counter)
+    with open(resumed.dir / "train.csv") as f:  # the reward is the environment's: each completion's calls
+        rows_logged = list(csv.DictReader(f))
+    assert len(rows_logged) == 2 and all(row["reward"] == row["tool_calls"] for row in rows_logged)

@@ -2941,6 +2941,7 @@ def train_llm(
     pairs: Any = None,
     teacher: Any = None,
     tools: list[Any] | None = None,
+    environment: Any = None,
     progress: bool | None = None,
 ) -> LLMRun:
     """Train (SFT or RL) and write the run directory: config.yaml, train.csv, eval.csv, eval.json, model/ and
@@ -2955,11 +2956,12 @@ def train_llm(
     The inputs can be Python objects instead of the config's names and paths (see LLMInputs): `model` (a
     transformers causal LM, trained in place) with its `tokenizer`, `prompts` / `eval_prompts` / `expert` /
     `pairs` (a datasets.Dataset or a list of dicts), `rewards` (functions, or (function, weight) pairs), `teacher`
-    (distill and gkd: a transformers causal LM), `tools` (functions completions may call; llm/tools.py). Resuming
-    a run made so needs the same objects passed again."""
+    (distill and gkd: a transformers causal LM), `tools` (functions completions may call; llm/tools.py),
+    `environment` (a class or factory whose instances serve the completions). Resuming a run made so needs the
+    same objects passed again."""
     import yaml
 
-    inputs = LLMInputs(model, tokenizer, prompts, eval_prompts, rewards, expert, pairs, teacher, tools)
+    inputs = LLMInputs(model, tokenizer, prompts, eval_prompts, rewards, expert, pairs, teacher, tools, environment)
     say: Callable[..., None] = print if verbose is not False else (lambda *a, **k: None)
     notes: list[str] = []
     state: dict[str, Any] = {}
