@@ -2170,6 +2170,7 @@ EVERY_ALGORITHM = {
     "tools": ["calculator"],
     "environment": "mypkg.envs:Game",
     "tool_results": "tags",
+    "chat_template_kwargs": {"enable_thinking": False},
     "max_tool_calling_iterations": 2,
     "tool_call_start": "[",
     "tool_call_end": "]",

@@ -258,3 +258,18 @@ def test_a_chat_model_sft_on_tool_conversations_then_calls_the_tool_through_its_
     inputs = LLMInputs(model=model, tokenizer=saved, prompts=held_out, eval_prompts=held_out, tools=[liar])
     lying = LLMTrainer(make_config("grpo", {"eval_size": 50, "max_new_tokens": 24, **CALL_TAGS}), inputs)
     assert lying.template_results and lying.evaluate()["accuracy"] <= 0.05  # a miscopied result can hit
+
+
+def test_chat_template_kwargs_reach_every_rendering():
+    """TRL's chat_template_kwargs: here a template flag that adds a space at the end of every rendering."""
+    tok = chat_tokenizer()
+    tok.chat_template = TEMPLATE + "{% if spaced %} {% endif %}"
+    rows = [{"prompt": [user("1+1=")], "answer": "2"}, {"messages": [user("2+2="), assistant("4")]}]
+    inputs = LLMInputs(model=build_tiny_model("tiny-llama", tok), tokenizer=tok, prompts=rows, eval_prompts=rows)
+    settings = {"eval_size": 2, "max_new_tokens": 4, "chat_template_kwargs": {"spaced": True}}
+    trainer = LLMTrainer(make_config("sft", settings), inputs)
+    assert [row["prompt"] for row in trainer.train_rows] == ["(1+1=): ", "(2+2=): "]
+    prompt, rest, _ = conversation_tokens(trainer.chat, rows[1]["messages"], False)  # what SFT trains on
+    assert tok.decode(prompt + rest).endswith("4<eos> ")
+    plain = LLMTrainer(make_config("sft", {"eval_size": 2, "max_new_tokens": 4}), inputs)
+    assert [row["prompt"] for row in plain.train_rows] == ["(1+1=):", "(2+2=):"]

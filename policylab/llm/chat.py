@@ -124,6 +124,20 @@ def conversational_prompts(
     return found
 
 
+class WithTemplateOptions:
+    """A tokenizer whose chat template is rendered with `options` too (TRL's chat_template_kwargs, e.g.
+    {"enable_thinking": false} for Qwen3's); everything else is the tokenizer's."""
+
+    def __init__(self, tokenizer: Any, options: dict[str, Any]) -> None:
+        self._tokenizer, self._options = tokenizer, dict(options)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._tokenizer, name)
+
+    def apply_chat_template(self, *args: Any, **kwargs: Any) -> Any:
+        return self._tokenizer.apply_chat_template(*args, **{**self._options, **kwargs})
+
+
 def conversation_key(messages: list[dict[str, Any]]) -> str:
     return json.dumps(messages, sort_keys=True)
 

@@ -82,6 +82,7 @@ from policylab.config import apply_values
 from policylab.errors import ConfigError, for_reader, suggest
 from policylab.llm import LLMError, fast_train, require_llm
 from policylab.llm.chat import (
+    WithTemplateOptions,
     conversation_key,
     conversation_tokens,
     conversational_prompts,
@@ -653,6 +654,8 @@ class LLMConfig:
     tools: list[str] = field(default_factory=list)
     """Tools the completions may call (TRL's GRPOTrainer `tools`), each a built-in (calculator) or
     `module:function`; with the task's own (the calculator task's calculator). llm/tools.py has the protocol."""
+    chat_template_kwargs: dict[str, Any] = field(default_factory=dict)
+    """Passed to the chat template with every rendering (TRL's setting; e.g. {enable_thinking: false})."""
     tool_results: str = "auto"
     """How a tool's result joins the completion: tags (between tool_response_start and tool_response_end, right
     after the call), template (the model's turn ends at its EOS, then what the chat template renders for a tool
@@ -1754,29 +1757,35 @@ class LLMTrainer:
             )
         self.tools = tool_table([*self.task.tools, *(_given(cfg, inputs, "tools") or [])])
         """The tools completions call, by name (the task's and the run's)."""
+        self.chat = (
+            WithTemplateOptions(self.tokenizer, cfg.chat_template_kwargs)
+            if cfg.chat_template_kwargs
+            else self.tokenizer
+        )
+        """The tokenizer the chat template is rendered with (with chat_template_kwargs)."""
         raw_rows = rows_of(self.task, cfg, inputs)
         self.template_results = self._template_results(raw_rows)
         """Whether a tool's result is appended as the chat template renders a tool message (tool_results)."""
         self.described: list[Any] | None = self.described_tools() if self.template_results else None
         """The tools the chat template describes in conversational prompts (with template results)."""
         every_row = [row for rows in raw_rows for row in rows]
-        self.prompt_messages = conversational_prompts(every_row, self.tokenizer, self.described)
+        self.prompt_messages = conversational_prompts(every_row, self.chat, self.described)
         """The messages of each conversational prompt, by its rendered text (an environment's reset text joins them)."""
-        self.train_rows, self.eval_rows = (rendered_rows(rows, self.tokenizer, self.described) for rows in raw_rows)
+        self.train_rows, self.eval_rows = (rendered_rows(rows, self.chat, self.described) for rows in raw_rows)
         expert, pairs = _given(cfg, inputs, "expert"), _given(cfg, inputs, "pairs")
         self.expert_rows = (
-            rendered_rows(prompt_rows(expert, "expert"), self.tokenizer, self.described)
+            rendered_rows(prompt_rows(expert, "expert"), self.chat, self.described)
             if expert is not None
             else self.train_rows
         )
         self.pair_rows = None
         if pairs is not None and cfg.algo == "kto":
-            self.pair_rows = check_unpaired_rows(rendered_rows(prompt_rows(pairs, "pairs"), self.tokenizer))
+            self.pair_rows = check_unpaired_rows(rendered_rows(prompt_rows(pairs, "pairs"), self.chat))
         elif pairs is not None and cfg.algo == "tpo" and cfg.tpo_alpha:
             self.pair_rows = prompt_rows(pairs, "pairs", ("chosen", "rejected", "reference"), TPO_PAIRS_FIX)
         elif pairs is not None:
             self.pair_rows = prompt_rows(pairs, "pairs", ("chosen", "rejected"), PAIRS_FIX)
-        self.pair_rows = None if self.pair_rows is None else rendered_rows(self.pair_rows, self.tokenizer)
+        self.pair_rows = None if self.pair_rows is None else rendered_rows(self.pair_rows, self.chat)
         self.conversations: dict[str, tuple[list[int], list[int], list[bool]]] = {}
         """SFT's tokens of each `messages` row's conversation (chat.conversation_tokens), by the conversation."""
         self.eval_pairs: list[tuple[str, str, str, float]] = []
@@ -1811,7 +1820,7 @@ class LLMTrainer:
         self.tool_runner = None
         if self.calls_tools or cfg.stop:
             iterations = cfg.max_tool_calling_iterations
-            self.tool_runner = ToolRunner(self.tokenizer, self.tool_format, cfg.stop,
+            self.tool_runner = ToolRunner(self.chat, self.tool_format, cfg.stop,
                                           self.max_new_tokens if iterations is None else iterations,
                                           self.calls_tools, self.template_results)  # fmt: skip
         self.tool_stats = ToolStats()
@@ -2018,9 +2027,7 @@ class LLMTrainer:
         if messages is None:
             return prompt + observation
         last = messages[-1]
-        return render(
-            self.tokenizer, [*messages[:-1], {**last, "content": last["content"] + observation}], self.described
-        )
+        return render(self.chat, [*messages[:-1], {**last, "content": last["content"] + observation}], self.described)
 
     def _sample(self, ids: Tensor, mask: Tensor, group: int, greedy: bool, width: int) -> Rollout:
         """One completion of each left-padded prompt row, in the workers or the learner (`group`: the rows come
@@ -2128,7 +2135,7 @@ class LLMTrainer:
                 if key not in self.conversations:
                     assistant_only = self.cfg.assistant_only_loss
                     self.conversations[key] = conversation_tokens(
-                        self.tokenizer, row["messages"], assistant_only, self.described
+                        self.chat, row["messages"], assistant_only, self.described
                     )
                 prompt, rest, trained = self.conversations[key]
             else:
