@@ -285,7 +285,7 @@ def test_an_environment_gives_each_completion_its_own_instance_tools_and_reward(
 
 
 def test_environments_that_cannot_work_are_one_clear_error_each():
-    from policylab.llm.tools import Environments
+    from policylab.llm.tools import EnvironmentKind, load_environment
 
     class NoReset:
         def act(self):
@@ -307,9 +307,9 @@ def test_environments_that_cannot_work_are_one_clear_error_each():
 
     for factory, message in ((NoReset, "no reset method"), (NoTools, "no public method"), (broken, "no GPU")):
         with pytest.raises(LLMError, match=message):
-            Environments(factory, factory.__name__)
+            EnvironmentKind(factory, factory.__name__)
     with pytest.raises(LLMError, match="reset returned a int"):
-        Environments(BadObservation, "BadObservation").reset([{"prompt": "1"}])
+        load_environment(BadObservation).reset([{"prompt": "1"}])
     with pytest.raises(ConfigError, match="mix=luffy puts expert completions"):
         LLMTrainer(make_config("grpo", {"mix": "luffy", "eval_size": 4}), LLMInputs(environment=Counter))
     with pytest.raises(LLMError, match="environment .Counter. is neither module:name"):
@@ -352,3 +352,31 @@ def test_a_run_with_an_environment_class_records_it_and_needs_it_again_to_resume
     with open(resumed.dir / "train.csv") as f:  # the reward is the environment's: each completion's calls
         rows_logged = list(csv.DictReader(f))
     assert len(rows_logged) == 2 and all(row["reward"] == row["tool_calls"] for row in rows_logged)
+
+
+class Plain:
+    """A second kind of environment: no reward of its own; it checks that reset never sees the routing field."""
+
+    def reset(self, **row):
+        assert "environment" not in row
+        self.row = row
+
+    def echo(self, text):
+        return text
+
+
+def test_several_environments_are_picked_by_each_rows_environment_field():
+    from policylab.llm.tools import environment_reward, load_environment
+
+    environments = load_environment({"count": Counter, "plain": Plain})
+    rows = [{"prompt": "1*2=", "answer": "2", "environment": e} for e in ("plain", "count", "count", "plain")]
+    instances, observations, tools = environments.reset(rows)
+    assert [type(i) for i in instances] == [Plain, Counter, Counter, Plain] and len({id(i) for i in instances}) == 4
+    assert [set(t) for t in tools] == [{"echo"}, {"calculator"}, {"calculator"}, {"echo"}]
+    assert observations == [""] * 4 and environments.rewarded and instances[0].row == {"prompt": "1*2=", "answer": "2"}
+    tools[1]["calculator"]("2*3")
+    assert environment_reward([], [""] * 4, instances) == [None, 1.0, 0.0, None]  # None: Plain has no reward
+    again, _, _ = environments.reset(rows[1:3])
+    assert again == instances[1:3]  # the pool's instances, reset
+    with pytest.raises(LLMError, match="a row's environment is 'other', not one of count, plain"):
+        environments.reset([{"prompt": "1", "environment": "other"}])

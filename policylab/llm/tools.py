@@ -349,20 +349,16 @@ def trace_tokens(tokenizer: Any, text: str, fmt: ToolFormat) -> tuple[list[int],
     return ids, trained
 
 
-class Environments:
-    """Instances of an environment (TRL's GRPOTrainer `environment_factory`): a class or factory whose instances
-    have `reset(**row)` (returning None or text appended to the prompt), public methods (the tools of the
-    completion the instance serves) and, optionally, `get_reward()` (that completion's reward, read after its
-    rollout). One instance per completion of a batch, made once and reset before every rollout (pooled, as TRL
-    does), so completions never share state."""
+class EnvironmentKind:
+    """One environment class or factory: its probe instance, its tools' names, whether it owns a reward, and the
+    pool of its instances."""
 
     def __init__(self, factory: Callable[[], Any], name: str) -> None:
         self.factory, self.name = factory, name
-        probe = self._make()
-        kind = type(probe)
+        probe = self.make()
         if not callable(getattr(probe, "reset", None)):
             raise LLMError(f"environment {name}: its instances have no reset method", "define reset(self, **row)")
-        self.methods = [m for m, _ in inspect.getmembers(kind, inspect.isfunction) if self._is_tool(m)]
+        self.methods = [m for m, _ in inspect.getmembers(type(probe), inspect.isfunction) if _is_tool_method(m)]
         if not self.methods:
             raise LLMError(
                 f"environment {name}: its instances have no public method for completions to call",
@@ -371,44 +367,91 @@ class Environments:
         self.rewarded = callable(getattr(probe, "get_reward", None))
         self.pool: list[Any] = [probe]
 
-    @staticmethod
-    def _is_tool(name: str) -> bool:
-        return name not in ("reset", "get_reward") and not name.startswith("_")
-
-    def _make(self) -> Any:
+    def make(self) -> Any:
         try:
             return self.factory()
         except Exception as exc:
             raise LLMError(f"environment {self.name} could not be made: {type(exc).__name__}: {exc}",
                            "its factory (or class) must take no arguments") from exc  # fmt: skip
 
-    def reset(self, rows: list[dict[str, Any]]) -> tuple[list[Any], list[str]]:
-        """(an instance per row, reset with the row's fields; the text each appends to its prompt)."""
-        while len(self.pool) < len(rows):
-            self.pool.append(self._make())
-        instances, observations = self.pool[: len(rows)], []
-        for instance, row in zip(instances, rows):
-            observation = instance.reset(**row)
+    def instances(self, count: int) -> list[Any]:
+        while len(self.pool) < count:
+            self.pool.append(self.make())
+        return self.pool[:count]
+
+
+def _is_tool_method(name: str) -> bool:
+    return name not in ("reset", "get_reward") and not name.startswith("_")
+
+
+class Environments:
+    """Instances of an environment (TRL's GRPOTrainer `environment_factory`): a class or factory whose instances
+    have `reset(**row)` (returning None or text appended to the prompt), public methods (the tools of the
+    completion the instance serves) and, optionally, `get_reward()` (that completion's reward, read after its
+    rollout). One instance per completion of a batch, made once and reset before every rollout (pooled, as TRL
+    does), so completions never share state. Several, by name (`kinds`): each row's `environment` field picks
+    its own, and is not passed to `reset`."""
+
+    def __init__(self, kinds: dict[str | None, EnvironmentKind]) -> None:
+        self.kinds = kinds
+        self.rewarded = any(kind.rewarded for kind in kinds.values())
+
+    def kind_of(self, row: dict[str, Any]) -> EnvironmentKind:
+        if None in self.kinds:
+            return self.kinds[None]
+        name = row.get("environment")
+        if name not in self.kinds:
+            raise LLMError(
+                f"a row's environment is {name!r}, not one of {', '.join(map(str, self.kinds))}: {str(row)[:80]}",
+                'give every row an "environment" field naming one of the environments',
+            )
+        return self.kinds[name]
+
+    def reset(self, rows: list[dict[str, Any]]) -> tuple[list[Any], list[str], list[dict[str, Tool]]]:
+        """(an instance per row, reset with the row's fields; the text each appends to its prompt; its tools)."""
+        kinds = [self.kind_of(row) for row in rows]
+        taken = {id(kind): kind.instances(sum(k is kind for k in kinds)) for kind in kinds}
+        used = dict.fromkeys(taken, 0)
+        instances, observations, tools = [], [], []
+        for kind, row in zip(kinds, rows):
+            instance = taken[id(kind)][used[id(kind)]]
+            used[id(kind)] += 1
+            fields = row if None in self.kinds else {k: v for k, v in row.items() if k != "environment"}
+            observation = instance.reset(**fields)
             if observation is not None and not isinstance(observation, str):
                 raise LLMError(
-                    f"environment {self.name}: reset returned a {type(observation).__name__}",
+                    f"environment {kind.name}: reset returned a {type(observation).__name__}",
                     "return None, or the text to append to the prompt",
                 )
+            instances.append(instance)
             observations.append(observation or "")
-        return instances, observations
+            tools.append({m: getattr(instance, m) for m in kind.methods})
+        return instances, observations, tools
 
-    def tools(self, instances: list[Any]) -> list[dict[str, Tool]]:
-        return [{m: getattr(instance, m) for m in self.methods} for instance in instances]
+    def described(self) -> list[Tool]:
+        """Each kind's tools (its first instance's methods), what a chat template describes."""
+        return [getattr(kind.pool[0], m) for kind in self.kinds.values() for m in kind.methods]
 
 
-def load_environment(spec: str | Callable[[], Any]) -> Environments:
-    """An environment from a class or factory, or `module:Name`."""
+def load_environment(spec: Any) -> Environments:
+    """An environment from a class or factory or `module:Name`, or several as {name: any of those}."""
+    if isinstance(spec, dict):
+        if not spec:
+            raise LLMError("environment is an empty mapping", "give {name: module:Class, ...}, or one class")
+        return Environments({str(name): _environment_kind(one) for name, one in spec.items()})
+    return Environments({None: _environment_kind(spec)})
+
+
+def _environment_kind(spec: str | Callable[[], Any]) -> EnvironmentKind:
     if callable(spec):
-        return Environments(spec, getattr(spec, "__name__", type(spec).__name__))
+        return EnvironmentKind(spec, getattr(spec, "__name__", type(spec).__name__))
     factory = import_callable(spec, "environment", {}, "--set environment=mypkg.envs:Wordle")
-    return Environments(factory, spec.partition(":")[2])
+    return EnvironmentKind(factory, spec.partition(":")[2])
 
 
-def environment_reward(prompts: list[str], completions: list[str], environments: list[Any], **_: Any) -> list[float]:
-    """Each completion's environment's get_reward() (the reward an environment owns)."""
-    return [float(environment.get_reward()) for environment in environments]
+def environment_reward(
+    prompts: list[str], completions: list[str], environments: list[Any], **_: Any
+) -> list[float | None]:
+    """Each completion's environment's get_reward() (the reward an environment owns; None, "does not apply",
+    for an environment without one)."""
+    return [float(e.get_reward()) if callable(getattr(e, "get_reward", None)) else None for e in environments]

@@ -661,11 +661,11 @@ class LLMConfig:
     after the call), template (the model's turn ends at its EOS, then what the chat template renders for a tool
     message and the next assistant turn, TRL's way; the prompts describe the tools), or auto: template for
     conversational prompts with a chat template, else tags."""
-    environment: str | None = None
+    environment: str | dict[str, str] | None = None
     """An environment class, `module:Class` (TRL's GRPOTrainer `environment_factory`): each completion gets an
     instance, reset with its row (`reset(**row)`, whose text, if any, is appended to the prompt); its public
     methods are that completion's tools, and its `get_reward()`, if defined, a reward of weight 1 (alone, without
-    --reward). llm/tools.Environments."""
+    --reward). Several as {name: module:Class}: each row's `environment` field picks one. llm/tools.Environments."""
     max_tool_calling_iterations: int | None = None
     """The most tool calls a completion makes (TRL's name; None: as many as fit in max_new_tokens)."""
     tool_call_start: str | None = None
@@ -1570,13 +1570,21 @@ class LLMInputs:
             if value is not None:
                 values[name] = str(value) if isinstance(value, str | Path) else PYTHON + type(value).__name__
         if self.environment is not None:
-            given = self.environment
-            values["environment"] = given if isinstance(given, str) else PYTHON + getattr(given, "__name__", "env")
+            values["environment"] = (
+                {str(name): _recorded(one) for name, one in self.environment.items()}
+                if isinstance(self.environment, dict)
+                else _recorded(self.environment)
+            )
         if self.rewards is not None:
             values["rewards"] = [reward_name(spec) for spec in self.rewards]
         if self.tools is not None:
-            values["tools"] = [t if isinstance(t, str) else PYTHON + getattr(t, "__name__", "tool") for t in self.tools]
+            values["tools"] = [_recorded(tool) for tool in self.tools]
         return values
+
+
+def _recorded(given: Any) -> str:
+    """How config.yaml records a string or a Python object (a class, a function): itself, or python:<name>."""
+    return given if isinstance(given, str) else PYTHON + getattr(given, "__name__", type(given).__name__)
 
 
 def _given(cfg: LLMConfig, inputs: LLMInputs, name: str) -> Any:
@@ -1591,6 +1599,7 @@ def _check_objects_given(cfg: LLMConfig, inputs: LLMInputs) -> None:
     for name in ("model", "prompts", "eval_prompts", "rewards", "expert", "pairs", "teacher", "tools", "environment"):
         recorded = getattr(cfg, name)
         values = recorded if isinstance(recorded, list) else [recorded]
+        values = list(recorded.values()) if isinstance(recorded, dict) else values
         if getattr(inputs, name) is None and any(isinstance(v, str) and v.startswith(PYTHON) for v in values):
             missing.append(name)
     if missing:
@@ -1874,9 +1883,7 @@ class LLMTrainer:
     def described_tools(self) -> list[Any]:
         """The functions a chat template describes: the tools, and an environment's methods (its first
         instance's: every instance has the same)."""
-        methods = []
-        if self.environments is not None:
-            methods = [getattr(self.environments.pool[0], m) for m in self.environments.methods]
+        methods = self.environments.described() if self.environments is not None else []
         return [*self.tools.values(), *methods]
 
     @property
@@ -2005,15 +2012,15 @@ class LLMTrainer:
         prompts = [row["prompt"] for row in rows]
         instances: list[Any] | None = None
         if self.environments is not None:
-            instances, observations = self.environments.reset(rows)
+            instances, observations, own_tools = self.environments.reset(rows)
             prompts = [self.with_observation(p, o) for p, o in zip(prompts, observations)]
         ids, mask = self.encode_prompts(prompts)
         group = 1 if greedy else self.cfg.group_size
         rollout = self._sample(ids, mask, group, greedy, self.max_new_tokens)
         if self.tool_runner is not None:
             tools = [self.tools] * len(rows)
-            if self.environments is not None and instances is not None:
-                tools = [{**self.tools, **own} for own in self.environments.tools(instances)]
+            if self.environments is not None:
+                tools = [{**self.tools, **own} for own in own_tools]
             rollout = self._run_tools(rollout, greedy, tools)
         rollout.rows, rollout.environments = rows, instances
         return rollout, decode(self.tokenizer, rollout)
