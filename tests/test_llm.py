@@ -2171,6 +2171,7 @@ EVERY_ALGORITHM = {
     "environment": "mypkg.envs:Game",
     "tool_results": "tags",
     "chat_template_kwargs": {"enable_thinking": False},
+    "rollout_func": "mypkg.rollouts:play",
     "max_tool_calling_iterations": 2,
     "tool_call_start": "[",
     "tool_call_end": "]",

@@ -380,3 +380,63 @@ def test_several_environments_are_picked_by_each_rows_environment_field():
     assert again == instances[1:3]  # the pool's instances, reset
     with pytest.raises(LLMError, match="a row's environment is 'other', not one of count, plain"):
         environments.reset([{"prompt": "1", "environment": "other"}])
+
+
+def sampled_with_a_note(prompts, trainer):
+    """A rollout_func: the trainer's own sampler's completions, then a note of three tokens that are not the
+    model's (env_mask 0), and a reward column."""
+    from policylab.llm.tools import turns_of
+
+    ids, mask = trainer.encode_prompts(prompts)
+    sampled = trainer._sample(ids, mask, 1, trainer.rollout_greedy, trainer.max_new_tokens)
+    turns = turns_of(sampled.completion_ids, sampled.completion_mask, sampled.logprobs)
+    note = trainer.tokenizer("{1}", add_special_tokens=False)["input_ids"]
+    sampled_with_a_note.greedy.append(trainer.rollout_greedy)
+    return {
+        "completion_ids": [t.ids + note for t in turns],
+        "logprobs": [t.logprobs + [0.0] * len(note) for t in turns],
+        "env_mask": [[1] * len(t.ids) + [0] * len(note) for t in turns],
+        "source": ["scripted"] * len(prompts),
+    }
+
+
+sampled_with_a_note.greedy = []
+
+
+def test_a_rollout_func_makes_the_completions_and_its_fields_reach_the_rewards(calculator_model, tmp_path):
+    rows = multiplication_rows(16, 6)
+    seen = []
+
+    def by_source(prompts, completions, source, **_):
+        seen.append(source)
+        return [1.0 if s == "scripted" else 0.0 for s in source]
+
+    settings = {"model": str(calculator_model.dir), "max_new_tokens": 20, "batch_size": 2, "group_size": 4,
+                "eval_size": 4}  # fmt: skip
+    inputs = LLMInputs(prompts=rows, eval_prompts=rows, rollout_func=sampled_with_a_note, rewards=[by_source])
+    trainer = LLMTrainer(make_config("grpo", settings), inputs)
+    rollout, rewards, _ = trainer.sample_groups()
+    assert seen[-1] == ["scripted"] * 8 and rewards.tolist() == [1.0] * 8
+    lengths = rollout.span.sum(-1)
+    for row in range(8):
+        n = int(lengths[row])
+        assert rollout.tool_mask[row, n - 3 : n].all() and not rollout.tool_mask[row, : n - 3].any()
+        assert (rollout.completion_mask[row, : n - 3]).all() and not rollout.completion_mask[row, n - 3 :].any()
+    assert rollout.final == [""] * 8  # nothing after the note
+    trainer.evaluate()
+    assert sampled_with_a_note.greedy[-1] is True and sampled_with_a_note.greedy[-2] is False
+    run = train_llm("grpo", {**settings, "steps": 2}, tmp_path, verbose=False, prompts=rows,
+                    rollout_func=sampled_with_a_note, rewards=[by_source])  # fmt: skip
+    assert "rollout_func: python:sampled_with_a_note" in (run.dir / "config.yaml").read_text()
+
+    def broken(prompts, trainer):
+        return {"completion_ids": [[5]] * len(prompts), "logprobs": [[0.0, 0.0]] * len(prompts)}
+
+    for fn, message in ((lambda p, t: [], "without completion_ids and logprobs"),
+                        (lambda p, t: {"completion_ids": [], "logprobs": []}, "has 0 entries for 8 prompts"),
+                        (broken, "completion 0 has 1 tokens, 2 logprobs")):  # fmt: skip
+        bad = LLMTrainer(make_config("grpo", settings), LLMInputs(prompts=rows, rollout_func=fn, rewards=[by_source]))
+        with pytest.raises(LLMError, match=message):
+            bad.sample_groups()
+    with pytest.raises(ConfigError, match="rollout_func makes whole completions itself"):
+        LLMTrainer(make_config("grpo", {**settings, "stop": ["9"]}), inputs)

@@ -36,6 +36,7 @@ class Rollout:
     tool_mask: Tensor | None = None  # [N, T] the tokens tools wrote: in the context of later tokens, in no loss
     environments: list[Any] | None = None  # each completion's environment instance (llm/tools.Environments)
     final: list[str] | None = None  # with tools: each completion's text after its last tool result
+    extra: dict[str, list[Any]] | None = None  # a rollout_func's other fields, one value per completion
 
     def __len__(self) -> int:
         return int(self.prompt_ids.shape[0])
@@ -55,6 +56,7 @@ class Rollout:
             None if self.tool_mask is None else self.tool_mask[index],
             None if self.environments is None else [self.environments[i] for i in index.tolist()],
             None if self.final is None else [self.final[i] for i in index.tolist()],
+            None if self.extra is None else {k: [v[i] for i in index.tolist()] for k, v in self.extra.items()},
         )
 
     @property
@@ -101,6 +103,9 @@ def concat_rollouts(rollouts: list[Rollout], pad_token_id: int) -> Rollout:
         if any(r.environments is None for r in rollouts)
         else [e for r in rollouts for e in r.environments or []],
         final=None if any(r.final is None for r in rollouts) else [t for r in rollouts for t in r.final or []],
+        extra=None
+        if any(r.extra is None for r in rollouts)
+        else {k: [v for r in rollouts for v in (r.extra or {})[k]] for k in rollouts[0].extra or {}},
     )
 
 

@@ -99,6 +99,7 @@ from policylab.llm.rewards import (
     RewardSpec,
     checked_call,
     combine_rewards,
+    import_callable,
     prompt_rows,
     resolve_reward,
     reward_name,
@@ -654,6 +655,11 @@ class LLMConfig:
     tools: list[str] = field(default_factory=list)
     """Tools the completions may call (TRL's GRPOTrainer `tools`), each a built-in (calculator) or
     `module:function`; with the task's own (the calculator task's calculator). llm/tools.py has the protocol."""
+    rollout_func: str | None = None
+    """`module:function` making the completions itself (TRL's GRPOTrainer `rollout_func`): called with one prompt
+    per completion wanted (a group's prompt `group_size` times) and the trainer (`trainer.rollout_greedy`: the
+    greedy evaluation's call), it returns {"completion_ids", "logprobs", optionally "prompt_ids" and "env_mask"
+    (0 on tokens that are not the model's), any other field a reward column}, one entry per prompt."""
     chat_template_kwargs: dict[str, Any] = field(default_factory=dict)
     """Passed to the chat template with every rendering (TRL's setting; e.g. {enable_thinking: false})."""
     tool_results: str = "auto"
@@ -1247,6 +1253,8 @@ def reward_columns(
         columns["final"] = given if given is not None else task.tool_format.final(completions)
     if rollout is not None and rollout.environments is not None:
         columns["environments"] = rollout.environments
+    if rollout is not None and rollout.extra:
+        columns.update(rollout.extra)
     return columns
 
 
@@ -1561,6 +1569,8 @@ class LLMInputs:
     """Tool functions (their `__name__` is what a call names) or tool strings, as `tools` reads them."""
     environment: Any = None
     """An environment class or factory (LLMConfig.environment)."""
+    rollout_func: Any = None
+    """A function making the completions (LLMConfig.rollout_func)."""
 
     def config_values(self) -> dict[str, Any]:
         """The config entries that record the objects given."""
@@ -1569,6 +1579,8 @@ class LLMInputs:
             value = getattr(self, name)
             if value is not None:
                 values[name] = str(value) if isinstance(value, str | Path) else PYTHON + type(value).__name__
+        if self.rollout_func is not None:
+            values["rollout_func"] = _recorded(self.rollout_func)
         if self.environment is not None:
             values["environment"] = (
                 {str(name): _recorded(one) for name, one in self.environment.items()}
@@ -1596,7 +1608,8 @@ def _given(cfg: LLMConfig, inputs: LLMInputs, name: str) -> Any:
 def _check_objects_given(cfg: LLMConfig, inputs: LLMInputs) -> None:
     """A config that records Python objects (python:..., a resumed run's) needs them passed again."""
     missing = []
-    for name in ("model", "prompts", "eval_prompts", "rewards", "expert", "pairs", "teacher", "tools", "environment"):
+    for name in ("model", "prompts", "eval_prompts", "rewards", "expert", "pairs", "teacher", "tools", "environment",
+                 "rollout_func"):  # fmt: skip
         recorded = getattr(cfg, name)
         values = recorded if isinstance(recorded, list) else [recorded]
         values = list(recorded.values()) if isinstance(recorded, dict) else values
@@ -1766,6 +1779,19 @@ class LLMTrainer:
             )
         self.tools = tool_table([*self.task.tools, *(_given(cfg, inputs, "tools") or [])])
         """The tools completions call, by name (the task's and the run's)."""
+        rollout_func = _given(cfg, inputs, "rollout_func")
+        if isinstance(rollout_func, str):
+            rollout_func = import_callable(rollout_func, "rollout_func", {}, "--set rollout_func=mypkg.rollouts:play")
+        self.rollout_func: Callable[[list[str], Any], dict[str, Any]] | None = rollout_func
+        """The function making the completions (TRL's rollout_func), or None: the trainer's sampler."""
+        self.rollout_greedy = False
+        """Whether rollout_func's current call is the greedy evaluation's."""
+        if self.rollout_func is not None and (self.tools or self.environments is not None or cfg.stop):
+            raise ConfigError(
+                "rollout_func makes whole completions itself, so the run's tools, environment and stop strings "
+                "would never run",
+                "call the tools inside the rollout function (mark their tokens 0 in env_mask), or drop rollout_func",
+            )
         self.chat = (
             WithTemplateOptions(self.tokenizer, cfg.chat_template_kwargs)
             if cfg.chat_template_kwargs
@@ -2014,6 +2040,10 @@ class LLMTrainer:
         if self.environments is not None:
             instances, observations, own_tools = self.environments.reset(rows)
             prompts = [self.with_observation(p, o) for p, o in zip(prompts, observations)]
+        if self.rollout_func is not None:
+            rollout = self.custom_rollout(rows, prompts, greedy)
+            rollout.rows, rollout.environments = rows, instances
+            return rollout, decode(self.tokenizer, rollout)
         ids, mask = self.encode_prompts(prompts)
         group = 1 if greedy else self.cfg.group_size
         rollout = self._sample(ids, mask, group, greedy, self.max_new_tokens)
@@ -2073,11 +2103,49 @@ class LLMTrainer:
         turns, stats = self.tool_runner.run(prompts, first, sample_on, width, tools)
         self.tool_stats.calls += stats.calls
         self.tool_stats.failures += stats.failures
+        return self.rollout_of_turns(rollout.prompt_ids, rollout.prompt_mask, turns, width)
+
+    def rollout_of_turns(self, prompt_ids: Tensor, prompt_mask: Tensor, turns: list[Turn], width: int) -> Rollout:
+        """A rollout of completions some of whose tokens are not the model's (tools' results, an environment's
+        text): those in its tool_mask, and `final` each completion's text after the last of them."""
         ids, trained, logprobs, tool = padded_turns(turns, width, self.tokenizer.pad_token_id)
         after = [turn.ids[len(turn.trained) - turn.trained[::-1].index(False) :] if False in turn.trained else turn.ids
                  for turn in turns]  # fmt: skip
         final = list(self.tokenizer.batch_decode(after, skip_special_tokens=True))
-        return Rollout(rollout.prompt_ids, rollout.prompt_mask, ids, trained, logprobs, tool_mask=tool, final=final)
+        return Rollout(prompt_ids, prompt_mask, ids, trained, logprobs, tool_mask=tool, final=final)
+
+    def custom_rollout(self, rows: list[dict[str, Any]], prompts: list[str], greedy: bool) -> Rollout:
+        """The completions `rollout_func` returns for these prompts (one per prompt: a group's prompt comes
+        `group_size` times), as a rollout; one error naming what it got wrong."""
+        assert self.rollout_func is not None
+        self.rollout_greedy = greedy
+        name = getattr(self.rollout_func, "__name__", "rollout_func")
+        out = self.rollout_func(prompts, self)
+        if not isinstance(out, dict) or any(k not in out for k in ("completion_ids", "logprobs")):
+            raise LLMError(f"{name} returned {type(out).__name__} without completion_ids and logprobs",
+                           'return {"completion_ids": [[...], ...], "logprobs": [[...], ...], ...}')  # fmt: skip
+        n = len(prompts)
+        for key, value in out.items():
+            if not isinstance(value, list | tuple) or len(value) != n:
+                raise LLMError(f"{name}'s {key} has {len(value) if isinstance(value, list | tuple) else 'no'} "
+                               f"entries for {n} prompts", "return one entry per prompt it was given")  # fmt: skip
+        masks = out.get("env_mask") or [[1] * len(ids) for ids in out["completion_ids"]]
+        turns = []
+        for i, (ids, logps, mask) in enumerate(zip(out["completion_ids"], out["logprobs"], masks)):
+            if not len(ids) == len(logps) == len(mask):
+                raise LLMError(f"{name}'s completion {i} has {len(ids)} tokens, {len(logps)} logprobs and "
+                               f"{len(mask)} env_mask values", "give each token one of each")  # fmt: skip
+            turns.append(Turn([int(t) for t in ids], [bool(m) for m in mask], [float(v) for v in logps]))
+        if "prompt_ids" in out:
+            prompt_ids, prompt_mask = left_padded([[int(t) for t in ids] for ids in out["prompt_ids"]],
+                                                  self.tokenizer.pad_token_id)  # fmt: skip
+        else:
+            prompt_ids, prompt_mask = self.encode_prompts(prompts)
+        width = max(1, max(len(turn.ids) for turn in turns))
+        rollout = self.rollout_of_turns(prompt_ids, prompt_mask, turns, width)
+        known = ("prompt_ids", "completion_ids", "logprobs", "env_mask")
+        rollout.extra = {k: list(v) for k, v in out.items() if k not in known}
+        return rollout
 
     @property
     def sampling_options(self) -> dict[str, Any]:
@@ -2112,6 +2180,7 @@ class LLMTrainer:
             and cfg.mix != "luffy"
             and not cfg.stop
             and not self.calls_tools
+            and self.rollout_func is None
             and (cfg.micro_batch_size is None or cfg.micro_batch_size >= cfg.batch_size * cfg.group_size)
         )
 
@@ -2956,6 +3025,7 @@ def train_llm(
     teacher: Any = None,
     tools: list[Any] | None = None,
     environment: Any = None,
+    rollout_func: Any = None,
     progress: bool | None = None,
 ) -> LLMRun:
     """Train (SFT or RL) and write the run directory: config.yaml, train.csv, eval.csv, eval.json, model/ and
@@ -2971,11 +3041,13 @@ def train_llm(
     transformers causal LM, trained in place) with its `tokenizer`, `prompts` / `eval_prompts` / `expert` /
     `pairs` (a datasets.Dataset or a list of dicts), `rewards` (functions, or (function, weight) pairs), `teacher`
     (distill and gkd: a transformers causal LM), `tools` (functions completions may call; llm/tools.py),
-    `environment` (a class or factory whose instances serve the completions). Resuming a run made so needs the
-    same objects passed again."""
+    `environment` (a class or factory whose instances serve the completions), `rollout_func` (a function making
+    the completions). Resuming a run made so needs the same objects passed again."""
     import yaml
 
-    inputs = LLMInputs(model, tokenizer, prompts, eval_prompts, rewards, expert, pairs, teacher, tools, environment)
+    inputs = LLMInputs(
+        model, tokenizer, prompts, eval_prompts, rewards, expert, pairs, teacher, tools, environment, rollout_func
+    )
     say: Callable[..., None] = print if verbose is not False else (lambda *a, **k: None)
     notes: list[str] = []
     state: dict[str, Any] = {}
