@@ -2210,6 +2210,10 @@ READ = {
     "num_generations_eval": (4,),
     "log_completions": (True,),
     "num_completions_to_print": (3,),
+    "importance_sampling_correction": (True,),
+    "importance_sampling_mode": ("sequence_truncate",),
+    "importance_sampling_clip_min": (0.1,),
+    "importance_sampling_clip_max": (2.0,),
     "kl_in_reward": (True,),
     "multi_objective_aggregation": ("normalize_then_sum",),
     "min_p": (0.05,),
@@ -2330,6 +2334,10 @@ def test_each_algorithm_refuses_the_settings_its_training_step_never_reads(tmp_p
 COMPANIONS: dict[str, dict[str, object]] = {
     "num_completions_to_print": {"log_completions": True},
     **dict.fromkeys(
+        ("importance_sampling_mode", "importance_sampling_clip_min", "importance_sampling_clip_max"),
+        {"importance_sampling_correction": True},
+    ),
+    **dict.fromkeys(
         ("label_smoothing", "f_divergence", "sync_ref_model", "precompute_ref_log_probs"),
         {"preference_loss": "sigmoid"},
     ),
@@ -2388,7 +2396,8 @@ def test_settings_read_only_under_another_are_refused_without_it():
                  "label_smoothing": 0.1, "f_divergence": "js_divergence", "f_alpha": 0.3, "simpo_gamma": 0.5,
                  "discopop_tau": 0.1, "sync_ref_model": True, "ref_model_sync_steps": 4,
                  "ref_model_mixup_alpha": 0.5, "precompute_ref_log_probs": True, "seq_kd": True,
-                 "num_completions_to_print": 3}[name]  # fmt: skip
+                 "num_completions_to_print": 3, "importance_sampling_mode": "sequence_truncate",
+                 "importance_sampling_clip_min": 0.1, "importance_sampling_clip_max": 2.0}[name]  # fmt: skip
         preference = name in PREFERENCE_SETTINGS or name == "precompute_ref_log_probs"
         algo = "orpo" if preference else "distill" if name in ("seq_kd", "iw_opd_gamma") else "grpo"  # all off
         teacher = {"teacher": "runs/sft"} if algo == "distill" else {}
@@ -2756,3 +2765,52 @@ def test_a_language_model_run_plots_its_reward_and_accuracy_and_writes_tensorboa
     assert (result.metric, result.threshold) == ("accuracy", 1.0)
     scores = sorted(float(v) for v in result.score_set.matrices["grpo"].ravel())
     assert scores == sorted([run.final_eval["accuracy"], other.final_eval["accuracy"]])
+
+
+def test_sampler_correction_weights_match_hand_computed_ratios():
+    from policylab.objectives.policy import sampler_correction_weights
+
+    trainer = torch.tensor([[-1.0, -2.0, -0.5], [-0.2, -0.3, 0.0]])
+    sampler = torch.tensor([[-1.5, -1.0, -0.5], [-0.2, -2.0, 0.0]])
+    mask = torch.tensor([[1, 1, 0], [1, 1, 0]], dtype=torch.bool)
+    token = torch.tensor([[math.exp(0.5), math.exp(-1.0), 1.0], [1.0, math.exp(1.7), 1.0]])
+    sequence = torch.tensor([math.exp(-0.5), math.exp(1.7)])
+    torch.testing.assert_close(
+        sampler_correction_weights(trainer, sampler, mask, "token_truncate"), token.clamp(max=3.0)
+    )
+    torch.testing.assert_close(
+        sampler_correction_weights(trainer, sampler, mask, "token_mask", 0.5, 3.0),
+        torch.where((token < 0.5) | (token > 3.0), 0.0, token),
+    )
+    torch.testing.assert_close(
+        sampler_correction_weights(trainer, sampler, mask, "sequence_truncate", 0.7), sequence.clamp(0.7, 3.0)
+    )
+    torch.testing.assert_close(
+        sampler_correction_weights(trainer, sampler, mask, "sequence_mask"), torch.tensor([math.exp(-0.5), 0.0])
+    )
+
+
+def test_importance_sampling_correction_reweighs_a_mismatched_samplers_batch(sft_model):
+    """A sampler whose log-probs are 0.3 above the trainer's on every token: the ratio's old log-probs become the
+    trainer's, each sequence's weight exp(-0.3 x its tokens); with our own sampler the weights are 1."""
+    from policylab.llm.trainer import LLMTrainer
+
+    settings = {"model": str(sft_model.dir), "batch_size": 2, "group_size": 4, "eval_size": 4,
+                "importance_sampling_correction": True, "importance_sampling_mode": "sequence_truncate",
+                "importance_sampling_clip_min": 0.0}  # fmt: skip
+    trainer = LLMTrainer(make_config("grpo", settings))
+    rollout, _ = trainer.rollout([row for row in trainer.train_rows[:2] for _ in range(4)])
+    advantages = torch.arange(1.0, 9.0)
+    metrics: dict[str, float] = {}
+    same, weighted = trainer.corrected_for_sampler(rollout, advantages, metrics)
+    torch.testing.assert_close(weighted, advantages, atol=1e-4, rtol=1e-4)  # our sampler's log-probs are the trainer's
+    torch.testing.assert_close(same.logprobs, rollout.logprobs, atol=1e-5, rtol=1e-5)
+    shifted = replace(rollout, logprobs=(rollout.logprobs + 0.3) * rollout.completion_mask)
+    corrected, weighted = trainer.corrected_for_sampler(shifted, advantages, metrics)
+    lengths = rollout.completion_mask.sum(-1).float()
+    torch.testing.assert_close(weighted, advantages * torch.exp(-0.3 * lengths), atol=1e-4, rtol=1e-3)
+    torch.testing.assert_close(corrected.logprobs, rollout.logprobs, atol=1e-5, rtol=1e-5)
+    assert metrics["is_ratio_max"] < 1.0 and set(metrics) == {"is_ratio_mean", "is_ratio_min", "is_ratio_max"}
+    assert math.isfinite(trainer.rl_step()["is_ratio_mean"])
+    with pytest.raises(ConfigError, match="weighs tokens, and loss=gspo is a sequence-level loss"):
+        make_config("gspo", {"importance_sampling_correction": True, "importance_sampling_mode": "token_mask"})

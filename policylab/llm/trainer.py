@@ -133,6 +133,7 @@ from policylab.objectives.imitation import (
     sampled_distillation_advantages,
 )
 from policylab.objectives.policy import (
+    SAMPLER_CORRECTIONS,
     a2po_loss,
     cispo_loss,
     gmpo_surrogate,
@@ -143,6 +144,7 @@ from policylab.objectives.policy import (
     pg_surrogate,
     pg_token_losses,
     policy_shaping_loss,
+    sampler_correction_weights,
     sapo_loss,
     surrogate_metrics,
     vespo_loss,
@@ -307,6 +309,13 @@ GRPO_LOSS_OPTIONS = (
     *ADAPTIVE_ENTROPY_SETTINGS,
 )
 """The options of TRL's GRPOTrainer loss beyond the loss types (LLMConfig's fields of these names)."""
+IMPORTANCE_SAMPLING_SETTINGS = (
+    "importance_sampling_correction",
+    "importance_sampling_mode",
+    "importance_sampling_clip_min",
+    "importance_sampling_clip_max",
+)
+"""TRL's vllm_importance_sampling_* settings, for any sampler (LLMTrainer.corrected_for_sampler)."""
 SETTING_READERS: dict[str, tuple[str, ...]] = {
     **dict.fromkeys(SAMPLING_SETTINGS, SAMPLING_STEPS),
     **dict.fromkeys(
@@ -316,6 +325,7 @@ SETTING_READERS: dict[str, tuple[str, ...]] = {
     "steps_per_generation": ("rl_step",),
     "reward_clip_range": ("rl_step",),
     "kl_in_reward": ("rl_step",),
+    **dict.fromkeys(IMPORTANCE_SAMPLING_SETTINGS, ("rl_step",)),
     "normalize_advantages": ("rl_step",),
     "sft_loss": ("sft_step",),
     "assistant_only_loss": ("sft_step",),
@@ -655,6 +665,16 @@ class LLMConfig:
     tools: list[str] = field(default_factory=list)
     """Tools the completions may call (TRL's GRPOTrainer `tools`), each a built-in (calculator) or
     `module:function`; with the task's own (the calculator task's calculator). llm/tools.py has the protocol."""
+    importance_sampling_correction: bool = False
+    """Correct for a sampler whose log-probs are not the trainer's (TRL's vllm_importance_sampling_correction;
+    here: generation workers, a rollout_func's external sampler): the trainer's log-probs at the sampling weights
+    become the ratio's old log-probs, and the loss is weighted by their ratio to the sampler's
+    (objectives.policy.sampler_correction_weights). Group-advantage algorithms."""
+    importance_sampling_mode: str = "sequence_mask"
+    """token_truncate, token_mask, sequence_truncate or sequence_mask (TRL's default)."""
+    importance_sampling_clip_min: float | None = None
+    importance_sampling_clip_max: float | None = 3.0
+    """The bounds of the correction's ratios (TRL's C_min, C_max): clamped to them, or 0 outside them."""
     rollout_func: str | None = None
     """`module:function` making the completions itself (TRL's GRPOTrainer `rollout_func`): called with one prompt
     per completion wanted (a group's prompt `group_size` times) and the trainer (`trainer.rollout_greedy`: the
@@ -723,6 +743,18 @@ class LLMConfig:
         if self.tool_results not in ("auto", "tags", "template"):
             raise ConfigError(f"tool_results={self.tool_results!r} is not one of auto, tags, template",
                               "set tool_results=auto")  # fmt: skip
+        if self.importance_sampling_mode not in SAMPLER_CORRECTIONS:
+            raise ConfigError(
+                f"importance_sampling_mode={self.importance_sampling_mode!r} is not one of "
+                f"{', '.join(SAMPLER_CORRECTIONS)}",
+                "set importance_sampling_mode=sequence_mask (TRL's default)",
+            )
+        if self.importance_sampling_mode.startswith("token") and self.loss in SEQUENCE_LOSSES:
+            raise ConfigError(
+                f"importance_sampling_mode={self.importance_sampling_mode} weighs tokens, and loss={self.loss} is "
+                "a sequence-level loss",
+                "use importance_sampling_mode=sequence_mask or sequence_truncate",
+            )
         if self.num_generations_eval < 1:
             raise ConfigError(
                 f"num_generations_eval={self.num_generations_eval} must be >= 1", "set it to 1 (greedy only) or e.g. 8"
@@ -1045,6 +1077,12 @@ DEPENDENT_SETTINGS: tuple[tuple[tuple[str, ...], Callable[[LLMConfig], bool], st
         "--set use_adaptive_entropy=true",
     ),
     (("lora_alpha",), lambda c: c.lora_rank > 0, "LoRA's scale", "--set lora_rank=8 (e.g.)"),
+    (
+        IMPORTANCE_SAMPLING_SETTINGS[1:],
+        lambda c: c.importance_sampling_correction,
+        "the sampler correction's",
+        "--set importance_sampling_correction=true",
+    ),
     (
         ("num_completions_to_print",),
         lambda c: c.log_completions,
@@ -2250,8 +2288,10 @@ class LLMTrainer:
             advantages = GROUP_ADVANTAGES.get(cfg.advantage)(rewards, cfg.group_size)
         if cfg.normalize_advantages:
             advantages = whitened(advantages, ~torch.isnan(self.total_reward(rewards)))
+        if cfg.importance_sampling_correction:
+            rollout, advantages = self.corrected_for_sampler(rollout, advantages, metrics)
         if cfg.log_completions:
-            self.note_completions(rollout, self.total_reward(rewards), advantages)
+            self.note_completions(rollout, self.total_reward(rewards), advantages if advantages.dim() == 1 else None)
         if cfg.overlong_filter:  # completions cut by the length limit teach nothing about how to finish
             ended = ended_with_eos(rollout, self.tokenizer) | self.stopped(rollout)
             rollout = rollout.with_mask(rollout.completion_mask & ended[:, None])
@@ -2268,6 +2308,26 @@ class LLMTrainer:
             self._step()
             metrics.update(self._controlled(step_metrics))
         return metrics
+
+    @torch.no_grad()
+    def corrected_for_sampler(
+        self, rollout: Rollout, advantages: Tensor, metrics: dict[str, float]
+    ) -> tuple[Rollout, Tensor]:
+        """The rollout with the trainer's own log-probs at these weights as its old log-probs, and the advantages
+        weighted by their ratio to the sampler's (importance_sampling_correction); the ratio's mean, min and max
+        over the masked tokens (or sequences) in `metrics`."""
+        cfg = self.cfg
+        mask = rollout.completion_mask
+        with self.eval_mode():
+            trainer_logp, _ = token_logprobs(
+                self.model, rollout.prompt_ids, rollout.prompt_mask, rollout.completion_ids, mask, cfg.temperature
+            )
+        bounds = (cfg.importance_sampling_clip_min, cfg.importance_sampling_clip_max)
+        rho = sampler_correction_weights(trainer_logp, rollout.logprobs, mask, cfg.importance_sampling_mode, *bounds)
+        seen = rho[mask] if rho.dim() == 2 else rho
+        metrics.update(is_ratio_mean=float(seen.mean()), is_ratio_min=float(seen.min()), is_ratio_max=float(seen.max()))
+        weighted = advantages * rho if rho.dim() == 1 else advantages[:, None] * rho * mask
+        return replace(rollout, logprobs=trainer_logp * mask), weighted
 
     def note_completions(self, rollout: Rollout, rewards: Tensor, advantages: Tensor | None = None) -> None:
         """The step's completions for completions.jsonl (log_completions), the first num_completions_to_print."""

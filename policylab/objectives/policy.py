@@ -409,3 +409,30 @@ def a2po_loss(
     target = rewards - values
     loss = ((implicit - target) ** 2).mean()
     return loss, {"implicit_reward": implicit.detach().mean(), "advantage": target.mean()}
+
+
+SAMPLER_CORRECTIONS = ("token_truncate", "token_mask", "sequence_truncate", "sequence_mask")
+
+
+def sampler_correction_weights(
+    trainer_logp: Tensor,
+    sampler_logp: Tensor,
+    mask: Tensor,
+    mode: str,
+    clip_min: float | None = None,
+    clip_max: float | None = 3.0,
+) -> Tensor:
+    """Importance weights for a sampler whose log-probs differ from the trainer's at the same weights (another
+    engine's kernels, another precision, an external sampler: TRL's vllm_importance_sampling_correction):
+    rho = pi_trainer / pi_sampler per token [N, T], or per sequence [N] (the product over its tokens) for the
+    sequence_* modes; *_truncate clamps rho to [clip_min, clip_max], *_mask sets rho outside them to 0. The
+    policy loss is weighted by rho (it is linear in the advantage, so the advantages are)."""
+    if mode not in SAMPLER_CORRECTIONS:
+        raise ValueError(f"unknown sampler correction {mode!r}: one of {', '.join(SAMPLER_CORRECTIONS)}")
+    diff = torch.nan_to_num((trainer_logp - sampler_logp) * mask, nan=0.0)
+    rho = torch.exp(diff.sum(-1) if mode.startswith("sequence") else diff)
+    low = -math.inf if clip_min is None else clip_min
+    high = math.inf if clip_max is None else clip_max
+    if mode.endswith("truncate"):
+        return rho.clamp(low, high)
+    return rho.masked_fill((rho < low) | (rho > high), 0.0)
