@@ -194,7 +194,7 @@ ALGO_DEFAULTS: dict[str, dict[str, Any]] = {
         "batch_size": 64,
         "lr": 3e-3,
         "disable_dropout": True,
-    },  # fmt: skip
+    },
     "a2po": {"group_size": 1, "batch_size": 64},
 }
 """Each algorithm is GRPO's config with these values (the table in the module docstring)."""
@@ -2079,7 +2079,7 @@ class LLMTrainer:
             instances, observations, own_tools = self.environments.reset(rows)
             prompts = [self.with_observation(p, o) for p, o in zip(prompts, observations)]
         if self.rollout_func is not None:
-            rollout = self.custom_rollout(rows, prompts, greedy)
+            rollout = self.custom_rollout(prompts, greedy)
             rollout.rows, rollout.environments = rows, instances
             return rollout, decode(self.tokenizer, rollout)
         ids, mask = self.encode_prompts(prompts)
@@ -2152,7 +2152,7 @@ class LLMTrainer:
         final = list(self.tokenizer.batch_decode(after, skip_special_tokens=True))
         return Rollout(prompt_ids, prompt_mask, ids, trained, logprobs, tool_mask=tool, final=final)
 
-    def custom_rollout(self, rows: list[dict[str, Any]], prompts: list[str], greedy: bool) -> Rollout:
+    def custom_rollout(self, prompts: list[str], greedy: bool) -> Rollout:
         """The completions `rollout_func` returns for these prompts (one per prompt: a group's prompt comes
         `group_size` times), as a rollout; one error naming what it got wrong."""
         assert self.rollout_func is not None
