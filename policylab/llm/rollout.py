@@ -410,7 +410,13 @@ def completion_logits(
 def decode(tokenizer: Any, rollout: Rollout) -> list[str]:
     """The completions' text (special tokens dropped, masked tokens left out; tool results in)."""
     ids, mask = rollout.completion_ids.tolist(), rollout.span.tolist()
-    rows = [[token for token, keep in zip(row, keeps) if keep] for row, keeps in zip(ids, mask)]
+    return decode_lists(
+        tokenizer, [[token for token, keep in zip(row, keeps) if keep] for row, keeps in zip(ids, mask)]
+    )
+
+
+def decode_lists(tokenizer: Any, rows: list[list[int]]) -> list[str]:
+    """The text of each list of token ids (special tokens dropped)."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is None:
         return tokenizer.batch_decode(rows, skip_special_tokens=True)

@@ -28,6 +28,7 @@ from torch import Tensor
 
 from policylab.llm import LLMError
 from policylab.llm.rewards import import_callable
+from policylab.llm.rollout import decode_lists
 
 Tool = Callable[..., Any]
 _CALL = re.compile(r"([A-Za-z_]\w*)\((.*)\)", re.DOTALL)
@@ -195,10 +196,14 @@ class ToolRunner:
         self.eos, self.pad = tokenizer.eos_token_id, tokenizer.pad_token_id
 
     def decode(self, ids: list[int]) -> str:
-        return str(self.tokenizer.decode(ids, skip_special_tokens=True))
+        """The text of `ids` (special tokens dropped), through a fast tokenizer's Rust backend (rollout's)."""
+        return str(decode_lists(self.tokenizer, [ids])[0])
 
     def encode(self, text: str) -> list[int]:
-        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+        backend = getattr(self.tokenizer, "backend_tokenizer", None)
+        if backend is None or backend.truncation is not None:
+            return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+        return list(backend.encode(text, add_special_tokens=False).ids)
 
     def markers(self) -> list[str]:
         return self.stop + ([self.fmt.call_end] if self.calls and not self.template else [])

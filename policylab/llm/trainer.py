@@ -104,7 +104,15 @@ from policylab.llm.rewards import (
     resolve_reward,
     reward_name,
 )
-from policylab.llm.rollout import Rollout, completion_logits, concat_rollouts, decode, generate, token_logprobs
+from policylab.llm.rollout import (
+    Rollout,
+    completion_logits,
+    concat_rollouts,
+    decode,
+    decode_lists,
+    generate,
+    token_logprobs,
+)
 from policylab.llm.tasks import CHARACTERS, Task, get_task
 from policylab.llm.tools import (
     Environments,
@@ -2149,7 +2157,7 @@ class LLMTrainer:
         ids, trained, logprobs, tool = padded_turns(turns, width, self.tokenizer.pad_token_id)
         after = [turn.ids[len(turn.trained) - turn.trained[::-1].index(False) :] if False in turn.trained else turn.ids
                  for turn in turns]  # fmt: skip
-        final = list(self.tokenizer.batch_decode(after, skip_special_tokens=True))
+        final = decode_lists(self.tokenizer, after)
         return Rollout(prompt_ids, prompt_mask, ids, trained, logprobs, tool_mask=tool, final=final)
 
     def custom_rollout(self, prompts: list[str], greedy: bool) -> Rollout:
