@@ -189,7 +189,9 @@ def _inputs(rows, tools):
 def test_rl_learns_to_call_the_calculator(tmp_path):
     """SFT on rows that call the calculator 15% of the time and otherwise guess the product (which a tiny model
     cannot compute): the model seldom calls it. 60 GRPO steps raise the calls per completion from 0.08 to 0.98
-    and exact match from 0.01 to 0.215 (seed 0; the copying the few traces taught stays imperfect)."""
+    and exact match from 0.01 to 0.215 (seed 0; the copying the few traces taught stays imperfect). Over GRPO
+    seeds 0-2 from this SFT model and from one of SFT seed 1: calls in the first 5 steps 0.11-0.31, in the last
+    10 0.94-0.98, exact match +0.20 to +0.63."""
     rng = np.random.default_rng(0)
     rows = [r if rng.random() < 0.15 else {**r, "completion": r["answer"]} for r in multiplication_rows(4000, 1)]
     path = tmp_path / "mixed.jsonl"
@@ -200,7 +202,7 @@ def test_rl_learns_to_call_the_calculator(tmp_path):
     run = train_llm("grpo", settings, tmp_path, verbose=False)
     with open(run.dir / "train.csv") as f:
         calls = [float(row["tool_calls"]) for row in csv.DictReader(f)]
-    assert np.mean(calls[:5]) < 0.25 and np.mean(calls[-10:]) > 0.8, calls
+    assert np.mean(calls[:5]) < 0.5 and np.mean(calls[-10:]) > 0.8, calls
     assert run.final_eval["accuracy"] >= run.initial_eval["accuracy"] + 0.1, (run.initial_eval, run.final_eval)
 
 
