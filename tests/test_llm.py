@@ -2674,9 +2674,10 @@ def test_num_generations_eval_adds_pass_at_k_and_the_samples_mean_reward_to_each
     trainer = LLMTrainer(make_config("grpo", settings))
     state = trainer.generator.get_state()
     result = trainer.evaluate()
-    trainer.generator.set_state(state)
+    assert torch.equal(trainer.generator.get_state(), state)  # the training samples' stream is left as it was
     rows = [row for row in trainer.eval_rows for _ in range(4)]
-    _, sampled = trainer.rollout(rows)
+    with trainer.evaluation_stream():  # the same evaluation samples again
+        _, sampled = trainer.rollout(rows)
     hits = exact_match([], sampled, [row["answer"] for row in rows])
     assert result["sampled_reward"] == pytest.approx(sum(hits) / len(hits))
     assert result["pass@4"] == sum(any(hits[i : i + 4]) for i in range(0, len(hits), 4)) / 20

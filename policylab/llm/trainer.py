@@ -317,6 +317,8 @@ GRPO_LOSS_OPTIONS = (
     *ADAPTIVE_ENTROPY_SETTINGS,
 )
 """The options of TRL's GRPOTrainer loss beyond the loss types (LLMConfig's fields of these names)."""
+EVALUATION_SEED_OFFSET = 1_000_003
+"""The sampled evaluation's generator seed: the run's seed plus this plus the step (LLMTrainer.evaluation_stream)."""
 IMPORTANCE_SAMPLING_SETTINGS = (
     "importance_sampling_correction",
     "importance_sampling_mode",
@@ -2929,13 +2931,25 @@ class LLMTrainer:
         out = {"accuracy": sum(r >= 1.0 for r in rewards) / n, "reward": math.fsum(scored) / max(len(scored), 1)}
         if k > 1:
             rows = [row for row in self.eval_rows for _ in range(k)]
-            drawn, sampled = self.rollout(rows)
+            with self.evaluation_stream():
+                drawn, sampled = self.rollout(rows)
             values = reward_values(self.task, [r["prompt"] for r in rows], sampled, rows, drawn)
             hits = [r >= 1.0 for r in values]
             out[f"pass@{k}"] = sum(any(hits[i * k : (i + 1) * k]) for i in range(n)) / n
             scored = [r for r in values if r == r]
             out["sampled_reward"] = math.fsum(scored) / max(len(scored), 1)
         return out
+
+    @contextlib.contextmanager
+    def evaluation_stream(self) -> Iterator[None]:
+        """The learner's sampling draws from a generator of its own (seeded by the run's seed and step), so an
+        evaluation's samples leave the training samples as they were (generation workers keep their own)."""
+        saved = self.generator
+        self.generator = torch.Generator().manual_seed(self.cfg.seed + EVALUATION_SEED_OFFSET + self.step)
+        try:
+            yield
+        finally:
+            self.generator = saved
 
     def checkpoint(self, extra: dict[str, Any]) -> tuple[dict[str, Tensor], dict[str, Any]]:
         """(tensors, JSON state) for exact resume: weights, value head, Adam's moments, both RNGs, the step."""
