@@ -2815,3 +2815,17 @@ def test_importance_sampling_correction_reweighs_a_mismatched_samplers_batch(sft
     assert math.isfinite(trainer.rl_step()["is_ratio_mean"])
     with pytest.raises(ConfigError, match="weighs tokens, and loss=gspo is a sequence-level loss"):
         make_config("gspo", {"importance_sampling_correction": True, "importance_sampling_mode": "token_mask"})
+
+
+def test_a_tiny_models_vocabulary_takes_every_character_of_the_given_rows(tmp_path):
+    """Characters beyond the built-in tasks' (in prompts, evaluation, expert or pairs rows) get tokens of their own
+    instead of reading as padding."""
+    from policylab.llm.trainer import LLMInputs, LLMTrainer
+
+    prompts = [{"prompt": f"q{i}?", "answer": "a"} for i in range(6)]
+    pairs = _jsonl(tmp_path / "pairs.jsonl", [{"prompt": "q1?", "chosen": "yes!", "rejected": "no~"}])
+    trainer = LLMTrainer(make_config("dpo", {"pairs": str(pairs), "eval_size": 2}), LLMInputs(prompts=prompts))
+    tok = trainer.tokenizer
+    for text in ("q1?", "yes!", "no~", "a"):
+        ids = tok(text, add_special_tokens=False)["input_ids"]
+        assert tok.pad_token_id not in ids and tok.decode(ids) == text

@@ -56,6 +56,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import itertools
+import json
 import math
 import shutil
 import time
@@ -1683,7 +1684,26 @@ def task_of(cfg: LLMConfig, inputs: LLMInputs | None = None, environment: Enviro
     reward = combine_rewards(rewards or ["exact_match"])
     where = str(prompts) if isinstance(prompts, str | Path) else f"{len(rows)} rows given in Python"
     task = Task("prompts", where, lambda n, seed: rows, reward, cfg.max_new_tokens or 32)
-    return replace(task, characters=characters_of(rows, cfg))
+    extra = [_given(cfg, inputs, name) for name in ("eval_prompts", "expert", "pairs")]
+    others = [row for source in extra if source is not None for row in _raw_rows(source)]
+    return replace(task, characters=characters_of(rows + others, cfg))
+
+
+def _raw_rows(source: Any) -> list[dict[str, Any]]:
+    """The rows of a JSONL path, a datasets.Dataset or a list of dicts, unchecked (their checks come later, with
+    what each kind of row needs); none for anything else."""
+    if isinstance(source, str | Path) and Path(source).is_file():
+        lines = Path(source).read_text().splitlines()
+        rows = []
+        for line in lines:
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+        return [row for row in rows if isinstance(row, dict)]
+    if hasattr(source, "to_list"):
+        return [row for row in source.to_list() if isinstance(row, dict)]
+    return [row for row in source if isinstance(row, dict)] if isinstance(source, list | tuple) else []
 
 
 def run_rewards(cfg: LLMConfig, inputs: LLMInputs, environment: Environments | None) -> list[RewardSpec] | None:
@@ -1696,8 +1716,8 @@ def run_rewards(cfg: LLMConfig, inputs: LLMInputs, environment: Environments | N
 
 def characters_of(rows: list[dict[str, Any]], cfg: LLMConfig) -> str:
     """A tiny model's character vocabulary for given prompts: the built-in tasks' characters, then every other
-    character of the rows' text fields and of the tool tags set (without them, a tiny model would read each
-    as padding)."""
+    character of the rows' text fields (prompts, evaluation, expert and pairs rows) and of the tool tags set
+    (without them, a tiny model would read each as padding)."""
     tags = [cfg.tool_call_start, cfg.tool_call_end, cfg.tool_response_start, cfg.tool_response_end]
     texts = [v for row in rows for v in row.values() if isinstance(v, str)] + [t for t in tags if t]
     seen = set(CHARACTERS)
