@@ -2682,6 +2682,13 @@ def test_num_generations_eval_adds_pass_at_k_and_the_samples_mean_reward_to_each
     assert result["sampled_reward"] == pytest.approx(sum(hits) / len(hits))
     assert result["pass@4"] == sum(any(hits[i : i + 4]) for i in range(0, len(hits), 4)) / 20
     assert set(trainer.evaluate(1)) == {"accuracy", "reward"}  # 1: the greedy evaluation only
+    with_workers = LLMTrainer(
+        make_config("grpo", {**settings, "generation_workers": 1, "generation_backend": "inline"})
+    )
+    assert with_workers.workers is not None
+    states = [s.copy() for s in with_workers.workers.get_state()]
+    assert with_workers.evaluate()["pass@4"] == result["pass@4"]  # sampled in the learner, on the same stream
+    assert all((a == b).all() for a, b in zip(with_workers.workers.get_state(), states))
     run = train_llm("grpo", {**settings, "steps": 2, "eval_every": 1, "batch_size": 4}, tmp_path, verbose=False)
     with open(run.dir / "eval.csv") as f:
         assert [set(row) for row in csv.DictReader(f)] == [

@@ -79,6 +79,9 @@ def test_malformed_conversations_are_one_error_naming_the_row_and_field():
     for row, message in cases:
         with pytest.raises(LLMError, match=f"rows, row 1: {message}"):
             prompt_rows([{"prompt": "ok"}, row], "rows")
+    call = {"role": "assistant", "tool_calls": [{"type": "function", "function": {"name": "f", "arguments": {}}}]}
+    rows = prompt_rows([{"messages": [user("1+1="), call, {"role": "tool", "content": "2"}, assistant("2")]}])
+    assert rows[0]["answer"] == "2"  # a tool-call message may go without content, as in TRL
 
 
 def test_a_conversations_tokens_train_on_all_of_it_or_on_the_assistants_marked_turns():

@@ -34,7 +34,8 @@ def check_messages(value: Any, where: str, field: str) -> None:
     for number, message in enumerate(value):
         if not isinstance(message, dict) or not isinstance(message.get("role"), str):
             raise LLMError(f'{where}: "{field}" message {number} has no "role" string', fix)
-        if not isinstance(message.get("content"), str):
+        calls_only = message.get("tool_calls") and message.get("content") is None  # TRL's tool-call messages
+        if not isinstance(message.get("content"), str) and not calls_only:
             raise LLMError(f'{where}: "{field}" message {number} has no "content" string', fix)
     if field == "messages" and value[-1]["role"] != "assistant":
         raise LLMError(
@@ -46,7 +47,7 @@ def check_messages(value: Any, where: str, field: str) -> None:
 def normalized_row(row: dict[str, Any]) -> dict[str, Any]:
     """A `messages` row with the `answer` its evaluation compares (the last message's content) unless given."""
     if "messages" in row and "prompt" not in row and "answer" not in row:
-        return {**row, "answer": row["messages"][-1]["content"]}
+        return {**row, "answer": row["messages"][-1].get("content") or ""}
     return row
 
 
@@ -100,12 +101,12 @@ def rendered_rows(rows: list[dict[str, Any]], tokenizer: Any, tools: list[Any] |
         row = dict(row)
         if "messages" in row and "prompt" not in row:
             row["prompt"] = render(tokenizer, row["messages"][:-1], tools)
-            row.setdefault("completion", row["messages"][-1]["content"])
+            row.setdefault("completion", row["messages"][-1].get("content") or "")
         elif is_conversation(row.get("prompt")):
             row["prompt"] = render(tokenizer, row["prompt"], tools)
         for field in COMPLETION_FIELDS:
             if is_conversation(row.get(field)):
-                row[field] = "".join(m["content"] for m in row[field] if m["role"] == "assistant")
+                row[field] = "".join(m.get("content") or "" for m in row[field] if m["role"] == "assistant")
         out.append(row)
     return out
 

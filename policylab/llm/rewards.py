@@ -253,7 +253,7 @@ def _check_row(row: Any, where: str, require: tuple[str, ...] = (), fix: str = "
                 'give a conversation as "messages", or a prompt (a string or messages) with its "completion"',
             )
         check_messages(row["messages"], where, "messages")
-        row = {**row, "answer": row.get("answer", row["messages"][-1]["content"])}
+        row = {**row, "answer": row.get("answer", row["messages"][-1].get("content") or "")}
     elif not isinstance(row, dict) or not (isinstance(row.get("prompt"), str) or isinstance(row.get("prompt"), list)):
         raise LLMError(f'{where}: no "prompt" string', 'give every row a "prompt" field (or "messages")')
     elif isinstance(row["prompt"], list):

@@ -2962,14 +2962,15 @@ class LLMTrainer:
 
     @contextlib.contextmanager
     def evaluation_stream(self) -> Iterator[None]:
-        """The learner's sampling draws from a generator of its own (seeded by the run's seed and step), so an
-        evaluation's samples leave the training samples as they were (generation workers keep their own)."""
-        saved = self.generator
+        """Sampling in the learner from a generator of its own (seeded by the run's seed and step), so an
+        evaluation's samples leave the training samples, the learner's and the generation workers', as they were."""
+        saved, workers = self.generator, self.workers
         self.generator = torch.Generator().manual_seed(self.cfg.seed + EVALUATION_SEED_OFFSET + self.step)
+        self.workers = None  # the workers' generators are training's too: the evaluation samples in the learner
         try:
             yield
         finally:
-            self.generator = saved
+            self.generator, self.workers = saved, workers
 
     def checkpoint(self, extra: dict[str, Any]) -> tuple[dict[str, Tensor], dict[str, Any]]:
         """(tensors, JSON state) for exact resume: weights, value head, Adam's moments, both RNGs, the step."""
