@@ -318,6 +318,15 @@ def require_trl_venv() -> None:
         raise SystemExit("TRL's venv is missing: run `.venv/bin/python benchmarks/llm.py --setup` first")
 
 
+def start_equivalence_run() -> None:
+    """The learner side of a TRL equivalence run: TRL's venv there, one torch thread, the repo importable."""
+    require_trl_venv()
+    import torch
+
+    torch.set_num_threads(1)
+    sys.path.insert(0, str(REPO_ROOT))
+
+
 def parameter_gap(a_dir: str | Path, b_dir: str | Path) -> dict[str, Any]:
     """Two save_pretrained models' parameters compared: per tensor, max |a - b| / max |b|; the largest of those,
     its tensor's name, and how many tensors were compared."""

@@ -38,22 +38,20 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import tempfile
 from pathlib import Path
 from typing import Any
 
 from common import (
     ONE_THREAD,
-    REPO_ROOT,
     TRL_PY,
     HelpFormatter,
     parameter_gap,
     positive_int,
     print_table,
     provenance,
-    require_trl_venv,
     run_worker,
+    start_equivalence_run,
     write_results,
 )
 
@@ -295,11 +293,7 @@ def main() -> None:
     if a.worker:
         worker_trl(a)
         return
-    require_trl_venv()
-    import torch
-
-    torch.set_num_threads(1)
-    sys.path.insert(0, str(REPO_ROOT))
+    start_equivalence_run()
     from llm import prepare
 
     from policylab.llm.trainer import evaluate_llm

@@ -27,7 +27,7 @@ from policylab.llm.tools import (
     tool_table,
     trace_tokens,
 )
-from policylab.llm.trainer import LLMInputs, LLMTrainer, make_config, train_llm
+from policylab.llm.trainer import LLMInputs, LLMTrainer, make_config, tokenize, train_llm
 
 TAGS = {"tool_call_start": "[", "tool_call_end": "]", "tool_response_start": "{", "tool_response_end": "}"}
 
@@ -138,7 +138,7 @@ def test_sft_on_traces_leaves_the_tools_results_out_of_its_loss(tmp_path):
     from policylab.objectives.aggregation import aggregate
 
     tok = char_tokenizer(CHARACTERS + "[]{}")
-    ids, trained = trace_tokens(tok, "[6*7]{42}42", ToolFormat("[", "]", "{", "}"))
+    ids, trained = trace_tokens(lambda texts: tokenize(tok, texts), "[6*7]{42}42", ToolFormat("[", "]", "{", "}"))
     assert tok.decode(ids) == "[6*7]{42}42" and trained == [True] * 5 + [False] * 4 + [True] * 2
     trainer = LLMTrainer(make_config("sft", {"task": "calculator", "batch_size": 4, "eval_size": 4}))
     rows = trainer.train_rows[:4]

@@ -18,6 +18,7 @@ import ast
 import inspect
 import json
 import re
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -335,22 +336,23 @@ def padded_turns(turns: list[Turn], width: int, pad: int) -> tuple[Tensor, Tenso
     return torch.from_numpy(ids), torch.from_numpy(trained), torch.from_numpy(logprobs), torch.from_numpy(tool)
 
 
-def trace_tokens(tokenizer: Any, text: str, fmt: ToolFormat) -> tuple[list[int], list[bool]]:
+def trace_tokens(
+    tokenize: Callable[[list[str]], list[list[int]]], text: str, fmt: ToolFormat
+) -> tuple[list[int], list[bool]]:
     """An expert completion with tool results in it as tokens, and which are the model's: each result (between
-    the response tags) is tokenized apart, as the sampler appends it, and left out of SFT's loss."""
-    ids: list[int] = []
-    trained: list[bool] = []
+    the response tags) is tokenized apart, as the sampler appends it, and left out of SFT's loss. `tokenize`:
+    texts to token ids (the trainer's cached PromptEncoder.token_lists)."""
     cursor = 0
     pieces: list[tuple[str, bool]] = []
     for match in fmt.responses().finditer(text):
         pieces += [(text[cursor : match.start()], True), (match.group(0), False)]
         cursor = match.end()
-    pieces.append((text[cursor:], True))
-    for piece, model_written in pieces:
-        if piece:
-            tokens = list(tokenizer(piece, add_special_tokens=False)["input_ids"])
-            ids += tokens
-            trained += [model_written] * len(tokens)
+    pieces = [(piece, own) for piece, own in [*pieces, (text[cursor:], True)] if piece]
+    ids: list[int] = []
+    trained: list[bool] = []
+    for tokens, (_, model_written) in zip(tokenize([piece for piece, _ in pieces]), pieces):
+        ids += tokens
+        trained += [model_written] * len(tokens)
     return ids, trained
 
 
@@ -415,7 +417,8 @@ class Environments:
     def reset(self, rows: list[dict[str, Any]]) -> tuple[list[Any], list[str], list[dict[str, Tool]]]:
         """(an instance per row, reset with the row's fields; the text each appends to its prompt; its tools)."""
         kinds = [self.kind_of(row) for row in rows]
-        taken = {id(kind): kind.instances(sum(k is kind for k in kinds)) for kind in kinds}
+        counts = Counter(id(kind) for kind in kinds)
+        taken = {id(kind): kind.instances(counts[id(kind)]) for kind in kinds}
         used = dict.fromkeys(taken, 0)
         instances, observations, tools = [], [], []
         for kind, row in zip(kinds, rows):

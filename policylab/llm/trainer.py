@@ -56,7 +56,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import itertools
-import json
 import math
 import shutil
 import time
@@ -1256,7 +1255,7 @@ def _columns(rows: list[dict[str, Any]]) -> dict[str, list[Any]]:
 
 
 def call_reward(
-    task: Task, prompts: list[str], completions: list[str], rows: list[dict[str, Any]], rollout: Any = None
+    task: Task, prompts: list[str], completions: list[str], rows: list[dict[str, Any]], rollout: Rollout | None = None
 ) -> Tensor:
     """The task's rewards as a tensor, with one clear error for a reward function that misbehaves (NaN where no
     function applies: `rewards.UNSCORED`)."""
@@ -1284,7 +1283,7 @@ def scored_mean(rewards: Tensor) -> float:
 
 
 def reward_values(
-    task: Task, prompts: list[str], completions: list[str], rows: list[dict[str, Any]], rollout: Any = None
+    task: Task, prompts: list[str], completions: list[str], rows: list[dict[str, Any]], rollout: Rollout | None = None
 ) -> list[float]:
     """The task's rewards as Python floats (call_reward's, before float32)."""
     return checked_call(task.reward, prompts, completions, reward_columns(task, rows, completions, rollout))
@@ -1684,26 +1683,9 @@ def task_of(cfg: LLMConfig, inputs: LLMInputs | None = None, environment: Enviro
     reward = combine_rewards(rewards or ["exact_match"])
     where = str(prompts) if isinstance(prompts, str | Path) else f"{len(rows)} rows given in Python"
     task = Task("prompts", where, lambda n, seed: rows, reward, cfg.max_new_tokens or 32)
-    extra = [_given(cfg, inputs, name) for name in ("eval_prompts", "expert", "pairs")]
-    others = [row for source in extra if source is not None for row in _raw_rows(source)]
+    extra = {name: _given(cfg, inputs, name) for name in ("eval_prompts", "expert", "pairs")}
+    others = [row for name, source in extra.items() if source is not None for row in prompt_rows(source, name)]
     return replace(task, characters=characters_of(rows + others, cfg))
-
-
-def _raw_rows(source: Any) -> list[dict[str, Any]]:
-    """The rows of a JSONL path, a datasets.Dataset or a list of dicts, unchecked (their checks come later, with
-    what each kind of row needs); none for anything else."""
-    if isinstance(source, str | Path) and Path(source).is_file():
-        lines = Path(source).read_text().splitlines()
-        rows = []
-        for line in lines:
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError:
-                continue
-        return [row for row in rows if isinstance(row, dict)]
-    if hasattr(source, "to_list"):
-        return [row for row in source.to_list() if isinstance(row, dict)]
-    return [row for row in source if isinstance(row, dict)] if isinstance(source, list | tuple) else []
 
 
 def run_rewards(cfg: LLMConfig, inputs: LLMInputs, environment: Environments | None) -> list[RewardSpec] | None:
@@ -2258,7 +2240,7 @@ class LLMTrainer:
         if not self.calls_tools:
             ids, mask = self.encode_prompts.answers(texts)
             return ids, mask, None
-        traces = [trace_tokens(self.tokenizer, text, self.tool_format) for text in texts]
+        traces = [trace_tokens(self.encode_prompts.token_lists, text, self.tool_format) for text in texts]
         eos = self.tokenizer.eos_token_id
         turns = [Turn(ids + [eos], trained + [True], [0.0] * (len(ids) + 1)) for ids, trained in traces]
         ids, mask, _, tool = padded_turns(turns, max(len(t.ids) for t in turns), self.tokenizer.pad_token_id)
