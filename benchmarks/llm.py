@@ -1,5 +1,5 @@
-"""policylab's GRPO, GMPO, RLOO, DPO, CPO, SimPO, ORPO, KTO, reward models and on-policy distillation against TRL's
-GRPOTrainer, GMPOTrainer, RLOOTrainer, DPOTrainer, CPOTrainer, ORPOTrainer, KTOTrainer, RewardTrainer and
+"""policylab's SFT, GRPO, GMPO, RLOO, DPO, CPO, SimPO, ORPO, KTO, reward models and on-policy distillation against TRL's
+SFTTrainer, GRPOTrainer, GMPOTrainer, RLOOTrainer, DPOTrainer, CPOTrainer, ORPOTrainer, KTOTrainer, RewardTrainer and
 DistillationTrainer: the
 same model, prompts (or preference pairs), group size, lengths, optimizer settings and number of steps, alternating
 runs, 1 thread each.
@@ -13,6 +13,7 @@ runs, 1 thread each.
     .venv/bin/python benchmarks/llm.py --algo distill --seeds 10 --steps 300 --model tiny-llama --prompts-per-step 64
     .venv/bin/python benchmarks/llm.py --algo gmpo --seeds 3 --steps 40 --model tiny-llama --prompts-per-step 8
     .venv/bin/python benchmarks/llm.py --algo tpo --seeds 10 --steps 40 --model tiny-llama --prompts-per-step 16
+    .venv/bin/python benchmarks/llm.py --algo sft --seeds 10 --steps 200 --model tiny-llama --prompts-per-step 64
 
 What is shared: a tiny Llama is built once (`--model`, policylab's config and character tokenizer) and, for
 `--sft-steps` > 0, supervised on the addition task by policylab, then saved with `save_pretrained`; both sides
@@ -54,6 +55,11 @@ epsilon 0.4 in log space; policylab's gmpo, the same clip).
 `--prompts-per-step` prompts with one sampled completion each (DistillationTrainer samples one; `--group-size`
 is ignored), the reverse KL (beta 1) between the student's and the teacher's next-token distributions at every
 completion position, temperature 1, token-mean, lr 3e-3 (policylab's distill default).
+`--algo sft`: supervised fine-tuning against TRL's SFTTrainer from the random starting model (`--sft-steps` is
+ignored): the addition rows as prompt-completion pairs (the answer the completion, EOS after it on both sides),
+`--prompts-per-step` examples per step, the loss on the completion's tokens only (TRL's completion_only_loss
+default for such rows), token-mean over the batch, lr 3e-3 (policylab's SFT default); TRL's trainer pads each
+batch to its longest example, policylab's puts each prompt left of its completion.
 `--algo kto`: the same pairs, unpaired (each a desirable and an undesirable completion), so a step of
 `--prompts-per-step` pairs trains 2x as many completions (beta 0.1). TRL's KTOTrainer walks its rows in order (it
 requires that for its KL pairs), and its own unpairing puts a thousand desirable rows before their undesirable
@@ -110,7 +116,7 @@ def prepare(a: argparse.Namespace, where: Path) -> tuple[Path, Path]:
     from policylab.llm.trainer import train_llm
 
     model_dir = where / "start"
-    if a.sft_steps > 0:
+    if a.sft_steps > 0 and a.algo != "sft":
         run = train_llm(
             "sft",
             {"model": a.model, "steps": a.sft_steps, "batch_size": 64, "eval_every": a.sft_steps},
@@ -120,7 +126,7 @@ def prepare(a: argparse.Namespace, where: Path) -> tuple[Path, Path]:
         model_dir = run.dir / "model"
     if a.algo == "distill":
         a.teacher_dir, model_dir = str(model_dir), where / "student"
-    if a.sft_steps <= 0 or a.algo == "distill":
+    if a.sft_steps <= 0 or a.algo in ("distill", "sft"):
         model, tokenizer = load_model(a.model)
         model.save_pretrained(model_dir)
         tokenizer.save_pretrained(model_dir)
@@ -136,6 +142,8 @@ def prepare(a: argparse.Namespace, where: Path) -> tuple[Path, Path]:
         rows = [{"prompt": p, "chosen": c, "rejected": r} for p, c, r in pairs]
         if a.algo == "tpo":  # the gold completion: the answer (the chosen one)
             rows = [{**row, "reference": row["chosen"]} for row in rows]
+    elif a.algo == "sft":  # TRL's prompt-completion rows (policylab's evaluation reads the answer)
+        rows = [{"prompt": row["prompt"], "completion": row["answer"], "answer": row["answer"]} for row in rows]
     prompts.write_text("".join(json.dumps(row) + "\n" for row in rows))
     return model_dir, prompts
 
@@ -145,6 +153,7 @@ def prepare(a: argparse.Namespace, where: Path) -> tuple[Path, Path]:
 OURS_EXTRA: dict[str, Any] = {
     "grpo": lambda a: {},
     "distill": lambda a: {"teacher": a.teacher_dir, "beta": 1.0, "temperature": 1.0},
+    "sft": lambda a: {},
     "gmpo": lambda a: {},  # policylab's gmpo defaults: log-space clip 0.4 / 0.4, as GMPOConfig's epsilon
     "rloo": lambda a: {"aggregation": "seq-mean-token-sum"},  # TRL's sequence-level surrogate, see the docstring
     "dpo": lambda a: {"pairs": a.prompts, "prompts": None, "beta": 0.1, "precompute_ref_log_probs": a.precompute},
@@ -154,6 +163,8 @@ OURS_EXTRA: dict[str, Any] = {
 }
 PAIR_ALGOS = ("dpo", "cpo", "simpo", "orpo", "tpo", "kto", "reward_model")
 """The algorithms that train on preference pairs (prepare writes pairs for them) and sample nothing."""
+SAMPLING_ALGOS = ("grpo", "gmpo", "rloo", "distill")
+"""The algorithms that sample completions (the others, SFT and the pair algorithms, train on given ones)."""
 
 
 def worker_ours(a: argparse.Namespace) -> dict[str, Any]:
@@ -242,7 +253,13 @@ def worker_trl(a: argparse.Namespace) -> dict[str, Any]:
         "epsilon": 0.2,
         "num_iterations": 1,
     }
-    if a.algo == "dpo":
+    if a.algo == "sft":
+        from trl import SFTConfig, SFTTrainer
+
+        config = SFTConfig(**common, per_device_train_batch_size=a.prompts_per_step)
+        trainer = SFTTrainer(model=model, args=config, train_dataset=dataset.remove_columns("answer"),
+                             processing_class=tokenizer)  # fmt: skip
+    elif a.algo == "dpo":
         from trl import DPOConfig, DPOTrainer
 
         config: Any = DPOConfig(**common, per_device_train_batch_size=a.prompts_per_step, beta=0.1,
@@ -531,7 +548,7 @@ def main() -> None:
     parser.add_argument("--setup", action="store_true", help="create TRL's venv and exit")
     parser.add_argument(
         "--algo",
-        choices=("grpo", "gmpo", "rloo", "distill", *PAIR_ALGOS),
+        choices=(*SAMPLING_ALGOS, "sft", *PAIR_ALGOS),
         default="grpo",
         help="the algorithm on both sides",
     )
@@ -539,10 +556,14 @@ def main() -> None:
     parser.add_argument("--steps", type=positive_int, default=40, help="optimizer steps per run (> --warmup + 1)")
     parser.add_argument("--model", default="small-llama", help="a policylab tiny model (tiny-llama, small-llama)")
     parser.add_argument("--sft-steps", type=int, default=300, help="SFT before RL (0: RL from random weights)")
-    parser.add_argument("--prompts-per-step", type=positive_int, default=2, help="prompts (dpo: pairs) per step")
+    parser.add_argument(
+        "--prompts-per-step", type=positive_int, default=2, help="prompts (dpo: pairs; sft: examples) per step"
+    )
     parser.add_argument("--group-size", type=positive_int, default=8, help="completions per prompt")
     parser.add_argument("--max-new-tokens", type=positive_int, default=8, help="completion length limit")
-    parser.add_argument("--lr", type=float, help="default 3e-4 (dpo: 1e-4, distill: 3e-3, policylab's defaults)")
+    parser.add_argument(
+        "--lr", type=float, help="default 3e-4 (dpo: 1e-4, distill and sft: 3e-3, policylab's defaults)"
+    )
     parser.add_argument("--warmup", type=int, default=3, help="steps left out of the timing")
     parser.add_argument("--precompute", action="store_true", help="dpo: precompute_ref_log_probs on both sides")
     parser.add_argument("--trl-defaults", action="store_true", help="TRL's own bfloat16 / checkpointing defaults")
@@ -558,7 +579,7 @@ def main() -> None:
     parser.add_argument("--teacher-dir", help=argparse.SUPPRESS)
     a = parser.parse_args()
     if a.lr is None:
-        a.lr = {"reward_model": 1e-3, "distill": 3e-3}.get(a.algo, 1e-4 if a.algo in PAIR_ALGOS else 3e-4)
+        a.lr = {"reward_model": 1e-3, "distill": 3e-3, "sft": 3e-3}.get(a.algo, 1e-4 if a.algo in PAIR_ALGOS else 3e-4)
     if a.algo == "distill":
         a.group_size = 1  # DistillationTrainer samples one completion per prompt
         if a.sft_steps <= 0 and not a.worker:
@@ -608,7 +629,7 @@ def main() -> None:
     }
     if a.algo == "reward_model":
         per_run["accuracy"] = ("held-out pairs ranked right (the same scorer)", ".3f", True)
-    if a.algo in PAIR_ALGOS:  # no sampling: policylab's count is its training tokens, TRL logs none
+    if a.algo not in SAMPLING_ALGOS:  # no sampling: policylab's count is its training tokens, TRL logs none
         del per_run["completion_tokens_per_s"], per_run["final_reward"]
     summary = pair_report(runs, seeds, per_run, {}, "policylab", "trl", ("ours", "trl"))
     summary["accuracy_means"] = accuracy_means(runs)

@@ -9,6 +9,8 @@ unless said): which form of a reduction or product is fastest at the shapes wher
   place against into a new array, PDIS's sum_t d_t w_t r_t as `(w * r) @ d` against one three-operand
   einsum, and the bootstrap's resample counts drawn a chunk of 16 resamples at once against one at a time;
 - `llm/fast_decode.NumpyDecoder`: numpy's product with a transposed weight view against a contiguous copy;
+- `llm/fast_decode.softmax` and `llm/fast_train._softmax_backward`: the attention softmax and its backward at a
+  tiny Llama's training and sampling shapes, torch's kernels against the numpy code;
 - `runtime.limit_numpy_blas`: numpy's BLAS on its default threads against 1 thread, with a busy process on
   another core (a 64x64 by 64x384 product, as in sampling);
 - `nets/matmul.py` (Intel's MKL): a batched product with one output column (2 members) against one 2-D
@@ -104,6 +106,30 @@ def numpy_products() -> None:
     line("numpy 16x64 @ 64x192", ("transposed view", us(lambda: h @ w.T, 2000)), ("copy", us(lambda: h @ w_t, 2000)))
 
 
+def attention_softmax() -> None:
+    """Scores [rows, heads, 1, queries, keys]: SFT's prompts (64 x 6 by 6), completions of 8 tokens after 14 (GRPO's
+    training pass) and one decoded token over 12 keys (sampling)."""
+    torch.set_num_threads(1)
+    rng = np.random.default_rng(0)
+    for shape in ((64, 4, 1, 6, 6), (128, 4, 1, 8, 14), (16, 4, 1, 1, 12)):
+        attention_softmax_at(rng.normal(size=shape).astype(np.float32), rng.normal(size=shape).astype(np.float32))
+
+
+def attention_softmax_at(scores: np.ndarray, grad: np.ndarray) -> None:
+    from policylab.llm.fast_decode import softmax
+    from policylab.llm.fast_train import _softmax_backward
+
+    probs = softmax(scores)
+    torch_scores, torch_grad, torch_probs = (torch.from_numpy(x) for x in (scores, grad, probs))
+    shape = list(scores.shape)
+    line(f"softmax {shape}", ("torch", us(lambda: torch.softmax(torch_scores, -1).numpy(), 1000)),
+         ("numpy", us(lambda: softmax(scores), 1000)))  # fmt: skip
+    backward = torch._softmax_backward_data
+    line(f"softmax backward {shape}",
+         ("torch", us(lambda: backward(torch_grad, torch_probs, -1, torch.float32).numpy(), 1000)),
+         ("numpy", us(lambda: _softmax_backward(grad, probs), 1000)))  # fmt: skip
+
+
 def blas_threads() -> None:
     from threadpoolctl import threadpool_limits
 
@@ -133,6 +159,7 @@ def main() -> None:
     pdis_arrays()
     resample_counts()
     numpy_products()
+    attention_softmax()
     blas_threads()
     one_column_products()
 

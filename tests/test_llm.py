@@ -1617,6 +1617,29 @@ def test_a_sequence_classification_model_scores_completions_as_a_reward(tmp_path
         load_reward(f"model:{tmp_path / 'missing'}")
 
 
+def test_the_numpy_attention_softmax_and_its_backward_equal_torchs_with_rows_far_apart():
+    """fast_decode.softmax shifts the whole array by its maximum (one reduction): a row whose scores are far under
+    the others' (here 200 lower, where exp underflows) is redone with its own shift; -inf keys get 0. Both it and
+    fast_train's backward match torch's softmax and its autograd gradient."""
+    from policylab.llm.fast_decode import softmax
+    from policylab.llm.fast_train import _softmax_backward
+
+    rng = np.random.default_rng(0)
+    scores = rng.normal(size=(3, 2, 1, 4, 5)).astype(np.float32)
+    scores[1] -= 200.0
+    assert np.exp(scores[1] - scores.max()).sum() == 0  # the shared shift alone would divide by zero
+    scores[..., 0, 3:] = -np.inf  # masked keys
+    grad = rng.normal(size=scores.shape).astype(np.float32)
+    expected = torch.from_numpy(scores).requires_grad_(True)
+    probs = torch.softmax(expected, -1)
+    probs.backward(torch.from_numpy(grad))
+    ours = softmax(scores)
+    np.testing.assert_allclose(ours, probs.detach().numpy(), rtol=1e-6, atol=1e-7)
+    assert (ours[..., 0, 3:] == 0).all() and np.isfinite(ours).all()
+    assert expected.grad is not None
+    np.testing.assert_allclose(_softmax_backward(grad, ours), expected.grad.numpy(), rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("path", ["numpy", "tape", "torch"])
 @pytest.mark.parametrize("tied", [False, True])
 def test_the_prompt_shared_training_forward_equals_transformers_forward_with_gradients(monkeypatch, path, tied):

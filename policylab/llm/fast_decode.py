@@ -357,9 +357,25 @@ def rotate(x: np.ndarray, cos: np.ndarray, sin: np.ndarray, rotation: np.ndarray
     return x * cos + (x.reshape(-1, x.shape[-1]) @ rotation).reshape(x.shape) * sin
 
 
+SOFTMAX_FLOOR = np.float32(np.exp(-60.0))
+"""The smallest row sum `softmax` accepts from its shared shift (below it, the row's largest score is more than 60
+under the array's, where float32's exp nears its underflow: the row is shifted by its own maximum instead)."""
+
+
 def softmax(scores: np.ndarray) -> np.ndarray:
-    """Softmax over the last axis by torch's kernel (numpy's reductions over an axis of a dozen numbers are slow)."""
-    return torch.softmax(torch.from_numpy(scores), -1).numpy()
+    """Softmax over the last axis of attention scores (a few to a few dozen keys per row), shifted by the whole
+    array's maximum rather than each row's: one reduction over contiguous memory instead of one per row. Each row's
+    shift cancels in its normalization, so the result is the per-row one to float32 rounding; a row whose sum falls
+    under SOFTMAX_FLOOR (its maximum far under the array's) is redone with its own. On the rows of a small model's
+    attention torch's softmax kernel costs 2-11x this (`benchmarks/small_ops.py`)."""
+    probs = np.subtract(scores, scores.max())
+    np.exp(probs, out=probs)
+    totals = np.einsum("...i->...", probs)[..., None]
+    if totals.size and totals.min() < SOFTMAX_FLOOR:
+        probs = np.exp(scores - scores.max(-1, keepdims=True))
+        totals = probs.sum(-1, keepdims=True)
+    probs /= totals
+    return probs
 
 
 def silu(x: np.ndarray) -> np.ndarray:
