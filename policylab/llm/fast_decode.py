@@ -368,10 +368,12 @@ def softmax(scores: np.ndarray) -> np.ndarray:
     shift cancels in its normalization, so the result is the per-row one to float32 rounding; a row whose sum falls
     under SOFTMAX_FLOOR (its maximum far under the array's) is redone with its own. On the rows of a small model's
     attention torch's softmax kernel costs 2-11x this (`benchmarks/small_ops.py`)."""
+    if not scores.size:  # no query (a pass with no completion position) or no key
+        return np.empty_like(scores)
     probs = np.subtract(scores, scores.max())
     np.exp(probs, out=probs)
     totals = np.einsum("...i->...", probs)[..., None]
-    if totals.size and totals.min() < SOFTMAX_FLOOR:
+    if totals.min() < SOFTMAX_FLOOR:
         probs = np.exp(scores - scores.max(-1, keepdims=True))
         totals = probs.sum(-1, keepdims=True)
     probs /= totals
