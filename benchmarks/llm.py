@@ -14,6 +14,8 @@ runs, 1 thread each.
     .venv/bin/python benchmarks/llm.py --algo gmpo --seeds 3 --steps 40 --model tiny-llama --prompts-per-step 8
     .venv/bin/python benchmarks/llm.py --algo tpo --seeds 10 --steps 40 --model tiny-llama --prompts-per-step 16
     .venv/bin/python benchmarks/llm.py --algo sft --seeds 10 --steps 200 --model tiny-llama --prompts-per-step 64
+    .venv/bin/python benchmarks/llm.py --tools --seeds 3 --steps 20 --model tiny-llama --prompts-per-step 4 \
+        --max-new-tokens 96 --sft-steps 200
 
 What is shared: a tiny Llama is built once (`--model`, policylab's config and character tokenizer) and, for
 `--sft-steps` > 0, supervised on the addition task by policylab, then saved with `save_pretrained`; both sides
@@ -60,6 +62,15 @@ ignored): the addition rows as prompt-completion pairs (the answer the completio
 `--prompts-per-step` examples per step, the loss on the completion's tokens only (TRL's completion_only_loss
 default for such rows), token-mean over the batch, lr 3e-3 (policylab's SFT default); TRL's trainer pads each
 batch to its longest example, policylab's puts each prompt left of its completion.
+`--tools` (GRPO): tool calling against GRPOTrainer(tools=...). Both sides use one tokenizer: characters plus
+Qwen2.5's special tokens and tool tags, with TRL's copy of Qwen2.5's chat template (read from TRL's venv; TRL parses
+tool calls only for chat templates it knows). The prompts are conversations (a one-word system message, then a
+2-digit product such as "37*48="), each rendered with the `calc` tool's description (about 600 tokens); a
+completion calls `calc` in Qwen's format, gets the result in the template's tool turn and answers after it (one
+call: max_tool_calling_iterations 1 on both sides); the reward is exact match of the text after the tool's result.
+The starting model is the tiny Llama after `--sft-steps` of policylab's assistant-only SFT on such conversations
+(TRL's training variant of the template marks the assistant's tokens). `--max-new-tokens` must hold the call,
+the tool turn and the answer (about 90 tokens).
 `--algo kto`: the same pairs, unpaired (each a desirable and an undesirable completion), so a step of
 `--prompts-per-step` pairs trains 2x as many completions (beta 0.1). TRL's KTOTrainer walks its rows in order (it
 requires that for its KL pairs), and its own unpairing puts a thousand desirable rows before their undesirable
@@ -104,6 +115,101 @@ def setup() -> None:
     make_peer_venv(TRL_VENV, "trl==1.16.0")
 
 
+# --- tool calling (--tools) --------------------------------------------------------------------------------------
+
+
+def calc(e: str) -> str:
+    """Calculate.
+
+    Args:
+        e: an expression
+    """
+    left, right = e.split("*")
+    return str(int(left) * int(right))
+
+
+TOOL_SYSTEM = {"role": "system", "content": "Calc."}
+TOOL_TOKENS = ["<tool_call>", "</tool_call>", "<tool_response>", "</tool_response>"]
+
+
+def trl_chat_template(name: str) -> str:
+    """A chat template as TRL ships it (`trl/chat_templates/NAME.jinja` in TRL's venv)."""
+    found = sorted(TRL_VENV.glob(f"lib/python*/site-packages/trl/chat_templates/{name}.jinja"))
+    if not found:
+        raise SystemExit(f"error: no {name}.jinja in {TRL_VENV}\n  fix: run benchmarks/llm.py --setup")
+    return found[0].read_text()
+
+
+def qwen_char_tokenizer(template: str) -> Any:
+    """Characters (printable ASCII) plus Qwen2.5's special tokens and tool tags, with `template`; EOS <|im_end|>."""
+    import string
+
+    from tokenizers import Regex, Tokenizer, decoders, pre_tokenizers
+    from tokenizers.models import WordLevel
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    characters = [c for c in string.printable if c not in "\x0b\x0c\r"]
+    backend = Tokenizer(WordLevel({t: i for i, t in enumerate(specials + TOOL_TOKENS + characters)}, "<|endoftext|>"))
+    backend.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    backend.decoder = decoders.Fuse()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<|endoftext|>", eos_token="<|im_end|>",
+                                        additional_special_tokens=["<|im_start|>"])  # fmt: skip
+    tokenizer.add_tokens(TOOL_TOKENS)
+    tokenizer.chat_template = template
+    tokenizer.padding_side = "left"
+    return tokenizer
+
+
+def tool_conversation(row: dict[str, Any]) -> dict[str, Any]:
+    """An SFT conversation: the product asked, the call, the tool's result and the answer."""
+    call = {"type": "function", "function": {"name": "calc", "arguments": {"e": row["prompt"].rstrip("=")}}}
+    return {"messages": [TOOL_SYSTEM, {"role": "user", "content": row["prompt"]},
+                         {"role": "assistant", "content": "", "tool_calls": [call]},
+                         {"role": "tool", "name": "calc", "content": row["answer"]},
+                         {"role": "assistant", "content": row["answer"]}]}  # fmt: skip
+
+
+def tool_prompt(row: dict[str, Any]) -> dict[str, Any]:
+    return {"prompt": [TOOL_SYSTEM, {"role": "user", "content": row["prompt"]}], "answer": row["answer"]}
+
+
+def prepare_tools(a: argparse.Namespace, where: Path) -> tuple[Path, Path]:
+    """The SFT'd starting model (saved with the plain Qwen2.5 template) and the conversational prompts."""
+    sys.path.insert(0, str(REPO_ROOT))
+    from policylab.llm.models import build_tiny_model
+    from policylab.llm.tasks import multiplication_rows
+    from policylab.llm.trainer import train_llm
+
+    tokenizer = qwen_char_tokenizer(trl_chat_template("qwen2_5_training"))
+    model = build_tiny_model(a.model, tokenizer, 0, max_positions=1024)
+    held_out = [tool_prompt(row) for row in multiplication_rows(32, 9)]
+    settings = {"steps": a.sft_steps, "batch_size": 16, "lr": 3e-3, "assistant_only_loss": True,
+                "max_new_tokens": a.max_new_tokens, "eval_every": a.sft_steps, "eval_size": 32}  # fmt: skip
+    train = [tool_conversation(row) for row in multiplication_rows(2000, 1)]
+    run = train_llm("sft", settings, where / "sft", verbose=False, prompts=train, eval_prompts=held_out,
+                    tokenizer=tokenizer, model=model, tools=[calc])  # fmt: skip
+    model_dir = run.dir / "model"
+    tokenizer.chat_template = trl_chat_template("qwen2_5")
+    tokenizer.save_pretrained(model_dir)
+    prompts = where / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps(tool_prompt(row)) + "\n" for row in multiplication_rows(5_000, 0)))
+    return model_dir, prompts
+
+
+def tool_accuracy(model_dir: str, eval_size: int = 200) -> float:
+    """Greedy exact match of the answer after the tool's result on held-out products (policylab's evaluation)."""
+    from policylab.llm.models import load_model
+    from policylab.llm.tasks import multiplication_rows
+    from policylab.llm.trainer import LLMInputs, LLMTrainer, make_config
+
+    model, tokenizer = load_model(model_dir)
+    rows = [tool_prompt(row) for row in multiplication_rows(eval_size, 1_000_003)]
+    inputs = LLMInputs(model=model, tokenizer=tokenizer, prompts=rows, eval_prompts=rows, tools=[calc])
+    config = make_config("grpo", {"eval_size": eval_size, "max_new_tokens": 96, "max_tool_calling_iterations": 1})
+    return float(LLMTrainer(config, inputs).evaluate()["accuracy"])
+
+
 # --- shared inputs ----------------------------------------------------------------------------------------------
 
 
@@ -115,6 +221,8 @@ def prepare(a: argparse.Namespace, where: Path) -> tuple[Path, Path]:
     from policylab.llm.tasks import get_task
     from policylab.llm.trainer import train_llm
 
+    if a.tools:
+        return prepare_tools(a, where)
     model_dir = where / "start"
     if a.sft_steps > 0 and a.algo != "sft":
         run = train_llm(
@@ -175,11 +283,14 @@ def worker_ours(a: argparse.Namespace) -> dict[str, Any]:
     torch.set_num_threads(1)
     marks: list[tuple[float, float]] = []
     rewards: list[float] = []
+    calls: list[float] = []  # tool calls per completion, each step's (--tools)
 
     def callback(step: int, metrics: dict[str, float]) -> bool:
         marks.append((time.perf_counter(), metrics["tokens"]))
         if "reward" in metrics:
             rewards.append(metrics["reward"])
+        if "tool_calls" in metrics:
+            calls.append(metrics["tool_calls"])
         return True
 
     settings = {
@@ -194,9 +305,10 @@ def worker_ours(a: argparse.Namespace) -> dict[str, Any]:
         "eval_every": a.steps + 1,
         "eval_size": 1,
         **OURS_EXTRA[a.algo](a),
+        **({"max_tool_calling_iterations": 1} if a.tools else {}),
     }
-    run = train_llm(a.algo, settings, a.work, verbose=False, callback=callback)
-    return _record(a, marks, str(run.dir / "model"), "policylab", rewards)
+    run = train_llm(a.algo, settings, a.work, verbose=False, callback=callback, tools=[calc] if a.tools else None)
+    return _record(a, marks, str(run.dir / "model"), "policylab", rewards, calls)
 
 
 def worker_trl(a: argparse.Namespace) -> dict[str, Any]:
@@ -217,6 +329,7 @@ def worker_trl(a: argparse.Namespace) -> dict[str, Any]:
 
     marks: list[tuple[float, float]] = []
     rewards: list[float] = []
+    calls: list[float] = []  # tool calls per completion, each step's (--tools)
 
     class Marks(TrainerCallback):
         def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
@@ -226,6 +339,8 @@ def worker_trl(a: argparse.Namespace) -> dict[str, Any]:
         def on_log(self, args: Any, state: Any, control: Any, logs: Any = None, **kwargs: Any) -> None:
             if logs and "reward" in logs:
                 rewards.append(float(logs["reward"]))
+            if logs and "tools/call_frequency" in logs:
+                calls.append(float(logs["tools/call_frequency"]))
 
     common = {
         "output_dir": str(Path(a.work) / "trl"),
@@ -321,6 +436,17 @@ def worker_trl(a: argparse.Namespace) -> dict[str, Any]:
         config = RLOOConfig(**common, **rollouts, normalize_advantages=False)
         trainer = RLOOTrainer(model=model, reward_funcs=exact_match, args=config, train_dataset=dataset,
                               processing_class=tokenizer)  # fmt: skip
+    elif a.tools:
+        from trl import GRPOConfig, GRPOTrainer
+
+        def final_exact_match(prompts: list, completions: list, answer: list[str], **_: Any) -> list[float]:
+            """The last assistant message's text against the answer (policylab's exact match reads the text after
+            the tool's result)."""
+            return [float(c[-1].get("content", "").strip() == str(x).strip()) for c, x in zip(completions, answer)]
+
+        config = GRPOConfig(**common, **rollouts, loss_type="grpo", max_tool_calling_iterations=1)
+        trainer = GRPOTrainer(model=model, reward_funcs=final_exact_match, args=config, train_dataset=dataset,
+                              processing_class=tokenizer, tools=[calc])  # fmt: skip
     else:
         from trl import GRPOConfig, GRPOTrainer
 
@@ -332,14 +458,19 @@ def worker_trl(a: argparse.Namespace) -> dict[str, Any]:
     out = Path(a.work) / "trl-model"
     trainer.save_model(str(out))
     tokenizer.save_pretrained(out)
-    return _record(a, marks, str(out), "trl", rewards)
+    return _record(a, marks, str(out), "trl", rewards, calls)
 
 
 def _record(
-    a: argparse.Namespace, marks: list[tuple[float, float]], model: str, side: str, rewards: list[float]
+    a: argparse.Namespace,
+    marks: list[tuple[float, float]],
+    model: str,
+    side: str,
+    rewards: list[float],
+    calls: list[float],
 ) -> dict[str, Any]:
-    """The run's timing, its model, and its mean training reward per step (`rewards`; empty where the algorithm
-    samples nothing)."""
+    """The run's timing, its model, its mean training reward per step (`rewards`; empty where the algorithm
+    samples nothing) and its tool calls per completion over the steps (`calls`; --tools)."""
     timed = marks[a.warmup :]
     durations = [t1 - t0 for (t0, _), (t1, _) in zip(timed, timed[1:])]
     tokens = sum(n for _, n in timed[1:])
@@ -351,6 +482,7 @@ def _record(
         "model": model,
         "rewards": rewards,
         "final_reward": statistics.fmean(rewards[-10:]) if rewards else None,
+        "tool_calls": statistics.fmean(calls) if calls else None,
     }
 
 
@@ -505,6 +637,7 @@ def run_side(side: str, a: argparse.Namespace, seed: int, model_dir: Path, promp
     args += ["--max-new-tokens", str(a.max_new_tokens), "--warmup", str(a.warmup), "--algo", a.algo]
     args += ["--trl-defaults"] if a.trl_defaults else []
     args += ["--precompute"] if a.precompute else []
+    args += ["--tools"] if a.tools else []
     args += ["--teacher-dir", a.teacher_dir] if a.teacher_dir else []
     env = {**ONE_THREAD, "PYTHONPATH": ""} if side == "trl" else ONE_THREAD  # TRL's venv must not see ours
     res = run_worker(Path(__file__).resolve(), args, work / f"{side}-{seed}.json", python=python, env=env)
@@ -513,6 +646,8 @@ def run_side(side: str, a: argparse.Namespace, seed: int, model_dir: Path, promp
 
     if a.algo == "reward_model":
         record["accuracy"] = ranking_accuracy(record["model"])
+    elif a.tools:
+        record["accuracy"] = tool_accuracy(record["model"])
     else:
         record["accuracy"] = evaluate_llm(record["model"], "addition", eval_size=200)["accuracy"]
     return record
@@ -566,6 +701,7 @@ def main() -> None:
     )
     parser.add_argument("--warmup", type=int, default=3, help="steps left out of the timing")
     parser.add_argument("--precompute", action="store_true", help="dpo: precompute_ref_log_probs on both sides")
+    parser.add_argument("--tools", action="store_true", help="grpo with a tool (see the docstring)")
     parser.add_argument("--trl-defaults", action="store_true", help="TRL's own bfloat16 / checkpointing defaults")
     parser.add_argument("--sampling", action="store_true", help="only time the samplers (see time_sampling)")
     parser.add_argument("--training", action="store_true", help="only time the training forward and backward")
@@ -580,6 +716,8 @@ def main() -> None:
     a = parser.parse_args()
     if a.lr is None:
         a.lr = {"reward_model": 1e-3, "distill": 3e-3, "sft": 3e-3}.get(a.algo, 1e-4 if a.algo in PAIR_ALGOS else 3e-4)
+    if a.tools and a.algo != "grpo":
+        parser.error(f"--tools runs GRPO with a tool, not {a.algo}: drop --algo or give --algo grpo")
     if a.algo == "distill":
         a.group_size = 1  # DistillationTrainer samples one completion per prompt
         if a.sft_steps <= 0 and not a.worker:
@@ -608,7 +746,8 @@ def main() -> None:
         model_dir, prompts = prepare(a, work)
         from policylab.llm.trainer import evaluate_llm
 
-        start_accuracy = evaluate_llm(str(model_dir), "addition", eval_size=200)["accuracy"]
+        start_accuracy = (tool_accuracy(str(model_dir)) if a.tools else
+                          evaluate_llm(str(model_dir), "addition", eval_size=200)["accuracy"])  # fmt: skip
         print(f"  the starting model: exact match {start_accuracy:.3f}")
         for seed in seeds:
             for side in ("policylab", "trl"):
@@ -618,7 +757,7 @@ def main() -> None:
     settings = {
         k: getattr(a, k)
         for k in ("algo", "steps", "model", "sft_steps", "prompts_per_step", "group_size", "max_new_tokens", "lr",
-                  "precompute", "warmup")
+                  "precompute", "tools", "warmup")
     }  # fmt: skip
     print(f"\n{a.algo}, {settings}, 1 thread, alternating runs")
     per_run = {
@@ -629,6 +768,9 @@ def main() -> None:
     }
     if a.algo == "reward_model":
         per_run["accuracy"] = ("held-out pairs ranked right (the same scorer)", ".3f", True)
+    if a.tools:  # TRL's completion lengths count the tools' tokens too, policylab's `tokens` the model's only
+        del per_run["completion_tokens_per_s"]
+        per_run["tool_calls"] = ("tool calls per completion (mean over steps)", ".2f", True)
     if a.algo not in SAMPLING_ALGOS:  # no sampling: policylab's count is its training tokens, TRL logs none
         del per_run["completion_tokens_per_s"], per_run["final_reward"]
     summary = pair_report(runs, seeds, per_run, {}, "policylab", "trl", ("ours", "trl"))
