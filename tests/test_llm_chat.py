@@ -217,7 +217,7 @@ def test_with_a_chat_template_a_result_is_the_templates_tool_message_after_the_m
         Turn(encode("[6*7]99"), [True] * 7, [-0.5] * 7),
     ]
 
-    def sample(ids, mask, room):
+    def sample(ids, mask, own, own_mask, room):
         return [Turn(encode("42") + [tok.eos_token_id], [True] * 3, [-1.0] * 3) for _ in ids]
 
     turns, stats = runner.run([encode("(6*7=):")] * 2, first, sample, 20, [{"calculator": calculator}] * 2)

@@ -87,8 +87,9 @@ class ScriptedSampler:
     def __init__(self, tok, script):
         self.tok, self.script, self.calls = tok, script, []
 
-    def __call__(self, ids, mask, room):
-        contexts = [self.tok.decode(row[m.bool()].tolist()) for row, m in zip(ids, mask)]
+    def __call__(self, ids, mask, own, own_mask, room):
+        rows, masks = torch.cat([ids, own], -1), torch.cat([mask, own_mask], -1)
+        contexts = [self.tok.decode(row[m.bool()].tolist()) for row, m in zip(rows, masks)]
         self.calls.append((contexts, room))
         turns = []
         for context in contexts:
@@ -97,6 +98,35 @@ class ScriptedSampler:
             tokens = tokens[:room]
             turns.append(Turn(tokens, [True] * len(tokens), [-1.0] * len(tokens)))
         return turns
+
+
+@pytest.mark.parametrize("fast", [True, False])
+def test_sampling_after_a_context_equals_sampling_after_the_rows_it_completes(fast):
+    """A tool call's continuation: each row's context (its completion so far and the result) after its prompt. The
+    numpy decode prefills each distinct prompt once (two rows share one here) and then the contexts over its cache;
+    other paths run on prompt and context concatenated. Either way: the tokens and log-probs of sampling after the
+    whole rows, left-padded as one."""
+    from policylab.llm.models import load_model
+    from policylab.llm.rollout import generate
+    from policylab.llm.tools import left_padded
+
+    model, tok = load_model("tiny-llama", seed=0)
+    model.eval()
+    encode = lambda text: tok(text, add_special_tokens=False)["input_ids"]  # noqa: E731
+    prompts, contexts = [encode("12+34="), encode("12+34="), encode("7+8=")], [encode("4"), encode("46{"), encode("1")]
+    options = {"max_new_tokens": 5, "eos_token_id": tok.eos_token_id, "pad_token_id": tok.pad_token_id, "fast": fast}
+    ids, mask = left_padded(prompts, tok.pad_token_id)
+    own, own_mask = left_padded(contexts, tok.pad_token_id)
+    whole, whole_mask = left_padded([p + c for p, c in zip(prompts, contexts)], tok.pad_token_id)
+    for greedy, seed in ((True, 0), (False, 3)):
+        after = generate(model, ids, mask, context_ids=own, context_mask=own_mask, greedy=greedy,
+                         generator=torch.Generator().manual_seed(seed), **options)  # fmt: skip
+        rows = generate(model, whole, whole_mask, greedy=greedy, generator=torch.Generator().manual_seed(seed),
+                        **options)  # fmt: skip
+        assert torch.equal(after.completion_ids, rows.completion_ids)
+        torch.testing.assert_close(after.logprobs, rows.logprobs, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="must end in a token"):
+        generate(model, ids, mask, context_ids=own.flip(-1), context_mask=own_mask.flip(-1), **options)
 
 
 def test_the_runner_appends_each_result_samples_on_and_masks_the_results_out_of_the_loss():

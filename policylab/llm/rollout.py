@@ -223,18 +223,34 @@ def generate(
     top_k: int = 0,
     min_p: float = 0.0,
     repetition_penalty: float = 1.0,
+    context_ids: Tensor | None = None,
+    context_mask: Tensor | None = None,
 ) -> Rollout:
-    """One completion per prompt row (repeat the rows for groups). `greedy` takes the most likely token. `fast`:
+    """One completion per prompt row (repeat the rows for groups), after the row's `context_ids` where given
+    (tokens each row already has after its prompt, left-padded, each row at least one: a tool's result after the
+    completion so far). With a context the numpy decode still prefills each distinct prompt once and then only the
+    rows' contexts over their prompt's cache (a group's continuations share a long prompt); the other paths run on
+    prompt and context concatenated. `greedy` takes the most likely token. `fast`:
     Llama-family models run through `LlamaDecoder` (the same arithmetic without transformers' per-call cost):
     each distinct prompt prefilled once, then one token at a time, in numpy (`NumpyDecoder`) for float32 weights.
     The loop's own bookkeeping is numpy too. `record`: the numpy decode writes its activations into the rollout's
     `tape`, which the training pass at the same weights reads instead of computing its forward again. `top_k`,
     `top_p`, `min_p` and `repetition_penalty` are transformers' (`Filters`); the behaviour log-probs stay those of
     softmax(logits / temperature)."""
-    n, width = prompt_ids.shape
-    mask = prompt_mask.long()
-    total = width + max_new_tokens
     decoder = LlamaDecoder(model, weights=False) if fast and LlamaDecoder.supports(model) else None
+    if context_ids is not None and context_mask is not None:
+        if not bool(context_mask[:, -1].all()):
+            raise ValueError("each row's context must end in a token: left-pad the contexts, none empty")
+        if decoder is None or not NumpyDecoder.supports(decoder):
+            prompt_ids, prompt_mask = (
+                torch.cat([prompt_ids, context_ids], -1),
+                torch.cat([prompt_mask, context_mask], -1),
+            )
+            context_ids = context_mask = None
+    n, width = prompt_ids.shape
+    extra = 0 if context_ids is None else context_ids.shape[1]
+    mask = prompt_mask.long()
+    total = width + extra + max_new_tokens
     in_numpy: NumpyDecoder | None = None
     if decoder is not None:  # each distinct prompt is prefilled once, then its cache rows are repeated
         distinct, distinct_mask, index = shared_prompts(prompt_ids, mask)
@@ -243,7 +259,7 @@ def generate(
         key_valid = valid.index_select(0, index)
         if NumpyDecoder.supports(decoder):
             in_numpy = NumpyDecoder(decoder, len(distinct), total)
-            if record and max_new_tokens > 1 and fast_train.supports(model):
+            if record and max_new_tokens > 1 and not extra and fast_train.supports(model):
                 weights = fast_train.parameters_of(model)
                 in_numpy.tape = fast_train.Tape(in_numpy, weights, index.numpy(), distinct.numpy(), n, max_new_tokens)
             prefill_bias = causal_bias(distinct_mask.bool().numpy(), 0)
@@ -251,6 +267,12 @@ def generate(
             next_logits = prefilled[index.numpy()]
             in_numpy.repeat_rows(index.numpy())
             bias = np.where(key_valid.numpy(), np.float32(0.0), np.float32(-np.inf))
+            if context_ids is not None and context_mask is not None:  # each row's context over its prompt's cache
+                own = context_mask.bool().numpy()
+                bias[:, width : width + extra] = np.where(own, np.float32(0.0), np.float32(-np.inf))
+                at = mask.sum(-1, keepdim=True).numpy() + np.maximum(own.cumsum(-1) - 1, 0)
+                keys = np.concatenate([key_valid[:, :width].numpy(), own], -1)
+                next_logits = in_numpy.forward(context_ids.numpy(), at, causal_bias(keys, width), width)
         else:
             decoder = LlamaDecoder(model)  # the torch forward reads its concatenated weights
             decoder.start(len(distinct), total)
@@ -262,12 +284,16 @@ def generate(
         cache_keyword = _cache_keyword(model)
         cache, next_logits = _cache_of(out), out.logits[:, -1].float().numpy()
     next_position = mask.sum(-1).numpy()
+    if context_mask is not None:
+        next_position = next_position + context_mask.sum(-1).numpy()
     filters = Filters(top_k, top_p, min_p, repetition_penalty)
     seen = None
     if repetition_penalty != 1.0 and not greedy:  # the tokens in each row so far: its prompt's, then each drawn one
         seen = np.zeros((n, next_logits.shape[-1]), bool)
-        rows, columns = prompt_mask.bool().numpy().nonzero()
-        seen[rows, prompt_ids.numpy()[rows, columns]] = True
+        for ids, held in ((prompt_ids, prompt_mask), (context_ids, context_mask)):
+            if ids is not None and held is not None:
+                rows, columns = held.bool().numpy().nonzero()
+                seen[rows, ids.numpy()[rows, columns]] = True
     tokens = np.full((n, max_new_tokens), pad_token_id, dtype=np.int64)
     logprobs = np.zeros((n, max_new_tokens), dtype=np.float32)
     finished = np.zeros(n, dtype=bool)
@@ -284,7 +310,7 @@ def generate(
         if finished.all() or t == max_new_tokens - 1:
             break
         if in_numpy is not None:
-            column = width + t
+            column = width + extra + t
             bias[:, column] = 0.0
             step_bias = bias[:, None, : column + 1]
             next_logits = in_numpy.forward(tokens[:, t : t + 1], (next_position + t)[:, None], step_bias, column)

@@ -261,12 +261,14 @@ class ToolRunner:
         self,
         prompts: list[list[int]],
         first: list[Turn],
-        sample: Callable[[Tensor, Tensor, int], list[Turn]],
+        sample: Callable[[Tensor, Tensor, Tensor, Tensor, int], list[Turn]],
         width: int,
         tools: list[dict[str, Tool]],
     ) -> tuple[list[Turn], ToolStats]:
         """Each row's completion after its calls: `first` are the sampled completions of `prompts`, `tools`
-        each row's tools by name."""
+        each row's tools by name. `sample(prompt ids, mask, context ids, mask, room)` continues each row after its
+        context (its completion so far, the result last), prompts and contexts left-padded apart: a group's rows
+        share their prompt, which the sampler then prefills once."""
         stats, turns = ToolStats(), first
         bodies = {i: self._cut(turn, 0) for i, turn in enumerate(turns)}
         pending = [i for i, body in bodies.items() if body is not None]
@@ -286,10 +288,10 @@ class ToolRunner:
                 going.append(i)
             if not going:
                 break
-            contexts = [prompts[i] + turns[i].ids for i in going]
-            ids, mask = left_padded(contexts, self.pad)
+            ids, mask = left_padded([prompts[i] for i in going], self.pad)
+            own, own_mask = left_padded([turns[i].ids for i in going], self.pad)
             room = width - min(len(turns[i].ids) for i in going)
-            continued = sample(ids, mask, room)
+            continued = sample(ids, mask, own, own_mask, room)
             pending = []
             for i, more in zip(going, continued):
                 start, keep = len(turns[i].ids), width - len(turns[i].ids)

@@ -2116,9 +2116,20 @@ class LLMTrainer:
         last = messages[-1]
         return render(self.chat, [*messages[:-1], {**last, "content": last["content"] + observation}], self.described)
 
-    def _sample(self, ids: Tensor, mask: Tensor, group: int, greedy: bool, width: int) -> Rollout:
+    def _sample(
+        self,
+        ids: Tensor,
+        mask: Tensor,
+        group: int,
+        greedy: bool,
+        width: int,
+        context: tuple[Tensor, Tensor] | None = None,
+    ) -> Rollout:
         """One completion of each left-padded prompt row, in the workers or the learner (`group`: the rows come
-        in groups of that many repeats, which the workers keep whole)."""
+        in groups of that many repeats, which the workers keep whole), after each row's `context` (ids and mask,
+        left-padded: `generate`'s) where given."""
+        if context is not None and self.workers is not None:  # the workers take whole rows
+            ids, mask, context = torch.cat([ids, context[0]], -1), torch.cat([mask, context[1]], -1), None
         if self.workers is not None:
             return self.workers.generate(
                 self.model, ids, mask, group, max_new_tokens=width, eos_token_id=self.tokenizer.eos_token_id,
@@ -2135,6 +2146,8 @@ class LLMTrainer:
                 greedy=greedy,
                 generator=self.generator,
                 record=not greedy and self.trains_on_sampled_batch,
+                context_ids=None if context is None else context[0],
+                context_mask=None if context is None else context[1],
                 **self.sampling_options,
             )
 
@@ -2144,8 +2157,8 @@ class LLMTrainer:
         assert self.tool_runner is not None
         width = self.max_new_tokens
 
-        def sample_on(ids: Tensor, mask: Tensor, room: int) -> list[Turn]:
-            more = self._sample(ids, mask, 1, greedy, room)
+        def sample_on(ids: Tensor, mask: Tensor, own: Tensor, own_mask: Tensor, room: int) -> list[Turn]:
+            more = self._sample(ids, mask, 1, greedy, room, context=(own, own_mask))
             return turns_of(more.completion_ids, more.completion_mask, more.logprobs)
 
         prompts = [row[row_mask.bool()].tolist() for row, row_mask in zip(rollout.prompt_ids, rollout.prompt_mask)]
