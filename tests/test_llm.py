@@ -246,6 +246,39 @@ def test_a_runs_sampling_settings_reach_its_sampler_and_its_workers(sft_model):
         assert "top_k=0, min_p=0 and repetition_penalty=1.0 (off)" in (info.value.fix or "")
 
 
+@pytest.mark.parametrize(
+    "order", [[0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2], [2, 0, 1, 0, 0, 2, 1, 0, 0]], ids=["groups", "scattered"]
+)
+def test_rows_attend_to_their_prompts_shared_keys_and_sample_what_transformers_does(order):
+    """Rows that share a prompt (GRPO's groups, or any order and group sizes): the numpy decode's attention reads
+    each prompt's keys and values once for all its rows (NumpyDecoder.shared) instead of the rows' copies. Greedy
+    and sampled, with and without a context after the prompt: the tokens and log-probs of transformers' forward
+    (fast=False)."""
+    from policylab.llm.fast_decode import LlamaDecoder, NumpyDecoder
+
+    model, tok = load_model("tiny-llama", seed=0)
+    model.eval()
+    prompts = ["12+34=", "5+6=", "99+1="]
+    enc = tok([prompts[i] for i in order], padding=True, return_tensors="pt", add_special_tokens=False)
+    ctx = tok([["4", "46", "1"][i % 3] for i in range(len(order))], padding=True, return_tensors="pt",
+              add_special_tokens=False)  # fmt: skip
+    options = {"max_new_tokens": 6, "eos_token_id": tok.eos_token_id, "pad_token_id": tok.pad_token_id}
+    for context in ({}, {"context_ids": ctx["input_ids"], "context_mask": ctx["attention_mask"]}):
+        for greedy, seed in ((True, 0), (False, 5)):
+            runs = [generate(model, enc["input_ids"], enc["attention_mask"], greedy=greedy, fast=fast,
+                             generator=torch.Generator().manual_seed(seed), **context, **options)
+                    for fast in (True, False)]  # fmt: skip
+            assert torch.equal(runs[0].completion_ids, runs[1].completion_ids)
+            torch.testing.assert_close(runs[0].logprobs, runs[1].logprobs, atol=1e-5, rtol=1e-5)
+    decoder = NumpyDecoder(LlamaDecoder(model, weights=False), 3, 16)
+    decoder.repeat_rows(np.array(order), 6)
+    assert decoder.shared is not None and decoder.shared.width == 6
+    assert decoder.shared.group == max(order.count(i) for i in range(3))
+    distinct = NumpyDecoder(LlamaDecoder(model, weights=False), 3, 16)
+    distinct.repeat_rows(np.arange(3), 6)  # every row its own prompt: nothing to share
+    assert distinct.shared is None
+
+
 @pytest.mark.parametrize("name", ["tiny-llama", "tiny-gpt2"])
 def test_generation_log_probs_equal_recomputed_ones_and_masks_end_at_eos(name):
     model, tok = load_model(name, seed=0)

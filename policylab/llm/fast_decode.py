@@ -24,6 +24,7 @@ prompt's activations receive the sum of their rows' gradients). Both equal trans
 from __future__ import annotations
 
 import weakref
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -214,6 +215,43 @@ class LlamaDecoder:
         return F.linear(states, self.lm_head)
 
 
+@dataclass
+class SharedPrompts:
+    """The distinct prompts' keys and values [P, kv, W, D] per layer, and where each row's queries go in a grid
+    [P, G] of them (row r at (index[r], slot[r]), G the largest group; empty slots hold zeros): attention over the
+    prompt is then one product per prompt, [G R L, D] x [D, W], whatever order and group sizes the rows come in."""
+
+    index: np.ndarray
+    slot: np.ndarray
+    group: int
+    width: int
+    keys: list[np.ndarray]
+    values: list[np.ndarray]
+
+    @staticmethod
+    def of(index: np.ndarray, width: int, keys: list[np.ndarray], values: list[np.ndarray]) -> SharedPrompts:
+        order = np.argsort(index, kind="stable")
+        starts = np.searchsorted(index[order], index[order])  # each sorted row's group start
+        slot = np.empty_like(index)
+        slot[order] = np.arange(len(index)) - starts
+        prompt = [np.ascontiguousarray(k[:, :, :width]) for k in keys]
+        return SharedPrompts(index, slot, int(slot.max()) + 1, width, prompt,
+                             [np.ascontiguousarray(v[:, :, :width]) for v in values])  # fmt: skip
+
+    def grouped(self, x: np.ndarray) -> np.ndarray:
+        """Rows' [B, K, R, L, X] as [P, K, G R L, X]."""
+        batch, kv, repeat, length, last = x.shape
+        grid = np.zeros((len(self.keys[0]), self.group, kv, repeat * length, last), np.float32)
+        grid[self.index, self.slot] = x.reshape(batch, kv, repeat * length, last)
+        return grid.transpose(0, 2, 1, 3, 4).reshape(len(grid), kv, -1, last)
+
+    def rows(self, x: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+        """[P, K, G R L, X] back to the rows' [B, K, R, L, X] (`shape`'s first four)."""
+        batch, kv, repeat, length = shape[:4]
+        grid = x.reshape(len(x), kv, self.group, repeat * length, x.shape[-1]).transpose(0, 2, 1, 3, 4)
+        return grid[self.index, self.slot].reshape(batch, kv, repeat, length, -1)
+
+
 class NumpyDecoder:
     """`LlamaDecoder`'s sampling forward in numpy, on its weights, with its own KV cache: the prefill of the
     distinct prompts and then one token per row at a time.
@@ -241,16 +279,37 @@ class NumpyDecoder:
         self.scale = np.float32(self.head_dim**-0.5)
         self.tape: Any = None
         """A `fast_train.Tape` that records this decode's activations for the training pass, or None."""
+        self.shared: SharedPrompts | None = None
+        """Where rows share prompts (`repeat_rows`): attention over the prompt reads each prompt's keys and values
+        once for all its rows' queries, one product per prompt, instead of the rows' copies one by one."""
 
     @staticmethod
     def supports(decoder: LlamaDecoder) -> bool:
         layer = decoder.modules[0]
         return decoder.embed.dtype == torch.float32 and all(p.dtype == torch.float32 for p in layer.parameters())
 
-    def repeat_rows(self, index: np.ndarray) -> None:
-        """The cache's rows taken by `index` [N] (after a prefill of each distinct prompt once)."""
+    def repeat_rows(self, index: np.ndarray, width: int | None = None) -> None:
+        """The cache's rows taken by `index` [N] (after a prefill of each distinct prompt once). With the prompts'
+        `width`, rows that share a prompt read its keys and values together in every later forward's attention
+        (`shared`); the rows' copies stay (a tape reads them)."""
+        if width and len(index) > len(self.keys[0]):
+            self.shared = SharedPrompts.of(index, width, self.keys, self.values)
         self.keys = [k[index] for k in self.keys]
         self.values = [v[index] for v in self.values]
+
+    def _attend(self, i: int, q: np.ndarray, mask: np.ndarray, start: int, end: int) -> tuple[np.ndarray, np.ndarray]:
+        """(attention probabilities [B, K, R, L, S], output [B, K, R, L, D]) of queries q [B, K, R, L, D] over the
+        cache's first `end` columns of layer i."""
+        keys, values = self.keys[i][:, :, None, :end], self.values[i][:, :, None, :end]  # [B, kv, 1, S, D]
+        shared = self.shared
+        if shared is None or start < shared.width:
+            probs = softmax(q @ keys.swapaxes(-1, -2) + mask)
+            return probs, probs @ values
+        width = shared.width
+        on_prompt = shared.rows(shared.grouped(q) @ shared.keys[i].swapaxes(-1, -2), q.shape)
+        probs = softmax(np.concatenate([on_prompt, q @ keys[..., width:, :].swapaxes(-1, -2)], -1) + mask)
+        out = shared.rows(shared.grouped(probs[..., :width]) @ shared.values[i], q.shape)
+        return probs, out + probs[..., width:] @ values[..., width:, :]
 
     def forward(self, tokens: np.ndarray, positions: np.ndarray, bias: np.ndarray, start: int) -> np.ndarray:
         """Logits [B, V] at the last of `tokens` [B, L] (at `positions` [B, L]), whose keys and values are written
@@ -269,11 +328,10 @@ class NumpyDecoder:
             self.keys[i][:, :, start:end] = k.transpose(0, 2, 1, 3)
             v = qkv[:, heads + kv_heads :].reshape(batch, length, kv_heads, dim)
             self.values[i][:, :, start:end] = v.transpose(0, 2, 1, 3)
-            keys, values = self.keys[i][:, :, None, :end], self.values[i][:, :, None, :end]  # [B, kv, 1, S, D]
             # head j reads kv head j // repeat: queries as [B, kv_heads, repeat, L, D]
             q = qk[:, :heads].reshape(batch, length, kv_heads, repeat, dim).transpose(0, 2, 3, 1, 4) * self.scale
-            probs = softmax(q @ keys.swapaxes(-1, -2) + mask)  # [B, kv_heads, repeat, L, S]
-            attended = (probs @ values).transpose(0, 3, 1, 2, 4).reshape(batch * length, heads * dim)
+            probs, out = self._attend(i, q, mask, start, end)  # [B, kv_heads, repeat, L, S], [..., D]
+            attended = out.transpose(0, 3, 1, 2, 4).reshape(batch * length, heads * dim)
             h = h + attended @ w_out
             x2, normed2, inverse2 = rms_norm(h, w_post, self.eps)
             gate_up = x2 @ w_gate_up

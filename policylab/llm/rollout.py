@@ -265,7 +265,7 @@ def generate(
             prefill_bias = causal_bias(distinct_mask.bool().numpy(), 0)
             prefilled = in_numpy.forward(distinct.numpy(), positions(distinct_mask).numpy(), prefill_bias, 0)
             next_logits = prefilled[index.numpy()]
-            in_numpy.repeat_rows(index.numpy())
+            in_numpy.repeat_rows(index.numpy(), width)
             bias = np.where(key_valid.numpy(), np.float32(0.0), np.float32(-np.inf))
             if context_ids is not None and context_mask is not None:  # each row's context over its prompt's cache
                 own = context_mask.bool().numpy()
