@@ -56,9 +56,14 @@ def load_run(run_dir: Path, source: str = "train") -> RunData:
     config = _read_config(run_dir / CONFIG_YAML)
     eval_rows = read_csv(run_dir / EVAL_CSV) if (run_dir / EVAL_CSV).is_file() else []
     rows = eval_rows if source == "eval" else read_csv(run_dir / TRAIN_CSV)
-    language_model = "env" not in config and "task" in config
+    language_model = is_language_model_config(config)
     algo, env = str(config.get("algo", run_dir.name)), str(config.get("env", config.get("task", "?")))
     return RunData(run_dir, algo, env, rows, eval_rows, *offline_phases(config), language_model=language_model)
+
+
+def is_language_model_config(config: dict[str, Any]) -> bool:
+    """A `policylab llm` run's config: it names a task and no env."""
+    return "env" not in config and "task" in config
 
 
 def default_metric(runs: list[RunData], source: str) -> str:

@@ -287,9 +287,10 @@ class RunScore:
 
 
 def _is_language_model_run(run_dir: Path) -> bool:
-    """A `policylab llm` run: its config names a task and no env."""
-    config = _read_config(run_dir) if (run_dir / CONFIG_YAML).is_file() else {}
-    return "env" not in config and "task" in config
+    """A `policylab llm` run (plot.is_language_model_config)."""
+    from policylab.plot import is_language_model_config
+
+    return (run_dir / CONFIG_YAML).is_file() and is_language_model_config(_read_config(run_dir))
 
 
 def load_run_score(

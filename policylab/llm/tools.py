@@ -29,7 +29,7 @@ from torch import Tensor
 
 from policylab.llm import LLMError
 from policylab.llm.rewards import import_callable
-from policylab.llm.rollout import decode_lists
+from policylab.llm.rollout import decode_lists, tokenize
 
 Tool = Callable[..., Any]
 _CALL = re.compile(r"([A-Za-z_]\w*)\((.*)\)", re.DOTALL)
@@ -201,10 +201,7 @@ class ToolRunner:
         return str(decode_lists(self.tokenizer, [ids])[0])
 
     def encode(self, text: str) -> list[int]:
-        backend = getattr(self.tokenizer, "backend_tokenizer", None)
-        if backend is None or backend.truncation is not None:
-            return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
-        return list(backend.encode(text, add_special_tokens=False).ids)
+        return tokenize(self.tokenizer, [text])[0]
 
     def markers(self) -> list[str]:
         return self.stop + ([self.fmt.call_end] if self.calls and not self.template else [])
@@ -420,12 +417,10 @@ class Environments:
         """(an instance per row, reset with the row's fields; the text each appends to its prompt; its tools)."""
         kinds = [self.kind_of(row) for row in rows]
         counts = Counter(id(kind) for kind in kinds)
-        taken = {id(kind): kind.instances(counts[id(kind)]) for kind in kinds}
-        used = dict.fromkeys(taken, 0)
+        unused = {id(kind): iter(kind.instances(counts[id(kind)])) for kind in kinds}  # each kind's pool in turn
         instances, observations, tools = [], [], []
         for kind, row in zip(kinds, rows):
-            instance = taken[id(kind)][used[id(kind)]]
-            used[id(kind)] += 1
+            instance = next(unused[id(kind)])
             fields = row if None in self.kinds else {k: v for k, v in row.items() if k != "environment"}
             observation = instance.reset(**fields)
             if observation is not None and not isinstance(observation, str):

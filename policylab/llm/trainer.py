@@ -112,6 +112,7 @@ from policylab.llm.rollout import (
     decode_lists,
     generate,
     token_logprobs,
+    tokenize,
 )
 from policylab.llm.tasks import CHARACTERS, Task, get_task
 from policylab.llm.tools import (
@@ -1216,16 +1217,6 @@ def without_dropout(model: Any) -> None:
             module.p = 0.0
         if isinstance(getattr(module, "attention_dropout", None), float):
             module.attention_dropout = 0.0
-
-
-def tokenize(tokenizer: Any, texts: list[str]) -> list[list[int]]:
-    """Token ids of each text, no special tokens: a fast tokenizer's Rust backend directly (what its batch call
-    runs, without ~0.2 ms of Python around it, or per text ~50 us), the tokenizer's call otherwise."""
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    if backend is not None and backend.truncation is None:  # its own padding is undone by the mask
-        encodings = backend.encode_batch(texts, add_special_tokens=False)
-        return [[i for i, real in zip(e.ids, e.attention_mask) if real] for e in encodings]
-    return list(tokenizer(texts, add_special_tokens=False)["input_ids"])
 
 
 def encode_answers(tokenizer: Any, answers: list[str]) -> tuple[Tensor, Tensor]:
@@ -2350,7 +2341,8 @@ class LLMTrainer:
         bounds = (cfg.importance_sampling_clip_min, cfg.importance_sampling_clip_max)
         rho = sampler_correction_weights(trainer_logp, rollout.logprobs, mask, cfg.importance_sampling_mode, *bounds)
         seen = rho[mask] if rho.dim() == 2 else rho
-        metrics.update(is_ratio_mean=float(seen.mean()), is_ratio_min=float(seen.min()), is_ratio_max=float(seen.max()))
+        mean, low, high = torch.stack([seen.mean(), seen.min(), seen.max()]).tolist()
+        metrics.update(is_ratio_mean=mean, is_ratio_min=low, is_ratio_max=high)
         weighted = advantages * rho if rho.dim() == 1 else advantages[:, None] * rho * mask
         return replace(rollout, logprobs=trainer_logp * mask), weighted
 
@@ -2359,12 +2351,13 @@ class LLMTrainer:
         assert rollout.rows is not None
         count = len(rollout) if self.cfg.num_completions_to_print is None else self.cfg.num_completions_to_print
         texts = decode(self.tokenizer, rollout.select(torch.arange(min(count, len(rollout)))))
-        for i, text in enumerate(texts):
-            reward = float(rewards[i])
+        values = rewards[: len(texts)].tolist()
+        advantage_values = None if advantages is None else advantages[: len(texts)].tolist()
+        for i, (text, reward) in enumerate(zip(texts, values)):
             row: dict[str, Any] = {"step": self.step, "prompt": rollout.rows[i]["prompt"], "completion": text,
                                    "reward": None if reward != reward else reward}  # fmt: skip
-            if advantages is not None:
-                row["advantage"] = float(advantages[i])
+            if advantage_values is not None:
+                row["advantage"] = advantage_values[i]
             self.logged_completions.append(row)
 
     def stopped(self, rollout: Rollout) -> Tensor:
