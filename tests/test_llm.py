@@ -1312,12 +1312,18 @@ def test_sampled_distillation_advantages_and_iw_opds_prefix_weights():
 def test_sampled_token_distillation_brings_the_model_toward_the_teacher(sft_model, tmp_path, loss):
     """Reading only the teacher's log-prob of each sampled token, the signal is noisier than the whole
     distribution's: from random weights, 150 steps bring the per-token reverse-KL sample down (the mean of the
-    last 20 steps' below 0.7 of the first 20's), long before exact match moves."""
-    settings = {"teacher": str(sft_model.dir), "steps": 150, "eval_every": 1000, "eval_size": 8, "distill_loss": loss}
-    run = train_llm("distill", settings, tmp_path, verbose=False)
-    with open(run.dir / "train.csv") as f:
-        kl = [float(row["reverse_kl"]) for row in csv.DictReader(f)]
-    assert sum(kl[-20:]) < 0.7 * sum(kl[:20]), (kl[:20], kl[-20:])
+    last 20 steps' under 0.75 of the first 20's, on the mean of two seeds), long before exact match moves. That
+    ratio spreads over seeds and over the float rounding of the SFT teacher: 0.45-0.66 over seeds 0-2 and both
+    losses with one teacher, 0.47-0.79 over seeds 0-5 with another (exact match 0.425 and 0.375, 2026-12-07)."""
+    ratios = []
+    for seed in (0, 1):
+        settings = {"teacher": str(sft_model.dir), "steps": 150, "eval_every": 1000, "eval_size": 8,
+                    "distill_loss": loss, "seed": seed}  # fmt: skip
+        run = train_llm("distill", settings, tmp_path, name=f"distill-{seed}", verbose=False)
+        with open(run.dir / "train.csv") as f:
+            kl = [float(row["reverse_kl"]) for row in csv.DictReader(f)]
+        ratios.append(sum(kl[-20:]) / sum(kl[:20]))
+    assert sum(ratios) / len(ratios) < 0.75, ratios
 
 
 def test_distilling_from_a_copy_of_the_model_starts_at_zero_loss_and_leaves_the_teacher_as_it_was(tmp_path):

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import weakref
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any
 
 import numpy as np
@@ -101,6 +102,14 @@ class Stream:
     def split(self) -> int:
         """Where the completion tokens start in the stream."""
         return self.distinct * self.width
+
+    @cached_property
+    def read(self) -> np.ndarray:
+        """The stream's rows whose last-layer outputs the pass reads: each prompt's last token (it predicts the
+        first completion token), then every completion position."""
+        return np.concatenate(
+            [np.arange(self.width - 1, self.split, self.width), np.arange(self.split, len(self.tokens))]
+        )
 
 
 def token_stream(decoder: LlamaDecoder, prompt_ids: Tensor, prompt_mask: Tensor, completion_ids: Tensor) -> Stream:
@@ -243,11 +252,22 @@ class Layer:
     up: np.ndarray
     silu: np.ndarray
     act: np.ndarray
+    read: np.ndarray | None = None  # the last layer's: the stream rows it computed past attention (`Stream.read`)
+
+
+def _at_rows(x: np.ndarray, rows: np.ndarray, count: int) -> np.ndarray:
+    """[count, ...] zeros with x at `rows`."""
+    out = np.zeros((count, *x.shape[1:]), x.dtype)
+    out[rows] = x
+    return out
 
 
 def _layer_forward(
-    h: np.ndarray, w: list[np.ndarray], stream: Stream, shapes: LlamaDecoder
+    h: np.ndarray, w: list[np.ndarray], stream: Stream, shapes: LlamaDecoder, last: bool = False
 ) -> tuple[np.ndarray, Layer]:
+    """(the layer's output, what its backward reads). The `last` layer computes its output at `Stream.read`'s rows
+    only (the others' keys and values are all the pass needs of them): past attention, a prompt of W tokens costs
+    its last one's rows, not W."""
     w_in, wq, wk, wv, wo, w_post, wg, wu, wd = w
     heads, kv, dim, split = shapes.heads, shapes.kv_heads, shapes.head_dim, stream.split
     p, n, repeat = stream.distinct, stream.rows, heads // kv
@@ -256,44 +276,57 @@ def _layer_forward(
     qk = rotate(np.ascontiguousarray(qkv[:, : heads + kv]), stream.cos, stream.sin, stream.rotation)
     q, k, v = qk[:, :heads] * F32(dim**-0.5), qk[:, heads:], qkv[:, heads + kv :]
     kp, vp = _heads(k[:split], p, stream.width, kv, 1), _heads(v[:split], p, stream.width, kv, 1)
-    out_p, prompts = Attention.run(_heads(q[:split], p, stream.width, kv, repeat), kp, vp, stream.prompt_bias)
+    queries, bias = _heads(q[:split], p, stream.width, kv, repeat), stream.prompt_bias
+    if last:
+        queries, bias = queries[..., -1:, :], bias[..., -1:, :]
+    out_p, prompts = Attention.run(queries, kp, vp, bias)
     # a completion row attends to its prompt's keys and values, then to its own
     keys = np.concatenate([kp[stream.index], _heads(k[split:], n, stream.length, kv, 1)], 3)
     values = np.concatenate([vp[stream.index], _heads(v[split:], n, stream.length, kv, 1)], 3)
     out_c, completions = Attention.run(_heads(q[split:], n, stream.length, kv, repeat), keys, values,
                                        stream.completion_bias)  # fmt: skip
-    attended = np.concatenate([_tokens(out_p), _tokens(out_c)]).reshape(len(h), -1)
-    h = h + attended @ wo.T
+    attended = np.concatenate([_tokens(out_p), _tokens(out_c)])
+    attended = attended.reshape(len(attended), -1)
+    read = stream.read if last else None
+    h = (h if read is None else h[read]) + attended @ wo.T
     x2, normed2, inverse2 = rms_norm(h, w_post, shapes.eps)
     gate, up = x2 @ wg.T, x2 @ wu.T
     act_silu = silu(gate)
     act = act_silu * up
-    saved = Layer(normed1, inverse1, x1, prompts, completions, attended, normed2, inverse2, x2, gate, up, act_silu, act)
+    saved = Layer(normed1, inverse1, x1, prompts, completions, attended, normed2, inverse2, x2, gate, up, act_silu, act,
+                  read)  # fmt: skip
     return h + act @ wd.T, saved
 
 
 def _layer_backward(
     dh: np.ndarray, w: list[np.ndarray], saved: Layer, stream: Stream, shapes: LlamaDecoder
 ) -> tuple[np.ndarray, list[np.ndarray]]:
-    """(gradient of the layer's input, its parameters' gradients in `parameters_of` order) from its output's."""
+    """(gradient of the layer's input, its parameters' gradients in `parameters_of` order) from its output's (at
+    `saved.read`'s rows where the forward computed only those)."""
     w_in, wq, wk, wv, wo, w_post, wg, wu, wd = w
     heads, kv, dim, split, width = shapes.heads, shapes.kv_heads, shapes.head_dim, stream.split, stream.width
-    repeat = heads // kv
+    repeat, queried = heads // kv, width if saved.read is None else 1  # each prompt's query positions
     d_act = dh @ wd
     d_up = d_act * saved.silu
     d_gate = torch.ops.aten.silu_backward(torch.from_numpy(d_act * saved.up), torch.from_numpy(saved.gate)).numpy()
     d_x2, d_post = _rms_backward(d_gate @ wg + d_up @ wu, saved.normed2, saved.inverse2, w_post)
     dh2 = dh + d_x2
     d_attended = dh2 @ wo
+    prompt_rows = stream.distinct * queried
     d_qc, d_keys, d_values = saved.completions.backward(
-        _heads(d_attended[split:], stream.rows, stream.length, kv, repeat)
+        _heads(d_attended[prompt_rows:], stream.rows, stream.length, kv, repeat)
     )
-    d_qp, d_kp, d_vp = saved.prompts.backward(_heads(d_attended[:split], stream.distinct, width, kv, repeat))
+    d_qp, d_kp, d_vp = saved.prompts.backward(_heads(d_attended[:prompt_rows], stream.distinct, queried, kv, repeat))
     # the rows' gradients of their prompt's keys and values, summed per prompt
     d_kp += (stream.scatter @ d_keys[:, :, :, :width].reshape(stream.rows, -1)).reshape(d_kp.shape)
     d_vp += (stream.scatter @ d_values[:, :, :, :width].reshape(stream.rows, -1)).reshape(d_vp.shape)
-    d_qkv = np.empty((len(dh), heads + 2 * kv, dim), F32)
-    d_qkv[:split, :heads], d_qkv[split:, :heads] = _tokens(d_qp), _tokens(d_qc)
+    d_qkv = np.empty((len(stream.tokens), heads + 2 * kv, dim), F32)
+    if saved.read is None:
+        d_qkv[:split, :heads] = _tokens(d_qp)
+    else:  # only each prompt's last position was a query
+        d_qkv[:split, :heads] = 0.0
+        d_qkv[width - 1 : split : width, :heads] = _tokens(d_qp)
+    d_qkv[split:, :heads] = _tokens(d_qc)
     d_qkv[:, :heads] *= F32(dim**-0.5)
     d_qkv[:split, heads : heads + kv], d_qkv[split:, heads : heads + kv] = (
         _tokens(d_kp),
@@ -302,14 +335,17 @@ def _layer_backward(
     d_qkv[:split, heads + kv :], d_qkv[split:, heads + kv :] = _tokens(d_vp), _tokens(d_values[..., width:, :])
     qk = d_qkv[:, : heads + kv]  # the rotary embedding's backward: g cos + rot^T(g sin)
     qk[:] = qk * stream.cos + ((qk * stream.sin).reshape(-1, dim) @ stream.rotation.T).reshape(qk.shape)
-    d_flat = d_qkv.reshape(len(dh), -1)
+    d_flat = d_qkv.reshape(len(d_qkv), -1)
     w_qkv = np.concatenate([wq, wk, wv])
     d_w_qkv = d_flat.T @ saved.x1
     d_x1, d_in = _rms_backward(d_flat @ w_qkv, saved.normed1, saved.inverse1, w_in)
     q_rows, k_rows = wq.shape[0], wk.shape[0]
     grads = [d_in, d_w_qkv[:q_rows], d_w_qkv[q_rows : q_rows + k_rows], d_w_qkv[q_rows + k_rows :],
              dh2.T @ saved.attended, d_post, d_gate.T @ saved.x2, d_up.T @ saved.x2, dh.T @ saved.act]  # fmt: skip
-    return dh2 + d_x1, grads
+    if saved.read is None:
+        return dh2 + d_x1, grads
+    d_x1[saved.read] += dh2
+    return d_x1, grads
 
 
 _POOL: dict[tuple, tuple[weakref.ref, dict[str, list[np.ndarray]]]] = {}
@@ -476,11 +512,11 @@ def _forward(w: list[np.ndarray], stream: Stream, shapes: LlamaDecoder, with_log
     h = w[0][stream.tokens]  # [M, E]
     layers = []
     for i in range(shapes.n_layers):
-        h, saved = _layer_forward(h, w[1 + PER_LAYER * i : 1 + PER_LAYER * (i + 1)], stream, shapes)
+        weights = w[1 + PER_LAYER * i : 1 + PER_LAYER * (i + 1)]
+        h, saved = _layer_forward(h, weights, stream, shapes, last=i == shapes.n_layers - 1)
         layers.append(saved)
-    split, n, length = stream.split, stream.rows, stream.length
-    last = h[:split].reshape(stream.distinct, stream.width, -1)[:, -1][stream.index][:, None]
-    selected = np.concatenate([last, h[split:].reshape(n, length, h.shape[-1])], 1)  # [N, L + 1, E]
+    p, n, length = stream.distinct, stream.rows, stream.length  # h: `Stream.read`'s rows
+    selected = np.concatenate([h[:p][stream.index][:, None], h[p:].reshape(n, length, h.shape[-1])], 1)  # [N, L + 1, E]
     states, normed, inverse = rms_norm(selected, w[-2], shapes.eps)
     return layers, states, normed, inverse, states @ w[-1].T if with_logits else np.zeros((0,), F32)
 
@@ -517,7 +553,7 @@ class NumpyLlamaPass(torch.autograd.Function):
                 "shapes before its backward: run the backward first, or generate without record"
             )
         w = [t.detach().numpy() for t in ctx.saved_tensors]
-        embed_dim, split, width = w[0].shape[1], stream.split, stream.width
+        embed_dim = w[0].shape[1]
         grads: list[np.ndarray | None] = [None] * len(w)
         d_states = np.zeros_like(states) if grad_states is None else grad_states.numpy().copy()
         if grad_logits is not None and grad_logits.numel():
@@ -527,9 +563,10 @@ class NumpyLlamaPass(torch.autograd.Function):
         d_selected, grads[-2] = _rms_backward(d_states.reshape(-1, embed_dim), normed.reshape(-1, embed_dim),
                                               inverse.reshape(-1, 1), w[-2])  # fmt: skip
         d_selected = d_selected.reshape(stream.rows, stream.length + 1, embed_dim)
-        dh = np.zeros((split + stream.rows * stream.length, embed_dim), F32)
-        dh[width - 1 : split : width] = stream.scatter @ d_selected[:, 0]  # each prompt's last token: its rows' sum
-        dh[split:] = d_selected[:, 1:].reshape(-1, embed_dim)
+        # at `Stream.read`'s rows: each prompt's last token (its rows' sum), then the completion positions
+        dh = np.concatenate([stream.scatter @ d_selected[:, 0], d_selected[:, 1:].reshape(-1, embed_dim)])
+        if layers and layers[-1].read is None:  # a tape's last layer computed every row
+            dh = _at_rows(dh, stream.read, len(stream.tokens))
         for i in reversed(range(shapes.n_layers)):
             start = 1 + PER_LAYER * i
             dh, grads[start : start + PER_LAYER] = _layer_backward(
