@@ -8,7 +8,8 @@ are the model's own parameters: its forward computes the logits and final-norm s
 distinct prompt once, its keys and values read by every row of its group) in numpy, its backward takes their
 gradients and returns every parameter's, so the losses, the optimizer and every caller stay in torch. Gradients
 equal autograd's through transformers' forward to float32 rounding (tests/test_llm.py); `benchmarks/llm.py
---training` times this pass against the torch one.
+--training` times this pass against the torch one. The last layer computes past attention only at the rows the
+pass reads (`Stream.read`): of the other prompt tokens the pass needs only their keys and values there.
 
 An RL step's first update runs at the weights its completions were just sampled with, and the numpy decode
 computed every activation of this forward already: with `generate(record=True)` it writes them into a `Tape`,
