@@ -144,15 +144,13 @@ def qwen_char_tokenizer(template: str) -> Any:
     """Characters (printable ASCII) plus Qwen2.5's special tokens and tool tags, with `template`; EOS <|im_end|>."""
     import string
 
-    from tokenizers import Regex, Tokenizer, decoders, pre_tokenizers
-    from tokenizers.models import WordLevel
     from transformers import PreTrainedTokenizerFast
+
+    from policylab.llm.tasks import character_backend
 
     specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
     characters = [c for c in string.printable if c not in "\x0b\x0c\r"]
-    backend = Tokenizer(WordLevel({t: i for i, t in enumerate(specials + TOOL_TOKENS + characters)}, "<|endoftext|>"))
-    backend.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
-    backend.decoder = decoders.Fuse()
+    backend = character_backend(specials + TOOL_TOKENS + characters, unknown="<|endoftext|>")
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<|endoftext|>", eos_token="<|im_end|>",
                                         additional_special_tokens=["<|im_start|>"])  # fmt: skip
     tokenizer.add_tokens(TOOL_TOKENS)

@@ -133,14 +133,21 @@ def get_task(name: str) -> Task:
 def char_tokenizer(characters: str = CHARACTERS) -> Any:
     """A character-level `PreTrainedTokenizerFast`: one token per character, <pad>=0, <bos>=1, <eos>=2, left
     padding (what batched generation needs); `save_pretrained` writes it beside the model."""
-    from tokenizers import Regex, Tokenizer, decoders, pre_tokenizers
-    from tokenizers.models import WordLevel
     from transformers import PreTrainedTokenizerFast
 
-    vocab = {PAD: 0, BOS: 1, EOS: 2, **{c: i + 3 for i, c in enumerate(dict.fromkeys(characters))}}
-    tokenizer = Tokenizer(WordLevel(vocab, unk_token=PAD))
-    tokenizer.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
-    tokenizer.decoder = decoders.Fuse()
+    tokenizer = character_backend([PAD, BOS, EOS, *dict.fromkeys(characters)], unknown=PAD)
     return PreTrainedTokenizerFast(
         tokenizer_object=tokenizer, pad_token=PAD, bos_token=BOS, eos_token=EOS, padding_side="left"
     )
+
+
+def character_backend(tokens: list[str], unknown: str) -> Any:
+    """A `tokenizers` backend with `tokens` as its vocabulary in order, that splits text into single characters
+    (multi-character tokens enter as added or special tokens of the tokenizer around it)."""
+    from tokenizers import Regex, Tokenizer, decoders, pre_tokenizers
+    from tokenizers.models import WordLevel
+
+    backend = Tokenizer(WordLevel({t: i for i, t in enumerate(tokens)}, unk_token=unknown))
+    backend.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    backend.decoder = decoders.Fuse()
+    return backend
