@@ -186,6 +186,34 @@ def test_an_environments_reset_text_joins_the_last_message_of_a_conversational_p
     assert prompts == ["(1+1=7):", "2+2=7"]
 
 
+class Peek:
+    """A second environment kind, with a tool of its own."""
+
+    def reset(self, **_):
+        return None
+
+    def peek(self) -> str:
+        """What lies under the board."""
+        return "1"
+
+
+def test_each_prompt_describes_its_own_environments_tools():
+    """With several environment kinds, the chat template describes in each row's prompt the tools of that row's
+    kind only (as TRL renders each prompt with its environment's tools), before and after the reset text joins."""
+    listing = "{% if tools %}<{% for t in tools %}{{ t['function']['name'] }};{% endfor %}>{% endif %}"
+    tok = chat_tokenizer()
+    tok.chat_template = listing + TOOL_TEMPLATE
+    rows = [{"prompt": [user(f"{i}+1=")], "answer": str(i + 1), "environment": kind}
+            for i, kind in enumerate(("hint", "peek", "hint"))]  # fmt: skip
+    inputs = LLMInputs(model=build_tiny_model("tiny-llama", tok), tokenizer=tok, prompts=rows, eval_prompts=rows,
+                       environment={"hint": Hint, "peek": Peek})  # fmt: skip
+    trainer = LLMTrainer(make_config("grpo", {"eval_size": 3, "max_new_tokens": 4}), inputs)
+    assert [row["prompt"] for row in trainer.eval_rows] == ["<look;>(0+1=):", "<peek;>(1+1=):", "<look;>(2+1=):"]
+    _, observations, _ = trainer.environments.reset(trainer.eval_rows)
+    joined = [trainer.with_observation(r["prompt"], o) for r, o in zip(trainer.eval_rows, observations, strict=True)]
+    assert joined == ["<look;>(0+1=7):", "<peek;>(1+1=):", "<look;>(2+1=7):"]
+
+
 TOOL_TEMPLATE = (
     "{% for m in messages %}{% if m['role'] == 'user' %}({{ m['content'] }}){% elif m['role'] == 'tool' %}"
     "{{ '{' }}{{ m['content'] }}{{ '}' }}{% else %}:{% generation %}{{ m['content'] }}{{ eos_token }}"

@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from typing import Any
 
 from policylab.llm import LLMError
@@ -90,20 +91,25 @@ def chat_template(tokenizer: Any, messages: list[dict[str, Any]], tools: list[An
         ) from None
 
 
-def rendered_rows(rows: list[dict[str, Any]], tokenizer: Any, tools: list[Any] | None = None) -> list[dict[str, Any]]:
-    """The rows with string prompts and completions (the module's docstring; `tools`: described in the prompts);
-    rows of strings unchanged."""
+ToolsOf = Callable[[dict[str, Any]], list[Any] | None]
+"""The tools a chat template describes in a row's prompt, given the row."""
+
+
+def rendered_rows(rows: list[dict[str, Any]], tokenizer: Any, tools: ToolsOf | None = None) -> list[dict[str, Any]]:
+    """The rows with string prompts and completions (the module's docstring; `tools`: each row's, described in its
+    prompt); rows of strings unchanged."""
     if not has_conversations(rows):
         return rows
     require_template(tokenizer)
     out = []
     for row in rows:
         row = dict(row)
+        described = tools(row) if tools is not None else None
         if "messages" in row and "prompt" not in row:
-            row["prompt"] = render(tokenizer, row["messages"][:-1], tools)
+            row["prompt"] = render(tokenizer, row["messages"][:-1], described)
             row.setdefault("completion", row["messages"][-1].get("content") or "")
         elif is_conversation(row.get("prompt")):
-            row["prompt"] = render(tokenizer, row["prompt"], tools)
+            row["prompt"] = render(tokenizer, row["prompt"], described)
         for field in COMPLETION_FIELDS:
             if is_conversation(row.get(field)):
                 row[field] = "".join(m.get("content") or "" for m in row[field] if m["role"] == "assistant")
@@ -112,16 +118,17 @@ def rendered_rows(rows: list[dict[str, Any]], tokenizer: Any, tools: list[Any] |
 
 
 def conversational_prompts(
-    rows: list[dict[str, Any]], tokenizer: Any, tools: list[Any] | None = None
-) -> dict[str, list[dict[str, Any]]]:
-    """The messages of the rows' conversational prompts (a `messages` row's: all but the last), by their rendered
-    text."""
-    found: dict[str, list[dict[str, Any]]] = {}
+    rows: list[dict[str, Any]], tokenizer: Any, tools: ToolsOf | None = None
+) -> dict[str, tuple[list[dict[str, Any]], list[Any] | None]]:
+    """The messages of the rows' conversational prompts (a `messages` row's: all but the last) and the tools
+    described with them, by their rendered text."""
+    found: dict[str, tuple[list[dict[str, Any]], list[Any] | None]] = {}
     for row in rows:
         messages = row["messages"][:-1] if "messages" in row and "prompt" not in row else row.get("prompt")
         if is_conversation(messages) and messages:
             require_template(tokenizer)
-            found[render(tokenizer, messages, tools)] = messages
+            described = tools(row) if tools is not None else None
+            found[render(tokenizer, messages, described)] = (messages, described)
     return found
 
 
@@ -139,8 +146,9 @@ class WithTemplateOptions:
         return self._tokenizer.apply_chat_template(*args, **{**self._options, **kwargs})
 
 
-def conversation_key(messages: list[dict[str, Any]]) -> str:
-    return json.dumps(messages, sort_keys=True)
+def conversation_key(messages: list[dict[str, Any]], environment: Any = None) -> str:
+    """A conversation's key (with its row's environment: its tools are described in the rendering)."""
+    return json.dumps([environment, messages], sort_keys=True)
 
 
 def conversation_tokens(

@@ -433,9 +433,11 @@ class Environments:
             tools.append({m: getattr(instance, m) for m in kind.methods})
         return instances, observations, tools
 
-    def described(self) -> list[Tool]:
-        """Each kind's tools (its first instance's methods), what a chat template describes."""
-        return [getattr(kind.pool[0], m) for kind in self.kinds.values() for m in kind.methods]
+    def described(self, row: dict[str, Any]) -> list[Tool]:
+        """The tools of the row's kind (its first instance's methods): what the chat template describes in that
+        row's prompt (as TRL renders each prompt with its own environment's tools)."""
+        kind = self.kind_of(row)
+        return [getattr(kind.pool[0], m) for m in kind.methods]
 
 
 def load_environment(spec: Any) -> Environments:

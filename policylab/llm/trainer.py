@@ -82,6 +82,7 @@ from policylab.config import apply_values
 from policylab.errors import ConfigError, for_reader, suggest
 from policylab.llm import LLMError, fast_train, require_llm
 from policylab.llm.chat import (
+    ToolsOf,
     WithTemplateOptions,
     conversation_key,
     conversation_tokens,
@@ -1842,8 +1843,8 @@ class LLMTrainer:
         raw_rows = rows_of(self.task, cfg, inputs)
         self.template_results = self._template_results(raw_rows)
         """Whether a tool's result is appended as the chat template renders a tool message (tool_results)."""
-        self.described: list[Any] | None = self.described_tools() if self.template_results else None
-        """The tools the chat template describes in conversational prompts (with template results)."""
+        self.described: ToolsOf | None = self.described_tools if self.template_results else None
+        """The tools the chat template describes in each row's conversational prompt (with template results)."""
         every_row = [row for rows in raw_rows for row in rows]
         self.prompt_messages = conversational_prompts(every_row, self.chat, self.described)
         """The messages of each conversational prompt, by its rendered text (an environment's reset text joins them)."""
@@ -1947,10 +1948,10 @@ class LLMTrainer:
         conversational = any(has_conversations(rows) for rows in raw_rows)
         return setting == "auto" and self.calls_tools and conversational and has_template
 
-    def described_tools(self) -> list[Any]:
-        """The functions a chat template describes: the tools, and an environment's methods (its first
-        instance's: every instance has the same)."""
-        methods = self.environments.described() if self.environments is not None else []
+    def described_tools(self, row: dict[str, Any]) -> list[Any]:
+        """The functions a chat template describes in the row's prompt: the tools, and the methods of the row's
+        environment (its first instance's: every instance of a kind has the same)."""
+        methods = self.environments.described(row) if self.environments is not None else []
         return [*self.tools.values(), *methods]
 
     @property
@@ -2101,11 +2102,12 @@ class LLMTrainer:
         for a conversational prompt (as TRL appends it to the last user message), else to its text."""
         if not observation:
             return prompt
-        messages = self.prompt_messages.get(prompt)
-        if messages is None:
+        found = self.prompt_messages.get(prompt)
+        if found is None:
             return prompt + observation
+        messages, described = found
         last = messages[-1]
-        return render(self.chat, [*messages[:-1], {**last, "content": last["content"] + observation}], self.described)
+        return render(self.chat, [*messages[:-1], {**last, "content": last["content"] + observation}], described)
 
     def _sample(
         self,
@@ -2261,12 +2263,11 @@ class LLMTrainer:
         turns: list[Turn] = []
         for row in rows:
             if "messages" in row:
-                key = conversation_key(row["messages"])
+                key = conversation_key(row["messages"], row.get("environment"))
                 if key not in self.conversations:
                     assistant_only = self.cfg.assistant_only_loss
-                    self.conversations[key] = conversation_tokens(
-                        self.chat, row["messages"], assistant_only, self.described
-                    )
+                    described = self.described(row) if self.described is not None else None
+                    self.conversations[key] = conversation_tokens(self.chat, row["messages"], assistant_only, described)
                 prompt, rest, trained = self.conversations[key]
             else:
                 prompt = self.encode_prompts.token_lists([row["prompt"]])[0]
