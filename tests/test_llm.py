@@ -2334,6 +2334,16 @@ READ = {
     "seq_kd": (True,),
     "distill_loss": ("sampled",),
     "iw_opd_gamma": (0.2,),
+    "distillation_mode": ("full_logits",),
+    "distillation_alpha": (1.0,),
+    "distillation_topk": (5,),
+    "distillation_add_tail": (True,),
+    "num_loss_tokens_to_skip": (1,),
+    "teacher_model_kind": ("ema",),
+    "teacher_update_rate": (0.5,),
+    "teacher_sync_steps": (2,),
+    "generate_from_teacher": (True,),
+    "teacher_prompt_template": ("{privileged_context}:{prompt}",),
     "num_value_samples": (4,),
     "beta1": (0.3,),
     "beta2": (0.01,),
@@ -2382,7 +2392,7 @@ def test_each_algorithm_refuses_the_settings_its_training_step_never_reads(tmp_p
         make_config("sft", {"beta": 0.5, "temperature": 0.5, "kl_coef": 0.1})
     assert info.value.problem.endswith(
         "so they would do nothing; temperature applies to the algorithms that sample: grpo, dr_grpo, dapo, gspo, "
-        "cispo, sapo, gmpo, rloo, reinforce++, ppo, online_dpo, distill, gkd, a2po; kl_coef applies to the "
+        "cispo, sapo, gmpo, rloo, reinforce++, ppo, online_dpo, distill, gkd, a2po, sdft; kl_coef applies to the "
         "policy-gradient "
         "algorithms: grpo, dr_grpo, dapo, gspo, cispo, sapo, gmpo, rloo, reinforce++, ppo; beta applies to dpo, "
         "online_dpo, cpo, simpo, orpo, tpo, kto, distill, gkd"
@@ -2429,6 +2439,7 @@ COMPANIONS: dict[str, dict[str, object]] = {
     "lora_alpha": {"lora_rank": 4},
     "seq_kd": {"lmbda": 0.5},
     "iw_opd_gamma": {"distill_loss": "iw_opd"},
+    **dict.fromkeys(("teacher_update_rate", "teacher_sync_steps"), {"teacher_model_kind": "ema"}),
     **dict.fromkeys(("vespo_k_pos", "vespo_lambda_pos", "vespo_k_neg", "vespo_lambda_neg"), {"loss": "vespo"}),
     **dict.fromkeys(
         ("entropy_target", "entropy_coef_delta", "entropy_coef_min", "entropy_coef_max"), {"use_adaptive_entropy": True}
@@ -2449,6 +2460,9 @@ def test_settings_read_only_under_another_are_refused_without_it():
         ("sft", {"lora_alpha": 32}, "lora_alpha=32 would do nothing: it is LoRA's scale", "--set lora_rank=8"),
         ("orpo", {"label_smoothing": 0.1}, "the share of flipped labels", "--set preference_loss=sigmoid"),
         ("orpo", {"discopop_tau": 0.1}, "DiscoPOP's temperature", "--set preference_loss=discopop"),
+        ("sdft", {"teacher_update_rate": 0.5}, "the EMA teacher's schedule", "--set teacher_model_kind=ema"),
+        ("sdft", {"distillation_mode": "full_logits", "distillation_topk": 5}, "the top-k divergence's",
+         "--set distillation_mode=topk_logits"),
     ]  # fmt: skip
     for algo, values, problem, switch in cases:
         with pytest.raises(ConfigError) as info:
@@ -2468,9 +2482,11 @@ def test_settings_read_only_under_another_are_refused_without_it():
                  "discopop_tau": 0.1, "sync_ref_model": True, "ref_model_sync_steps": 4,
                  "ref_model_mixup_alpha": 0.5, "precompute_ref_log_probs": True, "seq_kd": True,
                  "num_completions_to_print": 3, "importance_sampling_mode": "sequence_truncate",
-                 "importance_sampling_clip_min": 0.1, "importance_sampling_clip_max": 2.0}[name]  # fmt: skip
+                 "importance_sampling_clip_min": 0.1, "importance_sampling_clip_max": 2.0,
+                 "teacher_update_rate": 0.5, "teacher_sync_steps": 2}[name]  # fmt: skip
         preference = name in PREFERENCE_SETTINGS or name == "precompute_ref_log_probs"
         algo = "orpo" if preference else "distill" if name in ("seq_kd", "iw_opd_gamma") else "grpo"  # all off
+        algo = "sdft" if name.startswith("teacher_") else algo
         teacher = {"teacher": "runs/sft"} if algo == "distill" else {}
         assert getattr(make_config(algo, {name: value, **on, **teacher}), name) == value
 

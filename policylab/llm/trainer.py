@@ -43,6 +43,11 @@ kl_coef times a k1/k2/k3 KL estimate to the initial model and minus entropy_coef
     gkd           GKD: the same with the generalized JSD (beta 0.5), on the student's samples at a share lmbda
                   0.5 of the steps and on the rows' answers (or, seq_kd, the teacher's samples) at the others,
                   temperature 0.9 (Agarwal et al. 2024; TRL's GKDTrainer)
+    sdft          SDFT, self-distillation: the model samples from the prompt, and learns at every position of its
+                  completion the next-token distribution of a teacher, itself (its initial weights, its current
+                  ones or their moving average), given the prompt with the row's `privileged_context` (e.g. a
+                  demonstration); the generalized JSD (0.5) on the student's top 100 tokens, sequence-mean
+                  token-mean (Shenfeld et al. 2026; TRL's SDFTTrainer)
     a2po          A*-PO: before training, V*(x) = beta1 log mean exp(r / beta1) of num_value_samples reference
                   samples per training prompt (prompts where all score 0 dropped); then one sample per prompt,
                   beta2 log(pi / pi_ref) regressed onto r - V*(x) (Brantley et al. 2025; TRL's A2POTrainer)
@@ -141,6 +146,7 @@ from policylab.objectives.imitation import (
     mixed_policy_loss,
     parse_schedule,
     sampled_distillation_advantages,
+    topk_generalized_jsd,
 )
 from policylab.objectives.policy import (
     SAMPLER_CORRECTIONS,
@@ -206,6 +212,7 @@ ALGO_DEFAULTS: dict[str, dict[str, Any]] = {
         "disable_dropout": True,
     },
     "a2po": {"group_size": 1, "batch_size": 64},
+    "sdft": {"group_size": 1, "batch_size": 64},
 }
 """Each algorithm is GRPO's config with these values (the table in the module docstring)."""
 ALGOS = tuple(ALGO_DEFAULTS)
@@ -219,6 +226,7 @@ TRAINING_STEPS = {
     "reward_model": "reward_step",
     **dict.fromkeys(("distill", "gkd"), "distill_step"),
     "a2po": "a2po_step",
+    "sdft": "sdft_step",
 }
 """The LLMTrainer method that makes one training step of each algorithm but the group-advantage ones (rl_step)."""
 
@@ -230,9 +238,9 @@ def training_step(algo: str) -> str:
 
 REWARDED_STEPS = ("rl_step", "ppo_step", "online_dpo_step")
 """The steps that sample `group_size` completions per prompt and reward them (LLMTrainer.sample_groups)."""
-SAMPLING_STEPS = (*REWARDED_STEPS, "distill_step", "a2po_step")
+SAMPLING_STEPS = (*REWARDED_STEPS, "distill_step", "a2po_step", "sdft_step")
 """The steps that sample completions (distill_step: the student's, without rewards, on its on-policy steps;
-a2po_step: one per prompt, without sample_groups' filters)."""
+a2po_step and sdft_step: one per prompt, without sample_groups' filters)."""
 POLICY_LOSS_STEPS = ("rl_step", "ppo_step")
 """The steps that train the policy-gradient loss (LLMTrainer.policy_loss through accumulate), `updates_per_batch`
 times per batch."""
@@ -298,6 +306,20 @@ UNPAIRED_SETTINGS = ("unpaired_loss", "desirable_weight", "undesirable_weight")
 """KTO's settings (objectives.preference.unpaired_loss)."""
 VESPO_SETTINGS = ("vespo_k_pos", "vespo_lambda_pos", "vespo_k_neg", "vespo_lambda_neg")
 A2PO_SETTINGS = ("num_value_samples", "beta1", "beta2", "filter_all_incorrect")
+SDFT_SETTINGS = (
+    "distillation_mode",
+    "distillation_alpha",
+    "distillation_topk",
+    "distillation_add_tail",
+    "num_loss_tokens_to_skip",
+    "teacher_model_kind",
+    "teacher_update_rate",
+    "teacher_sync_steps",
+    "generate_from_teacher",
+    "teacher_prompt_template",
+)
+SDFT_MODES = ("topk_logits", "full_logits", "sampled_token")
+SDFT_TEACHERS = ("base", "live", "ema")
 BEMA_SETTINGS = (
     "bema_update_ref_model",
     "bema_ref_model_update_freq",
@@ -384,6 +406,7 @@ SETTING_READERS: dict[str, tuple[str, ...]] = {
     "beta": (*PREFERENCE_STEPS, "tpo_step", "kto_step", "distill_step"),
     **dict.fromkeys(("teacher", "lmbda", "seq_kd", "distill_loss", "iw_opd_gamma"), ("distill_step",)),
     **dict.fromkeys(A2PO_SETTINGS, ("a2po_step",)),
+    **dict.fromkeys(SDFT_SETTINGS, ("sdft_step",)),
     **dict.fromkeys(UNPAIRED_SETTINGS, ("kto_step",)),
     "pairs": ROW_PAIR_STEPS,
     "precompute_ref_log_probs": ("dpo_step",),
@@ -412,6 +435,7 @@ STEP_SUMMARIES = {
     "rl_step": "trains on group advantages",
     "distill_step": "trains toward a teacher's next-token distributions",
     "a2po_step": "regresses its implicit reward onto the optimal advantage",
+    "sdft_step": "distills the model given each row's privileged context into the model without it",
 }
 
 
@@ -583,6 +607,31 @@ class LLMConfig:
     """a2po: the KL temperature of the implicit reward beta2 log(pi / pi_ref) of stage 2."""
     filter_all_incorrect: bool = True
     """a2po: drop the training prompts whose reference samples all scored 0 (no signal)."""
+    distillation_mode: str = "topk_logits"
+    """sdft: topk_logits (the divergence on the student's `distillation_topk` most likely tokens), full_logits (on
+    the whole vocabulary) or sampled_token (REINFORCE on log p_teacher(y_t) - log p_student(y_t) of the sampled
+    tokens, reverse KL: distillation_alpha 1)."""
+    distillation_alpha: float = 0.5
+    """sdft: the divergence, in [0, 1], as distillation's `beta` (0 forward KL, 1 reverse KL, 0.5 JSD)."""
+    distillation_topk: int = 100
+    """sdft: the student's top tokens topk_logits compares on (at least the vocabulary: all of it)."""
+    distillation_add_tail: bool = False
+    """sdft: topk_logits keeps the mass outside the top tokens as one more category, rather than renormalizing."""
+    num_loss_tokens_to_skip: int = 0
+    """sdft: the first completion tokens left out of the loss (where the teacher's prompt shows most)."""
+    teacher_model_kind: str = "base"
+    """sdft: the teacher's weights: base (the initial model's, frozen), live (the model's own, without gradient)
+    or ema (a moving average of the model's: `teacher_update_rate`, every `teacher_sync_steps` steps)."""
+    teacher_update_rate: float = 0.05
+    """sdft with teacher_model_kind=ema: teacher <- rate model + (1 - rate) teacher (1: a copy)."""
+    teacher_sync_steps: int = 1
+    """sdft with teacher_model_kind=ema: the steps between the teacher's updates."""
+    generate_from_teacher: bool = False
+    """sdft: the model samples its completions from the teacher's prompt (with the privileged context) instead of
+    the row's own prompt."""
+    teacher_prompt_template: str = "{prompt}\n\n{privileged_context}"
+    """sdft: the teacher's prompt from the row's prompt and its `privileged_context` (for a conversational prompt,
+    the last user message's text becomes this, as in TRL)."""
     label_smoothing: float = 0.0
     """The assumed share of flipped labels of the losses that take one: sigmoid (conservative DPO), robust,
     exo_pair, aot, aot_unpaired, cpo, simpo; 0: plain DPO."""
@@ -807,6 +856,8 @@ class LLMConfig:
             )
         if self.algo == "tpo":
             self._check_tpo_settings()
+        if training_step(self.algo) == "sdft_step":
+            self._check_sdft_settings()
         if training_step(self.algo) in POLICY_LOSS_STEPS:
             self._check_reference_sync()
         if training_step(self.algo) in PREFERENCE_STEPS:
@@ -935,6 +986,43 @@ class LLMConfig:
                 "takes at least 2 rows a step",
                 "set batch_size to 2 or more",
             )
+
+    def _check_sdft_settings(self) -> None:
+        if self.distillation_mode not in SDFT_MODES:
+            raise ConfigError(
+                f"distillation_mode={self.distillation_mode!r}.{suggest(self.distillation_mode, SDFT_MODES)}",
+                f"choose one of: {', '.join(SDFT_MODES)}",
+            )
+        if not 0 <= self.distillation_alpha <= 1:
+            raise ConfigError(f"distillation_alpha={self.distillation_alpha} must be in [0, 1]",
+                              "set 0.5 (JSD), 1 (reverse KL) or 0 (forward KL)")  # fmt: skip
+        if self.distillation_mode == "sampled_token" and self.distillation_alpha != 1:
+            raise ConfigError(
+                "distillation_mode=sampled_token reads the teacher's log-prob of each sampled token only, which "
+                f"estimates the reverse KL, not distillation_alpha={self.distillation_alpha}",
+                "set distillation_alpha=1, or distillation_mode=topk_logits",
+            )
+        if self.teacher_model_kind not in SDFT_TEACHERS:
+            raise ConfigError(
+                f"teacher_model_kind={self.teacher_model_kind!r}.{suggest(self.teacher_model_kind, SDFT_TEACHERS)}",
+                f"choose one of: {', '.join(SDFT_TEACHERS)}",
+            )
+        if (self.distillation_topk < 1 or self.num_loss_tokens_to_skip < 0 or self.teacher_sync_steps < 1
+                or not 0 < self.teacher_update_rate <= 1):  # fmt: skip
+            raise ConfigError(
+                f"distillation_topk={self.distillation_topk} and teacher_sync_steps={self.teacher_sync_steps} must "
+                f"be >= 1, num_loss_tokens_to_skip={self.num_loss_tokens_to_skip} >= 0 and teacher_update_rate="
+                f"{self.teacher_update_rate} in (0, 1]",
+                "set e.g. distillation_topk=100, teacher_sync_steps=1, num_loss_tokens_to_skip=0 and "
+                "teacher_update_rate=0.05",
+            )
+        try:
+            self.teacher_prompt_template.format(prompt="", privileged_context="")
+        except (KeyError, IndexError, ValueError) as exc:
+            raise ConfigError(
+                f"teacher_prompt_template={self.teacher_prompt_template!r} cannot be filled ({exc!r})",
+                "use the fields {prompt} and {privileged_context} only, e.g. '{prompt}\\n\\n{privileged_context}'",
+            ) from None
 
     def _check_distillation_settings(self) -> None:
         if self.teacher is None:
@@ -1110,6 +1198,18 @@ DEPENDENT_SETTINGS: tuple[tuple[tuple[str, ...], Callable[[LLMConfig], bool], st
     ),
     (("seq_kd",), lambda c: c.lmbda < 1, "the source of the steps off the model's samples", "--set lmbda=0.5 (e.g.)"),
     (("iw_opd_gamma",), lambda c: c.distill_loss == "iw_opd", "IW-OPD's weight", "--set distill_loss=iw_opd"),
+    (
+        ("teacher_update_rate", "teacher_sync_steps"),
+        lambda c: c.teacher_model_kind == "ema",
+        "the EMA teacher's schedule",
+        "--set teacher_model_kind=ema",
+    ),
+    (
+        ("distillation_topk", "distillation_add_tail"),
+        lambda c: c.distillation_mode == "topk_logits",
+        "the top-k divergence's",
+        "--set distillation_mode=topk_logits",
+    ),
     (
         ("beta",),
         lambda c: training_step(c.algo) != "distill_step" or c.distill_loss == "jsd",
@@ -1549,6 +1649,27 @@ class WeightAverage:
                 t.copy_(tensors[f"bema/{kind}/{i}"])
 
 
+def privileged_text(row: dict[str, Any]) -> str:
+    """sdft: a row's privileged context as text (a list of messages: their contents, a line each, as TRL)."""
+    context = row.get("privileged_context")
+    if context is None:
+        raise LLMError(
+            f"sdft's teacher reads each row's privileged_context, and this row has none: {str(row)[:80]}",
+            'give every prompt row a "privileged_context" field (e.g. a demonstration, or the solution)',
+        )
+    if isinstance(context, list) and all(isinstance(m, dict) for m in context):
+        return "\n".join(text for text in map(message_text, context) if text)
+    return str(context)
+
+
+def message_text(message: dict[str, Any]) -> str:
+    """A chat message's text: its content, or the text parts of a list content."""
+    content = message.get("content") or ""
+    if isinstance(content, list):
+        return " ".join(part.get("text", "") for part in content if part.get("type") == "text")
+    return str(content)
+
+
 def _chosen_logprobs(logits: Tensor, ids: Tensor, temperature: float) -> Tensor:
     """log softmax(logits / temperature) at the given tokens [N, T]."""
     return torch.log_softmax(logits / temperature, -1).gather(-1, ids[..., None]).squeeze(-1)
@@ -1794,7 +1915,11 @@ class LLMTrainer:
         if (cfg.kl_coef and cfg.algo != "sft") or needs or cfg.algo == "a2po":
             self.reference = copy.deepcopy(self.model).eval().requires_grad_(False)
         self.teacher = self._teacher(cfg, inputs) if training_step(cfg.algo) == "distill_step" else None
-        """distill's and gkd's frozen teacher."""
+        """distill's and gkd's frozen teacher; sdft's copy of the model (teacher_model_kind base or ema)."""
+        if cfg.algo == "sdft" and cfg.teacher_model_kind != "live":
+            self.teacher = copy.deepcopy(self.model).eval().requires_grad_(False)
+        self.teacher_prompts: dict[tuple[str, str], str] = {}
+        """sdft: each (prompt, privileged context)'s teacher prompt, rendered once."""
         self.entropy_control = (
             EntropyControl(cfg) if cfg.use_adaptive_entropy and training_step(cfg.algo) in POLICY_LOSS_STEPS else None
         )
@@ -1849,6 +1974,9 @@ class LLMTrainer:
         self.prompt_messages = conversational_prompts(every_row, self.chat, self.described)
         """The messages of each conversational prompt, by its rendered text (an environment's reset text joins them)."""
         self.train_rows, self.eval_rows = (rendered_rows(rows, self.chat, self.described) for rows in raw_rows)
+        if cfg.algo == "sdft":
+            for row in self.train_rows:  # a row without one is an error now, not at the step that draws it
+                privileged_text(row)
         expert, pairs = _given(cfg, inputs, "expert"), _given(cfg, inputs, "pairs")
         self.expert_rows = (
             rendered_rows(prompt_rows(expert, "expert"), self.chat, self.described)
@@ -2714,6 +2842,65 @@ class LLMTrainer:
         self._optimize(loss)
         return {"loss": float(loss.detach()), **metrics}
 
+    def sdft_step(self) -> dict[str, float]:
+        """SDFT (TRL's SDFTTrainer): `batch_size` prompts with `group_size` completions each, sampled by the model
+        from the row's prompt (generate_from_teacher: from the teacher's); the loss, sequence-mean token-mean over
+        the completion tokens after the first num_loss_tokens_to_skip, is the divergence at each position between
+        the model's next-token distribution given the prompt and the teacher's given the teacher's prompt (the
+        prompt with the row's privileged context): on the student's top tokens, on the whole vocabulary, or
+        REINFORCE on the sampled tokens' log-prob gap."""
+        cfg = self.cfg
+        rows = [row for row in self.sample_rows(cfg.batch_size) for _ in range(cfg.group_size)]
+        teacher_rows = [{**row, "prompt": self.teacher_prompt(row)} for row in rows]
+        rollout = self.rollout(teacher_rows if cfg.generate_from_teacher else rows)[0]
+        ids, mask = rollout.completion_ids, rollout.completion_mask
+        if cfg.generate_from_teacher:
+            prompt_ids, prompt_mask, tape = *self.encode_prompts([row["prompt"] for row in rows]), None
+        else:
+            prompt_ids, prompt_mask, tape = rollout.prompt_ids, rollout.prompt_mask, rollout.tape
+        student = completion_logits(self.model, prompt_ids, prompt_mask, ids, mask, tape=tape)
+        teacher_ids, teacher_mask = self.encode_prompts([row["prompt"] for row in teacher_rows])
+        with torch.no_grad():
+            teacher = completion_logits(self.teacher or self.model, teacher_ids, teacher_mask, ids, mask)
+        loss_mask = mask & (torch.arange(mask.shape[1]) >= cfg.num_loss_tokens_to_skip)
+        alpha, temperature = cfg.distillation_alpha, cfg.temperature
+        if cfg.distillation_mode == "topk_logits":
+            per_token = topk_generalized_jsd(
+                student, teacher, alpha, cfg.distillation_topk, cfg.distillation_add_tail, temperature
+            )
+        elif cfg.distillation_mode == "full_logits":
+            per_token = generalized_jsd(student, teacher, alpha, temperature)
+        else:  # sampled_token: the advantage log p_teacher - log p_student of each sampled token, held
+            student_logp = _chosen_logprobs(student, ids, temperature)
+            gap = (student_logp - _chosen_logprobs(teacher, ids, temperature)).detach()
+            per_token = gap * student_logp
+        loss = aggregate(per_token, loss_mask, "seq-mean-token-mean")
+        self._optimize(loss)
+        return {"loss": float(loss.detach()), "tokens": float(loss_mask.sum())}
+
+    def teacher_prompt(self, row: dict[str, Any]) -> str:
+        """sdft: the row's prompt with its privileged context, by teacher_prompt_template; for a conversational
+        prompt, the last user message's text so made, rendered again with the prompt's tools (TRL's way)."""
+        context = privileged_text(row)
+        key = (row["prompt"], context)
+        if key not in self.teacher_prompts:
+            template = self.cfg.teacher_prompt_template
+            found = self.prompt_messages.get(row["prompt"])
+            if found is None:
+                text = template.format(prompt=row["prompt"], privileged_context=context)
+            else:
+                messages, described = found
+                if messages[-1].get("role") != "user":
+                    raise LLMError(
+                        f"sdft puts the privileged context into the prompt's last user message, and this prompt "
+                        f"ends with a {messages[-1].get('role')!r} message: {str(messages)[:80]}",
+                        "end each conversational prompt with the user's turn",
+                    )
+                last = template.format(prompt=message_text(messages[-1]), privileged_context=context)
+                text = render(self.chat, [*messages[:-1], {"role": "user", "content": last}], described)
+            self.teacher_prompts[key] = text
+        return self.teacher_prompts[key]
+
     @torch.no_grad()
     def teacher_rollout(self, rows: list[dict[str, Any]]) -> Rollout:
         """One completion per row sampled by the teacher (GKD's seq_kd), with the run's sampling settings."""
@@ -2969,6 +3156,9 @@ class LLMTrainer:
         if self.moving_reference:  # TR-DPO's or BEMA's moves; otherwise the initial model
             assert self.reference is not None
             tensors.update(prefixed("reference", dict(self.reference.state_dict())))
+        if self.moving_teacher:  # sdft's EMA teacher; its base teacher is the initial model
+            assert self.teacher is not None
+            tensors.update(prefixed("teacher", dict(self.teacher.state_dict())))
         optimizer_tensors, optimizer_meta = optimizer_to_flat("optimizer", self.optimizer)  # type: ignore[arg-type]
         tensors.update(optimizer_tensors)
         tensors["rng/torch"] = self.generator.get_state()
@@ -2994,6 +3184,9 @@ class LLMTrainer:
         if self.moving_reference:
             assert self.reference is not None
             load_module_state(self.reference, unprefixed("reference", tensors), "the checkpoint")
+        if self.moving_teacher:
+            assert self.teacher is not None
+            load_module_state(self.teacher, unprefixed("teacher", tensors), "the checkpoint")
         optimizer_from_flat("optimizer", self.optimizer, tensors, state["optimizer"])  # type: ignore[arg-type]
         self.generator.set_state(tensors["rng/torch"])
         if self.bema is not None:
@@ -3013,6 +3206,11 @@ class LLMTrainer:
         self.step = int(state["step"])
 
     @property
+    def moving_teacher(self) -> bool:
+        """Whether sdft's teacher moves during the run (teacher_model_kind ema): checkpoints keep it."""
+        return self.cfg.algo == "sdft" and self.cfg.teacher_model_kind == "ema"
+
+    @property
     def moving_reference(self) -> bool:
         """Whether the reference model moves during the run (TR-DPO's syncs, BEMA's updates): checkpoints keep it."""
         return self.reference is not None and (self.cfg.sync_ref_model or self.cfg.bema_update_ref_model)
@@ -3024,6 +3222,11 @@ class LLMTrainer:
         sync = cfg.sync_ref_model and training_step(cfg.algo) in POLICY_LOSS_STEPS
         if sync and step % cfg.ref_model_sync_steps == 0:
             self._sync_reference()
+        if self.moving_teacher and step % cfg.teacher_sync_steps == 0:  # sdft's EMA teacher
+            assert self.teacher is not None
+            with torch.no_grad():
+                for teacher, weights in zip(self.teacher.parameters(), self.model.parameters(), strict=True):
+                    teacher.lerp_(weights, cfg.teacher_update_rate)
         if self.bema is None:
             return
         self.bema.after_step(step)

@@ -169,16 +169,47 @@ def generalized_jsd(student_logits: Tensor, teacher_logits: Tensor, beta: float,
 
     the conventions of TRL's DistillationTrainer and GKDTrainer (the mixture form tends to 0, not to a KL, at
     either end, hence the two ends by name). Tokens that a distribution gives probability 0 (logits -inf) add 0."""
-    if not 0.0 <= beta <= 1.0:
-        raise ConfigError(f"beta={beta} must be in [0, 1]", "set beta=1 (reverse KL), 0 (forward KL) or 0.5 (JSD)")
     student = torch.log_softmax(student_logits.float() / temperature, -1)
     teacher = torch.log_softmax(teacher_logits.float() / temperature, -1)
+    return generalized_jsd_of_log_probs(student, teacher, beta)
+
+
+def generalized_jsd_of_log_probs(student: Tensor, teacher: Tensor, beta: float) -> Tensor:
+    """`generalized_jsd` of two distributions given as log-probabilities over the last axis."""
+    if not 0.0 <= beta <= 1.0:
+        raise ConfigError(f"beta={beta} must be in [0, 1]", "set beta=1 (reverse KL), 0 (forward KL) or 0.5 (JSD)")
     if beta == 0.0:
         return _kl(teacher, student)
     if beta == 1.0:
         return _kl(student, teacher)
     mixture = torch.logaddexp(student + math.log(1.0 - beta), teacher + math.log(beta))
     return beta * _kl(teacher, mixture) + (1.0 - beta) * _kl(student, mixture)
+
+
+def topk_generalized_jsd(
+    student_logits: Tensor, teacher_logits: Tensor, beta: float, k: int, tail: bool = False, temperature: float = 1.0
+) -> Tensor:
+    """`generalized_jsd` on the student's k most likely tokens at each position (SDFT's top-k logit distillation,
+    TRL's SDFTTrainer): both distributions restricted to that support and renormalized over it, or, with `tail`,
+    kept as they are with one more category holding the mass outside it (so the divergence approximates the whole
+    vocabulary's). k at least the vocabulary's size is the whole distribution."""
+    student = torch.log_softmax(student_logits.float() / temperature, -1)
+    teacher = torch.log_softmax(teacher_logits.float() / temperature, -1)
+    support = student.topk(min(k, student.shape[-1]), -1).indices
+    student, teacher = student.gather(-1, support), teacher.gather(-1, support)
+    if tail:
+        student, teacher = with_tail(student), with_tail(teacher)
+    else:
+        student = student - student.logsumexp(-1, keepdim=True)
+        teacher = teacher - teacher.logsumexp(-1, keepdim=True)
+    return generalized_jsd_of_log_probs(student, teacher, beta)
+
+
+def with_tail(log_probs: Tensor) -> Tensor:
+    """Log-probabilities of a subset of the categories, with one more category holding the rest of the mass,
+    log(1 - sum p) (the subset's mass capped just under 1, so that the tail's log stays finite)."""
+    kept = log_probs.logsumexp(-1, keepdim=True).clamp(max=-1e-7)
+    return torch.cat([log_probs, torch.log(-torch.expm1(kept))], -1)
 
 
 def _kl(log_p: Tensor, log_q: Tensor) -> Tensor:

@@ -1,0 +1,140 @@
+"""SDFT (self-distillation fine-tuning, TRL's SDFTTrainer): the top-k divergence, the teacher's prompt, the
+teacher's weights (base, live, EMA), exact resume, the errors, and learning from the privileged context."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from policylab.errors import ConfigError
+from policylab.llm import LLMError
+from policylab.llm.tasks import get_task
+from policylab.llm.trainer import LLMInputs, LLMTrainer, make_config, train_llm
+from policylab.objectives.imitation import generalized_jsd, topk_generalized_jsd
+
+CONTEXT_FIRST = "{privileged_context}:{prompt}"
+"""A teacher prompt the character tokenizer can spell: the answer, a colon, the question."""
+
+
+def test_the_top_k_divergence_against_a_hand_computation():
+    student = torch.tensor([[2.0, 1.0, 0.0, -1.0]])
+    teacher = torch.tensor([[0.0, 1.0, 2.0, 0.5]])
+    p = torch.softmax(student, -1)
+    q = torch.softmax(teacher, -1)
+    # the student's top 2 tokens are 0 and 1: both distributions renormalized over them, then KL(student || teacher)
+    ps, qs = p[0, :2] / p[0, :2].sum(), q[0, :2] / q[0, :2].sum()
+    reverse = float((ps * (ps / qs).log()).sum())
+    assert float(topk_generalized_jsd(student, teacher, 1.0, 2)) == pytest.approx(reverse, rel=1e-5)
+    # with the tail: a third category holds the rest of each distribution's mass; forward KL(teacher || student)
+    pt = torch.cat([p[0, :2], 1 - p[0, :2].sum()[None]])
+    qt = torch.cat([q[0, :2], 1 - q[0, :2].sum()[None]])
+    forward = float((qt * (qt / pt).log()).sum())
+    assert float(topk_generalized_jsd(student, teacher, 0.0, 2, tail=True)) == pytest.approx(forward, rel=1e-5)
+    # k at least the vocabulary: the whole distribution, any beta
+    for beta in (0.0, 0.5, 1.0):
+        whole = generalized_jsd(student, teacher, beta)
+        torch.testing.assert_close(topk_generalized_jsd(student, teacher, beta, 100), whole)
+    m = 0.5 * ps + 0.5 * qs  # the JSD's mixture on the support
+    jsd = 0.5 * float((qs * (qs / m).log()).sum()) + 0.5 * float((ps * (ps / m).log()).sum())
+    assert float(topk_generalized_jsd(student, teacher, 0.5, 2)) == pytest.approx(jsd, rel=1e-5)
+    assert math.isfinite(float(topk_generalized_jsd(student, student + 50.0, 0.5, 3, tail=True)))
+
+
+def context_rows(n: int, seed: int, shift: int = 0) -> list[dict[str, str]]:
+    """Addition rows whose privileged context is the answer (plus `shift`: a wrong one, zero-padded alike)."""
+    rows = get_task("addition").make(n, seed)
+    return [{**r, "privileged_context": str(int(r["answer"]) + shift).zfill(len(r["answer"]))} for r in rows]
+
+
+def test_the_teacher_prompt_joins_the_privileged_context_and_rows_without_one_are_an_error(tmp_path):
+    from policylab.llm.models import build_tiny_model
+    from tests.test_llm_chat import chat_tokenizer, user
+
+    context = [user("4"), {"role": "assistant"}]  # messages: their contents' text (none for the second)
+    rows = [{"prompt": "1+2=", "answer": "3", "privileged_context": "3"},
+            {"prompt": [user("2+2=")], "answer": "4", "privileged_context": context}]  # fmt: skip
+    tok = chat_tokenizer()
+    inputs = LLMInputs(model=build_tiny_model("tiny-llama", tok), tokenizer=tok, prompts=rows, eval_prompts=rows)
+    trainer = LLMTrainer(make_config("sdft", {"teacher_prompt_template": CONTEXT_FIRST, "eval_size": 2}), inputs)
+    assert [trainer.teacher_prompt(row) for row in trainer.train_rows] == ["3:1+2=", "(4:2+2=):"]
+    with pytest.raises(LLMError, match="this row has none") as info:
+        LLMTrainer(make_config("sdft", {}), LLMInputs(prompts=[{"prompt": "1+2=", "answer": "3"}] * 2))
+    assert "privileged_context" in (info.value.fix or "")
+
+
+def test_sdft_settings_that_cannot_work_are_one_clear_error_each():
+    cases = [
+        ({"distillation_mode": "topk"}, "distillation_mode='topk'"),
+        ({"distillation_mode": "sampled_token"}, "estimates the reverse KL"),
+        ({"distillation_alpha": 1.5}, "must be in \\[0, 1\\]"),
+        ({"teacher_model_kind": "frozen"}, "teacher_model_kind='frozen'"),
+        ({"teacher_update_rate": 0.0}, "teacher_update_rate=0.0 in \\(0, 1\\]"),
+        ({"teacher_prompt_template": "{prompt} {hint}"}, "cannot be filled"),
+    ]
+    for settings, message in cases:
+        with pytest.raises(ConfigError, match=message):
+            make_config("sdft", settings)
+    with pytest.raises(ConfigError, match="sdft"):  # a setting only sdft reads
+        make_config("grpo", {"distillation_topk": 5})
+
+
+def test_the_ema_teacher_moves_toward_the_model_and_a_resumed_run_ends_with_the_uninterrupted_runs_weights(
+    tmp_path,
+):
+    prompts = tmp_path / "rows.jsonl"
+    prompts.write_text("".join(json.dumps(row) + "\n" for row in context_rows(40, 0)))
+    settings = {"model": "tiny-llama", "prompts": str(prompts), "steps": 6, "eval_every": 2, "batch_size": 4,
+                "eval_size": 8, "teacher_model_kind": "ema", "teacher_update_rate": 0.25, "teacher_sync_steps": 2,
+                "teacher_prompt_template": CONTEXT_FIRST}  # fmt: skip
+    trainer = LLMTrainer(make_config("sdft", settings))
+    assert trainer.teacher is not None and trainer.moving_teacher
+    start = [p.detach().clone() for p in trainer.teacher.parameters()]
+    for step in (1, 2):
+        trainer.sdft_step()
+        trainer.after_step(step)
+        if step == 1:  # not yet a multiple of 2
+            assert all(torch.equal(a, b) for a, b in zip(start, trainer.teacher.parameters()))
+    for teacher, old, model in zip(trainer.teacher.parameters(), start, trainer.model.parameters()):
+        torch.testing.assert_close(teacher, 0.25 * model.detach() + 0.75 * old)
+    full = train_llm("sdft", settings, tmp_path, name="full", verbose=False)
+    part = train_llm("sdft", settings, tmp_path, name="part", verbose=False, callback=lambda step, _: step < 3)
+    resumed = train_llm(resume=part.dir, verbose=False)
+    assert resumed.steps == 6
+    from safetensors.torch import load_file
+
+    a, b = (load_file(str(run.dir / "model" / "model.safetensors")) for run in (full, resumed))
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=0)
+
+
+@pytest.fixture(scope="module")
+def context_reader(tmp_path_factory):
+    """A tiny Llama after 300 SFT steps on addition where half the prompts carry the answer before a colon: it
+    copies the answer when given it and adds about a quarter of the plain prompts right."""
+    rows = get_task("addition").make(4000, 0)
+    mixed = [
+        r if i % 2 else {"prompt": f"{r['answer']}:{r['prompt']}", "answer": r["answer"]} for i, r in enumerate(rows)
+    ]
+    settings = {"steps": 300, "batch_size": 64, "eval_every": 300, "eval_size": 200}
+    return train_llm("sft", settings, tmp_path_factory.mktemp("runs"), verbose=False, prompts=mixed,
+                     eval_prompts=get_task("addition").make(200, 99))  # fmt: skip
+
+
+def test_sdft_distills_what_the_model_does_with_the_context_into_the_model_without_it(context_reader, tmp_path):
+    """The teacher, the initial model given the answer, is right where the student is not: 100 SDFT steps raise
+    the student's exact match on plain prompts by at least 0.1 (0.25 to 0.50, 0.41 and 0.42 with seeds 0, 1, 2;
+    2026-12-07); a wrong context (the answer plus 1) does not raise it (0.22, 0.19, 0.17): the context drives it."""
+    held_out = get_task("addition").make(200, 99)
+    settings = {"model": str(context_reader.dir), "steps": 100, "batch_size": 32, "lr": 1e-3, "eval_every": 100,
+                "eval_size": 200, "teacher_prompt_template": CONTEXT_FIRST, "max_new_tokens": 6}  # fmt: skip
+    start = context_reader.final_eval["accuracy"]
+    right = train_llm("sdft", settings, tmp_path, name="right", verbose=False, prompts=context_rows(4000, 0),
+                      eval_prompts=held_out)  # fmt: skip
+    assert right.initial_eval["accuracy"] == start
+    assert right.final_eval["accuracy"] >= start + 0.1, (start, right.final_eval)
+    wrong = train_llm("sdft", settings, tmp_path, name="wrong", verbose=False, prompts=context_rows(4000, 0, 1),
+                      eval_prompts=held_out)  # fmt: skip
+    assert wrong.final_eval["accuracy"] <= start, (start, wrong.final_eval)
