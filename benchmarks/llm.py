@@ -14,6 +14,8 @@ runs, 1 thread each.
     .venv/bin/python benchmarks/llm.py --algo gmpo --seeds 3 --steps 40 --model tiny-llama --prompts-per-step 8
     .venv/bin/python benchmarks/llm.py --algo tpo --seeds 10 --steps 40 --model tiny-llama --prompts-per-step 16
     .venv/bin/python benchmarks/llm.py --algo sft --seeds 10 --steps 200 --model tiny-llama --prompts-per-step 64
+    .venv/bin/python benchmarks/llm.py --algo sdft --seeds 10 --steps 100 --model tiny-llama --prompts-per-step 8 \
+        --group-size 4 --lr 1e-3
     .venv/bin/python benchmarks/llm.py --tools --seeds 3 --steps 20 --model tiny-llama --prompts-per-step 4 \
         --max-new-tokens 96 --sft-steps 200
 
@@ -62,6 +64,13 @@ ignored): the addition rows as prompt-completion pairs (the answer the completio
 `--prompts-per-step` examples per step, the loss on the completion's tokens only (TRL's completion_only_loss
 default for such rows), token-mean over the batch, lr 3e-3 (policylab's SFT default); TRL's trainer pads each
 batch to its longest example, policylab's puts each prompt left of its completion.
+`--algo sdft`: self-distillation against TRL's experimental SDFTTrainer. The starting model is the tiny Llama after
+`--sft-steps` of policylab's SFT on addition rows half of which carry the answer before the question
+("032:26+06="): it copies the answer when given it and gets part of the plain prompts right. Each training row's
+`privileged_context` is its answer and the teacher's prompt "{privileged_context}:{prompt}"; the teacher is the
+starting model (teacher_model_kind base); `--group-size` completions of each of `--prompts-per-step` prompts, the
+generalized JSD (alpha 0.5) on the student's top 16 tokens (of 24: SDFTConfig's default 100 is more than the
+vocabulary, which TRL refuses), sequence-mean token-mean, SDFTConfig's other defaults, on both sides.
 `--tools` (GRPO): tool calling against GRPOTrainer(tools=...). Both sides use one tokenizer: characters plus
 Qwen2.5's special tokens and tool tags, with TRL's copy of Qwen2.5's chat template (read from TRL's venv; TRL parses
 tool calls only for chat templates it knows). The prompts are conversations (a one-word system message, then a
@@ -195,6 +204,30 @@ def prepare_tools(a: argparse.Namespace, where: Path) -> tuple[Path, Path]:
     return model_dir, prompts
 
 
+SDFT_TEMPLATE = "{privileged_context}:{prompt}"
+"""`--algo sdft`'s teacher prompt: the answer, a colon, the question (characters the tokenizer has)."""
+SDFT_TOPK = 16
+"""`--algo sdft`'s top-k support: SDFTConfig's default 100 is more than the tiny model's vocabulary of 24, which
+TRL's torch.topk refuses."""
+
+
+def prepare_sdft(a: argparse.Namespace, where: Path) -> tuple[Path, Path]:
+    """The SFT'd starting model (addition rows, half with the answer before the question) and the training rows
+    with their answer as the privileged context."""
+    sys.path.insert(0, str(REPO_ROOT))
+    from policylab.llm.tasks import get_task
+    from policylab.llm.trainer import train_llm
+
+    rows = get_task("addition").make(5_000, 0)
+    mixed = [r if i % 2 else {**r, "prompt": SDFT_TEMPLATE.format(privileged_context=r["answer"], prompt=r["prompt"])}
+             for i, r in enumerate(rows)]  # fmt: skip
+    settings = {"model": a.model, "steps": a.sft_steps, "batch_size": 64, "eval_every": a.sft_steps}
+    run = train_llm("sft", settings, where / "sft", verbose=False, prompts=mixed)
+    prompts = where / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({**r, "privileged_context": r["answer"]}) + "\n" for r in rows))
+    return run.dir / "model", prompts
+
+
 def tool_accuracy(model_dir: str, eval_size: int = 200) -> float:
     """Greedy exact match of the answer after the tool's result on held-out products (policylab's evaluation)."""
     from policylab.llm.models import load_model
@@ -221,6 +254,8 @@ def prepare(a: argparse.Namespace, where: Path) -> tuple[Path, Path]:
 
     if a.tools:
         return prepare_tools(a, where)
+    if a.algo == "sdft":
+        return prepare_sdft(a, where)
     model_dir = where / "start"
     if a.sft_steps > 0 and a.algo != "sft":
         run = train_llm(
@@ -260,6 +295,7 @@ OURS_EXTRA: dict[str, Any] = {
     "grpo": lambda a: {},
     "distill": lambda a: {"teacher": a.teacher_dir, "beta": 1.0, "temperature": 1.0},
     "sft": lambda a: {},
+    "sdft": lambda a: {"teacher_prompt_template": SDFT_TEMPLATE, "distillation_topk": SDFT_TOPK},
     "gmpo": lambda a: {},  # policylab's gmpo defaults: log-space clip 0.4 / 0.4, as GMPOConfig's epsilon
     "rloo": lambda a: {"aggregation": "seq-mean-token-sum"},  # TRL's sequence-level surrogate, see the docstring
     "dpo": lambda a: {"pairs": a.prompts, "prompts": None, "beta": 0.1, "precompute_ref_log_probs": a.precompute},
@@ -269,7 +305,7 @@ OURS_EXTRA: dict[str, Any] = {
 }
 PAIR_ALGOS = ("dpo", "cpo", "simpo", "orpo", "tpo", "kto", "reward_model")
 """The algorithms that train on preference pairs (prepare writes pairs for them) and sample nothing."""
-SAMPLING_ALGOS = ("grpo", "gmpo", "rloo", "distill")
+SAMPLING_ALGOS = ("grpo", "gmpo", "rloo", "distill", "sdft")
 """The algorithms that sample completions (the others, SFT and the pair algorithms, train on given ones)."""
 
 
@@ -422,6 +458,13 @@ def worker_trl(a: argparse.Namespace) -> dict[str, Any]:
         teacher = AutoModelForCausalLM.from_pretrained(a.teacher_dir)
         trainer = DistillationTrainer(model=model, teacher_model=teacher, args=config, train_dataset=dataset,
                                       processing_class=tokenizer)  # fmt: skip
+    elif a.algo == "sdft":
+        from trl.experimental.sdft import SDFTConfig, SDFTTrainer
+
+        config = SDFTConfig(**common, per_device_train_batch_size=a.prompts_per_step * a.group_size,
+                            num_generations=a.group_size, max_completion_length=a.max_new_tokens, temperature=1.0,
+                            teacher_prompt_template=SDFT_TEMPLATE, distillation_topk=SDFT_TOPK)  # fmt: skip
+        trainer = SDFTTrainer(model=model, args=config, train_dataset=dataset, processing_class=tokenizer)
     elif a.algo == "gmpo":
         from trl.experimental.gmpo import GMPOConfig, GMPOTrainer
 
