@@ -89,3 +89,18 @@ def ray_process_pids(title: str) -> list[int]:
         return False
 
     return [pid for pid in titled if descends(pid)]
+
+
+def assert_synced_every_second_step(trainer, moving: torch.nn.Module, train_step, rate: float) -> None:
+    """Two steps of `train_step` (the trainer's own), each followed by `after_step`: `moving` (a reference or
+    teacher synced every 2 steps) is untouched after the first and rate * model + (1 - rate) * itself after the
+    second."""
+    start = [p.detach().clone() for p in moving.parameters()]
+    for step in (1, 2):
+        trainer.step = step
+        train_step()
+        trainer.after_step(step)
+        if step == 1:  # not yet a multiple of 2
+            assert all(torch.equal(a, b) for a, b in zip(start, moving.parameters()))
+    for synced, old, model in zip(moving.parameters(), start, trainer.model.parameters()):
+        torch.testing.assert_close(synced, rate * model.detach() + (1 - rate) * old)

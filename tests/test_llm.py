@@ -1560,20 +1560,13 @@ def test_grpo_moves_its_kl_reference_toward_the_policy_every_n_steps(sft_model):
     """TRL's GRPOConfig sync_ref_model: after every ref_model_sync_steps-th step the KL term's reference becomes
     alpha * policy + (1 - alpha) * reference; without kl_coef there is no reference to move, an error."""
     from policylab.llm.trainer import LLMTrainer
+    from tests.helpers import assert_synced_every_second_step
 
     settings = {"model": str(sft_model.dir), "batch_size": 4, "group_size": 4, "kl_coef": 0.1,
                 "sync_ref_model": True, "ref_model_sync_steps": 2, "ref_model_mixup_alpha": 0.25}  # fmt: skip
     trainer = LLMTrainer(make_config("grpo", settings))
     assert trainer.reference is not None and trainer.moving_reference
-    start = [p.detach().clone() for p in trainer.reference.parameters()]
-    for step in (1, 2):
-        trainer.step = step
-        trainer.rl_step()
-        trainer.after_step(step)
-        if step == 1:  # not yet a multiple of 2
-            assert all(torch.equal(a, b) for a, b in zip(start, trainer.reference.parameters()))
-    for ref, old, policy in zip(trainer.reference.parameters(), start, trainer.model.parameters()):
-        torch.testing.assert_close(ref, 0.25 * policy.detach() + 0.75 * old)
+    assert_synced_every_second_step(trainer, trainer.reference, trainer.rl_step, 0.25)
     with pytest.raises(ConfigError, match="kl_coef=0 keeps none") as info:
         make_config("grpo", {"sync_ref_model": True})
     assert "kl_coef" in (info.value.fix or "")

@@ -14,6 +14,7 @@ from policylab.llm import LLMError
 from policylab.llm.tasks import get_task
 from policylab.llm.trainer import LLMInputs, LLMTrainer, make_config, train_llm
 from policylab.objectives.imitation import generalized_jsd, topk_generalized_jsd
+from tests.helpers import assert_synced_every_second_step
 
 CONTEXT_FIRST = "{privileged_context}:{prompt}"
 """A teacher prompt the character tokenizer can spell: the answer, a colon, the question."""
@@ -81,24 +82,21 @@ def test_sdft_settings_that_cannot_work_are_one_clear_error_each():
         make_config("grpo", {"distillation_topk": 5})
 
 
+@pytest.mark.parametrize("kind", ["ema", "base"])
 def test_the_ema_teacher_moves_toward_the_model_and_a_resumed_run_ends_with_the_uninterrupted_runs_weights(
-    tmp_path,
+    tmp_path, kind
 ):
+    """The EMA teacher's update by hand; a run stopped after 3 of 6 steps and resumed ends bit for bit as the
+    uninterrupted run, with the EMA teacher from the checkpoint and with the base teacher (the starting model)."""
     prompts = tmp_path / "rows.jsonl"
     prompts.write_text("".join(json.dumps(row) + "\n" for row in context_rows(40, 0)))
     settings = {"model": "tiny-llama", "prompts": str(prompts), "steps": 6, "eval_every": 2, "batch_size": 4,
-                "eval_size": 8, "teacher_model_kind": "ema", "teacher_update_rate": 0.25, "teacher_sync_steps": 2,
-                "teacher_prompt_template": CONTEXT_FIRST}  # fmt: skip
-    trainer = LLMTrainer(make_config("sdft", settings))
-    assert trainer.teacher is not None and trainer.moving_teacher
-    start = [p.detach().clone() for p in trainer.teacher.parameters()]
-    for step in (1, 2):
-        trainer.sdft_step()
-        trainer.after_step(step)
-        if step == 1:  # not yet a multiple of 2
-            assert all(torch.equal(a, b) for a, b in zip(start, trainer.teacher.parameters()))
-    for teacher, old, model in zip(trainer.teacher.parameters(), start, trainer.model.parameters()):
-        torch.testing.assert_close(teacher, 0.25 * model.detach() + 0.75 * old)
+                "eval_size": 8, "teacher_prompt_template": CONTEXT_FIRST}  # fmt: skip
+    if kind == "ema":
+        settings.update(teacher_model_kind="ema", teacher_update_rate=0.25, teacher_sync_steps=2)
+        trainer = LLMTrainer(make_config("sdft", settings))
+        assert trainer.teacher is not None and trainer.moving_teacher
+        assert_synced_every_second_step(trainer, trainer.teacher, trainer.sdft_step, 0.25)
     full = train_llm("sdft", settings, tmp_path, name="full", verbose=False)
     part = train_llm("sdft", settings, tmp_path, name="part", verbose=False, callback=lambda step, _: step < 3)
     resumed = train_llm(resume=part.dir, verbose=False)

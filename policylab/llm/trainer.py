@@ -2861,7 +2861,8 @@ class LLMTrainer:
         student = completion_logits(self.model, prompt_ids, prompt_mask, ids, mask, tape=tape)
         teacher_ids, teacher_mask = self.encode_prompts([row["prompt"] for row in teacher_rows])
         with torch.no_grad():
-            teacher = completion_logits(self.teacher or self.model, teacher_ids, teacher_mask, ids, mask)
+            teacher_model = self.model if self.teacher is None else self.teacher  # live: the model itself
+            teacher = completion_logits(teacher_model, teacher_ids, teacher_mask, ids, mask)
         loss_mask = mask & (torch.arange(mask.shape[1]) >= cfg.num_loss_tokens_to_skip)
         alpha, temperature = cfg.distillation_alpha, cfg.temperature
         if cfg.distillation_mode == "topk_logits":
@@ -2870,7 +2871,7 @@ class LLMTrainer:
             )
         elif cfg.distillation_mode == "full_logits":
             per_token = generalized_jsd(student, teacher, alpha, temperature)
-        else:  # sampled_token: the advantage log p_teacher - log p_student of each sampled token, held
+        else:  # sampled_token: log p_student - log p_teacher of each sampled token, held, times log p_student
             student_logp = _chosen_logprobs(student, ids, temperature)
             gap = (student_logp - _chosen_logprobs(teacher, ids, temperature)).detach()
             per_token = gap * student_logp
