@@ -1,6 +1,6 @@
-"""policylab's SFT, GRPO, GMPO, RLOO, DPO, CPO, SimPO, ORPO, KTO, reward models and on-policy distillation against TRL's
-SFTTrainer, GRPOTrainer, GMPOTrainer, RLOOTrainer, DPOTrainer, CPOTrainer, ORPOTrainer, KTOTrainer, RewardTrainer and
-DistillationTrainer: the
+"""policylab's SFT, GRPO, GMPO, RLOO, DPO, CPO, SimPO, ORPO, KTO, reward models, on-policy distillation and SDFT against
+TRL's SFTTrainer, GRPOTrainer, GMPOTrainer, RLOOTrainer, DPOTrainer, CPOTrainer, ORPOTrainer, KTOTrainer, RewardTrainer,
+DistillationTrainer and SDFTTrainer: the
 same model, prompts (or preference pairs), group size, lengths, optimizer settings and number of steps, alternating
 runs, 1 thread each.
 
