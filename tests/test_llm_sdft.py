@@ -136,3 +136,26 @@ def test_sdft_distills_what_the_model_does_with_the_context_into_the_model_witho
     wrong = train_llm("sdft", settings, tmp_path, name="wrong", verbose=False, prompts=context_rows(4000, 0, 1),
                       eval_prompts=held_out)  # fmt: skip
     assert wrong.final_eval["accuracy"] <= start, (start, wrong.final_eval)
+
+
+def test_skipped_tokens_leave_the_loss_and_generate_from_teacher_samples_from_the_teachers_prompt(monkeypatch):
+    """num_loss_tokens_to_skip past every completion leaves nothing in the loss (0, and the weights as they were);
+    generate_from_teacher samples from the teacher's prompt, the student still trains on the row's own."""
+    rows = context_rows(16, 0)
+    base = {"model": "tiny-llama", "batch_size": 4, "eval_size": 4, "teacher_prompt_template": CONTEXT_FIRST}
+    trainer = LLMTrainer(make_config("sdft", {**base, "num_loss_tokens_to_skip": 100}), LLMInputs(prompts=rows))
+    before = [p.detach().clone() for p in trainer.model.parameters()]
+    metrics = trainer.sdft_step()
+    assert metrics["loss"] == 0.0 and metrics["tokens"] == 0.0
+    assert all(torch.equal(a, b) for a, b in zip(before, trainer.model.parameters()))
+    trainer = LLMTrainer(make_config("sdft", {**base, "generate_from_teacher": True}), LLMInputs(prompts=rows))
+    sampled, encoded = [], []
+    rollout, encode = trainer.rollout, trainer.encode_prompts.__call__
+    monkeypatch.setattr(
+        trainer, "rollout", lambda rows, **kw: (sampled.extend(r["prompt"] for r in rows), rollout(rows, **kw))[1]
+    )
+    monkeypatch.setattr(trainer, "encode_prompts", lambda prompts: (encoded.append(list(prompts)), encode(prompts))[1])
+    assert trainer.sdft_step()["tokens"] > 0
+    assert all(p.split(":", 1)[1] in {r["prompt"] for r in rows} and ":" in p for p in sampled)
+    assert encoded[0] == sampled  # the sampler's: the teacher's prompts
+    assert encoded[1] == [p.split(":", 1)[1] for p in sampled]  # the student's: each row's own prompt
