@@ -1582,6 +1582,7 @@ def test_grpo_moves_its_kl_reference_toward_the_policy_every_n_steps(sft_model):
         ("grpo", {"group_size": 4, "use_adaptive_entropy": True, "entropy_coef": 0.01, "entropy_target": 9.0}),
         ("grpo", {"group_size": 4, "kl_coef": 0.1, "sync_ref_model": True, "ref_model_sync_steps": 2}),  # its KL ref
         ("a2po", {"num_value_samples": 4}),
+        ("sdpo", {"group_size": 4}),  # its EMA teacher from the checkpoint
     ],
 )
 def test_a_resumed_run_ends_with_the_uninterrupted_runs_weights(sft_model, tmp_path, algo, extra):
@@ -2144,9 +2145,11 @@ def test_algorithms_that_sample_nothing_refuse_generation_workers_and_sampling_s
 
 
 POLICY_GRADIENT = (
-    r"the policy-gradient algorithms: grpo, dr_grpo, dapo, gspo, cispo, sapo, gmpo, rloo, reinforce\+\+, ppo"
+    r"the policy-gradient algorithms: grpo, dr_grpo, dapo, gspo, cispo, sapo, gmpo, rloo, reinforce\+\+, ppo, sdpo"
 )
-GROUP_ADVANTAGE = r"the group-advantage algorithms: grpo, dr_grpo, dapo, gspo, cispo, sapo, gmpo, rloo, reinforce\+\+"
+GROUP_ADVANTAGE = (
+    r"the group-advantage algorithms: grpo, dr_grpo, dapo, gspo, cispo, sapo, gmpo, rloo, reinforce\+\+, sdpo"
+)
 UNUSED = {
     "sft": [
         ("kl_coef", 0.1, POLICY_GRADIENT),
@@ -2203,8 +2206,8 @@ UNUSED = {
     "distill": [
         ("kl_coef", 0.1, POLICY_GRADIENT),
         ("mix", "chord", GROUP_ADVANTAGE),
-        ("dynamic_sampling", True, r"the algorithms that sample and reward: grpo, .*, ppo, online_dpo"),
-        ("overlong_buffer", 2, r"the algorithms that sample and reward: grpo, .*, ppo, online_dpo"),
+        ("dynamic_sampling", True, r"the algorithms that sample and reward: grpo, .*, ppo, online_dpo, sdpo"),
+        ("overlong_buffer", 2, r"the algorithms that sample and reward: grpo, .*, ppo, online_dpo, sdpo"),
         ("pairs", "p.jsonl", "dpo, cpo, simpo, orpo, tpo, kto, reward_model"),
     ],
 }
@@ -2328,15 +2331,26 @@ READ = {
     "distill_loss": ("sampled",),
     "iw_opd_gamma": (0.2,),
     "distillation_mode": ("full_logits",),
-    "distillation_alpha": (1.0,),
+    "distillation_alpha": (1.0, 0.5),
     "distillation_topk": (5,),
     "distillation_add_tail": (True,),
     "num_loss_tokens_to_skip": (1,),
-    "teacher_model_kind": ("ema",),
+    "teacher_model_kind": ("ema", "base"),
     "teacher_update_rate": (0.5,),
     "teacher_sync_steps": (2,),
     "generate_from_teacher": (True,),
     "teacher_prompt_template": ("{privileged_context}:{prompt}",),
+    "distillation_weight": (0.5,),
+    "distillation_is_clip": (1.5,),
+    "use_successful_as_teacher": (False,),
+    "success_reward_threshold": (0.5,),
+    "dont_reprompt_on_self_success": (False,),
+    "reprompt_template": ("{solution}{prompt}{feedback}",),
+    "solution_template": ("{successful_previous_attempt}:",),
+    "feedback_template": ("{feedback_raw}!",),
+    "include_environment_feedback": (True,),
+    "environment_feedback_only_without_solution": (True,),
+    "remove_thinking_from_demonstration": (True,),
     "num_value_samples": (4,),
     "beta1": (0.3,),
     "beta2": (0.01,),
@@ -2385,9 +2399,9 @@ def test_each_algorithm_refuses_the_settings_its_training_step_never_reads(tmp_p
         make_config("sft", {"beta": 0.5, "temperature": 0.5, "kl_coef": 0.1})
     assert info.value.problem.endswith(
         "so they would do nothing; temperature applies to the algorithms that sample: grpo, dr_grpo, dapo, gspo, "
-        "cispo, sapo, gmpo, rloo, reinforce++, ppo, online_dpo, distill, gkd, a2po, sdft; kl_coef applies to the "
+        "cispo, sapo, gmpo, rloo, reinforce++, ppo, online_dpo, distill, gkd, a2po, sdft, sdpo; kl_coef applies to the "
         "policy-gradient "
-        "algorithms: grpo, dr_grpo, dapo, gspo, cispo, sapo, gmpo, rloo, reinforce++, ppo; beta applies to dpo, "
+        "algorithms: grpo, dr_grpo, dapo, gspo, cispo, sapo, gmpo, rloo, reinforce++, ppo, sdpo; beta applies to dpo, "
         "online_dpo, cpo, simpo, orpo, tpo, kto, distill, gkd"
     ), info.value.problem
     assert info.value.fix.startswith("drop temperature, kl_coef and beta, or train one of those algorithms")
@@ -2433,6 +2447,8 @@ COMPANIONS: dict[str, dict[str, object]] = {
     "seq_kd": {"lmbda": 0.5},
     "iw_opd_gamma": {"distill_loss": "iw_opd"},
     **dict.fromkeys(("teacher_update_rate", "teacher_sync_steps"), {"teacher_model_kind": "ema"}),
+    **dict.fromkeys(("distillation_topk", "distillation_add_tail"), {"distillation_mode": "topk_logits"}),
+    "distillation_alpha": {"distillation_mode": "full_logits"},  # sampled_token takes 1 only
     **dict.fromkeys(("vespo_k_pos", "vespo_lambda_pos", "vespo_k_neg", "vespo_lambda_neg"), {"loss": "vespo"}),
     **dict.fromkeys(
         ("entropy_target", "entropy_coef_delta", "entropy_coef_min", "entropy_coef_max"), {"use_adaptive_entropy": True}
@@ -2476,10 +2492,11 @@ def test_settings_read_only_under_another_are_refused_without_it():
                  "ref_model_mixup_alpha": 0.5, "precompute_ref_log_probs": True, "seq_kd": True,
                  "num_completions_to_print": 3, "importance_sampling_mode": "sequence_truncate",
                  "importance_sampling_clip_min": 0.1, "importance_sampling_clip_max": 2.0,
-                 "teacher_update_rate": 0.5, "teacher_sync_steps": 2}[name]  # fmt: skip
+                 "teacher_update_rate": 0.5, "teacher_sync_steps": 2, "distillation_topk": 5,
+                 "distillation_add_tail": True, "distillation_alpha": 0.2}[name]  # fmt: skip
         preference = name in PREFERENCE_SETTINGS or name == "precompute_ref_log_probs"
         algo = "orpo" if preference else "distill" if name in ("seq_kd", "iw_opd_gamma") else "grpo"  # all off
-        algo = "sdft" if name.startswith("teacher_") else algo
+        algo = "sdft" if name.startswith(("teacher_", "distillation_")) else algo
         teacher = {"teacher": "runs/sft"} if algo == "distill" else {}
         assert getattr(make_config(algo, {name: value, **on, **teacher}), name) == value
 

@@ -1,5 +1,6 @@
-"""SDFT (self-distillation fine-tuning, TRL's SDFTTrainer): the top-k divergence, the teacher's prompt, the
-teacher's weights (base, live, EMA), exact resume, the errors, and learning from the privileged context."""
+"""SDFT (self-distillation fine-tuning, TRL's SDFTTrainer) and SDPO (self-distillation policy optimization, TRL's
+SDPOTrainer): the top-k divergence, the teacher's prompts, the teacher's weights (base, live, EMA), the importance
+weight, exact resume, the errors, and learning from the privileged context and from successful siblings."""
 
 from __future__ import annotations
 
@@ -159,3 +160,82 @@ def test_skipped_tokens_leave_the_loss_and_generate_from_teacher_samples_from_th
     assert all(p.split(":", 1)[1] in {r["prompt"] for r in rows} and ":" in p for p in sampled)
     assert encoded[0] == sampled  # the sampler's: the teacher's prompts
     assert encoded[1] == [p.split(":", 1)[1] for p in sampled]  # the student's: each row's own prompt
+
+
+SIBLING_FIRST = {
+    "reprompt_template": "{solution}{prompt}{feedback}",
+    "solution_template": "{successful_previous_attempt}:",
+    "feedback_template": "{feedback_raw}?",
+}
+"""SDPO's teacher prompts in characters the tokenizer has: a successful sibling's answer, a colon, the question."""
+
+
+def test_sdpo_reprompts_each_completion_with_a_successful_sibling_of_its_group(monkeypatch):
+    """Rewards [1, 0, 0, 1 | 0, 0, 0, 0]: each completion of the first group is reprompted with the first success
+    other than itself (the fourth for the first), the second group's are not (their prompts stay, out of the
+    loss); without dont_reprompt_on_self_success the first shows itself; include_environment_feedback adds the
+    row's privileged_context, where there is no solution only with environment_feedback_only_without_solution."""
+    rows = context_rows(2, 0)
+    settings = {"model": "tiny-llama", "batch_size": 2, "group_size": 4, "eval_size": 2, **SIBLING_FIRST}
+    rewards = torch.tensor([1.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 0.0])
+
+    def teacher_prompts(extra):
+        trainer = LLMTrainer(make_config("sdpo", {**settings, **extra}), LLMInputs(prompts=rows))
+        rollout, _, _ = trainer.sample_groups()
+        digits = trainer.tokenizer.convert_tokens_to_ids([str(i) for i in range(8)])
+        rollout.completion_ids[:] = trainer.tokenizer.pad_token_id
+        rollout.completion_ids[:, :3] = torch.tensor(digits)[:, None]  # completion i: "iii"
+        rollout.completion_mask[:] = False
+        rollout.completion_mask[:, :3] = True
+        seen, encode = [], trainer.encode_prompts.__call__
+        monkeypatch.setattr(trainer, "encode_prompts", lambda prompts: (seen.append(list(prompts)), encode(prompts))[1])
+        _, metrics = trainer.sdpo_term(rollout, rewards)
+        return rollout.rows, seen[-1], metrics
+
+    drawn, taught, metrics = teacher_prompts({})
+    prompts = [row["prompt"] for row in drawn]
+    assert taught[:4] == ["333:" + prompts[0], *("000:" + p for p in prompts[1:4])] and taught[4:] == prompts[4:]
+    assert metrics == {"reprompted": 0.5, "success_groups": 0.5}
+    drawn, taught, _ = teacher_prompts({"dont_reprompt_on_self_success": False})
+    assert taught[0] == "000:" + drawn[0]["prompt"]
+    drawn, taught, metrics = teacher_prompts({"include_environment_feedback": True})
+    feedback = [row["privileged_context"] + "?" for row in drawn]
+    assert taught[1] == "000:" + drawn[1]["prompt"] + feedback[1] and taught[5] == drawn[5]["prompt"] + feedback[5]
+    assert metrics["reprompted"] == 1.0
+    only = {"include_environment_feedback": True, "environment_feedback_only_without_solution": True}
+    drawn, taught, _ = teacher_prompts(only)
+    feedback = [row["privileged_context"] + "?" for row in drawn]
+    assert taught[1] == "000:" + drawn[1]["prompt"] and taught[5] == drawn[5]["prompt"] + feedback[5]
+
+
+def test_the_importance_weight_is_the_clipped_ratio_to_the_sampler():
+    """distillation_is_clip: each token's loss times min(pi / pi_sampler, clip), held: a sampler 3x less likely
+    than the model on every token doubles the loss at clip 2; equal log-probs leave it as it was."""
+    trainer = LLMTrainer(
+        make_config("sdpo", {"model": "tiny-llama", "eval_size": 2}), LLMInputs(prompts=context_rows(4, 0))
+    )
+    torch.manual_seed(0)
+    student, teacher = torch.randn(2, 3, 24), torch.randn(2, 3, 24)
+    ids, mask = torch.randint(0, 24, (2, 3)), torch.tensor([[1, 1, 0], [1, 1, 1]], dtype=torch.bool)
+    own = torch.log_softmax(student, -1).gather(-1, ids[..., None]).squeeze(-1)
+    plain = trainer.self_distillation_loss(student, teacher, ids, mask)
+    torch.testing.assert_close(trainer.self_distillation_loss(student, teacher, ids, mask, own), plain)
+    torch.testing.assert_close(
+        trainer.self_distillation_loss(student, teacher, ids, mask, own - math.log(3.0)), 2 * plain
+    )
+
+
+def test_sdpo_self_distillation_alone_raises_exact_match(context_reader, tmp_path):
+    """No policy gradient at all (distillation_weight 1): 150 steps of distilling the starting model reprompted with
+    a successful sibling's answer (the full-vocabulary JSD) raise exact match by at least 0.05 (0.25 to 0.335,
+    0.34 and 0.37 over seeds 0-2, 2026-12-07). TRL's defaults here (the sampled tokens' reverse KL from an EMA
+    teacher) moved it little (0.235 on seed 0); with weight 0.5 beside GRPO's loss it reached 0.405-0.48 (GRPO
+    alone 0.395-0.49)."""
+    settings = {"model": str(context_reader.dir), "steps": 150, "batch_size": 32, "group_size": 8, "eval_every": 150,
+                "eval_size": 200, "max_new_tokens": 6, "distillation_mode": "full_logits", "distillation_alpha": 0.5,
+                "teacher_model_kind": "base", **SIBLING_FIRST}  # fmt: skip
+    run = train_llm("sdpo", settings, tmp_path, verbose=False, prompts=get_task("addition").make(4000, 0),
+                    eval_prompts=get_task("addition").make(200, 99))  # fmt: skip
+    start = context_reader.final_eval["accuracy"]
+    assert run.initial_eval["accuracy"] == start
+    assert run.final_eval["accuracy"] >= start + 0.05, (start, run.final_eval)

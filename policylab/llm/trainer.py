@@ -48,6 +48,11 @@ kl_coef times a k1/k2/k3 KL estimate to the initial model and minus entropy_coef
                   ones or their moving average), given the prompt with the row's `privileged_context` (e.g. a
                   demonstration); the generalized JSD (0.5) on the student's top 100 tokens, sequence-mean
                   token-mean (Shenfeld et al. 2026; TRL's SDFTTrainer)
+    sdpo          SDPO: GRPO's rollouts and rewards; each completion whose group holds another that succeeded
+                  (reward >= 1) learns the next-token distributions of the model (an EMA teacher) reprompted with
+                  that successful attempt as a solution: the sampled tokens' reverse KL, weight
+                  `distillation_weight` 1 against the policy loss (token-mean) (Hubotter et al. 2026; TRL's
+                  SDPOTrainer)
     a2po          A*-PO: before training, V*(x) = beta1 log mean exp(r / beta1) of num_value_samples reference
                   samples per training prompt (prompts where all score 0 dropped); then one sample per prompt,
                   beta2 log(pi / pi_ref) regressed onto r - V*(x) (Brantley et al. 2025; TRL's A2POTrainer)
@@ -62,6 +67,7 @@ import contextlib
 import copy
 import itertools
 import math
+import re
 import shutil
 import time
 from collections.abc import Callable, Iterator
@@ -213,6 +219,12 @@ ALGO_DEFAULTS: dict[str, dict[str, Any]] = {
     },
     "a2po": {"group_size": 1, "batch_size": 64},
     "sdft": {"group_size": 1, "batch_size": 64},
+    "sdpo": {
+        "aggregation": "token-mean",
+        "distillation_mode": "sampled_token",
+        "distillation_alpha": 1.0,
+        "teacher_model_kind": "ema",
+    },
 }
 """Each algorithm is GRPO's config with these values (the table in the module docstring)."""
 ALGOS = tuple(ALGO_DEFAULTS)
@@ -306,19 +318,33 @@ UNPAIRED_SETTINGS = ("unpaired_loss", "desirable_weight", "undesirable_weight")
 """KTO's settings (objectives.preference.unpaired_loss)."""
 VESPO_SETTINGS = ("vespo_k_pos", "vespo_lambda_pos", "vespo_k_neg", "vespo_lambda_neg")
 A2PO_SETTINGS = ("num_value_samples", "beta1", "beta2", "filter_all_incorrect")
-SDFT_SETTINGS = (
+SELF_DISTILLATION_SETTINGS = (
     "distillation_mode",
     "distillation_alpha",
     "distillation_topk",
     "distillation_add_tail",
-    "num_loss_tokens_to_skip",
     "teacher_model_kind",
     "teacher_update_rate",
     "teacher_sync_steps",
-    "generate_from_teacher",
-    "teacher_prompt_template",
+)
+"""The settings of SDFT's and SDPO's self-distillation."""
+SDFT_SETTINGS = ("num_loss_tokens_to_skip", "generate_from_teacher", "teacher_prompt_template")
+SDPO_SETTINGS = (
+    "distillation_weight",
+    "distillation_is_clip",
+    "use_successful_as_teacher",
+    "success_reward_threshold",
+    "dont_reprompt_on_self_success",
+    "reprompt_template",
+    "solution_template",
+    "feedback_template",
+    "include_environment_feedback",
+    "environment_feedback_only_without_solution",
+    "remove_thinking_from_demonstration",
 )
 SDFT_MODES = ("topk_logits", "full_logits", "sampled_token")
+SELF_DISTILLING = ("sdft", "sdpo")
+"""The algorithms whose teacher is the model itself (teacher_model_kind)."""
 SDFT_TEACHERS = ("base", "live", "ema")
 BEMA_SETTINGS = (
     "bema_update_ref_model",
@@ -406,7 +432,9 @@ SETTING_READERS: dict[str, tuple[str, ...]] = {
     "beta": (*PREFERENCE_STEPS, "tpo_step", "kto_step", "distill_step"),
     **dict.fromkeys(("teacher", "lmbda", "seq_kd", "distill_loss", "iw_opd_gamma"), ("distill_step",)),
     **dict.fromkeys(A2PO_SETTINGS, ("a2po_step",)),
+    **dict.fromkeys(SELF_DISTILLATION_SETTINGS, ("sdft_step", "sdpo")),
     **dict.fromkeys(SDFT_SETTINGS, ("sdft_step",)),
+    **dict.fromkeys(SDPO_SETTINGS, ("sdpo",)),
     **dict.fromkeys(UNPAIRED_SETTINGS, ("kto_step",)),
     "pairs": ROW_PAIR_STEPS,
     "precompute_ref_log_probs": ("dpo_step",),
@@ -440,9 +468,9 @@ STEP_SUMMARIES = {
 
 
 def setting_readers(name: str) -> tuple[str, ...]:
-    """The algorithms whose training step reads setting `name`."""
+    """The algorithms whose training step reads setting `name` (or that SETTING_READERS names themselves)."""
     steps = SETTING_READERS.get(name)
-    return tuple(algo for algo in ALGOS if steps is None or training_step(algo) in steps)
+    return tuple(algo for algo in ALGOS if steps is None or training_step(algo) in steps or algo in steps)
 
 
 LOSSES = ("ppo", "gspo", "cispo", "sapo", "luspo", "vespo", "gmpo")
@@ -632,6 +660,31 @@ class LLMConfig:
     teacher_prompt_template: str = "{prompt}\n\n{privileged_context}"
     """sdft: the teacher's prompt from the row's prompt and its `privileged_context` (for a conversational prompt,
     the last user message's text becomes this, as in TRL)."""
+    distillation_weight: float = 1.0
+    """sdpo: the loss is (1 - weight) times the policy loss plus weight times the self-distillation loss (1: the
+    self-distillation alone, 0: GRPO)."""
+    distillation_is_clip: float | None = 2.0
+    """sdpo: each token's self-distillation loss weighted by min(pi / pi_sampler, clip) (held), the sampler's
+    probability of the token its own (1 at a batch's first update; later updates and steps_per_generation's
+    slices drift from it); None: no weight."""
+    use_successful_as_teacher: bool = True
+    """sdpo: a successful completion of the group is the teacher's demonstration for the others."""
+    success_reward_threshold: float = 1.0
+    """sdpo: the reward from which a completion counts as successful."""
+    dont_reprompt_on_self_success: bool = True
+    """sdpo: a completion's own success is not its demonstration (another of its group's must be)."""
+    reprompt_template: str = "{prompt}{solution}{feedback}\n\nCorrectly solve the original question.\n"
+    """sdpo: the teacher's prompt from the prompt, the solution text and the feedback text."""
+    solution_template: str = "\nCorrect solution:\n\n{successful_previous_attempt}\n\n"
+    """sdpo: the solution text from the successful completion's text."""
+    feedback_template: str = "\nThe following is feedback from your unsuccessful earlier attempt:\n\n{feedback_raw}\n\n"
+    """sdpo: the feedback text from the row's `privileged_context` (include_environment_feedback)."""
+    include_environment_feedback: bool = False
+    """sdpo: the row's `privileged_context` also goes into the teacher's prompt, as feedback."""
+    environment_feedback_only_without_solution: bool = False
+    """sdpo: the feedback only where no successful completion is there to show."""
+    remove_thinking_from_demonstration: bool = False
+    """sdpo: the demonstration without its <think>...</think> blocks."""
     label_smoothing: float = 0.0
     """The assumed share of flipped labels of the losses that take one: sigmoid (conservative DPO), robust,
     exo_pair, aot, aot_unpaired, cpo, simpo; 0: plain DPO."""
@@ -856,8 +909,10 @@ class LLMConfig:
             )
         if self.algo == "tpo":
             self._check_tpo_settings()
-        if training_step(self.algo) == "sdft_step":
+        if training_step(self.algo) == "sdft_step" or self.algo == "sdpo":
             self._check_sdft_settings()
+        if self.algo == "sdpo":
+            self._check_sdpo_settings()
         if training_step(self.algo) in POLICY_LOSS_STEPS:
             self._check_reference_sync()
         if training_step(self.algo) in PREFERENCE_STEPS:
@@ -1023,6 +1078,27 @@ class LLMConfig:
                 f"teacher_prompt_template={self.teacher_prompt_template!r} cannot be filled ({exc!r})",
                 "use the fields {prompt} and {privileged_context} only, e.g. '{prompt}\\n\\n{privileged_context}'",
             ) from None
+
+    def _check_sdpo_settings(self) -> None:
+        if not 0 <= self.distillation_weight <= 1:
+            raise ConfigError(f"distillation_weight={self.distillation_weight} must be in [0, 1]",
+                              "set 1 (self-distillation alone), 0 (GRPO) or between")  # fmt: skip
+        if self.distillation_is_clip is not None and self.distillation_is_clip <= 0:
+            raise ConfigError(f"distillation_is_clip={self.distillation_is_clip} must be > 0",
+                              "set 2.0 (TRL's), or null (no weight)")  # fmt: skip
+        fields = {
+            "reprompt_template": ("prompt", "solution", "feedback"),
+            "solution_template": ("successful_previous_attempt",),
+            "feedback_template": ("feedback_raw",),
+        }
+        for name, keys in fields.items():
+            try:
+                getattr(self, name).format(**dict.fromkeys(keys, ""))
+            except (KeyError, IndexError, ValueError) as exc:
+                raise ConfigError(
+                    f"{name}={getattr(self, name)!r} cannot be filled ({exc!r})",
+                    f"use the fields {', '.join('{' + key + '}' for key in keys)} only",
+                ) from None
 
     def _check_distillation_settings(self) -> None:
         if self.teacher is None:
@@ -1916,7 +1992,7 @@ class LLMTrainer:
             self.reference = copy.deepcopy(self.model).eval().requires_grad_(False)
         self.teacher = self._teacher(cfg, inputs) if training_step(cfg.algo) == "distill_step" else None
         """distill's and gkd's frozen teacher; sdft's copy of the model (teacher_model_kind base or ema)."""
-        if cfg.algo == "sdft" and cfg.teacher_model_kind != "live":
+        if cfg.algo in SELF_DISTILLING and cfg.teacher_model_kind != "live":
             self.teacher = copy.deepcopy(self.model).eval().requires_grad_(False)
         self.teacher_prompts: dict[tuple[str, str], str] = {}
         """sdft: each (prompt, privileged context)'s teacher prompt, rendered once."""
@@ -2441,11 +2517,18 @@ class LLMTrainer:
             ended = ended_with_eos(rollout, self.tokenizer) | self.stopped(rollout)
             rollout = rollout.with_mask(rollout.completion_mask & ended[:, None])
         mu = parse_schedule(cfg.mix_weight)((self.step - 1) / cfg.steps) if cfg.mix == "chord" else 0.0
+        weight = cfg.distillation_weight if cfg.algo == "sdpo" else 0.0  # SDPO's self-distillation term
         slices = self.generation_slices(len(rollout))
         for rows in [rows for _ in range(cfg.updates_per_batch) for rows in slices]:
             part = rollout if len(slices) == 1 else rollout.select(rows)
             self.optimizer.zero_grad()
-            step_metrics = self.accumulate(part, advantages[rows], scale=1.0 - mu)
+            policy_scale = (1.0 - mu) * (1.0 - weight)
+            step_metrics = self.accumulate(part, advantages[rows], scale=policy_scale) if policy_scale else {}
+            if weight > 0:  # sdpo's self-distillation term on the slice's groups
+                distill, distill_metrics = self.sdpo_term(part, rewards[rows])
+                self._backward(weight * distill)
+                step_metrics.update(distill_loss=float(distill.detach()), **distill_metrics)
+                step_metrics.setdefault("loss", float(distill.detach()))
             if cfg.mix == "chord":  # (1 - mu) L_RL above, mu L_imitation here: CHORD's mixed loss, term by term
                 expert_loss, mixed = self.with_expert_term(torch.zeros(()), mu)
                 self._backward(expert_loss)
@@ -2864,6 +2947,17 @@ class LLMTrainer:
             teacher_model = self.model if self.teacher is None else self.teacher  # live: the model itself
             teacher = completion_logits(teacher_model, teacher_ids, teacher_mask, ids, mask)
         loss_mask = mask & (torch.arange(mask.shape[1]) >= cfg.num_loss_tokens_to_skip)
+        loss = self.self_distillation_loss(student, teacher, ids, loss_mask)
+        self._optimize(loss)
+        return {"loss": float(loss.detach()), "tokens": float(loss_mask.sum())}
+
+    def self_distillation_loss(
+        self, student: Tensor, teacher: Tensor, ids: Tensor, mask: Tensor, sampler_logp: Tensor | None = None
+    ) -> Tensor:
+        """SDFT's and SDPO's loss from the student's and the teacher's logits at the completion positions, the
+        sequence-mean token-mean over `mask`'s tokens (every row counts in the mean, as TRL's); with the sampler's
+        log-probs of the tokens, each token's loss weighted by distillation_is_clip's clipped ratio (sdpo)."""
+        cfg = self.cfg
         alpha, temperature = cfg.distillation_alpha, cfg.temperature
         if cfg.distillation_mode == "topk_logits":
             per_token = topk_generalized_jsd(
@@ -2875,9 +2969,60 @@ class LLMTrainer:
             student_logp = _chosen_logprobs(student, ids, temperature)
             gap = (student_logp - _chosen_logprobs(teacher, ids, temperature)).detach()
             per_token = gap * student_logp
-        loss = aggregate(per_token, loss_mask, "seq-mean-token-mean")
-        self._optimize(loss)
-        return {"loss": float(loss.detach()), "tokens": float(loss_mask.sum())}
+        if sampler_logp is not None and cfg.distillation_is_clip is not None:
+            log_ratio = (_chosen_logprobs(student, ids, temperature) - sampler_logp).detach().clamp(-20.0, 20.0)
+            per_token = per_token * log_ratio.exp().clamp(max=cfg.distillation_is_clip)
+        return aggregate(per_token, mask, "seq-mean-token-mean")
+
+    def sdpo_term(self, rollout: Rollout, rewards: Tensor) -> tuple[Tensor, dict[str, float]]:
+        """SDPO's self-distillation loss on a rollout of groups (TRL's SDPOTrainer): each completion whose group
+        holds a successful one (reward >= success_reward_threshold; not itself, with dont_reprompt_on_self_success)
+        learns the teacher's distributions given the prompt reprompted with the first such completion as the
+        solution (and with include_environment_feedback the row's `privileged_context` as feedback); the others
+        are in the mean with no tokens. With (the fraction of completions reprompted, of groups with a success)."""
+        cfg = self.cfg
+        assert rollout.rows is not None
+        total, size = self.total_reward(rewards).tolist(), cfg.group_size
+        success = [r == r and r >= cfg.success_reward_threshold for r in total]
+        texts = decode(self.tokenizer, rollout)
+        prompts, used = [], []
+        for i, row in enumerate(rollout.rows):
+            group = range(i // size * size, i // size * size + size)
+            shown = [j for j in group if success[j] and not (cfg.dont_reprompt_on_self_success and j == i)]
+            solution = ""
+            if cfg.use_successful_as_teacher and shown:
+                demo = texts[shown[0]]
+                if cfg.remove_thinking_from_demonstration:
+                    demo = re.sub(r"<think>.*?</think>", "", demo, flags=re.DOTALL).strip()
+                solution = cfg.solution_template.format(successful_previous_attempt=demo)
+            feedback = str(row.get("privileged_context") or "").strip() if cfg.include_environment_feedback else ""
+            if feedback and cfg.environment_feedback_only_without_solution and solution:
+                feedback = ""
+            if feedback:
+                feedback = cfg.feedback_template.format(feedback_raw=row["privileged_context"])
+            used.append(bool(solution or feedback))
+            prompts.append(self.reprompted(row["prompt"], solution, feedback) if used[-1] else row["prompt"])
+        ids, mask = rollout.completion_ids, rollout.completion_mask
+        student = completion_logits(self.model, rollout.prompt_ids, rollout.prompt_mask, ids, mask, tape=rollout.tape)
+        teacher_ids, teacher_mask = self.encode_prompts(prompts)
+        with torch.no_grad():
+            teacher_model = self.model if self.teacher is None else self.teacher
+            teacher = completion_logits(teacher_model, teacher_ids, teacher_mask, ids, mask)
+        reprompted = torch.tensor(used)
+        loss = self.self_distillation_loss(student, teacher, ids, mask & reprompted[:, None], rollout.logprobs)
+        groups = [any(success[j] for j in range(start, start + size)) for start in range(0, len(success), size)]
+        return loss, {"reprompted": float(reprompted.float().mean()), "success_groups": sum(groups) / len(groups)}
+
+    def reprompted(self, prompt: str, solution: str, feedback: str) -> str:
+        """sdpo: the teacher's prompt, reprompt_template over the prompt (for a conversational one, its last user
+        message's text, rendered again with its tools), the solution and the feedback."""
+        found = self.prompt_messages.get(prompt)
+        template = self.cfg.reprompt_template
+        if found is None:
+            return template.format(prompt=prompt, solution=solution, feedback=feedback)
+        messages, described = found
+        last = template.format(prompt=message_text(messages[-1]), solution=solution, feedback=feedback)
+        return render(self.chat, [*messages[:-1], {"role": "user", "content": last}], described)
 
     def teacher_prompt(self, row: dict[str, Any]) -> str:
         """sdft: the row's prompt with its privileged context, by teacher_prompt_template; for a conversational
@@ -3209,7 +3354,7 @@ class LLMTrainer:
     @property
     def moving_teacher(self) -> bool:
         """Whether sdft's teacher moves during the run (teacher_model_kind ema): checkpoints keep it."""
-        return self.cfg.algo == "sdft" and self.cfg.teacher_model_kind == "ema"
+        return self.cfg.algo in SELF_DISTILLING and self.cfg.teacher_model_kind == "ema"
 
     @property
     def moving_reference(self) -> bool:
