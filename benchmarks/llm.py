@@ -16,6 +16,7 @@ runs, 1 thread each.
     .venv/bin/python benchmarks/llm.py --algo sft --seeds 10 --steps 200 --model tiny-llama --prompts-per-step 64
     .venv/bin/python benchmarks/llm.py --algo sdft --seeds 10 --steps 100 --model tiny-llama --prompts-per-step 8 \
         --group-size 4 --lr 1e-3
+    .venv/bin/python benchmarks/llm.py --algo sdpo --seeds 10 --steps 60 --model tiny-llama --prompts-per-step 8
     .venv/bin/python benchmarks/llm.py --tools --seeds 3 --steps 20 --model tiny-llama --prompts-per-step 4 \
         --max-new-tokens 96 --sft-steps 200
 
@@ -71,6 +72,11 @@ batch to its longest example, policylab's puts each prompt left of its completio
 starting model (teacher_model_kind base); `--group-size` completions of each of `--prompts-per-step` prompts, the
 generalized JSD (alpha 0.5) on the student's top 16 tokens (of 24: SDFTConfig's default 100 is more than the
 vocabulary, which TRL refuses), sequence-mean token-mean, SDFTConfig's other defaults, on both sides.
+`--algo sdpo`: SDPO against TRL's experimental SDPOTrainer, from the same starting model as `--algo sdft` on the
+plain addition prompts (exact-match reward): `--group-size` completions of `--prompts-per-step` prompts; a failed
+completion whose group holds a success learns the starting model's EMA teacher's distributions given the prompt
+reprompted with it ("{successful_previous_attempt}:" before the question, as the starting model read answers), the
+sampled tokens' reverse KL, self-distillation alone (distillation_weight 1): SDPOConfig's defaults otherwise.
 `--tools` (GRPO): tool calling against GRPOTrainer(tools=...). Both sides use one tokenizer: characters plus
 Qwen2.5's special tokens and tool tags, with TRL's copy of Qwen2.5's chat template (read from TRL's venv; TRL parses
 tool calls only for chat templates it knows). The prompts are conversations (a one-word system message, then a
@@ -206,6 +212,8 @@ def prepare_tools(a: argparse.Namespace, where: Path) -> tuple[Path, Path]:
 
 SDFT_TEMPLATE = "{privileged_context}:{prompt}"
 """`--algo sdft`'s teacher prompt: the answer, a colon, the question (characters the tokenizer has)."""
+SDPO_TEMPLATES = {"reprompt_template": "{solution}{prompt}", "solution_template": "{successful_previous_attempt}:"}
+"""`--algo sdpo`'s reprompt: the successful sibling's answer, a colon, the question (as `SDFT_TEMPLATE`)."""
 SDFT_TOPK = 16
 """`--algo sdft`'s top-k support: SDFTConfig's default 100 is more than the tiny model's vocabulary of 24, which
 TRL's torch.topk refuses."""
@@ -254,7 +262,7 @@ def prepare(a: argparse.Namespace, where: Path) -> tuple[Path, Path]:
 
     if a.tools:
         return prepare_tools(a, where)
-    if a.algo == "sdft":
+    if a.algo in ("sdft", "sdpo"):
         return prepare_sdft(a, where)
     model_dir = where / "start"
     if a.sft_steps > 0 and a.algo != "sft":
@@ -296,6 +304,7 @@ OURS_EXTRA: dict[str, Any] = {
     "distill": lambda a: {"teacher": a.teacher_dir, "beta": 1.0, "temperature": 1.0},
     "sft": lambda a: {},
     "sdft": lambda a: {"teacher_prompt_template": SDFT_TEMPLATE, "distillation_topk": SDFT_TOPK},
+    "sdpo": lambda a: SDPO_TEMPLATES,
     "gmpo": lambda a: {},  # policylab's gmpo defaults: log-space clip 0.4 / 0.4, as GMPOConfig's epsilon
     "rloo": lambda a: {"aggregation": "seq-mean-token-sum"},  # TRL's sequence-level surrogate, see the docstring
     "dpo": lambda a: {"pairs": a.prompts, "prompts": None, "beta": 0.1, "precompute_ref_log_probs": a.precompute},
@@ -305,7 +314,7 @@ OURS_EXTRA: dict[str, Any] = {
 }
 PAIR_ALGOS = ("dpo", "cpo", "simpo", "orpo", "tpo", "kto", "reward_model")
 """The algorithms that train on preference pairs (prepare writes pairs for them) and sample nothing."""
-SAMPLING_ALGOS = ("grpo", "gmpo", "rloo", "distill", "sdft")
+SAMPLING_ALGOS = ("grpo", "gmpo", "rloo", "distill", "sdft", "sdpo")
 """The algorithms that sample completions (the others, SFT and the pair algorithms, train on given ones)."""
 
 
@@ -465,6 +474,12 @@ def worker_trl(a: argparse.Namespace) -> dict[str, Any]:
                             num_generations=a.group_size, max_completion_length=a.max_new_tokens, temperature=1.0,
                             teacher_prompt_template=SDFT_TEMPLATE, distillation_topk=SDFT_TOPK)  # fmt: skip
         trainer = SDFTTrainer(model=model, args=config, train_dataset=dataset, processing_class=tokenizer)
+    elif a.algo == "sdpo":
+        from trl.experimental.sdpo import SDPOConfig, SDPOTrainer
+
+        config = SDPOConfig(**common, **rollouts, **SDPO_TEMPLATES)
+        trainer = SDPOTrainer(model=model, reward_funcs=exact_match, args=config, train_dataset=dataset,
+                              processing_class=tokenizer)  # fmt: skip
     elif a.algo == "gmpo":
         from trl.experimental.gmpo import GMPOConfig, GMPOTrainer
 
