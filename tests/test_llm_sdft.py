@@ -208,6 +208,29 @@ def test_sdpo_reprompts_each_completion_with_a_successful_sibling_of_its_group(m
     assert taught[1] == "000:" + drawn[1]["prompt"] and taught[5] == drawn[5]["prompt"] + feedback[5]
 
 
+def test_sdpo_can_show_a_demonstration_without_its_thinking(monkeypatch):
+    """remove_thinking_from_demonstration: the successful sibling's <think>...</think> blocks leave its text."""
+    from policylab.llm.models import build_tiny_model
+    from policylab.llm.tasks import CHARACTERS, char_tokenizer
+
+    tok = char_tokenizer(CHARACTERS + "<>/think")
+    rows = [{"prompt": "1+2=", "answer": "3"}]
+    settings = {"batch_size": 1, "group_size": 2, "eval_size": 1, "remove_thinking_from_demonstration": True,
+                **SIBLING_FIRST}  # fmt: skip
+    inputs = LLMInputs(model=build_tiny_model("tiny-llama", tok), tokenizer=tok, prompts=rows, eval_prompts=rows)
+    trainer = LLMTrainer(make_config("sdpo", settings), inputs)
+    rollout, _, _ = trainer.sample_groups()
+    shown = tok("<think>1</think>3", add_special_tokens=False)["input_ids"]
+    rollout.completion_ids[:] = tok.pad_token_id
+    rollout.completion_ids[:, : len(shown)] = torch.tensor(shown)
+    rollout.completion_mask[:] = False
+    rollout.completion_mask[:, : len(shown)] = True
+    seen, encode = [], trainer.encode_prompts.__call__
+    monkeypatch.setattr(trainer, "encode_prompts", lambda prompts: (seen.append(list(prompts)), encode(prompts))[1])
+    trainer.sdpo_term(rollout, torch.tensor([1.0, 0.0]))
+    assert seen[-1] == ["1+2=", "3:1+2="]  # the failure is shown the success's answer alone
+
+
 def test_the_importance_weight_is_the_clipped_ratio_to_the_sampler():
     """distillation_is_clip: each token's loss times min(pi / pi_sampler, clip), held: a sampler 3x less likely
     than the model on every token doubles the loss at clip 2; equal log-probs leave it as it was."""
