@@ -251,9 +251,7 @@ def test_the_importance_weight_is_the_clipped_ratio_to_the_sampler():
 def test_sdpo_self_distillation_alone_raises_exact_match(context_reader, tmp_path):
     """No policy gradient at all (distillation_weight 1): 150 steps of distilling the starting model reprompted with
     a successful sibling's answer (the full-vocabulary JSD) raise exact match by at least 0.05 (0.25 to 0.335,
-    0.34 and 0.37 over seeds 0-2, 2026-12-07). TRL's defaults here (the sampled tokens' reverse KL from an EMA
-    teacher) moved it little (0.235 on seed 0); with weight 0.5 beside GRPO's loss it reached 0.405-0.48 (GRPO
-    alone 0.395-0.49)."""
+    0.34 and 0.37 over seeds 0-2, 2026-12-07)."""
     settings = {"model": str(context_reader.dir), "steps": 150, "batch_size": 32, "group_size": 8, "eval_every": 150,
                 "eval_size": 200, "max_new_tokens": 6, "distillation_mode": "full_logits", "distillation_alpha": 0.5,
                 "teacher_model_kind": "base", **SIBLING_FIRST}  # fmt: skip

@@ -72,6 +72,7 @@ import shutil
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field, replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -910,7 +911,7 @@ class LLMConfig:
         if self.algo == "tpo":
             self._check_tpo_settings()
         if training_step(self.algo) == "sdft_step" or self.algo == "sdpo":
-            self._check_sdft_settings()
+            self._check_self_distillation_settings()
         if self.algo == "sdpo":
             self._check_sdpo_settings()
         if training_step(self.algo) in POLICY_LOSS_STEPS:
@@ -1042,7 +1043,7 @@ class LLMConfig:
                 "set batch_size to 2 or more",
             )
 
-    def _check_sdft_settings(self) -> None:
+    def _check_self_distillation_settings(self) -> None:
         if self.distillation_mode not in SDFT_MODES:
             raise ConfigError(
                 f"distillation_mode={self.distillation_mode!r}.{suggest(self.distillation_mode, SDFT_MODES)}",
@@ -2934,22 +2935,28 @@ class LLMTrainer:
         REINFORCE on the sampled tokens' log-prob gap."""
         cfg = self.cfg
         rows = [row for row in self.sample_rows(cfg.batch_size) for _ in range(cfg.group_size)]
-        teacher_rows = [{**row, "prompt": self.teacher_prompt(row)} for row in rows]
-        rollout = self.rollout(teacher_rows if cfg.generate_from_teacher else rows)[0]
+        teacher_prompts = [self.teacher_prompt(row) for row in rows]
+        sampled = [{**r, "prompt": p} for r, p in zip(rows, teacher_prompts)] if cfg.generate_from_teacher else rows
+        rollout = self.rollout(sampled)[0]
         ids, mask = rollout.completion_ids, rollout.completion_mask
         if cfg.generate_from_teacher:
             prompt_ids, prompt_mask, tape = *self.encode_prompts([row["prompt"] for row in rows]), None
         else:
             prompt_ids, prompt_mask, tape = rollout.prompt_ids, rollout.prompt_mask, rollout.tape
         student = completion_logits(self.model, prompt_ids, prompt_mask, ids, mask, tape=tape)
-        teacher_ids, teacher_mask = self.encode_prompts([row["prompt"] for row in teacher_rows])
-        with torch.no_grad():
-            teacher_model = self.model if self.teacher is None else self.teacher  # live: the model itself
-            teacher = completion_logits(teacher_model, teacher_ids, teacher_mask, ids, mask)
+        teacher = self.self_teacher_logits(teacher_prompts, ids, mask)
         loss_mask = mask & (torch.arange(mask.shape[1]) >= cfg.num_loss_tokens_to_skip)
         loss = self.self_distillation_loss(student, teacher, ids, loss_mask)
         self._optimize(loss)
         return {"loss": float(loss.detach()), "tokens": float(loss_mask.sum())}
+
+    @torch.no_grad()
+    def self_teacher_logits(self, prompts: list[str], ids: Tensor, mask: Tensor) -> Tensor:
+        """SDFT's and SDPO's teacher's logits at the completions' positions after its own prompts (its copy of the
+        model, or with teacher_model_kind live the model itself)."""
+        prompt_ids, prompt_mask = self.encode_prompts(prompts)
+        teacher = self.model if self.teacher is None else self.teacher
+        return completion_logits(teacher, prompt_ids, prompt_mask, ids, mask)
 
     def self_distillation_loss(
         self, student: Tensor, teacher: Tensor, ids: Tensor, mask: Tensor, sampler_logp: Tensor | None = None
@@ -2984,67 +2991,56 @@ class LLMTrainer:
         assert rollout.rows is not None
         total, size = self.total_reward(rewards).tolist(), cfg.group_size
         success = [r == r and r >= cfg.success_reward_threshold for r in total]
-        texts = decode(self.tokenizer, rollout)
+        wins = [i for i, won in enumerate(success) if won] if cfg.use_successful_as_teacher else []
+        demos = dict(zip(wins, decode(self.tokenizer, rollout.select(torch.tensor(wins, dtype=torch.long)))))
         prompts, used = [], []
         for i, row in enumerate(rollout.rows):
-            group = range(i // size * size, i // size * size + size)
-            shown = [j for j in group if success[j] and not (cfg.dont_reprompt_on_self_success and j == i)]
+            start, own = i // size * size, i if cfg.dont_reprompt_on_self_success else -1
+            shown = [j for j in range(start, start + size) if j in demos and j != own]
             solution = ""
-            if cfg.use_successful_as_teacher and shown:
-                demo = texts[shown[0]]
+            if shown:
+                demo = demos[shown[0]]
                 if cfg.remove_thinking_from_demonstration:
                     demo = re.sub(r"<think>.*?</think>", "", demo, flags=re.DOTALL).strip()
                 solution = cfg.solution_template.format(successful_previous_attempt=demo)
-            feedback = str(row.get("privileged_context") or "").strip() if cfg.include_environment_feedback else ""
-            if feedback and cfg.environment_feedback_only_without_solution and solution:
-                feedback = ""
-            if feedback:
-                feedback = cfg.feedback_template.format(feedback_raw=row["privileged_context"])
+            raw = row.get("privileged_context") if cfg.include_environment_feedback else None
+            wanted = not (solution and cfg.environment_feedback_only_without_solution)
+            feedback = cfg.feedback_template.format(feedback_raw=raw) if wanted and str(raw or "").strip() else ""
             used.append(bool(solution or feedback))
-            prompts.append(self.reprompted(row["prompt"], solution, feedback) if used[-1] else row["prompt"])
+            fill = partial(cfg.reprompt_template.format, solution=solution, feedback=feedback)
+            prompts.append(self.rewritten(row["prompt"], fill) if used[-1] else row["prompt"])
         ids, mask = rollout.completion_ids, rollout.completion_mask
         student = completion_logits(self.model, rollout.prompt_ids, rollout.prompt_mask, ids, mask, tape=rollout.tape)
-        teacher_ids, teacher_mask = self.encode_prompts(prompts)
-        with torch.no_grad():
-            teacher_model = self.model if self.teacher is None else self.teacher
-            teacher = completion_logits(teacher_model, teacher_ids, teacher_mask, ids, mask)
+        teacher = self.self_teacher_logits(prompts, ids, mask)
         reprompted = torch.tensor(used)
         loss = self.self_distillation_loss(student, teacher, ids, mask & reprompted[:, None], rollout.logprobs)
         groups = [any(success[j] for j in range(start, start + size)) for start in range(0, len(success), size)]
         return loss, {"reprompted": float(reprompted.float().mean()), "success_groups": sum(groups) / len(groups)}
 
-    def reprompted(self, prompt: str, solution: str, feedback: str) -> str:
-        """sdpo: the teacher's prompt, reprompt_template over the prompt (for a conversational one, its last user
-        message's text, rendered again with its tools), the solution and the feedback."""
+    def rewritten(self, prompt: str, fill: Callable[..., str]) -> str:
+        """A rendered prompt with its text made `fill(prompt=text)`, or for a conversational prompt its last user
+        message's text, the conversation rendered again with its tools (SDFT's and SDPO's teacher prompts, TRL's
+        way)."""
         found = self.prompt_messages.get(prompt)
-        template = self.cfg.reprompt_template
         if found is None:
-            return template.format(prompt=prompt, solution=solution, feedback=feedback)
+            return fill(prompt=prompt)
         messages, described = found
-        last = template.format(prompt=message_text(messages[-1]), solution=solution, feedback=feedback)
-        return render(self.chat, [*messages[:-1], {"role": "user", "content": last}], described)
+        if messages[-1].get("role") != "user":
+            raise LLMError(
+                f"{self.cfg.algo}'s teacher prompt rewrites the prompt's last user message, and this prompt ends "
+                f"with a {messages[-1].get('role')!r} message: {str(messages)[:80]}",
+                "end each conversational prompt with the user's turn",
+            )
+        last = {"role": "user", "content": fill(prompt=message_text(messages[-1]))}
+        return render(self.chat, [*messages[:-1], last], described)
 
     def teacher_prompt(self, row: dict[str, Any]) -> str:
-        """sdft: the row's prompt with its privileged context, by teacher_prompt_template; for a conversational
-        prompt, the last user message's text so made, rendered again with the prompt's tools (TRL's way)."""
+        """sdft: the row's prompt with its privileged context, by teacher_prompt_template (`rewritten`)."""
         context = privileged_text(row)
         key = (row["prompt"], context)
         if key not in self.teacher_prompts:
-            template = self.cfg.teacher_prompt_template
-            found = self.prompt_messages.get(row["prompt"])
-            if found is None:
-                text = template.format(prompt=row["prompt"], privileged_context=context)
-            else:
-                messages, described = found
-                if messages[-1].get("role") != "user":
-                    raise LLMError(
-                        f"sdft puts the privileged context into the prompt's last user message, and this prompt "
-                        f"ends with a {messages[-1].get('role')!r} message: {str(messages)[:80]}",
-                        "end each conversational prompt with the user's turn",
-                    )
-                last = template.format(prompt=message_text(messages[-1]), privileged_context=context)
-                text = render(self.chat, [*messages[:-1], {"role": "user", "content": last}], described)
-            self.teacher_prompts[key] = text
+            fill = partial(self.cfg.teacher_prompt_template.format, privileged_context=context)
+            self.teacher_prompts[key] = self.rewritten(row["prompt"], fill)
         return self.teacher_prompts[key]
 
     @torch.no_grad()
