@@ -205,6 +205,113 @@ def _cache_of(out: Any) -> Any:
     return out["cache"] if "cache" in out else out["past_key_values"]
 
 
+class _Decoding:
+    """One model's incremental decode of a batch of left-padded prompt rows (`generate`'s three ways: the numpy
+    decode, `LlamaDecoder`'s torch forward, transformers' forward with its KV cache): `logits` [N, V] for the next
+    token, `advance` feeds the column of tokens drawn at step t. `prompt_ids` and `mask` are the rows as decoded:
+    a context the numpy decode cannot take is concatenated to its prompt."""
+
+    def __init__(
+        self,
+        model: Any,
+        prompt_ids: Tensor,
+        prompt_mask: Tensor,
+        context_ids: Tensor | None,
+        context_mask: Tensor | None,
+        max_new_tokens: int,
+        fast: bool,
+        record: bool,
+    ) -> None:
+        self.model = model
+        decoder = LlamaDecoder(model, weights=False) if fast and LlamaDecoder.supports(model) else None
+        if context_ids is not None and context_mask is not None:
+            if not bool(context_mask[:, -1].all()):
+                raise ValueError("each row's context must end in a token: left-pad the contexts, none empty")
+            if decoder is None or not NumpyDecoder.supports(decoder):
+                prompt_ids, prompt_mask = (
+                    torch.cat([prompt_ids, context_ids], -1),
+                    torch.cat([prompt_mask, context_mask], -1),
+                )
+                context_ids = context_mask = None
+        self.prompt_ids, self.prompt_mask, self.context_ids, self.context_mask = (
+            prompt_ids, prompt_mask, context_ids, context_mask
+        )  # fmt: skip
+        n, width = prompt_ids.shape
+        self.width, self.extra = width, 0 if context_ids is None else context_ids.shape[1]
+        self.mask = mask = prompt_mask.long()
+        total = width + self.extra + max_new_tokens
+        self.in_numpy: NumpyDecoder | None = None
+        self.decoder = decoder
+        if decoder is not None:  # each distinct prompt is prefilled once, then its cache rows are repeated
+            distinct, distinct_mask, index = shared_prompts(prompt_ids, mask)
+            valid = torch.zeros(len(distinct), total, dtype=torch.bool)
+            valid[:, :width] = distinct_mask.bool()
+            self.key_valid = valid.index_select(0, index)
+            if NumpyDecoder.supports(decoder):
+                self.in_numpy = in_numpy = NumpyDecoder(decoder, len(distinct), total)
+                if record and max_new_tokens > 1 and not self.extra and fast_train.supports(model):
+                    weights = fast_train.parameters_of(model)
+                    in_numpy.tape = fast_train.Tape(
+                        in_numpy, weights, index.numpy(), distinct.numpy(), n, max_new_tokens
+                    )
+                prefill_bias = causal_bias(distinct_mask.bool().numpy(), 0)
+                prefilled = in_numpy.forward(distinct.numpy(), positions(distinct_mask).numpy(), prefill_bias, 0)
+                self.logits = prefilled[index.numpy()]
+                in_numpy.repeat_rows(index.numpy(), width)
+                self.bias = np.where(self.key_valid.numpy(), np.float32(0.0), np.float32(-np.inf))
+                if context_ids is not None and context_mask is not None:  # each row's context over its prompt's cache
+                    own = context_mask.bool().numpy()
+                    self.bias[:, width : width + self.extra] = np.where(own, np.float32(0.0), np.float32(-np.inf))
+                    at = mask.sum(-1, keepdim=True).numpy() + np.maximum(own.cumsum(-1) - 1, 0)
+                    keys = np.concatenate([self.key_valid[:, :width].numpy(), own], -1)
+                    self.logits = in_numpy.forward(context_ids.numpy(), at, causal_bias(keys, width), width)
+            else:
+                self.decoder = decoder = LlamaDecoder(model)  # the torch forward reads its concatenated weights
+                decoder.start(len(distinct), total)
+                logits = decoder.forward(distinct, positions(distinct_mask), valid, 0).float().index_select(0, index)
+                self.logits = logits.numpy()
+                decoder.repeat_rows(index)
+        else:
+            out = model(input_ids=prompt_ids, attention_mask=mask, position_ids=positions(mask), use_cache=True)
+            self.cache_keyword = _cache_keyword(model)
+            self.cache, self.logits = _cache_of(out), out.logits[:, -1].float().numpy()
+        self.next_position = mask.sum(-1).numpy()
+        if context_mask is not None:
+            self.next_position = self.next_position + context_mask.sum(-1).numpy()
+
+    def advance(self, tokens: np.ndarray, t: int) -> np.ndarray:
+        """The next logits after the tokens [N, 1] drawn at step t (finished rows hold the pad token)."""
+        at = (self.next_position + t)[:, None]
+        if self.in_numpy is not None:
+            column = self.width + self.extra + t
+            self.bias[:, column] = 0.0
+            self.logits = self.in_numpy.forward(tokens, at, self.bias[:, None, : column + 1], column)
+        elif self.decoder is not None:
+            self.key_valid[:, self.width + t] = True
+            self.logits = (
+                self.decoder.forward(torch.from_numpy(tokens), torch.from_numpy(at), self.key_valid, self.width + t)
+                .float()
+                .numpy()
+            )
+        else:
+            self.mask = torch.cat([self.mask, torch.ones(len(self.mask), 1, dtype=self.mask.dtype)], -1)
+            out = self.model(
+                input_ids=torch.from_numpy(tokens),
+                attention_mask=self.mask,
+                position_ids=torch.from_numpy(at),
+                use_cache=True,
+                **{self.cache_keyword: self.cache},
+            )
+            self.cache, self.logits = _cache_of(out), out.logits[:, -1].float().numpy()
+        return self.logits
+
+
+def geometric_mixture(logits: np.ndarray, other: np.ndarray, coef: float) -> np.ndarray:
+    """(1 - coef) logits + coef other: softmax of it is the geometric mixture pi^(1 - coef) pi_other^coef,
+    normalized (Nash-MD's sampling policy; each model's own normalizer is a per-row constant that softmax drops)."""
+    return (np.float32(1.0 - coef) * logits.astype(np.float32)) + np.float32(coef) * other.astype(np.float32)
+
+
 @torch.no_grad()
 def generate(
     model: Any,
@@ -225,6 +332,7 @@ def generate(
     repetition_penalty: float = 1.0,
     context_ids: Tensor | None = None,
     context_mask: Tensor | None = None,
+    mixture: tuple[Any, float] | None = None,
 ) -> Rollout:
     """One completion per prompt row (repeat the rows for groups), after the row's `context_ids` where given
     (tokens each row already has after its prompt, left-padded, each row at least one: a tool's result after the
@@ -236,56 +344,18 @@ def generate(
     The loop's own bookkeeping is numpy too. `record`: the numpy decode writes its activations into the rollout's
     `tape`, which the training pass at the same weights reads instead of computing its forward again. `top_k`,
     `top_p`, `min_p` and `repetition_penalty` are transformers' (`Filters`); the behaviour log-probs stay those of
-    softmax(logits / temperature)."""
-    decoder = LlamaDecoder(model, weights=False) if fast and LlamaDecoder.supports(model) else None
-    if context_ids is not None and context_mask is not None:
-        if not bool(context_mask[:, -1].all()):
-            raise ValueError("each row's context must end in a token: left-pad the contexts, none empty")
-        if decoder is None or not NumpyDecoder.supports(decoder):
-            prompt_ids, prompt_mask = (
-                torch.cat([prompt_ids, context_ids], -1),
-                torch.cat([prompt_mask, context_mask], -1),
-            )
-            context_ids = context_mask = None
-    n, width = prompt_ids.shape
-    extra = 0 if context_ids is None else context_ids.shape[1]
-    mask = prompt_mask.long()
-    total = width + extra + max_new_tokens
-    in_numpy: NumpyDecoder | None = None
-    if decoder is not None:  # each distinct prompt is prefilled once, then its cache rows are repeated
-        distinct, distinct_mask, index = shared_prompts(prompt_ids, mask)
-        valid = torch.zeros(len(distinct), total, dtype=torch.bool)
-        valid[:, :width] = distinct_mask.bool()
-        key_valid = valid.index_select(0, index)
-        if NumpyDecoder.supports(decoder):
-            in_numpy = NumpyDecoder(decoder, len(distinct), total)
-            if record and max_new_tokens > 1 and not extra and fast_train.supports(model):
-                weights = fast_train.parameters_of(model)
-                in_numpy.tape = fast_train.Tape(in_numpy, weights, index.numpy(), distinct.numpy(), n, max_new_tokens)
-            prefill_bias = causal_bias(distinct_mask.bool().numpy(), 0)
-            prefilled = in_numpy.forward(distinct.numpy(), positions(distinct_mask).numpy(), prefill_bias, 0)
-            next_logits = prefilled[index.numpy()]
-            in_numpy.repeat_rows(index.numpy(), width)
-            bias = np.where(key_valid.numpy(), np.float32(0.0), np.float32(-np.inf))
-            if context_ids is not None and context_mask is not None:  # each row's context over its prompt's cache
-                own = context_mask.bool().numpy()
-                bias[:, width : width + extra] = np.where(own, np.float32(0.0), np.float32(-np.inf))
-                at = mask.sum(-1, keepdim=True).numpy() + np.maximum(own.cumsum(-1) - 1, 0)
-                keys = np.concatenate([key_valid[:, :width].numpy(), own], -1)
-                next_logits = in_numpy.forward(context_ids.numpy(), at, causal_bias(keys, width), width)
-        else:
-            decoder = LlamaDecoder(model)  # the torch forward reads its concatenated weights
-            decoder.start(len(distinct), total)
-            logits = decoder.forward(distinct, positions(distinct_mask), valid, 0).float().index_select(0, index)
-            next_logits = logits.numpy()
-            decoder.repeat_rows(index)
-    else:
-        out = model(input_ids=prompt_ids, attention_mask=mask, position_ids=positions(mask), use_cache=True)
-        cache_keyword = _cache_keyword(model)
-        cache, next_logits = _cache_of(out), out.logits[:, -1].float().numpy()
-    next_position = mask.sum(-1).numpy()
-    if context_mask is not None:
-        next_position = next_position + context_mask.sum(-1).numpy()
+    softmax(logits / temperature). `mixture` (another model of the same tokenizer, coef): the tokens are drawn from
+    the `geometric_mixture` of the two models' logits (each decoded beside the other), and the log-probs are the
+    mixture's (no tape)."""
+    decoding = _Decoding(
+        model, prompt_ids, prompt_mask, context_ids, context_mask, max_new_tokens, fast, record and mixture is None
+    )
+    other = None
+    next_logits = decoding.logits
+    if mixture is not None:
+        other = _Decoding(mixture[0], prompt_ids, prompt_mask, context_ids, context_mask, max_new_tokens, fast, False)
+        next_logits = geometric_mixture(next_logits, other.logits, mixture[1])
+    n = len(decoding.prompt_ids)
     filters = Filters(top_k, top_p, min_p, repetition_penalty)
     seen = None
     if repetition_penalty != 1.0 and not greedy:  # the tokens in each row so far: its prompt's, then each drawn one
@@ -309,33 +379,20 @@ def generate(
         finished |= token == eos_token_id
         if finished.all() or t == max_new_tokens - 1:
             break
-        if in_numpy is not None:
-            column = width + extra + t
-            bias[:, column] = 0.0
-            step_bias = bias[:, None, : column + 1]
-            next_logits = in_numpy.forward(tokens[:, t : t + 1], (next_position + t)[:, None], step_bias, column)
-            continue
-        token_ids = torch.from_numpy(tokens[:, t : t + 1])
-        token_positions = torch.from_numpy(next_position + t)[:, None]
-        if decoder is not None:
-            key_valid[:, width + t] = True
-            next_logits = decoder.forward(token_ids, token_positions, key_valid, width + t).float().numpy()
-            continue
-        mask = torch.cat([mask, torch.ones(n, 1, dtype=mask.dtype)], -1)
-        out = model(
-            input_ids=token_ids,
-            attention_mask=mask,
-            position_ids=token_positions,
-            use_cache=True,
-            **{cache_keyword: cache},
-        )
-        cache, next_logits = _cache_of(out), out.logits[:, -1].float().numpy()
+        next_logits = decoding.advance(tokens[:, t : t + 1], t)
+        if other is not None and mixture is not None:
+            next_logits = geometric_mixture(next_logits, other.advance(tokens[:, t : t + 1], t), mixture[1])
     completion_mask = torch.arange(max_new_tokens)[None, :] < torch.from_numpy(lengths)[:, None]
-    tape = None if in_numpy is None else in_numpy.tape
+    tape = None if decoding.in_numpy is None else decoding.in_numpy.tape
     if tape is not None:
         tape.finish(tokens, lengths)
     return Rollout(
-        prompt_ids, prompt_mask, torch.from_numpy(tokens), completion_mask, torch.from_numpy(logprobs), tape=tape
+        decoding.prompt_ids,
+        decoding.prompt_mask,
+        torch.from_numpy(tokens),
+        completion_mask,
+        torch.from_numpy(logprobs),
+        tape=tape,
     )
 
 
