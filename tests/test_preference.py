@@ -197,7 +197,12 @@ def test_a_bad_preference_loss_is_one_error_naming_it(text, message):
         ("simpo", {"sync_ref_model": True}, "which preference_loss=simpo does not read", "preference_loss=sigmoid"),
         ("dpo", {"sync_ref_model": True, "lora_rank": 4}, "LoRA trains adapters", "drop sync_ref_model"),
         ("dpo", {"ref_model_sync_steps": 8}, "TR-DPO's reference updates, off", "sync_ref_model=true"),
-        ("grpo", {"preference_loss": "ipo"}, "preference_loss applies to dpo, online_dpo, cpo, simpo, orpo", "drop"),
+        (
+            "grpo",
+            {"preference_loss": "ipo"},
+            "preference_loss applies to dpo, online_dpo, xpo, cpo, simpo, orpo",
+            "drop",
+        ),
     ],
 )
 def test_preference_settings_a_loss_cannot_take_are_refused_naming_the_fix(algo, settings, message, fix):

@@ -409,3 +409,32 @@ def kto_kl(mismatched_logps: Tensor, ref_mismatched_logps: Tensor) -> Tensor:
     """KTO's reference point z: the batch's mean log pi(y'|x) - log pi_ref(y'|x) over mismatched pairs (each
     prompt with another row's completion), clamped at 0, without gradient."""
     return (mismatched_logps - ref_mismatched_logps).mean().detach().clamp(min=0.0)
+
+
+def xpo_exploration(token_logps: Tensor, mask: Tensor, from_reference: Tensor, alpha: float) -> Tensor:
+    """XPO's exploration term (Xie et al. 2024; TRL's XPOTrainer): alpha times the mean over the P pairs of
+    log pi(y_ref), the policy's sequence log-prob of the pair's completion sampled by the reference. `token_logps`
+    [2P, L] (0 off `mask`), `from_reference` [2P] bool, one row of each pair. Added to the DPO loss, it lowers what
+    the reference would say and so pushes the policy to explore away from it."""
+    sums = (token_logps * mask.to(token_logps.dtype)).sum(-1)
+    return alpha * sums[from_reference].sum() / (len(sums) // 2)
+
+
+def nash_md_loss(
+    token_logps: Tensor, ref_token_logps: Tensor, mask: Tensor, preference: Tensor, beta: float
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """Nash-MD's loss (Munos et al. 2024; TRL's NashMDTrainer) on the policy's own samples y [N, L], each against
+    an opponent y' drawn from the geometric mixture of the policy and the reference, `preference` [N] = P(y > y')
+    (sigmoid of the reward difference). Per sequence, with l = sum_t log pi(y_t):
+
+        beta sum_t sg(log pi(y_t) - log pi_ref(y_t)) log pi(y_t)  -  (P - 1/2) l
+
+    REINFORCE on the preference with 1/2 as its baseline, and REINFORCE's estimate of the gradient of
+    KL(pi || pi_ref) (per token, as TRL's); the mean over sequences."""
+    weights = mask.to(token_logps.dtype)
+    logp = token_logps * weights
+    log_ratio = ((token_logps - ref_token_logps) * weights).detach()
+    score = (preference - 0.5) * logp.sum(-1)
+    loss = (beta * (log_ratio * logp).sum(-1) - score).mean()
+    metrics = {"kl": log_ratio.sum(-1).mean(), "score": score.detach().mean(), "preference": preference.mean()}
+    return loss, metrics
