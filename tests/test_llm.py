@@ -1588,11 +1588,12 @@ def test_grpo_moves_its_kl_reference_toward_the_policy_every_n_steps(sft_model):
         ("sdpo", {"group_size": 4}),  # its EMA teacher from the checkpoint
         ("xpo", {}),
         ("nash_md", {}),  # the mixture's draws from the run's generator
+        ("gold", {"model": "tiny-llama-pairs", "use_uld_loss": True, "uld_use_hybrid_loss": True}),  # another tokenizer
     ],
 )
 def test_a_resumed_run_ends_with_the_uninterrupted_runs_weights(sft_model, tmp_path, algo, extra):
     settings = {
-        **({"teacher": str(sft_model.dir)} if algo == "gkd" else {}),
+        **({"teacher": str(sft_model.dir)} if algo in ("gkd", "gold") else {}),
         "model": str(sft_model.dir),
         "steps": 6,
         "eval_every": 2,
@@ -1781,6 +1782,23 @@ def test_the_sampler_tape_serves_only_the_weights_and_tokens_it_was_recorded_wit
         torch.testing.assert_close(computed, full, atol=1e-4 * float(full.abs().max()), rtol=1e-4)
     again = generate(model, enc["input_ids"], enc["attention_mask"], max_new_tokens=40, greedy=True, **kwargs)
     assert usable(again) and not usable(rollout)  # a later tape of the same shapes took this one's arrays
+
+
+def test_a_tape_whose_rows_all_ended_at_their_first_token_leaves_the_pass_to_compute_its_forward():
+    """Every row's first token its EOS (the EOS row of the tied output layer along the prompt's last state, top_k
+    1): the decode records only the prefill, and the training pass on those completions computes its own
+    forward instead of shortening a tape that holds no completion position."""
+    model, tok = load_model("tiny-llama", seed=0)
+    enc = tok(["12+34="] * 4, return_tensors="pt", add_special_tokens=False)
+    with torch.no_grad():
+        state = model(**enc, output_hidden_states=True).hidden_states[-1][0, -1]
+        model.lm_head.weight[tok.eos_token_id] = 50.0 * state / state.norm()
+    rollout = generate(model, enc["input_ids"], enc["attention_mask"], max_new_tokens=4, top_k=1, record=True,
+                       eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)  # fmt: skip
+    assert rollout.completion_mask.sum(1).tolist() == [1, 1, 1, 1] and rollout.tape is not None
+    args = (rollout.prompt_ids, rollout.prompt_mask, rollout.completion_ids, rollout.completion_mask)
+    with_tape, _ = token_logprobs(model, *args, tape=rollout.tape)
+    torch.testing.assert_close(with_tape, token_logprobs(model, *args)[0])
 
 
 def test_the_fast_llama_decoder_samples_what_transformers_forward_samples(monkeypatch):
@@ -2145,7 +2163,7 @@ def test_algorithms_that_sample_nothing_refuse_generation_workers_and_sampling_s
         make_config(algo, asdict(make_config(algo)))  # a saved config.yaml holds every key
     assert not runs.exists()
     for algo in SAMPLING_ALGOS:
-        teacher = {"teacher": "runs/sft"} if algo in ("distill", "gkd") else {}
+        teacher = {"teacher": "runs/sft"} if algo in ("distill", "gkd", "gold") else {}
         assert make_config(algo, {"generation_workers": 2, "temperature": 0.7, **teacher}).generation_workers == 2
 
 
@@ -2165,7 +2183,7 @@ UNUSED = {
         ("micro_batch_size", 4, POLICY_GRADIENT),
         ("advantage", "rloo", GROUP_ADVANTAGE),
         ("mix", "chord", GROUP_ADVANTAGE),
-        ("beta", 0.5, "dpo, online_dpo, xpo, nash_md, cpo, simpo, orpo, tpo, kto, distill, gkd"),
+        ("beta", 0.5, "dpo, online_dpo, xpo, nash_md, cpo, simpo, orpo, tpo, kto, distill, gkd, gold"),
         ("vf_coef", 1.0, "ppo"),
         ("pairs", "p.jsonl", "dpo, cpo, simpo, orpo, tpo, kto, reward_model"),
     ],
@@ -2191,25 +2209,25 @@ UNUSED = {
         ("mix", "chord", GROUP_ADVANTAGE),
         ("overlong_filter", True, GROUP_ADVANTAGE),
         ("shaping_gamma", 0.5, GROUP_ADVANTAGE),
-        ("beta", 0.5, "dpo, online_dpo, xpo, nash_md, cpo, simpo, orpo, tpo, kto, distill, gkd"),
+        ("beta", 0.5, "dpo, online_dpo, xpo, nash_md, cpo, simpo, orpo, tpo, kto, distill, gkd, gold"),
         ("pairs", "p.jsonl", "dpo, cpo, simpo, orpo, tpo, kto, reward_model"),
     ],
     "grpo": [
         ("vf_coef", 1.0, "ppo"),
         ("gamma", 0.99, "ppo"),
-        ("beta", 0.5, "dpo, online_dpo, xpo, nash_md, cpo, simpo, orpo, tpo, kto, distill, gkd"),
+        ("beta", 0.5, "dpo, online_dpo, xpo, nash_md, cpo, simpo, orpo, tpo, kto, distill, gkd, gold"),
         ("label_smoothing", 0.1, "dpo, online_dpo, xpo, cpo, simpo, orpo, tpo"),
         ("pairs", "p.jsonl", "dpo, cpo, simpo, orpo, tpo, kto, reward_model"),
     ],
     "cispo": [
         ("gae_lambda", 0.9, "ppo"),
-        ("beta", 0.2, "dpo, online_dpo, xpo, nash_md, cpo, simpo, orpo, tpo, kto, distill, gkd"),
+        ("beta", 0.2, "dpo, online_dpo, xpo, nash_md, cpo, simpo, orpo, tpo, kto, distill, gkd, gold"),
     ],
     "orpo": [
         ("kl_coef", 0.1, POLICY_GRADIENT),
         ("entropy_coef", 0.01, POLICY_GRADIENT),
         ("mix", "chord", GROUP_ADVANTAGE),
-        ("teacher", "runs/sft", "the distillation algorithms: distill, gkd"),
+        ("teacher", "runs/sft", "the distillation algorithms: distill, gkd, gold"),
     ],
     "distill": [
         ("kl_coef", 0.1, POLICY_GRADIENT),
@@ -2361,6 +2379,19 @@ READ = {
     "remove_thinking_from_demonstration": (True,),
     "num_value_samples": (4,),
     "alpha": (0.1,),
+    "use_uld_loss": (True,),
+    "use_extended_uld": (False,),
+    "uld_token_merge_strategy": ("bayesian",),
+    "uld_use_hybrid_loss": (True,),
+    "uld_hybrid_matched_weight": (0.5,),
+    "uld_hybrid_unmatched_weight": (0.5,),
+    "uld_crossentropy_weight": (0.1,),
+    "uld_distillation_weight": (0.5,),
+    "uld_student_temperature": (2.0,),
+    "uld_teacher_temperature": (2.0,),
+    "uld_skip_student_eos": (False,),
+    "uld_skip_teacher_eos": (False,),
+    "teacher_tokenizer": ("runs/tok",),
     "mixture_coef": (0.3,),
     "beta1": (0.3,),
     "beta2": (0.01,),
@@ -2409,10 +2440,10 @@ def test_each_algorithm_refuses_the_settings_its_training_step_never_reads(tmp_p
         make_config("sft", {"beta": 0.5, "temperature": 0.5, "kl_coef": 0.1})
     assert info.value.problem.endswith(
         "so they would do nothing; temperature applies to the algorithms that sample: grpo, dr_grpo, dapo, gspo, "
-        "cispo, sapo, gmpo, rloo, reinforce++, ppo, online_dpo, xpo, nash_md, distill, gkd, a2po, sdft, sdpo; "
+        "cispo, sapo, gmpo, rloo, reinforce++, ppo, online_dpo, xpo, nash_md, distill, gkd, gold, a2po, sdft, sdpo; "
         "kl_coef applies to the policy-gradient "
         "algorithms: grpo, dr_grpo, dapo, gspo, cispo, sapo, gmpo, rloo, reinforce++, ppo, sdpo; beta applies to dpo, "
-        "online_dpo, xpo, nash_md, cpo, simpo, orpo, tpo, kto, distill, gkd"
+        "online_dpo, xpo, nash_md, cpo, simpo, orpo, tpo, kto, distill, gkd, gold"
     ), info.value.problem
     assert info.value.fix.startswith("drop temperature, kl_coef and beta, or train one of those algorithms")
 
@@ -2459,6 +2490,30 @@ COMPANIONS: dict[str, dict[str, object]] = {
     **dict.fromkeys(("teacher_update_rate", "teacher_sync_steps"), {"teacher_model_kind": "ema"}),
     **dict.fromkeys(("distillation_topk", "distillation_add_tail"), {"distillation_mode": "topk_logits"}),
     "distillation_alpha": {"distillation_mode": "full_logits"},  # sampled_token takes 1 only
+    **dict.fromkeys(
+        (
+            "use_extended_uld",
+            "uld_token_merge_strategy",
+            "uld_use_hybrid_loss",
+            "uld_crossentropy_weight",
+            "uld_distillation_weight",
+            "uld_student_temperature",
+            "uld_teacher_temperature",
+            "uld_skip_student_eos",
+            "uld_skip_teacher_eos",
+            "teacher_tokenizer",
+        ),
+        {"use_uld_loss": True},
+    ),  # fmt: skip
+    **dict.fromkeys(
+        ("uld_hybrid_matched_weight", "uld_hybrid_unmatched_weight"),
+        {
+            "use_uld_loss": True,
+            "uld_use_hybrid_loss": True,
+            "uld_hybrid_matched_weight": 0.5,
+            "uld_hybrid_unmatched_weight": 0.5,
+        },
+    ),  # fmt: skip
     **dict.fromkeys(("vespo_k_pos", "vespo_lambda_pos", "vespo_k_neg", "vespo_lambda_neg"), {"loss": "vespo"}),
     **dict.fromkeys(
         ("entropy_target", "entropy_coef_delta", "entropy_coef_min", "entropy_coef_max"), {"use_adaptive_entropy": True}
@@ -2503,11 +2558,17 @@ def test_settings_read_only_under_another_are_refused_without_it():
                  "num_completions_to_print": 3, "importance_sampling_mode": "sequence_truncate",
                  "importance_sampling_clip_min": 0.1, "importance_sampling_clip_max": 2.0,
                  "teacher_update_rate": 0.5, "teacher_sync_steps": 2, "distillation_topk": 5,
-                 "distillation_add_tail": True, "distillation_alpha": 0.2}[name]  # fmt: skip
+                 "distillation_add_tail": True, "distillation_alpha": 0.2, "use_extended_uld": False,
+                 "uld_token_merge_strategy": "bayesian", "uld_use_hybrid_loss": True,
+                 "uld_crossentropy_weight": 0.1, "uld_distillation_weight": 0.5, "uld_student_temperature": 2.0,
+                 "uld_teacher_temperature": 2.0, "uld_skip_student_eos": False, "uld_skip_teacher_eos": False,
+                 "teacher_tokenizer": "runs/tok", "uld_hybrid_matched_weight": 0.5,
+                 "uld_hybrid_unmatched_weight": 0.5}[name]  # fmt: skip
         preference = name in PREFERENCE_SETTINGS or name == "precompute_ref_log_probs"
         algo = "orpo" if preference else "distill" if name in ("seq_kd", "iw_opd_gamma") else "grpo"  # all off
         algo = "sdft" if name.startswith(("teacher_", "distillation_")) else algo
-        teacher = {"teacher": "runs/sft"} if algo == "distill" else {}
+        algo = "gold" if name.startswith(("uld_", "use_extended_uld", "teacher_tokenizer")) else algo
+        teacher = {"teacher": "runs/sft"} if algo in ("distill", "gold") else {}
         assert getattr(make_config(algo, {name: value, **on, **teacher}), name) == value
 
 

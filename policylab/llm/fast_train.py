@@ -531,7 +531,8 @@ class NumpyLlamaPass(torch.autograd.Function):
     def forward(
         ctx: Any, shapes: LlamaDecoder, stream: Stream, tape: Tape | None, with_logits: bool, *weights: Tensor
     ) -> tuple[Tensor, Tensor]:  # type: ignore[override]
-        if tape is not None and not tape.retired and stream.length < tape.length:
+        # a tape whose decode ended every row at its first token has nothing to shorten (finish kept no tokens)
+        if tape is not None and not tape.retired and tape.tokens is not None and stream.length < tape.length:
             tape.shorten(stream.length)
         used = tape if tape is not None and tape.usable(weights, stream) else None
         ctx.tape = used

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from policylab.llm import LLMError, require_llm
-from policylab.llm.tasks import char_tokenizer
+from policylab.llm.tasks import char_tokenizer, digit_pair_tokenizer
 
 TINY_MODELS: dict[str, dict[str, Any]] = {
     "tiny-llama": {
@@ -28,8 +28,18 @@ TINY_MODELS: dict[str, dict[str, Any]] = {
         "num_key_value_heads": 4,
     },
     "tiny-gpt2": {"architecture": "gpt2", "n_embd": 64, "n_layer": 2, "n_head": 4},
+    "tiny-llama-pairs": {
+        "architecture": "llama",
+        "hidden_size": 64,
+        "intermediate_size": 192,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 4,
+        "tokenizer": "digit-pairs",
+    },
 }
-"""Randomly initialized models with the character tokenizer of the built-in tasks (~0.1M / 0.8M parameters)."""
+"""Randomly initialized models with the character tokenizer of the built-in tasks (~0.1M / 0.8M parameters);
+tiny-llama-pairs, tiny-llama's size with `digit_pair_tokenizer` (another tokenizer: gold's teachers)."""
 
 
 def build_tiny_model(name: str, tokenizer: Any, seed: int = 0, max_positions: int = 64) -> Any:
@@ -39,6 +49,7 @@ def build_tiny_model(name: str, tokenizer: Any, seed: int = 0, max_positions: in
     from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
     values = dict(TINY_MODELS[name])
+    values.pop("tokenizer", None)
     ids = {
         "bos_token_id": tokenizer.bos_token_id,
         "eos_token_id": tokenizer.eos_token_id,
@@ -60,7 +71,8 @@ def load_model(source: str | Path, seed: int = 0, characters: str | None = None)
     require_llm()
     name = str(source)
     if name in TINY_MODELS:
-        tokenizer = char_tokenizer() if characters is None else char_tokenizer(characters)
+        make = digit_pair_tokenizer if TINY_MODELS[name].get("tokenizer") == "digit-pairs" else char_tokenizer
+        tokenizer = make() if characters is None else make(characters)
         return build_tiny_model(name, tokenizer, seed), tokenizer
     path = Path(name)
     if (path / "model" / "config.json").is_file():  # a run directory

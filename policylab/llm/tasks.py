@@ -141,6 +141,21 @@ def char_tokenizer(characters: str = CHARACTERS) -> Any:
     )
 
 
+def digit_pair_tokenizer(characters: str = CHARACTERS) -> Any:
+    """Another tokenizer of the same text as `char_tokenizer`: every two-digit number one token ("12", "07"), the
+    rest one character each, so "123+4=" is "12", "3", "+", "4", "=" (a teacher with its own tokens, for
+    distillation across tokenizers: gold's ULD)."""
+    from tokenizers import Regex, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    pairs = [f"{a}{b}" for a in "0123456789" for b in "0123456789"]
+    tokenizer = character_backend([PAD, BOS, EOS, *dict.fromkeys(characters), *pairs], unknown=PAD)
+    tokenizer.pre_tokenizer = pre_tokenizers.Split(Regex(r"\d\d|."), behavior="isolated")
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, pad_token=PAD, bos_token=BOS, eos_token=EOS, padding_side="left"
+    )
+
+
 def character_backend(tokens: list[str], unknown: str) -> Any:
     """A `tokenizers` backend with `tokens` as its vocabulary in order, that splits text into single characters
     (multi-character tokens enter as added or special tokens of the tokenizer around it)."""

@@ -48,6 +48,9 @@ kl_coef times a k1/k2/k3 KL estimate to the initial model and minus entropy_coef
     gkd           GKD: the same with the generalized JSD (beta 0.5), on the student's samples at a share lmbda
                   0.5 of the steps and on the rows' answers (or, seq_kd, the teacher's samples) at the others,
                   temperature 0.9 (Agarwal et al. 2024; TRL's GKDTrainer)
+    gold          GOLD: GKD's steps with GOLD's defaults (top_p 0.95); use_uld_loss: a teacher with another
+                  tokenizer, Universal Logit Distillation on the byte-aligned positions (Boizard et al. 2024;
+                  TRL's GOLDTrainer; llm/cross_tokenizer.py)
     sdft          SDFT, self-distillation: the model samples from the prompt, and learns at every position of its
                   completion the next-token distribution of a teacher, itself (its initial weights, its current
                   ones or their moving average), given the prompt with the row's `privileged_context` (e.g. a
@@ -109,6 +112,7 @@ from policylab.llm.chat import (
     rendered_rows,
     require_template,
 )
+from policylab.llm.cross_tokenizer import CrossTokenizer, ULDSettings
 from policylab.llm.epochs import ShuffledEpochs
 from policylab.llm.models import check_model, load_model, prepare_tokenizer, without_progress_bars
 from policylab.llm.rewards import (
@@ -227,6 +231,16 @@ ALGO_DEFAULTS: dict[str, dict[str, Any]] = {
         "lr": 3e-3,
         "disable_dropout": True,
     },
+    "gold": {
+        "beta": 0.5,
+        "lmbda": 0.5,
+        "temperature": 0.9,
+        "top_p": 0.95,
+        "group_size": 1,
+        "batch_size": 64,
+        "lr": 3e-3,
+        "disable_dropout": True,
+    },
     "a2po": {"group_size": 1, "batch_size": 64},
     "sdft": {"group_size": 1, "batch_size": 64},
     "sdpo": {
@@ -248,7 +262,7 @@ TRAINING_STEPS = {
     "tpo": "tpo_step",
     "kto": "kto_step",
     "reward_model": "reward_step",
-    **dict.fromkeys(("distill", "gkd"), "distill_step"),
+    **dict.fromkeys(("distill", "gkd", "gold"), "distill_step"),
     "a2po": "a2po_step",
     "sdft": "sdft_step",
 }
@@ -334,6 +348,21 @@ UNPAIRED_SETTINGS = ("unpaired_loss", "desirable_weight", "undesirable_weight")
 """KTO's settings (objectives.preference.unpaired_loss)."""
 VESPO_SETTINGS = ("vespo_k_pos", "vespo_lambda_pos", "vespo_k_neg", "vespo_lambda_neg")
 A2PO_SETTINGS = ("num_value_samples", "beta1", "beta2", "filter_all_incorrect")
+ULD_SETTINGS = (
+    "use_extended_uld",
+    "uld_token_merge_strategy",
+    "uld_use_hybrid_loss",
+    "uld_crossentropy_weight",
+    "uld_distillation_weight",
+    "uld_student_temperature",
+    "uld_teacher_temperature",
+    "uld_skip_student_eos",
+    "uld_skip_teacher_eos",
+    "teacher_tokenizer",
+)
+"""GOLD's settings of the ULD loss (TRL's GOLDConfig), read only with use_uld_loss."""
+HYBRID_ULD_WEIGHTS = ("uld_hybrid_matched_weight", "uld_hybrid_unmatched_weight")
+ULD_MERGE_STRATEGIES = ("observed", "bayesian")
 SELF_DISTILLATION_SETTINGS = (
     "distillation_mode",
     "distillation_alpha",
@@ -449,6 +478,7 @@ SETTING_READERS: dict[str, tuple[str, ...]] = {
     "mixture_coef": ("nash_md_step",),
     **dict.fromkeys(("teacher", "lmbda", "seq_kd", "distill_loss", "iw_opd_gamma"), ("distill_step",)),
     **dict.fromkeys(A2PO_SETTINGS, ("a2po_step",)),
+    **dict.fromkeys(("use_uld_loss", *ULD_SETTINGS, *HYBRID_ULD_WEIGHTS), ("gold",)),
     **dict.fromkeys(SELF_DISTILLATION_SETTINGS, ("sdft_step", "sdpo")),
     **dict.fromkeys(SDFT_SETTINGS, ("sdft_step",)),
     **dict.fromkeys(SDPO_SETTINGS, ("sdpo",)),
@@ -654,6 +684,35 @@ class LLMConfig:
     tokens: the teacher's log-prob of each token is all it reads), or iw_opd (sampled, each token weighted down
     after a large accumulated discrepancy, `iw_opd_gamma`)."""
     iw_opd_gamma: float = 0.5
+    use_uld_loss: bool = False
+    """gold: Universal Logit Distillation (Boizard et al. 2024), for a teacher with another tokenizer
+    (llm/cross_tokenizer.py): the teacher reads the prompt and the completion's text in its own tokens, and the loss
+    is the L1 distance between the two models' sorted next-token probabilities at aligned positions, instead of the
+    generalized JSD. The uld_* settings are TRL's GOLDConfig's, with its defaults."""
+    use_extended_uld: bool = True
+    """gold: align the two tokenizations by the bytes of text each token spells, merging the distributions of a
+    token the other side splits (byte-level or character-level tokenizers); false: position by position."""
+    uld_token_merge_strategy: str = "observed"
+    """gold: observed, the distributions at each completion token's own position (predicting the next one), a
+    split token's first position times the probabilities of its later pieces; bayesian, the distributions that
+    predict each token, its last position times the earlier pieces' probabilities (the chain rule)."""
+    uld_use_hybrid_loss: bool = False
+    """gold: on the tokens both vocabularies spell alike, the generalized JSD (beta) of their probabilities; the
+    sorted L1 distance on the rest."""
+    uld_hybrid_matched_weight: float | None = None
+    """gold's hybrid loss: the weight of its matched part (None with the unmatched one: the share of the teacher's
+    vocabulary both spell alike, and the rest)."""
+    uld_hybrid_unmatched_weight: float | None = None
+    uld_crossentropy_weight: float = 0.0
+    """gold: the weight of the completion tokens' NLL added to the ULD loss."""
+    uld_distillation_weight: float = 1.0
+    uld_student_temperature: float = 1.0
+    uld_teacher_temperature: float = 1.0
+    uld_skip_student_eos: bool = True
+    """gold: leave each completion's last token (its EOS) out of the student's side of the alignment."""
+    uld_skip_teacher_eos: bool = True
+    teacher_tokenizer: str | None = None
+    """gold with use_uld_loss: the teacher's tokenizer (a save_pretrained directory); None: the teacher's own."""
     num_value_samples: int = 8
     """a2po: the reference policy's samples per training prompt behind its V* estimate (stage 1)."""
     beta1: float = 0.5
@@ -936,6 +995,8 @@ class LLMConfig:
             )
         if self.algo == "tpo":
             self._check_tpo_settings()
+        if self.use_uld_loss:
+            self._check_uld_settings()
         if self.alpha < 0 or not 0 <= self.mixture_coef <= 1:
             raise ConfigError(
                 f"alpha={self.alpha} must be >= 0 and mixture_coef={self.mixture_coef} in [0, 1]",
@@ -1136,7 +1197,8 @@ class LLMConfig:
         if self.teacher is None:
             raise ConfigError(
                 f"{self.algo} trains the model toward a teacher's next-token distributions, and no teacher was given",
-                "pass --teacher PATH (a run directory or a save_pretrained directory whose vocabulary is the model's)",
+                "pass --teacher PATH (a run directory or a save_pretrained directory whose vocabulary is the model's"
+                + ("; with use_uld_loss=true, any tokenizer's)" if self.algo == "gold" else ")"),
             )
         if self.distill_loss not in DISTILL_LOSSES:
             raise ConfigError(
@@ -1193,6 +1255,31 @@ class LLMConfig:
         check_preference_settings(self.preference_loss, self.preference_settings)
         if self.tpo_alpha < 0:
             raise ConfigError(f"tpo_alpha={self.tpo_alpha} must be >= 0", "set tpo_alpha=1.0 (TRL's), or 0")
+
+    def _check_uld_settings(self) -> None:
+        """GOLD's ULD settings: a merge strategy it knows, both hybrid weights or neither, positive temperatures,
+        and the divergence it replaces left at its default."""
+        if self.uld_token_merge_strategy not in ULD_MERGE_STRATEGIES:
+            raise ConfigError(
+                f"unknown uld_token_merge_strategy {self.uld_token_merge_strategy!r}",
+                f"choose one of {', '.join(ULD_MERGE_STRATEGIES)}",
+            )
+        if (self.uld_hybrid_matched_weight is None) != (self.uld_hybrid_unmatched_weight is None):
+            raise ConfigError(
+                "uld_hybrid_matched_weight and uld_hybrid_unmatched_weight go together",
+                "set both, or neither (the vocabulary overlap's weights)",
+            )
+        if min(self.uld_student_temperature, self.uld_teacher_temperature) <= 0:
+            raise ConfigError(
+                f"uld_student_temperature={self.uld_student_temperature} and uld_teacher_temperature="
+                f"{self.uld_teacher_temperature} must be > 0",
+                "set them to 1.0 (TRL's default)",
+            )
+        if self.distill_loss != "jsd":
+            raise ConfigError(
+                f"use_uld_loss=true replaces the divergence, and distill_loss={self.distill_loss} names another",
+                "drop distill_loss, or use_uld_loss",
+            )
 
     def _check_reference_sync(self) -> None:
         """TR-DPO moves a reference model: the loss must read one (a preference loss with a reference, or the
@@ -1305,6 +1392,13 @@ DEPENDENT_SETTINGS: tuple[tuple[tuple[str, ...], Callable[[LLMConfig], bool], st
         "--set bema_update_ref_model=true",
     ),
     (("seq_kd",), lambda c: c.lmbda < 1, "the source of the steps off the model's samples", "--set lmbda=0.5 (e.g.)"),
+    (ULD_SETTINGS, lambda c: c.use_uld_loss, "ULD's", "--set use_uld_loss=true"),
+    (
+        HYBRID_ULD_WEIGHTS,
+        lambda c: c.use_uld_loss and c.uld_use_hybrid_loss,
+        "the hybrid ULD loss's weights",
+        "--set use_uld_loss=true --set uld_use_hybrid_loss=true",
+    ),  # fmt: skip
     (("iw_opd_gamma",), lambda c: c.distill_loss == "iw_opd", "IW-OPD's weight", "--set distill_loss=iw_opd"),
     (
         ("teacher_update_rate", "teacher_sync_steps"),
@@ -1460,6 +1554,15 @@ def call_reward(
     """The task's rewards as a tensor, with one clear error for a reward function that misbehaves (NaN where no
     function applies: `rewards.UNSCORED`)."""
     return torch.tensor(reward_values(task, prompts, completions, rows, rollout))
+
+
+def _one_past(ids: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
+    """Completions with one more column in the mask: each row's position after its last token (what a pass over
+    them then also computes: the logits at that last token), the new column's token 0."""
+    mask = mask.bool()
+    none = torch.zeros_like(mask[:, :1])
+    wide = torch.cat([mask, none], 1) | torch.cat([none, mask], 1)
+    return torch.cat([ids, torch.zeros_like(ids[:, :1])], 1), wide
 
 
 def xpo_pairs(rewards: Tensor, other_rewards: Tensor) -> Tensor:
@@ -2035,6 +2138,8 @@ class LLMTrainer:
         if (cfg.kl_coef and cfg.algo != "sft") or needs or cfg.algo in ("a2po", "xpo", "nash_md"):
             self.reference = copy.deepcopy(self.model).eval().requires_grad_(False)
         self.teacher = self._teacher(cfg, inputs) if training_step(cfg.algo) == "distill_step" else None
+        self.cross = self._cross_tokenizer(cfg, inputs) if cfg.use_uld_loss else None
+        """gold with use_uld_loss: the teacher's tokenizer and the ULD loss."""
         """distill's and gkd's frozen teacher; sdft's copy of the model (teacher_model_kind base or ema)."""
         if cfg.algo in SELF_DISTILLING and cfg.teacher_model_kind != "live":
             self.teacher = copy.deepcopy(self.model).eval().requires_grad_(False)
@@ -2288,28 +2393,65 @@ class LLMTrainer:
         return {"loss": float(loss.detach()), "tokens": float(mask.sum()), **{k: float(v) for k, v in metrics.items()}}
 
     def _teacher(self, cfg: LLMConfig, inputs: LLMInputs) -> Any:
-        """The frozen teacher of distill and gkd: the object given or the config's model, with the model's
-        vocabulary (the divergence compares their distributions token by token)."""
+        """The frozen teacher of distill, gkd and gold: the object given or the config's model, with the model's
+        vocabulary (the divergence compares their distributions token by token), or, with use_uld_loss, any."""
         given = _given(cfg, inputs, "teacher")
         if given is self.model:
             raise LLMError("the teacher given is the model being trained", "pass a copy (copy.deepcopy(model))")
+        fix = "distill from a teacher that uses the model's tokenizer" + (
+            ", or set use_uld_loss=true (ULD, across tokenizers)"
+            if cfg.algo == "gold"
+            else " (gold: across tokenizers)"
+        )
         if isinstance(given, str):
             teacher, tokenizer = load_model(given, cfg.seed)
-            if tokenizer.get_vocab() != self.tokenizer.get_vocab():
+            if cfg.use_uld_loss:
+                self.teacher_tokenizer = tokenizer
+            elif tokenizer.get_vocab() != self.tokenizer.get_vocab():
                 raise LLMError(
                     f"the teacher {given} has another tokenizer than the model (vocabularies of {len(tokenizer)} "
                     f"and {len(self.tokenizer)} tokens, or the same size with other ids)",
-                    "distill from a teacher that uses the model's tokenizer",
+                    fix,
                 )
         else:
             teacher = given
         sizes = [m.get_output_embeddings().weight.shape[0] for m in (teacher, self.model)]
-        if sizes[0] != sizes[1]:
+        if sizes[0] != sizes[1] and not cfg.use_uld_loss:
             raise LLMError(
                 f"the teacher's output layer has {sizes[0]} tokens and the model's {sizes[1]}",
-                "distill from a teacher with the model's vocabulary",
+                fix,
             )
         return teacher.eval().requires_grad_(False)
+
+    def _cross_tokenizer(self, cfg: LLMConfig, inputs: LLMInputs) -> CrossTokenizer:
+        """gold's ULD: the teacher's tokenizer (teacher_tokenizer's, else the teacher directory's) and the loss."""
+        tokenizer = getattr(self, "teacher_tokenizer", None)
+        if cfg.teacher_tokenizer is not None:
+            from transformers import AutoTokenizer
+
+            with without_progress_bars():
+                tokenizer = prepare_tokenizer(AutoTokenizer.from_pretrained(cfg.teacher_tokenizer))
+        if tokenizer is None:
+            raise LLMError(
+                "use_uld_loss=true reads the teacher's tokens, and the teacher was given as a model without its "
+                "tokenizer",
+                "set teacher_tokenizer=DIR (a save_pretrained tokenizer), or give the teacher as a directory",
+            )
+        if cfg.seq_kd and tokenizer.get_vocab() != self.tokenizer.get_vocab():
+            raise LLMError(
+                "seq_kd trains on the teacher's samples, which come in the teacher's tokens, another tokenizer's",
+                "drop seq_kd (the steps off the model's samples then train on the rows' answers)",
+            )
+        weights = None
+        if cfg.uld_hybrid_matched_weight is not None and cfg.uld_hybrid_unmatched_weight is not None:
+            weights = (cfg.uld_hybrid_matched_weight, cfg.uld_hybrid_unmatched_weight)
+        settings = ULDSettings(
+            extended=cfg.use_extended_uld, strategy=cfg.uld_token_merge_strategy,
+            student_temperature=cfg.uld_student_temperature, teacher_temperature=cfg.uld_teacher_temperature,
+            skip_student_eos=cfg.uld_skip_student_eos, skip_teacher_eos=cfg.uld_skip_teacher_eos,
+            hybrid=cfg.uld_use_hybrid_loss, beta=cfg.beta, hybrid_weights=weights,
+        )  # fmt: skip
+        return CrossTokenizer(self.tokenizer, tokenizer, settings)
 
     def _row_tables(self) -> dict[str, list[dict[str, Any]]]:
         return {"train": self.train_rows, "expert": self.expert_rows, "pairs": self.pair_rows or []}
@@ -2981,10 +3123,16 @@ class LLMTrainer:
             prompt_ids, prompt_mask = self.encode_prompts([row["prompt"] for row in rows])
             ids, mask = self.encode_prompts.answers([expert_completion(row) for row in rows])
             tape = None
+        metrics = {"tokens": float(mask.sum()), "on_policy": float(on_policy)}
+        if self.cross is not None:
+            texts = decode_lists(self.tokenizer, [row[keep].tolist() for row, keep in zip(ids, mask)])
+            loss, uld_metrics = self.uld_loss([row["prompt"] for row in rows], prompt_ids, prompt_mask, ids, mask,
+                                              texts, tape)  # fmt: skip
+            self._optimize(loss)
+            return {"loss": float(loss.detach()), **metrics, **{k: float(v) for k, v in uld_metrics.items()}}
         student = completion_logits(self.model, prompt_ids, prompt_mask, ids, mask, tape=tape)
         with torch.no_grad():
             teacher = completion_logits(self.teacher, prompt_ids, prompt_mask, ids, mask)
-        metrics = {"tokens": float(mask.sum()), "on_policy": float(on_policy)}
         if cfg.distill_loss == "jsd":
             loss = aggregate(generalized_jsd(student, teacher, cfg.beta, cfg.temperature), mask, "token-mean")
         else:
@@ -2997,6 +3145,31 @@ class LLMTrainer:
             metrics["reverse_kl"] = float(aggregate(student_logp.detach() - teacher_logp, mask, "token-mean"))
         self._optimize(loss)
         return {"loss": float(loss.detach()), **metrics}
+
+    def uld_loss(
+        self, prompts: list[str], prompt_ids: Tensor, prompt_mask: Tensor, ids: Tensor, mask: Tensor,
+        texts: list[str], tape: Any,
+    ) -> tuple[Tensor, dict[str, Tensor]]:  # fmt: skip
+        """gold's ULD loss on a batch of completions (`texts`, their text): the teacher reads the prompts and texts in
+        its own tokens; uld_distillation_weight x the ULD distance + uld_crossentropy_weight x the completion
+        tokens' NLL. "observed" without uld_skip_*_eos reads the position after each completion's last token too."""
+        cfg, cross = self.cfg, self.cross
+        assert cross is not None
+        observed = cfg.uld_token_merge_strategy == "observed"
+        s_ids, s_mask = _one_past(ids, mask) if observed and not cfg.uld_skip_student_eos else (ids, mask)
+        student = completion_logits(self.model, prompt_ids, prompt_mask, s_ids, s_mask, tape=tape)
+        t_prompt_ids, t_prompt_mask, t_ids, t_mask = cross.teacher_batch(prompts, texts)
+        t_read = _one_past(t_ids, t_mask) if observed and not cfg.uld_skip_teacher_eos else (t_ids, t_mask)
+        with torch.no_grad():
+            teacher = completion_logits(self.teacher, t_prompt_ids, t_prompt_mask, *t_read)
+        distance, metrics = cross.loss(student, ids, mask, teacher, t_ids, t_mask, texts)
+        loss = cfg.uld_distillation_weight * distance
+        metrics["uld_loss"] = distance.detach()
+        if cfg.uld_crossentropy_weight > 0:
+            nll = -aggregate(_chosen_logprobs(student[:, : ids.shape[1]], ids, 1.0), mask, "token-mean")
+            loss = loss + cfg.uld_crossentropy_weight * nll
+            metrics["nll"] = nll.detach()
+        return loss, metrics
 
     def sdft_step(self) -> dict[str, float]:
         """SDFT (TRL's SDFTTrainer): `batch_size` prompts with `group_size` completions each, sampled by the model

@@ -30,6 +30,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from policylab.errors import ConfigError
@@ -234,3 +235,85 @@ def sampled_distillation_advantages(
         before = size.cumsum(-1) - size
         total = size.sum(-1, keepdim=True).clamp_min(eps)
         return (1.0 + iw_gamma * (1.0 - before / total)) * advantages
+
+
+# --- Universal Logit Distillation (a teacher with another tokenizer) -----------------------------------------------
+
+
+def byte_groups(student_bytes: list[int], teacher_bytes: list[int]) -> tuple[list[list[int]], list[list[int]]]:
+    """The two tokenizations of one text cut where both have a token boundary: groups of consecutive student and
+    teacher tokens covering the same bytes, from each token's byte length. A walk over both sequences advancing
+    the side whose current token ends first; what is left when one side runs out is one last group (an empty
+    side's group is dropped with its partner)."""
+    student_groups, teacher_groups = [], []
+    s = t = s_start = t_start = 0
+    s_end, t_end = (student_bytes[0] if student_bytes else 0), (teacher_bytes[0] if teacher_bytes else 0)
+    while s < len(student_bytes) and t < len(teacher_bytes):
+        if s_end < t_end:
+            s += 1
+            s_end += student_bytes[s] if s < len(student_bytes) else 0
+        elif t_end < s_end:
+            t += 1
+            t_end += teacher_bytes[t] if t < len(teacher_bytes) else 0
+        else:
+            s, t = s + 1, t + 1
+            student_groups.append(list(range(s_start, s)))
+            teacher_groups.append(list(range(t_start, t)))
+            s_start, t_start = s, t
+            s_end += student_bytes[s] if s < len(student_bytes) else 0
+            t_end += teacher_bytes[t] if t < len(teacher_bytes) else 0
+    if s_start < len(student_bytes) and t_start < len(teacher_bytes):
+        student_groups.append(list(range(s_start, len(student_bytes))))
+        teacher_groups.append(list(range(t_start, len(teacher_bytes))))
+    return student_groups, teacher_groups
+
+
+def merged_group_probs(probs: Tensor, groups: list[list[int]], tokens: list[int], strategy: str) -> Tensor:
+    """[G, V]: one distribution per group of tokens that the other tokenizer spells as one piece. A group of one
+    token keeps its distribution; a longer group takes one position's full distribution times the probabilities
+    of the group's actual tokens at its other positions (clamped at 1e-8): "observed", the first position's
+    times the later ones' (TRL's default), "bayesian", the last position's times the earlier ones' (the chain
+    rule, with `probs[k]` predicting `tokens[k]`). Unnormalized: the relative probabilities are what matter."""
+    rows = []
+    for group in groups:
+        if len(group) == 1:
+            rows.append(probs[group[0]])
+            continue
+        base, scalars = (group[-1], group[:-1]) if strategy == "bayesian" else (group[0], group[1:])
+        index = torch.tensor(scalars)
+        factor = probs[index, torch.tensor([tokens[k] for k in scalars])].clamp_min(1e-8).prod()
+        rows.append(probs[base] * factor)
+    return torch.stack(rows)
+
+
+def sorted_l1(student: Tensor, teacher: Tensor) -> Tensor:
+    """ULD's distance (Boizard et al. 2024): each row's probabilities sorted in decreasing order, the smaller
+    vocabulary padded with zeros, the L1 distance summed over the vocabulary and averaged over the rows
+    (Wasserstein-1 between the two distributions under a uniform transport cost, so no token correspondence is
+    needed)."""
+    width = max(student.shape[-1], teacher.shape[-1])
+    student = F.pad(student.sort(-1, descending=True).values, (0, width - student.shape[-1]))
+    teacher = F.pad(teacher.sort(-1, descending=True).values, (0, width - teacher.shape[-1]))
+    return (student - teacher).abs().sum() / len(student)
+
+
+def hybrid_uld_distance(
+    student: Tensor, teacher: Tensor, matched: tuple[Tensor, Tensor], beta: float, weights: tuple[float, float]
+) -> tuple[Tensor, Tensor, Tensor]:
+    """TRL's hybrid ULD: on the tokens both vocabularies spell alike (`matched` (student ids, teacher ids)) the
+    generalized JSD (beta) of the probabilities there (log of them clamped at 1e-8, not renormalized), summed over
+    those tokens and averaged over the rows; on the others `sorted_l1`; (weights[0] x the first + weights[1] x the
+    second, the first, the second)."""
+    student_ids, teacher_ids = matched
+    matched_loss = student.new_zeros(())
+    if len(student_ids):
+        log_student = student[:, student_ids].clamp_min(1e-8).log()
+        log_teacher = teacher[:, teacher_ids].clamp_min(1e-8).log()
+        matched_loss = generalized_jsd_of_log_probs(log_student, log_teacher, beta).sum() / len(student)
+    keep_student = torch.ones(student.shape[-1], dtype=torch.bool)
+    keep_teacher = torch.ones(teacher.shape[-1], dtype=torch.bool)
+    keep_student[student_ids], keep_teacher[teacher_ids] = False, False
+    unmatched_loss = student.new_zeros(())
+    if keep_student.any() and keep_teacher.any():
+        unmatched_loss = sorted_l1(student[:, keep_student], teacher[:, keep_teacher])
+    return weights[0] * matched_loss + weights[1] * unmatched_loss, matched_loss, unmatched_loss
