@@ -1,6 +1,6 @@
-"""policylab's SFT, GRPO, GMPO, RLOO, DPO, CPO, SimPO, ORPO, KTO, reward models, on-policy distillation and SDFT against
-TRL's SFTTrainer, GRPOTrainer, GMPOTrainer, RLOOTrainer, DPOTrainer, CPOTrainer, ORPOTrainer, KTOTrainer, RewardTrainer,
-DistillationTrainer and SDFTTrainer: the
+"""policylab's SFT, GRPO, GMPO, RLOO, DPO, CPO, SimPO, ORPO, KTO, reward models, on-policy distillation, GOLD, SDFT
+and SDPO against TRL's SFTTrainer, GRPOTrainer, GMPOTrainer, RLOOTrainer, DPOTrainer, CPOTrainer, ORPOTrainer,
+KTOTrainer, RewardTrainer, DistillationTrainer, GOLDTrainer, SDFTTrainer and SDPOTrainer: the
 same model, prompts (or preference pairs), group size, lengths, optimizer settings and number of steps, alternating
 runs, 1 thread each.
 
@@ -17,6 +17,7 @@ runs, 1 thread each.
     .venv/bin/python benchmarks/llm.py --algo sdft --seeds 10 --steps 100 --model tiny-llama --prompts-per-step 8 \
         --group-size 4 --lr 1e-3
     .venv/bin/python benchmarks/llm.py --algo sdpo --seeds 10 --steps 60 --model tiny-llama --prompts-per-step 8
+    .venv/bin/python benchmarks/llm.py --algo gold --seeds 10 --steps 60 --model tiny-llama --prompts-per-step 16
     .venv/bin/python benchmarks/llm.py --tools --seeds 3 --steps 20 --model tiny-llama --prompts-per-step 4 \
         --max-new-tokens 96 --sft-steps 200
 
@@ -77,6 +78,14 @@ plain addition prompts (exact-match reward): `--group-size` completions of `--pr
 completion whose group holds a success learns the starting model's EMA teacher's distributions given the prompt
 reprompted with it ("{successful_previous_attempt}:" before the question, as the starting model read answers), the
 sampled tokens' reverse KL, self-distillation alone (distillation_weight 1): SDPOConfig's defaults otherwise.
+`--algo gold`: distillation across tokenizers against TRL's experimental GOLDTrainer with use_uld_loss. The teacher
+is `--model` after `--sft-steps` of SFT (the character tokenizer); the student, policylab's tiny-llama-pairs with
+random weights (every two-digit number one token); both saved with a chat template that renders the messages' text
+as it is (TRL's trainer reads conversations, user prompt and assistant answer). `--prompts-per-step` prompts, one
+sampled completion each, GOLDConfig's defaults (temperature 0.9, top_p 0.95, beta 0.5, the uld_* settings) but
+lmbda 1 (every step on the student's samples: the step whose time is compared, where GOLD's 0.5 would mix two
+kinds of steps into the median) and use_extended_uld false (positional alignment: TRL's byte alignment takes
+byte-level BPE tokenizers only), lr 3e-3. The losses are TRL's on the same logits (`gold_equivalence.py`).
 `--tools` (GRPO): tool calling against GRPOTrainer(tools=...). Both sides use one tokenizer: characters plus
 Qwen2.5's special tokens and tool tags, with TRL's copy of Qwen2.5's chat template (read from TRL's venv; TRL parses
 tool calls only for chat templates it knows). The prompts are conversations (a one-word system message, then a
@@ -236,6 +245,33 @@ def prepare_sdft(a: argparse.Namespace, where: Path) -> tuple[Path, Path]:
     return run.dir / "model", prompts
 
 
+GOLD_TEMPLATE = (
+    "{% for m in messages %}{{ m['content'] }}{% if m['role'] == 'assistant' %}{{ eos_token }}{% endif %}{% endfor %}"
+)
+"""`--algo gold`'s chat template on both tokenizers (TRL's GOLDTrainer reads conversations): the messages' text as
+it is, the EOS after the answer, so its rendered prompt is policylab's prompt."""
+
+
+def prepare_gold(a: argparse.Namespace, where: Path) -> tuple[Path, Path]:
+    """`--algo gold`: the teacher, `--model` after `--sft-steps` of SFT (the character tokenizer), and the student,
+    policylab's tiny-llama-pairs with random weights (the digit-pair tokenizer), both saved with `GOLD_TEMPLATE`."""
+    from policylab.llm.models import load_model
+    from policylab.llm.tasks import get_task
+    from policylab.llm.trainer import train_llm
+
+    sft = {"model": a.model, "steps": a.sft_steps, "batch_size": 64, "eval_every": a.sft_steps}
+    teacher_dir = train_llm("sft", sft, where / "sft", verbose=False).dir / "model"
+    for directory, source in ((where / "teacher", teacher_dir), (where / "student", "tiny-llama-pairs")):
+        model, tokenizer = load_model(source)
+        tokenizer.chat_template = GOLD_TEMPLATE
+        model.save_pretrained(directory)
+        tokenizer.save_pretrained(directory)
+    a.teacher_dir = str(where / "teacher")
+    prompts = where / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps(row) + "\n" for row in get_task("addition").make(5_000, 0)))
+    return where / "student", prompts
+
+
 def tool_accuracy(model_dir: str, eval_size: int = 200) -> float:
     """Greedy exact match of the answer after the tool's result on held-out products (policylab's evaluation)."""
     from policylab.llm.models import load_model
@@ -264,6 +300,8 @@ def prepare(a: argparse.Namespace, where: Path) -> tuple[Path, Path]:
         return prepare_tools(a, where)
     if a.algo in ("sdft", "sdpo"):
         return prepare_sdft(a, where)
+    if a.algo == "gold":
+        return prepare_gold(a, where)
     model_dir = where / "start"
     if a.sft_steps > 0 and a.algo != "sft":
         run = train_llm(
@@ -302,6 +340,9 @@ def prepare(a: argparse.Namespace, where: Path) -> tuple[Path, Path]:
 OURS_EXTRA: dict[str, Any] = {
     "grpo": lambda a: {},
     "distill": lambda a: {"teacher": a.teacher_dir, "beta": 1.0, "temperature": 1.0},
+    # GOLD's defaults but lmbda (every step on the student's samples) and positional alignment (TRL's byte alignment
+    # takes byte-level BPE tokenizers only)
+    "gold": lambda a: {"teacher": a.teacher_dir, "use_uld_loss": True, "use_extended_uld": False, "lmbda": 1.0},
     "sft": lambda a: {},
     "sdft": lambda a: {"teacher_prompt_template": SDFT_TEMPLATE, "distillation_topk": SDFT_TOPK},
     "sdpo": lambda a: SDPO_TEMPLATES,
@@ -314,7 +355,7 @@ OURS_EXTRA: dict[str, Any] = {
 }
 PAIR_ALGOS = ("dpo", "cpo", "simpo", "orpo", "tpo", "kto", "reward_model")
 """The algorithms that train on preference pairs (prepare writes pairs for them) and sample nothing."""
-SAMPLING_ALGOS = ("grpo", "gmpo", "rloo", "distill", "sdft", "sdpo")
+SAMPLING_ALGOS = ("grpo", "gmpo", "rloo", "distill", "gold", "sdft", "sdpo")
 """The algorithms that sample completions (the others, SFT and the pair algorithms, train on given ones)."""
 
 
@@ -467,6 +508,18 @@ def worker_trl(a: argparse.Namespace) -> dict[str, Any]:
         teacher = AutoModelForCausalLM.from_pretrained(a.teacher_dir)
         trainer = DistillationTrainer(model=model, teacher_model=teacher, args=config, train_dataset=dataset,
                                       processing_class=tokenizer)  # fmt: skip
+    elif a.algo == "gold":
+        from trl.experimental.gold import GOLDConfig, GOLDTrainer
+
+        conversations = [{"messages": [{"role": "user", "content": r["prompt"]},
+                                       {"role": "assistant", "content": r["answer"]}]} for r in rows]  # fmt: skip
+        config = GOLDConfig(**common, per_device_train_batch_size=a.prompts_per_step,
+                            max_completion_length=a.max_new_tokens, temperature=0.9, top_p=0.95, lmbda=1.0, beta=0.5,
+                            use_uld_loss=True, use_extended_uld=False,
+                            teacher_tokenizer_name_or_path=a.teacher_dir)  # fmt: skip
+        teacher = AutoModelForCausalLM.from_pretrained(a.teacher_dir)
+        trainer = GOLDTrainer(model=model, teacher_model=teacher, args=config,
+                              train_dataset=Dataset.from_list(conversations), processing_class=tokenizer)  # fmt: skip
     elif a.algo == "sdft":
         from trl.experimental.sdft import SDFTConfig, SDFTTrainer
 
@@ -771,11 +824,12 @@ def main() -> None:
     parser.add_argument("--teacher-dir", help=argparse.SUPPRESS)
     a = parser.parse_args()
     if a.lr is None:
-        a.lr = {"reward_model": 1e-3, "distill": 3e-3, "sft": 3e-3}.get(a.algo, 1e-4 if a.algo in PAIR_ALGOS else 3e-4)
+        default = 1e-4 if a.algo in PAIR_ALGOS else 3e-4
+        a.lr = {"reward_model": 1e-3, "distill": 3e-3, "gold": 3e-3, "sft": 3e-3}.get(a.algo, default)
     if a.tools and a.algo != "grpo":
         parser.error(f"--tools runs GRPO with a tool, not {a.algo}: drop --algo or give --algo grpo")
-    if a.algo == "distill":
-        a.group_size = 1  # DistillationTrainer samples one completion per prompt
+    if a.algo in ("distill", "gold"):
+        a.group_size = 1  # DistillationTrainer and GOLDTrainer sample one completion per prompt
         if a.sft_steps <= 0 and not a.worker:
             parser.error("--algo distill distills the SFT model (the teacher) into a random one: give --sft-steps > 0")
     if a.worker:
@@ -826,6 +880,8 @@ def main() -> None:
         per_run["accuracy"] = ("held-out pairs ranked right (the same scorer)", ".3f", True)
     if a.tools:  # TRL's completion lengths count the tools' tokens too, policylab's `tokens` the model's only
         del per_run["completion_tokens_per_s"]
+    if a.algo == "gold":  # GOLDTrainer logs neither completion lengths nor rewards
+        del per_run["completion_tokens_per_s"], per_run["final_reward"]
         per_run["tool_calls"] = ("tool calls per completion (mean over steps)", ".2f", True)
     if a.algo not in SAMPLING_ALGOS:  # no sampling: policylab's count is its training tokens, TRL logs none
         del per_run["completion_tokens_per_s"], per_run["final_reward"]

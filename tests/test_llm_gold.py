@@ -36,28 +36,33 @@ def test_byte_groups_cut_both_tokenizations_where_both_have_a_boundary():
 def test_a_split_tokens_merged_distribution_is_one_position_times_the_others_token_probabilities():
     probs = torch.tensor([[0.5, 0.3, 0.2], [0.1, 0.6, 0.3], [0.2, 0.2, 0.6]])
     tokens = [2, 1, 0]
-    observed = merged_group_probs(probs, [[0, 1], [2]], tokens, "observed")
-    torch.testing.assert_close(observed, torch.stack([probs[0] * 0.6, probs[2]]))  # probs[1][tokens[1]] = 0.6
-    bayesian = merged_group_probs(probs, [[0, 1], [2]], tokens, "bayesian")
-    torch.testing.assert_close(bayesian, torch.stack([probs[1] * 0.2, probs[2]]))  # probs[0][tokens[0]] = 0.2
+    batch = torch.stack([probs, probs])  # a second row with one group of its first token only
+    observed, valid = merged_group_probs(batch, [[[0, 1], [2]], [[0]]], [tokens, tokens[:1]], "observed")
+    torch.testing.assert_close(observed[0], torch.stack([probs[0] * 0.6, probs[2]]))  # probs[1][tokens[1]] = 0.6
+    torch.testing.assert_close(observed[1, 0], probs[0])
+    assert valid.tolist() == [[True, True], [True, False]]
+    bayesian, _ = merged_group_probs(probs[None], [[[0, 1], [2]]], [tokens], "bayesian")
+    torch.testing.assert_close(bayesian[0], torch.stack([probs[1] * 0.2, probs[2]]))  # probs[0][tokens[0]] = 0.2
 
 
 def test_the_sorted_l1_distance_and_the_hybrid_loss_by_hand():
-    student = torch.tensor([[0.1, 0.7, 0.2]])
-    teacher = torch.tensor([[0.5, 0.5]])
+    student = torch.tensor([[[0.1, 0.7, 0.2]]])
+    teacher = torch.tensor([[[0.5, 0.5]]])
+    one = torch.tensor([[True]])
     # sorted: [0.7, 0.2, 0.1] against [0.5, 0.5, 0] (padded): 0.2 + 0.3 + 0.1
-    assert float(sorted_l1(student, teacher)) == pytest.approx(0.6)
-    # two rows average: the second row equal on both sides adds 0
-    assert float(sorted_l1(torch.cat([student, student]), torch.tensor([[0.5, 0.5, 0.0], [0.7, 0.2, 0.1]]))) == (
-        pytest.approx(0.3)
-    )
+    assert sorted_l1(student, teacher, one).tolist() == pytest.approx([0.6])
+    # a row's positions average over its valid ones: the second position, equal on both sides, adds 0; an invalid
+    # third one is left out
+    two = torch.cat([student, student, torch.tensor([[[1.0, 0.0, 0.0]]])], 1)
+    other = torch.tensor([[[0.5, 0.5, 0.0], [0.7, 0.2, 0.1], [0.0, 0.0, 0.0]]])
+    assert sorted_l1(two, other, torch.tensor([[True, True, False]])).tolist() == pytest.approx([0.3])
     # hybrid: student token 1 is teacher token 0; JSD on them, sorted L1 on the rest ([0.1, 0.2] against [0.5])
     matched = (torch.tensor([1]), torch.tensor([0]))
-    total, on_matched, on_rest = hybrid_uld_distance(student, teacher, matched, 0.5, (0.25, 0.75))
+    total, on_matched, on_rest = hybrid_uld_distance(student, teacher, one, matched, 0.5, (0.25, 0.75))
     jsd = generalized_jsd_of_log_probs(torch.tensor([[0.7]]).log(), torch.tensor([[0.5]]).log(), 0.5).sum()
-    assert float(on_matched) == pytest.approx(float(jsd))
-    assert float(on_rest) == pytest.approx(abs(0.2 - 0.5) + 0.1)
-    assert float(total) == pytest.approx(0.25 * float(jsd) + 0.75 * (0.3 + 0.1))
+    assert on_matched.tolist() == pytest.approx([float(jsd)])
+    assert on_rest.tolist() == pytest.approx([abs(0.2 - 0.5) + 0.1])
+    assert total.tolist() == pytest.approx([0.25 * float(jsd) + 0.75 * (0.3 + 0.1)])
 
 
 def test_token_bytes_and_the_teachers_view_of_a_batch():
@@ -99,8 +104,8 @@ def test_the_uld_loss_of_a_row_from_both_models_logits(strategy):
         first = p[0] * p[1, tokens[1]]
     else:  # the last position's times the earlier token's
         first = p[1] * p[0, tokens[0]]
-    expected = sorted_l1(torch.stack([first, p[2]]), q[:2])
-    assert float(loss) == pytest.approx(float(expected), rel=1e-6)
+    expected = sorted_l1(torch.stack([first, p[2]])[None], q[None, :2], torch.ones(1, 2, dtype=torch.bool))
+    assert float(loss) == pytest.approx(float(expected[0]), rel=1e-6)
 
 
 def test_bad_gold_settings_are_one_error_each(tmp_path):

@@ -85,6 +85,8 @@ class CrossTokenizer:
         self.student, self.teacher, self.settings = student, teacher, settings
         self.student_bytes, self.teacher_bytes = TokenBytes(student), TokenBytes(teacher)
         self.matched = vocabulary_matches(student, teacher) if settings.hybrid else None
+        self.prompt_ids: dict[str, list[int]] = {}
+        """Each prompt's teacher tokens, encoded once (the rows come back every epoch)."""
 
     def teacher_batch(self, prompts: list[str], texts: list[str]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """(prompt ids, left-padded; their mask; completion ids with the teacher's EOS appended, right-padded;
@@ -92,9 +94,15 @@ class CrossTokenizer:
         completion text encoded without them, as TRL's GOLDTrainer builds the teacher's inputs."""
         tok = self.teacher
         eos, pad = tok.eos_token_id, tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-        prompt_lists = [ids[:-1] if ids and ids[-1] == eos else ids for ids in tok(prompts)["input_ids"]]
-        completion_lists = [ids + ([eos] if eos is not None else [])
-                            for ids in tok(texts, add_special_tokens=False)["input_ids"]]  # fmt: skip
+        missing = [p for p in dict.fromkeys(prompts) if p not in self.prompt_ids]
+        if missing:
+            for prompt, ids in zip(missing, tok(missing)["input_ids"], strict=True):
+                self.prompt_ids[prompt] = ids[:-1] if ids and ids[-1] == eos else ids
+        prompt_lists = [self.prompt_ids[p] for p in prompts]
+        backend = getattr(tok, "backend_tokenizer", None)  # one text at a time: batches this small run faster so
+        encoded = ([backend.encode(text, add_special_tokens=False).ids for text in texts] if backend is not None
+                   else tok(texts, add_special_tokens=False)["input_ids"])  # fmt: skip
+        completion_lists = [ids + ([eos] if eos is not None else []) for ids in encoded]
         width = max(len(ids) for ids in prompt_lists)
         prompt_ids = torch.tensor([[pad] * (width - len(ids)) + ids for ids in prompt_lists])
         prompt_mask = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in prompt_lists])
@@ -110,43 +118,40 @@ class CrossTokenizer:
         """The mean over rows of each row's ULD distance between the aligned distributions, and the hybrid
         loss's parts. `student` / `teacher`: each model's logits at its completion's positions predicting each
         completion token ([N, T(+1), V]: a column more where "observed" reads the position after the last
-        token), the ids and masks of the completions (the teacher's with its EOS)."""
+        token), the ids and masks of the completions (the teacher's with its EOS). A row with no token left on a
+        side adds 0 to the mean."""
         s = self.settings
-        student_probs = F.softmax(student.float() / s.student_temperature, -1)
-        teacher_probs = F.softmax(teacher.float() / s.teacher_temperature, -1)
-        losses, matched, unmatched = [], [], []
-        for i, text in enumerate(texts):
-            n_s = int(student_mask[i].sum()) - int(s.skip_student_eos)
-            n_t = int(teacher_mask[i].sum()) - int(s.skip_teacher_eos)
-            if n_s <= 0 or n_t <= 0:
-                losses.append(student[i].sum() * 0.0)
-                continue
-            s_tokens, t_tokens = student_ids[i, :n_s].tolist(), teacher_ids[i, :n_t].tolist()
-            shift = 1 if s.strategy == "observed" else 0  # observed: the position of token k predicts k + 1
-            s_probs = student_probs[i, shift : shift + n_s]
-            t_probs = teacher_probs[i, shift : shift + n_t]
-            if s.extended:
-                s_bytes, t_bytes = self.student_bytes(s_tokens), self.teacher_bytes(t_tokens)
-                self._check_spelling(text, s_bytes, t_bytes, i)
-                s_groups, t_groups = byte_groups(s_bytes, t_bytes)
-                s_aligned = merged_group_probs(s_probs, s_groups, s_tokens, s.strategy)
-                t_aligned = merged_group_probs(t_probs, t_groups, t_tokens, s.strategy)
-            else:
-                n = min(n_s, n_t)
-                s_aligned, t_aligned = s_probs[:n], t_probs[:n]
-            if self.matched is not None:
-                weights = s.hybrid_weights or self._adaptive_weights(teacher.shape[-1])
-                loss, part_matched, part_unmatched = hybrid_uld_distance(s_aligned, t_aligned, self.matched, s.beta,
-                                                                         weights)  # fmt: skip
-                matched.append(part_matched.detach())
-                unmatched.append(part_unmatched.detach())
-                losses.append(loss)
-            else:
-                losses.append(sorted_l1(s_aligned, t_aligned))
+        n_s = (student_mask.sum(-1) - int(s.skip_student_eos)).clamp_min(0).tolist()
+        n_t = (teacher_mask.sum(-1) - int(s.skip_teacher_eos)).clamp_min(0).tolist()
+        s_tokens = [row[:n].tolist() if n and m else [] for row, n, m in zip(student_ids, n_s, n_t)]
+        t_tokens = [row[:m].tolist() if n and m else [] for row, n, m in zip(teacher_ids, n_s, n_t)]
+        if s.extended:
+            s_groups, t_groups = [], []
+            for i, (text, s_row, t_row) in enumerate(zip(texts, s_tokens, t_tokens)):
+                s_bytes, t_bytes = self.student_bytes(s_row), self.teacher_bytes(t_row)
+                if s_row:
+                    self._check_spelling(text, s_bytes, t_bytes, i)
+                groups = byte_groups(s_bytes, t_bytes)
+                s_groups.append(groups[0])
+                t_groups.append(groups[1])
+        else:  # positional: the first min(n_s, n_t) positions of each side, one token each
+            s_groups = [[[k] for k in range(min(len(a), len(b)))] for a, b in zip(s_tokens, t_tokens)]
+            t_groups = s_groups
+        shift = 1 if s.strategy == "observed" else 0  # observed: the position of token k predicts k + 1
+        width_s, width_t = max(max(n_s), 1), max(max(n_t), 1)
+        s_probs = F.softmax(student[:, shift : shift + width_s].float() / s.student_temperature, -1)
+        t_probs = F.softmax(teacher[:, shift : shift + width_t].float() / s.teacher_temperature, -1)
+        s_aligned, valid = merged_group_probs(s_probs, s_groups, s_tokens, s.strategy)
+        t_aligned, _ = merged_group_probs(t_probs, t_groups, t_tokens, s.strategy)
         metrics = {}
-        if matched:
-            metrics = {"matched_loss": torch.stack(matched).mean(), "unmatched_loss": torch.stack(unmatched).mean()}
-        return torch.stack(losses).mean(), metrics
+        if self.matched is not None:
+            weights = s.hybrid_weights or self._adaptive_weights(teacher.shape[-1])
+            per_row, matched, unmatched = hybrid_uld_distance(s_aligned, t_aligned, valid, self.matched, s.beta,
+                                                              weights)  # fmt: skip
+            metrics = {"matched_loss": matched.detach().mean(), "unmatched_loss": unmatched.detach().mean()}
+        else:
+            per_row = sorted_l1(s_aligned, t_aligned, valid)
+        return per_row.mean(), metrics
 
     def _adaptive_weights(self, teacher_vocabulary: int) -> tuple[float, float]:
         """TRL's default hybrid weights: the share of the teacher's vocabulary that both spell alike, and the rest."""

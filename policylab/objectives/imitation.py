@@ -268,52 +268,74 @@ def byte_groups(student_bytes: list[int], teacher_bytes: list[int]) -> tuple[lis
     return student_groups, teacher_groups
 
 
-def merged_group_probs(probs: Tensor, groups: list[list[int]], tokens: list[int], strategy: str) -> Tensor:
-    """[G, V]: one distribution per group of tokens that the other tokenizer spells as one piece. A group of one
-    token keeps its distribution; a longer group takes one position's full distribution times the probabilities
-    of the group's actual tokens at its other positions (clamped at 1e-8): "observed", the first position's
-    times the later ones' (TRL's default), "bayesian", the last position's times the earlier ones' (the chain
-    rule, with `probs[k]` predicting `tokens[k]`). Unnormalized: the relative probabilities are what matter."""
-    rows = []
-    for group in groups:
-        if len(group) == 1:
-            rows.append(probs[group[0]])
-            continue
-        base, scalars = (group[-1], group[:-1]) if strategy == "bayesian" else (group[0], group[1:])
-        index = torch.tensor(scalars)
-        factor = probs[index, torch.tensor([tokens[k] for k in scalars])].clamp_min(1e-8).prod()
-        rows.append(probs[base] * factor)
-    return torch.stack(rows)
+def merged_group_probs(
+    probs: Tensor, groups: list[list[list[int]]], tokens: list[list[int]], strategy: str
+) -> tuple[Tensor, Tensor]:
+    """([N, G, V], valid [N, G]): one distribution per group of tokens that the other tokenizer spells as one
+    piece, for each row's groups (`groups[n]`, positions into `probs[n]` [T, V]; G the most any row has, `valid`
+    marking each row's own). A group of one token keeps its distribution; a longer group takes one position's full
+    distribution times the probabilities of the group's actual tokens (`tokens[n]`) at its other positions, each
+    clamped at 1e-8: "observed", the first position's times the later ones' (TRL's default), "bayesian", the last
+    position's times the earlier ones' (the chain rule, with `probs[n, k]` predicting `tokens[n][k]`).
+    Unnormalized: the relative probabilities are what matter. One gather and one scatter for the batch."""
+    width, length = max(1, max((len(g) for g in groups), default=0)), probs.shape[1]
+    bases, slots = [], []  # each group's base position; each position's group where it is a scalar, else a spare
+    for row_groups in groups:
+        base, slot = [0] * width, [width] * length
+        for g, group in enumerate(row_groups):
+            first, *rest = group if strategy != "bayesian" else [group[-1], *group[:-1]]
+            base[g] = first
+            for k in rest:
+                slot[k] = g
+        bases.append(base)
+        slots.append(slot)
+    base_index, slot_index = torch.tensor(bases), torch.tensor(slots)
+    valid = torch.arange(width)[None, :] < torch.tensor([len(g) for g in groups])[:, None]
+    index = torch.tensor([[*row, *[0] * (length - len(row))] for row in tokens], dtype=torch.long)
+    own = probs.gather(-1, index[..., None]).squeeze(-1).clamp_min(1e-8).log()  # [N, T]
+    factor = own.new_zeros(len(groups), width + 1).scatter_add(1, slot_index, own)[:, :-1].exp()
+    chosen = probs.gather(1, base_index[..., None].expand(-1, -1, probs.shape[-1]))
+    return chosen * factor[..., None], valid
 
 
-def sorted_l1(student: Tensor, teacher: Tensor) -> Tensor:
-    """ULD's distance (Boizard et al. 2024): each row's probabilities sorted in decreasing order, the smaller
-    vocabulary padded with zeros, the L1 distance summed over the vocabulary and averaged over the rows
-    (Wasserstein-1 between the two distributions under a uniform transport cost, so no token correspondence is
-    needed)."""
+def _per_row(values: Tensor, valid: Tensor) -> Tensor:
+    """[N]: each row's sum of `values` [N, G] over its valid groups divided by their count (0 for none)."""
+    return (values * valid).sum(-1) / valid.sum(-1).clamp_min(1)
+
+
+def sorted_l1(student: Tensor, teacher: Tensor, valid: Tensor) -> Tensor:
+    """ULD's distance (Boizard et al. 2024) [N]: at each aligned position [N, G] the two distributions' probabilities
+    sorted in decreasing order, the smaller vocabulary padded with zeros, the L1 distance summed over the
+    vocabulary (Wasserstein-1 between them under a uniform transport cost, so no token correspondence is needed);
+    averaged over each row's `valid` positions."""
     width = max(student.shape[-1], teacher.shape[-1])
     student = F.pad(student.sort(-1, descending=True).values, (0, width - student.shape[-1]))
     teacher = F.pad(teacher.sort(-1, descending=True).values, (0, width - teacher.shape[-1]))
-    return (student - teacher).abs().sum() / len(student)
+    return _per_row((student - teacher).abs().sum(-1), valid)
 
 
 def hybrid_uld_distance(
-    student: Tensor, teacher: Tensor, matched: tuple[Tensor, Tensor], beta: float, weights: tuple[float, float]
+    student: Tensor,
+    teacher: Tensor,
+    valid: Tensor,
+    matched: tuple[Tensor, Tensor],
+    beta: float,
+    weights: tuple[float, float],
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """TRL's hybrid ULD: on the tokens both vocabularies spell alike (`matched` (student ids, teacher ids)) the
-    generalized JSD (beta) of the probabilities there (log of them clamped at 1e-8, not renormalized), summed over
-    those tokens and averaged over the rows; on the others `sorted_l1`; (weights[0] x the first + weights[1] x the
-    second, the first, the second)."""
+    """TRL's hybrid ULD, per row [N] (its total, its matched part, its unmatched part): on the tokens both
+    vocabularies spell alike (`matched` (student ids, teacher ids)) the generalized JSD (beta) of the probabilities
+    there (log of them clamped at 1e-8, not renormalized), summed over those tokens; on the others `sorted_l1`;
+    each averaged over the row's valid positions; weights[0] x the first + weights[1] x the second."""
     student_ids, teacher_ids = matched
-    matched_loss = student.new_zeros(())
+    matched_loss = student.new_zeros(len(student))
     if len(student_ids):
-        log_student = student[:, student_ids].clamp_min(1e-8).log()
-        log_teacher = teacher[:, teacher_ids].clamp_min(1e-8).log()
-        matched_loss = generalized_jsd_of_log_probs(log_student, log_teacher, beta).sum() / len(student)
+        log_student = student[..., student_ids].clamp_min(1e-8).log()
+        log_teacher = teacher[..., teacher_ids].clamp_min(1e-8).log()
+        matched_loss = _per_row(generalized_jsd_of_log_probs(log_student, log_teacher, beta), valid)
     keep_student = torch.ones(student.shape[-1], dtype=torch.bool)
     keep_teacher = torch.ones(teacher.shape[-1], dtype=torch.bool)
     keep_student[student_ids], keep_teacher[teacher_ids] = False, False
-    unmatched_loss = student.new_zeros(())
+    unmatched_loss = student.new_zeros(len(student))
     if keep_student.any() and keep_teacher.any():
-        unmatched_loss = sorted_l1(student[:, keep_student], teacher[:, keep_teacher])
+        unmatched_loss = sorted_l1(student[..., keep_student], teacher[..., keep_teacher], valid)
     return weights[0] * matched_loss + weights[1] * unmatched_loss, matched_loss, unmatched_loss
