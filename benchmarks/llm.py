@@ -880,9 +880,9 @@ def main() -> None:
         per_run["accuracy"] = ("held-out pairs ranked right (the same scorer)", ".3f", True)
     if a.tools:  # TRL's completion lengths count the tools' tokens too, policylab's `tokens` the model's only
         del per_run["completion_tokens_per_s"]
+        per_run["tool_calls"] = ("tool calls per completion (mean over steps)", ".2f", True)
     if a.algo == "gold":  # GOLDTrainer logs neither completion lengths nor rewards
         del per_run["completion_tokens_per_s"], per_run["final_reward"]
-        per_run["tool_calls"] = ("tool calls per completion (mean over steps)", ".2f", True)
     if a.algo not in SAMPLING_ALGOS:  # no sampling: policylab's count is its training tokens, TRL logs none
         del per_run["completion_tokens_per_s"], per_run["final_reward"]
     summary = pair_report(runs, seeds, per_run, {}, "policylab", "trl", ("ours", "trl"))
