@@ -313,6 +313,37 @@ TRL_PY = TRL_VENV / "bin" / "python"
 """TRL's own venv (`benchmarks/llm.py --setup`), which the language-model benchmarks run TRL's side in."""
 
 
+def trl_worker(script: str | Path, inputs: str, tmp: Path) -> dict[str, Any]:
+    """The record of `script --worker trl --inputs INPUTS` run in TRL's venv (1 thread, without our PYTHONPATH: TRL's
+    venv must not see ours); an exit showing its stderr if it failed."""
+    env = {**ONE_THREAD, "PYTHONPATH": ""}
+    res = run_worker(script, ["--worker", "trl", "--inputs", inputs], tmp / "trl.json", python=str(TRL_PY), env=env)
+    return worker_record(res, "TRL's worker")
+
+
+def equivalence_arguments(doc: str, compute: Callable[[argparse.Namespace, str], Any]) -> argparse.Namespace | None:
+    """The arguments of a script that compares a loss with TRL's on inputs it writes: as TRL's worker (`--worker
+    trl`) it writes `compute(a, "trl")` to `--out` and gets None; otherwise TRL's venv must exist."""
+    parser = argparse.ArgumentParser(description=doc.split("\n\n")[0], formatter_class=HelpFormatter)
+    parser.add_argument("--worker", choices=("trl",), help=argparse.SUPPRESS)
+    parser.add_argument("--inputs", help=argparse.SUPPRESS)
+    parser.add_argument("--out", help=argparse.SUPPRESS)
+    a = parser.parse_args()
+    if a.worker:
+        Path(a.out).write_text(json.dumps(compute(a, a.worker)))
+        return None
+    require_trl_venv()
+    return a
+
+
+def relative_gap(a: list, b: list) -> float:
+    """The largest |a - b| over the largest |b| (two nested lists of numbers of one shape)."""
+    import torch
+
+    x, y = torch.tensor(a), torch.tensor(b)
+    return float((x - y).abs().max() / y.abs().max().clamp_min(1e-30))
+
+
 def require_trl_venv() -> None:
     if not TRL_PY.exists():
         raise SystemExit("TRL's venv is missing: run `.venv/bin/python benchmarks/llm.py --setup` first")

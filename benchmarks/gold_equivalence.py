@@ -18,21 +18,18 @@ the largest entry. float32, 1 thread. Output: a table and benchmarks/results/gol
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 from pathlib import Path
 from typing import Any
 
 from common import (
-    ONE_THREAD,
     REPO_ROOT,
-    TRL_PY,
-    HelpFormatter,
+    equivalence_arguments,
     print_table,
     provenance,
-    require_trl_venv,
-    run_worker,
+    relative_gap,
+    trl_worker,
     write_results,
 )
 
@@ -136,32 +133,15 @@ def losses_and_gradients(a: argparse.Namespace, side: str) -> dict[str, Any]:
     return out
 
 
-def relative_gap(a: list, b: list) -> float:
-    import torch
-
-    x, y = torch.tensor(a), torch.tensor(b)
-    return float((x - y).abs().max() / y.abs().max().clamp_min(1e-30))
-
-
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
-    parser.add_argument("--worker", choices=("trl",), help=argparse.SUPPRESS)
-    parser.add_argument("--inputs", help=argparse.SUPPRESS)
-    parser.add_argument("--out", help=argparse.SUPPRESS)
-    a = parser.parse_args()
-    if a.worker:
-        Path(a.out).write_text(json.dumps(losses_and_gradients(a, a.worker)))
+    a = equivalence_arguments(__doc__, losses_and_gradients)
+    if a is None:
         return
-    require_trl_venv()
     with tempfile.TemporaryDirectory() as tmp:
         a.inputs = tmp
         inputs(Path(tmp))
-        env = {**ONE_THREAD, "PYTHONPATH": ""}  # TRL's venv must not see ours
-        res = run_worker(Path(__file__).resolve(), ["--worker", "trl", "--inputs", tmp], Path(tmp) / "trl.json",
-                         python=str(TRL_PY), env=env)  # fmt: skip
-        if res.record is None:
-            raise SystemExit(f"TRL's worker failed:\n{res.stderr_tail}")
-        trl, ours = res.record, losses_and_gradients(a, "policylab")
+        trl = trl_worker(Path(__file__).resolve(), tmp, Path(tmp))
+        ours = losses_and_gradients(a, "policylab")
     cases = []
     for case in CASES:
         key = "/".join(str(v) for v in case.values())

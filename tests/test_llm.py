@@ -20,7 +20,7 @@ from policylab.llm import LLMError
 from policylab.llm.models import load_model
 from policylab.llm.rollout import decode, generate, token_logprobs
 from policylab.llm.tasks import TASKS, char_tokenizer, countdown_reward, get_task
-from policylab.llm.trainer import call_reward, make_config, train_llm
+from policylab.llm.trainer import HYBRID_ULD_WEIGHTS, ULD_SETTINGS, call_reward, make_config, train_llm
 from policylab.objectives.advantages import GROUP_ADVANTAGES
 from policylab.objectives.aggregation import aggregate
 from policylab.objectives.policy import kl_penalty, pg_surrogate
@@ -2379,6 +2379,7 @@ READ = {
     "remove_thinking_from_demonstration": (True,),
     "num_value_samples": (4,),
     "alpha": (0.1,),
+    "missing_eos_penalty": (1.0,),
     "use_uld_loss": (True,),
     "use_extended_uld": (False,),
     "uld_token_merge_strategy": ("bayesian",),
@@ -2490,23 +2491,9 @@ COMPANIONS: dict[str, dict[str, object]] = {
     **dict.fromkeys(("teacher_update_rate", "teacher_sync_steps"), {"teacher_model_kind": "ema"}),
     **dict.fromkeys(("distillation_topk", "distillation_add_tail"), {"distillation_mode": "topk_logits"}),
     "distillation_alpha": {"distillation_mode": "full_logits"},  # sampled_token takes 1 only
+    **dict.fromkeys(ULD_SETTINGS, {"use_uld_loss": True}),
     **dict.fromkeys(
-        (
-            "use_extended_uld",
-            "uld_token_merge_strategy",
-            "uld_use_hybrid_loss",
-            "uld_crossentropy_weight",
-            "uld_distillation_weight",
-            "uld_student_temperature",
-            "uld_teacher_temperature",
-            "uld_skip_student_eos",
-            "uld_skip_teacher_eos",
-            "teacher_tokenizer",
-        ),
-        {"use_uld_loss": True},
-    ),  # fmt: skip
-    **dict.fromkeys(
-        ("uld_hybrid_matched_weight", "uld_hybrid_unmatched_weight"),
+        HYBRID_ULD_WEIGHTS,
         {
             "use_uld_loss": True,
             "uld_use_hybrid_loss": True,

@@ -116,3 +116,23 @@ def test_bad_xpo_and_nash_md_settings_are_one_error_each():
         make_config("nash_md", {"alpha": 0.1})
     with pytest.raises(ConfigError, match="rollout_func makes every completion itself"):
         LLMTrainer(make_config("xpo", {"batch_size": 2}), LLMInputs(rollout_func=lambda prompts, trainer: {}))
+
+
+def test_missing_eos_penalty_lowers_the_reward_of_completions_cut_before_their_eos():
+    """TRL's OnlineDPOConfig option: a completion without its EOS (cut at max_new_tokens) scores the penalty less;
+    the others as they are. Read by online_dpo, xpo and nash_md only."""
+    from policylab.llm.rollout import Rollout
+
+    trainer = LLMTrainer(make_config("xpo", {"batch_size": 2, "missing_eos_penalty": 0.75}))
+    eos = trainer.tokenizer.eos_token_id
+    digits = trainer.tokenizer("12", add_special_tokens=False)["input_ids"]
+    ids = torch.tensor([[*digits, eos], [*digits, digits[0]]])  # "12" then EOS; "121" cut at 3 tokens
+    rollout = Rollout(torch.tensor([[1], [1]]), torch.ones(2, 1, dtype=torch.long), ids, torch.ones(2, 3).bool(),
+                      torch.zeros(2, 3))  # fmt: skip
+    rows = [{"prompt": "5+7=", "answer": "12"}, {"prompt": "5+7=", "answer": "12"}]
+    rewards = trainer.score(rollout, ["12", "121"], rows)
+    assert rewards.tolist() == [1.0, -0.75]  # exact match 1 and 0; the second lacks its EOS
+    with pytest.raises(ConfigError, match="missing_eos_penalty=-1.0 must be >= 0"):
+        make_config("online_dpo", {"missing_eos_penalty": -1.0})
+    with pytest.raises(ConfigError, match=r"grpo does not use missing_eos_penalty=1.0.*online_dpo, xpo, nash_md"):
+        make_config("grpo", {"missing_eos_penalty": 1.0})

@@ -10,15 +10,16 @@ from typing import Any
 from policylab.llm import LLMError, require_llm
 from policylab.llm.tasks import char_tokenizer, digit_pair_tokenizer
 
+_TINY_LLAMA = {
+    "architecture": "llama",
+    "hidden_size": 64,
+    "intermediate_size": 192,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 4,
+}
 TINY_MODELS: dict[str, dict[str, Any]] = {
-    "tiny-llama": {
-        "architecture": "llama",
-        "hidden_size": 64,
-        "intermediate_size": 192,
-        "num_hidden_layers": 2,
-        "num_attention_heads": 4,
-        "num_key_value_heads": 4,
-    },
+    "tiny-llama": _TINY_LLAMA,
     "small-llama": {
         "architecture": "llama",
         "hidden_size": 128,
@@ -28,15 +29,7 @@ TINY_MODELS: dict[str, dict[str, Any]] = {
         "num_key_value_heads": 4,
     },
     "tiny-gpt2": {"architecture": "gpt2", "n_embd": 64, "n_layer": 2, "n_head": 4},
-    "tiny-llama-pairs": {
-        "architecture": "llama",
-        "hidden_size": 64,
-        "intermediate_size": 192,
-        "num_hidden_layers": 2,
-        "num_attention_heads": 4,
-        "num_key_value_heads": 4,
-        "tokenizer": "digit-pairs",
-    },
+    "tiny-llama-pairs": {**_TINY_LLAMA, "tokenizer": "digit-pairs"},
 }
 """Randomly initialized models with the character tokenizer of the built-in tasks (~0.1M / 0.8M parameters);
 tiny-llama-pairs, tiny-llama's size with `digit_pair_tokenizer` (another tokenizer: gold's teachers)."""

@@ -425,6 +425,7 @@ SETTING_READERS: dict[str, tuple[str, ...]] = {
     **dict.fromkeys(SAMPLING_SETTINGS, SAMPLING_STEPS),
     **dict.fromkeys(("dynamic_sampling", "max_sampling_rounds"), GROUP_SAMPLING_STEPS),  # they refill groups
     **dict.fromkeys(("overlong_buffer", "overlong_penalty"), REWARDED_STEPS),  # they act on rewards
+    "missing_eos_penalty": ("online_dpo_step", *PAIRED_SAMPLING_STEPS),
     "updates_per_batch": POLICY_LOSS_STEPS,  # online DPO makes one preference update per batch
     "steps_per_generation": ("rl_step",),
     "reward_clip_range": ("rl_step",),
@@ -642,6 +643,9 @@ class LLMConfig:
     """DAPO's soft overlong punishment: a completion longer than max_new_tokens - overlong_buffer loses up to
     `overlong_penalty` reward, linearly over the buffer (0: off)."""
     overlong_penalty: float = 1.0
+    missing_eos_penalty: float | None = None
+    """online_dpo, xpo and nash_md: subtracted from the reward of every completion that ends without its EOS (cut at
+    max_new_tokens), to favour completions that finish (TRL's OnlineDPOConfig option; None: off)."""
     mix: str = "none"
     """chord: SFT on expert completions mixed into the RL loss (CHORD, Zhang et al. 2025); luffy: one expert
     completion in every group, trained with policy shaping instead of a clipped ratio (LUFFY, Yan et al.
@@ -997,6 +1001,11 @@ class LLMConfig:
             self._check_tpo_settings()
         if self.use_uld_loss:
             self._check_uld_settings()
+        if self.missing_eos_penalty is not None and self.missing_eos_penalty < 0:
+            raise ConfigError(
+                f"missing_eos_penalty={self.missing_eos_penalty} must be >= 0 (it is subtracted from the reward)",
+                "set missing_eos_penalty=1.0 (e.g.), or drop it",
+            )
         if self.alpha < 0 or not 0 <= self.mixture_coef <= 1:
             raise ConfigError(
                 f"alpha={self.alpha} must be >= 0 and mixture_coef={self.mixture_coef} in [0, 1]",
@@ -2137,10 +2146,13 @@ class LLMTrainer:
         needs = cfg.algo == "kto" or (preference and needs_reference(cfg.preference_loss))
         if (cfg.kl_coef and cfg.algo != "sft") or needs or cfg.algo in ("a2po", "xpo", "nash_md"):
             self.reference = copy.deepcopy(self.model).eval().requires_grad_(False)
-        self.teacher = self._teacher(cfg, inputs) if training_step(cfg.algo) == "distill_step" else None
-        self.cross = self._cross_tokenizer(cfg, inputs) if cfg.use_uld_loss else None
+        teacher_tokenizer: Any = None
+        self.teacher: Any = None
+        """distill's, gkd's and gold's frozen teacher; sdft's copy of the model (teacher_model_kind base or ema)."""
+        if training_step(cfg.algo) == "distill_step":
+            self.teacher, teacher_tokenizer = self._teacher(cfg, inputs)
+        self.cross = self._cross_tokenizer(cfg, teacher_tokenizer) if cfg.use_uld_loss else None
         """gold with use_uld_loss: the teacher's tokenizer and the ULD loss."""
-        """distill's and gkd's frozen teacher; sdft's copy of the model (teacher_model_kind base or ema)."""
         if cfg.algo in SELF_DISTILLING and cfg.teacher_model_kind != "live":
             self.teacher = copy.deepcopy(self.model).eval().requires_grad_(False)
         self.teacher_prompts: dict[tuple[str, str], str] = {}
@@ -2392,9 +2404,10 @@ class LLMTrainer:
         self._optimize(loss)
         return {"loss": float(loss.detach()), "tokens": float(mask.sum()), **{k: float(v) for k, v in metrics.items()}}
 
-    def _teacher(self, cfg: LLMConfig, inputs: LLMInputs) -> Any:
-        """The frozen teacher of distill, gkd and gold: the object given or the config's model, with the model's
-        vocabulary (the divergence compares their distributions token by token), or, with use_uld_loss, any."""
+    def _teacher(self, cfg: LLMConfig, inputs: LLMInputs) -> tuple[Any, Any]:
+        """The frozen teacher of distill, gkd and gold, the object given or the config's model, with the model's
+        vocabulary (the divergence compares their distributions token by token), or, with use_uld_loss, any; and
+        its tokenizer where it was loaded from a directory (else None)."""
         given = _given(cfg, inputs, "teacher")
         if given is self.model:
             raise LLMError("the teacher given is the model being trained", "pass a copy (copy.deepcopy(model))")
@@ -2403,11 +2416,10 @@ class LLMTrainer:
             if cfg.algo == "gold"
             else " (gold: across tokenizers)"
         )
+        tokenizer = None
         if isinstance(given, str):
             teacher, tokenizer = load_model(given, cfg.seed)
-            if cfg.use_uld_loss:
-                self.teacher_tokenizer = tokenizer
-            elif tokenizer.get_vocab() != self.tokenizer.get_vocab():
+            if not cfg.use_uld_loss and tokenizer.get_vocab() != self.tokenizer.get_vocab():
                 raise LLMError(
                     f"the teacher {given} has another tokenizer than the model (vocabularies of {len(tokenizer)} "
                     f"and {len(self.tokenizer)} tokens, or the same size with other ids)",
@@ -2421,11 +2433,11 @@ class LLMTrainer:
                 f"the teacher's output layer has {sizes[0]} tokens and the model's {sizes[1]}",
                 fix,
             )
-        return teacher.eval().requires_grad_(False)
+        return teacher.eval().requires_grad_(False), tokenizer
 
-    def _cross_tokenizer(self, cfg: LLMConfig, inputs: LLMInputs) -> CrossTokenizer:
-        """gold's ULD: the teacher's tokenizer (teacher_tokenizer's, else the teacher directory's) and the loss."""
-        tokenizer = getattr(self, "teacher_tokenizer", None)
+    def _cross_tokenizer(self, cfg: LLMConfig, tokenizer: Any) -> CrossTokenizer:
+        """gold's ULD: the teacher's tokenizer (teacher_tokenizer's, else `tokenizer`, the teacher directory's) and
+        the loss."""
         if cfg.teacher_tokenizer is not None:
             from transformers import AutoTokenizer
 
@@ -2891,18 +2903,26 @@ class LLMTrainer:
         [N, K], each reward function's, the penalty (when on) one more column (`reward_weights` weighs them)."""
         cfg, prompts = self.cfg, [row["prompt"] for row in rows]
         penalty = overlong_penalty(rollout, self.max_new_tokens, cfg.overlong_buffer, cfg.overlong_penalty)
+        if cfg.missing_eos_penalty:  # TRL's online DPO: a completion cut before its EOS scores less
+            ended = ((rollout.completion_ids == self.tokenizer.eos_token_id) & rollout.completion_mask).any(-1)
+            penalty = penalty - cfg.missing_eos_penalty * (~ended).to(penalty.dtype)
         if self.reward_parts is None:  # the penalty applies to every completion, as TRL's overlong reward function
             rewards = call_reward(self.task, prompts, completions, rows, rollout)
-            return torch.where(torch.isnan(rewards) & (cfg.overlong_buffer > 0), penalty, rewards + penalty)
+            return torch.where(torch.isnan(rewards) & self.penalizes, penalty, rewards + penalty)
         columns = reward_columns(self.task, rows, completions, rollout)
         parts = [torch.tensor(checked_call(fn, prompts, completions, columns)) for fn, _ in self.reward_parts]
-        return torch.stack(parts + ([penalty] if cfg.overlong_buffer > 0 else []), 1)
+        return torch.stack(parts + ([penalty] if self.penalizes else []), 1)
+
+    @property
+    def penalizes(self) -> bool:
+        """Whether `score` adds a penalty: DAPO's overlong one or the missing EOS's."""
+        return self.cfg.overlong_buffer > 0 or bool(self.cfg.missing_eos_penalty)
 
     @property
     def reward_weights(self) -> Tensor:
-        """The weights of `score`'s columns under GDPO: the reward functions', then 1 for the overlong penalty."""
+        """The weights of `score`'s columns under GDPO: the reward functions', then 1 for the penalties' column."""
         assert self.reward_parts is not None
-        penalty = [1.0] if self.cfg.overlong_buffer > 0 else []
+        penalty = [1.0] if self.penalizes else []
         return torch.tensor([weight for _, weight in self.reward_parts] + penalty)
 
     def total_reward(self, rewards: Tensor) -> Tensor:
