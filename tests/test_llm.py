@@ -681,6 +681,33 @@ def headroom_closed(run) -> float:
     return (run.final_eval["accuracy"] - start) / (1.0 - start)
 
 
+def test_max_length_keeps_each_examples_first_tokens():
+    """TRL's max_length with truncation_mode keep_start, on the examples the given-completion algorithms train on:
+    a completion keeps what its prompt leaves of max_length; a longer prompt its first max_length tokens and no
+    completion token; an SFT batch and a DPO batch come cut so; GRPO refuses the setting (it samples)."""
+    from policylab.errors import ConfigError
+    from policylab.llm.trainer import LLMTrainer, truncated
+
+    sft = LLMTrainer(make_config("sft", {"batch_size": 2, "max_length": 7}))
+    prompt_ids, prompt_mask = sft.encode_prompts(["12+34=", "5+6="])
+    ids, mask = sft.encode_prompts.answers(["46", "11"])
+    full = (prompt_ids, prompt_mask, ids, mask)
+    assert truncated(*full, None, 0) == full and truncated(*full, 9, 0) == full  # everything fits: unchanged
+    p, pm, i, m = truncated(*full, 7, 0)
+    assert torch.equal(p, prompt_ids) and torch.equal(i, ids)  # 6 + 1 and 4 + 3 tokens
+    assert m.tolist() == [[True, False, False], [True, True, True]]
+    p, pm, i, m = truncated(*full, 5, 0)  # the first prompt cut to its first 5 tokens, the second keeps one
+    assert sft.tokenizer.decode(p[0][pm[0].bool()]) == "12+34" and m.tolist() == [[False], [True]]
+    assert sft.tokenizer.decode(p[1][pm[1].bool()]) == "5+6=" and i.shape == (2, 1)
+    rows = [{"prompt": "12+34=", "answer": "46"}, {"prompt": "5+6=", "answer": "11"}]
+    assert sft.sft_batch(rows)[3].tolist() == [[True, False, False], [True, True, True]]
+    dpo = LLMTrainer(make_config("dpo", {"batch_size": 2, "max_length": 7}))
+    pairs = dpo.encode_pairs([("12+34=", "46", "47"), ("5+6=", "11", "12")])
+    assert pairs[3].tolist() == [[True, False, False], [True, True, True]] * 2  # chosen, then rejected
+    with pytest.raises(ConfigError, match=r"grpo does not use max_length=7"):
+        make_config("grpo", {"max_length": 7})
+
+
 def test_sft_makes_the_tiny_model_partly_correct(sft_model):
     assert sft_model.initial_eval["accuracy"] == 0.0
     assert 0.1 <= sft_model.final_eval["accuracy"] <= 0.8
@@ -2380,6 +2407,7 @@ READ = {
     "num_value_samples": (4,),
     "alpha": (0.1,),
     "missing_eos_penalty": (1.0,),
+    "max_length": (512,),
     "use_uld_loss": (True,),
     "use_extended_uld": (False,),
     "uld_token_merge_strategy": ("bayesian",),

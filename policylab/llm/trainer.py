@@ -426,6 +426,7 @@ SETTING_READERS: dict[str, tuple[str, ...]] = {
     **dict.fromkeys(("dynamic_sampling", "max_sampling_rounds"), GROUP_SAMPLING_STEPS),  # they refill groups
     **dict.fromkeys(("overlong_buffer", "overlong_penalty"), REWARDED_STEPS),  # they act on rewards
     "missing_eos_penalty": ("online_dpo_step", *PAIRED_SAMPLING_STEPS),
+    "max_length": ("sft_step", *ROW_PAIR_STEPS, "distill_step"),
     "updates_per_batch": POLICY_LOSS_STEPS,  # online DPO makes one preference update per batch
     "steps_per_generation": ("rl_step",),
     "reward_clip_range": ("rl_step",),
@@ -643,6 +644,11 @@ class LLMConfig:
     """DAPO's soft overlong punishment: a completion longer than max_new_tokens - overlong_buffer loses up to
     `overlong_penalty` reward, linearly over the buffer (0: off)."""
     overlong_penalty: float = 1.0
+    max_length: int | None = 1024
+    """The algorithms that train on given completions (sft, the pair and unpaired preference algorithms, reward
+    models, and distill's and gkd's steps on the rows' answers): each example's prompt and completion tokens beyond
+    the first max_length are dropped (TRL's SFTConfig, DPOConfig, KTOConfig and RewardConfig max_length, its
+    truncation_mode keep_start); a prompt that long leaves its example no completion token. None: no truncation."""
     missing_eos_penalty: float | None = None
     """online_dpo, xpo and nash_md: subtracted from the reward of every completion that ends without its EOS (cut at
     max_new_tokens), to favour completions that finish (TRL's OnlineDPOConfig option; None: off)."""
@@ -1001,6 +1007,8 @@ class LLMConfig:
             self._check_tpo_settings()
         if self.use_uld_loss:
             self._check_uld_settings()
+        if self.max_length is not None and self.max_length < 1:
+            raise ConfigError(f"max_length={self.max_length} must be >= 1", "set max_length=1024 (TRL's), or None")
         if self.missing_eos_penalty is not None and self.missing_eos_penalty < 0:
             raise ConfigError(
                 f"missing_eos_penalty={self.missing_eos_penalty} must be >= 0 (it is subtracted from the reward)",
@@ -1563,6 +1571,26 @@ def call_reward(
     """The task's rewards as a tensor, with one clear error for a reward function that misbehaves (NaN where no
     function applies: `rewards.UNSCORED`)."""
     return torch.tensor(reward_values(task, prompts, completions, rows, rollout))
+
+
+def truncated(
+    prompt_ids: Tensor, prompt_mask: Tensor, ids: Tensor, mask: Tensor, max_length: int | None, pad: int
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Examples (left-padded prompts, right-padded completions) cut to their first `max_length` tokens (TRL's
+    keep_start): a completion keeps max_length - its prompt's length tokens, a longer prompt its first max_length
+    (and its completion none); the completions' columns past the longest kept one dropped. Unchanged (the same
+    tensors) where every example fits."""
+    lengths = prompt_mask.sum(-1)
+    if max_length is None or int((lengths + mask.sum(-1)).max()) <= max_length:
+        return prompt_ids, prompt_mask, ids, mask
+    if int(lengths.max()) > max_length:
+        kept = [row[keep.bool()][:max_length].tolist() for row, keep in zip(prompt_ids, prompt_mask)]
+        prompt_ids, prompt_mask = left_padded(kept, pad)
+        lengths = prompt_mask.sum(-1)
+    room = (max_length - lengths).clamp_min(0)
+    mask = mask.bool() & (torch.arange(mask.shape[1])[None, :] < room[:, None])
+    width = max(1, int(mask.sum(-1).max()))
+    return prompt_ids, prompt_mask, ids[:, :width], mask[:, :width]
 
 
 def _one_past(ids: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
@@ -2391,8 +2419,8 @@ class LLMTrainer:
         completions = [c for _, c, _ in pairs] + [r for _, _, r in pairs]
         if cfg.tpo_alpha:  # the gold completions: a pairs row's reference, else the row's answer
             completions += [row["reference"] if "reference" in row else expert_completion(row) for row in rows]
-        prompt_ids, prompt_mask = self.encode_prompts([p for p, _, _ in pairs] * (len(completions) // n))
-        ids, mask = self.encode_prompts.answers(completions)
+        prompt_ids, prompt_mask, ids, mask = self.encode_examples([p for p, _, _ in pairs] * (len(completions) // n),
+                                                                  completions)  # fmt: skip
         logp = token_logprobs(self.model, prompt_ids, prompt_mask, ids, mask)[0]
         pair = pair_logps(logp[: 2 * n], mask[: 2 * n], ref_sums=torch.zeros(2 * n))
         loss, metrics = preference_loss(cfg.preference_loss, pair, cfg.preference_settings)
@@ -2667,6 +2695,13 @@ class LLMTrainer:
             and (cfg.micro_batch_size is None or cfg.micro_batch_size >= cfg.batch_size * cfg.group_size)
         )
 
+    def encode_examples(self, prompts: list[str], completions: list[str]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """(prompt ids, prompt mask, completion ids + EOS, their mask) of given examples, `truncated` to
+        max_length."""
+        prompt_ids, prompt_mask = self.encode_prompts(prompts)
+        ids, mask = self.encode_prompts.answers(completions)
+        return truncated(prompt_ids, prompt_mask, ids, mask, self.cfg.max_length, self.tokenizer.pad_token_id)
+
     def encode_completions(self, texts: list[str]) -> tuple[Tensor, Tensor, Tensor | None]:
         """Given completions as (ids + EOS, right-padded; the mask of the model's tokens; the mask of the tools'
         results in them, None in a run without tools, where every token is the model's)."""
@@ -2682,10 +2717,11 @@ class LLMTrainer:
     def sft_batch(self, rows: list[dict[str, Any]]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """(prompt ids, prompt mask, completion ids, the mask of the trained completion tokens) of SFT rows: the
         prompt and its expert completion, or for a `messages` row its conversation's tokens (chat.py)."""
+        limit, pad = self.cfg.max_length, self.tokenizer.pad_token_id
         if not any("messages" in row for row in rows):
             prompt_ids, prompt_mask = self.encode_prompts([row["prompt"] for row in rows])
             ids, mask, _ = self.encode_completions([expert_completion(row) for row in rows])
-            return prompt_ids, prompt_mask, ids, mask
+            return truncated(prompt_ids, prompt_mask, ids, mask, limit, pad)
         prompts: list[list[int]] = []
         turns: list[Turn] = []
         for row in rows:
@@ -2702,9 +2738,9 @@ class LLMTrainer:
                 rest, trained = ids[0].tolist(), mask[0].tolist()
             prompts.append(prompt)
             turns.append(Turn(rest, trained, [0.0] * len(rest)))
-        prompt_ids, prompt_mask = left_padded(prompts, self.tokenizer.pad_token_id)
-        ids, mask, _, _ = padded_turns(turns, max(len(t.ids) for t in turns), self.tokenizer.pad_token_id)
-        return prompt_ids, prompt_mask, ids, mask
+        prompt_ids, prompt_mask = left_padded(prompts, pad)
+        ids, mask, _, _ = padded_turns(turns, max(len(t.ids) for t in turns), pad)
+        return truncated(prompt_ids, prompt_mask, ids, mask, limit, pad)
 
     def sft_step(self) -> dict[str, float]:
         rows = self.sample_rows(self.cfg.batch_size)
@@ -3122,9 +3158,14 @@ class LLMTrainer:
             rows = self.draw_rows("pairs" if self.pair_rows is not None else "train", self.cfg.batch_size)
             ref_sums = None
         pairs = [preference_pair(row, self.rng) for row in rows]
-        prompt_ids, prompt_mask = self.encode_prompts([p for p, _, _ in pairs] * 2)
-        ids, mask = self.encode_prompts.answers([c for _, c, _ in pairs] + [r for _, _, r in pairs])
+        prompt_ids, prompt_mask, ids, mask = self.encode_pairs(pairs)
         return self.preference_update(prompt_ids, prompt_mask, ids, mask, ref_sums)
+
+    def encode_pairs(self, pairs: list[Any]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """`encode_examples` of P (prompt, chosen, rejected, ...) pairs: the P chosen completions, then the P
+        rejected ones."""
+        completions = [pair[1] for pair in pairs] + [pair[2] for pair in pairs]
+        return self.encode_examples([pair[0] for pair in pairs] * 2, completions)
 
     def distill_step(self) -> dict[str, float]:
         """On-policy distillation and GKD: `batch_size` prompts with `group_size` completions each, sampled by the
@@ -3140,8 +3181,8 @@ class LLMTrainer:
             prompt_ids, prompt_mask, tape = rollout.prompt_ids, rollout.prompt_mask, rollout.tape
             ids, mask = rollout.completion_ids, rollout.completion_mask
         else:
-            prompt_ids, prompt_mask = self.encode_prompts([row["prompt"] for row in rows])
-            ids, mask = self.encode_prompts.answers([expert_completion(row) for row in rows])
+            prompts, answers = [row["prompt"] for row in rows], [expert_completion(row) for row in rows]
+            prompt_ids, prompt_mask, ids, mask = self.encode_examples(prompts, answers)
             tape = None
         metrics = {"tokens": float(mask.sum()), "on_policy": float(on_policy)}
         if self.cross is not None:
@@ -3325,8 +3366,7 @@ class LLMTrainer:
         sums = []
         for start in range(0, len(self.pair_rows), self.cfg.batch_size):
             pairs = [preference_pair(row, self.rng) for row in self.pair_rows[start : start + self.cfg.batch_size]]
-            prompt_ids, prompt_mask = self.encode_prompts([p for p, _, _ in pairs] * 2)
-            ids, mask = self.encode_prompts.answers([c for _, c, _ in pairs] + [r for _, _, r in pairs])
+            prompt_ids, prompt_mask, ids, mask = self.encode_pairs(pairs)
             ref = pair_logps(token_logprobs(self.reference, prompt_ids, prompt_mask, ids, mask)[0], mask, None,
                              self.cfg.ld_alpha)  # fmt: skip
             sums.append(torch.stack([ref.chosen, ref.rejected], 1))
@@ -3343,8 +3383,7 @@ class LLMTrainer:
         completions = [completion for _, completion, _ in examples]
         desirable = torch.tensor([label for _, _, label in examples])
         mismatched = completions[-1:] + completions[:-1]
-        prompt_ids, prompt_mask = self.encode_prompts(prompts * 2)
-        ids, mask = self.encode_prompts.answers(completions + mismatched)
+        prompt_ids, prompt_mask, ids, mask = self.encode_examples(prompts * 2, completions + mismatched)
         n = len(examples)
         logp = token_logprobs(self.model, prompt_ids[:n], prompt_mask[:n], ids[:n], mask[:n])[0].sum(-1)
         assert self.reference is not None
@@ -3384,9 +3423,8 @@ class LLMTrainer:
         prompt + completion + EOS (`rewards.reward_model`). The training pass gives the states that predict each
         token, so one more column after the EOS (a pad, its log-prob unused) brings the state at the EOS."""
         assert self.value_head is not None
-        prompt_ids, prompt_mask = self.encode_prompts([p for p, *_ in pairs] * 2)
-        ids, mask = self.encode_prompts.answers([c for _, c, _, _ in pairs] + [r for _, _, r, _ in pairs])
-        eos = mask.sum(-1)  # the column after each row's EOS
+        prompt_ids, prompt_mask, ids, mask = self.encode_pairs(pairs)
+        eos = mask.sum(-1)  # the column after each row's EOS (or its last kept token, where max_length cut it)
         rows = torch.arange(len(ids))
         ids = torch.nn.functional.pad(ids, (0, 1), value=self.tokenizer.pad_token_id)
         mask = torch.nn.functional.pad(mask, (0, 1))
