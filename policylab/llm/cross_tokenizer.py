@@ -99,7 +99,7 @@ class CrossTokenizer:
             for prompt, ids in zip(missing, tok(missing)["input_ids"], strict=True):
                 self.prompt_ids[prompt] = ids[:-1] if ids and ids[-1] == eos else ids
         prompt_lists = [self.prompt_ids[p] for p in prompts]
-        backend = getattr(tok, "backend_tokenizer", None)  # one text at a time: batches this small run faster so
+        backend = getattr(tok, "backend_tokenizer", None)  # one text at a time: faster than a batch call here
         encoded = ([backend.encode(text, add_special_tokens=False).ids for text in texts] if backend is not None
                    else tok(texts, add_special_tokens=False)["input_ids"])  # fmt: skip
         completion_lists = [ids + ([eos] if eos is not None else []) for ids in encoded]

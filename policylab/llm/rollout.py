@@ -238,46 +238,60 @@ class _Decoding:
         )  # fmt: skip
         n, width = prompt_ids.shape
         self.width, self.extra = width, 0 if context_ids is None else context_ids.shape[1]
-        self.mask = mask = prompt_mask.long()
-        total = width + self.extra + max_new_tokens
+        self.mask = prompt_mask.long()
         self.in_numpy: NumpyDecoder | None = None
         self.decoder = decoder
+        self.logits: np.ndarray
         if decoder is not None:  # each distinct prompt is prefilled once, then its cache rows are repeated
-            distinct, distinct_mask, index = shared_prompts(prompt_ids, mask)
-            valid = torch.zeros(len(distinct), total, dtype=torch.bool)
+            distinct, distinct_mask, index = shared_prompts(prompt_ids, self.mask)
+            valid = torch.zeros(len(distinct), width + self.extra + max_new_tokens, dtype=torch.bool)
             valid[:, :width] = distinct_mask.bool()
             self.key_valid = valid.index_select(0, index)
             if NumpyDecoder.supports(decoder):
-                self.in_numpy = in_numpy = NumpyDecoder(decoder, len(distinct), total)
-                if record and max_new_tokens > 1 and not self.extra and fast_train.supports(model):
-                    weights = fast_train.parameters_of(model)
-                    in_numpy.tape = fast_train.Tape(
-                        in_numpy, weights, index.numpy(), distinct.numpy(), n, max_new_tokens
-                    )
-                prefill_bias = causal_bias(distinct_mask.bool().numpy(), 0)
-                prefilled = in_numpy.forward(distinct.numpy(), positions(distinct_mask).numpy(), prefill_bias, 0)
-                self.logits = prefilled[index.numpy()]
-                in_numpy.repeat_rows(index.numpy(), width)
-                self.bias = np.where(self.key_valid.numpy(), np.float32(0.0), np.float32(-np.inf))
-                if context_ids is not None and context_mask is not None:  # each row's context over its prompt's cache
-                    own = context_mask.bool().numpy()
-                    self.bias[:, width : width + self.extra] = np.where(own, np.float32(0.0), np.float32(-np.inf))
-                    at = mask.sum(-1, keepdim=True).numpy() + np.maximum(own.cumsum(-1) - 1, 0)
-                    keys = np.concatenate([self.key_valid[:, :width].numpy(), own], -1)
-                    self.logits = in_numpy.forward(context_ids.numpy(), at, causal_bias(keys, width), width)
+                self._start_numpy(decoder, distinct, distinct_mask, index, n, max_new_tokens, record)
             else:
                 self.decoder = decoder = LlamaDecoder(model)  # the torch forward reads its concatenated weights
-                decoder.start(len(distinct), total)
+                decoder.start(len(distinct), valid.shape[1])
                 logits = decoder.forward(distinct, positions(distinct_mask), valid, 0).float().index_select(0, index)
                 self.logits = logits.numpy()
                 decoder.repeat_rows(index)
         else:
-            out = model(input_ids=prompt_ids, attention_mask=mask, position_ids=positions(mask), use_cache=True)
+            out = model(input_ids=prompt_ids, attention_mask=self.mask, position_ids=positions(self.mask),
+                        use_cache=True)  # fmt: skip
             self.cache_keyword = _cache_keyword(model)
             self.cache, self.logits = _cache_of(out), out.logits[:, -1].float().numpy()
-        self.next_position = mask.sum(-1).numpy()
+        self.next_position = self.mask.sum(-1).numpy()
         if context_mask is not None:
             self.next_position = self.next_position + context_mask.sum(-1).numpy()
+
+    def _start_numpy(
+        self,
+        decoder: LlamaDecoder,
+        distinct: Tensor,
+        distinct_mask: Tensor,
+        index: Tensor,
+        rows: int,
+        max_new_tokens: int,
+        record: bool,
+    ) -> None:
+        """The numpy decode's prefill: each distinct prompt once (recording the sampler's tape with `record`), its
+        cache rows repeated for the rows that share it, then each row's context over its prompt's cache."""
+        width, extra = self.width, self.extra
+        self.in_numpy = in_numpy = NumpyDecoder(decoder, len(distinct), self.key_valid.shape[1])
+        if record and max_new_tokens > 1 and not extra and fast_train.supports(self.model):
+            weights = fast_train.parameters_of(self.model)
+            in_numpy.tape = fast_train.Tape(in_numpy, weights, index.numpy(), distinct.numpy(), rows, max_new_tokens)
+        prefill_bias = causal_bias(distinct_mask.bool().numpy(), 0)
+        prefilled = in_numpy.forward(distinct.numpy(), positions(distinct_mask).numpy(), prefill_bias, 0)
+        self.logits = prefilled[index.numpy()]
+        in_numpy.repeat_rows(index.numpy(), width)
+        self.bias = np.where(self.key_valid.numpy(), np.float32(0.0), np.float32(-np.inf))
+        if self.context_ids is not None and self.context_mask is not None:  # each row's context over its prompt's
+            own = self.context_mask.bool().numpy()
+            self.bias[:, width : width + extra] = np.where(own, np.float32(0.0), np.float32(-np.inf))
+            at = self.mask.sum(-1, keepdim=True).numpy() + np.maximum(own.cumsum(-1) - 1, 0)
+            keys = np.concatenate([self.key_valid[:, :width].numpy(), own], -1)
+            self.logits = in_numpy.forward(self.context_ids.numpy(), at, causal_bias(keys, width), width)
 
     def advance(self, tokens: np.ndarray, t: int) -> np.ndarray:
         """The next logits after the tokens [N, 1] drawn at step t (finished rows hold the pad token)."""

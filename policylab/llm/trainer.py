@@ -73,6 +73,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import itertools
 import math
 import re
@@ -519,6 +520,7 @@ STEP_SUMMARIES = {
 }
 
 
+@functools.cache
 def setting_readers(name: str) -> tuple[str, ...]:
     """The algorithms whose training step reads setting `name` (or that SETTING_READERS names themselves)."""
     steps = SETTING_READERS.get(name)
