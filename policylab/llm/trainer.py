@@ -1575,6 +1575,41 @@ def call_reward(
     return torch.tensor(reward_values(task, prompts, completions, rows, rollout))
 
 
+def self_distillation_loss(
+    student: Tensor,
+    teacher: Tensor,
+    ids: Tensor,
+    mask: Tensor,
+    *,
+    mode: str,
+    alpha: float,
+    topk: int,
+    tail: bool,
+    temperature: float,
+    sampler_logp: Tensor | None = None,
+    is_clip: float | None = None,
+) -> Tensor:
+    """SDFT's and SDPO's loss from the student's and the teacher's logits at the completion positions (TRL's
+    SDFTTrainer and SDPOTrainer loss functions): per token the generalized JSD (alpha) on the student's top k
+    tokens (`mode` topk_logits, renormalized or with the tail), on the whole vocabulary (full_logits), or the
+    sampled token's held log p_student - log p_teacher times log p_student (sampled_token), all at `temperature`;
+    with the sampler's log-probs of the tokens and `is_clip`, each token's loss times the clipped ratio
+    min(pi / pi_sampler, is_clip) (held); the sequence-mean token-mean over `mask`'s tokens (every row counts in
+    the mean, as TRL's)."""
+    if mode == "topk_logits":
+        per_token = topk_generalized_jsd(student, teacher, alpha, topk, tail, temperature)
+    elif mode == "full_logits":
+        per_token = generalized_jsd(student, teacher, alpha, temperature)
+    else:  # sampled_token: log p_student - log p_teacher of each sampled token, held, times log p_student
+        student_logp = _chosen_logprobs(student, ids, temperature)
+        gap = (student_logp - _chosen_logprobs(teacher, ids, temperature)).detach()
+        per_token = gap * student_logp
+    if sampler_logp is not None and is_clip is not None:
+        log_ratio = (_chosen_logprobs(student, ids, temperature) - sampler_logp).detach().clamp(-20.0, 20.0)
+        per_token = per_token * log_ratio.exp().clamp(max=is_clip)
+    return aggregate(per_token, mask, "seq-mean-token-mean")
+
+
 def truncated(
     prompt_ids: Tensor, prompt_mask: Tensor, ids: Tensor, mask: Tensor, max_length: int | None, pad: int
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -3269,25 +3304,13 @@ class LLMTrainer:
     def self_distillation_loss(
         self, student: Tensor, teacher: Tensor, ids: Tensor, mask: Tensor, sampler_logp: Tensor | None = None
     ) -> Tensor:
-        """SDFT's and SDPO's loss from the student's and the teacher's logits at the completion positions, the
-        sequence-mean token-mean over `mask`'s tokens (every row counts in the mean, as TRL's); with the sampler's
-        log-probs of the tokens, each token's loss weighted by distillation_is_clip's clipped ratio (sdpo)."""
+        """SDFT's and SDPO's loss with the run's settings (`self_distillation_loss`)."""
         cfg = self.cfg
-        alpha, temperature = cfg.distillation_alpha, cfg.temperature
-        if cfg.distillation_mode == "topk_logits":
-            per_token = topk_generalized_jsd(
-                student, teacher, alpha, cfg.distillation_topk, cfg.distillation_add_tail, temperature
-            )
-        elif cfg.distillation_mode == "full_logits":
-            per_token = generalized_jsd(student, teacher, alpha, temperature)
-        else:  # sampled_token: log p_student - log p_teacher of each sampled token, held, times log p_student
-            student_logp = _chosen_logprobs(student, ids, temperature)
-            gap = (student_logp - _chosen_logprobs(teacher, ids, temperature)).detach()
-            per_token = gap * student_logp
-        if sampler_logp is not None and cfg.distillation_is_clip is not None:
-            log_ratio = (_chosen_logprobs(student, ids, temperature) - sampler_logp).detach().clamp(-20.0, 20.0)
-            per_token = per_token * log_ratio.exp().clamp(max=cfg.distillation_is_clip)
-        return aggregate(per_token, mask, "seq-mean-token-mean")
+        return self_distillation_loss(
+            student, teacher, ids, mask, mode=cfg.distillation_mode, alpha=cfg.distillation_alpha,
+            topk=cfg.distillation_topk, tail=cfg.distillation_add_tail, temperature=cfg.temperature,
+            sampler_logp=sampler_logp, is_clip=cfg.distillation_is_clip,
+        )  # fmt: skip
 
     def sdpo_term(self, rollout: Rollout, rewards: Tensor) -> tuple[Tensor, dict[str, float]]:
         """SDPO's self-distillation loss on a rollout of groups (TRL's SDPOTrainer): each completion whose group
