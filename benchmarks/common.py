@@ -321,9 +321,17 @@ def trl_worker(script: str | Path, inputs: str, tmp: Path) -> dict[str, Any]:
     return worker_record(res, "TRL's worker")
 
 
-def equivalence_arguments(doc: str, compute: Callable[[argparse.Namespace, str], Any]) -> argparse.Namespace | None:
-    """The arguments of a script that compares a loss with TRL's on inputs it writes: as TRL's worker (`--worker
-    trl`) it writes `compute(a, "trl")` to `--out` and gets None; otherwise TRL's venv must exist."""
+def trl_and_ours(
+    doc: str,
+    script: Path,
+    write_inputs: Callable[[Path], None],
+    compute: Callable[[argparse.Namespace, str], Any],
+    inputs_name: str = "",
+) -> tuple[Any, Any] | None:
+    """A script that compares a loss with TRL's on inputs it writes: as TRL's worker (`--worker trl`, run by this
+    function in TRL's venv) it writes `compute(a, "trl")` to `--out` and gets None; otherwise it gets (TRL's
+    records, `compute(a, "policylab")`), both on the inputs `write_inputs` puts in a temporary directory (the file
+    `inputs_name` there, or the directory itself), which `a.inputs` names."""
     parser = argparse.ArgumentParser(description=doc.split("\n\n")[0], formatter_class=HelpFormatter)
     parser.add_argument("--worker", choices=("trl",), help=argparse.SUPPRESS)
     parser.add_argument("--inputs", help=argparse.SUPPRESS)
@@ -333,7 +341,10 @@ def equivalence_arguments(doc: str, compute: Callable[[argparse.Namespace, str],
         Path(a.out).write_text(json.dumps(compute(a, a.worker)))
         return None
     require_trl_venv()
-    return a
+    with tempfile.TemporaryDirectory() as tmp:
+        a.inputs = str(Path(tmp) / inputs_name) if inputs_name else tmp
+        write_inputs(Path(a.inputs))
+        return trl_worker(script, a.inputs, Path(tmp)), compute(a, "policylab")
 
 
 def relative_gap(a: list, b: list) -> float:

@@ -17,17 +17,15 @@ from __future__ import annotations
 
 import argparse
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any
 
 from common import (
     REPO_ROOT,
-    equivalence_arguments,
     print_table,
     provenance,
     relative_gap,
-    trl_worker,
+    trl_and_ours,
     write_results,
 )
 
@@ -89,14 +87,10 @@ def losses_and_gradients(a: argparse.Namespace, side: str) -> dict[str, Any]:
 
 
 def main() -> None:
-    a = equivalence_arguments(__doc__, losses_and_gradients)
-    if a is None:
+    both = trl_and_ours(__doc__, Path(__file__).resolve(), inputs, losses_and_gradients, "inputs.safetensors")
+    if both is None:
         return
-    with tempfile.TemporaryDirectory() as tmp:
-        a.inputs = str(Path(tmp) / "inputs.safetensors")
-        inputs(Path(a.inputs))
-        trl = trl_worker(Path(__file__).resolve(), a.inputs, Path(tmp))
-        ours = losses_and_gradients(a, "policylab")
+    trl, ours = both
     cases = []
     for key in ours:
         beta, temperature = (float(x) for x in key.split("/"))
