@@ -461,6 +461,8 @@ class Tape:
         """Keep each row's first `length` completion positions (the training pass leaves out the columns after the
         batch's longest completion: `rollout.token_logprobs`); the later positions' activations are dropped, in
         place. Exact: no kept position attends to a dropped one."""
+        if self.tokens is None:  # the decode ended every row at its first token: `finish` kept nothing to cut
+            return
         old, split, end = self.length, self.split, self.split + self.rows * length
         for group in self.arrays:
             for j, array in enumerate(group):
@@ -531,8 +533,7 @@ class NumpyLlamaPass(torch.autograd.Function):
     def forward(
         ctx: Any, shapes: LlamaDecoder, stream: Stream, tape: Tape | None, with_logits: bool, *weights: Tensor
     ) -> tuple[Tensor, Tensor]:  # type: ignore[override]
-        # a tape whose decode ended every row at its first token has nothing to shorten (finish kept no tokens)
-        if tape is not None and not tape.retired and tape.tokens is not None and stream.length < tape.length:
+        if tape is not None and not tape.retired and stream.length < tape.length:
             tape.shorten(stream.length)
         used = tape if tape is not None and tape.usable(weights, stream) else None
         ctx.tape = used

@@ -2977,8 +2977,8 @@ class LLMTrainer:
         cfg, prompts = self.cfg, [row["prompt"] for row in rows]
         penalty = overlong_penalty(rollout, self.max_new_tokens, cfg.overlong_buffer, cfg.overlong_penalty)
         if cfg.missing_eos_penalty:  # TRL's online DPO: a completion cut before its EOS scores less
-            ended = ((rollout.completion_ids == self.tokenizer.eos_token_id) & rollout.completion_mask).any(-1)
-            penalty = penalty - cfg.missing_eos_penalty * (~ended).to(penalty.dtype)
+            cut = ~ended_with_eos(rollout, self.tokenizer)
+            penalty = penalty - cfg.missing_eos_penalty * cut.to(penalty.dtype)
         if self.reward_parts is None:  # the penalty applies to every completion, as TRL's overlong reward function
             rewards = call_reward(self.task, prompts, completions, rows, rollout)
             return torch.where(torch.isnan(rewards) & self.penalizes, penalty, rewards + penalty)
@@ -3378,10 +3378,8 @@ class LLMTrainer:
     def teacher_rollout(self, rows: list[dict[str, Any]]) -> Rollout:
         """One completion per row sampled by the teacher (GKD's seq_kd), with the run's sampling settings."""
         ids, mask = self.encode_prompts([row["prompt"] for row in rows])
-        return generate(
-            self.teacher, ids, mask, max_new_tokens=self.max_new_tokens, eos_token_id=self.tokenizer.eos_token_id,
-            pad_token_id=self.tokenizer.pad_token_id, generator=self.generator, **self.sampling_options,
-        )  # fmt: skip
+        with self.sampling_from(self.teacher):
+            return self._sample(ids, mask, 1, False, self.max_new_tokens)
 
     @torch.no_grad()
     def _reference_sums(self) -> Tensor:
@@ -3562,7 +3560,7 @@ class LLMTrainer:
         """XPO: per prompt a policy sample and a reference sample, the one of higher reward chosen, the preference
         loss on the pairs plus `xpo_exploration`. A tie gives no pair (TRL's XPOTrainer prefers the policy's
         sample on a tie, rare under a reward model's scores; under verifiable 0/1 rewards most pairs tie, and
-        training on them took the tiny addition model's exact match from 0.37 to 0 in 40 steps)."""
+        training on them took the tiny addition model's exact match from 0.37 to 0 in 40 steps, a scratch run)."""
         own, rewards, other, other_rewards, metrics = self.sample_beside(mixture=False)
         order = xpo_pairs(rewards, other_rewards)
         metrics.update(pairs=float(len(order) // 2), own_chosen=float((order[: len(order) // 2] < len(own)).sum()))
