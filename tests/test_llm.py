@@ -2327,6 +2327,7 @@ READ = {
     "normalize_advantages": (True,),
     "sft_loss": ("dft",),
     "assistant_only_loss": (True,),
+    "dataset_text_field": ("content",),
     "num_generations_eval": (4,),
     "log_completions": (True,),
     "num_completions_to_print": (3,),

@@ -30,6 +30,11 @@ def add_llm_parser(sub: argparse._SubParsersAction) -> None:
     q = llm_sub.add_parser("eval", help="greedy exact-match accuracy (and pass@k) of a model or run")
     q.add_argument("model", help="run directory, save_pretrained directory, or a built-in tiny model")
     q.add_argument("--task", default="addition", help="a built-in task (default: addition)")
+    q.add_argument(
+        "--prompts",
+        help="a JSONL file to evaluate on instead of the task's rows: prompts with answers (exact match) or plain "
+        'text rows, {"text": ...} (loss, perplexity, mean_token_accuracy)',
+    )
     q.add_argument("--k", type=int, default=1, help="also pass@k from k sampled completions per prompt")
     q.add_argument("--seed", type=int, default=0, help="seed of the sampled completions (default 0)")
     q.add_argument("--json", action="store_true", help="print the result as JSON")
@@ -68,7 +73,7 @@ def run_llm_command(args: argparse.Namespace) -> int:
     if args.llm_command == "eval":
         from policylab.llm.trainer import evaluate_llm
 
-        result = evaluate_llm(args.model, args.task, args.k, args.seed)
+        result = evaluate_llm(args.model, args.task, args.k, args.seed, prompts=args.prompts)
         print(json.dumps(result) if args.json else ", ".join(f"{k} {v:.3f}" for k, v in result.items()))
         return 0
     from policylab.config import check_resume_place, parse_count

@@ -199,9 +199,12 @@ UNSCORED = float("nan")
 group's baseline and gets advantage 0 (the group-advantage algorithms, as TRL's GRPOTrainer)."""
 
 
-def load_prompts(path: str | Path, require: tuple[str, ...] = (), fix: str = "") -> list[dict[str, Any]]:
+def load_prompts(
+    path: str | Path, require: tuple[str, ...] = (), fix: str = "", text_field: str | None = None
+) -> list[dict[str, Any]]:
     """Rows of a JSONL file, each an object with a "prompt" string (other fields reach the reward functions) and
-    the fields in `require` (an error naming the line and the field otherwise, with `fix`)."""
+    the fields in `require` (an error naming the line and the field otherwise, with `fix`), or with `text_field`
+    a plain-text row (`_check_row`)."""
     path = Path(path)
     if not path.is_file():
         raise LLMError(f"no prompts file {path}", 'pass a JSONL file with one {"prompt": ...} object per line')
@@ -213,7 +216,7 @@ def load_prompts(path: str | Path, require: tuple[str, ...] = (), fix: str = "")
             row = json.loads(line)
         except json.JSONDecodeError as exc:
             raise LLMError(f"{path}, line {number}: not JSON ({exc.msg})", "one JSON object per line") from None
-        _check_row(row, f"{path}, line {number}", require, fix)
+        _check_row(row, f"{path}, line {number}", require, fix, text_field)
         rows.append(normalized_row(row))
     if not rows:
         raise LLMError(f"{path} has no prompts", 'add lines like {"prompt": "2+2=", "answer": "4"}')
@@ -221,12 +224,12 @@ def load_prompts(path: str | Path, require: tuple[str, ...] = (), fix: str = "")
 
 
 def prompt_rows(
-    source: Any, what: str = "prompts", require: tuple[str, ...] = (), fix: str = ""
+    source: Any, what: str = "prompts", require: tuple[str, ...] = (), fix: str = "", text_field: str | None = None
 ) -> list[dict[str, Any]]:
     """Rows from a JSONL path, a `datasets.Dataset` or a list of dicts, each with a "prompt" string and the
-    fields in `require`."""
+    fields in `require`, or with `text_field` a plain-text row (`_check_row`)."""
     if isinstance(source, str | Path):
-        return load_prompts(source, require, fix)
+        return load_prompts(source, require, fix, text_field)
     if hasattr(source, "to_list") and hasattr(source, "column_names"):  # a datasets.Dataset
         rows = source.to_list()
     elif isinstance(source, list | tuple):
@@ -239,13 +242,29 @@ def prompt_rows(
     if not rows:
         raise LLMError(f"{what} has no rows", 'add rows like {"prompt": "2+2=", "answer": "4"}')
     for number, row in enumerate(rows):
-        _check_row(row, f"{what}, row {number}", require, fix)
+        _check_row(row, f"{what}, row {number}", require, fix, text_field)
     return [normalized_row(dict(row)) for row in rows]
 
 
-def _check_row(row: Any, where: str, require: tuple[str, ...] = (), fix: str = "") -> None:
+def is_text_row(row: dict[str, Any], text_field: str | None) -> bool:
+    """Whether a row is plain text (SFT's language-modeling rows, TRL's dataset_text_field): it has `text_field`
+    and neither a "prompt" nor "messages"."""
+    return text_field is not None and text_field in row and "prompt" not in row and "messages" not in row
+
+
+def _check_row(
+    row: Any, where: str, require: tuple[str, ...] = (), fix: str = "", text_field: str | None = None
+) -> None:
     """A row has a "prompt" (a string, or a list of messages) or "messages" (a whole conversation; llm/chat.py),
-    not both, and the fields in `require`."""
+    not both, and the fields in `require`; or, with `text_field`, it is plain text: a non-empty string in that
+    field and no prompt (no field required of it: only SFT takes such rows, whole)."""
+    if isinstance(row, dict) and is_text_row(row, text_field):
+        if not isinstance(row[text_field], str) or not row[text_field]:
+            raise LLMError(
+                f'{where}: "{text_field}" is not a non-empty string',
+                f'give each plain-text row its text as "{text_field}"',
+            )
+        return
     if isinstance(row, dict) and "messages" in row:
         if "prompt" in row:
             raise LLMError(
@@ -255,7 +274,8 @@ def _check_row(row: Any, where: str, require: tuple[str, ...] = (), fix: str = "
         check_messages(row["messages"], where, "messages")
         row = {**row, "answer": row.get("answer", row["messages"][-1].get("content") or "")}
     elif not isinstance(row, dict) or not (isinstance(row.get("prompt"), str) or isinstance(row.get("prompt"), list)):
-        raise LLMError(f'{where}: no "prompt" string', 'give every row a "prompt" field (or "messages")')
+        hint = f', or for SFT plain text as "{text_field}": dataset_text_field' if text_field else ""
+        raise LLMError(f'{where}: no "prompt" string', f'give every row a "prompt" field (or "messages"{hint})')
     elif isinstance(row["prompt"], list):
         check_messages(row["prompt"], where, "prompt")
     for field in COMPLETION_FIELDS:

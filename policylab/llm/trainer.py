@@ -123,6 +123,7 @@ from policylab.llm.rewards import (
     checked_call,
     combine_rewards,
     import_callable,
+    is_text_row,
     prompt_rows,
     resolve_reward,
     reward_name,
@@ -436,6 +437,7 @@ SETTING_READERS: dict[str, tuple[str, ...]] = {
     "normalize_advantages": ("rl_step",),
     "sft_loss": ("sft_step",),
     "assistant_only_loss": ("sft_step",),
+    "dataset_text_field": ("sft_step",),
     **dict.fromkeys(("log_completions", "num_completions_to_print"), REWARDED_STEPS),
     # every algorithm's evaluation decodes, but the reward model's (its held-out pairs)
     "num_generations_eval": tuple(dict.fromkeys(training_step(a) for a in ALGOS if a != "reward_model")),
@@ -595,6 +597,11 @@ class LLMConfig:
     num_generations_eval: int = 1
     """Completions sampled per evaluation row at each evaluation, beside the greedy one (TRL's setting; 1: the
     greedy one only): eval.csv gains pass@k and their mean reward, sampled_reward."""
+    dataset_text_field: str = "text"
+    """SFT on plain text (TRL's SFTConfig setting and language-modeling rows): a row with this field and neither
+    a prompt nor messages is trained on whole, every token after the first (the tokenizer's own special tokens, a
+    Llama's BOS, added) and EOS; evaluation rows of plain text are scored by their token-mean NLL (eval.csv's
+    loss), perplexity and mean_token_accuracy instead of exact match."""
     assistant_only_loss: bool = False
     """SFT on `messages` rows: train on the assistant's tokens only (TRL's SFTConfig setting; the chat template
     must mark them with {% generation %}), not on the whole conversation."""
@@ -1724,6 +1731,31 @@ def luffy_experts(expert_rows: list[dict[str, Any]], train_rows: list[dict[str, 
     return experts
 
 
+def check_text_rows(cfg: LLMConfig, train_rows: list[dict[str, Any]], eval_rows: list[dict[str, Any]]) -> bool:
+    """Whether the evaluation rows are plain text (`is_text_row`); an error where plain-text rows meet an
+    algorithm other than SFT, or the evaluation rows mix plain text and prompts (one evaluation scores them)."""
+    field = cfg.dataset_text_field
+    plain = [is_text_row(row, field) for row in eval_rows]
+    if cfg.algo != "sft" and (any(plain) or any(is_text_row(row, field) for row in train_rows)):
+        raise LLMError(
+            f'the rows are plain text ("{field}" and no prompt), which only sft trains on',
+            f'give {cfg.algo} rows with a "prompt" (and an "answer" for the built-in rewards), or run sft on these',
+        )
+    if any(plain) and not all(plain):
+        raise LLMError(
+            "the evaluation rows mix plain text and prompts",
+            "give evaluation rows of one kind (--set eval_prompts=FILE): plain text, scored by its loss, or prompts, "
+            "scored by exact match",
+        )
+    if all(plain) and cfg.num_generations_eval > 1:
+        raise LLMError(
+            f"num_generations_eval={cfg.num_generations_eval} samples completions of the evaluation prompts, and "
+            "these evaluation rows are plain text",
+            "drop num_generations_eval, or give prompt rows to evaluate on (--set eval_prompts=FILE)",
+        )
+    return all(plain)
+
+
 def check_expert_rows(rows: list[dict[str, Any]], what: str) -> None:
     """One error naming the first row without an expert completion (a `completion` or `answer` string)."""
     for number, row in enumerate(rows):
@@ -2087,12 +2119,18 @@ def task_of(cfg: LLMConfig, inputs: LLMInputs | None = None, environment: Enviro
     if prompts is None:
         task = get_task(cfg.task)
         return task if not rewards else replace(task, reward=combine_rewards(rewards))
-    rows = prompt_rows(prompts, "prompts", *answers_needed(rewards))
+    rows = prompt_rows(prompts, "prompts", *answers_needed(rewards), text_field=cfg.dataset_text_field)
     reward = combine_rewards(rewards or ["exact_match"])
     where = str(prompts) if isinstance(prompts, str | Path) else f"{len(rows)} rows given in Python"
     task = Task("prompts", where, lambda n, seed: rows, reward, cfg.max_new_tokens or 32)
     extra = {name: _given(cfg, inputs, name) for name in ("eval_prompts", "expert", "pairs")}
-    others = [row for name, source in extra.items() if source is not None for row in prompt_rows(source, name)]
+    text_fields = {"eval_prompts": cfg.dataset_text_field}  # evaluation rows may be plain text, as SFT's rows
+    others = [
+        row
+        for name, source in extra.items()
+        if source is not None
+        for row in prompt_rows(source, name, text_field=text_fields.get(name))
+    ]
     return replace(task, characters=characters_of(rows + others, cfg))
 
 
@@ -2147,7 +2185,8 @@ def rows_of(
     evaluation = _given(cfg, inputs, "eval_prompts")
     if evaluation is not None:
         rows = task.make(0 if task.name == "prompts" else cfg.train_size, cfg.seed)
-        return rows, prompt_rows(evaluation, "eval_prompts", *answers_needed(_given(cfg, inputs, "rewards")))
+        needed = answers_needed(_given(cfg, inputs, "rewards"))
+        return rows, prompt_rows(evaluation, "eval_prompts", *needed, text_field=cfg.dataset_text_field)
     if task.name != "prompts":
         return task.make(cfg.train_size, cfg.seed), task.make(cfg.eval_size, 1_000_003 + cfg.seed)
     rows = task.make(0, cfg.seed)
@@ -2282,6 +2321,8 @@ class LLMTrainer:
         self.prompt_messages = conversational_prompts(every_row, self.chat, self.described)
         """The messages of each conversational prompt, by its rendered text (an environment's reset text joins them)."""
         self.train_rows, self.eval_rows = (rendered_rows(rows, self.chat, self.described) for rows in raw_rows)
+        self.evaluates_text = check_text_rows(cfg, self.train_rows, self.eval_rows)
+        """Whether the evaluation rows are plain text (scored by their loss, not by exact match)."""
         if cfg.algo == "sdft":
             for row in self.train_rows:  # a row without one is an error now, not at the step that draws it
                 privileged_text(row)
@@ -2299,8 +2340,9 @@ class LLMTrainer:
         elif pairs is not None:
             self.pair_rows = prompt_rows(pairs, "pairs", ("chosen", "rejected"), PAIRS_FIX)
         self.pair_rows = None if self.pair_rows is None else rendered_rows(self.pair_rows, self.chat)
-        self.conversations: dict[str, tuple[list[int], list[int], list[bool]]] = {}
-        """SFT's tokens of each `messages` row's conversation (chat.conversation_tokens), by the conversation."""
+        self.whole_cache: dict[tuple[str, str], tuple[list[int], list[int], list[bool]]] = {}
+        """SFT's tokens of each row it trains on whole (`whole_tokens`), by ("messages", the conversation) or
+        ("text", the text)."""
         self.eval_pairs: list[tuple[str, str, str, float]] = []
         """The reward model's held-out pairs (prompt, chosen, rejected, margin)."""
         if cfg.algo == "reward_model":
@@ -2325,7 +2367,7 @@ class LLMTrainer:
         self.luffy_experts = luffy_experts(self.expert_rows, self.train_rows) if cfg.mix == "luffy" else {}
         """LUFFY's expert completion of each training prompt (from the expert rows of the same prompt)."""
         if self.trains_on_answers:
-            check_expert_rows(self.train_rows, "prompts")
+            check_expert_rows(self.prompted(self.train_rows), "prompts")
         self.generator = torch.Generator().manual_seed(cfg.seed)
         self.max_new_tokens = cfg.max_new_tokens or self.task.max_new_tokens
         self.tool_format = self._tool_format()
@@ -2425,12 +2467,12 @@ class LLMTrainer:
     def _texts_drawn(self) -> list[str]:
         """The texts the steps and evaluations will tokenize: every prompt, the pairs' completions, and the expert
         completions where a step trains on them."""
-        texts = [row["prompt"] for row in self.train_rows + self.eval_rows]
+        texts = [row.get("prompt") for row in self.train_rows + self.eval_rows]  # plain-text rows have none
         for row in self.pair_rows or []:
             texts += [row["prompt"], *(row.get(key) for key in ("chosen", "rejected", "completion", "reference"))]
         cfg = self.cfg
         if self.trains_on_answers:
-            texts += [expert_completion(row) for row in self.train_rows]
+            texts += [expert_completion(row) for row in self.prompted(self.train_rows)]
         elif cfg.mix != "none":
             texts += [expert_completion(row) for row in self.expert_rows]
         return [text for text in texts if isinstance(text, str)]  # a pairs row's non-string is the step's error
@@ -2753,22 +2795,17 @@ class LLMTrainer:
 
     def sft_batch(self, rows: list[dict[str, Any]]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """(prompt ids, prompt mask, completion ids, the mask of the trained completion tokens) of SFT rows: the
-        prompt and its expert completion, or for a `messages` row its conversation's tokens (chat.py)."""
+        prompt and its expert completion, or for a `messages` or plain-text row its whole tokens (`whole_tokens`)."""
         limit, pad = self.cfg.max_length, self.tokenizer.pad_token_id
-        if not any("messages" in row for row in rows):
+        if not any(self.trained_whole(row) for row in rows):
             prompt_ids, prompt_mask = self.encode_prompts([row["prompt"] for row in rows])
             ids, mask, _ = self.encode_completions([expert_completion(row) for row in rows])
             return truncated(prompt_ids, prompt_mask, ids, mask, limit, pad)
         prompts: list[list[int]] = []
         turns: list[Turn] = []
         for row in rows:
-            if "messages" in row:
-                key = conversation_key(row["messages"], row.get("environment"))
-                if key not in self.conversations:
-                    assistant_only = self.cfg.assistant_only_loss
-                    described = self.described(row) if self.described is not None else None
-                    self.conversations[key] = conversation_tokens(self.chat, row["messages"], assistant_only, described)
-                prompt, rest, trained = self.conversations[key]
+            if self.trained_whole(row):
+                prompt, rest, trained = self.whole_tokens(row)
             else:
                 prompt = self.encode_prompts.token_lists([row["prompt"]])[0]
                 ids, mask, _ = self.encode_completions([expert_completion(row)])
@@ -2778,6 +2815,38 @@ class LLMTrainer:
         prompt_ids, prompt_mask = left_padded(prompts, pad)
         ids, mask, _, _ = padded_turns(turns, max(len(t.ids) for t in turns), pad)
         return truncated(prompt_ids, prompt_mask, ids, mask, limit, pad)
+
+    def prompted(self, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """The rows that are not plain text."""
+        return [row for row in rows if not is_text_row(row, self.cfg.dataset_text_field)]
+
+    def trained_whole(self, row: dict[str, Any]) -> bool:
+        """Whether SFT trains on a row whole (a `messages` row's conversation, a plain-text row's text) rather than
+        on a prompt's completion."""
+        return "messages" in row or is_text_row(row, self.cfg.dataset_text_field)
+
+    def whole_tokens(self, row: dict[str, Any]) -> tuple[list[int], list[int], list[bool]]:
+        """(prompt tokens, the rest's tokens, which of the rest are trained) of a row SFT trains on whole, each
+        tokenized once: a `messages` row's conversation (chat.conversation_tokens), or a plain-text row's tokens as
+        TRL's SFT takes them (the tokenizer's own special tokens, then EOS), every one after the first trained."""
+        if "messages" in row:
+            key = ("messages", conversation_key(row["messages"], row.get("environment")))
+            if key not in self.whole_cache:
+                assistant_only = self.cfg.assistant_only_loss
+                described = self.described(row) if self.described is not None else None
+                self.whole_cache[key] = conversation_tokens(self.chat, row["messages"], assistant_only, described)
+            return self.whole_cache[key]
+        text = row[self.cfg.dataset_text_field]
+        key = ("text", text)
+        if key not in self.whole_cache:
+            ids = list(self.tokenizer(text)["input_ids"])
+            ids += [self.tokenizer.eos_token_id] if not ids or ids[-1] != self.tokenizer.eos_token_id else []
+            if len(ids) < 2:
+                raise LLMError(
+                    f"the plain-text row {text[:80]!r} is no tokens but EOS", "give each text row some text to train on"
+                )
+            self.whole_cache[key] = (ids[:1], ids[1:], [True] * (len(ids) - 1))
+        return self.whole_cache[key]
 
     def sft_step(self) -> dict[str, float]:
         rows = self.sample_rows(self.cfg.batch_size)
@@ -3657,6 +3726,8 @@ class LLMTrainer:
                 chosen, rejected = self.pair_rewards(self.eval_pairs)
             ranked = int((chosen > rejected).sum())
             return {"accuracy": ranked / len(self.eval_pairs), "reward": float((chosen - rejected).mean())}
+        if self.evaluates_text:
+            return self.text_loss(self.eval_rows)
         n = len(self.eval_rows)
         greedy, completions = self.rollout(self.eval_rows, greedy=True)
         prompts = [r["prompt"] for r in self.eval_rows]
@@ -3674,6 +3745,22 @@ class LLMTrainer:
             scored = [r for r in values if r == r]
             out["sampled_reward"] = math.fsum(scored) / max(len(scored), 1)
         return out
+
+    def text_loss(self, rows: list[dict[str, Any]]) -> dict[str, float]:
+        """Plain-text rows' token-mean NLL over all their trained tokens (eval.csv's loss; TRL's eval_loss, there a
+        mean of batches' means), its perplexity, and the share of tokens the model's argmax predicts (TRL's
+        mean_token_accuracy), in batches of batch_size."""
+        nll, hits, count = 0.0, 0, 0
+        with self.eval_mode(), torch.no_grad():
+            for start in range(0, len(rows), self.cfg.batch_size):
+                prompt_ids, prompt_mask, ids, mask = self.sft_batch(rows[start : start + self.cfg.batch_size])
+                log_probs = torch.log_softmax(completion_logits(self.model, prompt_ids, prompt_mask, ids, mask), -1)
+                trained = mask.bool()
+                nll -= float(log_probs.gather(-1, ids[..., None]).squeeze(-1)[trained].double().sum())
+                hits += int((log_probs.argmax(-1) == ids)[trained].sum())
+                count += int(trained.sum())
+        loss = nll / count
+        return {"loss": loss, "perplexity": math.exp(min(loss, 700.0)), "mean_token_accuracy": hits / count}
 
     @contextlib.contextmanager
     def evaluation_stream(self) -> Iterator[None]:
@@ -3955,7 +4042,9 @@ def train_llm(
             completions_log = JsonlLog(run_dir / "completions.jsonl")
             log.log_eval({"step": 0, **initial})
         enabled = False if verbose is False or progress is False else (progress if progress is not None else verbose)
-        bar = Progress(cfg.steps, f"{cfg.algo} {cfg.task}", enabled=enabled, start=start, metric="accuracy", digits=3)
+        key = headline(initial)
+        label = key if key == "accuracy" else f"eval {key}"
+        bar = Progress(cfg.steps, f"{cfg.algo} {cfg.task}", enabled=enabled, start=start, metric=label, digits=3)
         started, tokens = time.perf_counter(), 0.0
         for step in range(start + 1, cfg.steps + 1):
             trainer.step = step
@@ -3975,7 +4064,7 @@ def train_llm(
                 log.log_eval({"step": step, **last})
                 save_checkpoint(run_dir / "checkpoints", step, *trainer.checkpoint({"initial": initial, "last": last}))
                 created = None  # the run can resume now: its directory stays whatever happens
-            bar.update(step, (step - start) / elapsed, (last or initial)["accuracy"])
+            bar.update(step, (step - start) / elapsed, (last or initial)[key])
             if stop:
                 break
         if last is None:  # resumed at its last checkpoint, from before checkpoints kept the evaluation
@@ -3998,14 +4087,37 @@ def train_llm(
         trainer.save(run_dir)
         log.write_summary({"step": trainer.step, **last, "initial": initial})
     log.close()
-    say(f"done: {trainer.step} steps; accuracy {initial['accuracy']:.3f} -> {last['accuracy']:.3f}")
+    say(f"done: {trainer.step} steps; {outcome(initial, last)}")
     say(f"run directory: {run_dir}")
     return LLMRun(run_dir, last, initial, trainer.step)
 
 
-def evaluate_llm(model: str, task: str = "addition", k: int = 1, seed: int = 0, eval_size: int = 200) -> dict:
-    """Greedy accuracy (and pass@k) of a model or run directory on a task's evaluation rows."""
+def headline(evaluation: dict[str, float]) -> str:
+    """The evaluation's figure the progress bar and the final line show: exact-match accuracy, or for plain-text
+    evaluation rows their loss."""
+    return "accuracy" if "accuracy" in evaluation else "loss"
+
+
+def outcome(initial: dict[str, float], last: dict[str, float]) -> str:
+    """The final line's change: exact-match accuracy's, or the plain-text evaluation rows' loss and perplexity."""
+    if headline(initial) == "accuracy":
+        return f"accuracy {initial['accuracy']:.3f} -> {last['accuracy']:.3f}"
+    return (
+        f"eval loss {initial['loss']:.3f} -> {last['loss']:.3f} (perplexity {initial['perplexity']:.2f} -> "
+        f"{last['perplexity']:.2f})"
+    )
+
+
+def evaluate_llm(
+    model: str, task: str = "addition", k: int = 1, seed: int = 0, eval_size: int = 200, prompts: Any = None
+) -> dict:
+    """Greedy accuracy (and pass@k) of a model or run directory on a task's evaluation rows, or on `prompts` (a
+    JSONL path, a datasets.Dataset or a list of dicts) instead: rows with answers, or plain-text rows (their loss,
+    perplexity and mean_token_accuracy)."""
     if k < 1:
         raise ConfigError(f"k={k} must be >= 1", "pass --k 1 (greedy accuracy only) or more (pass@k)")
-    trainer = LLMTrainer(make_config("grpo", {"model": model, "task": task, "seed": seed, "eval_size": eval_size}))
+    settings = {"model": model, "task": task, "seed": seed, "eval_size": eval_size}
+    trainer = LLMTrainer(make_config("sft", settings), LLMInputs(eval_prompts=prompts))
+    if k > 1 and trainer.evaluates_text:
+        raise ConfigError(f"k={k}: pass@k samples completions of prompts, and these rows are plain text", "drop --k")
     return trainer.evaluate(k)
