@@ -65,7 +65,9 @@ completion position, temperature 1, token-mean, lr 3e-3 (policylab's distill def
 ignored): the addition rows as prompt-completion pairs (the answer the completion, EOS after it on both sides),
 `--prompts-per-step` examples per step, the loss on the completion's tokens only (TRL's completion_only_loss
 default for such rows), token-mean over the batch, lr 3e-3 (policylab's SFT default); TRL's trainer pads each
-batch to its longest example, policylab's puts each prompt left of its completion.
+batch to its longest example, policylab's puts each prompt left of its completion. With `--text`, the rows are
+plain text instead, {"text": prompt + answer} (TRL's language-modeling rows): the loss on every token after the
+first and on the EOS appended on both sides; the evaluation is the same exact match on the addition prompts.
 `--algo sdft`: self-distillation against TRL's experimental SDFTTrainer. The starting model is the tiny Llama after
 `--sft-steps` of policylab's SFT on addition rows half of which carry the answer before the question
 ("032:26+06="): it copies the answer when given it and gets part of the plain prompts right. Each training row's
@@ -329,6 +331,8 @@ def prepare(a: argparse.Namespace, where: Path) -> tuple[Path, Path]:
         rows = [{"prompt": p, "chosen": c, "rejected": r} for p, c, r in pairs]
         if a.algo == "tpo":  # the gold completion: the answer (the chosen one)
             rows = [{**row, "reference": row["chosen"]} for row in rows]
+    elif a.algo == "sft" and a.text:  # TRL's language-modeling rows
+        rows = [{"text": row["prompt"] + row["answer"]} for row in rows]
     elif a.algo == "sft":  # TRL's prompt-completion rows (policylab's evaluation reads the answer)
         rows = [{"prompt": row["prompt"], "completion": row["answer"], "answer": row["answer"]} for row in rows]
     prompts.write_text("".join(json.dumps(row) + "\n" for row in rows))
@@ -456,8 +460,8 @@ def worker_trl(a: argparse.Namespace) -> dict[str, Any]:
         from trl import SFTConfig, SFTTrainer
 
         config = SFTConfig(**common, per_device_train_batch_size=a.prompts_per_step)
-        trainer = SFTTrainer(model=model, args=config, train_dataset=dataset.remove_columns("answer"),
-                             processing_class=tokenizer)  # fmt: skip
+        rows_given = dataset.remove_columns("answer") if "answer" in dataset.column_names else dataset  # --text: none
+        trainer = SFTTrainer(model=model, args=config, train_dataset=rows_given, processing_class=tokenizer)
     elif a.algo == "dpo":
         from trl import DPOConfig, DPOTrainer
 
@@ -811,6 +815,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=3, help="steps left out of the timing")
     parser.add_argument("--precompute", action="store_true", help="dpo: precompute_ref_log_probs on both sides")
     parser.add_argument("--tools", action="store_true", help="grpo with a tool (see the docstring)")
+    parser.add_argument("--text", action="store_true", help="sft on plain-text rows (see the docstring)")
     parser.add_argument("--trl-defaults", action="store_true", help="TRL's own bfloat16 / checkpointing defaults")
     parser.add_argument("--sampling", action="store_true", help="only time the samplers (see time_sampling)")
     parser.add_argument("--training", action="store_true", help="only time the training forward and backward")
@@ -826,6 +831,8 @@ def main() -> None:
     if a.lr is None:
         default = 1e-4 if a.algo in PAIR_ALGOS else 3e-4
         a.lr = {"reward_model": 1e-3, "distill": 3e-3, "gold": 3e-3, "sft": 3e-3}.get(a.algo, default)
+    if a.text and a.algo != "sft":
+        parser.error(f"--text gives SFT plain-text rows, and {a.algo} takes prompts: drop --text or give --algo sft")
     if a.tools and a.algo != "grpo":
         parser.error(f"--tools runs GRPO with a tool, not {a.algo}: drop --algo or give --algo grpo")
     if a.algo in ("distill", "gold"):
@@ -867,7 +874,7 @@ def main() -> None:
     settings = {
         k: getattr(a, k)
         for k in ("algo", "steps", "model", "sft_steps", "prompts_per_step", "group_size", "max_new_tokens", "lr",
-                  "precompute", "tools", "warmup")
+                  "precompute", "tools", "text", "warmup")
     }  # fmt: skip
     print(f"\n{a.algo}, {settings}, 1 thread, alternating runs")
     per_run = {

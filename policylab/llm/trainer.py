@@ -2801,6 +2801,13 @@ class LLMTrainer:
             prompt_ids, prompt_mask = self.encode_prompts([row["prompt"] for row in rows])
             ids, mask, _ = self.encode_completions([expert_completion(row) for row in rows])
             return truncated(prompt_ids, prompt_mask, ids, mask, limit, pad)
+        if all(self.trained_whole(row) for row in rows):
+            whole = [self.whole_tokens(row) for row in rows]
+            if all(all(trained) for _, _, trained in whole):  # plain text, whole conversations: every token trained
+                prompt_ids, prompt_mask = _padded([prompt for prompt, _, _ in whole], pad, left=True)
+                prompt_mask = prompt_mask.long()  # as encode_prompts gives it
+                ids, mask = _padded([rest for _, rest, _ in whole], pad, left=False)
+                return truncated(prompt_ids, prompt_mask, ids, mask, limit, pad)
         prompts: list[list[int]] = []
         turns: list[Turn] = []
         for row in rows:
