@@ -2328,6 +2328,7 @@ READ = {
     "sft_loss": ("dft",),
     "assistant_only_loss": (True,),
     "dataset_text_field": ("content",),
+    "completion_only_loss": (False,),
     "num_generations_eval": (4,),
     "log_completions": (True,),
     "num_completions_to_print": (3,),

@@ -1,5 +1,6 @@
-"""SFT on plain-text rows (TRL's language-modeling datasets, `dataset_text_field`): the tokens it trains on, its
-loss and held-out evaluation against hand computations, learning, and the errors."""
+"""SFT on plain-text rows (TRL's language-modeling datasets, `dataset_text_field`) and on whole prompt-completion
+rows (`completion_only_loss=false`): the tokens it trains on, its loss and held-out evaluation against hand
+computations, learning, and the errors."""
 
 from __future__ import annotations
 
@@ -80,6 +81,26 @@ def test_a_text_row_trains_every_token_after_the_first_and_eos(bos):
     assert metrics["loss"] == pytest.approx(float(nll.mean()), rel=1e-5)
 
 
+def test_completion_only_loss_false_trains_the_prompt_tokens_too():
+    rows = [{"prompt": row["text"][:6], "answer": row["text"][6:]} for row in sums(8, 0) if len(row["text"]) > 6]
+    trainer = trainer_on(rows, {"completion_only_loss": False})
+    drawn = trainer.train_rows[:4]
+    p, pm, ids, mask = trainer.sft_batch(drawn)
+    tok = trainer.tokenizer
+    for i, row in enumerate(drawn):  # the prompt's first token, then the rest of it, the answer and EOS all trained
+        whole = tok(row["prompt"] + row["answer"])["input_ids"] + [tok.eos_token_id]
+        assert p[i][pm[i].bool()].tolist() == whole[:1] and ids[i][mask[i].bool()].tolist() == whole[1:]
+    trainer.sample_rows = lambda n: drawn
+    before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    metrics = trainer.sft_step()
+    trainer.model.load_state_dict(before)
+    sequences = [p[i][pm[i].bool()].tolist() + ids[i][mask[i].bool()].tolist() for i in range(len(drawn))]
+    with torch.no_grad():
+        nll, _ = whole_nll(trainer.model, sequences)
+    assert metrics["loss"] == pytest.approx(float(nll.mean()), rel=1e-5)
+    assert metrics["tokens"] == nll.numel() > sum(len(row["answer"]) + 1 for row in drawn)
+
+
 def test_the_held_out_loss_perplexity_and_token_accuracy_equal_a_hand_computation():
     held_out = sums(7, 1)  # 7 rows in batches of 4: a partial last batch
     trainer = trainer_on(sums(8, 0), eval_rows=held_out)
@@ -93,6 +114,20 @@ def test_the_held_out_loss_perplexity_and_token_accuracy_equal_a_hand_computatio
     assert result["perplexity"] == pytest.approx(math.exp(result["loss"]), rel=1e-12)
     assert result["mean_token_accuracy"] == pytest.approx(float(hits.double().mean()), abs=1e-12)
     assert set(result) == {"loss", "perplexity", "mean_token_accuracy"}
+
+
+def test_sft_on_prompt_rows_also_reports_the_held_out_loss_of_their_completions():
+    held_out = [{"prompt": row["text"][:6], "answer": row["text"][6:]} for row in sums(7, 1)]
+    trainer = trainer_on([{"prompt": "1+2=", "answer": "3"}] * 8, {"max_new_tokens": 3}, eval_rows=held_out)
+    result = trainer.evaluate()
+    tok = trainer.tokenizer
+    prompts = [tok(row["prompt"])["input_ids"] for row in held_out]
+    sequences = [p + tok(row["answer"])["input_ids"] + [tok.eos_token_id] for p, row in zip(prompts, held_out)]
+    with torch.no_grad():
+        nll, hits = whole_nll(trainer.model, sequences, [len(p) for p in prompts])
+    assert {"accuracy", "reward"} < set(result)  # exact match as before, and SFT's loss on the answers (and EOS)
+    assert result["loss"] == pytest.approx(float(nll.double().mean()), rel=1e-5)
+    assert result["mean_token_accuracy"] == pytest.approx(float(hits.double().mean()), abs=1e-12)
 
 
 def test_max_length_keeps_each_text_rows_first_tokens():

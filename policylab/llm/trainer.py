@@ -438,6 +438,7 @@ SETTING_READERS: dict[str, tuple[str, ...]] = {
     "sft_loss": ("sft_step",),
     "assistant_only_loss": ("sft_step",),
     "dataset_text_field": ("sft_step",),
+    "completion_only_loss": ("sft_step",),
     **dict.fromkeys(("log_completions", "num_completions_to_print"), REWARDED_STEPS),
     # every algorithm's evaluation decodes, but the reward model's (its held-out pairs)
     "num_generations_eval": tuple(dict.fromkeys(training_step(a) for a in ALGOS if a != "reward_model")),
@@ -597,6 +598,9 @@ class LLMConfig:
     num_generations_eval: int = 1
     """Completions sampled per evaluation row at each evaluation, beside the greedy one (TRL's setting; 1: the
     greedy one only): eval.csv gains pass@k and their mean reward, sampled_reward."""
+    completion_only_loss: bool = True
+    """SFT on prompt-completion rows: train on the completion's tokens only (TRL's SFTConfig setting, whose
+    default, None, means this for such rows); false: on every token of prompt and completion after the first."""
     dataset_text_field: str = "text"
     """SFT on plain text (TRL's SFTConfig setting and language-modeling rows): a row with this field and neither
     a prompt nor messages is trained on whole, every token after the first (the tokenizer's own special tokens, a
@@ -1703,6 +1707,10 @@ def reward_columns(
 # --- the trainer -----------------------------------------------------------------------------------------------
 
 
+def has_expert_completion(row: dict[str, Any]) -> bool:
+    return any(isinstance(row.get(key), str) for key in ("completion", "answer"))
+
+
 def expert_completion(row: dict[str, Any]) -> str:
     """The expert completion of a row: its `completion`, else its `answer`."""
     for key in ("completion", "answer"):
@@ -1759,7 +1767,7 @@ def check_text_rows(cfg: LLMConfig, train_rows: list[dict[str, Any]], eval_rows:
 def check_expert_rows(rows: list[dict[str, Any]], what: str) -> None:
     """One error naming the first row without an expert completion (a `completion` or `answer` string)."""
     for number, row in enumerate(rows):
-        if not any(isinstance(row.get(key), str) for key in ("completion", "answer")):
+        if not has_expert_completion(row):
             raise LLMError(
                 f'{what}, row {number}: no "completion" (or "answer") string: {str(row)[:80]}',
                 f'give every {what} row a completion, e.g. {{"prompt": "2+2=", "completion": "4"}}',
@@ -2384,6 +2392,8 @@ class LLMTrainer:
         """The step's rows of completions.jsonl (log_completions), written and cleared after the step."""
         self.encode_prompts = PromptEncoder(self.tokenizer)
         self.encode_prompts.warm(self._texts_drawn())
+        field = cfg.dataset_text_field
+        self.warm_texts([row[field] for row in self.train_rows + self.eval_rows if is_text_row(row, field)])
         self.reference_sums: Tensor | None = None
         """The reference's (chosen, rejected) sequence log-probs of every pairs row [R, 2], with
         precompute_ref_log_probs (then the reference model itself is dropped)."""
@@ -2811,12 +2821,7 @@ class LLMTrainer:
         prompts: list[list[int]] = []
         turns: list[Turn] = []
         for row in rows:
-            if self.trained_whole(row):
-                prompt, rest, trained = self.whole_tokens(row)
-            else:
-                prompt = self.encode_prompts.token_lists([row["prompt"]])[0]
-                ids, mask, _ = self.encode_completions([expert_completion(row)])
-                rest, trained = ids[0].tolist(), mask[0].tolist()
+            prompt, rest, trained = self.whole_tokens(row) if self.trained_whole(row) else self.completion_tokens(row)
             prompts.append(prompt)
             turns.append(Turn(rest, trained, [0.0] * len(rest)))
         prompt_ids, prompt_mask = left_padded(prompts, pad)
@@ -2828,14 +2833,26 @@ class LLMTrainer:
         return [row for row in rows if not is_text_row(row, self.cfg.dataset_text_field)]
 
     def trained_whole(self, row: dict[str, Any]) -> bool:
-        """Whether SFT trains on a row whole (a `messages` row's conversation, a plain-text row's text) rather than
-        on a prompt's completion."""
-        return "messages" in row or is_text_row(row, self.cfg.dataset_text_field)
+        """Whether SFT trains on a row whole (a `messages` row's conversation, a plain-text row's text, with
+        completion_only_loss=false a prompt and its completion) rather than on a prompt's completion."""
+        return "messages" in row or is_text_row(row, self.cfg.dataset_text_field) or not self.cfg.completion_only_loss
+
+    def completion_tokens(self, row: dict[str, Any]) -> tuple[list[int], list[int], list[bool]]:
+        """(prompt tokens, the expert completion's tokens and EOS, which of them are the model's: not a tool's
+        result) of a prompt row."""
+        prompt = self.encode_prompts.token_lists([row["prompt"]])[0]
+        ids, mask, _ = self.encode_completions([expert_completion(row)])
+        return prompt, ids[0].tolist(), mask[0].tolist()
 
     def whole_tokens(self, row: dict[str, Any]) -> tuple[list[int], list[int], list[bool]]:
         """(prompt tokens, the rest's tokens, which of the rest are trained) of a row SFT trains on whole, each
         tokenized once: a `messages` row's conversation (chat.conversation_tokens), or a plain-text row's tokens as
-        TRL's SFT takes them (the tokenizer's own special tokens, then EOS), every one after the first trained."""
+        TRL's SFT takes them (the tokenizer's own special tokens, then EOS), every one after the first trained, or
+        with completion_only_loss=false a prompt row's prompt and completion tokens, every one after the first
+        trained but a tool's result."""
+        if "messages" not in row and not is_text_row(row, self.cfg.dataset_text_field):
+            prompt, rest, trained = self.completion_tokens(row)  # cached by the PromptEncoder
+            return prompt[:1], prompt[1:] + rest, [True] * (len(prompt) - 1) + trained
         if "messages" in row:
             key = ("messages", conversation_key(row["messages"], row.get("environment")))
             if key not in self.whole_cache:
@@ -2844,16 +2861,22 @@ class LLMTrainer:
                 self.whole_cache[key] = conversation_tokens(self.chat, row["messages"], assistant_only, described)
             return self.whole_cache[key]
         text = row[self.cfg.dataset_text_field]
-        key = ("text", text)
-        if key not in self.whole_cache:
-            ids = list(self.tokenizer(text)["input_ids"])
-            ids += [self.tokenizer.eos_token_id] if not ids or ids[-1] != self.tokenizer.eos_token_id else []
+        if ("text", text) not in self.whole_cache:
+            self.warm_texts([text])
+        return self.whole_cache[("text", text)]
+
+    def warm_texts(self, texts: list[str]) -> None:
+        """Plain-text rows' tokens into `whole_cache` (`whole_tokens`), in one tokenizer call (as TRL maps its
+        dataset before training): the tokenizer's own special tokens, then EOS unless the text ends with it."""
+        missing = [text for text in dict.fromkeys(texts) if ("text", text) not in self.whole_cache]
+        eos = self.tokenizer.eos_token_id
+        for text, ids in zip(missing, tokenize(self.tokenizer, missing, special=True) if missing else []):
+            ids += [eos] if not ids or ids[-1] != eos else []
             if len(ids) < 2:
                 raise LLMError(
                     f"the plain-text row {text[:80]!r} is no tokens but EOS", "give each text row some text to train on"
                 )
-            self.whole_cache[key] = (ids[:1], ids[1:], [True] * (len(ids) - 1))
-        return self.whole_cache[key]
+            self.whole_cache[("text", text)] = (ids[:1], ids[1:], [True] * (len(ids) - 1))
 
     def sft_step(self) -> dict[str, float]:
         rows = self.sample_rows(self.cfg.batch_size)
@@ -3734,7 +3757,7 @@ class LLMTrainer:
             ranked = int((chosen > rejected).sum())
             return {"accuracy": ranked / len(self.eval_pairs), "reward": float((chosen - rejected).mean())}
         if self.evaluates_text:
-            return self.text_loss(self.eval_rows)
+            return self.held_out_loss(self.eval_rows)
         n = len(self.eval_rows)
         greedy, completions = self.rollout(self.eval_rows, greedy=True)
         prompts = [r["prompt"] for r in self.eval_rows]
@@ -3751,12 +3774,15 @@ class LLMTrainer:
             out[f"pass@{k}"] = sum(any(hits[i * k : (i + 1) * k]) for i in range(n)) / n
             scored = [r for r in values if r == r]
             out["sampled_reward"] = math.fsum(scored) / max(len(scored), 1)
+        if self.cfg.algo == "sft" and all(map(has_expert_completion, self.eval_rows)):
+            out.update(self.held_out_loss(self.eval_rows))  # SFT's own objective on them too (TRL's eval_loss)
         return out
 
-    def text_loss(self, rows: list[dict[str, Any]]) -> dict[str, float]:
-        """Plain-text rows' token-mean NLL over all their trained tokens (eval.csv's loss; TRL's eval_loss, there a
-        mean of batches' means), its perplexity, and the share of tokens the model's argmax predicts (TRL's
-        mean_token_accuracy), in batches of batch_size."""
+    def held_out_loss(self, rows: list[dict[str, Any]]) -> dict[str, float]:
+        """SFT's token-mean NLL of the rows over all the tokens it trains (`sft_batch`'s: a plain-text row's, a
+        prompt row's completion; eval.csv's loss; TRL's eval_loss, there a mean of batches' means), its perplexity,
+        and the share of those tokens the model's argmax predicts (TRL's mean_token_accuracy), in batches of
+        batch_size."""
         nll, hits, count = 0.0, 0, 0
         with self.eval_mode(), torch.no_grad():
             for start in range(0, len(rows), self.cfg.batch_size):
