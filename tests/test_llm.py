@@ -796,6 +796,35 @@ def test_gspo_clips_the_length_normalized_sequence_ratio():
     assert torch.all(logp.grad[0] == 0) and torch.allclose(logp.grad[1], torch.full((3,), 1 / 6))
 
 
+def test_gspo_token_takes_the_sequence_ratio_at_each_token_with_the_tokens_own_gradient():
+    from policylab.objectives.aggregation import aggregate
+    from policylab.objectives.policy import gspo_surrogate, gspo_token_surrogate
+
+    old = torch.tensor([[-1.2, -2.2, 0.0], [-0.5, -0.5, -0.5]])
+    mask = torch.tensor([[1, 1, 0], [1, 1, 1]], dtype=torch.bool)
+    per_token = torch.tensor([[2.0, -1.0, 0.0], [0.5, 1.0, -2.0]])  # advantages that differ along a sequence
+    logp = torch.tensor([[-1.0, -2.0, 0.0], [-0.45, -0.5, -0.55]], requires_grad=True)
+    loss, metrics = gspo_token_surrogate(logp, old, per_token, mask, clip_low=0.1, clip_high=0.1)
+    # s = e^0.2 (row 0) and 1 (row 1) at every token; row 0's tokens: A > 0 clipped to 1.1 (no gradient), A < 0
+    # the larger of -s A and -1.1 A, e^0.2 (unclipped); row 1 unclipped: -A_t, gradient -A_t s / 1 through the token's own logp
+    token_losses = torch.tensor([[-1.1 * 2.0, math.exp(0.2), 0.0], [-0.5, -1.0, 2.0]])
+    assert loss.item() == pytest.approx(float(aggregate(token_losses, mask, "token-mean")), rel=1e-6)
+    assert metrics["clip_frac"].item() == pytest.approx(1 / 5)
+    loss.backward()
+    expected = torch.tensor([[0.0, math.exp(0.2), 0.0], [-0.5, -1.0, 2.0]]) / 5
+    torch.testing.assert_close(logp.grad, expected)
+    # one advantage per sequence: GSPO's gradient under seq-mean-token-mean (the paper's equivalence)
+    advantages = torch.tensor([-1.0, 0.5])
+    grads = []
+    for fn in (gspo_surrogate, gspo_token_surrogate):
+        point = logp.detach().clone().requires_grad_(True)
+        extra = {"aggregation": "seq-mean-token-mean"} if fn is gspo_token_surrogate else {}
+        given = advantages[:, None].expand(2, 3) if fn is gspo_token_surrogate else advantages
+        fn(point, old, given, mask, clip_low=0.1, clip_high=0.1, **extra)[0].backward()
+        grads.append(point.grad)
+    torch.testing.assert_close(grads[0], grads[1])
+
+
 def test_cispo_keeps_a_gradient_on_clipped_tokens_with_a_constant_clipped_weight():
     from policylab.objectives.policy import cispo_loss
 
@@ -1499,13 +1528,16 @@ def test_a_bema_run_saves_its_averaged_model_and_resumes_it_exactly(sft_model, t
 
 
 def _gradients_of_one_update(model_dir, **overrides) -> list[torch.Tensor]:
-    """The gradient of one RL update on a fixed rollout (the same seed draws the same prompts and samples)."""
+    """The gradient of one RL update on a fixed rollout (the same seed draws the same prompts and samples), every
+    third completion cut to 2 tokens (the SFT model's are all 4: an answer's 3 digits and EOS) and the advantages
+    drawn at random (under the sampled 0/1 rewards a batch may have none)."""
     from policylab.llm.trainer import LLMTrainer
 
     settings = {"model": str(model_dir), "batch_size": 4, "group_size": 4, "eval_size": 8, "seed": 5, **overrides}
     trainer = LLMTrainer(make_config("grpo", settings))
-    rollout, rewards, _ = trainer.sample_groups()
-    advantages = GROUP_ADVANTAGES.get(trainer.cfg.advantage)(rewards, trainer.cfg.group_size)
+    rollout, _, _ = trainer.sample_groups()
+    rollout.completion_mask[1::3, 2:] = False
+    advantages = torch.randn(len(rollout), generator=torch.Generator().manual_seed(0))
     trainer.optimizer.zero_grad()
     trainer.accumulate(rollout, advantages)
     return [p.grad.clone() for p in trainer.optimizer.params if p.grad is not None]
@@ -1536,10 +1568,24 @@ def test_an_rl_step_reading_the_sampler_tape_takes_the_gradients_of_computing_ev
         torch.testing.assert_close(with_tape, computed, rtol=1e-3, atol=1e-3 * float(computed.abs().max()))
 
 
-@pytest.mark.parametrize("aggregation", ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"])
-def test_micro_batches_give_the_full_batchs_gradient(sft_model, aggregation):
-    full = _gradients_of_one_update(sft_model.dir, aggregation=aggregation)
-    micro = _gradients_of_one_update(sft_model.dir, aggregation=aggregation, micro_batch_size=3)
+@pytest.mark.parametrize(
+    "settings",
+    [
+        *({"aggregation": mode} for mode in ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm")),
+        *(
+            {"loss": loss, "clip_low": 3e-4, "clip_high": 4e-4, "aggregation": "token-mean"}
+            for loss in ("gspo", "luspo", "gspo_token")
+        ),
+        {"loss": "gmpo", "clip_low": 0.4, "clip_high": 0.4, "aggregation": "token-mean"},
+    ],
+    ids=lambda settings: next(iter(settings.values())),
+)
+def test_micro_batches_give_the_full_batchs_gradient(sft_model, settings):
+    """Each chunk's loss weighted by its share of the batch: its tokens under token-mean, its rows for the
+    per-sequence modes and the per-sequence losses (gspo, luspo, gmpo: aggregation does not apply to them, and
+    under token-mean luspo's and gmpo's chunks were weighted by their tokens)."""
+    full = _gradients_of_one_update(sft_model.dir, **settings)
+    micro = _gradients_of_one_update(sft_model.dir, **settings, micro_batch_size=3)
     assert len(full) == len(micro) > 0
     for a, b in zip(full, micro):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)

@@ -172,6 +172,7 @@ from policylab.objectives.policy import (
     cispo_loss,
     gmpo_surrogate,
     gspo_surrogate,
+    gspo_token_surrogate,
     kl_penalty,
     luspo_surrogate,
     optimal_values,
@@ -530,7 +531,7 @@ def setting_readers(name: str) -> tuple[str, ...]:
     return tuple(algo for algo in ALGOS if steps is None or training_step(algo) in steps or algo in steps)
 
 
-LOSSES = ("ppo", "gspo", "cispo", "sapo", "luspo", "vespo", "gmpo")
+LOSSES = ("ppo", "gspo", "gspo_token", "cispo", "sapo", "luspo", "vespo", "gmpo")
 DISTILL_LOSSES = ("jsd", "sampled", "iw_opd")
 SEQUENCE_LOSSES = ("gspo", "luspo", "gmpo")
 """The losses whose importance ratio is one per sequence."""
@@ -572,7 +573,8 @@ class LLMConfig:
     those normalized over the batch (objectives.advantages.decoupled_group_advantages), in place of the algorithm's
     advantage (one set explicitly is refused)."""
     loss: str = "ppo"
-    """ppo (token-level clipped surrogate), gspo (sequence-level), cispo (clipped constant IS weight), sapo (a
+    """ppo (token-level clipped surrogate), gspo (sequence-level), gspo_token (GSPO's sequence ratio at each
+    token with the token's own gradient: advantages may differ per token), cispo (clipped constant IS weight), sapo (a
     soft sigmoid gate on the ratio instead of a clip), luspo (gspo with each sequence's loss times its length),
     vespo (REINFORCE weighted by a gamma function of the sequence ratio; group advantages only), gmpo (the
     geometric mean of the token ratios, each clipped in log space: clip_low / clip_high are log bounds)."""
@@ -3009,7 +3011,7 @@ class LLMTrainer:
         one micro-batch at a time. Each chunk's loss is weighted by its share of the full batch's denominator
         (its tokens for token-mean, its rows for the per-sequence modes), so the gradient is the full batch's."""
         cfg, mask = self.cfg, rollout.completion_mask
-        by_rows = cfg.loss == "gspo" or cfg.aggregation != "token-mean"
+        by_rows = cfg.loss in SEQUENCE_LOSSES or cfg.aggregation != "token-mean"  # their losses: means over rows
         totals: dict[str, float] = {}
         for rows in self.chunks(rollout):
             part, part_mask = rollout.select(rows), mask[rows]
@@ -3134,6 +3136,11 @@ class LLMTrainer:
             loss, metrics = surrogate(
                 logp, rollout.logprobs, advantages, mask, clip_low=cfg.clip_low, clip_high=cfg.clip_high
             )
+        elif cfg.loss == "gspo_token":
+            loss, metrics = gspo_token_surrogate(
+                logp, rollout.logprobs, per_token, mask, clip_low=cfg.clip_low, clip_high=cfg.clip_high,
+                aggregation=mode,
+            )  # fmt: skip
         elif cfg.loss == "vespo":
             loss, metrics = vespo_loss(
                 logp, rollout.logprobs, per_token, mask, k_pos=cfg.vespo_k_pos, lambda_pos=cfg.vespo_lambda_pos,

@@ -258,6 +258,33 @@ def gspo_surrogate(
     return pg_surrogate(seq, torch.zeros_like(seq), advantages, clip_low=clip_low, clip_high=clip_high)
 
 
+def gspo_token_surrogate(
+    logp: Tensor,
+    old_logp: Tensor,
+    advantages: Tensor,
+    mask: Tensor,
+    *,
+    clip_low: float | None = 3e-4,
+    clip_high: float | None = 4e-4,
+    aggregation: str = "token-mean",
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """GSPO-token (Zheng et al. 2025, section 4.3): each token's ratio is sg[s] pi(y_t) / sg[pi(y_t)], in value the
+    sequence ratio s = exp(sequence_log_ratio) at every token, in gradient the token's own, so that advantages may
+    differ per token [N, T]; the clipped surrogate at each token, aggregated by `aggregation` (TRL's experimental
+    GSPO-token trainer). With one advantage per sequence its gradient is GSPO's under seq-mean-token-mean."""
+    seq = sequence_log_ratio(logp, old_logp, mask).detach()
+    token_log_ratio = logp - logp.detach() + seq[:, None]
+    return pg_surrogate(
+        token_log_ratio,
+        torch.zeros_like(logp),
+        advantages,
+        mask=mask,
+        clip_low=clip_low,
+        clip_high=clip_high,
+        aggregation=aggregation,
+    )
+
+
 def luspo_surrogate(
     logp: Tensor,
     old_logp: Tensor,
