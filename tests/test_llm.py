@@ -1668,6 +1668,7 @@ def test_grpo_moves_its_kl_reference_toward_the_policy_every_n_steps(sft_model):
         ("sdpo", {"group_size": 4}),  # its EMA teacher from the checkpoint
         ("xpo", {}),
         ("nash_md", {}),  # the mixture's draws from the run's generator
+        ("ssd", {}),
         ("gold", {"model": "tiny-llama-pairs", "use_uld_loss": True, "uld_use_hybrid_loss": True}),  # another tokenizer
     ],
 )
@@ -2382,6 +2383,7 @@ READ = {
     "assistant_only_loss": (True,),
     "dataset_text_field": ("content",),
     "completion_only_loss": (False,),
+    "filter_empty": (True,),
     "num_generations_eval": (4,),
     "log_completions": (True,),
     "num_completions_to_print": (3,),
@@ -2524,7 +2526,7 @@ def test_each_algorithm_refuses_the_settings_its_training_step_never_reads(tmp_p
         make_config("sft", {"beta": 0.5, "temperature": 0.5, "kl_coef": 0.1})
     assert info.value.problem.endswith(
         "so they would do nothing; temperature applies to the algorithms that sample: grpo, dr_grpo, dapo, gspo, "
-        "cispo, sapo, gmpo, rloo, reinforce++, ppo, online_dpo, xpo, nash_md, distill, gkd, gold, a2po, sdft, sdpo; "
+        "cispo, sapo, gmpo, rloo, reinforce++, ppo, online_dpo, xpo, nash_md, distill, gkd, gold, a2po, sdft, ssd, sdpo; "
         "kl_coef applies to the policy-gradient "
         "algorithms: grpo, dr_grpo, dapo, gspo, cispo, sapo, gmpo, rloo, reinforce++, ppo, sdpo; beta applies to dpo, "
         "online_dpo, xpo, nash_md, cpo, simpo, orpo, tpo, kto, distill, gkd, gold"

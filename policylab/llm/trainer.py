@@ -61,6 +61,9 @@ kl_coef times a k1/k2/k3 KL estimate to the initial model and minus entropy_coef
                   that successful attempt as a solution: the sampled tokens' reverse KL, weight
                   `distillation_weight` 1 against the policy loss (token-mean) (Hubotter et al. 2026; TRL's
                   SDPOTrainer)
+    ssd           SSD, simple self-distillation: the model samples one completion per prompt at the run's sampling
+                  settings (temperature, top_k, top_p), and is fine-tuned on those raw, unverified samples with
+                  the token-mean NLL at temperature 1 (Zhang et al. 2026; the TRL repository's SSDTrainer)
     a2po          A*-PO: before training, V*(x) = beta1 log mean exp(r / beta1) of num_value_samples reference
                   samples per training prompt (prompts where all score 0 dropped); then one sample per prompt,
                   beta2 log(pi / pi_ref) regressed onto r - V*(x) (Brantley et al. 2025; TRL's A2POTrainer)
@@ -246,6 +249,7 @@ ALGO_DEFAULTS: dict[str, dict[str, Any]] = {
     },
     "a2po": {"group_size": 1, "batch_size": 64},
     "sdft": {"group_size": 1, "batch_size": 64},
+    "ssd": {"group_size": 1, "batch_size": 64},
     "sdpo": {
         "aggregation": "token-mean",
         "distillation_mode": "sampled_token",
@@ -268,6 +272,7 @@ TRAINING_STEPS = {
     **dict.fromkeys(("distill", "gkd", "gold"), "distill_step"),
     "a2po": "a2po_step",
     "sdft": "sdft_step",
+    "ssd": "ssd_step",
 }
 """The LLMTrainer method that makes one training step of each algorithm but the group-advantage ones (rl_step)."""
 
@@ -283,9 +288,9 @@ PAIRED_SAMPLING_STEPS = ("xpo_step", "nash_md_step")
 """The steps that sample `group_size` completions per prompt from the policy and as many from another sampler
 (the reference model; Nash-MD's mixture of the policy and it), and reward both (LLMTrainer.sample_beside)."""
 REWARDED_STEPS = (*GROUP_SAMPLING_STEPS, *PAIRED_SAMPLING_STEPS)
-SAMPLING_STEPS = (*REWARDED_STEPS, "distill_step", "a2po_step", "sdft_step")
+SAMPLING_STEPS = (*REWARDED_STEPS, "distill_step", "a2po_step", "sdft_step", "ssd_step")
 """The steps that sample completions (distill_step: the student's, without rewards, on its on-policy steps;
-a2po_step and sdft_step: one per prompt, without sample_groups' filters)."""
+a2po_step, sdft_step and ssd_step: one per prompt, without sample_groups' filters)."""
 POLICY_LOSS_STEPS = ("rl_step", "ppo_step")
 """The steps that train the policy-gradient loss (LLMTrainer.policy_loss through accumulate), `updates_per_batch`
 times per batch."""
@@ -440,6 +445,7 @@ SETTING_READERS: dict[str, tuple[str, ...]] = {
     "assistant_only_loss": ("sft_step",),
     "dataset_text_field": ("sft_step",),
     "completion_only_loss": ("sft_step",),
+    "filter_empty": ("ssd_step",),
     **dict.fromkeys(("log_completions", "num_completions_to_print"), REWARDED_STEPS),
     # every algorithm's evaluation decodes, but the reward model's (its held-out pairs)
     "num_generations_eval": tuple(dict.fromkeys(training_step(a) for a in ALGOS if a != "reward_model")),
@@ -600,6 +606,10 @@ class LLMConfig:
     num_generations_eval: int = 1
     """Completions sampled per evaluation row at each evaluation, beside the greedy one (TRL's setting; 1: the
     greedy one only): eval.csv gains pass@k and their mean reward, sampled_reward."""
+    filter_empty: bool = False
+    """SSD: leave empty and one-line stub completions (shorter than 10 characters) out of the loss (the paper's
+    filter for code; TRL's SSDConfig default is true, which on a one-line task such as the built-in ones would
+    drop every completion)."""
     completion_only_loss: bool = True
     """SFT on prompt-completion rows: train on the completion's tokens only (TRL's SFTConfig setting, whose
     default, None, means this for such rows); false: on every token of prompt and completion after the first."""
@@ -1707,6 +1717,13 @@ def reward_columns(
 
 
 # --- the trainer -----------------------------------------------------------------------------------------------
+
+
+def is_stub(text: str) -> bool:
+    """SSD's filter_empty: a completion that is empty, or one line shorter than 10 characters (the paper's
+    minimal syntactic filter for code; TRL's SSDTrainer's rule)."""
+    stripped = text.strip()
+    return not stripped or ("\n" not in stripped and len(stripped) < 10)
 
 
 def has_expert_completion(row: dict[str, Any]) -> bool:
@@ -3597,6 +3614,30 @@ class LLMTrainer:
             )
             self.train_rows = kept
             self.orders["train"] = ShuffledEpochs(len(kept), cfg.seed, "train")
+
+    def ssd_step(self) -> dict[str, float]:
+        """SSD: `batch_size` prompts, `group_size` (1) samples each at the run's sampling settings, and the token-mean
+        NLL of those raw samples at temperature 1 (no reward, verifier or teacher); with filter_empty, the empty and
+        one-line stub completions (`is_stub`) leave the loss. A batch left with no token makes no update."""
+        cfg = self.cfg
+        rows = [row for row in self.sample_rows(cfg.batch_size) for _ in range(cfg.group_size)]
+        rollout, completions = self.rollout(rows)
+        mask = rollout.completion_mask
+        if cfg.filter_empty:
+            mask = mask & torch.tensor([not is_stub(text) for text in completions])[:, None]
+        metrics = {
+            "tokens": float(mask.sum()),
+            "active_sample_ratio": float(mask.any(1).float().mean()),
+            "completion_length": float(rollout.completion_mask.sum(1).float().mean()),
+        }
+        if not mask.any():
+            return metrics
+        logp, _ = token_logprobs(
+            self.model, rollout.prompt_ids, rollout.prompt_mask, rollout.completion_ids, mask, tape=rollout.tape
+        )
+        loss = -aggregate(logp, mask, "token-mean")
+        self._optimize(loss)
+        return {"loss": float(loss.detach()), **metrics}
 
     def a2po_step(self) -> dict[str, float]:
         """A*-PO's stage 2: `batch_size` prompts, `group_size` samples each from the policy, their rewards, and the
