@@ -305,6 +305,50 @@ def test_kto_losses_equal_their_formulas_by_hand():
     assert apo.item() == pytest.approx((1 - sig(B * 0.5) + sig(-B * 0.25) + sig(B * 1.0)) / 3)
 
 
+def test_bco_losses_equal_their_formula_by_hand():
+    from policylab.objectives.preference import unpaired_loss
+
+    u = torch.tensor([0.5, -0.25, 1.0])  # log pi(y) - log pi_ref(y)
+    desirable = torch.tensor([True, False, False])
+    delta = torch.tensor(0.05)  # the running mean of the rewards, in reward units
+    loss, metrics = unpaired_loss(u, desirable, delta, "bco", beta=B, undesirable_weight=0.5)
+    expected = [-logsig(B * 0.5 - 0.05), -0.5 * logsig(0.05 + B * 0.25), -0.5 * logsig(0.05 - B * 1.0)]
+    assert loss.item() == pytest.approx(sum(expected) / 3)
+    assert metrics["delta"].item() == pytest.approx(0.05) and "kl" not in metrics
+
+
+def test_bcos_step_classifies_against_the_mean_of_every_reward_seen_and_checkpoints_it():
+    from policylab.llm import trainer as trainer_module
+    from policylab.llm.trainer import LLMTrainer, make_config
+
+    settings = {"batch_size": 4, "eval_size": 4, "train_size": 8, "beta": B}
+    run = LLMTrainer(make_config("bco", settings))
+    assert run.cfg.unpaired_loss == "bco" and run.reference is not None
+    seen, passes = [], []
+    real_loss, real_logprobs = trainer_module.unpaired_loss, trainer_module.token_logprobs
+
+    def recording_loss(logratios, desirable, point, *args, **kwargs):
+        seen.append((logratios.detach().clone(), float(point)))
+        return real_loss(logratios, desirable, point, *args, **kwargs)
+
+    trainer_module.unpaired_loss = recording_loss
+    trainer_module.token_logprobs = lambda model, p, *a, **k: passes.append(len(p)) or real_logprobs(model, p, *a, **k)
+    try:
+        first, second = run.kto_step(), run.kto_step()
+    finally:
+        trainer_module.unpaired_loss, trainer_module.token_logprobs = real_loss, real_logprobs
+    (u1, delta1), (u2, delta2) = seen
+    assert delta1 == pytest.approx(float(B * u1.double().mean()), rel=1e-6)
+    assert delta2 == pytest.approx(float(B * torch.cat([u1, u2]).double().mean()), rel=1e-6)  # both batches' rewards
+    assert second["delta"] == pytest.approx(delta2) and math.isfinite(first["loss"])
+    assert passes == [8, 8] * 2  # the policy's and the reference's pass: no mismatched pairs (KTO's KL estimate)
+    state = run.checkpoint({})[1]
+    assert state["bco_rewards_seen"][0] == 16
+    again = LLMTrainer(make_config("bco", settings))
+    again.restore(*run.checkpoint({}))
+    assert again.bco_rewards_seen == run.bco_rewards_seen
+
+
 def test_kto_rows_are_labelled_completions_or_pairs_unpaired():
     import numpy as np
 

@@ -40,6 +40,9 @@ kl_coef times a k1/k2/k3 KL estimate to the initial model and minus entropy_coef
                   the NLL of a third, gold completion (the pairs row's `reference`; the task's answer) (Saeidi et
                   al. 2024; TRL's TPOTrainer)
     kto           KTO on completions labelled desirable or not, unpaired; beta 0.1 (Ethayarajh et al. 2024)
+    bco           BCO on the same rows: each completion's reward beta log(pi / pi_ref) classified desirable or not
+                  against delta, the running mean of the rewards (Jung et al. 2024; the TRL repository's
+                  BCOTrainer, without its embedding-based distribution matching)
     reward_model  a reward model: a linear score on the last hidden state, trained on pairs with the
                   Bradley-Terry loss -log s(r(y_w) - r(y_l) - margin); saved as a sequence classifier
     distill       on-policy distillation: the student samples, and learns the `teacher`'s next-token
@@ -226,6 +229,7 @@ ALGO_DEFAULTS: dict[str, dict[str, Any]] = {
     "orpo": {"preference_loss": "sft+orpo", "lr": 1e-4, "disable_dropout": True},
     "tpo": {"beta": 0.01, "simpo_gamma": 0.5, "lr": 1e-4, "disable_dropout": True},
     "kto": {"lr": 1e-4, "disable_dropout": True},
+    "bco": {"lr": 1e-4, "disable_dropout": True, "unpaired_loss": "bco"},
     "reward_model": {"lr": 1e-3, "disable_dropout": True},
     "distill": {"beta": 1.0, "group_size": 1, "batch_size": 64, "lr": 3e-3},
     "gkd": {
@@ -267,7 +271,7 @@ TRAINING_STEPS = {
     "nash_md": "nash_md_step",
     **dict.fromkeys(("dpo", "cpo", "simpo", "orpo"), "dpo_step"),
     "tpo": "tpo_step",
-    "kto": "kto_step",
+    **dict.fromkeys(("kto", "bco"), "kto_step"),
     "reward_model": "reward_step",
     **dict.fromkeys(("distill", "gkd", "gold"), "distill_step"),
     "a2po": "a2po_step",
@@ -827,7 +831,8 @@ class LLMConfig:
     """WPO: weight each pair's loss by how likely the policy is to sample its two completions
     (objectives.preference.pair_logps)."""
     unpaired_loss: str = "kto"
-    """KTO's loss type: kto, or apo_zero_unpaired (objectives.preference.unpaired_loss)."""
+    """The unpaired loss type (kto's and bco's steps): kto, apo_zero_unpaired or bco
+    (objectives.preference.unpaired_loss); the algorithm bco sets bco."""
     desirable_weight: float = 1.0
     undesirable_weight: float = 1.0
     """KTO's weights of the desirable and undesirable completions' losses."""
@@ -1069,7 +1074,7 @@ class LLMConfig:
                     "sorted margins, not pairs",
                     f"drop use_weighting, or use another loss than {' and '.join(sorted_terms)}",
                 )
-        if self.algo == "kto":
+        if training_step(self.algo) == "kto_step":
             self._check_unpaired_settings()
         if training_step(self.algo) == "distill_step":
             self._check_distillation_settings()
@@ -1170,7 +1175,7 @@ class LLMConfig:
                 f"{self.undesirable_weight} must be > 0",
                 "set beta=0.1 and both weights to 1.0 (KTO's)",
             )
-        if self.batch_size < 2:
+        if self.batch_size < 2 and self.unpaired_loss == "kto":
             raise ConfigError(
                 "kto estimates its KL reference point by pairing each prompt with another row's completion, which "
                 "takes at least 2 rows a step",
@@ -2274,7 +2279,7 @@ class LLMTrainer:
         """While set (sampling_from): the model, and the mixture, that _sample draws from instead of the policy."""
         self.reference = None
         preference = training_step(cfg.algo) in PREFERENCE_STEPS
-        needs = cfg.algo == "kto" or (preference and needs_reference(cfg.preference_loss))
+        needs = training_step(cfg.algo) == "kto_step" or (preference and needs_reference(cfg.preference_loss))
         if (cfg.kl_coef and cfg.algo != "sft") or needs or cfg.algo in ("a2po", "xpo", "nash_md"):
             self.reference = copy.deepcopy(self.model).eval().requires_grad_(False)
         teacher_tokenizer: Any = None
@@ -2360,7 +2365,7 @@ class LLMTrainer:
             else self.train_rows
         )
         self.pair_rows = None
-        if pairs is not None and cfg.algo == "kto":
+        if pairs is not None and training_step(cfg.algo) == "kto_step":
             self.pair_rows = check_unpaired_rows(rendered_rows(prompt_rows(pairs, "pairs"), self.chat))
         elif pairs is not None and cfg.algo == "tpo" and cfg.tpo_alpha:
             self.pair_rows = prompt_rows(pairs, "pairs", ("chosen", "rejected", "reference"), TPO_PAIRS_FIX)
@@ -2383,9 +2388,11 @@ class LLMTrainer:
         note = eval_note(self.task, cfg, (self.train_rows, self.eval_rows), inputs)
         self.notes: list[str] = [note] if note else []
         """What the run should say before it starts."""
-        balance = kto_balance_note(self.pair_rows, cfg) if cfg.algo == "kto" and self.pair_rows else None
+        balance = kto_balance_note(self.pair_rows, cfg) if cfg.unpaired_loss == "kto" and self.pair_rows else None
         self.notes += [balance] if balance else []
         self.rng = np.random.default_rng(cfg.seed)  # DPO's corrupted answers
+        self.bco_rewards_seen: tuple[int, float] = (0, 0.0)
+        """BCO: how many rewards its steps have seen, and their sum (`bco_delta`)."""
         tables = self._row_tables().items()
         self.orders = {kind: ShuffledEpochs(len(rows), cfg.seed, kind) for kind, rows in tables if rows}
         # rows without the fields a step needs fail here, each naming the row, not mid-run
@@ -3519,26 +3526,32 @@ class LLMTrainer:
         return torch.cat(sums)
 
     def kto_step(self) -> dict[str, float]:
-        """KTO on `batch_size` rows: a KTO file's labelled completions, or pairs unpaired (each a desirable and an
-        undesirable completion), the task's answers and their corruptions without a file. The reference point is
-        the KL estimate over the batch's completions each paired with the previous row's prompt (rotated by one,
-        as TRL's KTOTrainer does)."""
-        rows = self.draw_rows("pairs" if self.pair_rows is not None else "train", self.cfg.batch_size)
+        """KTO (and BCO) on `batch_size` rows: a KTO file's labelled completions, or pairs unpaired (each a
+        desirable and an undesirable completion), the task's answers and their corruptions without a file. KTO's
+        reference point is the KL estimate over the batch's completions each paired with the previous row's prompt
+        (rotated by one, as TRL's KTOTrainer does); BCO's, the running mean of the rewards (`bco_delta`)."""
+        cfg = self.cfg
+        rows = self.draw_rows("pairs" if self.pair_rows is not None else "train", cfg.batch_size)
         examples = [example for row in rows for example in unpaired_examples(row, self.rng)]
         prompts = [prompt for prompt, _, _ in examples]
         completions = [completion for _, completion, _ in examples]
         desirable = torch.tensor([label for _, _, label in examples])
-        mismatched = completions[-1:] + completions[:-1]
-        prompt_ids, prompt_mask, ids, mask = self.encode_examples(prompts * 2, completions + mismatched)
-        n = len(examples)
+        n, with_kl = len(examples), cfg.unpaired_loss == "kto"
+        mismatched = completions[-1:] + completions[:-1] if with_kl else []
+        prompt_ids, prompt_mask, ids, mask = self.encode_examples(prompts * (1 + with_kl), completions + mismatched)
         logp = token_logprobs(self.model, prompt_ids[:n], prompt_mask[:n], ids[:n], mask[:n])[0].sum(-1)
         assert self.reference is not None
         with torch.no_grad():
-            mismatched_logp = token_logprobs(self.model, prompt_ids[n:], prompt_mask[n:], ids[n:], mask[n:])[0]
             ref = token_logprobs(self.reference, prompt_ids, prompt_mask, ids, mask)[0].sum(-1)
-        kl = kto_kl(mismatched_logp.sum(-1), ref[n:])
-        cfg = self.cfg
-        loss, metrics = unpaired_loss(logp - ref[:n], desirable, kl, cfg.unpaired_loss, cfg.beta,
+            if with_kl:
+                mismatched_logp = token_logprobs(self.model, prompt_ids[n:], prompt_mask[n:], ids[n:], mask[n:])[0]
+        if with_kl:
+            point = kto_kl(mismatched_logp.sum(-1), ref[n:])
+        elif cfg.unpaired_loss == "bco":
+            point = self.bco_delta(cfg.beta * (logp.detach() - ref[:n]))
+        else:
+            point = logp.new_zeros(())
+        loss, metrics = unpaired_loss(logp - ref[:n], desirable, point, cfg.unpaired_loss, cfg.beta,
                                       cfg.desirable_weight, cfg.undesirable_weight)  # fmt: skip
         self._optimize(loss)
         return {
@@ -3546,6 +3559,13 @@ class LLMTrainer:
             "tokens": float(mask[:n].sum()),
             **{k: float(v) for k, v in metrics.items()},
         }
+
+    def bco_delta(self, rewards: Tensor) -> Tensor:
+        """BCO's reference point delta: the mean of every reward seen so far, these included (TRL's BCOTrainer's
+        running mean), in float64; its count and sum go into the checkpoints."""
+        count, total = self.bco_rewards_seen
+        self.bco_rewards_seen = (count + len(rewards), total + float(rewards.double().sum()))
+        return torch.tensor(self.bco_rewards_seen[1] / self.bco_rewards_seen[0], dtype=rewards.dtype)
 
     def reward_step(self) -> dict[str, float]:
         """The reward model on `batch_size` pairs: -log s(r(y_w) - r(y_l) - margin), the rows' `margin` or 0, plus
@@ -3880,6 +3900,7 @@ class LLMTrainer:
             "numpy_rng": self.rng.bit_generator.state,
             "row_orders": {kind: order.state() for kind, order in self.orders.items()},
             **({"entropy_control": self.entropy_control.state()} if self.entropy_control is not None else {}),
+            **({"bco_rewards_seen": list(self.bco_rewards_seen)} if self.cfg.unpaired_loss == "bco" else {}),
             **extra,
         }
         return tensors, state
@@ -3909,6 +3930,9 @@ class LLMTrainer:
         self.rng.bit_generator.state = state["numpy_rng"]
         if self.entropy_control is not None:
             self.entropy_control.load(state["entropy_control"])
+        if "bco_rewards_seen" in state:
+            count, total = state["bco_rewards_seen"]
+            self.bco_rewards_seen = (int(count), float(total))
         self._restore_orders(state.get("row_orders"))
         self.step = int(state["step"])
 

@@ -370,27 +370,33 @@ def preference_loss(text: str, p: PairLogps, s: PreferenceSettings) -> tuple[Ten
     return loss, metrics
 
 
-UNPAIRED_LOSSES = ("kto", "apo_zero_unpaired")
+UNPAIRED_LOSSES = ("kto", "apo_zero_unpaired", "bco")
 
 
 def unpaired_loss(
     logratios: Tensor,
     desirable: Tensor,
-    kl: Tensor,
+    reference_point: Tensor,
     loss_type: str = "kto",
     beta: float = 0.1,
     desirable_weight: float = 1.0,
     undesirable_weight: float = 1.0,
 ) -> tuple[Tensor, dict[str, Tensor]]:
-    """Losses on unpaired completions, each labelled desirable or not, as TRL's KTOTrainer's loss types. With
-    u = log pi(y) - log pi_ref(y) [N], `desirable` [N] bool and z the batch's KL estimate (`kto_kl`), per completion:
+    """Losses on unpaired completions, each labelled desirable or not, as TRL's KTOTrainer's loss types and its
+    BCOTrainer's. With u = log pi(y) - log pi_ref(y) [N], `desirable` [N] bool and the reference point z (KTO's:
+    the batch's KL estimate, `kto_kl`; BCO's: delta, the running mean of every reward bu seen so far, this batch's
+    included; none for apo_zero_unpaired), per completion:
 
         kto                 desirable: 1 - s(b(u - z));  undesirable: 1 - s(b(z - u))   KTO (Ethayarajh et al. 2024)
         apo_zero_unpaired   desirable: 1 - s(bu);        undesirable: s(bu)            APO-zero, unpaired
+        bco                 desirable: -log s(bu - z);   undesirable: -log s(z - bu)   BCO (Jung et al. 2024)
 
     times `desirable_weight` or `undesirable_weight`, averaged over the N completions."""
+    z = reference_point
     if loss_type == "kto":
-        kept, dropped = 1.0 - torch.sigmoid(beta * (logratios - kl)), 1.0 - torch.sigmoid(beta * (kl - logratios))
+        kept, dropped = 1.0 - torch.sigmoid(beta * (logratios - z)), 1.0 - torch.sigmoid(beta * (z - logratios))
+    elif loss_type == "bco":
+        kept, dropped = -F.logsigmoid(beta * logratios - z), -F.logsigmoid(z - beta * logratios)
     else:
         kept, dropped = 1.0 - torch.sigmoid(beta * logratios), torch.sigmoid(beta * logratios)
     losses = torch.where(desirable, desirable_weight * kept, undesirable_weight * dropped)
@@ -400,7 +406,7 @@ def unpaired_loss(
         metrics = {
             "reward_desirable": rewards[desirable].mean() if desirable.any() else zero,
             "reward_undesirable": rewards[~desirable].mean() if (~desirable).any() else zero,
-            "kl": kl.detach(),
+            ("delta" if loss_type == "bco" else "kl"): z.detach(),
         }
     return losses.mean(), metrics
 
