@@ -406,8 +406,9 @@ def unpaired_loss(
         metrics = {
             "reward_desirable": rewards[desirable].mean() if desirable.any() else zero,
             "reward_undesirable": rewards[~desirable].mean() if (~desirable).any() else zero,
-            ("delta" if loss_type == "bco" else "kl"): z.detach(),
         }
+        if loss_type != "apo_zero_unpaired":  # it has no reference point
+            metrics["delta" if loss_type == "bco" else "kl"] = z.detach()
     return losses.mean(), metrics
 
 
