@@ -67,6 +67,9 @@ kl_coef times a k1/k2/k3 KL estimate to the initial model and minus entropy_coef
     ssd           SSD, simple self-distillation: the model samples one completion per prompt at the run's sampling
                   settings (temperature, top_k, top_p), and is fine-tuned on those raw, unverified samples with
                   the token-mean NLL at temperature 1 (Zhang et al. 2026; the TRL repository's SSDTrainer)
+    minillm       MiniLLM: GRPO's groups, rewards and loss, each token's advantage plus its reverse-KL advantage
+                  (the `teacher`'s log-prob of the token minus the model's), plus the token-mean KL(pi || p_teacher)
+                  of the whole next-token distributions (Gu et al. 2024; the TRL repository's MiniLLMTrainer)
     a2po          A*-PO: before training, V*(x) = beta1 log mean exp(r / beta1) of num_value_samples reference
                   samples per training prompt (prompts where all score 0 dropped); then one sample per prompt,
                   beta2 log(pi / pi_ref) regressed onto r - V*(x) (Brantley et al. 2025; TRL's A2POTrainer)
@@ -166,9 +169,11 @@ from policylab.objectives.advantages import GROUP_ADVANTAGES, decoupled_group_ad
 from policylab.objectives.aggregation import aggregate
 from policylab.objectives.imitation import (
     generalized_jsd,
+    generalized_jsd_of_log_probs,
     imitation_weights,
     mixed_policy_loss,
     parse_schedule,
+    reverse_kl_advantages,
     sampled_distillation_advantages,
     topk_generalized_jsd,
 )
@@ -252,6 +257,7 @@ ALGO_DEFAULTS: dict[str, dict[str, Any]] = {
         "disable_dropout": True,
     },
     "a2po": {"group_size": 1, "batch_size": 64},
+    "minillm": {"gamma": 0.0, "disable_dropout": True},
     "sdft": {"group_size": 1, "batch_size": 64},
     "ssd": {"group_size": 1, "batch_size": 64},
     "sdpo": {
@@ -385,6 +391,8 @@ SELF_DISTILLATION_SETTINGS = (
     "teacher_sync_steps",
 )
 """The settings of SDFT's and SDPO's self-distillation."""
+MINILLM_SETTINGS = ("rkl_advantage", "single_step_decomposition", "kd_temperature", "length_normalization")
+"""MiniLLM's settings (LLMTrainer.minillm_terms); `gamma` too, PPO's name for a discount."""
 SDFT_SETTINGS = ("num_loss_tokens_to_skip", "generate_from_teacher", "teacher_prompt_template")
 SDPO_SETTINGS = (
     "distillation_weight",
@@ -485,7 +493,8 @@ SETTING_READERS: dict[str, tuple[str, ...]] = {
         ),
         ("rl_step",),
     ),
-    **dict.fromkeys(("vf_coef", "gamma", "gae_lambda"), ("ppo_step",)),
+    **dict.fromkeys(("vf_coef", "gae_lambda"), ("ppo_step",)),
+    "gamma": ("ppo_step", "minillm"),  # GAE's discount; MiniLLM's, of the reverse-KL rewards
     **dict.fromkeys(PREFERENCE_SETTINGS, PREFERENCE_STEPS),
     **dict.fromkeys(TPO_SETTINGS, (*PREFERENCE_STEPS, "tpo_step")),
     **dict.fromkeys(REFERENCE_SYNC_SETTINGS, (*PREFERENCE_STEPS, *POLICY_LOSS_STEPS)),
@@ -493,7 +502,9 @@ SETTING_READERS: dict[str, tuple[str, ...]] = {
     "beta": (*PREFERENCE_STEPS, "nash_md_step", "tpo_step", "kto_step", "distill_step"),
     "alpha": ("xpo_step",),
     "mixture_coef": ("nash_md_step",),
-    **dict.fromkeys(("teacher", "lmbda", "seq_kd", "distill_loss", "iw_opd_gamma"), ("distill_step",)),
+    "teacher": ("distill_step", "minillm"),
+    **dict.fromkeys(("lmbda", "seq_kd", "distill_loss", "iw_opd_gamma"), ("distill_step",)),
+    **dict.fromkeys(MINILLM_SETTINGS, ("minillm",)),
     **dict.fromkeys(A2PO_SETTINGS, ("a2po_step",)),
     **dict.fromkeys(("use_uld_loss", *ULD_SETTINGS, *HYBRID_ULD_WEIGHTS), ("gold",)),
     **dict.fromkeys(SELF_DISTILLATION_SETTINGS, ("sdft_step", "sdpo")),
@@ -859,7 +870,20 @@ class LLMConfig:
     vf_coef: float = 0.5
     """PPO: weight of the value loss (a linear value head on the policy's last hidden state)."""
     gamma: float = 1.0
+    """PPO: GAE's discount. minillm: the discount of the per-token reverse-KL rewards summed into each token's
+    advantage (its default 0: each token's own reward)."""
     gae_lambda: float = 0.95
+    rkl_advantage: bool = True
+    """minillm: add each token's reverse-KL advantage (the teacher's log-prob of the token minus the model's,
+    discounted by `gamma` over the rest of the completion) to its group advantage (TRL's MiniLLMConfig setting)."""
+    single_step_decomposition: bool = True
+    """minillm: add the token-mean KL(pi || p_teacher) of the whole next-token distributions at each completion
+    position to the loss (MiniLLM's single-step decomposition)."""
+    kd_temperature: float = 1.0
+    """minillm: the temperature both models' logits are divided by in its two teacher terms."""
+    length_normalization: bool = True
+    """minillm with gamma > 0: divide each token's discounted sum of reverse-KL rewards by its discounted count of
+    tokens."""
     micro_batch_size: int | None = None
     """Completions per forward/backward pass; the gradients of the micro-batches add up to the full batch's
     (the same update, less memory). None: the whole batch at once. Only the policy-gradient algorithms (not sft,
@@ -1078,6 +1102,8 @@ class LLMConfig:
             self._check_unpaired_settings()
         if training_step(self.algo) == "distill_step":
             self._check_distillation_settings()
+        if self.algo == "minillm":
+            self._check_minillm_settings()
         if self.bema and (self.lora_rank > 0 or self.bema_update_freq < 1 or self.bema_lag + self.bema_multiplier <= 0):
             raise ConfigError(
                 f"bema=true needs full weights (lora_rank={self.lora_rank}), bema_update_freq="
@@ -1257,6 +1283,19 @@ class LLMConfig:
                 f"beta={self.beta} and lmbda={self.lmbda} must be in [0, 1]",
                 "set beta=1 (reverse KL), 0 (forward KL) or 0.5 (JSD), and lmbda=1 (only the model's own samples) or "
                 "e.g. 0.5",
+            )
+
+    def _check_minillm_settings(self) -> None:
+        if self.teacher is None:
+            raise ConfigError(
+                "minillm distills a teacher through reverse-KL advantages and its next-token distributions, and no "
+                "teacher was given",
+                "pass --teacher PATH (a run directory or a save_pretrained directory whose vocabulary is the model's)",
+            )
+        if self.kd_temperature <= 0 or not 0 <= self.gamma <= 1:
+            raise ConfigError(
+                f"kd_temperature={self.kd_temperature} must be > 0 and gamma={self.gamma} in [0, 1]",
+                "set kd_temperature=1 and gamma=0 (MiniLLM's defaults: each token's own reward)",
             )
 
     def _check_reward_aggregation(self) -> None:
@@ -2285,7 +2324,7 @@ class LLMTrainer:
         teacher_tokenizer: Any = None
         self.teacher: Any = None
         """distill's, gkd's and gold's frozen teacher; sdft's copy of the model (teacher_model_kind base or ema)."""
-        if training_step(cfg.algo) == "distill_step":
+        if training_step(cfg.algo) == "distill_step" or cfg.algo == "minillm":
             self.teacher, teacher_tokenizer = self._teacher(cfg, inputs)
         self.cross = self._cross_tokenizer(cfg, teacher_tokenizer) if cfg.use_uld_loss else None
         """gold with use_uld_loss: the teacher's tokenizer and the ULD loss."""
@@ -2943,8 +2982,12 @@ class LLMTrainer:
         for rows in [rows for _ in range(cfg.updates_per_batch) for rows in slices]:
             part = rollout if len(slices) == 1 else rollout.select(rows)
             self.optimizer.zero_grad()
+            part_advantages, teacher_metrics = advantages[rows], dict[str, float]()
+            if cfg.algo == "minillm":  # its teacher terms at the current weights, each update
+                part_advantages, teacher_metrics = self.minillm_terms(part, part_advantages)
             policy_scale = (1.0 - mu) * (1.0 - weight)
-            step_metrics = self.accumulate(part, advantages[rows], scale=policy_scale) if policy_scale else {}
+            step_metrics = self.accumulate(part, part_advantages, scale=policy_scale) if policy_scale else {}
+            step_metrics.update(teacher_metrics)
             if weight > 0:  # sdpo's self-distillation term on the slice's groups
                 distill, distill_metrics = self.sdpo_term(part, rewards[rows])
                 self._backward(weight * distill)
@@ -2957,6 +3000,36 @@ class LLMTrainer:
             self._step()
             metrics.update(self._controlled(step_metrics))
         return metrics
+
+    def minillm_terms(self, rollout: Rollout, advantages: Tensor) -> tuple[Tensor, dict[str, float]]:
+        """MiniLLM's teacher terms on a batch, from one pass of each model at kd_temperature: with
+        single_step_decomposition, the backward of the token-mean KL(pi || p_teacher) of the whole next-token
+        distributions; with rkl_advantage, the advantages per token plus each token's reverse-KL advantage
+        (`objectives.advantages.reverse_kl_advantages`, without gradient)."""
+        cfg = self.cfg
+        ids, mask = rollout.completion_ids, rollout.completion_mask
+        with torch.no_grad():
+            teacher = completion_logits(self.teacher, rollout.prompt_ids, rollout.prompt_mask, ids, mask)
+        with torch.set_grad_enabled(cfg.single_step_decomposition):
+            student = completion_logits(self.model, rollout.prompt_ids, rollout.prompt_mask, ids, mask,
+                                        tape=rollout.tape)  # fmt: skip
+        student_logp = torch.log_softmax(student / cfg.kd_temperature, -1)
+        teacher_logp = torch.log_softmax(teacher / cfg.kd_temperature, -1)
+        metrics: dict[str, float] = {}
+        if cfg.single_step_decomposition:
+            kl = aggregate(generalized_jsd_of_log_probs(student_logp, teacher_logp, 1.0), mask, "token-mean")
+            self._backward(kl)
+            metrics["single_step_kl"] = float(kl.detach())
+        if not cfg.rkl_advantage:
+            return advantages, metrics
+        chosen = ids[..., None]
+        teacher_chosen, student_chosen = (
+            logp.detach().gather(-1, chosen)[..., 0] for logp in (teacher_logp, student_logp)
+        )
+        rkl = reverse_kl_advantages(teacher_chosen, student_chosen, mask, cfg.gamma, cfg.length_normalization)
+        metrics["rkl_advantage"] = float(aggregate(rkl, mask, "token-mean"))
+        per_token = advantages[:, None] if advantages.dim() == 1 else advantages
+        return per_token + rkl, metrics
 
     @torch.no_grad()
     def corrected_for_sampler(

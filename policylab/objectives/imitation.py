@@ -237,6 +237,30 @@ def sampled_distillation_advantages(
         return (1.0 + iw_gamma * (1.0 - before / total)) * advantages
 
 
+def reverse_kl_advantages(
+    teacher_logp: Tensor, student_logp: Tensor, mask: Tensor, gamma: float = 0.0, length_normalization: bool = True
+) -> Tensor:
+    """MiniLLM's per-token advantages [N, T] (Gu et al. 2024; TRL's MiniLLMTrainer): the reward of token t is
+    r_t = log p_teacher(y_t) - log pi(y_t) (its sampled reverse KL, negated), and its advantage the discounted
+    sum over the rest of the completion, A_t = sum_{i >= t} gamma^(i - t) r_i, with `length_normalization`
+    divided by sum_{i >= t} gamma^(i - t) (the rewards' discounted mean). gamma 0: A_t = r_t. No gradient; masked
+    positions are 0. (TRL's code weighs r_i by gamma^i rather than gamma^(i - t): the same under its default
+    length normalization, where the factor gamma^t cancels.)"""
+    with torch.no_grad():
+        weights = mask.to(teacher_logp.dtype)
+        rewards = (teacher_logp - student_logp) * weights
+        if gamma == 0.0:
+            return rewards
+        sums, counts = torch.zeros_like(rewards), torch.zeros_like(rewards)
+        running_sum = running_count = rewards.new_zeros(rewards.shape[0])
+        for t in reversed(range(rewards.shape[1])):
+            running_sum = rewards[:, t] + gamma * running_sum
+            running_count = weights[:, t] + gamma * running_count
+            sums[:, t], counts[:, t] = running_sum, running_count
+        advantages = sums / counts.clamp_min(1e-8) if length_normalization else sums
+        return advantages * weights
+
+
 # --- Universal Logit Distillation (a teacher with another tokenizer) -----------------------------------------------
 
 
