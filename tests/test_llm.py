@@ -1733,6 +1733,7 @@ def test_grpo_moves_its_kl_reference_toward_the_policy_every_n_steps(sft_model):
         ("nash_md", {}),  # the mixture's draws from the run's generator
         ("ssd", {}),
         ("bco", {}),  # its running mean of the rewards from the checkpoint
+        ("prm", {}),  # its head, and the stepwise rows' corruptions from the numpy generator
         ("gold", {"model": "tiny-llama-pairs", "use_uld_loss": True, "uld_use_hybrid_loss": True}),  # another tokenizer
     ],
 )
@@ -2276,6 +2277,7 @@ def test_algorithms_that_sample_nothing_refuse_generation_workers_and_sampling_s
         "kto",
         "bco",
         "reward_model",
+        "prm",
     }
     takers = (
         r"the algorithms that sample: grpo, dr_grpo, dapo, gspo, cispo, sapo, gmpo, rloo, reinforce\+\+, ppo, "
@@ -2342,7 +2344,7 @@ UNUSED = {
         ("mix", "chord", GROUP_ADVANTAGE),
         ("beta", 0.5, "dpo, online_dpo, xpo, nash_md, cpo, simpo, orpo, tpo, kto, bco, distill, gkd, gold"),
         ("vf_coef", 1.0, "ppo"),
-        ("pairs", "p.jsonl", "dpo, cpo, simpo, orpo, tpo, kto, bco, reward_model"),
+        ("pairs", "p.jsonl", "dpo, cpo, simpo, orpo, tpo, kto, bco, reward_model, prm"),
     ],
     "dpo": [
         ("kl_coef", 0.1, POLICY_GRADIENT),
@@ -2359,7 +2361,7 @@ UNUSED = {
         ("micro_batch_size", 4, POLICY_GRADIENT),
         ("overlong_filter", True, GROUP_ADVANTAGE),
         ("mix", "luffy", GROUP_ADVANTAGE),
-        ("pairs", "p.jsonl", "dpo, cpo, simpo, orpo, tpo, kto, bco, reward_model"),
+        ("pairs", "p.jsonl", "dpo, cpo, simpo, orpo, tpo, kto, bco, reward_model, prm"),
     ],
     "ppo": [
         ("advantage", "rloo", GROUP_ADVANTAGE),
@@ -2367,14 +2369,14 @@ UNUSED = {
         ("overlong_filter", True, GROUP_ADVANTAGE),
         ("shaping_gamma", 0.5, GROUP_ADVANTAGE),
         ("beta", 0.5, "dpo, online_dpo, xpo, nash_md, cpo, simpo, orpo, tpo, kto, bco, distill, gkd, gold"),
-        ("pairs", "p.jsonl", "dpo, cpo, simpo, orpo, tpo, kto, bco, reward_model"),
+        ("pairs", "p.jsonl", "dpo, cpo, simpo, orpo, tpo, kto, bco, reward_model, prm"),
     ],
     "grpo": [
         ("vf_coef", 1.0, "ppo"),
         ("gamma", 0.99, "ppo, minillm"),
         ("beta", 0.5, "dpo, online_dpo, xpo, nash_md, cpo, simpo, orpo, tpo, kto, bco, distill, gkd, gold"),
         ("label_smoothing", 0.1, "dpo, online_dpo, xpo, cpo, simpo, orpo, tpo"),
-        ("pairs", "p.jsonl", "dpo, cpo, simpo, orpo, tpo, kto, bco, reward_model"),
+        ("pairs", "p.jsonl", "dpo, cpo, simpo, orpo, tpo, kto, bco, reward_model, prm"),
     ],
     "cispo": [
         ("gae_lambda", 0.9, "ppo"),
@@ -2399,7 +2401,7 @@ UNUSED = {
             2,
             r"the algorithms that sample and reward: grpo, .*, ppo, online_dpo, xpo, nash_md, minillm, sdpo",
         ),
-        ("pairs", "p.jsonl", "dpo, cpo, simpo, orpo, tpo, kto, bco, reward_model"),
+        ("pairs", "p.jsonl", "dpo, cpo, simpo, orpo, tpo, kto, bco, reward_model, prm"),
     ],
 }
 """(setting, a value other than the default, the algorithms the error names as reading it) per algorithm."""
@@ -2472,6 +2474,8 @@ READ = {
     "single_step_decomposition": (False,),
     "kd_temperature": (2.0,),
     "length_normalization": (False,),
+    "step_separator": (":",),
+    "train_on_last_step_only": (True,),
     "num_generations_eval": (4,),
     "log_completions": (True,),
     "num_completions_to_print": (3,),

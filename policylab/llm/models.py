@@ -86,6 +86,11 @@ def load_model(source: str | Path, seed: int = 0, characters: str | None = None)
             f"{name} is a sequence classifier (a reward model, e.g. a reward_model run's), not a causal LM",
             f"use it as a reward: --reward model:{path}",
         )
+    if any(str(name).endswith("ForTokenClassification") for name in architectures):
+        raise LLMError(
+            f"{name} is a token classifier (a process reward model, e.g. a prm run's), not a causal LM",
+            f"use it as a reward: --reward prm:{path}",
+        )
     with without_progress_bars():
         tokenizer = prepare_tokenizer(AutoTokenizer.from_pretrained(path))
         return AutoModelForCausalLM.from_pretrained(path, use_safetensors=True), tokenizer

@@ -84,9 +84,56 @@ def reward_model(path: str) -> RewardFn:
     return score
 
 
+def process_reward_model(path: str) -> RewardFn:
+    """A process reward model (a two-label token classifier; a `prm` run's model, a local `save_pretrained`
+    directory) as a reward: each completion split into steps at the model's step separator (its config's
+    `step_separator`, else a newline), read as the PRM trained on them (BOS where the tokenizer has one, the
+    prompt, each step followed by the separator), and the smallest of its steps' probabilities of being right (at
+    each step's last separator token): a solution is as good as its worst step. Without gradients."""
+    import torch
+    from transformers import AutoModelForTokenClassification, AutoTokenizer
+
+    from policylab.llm.models import without_progress_bars
+    from policylab.llm.rollout import tokenize
+
+    if not (Path(path) / "config.json").is_file():
+        raise LLMError(f"no process reward model at {path} (no config.json)", "pass prm:DIR with a prm run's model")
+    with without_progress_bars():
+        model = AutoModelForTokenClassification.from_pretrained(path).eval()
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    if model.config.num_labels != 2:
+        raise LLMError(f"the model at {path} has {model.config.num_labels} labels", "use a prm run's model (2)")
+    separator = getattr(model.config, "step_separator", "\n")
+    bos, pad = tokenizer.bos_token_id, tokenizer.pad_token_id or 0
+
+    @torch.no_grad()
+    def score(prompts: list[str], completions: list[str], **_: Any) -> list[float]:
+        steps = [[step for step in c.split(separator) if step] or [""] for c in completions]
+        pieces = tokenize(tokenizer, [separator, *prompts, *(step for row in steps for step in row)])
+        separator_ids, step_ids = pieces[0], iter(pieces[len(prompts) + 1 :])
+        sequences: list[list[int]] = []
+        places: list[list[int]] = []
+        for prompt_ids, row in zip(pieces[1 : len(prompts) + 1], steps):
+            tokens = ([bos] if bos is not None else []) + prompt_ids
+            ends = []
+            for _step in row:
+                tokens += next(step_ids) + separator_ids
+                ends.append(len(tokens) - 1)
+            sequences.append(tokens)
+            places.append(ends)
+        width = max(map(len, sequences))
+        ids = torch.tensor([row + [pad] * (width - len(row)) for row in sequences])
+        mask = torch.tensor([[1] * len(row) + [0] * (width - len(row)) for row in sequences])
+        right = model(input_ids=ids, attention_mask=mask).logits.float().softmax(-1)[..., 1]
+        return [min(float(right[i, end]) for end in ends) for i, ends in enumerate(places)]
+
+    score.__name__ = f"process reward model {path}"
+    return score
+
+
 def load_reward(spec: str) -> tuple[RewardFn, float]:
-    """`name`, `module:function`, `model:DIR` (a reward model) or any of them with `=weight`: the function and
-    its weight (1 by default)."""
+    """`name`, `module:function`, `model:DIR` (a reward model), `prm:DIR` (a process reward model) or any of them
+    with `=weight`: the function and its weight (1 by default)."""
     target, _, weight_text = spec.partition("=")
     try:
         weight = float(weight_text) if weight_text else 1.0
@@ -96,6 +143,8 @@ def load_reward(spec: str) -> tuple[RewardFn, float]:
         return BUILTIN_REWARDS[target], weight
     if target.startswith("model:"):
         return reward_model(target[len("model:") :]), weight
+    if target.startswith("prm:"):
+        return process_reward_model(target[len("prm:") :]), weight
     return import_callable(target, "reward", BUILTIN_REWARDS, "--reward mypkg.rewards:exact_match"), weight
 
 

@@ -43,6 +43,9 @@ kl_coef times a k1/k2/k3 KL estimate to the initial model and minus entropy_coef
     bco           BCO on the same rows: each completion's reward beta log(pi / pi_ref) classified desirable or not
                   against delta, the running mean of the rewards (Jung et al. 2024; the TRL repository's
                   BCOTrainer, without its embedding-based distribution matching)
+    prm           a process reward model: a two-way linear classifier on the last hidden state at the separator
+                  ending each step of a completion, trained with cross-entropy on the steps' labels (Lightman et
+                  al. 2023; the TRL repository's PRMTrainer); saved as a token classifier, `--reward prm:DIR`
     reward_model  a reward model: a linear score on the last hidden state, trained on pairs with the
                   Bradley-Terry loss -log s(r(y_w) - r(y_l) - margin); saved as a sequence classifier
     distill       on-policy distillation: the student samples, and learns the `teacher`'s next-token
@@ -236,6 +239,7 @@ ALGO_DEFAULTS: dict[str, dict[str, Any]] = {
     "kto": {"lr": 1e-4, "disable_dropout": True},
     "bco": {"lr": 1e-4, "disable_dropout": True, "unpaired_loss": "bco"},
     "reward_model": {"lr": 1e-3, "disable_dropout": True},
+    "prm": {"lr": 1e-3, "disable_dropout": True},
     "distill": {"beta": 1.0, "group_size": 1, "batch_size": 64, "lr": 3e-3},
     "gkd": {
         "beta": 0.5,
@@ -279,6 +283,7 @@ TRAINING_STEPS = {
     "tpo": "tpo_step",
     **dict.fromkeys(("kto", "bco"), "kto_step"),
     "reward_model": "reward_step",
+    "prm": "prm_step",
     **dict.fromkeys(("distill", "gkd", "gold"), "distill_step"),
     "a2po": "a2po_step",
     "sdft": "sdft_step",
@@ -306,7 +311,10 @@ POLICY_LOSS_STEPS = ("rl_step", "ppo_step")
 times per batch."""
 PREFERENCE_STEPS = ("dpo_step", "online_dpo_step", "xpo_step")
 """The steps that train a pairwise preference loss (LLMTrainer.preference_update), once per batch."""
-ROW_PAIR_STEPS = ("dpo_step", "tpo_step", "kto_step", "reward_step")
+ROW_PAIR_STEPS = ("dpo_step", "tpo_step", "kto_step", "reward_step", "prm_step")
+SCORING_ALGOS = ("reward_model", "prm")
+"""The algorithms that train a scorer (a sequence or token classifier), evaluated on held-out labels, not by
+decoding."""
 """The steps that draw rows of the pairs file (or the task's answers with corruptions), not prompts to sample."""
 
 
@@ -460,7 +468,7 @@ SETTING_READERS: dict[str, tuple[str, ...]] = {
     "filter_empty": ("ssd_step",),
     **dict.fromkeys(("log_completions", "num_completions_to_print"), REWARDED_STEPS),
     # every algorithm's evaluation decodes, but the reward model's (its held-out pairs)
-    "num_generations_eval": tuple(dict.fromkeys(training_step(a) for a in ALGOS if a != "reward_model")),
+    "num_generations_eval": tuple(dict.fromkeys(training_step(a) for a in ALGOS if a not in SCORING_ALGOS)),
     "overlong_filter": ("rl_step",),  # rl_step masks the cut completions; ppo_step and online_dpo_step do not
     **dict.fromkeys(
         (
@@ -514,6 +522,7 @@ SETTING_READERS: dict[str, tuple[str, ...]] = {
     "pairs": ROW_PAIR_STEPS,
     "precompute_ref_log_probs": ("dpo_step",),
     "center_rewards_coefficient": ("reward_step",),
+    **dict.fromkeys(("step_separator", "train_on_last_step_only"), ("prm_step",)),
 }
 """The settings that only some training steps read, and which: an algorithm whose step does not read one refuses
 a value of it other than the algorithm's default (LLMConfig._check_unused_settings), naming the algorithms that
@@ -853,6 +862,11 @@ class LLMConfig:
     reference pass, and its memory back."""
     tpo_alpha: float = 1.0
     """TPO: the weight of the gold completions' NLL (token mean over the batch); 0 drops the term and its pass."""
+    step_separator: str = "\n"
+    """prm: the text after each step of a stepwise completion; the classifier reads the state at its last token
+    (TRL's PRMConfig setting)."""
+    train_on_last_step_only: bool = False
+    """prm: train on each row's last step's label only (TRL's PRMConfig setting); evaluation reads every step."""
     center_rewards_coefficient: float = 0.0
     """reward_model: weight of mean((r(y_w) + r(y_l))^2), which keeps the rewards centred at 0 (Eisenstein et al.
     2023; TRL's option of the same name)."""
@@ -1936,25 +1950,76 @@ def reward_model_pairs(
     return train, [(r["prompt"], r["chosen"], r["rejected"], float(r.get("margin", 0.0))) for r in held]
 
 
-def sequence_classifier(model: Any, head: torch.nn.Linear, tokenizer: Any) -> Any:
-    """The causal LM's body with `head` as a one-output sequence classifier (transformers'
-    AutoModelForSequenceClassification: what `--reward model:DIR` loads), scoring the last non-pad token."""
-    from transformers import AutoModelForSequenceClassification
+def scorer_model(
+    model: Any, head: torch.nn.Linear, tokenizer: Any, algo: str, step_separator: str | None = None
+) -> Any:
+    """The causal LM's body with `head` as its classifier: the reward model's a one-output sequence classifier
+    (transformers' AutoModelForSequenceClassification: what `--reward model:DIR` loads), scoring the last non-pad
+    token; the PRM's a two-label token classifier (AutoModelForTokenClassification: `--reward prm:DIR`)."""
+    from transformers import AutoModelForSequenceClassification, AutoModelForTokenClassification
 
     config = copy.deepcopy(model.config)
-    config.num_labels, config.pad_token_id = 1, tokenizer.pad_token_id
+    config.num_labels, config.pad_token_id = head.out_features, tokenizer.pad_token_id
     config.architectures = None
-    classifier = AutoModelForSequenceClassification.from_config(config)
+    if step_separator is not None:  # what `--reward prm:DIR` splits completions at
+        config.step_separator = step_separator
+    kind = AutoModelForTokenClassification if algo == "prm" else AutoModelForSequenceClassification
+    classifier = kind.from_config(config)
     body = getattr(classifier, classifier.base_model_prefix)
     body.load_state_dict(getattr(model, model.base_model_prefix).state_dict())
-    if not isinstance(getattr(classifier, "score", None), torch.nn.Linear):
+    score = getattr(classifier, "score", None)
+    if not isinstance(score, torch.nn.Linear) or (score.bias is None) != (head.bias is None):
         raise LLMError(
-            f"{type(classifier).__name__} has no linear `score` head to take the reward model's",
+            f"{type(classifier).__name__} has no linear `score` head to take the {algo}'s",
             "use a Llama-, GPT-2-, Qwen- or Mistral-family model",
         )
     with torch.no_grad():
-        classifier.score.weight.copy_(head.weight)
+        score.weight.copy_(head.weight)
+        if head.bias is not None:
+            score.bias.copy_(head.bias)
     return classifier
+
+
+PRM_FIX = (
+    'give every row "prompt", "completions" (its steps) and "labels" (one true/false per step), e.g. '
+    '{"prompt": "12+34=", "completions": ["4", "6"], "labels": [true, true]}'
+)
+
+
+def stepwise_example(row: dict[str, Any], rng: np.random.Generator) -> tuple[str, list[str], list[bool]]:
+    """(prompt, steps, labels) of a PRM row: a stepwise row's `completions` and `labels` (TRL's stepwise
+    supervision format), or, from a row with an answer, the answer's characters as steps, half the time with one
+    of them changed (`preference_pair`'s corruption): it and every later step labelled wrong."""
+    if "completions" in row or "labels" in row:
+        steps, labels = row.get("completions"), row.get("labels")
+        if not (
+            isinstance(steps, list)
+            and isinstance(labels, list)
+            and len(steps) == len(labels) > 0
+            and all(isinstance(step, str) for step in steps)
+            and all(isinstance(label, bool) for label in labels)
+        ):
+            raise LLMError(f"a stepwise row's completions and labels do not match: {str(row)[:80]}", PRM_FIX)
+        return row["prompt"], list(steps), list(labels)
+    prompt, chosen, rejected = preference_pair(row, rng)
+    if rng.random() < 0.5:
+        return prompt, list(chosen), [True] * len(chosen)
+    wrong = next((i for i, (a, b) in enumerate(zip(chosen, rejected)) if a != b), len(rejected))
+    return prompt, list(rejected), [i < wrong for i in range(len(rejected))]
+
+
+def prm_rows(
+    rows: list[dict[str, Any]] | None, eval_rows: list[dict[str, Any]], cfg: LLMConfig
+) -> tuple[list[dict[str, Any]] | None, list[tuple[str, list[str], list[bool]]]]:
+    """(training rows, held-out stepwise examples) of a PRM: a stepwise file's last eval_size rows (at most a
+    fifth; all of them for fewer than 5 rows, which then also train), else the task's evaluation rows made
+    stepwise (`stepwise_example`, from a seed of their own)."""
+    rng = np.random.default_rng(1_000_003 + cfg.seed)
+    if rows is None:
+        return None, [stepwise_example(row, rng) for row in eval_rows]
+    held_out = min(cfg.eval_size, len(rows) // 5)
+    train, held = (rows[:-held_out], rows[-held_out:]) if held_out else (rows, rows)
+    return train, [stepwise_example(row, rng) for row in held]
 
 
 def kto_balance_note(rows: list[dict[str, Any]], cfg: LLMConfig) -> str | None:
@@ -2189,7 +2254,12 @@ def task_of(cfg: LLMConfig, inputs: LLMInputs | None = None, environment: Enviro
     rewards, prompts = run_rewards(cfg, inputs, environment), _given(cfg, inputs, "prompts")
     if prompts is None:
         task = get_task(cfg.task)
-        return task if not rewards else replace(task, reward=combine_rewards(rewards))
+        task = task if not rewards else replace(task, reward=combine_rewards(rewards))
+        if cfg.algo == "prm":  # its steps' separator (a tiny model would read a character it lacks as padding)
+            task = replace(
+                task, characters=task.characters + "".join(sorted(set(cfg.step_separator) - set(task.characters)))
+            )
+        return task
     rows = prompt_rows(prompts, "prompts", *answers_needed(rewards), text_field=cfg.dataset_text_field)
     reward = combine_rewards(rewards or ["exact_match"])
     where = str(prompts) if isinstance(prompts, str | Path) else f"{len(rows)} rows given in Python"
@@ -2215,10 +2285,12 @@ def run_rewards(cfg: LLMConfig, inputs: LLMInputs, environment: Environments | N
 
 def characters_of(rows: list[dict[str, Any]], cfg: LLMConfig) -> str:
     """A tiny model's character vocabulary for given prompts: the built-in tasks' characters, then every other
-    character of the rows' text fields (prompts, evaluation, expert and pairs rows) and of the tool tags set
-    (without them, a tiny model would read each as padding)."""
+    character of the rows' text fields and lists of strings (prompts, evaluation, expert and pairs rows), of the
+    tool tags set and of a PRM's step separator (without them, a tiny model would read each as padding)."""
     tags = [cfg.tool_call_start, cfg.tool_call_end, cfg.tool_response_start, cfg.tool_response_end]
-    texts = [v for row in rows for v in row.values() if isinstance(v, str)] + [t for t in tags if t]
+    separator = [cfg.step_separator] if cfg.algo == "prm" else []
+    texts = [v for row in rows for v in row.values() if isinstance(v, str)] + [t for t in tags if t] + separator
+    texts += [s for row in rows for v in row.values() if isinstance(v, list) for s in v if isinstance(s, str)]
     seen = set(CHARACTERS)
     extra = sorted({c for text in texts for c in text} - seen)
     return CHARACTERS + "".join(extra)
@@ -2336,7 +2408,8 @@ class LLMTrainer:
             EntropyControl(cfg) if cfg.use_adaptive_entropy and training_step(cfg.algo) in POLICY_LOSS_STEPS else None
         )
         self.value_head: torch.nn.Linear | None = None
-        """PPO's value head, or the reward model's score (no bias, as a sequence classifier's)."""
+        """PPO's value head, the reward model's score (no bias, as a sequence classifier's), or the PRM's two-way
+        step classifier."""
         if cfg.algo == "ppo":
             self.value_head = torch.nn.Linear(self.model.config.hidden_size, 1)
             torch.nn.init.zeros_(self.value_head.weight)
@@ -2344,6 +2417,10 @@ class LLMTrainer:
         elif cfg.algo == "reward_model":
             self.value_head = torch.nn.Linear(self.model.config.hidden_size, 1, bias=False)
             torch.nn.init.zeros_(self.value_head.weight)
+        elif cfg.algo == "prm":  # a token classifier's two-way head, with its bias
+            self.value_head = torch.nn.Linear(self.model.config.hidden_size, 2)
+            torch.nn.init.zeros_(self.value_head.weight)
+            torch.nn.init.zeros_(self.value_head.bias)
         if cfg.lora_rank > 0:
             self.model = with_lora(self.model, cfg.lora_rank, cfg.lora_alpha)
         params = [p for p in self.model.parameters() if p.requires_grad]
@@ -2406,6 +2483,10 @@ class LLMTrainer:
         self.pair_rows = None
         if pairs is not None and training_step(cfg.algo) == "kto_step":
             self.pair_rows = check_unpaired_rows(rendered_rows(prompt_rows(pairs, "pairs"), self.chat))
+        elif pairs is not None and cfg.algo == "prm":
+            self.pair_rows = prompt_rows(pairs, "pairs", ("completions", "labels"), PRM_FIX)
+            for row in self.pair_rows:  # a malformed row fails now, naming itself, not at the step that draws it
+                stepwise_example(row, np.random.default_rng(0))  # (a stepwise row draws nothing)
         elif pairs is not None and cfg.algo == "tpo" and cfg.tpo_alpha:
             self.pair_rows = prompt_rows(pairs, "pairs", ("chosen", "rejected", "reference"), TPO_PAIRS_FIX)
         elif pairs is not None:
@@ -2418,6 +2499,10 @@ class LLMTrainer:
         """The reward model's held-out pairs (prompt, chosen, rejected, margin)."""
         if cfg.algo == "reward_model":
             self.pair_rows, self.eval_pairs = reward_model_pairs(self.pair_rows, self.eval_rows, cfg)
+        self.eval_steps: list[tuple[str, list[str], list[bool]]] = []
+        """The PRM's held-out stepwise examples (prompt, steps, labels)."""
+        if cfg.algo == "prm":
+            self.pair_rows, self.eval_steps = prm_rows(self.pair_rows, self.eval_rows, cfg)
         if cfg.precompute_ref_log_probs and self.pair_rows is None:
             raise LLMError(
                 "precompute_ref_log_probs=true needs fixed pairs, and without a pairs file each step corrupts the "
@@ -3640,6 +3725,73 @@ class LLMTrainer:
         self.bco_rewards_seen = (count + len(rewards), total + float(rewards.double().sum()))
         return torch.tensor(self.bco_rewards_seen[1] / self.bco_rewards_seen[0], dtype=rewards.dtype)
 
+    def prm_step(self) -> dict[str, float]:
+        """The PRM on `batch_size` stepwise rows: cross-entropy of its two-way classifier at each step's last
+        separator token (the last step's only, with train_on_last_step_only)."""
+        rows = self.draw_rows("pairs" if self.pair_rows is not None else "train", self.cfg.batch_size)
+        loss, metrics = self.prm_loss([stepwise_example(row, self.rng) for row in rows])
+        self._optimize(loss)
+        return {**metrics, "loss": float(loss.detach())}
+
+    def stepwise_batch(
+        self, examples: list[tuple[str, list[str], list[bool]]], every_step: bool
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+        """(prompt ids, prompt mask, completion ids, completion mask, the [row, column] of each labelled step's
+        last separator token, its label) of stepwise examples, as TRL's PRMTrainer tokenizes them: BOS (where the
+        tokenizer has one) and the prompt, then each step followed by step_separator; max_length keeps the first
+        tokens, and the labels of steps cut off. Without `every_step`, with train_on_last_step_only, the last
+        step's label only."""
+        cfg, lists = self.cfg, self.encode_prompts.token_lists
+        bos, pad = self.tokenizer.bos_token_id, self.tokenizer.pad_token_id
+        separator = lists([cfg.step_separator])[0]
+        prompts: list[list[int]] = []
+        completions: list[list[int]] = []
+        places: list[tuple[int, int, bool]] = []
+        last_only = cfg.train_on_last_step_only and not every_step
+        for row, (prompt, steps, step_labels) in enumerate(examples):
+            prompt_tokens = ([bos] if bos is not None else []) + lists([prompt])[0]
+            limit = None if cfg.max_length is None else max(cfg.max_length - len(prompt_tokens), 0)
+            tokens: list[int] = []
+            for i, (step_tokens, label) in enumerate(zip(lists(steps), step_labels)):
+                tokens += step_tokens + separator
+                if (limit is None or len(tokens) <= limit) and (not last_only or i == len(steps) - 1):
+                    places.append((row, len(tokens) - 1, label))
+            prompts.append(prompt_tokens[: cfg.max_length] if cfg.max_length is not None else prompt_tokens)
+            completions.append(tokens[:limit] or [pad])
+        prompt_ids, prompt_mask = _padded(prompts, pad, left=True)
+        ids, mask = _padded(completions, pad, left=False)
+        rows, columns, labels = (
+            (torch.tensor(column, dtype=torch.long) for column in zip(*places))
+            if places
+            else (torch.zeros(0, dtype=torch.long) for _ in range(3))
+        )
+        return prompt_ids, prompt_mask.long(), ids, mask, rows, columns, labels
+
+    def prm_loss(
+        self, examples: list[tuple[str, list[str], list[bool]]], every_step: bool = False
+    ) -> tuple[Tensor, dict[str, float]]:
+        """The PRM's mean cross-entropy over the examples' labelled steps, and its metrics: the loss and the
+        share of steps classified right (`accuracy`). The training pass gives the state that predicts each
+        completion token, so one more column brings the state at the last token: a step's label is read at the
+        column after its separator's."""
+        assert self.value_head is not None
+        prompt_ids, prompt_mask, ids, mask, rows, columns, labels = self.stepwise_batch(examples, every_step)
+        if not len(labels):
+            raise LLMError("no labelled step is left in the batch", "raise max_length, or give shorter steps")
+        ids = torch.nn.functional.pad(ids, (0, 1), value=self.tokenizer.pad_token_id)
+        mask = torch.nn.functional.pad(mask, (0, 1))
+        mask[rows, columns + 1] = True
+        if fast_train.supports(self.model):
+            states = fast_train.completion_states(self.model, prompt_ids, prompt_mask, ids)[rows, columns + 1]
+        else:
+            hidden: list[Tensor] = []
+            token_logprobs(self.model, prompt_ids, prompt_mask, ids, mask, hidden=hidden)
+            states = hidden[0][rows, columns + 1]
+        logits = self.value_head(states)
+        loss = torch.nn.functional.cross_entropy(logits, labels)
+        accuracy = int((logits.argmax(-1) == labels).sum()) / len(labels)  # an exact decimal in eval.json
+        return loss, {"loss": float(loss.detach()), "accuracy": accuracy, "tokens": float(len(labels))}
+
     def reward_step(self) -> dict[str, float]:
         """The reward model on `batch_size` pairs: -log s(r(y_w) - r(y_l) - margin), the rows' `margin` or 0, plus
         center_rewards_coefficient times mean((r(y_w) + r(y_l))^2)."""
@@ -3892,6 +4044,10 @@ class LLMTrainer:
         and their mean reward (TRL's evaluation reward). A reward model: its accuracy on the held-out pairs (the
         share where the chosen completion scores higher) and its mean margin r(y_w) - r(y_l)."""
         k = self.cfg.num_generations_eval if k is None else k
+        if self.cfg.algo == "prm":
+            with self.eval_mode(), torch.no_grad():
+                _, metrics = self.prm_loss(self.eval_steps, every_step=True)
+            return {"accuracy": metrics["accuracy"], "loss": metrics["loss"]}
         if self.cfg.algo == "reward_model":
             with self.eval_mode(), torch.no_grad():  # dropout off, as the saved classifier scores
                 chosen, rejected = self.pair_rewards(self.eval_pairs)
@@ -4067,19 +4223,24 @@ class LLMTrainer:
         model = self.model
         if self.cfg.lora_rank > 0:  # a plain model with the adapters merged in: it loads like any other
             model = copy.deepcopy(model).merge_and_unload()
-        if self.cfg.algo == "reward_model":
+        if self.cfg.algo in SCORING_ALGOS:
             assert self.value_head is not None
-            model = sequence_classifier(model, self.value_head, self.tokenizer)
+            model = scorer_model(model, self.value_head, self.tokenizer, self.cfg.algo, self.saved_separator)
         self._save_model(model, run_dir, "model")
         if self.bema is not None:
             averaged = copy.deepcopy(self.model)
             with torch.no_grad():
                 for p, weights in zip(averaged.parameters(), self.bema.current, strict=True):
                     p.copy_(weights)
-            if self.cfg.algo == "reward_model":
+            if self.cfg.algo in SCORING_ALGOS:
                 assert self.value_head is not None
-                averaged = sequence_classifier(averaged, self.value_head, self.tokenizer)
+                averaged = scorer_model(averaged, self.value_head, self.tokenizer, self.cfg.algo, self.saved_separator)
             self._save_model(averaged, run_dir, "model_bema")
+
+    @property
+    def saved_separator(self) -> str | None:
+        """The PRM's step separator, kept in its saved config (None for other models)."""
+        return self.cfg.step_separator if self.cfg.algo == "prm" else None
 
     def _save_model(self, model: Any, run_dir: Path, name: str) -> None:
         target, tmp = run_dir / name, run_dir / f".{name}.tmp"
