@@ -727,6 +727,7 @@ def test_sft_makes_the_tiny_model_partly_correct(sft_model):
         ("gmpo", {}),
         ("grpo", {"multi_objective_aggregation": "normalize_then_sum"}),
         ("grpo", {"steps_per_generation": 2}),
+        ("grpo", {"replay_buffer_size": 64}),
     ],
 )
 def test_rl_raises_exact_match_accuracy_over_the_sft_model(sft_model, tmp_path, algo, extra):
@@ -1734,6 +1735,7 @@ def test_grpo_moves_its_kl_reference_toward_the_policy_every_n_steps(sft_model):
         ("ssd", {}),
         ("bco", {}),  # its running mean of the rewards from the checkpoint
         ("prm", {}),  # its head, and the stepwise rows' corruptions from the numpy generator
+        ("grpo", {"group_size": 4, "replay_buffer_size": 2}),  # its kept groups and their scores
         ("gold", {"model": "tiny-llama-pairs", "use_uld_loss": True, "uld_use_hybrid_loss": True}),  # another tokenizer
     ],
 )
@@ -2475,6 +2477,7 @@ READ = {
     "kd_temperature": (2.0,),
     "length_normalization": (False,),
     "step_separator": (":",),
+    "replay_buffer_size": (8,),
     "train_on_last_step_only": (True,),
     "num_generations_eval": (4,),
     "log_completions": (True,),
@@ -2776,6 +2779,8 @@ def test_every_algorithm_accepts_the_settings_it_reads_and_its_saved_config():
                 continue
             value = next(v for v in values if v != getattr(defaults, name))
             companion = COMPANIONS.get(name, {})  # the setting it is read under (DEPENDENT_SETTINGS)
+            if name == "replay_buffer_size":  # not with dapo's dynamic sampling: both fill the flat groups
+                companion = {"dynamic_sampling": False}
             if name in REFERENCE_SYNC_SETTINGS and training_step(algo) in POLICY_LOSS_STEPS:  # the KL's reference
                 companion = {"kl_coef": 0.05, **({"sync_ref_model": True} if name != "sync_ref_model" else {})}
             configs.append(make_config(algo, {**teacher, name: value, **companion}))

@@ -128,6 +128,7 @@ from policylab.llm.chat import (
 from policylab.llm.cross_tokenizer import CrossTokenizer, ULDSettings
 from policylab.llm.epochs import ShuffledEpochs
 from policylab.llm.models import check_model, load_model, prepare_tokenizer, without_progress_bars
+from policylab.llm.replay import GroupReplay
 from policylab.llm.rewards import (
     BUILTIN_REWARDS,
     RewardFn,
@@ -457,6 +458,8 @@ SETTING_READERS: dict[str, tuple[str, ...]] = {
     "max_length": ("sft_step", *ROW_PAIR_STEPS, "distill_step"),
     "updates_per_batch": POLICY_LOSS_STEPS,  # online DPO makes one preference update per batch
     "steps_per_generation": ("rl_step",),
+    # sdpo's self-distillation reads each group's rows, which a kept group does not carry
+    "replay_buffer_size": tuple(a for a in ALGOS if training_step(a) == "rl_step" and a != "sdpo"),
     "reward_clip_range": ("rl_step",),
     "kl_in_reward": ("rl_step",),
     **dict.fromkeys(IMPORTANCE_SAMPLING_SETTINGS, ("rl_step",)),
@@ -687,6 +690,12 @@ class LLMConfig:
     """DAPO: drop groups whose rewards are all equal (no signal) and sample more prompts, up to
     `max_sampling_rounds` generations per step, so the step has `batch_size` informative groups if it can."""
     max_sampling_rounds: int = 4
+    replay_buffer_size: int = 0
+    """Keep up to this many past groups whose rewards differ, each scored by the sum over its completions of
+    |advantage| x its rewards' std, and train on groups drawn from them (in proportion to the scores) in place of
+    a step's groups whose rewards are all equal (the TRL repository's GRPOWithReplayBufferTrainer, whose default is
+    64; 0: off). A drawn group keeps its advantages and its behaviour log-probs (the clipped ratio corrects for
+    the weights since)."""
     overlong_filter: bool = False
     """DAPO: completions cut by max_new_tokens (no EOS) leave the loss."""
     overlong_buffer: int = 0
@@ -1166,6 +1175,7 @@ class LLMConfig:
         if self.loss in SEQUENCE_LOSSES and (self.clip_low is None or self.clip_high is None):
             raise ConfigError(f"{self.loss} clips the sequence ratio on both sides", "set clip_low and clip_high")
         self._check_grpo_loss_options()
+        self._check_replay_settings()
         GROUP_ADVANTAGES.get(self.advantage)  # unknown names: one clear error each
         aggregate(torch.zeros(1, 1), None, self.aggregation)
         try:
@@ -1175,6 +1185,27 @@ class LLMConfig:
             raise ConfigError(
                 exc.problem.replace("imitation=", key), (exc.fix or "").replace("imitation=", key)
             ) from None
+
+    def _check_replay_settings(self) -> None:
+        if self.replay_buffer_size < 0:
+            raise ConfigError(f"replay_buffer_size={self.replay_buffer_size} must be >= 0", "set 64 (TRL's), or 0: off")
+        clashes = {
+            "dynamic_sampling": "which samples more prompts in place of those groups instead",
+            "mix=luffy": "whose expert completions a kept group would not carry",
+            "importance_sampling_correction": "whose per-token weights a kept group's advantages would not carry",
+        }
+        given = {
+            "dynamic_sampling": self.dynamic_sampling,
+            "mix=luffy": self.mix == "luffy",
+            "importance_sampling_correction": self.importance_sampling_correction,
+        }
+        clash = next((name for name, on in given.items() if on), None)
+        if self.replay_buffer_size and clash is not None:
+            raise ConfigError(
+                f"replay_buffer_size={self.replay_buffer_size} puts past groups in place of the groups whose rewards "
+                f"are all equal, and {clash} is set, {clashes[clash]}",
+                f"drop replay_buffer_size, or {clash.split('=')[0]}",
+            )
 
     def _check_grpo_loss_options(self) -> None:
         if self.loss == "vespo" and training_step(self.algo) != "rl_step":
@@ -2527,6 +2558,8 @@ class LLMTrainer:
         if self.trains_on_answers:
             check_expert_rows(self.prompted(self.train_rows), "prompts")
         self.generator = torch.Generator().manual_seed(cfg.seed)
+        self.replay = GroupReplay(cfg.replay_buffer_size, cfg.group_size, self.tokenizer.pad_token_id, self.generator)
+        """replay_buffer_size: the past groups with differing rewards."""
         self.max_new_tokens = cfg.max_new_tokens or self.task.max_new_tokens
         self.tool_format = self._tool_format()
         self.task = replace(self.task, tool_format=self.tool_format if self.calls_tools else None)
@@ -3061,6 +3094,8 @@ class LLMTrainer:
         if cfg.overlong_filter:  # completions cut by the length limit teach nothing about how to finish
             ended = ended_with_eos(rollout, self.tokenizer) | self.stopped(rollout)
             rollout = rollout.with_mask(rollout.completion_mask & ended[:, None])
+        if cfg.replay_buffer_size:
+            rollout, advantages = self.replay.exchange(rollout, advantages, self.total_reward(rewards), metrics)
         mu = parse_schedule(cfg.mix_weight)((self.step - 1) / cfg.steps) if cfg.mix == "chord" else 0.0
         weight = cfg.distillation_weight if cfg.algo == "sdpo" else 0.0  # SDPO's self-distillation term
         slices = self.generation_slices(len(rollout))
@@ -4118,6 +4153,7 @@ class LLMTrainer:
         optimizer_tensors, optimizer_meta = optimizer_to_flat("optimizer", self.optimizer)  # type: ignore[arg-type]
         tensors.update(optimizer_tensors)
         tensors["rng/torch"] = self.generator.get_state()
+        tensors.update(self.replay.tensors())
         if self.bema is not None:
             tensors.update(self.bema.tensors())
         if self.workers is not None:
@@ -4130,6 +4166,7 @@ class LLMTrainer:
             "row_orders": {kind: order.state() for kind, order in self.orders.items()},
             **({"entropy_control": self.entropy_control.state()} if self.entropy_control is not None else {}),
             **({"bco_rewards_seen": list(self.bco_rewards_seen)} if self.cfg.unpaired_loss == "bco" else {}),
+            **({"replay_scores": self.replay.state()} if self.cfg.replay_buffer_size else {}),
             **extra,
         }
         return tensors, state
@@ -4159,6 +4196,8 @@ class LLMTrainer:
         self.rng.bit_generator.state = state["numpy_rng"]
         if self.entropy_control is not None:
             self.entropy_control.load(state["entropy_control"])
+        if "replay_scores" in state:
+            self.replay.load(tensors, state["replay_scores"])
         if "bco_rewards_seen" in state:
             count, total = state["bco_rewards_seen"]
             self.bco_rewards_seen = (int(count), float(total))
