@@ -311,6 +311,11 @@ ONE_THREAD = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TOKENIZERS_PARALL
 TRL_VENV = REPO_ROOT / "benchmarks" / ".venv-trl"
 TRL_PY = TRL_VENV / "bin" / "python"
 """TRL's own venv (`benchmarks/llm.py --setup`), which the language-model benchmarks run TRL's side in."""
+TRL_MAIN_COMMIT = "f2cd57710ae345ea6428ae95363267fcf38a3dc8"
+"""The TRL repository's commit (2026-07-24) whose experimental trainers the 1.16.0 wheel lacks (SSD, BCO, PRM)."""
+TRL_MAIN_VENV = REPO_ROOT / "benchmarks" / ".venv-trl-main"
+TRL_MAIN_PY = TRL_MAIN_VENV / "bin" / "python"
+"""That commit's venv (`benchmarks/llm.py --setup-main`), for the algorithms only it has."""
 
 
 def trl_worker(script: str | Path, inputs: str, tmp: Path) -> dict[str, Any]:

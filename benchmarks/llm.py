@@ -123,6 +123,9 @@ from typing import Any
 from common import (
     ONE_THREAD,
     REPO_ROOT,
+    TRL_MAIN_COMMIT,
+    TRL_MAIN_PY,
+    TRL_MAIN_VENV,
     TRL_PY,
     TRL_VENV,
     HelpFormatter,
@@ -139,6 +142,12 @@ from common import (
 
 def setup() -> None:
     make_peer_venv(TRL_VENV, "trl==1.16.0")
+
+
+def setup_main(source: str | None) -> None:
+    """The TRL repository at TRL_MAIN_COMMIT in its own venv: from GitHub, or from a local checkout of that
+    commit (`--trl-source DIR`, where GitHub cannot be reached)."""
+    make_peer_venv(TRL_MAIN_VENV, source or f"trl @ git+https://github.com/huggingface/trl@{TRL_MAIN_COMMIT}")
 
 
 # --- tool calling (--tools) --------------------------------------------------------------------------------------
@@ -331,6 +340,11 @@ def prepare(a: argparse.Namespace, where: Path) -> tuple[Path, Path]:
         rows = [{"prompt": p, "chosen": c, "rejected": r} for p, c, r in pairs]
         if a.algo == "tpo":  # the gold completion: the answer (the chosen one)
             rows = [{**row, "reference": row["chosen"]} for row in rows]
+        if a.algo == "prm":  # TRL's stepwise rows: the answer's digits, half with one changed (policylab's rule)
+            from policylab.llm.trainer import stepwise_example
+
+            stepwise = [stepwise_example(row, rng) for row in get_task("addition").make(5_000, 0)]
+            rows = [{"prompt": p, "completions": c, "labels": labels} for p, c, labels in stepwise]
     elif a.algo == "sft" and a.text:  # TRL's language-modeling rows
         rows = [{"text": row["prompt"] + row["answer"]} for row in rows]
     elif a.algo == "sft":  # TRL's prompt-completion rows (policylab's evaluation reads the answer)
@@ -354,12 +368,18 @@ OURS_EXTRA: dict[str, Any] = {
     "rloo": lambda a: {"aggregation": "seq-mean-token-sum"},  # TRL's sequence-level surrogate, see the docstring
     "dpo": lambda a: {"pairs": a.prompts, "prompts": None, "beta": 0.1, "precompute_ref_log_probs": a.precompute},
     **dict.fromkeys(
-        ("cpo", "simpo", "orpo", "tpo", "kto", "reward_model"), lambda a: {"pairs": a.prompts, "prompts": None}
+        ("cpo", "simpo", "orpo", "tpo", "kto", "bco", "reward_model"), lambda a: {"pairs": a.prompts, "prompts": None}
     ),
+    "prm": lambda a: {"pairs": a.prompts, "prompts": None, "step_separator": PRM_SEPARATOR},
+    "ssd": lambda a: {},
 }
-PAIR_ALGOS = ("dpo", "cpo", "simpo", "orpo", "tpo", "kto", "reward_model")
+PAIR_ALGOS = ("dpo", "cpo", "simpo", "orpo", "tpo", "kto", "bco", "reward_model", "prm")
 """The algorithms that train on preference pairs (prepare writes pairs for them) and sample nothing."""
-SAMPLING_ALGOS = ("grpo", "gmpo", "rloo", "distill", "gold", "sdft", "sdpo")
+SAMPLING_ALGOS = ("grpo", "gmpo", "rloo", "distill", "gold", "sdft", "sdpo", "ssd")
+MAIN_ONLY = ("ssd", "bco", "prm")
+"""The algorithms only the TRL repository has (not the 1.16.0 wheel): their TRL side runs in TRL_MAIN_VENV."""
+PRM_SEPARATOR = ","
+"""The PRM's step separator on both sides: a character of the tiny models' vocabulary (a newline is not)."""
 """The algorithms that sample completions (the others, SFT and the pair algorithms, train on given ones)."""
 
 
@@ -484,6 +504,27 @@ def worker_trl(a: argparse.Namespace) -> dict[str, Any]:
         config = KTOConfig(**common, per_device_train_batch_size=2 * a.prompts_per_step, beta=0.1)
         trainer = KTOTrainer(model=model, args=config, train_dataset=Dataset.from_list(unpaired),
                              processing_class=tokenizer)  # fmt: skip
+    elif a.algo == "bco":  # KTO's rows: 2 completions a pair
+        from trl.experimental.bco import BCOConfig, BCOTrainer
+
+        unpaired = [{"prompt": r["prompt"], "completion": r[key], "label": key == "chosen"}
+                    for r in rows for key in ("chosen", "rejected")]  # fmt: skip
+        config = BCOConfig(**common, per_device_train_batch_size=2 * a.prompts_per_step, beta=0.1)
+        trainer = BCOTrainer(model=model, args=config, train_dataset=Dataset.from_list(unpaired),
+                             processing_class=tokenizer)  # fmt: skip
+    elif a.algo == "prm":
+        from transformers import AutoModelForTokenClassification
+        from trl.experimental.prm import PRMConfig, PRMTrainer
+
+        classifier = AutoModelForTokenClassification.from_pretrained(a.model_dir, num_labels=2)
+        config = PRMConfig(**common, per_device_train_batch_size=a.prompts_per_step, step_separator=PRM_SEPARATOR)
+        trainer = PRMTrainer(model=classifier, args=config, train_dataset=dataset, processing_class=tokenizer)
+    elif a.algo == "ssd":
+        from trl.experimental.ssd import SSDConfig, SSDTrainer
+
+        config = SSDConfig(**common, per_device_train_batch_size=a.prompts_per_step, temperature=1.0,
+                           max_completion_length=a.max_new_tokens, filter_empty=False)  # fmt: skip
+        trainer = SSDTrainer(model=model, args=config, train_dataset=dataset, processing_class=tokenizer)
     elif a.algo in ("cpo", "simpo", "orpo"):
         from trl.experimental.cpo import CPOConfig, CPOTrainer
         from trl.experimental.orpo import ORPOConfig, ORPOTrainer
@@ -743,7 +784,7 @@ def time_training(a: argparse.Namespace, repeats: int = 20) -> None:
 
 
 def run_side(side: str, a: argparse.Namespace, seed: int, model_dir: Path, prompts: Path, work: Path) -> dict:
-    python = None if side == "policylab" else str(TRL_PY)
+    python = None if side == "policylab" else str(TRL_MAIN_PY if a.algo in MAIN_ONLY else TRL_PY)
     args = ["--worker", side, "--seed", str(seed), "--model-dir", str(model_dir), "--prompts", str(prompts)]
     args += ["--work", str(work / f"{side}-{seed}"), "--steps", str(a.steps), "--lr", str(a.lr)]
     args += ["--prompts-per-step", str(a.prompts_per_step), "--group-size", str(a.group_size)]
@@ -759,6 +800,8 @@ def run_side(side: str, a: argparse.Namespace, seed: int, model_dir: Path, promp
 
     if a.algo == "reward_model":
         record["accuracy"] = ranking_accuracy(record["model"])
+    elif a.algo == "prm":
+        record["accuracy"] = step_accuracy(record["model"])
     elif a.tools:
         record["accuracy"] = tool_accuracy(record["model"])
     else:
@@ -775,6 +818,34 @@ def accuracy_means(runs: list[dict[str, Any]]) -> dict[str, Any]:
         "seeds": len(seeds),
         "ours_at_or_above": sum(by_side["policylab"][s] >= by_side["trl"][s] for s in seeds),
     }
+
+
+def step_accuracy(model_dir: str) -> float:
+    """A process reward model's share of 200 held-out addition rows' steps (policylab's prm evaluation rows: each
+    answer's digits, half with one changed) classified right by the saved token classifier, read as both sides
+    train it: BOS, the prompt, each step and the separator, the label at the separator."""
+    import numpy as np
+    import torch
+    from transformers import AutoModelForTokenClassification, AutoTokenizer
+
+    from policylab.llm.tasks import get_task
+    from policylab.llm.trainer import stepwise_example
+
+    model = AutoModelForTokenClassification.from_pretrained(model_dir).eval()
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    encode = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]  # noqa: E731
+    rng, right, count = np.random.default_rng(1_000_003), 0, 0
+    for row in get_task("addition").make(200, 1_000_003):
+        prompt, steps, labels = stepwise_example(row, rng)
+        ids, ends = [tokenizer.bos_token_id, *encode(prompt)], []
+        for step in steps:
+            ids += encode(step) + encode(PRM_SEPARATOR)
+            ends.append(len(ids) - 1)
+        with torch.no_grad():
+            predicted = model(input_ids=torch.tensor([ids])).logits[0, ends].argmax(-1).tolist()
+        right += sum(int(p) == int(label) for p, label in zip(predicted, labels))
+        count += len(labels)
+    return right / count
 
 
 def ranking_accuracy(model_dir: str) -> float:
@@ -794,6 +865,10 @@ def ranking_accuracy(model_dir: str) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
     parser.add_argument("--setup", action="store_true", help="create TRL's venv and exit")
+    parser.add_argument(
+        "--setup-main", action="store_true", help="create the TRL repository's venv (ssd, bco, prm) and exit"
+    )
+    parser.add_argument("--trl-source", help="with --setup-main: a local checkout of TRL_MAIN_COMMIT")
     parser.add_argument(
         "--algo",
         choices=(*SAMPLING_ALGOS, "sft", *PAIR_ALGOS),
@@ -830,7 +905,7 @@ def main() -> None:
     a = parser.parse_args()
     if a.lr is None:
         default = 1e-4 if a.algo in PAIR_ALGOS else 3e-4
-        a.lr = {"reward_model": 1e-3, "distill": 3e-3, "gold": 3e-3, "sft": 3e-3}.get(a.algo, default)
+        a.lr = {"reward_model": 1e-3, "prm": 1e-3, "distill": 3e-3, "gold": 3e-3, "sft": 3e-3}.get(a.algo, default)
     if a.text and a.algo != "sft":
         parser.error(f"--text gives SFT plain-text rows, and {a.algo} takes prompts: drop --text or give --algo sft")
     if a.tools and a.algo != "grpo":
@@ -846,6 +921,9 @@ def main() -> None:
     if a.setup:
         setup()
         return
+    if a.setup_main:
+        setup_main(a.trl_source)
+        return
     if a.sampling:
         time_sampling(a)
         return
@@ -856,6 +934,8 @@ def main() -> None:
         parser.error(f"--steps {a.steps} leaves no step to time after --warmup {a.warmup}: give --steps "
                      f"{a.warmup + 2} or more, or a smaller --warmup")  # fmt: skip
     require_trl_venv()
+    if a.algo in MAIN_ONLY and not TRL_MAIN_PY.exists():
+        raise SystemExit(f"{TRL_MAIN_VENV} is missing: run `.venv/bin/python benchmarks/llm.py --setup-main` first")
     seeds = list(range(1, a.seeds + 1))
     runs = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -863,9 +943,10 @@ def main() -> None:
         model_dir, prompts = prepare(a, work)
         from policylab.llm.trainer import evaluate_llm
 
-        start_accuracy = (tool_accuracy(str(model_dir)) if a.tools else
+        start_accuracy = (tool_accuracy(str(model_dir)) if a.tools else None if a.algo == "prm" else
                           evaluate_llm(str(model_dir), "addition", eval_size=200)["accuracy"])  # fmt: skip
-        print(f"  the starting model: exact match {start_accuracy:.3f}")
+        if start_accuracy is not None:  # (a PRM starts with a new head on each side)
+            print(f"  the starting model: exact match {start_accuracy:.3f}")
         for seed in seeds:
             for side in ("policylab", "trl"):
                 rec = run_side(side, a, seed, model_dir, prompts, work)
@@ -885,6 +966,10 @@ def main() -> None:
     }
     if a.algo == "reward_model":
         per_run["accuracy"] = ("held-out pairs ranked right (the same scorer)", ".3f", True)
+    if a.algo == "prm":
+        per_run["accuracy"] = ("held-out steps classified right (the same scorer)", ".3f", True)
+    if a.algo == "ssd":  # no rewards on either side
+        del per_run["final_reward"]
     if a.tools:  # TRL's completion lengths count the tools' tokens too, policylab's `tokens` the model's only
         del per_run["completion_tokens_per_s"]
         per_run["tool_calls"] = ("tool calls per completion (mean over steps)", ".2f", True)
