@@ -980,7 +980,8 @@ def main() -> None:
     summary = pair_report(runs, seeds, per_run, {}, "policylab", "trl", ("ours", "trl"))
     summary["accuracy_means"] = accuracy_means(runs)
     means = summary["accuracy_means"]
-    print(f"{'held-out step accuracy' if a.algo == 'prm' else 'exact match'}, mean over seeds: ours {means['policylab']:.3f}, TRL {means['trl']:.3f}; ours at or above "
+    measure = "held-out step accuracy" if a.algo == "prm" else "exact match"
+    print(f"{measure}, mean over seeds: ours {means['policylab']:.3f}, TRL {means['trl']:.3f}; ours at or above "
           f"TRL's on {means['ours_at_or_above']} of {means['seeds']} seeds")  # fmt: skip
     for run in runs:
         run.pop("model")
