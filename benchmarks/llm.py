@@ -145,7 +145,7 @@ def setup() -> None:
 
 
 def setup_main(source: str | None) -> None:
-    """The TRL repository at TRL_MAIN_COMMIT in its own venv: from GitHub, or from a local checkout of that
+    """TRL's repository at TRL_MAIN_COMMIT (1.10.0.dev0) in its own venv: from GitHub, or from a local checkout of that
     commit (`--trl-source DIR`, where GitHub cannot be reached)."""
     make_peer_venv(TRL_MAIN_VENV, source or f"trl @ git+https://github.com/huggingface/trl@{TRL_MAIN_COMMIT}")
 
@@ -377,7 +377,7 @@ PAIR_ALGOS = ("dpo", "cpo", "simpo", "orpo", "tpo", "kto", "bco", "reward_model"
 """The algorithms that train on preference pairs (prepare writes pairs for them) and sample nothing."""
 SAMPLING_ALGOS = ("grpo", "gmpo", "rloo", "distill", "gold", "sdft", "sdpo", "ssd")
 MAIN_ONLY = ("ssd", "bco", "prm")
-"""The algorithms only the TRL repository has (not the 1.16.0 wheel): their TRL side runs in TRL_MAIN_VENV."""
+"""The algorithms of TRL 1.10's that the 1.16.0 wheel no longer has: their TRL side runs in TRL_MAIN_VENV."""
 PRM_SEPARATOR = ","
 """The PRM's step separator on both sides: a character of the tiny models' vocabulary (a newline is not)."""
 """The algorithms that sample completions (the others, SFT and the pair algorithms, train on given ones)."""
@@ -865,9 +865,7 @@ def ranking_accuracy(model_dir: str) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
     parser.add_argument("--setup", action="store_true", help="create TRL's venv and exit")
-    parser.add_argument(
-        "--setup-main", action="store_true", help="create the TRL repository's venv (ssd, bco, prm) and exit"
-    )
+    parser.add_argument("--setup-main", action="store_true", help="create TRL 1.10's venv (ssd, bco, prm) and exit")
     parser.add_argument("--trl-source", help="with --setup-main: a local checkout of TRL_MAIN_COMMIT")
     parser.add_argument(
         "--algo",
@@ -910,9 +908,9 @@ def main() -> None:
         parser.error(f"--text gives SFT plain-text rows, and {a.algo} takes prompts: drop --text or give --algo sft")
     if a.tools and a.algo != "grpo":
         parser.error(f"--tools runs GRPO with a tool, not {a.algo}: drop --algo or give --algo grpo")
-    if a.algo in ("distill", "gold"):
-        a.group_size = 1  # DistillationTrainer and GOLDTrainer sample one completion per prompt
-        if a.sft_steps <= 0 and not a.worker:
+    if a.algo in ("distill", "gold", "ssd"):
+        a.group_size = 1  # DistillationTrainer, GOLDTrainer and SSDTrainer sample one completion per prompt
+        if a.algo != "ssd" and a.sft_steps <= 0 and not a.worker:
             parser.error("--algo distill distills the SFT model (the teacher) into a random one: give --sft-steps > 0")
     if a.worker:
         record = worker_ours(a) if a.worker == "policylab" else worker_trl(a)

@@ -1,4 +1,4 @@
-"""Process reward models (`prm`; the TRL repository's PRMTrainer): stepwise rows, their tokens and labelled
+"""Process reward models (`prm`; TRL 1.10's PRMTrainer): stepwise rows, their tokens and labelled
 positions by hand, the saved token classifier against the training pass, `--reward prm:DIR`, learning, errors."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""GRPO's replay of past groups (`replay_buffer_size`; the TRL repository's GRPOWithReplayBufferTrainer): which
+"""GRPO's replay of past groups (`replay_buffer_size`; TRL 1.10's GRPOWithReplayBufferTrainer): which
 groups are kept and with what score, what replaces a group whose rewards are all equal, and the errors."""
 
 from __future__ import annotations

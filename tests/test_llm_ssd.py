@@ -1,4 +1,4 @@
-"""SSD (simple self-distillation; the TRL repository's SSDTrainer): the step's loss against a hand computation on
+"""SSD (simple self-distillation; TRL 1.10's SSDTrainer): the step's loss against a hand computation on
 its own samples, the stub filter, and what it does to the model: its next-token distributions sharpen."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Past groups for GRPO's steps whose groups teach nothing (the TRL repository's GRPOWithReplayBufferTrainer): a
+"""Past groups for GRPO's steps whose groups teach nothing (TRL 1.10's GRPOWithReplayBufferTrainer): a
 group whose rewards are all equal has advantage 0 everywhere; in its place the step trains on a group drawn from
 the best past groups whose rewards differed."""
 

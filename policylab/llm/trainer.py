@@ -41,11 +41,11 @@ kl_coef times a k1/k2/k3 KL estimate to the initial model and minus entropy_coef
                   al. 2024; TRL's TPOTrainer)
     kto           KTO on completions labelled desirable or not, unpaired; beta 0.1 (Ethayarajh et al. 2024)
     bco           BCO on the same rows: each completion's reward beta log(pi / pi_ref) classified desirable or not
-                  against delta, the running mean of the rewards (Jung et al. 2024; the TRL repository's
+                  against delta, the running mean of the rewards (Jung et al. 2024; TRL 1.10's
                   BCOTrainer, without its embedding-based distribution matching)
     prm           a process reward model: a two-way linear classifier on the last hidden state at the separator
                   ending each step of a completion, trained with cross-entropy on the steps' labels (Lightman et
-                  al. 2023; the TRL repository's PRMTrainer); saved as a token classifier, `--reward prm:DIR`
+                  al. 2023; TRL 1.10's PRMTrainer); saved as a token classifier, `--reward prm:DIR`
     reward_model  a reward model: a linear score on the last hidden state, trained on pairs with the
                   Bradley-Terry loss -log s(r(y_w) - r(y_l) - margin); saved as a sequence classifier
     distill       on-policy distillation: the student samples, and learns the `teacher`'s next-token
@@ -69,10 +69,10 @@ kl_coef times a k1/k2/k3 KL estimate to the initial model and minus entropy_coef
                   SDPOTrainer)
     ssd           SSD, simple self-distillation: the model samples one completion per prompt at the run's sampling
                   settings (temperature, top_k, top_p), and is fine-tuned on those raw, unverified samples with
-                  the token-mean NLL at temperature 1 (Zhang et al. 2026; the TRL repository's SSDTrainer)
+                  the token-mean NLL at temperature 1 (Zhang et al. 2026; TRL 1.10's SSDTrainer)
     minillm       MiniLLM: GRPO's groups, rewards and loss, each token's advantage plus its reverse-KL advantage
                   (the `teacher`'s log-prob of the token minus the model's), plus the token-mean KL(pi || p_teacher)
-                  of the whole next-token distributions (Gu et al. 2024; the TRL repository's MiniLLMTrainer)
+                  of the whole next-token distributions (Gu et al. 2024; TRL 1.10's MiniLLMTrainer)
     a2po          A*-PO: before training, V*(x) = beta1 log mean exp(r / beta1) of num_value_samples reference
                   samples per training prompt (prompts where all score 0 dropped); then one sample per prompt,
                   beta2 log(pi / pi_ref) regressed onto r - V*(x) (Brantley et al. 2025; TRL's A2POTrainer)
@@ -693,7 +693,7 @@ class LLMConfig:
     replay_buffer_size: int = 0
     """Keep up to this many past groups whose rewards differ, each scored by the sum over its completions of
     |advantage| x its rewards' std, and train on groups drawn from them (in proportion to the scores) in place of
-    a step's groups whose rewards are all equal (the TRL repository's GRPOWithReplayBufferTrainer, whose default is
+    a step's groups whose rewards are all equal (TRL 1.10's GRPOWithReplayBufferTrainer, whose default is
     64; 0: off). A drawn group keeps its advantages and its behaviour log-probs (the clipped ratio corrects for
     the weights since)."""
     overlong_filter: bool = False
