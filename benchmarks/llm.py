@@ -20,6 +20,10 @@ runs, 1 thread each.
     .venv/bin/python benchmarks/llm.py --algo gold --seeds 10 --steps 60 --model tiny-llama --prompts-per-step 16
     .venv/bin/python benchmarks/llm.py --tools --seeds 3 --steps 20 --model tiny-llama --prompts-per-step 4 \
         --max-new-tokens 96 --sft-steps 200
+    .venv/bin/python benchmarks/llm.py --setup-main           # once: TRL 1.10's venv (benchmarks/.venv-trl-main)
+    .venv/bin/python benchmarks/llm.py --algo prm --seeds 5 --steps 100 --model tiny-llama --prompts-per-step 16
+    .venv/bin/python benchmarks/llm.py --algo bco --seeds 5 --steps 40 --model tiny-llama --prompts-per-step 16
+    .venv/bin/python benchmarks/llm.py --algo ssd --seeds 5 --steps 40 --model tiny-llama --prompts-per-step 16
 
 What is shared: a tiny Llama is built once (`--model`, policylab's config and character tokenizer) and, for
 `--sft-steps` > 0, supervised on the addition task by policylab, then saved with `save_pretrained`; both sides
@@ -103,6 +107,18 @@ requires that for its KL pairs), and its own unpairing puts a thousand desirable
 ones (datasets' map batches), so its first steps would train on desirable completions only: its worker gives it
 the rows unpaired in pair order instead (each chosen completion, then its rejected one), so each of its batches
 holds 16 pairs, as policylab's (which draws the pairs in shuffled epochs).
+
+Against TRL 1.10's experimental trainers, which the 1.16.0 wheel no longer has (their TRL side runs in
+benchmarks/.venv-trl-main, made by `--setup-main` from TRL_MAIN_COMMIT: from GitHub, or `--trl-source DIR`):
+`--algo bco`: BCOTrainer on kto's rows and batches (beta 0.1, no distribution matching). `--algo prm`:
+PRMTrainer from the starting model (a new two-way head on each side: TRL's randomly initialized, ours at zero),
+TRL's stepwise rows made from the addition rows as policylab's prm makes them (an answer's digits as steps, half
+with one changed), step separator "," (a newline is not in the tiny models' vocabulary); the accuracy is the
+held-out steps classified right by each side's saved token classifier, read by one function. `--algo ssd`:
+SSDTrainer, one completion per prompt at temperature 1, filter_empty off on both sides. `--algo minillm`:
+MiniLLMTrainer with MiniLLMConfig's defaults, the SFT model as the teacher of a random student (as distill);
+TRL's reverse-KL advantages carry the student's gradient, ours none (README: MiniLLM), so the losses differ by
+that term. `--algo grpo_replay`: GRPOWithReplayBufferTrainer against policylab's grpo, replay_buffer_size 64.
 
 Measured: wall-clock per step (median over the steps after the first `--warmup`), completion tokens per second
 over the same steps, and accuracy after the run. TRL is installed in its own venv (it pulls its own
@@ -322,9 +338,9 @@ def prepare(a: argparse.Namespace, where: Path) -> tuple[Path, Path]:
             verbose=False,
         )
         model_dir = run.dir / "model"
-    if a.algo == "distill":
+    if a.algo in ("distill", "minillm"):
         a.teacher_dir, model_dir = str(model_dir), where / "student"
-    if a.sft_steps <= 0 or a.algo in ("distill", "sft"):
+    if a.sft_steps <= 0 or a.algo in ("distill", "minillm", "sft"):
         model, tokenizer = load_model(a.model)
         model.save_pretrained(model_dir)
         tokenizer.save_pretrained(model_dir)
@@ -358,6 +374,8 @@ def prepare(a: argparse.Namespace, where: Path) -> tuple[Path, Path]:
 OURS_EXTRA: dict[str, Any] = {
     "grpo": lambda a: {},
     "distill": lambda a: {"teacher": a.teacher_dir, "beta": 1.0, "temperature": 1.0},
+    "minillm": lambda a: {"teacher": a.teacher_dir},  # MiniLLMConfig's defaults on both sides
+    "grpo_replay": lambda a: {"replay_buffer_size": 64},
     # GOLD's defaults but lmbda (every step on the student's samples) and positional alignment (TRL's byte alignment
     # takes byte-level BPE tokenizers only)
     "gold": lambda a: {"teacher": a.teacher_dir, "use_uld_loss": True, "use_extended_uld": False, "lmbda": 1.0},
@@ -375,8 +393,8 @@ OURS_EXTRA: dict[str, Any] = {
 }
 PAIR_ALGOS = ("dpo", "cpo", "simpo", "orpo", "tpo", "kto", "bco", "reward_model", "prm")
 """The algorithms that train on preference pairs (prepare writes pairs for them) and sample nothing."""
-SAMPLING_ALGOS = ("grpo", "gmpo", "rloo", "distill", "gold", "sdft", "sdpo", "ssd")
-MAIN_ONLY = ("ssd", "bco", "prm")
+SAMPLING_ALGOS = ("grpo", "gmpo", "rloo", "distill", "gold", "sdft", "sdpo", "ssd", "minillm", "grpo_replay")
+MAIN_ONLY = ("ssd", "bco", "prm", "minillm", "grpo_replay")
 """The algorithms of TRL 1.10's that the 1.16.0 wheel no longer has: their TRL side runs in TRL_MAIN_VENV."""
 PRM_SEPARATOR = ","
 """The PRM's step separator on both sides: a character of the tiny models' vocabulary (a newline is not)."""
@@ -415,7 +433,8 @@ def worker_ours(a: argparse.Namespace) -> dict[str, Any]:
         **OURS_EXTRA[a.algo](a),
         **({"max_tool_calling_iterations": 1} if a.tools else {}),
     }
-    run = train_llm(a.algo, settings, a.work, verbose=False, callback=callback, tools=[calc] if a.tools else None)
+    algo = {"grpo_replay": "grpo"}.get(a.algo, a.algo)  # (the replay is a setting of ours)
+    run = train_llm(algo, settings, a.work, verbose=False, callback=callback, tools=[calc] if a.tools else None)
     return _record(a, marks, str(run.dir / "model"), "policylab", rewards, calls)
 
 
@@ -601,6 +620,18 @@ def worker_trl(a: argparse.Namespace) -> dict[str, Any]:
         config = GRPOConfig(**common, **rollouts, loss_type="grpo", max_tool_calling_iterations=1)
         trainer = GRPOTrainer(model=model, reward_funcs=final_exact_match, args=config, train_dataset=dataset,
                               processing_class=tokenizer, tools=[calc])  # fmt: skip
+    elif a.algo == "minillm":  # the SFT model as the teacher of a random student, as distill
+        from trl.experimental.minillm import MiniLLMConfig, MiniLLMTrainer
+
+        config = MiniLLMConfig(**common, **rollouts, loss_type="grpo")
+        trainer = MiniLLMTrainer(model=model, teacher_model=a.teacher_dir, reward_funcs=exact_match, args=config,
+                                 train_dataset=dataset, processing_class=tokenizer)  # fmt: skip
+    elif a.algo == "grpo_replay":
+        from trl.experimental.grpo_with_replay_buffer import GRPOWithReplayBufferConfig, GRPOWithReplayBufferTrainer
+
+        config = GRPOWithReplayBufferConfig(**common, **rollouts, loss_type="grpo", replay_buffer_size=64)
+        trainer = GRPOWithReplayBufferTrainer(model=model, reward_funcs=exact_match, args=config,
+                                              train_dataset=dataset, processing_class=tokenizer)  # fmt: skip
     else:
         from trl import GRPOConfig, GRPOTrainer
 
@@ -865,7 +896,11 @@ def ranking_accuracy(model_dir: str) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
     parser.add_argument("--setup", action="store_true", help="create TRL's venv and exit")
-    parser.add_argument("--setup-main", action="store_true", help="create TRL 1.10's venv (ssd, bco, prm) and exit")
+    parser.add_argument(
+        "--setup-main",
+        action="store_true",
+        help="create TRL 1.10's venv (ssd, bco, prm, minillm, grpo_replay) and exit",
+    )
     parser.add_argument("--trl-source", help="with --setup-main: a local checkout of TRL_MAIN_COMMIT")
     parser.add_argument(
         "--algo",
