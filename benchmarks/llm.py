@@ -163,7 +163,8 @@ def setup() -> None:
 def setup_main(source: str | None) -> None:
     """TRL's repository at TRL_MAIN_COMMIT (1.10.0.dev0) in its own venv: from GitHub, or from a local checkout of that
     commit (`--trl-source DIR`, where GitHub cannot be reached)."""
-    make_peer_venv(TRL_MAIN_VENV, source or f"trl @ git+https://github.com/huggingface/trl@{TRL_MAIN_COMMIT}")
+    trl = source or f"trl @ git+https://github.com/huggingface/trl@{TRL_MAIN_COMMIT}"
+    make_peer_venv(TRL_MAIN_VENV, trl, "requests")  # its GRPOTrainer imports requests without requiring it
 
 
 # --- tool calling (--tools) --------------------------------------------------------------------------------------
