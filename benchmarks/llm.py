@@ -24,6 +24,7 @@ runs, 1 thread each.
     .venv/bin/python benchmarks/llm.py --algo prm --seeds 5 --steps 100 --model tiny-llama --prompts-per-step 16
     .venv/bin/python benchmarks/llm.py --algo bco --seeds 5 --steps 40 --model tiny-llama --prompts-per-step 16
     .venv/bin/python benchmarks/llm.py --algo ssd --seeds 5 --steps 40 --model tiny-llama --prompts-per-step 16
+    .venv/bin/python benchmarks/llm.py --algo xpo --seeds 5 --steps 40 --model tiny-llama --prompts-per-step 16
 
 What is shared: a tiny Llama is built once (`--model`, policylab's config and character tokenizer) and, for
 `--sft-steps` > 0, supervised on the addition task by policylab, then saved with `save_pretrained`; both sides
@@ -119,6 +120,11 @@ SSDTrainer, one completion per prompt at temperature 1, filter_empty off on both
 MiniLLMTrainer with MiniLLMConfig's defaults, the SFT model as the teacher of a random student (as distill);
 TRL's reverse-KL advantages carry the student's gradient, ours none (README: MiniLLM), so the losses differ by
 that term. `--algo grpo_replay`: GRPOWithReplayBufferTrainer against policylab's grpo, replay_buffer_size 64.
+`--algo xpo`, `--algo nash_md`: XPOTrainer and NashMDTrainer from the SFT model, one policy sample and one of the
+reference (Nash-MD: of the mixture, mixture_coef 0.5) per prompt, beta 0.1 (XPO: alpha 1e-5), temperature 1,
+lr 1e-4 (policylab's default), both rewarded by one reward model: policylab's reward_model trained for 200 steps
+on the addition pairs first, which policylab reads as `--reward model:DIR` (its score at the EOS after the
+completion) and TRL as its reward model (its score at the last token before the padding).
 
 Measured: wall-clock per step (median over the steps after the first `--warmup`), completion tokens per second
 over the same steps, and accuracy after the run. TRL is installed in its own venv (it pulls its own
@@ -341,6 +347,9 @@ def prepare(a: argparse.Namespace, where: Path) -> tuple[Path, Path]:
         model_dir = run.dir / "model"
     if a.algo in ("distill", "minillm"):
         a.teacher_dir, model_dir = str(model_dir), where / "student"
+    if a.algo in ("xpo", "nash_md"):  # both sides' reward: one reward model (a sequence classifier) of ours
+        rm = {"model": a.model, "steps": 200, "batch_size": 64, "eval_every": 200}
+        a.reward_dir = str(train_llm("reward_model", rm, where / "rm", verbose=False).dir / "model")
     if a.sft_steps <= 0 or a.algo in ("distill", "minillm", "sft"):
         model, tokenizer = load_model(a.model)
         model.save_pretrained(model_dir)
@@ -377,6 +386,7 @@ OURS_EXTRA: dict[str, Any] = {
     "distill": lambda a: {"teacher": a.teacher_dir, "beta": 1.0, "temperature": 1.0},
     "minillm": lambda a: {"teacher": a.teacher_dir},  # MiniLLMConfig's defaults on both sides
     "grpo_replay": lambda a: {"replay_buffer_size": 64},
+    **dict.fromkeys(("xpo", "nash_md"), lambda a: {"rewards": [f"model:{a.reward_dir}"]}),
     # GOLD's defaults but lmbda (every step on the student's samples) and positional alignment (TRL's byte alignment
     # takes byte-level BPE tokenizers only)
     "gold": lambda a: {"teacher": a.teacher_dir, "use_uld_loss": True, "use_extended_uld": False, "lmbda": 1.0},
@@ -394,8 +404,9 @@ OURS_EXTRA: dict[str, Any] = {
 }
 PAIR_ALGOS = ("dpo", "cpo", "simpo", "orpo", "tpo", "kto", "bco", "reward_model", "prm")
 """The algorithms that train on preference pairs (prepare writes pairs for them) and sample nothing."""
-SAMPLING_ALGOS = ("grpo", "gmpo", "rloo", "distill", "gold", "sdft", "sdpo", "ssd", "minillm", "grpo_replay")
-MAIN_ONLY = ("ssd", "bco", "prm", "minillm", "grpo_replay")
+SAMPLING_ALGOS = ("grpo", "gmpo", "rloo", "distill", "gold", "sdft", "sdpo", "ssd", "minillm", "grpo_replay", "xpo",
+                  "nash_md")  # fmt: skip
+MAIN_ONLY = ("ssd", "bco", "prm", "minillm", "grpo_replay", "xpo", "nash_md")
 """The algorithms of TRL 1.10's that the 1.16.0 wheel no longer has: their TRL side runs in TRL_MAIN_VENV."""
 PRM_SEPARATOR = ","
 """The PRM's step separator on both sides: a character of the tiny models' vocabulary (a newline is not)."""
@@ -627,6 +638,18 @@ def worker_trl(a: argparse.Namespace) -> dict[str, Any]:
         config = MiniLLMConfig(**common, **rollouts, loss_type="grpo")
         trainer = MiniLLMTrainer(model=model, teacher_model=a.teacher_dir, reward_funcs=exact_match, args=config,
                                  train_dataset=dataset, processing_class=tokenizer)  # fmt: skip
+    elif a.algo in ("xpo", "nash_md"):  # one policy sample and one of the reference (or the mixture) per prompt
+        from transformers import AutoModelForSequenceClassification
+        from trl.experimental.nash_md import NashMDConfig, NashMDTrainer
+        from trl.experimental.xpo import XPOConfig, XPOTrainer
+
+        scorer = AutoModelForSequenceClassification.from_pretrained(a.reward_dir)
+        online = {"per_device_train_batch_size": a.prompts_per_step, "max_new_tokens": a.max_new_tokens,
+                  "temperature": 1.0, "beta": [0.1]}  # fmt: skip
+        config = XPOConfig(**common, **online, alpha=[1e-5]) if a.algo == "xpo" else NashMDConfig(**common, **online)
+        kind = XPOTrainer if a.algo == "xpo" else NashMDTrainer
+        trainer = kind(model=model, reward_funcs=scorer, args=config, train_dataset=dataset.remove_columns("answer"),
+                       processing_class=tokenizer)  # fmt: skip
     elif a.algo == "grpo_replay":
         from trl.experimental.grpo_with_replay_buffer import GRPOWithReplayBufferConfig, GRPOWithReplayBufferTrainer
 
@@ -825,6 +848,7 @@ def run_side(side: str, a: argparse.Namespace, seed: int, model_dir: Path, promp
     args += ["--precompute"] if a.precompute else []
     args += ["--tools"] if a.tools else []
     args += ["--teacher-dir", a.teacher_dir] if a.teacher_dir else []
+    args += ["--reward-dir", a.reward_dir] if a.reward_dir else []
     env = {**ONE_THREAD, "PYTHONPATH": ""} if side == "trl" else ONE_THREAD  # TRL's venv must not see ours
     res = run_worker(Path(__file__).resolve(), args, work / f"{side}-{seed}.json", python=python, env=env)
     record = worker_record(res, f"{side} seed {seed}")
@@ -919,7 +943,7 @@ def main() -> None:
     parser.add_argument("--group-size", type=positive_int, default=8, help="completions per prompt")
     parser.add_argument("--max-new-tokens", type=positive_int, default=8, help="completion length limit")
     parser.add_argument(
-        "--lr", type=float, help="default 3e-4 (dpo: 1e-4, distill and sft: 3e-3, policylab's defaults)"
+        "--lr", type=float, help="default 3e-4 (dpo, xpo, nash_md: 1e-4, distill and sft: 3e-3, policylab's defaults)"
     )
     parser.add_argument("--warmup", type=int, default=3, help="steps left out of the timing")
     parser.add_argument("--precompute", action="store_true", help="dpo: precompute_ref_log_probs on both sides")
@@ -936,16 +960,26 @@ def main() -> None:
     parser.add_argument("--prompts", help=argparse.SUPPRESS)
     parser.add_argument("--work", help=argparse.SUPPRESS)
     parser.add_argument("--teacher-dir", help=argparse.SUPPRESS)
+    parser.add_argument("--reward-dir", help=argparse.SUPPRESS)
     a = parser.parse_args()
     if a.lr is None:
         default = 1e-4 if a.algo in PAIR_ALGOS else 3e-4
-        a.lr = {"reward_model": 1e-3, "prm": 1e-3, "distill": 3e-3, "gold": 3e-3, "sft": 3e-3}.get(a.algo, default)
+        rates = {
+            "reward_model": 1e-3,
+            "prm": 1e-3,
+            "distill": 3e-3,
+            "gold": 3e-3,
+            "sft": 3e-3,
+            "xpo": 1e-4,
+            "nash_md": 1e-4,
+        }
+        a.lr = rates.get(a.algo, default)
     if a.text and a.algo != "sft":
         parser.error(f"--text gives SFT plain-text rows, and {a.algo} takes prompts: drop --text or give --algo sft")
     if a.tools and a.algo != "grpo":
         parser.error(f"--tools runs GRPO with a tool, not {a.algo}: drop --algo or give --algo grpo")
-    if a.algo in ("distill", "gold", "ssd"):
-        a.group_size = 1  # DistillationTrainer, GOLDTrainer and SSDTrainer sample one completion per prompt
+    if a.algo in ("distill", "gold", "ssd", "xpo", "nash_md"):
+        a.group_size = 1  # these TRL trainers sample one completion per prompt (XPO, Nash-MD: and one more)
         if a.algo != "ssd" and a.sft_steps <= 0 and not a.worker:
             parser.error("--algo distill distills the SFT model (the teacher) into a random one: give --sft-steps > 0")
     if a.worker:
