@@ -2757,6 +2757,7 @@ def test_every_algorithm_accepts_the_settings_it_reads_and_its_saved_config():
         SAMPLING_ALGOS,
         SAMPLING_STEPS,
         SETTING_READERS,
+        STEP_SUMMARIES,
         LLMConfig,
         LLMTrainer,
         setting_readers,
@@ -2769,6 +2770,7 @@ def test_every_algorithm_accepts_the_settings_it_reads_and_its_saved_config():
     assert SAMPLING_ALGOS == tuple(algo for algo in ALGOS if training_step(algo) in SAMPLING_STEPS)
     for algo in ALGOS:
         assert callable(getattr(LLMTrainer, training_step(algo)))
+        assert training_step(algo) in STEP_SUMMARIES  # what a refusal of an unused setting says it does
         teacher = {"teacher": "runs/sft"} if training_step(algo) == "distill_step" or algo == "minillm" else {}
         universal = {name: value for name, value in EVERY_ALGORITHM.items() if name != "algo"}
         configs = [make_config(algo, teacher), make_config(algo, {**universal, **teacher})]

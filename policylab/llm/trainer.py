@@ -554,6 +554,8 @@ STEP_SUMMARIES = {
     "distill_step": "trains toward a teacher's next-token distributions",
     "a2po_step": "regresses its implicit reward onto the optimal advantage",
     "sdft_step": "distills the model given each row's privileged context into the model without it",
+    "ssd_step": "fine-tunes on its own samples, without rewards",
+    "prm_step": "trains a step classifier on stepwise rows and samples no completions",
 }
 
 
@@ -1869,7 +1871,7 @@ def check_text_rows(cfg: LLMConfig, train_rows: list[dict[str, Any]], eval_rows:
             "these evaluation rows are plain text",
             "drop num_generations_eval, or give prompt rows to evaluate on (--set eval_prompts=FILE)",
         )
-    return all(plain)
+    return bool(plain) and all(plain)
 
 
 def check_expert_rows(rows: list[dict[str, Any]], what: str) -> None:
@@ -3125,7 +3127,7 @@ class LLMTrainer:
         """MiniLLM's teacher terms on a batch, from one pass of each model at kd_temperature: with
         single_step_decomposition, the backward of the token-mean KL(pi || p_teacher) of the whole next-token
         distributions; with rkl_advantage, the advantages per token plus each token's reverse-KL advantage
-        (`objectives.advantages.reverse_kl_advantages`, without gradient)."""
+        (`objectives.imitation.reverse_kl_advantages`, without gradient)."""
         cfg = self.cfg
         ids, mask = rollout.completion_ids, rollout.completion_mask
         with torch.no_grad():
