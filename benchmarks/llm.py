@@ -124,7 +124,9 @@ that term. `--algo grpo_replay`: GRPOWithReplayBufferTrainer against policylab's
 reference (Nash-MD: of the mixture, mixture_coef 0.5) per prompt, beta 0.1 (XPO: alpha 1e-5), temperature 1,
 lr 1e-4 (policylab's default), both rewarded by one reward model: policylab's reward_model trained for 200 steps
 on the addition pairs first, which policylab reads as `--reward model:DIR` (its score at the EOS after the
-completion) and TRL as its reward model (its score at the last token before the padding).
+completion) and TRL as its reward model (its score at the last token before the padding). TRL's worker drops
+the tokenizer's BOS, which these trainers put before every prompt (as for cpo, simpo and orpo): the SFT model
+and the evaluation read prompts without it.
 
 Measured: wall-clock per step (median over the steps after the first `--warmup`), completion tokens per second
 over the same steps, and accuracy after the run. TRL is installed in its own venv (it pulls its own
@@ -644,6 +646,7 @@ def worker_trl(a: argparse.Namespace) -> dict[str, Any]:
         from trl.experimental.xpo import XPOConfig, XPOTrainer
 
         scorer = AutoModelForSequenceClassification.from_pretrained(a.reward_dir)
+        tokenizer.bos_token = None  # OnlineDPOTrainer's family puts it before every prompt; policylab's runs do not
         online = {"per_device_train_batch_size": a.prompts_per_step, "max_new_tokens": a.max_new_tokens,
                   "temperature": 1.0, "beta": [0.1]}  # fmt: skip
         config = XPOConfig(**common, **online, alpha=[1e-5]) if a.algo == "xpo" else NashMDConfig(**common, **online)
