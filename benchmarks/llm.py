@@ -111,7 +111,8 @@ holds 16 pairs, as policylab's (which draws the pairs in shuffled epochs).
 
 Against TRL 1.10's experimental trainers, which the 1.16.0 wheel no longer has (their TRL side runs in
 benchmarks/.venv-trl-main, made by `--setup-main` from TRL_MAIN_COMMIT: from GitHub, or `--trl-source DIR`):
-`--algo bco`: BCOTrainer on kto's rows and batches (beta 0.1, no distribution matching). `--algo prm`:
+`--algo bco`: BCOTrainer on kto's rows and batches (beta 0.1, no distribution matching; TRL's worker drops the
+BOS it would put before every prompt). `--algo prm`:
 PRMTrainer from the starting model (a new two-way head on each side: TRL's randomly initialized, ours at zero),
 TRL's stepwise rows made from the addition rows as policylab's prm makes them (an answer's digits as steps, half
 with one changed), step separator "," (a newline is not in the tiny models' vocabulary); the accuracy is the
@@ -542,6 +543,7 @@ def worker_trl(a: argparse.Namespace) -> dict[str, Any]:
 
         unpaired = [{"prompt": r["prompt"], "completion": r[key], "label": key == "chosen"}
                     for r in rows for key in ("chosen", "rejected")]  # fmt: skip
+        tokenizer.bos_token = None  # BCOTrainer puts it before every prompt; policylab's runs do not
         config = BCOConfig(**common, per_device_train_batch_size=2 * a.prompts_per_step, beta=0.1)
         trainer = BCOTrainer(model=model, args=config, train_dataset=Dataset.from_list(unpaired),
                              processing_class=tokenizer)  # fmt: skip
