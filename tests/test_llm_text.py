@@ -53,6 +53,20 @@ def whole_nll(model, sequences, starts=None):
     return torch.cat(losses), torch.cat(hits)
 
 
+def step_and_hand_nll(trainer, drawn, batch):
+    """An SFT step's metrics on `drawn` (the weights put back after it), and the hand computation of its token
+    NLLs from `batch` (sft_batch's tensors of those rows): every token after each row's prompt."""
+    p, pm, ids, mask = batch
+    trainer.sample_rows = lambda n: drawn
+    before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    metrics = trainer.sft_step()
+    trainer.model.load_state_dict(before)
+    sequences = [p[i][pm[i].bool()].tolist() + ids[i][mask[i].bool()].tolist() for i in range(len(drawn))]
+    with torch.no_grad():
+        nll, _ = whole_nll(trainer.model, sequences, pm.sum(1).tolist())
+    return metrics, nll
+
+
 @pytest.mark.parametrize("bos", [False, True])
 def test_a_text_row_trains_every_token_after_the_first_and_eos(bos):
     tok = with_bos(char_tokenizer()) if bos else char_tokenizer()
@@ -70,13 +84,7 @@ def test_a_text_row_trains_every_token_after_the_first_and_eos(bos):
             assert len(prompt) == 1
         else:  # a prompt row as before: its prompt's tokens, then its answer and EOS
             assert tok.decode(prompt) == "1+2=" and trained == tok("3", add_special_tokens=False)["input_ids"] + [eos]
-    trainer.sample_rows = lambda n: drawn
-    before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
-    metrics = trainer.sft_step()
-    trainer.model.load_state_dict(before)
-    sequences = [p[i][pm[i].bool()].tolist() + ids[i][mask[i].bool()].tolist() for i in range(len(drawn))]
-    with torch.no_grad():
-        nll, _ = whole_nll(trainer.model, sequences, pm.sum(1).tolist())
+    metrics, nll = step_and_hand_nll(trainer, drawn, (p, pm, ids, mask))
     assert metrics["tokens"] == nll.numel() == int(mask.sum())
     assert metrics["loss"] == pytest.approx(float(nll.mean()), rel=1e-5)
 
@@ -90,13 +98,7 @@ def test_completion_only_loss_false_trains_the_prompt_tokens_too():
     for i, row in enumerate(drawn):  # the prompt's first token, then the rest of it, the answer and EOS all trained
         whole = tok(row["prompt"] + row["answer"])["input_ids"] + [tok.eos_token_id]
         assert p[i][pm[i].bool()].tolist() == whole[:1] and ids[i][mask[i].bool()].tolist() == whole[1:]
-    trainer.sample_rows = lambda n: drawn
-    before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
-    metrics = trainer.sft_step()
-    trainer.model.load_state_dict(before)
-    sequences = [p[i][pm[i].bool()].tolist() + ids[i][mask[i].bool()].tolist() for i in range(len(drawn))]
-    with torch.no_grad():
-        nll, _ = whole_nll(trainer.model, sequences)
+    metrics, nll = step_and_hand_nll(trainer, drawn, (p, pm, ids, mask))
     assert metrics["loss"] == pytest.approx(float(nll.mean()), rel=1e-5)
     assert metrics["tokens"] == nll.numel() > sum(len(row["answer"]) + 1 for row in drawn)
 
