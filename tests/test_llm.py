@@ -1734,6 +1734,7 @@ def test_grpo_moves_its_kl_reference_toward_the_policy_every_n_steps(sft_model):
         ("nash_md", {}),  # the mixture's draws from the run's generator
         ("ssd", {}),
         ("bco", {}),  # its running mean of the rewards from the checkpoint
+        ("sft", {"neftune_noise_alpha": 0.5}),  # its noise from the run's generator
         ("prm", {}),  # its head, and the stepwise rows' corruptions from the numpy generator
         ("grpo", {"group_size": 4, "replay_buffer_size": 2}),  # its kept groups and their scores
         ("gold", {"model": "tiny-llama-pairs", "use_uld_loss": True, "uld_use_hybrid_loss": True}),  # another tokenizer
@@ -2478,6 +2479,7 @@ READ = {
     "length_normalization": (False,),
     "step_separator": (":",),
     "replay_buffer_size": (8,),
+    "neftune_noise_alpha": (0.5,),
     "train_on_last_step_only": (True,),
     "num_generations_eval": (4,),
     "log_completions": (True,),

@@ -1,6 +1,6 @@
-"""SFT on plain-text rows (TRL's language-modeling datasets, `dataset_text_field`) and on whole prompt-completion
-rows (`completion_only_loss=false`): the tokens it trains on, its loss and held-out evaluation against hand
-computations, learning, and the errors."""
+"""SFT on plain-text rows (TRL's language-modeling datasets, `dataset_text_field`), on whole prompt-completion
+rows (`completion_only_loss=false`) and with NEFTune: the tokens it trains on, its loss and held-out evaluation
+against hand computations, learning, and the errors."""
 
 from __future__ import annotations
 
@@ -13,10 +13,11 @@ import torch
 import torch.nn.functional as F
 
 from policylab.cli import main
+from policylab.errors import ConfigError
 from policylab.llm import LLMError
 from policylab.llm.models import build_tiny_model
 from policylab.llm.tasks import BOS, char_tokenizer
-from policylab.llm.trainer import LLMInputs, LLMTrainer, evaluate_llm, make_config
+from policylab.llm.trainer import LLMInputs, LLMTrainer, evaluate_llm, make_config, train_llm
 
 
 def sums(n: int, seed: int, field: str = "text") -> list[dict[str, str]]:
@@ -182,3 +183,43 @@ def test_plain_text_rows_get_clear_errors():
         trainer_on(sums(8, 0), {"num_generations_eval": 4})
     with pytest.raises(LLMError, match="is no tokens but EOS"):
         trainer_on(sums(8, 0), eval_rows=[{"text": "<eos>"}]).evaluate()  # the text is the EOS token itself
+
+
+def test_neftune_adds_its_uniform_noise_to_the_input_embeddings_of_each_training_pass():
+    """The step's loss by hand: the same batch through the model with the embeddings plus noise uniform in
+    [-a, a], a = alpha / sqrt(L d), drawn from a copy of the run's generator as the hook draws it."""
+    from policylab.llm.rollout import positions
+
+    rows = [{"prompt": row["text"][:6], "answer": row["text"][6:]} for row in sums(8, 0) if len(row["text"]) > 6]
+    trainer = trainer_on(rows, {"neftune_noise_alpha": 0.5})
+    drawn = trainer.train_rows[:4]
+    trainer.sample_rows = lambda n: drawn
+    p, pm, ids, mask = trainer.sft_batch(drawn)
+    generator = torch.Generator().set_state(trainer.generator.get_state())
+    before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    metrics = trainer.sft_step()
+    trainer.model.load_state_dict(before)
+    tokens = torch.cat([p, ids], 1)
+    attention = torch.cat([pm.long(), mask.long().flip(-1).cummax(-1).values.flip(-1)], 1)
+    with torch.no_grad():
+        embedded = trainer.model.get_input_embeddings()(tokens)
+        bound = 0.5 / math.sqrt(embedded.shape[1] * embedded.shape[2])
+        noisy = embedded + torch.rand(embedded.shape, generator=generator) * (2 * bound) - bound
+        logits = trainer.model(inputs_embeds=noisy, attention_mask=attention, position_ids=positions(attention)).logits
+        logp = torch.log_softmax(logits[:, p.shape[1] - 1 : -1].float(), -1).gather(-1, ids[..., None])[..., 0]
+        plain = trainer.model(input_ids=tokens, attention_mask=attention, position_ids=positions(attention)).logits
+    expected = float(-(logp * mask).sum() / mask.sum())
+    assert metrics["loss"] == pytest.approx(expected, rel=1e-5)
+    plain_logp = torch.log_softmax(plain[:, p.shape[1] - 1 : -1].float(), -1).gather(-1, ids[..., None])[..., 0]
+    assert abs(metrics["loss"] - float(-(plain_logp * mask).sum() / mask.sum())) > 1e-4  # the noise is there
+    with pytest.raises(ConfigError, match="neftune_noise_alpha=0.0 must be > 0"):
+        make_config("sft", {"neftune_noise_alpha": 0.0})
+
+
+def test_sft_with_neftune_learns(tmp_path):
+    """300 steps from random weights at alpha 0.5: exact match 0.555 on this machine (0.375 without the noise;
+    at alpha 5, the paper's for 4096-wide models, the tiny model's embeddings of std 0.02 drown and it reached
+    0.015; scratch runs)."""
+    settings = {"steps": 300, "batch_size": 64, "eval_every": 300, "eval_size": 200, "neftune_noise_alpha": 0.5}
+    run = train_llm("sft", settings, tmp_path, verbose=False)
+    assert run.final_eval["accuracy"] >= 0.3

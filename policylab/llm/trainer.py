@@ -468,6 +468,7 @@ SETTING_READERS: dict[str, tuple[str, ...]] = {
     "assistant_only_loss": ("sft_step",),
     "dataset_text_field": ("sft_step",),
     "completion_only_loss": ("sft_step",),
+    "neftune_noise_alpha": ("sft_step",),
     "filter_empty": ("ssd_step",),
     **dict.fromkeys(("log_completions", "num_completions_to_print"), REWARDED_STEPS),
     # every algorithm's evaluation decodes, but the reward model's (its held-out pairs)
@@ -639,6 +640,11 @@ class LLMConfig:
     """SSD: leave empty and one-line stub completions (shorter than 10 characters) out of the loss (the paper's
     filter for code; TRL's SSDConfig default is true, which on a one-line task such as the built-in ones would
     drop every completion)."""
+    neftune_noise_alpha: float | None = None
+    """SFT with NEFTune (Jain et al. 2023; transformers' TrainingArguments setting, which TRL's SFTTrainer takes):
+    uniform noise in [-a, a], a = alpha / sqrt(L d) (L the batch's sequence length, d the embedding width), added
+    to the input embeddings of each training pass, drawn from the run's generator. None: off. Its passes run
+    through the model's own forward (the fast passes take token ids, not embeddings)."""
     completion_only_loss: bool = True
     """SFT on prompt-completion rows: train on the completion's tokens only (TRL's SFTConfig setting, whose
     default, None, means this for such rows); false: on every token of prompt and completion after the first."""
@@ -1076,6 +1082,10 @@ class LLMConfig:
         self._check_reward_aggregation()
         if self.sft_loss not in ("nll", "dft"):
             raise ConfigError(f"sft_loss={self.sft_loss!r} is not one of nll, dft", "set sft_loss=nll or dft")
+        if self.neftune_noise_alpha is not None and self.neftune_noise_alpha <= 0:
+            raise ConfigError(
+                f"neftune_noise_alpha={self.neftune_noise_alpha} must be > 0", "set 5 (the paper's), or drop it: off"
+            )
         clip = self.reward_clip_range
         if clip is not None and (len(clip) != 2 or not clip[0] < clip[1]):
             raise ConfigError(
@@ -3017,6 +3027,29 @@ class LLMTrainer:
         """The rows that are not plain text."""
         return [row for row in rows if not is_text_row(row, self.cfg.dataset_text_field)]
 
+    @contextlib.contextmanager
+    def neftune(self) -> Iterator[None]:
+        """With neftune_noise_alpha: NEFTune's noise added to the input embeddings' output in training mode
+        (transformers' hook), from the run's generator (so a resumed run draws the same noise)."""
+        alpha = self.cfg.neftune_noise_alpha
+        if alpha is None:
+            yield
+            return
+        generator = self.generator
+
+        def noisy(module: Any, inputs: Any, output: Tensor) -> Tensor:
+            if not module.training:
+                return output
+            bound = alpha / math.sqrt(output.shape[1] * output.shape[2])
+            noise = torch.rand(output.shape, generator=generator, dtype=output.dtype) * (2 * bound) - bound
+            return output + noise
+
+        handle = self.model.get_input_embeddings().register_forward_hook(noisy)
+        try:
+            yield
+        finally:
+            handle.remove()
+
     def trained_whole(self, row: dict[str, Any]) -> bool:
         """Whether SFT trains on a row whole (a `messages` row's conversation, a plain-text row's text, with
         completion_only_loss=false a prompt and its completion) rather than on a prompt's completion."""
@@ -3066,7 +3099,9 @@ class LLMTrainer:
     def sft_step(self) -> dict[str, float]:
         rows = self.sample_rows(self.cfg.batch_size)
         prompt_ids, prompt_mask, answer_ids, answer_mask = self.sft_batch(rows)
-        logp, _ = token_logprobs(self.model, prompt_ids, prompt_mask, answer_ids, answer_mask)
+        with self.neftune():
+            logp, _ = token_logprobs(self.model, prompt_ids, prompt_mask, answer_ids, answer_mask,
+                                     fast=self.cfg.neftune_noise_alpha is None)  # fmt: skip
         weighted = logp * logp.detach().exp() if self.cfg.sft_loss == "dft" else logp  # DFT: NLL x p, p held
         loss = -aggregate(weighted, answer_mask, "token-mean")
         self._optimize(loss)
