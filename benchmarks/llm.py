@@ -121,6 +121,8 @@ SSDTrainer, one completion per prompt at temperature 1, filter_empty off on both
 MiniLLMTrainer with MiniLLMConfig's defaults, the SFT model as the teacher of a random student (as distill);
 TRL's reverse-KL advantages carry the student's gradient, ours none (README: MiniLLM), so the losses differ by
 that term. `--algo grpo_replay`: GRPOWithReplayBufferTrainer against policylab's grpo, replay_buffer_size 64.
+`--algo gspo_token`: the GSPO-token GRPOTrainer (importance_sampling_level "sequence_token", epsilon 3e-4 /
+4e-4, loss_type grpo) against policylab's grpo with loss=gspo_token and the same clip range.
 `--algo xpo`, `--algo nash_md`: XPOTrainer and NashMDTrainer from the SFT model, one policy sample and one of the
 reference (Nash-MD: of the mixture, mixture_coef 0.5) per prompt, beta 0.1 (XPO: alpha 1e-5), temperature 1,
 lr 1e-4 (policylab's default), both rewarded by one reward model: policylab's reward_model trained for 200 steps
@@ -389,6 +391,7 @@ OURS_EXTRA: dict[str, Any] = {
     "distill": lambda a: {"teacher": a.teacher_dir, "beta": 1.0, "temperature": 1.0},
     "minillm": lambda a: {"teacher": a.teacher_dir},  # MiniLLMConfig's defaults on both sides
     "grpo_replay": lambda a: {"replay_buffer_size": 64},
+    "gspo_token": lambda a: {"loss": "gspo_token", "clip_low": 3e-4, "clip_high": 4e-4},  # GSPO's clip range
     **dict.fromkeys(("xpo", "nash_md"), lambda a: {"rewards": [f"model:{a.reward_dir}"]}),
     # GOLD's defaults but lmbda (every step on the student's samples) and positional alignment (TRL's byte alignment
     # takes byte-level BPE tokenizers only)
@@ -408,8 +411,8 @@ OURS_EXTRA: dict[str, Any] = {
 PAIR_ALGOS = ("dpo", "cpo", "simpo", "orpo", "tpo", "kto", "bco", "reward_model", "prm")
 """The algorithms that train on preference pairs (prepare writes pairs for them) and sample nothing."""
 SAMPLING_ALGOS = ("grpo", "gmpo", "rloo", "distill", "gold", "sdft", "sdpo", "ssd", "minillm", "grpo_replay", "xpo",
-                  "nash_md")  # fmt: skip
-MAIN_ONLY = ("ssd", "bco", "prm", "minillm", "grpo_replay", "xpo", "nash_md")
+                  "nash_md", "gspo_token")  # fmt: skip
+MAIN_ONLY = ("ssd", "bco", "prm", "minillm", "grpo_replay", "xpo", "nash_md", "gspo_token")
 """The algorithms of TRL 1.10's that the 1.16.0 wheel no longer has: their TRL side runs in TRL_MAIN_VENV."""
 PRM_SEPARATOR = ","
 """The PRM's step separator on both sides: a character of the tiny models' vocabulary (a newline is not)."""
@@ -448,7 +451,7 @@ def worker_ours(a: argparse.Namespace) -> dict[str, Any]:
         **OURS_EXTRA[a.algo](a),
         **({"max_tool_calling_iterations": 1} if a.tools else {}),
     }
-    algo = {"grpo_replay": "grpo"}.get(a.algo, a.algo)  # (the replay is a setting of ours)
+    algo = {"grpo_replay": "grpo", "gspo_token": "grpo"}.get(a.algo, a.algo)  # (settings of ours)
     run = train_llm(algo, settings, a.work, verbose=False, callback=callback, tools=[calc] if a.tools else None)
     return _record(a, marks, str(run.dir / "model"), "policylab", rewards, calls)
 
@@ -655,6 +658,14 @@ def worker_trl(a: argparse.Namespace) -> dict[str, Any]:
         kind = XPOTrainer if a.algo == "xpo" else NashMDTrainer
         trainer = kind(model=model, reward_funcs=scorer, args=config, train_dataset=dataset.remove_columns("answer"),
                        processing_class=tokenizer)  # fmt: skip
+    elif a.algo == "gspo_token":  # the sequence ratio at each token, GSPO's clip range, loss_type grpo
+        from trl import GRPOConfig
+        from trl.experimental.gspo_token import GRPOTrainer as GSPOTokenTrainer
+
+        config = GRPOConfig(**common, **{**rollouts, "epsilon": 3e-4}, epsilon_high=4e-4, loss_type="grpo",
+                            importance_sampling_level="sequence_token")  # fmt: skip
+        trainer = GSPOTokenTrainer(model=model, reward_funcs=exact_match, args=config, train_dataset=dataset,
+                                   processing_class=tokenizer)  # fmt: skip
     elif a.algo == "grpo_replay":
         from trl.experimental.grpo_with_replay_buffer import GRPOWithReplayBufferConfig, GRPOWithReplayBufferTrainer
 
