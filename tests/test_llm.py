@@ -1837,15 +1837,16 @@ def test_the_numpy_attention_softmax_and_its_backward_equal_torchs_with_rows_far
     np.testing.assert_allclose(_softmax_backward(grad, ours), expected.grad.numpy(), rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("path", ["numpy", "tape", "torch"])
+@pytest.mark.parametrize("path", ["numpy", "distinct", "tape", "torch"])
 @pytest.mark.parametrize("tied", [False, True])
 def test_the_prompt_shared_training_forward_equals_transformers_forward_with_gradients(monkeypatch, path, tied):
     """The prompt-shared training pass computes each distinct prompt once (groups share theirs), in numpy with its
-    backward written out (fast_train, float32; `tape`: its forward read from the sampler's recorded activations)
-    or in torch (LlamaDecoder.completion_logits, other dtypes): the log-probs, entropies, value-head states and
-    every parameter's gradient equal those of transformers' forward over each row's prompt + completion in
-    float64, as closely as transformers' own float32 pass does (grouped-query attention, left-padded prompts,
-    completions of several lengths, tied or separate embeddings)."""
+    backward written out (fast_train, float32; `tape`: its forward read from the sampler's recorded activations;
+    `distinct`: no two rows share a prompt, so each row runs whole, `Stream.whole`) or in torch
+    (LlamaDecoder.completion_logits, other dtypes): the log-probs, entropies, value-head states and every
+    parameter's gradient equal those of transformers' forward over each row's prompt + completion in float64, as
+    closely as transformers' own float32 pass does (grouped-query attention, left-padded prompts, completions of
+    several lengths, tied or separate embeddings)."""
     import copy
 
     from transformers import LlamaForCausalLM
@@ -1858,12 +1859,17 @@ def test_the_prompt_shared_training_forward_equals_transformers_forward_with_gra
         tok, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=tied
     )
     model = LlamaForCausalLM(config).train()
-    enc = tok(["12+34=", "5+6=", "99+1="] * 3, padding=True, return_tensors="pt", add_special_tokens=False)
+    repeats = 1 if path == "distinct" else 3
+    enc = tok(["12+34=", "5+6=", "99+1="] * repeats, padding=True, return_tensors="pt", add_special_tokens=False)
     kwargs = dict(max_new_tokens=6, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
     generator = torch.Generator().manual_seed(1)
     rollout = generate(model, enc["input_ids"], enc["attention_mask"], generator=generator, record=True, **kwargs)
-    rollout = rollout.with_mask(rollout.completion_mask & (torch.arange(6) < torch.tensor([6, 3, 1] * 3)[:, None]))
+    lengths = torch.tensor([6, 3, 1] * repeats)
+    rollout = rollout.with_mask(rollout.completion_mask & (torch.arange(6) < lengths[:, None]))
     assert fast_train.supports(model)
+    stream = fast_train.token_stream(fast_train.LlamaDecoder(model, weights=False), rollout.prompt_ids,
+                                     rollout.prompt_mask, rollout.completion_ids, whole=True)  # fmt: skip
+    assert stream.whole == (path == "distinct")
     if path == "torch":
         monkeypatch.setattr(fast_train, "supports", lambda model: False)
     if path == "tape":  # the pass must not compute its forward

@@ -23,6 +23,7 @@ prompt's activations receive the sum of their rows' gradients). Both equal trans
 
 from __future__ import annotations
 
+import functools
 import weakref
 from dataclasses import dataclass
 from typing import Any
@@ -272,10 +273,8 @@ class NumpyDecoder:
         self.values = [np.empty(shape, np.float32) for _ in self.layers]
         self.embed = decoder.embed.detach().numpy()
         self.norm = decoder.norm.detach().numpy()
-        cos, sin = decoder._rotary(torch.arange(length), torch.float32)
-        rotated = (length, self.heads + self.kv_heads, self.head_dim)  # the tables for every query and key head
-        self.cos, self.sin = (np.ascontiguousarray(np.broadcast_to(t.numpy(), rotated)) for t in (cos, sin))
-        self.rotation = rotation_matrix(self.head_dim)
+        rotated = (length, self.heads + self.kv_heads, self.head_dim // 2)  # the table for every query and key head
+        self.rotary = np.ascontiguousarray(np.broadcast_to(rotary_pairs(decoder, length)[:, None], rotated))
         self.scale = np.float32(self.head_dim**-0.5)
         self.tape: Any = None
         """A `fast_train.Tape` that records this decode's activations for the training pass, or None."""
@@ -317,13 +316,13 @@ class NumpyDecoder:
         -inf elsewhere. With a `tape`, every activation the training pass's backward reads is written into it."""
         (batch, length), heads, kv_heads, dim = tokens.shape, self.heads, self.kv_heads, self.head_dim
         end, repeat = start + length, heads // kv_heads
-        cos, sin = self.cos[positions.reshape(-1)], self.sin[positions.reshape(-1)]  # [B L, H + K, D]
+        rotary = self.rotary[positions.reshape(-1)]  # [B L, H + K, D / 2]
         mask = bias[:, None, None]  # [B, 1, 1, L, S]
         h = self.embed[tokens.reshape(-1)]  # [B L, E]: the products are 2-D (a 3-D one is a loop of small ones)
         for i, (w_in, w_qkv, w_out, w_post, w_gate_up, w_down) in enumerate(self.layers):
             x1, normed1, inverse1 = rms_norm(h, w_in, self.eps)
             qkv = (x1 @ w_qkv).reshape(batch * length, -1, dim)
-            qk = rotate(np.ascontiguousarray(qkv[:, : heads + kv_heads]), cos, sin, self.rotation)
+            qk = rotate_pairs(qkv[:, : heads + kv_heads], rotary)
             k = qk[:, heads:].reshape(batch, length, kv_heads, dim)
             self.keys[i][:, :, start:end] = k.transpose(0, 2, 1, 3)
             v = qkv[:, heads + kv_heads :].reshape(batch, length, kv_heads, dim)
@@ -354,11 +353,12 @@ _NUMPY_WEIGHTS: weakref.WeakKeyDictionary[Any, list[np.ndarray]] = weakref.WeakK
 
 
 def numpy_weights(decoder: LlamaDecoder) -> tuple[list[tuple[np.ndarray, ...]], np.ndarray]:
-    """The decoder's weights for `NumpyDecoder`: per layer (input norm, [q; k; v], output, post-attention norm,
-    [gate; up], down) with every matrix as an [in, out] copy (numpy's product with a transposed view runs at less
-    than half the speed: benchmarks/small_ops.py), and the LM head [E, V]. The copies go into the arrays of the
-    model's previous call: new arrays of a few MB cost their page faults at every rollout, about a tenth of a
-    small-llama GRPO step. So a decoder's matrices are current only until the next decoder of the same model."""
+    """The decoder's weights for `NumpyDecoder`: per layer (input norm, [q; k; v] in `pair_order`, output,
+    post-attention norm, [gate; up], down) with every matrix as an [in, out] copy (numpy's product with a
+    transposed view runs at less than half the speed: benchmarks/small_ops.py), and the LM head [E, V]. The copies
+    go into the arrays of the model's previous call: new arrays of a few MB cost their page faults at every
+    rollout, about a tenth of a small-llama GRPO step. So a decoder's matrices are current only until the next
+    decoder of the same model."""
     groups: list[list[Tensor]] = []  # the matrices of each [in, out] array
     for layer in decoder.modules:
         attn, mlp = layer.self_attn, layer.mlp
@@ -370,10 +370,14 @@ def numpy_weights(decoder: LlamaDecoder) -> tuple[list[tuple[np.ndarray, ...]], 
     if arrays is None or [a.shape for a in arrays] != shapes:
         arrays = [np.empty(shape, np.float32) for shape in shapes]
         _NUMPY_WEIGHTS[decoder.modules] = arrays
-    for array, group in zip(arrays, groups, strict=True):
+    order = pair_order(decoder.heads, decoder.kv_heads, decoder.head_dim)
+    for number, (array, group) in enumerate(zip(arrays, groups, strict=True)):
+        rows = [w.detach().numpy() for w in group]
+        if number % 4 == 0 and number < len(arrays) - 1:  # a layer's [q; k; v]
+            rows = [np.concatenate(rows)[order]]
         column = 0
-        for w in group:
-            _transpose_into(array[:, column : column + w.shape[0]], w.detach().numpy())
+        for w in rows:
+            _transpose_into(array[:, column : column + w.shape[0]], w)
             column += w.shape[0]
     layers: list[tuple[np.ndarray, ...]] = []
     for i, module in enumerate(decoder.modules):
@@ -399,20 +403,40 @@ def rms_norm(x: np.ndarray, weight: np.ndarray, eps: float) -> tuple[np.ndarray,
     return normed * weight, normed, inverse
 
 
-def rotation_matrix(dim: int) -> np.ndarray:
-    """R [D, D] with x @ R = [-x2, x1] (x = [x1, x2]): the rotary embedding's half swap as one product."""
-    half, rows = dim // 2, np.arange(dim // 2)
-    rotation = np.zeros((dim, dim), np.float32)
-    rotation[rows + half, rows] = -1.0
-    rotation[rows, rows + half] = 1.0
-    return rotation
+@functools.lru_cache(maxsize=8)
+def pair_order(heads: int, kv_heads: int, dim: int) -> np.ndarray:
+    """The row order [(heads + 2 kv_heads) D] of a [q; k; v] weight that the numpy passes compute with: each query
+    and key head's dimensions i and i + D/2 (the pair the rotary embedding turns together) side by side, values
+    unchanged. Attention reads a query and a key only through their dot product, which the same order on both
+    leaves as it is; the rotation is then one complex product (`rotate_pairs`)."""
+    half = dim // 2
+    within = np.stack([np.arange(half), np.arange(half) + half], -1).reshape(-1)  # 0, D/2, 1, D/2 + 1, ...
+    rotated = (np.arange(heads + kv_heads)[:, None] * dim + within).reshape(-1)
+    order = np.concatenate([rotated, np.arange((heads + kv_heads) * dim, (heads + 2 * kv_heads) * dim)])
+    order.flags.writeable = False
+    return order
 
 
-def rotate(x: np.ndarray, cos: np.ndarray, sin: np.ndarray, rotation: np.ndarray) -> np.ndarray:
-    """The rotary embedding x cos + rot(x) sin of x [M, heads, D] (cos and sin of its shape). numpy's elementwise
-    loops over an inner axis of D numbers, broadcast over heads, and a concatenation of halves cost several times
-    the arithmetic; full tables and a product do not."""
-    return x * cos + (x.reshape(-1, x.shape[-1]) @ rotation).reshape(x.shape) * sin
+@functools.lru_cache(maxsize=8)
+def pair_order_inverse(heads: int, kv_heads: int, dim: int) -> np.ndarray:
+    """`pair_order`'s inverse: a gradient of the reordered rows back in the weight's own order."""
+    inverse = np.argsort(pair_order(heads, kv_heads, dim))
+    inverse.flags.writeable = False
+    return inverse
+
+
+def rotary_pairs(decoder: LlamaDecoder, positions: int) -> np.ndarray:
+    """The rotary embedding at positions 0..positions-1 as complex numbers [positions, D/2]: scale (cos + i sin) of
+    each pair's angle (the decoder's `_rotary`, whose two halves repeat the same angles)."""
+    angles = torch.arange(positions, dtype=torch.float32)[:, None] * decoder.inv_freq
+    return (torch.polar(torch.full_like(angles, decoder.rope_scale), angles)).numpy()
+
+
+def rotate_pairs(x: np.ndarray, table: np.ndarray) -> np.ndarray:
+    """The rotary embedding of x [M, heads, D] in `pair_order` (its last axis contiguous), each pair (a, b) read as
+    a + ib and multiplied by `table` [M, heads, D/2] (`rotary_pairs`'s rows, complex64): one pass over the numbers,
+    where x cos + rot(x) sin in the model's own order costs four and a small product."""
+    return (x.view(np.complex64) * table).view(np.float32)
 
 
 SOFTMAX_FLOOR = np.float32(np.exp(-60.0))

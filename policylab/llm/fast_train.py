@@ -19,7 +19,10 @@ unmodified since, and the same rows).
 Shapes in the comments: M tokens in the stream (the P distinct prompts' W tokens each, then the N rows' L
 completion tokens but the last), E hidden, H query heads and K key/value heads of D numbers, R = H / K, I the
 MLP's width. Attention runs on queries [B, K, R, Q, D] (head j reads key head j // R) and keys and values
-[B, K, 1, S, D]."""
+[B, K, 1, S, D]. Queries and keys are computed in `pair_order` (the rows of the [q; k] weights reordered so that
+each pair the rotary embedding turns sits side by side), which leaves their dot products as they are and makes
+the rotation and its backward one complex product each; the sampler computes in the same order, so a tape's
+queries and keys are the pass's."""
 
 from __future__ import annotations
 
@@ -35,9 +38,11 @@ from torch import Tensor
 from policylab.llm.fast_decode import (
     LlamaDecoder,
     causal_bias,
+    pair_order,
+    pair_order_inverse,
     rms_norm,
-    rotate,
-    rotation_matrix,
+    rotary_pairs,
+    rotate_pairs,
     shared_prompts,
     silu,
     softmax,
@@ -48,10 +53,13 @@ F32 = np.float32
 
 def supports(model: Any) -> bool:
     """A float32 Llama-family model on the CPU whose parameters `parameters_of` reads directly."""
-    return (
-        LlamaDecoder.supports(model)
-        and type(model.model.embed_tokens).__name__ == "Embedding"
-        and all(p.dtype == torch.float32 and p.device.type == "cpu" for p in parameters_of(model))
+    return LlamaDecoder.supports(model) and weights_supported(model)
+
+
+def weights_supported(model: Any) -> bool:
+    """`supports` for a model `LlamaDecoder.supports` (checked by the caller: a pass checks it once)."""
+    return type(model.model.embed_tokens).__name__ == "Embedding" and all(
+        p.dtype is torch.float32 and p.is_cpu for p in parameters_of(model)
     )
 
 
@@ -84,12 +92,13 @@ PER_LAYER = 9
 @dataclass
 class Stream:
     """One batch as a token stream: the distinct prompts' tokens, then each row's completion tokens but the last
-    (the positions that predict the next completion token), with the rotary tables and attention biases."""
+    (the positions that predict the next completion token), with the rotary tables and attention biases. Where no
+    two rows share a prompt and no tape is read (SFT's rows), each row is one whole "prompt" instead, its
+    completion tokens but the last after its prompt's (`whole`): one attention per row, where the split layout
+    runs two and the copies and sums that join them."""
 
     tokens: np.ndarray  # [M]
-    cos: np.ndarray  # [M, H + K, D]: the rotary tables of every query and key head
-    sin: np.ndarray
-    rotation: np.ndarray  # [D, D]
+    rotary: np.ndarray  # [M, H + K, D / 2] complex: the rotary table of every query and key head (`rotate_pairs`)
     prompt_bias: np.ndarray  # [P, 1, 1, W, W]: 0 where a prompt token may attend, -inf elsewhere
     completion_bias: np.ndarray  # [N, 1, 1, L, W + L]
     index: np.ndarray  # [N]: each row's distinct prompt
@@ -97,7 +106,14 @@ class Stream:
     distinct: int
     width: int
     rows: int
-    length: int
+    length: int  # L: each row's completion positions (the batch's completion length, less one)
+    whole: bool = False  # each row laid out whole (W includes its L completion positions; no completion part)
+
+    @property
+    def tail(self) -> int:
+        """The positions at the end of each prompt the pass reads: the last (it predicts the first completion
+        token), or with `whole` rows the last L + 1."""
+        return self.length + 1 if self.whole else 1
 
     @property
     def split(self) -> int:
@@ -105,30 +121,40 @@ class Stream:
         return self.distinct * self.width
 
     @cached_property
+    def unrotate(self) -> np.ndarray:
+        """The rotary table's conjugate: the rotation's backward (a rotation's transpose is its inverse)."""
+        return np.conj(self.rotary)
+
+    @cached_property
     def read(self) -> np.ndarray:
-        """The stream's rows whose last-layer outputs the pass reads: each prompt's last token (it predicts the
-        first completion token), then every completion position."""
-        return np.concatenate(
-            [np.arange(self.width - 1, self.split, self.width), np.arange(self.split, len(self.tokens))]
-        )
+        """The stream's rows whose last-layer outputs the pass reads: each prompt's last `tail` tokens, then every
+        completion position."""
+        ends = np.arange(self.width, self.split + 1, self.width)[:, None]
+        tails = (ends - self.tail + np.arange(self.tail)).reshape(-1)
+        return np.concatenate([tails, np.arange(self.split, len(self.tokens))])
 
 
-def token_stream(decoder: LlamaDecoder, prompt_ids: Tensor, prompt_mask: Tensor, completion_ids: Tensor) -> Stream:
+def token_stream(
+    decoder: LlamaDecoder, prompt_ids: Tensor, prompt_mask: Tensor, completion_ids: Tensor, whole: bool = False
+) -> Stream:
     """The batch's `Stream`, built in numpy: its arrays are a few hundred numbers, where each torch call costs more
-    than numpy's."""
+    than numpy's. `whole`: rows laid out whole where no two share a prompt (`Stream.whole`)."""
     ids, mask, index = (t.numpy() for t in shared_prompts(prompt_ids, prompt_mask.bool()))
     (distinct, width), (rows, length) = ids.shape, (completion_ids.shape[0], completion_ids.shape[1] - 1)
-    positions = np.concatenate(
-        [np.maximum(mask.cumsum(-1) - 1, 0).reshape(-1), (mask.sum(-1)[index, None] + np.arange(length)).reshape(-1)]
-    )
-    cos, sin = rotary_tables(decoder, int(positions.max(initial=0)) + 1)
-    rotated = (len(positions), decoder.heads + decoder.kv_heads, decoder.head_dim)
-    key_valid = np.concatenate([mask[index], np.ones((rows, length), bool)], -1)
+    completions = completion_ids[:, :length].numpy()
+    if whole and distinct == rows and length:  # (all distinct: index is 0..N-1)
+        ids = np.concatenate([ids, completions], -1)
+        mask = np.concatenate([mask, np.ones((rows, length), mask.dtype)], -1)
+        completions, width = completions[:, :0], width + length
+    positions = np.maximum(mask.cumsum(-1) - 1, 0).reshape(-1)
+    if completions.size:
+        positions = np.concatenate([positions, (mask.sum(-1)[index, None] + np.arange(length)).reshape(-1)])
+    table = rotary_table(decoder, int(positions.max(initial=0)) + 1)
+    rotated = (len(positions), decoder.heads + decoder.kv_heads, decoder.head_dim // 2)
+    key_valid = np.concatenate([mask[index], np.ones(completions.shape, bool)], -1)
     return Stream(
-        tokens=np.concatenate([ids.reshape(-1), completion_ids[:, :length].numpy().reshape(-1)]),
-        cos=np.ascontiguousarray(np.broadcast_to(cos[positions][:, None], rotated)),
-        sin=np.ascontiguousarray(np.broadcast_to(sin[positions][:, None], rotated)),
-        rotation=rotation_matrix(decoder.head_dim),
+        tokens=np.concatenate([ids.reshape(-1), completions.reshape(-1)]),
+        rotary=np.ascontiguousarray(np.broadcast_to(table[positions][:, None], rotated)),
         prompt_bias=causal_bias(mask, 0)[:, None, None],
         completion_bias=causal_bias(key_valid, width)[:, None, None],
         index=index,
@@ -137,21 +163,21 @@ def token_stream(decoder: LlamaDecoder, prompt_ids: Tensor, prompt_mask: Tensor,
         width=width,
         rows=rows,
         length=length,
+        whole=not completions.size and length > 0,
     )
 
 
-_ROTARY: list[tuple[tuple[Any, ...], np.ndarray, np.ndarray]] = []
-"""The latest `rotary_tables`: the decoder's rotary settings and its cos and sin tables."""
+_ROTARY: list[tuple[tuple[Any, ...], np.ndarray]] = []
+"""The latest `rotary_table`: the decoder's rotary settings and its table."""
 
 
-def rotary_tables(decoder: LlamaDecoder, positions: int) -> tuple[np.ndarray, np.ndarray]:
-    """cos and sin [T >= positions, D] of the rotary embedding at positions 0..T-1 (the decoder's `_rotary`, as
-    the sampler's tables), kept for the next batch: a stream takes its rows by position."""
-    key = (decoder.head_dim, decoder.rope_scale, decoder.inv_freq.numpy().tobytes())
+def rotary_table(decoder: LlamaDecoder, positions: int) -> np.ndarray:
+    """The rotary embedding [T >= positions, D / 2] at positions 0..T-1 (`rotary_pairs`, as the sampler's table),
+    kept for the next batch: a stream takes its rows by position."""
+    key = (decoder.rope_scale, decoder.inv_freq.numpy().tobytes())
     if not _ROTARY or _ROTARY[0][0] != key or len(_ROTARY[0][1]) < positions:
-        cos, sin = decoder._rotary(torch.arange(max(positions, 64)), torch.float32)
-        _ROTARY[:] = [(key, cos[:, 0].numpy(), sin[:, 0].numpy())]
-    return _ROTARY[0][1], _ROTARY[0][2]
+        _ROTARY[:] = [(key, rotary_pairs(decoder, max(positions, 64)))]
+    return _ROTARY[0][1]
 
 
 _LAST_STREAM: list[tuple[tuple[Tensor, ...], tuple[int, ...], tuple[Any, ...], Stream]] = []
@@ -159,13 +185,15 @@ _LAST_STREAM: list[tuple[tuple[Tensor, ...], tuple[int, ...], tuple[Any, ...], S
 decoder's attention shapes and rotary table it was built for, the stream."""
 
 
-def shared_stream(decoder: LlamaDecoder, prompt_ids: Tensor, prompt_mask: Tensor, completion_ids: Tensor) -> Stream:
+def shared_stream(
+    decoder: LlamaDecoder, prompt_ids: Tensor, prompt_mask: Tensor, completion_ids: Tensor, whole: bool = False
+) -> Stream:
     """`token_stream`, the previous one again where the same batch tensors (unmodified since: version counters) come
-    with the same attention shapes and rotary table: DPO's policy and reference passes read one batch, and building
-    its stream took 0.65 ms of a 10 ms tiny-llama DPO step (AMD EPYC Zen 3)."""
+    with the same attention shapes, rotary table and `whole`: DPO's policy and reference passes read one batch,
+    and building its stream took 0.65 ms of a 10 ms tiny-llama DPO step (AMD EPYC Zen 3)."""
     tensors = (prompt_ids, prompt_mask, completion_ids)
     versions = tuple(t._version for t in tensors)
-    shapes = (decoder.heads, decoder.kv_heads, decoder.head_dim, decoder.rope_scale)
+    shapes = (decoder.heads, decoder.kv_heads, decoder.head_dim, decoder.rope_scale, whole)
     if _LAST_STREAM:
         held, held_versions, (*held_shapes, inv_freq), stream = _LAST_STREAM[0]
         if (
@@ -175,7 +203,7 @@ def shared_stream(decoder: LlamaDecoder, prompt_ids: Tensor, prompt_mask: Tensor
             and torch.equal(inv_freq, decoder.inv_freq)
         ):
             return stream
-    stream = token_stream(decoder, prompt_ids, prompt_mask, completion_ids)
+    stream = token_stream(decoder, prompt_ids, prompt_mask, completion_ids, whole)
     _LAST_STREAM[:] = [(tensors, versions, (*shapes, decoder.inv_freq.clone()), stream)]
     return stream
 
@@ -188,7 +216,10 @@ def _rms_backward(
 ) -> tuple[np.ndarray, np.ndarray]:
     """(gradient of the input, of the weight) of `rms_norm` from its output's gradient [rows, E]."""
     scaled = grad * weight
-    return inverse * (scaled - normed * (scaled * normed).mean(-1, keepdims=True)), (grad * normed).sum(0)
+    d_input = normed * (np.einsum("ij,ij->i", scaled, normed)[:, None] * F32(1.0 / grad.shape[-1]))
+    np.subtract(scaled, d_input, out=d_input)
+    d_input *= inverse
+    return d_input, np.einsum("ij,ij->j", grad, normed)
 
 
 def _softmax_backward(grad: np.ndarray, probs: np.ndarray) -> np.ndarray:
@@ -244,7 +275,7 @@ class Layer:
     inverse1: np.ndarray
     x1: np.ndarray
     prompts: Attention
-    completions: Attention
+    completions: Attention | None  # None: the stream's rows are `whole`
     attended: np.ndarray
     normed2: np.ndarray
     inverse2: np.ndarray
@@ -273,20 +304,21 @@ def _layer_forward(
     heads, kv, dim, split = shapes.heads, shapes.kv_heads, shapes.head_dim, stream.split
     p, n, repeat = stream.distinct, stream.rows, heads // kv
     x1, normed1, inverse1 = rms_norm(h, w_in, shapes.eps)
-    qkv = (x1 @ np.concatenate([wq, wk, wv]).T).reshape(len(h), -1, dim)
-    qk = rotate(np.ascontiguousarray(qkv[:, : heads + kv]), stream.cos, stream.sin, stream.rotation)
+    qkv = (x1 @ np.concatenate([wq, wk, wv])[pair_order(heads, kv, dim)].T).reshape(len(h), -1, dim)
+    qk = rotate_pairs(qkv[:, : heads + kv], stream.rotary)
     q, k, v = qk[:, :heads] * F32(dim**-0.5), qk[:, heads:], qkv[:, heads + kv :]
     kp, vp = _heads(k[:split], p, stream.width, kv, 1), _heads(v[:split], p, stream.width, kv, 1)
     queries, bias = _heads(q[:split], p, stream.width, kv, repeat), stream.prompt_bias
     if last:
-        queries, bias = queries[..., -1:, :], bias[..., -1:, :]
+        queries, bias = queries[..., -stream.tail :, :], bias[..., -stream.tail :, :]
     out_p, prompts = Attention.run(queries, kp, vp, bias)
-    # a completion row attends to its prompt's keys and values, then to its own
-    keys = np.concatenate([kp[stream.index], _heads(k[split:], n, stream.length, kv, 1)], 3)
-    values = np.concatenate([vp[stream.index], _heads(v[split:], n, stream.length, kv, 1)], 3)
-    out_c, completions = Attention.run(_heads(q[split:], n, stream.length, kv, repeat), keys, values,
-                                       stream.completion_bias)  # fmt: skip
-    attended = np.concatenate([_tokens(out_p), _tokens(out_c)])
+    attended, completions = _tokens(out_p), None
+    if not stream.whole:  # a completion row attends to its prompt's keys and values, then to its own
+        keys = np.concatenate([kp[stream.index], _heads(k[split:], n, stream.length, kv, 1)], 3)
+        values = np.concatenate([vp[stream.index], _heads(v[split:], n, stream.length, kv, 1)], 3)
+        out_c, completions = Attention.run(_heads(q[split:], n, stream.length, kv, repeat), keys, values,
+                                           stream.completion_bias)  # fmt: skip
+        attended = np.concatenate([attended, _tokens(out_c)])
     attended = attended.reshape(len(attended), -1)
     read = stream.read if last else None
     h = (h if read is None else h[read]) + attended @ wo.T
@@ -306,7 +338,7 @@ def _layer_backward(
     `saved.read`'s rows where the forward computed only those)."""
     w_in, wq, wk, wv, wo, w_post, wg, wu, wd = w
     heads, kv, dim, split, width = shapes.heads, shapes.kv_heads, shapes.head_dim, stream.split, stream.width
-    repeat, queried = heads // kv, width if saved.read is None else 1  # each prompt's query positions
+    repeat, queried = heads // kv, width if saved.read is None else stream.tail  # each prompt's query positions
     d_act = dh @ wd
     d_up = d_act * saved.silu
     d_gate = torch.ops.aten.silu_backward(torch.from_numpy(d_act * saved.up), torch.from_numpy(saved.gate)).numpy()
@@ -314,31 +346,31 @@ def _layer_backward(
     dh2 = dh + d_x2
     d_attended = dh2 @ wo
     prompt_rows = stream.distinct * queried
-    d_qc, d_keys, d_values = saved.completions.backward(
-        _heads(d_attended[prompt_rows:], stream.rows, stream.length, kv, repeat)
-    )
     d_qp, d_kp, d_vp = saved.prompts.backward(_heads(d_attended[:prompt_rows], stream.distinct, queried, kv, repeat))
-    # the rows' gradients of their prompt's keys and values, summed per prompt
-    d_kp += (stream.scatter @ d_keys[:, :, :, :width].reshape(stream.rows, -1)).reshape(d_kp.shape)
-    d_vp += (stream.scatter @ d_values[:, :, :, :width].reshape(stream.rows, -1)).reshape(d_vp.shape)
     d_qkv = np.empty((len(stream.tokens), heads + 2 * kv, dim), F32)
     if saved.read is None:
         d_qkv[:split, :heads] = _tokens(d_qp)
-    else:  # only each prompt's last position was a query
+    else:  # only each prompt's last `tail` positions were queries
         d_qkv[:split, :heads] = 0.0
-        d_qkv[width - 1 : split : width, :heads] = _tokens(d_qp)
-    d_qkv[split:, :heads] = _tokens(d_qc)
+        by_prompt = d_qkv[:split].reshape(stream.distinct, width, heads + 2 * kv, dim)
+        by_prompt[:, width - queried :, :heads] = _tokens(d_qp).reshape(stream.distinct, queried, heads, dim)
+    if saved.completions is not None:
+        d_qc, d_keys, d_values = saved.completions.backward(
+            _heads(d_attended[prompt_rows:], stream.rows, stream.length, kv, repeat)
+        )
+        # the rows' gradients of their prompt's keys and values, summed per prompt
+        d_kp += (stream.scatter @ d_keys[:, :, :, :width].reshape(stream.rows, -1)).reshape(d_kp.shape)
+        d_vp += (stream.scatter @ d_values[:, :, :, :width].reshape(stream.rows, -1)).reshape(d_vp.shape)
+        d_qkv[split:, :heads] = _tokens(d_qc)
+        d_qkv[split:, heads : heads + kv] = _tokens(d_keys[..., width:, :])
+        d_qkv[split:, heads + kv :] = _tokens(d_values[..., width:, :])
     d_qkv[:, :heads] *= F32(dim**-0.5)
-    d_qkv[:split, heads : heads + kv], d_qkv[split:, heads : heads + kv] = (
-        _tokens(d_kp),
-        _tokens(d_keys[..., width:, :]),
-    )
-    d_qkv[:split, heads + kv :], d_qkv[split:, heads + kv :] = _tokens(d_vp), _tokens(d_values[..., width:, :])
-    qk = d_qkv[:, : heads + kv]  # the rotary embedding's backward: g cos + rot^T(g sin)
-    qk[:] = qk * stream.cos + ((qk * stream.sin).reshape(-1, dim) @ stream.rotation.T).reshape(qk.shape)
+    d_qkv[:split, heads : heads + kv], d_qkv[:split, heads + kv :] = _tokens(d_kp), _tokens(d_vp)
+    pairs = d_qkv[:, : heads + kv].view(np.complex64)  # the rotary embedding's backward
+    pairs *= stream.unrotate
     d_flat = d_qkv.reshape(len(d_qkv), -1)
-    w_qkv = np.concatenate([wq, wk, wv])
-    d_w_qkv = d_flat.T @ saved.x1
+    w_qkv = np.concatenate([wq, wk, wv])[pair_order(heads, kv, dim)]
+    d_w_qkv = (d_flat.T @ saved.x1)[pair_order_inverse(heads, kv, dim)]  # the weights' own row order
     d_x1, d_in = _rms_backward(d_flat @ w_qkv, saved.normed1, saved.inverse1, w_in)
     q_rows, k_rows = wq.shape[0], wk.shape[0]
     grads = [d_in, d_w_qkv[:q_rows], d_w_qkv[q_rows : q_rows + k_rows], d_w_qkv[q_rows + k_rows :],
@@ -519,7 +551,10 @@ def _forward(w: list[np.ndarray], stream: Stream, shapes: LlamaDecoder, with_log
         h, saved = _layer_forward(h, weights, stream, shapes, last=i == shapes.n_layers - 1)
         layers.append(saved)
     p, n, length = stream.distinct, stream.rows, stream.length  # h: `Stream.read`'s rows
-    selected = np.concatenate([h[:p][stream.index][:, None], h[p:].reshape(n, length, h.shape[-1])], 1)  # [N, L + 1, E]
+    if stream.whole:  # each row's last L + 1 positions, in order
+        selected = h.reshape(n, length + 1, h.shape[-1])
+    else:  # [N, L + 1, E]
+        selected = np.concatenate([h[:p][stream.index][:, None], h[p:].reshape(n, length, h.shape[-1])], 1)
     states, normed, inverse = rms_norm(selected, w[-2], shapes.eps)
     return layers, states, normed, inverse, states @ w[-1].T if with_logits else np.zeros((0,), F32)
 
@@ -542,6 +577,7 @@ class NumpyLlamaPass(torch.autograd.Function):
         else:
             arrays = [t.detach().numpy() for t in weights]
             layers, states, normed, inverse, logits = _forward(arrays, stream, shapes, with_logits)
+            ctx.arrays = arrays
         ctx.save_for_backward(*weights)
         ctx.numpy = (shapes, stream, layers, states, normed, inverse)
         ctx.set_materialize_grads(False)
@@ -555,7 +591,8 @@ class NumpyLlamaPass(torch.autograd.Function):
                 "the sampler tape this forward read was overwritten by a later generate(record=True) of the same "
                 "shapes before its backward: run the backward first, or generate without record"
             )
-        w = [t.detach().numpy() for t in ctx.saved_tensors]
+        saved = ctx.saved_tensors  # (autograd's check that none was modified in place since the forward)
+        w = ctx.arrays if hasattr(ctx, "arrays") else [t.detach().numpy() for t in saved]
         embed_dim = w[0].shape[1]
         grads: list[np.ndarray | None] = [None] * len(w)
         d_states = np.zeros_like(states) if grad_states is None else grad_states.numpy().copy()
@@ -567,7 +604,10 @@ class NumpyLlamaPass(torch.autograd.Function):
                                               inverse.reshape(-1, 1), w[-2])  # fmt: skip
         d_selected = d_selected.reshape(stream.rows, stream.length + 1, embed_dim)
         # at `Stream.read`'s rows: each prompt's last token (its rows' sum), then the completion positions
-        dh = np.concatenate([stream.scatter @ d_selected[:, 0], d_selected[:, 1:].reshape(-1, embed_dim)])
+        if stream.whole:
+            dh = d_selected.reshape(-1, embed_dim)
+        else:
+            dh = np.concatenate([stream.scatter @ d_selected[:, 0], d_selected[:, 1:].reshape(-1, embed_dim)])
         if layers and layers[-1].read is None:  # a tape's last layer computed every row
             dh = _at_rows(dh, stream.read, len(stream.tokens))
         for i in reversed(range(shapes.n_layers)):
@@ -599,7 +639,7 @@ def completion_logits(
     """`LlamaDecoder.completion_logits` through `NumpyLlamaPass` (for models where `supports(model)`); with the
     `tape` of the sampling that produced these completions, its forward is the tape's where it is `usable`."""
     decoder = LlamaDecoder(model, weights=False)
-    stream = shared_stream(decoder, prompt_ids, prompt_mask, completion_ids)
+    stream = shared_stream(decoder, prompt_ids, prompt_mask, completion_ids, whole=tape is None)
     logits, states = NumpyLlamaPass.apply(decoder, stream, tape, True, *parameters_of(model))
     if hidden is not None:
         hidden.append(states)
@@ -610,5 +650,5 @@ def completion_states(model: Any, prompt_ids: Tensor, prompt_mask: Tensor, compl
     """The final-norm states [N, T, E] of `completion_logits` (those that predict each completion token) without
     the LM head's product: what a reward model's score reads."""
     decoder = LlamaDecoder(model, weights=False)
-    stream = shared_stream(decoder, prompt_ids, prompt_mask, completion_ids)
+    stream = shared_stream(decoder, prompt_ids, prompt_mask, completion_ids, whole=True)
     return NumpyLlamaPass.apply(decoder, stream, None, False, *parameters_of(model))[1]
