@@ -1870,8 +1870,9 @@ def test_the_prompt_shared_training_forward_equals_transformers_forward_with_gra
     stream = fast_train.token_stream(fast_train.LlamaDecoder(model, weights=False), rollout.prompt_ids,
                                      rollout.prompt_mask, rollout.completion_ids, whole=True)  # fmt: skip
     assert stream.whole == (path == "distinct")
-    if path == "torch":
+    if path == "torch":  # (and the numpy pass must not run)
         monkeypatch.setattr(fast_train, "supports", lambda model: False)
+        monkeypatch.setattr(fast_train, "_forward", lambda *args: pytest.fail("the numpy pass ran"))
     if path == "tape":  # the pass must not compute its forward
         monkeypatch.setattr(fast_train, "_forward", lambda *args: pytest.fail("the tape was not used"))
     tape = rollout.tape if path == "tape" else None

@@ -53,13 +53,10 @@ F32 = np.float32
 
 def supports(model: Any) -> bool:
     """A float32 Llama-family model on the CPU whose parameters `parameters_of` reads directly."""
-    return LlamaDecoder.supports(model) and weights_supported(model)
-
-
-def weights_supported(model: Any) -> bool:
-    """`supports` for a model `LlamaDecoder.supports` (checked by the caller: a pass checks it once)."""
-    return type(model.model.embed_tokens).__name__ == "Embedding" and all(
-        p.dtype is torch.float32 and p.is_cpu for p in parameters_of(model)
+    return (
+        LlamaDecoder.supports(model)
+        and type(model.model.embed_tokens).__name__ == "Embedding"
+        and all(p.dtype is torch.float32 and p.is_cpu for p in parameters_of(model))
     )
 
 

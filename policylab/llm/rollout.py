@@ -468,7 +468,7 @@ def _completion_logits(
     """The float logits [N, T, V] at the positions that predict each completion token, in one pass over prompt +
     completion: `fast_train`'s numpy pass, `LlamaDecoder`'s torch pass or the model's own forward (`fast` False,
     or a model neither supports)."""
-    if fast and fast_train.weights_supported(model):  # (fast: LlamaDecoder.supports holds)
+    if fast and fast_train.supports(model):
         return fast_train.completion_logits(model, prompt_ids, prompt_mask, completion_ids, hidden, tape)
     if fast:
         return LlamaDecoder(model).completion_logits(prompt_ids, prompt_mask, completion_ids, hidden).float()
