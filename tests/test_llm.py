@@ -1635,8 +1635,13 @@ def test_an_rl_step_reading_the_sampler_tape_takes_the_gradients_of_computing_ev
     assert (
         min(float(g.abs().max()) for g in computed_grads[:3]) > 0
     )  # seed 2's groups have mixed rewards (5's had none)
-    for with_tape, computed in zip(taped, computed_grads, strict=True):
-        torch.testing.assert_close(with_tape, computed, rtol=1e-3, atol=1e-3 * float(computed.abs().max()))
+    # the first update's gradients to float32 rounding (within 5e-6 of each tensor's largest); the second's are
+    # at weights one Adam step (lr 1e-2) apart by that rounding, which Adam's normalization amplifies where a
+    # gradient is near zero (within 2.8e-3 with the SFT model of 2026-12-07)
+    first = len(taped) // 2
+    for i, (with_tape, computed) in enumerate(zip(taped, computed_grads, strict=True)):
+        scale = (1e-4 if i < first else 1e-2) * float(computed.abs().max())
+        torch.testing.assert_close(with_tape, computed, rtol=1e-3, atol=scale)
 
 
 @pytest.mark.parametrize(
@@ -1837,12 +1842,12 @@ def test_the_numpy_attention_softmax_and_its_backward_equal_torchs_with_rows_far
     np.testing.assert_allclose(_softmax_backward(grad, ours), expected.grad.numpy(), rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("path", ["numpy", "distinct", "tape", "torch"])
+@pytest.mark.parametrize("path", ["numpy", "whole", "tape", "torch"])
 @pytest.mark.parametrize("tied", [False, True])
 def test_the_prompt_shared_training_forward_equals_transformers_forward_with_gradients(monkeypatch, path, tied):
     """The prompt-shared training pass computes each distinct prompt once (groups share theirs), in numpy with its
     backward written out (fast_train, float32; `tape`: its forward read from the sampler's recorded activations;
-    `distinct`: no two rows share a prompt, so each row runs whole, `Stream.whole`) or in torch
+    `whole`: rows that share no prompt but one, each laid out whole, `Stream.whole`) or in torch
     (LlamaDecoder.completion_logits, other dtypes): the log-probs, entropies, value-head states and every
     parameter's gradient equal those of transformers' forward over each row's prompt + completion in float64, as
     closely as transformers' own float32 pass does (grouped-query attention, left-padded prompts, completions of
@@ -1859,17 +1864,19 @@ def test_the_prompt_shared_training_forward_equals_transformers_forward_with_gra
         tok, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=tied
     )
     model = LlamaForCausalLM(config).train()
-    repeats = 1 if path == "distinct" else 3
-    enc = tok(["12+34=", "5+6=", "99+1="] * repeats, padding=True, return_tensors="pt", add_special_tokens=False)
+    prompts = ["12+34=", "5+6=", "99+1="] * 3
+    if path == "whole":  # one prompt twice: copying it costs less than sharing saves
+        prompts = ["12+34=", "5+6=", "99+1=", "7+8=", "45+45=", "3+60=", "88+9=", "1+1=", "12+34="]
+    enc = tok(prompts, padding=True, return_tensors="pt", add_special_tokens=False)
     kwargs = dict(max_new_tokens=6, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
     generator = torch.Generator().manual_seed(1)
     rollout = generate(model, enc["input_ids"], enc["attention_mask"], generator=generator, record=True, **kwargs)
-    lengths = torch.tensor([6, 3, 1] * repeats)
+    lengths = torch.tensor([6, 3, 1] * 3)
     rollout = rollout.with_mask(rollout.completion_mask & (torch.arange(6) < lengths[:, None]))
     assert fast_train.supports(model)
     stream = fast_train.token_stream(fast_train.LlamaDecoder(model, weights=False), rollout.prompt_ids,
                                      rollout.prompt_mask, rollout.completion_ids, whole=True)  # fmt: skip
-    assert stream.whole == (path == "distinct")
+    assert stream.whole == (path == "whole")
     if path == "torch":  # (and the numpy pass must not run)
         monkeypatch.setattr(fast_train, "supports", lambda model: False)
         monkeypatch.setattr(fast_train, "_forward", lambda *args: pytest.fail("the numpy pass ran"))

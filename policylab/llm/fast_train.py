@@ -139,10 +139,12 @@ def token_stream(
     ids, mask, index = (t.numpy() for t in shared_prompts(prompt_ids, prompt_mask.bool()))
     (distinct, width), (rows, length) = ids.shape, (completion_ids.shape[0], completion_ids.shape[1] - 1)
     completions = completion_ids[:, :length].numpy()
-    if whole and distinct == rows and length:  # (all distinct: index is 0..N-1)
-        ids = np.concatenate([ids, completions], -1)
-        mask = np.concatenate([mask, np.ones((rows, length), mask.dtype)], -1)
-        completions, width = completions[:, :0], width + length
+    if whole and length and 8 * (rows - distinct) * width <= distinct * width + rows * length:
+        # rows laid out whole, each with its own copy of its prompt: no more than an eighth more tokens (SFT's
+        # rows: a prompt drawn twice now and then), where sharing would save more (DPO's pairs, RL's groups)
+        ids = np.concatenate([prompt_ids.numpy(), completions], -1)
+        mask = np.concatenate([prompt_mask.numpy().astype(bool), np.ones((rows, length), bool)], -1)
+        index, distinct, completions, width = np.arange(rows), rows, completions[:, :0], width + length
     positions = np.maximum(mask.cumsum(-1) - 1, 0).reshape(-1)
     if completions.size:
         positions = np.concatenate([positions, (mask.sum(-1)[index, None] + np.arange(length)).reshape(-1)])
