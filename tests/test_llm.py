@@ -2020,7 +2020,8 @@ def test_the_training_pass_takes_completions_of_one_token(width):
 
 def test_the_training_pass_reuses_a_batchs_token_stream_only_while_the_batch_is_unchanged(sft_model):
     """DPO's policy and reference passes read one batch: the second gets the first's stream; a batch changed in
-    place, another batch, or a model with other attention shapes get a new one."""
+    place, another batch, a model with other attention shapes, or another layout (rows whole, `Stream.whole`,
+    where that pays and no tape is read) get a new one."""
     from policylab.llm import fast_train
 
     model, tok = load_model(str(sft_model.dir))
@@ -2037,6 +2038,15 @@ def test_the_training_pass_reuses_a_batchs_token_stream_only_while_the_batch_is_
     other = fast_train.LlamaDecoder(model, weights=False)
     other.heads, other.kv_heads = other.heads * 2, other.kv_heads * 2
     assert fast_train.shared_stream(other, *batch) is not fast_train.shared_stream(decoder, *batch)
+    # a pass without a tape may take the rows whole (two distinct prompts: it pays), one with a tape may not
+    split = fast_train.shared_stream(decoder, *batch)
+    whole = fast_train.shared_stream(decoder, *batch, whole=True)
+    assert whole.whole and not split.whole and fast_train.shared_stream(decoder, *batch, whole=True) is whole
+    assert not fast_train.shared_stream(decoder, *batch).whole
+    # rows in groups of a prompt (an RL step's): the split stream serves the passes with a tape and without
+    grouped = tuple(t.repeat_interleave(4, 0) for t in batch)
+    first = fast_train.shared_stream(decoder, *grouped)
+    assert fast_train.shared_stream(decoder, *grouped, whole=True) is first and not first.whole
 
 
 def test_the_numpy_decoder_reads_the_weights_of_the_moment():

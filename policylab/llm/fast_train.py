@@ -139,9 +139,7 @@ def token_stream(
     ids, mask, index = (t.numpy() for t in shared_prompts(prompt_ids, prompt_mask.bool()))
     (distinct, width), (rows, length) = ids.shape, (completion_ids.shape[0], completion_ids.shape[1] - 1)
     completions = completion_ids[:, :length].numpy()
-    if whole and length and 8 * (rows - distinct) * width <= distinct * width + rows * length:
-        # rows laid out whole, each with its own copy of its prompt: no more than an eighth more tokens (SFT's
-        # rows: a prompt drawn twice now and then), where sharing would save more (DPO's pairs, RL's groups)
+    if whole and _copying_prompts_pays(distinct, rows, width, length):
         ids = np.concatenate([prompt_ids.numpy(), completions], -1)
         mask = np.concatenate([prompt_mask.numpy().astype(bool), np.ones((rows, length), bool)], -1)
         index, distinct, completions, width = np.arange(rows), rows, completions[:, :0], width + length
@@ -166,6 +164,13 @@ def token_stream(
     )
 
 
+def _copying_prompts_pays(distinct: int, rows: int, width: int, length: int) -> bool:
+    """Whether to lay rows out whole, each with its own copy of its prompt: where that adds at most an eighth more
+    tokens than sharing each distinct prompt (SFT's rows: a prompt drawn twice now and then), not where sharing
+    saves more (DPO's pairs, RL's groups)."""
+    return length > 0 and 8 * (rows - distinct) * width <= distinct * width + rows * length
+
+
 _ROTARY: list[tuple[tuple[Any, ...], np.ndarray]] = []
 """The latest `rotary_table`: the decoder's rotary settings and its table."""
 
@@ -188,11 +193,13 @@ def shared_stream(
     decoder: LlamaDecoder, prompt_ids: Tensor, prompt_mask: Tensor, completion_ids: Tensor, whole: bool = False
 ) -> Stream:
     """`token_stream`, the previous one again where the same batch tensors (unmodified since: version counters) come
-    with the same attention shapes, rotary table and `whole`: DPO's policy and reference passes read one batch,
-    and building its stream took 0.65 ms of a 10 ms tiny-llama DPO step (AMD EPYC Zen 3)."""
+    with the same attention shapes and rotary table, and `whole` asks for its layout (a split stream whose rows
+    would not pay to copy serves either): DPO's policy and reference passes read one batch, so do an RL step's
+    policy pass (with its tape: split) and its reference's (without: whole where it pays), and building its
+    stream took 0.65 ms of a 10 ms tiny-llama DPO step (AMD EPYC Zen 3)."""
     tensors = (prompt_ids, prompt_mask, completion_ids)
     versions = tuple(t._version for t in tensors)
-    shapes = (decoder.heads, decoder.kv_heads, decoder.head_dim, decoder.rope_scale, whole)
+    shapes = (decoder.heads, decoder.kv_heads, decoder.head_dim, decoder.rope_scale)
     if _LAST_STREAM:
         held, held_versions, (*held_shapes, inv_freq), stream = _LAST_STREAM[0]
         if (
@@ -200,6 +207,13 @@ def shared_stream(
             and held_versions == versions
             and tuple(held_shapes) == shapes
             and torch.equal(inv_freq, decoder.inv_freq)
+            and (
+                stream.whole == whole
+                or (
+                    not stream.whole
+                    and not _copying_prompts_pays(stream.distinct, stream.rows, stream.width, stream.length)
+                )  # fmt: skip
+            )
         ):
             return stream
     stream = token_stream(decoder, prompt_ids, prompt_mask, completion_ids, whole)
