@@ -89,10 +89,10 @@ PER_LAYER = 9
 @dataclass
 class Stream:
     """One batch as a token stream: the distinct prompts' tokens, then each row's completion tokens but the last
-    (the positions that predict the next completion token), with the rotary tables and attention biases. Where no
-    two rows share a prompt and no tape is read (SFT's rows), each row is one whole "prompt" instead, its
-    completion tokens but the last after its prompt's (`whole`): one attention per row, where the split layout
-    runs two and the copies and sums that join them."""
+    (the positions that predict the next completion token), with the rotary tables and attention biases. Where
+    rows share no prompt, or so few that copying them pays (`_copying_prompts_pays`: SFT's rows), and no tape is
+    read, each row is one whole "prompt" instead, its completion tokens but the last after its prompt's (`whole`):
+    one attention per row, where the split layout runs two and the copies and sums that join them."""
 
     tokens: np.ndarray  # [M]
     rotary: np.ndarray  # [M, H + K, D / 2] complex: the rotary table of every query and key head (`rotate_pairs`)
@@ -135,7 +135,7 @@ def token_stream(
     decoder: LlamaDecoder, prompt_ids: Tensor, prompt_mask: Tensor, completion_ids: Tensor, whole: bool = False
 ) -> Stream:
     """The batch's `Stream`, built in numpy: its arrays are a few hundred numbers, where each torch call costs more
-    than numpy's. `whole`: rows laid out whole where no two share a prompt (`Stream.whole`)."""
+    than numpy's. `whole`: rows laid out whole where copying their prompts pays (`Stream.whole`)."""
     ids, mask, index = (t.numpy() for t in shared_prompts(prompt_ids, prompt_mask.bool()))
     (distinct, width), (rows, length) = ids.shape, (completion_ids.shape[0], completion_ids.shape[1] - 1)
     completions = completion_ids[:, :length].numpy()
@@ -212,7 +212,7 @@ def shared_stream(
                 or (
                     not stream.whole
                     and not _copying_prompts_pays(stream.distinct, stream.rows, stream.width, stream.length)
-                )  # fmt: skip
+                )
             )
         ):
             return stream
