@@ -329,13 +329,15 @@ def tool_accuracy(model_dir: str, eval_size: int = 200) -> float:
 
 def prepare(a: argparse.Namespace, where: Path) -> tuple[Path, Path]:
     """(model directory, prompts JSONL): the starting model and the training prompts (DPO: preference pairs) both
-    sides use. distill: the student, randomly initialized; the SFT model, the teacher, goes to `a.teacher_dir`."""
+    sides use. distill: the student, randomly initialized; the SFT model, the teacher, goes to `a.teacher_dir`. `a`
+    needs model, sft_steps and algo; tools and text default to off (grpo_ and dpo_equivalence.py pass no more)."""
+    tools, text = getattr(a, "tools", False), getattr(a, "text", False)
     sys.path.insert(0, str(REPO_ROOT))
     from policylab.llm.models import load_model
     from policylab.llm.tasks import get_task
     from policylab.llm.trainer import train_llm
 
-    if a.tools:
+    if tools:
         return prepare_tools(a, where)
     if a.algo in ("sdft", "sdpo"):
         return prepare_sdft(a, where)
@@ -376,7 +378,7 @@ def prepare(a: argparse.Namespace, where: Path) -> tuple[Path, Path]:
 
             stepwise = [stepwise_example(row, rng) for row in get_task("addition").make(5_000, 0)]
             rows = [{"prompt": p, "completions": c, "labels": labels} for p, c, labels in stepwise]
-    elif a.algo == "sft" and a.text:  # TRL's language-modeling rows
+    elif a.algo == "sft" and text:  # TRL's language-modeling rows
         rows = [{"text": row["prompt"] + row["answer"]} for row in rows]
     elif a.algo == "sft":  # TRL's prompt-completion rows (policylab's evaluation reads the answer)
         rows = [{"prompt": row["prompt"], "completion": row["answer"], "answer": row["answer"]} for row in rows]
