@@ -1343,8 +1343,8 @@ def test_distillation_teaches_a_random_model_the_teachers_answers(sft_model, tmp
     (distill: on its own samples only, reverse KL; gkd: half the steps on the answers, JSD), it reached 0.205 and
     0.405 (seed 0); SFT for 300 steps on the answers themselves gave the teacher. GKD's final exact match spreads
     widely over seeds (some are still on a plateau at 300 steps): 0.18-0.425 over seeds 0-5 from one SFT fixture,
-    0.095-0.415 from another (a teacher of 0.425 instead of 0.37), 0.06-0.39 from a third (a teacher of 0.45; seeds
-    0-5: 0.085, 0.06, 0.145, 0.30, 0.355, 0.39, mean 0.22), so its bar is on the mean of six seeds."""
+    0.095-0.415 from another (a teacher of 0.425 instead of 0.37), 0.06-0.39 from a third (a teacher of 0.45; scratch
+    runs of seeds 0-5: 0.085, 0.06, 0.145, 0.30, 0.355, 0.39, mean 0.22), so its bar is on the mean of six seeds."""
     finals = []
     for seed in seeds:
         settings = {"teacher": str(sft_model.dir), "steps": 300, "eval_every": 1000, "seed": seed}
@@ -1638,7 +1638,7 @@ def test_an_rl_step_reading_the_sampler_tape_takes_the_gradients_of_computing_ev
     )  # seed 2's groups have mixed rewards (5's had none)
     # the first update's gradients to float32 rounding (within 5e-6 of each tensor's largest); the second's are
     # at weights one Adam step (lr 1e-2) apart by that rounding, which Adam's normalization amplifies where a
-    # gradient is near zero (within 2.8e-3 with the SFT model of 2026-12-07)
+    # gradient is near zero (within 2.8e-3 with the SFT model of 2026-12-07, a scratch run)
     first = len(taped) // 2
     for i, (with_tape, computed) in enumerate(zip(taped, computed_grads, strict=True)):
         scale = (1e-4 if i < first else 1e-2) * float(computed.abs().max())

@@ -126,8 +126,8 @@ def test_sdft_distills_what_the_model_does_with_the_context_into_the_model_witho
     """The teacher, the initial model given the answer, is right where the student is not: 100 SDFT steps raise
     the student's exact match on plain prompts by at least 0.1 (0.25 to 0.50, 0.41 and 0.42 with seeds 0, 1, 2;
     2026-12-07); a wrong context (the answer plus 1) does not (0.22, 0.19, 0.17; after the training pass's float32
-    rounding changed, 2026-12-07 night, 0.225 to 0.235 with seed 0: it must stay within 0.05, 10 of the 200
-    evaluation rows, of where it started): the context drives it."""
+    rounding changed, 2026-12-07 night, a scratch run: 0.225 to 0.235 with seed 0: it must stay within 0.05, 10 of
+    the 200 evaluation rows, of where it started): the context drives it."""
     held_out = get_task("addition").make(200, 99)
     settings = {"model": str(context_reader.dir), "steps": 100, "batch_size": 32, "lr": 1e-3, "eval_every": 100,
                 "eval_size": 200, "teacher_prompt_template": CONTEXT_FIRST, "max_new_tokens": 6}  # fmt: skip

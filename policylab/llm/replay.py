@@ -39,13 +39,12 @@ class GroupReplay:
         for group in varied.nonzero().squeeze(-1).tolist():
             rows = torch.arange(group * n, (group + 1) * n)
             self.keep(float(scores[group]), trimmed(rollout.select(rows), self.pad), advantages[rows].clone())
-        flat = (~varied).nonzero().squeeze(-1).tolist()
+        flat = int((~varied).sum())
         metrics.update(replayed_groups=0.0, replay_size=float(len(self.groups)))
         if not flat or not self.groups:
             return rollout, advantages
-        drawn = self.draw(len(flat))
-        kept = torch.cat([torch.arange(g * n, (g + 1) * n) for g in varied.nonzero().squeeze(-1).tolist()] or
-                         [torch.zeros(0, dtype=torch.long)])  # fmt: skip
+        drawn = self.draw(flat)
+        kept = varied.repeat_interleave(n)  # the rows of the groups whose rewards differ
         parts = [without_extras(rollout.select(kept)), *(group for _, group, _ in drawn)]
         metrics["replayed_groups"] = float(len(drawn))
         return concat_rollouts(parts, self.pad), torch.cat([advantages[kept], *(adv for _, _, adv in drawn)])
@@ -98,5 +97,4 @@ def trimmed(group: Rollout, pad: int) -> Rollout:
 
 
 def without_extras(rollout: Rollout) -> Rollout:
-    return Rollout(rollout.prompt_ids, rollout.prompt_mask, rollout.completion_ids, rollout.completion_mask,
-                   rollout.logprobs)  # fmt: skip
+    return Rollout(**{name: getattr(rollout, name) for name in FIELDS})

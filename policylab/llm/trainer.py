@@ -313,10 +313,10 @@ times per batch."""
 PREFERENCE_STEPS = ("dpo_step", "online_dpo_step", "xpo_step")
 """The steps that train a pairwise preference loss (LLMTrainer.preference_update), once per batch."""
 ROW_PAIR_STEPS = ("dpo_step", "tpo_step", "kto_step", "reward_step", "prm_step")
+"""The steps that draw rows of the pairs file (or the task's answers with corruptions), not prompts to sample."""
 SCORING_ALGOS = ("reward_model", "prm")
 """The algorithms that train a scorer (a sequence or token classifier), evaluated on held-out labels, not by
 decoding."""
-"""The steps that draw rows of the pairs file (or the task's answers with corruptions), not prompts to sample."""
 
 
 def samples_completions(algo: str) -> bool:
@@ -1201,22 +1201,18 @@ class LLMConfig:
     def _check_replay_settings(self) -> None:
         if self.replay_buffer_size < 0:
             raise ConfigError(f"replay_buffer_size={self.replay_buffer_size} must be >= 0", "set 64 (TRL's), or 0: off")
-        clashes = {
-            "dynamic_sampling": "which samples more prompts in place of those groups instead",
-            "mix=luffy": "whose expert completions a kept group would not carry",
-            "importance_sampling_correction": "whose per-token weights a kept group's advantages would not carry",
-        }
-        given = {
-            "dynamic_sampling": self.dynamic_sampling,
-            "mix=luffy": self.mix == "luffy",
-            "importance_sampling_correction": self.importance_sampling_correction,
-        }
-        clash = next((name for name, on in given.items() if on), None)
+        clashes = (  # (setting, set, why it cannot go with kept groups)
+            ("dynamic_sampling", self.dynamic_sampling, "which samples more prompts in place of those groups instead"),
+            ("mix=luffy", self.mix == "luffy", "whose expert completions a kept group would not carry"),
+            ("importance_sampling_correction", self.importance_sampling_correction,
+             "whose per-token weights a kept group's advantages would not carry"),
+        )  # fmt: skip
+        clash = next(((name, why) for name, on, why in clashes if on), None)
         if self.replay_buffer_size and clash is not None:
             raise ConfigError(
                 f"replay_buffer_size={self.replay_buffer_size} puts past groups in place of the groups whose rewards "
-                f"are all equal, and {clash} is set, {clashes[clash]}",
-                f"drop replay_buffer_size, or {clash.split('=')[0]}",
+                f"are all equal, and {clash[0]} is set, {clash[1]}",
+                f"drop replay_buffer_size, or {clash[0].split('=')[0]}",
             )
 
     def _check_grpo_loss_options(self) -> None:
